@@ -1,0 +1,2 @@
+//! `tandem`: the Tandem command-line client.
+fn main() {}

@@ -1,0 +1,2 @@
+//! `tandemd`: the Tandem node daemon.
+fn main() {}

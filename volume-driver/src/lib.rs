@@ -1,0 +1,8 @@
+//! The Tandem node: the daemon `tandemd`, the CLI `tandem`, and what they share.
+//!
+//! `tandemd` owns the host's storage pools, the volume definitions under `state_dir`, one
+//! replication engine per volume, the control API on `<run_dir>/tandemd.sock` and the
+//! frontends that serve volumes to QEMU. `tandem` is a thin client of the control API.
+
+pub mod frontend;
+pub mod nbd;

@@ -1,0 +1,1 @@
+//! The NBD frontend (issue 4): serves every volume to QEMU and standard NBD clients.
