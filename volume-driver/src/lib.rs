@@ -5,4 +5,5 @@
 //! frontends that serve volumes to QEMU. `tandem` is a thin client of the control API.
 
 pub mod frontend;
+pub mod local_export;
 pub mod nbd;

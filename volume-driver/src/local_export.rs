@@ -1,0 +1,126 @@
+//! An [`ExportHandle`] over one local [`BackingDevice`]: the I/O path of a volume that has no
+//! peer to replicate to. Device calls block, so each runs on tokio's blocking pool.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use replication::device::{BackingDevice, DeviceError};
+
+use crate::frontend::{ExportHandle, ExportIoError, IoErrorKind};
+
+/// A volume served straight from its local disk.
+pub struct LocalExport {
+    name: String,
+    device: Arc<dyn BackingDevice>,
+    read_only: bool,
+}
+
+impl LocalExport {
+    pub fn new(name: impl Into<String>, device: Arc<dyn BackingDevice>, read_only: bool) -> Self {
+        LocalExport {
+            name: name.into(),
+            device,
+            read_only,
+        }
+    }
+
+    async fn run<T, F>(&self, op: F) -> Result<T, ExportIoError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn BackingDevice) -> Result<T, DeviceError> + Send + 'static,
+    {
+        let device = Arc::clone(&self.device);
+        match tokio::task::spawn_blocking(move || op(device.as_ref())).await {
+            Ok(result) => result.map_err(|e| device_error(&self.name, e)),
+            Err(join) => Err(ExportIoError::new(
+                IoErrorKind::Io,
+                format!("{}: I/O task failed: {join}", self.name),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), ExportIoError> {
+        if self.read_only {
+            Err(ExportIoError::new(
+                IoErrorKind::ReadOnly,
+                format!("{} is open read-only", self.name),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Map a device failure to the frontend's error classes, keeping the whole cause chain in
+/// the message.
+pub fn device_error(volume: &str, error: DeviceError) -> ExportIoError {
+    let kind = match &error {
+        DeviceError::OutOfRange { .. } => IoErrorKind::Invalid,
+        _ if error.errno() == libc::ENOSPC => IoErrorKind::NoSpace,
+        _ => IoErrorKind::Io,
+    };
+    let mut message = format!("{volume}: {error}");
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    ExportIoError::new(kind, message)
+}
+
+#[async_trait]
+impl ExportHandle for LocalExport {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.device.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportIoError> {
+        self.run(move |dev| {
+            let mut buf = vec![0u8; len as usize];
+            dev.read_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportIoError> {
+        self.check_writable()?;
+        self.run(move |dev| {
+            if fua {
+                dev.write_at_durable(&data, offset)
+            } else {
+                dev.write_at(&data, offset)
+            }
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), ExportIoError> {
+        self.run(|dev| dev.flush()).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), ExportIoError> {
+        self.check_writable()?;
+        self.run(move |dev| dev.discard(offset, len)).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<(), ExportIoError> {
+        self.check_writable()?;
+        self.run(move |dev| dev.write_zeroes(offset, len, may_unmap))
+            .await
+    }
+}
