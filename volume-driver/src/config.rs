@@ -535,6 +535,31 @@ tcp_listen = "127.0.0.1:10809"
     }
 
     #[test]
+    fn the_packaged_example_parses_and_every_commented_key_is_known() {
+        let example = include_str!("../../packaging/tandem.toml.example");
+        let config = parse(example).unwrap();
+        assert_eq!(config.pools[0].name, "files");
+        // Uncommenting every `#key = value` line (and `#[table]` header) must stay valid.
+        let uncommented: String = example
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if !rest.starts_with(' ')
+                        && (rest.starts_with('[') || rest.contains(" = ")) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let config = parse(&uncommented).unwrap();
+        assert_eq!(config.nodes.len(), 3);
+        assert_eq!(config.pools.len(), 2);
+        assert!(config.nbd.tcp_listen.is_some());
+    }
+
+    #[test]
     fn a_missing_file_names_it() {
         let e = Config::load(Path::new("/nonexistent/tandem.toml")).unwrap_err();
         assert_eq!(e.to_string(), "cannot read config /nonexistent/tandem.toml");

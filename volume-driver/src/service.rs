@@ -613,3 +613,75 @@ impl Exports for VolumeService {
         Ok(Arc::new(LocalExport::new(name, device, !writable)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::path::Path;
+
+    fn service(root: &Path) -> VolumeService {
+        let text = format!(
+            "node = \"hv1\"\nstate_dir = \"{root}/state\"\nrun_dir = \"{root}/run\"\n\
+             [[nodes]]\nname = \"hv1\"\ncontrol = \"127.0.0.1:7700\"\nreplication = \"127.0.0.1:7788\"\n\
+             [[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{root}/images\"\n",
+            root = root.display()
+        );
+        let config = Config::parse(&text, Path::new("test.toml")).unwrap();
+        VolumeService::open(config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_open_export_sees_resize_and_blocks_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        service.create("v1", 1 << 20, None).await.unwrap();
+        assert_eq!(Exports::list(&service), vec!["v1".to_string()]);
+
+        let handle = service.open("v1", true).await.unwrap();
+        assert_eq!(handle.size(), 1 << 20);
+        service.resize("v1", 2 << 20).await.unwrap();
+        assert_eq!(handle.size(), 2 << 20, "resize reached the open device");
+        // The new tail is writable through the already open handle.
+        let data = Bytes::from(vec![0x5Au8; 4096]);
+        handle
+            .write((2 << 20) - 4096, data.clone(), true)
+            .await
+            .unwrap();
+        assert_eq!(handle.read((2 << 20) - 4096, 4096).await.unwrap(), data);
+
+        let e = service.delete("v1").await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InUse, "{}", e.message);
+        drop(handle);
+        service.delete("v1").await.unwrap();
+        assert!(matches!(
+            service.open("v1", false).await,
+            Err(OpenError::NotFound(_))
+        ));
+        assert!(!dir.path().join("images/v1.img").exists());
+    }
+
+    #[tokio::test]
+    async fn a_read_only_open_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        service.create("ro", 1 << 20, None).await.unwrap();
+        let handle = service.open("ro", false).await.unwrap();
+        assert!(handle.read_only());
+        assert!(handle
+            .write(0, Bytes::from_static(b"x"), false)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failed_create_leaves_nothing_and_frees_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        let e = service.create("big", u64::MAX / 2, None).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NoSpace, "{}", e.message);
+        assert!(!dir.path().join("images/big.img").exists());
+        assert!(!dir.path().join("state/volumes/big.json").exists());
+        service.create("big", 4096, None).await.unwrap();
+    }
+}

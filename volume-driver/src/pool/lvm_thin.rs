@@ -42,6 +42,7 @@ pub struct LvmThinPool {
     vg: String,
     thinpool: String,
     max_fill_percent: u8,
+    lvm_binary: String,
 }
 
 /// Check a name against LVM's reserved words; `None` when it is usable as an LV name.
@@ -68,11 +69,18 @@ impl LvmThinPool {
             vg: vg.to_string(),
             thinpool: thinpool.to_string(),
             max_fill_percent,
+            lvm_binary: std::env::var(LVM_ENV).unwrap_or_else(|_| "lvm".to_string()),
         }
     }
 
+    /// Use another `lvm` binary (tests).
+    pub fn with_lvm_binary(mut self, binary: impl Into<String>) -> Self {
+        self.lvm_binary = binary.into();
+        self
+    }
+
     fn lvm(&self, args: &[&str]) -> Result<String, PoolError> {
-        let binary = std::env::var(LVM_ENV).unwrap_or_else(|_| "lvm".to_string());
+        let binary = &self.lvm_binary;
         let command_line = format!("{binary} {}", args.join(" "));
         let failed = |message: String| PoolError::Command {
             pool: self.name.clone(),
@@ -80,7 +88,7 @@ impl LvmThinPool {
             message,
         };
         tracing::debug!(pool = %self.name, command = %command_line, "running lvm");
-        let output = Command::new(&binary)
+        let output = Command::new(binary)
             .args(args)
             .env("LC_ALL", "C")
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
@@ -348,10 +356,131 @@ mod tests {
 
     #[test]
     fn a_missing_lvm_binary_is_a_clear_error() {
-        std::env::set_var(LVM_ENV, "/nonexistent/lvm");
-        let pool = LvmThinPool::new("nvme", "vg", "thin", 90);
+        let pool = LvmThinPool::new("nvme", "vg", "thin", 90).with_lvm_binary("/nonexistent/lvm");
         let e = pool.usage().unwrap_err().to_string();
-        std::env::remove_var(LVM_ENV);
         assert!(e.contains("cannot run /nonexistent/lvm"), "{e}");
+    }
+
+    /// A stand-in for `lvm` that keeps LVs as JSON rows in `$STATE/lvs/` and answers with
+    /// lvm2's report format; it rounds sizes to 4 MiB extents like lvm does. It checks
+    /// the exact command lines the backend sends (the real lvm is exercised in the VM test).
+    const FAKE_LVM: &str = r#"#!/bin/bash
+S="@STATE@"
+echo "$*" >> "$S/calls"
+row() { printf '{"lv_name":"%s", "vg_name":"vg", "lv_attr":"%s", "lv_size":"%s", "pool_lv":"%s", "data_percent":"%s", "lv_tags":"%s"}' "$@"; }
+case "$1" in
+lvs)
+  [ "$*" = "lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_attr,lv_size,pool_lv,data_percent,lv_tags vg" ] || { echo "bad lvs: $*" >&2; exit 3; }
+  printf '  {\n      "report": [\n          {\n              "lv": ['
+  sep=""
+  for f in "$S"/lvs/*; do [ -e "$f" ] || continue; printf '%s\n                  %s' "$sep" "$(cat "$f")"; sep=","; done
+  printf '\n              ]\n          }\n      ]\n  }\n' ;;
+lvcreate)
+  [ "$2" = -V ] && [ "$4 $5 $6 $8 $9 ${10}" = "-T vg/thin -n --addtag tandem -y" ] || { echo "bad lvcreate: $*" >&2; exit 3; }
+  size=${3%b}; name=$7
+  [ -e "$S/lvs/$name" ] && { echo "  Logical Volume \"$name\" already exists in volume group \"vg\"" >&2; exit 5; }
+  size=$(( (size + 4194303) / 4194304 * 4194304 ))
+  row "$name" Vwi-a-tz-- "$size" thin 0.00 tandem > "$S/lvs/$name" ;;
+lvextend)
+  [ "$2" = -L ] || { echo "bad lvextend: $*" >&2; exit 3; }
+  size=${3%b}; name=${4#vg/}
+  size=$(( (size + 4194303) / 4194304 * 4194304 ))
+  row "$name" Vwi-a-tz-- "$size" thin 0.00 tandem > "$S/lvs/$name" ;;
+lvremove)
+  [ "$2" = -y ] || { echo "bad lvremove: $*" >&2; exit 3; }
+  rm "$S/lvs/${3#vg/}" ;;
+*) echo "unexpected: $*" >&2; exit 3 ;;
+esac
+"#;
+
+    fn fake_lvm(pool_percent: &str) -> (tempfile::TempDir, LvmThinPool) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        std::fs::create_dir(state.join("lvs")).unwrap();
+        let script = state.join("lvm");
+        std::fs::write(
+            &script,
+            FAKE_LVM.replace("@STATE@", state.to_str().unwrap()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let row = |name: &str, attr: &str, size: u64, pool: &str, pct: &str, tags: &str| {
+            format!(
+                r#"{{"lv_name":"{name}", "vg_name":"vg", "lv_attr":"{attr}", "lv_size":"{size}", "pool_lv":"{pool}", "data_percent":"{pct}", "lv_tags":"{tags}"}}"#
+            )
+        };
+        std::fs::write(
+            state.join("lvs/thin"),
+            row("thin", "twi-aotz--", 1 << 30, "", pool_percent, ""),
+        )
+        .unwrap();
+        std::fs::write(
+            state.join("lvs/foreign"),
+            row("foreign", "Vwi-a-tz--", 8 << 20, "thin", "0.00", ""),
+        )
+        .unwrap();
+        let pool =
+            LvmThinPool::new("nvme", "vg", "thin", 90).with_lvm_binary(script.to_str().unwrap());
+        (dir, pool)
+    }
+
+    #[test]
+    fn lifecycle_through_lvm_commands() {
+        let (dir, pool) = fake_lvm("25.00");
+        pool.open_check().unwrap();
+        let usage = pool.usage().unwrap();
+        assert_eq!(usage.total_bytes, 1 << 30);
+        assert_eq!(usage.used_bytes, 1 << 28);
+        // lvm rounds up to whole extents; the backend reports what lvm allocated.
+        assert_eq!(pool.create("v1", 6 << 20).unwrap(), 8 << 20);
+        assert!(matches!(
+            pool.create("v1", 4096),
+            Err(PoolError::Exists { .. })
+        ));
+        assert_eq!(pool.grow("v1", 12 << 20).unwrap(), 12 << 20);
+        assert_eq!(pool.grow("v1", 4 << 20).unwrap(), 12 << 20, "never shrinks");
+        assert_eq!(
+            pool.list().unwrap(),
+            vec![StoredVolume {
+                name: "v1".into(),
+                size_bytes: 12 << 20
+            }],
+            "untagged LVs are not Tandem's"
+        );
+        assert_eq!(pool.device_path("v1"), PathBuf::from("/dev/vg/v1"));
+        // A foreign LV of the same name is never grown or removed.
+        assert!(matches!(
+            pool.create("foreign", 4096),
+            Err(PoolError::Exists { .. })
+        ));
+        let e = pool.delete("foreign").unwrap_err().to_string();
+        assert!(e.contains("not a Tandem volume"), "{e}");
+        pool.delete("v1").unwrap();
+        assert!(matches!(pool.delete("v1"), Err(PoolError::Missing { .. })));
+        assert!(pool.list().unwrap().is_empty());
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert!(calls.contains("lvcreate -V 6291456b -T vg/thin -n v1 --addtag tandem -y"));
+        assert!(calls.contains("lvextend -L 12582912b vg/v1"));
+        assert!(calls.contains("lvremove -y vg/v1"));
+        assert!(!calls.contains("vg/foreign"), "{calls}");
+    }
+
+    #[test]
+    fn a_full_pool_refuses_and_a_missing_pool_is_named() {
+        let (_dir, pool) = fake_lvm("93.10");
+        let e = pool.check_room(4096).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "pool 'nvme' is 93.1% full (thin pool vg/thin), over its max_fill_percent of 90%"
+        );
+        let (_dir, pool) = fake_lvm("50.00");
+        let e = pool.check_room(1 << 30).unwrap_err().to_string();
+        assert_eq!(e, "pool 'nvme' has 512 MiB free, volume needs 1 GiB");
+        let (dir, _) = fake_lvm("0.00");
+        let other = LvmThinPool::new("nvme", "vg", "nothere", 90)
+            .with_lvm_binary(dir.path().join("lvm").to_str().unwrap());
+        let e = other.open_check().unwrap_err().to_string();
+        assert!(e.contains("thin pool vg/nothere not found"), "{e}");
     }
 }
