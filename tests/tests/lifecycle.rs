@@ -338,3 +338,47 @@ fn config_errors_name_the_file_and_key() {
     assert!(!out.status.success());
     assert_one_line_error(&String::from_utf8_lossy(&out.stderr), &expected);
 }
+
+#[test]
+fn the_control_api_refuses_malformed_requests_and_keeps_serving() {
+    use std::io::{BufRead, BufReader, Write};
+    let node = TandemNode::start_new();
+    let stream = std::os::unix::net::UnixStream::connect(node.socket()).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut ask = |line: &str| -> serde_json::Value {
+        // The daemon closes after answering an oversized line, which may cut our write
+        // short (EPIPE); its answer is still there to read.
+        let _ = writer
+            .write_all(line.as_bytes())
+            .and_then(|()| writer.write_all(b"\n"));
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    };
+    let answer = ask("not json");
+    assert_eq!(answer["status"], "error");
+    assert_eq!(answer["error"]["kind"], "bad_request");
+    let answer = ask(r#"{"request":"format_all_disks"}"#);
+    assert_eq!(answer["error"]["kind"], "bad_request");
+    // The same connection still works, and errors carry a stable kind.
+    let answer = ask(r#"{"request":"volume_create","name":"v1","size_bytes":4096}"#);
+    assert_eq!(answer["status"], "ok", "{answer}");
+    assert_eq!(answer["result"]["type"], "volume");
+    assert_eq!(answer["result"]["volume"]["size_bytes"], 4096);
+    let answer = ask(r#"{"request":"volume_create","name":"v1","size_bytes":4096}"#);
+    assert_eq!(answer["error"]["kind"], "already_exists");
+    let answer = ask(r#"{"request":"volume_show","name":"nope"}"#);
+    assert_eq!(answer["error"]["kind"], "not_found");
+    let answer = ask(r#"{"request":"volume_list"}"#);
+    assert_eq!(answer["result"]["volumes"][0]["name"], "v1");
+    // A request larger than 1 MiB is answered with an error and the connection closed.
+    let huge = format!(
+        r#"{{"request":"volume_show","name":"{}"}}"#,
+        "x".repeat(2 << 20)
+    );
+    let answer = ask(&huge);
+    assert_eq!(answer["error"]["kind"], "bad_request");
+    // The daemon is still healthy for other clients.
+    assert_eq!(volume_names(&node), vec!["v1"]);
+}

@@ -169,6 +169,11 @@ impl Config {
         self.run_dir.join("tandemd.sock")
     }
 
+    /// The NBD frontend's socket, `<run_dir>/nbd.sock`.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.run_dir.join("nbd.sock")
+    }
+
     /// Read and validate the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -13,9 +13,16 @@ use volume_driver::units::{format_size, parse_size};
 /// Manage replicated volumes on this host through the local tandemd.
 ///
 /// Sizes take plain bytes or K, M, G, T suffixes (binary units: 1G = 1 GiB) and are rounded
-/// up to 4 KiB. Exit status is 0 on success and 1 on any failure, with the reason on stderr.
+/// up to 4 KiB. Exit status is 0 on success and non-zero on any failure, with the reason on
+/// stderr in one line.
 #[derive(Debug, Parser)]
-#[command(name = "tandem", version)]
+#[command(
+    name = "tandem",
+    version,
+    after_help = "Examples:\n  tandem volume create vm-100-disk-0 --size 32G --pool nvme\n  \
+                  tandem volume resize vm-100-disk-0 --size 40G\n  \
+                  tandem volume list --json\n  tandem pool list"
+)]
 struct Cli {
     /// Configuration file, used to find tandemd's socket [default: /etc/tandem/tandem.toml]
     #[arg(long, short = 'c', global = true, env = config::CONFIG_ENV, value_name = "PATH")]
@@ -131,11 +138,19 @@ fn run(cli: &Cli) -> Result<(), String> {
     let socket = config.control_socket();
     let mut client = Client::connect(&socket).map_err(|e| client_error(&e))?;
     let reply = client.call(&request).map_err(|e| client_error(&e))?;
+    // A pool whose backend could not be queried is still listed, but the command fails.
+    let pool_error = match &reply {
+        Reply::Pools { pools } => pools.iter().find_map(|p| p.error.clone()),
+        _ => None,
+    };
     if cli.json {
-        print_json(reply)
+        print_json(reply)?;
     } else {
         print_human(reply);
-        Ok(())
+    }
+    match pool_error {
+        Some(error) => Err(error),
+        None => Ok(()),
     }
 }
 

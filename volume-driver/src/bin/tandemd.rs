@@ -40,7 +40,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // One line an operator reads in `systemctl status` and the journal.
             eprintln!("tandemd: {e:#}");
             ExitCode::FAILURE
         }
