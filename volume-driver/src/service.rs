@@ -292,7 +292,10 @@ impl VolumeService {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let size = Self::checked_size(size_bytes)?;
         let handle = match pool {
-            None => &self.pools[0],
+            None => self
+                .pools
+                .first()
+                .ok_or_else(|| ApiError::new(ErrorKind::NotFound, "no pool is configured"))?,
             Some(p) => self.pool(p).ok_or_else(|| {
                 let known: Vec<_> = self
                     .pools

@@ -405,6 +405,16 @@ esac
         )
         .unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A process another test thread forks while we write the script can hold the
+        // write descriptor until it execs; wait out ETXTBSY once here.
+        for _ in 0..100 {
+            match Command::new(&script).arg("noop").output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                _ => break,
+            }
+        }
         let row = |name: &str, attr: &str, size: u64, pool: &str, pct: &str, tags: &str| {
             format!(
                 r#"{{"lv_name":"{name}", "vg_name":"vg", "lv_attr":"{attr}", "lv_size":"{size}", "pool_lv":"{pool}", "data_percent":"{pct}", "lv_tags":"{tags}"}}"#
