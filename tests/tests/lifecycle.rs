@@ -276,7 +276,16 @@ fn startup_reports_orphans_and_missing_storage_without_deleting() {
     let mut node = TandemNode::start_new();
     node.tandem(&["volume", "create", "gone", "--size", "1M"])
         .ok();
+    node.tandem(&["volume", "create", "grown", "--size", "1M"])
+        .ok();
     node.stop();
+    // A resize interrupted after the storage grew but before the definition was rewritten.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(node.images().join("grown.img"))
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
     // Storage without a definition (an interrupted create) and a definition whose storage
     // vanished behind Tandem's back.
     fs::write(node.images().join("orphan.img"), b"precious").unwrap();
@@ -294,6 +303,17 @@ fn startup_reports_orphans_and_missing_storage_without_deleting() {
         .ok()
         .json();
     assert_eq!(shown["state"], "missing");
+    assert!(log.contains("completing the resize"), "{log}");
+    let grown = node
+        .tandem(&["volume", "show", "grown", "--json"])
+        .ok()
+        .json();
+    assert_eq!(grown["size_bytes"], 2 * MIB);
+    let definition = fs::read_to_string(node.definitions().join("grown.json")).unwrap();
+    assert!(
+        definition.contains(&format!("\"size_bytes\": {}", 2 * MIB)),
+        "{definition}"
+    );
     // The orphan's name is taken by storage: creating it is refused, the data stays.
     let stderr = node
         .tandem(&["volume", "create", "orphan", "--size", "1M"])
@@ -306,7 +326,7 @@ fn startup_reports_orphans_and_missing_storage_without_deleting() {
     assert!(!node.definitions().join("orphan.json").exists());
     // A missing volume can still be deleted.
     node.tandem(&["volume", "delete", "gone"]).ok();
-    assert!(volume_names(&node).is_empty());
+    assert_eq!(volume_names(&node), vec!["grown"]);
 }
 
 #[test]
