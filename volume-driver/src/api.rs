@@ -18,7 +18,7 @@
 //! not know to [`ErrorKind::Unknown`]. Field names here are stable: `tandem --json` prints
 //! these structures unchanged.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -265,8 +265,6 @@ impl Client {
         }
     }
 }
-
-use std::io::Read as _;
 
 #[cfg(test)]
 mod tests {

@@ -282,7 +282,7 @@ impl RawConfig {
                 ));
             }
             pools.push(
-                pool.validate(i)
+                pool.validate()
                     .map_err(|(key, message)| invalid(format!("pools[{i}].{key}"), message))?,
             );
         }
@@ -310,7 +310,7 @@ fn listed<'a>(names: impl Iterator<Item = &'a str>) -> String {
 
 impl RawPool {
     /// Type-check one pool; errors are `(key, message)` relative to the pool.
-    fn validate(self, _index: usize) -> Result<PoolSpec, (&'static str, String)> {
+    fn validate(self) -> Result<PoolSpec, (&'static str, String)> {
         // A pool name is also a word operators type; hold it to the volume-name rule.
         if let Err(e) = validate_volume_name(&self.name) {
             return Err((
