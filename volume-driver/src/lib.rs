@@ -4,6 +4,15 @@
 //! replication engine per volume, the control API on `<run_dir>/tandemd.sock` and the
 //! frontends that serve volumes to QEMU. `tandem` is a thin client of the control API.
 
+pub mod api;
+pub mod config;
 pub mod frontend;
 pub mod local_export;
+pub mod names;
 pub mod nbd;
+pub mod pool;
+pub mod report;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod units;

@@ -1,2 +1,87 @@
 //! `tandemd`: the Tandem node daemon.
-fn main() {}
+//!
+//! Loads the config, opens the pools, reloads the volume definitions, serves the control API
+//! on `<run_dir>/tandemd.sock` until SIGTERM or SIGINT, then removes the socket and exits 0.
+//! Logs go to stderr (journald under systemd), filtered by `RUST_LOG` (default `info`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
+use volume_driver::config::{self, Config};
+use volume_driver::frontend::Exports;
+use volume_driver::report::error_chain;
+use volume_driver::server;
+use volume_driver::service::VolumeService;
+
+/// The Tandem node daemon: serves this host's volumes and the control API.
+#[derive(Debug, Parser)]
+#[command(name = "tandemd", version)]
+struct Args {
+    /// Configuration file [default: /etc/tandem/tandem.toml]
+    #[arg(long, short = 'c', env = config::CONFIG_ENV, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line an operator reads in `systemctl status` and the journal.
+            eprintln!("tandemd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let path = config::resolve_path(args.config.as_deref());
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let socket = config.control_socket();
+    tracing::info!(node = %config.node, config = %config.path.display(), "tandemd starting");
+    let service = tokio::task::spawn_blocking(move || VolumeService::open(config))
+        .await
+        .context("startup task failed")?
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let service = Arc::new(service);
+    let _exports: Arc<dyn Exports> = service.clone();
+    // NBD frontend is started here (nbd::serve(_exports, ...)).
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let listener = server::bind(&socket).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    tracing::info!(socket = %socket.display(), "control API listening");
+    let result = tokio::select! {
+        served = server::serve(listener, Arc::clone(&service)) => {
+            served.with_context(|| format!("control API on {} failed", socket.display()))
+        }
+        _ = sigterm.recv() => { tracing::info!("SIGTERM received, stopping"); Ok(()) }
+        _ = sigint.recv() => { tracing::info!("SIGINT received, stopping"); Ok(()) }
+    };
+    if let Err(e) = std::fs::remove_file(&socket) {
+        tracing::warn!(socket = %socket.display(), error = %e, "cannot remove control socket");
+    }
+    tracing::info!("tandemd stopped");
+    result
+}

@@ -1,0 +1,572 @@
+//! The node configuration, `/etc/tandem/tandem.toml`.
+//!
+//! Parsing happens in two steps: serde reads the file into plain structs (unknown keys are
+//! errors), then [`RawConfig::validate`] checks the cross-field rules (this node is listed,
+//! names are unique, each pool has exactly its backend's keys) and yields a [`Config`] whose
+//! pools are typed [`PoolSpec`]s. Every error names the file, the key and what is wrong:
+//!
+//! ```text
+//! /etc/tandem/tandem.toml: pools[1].backend: unknown backend 'zfs' (expected 'file' or 'lvm-thin')
+//! ```
+//!
+//! The path is `/etc/tandem/tandem.toml` unless `--config` or `TANDEM_CONFIG` says otherwise.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::validate_volume_name;
+
+/// Where the configuration lives unless overridden.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tandem/tandem.toml";
+/// Environment variable that overrides the config path (`--config` wins over it).
+pub const CONFIG_ENV: &str = "TANDEM_CONFIG";
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/tandem")
+}
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("/run/tandem")
+}
+fn default_secret_file() -> PathBuf {
+    PathBuf::from("/etc/tandem/secret")
+}
+fn default_max_fill_percent() -> u8 {
+    90
+}
+
+/// A configuration problem, naming the file and (when known) the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a key of the wrong type or an unknown key.
+    #[error("{path}: {location}{message}")]
+    Parse {
+        path: PathBuf,
+        location: String,
+        message: String,
+    },
+    /// A value is well-formed but not acceptable.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub node: String,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    #[serde(default = "default_secret_file")]
+    pub secret_file: PathBuf,
+    #[serde(default)]
+    pub nodes: Vec<NodeConfig>,
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+    #[serde(default)]
+    pub nbd: NbdConfig,
+}
+
+/// One `[[nodes]]` entry: a host of the cluster (or a diskless tiebreaker).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    /// Management address (peer control API).
+    pub control: SocketAddr,
+    /// Replication link address.
+    pub replication: SocketAddr,
+    /// A tiebreaker that votes but stores no data.
+    #[serde(default)]
+    pub diskless: bool,
+}
+
+/// The optional `[nbd]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    /// Also serve NBD on this TCP address (absent: unix socket only).
+    #[serde(default)]
+    pub tcp_listen: Option<SocketAddr>,
+}
+
+/// One `[[pools]]` entry as written: the union of every backend's keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: String,
+    pub backend: String,
+    pub path: Option<PathBuf>,
+    pub vg: Option<String>,
+    pub thinpool: Option<String>,
+    pub max_fill_percent: Option<u8>,
+}
+
+/// A validated pool definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolSpec {
+    pub name: String,
+    pub backend: BackendSpec,
+}
+
+/// A validated backend with its keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "backend", rename_all = "kebab-case")]
+pub enum BackendSpec {
+    /// Sparse files `<path>/<volume>.img`.
+    File { path: PathBuf },
+    /// Thin LVs in `vg/thinpool`.
+    LvmThin {
+        vg: String,
+        thinpool: String,
+        max_fill_percent: u8,
+    },
+}
+
+impl BackendSpec {
+    /// The backend's name as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendSpec::File { .. } => "file",
+            BackendSpec::LvmThin { .. } => "lvm-thin",
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    pub node: String,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub secret_file: PathBuf,
+    pub nodes: Vec<NodeConfig>,
+    /// Never empty; the first pool is the default for new volumes.
+    pub pools: Vec<PoolSpec>,
+    pub nbd: NbdConfig,
+}
+
+impl Config {
+    /// The control API socket, `<run_dir>/tandemd.sock`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join("tandemd.sock")
+    }
+
+    /// The NBD frontend's socket, `<run_dir>/nbd.sock`.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.run_dir.join("nbd.sock")
+    }
+
+    /// Read and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parse and validate TOML text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            location: e
+                .span()
+                .map(|span| {
+                    let (line, column) = line_column(text, span.start);
+                    format!("line {line} column {column}: ")
+                })
+                .unwrap_or_default(),
+            message: e.message().trim().to_string(),
+        })?;
+        raw.validate(path)
+    }
+}
+
+/// The config path to use: the explicit one, else `TANDEM_CONFIG`, else the default.
+pub fn resolve_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(path) = explicit {
+        return path.to_path_buf();
+    }
+    match std::env::var_os(CONFIG_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_CONFIG_PATH),
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+impl RawConfig {
+    /// Check the cross-field rules and build the typed [`Config`].
+    pub fn validate(self, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        if self.node.trim().is_empty() {
+            return Err(invalid("node".into(), "must not be empty".into()));
+        }
+        for (key, dir) in [
+            ("state_dir", &self.state_dir),
+            ("run_dir", &self.run_dir),
+            ("secret_file", &self.secret_file),
+        ] {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    key.into(),
+                    format!("'{}' must be an absolute path", dir.display()),
+                ));
+            }
+        }
+        let mut node_names = HashSet::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.name.trim().is_empty() {
+                return Err(invalid(
+                    format!("nodes[{i}].name"),
+                    "must not be empty".into(),
+                ));
+            }
+            if !node_names.insert(node.name.as_str()) {
+                return Err(invalid(
+                    format!("nodes[{i}].name"),
+                    format!("node '{}' is listed twice", node.name),
+                ));
+            }
+        }
+        if !node_names.contains(self.node.as_str()) {
+            return Err(invalid(
+                "node".into(),
+                format!(
+                    "this node '{}' is not listed in [[nodes]] (listed: {})",
+                    self.node,
+                    listed(self.nodes.iter().map(|n| n.name.as_str()))
+                ),
+            ));
+        }
+        if self.pools.is_empty() {
+            return Err(invalid(
+                "pools".into(),
+                "at least one [[pools]] entry is required".into(),
+            ));
+        }
+        let mut pool_names = HashSet::new();
+        let mut pools = Vec::with_capacity(self.pools.len());
+        for (i, pool) in self.pools.into_iter().enumerate() {
+            if !pool_names.insert(pool.name.clone()) {
+                return Err(invalid(
+                    format!("pools[{i}].name"),
+                    format!("pool '{}' is defined twice", pool.name),
+                ));
+            }
+            pools.push(
+                pool.validate()
+                    .map_err(|(key, message)| invalid(format!("pools[{i}].{key}"), message))?,
+            );
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            node: self.node,
+            state_dir: self.state_dir,
+            run_dir: self.run_dir,
+            secret_file: self.secret_file,
+            nodes: self.nodes,
+            pools,
+            nbd: self.nbd,
+        })
+    }
+}
+
+fn listed<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<_> = names.map(|n| format!("'{n}'")).collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+impl RawPool {
+    /// Type-check one pool; errors are `(key, message)` relative to the pool.
+    fn validate(self) -> Result<PoolSpec, (&'static str, String)> {
+        // A pool name is also a word operators type; hold it to the volume-name rule.
+        if let Err(e) = validate_volume_name(&self.name) {
+            return Err((
+                "name",
+                format!("'{}' is not a valid pool name: {e}", self.name),
+            ));
+        }
+        let not_for = |key: &'static str, present: bool| {
+            if present {
+                Err((key, format!("is not a key of backend '{}'", self.backend)))
+            } else {
+                Ok(())
+            }
+        };
+        let backend = match self.backend.as_str() {
+            "file" => {
+                not_for("vg", self.vg.is_some())?;
+                not_for("thinpool", self.thinpool.is_some())?;
+                not_for("max_fill_percent", self.max_fill_percent.is_some())?;
+                let path = self
+                    .path
+                    .ok_or(("path", "is required for backend 'file'".to_string()))?;
+                if !path.is_absolute() {
+                    return Err((
+                        "path",
+                        format!("'{}' must be an absolute path", path.display()),
+                    ));
+                }
+                BackendSpec::File { path }
+            }
+            "lvm-thin" => {
+                not_for("path", self.path.is_some())?;
+                let vg = self
+                    .vg
+                    .ok_or(("vg", "is required for backend 'lvm-thin'".to_string()))?;
+                let thinpool = self
+                    .thinpool
+                    .ok_or(("thinpool", "is required for backend 'lvm-thin'".to_string()))?;
+                for (key, value) in [("vg", &vg), ("thinpool", &thinpool)] {
+                    if validate_volume_name(value).is_err() {
+                        return Err((key, format!("'{value}' is not a valid LVM name")));
+                    }
+                }
+                let max_fill_percent = self
+                    .max_fill_percent
+                    .unwrap_or_else(default_max_fill_percent);
+                if !(1..=100).contains(&max_fill_percent) {
+                    return Err((
+                        "max_fill_percent",
+                        format!("{max_fill_percent} is not between 1 and 100"),
+                    ));
+                }
+                BackendSpec::LvmThin {
+                    vg,
+                    thinpool,
+                    max_fill_percent,
+                }
+            }
+            other => {
+                return Err((
+                    "backend",
+                    format!("unknown backend '{other}' (expected 'file' or 'lvm-thin')"),
+                ))
+            }
+        };
+        Ok(PoolSpec {
+            name: self.name,
+            backend,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH: &str = "/etc/tandem/tandem.toml";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new(PATH))
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    const NODES: &str = r#"
+node = "hv1"
+[[nodes]]
+name = "hv1"
+control = "192.168.1.11:7700"
+replication = "10.10.10.11:7788"
+"#;
+
+    #[test]
+    fn the_design_sketch_parses() {
+        let text = r#"
+node = "hv1"
+state_dir = "/var/lib/tandem"
+run_dir = "/run/tandem"
+secret_file = "/etc/tandem/secret"
+[[nodes]]
+name = "hv1"
+control = "192.168.1.11:7700"
+replication = "10.10.10.11:7788"
+[[nodes]]
+name = "hv2"
+control = "192.168.1.12:7700"
+replication = "10.10.10.12:7788"
+[[nodes]]
+name = "witness"
+control = "192.168.1.13:7700"
+replication = "10.10.10.13:7788"
+diskless = true
+[[pools]]
+name = "nvme"
+backend = "lvm-thin"
+vg = "vg_nvme"
+thinpool = "thin"
+[[pools]]
+name = "files"
+backend = "file"
+path = "/var/lib/tandem/images"
+[nbd]
+tcp_listen = "127.0.0.1:10809"
+"#;
+        let config = parse(text).unwrap();
+        assert_eq!(config.node, "hv1");
+        assert_eq!(config.nodes.len(), 3);
+        assert!(config.nodes[2].diskless);
+        assert_eq!(
+            config.pools[0].backend,
+            BackendSpec::LvmThin {
+                vg: "vg_nvme".into(),
+                thinpool: "thin".into(),
+                max_fill_percent: 90
+            }
+        );
+        assert_eq!(
+            config.pools[1].backend,
+            BackendSpec::File {
+                path: "/var/lib/tandem/images".into()
+            }
+        );
+        assert_eq!(
+            config.nbd.tcp_listen,
+            Some("127.0.0.1:10809".parse().unwrap())
+        );
+        assert_eq!(
+            config.control_socket(),
+            PathBuf::from("/run/tandem/tandemd.sock")
+        );
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = parse(&format!(
+            "{NODES}[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/tandem"));
+        assert_eq!(config.run_dir, PathBuf::from("/run/tandem"));
+        assert_eq!(config.secret_file, PathBuf::from("/etc/tandem/secret"));
+        assert_eq!(config.nbd.tcp_listen, None);
+    }
+
+    #[test]
+    fn unknown_backend_names_file_key_and_choices() {
+        let text = format!(
+            "{NODES}[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n\
+             [[pools]]\nname = \"z\"\nbackend = \"zfs\"\n"
+        );
+        assert_eq!(
+            error(&text),
+            "/etc/tandem/tandem.toml: pools[1].backend: unknown backend 'zfs' \
+             (expected 'file' or 'lvm-thin')"
+        );
+    }
+
+    #[test]
+    fn cross_field_rules_are_checked() {
+        let pool = "[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n";
+        assert!(error(NODES).contains("pools: at least one"));
+        assert!(error(&format!(
+            "{}{pool}",
+            NODES.replace("node = \"hv1\"", "node = \"hv9\"")
+        ))
+        .contains("node: this node 'hv9' is not listed"));
+        assert!(error(&format!("{NODES}{pool}{pool}"))
+            .contains("pools[1].name: pool 'f' is defined twice"));
+        assert!(error(&format!(
+            "{NODES}[[pools]]\nname = \"f\"\nbackend = \"file\"\n"
+        ))
+        .contains("pools[0].path: is required for backend 'file'"));
+        assert!(error(&format!(
+            "{NODES}[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/x\"\nvg = \"vg\"\n"
+        ))
+        .contains("pools[0].vg: is not a key of backend 'file'"));
+        assert!(error(&format!(
+            "{NODES}[[pools]]\nname = \"n\"\nbackend = \"lvm-thin\"\nvg = \"vg\"\n"
+        ))
+        .contains("pools[0].thinpool: is required"));
+        assert!(error(&format!(
+            "{NODES}[[pools]]\nname = \"n\"\nbackend = \"lvm-thin\"\nvg = \"vg\"\nthinpool = \"t\"\nmax_fill_percent = 0\n"
+        ))
+        .contains("pools[0].max_fill_percent: 0 is not between 1 and 100"));
+        assert!(error(&format!(
+            "{NODES}[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"rel\"\n"
+        ))
+        .contains("pools[0].path: 'rel' must be an absolute path"));
+        assert!(error(&format!("state_dir = \"tmp\"\n{NODES}{pool}"))
+            .contains("state_dir: 'tmp' must be an absolute path"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_name_the_line() {
+        let pool = "[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n";
+        let e = error(&format!("{NODES}{pool}colour = \"blue\"\n"));
+        assert!(e.starts_with("/etc/tandem/tandem.toml: line 11"), "{e}");
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = error(&format!(
+            "{}{pool}",
+            NODES.replace("10.10.10.11:7788", "not-an-address")
+        ));
+        assert!(e.contains("line 6"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn the_packaged_example_parses_and_every_commented_key_is_known() {
+        let example = include_str!("../../packaging/tandem.toml.example");
+        let config = parse(example).unwrap();
+        assert_eq!(config.pools[0].name, "files");
+        // Uncommenting every `#key = value` line (and `#[table]` header) must stay valid.
+        let uncommented: String = example
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if !rest.starts_with(' ')
+                        && (rest.starts_with('[') || rest.contains(" = ")) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let config = parse(&uncommented).unwrap();
+        assert_eq!(config.nodes.len(), 3);
+        assert_eq!(config.pools.len(), 2);
+        assert!(config.nbd.tcp_listen.is_some());
+    }
+
+    #[test]
+    fn a_missing_file_names_it() {
+        let e = Config::load(Path::new("/nonexistent/tandem.toml")).unwrap_err();
+        assert_eq!(e.to_string(), "cannot read config /nonexistent/tandem.toml");
+    }
+}

@@ -1,0 +1,496 @@
+//! The `lvm-thin` pool: one thin LV `<vg>/<volume>` per volume in an existing thin pool
+//! `<vg>/<thinpool>`, driven only through the `lvm` command and its JSON reports.
+//!
+//! | operation | command |
+//! | --- | --- |
+//! | inspect | `lvm lvs --reportformat json --units b --nosuffix -o <fields> <vg>` |
+//! | create  | `lvm lvcreate -V <bytes>b -T <vg>/<thinpool> -n <volume> --addtag tandem -y` |
+//! | grow    | `lvm lvextend -L <bytes>b <vg>/<volume>` |
+//! | delete  | `lvm lvremove -y <vg>/<volume>` |
+//!
+//! The LV name is the volume name; LVs Tandem made carry the tag `tandem`, and only those
+//! are listed, grown or removed. Usage is the thin pool's `lv_size` and `data_percent`;
+//! creating and growing are refused while the pool is fuller than `max_fill_percent`.
+//! LVM rounds sizes up to whole extents, so create and grow return the size lvm reports.
+//! The `lvm` binary is taken from `PATH` unless `TANDEM_LVM` names another one.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use super::lvm_report::{parse_lvs, Lv, LvKind, LVS_FIELDS};
+use super::{Pool, PoolError, PoolUsage, StoredVolume};
+use crate::report::error_chain;
+use crate::units::format_size;
+
+/// The tag on every LV Tandem creates.
+pub const TAG: &str = "tandem";
+
+/// Environment variable naming the `lvm` binary (default: `lvm` from `PATH`).
+pub const LVM_ENV: &str = "TANDEM_LVM";
+
+/// Substrings LVM reserves for its internal LVs (lvm(8), "VALID NAMES").
+const RESERVED_SUBSTRINGS: &[&str] = &[
+    "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_iorig", "_mimage", "_mlog", "_pmspare",
+    "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
+];
+/// Prefixes LVM reserves.
+const RESERVED_PREFIXES: &[&str] = &["snapshot", "pvmove"];
+
+/// Thin LVs in one thin pool.
+pub struct LvmThinPool {
+    name: String,
+    vg: String,
+    thinpool: String,
+    max_fill_percent: u8,
+    lvm_binary: String,
+}
+
+/// Check a name against LVM's reserved words; `None` when it is usable as an LV name.
+pub fn lvm_reserved(name: &str) -> Option<String> {
+    if let Some(word) = RESERVED_PREFIXES.iter().find(|p| name.starts_with(*p)) {
+        return Some(format!(
+            "LVM does not allow LV names starting with '{word}'; choose another volume name"
+        ));
+    }
+    RESERVED_SUBSTRINGS
+        .iter()
+        .find(|s| name.contains(*s))
+        .map(|word| {
+            format!(
+                "LVM reserves '{word}' in LV names for internal LVs; choose another volume name"
+            )
+        })
+}
+
+impl LvmThinPool {
+    pub fn new(name: &str, vg: &str, thinpool: &str, max_fill_percent: u8) -> Self {
+        LvmThinPool {
+            name: name.to_string(),
+            vg: vg.to_string(),
+            thinpool: thinpool.to_string(),
+            max_fill_percent,
+            lvm_binary: std::env::var(LVM_ENV).unwrap_or_else(|_| "lvm".to_string()),
+        }
+    }
+
+    /// Use another `lvm` binary (tests).
+    pub fn with_lvm_binary(mut self, binary: impl Into<String>) -> Self {
+        self.lvm_binary = binary.into();
+        self
+    }
+
+    fn lvm(&self, args: &[&str]) -> Result<String, PoolError> {
+        let binary = &self.lvm_binary;
+        let command_line = format!("{binary} {}", args.join(" "));
+        let failed = |message: String| PoolError::Command {
+            pool: self.name.clone(),
+            command: command_line.clone(),
+            message,
+        };
+        tracing::debug!(pool = %self.name, command = %command_line, "running lvm");
+        let output = Command::new(binary)
+            .args(args)
+            .env("LC_ALL", "C")
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .output()
+            .map_err(|e| failed(format!("cannot run {binary}: {e}")))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let message = stderr
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(failed(if message.is_empty() {
+                format!("exited with {}", output.status)
+            } else {
+                message
+            }));
+        }
+        String::from_utf8(output.stdout).map_err(|_| failed("printed non-UTF-8 output".into()))
+    }
+
+    /// Every LV of the VG.
+    fn lvs(&self) -> Result<Vec<Lv>, PoolError> {
+        let json = self.lvm(&[
+            "lvs",
+            "--reportformat",
+            "json",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            LVS_FIELDS,
+            &self.vg,
+        ])?;
+        parse_lvs(&json).map_err(|e| PoolError::Command {
+            pool: self.name.clone(),
+            command: "lvm lvs".into(),
+            message: error_chain(&e),
+        })
+    }
+
+    fn thin_pool(&self, lvs: &[Lv]) -> Result<Lv, PoolError> {
+        lvs.iter()
+            .find(|lv| lv.name == self.thinpool)
+            .filter(|lv| lv.kind == LvKind::ThinPool)
+            .cloned()
+            .ok_or_else(|| PoolError::Unavailable {
+                pool: self.name.clone(),
+                message: format!(
+                    "thin pool {}/{} not found (create it with `lvcreate --type thin-pool -L <size> -n {} {}`)",
+                    self.vg, self.thinpool, self.thinpool, self.vg
+                ),
+            })
+    }
+
+    /// The volume's LV if it exists; an LV of that name not made by Tandem is an error.
+    fn find_volume(&self, volume: &str) -> Result<Option<Lv>, PoolError> {
+        let lvs = self.lvs()?;
+        match lvs.into_iter().find(|lv| lv.name == volume) {
+            None => Ok(None),
+            Some(lv) if lv.kind == LvKind::ThinVolume && lv.pool_lv == self.thinpool && lv.is_tandem() => {
+                Ok(Some(lv))
+            }
+            Some(_) => Err(PoolError::Unavailable {
+                pool: self.name.clone(),
+                message: format!(
+                    "LV {}/{volume} exists but is not a Tandem volume of thin pool {} (no '{TAG}' tag); not touching it",
+                    self.vg, self.thinpool
+                ),
+            }),
+        }
+    }
+
+    fn usage_from(&self, pool_lv: &Lv) -> (PoolUsage, f64) {
+        let percent = pool_lv.data_percent.unwrap_or(0.0).clamp(0.0, 100.0);
+        let total = pool_lv.size_bytes;
+        let used = ((total as f64) * percent / 100.0).round() as u64;
+        let used = used.min(total);
+        (
+            PoolUsage {
+                total_bytes: total,
+                used_bytes: used,
+                free_bytes: total - used,
+            },
+            percent,
+        )
+    }
+
+    fn lv_path(&self, volume: &str) -> String {
+        format!("{}/{volume}", self.vg)
+    }
+}
+
+impl Pool for LvmThinPool {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn backend(&self) -> &'static str {
+        "lvm-thin"
+    }
+
+    fn open_check(&self) -> Result<(), PoolError> {
+        let lvs = self.lvs()?;
+        self.thin_pool(&lvs).map(|_| ())
+    }
+
+    fn usage(&self) -> Result<PoolUsage, PoolError> {
+        let lvs = self.lvs()?;
+        Ok(self.usage_from(&self.thin_pool(&lvs)?).0)
+    }
+
+    fn check_name(&self, volume: &str) -> Result<(), PoolError> {
+        match lvm_reserved(volume) {
+            None => Ok(()),
+            Some(message) => Err(PoolError::BadName {
+                pool: self.name.clone(),
+                message: format!("volume name '{volume}': {message}"),
+            }),
+        }
+    }
+
+    fn check_room(&self, additional: u64) -> Result<(), PoolError> {
+        let lvs = self.lvs()?;
+        let (usage, percent) = self.usage_from(&self.thin_pool(&lvs)?);
+        if percent > f64::from(self.max_fill_percent) {
+            return Err(PoolError::Full {
+                pool: self.name.clone(),
+                message: format!(
+                    "is {percent:.1}% full (thin pool {}/{}), over its max_fill_percent of {}%",
+                    self.vg, self.thinpool, self.max_fill_percent
+                ),
+            });
+        }
+        if additional > usage.free_bytes {
+            return Err(PoolError::Full {
+                pool: self.name.clone(),
+                message: format!(
+                    "has {} free, volume needs {}",
+                    format_size(usage.free_bytes),
+                    format_size(additional)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn create(&self, volume: &str, size: u64) -> Result<u64, PoolError> {
+        self.check_name(volume)?;
+        if self.lvs()?.iter().any(|lv| lv.name == volume) {
+            return Err(PoolError::Exists {
+                pool: self.name.clone(),
+                volume: volume.to_string(),
+            });
+        }
+        let size_arg = format!("{size}b");
+        let pool_arg = format!("{}/{}", self.vg, self.thinpool);
+        self.lvm(&[
+            "lvcreate", "-V", &size_arg, "-T", &pool_arg, "-n", volume, "--addtag", TAG, "-y",
+        ])?;
+        match self.find_volume(volume)? {
+            Some(lv) => Ok(lv.size_bytes),
+            None => Err(PoolError::Missing {
+                pool: self.name.clone(),
+                volume: volume.to_string(),
+            }),
+        }
+    }
+
+    fn grow(&self, volume: &str, new_size: u64) -> Result<u64, PoolError> {
+        let lv = self
+            .find_volume(volume)?
+            .ok_or_else(|| PoolError::Missing {
+                pool: self.name.clone(),
+                volume: volume.to_string(),
+            })?;
+        if new_size <= lv.size_bytes {
+            return Ok(lv.size_bytes);
+        }
+        let size_arg = format!("{new_size}b");
+        self.lvm(&["lvextend", "-L", &size_arg, &self.lv_path(volume)])?;
+        self.find_volume(volume)?
+            .map(|lv| lv.size_bytes)
+            .ok_or_else(|| PoolError::Missing {
+                pool: self.name.clone(),
+                volume: volume.to_string(),
+            })
+    }
+
+    fn delete(&self, volume: &str) -> Result<(), PoolError> {
+        if self.find_volume(volume)?.is_none() {
+            return Err(PoolError::Missing {
+                pool: self.name.clone(),
+                volume: volume.to_string(),
+            });
+        }
+        self.lvm(&["lvremove", "-y", &self.lv_path(volume)])
+            .map(|_| ())
+    }
+
+    fn device_path(&self, volume: &str) -> PathBuf {
+        PathBuf::from(format!("/dev/{}/{volume}", self.vg))
+    }
+
+    fn list(&self) -> Result<Vec<StoredVolume>, PoolError> {
+        let lvs = self.lvs()?;
+        let mut found: Vec<_> = lvs
+            .into_iter()
+            .filter(|lv| {
+                lv.kind == LvKind::ThinVolume && lv.pool_lv == self.thinpool && lv.is_tandem()
+            })
+            .map(|lv| StoredVolume {
+                name: lv.name,
+                size_bytes: lv.size_bytes,
+            })
+            .collect();
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvm_reserved_names_are_refused_with_a_reason() {
+        let pool = LvmThinPool::new("nvme", "vg", "thin", 90);
+        pool.check_name("vm-100-disk-0").unwrap();
+        for bad in [
+            "a_tdata",
+            "x_tmeta_y",
+            "v_rimage_0",
+            "m_mlog",
+            "snapshot1",
+            "pvmove0",
+        ] {
+            let e = pool.check_name(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("pool 'nvme': volume name '{bad}'")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn usage_follows_data_percent() {
+        let pool = LvmThinPool::new("nvme", "vg", "thin", 90);
+        let lv = Lv {
+            name: "thin".into(),
+            vg: "vg".into(),
+            kind: LvKind::ThinPool,
+            size_bytes: 1 << 30,
+            pool_lv: String::new(),
+            data_percent: Some(25.0),
+            tags: vec![],
+        };
+        let (usage, percent) = pool.usage_from(&lv);
+        assert_eq!(percent, 25.0);
+        assert_eq!(usage.total_bytes, 1 << 30);
+        assert_eq!(usage.used_bytes, 1 << 28);
+        assert_eq!(usage.free_bytes, 3 << 28);
+    }
+
+    #[test]
+    fn a_missing_lvm_binary_is_a_clear_error() {
+        let pool = LvmThinPool::new("nvme", "vg", "thin", 90).with_lvm_binary("/nonexistent/lvm");
+        let e = pool.usage().unwrap_err().to_string();
+        assert!(e.contains("cannot run /nonexistent/lvm"), "{e}");
+    }
+
+    /// A stand-in for `lvm` that keeps LVs as JSON rows in `$STATE/lvs/` and answers with
+    /// lvm2's report format; it rounds sizes to 4 MiB extents like lvm does. It checks
+    /// the exact command lines the backend sends (the real lvm is exercised in the VM test).
+    const FAKE_LVM: &str = r#"#!/bin/bash
+S="@STATE@"
+echo "$*" >> "$S/calls"
+row() { printf '{"lv_name":"%s", "vg_name":"vg", "lv_attr":"%s", "lv_size":"%s", "pool_lv":"%s", "data_percent":"%s", "lv_tags":"%s"}' "$@"; }
+case "$1" in
+lvs)
+  [ "$*" = "lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_attr,lv_size,pool_lv,data_percent,lv_tags vg" ] || { echo "bad lvs: $*" >&2; exit 3; }
+  printf '  {\n      "report": [\n          {\n              "lv": ['
+  sep=""
+  for f in "$S"/lvs/*; do [ -e "$f" ] || continue; printf '%s\n                  %s' "$sep" "$(cat "$f")"; sep=","; done
+  printf '\n              ]\n          }\n      ]\n  }\n' ;;
+lvcreate)
+  [ "$2" = -V ] && [ "$4 $5 $6 $8 $9 ${10}" = "-T vg/thin -n --addtag tandem -y" ] || { echo "bad lvcreate: $*" >&2; exit 3; }
+  size=${3%b}; name=$7
+  [ -e "$S/lvs/$name" ] && { echo "  Logical Volume \"$name\" already exists in volume group \"vg\"" >&2; exit 5; }
+  size=$(( (size + 4194303) / 4194304 * 4194304 ))
+  row "$name" Vwi-a-tz-- "$size" thin 0.00 tandem > "$S/lvs/$name" ;;
+lvextend)
+  [ "$2" = -L ] || { echo "bad lvextend: $*" >&2; exit 3; }
+  size=${3%b}; name=${4#vg/}
+  size=$(( (size + 4194303) / 4194304 * 4194304 ))
+  row "$name" Vwi-a-tz-- "$size" thin 0.00 tandem > "$S/lvs/$name" ;;
+lvremove)
+  [ "$2" = -y ] || { echo "bad lvremove: $*" >&2; exit 3; }
+  rm "$S/lvs/${3#vg/}" ;;
+*) echo "unexpected: $*" >&2; exit 3 ;;
+esac
+"#;
+
+    fn fake_lvm(pool_percent: &str) -> (tempfile::TempDir, LvmThinPool) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        std::fs::create_dir(state.join("lvs")).unwrap();
+        let script = state.join("lvm");
+        std::fs::write(
+            &script,
+            FAKE_LVM.replace("@STATE@", state.to_str().unwrap()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A process another test thread forks while we write the script can hold the
+        // write descriptor until it execs; wait out ETXTBSY once here.
+        for _ in 0..100 {
+            match Command::new(&script).arg("noop").output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                _ => break,
+            }
+        }
+        let row = |name: &str, attr: &str, size: u64, pool: &str, pct: &str, tags: &str| {
+            format!(
+                r#"{{"lv_name":"{name}", "vg_name":"vg", "lv_attr":"{attr}", "lv_size":"{size}", "pool_lv":"{pool}", "data_percent":"{pct}", "lv_tags":"{tags}"}}"#
+            )
+        };
+        std::fs::write(
+            state.join("lvs/thin"),
+            row("thin", "twi-aotz--", 1 << 30, "", pool_percent, ""),
+        )
+        .unwrap();
+        std::fs::write(
+            state.join("lvs/foreign"),
+            row("foreign", "Vwi-a-tz--", 8 << 20, "thin", "0.00", ""),
+        )
+        .unwrap();
+        let pool =
+            LvmThinPool::new("nvme", "vg", "thin", 90).with_lvm_binary(script.to_str().unwrap());
+        (dir, pool)
+    }
+
+    #[test]
+    fn lifecycle_through_lvm_commands() {
+        let (dir, pool) = fake_lvm("25.00");
+        pool.open_check().unwrap();
+        let usage = pool.usage().unwrap();
+        assert_eq!(usage.total_bytes, 1 << 30);
+        assert_eq!(usage.used_bytes, 1 << 28);
+        // lvm rounds up to whole extents; the backend reports what lvm allocated.
+        assert_eq!(pool.create("v1", 6 << 20).unwrap(), 8 << 20);
+        assert!(matches!(
+            pool.create("v1", 4096),
+            Err(PoolError::Exists { .. })
+        ));
+        assert_eq!(pool.grow("v1", 12 << 20).unwrap(), 12 << 20);
+        assert_eq!(pool.grow("v1", 4 << 20).unwrap(), 12 << 20, "never shrinks");
+        assert_eq!(
+            pool.list().unwrap(),
+            vec![StoredVolume {
+                name: "v1".into(),
+                size_bytes: 12 << 20
+            }],
+            "untagged LVs are not Tandem's"
+        );
+        assert_eq!(pool.device_path("v1"), PathBuf::from("/dev/vg/v1"));
+        // A foreign LV of the same name is never grown or removed.
+        assert!(matches!(
+            pool.create("foreign", 4096),
+            Err(PoolError::Exists { .. })
+        ));
+        let e = pool.delete("foreign").unwrap_err().to_string();
+        assert!(e.contains("not a Tandem volume"), "{e}");
+        pool.delete("v1").unwrap();
+        assert!(matches!(pool.delete("v1"), Err(PoolError::Missing { .. })));
+        assert!(pool.list().unwrap().is_empty());
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert!(calls.contains("lvcreate -V 6291456b -T vg/thin -n v1 --addtag tandem -y"));
+        assert!(calls.contains("lvextend -L 12582912b vg/v1"));
+        assert!(calls.contains("lvremove -y vg/v1"));
+        assert!(!calls.contains("vg/foreign"), "{calls}");
+    }
+
+    #[test]
+    fn a_full_pool_refuses_and_a_missing_pool_is_named() {
+        let (_dir, pool) = fake_lvm("93.10");
+        let e = pool.check_room(4096).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "pool 'nvme' is 93.1% full (thin pool vg/thin), over its max_fill_percent of 90%"
+        );
+        let (_dir, pool) = fake_lvm("50.00");
+        let e = pool.check_room(1 << 30).unwrap_err().to_string();
+        assert_eq!(e, "pool 'nvme' has 512 MiB free, volume needs 1 GiB");
+        let (dir, _) = fake_lvm("0.00");
+        let other = LvmThinPool::new("nvme", "vg", "nothere", 90)
+            .with_lvm_binary(dir.path().join("lvm").to_str().unwrap());
+        let e = other.open_check().unwrap_err().to_string();
+        assert!(e.contains("thin pool vg/nothere not found"), "{e}");
+    }
+}

@@ -1,0 +1,130 @@
+//! Storage pools: where a volume's bytes live on this host.
+//!
+//! ```text
+//! Pool (trait: usage, check_name, create, grow, delete, device_path, list)
+//!   ├── FilePool     sparse files <path>/<volume>.img          (file.rs)
+//!   └── LvmThinPool  thin LVs <vg>/<volume> in <vg>/<thinpool> (lvm_thin.rs, lvm_report.rs)
+//! ```
+//!
+//! A pool only allocates and frees storage; it knows nothing of definitions, replication or
+//! frontends. The daemon opens what [`Pool::device_path`] names as a
+//! `replication::device::FileDevice`. All methods block (file system calls, `lvm` commands):
+//! async callers run them on a blocking thread.
+
+pub mod file;
+pub mod lvm_report;
+pub mod lvm_thin;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{BackendSpec, PoolSpec};
+
+/// Space in a pool, in bytes, as the backend reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolUsage {
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// A volume's storage found in a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredVolume {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+/// Errors of a pool operation. Messages name the pool and the volume.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The pool itself is unusable (directory missing, VG or thin pool not found).
+    #[error("pool '{pool}': {message}")]
+    Unavailable { pool: String, message: String },
+    /// The backend cannot hold a volume of this name.
+    #[error("pool '{pool}': {message}")]
+    BadName { pool: String, message: String },
+    /// Storage for the volume exists already.
+    #[error("pool '{pool}' already holds storage named '{volume}'")]
+    Exists { pool: String, volume: String },
+    /// Storage for the volume does not exist.
+    #[error("pool '{pool}' holds no storage named '{volume}'")]
+    Missing { pool: String, volume: String },
+    /// The pool is too full to allocate; `message` completes "pool 'x' ...".
+    #[error("pool '{pool}' {message}")]
+    Full { pool: String, message: String },
+    /// A file system call failed.
+    #[error("pool '{pool}': cannot {op} {path}")]
+    Io {
+        pool: String,
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `lvm` command could not run or failed.
+    #[error("pool '{pool}': `{command}` failed: {message}")]
+    Command {
+        pool: String,
+        command: String,
+        message: String,
+    },
+}
+
+/// The storage backend of a pool.
+pub trait Pool: Send + Sync + 'static {
+    /// The pool's name from the config.
+    fn name(&self) -> &str;
+    /// The backend's config name (`file`, `lvm-thin`).
+    fn backend(&self) -> &'static str;
+    /// Check that the pool is usable (directory exists, VG/thin pool exist).
+    fn open_check(&self) -> Result<(), PoolError>;
+    /// Current space, read from the backend.
+    fn usage(&self) -> Result<PoolUsage, PoolError>;
+    /// Refuse names this backend cannot hold (beyond the common volume-name rule).
+    fn check_name(&self, volume: &str) -> Result<(), PoolError>;
+    /// Refuse to allocate `additional` bytes now (fill thresholds, free space).
+    fn check_room(&self, additional: u64) -> Result<(), PoolError> {
+        let usage = self.usage()?;
+        if additional > usage.free_bytes {
+            return Err(PoolError::Full {
+                pool: self.name().to_string(),
+                message: format!(
+                    "has {} free, volume needs {}",
+                    crate::units::format_size(usage.free_bytes),
+                    crate::units::format_size(additional)
+                ),
+            });
+        }
+        Ok(())
+    }
+    /// Allocate storage of `size` bytes; returns the size actually allocated (≥ `size`).
+    /// Fails with [`PoolError::Exists`] without touching existing storage.
+    fn create(&self, volume: &str, size: u64) -> Result<u64, PoolError>;
+    /// Grow storage to `new_size` bytes; returns the size actually allocated.
+    fn grow(&self, volume: &str, new_size: u64) -> Result<u64, PoolError>;
+    /// Free the storage. Fails with [`PoolError::Missing`] if there is none.
+    fn delete(&self, volume: &str) -> Result<(), PoolError>;
+    /// The file or block device holding the volume.
+    fn device_path(&self, volume: &str) -> PathBuf;
+    /// Every volume's storage in this pool (for the startup consistency check).
+    fn list(&self) -> Result<Vec<StoredVolume>, PoolError>;
+}
+
+/// Build the backend a pool spec names.
+pub fn open(spec: &PoolSpec) -> Box<dyn Pool> {
+    match &spec.backend {
+        BackendSpec::File { path } => Box::new(file::FilePool::new(&spec.name, path.clone())),
+        BackendSpec::LvmThin {
+            vg,
+            thinpool,
+            max_fill_percent,
+        } => Box::new(lvm_thin::LvmThinPool::new(
+            &spec.name,
+            vg,
+            thinpool,
+            *max_fill_percent,
+        )),
+    }
+}

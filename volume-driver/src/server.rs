@@ -1,0 +1,181 @@
+//! The control API server: binds `<run_dir>/tandemd.sock` and answers [`Request`]s with the
+//! [`VolumeService`] (wire format in [`crate::api`]).
+//!
+//! Binding creates `run_dir` if missing, refuses to start when another daemon answers on
+//! the socket, removes a stale socket file, and restricts the socket to its owner (0600).
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::api::{ApiError, ErrorKind, Reply, Request, Response, MAX_LINE};
+use crate::service::VolumeService;
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot create run directory {path}")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("another tandemd is already serving {path}")]
+    InUse { path: PathBuf },
+    #[error("cannot remove stale socket {path}")]
+    Stale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Bind the control socket at `path` (must be called inside a tokio runtime).
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| BindError::RunDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    if path.exists() || path.symlink_metadata().is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(BindError::InUse {
+                path: path.to_path_buf(),
+            });
+        }
+        tracing::info!(path = %path.display(), "removing stale control socket");
+        std::fs::remove_file(path).map_err(|source| BindError::Stale {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    let listen = |source| BindError::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(listen)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen)?;
+    Ok(listener)
+}
+
+/// Accept connections forever, one task per connection.
+pub async fn serve(listener: UnixListener, service: Arc<VolumeService>) -> io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let service = Arc::clone(&service);
+        tokio::spawn(async move {
+            if let Err(e) = handle_connection(stream, service).await {
+                tracing::debug!(error = %e, "control connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle_connection(stream: UnixStream, service: Arc<VolumeService>) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let too_long = line.last() != Some(&b'\n');
+        let response = if too_long {
+            Response::Error {
+                error: ApiError::new(
+                    ErrorKind::BadRequest,
+                    format!("request longer than {MAX_LINE} bytes or not newline-terminated"),
+                ),
+            }
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(request) => dispatch(&service, request).await,
+                Err(e) => Response::Error {
+                    error: ApiError::new(
+                        ErrorKind::BadRequest,
+                        format!("request not understood: {e}"),
+                    ),
+                },
+            }
+        };
+        let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+        if too_long {
+            return Ok(());
+        }
+    }
+}
+
+/// Carry out one request.
+pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
+    let what = request_name(&request);
+    let result = match request {
+        Request::NodeInfo => Ok(Reply::NodeInfo {
+            node: service.node_info(),
+        }),
+        Request::PoolList => Ok(Reply::Pools {
+            pools: service.pools().await,
+        }),
+        Request::VolumeCreate {
+            name,
+            size_bytes,
+            pool,
+        } => service
+            .create(&name, size_bytes, pool.as_deref())
+            .await
+            .map(|volume| Reply::Volume { volume }),
+        Request::VolumeList => Ok(Reply::Volumes {
+            volumes: service.list(),
+        }),
+        Request::VolumeShow { name } => service.show(&name).map(|volume| Reply::Volume { volume }),
+        Request::VolumeResize { name, size_bytes } => service
+            .resize(&name, size_bytes)
+            .await
+            .map(|volume| Reply::Volume { volume }),
+        Request::VolumeDelete { name } => service
+            .delete(&name)
+            .await
+            .map(|()| Reply::Deleted { name }),
+    };
+    match result {
+        Ok(result) => Response::Ok { result },
+        Err(error) => {
+            match error.kind {
+                ErrorKind::Backend | ErrorKind::Storage | ErrorKind::Internal => {
+                    tracing::error!(request = what, error = %error.message, "request failed")
+                }
+                _ => tracing::warn!(request = what, error = %error.message, "request refused"),
+            }
+            Response::Error { error }
+        }
+    }
+}
+
+fn request_name(request: &Request) -> &'static str {
+    match request {
+        Request::NodeInfo => "node_info",
+        Request::PoolList => "pool_list",
+        Request::VolumeCreate { .. } => "volume_create",
+        Request::VolumeList => "volume_list",
+        Request::VolumeShow { .. } => "volume_show",
+        Request::VolumeResize { .. } => "volume_resize",
+        Request::VolumeDelete { .. } => "volume_delete",
+    }
+}
