@@ -637,6 +637,74 @@ section umount umount /mnt
     )
 }
 
+/// `qemu-nbd` serving a raw file on a unix socket (`-t`: stays up across clients), the
+/// reference NBD server for tests. Killed on drop.
+#[derive(Debug)]
+pub struct QemuNbd {
+    child: Child,
+    pub socket: PathBuf,
+    pub export: String,
+}
+
+impl QemuNbd {
+    /// Starts `qemu-nbd -t -f raw -k SOCKET -x EXPORT FILE` and waits (up to 10 s) for the
+    /// socket to appear.
+    pub fn serve(file: &Path, socket: &Path, export: &str) -> Result<QemuNbd> {
+        if which("qemu-nbd").is_none() {
+            bail!("qemu-nbd not found in PATH: install the Debian package qemu-utils");
+        }
+        let child = Command::new("qemu-nbd")
+            .args(["-t", "-f", "raw", "--cache=none", "-k"])
+            .arg(socket)
+            .arg("-x")
+            .arg(export)
+            .arg(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting qemu-nbd")?;
+        let mut server = QemuNbd {
+            child,
+            socket: socket.to_path_buf(),
+            export: export.to_string(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Some(status) = server.child.try_wait().context("waiting for qemu-nbd")? {
+                bail!(
+                    "qemu-nbd exited early ({status}) serving {}",
+                    file.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("qemu-nbd did not create {} within 10 s", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+
+    /// The guest disk for this export.
+    pub fn disk(&self) -> Disk {
+        Disk::nbd_unix(&self.socket, &self.export)
+    }
+
+    /// Stops the server (SIGKILL; qemu-nbd with `--cache=none` holds no dirty data).
+    pub fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Reads `/path` from an ext4 image on the host with `debugfs` (e2fsprogs), no mount needed.
 pub fn read_ext4_file(image: &Path, path: &str) -> Result<Vec<u8>> {
     let output = Command::new("debugfs")
