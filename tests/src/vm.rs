@@ -30,6 +30,11 @@
 //! let report = run.json("lvs");
 //! ```
 //!
+//! Other launchers (libvirt domains, issue 6) reuse the image: `<os>` with
+//! `<kernel>`/`<initrd>` from [`GuestImage`] and `<cmdline>` from [`Vm::kernel_cmdline`],
+//! `<serial type='file'>` for the console, `<on_poweroff>destroy</on_poweroff>`, disks as
+//! virtio; then [`GuestRun::from_console`] on the console file.
+//!
 //! Set `TANDEM_SKIP_VM_TESTS=1` to skip guest tests explicitly (see [`skip_requested`]);
 //! otherwise a missing QEMU or kernel download is an error, never a silent skip.
 
@@ -239,13 +244,20 @@ impl Vm {
         self
     }
 
-    /// The full QEMU command line, serial console going to `console_log`.
-    pub fn command(&self, console_log: &Path) -> Command {
+    /// The kernel command line: serial console on ttyS0, quiet, reboot (= QEMU exits, with
+    /// `-no-reboot`) at once on panic, plus [`Vm::append`]'s words.
+    pub fn kernel_cmdline(&self) -> String {
         let mut append = String::from("console=ttyS0 quiet panic=-1");
         for word in &self.append {
             append.push(' ');
             append.push_str(word);
         }
+        append
+    }
+
+    /// The full QEMU command line, serial console going to `console_log`.
+    pub fn command(&self, console_log: &Path) -> Command {
+        let append = self.kernel_cmdline();
         let mut cmd = Command::new(QEMU);
         cmd.args(["-accel", "tcg", "-smp", "1", "-m"])
             .arg(self.memory_mib.to_string())
@@ -365,19 +377,12 @@ impl RunningVm {
                 tail(&console, 40)
             );
         }
-        let parsed = parse_console(&console);
-        Ok(GuestRun {
-            console,
-            exit_status: parsed.exit_status,
-            sections: parsed.sections,
-            statuses: parsed.statuses,
-            guest_uptime_at_start: parsed.uptime_at_start,
-            guest_uptime_at_exit: parsed.uptime_at_exit,
-            script_started_after,
-            wall_time,
-            timed_out,
-            qemu_stderr,
-        })
+        let mut run = GuestRun::from_console(&console);
+        run.script_started_after = script_started_after;
+        run.wall_time = wall_time;
+        run.timed_out = timed_out;
+        run.qemu_stderr = qemu_stderr;
+        Ok(run)
     }
 
     /// Kills QEMU now.
@@ -441,6 +446,25 @@ pub struct GuestRun {
 }
 
 impl GuestRun {
+    /// A run from a console log written by someone else, e.g. a libvirt domain with
+    /// `<serial type='file'>`; timings other than the guest's own uptimes are unknown.
+    pub fn from_console(console: &str) -> GuestRun {
+        let console = console.replace('\r', "");
+        let parsed = parse_console(&console);
+        GuestRun {
+            exit_status: parsed.exit_status,
+            sections: parsed.sections,
+            statuses: parsed.statuses,
+            guest_uptime_at_start: parsed.uptime_at_start,
+            guest_uptime_at_exit: parsed.uptime_at_exit,
+            script_started_after: None,
+            wall_time: Duration::ZERO,
+            timed_out: false,
+            qemu_stderr: String::new(),
+            console,
+        }
+    }
+
     /// Panics, with the console's tail, unless the guest script ran and exited 0.
     pub fn assert_script_succeeded(&self) {
         if self.exit_status != Some(0) {
@@ -654,7 +678,7 @@ impl QemuNbd {
             bail!("qemu-nbd not found in PATH: install the Debian package qemu-utils");
         }
         let child = Command::new("qemu-nbd")
-            .args(["-t", "-f", "raw", "--cache=none", "-k"])
+            .args(["-t", "-f", "raw", "-k"])
             .arg(socket)
             .arg("-x")
             .arg(export)
@@ -688,7 +712,8 @@ impl QemuNbd {
         Disk::nbd_unix(&self.socket, &self.export)
     }
 
-    /// Stops the server (SIGKILL; qemu-nbd with `--cache=none` holds no dirty data).
+    /// Stops the server. SIGKILL loses nothing: qemu-nbd keeps no data of its own, what was
+    /// written sits in the file (or the host page cache, which readers see).
     pub fn stop(mut self) {
         self.kill();
     }
