@@ -465,17 +465,45 @@ impl GuestRun {
         }
     }
 
-    /// Panics, with the console's tail, unless the guest script ran and exited 0.
+    /// Panics unless the guest script ran and exited 0. The message holds the script's part
+    /// of the console (its last 150 lines) and the path of a saved copy of the whole console.
     pub fn assert_script_succeeded(&self) {
         if self.exit_status != Some(0) {
             panic!(
-                "guest script did not succeed: exit status {:?}, timed out: {}\nqemu stderr: {}\n--- console (tail) ---\n{}",
+                "guest script did not succeed: exit status {:?}, timed out: {}\nqemu stderr: {}\nwhole console saved to {}\n--- console from script start (tail) ---\n{}",
                 self.exit_status,
                 self.timed_out,
                 self.qemu_stderr.trim(),
-                tail(&self.console, 80)
+                self.save_console().display(),
+                tail(self.script_console(), 150)
             );
         }
+    }
+
+    /// The console from `@@GUEST-START` on (the whole console if the script never started).
+    pub fn script_console(&self) -> &str {
+        match self.console.find("@@GUEST-START") {
+            Some(at) => &self.console[at..],
+            None => &self.console,
+        }
+    }
+
+    /// Writes the console to a file that outlives the test's temporary directory
+    /// (`$TMPDIR/tandem-guest-console-<pid>-<n>.log`) and returns its path.
+    pub fn save_console(&self) -> PathBuf {
+        static SAVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SAVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "tandem-guest-console-{}-{n}.log",
+            std::process::id()
+        ));
+        if let Err(e) = std::fs::write(&path, &self.console) {
+            eprintln!(
+                "could not save the guest console to {}: {e}",
+                path.display()
+            );
+        }
+        path
     }
 
     /// The text of section `name`; panics with the console's tail if it is missing.

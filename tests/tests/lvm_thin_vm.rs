@@ -183,9 +183,10 @@ section delete $T volume delete v1
 section lvs_deleted $LVS
 section list_deleted $T volume list --json
 
+# SIGTERM must stop the daemon cleanly (exit status 0).
 kill -TERM $daemon
 wait $daemon
-echo "tandemd exited with $?"
+echo "@@STATUS daemon_exit $?"
 section daemon_log cat /tmp/tandemd.log
 exit 0
 "#;
@@ -296,5 +297,13 @@ fn tandem_manages_lvm_thin_volumes_in_guest() {
     assert!(
         volumes_by_name(&run.json("list_deleted")).is_empty(),
         "volume list not empty after delete"
+    );
+
+    // SIGTERM stops the daemon cleanly
+    assert_eq!(
+        run.status("daemon_exit"),
+        0,
+        "tandemd on SIGTERM:\n{}",
+        log()
     );
 }
