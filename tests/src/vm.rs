@@ -667,12 +667,7 @@ fn parse_uptime(word: Option<&str>) -> Option<Duration> {
 /// (the file's sha256sum) and `umount`. Read the file back on the host from the disk's bytes
 /// with [`read_ext4_file`] (or from another replica).
 pub fn mkfs_write_file_script(file_name: &str, content: &str) -> String {
-    assert!(
-        file_name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
-        "file name must be a plain name"
-    );
+    assert_plain_file_name(file_name);
     // A quoted heredoc keeps the content byte-exact (no expansion).
     format!(
         r#"set -e
@@ -687,6 +682,33 @@ section write sha256sum /mnt/{file_name}
 section umount umount /mnt
 "#
     )
+}
+
+/// Guest script that mounts the ext4 file system on `/dev/vda` read-only and prints
+/// `/mnt/<file_name>` as section `content` and its sha256sum as section `sha256`: reads back
+/// what [`mkfs_write_file_script`] wrote, through whatever serves the disk (e.g. the other
+/// replica's NBD export).
+pub fn read_file_script(file_name: &str) -> String {
+    assert_plain_file_name(file_name);
+    format!(
+        r#"set -e
+mkdir -p /mnt
+mount -t ext4 -o ro /dev/vda /mnt
+section sha256 sha256sum /mnt/{file_name}
+section content cat /mnt/{file_name}
+umount /mnt
+"#
+    )
+}
+
+fn assert_plain_file_name(file_name: &str) {
+    assert!(
+        !file_name.is_empty()
+            && file_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+        "file name must be a plain name, got {file_name:?}"
+    );
 }
 
 /// `qemu-nbd` serving a raw file on a unix socket (`-t`: stays up across clients), the
