@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod vm;
+
 /// Directory holding the workspace's built binaries (`target/<profile>`), found from the
 /// running test executable (`target/<profile>/deps/<test>`). `TANDEM_BIN_DIR` overrides it.
 pub fn bin_dir() -> PathBuf {
