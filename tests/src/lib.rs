@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+pub mod checker;
+pub mod fake_nbd;
+pub mod nbd_client;
 pub mod vm;
 
 /// Directory holding the workspace's built binaries (`target/<profile>`), found from the
