@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 
 pub mod checker;
+pub mod cluster;
 pub mod fake_nbd;
 pub mod nbd_client;
+pub mod netns;
 pub mod vm;
 
 /// Directory holding the workspace's built binaries (`target/<profile>`), found from the
