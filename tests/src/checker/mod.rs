@@ -6,5 +6,6 @@
 pub mod block;
 pub mod compare;
 pub mod log;
+pub mod process;
 pub mod verify;
 pub mod workload;

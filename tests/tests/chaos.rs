@@ -1,0 +1,376 @@
+//! The randomized fault test (issue 5): two data hosts and a witness, one protocol-C volume
+//! under continuous `tandem-check` load, and seeded cycles of faults — daemon kill and
+//! restart, replication link cut and heal, full partition, promotion of the surviving side.
+//! After every cycle the cluster must resync; at the end no acknowledged write may be
+//! lost, no split brain may have happened, and the two replicas must be identical.
+//!
+//! * `TANDEM_CHAOS_SEED=N` replays a run (the seed is printed at the start and on failure).
+//! * `TANDEM_CHAOS_CYCLES=N` sets the number of cycles (default 20; the long run is 500).
+//!
+//! Drives the replication CLI of issue 3: `tandem volume create NAME --size S --replicas 2
+//! --protocol C`, `volume promote|demote|wait-sync`, `volume status NAME --json` with
+//! `role`, `disk_state` and `peers[].connection`. Needs root.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tandem_tests::checker::block::SplitMix64;
+use tandem_tests::checker::process::{verify, BackgroundWriter};
+use tandem_tests::cluster::{skip_unless_root, Cluster, ClusterSpec};
+use tandem_tests::wait_until;
+
+const VOLUME: &str = "chaos";
+
+/// One cycle's fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Fault {
+    /// SIGKILL the Primary's daemon, promote the other host, restart the old one.
+    KillPrimary,
+    /// SIGKILL the Secondary's daemon, restart it.
+    KillSecondary,
+    /// Cut the Secondary's replication link for a while.
+    CutSecondaryReplication,
+    /// Cut the Primary's replication link for a while. Peer links (and so quorum) run on
+    /// the replication network: the Primary loses quorum and freezes, nobody is promoted,
+    /// and after the heal the Primary resumes and resyncs its peer; never two Primaries.
+    CutPrimaryReplication,
+    /// Isolate the Primary completely: it loses quorum and freezes; promote the other side,
+    /// demote the isolated one, heal.
+    PartitionPrimary,
+    /// Isolate the Secondary completely, heal.
+    PartitionSecondary,
+    /// SIGTERM + start of the Primary's daemon (clean restart), writer reconnects.
+    RestartPrimary,
+}
+
+const FAULTS: [Fault; 7] = [
+    Fault::KillPrimary,
+    Fault::KillSecondary,
+    Fault::CutSecondaryReplication,
+    Fault::CutPrimaryReplication,
+    Fault::PartitionPrimary,
+    Fault::PartitionSecondary,
+    Fault::RestartPrimary,
+];
+
+/// The seeded plan: (fault, fault duration in ms) per cycle.
+fn plan(seed: u64, cycles: usize) -> Vec<(Fault, u64)> {
+    let mut rng = SplitMix64::new(seed);
+    (0..cycles)
+        .map(|_| {
+            let fault = FAULTS[rng.below(FAULTS.len() as u64) as usize];
+            (fault, 300 + rng.below(2000))
+        })
+        .collect()
+}
+
+#[test]
+fn plan_is_a_function_of_the_seed() {
+    assert_eq!(plan(7, 50), plan(7, 50));
+    assert_ne!(plan(7, 50), plan(8, 50));
+    let faults: std::collections::HashSet<_> = plan(1, 200).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(faults.len(), FAULTS.len(), "every fault kind is drawn");
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+    })
+}
+
+/// Prints the seed when the test fails, whatever line failed.
+struct SeedReporter(u64);
+impl Drop for SeedReporter {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "chaos test FAILED with seed {0}; replay with TANDEM_CHAOS_SEED={0}",
+                self.0
+            );
+        }
+    }
+}
+
+struct Chaos {
+    cluster: Cluster,
+    primary: String,
+    secondary: String,
+    split_brains: u64,
+}
+
+fn field(status: &serde_json::Value, key: &str) -> String {
+    status[key].as_str().unwrap_or("?").to_string()
+}
+
+impl Chaos {
+    fn status(&self, host: &str) -> Option<serde_json::Value> {
+        let out = self
+            .cluster
+            .tandem(host, &["volume", "status", VOLUME, "--json"]);
+        out.status.success().then(|| out.json())
+    }
+
+    /// Split brain is reported in status (issue 3); look for it on every running host.
+    fn count_split_brain(&mut self) {
+        for host in self.cluster.data_hosts() {
+            if !self.cluster.host(&host).running() {
+                continue;
+            }
+            if let Some(status) = self.status(&host) {
+                if status
+                    .to_string()
+                    .to_ascii_lowercase()
+                    .contains("splitbrain")
+                    || status
+                        .to_string()
+                        .to_ascii_lowercase()
+                        .contains("split_brain\":true")
+                {
+                    self.split_brains += 1;
+                    panic!("split brain on {host}: {status}");
+                }
+            }
+        }
+    }
+
+    /// Promote `host`, retrying while the engine still sees the old Primary (up to 30 s).
+    fn promote(&mut self, host: &str) {
+        let mut last = String::new();
+        let ok = wait_until(Duration::from_secs(30), || {
+            let out = self.cluster.tandem(host, &["volume", "promote", VOLUME]);
+            last = out.stderr.clone();
+            out.status.success()
+        });
+        assert!(
+            ok,
+            "promoting {host} failed for 30 s: {last}\n{}",
+            self.cluster.logs()
+        );
+        std::mem::swap(&mut self.primary, &mut self.secondary);
+        assert_eq!(self.primary, host);
+    }
+
+    /// Wait until both replicas are connected and UpToDate.
+    fn wait_sync(&self) {
+        let out = self.cluster.tandem(
+            &self.primary,
+            &["volume", "wait-sync", VOLUME, "--timeout", "120"],
+        );
+        assert!(
+            out.status.success(),
+            "wait-sync on {} failed: {}{}\n{}",
+            self.primary,
+            out.stdout,
+            out.stderr,
+            self.cluster.logs()
+        );
+        for host in [&self.primary, &self.secondary] {
+            let status = self.status(host).expect("status");
+            assert_eq!(field(&status, "disk_state"), "UpToDate", "{host}: {status}");
+            let peers = status["peers"].as_array().cloned().unwrap_or_default();
+            assert!(
+                peers.iter().any(|p| p["connection"] == "Connected"),
+                "{host} not connected to its peer after sync: {status}"
+            );
+        }
+        let primary = self.status(&self.primary).expect("status");
+        assert_eq!(field(&primary, "role"), "Primary", "{primary}");
+        let secondary = self.status(&self.secondary).expect("status");
+        assert_eq!(field(&secondary, "role"), "Secondary", "{secondary}");
+    }
+
+    fn run_fault(&mut self, fault: Fault, hold: Duration) {
+        let (p, s) = (self.primary.clone(), self.secondary.clone());
+        match fault {
+            Fault::KillPrimary => {
+                self.cluster.kill(&p);
+                self.promote(&s);
+                std::thread::sleep(hold);
+                self.cluster.start(&p);
+            }
+            Fault::KillSecondary => {
+                self.cluster.kill(&s);
+                std::thread::sleep(hold);
+                self.cluster.start(&s);
+            }
+            Fault::CutSecondaryReplication => {
+                self.cluster.cut_replication(&s);
+                std::thread::sleep(hold);
+                self.cluster.heal_replication(&s);
+            }
+            Fault::CutPrimaryReplication => {
+                self.cluster.cut_replication(&p);
+                std::thread::sleep(hold);
+                self.count_split_brain();
+                self.cluster.heal_replication(&p);
+            }
+            Fault::PartitionPrimary => {
+                self.cluster.partition(&p);
+                self.promote(&s);
+                std::thread::sleep(hold);
+                // The isolated old Primary has no quorum: its I/O is frozen. Demote it
+                // (what its HA agent does when fencing), then let it rejoin.
+                let out = self.cluster.tandem(&p, &["volume", "demote", VOLUME]);
+                assert!(
+                    out.status.success(),
+                    "demoting isolated {p}: {}",
+                    out.stderr
+                );
+                self.cluster.heal(&p);
+            }
+            Fault::PartitionSecondary => {
+                self.cluster.partition(&s);
+                std::thread::sleep(hold);
+                self.cluster.heal(&s);
+            }
+            Fault::RestartPrimary => {
+                self.cluster.stop(&p);
+                self.cluster.start(&p);
+                let out = self.cluster.tandem(&p, &["volume", "promote", VOLUME]);
+                assert!(
+                    out.status.success(),
+                    "re-promoting {p} after a clean restart: {}",
+                    out.stderr
+                );
+            }
+        }
+        self.wait_sync();
+        self.count_split_brain();
+    }
+}
+
+#[test]
+#[ignore = "needs the replication engine (issue 3)"]
+fn chaos_cycles_lose_no_acknowledged_write() {
+    if skip_unless_root() {
+        return;
+    }
+    let seed = env_u64("TANDEM_CHAOS_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            % 1_000_000_007
+    });
+    let cycles = env_u64("TANDEM_CHAOS_CYCLES").unwrap_or(20) as usize;
+    let _reporter = SeedReporter(seed);
+    eprintln!("chaos: seed {seed} (TANDEM_CHAOS_SEED={seed} replays), {cycles} cycles");
+    let started = Instant::now();
+
+    let cluster = Cluster::new(ClusterSpec {
+        hosts: 2,
+        witness: true,
+        rust_log: "info".into(),
+        ..ClusterSpec::default()
+    });
+    cluster
+        .tandem(
+            "hv1",
+            &[
+                "volume",
+                "create",
+                VOLUME,
+                "--size",
+                "64M",
+                "--replicas",
+                "2",
+                "--protocol",
+                "C",
+            ],
+        )
+        .ok();
+    let mut chaos = Chaos {
+        cluster,
+        primary: "hv1".into(),
+        secondary: "hv2".into(),
+        split_brains: 0,
+    };
+    chaos
+        .cluster
+        .tandem("hv1", &["volume", "wait-sync", VOLUME, "--timeout", "60"])
+        .ok();
+    chaos
+        .cluster
+        .tandem("hv1", &["volume", "promote", VOLUME])
+        .ok();
+    chaos.wait_sync();
+
+    let sockets: Vec<PathBuf> = ["hv1", "hv2"]
+        .iter()
+        .map(|h| chaos.cluster.nbd_socket(h))
+        .collect();
+    let log = chaos.cluster.root().join("chaos.log");
+    let writer = BackgroundWriter::spawn(
+        &sockets,
+        VOLUME,
+        4096,
+        &log,
+        &[
+            "--duration",
+            "86400",
+            "--seed",
+            &seed.to_string(),
+            "--flush-every",
+            "64",
+            "--fua-every",
+            "97",
+            "--reconnect-timeout",
+            "120",
+            "--io-timeout",
+            "10",
+        ],
+    );
+    assert!(
+        writer.wait_for_more_acks(200, Duration::from_secs(30)),
+        "no initial progress:\n{}",
+        chaos.cluster.logs()
+    );
+
+    for (cycle, (fault, hold_ms)) in plan(seed, cycles).into_iter().enumerate() {
+        eprintln!(
+            "chaos: cycle {cycle}: {fault:?} for {hold_ms} ms (Primary {})",
+            chaos.primary
+        );
+        chaos.run_fault(fault, Duration::from_millis(hold_ms));
+        let progressed = writer.wait_for_more_acks(100, Duration::from_secs(60));
+        assert!(
+            progressed,
+            "cycle {cycle} ({fault:?}): the workload made no progress afterwards:\n{}",
+            chaos.cluster.logs()
+        );
+    }
+
+    let (code, summary) = writer.stop();
+    assert_eq!(code, Some(0), "writer: {summary}");
+    chaos.wait_sync();
+    let primary_socket = chaos.cluster.nbd_socket(&chaos.primary);
+    let (code, report) = verify(&log, &["--socket", primary_socket.to_str().unwrap()]);
+    // Both replicas hold the same bytes (the volume is quiet and in sync).
+    let images: Vec<String> = ["hv1", "hv2"]
+        .iter()
+        .map(|h| chaos.cluster.image_path(h, VOLUME).display().to_string())
+        .collect();
+    let compare = std::process::Command::new(tandem_tests::bin("tandem-check"))
+        .args(["compare", &images[0], &images[1]])
+        .output()
+        .unwrap();
+    eprintln!(
+        "chaos: seed {seed}: {cycles} cycles run, {} writes acknowledged, {} lost, {} stale, {} garbage, {} split brains, {} reconnects, in {:?}\n{}",
+        report["writes_acknowledged"],
+        report["lost"],
+        report["stale"],
+        report["garbage"],
+        chaos.split_brains,
+        summary["reconnects"],
+        started.elapsed(),
+        String::from_utf8_lossy(&compare.stdout)
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "acknowledged writes lost under protocol C: {report}"
+    );
+    assert_eq!(chaos.split_brains, 0);
+    assert!(compare.status.success(), "replicas differ after sync");
+}
