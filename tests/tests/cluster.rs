@@ -156,3 +156,53 @@ fn sweeper_removes_namespaces_of_dead_runs_only() {
         "a live run's namespace must stay"
     );
 }
+
+#[test]
+fn everything_is_removed_after_a_panic() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut seen = (Vec::new(), std::path::PathBuf::new());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let cluster = Cluster::new(ClusterSpec {
+            hosts: 2,
+            witness: false,
+            pool_size: Some(8 * MIB),
+            ..ClusterSpec::default()
+        });
+        seen = (
+            cluster
+                .hosts()
+                .iter()
+                .map(|h| h.netns().name().to_string())
+                .collect(),
+            cluster.root().to_path_buf(),
+        );
+        panic!("deliberate failure inside a test using the cluster");
+    }));
+    assert!(result.is_err());
+    let (names, root) = seen;
+    assert_eq!(names.len(), 2);
+    let listed = namespaces();
+    for name in &names {
+        assert!(
+            !listed.contains(name.as_str()),
+            "{name} left behind after a panic"
+        );
+    }
+    assert!(
+        !root.exists(),
+        "{} left behind after a panic",
+        root.display()
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(root.to_str().unwrap()),
+        "pool mount left behind"
+    );
+    let daemons = std::process::Command::new("pgrep")
+        .args(["-f", root.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(daemons.stdout.is_empty(), "daemons left running");
+}

@@ -75,23 +75,23 @@ fn daemon_sigkill_under_load_loses_no_acknowledged_write() {
         ],
     );
     assert!(
-        writer.wait_for_more_acks(300, Duration::from_secs(20)),
+        writer.wait_for_more_acks(500, Duration::from_secs(20)),
         "no progress:\n{}",
         cluster.logs()
     );
-    for round in 0..3 {
+    for round in 0..5 {
         cluster.kill("hv1");
-        std::thread::sleep(Duration::from_millis(200 + 100 * round));
+        std::thread::sleep(Duration::from_millis(100 + 100 * round));
         cluster.start("hv1");
         assert!(
-            writer.wait_for_more_acks(300, Duration::from_secs(30)),
+            writer.wait_for_more_acks(1000, Duration::from_secs(30)),
             "writer made no progress after restart {round}:\n{}",
             cluster.logs()
         );
     }
     let (code, summary) = writer.stop();
     assert_eq!(code, Some(0), "{summary}");
-    assert!(summary["reconnects"].as_u64().unwrap() >= 3, "{summary}");
+    assert!(summary["reconnects"].as_u64().unwrap() >= 5, "{summary}");
     let (code, report) = verify(
         &log,
         &["--socket", socket.to_str().unwrap(), "--export", "v1"],
