@@ -26,6 +26,8 @@ pub enum Behaviour {
     ReorderEveryNth(u64),
     /// Refuses `NBD_OPT_GO` with `NBD_REP_ERR_POLICY` and this message (a Secondary).
     Refuse(String),
+    /// Opens, but fails every write with this NBD errno (a demoted or shut-down volume).
+    FailWrites(u32),
 }
 
 struct Shared {
@@ -255,6 +257,10 @@ fn transmission(mut stream: UnixStream, shared: &Shared) -> std::io::Result<()> 
                 stream.read_exact(&mut payload)?;
                 if !in_range {
                     simple_reply(&mut stream, 28, cookie, &[])?;
+                    continue;
+                }
+                if let Behaviour::FailWrites(errno) = *lock(&shared.behaviour) {
+                    simple_reply(&mut stream, errno, cookie, &[])?;
                     continue;
                 }
                 apply_write(shared, offset, payload);

@@ -256,3 +256,38 @@ fn compare_reports_identical_and_differing_replicas() {
     let out = check(&["compare", s(&a), "--nbd", &format!("{}:a", s(&socket))]);
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn writer_leaves_a_server_that_fails_writes_and_verifies_on_the_new_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.sock");
+    let new = dir.path().join("new.sock");
+    let _old = FakeNbdServer::start(&old, "vol", MIB, Behaviour::FailWrites(108)).unwrap();
+    let _new = FakeNbdServer::start(&new, "vol", MIB, Behaviour::Honest).unwrap();
+    let log = dir.path().join("run.log");
+    let out = check(&[
+        "write",
+        "--socket",
+        s(&old),
+        "--reconnect-to",
+        s(&new),
+        "--export",
+        "vol",
+        "--blocks",
+        "64",
+        "--log",
+        s(&log),
+        "--writes",
+        "500",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let summary = json(&out);
+    assert_eq!(summary["writes_failed"], 1, "{summary}");
+    assert_eq!(summary["writes_acknowledged"], 499, "{summary}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(" ESHUTDOWN"), "{text}");
+    let out = check(&["verify", "--log", s(&log), "--socket", s(&new), "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json(&out)["writes_acknowledged"], 499);
+}

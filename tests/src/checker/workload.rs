@@ -12,8 +12,9 @@
 //! * connection lost (EOF, reset, timeout): the write's outcome is unknown (only its `A`
 //!   line stays); the writer looks for a Primary again.
 //!
-//! Looking for a Primary cycles through the sockets every 100 ms until one accepts a
-//! writable `NBD_OPT_GO`, or `reconnect_timeout` passes (then the run fails).
+//! Looking for a Primary cycles through the sockets every 100 ms, starting after the one
+//! that just failed, until one accepts a writable `NBD_OPT_GO`, or `reconnect_timeout`
+//! passes (then the run ends with `aborted` set).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,10 +108,12 @@ struct Connection {
     socket: PathBuf,
 }
 
-/// Try every socket once; the first writable open wins. Returns the errors otherwise.
-fn connect_round(spec: &WorkloadSpec) -> Result<Connection, Vec<String>> {
+/// Try every socket once, starting at index `first`; the first writable open wins.
+/// Returns the errors otherwise.
+fn connect_round(spec: &WorkloadSpec, first: usize) -> Result<Connection, Vec<String>> {
     let mut errors = Vec::new();
-    for socket in &spec.sockets {
+    let count = spec.sockets.len();
+    for socket in (0..count).map(|i| &spec.sockets[(first + i) % count]) {
         match NbdClient::connect(socket, &spec.export, Some(spec.io_timeout)) {
             Ok(client) if client.read_only() => {
                 errors.push(format!("{}: export is read-only", socket.display()));
@@ -126,6 +129,10 @@ fn connect_round(spec: &WorkloadSpec) -> Result<Connection, Vec<String>> {
         }
     }
     Err(errors)
+}
+
+fn socket_index(spec: &WorkloadSpec, socket: &std::path::Path) -> usize {
+    spec.sockets.iter().position(|s| s == socket).unwrap_or(0)
 }
 
 /// An error and its causes on one line.
@@ -171,6 +178,9 @@ pub fn run_workload(
     let mut versions = vec![0u64; spec.blocks as usize];
     let mut connection: Option<Connection> = None;
     let mut acked_since_flush = 0u64;
+    // Where the next search for a Primary starts: after a socket that failed us, the next
+    // one (so a Secondary that accepts opens but fails writes is not retried first).
+    let mut next_first = 0usize;
     let done = |summary: &WorkloadSummary| match spec.limit {
         Limit::Duration(d) => started.elapsed() >= d,
         Limit::Writes(n) => summary.attempted >= n,
@@ -182,7 +192,7 @@ pub fn run_workload(
             None => {
                 let deadline = Instant::now() + spec.reconnect_timeout;
                 let found = loop {
-                    match connect_round(spec) {
+                    match connect_round(spec, next_first) {
                         Ok(conn) => break Ok(conn),
                         Err(errors)
                             if Instant::now() >= deadline || stop.load(Ordering::Relaxed) =>
@@ -246,6 +256,7 @@ pub fn run_workload(
                     summary.enospc += 1;
                     std::thread::sleep(Duration::from_millis(5));
                 } else {
+                    next_first = socket_index(spec, &conn.socket) + 1;
                     log.comment(&format!(
                         "{} failed a write with {}: looking for a Primary",
                         conn.socket.display(),
@@ -256,6 +267,7 @@ pub fn run_workload(
                 continue;
             }
             Err(e) => {
+                next_first = socket_index(spec, &conn.socket) + 1;
                 summary.unknown_outcome += 1;
                 log.comment(&format!("{}: {}", conn.socket.display(), error_chain(&e)))?;
                 connection = None;
@@ -276,6 +288,7 @@ pub fn run_workload(
                         error_chain(&e)
                     ))?;
                     if e.errno() != Some(NBD_ENOSPC) {
+                        next_first = socket_index(spec, &conn.socket) + 1;
                         connection = None;
                     }
                 }
