@@ -28,6 +28,10 @@ use tandem_tests::nbd_client::NbdClient;
 ///       --log /tmp/vol1.log --duration 60
 ///   tandem-check verify --log /tmp/vol1.log --socket /run/tandem/nbd.sock --export vol1
 ///   tandem-check compare /var/lib/tandem/images/vol1.img /mnt/peer/vol1.img
+///
+/// Exit status: 0 = ran / verified clean, 1 = a violation was found (lost, stale or
+/// garbage blocks; replicas differ), 2 = the check could not run (bad arguments,
+/// unreachable export, no Primary found within --reconnect-timeout).
 #[derive(Debug, Parser)]
 #[command(name = "tandem-check", version, verbatim_doc_comment)]
 struct Cli {
