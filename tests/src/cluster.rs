@@ -495,6 +495,59 @@ impl Cluster {
             .expect("enter namespace")
     }
 
+    /// Bytes (received, transmitted) so far on the host's end of `link`, from the kernel's
+    /// interface counters: what really crossed the wire, whatever the daemon reports (e.g.
+    /// to check that a resync moved about the changed data, not the volume).
+    pub fn link_bytes(&self, name: &str, link: Link) -> (u64, u64) {
+        let dev = match link {
+            Link::Management => "mgmt",
+            Link::Replication => "repl",
+        };
+        let json = self
+            .host(name)
+            .netns
+            .ip(&["-j", "-s", "link", "show", "dev", dev])
+            .expect("read link counters");
+        let parsed: serde_json::Value = serde_json::from_str(&json).expect("ip -j output");
+        let stats = &parsed[0]["stats64"];
+        (
+            stats["rx"]["bytes"].as_u64().expect("rx bytes"),
+            stats["tx"]["bytes"].as_u64().expect("tx bytes"),
+        )
+    }
+
+    /// Poll `tandem volume status VOLUME --json` on a host (every 200 ms, up to `timeout`)
+    /// until `check` accepts it; returns that status, or panics with the last one and the
+    /// daemon logs.
+    pub fn wait_status(
+        &self,
+        name: &str,
+        volume: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let out = self.tandem(name, &["volume", "status", volume, "--json"]);
+            let last = if out.status.success() {
+                let status = out.json();
+                if check(&status) {
+                    return status;
+                }
+                status.to_string()
+            } else {
+                out.stderr
+            };
+            if std::time::Instant::now() >= deadline {
+                panic!(
+                    "status of {volume} on {name} did not reach the expected state in {timeout:?}; last: {last}\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Fill the host's pool file system until ENOSPC (the pool must be a tmpfs: set
     /// `ClusterSpec::pool_size`). Returns the bytes written; [`Cluster::unfill_pool`] frees
     /// them.

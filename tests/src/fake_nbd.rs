@@ -28,6 +28,8 @@ pub enum Behaviour {
     Refuse(String),
     /// Opens, but fails every write with this NBD errno (a demoted or shut-down volume).
     FailWrites(u32),
+    /// Opens, but never answers a write (a Primary whose I/O froze without quorum).
+    HangWrites,
 }
 
 struct Shared {
@@ -259,9 +261,19 @@ fn transmission(mut stream: UnixStream, shared: &Shared) -> std::io::Result<()> 
                     simple_reply(&mut stream, 28, cookie, &[])?;
                     continue;
                 }
-                if let Behaviour::FailWrites(errno) = *lock(&shared.behaviour) {
-                    simple_reply(&mut stream, errno, cookie, &[])?;
-                    continue;
+                match *lock(&shared.behaviour) {
+                    Behaviour::FailWrites(errno) => {
+                        simple_reply(&mut stream, errno, cookie, &[])?;
+                        continue;
+                    }
+                    // Hold the connection without replying until the client gives up.
+                    Behaviour::HangWrites => loop {
+                        let mut sink = [0u8; 64];
+                        if stream.read(&mut sink)? == 0 {
+                            return Ok(());
+                        }
+                    },
+                    _ => {}
                 }
                 apply_write(shared, offset, payload);
                 simple_reply(&mut stream, 0, cookie, &[])?;

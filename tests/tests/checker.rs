@@ -291,3 +291,74 @@ fn writer_leaves_a_server_that_fails_writes_and_verifies_on_the_new_primary() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(json(&out)["writes_acknowledged"], 499);
 }
+
+#[test]
+fn writer_gives_up_on_a_frozen_server_after_the_io_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let frozen = dir.path().join("frozen.sock");
+    let live = dir.path().join("live.sock");
+    let _frozen = FakeNbdServer::start(&frozen, "vol", MIB, Behaviour::HangWrites).unwrap();
+    let _live = FakeNbdServer::start(&live, "vol", MIB, Behaviour::Honest).unwrap();
+    let log = dir.path().join("run.log");
+    let started = std::time::Instant::now();
+    let out = check(&[
+        "write",
+        "--socket",
+        s(&frozen),
+        "--reconnect-to",
+        s(&live),
+        "--export",
+        "vol",
+        "--blocks",
+        "64",
+        "--log",
+        s(&log),
+        "--writes",
+        "300",
+        "--io-timeout",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let summary = json(&out);
+    assert_eq!(summary["writes_unknown_outcome"], 1, "{summary}");
+    assert_eq!(summary["writes_acknowledged"], 299, "{summary}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let out = check(&["verify", "--log", s(&log), "--socket", s(&live)]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn writer_without_any_primary_aborts_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("secondary.sock");
+    let _server = FakeNbdServer::start(
+        &socket,
+        "vol",
+        MIB,
+        Behaviour::Refuse("vol is Secondary on this host".into()),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let out = check(&[
+        "write",
+        "--socket",
+        s(&socket),
+        "--export",
+        "vol",
+        "--blocks",
+        "8",
+        "--log",
+        s(&log),
+        "--writes",
+        "10",
+        "--reconnect-timeout",
+        "0.5",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("vol is Secondary on this host") && stderr.contains("NBD_REP_ERR_POLICY"),
+        "{stderr}"
+    );
+}

@@ -67,6 +67,9 @@ fn hosts_links_faults_and_cleanup() {
     assert!(cluster.can_connect("hv1", "witness", Link::Replication));
     cluster.heal_replication("hv2");
     assert!(cluster.can_connect("hv1", "hv2", Link::Replication));
+    // Link counters see the probes' traffic on the replication link.
+    let (rx, tx) = cluster.link_bytes("hv2", Link::Replication);
+    assert!(rx > 0 && tx > 0, "rx {rx} tx {tx}");
     // A partition isolates hv1 completely; the others still reach each other.
     cluster.partition("hv1");
     assert!(!cluster.can_connect("hv2", "hv1", Link::Management));
