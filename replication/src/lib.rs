@@ -9,4 +9,6 @@
 //! (the local disk of a replica) and peers (byte streams). Frontends such as the NBD server
 //! in `volume-driver` sit on top of it.
 
+pub mod auth;
 pub mod device;
+pub mod wire;
