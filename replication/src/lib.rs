@@ -11,4 +11,5 @@
 
 pub mod auth;
 pub mod device;
+pub mod link;
 pub mod wire;
