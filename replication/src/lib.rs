@@ -10,6 +10,7 @@
 //! in `volume-driver` sit on top of it.
 
 pub mod auth;
+pub mod datapath;
 pub mod device;
 pub mod link;
 pub mod wire;
