@@ -1,6 +1,8 @@
 //! The replicated write path end to end: a Primary and a Secondary over a real TCP loopback
 //! connection, with file-backed devices (wrapped to block, delay, record and count).
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::SocketAddr;
