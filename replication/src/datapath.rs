@@ -45,16 +45,19 @@
 //!   ([`PrimaryConfig::max_inflight_bytes`]); each link has a send budget; the Secondary
 //!   stops reading from the link while [`SecondaryConfig::max_held_bytes`] are received but
 //!   not yet applied. No lock is held across I/O or across an await.
+//! - **Overlapping requests.** A request waits until no request in flight overlaps its
+//!   range (DRBD's conflicting-write wait), so overlapping writes reach every replica in
+//!   the same order and concurrent writes to one block cannot leave replicas different.
 //! - **Validation.** The Secondary checks every request against its device size and its
 //!   expected epoch before anything touches the disk; a violation is answered with an
 //!   Error frame and the connection is dropped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use crate::device::{BackingDevice, DeviceError};
 use crate::link::{LinkDown, LinkReceiver, LinkSender, PeerLink};
@@ -283,6 +286,57 @@ struct Inner {
     on_out_of_sync: OutOfSyncHook,
     inflight: Semaphore,
     state: Mutex<State>,
+    /// Ranges of requests in flight, disjoint, keyed by start: end.
+    ranges: Mutex<BTreeMap<u64, u64>>,
+    /// Signalled whenever a range leaves `ranges`.
+    range_released: Notify,
+}
+
+/// Holds a request's range in [`Inner::ranges`] until dropped.
+struct RangeGuard<'a> {
+    inner: &'a Inner,
+    start: u64,
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.ranges).remove(&self.start);
+        self.inner.range_released.notify_waiters();
+    }
+}
+
+impl Inner {
+    /// Wait until no request in flight overlaps `[offset, offset + len)`, then claim it.
+    /// Overlapping requests are thus applied one after the other, in the same order on the
+    /// local disk and on every peer (DRBD waits for conflicting local writes the same way),
+    /// so concurrent overlapping writes cannot leave the replicas different.
+    async fn claim_range(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
+        if len == 0 {
+            return None;
+        }
+        let end = offset + len;
+        loop {
+            let released = self.range_released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut ranges = lock(&self.ranges);
+                // Ranges are disjoint: only the last one starting before `end` can overlap.
+                let overlaps = ranges
+                    .range(..end)
+                    .next_back()
+                    .is_some_and(|(_, &e)| e > offset);
+                if !overlaps {
+                    ranges.insert(offset, end);
+                    return Some(RangeGuard {
+                        inner: self,
+                        start: offset,
+                    });
+                }
+            }
+            released.await;
+        }
+    }
 }
 
 /// The Primary side of the replicated write path for one volume. Cheap to clone.
@@ -311,6 +365,8 @@ impl Primary {
                     ..cfg
                 },
                 on_out_of_sync,
+                ranges: Mutex::new(BTreeMap::new()),
+                range_released: Notify::new(),
                 state: Mutex::new(State {
                     next_seq: 1,
                     epoch: 1,
@@ -467,6 +523,8 @@ impl Primary {
             .acquire_many(u32::try_from(cost).unwrap_or(u32::MAX))
             .await
             .ok();
+
+        let _range = inner.claim_range(offset, len).await;
 
         // The local disk starts now, in parallel with the peers.
         let device = inner.device.clone();
