@@ -699,7 +699,7 @@ where
         tx: out_tx,
         shared: shared.clone(),
     };
-    let (r, w) = tokio::io::split(stream);
+    let (r, w) = split_stream(stream);
     tokio::spawn(writer_task(w, out_rx, shared.clone()));
     tokio::spawn(reader_task(
         r,
@@ -714,6 +714,33 @@ where
         info,
         sender,
         receiver: LinkReceiver { rx: in_rx, shared },
+    }
+}
+
+type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Split a stream into independently owned halves. A `TcpStream` is split without a lock
+/// (`into_split`); any other stream goes through `tokio::io::split`, whose halves share a
+/// lock that spins when both are busy.
+fn split_stream<S>(stream: S) -> (BoxRead, BoxWrite)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut slot = Some(stream);
+    if let Some(tcp) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<TcpStream>>() {
+        if let Some(tcp) = tcp.take() {
+            let (r, w) = tcp.into_split();
+            return (Box::new(r), Box::new(w));
+        }
+    }
+    match slot {
+        Some(stream) => {
+            let (r, w) = tokio::io::split(stream);
+            (Box::new(r), Box::new(w))
+        }
+        // `slot` is only emptied by the TcpStream branch, which returned.
+        None => unreachable!("stream taken by the TcpStream branch"),
     }
 }
 
@@ -1000,6 +1027,38 @@ mod tests {
             Some(LinkDown::Unresponsive(_))
         ));
         assert!(a.sender.send(&Message::Flush { id: 1 }).await.is_err());
+        peer.abort();
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_frame_takes_the_link_down() {
+        let (x, mut y) = duplex(1 << 20);
+        let peer = tokio::spawn(async move {
+            let s = secret();
+            auth::authenticate(&mut y, &s, AuthRole::Acceptor, "a", Duration::from_secs(5))
+                .await
+                .unwrap();
+            let mut buf = BytesMut::new();
+            read_hello(&mut y, &mut buf).await.map_err(|e| e.0).unwrap();
+            write_frame(&mut y, &Message::Hello(hello("b")))
+                .await
+                .map_err(|e| e.0)
+                .unwrap();
+            // A frame header announcing 4 GiB.
+            let mut bad = Message::Flush { id: 1 }.encode().to_vec();
+            bad[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
+            y.write_all(&bad).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(y);
+        });
+        let mut a = PeerLink::establish_initiator(x, &secret(), &hello("a"), &fast(), "b")
+            .await
+            .unwrap();
+        assert!(a.receiver.recv().await.is_none());
+        assert!(matches!(
+            a.receiver.down_reason(),
+            Some(LinkDown::Protocol(WireError::HeaderChecksum { .. }))
+        ));
         peer.abort();
     }
 

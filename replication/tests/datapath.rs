@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use replication::device::{BackingDevice, DeviceError, FileDevice};
 use replication::link::{LinkConfig, LinkDown, LinkSender, PeerLink};
 use replication::wire::{error_code, Hello, Message, ReplicationProtocol, WriteRequest};
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -630,4 +631,114 @@ async fn overlapping_concurrent_writes_leave_identical_replicas_under_c() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_concurrent_writes_leave_identical_replicas_under_a() {
     overlapping_writes_converge(ReplicationProtocol::A).await;
+}
+
+/// A TCP forwarder between the Primary and the Secondary that can be frozen: it stops
+/// moving bytes in both directions without closing anything, like a cut cable.
+async fn freezable_proxy(target: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        let (inbound, _) = listener.accept().await.unwrap();
+        let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (ir, iw) = inbound.into_split();
+        let (or, ow) = outbound.into_split();
+        let a = tokio::spawn(pump(f.clone(), ir, ow));
+        let b = tokio::spawn(pump(f, or, iw));
+        let _ = tokio::join!(a, b);
+    });
+    (addr, frozen)
+}
+
+async fn pump(
+    frozen: Arc<AtomicBool>,
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+) {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            // Swallow everything from now on; keep both sockets open.
+            std::future::pending::<()>().await;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The link to the Secondary goes silent (no FIN, no RST) while a protocol C write waits
+/// for it: keepalive declares the peer dead, the write completes from the local disk, and
+/// the range is reported out of sync. The Secondary notices the silence too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_detected_and_the_pending_write_completes() {
+    let size = 4 * MIB;
+    let p = disk(size);
+    let s = disk(size);
+    let protocol = ReplicationProtocol::C;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let (proxy, frozen) = freezable_proxy(target).await;
+    let accept = tokio::spawn(async move {
+        PeerLink::accept(&listener, &secret(), &link_cfg(), |_| {
+            Some(Hello::new("secondary", "vol", size, protocol))
+        })
+        .await
+        .unwrap()
+    });
+    let plink = PeerLink::connect(
+        proxy,
+        &secret(),
+        &Hello::new("primary", "vol", size, protocol),
+        &link_cfg(),
+    )
+    .await
+    .unwrap();
+    let slink = accept.await.unwrap();
+    let oos: OosLog = Arc::default();
+    let log = oos.clone();
+    let primary = Primary::new(
+        p.dev.clone(),
+        PrimaryConfig::new(protocol),
+        Arc::new(move |peer: &str, offset, len| {
+            log.lock().unwrap().push((peer.to_string(), offset, len));
+        }),
+    );
+    primary.attach_peer(plink);
+    let secondary = tokio::spawn(run_secondary(
+        slink,
+        s.dev.clone(),
+        SecondaryConfig::default(),
+    ));
+    primary
+        .submit_write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+
+    frozen.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    primary
+        .submit_write(8192, Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    // dead_after is 1 s in these tests; detection must come well before the 30 s ack timeout.
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_eq!(
+        oos.lock().unwrap().clone(),
+        vec![("secondary".to_string(), 8192, 4096)]
+    );
+    assert!(primary.connected_peers().is_empty());
+    let exit = tokio::time::timeout(Duration::from_secs(5), secondary)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(exit, LinkDown::Unresponsive(_)), "{exit:?}");
 }
