@@ -69,6 +69,10 @@ use crate::wire::{
 /// Called with (peer node name, offset, length) for every range a peer may lack.
 pub type OutOfSyncHook = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 
+/// Receives Extension messages (state, UUID, bitmap, resync, verify) that arrive on a data
+/// path link, with the sending peer's node name.
+pub type ExtensionSink = mpsc::UnboundedSender<(String, Message)>;
+
 /// Errors of the replicated data path.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -284,6 +288,8 @@ struct Inner {
     device: Arc<dyn BackingDevice>,
     cfg: PrimaryConfig,
     on_out_of_sync: OutOfSyncHook,
+    /// Where Extension messages from peers go (peer name, message).
+    extensions: Mutex<Option<ExtensionSink>>,
     inflight: Semaphore,
     state: Mutex<State>,
     /// Ranges of requests in flight, disjoint, keyed by start: end.
@@ -365,6 +371,7 @@ impl Primary {
                     ..cfg
                 },
                 on_out_of_sync,
+                extensions: Mutex::new(None),
                 ranges: Mutex::new(BTreeMap::new()),
                 range_released: Notify::new(),
                 state: Mutex::new(State {
@@ -425,6 +432,22 @@ impl Primary {
             }
         }
         st.known = known;
+    }
+
+    /// Route Extension messages arriving from attached peers to `sink` (resync, verify and
+    /// state traffic the data path does not handle itself).
+    pub fn set_extension_sink(&self, sink: ExtensionSink) {
+        *lock(&self.inner.extensions) = Some(sink);
+    }
+
+    /// The sending half of an attached peer's link, to send Extension messages on the
+    /// same connection as the data path.
+    pub fn peer_sender(&self, peer: &str) -> Option<LinkSender> {
+        lock(&self.inner.state)
+            .peers
+            .iter()
+            .find(|p| p.name == peer)
+            .map(|p| p.sender.clone())
     }
 
     /// Names of the peers currently replicated to.
@@ -750,8 +773,15 @@ async fn peer_task(inner: Arc<Inner>, peer: Arc<Peer>, mut receiver: LinkReceive
                 }
                 None
             }
-            Message::Extension { msg_type, .. } => {
-                tracing::debug!(peer = %peer.name, msg_type, "ignoring extension message on the data path");
+            msg @ Message::Extension { .. } => {
+                let handler = lock(&inner.extensions).clone();
+                match handler {
+                    Some(tx) => {
+                        let _ = tx.send((peer.name.clone(), msg));
+                    }
+                    None => tracing::debug!(peer = %peer.name, msg_type = msg.msg_type(),
+                        "no extension handler; ignoring message"),
+                }
                 None
             }
             other => Some(format!(
@@ -797,12 +827,16 @@ async fn peer_task(inner: Arc<Inner>, peer: Arc<Peer>, mut receiver: LinkReceive
 pub struct SecondaryConfig {
     /// Bytes received but not yet applied before the Secondary stops reading.
     pub max_held_bytes: usize,
+    /// Where Extension messages (state, UUID, bitmap, resync, verify) arriving on the data
+    /// path go; `None` drops them. Answers go out through a clone of the link's sender.
+    pub extensions: Option<mpsc::UnboundedSender<Message>>,
 }
 
 impl Default for SecondaryConfig {
     fn default() -> Self {
         SecondaryConfig {
             max_held_bytes: default_max_held_bytes(),
+            extensions: None,
         }
     }
 }
@@ -849,6 +883,7 @@ pub async fn run_secondary(
         held: 0,
         recv_epoch: None,
         done_tx: mpsc::unbounded_channel().0,
+        extensions: cfg.extensions.clone(),
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     sec.done_tx = done_tx;
@@ -910,6 +945,7 @@ struct SecondaryState {
     /// The epoch the next request must belong to (`None` until the first one arrives).
     recv_epoch: Option<u64>,
     done_tx: mpsc::UnboundedSender<Done>,
+    extensions: Option<mpsc::UnboundedSender<Message>>,
 }
 
 impl SecondaryState {
@@ -993,8 +1029,16 @@ impl SecondaryState {
                 (Item::Barrier { epoch }, 0)
             }
             Message::Flush { id } => (Item::Flush { id }, 0),
-            Message::Extension { msg_type, .. } => {
-                tracing::debug!(msg_type, "ignoring extension message on the data path");
+            msg @ Message::Extension { .. } => {
+                match &self.extensions {
+                    Some(tx) => {
+                        let _ = tx.send(msg);
+                    }
+                    None => tracing::debug!(
+                        msg_type = msg.msg_type(),
+                        "no extension handler; ignoring message"
+                    ),
+                }
                 return Ok(());
             }
             other => {

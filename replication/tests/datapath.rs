@@ -44,6 +44,7 @@ struct TestDevice {
     flushes: AtomicUsize,
     durable_writes: AtomicUsize,
     writes_started: AtomicUsize,
+    fail_writes: AtomicBool,
 }
 
 impl TestDevice {
@@ -57,6 +58,7 @@ impl TestDevice {
             flushes: AtomicUsize::new(0),
             durable_writes: AtomicUsize::new(0),
             writes_started: AtomicUsize::new(0),
+            fail_writes: AtomicBool::new(false),
         })
     }
 
@@ -93,6 +95,14 @@ impl BackingDevice for TestDevice {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
         self.before_write(offset);
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(DeviceError::Io {
+                op: "write",
+                offset,
+                len: buf.len() as u64,
+                source: std::io::Error::from_raw_os_error(5),
+            });
+        }
         let r = self.inner.write_at(buf, offset);
         self.after_write(offset);
         r
@@ -741,4 +751,73 @@ async fn a_silent_peer_is_detected_and_the_pending_write_completes() {
         .unwrap()
         .unwrap();
     assert!(matches!(exit, LinkDown::Unresponsive(_)), "{exit:?}");
+}
+
+/// The Secondary's disk fails a write: the application write still succeeds (the local
+/// disk has it), the range is reported out of sync, and the peer stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_peer_write_is_reported_out_of_sync() {
+    let p = disk(MIB);
+    let s = disk(MIB);
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    s.dev.fail_writes.store(true, Ordering::SeqCst);
+    pair.primary
+        .submit_write(4096, Bytes::from(vec![4u8; 4096]), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        pair.oos.lock().unwrap().clone(),
+        vec![("secondary".to_string(), 4096, 4096)]
+    );
+    assert_eq!(
+        pair.primary.connected_peers(),
+        vec!["secondary".to_string()]
+    );
+}
+
+/// Extension messages (the lead's UUID/bitmap/resync traffic) pass through the data path
+/// in both directions to the configured sinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extension_messages_reach_their_sinks_both_ways() {
+    let p = disk(MIB);
+    let s = disk(MIB);
+    let (plink, slink) = tcp_links(ReplicationProtocol::C, MIB).await;
+    let primary = Primary::new(
+        p.dev.clone(),
+        PrimaryConfig::new(ReplicationProtocol::C),
+        Arc::new(|_: &str, _, _| {}),
+    );
+    let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
+    primary.set_extension_sink(ptx);
+    primary.attach_peer(plink);
+    let (stx, mut srx) = tokio::sync::mpsc::unbounded_channel();
+    let secondary_sender = slink.sender.clone();
+    tokio::spawn(run_secondary(
+        slink,
+        s.dev.clone(),
+        SecondaryConfig {
+            extensions: Some(stx),
+            ..SecondaryConfig::default()
+        },
+    ));
+    let ext = |t: u16, body: &'static [u8]| Message::Extension {
+        msg_type: t,
+        flags: 0,
+        payload: Bytes::from_static(body),
+    };
+    primary
+        .peer_sender("secondary")
+        .unwrap()
+        .send(&ext(0x0101, b"uuids"))
+        .await
+        .unwrap();
+    assert_eq!(srx.recv().await.unwrap(), ext(0x0101, b"uuids"));
+    secondary_sender
+        .send(&ext(0x0102, b"bitmap"))
+        .await
+        .unwrap();
+    assert_eq!(
+        prx.recv().await.unwrap(),
+        ("secondary".to_string(), ext(0x0102, b"bitmap"))
+    );
 }
