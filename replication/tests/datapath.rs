@@ -683,15 +683,13 @@ async fn pump(
     }
 }
 
-/// The link to the Secondary goes silent (no FIN, no RST) while a protocol C write waits
-/// for it: keepalive declares the peer dead, the write completes from the local disk, and
-/// the range is reported out of sync. The Secondary notices the silence too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_peer_is_detected_and_the_pending_write_completes() {
-    let size = 4 * MIB;
-    let p = disk(size);
-    let s = disk(size);
-    let protocol = ReplicationProtocol::C;
+/// A Primary and a Secondary connected through a [`freezable_proxy`].
+async fn pair_through_proxy(
+    protocol: ReplicationProtocol,
+    p: &Disk,
+    s: &Disk,
+) -> (Pair, Arc<AtomicBool>) {
+    let size = p.dev.size();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = listener.local_addr().unwrap();
     let (proxy, frozen) = freezable_proxy(target).await;
@@ -721,19 +719,39 @@ async fn a_silent_peer_is_detected_and_the_pending_write_completes() {
         }),
     );
     primary.attach_peer(plink);
+    let secondary_sender = slink.sender.clone();
     let secondary = tokio::spawn(run_secondary(
         slink,
-        s.dev.clone(),
+        s.dev.clone() as Arc<dyn BackingDevice>,
         SecondaryConfig::default(),
     ));
-    primary
+    (
+        Pair {
+            primary,
+            oos,
+            secondary_sender,
+            secondary,
+        },
+        frozen,
+    )
+}
+
+/// The link to the Secondary goes silent (no FIN, no RST) while a protocol C write waits
+/// for it: keepalive declares the peer dead, the write completes from the local disk, and
+/// the range is reported out of sync. The Secondary notices the silence too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_detected_and_the_pending_write_completes() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let (pair, frozen) = pair_through_proxy(ReplicationProtocol::C, &p, &s).await;
+    pair.primary
         .submit_write(0, Bytes::from(vec![1u8; 4096]), false)
         .await
         .unwrap();
 
     frozen.store(true, Ordering::SeqCst);
     let started = Instant::now();
-    primary
+    pair.primary
         .submit_write(8192, Bytes::from(vec![2u8; 4096]), false)
         .await
         .unwrap();
@@ -741,16 +759,53 @@ async fn a_silent_peer_is_detected_and_the_pending_write_completes() {
     // dead_after is 1 s in these tests; detection must come well before the 30 s ack timeout.
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert_eq!(
-        oos.lock().unwrap().clone(),
+        pair.oos.lock().unwrap().clone(),
         vec![("secondary".to_string(), 8192, 4096)]
     );
-    assert!(primary.connected_peers().is_empty());
-    let exit = tokio::time::timeout(Duration::from_secs(5), secondary)
+    assert!(pair.primary.connected_peers().is_empty());
+    let exit = tokio::time::timeout(Duration::from_secs(5), pair.secondary)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
     assert!(matches!(exit, LinkDown::Unresponsive(_)), "{exit:?}");
+}
+
+/// Under protocol A a silent peer first fills the link's send budget (the application
+/// blocks, as DRBD blocks on a full send buffer), then is declared dead: every write
+/// completes, and every write the peer did not acknowledge is reported out of sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_under_a_blocks_writers_only_until_it_is_declared_dead() {
+    let p = disk(128 * MIB);
+    let s = disk(128 * MIB);
+    let (pair, frozen) = pair_through_proxy(ReplicationProtocol::A, &p, &s).await;
+    frozen.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..128u64 {
+        let primary = pair.primary.clone();
+        tasks.spawn(async move {
+            primary
+                .submit_write(i * MIB, Bytes::from(vec![i as u8; MIB as usize]), false)
+                .await
+                .unwrap();
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(pair.primary.connected_peers().is_empty());
+    // Every MiB written after the freeze is marked for the peer.
+    let mut marked = vec![false; 128];
+    for (peer, offset, len) in pair.oos.lock().unwrap().iter() {
+        assert_eq!(peer, "secondary");
+        assert_eq!(*len, MIB);
+        marked[(*offset / MIB) as usize] = true;
+    }
+    let unmarked: Vec<usize> = (0..128).filter(|&i| !marked[i]).collect();
+    assert!(unmarked.is_empty(), "unmarked MiB: {unmarked:?}");
 }
 
 /// The Secondary's disk fails a write: the application write still succeeds (the local
