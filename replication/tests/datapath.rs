@@ -798,7 +798,7 @@ async fn a_silent_peer_under_a_blocks_writers_only_until_it_is_declared_dead() {
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(pair.primary.connected_peers().is_empty());
     // Every MiB written after the freeze is marked for the peer.
-    let mut marked = vec![false; 128];
+    let mut marked = [false; 128];
     for (peer, offset, len) in pair.oos.lock().unwrap().iter() {
         assert_eq!(peer, "secondary");
         assert_eq!(*len, MIB);
