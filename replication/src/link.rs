@@ -193,6 +193,8 @@ impl LinkError {
 
 struct Shared {
     peer: String,
+    /// A graceful close (Error frame, then shutdown) is under way.
+    closing: std::sync::atomic::AtomicBool,
     down: Mutex<Option<LinkDown>>,
     down_tx: watch::Sender<bool>,
     send_budget: Semaphore,
@@ -316,6 +318,9 @@ impl LinkSender {
     /// Send an Error frame, then close the link once it (and everything queued before it)
     /// is written, or after one second at the latest.
     pub fn close_with_error(&self, code: u16, message: &str) {
+        self.shared
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.send_control(&Message::Error {
             code,
             message: message.to_string(),
@@ -376,6 +381,21 @@ impl LinkReceiver {
     /// Why the link is down, or `None` while it is up.
     pub fn down_reason(&self) -> Option<LinkDown> {
         self.shared.down_reason()
+    }
+}
+
+impl Drop for LinkReceiver {
+    /// Nobody reads the link any more: take it down so its tasks and socket go away.
+    fn drop(&mut self) {
+        // A graceful close in progress takes the link down itself, after its Error frame.
+        if !self
+            .shared
+            .closing
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.shared
+                .set_down(LinkDown::Closed("link receiver dropped".into()));
+        }
     }
 }
 
@@ -686,6 +706,7 @@ where
         .max(wire::MAX_FRAME_PAYLOAD + wire::HEADER_LEN);
     let shared = Arc::new(Shared {
         peer: info.addr.clone(),
+        closing: std::sync::atomic::AtomicBool::new(false),
         down: Mutex::new(None),
         down_tx,
         send_budget: Semaphore::new(send_total),
@@ -1060,6 +1081,18 @@ mod tests {
             Some(LinkDown::Protocol(WireError::HeaderChecksum { .. }))
         ));
         peer.abort();
+    }
+
+    #[tokio::test]
+    async fn dropping_a_link_closes_it_for_the_peer() {
+        let (a, b) = pair_with(hello("a"), hello("b")).await;
+        let (a, mut b) = (a.unwrap(), b.unwrap());
+        drop(a);
+        assert!(b.receiver.recv().await.is_none());
+        assert!(matches!(
+            b.receiver.down_reason(),
+            Some(LinkDown::PeerClosed)
+        ));
     }
 
     #[tokio::test]
