@@ -31,6 +31,12 @@
 //! [`LinkError::should_reconnect`] tells a transient failure (retry with backoff) from a
 //! fatal one (wrong secret, no common version, wrong volume or protocol: fix the config).
 //!
+//! Who connects: both nodes know each other's replication address, so both could dial.
+//! The owner of the links should let exactly one side of each pair dial (for example the
+//! node whose name sorts first) and the other accept, so a pair has one connection; an
+//! acceptor routes an incoming connection to its volume by the name in the peer's Hello
+//! (the `lookup` argument of [`PeerLink::accept`]).
+//!
 //! Timeouts (DRBD uses ping-int 10 s, ping-timeout 0.5 s and timeout 6 s; we want a failover
 //! in under 10 s in total, so detection must take 2-3 s): pings every 500 ms, link declared
 //! dead after 2 s without any frame, i.e. detection within 2-2.5 s. The handshake has 5 s
@@ -118,6 +124,18 @@ pub enum LinkDown {
     Unresponsive(Duration),
     #[error("closed locally: {0}")]
     Closed(String),
+}
+
+impl LinkDown {
+    /// True when reconnecting may succeed; false when the peer refused us for a reason an
+    /// operator must fix (version or configuration mismatch).
+    pub fn should_reconnect(&self) -> bool {
+        !matches!(
+            self,
+            LinkDown::PeerError { code, .. }
+                if matches!(*code, error_code::VERSION | error_code::CONFIG_MISMATCH)
+        )
+    }
 }
 
 /// Why a link could not be established.
