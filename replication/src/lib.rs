@@ -9,4 +9,8 @@
 //! (the local disk of a replica) and peers (byte streams). Frontends such as the NBD server
 //! in `volume-driver` sit on top of it.
 
+pub mod auth;
+pub mod datapath;
 pub mod device;
+pub mod link;
+pub mod wire;
