@@ -10,3 +10,6 @@
 //! in `volume-driver` sit on top of it.
 
 pub mod device;
+pub mod generation;
+pub mod role;
+pub mod sync_decision;
