@@ -9,6 +9,7 @@
 //! (the local disk of a replica) and peers (byte streams). Frontends such as the NBD server
 //! in `volume-driver` sit on top of it.
 
+pub mod bitmap;
 pub mod device;
 pub mod generation;
 pub mod role;
