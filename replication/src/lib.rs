@@ -9,8 +9,10 @@
 //! (the local disk of a replica) and peers (byte streams). Frontends such as the NBD server
 //! in `volume-driver` sit on top of it.
 
+pub mod activity_log;
 pub mod bitmap;
 pub mod device;
 pub mod generation;
+pub mod quorum;
 pub mod role;
 pub mod sync_decision;
