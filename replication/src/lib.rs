@@ -13,6 +13,7 @@ pub mod activity_log;
 pub mod bitmap;
 pub mod device;
 pub mod generation;
+pub mod metadata;
 pub mod quorum;
 pub mod role;
 pub mod sync_decision;
