@@ -279,8 +279,10 @@ impl UuidSet {
     /// the target now holds the source's uncertain (activity-log) blocks too. The engine must
     /// likewise set, in this replica's bitmaps for every peer other than the source, the bits
     /// of all blocks the resync wrote. `all_peers` are the volume's other replicas (this
-    /// node and the source are skipped if listed); each becomes "uncertain". Marks the data
-    /// consistent.
+    /// node and the source are skipped if listed); each becomes "uncertain". Pass an empty
+    /// slice when the resync wrote no block (a checksum-based resync found every block
+    /// equal): then nothing became uncertain, and repeated reconnects converge instead of
+    /// resyncing back and forth. Marks the data consistent.
     pub fn finish_resync_as_target(
         &mut self,
         local_name: &str,

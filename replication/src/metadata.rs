@@ -520,8 +520,9 @@ impl MetaStore {
                 slot1: reasons[1].clone(),
             });
         };
-        if sb_seq % 2 == 0 && reasons[1] != "ok" || sb_seq % 2 == 1 && reasons[0] != "ok" {
-            tracing::warn!(path = %sb_path.display(), "one superblock slot is torn; using the other");
+        if let Some(bad) = reasons.iter().find(|r| *r != "ok" && *r != "never written") {
+            tracing::warn!(path = %sb_path.display(), reason = %bad, seq = sb_seq,
+                "one superblock slot is unreadable (torn write); using the other");
         }
 
         let al_path = dir.join("al");
@@ -529,7 +530,6 @@ impl MetaStore {
         let al_slot = al_slot_size(meta.al_extents);
         let mut al_best: Option<(u64, Vec<u64>)> = None;
         let mut al_bad = 0;
-        let mut al_empty = 0;
         for slot in 0..2u64 {
             let buf = read_slot(&al, &al_path, slot * al_slot, al_slot)?;
             let cap = meta.al_extents;
@@ -550,7 +550,7 @@ impl MetaStore {
                         al_best = Some((seq, ext));
                     }
                 }
-                Ok(None) => al_empty += 1,
+                Ok(None) => {}
                 Err(_) => al_bad += 1,
             }
         }
@@ -561,7 +561,6 @@ impl MetaStore {
             None if al_bad < 2 => (0, Vec::new()),
             None => return Err(MetaError::AlCorrupt { path: al_path }),
         };
-        let _ = al_empty;
 
         let peers: Vec<String> = meta.uuids.bitmap.keys().cloned().collect();
         let mut files = BTreeMap::new();

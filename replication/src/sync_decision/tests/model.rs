@@ -22,6 +22,7 @@
 //! peers' disks, on both, or nowhere. Split brains are resolved sometimes by a random
 //! policy, sometimes manually, which discards the victim's own writes (by choice).
 //! On failure the seed is printed; rerun one seed with `TANDEM_MODEL_SEED=<seed>`.
+//! `TANDEM_MODEL_RUNS` (default 4000) and `TANDEM_MODEL_STEPS` (default 80) scale it up.
 
 use super::super::*;
 use crate::generation::{SplitMix64, UuidSet};
@@ -422,7 +423,13 @@ impl World {
                 .copied()
                 .collect()
         };
+        // Checksum-based resync: only blocks whose content differs are written.
+        let mut changed_any = false;
         for &blk in &blocks {
+            if self.nodes[t].disk[blk] == self.nodes[s].disk[blk] {
+                continue;
+            }
+            changed_any = true;
             self.nodes[t].disk[blk] = self.nodes[s].disk[blk];
             // Resync writes are writes: peers of the target that do not see them get bits.
             for (peer, set) in self.nodes[t].out_of_sync.iter_mut() {
@@ -442,7 +449,11 @@ impl World {
         }
         self.nodes[t].writes = self.nodes[s].writes.clone();
         let src_uuids = self.nodes[s].uuids.clone();
-        let all: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        let all: Vec<String> = if changed_any {
+            self.nodes.iter().map(|n| n.name.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         self.nodes[t]
             .uuids
@@ -524,8 +535,12 @@ enum Fate {
 
 fn run(seed: u64) -> Result<Stats, String> {
     let nodes = 2 + (seed % 2) as usize;
+    let steps: usize = std::env::var("TANDEM_MODEL_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(80);
     let mut w = World::new(seed, nodes);
-    for _ in 0..80 {
+    for _ in 0..steps {
         if let Err(e) = w.step() {
             let tail = w
                 .log
