@@ -191,6 +191,46 @@ spelled_enum!(
     }
 );
 
+/// The local disk state right after attach, before any handshake (DRBD: a consistent disk
+/// is `Consistent` until a peer confirms it newest, `Outdated` if it knows it is stale).
+pub fn disk_state_at_attach(uuids: &crate::generation::UuidSet) -> DiskState {
+    if uuids.current.is_just_created() || !uuids.flags.consistent {
+        DiskState::Inconsistent
+    } else if uuids.flags.was_up_to_date {
+        DiskState::Consistent
+    } else {
+        DiskState::Outdated
+    }
+}
+
+/// The local disk state after the handshake with a peer decided `outcome` (see
+/// `sync_decision`): in sync with an UpToDate peer, or resync source -> UpToDate; resync
+/// target -> Inconsistent until the resync finishes; split brain -> unchanged.
+pub fn disk_state_after_handshake(
+    before: DiskState,
+    outcome: crate::sync_decision::SyncOutcome,
+    peer_disk: DiskState,
+) -> DiskState {
+    use crate::sync_decision::{Direction, SyncOutcome};
+    match outcome {
+        SyncOutcome::NoSync
+            if peer_disk == DiskState::UpToDate || before == DiskState::UpToDate =>
+        {
+            DiskState::UpToDate
+        }
+        SyncOutcome::NoSync if before == DiskState::Consistent => DiskState::UpToDate,
+        SyncOutcome::BitmapResync(Direction::LocalIsSource)
+        | SyncOutcome::FullSync(Direction::LocalIsSource)
+            if matches!(before, DiskState::Consistent | DiskState::UpToDate) =>
+        {
+            DiskState::UpToDate
+        }
+        SyncOutcome::BitmapResync(Direction::LocalIsTarget)
+        | SyncOutcome::FullSync(Direction::LocalIsTarget) => DiskState::Inconsistent,
+        _ => before,
+    }
+}
+
 /// What the promotion gate needs to know about one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerView {
@@ -354,6 +394,53 @@ mod tests {
         assert!(
             err.to_string().contains("Primary, Secondary, Unknown"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn disk_state_follows_flags_at_attach_and_the_handshake_after() {
+        use crate::generation::{Generation, UuidSet};
+        use crate::sync_decision::{Direction, SyncOutcome};
+        assert_eq!(
+            disk_state_at_attach(&UuidSet::just_created()),
+            DiskState::Inconsistent
+        );
+        let mut u = UuidSet::day0(Generation::from_raw(0x10));
+        assert_eq!(disk_state_at_attach(&u), DiskState::Consistent);
+        u.flags.was_up_to_date = false;
+        assert_eq!(disk_state_at_attach(&u), DiskState::Outdated);
+        let f = disk_state_after_handshake;
+        assert_eq!(
+            f(
+                DiskState::Consistent,
+                SyncOutcome::NoSync,
+                DiskState::Consistent
+            ),
+            DiskState::UpToDate
+        );
+        assert_eq!(
+            f(
+                DiskState::Outdated,
+                SyncOutcome::NoSync,
+                DiskState::UpToDate
+            ),
+            DiskState::UpToDate
+        );
+        assert_eq!(
+            f(
+                DiskState::UpToDate,
+                SyncOutcome::BitmapResync(Direction::LocalIsTarget),
+                DiskState::UpToDate
+            ),
+            DiskState::Inconsistent
+        );
+        assert_eq!(
+            f(
+                DiskState::Consistent,
+                SyncOutcome::SplitBrainDisconnect,
+                DiskState::Consistent
+            ),
+            DiskState::Consistent
         );
     }
 

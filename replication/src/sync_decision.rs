@@ -36,7 +36,7 @@
 //! side were Primary, and "disconnect" whenever the victim would be a Primary.
 
 use crate::generation::UuidSet;
-use crate::role::Protocol;
+use crate::role::{ConnectionState, Protocol, ReplicationState};
 use std::fmt;
 
 /// Which way data flows.
@@ -201,6 +201,61 @@ pub struct SyncDecision {
     pub outcome: SyncOutcome,
     /// Why.
     pub rule: Rule,
+}
+
+impl SyncDecision {
+    /// The replication state this node enters towards the peer (`StandAlone` cases map to
+    /// `Off`; the connection state says StandAlone).
+    pub fn replication_state(&self) -> ReplicationState {
+        match self.outcome {
+            SyncOutcome::NoSync => ReplicationState::Established,
+            SyncOutcome::BitmapResync(Direction::LocalIsSource)
+            | SyncOutcome::FullSync(Direction::LocalIsSource) => ReplicationState::SyncSource,
+            SyncOutcome::BitmapResync(Direction::LocalIsTarget)
+            | SyncOutcome::FullSync(Direction::LocalIsTarget) => ReplicationState::SyncTarget,
+            _ => ReplicationState::Off,
+        }
+    }
+
+    /// The connection state after the handshake: split brain and unrelated data leave the
+    /// connection `StandAlone` (no automatic reconnect), everything else `Connected`.
+    pub fn connection_state(&self) -> ConnectionState {
+        if self.outcome.is_split_brain() {
+            ConnectionState::StandAlone
+        } else {
+            ConnectionState::Connected
+        }
+    }
+
+    /// One operator-ready line for the log and `tandem volume status`, naming the rule and,
+    /// for a split brain, the command that resolves it.
+    pub fn describe(&self, volume: &str, local: &str, peer: &str) -> String {
+        let why = self.rule;
+        match self.outcome {
+            SyncOutcome::NoSync => format!("{volume}: {local} and {peer} are in sync ({why})"),
+            SyncOutcome::BitmapResync(d) | SyncOutcome::FullSync(d) => {
+                let kind = if matches!(self.outcome, SyncOutcome::FullSync(_)) {
+                    "full sync"
+                } else {
+                    "bitmap resync"
+                };
+                let (src, dst) = match d {
+                    Direction::LocalIsSource => (local, peer),
+                    Direction::LocalIsTarget => (peer, local),
+                };
+                format!("{volume}: {kind} from {src} to {dst} ({why})")
+            }
+            SyncOutcome::SplitBrainAutoRecoverable | SyncOutcome::SplitBrainDisconnect => format!(
+                "{volume}: split brain between {local} and {peer}: both wrote since they last \
+                 were connected ({why}); disconnected, nothing overwritten. On the node whose \
+                 changes are to be DISCARDED run: tandem volume resolve {volume} --discard-local"
+            ),
+            SyncOutcome::UnrelatedData => format!(
+                "{volume}: {local} and {peer} hold unrelated data ({why}); disconnected. One of \
+                 the replicas does not belong to this volume: delete and re-create it"
+            ),
+        }
+    }
 }
 
 /// Facts about the connection that the UUIDs do not carry.

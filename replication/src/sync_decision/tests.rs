@@ -314,3 +314,34 @@ fn after_sb_policies_never_discard_a_current_primary() {
     );
     assert!("discard-node-hv1".parse::<AfterSplitBrain>().is_err());
 }
+
+#[test]
+fn decisions_describe_themselves_for_the_operator() {
+    let d = SyncDecision {
+        outcome: SyncOutcome::SplitBrainAutoRecoverable,
+        rule: Rule::EqualBitmapUuids,
+    };
+    let text = d.describe("vm-100-disk-0", "hv1", "hv2");
+    assert!(text.contains("split brain between hv1 and hv2"), "{text}");
+    assert!(
+        text.contains("tandem volume resolve vm-100-disk-0 --discard-local"),
+        "{text}"
+    );
+    assert!(text.contains("rule 5 (equal-bitmap-uuids)"), "{text}");
+    assert_eq!(
+        d.connection_state(),
+        crate::role::ConnectionState::StandAlone
+    );
+    let d = SyncDecision {
+        outcome: SyncOutcome::BitmapResync(Direction::LocalIsTarget),
+        rule: Rule::PeerBitmapMatchesLocalCurrent,
+    };
+    assert_eq!(
+        d.describe("v", "hv1", "hv2"),
+        "v: bitmap resync from hv2 to hv1 (rule 3 (peer-bitmap-matches-local-current))"
+    );
+    assert_eq!(
+        d.replication_state(),
+        crate::role::ReplicationState::SyncTarget
+    );
+}
