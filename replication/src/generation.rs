@@ -227,6 +227,15 @@ impl UuidSet {
         self.new_generation_pending = false;
     }
 
+    /// This replica lost quorum while Primary: remembered durably, so that at the next
+    /// handshake with equal generations it becomes SyncTarget (its frozen/failed writes were
+    /// never acknowledged). Cleared when a resync as target completes.
+    pub fn on_quorum_lost(&mut self, i_am_primary: bool) {
+        if i_am_primary {
+            self.flags.primary_lost_quorum = true;
+        }
+    }
+
     /// A peer was lost. A Primary arms a new generation unless the lost peer was itself a
     /// Primary in dual-primary mode (DRBD: no new generation then).
     pub fn on_peer_lost(&mut self, i_am_primary: bool, peer_was_primary: bool) {

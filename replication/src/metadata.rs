@@ -809,6 +809,30 @@ impl MetaStore {
         fsync_dir(&self.dir)
     }
 
+    /// Grow the volume: extend every bitmap (the new area out of sync when
+    /// `new_area_dirty`, e.g. when peers have not grown yet), write the new pages, then the
+    /// superblock with the new size. A crash in between leaves the old size in the
+    /// superblock, and the extra pages are ignored. The activity-log size (`al_extents`) is
+    /// fixed at creation.
+    pub fn grow(
+        &mut self,
+        meta: &mut ReplicaMeta,
+        bitmaps: &mut BTreeMap<String, Bitmap>,
+        new_size: u64,
+        new_area_dirty: bool,
+    ) -> Result<(), MetaError> {
+        for (p, bm) in bitmaps.iter_mut() {
+            bm.resize(new_size, new_area_dirty)
+                .map_err(|source| MetaError::Bitmap {
+                    peer: p.clone(),
+                    source,
+                })?;
+            self.flush_bitmap(p, bm)?;
+        }
+        meta.volume_size = new_size;
+        self.write_superblock(meta)
+    }
+
     /// Clean shutdown: flush every bitmap, then set the clean-shutdown flag, so the next
     /// `open` does not apply the activity log. `meta.uuids.flags.primary` should already be
     /// false (demoted).

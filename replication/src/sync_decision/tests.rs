@@ -186,6 +186,41 @@ fn rule_5_both_sides_wrote_since_the_same_bitmap_generation_is_auto_recoverable_
 }
 
 #[test]
+fn rule_4_my_current_in_peer_history_without_a_bitmap_slot_means_full_sync_as_target() {
+    let me = set(0x10);
+    let mut peer = set(0x30);
+    peer.history = vec![Generation::from_raw(0x20), Generation::from_raw(0x10)];
+    let d = decide(&me, &peer, &ctx_for(LOCAL, PEER, Protocol::C));
+    assert_eq!(d.outcome, SyncOutcome::FullSync(Direction::LocalIsTarget));
+    assert_eq!(d.rule, Rule::LocalCurrentInPeerHistory);
+}
+
+#[test]
+fn rule_6_common_history_without_matching_bitmaps_is_split_brain_disconnect() {
+    let mut me = set(0x20);
+    me.history = vec![Generation::from_raw(0x10)];
+    let mut peer = set(0x30);
+    peer.history = vec![Generation::from_raw(0x10)];
+    let d = decide(&me, &peer, &ctx_for(LOCAL, PEER, Protocol::C));
+    assert_eq!(d.outcome, SyncOutcome::SplitBrainDisconnect);
+    assert_eq!(d.rule, Rule::CommonHistory);
+}
+
+#[test]
+fn rule_2_a_primary_that_lost_quorum_becomes_target_at_equal_generations() {
+    let mut me = set(0x10);
+    me.on_quorum_lost(true);
+    let d = decide(&me, &set(0x10), &ctx_for(LOCAL, PEER, Protocol::C));
+    assert_eq!(
+        d.outcome,
+        SyncOutcome::BitmapResync(Direction::LocalIsTarget)
+    );
+    assert_eq!(d.rule, Rule::LocalLostQuorum);
+    me.finish_resync_as_target(LOCAL, PEER, &set(0x10), &[]);
+    assert!(!me.flags.primary_lost_quorum);
+}
+
+#[test]
 fn rule_7_nothing_in_common_is_unrelated_data_and_cannot_be_resolved_by_discarding() {
     let d = decide(&set(0x10), &set(0x20), &ctx_for(LOCAL, PEER, Protocol::C));
     assert_eq!(d.outcome, SyncOutcome::UnrelatedData);
