@@ -263,6 +263,8 @@ impl UuidSet {
     }
 
     /// A connected Secondary learns that its Primary started generation `g`.
+    /// `disconnected_peers` are the replicas that do not receive this generation's writes
+    /// (normally the same set the Primary passed to [`UuidSet::before_write`]).
     pub fn follow_new_current(&mut self, g: Generation, disconnected_peers: &[&str]) {
         if self.current != g {
             self.rotate_in(g, disconnected_peers);

@@ -26,14 +26,29 @@
 //! ([`resolve_split_brain`]); otherwise, or for rule 6, the operator resolves it with
 //! `tandem volume resolve NAME --discard-local` ([`resolve_manually`]).
 //!
-//! Differences from DRBD: the "uncertain" rule is ours (DRBD tracks this through peer-acks
-//! and bitmap exchange between secondaries; see `generation.rs`); no "missed resync-finish" repair rules (our resync completion is
-//! one metadata transaction); rule 3 does not look at bitmap slots for *third* nodes (that
-//! case falls to rule 4, a full sync); the both-crashed tie uses node names instead of the
-//! `RESOLVE_CONFLICTS` connection bit; a policy never picks a side that is Primary right now
-//! as the victim (that would change data under a running VM), so DRBD's separate
-//! `after-sb-1pri`/`after-sb-2pri` settings are not offered: one policy, applied as if no
-//! side were Primary, and "disconnect" whenever the victim would be a Primary.
+//! What the engine must do around a decision (the randomized model in the tests checks
+//! these together with the rules):
+//! - a bitmap resync transfers the *union* of both sides' bitmaps for the pair (the two
+//!   replicas exchange bitmaps after the handshake);
+//! - a Primary never becomes SyncTarget (DRBD's `rr-conflict`): disconnect instead;
+//! - resync writes on the target set bits in its bitmaps for every other peer, and the
+//!   target calls `UuidSet::finish_resync_as_target` (the source
+//!   `finish_resync_as_source`) when done; "no sync" calls `UuidSet::in_sync_with` and
+//!   clears the pair's bits;
+//! - a Primary arms a new generation whenever any replica leaves the set receiving its
+//!   writes (see `generation.rs`).
+//!
+//! Differences from DRBD:
+//! - the "uncertain" rule is ours (DRBD tracks this through peer-acks and bitmap exchange
+//!   between secondaries; see `generation.rs`);
+//! - no "missed resync-finish" repair rules (our resync completion is one metadata write);
+//! - rule 3 does not look at bitmap slots for *third* nodes (that case falls to rule 4, a
+//!   full sync);
+//! - the both-crashed tie uses node names instead of the `RESOLVE_CONFLICTS` connection bit;
+//! - a policy never picks a side that is Primary right now as the victim (that would change
+//!   data under a running VM), so DRBD's separate `after-sb-1pri`/`after-sb-2pri` settings
+//!   are not offered: one policy, applied as if no side were Primary, and "disconnect"
+//!   whenever the victim would be a Primary.
 
 use crate::generation::UuidSet;
 use crate::role::{ConnectionState, Protocol, ReplicationState};
