@@ -14,11 +14,11 @@
 //! | 2 | currents equal, both crashed Primary | bitmap resync; tie broken by node name (smaller name is source) |
 //! | 2 | currents equal, one side Primary-lost-quorum | bitmap resync, that side is target |
 //! | 2 | currents equal, one side uncertain (was a resync target of a third node since) | bitmap resync, that side is target (both: name tie-break) |
-//! | 3 | peer's bitmap[me] == my current | bitmap resync, I am target |
-//! | 3 | my bitmap[peer] == peer's current | bitmap resync, I am source |
+//! | 3 | `peer.bitmap[me] == my.current` | bitmap resync, I am target |
+//! | 3 | `my.bitmap[peer] == peer.current` | bitmap resync, I am source |
 //! | 4 | my current in peer's history | full sync, I am target |
 //! | 4 | peer's current in my history | full sync, I am source |
-//! | 5 | bitmap[peer]==peer.bitmap[me] != 0, currents differ | split brain, auto-recoverable |
+//! | 5 | `my.bitmap[peer] == peer.bitmap[me] != 0`, currents differ | split brain, auto-recoverable |
 //! | 6 | any generation in common | split brain, disconnect |
 //! | 7 | nothing in common | unrelated data, disconnect |
 //!
