@@ -10,6 +10,8 @@
 //!   crashed_primary         peers still owed the post-crash resync
 //!   uncertain_peers         peers that may differ at equal generations (after a resync)
 //!   new_generation_pending  in memory: the next write must start a new generation
+//!
+//! to_wire / from_wire       the handshake encoding (every count and length checked)
 //! ```
 //!
 //! Lifecycle (DRBD 9):
@@ -387,6 +389,147 @@ impl UuidSet {
     }
 }
 
+/// Most peers a [`UuidSet`] may name on the wire.
+pub const MAX_WIRE_PEERS: usize = 31;
+/// Longest peer name on the wire.
+pub const MAX_WIRE_NAME: usize = 64;
+const WIRE_VERSION: u8 = 1;
+
+/// A [`UuidSet`] received from a peer was malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UuidDecodeError {
+    /// The bytes ended early.
+    #[error("uuid set truncated at byte {0}")]
+    Truncated(usize),
+    /// Unknown encoding version.
+    #[error("uuid set encoding version {0} is not supported")]
+    Version(u8),
+    /// A count exceeds its limit.
+    #[error("uuid set has {count} {what}, at most {max}")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+    /// A peer name is not valid UTF-8 or too long.
+    #[error("uuid set contains an invalid peer name")]
+    BadName,
+    /// Bytes left over after the set.
+    #[error("{0} trailing bytes after the uuid set")]
+    Trailing(usize),
+}
+
+impl UuidSet {
+    /// Encode for the handshake (everything but `new_generation_pending`). Little-endian:
+    /// version u8, flags u8, current u64, history (u8 count, u64 each), peers (u8 count;
+    /// each: name (u8 len, bytes), bitmap u64, crashed u8, uncertain u8).
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.push(WIRE_VERSION);
+        let f = &self.flags;
+        out.push(
+            u8::from(f.consistent)
+                | u8::from(f.was_up_to_date) << 1
+                | u8::from(f.primary) << 2
+                | u8::from(f.primary_lost_quorum) << 3,
+        );
+        out.extend_from_slice(&self.current.raw().to_le_bytes());
+        let hist: Vec<&Generation> = self.history.iter().take(HISTORY_LEN).collect();
+        out.push(hist.len() as u8);
+        for g in hist {
+            out.extend_from_slice(&g.raw().to_le_bytes());
+        }
+        let mut peers: BTreeSet<&String> = self.bitmap.keys().collect();
+        peers.extend(self.crashed_primary.iter());
+        peers.extend(self.uncertain_peers.iter());
+        let peers: Vec<&String> = peers
+            .into_iter()
+            .filter(|p| !p.is_empty() && p.len() <= MAX_WIRE_NAME)
+            .take(MAX_WIRE_PEERS)
+            .collect();
+        out.push(peers.len() as u8);
+        for p in peers {
+            out.push(p.len() as u8);
+            out.extend_from_slice(p.as_bytes());
+            out.extend_from_slice(&self.bitmap_for(p).raw().to_le_bytes());
+            out.push(u8::from(self.crashed_primary.contains(p.as_str())));
+            out.push(u8::from(self.uncertain_peers.contains(p.as_str())));
+        }
+        out
+    }
+
+    /// Decode a peer's [`UuidSet::to_wire`] bytes; every count and length is checked.
+    pub fn from_wire(buf: &[u8]) -> Result<UuidSet, UuidDecodeError> {
+        let mut pos = 0usize;
+        let mut take = |n: usize| -> Result<&[u8], UuidDecodeError> {
+            let end = pos.checked_add(n).ok_or(UuidDecodeError::Truncated(pos))?;
+            let s = buf.get(pos..end).ok_or(UuidDecodeError::Truncated(pos))?;
+            pos = end;
+            Ok(s)
+        };
+        fn u64_of(b: &[u8]) -> u64 {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_le_bytes(a)
+        }
+        let version = take(1)?[0];
+        if version != WIRE_VERSION {
+            return Err(UuidDecodeError::Version(version));
+        }
+        let flags = take(1)?[0];
+        let mut set = UuidSet {
+            current: Generation::from_raw(u64_of(take(8)?)),
+            flags: UuidFlags {
+                consistent: flags & 1 != 0,
+                was_up_to_date: flags & 2 != 0,
+                primary: flags & 4 != 0,
+                primary_lost_quorum: flags & 8 != 0,
+            },
+            ..UuidSet::default()
+        };
+        let hist = take(1)?[0] as usize;
+        if hist > HISTORY_LEN {
+            return Err(UuidDecodeError::TooMany {
+                what: "history entries",
+                count: hist,
+                max: HISTORY_LEN,
+            });
+        }
+        for _ in 0..hist {
+            set.history.push(Generation::from_raw(u64_of(take(8)?)));
+        }
+        let peers = take(1)?[0] as usize;
+        if peers > MAX_WIRE_PEERS {
+            return Err(UuidDecodeError::TooMany {
+                what: "peers",
+                count: peers,
+                max: MAX_WIRE_PEERS,
+            });
+        }
+        for _ in 0..peers {
+            let len = take(1)?[0] as usize;
+            if len == 0 || len > MAX_WIRE_NAME {
+                return Err(UuidDecodeError::BadName);
+            }
+            let name = std::str::from_utf8(take(len)?)
+                .map_err(|_| UuidDecodeError::BadName)?
+                .to_string();
+            let g = Generation::from_raw(u64_of(take(8)?));
+            if take(1)?[0] != 0 {
+                set.crashed_primary.insert(name.clone());
+            }
+            if take(1)?[0] != 0 {
+                set.uncertain_peers.insert(name.clone());
+            }
+            set.bitmap.insert(name, g);
+        }
+        if pos != buf.len() {
+            return Err(UuidDecodeError::Trailing(buf.len() - pos));
+        }
+        Ok(set)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,6 +617,35 @@ mod tests {
         assert_eq!(tgt.bitmap_for("c"), Generation::ZERO);
         assert_eq!(src.bitmap_for("b"), Generation::ZERO);
         assert!(tgt.history.len() <= HISTORY_LEN);
+    }
+
+    #[test]
+    fn wire_encoding_round_trips_and_rejects_malformed_input_without_panicking() {
+        let mut s = UuidSet::day0(Generation::from_raw(0xABC0));
+        s.history = vec![Generation::from_raw(0x10), Generation::from_raw(0x20)];
+        s.bitmap.insert("hv2".into(), Generation::from_raw(0x10));
+        s.bitmap.insert("hv3".into(), Generation::ZERO);
+        s.crashed_primary.insert("hv3".into());
+        s.uncertain_peers.insert("hv2".into());
+        s.flags.primary_lost_quorum = true;
+        let bytes = s.to_wire();
+        assert_eq!(UuidSet::from_wire(&bytes).unwrap(), s);
+        for cut in 0..bytes.len() {
+            assert!(UuidSet::from_wire(&bytes[..cut]).is_err());
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(
+            UuidSet::from_wire(&longer),
+            Err(UuidDecodeError::Trailing(1))
+        );
+        let mut rng = SplitMix64::new(11);
+        for _ in 0..20000 {
+            let mut b = bytes.clone();
+            let at = (rng.next_u64() % b.len() as u64) as usize;
+            b[at] = rng.next_u64() as u8;
+            let _ = UuidSet::from_wire(&b);
+        }
     }
 
     #[test]
