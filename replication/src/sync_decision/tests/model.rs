@@ -14,6 +14,9 @@
 //! - divergence (each side holds an acknowledged write the other lacks) is always reported
 //!   as split brain.
 //!
+//! A quarter of the sequences run three nodes with quorum on (majority): promotion needs
+//! quorum, a Primary without quorum freezes, and then no split brain may ever be reported.
+//!
 //! Model choices: protocol C (the only protocol that acknowledges nothing the peer lacks;
 //! the A/B crash directions are table-tested); a write needs every node of its Primary's
 //! connected component to be connected to every other (a clique): DRBD's 3-node
@@ -52,6 +55,9 @@ struct World {
     tick: u64,
     log: Vec<String>,
     stats: Stats,
+    /// Quorum on (majority of 3 replicas): promotion and writes need it.
+    quorum: bool,
+    had_quorum: Vec<bool>,
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -69,7 +75,7 @@ fn key(a: usize, b: usize) -> (usize, usize) {
 }
 
 impl World {
-    fn new(seed: u64, n: usize) -> World {
+    fn new(seed: u64, n: usize, quorum: bool) -> World {
         let day0 = crate::generation::Generation::from_raw(0xDA70);
         let names: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
         let nodes = names
@@ -103,6 +109,8 @@ impl World {
             acked: BTreeSet::new(),
             next_write: 1,
             tick: 0,
+            quorum,
+            had_quorum: vec![true; n],
             log: Vec::new(),
             stats: Stats::default(),
         }
@@ -135,6 +143,40 @@ impl World {
         seen
     }
 
+    fn has_quorum(&self, a: usize) -> bool {
+        if !self.quorum {
+            return true;
+        }
+        let members: Vec<crate::quorum::Member> = (0..self.nodes.len())
+            .map(|x| crate::quorum::Member {
+                name: self.nodes[x].name.clone(),
+                diskful: true,
+                status: if x == a || self.connected(a, x) {
+                    crate::quorum::MemberStatus::Reachable
+                } else {
+                    crate::quorum::MemberStatus::Unknown
+                },
+            })
+            .collect();
+        crate::quorum::evaluate(
+            crate::quorum::QuorumMode::Majority,
+            &members,
+            self.had_quorum[a],
+        )
+        .has_quorum
+    }
+
+    fn update_quorum(&mut self) {
+        for a in 0..self.nodes.len() {
+            let q = self.nodes[a].up && self.has_quorum(a);
+            if self.had_quorum[a] && !q && self.nodes[a].primary {
+                self.nodes[a].uuids.on_quorum_lost(true);
+                self.log.push(format!("n{a} lost quorum (I/O frozen)"));
+            }
+            self.had_quorum[a] = q;
+        }
+    }
+
     fn disconnected_names(&self, a: usize) -> Vec<String> {
         (0..self.nodes.len())
             .filter(|&b| b != a && !self.connected(a, b))
@@ -161,6 +203,9 @@ impl World {
     /// Issue a write on Primary `p` to every node of its component (a clique). Returns the
     /// write id, or None when writes must wait.
     fn write(&mut self, p: usize, fate: Fate) -> Option<u64> {
+        if self.quorum && !self.had_quorum[p] {
+            return None; // frozen: on-no-quorum suspend-io
+        }
         let comp = self.component(p);
         for &x in &comp {
             for &y in &comp {
@@ -489,6 +534,7 @@ impl World {
                 if self.nodes[a].up
                     && !self.nodes[a].primary
                     && !comp.iter().any(|&x| self.nodes[x].primary)
+                    && self.has_quorum(a)
                 {
                     let any_disc = self.neighbours(a).len() < n - 1;
                     self.nodes[a].uuids.on_promote(any_disc);
@@ -521,6 +567,7 @@ impl World {
                 }
             }
         }
+        self.update_quorum();
         Ok(())
     }
 }
@@ -539,9 +586,17 @@ fn run(seed: u64) -> Result<Stats, String> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(80);
-    let mut w = World::new(seed, nodes);
+    let quorum = nodes == 3 && (seed / 2) % 2 == 0;
+    let mut w = World::new(seed, nodes, quorum);
     for _ in 0..steps {
-        if let Err(e) = w.step() {
+        let mut result = w.step();
+        if result.is_ok() && quorum {
+            let s = w.stats;
+            if s.split + s.split_auto + s.unrelated > 0 {
+                result = Err("split brain although quorum is on".to_string());
+            }
+        }
+        if let Err(e) = result {
             let tail = w
                 .log
                 .iter()
@@ -551,12 +606,29 @@ fn run(seed: u64) -> Result<Stats, String> {
                 .cloned()
                 .collect::<Vec<_>>();
             return Err(format!(
-                "seed {seed} ({nodes} nodes): {e}\nlast events:\n  {}",
+                "seed {seed} ({nodes} nodes, quorum {quorum}): {e}\nlast events:\n  {}",
                 tail.join("\n  ")
             ));
         }
     }
+    if quorum {
+        let count = |pat: &str| w.log.iter().filter(|l| l.contains(pat)).count() as u64;
+        QUORUM_EVENTS.with(|q| {
+            let mut q = q.borrow_mut();
+            q.0 += count("promote");
+            q.1 += count("lost quorum");
+            q.2 += count("(Acked)");
+            q.3 += w.stats.bitmap;
+        });
+    }
     Ok(w.stats)
+}
+
+thread_local! {
+    /// (promotions, quorum losses of a Primary, acknowledged writes, bitmap resyncs) in
+    /// quorum runs: proof that the quorum variant exercises failover.
+    static QUORUM_EVENTS: std::cell::RefCell<(u64, u64, u64, u64)> =
+        const { std::cell::RefCell::new((0, 0, 0, 0)) };
 }
 
 #[test]
@@ -586,11 +658,18 @@ fn randomized_uuid_decisions_never_lose_acknowledged_writes_and_detect_divergenc
             Err(e) => panic!("{e}\nrerun with TANDEM_MODEL_SEED={seed}"),
         }
     }
-    eprintln!("{runs} sequences: {total:?}");
+    let (promotions, losses, writes, resyncs) = QUORUM_EVENTS.with(|q| *q.borrow());
+    eprintln!(
+        "{runs} sequences: {total:?}; quorum runs: {promotions} promotions, \
+         {losses} Primary quorum losses, {writes} acked writes, {resyncs} bitmap resyncs"
+    );
     // The generator must actually reach every interesting outcome.
     assert!(total.no_sync > 100, "{total:?}");
     assert!(total.bitmap > 100, "{total:?}");
     assert!(total.split_auto > 10, "{total:?}");
     assert!(total.split + total.full > 0, "{total:?}");
     assert_eq!(total.unrelated, 0, "{total:?}");
+    if runs >= 4000 {
+        assert!(promotions > 100 && losses > 10 && writes > 1000 && resyncs > 50);
+    }
 }
