@@ -586,7 +586,7 @@ fn run(seed: u64) -> Result<Stats, String> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(80);
-    let quorum = nodes == 3 && (seed / 2) % 2 == 0;
+    let quorum = nodes == 3 && (seed / 2).is_multiple_of(2);
     let mut w = World::new(seed, nodes, quorum);
     for _ in 0..steps {
         let mut result = w.step();
