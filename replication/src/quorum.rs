@@ -21,6 +21,13 @@
 //! - [`QuorumMode::Off`] always has quorum. The default is on (majority) for 3+ voting
 //!   members (replicas + tiebreakers), off below (a lone pair without witness).
 //!
+//! Caveat the engine must handle: when only the link *between* the two data nodes breaks
+//! and both still reach the witness, both keep quorum through the tiebreaker (as in DRBD).
+//! They are then one partition joined through the witness: the witness relays that the
+//! other node is Primary (so `role::may_promote` refuses), and the Secondary, which no
+//! longer receives writes, must be marked Outdated (DRBD does both through its cluster-wide
+//! two-phase state change).
+//!
 //! When quorum is lost, [`OnNoQuorum`] says what happens to I/O: `suspend-io` (default:
 //! freeze; resumes when quorum returns) or `io-error`.
 //!

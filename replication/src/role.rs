@@ -259,7 +259,9 @@ pub struct PromoteContext<'a> {
     pub quorum_enabled: bool,
     /// Whether this node currently has quorum (ignored when quorum is off).
     pub has_quorum: bool,
-    /// The volume's other replicas and tiebreakers.
+    /// The volume's other replicas and tiebreakers. A peer counts as `connected` when it
+    /// is reachable directly *or through a connected node* (e.g. the witness relays that
+    /// the other data node is Primary): a Primary behind a broken direct link still blocks.
     pub peers: &'a [PeerView],
     /// The dual-primary gate.
     pub allow_two_primaries: bool,
