@@ -14,8 +14,11 @@
 //! - divergence (each side holds an acknowledged write the other lacks) is always reported
 //!   as split brain.
 //!
-//! A quarter of the sequences run three nodes with quorum on (majority): promotion needs
-//! quorum, a Primary without quorum freezes, and then no split brain may ever be reported.
+//! A sixth of the sequences run three nodes with quorum on (majority), a sixth two data
+//! nodes plus a diskless witness (tiebreaker) with quorum on: promotion needs quorum and
+//! UpToDate data (a Primary with quorum outdates, through the witness, a data node that no
+//! longer receives its writes), a Primary without quorum freezes, and no split brain may
+//! ever be reported.
 //!
 //! Model choices: protocol C (the only protocol that acknowledges nothing the peer lacks;
 //! the A/B crash directions are table-tested); a write needs every node of its Primary's
@@ -25,7 +28,7 @@
 //! peers' disks, on both, or nowhere. Split brains are resolved sometimes by a random
 //! policy, sometimes manually, which discards the victim's own writes (by choice).
 //! On failure the seed is printed; rerun one seed with `TANDEM_MODEL_SEED=<seed>`.
-//! `TANDEM_MODEL_RUNS` (default 4000) and `TANDEM_MODEL_STEPS` (default 80) scale it up.
+//! `TANDEM_MODEL_RUNS` (default 6000) and `TANDEM_MODEL_STEPS` (default 150) scale it up.
 
 use super::super::*;
 use crate::generation::{SplitMix64, UuidSet};
@@ -43,6 +46,10 @@ struct Node {
     disk: Vec<u64>,
     writes: BTreeSet<u64>,
     out_of_sync: BTreeMap<String, BTreeSet<usize>>,
+    /// A diskless tiebreaker (witness): votes, stores nothing, never Primary.
+    diskless: bool,
+    /// Told (through a path the Primary can reach) that it no longer receives writes.
+    outdated: bool,
 }
 
 struct World {
@@ -75,12 +82,20 @@ fn key(a: usize, b: usize) -> (usize, usize) {
 }
 
 impl World {
-    fn new(seed: u64, n: usize, quorum: bool) -> World {
+    fn new(seed: u64, n: usize, quorum: bool, witness: bool) -> World {
         let day0 = crate::generation::Generation::from_raw(0xDA70);
         let names: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+        let data_names: Vec<String> = names
+            .iter()
+            .take(if witness { n - 1 } else { n })
+            .cloned()
+            .collect();
         let nodes = names
             .iter()
-            .map(|name| Node {
+            .enumerate()
+            .map(|(i, name)| Node {
+                diskless: witness && i == n - 1,
+                outdated: false,
                 name: name.clone(),
                 up: true,
                 primary: false,
@@ -88,7 +103,7 @@ impl World {
                 uuids: UuidSet::day0(day0),
                 disk: vec![0; BLOCKS],
                 writes: BTreeSet::new(),
-                out_of_sync: names
+                out_of_sync: data_names
                     .iter()
                     .filter(|o| *o != name)
                     .map(|o| (o.clone(), BTreeSet::new()))
@@ -130,6 +145,28 @@ impl World {
             .collect()
     }
 
+    fn data_neighbours(&self, a: usize) -> Vec<usize> {
+        self.neighbours(a)
+            .into_iter()
+            .filter(|&b| !self.nodes[b].diskless)
+            .collect()
+    }
+
+    /// The data nodes connected to `a` through data links (who receives its writes).
+    fn data_component(&self, a: usize) -> BTreeSet<usize> {
+        let mut seen = BTreeSet::from([a]);
+        let mut todo = vec![a];
+        while let Some(x) = todo.pop() {
+            for y in self.data_neighbours(x) {
+                if seen.insert(y) {
+                    todo.push(y);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Everything reachable from `a`, also through the witness (who knows who is Primary).
     fn component(&self, a: usize) -> BTreeSet<usize> {
         let mut seen = BTreeSet::from([a]);
         let mut todo = vec![a];
@@ -150,7 +187,7 @@ impl World {
         let members: Vec<crate::quorum::Member> = (0..self.nodes.len())
             .map(|x| crate::quorum::Member {
                 name: self.nodes[x].name.clone(),
-                diskful: true,
+                diskful: !self.nodes[x].diskless,
                 status: if x == a || self.connected(a, x) {
                     crate::quorum::MemberStatus::Reachable
                 } else {
@@ -175,11 +212,25 @@ impl World {
             }
             self.had_quorum[a] = q;
         }
+        // A Primary with quorum outdates, through any path, the data nodes that no longer
+        // receive its writes (DRBD's cluster-wide state change).
+        for p in 0..self.nodes.len() {
+            if !(self.nodes[p].primary && self.had_quorum[p]) {
+                continue;
+            }
+            let receivers = self.data_component(p);
+            for d in self.component(p) {
+                if !self.nodes[d].diskless && !receivers.contains(&d) && !self.nodes[d].outdated {
+                    self.nodes[d].outdated = true;
+                    self.log.push(format!("n{d} outdated by n{p}"));
+                }
+            }
+        }
     }
 
     fn disconnected_names(&self, a: usize) -> Vec<String> {
         (0..self.nodes.len())
-            .filter(|&b| b != a && !self.connected(a, b))
+            .filter(|&b| b != a && !self.nodes[b].diskless && !self.connected(a, b))
             .map(|b| self.nodes[b].name.clone())
             .collect()
     }
@@ -188,12 +239,13 @@ impl World {
         if !self.connected(a, b) {
             return;
         }
-        let before = self.component(a);
+        let before = self.data_component(a);
+        let data_link = !self.nodes[a].diskless && !self.nodes[b].diskless;
         self.links.remove(&key(a, b));
         // Cluster-wide state change: a Primary learns when any replica leaves the set of
         // nodes receiving its writes, not only when its own link breaks.
         for p in before {
-            if self.nodes[p].primary {
+            if data_link && self.nodes[p].primary {
                 self.nodes[p].uuids.on_peer_lost(true, false);
             }
         }
@@ -206,7 +258,7 @@ impl World {
         if self.quorum && !self.had_quorum[p] {
             return None; // frozen: on-no-quorum suspend-io
         }
-        let comp = self.component(p);
+        let comp = self.data_component(p);
         for &x in &comp {
             for &y in &comp {
                 if x < y && !self.connected(x, y) {
@@ -298,10 +350,15 @@ impl World {
     }
 
     fn connect(&mut self, a: usize, b: usize) -> Result<(), String> {
-        let prim_a = self.component(a).iter().any(|&x| self.nodes[x].primary);
-        let prim_b = self.component(b).iter().any(|&x| self.nodes[x].primary);
-        if prim_a && prim_b {
+        let mut joined = self.component(a);
+        joined.extend(self.component(b));
+        if joined.iter().filter(|&&x| self.nodes[x].primary).count() > 1 {
             return Ok(()); // would put two Primaries in one component
+        }
+        if self.nodes[a].diskless || self.nodes[b].diskless {
+            self.links.insert(key(a, b));
+            self.log.push(format!("connect n{a} n{b} (witness link)"));
+            return Ok(());
         }
         let ctx_ab = DecisionContext {
             local_name: &self.nodes[a].name,
@@ -356,6 +413,9 @@ impl World {
                     .get_mut(&na)
                     .expect("slot")
                     .clear();
+                let outdated = self.nodes[a].outdated && self.nodes[b].outdated;
+                self.nodes[a].outdated = outdated;
+                self.nodes[b].outdated = outdated;
                 self.links.insert(key(a, b));
                 Ok(())
             }
@@ -456,7 +516,7 @@ impl World {
         if self.nodes[t].primary {
             return Ok(()); // DRBD's rr-conflict: a Primary never becomes SyncTarget
         }
-        for x in self.neighbours(t) {
+        for x in self.data_neighbours(t) {
             self.disconnect(t, x);
         }
         let (ns, nt) = (self.nodes[s].name.clone(), self.nodes[t].name.clone());
@@ -514,6 +574,7 @@ impl World {
             .get_mut(&ns)
             .expect("slot")
             .clear();
+        self.nodes[t].outdated = self.nodes[s].outdated;
         self.links.insert(key(s, t));
         Ok(())
     }
@@ -524,6 +585,25 @@ impl World {
         let a = self.pick(n);
         let b = (a + 1 + self.pick(n - 1)) % n;
         match self.pick(10) {
+            _ if self.nodes[a].diskless && self.pick(2) == 0 => {
+                // The witness only connects, disconnects, crashes and restarts.
+                match self.pick(3) {
+                    0 => self.disconnect(a, b),
+                    1 => {
+                        if self.nodes[a].up && self.nodes[b].up && !self.connected(a, b) {
+                            self.connect(a, b)?;
+                        }
+                    }
+                    _ => {
+                        self.nodes[a].up = !self.nodes[a].up;
+                        if !self.nodes[a].up {
+                            for x in self.neighbours(a) {
+                                self.disconnect(a, x);
+                            }
+                        }
+                    }
+                }
+            }
             0..=3 => {
                 if self.nodes[a].up && self.nodes[a].primary {
                     self.write(a, Fate::Acked);
@@ -532,11 +612,13 @@ impl World {
             4 => {
                 let comp = self.component(a);
                 if self.nodes[a].up
+                    && !self.nodes[a].diskless
+                    && !self.nodes[a].outdated
                     && !self.nodes[a].primary
                     && !comp.iter().any(|&x| self.nodes[x].primary)
                     && self.has_quorum(a)
                 {
-                    let any_disc = self.neighbours(a).len() < n - 1;
+                    let any_disc = !self.disconnected_names(a).is_empty();
                     self.nodes[a].uuids.on_promote(any_disc);
                     self.nodes[a].primary = true;
                     self.nodes[a].promoted_at = Some(self.tick);
@@ -585,9 +667,12 @@ fn run(seed: u64) -> Result<Stats, String> {
     let steps: usize = std::env::var("TANDEM_MODEL_STEPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(80);
-    let quorum = nodes == 3 && (seed / 2).is_multiple_of(2);
-    let mut w = World::new(seed, nodes, quorum);
+        .unwrap_or(150);
+    // Odd seeds run three nodes: plain, with quorum, or two data nodes plus a witness.
+    let variant = if nodes == 3 { (seed / 2) % 3 } else { 0 };
+    let witness = variant == 2;
+    let quorum = variant != 0;
+    let mut w = World::new(seed, nodes, quorum, witness);
     for _ in 0..steps {
         let mut result = w.step();
         if result.is_ok() && quorum {
@@ -606,7 +691,7 @@ fn run(seed: u64) -> Result<Stats, String> {
                 .cloned()
                 .collect::<Vec<_>>();
             return Err(format!(
-                "seed {seed} ({nodes} nodes, quorum {quorum}): {e}\nlast events:\n  {}",
+                "seed {seed} ({nodes} nodes, quorum {quorum}, witness {witness}): {e}\nlast events:\n  {}",
                 tail.join("\n  ")
             ));
         }
@@ -643,7 +728,7 @@ fn randomized_uuid_decisions_never_lose_acknowledged_writes_and_detect_divergenc
     let runs: u64 = std::env::var("TANDEM_MODEL_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4000);
+        .unwrap_or(6000);
     let mut total = Stats::default();
     for seed in 0..runs {
         match run(seed) {
