@@ -238,6 +238,13 @@ impl UuidSet {
         }
     }
 
+    /// A Primary that still has quorum told this replica (directly or through a witness)
+    /// that it no longer receives its writes: the data is consistent but stale (Outdated),
+    /// and may not be promoted. Persist before acknowledging. Cleared by a resync as target.
+    pub fn mark_outdated(&mut self) {
+        self.flags.was_up_to_date = false;
+    }
+
     /// A peer was lost. A Primary arms a new generation unless the lost peer was itself a
     /// Primary in dual-primary mode (DRBD: no new generation then).
     pub fn on_peer_lost(&mut self, i_am_primary: bool, peer_was_primary: bool) {
@@ -646,6 +653,22 @@ mod tests {
             b[at] = rng.next_u64() as u8;
             let _ = UuidSet::from_wire(&b);
         }
+    }
+
+    #[test]
+    fn an_outdated_replica_attaches_as_outdated_until_a_resync_makes_it_current() {
+        let mut s = UuidSet::day0(Generation::from_raw(0x100));
+        s.mark_outdated();
+        assert_eq!(
+            crate::role::disk_state_at_attach(&s),
+            crate::role::DiskState::Outdated
+        );
+        let src = UuidSet::day0(Generation::from_raw(0x200));
+        s.finish_resync_as_target("a", "b", &src, &[]);
+        assert_eq!(
+            crate::role::disk_state_at_attach(&s),
+            crate::role::DiskState::Consistent
+        );
     }
 
     #[test]
