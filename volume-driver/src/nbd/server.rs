@@ -513,13 +513,10 @@ where
             _bytes: bytes_permit,
         };
         let payload = match command {
-            Command::Write { len, .. } => {
-                let mut buf = BytesMut::zeroed(len as usize);
-                if let Err(e) = reader.read_exact(&mut buf).await {
-                    break Err(e.into());
-                }
-                buf.freeze()
-            }
+            Command::Write { len, .. } => match read_payload(&mut reader, len as usize).await {
+                Ok(buf) => buf,
+                Err(e) => break Err(e.into()),
+            },
             Command::Disconnect => break Ok(()),
             _ => Bytes::new(),
         };
@@ -543,6 +540,19 @@ where
         Err(e) => return Err(ConnError::Protocol(format!("reply writer failed: {e}"))),
     }
     result
+}
+
+/// Read exactly `len` bytes into a fresh buffer without zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let want = len - buf.len();
+        let n = (&mut *reader).take(want as u64).read_buf(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
 }
 
 async fn execute(
