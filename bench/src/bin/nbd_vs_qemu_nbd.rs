@@ -7,6 +7,10 @@
 //! (`--cache=none --aio=native`, O_DIRECT). Run with
 //! `cargo run --release -p tandem-bench --bin nbd_vs_qemu_nbd`.
 //!
+//! The column `O_DIRECT*` is our server over an experimental O_DIRECT handle defined here
+//! (same I/O mode as qemu-nbd), which separates the server's own overhead from the
+//! buffered-I/O backend.
+//!
 //! Before every fio run the backing file is synced and dropped from the page cache, and
 //! each row is measured `--repeat` times per server, alternating, keeping the best.
 
@@ -17,9 +21,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
+use bytes::Bytes;
 use clap::Parser;
 use replication::device::FileDevice;
-use volume_driver::frontend::{ExportHandle, Exports, OpenError};
+use volume_driver::frontend::{ExportHandle, ExportIoError, Exports, IoErrorKind, OpenError};
 use volume_driver::local_export::LocalExport;
 
 /// Compare Tandem's NBD server with qemu-nbd using fio (nbd engine) on one backing file.
@@ -42,6 +47,13 @@ struct Args {
     /// other work on the machine.
     #[arg(long, default_value_t = 2)]
     repeat: u32,
+    /// Keep the backing file in the page cache between runs (only sync it): favours our
+    /// buffered backend on reads.
+    #[arg(long)]
+    warm: bool,
+    /// Skip the experimental O_DIRECT column.
+    #[arg(long)]
+    no_direct: bool,
     /// Tokio worker threads for our server.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -66,6 +78,116 @@ impl Exports for OneExport {
     }
 }
 
+/// An experimental handle doing O_DIRECT I/O on the backing file (same I/O mode as
+/// `qemu-nbd --cache=none`), to separate the server's overhead from the backend's buffered
+/// I/O. Not the product path: shown as an extra column.
+struct DirectExport {
+    file: Arc<std::fs::File>,
+    size: u64,
+}
+
+const ALIGN: usize = 4096;
+
+fn io_err(e: std::io::Error) -> ExportIoError {
+    ExportIoError::new(IoErrorKind::Io, e.to_string())
+}
+
+impl DirectExport {
+    fn open(path: &Path) -> Result<DirectExport> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
+        let size = file.metadata().context("stat of the backing file")?.len();
+        Ok(DirectExport {
+            file: Arc::new(file),
+            size,
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&std::fs::File) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, ExportIoError> {
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || op(&file))
+            .await
+            .map_err(|e| ExportIoError::new(IoErrorKind::Io, e.to_string()))?
+            .map_err(io_err)
+    }
+}
+
+/// A `len`-byte buffer aligned for O_DIRECT: an over-allocated Vec and the aligned offset.
+fn aligned(len: usize) -> (Vec<u8>, usize) {
+    let v = vec![0u8; len + ALIGN];
+    let off = (ALIGN - (v.as_ptr() as usize % ALIGN)) % ALIGN;
+    (v, off)
+}
+
+#[async_trait]
+impl ExportHandle for DirectExport {
+    fn name(&self) -> &str {
+        EXPORT
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportIoError> {
+        self.blocking(move |f| {
+            use std::os::unix::fs::FileExt;
+            let len = len as usize;
+            let (mut v, off) = aligned(len);
+            f.read_exact_at(&mut v[off..off + len], offset)?;
+            Ok(Bytes::from(v).slice(off..off + len))
+        })
+        .await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportIoError> {
+        self.blocking(move |f| {
+            use std::os::unix::fs::FileExt;
+            let (mut v, off) = aligned(data.len());
+            v[off..off + data.len()].copy_from_slice(&data);
+            f.write_all_at(&v[off..off + data.len()], offset)?;
+            if fua {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+    async fn flush(&self) -> Result<(), ExportIoError> {
+        self.blocking(|f| f.sync_data()).await
+    }
+    async fn trim(&self, _offset: u64, _len: u64) -> Result<(), ExportIoError> {
+        Ok(())
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> Result<(), ExportIoError> {
+        self.write(offset, Bytes::from(vec![0u8; len as usize]), false)
+            .await
+    }
+}
+
+struct DirectExports(Arc<DirectExport>);
+
+#[async_trait]
+impl Exports for DirectExports {
+    fn list(&self) -> Vec<String> {
+        vec![EXPORT.to_string()]
+    }
+    async fn open(&self, name: &str, _writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
+        if name != EXPORT {
+            return Err(OpenError::NotFound(name.to_string()));
+        }
+        Ok(self.0.clone())
+    }
+}
+
 /// Our server on its own runtime thread; stops on drop.
 struct OurServer {
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -73,9 +195,7 @@ struct OurServer {
 }
 
 impl OurServer {
-    fn start(sock: &Path, file: &Path, workers: usize) -> Result<OurServer> {
-        let device = Arc::new(FileDevice::open(file).context("opening the backing file")?);
-        let exports: Arc<dyn Exports> = Arc::new(OneExport { device });
+    fn start(sock: &Path, exports: Arc<dyn Exports>, workers: usize) -> Result<OurServer> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .enable_all()
@@ -261,10 +381,13 @@ fn fill(file: &Path, size: u64) -> Result<()> {
 /// Start every run from the same state: the file's dirty pages written back and its page
 /// cache dropped (our server does buffered I/O, qemu-nbd O_DIRECT; neither inherits the
 /// other's cache or writeback debt).
-fn settle(file: &Path) -> Result<()> {
+fn settle(file: &Path, warm: bool) -> Result<()> {
     use std::os::unix::io::AsRawFd;
     let f = std::fs::File::open(file).context("opening the backing file to settle it")?;
     f.sync_all().context("syncing the backing file")?;
+    if warm {
+        return Ok(());
+    }
     // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if rc != 0 {
@@ -292,13 +415,17 @@ fn main() -> Result<()> {
 
     let our_sock = dir.path().join("tandem.sock");
     let qemu_sock = dir.path().join("qemu.sock");
-    let _ours = OurServer::start(&our_sock, &file, args.workers)?;
+    let direct_sock = dir.path().join("direct.sock");
+    let device = Arc::new(FileDevice::open(&file).context("opening the backing file")?);
+    let _ours = OurServer::start(&our_sock, Arc::new(OneExport { device }), args.workers)?;
+    let direct = Arc::new(DirectExport::open(&file)?);
+    let _direct = OurServer::start(&direct_sock, Arc::new(DirectExports(direct)), args.workers)?;
     let _qemu = QemuNbd::start(&qemu_sock, &file)?;
     let uri = |sock: &Path| format!("nbd+unix:///{EXPORT}?socket={}", sock.display());
 
     println!(
-        "{:<20} {:>12} {:>12} {:>8}  unit",
-        "row", "tandem", "qemu-nbd", "ratio"
+        "{:<20} {:>12} {:>12} {:>8}  {:>12} {:>8}  unit",
+        "row", "tandem", "qemu-nbd", "ratio", "O_DIRECT*", "ratio*"
     );
     for row in ROWS {
         if let Some(only) = &args.only {
@@ -306,19 +433,25 @@ fn main() -> Result<()> {
                 continue;
             }
         }
-        let (mut ours, mut theirs) = (0f64, 0f64);
+        let (mut ours, mut theirs, mut direct) = (0f64, 0f64, 0f64);
         for _ in 0..args.repeat.max(1) {
-            settle(&file)?;
+            settle(&file, args.warm)?;
             theirs = theirs.max(fio(&uri(&qemu_sock), row, args.runtime)?);
-            settle(&file)?;
+            settle(&file, args.warm)?;
             ours = ours.max(fio(&uri(&our_sock), row, args.runtime)?);
+            if !args.no_direct {
+                settle(&file, args.warm)?;
+                direct = direct.max(fio(&uri(&direct_sock), row, args.runtime)?);
+            }
         }
         println!(
-            "{:<20} {:>12.0} {:>12.0} {:>7.2}x  {}",
+            "{:<20} {:>12.0} {:>12.0} {:>7.2}x  {:>12.0} {:>7.2}x  {}",
             row.name,
             ours,
             theirs,
             ours / theirs,
+            direct,
+            direct / theirs,
             row.unit
         );
     }

@@ -28,6 +28,8 @@ pub const MAX_IN_FLIGHT_BYTES: u32 = 256 << 20;
 /// Option payloads beyond [`proto::MAX_OPTION_LEN`] up to this size are read and refused
 /// with `NBD_REP_ERR_TOO_BIG`; larger ones end the connection.
 const MAX_DISCARDED_OPTION_LEN: u32 = 1 << 20;
+/// Time a client has from connecting to choosing an export.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Options one connection may send before we consider it abusive.
 const MAX_OPTIONS: u32 = 1024;
 
@@ -189,8 +191,15 @@ pub async fn serve_connection<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let negotiate = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&mut reader, &mut writer, exports.as_ref()),
+    );
     let handshake = tokio::select! {
-        r = handshake(&mut reader, &mut writer, exports.as_ref()) => r,
+        r = negotiate => r.unwrap_or_else(|_| Err(ConnError::Protocol(format!(
+            "no export chosen within {}s",
+            HANDSHAKE_TIMEOUT.as_secs()
+        )))),
         _ = shutdown_requested(&mut shutdown) => Err(ConnError::Shutdown),
     };
     let handle = match handshake {
@@ -448,6 +457,10 @@ where
     let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
 
     let result = loop {
+        if tx.is_closed() {
+            // The writer failed: the client cannot receive replies any more.
+            break Ok(());
+        }
         let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
         let read = tokio::select! {
             r = reader.read_exact(&mut raw) => r,
