@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use replication::device::FileDevice;
-use volume_driver::frontend::{ExportHandle, Exports, OpenError};
+use volume_driver::frontend::{ExportHandle, ExportIoError, Exports, IoErrorKind, OpenError};
 use volume_driver::local_export::LocalExport;
 use volume_driver::nbd;
 
@@ -34,6 +35,47 @@ struct TestExports {
     refused: HashMap<String, String>,
 }
 
+/// A volume whose disk fails: reads at block `k` fail with the k-th error kind, writes and
+/// flushes with `Io`.
+struct FaultyHandle;
+
+const KINDS: [IoErrorKind; 5] = [
+    IoErrorKind::Io,
+    IoErrorKind::NoSpace,
+    IoErrorKind::Invalid,
+    IoErrorKind::ReadOnly,
+    IoErrorKind::Shutdown,
+];
+
+#[async_trait]
+impl ExportHandle for FaultyHandle {
+    fn name(&self) -> &str {
+        "faulty"
+    }
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    async fn read(&self, offset: u64, _len: u32) -> Result<Bytes, ExportIoError> {
+        let kind = KINDS[(offset / 4096) as usize % KINDS.len()];
+        Err(ExportIoError::new(kind, "injected"))
+    }
+    async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), ExportIoError> {
+        Err(ExportIoError::new(IoErrorKind::Io, "injected"))
+    }
+    async fn flush(&self) -> Result<(), ExportIoError> {
+        Err(ExportIoError::new(IoErrorKind::Io, "injected"))
+    }
+    async fn trim(&self, _: u64, _: u64) -> Result<(), ExportIoError> {
+        Err(ExportIoError::new(IoErrorKind::NoSpace, "injected"))
+    }
+    async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), ExportIoError> {
+        Err(ExportIoError::new(IoErrorKind::Shutdown, "injected"))
+    }
+}
+
 #[async_trait]
 impl Exports for TestExports {
     fn list(&self) -> Vec<String> {
@@ -45,6 +87,9 @@ impl Exports for TestExports {
     }
 
     async fn open(&self, name: &str, _writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
+        if name == "faulty" {
+            return Ok(Arc::new(FaultyHandle));
+        }
         if let Some(msg) = self.refused.get(name) {
             return Err(OpenError::Refused(msg.clone()));
         }
@@ -769,4 +814,58 @@ fn pipelined_requests_all_complete() {
         let data = c.read_n(4096);
         assert_eq!(data, pattern(4096, (cookie - 1000) as u32));
     }
+}
+
+#[test]
+fn export_errors_become_nbd_errnos() {
+    let srv = TestServer::start(Listen::Unix);
+    let mut c = negotiated(&srv, "faulty");
+    // Reads: Io, NoSpace, Invalid, ReadOnly, Shutdown -> EIO, ENOSPC, EINVAL, EPERM, ESHUTDOWN,
+    // with no payload after the error header.
+    for (k, errno) in [5u32, 28, 22, 1, 108].into_iter().enumerate() {
+        c.request(0, 0, k as u64, k as u64 * 4096, 4096);
+        assert_eq!(c.simple_reply(), (errno, k as u64));
+    }
+    c.request(1, 1, 10, 0, 4096);
+    c.send(&[9; 4096]);
+    assert_eq!(c.simple_reply(), (5, 10));
+    c.request(3, 0, 11, 0, 0);
+    assert_eq!(c.simple_reply(), (5, 11));
+    c.request(4, 0, 12, 0, 4096);
+    assert_eq!(c.simple_reply(), (28, 12));
+    c.request(6, 0, 13, 0, 4096);
+    assert_eq!(c.simple_reply(), (108, 13));
+    // The connection is still in sync.
+    c.request(0, 0, 14, 0, 4096);
+    assert_eq!(c.simple_reply(), (5, 14));
+}
+
+#[test]
+fn two_connections_share_the_volume() {
+    let srv = TestServer::start(Listen::Unix);
+    let mut a = negotiated(&srv, "vol");
+    let mut b = negotiated(&srv, "vol");
+    a.request(1, 0, 1, 8192, 4096);
+    a.send(&[0x31; 4096]);
+    assert_eq!(a.simple_reply(), (0, 1));
+    b.request(3, 0, 2, 0, 0);
+    assert_eq!(b.simple_reply(), (0, 2));
+    b.request(0, 0, 3, 8192, 4096);
+    assert_eq!(b.simple_reply(), (0, 3));
+    assert_eq!(b.read_n(4096), vec![0x31; 4096]);
+}
+
+#[test]
+fn shutdown_closes_connections_and_returns() {
+    let srv = TestServer::start(Listen::Unix);
+    let mut c = negotiated(&srv, "vol");
+    c.request(0, 0, 1, 0, 4096);
+    assert_eq!(c.simple_reply(), (0, 1));
+    assert_eq!(c.read_n(4096), vec![0; 4096]);
+    let mut idle = Raw::connect(&srv); // still in the handshake
+    let started = std::time::Instant::now();
+    drop(srv); // sends shutdown and joins the server thread
+    assert!(started.elapsed() < Duration::from_secs(5));
+    c.expect_closed();
+    idle.expect_closed();
 }
