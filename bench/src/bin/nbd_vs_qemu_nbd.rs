@@ -11,6 +11,11 @@
 //! (same I/O mode as qemu-nbd), which separates the server's own overhead from the
 //! buffered-I/O backend.
 //!
+//! What we saw on the 2-vCPU dev VM (noisy, other builds running): with a cold cache the
+//! buffered backend loses on 1 MiB sequential rows, because every write copies into freshly
+//! allocated page-cache pages (`copy_folio_from_iter_atomic` dominates the profile) while
+//! qemu-nbd DMAs with O_DIRECT; with `--warm`, and in the O_DIRECT column, we lead.
+//!
 //! Before every fio run the backing file is synced and dropped from the page cache, and
 //! each row is measured `--repeat` times per server, alternating, keeping the best.
 

@@ -90,8 +90,14 @@ fn valid_prefix() -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
-    let mut input = if mode & 1 == 1 { valid_prefix() } else { Vec::new() };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let mut input = if mode & 1 == 1 {
+        valid_prefix()
+    } else {
+        Vec::new()
+    };
     input.extend_from_slice(rest);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -102,7 +108,13 @@ fuzz_target!(|data: &[u8]| {
         let (sr, sw) = tokio::io::split(server);
         let (mut cr, mut cw) = tokio::io::split(client);
         let (_tx, shutdown) = tokio::sync::watch::channel(false);
-        let conn = tokio::spawn(nbd::serve_connection(sr, sw, Arc::new(One), shutdown, "fuzz"));
+        let conn = tokio::spawn(nbd::serve_connection(
+            sr,
+            sw,
+            Arc::new(One),
+            shutdown,
+            "fuzz",
+        ));
         let drain = tokio::spawn(async move {
             let _ = tokio::io::copy(&mut cr, &mut tokio::io::sink()).await;
         });
