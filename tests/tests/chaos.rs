@@ -9,7 +9,10 @@
 //!
 //! Drives the replication CLI of issue 3: `tandem volume create NAME --size S --replicas 2
 //! --protocol C`, `volume promote|demote|wait-sync`, `volume status NAME --json` with
-//! `role`, `disk_state` and `peers[].connection`. Needs root.
+//! `role`, `disk_state` and `peers[].connection`; split brain must show up in that JSON
+//! (a `SplitBrain` value or `"split_brain": true`). The writer's writable open may
+//! auto-promote a node (DESIGN.md); the test therefore reads who is Primary from status
+//! after every fault and requires exactly one. Needs root.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -134,10 +137,21 @@ impl Chaos {
         }
     }
 
-    /// Promote `host`, retrying while the engine still sees the old Primary (up to 30 s).
-    fn promote(&mut self, host: &str) {
+    fn role(&self, host: &str) -> Option<String> {
+        if !self.cluster.host(host).running() {
+            return None;
+        }
+        self.status(host).map(|status| field(&status, "role"))
+    }
+
+    /// Make `host` Primary unless it already is (the writer's writable open auto-promotes
+    /// a node when allowed); retries for 30 s while the engine still sees the old Primary.
+    fn ensure_primary(&mut self, host: &str) {
         let mut last = String::new();
         let ok = wait_until(Duration::from_secs(30), || {
+            if self.role(host).as_deref() == Some("Primary") {
+                return true;
+            }
             let out = self.cluster.tandem(host, &["volume", "promote", VOLUME]);
             last = out.stderr.clone();
             out.status.success()
@@ -147,8 +161,52 @@ impl Chaos {
             "promoting {host} failed for 30 s: {last}\n{}",
             self.cluster.logs()
         );
-        std::mem::swap(&mut self.primary, &mut self.secondary);
-        assert_eq!(self.primary, host);
+    }
+
+    /// Demote `host`, retrying for 30 s (a frozen Primary may refuse while the writer's
+    /// hung request is still open; the writer gives up on it after its I/O timeout).
+    fn demote(&mut self, host: &str) {
+        let mut last = String::new();
+        let ok = wait_until(Duration::from_secs(30), || {
+            let out = self.cluster.tandem(host, &["volume", "demote", VOLUME]);
+            last = out.stderr.clone();
+            out.status.success()
+        });
+        assert!(
+            ok,
+            "demoting {host} failed for 30 s: {last}\n{}",
+            self.cluster.logs()
+        );
+    }
+
+    /// After a fault: exactly one Primary (the writer auto-promotes on open; if nobody is
+    /// Primary after 5 s, `preferred` is promoted), both replicas connected and UpToDate.
+    fn settle(&mut self, preferred: &str) {
+        let hosts = self.cluster.data_hosts();
+        let primaries = |chaos: &Chaos| -> Vec<String> {
+            hosts
+                .iter()
+                .filter(|h| chaos.role(h).as_deref() == Some("Primary"))
+                .cloned()
+                .collect()
+        };
+        if !wait_until(Duration::from_secs(5), || !primaries(self).is_empty()) {
+            self.ensure_primary(preferred);
+        }
+        let now = primaries(self);
+        assert_eq!(
+            now.len(),
+            1,
+            "expected exactly one Primary, found {now:?}\n{}",
+            self.cluster.logs()
+        );
+        self.primary = now[0].clone();
+        self.secondary = hosts
+            .iter()
+            .find(|h| **h != self.primary)
+            .cloned()
+            .expect("two data hosts");
+        self.wait_sync();
     }
 
     /// Wait until both replicas are connected and UpToDate.
@@ -185,7 +243,7 @@ impl Chaos {
         match fault {
             Fault::KillPrimary => {
                 self.cluster.kill(&p);
-                self.promote(&s);
+                self.ensure_primary(&s);
                 std::thread::sleep(hold);
                 self.cluster.start(&p);
             }
@@ -207,16 +265,11 @@ impl Chaos {
             }
             Fault::PartitionPrimary => {
                 self.cluster.partition(&p);
-                self.promote(&s);
+                self.ensure_primary(&s);
                 std::thread::sleep(hold);
                 // The isolated old Primary has no quorum: its I/O is frozen. Demote it
                 // (what its HA agent does when fencing), then let it rejoin.
-                let out = self.cluster.tandem(&p, &["volume", "demote", VOLUME]);
-                assert!(
-                    out.status.success(),
-                    "demoting isolated {p}: {}",
-                    out.stderr
-                );
+                self.demote(&p);
                 self.cluster.heal(&p);
             }
             Fault::PartitionSecondary => {
@@ -225,17 +278,18 @@ impl Chaos {
                 self.cluster.heal(&s);
             }
             Fault::RestartPrimary => {
+                // While p is down the writer may auto-promote s by opening it; either way
+                // exactly one Primary must come out of it (settle checks).
                 self.cluster.stop(&p);
                 self.cluster.start(&p);
-                let out = self.cluster.tandem(&p, &["volume", "promote", VOLUME]);
-                assert!(
-                    out.status.success(),
-                    "re-promoting {p} after a clean restart: {}",
-                    out.stderr
-                );
             }
         }
-        self.wait_sync();
+        // Whoever is Primary now (a promoted survivor, or the old one), keep it.
+        let preferred = match fault {
+            Fault::KillPrimary | Fault::PartitionPrimary => s,
+            _ => p,
+        };
+        self.settle(&preferred);
         self.count_split_brain();
     }
 }
@@ -343,7 +397,8 @@ fn chaos_cycles_lose_no_acknowledged_write() {
 
     let (code, summary) = writer.stop();
     assert_eq!(code, Some(0), "writer: {summary}");
-    chaos.wait_sync();
+    let preferred = chaos.primary.clone();
+    chaos.settle(&preferred);
     let primary_socket = chaos.cluster.nbd_socket(&chaos.primary);
     let (code, report) = verify(&log, &["--socket", primary_socket.to_str().unwrap()]);
     // Both replicas hold the same bytes (the volume is quiet and in sync).
