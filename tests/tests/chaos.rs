@@ -102,6 +102,48 @@ struct Chaos {
     split_brains: u64,
 }
 
+/// A split brain as `tandem volume status --json` reports it: a peer with a non-null
+/// `split_brain` explanation, or a connection state naming it.
+fn split_brain(status: &serde_json::Value) -> Option<String> {
+    status["peers"].as_array()?.iter().find_map(|peer| {
+        let connection = peer["connection"].as_str().unwrap_or_default();
+        if !peer["split_brain"].is_null() || connection.to_ascii_lowercase().contains("splitbrain")
+        {
+            Some(format!(
+                "peer {}: {} ({})",
+                peer["node"], peer["split_brain"], connection
+            ))
+        } else {
+            None
+        }
+    })
+}
+
+/// The status entry of the data (not diskless) peer.
+fn data_peer(status: &serde_json::Value) -> serde_json::Value {
+    status["peers"]
+        .as_array()
+        .and_then(|peers| peers.iter().find(|p| p["diskless"] != true).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn split_brain_and_data_peer_are_read_from_status_json() {
+    let status = serde_json::json!({
+        "role": "Primary", "disk_state": "UpToDate",
+        "peers": [
+            {"node": "witness", "diskless": true, "connection": "Connected", "split_brain": null},
+            {"node": "hv2", "diskless": false, "connection": "Connected", "disk_state": "UpToDate", "split_brain": null}
+        ]
+    });
+    assert_eq!(split_brain(&status), None);
+    assert_eq!(data_peer(&status)["node"], "hv2");
+    let mut broken = status.clone();
+    broken["peers"][1]["split_brain"] =
+        "split brain: run tandem volume resolve chaos --discard-local".into();
+    assert!(split_brain(&broken).unwrap().contains("hv2"));
+}
+
 fn field(status: &serde_json::Value, key: &str) -> String {
     status[key].as_str().unwrap_or("?").to_string()
 }
@@ -121,17 +163,9 @@ impl Chaos {
                 continue;
             }
             if let Some(status) = self.status(&host) {
-                if status
-                    .to_string()
-                    .to_ascii_lowercase()
-                    .contains("splitbrain")
-                    || status
-                        .to_string()
-                        .to_ascii_lowercase()
-                        .contains("split_brain\":true")
-                {
+                if let Some(why) = split_brain(&status) {
                     self.split_brains += 1;
-                    panic!("split brain on {host}: {status}");
+                    panic!("split brain on {host}: {why}\nstatus: {status}");
                 }
             }
         }
@@ -226,10 +260,10 @@ impl Chaos {
         for host in [&self.primary, &self.secondary] {
             let status = self.status(host).expect("status");
             assert_eq!(field(&status, "disk_state"), "UpToDate", "{host}: {status}");
-            let peers = status["peers"].as_array().cloned().unwrap_or_default();
+            let peer = data_peer(&status);
             assert!(
-                peers.iter().any(|p| p["connection"] == "Connected"),
-                "{host} not connected to its peer after sync: {status}"
+                peer["connection"] == "Connected" && peer["disk_state"] == "UpToDate",
+                "{host}'s data peer is not connected and UpToDate after sync: {status}"
             );
         }
         let primary = self.status(&self.primary).expect("status");
