@@ -56,13 +56,15 @@ const FAULTS: [Fault; 7] = [
     Fault::RestartPrimary,
 ];
 
-/// The seeded plan: (fault, fault duration in ms) per cycle.
+/// The seeded plan: (fault, fault duration in ms) per cycle. Durations span 0.5–5 s, on
+/// both sides of the peer link's 2 s dead-after default: short cuts only stall TCP, long
+/// ones take the link down and need a resync.
 fn plan(seed: u64, cycles: usize) -> Vec<(Fault, u64)> {
     let mut rng = SplitMix64::new(seed);
     (0..cycles)
         .map(|_| {
             let fault = FAULTS[rng.below(FAULTS.len() as u64) as usize];
-            (fault, 300 + rng.below(2000))
+            (fault, 500 + rng.below(4500))
         })
         .collect()
 }
