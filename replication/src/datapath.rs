@@ -1,0 +1,1110 @@
+//! The replicated write path: a [`Primary`] that writes to its local disk and to every
+//! connected peer in parallel and completes each request at its protocol's point, and the
+//! [`run_secondary`] loop that applies a Primary's requests to a replica in epoch order.
+//!
+//! ```text
+//!  application          Primary                                  Secondary
+//!     | submit_write        |-- local write (blocking pool) --.        |
+//!     |-------------------> |-- Write{seq,epoch,..} -----------|-----> | RecvAck (if B)
+//!     |                     |                                  |       | device write
+//!     |                     | <------------------------------- |------ | WriteAck{seq}
+//!     | <------------------ | A: local done + queued to every peer
+//!     |   complete          | B: local done + RecvAck from every connected peer
+//!     |                     | C: local done + WriteAck from every connected peer
+//!     |                     |-- Barrier{epoch} (epoch closed) ------> | after all of epoch
+//!     |                     | <---------------------------------------|- BarrierAck{epoch}
+//!     | flush               |-- local flush, Flush{id} -------------> | device flush
+//!     | <------------------ | <------------------------------------ | FlushAck{id}
+//! ```
+//!
+//! Decisions (DRBD semantics, see `shared/ref/drbd.md` section 1):
+//!
+//! - **Epochs.** Requests are grouped into epochs separated by Barrier frames. The
+//!   Secondary starts no request of epoch n+1 before every request of epoch n has completed
+//!   on its device (DRBD's "drain" write ordering; no device flush per epoch), so its disk
+//!   is always a prefix of the Primary's history in epoch order. The Primary closes an
+//!   epoch before a flush, when a FUA request completes, when it reaches
+//!   [`PrimaryConfig::max_epoch_requests`], and, under protocols A and B, whenever a request
+//!   completes to the application (so a request issued after a completion lands in a later
+//!   epoch: that is what keeps dependent writes in order on an A/B secondary). Under C a
+//!   completion already means the write is on every connected peer's disk, so C does not
+//!   close epochs on every completion and the Secondary keeps applying at full queue depth.
+//! - **Flush.** `flush()` flushes the local device and sends Flush to every connected
+//!   peer, which flushes its device and answers FlushAck. Under C, `flush()` returns only
+//!   after every connected peer's FlushAck (a guest FLUSH is durable on every replica that
+//!   stays connected); under A and B it does not wait for peers. A FUA write is forwarded
+//!   with FUA, written durably by the peer, and under C acknowledged only when durable.
+//! - **Peer loss.** Every request stays in its peer's pending map until that peer's
+//!   WriteAck, whatever the protocol. When a link goes down, every pending range of that
+//!   peer is reported to the out-of-sync hook (`on_out_of_sync(peer, offset, len)`, which
+//!   the owner wires to the peer's bitmap) and the waiting requests complete as soon as the
+//!   local disk has them: a dead peer never blocks the application. A connected peer that
+//!   does not acknowledge a request within [`PrimaryConfig::peer_ack_timeout`] is
+//!   disconnected the same way (DRBD's ko-count).
+//! - **Bounded memory.** Requests in flight are bounded in bytes
+//!   ([`PrimaryConfig::max_inflight_bytes`]); each link has a send budget; the Secondary
+//!   stops reading from the link while [`SecondaryConfig::max_held_bytes`] are received but
+//!   not yet applied. No lock is held across I/O or across an await.
+//! - **Overlapping requests.** A request waits until no request in flight overlaps its
+//!   range (DRBD's conflicting-write wait), so overlapping writes reach every replica in
+//!   the same order and concurrent writes to one block cannot leave replicas different.
+//! - **Validation.** The Secondary checks every request against its device size and its
+//!   expected epoch before anything touches the disk; a violation is answered with an
+//!   Error frame and the connection is dropped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+
+use crate::device::{BackingDevice, DeviceError};
+use crate::link::{LinkDown, LinkReceiver, LinkSender, PeerLink};
+use crate::wire::{
+    error_code, Message, RangeRequest, ReplicationProtocol, WriteOutcome, WriteRequest,
+    MAX_DATA_LEN,
+};
+
+/// Called with (peer node name, offset, length) for every range a peer may lack.
+pub type OutOfSyncHook = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
+/// Receives Extension messages (state, UUID, bitmap, resync, verify) that arrive on a data
+/// path link, with the sending peer's node name.
+pub type ExtensionSink = mpsc::UnboundedSender<(String, Message)>;
+
+/// Errors of the replicated data path.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("request at offset {offset} length {len} is beyond the volume size {size}")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("write of {len} bytes exceeds the maximum request size {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("local {op} failed")]
+    Local {
+        op: &'static str,
+        #[source]
+        source: DeviceError,
+    },
+    #[error("local {op} task did not complete")]
+    LocalTask {
+        op: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("the peer broke the replication protocol: {0}")]
+    PeerProtocol(String),
+    #[error("the peer sent a request at offset {offset} length {len}, beyond our size {size}")]
+    PeerOutOfRange { offset: u64, len: u64, size: u64 },
+}
+
+/// Tunables of a Primary. Every default is a named function.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    /// When a request counts as replicated.
+    pub protocol: ReplicationProtocol,
+    /// Bytes of requests in flight at once (memory bound per volume).
+    pub max_inflight_bytes: usize,
+    /// Requests per epoch before the epoch is closed anyway (DRBD max-epoch-size).
+    pub max_epoch_requests: u32,
+    /// A connected peer that does not acknowledge a request for this long is disconnected.
+    pub peer_ack_timeout: Duration,
+}
+
+impl PrimaryConfig {
+    /// Defaults for `protocol`.
+    pub fn new(protocol: ReplicationProtocol) -> Self {
+        PrimaryConfig {
+            protocol,
+            max_inflight_bytes: default_max_inflight_bytes(),
+            max_epoch_requests: default_max_epoch_requests(),
+            peer_ack_timeout: default_peer_ack_timeout(),
+        }
+    }
+}
+
+/// Default in-flight bound: 128 MiB.
+pub fn default_max_inflight_bytes() -> usize {
+    128 << 20
+}
+/// Default epoch size limit: 2048 requests (DRBD's default).
+pub fn default_max_epoch_requests() -> u32 {
+    2048
+}
+/// Default peer acknowledgement timeout: 30 s.
+pub fn default_peer_ack_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Cost charged to budgets for a request without payload.
+const NOMINAL_REQUEST_COST: usize = 4096;
+/// Room for a frame's header and fixed fields.
+const FRAME_OVERHEAD: usize = 64;
+
+#[derive(Clone)]
+enum Op {
+    Write {
+        data: Bytes,
+        fua: bool,
+    },
+    Trim {
+        len: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    },
+}
+
+impl Op {
+    fn len(&self) -> u64 {
+        match self {
+            Op::Write { data, .. } => data.len() as u64,
+            Op::Trim { len, .. } | Op::WriteZeroes { len, .. } => *len,
+        }
+    }
+
+    fn fua(&self) -> bool {
+        match self {
+            Op::Write { fua, .. } | Op::Trim { fua, .. } | Op::WriteZeroes { fua, .. } => *fua,
+        }
+    }
+
+    fn cost(&self) -> usize {
+        match self {
+            Op::Write { data, .. } => data.len().max(1) + FRAME_OVERHEAD,
+            _ => NOMINAL_REQUEST_COST,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Write { .. } => "write",
+            Op::Trim { .. } => "trim",
+            Op::WriteZeroes { .. } => "write zeroes",
+        }
+    }
+
+    fn apply(&self, device: &dyn BackingDevice, offset: u64) -> Result<(), DeviceError> {
+        match self {
+            Op::Write { data, fua: true } => device.write_at_durable(data, offset),
+            Op::Write { data, fua: false } => device.write_at(data, offset),
+            Op::Trim { len, fua } => {
+                device.discard(offset, *len)?;
+                if *fua {
+                    device.flush()?;
+                }
+                Ok(())
+            }
+            Op::WriteZeroes {
+                len,
+                may_unmap,
+                fua,
+            } => {
+                device.write_zeroes(offset, *len, *may_unmap)?;
+                if *fua {
+                    device.flush()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn message(&self, seq: u64, epoch: u64, offset: u64, ack_on_receive: bool) -> Message {
+        match self {
+            Op::Write { data, fua } => Message::Write(WriteRequest {
+                seq,
+                epoch,
+                offset,
+                fua: *fua,
+                ack_on_receive,
+                data: data.clone(),
+            }),
+            Op::Trim { len, fua } => Message::Trim(RangeRequest {
+                seq,
+                epoch,
+                offset,
+                len: *len,
+                fua: *fua,
+                ack_on_receive,
+                may_unmap: false,
+            }),
+            Op::WriteZeroes {
+                len,
+                may_unmap,
+                fua,
+            } => Message::WriteZeroes(RangeRequest {
+                seq,
+                epoch,
+                offset,
+                len: *len,
+                fua: *fua,
+                ack_on_receive,
+                may_unmap: *may_unmap,
+            }),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct PendingWrite {
+    offset: u64,
+    len: u64,
+    /// Fired at the protocol's ack point (B: RecvAck, C: WriteAck); `None` under A.
+    waiter: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct PeerPending {
+    down: bool,
+    writes: HashMap<u64, PendingWrite>,
+    flushes: HashMap<u64, oneshot::Sender<()>>,
+}
+
+struct Peer {
+    name: String,
+    sender: LinkSender,
+    pending: Mutex<PeerPending>,
+}
+
+struct State {
+    next_seq: u64,
+    epoch: u64,
+    epoch_requests: u32,
+    next_flush_id: u64,
+    /// Connected peers, receiving every request.
+    peers: Vec<Arc<Peer>>,
+    /// Every peer this volume replicates to, connected or not. Requests a known peer does
+    /// not receive are reported out of sync for it.
+    known: Vec<String>,
+}
+
+struct Inner {
+    device: Arc<dyn BackingDevice>,
+    cfg: PrimaryConfig,
+    on_out_of_sync: OutOfSyncHook,
+    /// Where Extension messages from peers go (peer name, message).
+    extensions: Mutex<Option<ExtensionSink>>,
+    inflight: Semaphore,
+    state: Mutex<State>,
+    /// Ranges of requests in flight, disjoint, keyed by start: end.
+    ranges: Mutex<BTreeMap<u64, u64>>,
+    /// Signalled whenever a range leaves `ranges`.
+    range_released: Notify,
+}
+
+/// Holds a request's range in [`Inner::ranges`] until dropped.
+struct RangeGuard<'a> {
+    inner: &'a Inner,
+    start: u64,
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.ranges).remove(&self.start);
+        self.inner.range_released.notify_waiters();
+    }
+}
+
+impl Inner {
+    /// Wait until no request in flight overlaps `[offset, offset + len)`, then claim it.
+    /// Overlapping requests are thus applied one after the other, in the same order on the
+    /// local disk and on every peer (DRBD waits for conflicting local writes the same way),
+    /// so concurrent overlapping writes cannot leave the replicas different.
+    async fn claim_range(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
+        if len == 0 {
+            return None;
+        }
+        let end = offset + len;
+        loop {
+            let released = self.range_released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut ranges = lock(&self.ranges);
+                // Ranges are disjoint: only the last one starting before `end` can overlap.
+                let overlaps = ranges
+                    .range(..end)
+                    .next_back()
+                    .is_some_and(|(_, &e)| e > offset);
+                if !overlaps {
+                    ranges.insert(offset, end);
+                    return Some(RangeGuard {
+                        inner: self,
+                        start: offset,
+                    });
+                }
+            }
+            released.await;
+        }
+    }
+}
+
+/// The Primary side of the replicated write path for one volume. Cheap to clone.
+#[derive(Clone)]
+pub struct Primary {
+    inner: Arc<Inner>,
+}
+
+impl Primary {
+    /// A Primary over `device` with no peers yet. `on_out_of_sync` is called for every
+    /// range a peer may lack (peer lost mid-request, peer write failed); it must be quick
+    /// (mark a bitmap in memory) and must not call back into the Primary.
+    pub fn new(
+        device: Arc<dyn BackingDevice>,
+        cfg: PrimaryConfig,
+        on_out_of_sync: OutOfSyncHook,
+    ) -> Primary {
+        let permits = cfg.max_inflight_bytes.max(MAX_DATA_LEN + FRAME_OVERHEAD);
+        Primary {
+            inner: Arc::new(Inner {
+                device,
+                inflight: Semaphore::new(permits),
+                cfg: PrimaryConfig {
+                    max_inflight_bytes: permits,
+                    max_epoch_requests: cfg.max_epoch_requests.max(1),
+                    ..cfg
+                },
+                on_out_of_sync,
+                extensions: Mutex::new(None),
+                ranges: Mutex::new(BTreeMap::new()),
+                range_released: Notify::new(),
+                state: Mutex::new(State {
+                    next_seq: 1,
+                    epoch: 1,
+                    epoch_requests: 0,
+                    next_flush_id: 1,
+                    peers: Vec::new(),
+                    known: Vec::new(),
+                }),
+            }),
+        }
+    }
+
+    /// The replication protocol in force.
+    pub fn protocol(&self) -> ReplicationProtocol {
+        self.inner.cfg.protocol
+    }
+
+    /// Start replicating to the peer at the other end of `link`. Requests submitted from
+    /// now on go to it too. The peer's acknowledgements are handled by a task that ends,
+    /// reporting the peer's pending ranges out of sync, when the link goes down.
+    ///
+    /// Call this after any connect-time exchange (UUIDs, bitmaps) on the link is finished.
+    pub fn attach_peer(&self, link: PeerLink) {
+        let PeerLink {
+            info,
+            sender,
+            receiver,
+        } = link;
+        let peer = Arc::new(Peer {
+            name: info.hello.node.clone(),
+            sender,
+            pending: Mutex::new(PeerPending::default()),
+        });
+        {
+            let mut st = lock(&self.inner.state);
+            // Start the new peer on an epoch boundary.
+            close_epoch_locked(&mut st);
+            st.peers.push(peer.clone());
+            if !st.known.contains(&peer.name) {
+                st.known.push(peer.name.clone());
+            }
+        }
+        tracing::info!(peer = %peer.name, protocol = %self.inner.cfg.protocol, "replicating to peer");
+        tokio::spawn(peer_task(self.inner.clone(), peer, receiver));
+    }
+
+    /// Register the peers this volume replicates to (by node name), connected or not.
+    /// While a known peer is not attached, every request is reported out of sync for it,
+    /// so its bitmap covers everything it missed. Attached peers become known implicitly.
+    pub fn set_known_peers(&self, peers: &[String]) {
+        let mut st = lock(&self.inner.state);
+        let mut known = peers.to_vec();
+        for p in &st.peers {
+            if !known.contains(&p.name) {
+                known.push(p.name.clone());
+            }
+        }
+        st.known = known;
+    }
+
+    /// Route Extension messages arriving from attached peers to `sink` (resync, verify and
+    /// state traffic the data path does not handle itself).
+    pub fn set_extension_sink(&self, sink: ExtensionSink) {
+        *lock(&self.inner.extensions) = Some(sink);
+    }
+
+    /// The sending half of an attached peer's link, to send Extension messages on the
+    /// same connection as the data path.
+    pub fn peer_sender(&self, peer: &str) -> Option<LinkSender> {
+        lock(&self.inner.state)
+            .peers
+            .iter()
+            .find(|p| p.name == peer)
+            .map(|p| p.sender.clone())
+    }
+
+    /// Names of the peers currently replicated to.
+    pub fn connected_peers(&self) -> Vec<String> {
+        lock(&self.inner.state)
+            .peers
+            .iter()
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// Wait until every connected peer has acknowledged every request as written (or was
+    /// disconnected). Useful under A and B before a planned switchover.
+    pub async fn wait_replicated(&self) {
+        loop {
+            let idle = lock(&self.inner.state)
+                .peers
+                .iter()
+                .all(|p| lock(&p.pending).writes.is_empty());
+            if idle {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Disconnect `peer` (its pending ranges are reported out of sync). False if unknown.
+    pub fn disconnect_peer(&self, peer: &str, reason: &str) -> bool {
+        let found = lock(&self.inner.state)
+            .peers
+            .iter()
+            .find(|p| p.name == peer)
+            .cloned();
+        match found {
+            Some(p) => {
+                p.sender.close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Write `data` at `offset` on the local disk and every connected peer; completes at
+    /// the protocol's point. With `fua` the data is durable on the local disk (and, under
+    /// C, on every connected peer's disk) when this returns.
+    pub async fn submit_write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), DatapathError> {
+        if data.len() > MAX_DATA_LEN {
+            return Err(DatapathError::TooLarge {
+                len: data.len(),
+                max: MAX_DATA_LEN,
+            });
+        }
+        self.submit(offset, Op::Write { data, fua }).await
+    }
+
+    /// Discard a range on the local disk and every connected peer.
+    pub async fn submit_trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DatapathError> {
+        self.submit(offset, Op::Trim { len, fua }).await
+    }
+
+    /// Zero a range on the local disk and every connected peer.
+    pub async fn submit_write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<(), DatapathError> {
+        self.submit(
+            offset,
+            Op::WriteZeroes {
+                len,
+                may_unmap,
+                fua,
+            },
+        )
+        .await
+    }
+
+    async fn submit(&self, offset: u64, op: Op) -> Result<(), DatapathError> {
+        let inner = &self.inner;
+        let len = op.len();
+        let size = inner.device.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(DatapathError::OutOfRange { offset, len, size });
+        }
+        let cost = op.cost().min(inner.cfg.max_inflight_bytes);
+        // The semaphore is never closed; the error arm exists only to avoid unwrap.
+        let _inflight = inner
+            .inflight
+            .acquire_many(u32::try_from(cost).unwrap_or(u32::MAX))
+            .await
+            .ok();
+
+        let _range = inner.claim_range(offset, len).await;
+
+        // The local disk starts now, in parallel with the peers.
+        let device = inner.device.clone();
+        let local_op = op.clone();
+        let local = tokio::task::spawn_blocking(move || local_op.apply(&*device, offset));
+
+        // Room on every connected peer's link, taken before the critical section.
+        let peers = lock(&inner.state).peers.clone();
+        let mut permits = Vec::with_capacity(peers.len());
+        for peer in peers {
+            // A failed reservation means the link is down: the peer is not sent to, and
+            // so is reported out of sync below.
+            if let Ok(permit) = peer.sender.reserve(cost).await {
+                permits.push((peer, permit));
+            }
+        }
+
+        // Number and queue the request in one critical section, so every peer's queue
+        // holds requests and barriers in seq/epoch order.
+        let protocol = inner.cfg.protocol;
+        let mut waits = Vec::new();
+        let mut sent = Vec::with_capacity(permits.len());
+        let mut lost = Vec::new();
+        let (seq, epoch) = {
+            let mut st = lock(&inner.state);
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let epoch = st.epoch;
+            st.epoch_requests += 1;
+            let msg = op.message(seq, epoch, offset, protocol == ReplicationProtocol::B);
+            for (peer, permit) in permits {
+                let rx = {
+                    let mut pending = lock(&peer.pending);
+                    if pending.down {
+                        continue;
+                    }
+                    let (tx, rx) = match protocol {
+                        ReplicationProtocol::A => (None, None),
+                        _ => {
+                            let (tx, rx) = oneshot::channel();
+                            (Some(tx), Some(rx))
+                        }
+                    };
+                    pending.writes.insert(
+                        seq,
+                        PendingWrite {
+                            offset,
+                            len,
+                            waiter: tx,
+                        },
+                    );
+                    rx
+                };
+                // If the link just died, the peer task drains the entry and reports it.
+                let _ = permit.send(&msg);
+                sent.push(peer.name.clone());
+                if let Some(rx) = rx {
+                    waits.push((peer, rx));
+                }
+            }
+            if st.epoch_requests >= inner.cfg.max_epoch_requests {
+                close_epoch_locked(&mut st);
+            }
+            lost.extend(st.known.iter().filter(|k| !sent.contains(k)).cloned());
+            (seq, epoch)
+        };
+        for peer in lost {
+            (inner.on_out_of_sync)(&peer, offset, len);
+        }
+
+        let local = local.await;
+        wait_for_peers(inner, waits, "request", seq).await;
+
+        if protocol != ReplicationProtocol::C || op.fua() {
+            let mut st = lock(&inner.state);
+            if st.epoch == epoch {
+                close_epoch_locked(&mut st);
+            }
+        }
+        match local {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(DatapathError::Local {
+                op: op.name(),
+                source,
+            }),
+            Err(source) => Err(DatapathError::LocalTask {
+                op: op.name(),
+                source,
+            }),
+        }
+    }
+
+    /// Flush the local disk and send Flush to every connected peer. Under protocol C this
+    /// returns only after every connected peer has flushed its disk (or was disconnected).
+    pub async fn flush(&self) -> Result<(), DatapathError> {
+        let inner = &self.inner;
+        let wait = inner.cfg.protocol == ReplicationProtocol::C;
+        let mut waits = Vec::new();
+        let mut first_id = 0;
+        {
+            let mut st = lock(&inner.state);
+            // Everything issued before this flush is ordered before it on the secondary.
+            close_epoch_locked(&mut st);
+            let peers = st.peers.clone();
+            for peer in peers {
+                let id = st.next_flush_id;
+                st.next_flush_id += 1;
+                if first_id == 0 {
+                    first_id = id;
+                }
+                let rx = {
+                    let mut pending = lock(&peer.pending);
+                    if pending.down {
+                        continue;
+                    }
+                    if wait {
+                        let (tx, rx) = oneshot::channel();
+                        pending.flushes.insert(id, tx);
+                        Some(rx)
+                    } else {
+                        None
+                    }
+                };
+                let _ = peer.sender.send_control(&Message::Flush { id });
+                if let Some(rx) = rx {
+                    waits.push((peer, rx));
+                }
+            }
+        }
+        let device = inner.device.clone();
+        let local = tokio::task::spawn_blocking(move || device.flush()).await;
+        wait_for_peers(inner, waits, "flush", first_id).await;
+        match local {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(DatapathError::Local {
+                op: "flush",
+                source,
+            }),
+            Err(source) => Err(DatapathError::LocalTask {
+                op: "flush",
+                source,
+            }),
+        }
+    }
+}
+
+fn close_epoch_locked(st: &mut State) {
+    if st.epoch_requests == 0 {
+        return;
+    }
+    for peer in &st.peers {
+        let _ = peer
+            .sender
+            .send_control(&Message::Barrier { epoch: st.epoch });
+    }
+    st.epoch += 1;
+    st.epoch_requests = 0;
+}
+
+/// Wait for each peer's acknowledgement. A dropped sender means the peer was lost (its
+/// range is already reported); a peer that stays silent past the timeout is disconnected.
+async fn wait_for_peers(
+    inner: &Inner,
+    waits: Vec<(Arc<Peer>, oneshot::Receiver<()>)>,
+    what: &str,
+    id: u64,
+) {
+    for (peer, mut rx) in waits {
+        if tokio::time::timeout(inner.cfg.peer_ack_timeout, &mut rx)
+            .await
+            .is_err()
+        {
+            peer.sender.close(&format!(
+                "peer did not acknowledge {what} {id} within {:?}",
+                inner.cfg.peer_ack_timeout
+            ));
+            // The peer task drains the pending map once the link is down.
+            let _ = rx.await;
+        }
+    }
+}
+
+async fn peer_task(inner: Arc<Inner>, peer: Arc<Peer>, mut receiver: LinkReceiver) {
+    let protocol = inner.cfg.protocol;
+    while let Some(msg) = receiver.recv().await {
+        let violation = match msg {
+            Message::RecvAck { seq } => {
+                let mut pending = lock(&peer.pending);
+                match pending.writes.get_mut(&seq) {
+                    Some(w) => {
+                        if protocol == ReplicationProtocol::B {
+                            if let Some(tx) = w.waiter.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        None
+                    }
+                    None => Some(format!("RecvAck for unknown request {seq}")),
+                }
+            }
+            Message::WriteAck { seq, outcome } => {
+                let removed = lock(&peer.pending).writes.remove(&seq);
+                match removed {
+                    Some(w) => {
+                        if outcome == WriteOutcome::Failed {
+                            tracing::warn!(peer = %peer.name, offset = w.offset, len = w.len,
+                                "peer failed to write; range marked out of sync");
+                            (inner.on_out_of_sync)(&peer.name, w.offset, w.len);
+                        }
+                        if let Some(tx) = w.waiter {
+                            let _ = tx.send(());
+                        }
+                        None
+                    }
+                    None => Some(format!("WriteAck for unknown request {seq}")),
+                }
+            }
+            Message::BarrierAck { .. } => None,
+            Message::FlushAck { id } => {
+                // Under A/B flushes are not awaited, so unknown ids are normal.
+                if let Some(tx) = lock(&peer.pending).flushes.remove(&id) {
+                    let _ = tx.send(());
+                }
+                None
+            }
+            msg @ Message::Extension { .. } => {
+                let handler = lock(&inner.extensions).clone();
+                match handler {
+                    Some(tx) => {
+                        let _ = tx.send((peer.name.clone(), msg));
+                    }
+                    None => tracing::debug!(peer = %peer.name, msg_type = msg.msg_type(),
+                        "no extension handler; ignoring message"),
+                }
+                None
+            }
+            other => Some(format!(
+                "unexpected message type {:#06x} from a secondary",
+                other.msg_type()
+            )),
+        };
+        if let Some(what) = violation {
+            tracing::warn!(peer = %peer.name, "{what}; disconnecting");
+            peer.sender.close_with_error(error_code::PROTOCOL, &what);
+        }
+    }
+
+    // The link is down: nothing pending on this peer will be acknowledged any more.
+    let (writes, flushes) = {
+        let mut pending = lock(&peer.pending);
+        pending.down = true;
+        (
+            std::mem::take(&mut pending.writes),
+            std::mem::take(&mut pending.flushes),
+        )
+    };
+    lock(&inner.state).peers.retain(|p| !Arc::ptr_eq(p, &peer));
+    let reason = receiver
+        .down_reason()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
+    tracing::warn!(
+        peer = %peer.name,
+        reason,
+        pending_requests = writes.len(),
+        "peer disconnected; its pending requests are out of sync"
+    );
+    for w in writes.into_values() {
+        (inner.on_out_of_sync)(&peer.name, w.offset, w.len);
+        drop(w.waiter);
+    }
+    drop(flushes);
+}
+
+/// Tunables of a Secondary.
+#[derive(Debug, Clone)]
+pub struct SecondaryConfig {
+    /// Bytes received but not yet applied before the Secondary stops reading.
+    pub max_held_bytes: usize,
+    /// Where Extension messages (state, UUID, bitmap, resync, verify) arriving on the data
+    /// path go; `None` drops them. Answers go out through a clone of the link's sender.
+    pub extensions: Option<mpsc::UnboundedSender<Message>>,
+}
+
+impl Default for SecondaryConfig {
+    fn default() -> Self {
+        SecondaryConfig {
+            max_held_bytes: default_max_held_bytes(),
+            extensions: None,
+        }
+    }
+}
+
+/// Default bound on received-but-unapplied bytes: 128 MiB.
+pub fn default_max_held_bytes() -> usize {
+    128 << 20
+}
+
+enum Item {
+    Request { seq: u64, offset: u64, op: Op },
+    Flush { id: u64 },
+    Barrier { epoch: u64 },
+}
+
+struct Done {
+    ack: Message,
+    held: usize,
+    /// A failed flush: the replica cannot promise durability, so it must not ack.
+    flush_failed: Option<DeviceError>,
+}
+
+/// Apply a Primary's requests arriving on `link` to `device` until the link goes down.
+///
+/// Returns the reason the link went down, or an error when the Primary broke the protocol
+/// (in which case an Error frame was sent and the link closed). Requests already started on
+/// the device are finished before this returns.
+pub async fn run_secondary(
+    link: PeerLink,
+    device: Arc<dyn BackingDevice>,
+    cfg: SecondaryConfig,
+) -> Result<LinkDown, DatapathError> {
+    let PeerLink {
+        info,
+        sender,
+        mut receiver,
+    } = link;
+    let peer = info.hello.node;
+    let mut sec = SecondaryState {
+        device,
+        sender,
+        queue: VecDeque::new(),
+        inflight: 0,
+        held: 0,
+        recv_epoch: None,
+        done_tx: mpsc::unbounded_channel().0,
+        extensions: cfg.extensions.clone(),
+    };
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    sec.done_tx = done_tx;
+    let max_held = cfg.max_held_bytes.max(MAX_DATA_LEN + FRAME_OVERHEAD);
+
+    let result = loop {
+        tokio::select! {
+            biased;
+            Some(done) = done_rx.recv() => {
+                sec.inflight -= 1;
+                sec.held -= done.held;
+                if let Some(source) = done.flush_failed {
+                    tracing::error!(peer = %peer, error = %source, "flush failed on this replica; disconnecting");
+                    sec.sender.close_with_error(error_code::INTERNAL, "flush failed on the secondary's disk");
+                    break Err(DatapathError::Local { op: "flush", source });
+                }
+                let _ = sec.sender.send_control(&done.ack);
+                sec.pump();
+            }
+            msg = receiver.recv(), if sec.held < max_held => {
+                let Some(msg) = msg else {
+                    break Ok(receiver.down_reason().unwrap_or(LinkDown::PeerClosed));
+                };
+                if let Err(e) = sec.handle(msg) {
+                    let code = match e {
+                        DatapathError::PeerOutOfRange { .. } => error_code::OUT_OF_RANGE,
+                        _ => error_code::PROTOCOL,
+                    };
+                    tracing::warn!(peer = %peer, error = %e, "rejecting the primary's request; disconnecting");
+                    sec.sender.close_with_error(code, &e.to_string());
+                    break Err(e);
+                }
+            }
+        }
+    };
+    // Let requests already on the device finish (their acks may no longer be deliverable).
+    while sec.inflight > 0 {
+        match done_rx.recv().await {
+            Some(done) => {
+                sec.inflight -= 1;
+                if done.flush_failed.is_none() {
+                    let _ = sec.sender.send_control(&done.ack);
+                }
+            }
+            None => break,
+        }
+    }
+    result
+}
+
+struct SecondaryState {
+    device: Arc<dyn BackingDevice>,
+    sender: LinkSender,
+    queue: VecDeque<(Item, usize)>,
+    /// Requests started on the device and not yet completed (all of the oldest epoch).
+    inflight: usize,
+    /// Bytes received and not yet completed.
+    held: usize,
+    /// The epoch the next request must belong to (`None` until the first one arrives).
+    recv_epoch: Option<u64>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    extensions: Option<mpsc::UnboundedSender<Message>>,
+}
+
+impl SecondaryState {
+    fn check_epoch(&mut self, epoch: u64, what: &str) -> Result<(), DatapathError> {
+        match self.recv_epoch {
+            None => {
+                self.recv_epoch = Some(epoch);
+                Ok(())
+            }
+            Some(e) if e == epoch => Ok(()),
+            Some(e) => Err(DatapathError::PeerProtocol(format!(
+                "{what} for epoch {epoch} while epoch {e} is open"
+            ))),
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), DatapathError> {
+        let size = self.device.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(DatapathError::PeerOutOfRange { offset, len, size }),
+        }
+    }
+
+    fn range_item(&mut self, r: &RangeRequest, op: Op) -> Result<(Item, usize), DatapathError> {
+        self.check_epoch(r.epoch, "request")?;
+        self.check_range(r.offset, r.len)?;
+        if r.ack_on_receive {
+            let _ = self.sender.send_control(&Message::RecvAck { seq: r.seq });
+        }
+        Ok((
+            Item::Request {
+                seq: r.seq,
+                offset: r.offset,
+                op,
+            },
+            FRAME_OVERHEAD,
+        ))
+    }
+
+    fn handle(&mut self, msg: Message) -> Result<(), DatapathError> {
+        let (item, held) = match msg {
+            Message::Write(w) => {
+                self.check_epoch(w.epoch, "write")?;
+                self.check_range(w.offset, w.data.len() as u64)?;
+                if w.ack_on_receive {
+                    let _ = self.sender.send_control(&Message::RecvAck { seq: w.seq });
+                }
+                let held = w.data.len() + FRAME_OVERHEAD;
+                let op = Op::Write {
+                    data: w.data,
+                    fua: w.fua,
+                };
+                (
+                    Item::Request {
+                        seq: w.seq,
+                        offset: w.offset,
+                        op,
+                    },
+                    held,
+                )
+            }
+            Message::Trim(r) => {
+                let op = Op::Trim {
+                    len: r.len,
+                    fua: r.fua,
+                };
+                self.range_item(&r, op)?
+            }
+            Message::WriteZeroes(r) => {
+                let op = Op::WriteZeroes {
+                    len: r.len,
+                    may_unmap: r.may_unmap,
+                    fua: r.fua,
+                };
+                self.range_item(&r, op)?
+            }
+            Message::Barrier { epoch } => {
+                self.check_epoch(epoch, "barrier")?;
+                self.recv_epoch = Some(epoch + 1);
+                (Item::Barrier { epoch }, 0)
+            }
+            Message::Flush { id } => (Item::Flush { id }, 0),
+            msg @ Message::Extension { .. } => {
+                match &self.extensions {
+                    Some(tx) => {
+                        let _ = tx.send(msg);
+                    }
+                    None => tracing::debug!(
+                        msg_type = msg.msg_type(),
+                        "no extension handler; ignoring message"
+                    ),
+                }
+                return Ok(());
+            }
+            other => {
+                return Err(DatapathError::PeerProtocol(format!(
+                    "unexpected message type {:#06x} from a primary",
+                    other.msg_type()
+                )))
+            }
+        };
+        self.held += held;
+        self.queue.push_back((item, held));
+        self.pump();
+        Ok(())
+    }
+
+    /// Start every queued item of the current epoch; finish the epoch at its barrier once
+    /// all its requests completed.
+    fn pump(&mut self) {
+        while let Some((front, _)) = self.queue.front() {
+            if let Item::Barrier { epoch } = front {
+                if self.inflight > 0 {
+                    return;
+                }
+                let _ = self
+                    .sender
+                    .send_control(&Message::BarrierAck { epoch: *epoch });
+                self.queue.pop_front();
+                continue;
+            }
+            let Some((item, held)) = self.queue.pop_front() else {
+                return;
+            };
+            self.inflight += 1;
+            let device = self.device.clone();
+            let done_tx = self.done_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let ack = match item {
+                    Item::Request { seq, offset, op } => {
+                        let outcome = match op.apply(&*device, offset) {
+                            Ok(()) => WriteOutcome::Written,
+                            Err(e) => {
+                                tracing::error!(error = %e, "replicated {} failed on this replica", op.name());
+                                WriteOutcome::Failed
+                            }
+                        };
+                        Message::WriteAck { seq, outcome }
+                    }
+                    Item::Flush { id } => {
+                        if let Err(e) = device.flush() {
+                            let _ = done_tx.send(Done {
+                                ack: Message::FlushAck { id },
+                                held,
+                                flush_failed: Some(e),
+                            });
+                            return;
+                        }
+                        Message::FlushAck { id }
+                    }
+                    Item::Barrier { .. } => return,
+                };
+                let _ = done_tx.send(Done {
+                    ack,
+                    held,
+                    flush_failed: None,
+                });
+            });
+        }
+    }
+}

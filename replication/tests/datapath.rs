@@ -1,0 +1,878 @@
+//! The replicated write path end to end: a Primary and a Secondary over a real TCP loopback
+//! connection, with file-backed devices (wrapped to block, delay, record and count).
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::{Rng, RngCore, SeedableRng};
+use replication::auth::Secret;
+use replication::datapath::{
+    run_secondary, DatapathError, OutOfSyncHook, Primary, PrimaryConfig, SecondaryConfig,
+};
+use replication::device::{BackingDevice, DeviceError, FileDevice};
+use replication::link::{LinkConfig, LinkDown, LinkSender, PeerLink};
+use replication::wire::{error_code, Hello, Message, ReplicationProtocol, WriteRequest};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Start(u64),
+    End(u64),
+}
+
+/// A FileDevice that can hold writes at a gate, delay writes at chosen offsets, record
+/// write start/end order, and count flushes and durable writes.
+struct TestDevice {
+    inner: FileDevice,
+    open: Mutex<bool>,
+    gate: Condvar,
+    delays: Mutex<HashMap<u64, Duration>>,
+    events: Mutex<Vec<Event>>,
+    flushes: AtomicUsize,
+    durable_writes: AtomicUsize,
+    writes_started: AtomicUsize,
+    fail_writes: AtomicBool,
+}
+
+impl TestDevice {
+    fn new(path: &Path) -> Arc<Self> {
+        Arc::new(TestDevice {
+            inner: FileDevice::open(path).unwrap(),
+            open: Mutex::new(true),
+            gate: Condvar::new(),
+            delays: Mutex::new(HashMap::new()),
+            events: Mutex::new(Vec::new()),
+            flushes: AtomicUsize::new(0),
+            durable_writes: AtomicUsize::new(0),
+            writes_started: AtomicUsize::new(0),
+            fail_writes: AtomicBool::new(false),
+        })
+    }
+
+    fn set_gate(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
+        self.gate.notify_all();
+    }
+
+    fn before_write(&self, offset: u64) {
+        self.writes_started.fetch_add(1, Ordering::SeqCst);
+        self.events.lock().unwrap().push(Event::Start(offset));
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.gate.wait(open).unwrap();
+        }
+        drop(open);
+        let delay = self.delays.lock().unwrap().get(&offset).copied();
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+    }
+
+    fn after_write(&self, offset: u64) {
+        self.events.lock().unwrap().push(Event::End(offset));
+    }
+}
+
+impl BackingDevice for TestDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.before_write(offset);
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(DeviceError::Io {
+                op: "write",
+                offset,
+                len: buf.len() as u64,
+                source: std::io::Error::from_raw_os_error(5),
+            });
+        }
+        let r = self.inner.write_at(buf, offset);
+        self.after_write(offset);
+        r
+    }
+    fn write_at_durable(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.before_write(offset);
+        let r = self.inner.write_at_durable(buf, offset);
+        self.durable_writes.fetch_add(1, Ordering::SeqCst);
+        self.after_write(offset);
+        r
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.before_write(offset);
+        let r = self.inner.discard(offset, len);
+        self.after_write(offset);
+        r
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DeviceError> {
+        self.before_write(offset);
+        let r = self.inner.write_zeroes(offset, len, may_unmap);
+        self.after_write(offset);
+        r
+    }
+    fn set_size(&self, size: u64) {
+        self.inner.set_size(size)
+    }
+}
+
+struct Disk {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    dev: Arc<TestDevice>,
+}
+
+fn disk(size: u64) -> Disk {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk");
+    File::create(&path).unwrap().set_len(size).unwrap();
+    let dev = TestDevice::new(&path);
+    Disk {
+        _dir: dir,
+        path,
+        dev,
+    }
+}
+
+fn sha256_file(path: &Path) -> String {
+    let data = std::fs::read(path).unwrap();
+    format!("{:x}", Sha256::digest(&data))
+}
+
+fn secret() -> Secret {
+    Secret::new(b"test secret".to_vec()).unwrap()
+}
+
+fn link_cfg() -> LinkConfig {
+    LinkConfig {
+        ping_interval: Duration::from_millis(100),
+        dead_after: Duration::from_millis(1000),
+        ..LinkConfig::default()
+    }
+}
+
+type OosLog = Arc<Mutex<Vec<(String, u64, u64)>>>;
+
+/// Connect a Primary-side link and a Secondary-side link over TCP loopback.
+async fn tcp_links(protocol: ReplicationProtocol, size: u64) -> (PeerLink, PeerLink) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        PeerLink::accept(&listener, &secret(), &link_cfg(), |_| {
+            Some(Hello::new("secondary", "vol", size, protocol))
+        })
+        .await
+        .unwrap()
+    });
+    let primary_link = PeerLink::connect(
+        addr,
+        &secret(),
+        &Hello::new("primary", "vol", size, protocol),
+        &link_cfg(),
+    )
+    .await
+    .unwrap();
+    (primary_link, accept.await.unwrap())
+}
+
+struct Pair {
+    primary: Primary,
+    oos: OosLog,
+    secondary_sender: LinkSender,
+    secondary: JoinHandle<Result<LinkDown, DatapathError>>,
+}
+
+async fn pair(
+    protocol: ReplicationProtocol,
+    primary_dev: Arc<dyn BackingDevice>,
+    secondary_dev: Arc<dyn BackingDevice>,
+) -> Pair {
+    let (plink, slink) = tcp_links(protocol, primary_dev.size()).await;
+    let oos: OosLog = Arc::default();
+    let log = oos.clone();
+    let hook: OutOfSyncHook = Arc::new(move |peer: &str, offset, len| {
+        log.lock().unwrap().push((peer.to_string(), offset, len));
+    });
+    let primary = Primary::new(primary_dev, PrimaryConfig::new(protocol), hook);
+    primary.attach_peer(plink);
+    let secondary_sender = slink.sender.clone();
+    let secondary = tokio::spawn(run_secondary(
+        slink,
+        secondary_dev,
+        SecondaryConfig::default(),
+    ));
+    Pair {
+        primary,
+        oos,
+        secondary_sender,
+        secondary,
+    }
+}
+
+async fn replicate_16_mib(protocol: ReplicationProtocol) {
+    let size = 17 * MIB;
+    let p = disk(size);
+    let s = disk(size);
+    let pair = pair(protocol, p.dev.clone(), s.dev.clone()).await;
+    assert_eq!(
+        pair.primary.connected_peers(),
+        vec!["secondary".to_string()]
+    );
+
+    // 16 MiB of random data in random-sized, non-overlapping writes, 32 in flight, in
+    // random order; then some trims and write-zeroes over part of it.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut extents = Vec::new();
+    let mut off = 0u64;
+    while off < 16 * MIB {
+        let len = (rng.gen_range(1..=64u64) * 4096).min(16 * MIB - off);
+        extents.push((off, len));
+        off += len;
+    }
+    for i in (1..extents.len()).rev() {
+        extents.swap(i, rng.gen_range(0..=i));
+    }
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (off, len) in extents {
+        let mut data = vec![0u8; len as usize];
+        rng.fill_bytes(&mut data);
+        let primary = pair.primary.clone();
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let fua = rng.gen_ratio(1, 50);
+        tasks.spawn(async move {
+            primary
+                .submit_write(off, Bytes::from(data), fua)
+                .await
+                .unwrap();
+            drop(permit);
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    pair.primary
+        .submit_trim(MIB, 256 * 1024, false)
+        .await
+        .unwrap();
+    pair.primary
+        .submit_write_zeroes(3 * MIB, 128 * 1024, false, false)
+        .await
+        .unwrap();
+    pair.primary
+        .submit_write_zeroes(5 * MIB, 64 * 1024, true, true)
+        .await
+        .unwrap();
+    pair.primary.flush().await.unwrap();
+    pair.primary.wait_replicated().await;
+    // A flush after everything was applied reaches the secondary's disk in every protocol.
+    pair.primary.flush().await.unwrap();
+
+    assert_eq!(
+        sha256_file(&p.path),
+        sha256_file(&s.path),
+        "protocol {protocol}"
+    );
+    assert!(pair.oos.lock().unwrap().is_empty());
+    assert_eq!(
+        pair.primary.connected_peers(),
+        vec!["secondary".to_string()]
+    );
+    pair.secondary_sender.close("test done");
+    let exit = pair.secondary.await.unwrap().unwrap();
+    assert!(matches!(exit, LinkDown::Closed(_)), "{exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_a_replicates_16_mib_byte_identical() {
+    replicate_16_mib(ReplicationProtocol::A).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_b_replicates_16_mib_byte_identical() {
+    replicate_16_mib(ReplicationProtocol::B).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_c_replicates_16_mib_byte_identical() {
+    replicate_16_mib(ReplicationProtocol::C).await;
+}
+
+/// With the secondary's device holding writes, a write completes under A and B (local +
+/// queued / received) but not under C (needs the peer's disk), until the device proceeds.
+async fn ack_point(protocol: ReplicationProtocol) -> bool {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair(protocol, p.dev.clone(), s.dev.clone()).await;
+    s.dev.set_gate(false);
+    let primary = pair.primary.clone();
+    let write = tokio::spawn(async move {
+        primary
+            .submit_write(8192, Bytes::from(vec![0x5A; 4096]), false)
+            .await
+    });
+    // Wait until the secondary's device has the write in hand.
+    let t0 = Instant::now();
+    while s.dev.writes_started.load(Ordering::SeqCst) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "write never reached the secondary"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let completed_while_blocked = write.is_finished();
+    s.dev.set_gate(true);
+    write.await.unwrap().unwrap();
+    pair.primary.wait_replicated().await;
+    assert_eq!(sha256_file(&p.path), sha256_file(&s.path));
+    completed_while_blocked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_c_completes_only_after_the_peer_disk_write() {
+    assert!(!ack_point(ReplicationProtocol::C).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_b_completes_when_the_peer_received_the_write() {
+    assert!(ack_point(ReplicationProtocol::B).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_a_completes_before_the_peer_disk_write() {
+    assert!(ack_point(ReplicationProtocol::A).await);
+}
+
+/// Under A the primary completes X at once; Y, issued after X completed, belongs to a
+/// later epoch, so the secondary must not start Y before X is on its disk, however slow X.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_a_keeps_write_order_on_the_secondary_across_epochs() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let (x, y, z) = (0u64, MIB, 2 * MIB);
+    s.dev
+        .delays
+        .lock()
+        .unwrap()
+        .insert(x, Duration::from_millis(300));
+    let pair = pair(ReplicationProtocol::A, p.dev.clone(), s.dev.clone()).await;
+    pair.primary
+        .submit_write(x, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    pair.primary
+        .submit_write(y, Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    pair.primary
+        .submit_write(z, Bytes::from(vec![3u8; 4096]), false)
+        .await
+        .unwrap();
+    pair.primary.wait_replicated().await;
+    let events = s.dev.events.lock().unwrap().clone();
+    let pos = |e: Event| events.iter().position(|x| *x == e).unwrap();
+    assert!(pos(Event::End(x)) < pos(Event::Start(y)), "{events:?}");
+    assert!(pos(Event::End(y)) < pos(Event::Start(z)), "{events:?}");
+    assert_eq!(sha256_file(&p.path), sha256_file(&s.path));
+}
+
+/// Writes issued together (no completion in between) share an epoch and run concurrently
+/// on the secondary: the slow one does not hold back the fast one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_of_one_epoch_are_applied_concurrently() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let (x, y) = (0u64, MIB);
+    s.dev
+        .delays
+        .lock()
+        .unwrap()
+        .insert(x, Duration::from_millis(300));
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    let (a, b) = tokio::join!(
+        pair.primary
+            .submit_write(x, Bytes::from(vec![1u8; 4096]), false),
+        pair.primary
+            .submit_write(y, Bytes::from(vec![2u8; 4096]), false),
+    );
+    a.unwrap();
+    b.unwrap();
+    let events = s.dev.events.lock().unwrap().clone();
+    let pos = |e: Event| events.iter().position(|x| *x == e).unwrap();
+    assert!(pos(Event::End(y)) < pos(Event::End(x)), "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_lost_mid_write_completes_locally_and_reports_the_range_out_of_sync() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    s.dev.set_gate(false);
+    let primary = pair.primary.clone();
+    let write = tokio::spawn(async move {
+        primary
+            .submit_write(65536, Bytes::from(vec![0x77; 8192]), true)
+            .await
+    });
+    let t0 = Instant::now();
+    while s.dev.writes_started.load(Ordering::SeqCst) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The secondary's connection dies while its disk holds the write.
+    pair.secondary_sender.close("simulated crash");
+    tokio::time::timeout(Duration::from_secs(5), write)
+        .await
+        .expect("the application write must not hang on a dead peer")
+        .unwrap()
+        .unwrap();
+    let mut back = vec![0u8; 8192];
+    p.dev.read_at(&mut back, 65536).unwrap();
+    assert!(back.iter().all(|&b| b == 0x77));
+    assert_eq!(
+        pair.oos.lock().unwrap().clone(),
+        vec![("secondary".to_string(), 65536, 8192)]
+    );
+    let t0 = Instant::now();
+    while !pair.primary.connected_peers().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Later writes complete without the peer and are reported out of sync for it.
+    pair.primary
+        .submit_write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    pair.primary.flush().await.unwrap();
+    assert_eq!(
+        pair.oos.lock().unwrap().last().cloned(),
+        Some(("secondary".to_string(), 0, 4096))
+    );
+    s.dev.set_gate(true);
+    let _ = pair.secondary.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fua_and_flush_reach_the_peer_disk_under_c() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    pair.primary
+        .submit_write(0, Bytes::from(vec![9u8; 4096]), true)
+        .await
+        .unwrap();
+    assert_eq!(s.dev.durable_writes.load(Ordering::SeqCst), 1);
+    assert_eq!(p.dev.durable_writes.load(Ordering::SeqCst), 1);
+    pair.primary
+        .submit_write(4096, Bytes::from(vec![8u8; 4096]), false)
+        .await
+        .unwrap();
+    let before = s.dev.flushes.load(Ordering::SeqCst);
+    pair.primary.flush().await.unwrap();
+    assert_eq!(s.dev.flushes.load(Ordering::SeqCst), before + 1);
+    assert!(p.dev.flushes.load(Ordering::SeqCst) >= 1);
+}
+
+/// A malicious or broken primary: requests outside the volume or out of epoch order are
+/// answered with an Error frame and a disconnect; the device is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_range_request_from_the_peer_is_rejected_and_the_device_untouched() {
+    let size = 4 * MIB;
+    let s = disk(size);
+    let before = sha256_file(&s.path);
+    for (offset, len) in [
+        (size - 4096 + 1, 4096usize),
+        (size, 1),
+        (u64::MAX - 8192, 4096),
+    ] {
+        let (mut plink, slink) = tcp_links(ReplicationProtocol::C, size).await;
+        let secondary = tokio::spawn(run_secondary(
+            slink,
+            s.dev.clone(),
+            SecondaryConfig::default(),
+        ));
+        let _ = plink
+            .sender
+            .send(&Message::Write(WriteRequest {
+                seq: 1,
+                epoch: 1,
+                offset,
+                fua: false,
+                ack_on_receive: true,
+                data: Bytes::from(vec![0xEE; len]),
+            }))
+            .await;
+        let exit = secondary.await.unwrap();
+        // Offsets that overflow are refused by the frame decoder already.
+        if offset.checked_add(len as u64).is_some() {
+            assert!(
+                matches!(exit, Err(DatapathError::PeerOutOfRange { .. })),
+                "{exit:?}"
+            );
+            while plink.receiver.recv().await.is_some() {}
+            match plink.receiver.down_reason() {
+                Some(LinkDown::PeerError { code, .. }) => {
+                    assert_eq!(code, error_code::OUT_OF_RANGE)
+                }
+                other => panic!("{other:?}"),
+            }
+        } else {
+            assert!(exit.is_ok(), "{exit:?}");
+        }
+    }
+    assert_eq!(s.dev.writes_started.load(Ordering::SeqCst), 0);
+    assert_eq!(sha256_file(&s.path), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_from_a_closed_epoch_is_a_protocol_error() {
+    let size = 4 * MIB;
+    let s = disk(size);
+    let (plink, slink) = tcp_links(ReplicationProtocol::C, size).await;
+    let secondary = tokio::spawn(run_secondary(
+        slink,
+        s.dev.clone(),
+        SecondaryConfig::default(),
+    ));
+    let write = |epoch| {
+        Message::Write(WriteRequest {
+            seq: epoch,
+            epoch,
+            offset: 0,
+            fua: false,
+            ack_on_receive: false,
+            data: Bytes::from(vec![1u8; 512]),
+        })
+    };
+    plink.sender.send(&write(5)).await.unwrap();
+    plink
+        .sender
+        .send_control(&Message::Barrier { epoch: 5 })
+        .unwrap();
+    plink.sender.send(&write(5)).await.unwrap();
+    let exit = secondary.await.unwrap();
+    assert!(
+        matches!(exit, Err(DatapathError::PeerProtocol(_))),
+        "{exit:?}"
+    );
+    assert_eq!(s.dev.writes_started.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_refuses_requests_beyond_its_volume() {
+    let p = disk(MIB);
+    let primary = Primary::new(
+        p.dev.clone(),
+        PrimaryConfig::new(ReplicationProtocol::C),
+        Arc::new(|_: &str, _, _| {}),
+    );
+    let e = primary
+        .submit_write(MIB - 100, Bytes::from(vec![0u8; 4096]), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DatapathError::OutOfRange { .. }), "{e:?}");
+    let e = primary.submit_trim(u64::MAX, 2, false).await.unwrap_err();
+    assert!(matches!(e, DatapathError::OutOfRange { .. }), "{e:?}");
+    // Without peers a write is a plain local write.
+    primary
+        .submit_write(0, Bytes::from(vec![3u8; 4096]), false)
+        .await
+        .unwrap();
+    assert!(primary.connected_peers().is_empty());
+}
+
+/// Many concurrent writes to the same few blocks: overlapping requests are serialized on
+/// the Primary, so both replicas end up identical whatever the interleaving.
+async fn overlapping_writes_converge(protocol: ReplicationProtocol) {
+    let p = disk(MIB);
+    let s = disk(MIB);
+    let pair = pair(protocol, p.dev.clone(), s.dev.clone()).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..256u64 {
+        let primary = pair.primary.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(i);
+        let offset = rng.gen_range(0..16u64) * 4096;
+        let len = rng.gen_range(1..=4usize) * 4096;
+        let data = vec![(i % 251) as u8 + 1; len];
+        tasks.spawn(async move {
+            primary
+                .submit_write(offset, Bytes::from(data), false)
+                .await
+                .unwrap();
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    pair.primary.flush().await.unwrap();
+    pair.primary.wait_replicated().await;
+    assert_eq!(
+        sha256_file(&p.path),
+        sha256_file(&s.path),
+        "protocol {protocol}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_concurrent_writes_leave_identical_replicas_under_c() {
+    overlapping_writes_converge(ReplicationProtocol::C).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_concurrent_writes_leave_identical_replicas_under_a() {
+    overlapping_writes_converge(ReplicationProtocol::A).await;
+}
+
+/// A TCP forwarder between the Primary and the Secondary that can be frozen: it stops
+/// moving bytes in both directions without closing anything, like a cut cable.
+async fn freezable_proxy(target: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        let (inbound, _) = listener.accept().await.unwrap();
+        let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (ir, iw) = inbound.into_split();
+        let (or, ow) = outbound.into_split();
+        let a = tokio::spawn(pump(f.clone(), ir, ow));
+        let b = tokio::spawn(pump(f, or, iw));
+        let _ = tokio::join!(a, b);
+    });
+    (addr, frozen)
+}
+
+async fn pump(
+    frozen: Arc<AtomicBool>,
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+) {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            // Swallow everything from now on; keep both sockets open.
+            std::future::pending::<()>().await;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A Primary and a Secondary connected through a [`freezable_proxy`].
+async fn pair_through_proxy(
+    protocol: ReplicationProtocol,
+    p: &Disk,
+    s: &Disk,
+) -> (Pair, Arc<AtomicBool>) {
+    let size = p.dev.size();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let (proxy, frozen) = freezable_proxy(target).await;
+    let accept = tokio::spawn(async move {
+        PeerLink::accept(&listener, &secret(), &link_cfg(), |_| {
+            Some(Hello::new("secondary", "vol", size, protocol))
+        })
+        .await
+        .unwrap()
+    });
+    let plink = PeerLink::connect(
+        proxy,
+        &secret(),
+        &Hello::new("primary", "vol", size, protocol),
+        &link_cfg(),
+    )
+    .await
+    .unwrap();
+    let slink = accept.await.unwrap();
+    let oos: OosLog = Arc::default();
+    let log = oos.clone();
+    let primary = Primary::new(
+        p.dev.clone(),
+        PrimaryConfig::new(protocol),
+        Arc::new(move |peer: &str, offset, len| {
+            log.lock().unwrap().push((peer.to_string(), offset, len));
+        }),
+    );
+    primary.attach_peer(plink);
+    let secondary_sender = slink.sender.clone();
+    let secondary = tokio::spawn(run_secondary(
+        slink,
+        s.dev.clone() as Arc<dyn BackingDevice>,
+        SecondaryConfig::default(),
+    ));
+    (
+        Pair {
+            primary,
+            oos,
+            secondary_sender,
+            secondary,
+        },
+        frozen,
+    )
+}
+
+/// The link to the Secondary goes silent (no FIN, no RST) while a protocol C write waits
+/// for it: keepalive declares the peer dead, the write completes from the local disk, and
+/// the range is reported out of sync. The Secondary notices the silence too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_detected_and_the_pending_write_completes() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let (pair, frozen) = pair_through_proxy(ReplicationProtocol::C, &p, &s).await;
+    pair.primary
+        .submit_write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+
+    frozen.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    pair.primary
+        .submit_write(8192, Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    // dead_after is 1 s in these tests; detection must come well before the 30 s ack timeout.
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_eq!(
+        pair.oos.lock().unwrap().clone(),
+        vec![("secondary".to_string(), 8192, 4096)]
+    );
+    assert!(pair.primary.connected_peers().is_empty());
+    let exit = tokio::time::timeout(Duration::from_secs(5), pair.secondary)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(exit, LinkDown::Unresponsive(_)), "{exit:?}");
+}
+
+/// Under protocol A a silent peer first fills the link's send budget (the application
+/// blocks, as DRBD blocks on a full send buffer), then is declared dead: every write
+/// completes, and every write the peer did not acknowledge is reported out of sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_under_a_blocks_writers_only_until_it_is_declared_dead() {
+    let p = disk(128 * MIB);
+    let s = disk(128 * MIB);
+    let (pair, frozen) = pair_through_proxy(ReplicationProtocol::A, &p, &s).await;
+    frozen.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..128u64 {
+        let primary = pair.primary.clone();
+        tasks.spawn(async move {
+            primary
+                .submit_write(i * MIB, Bytes::from(vec![i as u8; MIB as usize]), false)
+                .await
+                .unwrap();
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(pair.primary.connected_peers().is_empty());
+    // Every MiB written after the freeze is marked for the peer.
+    let mut marked = [false; 128];
+    for (peer, offset, len) in pair.oos.lock().unwrap().iter() {
+        assert_eq!(peer, "secondary");
+        assert_eq!(*len, MIB);
+        marked[(*offset / MIB) as usize] = true;
+    }
+    let unmarked: Vec<usize> = (0..128).filter(|&i| !marked[i]).collect();
+    assert!(unmarked.is_empty(), "unmarked MiB: {unmarked:?}");
+}
+
+/// The Secondary's disk fails a write: the application write still succeeds (the local
+/// disk has it), the range is reported out of sync, and the peer stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_peer_write_is_reported_out_of_sync() {
+    let p = disk(MIB);
+    let s = disk(MIB);
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    s.dev.fail_writes.store(true, Ordering::SeqCst);
+    pair.primary
+        .submit_write(4096, Bytes::from(vec![4u8; 4096]), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        pair.oos.lock().unwrap().clone(),
+        vec![("secondary".to_string(), 4096, 4096)]
+    );
+    assert_eq!(
+        pair.primary.connected_peers(),
+        vec!["secondary".to_string()]
+    );
+}
+
+/// Extension messages (the lead's UUID/bitmap/resync traffic) pass through the data path
+/// in both directions to the configured sinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extension_messages_reach_their_sinks_both_ways() {
+    let p = disk(MIB);
+    let s = disk(MIB);
+    let (plink, slink) = tcp_links(ReplicationProtocol::C, MIB).await;
+    let primary = Primary::new(
+        p.dev.clone(),
+        PrimaryConfig::new(ReplicationProtocol::C),
+        Arc::new(|_: &str, _, _| {}),
+    );
+    let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
+    primary.set_extension_sink(ptx);
+    primary.attach_peer(plink);
+    let (stx, mut srx) = tokio::sync::mpsc::unbounded_channel();
+    let secondary_sender = slink.sender.clone();
+    tokio::spawn(run_secondary(
+        slink,
+        s.dev.clone(),
+        SecondaryConfig {
+            extensions: Some(stx),
+            ..SecondaryConfig::default()
+        },
+    ));
+    let ext = |t: u16, body: &'static [u8]| Message::Extension {
+        msg_type: t,
+        flags: 0,
+        payload: Bytes::from_static(body),
+    };
+    primary
+        .peer_sender("secondary")
+        .unwrap()
+        .send(&ext(0x0101, b"uuids"))
+        .await
+        .unwrap();
+    assert_eq!(srx.recv().await.unwrap(), ext(0x0101, b"uuids"));
+    secondary_sender
+        .send(&ext(0x0102, b"bitmap"))
+        .await
+        .unwrap();
+    assert_eq!(
+        prx.recv().await.unwrap(),
+        ("secondary".to_string(), ext(0x0102, b"bitmap"))
+    );
+}
