@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub mod libvirt;
 pub mod vm;
 
 /// Directory holding the workspace's built binaries (`target/<profile>`), found from the
