@@ -11,7 +11,7 @@
 //! Needs root, libvirt-daemon + libvirt-daemon-driver-qemu + libvirt-clients, QEMU,
 //! libnbd-bin (nbdcopy) and the guest kernel download; `TANDEM_SKIP_LIBVIRT_TESTS=1` skips.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tandem_tests::libvirt::{self, LibvirtHost};
 use tandem_tests::vm::{self, GuestRun, ImageBuilder, Vm};
