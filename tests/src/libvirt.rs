@@ -374,18 +374,24 @@ path = "{root}/images"
     /// `exec("tandem", &["volume", "list"])` with the host's `/etc/tandem/tandem.toml`.
     /// Workspace binaries are given by name and found with [`bin`].
     pub fn exec(&self, program: &str, args: &[&str]) -> CmdOutput {
+        run(&mut self.command(program, args)).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// The command [`LibvirtHost::exec`] runs, to spawn by hand (e.g. in the background).
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
         let program = if program.starts_with("tandem") {
             bin(program).display().to_string()
         } else {
             program.to_string()
         };
-        run(Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        command
             .arg("-t")
             .arg(self.pid().to_string())
             .args(["-m", "-n", "--"])
             .arg(&program)
-            .args(args))
-        .unwrap_or_else(|e| panic!("{e:#}"))
+            .args(args);
+        command
     }
 
     /// `tandem ARGS...` on this host.
