@@ -41,7 +41,7 @@ const DEFAULT_RECONNECT_DELAY: u32 = 5;
         gone it demotes them; for a live migration it allows two Primaries for the migration \
         window. Domains without Tandem disks are not touched.",
     after_help = "Examples:\n  \
-        tandem-libvirt-hook install\n  \
+        tandem-libvirt-hook install            # then: virsh start works with Tandem disks\n  \
         tandem-libvirt-hook disk-xml vm-100-disk-0 --target vda > disk.xml && virsh attach-device vm100 disk.xml --config\n  \
         virt-install ... $(tandem-libvirt-hook virt-install-disk vm-100-disk-0)\n\n\
         libvirt calls it as: qemu.d/tandem DOMAIN OPERATION SUBOP EXTRA  (domain XML on stdin)"
@@ -57,15 +57,17 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Install this binary as libvirt's hook `<hooks-dir>/qemu.d/tandem` (mode 0755)
+    /// Install this binary as libvirt's hook `<hooks-dir>/qemu.d/tandem` (mode 0755) and
+    /// reload this host's libvirtd/virtqemud (SIGHUP) so it rescans its hooks
     Install {
         /// libvirt's hooks directory
         #[arg(long, default_value = "/etc/libvirt/hooks", value_name = "DIR")]
         hooks_dir: PathBuf,
-        /// Also send SIGHUP to the libvirtd/virtqemud of this host (same mount namespace)
-        /// so a daemon that started without any hook notices the new one
+        /// Do not send SIGHUP to this host's running libvirtd/virtqemud. Without the reload
+        /// (what `systemctl reload libvirtd` does), a daemon that started while no hook was
+        /// installed never runs the new one
         #[arg(long)]
-        reload: bool,
+        no_reload: bool,
     },
     /// Print the libvirt `<disk>` element for a Tandem volume
     #[command(
@@ -177,7 +179,10 @@ fn main() -> ExitCode {
                 cli.config,
             )
         }
-        Command::Install { hooks_dir, reload } => install(&hooks_dir, reload),
+        Command::Install {
+            hooks_dir,
+            no_reload,
+        } => install(&hooks_dir, !no_reload),
         Command::DiskXml(args) => disk_output(cli.config.as_deref(), &args, false),
         Command::VirtInstallDisk(args) => disk_output(cli.config.as_deref(), &args, true),
     };
@@ -370,9 +375,8 @@ fn install(hooks_dir: &Path, reload: bool) -> Result<()> {
         }
     } else if !daemons.is_empty() {
         println!(
-            "libvirt looks for hooks when it starts: if this host had no libvirt hook before, run \
-             `systemctl reload libvirtd` (or virtqemud), or rerun with --reload; an existing \
-             qemu.d directory is re-read on every call"
+            "not reloaded: libvirt looks for hooks when it starts (or reloads), so if this host \
+             had no libvirt hook before, run `systemctl reload libvirtd` (or virtqemud)"
         );
     }
     Ok(())

@@ -122,6 +122,12 @@ impl LibvirtHost {
     /// Start a host named `node` with an empty `file` pool `files`, the hook installed from
     /// this build, and wait (up to 30 s) until libvirtd and tandemd answer.
     pub fn start(node: &str) -> Result<LibvirtHost> {
+        LibvirtHost::start_with(node, true)
+    }
+
+    /// Like [`LibvirtHost::start`]; without the hook when `install_hook` is false (to test
+    /// installing it into a running libvirtd).
+    pub fn start_with(node: &str, install_hook: bool) -> Result<LibvirtHost> {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let netns = format!(
             "tlv{}x{}",
@@ -139,12 +145,15 @@ impl LibvirtHost {
             tandemd: None,
         };
         host.prepare_dirs()?;
-        let out = run(Command::new(bin("tandem-libvirt-hook"))
-            .arg("install")
-            .arg("--hooks-dir")
-            .arg(host.path("etc-libvirt/hooks")))?;
-        if !out.status.success() {
-            bail!("installing the hook failed: {}", out.stderr);
+        if install_hook {
+            let out = run(Command::new(bin("tandem-libvirt-hook"))
+                .arg("install")
+                .arg("--no-reload")
+                .arg("--hooks-dir")
+                .arg(host.path("etc-libvirt/hooks")))?;
+            if !out.status.success() {
+                bail!("installing the hook failed: {}", out.stderr);
+            }
         }
         let out = run(Command::new("ip").args(["netns", "add", &host.netns]))?;
         if !out.status.success() {

@@ -160,3 +160,67 @@ fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// `tandem-libvirt-hook install` (which reloads libvirtd) run on a host whose libvirtd started without any
+/// hook: libvirtd uses the hook from the next domain start on.
+#[test]
+fn install_with_reload_activates_the_hook_in_a_running_libvirtd() {
+    if libvirt::skip_requested() {
+        eprintln!("TANDEM_SKIP_LIBVIRT_TESTS is set: skipping libvirt test");
+        return;
+    }
+    libvirt::require_tools().unwrap();
+    let started = Instant::now();
+    let host = LibvirtHost::start_with("hv1", false).unwrap();
+    let work = host.path("guest");
+    std::fs::create_dir_all(&work).unwrap();
+    // No guest needs to boot: the domain is refused (or fails) before QEMU runs anything.
+    let image = vm::GuestImage {
+        kernel: work.join("vmlinuz"),
+        initrd: work.join("initrd.gz"),
+        build_time: std::time::Duration::ZERO,
+    };
+    std::fs::write(&image.kernel, b"not a kernel").unwrap();
+    std::fs::write(&image.initrd, b"not an initrd").unwrap();
+    let disk = host
+        .exec(
+            "tandem-libvirt-hook",
+            &["disk-xml", "vm-8-disk-0", "--target", "vda"],
+        )
+        .ok()
+        .stdout;
+    let xml = libvirt::tcg_domain_xml("vm8", &image, "", &disk, &work.join("console.log"));
+    std::fs::write(work.join("vm8.xml"), &xml).unwrap();
+    host.virsh(&["define", work.join("vm8.xml").to_str().unwrap()])
+        .ok();
+    let before = host.virsh(&["start", "vm8"]).failed();
+    assert!(
+        !before.contains("no such Tandem volume"),
+        "no hook is installed yet, but: {before}"
+    );
+    let out = host
+        .exec(
+            "tandem-libvirt-hook",
+            &["install", "--hooks-dir", "/etc/libvirt/hooks"],
+        )
+        .ok();
+    assert!(out.stdout.contains("reloaded libvirtd"), "{}", out.stdout);
+    let mode = std::fs::metadata(host.path("etc-libvirt/hooks/qemu.d/tandem"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o755
+    );
+    // The reload is asynchronous: wait for the hook's refusal.
+    let mut last = String::new();
+    let refused = tandem_tests::wait_until(std::time::Duration::from_secs(20), || {
+        last = host.virsh(&["start", "vm8"]).failed();
+        last.contains("vm-8-disk-0: no such Tandem volume on hv1")
+    });
+    assert!(refused, "after install, virsh start said: {last}");
+    eprintln!(
+        "[libvirt install --reload] test total {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
