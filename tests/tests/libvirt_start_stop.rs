@@ -75,6 +75,10 @@ fn virsh_start_boots_a_guest_on_a_tandem_volume_and_the_hook_refuses_unknown_vol
         refused.contains("vm-9-disk-0: no such Tandem volume on hv1"),
         "virsh start should show the hook's message, got: {refused}"
     );
+    eprintln!(
+        "[libvirt start/stop] virsh start refused: {}",
+        refused.trim()
+    );
     assert_eq!(host.domstate("vm9"), "shut off");
     assert!(!console_missing.exists() || std::fs::read(&console_missing).unwrap().is_empty());
 
