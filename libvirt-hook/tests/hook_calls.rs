@@ -4,6 +4,8 @@
 //! (`volume_status`, `volume_promote`, `volume_demote`, `volume_allow_two_primaries`) or,
 //! in "old" mode, answers them like a tandemd without the engine.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
@@ -172,8 +174,8 @@ fn hook_path() -> PathBuf {
     static INSTALLED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     INSTALLED
         .get_or_init(|| {
-            let dir =
-                std::env::temp_dir().join(format!("tandem-hook-calls-{}", std::process::id()));
+            // Inside target/ (Cargo's scratch dir for integration tests), not /tmp.
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hook-calls-hooks");
             let out = Command::new(env!("CARGO_BIN_EXE_tandem-libvirt-hook"))
                 .args(["install", "--no-reload", "--hooks-dir"])
                 .arg(&dir)
