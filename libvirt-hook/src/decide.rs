@@ -7,7 +7,7 @@
 //! | `prepare begin` (normal start) | every volume exists here, has a local replica that may become Primary → promote each (undone on any failure); otherwise refuse before anything changes |
 //! | `prepare begin` after `migrate begin` (incoming migration) | every volume has an UpToDate replica here and runs protocol C → allow two primaries, promote (undone on failure) |
 //! | `migrate begin` (destination, XML filter) | the same checks, nothing changed; remember the incoming migration for `prepare` |
-//! | `release end` (any reason; `-` on libvirt < 10.5) | demote what is Primary and not promoted explicitly by an operator; disarm dual-primary |
+//! | `release end` (any reason; `-` on libvirt < 10.5) | demote what this hook promoted for the domain, and what is Primary and not promoted explicitly by an operator; disarm dual-primary |
 //! | `start`, `started`, `stopped`, `restore`, `reconnect`, `attach`, others | nothing (`reconnect` must never fail: failing kills the running guest) |
 //!
 //! A tandemd without the replication engine (no roles yet) serves single-host volumes: a
@@ -71,6 +71,8 @@ pub struct Facts {
     pub volumes: Vec<(String, StatusAnswer)>,
     /// A `migrate begin` for this domain was seen just before (see `incoming`).
     pub incoming_migration: bool,
+    /// Volumes this hook promoted for this domain (see `promoted`).
+    pub promoted_by_hook: Vec<String>,
 }
 
 /// One change to make through tandemd.
@@ -327,7 +329,7 @@ fn release(facts: &Facts) -> Plan {
             )),
             StatusAnswer::Replicated(status) => {
                 if status.role == Role::Primary {
-                    if status.promoted_explicitly {
+                    if status.promoted_explicitly && !facts.promoted_by_hook.contains(volume) {
                         notes.push(format!(
                             "{volume}: stays Primary (promoted explicitly by an operator)"
                         ));
@@ -385,6 +387,7 @@ mod tests {
                 .map(|(v, a)| (v.to_string(), a))
                 .collect(),
             incoming_migration: incoming,
+            promoted_by_hook: Vec::new(),
         }
     }
 
@@ -547,6 +550,13 @@ mod tests {
             );
             assert!(notes.iter().any(|n| n.contains("promoted explicitly")));
         }
+        // What the hook itself promoted is demoted even if tandemd calls it explicit.
+        let mut f = f;
+        f.promoted_by_hook = vec!["b".into()];
+        let Plan::Deactivate { steps, .. } = decide(&call("release", "end"), &f) else {
+            panic!()
+        };
+        assert_eq!(steps[1], Step::Demote("b".into()));
     }
 
     #[test]

@@ -14,11 +14,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use libvirt_hook::control::{Control, ControlClient, StatusAnswer, DEFAULT_TIMEOUT};
-use libvirt_hook::decide::{decide, Facts, HookCall, Operation, Plan};
+use libvirt_hook::decide::{decide, Facts, HookCall, Operation, Plan, Step};
 use libvirt_hook::disk_spec::{DiskSpec, LibvirtVersion, RECONNECT_MIN_VERSION};
 use libvirt_hook::domain_xml::{has_nbd_disks, parse_domain, tandem_volumes, NbdEndpoints};
 use libvirt_hook::execute::{error_chain, execute};
-use libvirt_hook::incoming;
+use libvirt_hook::{incoming, promoted};
 use volume_driver::config::{self, Config};
 
 const PROGRAM: &str = "tandem-libvirt-hook";
@@ -277,12 +277,29 @@ fn run_hook(call: &HookCall, xml: &str, config_path: Option<&Path>) -> Result<()
         node: config.node.clone(),
         volumes,
         incoming_migration,
+        promoted_by_hook: promoted::read(&config.run_dir, &call.domain),
     };
     let plan = decide(call, &facts);
     tracing::info!(domain = %call.domain, op = ?call.operation, subop = %call.subop, extra = %call.extra, ?plan, "decided");
     let outcome = execute(&mut client as &mut dyn Control, &plan)?;
-    if let Plan::ExpectIncoming { .. } = plan {
-        incoming::record(&config.run_dir, &call.domain, &uuid).map_err(|e| error_chain(&e))?;
+    match plan {
+        Plan::ExpectIncoming { .. } => {
+            incoming::record(&config.run_dir, &call.domain, &uuid).map_err(|e| error_chain(&e))?
+        }
+        Plan::Activate { .. } => {
+            let promoted: Vec<String> = outcome
+                .done
+                .iter()
+                .filter(|s| matches!(s, Step::Promote(_)))
+                .map(|s| s.volume().to_string())
+                .collect();
+            if let Err(e) = promoted::add(&config.run_dir, &call.domain, &promoted) {
+                // Not fatal: release falls back to `promoted_explicitly`.
+                tracing::warn!(domain = %call.domain, "{}", error_chain(&e));
+            }
+        }
+        Plan::Deactivate { .. } => promoted::clear(&config.run_dir, &call.domain),
+        Plan::Nothing { .. } | Plan::Refuse { .. } => {}
     }
     for note in &outcome.notes {
         tracing::info!(domain = %call.domain, "{note}");

@@ -22,6 +22,8 @@ struct State {
     refuse_promote: BTreeMap<String, String>,
     /// Answer like a tandemd without the replication engine.
     old: bool,
+    /// `volume_promote` sets `promoted_explicitly` (an engine that cannot tell who asks).
+    promote_marks_explicit: bool,
     calls: Vec<String>,
 }
 
@@ -73,6 +75,9 @@ fn handle(state: &Mutex<State>, request: &Value) -> Value {
         }
         "volume_promote" => {
             volume["role"] = json!("Primary");
+            if s.promote_marks_explicit {
+                s.volumes.get_mut(&name).unwrap()["promoted_explicitly"] = json!(true);
+            }
         }
         "volume_demote" => volume["role"] = json!("Secondary"),
         "volume_allow_two_primaries" => {
@@ -254,6 +259,17 @@ fn start_promotes_and_stop_demotes() {
             "volume_promote vm-100-disk-1"
         ]
     );
+    let run = call(&d.config(), ["vm100", "release", "end", "destroyed"], &xml);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(
+        d.changes(),
+        ["volume_demote vm-100-disk-0", "volume_demote vm-100-disk-1"]
+    );
+    // An operator promoted disk-1 explicitly before the start: it stays Primary.
+    d.set("vm-100-disk-1", "role", json!("Primary"));
+    d.set("vm-100-disk-1", "promoted_explicitly", json!(true));
+    assert!(call(&d.config(), ["vm100", "prepare", "begin", "-"], &xml).ok);
+    assert_eq!(d.changes(), ["volume_promote vm-100-disk-0"]);
     for op in [
         ["vm100", "start", "begin", "-"],
         ["vm100", "started", "begin", "-"],
@@ -265,8 +281,6 @@ fn start_promotes_and_stop_demotes() {
         d.changes().is_empty(),
         "start/started/stopped change nothing"
     );
-    // An operator promoted disk-1 explicitly: release leaves it Primary.
-    d.set("vm-100-disk-1", "promoted_explicitly", json!(true));
     let run = call(&d.config(), ["vm100", "release", "end", "-"], &xml);
     assert!(run.ok, "{}", run.stderr);
     assert_eq!(d.changes(), ["volume_demote vm-100-disk-0"]);
@@ -454,4 +468,24 @@ fn domains_without_tandem_disks_never_reach_tandemd_and_bad_input_fails_cleanly(
     );
     // ...while reconnect (libvirtd restarted, guest running) never fails.
     assert!(call(&d.config(), ["vm100", "reconnect", "begin", "-"], &xml).ok);
+}
+
+#[test]
+fn release_demotes_what_the_hook_promoted_even_if_tandemd_calls_it_explicit() {
+    let d = DummyTandemd::start();
+    d.add("vm-100-disk-0", "C");
+    d.state.lock().unwrap().promote_marks_explicit = true;
+    let xml = domain_xml(&d.run_dir(), &["vm-100-disk-0"]);
+    assert!(call(&d.config(), ["vm100", "prepare", "begin", "-"], &xml).ok);
+    assert_eq!(d.volume("vm-100-disk-0")["promoted_explicitly"], true);
+    let run = call(&d.config(), ["vm100", "release", "end", "-"], &xml);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(
+        d.changes(),
+        [
+            "volume_promote vm-100-disk-0",
+            "volume_demote vm-100-disk-0"
+        ]
+    );
+    assert!(!d.run_dir().join("libvirt-hook/promoted/vm100").exists());
 }
