@@ -22,6 +22,10 @@
 //! the daemon ([`LibvirtHost::virsh`]); [`LibvirtHost::exec`] runs a command inside the
 //! host (nsenter into tandemd's namespaces), e.g. `tandem volume create`.
 //!
+//! [`Cluster::start`] puts several such hosts on one simulated network (a bridge, one veth
+//! per host), lists every node in every host's Tandem config and lets each libvirtd listen
+//! on TCP (for live migration between hosts).
+//!
 //! Dropping the host kills every process in its network namespace (`ip netns pids`: the
 //! daemons and any QEMU), deletes the namespace and the directory. The only traces outside
 //! are the empty mount points `/etc/tandem`, `/var/{lib,log,cache}/libvirt` when missing.
@@ -30,6 +34,7 @@
 //! `qemu-system-x86`, `iproute2`, `util-linux` (unshare, nsenter). Tests fail when one is
 //! missing unless `TANDEM_SKIP_LIBVIRT_TESTS=1` ([`skip_requested`]).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -107,6 +112,7 @@ pub struct LibvirtHost {
     pub netns: String,
     dir: tempfile::TempDir,
     tandemd: Option<Child>,
+    cluster: Option<ClusterView>,
 }
 
 /// Standard directories bound per host; created on the real root when missing.
@@ -118,6 +124,26 @@ const BOUND_DIRS: &[(&str, &str)] = &[
     ("var-cache-libvirt", "/var/cache/libvirt"),
 ];
 
+/// Where a host sits on the simulated management/replication network of a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// This host's address on the cluster network.
+    pub ip: Ipv4Addr,
+    /// Every node of the cluster (name, address), this one included.
+    pub nodes: Vec<(String, Ipv4Addr)>,
+    /// The shared peer-authentication secret.
+    pub secret: String,
+}
+
+fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 impl LibvirtHost {
     /// Start a host named `node` with an empty `file` pool `files`, the hook installed from
     /// this build, and wait (up to 30 s) until libvirtd and tandemd answer.
@@ -128,21 +154,23 @@ impl LibvirtHost {
     /// Like [`LibvirtHost::start`]; without the hook when `install_hook` is false (to test
     /// installing it into a running libvirtd).
     pub fn start_with(node: &str, install_hook: bool) -> Result<LibvirtHost> {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let netns = format!(
-            "tlv{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let mut host = LibvirtHost::create(node, install_hook, None)?;
+        host.spawn_daemons()?;
+        Ok(host)
+    }
+
+    /// Directories, configs, hook and network namespace; no daemons yet.
+    fn create(node: &str, install_hook: bool, cluster: Option<ClusterView>) -> Result<LibvirtHost> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("tandem-libvirt-{node}-"))
             .tempdir()
             .context("creating the host directory")?;
-        let mut host = LibvirtHost {
+        let host = LibvirtHost {
             node: node.to_string(),
-            netns,
+            netns: unique_name("tlv"),
             dir,
             tandemd: None,
+            cluster,
         };
         host.prepare_dirs()?;
         if install_hook {
@@ -160,8 +188,18 @@ impl LibvirtHost {
             bail!("ip netns add {} failed: {}", host.netns, out.stderr);
         }
         run(Command::new("ip").args(["-n", &host.netns, "link", "set", "lo", "up"]))?;
-        host.spawn_daemons()?;
         Ok(host)
+    }
+
+    /// This host's address on the cluster network (None for a lone host).
+    pub fn ip(&self) -> Option<Ipv4Addr> {
+        self.cluster.as_ref().map(|c| c.ip)
+    }
+
+    /// The URI other hosts use to reach this host's libvirtd (cluster hosts only), e.g. for
+    /// `virsh migrate --live DOMAIN <uri>`.
+    pub fn tcp_uri(&self) -> Option<String> {
+        self.ip().map(|ip| format!("qemu+tcp://{ip}/system"))
     }
 
     /// A path inside the host's directory.
@@ -225,10 +263,36 @@ impl LibvirtHost {
              user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\n\
              security_driver = \"none\"\n",
         )?;
-        std::fs::write(
-            self.path("etc-libvirt/libvirtd.conf"),
+        let mut libvirtd_conf = String::from(
             "auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nunix_sock_rw_perms = \"0700\"\n\
              log_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n",
+        );
+        if self.cluster.is_some() {
+            // Other hosts reach this libvirtd over TCP (live migration), inside the test net.
+            libvirtd_conf.push_str(
+                "listen_tls = 0\nlisten_tcp = 1\nauth_tcp = \"none\"\nlisten_addr = \"0.0.0.0\"\n",
+            );
+        }
+        std::fs::write(self.path("etc-libvirt/libvirtd.conf"), libvirtd_conf)?;
+        let nodes = match &self.cluster {
+            None => vec![(self.node.clone(), Ipv4Addr::LOCALHOST)],
+            Some(c) => c.nodes.clone(),
+        };
+        let mut nodes_toml = String::new();
+        for (name, ip) in &nodes {
+            nodes_toml.push_str(&format!(
+                "[[nodes]]\nname = \"{name}\"\ncontrol = \"{ip}:7700\"\nreplication = \"{ip}:7788\"\n\n"
+            ));
+        }
+        let secret = self
+            .cluster
+            .as_ref()
+            .map(|c| c.secret.clone())
+            .unwrap_or_else(|| format!("lone-{}", self.netns));
+        std::fs::write(self.path("secret"), format!("{secret}\n"))?;
+        std::fs::set_permissions(
+            self.path("secret"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )?;
         std::fs::write(
             self.path("etc-tandem/tandem.toml"),
@@ -238,12 +302,7 @@ state_dir = "{root}/state"
 run_dir = "/run/tandem"
 secret_file = "{root}/secret"
 
-[[nodes]]
-name = "{node}"
-control = "127.0.0.1:7700"
-replication = "127.0.0.1:7788"
-
-[[pools]]
+{nodes_toml}[[pools]]
 name = "files"
 backend = "file"
 path = "{root}/images"
@@ -289,7 +348,12 @@ path = "{root}/images"
             script.push_str(&format!("mount --bind {d}/{rel} {target}\n"));
         }
         script.push_str(&format!(
-            "virtlogd -d\nlibvirtd -d\nexec {} --config /etc/tandem/tandem.toml\n",
+            "virtlogd -d\nlibvirtd -d{}\nexec {} --config /etc/tandem/tandem.toml\n",
+            if self.cluster.is_some() {
+                " --listen"
+            } else {
+                ""
+            },
             bin("tandemd").display()
         ));
         let log = std::fs::File::create(self.path("tandemd.log"))?;
@@ -453,6 +517,100 @@ impl Drop for LibvirtHost {
         self.kill_everything();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Several [`LibvirtHost`]s on one simulated network: a bridge in its own namespace, one
+/// veth per host (`eth0`, 10.77.0.11, .12, ...), every node listed in every host's Tandem
+/// config (control `IP:7700`, replication `IP:7788`, one shared secret), libvirtd listening
+/// on TCP 16509 without auth (for `virsh migrate ... qemu+tcp://IP/system`). Dropping it
+/// stops the hosts, then removes the bridge namespace.
+pub struct Cluster {
+    pub hosts: Vec<LibvirtHost>,
+    switch: String,
+}
+
+impl Cluster {
+    /// Start one host per name, with the hook installed.
+    pub fn start(nodes: &[&str]) -> Result<Cluster> {
+        let switch = unique_name("tlvsw");
+        let mut cluster = Cluster {
+            hosts: Vec::new(),
+            switch: switch.clone(),
+        };
+        let ip_run = |args: &[&str]| -> Result<()> {
+            let out = run(Command::new("ip").args(args))?;
+            if !out.status.success() {
+                bail!("ip {} failed: {}", args.join(" "), out.stderr);
+            }
+            Ok(())
+        };
+        ip_run(&["netns", "add", &switch])?;
+        ip_run(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
+        ip_run(&["-n", &switch, "link", "set", "br0", "up"])?;
+        let all: Vec<(String, Ipv4Addr)> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), Ipv4Addr::new(10, 77, 0, 11 + i as u8)))
+            .collect();
+        let secret = format!("cluster-secret-{}", unique_name("s"));
+        for (name, ip) in &all {
+            let view = ClusterView {
+                ip: *ip,
+                nodes: all.clone(),
+                secret: secret.clone(),
+            };
+            let host = LibvirtHost::create(name, true, Some(view))?;
+            let port = format!("p{}", cluster.hosts.len());
+            ip_run(&[
+                "-n",
+                &switch,
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &host.netns,
+            ])?;
+            ip_run(&["-n", &switch, "link", "set", &port, "master", "br0", "up"])?;
+            ip_run(&[
+                "-n",
+                &host.netns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip_run(&["-n", &host.netns, "link", "set", "eth0", "up"])?;
+            cluster.hosts.push(host);
+        }
+        for host in &mut cluster.hosts {
+            host.spawn_daemons()?;
+        }
+        Ok(cluster)
+    }
+
+    /// The host named `node`.
+    pub fn host(&self, node: &str) -> &LibvirtHost {
+        self.hosts
+            .iter()
+            .find(|h| h.node == node)
+            .unwrap_or_else(|| panic!("no host {node} in the cluster"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.hosts.clear();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.switch])
             .stderr(Stdio::null())
             .status();
     }
