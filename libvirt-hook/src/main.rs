@@ -237,10 +237,19 @@ fn needs_tandemd(call: &HookCall) -> bool {
 fn run_hook(call: &HookCall, xml: &str, config_path: Option<&Path>) -> Result<(), String> {
     let started = Instant::now();
     let domain = parse_domain(xml).map_err(|e| error_chain(&e))?;
-    if !needs_tandemd(call) || !has_nbd_disks(&domain) {
+    if !has_nbd_disks(&domain) {
         return Ok(());
     }
     let path = config::resolve_path(config_path);
+    if !needs_tandemd(call) {
+        // Nothing to do (start, started, stopped, restore, reconnect, attach, ...). Log it
+        // when the config is readable; never fail: a failed `reconnect` kills the guest.
+        if let Ok(config) = Config::load(&path) {
+            init_log(&config.run_dir);
+            tracing::info!(domain = %call.domain, op = ?call.operation, subop = %call.subop, extra = %call.extra, "nothing to do");
+        }
+        return Ok(());
+    }
     let config = Config::load(&path).map_err(|e| error_chain(&e))?;
     init_log(&config.run_dir);
     let endpoints = endpoints(&config);
