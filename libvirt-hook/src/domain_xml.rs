@@ -580,6 +580,33 @@ mod tests {
                 "{xml:?}: message {message:?} lacks {expected:?}"
             );
         }
+        // Random byte mutations of real domains: errors or results, never a panic.
+        let mut seed: u64 = 0x5eed_1234_abcd_0001;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        for name in [
+            "virt-manager.xml",
+            "namespaces-comments.xml",
+            "proxmox-style.xml",
+        ] {
+            let original = testdata(name).into_bytes();
+            for _ in 0..300 {
+                let mut bytes = original.clone();
+                for _ in 0..(1 + next() % 4) {
+                    let at = next() % bytes.len();
+                    const NASTY: &[u8] = b"<>/='\"&;! x\0";
+                    bytes[at] = NASTY[next() % NASTY.len()];
+                }
+                let text = String::from_utf8_lossy(&bytes);
+                if let Ok(domain) = parse_domain(&text) {
+                    let _ = tandem_volumes(&domain, &endpoints());
+                }
+            }
+        }
         let truncated = testdata("virt-manager.xml");
         for cut in (1..truncated.len()).step_by(97) {
             if let Some(prefix) = truncated.get(..cut) {
