@@ -153,9 +153,10 @@ fn virsh_start_boots_a_guest_on_a_tandem_volume_and_the_hook_refuses_unknown_vol
         "backing file {path} does not hold the pattern"
     );
     eprintln!(
-        "[libvirt start/stop] guest boot-to-poweroff {:.1}s; {}; test total {:.1}s",
+        "[libvirt start/stop] virsh start to poweroff {:.1}s (guest script from uptime {:.1}s to {:.1}s); test total {:.1}s",
         boot_time.as_secs_f64(),
-        run.timing_summary(),
+        run.guest_uptime_at_start.map_or(f64::NAN, |d| d.as_secs_f64()),
+        run.guest_uptime_at_exit.map_or(f64::NAN, |d| d.as_secs_f64()),
         started.elapsed().as_secs_f64()
     );
 }
