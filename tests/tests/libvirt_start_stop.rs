@@ -229,3 +229,71 @@ fn install_with_reload_activates_the_hook_in_a_running_libvirtd() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// `virsh destroy` of a running guest: the hook's release runs, and what the guest wrote
+/// (with fsync) before it was killed is on the volume.
+#[test]
+fn virsh_destroy_runs_the_release_hook_and_keeps_synced_writes() {
+    if libvirt::skip_requested() {
+        eprintln!("TANDEM_SKIP_LIBVIRT_TESTS is set: skipping libvirt test");
+        return;
+    }
+    libvirt::require_tools().unwrap();
+    let started = Instant::now();
+    let host = LibvirtHost::start("hv1").unwrap();
+    let pattern = format!("destroyed guest pattern {}", nonce());
+    let work = host.path("guest");
+    // Write, report, then keep running until destroyed.
+    let script = format!(
+        "{}echo @@WRITTEN-AND-WAITING\nsleep 3600\n",
+        libvirt::write_pattern_script(&pattern, BYTES)
+    );
+    let image = ImageBuilder::new(script)
+        .build(&work.join("image"))
+        .expect("building the guest initramfs");
+    let cmdline = Vm::new(image.clone()).kernel_cmdline();
+    host.tandem(&["volume", "create", "vm-3-disk-0", "--size", "64M"])
+        .ok();
+    let disk = host
+        .exec("tandem-libvirt-hook", &["disk-xml", "vm-3-disk-0"])
+        .ok()
+        .stdout;
+    let console = work.join("console.log");
+    let xml = libvirt::tcg_domain_xml("vm3", &image, &cmdline, &disk, &console);
+    std::fs::write(work.join("vm3.xml"), &xml).unwrap();
+    host.virsh(&["define", work.join("vm3.xml").to_str().unwrap()])
+        .ok();
+    host.virsh(&["start", "vm3"]).ok();
+    let waiting = tandem_tests::wait_until(vm::DEFAULT_TIMEOUT, || {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("@@WRITTEN-AND-WAITING")
+    });
+    let run = GuestRun::from_console(&std::fs::read_to_string(&console).unwrap_or_default());
+    assert!(
+        waiting,
+        "guest never reported its write; console:\n{}",
+        tail(&run.console, 40)
+    );
+    assert_eq!(host.domstate("vm3"), "running");
+    host.virsh(&["destroy", "vm3"]).ok();
+    assert_eq!(host.domstate("vm3"), "shut off");
+    let log = host.hook_log();
+    assert!(
+        log.contains("domain=vm3 op=Release"),
+        "release hook did not run after destroy:\n{log}"
+    );
+    assert_eq!(
+        run.section("written").split_whitespace().next(),
+        run.section("readback").split_whitespace().next()
+    );
+    let over_nbd = read_over_nbd(&host.nbd_socket(), "vm-3-disk-0", BYTES);
+    assert!(
+        over_nbd == libvirt::pattern_bytes(&pattern, BYTES),
+        "bytes read over NBD after destroy differ from the pattern"
+    );
+    eprintln!(
+        "[libvirt destroy] test total {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
