@@ -80,6 +80,8 @@ pub struct PeerStatus {
 /// `volume_status`'s answer for one volume on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct VolumeStatus {
+    /// The volume (the engine's `ReplicaStatus` calls it `volume`).
+    #[serde(default, alias = "volume")]
     pub name: String,
     pub role: Role,
     pub disk_state: DiskState,
@@ -94,6 +96,9 @@ pub struct VolumeStatus {
     /// hook: the hook's release leaves such a volume Primary.
     #[serde(default)]
     pub promoted_explicitly: bool,
+    /// Writable frontend handles (NBD clients) open on this node, when tandemd reports it.
+    #[serde(default)]
+    pub open_writers: Option<u64>,
 }
 
 /// What this node's tandemd says about a volume.
@@ -249,15 +254,29 @@ fn parse_response(line: &[u8]) -> Result<serde_json::Value, ResponseError> {
     }
 }
 
-/// Find the volume status in a `volume_status` result. The result is the status object
-/// itself or wraps it one level down (`{"type":"volume_status","status":{...}}`).
-pub fn status_from_result(result: &serde_json::Value) -> Result<VolumeStatus, String> {
-    let candidate = if result.get("role").is_some() {
+/// Find `volume`'s status in a `volume_status` result: the status object itself, or one
+/// level down (`{"type":"volume_status","status":{...}}`), or an element of a list one
+/// level down whose `volume`/`name` is `volume`.
+pub fn status_from_result(
+    result: &serde_json::Value,
+    volume: &str,
+) -> Result<VolumeStatus, String> {
+    let is_status = |v: &serde_json::Value| v.get("role").is_some();
+    let names = |v: &serde_json::Value| {
+        v.get("volume").and_then(|n| n.as_str()) == Some(volume)
+            || v.get("name").and_then(|n| n.as_str()) == Some(volume)
+    };
+    let candidate = if is_status(result) {
         Some(result)
     } else {
-        result
-            .as_object()
-            .and_then(|map| map.values().find(|v| v.get("role").is_some()))
+        result.as_object().and_then(|map| {
+            map.values().find(|v| is_status(v)).or_else(|| {
+                map.values()
+                    .filter_map(|v| v.as_array())
+                    .flatten()
+                    .find(|v| is_status(v) && names(v))
+            })
+        })
     };
     let Some(candidate) = candidate else {
         return Err(format!(
@@ -281,7 +300,7 @@ impl Control for ControlClient {
             name: volume.to_string(),
         };
         match self.call(&request) {
-            Ok(result) => status_from_result(&result)
+            Ok(result) => status_from_result(&result, volume)
                 .map(StatusAnswer::Replicated)
                 .map_err(|message| ControlError::Protocol {
                     path: self.path.clone(),
@@ -370,20 +389,56 @@ mod tests {
             "quorum": true, "allow_two_primaries": false, "protocol": "C",
             "promoted_explicitly": false, "size_bytes": 4096
         });
-        let bare = status_from_result(&status).unwrap();
-        let wrapped =
-            status_from_result(&serde_json::json!({"type": "volume_status", "status": status}))
-                .unwrap();
+        let bare = status_from_result(&status, "vm-1-disk-0").unwrap();
+        let wrapped = status_from_result(
+            &serde_json::json!({"type": "volume_status", "status": status}),
+            "vm-1-disk-0",
+        )
+        .unwrap();
         assert_eq!(bare, wrapped);
+        let listed = status_from_result(
+            &serde_json::json!({"type": "volume_statuses", "volumes": [
+                {"volume": "other", "role": "Primary", "disk_state": "UpToDate", "quorum": true,
+                 "allow_two_primaries": false, "protocol": "C"},
+                status
+            ]}),
+            "vm-1-disk-0",
+        )
+        .unwrap();
+        assert_eq!(bare, listed);
         assert_eq!(bare.peers[0].role, Role::Primary);
         let newer = serde_json::json!({
             "name": "v", "role": "Primary", "disk_state": "Negotiating", "quorum": false,
             "allow_two_primaries": false, "protocol": "A"
         });
-        let newer = status_from_result(&newer).unwrap();
+        let newer = status_from_result(&newer, "v").unwrap();
         assert_eq!(newer.disk_state, DiskState::Unknown);
         assert!(!newer.promoted_explicitly);
-        assert!(status_from_result(&serde_json::json!({"type": "deleted"})).is_err());
+        assert!(status_from_result(&serde_json::json!({"type": "deleted"}), "v").is_err());
+    }
+
+    #[test]
+    fn the_engines_replica_status_is_understood() {
+        // ReplicaStatus as documented for the engine (ENGINE.md), plus the daemon's fields.
+        let engine = serde_json::json!({
+            "volume": "vm-100-disk-0", "node": "hv1", "role": "Secondary",
+            "disk_state": "Outdated", "protocol": "C", "quorum": true, "quorum_reason": "",
+            "io_suspended": false, "allow_two_primaries": false, "size_bytes": 2147483648u64,
+            "current_uuid": "5A3F", "last_verify": null,
+            "peers": [{"node": "hv2", "diskless": false, "connection": "Connected",
+                       "role": "Primary", "disk_state": "UpToDate", "replication": "Established",
+                       "out_of_sync_bytes": 0, "resync": null, "split_brain": null},
+                      {"node": "witness", "diskless": true, "connection": "Connected",
+                       "role": "Secondary", "disk_state": "Diskless", "replication": "Off",
+                       "out_of_sync_bytes": 0, "resync": null, "split_brain": null}],
+            "promoted_explicitly": false, "open_writers": 0
+        });
+        let status = status_from_result(&engine, "vm-100-disk-0").unwrap();
+        assert_eq!(status.name, "vm-100-disk-0");
+        assert_eq!(status.disk_state, DiskState::Outdated);
+        assert_eq!(status.peers[0].role, Role::Primary);
+        assert_eq!(status.peers[1].disk_state, DiskState::Diskless);
+        assert_eq!(status.protocol, "C");
     }
 
     #[test]

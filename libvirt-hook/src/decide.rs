@@ -73,6 +73,8 @@ pub struct Facts {
     pub incoming_migration: bool,
     /// Volumes this hook promoted for this domain (see `promoted`).
     pub promoted_by_hook: Vec<String>,
+    /// Volumes the domain marks `<shareable/>` (others may have them open).
+    pub shareable: Vec<String>,
 }
 
 /// One change to make through tandemd.
@@ -183,7 +185,7 @@ fn volume_list(facts: &Facts) -> String {
 }
 
 /// What one volume needs before the domain may run here, or why it may not.
-type Check = fn(&str, &str, &StatusAnswer) -> Result<VolumeNeeds, String>;
+type Check = fn(&Facts, &str, &StatusAnswer) -> Result<VolumeNeeds, String>;
 
 #[derive(Debug, Default)]
 struct VolumeNeeds {
@@ -196,7 +198,7 @@ fn check_all(facts: &Facts, check: Check) -> Result<Vec<(String, VolumeNeeds)>, 
     let mut needs = Vec::new();
     let mut refusals = Vec::new();
     for (volume, answer) in &facts.volumes {
-        match check(&facts.node, volume, answer) {
+        match check(facts, volume, answer) {
             Ok(n) => needs.push((volume.clone(), n)),
             Err(message) => refusals.push(message),
         }
@@ -229,7 +231,8 @@ fn activate(facts: &Facts, check: Check) -> Plan {
 }
 
 /// A normal start: the local replica must be able to become the only Primary.
-fn check_start(node: &str, volume: &str, answer: &StatusAnswer) -> Result<VolumeNeeds, String> {
+fn check_start(facts: &Facts, volume: &str, answer: &StatusAnswer) -> Result<VolumeNeeds, String> {
+    let node = facts.node.as_str();
     let status = match answer {
         StatusAnswer::NotFound(_) => return Err(format!("{volume}: no such Tandem volume on {node}")),
         StatusAnswer::NoRoles => {
@@ -242,6 +245,13 @@ fn check_start(node: &str, volume: &str, answer: &StatusAnswer) -> Result<Volume
         }
         StatusAnswer::Replicated(status) => status,
     };
+    let writers = status.open_writers.unwrap_or(0);
+    if writers > 0 && !facts.shareable.iter().any(|v| v == volume) {
+        return Err(format!(
+            "{volume} is already open for writing on {node} ({writers} writer{}; another VM or client uses it)",
+            if writers == 1 { "" } else { "s" }
+        ));
+    }
     if status.role == Role::Primary {
         return Ok(VolumeNeeds {
             note: Some(format!("{volume}: already Primary on {node}")),
@@ -269,10 +279,11 @@ fn check_start(node: &str, volume: &str, answer: &StatusAnswer) -> Result<Volume
 /// An incoming live migration: this node's replica must be UpToDate and the volume must run
 /// protocol C (dual-primary needs synchronous replication).
 fn check_migration_target(
-    node: &str,
+    facts: &Facts,
     volume: &str,
     answer: &StatusAnswer,
 ) -> Result<VolumeNeeds, String> {
+    let node = facts.node.as_str();
     let status = match answer {
         StatusAnswer::NotFound(_) => {
             return Err(format!(
@@ -376,6 +387,7 @@ mod tests {
             allow_two_primaries: false,
             protocol: "C".into(),
             promoted_explicitly: false,
+            open_writers: Some(0),
         }
     }
 
@@ -388,6 +400,7 @@ mod tests {
                 .collect(),
             incoming_migration: incoming,
             promoted_by_hook: Vec::new(),
+            shareable: Vec::new(),
         }
     }
 
@@ -482,6 +495,25 @@ mod tests {
             refusal(decide(&call("prepare", "begin"), &f)),
             "a: no such Tandem volume on hv1; b is Primary on hv2 (stop or migrate the VM there first)"
         );
+    }
+
+    #[test]
+    fn prepare_refuses_a_volume_another_writer_has_open_unless_shareable() {
+        let busy = with(|s| {
+            s.role = Role::Primary;
+            s.open_writers = Some(1);
+        });
+        let f = facts(vec![("a", busy)], false);
+        assert_eq!(
+            refusal(decide(&call("prepare", "begin"), &f)),
+            "a is already open for writing on hv1 (1 writer; another VM or client uses it)"
+        );
+        let mut f = f;
+        f.shareable = vec!["a".into()];
+        assert!(matches!(
+            decide(&call("prepare", "begin"), &f),
+            Plan::Activate { .. }
+        ));
     }
 
     #[test]

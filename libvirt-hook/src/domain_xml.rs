@@ -75,6 +75,8 @@ pub struct DiskInfo {
     pub target: Option<String>,
     /// `<source>`'s attributes of interest; `None` without a `<source>` (an empty CD-ROM).
     pub source: Option<SourceInfo>,
+    /// `<shareable/>`: several domains may use the disk at once (cluster file systems).
+    pub shareable: bool,
 }
 
 /// A disk's direct `<source>`.
@@ -106,6 +108,8 @@ pub struct TandemDisk {
     pub volume: String,
     /// The guest device (`vda`), or `?` when the disk names none.
     pub target: String,
+    /// Marked `<shareable/>` in the domain.
+    pub shareable: bool,
 }
 
 /// Where this node serves NBD: the disks pointing here are Tandem's.
@@ -202,8 +206,13 @@ pub fn tandem_volumes(
             Some(name) if !name.is_empty() => name.to_string(),
             _ => return Err(DomainXmlError::TandemDiskWithoutVolume { target }),
         };
-        if !found.iter().any(|d| d.volume == volume) {
-            found.push(TandemDisk { volume, target });
+        match found.iter_mut().find(|d| d.volume == volume) {
+            Some(existing) => existing.shareable |= disk.shareable,
+            None => found.push(TandemDisk {
+                volume,
+                target,
+                shareable: disk.shareable,
+            }),
         }
     }
     Ok(found)
@@ -330,12 +339,14 @@ fn on_element(domain: &mut DomainInfo, path: &[String], attrs: &[(String, String
     const SOURCE: &[&str] = &["domain", "devices", "disk", "source"];
     const HOST: &[&str] = &["domain", "devices", "disk", "source", "host"];
     const TARGET: &[&str] = &["domain", "devices", "disk", "target"];
+    const SHAREABLE: &[&str] = &["domain", "devices", "disk", "shareable"];
     if is_path(path, DISK) {
         domain.disks.push(DiskInfo {
             disk_type: attr(attrs, "type").unwrap_or_default(),
             device: attr(attrs, "device").unwrap_or_else(|| "disk".to_string()),
             target: None,
             source: None,
+            shareable: false,
         });
         return;
     }
@@ -361,6 +372,8 @@ fn on_element(domain: &mut DomainInfo, path: &[String], attrs: &[(String, String
         }
     } else if is_path(path, TARGET) {
         disk.target = attr(attrs, "dev");
+    } else if is_path(path, SHAREABLE) {
+        disk.shareable = true;
     }
 }
 
@@ -438,11 +451,13 @@ mod tests {
             vec![
                 TandemDisk {
                     volume: "vm-100-disk-0".into(),
-                    target: "vda".into()
+                    target: "vda".into(),
+                    shareable: false,
                 },
                 TandemDisk {
                     volume: "vm-100-disk-1".into(),
-                    target: "vdc".into()
+                    target: "vdc".into(),
+                    shareable: false,
                 },
             ]
         );
@@ -488,6 +503,10 @@ mod tests {
             "non-self-closing <host></host>, single and double quotes, attribute order, \
              backingStore sources ignored, a volume attached twice listed once"
         );
+        let domain = parse_domain(&xml).unwrap();
+        let disks = tandem_volumes(&domain, &endpoints()).unwrap();
+        assert!(disks[0].shareable, "the second attachment is <shareable/>");
+        assert!(!disks[1].shareable);
     }
 
     #[test]

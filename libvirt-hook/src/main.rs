@@ -287,6 +287,11 @@ fn run_hook(call: &HookCall, xml: &str, config_path: Option<&Path>) -> Result<()
         volumes,
         incoming_migration,
         promoted_by_hook: promoted::read(&config.run_dir, &call.domain),
+        shareable: disks
+            .iter()
+            .filter(|d| d.shareable)
+            .map(|d| d.volume.clone())
+            .collect(),
     };
     let plan = decide(call, &facts);
     tracing::info!(domain = %call.domain, op = ?call.operation, subop = %call.subop, extra = %call.extra, ?plan, "decided");
