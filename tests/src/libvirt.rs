@@ -267,11 +267,16 @@ impl LibvirtHost {
             "auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nunix_sock_rw_perms = \"0700\"\n\
              log_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n",
         );
-        if self.cluster.is_some() {
+        if let Some(cluster) = &self.cluster {
             // Other hosts reach this libvirtd over TCP (live migration), inside the test net.
-            libvirtd_conf.push_str(
-                "listen_tls = 0\nlisten_tcp = 1\nauth_tcp = \"none\"\nlisten_addr = \"0.0.0.0\"\n",
-            );
+            // Every simulated host shares the machine's SMBIOS/hostname: give each its own
+            // host UUID, or libvirt refuses a migration "to the same host".
+            let [a, b, c, d] = cluster.ip.octets();
+            libvirtd_conf.push_str(&format!(
+                "listen_tls = 0\nlisten_tcp = 1\nauth_tcp = \"none\"\nlisten_addr = \"0.0.0.0\"\n\
+                 host_uuid = \"7a4d0000-0000-4000-8000-{a:02x}{b:02x}{c:02x}{d:02x}{:04x}\"\n",
+                std::process::id() & 0xffff
+            ));
         }
         std::fs::write(self.path("etc-libvirt/libvirtd.conf"), libvirtd_conf)?;
         let nodes = match &self.cluster {
