@@ -151,11 +151,28 @@ pub struct ControlClient {
     timeout: Duration,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// An exchange failed midway (timeout, I/O, garbled answer): a late answer may still
+    /// arrive on this connection, so the next call reconnects instead of reading it.
+    broken: bool,
 }
 
 impl ControlClient {
     /// Connect to `socket` (`<run_dir>/tandemd.sock`).
     pub fn connect(socket: &Path, timeout: Duration) -> Result<ControlClient, ControlError> {
+        let (reader, writer) = ControlClient::open(socket, timeout)?;
+        Ok(ControlClient {
+            path: socket.to_path_buf(),
+            timeout,
+            reader,
+            writer,
+            broken: false,
+        })
+    }
+
+    fn open(
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<(BufReader<UnixStream>, UnixStream), ControlError> {
         let connect_err = |source| ControlError::Connect {
             path: socket.to_path_buf(),
             source,
@@ -166,12 +183,7 @@ impl ControlClient {
             .and_then(|()| stream.set_write_timeout(Some(timeout)))
             .map_err(connect_err)?;
         let writer = stream.try_clone().map_err(connect_err)?;
-        Ok(ControlClient {
-            path: socket.to_path_buf(),
-            timeout,
-            reader: BufReader::new(stream),
-            writer,
-        })
+        Ok((BufReader::new(stream), writer))
     }
 
     fn io_error(&self, source: std::io::Error) -> ControlError {
@@ -191,6 +203,20 @@ impl ControlClient {
 
     /// Send one request line and return the `result` of an `ok` answer.
     pub fn call<R: Serialize>(&mut self, request: &R) -> Result<serde_json::Value, ControlError> {
+        if self.broken {
+            let (reader, writer) = ControlClient::open(&self.path, self.timeout)?;
+            self.reader = reader;
+            self.writer = writer;
+            self.broken = false;
+        }
+        let result = self.exchange(request);
+        if let Err(e) = &result {
+            self.broken = !matches!(e, ControlError::Api(_));
+        }
+        result
+    }
+
+    fn exchange<R: Serialize>(&mut self, request: &R) -> Result<serde_json::Value, ControlError> {
         let mut line = serde_json::to_vec(request).map_err(|e| ControlError::Protocol {
             path: self.path.clone(),
             message: e.to_string(),
@@ -471,5 +497,37 @@ mod tests {
         assert!(matches!(err, ControlError::Timeout { .. }), "{err:?}");
         assert!(started.elapsed() < Duration::from_millis(700));
         held.join().unwrap();
+    }
+
+    #[test]
+    fn a_late_answer_is_never_taken_for_the_next_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("tandemd.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            // First connection: answers the first request too late.
+            let (first, _) = listener.accept().unwrap();
+            let mut lines = BufReader::new(first.try_clone().unwrap()).lines();
+            lines.next().unwrap().unwrap();
+            std::thread::sleep(Duration::from_millis(400));
+            let mut w = first;
+            let late = r#"{"status":"ok","result":{"type":"status","status":{"volume":"late","role":"Primary","disk_state":"UpToDate","quorum":true,"allow_two_primaries":false,"protocol":"C"}}}"#;
+            let _ = writeln!(w, "{late}");
+            // The client reconnects for its next request: answer that one properly.
+            let (second, _) = listener.accept().unwrap();
+            let mut lines = BufReader::new(second.try_clone().unwrap()).lines();
+            let request = lines.next().unwrap().unwrap();
+            assert!(request.contains("volume_demote"), "{request}");
+            let mut w = second;
+            writeln!(w, r#"{{"status":"ok","result":{{"type":"done"}}}}"#).unwrap();
+        });
+        let mut client = ControlClient::connect(&socket, Duration::from_millis(150)).unwrap();
+        assert!(matches!(
+            client.status("v"),
+            Err(ControlError::Timeout { .. })
+        ));
+        std::thread::sleep(Duration::from_millis(400));
+        client.demote("v").unwrap();
+        server.join().unwrap();
     }
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use libvirt_hook::control::{Control, ControlClient, StatusAnswer, DEFAULT_TIMEOUT};
+use libvirt_hook::control::{Control, ControlClient, ControlError, StatusAnswer, DEFAULT_TIMEOUT};
 use libvirt_hook::decide::{decide, Facts, HookCall, Operation, Plan, Step};
 use libvirt_hook::disk_spec::{DiskSpec, LibvirtVersion, RECONNECT_MIN_VERSION};
 use libvirt_hook::domain_xml::{has_nbd_disks, parse_domain, tandem_volumes, NbdEndpoints};
@@ -261,11 +261,29 @@ fn run_hook(call: &HookCall, xml: &str, config_path: Option<&Path>) -> Result<()
     let socket = config.control_socket();
     let mut client =
         ControlClient::connect(&socket, DEFAULT_TIMEOUT).map_err(|e| error_chain(&e))?;
+    // A release demotes what it can even if one volume's status cannot be read.
+    let releasing = call.operation == Operation::Release;
+    let mut failures = Vec::new();
     let mut volumes = Vec::new();
     for disk in &disks {
-        let answer = client
-            .status(&disk.volume)
-            .map_err(|e| format!("{}: {}", disk.volume, error_chain(&e)))?;
+        let answer = match client.status(&disk.volume) {
+            Ok(answer) => answer,
+            Err(e) => {
+                let chain = error_chain(&e);
+                // tandemd's own messages name the volume already.
+                let message = if matches!(e, ControlError::Api(_)) && chain.contains(&disk.volume) {
+                    chain
+                } else {
+                    format!("{}: {chain}", disk.volume)
+                };
+                if !releasing {
+                    return Err(message);
+                }
+                tracing::error!(domain = %call.domain, "{message}");
+                failures.push(message);
+                continue;
+            }
+        };
         if answer == StatusAnswer::NoRoles {
             tracing::warn!(
                 volume = %disk.volume,
@@ -295,7 +313,13 @@ fn run_hook(call: &HookCall, xml: &str, config_path: Option<&Path>) -> Result<()
     };
     let plan = decide(call, &facts);
     tracing::info!(domain = %call.domain, op = ?call.operation, subop = %call.subop, extra = %call.extra, ?plan, "decided");
-    let outcome = execute(&mut client as &mut dyn Control, &plan)?;
+    let outcome = match execute(&mut client as &mut dyn Control, &plan) {
+        Ok(outcome) => outcome,
+        Err(message) => {
+            failures.push(message);
+            return Err(failures.join("; "));
+        }
+    };
     match plan {
         Plan::ExpectIncoming { .. } => {
             incoming::record(&config.run_dir, &call.domain, &uuid).map_err(|e| error_chain(&e))?
@@ -324,7 +348,11 @@ fn run_hook(call: &HookCall, xml: &str, config_path: Option<&Path>) -> Result<()
         elapsed_ms = started.elapsed().as_millis() as u64,
         "done"
     );
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
 }
 
 fn endpoints(config: &Config) -> NbdEndpoints {

@@ -24,6 +24,8 @@ struct State {
     old: bool,
     /// `volume_promote` sets `promoted_explicitly` (an engine that cannot tell who asks).
     promote_marks_explicit: bool,
+    /// Volumes whose `volume_status` fails (kind `internal`).
+    fail_status: Vec<String>,
     calls: Vec<String>,
 }
 
@@ -58,6 +60,9 @@ fn handle(state: &Mutex<State>, request: &Value) -> Value {
             "bad_request",
             &format!("request not understood: unknown variant `{kind}`, expected one of `node_info`, `volume_show` at line 1 column 20"),
         );
+    }
+    if kind == "volume_status" && s.fail_status.contains(&name) {
+        return error("internal", &format!("{name}: metadata read failed"));
     }
     if !s.volumes.contains_key(&name) {
         return error("not_found", &format!("volume '{name}' does not exist"));
@@ -488,4 +493,23 @@ fn release_demotes_what_the_hook_promoted_even_if_tandemd_calls_it_explicit() {
         ]
     );
     assert!(!d.run_dir().join("libvirt-hook/promoted/vm100").exists());
+}
+
+#[test]
+fn release_demotes_the_others_when_one_status_cannot_be_read() {
+    let d = DummyTandemd::start();
+    d.add("vm-100-disk-0", "C");
+    d.add("vm-100-disk-1", "C");
+    let xml = domain_xml(&d.run_dir(), &["vm-100-disk-0", "vm-100-disk-1"]);
+    assert!(call(&d.config(), ["vm100", "prepare", "begin", "-"], &xml).ok);
+    d.changes();
+    d.state.lock().unwrap().fail_status = vec!["vm-100-disk-0".into()];
+    let run = call(&d.config(), ["vm100", "release", "end", "-"], &xml);
+    assert!(!run.ok);
+    assert_eq!(run.stderr, "tandem: vm-100-disk-0: metadata read failed\n");
+    assert_eq!(d.changes(), ["volume_demote vm-100-disk-1"]);
+    // The prepare of a start, by contrast, stops at the first unreadable volume.
+    let run = call(&d.config(), ["vm100", "prepare", "begin", "-"], &xml);
+    assert!(!run.ok);
+    assert!(d.changes().is_empty());
 }
