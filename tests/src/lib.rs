@@ -6,6 +6,7 @@ use std::path::PathBuf;
 pub mod checker;
 pub mod cluster;
 pub mod fake_nbd;
+pub mod libvirt;
 pub mod nbd_client;
 pub mod netns;
 pub mod vm;

@@ -23,7 +23,7 @@ use replication::device::{BackingDevice, FileDevice};
 
 use crate::api::{ApiError, ErrorKind, NodeInfo, PoolInfo, VolumeInfo, VolumeState};
 use crate::config::Config;
-use crate::frontend::{ExportHandle, Exports, OpenError};
+use crate::frontend::{ExportHandle, ExportInfo, Exports, OpenError};
 use crate::local_export::LocalExport;
 use crate::names::validate_volume_name;
 use crate::pool::{self, Pool, PoolError};
@@ -575,6 +575,18 @@ impl Exports for VolumeService {
             .filter(|(_, s)| s.definition.is_some() && s.state == VolumeState::Ok)
             .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        let volumes = self.lock();
+        let definition = volumes
+            .get(name)
+            .and_then(|s| s.definition.as_ref())
+            .ok_or_else(|| OpenError::NotFound(name.to_string()))?;
+        Ok(ExportInfo {
+            size: definition.size_bytes,
+            read_only: false,
+        })
     }
 
     async fn open(&self, name: &str, writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
