@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use volume_driver::frontend::{ExportHandle, ExportIoError, Exports, IoErrorKind, OpenError};
+use volume_driver::frontend::{
+    ExportHandle, ExportInfo, ExportIoError, Exports, IoErrorKind, OpenError,
+};
 
 const CHECK: &str = env!("CARGO_BIN_EXE_tandem-check");
 const SIZE: u64 = 1 << 20;
@@ -106,6 +108,16 @@ struct OneExport(Arc<LyingHandle>);
 impl Exports for OneExport {
     fn list(&self) -> Vec<String> {
         vec!["vol".into()]
+    }
+    async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        if name == "vol" {
+            Ok(ExportInfo {
+                size: SIZE,
+                read_only: false,
+            })
+        } else {
+            Err(OpenError::NotFound(name.into()))
+        }
     }
     async fn open(&self, name: &str, _writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
         if name == "vol" {
