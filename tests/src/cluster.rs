@@ -346,7 +346,8 @@ impl Cluster {
         self.host(name).pool_dir().join(format!("{volume}.img"))
     }
 
-    /// Start `tandemd` in the host's namespace; waits (10 s) until its control socket answers.
+    /// Start `tandemd` in the host's namespace; waits (10 s) until its control and NBD
+    /// sockets answer.
     pub fn start(&mut self, name: &str) {
         let tandemd = bin("tandemd");
         let rust_log = self.spec.rust_log.clone();
@@ -369,6 +370,7 @@ impl Cluster {
             .expect("spawn tandemd in namespace");
         host.daemon = Some(child);
         let socket = host.control_socket();
+        let nbd = host.nbd_socket();
         let mut exited = None;
         let ready = wait_until(Duration::from_secs(10), || {
             if let Some(status) = host
@@ -380,6 +382,7 @@ impl Cluster {
                 return true;
             }
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                && std::os::unix::net::UnixStream::connect(&nbd).is_ok()
         });
         if let Some(status) = exited {
             host.daemon = None;
@@ -580,9 +583,24 @@ impl Cluster {
         written
     }
 
-    /// Remove what `fill_pool` wrote.
+    /// Remove what `fill_pool` wrote, and wait (5 s) until the file system shows free
+    /// space: the space returns only when the last descriptor closes, and a process forked
+    /// concurrently elsewhere may hold a copy until its exec.
     pub fn unfill_pool(&self, name: &str) {
-        let _ = std::fs::remove_file(self.host(name).pool_dir().join(".fill"));
+        let pool = self.host(name).pool_dir();
+        let _ = std::fs::remove_file(pool.join(".fill"));
+        let path =
+            std::ffi::CString::new(pool.to_string_lossy().as_bytes()).expect("path without NUL");
+        let freed = wait_until(Duration::from_secs(5), || {
+            // SAFETY: statvfs fills the zeroed struct we pass; the path is NUL-terminated.
+            let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+            let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stats) };
+            rc == 0 && stats.f_bavail > 16
+        });
+        assert!(
+            freed,
+            "pool of {name} shows no free space after removing the fill file"
+        );
     }
 
     /// `tandem --config <host config> ARGS...` run inside the host's namespace.

@@ -222,6 +222,10 @@ pub fn sweep_stale() -> Vec<String> {
         let mut points: Vec<String> = mountinfo
             .lines()
             .filter_map(|line| line.split_whitespace().nth(4).map(str::to_string))
+            // Namespace files under /run/netns are bind mounts too; `ip netns del` owns them.
+            .filter(|point| {
+                !point.starts_with("/run/netns/") && !point.starts_with("/var/run/netns/")
+            })
             .filter(|point| {
                 point
                     .split('/')

@@ -150,9 +150,13 @@ fn sweeper_removes_namespaces_of_dead_runs_only() {
     let stale = format!("tdm-{dead}-0-hv1");
     netns::ip(&["netns", "add", &stale]).unwrap();
     let ours = netns::Netns::add(&format!("{}-probe", netns::unique_tag())).unwrap();
+    // Another test process's sweeper may get there first; either way it must be gone.
     let removed = netns::sweep_stale();
-    assert!(removed.contains(&stale), "{removed:?}");
     let listed = namespaces();
+    assert!(
+        removed.contains(&stale) || !listed.contains(&stale),
+        "{removed:?}"
+    );
     assert!(!listed.contains(&stale));
     assert!(
         listed.contains(ours.name()),
