@@ -1,7 +1,10 @@
 //! `tandemd`: the Tandem node daemon.
 //!
-//! Loads the config, opens the pools, reloads the volume definitions, serves the control API
-//! on `<run_dir>/tandemd.sock` until SIGTERM or SIGINT, then removes the socket and exits 0.
+//! Loads the config (and, in a cluster of more than one node, the shared peer secret), opens
+//! the pools, reloads the volume definitions, opens every replicated volume's replica in the
+//! replication engine, serves the control API on `<run_dir>/tandemd.sock` and, in a cluster,
+//! the authenticated peer control API on this node's `control` address, until SIGTERM or
+//! SIGINT; then closes the replicas cleanly, removes the socket and exits 0.
 //! Logs go to stderr (journald under systemd), filtered by `RUST_LOG` (default `info`).
 
 use std::io::IsTerminal;
@@ -14,7 +17,9 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 use volume_driver::config::{self, Config};
+use volume_driver::engine::{Engine, NoEngine};
 use volume_driver::frontend::Exports;
+use volume_driver::peer;
 use volume_driver::report::error_chain;
 use volume_driver::server;
 use volume_driver::service::VolumeService;
@@ -60,11 +65,26 @@ fn run(args: Args) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let socket = config.control_socket();
     tracing::info!(node = %config.node, config = %config.path.display(), "tandemd starting");
-    let service = tokio::task::spawn_blocking(move || VolumeService::open(config))
-        .await
-        .context("startup task failed")?
+    // A cluster needs the shared secret before anything listens on the network.
+    let secret = config
+        .load_secret()
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let peer_addr = config
+        .is_cluster()
+        .then(|| config.this_node().map(|n| n.control))
+        .flatten();
+    // The replication engine (replication::replica) is wired in here once it is merged;
+    // until then replicated volumes are refused promotion (engine::NoEngine).
+    let engine: Arc<dyn Engine> = NoEngine::new(&config.node);
+    let service = {
+        let secret = secret.clone();
+        tokio::task::spawn_blocking(move || VolumeService::open_with(config, engine, secret))
+            .await
+            .context("startup task failed")?
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?
+    };
     let service = Arc::new(service);
+    service.start_replicas().await;
     let _exports: Arc<dyn Exports> = service.clone();
     // NBD frontend is started here (nbd::serve(_exports, ...)).
 
@@ -72,13 +92,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let listener = server::bind(&socket).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     tracing::info!(socket = %socket.display(), "control API listening");
+    let peers = async {
+        match (peer_addr, secret) {
+            (Some(addr), Some(secret)) => {
+                let listener = peer::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+                tracing::info!(address = %addr, "peer control API listening");
+                peer::serve(listener, Arc::clone(&service), secret)
+                    .await
+                    .with_context(|| format!("peer control API on {addr} failed"))
+            }
+            _ => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
         served = server::serve(listener, Arc::clone(&service)) => {
             served.with_context(|| format!("control API on {} failed", socket.display()))
         }
+        served = peers => served,
         _ = sigterm.recv() => { tracing::info!("SIGTERM received, stopping"); Ok(()) }
         _ = sigint.recv() => { tracing::info!("SIGINT received, stopping"); Ok(()) }
     };
+    service.shutdown().await;
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!(socket = %socket.display(), error = %e, "cannot remove control socket");
     }
