@@ -87,6 +87,7 @@ pub mod generation;
 pub mod link;
 pub mod metadata;
 pub mod quorum;
+pub mod replica;
 pub mod role;
 pub mod sync_decision;
 pub mod wire;
