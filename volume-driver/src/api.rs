@@ -159,6 +159,9 @@ pub struct ReplicaStatus {
     /// `A`, `B` or `C`.
     pub protocol: String,
     pub quorum: bool,
+    /// Why (not) quorum, e.g. "1 of 2 voters reachable, kept by tiebreaker (1 of 1)".
+    #[serde(default)]
+    pub quorum_reason: String,
     pub io_suspended: bool,
     pub allow_two_primaries: bool,
     pub size_bytes: u64,
@@ -187,6 +190,12 @@ pub struct PeerStatus {
     /// Set during a split brain: what happened and the command that resolves it.
     #[serde(default)]
     pub split_brain: Option<String>,
+    /// The last handshake decision, in words.
+    #[serde(default)]
+    pub decision: Option<String>,
+    /// The last connection error while the link is down.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// A running resync.

@@ -199,13 +199,8 @@ fn random_token() -> String {
 }
 
 fn random_day0() -> u64 {
-    loop {
-        let v = rand::thread_rng().next_u64();
-        // The engine reserves 0 for "no generation"; the low bit is DRBD's primary flag.
-        if v & !1 != 0 {
-            return v & !1;
-        }
-    }
+    let mut rng = rand::thread_rng();
+    replication::generation::Generation::fresh(&mut || rng.next_u64()).raw()
 }
 
 impl VolumeService {

@@ -13,10 +13,11 @@
 //! branches on and the engine's operator-ready message, unchanged (e.g. "vm-100-disk-0 is
 //! Primary on hv2").
 //!
-//! [`NoEngine`] stands in while this build has no replication engine: it keeps replicated
-//! volumes' metadata directories and reports them Secondary with unconnected peers, and it
-//! refuses every promotion — so nothing is ever served from an unreplicated copy of a
-//! replicated volume.
+//! The real engine is [`crate::engine_adapter::ReplicationEngine`]. [`NoEngine`] is what a
+//! one-node install (no secret, no replication listener) runs with: it reports replicated
+//! volumes Secondary with unconnected peers and refuses every promotion, so nothing is ever
+//! served from an unreplicated copy of a replicated volume (e.g. after the config lost its
+//! other nodes).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -131,7 +132,7 @@ pub trait EngineReplica: Send + Sync + 'static {
     ) -> Result<(), EngineFailure>;
 }
 
-/// The stand-in engine of a build without `replication::replica` (see the module doc).
+/// The engine of a node without replication (see the module doc).
 pub struct NoEngine {
     node: String,
 }
@@ -209,6 +210,7 @@ impl EngineReplica for DetachedReplica {
             .into(),
             protocol: self.plan.options.protocol.to_string(),
             quorum: false,
+            quorum_reason: String::new(),
             io_suspended: false,
             allow_two_primaries: false,
             size_bytes: self.device.as_ref().map_or(0, |d| d.size()),
@@ -227,6 +229,8 @@ impl EngineReplica for DetachedReplica {
                     out_of_sync_bytes: 0,
                     resync: None,
                     split_brain: None,
+                    decision: None,
+                    last_error: None,
                 })
                 .collect(),
             last_verify: None,

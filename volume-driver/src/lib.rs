@@ -8,6 +8,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod engine_adapter;
 pub mod frontend;
 pub mod local_export;
 pub mod names;

@@ -351,6 +351,7 @@ pub(crate) mod tests {
                 disk_state: "UpToDate".into(),
                 protocol: "C".into(),
                 quorum: true,
+                quorum_reason: String::new(),
                 io_suspended: false,
                 allow_two_primaries: false,
                 size_bytes: self.data.lock().unwrap().len() as u64,

@@ -854,6 +854,7 @@ impl VolumeService {
                 .into(),
                 protocol: definition.options.protocol.to_string(),
                 quorum: !replicated,
+                quorum_reason: String::new(),
                 io_suspended: false,
                 allow_two_primaries: false,
                 size_bytes: definition.size_bytes,

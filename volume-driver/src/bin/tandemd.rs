@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 use volume_driver::config::{self, Config};
 use volume_driver::engine::{Engine, NoEngine};
+use volume_driver::engine_adapter::ReplicationEngine;
 use volume_driver::frontend::Exports;
 use volume_driver::peer;
 use volume_driver::report::error_chain;
@@ -73,9 +74,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .is_cluster()
         .then(|| config.this_node().map(|n| n.control))
         .flatten();
-    // The replication engine (replication::replica) is wired in here once it is merged;
-    // until then replicated volumes are refused promotion (engine::NoEngine).
-    let engine: Arc<dyn Engine> = NoEngine::new(&config.node);
+    // The replication engine listens on this node's replication address in a cluster; a
+    // one-node install has no replicated volumes and no listener.
+    let engine: Arc<dyn Engine> = match (&secret, config.this_node()) {
+        (Some(secret), Some(this)) => {
+            let engine = ReplicationEngine::start(&config.node, this.replication, secret.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("replication listener: {e}"))?;
+            tracing::info!(address = %this.replication, "replication listener started");
+            engine
+        }
+        _ => NoEngine::new(&config.node),
+    };
     let service = {
         let secret = secret.clone();
         tokio::task::spawn_blocking(move || VolumeService::open_with(config, engine, secret))
