@@ -5,6 +5,8 @@
 //! Secondary is refused with the engine's message while the other node is Primary, that a
 //! Secondary serves no reads, and that the last writer closing demotes.
 
+#![allow(clippy::unwrap_used)] // a test: unwrapping is asserting
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
