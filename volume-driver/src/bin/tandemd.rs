@@ -8,6 +8,7 @@
 //! Logs go to stderr (journald under systemd), filtered by `RUST_LOG` (default `info`).
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use volume_driver::config::{self, Config};
 use volume_driver::engine::{Engine, NoEngine};
 use volume_driver::engine_adapter::ReplicationEngine;
 use volume_driver::frontend::Exports;
+use volume_driver::nbd;
 use volume_driver::peer;
 use volume_driver::report::error_chain;
 use volume_driver::server;
@@ -63,8 +65,46 @@ fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(serve(config))
 }
 
+/// Where the NBD frontend listens.
+struct NbdListen {
+    unix_socket: PathBuf,
+    tcp: Option<SocketAddr>,
+}
+
+/// Bind the NBD listeners (unix socket always, TCP when configured) and serve every volume
+/// on them until `stop` turns true.
+fn start_nbd(
+    listen: &NbdListen,
+    exports: Arc<dyn Exports>,
+    stop: nbd::Shutdown,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let unix = nbd::bind_unix(&listen.unix_socket)
+        .with_context(|| format!("cannot serve NBD on {}", listen.unix_socket.display()))?;
+    tracing::info!(socket = %listen.unix_socket.display(), "NBD listening");
+    let mut tasks = vec![tokio::spawn(nbd::serve_unix(
+        unix,
+        Arc::clone(&exports),
+        stop.clone(),
+    ))];
+    if let Some(addr) = listen.tcp {
+        let tcp = std::net::TcpListener::bind(addr)
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .with_context(|| format!("cannot serve NBD on TCP {addr}"))?;
+        tracing::info!(%addr, "NBD listening on TCP");
+        tasks.push(tokio::spawn(nbd::serve_tcp(tcp, exports, stop)));
+    }
+    Ok(tasks)
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let socket = config.control_socket();
+    let config_nbd = NbdListen {
+        unix_socket: config.nbd_socket(),
+        tcp: config.nbd.tcp_listen,
+    };
     tracing::info!(node = %config.node, config = %config.path.display(), "tandemd starting");
     // A cluster needs the shared secret before anything listens on the network.
     let secret = config
@@ -95,8 +135,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let service = Arc::new(service);
     service.start_replicas().await;
-    let _exports: Arc<dyn Exports> = service.clone();
-    // NBD frontend is started here (nbd::serve(_exports, ...)).
 
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -116,6 +154,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             _ => std::future::pending().await,
         }
     };
+    let exports: Arc<dyn Exports> = service.clone();
+    let (stop_nbd, nbd_stopped) = tokio::sync::watch::channel(false);
+    let nbd_tasks = start_nbd(&config_nbd, exports, nbd_stopped)?;
     let result = tokio::select! {
         served = server::serve(listener, Arc::clone(&service)) => {
             served.with_context(|| format!("control API on {} failed", socket.display()))
@@ -124,6 +165,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         _ = sigterm.recv() => { tracing::info!("SIGTERM received, stopping"); Ok(()) }
         _ = sigint.recv() => { tracing::info!("SIGINT received, stopping"); Ok(()) }
     };
+    let _ = stop_nbd.send(true);
+    for task in nbd_tasks {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "NBD listener task failed");
+        }
+    }
+    if let Err(e) = std::fs::remove_file(&config_nbd.unix_socket) {
+        tracing::warn!(socket = %config_nbd.unix_socket.display(), error = %e, "cannot remove NBD socket");
+    }
+    // Frontends are closed: now close the replicas cleanly (flush bitmaps, clean flag).
     service.shutdown().await;
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!(socket = %socket.display(), error = %e, "cannot remove control socket");

@@ -1,0 +1,649 @@
+//! NBD server: listeners, the per-connection handshake and the transmission loop.
+//!
+//! One task per connection reads requests; each request runs in its own task against the
+//! [`ExportHandle`]; one writer task per connection sends the replies in completion order.
+//! In-flight requests are bounded by count and by bytes (see [`MAX_IN_FLIGHT`],
+//! [`MAX_IN_FLIGHT_BYTES`]): the reader stops reading from the socket when the budget is
+//! used up, so a fast client cannot make the server buffer without limit.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::proto::{self, ClientOption, Command, InfoRequest};
+use crate::frontend::{ExportHandle, ExportIoError, Exports, IoErrorKind, OpenError};
+
+/// Most requests one connection may have in flight (QEMU and fio use up to 32 or 64).
+pub const MAX_IN_FLIGHT: usize = 128;
+/// Most payload bytes (write data plus read buffers) one connection may have in flight.
+pub const MAX_IN_FLIGHT_BYTES: u32 = 256 << 20;
+/// Option payloads beyond [`proto::MAX_OPTION_LEN`] up to this size are read and refused
+/// with `NBD_REP_ERR_TOO_BIG`; larger ones end the connection.
+const MAX_DISCARDED_OPTION_LEN: u32 = 1 << 20;
+/// Time a client has from connecting to choosing an export.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Options one connection may send before we consider it abusive.
+const MAX_OPTIONS: u32 = 1024;
+
+/// Errors of the NBD listeners.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// The unix socket could not be created.
+    #[error("cannot bind NBD socket {path}")]
+    Bind {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A stale socket file could not be removed.
+    #[error("cannot remove stale NBD socket {path}")]
+    RemoveStale {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The socket's mode could not be set to 0660.
+    #[error("cannot set mode 0660 on NBD socket {path}")]
+    Chmod {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The shutdown signal: serve until the value becomes `true` (or the sender is dropped).
+pub type Shutdown = watch::Receiver<bool>;
+
+/// Create the unix listening socket at `path` with mode 0660, replacing a stale socket.
+/// Must be called inside a tokio runtime.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, NbdError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(NbdError::RemoveStale {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(|source| NbdError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
+        NbdError::Chmod {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+async fn shutdown_requested(shutdown: &mut Shutdown) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serve NBD on a unix listener until `shutdown`; then wait for open connections to finish
+/// their in-flight requests.
+pub async fn serve_unix(listener: UnixListener, exports: Arc<dyn Exports>, shutdown: Shutdown) {
+    serve_loop(
+        || async {
+            let (stream, _) = listener.accept().await?;
+            let (r, w) = stream.into_split();
+            Ok((r, w, "unix".to_string()))
+        },
+        exports,
+        shutdown,
+    )
+    .await
+}
+
+/// Serve NBD on a TCP listener (TCP_NODELAY on every connection) until `shutdown`.
+pub async fn serve_tcp(listener: TcpListener, exports: Arc<dyn Exports>, shutdown: Shutdown) {
+    serve_loop(
+        || async {
+            let (stream, peer) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            let (r, w) = stream.into_split();
+            Ok((r, w, peer.to_string()))
+        },
+        exports,
+        shutdown,
+    )
+    .await
+}
+
+async fn serve_loop<A, Fut, R, W>(mut accept: A, exports: Arc<dyn Exports>, mut shutdown: Shutdown)
+where
+    A: FnMut() -> Fut,
+    Fut: std::future::Future<Output = io::Result<(R, W, String)>>,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown_requested(&mut shutdown) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = accept() => match accepted {
+                Ok((r, w, peer)) => {
+                    let exports = Arc::clone(&exports);
+                    let shutdown = shutdown.clone();
+                    connections.spawn(async move {
+                        serve_connection(r, w, exports, shutdown, &peer).await;
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: keep serving the connections we have.
+                    tracing::warn!(error = %e, "NBD accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// Why a connection ended without a clean disconnect.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("connection I/O failed")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("client aborted the handshake")]
+    Aborted,
+    #[error("export '{name}' cannot be opened: {source}")]
+    ExportName {
+        name: String,
+        #[source]
+        source: OpenError,
+    },
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+/// Serve one client on any byte stream: handshake, then transmission until the client
+/// disconnects, the stream breaks, or `shutdown`. Never panics on client input.
+pub async fn serve_connection<R, W>(
+    mut reader: R,
+    mut writer: W,
+    exports: Arc<dyn Exports>,
+    mut shutdown: Shutdown,
+    peer: &str,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let negotiate = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&mut reader, &mut writer, exports.as_ref()),
+    );
+    let handshake = tokio::select! {
+        r = negotiate => r.unwrap_or_else(|_| Err(ConnError::Protocol(format!(
+            "no export chosen within {}s",
+            HANDSHAKE_TIMEOUT.as_secs()
+        )))),
+        _ = shutdown_requested(&mut shutdown) => Err(ConnError::Shutdown),
+    };
+    let handle = match handshake {
+        Ok(handle) => handle,
+        Err(ConnError::Aborted) => {
+            tracing::debug!(peer, "NBD client aborted negotiation");
+            return;
+        }
+        Err(e) => {
+            tracing::info!(peer, error = %error_chain(&e), "NBD handshake ended");
+            return;
+        }
+    };
+    tracing::info!(peer, export = handle.name(), "NBD client connected");
+    match transmission(reader, writer, Arc::clone(&handle), shutdown).await {
+        Ok(()) => tracing::info!(peer, export = handle.name(), "NBD client disconnected"),
+        Err(e) => tracing::info!(
+            peer,
+            export = handle.name(),
+            error = %error_chain(&e),
+            "NBD connection ended"
+        ),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+// ---- Handshake ------------------------------------------------------------------------
+
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<()> {
+    let copied = tokio::io::copy(&mut (&mut *reader).take(len), &mut tokio::io::sink()).await?;
+    if copied < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+async fn handshake<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &dyn Exports,
+) -> Result<Arc<dyn ExportHandle>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    writer.write_all(&proto::encode_server_greeting()).await?;
+    writer.flush().await?;
+    let mut raw = [0u8; 4];
+    reader.read_exact(&mut raw).await?;
+    let client = proto::parse_client_flags(raw).map_err(|e| ConnError::Protocol(e.to_string()))?;
+
+    // A handle opened by NBD_OPT_INFO, kept for an immediately following NBD_OPT_GO of the
+    // same export so that INFO then GO does not open (promote) and close (demote) twice.
+    let mut pending: Option<Arc<dyn ExportHandle>> = None;
+    for _ in 0..MAX_OPTIONS {
+        let mut raw = [0u8; 16];
+        reader.read_exact(&mut raw).await?;
+        let hdr =
+            proto::parse_option_header(&raw).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        if hdr.len > proto::MAX_OPTION_LEN {
+            if hdr.len > MAX_DISCARDED_OPTION_LEN {
+                return Err(ConnError::Protocol(format!(
+                    "option {} with {} bytes of data",
+                    hdr.option, hdr.len
+                )));
+            }
+            discard(reader, u64::from(hdr.len)).await?;
+            let msg = "option data too long";
+            send(
+                writer,
+                &proto::encode_option_error(hdr.option, proto::NBD_REP_ERR_TOO_BIG, msg),
+            )
+            .await?;
+            continue;
+        }
+        let mut payload = vec![0u8; hdr.len as usize];
+        reader.read_exact(&mut payload).await?;
+        let kept = pending.take();
+        match proto::parse_option(hdr.option, &payload) {
+            ClientOption::ExportName(name) => {
+                let handle = match kept.filter(|h| h.name() == name) {
+                    Some(h) => h,
+                    None => exports
+                        .open(&name, true)
+                        .await
+                        .map_err(|source| ConnError::ExportName { name, source })?,
+                };
+                let reply = proto::encode_export_name_reply(
+                    handle.size(),
+                    proto::transmission_flags(handle.read_only()),
+                    client.no_zeroes,
+                );
+                send(writer, &reply).await?;
+                return Ok(handle);
+            }
+            ClientOption::Abort => {
+                // The client may already have closed; the ACK is a courtesy.
+                let _ = send(
+                    writer,
+                    &proto::encode_option_reply(hdr.option, proto::NBD_REP_ACK, &[]),
+                )
+                .await;
+                return Err(ConnError::Aborted);
+            }
+            ClientOption::List => {
+                let mut out = Vec::new();
+                for name in exports.list() {
+                    out.extend_from_slice(&proto::encode_rep_server(&name));
+                }
+                out.extend_from_slice(&proto::encode_option_reply(
+                    hdr.option,
+                    proto::NBD_REP_ACK,
+                    &[],
+                ));
+                send(writer, &out).await?;
+            }
+            ClientOption::Info(req) => {
+                if let Some(handle) = info_or_go(writer, exports, hdr.option, &req, kept).await? {
+                    pending = Some(handle);
+                }
+            }
+            ClientOption::Go(req) => {
+                if let Some(handle) = info_or_go(writer, exports, hdr.option, &req, kept).await? {
+                    return Ok(handle);
+                }
+            }
+            ClientOption::StructuredReply => {
+                // Simple replies only: see the module documentation of `nbd`.
+                let msg = "structured replies are not supported by this server";
+                send(
+                    writer,
+                    &proto::encode_option_error(hdr.option, proto::NBD_REP_ERR_UNSUP, msg),
+                )
+                .await?;
+            }
+            ClientOption::Unsupported(option) => {
+                let msg = format!("option {option} is not supported");
+                send(
+                    writer,
+                    &proto::encode_option_error(option, proto::NBD_REP_ERR_UNSUP, &msg),
+                )
+                .await?;
+            }
+            ClientOption::Invalid(why) => {
+                send(
+                    writer,
+                    &proto::encode_option_error(hdr.option, proto::NBD_REP_ERR_INVALID, why),
+                )
+                .await?;
+            }
+        }
+    }
+    Err(ConnError::Protocol(format!(
+        "more than {MAX_OPTIONS} options without choosing an export"
+    )))
+}
+
+async fn send<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> io::Result<()> {
+    writer.write_all(bytes).await?;
+    writer.flush().await
+}
+
+/// Answer `NBD_OPT_INFO` / `NBD_OPT_GO`: open the export as GO would (writable; the handle
+/// decides whether it is read-only), send its information and ACK. Returns the handle on
+/// success, `None` after an error reply.
+async fn info_or_go<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    exports: &dyn Exports,
+    option: u32,
+    req: &InfoRequest,
+    kept: Option<Arc<dyn ExportHandle>>,
+) -> Result<Option<Arc<dyn ExportHandle>>, ConnError> {
+    let opened = match kept.filter(|h| h.name() == req.name) {
+        Some(h) => Ok(h),
+        None => exports.open(&req.name, true).await,
+    };
+    let handle = match opened {
+        Ok(h) => h,
+        Err(e) => {
+            let rep = match e {
+                OpenError::NotFound(_) => proto::NBD_REP_ERR_UNKNOWN,
+                OpenError::Refused(_) => proto::NBD_REP_ERR_POLICY,
+            };
+            tracing::info!(export = req.name, error = %e, "NBD open refused");
+            send(
+                writer,
+                &proto::encode_option_error(option, rep, &e.to_string()),
+            )
+            .await?;
+            return Ok(None);
+        }
+    };
+    let mut out = proto::encode_info_export(
+        option,
+        handle.size(),
+        proto::transmission_flags(handle.read_only()),
+    );
+    out.extend_from_slice(&proto::encode_info_block_size(option));
+    if req.requests.contains(&proto::NBD_INFO_NAME) {
+        out.extend_from_slice(&proto::encode_info_name(option, handle.name()));
+    }
+    out.extend_from_slice(&proto::encode_option_reply(option, proto::NBD_REP_ACK, &[]));
+    send(writer, &out).await?;
+    Ok(Some(handle))
+}
+
+// ---- Transmission ---------------------------------------------------------------------
+
+/// A reply queued for the writer. The permits are returned when it has been written.
+struct Reply {
+    cookie: u64,
+    errno: u32,
+    data: Option<Bytes>,
+    _permits: Permits,
+}
+
+struct Permits {
+    _count: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+fn errno_of(e: &ExportIoError) -> u32 {
+    match e.kind {
+        IoErrorKind::Io => proto::NBD_EIO,
+        IoErrorKind::NoSpace => proto::NBD_ENOSPC,
+        IoErrorKind::Invalid => proto::NBD_EINVAL,
+        IoErrorKind::ReadOnly => proto::NBD_EPERM,
+        IoErrorKind::Shutdown => proto::NBD_ESHUTDOWN,
+    }
+}
+
+async fn transmission<R, W>(
+    mut reader: R,
+    writer: W,
+    handle: Arc<dyn ExportHandle>,
+    mut shutdown: Shutdown,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
+
+    let result = loop {
+        if tx.is_closed() {
+            // The writer failed: the client cannot receive replies any more.
+            break Ok(());
+        }
+        let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
+        let read = tokio::select! {
+            r = reader.read_exact(&mut raw) => r,
+            _ = shutdown_requested(&mut shutdown) => break Err(ConnError::Shutdown),
+        };
+        match read {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                break Err(ConnError::Protocol(
+                    "client closed the connection without NBD_CMD_DISC".into(),
+                ))
+            }
+            Err(e) => break Err(e.into()),
+        }
+        let hdr = match proto::parse_request_header(&raw) {
+            Ok(h) => h,
+            Err(e) => break Err(ConnError::Protocol(e.to_string())),
+        };
+        let limits = proto::ExportLimits {
+            size: handle.size(),
+            read_only: handle.read_only(),
+        };
+        // Both semaphores live as long as this function: acquire cannot fail.
+        let Ok(count_permit) = Arc::clone(&count).acquire_owned().await else {
+            break Err(ConnError::Shutdown);
+        };
+        let command = match proto::validate_request(&hdr, limits) {
+            Ok(c) => c,
+            Err(rej) => {
+                tracing::debug!(request = ?hdr, reason = rej.reason, errno = rej.errno, "NBD request refused");
+                if rej.discard > 0 {
+                    if let Err(e) = discard(&mut reader, u64::from(rej.discard)).await {
+                        break Err(e.into());
+                    }
+                }
+                let permits = Permits {
+                    _count: count_permit,
+                    _bytes: None,
+                };
+                let _ = tx.send(Reply {
+                    cookie: hdr.cookie,
+                    errno: rej.errno,
+                    data: None,
+                    _permits: permits,
+                });
+                continue;
+            }
+        };
+        let cost = match command {
+            Command::Read { len, .. } | Command::Write { len, .. } => len,
+            _ => 0,
+        };
+        let bytes_permit = if cost > 0 {
+            match Arc::clone(&bytes).acquire_many_owned(cost).await {
+                Ok(p) => Some(p),
+                Err(_) => break Err(ConnError::Shutdown),
+            }
+        } else {
+            None
+        };
+        let permits = Permits {
+            _count: count_permit,
+            _bytes: bytes_permit,
+        };
+        let payload = match command {
+            Command::Write { len, .. } => match read_payload(&mut reader, len as usize).await {
+                Ok(buf) => buf,
+                Err(e) => break Err(e.into()),
+            },
+            Command::Disconnect => break Ok(()),
+            _ => Bytes::new(),
+        };
+        let handle = Arc::clone(&handle);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (errno, data) = execute(handle.as_ref(), command, payload).await;
+            let _ = tx.send(Reply {
+                cookie: hdr.cookie,
+                errno,
+                data,
+                _permits: permits,
+            });
+        });
+    };
+    // In-flight requests hold their own sender; the writer ends after the last reply.
+    drop(tx);
+    match writer_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(e) => return Err(ConnError::Protocol(format!("reply writer failed: {e}"))),
+    }
+    result
+}
+
+/// Read exactly `len` bytes into a fresh buffer without zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let want = len - buf.len();
+        let n = (&mut *reader).take(want as u64).read_buf(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
+async fn execute(
+    handle: &dyn ExportHandle,
+    command: Command,
+    payload: Bytes,
+) -> (u32, Option<Bytes>) {
+    let result = match command {
+        Command::Read { offset, len } => {
+            return match handle.read(offset, len).await {
+                Ok(data) if data.len() == len as usize => (0, Some(data)),
+                Ok(data) => {
+                    tracing::error!(
+                        export = handle.name(),
+                        offset,
+                        len,
+                        got = data.len(),
+                        "export returned a short read"
+                    );
+                    (proto::NBD_EIO, None)
+                }
+                Err(e) => {
+                    tracing::warn!(export = handle.name(), error = %e, "NBD read failed");
+                    (errno_of(&e), None)
+                }
+            };
+        }
+        Command::Write { offset, fua, .. } => handle.write(offset, payload, fua).await,
+        Command::Flush => handle.flush().await,
+        Command::Trim { offset, len, fua } => match handle.trim(offset, u64::from(len)).await {
+            Ok(()) if fua => handle.flush().await,
+            other => other,
+        },
+        Command::WriteZeroes {
+            offset,
+            len,
+            fua,
+            may_unmap,
+        } => match handle.write_zeroes(offset, u64::from(len), may_unmap).await {
+            Ok(()) if fua => handle.flush().await,
+            other => other,
+        },
+        Command::Disconnect => Ok(()),
+    };
+    match result {
+        Ok(()) => (0, None),
+        Err(e) => {
+            tracing::warn!(export = handle.name(), ?command, error = %e, "NBD request failed");
+            (errno_of(&e), None)
+        }
+    }
+}
+
+/// Large read payloads bypass the write buffer (no copy); small replies are batched.
+const DIRECT_WRITE_THRESHOLD: usize = 64 << 10;
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) -> io::Result<()> {
+    let mut out = BufWriter::with_capacity(256 << 10, writer);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(reply) = next {
+            out.write_all(&proto::encode_simple_reply(reply.errno, reply.cookie))
+                .await?;
+            if let Some(data) = &reply.data {
+                if data.len() >= DIRECT_WRITE_THRESHOLD {
+                    out.flush().await?;
+                    out.get_mut().write_all(data).await?;
+                } else {
+                    out.write_all(data).await?;
+                }
+            }
+            drop(reply);
+            next = rx.try_recv().ok();
+        }
+        out.flush().await?;
+    }
+    out.shutdown().await
+}
