@@ -289,11 +289,18 @@ impl VolumeService {
                     .collect();
                 ApiError::new(
                     ErrorKind::NotFound,
-                    format!(
-                        "pool '{p}' does not exist on node '{}' (configured: {})",
-                        self.config.node,
-                        known.join(", ")
-                    ),
+                    if self.config.is_cluster() {
+                        format!(
+                            "pool '{p}' does not exist on node '{}' (configured: {})",
+                            self.config.node,
+                            known.join(", ")
+                        )
+                    } else {
+                        format!(
+                            "pool '{p}' does not exist (configured: {})",
+                            known.join(", ")
+                        )
+                    },
                 )
             }),
         }
