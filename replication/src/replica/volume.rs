@@ -910,10 +910,14 @@ impl Replica {
                     me.volume, meta.volume_size
                 )));
             }
-            let mut bms = lock(&me.bitmaps);
-            store
-                .grow(&mut meta, &mut bms, new_size, true)
-                .map_err(meta_err(&me.volume, "growing"))?;
+            {
+                let mut bms = lock(&me.bitmaps);
+                store
+                    .grow(&mut meta, &mut bms, new_size, true)
+                    .map_err(meta_err(&me.volume, "growing"))?;
+            }
+            // Bitmaps released first: the lock order is meta → state → bitmaps (status()
+            // takes state then bitmaps).
             lock(&me.st).volume_size = new_size;
             Ok(())
         })
