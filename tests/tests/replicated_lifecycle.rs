@@ -195,6 +195,39 @@ fn two_replicas_and_a_tiebreaker_live_and_die_together() {
         assert_eq!(shown["options"]["resync_rate_bytes"], 20 * MIB);
     }
 
+    // The dual-primary gate opens and closes; it needs protocol C.
+    let gate = hv1
+        .tandem(&[
+            "volume",
+            "allow-two-primaries",
+            "vm-100-disk-0",
+            "on",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(gate["allow_two_primaries"], true);
+    hv1.tandem(&["volume", "allow-two-primaries", "vm-100-disk-0", "off"])
+        .ok();
+    assert_eq!(status(hv1, "vm-100-disk-0")["allow_two_primaries"], false);
+    hv1.tandem(&["volume", "set", "vm-100-disk-0", "--protocol", "A"])
+        .ok();
+    let e = hv1
+        .tandem(&["volume", "allow-two-primaries", "vm-100-disk-0", "on"])
+        .failed();
+    assert!(e.contains("protocol C"), "{e}");
+    hv1.tandem(&["volume", "set", "vm-100-disk-0", "--protocol", "C"])
+        .ok();
+    let e = hv1
+        .tandem(&["volume", "set", "vm-100-disk-0", "--protocol", "D"])
+        .failed();
+    assert!(e.contains("--protocol"), "{e}");
+    // Nothing to resolve without a split brain; the engine says so.
+    let e = hv1
+        .tandem(&["volume", "resolve", "vm-100-disk-0", "--discard-local"])
+        .failed();
+    assert!(e.contains("not in split brain"), "{e}");
+
     // Delete removes it everywhere.
     hv2.tandem(&["volume", "delete", "vm-100-disk-0"]).ok();
     for node in [hv1, hv2, witness] {
