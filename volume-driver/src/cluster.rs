@@ -17,7 +17,8 @@
 //! volume; it holds the definition and no storage. A volume with one replica is not
 //! replicated and lives only on the node where it was created (no peers, no tiebreakers).
 //!
-//! **Delete** removes the volume on every node. It is refused, naming the node, when a node
+//! **Delete** removes the volume on every node, this node last (so a failure elsewhere leaves
+//! the definition here and the command can be repeated). It is refused, naming the node, when a node
 //! cannot be reached, when the volume is Primary anywhere, or when it is open anywhere.
 //! `--force` overrides the first two (an unreachable node keeps its replica; the answer
 //! lists it in `left_on` and the log says to delete it there), never the third: a running
@@ -493,7 +494,19 @@ impl VolumeService {
                     slot.busy = None;
                 }
                 if let Err(e) = self.open_replica(&name).await {
-                    tracing::error!(volume = %name, error = %e.message, "replica created but cannot be opened");
+                    // A replica the engine cannot run is no replica: undo it here, and the
+                    // coordinator undoes the others.
+                    if let Err(undo) = self.delete_local(&name).await {
+                        tracing::error!(volume = %name, error = %undo.message,
+                            "cannot remove a replica the engine refused to open");
+                    }
+                    return Err(ApiError::new(
+                        e.kind,
+                        format!(
+                            "the replication engine cannot open the new replica: {}",
+                            e.message
+                        ),
+                    ));
                 }
                 tracing::info!(volume = %name, diskless = definition.diskless, "replica created");
                 Ok(self.info(&definition, VolumeState::Ok))
@@ -611,6 +624,9 @@ impl VolumeService {
                 ),
             ));
         }
+        // This node last: if another node fails, the definition stays here and the same
+        // command can be run again.
+        present.sort_by_key(|n| *n == self.config.node);
         let mut failed = Vec::new();
         for node in &present {
             if let Err(e) = self
