@@ -53,11 +53,23 @@ impl ExportIoError {
     }
 }
 
+/// What a client may learn about an export without opening it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether an open would be read-only.
+    pub read_only: bool,
+}
+
 /// The volumes a frontend can serve.
 #[async_trait]
 pub trait Exports: Send + Sync + 'static {
     /// Export names (volume names) available on this host, sorted.
     fn list(&self) -> Vec<String>;
+    /// Describe a volume without opening it: never promotes, never counts as a writer.
+    /// Frontends answer information queries (NBD_OPT_INFO) with this.
+    async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError>;
     /// Open a volume. Opening for writing may promote the local replica, or be refused.
     async fn open(&self, name: &str, writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError>;
 }

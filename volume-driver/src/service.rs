@@ -28,7 +28,7 @@ use crate::api::{
 };
 use crate::config::Config;
 use crate::engine::{Engine, NoEngine, PeerPlan, ReplicaPlan};
-use crate::frontend::{ExportHandle, Exports, OpenError};
+use crate::frontend::{ExportHandle, ExportInfo, Exports, OpenError};
 use crate::local_export::LocalExport;
 use crate::names::validate_volume_name;
 use crate::pool::{self, Pool, PoolError};
@@ -970,6 +970,24 @@ impl Exports for VolumeService {
             })
             .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        let volumes = self.lock();
+        let slot = volumes
+            .get(name)
+            .filter(|s| s.definition.as_ref().is_some_and(|d| !d.diskless))
+            .ok_or_else(|| OpenError::NotFound(name.to_string()))?;
+        // A replica reports the size the engine serves (it grows online).
+        let size = match (&slot.runtime, &slot.definition) {
+            (Some(runtime), _) => runtime.status().replica.size_bytes,
+            (None, Some(definition)) => definition.size_bytes,
+            (None, None) => 0,
+        };
+        Ok(ExportInfo {
+            size,
+            read_only: false,
+        })
     }
 
     async fn open(&self, name: &str, writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {

@@ -19,7 +19,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use replication::device::FileDevice;
-use volume_driver::frontend::{ExportHandle, ExportIoError, Exports, IoErrorKind, OpenError};
+use volume_driver::frontend::{
+    ExportHandle, ExportInfo, ExportIoError, Exports, IoErrorKind, OpenError,
+};
 use volume_driver::local_export::LocalExport;
 use volume_driver::nbd;
 
@@ -86,6 +88,13 @@ impl Exports for TestExports {
         names
     }
 
+    async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        let handle = self.open(name, false).await?;
+        Ok(ExportInfo {
+            size: handle.size(),
+            read_only: handle.read_only(),
+        })
+    }
     async fn open(&self, name: &str, _writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
         if name == "faulty" {
             return Ok(Arc::new(FaultyHandle));

@@ -29,7 +29,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use clap::Parser;
 use replication::device::FileDevice;
-use volume_driver::frontend::{ExportHandle, ExportIoError, Exports, IoErrorKind, OpenError};
+use volume_driver::frontend::{
+    ExportHandle, ExportInfo, ExportIoError, Exports, IoErrorKind, OpenError,
+};
 use volume_driver::local_export::LocalExport;
 
 /// Compare Tandem's NBD server with qemu-nbd using fio (nbd engine) on one backing file.
@@ -74,6 +76,13 @@ struct OneExport {
 impl Exports for OneExport {
     fn list(&self) -> Vec<String> {
         vec![EXPORT.to_string()]
+    }
+    async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        let handle = self.open(name, false).await?;
+        Ok(ExportInfo {
+            size: handle.size(),
+            read_only: handle.read_only(),
+        })
     }
     async fn open(&self, name: &str, _writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
         if name != EXPORT {
@@ -184,6 +193,13 @@ struct DirectExports(Arc<DirectExport>);
 impl Exports for DirectExports {
     fn list(&self) -> Vec<String> {
         vec![EXPORT.to_string()]
+    }
+    async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        let handle = self.open(name, false).await?;
+        Ok(ExportInfo {
+            size: handle.size(),
+            read_only: handle.read_only(),
+        })
     }
     async fn open(&self, name: &str, _writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
         if name != EXPORT {

@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::AsyncWriteExt;
-use volume_driver::frontend::{ExportHandle, ExportIoError, Exports, IoErrorKind, OpenError};
+use volume_driver::frontend::{
+    ExportHandle, ExportInfo, ExportIoError, Exports, IoErrorKind, OpenError,
+};
 use volume_driver::nbd;
 
 struct Mem {
@@ -65,6 +67,13 @@ struct One;
 impl Exports for One {
     fn list(&self) -> Vec<String> {
         vec!["m".into()]
+    }
+    async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
+        let handle = self.open(name, false).await?;
+        Ok(ExportInfo {
+            size: handle.size(),
+            read_only: handle.read_only(),
+        })
     }
     async fn open(&self, name: &str, _w: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
         match name {

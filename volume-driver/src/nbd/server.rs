@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::proto::{self, ClientOption, Command, InfoRequest};
-use crate::frontend::{ExportHandle, ExportIoError, Exports, IoErrorKind, OpenError};
+use crate::frontend::{ExportHandle, ExportInfo, ExportIoError, Exports, IoErrorKind, OpenError};
 
 /// Most requests one connection may have in flight (QEMU and fio use up to 32 or 64).
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -261,9 +261,6 @@ where
     reader.read_exact(&mut raw).await?;
     let client = proto::parse_client_flags(raw).map_err(|e| ConnError::Protocol(e.to_string()))?;
 
-    // A handle opened by NBD_OPT_INFO, kept for an immediately following NBD_OPT_GO of the
-    // same export so that INFO then GO does not open (promote) and close (demote) twice.
-    let mut pending: Option<Arc<dyn ExportHandle>> = None;
     for _ in 0..MAX_OPTIONS {
         let mut raw = [0u8; 16];
         reader.read_exact(&mut raw).await?;
@@ -287,16 +284,12 @@ where
         }
         let mut payload = vec![0u8; hdr.len as usize];
         reader.read_exact(&mut payload).await?;
-        let kept = pending.take();
         match proto::parse_option(hdr.option, &payload) {
             ClientOption::ExportName(name) => {
-                let handle = match kept.filter(|h| h.name() == name) {
-                    Some(h) => h,
-                    None => exports
-                        .open(&name, true)
-                        .await
-                        .map_err(|source| ConnError::ExportName { name, source })?,
-                };
+                let handle = exports
+                    .open(&name, true)
+                    .await
+                    .map_err(|source| ConnError::ExportName { name, source })?;
                 let reply = proto::encode_export_name_reply(
                     handle.size(),
                     proto::transmission_flags(handle.read_only()),
@@ -327,15 +320,23 @@ where
                 send(writer, &out).await?;
             }
             ClientOption::Info(req) => {
-                if let Some(handle) = info_or_go(writer, exports, hdr.option, &req, kept).await? {
-                    pending = Some(handle);
+                // Information only: describe, never open (an open may promote).
+                match exports.describe(&req.name).await {
+                    Ok(info) => send_info(writer, hdr.option, &req, &req.name, &info).await?,
+                    Err(e) => send_open_error(writer, hdr.option, &req.name, e).await?,
                 }
             }
-            ClientOption::Go(req) => {
-                if let Some(handle) = info_or_go(writer, exports, hdr.option, &req, kept).await? {
+            ClientOption::Go(req) => match exports.open(&req.name, true).await {
+                Ok(handle) => {
+                    let info = ExportInfo {
+                        size: handle.size(),
+                        read_only: handle.read_only(),
+                    };
+                    send_info(writer, hdr.option, &req, handle.name(), &info).await?;
                     return Ok(handle);
                 }
-            }
+                Err(e) => send_open_error(writer, hdr.option, &req.name, e).await?,
+            },
             ClientOption::StructuredReply => {
                 // Simple replies only: see the module documentation of `nbd`.
                 let msg = "structured replies are not supported by this server";
@@ -372,48 +373,42 @@ async fn send<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> io::Result
     writer.flush().await
 }
 
-/// Answer `NBD_OPT_INFO` / `NBD_OPT_GO`: open the export as GO would (writable; the handle
-/// decides whether it is read-only), send its information and ACK. Returns the handle on
-/// success, `None` after an error reply.
-async fn info_or_go<W: AsyncWrite + Unpin>(
+/// Refuse an NBD_OPT_INFO / NBD_OPT_GO with the reason as the reply's message, which
+/// clients such as QEMU print.
+async fn send_open_error<W: AsyncWrite + Unpin>(
     writer: &mut W,
-    exports: &dyn Exports,
+    option: u32,
+    name: &str,
+    error: OpenError,
+) -> io::Result<()> {
+    let rep = match error {
+        OpenError::NotFound(_) => proto::NBD_REP_ERR_UNKNOWN,
+        OpenError::Refused(_) => proto::NBD_REP_ERR_POLICY,
+    };
+    tracing::info!(export = name, error = %error, "NBD open refused");
+    send(
+        writer,
+        &proto::encode_option_error(option, rep, &error.to_string()),
+    )
+    .await
+}
+
+/// Answer NBD_OPT_INFO / NBD_OPT_GO with the export's information and ACK.
+async fn send_info<W: AsyncWrite + Unpin>(
+    writer: &mut W,
     option: u32,
     req: &InfoRequest,
-    kept: Option<Arc<dyn ExportHandle>>,
-) -> Result<Option<Arc<dyn ExportHandle>>, ConnError> {
-    let opened = match kept.filter(|h| h.name() == req.name) {
-        Some(h) => Ok(h),
-        None => exports.open(&req.name, true).await,
-    };
-    let handle = match opened {
-        Ok(h) => h,
-        Err(e) => {
-            let rep = match e {
-                OpenError::NotFound(_) => proto::NBD_REP_ERR_UNKNOWN,
-                OpenError::Refused(_) => proto::NBD_REP_ERR_POLICY,
-            };
-            tracing::info!(export = req.name, error = %e, "NBD open refused");
-            send(
-                writer,
-                &proto::encode_option_error(option, rep, &e.to_string()),
-            )
-            .await?;
-            return Ok(None);
-        }
-    };
-    let mut out = proto::encode_info_export(
-        option,
-        handle.size(),
-        proto::transmission_flags(handle.read_only()),
-    );
+    name: &str,
+    info: &ExportInfo,
+) -> io::Result<()> {
+    let mut out =
+        proto::encode_info_export(option, info.size, proto::transmission_flags(info.read_only));
     out.extend_from_slice(&proto::encode_info_block_size(option));
     if req.requests.contains(&proto::NBD_INFO_NAME) {
-        out.extend_from_slice(&proto::encode_info_name(option, handle.name()));
+        out.extend_from_slice(&proto::encode_info_name(option, name));
     }
     out.extend_from_slice(&proto::encode_option_reply(option, proto::NBD_REP_ACK, &[]));
-    send(writer, &out).await?;
-    Ok(Some(handle))
+    send(writer, &out).await
 }
 
 // ---- Transmission ---------------------------------------------------------------------
