@@ -70,8 +70,7 @@ impl Replica {
                             &peer,
                             format!("{addr} answered as {}", link.info.hello.node),
                         );
-                    } else {
-                        self.clone().run_link(link).await;
+                    } else if self.clone().run_link(link).await {
                         backoff = BACKOFF_MIN;
                     }
                 }
@@ -124,20 +123,23 @@ impl Replica {
     /// An authenticated link accepted by the node's listener.
     pub(super) fn incoming_link(&self, link: PeerLink) {
         let Some(me) = self.arc() else { return };
-        self.spawn(async move { me.run_link(link).await });
+        self.spawn(async move {
+            me.run_link(link).await;
+        });
     }
 
-    async fn run_link(self: Arc<Self>, link: PeerLink) {
+    /// Run one link to its end; true if it got past the handshake.
+    async fn run_link(self: Arc<Self>, link: PeerLink) -> bool {
         let peer = link.info.hello.node.clone();
         let id = {
             let mut st = lock(&self.st);
             if st.closed {
                 link.sender.close("replica closed");
-                return;
+                return false;
             }
             let Some(slot) = st.peers.get_mut(&peer) else {
                 link.sender.close("not a member of this volume");
-                return;
+                return false;
             };
             if let Some(old) = slot.sender.replace(link.sender.clone()) {
                 old.close("replaced by a new connection");
@@ -146,11 +148,12 @@ impl Replica {
             slot.mode = LinkMode::None;
             slot.link_id
         };
-        let reason = match self.serve_link(&peer, id, link).await {
-            Ok(reason) => reason,
-            Err(reason) => reason,
+        let (ok, reason) = match self.serve_link(&peer, id, link).await {
+            Ok(reason) => (true, reason),
+            Err(reason) => (false, reason),
         };
         self.link_down(&peer, id, reason).await;
+        ok
     }
 
     /// Handshake, then use the link until it goes down.
@@ -273,16 +276,6 @@ impl Replica {
             _ => {}
         }
 
-        if mine.role == Role::Primary && theirs.role == Role::Primary {
-            let e = format!(
-                "{}: both {} and {peer} are Primary; demote one of them",
-                self.volume,
-                self.node_name()
-            );
-            sender.close(&e);
-            return Err(e);
-        }
-
         // Roles versus direction: a Primary never becomes SyncTarget — unless its I/O is
         // frozen for lack of quorum: then it steps down (force-secondary).
         let resync = match outcome {
@@ -318,6 +311,16 @@ impl Replica {
                 sender.close("peer is Primary and would be SyncTarget");
                 return Err(format!("{describe}, but {peer} is Primary"));
             }
+        }
+
+        if resync.is_none() && mine.role == Role::Primary && theirs.role == Role::Primary {
+            let e = format!(
+                "{}: both {} and {peer} are Primary; demote one of them",
+                self.volume,
+                self.node_name()
+            );
+            sender.close(&e);
+            return Err(e);
         }
 
         // Act on the decision.
