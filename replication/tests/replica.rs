@@ -125,8 +125,10 @@ async fn a_lost_peer_is_tracked_in_the_bitmap_and_resyncs_by_bitmap_on_return() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn witness_isolated_primary_freezes_the_other_side_takes_over_no_split_brain() {
-    let mut opts = ReplicaOptions::default();
-    opts.suspend_timeout = Duration::from_secs(60);
+    let opts = ReplicaOptions {
+        suspend_timeout: Duration::from_secs(60),
+        ..ReplicaOptions::default()
+    };
     let c = Cluster::new(&["hv1", "hv2"], &["witness"], 32 * MIB, opts).await;
     let (a, b, w) = (c.r("hv1"), c.r("hv2"), c.r("witness"));
     wait_for(&a, "hv1 fully connected", 10, |s| {
