@@ -297,3 +297,72 @@ async fn split_brain_is_detected_reported_and_resolved_by_discarding_one_side() 
     .await;
     assert!(peer(&sa, "hv2").split_brain.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_primary_resyncs_its_hot_extents_from_the_survivor() {
+    let mut c = Cluster::new(&["hv1", "hv2"], &[], 64 * MIB, ReplicaOptions::default()).await;
+    let a = c.r("hv1");
+    wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
+    a.promote().await.unwrap();
+    // Extents 0 (0..4 MiB) and 2 (8..12 MiB) are hot in the activity log.
+    write_mib(&a, 0, 1, 1).await;
+    write_mib(&a, 9, 1, 2).await;
+    drop(a);
+    c.kill("hv1");
+    let b = c.r("hv2");
+    wait_for(&b, "hv1 gone", 10, |s| {
+        peer(s, "hv1").connection != ConnectionState::Connected
+    })
+    .await;
+    c.restart("hv1").await;
+    let a = c.r("hv1");
+    let sa = wait_for(&a, "hv1 SyncTarget after its crash", 10, |s| {
+        peer(s, "hv2").replication == ReplicationState::SyncTarget
+    })
+    .await;
+    assert_eq!(sa.role, Role::Secondary);
+    assert_eq!(sa.disk_state, DiskState::Inconsistent);
+    let d = peer(&sa, "hv2").decision.clone().unwrap();
+    assert!(d.contains("local-crashed-primary"), "{d}");
+    // The survivor resyncs the union: the crashed node's activity-log extents.
+    let sb = wait_for(&b, "hv2 SyncSource", 10, |s| {
+        peer(s, "hv1").replication == ReplicationState::SyncSource
+    })
+    .await;
+    assert_eq!(peer(&sb, "hv1").out_of_sync_bytes, 8 * MIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_close_and_reopen_needs_no_resync_and_tracks_only_missed_writes() {
+    let mut c = Cluster::new(&["hv1", "hv2"], &[], 32 * MIB, ReplicaOptions::default()).await;
+    let a = c.r("hv1");
+    wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+
+    c.close("hv2").await;
+    wait_for(&a, "hv2 left", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    c.reopen("hv2").await;
+    let s = wait_for(&a, "hv2 back, in sync", 10, |s| established(s, "hv2")).await;
+    assert_eq!(peer(&s, "hv2").out_of_sync_bytes, 0);
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+
+    c.close("hv2").await;
+    wait_for(&a, "hv2 left again", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    write_mib(&a, 4, 1, 9).await;
+    assert_eq!(peer(&a.status(), "hv2").out_of_sync_bytes, MIB);
+    c.reopen("hv2").await;
+    let s = wait_for(&a, "hv1 SyncSource for the missed MiB", 10, |s| {
+        peer(s, "hv2").replication == ReplicationState::SyncSource
+    })
+    .await;
+    assert_eq!(peer(&s, "hv2").out_of_sync_bytes, MIB);
+    let d = peer(&s, "hv2").decision.clone().unwrap();
+    assert!(d.contains("bitmap resync from hv1 to hv2"), "{d}");
+}

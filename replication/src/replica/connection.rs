@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::messages::{EngineMessage, OutdateResult, PeerState, MSG_STATE};
+use super::messages::{EngineMessage, OutdateResult, PeerState, MAX_RUNS_PER_MESSAGE, MSG_STATE};
 use super::volume::{lock, LinkMode, Replica};
 use crate::datapath::{run_secondary, SecondaryConfig};
 use crate::link::{LinkReceiver, LinkSender, PeerLink};
@@ -146,6 +146,10 @@ impl Replica {
             }
             slot.link_id += 1;
             slot.mode = LinkMode::None;
+            // No state broadcasts into a link that is still in its handshake.
+            if slot.conn == ConnectionState::Connected {
+                slot.conn = ConnectionState::Connecting;
+            }
             slot.link_id
         };
         let (ok, reason) = match self.serve_link(&peer, id, link).await {
@@ -323,6 +327,48 @@ impl Replica {
             return Err(e);
         }
 
+        // The source resyncs the union of both bitmaps: the target sends its bits.
+        match resync {
+            Some((Direction::LocalIsTarget, _)) => {
+                let runs: Vec<(u64, u64)> = lock(&self.bitmaps)
+                    .get(peer)
+                    .map(|b| b.runs().collect())
+                    .unwrap_or_default();
+                let mut chunks: Vec<&[(u64, u64)]> = runs.chunks(MAX_RUNS_PER_MESSAGE).collect();
+                if chunks.is_empty() {
+                    chunks.push(&[]);
+                }
+                let n = chunks.len();
+                for (i, c) in chunks.into_iter().enumerate() {
+                    let msg = EngineMessage::BitmapRuns {
+                        runs: c.to_vec(),
+                        last: i + 1 == n,
+                    };
+                    sender
+                        .send(&msg.to_message())
+                        .await
+                        .map_err(|e| format!("sending the bitmap: {e}"))?;
+                }
+            }
+            Some((Direction::LocalIsSource, _)) => {
+                match tokio::time::timeout(STATE_TIMEOUT, self.recv_bitmap(peer, &mut receiver))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        sender.close(&e);
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        let e = format!("no bitmap from {peer} within {STATE_TIMEOUT:?}");
+                        sender.close(&e);
+                        return Err(e);
+                    }
+                }
+            }
+            None => {}
+        }
+
         // Act on the decision.
         match resync {
             None => self.apply_in_sync(peer, theirs.disk).await,
@@ -367,6 +413,45 @@ impl Replica {
             gate,
         )
         .await
+    }
+
+    /// Receive the target's bitmap runs and merge them into ours for `peer`.
+    async fn recv_bitmap(&self, peer: &str, receiver: &mut LinkReceiver) -> Result<(), String> {
+        loop {
+            let Some(msg) = receiver.recv().await else {
+                return Err("link closed during the bitmap exchange".into());
+            };
+            let Message::Extension {
+                msg_type, payload, ..
+            } = msg
+            else {
+                return Err(format!(
+                    "expected the peer's bitmap, got message type {:#06x}",
+                    msg.msg_type()
+                ));
+            };
+            match EngineMessage::decode(msg_type, &payload) {
+                Ok(EngineMessage::BitmapRuns { runs, last }) => {
+                    {
+                        let mut bms = lock(&self.bitmaps);
+                        let Some(bm) = bms.get_mut(peer) else {
+                            return Err(format!("no bitmap for {peer}"));
+                        };
+                        for (o, l) in runs {
+                            bm.set_range(o, l)
+                                .map_err(|e| format!("peer's bitmap run: {e}"))?;
+                        }
+                    }
+                    if last {
+                        return Ok(());
+                    }
+                }
+                // A state update overtaking the exchange is harmless.
+                Ok(EngineMessage::State(_)) => {}
+                Ok(_) => return Err("unexpected message during the bitmap exchange".into()),
+                Err(e) => return Err(format!("bad bitmap message: {e}")),
+            }
+        }
     }
 
     /// Post-process a decision: split-brain policy or manual resolution, and "no sync"
@@ -690,6 +775,9 @@ impl Replica {
                 target,
                 requester,
             } => self.on_outdate(peer, id, target, requester).await,
+            EngineMessage::BitmapRuns { .. } => {
+                tracing::warn!(volume = %self.volume, peer, "bitmap runs outside a handshake; ignored");
+            }
             EngineMessage::OutdateReply {
                 id,
                 target,

@@ -257,6 +257,25 @@ impl Cluster {
         h.replica = Some(r);
     }
 
+    /// Close a host's replica cleanly (its node keeps running).
+    pub async fn close(&mut self, name: &str) {
+        let i = self.idx(name);
+        self.hosts[i].replica = None;
+        self.hosts[i]
+            .node
+            .as_ref()
+            .unwrap()
+            .close_replica(VOLUME)
+            .await
+            .unwrap();
+    }
+
+    /// Open a closed host's replica again.
+    pub async fn reopen(&mut self, name: &str) {
+        let i = self.idx(name);
+        self.open(i).await;
+    }
+
     /// Kill a host: its node is dropped (no clean close).
     pub fn kill(&mut self, name: &str) {
         let i = self.idx(name);
