@@ -87,6 +87,8 @@ pub mod generation;
 pub mod link;
 pub mod metadata;
 pub mod quorum;
+pub mod resync;
 pub mod role;
 pub mod sync_decision;
+pub mod verify;
 pub mod wire;
