@@ -88,6 +88,8 @@ pub mod link;
 pub mod metadata;
 pub mod quorum;
 pub mod replica;
+pub mod resync;
 pub mod role;
 pub mod sync_decision;
+pub mod verify;
 pub mod wire;

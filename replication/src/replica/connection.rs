@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::messages::{EngineMessage, OutdateResult, PeerState, MSG_STATE};
+use super::messages::{EngineMessage, OutdateResult, PeerState, MAX_RUNS_PER_MESSAGE, MSG_STATE};
 use super::volume::{lock, LinkMode, Replica};
 use crate::datapath::{run_secondary, SecondaryConfig};
 use crate::link::{LinkReceiver, LinkSender, PeerLink};
@@ -70,8 +70,7 @@ impl Replica {
                             &peer,
                             format!("{addr} answered as {}", link.info.hello.node),
                         );
-                    } else {
-                        self.clone().run_link(link).await;
+                    } else if self.clone().run_link(link).await {
                         backoff = BACKOFF_MIN;
                     }
                 }
@@ -124,33 +123,41 @@ impl Replica {
     /// An authenticated link accepted by the node's listener.
     pub(super) fn incoming_link(&self, link: PeerLink) {
         let Some(me) = self.arc() else { return };
-        self.spawn(async move { me.run_link(link).await });
+        self.spawn(async move {
+            me.run_link(link).await;
+        });
     }
 
-    async fn run_link(self: Arc<Self>, link: PeerLink) {
+    /// Run one link to its end; true if it got past the handshake.
+    async fn run_link(self: Arc<Self>, link: PeerLink) -> bool {
         let peer = link.info.hello.node.clone();
         let id = {
             let mut st = lock(&self.st);
             if st.closed {
                 link.sender.close("replica closed");
-                return;
+                return false;
             }
             let Some(slot) = st.peers.get_mut(&peer) else {
                 link.sender.close("not a member of this volume");
-                return;
+                return false;
             };
             if let Some(old) = slot.sender.replace(link.sender.clone()) {
                 old.close("replaced by a new connection");
             }
             slot.link_id += 1;
             slot.mode = LinkMode::None;
+            // No state broadcasts into a link that is still in its handshake.
+            if slot.conn == ConnectionState::Connected {
+                slot.conn = ConnectionState::Connecting;
+            }
             slot.link_id
         };
-        let reason = match self.serve_link(&peer, id, link).await {
-            Ok(reason) => reason,
-            Err(reason) => reason,
+        let (ok, reason) = match self.serve_link(&peer, id, link).await {
+            Ok(reason) => (true, reason),
+            Err(reason) => (false, reason),
         };
         self.link_down(&peer, id, reason).await;
+        ok
     }
 
     /// Handshake, then use the link until it goes down.
@@ -273,16 +280,6 @@ impl Replica {
             _ => {}
         }
 
-        if mine.role == Role::Primary && theirs.role == Role::Primary {
-            let e = format!(
-                "{}: both {} and {peer} are Primary; demote one of them",
-                self.volume,
-                self.node_name()
-            );
-            sender.close(&e);
-            return Err(e);
-        }
-
         // Roles versus direction: a Primary never becomes SyncTarget — unless its I/O is
         // frozen for lack of quorum: then it steps down (force-secondary).
         let resync = match outcome {
@@ -318,6 +315,58 @@ impl Replica {
                 sender.close("peer is Primary and would be SyncTarget");
                 return Err(format!("{describe}, but {peer} is Primary"));
             }
+        }
+
+        if resync.is_none() && mine.role == Role::Primary && theirs.role == Role::Primary {
+            let e = format!(
+                "{}: both {} and {peer} are Primary; demote one of them",
+                self.volume,
+                self.node_name()
+            );
+            sender.close(&e);
+            return Err(e);
+        }
+
+        // The source resyncs the union of both bitmaps: the target sends its bits.
+        match resync {
+            Some((Direction::LocalIsTarget, _)) => {
+                let runs: Vec<(u64, u64)> = lock(&self.bitmaps)
+                    .get(peer)
+                    .map(|b| b.runs().collect())
+                    .unwrap_or_default();
+                let mut chunks: Vec<&[(u64, u64)]> = runs.chunks(MAX_RUNS_PER_MESSAGE).collect();
+                if chunks.is_empty() {
+                    chunks.push(&[]);
+                }
+                let n = chunks.len();
+                for (i, c) in chunks.into_iter().enumerate() {
+                    let msg = EngineMessage::BitmapRuns {
+                        runs: c.to_vec(),
+                        last: i + 1 == n,
+                    };
+                    sender
+                        .send(&msg.to_message())
+                        .await
+                        .map_err(|e| format!("sending the bitmap: {e}"))?;
+                }
+            }
+            Some((Direction::LocalIsSource, _)) => {
+                match tokio::time::timeout(STATE_TIMEOUT, self.recv_bitmap(peer, &mut receiver))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        sender.close(&e);
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        let e = format!("no bitmap from {peer} within {STATE_TIMEOUT:?}");
+                        sender.close(&e);
+                        return Err(e);
+                    }
+                }
+            }
+            None => {}
         }
 
         // Act on the decision.
@@ -364,6 +413,45 @@ impl Replica {
             gate,
         )
         .await
+    }
+
+    /// Receive the target's bitmap runs and merge them into ours for `peer`.
+    async fn recv_bitmap(&self, peer: &str, receiver: &mut LinkReceiver) -> Result<(), String> {
+        loop {
+            let Some(msg) = receiver.recv().await else {
+                return Err("link closed during the bitmap exchange".into());
+            };
+            let Message::Extension {
+                msg_type, payload, ..
+            } = msg
+            else {
+                return Err(format!(
+                    "expected the peer's bitmap, got message type {:#06x}",
+                    msg.msg_type()
+                ));
+            };
+            match EngineMessage::decode(msg_type, &payload) {
+                Ok(EngineMessage::BitmapRuns { runs, last }) => {
+                    {
+                        let mut bms = lock(&self.bitmaps);
+                        let Some(bm) = bms.get_mut(peer) else {
+                            return Err(format!("no bitmap for {peer}"));
+                        };
+                        for (o, l) in runs {
+                            bm.set_range(o, l)
+                                .map_err(|e| format!("peer's bitmap run: {e}"))?;
+                        }
+                    }
+                    if last {
+                        return Ok(());
+                    }
+                }
+                // A state update overtaking the exchange is harmless.
+                Ok(EngineMessage::State(_)) => {}
+                Ok(_) => return Err("unexpected message during the bitmap exchange".into()),
+                Err(e) => return Err(format!("bad bitmap message: {e}")),
+            }
+        }
     }
 
     /// Post-process a decision: split-brain policy or manual resolution, and "no sync"
@@ -687,6 +775,9 @@ impl Replica {
                 target,
                 requester,
             } => self.on_outdate(peer, id, target, requester).await,
+            EngineMessage::BitmapRuns { .. } => {
+                tracing::warn!(volume = %self.volume, peer, "bitmap runs outside a handshake; ignored");
+            }
             EngineMessage::OutdateReply {
                 id,
                 target,

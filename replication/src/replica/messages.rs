@@ -12,6 +12,9 @@
 //! 0x0101 NewCurrent   generation u64 | names of replicas that do not receive its writes
 //! 0x0102 Outdate      request id u64 | target name | requester name
 //! 0x0103 OutdateReply request id u64 | target name | requester name | result u8
+//! 0x0104 BitmapRuns   last u8 | count u32 | (offset u64, len u64) x count  (at most
+//!                     MAX_RUNS_PER_MESSAGE): the SyncTarget's bitmap for the source, so
+//!                     the source resyncs the union of both bitmaps
 //! ```
 //! All integers little-endian; names are 1..=64 bytes of UTF-8.
 
@@ -29,6 +32,10 @@ pub const MSG_NEW_CURRENT: u16 = 0x0101;
 pub const MSG_OUTDATE: u16 = 0x0102;
 /// Answer to [`MSG_OUTDATE`].
 pub const MSG_OUTDATE_REPLY: u16 = 0x0103;
+/// The target's bitmap runs for the source.
+pub const MSG_BITMAP_RUNS: u16 = 0x0104;
+/// Runs per [`MSG_BITMAP_RUNS`] message.
+pub const MAX_RUNS_PER_MESSAGE: usize = 4096;
 
 const MAX_NAME: usize = 64;
 const MAX_NAMES: usize = 32;
@@ -99,6 +106,10 @@ pub enum EngineMessage {
         target: String,
         requester: String,
         result: OutdateResult,
+    },
+    BitmapRuns {
+        runs: Vec<(u64, u64)>,
+        last: bool,
     },
 }
 
@@ -189,6 +200,16 @@ impl EngineMessage {
                     OutdateResult::Refused => 2,
                 });
                 MSG_OUTDATE_REPLY
+            }
+            EngineMessage::BitmapRuns { runs, last } => {
+                out.push(u8::from(*last));
+                let runs = &runs[..runs.len().min(MAX_RUNS_PER_MESSAGE)];
+                out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+                for (o, l) in runs {
+                    out.extend_from_slice(&o.to_le_bytes());
+                    out.extend_from_slice(&l.to_le_bytes());
+                }
+                MSG_BITMAP_RUNS
             }
         };
         Message::Extension {
@@ -295,6 +316,26 @@ impl EngineMessage {
                     b => return Err(r.invalid(format!("outdate result {b}"))),
                 },
             },
+            MSG_BITMAP_RUNS => {
+                let last = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    b => return Err(r.invalid(format!("last flag {b}"))),
+                };
+                let n = r.u32()? as usize;
+                if n > MAX_RUNS_PER_MESSAGE {
+                    return Err(r.invalid(format!("{n} runs")));
+                }
+                let mut runs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let (o, l) = (r.u64()?, r.u64()?);
+                    if o.checked_add(l).is_none() {
+                        return Err(r.invalid(format!("run {o}+{l} overflows")));
+                    }
+                    runs.push((o, l));
+                }
+                EngineMessage::BitmapRuns { runs, last }
+            }
             other => return Err(MessageError::UnknownType(other)),
         };
         if r.pos != payload.len() {
@@ -391,6 +432,10 @@ mod tests {
                 target: "hv2".into(),
                 requester: "hv1".into(),
                 result: OutdateResult::Unreachable,
+            },
+            EngineMessage::BitmapRuns {
+                runs: vec![(0, 4096), (1 << 20, 8192)],
+                last: true,
             },
         ];
         for m in msgs {

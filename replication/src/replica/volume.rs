@@ -251,7 +251,7 @@ impl Replica {
                 )
             })
             .collect();
-        let seed = unix_now() ^ u64::from(std::process::id()) << 32 ^ (&volume as *const _ as u64);
+        let seed: u64 = rand::random();
         let state = State {
             role: Role::Secondary,
             disk,
