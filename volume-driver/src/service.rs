@@ -10,6 +10,13 @@
 //! are serialized by a per-pool async mutex, so the free-space check and the allocation
 //! cannot interleave with another create or resize in that pool.
 //!
+//! Replicated volumes (more than one data node in the definition) additionally hold the
+//! engine's replica in their slot ([`ReplicaRuntime`]), opened at startup and on create,
+//! closed on delete and shutdown; frontends reach them through the role rules of
+//! [`crate::replicated_export`]. The cluster-wide operations (coordinated create, delete,
+//! resize, options) live in [`crate::cluster`]; the per-node halves they call over the peer
+//! API are here and there.
+//!
 //! Crash ordering of create/resize/delete is described in [`crate::store`]. Everything a
 //! request could refuse (name, size, pool, free space, duplicate) is checked before any
 //! storage or definition is touched.
@@ -835,7 +842,9 @@ impl VolumeService {
             .get(name)
             .filter(|s| s.definition.is_some())
             .ok_or_else(|| not_found(name))?;
-        if let Some(runtime) = &slot.runtime {
+        if let Some(runtime) = slot.runtime.clone() {
+            // Ask the engine without holding the registry lock.
+            drop(volumes);
             return Ok(runtime.status());
         }
         let Some(definition) = slot.definition.as_ref() else {

@@ -574,11 +574,20 @@ fn print_volumes(volumes: &[VolumeInfo]) {
                 v.pool.clone(),
                 format_size(v.size_bytes),
                 state_name(v).to_string(),
-                v.path.display().to_string(),
+                if v.nodes.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.nodes.join(",")
+                },
+                if v.diskless {
+                    "(diskless)".to_string()
+                } else {
+                    v.path.display().to_string()
+                },
             ]
         })
         .collect();
-    print_table(&["NAME", "POOL", "SIZE", "STATE", "PATH"], rows);
+    print_table(&["NAME", "POOL", "SIZE", "STATE", "REPLICAS", "PATH"], rows);
 }
 
 fn print_pools(pools: &[PoolInfo]) {
