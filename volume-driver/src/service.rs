@@ -835,7 +835,8 @@ impl VolumeService {
     }
 
     /// `volume_status`: the engine's view plus the daemon's fields. An unreplicated
-    /// volume reports itself UpToDate with no peers; Primary while a writer has it open.
+    /// volume reports itself Primary and UpToDate with no peers (it always serves), so
+    /// promote/demote are no-ops for it.
     pub fn status(&self, name: &str) -> Result<VolumeStatus, ApiError> {
         let volumes = self.lock();
         let slot = volumes
@@ -856,12 +857,8 @@ impl VolumeService {
             replica: ReplicaStatus {
                 volume: name.to_string(),
                 node: self.config.node.clone(),
-                role: if writers > 0 && !replicated {
-                    "Primary"
-                } else {
-                    "Secondary"
-                }
-                .into(),
+                // The only copy of an unreplicated volume always serves: Primary.
+                role: if replicated { "Secondary" } else { "Primary" }.into(),
                 disk_state: match (replicated, slot.state) {
                     (_, VolumeState::Missing) => "Failed",
                     (true, _) => "DUnknown",
