@@ -247,6 +247,14 @@ fn a_failed_create_leaves_nothing_on_any_node() {
     // Refused during validation on hv2 (the name exists there): nothing allocated on hv1.
     hv2.tandem(&["volume", "create", "clash", "--size", "4M"])
         .ok();
+    // An unreplicated volume: always Primary, no peers; promote is a no-op.
+    let single = hv2
+        .tandem(&["volume", "promote", "clash", "--json"])
+        .ok()
+        .json();
+    assert_eq!(single["role"], "Primary");
+    assert_eq!(single["disk_state"], "UpToDate");
+    assert_eq!(single["peers"], serde_json::json!([]));
     let e = hv1
         .tandem(&[
             "volume",
