@@ -453,12 +453,17 @@ impl VolumeService {
 
     /// Close every replica cleanly (SIGTERM), then the engine.
     pub async fn shutdown(&self) {
-        let names: Vec<String> = self
+        let runtimes: Vec<(String, Arc<ReplicaRuntime>)> = self
             .lock()
             .iter_mut()
-            .filter_map(|(n, s)| s.runtime.take().map(|_| n.clone()))
+            .filter_map(|(n, s)| s.runtime.take().map(|r| (n.clone(), r)))
             .collect();
-        for name in names {
+        // Let demotions of writers that just closed (frontends stop first) finish.
+        tokio::task::yield_now().await;
+        for (_, runtime) in &runtimes {
+            runtime.settle().await;
+        }
+        for (name, _) in runtimes {
             if let Err(e) = self.engine.close_replica(&name).await {
                 tracing::error!(volume = %name, error = %e, "cannot close the replica cleanly");
             }
