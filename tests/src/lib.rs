@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub mod libvirt;
 pub mod loopback_cluster;
 pub mod vm;
 

@@ -1,0 +1,206 @@
+//! Turning a Tandem volume into a libvirt `<disk>` element and the matching virt-install
+//! `--disk` argument.
+//!
+//! The disk is `type='network'` with an NBD source on Tandem's unix socket; the export name
+//! is the volume name, and the socket path is the same on every host, so the element is
+//! valid on all hosts holding a replica. The driver is raw with `cache='none'` (writes go
+//! straight to Tandem, which acknowledges them only when replicated) and `discard='unmap'`
+//! (the guest's TRIM reaches the thin pool). `io=` is left out: it configures QEMU's file
+//! AIO and means nothing for an NBD client. `<reconnect delay='N'/>` (QEMU retries a lost
+//! NBD connection for N seconds, e.g. across a tandemd restart) needs libvirt 9.2.0.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+/// The first libvirt with `<reconnect delay>` for NBD disks.
+pub const RECONNECT_MIN_VERSION: LibvirtVersion = LibvirtVersion(9, 2, 0);
+
+/// A libvirt version `major.minor.micro`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct LibvirtVersion(pub u32, pub u32, pub u32);
+
+impl std::fmt::Display for LibvirtVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+impl LibvirtVersion {
+    /// Parse `9.0.0`, or the last such word of `libvirtd (libvirt) 9.0.0`.
+    pub fn parse(text: &str) -> Option<LibvirtVersion> {
+        text.split_whitespace().rev().find_map(|word| {
+            let mut parts = word.trim().split('.').map(|p| p.parse::<u32>().ok());
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(Some(a)), Some(Some(b)), third, None) => {
+                    Some(LibvirtVersion(a, b, third.flatten().unwrap_or(0)))
+                }
+                _ => None,
+            }
+        })
+    }
+
+    pub fn supports_nbd_reconnect(self) -> bool {
+        self >= RECONNECT_MIN_VERSION
+    }
+}
+
+/// What goes into the `<disk>`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DiskSpec {
+    pub volume: String,
+    /// `<run_dir>/nbd.sock`.
+    pub socket: PathBuf,
+    /// Guest device, e.g. `vda`.
+    pub target: String,
+    /// `virtio`, `scsi`, `sata`, ...
+    pub bus: String,
+    /// `<reconnect delay>` in seconds, when this libvirt supports it.
+    pub reconnect_delay: Option<u32>,
+}
+
+/// Escape text for an XML attribute in single quotes.
+fn attr(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl DiskSpec {
+    /// The `<disk>` element, indented for `<devices>`.
+    pub fn to_xml(&self) -> String {
+        let mut xml = String::new();
+        let _ = writeln!(xml, "<disk type='network' device='disk'>");
+        let _ = writeln!(
+            xml,
+            "  <driver name='qemu' type='raw' cache='none' discard='unmap'/>"
+        );
+        let _ = writeln!(
+            xml,
+            "  <source protocol='nbd' name='{}'>",
+            attr(&self.volume)
+        );
+        let _ = writeln!(
+            xml,
+            "    <host transport='unix' socket='{}'/>",
+            attr(&self.socket.display().to_string())
+        );
+        if let Some(delay) = self.reconnect_delay {
+            let _ = writeln!(xml, "    <reconnect delay='{delay}'/>");
+        }
+        let _ = writeln!(xml, "  </source>");
+        let _ = writeln!(
+            xml,
+            "  <target dev='{}' bus='{}'/>",
+            attr(&self.target),
+            attr(&self.bus)
+        );
+        let _ = writeln!(xml, "</disk>");
+        xml
+    }
+
+    /// The value of virt-install's `--disk` producing the same element (virt-install has
+    /// no sub-option for `<reconnect>`; [`DiskSpec::virt_install_xml_edit`] adds it).
+    pub fn virt_install_disk(&self) -> String {
+        format!(
+            "source.protocol=nbd,source.name={},source.host.transport=unix,source.host.socket={},driver.name=qemu,driver.type=raw,driver.cache=none,driver.discard=unmap,target.dev={},target.bus={}",
+            self.volume,
+            self.socket.display(),
+            self.target,
+            self.bus
+        )
+    }
+
+    /// virt-install's `--xml` edit adding `<reconnect>` to disk number `index` (1-based),
+    /// when a delay is set.
+    pub fn virt_install_xml_edit(&self, index: usize) -> Option<String> {
+        self.reconnect_delay
+            .map(|delay| format!("./devices/disk[{index}]/source/reconnect/@delay={delay}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain_xml::{parse_domain, tandem_volumes, NbdEndpoints};
+
+    fn spec(reconnect_delay: Option<u32>) -> DiskSpec {
+        DiskSpec {
+            volume: "vm-100-disk-0".into(),
+            socket: "/run/tandem/nbd.sock".into(),
+            target: "vda".into(),
+            bus: "virtio".into(),
+            reconnect_delay,
+        }
+    }
+
+    #[test]
+    fn disk_element_is_what_libvirt_expects() {
+        assert_eq!(
+            spec(None).to_xml(),
+            "<disk type='network' device='disk'>
+  <driver name='qemu' type='raw' cache='none' discard='unmap'/>
+  <source protocol='nbd' name='vm-100-disk-0'>
+    <host transport='unix' socket='/run/tandem/nbd.sock'/>
+  </source>
+  <target dev='vda' bus='virtio'/>
+</disk>
+"
+        );
+        assert!(spec(Some(5))
+            .to_xml()
+            .contains("    <reconnect delay='5'/>\n  </source>"));
+    }
+
+    #[test]
+    fn generated_disk_is_recognised_as_tandems() {
+        let mut s = spec(Some(5));
+        s.volume = "odd'&<name>".into();
+        let domain = format!("<domain><devices>{}</devices></domain>", s.to_xml());
+        let parsed = parse_domain(&domain).unwrap();
+        let found = tandem_volumes(&parsed, &NbdEndpoints::unix("/run/tandem/nbd.sock")).unwrap();
+        assert_eq!(found[0].volume, "odd'&<name>");
+        assert_eq!(found[0].target, "vda");
+    }
+
+    #[test]
+    fn virt_install_argument() {
+        assert_eq!(
+            spec(None).virt_install_disk(),
+            "source.protocol=nbd,source.name=vm-100-disk-0,source.host.transport=unix,source.host.socket=/run/tandem/nbd.sock,driver.name=qemu,driver.type=raw,driver.cache=none,driver.discard=unmap,target.dev=vda,target.bus=virtio"
+        );
+        assert_eq!(spec(None).virt_install_xml_edit(1), None);
+        assert_eq!(
+            spec(Some(5)).virt_install_xml_edit(2).as_deref(),
+            Some("./devices/disk[2]/source/reconnect/@delay=5")
+        );
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(
+            LibvirtVersion::parse("libvirtd (libvirt) 9.0.0\n"),
+            Some(LibvirtVersion(9, 0, 0))
+        );
+        assert_eq!(
+            LibvirtVersion::parse("9.2.0"),
+            Some(LibvirtVersion(9, 2, 0))
+        );
+        assert_eq!(
+            LibvirtVersion::parse("10.5"),
+            Some(LibvirtVersion(10, 5, 0))
+        );
+        assert_eq!(LibvirtVersion::parse("garbage"), None);
+        assert!(!LibvirtVersion(9, 0, 0).supports_nbd_reconnect());
+        assert!(LibvirtVersion(9, 2, 0).supports_nbd_reconnect());
+        assert!(LibvirtVersion(10, 0, 0).supports_nbd_reconnect());
+    }
+}
