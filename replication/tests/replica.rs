@@ -106,21 +106,31 @@ async fn a_lost_peer_is_tracked_in_the_bitmap_and_resyncs_by_bitmap_on_return() 
 
     c.restart("hv2").await;
     let b = c.r("hv2");
-    let s = wait_for(&a, "hv1 SyncSource", 10, |s| {
-        peer(s, "hv2").connection == ConnectionState::Connected
-            && peer(s, "hv2").replication == ReplicationState::SyncSource
+    let s = wait_for(&a, "hv1 decided a resync", 10, |s| {
+        peer(s, "hv2").connection == ConnectionState::Connected && peer(s, "hv2").decision.is_some()
     })
     .await;
     let d = peer(&s, "hv2").decision.clone().unwrap();
     assert!(d.contains("bitmap resync from hv1 to hv2"), "{d}");
-    let sb = wait_for(&b, "hv2 SyncTarget", 10, |s| {
+    let sb = wait_for(&b, "hv2 SyncTarget or done", 10, |s| {
         peer(s, "hv1").replication == ReplicationState::SyncTarget
+            || (established(s, "hv1") && s.disk_state == DiskState::UpToDate)
     })
     .await;
-    assert_eq!(sb.disk_state, DiskState::Inconsistent);
+    assert!(
+        sb.disk_state == DiskState::Inconsistent || sb.disk_state == DiskState::UpToDate,
+        "{sb:#?}"
+    );
     // An Inconsistent SyncTarget may not be promoted.
-    let err = b.promote().await.unwrap_err();
-    assert!(err.to_string().contains("Inconsistent"), "{err}");
+    if b.status().disk_state == DiskState::Inconsistent {
+        let err = b.promote().await.unwrap_err();
+        assert!(err.to_string().contains("Inconsistent"), "{err}");
+    }
+    // The resync converges; the Primary kept writing during it.
+    a.write(30 * MIB, data(31, 8192), false).await.unwrap();
+    wait_converged(&a, &b, 30).await;
+    a.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -184,18 +194,24 @@ async fn witness_isolated_primary_freezes_the_other_side_takes_over_no_split_bra
         .expect("frozen write finishes after heal")
         .unwrap();
     assert!(matches!(res, Err(EngineError::Demoted { .. })), "{res:?}");
-    let sa = wait_for(&a, "hv1 SyncTarget of hv2", 20, |s| {
-        peer(s, "hv2").replication == ReplicationState::SyncTarget
+    let sa = wait_for(&a, "hv1 resynced from hv2", 20, |s| {
+        peer(s, "hv2")
+            .decision
+            .as_deref()
+            .is_some_and(|d| d.contains("from hv2 to hv1"))
     })
     .await;
     assert_eq!(sa.role, Role::Secondary);
     assert!(peer(&sa, "hv2").split_brain.is_none());
-    let sb = wait_for(&b, "hv2 SyncSource", 10, |s| {
-        peer(s, "hv1").replication == ReplicationState::SyncSource
-    })
-    .await;
+    wait_converged(&a, &b, 30).await;
+    let sb = b.status();
     assert!(peer(&sb, "hv1").split_brain.is_none());
     assert_eq!(sb.role, Role::Primary);
+    // No acknowledged write lost: hv1 now holds exactly hv2's data.
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+    let back = b.read(8 * MIB, 4096).await.unwrap();
+    assert_eq!(&back[..], &data(48, MIB as usize)[..4096]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -285,17 +301,19 @@ async fn split_brain_is_detected_reported_and_resolved_by_discarding_one_side() 
     assert!(b.resolve_split_brain(true).await.is_err());
     b.demote().await.unwrap();
     b.resolve_split_brain(true).await.unwrap();
-    let sb = wait_for(&b, "hv2 becomes SyncTarget", 15, |s| {
-        peer(s, "hv1").replication == ReplicationState::SyncTarget
+    let sb = wait_for(&b, "hv2 resyncs from hv1", 15, |s| {
+        peer(s, "hv1")
+            .decision
+            .as_deref()
+            .is_some_and(|d| d.contains("from hv1 to hv2"))
     })
     .await;
     assert!(peer(&sb, "hv1").split_brain.is_none());
-    assert_eq!(sb.disk_state, DiskState::Inconsistent);
-    let sa = wait_for(&a, "hv1 becomes SyncSource", 10, |s| {
-        peer(s, "hv2").replication == ReplicationState::SyncSource
-    })
-    .await;
-    assert!(peer(&sa, "hv2").split_brain.is_none());
+    wait_converged(&a, &b, 30).await;
+    assert!(peer(&a.status(), "hv2").split_brain.is_none());
+    // hv1's changes won and were not touched; hv2 now equals hv1.
+    assert_eq!(c.disk_hash("hv1"), ha);
+    assert_eq!(c.disk_hash("hv2"), ha);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -316,24 +334,21 @@ async fn a_crashed_primary_resyncs_its_hot_extents_from_the_survivor() {
     .await;
     c.restart("hv1").await;
     let a = c.r("hv1");
-    let sa = wait_for(&a, "hv1 SyncTarget after its crash", 10, |s| {
-        peer(s, "hv2").replication == ReplicationState::SyncTarget
+    let sa = wait_for(&a, "hv1 decided after its crash", 10, |s| {
+        peer(s, "hv2").decision.is_some()
     })
     .await;
     assert_eq!(sa.role, Role::Secondary);
-    assert_eq!(sa.disk_state, DiskState::Inconsistent);
     let d = peer(&sa, "hv2").decision.clone().unwrap();
+    assert!(d.contains("bitmap resync from hv2 to hv1"), "{d}");
     assert!(d.contains("local-crashed-primary"), "{d}");
-    // The survivor resyncs the union: the crashed node's activity-log extents.
-    let sb = wait_for(&b, "hv2 SyncSource", 10, |s| {
-        peer(s, "hv1").replication == ReplicationState::SyncSource
-    })
-    .await;
-    assert_eq!(peer(&sb, "hv1").out_of_sync_bytes, 8 * MIB);
+    wait_converged(&a, &b, 30).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_clean_close_and_reopen_needs_no_resync_and_tracks_only_missed_writes() {
+async fn a_clean_close_and_reopen_needs_no_resync_and_tracks_only_missed_writes_verify_finds_corruption(
+) {
     let mut c = Cluster::new(&["hv1", "hv2"], &[], 32 * MIB, ReplicaOptions::default()).await;
     let a = c.r("hv1");
     wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
@@ -358,11 +373,28 @@ async fn a_clean_close_and_reopen_needs_no_resync_and_tracks_only_missed_writes(
     write_mib(&a, 4, 1, 9).await;
     assert_eq!(peer(&a.status(), "hv2").out_of_sync_bytes, MIB);
     c.reopen("hv2").await;
-    let s = wait_for(&a, "hv1 SyncSource for the missed MiB", 10, |s| {
-        peer(s, "hv2").replication == ReplicationState::SyncSource
-    })
-    .await;
-    assert_eq!(peer(&s, "hv2").out_of_sync_bytes, MIB);
-    let d = peer(&s, "hv2").decision.clone().unwrap();
+    let b = c.r("hv2");
+    wait_converged(&a, &b, 30).await;
+    let d = peer(&a.status(), "hv2").decision.clone().unwrap();
     assert!(d.contains("bitmap resync from hv1 to hv2"), "{d}");
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+
+    // Online verify: equal, then a block corrupted behind the engine's back is found.
+    let report = a.verify().await.unwrap();
+    assert_eq!(report.differing_blocks, 0);
+    assert_eq!(report.checked_bytes, 32 * MIB);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&c.hosts[c.idx("hv2")].disk)
+            .unwrap();
+        f.write_all_at(&[0xAB; 100], 5 * MIB + 10).unwrap();
+        f.sync_all().unwrap();
+    }
+    let report = a.verify().await.unwrap();
+    assert_eq!(report.differing_blocks, 1);
+    let s = a.status();
+    assert_eq!(s.last_verify.as_ref().unwrap().differing_blocks, 1);
+    assert_eq!(peer(&s, "hv2").out_of_sync_bytes, 4096);
 }

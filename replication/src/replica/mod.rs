@@ -39,6 +39,7 @@
 mod connection;
 pub mod messages;
 pub mod status;
+mod sync;
 mod volume;
 
 use std::collections::HashMap;
@@ -85,16 +86,6 @@ pub struct PeerSpec {
     pub diskless: bool,
 }
 
-/// Resync tunables. Placeholder until `resync::ResyncConfig` lands (the field of
-/// [`ReplicaOptions`] then changes type; both default).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ResyncOptions {
-    /// Bytes per second (0 = the resync module's default).
-    pub rate_limit: u64,
-    /// Checksum-based resync.
-    pub checksums: bool,
-}
-
 /// Per-volume replication options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaOptions {
@@ -103,7 +94,7 @@ pub struct ReplicaOptions {
     pub quorum: Option<QuorumMode>,
     pub on_no_quorum: OnNoQuorum,
     pub after_split_brain: AfterSplitBrain,
-    pub resync: ResyncOptions,
+    pub resync: crate::resync::ResyncConfig,
     /// How long a request frozen for lack of quorum waits before it fails.
     pub suspend_timeout: Duration,
 }
@@ -115,7 +106,7 @@ impl Default for ReplicaOptions {
             quorum: None,
             on_no_quorum: OnNoQuorum::SuspendIo,
             after_split_brain: AfterSplitBrain::Disconnect,
-            resync: ResyncOptions::default(),
+            resync: crate::resync::ResyncConfig::default(),
             suspend_timeout: Duration::from_secs(120),
         }
     }

@@ -74,6 +74,12 @@ pub(super) struct PeerSlot {
     pub decision: Option<String>,
     pub last_error: Option<String>,
     pub left_gracefully: bool,
+    /// Where resync/verify replies from this peer go (a session on this node is running).
+    pub resync_replies: Option<tokio::sync::mpsc::UnboundedSender<crate::wire::Message>>,
+    /// Progress of the resync with this peer (either direction).
+    pub resync_progress: Option<Arc<crate::resync::ResyncProgress>>,
+    /// The resync task when this node is the source.
+    pub resync_task: Option<JoinHandle<()>>,
 }
 
 pub(super) struct State {
@@ -247,6 +253,9 @@ impl Replica {
                         decision: None,
                         last_error: None,
                         left_gracefully: false,
+                        resync_replies: None,
+                        resync_progress: None,
+                        resync_task: None,
                     },
                 )
             })
@@ -583,7 +592,14 @@ impl Replica {
                         ReplicationState::Off
                     },
                     out_of_sync_bytes: bms.get(&p.spec.name).map(|b| b.dirty_bytes()).unwrap_or(0),
-                    resync: None,
+                    resync: p.resync_progress.as_ref().filter(|_| connected).map(|r| {
+                        let s = r.snapshot();
+                        super::status::ResyncProgress {
+                            done_bytes: s.done_bytes,
+                            total_bytes: s.total_bytes,
+                            bytes_per_sec: s.bytes_per_sec,
+                        }
+                    }),
                     split_brain: p.split_brain.clone(),
                     decision: p.decision.clone(),
                     last_error: if connected {
@@ -760,6 +776,20 @@ impl Replica {
             let mut st = lock(&self.st);
             self.recompute_quorum(&mut st);
         }
+        // A link still applying a (finished) resync from a Secondary peer is re-established
+        // so it joins the data path; writes meanwhile are tracked in the bitmap and the
+        // reconnect resyncs them ("equal generations with a dirty bitmap").
+        let reconnect: Vec<LinkSender> = {
+            let st = lock(&self.st);
+            st.peers
+                .values()
+                .filter(|p| p.mode == LinkMode::Secondary)
+                .filter_map(|p| p.sender.clone())
+                .collect()
+        };
+        for s in reconnect {
+            s.close("promoted; re-establishing the link as Primary");
+        }
         self.broadcast_state();
         self.notify();
         // Idle data links hand themselves to the data path; wait for that, so no write is
@@ -871,14 +901,6 @@ impl Replica {
         tracing::warn!(volume = %self.volume, discard_local, "split brain resolution requested");
         self.notify();
         Ok(())
-    }
-
-    /// Online verify (resync module).
-    pub async fn verify(&self) -> Result<VerifySummary, EngineError> {
-        Err(EngineError::Unsupported(format!(
-            "{}: online verify (arrives with the resync module)",
-            self.volume
-        )))
     }
 
     /// Grow the volume (the device was already grown).
@@ -1318,6 +1340,9 @@ impl Replica {
         for p in st.peers.values_mut() {
             if let Some(s) = p.sender.take() {
                 s.close("replica closed");
+            }
+            if let Some(t) = p.resync_task.take() {
+                t.abort();
             }
         }
         if let Some(p) = st.primary.take() {
