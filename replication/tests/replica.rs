@@ -398,3 +398,62 @@ async fn a_clean_close_and_reopen_needs_no_resync_and_tracks_only_missed_writes_
     assert_eq!(s.last_verify.as_ref().unwrap().differing_blocks, 1);
     assert_eq!(peer(&s, "hv2").out_of_sync_bytes, 4096);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_primaries_for_a_live_migration_replicate_both_ways() {
+    let c = Cluster::new(&["hv1", "hv2"], &[], 32 * MIB, ReplicaOptions::default()).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+    wait_for(&b, "hv2 sees hv1 Primary", 5, |s| {
+        peer(s, "hv1").role == Role::Primary
+    })
+    .await;
+
+    // The gate is per node: on hv2 alone it is not enough.
+    b.set_allow_two_primaries(true).unwrap();
+    let err = b.promote().await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("allow-two-primaries is off on hv1"),
+        "{err}"
+    );
+    assert_eq!(b.status().role, Role::Secondary);
+    wait_for(&b, "links back after the refusal", 10, |s| {
+        established(s, "hv1")
+    })
+    .await;
+
+    a.set_allow_two_primaries(true).unwrap();
+    let mut ok = false;
+    for _ in 0..20 {
+        match b.promote().await {
+            Ok(()) => {
+                ok = true;
+                break;
+            }
+            Err(e) => {
+                eprintln!("second promote: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert!(ok, "second Primary");
+    assert_eq!(b.status().role, Role::Primary);
+    wait_for(&a, "hv1 sees hv2 Primary", 5, |s| {
+        peer(s, "hv2").role == Role::Primary
+    })
+    .await;
+    // Both write (disjoint ranges, as a migrating VM does) and both replicas get both.
+    write_mib(&a, 4, 1, 40).await;
+    write_mib(&b, 8, 1, 80).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+    // A third promotion is impossible with two nodes; the source demotes after migration.
+    a.demote().await.unwrap();
+    b.set_allow_two_primaries(false).unwrap();
+    write_mib(&b, 12, 1, 120).await;
+    wait_converged(&a, &b, 20).await;
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}

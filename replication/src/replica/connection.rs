@@ -976,6 +976,9 @@ impl Replica {
             if let Some(t) = slot.resync_task.take() {
                 t.abort();
             }
+            if let Some(d) = slot.dual_sender.take() {
+                d.close("the main link to the peer went down");
+            }
             if slot.conn != ConnectionState::StandAlone {
                 slot.conn = ConnectionState::Connecting;
                 slot.state = None;

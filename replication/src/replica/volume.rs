@@ -80,6 +80,8 @@ pub(super) struct PeerSlot {
     pub resync_progress: Option<Arc<crate::resync::ResyncProgress>>,
     /// The resync task when this node is the source.
     pub resync_task: Option<JoinHandle<()>>,
+    /// The reverse data link while both nodes are Primary (see `dual.rs`).
+    pub dual_sender: Option<LinkSender>,
 }
 
 pub(super) struct State {
@@ -256,6 +258,7 @@ impl Replica {
                         resync_replies: None,
                         resync_progress: None,
                         resync_task: None,
+                        dual_sender: None,
                     },
                 )
             })
@@ -690,6 +693,7 @@ impl Replica {
     /// Become Primary; refused with an operator-ready message when the disk is not
     /// UpToDate, quorum is missing, or another Primary is known (directly or relayed).
     pub async fn promote(&self) -> Result<(), EngineError> {
+        let other_primaries: Vec<String>;
         let Some(device) = self.device.clone() else {
             return Err(EngineError::Diskless {
                 volume: self.volume.clone(),
@@ -718,14 +722,23 @@ impl Replica {
                 protocol: st.options.protocol,
             };
             role::may_promote(&ctx)?;
-            if views.iter().any(|v| v.role == Role::Primary) {
-                // Allowed by the gate (two primaries), but the data path does not carry
-                // writes in both directions on one link yet.
-                return Err(EngineError::Unsupported(format!(
-                    "{}: two primaries at once (the data path replicates in one direction per link)",
-                    self.volume
-                )));
+            // With two primaries allowed (checked by may_promote), the other Primary must
+            // be connected directly: the reverse data link goes to it.
+            let mut others = Vec::new();
+            for v in views.iter().filter(|v| v.role == Role::Primary) {
+                let direct = st.peers.get(&v.name).is_some_and(|p| {
+                    p.conn == ConnectionState::Connected
+                        && p.state.as_ref().is_some_and(|s| s.role == Role::Primary)
+                });
+                if !direct {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "{}: {} is Primary but not connected to this node; two primaries need a working replication link",
+                        self.volume, v.name
+                    )));
+                }
+                others.push(v.name.clone());
             }
+            other_primaries = others;
             let data = Self::data_peers(&st);
             let any_disconnected = data.iter().any(|p| {
                 st.peers
@@ -771,6 +784,12 @@ impl Replica {
             st.primary = None;
             return Err(e);
         }
+        if !other_primaries.is_empty() {
+            if let Err(e) = self.connect_dual_links(&other_primaries).await {
+                let _ = self.demote_now("two primaries refused").await;
+                return Err(e);
+            }
+        }
         tracing::info!(volume = %self.volume, "promoted to Primary");
         {
             let mut st = lock(&self.st);
@@ -784,6 +803,7 @@ impl Replica {
             st.peers
                 .values()
                 .filter(|p| p.mode == LinkMode::Secondary)
+                .filter(|p| p.state.as_ref().is_none_or(|s| s.role != Role::Primary))
                 .filter_map(|p| p.sender.clone())
                 .collect()
         };
@@ -855,6 +875,7 @@ impl Replica {
             st.primary.take()
         };
         self.notify();
+        self.close_dual_links(&format!("{reason}; two primaries end"));
         let res = self.persist().await;
         if let Some(p) = primary {
             for peer in p.connected_peers() {
@@ -1343,6 +1364,9 @@ impl Replica {
             }
             if let Some(t) = p.resync_task.take() {
                 t.abort();
+            }
+            if let Some(s) = p.dual_sender.take() {
+                s.close("replica closed");
             }
         }
         if let Some(p) = st.primary.take() {
