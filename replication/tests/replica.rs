@@ -457,3 +457,40 @@ async fn two_primaries_for_a_live_migration_replicate_both_ways() {
     b.flush().await.unwrap();
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_isolation_without_takeover_resumes_the_frozen_primary() {
+    let c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    wait_for(&b, "connected", 10, |s| established(s, "hv1") && s.quorum).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+    c.isolate("hv1").await;
+    wait_for(&a, "hv1 frozen", 10, |s| !s.quorum && s.io_suspended).await;
+    let a2 = a.clone();
+    let frozen = tokio::spawn(async move { a2.write(2 * MIB, data(2, 65536), false).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!frozen.is_finished());
+    // Nobody takes over; the network comes back.
+    c.heal_all();
+    tokio::time::timeout(Duration::from_secs(20), frozen)
+        .await
+        .expect("the frozen write resumes")
+        .unwrap()
+        .unwrap();
+    let s = wait_for(&a, "quorum back", 20, |s| s.quorum && !s.io_suspended).await;
+    assert_eq!(s.role, Role::Primary);
+    wait_converged(&a, &b, 30).await;
+    a.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}

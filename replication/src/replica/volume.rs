@@ -358,7 +358,9 @@ impl Replica {
     pub(super) fn hello_for_incoming(&self, peer: &str) -> Option<Hello> {
         {
             let st = lock(&self.st);
-            if st.closed || !st.peers.contains_key(peer) {
+            // Only the node whose name sorts first dials; refuse the other direction, so a
+            // pair never has two links racing to replace each other.
+            if st.closed || st.peers.get(peer).is_none_or(|p| p.dialer) {
                 return None;
             }
         }
@@ -482,6 +484,15 @@ impl Replica {
                 OnNoQuorum::SuspendIo => "suspended",
                 OnNoQuorum::IoError => "failed",
             });
+        }
+        if !lost && st.has_quorum && st.role == Role::Primary && st.uuids.flags.primary_lost_quorum
+        {
+            // Quorum is back and this node is still Primary: the handshake that brought it
+            // back already decided (nobody took over, or we would have stepped down), so
+            // the frozen I/O resumes and the flag has done its job.
+            st.uuids.flags.primary_lost_quorum = false;
+            must_persist = true;
+            tracing::info!(volume = %self.volume, "quorum regained; I/O resumes");
         }
         st.io_suspended = st.role == Role::Primary
             && !st.has_quorum
