@@ -308,6 +308,27 @@ struct Inner {
     range_released: Notify,
     /// Bytes of application requests submitted so far (resync rate control reads it).
     app_bytes: AtomicU64,
+    /// Ranges [start, end) that [`Primary::lock_range`] callers wait for; new application
+    /// requests overlapping them wait too (fairness). Locked after `ranges`, never before.
+    reserved: Mutex<Vec<(u64, u64)>>,
+}
+
+/// Removes a reservation when `lock_range` finishes or is cancelled.
+struct Reservation<'a> {
+    inner: &'a Inner,
+    range: (u64, u64),
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        {
+            let mut reserved = lock(&self.inner.reserved);
+            if let Some(i) = reserved.iter().position(|r| *r == self.range) {
+                reserved.swap_remove(i);
+            }
+        }
+        self.inner.range_released.notify_waiters();
+    }
 }
 
 /// Holds a request's range in [`Inner::ranges`] until dropped.
@@ -347,7 +368,16 @@ impl Inner {
     /// Overlapping requests are thus applied one after the other, in the same order on the
     /// local disk and on every peer (DRBD waits for conflicting local writes the same way),
     /// so concurrent overlapping writes cannot leave the replicas different.
-    async fn claim_range(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
+    ///
+    /// `yield_to_reserved`: application requests also wait for ranges reserved by a
+    /// [`Primary::lock_range`] caller that is still waiting, so a stream of overlapping
+    /// writes cannot starve a resync chunk.
+    async fn claim_range(
+        &self,
+        offset: u64,
+        len: u64,
+        yield_to_reserved: bool,
+    ) -> Option<RangeGuard<'_>> {
         if len == 0 {
             return None;
         }
@@ -362,7 +392,11 @@ impl Inner {
                 let overlaps = ranges
                     .range(..end)
                     .next_back()
-                    .is_some_and(|(_, &e)| e > offset);
+                    .is_some_and(|(_, &e)| e > offset)
+                    || (yield_to_reserved
+                        && lock(&self.reserved)
+                            .iter()
+                            .any(|&(s, e)| s < end && e > offset));
                 if !overlaps {
                     ranges.insert(offset, end);
                     return Some(RangeGuard {
@@ -406,6 +440,7 @@ impl Primary {
                 ranges: Mutex::new(BTreeMap::new()),
                 range_released: Notify::new(),
                 app_bytes: AtomicU64::new(0),
+                reserved: Mutex::new(Vec::new()),
                 state: Mutex::new(State {
                     next_seq: 1,
                     epoch: 1,
@@ -435,7 +470,8 @@ impl Primary {
 
     /// Claim `[offset, offset + len)` the way a request does: wait until no request in
     /// flight overlaps it, then hold it until the returned lock is dropped. Requests
-    /// overlapping the range wait meanwhile. Resync and verify read the local disk and
+    /// overlapping the range wait meanwhile, and new ones already wait while this call
+    /// waits for the range (a resync is not starved by overlapping writes). Resync and verify read the local disk and
     /// exchange the range with a peer under this lock, so the exchange cannot interleave
     /// with an overlapping application write (see `crate::resync`).
     pub async fn lock_range(&self, offset: u64, len: u64) -> Result<RangeLock, DatapathError> {
@@ -443,7 +479,16 @@ impl Primary {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(DatapathError::OutOfRange { offset, len, size });
         }
-        let start = match self.inner.claim_range(offset, len).await {
+        let reservation = Reservation {
+            inner: &self.inner,
+            range: (offset, offset + len),
+        };
+        if len > 0 {
+            lock(&self.inner.reserved).push(reservation.range);
+        }
+        let claimed = self.inner.claim_range(offset, len, false).await;
+        drop(reservation);
+        let start = match claimed {
             Some(guard) => {
                 std::mem::forget(guard);
                 Some(offset)
@@ -613,7 +658,7 @@ impl Primary {
             .await
             .ok();
 
-        let _range = inner.claim_range(offset, len).await;
+        let _range = inner.claim_range(offset, len, true).await;
 
         // The local disk starts now, in parallel with the peers.
         let device = inner.device.clone();

@@ -20,6 +20,10 @@
 //! quorum, role    evaluate(...) -> QuorumVerdict; may_promote(...) -> Result<(), PromoteRefusal>
 //! ```
 //!
+//! The engine that drives all of this per volume is [`replica`] (`ReplicationNode`,
+//! `Replica`: links, handshake, roles, quorum, I/O, status); the walkthrough below is what it
+//! does around one write.
+//!
 //! A write on a replica (Primary, or a Secondary applying a peer write):
 //!
 //! ```

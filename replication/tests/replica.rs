@@ -106,21 +106,31 @@ async fn a_lost_peer_is_tracked_in_the_bitmap_and_resyncs_by_bitmap_on_return() 
 
     c.restart("hv2").await;
     let b = c.r("hv2");
-    let s = wait_for(&a, "hv1 SyncSource", 10, |s| {
-        peer(s, "hv2").connection == ConnectionState::Connected
-            && peer(s, "hv2").replication == ReplicationState::SyncSource
+    let s = wait_for(&a, "hv1 decided a resync", 10, |s| {
+        peer(s, "hv2").connection == ConnectionState::Connected && peer(s, "hv2").decision.is_some()
     })
     .await;
     let d = peer(&s, "hv2").decision.clone().unwrap();
     assert!(d.contains("bitmap resync from hv1 to hv2"), "{d}");
-    let sb = wait_for(&b, "hv2 SyncTarget", 10, |s| {
+    let sb = wait_for(&b, "hv2 SyncTarget or done", 10, |s| {
         peer(s, "hv1").replication == ReplicationState::SyncTarget
+            || (established(s, "hv1") && s.disk_state == DiskState::UpToDate)
     })
     .await;
-    assert_eq!(sb.disk_state, DiskState::Inconsistent);
+    assert!(
+        sb.disk_state == DiskState::Inconsistent || sb.disk_state == DiskState::UpToDate,
+        "{sb:#?}"
+    );
     // An Inconsistent SyncTarget may not be promoted.
-    let err = b.promote().await.unwrap_err();
-    assert!(err.to_string().contains("Inconsistent"), "{err}");
+    if b.status().disk_state == DiskState::Inconsistent {
+        let err = b.promote().await.unwrap_err();
+        assert!(err.to_string().contains("Inconsistent"), "{err}");
+    }
+    // The resync converges; the Primary kept writing during it.
+    a.write(30 * MIB, data(31, 8192), false).await.unwrap();
+    wait_converged(&a, &b, 30).await;
+    a.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -184,18 +194,24 @@ async fn witness_isolated_primary_freezes_the_other_side_takes_over_no_split_bra
         .expect("frozen write finishes after heal")
         .unwrap();
     assert!(matches!(res, Err(EngineError::Demoted { .. })), "{res:?}");
-    let sa = wait_for(&a, "hv1 SyncTarget of hv2", 20, |s| {
-        peer(s, "hv2").replication == ReplicationState::SyncTarget
+    let sa = wait_for(&a, "hv1 resynced from hv2", 20, |s| {
+        peer(s, "hv2")
+            .decision
+            .as_deref()
+            .is_some_and(|d| d.contains("from hv2 to hv1"))
     })
     .await;
     assert_eq!(sa.role, Role::Secondary);
     assert!(peer(&sa, "hv2").split_brain.is_none());
-    let sb = wait_for(&b, "hv2 SyncSource", 10, |s| {
-        peer(s, "hv1").replication == ReplicationState::SyncSource
-    })
-    .await;
+    wait_converged(&a, &b, 30).await;
+    let sb = b.status();
     assert!(peer(&sb, "hv1").split_brain.is_none());
     assert_eq!(sb.role, Role::Primary);
+    // No acknowledged write lost: hv1 now holds exactly hv2's data.
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+    let back = b.read(8 * MIB, 4096).await.unwrap();
+    assert_eq!(&back[..], &data(48, MIB as usize)[..4096]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -285,17 +301,19 @@ async fn split_brain_is_detected_reported_and_resolved_by_discarding_one_side() 
     assert!(b.resolve_split_brain(true).await.is_err());
     b.demote().await.unwrap();
     b.resolve_split_brain(true).await.unwrap();
-    let sb = wait_for(&b, "hv2 becomes SyncTarget", 15, |s| {
-        peer(s, "hv1").replication == ReplicationState::SyncTarget
+    let sb = wait_for(&b, "hv2 resyncs from hv1", 15, |s| {
+        peer(s, "hv1")
+            .decision
+            .as_deref()
+            .is_some_and(|d| d.contains("from hv1 to hv2"))
     })
     .await;
     assert!(peer(&sb, "hv1").split_brain.is_none());
-    assert_eq!(sb.disk_state, DiskState::Inconsistent);
-    let sa = wait_for(&a, "hv1 becomes SyncSource", 10, |s| {
-        peer(s, "hv2").replication == ReplicationState::SyncSource
-    })
-    .await;
-    assert!(peer(&sa, "hv2").split_brain.is_none());
+    wait_converged(&a, &b, 30).await;
+    assert!(peer(&a.status(), "hv2").split_brain.is_none());
+    // hv1's changes won and were not touched; hv2 now equals hv1.
+    assert_eq!(c.disk_hash("hv1"), ha);
+    assert_eq!(c.disk_hash("hv2"), ha);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -316,24 +334,21 @@ async fn a_crashed_primary_resyncs_its_hot_extents_from_the_survivor() {
     .await;
     c.restart("hv1").await;
     let a = c.r("hv1");
-    let sa = wait_for(&a, "hv1 SyncTarget after its crash", 10, |s| {
-        peer(s, "hv2").replication == ReplicationState::SyncTarget
+    let sa = wait_for(&a, "hv1 decided after its crash", 10, |s| {
+        peer(s, "hv2").decision.is_some()
     })
     .await;
     assert_eq!(sa.role, Role::Secondary);
-    assert_eq!(sa.disk_state, DiskState::Inconsistent);
     let d = peer(&sa, "hv2").decision.clone().unwrap();
+    assert!(d.contains("bitmap resync from hv2 to hv1"), "{d}");
     assert!(d.contains("local-crashed-primary"), "{d}");
-    // The survivor resyncs the union: the crashed node's activity-log extents.
-    let sb = wait_for(&b, "hv2 SyncSource", 10, |s| {
-        peer(s, "hv1").replication == ReplicationState::SyncSource
-    })
-    .await;
-    assert_eq!(peer(&sb, "hv1").out_of_sync_bytes, 8 * MIB);
+    wait_converged(&a, &b, 30).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_clean_close_and_reopen_needs_no_resync_and_tracks_only_missed_writes() {
+async fn a_clean_close_and_reopen_needs_no_resync_and_tracks_only_missed_writes_verify_finds_corruption(
+) {
     let mut c = Cluster::new(&["hv1", "hv2"], &[], 32 * MIB, ReplicaOptions::default()).await;
     let a = c.r("hv1");
     wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
@@ -358,11 +373,124 @@ async fn a_clean_close_and_reopen_needs_no_resync_and_tracks_only_missed_writes(
     write_mib(&a, 4, 1, 9).await;
     assert_eq!(peer(&a.status(), "hv2").out_of_sync_bytes, MIB);
     c.reopen("hv2").await;
-    let s = wait_for(&a, "hv1 SyncSource for the missed MiB", 10, |s| {
-        peer(s, "hv2").replication == ReplicationState::SyncSource
+    let b = c.r("hv2");
+    wait_converged(&a, &b, 30).await;
+    let d = peer(&a.status(), "hv2").decision.clone().unwrap();
+    assert!(d.contains("bitmap resync from hv1 to hv2"), "{d}");
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+
+    // Online verify: equal, then a block corrupted behind the engine's back is found.
+    let report = a.verify().await.unwrap();
+    assert_eq!(report.differing_blocks, 0);
+    assert_eq!(report.checked_bytes, 32 * MIB);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&c.hosts[c.idx("hv2")].disk)
+            .unwrap();
+        f.write_all_at(&[0xAB; 100], 5 * MIB + 10).unwrap();
+        f.sync_all().unwrap();
+    }
+    let report = a.verify().await.unwrap();
+    assert_eq!(report.differing_blocks, 1);
+    let s = a.status();
+    assert_eq!(s.last_verify.as_ref().unwrap().differing_blocks, 1);
+    assert_eq!(peer(&s, "hv2").out_of_sync_bytes, 4096);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_primaries_for_a_live_migration_replicate_both_ways() {
+    let c = Cluster::new(&["hv1", "hv2"], &[], 32 * MIB, ReplicaOptions::default()).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+    wait_for(&b, "hv2 sees hv1 Primary", 5, |s| {
+        peer(s, "hv1").role == Role::Primary
     })
     .await;
-    assert_eq!(peer(&s, "hv2").out_of_sync_bytes, MIB);
-    let d = peer(&s, "hv2").decision.clone().unwrap();
-    assert!(d.contains("bitmap resync from hv1 to hv2"), "{d}");
+
+    // The gate is per node: on hv2 alone it is not enough.
+    b.set_allow_two_primaries(true).unwrap();
+    let err = b.promote().await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("allow-two-primaries is off on hv1"),
+        "{err}"
+    );
+    assert_eq!(b.status().role, Role::Secondary);
+    wait_for(&b, "links back after the refusal", 10, |s| {
+        established(s, "hv1")
+    })
+    .await;
+
+    a.set_allow_two_primaries(true).unwrap();
+    let mut ok = false;
+    for _ in 0..20 {
+        match b.promote().await {
+            Ok(()) => {
+                ok = true;
+                break;
+            }
+            Err(e) => {
+                eprintln!("second promote: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert!(ok, "second Primary");
+    assert_eq!(b.status().role, Role::Primary);
+    wait_for(&a, "hv1 sees hv2 Primary", 5, |s| {
+        peer(s, "hv2").role == Role::Primary
+    })
+    .await;
+    // Both write (disjoint ranges, as a migrating VM does) and both replicas get both.
+    write_mib(&a, 4, 1, 40).await;
+    write_mib(&b, 8, 1, 80).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+    // A third promotion is impossible with two nodes; the source demotes after migration.
+    a.demote().await.unwrap();
+    b.set_allow_two_primaries(false).unwrap();
+    write_mib(&b, 12, 1, 120).await;
+    wait_converged(&a, &b, 20).await;
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_isolation_without_takeover_resumes_the_frozen_primary() {
+    let c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    wait_for(&b, "connected", 10, |s| established(s, "hv1") && s.quorum).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+    c.isolate("hv1").await;
+    wait_for(&a, "hv1 frozen", 10, |s| !s.quorum && s.io_suspended).await;
+    let a2 = a.clone();
+    let frozen = tokio::spawn(async move { a2.write(2 * MIB, data(2, 65536), false).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!frozen.is_finished());
+    // Nobody takes over; the network comes back.
+    c.heal_all();
+    tokio::time::timeout(Duration::from_secs(20), frozen)
+        .await
+        .expect("the frozen write resumes")
+        .unwrap()
+        .unwrap();
+    let s = wait_for(&a, "quorum back", 20, |s| s.quorum && !s.io_suspended).await;
+    assert_eq!(s.role, Role::Primary);
+    wait_converged(&a, &b, 30).await;
+    a.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }

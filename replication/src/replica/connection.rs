@@ -5,9 +5,10 @@
 //! the peer outdated through the tiebreaker).
 //!
 //! Resync hand-over: a bitmap or full resync sets the pair to SyncSource/SyncTarget (the
-//! target Inconsistent, durably) and is the job of `resync::run_source`/`run_target`
-//! (being written in parallel). Until that module is merged, the pair stays in that state
-//! and the link keeps replicating new writes; see [`Replica::start_resync`].
+//! target Inconsistent, durably), the target sends its bitmap so the source resyncs the
+//! union, then the source runs `resync::run_resync_source` on the link (attached to the
+//! data path when it is Primary) and the target applies it in `run_secondary` with the
+//! engine's hooks (`sync.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +17,12 @@ use tokio::sync::mpsc;
 
 use super::messages::{EngineMessage, OutdateResult, PeerState, MAX_RUNS_PER_MESSAGE, MSG_STATE};
 use super::volume::{lock, LinkMode, Replica};
+use std::sync::atomic::AtomicBool;
+
+use super::sync::TargetHooks;
 use crate::datapath::{run_secondary, SecondaryConfig};
 use crate::link::{LinkReceiver, LinkSender, PeerLink};
+use crate::resync::ResyncTargetHooks;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
 use crate::sync_decision::{
     decide, resolution_outcome, resolve_manually, resolve_split_brain, DecisionContext, Direction,
@@ -554,8 +559,7 @@ impl Replica {
     }
 
     /// Enter SyncSource/SyncTarget. The target is Inconsistent (durably) until the resync
-    /// finishes. The data transfer itself is the resync module's (`resync::run_source` /
-    /// `run_target`); until it is merged the pair stays in this state.
+    /// finishes; the transfer itself starts with the link's data mode (`data_link`).
     pub(super) async fn start_resync(&self, peer: &str, dir: Direction, full: bool) {
         {
             let mut st = lock(&self.st);
@@ -579,8 +583,7 @@ impl Replica {
         if let Err(e) = self.persist().await {
             tracing::error!(volume = %self.volume, peer, error = %e, "persisting the resync start");
         }
-        tracing::warn!(volume = %self.volume, peer, ?dir, full,
-            "resync needed; waiting for the resync module (resync::run_source/run_target)");
+        tracing::info!(volume = %self.volume, peer, ?dir, full, "resync starts");
     }
 
     /// Use an established data link according to the roles, until it goes down.
@@ -594,15 +597,19 @@ impl Replica {
         let mut link = link;
         let mut gate = gate;
         loop {
-            let (i_am_primary, primary) = {
+            let (i_am_primary, primary, peer_is_primary, replication, source_uuids) = {
                 let st = lock(&self.st);
-                (st.role == Role::Primary, st.primary.clone())
+                let slot = st.peers.get(peer);
+                (
+                    st.role == Role::Primary,
+                    st.primary.clone(),
+                    slot.and_then(|p| p.state.as_ref())
+                        .is_some_and(|s| s.role == Role::Primary),
+                    slot.map(|p| p.replication).unwrap_or(ReplicationState::Off),
+                    slot.and_then(|p| p.state.as_ref())
+                        .and_then(|s| s.uuids.clone()),
+                )
             };
-            let peer_is_primary = lock(&self.st)
-                .peers
-                .get(peer)
-                .and_then(|p| p.state.as_ref())
-                .is_some_and(|s| s.role == Role::Primary);
             if i_am_primary {
                 let Some(primary) = primary else {
                     return Err("Primary without data path".into());
@@ -611,6 +618,9 @@ impl Replica {
                 primary.attach_peer(link);
                 self.set_mode(peer, id, LinkMode::Attached);
                 drop(gate.take());
+                if replication == ReplicationState::SyncSource {
+                    self.spawn_resync_source(peer, id, sender.clone());
+                }
                 sender.closed().await;
                 return Ok(sender
                     .down_reason()
@@ -618,7 +628,8 @@ impl Replica {
                     .unwrap_or_else(|| "link closed".into()));
             }
             drop(gate.take());
-            if peer_is_primary {
+            let target = replication == ReplicationState::SyncTarget;
+            if peer_is_primary || target {
                 let Some(device) = self.device.clone() else {
                     return Err("diskless".into());
                 };
@@ -631,8 +642,21 @@ impl Replica {
                         me.handle_extension(&p, msg).await;
                     }
                 });
+                let resync_target = match (target, source_uuids) {
+                    (true, Some(source_uuids)) => {
+                        let hooks = Arc::new(TargetHooks {
+                            replica: self.me.clone(),
+                            source: peer.to_string(),
+                            source_uuids,
+                            wrote: AtomicBool::new(false),
+                        });
+                        Some(ResyncTargetHooks(hooks))
+                    }
+                    _ => None,
+                };
                 let cfg = SecondaryConfig {
                     extensions: Some(tx),
+                    resync_target,
                     ..SecondaryConfig::default()
                 };
                 let res = run_secondary(link, device, cfg).await;
@@ -642,8 +666,13 @@ impl Replica {
                     Err(e) => Err(e.to_string()),
                 };
             }
-            // Both Secondary: idle until one side promotes.
+            // Both Secondary: idle until one side promotes. A resync to a Secondary
+            // target runs from here with this node's device as the source.
             self.set_mode(peer, id, LinkMode::Idle);
+            let resyncing = replication == ReplicationState::SyncSource;
+            if resyncing {
+                self.spawn_resync_source(peer, id, link.sender.clone());
+            }
             let mut rx = self.changed.subscribe();
             loop {
                 tokio::select! {
@@ -669,6 +698,17 @@ impl Replica {
                             return Err("closed".into());
                         }
                         if promoted {
+                            let still_resyncing = lock(&self.st)
+                                .peers
+                                .get(peer)
+                                .is_some_and(|p| p.replication == ReplicationState::SyncSource);
+                            if still_resyncing {
+                                // The resync read the device without the Primary's range
+                                // lock; restart it under the Primary (reconnect resumes
+                                // from the bitmap).
+                                link.sender.close("promoted during resync; resuming as Primary");
+                                return Err("promoted during resync".into());
+                            }
                             break;
                         }
                     }
@@ -704,14 +744,35 @@ impl Replica {
     /// An engine message from `peer` (any link mode).
     pub(super) async fn handle_extension(&self, peer: &str, msg: Message) {
         let Message::Extension {
-            msg_type, payload, ..
+            msg_type,
+            flags,
+            payload,
         } = msg
         else {
             return;
         };
+        if crate::resync::proto::is_resync_type(msg_type) {
+            // Replies for a resync/verify session running on this node.
+            let tx = lock(&self.st)
+                .peers
+                .get(peer)
+                .and_then(|p| p.resync_replies.clone());
+            match tx {
+                Some(tx) => {
+                    let _ = tx.send(Message::Extension {
+                        msg_type,
+                        flags,
+                        payload,
+                    });
+                }
+                None => {
+                    tracing::debug!(volume = %self.volume, peer, msg_type, "resync message without a session; ignored")
+                }
+            }
+            return;
+        }
         if !EngineMessage::is_engine_type(msg_type) {
-            // Resync/verify traffic: routed to the resync module once it exists.
-            tracing::debug!(volume = %self.volume, peer, msg_type, "resync message without a running resync; ignored");
+            tracing::debug!(volume = %self.volume, peer, msg_type, "unknown extension message; ignored");
             return;
         }
         let msg = match EngineMessage::decode(msg_type, &payload) {
@@ -910,6 +971,14 @@ impl Replica {
             slot.sender = None;
             slot.mode = LinkMode::None;
             slot.replication = ReplicationState::Off;
+            slot.resync_replies = None;
+            slot.resync_progress = None;
+            if let Some(t) = slot.resync_task.take() {
+                t.abort();
+            }
+            if let Some(d) = slot.dual_sender.take() {
+                d.close("the main link to the peer went down");
+            }
             if slot.conn != ConnectionState::StandAlone {
                 slot.conn = ConnectionState::Connecting;
                 slot.state = None;

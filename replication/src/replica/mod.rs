@@ -30,6 +30,8 @@
 //!   side's bitmap for the other has bits (writes in flight when a link broke, before the
 //!   next write rotated the generation), the pair resyncs those bits by bitmap instead; the
 //!   side with bits is the source (both: the Primary, else the smaller name).
+//! - **Two primaries** (`allow-two-primaries` on both nodes, protocol C) use a second,
+//!   reverse data link per pair (`dual.rs`); both links end together.
 //! - **Demote** closes the data links; they reconnect at once as Secondary/Secondary (one
 //!   handshake, no resync). Promote hands idle links to the data path in place.
 //! - **Split brain** leaves the pair StandAlone with the resolve command in status; the
@@ -37,8 +39,10 @@
 //!   `resolve` on either node takes effect without a second command on the other.
 
 mod connection;
+mod dual;
 pub mod messages;
 pub mod status;
+mod sync;
 mod volume;
 
 use std::collections::HashMap;
@@ -85,16 +89,6 @@ pub struct PeerSpec {
     pub diskless: bool,
 }
 
-/// Resync tunables. Placeholder until `resync::ResyncConfig` lands (the field of
-/// [`ReplicaOptions`] then changes type; both default).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ResyncOptions {
-    /// Bytes per second (0 = the resync module's default).
-    pub rate_limit: u64,
-    /// Checksum-based resync.
-    pub checksums: bool,
-}
-
 /// Per-volume replication options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaOptions {
@@ -103,7 +97,7 @@ pub struct ReplicaOptions {
     pub quorum: Option<QuorumMode>,
     pub on_no_quorum: OnNoQuorum,
     pub after_split_brain: AfterSplitBrain,
-    pub resync: ResyncOptions,
+    pub resync: crate::resync::ResyncConfig,
     /// How long a request frozen for lack of quorum waits before it fails.
     pub suspend_timeout: Duration,
 }
@@ -115,7 +109,7 @@ impl Default for ReplicaOptions {
             quorum: None,
             on_no_quorum: OnNoQuorum::SuspendIo,
             after_split_brain: AfterSplitBrain::Disconnect,
-            resync: ResyncOptions::default(),
+            resync: crate::resync::ResyncConfig::default(),
             suspend_timeout: Duration::from_secs(120),
         }
     }
@@ -361,6 +355,9 @@ impl Drop for ReplicationNode {
     }
 }
 
+/// The replica an incoming link is for, and whether it is a reverse (two primaries) link.
+type Accepted = (Arc<Replica>, bool);
+
 async fn accept_loop(listener: TcpListener, shared: Arc<NodeShared>) {
     loop {
         let (stream, addr) = match listener.accept().await {
@@ -374,13 +371,18 @@ async fn accept_loop(listener: TcpListener, shared: Arc<NodeShared>) {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let found: Arc<Mutex<Option<Arc<Replica>>>> = Arc::new(Mutex::new(None));
+            let found: Arc<Mutex<Option<Accepted>>> = Arc::new(Mutex::new(None));
             let found2 = found.clone();
             let lookup_shared = shared.clone();
             let lookup = move |hello: &crate::wire::Hello| {
-                let r = lock(&lookup_shared.volumes).get(&hello.volume).cloned()?;
-                let ours = r.hello_for_incoming(&hello.node)?;
-                *lock(&found2) = Some(r);
+                let (volume, dual) = dual::split_volume(&hello.volume);
+                let r = lock(&lookup_shared.volumes).get(volume).cloned()?;
+                let ours = if dual {
+                    r.hello_for_dual(&hello.node)?
+                } else {
+                    r.hello_for_incoming(&hello.node)?
+                };
+                *lock(&found2) = Some((r, dual));
                 Some(ours)
             };
             let res = PeerLink::establish_acceptor(
@@ -393,7 +395,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<NodeShared>) {
             .await;
             let replica = lock(&found).take();
             match (res, replica) {
-                (Ok(link), Some(r)) => r.incoming_link(link),
+                (Ok(link), Some((r, false))) => r.incoming_link(link),
+                (Ok(link), Some((r, true))) => r.incoming_dual_link(link),
                 (Ok(_), None) => {}
                 (Err(e), _) => {
                     tracing::debug!(peer = %addr, error = %e, "incoming replication link refused")

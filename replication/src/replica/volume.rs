@@ -74,6 +74,14 @@ pub(super) struct PeerSlot {
     pub decision: Option<String>,
     pub last_error: Option<String>,
     pub left_gracefully: bool,
+    /// Where resync/verify replies from this peer go (a session on this node is running).
+    pub resync_replies: Option<tokio::sync::mpsc::UnboundedSender<crate::wire::Message>>,
+    /// Progress of the resync with this peer (either direction).
+    pub resync_progress: Option<Arc<crate::resync::ResyncProgress>>,
+    /// The resync task when this node is the source.
+    pub resync_task: Option<JoinHandle<()>>,
+    /// The reverse data link while both nodes are Primary (see `dual.rs`).
+    pub dual_sender: Option<LinkSender>,
 }
 
 pub(super) struct State {
@@ -247,6 +255,10 @@ impl Replica {
                         decision: None,
                         last_error: None,
                         left_gracefully: false,
+                        resync_replies: None,
+                        resync_progress: None,
+                        resync_task: None,
+                        dual_sender: None,
                     },
                 )
             })
@@ -346,7 +358,9 @@ impl Replica {
     pub(super) fn hello_for_incoming(&self, peer: &str) -> Option<Hello> {
         {
             let st = lock(&self.st);
-            if st.closed || !st.peers.contains_key(peer) {
+            // Only the node whose name sorts first dials; refuse the other direction, so a
+            // pair never has two links racing to replace each other.
+            if st.closed || st.peers.get(peer).is_none_or(|p| p.dialer) {
                 return None;
             }
         }
@@ -471,6 +485,15 @@ impl Replica {
                 OnNoQuorum::IoError => "failed",
             });
         }
+        if !lost && st.has_quorum && st.role == Role::Primary && st.uuids.flags.primary_lost_quorum
+        {
+            // Quorum is back and this node is still Primary: the handshake that brought it
+            // back already decided (nobody took over, or we would have stepped down), so
+            // the frozen I/O resumes and the flag has done its job.
+            st.uuids.flags.primary_lost_quorum = false;
+            must_persist = true;
+            tracing::info!(volume = %self.volume, "quorum regained; I/O resumes");
+        }
         st.io_suspended = st.role == Role::Primary
             && !st.has_quorum
             && st.options.on_no_quorum == OnNoQuorum::SuspendIo;
@@ -583,7 +606,14 @@ impl Replica {
                         ReplicationState::Off
                     },
                     out_of_sync_bytes: bms.get(&p.spec.name).map(|b| b.dirty_bytes()).unwrap_or(0),
-                    resync: None,
+                    resync: p.resync_progress.as_ref().filter(|_| connected).map(|r| {
+                        let s = r.snapshot();
+                        super::status::ResyncProgress {
+                            done_bytes: s.done_bytes,
+                            total_bytes: s.total_bytes,
+                            bytes_per_sec: s.bytes_per_sec,
+                        }
+                    }),
                     split_brain: p.split_brain.clone(),
                     decision: p.decision.clone(),
                     last_error: if connected {
@@ -674,6 +704,7 @@ impl Replica {
     /// Become Primary; refused with an operator-ready message when the disk is not
     /// UpToDate, quorum is missing, or another Primary is known (directly or relayed).
     pub async fn promote(&self) -> Result<(), EngineError> {
+        let other_primaries: Vec<String>;
         let Some(device) = self.device.clone() else {
             return Err(EngineError::Diskless {
                 volume: self.volume.clone(),
@@ -702,14 +733,23 @@ impl Replica {
                 protocol: st.options.protocol,
             };
             role::may_promote(&ctx)?;
-            if views.iter().any(|v| v.role == Role::Primary) {
-                // Allowed by the gate (two primaries), but the data path does not carry
-                // writes in both directions on one link yet.
-                return Err(EngineError::Unsupported(format!(
-                    "{}: two primaries at once (the data path replicates in one direction per link)",
-                    self.volume
-                )));
+            // With two primaries allowed (checked by may_promote), the other Primary must
+            // be connected directly: the reverse data link goes to it.
+            let mut others = Vec::new();
+            for v in views.iter().filter(|v| v.role == Role::Primary) {
+                let direct = st.peers.get(&v.name).is_some_and(|p| {
+                    p.conn == ConnectionState::Connected
+                        && p.state.as_ref().is_some_and(|s| s.role == Role::Primary)
+                });
+                if !direct {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "{}: {} is Primary but not connected to this node; two primaries need a working replication link",
+                        self.volume, v.name
+                    )));
+                }
+                others.push(v.name.clone());
             }
+            other_primaries = others;
             let data = Self::data_peers(&st);
             let any_disconnected = data.iter().any(|p| {
                 st.peers
@@ -755,10 +795,31 @@ impl Replica {
             st.primary = None;
             return Err(e);
         }
+        if !other_primaries.is_empty() {
+            if let Err(e) = self.connect_dual_links(&other_primaries).await {
+                let _ = self.demote_now("two primaries refused").await;
+                return Err(e);
+            }
+        }
         tracing::info!(volume = %self.volume, "promoted to Primary");
         {
             let mut st = lock(&self.st);
             self.recompute_quorum(&mut st);
+        }
+        // A link still applying a (finished) resync from a Secondary peer is re-established
+        // so it joins the data path; writes meanwhile are tracked in the bitmap and the
+        // reconnect resyncs them ("equal generations with a dirty bitmap").
+        let reconnect: Vec<LinkSender> = {
+            let st = lock(&self.st);
+            st.peers
+                .values()
+                .filter(|p| p.mode == LinkMode::Secondary)
+                .filter(|p| p.state.as_ref().is_none_or(|s| s.role != Role::Primary))
+                .filter_map(|p| p.sender.clone())
+                .collect()
+        };
+        for s in reconnect {
+            s.close("promoted; re-establishing the link as Primary");
         }
         self.broadcast_state();
         self.notify();
@@ -825,6 +886,7 @@ impl Replica {
             st.primary.take()
         };
         self.notify();
+        self.close_dual_links(&format!("{reason}; two primaries end"));
         let res = self.persist().await;
         if let Some(p) = primary {
             for peer in p.connected_peers() {
@@ -871,14 +933,6 @@ impl Replica {
         tracing::warn!(volume = %self.volume, discard_local, "split brain resolution requested");
         self.notify();
         Ok(())
-    }
-
-    /// Online verify (resync module).
-    pub async fn verify(&self) -> Result<VerifySummary, EngineError> {
-        Err(EngineError::Unsupported(format!(
-            "{}: online verify (arrives with the resync module)",
-            self.volume
-        )))
     }
 
     /// Grow the volume (the device was already grown).
@@ -1321,6 +1375,12 @@ impl Replica {
         st.closed = true;
         for p in st.peers.values_mut() {
             if let Some(s) = p.sender.take() {
+                s.close("replica closed");
+            }
+            if let Some(t) = p.resync_task.take() {
+                t.abort();
+            }
+            if let Some(s) = p.dual_sender.take() {
                 s.close("replica closed");
             }
         }

@@ -376,3 +376,18 @@ pub fn established(s: &ReplicaStatus, peer_name: &str) -> bool {
             && p.replication == replication::role::ReplicationState::Established
     })
 }
+
+/// Wait until `a` and `b` are connected, Established and UpToDate on both sides with no
+/// out-of-sync bytes (a resync in between finished).
+pub async fn wait_converged(a: &Replica, b: &Replica, secs: u64) {
+    let (an, bn) = (a.node_name().to_string(), b.node_name().to_string());
+    let ok = |s: &ReplicaStatus, other: &str| {
+        let p = peer(s, other);
+        established(s, other)
+            && s.disk_state == replication::role::DiskState::UpToDate
+            && p.disk_state == replication::role::DiskState::UpToDate
+            && p.out_of_sync_bytes == 0
+    };
+    wait_for(a, "converged", secs, |s| ok(s, &bn)).await;
+    wait_for(b, "converged", secs, |s| ok(s, &an)).await;
+}
