@@ -12,8 +12,9 @@ use replication::auth::Secret;
 use replication::device::BackingDevice;
 use replication::link::LinkConfig;
 use replication::replica::{
-    EngineError, NodeConfig, PeerSpec, ReplicaOptions, ReplicaSpec, ReplicationNode, ResyncOptions,
+    EngineError, NodeConfig, PeerSpec, ReplicaOptions, ReplicaSpec, ReplicationNode,
 };
+use replication::resync::ResyncConfig;
 
 use crate::api::{ReplicaStatus, VerifySummary};
 use crate::engine::{Engine, EngineFailure, EngineReplica, FailureKind, ReplicaPlan};
@@ -51,9 +52,16 @@ pub fn replica_options(options: &VolumeOptions) -> ReplicaOptions {
         quorum: None,
         on_no_quorum: options.on_no_quorum,
         after_split_brain: options.after_split_brain,
-        resync: ResyncOptions {
-            rate_limit: options.resync_rate_bytes,
-            checksums: false,
+        resync: {
+            let defaults = ResyncConfig::default();
+            ResyncConfig {
+                max_rate_bytes_per_sec: options.resync_rate_bytes,
+                // The floor kept for resync under application load never exceeds the cap.
+                min_rate_bytes_per_sec: defaults
+                    .min_rate_bytes_per_sec
+                    .min(options.resync_rate_bytes),
+                ..defaults
+            }
         },
         ..ReplicaOptions::default()
     }
