@@ -201,8 +201,6 @@ fn writes_without_the_peer_are_tracked_and_wait_sync_times_out() {
 }
 
 #[test]
-#[ignore = "needs the resync wired into the engine: until then the pair stays SyncSource/\
-            Inconsistent with the out-of-sync bytes and no resync progress"]
 fn a_returning_node_resyncs_what_it_missed_and_wait_sync_sees_it() {
     let mut cluster = write_while_hv2_is_away();
     cluster.node_mut("hv2").start();
@@ -216,11 +214,26 @@ fn a_returning_node_resyncs_what_it_missed_and_wait_sync_sees_it() {
     let b = std::fs::read(cluster.node("hv2").images().join("vm-2.img")).unwrap();
     assert!(a == b, "the replicas differ after the resync");
     assert!(b[4 << 20..8 << 20].iter().all(|&x| x == 0x77));
-    // Online verify finds nothing to fix.
+    // Online verify (the engine runs it from the Primary) finds nothing to fix.
+    cluster
+        .node("hv1")
+        .tandem(&["volume", "promote", "vm-2"])
+        .ok();
     let verified = cluster
         .node("hv1")
         .tandem(&["volume", "verify", "vm-2", "--json"])
         .ok()
         .json();
     assert_eq!(verified["differing_blocks"], 0, "{verified}");
+    assert_eq!(verified["checked_bytes"], 32 << 20, "{verified}");
+    let human = cluster
+        .node("hv1")
+        .tandem(&["volume", "verify", "vm-2"])
+        .ok()
+        .stdout;
+    assert!(human.contains("0 differing block(s)"), "{human}");
+    cluster
+        .node("hv1")
+        .tandem(&["volume", "demote", "vm-2"])
+        .ok();
 }
