@@ -25,12 +25,15 @@ struct Node {
     root: std::path::PathBuf,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct loopback ports that were free a moment ago (all held at once, so no port is
+/// handed out twice).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 async fn start_node(name: &str, root: &Path, secret: &Path, nodes_toml: &str) -> Node {
@@ -86,13 +89,15 @@ async fn two_nodes() -> (tempfile::TempDir, Node, Node) {
     std::fs::write(&secret, "data-test-secret\n").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(load_secret(&secret).is_ok());
+    let ports = free_ports(4);
     let nodes_toml: String = ["hv1", "hv2"]
         .iter()
-        .map(|n| {
+        .enumerate()
+        .map(|(i, n)| {
             format!(
                 "[[nodes]]\nname = \"{n}\"\ncontrol = \"127.0.0.1:{}\"\nreplication = \"127.0.0.1:{}\"\n",
-                free_port(),
-                free_port()
+                ports[2 * i],
+                ports[2 * i + 1]
             )
         })
         .collect();
