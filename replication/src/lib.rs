@@ -20,6 +20,10 @@
 //! quorum, role    evaluate(...) -> QuorumVerdict; may_promote(...) -> Result<(), PromoteRefusal>
 //! ```
 //!
+//! The engine that drives all of this per volume is [`replica`] (`ReplicationNode`,
+//! `Replica`: links, handshake, roles, quorum, I/O, status); the walkthrough below is what it
+//! does around one write.
+//!
 //! A write on a replica (Primary, or a Secondary applying a peer write):
 //!
 //! ```
@@ -87,6 +91,9 @@ pub mod generation;
 pub mod link;
 pub mod metadata;
 pub mod quorum;
+pub mod replica;
+pub mod resync;
 pub mod role;
 pub mod sync_decision;
+pub mod verify;
 pub mod wire;
