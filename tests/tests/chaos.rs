@@ -344,7 +344,7 @@ impl Chaos {
 }
 
 #[test]
-#[ignore = "needs the replication engine (issue 3)"]
+#[ignore = "finds split brains in the engine today (seeds 258247687 and 7); enable when they are fixed"]
 fn chaos_cycles_lose_no_acknowledged_write() {
     if skip_unless_root() {
         return;
