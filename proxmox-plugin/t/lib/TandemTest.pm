@@ -48,8 +48,7 @@ sub bin {
     return $path;
 }
 
-my $SCRATCH = File::Temp->newdir('tandem-pve-XXXXXX', TMPDIR => 1, CLEANUP => 1);
-our $SCRATCH_DIR = untaint("$SCRATCH");
+our $SCRATCH_DIR = untaint(File::Temp::tempdir("tandem-pve-XXXXXX", TMPDIR => 1, CLEANUP => 1));
 
 # Load the plugin with test settings: CLI from the workspace, cache in the scratch dir.
 sub plugin {
