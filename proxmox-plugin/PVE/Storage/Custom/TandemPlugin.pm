@@ -577,13 +577,14 @@ sub status {
     my $key = join("\0", $scfg->{'tandem-config'} // '', $scfg->{'tandem-pool'} // '');
 
     my $entry = _read_cache($file);
-    my $now = time();
+    my $now = Time::HiRes::time();
     if (!$entry || ($entry->{key} // '') ne $key || $now - ($entry->{ts} // 0) >= $STATUS_TTL
-        || $entry->{ts} > $now)
+        || $entry->{ts} > $now + 1)
     {
         $entry = eval { _pool_status($scfg) };
         $entry = { error => ($@ || "tandem: no status\n") } if !$entry;
-        $entry->{ts} = $now;
+        # Stamped when the answer arrived, so a slow failure is still reused for a full TTL.
+        $entry->{ts} = Time::HiRes::time();
         $entry->{key} = $key;
         _write_cache($file, $entry);
     }
