@@ -57,6 +57,9 @@ subtest 'life of a disk' => sub {
 
     is_deeply([$P->volume_resize($scfg, 'tandem', $vol, 128 * $MiB, 0)], [], 'resize returns nothing');
     is(scalar($P->volume_size_info($scfg, 'tandem', $vol)), 128 * $MiB, 'grown to 128 MiB (bytes)');
+    eval { $P->volume_resize($scfg, 'tandem', $vol, 256 * $MiB, 1) };
+    is($@, "tandem: growing the disk of a running VM is not supported yet (QEMU cannot grow "
+        . "an attached NBD disk); resize it while the VM is stopped\n", 'running VM: refused');
     eval { $P->volume_resize($scfg, 'tandem', $vol, 1 * $MiB, 0) };
     like($@, qr/\Atandem: [^\n]*shrink[^\n]*\n\z/i, "shrinking refused with the daemon's message: $@");
     is(scalar($P->volume_size_info($scfg, 'tandem', $vol)), 128 * $MiB, 'size unchanged');

@@ -64,6 +64,11 @@ qemu_io($path, 'read -P 0 0 1M');
     like("$out$err", qr/Pattern verification failed/, 'a mismatch is detected');
 }
 
+{
+    # Why volume_resize refuses a running VM: QEMU cannot grow an attached NBD disk.
+    my ($status, $out, $err) = run_cmd(30, $qemu_io, '-f', 'raw', '-c', 'truncate 96M', $json);
+    like("$out$err", qr/Cannot grow NBD nodes/, 'QEMU refuses to grow an open NBD node');
+}
 $P->volume_resize($scfg, 'tandem', $vol, 96 * $MiB, 0);
 is(qemu_img_size($json), 96 * $MiB, 'after resize: qemu-img sees 96 MiB');
 qemu_io($json, 'read -P 0xa5 1M 2M');

@@ -451,6 +451,11 @@ sub volume_resize {
     my ($class, $scfg, $storeid, $volname, $size, $running, $snapname) = @_;
     _check_no_snapshot($snapname);
     my $name = $class->_volume($volname);
+    # PVE follows a resize of a running VM's disk with QMP block_resize, which QEMU's NBD
+    # client refuses ("Cannot grow NBD nodes"); growing first would leave the volume and the
+    # VM config disagreeing. Refuse before changing anything.
+    die "tandem: growing the disk of a running VM is not supported yet (QEMU cannot grow "
+        . "an attached NBD disk); resize it while the VM is stopped\n" if $running;
     defined($size) && $size =~ m/\A(\d+)\z/
         or die "tandem: invalid size '" . ($size // '') . "' (bytes expected)\n";
     _tandem($scfg, $CHANGE_TIMEOUT, 'volume', 'resize', $name, '--size', $1);
