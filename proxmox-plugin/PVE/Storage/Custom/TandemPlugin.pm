@@ -552,7 +552,9 @@ sub deactivate_storage {
 
 sub check_connection {
     my ($class, $storeid, $scfg) = @_;
-    return $class->activate_storage($storeid, $scfg, undef);
+    # Called before activation, possibly on status paths: keep it as short as status.
+    _tandem($scfg, $STATUS_TIMEOUT, 'node', 'info');
+    return 1;
 }
 
 sub activate_volume {
