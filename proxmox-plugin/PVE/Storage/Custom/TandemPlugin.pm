@@ -421,7 +421,7 @@ sub list_images {
         push @result, {
             volid  => $volid,
             format => 'raw',
-            size   => $volume->{size_bytes} + 0,
+            size   => ($volume->{size_bytes} // 0) + 0,
             vmid   => $owner,
             ctime  => $volume->{created_unix},
         };
@@ -563,8 +563,10 @@ sub activate_volume {
     # Idempotent: only checks that the volume exists with its storage. The local replica is
     # promoted by tandemd when QEMU opens the NBD export for writing.
     my $volume = $class->_show($scfg, $volname);
-    die "tandem: volume '$volume->{name}' is $volume->{state} on this node\n"
-        if defined($volume->{state}) && $volume->{state} ne 'ok';
+    # `missing`: the definition exists but its storage is gone on this node. Any other
+    # state is tandemd's to judge when QEMU opens the export.
+    die "tandem: volume '$volume->{name}' is missing on this node\n"
+        if ($volume->{state} // '') eq 'missing';
     return 1;
 }
 
