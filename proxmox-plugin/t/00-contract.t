@@ -36,12 +36,16 @@ subtest 'type, plugindata, properties, options' => sub {
     my $props = $P->properties();
     is_deeply([PVE::JSONSchema::check_properties($props)], [], 'properties are valid schema');
     ok(!grep({ !m/\Atandem-/ } keys %$props), 'every property is prefixed tandem-');
-    for my $name (qw(tandem-config tandem-pool tandem-replicas tandem-protocol tandem-socket)) {
+    for my $name (qw(tandem-config tandem-pool tandem-replicas tandem-protocol tandem-nodes
+        tandem-socket tandem-reconnect-delay))
+    {
         ok($props->{$name}, "property $name exists");
     }
     is(PVE::JSONSchema::check_value($props->{'tandem-protocol'}, 'C'), undef, 'protocol C ok');
     ok(PVE::JSONSchema::check_value($props->{'tandem-protocol'}, 'D'), 'protocol D refused');
     ok(PVE::JSONSchema::check_value($props->{'tandem-replicas'}, 0), 'replicas 0 refused');
+    is(PVE::JSONSchema::check_value($props->{'tandem-nodes'}, 'hv1,hv2'), undef, 'nodes list ok');
+    ok(PVE::JSONSchema::check_value($props->{'tandem-nodes'}, 'hv1;hv2'), 'bad nodes list refused');
     my $options = $P->options();
     for my $name (keys %$props, qw(shared nodes disable content)) {
         ok($options->{$name} && $options->{$name}{optional}, "option $name is optional");

@@ -43,14 +43,15 @@ subtest 'alloc_image: every storage option forwarded, in order' => sub {
     $fake->set('out.json', $VOL);
     my $scfg = {
         'tandem-config' => '/etc/tandem/other.toml', 'tandem-pool' => 'nvme',
-        'tandem-replicas' => 2, 'tandem-protocol' => 'C',
+        'tandem-replicas' => 2, 'tandem-protocol' => 'C', 'tandem-nodes' => 'hv1,hv2',
     };
     is($P->alloc_image('store', $scfg, 100, 'raw', 'vm-100-disk-7', 1024), 'vm-100-disk-7',
         'given name kept');
     is_deeply($fake->calls, [[
         '--config', '/etc/tandem/other.toml', '--json', 'volume', 'create', 'vm-100-disk-7',
         '--size', '1048576', '--pool', 'nvme', '--replicas', '2', '--protocol', 'C',
-    ]], 'argv with config, pool, replicas, protocol; no list when the name is given');
+        '--nodes', 'hv1,hv2',
+    ]], 'argv with config, pool, replicas, protocol, nodes; no list when the name is given');
     $fake->reset;
     $fake->set('out.json', $VOL);
     $P->alloc_image('store', { 'tandem-protocol' => 'A' }, 5, undef, 'vm-5-cloudinit', 4096);
@@ -74,6 +75,8 @@ subtest 'alloc_image refuses before calling the CLI' => sub {
     }
     eval { $P->alloc_image('store', { 'tandem-protocol' => 'A;rm' }, 1, 'raw', 'vm-1-d', 1) };
     like($@, qr/\Atandem: tandem-protocol must be A, B or C\n\z/, 'bad protocol refused');
+    eval { $P->alloc_image('store', { 'tandem-nodes' => 'hv1, hv2' }, 1, 'raw', 'vm-1-d', 1) };
+    like($@, qr/\Atandem: tandem-nodes must be a comma-separated list/, 'bad node list refused');
     is_deeply($fake->calls, [], 'the CLI was never run');
 };
 
@@ -126,6 +129,10 @@ subtest 'CLI failures become one clean line' => sub {
     $fake->set('stderr', "warning: noise\nsomething bad\n");
     eval { $P->activate_volume('st', {}, 'vm-9-disk-0') };
     is($@, "tandem: something bad\n", 'last stderr line, prefixed once');
+    $fake->set('stderr', "error: unexpected argument '--replicas' found\n\n  tip: to pass it\n\n"
+        . "Usage: tandem volume create --size <SIZE> <NAME>\n\nFor more information, try '--help'.\n");
+    eval { $P->activate_volume('st', {}, 'vm-9-disk-0') };
+    is($@, "tandem: unexpected argument '--replicas' found\n", 'usage error: the error line');
     $fake->set('stderr', undef);
     eval { $P->free_image('st', {}, 'vm-9-disk-0') };
     is($@, "tandem: 'tandem volume delete vm-9-disk-0' failed with exit code 1\n",

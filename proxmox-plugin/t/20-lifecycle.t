@@ -96,6 +96,20 @@ subtest 'errors from the daemon' => sub {
     $P->free_image('tandem', $scfg, $v, 0);
 };
 
+subtest 'replication options reach the real CLI' => sub {
+    my $rscfg = { %$scfg, 'tandem-replicas' => 1, 'tandem-protocol' => 'C' };
+    my ($rc, $help) = TandemTest::run_cmd(10, TandemTest::bin('tandem'), 'volume', 'create', '--help');
+    if ($help =~ m/--replicas/ && $help =~ m/--protocol/) {
+        my $v = $P->alloc_image('tandem', $rscfg, 400, 'raw', undef, 1024);
+        is($v, 'vm-400-disk-0', 'replicated CLI: created with --replicas 1 --protocol C');
+        $P->free_image('tandem', $rscfg, $v, 0);
+    } else {
+        eval { $P->alloc_image('tandem', $rscfg, 400, 'raw', undef, 1024) };
+        is($@, "tandem: unexpected argument '--replicas' found\n",
+            "today's CLI: the flag is refused with one clean line");
+    }
+};
+
 subtest 'daemon down: clean errors' => sub {
     TandemTest::stop_daemon($node);
     for my $call (

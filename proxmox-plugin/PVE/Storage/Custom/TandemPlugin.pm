@@ -103,6 +103,12 @@ sub properties {
             type => 'string',
             enum => ['A', 'B', 'C'],
         },
+        'tandem-nodes' => {
+            description => "Comma-separated Tandem nodes holding the replicas of new disks "
+                . "(passed to `tandem volume create --nodes`; default: tandemd's choice).",
+            type    => 'string',
+            pattern => '[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*',
+        },
         'tandem-socket' => {
             description => "tandemd's NBD unix socket QEMU connects to (default: "
                 . "<run_dir>/nbd.sock as reported by `tandem node info`).",
@@ -126,6 +132,7 @@ sub options {
         'tandem-pool'            => { optional => 1 },
         'tandem-replicas'        => { optional => 1 },
         'tandem-protocol'        => { optional => 1 },
+        'tandem-nodes'           => { optional => 1 },
         'tandem-socket'          => { optional => 1 },
         'tandem-reconnect-delay' => { optional => 1 },
         # `shared 1` tells Proxmox every node sees the same disks (replicas), so migration
@@ -201,9 +208,12 @@ sub _tandem {
         die "tandem: '$what' timed out after ${timeout}s (is tandemd hung?)\n"
             if $status == -1;
         die "tandem: '$what' was killed by signal " . ($status & 127) . "\n" if $status & 127;
+        # The CLI prints one line `tandem: <message>`; a usage error (clap) prints
+        # `error: <message>` followed by usage hints. Take the last such line, else the last.
         my @lines = grep { m/\S/ } split(/\n/, $stderr);
-        my $message = @lines ? $lines[-1] : "'$what' failed with exit code " . ($status >> 8);
-        $message =~ s/\A\s*tandem:\s*//;
+        my ($message) = reverse grep { m/\A\s*(?:tandem|error):/ } @lines;
+        $message //= @lines ? $lines[-1] : "'$what' failed with exit code " . ($status >> 8);
+        $message =~ s/\A\s*(?:tandem|error):\s*//;
         die "tandem: $message\n";
     }
     my $json = eval { JSON::PP->new->utf8->decode($stdout) };
@@ -384,6 +394,11 @@ sub alloc_image {
     if (defined(my $protocol = $scfg->{'tandem-protocol'})) {
         $protocol =~ m/\A([ABC])\z/ or die "tandem: tandem-protocol must be A, B or C\n";
         push @args, '--protocol', $1;
+    }
+    if (defined(my $nodes = $scfg->{'tandem-nodes'})) {
+        $nodes =~ m/\A([A-Za-z0-9_.-]+(?:,[A-Za-z0-9_.-]+)*)\z/
+            or die "tandem: tandem-nodes must be a comma-separated list of node names\n";
+        push @args, '--nodes', $1;
     }
     _tandem($scfg, $CHANGE_TIMEOUT, @args);
     return $name;
