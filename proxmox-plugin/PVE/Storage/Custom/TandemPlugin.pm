@@ -233,15 +233,16 @@ sub _run {
     my $pid = fork();
     die "tandem: cannot fork: $!\n" if !defined($pid);
     if ($pid == 0) {
-        close($out_r);
-        close($err_r);
-        open(STDIN, '<', '/dev/null');
-        open(STDOUT, '>&', $out_w);
-        open(STDERR, '>&', $err_w);
+        # Plain descriptors, whatever Perl's STD* handles are tied or reopened to.
+        my $null = POSIX::open('/dev/null', POSIX::O_RDONLY());
+        POSIX::dup2($null, 0) if defined($null);
+        POSIX::dup2(fileno($out_w), 1);
+        POSIX::dup2(fileno($err_w), 2);
         $ENV{PATH} = '/usr/sbin:/usr/bin:/sbin:/bin';
         delete @ENV{qw(IFS CDPATH ENV BASH_ENV)};
         { no warnings 'exec'; exec { $cmd->[0] } @$cmd; }
-        print STDERR "tandem: cannot run $cmd->[0]: $!\n";
+        my $error = "tandem: cannot run $cmd->[0]: $!\n";
+        POSIX::write(2, $error, length($error));
         POSIX::_exit(127);
     }
     close($out_w);
