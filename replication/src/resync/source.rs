@@ -93,10 +93,7 @@ async fn walk(ctx: &Arc<Ctx>, cfg: &ResyncConfig) -> Result<ResyncOutcome, Resyn
         outcome.passes += 1;
         let mut cursor = 0;
         let mut tasks: JoinSet<Result<ChunkDone, ResyncError>> = JoinSet::new();
-        loop {
-            let Some(&(offset, len)) = ctx.bitmap.runs_from(cursor, chunk, 1).first() else {
-                break;
-            };
+        while let Some(&(offset, len)) = ctx.bitmap.runs_from(cursor, chunk, 1).first() {
             cursor = offset + len;
             while tasks.len() >= max_inflight {
                 if let Some(r) = tasks.join_next().await {
