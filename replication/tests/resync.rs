@@ -814,3 +814,44 @@ async fn a_write_in_the_resync_read_window_is_not_reverted_under_a() {
 async fn a_write_in_the_verify_read_window_is_not_a_false_difference() {
     write_in_the_read_window(ReplicationProtocol::C, true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_data_beyond_the_volume_or_malformed_is_rejected_and_the_device_untouched() {
+    use replication::resync::proto::{ResyncMsg, DATA};
+    let size = 4 * MIB;
+    for bad in [
+        ResyncMsg::Data {
+            id: 1,
+            offset: size - 4096,
+            data: Bytes::from(vec![1u8; 8192]),
+        }
+        .to_message(),
+        Message::Extension {
+            msg_type: DATA,
+            flags: 0,
+            payload: Bytes::from_static(&[0u8; 12]),
+        },
+    ] {
+        let s = disk(size);
+        let (plink, slink) = tcp_links(ReplicationProtocol::C, size).await;
+        let sec = tokio::spawn(run_secondary(
+            slink,
+            s.dev.clone(),
+            SecondaryConfig::default(),
+        ));
+        plink.sender.send(&bad).await.unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(10), sec)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(
+                result,
+                Err(DatapathError::PeerOutOfRange { .. } | DatapathError::PeerProtocol(_))
+            ),
+            "{result:?}"
+        );
+        let data = std::fs::read(&s.path).unwrap();
+        assert!(data.iter().all(|&b| b == 0), "the device was written");
+    }
+}
