@@ -855,3 +855,24 @@ async fn resync_data_beyond_the_volume_or_malformed_is_rejected_and_the_device_u
         assert!(data.iter().all(|&b| b == 0), "the device was written");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_of_zeroes_are_sent_as_zeroes_not_data() {
+    let size = 16 * MIB;
+    let p = disk(size);
+    let s = disk(size);
+    // The target has data where the source reads zeroes (trimmed while disconnected),
+    // and the source has data elsewhere.
+    write_file_at(&s.path, MIB, &vec![0x42u8; MIB as usize]);
+    write_file_at(&p.path, 4 * MIB, &vec![0x24u8; 8192]);
+    let src = Source::new(p.dev.clone(), ReplicationProtocol::C);
+    src.bitmap.lock().unwrap().set_range(MIB, MIB).unwrap();
+    src.bitmap.lock().unwrap().set_range(4 * MIB, 8192).unwrap();
+    let target = Arc::new(RecordingTarget::default());
+    let _sec = connect(&src, s.dev.clone(), ReplicationProtocol::C, target.clone()).await;
+    let outcome = src.resync(&unlimited()).await.unwrap();
+    assert_eq!(outcome.sent_bytes, MIB + 8192, "{outcome:?}");
+    assert_eq!(outcome.zero_bytes, MIB, "{outcome:?}");
+    assert_eq!(target.written_bytes.load(Ordering::SeqCst), MIB + 8192);
+    assert_same_content(&p.path, &s.path);
+}
