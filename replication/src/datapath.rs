@@ -1283,11 +1283,15 @@ impl SecondaryState {
                 let ack = match item {
                     Item::ResyncData { id, offset, data } => {
                         let len = data.len() as u64;
-                        let result = device.write_at(&data, offset);
+                        // Durable before the ack: the source clears its bits on the ack,
+                        // so the data must survive a crash of this replica.
+                        let result = device.write_at_durable(&data, offset);
                         resync_written(result, hooks.as_ref(), id, offset, len)
                     }
                     Item::ResyncZeroes { id, offset, len } => {
-                        let result = device.write_zeroes(offset, len, true);
+                        let result = device
+                            .write_zeroes(offset, len, true)
+                            .and_then(|()| device.flush());
                         resync_written(result, hooks.as_ref(), id, offset, len)
                     }
                     Item::ResyncDigest {
