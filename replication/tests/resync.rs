@@ -385,9 +385,14 @@ async fn an_interrupted_resync_resumes_and_sends_only_the_rest() {
         );
         tokio::spawn(async move { run_resync_source(io, ch, bm, &cfg, pr).await })
     };
-    while progress.snapshot().done_bytes < changed / 2 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let halfway = async {
+        while progress.snapshot().done_bytes < changed / 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), halfway)
+        .await
+        .expect("the resync never got halfway");
     assert!(src
         .primary
         .disconnect_peer("secondary", "test cuts the link"));
