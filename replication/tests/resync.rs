@@ -518,10 +518,10 @@ fn fill_both(p: &Disk, s: &Disk, seed: u64, len: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checksum_resync_skips_equal_blocks_and_fixes_differing_ones() {
-    let size = 64 * MIB;
+    let size = 16 * MIB;
     let p = disk(size);
     let s = disk(size);
-    fill_both(&p, &s, 4, 32 << 20);
+    fill_both(&p, &s, 4, 8 << 20);
     let src = Source::new(p.dev.clone(), ReplicationProtocol::C);
     let target = Arc::new(RecordingTarget::default());
     let _sec = connect(&src, s.dev.clone(), ReplicationProtocol::C, target.clone()).await;
@@ -541,7 +541,7 @@ async fn checksum_resync_skips_equal_blocks_and_fixes_differing_ones() {
     // Corrupt three blocks (one of them partially) on the secondary: only those move.
     write_file_at(&s.path, 5 * 4096, &[0xAB; 4096]);
     write_file_at(&s.path, 7 * MIB + 100, &[0xCD; 10]);
-    write_file_at(&s.path, 40 * MIB, &[0xEF; 4096]); // beyond the data: was zero
+    write_file_at(&s.path, 12 * MIB, &[0xEF; 4096]); // beyond the data: was zero
     src.bitmap.lock().unwrap().set_all();
     let outcome = src.resync(&cfg).await.unwrap();
     assert_eq!(outcome.sent_bytes, 3 * 4096, "{outcome:?}");
@@ -552,10 +552,10 @@ async fn checksum_resync_skips_equal_blocks_and_fixes_differing_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_reports_exactly_the_corrupted_blocks() {
-    let size = 64 * MIB;
+    let size = 16 * MIB;
     let p = disk(size);
     let s = disk(size);
-    fill_both(&p, &s, 5, 16 << 20);
+    fill_both(&p, &s, 5, 8 << 20);
     let src = Source::new(p.dev.clone(), ReplicationProtocol::C);
     let target = Arc::new(RecordingTarget::default());
     let _sec = connect(&src, s.dev.clone(), ReplicationProtocol::C, target).await;
@@ -571,7 +571,7 @@ async fn verify_reports_exactly_the_corrupted_blocks() {
     );
     assert_eq!(src.dirty(), 0);
 
-    let corrupted = [3 * 4096, 4 * 4096, 9 * MIB, 33 * MIB + 4096, size - 4096];
+    let corrupted = [3 * 4096, 4 * 4096, 5 * MIB, 11 * MIB + 4096, size - 4096];
     for off in corrupted {
         write_file_at(&s.path, off + 17, &[0x5A; 3]);
     }
@@ -584,8 +584,8 @@ async fn verify_reports_exactly_the_corrupted_blocks() {
         marked,
         vec![
             (3 * 4096, 8192),
-            (9 * MIB, 4096),
-            (33 * MIB + 4096, 4096),
+            (5 * MIB, 4096),
+            (11 * MIB + 4096, 4096),
             (size - 4096, 4096)
         ]
     );
@@ -598,7 +598,7 @@ async fn verify_reports_exactly_the_corrupted_blocks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_under_concurrent_overlapping_writes_finds_no_false_differences() {
     for protocol in [ReplicationProtocol::C, ReplicationProtocol::A] {
-        let size = 32 * MIB;
+        let size = 16 * MIB;
         let p = disk(size);
         let s = disk(size);
         let src = Source::new(p.dev.clone(), protocol);
