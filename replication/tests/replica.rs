@@ -494,3 +494,28 @@ async fn a_short_isolation_without_takeover_resumes_the_frozen_primary() {
     a.flush().await.unwrap();
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn io_error_policy_fails_requests_without_quorum_and_the_witness_serves_nothing() {
+    let opts = ReplicaOptions {
+        on_no_quorum: replication::quorum::OnNoQuorum::IoError,
+        ..ReplicaOptions::default()
+    };
+    let c = Cluster::new(&["hv1", "hv2"], &["witness"], 16 * MIB, opts).await;
+    let (a, w) = (c.r("hv1"), c.r("witness"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    let err = w.promote().await.unwrap_err();
+    assert!(matches!(err, EngineError::Diskless { .. }), "{err}");
+    assert_eq!(w.status().disk_state, DiskState::Diskless);
+    a.promote().await.unwrap();
+    a.write(0, data(1, 4096), false).await.unwrap();
+    c.isolate("hv1").await;
+    let s = wait_for(&a, "hv1 without quorum", 10, |s| !s.quorum).await;
+    assert!(!s.io_suspended, "io-error does not suspend");
+    let err = a.write(0, data(2, 4096), false).await.unwrap_err();
+    assert!(matches!(err, EngineError::NoQuorum { .. }), "{err}");
+    assert!(err.to_string().contains("no quorum"), "{err}");
+}
