@@ -88,8 +88,17 @@ impl ResyncTarget for TargetHooks {
         let Some(r) = self.replica.upgrade() else {
             return;
         };
-        for (peer, bm) in lock(&r.bitmaps).iter_mut() {
-            if *peer != self.source {
+        // Only data replicas have meaningful bitmaps (a tiebreaker's slot, if the
+        // metadata has one, stays clean).
+        let data: Vec<String> = lock(&r.st)
+            .peers
+            .values()
+            .filter(|p| !p.spec.diskless && p.spec.name != self.source)
+            .map(|p| p.spec.name.clone())
+            .collect();
+        let mut bms = lock(&r.bitmaps);
+        for peer in data {
+            if let Some(bm) = bms.get_mut(&peer) {
                 let _ = bm.set_range(offset, len);
             }
         }
