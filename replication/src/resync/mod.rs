@@ -9,6 +9,7 @@
 //!    lock_range(off,len)   (Primary only: waits for overlapping app writes, holds them off)
 //!    read local [off,len)
 //!    plain:     Data{id,off,bytes} ------------------------> ordered item: write, hook.written
+//!               (Zeroes{id,off,len} if it reads as zeroes)   (zero, may unmap)
 //!               <----------------------------------------- DataAck{id}
 //!    checksums: Digest{id,off,len,sha256/4KiB} ------------> ordered item: read, compare
 //!               <----------------------------------------- DigestReply{id, differing mask}
@@ -266,7 +267,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// What the source tells the target at the end of a resync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ResyncSummary {
-    /// Bytes the source sent and the target wrote in this session.
+    /// Bytes the source sent (data or zeroes) and the target wrote in this session.
     pub sent_bytes: u64,
     /// Bytes found equal by checksum and not sent.
     pub skipped_bytes: u64,
@@ -300,8 +301,11 @@ pub struct ResyncOutcome {
     pub total_bytes: u64,
     /// Bytes the target acknowledged (cleared from the bitmap).
     pub done_bytes: u64,
-    /// Bytes sent as data (what crossed the link, apart from digests).
+    /// Bytes written on the target (sent as data, or as Zeroes).
     pub sent_bytes: u64,
+    /// Part of `sent_bytes` that read as zeroes here and went as a Zeroes request (no
+    /// data on the link; the target may unmap).
+    pub zero_bytes: u64,
     /// Bytes found equal by checksum and not sent.
     pub skipped_bytes: u64,
     /// Passes over the bitmap.
