@@ -196,6 +196,17 @@ impl Replica {
     pub(super) fn spawn_resync_source(self: &Arc<Self>, peer: &str, id: u64, sender: LinkSender) {
         let (io, cfg) = {
             let st = lock(&self.st);
+            if st.role != Role::Primary {
+                // Resync module obligation: a Secondary may source a resync only while no
+                // Primary replicates to the target (with 3+ data replicas the Primary's own
+                // handshake with the target covers it; with two, there is no other writer).
+                let primaries = self.known_primaries(&st);
+                if primaries.iter().any(|p| p != peer) {
+                    tracing::warn!(volume = %self.volume, peer, ?primaries,
+                        "not resyncing from a Secondary while a Primary is connected; deferred");
+                    return;
+                }
+            }
             let io = match (&st.primary, &self.device) {
                 (Some(p), _) if st.role == Role::Primary => SourceIo::Primary(p.clone()),
                 (_, Some(d)) => SourceIo::Device(d.clone()),
