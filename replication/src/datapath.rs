@@ -980,6 +980,12 @@ enum Item {
         offset: u64,
         data: Bytes,
     },
+    /// A resync range that is zeroes on the source.
+    ResyncZeroes {
+        id: u64,
+        offset: u64,
+        len: u64,
+    },
     /// Verify/checksum digests, compared in order with the requests.
     ResyncDigest {
         id: u64,
@@ -1142,6 +1148,10 @@ impl SecondaryState {
                 let held = data.len() + FRAME_OVERHEAD;
                 (Item::ResyncData { id, offset, data }, held)
             }
+            ResyncMsg::Zeroes { id, offset, len } => {
+                self.check_range(offset, len)?;
+                (Item::ResyncZeroes { id, offset, len }, FRAME_OVERHEAD)
+            }
             ResyncMsg::Digest {
                 id,
                 offset,
@@ -1272,7 +1282,17 @@ impl SecondaryState {
             tokio::task::spawn_blocking(move || {
                 let ack = match item {
                     Item::ResyncData { id, offset, data } => {
-                        apply_resync_data(&*device, hooks.as_ref(), id, offset, &data)
+                        let len = data.len() as u64;
+                        // Durable before the ack: the source clears its bits on the ack,
+                        // so the data must survive a crash of this replica.
+                        let result = device.write_at_durable(&data, offset);
+                        resync_written(result, hooks.as_ref(), id, offset, len)
+                    }
+                    Item::ResyncZeroes { id, offset, len } => {
+                        let result = device
+                            .write_zeroes(offset, len, true)
+                            .and_then(|()| device.flush());
+                        resync_written(result, hooks.as_ref(), id, offset, len)
                     }
                     Item::ResyncDigest {
                         id,
@@ -1316,23 +1336,23 @@ impl SecondaryState {
     }
 }
 
-/// Write resync data on the target and tell the engine (before the acknowledgement).
-fn apply_resync_data(
-    device: &dyn BackingDevice,
+/// A resync write on the target finished: tell the engine (before the acknowledgement).
+fn resync_written(
+    result: Result<(), DeviceError>,
     hooks: Option<&ResyncTargetHooks>,
     id: u64,
     offset: u64,
-    data: &[u8],
+    len: u64,
 ) -> Message {
-    let written = match device.write_at(data, offset) {
+    let written = match result {
         Ok(()) => {
             if let Some(h) = hooks {
-                h.0.written(offset, data.len() as u64);
+                h.0.written(offset, len);
             }
             true
         }
         Err(e) => {
-            tracing::error!(error = %e, offset, len = data.len(), "resync write failed on this replica");
+            tracing::error!(error = %e, offset, len, "resync write failed on this replica");
             false
         }
     };

@@ -20,10 +20,10 @@
 //! must run verify only where no application writes reach either side (no Primary), or
 //! results may include false differences.
 //!
-//! Marking: differing blocks are set in `bitmap` (this node's bitmap for the peer), so a
-//! later resync (`tandem volume resync`/reconnect: DRBD's `invalidate-remote
-//! --reset-bitmap=no`) repairs them from this side. Nothing is cleared: a verify never
-//! hides a difference found earlier.
+//! Marking: differing blocks are set in `bitmap` (this node's bitmap for the peer), so the
+//! next resync from this side repairs them (after a disconnect/reconnect, or when the
+//! engine starts one; DRBD's `invalidate-remote --reset-bitmap=no`). Nothing is cleared:
+//! a verify never hides a difference found earlier.
 
 use std::sync::Arc;
 

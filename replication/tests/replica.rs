@@ -494,3 +494,82 @@ async fn a_short_isolation_without_takeover_resumes_the_frozen_primary() {
     a.flush().await.unwrap();
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn io_error_policy_fails_requests_without_quorum_and_the_witness_serves_nothing() {
+    let opts = ReplicaOptions {
+        on_no_quorum: replication::quorum::OnNoQuorum::IoError,
+        ..ReplicaOptions::default()
+    };
+    let c = Cluster::new(&["hv1", "hv2"], &["witness"], 16 * MIB, opts).await;
+    let (a, w) = (c.r("hv1"), c.r("witness"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    let err = w.promote().await.unwrap_err();
+    assert!(matches!(err, EngineError::Diskless { .. }), "{err}");
+    assert_eq!(w.status().disk_state, DiskState::Diskless);
+    a.promote().await.unwrap();
+    a.write(0, data(1, 4096), false).await.unwrap();
+    c.isolate("hv1").await;
+    let s = wait_for(&a, "hv1 without quorum", 10, |s| !s.quorum).await;
+    assert!(!s.io_suspended, "io-error does not suspend");
+    let err = a.write(0, data(2, 4096), false).await.unwrap_err();
+    assert!(matches!(err, EngineError::NoQuorum { .. }), "{err}");
+    assert!(err.to_string().contains("no quorum"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_killed_with_a_witness_the_survivor_takes_over_and_the_old_primary_resyncs() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    wait_for(&b, "connected", 10, |s| established(s, "hv1") && s.quorum).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 8, 5).await;
+    let before = c.disk_hash("hv1");
+    drop(a);
+    c.kill("hv1");
+    // The witness must notice too before hv2 may be promoted (it relays who is Primary).
+    let mut promoted = false;
+    for _ in 0..50 {
+        match b.promote().await {
+            Ok(()) => {
+                promoted = true;
+                break;
+            }
+            Err(e) => {
+                eprintln!("promote hv2: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert!(promoted);
+    assert!(b.status().quorum);
+    // Every acknowledged write is there.
+    assert_eq!(c.disk_hash("hv2"), before);
+    write_mib(&b, 16, 2, 60).await;
+    c.restart("hv1").await;
+    let a = c.r("hv1");
+    let s = wait_for(&a, "hv1 resyncs from hv2", 20, |s| {
+        peer(s, "hv2")
+            .decision
+            .as_deref()
+            .is_some_and(|d| d.contains("from hv2 to hv1"))
+    })
+    .await;
+    assert_eq!(s.role, Role::Secondary);
+    wait_converged(&a, &b, 30).await;
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}

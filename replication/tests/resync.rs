@@ -19,7 +19,7 @@ use replication::bitmap::Bitmap;
 use replication::datapath::{
     run_secondary, DatapathError, OutOfSyncHook, Primary, PrimaryConfig, SecondaryConfig,
 };
-use replication::device::{BackingDevice, FileDevice};
+use replication::device::{BackingDevice, DeviceError, FileDevice};
 use replication::link::{LinkConfig, LinkDown, PeerLink};
 use replication::resync::proto::is_resync_type;
 use replication::resync::{
@@ -79,6 +79,69 @@ fn write_file_at(path: &Path, offset: u64, data: &[u8]) {
     f.seek(SeekFrom::Start(offset)).unwrap();
     f.write_all(data).unwrap();
     f.sync_all().unwrap();
+}
+
+/// A source device that, once armed, holds its next read *after* reading the data (up to
+/// a timeout), so a test can issue an application write in the window between a resync
+/// or verify read and the exchange with the peer.
+struct GatedReads {
+    dev: Arc<FileDevice>,
+    armed: AtomicBool,
+    read_done: tokio::sync::Notify,
+    released: Mutex<bool>,
+    cond: std::sync::Condvar,
+}
+
+impl GatedReads {
+    fn new(dev: Arc<FileDevice>) -> Arc<GatedReads> {
+        Arc::new(GatedReads {
+            dev,
+            armed: AtomicBool::new(false),
+            read_done: tokio::sync::Notify::new(),
+            released: Mutex::new(false),
+            cond: std::sync::Condvar::new(),
+        })
+    }
+    fn release(&self) {
+        *self.released.lock().unwrap() = true;
+        self.cond.notify_all();
+    }
+}
+
+impl BackingDevice for GatedReads {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.dev.read_at(buf, offset)?;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.read_done.notify_one();
+            let released = self.released.lock().unwrap();
+            let _ = self
+                .cond
+                .wait_timeout_while(released, Duration::from_secs(5), |r| !*r)
+                .unwrap();
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.dev.write_at(buf, offset)
+    }
+    fn write_at_durable(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.dev.write_at_durable(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.dev.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.dev.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DeviceError> {
+        self.dev.write_zeroes(offset, len, may_unmap)
+    }
+    fn set_size(&self, size: u64) {
+        self.dev.set_size(size)
+    }
 }
 
 fn secret() -> Secret {
@@ -148,7 +211,7 @@ struct Source {
 }
 
 impl Source {
-    fn new(dev: Arc<FileDevice>, protocol: ReplicationProtocol) -> Source {
+    fn new(dev: Arc<dyn BackingDevice>, protocol: ReplicationProtocol) -> Source {
         let bitmap = Arc::new(Mutex::new(Bitmap::new(dev.size())));
         let bm = bitmap.clone();
         let hook: OutOfSyncHook = Arc::new(move |_peer: &str, offset, len| {
@@ -322,9 +385,14 @@ async fn an_interrupted_resync_resumes_and_sends_only_the_rest() {
         );
         tokio::spawn(async move { run_resync_source(io, ch, bm, &cfg, pr).await })
     };
-    while progress.snapshot().done_bytes < changed / 2 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let halfway = async {
+        while progress.snapshot().done_bytes < changed / 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), halfway)
+        .await
+        .expect("the resync never got halfway");
     assert!(src
         .primary
         .disconnect_peer("secondary", "test cuts the link"));
@@ -450,10 +518,10 @@ fn fill_both(p: &Disk, s: &Disk, seed: u64, len: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checksum_resync_skips_equal_blocks_and_fixes_differing_ones() {
-    let size = 64 * MIB;
+    let size = 16 * MIB;
     let p = disk(size);
     let s = disk(size);
-    fill_both(&p, &s, 4, 32 << 20);
+    fill_both(&p, &s, 4, 8 << 20);
     let src = Source::new(p.dev.clone(), ReplicationProtocol::C);
     let target = Arc::new(RecordingTarget::default());
     let _sec = connect(&src, s.dev.clone(), ReplicationProtocol::C, target.clone()).await;
@@ -473,7 +541,7 @@ async fn checksum_resync_skips_equal_blocks_and_fixes_differing_ones() {
     // Corrupt three blocks (one of them partially) on the secondary: only those move.
     write_file_at(&s.path, 5 * 4096, &[0xAB; 4096]);
     write_file_at(&s.path, 7 * MIB + 100, &[0xCD; 10]);
-    write_file_at(&s.path, 40 * MIB, &[0xEF; 4096]); // beyond the data: was zero
+    write_file_at(&s.path, 12 * MIB, &[0xEF; 4096]); // beyond the data: was zero
     src.bitmap.lock().unwrap().set_all();
     let outcome = src.resync(&cfg).await.unwrap();
     assert_eq!(outcome.sent_bytes, 3 * 4096, "{outcome:?}");
@@ -484,10 +552,10 @@ async fn checksum_resync_skips_equal_blocks_and_fixes_differing_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_reports_exactly_the_corrupted_blocks() {
-    let size = 64 * MIB;
+    let size = 16 * MIB;
     let p = disk(size);
     let s = disk(size);
-    fill_both(&p, &s, 5, 16 << 20);
+    fill_both(&p, &s, 5, 8 << 20);
     let src = Source::new(p.dev.clone(), ReplicationProtocol::C);
     let target = Arc::new(RecordingTarget::default());
     let _sec = connect(&src, s.dev.clone(), ReplicationProtocol::C, target).await;
@@ -503,7 +571,7 @@ async fn verify_reports_exactly_the_corrupted_blocks() {
     );
     assert_eq!(src.dirty(), 0);
 
-    let corrupted = [3 * 4096, 4 * 4096, 9 * MIB, 33 * MIB + 4096, size - 4096];
+    let corrupted = [3 * 4096, 4 * 4096, 5 * MIB, 11 * MIB + 4096, size - 4096];
     for off in corrupted {
         write_file_at(&s.path, off + 17, &[0x5A; 3]);
     }
@@ -516,8 +584,8 @@ async fn verify_reports_exactly_the_corrupted_blocks() {
         marked,
         vec![
             (3 * 4096, 8192),
-            (9 * MIB, 4096),
-            (33 * MIB + 4096, 4096),
+            (5 * MIB, 4096),
+            (11 * MIB + 4096, 4096),
             (size - 4096, 4096)
         ]
     );
@@ -530,7 +598,7 @@ async fn verify_reports_exactly_the_corrupted_blocks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_under_concurrent_overlapping_writes_finds_no_false_differences() {
     for protocol in [ReplicationProtocol::C, ReplicationProtocol::A] {
-        let size = 32 * MIB;
+        let size = 16 * MIB;
         let p = disk(size);
         let s = disk(size);
         let src = Source::new(p.dev.clone(), protocol);
@@ -673,4 +741,143 @@ async fn a_target_that_cannot_record_the_end_fails_the_source() {
         matches!(&err, ResyncError::TargetFinish(m) if m.contains("disk full")),
         "{err}"
     );
+}
+
+/// The race the range lock exists for, forced: an application write to the same blocks
+/// lands between the source's read of a chunk and the exchange with the peer. Without the
+/// lock a resync would leave the target with the old data (bitmap clean), and a verify
+/// would report a false difference.
+async fn write_in_the_read_window(protocol: ReplicationProtocol, verify: bool) {
+    let size = 4 * MIB;
+    let p = disk(size);
+    let s = disk(size);
+    let gated = GatedReads::new(p.dev.clone());
+    let src = Source::new(gated.clone(), protocol);
+    let target = Arc::new(RecordingTarget::default());
+    let _sec = connect(&src, s.dev.clone(), protocol, target).await;
+    if !verify {
+        src.bitmap.lock().unwrap().set_range(0, 64 << 10).unwrap();
+    }
+    let cfg = ResyncConfig {
+        chunk_bytes: 64 << 10,
+        max_inflight_chunks: 1,
+        ..unlimited()
+    };
+    gated.armed.store(true, Ordering::SeqCst);
+    let read_done = gated.read_done.notified();
+    let run = {
+        let (primary, ch, bm) = (src.primary.clone(), src.channel(), src.dyn_bitmap());
+        tokio::spawn(async move {
+            let io = SourceIo::Primary(primary);
+            let progress = Arc::new(ResyncProgress::default());
+            if verify {
+                let r = run_verify(io, ch, bm, &cfg, progress).await.unwrap();
+                r.differing_blocks
+            } else {
+                run_resync_source(io, ch, bm, &cfg, progress).await.unwrap();
+                0
+            }
+        })
+    };
+    read_done.await;
+    // The first chunk [0, 64 KiB) is read and held; write into it now.
+    let writer = {
+        let primary = src.primary.clone();
+        tokio::spawn(async move {
+            primary
+                .submit_write(8192, Bytes::from(vec![0x77u8; 4096]), false)
+                .await
+                .unwrap();
+        })
+    };
+    // Give an unguarded write ample time to reach both disks inside the window.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gated.release();
+    let differing = run.await.unwrap();
+    writer.await.unwrap();
+    src.primary.flush().await.unwrap();
+    src.primary.wait_replicated().await;
+    assert_eq!(
+        differing, 0,
+        "{protocol}: a write in flight was reported as a difference"
+    );
+    assert_eq!(src.dirty(), 0);
+    assert_same_content(&p.path, &s.path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_the_resync_read_window_is_not_reverted_under_c() {
+    write_in_the_read_window(ReplicationProtocol::C, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_the_resync_read_window_is_not_reverted_under_a() {
+    write_in_the_read_window(ReplicationProtocol::A, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_the_verify_read_window_is_not_a_false_difference() {
+    write_in_the_read_window(ReplicationProtocol::C, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_data_beyond_the_volume_or_malformed_is_rejected_and_the_device_untouched() {
+    use replication::resync::proto::{ResyncMsg, DATA};
+    let size = 4 * MIB;
+    for bad in [
+        ResyncMsg::Data {
+            id: 1,
+            offset: size - 4096,
+            data: Bytes::from(vec![1u8; 8192]),
+        }
+        .to_message(),
+        Message::Extension {
+            msg_type: DATA,
+            flags: 0,
+            payload: Bytes::from_static(&[0u8; 12]),
+        },
+    ] {
+        let s = disk(size);
+        let (plink, slink) = tcp_links(ReplicationProtocol::C, size).await;
+        let sec = tokio::spawn(run_secondary(
+            slink,
+            s.dev.clone(),
+            SecondaryConfig::default(),
+        ));
+        plink.sender.send(&bad).await.unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(10), sec)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(
+                result,
+                Err(DatapathError::PeerOutOfRange { .. } | DatapathError::PeerProtocol(_))
+            ),
+            "{result:?}"
+        );
+        let data = std::fs::read(&s.path).unwrap();
+        assert!(data.iter().all(|&b| b == 0), "the device was written");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_of_zeroes_are_sent_as_zeroes_not_data() {
+    let size = 16 * MIB;
+    let p = disk(size);
+    let s = disk(size);
+    // The target has data where the source reads zeroes (trimmed while disconnected),
+    // and the source has data elsewhere.
+    write_file_at(&s.path, MIB, &vec![0x42u8; MIB as usize]);
+    write_file_at(&p.path, 4 * MIB, &vec![0x24u8; 8192]);
+    let src = Source::new(p.dev.clone(), ReplicationProtocol::C);
+    src.bitmap.lock().unwrap().set_range(MIB, MIB).unwrap();
+    src.bitmap.lock().unwrap().set_range(4 * MIB, 8192).unwrap();
+    let target = Arc::new(RecordingTarget::default());
+    let _sec = connect(&src, s.dev.clone(), ReplicationProtocol::C, target.clone()).await;
+    let outcome = src.resync(&unlimited()).await.unwrap();
+    assert_eq!(outcome.sent_bytes, MIB + 8192, "{outcome:?}");
+    assert_eq!(outcome.zero_bytes, MIB, "{outcome:?}");
+    assert_eq!(target.written_bytes.load(Ordering::SeqCst), MIB + 8192);
+    assert_same_content(&p.path, &s.path);
 }

@@ -34,6 +34,17 @@
 //!   reverse data link per pair (`dual.rs`); both links end together.
 //! - **Demote** closes the data links; they reconnect at once as Secondary/Secondary (one
 //!   handshake, no resync). Promote hands idle links to the data path in place.
+//! - **Outdating through the witness**: a Primary that keeps quorum while losing a data
+//!   peer holds new writes until the witness confirms the peer is Outdated (durably) or
+//!   unreachable from the witness (bounded like a suspension). The witness also relays who
+//!   is Primary, so a peer cut off from the Primary cannot be promoted while it lives.
+//! - **Secondaries keep no activity log**: a crashed Secondary's in-flight writes are in
+//!   the Primary's bitmap (reported when its link dropped), which the union resync covers.
+//! - **Not yet**: no cluster-wide two-phase commit for promotion (two Secondaries promoted
+//!   at the same instant are caught by the handshake, not prevented); no `primary --force`
+//!   for a lone Consistent replica; with 3+ data replicas a Secondary→Secondary resync is
+//!   deferred while a Primary is connected, and third-node bitmap slots fall back to a
+//!   full sync (see `generation`).
 //! - **Split brain** leaves the pair StandAlone with the resolve command in status; the
 //!   dialer keeps re-running the (deterministic) handshake every few seconds so that a
 //!   `resolve` on either node takes effect without a second command on the other.

@@ -88,8 +88,17 @@ impl ResyncTarget for TargetHooks {
         let Some(r) = self.replica.upgrade() else {
             return;
         };
-        for (peer, bm) in lock(&r.bitmaps).iter_mut() {
-            if *peer != self.source {
+        // Only data replicas have meaningful bitmaps (a tiebreaker's slot, if the
+        // metadata has one, stays clean).
+        let data: Vec<String> = lock(&r.st)
+            .peers
+            .values()
+            .filter(|p| !p.spec.diskless && p.spec.name != self.source)
+            .map(|p| p.spec.name.clone())
+            .collect();
+        let mut bms = lock(&r.bitmaps);
+        for peer in data {
+            if let Some(bm) = bms.get_mut(&peer) {
                 let _ = bm.set_range(offset, len);
             }
         }
@@ -187,6 +196,17 @@ impl Replica {
     pub(super) fn spawn_resync_source(self: &Arc<Self>, peer: &str, id: u64, sender: LinkSender) {
         let (io, cfg) = {
             let st = lock(&self.st);
+            if st.role != Role::Primary {
+                // Resync module obligation: a Secondary may source a resync only while no
+                // Primary replicates to the target (with 3+ data replicas the Primary's own
+                // handshake with the target covers it; with two, there is no other writer).
+                let primaries = self.known_primaries(&st);
+                if primaries.iter().any(|p| p != peer) {
+                    tracing::warn!(volume = %self.volume, peer, ?primaries,
+                        "not resyncing from a Secondary while a Primary is connected; deferred");
+                    return;
+                }
+            }
             let io = match (&st.primary, &self.device) {
                 (Some(p), _) if st.role == Role::Primary => SourceIo::Primary(p.clone()),
                 (_, Some(d)) => SourceIo::Device(d.clone()),

@@ -169,10 +169,28 @@ impl Replica {
                 let dir = spec.meta_dir.clone();
                 let dev_size = dev.size();
                 let peers = data_peers.clone();
+                let tiebreakers: Vec<String> = spec
+                    .peers
+                    .iter()
+                    .filter(|p| p.diskless)
+                    .map(|p| p.name.clone())
+                    .collect();
                 let volume2 = volume.clone();
                 let loaded = tokio::task::spawn_blocking(move || {
                     let (mut store, mut loaded) =
                         MetaStore::open(&dir).map_err(meta_err(&volume2, "opening"))?;
+                    // A tiebreaker's bitmap slot (if the metadata has one) means nothing: it
+                    // stores no data. Keep it clean (apply-al after a crash sets it).
+                    for t in &tiebreakers {
+                        if let Some(bm) = loaded.bitmaps.get_mut(t) {
+                            if bm.dirty_blocks() > 0 {
+                                bm.clear_all();
+                                store
+                                    .flush_bitmap(t, bm)
+                                    .map_err(meta_err(&volume2, "writing the bitmap of"))?;
+                            }
+                        }
+                    }
                     for p in &peers {
                         if !loaded.bitmaps.contains_key(p) {
                             let mut bm = Bitmap::new(loaded.meta.volume_size);

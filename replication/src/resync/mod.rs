@@ -9,6 +9,7 @@
 //!    lock_range(off,len)   (Primary only: waits for overlapping app writes, holds them off)
 //!    read local [off,len)
 //!    plain:     Data{id,off,bytes} ------------------------> ordered item: write, hook.written
+//!               (Zeroes{id,off,len} if it reads as zeroes)   (zero, may unmap)
 //!               <----------------------------------------- DataAck{id}
 //!    checksums: Digest{id,off,len,sha256/4KiB} ------------> ordered item: read, compare
 //!               <----------------------------------------- DigestReply{id, differing mask}
@@ -21,7 +22,12 @@
 //! ```
 //!
 //! **Resumable by construction.** Bits are cleared only after the target acknowledged the
-//! write of the chunk (and, in checksum mode, the compare), and the bitmap is persisted
+//! write of the chunk (and, in checksum mode, the compare). The target acknowledges resync
+//! data only once it is durable (`write_at_durable`; zeroes are flushed), so a bit cleared
+//! here never describes data the target could still lose in a crash — the target may
+//! crash and the source stay up, with its in-memory bitmap as the only record. (DRBD keeps
+//! resync writes volatile and relies on its own bitmap handling; one data sync per chunk
+//! is our simpler price, small at 1 MiB chunks.) The bitmap is persisted
 //! through [`ResyncBitmap::persist`] every [`ResyncConfig::persist_interval`] and at the end.
 //! A resync that is cut off (link down, error) returns an error; what it did not finish is
 //! still in the bitmap, and the next resync sends only that. Persisting late is harmless: a
@@ -85,6 +91,11 @@
 //!   superblock (the bitmap was persisted already). On `Err`: keep the bitmap (the next
 //!   connect resumes), report the error.
 //! - progress for `status`: [`ResyncProgress::snapshot`].
+//! - one session (resync or verify) per link at a time: request ids are per session, and a
+//!   reply nobody waits for is a protocol error that closes the link. Replies must reach
+//!   the session that sent the request (a reply channel per running session).
+//! - a resync that fails with [`ResyncError::LinkDown`] is resumed on the next connect by
+//!   running it again with the same bitmap (plus the target's bits from the exchange).
 
 pub mod proto;
 pub mod rate;
@@ -266,7 +277,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// What the source tells the target at the end of a resync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ResyncSummary {
-    /// Bytes the source sent and the target wrote in this session.
+    /// Bytes the source sent (data or zeroes) and the target wrote in this session.
     pub sent_bytes: u64,
     /// Bytes found equal by checksum and not sent.
     pub skipped_bytes: u64,
@@ -300,8 +311,11 @@ pub struct ResyncOutcome {
     pub total_bytes: u64,
     /// Bytes the target acknowledged (cleared from the bitmap).
     pub done_bytes: u64,
-    /// Bytes sent as data (what crossed the link, apart from digests).
+    /// Bytes written on the target (sent as data, or as Zeroes).
     pub sent_bytes: u64,
+    /// Part of `sent_bytes` that read as zeroes here and went as a Zeroes request (no
+    /// data on the link; the target may unmap).
+    pub zero_bytes: u64,
     /// Bytes found equal by checksum and not sent.
     pub skipped_bytes: u64,
     /// Passes over the bitmap.

@@ -9,6 +9,10 @@
 //! 0x0143 DigestReply target -> source  id u64, outcome u8, one bit per block (1 = differs)
 //! 0x0144 Done        source -> target  sent u64, skipped u64              (ordered; flush)
 //! 0x0145 DoneAck     target -> source  outcome u8, message (UTF-8, <= 4 KiB)
+//! 0x0146 Zeroes      source -> target  id u64, offset u64, len u64     (ordered; answered
+//!                                      by DataAck; the target zeroes and may unmap: a
+//!                                      thin volume stays thin, like DRBD's
+//!                                      rs-discard-granularity)
 //! ```
 //!
 //! Ordered messages go through the Secondary's apply pipeline (`datapath::run_secondary`)
@@ -37,6 +41,8 @@ pub const DIGEST_REPLY: u16 = 0x0143;
 pub const DONE: u16 = 0x0144;
 /// The target made the resync durable and recorded its end.
 pub const DONE_ACK: u16 = 0x0145;
+/// A range that reads as zeroes on the source: the target zeroes it (may unmap).
+pub const ZEROES: u16 = 0x0146;
 
 /// Largest range one Digest may cover (1024 blocks, 32 KiB of digests).
 pub const MAX_DIGEST_LEN: u64 = 4 << 20;
@@ -91,6 +97,11 @@ pub enum ResyncMsg {
     DoneAck {
         ok: bool,
         message: String,
+    },
+    Zeroes {
+        id: u64,
+        offset: u64,
+        len: u64,
     },
 }
 
@@ -171,6 +182,12 @@ impl ResyncMsg {
                 p.put_u64(*sent_bytes);
                 p.put_u64(*skipped_bytes);
                 DONE
+            }
+            ResyncMsg::Zeroes { id, offset, len } => {
+                p.put_u64(*id);
+                p.put_u64(*offset);
+                p.put_u64(*len);
+                ZEROES
             }
             ResyncMsg::DoneAck { ok, message } => {
                 p.put_u8(if *ok { 0 } else { 1 });
@@ -306,6 +323,28 @@ impl ResyncMsg {
                 })?;
                 ResyncMsg::DoneAck { ok, message }
             }
+            ZEROES => {
+                need(&p, 24)?;
+                let id = p.get_u64();
+                let offset = p.get_u64();
+                let len = p.get_u64();
+                if !p.is_empty() {
+                    return Err(short);
+                }
+                if len == 0 || len > MAX_DATA_LEN as u64 {
+                    return Err(ProtoError::BadField {
+                        msg_type,
+                        what: "zeroes length",
+                    });
+                }
+                if offset.checked_add(len).is_none() {
+                    return Err(ProtoError::BadField {
+                        msg_type,
+                        what: "offset + length overflows",
+                    });
+                }
+                ResyncMsg::Zeroes { id, offset, len }
+            }
             _ => {
                 return Err(ProtoError::BadField {
                     msg_type,
@@ -381,6 +420,11 @@ mod tests {
             id: 1,
             ok: true,
             mask: Bytes::from(vec![0b101]),
+        });
+        roundtrip(ResyncMsg::Zeroes {
+            id: 3,
+            offset: 8192,
+            len: 1 << 20,
         });
         roundtrip(ResyncMsg::Done {
             sent_bytes: 1,

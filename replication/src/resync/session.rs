@@ -248,6 +248,7 @@ fn describe(m: &ResyncMsg) -> String {
         ResyncMsg::DigestReply { id, .. } => format!("DigestReply id {id}"),
         ResyncMsg::Done { .. } => "Done".into(),
         ResyncMsg::DoneAck { .. } => "DoneAck".into(),
+        ResyncMsg::Zeroes { id, offset, .. } => format!("Zeroes id {id} at {offset}"),
     }
 }
 

@@ -93,10 +93,7 @@ async fn walk(ctx: &Arc<Ctx>, cfg: &ResyncConfig) -> Result<ResyncOutcome, Resyn
         outcome.passes += 1;
         let mut cursor = 0;
         let mut tasks: JoinSet<Result<ChunkDone, ResyncError>> = JoinSet::new();
-        loop {
-            let Some(&(offset, len)) = ctx.bitmap.runs_from(cursor, chunk, 1).first() else {
-                break;
-            };
+        while let Some(&(offset, len)) = ctx.bitmap.runs_from(cursor, chunk, 1).first() {
             cursor = offset + len;
             while tasks.len() >= max_inflight {
                 if let Some(r) = tasks.join_next().await {
@@ -133,6 +130,7 @@ struct ChunkDone {
     len: u64,
     sent: u64,
     skipped: u64,
+    zeroes: u64,
 }
 
 fn account(
@@ -143,6 +141,7 @@ fn account(
     outcome.done_bytes += done.len;
     outcome.sent_bytes += done.sent;
     outcome.skipped_bytes += done.skipped;
+    outcome.zero_bytes += done.zeroes;
     Ok(())
 }
 
@@ -158,39 +157,44 @@ async fn persist(bitmap: &Arc<dyn ResyncBitmap>) -> Result<(), ResyncError> {
 /// range lock is held from the read until the target answered and the bits are cleared.
 async fn resync_chunk(ctx: Arc<Ctx>, offset: u64, len: u64) -> Result<ChunkDone, ResyncError> {
     let (_range, data) = ctx.io.lock_and_read(offset, len).await?;
-    let (sent, skipped) = if ctx.checksums {
+    let (sent, skipped, zeroes) = if ctx.checksums {
         let mask = compare_data(&ctx.session, offset, data.clone()).await?;
-        let mut sent = 0;
+        let (mut sent, mut zeroes) = (0, 0);
         for (run_off, run_len) in mask_runs(&mask, len) {
             let start = run_off as usize;
             let piece = data.slice(start..start + run_len as usize);
-            send_data(&ctx, offset + run_off, piece).await?;
+            zeroes += send_data(&ctx, offset + run_off, piece).await?;
             sent += run_len;
         }
-        (sent, len - sent)
+        (sent, len - sent, zeroes)
     } else {
-        send_data(&ctx, offset, data).await?;
-        (len, 0)
+        let zeroes = send_data(&ctx, offset, data).await?;
+        (len, 0, zeroes)
     };
     ctx.bitmap.clear(offset, len);
     ctx.progress.add_done(len, sent, skipped);
-    Ok(ChunkDone { len, sent, skipped })
+    Ok(ChunkDone {
+        len,
+        sent,
+        skipped,
+        zeroes,
+    })
 }
 
-async fn send_data(ctx: &Ctx, offset: u64, data: Bytes) -> Result<(), ResyncError> {
+/// Send one range to the target; a range of zeroes goes as Zeroes (no data on the link,
+/// and a thin target stays thin). Returns the bytes sent as zeroes.
+async fn send_data(ctx: &Ctx, offset: u64, data: Bytes) -> Result<u64, ResyncError> {
     let len = data.len() as u64;
     let id = ctx.session.next_id();
-    let reply = ctx
-        .session
-        .request(
-            id,
-            ResyncMsg::Data { id, offset, data },
-            "resync write",
-            offset,
-        )
-        .await?;
+    let zeroes = data.iter().all(|&b| b == 0);
+    let msg = if zeroes {
+        ResyncMsg::Zeroes { id, offset, len }
+    } else {
+        ResyncMsg::Data { id, offset, data }
+    };
+    let reply = ctx.session.request(id, msg, "resync write", offset).await?;
     match reply {
-        ResyncMsg::DataAck { written: true, .. } => Ok(()),
+        ResyncMsg::DataAck { written: true, .. } => Ok(if zeroes { len } else { 0 }),
         ResyncMsg::DataAck { written: false, .. } => Err(ResyncError::PeerWrite { offset, len }),
         other => Err(unexpected("resync write", &other)),
     }
@@ -261,6 +265,7 @@ fn unexpected(op: &str, m: &ResyncMsg) -> ResyncError {
         ResyncMsg::DigestReply { .. } => "DigestReply",
         ResyncMsg::Done { .. } => "Done",
         ResyncMsg::DoneAck { .. } => "DoneAck",
+        ResyncMsg::Zeroes { .. } => "Zeroes",
     };
     ResyncError::Unexpected(format!("{what} in answer to a {op}"))
 }

@@ -172,7 +172,13 @@ impl Cluster {
             if !diskless {
                 let f = std::fs::File::create(&disk).unwrap();
                 f.set_len(size).unwrap();
-                let peers: Vec<&str> = data.iter().copied().filter(|p| p != name).collect();
+                // Like the daemon: every other node of the volume, tiebreakers included.
+                let peers: Vec<&str> = data
+                    .iter()
+                    .chain(witnesses.iter())
+                    .copied()
+                    .filter(|p| p != name)
+                    .collect();
                 ReplicationNode::create_metadata(&meta, size, 0xD0D0_0000_0000_0010, &peers)
                     .unwrap();
             }
