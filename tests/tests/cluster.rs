@@ -207,9 +207,18 @@ fn everything_is_removed_after_a_panic() {
         !mounts.contains(root.to_str().unwrap()),
         "pool mount left behind"
     );
-    let daemons = std::process::Command::new("pgrep")
-        .args(["-f", root.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(daemons.stdout.is_empty(), "daemons left running");
+    // No process still has the cluster's directory on its command line (its daemons).
+    let needle = root.to_str().unwrap().as_bytes().to_vec();
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .filter(|cmdline| {
+            cmdline
+                .windows(needle.len())
+                .any(|w| w == needle.as_slice())
+        })
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .collect();
+    assert!(survivors.is_empty(), "daemons left running: {survivors:?}");
 }
