@@ -573,3 +573,113 @@ async fn primary_killed_with_a_witness_the_survivor_takes_over_and_the_old_prima
     b.flush().await.unwrap();
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
+
+/// Chaos seed 258247687: a Secondary that crashed and resynced by bitmap kept its own old
+/// generation instead of adopting the Primary's, so the next link cut ended in a split
+/// brain (rule 6) although only one side ever wrote, and the frozen Primary stayed frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resync_target_adopts_the_source_generation_so_the_next_cut_is_no_split_brain() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let a = c.r("hv1");
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+    // The Secondary crashes; the Primary keeps quorum through the witness and writes on
+    // in a new generation.
+    c.kill("hv2");
+    tokio::time::timeout(Duration::from_secs(10), write_mib(&a, 2, 2, 2))
+        .await
+        .expect("writes continue without hv2");
+    c.restart("hv2").await;
+    let b = c.r("hv2");
+    wait_converged(&a, &b, 30).await;
+    assert_eq!(
+        a.status().current_uuid,
+        b.status().current_uuid,
+        "after the resync the target holds the source's generation"
+    );
+
+    // A short isolation of the Primary without takeover: no split brain, I/O resumes.
+    c.isolate("hv1").await;
+    wait_for(&a, "hv1 frozen", 10, |s| !s.quorum && s.io_suspended).await;
+    let a2 = a.clone();
+    let frozen = tokio::spawn(async move { a2.write(6 * MIB, data(6, 65536), false).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.heal_all();
+    tokio::time::timeout(Duration::from_secs(20), frozen)
+        .await
+        .expect("the frozen write resumes")
+        .unwrap()
+        .unwrap();
+    let s = wait_for(&a, "quorum back", 20, |s| s.quorum && !s.io_suspended).await;
+    assert_eq!(s.role, Role::Primary);
+    assert!(peer(&s, "hv2").split_brain.is_none(), "{s:#?}");
+    wait_converged(&a, &b, 30).await;
+    assert!(peer(&b.status(), "hv1").split_brain.is_none());
+    a.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}
+
+/// DRBD's `secondary --force`: an isolated Primary with a frozen request is demoted; the
+/// request fails (it was never acknowledged), and the node resyncs from the new Primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn demote_force_fails_frozen_requests_and_demotes_an_isolated_primary() {
+    let opts = ReplicaOptions {
+        suspend_timeout: Duration::from_secs(60),
+        ..ReplicaOptions::default()
+    };
+    let c = Cluster::new(&["hv1", "hv2"], &["witness"], 32 * MIB, opts).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    wait_for(&b, "connected", 10, |s| established(s, "hv1") && s.quorum).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+    c.isolate("hv1").await;
+    wait_for(&a, "hv1 frozen", 10, |s| !s.quorum && s.io_suspended).await;
+    let a2 = a.clone();
+    let frozen = tokio::spawn(async move { a2.write(2 * MIB, data(2, 4096), false).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!frozen.is_finished());
+
+    tokio::time::timeout(Duration::from_secs(15), a.demote_force())
+        .await
+        .expect("demote --force does not hang")
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), frozen)
+        .await
+        .expect("the frozen request fails at once")
+        .unwrap();
+    assert!(matches!(res, Err(EngineError::Demoted { .. })), "{res:?}");
+    let s = a.status();
+    assert_eq!(s.role, Role::Secondary);
+    assert!(!s.io_suspended);
+
+    // The other side takes over and writes; the fenced node rejoins as SyncTarget.
+    let mut promoted = false;
+    for _ in 0..50 {
+        if b.promote().await.is_ok() {
+            promoted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(promoted);
+    write_mib(&b, 8, 1, 9).await;
+    c.heal_all();
+    wait_converged(&a, &b, 30).await;
+    assert!(peer(&a.status(), "hv2").split_brain.is_none());
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}

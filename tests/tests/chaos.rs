@@ -38,7 +38,7 @@ enum Fault {
     /// and after the heal the Primary resumes and resyncs its peer; never two Primaries.
     CutPrimaryReplication,
     /// Isolate the Primary completely: it loses quorum and freezes; promote the other side,
-    /// fence the isolated one (demote, or SIGKILL if demote is refused), heal.
+    /// fence the isolated one (`demote --force`), heal.
     PartitionPrimary,
     /// Isolate the Secondary completely, heal.
     PartitionSecondary,
@@ -102,8 +102,6 @@ struct Chaos {
     primary: String,
     secondary: String,
     split_brains: u64,
-    /// Isolated Primaries that could not be demoted and were fenced by SIGKILL.
-    fenced_by_kill: u64,
 }
 
 /// A split brain as `tandem volume status --json` reports it: a peer with a non-null
@@ -201,28 +199,30 @@ impl Chaos {
         );
     }
 
-    /// Fence the isolated old Primary `host`: demote it (what its HA agent does), retrying
-    /// for 15 s; the writer's request frozen there keeps the volume open until the writer
-    /// gives up on it (`--io-timeout`). If the engine still refuses (a frozen request it
-    /// cannot fail: DRBD 9 has `secondary --force` for this), fence harder: SIGKILL its
-    /// daemon, as a self-fencing reboot would. Returns whether the daemon was killed.
-    fn fence(&mut self, host: &str) -> bool {
+    /// Fence the isolated old Primary `host` (what its HA agent does): `tandem volume
+    /// demote --force` (DRBD's `secondary --force`): the writer's request frozen there fails
+    /// (it was never acknowledged) and the node becomes Secondary, although the writer's
+    /// connection is still open. Retries for 15 s; a refusal fails the test.
+    fn fence(&mut self, host: &str) {
         let mut last = String::new();
         let demoted = wait_until(Duration::from_secs(15), || {
-            let out = self.cluster.tandem(host, &["volume", "demote", VOLUME]);
-            last = out.stderr.clone();
+            let out = self
+                .cluster
+                .tandem(host, &["volume", "demote", VOLUME, "--force"]);
+            last = format!("{}{}", out.stdout, out.stderr);
             out.status.success()
         });
-        if demoted {
-            return false;
-        }
-        eprintln!(
-            "chaos: demoting isolated {host} refused ({}); killing its daemon",
-            last.trim()
+        assert!(
+            demoted,
+            "demote --force of the isolated Primary {host} failed for 15 s: {last}\n{}",
+            self.cluster.logs()
         );
-        self.fenced_by_kill += 1;
-        self.cluster.kill(host);
-        true
+        let role = self.role(host);
+        assert_eq!(
+            role.as_deref(),
+            Some("Secondary"),
+            "{host} after demote --force"
+        );
     }
 
     /// After a fault: exactly one Primary (the writer auto-promotes on open; if nobody is
@@ -315,11 +315,8 @@ impl Chaos {
                 std::thread::sleep(hold);
                 // The isolated old Primary has no quorum: its I/O is frozen. Fence it,
                 // then let it rejoin.
-                let killed = self.fence(&p);
+                self.fence(&p);
                 self.cluster.heal(&p);
-                if killed {
-                    self.cluster.start(&p);
-                }
             }
             Fault::PartitionSecondary => {
                 self.cluster.partition(&s);
@@ -388,7 +385,6 @@ fn chaos_cycles_lose_no_acknowledged_write() {
         primary: "hv1".into(),
         secondary: "hv2".into(),
         split_brains: 0,
-        fenced_by_kill: 0,
     };
     chaos
         .cluster
@@ -461,14 +457,13 @@ fn chaos_cycles_lose_no_acknowledged_write() {
         .output()
         .unwrap();
     eprintln!(
-        "chaos: seed {seed}: {cycles} cycles run, {} writes acknowledged, {} lost, {} stale, {} garbage, {} split brains, {} reconnects, {} isolated Primaries fenced by kill, in {:?}\n{}",
+        "chaos: seed {seed}: {cycles} cycles run, {} writes acknowledged, {} lost, {} stale, {} garbage, {} split brains, {} reconnects, in {:?}\n{}",
         report["writes_acknowledged"],
         report["lost"],
         report["stale"],
         report["garbage"],
         chaos.split_brains,
         summary["reconnects"],
-        chaos.fenced_by_kill,
         started.elapsed(),
         String::from_utf8_lossy(&compare.stdout)
     );

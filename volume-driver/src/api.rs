@@ -76,8 +76,14 @@ pub enum Request {
     /// Make the local replica Primary (explicitly: it stays Primary when the last NBD
     /// writer closes) → [`Reply::Status`].
     VolumePromote { name: String },
-    /// Make the local replica Secondary → [`Reply::Status`].
-    VolumeDemote { name: String },
+    /// Make the local replica Secondary → [`Reply::Status`]. With `force` (DRBD's
+    /// `secondary --force`), requests frozen for lack of quorum fail with an I/O error
+    /// (none was acknowledged) and open writers do not prevent the demotion.
+    VolumeDemote {
+        name: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
+    },
     /// Open or close the dual-primary gate (protocol C only) → [`Reply::Status`].
     VolumeAllowTwoPrimaries { name: String, allow: bool },
     /// Resolve a split brain; with `discard_local` this node's changes since the split are
@@ -490,8 +496,18 @@ mod tests {
                 r#"{"request":"volume_promote","name":"v"}"#,
             ),
             (
-                Request::VolumeDemote { name: "v".into() },
+                Request::VolumeDemote {
+                    name: "v".into(),
+                    force: false,
+                },
                 r#"{"request":"volume_demote","name":"v"}"#,
+            ),
+            (
+                Request::VolumeDemote {
+                    name: "v".into(),
+                    force: true,
+                },
+                r#"{"request":"volume_demote","name":"v","force":true}"#,
             ),
             (
                 Request::VolumeAllowTwoPrimaries {

@@ -114,6 +114,11 @@ pub trait EngineReplica: Send + Sync + 'static {
     fn status(&self) -> ReplicaStatus;
     async fn promote(&self) -> Result<(), EngineFailure>;
     async fn demote(&self) -> Result<(), EngineFailure>;
+    /// DRBD's `secondary --force`: fail the requests frozen for lack of quorum (none was
+    /// acknowledged), then demote. Engines without frozen requests just demote.
+    async fn demote_force(&self) -> Result<(), EngineFailure> {
+        self.demote().await
+    }
     fn set_allow_two_primaries(&self, allow: bool) -> Result<(), EngineFailure>;
     async fn resolve_split_brain(&self, discard_local: bool) -> Result<(), EngineFailure>;
     async fn verify(&self) -> Result<VerifySummary, EngineFailure>;

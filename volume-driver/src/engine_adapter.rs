@@ -190,6 +190,9 @@ impl EngineReplica for EngineVolume {
     async fn demote(&self) -> Result<(), EngineFailure> {
         self.replica.demote().await.map_err(failure)
     }
+    async fn demote_force(&self) -> Result<(), EngineFailure> {
+        self.replica.demote_force().await.map_err(failure)
+    }
     fn set_allow_two_primaries(&self, allow: bool) -> Result<(), EngineFailure> {
         self.replica.set_allow_two_primaries(allow).map_err(failure)
     }

@@ -84,9 +84,13 @@ impl ReplicaRuntime {
     /// The engine's status plus `promoted_explicitly` and `open_writers`.
     pub fn status(&self) -> VolumeStatus {
         let counts = *self.counts();
+        let replica = self.replica.status();
+        // An explicit promotion ends with the Primary role, also when the engine stepped
+        // down by itself (force-secondary) or the daemon restarted.
+        let primary = replica.role == "Primary";
         VolumeStatus {
-            replica: self.replica.status(),
-            promoted_explicitly: counts.promoted_explicitly,
+            replica,
+            promoted_explicitly: counts.promoted_explicitly && primary,
             open_writers: counts.writers,
         }
     }
@@ -151,6 +155,16 @@ impl ReplicaRuntime {
         self.replica.demote().await.map_err(engine_error)?;
         self.counts().promoted_explicitly = false;
         tracing::info!(volume = %self.name, "demoted");
+        Ok(())
+    }
+
+    /// `tandem volume demote --force`: demote even with writers open (their frozen and
+    /// later requests fail); for fencing an isolated Primary.
+    pub async fn demote_forcibly(&self) -> Result<(), ApiError> {
+        let _roles = self.roles.lock().await;
+        self.replica.demote_force().await.map_err(engine_error)?;
+        self.counts().promoted_explicitly = false;
+        tracing::warn!(volume = %self.name, "demoted by force");
         Ok(())
     }
 

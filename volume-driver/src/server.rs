@@ -173,8 +173,8 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
             .promote(&name)
             .await
             .map(|status| Reply::Status { status }),
-        Request::VolumeDemote { name } => service
-            .demote(&name)
+        Request::VolumeDemote { name, force } => service
+            .demote(&name, force)
             .await
             .map(|status| Reply::Status { status }),
         Request::VolumeAllowTwoPrimaries { name, allow } => service

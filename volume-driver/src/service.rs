@@ -905,12 +905,18 @@ impl VolumeService {
         self.status(name)
     }
 
-    /// `volume_demote`. A no-op for an unreplicated volume.
-    pub async fn demote(&self, name: &str) -> Result<VolumeStatus, ApiError> {
+    /// `volume_demote` (`force`: fail frozen requests, ignore open writers). A no-op for an
+    /// unreplicated volume.
+    pub async fn demote(&self, name: &str, force: bool) -> Result<VolumeStatus, ApiError> {
         if !self.definition_of(name)?.is_replicated() {
             return self.status(name);
         }
-        self.runtime(name)?.demote_explicitly().await?;
+        let runtime = self.runtime(name)?;
+        if force {
+            runtime.demote_forcibly().await?;
+        } else {
+            runtime.demote_explicitly().await?;
+        }
         self.status(name)
     }
 

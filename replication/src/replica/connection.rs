@@ -597,7 +597,14 @@ impl Replica {
         let mut link = link;
         let mut gate = gate;
         loop {
-            let (i_am_primary, primary, peer_is_primary, replication, source_uuids) = {
+            let (
+                i_am_primary,
+                primary,
+                peer_is_primary,
+                replication,
+                source_uuids,
+                local_current_at_start,
+            ) = {
                 let st = lock(&self.st);
                 let slot = st.peers.get(peer);
                 (
@@ -608,6 +615,7 @@ impl Replica {
                     slot.map(|p| p.replication).unwrap_or(ReplicationState::Off),
                     slot.and_then(|p| p.state.as_ref())
                         .and_then(|s| s.uuids.clone()),
+                    st.uuids.current,
                 )
             };
             if i_am_primary {
@@ -648,6 +656,7 @@ impl Replica {
                             replica: self.me.clone(),
                             source: peer.to_string(),
                             source_uuids,
+                            local_current_at_start,
                             wrote: AtomicBool::new(false),
                         });
                         Some(ResyncTargetHooks(hooks))

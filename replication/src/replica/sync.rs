@@ -19,7 +19,7 @@ use super::status::VerifySummary;
 use super::volume::{lock, Replica};
 use super::EngineError;
 use crate::bitmap::Bitmap;
-use crate::generation::UuidSet;
+use crate::generation::{Generation, UuidSet};
 use crate::link::LinkSender;
 use crate::metadata::MetaStore;
 use crate::resync::{
@@ -79,6 +79,10 @@ pub(super) struct TargetHooks {
     pub source: String,
     /// The source's generations from the handshake.
     pub source_uuids: UuidSet,
+    /// This replica's current generation when the resync started: if it changed since,
+    /// the source started a newer generation during the resync and this replica followed
+    /// it (`NewCurrent`).
+    pub local_current_at_start: Generation,
     pub wrote: AtomicBool,
 }
 
@@ -130,7 +134,13 @@ impl ResyncTarget for TargetHooks {
                 let mut source = self.source_uuids.clone();
                 // The source may have started newer generations during the resync; this
                 // replica followed them (NewCurrent), so its current is the source's.
-                if st.uuids.current != source.current {
+                // Otherwise this replica's current is still its own pre-resync generation,
+                // which must not survive the resync: keeping it would leave the pair with
+                // different currents (a split brain at the next handshake although only
+                // one side ever wrote).
+                if st.uuids.current != self.local_current_at_start
+                    && st.uuids.current != source.current
+                {
                     let old = source.current;
                     source.push_history(old);
                     source.current = st.uuids.current;

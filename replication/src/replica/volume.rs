@@ -889,6 +889,25 @@ impl Replica {
         self.demote_now("demoted").await
     }
 
+    /// DRBD's `secondary --force`, for fencing a Primary that lost quorum: requests frozen
+    /// for lack of quorum fail ([`EngineError::Demoted`]; none of them was acknowledged),
+    /// requests already in the data path finish (bounded), then the replica is Secondary.
+    /// Unlike [`Replica::demote`] it does not wait for unreachable peers.
+    pub async fn demote_force(&self) -> Result<(), EngineError> {
+        if lock(&self.st).role != Role::Primary {
+            return Ok(());
+        }
+        // Requests past admission hold the gate only while the data path runs them (a
+        // dead peer never blocks it); wait for them so none completes after the demotion.
+        let gate =
+            tokio::time::timeout(Duration::from_secs(10), self.io_gate.clone().write_owned()).await;
+        if gate.is_err() {
+            tracing::warn!(volume = %self.volume, "requests in flight did not finish within 10 s; demoting anyway");
+        }
+        self.demote_now("demoted by force (secondary --force); frozen requests fail")
+            .await
+    }
+
     /// Drop the Primary role (no flush): used by `demote` and by force-secondary.
     pub(super) async fn demote_now(&self, reason: &str) -> Result<(), EngineError> {
         let primary = {

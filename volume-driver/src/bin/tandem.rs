@@ -133,6 +133,11 @@ enum VolumeCommand {
     Demote {
         /// Volume name
         name: String,
+        /// Demote even while writers have it open; I/O requests frozen for lack of quorum
+        /// fail with an I/O error (none of them was acknowledged). For fencing an isolated
+        /// Primary (DRBD's `secondary --force`)
+        #[arg(long)]
+        force: bool,
     },
     /// Allow or forbid two Primaries (protocol C only; for live migration)
     AllowTwoPrimaries {
@@ -238,9 +243,10 @@ fn run(cli: &Cli) -> Result<(), String> {
         Command::Volume(VolumeCommand::Promote { name }) => {
             Request::VolumePromote { name: name.clone() }
         }
-        Command::Volume(VolumeCommand::Demote { name }) => {
-            Request::VolumeDemote { name: name.clone() }
-        }
+        Command::Volume(VolumeCommand::Demote { name, force }) => Request::VolumeDemote {
+            name: name.clone(),
+            force: *force,
+        },
         Command::Volume(VolumeCommand::AllowTwoPrimaries { name, state }) => {
             Request::VolumeAllowTwoPrimaries {
                 name: name.clone(),
