@@ -683,3 +683,63 @@ async fn demote_force_fails_frozen_requests_and_demotes_an_isolated_primary() {
     b.flush().await.unwrap();
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
+
+/// Chaos seed 7: a Primary closed cleanly (SIGTERM) while the other side is promoted and
+/// writes comes back as bitmap SyncTarget of the new Primary — no split brain. The new
+/// Primary had been a resync target before: it must have adopted the old Primary's
+/// generation then, or its new generation is unrelated to the returning node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cleanly_stopped_primary_returns_as_sync_target_of_the_new_primary() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let a = c.r("hv1");
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+    // hv2 becomes a resync target once (crash, bitmap resync from hv1).
+    c.kill("hv2");
+    tokio::time::timeout(Duration::from_secs(10), write_mib(&a, 1, 1, 2))
+        .await
+        .expect("writes continue without hv2");
+    c.restart("hv2").await;
+    let b = c.r("hv2");
+    wait_converged(&a, &b, 30).await;
+
+    // Clean stop of the Primary; the other side takes over and writes.
+    drop(a);
+    c.close("hv1").await;
+    let mut promoted = false;
+    for _ in 0..50 {
+        if b.promote().await.is_ok() {
+            promoted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(promoted, "{:#?}", b.status());
+    write_mib(&b, 4, 2, 3).await;
+    c.reopen("hv1").await;
+    let a = c.r("hv1");
+    let s = wait_for(&a, "hv1 resyncs from hv2", 20, |s| {
+        peer(s, "hv2")
+            .decision
+            .as_deref()
+            .is_some_and(|d| d.contains("bitmap resync from hv2 to hv1"))
+    })
+    .await;
+    assert!(peer(&s, "hv2").split_brain.is_none(), "{s:#?}");
+    wait_converged(&a, &b, 30).await;
+    assert_eq!(a.status().current_uuid, b.status().current_uuid);
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+    // The witness's slot is never reported out of sync.
+    assert_eq!(peer(&b.status(), "witness").out_of_sync_bytes, 0);
+}

@@ -623,7 +623,13 @@ impl Replica {
                     } else {
                         ReplicationState::Off
                     },
-                    out_of_sync_bytes: bms.get(&p.spec.name).map(|b| b.dirty_bytes()).unwrap_or(0),
+                    // A tiebreaker stores no data: nothing of it is ever out of sync
+                    // (a bitmap slot for it, if the metadata has one, means nothing).
+                    out_of_sync_bytes: if p.spec.diskless {
+                        0
+                    } else {
+                        bms.get(&p.spec.name).map(|b| b.dirty_bytes()).unwrap_or(0)
+                    },
                     resync: p.resync_progress.as_ref().filter(|_| connected).map(|r| {
                         let s = r.snapshot();
                         super::status::ResyncProgress {
