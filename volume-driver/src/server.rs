@@ -174,7 +174,7 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
             .await
             .map(|status| Reply::Status { status }),
         Request::VolumeDemote { name, force } => service
-            .demote(&name, force)
+            .demote_with(&name, force)
             .await
             .map(|status| Reply::Status { status }),
         Request::VolumeAllowTwoPrimaries { name, allow } => service

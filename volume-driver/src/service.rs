@@ -905,9 +905,14 @@ impl VolumeService {
         self.status(name)
     }
 
-    /// `volume_demote` (`force`: fail frozen requests, ignore open writers). A no-op for an
-    /// unreplicated volume.
-    pub async fn demote(&self, name: &str, force: bool) -> Result<VolumeStatus, ApiError> {
+    /// `volume_demote`. A no-op for an unreplicated volume.
+    pub async fn demote(&self, name: &str) -> Result<VolumeStatus, ApiError> {
+        self.demote_with(name, false).await
+    }
+
+    /// `volume_demote` with `force` (`tandem volume demote --force`: fail the requests
+    /// frozen for lack of quorum, ignore open writers). A no-op for an unreplicated volume.
+    pub async fn demote_with(&self, name: &str, force: bool) -> Result<VolumeStatus, ApiError> {
         if !self.definition_of(name)?.is_replicated() {
             return self.status(name);
         }
