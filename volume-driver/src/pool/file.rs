@@ -145,6 +145,33 @@ impl Pool for FilePool {
         }
     }
 
+    /// `link(2)` then `unlink(2)`: the new name never replaces an existing file (a plain
+    /// `rename(2)` would), and a crash in between leaves both names on one inode, which
+    /// the daemon's startup completes.
+    fn rename(&self, from: &str, to: &str) -> Result<(), PoolError> {
+        let old = self.device_path(from);
+        let new = self.device_path(to);
+        match fs::hard_link(&old, &new) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(PoolError::Missing {
+                    pool: self.name.clone(),
+                    volume: from.to_string(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(PoolError::Exists {
+                    pool: self.name.clone(),
+                    volume: to.to_string(),
+                })
+            }
+            Err(e) => return Err(self.io("link", &new)(e)),
+        }
+        self.sync_dir()?;
+        fs::remove_file(&old).map_err(self.io("remove", &old))?;
+        self.sync_dir()
+    }
+
     fn device_path(&self, volume: &str) -> PathBuf {
         self.dir.join(format!("{volume}{SUFFIX}"))
     }
@@ -221,6 +248,28 @@ mod tests {
         pool.delete("v1").unwrap();
         assert!(!path.exists());
         assert!(matches!(pool.delete("v1"), Err(PoolError::Missing { .. })));
+    }
+
+    #[test]
+    fn rename_moves_the_data_and_never_replaces() {
+        let (_dir, pool) = pool();
+        pool.create("a", 8192).unwrap();
+        std::fs::write(pool.device_path("a"), b"data").unwrap();
+        pool.create("b", 4096).unwrap();
+        assert!(matches!(
+            pool.rename("a", "b"),
+            Err(PoolError::Exists { .. })
+        ));
+        assert!(matches!(
+            pool.rename("zz", "c"),
+            Err(PoolError::Missing { .. })
+        ));
+        pool.rename("a", "c").unwrap();
+        assert!(!pool.device_path("a").exists());
+        assert_eq!(std::fs::read(pool.device_path("c")).unwrap(), b"data");
+        let mut names: Vec<_> = pool.list().unwrap().into_iter().map(|v| v.name).collect();
+        names.sort();
+        assert_eq!(names, vec!["b", "c"]);
     }
 
     #[test]
