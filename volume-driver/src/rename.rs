@@ -736,4 +736,46 @@ mod tests {
         assert!(store.dir().join("new.json.rename-conflict").exists());
         assert_eq!(std::fs::read(pool.device_path("old")).unwrap(), b"payload");
     }
+
+    #[tokio::test]
+    async fn an_unreplicated_volume_is_renamed_here_and_refused_while_open() {
+        use crate::frontend::Exports;
+        let dir = tempfile::tempdir().unwrap();
+        let service = crate::service::tests::service(dir.path());
+        service.create_local("a", 1 << 20, None).await.unwrap();
+        service.create_local("b", 1 << 20, None).await.unwrap();
+        let handle = Exports::open(&service, "a", true).await.unwrap();
+        handle
+            .write(4096, bytes::Bytes::from_static(b"kept"), true)
+            .await
+            .unwrap();
+        let e = service.rename("a", "c").await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InUse, "{}", e.message);
+        assert!(e.message.contains("a is in use on hv1"), "{}", e.message);
+        drop(handle);
+        let e = service.rename("a", "b").await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::AlreadyExists, "{}", e.message);
+        let e = service.rename("nope", "d").await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{}", e.message);
+        // A create of NEW while a rename holds the reservation loses.
+        service.prepare_rename("a", "c", "t").await.unwrap();
+        let e = service.create_local("c", 4096, None).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::AlreadyExists, "{}", e.message);
+        service.abort_replica("c", "t");
+        let info = service.rename("a", "c").await.unwrap();
+        assert_eq!(info.name, "c");
+        assert!(info.path.ends_with("c.img"));
+        let names: Vec<String> = service.list().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, vec!["b".to_string(), "c".to_string()]);
+        assert!(!dir.path().join("images/a.img").exists());
+        assert!(!dir.path().join("state/volumes/a.json").exists());
+        let handle = Exports::open(&service, "c", false).await.unwrap();
+        assert_eq!(&handle.read(4096, 4).await.unwrap()[..], b"kept");
+        drop(handle);
+        // A restarted daemon sees the new name only.
+        drop(service);
+        let service = crate::service::tests::service(dir.path());
+        let names: Vec<String> = service.list().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, vec!["b".to_string(), "c".to_string()]);
+    }
 }

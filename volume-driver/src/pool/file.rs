@@ -145,30 +145,43 @@ impl Pool for FilePool {
         }
     }
 
-    /// `link(2)` then `unlink(2)`: the new name never replaces an existing file (a plain
-    /// `rename(2)` would), and a crash in between leaves both names on one inode, which
-    /// the daemon's startup completes.
+    /// `renameat2(RENAME_NOREPLACE)`: atomic (a crash leaves one of the two names), and
+    /// the new name never replaces an existing file (a plain `rename(2)` would).
     fn rename(&self, from: &str, to: &str) -> Result<(), PoolError> {
+        use std::os::unix::ffi::OsStrExt;
         let old = self.device_path(from);
         let new = self.device_path(to);
-        match fs::hard_link(&old, &new) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(PoolError::Missing {
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| PoolError::BadName {
+                pool: self.name.clone(),
+                message: format!("path {} contains a NUL byte", p.display()),
+            })
+        };
+        let (c_old, c_new) = (c(&old)?, c(&new)?);
+        // SAFETY: both pointers are valid NUL-terminated strings for the call's duration.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                c_old.as_ptr(),
+                libc::AT_FDCWD,
+                c_new.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.kind() {
+                io::ErrorKind::NotFound => PoolError::Missing {
                     pool: self.name.clone(),
                     volume: from.to_string(),
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(PoolError::Exists {
+                },
+                io::ErrorKind::AlreadyExists => PoolError::Exists {
                     pool: self.name.clone(),
                     volume: to.to_string(),
-                })
-            }
-            Err(e) => return Err(self.io("link", &new)(e)),
+                },
+                _ => self.io("rename", &old)(e),
+            });
         }
-        self.sync_dir()?;
-        fs::remove_file(&old).map_err(self.io("remove", &old))?;
         self.sync_dir()
     }
 
