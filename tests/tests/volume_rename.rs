@@ -236,3 +236,100 @@ fn a_single_node_volume_is_renamed_on_a_file_pool() {
     let (ok, text) = qemu_io(&node, "vm-2-disk-0", &["read -P 0x42 1M 1M"]);
     assert!(ok, "{text}");
 }
+
+#[test]
+fn a_failure_half_way_renames_the_done_nodes_back() {
+    let cluster = LoopbackCluster::start(&[("hv1", false), ("hv2", false)]);
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    hv1.tandem(&["volume", "create", "v", "--size", "8M", "--replicas", "2"])
+        .ok();
+    wait_settled(&cluster, &["hv1", "hv2"], "v");
+    let (ok, text) = qemu_io(hv1, "v", &["write -P 0x33 2M 1M", "flush"]);
+    assert!(ok, "{text}");
+    wait_settled(&cluster, &["hv1", "hv2"], "v");
+    // A stray metadata directory under the new name on hv2 (left by hand): hv1 renames
+    // first (config order), hv2's commit then fails, and hv1 is renamed back.
+    std::fs::create_dir_all(hv2.definitions().join("w/meta")).unwrap();
+    let e = hv1.tandem(&["volume", "rename", "v", "w"]).failed();
+    assert!(e.contains("on node 'hv2'"), "{e}");
+    assert!(e.contains("hv1: renamed back to 'v'"), "{e}");
+    assert!(e.contains("hv2: failed, 'v' kept"), "{e}");
+    assert!(!e.contains("on node 'hv2': on node"), "{e}");
+    eprintln!("rollback error as the operator sees it: {e}");
+    for node in [hv1, hv2] {
+        assert_eq!(names(node), vec!["v".to_string()]);
+        assert!(!node.definitions().join("w.json").exists());
+        assert!(!node.images().join("w.img").exists());
+    }
+    assert_eq!(traces(hv1, "v"), [true, true, true]);
+    // The replicas reopened under the old name, connected, with the data.
+    wait_settled(&cluster, &["hv1", "hv2"], "v");
+    let (ok, text) = qemu_io(hv2, "v", &["read -P 0x33 2M 1M"]);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    // Once the stray directory is gone the rename goes through.
+    wait_settled(&cluster, &["hv1", "hv2"], "v");
+    std::fs::remove_dir_all(hv2.definitions().join("w")).unwrap();
+    hv1.tandem(&["volume", "rename", "v", "w"]).ok();
+    wait_settled(&cluster, &["hv1", "hv2"], "w");
+}
+
+#[test]
+fn a_create_racing_a_rename_to_the_same_name_exactly_one_wins() {
+    let cluster = LoopbackCluster::start(&[("hv1", false), ("hv2", false)]);
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    hv1.tandem(&["volume", "create", "v", "--size", "4M", "--replicas", "2"])
+        .ok();
+    wait_settled(&cluster, &["hv1", "hv2"], "v");
+    for round in 0..3 {
+        let target = format!("t{round}");
+        let mut rename = hv1.tandem_command(&["volume", "rename", "v", &target]);
+        let mut create = hv2.tandem_command(&[
+            "volume",
+            "create",
+            &target,
+            "--size",
+            "4M",
+            "--replicas",
+            "2",
+        ]);
+        for c in [&mut rename, &mut create] {
+            c.stdout(Stdio::null()).stderr(Stdio::piped());
+        }
+        // Alternate which command starts first.
+        let (rename, create) = if round % 2 == 0 {
+            let r = rename.spawn().unwrap();
+            (r, create.spawn().unwrap())
+        } else {
+            let c = create.spawn().unwrap();
+            (rename.spawn().unwrap(), c)
+        };
+        let renamed = rename.wait_with_output().unwrap();
+        let created = create.wait_with_output().unwrap();
+        assert!(
+            renamed.status.success() != created.status.success(),
+            "round {round}: rename {:?} ({}), create {:?} ({})",
+            renamed.status,
+            String::from_utf8_lossy(&renamed.stderr),
+            created.status,
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let expected: Vec<String> = if renamed.status.success() {
+            vec![target.clone()]
+        } else {
+            vec![target.clone(), "v".to_string()]
+        };
+        for node in [hv1, hv2] {
+            let mut got = names(node);
+            got.sort();
+            assert_eq!(got, expected, "round {round}");
+        }
+        // Back to one volume named v for the next round.
+        if renamed.status.success() {
+            wait_settled(&cluster, &["hv1", "hv2"], &target);
+            hv1.tandem(&["volume", "rename", &target, "v"]).ok();
+        } else {
+            hv1.tandem(&["volume", "delete", &target]).ok();
+        }
+        wait_settled(&cluster, &["hv1", "hv2"], "v");
+    }
+}

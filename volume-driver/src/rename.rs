@@ -408,11 +408,16 @@ impl VolumeService {
                     .await;
             }
         }
+        // Answers of other nodes already start with "on node '...'".
+        let prefix = format!("on node '{failed_node}': ");
+        let cause = failure
+            .message
+            .strip_prefix(&prefix)
+            .unwrap_or(&failure.message);
         Err(ApiError::new(
             failure.kind,
             format!(
-                "cannot rename volume '{name}' to '{new_name}': on node '{failed_node}': {}; state per node: {}",
-                failure.message,
+                "cannot rename volume '{name}' to '{new_name}': {prefix}{cause}; state per node: {}",
                 states.join("; ")
             ),
         ))
