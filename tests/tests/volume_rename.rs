@@ -170,6 +170,9 @@ fn a_replicated_volume_with_data_is_renamed_on_every_node() {
     wait_settled(&cluster, &["hv1", "hv2"], new);
     let (ok, _) = qemu_io(hv1, old, &["read 0 4k"]);
     assert!(!ok, "the old export name still serves");
+    if std::env::var_os("TANDEM_TEST_SHOW_LOGS").is_some() {
+        eprintln!("{}", cluster.logs());
+    }
     let a = std::fs::read(hv1.images().join(format!("{new}.img"))).unwrap();
     let b = std::fs::read(hv2.images().join(format!("{new}.img"))).unwrap();
     assert!(a == b, "replicas differ after the rename");

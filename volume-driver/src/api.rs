@@ -521,6 +521,13 @@ mod tests {
                 r#"{"request":"volume_set","name":"v","protocol":"B"}"#,
             ),
             (
+                Request::VolumeRename {
+                    name: "v".into(),
+                    new_name: "w".into(),
+                },
+                r#"{"request":"volume_rename","name":"v","new_name":"w"}"#,
+            ),
+            (
                 Request::VolumeDelete {
                     name: "v".into(),
                     force: false,

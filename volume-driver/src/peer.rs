@@ -393,6 +393,17 @@ mod tests {
             r#"{"request":"replica_prepare","name":"v","size_bytes":4096,"pool":null,"diskless":false,"token":"t"}"#
         );
         assert_eq!(serde_json::from_str::<PeerRequest>(&line).unwrap(), request);
+        let rename = PeerRequest::ReplicaRenameCommit {
+            name: "v".into(),
+            new_name: "w".into(),
+            token: "t".into(),
+        };
+        let line = serde_json::to_string(&rename).unwrap();
+        assert_eq!(
+            line,
+            r#"{"request":"replica_rename_commit","name":"v","new_name":"w","token":"t"}"#
+        );
+        assert_eq!(serde_json::from_str::<PeerRequest>(&line).unwrap(), rename);
         // Local-API requests are not peer requests.
         assert!(
             serde_json::from_str::<PeerRequest>(r#"{"request":"volume_delete","name":"v"}"#)

@@ -783,4 +783,29 @@ mod tests {
         let names: Vec<String> = service.list().into_iter().map(|v| v.name).collect();
         assert_eq!(names, vec!["b".to_string(), "c".to_string()]);
     }
+
+    #[tokio::test]
+    async fn the_daemon_completes_an_interrupted_rename_when_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = crate::service::tests::service(dir.path());
+        service.create_local("a", 1 << 20, None).await.unwrap();
+        let mut definition = service.definition("a").unwrap();
+        drop(service);
+        // A crash after steps 1 and 2: marked new definition, storage renamed.
+        definition.name = "b".into();
+        definition.renamed_from = Some("a".into());
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        store.save(&definition).unwrap();
+        std::fs::rename(
+            dir.path().join("images/a.img"),
+            dir.path().join("images/b.img"),
+        )
+        .unwrap();
+        let service = crate::service::tests::service(dir.path());
+        let names: Vec<String> = service.list().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, vec!["b".to_string()]);
+        assert_eq!(service.show("b").unwrap().state, VolumeState::Ok);
+        assert!(!store.path_of("a").exists());
+        assert_eq!(service.definition("b").unwrap().renamed_from, None);
+    }
 }
