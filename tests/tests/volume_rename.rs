@@ -1,9 +1,12 @@
 //! `tandem volume rename` through the real CLI against real `tandemd`s on loopback: a
 //! 2-replica volume (plus a diskless tiebreaker) with data written over NBD is renamed on
 //! every node, reads back under the new name on both replicas and reconnects; refusals
-//! (target exists on another node, Primary, node down) change nothing; a single-node volume
-//! on a file pool. Needs `cargo build --workspace --bins` and `qemu-io` (qemu-utils).
+//! (target exists on another node, Primary, node down) change nothing; a failed commit is
+//! rolled back; a create racing a rename to one name: exactly one wins; a single-node volume
+//! on a file pool (refused while an NBD writer has it open). Needs
+//! `cargo build --workspace --bins` and `qemu-io` (qemu-utils).
 
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -225,6 +228,34 @@ fn a_single_node_volume_is_renamed_on_a_file_pool() {
         .tandem(&["volume", "rename", "vm-1-disk-0", "other"])
         .failed();
     assert!(e.contains("already exists"), "{e}");
+    // Refused while an NBD client (a VM) has it open for writing.
+    let mut writer = Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(uri(&node, "vm-1-disk-0"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-io (package qemu-utils) must be installed");
+    let mut stdin = writer.stdin.take().unwrap();
+    writeln!(stdin, "write -P 0x43 2M 4k").unwrap();
+    stdin.flush().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || status(&node, "vm-1-disk-0")
+            ["open_writers"]
+            == 1),
+        "the writer never showed up"
+    );
+    let e = node
+        .tandem(&["volume", "rename", "vm-1-disk-0", "vm-2-disk-0"])
+        .failed();
+    assert!(
+        e.contains("vm-1-disk-0 is in use on hv1") && e.contains("stop the VM first"),
+        "{e}"
+    );
+    writeln!(stdin, "quit").unwrap();
+    drop(stdin);
+    writer.wait().unwrap();
     let e = node.tandem(&["volume", "rename", "nope", "x"]).failed();
     assert!(e.contains("does not exist"), "{e}");
     let out = node
@@ -236,7 +267,11 @@ fn a_single_node_volume_is_renamed_on_a_file_pool() {
         vec!["other".to_string(), "vm-2-disk-0".to_string()]
     );
     assert_eq!(traces(&node, "vm-1-disk-0"), [false, false, false]);
-    let (ok, text) = qemu_io(&node, "vm-2-disk-0", &["read -P 0x42 1M 1M"]);
+    let (ok, text) = qemu_io(
+        &node,
+        "vm-2-disk-0",
+        &["read -P 0x42 1M 1M", "read -P 0x43 2M 4k"],
+    );
     assert!(ok, "{text}");
 }
 
