@@ -154,8 +154,18 @@ fn rename_on_disk(
         renamed_from: None,
         ..marked
     };
-    store.remove(&name).map_err(store_error)?;
-    store.save(&done).map_err(store_error)?;
+    let finish = |e: StoreError| {
+        ApiError::new(
+            ErrorKind::Storage,
+            format!(
+                "the data of '{name}' is renamed to '{new_name}' but its definition could not be \
+                 finished ({}); restart tandemd on this node to complete the rename",
+                error_chain(&e)
+            ),
+        )
+    };
+    store.remove(&name).map_err(finish)?;
+    store.save(&done).map_err(finish)?;
     Ok(done)
 }
 
