@@ -32,6 +32,8 @@ pub struct Hypervisor {
 
 impl Hypervisor {
     pub fn new(uri: &str) -> Hypervisor {
+        // libvirt prints every error to stderr by default; ours carry its message already.
+        virt::error::clear_error_callback();
         Hypervisor {
             uri: uri.to_string(),
             conn: None,

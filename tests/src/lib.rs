@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub mod ha;
 pub mod libvirt;
 pub mod vm;
 
