@@ -74,7 +74,7 @@ fn last_number(console: &str, word: &str) -> Option<u64> {
         .lines()
         .filter_map(|l| l.trim().strip_prefix(word))
         .filter_map(|n| n.trim().parse().ok())
-        .last()
+        .next_back()
 }
 
 /// Three hosts, the replicated volume, the domain running on hv1 (a guest writing the
