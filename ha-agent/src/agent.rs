@@ -292,6 +292,9 @@ struct LoopState {
     owners: HashMap<String, String>,
     backoff: HashMap<String, (Instant, String)>,
     failovers: HashMap<String, Failover>,
+    /// VMs fenced here whose volumes must still be demoted (retried every tick: while
+    /// isolated the engine may refuse; after the heal it must not find two Primaries).
+    demote_pending: HashMap<String, Option<String>>,
 }
 
 impl Agent {
@@ -407,6 +410,7 @@ impl Agent {
                         Ok(()) => {
                             running_now = false;
                             st.owners.remove(&vm.name);
+                            st.demote_pending.insert(vm.name.clone(), None);
                             self.events
                                 .emit("fenced", json!({"vm": vm.name, "reason": decision.reason}));
                         }
@@ -462,6 +466,9 @@ impl Agent {
             }
             if running_now {
                 running_here_list.push(vm.name.clone());
+                st.demote_pending.remove(&vm.name);
+            } else if st.demote_pending.contains_key(&vm.name) {
+                self.demote_fenced(&vm.name, &disk_views, disks, st);
             }
             let owner_now = st.owners.get(&vm.name).cloned();
             let health = match (&owner_now, running_now) {
@@ -522,6 +529,44 @@ impl Agent {
                 .collect(),
             vms: vm_status,
         };
+    }
+
+    /// Demote the volumes of a VM this agent fenced (Primary here, no writer left).
+    fn demote_fenced(
+        &self,
+        vm: &str,
+        views: &crate::decide::Disks,
+        disks: &mut DiskReader,
+        st: &mut LoopState,
+    ) {
+        let Ok(views) = views else { return };
+        let mut failed = None;
+        for d in views
+            .iter()
+            .filter(|d| d.role == "Primary" && d.open_writers == 0)
+        {
+            if let Err(e) = disks.demote(&d.volume) {
+                failed = Some(e);
+            }
+        }
+        let primary_left = views.iter().any(|d| d.role == "Primary");
+        match failed {
+            None if !primary_left || views.is_empty() => {
+                st.demote_pending.remove(vm);
+                self.events.emit("demoted", json!({"vm": vm}));
+            }
+            None => {}
+            Some(e) => {
+                let last = st.demote_pending.get(vm).cloned().flatten();
+                if last.as_deref() != Some(e.as_str()) {
+                    self.events.emit(
+                        "demote_failed",
+                        json!({"vm": vm, "error": e, "retrying": true}),
+                    );
+                    st.demote_pending.insert(vm.to_string(), Some(e));
+                }
+            }
+        }
     }
 
     /// Fence the dead owner if configured, define the domain if needed, start it.
@@ -645,6 +690,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 owners: HashMap::new(),
                 backoff: HashMap::new(),
                 failovers: HashMap::new(),
+                demote_pending: HashMap::new(),
             };
             loop {
                 let started = Instant::now();

@@ -33,6 +33,8 @@ pub struct DiskView {
     /// The engine's words for the quorum state, e.g. "1 of 3 voters reachable".
     pub quorum_reason: String,
     pub io_suspended: bool,
+    /// Writable frontend handles (NBD clients) open on this node.
+    pub open_writers: u64,
     pub peers: Vec<DiskPeer>,
 }
 
@@ -300,6 +302,7 @@ mod tests {
             quorum,
             quorum_reason: String::new(),
             io_suspended: !quorum,
+            open_writers: 0,
             peers: peers
                 .iter()
                 .map(|(node, connection, role)| DiskPeer {

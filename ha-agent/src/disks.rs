@@ -53,6 +53,29 @@ impl DiskReader {
         volumes.iter().map(|v| self.read_one(v)).collect()
     }
 
+    /// Make the local replica of `volume` Secondary (`volume_demote`).
+    pub fn demote(&mut self, volume: &str) -> Result<(), String> {
+        if self.client.is_none() {
+            self.client = Some(
+                ControlClient::connect(&self.socket, STATUS_TIMEOUT).map_err(|e| e.to_string())?,
+            );
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Err("no tandemd connection".into());
+        };
+        let request = ReplicationRequest::VolumeDemote {
+            name: volume.to_string(),
+        };
+        match client.call(&request) {
+            Ok(_) => Ok(()),
+            Err(ControlError::Api(e)) => Err(format!("{volume}: {e}")),
+            Err(e) => {
+                self.client = None;
+                Err(e.to_string())
+            }
+        }
+    }
+
     fn read_one(&mut self, volume: &str) -> Result<DiskView, String> {
         if self.client.is_none() {
             self.client = Some(
@@ -128,6 +151,7 @@ pub fn parse_status(result: &serde_json::Value, volume: &str) -> Result<DiskView
             .unwrap_or("")
             .to_string(),
         io_suspended: flag(s, "io_suspended").unwrap_or(false),
+        open_writers: s.get("open_writers").and_then(|x| x.as_u64()).unwrap_or(0),
         peers,
     })
 }

@@ -51,6 +51,27 @@ impl Bed {
     }
 }
 
+/// Print the agents' events (those after `since_ms`) as a timeline, for the log.
+fn print_timeline(hosts: &[&LibvirtHost], since_ms: u64) {
+    let mut all: Vec<serde_json::Value> = hosts.iter().flat_map(|h| ha::events(h)).collect();
+    all.retain(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= since_ms));
+    all.sort_by_key(|e| e["ts_ms"].as_u64());
+    for e in all {
+        let t = e["ts_ms"].as_u64().unwrap_or(0).saturating_sub(since_ms);
+        eprintln!(
+            "[ha] +{:>6} ms {} {} {}",
+            t, e["source"], e["event"], e["properties"]
+        );
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -169,6 +190,7 @@ fn no_split_brain(host: &LibvirtHost) {
 fn host_killed_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
     let bed = bed(true);
     let hv2 = bed.host("hv2");
+    let killed_ms = now_ms();
     ha::kill_host(bed.host("hv1"));
     let killed = Instant::now();
     // hv1's QEMU is dead: its console holds the last acknowledged (fsynced) counter.
@@ -182,6 +204,7 @@ fn host_killed_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
         "[ha] host killed -> vm1 running on hv2 after {:.2} s (goal < 10 s)",
         took.as_secs_f64()
     );
+    print_timeline(&[hv2, bed.host("hv3")], killed_ms);
     let status = ha::vm_status(hv2, VM).unwrap();
     let f = &status["last_failover"];
     assert_eq!(f["from"], "hv1", "{status}");
@@ -251,6 +274,7 @@ fn replication_link_cut_only_is_not_a_failover() {
 fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
     let bed = bed(false);
     let (hv1, hv2) = (bed.host("hv1"), bed.host("hv2"));
+    let cut_ms = now_ms();
     ha::set_link(hv1, false);
     let cut = Instant::now();
     let took = ha::wait_running_here(hv2, VM, Duration::from_secs(60))
@@ -270,6 +294,7 @@ fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
         "[ha] isolated vm1 destroyed {:.2} s after the cut",
         cut.elapsed().as_secs_f64()
     );
+    print_timeline(&[hv1, hv2], cut_ms);
     assert!(ha::events(hv1).iter().any(|e| e["event"] == "fenced"));
     // Heal: hv1 comes back as SyncTarget, never split brain, vm1 stays on hv2 only.
     ha::set_link(hv1, true);
