@@ -686,6 +686,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .spawn(move || {
             let mut hv = Hypervisor::new(&loop_agent.cfg.ha.libvirt_uri);
             let mut disks = DiskReader::new(&loop_agent.cfg.cluster);
+            if let Err(e) = hv.warm_up() {
+                tracing::warn!(error = %e, "libvirt not ready yet");
+            }
             let mut st = LoopState {
                 owners: HashMap::new(),
                 backoff: HashMap::new(),

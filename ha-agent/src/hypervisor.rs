@@ -70,6 +70,16 @@ impl Hypervisor {
         result
     }
 
+    /// Ask libvirtd for its capabilities once, so it probes QEMU now (seconds on a fresh
+    /// libvirtd) rather than in the middle of a failover's define/start.
+    pub fn warm_up(&mut self) -> Result<(), LibvirtError> {
+        self.with(|c| {
+            c.capabilities()
+                .map(drop)
+                .map_err(|e| err("reading capabilities", e))
+        })
+    }
+
     /// Names of the active (running or paused) domains.
     pub fn active_domains(&mut self) -> Result<BTreeSet<String>, LibvirtError> {
         self.with(|c| {
