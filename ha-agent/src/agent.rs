@@ -30,6 +30,7 @@ use crate::events::{now_ms, EventLog};
 use crate::hypervisor::Hypervisor;
 use crate::registry::{ManagedVm, Registry};
 use crate::status::{AgentStatus, Failover, PeerLiveness, VmStatus};
+use crate::watchdog::Pet;
 use crate::wire::{dial, Conn, Message};
 
 /// What a peer told us last.
@@ -60,7 +61,8 @@ pub struct Agent {
     cfg: AgentConfig,
     secret: Secret,
     shared: Mutex<Shared>,
-    events: EventLog,
+    events: Arc<EventLog>,
+    pet: Arc<Pet>,
 }
 
 impl Agent {
@@ -342,6 +344,7 @@ impl Agent {
         let mut running_here_list = Vec::new();
         let mut eligible_list = Vec::new();
         let mut vm_status = Vec::new();
+        let mut pet_list = Vec::new();
         for vm in &managed {
             let Some(active) = &active else { break };
             let running_here = active.contains(&vm.name);
@@ -361,7 +364,8 @@ impl Agent {
                     }
                 }
             }
-            let disk_views = volumes_of(&vm.xml, &self.cfg.cluster).and_then(|vols| {
+            let volumes = volumes_of(&vm.xml, &self.cfg.cluster);
+            let disk_views = volumes.clone().and_then(|vols| {
                 if vols.is_empty() {
                     Ok(Vec::new())
                 } else {
@@ -466,6 +470,7 @@ impl Agent {
             }
             if running_now {
                 running_here_list.push(vm.name.clone());
+                pet_list.push((vm.name.clone(), volumes.clone().unwrap_or_default()));
                 st.demote_pending.remove(&vm.name);
             } else if st.demote_pending.contains_key(&vm.name) {
                 self.demote_fenced(&vm.name, &disk_views, disks, st);
@@ -509,6 +514,7 @@ impl Agent {
         if active.is_none() {
             return;
         }
+        self.pet.pet(pet_list);
         let mut s = self.lock();
         s.running = running_here_list;
         s.eligible = eligible_list;
@@ -647,7 +653,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .filter(|n| n.name != here)
         .map(|n| (n.name.clone(), PeerState::default()))
         .collect();
-    let events = EventLog::new(cfg.ha_dir().join("events.jsonl"), &here);
+    let events = Arc::new(EventLog::new(cfg.ha_dir().join("events.jsonl"), &here));
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen} (agent port on the management address)"))?;
@@ -671,9 +677,19 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 vms: Vec::new(),
             },
         }),
-        events,
+        events: events.clone(),
+        pet: Arc::new(Pet::default()),
         cfg,
     });
+    if agent.cfg.ha.soft_watchdog_ms > 0 {
+        crate::watchdog::spawn(
+            agent.pet.clone(),
+            Duration::from_millis(agent.cfg.ha.soft_watchdog_ms),
+            DiskReader::new(&agent.cfg.cluster),
+            events,
+        )
+        .context("starting the soft watchdog")?;
+    }
     tokio::spawn(agent.clone().serve(listener));
     for node in agent.cfg.cluster.nodes.iter().filter(|n| n.name != here) {
         if let Some(addr) = agent.cfg.agent_addr(&node.name) {

@@ -12,6 +12,7 @@
 //! libvirt_uri = "qemu:///system"
 //! fence_command = "ipmitool -H {node}-ipmi chassis power off"  # optional, run before a takeover
 //! fence_timeout_ms = 20000
+//! soft_watchdog_ms = 10000    # 0 = off; see crate::watchdog
 //! ```
 
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ pub struct HaSettings {
     pub libvirt_uri: String,
     pub fence_command: Option<String>,
     pub fence_timeout_ms: u64,
+    pub soft_watchdog_ms: u64,
 }
 
 impl Default for HaSettings {
@@ -51,6 +53,7 @@ impl Default for HaSettings {
             libvirt_uri: "qemu:///system".into(),
             fence_command: None,
             fence_timeout_ms: 20_000,
+            soft_watchdog_ms: 10_000,
         }
     }
 }

@@ -7,7 +7,8 @@
 //! the management network), [`decide`] (the pure failover decision), [`disks`] (a VM's
 //! volumes and their status from tandemd), [`hypervisor`] (libvirt through the `virt`
 //! crate), [`agent`] (the loop tying them together), [`events`] (the JSON-lines events
-//! log), [`status`] (what `tandem-ha status` shows), [`persist`] (atomic small files).
+//! log), [`status`] (what `tandem-ha status` shows), [`watchdog`] (kills frozen VMs if the
+//! agent hangs), [`persist`] (atomic small files).
 
 pub mod agent;
 pub mod config;
@@ -18,4 +19,5 @@ pub mod hypervisor;
 pub mod persist;
 pub mod registry;
 pub mod status;
+pub mod watchdog;
 pub mod wire;
