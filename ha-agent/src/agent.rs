@@ -410,6 +410,13 @@ impl Agent {
                         "decision",
                         json!({"vm": vm.name, "action": "fence", "reason": decision.reason}),
                     );
+                    // SIGKILL QEMU first: virDomainDestroy sends SIGTERM and waits up to
+                    // 10 s for a QEMU stuck on frozen I/O before it kills.
+                    let pid_dir = std::path::Path::new(crate::watchdog::QEMU_PID_DIR);
+                    if let Some(pid) = crate::watchdog::qemu_pid(pid_dir, &vm.name) {
+                        // SAFETY: kill(2) on the pid libvirt recorded for this domain's QEMU.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
                     match hv.destroy(&vm.name) {
                         Ok(()) => {
                             running_now = false;
