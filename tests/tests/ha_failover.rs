@@ -272,7 +272,9 @@ fn replication_link_cut_only_is_not_a_failover() {
 #[test]
 #[ignore = "needs the replication engine (issue 3) in main"]
 fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
-    let bed = bed(false);
+    // A writing guest: the takeover side writes while hv1 is cut off, so hv1 must come
+    // back as SyncTarget.
+    let bed = bed(true);
     let (hv1, hv2) = (bed.host("hv1"), bed.host("hv2"));
     let cut_ms = now_ms();
     ha::set_link(hv1, false);
@@ -297,6 +299,19 @@ fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
     print_timeline(&[hv1, hv2], cut_ms);
     assert!(ha::events(hv1).iter().any(|e| e["event"] == "fenced"));
     // Heal: hv1 comes back as SyncTarget, never split brain, vm1 stays on hv2 only.
+    // The guest resumes on hv2 and writes there before the heal.
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            let console = std::fs::read_to_string(&bed.console).unwrap_or_default();
+            console.contains("resume ")
+                && console
+                    .split("resume ")
+                    .last()
+                    .is_some_and(|after| after.matches("acked ").count() > 5)
+        }),
+        "the guest does not write on hv2\n{}",
+        bed.diagnostics()
+    );
     ha::set_link(hv1, true);
     let mut saw_sync_target = false;
     let synced = wait_until(Duration::from_secs(60), || {
@@ -318,7 +333,22 @@ fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
     for h in &bed.cluster.hosts {
         no_split_brain(h);
     }
-    eprintln!("[ha] hv1 rejoined (SyncTarget seen: {saw_sync_target})");
+    let rejoined = volume_status(hv1);
+    let decisions: Vec<&str> = rejoined["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["decision"].as_str())
+        .collect();
+    eprintln!(
+        "[ha] hv1 rejoined (SyncTarget seen while polling: {saw_sync_target}): {decisions:?}"
+    );
+    assert!(
+        decisions
+            .iter()
+            .any(|d| d.contains("resync from") && d.ends_with(")") && d.contains(" to hv1 ")),
+        "hv1 did not rejoin as SyncTarget: {rejoined}"
+    );
     assert_eq!(volume_status(hv1)["role"], "Secondary");
     assert_eq!(hv2.domstate(VM), "running");
     assert_ne!(hv1.domstate(VM), "running");
