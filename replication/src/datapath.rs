@@ -48,11 +48,19 @@
 //! - **Overlapping requests.** A request waits until no request in flight overlaps its
 //!   range (DRBD's conflicting-write wait), so overlapping writes reach every replica in
 //!   the same order and concurrent writes to one block cannot leave replicas different.
+//! - **Resync and verify in order.** A resync source that is the Primary claims the
+//!   range of each resync chunk like a request ([`Primary::lock_range`]) and holds it from
+//!   the local read until the target has answered, so no overlapping application write is
+//!   in flight meanwhile; the Secondary applies resync data and verify digests (Extension
+//!   types of `crate::resync::proto`) as ordered items of its pipeline, in link order with
+//!   the writes and respecting epochs, instead of handing them to the extension channel
+//!   (see `crate::resync` for the argument).
 //! - **Validation.** The Secondary checks every request against its device size and its
 //!   expected epoch before anything touches the disk; a violation is answered with an
 //!   Error frame and the connection is dropped.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -61,6 +69,8 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use crate::device::{BackingDevice, DeviceError};
 use crate::link::{LinkDown, LinkReceiver, LinkSender, PeerLink};
+use crate::resync::proto::{self as rsproto, ResyncMsg};
+use crate::resync::{ResyncSummary, ResyncTargetHooks};
 use crate::wire::{
     error_code, Message, RangeRequest, ReplicationProtocol, WriteOutcome, WriteRequest,
     MAX_DATA_LEN,
@@ -296,6 +306,29 @@ struct Inner {
     ranges: Mutex<BTreeMap<u64, u64>>,
     /// Signalled whenever a range leaves `ranges`.
     range_released: Notify,
+    /// Bytes of application requests submitted so far (resync rate control reads it).
+    app_bytes: AtomicU64,
+    /// Ranges [start, end) that [`Primary::lock_range`] callers wait for; new application
+    /// requests overlapping them wait too (fairness). Locked after `ranges`, never before.
+    reserved: Mutex<Vec<(u64, u64)>>,
+}
+
+/// Removes a reservation when `lock_range` finishes or is cancelled.
+struct Reservation<'a> {
+    inner: &'a Inner,
+    range: (u64, u64),
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        {
+            let mut reserved = lock(&self.inner.reserved);
+            if let Some(i) = reserved.iter().position(|r| *r == self.range) {
+                reserved.swap_remove(i);
+            }
+        }
+        self.inner.range_released.notify_waiters();
+    }
 }
 
 /// Holds a request's range in [`Inner::ranges`] until dropped.
@@ -306,17 +339,45 @@ struct RangeGuard<'a> {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        lock(&self.inner.ranges).remove(&self.start);
-        self.inner.range_released.notify_waiters();
+        self.inner.release_range(self.start);
+    }
+}
+
+/// A range of the volume claimed with [`Primary::lock_range`]: no application request
+/// overlapping it starts (locally or towards a peer) until this is dropped.
+pub struct RangeLock {
+    inner: Arc<Inner>,
+    start: Option<u64>,
+}
+
+impl Drop for RangeLock {
+    fn drop(&mut self) {
+        if let Some(start) = self.start {
+            self.inner.release_range(start);
+        }
     }
 }
 
 impl Inner {
+    fn release_range(&self, start: u64) {
+        lock(&self.ranges).remove(&start);
+        self.range_released.notify_waiters();
+    }
+
     /// Wait until no request in flight overlaps `[offset, offset + len)`, then claim it.
     /// Overlapping requests are thus applied one after the other, in the same order on the
     /// local disk and on every peer (DRBD waits for conflicting local writes the same way),
     /// so concurrent overlapping writes cannot leave the replicas different.
-    async fn claim_range(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
+    ///
+    /// `yield_to_reserved`: application requests also wait for ranges reserved by a
+    /// [`Primary::lock_range`] caller that is still waiting, so a stream of overlapping
+    /// writes cannot starve a resync chunk.
+    async fn claim_range(
+        &self,
+        offset: u64,
+        len: u64,
+        yield_to_reserved: bool,
+    ) -> Option<RangeGuard<'_>> {
         if len == 0 {
             return None;
         }
@@ -331,7 +392,11 @@ impl Inner {
                 let overlaps = ranges
                     .range(..end)
                     .next_back()
-                    .is_some_and(|(_, &e)| e > offset);
+                    .is_some_and(|(_, &e)| e > offset)
+                    || (yield_to_reserved
+                        && lock(&self.reserved)
+                            .iter()
+                            .any(|&(s, e)| s < end && e > offset));
                 if !overlaps {
                     ranges.insert(offset, end);
                     return Some(RangeGuard {
@@ -374,6 +439,8 @@ impl Primary {
                 extensions: Mutex::new(None),
                 ranges: Mutex::new(BTreeMap::new()),
                 range_released: Notify::new(),
+                app_bytes: AtomicU64::new(0),
+                reserved: Mutex::new(Vec::new()),
                 state: Mutex::new(State {
                     next_seq: 1,
                     epoch: 1,
@@ -389,6 +456,49 @@ impl Primary {
     /// The replication protocol in force.
     pub fn protocol(&self) -> ReplicationProtocol {
         self.inner.cfg.protocol
+    }
+
+    /// The local device (resync and verify read it under [`Primary::lock_range`]).
+    pub fn device(&self) -> Arc<dyn BackingDevice> {
+        self.inner.device.clone()
+    }
+
+    /// Bytes of application requests (writes, trims, zeroes) submitted so far.
+    pub fn application_bytes(&self) -> u64 {
+        self.inner.app_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Claim `[offset, offset + len)` the way a request does: wait until no request in
+    /// flight overlaps it, then hold it until the returned lock is dropped. Requests
+    /// overlapping the range wait meanwhile, and new ones already wait while this call
+    /// waits for the range (a resync is not starved by overlapping writes). Resync and verify read the local disk and
+    /// exchange the range with a peer under this lock, so the exchange cannot interleave
+    /// with an overlapping application write (see `crate::resync`).
+    pub async fn lock_range(&self, offset: u64, len: u64) -> Result<RangeLock, DatapathError> {
+        let size = self.inner.device.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(DatapathError::OutOfRange { offset, len, size });
+        }
+        let reservation = Reservation {
+            inner: &self.inner,
+            range: (offset, offset + len),
+        };
+        if len > 0 {
+            lock(&self.inner.reserved).push(reservation.range);
+        }
+        let claimed = self.inner.claim_range(offset, len, false).await;
+        drop(reservation);
+        let start = match claimed {
+            Some(guard) => {
+                std::mem::forget(guard);
+                Some(offset)
+            }
+            None => None,
+        };
+        Ok(RangeLock {
+            inner: self.inner.clone(),
+            start,
+        })
     }
 
     /// Start replicating to the peer at the other end of `link`. Requests submitted from
@@ -539,6 +649,7 @@ impl Primary {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(DatapathError::OutOfRange { offset, len, size });
         }
+        inner.app_bytes.fetch_add(len, Ordering::Relaxed);
         let cost = op.cost().min(inner.cfg.max_inflight_bytes);
         // The semaphore is never closed; the error arm exists only to avoid unwrap.
         let _inflight = inner
@@ -547,7 +658,7 @@ impl Primary {
             .await
             .ok();
 
-        let _range = inner.claim_range(offset, len).await;
+        let _range = inner.claim_range(offset, len, true).await;
 
         // The local disk starts now, in parallel with the peers.
         let device = inner.device.clone();
@@ -830,6 +941,10 @@ pub struct SecondaryConfig {
     /// Where Extension messages (state, UUID, bitmap, resync, verify) arriving on the data
     /// path go; `None` drops them. Answers go out through a clone of the link's sender.
     pub extensions: Option<mpsc::UnboundedSender<Message>>,
+    /// The engine's side of a resync that targets this replica: told about every resync
+    /// write and about the end of the resync (see [`crate::resync::ResyncTarget`]). With
+    /// `None`, resync data is still applied and acknowledged.
+    pub resync_target: Option<ResyncTargetHooks>,
 }
 
 impl Default for SecondaryConfig {
@@ -837,6 +952,7 @@ impl Default for SecondaryConfig {
         SecondaryConfig {
             max_held_bytes: default_max_held_bytes(),
             extensions: None,
+            resync_target: None,
         }
     }
 }
@@ -847,9 +963,40 @@ pub fn default_max_held_bytes() -> usize {
 }
 
 enum Item {
-    Request { seq: u64, offset: u64, op: Op },
-    Flush { id: u64 },
-    Barrier { epoch: u64 },
+    Request {
+        seq: u64,
+        offset: u64,
+        op: Op,
+    },
+    Flush {
+        id: u64,
+    },
+    Barrier {
+        epoch: u64,
+    },
+    /// Resync data, written in order with the requests (`crate::resync`).
+    ResyncData {
+        id: u64,
+        offset: u64,
+        data: Bytes,
+    },
+    /// A resync range that is zeroes on the source.
+    ResyncZeroes {
+        id: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// Verify/checksum digests, compared in order with the requests.
+    ResyncDigest {
+        id: u64,
+        offset: u64,
+        len: u32,
+        digests: Bytes,
+    },
+    /// End of a resync: flush, tell the engine, answer.
+    ResyncDone {
+        summary: ResyncSummary,
+    },
 }
 
 struct Done {
@@ -884,6 +1031,7 @@ pub async fn run_secondary(
         recv_epoch: None,
         done_tx: mpsc::unbounded_channel().0,
         extensions: cfg.extensions.clone(),
+        resync_target: cfg.resync_target.clone(),
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     sec.done_tx = done_tx;
@@ -946,6 +1094,7 @@ struct SecondaryState {
     recv_epoch: Option<u64>,
     done_tx: mpsc::UnboundedSender<Done>,
     extensions: Option<mpsc::UnboundedSender<Message>>,
+    resync_target: Option<ResyncTargetHooks>,
 }
 
 impl SecondaryState {
@@ -984,6 +1133,58 @@ impl SecondaryState {
             },
             FRAME_OVERHEAD,
         ))
+    }
+
+    /// Resync data, digests and the resync end become ordered items; any other Extension
+    /// (including resync replies, when this node is a source on the link) goes to the sink.
+    fn resync_item(&self, msg: &Message) -> Result<Option<(Item, usize)>, DatapathError> {
+        let Some(decoded) = ResyncMsg::from_message(msg) else {
+            return Ok(None);
+        };
+        let decoded = decoded.map_err(|e| DatapathError::PeerProtocol(e.to_string()))?;
+        Ok(Some(match decoded {
+            ResyncMsg::Data { id, offset, data } => {
+                self.check_range(offset, data.len() as u64)?;
+                let held = data.len() + FRAME_OVERHEAD;
+                (Item::ResyncData { id, offset, data }, held)
+            }
+            ResyncMsg::Zeroes { id, offset, len } => {
+                self.check_range(offset, len)?;
+                (Item::ResyncZeroes { id, offset, len }, FRAME_OVERHEAD)
+            }
+            ResyncMsg::Digest {
+                id,
+                offset,
+                len,
+                digests,
+            } => {
+                self.check_range(offset, u64::from(len))?;
+                // The local read of the range is held too.
+                let held = digests.len() + len as usize + FRAME_OVERHEAD;
+                (
+                    Item::ResyncDigest {
+                        id,
+                        offset,
+                        len,
+                        digests,
+                    },
+                    held,
+                )
+            }
+            ResyncMsg::Done {
+                sent_bytes,
+                skipped_bytes,
+            } => (
+                Item::ResyncDone {
+                    summary: ResyncSummary {
+                        sent_bytes,
+                        skipped_bytes,
+                    },
+                },
+                FRAME_OVERHEAD,
+            ),
+            _ => return Ok(None),
+        }))
     }
 
     fn handle(&mut self, msg: Message) -> Result<(), DatapathError> {
@@ -1029,18 +1230,21 @@ impl SecondaryState {
                 (Item::Barrier { epoch }, 0)
             }
             Message::Flush { id } => (Item::Flush { id }, 0),
-            msg @ Message::Extension { .. } => {
-                match &self.extensions {
-                    Some(tx) => {
-                        let _ = tx.send(msg);
+            msg @ Message::Extension { .. } => match self.resync_item(&msg)? {
+                Some(ordered) => ordered,
+                None => {
+                    match &self.extensions {
+                        Some(tx) => {
+                            let _ = tx.send(msg);
+                        }
+                        None => tracing::debug!(
+                            msg_type = msg.msg_type(),
+                            "no extension handler; ignoring message"
+                        ),
                     }
-                    None => tracing::debug!(
-                        msg_type = msg.msg_type(),
-                        "no extension handler; ignoring message"
-                    ),
+                    return Ok(());
                 }
-                return Ok(());
-            }
+            },
             other => {
                 return Err(DatapathError::PeerProtocol(format!(
                     "unexpected message type {:#06x} from a primary",
@@ -1074,8 +1278,31 @@ impl SecondaryState {
             self.inflight += 1;
             let device = self.device.clone();
             let done_tx = self.done_tx.clone();
+            let hooks = self.resync_target.clone();
             tokio::task::spawn_blocking(move || {
                 let ack = match item {
+                    Item::ResyncData { id, offset, data } => {
+                        let len = data.len() as u64;
+                        // Durable before the ack: the source clears its bits on the ack,
+                        // so the data must survive a crash of this replica.
+                        let result = device.write_at_durable(&data, offset);
+                        resync_written(result, hooks.as_ref(), id, offset, len)
+                    }
+                    Item::ResyncZeroes { id, offset, len } => {
+                        let result = device
+                            .write_zeroes(offset, len, true)
+                            .and_then(|()| device.flush());
+                        resync_written(result, hooks.as_ref(), id, offset, len)
+                    }
+                    Item::ResyncDigest {
+                        id,
+                        offset,
+                        len,
+                        digests,
+                    } => compare_digests(&*device, id, offset, len, &digests),
+                    Item::ResyncDone { summary } => {
+                        finish_resync_target(&*device, hooks.as_ref(), &summary)
+                    }
                     Item::Request { seq, offset, op } => {
                         let outcome = match op.apply(&*device, offset) {
                             Ok(()) => WriteOutcome::Written,
@@ -1107,4 +1334,80 @@ impl SecondaryState {
             });
         }
     }
+}
+
+/// A resync write on the target finished: tell the engine (before the acknowledgement).
+fn resync_written(
+    result: Result<(), DeviceError>,
+    hooks: Option<&ResyncTargetHooks>,
+    id: u64,
+    offset: u64,
+    len: u64,
+) -> Message {
+    let written = match result {
+        Ok(()) => {
+            if let Some(h) = hooks {
+                h.0.written(offset, len);
+            }
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, offset, len, "resync write failed on this replica");
+            false
+        }
+    };
+    ResyncMsg::DataAck { id, written }.to_message()
+}
+
+/// Hash the local range block by block and answer which blocks differ from the source.
+fn compare_digests(
+    device: &dyn BackingDevice,
+    id: u64,
+    offset: u64,
+    len: u32,
+    digests: &[u8],
+) -> Message {
+    let mut buf = vec![0u8; len as usize];
+    let reply = match device.read_at(&mut buf, offset) {
+        Ok(()) => ResyncMsg::DigestReply {
+            id,
+            ok: true,
+            mask: Bytes::from(rsproto::differing_mask(&buf, digests)),
+        },
+        Err(e) => {
+            tracing::error!(error = %e, offset, len, "read for a resync/verify compare failed");
+            ResyncMsg::DigestReply {
+                id,
+                ok: false,
+                mask: Bytes::new(),
+            }
+        }
+    };
+    reply.to_message()
+}
+
+/// The source sent everything: make it durable, let the engine record the end, answer.
+fn finish_resync_target(
+    device: &dyn BackingDevice,
+    hooks: Option<&ResyncTargetHooks>,
+    summary: &ResyncSummary,
+) -> Message {
+    let result = device
+        .flush()
+        .map_err(|e| format!("flushing the resynced data failed: {e}"))
+        .and_then(|()| match hooks {
+            Some(h) => h.0.finished(summary),
+            None => Ok(()),
+        });
+    let reply = match result {
+        Ok(()) => ResyncMsg::DoneAck {
+            ok: true,
+            message: String::new(),
+        },
+        Err(message) => {
+            tracing::error!(%message, "could not finish the resync on this replica");
+            ResyncMsg::DoneAck { ok: false, message }
+        }
+    };
+    reply.to_message()
 }

@@ -20,6 +20,14 @@
 //! quorum, role    evaluate(...) -> QuorumVerdict; may_promote(...) -> Result<(), PromoteRefusal>
 //! ```
 //!
+//! Around them: `resync` (run_resync_source: bitmap-driven and checksum resync; the target
+//! side is ordered inside `datapath::run_secondary`) and `verify` (run_verify: online
+//! verify); their module docs list what the engine does before and after.
+//!
+//! The engine that drives all of this per volume is [`replica`] (`ReplicationNode`,
+//! `Replica`: links, handshake, roles, quorum, I/O, status); the walkthrough below is what it
+//! does around one write.
+//!
 //! A write on a replica (Primary, or a Secondary applying a peer write):
 //!
 //! ```
@@ -87,6 +95,9 @@ pub mod generation;
 pub mod link;
 pub mod metadata;
 pub mod quorum;
+pub mod replica;
+pub mod resync;
 pub mod role;
 pub mod sync_decision;
+pub mod verify;
 pub mod wire;

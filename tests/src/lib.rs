@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 pub mod ha;
 pub mod libvirt;
+pub mod loopback_cluster;
 pub mod vm;
 
 /// Directory holding the workspace's built binaries (`target/<profile>`), found from the
@@ -128,6 +129,23 @@ path = "{root}/images"
         );
         std::fs::write(root.join("tandem.toml"), config).expect("write config");
         TandemNode { dir, child: None }
+    }
+
+    /// A node whose config is `config(root)` (not starting the daemon); multi-node
+    /// fixtures use it. The same directory layout as [`TandemNode::new`].
+    pub fn with_config(config: impl FnOnce(&std::path::Path) -> String) -> TandemNode {
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-test")
+            .tempdir()
+            .expect("create temp dir");
+        let text = config(dir.path());
+        std::fs::write(dir.path().join("tandem.toml"), text).expect("write config");
+        TandemNode { dir, child: None }
+    }
+
+    /// Whether the daemon is running (started and not stopped or crashed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Write the config and start the daemon.

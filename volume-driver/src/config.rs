@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use replication::auth::{load_secret, Secret, SecretError};
+
 use crate::names::validate_volume_name;
+use crate::options::{OptionsChange, VolumeOptions};
 
 /// Where the configuration lives unless overridden.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tandem/tandem.toml";
@@ -80,6 +83,20 @@ pub struct RawConfig {
     pub pools: Vec<RawPool>,
     #[serde(default)]
     pub nbd: NbdConfig,
+    #[serde(default)]
+    pub replication: RawReplication,
+}
+
+/// The optional `[replication]` table: defaults for new volumes, spelled as DRBD spells
+/// them (`protocol = "C"`, `resync_rate = "100M"` per second, `on_no_quorum = "suspend-io"`,
+/// `after_split_brain = "disconnect"`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplication {
+    pub protocol: Option<String>,
+    pub resync_rate: Option<String>,
+    pub on_no_quorum: Option<String>,
+    pub after_split_brain: Option<String>,
 }
 
 /// One `[[nodes]]` entry: a host of the cluster (or a diskless tiebreaker).
@@ -161,6 +178,18 @@ pub struct Config {
     /// Never empty; the first pool is the default for new volumes.
     pub pools: Vec<PoolSpec>,
     pub nbd: NbdConfig,
+    /// Options given to new volumes (`[replication]`).
+    pub replication: VolumeOptions,
+}
+
+/// Why the peer secret could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: secret_file: the cluster has {nodes} nodes, so peers authenticate with a shared secret")]
+pub struct SecretFileError {
+    pub path: PathBuf,
+    pub nodes: usize,
+    #[source]
+    pub source: SecretError,
 }
 
 impl Config {
@@ -172,6 +201,37 @@ impl Config {
     /// The NBD frontend's socket, `<run_dir>/nbd.sock`.
     pub fn nbd_socket(&self) -> PathBuf {
         self.run_dir.join("nbd.sock")
+    }
+
+    /// This node's `[[nodes]]` entry (validation guarantees it exists).
+    pub fn this_node(&self) -> Option<&NodeConfig> {
+        self.node_named(&self.node)
+    }
+
+    /// The `[[nodes]]` entry of `name`.
+    pub fn node_named(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// True when other nodes are configured: the daemon then serves the peer control API
+    /// and runs the replication listener, and needs the shared secret.
+    pub fn is_cluster(&self) -> bool {
+        self.nodes.len() > 1
+    }
+
+    /// Load the shared secret named by `secret_file` (a regular file, mode 0600 or
+    /// stricter). `Ok(None)` for a one-node cluster, which needs none.
+    pub fn load_secret(&self) -> Result<Option<Secret>, SecretFileError> {
+        if !self.is_cluster() {
+            return Ok(None);
+        }
+        load_secret(&self.secret_file)
+            .map(Some)
+            .map_err(|source| SecretFileError {
+                path: self.path.clone(),
+                nodes: self.nodes.len(),
+                source,
+            })
     }
 
     /// Read and validate the file at `path`.
@@ -286,7 +346,21 @@ impl RawConfig {
                     .map_err(|(key, message)| invalid(format!("pools[{i}].{key}"), message))?,
             );
         }
+        let replication = OptionsChange {
+            protocol: self.replication.protocol,
+            on_no_quorum: self.replication.on_no_quorum,
+            after_split_brain: self.replication.after_split_brain,
+            resync_rate: self.replication.resync_rate,
+        }
+        .apply(VolumeOptions::default())
+        .map_err(|message| {
+            // "--resync-rate: ..." → key "replication.resync_rate".
+            let (flag, rest) = message.split_once(": ").unwrap_or(("", &message));
+            let key = flag.trim_start_matches("--").replace('-', "_");
+            invalid(format!("replication.{key}"), rest.to_string())
+        })?;
         Ok(Config {
+            replication,
             path: path.to_path_buf(),
             node: self.node,
             state_dir: self.state_dir,
@@ -386,6 +460,7 @@ impl RawPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::error_chain;
 
     const PATH: &str = "/etc/tandem/tandem.toml";
 
@@ -562,6 +637,54 @@ tcp_listen = "127.0.0.1:10809"
         assert_eq!(config.nodes.len(), 3);
         assert_eq!(config.pools.len(), 2);
         assert!(config.nbd.tcp_listen.is_some());
+    }
+
+    #[test]
+    fn replication_defaults_and_bad_values_name_the_key() {
+        let pool = "[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n";
+        let config = parse(&format!("{NODES}{pool}")).unwrap();
+        assert_eq!(config.replication, VolumeOptions::default());
+        let config = parse(&format!(
+            "{NODES}{pool}[replication]\nprotocol = \"A\"\nresync_rate = \"20M\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.replication.protocol, replication::role::Protocol::A);
+        assert_eq!(config.replication.resync_rate_bytes, 20 << 20);
+        let e = error(&format!(
+            "{NODES}{pool}[replication]\nafter_split_brain = \"coin-toss\"\n"
+        ));
+        assert!(
+            e.starts_with("/etc/tandem/tandem.toml: replication.after_split_brain: unknown"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_cluster_needs_a_private_secret_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        let text = format!(
+            "secret_file = \"{}\"\n{NODES}[[nodes]]\nname = \"hv2\"\ncontrol = \"127.0.0.1:7701\"\n\
+             replication = \"127.0.0.1:7789\"\n[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n",
+            secret.display()
+        );
+        let config = parse(&text).unwrap();
+        let e = error_chain(&config.load_secret().unwrap_err());
+        assert!(e.contains("secret_file: the cluster has 2 nodes"), "{e}");
+        assert!(e.contains("cannot read the peer secret file"), "{e}");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = error_chain(&config.load_secret().unwrap_err());
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(config.load_secret().unwrap().is_some());
+        // One node: no secret needed.
+        let single = parse(&format!(
+            "{NODES}[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n"
+        ))
+        .unwrap();
+        assert!(single.load_secret().unwrap().is_none());
     }
 
     #[test]

@@ -5,12 +5,18 @@
 //! frontends that serve volumes to QEMU. `tandem` is a thin client of the control API.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
+pub mod engine;
+pub mod engine_adapter;
 pub mod frontend;
 pub mod local_export;
 pub mod names;
 pub mod nbd;
+pub mod options;
+pub mod peer;
 pub mod pool;
+pub mod replicated_export;
 pub mod report;
 pub mod server;
 pub mod service;

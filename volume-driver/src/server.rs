@@ -137,8 +137,18 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
             name,
             size_bytes,
             pool,
+            replicas,
+            protocol,
+            nodes,
         } => service
-            .create(&name, size_bytes, pool.as_deref())
+            .create(
+                &name,
+                size_bytes,
+                pool.as_deref(),
+                replicas,
+                protocol.as_deref(),
+                nodes.as_deref(),
+            )
             .await
             .map(|volume| Reply::Volume { volume }),
         Request::VolumeList => Ok(Reply::Volumes {
@@ -149,16 +159,48 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
             .resize(&name, size_bytes)
             .await
             .map(|volume| Reply::Volume { volume }),
-        Request::VolumeDelete { name } => service
-            .delete(&name)
+        Request::VolumeDelete { name, force } => service
+            .delete(&name, force)
             .await
-            .map(|()| Reply::Deleted { name }),
+            .map(|left_on| Reply::Deleted { name, left_on }),
+        Request::VolumeStatus { name } => {
+            service.status(&name).map(|status| Reply::Status { status })
+        }
+        Request::VolumeStatusAll => Ok(Reply::Statuses {
+            statuses: service.status_all(),
+        }),
+        Request::VolumePromote { name } => service
+            .promote(&name)
+            .await
+            .map(|status| Reply::Status { status }),
+        Request::VolumeDemote { name } => service
+            .demote(&name)
+            .await
+            .map(|status| Reply::Status { status }),
+        Request::VolumeAllowTwoPrimaries { name, allow } => service
+            .allow_two_primaries(&name, allow)
+            .map(|status| Reply::Status { status }),
+        Request::VolumeResolve {
+            name,
+            discard_local,
+        } => service
+            .resolve(&name, discard_local)
+            .await
+            .map(|status| Reply::Status { status }),
+        Request::VolumeVerify { name } => service
+            .verify(&name)
+            .await
+            .map(|report| Reply::Verified { name, report }),
+        Request::VolumeSet { name, change } => service
+            .set_options(&name, &change)
+            .await
+            .map(|volume| Reply::Volume { volume }),
     };
     match result {
         Ok(result) => Response::Ok { result },
         Err(error) => {
             match error.kind {
-                ErrorKind::Backend | ErrorKind::Storage | ErrorKind::Internal => {
+                ErrorKind::Backend | ErrorKind::Storage | ErrorKind::Internal | ErrorKind::Peer => {
                     tracing::error!(request = what, error = %error.message, "request failed")
                 }
                 _ => tracing::warn!(request = what, error = %error.message, "request refused"),
@@ -177,5 +219,13 @@ fn request_name(request: &Request) -> &'static str {
         Request::VolumeShow { .. } => "volume_show",
         Request::VolumeResize { .. } => "volume_resize",
         Request::VolumeDelete { .. } => "volume_delete",
+        Request::VolumeStatus { .. } => "volume_status",
+        Request::VolumeStatusAll => "volume_status_all",
+        Request::VolumePromote { .. } => "volume_promote",
+        Request::VolumeDemote { .. } => "volume_demote",
+        Request::VolumeAllowTwoPrimaries { .. } => "volume_allow_two_primaries",
+        Request::VolumeResolve { .. } => "volume_resolve",
+        Request::VolumeVerify { .. } => "volume_verify",
+        Request::VolumeSet { .. } => "volume_set",
     }
 }

@@ -10,23 +10,36 @@
 //! are serialized by a per-pool async mutex, so the free-space check and the allocation
 //! cannot interleave with another create or resize in that pool.
 //!
+//! Replicated volumes (more than one data node in the definition) additionally hold the
+//! engine's replica in their slot ([`ReplicaRuntime`]), opened at startup and on create,
+//! closed on delete and shutdown; frontends reach them through the role rules of
+//! [`crate::replicated_export`]. The cluster-wide operations (coordinated create, delete,
+//! resize, options) live in [`crate::cluster`]; the per-node halves they call over the peer
+//! API are here and there.
+//!
 //! Crash ordering of create/resize/delete is described in [`crate::store`]. Everything a
 //! request could refuse (name, size, pool, free space, duplicate) is checked before any
 //! storage or definition is touched.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use replication::auth::Secret;
 use replication::device::{BackingDevice, FileDevice};
 
-use crate::api::{ApiError, ErrorKind, NodeInfo, PoolInfo, VolumeInfo, VolumeState};
+use crate::api::{
+    ApiError, ErrorKind, NodeInfo, PoolInfo, ReplicaStatus, VerifySummary, VolumeInfo, VolumeState,
+    VolumeStatus,
+};
 use crate::config::Config;
+use crate::engine::{Engine, NoEngine, PeerPlan, ReplicaPlan};
 use crate::frontend::{ExportHandle, ExportInfo, Exports, OpenError};
 use crate::local_export::LocalExport;
 use crate::names::validate_volume_name;
 use crate::pool::{self, Pool, PoolError};
+use crate::replicated_export::{engine_error, ReplicaRuntime};
 use crate::report::error_chain;
 use crate::store::{Store, StoreError, VolumeDefinition, DEFINITION_VERSION};
 use crate::units::{format_size, round_up_to_block};
@@ -40,43 +53,75 @@ pub enum StartError {
     Store(#[from] StoreError),
 }
 
-struct PoolHandle {
+pub(crate) struct PoolHandle {
     backend: Arc<dyn Pool>,
     /// Serializes free-space check + allocation within this pool.
     alloc: tokio::sync::Mutex<()>,
 }
 
+impl PoolHandle {
+    pub(crate) fn name(&self) -> &str {
+        self.backend.name()
+    }
+}
+
 /// One registry entry.
-struct Slot {
+pub(crate) struct Slot {
     /// `None` while the volume is being created.
-    definition: Option<VolumeDefinition>,
-    state: VolumeState,
+    pub(crate) definition: Option<VolumeDefinition>,
+    pub(crate) state: VolumeState,
     /// The operation in progress, if any.
-    busy: Option<&'static str>,
-    /// The device, once a frontend opened the volume; kept so resize can `set_size` it.
-    device: Option<Arc<FileDevice>>,
+    pub(crate) busy: Option<&'static str>,
+    /// The device, once a frontend (or the engine) opened the volume; kept so resize can
+    /// `set_size` it.
+    pub(crate) device: Option<Arc<FileDevice>>,
+    /// A create coordinated by another node holds this (placeholder) slot.
+    pub(crate) reservation: Option<Reservation>,
+    /// The engine's replica of a replicated volume, with the frontend bookkeeping.
+    pub(crate) runtime: Option<Arc<ReplicaRuntime>>,
+}
+
+/// The token of a coordinated create and when it was taken.
+pub(crate) struct Reservation {
+    pub(crate) token: String,
+    pub(crate) since: Instant,
+}
+
+impl Slot {
+    pub(crate) fn ready(definition: VolumeDefinition, state: VolumeState) -> Slot {
+        Slot {
+            definition: Some(definition),
+            state,
+            busy: None,
+            device: None,
+            reservation: None,
+            runtime: None,
+        }
+    }
 }
 
 /// The registry and its operations.
 pub struct VolumeService {
-    config: Config,
+    pub(crate) config: Config,
     pools: Vec<PoolHandle>,
-    store: Store,
+    pub(crate) store: Store,
     volumes: Mutex<BTreeMap<String, Slot>>,
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) secret: Option<Secret>,
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::InvalidArgument, message)
 }
 
-fn not_found(name: &str) -> ApiError {
+pub(crate) fn not_found(name: &str) -> ApiError {
     ApiError::new(
         ErrorKind::NotFound,
         format!("volume '{name}' does not exist"),
     )
 }
 
-fn pool_error(error: PoolError) -> ApiError {
+pub(crate) fn pool_error(error: PoolError) -> ApiError {
     let kind = match &error {
         PoolError::Full { .. } => ErrorKind::NoSpace,
         PoolError::BadName { .. } => ErrorKind::InvalidArgument,
@@ -86,11 +131,11 @@ fn pool_error(error: PoolError) -> ApiError {
     ApiError::new(kind, error_chain(&error))
 }
 
-fn store_error(error: StoreError) -> ApiError {
+pub(crate) fn store_error(error: StoreError) -> ApiError {
     ApiError::new(ErrorKind::Storage, error_chain(&error))
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -98,7 +143,7 @@ fn now_unix() -> u64 {
 }
 
 /// Run blocking work off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)
@@ -107,11 +152,11 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Clears a claim on drop: removes a create placeholder or the busy mark.
-struct Claim<'a> {
+pub(crate) struct Claim<'a> {
     service: &'a VolumeService,
     name: String,
     placeholder: bool,
-    armed: bool,
+    pub(crate) armed: bool,
 }
 
 impl Drop for Claim<'_> {
@@ -133,6 +178,18 @@ impl VolumeService {
     /// (blocking). Problems that need an operator are logged as warnings, never "fixed" by
     /// deleting anything.
     pub fn open(config: Config) -> Result<VolumeService, StartError> {
+        let engine = NoEngine::new(&config.node);
+        VolumeService::open_with(config, engine, None)
+    }
+
+    /// [`VolumeService::open`] with a replication engine and the cluster secret (needed
+    /// to call peers when the config lists other nodes). Replicas are opened later, by
+    /// [`VolumeService::start_replicas`].
+    pub fn open_with(
+        config: Config,
+        engine: Arc<dyn Engine>,
+        secret: Option<Secret>,
+    ) -> Result<VolumeService, StartError> {
         let mut pools = Vec::new();
         for spec in &config.pools {
             let backend: Arc<dyn Pool> = Arc::from(pool::open(spec));
@@ -156,6 +213,10 @@ impl VolumeService {
         let mut volumes = BTreeMap::new();
         for mut definition in definitions {
             let name = definition.name.clone();
+            if definition.diskless {
+                volumes.insert(name, Slot::ready(definition, VolumeState::Ok));
+                continue;
+            }
             let storage = stored
                 .get_mut(&definition.pool)
                 .and_then(|found| found.remove(&name));
@@ -184,15 +245,7 @@ impl VolumeService {
                 }
                 Some(_) => VolumeState::Ok,
             };
-            volumes.insert(
-                name,
-                Slot {
-                    definition: Some(definition),
-                    state,
-                    busy: None,
-                    device: None,
-                },
-            );
+            volumes.insert(name, Slot::ready(definition, state));
         }
         for (pool, found) in &stored {
             for name in found.keys() {
@@ -206,6 +259,8 @@ impl VolumeService {
             pools,
             store,
             volumes: Mutex::new(volumes),
+            engine,
+            secret,
         })
     }
 
@@ -214,7 +269,7 @@ impl VolumeService {
         &self.config
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Slot>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Slot>> {
         // A panic while holding the lock leaves the map consistent (updates are single
         // inserts/removes), so a poisoned lock is still usable.
         self.volumes
@@ -222,15 +277,54 @@ impl VolumeService {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    pub(crate) fn pool_backend(&self, name: &str) -> Option<Arc<dyn Pool>> {
+        self.pool(name).map(|h| Arc::clone(&h.backend))
+    }
+
+    /// The pool a create names, or the first one; errors list the configured pools.
+    pub(crate) fn pick_pool(&self, pool: Option<&str>) -> Result<&PoolHandle, ApiError> {
+        match pool {
+            None => self
+                .pools
+                .first()
+                .ok_or_else(|| ApiError::new(ErrorKind::NotFound, "no pool is configured")),
+            Some(p) => self.pool(p).ok_or_else(|| {
+                let known: Vec<_> = self
+                    .pools
+                    .iter()
+                    .map(|h| format!("'{}'", h.backend.name()))
+                    .collect();
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    if self.config.is_cluster() {
+                        format!(
+                            "pool '{p}' does not exist on node '{}' (configured: {})",
+                            self.config.node,
+                            known.join(", ")
+                        )
+                    } else {
+                        format!(
+                            "pool '{p}' does not exist (configured: {})",
+                            known.join(", ")
+                        )
+                    },
+                )
+            }),
+        }
+    }
+
     fn pool(&self, name: &str) -> Option<&PoolHandle> {
         self.pools.iter().find(|p| p.backend.name() == name)
     }
 
-    fn info(&self, definition: &VolumeDefinition, state: VolumeState) -> VolumeInfo {
-        let path = self
-            .pool(&definition.pool)
-            .map(|p| p.backend.device_path(&definition.name))
-            .unwrap_or_default();
+    pub(crate) fn info(&self, definition: &VolumeDefinition, state: VolumeState) -> VolumeInfo {
+        let path = if definition.diskless {
+            Default::default()
+        } else {
+            self.pool(&definition.pool)
+                .map(|p| p.backend.device_path(&definition.name))
+                .unwrap_or_default()
+        };
         VolumeInfo {
             name: definition.name.clone(),
             pool: definition.pool.clone(),
@@ -238,10 +332,146 @@ impl VolumeService {
             path,
             state,
             created_unix: definition.created_unix,
+            nodes: definition.nodes.clone(),
+            tiebreakers: definition.tiebreakers.clone(),
+            diskless: definition.diskless,
+            options: definition.is_replicated().then_some(definition.options),
         }
     }
 
-    fn checked_size(size_bytes: u64) -> Result<u64, ApiError> {
+    /// `<state_dir>/volumes/<name>/meta`: the engine's metadata of a replica.
+    pub(crate) fn meta_dir(&self, name: &str) -> std::path::PathBuf {
+        self.store.dir().join(name).join("meta")
+    }
+
+    /// What the engine needs to run this node's replica of `definition`.
+    pub(crate) fn replica_plan(
+        &self,
+        definition: &VolumeDefinition,
+    ) -> Result<ReplicaPlan, ApiError> {
+        let mut peers = Vec::new();
+        for peer in definition.peers(&self.config.node) {
+            let node = self.config.node_named(peer).ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "volume '{}' has a replica on node '{peer}', which is not in {}",
+                        definition.name,
+                        self.config.path.display()
+                    ),
+                )
+            })?;
+            peers.push(PeerPlan {
+                name: node.name.clone(),
+                replication: node.replication,
+                diskless: node.diskless,
+            });
+        }
+        Ok(ReplicaPlan {
+            volume: definition.name.clone(),
+            peers,
+            meta_dir: self.meta_dir(&definition.name),
+            options: definition.options,
+            data_replicas: definition.nodes.len(),
+            tiebreakers: definition.tiebreakers.len(),
+        })
+    }
+
+    /// Open (or reuse) the volume's device, under the registry lock so a resize cannot miss it.
+    pub(crate) fn device_of(&self, slot: &mut Slot, name: &str) -> Result<Arc<FileDevice>, String> {
+        if let Some(device) = &slot.device {
+            return Ok(Arc::clone(device));
+        }
+        let Some(path) = slot
+            .definition
+            .as_ref()
+            .and_then(|d| self.pool(&d.pool))
+            .map(|p| p.backend.device_path(name))
+        else {
+            return Err(format!("volume '{name}' has no pool"));
+        };
+        let device = Arc::new(
+            FileDevice::open(&path)
+                .map_err(|e| format!("cannot open volume '{name}': {}", error_chain(&e)))?,
+        );
+        slot.device = Some(Arc::clone(&device));
+        Ok(device)
+    }
+
+    /// Open every replicated volume's replica in the engine (at startup). A replica that
+    /// fails to open is logged and left closed; its status then says so.
+    pub async fn start_replicas(&self) {
+        let names: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.definition.as_ref().is_some_and(|d| d.is_replicated()))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            if let Err(e) = self.open_replica(&name).await {
+                tracing::error!(volume = %name, error = %e.message, "cannot open the replica");
+            }
+        }
+    }
+
+    /// Open one volume's replica in the engine and attach it to the registry.
+    pub(crate) async fn open_replica(&self, name: &str) -> Result<(), ApiError> {
+        let (plan, device) = {
+            let mut volumes = self.lock();
+            let slot = volumes.get_mut(name).ok_or_else(|| not_found(name))?;
+            let Some(definition) = slot.definition.clone() else {
+                return Err(not_found(name));
+            };
+            let plan = self.replica_plan(&definition)?;
+            let device: Option<Arc<dyn BackingDevice>> = if definition.diskless {
+                None
+            } else if slot.state == VolumeState::Missing {
+                return Err(ApiError::new(
+                    ErrorKind::Backend,
+                    format!("volume '{name}' has no storage on this node"),
+                ));
+            } else {
+                Some(
+                    self.device_of(slot, name)
+                        .map_err(|m| ApiError::new(ErrorKind::Backend, m))?,
+                )
+            };
+            (plan, device)
+        };
+        let replica = self
+            .engine
+            .open_replica(plan, device)
+            .await
+            .map_err(engine_error)?;
+        let runtime = ReplicaRuntime::new(name, replica);
+        if let Some(slot) = self.lock().get_mut(name) {
+            slot.runtime = Some(runtime);
+        }
+        tracing::info!(volume = %name, "replica opened");
+        Ok(())
+    }
+
+    /// Close every replica cleanly (SIGTERM), then the engine.
+    pub async fn shutdown(&self) {
+        let runtimes: Vec<(String, Arc<ReplicaRuntime>)> = self
+            .lock()
+            .iter_mut()
+            .filter_map(|(n, s)| s.runtime.take().map(|r| (n.clone(), r)))
+            .collect();
+        // Let demotions of writers that just closed (frontends stop first) finish.
+        tokio::task::yield_now().await;
+        for (_, runtime) in &runtimes {
+            runtime.settle().await;
+        }
+        for (name, _) in runtimes {
+            if let Err(e) = self.engine.close_replica(&name).await {
+                tracing::error!(volume = %name, error = %e, "cannot close the replica cleanly");
+            }
+        }
+        self.engine.shutdown().await;
+    }
+
+    pub(crate) fn checked_size(size_bytes: u64) -> Result<u64, ApiError> {
         if size_bytes == 0 {
             return Err(invalid("size must be greater than 0"));
         }
@@ -250,7 +480,7 @@ impl VolumeService {
     }
 
     /// Claim an existing, settled volume for an operation; returns its definition.
-    fn claim(
+    pub(crate) fn claim(
         &self,
         name: &str,
         op: &'static str,
@@ -282,8 +512,9 @@ impl VolumeService {
         ))
     }
 
-    /// Create a volume of `size_bytes` (rounded up to 4 KiB) in `pool` (default: the first).
-    pub async fn create(
+    /// Create an unreplicated volume of `size_bytes` (rounded up to 4 KiB) on this node in
+    /// `pool` (default: the first). Replicated volumes: [`VolumeService::create`].
+    pub async fn create_local(
         &self,
         name: &str,
         size_bytes: u64,
@@ -291,26 +522,7 @@ impl VolumeService {
     ) -> Result<VolumeInfo, ApiError> {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let size = Self::checked_size(size_bytes)?;
-        let handle = match pool {
-            None => self
-                .pools
-                .first()
-                .ok_or_else(|| ApiError::new(ErrorKind::NotFound, "no pool is configured"))?,
-            Some(p) => self.pool(p).ok_or_else(|| {
-                let known: Vec<_> = self
-                    .pools
-                    .iter()
-                    .map(|h| format!("'{}'", h.backend.name()))
-                    .collect();
-                ApiError::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "pool '{p}' does not exist (configured: {})",
-                        known.join(", ")
-                    ),
-                )
-            })?,
-        };
+        let handle = self.pick_pool(pool)?;
         let backend = Arc::clone(&handle.backend);
         backend.check_name(name).map_err(pool_error)?;
         let mut claim = {
@@ -328,6 +540,8 @@ impl VolumeService {
                     state: VolumeState::Ok,
                     busy: Some("create"),
                     device: None,
+                    reservation: None,
+                    runtime: None,
                 },
             );
             Claim {
@@ -349,6 +563,10 @@ impl VolumeService {
                 pool: backend.name().to_string(),
                 size_bytes: allocated,
                 created_unix: now_unix(),
+                nodes: Vec::new(),
+                tiebreakers: Vec::new(),
+                diskless: false,
+                options: Default::default(),
             };
             if let Err(e) = store.save(&definition) {
                 if let Err(undo) = backend.delete(&volume) {
@@ -364,22 +582,16 @@ impl VolumeService {
         {
             let mut volumes = self.lock();
             claim.armed = false;
-            volumes.insert(
-                name.to_string(),
-                Slot {
-                    definition: Some(definition),
-                    state: VolumeState::Ok,
-                    busy: None,
-                    device: None,
-                },
-            );
+            volumes.insert(name.to_string(), Slot::ready(definition, VolumeState::Ok));
         }
         tracing::info!(volume = %name, pool = %info.pool, size = info.size_bytes, "volume created");
         Ok(info)
     }
 
-    /// Grow a volume to `size_bytes` (rounded up to 4 KiB). Shrinking is refused.
-    pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, ApiError> {
+    /// Grow this node's copy of a volume to `size_bytes` (rounded up to 4 KiB): storage,
+    /// then the open device and the engine's replica, then the definition. Shrinking is
+    /// refused. Replicated volumes grow on every node: [`VolumeService::resize`].
+    pub async fn resize_local(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, ApiError> {
         let size = Self::checked_size(size_bytes)?;
         let (claim, definition, state) = self.claim(name, "resize")?;
         if state == VolumeState::Missing {
@@ -397,6 +609,24 @@ impl VolumeService {
         }
         if size == definition.size_bytes {
             return Ok(self.info(&definition, state));
+        }
+        if definition.diskless {
+            let new_definition = VolumeDefinition {
+                size_bytes: size,
+                ..definition
+            };
+            let runtime = self.lock().get(name).and_then(|s| s.runtime.clone());
+            if let Some(runtime) = runtime {
+                runtime.replica().resize(size).await.map_err(engine_error)?;
+            }
+            let store = self.store.clone();
+            let to_save = new_definition.clone();
+            blocking(move || store.save(&to_save).map_err(store_error)).await?;
+            if let Some(slot) = self.lock().get_mut(name) {
+                slot.definition = Some(new_definition.clone());
+            }
+            drop(claim);
+            return Ok(self.info(&new_definition, state));
         }
         let handle = self.pool(&definition.pool).ok_or_else(|| {
             ApiError::new(
@@ -417,15 +647,26 @@ impl VolumeService {
             size_bytes: grown,
             ..definition
         };
-        {
+        let runtime = {
             // The storage is grown: tell an open device before anything else.
             let mut volumes = self.lock();
-            if let Some(slot) = volumes.get_mut(name) {
-                if let Some(device) = &slot.device {
-                    device.set_size(grown);
+            match volumes.get_mut(name) {
+                Some(slot) => {
+                    if let Some(device) = &slot.device {
+                        device.set_size(grown);
+                    }
+                    slot.definition = Some(new_definition.clone());
+                    slot.runtime.clone()
                 }
-                slot.definition = Some(new_definition.clone());
+                None => None,
             }
+        };
+        if let Some(runtime) = runtime {
+            runtime
+                .replica()
+                .resize(grown)
+                .await
+                .map_err(engine_error)?;
         }
         let store = self.store.clone();
         let to_save = new_definition.clone();
@@ -435,14 +676,28 @@ impl VolumeService {
         Ok(self.info(&new_definition, VolumeState::Ok))
     }
 
-    /// Delete a volume: definition first, then storage (see [`crate::store`]).
-    pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
+    /// Delete this node's copy of a volume: close the replica, then definition, storage and
+    /// replication metadata (see [`crate::store`]). Refused while frontends have it open.
+    /// Replicated volumes are deleted on every node by [`VolumeService::delete`].
+    pub async fn delete_local(&self, name: &str) -> Result<(), ApiError> {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let (mut claim, definition, state) = self.claim(name, "delete")?;
-        {
+        let runtime = {
             let mut volumes = self.lock();
+            let runtime = volumes.get(name).and_then(|s| s.runtime.clone());
+            if let Some(runtime) = &runtime {
+                let users = runtime.open_handles();
+                if users > 0 {
+                    return Err(ApiError::new(
+                        ErrorKind::InUse,
+                        format!("volume '{name}' is open by {users} client(s) on node '{}' (a running VM?); stop them first", self.config.node),
+                    ));
+                }
+            }
             if let Some(slot) = volumes.get_mut(name) {
-                if let Some(device) = &slot.device {
+                // A replicated volume's handles are counted above (the engine holds the
+                // device too); an unreplicated one's users hold its device.
+                if let (Some(device), None) = (&slot.device, &runtime) {
                     let users = Arc::strong_count(device) - 1;
                     if users > 0 {
                         return Err(ApiError::new(
@@ -453,13 +708,32 @@ impl VolumeService {
                 }
                 // Close our descriptor: lvremove refuses an open LV.
                 slot.device = None;
+                slot.runtime = None;
+            }
+            runtime
+        };
+        if runtime.is_some() {
+            if let Err(e) = self.engine.close_replica(name).await {
+                tracing::warn!(volume = %name, error = %e, "cannot close the replica cleanly before delete");
             }
         }
+        drop(runtime);
         let store = self.store.clone();
-        let backend = self.pool(&definition.pool).map(|h| Arc::clone(&h.backend));
+        let backend = if definition.diskless {
+            None
+        } else {
+            self.pool(&definition.pool).map(|h| Arc::clone(&h.backend))
+        };
         let volume = name.to_string();
+        let meta = self.store.dir().join(name);
         blocking(move || {
             store.remove(&volume).map_err(store_error)?;
+            if meta.is_dir() {
+                if let Err(e) = std::fs::remove_dir_all(&meta) {
+                    tracing::warn!(volume = %volume, path = %meta.display(), error = %e,
+                        "cannot remove the replication metadata");
+                }
+            }
             let Some(backend) = backend else {
                 return Ok(());
             };
@@ -547,6 +821,136 @@ impl VolumeService {
         out
     }
 
+    fn runtime(&self, name: &str) -> Result<Arc<ReplicaRuntime>, ApiError> {
+        let volumes = self.lock();
+        let slot = volumes
+            .get(name)
+            .filter(|s| s.definition.is_some())
+            .ok_or_else(|| not_found(name))?;
+        slot.runtime.clone().ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::InvalidArgument,
+                if slot.definition.as_ref().is_some_and(|d| d.is_replicated()) {
+                    format!("volume '{name}': the replica is not running on this node (see the tandemd log)")
+                } else {
+                    format!("volume '{name}' has a single replica; it is not replicated")
+                },
+            )
+        })
+    }
+
+    /// `volume_status`: the engine's view plus the daemon's fields. An unreplicated
+    /// volume reports itself Primary and UpToDate with no peers (it always serves), so
+    /// promote/demote are no-ops for it.
+    pub fn status(&self, name: &str) -> Result<VolumeStatus, ApiError> {
+        let volumes = self.lock();
+        let slot = volumes
+            .get(name)
+            .filter(|s| s.definition.is_some())
+            .ok_or_else(|| not_found(name))?;
+        if let Some(runtime) = slot.runtime.clone() {
+            // Ask the engine without holding the registry lock.
+            drop(volumes);
+            return Ok(runtime.status());
+        }
+        let Some(definition) = slot.definition.as_ref() else {
+            return Err(not_found(name));
+        };
+        let writers = slot.device.as_ref().map_or(0, |d| Arc::strong_count(d) - 1);
+        let replicated = definition.is_replicated();
+        Ok(VolumeStatus {
+            replica: ReplicaStatus {
+                volume: name.to_string(),
+                node: self.config.node.clone(),
+                // The only copy of an unreplicated volume always serves: Primary.
+                role: if replicated { "Secondary" } else { "Primary" }.into(),
+                disk_state: match (replicated, slot.state) {
+                    (_, VolumeState::Missing) => "Failed",
+                    (true, _) => "DUnknown",
+                    (false, _) => "UpToDate",
+                }
+                .into(),
+                protocol: definition.options.protocol.to_string(),
+                quorum: !replicated,
+                quorum_reason: String::new(),
+                io_suspended: false,
+                allow_two_primaries: false,
+                size_bytes: definition.size_bytes,
+                current_uuid: String::new(),
+                peers: Vec::new(),
+                last_verify: None,
+            },
+            promoted_explicitly: false,
+            open_writers: if replicated { 0 } else { writers },
+        })
+    }
+
+    /// `volume_status_all`: every volume on this node, sorted by name.
+    pub fn status_all(&self) -> Vec<VolumeStatus> {
+        let names: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.definition.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.iter().filter_map(|n| self.status(n).ok()).collect()
+    }
+
+    /// `volume_promote`. An unreplicated volume is always writable here: a no-op.
+    pub async fn promote(&self, name: &str) -> Result<VolumeStatus, ApiError> {
+        if !self.definition_of(name)?.is_replicated() {
+            return self.status(name);
+        }
+        self.runtime(name)?.promote_explicitly().await?;
+        self.status(name)
+    }
+
+    /// `volume_demote`. A no-op for an unreplicated volume.
+    pub async fn demote(&self, name: &str) -> Result<VolumeStatus, ApiError> {
+        if !self.definition_of(name)?.is_replicated() {
+            return self.status(name);
+        }
+        self.runtime(name)?.demote_explicitly().await?;
+        self.status(name)
+    }
+
+    /// `volume_allow_two_primaries`.
+    pub fn allow_two_primaries(&self, name: &str, allow: bool) -> Result<VolumeStatus, ApiError> {
+        self.runtime(name)?
+            .replica()
+            .set_allow_two_primaries(allow)
+            .map_err(engine_error)?;
+        tracing::info!(volume = %name, allow, "two-primaries gate changed");
+        self.status(name)
+    }
+
+    /// `volume_resolve`.
+    pub async fn resolve(&self, name: &str, discard_local: bool) -> Result<VolumeStatus, ApiError> {
+        self.runtime(name)?
+            .replica()
+            .resolve_split_brain(discard_local)
+            .await
+            .map_err(engine_error)?;
+        tracing::info!(volume = %name, discard_local, "split brain resolution requested");
+        self.status(name)
+    }
+
+    /// `volume_verify`.
+    pub async fn verify(&self, name: &str) -> Result<VerifySummary, ApiError> {
+        self.runtime(name)?
+            .replica()
+            .verify()
+            .await
+            .map_err(engine_error)
+    }
+
+    fn definition_of(&self, name: &str) -> Result<VolumeDefinition, ApiError> {
+        self.lock()
+            .get(name)
+            .and_then(|s| s.definition.clone())
+            .ok_or_else(|| not_found(name))
+    }
+
     /// This node's identity.
     pub fn node_info(&self) -> NodeInfo {
         NodeInfo {
@@ -572,24 +976,50 @@ impl Exports for VolumeService {
         let volumes = self.lock();
         volumes
             .iter()
-            .filter(|(_, s)| s.definition.is_some() && s.state == VolumeState::Ok)
+            .filter(|(_, s)| {
+                s.definition.as_ref().is_some_and(|d| !d.diskless) && s.state == VolumeState::Ok
+            })
             .map(|(name, _)| name.clone())
             .collect()
     }
 
     async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
         let volumes = self.lock();
-        let definition = volumes
+        let slot = volumes
             .get(name)
-            .and_then(|s| s.definition.as_ref())
+            .filter(|s| s.definition.as_ref().is_some_and(|d| !d.diskless))
             .ok_or_else(|| OpenError::NotFound(name.to_string()))?;
+        // A replica reports the size the engine serves (it grows online).
+        let size = match (&slot.runtime, &slot.definition) {
+            (Some(runtime), _) => runtime.status().replica.size_bytes,
+            (None, Some(definition)) => definition.size_bytes,
+            (None, None) => 0,
+        };
         Ok(ExportInfo {
-            size: definition.size_bytes,
+            size,
             read_only: false,
         })
     }
 
     async fn open(&self, name: &str, writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
+        let runtime = match self.open_here(name, writable)? {
+            Opened::Local(handle) => return Ok(handle),
+            Opened::Replicated(runtime) => runtime,
+        };
+        let handle = runtime.open(writable).await?;
+        Ok(handle)
+    }
+}
+
+/// What [`VolumeService::open_here`] found: a local handle, or a replica to open through
+/// its role rules (after the registry lock is released).
+enum Opened {
+    Local(Arc<dyn ExportHandle>),
+    Replicated(Arc<ReplicaRuntime>),
+}
+
+impl VolumeService {
+    fn open_here(&self, name: &str, writable: bool) -> Result<Opened, OpenError> {
         let mut volumes = self.lock();
         let slot = volumes
             .get_mut(name)
@@ -600,42 +1030,40 @@ impl Exports for VolumeService {
                 "volume '{name}' is being deleted"
             )));
         }
+        if slot.definition.as_ref().is_some_and(|d| d.diskless) {
+            return Err(OpenError::Refused(format!(
+                "{name}: node '{}' is a diskless tiebreaker for this volume and cannot serve it",
+                self.config.node
+            )));
+        }
         if slot.state == VolumeState::Missing {
             return Err(OpenError::Refused(format!(
                 "volume '{name}' has no storage on this host"
             )));
         }
-        let device = match &slot.device {
-            Some(device) => Arc::clone(device),
-            None => {
-                let Some(path) = slot
-                    .definition
-                    .as_ref()
-                    .and_then(|d| self.pool(&d.pool))
-                    .map(|p| p.backend.device_path(name))
-                else {
-                    return Err(OpenError::Refused(format!("volume '{name}' has no pool")));
-                };
-                // One open(2) under the lock, so a concurrent resize cannot miss this device.
-                let device = Arc::new(FileDevice::open(&path).map_err(|e| {
-                    OpenError::Refused(format!("cannot open volume '{name}': {}", error_chain(&e)))
-                })?);
-                slot.device = Some(Arc::clone(&device));
-                device
-            }
-        };
+        if slot.definition.as_ref().is_some_and(|d| d.is_replicated()) {
+            return match slot.runtime.clone() {
+                Some(runtime) => Ok(Opened::Replicated(runtime)),
+                None => Err(OpenError::Refused(format!(
+                    "{name}: the replica is not running on this node (see the tandemd log)"
+                ))),
+            };
+        }
+        let device = self.device_of(slot, name).map_err(OpenError::Refused)?;
         let device: Arc<dyn BackingDevice> = device;
-        Ok(Arc::new(LocalExport::new(name, device, !writable)))
+        Ok(Opened::Local(Arc::new(LocalExport::new(
+            name, device, !writable,
+        ))))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bytes::Bytes;
     use std::path::Path;
 
-    fn service(root: &Path) -> VolumeService {
+    pub(crate) fn service(root: &Path) -> VolumeService {
         let text = format!(
             "node = \"hv1\"\nstate_dir = \"{root}/state\"\nrun_dir = \"{root}/run\"\n\
              [[nodes]]\nname = \"hv1\"\ncontrol = \"127.0.0.1:7700\"\nreplication = \"127.0.0.1:7788\"\n\
@@ -650,12 +1078,12 @@ mod tests {
     async fn an_open_export_sees_resize_and_blocks_delete() {
         let dir = tempfile::tempdir().unwrap();
         let service = service(dir.path());
-        service.create("v1", 1 << 20, None).await.unwrap();
+        service.create_local("v1", 1 << 20, None).await.unwrap();
         assert_eq!(Exports::list(&service), vec!["v1".to_string()]);
 
         let handle = service.open("v1", true).await.unwrap();
         assert_eq!(handle.size(), 1 << 20);
-        service.resize("v1", 2 << 20).await.unwrap();
+        service.resize_local("v1", 2 << 20).await.unwrap();
         assert_eq!(handle.size(), 2 << 20, "resize reached the open device");
         // The new tail is writable through the already open handle.
         let data = Bytes::from(vec![0x5Au8; 4096]);
@@ -665,10 +1093,10 @@ mod tests {
             .unwrap();
         assert_eq!(handle.read((2 << 20) - 4096, 4096).await.unwrap(), data);
 
-        let e = service.delete("v1").await.unwrap_err();
+        let e = service.delete_local("v1").await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::InUse, "{}", e.message);
         drop(handle);
-        service.delete("v1").await.unwrap();
+        service.delete_local("v1").await.unwrap();
         assert!(matches!(
             service.open("v1", false).await,
             Err(OpenError::NotFound(_))
@@ -680,7 +1108,7 @@ mod tests {
     async fn a_read_only_open_refuses_writes() {
         let dir = tempfile::tempdir().unwrap();
         let service = service(dir.path());
-        service.create("ro", 1 << 20, None).await.unwrap();
+        service.create_local("ro", 1 << 20, None).await.unwrap();
         let handle = service.open("ro", false).await.unwrap();
         assert!(handle.read_only());
         assert!(handle
@@ -693,10 +1121,13 @@ mod tests {
     async fn a_failed_create_leaves_nothing_and_frees_the_name() {
         let dir = tempfile::tempdir().unwrap();
         let service = service(dir.path());
-        let e = service.create("big", u64::MAX / 2, None).await.unwrap_err();
+        let e = service
+            .create_local("big", u64::MAX / 2, None)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::NoSpace, "{}", e.message);
         assert!(!dir.path().join("images/big.img").exists());
         assert!(!dir.path().join("state/volumes/big.json").exists());
-        service.create("big", 4096, None).await.unwrap();
+        service.create_local("big", 4096, None).await.unwrap();
     }
 }

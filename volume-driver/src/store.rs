@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::names::validate_volume_name;
+use crate::options::VolumeOptions;
 
 /// Format version written into every definition.
 pub const DEFINITION_VERSION: u32 = 1;
@@ -39,6 +40,37 @@ pub struct VolumeDefinition {
     pub size_bytes: u64,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
+    /// The nodes holding data replicas, in the cluster's config order. Empty for a
+    /// volume with a single replica on this node (no replication; definitions written
+    /// before replication existed look like that).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// Diskless tiebreaker nodes voting for the volume's quorum.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiebreakers: Vec<String>,
+    /// This node is one of the tiebreakers: it holds this definition and no storage
+    /// (`pool` is empty then).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub diskless: bool,
+    /// Replication options (ignored for an unreplicated volume).
+    #[serde(default)]
+    pub options: VolumeOptions,
+}
+
+impl VolumeDefinition {
+    /// A volume with replicas on more than one node, served through the replication engine.
+    pub fn is_replicated(&self) -> bool {
+        self.nodes.len() > 1
+    }
+
+    /// Every node of the volume other than `this`: data replicas and tiebreakers.
+    pub fn peers<'a>(&'a self, this: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.nodes
+            .iter()
+            .chain(&self.tiebreakers)
+            .map(String::as_str)
+            .filter(move |n| *n != this)
+    }
 }
 
 /// Errors of the definition store.
@@ -154,6 +186,10 @@ impl Store {
             let Some(name) = file_name.strip_suffix(".json") else {
                 continue;
             };
+            // `<name>/` directories hold replication metadata, not definitions.
+            if entry.file_type().map_err(io_err("stat", &path))?.is_dir() {
+                continue;
+            }
             let text = fs::read(&path).map_err(io_err("read", &path))?;
             let definition: VolumeDefinition =
                 serde_json::from_slice(&text).map_err(|source| StoreError::Corrupt {
@@ -195,7 +231,39 @@ mod tests {
             pool: "files".into(),
             size_bytes: size,
             created_unix: 1_700_000_000,
+            nodes: Vec::new(),
+            tiebreakers: Vec::new(),
+            diskless: false,
+            options: VolumeOptions::default(),
         }
+    }
+
+    #[test]
+    fn single_node_definitions_of_the_first_format_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs::write(
+            store.path_of("old"),
+            br#"{"version":1,"name":"old","pool":"files","size_bytes":4096,"created_unix":1}"#,
+        )
+        .unwrap();
+        fs::create_dir_all(store.dir().join("old.json").with_extension("d")).unwrap();
+        fs::create_dir_all(store.dir().join("meta.json")).unwrap();
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert!(!loaded[0].is_replicated());
+        assert_eq!(loaded[0].options, VolumeOptions::default());
+        // A replicated definition round-trips.
+        let mut replicated = definition("r", 8192);
+        replicated.nodes = vec!["hv1".into(), "hv2".into()];
+        replicated.tiebreakers = vec!["witness".into()];
+        store.save(&replicated).unwrap();
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded[1], replicated);
+        assert_eq!(
+            replicated.peers("hv1").collect::<Vec<_>>(),
+            vec!["hv2", "witness"]
+        );
     }
 
     #[test]

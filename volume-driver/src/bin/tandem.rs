@@ -1,12 +1,17 @@
 //! `tandem`: the Tandem command-line client. Every command talks to the local `tandemd`
 //! over its control socket; `--json` prints the API's structures unchanged.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use volume_driver::api::{Client, ClientError, PoolInfo, Reply, Request, VolumeInfo};
+use volume_driver::api::{
+    Client, ClientError, PoolInfo, Reply, Request, ResyncProgress, VolumeInfo, VolumeStatus,
+};
 use volume_driver::config::{self, Config};
+use volume_driver::options::{format_rate, OptionsChange, VolumeOptions};
 use volume_driver::report::error_chain;
 use volume_driver::units::{format_size, parse_size};
 
@@ -61,16 +66,31 @@ enum PoolCommand {
 
 #[derive(Debug, Subcommand)]
 enum VolumeCommand {
-    /// Create a volume
+    /// Create a volume (replicated with --replicas 2 or more)
+    ///
+    /// A replicated volume gets a replica on each chosen node and the cluster's diskless
+    /// nodes as quorum tiebreakers. All replicas start UpToDate (no initial sync). If any
+    /// node refuses or fails, nothing is kept anywhere.
     Create {
         /// Volume name: letters, digits, '_', '.', '-' (at most 64, not starting with '-')
         name: String,
         /// Size, e.g. 64M, 10G, 1T
         #[arg(long, short = 's')]
         size: String,
-        /// Pool to allocate from [default: the first pool in the config]
+        /// Pool to allocate from, on every node [default: each node's first pool]
         #[arg(long, short = 'p')]
         pool: Option<String>,
+        /// Number of data replicas [default: 1, or the number of --nodes]
+        #[arg(long, short = 'r')]
+        replicas: Option<u32>,
+        /// Replication protocol: A (async), B (peer memory) or C (peer disk)
+        /// [default: [replication] protocol in the config, else C]
+        #[arg(long)]
+        protocol: Option<String>,
+        /// Nodes holding the replicas, comma-separated [default: this node, then the others
+        /// in config order]
+        #[arg(long, value_delimiter = ',')]
+        nodes: Option<Vec<String>>,
     },
     /// List all volumes
     List,
@@ -87,10 +107,78 @@ enum VolumeCommand {
         #[arg(long, short = 's')]
         size: String,
     },
-    /// Delete a volume and its storage (its data is lost)
+    /// Delete a volume and its storage on every node (its data is lost)
+    ///
+    /// Refused while the volume is open anywhere, Primary anywhere, or while one of its
+    /// nodes cannot be reached.
     Delete {
         /// Volume name
         name: String,
+        /// Delete even if Primary somewhere (not if open), and skip unreachable nodes (their
+        /// replica stays there until you delete it on that node)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replication status like `drbdadm status`: role, disk, peers, sync, quorum
+    Status {
+        /// Volume name [default: every volume]
+        name: Option<String>,
+    },
+    /// Make the local replica Primary; it stays Primary until `volume demote`
+    Promote {
+        /// Volume name
+        name: String,
+    },
+    /// Make the local replica Secondary (refused while a writer has it open)
+    Demote {
+        /// Volume name
+        name: String,
+    },
+    /// Allow or forbid two Primaries (protocol C only; for live migration)
+    AllowTwoPrimaries {
+        /// Volume name
+        name: String,
+        /// on or off
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+    /// Resolve a split brain: run on the node whose changes you give up
+    Resolve {
+        /// Volume name
+        name: String,
+        /// Throw away this node's changes since the split; it resyncs from the peer
+        #[arg(long, required = true)]
+        discard_local: bool,
+    },
+    /// Online verify against the peers; prints the number of differing 4 KiB blocks
+    Verify {
+        /// Volume name
+        name: String,
+    },
+    /// Wait until every replica is UpToDate and in sync (exit 1 on timeout)
+    WaitSync {
+        /// Volume name
+        name: String,
+        /// Give up after this many seconds [default: wait forever]
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Change replication options on every replica (persisted)
+    Set {
+        /// Volume name
+        name: String,
+        /// A, B or C
+        #[arg(long)]
+        protocol: Option<String>,
+        /// What a Primary does without quorum
+        #[arg(long, value_parser = ["suspend-io", "io-error"])]
+        on_no_quorum: Option<String>,
+        /// Automatic split-brain recovery
+        #[arg(long, value_parser = ["disconnect", "discard-zero-changes", "discard-younger-primary", "discard-least-changes"])]
+        after_split_brain: Option<String>,
+        /// Resync rate limit per second, e.g. 50M
+        #[arg(long)]
+        resync_rate: Option<String>,
     },
 }
 
@@ -118,10 +206,20 @@ fn run(cli: &Cli) -> Result<(), String> {
     let request = match &cli.command {
         Command::Node(NodeCommand::Info) => Request::NodeInfo,
         Command::Pool(PoolCommand::List) => Request::PoolList,
-        Command::Volume(VolumeCommand::Create { name, size, pool }) => Request::VolumeCreate {
+        Command::Volume(VolumeCommand::Create {
+            name,
+            size,
+            pool,
+            replicas,
+            protocol,
+            nodes,
+        }) => Request::VolumeCreate {
             name: name.clone(),
             size_bytes: size_arg(size)?,
             pool: pool.clone(),
+            replicas: *replicas,
+            protocol: protocol.clone(),
+            nodes: nodes.clone(),
         },
         Command::Volume(VolumeCommand::List) => Request::VolumeList,
         Command::Volume(VolumeCommand::Show { name }) => Request::VolumeShow { name: name.clone() },
@@ -129,14 +227,61 @@ fn run(cli: &Cli) -> Result<(), String> {
             name: name.clone(),
             size_bytes: size_arg(size)?,
         },
-        Command::Volume(VolumeCommand::Delete { name }) => {
-            Request::VolumeDelete { name: name.clone() }
+        Command::Volume(VolumeCommand::Delete { name, force }) => Request::VolumeDelete {
+            name: name.clone(),
+            force: *force,
+        },
+        Command::Volume(VolumeCommand::Status { name }) => match name {
+            Some(name) => Request::VolumeStatus { name: name.clone() },
+            None => Request::VolumeStatusAll,
+        },
+        Command::Volume(VolumeCommand::Promote { name }) => {
+            Request::VolumePromote { name: name.clone() }
+        }
+        Command::Volume(VolumeCommand::Demote { name }) => {
+            Request::VolumeDemote { name: name.clone() }
+        }
+        Command::Volume(VolumeCommand::AllowTwoPrimaries { name, state }) => {
+            Request::VolumeAllowTwoPrimaries {
+                name: name.clone(),
+                allow: state == "on",
+            }
+        }
+        Command::Volume(VolumeCommand::Resolve {
+            name,
+            discard_local,
+        }) => Request::VolumeResolve {
+            name: name.clone(),
+            discard_local: *discard_local,
+        },
+        Command::Volume(VolumeCommand::Verify { name }) => {
+            Request::VolumeVerify { name: name.clone() }
+        }
+        Command::Volume(VolumeCommand::WaitSync { name, timeout }) => {
+            return wait_sync(cli, name, *timeout)
+        }
+        Command::Volume(VolumeCommand::Set {
+            name,
+            protocol,
+            on_no_quorum,
+            after_split_brain,
+            resync_rate,
+        }) => {
+            let change = OptionsChange {
+                protocol: protocol.clone(),
+                on_no_quorum: on_no_quorum.clone(),
+                after_split_brain: after_split_brain.clone(),
+                resync_rate: resync_rate.clone(),
+            };
+            // Same checks as the daemon, before contacting it.
+            change.apply(VolumeOptions::default())?;
+            Request::VolumeSet {
+                name: name.clone(),
+                change,
+            }
         }
     };
-    let path = config::resolve_path(cli.config.as_deref());
-    let config = Config::load(&path).map_err(|e| error_chain(&e))?;
-    let socket = config.control_socket();
-    let mut client = Client::connect(&socket).map_err(|e| client_error(&e))?;
+    let mut client = connect(cli)?;
     let reply = client.call(&request).map_err(|e| client_error(&e))?;
     // A pool whose backend could not be queried is still listed, but the command fails.
     let pool_error = match &reply {
@@ -151,6 +296,149 @@ fn run(cli: &Cli) -> Result<(), String> {
     match pool_error {
         Some(error) => Err(error),
         None => Ok(()),
+    }
+}
+
+fn connect(cli: &Cli) -> Result<Client, String> {
+    let path = config::resolve_path(cli.config.as_deref());
+    let config = Config::load(&path).map_err(|e| error_chain(&e))?;
+    Client::connect(&config.control_socket()).map_err(|e| client_error(&e))
+}
+
+/// Poll `volume_status` until the volume is in sync; progress on stderr when it is a terminal.
+fn wait_sync(cli: &Cli, name: &str, timeout: Option<u64>) -> Result<(), String> {
+    let mut client = connect(cli)?;
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    loop {
+        let status = match client
+            .call(&Request::VolumeStatus {
+                name: name.to_string(),
+            })
+            .map_err(|e| client_error(&e))?
+        {
+            Reply::Status { status } => status,
+            other => return Err(format!("unexpected answer from tandemd: {other:?}")),
+        };
+        if status.in_sync() {
+            if tty {
+                eprintln!("\r{name}: in sync{:40}", "");
+            }
+            if cli.json {
+                print_json(Reply::Status { status })?;
+            }
+            return Ok(());
+        }
+        if tty {
+            eprint!("\r{}{:10}", sync_progress(&status), "");
+        }
+        if let Some(limit) = timeout {
+            if started.elapsed() >= Duration::from_secs(limit) {
+                if tty {
+                    eprintln!();
+                }
+                return Err(format!(
+                    "{name} is not in sync after {limit} s: {}",
+                    sync_progress(&status)
+                ));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn sync_progress(status: &VolumeStatus) -> String {
+    let mut parts = vec![format!(
+        "{}: disk {}",
+        status.replica.volume, status.replica.disk_state
+    )];
+    for peer in status.replica.peers.iter().filter(|p| !p.diskless) {
+        let mut part = format!(
+            "{} {} {} {}",
+            peer.node, peer.connection, peer.replication, peer.disk_state
+        );
+        if let Some(r) = &peer.resync {
+            part.push_str(&format!(" {}", resync_text(r)));
+        } else if peer.out_of_sync_bytes > 0 {
+            part.push_str(&format!(
+                " out-of-sync {}",
+                format_size(peer.out_of_sync_bytes)
+            ));
+        }
+        parts.push(part);
+    }
+    parts.join("; ")
+}
+
+fn resync_text(r: &ResyncProgress) -> String {
+    let percent = if r.total_bytes == 0 {
+        100.0
+    } else {
+        r.done_bytes as f64 * 100.0 / r.total_bytes as f64
+    };
+    format!(
+        "{percent:.1}% ({} of {}, {})",
+        format_size(r.done_bytes),
+        format_size(r.total_bytes),
+        format_rate(r.bytes_per_sec)
+    )
+}
+
+fn print_status(status: &VolumeStatus) {
+    let r = &status.replica;
+    let mut notes = Vec::new();
+    if status.promoted_explicitly {
+        notes.push("promoted explicitly".to_string());
+    }
+    if status.open_writers > 0 {
+        notes.push(format!("{} writer(s)", status.open_writers));
+    }
+    if r.io_suspended {
+        notes.push("I/O SUSPENDED".to_string());
+    }
+    if r.allow_two_primaries {
+        notes.push("two primaries allowed".to_string());
+    }
+    let notes = if notes.is_empty() {
+        String::new()
+    } else {
+        format!("  ({})", notes.join(", "))
+    };
+    println!("{} role:{}{notes}", r.volume, r.role);
+    println!(
+        "  disk:{} quorum:{} protocol:{} size:{}",
+        r.disk_state,
+        if r.quorum { "yes" } else { "no" },
+        r.protocol,
+        format_size(r.size_bytes)
+    );
+    for peer in &r.peers {
+        println!(
+            "  {} connection:{} role:{}{}",
+            peer.node,
+            peer.connection,
+            peer.role,
+            if peer.diskless { " (tiebreaker)" } else { "" }
+        );
+        println!(
+            "    replication:{} peer-disk:{} out-of-sync:{}",
+            peer.replication,
+            peer.disk_state,
+            format_size(peer.out_of_sync_bytes)
+        );
+        if let Some(resync) = &peer.resync {
+            println!("    resync: {}", resync_text(resync));
+        }
+        if let Some(split) = &peer.split_brain {
+            println!("    SPLIT BRAIN: {split}");
+        }
+    }
+    if let Some(v) = &r.last_verify {
+        println!(
+            "  last verify: {} differing block(s) in {}",
+            v.differing_blocks,
+            format_size(v.checked_bytes)
+        );
     }
 }
 
@@ -170,7 +458,18 @@ fn print_json(reply: Reply) -> Result<(), String> {
         Reply::Pools { pools } => serde_json::to_value(pools),
         Reply::Volume { volume } => serde_json::to_value(volume),
         Reply::Volumes { volumes } => serde_json::to_value(volumes),
-        Reply::Deleted { name } => Ok(serde_json::json!({ "name": name, "deleted": true })),
+        Reply::Deleted { name, left_on } => Ok(if left_on.is_empty() {
+            serde_json::json!({ "name": name, "deleted": true })
+        } else {
+            serde_json::json!({ "name": name, "deleted": true, "left_on": left_on })
+        }),
+        Reply::Status { status } => serde_json::to_value(status),
+        Reply::Statuses { statuses } => serde_json::to_value(statuses),
+        Reply::Verified { name, report } => Ok(serde_json::json!({
+            "name": name,
+            "differing_blocks": report.differing_blocks,
+            "checked_bytes": report.checked_bytes,
+        })),
     }
     .map_err(|e| format!("cannot print JSON: {e}"))?;
     let text =
@@ -216,9 +515,46 @@ fn print_human(reply: Reply) {
             );
             println!("state:    {}", state_name(&volume));
             println!("path:     {}", volume.path.display());
+            if !volume.nodes.is_empty() {
+                println!("replicas: {}", volume.nodes.join(", "));
+            }
+            if !volume.tiebreakers.is_empty() {
+                println!("tiebreakers: {}", volume.tiebreakers.join(", "));
+            }
+            if volume.diskless {
+                println!("this node: diskless tiebreaker");
+            }
+            if let Some(o) = &volume.options {
+                println!(
+                    "options:  protocol {}, on-no-quorum {}, after-split-brain {}, resync-rate {}",
+                    o.protocol,
+                    o.on_no_quorum,
+                    o.after_split_brain,
+                    format_rate(o.resync_rate_bytes)
+                );
+            }
         }
         Reply::Volumes { volumes } => print_volumes(&volumes),
-        Reply::Deleted { name } => println!("volume '{name}' deleted"),
+        Reply::Deleted { name, left_on } => {
+            println!("volume '{name}' deleted");
+            for node in left_on {
+                eprintln!("tandem: warning: node '{node}' was unreachable; its replica of '{name}' remains (run `tandem volume delete {name} --force` there)");
+            }
+        }
+        Reply::Status { status } => print_status(&status),
+        Reply::Statuses { statuses } => {
+            for (i, status) in statuses.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print_status(status);
+            }
+        }
+        Reply::Verified { name, report } => println!(
+            "{name}: {} differing block(s) ({} checked)",
+            report.differing_blocks,
+            format_size(report.checked_bytes)
+        ),
     }
 }
 
@@ -238,11 +574,20 @@ fn print_volumes(volumes: &[VolumeInfo]) {
                 v.pool.clone(),
                 format_size(v.size_bytes),
                 state_name(v).to_string(),
-                v.path.display().to_string(),
+                if v.nodes.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.nodes.join(",")
+                },
+                if v.diskless {
+                    "(diskless)".to_string()
+                } else {
+                    v.path.display().to_string()
+                },
             ]
         })
         .collect();
-    print_table(&["NAME", "POOL", "SIZE", "STATE", "PATH"], rows);
+    print_table(&["NAME", "POOL", "SIZE", "STATE", "REPLICAS", "PATH"], rows);
 }
 
 fn print_pools(pools: &[PoolInfo]) {

@@ -1,7 +1,10 @@
 //! `tandemd`: the Tandem node daemon.
 //!
-//! Loads the config, opens the pools, reloads the volume definitions, serves the control API
-//! on `<run_dir>/tandemd.sock` until SIGTERM or SIGINT, then removes the socket and exits 0.
+//! Loads the config (and, in a cluster of more than one node, the shared peer secret), opens
+//! the pools, reloads the volume definitions, opens every replicated volume's replica in the
+//! replication engine, serves the control API on `<run_dir>/tandemd.sock` and, in a cluster,
+//! the authenticated peer control API on this node's `control` address, until SIGTERM or
+//! SIGINT; then closes the replicas cleanly, removes the socket and exits 0.
 //! Logs go to stderr (journald under systemd), filtered by `RUST_LOG` (default `info`).
 
 use std::io::IsTerminal;
@@ -15,8 +18,11 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 use volume_driver::config::{self, Config};
+use volume_driver::engine::{Engine, NoEngine};
+use volume_driver::engine_adapter::ReplicationEngine;
 use volume_driver::frontend::Exports;
 use volume_driver::nbd;
+use volume_driver::peer;
 use volume_driver::report::error_chain;
 use volume_driver::server;
 use volume_driver::service::VolumeService;
@@ -100,16 +106,54 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tcp: config.nbd.tcp_listen,
     };
     tracing::info!(node = %config.node, config = %config.path.display(), "tandemd starting");
-    let service = tokio::task::spawn_blocking(move || VolumeService::open(config))
-        .await
-        .context("startup task failed")?
+    // A cluster needs the shared secret before anything listens on the network.
+    let secret = config
+        .load_secret()
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let peer_addr = config
+        .is_cluster()
+        .then(|| config.this_node().map(|n| n.control))
+        .flatten();
+    // The replication engine listens on this node's replication address in a cluster; a
+    // one-node install has no replicated volumes and no listener.
+    let engine: Arc<dyn Engine> = match (&secret, config.this_node()) {
+        (Some(secret), Some(this)) => {
+            let engine = ReplicationEngine::start(&config.node, this.replication, secret.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("replication listener: {e}"))?;
+            tracing::info!(address = %this.replication, "replication listener started");
+            engine
+        }
+        _ => NoEngine::new(&config.node),
+    };
+    let service = {
+        let secret = secret.clone();
+        tokio::task::spawn_blocking(move || VolumeService::open_with(config, engine, secret))
+            .await
+            .context("startup task failed")?
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?
+    };
     let service = Arc::new(service);
+    service.start_replicas().await;
 
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let listener = server::bind(&socket).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     tracing::info!(socket = %socket.display(), "control API listening");
+    let peers = async {
+        match (peer_addr, secret) {
+            (Some(addr), Some(secret)) => {
+                let listener = peer::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+                tracing::info!(address = %addr, "peer control API listening");
+                peer::serve(listener, Arc::clone(&service), secret)
+                    .await
+                    .with_context(|| format!("peer control API on {addr} failed"))
+            }
+            _ => std::future::pending().await,
+        }
+    };
     let exports: Arc<dyn Exports> = service.clone();
     let (stop_nbd, nbd_stopped) = tokio::sync::watch::channel(false);
     let nbd_tasks = start_nbd(&config_nbd, exports, nbd_stopped)?;
@@ -117,6 +161,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         served = server::serve(listener, Arc::clone(&service)) => {
             served.with_context(|| format!("control API on {} failed", socket.display()))
         }
+        served = peers => served,
         _ = sigterm.recv() => { tracing::info!("SIGTERM received, stopping"); Ok(()) }
         _ = sigint.recv() => { tracing::info!("SIGINT received, stopping"); Ok(()) }
     };
@@ -129,6 +174,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Err(e) = std::fs::remove_file(&config_nbd.unix_socket) {
         tracing::warn!(socket = %config_nbd.unix_socket.display(), error = %e, "cannot remove NBD socket");
     }
+    // Frontends are closed: now close the replicas cleanly (flush bitmaps, clean flag).
+    service.shutdown().await;
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!(socket = %socket.display(), error = %e, "cannot remove control socket");
     }

@@ -1,0 +1,175 @@
+#!/usr/bin/perl -T
+# The exact argv the plugin gives `tandem`, recorded by a fake CLI: KiB -> bytes, argument
+# order, name generation, forwarding of tandem-pool/-replicas/-protocol only when set (the
+# flags of the replicated-volume CLI), and the error paths: the CLI's message, garbage
+# output, a missing binary, a CLI that hangs.
+
+use strict;
+use warnings;
+
+use FindBin;
+BEGIN { $FindBin::Bin =~ m/\A(.*)\z/s; unshift @INC, "$1/lib"; }
+
+use Test::More;
+use Time::HiRes ();
+no warnings "once";
+use TandemTest qw(plugin fake_cli);
+
+my $P = plugin();
+my $fake = fake_cli();
+{
+    no warnings 'once';
+    $PVE::Storage::Custom::TandemPlugin::CLI = $fake->{cli};
+}
+
+my $VOL = '{"name":"vm-100-disk-2","pool":"files","size_bytes":67108864,"path":"/x","state":"ok","created_unix":1}';
+
+sub last_call { my $calls = $fake->calls; return $calls->[-1] }
+
+subtest 'alloc_image: KiB to bytes, generated name skips existing volumes' => sub {
+    $fake->reset;
+    $fake->set('list.json', '[{"name":"vm-100-disk-0"},{"name":"vm-100-disk-1"},{"name":"vm-1000-disk-2"},{"name":"other"}]');
+    $fake->set('out.json', $VOL);
+    my $name = $P->alloc_image('store', {}, 100, 'raw', undef, 65536);
+    is($name, 'vm-100-disk-2', 'first free index');
+    is_deeply($fake->calls, [
+        ['--json', 'volume', 'list'],
+        ['--json', 'volume', 'create', 'vm-100-disk-2', '--size', '67108864'],
+    ], 'argv: list, then create with bytes');
+};
+
+subtest 'alloc_image: every storage option forwarded, in order' => sub {
+    $fake->reset;
+    $fake->set('out.json', $VOL);
+    my $scfg = {
+        'tandem-config' => '/etc/tandem/other.toml', 'tandem-pool' => 'nvme',
+        'tandem-replicas' => 2, 'tandem-protocol' => 'C', 'tandem-nodes' => 'hv1,hv2',
+    };
+    is($P->alloc_image('store', $scfg, 100, 'raw', 'vm-100-disk-7', 1024), 'vm-100-disk-7',
+        'given name kept');
+    is_deeply($fake->calls, [[
+        '--config', '/etc/tandem/other.toml', '--json', 'volume', 'create', 'vm-100-disk-7',
+        '--size', '1048576', '--pool', 'nvme', '--replicas', '2', '--protocol', 'C',
+        '--nodes', 'hv1,hv2',
+    ]], 'argv with config, pool, replicas, protocol, nodes; no list when the name is given');
+    $fake->reset;
+    $fake->set('out.json', $VOL);
+    $P->alloc_image('store', { 'tandem-protocol' => 'A' }, 5, undef, 'vm-5-cloudinit', 4096);
+    is_deeply(last_call(), ['--json', 'volume', 'create', 'vm-5-cloudinit', '--size', '4194304',
+        '--protocol', 'A'], 'only the options that are set');
+};
+
+subtest 'alloc_image refuses before calling the CLI' => sub {
+    $fake->reset;
+    for my $case (
+        [[100, 'qcow2', undef, 1024], qr/\Atandem: unsupported format 'qcow2'/],
+        [[100, 'raw', 'vm-101-disk-0', 1024], qr/\Atandem: illegal name 'vm-101-disk-0'/],
+        [[100, 'raw', 'base-100-disk-0', 1024], qr/\Atandem: illegal name/],
+        [[100, 'raw', 'vm-100-disk-0', '1.5'], qr/\Atandem: invalid size '1.5'/],
+        [[100, 'raw', 'vm-100-disk-0', -1], qr/\Atandem: invalid size/],
+        [[100, 'raw', '../etc', 1], qr/\Atandem: unable to parse volume name/],
+    ) {
+        eval { $P->alloc_image('store', {}, @{ $case->[0] }) };
+        like($@, $case->[1], "refused: @{[ map { $_ // 'undef' } @{ $case->[0] } ]}");
+        like($@, qr/\n\z/, 'one line, no trace');
+    }
+    eval { $P->alloc_image('store', { 'tandem-protocol' => 'A;rm' }, 1, 'raw', 'vm-1-d', 1) };
+    like($@, qr/\Atandem: tandem-protocol must be A, B or C\n\z/, 'bad protocol refused');
+    eval { $P->alloc_image('store', { 'tandem-nodes' => 'hv1, hv2' }, 1, 'raw', 'vm-1-d', 1) };
+    like($@, qr/\Atandem: tandem-nodes must be a comma-separated list/, 'bad node list refused');
+    is_deeply($fake->calls, [], 'the CLI was never run');
+};
+
+subtest 'resize, free, show, list: argv and sizes' => sub {
+    $fake->reset;
+    $fake->set('out.json', $VOL);
+    $P->volume_resize({}, 'store', 'vm-100-disk-2', 2 * 1024**3, 0);
+    is_deeply(last_call(), ['--json', 'volume', 'resize', 'vm-100-disk-2', '--size', '2147483648'],
+        'resize passes bytes');
+    my $size = $P->volume_size_info({}, 'store', 'vm-100-disk-2', 5);
+    is($size, 67108864, 'size in scalar context');
+    my @info = $P->volume_size_info({}, 'store', 'vm-100-disk-2', 5);
+    is_deeply(\@info, [67108864, 'raw', 67108864, undef, 1], 'size info in list context');
+    is_deeply(last_call(), ['--json', 'volume', 'show', 'vm-100-disk-2'], 'show argv');
+    $fake->set('out.json', '{"name":"vm-100-disk-2","deleted":true}');
+    is($P->free_image('store', {}, 'vm-100-disk-2', 0, 'raw'), undef, 'free returns undef');
+    is_deeply(last_call(), ['--json', 'volume', 'delete', 'vm-100-disk-2'], 'delete argv');
+};
+
+subtest 'list_images: vmid, vollist, pool filter' => sub {
+    $fake->reset;
+    $fake->set('list.json', '[' . join(',',
+        '{"name":"vm-100-disk-0","pool":"files","size_bytes":1024,"created_unix":5}',
+        '{"name":"vm-101-disk-0","pool":"nvme","size_bytes":2048,"created_unix":6}',
+        '{"name":"scratch","pool":"files","size_bytes":1,"created_unix":7}') . ']');
+    my $all = $P->list_images('st', {}, undef, undef, {});
+    is_deeply([map { $_->{volid} } @$all], ['st:vm-100-disk-0', 'st:vm-101-disk-0'],
+        'non-Proxmox volumes are skipped');
+    is_deeply($all->[0], { volid => 'st:vm-100-disk-0', format => 'raw', size => 1024,
+        vmid => 100, ctime => 5 }, 'entry shape');
+    is_deeply([map { $_->{volid} } @{ $P->list_images('st', {}, 101) }], ['st:vm-101-disk-0'],
+        'vmid filter');
+    is_deeply([map { $_->{volid} } @{ $P->list_images('st', {}, 101, ['st:vm-100-disk-0']) }],
+        ['st:vm-100-disk-0'], 'vollist wins over vmid');
+    is_deeply([map { $_->{volid} } @{ $P->list_images('st', { 'tandem-pool' => 'nvme' }) }],
+        ['st:vm-101-disk-0'], 'tandem-pool filter');
+    my $cache = {};
+    $fake->reset;
+    $fake->set('list.json', '[]');
+    $P->list_images('st', {}, 1, undef, $cache) for 1 .. 3;
+    is(scalar(@{ $fake->calls }), 1, 'one CLI call per $cache');
+};
+
+subtest 'CLI failures become one clean line' => sub {
+    $fake->reset;
+    $fake->set('stderr', "tandem: volume 'vm-9-disk-0' not found\n");
+    $fake->set('exit', 1);
+    eval { $P->volume_size_info({}, 'st', 'vm-9-disk-0') };
+    is($@, "tandem: volume 'vm-9-disk-0' not found\n", 'the CLI message, unchanged');
+    $fake->set('stderr', "warning: noise\nsomething bad\n");
+    eval { $P->activate_volume('st', {}, 'vm-9-disk-0') };
+    is($@, "tandem: something bad\n", 'last stderr line, prefixed once');
+    $fake->set('stderr', "error: unexpected argument '--replicas' found\n\n  tip: to pass it\n\n"
+        . "Usage: tandem volume create --size <SIZE> <NAME>\n\nFor more information, try '--help'.\n");
+    eval { $P->activate_volume('st', {}, 'vm-9-disk-0') };
+    is($@, "tandem: unexpected argument '--replicas' found\n", 'usage error: the error line');
+    $fake->set('stderr', undef);
+    eval { $P->free_image('st', {}, 'vm-9-disk-0') };
+    is($@, "tandem: 'tandem volume delete vm-9-disk-0' failed with exit code 1\n",
+        'silent failure still explained');
+    $fake->reset;
+    $fake->set('out.json', 'not json');
+    eval { $P->volume_size_info({}, 'st', 'vm-9-disk-0') };
+    like($@, qr/\Atandem: cannot parse the output of 'tandem volume show vm-9-disk-0': [^\n]*\n\z/,
+        'garbage output');
+    $fake->set('out.json', '{"name":"vm-9-disk-0"}');
+    eval { $P->volume_size_info({}, 'st', 'vm-9-disk-0') };
+    like($@, qr/\Atandem: .*returned no size\n\z/, 'missing field');
+    $fake->set('out.json', '{"name":"vm-9-disk-0","size_bytes":1,"state":"missing"}');
+    eval { $P->activate_volume('st', {}, 'vm-9-disk-0') };
+    is($@, "tandem: volume 'vm-9-disk-0' is missing on this node\n", 'missing storage');
+    eval { $P->volume_size_info({ 'tandem-config' => 'relative.toml' }, 'st', 'vm-9-disk-0') };
+    like($@, qr/\Atandem: tandem-config must be an absolute path/, 'relative config refused');
+    {
+        local $PVE::Storage::Custom::TandemPlugin::CLI = "$fake->{dir}/does-not-exist";
+        eval { $P->volume_size_info({}, 'st', 'vm-9-disk-0') };
+        like($@, qr/\Atandem: cannot run \S+does-not-exist: No such file or directory\n\z/,
+            'missing binary');
+    }
+};
+
+subtest 'a hung CLI is killed at the timeout' => sub {
+    $fake->reset;
+    $fake->set('sleep', 30);
+    local $PVE::Storage::Custom::TandemPlugin::READ_TIMEOUT = 1;
+    my $t0 = Time::HiRes::time();
+    eval { $P->volume_size_info({}, 'st', 'vm-9-disk-0') };
+    my $took = Time::HiRes::time() - $t0;
+    is($@, "tandem: 'tandem volume show vm-9-disk-0' timed out after 1s (is tandemd hung?)\n",
+        'timeout message');
+    cmp_ok($took, '<', 3, sprintf('returned after %.1fs', $took));
+    eval { $P->volume_size_info({}, 'st', 'vm-9-disk-0', 2) };
+    like($@, qr/timed out after 2s/, "PVE's own timeout argument is used");
+};
+
+done_testing();

@@ -1,0 +1,219 @@
+package TandemTest;
+
+# Shared by the plugin tests: loads the plugin against the stub PVE modules, runs a real
+# tandemd with a file pool in a throw-away directory (killed in END, even when a test dies),
+# and offers a fake `tandem` that records its argv.
+#
+# Binaries: $TANDEM_BIN_DIR, else $CARGO_TARGET_DIR/debug, else <repo>/target/debug
+# (`cargo build --workspace --bins` first).
+
+use strict;
+use warnings;
+
+use Cwd ();
+use File::Basename ();
+use File::Spec ();
+use File::Temp ();
+use IO::Socket::UNIX;
+use POSIX ();
+use Time::HiRes ();
+use Exporter 'import';
+
+our @EXPORT_OK = qw(plugin start_daemon fake_cli run_cmd untaint wait_for);
+
+# Taint mode: exec needs a clean environment.
+$ENV{PATH} = '/usr/sbin:/usr/bin:/sbin:/bin';
+delete @ENV{qw(IFS CDPATH ENV BASH_ENV TANDEM_CONFIG)};
+
+sub untaint {
+    my ($value) = @_;
+    $value =~ m/\A(.*)\z/s;
+    return $1;
+}
+
+my $here = untaint(Cwd::abs_path(File::Basename::dirname(__FILE__)));    # t/lib
+our $PLUGIN_DIR = untaint(Cwd::abs_path("$here/../.."));                 # proxmox-plugin
+our $REPO = untaint(Cwd::abs_path("$PLUGIN_DIR/.."));
+
+sub bin_dir {
+    return untaint($ENV{TANDEM_BIN_DIR}) if $ENV{TANDEM_BIN_DIR};
+    return untaint("$ENV{CARGO_TARGET_DIR}/debug") if $ENV{CARGO_TARGET_DIR};
+    return "$REPO/target/debug";
+}
+
+sub bin {
+    my ($name) = @_;
+    my $path = bin_dir() . "/$name";
+    die "$path not found; run `cargo build --workspace --bins` first\n" if !-x $path;
+    return $path;
+}
+
+our $SCRATCH_DIR = untaint(File::Temp::tempdir("tandem-pve-XXXXXX", TMPDIR => 1, CLEANUP => 1));
+
+# Load the plugin with test settings: CLI from the workspace, cache in the scratch dir.
+sub plugin {
+    unshift @INC, $PLUGIN_DIR if !grep { $_ eq $PLUGIN_DIR } @INC;
+    require PVE::Storage;
+    require PVE::Storage::Custom::TandemPlugin;
+    no warnings 'once';
+    $PVE::Storage::Custom::TandemPlugin::CLI = bin_dir() . '/tandem';
+    mkdir("$SCRATCH_DIR/cache");
+    $PVE::Storage::Custom::TandemPlugin::CACHE_DIR = "$SCRATCH_DIR/cache";
+    return 'PVE::Storage::Custom::TandemPlugin';
+}
+
+# Run a command without a shell: (exit status, stdout, stderr).
+sub run_cmd {
+    my ($timeout, @cmd) = @_;
+    return PVE::Storage::Custom::TandemPlugin::_run([map { untaint($_) } @cmd], $timeout);
+}
+
+sub wait_for {
+    my ($seconds, $check) = @_;
+    my $deadline = Time::HiRes::time() + $seconds;
+    while (Time::HiRes::time() < $deadline) {
+        return 1 if $check->();
+        Time::HiRes::sleep(0.02);
+    }
+    return $check->();
+}
+
+my @DAEMONS;
+
+END {
+    my $status = $?;
+    for my $d (@DAEMONS) {
+        next if !$d->{pid};
+        kill('CONT', $d->{pid});
+        kill('KILL', $d->{pid});
+        waitpid($d->{pid}, 0);
+    }
+    $? = $status;
+}
+
+# Start tandemd with one file pool `files`; returns a hash with root, config, pid, nbd.
+sub start_daemon {
+    my $n = scalar(@DAEMONS);
+    my $root = "$SCRATCH_DIR/node$n";
+    mkdir($root) or die "mkdir $root: $!";
+    my $config = "$root/tandem.toml";
+    open(my $fh, '>', $config) or die "$config: $!";
+    print {$fh} <<"TOML";
+node = "hv1"
+state_dir = "$root/state"
+run_dir = "$root/run"
+secret_file = "$root/secret"
+
+[[nodes]]
+name = "hv1"
+control = "127.0.0.1:7700"
+replication = "127.0.0.1:7788"
+
+[[pools]]
+name = "files"
+backend = "file"
+path = "$root/images"
+TOML
+    close($fh);
+    my $daemon = { root => $root, config => $config, nbd => "$root/run/nbd.sock" };
+    push @DAEMONS, $daemon;
+    restart_daemon($daemon);
+    return $daemon;
+}
+
+sub restart_daemon {
+    my ($daemon) = @_;
+    my $tandemd = bin('tandemd');
+    my $pid = fork() // die "fork: $!";
+    if ($pid == 0) {
+        open(STDIN, '<', '/dev/null');
+        open(STDOUT, '>', '/dev/null');
+        open(STDERR, '>>', "$daemon->{root}/tandemd.log");
+        exec($tandemd, '--config', $daemon->{config}) or POSIX::_exit(127);
+    }
+    $daemon->{pid} = $pid;
+    my $ready = wait_for(10, sub {
+        return 0 if waitpid($pid, POSIX::WNOHANG()) == $pid && ($daemon->{pid} = 0, 1);
+        return IO::Socket::UNIX->new(Peer => "$daemon->{root}/run/tandemd.sock") ? 1 : 0;
+    });
+    die "tandemd did not start:\n" . daemon_log($daemon) if !$ready || !$daemon->{pid};
+    return $daemon;
+}
+
+sub stop_daemon {
+    my ($daemon) = @_;
+    return if !$daemon->{pid};
+    kill('CONT', $daemon->{pid});
+    kill('KILL', $daemon->{pid});
+    waitpid($daemon->{pid}, 0);
+    $daemon->{pid} = 0;
+}
+
+sub daemon_log {
+    my ($daemon) = @_;
+    open(my $fh, '<', "$daemon->{root}/tandemd.log") or return '';
+    local $/;
+    return <$fh>;
+}
+
+# A fake `tandem` in its own directory: appends each argv (fields joined by \x1f) to
+# <dir>/calls; prints <dir>/list.json for `volume list`, else <dir>/out.json; prints
+# <dir>/stderr on stderr; exits with the number in <dir>/exit; `exec sleep`s <dir>/sleep
+# seconds first if that file exists.
+sub fake_cli {
+    my $dir = "$SCRATCH_DIR/fake" . int(rand(1e9));
+    mkdir($dir) or die "mkdir $dir: $!";
+    my $script = "$dir/tandem";
+    open(my $fh, '>', $script) or die "$script: $!";
+    print {$fh} <<"SH";
+#!/bin/sh
+d='$dir'
+printf '%s\\037' "\$@" >> "\$d/calls"
+printf '\\n' >> "\$d/calls"
+if [ -f "\$d/sleep" ]; then exec sleep "\$(cat "\$d/sleep")"; fi
+case " \$* " in
+    *" volume list "*) [ -f "\$d/list.json" ] && cat "\$d/list.json" ;;
+    *) [ -f "\$d/out.json" ] && cat "\$d/out.json" ;;
+esac
+[ -f "\$d/stderr" ] && cat "\$d/stderr" >&2
+exit "\$(cat "\$d/exit" 2>/dev/null || echo 0)"
+SH
+    close($fh);
+    chmod(0755, $script);
+    return bless { dir => $dir, cli => $script }, 'TandemTest::Fake';
+}
+
+package TandemTest::Fake;
+
+sub set {
+    my ($self, $file, $content) = @_;
+    my $path = "$self->{dir}/$file";
+    if (!defined($content)) {
+        unlink($path);
+        return;
+    }
+    open(my $fh, '>', $path) or die "$path: $!";
+    print {$fh} $content;
+    close($fh);
+}
+
+# All recorded calls: a list of argv array refs (without the program name).
+sub calls {
+    my ($self) = @_;
+    open(my $fh, '<', "$self->{dir}/calls") or return [];
+    my @calls;
+    while (my $line = <$fh>) {
+        chomp($line);
+        my @argv = split(/\x1f/, $line, -1);
+        pop(@argv) if @argv && $argv[-1] eq '';
+        push @calls, \@argv;
+    }
+    return \@calls;
+}
+
+sub reset {
+    my ($self) = @_;
+    unlink("$self->{dir}/$_") for qw(calls out.json list.json stderr exit sleep);
+}
+
+1;

@@ -1,0 +1,1057 @@
+//! Connections of one replica: who dials (the node whose name sorts first; reconnect
+//! forever with backoff), the state exchange after Hello, the sync decision on both sides,
+//! the link's use afterwards (data path as Primary or Secondary, idle, or a tiebreaker's
+//! control link), and what a lost link means (new generation armed, quorum re-evaluated,
+//! the peer outdated through the tiebreaker).
+//!
+//! Resync hand-over: a bitmap or full resync sets the pair to SyncSource/SyncTarget (the
+//! target Inconsistent, durably), the target sends its bitmap so the source resyncs the
+//! union, then the source runs `resync::run_resync_source` on the link (attached to the
+//! data path when it is Primary) and the target applies it in `run_secondary` with the
+//! engine's hooks (`sync.rs`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::messages::{EngineMessage, OutdateResult, PeerState, MAX_RUNS_PER_MESSAGE, MSG_STATE};
+use super::volume::{lock, LinkMode, Replica};
+use std::sync::atomic::AtomicBool;
+
+use super::sync::TargetHooks;
+use crate::datapath::{run_secondary, SecondaryConfig};
+use crate::link::{LinkReceiver, LinkSender, PeerLink};
+use crate::resync::ResyncTargetHooks;
+use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
+use crate::sync_decision::{
+    decide, resolution_outcome, resolve_manually, resolve_split_brain, DecisionContext, Direction,
+    SplitBrainSide, SyncDecision, SyncOutcome,
+};
+use crate::wire::Message;
+
+/// How long the peer may take to send its state after Hello.
+const STATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnect backoff: first retry, cap.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Why a link task ended.
+type LinkEnd = String;
+
+impl Replica {
+    /// Start one dialer per peer whose name sorts after ours.
+    pub(super) fn start_dialers(&self) {
+        let Some(me) = self.arc() else { return };
+        let peers: Vec<(String, std::net::SocketAddr)> = {
+            let st = lock(&self.st);
+            st.peers
+                .values()
+                .filter(|p| p.dialer)
+                .map(|p| (p.spec.name.clone(), p.spec.replication))
+                .collect()
+        };
+        for (peer, addr) in peers {
+            let me = me.clone();
+            self.spawn(async move { me.dial_loop(peer, addr).await });
+        }
+    }
+
+    async fn dial_loop(self: Arc<Self>, peer: String, addr: std::net::SocketAddr) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if lock(&self.st).closed {
+                return;
+            }
+            let hello = self.our_hello();
+            match PeerLink::connect(addr, &self.node.cfg.secret, &hello, &self.node.cfg.link).await
+            {
+                Ok(link) => {
+                    if link.info.hello.node != peer {
+                        tracing::warn!(volume = %self.volume, expected = %peer, got = %link.info.hello.node,
+                            "peer at {addr} is another node; check the node list");
+                        link.sender.close("unexpected node");
+                        self.set_last_error(
+                            &peer,
+                            format!("{addr} answered as {}", link.info.hello.node),
+                        );
+                    } else if self.clone().run_link(link).await {
+                        backoff = BACKOFF_MIN;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(volume = %self.volume, peer = %peer, error = %e, "connect failed");
+                    self.set_last_error(&peer, format!("connecting to {addr}: {e}"));
+                }
+            }
+            // A split-brain pair keeps re-running the handshake (deterministic: nothing is
+            // overwritten) so that `resolve` on either node takes effect.
+            let standalone = lock(&self.st)
+                .peers
+                .get(&peer)
+                .is_some_and(|p| p.conn == ConnectionState::StandAlone);
+            let wait = if standalone {
+                Duration::from_secs(1)
+            } else {
+                backoff
+            };
+            let mut rx = self.changed.subscribe();
+            let kicked = async {
+                // A resolve request wakes a StandAlone dialer early.
+                loop {
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                    let resolving = {
+                        let st = lock(&self.st);
+                        st.discard_my_data || st.discard_peer_data
+                    };
+                    if standalone && resolving {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = kicked => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn set_last_error(&self, peer: &str, err: String) {
+        if let Some(p) = lock(&self.st).peers.get_mut(peer) {
+            p.last_error = Some(err);
+        }
+    }
+
+    /// An authenticated link accepted by the node's listener.
+    pub(super) fn incoming_link(&self, link: PeerLink) {
+        let Some(me) = self.arc() else { return };
+        self.spawn(async move {
+            me.run_link(link).await;
+        });
+    }
+
+    /// Run one link to its end; true if it got past the handshake.
+    async fn run_link(self: Arc<Self>, link: PeerLink) -> bool {
+        let peer = link.info.hello.node.clone();
+        let id = {
+            let mut st = lock(&self.st);
+            if st.closed {
+                link.sender.close("replica closed");
+                return false;
+            }
+            let Some(slot) = st.peers.get_mut(&peer) else {
+                link.sender.close("not a member of this volume");
+                return false;
+            };
+            if let Some(old) = slot.sender.replace(link.sender.clone()) {
+                old.close("replaced by a new connection");
+            }
+            slot.link_id += 1;
+            slot.mode = LinkMode::None;
+            // No state broadcasts into a link that is still in its handshake.
+            if slot.conn == ConnectionState::Connected {
+                slot.conn = ConnectionState::Connecting;
+            }
+            slot.link_id
+        };
+        let (ok, reason) = match self.serve_link(&peer, id, link).await {
+            Ok(reason) => (true, reason),
+            Err(reason) => (false, reason),
+        };
+        self.link_down(&peer, id, reason).await;
+        ok
+    }
+
+    /// Handshake, then use the link until it goes down.
+    async fn serve_link(
+        self: &Arc<Self>,
+        peer: &str,
+        id: u64,
+        link: PeerLink,
+    ) -> Result<LinkEnd, LinkEnd> {
+        let PeerLink {
+            info,
+            sender,
+            mut receiver,
+        } = link;
+        let peer_diskless = lock(&self.st)
+            .peers
+            .get(peer)
+            .is_some_and(|p| p.spec.diskless);
+        let data_pair = !peer_diskless && self.device.is_some();
+        // A Primary holds new writes while it exchanges state with a data peer, so the
+        // generations and bitmaps exchanged are exactly what the decision acts on.
+        let gate = if data_pair && lock(&self.st).role == Role::Primary {
+            Some(self.io_gate.clone().write_owned().await)
+        } else {
+            None
+        };
+        let mine = {
+            let st = lock(&self.st);
+            self.local_state(&st, peer, true)
+        };
+        sender
+            .send(&EngineMessage::State(Box::new(mine.clone())).to_message())
+            .await
+            .map_err(|e| format!("sending state: {e}"))?;
+        let theirs = match tokio::time::timeout(STATE_TIMEOUT, recv_state(&mut receiver)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                sender.close(&e);
+                return Err(e);
+            }
+            Err(_) => {
+                let e = format!("no state from {peer} within {STATE_TIMEOUT:?}");
+                sender.close(&e);
+                return Err(e);
+            }
+        };
+        if theirs.diskless != peer_diskless {
+            tracing::warn!(volume = %self.volume, peer, "peer's diskless flag differs from the node list");
+        }
+
+        if !data_pair {
+            // Control link: a tiebreaker, or we are one.
+            let lost = {
+                let mut st = lock(&self.st);
+                if let Some(slot) = st.peers.get_mut(peer) {
+                    if slot.link_id != id {
+                        return Err("superseded".into());
+                    }
+                    slot.conn = ConnectionState::Connected;
+                    slot.replication = ReplicationState::Established;
+                    slot.state = Some(theirs);
+                    slot.mode = LinkMode::Idle;
+                    slot.left_gracefully = false;
+                    slot.last_error = None;
+                }
+                self.recompute_quorum(&mut st)
+            };
+            if lost {
+                let _ = self.persist().await;
+            }
+            tracing::info!(volume = %self.volume, peer, "control link up");
+            self.broadcast_state();
+            return self.control_loop(peer, receiver).await;
+        }
+
+        let Some(peer_uuids) = theirs.uuids.clone() else {
+            let e = format!("{peer} sent no generations although it is a data replica");
+            sender.close(&e);
+            return Err(e);
+        };
+        let Some(my_uuids) = mine.uuids.clone() else {
+            return Err("no local generations".into());
+        };
+        let protocol = lock(&self.st).options.protocol;
+        let ctx = DecisionContext {
+            local_name: self.node_name(),
+            peer_name: peer,
+            protocol,
+        };
+        let decision = decide(&my_uuids, &peer_uuids, &ctx);
+        let outcome = self.settle(peer, &decision, &mine, &theirs);
+        let describe = SyncDecision {
+            outcome,
+            rule: decision.rule,
+        }
+        .describe(&self.volume, self.node_name(), peer);
+        tracing::info!(volume = %self.volume, peer, decision = %describe, "handshake decided");
+
+        match outcome {
+            SyncOutcome::SplitBrainAutoRecoverable
+            | SyncOutcome::SplitBrainDisconnect
+            | SyncOutcome::UnrelatedData => {
+                let text = decision.describe(&self.volume, self.node_name(), peer);
+                {
+                    let mut st = lock(&self.st);
+                    if let Some(slot) = st.peers.get_mut(peer) {
+                        if slot.split_brain.as_deref() != Some(text.as_str()) {
+                            tracing::error!(volume = %self.volume, peer, "{text}");
+                        }
+                        slot.conn = ConnectionState::StandAlone;
+                        slot.split_brain = Some(text.clone());
+                        slot.decision = Some(text.clone());
+                        slot.state = Some(theirs);
+                    }
+                }
+                self.notify();
+                sender.close("split brain");
+                return Err(text);
+            }
+            _ => {}
+        }
+
+        // Roles versus direction: a Primary never becomes SyncTarget — unless its I/O is
+        // frozen for lack of quorum: then it steps down (force-secondary).
+        let resync = match outcome {
+            SyncOutcome::BitmapResync(d) => Some((d, false)),
+            SyncOutcome::FullSync(d) => Some((d, true)),
+            _ => None,
+        };
+        if let Some((Direction::LocalIsTarget, _)) = resync {
+            if mine.role == Role::Primary {
+                let frozen = lock(&self.st).io_suspended;
+                if frozen {
+                    drop(gate);
+                    let _ = self
+                        .demote_now(&format!(
+                            "force-secondary: Primary without quorum met newer data on {peer}"
+                        ))
+                        .await;
+                    sender.close("reconnecting after force-secondary");
+                    return Err("force-secondary".into());
+                }
+                let e = format!(
+                    "{}: {describe}, but {} is Primary; demote it to let it resync",
+                    self.volume,
+                    self.node_name()
+                );
+                sender.close(&e);
+                return Err(e);
+            }
+        }
+        if let Some((Direction::LocalIsSource, _)) = resync {
+            if theirs.role == Role::Primary {
+                // The peer refuses the same way; try again later.
+                sender.close("peer is Primary and would be SyncTarget");
+                return Err(format!("{describe}, but {peer} is Primary"));
+            }
+        }
+
+        if resync.is_none() && mine.role == Role::Primary && theirs.role == Role::Primary {
+            let e = format!(
+                "{}: both {} and {peer} are Primary; demote one of them",
+                self.volume,
+                self.node_name()
+            );
+            sender.close(&e);
+            return Err(e);
+        }
+
+        // The source resyncs the union of both bitmaps: the target sends its bits.
+        match resync {
+            Some((Direction::LocalIsTarget, _)) => {
+                let runs: Vec<(u64, u64)> = lock(&self.bitmaps)
+                    .get(peer)
+                    .map(|b| b.runs().collect())
+                    .unwrap_or_default();
+                let mut chunks: Vec<&[(u64, u64)]> = runs.chunks(MAX_RUNS_PER_MESSAGE).collect();
+                if chunks.is_empty() {
+                    chunks.push(&[]);
+                }
+                let n = chunks.len();
+                for (i, c) in chunks.into_iter().enumerate() {
+                    let msg = EngineMessage::BitmapRuns {
+                        runs: c.to_vec(),
+                        last: i + 1 == n,
+                    };
+                    sender
+                        .send(&msg.to_message())
+                        .await
+                        .map_err(|e| format!("sending the bitmap: {e}"))?;
+                }
+            }
+            Some((Direction::LocalIsSource, _)) => {
+                match tokio::time::timeout(STATE_TIMEOUT, self.recv_bitmap(peer, &mut receiver))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        sender.close(&e);
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        let e = format!("no bitmap from {peer} within {STATE_TIMEOUT:?}");
+                        sender.close(&e);
+                        return Err(e);
+                    }
+                }
+            }
+            None => {}
+        }
+
+        // Act on the decision.
+        match resync {
+            None => self.apply_in_sync(peer, theirs.disk).await,
+            Some((dir, full)) => self.start_resync(peer, dir, full).await,
+        }
+        let lost = {
+            let mut st = lock(&self.st);
+            if let Some(slot) = st.peers.get_mut(peer) {
+                if slot.link_id != id {
+                    return Err("superseded".into());
+                }
+                slot.conn = ConnectionState::Connected;
+                slot.replication = match resync {
+                    None => ReplicationState::Established,
+                    Some((Direction::LocalIsSource, _)) => ReplicationState::SyncSource,
+                    Some((Direction::LocalIsTarget, _)) => ReplicationState::SyncTarget,
+                };
+                slot.split_brain = None;
+                slot.decision = Some(describe);
+                slot.state = Some(theirs);
+                slot.left_gracefully = false;
+                slot.last_error = None;
+            }
+            // The peer is back in the set receiving our writes: nothing to outdate.
+            st.pending_outdates.remove(peer);
+            st.discard_my_data = false;
+            st.discard_peer_data = false;
+            self.recompute_quorum(&mut st)
+        };
+        if lost {
+            let _ = self.persist().await;
+        }
+        self.broadcast_state();
+        self.data_link(
+            peer,
+            id,
+            PeerLink {
+                info,
+                sender,
+                receiver,
+            },
+            gate,
+        )
+        .await
+    }
+
+    /// Receive the target's bitmap runs and merge them into ours for `peer`.
+    async fn recv_bitmap(&self, peer: &str, receiver: &mut LinkReceiver) -> Result<(), String> {
+        loop {
+            let Some(msg) = receiver.recv().await else {
+                return Err("link closed during the bitmap exchange".into());
+            };
+            let Message::Extension {
+                msg_type, payload, ..
+            } = msg
+            else {
+                return Err(format!(
+                    "expected the peer's bitmap, got message type {:#06x}",
+                    msg.msg_type()
+                ));
+            };
+            match EngineMessage::decode(msg_type, &payload) {
+                Ok(EngineMessage::BitmapRuns { runs, last }) => {
+                    {
+                        let mut bms = lock(&self.bitmaps);
+                        let Some(bm) = bms.get_mut(peer) else {
+                            return Err(format!("no bitmap for {peer}"));
+                        };
+                        for (o, l) in runs {
+                            bm.set_range(o, l)
+                                .map_err(|e| format!("peer's bitmap run: {e}"))?;
+                        }
+                    }
+                    if last {
+                        return Ok(());
+                    }
+                }
+                // A state update overtaking the exchange is harmless.
+                Ok(EngineMessage::State(_)) => {}
+                Ok(_) => return Err("unexpected message during the bitmap exchange".into()),
+                Err(e) => return Err(format!("bad bitmap message: {e}")),
+            }
+        }
+    }
+
+    /// Post-process a decision: split-brain policy or manual resolution, and "no sync"
+    /// with a dirty bitmap. Symmetric: both sides reach mirrored outcomes from the same
+    /// exchanged states.
+    fn settle(
+        &self,
+        peer: &str,
+        d: &SyncDecision,
+        mine: &PeerState,
+        theirs: &PeerState,
+    ) -> SyncOutcome {
+        let policy = lock(&self.st).options.after_split_brain;
+        match d.outcome {
+            SyncOutcome::SplitBrainAutoRecoverable | SyncOutcome::SplitBrainDisconnect => {
+                // Manual: the operator chose a side on one node (discard-local there, or
+                // keep-local on the other); both sides see both flags.
+                let local_discards = mine.discard_my_data || theirs.keep_my_data;
+                let peer_discards = theirs.discard_my_data || mine.keep_my_data;
+                if local_discards != peer_discards {
+                    if let Ok(o) = resolve_manually(*d, local_discards) {
+                        return o;
+                    }
+                }
+                if d.outcome == SyncOutcome::SplitBrainAutoRecoverable {
+                    let side = |s: &PeerState, other_changed: u64| SplitBrainSide {
+                        changed_blocks: other_changed,
+                        promoted_at: (s.promoted_at != 0).then_some(s.promoted_at),
+                        is_primary_now: s.role == Role::Primary,
+                    };
+                    // changed_blocks in a state = the sender's bitmap for the receiver =
+                    // what the sender changed since the split.
+                    let local = side(mine, mine.changed_blocks);
+                    let peer = side(theirs, theirs.changed_blocks);
+                    if let Some(o) = resolution_outcome(resolve_split_brain(policy, &local, &peer))
+                    {
+                        return o;
+                    }
+                }
+                d.outcome
+            }
+            SyncOutcome::NoSync if mine.changed_blocks > 0 || theirs.changed_blocks > 0 => {
+                let i_source = match (mine.changed_blocks > 0, theirs.changed_blocks > 0) {
+                    (true, false) => true,
+                    (false, true) => false,
+                    _ => match (mine.role == Role::Primary, theirs.role == Role::Primary) {
+                        (true, false) => true,
+                        (false, true) => false,
+                        _ => self.node_name() < peer,
+                    },
+                };
+                SyncOutcome::BitmapResync(if i_source {
+                    Direction::LocalIsSource
+                } else {
+                    Direction::LocalIsTarget
+                })
+            }
+            SyncOutcome::BitmapResync(Direction::LocalIsTarget)
+                if d.rule == crate::sync_decision::Rule::LocalLostQuorum
+                    && mine.role == Role::Primary
+                    && theirs.role != Role::Primary =>
+            {
+                // The lost-quorum Primary got its quorum back and nobody took over: it
+                // stays the source (its unacknowledged writes become the truth).
+                SyncOutcome::BitmapResync(Direction::LocalIsSource)
+            }
+            SyncOutcome::BitmapResync(Direction::LocalIsSource)
+                if d.rule == crate::sync_decision::Rule::PeerLostQuorum
+                    && theirs.role == Role::Primary
+                    && mine.role != Role::Primary =>
+            {
+                SyncOutcome::BitmapResync(Direction::LocalIsTarget)
+            }
+            other => other,
+        }
+    }
+
+    /// "No sync": clear the pair's slot and bits, confirm the disk state.
+    async fn apply_in_sync(&self, peer: &str, peer_disk: DiskState) {
+        {
+            let mut st = lock(&self.st);
+            st.uuids.in_sync_with(peer);
+            let disk =
+                crate::role::disk_state_after_handshake(st.disk, SyncOutcome::NoSync, peer_disk);
+            if disk == DiskState::UpToDate {
+                st.uuids.flags.was_up_to_date = true;
+                st.uuids.flags.consistent = true;
+            }
+            st.disk = disk;
+            if let Some(bm) = lock(&self.bitmaps).get_mut(peer) {
+                bm.clear_all();
+            }
+        }
+        if let Err(e) = self.flush_bitmap(peer).await {
+            tracing::error!(volume = %self.volume, peer, error = %e, "persisting the bitmap");
+        }
+        if let Err(e) = self.persist().await {
+            tracing::error!(volume = %self.volume, peer, error = %e, "persisting the superblock");
+        }
+    }
+
+    /// Enter SyncSource/SyncTarget. The target is Inconsistent (durably) until the resync
+    /// finishes; the transfer itself starts with the link's data mode (`data_link`).
+    pub(super) async fn start_resync(&self, peer: &str, dir: Direction, full: bool) {
+        {
+            let mut st = lock(&self.st);
+            match dir {
+                Direction::LocalIsTarget => {
+                    st.disk = DiskState::Inconsistent;
+                    st.uuids.flags.consistent = false;
+                }
+                Direction::LocalIsSource => {
+                    if matches!(st.disk, DiskState::Consistent) {
+                        st.disk = DiskState::UpToDate;
+                    }
+                    if full {
+                        if let Some(bm) = lock(&self.bitmaps).get_mut(peer) {
+                            bm.set_all();
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.persist().await {
+            tracing::error!(volume = %self.volume, peer, error = %e, "persisting the resync start");
+        }
+        tracing::info!(volume = %self.volume, peer, ?dir, full, "resync starts");
+    }
+
+    /// Use an established data link according to the roles, until it goes down.
+    async fn data_link(
+        self: &Arc<Self>,
+        peer: &str,
+        id: u64,
+        link: PeerLink,
+        gate: Option<tokio::sync::OwnedRwLockWriteGuard<()>>,
+    ) -> Result<LinkEnd, LinkEnd> {
+        let mut link = link;
+        let mut gate = gate;
+        loop {
+            let (i_am_primary, primary, peer_is_primary, replication, source_uuids) = {
+                let st = lock(&self.st);
+                let slot = st.peers.get(peer);
+                (
+                    st.role == Role::Primary,
+                    st.primary.clone(),
+                    slot.and_then(|p| p.state.as_ref())
+                        .is_some_and(|s| s.role == Role::Primary),
+                    slot.map(|p| p.replication).unwrap_or(ReplicationState::Off),
+                    slot.and_then(|p| p.state.as_ref())
+                        .and_then(|s| s.uuids.clone()),
+                )
+            };
+            if i_am_primary {
+                let Some(primary) = primary else {
+                    return Err("Primary without data path".into());
+                };
+                let sender = link.sender.clone();
+                primary.attach_peer(link);
+                self.set_mode(peer, id, LinkMode::Attached);
+                drop(gate.take());
+                if replication == ReplicationState::SyncSource {
+                    self.spawn_resync_source(peer, id, sender.clone());
+                }
+                sender.closed().await;
+                return Ok(sender
+                    .down_reason()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "link closed".into()));
+            }
+            drop(gate.take());
+            let target = replication == ReplicationState::SyncTarget;
+            if peer_is_primary || target {
+                let Some(device) = self.device.clone() else {
+                    return Err("diskless".into());
+                };
+                self.set_mode(peer, id, LinkMode::Secondary);
+                let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+                let me = self.clone();
+                let p = peer.to_string();
+                let handler = tokio::spawn(async move {
+                    while let Some(msg) = rx.recv().await {
+                        me.handle_extension(&p, msg).await;
+                    }
+                });
+                let resync_target = match (target, source_uuids) {
+                    (true, Some(source_uuids)) => {
+                        let hooks = Arc::new(TargetHooks {
+                            replica: self.me.clone(),
+                            source: peer.to_string(),
+                            source_uuids,
+                            wrote: AtomicBool::new(false),
+                        });
+                        Some(ResyncTargetHooks(hooks))
+                    }
+                    _ => None,
+                };
+                let cfg = SecondaryConfig {
+                    extensions: Some(tx),
+                    resync_target,
+                    ..SecondaryConfig::default()
+                };
+                let res = run_secondary(link, device, cfg).await;
+                handler.abort();
+                return match res {
+                    Ok(down) => Ok(down.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+            }
+            // Both Secondary: idle until one side promotes. A resync to a Secondary
+            // target runs from here with this node's device as the source.
+            self.set_mode(peer, id, LinkMode::Idle);
+            let resyncing = replication == ReplicationState::SyncSource;
+            if resyncing {
+                self.spawn_resync_source(peer, id, link.sender.clone());
+            }
+            let mut rx = self.changed.subscribe();
+            loop {
+                tokio::select! {
+                    msg = link.receiver.recv() => {
+                        let Some(msg) = msg else {
+                            return Ok(link.receiver.down_reason().map(|r| r.to_string()).unwrap_or_else(|| "link closed".into()));
+                        };
+                        self.handle_extension(peer, msg).await;
+                        let promoted = lock(&self.st).peers.get(peer).and_then(|p| p.state.as_ref()).is_some_and(|s| s.role == Role::Primary);
+                        if promoted {
+                            break;
+                        }
+                    }
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            return Err("replica gone".into());
+                        }
+                        let (closed, promoted) = {
+                            let st = lock(&self.st);
+                            (st.closed, st.role == Role::Primary && st.primary.is_some())
+                        };
+                        if closed {
+                            return Err("closed".into());
+                        }
+                        if promoted {
+                            let still_resyncing = lock(&self.st)
+                                .peers
+                                .get(peer)
+                                .is_some_and(|p| p.replication == ReplicationState::SyncSource);
+                            if still_resyncing {
+                                // The resync read the device without the Primary's range
+                                // lock; restart it under the Primary (reconnect resumes
+                                // from the bitmap).
+                                link.sender.close("promoted during resync; resuming as Primary");
+                                return Err("promoted during resync".into());
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_mode(&self, peer: &str, id: u64, mode: LinkMode) {
+        if let Some(slot) = lock(&self.st).peers.get_mut(peer) {
+            if slot.link_id == id {
+                slot.mode = mode;
+            }
+        }
+        self.notify();
+    }
+
+    /// A control link (to or from a tiebreaker): state updates and the outdate relay.
+    async fn control_loop(
+        self: &Arc<Self>,
+        peer: &str,
+        mut receiver: LinkReceiver,
+    ) -> Result<LinkEnd, LinkEnd> {
+        while let Some(msg) = receiver.recv().await {
+            self.handle_extension(peer, msg).await;
+        }
+        Ok(receiver
+            .down_reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "link closed".into()))
+    }
+
+    /// An engine message from `peer` (any link mode).
+    pub(super) async fn handle_extension(&self, peer: &str, msg: Message) {
+        let Message::Extension {
+            msg_type,
+            flags,
+            payload,
+        } = msg
+        else {
+            return;
+        };
+        if crate::resync::proto::is_resync_type(msg_type) {
+            // Replies for a resync/verify session running on this node.
+            let tx = lock(&self.st)
+                .peers
+                .get(peer)
+                .and_then(|p| p.resync_replies.clone());
+            match tx {
+                Some(tx) => {
+                    let _ = tx.send(Message::Extension {
+                        msg_type,
+                        flags,
+                        payload,
+                    });
+                }
+                None => {
+                    tracing::debug!(volume = %self.volume, peer, msg_type, "resync message without a session; ignored")
+                }
+            }
+            return;
+        }
+        if !EngineMessage::is_engine_type(msg_type) {
+            tracing::debug!(volume = %self.volume, peer, msg_type, "unknown extension message; ignored");
+            return;
+        }
+        let msg = match EngineMessage::decode(msg_type, &payload) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(volume = %self.volume, peer, error = %e, "bad engine message; disconnecting");
+                if let Some(s) = lock(&self.st)
+                    .peers
+                    .get(peer)
+                    .and_then(|p| p.sender.clone())
+                {
+                    s.close_with_error(crate::wire::error_code::PROTOCOL, &e.to_string());
+                }
+                return;
+            }
+        };
+        match msg {
+            EngineMessage::State(s) => {
+                let relay = {
+                    let mut st = lock(&self.st);
+                    let Some(slot) = st.peers.get_mut(peer) else {
+                        return;
+                    };
+                    if s.leaving {
+                        slot.left_gracefully = true;
+                    }
+                    let changed_view = slot
+                        .state
+                        .as_ref()
+                        .is_none_or(|old| old.role != s.role || old.primaries != s.primaries);
+                    slot.state = Some(*s);
+                    self.recompute_quorum(&mut st);
+                    // A tiebreaker passes role changes on to the others.
+                    changed_view && self.device.is_none()
+                };
+                if relay {
+                    self.broadcast_state();
+                }
+                self.notify();
+            }
+            EngineMessage::NewCurrent {
+                generation,
+                disconnected,
+            } => {
+                {
+                    let mut st = lock(&self.st);
+                    let me = self.node_name().to_string();
+                    let names: Vec<&str> = disconnected
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|n| *n != me)
+                        .collect();
+                    st.uuids.follow_new_current(generation, &names);
+                }
+                if let Err(e) = self.persist().await {
+                    tracing::error!(volume = %self.volume, error = %e, "persisting a new generation");
+                }
+            }
+            EngineMessage::Outdate {
+                id,
+                target,
+                requester,
+            } => self.on_outdate(peer, id, target, requester).await,
+            EngineMessage::BitmapRuns { .. } => {
+                tracing::warn!(volume = %self.volume, peer, "bitmap runs outside a handshake; ignored");
+            }
+            EngineMessage::OutdateReply {
+                id,
+                target,
+                requester,
+                result,
+            } => {
+                if requester == self.node_name() {
+                    let mut st = lock(&self.st);
+                    if st.pending_outdates.get(&target) == Some(&id)
+                        && result != OutdateResult::Refused
+                    {
+                        tracing::info!(volume = %self.volume, target = %target, ?result, "peer outdated (or unreachable) through the tiebreaker; writes continue");
+                        st.pending_outdates.remove(&target);
+                    }
+                    drop(st);
+                    self.notify();
+                } else {
+                    // A tiebreaker forwards the answer to the requester.
+                    let to = {
+                        let mut st = lock(&self.st);
+                        st.relayed_outdates.remove(&id);
+                        st.peers.get(&requester).and_then(|p| p.sender.clone())
+                    };
+                    if let Some(s) = to {
+                        let _ = s.send_control(
+                            &EngineMessage::OutdateReply {
+                                id,
+                                target,
+                                requester,
+                                result,
+                            }
+                            .to_message(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_outdate(&self, from: &str, id: u64, target: String, requester: String) {
+        if target == self.node_name() {
+            let result = {
+                let mut st = lock(&self.st);
+                if st.role == Role::Primary {
+                    OutdateResult::Refused
+                } else {
+                    st.uuids.mark_outdated();
+                    if matches!(st.disk, DiskState::UpToDate | DiskState::Consistent) {
+                        st.disk = DiskState::Outdated;
+                    }
+                    OutdateResult::Outdated
+                }
+            };
+            if result == OutdateResult::Outdated {
+                // Durable before the answer.
+                if let Err(e) = self.persist().await {
+                    tracing::error!(volume = %self.volume, error = %e, "persisting Outdated");
+                    return;
+                }
+                tracing::warn!(volume = %self.volume, by = %requester, "marked Outdated: the Primary continues without this replica");
+                self.broadcast_state();
+            }
+            let back = lock(&self.st)
+                .peers
+                .get(from)
+                .and_then(|p| p.sender.clone());
+            if let Some(s) = back {
+                let _ = s.send_control(
+                    &EngineMessage::OutdateReply {
+                        id,
+                        target,
+                        requester,
+                        result,
+                    }
+                    .to_message(),
+                );
+            }
+            return;
+        }
+        // Relay (we are the tiebreaker).
+        let (fwd, back) = {
+            let mut st = lock(&self.st);
+            let fwd = st
+                .peers
+                .get(&target)
+                .filter(|p| p.conn == ConnectionState::Connected)
+                .and_then(|p| p.sender.clone());
+            if fwd.is_some() {
+                st.relayed_outdates.insert(id, requester.clone());
+            }
+            (fwd, st.peers.get(from).and_then(|p| p.sender.clone()))
+        };
+        let msg = EngineMessage::Outdate {
+            id,
+            target: target.clone(),
+            requester: requester.clone(),
+        };
+        match fwd {
+            Some(s) if s.send_control(&msg.to_message()).is_ok() => {}
+            _ => {
+                if let Some(b) = back {
+                    let _ = b.send_control(
+                        &EngineMessage::OutdateReply {
+                            id,
+                            target,
+                            requester,
+                            result: OutdateResult::Unreachable,
+                        }
+                        .to_message(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The link to `peer` went down.
+    async fn link_down(&self, peer: &str, id: u64, reason: String) {
+        let (lost_quorum, outdate) = {
+            let mut st = lock(&self.st);
+            let i_am_primary = st.role == Role::Primary;
+            let Some(slot) = st.peers.get_mut(peer) else {
+                return;
+            };
+            if slot.link_id != id {
+                return;
+            }
+            let was_connected = slot.conn == ConnectionState::Connected;
+            let peer_was_primary = slot.state.as_ref().is_some_and(|s| s.role == Role::Primary);
+            let data_peer = !slot.spec.diskless;
+            slot.sender = None;
+            slot.mode = LinkMode::None;
+            slot.replication = ReplicationState::Off;
+            slot.resync_replies = None;
+            slot.resync_progress = None;
+            if let Some(t) = slot.resync_task.take() {
+                t.abort();
+            }
+            if let Some(d) = slot.dual_sender.take() {
+                d.close("the main link to the peer went down");
+            }
+            if slot.conn != ConnectionState::StandAlone {
+                slot.conn = ConnectionState::Connecting;
+                slot.state = None;
+                slot.last_error = Some(reason.clone());
+            }
+            if was_connected {
+                tracing::warn!(volume = %self.volume, peer, reason = %reason, "peer link down");
+            }
+            if data_peer && was_connected && i_am_primary {
+                st.uuids.on_peer_lost(true, peer_was_primary);
+            }
+            let lost = self.recompute_quorum(&mut st);
+            // Keep the lost Secondary from being promoted with stale data: outdate it
+            // through a tiebreaker before writing on.
+            let mut outdate = None;
+            if data_peer && was_connected && st.role == Role::Primary && st.has_quorum {
+                let relays: Vec<LinkSender> = st
+                    .peers
+                    .values()
+                    .filter(|p| p.spec.diskless && p.conn == ConnectionState::Connected)
+                    .filter_map(|p| p.sender.clone())
+                    .collect();
+                if !relays.is_empty() {
+                    let rid = st.next_request_id;
+                    st.next_request_id += 1;
+                    st.pending_outdates.insert(peer.to_string(), rid);
+                    outdate = Some((rid, relays));
+                }
+            }
+            (lost, outdate)
+        };
+        self.notify();
+        if lost_quorum {
+            if let Err(e) = self.persist().await {
+                tracing::error!(volume = %self.volume, error = %e, "persisting the lost-quorum flag");
+            }
+        }
+        if let Some((rid, relays)) = outdate {
+            let msg = EngineMessage::Outdate {
+                id: rid,
+                target: peer.to_string(),
+                requester: self.node_name().to_string(),
+            }
+            .to_message();
+            for r in relays {
+                let _ = r.send_control(&msg);
+            }
+        }
+        self.broadcast_state();
+    }
+}
+
+/// Read messages until the peer's State arrives.
+async fn recv_state(receiver: &mut LinkReceiver) -> Result<PeerState, String> {
+    let Some(msg) = receiver.recv().await else {
+        return Err(receiver
+            .down_reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "link closed during the state exchange".into()));
+    };
+    match msg {
+        Message::Extension {
+            msg_type: MSG_STATE,
+            payload,
+            ..
+        } => match EngineMessage::decode(MSG_STATE, &payload) {
+            Ok(EngineMessage::State(s)) => Ok(*s),
+            Ok(_) => Err("unexpected message in the state exchange".into()),
+            Err(e) => Err(format!("bad state message: {e}")),
+        },
+        other => Err(format!(
+            "expected the peer's state, got message type {:#06x}",
+            other.msg_type()
+        )),
+    }
+}

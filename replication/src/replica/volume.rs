@@ -1,0 +1,1413 @@
+//! One replicated volume on this node (the `Replica`): its state (role, disk, generations, bitmaps,
+//! quorum, peers), roles and the I/O entry points. Connection handling lives in
+//! `connection.rs`; both share [`State`] under one mutex that is never held across an
+//! await or across disk I/O (metadata writes run on the blocking pool, taking the
+//! metadata lock first: lock order is meta → state → bitmaps).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::messages::{EngineMessage, PeerState};
+use super::status::{PeerStatus, ReplicaStatus, VerifySummary};
+use super::{EngineError, NodeShared, PeerSpec, ReplicaOptions, ReplicaSpec};
+use crate::activity_log::{ActivityLog, Admission};
+use crate::bitmap::Bitmap;
+use crate::datapath::{Primary, PrimaryConfig};
+use crate::device::BackingDevice;
+use crate::generation::{SplitMix64, UuidSet};
+use crate::link::LinkSender;
+use crate::metadata::{MetaStore, ReplicaMeta};
+use crate::quorum::{self, Member, MemberStatus, OnNoQuorum, QuorumMode};
+use crate::role::{
+    self, ConnectionState, DiskState, PeerView, PromoteContext, Protocol, ReplicationState, Role,
+};
+use crate::wire::{Hello, ReplicationProtocol};
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(super) fn wire_protocol(p: Protocol) -> ReplicationProtocol {
+    match p {
+        Protocol::A => ReplicationProtocol::A,
+        Protocol::B => ReplicationProtocol::B,
+        Protocol::C => ReplicationProtocol::C,
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// How a connected data link is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LinkMode {
+    /// Handshake running, or no link.
+    None,
+    /// Both Secondary (or a control link to a tiebreaker).
+    Idle,
+    /// Attached to our `datapath::Primary`.
+    Attached,
+    /// Running `datapath::run_secondary` for the peer's writes.
+    Secondary,
+}
+
+pub(super) struct PeerSlot {
+    pub spec: PeerSpec,
+    /// We dial this peer (our name sorts first).
+    pub dialer: bool,
+    pub conn: ConnectionState,
+    pub link_id: u64,
+    pub sender: Option<LinkSender>,
+    pub mode: LinkMode,
+    pub state: Option<PeerState>,
+    pub replication: ReplicationState,
+    pub split_brain: Option<String>,
+    pub decision: Option<String>,
+    pub last_error: Option<String>,
+    pub left_gracefully: bool,
+    /// Where resync/verify replies from this peer go (a session on this node is running).
+    pub resync_replies: Option<tokio::sync::mpsc::UnboundedSender<crate::wire::Message>>,
+    /// Progress of the resync with this peer (either direction).
+    pub resync_progress: Option<Arc<crate::resync::ResyncProgress>>,
+    /// The resync task when this node is the source.
+    pub resync_task: Option<JoinHandle<()>>,
+    /// The reverse data link while both nodes are Primary (see `dual.rs`).
+    pub dual_sender: Option<LinkSender>,
+}
+
+pub(super) struct State {
+    pub role: Role,
+    pub disk: DiskState,
+    pub uuids: UuidSet,
+    pub volume_size: u64,
+    pub al_extents: usize,
+    pub options: ReplicaOptions,
+    pub allow_two_primaries: bool,
+    pub has_quorum: bool,
+    pub quorum_reason: String,
+    pub io_suspended: bool,
+    pub promoted_at: u64,
+    /// Operator chose to discard local changes at the next split-brain handshake.
+    pub discard_my_data: bool,
+    /// Operator chose to keep local changes (discard the peer's) at the next handshake.
+    pub discard_peer_data: bool,
+    pub peers: BTreeMap<String, PeerSlot>,
+    pub primary: Option<Primary>,
+    pub closed: bool,
+    /// A new generation is being made durable (writes wait).
+    pub gen_persisting: bool,
+    /// Data peers this Primary must see outdated (through a tiebreaker) before it writes
+    /// again: target → request id.
+    pub pending_outdates: BTreeMap<String, u64>,
+    pub next_request_id: u64,
+    /// Outdate requests this tiebreaker forwarded: id → requester.
+    pub relayed_outdates: BTreeMap<u64, String>,
+    pub last_verify: Option<VerifySummary>,
+    /// Why the replica was last demoted by force (frozen requests report it).
+    pub forced_demotion: Option<String>,
+}
+
+/// A replicated volume on this node.
+pub struct Replica {
+    pub(super) node: Arc<NodeShared>,
+    pub(super) volume: String,
+    pub(super) meta_dir: std::path::PathBuf,
+    pub(super) device: Option<Arc<dyn BackingDevice>>,
+    pub(super) st: Mutex<State>,
+    pub(super) meta: Arc<Mutex<Option<MetaStore>>>,
+    pub(super) bitmaps: Arc<Mutex<BTreeMap<String, Bitmap>>>,
+    al: Mutex<Option<ActivityLog>>,
+    al_written: Mutex<u64>,
+    al_changed: watch::Sender<u64>,
+    gen_lock: tokio::sync::Mutex<()>,
+    pub(super) io_gate: Arc<tokio::sync::RwLock<()>>,
+    pub(super) changed: watch::Sender<u64>,
+    pub(super) tasks: Mutex<Vec<JoinHandle<()>>>,
+    rng: Mutex<SplitMix64>,
+    pub(super) me: Weak<Replica>,
+}
+
+fn meta_err(volume: &str, op: &'static str) -> impl Fn(crate::metadata::MetaError) -> EngineError {
+    let volume = volume.to_string();
+    move |source| EngineError::Metadata {
+        volume: volume.clone(),
+        op,
+        source,
+    }
+}
+
+impl Replica {
+    pub(super) async fn open(
+        node: Arc<NodeShared>,
+        spec: ReplicaSpec,
+        device: Option<Arc<dyn BackingDevice>>,
+    ) -> Result<Arc<Replica>, EngineError> {
+        let volume = spec.volume.clone();
+        if spec.peers.iter().any(|p| p.name == node.cfg.name) {
+            return Err(EngineError::InvalidRequest(format!(
+                "{volume}: the peer list names this node ({})",
+                node.cfg.name
+            )));
+        }
+        let data_peers: Vec<String> = spec
+            .peers
+            .iter()
+            .filter(|p| !p.diskless)
+            .map(|p| p.name.clone())
+            .collect();
+        let (store, uuids, bitmaps, al, size, al_extents, disk) = match &device {
+            Some(dev) => {
+                let dir = spec.meta_dir.clone();
+                let dev_size = dev.size();
+                let peers = data_peers.clone();
+                let tiebreakers: Vec<String> = spec
+                    .peers
+                    .iter()
+                    .filter(|p| p.diskless)
+                    .map(|p| p.name.clone())
+                    .collect();
+                let volume2 = volume.clone();
+                let loaded = tokio::task::spawn_blocking(move || {
+                    let (mut store, mut loaded) =
+                        MetaStore::open(&dir).map_err(meta_err(&volume2, "opening"))?;
+                    // A tiebreaker's bitmap slot (if the metadata has one) means nothing: it
+                    // stores no data. Keep it clean (apply-al after a crash sets it).
+                    for t in &tiebreakers {
+                        if let Some(bm) = loaded.bitmaps.get_mut(t) {
+                            if bm.dirty_blocks() > 0 {
+                                bm.clear_all();
+                                store
+                                    .flush_bitmap(t, bm)
+                                    .map_err(meta_err(&volume2, "writing the bitmap of"))?;
+                            }
+                        }
+                    }
+                    for p in &peers {
+                        if !loaded.bitmaps.contains_key(p) {
+                            let mut bm = Bitmap::new(loaded.meta.volume_size);
+                            store
+                                .add_peer(p, &mut bm)
+                                .map_err(meta_err(&volume2, "adding a peer to"))?;
+                            loaded.bitmaps.insert(p.clone(), bm);
+                            loaded
+                                .meta
+                                .uuids
+                                .bitmap
+                                .insert(p.clone(), crate::generation::Generation::ZERO);
+                            store
+                                .write_superblock(&loaded.meta)
+                                .map_err(meta_err(&volume2, "writing"))?;
+                        }
+                    }
+                    Ok::<_, EngineError>((store, loaded))
+                })
+                .await
+                .map_err(|e| EngineError::InvalidRequest(format!("{volume}: open task: {e}")))??;
+                let (store, loaded) = loaded;
+                if loaded.recovered_from_crash {
+                    tracing::warn!(volume = %volume, crashed_primary = loaded.crashed_primary,
+                        "replica was not shut down cleanly; activity log applied to the peer bitmaps");
+                }
+                if dev_size < loaded.meta.volume_size {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "{volume}: the device has {dev_size} bytes, the metadata says {}; grow the device first",
+                        loaded.meta.volume_size
+                    )));
+                }
+                let al = ActivityLog::from_snapshot(
+                    loaded.meta.al_extents,
+                    loaded.al_seq,
+                    &loaded.al_snapshot,
+                )
+                .map_err(|source| EngineError::ActivityLog {
+                    volume: volume.clone(),
+                    source,
+                })?;
+                let disk = role::disk_state_at_attach(&loaded.meta.uuids);
+                (
+                    Some(store),
+                    loaded.meta.uuids,
+                    loaded.bitmaps,
+                    Some(al),
+                    loaded.meta.volume_size,
+                    loaded.meta.al_extents,
+                    disk,
+                )
+            }
+            None => (
+                None,
+                UuidSet::default(),
+                BTreeMap::new(),
+                None,
+                0,
+                0,
+                DiskState::Diskless,
+            ),
+        };
+        let me_name = node.cfg.name.clone();
+        let peers = spec
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    PeerSlot {
+                        spec: p.clone(),
+                        dialer: me_name < p.name,
+                        conn: ConnectionState::Connecting,
+                        link_id: 0,
+                        sender: None,
+                        mode: LinkMode::None,
+                        state: None,
+                        replication: ReplicationState::Off,
+                        split_brain: None,
+                        decision: None,
+                        last_error: None,
+                        left_gracefully: false,
+                        resync_replies: None,
+                        resync_progress: None,
+                        resync_task: None,
+                        dual_sender: None,
+                    },
+                )
+            })
+            .collect();
+        let seed: u64 = rand::random();
+        let state = State {
+            role: Role::Secondary,
+            disk,
+            uuids,
+            volume_size: size,
+            al_extents,
+            options: spec.options.clone(),
+            allow_two_primaries: false,
+            has_quorum: false,
+            quorum_reason: String::new(),
+            io_suspended: false,
+            promoted_at: 0,
+            discard_my_data: false,
+            discard_peer_data: false,
+            peers,
+            primary: None,
+            closed: false,
+            gen_persisting: false,
+            pending_outdates: BTreeMap::new(),
+            next_request_id: 1,
+            relayed_outdates: BTreeMap::new(),
+            last_verify: None,
+            forced_demotion: None,
+        };
+        let replica = Arc::new_cyclic(|me| Replica {
+            node,
+            volume,
+            meta_dir: spec.meta_dir.clone(),
+            device,
+            st: Mutex::new(state),
+            meta: Arc::new(Mutex::new(store)),
+            bitmaps: Arc::new(Mutex::new(bitmaps)),
+            al: Mutex::new(al),
+            al_written: Mutex::new(0),
+            al_changed: watch::channel(0).0,
+            gen_lock: tokio::sync::Mutex::new(()),
+            io_gate: Arc::new(tokio::sync::RwLock::new(())),
+            changed: watch::channel(0).0,
+            tasks: Mutex::new(Vec::new()),
+            rng: Mutex::new(SplitMix64::new(seed)),
+            me: me.clone(),
+        });
+        {
+            let mut st = lock(&replica.st);
+            replica.recompute_quorum(&mut st);
+        }
+        Ok(replica)
+    }
+
+    /// The volume name.
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    /// The metadata directory.
+    pub fn meta_dir(&self) -> &std::path::Path {
+        &self.meta_dir
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.node.cfg.name
+    }
+
+    pub(super) fn arc(&self) -> Option<Arc<Replica>> {
+        self.me.upgrade()
+    }
+
+    pub(super) fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub(super) fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        let h = tokio::spawn(fut);
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(h);
+    }
+
+    pub(super) fn our_hello(&self) -> Hello {
+        let st = lock(&self.st);
+        Hello::new(
+            &self.node.cfg.name,
+            &self.volume,
+            st.volume_size,
+            wire_protocol(st.options.protocol),
+        )
+    }
+
+    /// Our Hello for an incoming link from `peer`, or None when `peer` is not a member of
+    /// this volume (or should dial us, not we it... either way: not expected).
+    pub(super) fn hello_for_incoming(&self, peer: &str) -> Option<Hello> {
+        {
+            let st = lock(&self.st);
+            // Only the node whose name sorts first dials; refuse the other direction, so a
+            // pair never has two links racing to replace each other.
+            if st.closed || st.peers.get(peer).is_none_or(|p| p.dialer) {
+                return None;
+            }
+        }
+        Some(self.our_hello())
+    }
+
+    // ----- metadata helpers (blocking pool) -----
+
+    pub(super) fn meta_snapshot(&self, st: &State) -> ReplicaMeta {
+        ReplicaMeta {
+            volume_size: st.volume_size,
+            al_extents: st.al_extents,
+            uuids: st.uuids.clone(),
+            clean_shutdown: false,
+        }
+    }
+
+    /// Write the superblock from the current state, durably. The snapshot is taken under
+    /// the metadata lock, so concurrent persists cannot reorder.
+    pub(super) async fn persist(&self) -> Result<(), EngineError> {
+        let Some(me) = self.arc() else {
+            return Ok(());
+        };
+        let volume = self.volume.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = lock(&me.meta);
+            let Some(store) = store.as_mut() else {
+                return Ok(());
+            };
+            let meta = me.meta_snapshot(&lock(&me.st));
+            store
+                .write_superblock(&meta)
+                .map_err(meta_err(&me.volume, "writing"))
+        })
+        .await
+        .map_err(|e| EngineError::InvalidRequest(format!("{volume}: metadata task: {e}")))?
+    }
+
+    /// Write `peer`'s changed bitmap pages durably.
+    pub(super) async fn flush_bitmap(&self, peer: &str) -> Result<(), EngineError> {
+        let Some(me) = self.arc() else {
+            return Ok(());
+        };
+        let peer = peer.to_string();
+        let volume = self.volume.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = lock(&me.meta);
+            let Some(store) = store.as_mut() else {
+                return Ok(());
+            };
+            let mut bms = lock(&me.bitmaps);
+            match bms.get_mut(&peer) {
+                Some(bm) => store
+                    .flush_bitmap(&peer, bm)
+                    .map_err(meta_err(&me.volume, "writing the bitmap of")),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| EngineError::InvalidRequest(format!("{volume}: metadata task: {e}")))?
+    }
+
+    // ----- state views -----
+
+    pub(super) fn data_peers(st: &State) -> Vec<String> {
+        st.peers
+            .values()
+            .filter(|p| !p.spec.diskless)
+            .map(|p| p.spec.name.clone())
+            .collect()
+    }
+
+    pub(super) fn quorum_mode(st: &State) -> QuorumMode {
+        st.options.quorum.unwrap_or_else(|| {
+            let data = st.peers.values().filter(|p| !p.spec.diskless).count();
+            let tb = st.peers.len() - data;
+            // This node counts as a replica when it is one.
+            let (data, tb) = if st.disk == DiskState::Diskless {
+                (data, tb + 1)
+            } else {
+                (data + 1, tb)
+            };
+            QuorumMode::default_for(data, tb)
+        })
+    }
+
+    /// Re-evaluate quorum after a membership change. Returns true when this Primary just
+    /// lost quorum (the caller persists `primary_lost_quorum`).
+    pub(super) fn recompute_quorum(&self, st: &mut State) -> bool {
+        let mut members = vec![Member {
+            name: self.node.cfg.name.clone(),
+            diskful: self.device.is_some(),
+            status: MemberStatus::Reachable,
+        }];
+        for p in st.peers.values() {
+            members.push(Member {
+                name: p.spec.name.clone(),
+                diskful: !p.spec.diskless,
+                status: if p.conn == ConnectionState::Connected && p.state.is_some() {
+                    MemberStatus::Reachable
+                } else if p.left_gracefully {
+                    MemberStatus::LeftGracefully
+                } else {
+                    MemberStatus::Unknown
+                },
+            });
+        }
+        let v = quorum::evaluate(Self::quorum_mode(st), &members, st.has_quorum);
+        let lost = st.has_quorum && !v.has_quorum;
+        if lost || (!st.has_quorum && v.has_quorum) {
+            tracing::info!(volume = %self.volume, quorum = v.has_quorum, reason = %v.reason, "quorum changed");
+        }
+        st.has_quorum = v.has_quorum;
+        st.quorum_reason = v.reason;
+        let mut must_persist = false;
+        if lost && st.role == Role::Primary {
+            st.uuids.on_quorum_lost(true);
+            must_persist = true;
+            tracing::error!(volume = %self.volume, on_no_quorum = %st.options.on_no_quorum,
+            "Primary lost quorum; I/O is {}", match st.options.on_no_quorum {
+                OnNoQuorum::SuspendIo => "suspended",
+                OnNoQuorum::IoError => "failed",
+            });
+        }
+        if !lost && st.has_quorum && st.role == Role::Primary && st.uuids.flags.primary_lost_quorum
+        {
+            // Quorum is back and this node is still Primary: the handshake that brought it
+            // back already decided (nobody took over, or we would have stepped down), so
+            // the frozen I/O resumes and the flag has done its job.
+            st.uuids.flags.primary_lost_quorum = false;
+            must_persist = true;
+            tracing::info!(volume = %self.volume, "quorum regained; I/O resumes");
+        }
+        st.io_suspended = st.role == Role::Primary
+            && !st.has_quorum
+            && st.options.on_no_quorum == OnNoQuorum::SuspendIo;
+        self.notify();
+        must_persist
+    }
+
+    /// Nodes known to be Primary: this node, connected peers, and what connected peers
+    /// relay (a Primary seen through the witness).
+    pub(super) fn known_primaries(&self, st: &State) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        if st.role == Role::Primary {
+            out.insert(self.node.cfg.name.clone());
+        }
+        for p in st.peers.values() {
+            if p.conn != ConnectionState::Connected {
+                continue;
+            }
+            if let Some(s) = &p.state {
+                if s.role == Role::Primary {
+                    out.insert(p.spec.name.clone());
+                }
+                // Relayed by a tiebreaker only: a data peer's own view of third nodes is
+                // not needed with two data nodes, and relaying through everyone could
+                // keep a dead Primary alive in the views.
+                if s.diskless {
+                    for n in &s.primaries {
+                        if *n != p.spec.name {
+                            out.insert(n.clone());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Our state as sent to `peer`.
+    pub(super) fn local_state(&self, st: &State, peer: &str, handshake: bool) -> PeerState {
+        let changed_blocks = lock(&self.bitmaps)
+            .get(peer)
+            .map(|b| b.dirty_blocks())
+            .unwrap_or(0);
+        let mut primaries: Vec<String> = self.known_primaries(st).into_iter().collect();
+        // Never relay the receiver's own role back to it.
+        primaries.retain(|n| n != peer);
+        PeerState {
+            role: st.role,
+            disk: st.disk,
+            allow_two_primaries: st.allow_two_primaries,
+            diskless: self.device.is_none(),
+            discard_my_data: st.discard_my_data,
+            keep_my_data: st.discard_peer_data,
+            has_quorum: st.has_quorum,
+            leaving: st.closed,
+            handshake,
+            size: st.volume_size,
+            promoted_at: st.promoted_at,
+            changed_blocks,
+            primaries,
+            uuids: self.device.as_ref().map(|_| st.uuids.clone()),
+        }
+    }
+
+    /// Send our state to every connected peer (after a role, disk or view change).
+    pub(super) fn broadcast_state(&self) {
+        let st = lock(&self.st);
+        for p in st.peers.values() {
+            if p.conn != ConnectionState::Connected {
+                continue;
+            }
+            if let Some(s) = &p.sender {
+                let msg =
+                    EngineMessage::State(Box::new(self.local_state(&st, &p.spec.name, false)));
+                let _ = s.send_control(&msg.to_message());
+            }
+        }
+    }
+
+    // ----- status -----
+
+    /// The replica's status as `tandem volume status --json` prints it.
+    pub fn status(&self) -> ReplicaStatus {
+        let st = lock(&self.st);
+        let bms = lock(&self.bitmaps);
+        let peers = st
+            .peers
+            .values()
+            .map(|p| {
+                let connected = p.conn == ConnectionState::Connected && p.state.is_some();
+                PeerStatus {
+                    node: p.spec.name.clone(),
+                    diskless: p.spec.diskless,
+                    connection: p.conn,
+                    role: p
+                        .state
+                        .as_ref()
+                        .filter(|_| connected)
+                        .map(|s| s.role)
+                        .unwrap_or(Role::Unknown),
+                    disk_state: p
+                        .state
+                        .as_ref()
+                        .filter(|_| connected)
+                        .map(|s| s.disk)
+                        .unwrap_or(DiskState::DUnknown),
+                    replication: if connected {
+                        p.replication
+                    } else {
+                        ReplicationState::Off
+                    },
+                    out_of_sync_bytes: bms.get(&p.spec.name).map(|b| b.dirty_bytes()).unwrap_or(0),
+                    resync: p.resync_progress.as_ref().filter(|_| connected).map(|r| {
+                        let s = r.snapshot();
+                        super::status::ResyncProgress {
+                            done_bytes: s.done_bytes,
+                            total_bytes: s.total_bytes,
+                            bytes_per_sec: s.bytes_per_sec,
+                        }
+                    }),
+                    split_brain: p.split_brain.clone(),
+                    decision: p.decision.clone(),
+                    last_error: if connected {
+                        None
+                    } else {
+                        p.last_error.clone()
+                    },
+                }
+            })
+            .collect();
+        ReplicaStatus {
+            volume: self.volume.clone(),
+            node: self.node.cfg.name.clone(),
+            role: st.role,
+            disk_state: st.disk,
+            protocol: st.options.protocol,
+            quorum: st.has_quorum,
+            quorum_reason: st.quorum_reason.clone(),
+            io_suspended: st.io_suspended,
+            allow_two_primaries: st.allow_two_primaries,
+            size_bytes: st.volume_size,
+            current_uuid: st.uuids.current.to_string(),
+            peers,
+            last_verify: st.last_verify.clone(),
+        }
+    }
+
+    /// Wait until `pred` holds on the status, or `timeout` passes. Returns the last status
+    /// and whether `pred` held (convenience for the daemon's wait-sync and for tests).
+    pub async fn wait_status(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&ReplicaStatus) -> bool,
+    ) -> (ReplicaStatus, bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.changed.subscribe();
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return (s, true);
+            }
+            let tick = tokio::time::sleep(Duration::from_millis(50));
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tick => {}
+                _ = tokio::time::sleep_until(deadline) => return (self.status(), false),
+            }
+        }
+    }
+
+    // ----- roles -----
+
+    fn promote_context_peers(&self, st: &State) -> Vec<PeerView> {
+        let relayed = self.known_primaries(st);
+        let mut views: Vec<PeerView> = st
+            .peers
+            .values()
+            .map(|p| {
+                let connected = p.conn == ConnectionState::Connected && p.state.is_some();
+                let direct_primary =
+                    connected && p.state.as_ref().is_some_and(|s| s.role == Role::Primary);
+                let relayed_primary = relayed.contains(&p.spec.name);
+                PeerView {
+                    name: p.spec.name.clone(),
+                    connected: connected || relayed_primary,
+                    role: if direct_primary || relayed_primary {
+                        Role::Primary
+                    } else if connected {
+                        p.state.as_ref().map(|s| s.role).unwrap_or(Role::Unknown)
+                    } else {
+                        Role::Unknown
+                    },
+                    disk: if connected {
+                        p.state
+                            .as_ref()
+                            .map(|s| s.disk)
+                            .unwrap_or(DiskState::DUnknown)
+                    } else {
+                        DiskState::DUnknown
+                    },
+                }
+            })
+            .collect();
+        views.sort_by_key(|v| v.role != Role::Primary);
+        views
+    }
+
+    /// Become Primary; refused with an operator-ready message when the disk is not
+    /// UpToDate, quorum is missing, or another Primary is known (directly or relayed).
+    pub async fn promote(&self) -> Result<(), EngineError> {
+        let other_primaries: Vec<String>;
+        let Some(device) = self.device.clone() else {
+            return Err(EngineError::Diskless {
+                volume: self.volume.clone(),
+            });
+        };
+        let primary = {
+            let mut st = lock(&self.st);
+            if st.closed {
+                return Err(EngineError::Closed {
+                    volume: self.volume.clone(),
+                });
+            }
+            if st.role == Role::Primary {
+                return Ok(());
+            }
+            let views = self.promote_context_peers(&st);
+            let ctx = PromoteContext {
+                volume: &self.volume,
+                local_node: &self.node.cfg.name,
+                local_role: st.role,
+                local_disk: st.disk,
+                quorum_enabled: Self::quorum_mode(&st) != QuorumMode::Off,
+                has_quorum: st.has_quorum,
+                peers: &views,
+                allow_two_primaries: st.allow_two_primaries,
+                protocol: st.options.protocol,
+            };
+            role::may_promote(&ctx)?;
+            // With two primaries allowed (checked by may_promote), the other Primary must
+            // be connected directly: the reverse data link goes to it.
+            let mut others = Vec::new();
+            for v in views.iter().filter(|v| v.role == Role::Primary) {
+                let direct = st.peers.get(&v.name).is_some_and(|p| {
+                    p.conn == ConnectionState::Connected
+                        && p.state.as_ref().is_some_and(|s| s.role == Role::Primary)
+                });
+                if !direct {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "{}: {} is Primary but not connected to this node; two primaries need a working replication link",
+                        self.volume, v.name
+                    )));
+                }
+                others.push(v.name.clone());
+            }
+            other_primaries = others;
+            let data = Self::data_peers(&st);
+            let any_disconnected = data.iter().any(|p| {
+                st.peers
+                    .get(p)
+                    .is_none_or(|s| s.conn != ConnectionState::Connected || s.state.is_none())
+            });
+            st.uuids.on_promote(any_disconnected);
+            st.role = Role::Primary;
+            st.promoted_at = unix_now();
+            st.forced_demotion = None;
+            let bitmaps = self.bitmaps.clone();
+            let volume = self.volume.clone();
+            let hook: crate::datapath::OutOfSyncHook = Arc::new(move |peer, off, len| {
+                if let Some(bm) = lock(&bitmaps).get_mut(peer) {
+                    if let Err(e) = bm.set_range(off, len) {
+                        tracing::error!(volume = %volume, peer, error = %e, "marking out of sync failed");
+                    }
+                }
+            });
+            let mut cfg = PrimaryConfig::new(wire_protocol(st.options.protocol));
+            cfg.peer_ack_timeout = Duration::from_secs(30);
+            let primary = Primary::new(device, cfg, hook);
+            primary.set_known_peers(&data);
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            primary.set_extension_sink(tx);
+            if let Some(me) = self.arc() {
+                self.spawn(async move {
+                    while let Some((peer, msg)) = rx.recv().await {
+                        me.handle_extension(&peer, msg).await;
+                    }
+                });
+            }
+            st.primary = Some(primary.clone());
+            st.io_suspended = false;
+            primary
+        };
+        let _ = primary;
+        // The primary indicator is durable before any write (crash detection).
+        if let Err(e) = self.persist().await {
+            let mut st = lock(&self.st);
+            st.role = Role::Secondary;
+            st.uuids.on_demote();
+            st.primary = None;
+            return Err(e);
+        }
+        if !other_primaries.is_empty() {
+            if let Err(e) = self.connect_dual_links(&other_primaries).await {
+                let _ = self.demote_now("two primaries refused").await;
+                return Err(e);
+            }
+        }
+        tracing::info!(volume = %self.volume, "promoted to Primary");
+        {
+            let mut st = lock(&self.st);
+            self.recompute_quorum(&mut st);
+        }
+        // A link still applying a (finished) resync from a Secondary peer is re-established
+        // so it joins the data path; writes meanwhile are tracked in the bitmap and the
+        // reconnect resyncs them ("equal generations with a dirty bitmap").
+        let reconnect: Vec<LinkSender> = {
+            let st = lock(&self.st);
+            st.peers
+                .values()
+                .filter(|p| p.mode == LinkMode::Secondary)
+                .filter(|p| p.state.as_ref().is_none_or(|s| s.role != Role::Primary))
+                .filter_map(|p| p.sender.clone())
+                .collect()
+        };
+        for s in reconnect {
+            s.close("promoted; re-establishing the link as Primary");
+        }
+        self.broadcast_state();
+        self.notify();
+        // Idle data links hand themselves to the data path; wait for that, so no write is
+        // issued while a connected peer is not attached yet.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut rx = self.changed.subscribe();
+        loop {
+            let pending = {
+                let st = lock(&self.st);
+                st.peers.values().any(|p| {
+                    !p.spec.diskless
+                        && p.conn == ConnectionState::Connected
+                        && p.mode == LinkMode::Idle
+                })
+            };
+            if !pending {
+                break;
+            }
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(volume = %self.volume, "a peer link did not join the data path in time");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Become Secondary: flush, wait until connected peers have every write, clear the
+    /// primary indicator durably, then re-establish the data links as Secondary.
+    pub async fn demote(&self) -> Result<(), EngineError> {
+        let primary = {
+            let st = lock(&self.st);
+            if st.role != Role::Primary {
+                return Ok(());
+            }
+            st.primary.clone()
+        };
+        let _gate = self.io_gate.clone().write_owned().await;
+        if let Some(p) = &primary {
+            if let Err(source) = p.flush().await {
+                tracing::warn!(volume = %self.volume, error = %source, "flush before demote failed");
+            }
+            p.wait_replicated().await;
+        }
+        self.demote_now("demoted").await
+    }
+
+    /// Drop the Primary role (no flush): used by `demote` and by force-secondary.
+    pub(super) async fn demote_now(&self, reason: &str) -> Result<(), EngineError> {
+        let primary = {
+            let mut st = lock(&self.st);
+            if st.role != Role::Primary {
+                return Ok(());
+            }
+            st.role = Role::Secondary;
+            st.uuids.on_demote();
+            st.io_suspended = false;
+            st.pending_outdates.clear();
+            st.forced_demotion = Some(reason.to_string());
+            st.primary.take()
+        };
+        self.notify();
+        self.close_dual_links(&format!("{reason}; two primaries end"));
+        let res = self.persist().await;
+        if let Some(p) = primary {
+            for peer in p.connected_peers() {
+                p.disconnect_peer(&peer, &format!("{reason}; reconnecting as Secondary"));
+            }
+        }
+        self.broadcast_state();
+        tracing::info!(volume = %self.volume, reason, "now Secondary");
+        res
+    }
+
+    /// Switch the dual-primary gate (protocol C only).
+    pub fn set_allow_two_primaries(&self, allow: bool) -> Result<(), EngineError> {
+        {
+            let mut st = lock(&self.st);
+            if allow {
+                role::check_two_primaries_gate(&self.volume, st.options.protocol)?;
+            }
+            st.allow_two_primaries = allow;
+        }
+        self.broadcast_state();
+        Ok(())
+    }
+
+    /// Resolve a split brain: `discard_local` on the node whose changes are given up (it
+    /// becomes SyncTarget), or `false` on the node whose changes win.
+    pub async fn resolve_split_brain(&self, discard_local: bool) -> Result<(), EngineError> {
+        {
+            let mut st = lock(&self.st);
+            if !st.peers.values().any(|p| p.split_brain.is_some()) {
+                return Err(EngineError::NotSplitBrain {
+                    volume: self.volume.clone(),
+                });
+            }
+            if discard_local && st.role == Role::Primary {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{}: this node is Primary; demote it before discarding its data",
+                    self.volume
+                )));
+            }
+            st.discard_my_data = discard_local;
+            st.discard_peer_data = !discard_local;
+        }
+        tracing::warn!(volume = %self.volume, discard_local, "split brain resolution requested");
+        self.notify();
+        Ok(())
+    }
+
+    /// Grow the volume (the device was already grown).
+    pub async fn resize(&self, new_size: u64) -> Result<(), EngineError> {
+        let Some(dev) = self.device.clone() else {
+            return Ok(());
+        };
+        let Some(me) = self.arc() else {
+            return Ok(());
+        };
+        dev.set_size(new_size);
+        if dev.size() < new_size {
+            return Err(EngineError::InvalidRequest(format!(
+                "{}: the device has {} bytes, less than {new_size}",
+                self.volume,
+                dev.size()
+            )));
+        }
+        let volume = self.volume.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = lock(&me.meta);
+            let Some(store) = store.as_mut() else {
+                return Ok(());
+            };
+            let mut meta = me.meta_snapshot(&lock(&me.st));
+            if new_size < meta.volume_size {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{}: volumes only grow ({} -> {new_size})",
+                    me.volume, meta.volume_size
+                )));
+            }
+            {
+                let mut bms = lock(&me.bitmaps);
+                store
+                    .grow(&mut meta, &mut bms, new_size, true)
+                    .map_err(meta_err(&me.volume, "growing"))?;
+            }
+            // Bitmaps released first: the lock order is meta → state → bitmaps (status()
+            // takes state then bitmaps).
+            lock(&me.st).volume_size = new_size;
+            Ok(())
+        })
+        .await
+        .map_err(|e| EngineError::InvalidRequest(format!("{volume}: resize task: {e}")))?
+    }
+
+    /// Change options (protocol changes take effect at the next connect).
+    pub fn set_options(&self, options: ReplicaOptions) -> Result<(), EngineError> {
+        let mut st = lock(&self.st);
+        if st.allow_two_primaries {
+            role::check_two_primaries_gate(&self.volume, options.protocol)?;
+        }
+        st.options = options;
+        self.recompute_quorum(&mut st);
+        Ok(())
+    }
+
+    // ----- I/O -----
+
+    /// Admission of an I/O request: Primary, UpToDate, quorum (waits under suspend-io,
+    /// bounded), no outdating in progress. Returns the data path.
+    async fn admit(&self) -> Result<Primary, EngineError> {
+        let mut rx = self.changed.subscribe();
+        let started = tokio::time::Instant::now();
+        let mut waited = false;
+        loop {
+            let timeout = {
+                let st = lock(&self.st);
+                if st.closed {
+                    return Err(EngineError::Closed {
+                        volume: self.volume.clone(),
+                    });
+                }
+                if self.device.is_none() {
+                    return Err(EngineError::Diskless {
+                        volume: self.volume.clone(),
+                    });
+                }
+                if st.role != Role::Primary {
+                    if let Some(reason) = &st.forced_demotion {
+                        if waited {
+                            return Err(EngineError::Demoted {
+                                volume: self.volume.clone(),
+                                reason: reason.clone(),
+                            });
+                        }
+                    }
+                    return Err(EngineError::NotPrimary {
+                        volume: self.volume.clone(),
+                        role: st.role,
+                    });
+                }
+                if st.disk != DiskState::UpToDate {
+                    return Err(EngineError::NotUpToDate {
+                        volume: self.volume.clone(),
+                        disk: st.disk,
+                    });
+                }
+                let quorum_ok = st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off;
+                if !quorum_ok && st.options.on_no_quorum == OnNoQuorum::IoError {
+                    return Err(EngineError::NoQuorum {
+                        volume: self.volume.clone(),
+                        reason: st.quorum_reason.clone(),
+                    });
+                }
+                if quorum_ok && st.pending_outdates.is_empty() {
+                    if let Some(p) = &st.primary {
+                        return Ok(p.clone());
+                    }
+                }
+                if started.elapsed() >= st.options.suspend_timeout {
+                    return Err(EngineError::SuspendTimeout {
+                        volume: self.volume.clone(),
+                        reason: if quorum_ok {
+                            format!(
+                                "waiting for {} to be marked Outdated",
+                                st.pending_outdates
+                                    .keys()
+                                    .cloned()
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        } else {
+                            st.quorum_reason.clone()
+                        },
+                        waited: started.elapsed(),
+                    });
+                }
+                st.options.suspend_timeout - started.elapsed()
+            };
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep(timeout.min(Duration::from_millis(200))) => {}
+            }
+            waited = true;
+        }
+    }
+
+    /// Create an armed new generation before the first write after a peer loss or a
+    /// promotion with a peer away; durable before the write is issued; announced to the
+    /// connected data peers ahead of the write on the same links.
+    async fn new_generation_if_armed(&self) -> Result<(), EngineError> {
+        loop {
+            {
+                let st = lock(&self.st);
+                if !st.uuids.new_generation_pending && !st.gen_persisting {
+                    return Ok(());
+                }
+            }
+            let _g = self.gen_lock.lock().await;
+            let work = {
+                let mut st = lock(&self.st);
+                if !st.uuids.new_generation_pending {
+                    None
+                } else {
+                    let attached: Vec<String> = st
+                        .primary
+                        .as_ref()
+                        .map(|p| p.connected_peers())
+                        .unwrap_or_default();
+                    let disconnected: Vec<String> = Self::data_peers(&st)
+                        .into_iter()
+                        .filter(|p| !attached.contains(p))
+                        .collect();
+                    let names: Vec<&str> = disconnected.iter().map(String::as_str).collect();
+                    let g = {
+                        let mut rng = lock(&self.rng);
+                        let mut next = || rng.next_u64();
+                        st.uuids.before_write(&names, &mut next)
+                    };
+                    g.map(|g| {
+                        st.gen_persisting = true;
+                        (g, disconnected, attached)
+                    })
+                }
+            };
+            let Some((g, disconnected, attached)) = work else {
+                continue;
+            };
+            let res = self.persist().await;
+            lock(&self.st).gen_persisting = false;
+            res?;
+            tracing::info!(volume = %self.volume, generation = %g, ?disconnected, "new data generation");
+            let msg = EngineMessage::NewCurrent {
+                generation: g,
+                disconnected,
+            }
+            .to_message();
+            let senders: Vec<LinkSender> = {
+                let st = lock(&self.st);
+                attached
+                    .iter()
+                    .filter_map(|p| st.primary.as_ref().and_then(|pr| pr.peer_sender(p)))
+                    .collect()
+            };
+            for s in senders {
+                let _ = s.send_control(&msg);
+            }
+            return Ok(());
+        }
+    }
+
+    /// Take the activity-log extents of `[offset, offset+len)`, persisting a transaction
+    /// when a cold extent is touched (durable before the write is issued).
+    async fn al_begin(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let mut rx = self.al_changed.subscribe();
+        loop {
+            let adm = {
+                let mut al = lock(&self.al);
+                let Some(al) = al.as_mut() else {
+                    return Ok(());
+                };
+                al.begin_write(offset, len)
+                    .map_err(|source| EngineError::ActivityLog {
+                        volume: self.volume.clone(),
+                        source,
+                    })?
+            };
+            match adm {
+                Admission::Go => return Ok(()),
+                Admission::Persist(tx) => {
+                    let Some(me) = self.arc() else {
+                        return Ok(());
+                    };
+                    let seq = tx.seq;
+                    let res = tokio::task::spawn_blocking(move || {
+                        let mut store = lock(&me.meta);
+                        let Some(store) = store.as_mut() else {
+                            return Ok(());
+                        };
+                        let mut written = lock(&me.al_written);
+                        if tx.seq <= *written {
+                            // A newer snapshot (a superset of this one's extents) is durable.
+                            return Ok(());
+                        }
+                        {
+                            let mut bms = lock(&me.bitmaps);
+                            for (off, len) in tx.evicted_ranges() {
+                                for (peer, bm) in bms.iter_mut() {
+                                    store.flush_bitmap_range(peer, bm, off, len)?;
+                                }
+                            }
+                        }
+                        store.write_al(tx.seq, &tx.snapshot)?;
+                        *written = tx.seq;
+                        Ok(())
+                    })
+                    .await;
+                    match res {
+                        Ok(Ok(())) => {}
+                        Ok(Err(source)) => {
+                            self.al_end(offset, len);
+                            return Err(EngineError::Metadata {
+                                volume: self.volume.clone(),
+                                op: "writing the activity log of",
+                                source,
+                            });
+                        }
+                        Err(e) => {
+                            self.al_end(offset, len);
+                            return Err(EngineError::InvalidRequest(format!(
+                                "{}: activity log task: {e}",
+                                self.volume
+                            )));
+                        }
+                    }
+                    if let Some(al) = lock(&self.al).as_mut() {
+                        al.transaction_durable(seq);
+                    }
+                    self.al_changed.send_modify(|v| *v = v.wrapping_add(1));
+                    return Ok(());
+                }
+                Admission::WaitFor(seq) => loop {
+                    let durable = lock(&self.al)
+                        .as_ref()
+                        .map(|a| a.durable_seq())
+                        .unwrap_or(seq);
+                    if durable >= seq {
+                        return Ok(());
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+                },
+                Admission::Busy => {
+                    let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+                }
+            }
+        }
+    }
+
+    fn al_end(&self, offset: u64, len: u64) {
+        if let Some(al) = lock(&self.al).as_mut() {
+            if let Err(e) = al.end_write(offset, len) {
+                tracing::error!(volume = %self.volume, error = %e, "activity log bookkeeping");
+            }
+        }
+        self.al_changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let size = lock(&self.st).volume_size;
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "{}: request at offset {offset} length {len} is beyond the volume size {size}",
+                self.volume
+            )));
+        }
+        Ok(())
+    }
+
+    async fn modify(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        run: impl std::future::Future<Output = Result<(), crate::datapath::DatapathError>>,
+    ) -> Result<(), EngineError> {
+        self.check_range(offset, len)?;
+        let _gate = self.io_gate.read().await;
+        self.new_generation_if_armed().await?;
+        self.al_begin(offset, len).await?;
+        let res = run.await;
+        self.al_end(offset, len);
+        res.map_err(|source| EngineError::Datapath {
+            volume: self.volume.clone(),
+            op,
+            source,
+        })
+    }
+
+    /// Read from the local replica (Primary and UpToDate only).
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
+        self.admit().await?;
+        self.check_range(offset, u64::from(len))?;
+        let Some(dev) = self.device.clone() else {
+            return Err(EngineError::Diskless {
+                volume: self.volume.clone(),
+            });
+        };
+        let volume = self.volume.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            dev.read_at(&mut buf, offset)
+                .map(|()| Bytes::from(buf))
+                .map_err(|source| EngineError::Device {
+                    volume: volume.clone(),
+                    op: "read",
+                    source,
+                })
+        })
+        .await
+        .map_err(|e| EngineError::InvalidRequest(format!("{}: read task: {e}", self.volume)))?
+    }
+
+    /// Replicated write.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let p = self.admit().await?;
+        let len = data.len() as u64;
+        self.modify("write", offset, len, p.submit_write(offset, data, fua))
+            .await
+    }
+
+    /// Replicated flush (under C: returns after every connected peer flushed).
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        let p = self.admit().await?;
+        p.flush().await.map_err(|source| EngineError::Datapath {
+            volume: self.volume.clone(),
+            op: "flush",
+            source,
+        })
+    }
+
+    /// Replicated discard.
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let p = self.admit().await?;
+        self.modify("trim", offset, len, p.submit_trim(offset, len, false))
+            .await
+    }
+
+    /// Replicated write-zeroes.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<(), EngineError> {
+        let p = self.admit().await?;
+        self.modify(
+            "write zeroes",
+            offset,
+            len,
+            p.submit_write_zeroes(offset, len, may_unmap, false),
+        )
+        .await
+    }
+
+    // ----- lifecycle -----
+
+    /// Clean close: demote, say goodbye to the peers, flush bitmaps, mark clean shutdown.
+    pub(super) async fn close(&self) -> Result<(), EngineError> {
+        let was_primary = lock(&self.st).role == Role::Primary;
+        if was_primary {
+            self.demote().await?;
+        }
+        let _gate = self.io_gate.clone().write_owned().await;
+        {
+            let mut st = lock(&self.st);
+            st.closed = true;
+        }
+        // Goodbye: peers count us as "left gracefully" (last man standing).
+        self.broadcast_state();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.abort();
+        let Some(me) = self.arc() else {
+            return Ok(());
+        };
+        let volume = self.volume.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = lock(&me.meta).take();
+            let Some(store) = store else {
+                return Ok(());
+            };
+            let meta = me.meta_snapshot(&lock(&me.st));
+            let mut bms = lock(&me.bitmaps);
+            store
+                .close_clean(&meta, &mut bms)
+                .map_err(meta_err(&me.volume, "closing"))
+        })
+        .await
+        .map_err(|e| EngineError::InvalidRequest(format!("{volume}: close task: {e}")))?
+    }
+
+    /// Stop every task and drop every link without touching the metadata (a crash, as far
+    /// as the metadata knows).
+    pub(super) fn abort(&self) {
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&self.tasks));
+        for t in tasks {
+            t.abort();
+        }
+        let mut st = lock(&self.st);
+        st.closed = true;
+        for p in st.peers.values_mut() {
+            if let Some(s) = p.sender.take() {
+                s.close("replica closed");
+            }
+            if let Some(t) = p.resync_task.take() {
+                t.abort();
+            }
+            if let Some(s) = p.dual_sender.take() {
+                s.close("replica closed");
+            }
+        }
+        if let Some(p) = st.primary.take() {
+            for peer in p.connected_peers() {
+                p.disconnect_peer(&peer, "replica closed");
+            }
+        }
+        drop(st);
+        self.notify();
+    }
+}

@@ -1,0 +1,575 @@
+//! The replica engine end to end, in process: several `ReplicationNode`s on 127.0.0.1 with
+//! temp-file devices and cuttable proxies on every link (see `replica_support`).
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+mod replica_support;
+
+use std::time::Duration;
+
+use replica_support::*;
+use replication::replica::{EngineError, ReplicaOptions};
+use replication::role::{ConnectionState, DiskState, ReplicationState, Role};
+
+const MIB: u64 = 1 << 20;
+
+async fn write_mib(r: &replication::replica::Replica, first_mib: u64, count: u64, seed: u64) {
+    for i in first_mib..first_mib + count {
+        r.write(i * MIB, data(seed + i, MIB as usize), false)
+            .await
+            .unwrap();
+    }
+    r.flush().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_protocol_c_replicate_and_refuse_a_second_primary() {
+    let c = Cluster::new(&["hv1", "hv2"], &[], 64 * MIB, ReplicaOptions::default()).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "hv1 connected to hv2", 10, |s| established(s, "hv2")).await;
+    wait_for(&b, "hv2 connected to hv1", 10, |s| established(s, "hv1")).await;
+    // Day-0 replicas start UpToDate with no sync.
+    assert_eq!(a.status().disk_state, DiskState::UpToDate);
+
+    // A Secondary serves no I/O.
+    let err = a.write(0, data(1, 4096), false).await.unwrap_err();
+    assert!(matches!(err, EngineError::NotPrimary { .. }), "{err}");
+
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 16, 100).await;
+    let s = a.status();
+    assert_eq!(s.role, Role::Primary);
+    let p = peer(&s, "hv2");
+    assert_eq!(p.connection, ConnectionState::Connected);
+    assert_eq!(p.disk_state, DiskState::UpToDate);
+    assert_eq!(p.role, Role::Secondary);
+    assert_eq!(p.replication, ReplicationState::Established);
+    assert_eq!(p.out_of_sync_bytes, 0);
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+    let back = a.read(3 * MIB, 4096).await.unwrap();
+    assert_eq!(&back[..], &data(103, MIB as usize)[..4096]);
+
+    // The Secondary sees the Primary and refuses to be promoted.
+    wait_for(&b, "hv2 sees hv1 as Primary", 5, |s| {
+        peer(s, "hv1").role == Role::Primary
+    })
+    .await;
+    let err = b.promote().await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("vm-100-disk-0 is Primary on hv1"),
+        "{err}"
+    );
+    assert!(b.read(0, 4096).await.is_err());
+
+    // JSON status as the CLI prints it.
+    let json = serde_json::to_value(a.status()).unwrap();
+    assert_eq!(json["role"], "Primary");
+    assert_eq!(json["peers"][0]["disk_state"], "UpToDate");
+    assert_eq!(json["peers"][0]["replication"], "Established");
+
+    // Demote, then the other side can take over (links re-established in between).
+    a.demote().await.unwrap();
+    wait_for(&b, "hv2 sees hv1 Secondary", 10, |s| {
+        established(s, "hv1") && peer(s, "hv1").role == Role::Secondary
+    })
+    .await;
+    b.promote().await.unwrap();
+    b.write(0, data(7, 65536), true).await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_peer_is_tracked_in_the_bitmap_and_resyncs_by_bitmap_on_return() {
+    let mut c = Cluster::new(&["hv1", "hv2"], &[], 64 * MIB, ReplicaOptions::default()).await;
+    let a = c.r("hv1");
+    wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 2, 1).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+
+    c.kill("hv2");
+    wait_for(&a, "hv2 gone", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    // Two data nodes without witness: quorum is off, the Primary keeps writing.
+    let before = a.status().current_uuid;
+    write_mib(&a, 8, 4, 50).await;
+    a.write(20 * MIB + 512, data(9, 1024), false).await.unwrap();
+    let s = a.status();
+    assert_eq!(peer(&s, "hv2").out_of_sync_bytes, 4 * MIB + 4096);
+    assert_ne!(
+        s.current_uuid, before,
+        "a new generation after losing the peer"
+    );
+
+    c.restart("hv2").await;
+    let b = c.r("hv2");
+    let s = wait_for(&a, "hv1 decided a resync", 10, |s| {
+        peer(s, "hv2").connection == ConnectionState::Connected && peer(s, "hv2").decision.is_some()
+    })
+    .await;
+    let d = peer(&s, "hv2").decision.clone().unwrap();
+    assert!(d.contains("bitmap resync from hv1 to hv2"), "{d}");
+    let sb = wait_for(&b, "hv2 SyncTarget or done", 10, |s| {
+        peer(s, "hv1").replication == ReplicationState::SyncTarget
+            || (established(s, "hv1") && s.disk_state == DiskState::UpToDate)
+    })
+    .await;
+    assert!(
+        sb.disk_state == DiskState::Inconsistent || sb.disk_state == DiskState::UpToDate,
+        "{sb:#?}"
+    );
+    // An Inconsistent SyncTarget may not be promoted.
+    if b.status().disk_state == DiskState::Inconsistent {
+        let err = b.promote().await.unwrap_err();
+        assert!(err.to_string().contains("Inconsistent"), "{err}");
+    }
+    // The resync converges; the Primary kept writing during it.
+    a.write(30 * MIB, data(31, 8192), false).await.unwrap();
+    wait_converged(&a, &b, 30).await;
+    a.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn witness_isolated_primary_freezes_the_other_side_takes_over_no_split_brain() {
+    let opts = ReplicaOptions {
+        suspend_timeout: Duration::from_secs(60),
+        ..ReplicaOptions::default()
+    };
+    let c = Cluster::new(&["hv1", "hv2"], &["witness"], 32 * MIB, opts).await;
+    let (a, b, w) = (c.r("hv1"), c.r("hv2"), c.r("witness"));
+    wait_for(&a, "hv1 fully connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    wait_for(&b, "hv2 fully connected", 10, |s| {
+        established(s, "hv1") && established(s, "witness") && s.quorum
+    })
+    .await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 2, 3).await;
+    // The witness relays who is Primary.
+    wait_for(&w, "witness sees hv1 Primary", 5, |s| {
+        peer(s, "hv1").role == Role::Primary
+    })
+    .await;
+
+    c.isolate("hv1").await;
+    let s = wait_for(&a, "hv1 loses quorum", 10, |s| !s.quorum).await;
+    assert!(s.io_suspended, "{s:#?}");
+    let a2 = a.clone();
+    let frozen = tokio::spawn(async move { a2.write(4 * MIB, data(77, 4096), false).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!frozen.is_finished(), "a write without quorum must freeze");
+
+    // hv2 keeps quorum through the witness and may be promoted once hv1 is gone from the
+    // witness's view.
+    wait_for(&b, "hv2 keeps quorum", 10, |s| {
+        s.quorum && peer(s, "hv1").connection != ConnectionState::Connected
+    })
+    .await;
+    let mut promoted = false;
+    for _ in 0..50 {
+        match b.promote().await {
+            Ok(()) => {
+                promoted = true;
+                break;
+            }
+            Err(e) => {
+                eprintln!("promote hv2: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert!(promoted);
+    write_mib(&b, 8, 2, 40).await;
+
+    c.heal_all();
+    // The frozen Primary meets newer data: it steps down and becomes SyncTarget.
+    let res = tokio::time::timeout(Duration::from_secs(20), frozen)
+        .await
+        .expect("frozen write finishes after heal")
+        .unwrap();
+    assert!(matches!(res, Err(EngineError::Demoted { .. })), "{res:?}");
+    let sa = wait_for(&a, "hv1 resynced from hv2", 20, |s| {
+        peer(s, "hv2")
+            .decision
+            .as_deref()
+            .is_some_and(|d| d.contains("from hv2 to hv1"))
+    })
+    .await;
+    assert_eq!(sa.role, Role::Secondary);
+    assert!(peer(&sa, "hv2").split_brain.is_none());
+    wait_converged(&a, &b, 30).await;
+    let sb = b.status();
+    assert!(peer(&sb, "hv1").split_brain.is_none());
+    assert_eq!(sb.role, Role::Primary);
+    // No acknowledged write lost: hv1 now holds exactly hv2's data.
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+    let back = b.read(8 * MIB, 4096).await.unwrap();
+    assert_eq!(&back[..], &data(48, MIB as usize)[..4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn witness_outdates_a_secondary_cut_off_from_the_primary() {
+    let c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    wait_for(&b, "connected", 10, |s| {
+        established(s, "hv1") && established(s, "witness") && s.quorum
+    })
+    .await;
+    a.promote().await.unwrap();
+    // Only the data link breaks: both still reach the witness.
+    c.cut("hv1", "hv2");
+    wait_for(&a, "hv1 lost hv2", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    // The Primary keeps quorum (tiebreaker) and writes on once hv2 is Outdated.
+    tokio::time::timeout(Duration::from_secs(10), a.write(0, data(5, 8192), false))
+        .await
+        .expect("write proceeds after outdating")
+        .unwrap();
+    let s = wait_for(&b, "hv2 Outdated", 10, |s| {
+        s.disk_state == DiskState::Outdated
+    })
+    .await;
+    assert!(s.quorum, "hv2 still has quorum via the witness: {s:#?}");
+    // hv2 may not be promoted: Outdated, and hv1 is Primary as relayed by the witness.
+    let err = b.promote().await.unwrap_err();
+    assert!(err.to_string().contains("Outdated"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_brain_is_detected_reported_and_resolved_by_discarding_one_side() {
+    let c = Cluster::new(&["hv1", "hv2"], &[], 32 * MIB, ReplicaOptions::default()).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
+    c.cut("hv1", "hv2");
+    wait_for(&a, "hv1 alone", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    wait_for(&b, "hv2 alone", 10, |s| {
+        peer(s, "hv1").connection != ConnectionState::Connected
+    })
+    .await;
+    // Quorum is off for two nodes: both may be promoted, both write.
+    a.promote().await.unwrap();
+    b.promote().await.unwrap();
+    write_mib(&a, 0, 2, 11).await;
+    write_mib(&b, 1, 2, 22).await;
+    let (ha, hb) = (c.disk_hash("hv1"), c.disk_hash("hv2"));
+    assert_ne!(ha, hb);
+
+    c.heal_all();
+    let sa = wait_for(&a, "split brain on hv1", 10, |s| {
+        peer(s, "hv2").split_brain.is_some()
+    })
+    .await;
+    let sb = wait_for(&b, "split brain on hv2", 10, |s| {
+        peer(s, "hv1").split_brain.is_some()
+    })
+    .await;
+    let text = peer(&sa, "hv2").split_brain.clone().unwrap();
+    assert!(
+        text.contains("tandem volume resolve vm-100-disk-0 --discard-local"),
+        "{text}"
+    );
+    assert_eq!(peer(&sa, "hv2").connection, ConnectionState::StandAlone);
+    assert_eq!(peer(&sb, "hv1").connection, ConnectionState::StandAlone);
+    // Nothing overwritten while split.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(c.disk_hash("hv1"), ha);
+    assert_eq!(c.disk_hash("hv2"), hb);
+
+    // A Primary cannot discard its own data; demote first.
+    assert!(b.resolve_split_brain(true).await.is_err());
+    b.demote().await.unwrap();
+    b.resolve_split_brain(true).await.unwrap();
+    let sb = wait_for(&b, "hv2 resyncs from hv1", 15, |s| {
+        peer(s, "hv1")
+            .decision
+            .as_deref()
+            .is_some_and(|d| d.contains("from hv1 to hv2"))
+    })
+    .await;
+    assert!(peer(&sb, "hv1").split_brain.is_none());
+    wait_converged(&a, &b, 30).await;
+    assert!(peer(&a.status(), "hv2").split_brain.is_none());
+    // hv1's changes won and were not touched; hv2 now equals hv1.
+    assert_eq!(c.disk_hash("hv1"), ha);
+    assert_eq!(c.disk_hash("hv2"), ha);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_primary_resyncs_its_hot_extents_from_the_survivor() {
+    let mut c = Cluster::new(&["hv1", "hv2"], &[], 64 * MIB, ReplicaOptions::default()).await;
+    let a = c.r("hv1");
+    wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
+    a.promote().await.unwrap();
+    // Extents 0 (0..4 MiB) and 2 (8..12 MiB) are hot in the activity log.
+    write_mib(&a, 0, 1, 1).await;
+    write_mib(&a, 9, 1, 2).await;
+    drop(a);
+    c.kill("hv1");
+    let b = c.r("hv2");
+    wait_for(&b, "hv1 gone", 10, |s| {
+        peer(s, "hv1").connection != ConnectionState::Connected
+    })
+    .await;
+    c.restart("hv1").await;
+    let a = c.r("hv1");
+    let sa = wait_for(&a, "hv1 decided after its crash", 10, |s| {
+        peer(s, "hv2").decision.is_some()
+    })
+    .await;
+    assert_eq!(sa.role, Role::Secondary);
+    let d = peer(&sa, "hv2").decision.clone().unwrap();
+    assert!(d.contains("bitmap resync from hv2 to hv1"), "{d}");
+    assert!(d.contains("local-crashed-primary"), "{d}");
+    wait_converged(&a, &b, 30).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_close_and_reopen_needs_no_resync_and_tracks_only_missed_writes_verify_finds_corruption(
+) {
+    let mut c = Cluster::new(&["hv1", "hv2"], &[], 32 * MIB, ReplicaOptions::default()).await;
+    let a = c.r("hv1");
+    wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+
+    c.close("hv2").await;
+    wait_for(&a, "hv2 left", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    c.reopen("hv2").await;
+    let s = wait_for(&a, "hv2 back, in sync", 10, |s| established(s, "hv2")).await;
+    assert_eq!(peer(&s, "hv2").out_of_sync_bytes, 0);
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+
+    c.close("hv2").await;
+    wait_for(&a, "hv2 left again", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    write_mib(&a, 4, 1, 9).await;
+    assert_eq!(peer(&a.status(), "hv2").out_of_sync_bytes, MIB);
+    c.reopen("hv2").await;
+    let b = c.r("hv2");
+    wait_converged(&a, &b, 30).await;
+    let d = peer(&a.status(), "hv2").decision.clone().unwrap();
+    assert!(d.contains("bitmap resync from hv1 to hv2"), "{d}");
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+
+    // Online verify: equal, then a block corrupted behind the engine's back is found.
+    let report = a.verify().await.unwrap();
+    assert_eq!(report.differing_blocks, 0);
+    assert_eq!(report.checked_bytes, 32 * MIB);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&c.hosts[c.idx("hv2")].disk)
+            .unwrap();
+        f.write_all_at(&[0xAB; 100], 5 * MIB + 10).unwrap();
+        f.sync_all().unwrap();
+    }
+    let report = a.verify().await.unwrap();
+    assert_eq!(report.differing_blocks, 1);
+    let s = a.status();
+    assert_eq!(s.last_verify.as_ref().unwrap().differing_blocks, 1);
+    assert_eq!(peer(&s, "hv2").out_of_sync_bytes, 4096);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_primaries_for_a_live_migration_replicate_both_ways() {
+    let c = Cluster::new(&["hv1", "hv2"], &[], 32 * MIB, ReplicaOptions::default()).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+    wait_for(&b, "hv2 sees hv1 Primary", 5, |s| {
+        peer(s, "hv1").role == Role::Primary
+    })
+    .await;
+
+    // The gate is per node: on hv2 alone it is not enough.
+    b.set_allow_two_primaries(true).unwrap();
+    let err = b.promote().await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("allow-two-primaries is off on hv1"),
+        "{err}"
+    );
+    assert_eq!(b.status().role, Role::Secondary);
+    wait_for(&b, "links back after the refusal", 10, |s| {
+        established(s, "hv1")
+    })
+    .await;
+
+    a.set_allow_two_primaries(true).unwrap();
+    let mut ok = false;
+    for _ in 0..20 {
+        match b.promote().await {
+            Ok(()) => {
+                ok = true;
+                break;
+            }
+            Err(e) => {
+                eprintln!("second promote: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert!(ok, "second Primary");
+    assert_eq!(b.status().role, Role::Primary);
+    wait_for(&a, "hv1 sees hv2 Primary", 5, |s| {
+        peer(s, "hv2").role == Role::Primary
+    })
+    .await;
+    // Both write (disjoint ranges, as a migrating VM does) and both replicas get both.
+    write_mib(&a, 4, 1, 40).await;
+    write_mib(&b, 8, 1, 80).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+    // A third promotion is impossible with two nodes; the source demotes after migration.
+    a.demote().await.unwrap();
+    b.set_allow_two_primaries(false).unwrap();
+    write_mib(&b, 12, 1, 120).await;
+    wait_converged(&a, &b, 20).await;
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_isolation_without_takeover_resumes_the_frozen_primary() {
+    let c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    wait_for(&b, "connected", 10, |s| established(s, "hv1") && s.quorum).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 1, 1).await;
+    c.isolate("hv1").await;
+    wait_for(&a, "hv1 frozen", 10, |s| !s.quorum && s.io_suspended).await;
+    let a2 = a.clone();
+    let frozen = tokio::spawn(async move { a2.write(2 * MIB, data(2, 65536), false).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!frozen.is_finished());
+    // Nobody takes over; the network comes back.
+    c.heal_all();
+    tokio::time::timeout(Duration::from_secs(20), frozen)
+        .await
+        .expect("the frozen write resumes")
+        .unwrap()
+        .unwrap();
+    let s = wait_for(&a, "quorum back", 20, |s| s.quorum && !s.io_suspended).await;
+    assert_eq!(s.role, Role::Primary);
+    wait_converged(&a, &b, 30).await;
+    a.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn io_error_policy_fails_requests_without_quorum_and_the_witness_serves_nothing() {
+    let opts = ReplicaOptions {
+        on_no_quorum: replication::quorum::OnNoQuorum::IoError,
+        ..ReplicaOptions::default()
+    };
+    let c = Cluster::new(&["hv1", "hv2"], &["witness"], 16 * MIB, opts).await;
+    let (a, w) = (c.r("hv1"), c.r("witness"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    let err = w.promote().await.unwrap_err();
+    assert!(matches!(err, EngineError::Diskless { .. }), "{err}");
+    assert_eq!(w.status().disk_state, DiskState::Diskless);
+    a.promote().await.unwrap();
+    a.write(0, data(1, 4096), false).await.unwrap();
+    c.isolate("hv1").await;
+    let s = wait_for(&a, "hv1 without quorum", 10, |s| !s.quorum).await;
+    assert!(!s.io_suspended, "io-error does not suspend");
+    let err = a.write(0, data(2, 4096), false).await.unwrap_err();
+    assert!(matches!(err, EngineError::NoQuorum { .. }), "{err}");
+    assert!(err.to_string().contains("no quorum"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_killed_with_a_witness_the_survivor_takes_over_and_the_old_primary_resyncs() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    wait_for(&b, "connected", 10, |s| established(s, "hv1") && s.quorum).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 8, 5).await;
+    let before = c.disk_hash("hv1");
+    drop(a);
+    c.kill("hv1");
+    // The witness must notice too before hv2 may be promoted (it relays who is Primary).
+    let mut promoted = false;
+    for _ in 0..50 {
+        match b.promote().await {
+            Ok(()) => {
+                promoted = true;
+                break;
+            }
+            Err(e) => {
+                eprintln!("promote hv2: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert!(promoted);
+    assert!(b.status().quorum);
+    // Every acknowledged write is there.
+    assert_eq!(c.disk_hash("hv2"), before);
+    write_mib(&b, 16, 2, 60).await;
+    c.restart("hv1").await;
+    let a = c.r("hv1");
+    let s = wait_for(&a, "hv1 resyncs from hv2", 20, |s| {
+        peer(s, "hv2")
+            .decision
+            .as_deref()
+            .is_some_and(|d| d.contains("from hv2 to hv1"))
+    })
+    .await;
+    assert_eq!(s.role, Role::Secondary);
+    wait_converged(&a, &b, 30).await;
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}

@@ -1,0 +1,280 @@
+//! The daemon's seam to the replication engine (`replication::replica`, ENGINE.md).
+//!
+//! ```text
+//! VolumeService ── Engine (node: create_metadata, open_replica, close_replica, shutdown)
+//!        │            └── EngineReplica (one volume: status, roles, verify, resize, I/O)
+//!        └── ReplicatedExport (frontend handle) ── EngineReplica::{read, write, ...}
+//! ```
+//!
+//! The daemon talks to the engine only through these two traits, so the lifecycle,
+//! the control API and the frontend rules (auto-promote, last-writer demote) are tested
+//! with a scripted engine, and the adapter onto `replication::replica::ReplicationNode`
+//! stays one small file. Errors cross the seam as an [`EngineFailure`]: a class the daemon
+//! branches on and the engine's operator-ready message, unchanged (e.g. "vm-100-disk-0 is
+//! Primary on hv2").
+//!
+//! The real engine is [`crate::engine_adapter::ReplicationEngine`]. [`NoEngine`] is what a
+//! one-node install (no secret, no replication listener) runs with: it reports replicated
+//! volumes Secondary with unconnected peers and refuses every promotion, so nothing is ever
+//! served from an unreplicated copy of a replicated volume (e.g. after the config lost its
+//! other nodes).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use replication::device::BackingDevice;
+
+use crate::api::{PeerStatus, ReplicaStatus, VerifySummary};
+use crate::options::VolumeOptions;
+
+/// What kind of failure the engine reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A rule refused the request (role, quorum, disk state, two-primaries gate).
+    Refused,
+    /// I/O on a replica that is not Primary.
+    NotPrimary,
+    /// The backing device or a peer failed the I/O.
+    Io,
+    /// The replica is closing or closed.
+    Shutdown,
+    /// Anything else (metadata, setup).
+    Failed,
+}
+
+/// A failure reported by the engine, with its operator-ready message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct EngineFailure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl EngineFailure {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        EngineFailure {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Another node of a volume, as the engine needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPlan {
+    pub name: String,
+    pub replication: SocketAddr,
+    pub diskless: bool,
+}
+
+/// Everything the engine needs to run one volume's replica (ENGINE.md's `ReplicaSpec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaPlan {
+    pub volume: String,
+    /// Every other node of the volume (data replicas and tiebreakers).
+    pub peers: Vec<PeerPlan>,
+    /// `<state_dir>/volumes/<name>/meta`.
+    pub meta_dir: PathBuf,
+    pub options: VolumeOptions,
+    /// Data replicas (this node included when it stores data) and tiebreakers, for the
+    /// quorum default.
+    pub data_replicas: usize,
+    pub tiebreakers: usize,
+}
+
+/// The node-level engine.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Initialise a new replica's metadata; every replica of a volume gets the same `day0`.
+    fn create_metadata(
+        &self,
+        meta_dir: &Path,
+        size: u64,
+        day0: u64,
+        peers: &[&str],
+    ) -> Result<(), EngineFailure>;
+    /// Start replicating a volume (`device` is `None` on a diskless tiebreaker).
+    async fn open_replica(
+        &self,
+        plan: ReplicaPlan,
+        device: Option<Arc<dyn BackingDevice>>,
+    ) -> Result<Arc<dyn EngineReplica>, EngineFailure>;
+    /// Close a replica cleanly (before delete, on shutdown).
+    async fn close_replica(&self, volume: &str) -> Result<(), EngineFailure>;
+    /// Close everything and stop the listener.
+    async fn shutdown(&self);
+}
+
+/// One volume's local replica.
+#[async_trait]
+pub trait EngineReplica: Send + Sync + 'static {
+    fn status(&self) -> ReplicaStatus;
+    async fn promote(&self) -> Result<(), EngineFailure>;
+    async fn demote(&self) -> Result<(), EngineFailure>;
+    fn set_allow_two_primaries(&self, allow: bool) -> Result<(), EngineFailure>;
+    async fn resolve_split_brain(&self, discard_local: bool) -> Result<(), EngineFailure>;
+    async fn verify(&self) -> Result<VerifySummary, EngineFailure>;
+    /// The device is already grown to `new_size`.
+    async fn resize(&self, new_size: u64) -> Result<(), EngineFailure>;
+    fn set_options(&self, options: &VolumeOptions) -> Result<(), EngineFailure>;
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineFailure>;
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineFailure>;
+    async fn flush(&self) -> Result<(), EngineFailure>;
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineFailure>;
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<(), EngineFailure>;
+}
+
+/// The engine of a node without replication (see the module doc).
+pub struct NoEngine {
+    node: String,
+}
+
+impl NoEngine {
+    pub fn new(node: &str) -> Arc<NoEngine> {
+        Arc::new(NoEngine {
+            node: node.to_string(),
+        })
+    }
+}
+
+const NO_ENGINE: &str =
+    "this tandemd has no replication engine; replicated volumes cannot be promoted or served";
+
+#[async_trait]
+impl Engine for NoEngine {
+    fn create_metadata(
+        &self,
+        meta_dir: &Path,
+        _size: u64,
+        _day0: u64,
+        _peers: &[&str],
+    ) -> Result<(), EngineFailure> {
+        std::fs::create_dir_all(meta_dir).map_err(|e| {
+            EngineFailure::new(
+                FailureKind::Failed,
+                format!("cannot create {}: {e}", meta_dir.display()),
+            )
+        })
+    }
+
+    async fn open_replica(
+        &self,
+        plan: ReplicaPlan,
+        device: Option<Arc<dyn BackingDevice>>,
+    ) -> Result<Arc<dyn EngineReplica>, EngineFailure> {
+        Ok(Arc::new(DetachedReplica {
+            node: self.node.clone(),
+            plan,
+            device,
+        }))
+    }
+
+    async fn close_replica(&self, _volume: &str) -> Result<(), EngineFailure> {
+        Ok(())
+    }
+
+    async fn shutdown(&self) {}
+}
+
+/// A replica of [`NoEngine`]: Secondary forever, peers never connected.
+struct DetachedReplica {
+    node: String,
+    plan: ReplicaPlan,
+    device: Option<Arc<dyn BackingDevice>>,
+}
+
+fn refused() -> EngineFailure {
+    EngineFailure::new(FailureKind::Refused, NO_ENGINE)
+}
+
+#[async_trait]
+impl EngineReplica for DetachedReplica {
+    fn status(&self) -> ReplicaStatus {
+        ReplicaStatus {
+            volume: self.plan.volume.clone(),
+            node: self.node.clone(),
+            role: "Secondary".into(),
+            disk_state: if self.device.is_some() {
+                "Consistent"
+            } else {
+                "Diskless"
+            }
+            .into(),
+            protocol: self.plan.options.protocol.to_string(),
+            quorum: false,
+            quorum_reason: String::new(),
+            io_suspended: false,
+            allow_two_primaries: false,
+            size_bytes: self.device.as_ref().map_or(0, |d| d.size()),
+            current_uuid: String::new(),
+            peers: self
+                .plan
+                .peers
+                .iter()
+                .map(|p| PeerStatus {
+                    node: p.name.clone(),
+                    diskless: p.diskless,
+                    connection: "StandAlone".into(),
+                    role: "Unknown".into(),
+                    disk_state: "DUnknown".into(),
+                    replication: "Off".into(),
+                    out_of_sync_bytes: 0,
+                    resync: None,
+                    split_brain: None,
+                    decision: None,
+                    last_error: None,
+                })
+                .collect(),
+            last_verify: None,
+        }
+    }
+    async fn promote(&self) -> Result<(), EngineFailure> {
+        Err(refused())
+    }
+    async fn demote(&self) -> Result<(), EngineFailure> {
+        Ok(())
+    }
+    fn set_allow_two_primaries(&self, _allow: bool) -> Result<(), EngineFailure> {
+        Err(refused())
+    }
+    async fn resolve_split_brain(&self, _discard_local: bool) -> Result<(), EngineFailure> {
+        Err(refused())
+    }
+    async fn verify(&self) -> Result<VerifySummary, EngineFailure> {
+        Err(refused())
+    }
+    async fn resize(&self, _new_size: u64) -> Result<(), EngineFailure> {
+        Ok(())
+    }
+    fn set_options(&self, _options: &VolumeOptions) -> Result<(), EngineFailure> {
+        Ok(())
+    }
+    async fn read(&self, _offset: u64, _len: u32) -> Result<Bytes, EngineFailure> {
+        Err(EngineFailure::new(FailureKind::NotPrimary, NO_ENGINE))
+    }
+    async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<(), EngineFailure> {
+        Err(EngineFailure::new(FailureKind::NotPrimary, NO_ENGINE))
+    }
+    async fn flush(&self) -> Result<(), EngineFailure> {
+        Err(EngineFailure::new(FailureKind::NotPrimary, NO_ENGINE))
+    }
+    async fn trim(&self, _offset: u64, _len: u64) -> Result<(), EngineFailure> {
+        Err(EngineFailure::new(FailureKind::NotPrimary, NO_ENGINE))
+    }
+    async fn write_zeroes(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _may_unmap: bool,
+    ) -> Result<(), EngineFailure> {
+        Err(EngineFailure::new(FailureKind::NotPrimary, NO_ENGINE))
+    }
+}

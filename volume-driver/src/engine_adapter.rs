@@ -1,0 +1,240 @@
+//! The [`Engine`]/[`EngineReplica`] seam implemented by the real replication engine,
+//! `replication::replica` (`ReplicationNode`, `Replica`). Options, status and errors are
+//! translated here and nowhere else; the engine's status object passes through serde, so
+//! the daemon prints exactly what the engine reports.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use replication::auth::Secret;
+use replication::device::BackingDevice;
+use replication::link::LinkConfig;
+use replication::replica::{
+    EngineError, NodeConfig, PeerSpec, ReplicaOptions, ReplicaSpec, ReplicationNode,
+};
+use replication::resync::ResyncConfig;
+
+use crate::api::{ReplicaStatus, VerifySummary};
+use crate::engine::{Engine, EngineFailure, EngineReplica, FailureKind, ReplicaPlan};
+use crate::options::VolumeOptions;
+use crate::report::error_chain;
+
+/// The engine of a cluster node.
+pub struct ReplicationEngine {
+    node: Arc<ReplicationNode>,
+}
+
+impl ReplicationEngine {
+    /// Bind the replication listener on `listen`.
+    pub async fn start(
+        name: &str,
+        listen: std::net::SocketAddr,
+        secret: Secret,
+    ) -> Result<Arc<ReplicationEngine>, EngineFailure> {
+        let node = ReplicationNode::start(NodeConfig {
+            name: name.to_string(),
+            listen,
+            secret,
+            link: LinkConfig::default(),
+        })
+        .await
+        .map_err(failure)?;
+        Ok(Arc::new(ReplicationEngine { node }))
+    }
+}
+
+/// The engine's options for a volume.
+pub fn replica_options(options: &VolumeOptions) -> ReplicaOptions {
+    ReplicaOptions {
+        protocol: options.protocol,
+        quorum: None,
+        on_no_quorum: options.on_no_quorum,
+        after_split_brain: options.after_split_brain,
+        resync: {
+            let defaults = ResyncConfig::default();
+            ResyncConfig {
+                max_rate_bytes_per_sec: options.resync_rate_bytes,
+                // The floor kept for resync under application load never exceeds the cap.
+                min_rate_bytes_per_sec: defaults
+                    .min_rate_bytes_per_sec
+                    .min(options.resync_rate_bytes),
+                ..defaults
+            }
+        },
+        ..ReplicaOptions::default()
+    }
+}
+
+/// Classify an engine error; refusals keep the engine's one-line message (QEMU shows it),
+/// other failures carry their cause chain.
+pub fn failure(error: EngineError) -> EngineFailure {
+    let kind = match &error {
+        EngineError::NotPrimary { .. }
+        | EngineError::NotUpToDate { .. }
+        | EngineError::Diskless { .. } => FailureKind::NotPrimary,
+        EngineError::Promote(_)
+        | EngineError::NoQuorum { .. }
+        | EngineError::NotSplitBrain { .. }
+        | EngineError::Resolve { .. }
+        | EngineError::InvalidRequest(_)
+        | EngineError::Unsupported(_) => FailureKind::Refused,
+        EngineError::Closed { .. } | EngineError::Demoted { .. } => FailureKind::Shutdown,
+        EngineError::Device { .. }
+        | EngineError::Datapath { .. }
+        | EngineError::SuspendTimeout { .. } => FailureKind::Io,
+        _ => FailureKind::Failed,
+    };
+    let message = if kind == FailureKind::Refused {
+        match &error {
+            EngineError::Resolve { .. } => error_chain(&error),
+            _ => error.to_string(),
+        }
+    } else {
+        error_chain(&error)
+    };
+    EngineFailure::new(kind, message)
+}
+
+fn through_serde<T: serde::Serialize, U: serde::de::DeserializeOwned>(
+    value: &T,
+) -> Result<U, String> {
+    serde_json::to_value(value)
+        .and_then(serde_json::from_value)
+        .map_err(|e| e.to_string())
+}
+
+#[async_trait]
+impl Engine for ReplicationEngine {
+    fn create_metadata(
+        &self,
+        meta_dir: &Path,
+        size: u64,
+        day0: u64,
+        peers: &[&str],
+    ) -> Result<(), EngineFailure> {
+        ReplicationNode::create_metadata(meta_dir, size, day0, peers).map_err(failure)
+    }
+
+    async fn open_replica(
+        &self,
+        plan: ReplicaPlan,
+        device: Option<Arc<dyn BackingDevice>>,
+    ) -> Result<Arc<dyn EngineReplica>, EngineFailure> {
+        let spec = ReplicaSpec {
+            volume: plan.volume.clone(),
+            peers: plan
+                .peers
+                .iter()
+                .map(|p| PeerSpec {
+                    name: p.name.clone(),
+                    replication: p.replication,
+                    diskless: p.diskless,
+                })
+                .collect(),
+            meta_dir: plan.meta_dir.clone(),
+            options: replica_options(&plan.options),
+        };
+        let replica = self
+            .node
+            .open_replica(spec, device)
+            .await
+            .map_err(failure)?;
+        Ok(Arc::new(EngineVolume { replica }))
+    }
+
+    async fn close_replica(&self, volume: &str) -> Result<(), EngineFailure> {
+        self.node.close_replica(volume).await.map_err(failure)
+    }
+
+    async fn shutdown(&self) {
+        self.node.shutdown().await;
+    }
+}
+
+/// One engine replica behind the seam.
+struct EngineVolume {
+    replica: Arc<replication::replica::Replica>,
+}
+
+#[async_trait]
+impl EngineReplica for EngineVolume {
+    fn status(&self) -> ReplicaStatus {
+        let status = self.replica.status();
+        match through_serde(&status) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(volume = %status.volume, error = %e, "engine status does not match the API");
+                ReplicaStatus {
+                    volume: status.volume.clone(),
+                    node: status.node.clone(),
+                    role: status.role.to_string(),
+                    disk_state: status.disk_state.to_string(),
+                    protocol: status.protocol.to_string(),
+                    quorum: status.quorum,
+                    quorum_reason: status.quorum_reason.clone(),
+                    io_suspended: status.io_suspended,
+                    allow_two_primaries: status.allow_two_primaries,
+                    size_bytes: status.size_bytes,
+                    current_uuid: status.current_uuid.clone(),
+                    peers: Vec::new(),
+                    last_verify: None,
+                }
+            }
+        }
+    }
+    async fn promote(&self) -> Result<(), EngineFailure> {
+        self.replica.promote().await.map_err(failure)
+    }
+    async fn demote(&self) -> Result<(), EngineFailure> {
+        self.replica.demote().await.map_err(failure)
+    }
+    fn set_allow_two_primaries(&self, allow: bool) -> Result<(), EngineFailure> {
+        self.replica.set_allow_two_primaries(allow).map_err(failure)
+    }
+    async fn resolve_split_brain(&self, discard_local: bool) -> Result<(), EngineFailure> {
+        self.replica
+            .resolve_split_brain(discard_local)
+            .await
+            .map_err(failure)
+    }
+    async fn verify(&self) -> Result<VerifySummary, EngineFailure> {
+        let report = self.replica.verify().await.map_err(failure)?;
+        Ok(VerifySummary {
+            differing_blocks: report.differing_blocks,
+            checked_bytes: report.checked_bytes,
+        })
+    }
+    async fn resize(&self, new_size: u64) -> Result<(), EngineFailure> {
+        self.replica.resize(new_size).await.map_err(failure)
+    }
+    fn set_options(&self, options: &VolumeOptions) -> Result<(), EngineFailure> {
+        self.replica
+            .set_options(replica_options(options))
+            .map_err(failure)
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineFailure> {
+        self.replica.read(offset, len).await.map_err(failure)
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineFailure> {
+        self.replica.write(offset, data, fua).await.map_err(failure)
+    }
+    async fn flush(&self) -> Result<(), EngineFailure> {
+        self.replica.flush().await.map_err(failure)
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineFailure> {
+        self.replica.trim(offset, len).await.map_err(failure)
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<(), EngineFailure> {
+        self.replica
+            .write_zeroes(offset, len, may_unmap)
+            .await
+            .map_err(failure)
+    }
+}
