@@ -544,7 +544,7 @@ impl Agent {
         };
     }
 
-    /// Demote the volumes of a VM this agent fenced (Primary here, no writer left).
+    /// Demote the volumes of a VM this agent fenced (still Primary here).
     fn demote_fenced(
         &self,
         vm: &str,
@@ -556,7 +556,8 @@ impl Agent {
         let mut failed = None;
         for d in views
             .iter()
-            .filter(|d| d.role == "Primary" && d.open_writers == 0)
+            // QEMU is dead (we killed it): a writer still counted is its frozen request.
+            .filter(|d| d.role == "Primary")
         {
             if let Err(e) = disks.demote(&d.volume) {
                 failed = Some(e);

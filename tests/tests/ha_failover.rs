@@ -5,8 +5,10 @@
 //! (replication traffic between two hosts dropped, management fine), [`ha::set_link`]
 //! (isolation: both paths).
 //!
-//! These need the replication engine (issue 3: `volume_status`, promotion, quorum) in
-//! tandemd; until it is in main they are ignored.
+//! They need the replication engine (issue 3: `volume_status`, promotion, quorum) in
+//! tandemd. The isolation scenario is ignored until the engine turns an isolated Primary
+//! with a frozen in-flight write into a SyncTarget on heal (see its ignore reason); it
+//! passes when no write is in flight at the cut.
 
 use std::time::{Duration, Instant};
 
@@ -186,7 +188,6 @@ fn no_split_brain(host: &LibvirtHost) {
 }
 
 #[test]
-#[ignore = "needs the replication engine (issue 3) in main"]
 fn host_killed_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
     let bed = bed(true);
     let hv2 = bed.host("hv2");
@@ -239,7 +240,6 @@ fn host_killed_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
 }
 
 #[test]
-#[ignore = "needs the replication engine (issue 3) in main"]
 fn replication_link_cut_only_is_not_a_failover() {
     let bed = bed(false);
     let (hv1, hv2, hv3) = (bed.host("hv1"), bed.host("hv2"), bed.host("hv3"));
@@ -270,7 +270,7 @@ fn replication_link_cut_only_is_not_a_failover() {
 }
 
 #[test]
-#[ignore = "needs the replication engine (issue 3) in main"]
+#[ignore = "engine: an isolated Primary with a write in flight keeps it frozen (the dead QEMU's writer stays open, demote is refused) and, if that write hit its disk, the heal ends in split brain instead of SyncTarget; needs DRBD's on-suspended-primary-outdated force-secondary"]
 fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
     // A writing guest: the takeover side writes while hv1 is cut off, so hv1 must come
     // back as SyncTarget.
@@ -355,7 +355,6 @@ fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
 }
 
 #[test]
-#[ignore = "needs the replication engine (issue 3) in main"]
 fn two_hosts_dead_nothing_starts_and_status_says_why() {
     let bed = bed(false);
     let hv2 = bed.host("hv2");
@@ -372,7 +371,6 @@ fn two_hosts_dead_nothing_starts_and_status_says_why() {
 }
 
 #[test]
-#[ignore = "needs the replication engine (issue 3) in main"]
 fn drill_kills_the_host_with_the_operators_command_and_reports_the_failover_time() {
     let bed = bed(false);
     let (hv1, hv2) = (bed.host("hv1"), bed.host("hv2"));
