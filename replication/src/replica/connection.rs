@@ -839,6 +839,13 @@ impl Replica {
             EngineMessage::BitmapRuns { .. } => {
                 tracing::warn!(volume = %self.volume, peer, "bitmap runs outside a handshake; ignored");
             }
+            EngineMessage::PromotePrepare { id, two_primaries } => {
+                self.on_promote_prepare(peer, id, two_primaries)
+            }
+            EngineMessage::PromoteReply { id, answer } => self.on_promote_reply(peer, id, answer),
+            EngineMessage::PromoteDecision { id, commit } => {
+                self.on_promote_decision(peer, id, commit)
+            }
             EngineMessage::OutdateReply {
                 id,
                 target,
@@ -990,6 +997,7 @@ impl Replica {
             if data_peer && was_connected && i_am_primary {
                 st.uuids.on_peer_lost(true, peer_was_primary);
             }
+            Self::twopc_link_down(&mut st, peer);
             let lost = self.recompute_quorum(&mut st);
             // Keep the lost Secondary from being promoted with stale data: outdate it
             // through a tiebreaker before writing on.
