@@ -153,6 +153,7 @@ impl Replica {
             slot.mode = LinkMode::None;
             // No state broadcasts into a link that is still in its handshake.
             if slot.conn == ConnectionState::Connected {
+                slot.lost_at = Some(tokio::time::Instant::now());
                 slot.conn = ConnectionState::Connecting;
             }
             slot.link_id
@@ -985,6 +986,9 @@ impl Replica {
             }
             if let Some(d) = slot.dual_sender.take() {
                 d.close("the main link to the peer went down");
+            }
+            if was_connected {
+                slot.lost_at = Some(tokio::time::Instant::now());
             }
             if slot.conn != ConnectionState::StandAlone {
                 slot.conn = ConnectionState::Connecting;

@@ -16,6 +16,11 @@
 //! therefore retries a round that failed only because of a concurrent promotion after a
 //! random backoff (20–200 ms) until [`PROMOTE_TIMEOUT`], then refuses with "being promoted
 //! on <node>". A promote that meets an existing Primary is refused at once.
+//!
+//! A member whose link ended within [`RECONNECT_GRACE`] (a demotion cycles the data links;
+//! a link broke during the round) is waited for and asked once it is back; only a member
+//! gone for longer is left out (quorum protects that case; with quorum off it is DRBD's
+//! behaviour, a split brain is then detected at the handshake).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -41,6 +46,10 @@ pub(super) const GRANT_HOLD: Duration = Duration::from_secs(30);
 /// steps down again instead of relying on grants that may have lapsed.
 pub(super) const COMMIT_DEADLINE: Duration = Duration::from_secs(20);
 
+/// A member whose established link ended less than this ago is waited for (it is asked
+/// once it is back) rather than left out of the agreement.
+pub(super) const RECONNECT_GRACE: Duration = Duration::from_secs(3);
+
 /// This node's promotion round in progress.
 pub(super) struct PromotionRound {
     pub id: u64,
@@ -65,6 +74,9 @@ pub(super) struct Grant {
 pub(super) enum RoundFailure {
     /// A concurrent promotion of `node`: worth a retry.
     Busy { node: String },
+    /// The link to `node` was established a moment ago and is being re-established
+    /// (or broke during the round): wait for it, within [`RECONNECT_GRACE`].
+    Reconnecting { node: String },
     /// Final.
     Refused(EngineError),
 }
@@ -95,6 +107,15 @@ impl Replica {
         }
         if let Some(node) = Self::active_grant(st, None) {
             return Err(RoundFailure::Busy { node });
+        }
+        if let Some(p) = st.peers.values().find(|p| {
+            p.conn != ConnectionState::Connected
+                && p.conn != ConnectionState::StandAlone
+                && p.lost_at.is_some_and(|t| t.elapsed() < RECONNECT_GRACE)
+        }) {
+            return Err(RoundFailure::Reconnecting {
+                node: p.spec.name.clone(),
+            });
         }
         let id = st.next_request_id;
         st.next_request_id += 1;
@@ -211,12 +232,9 @@ impl Replica {
     fn refusal(&self, member: &str, answer: Option<PromoteAnswer>) -> RoundFailure {
         let volume = self.volume.clone();
         match answer {
-            None | Some(PromoteAnswer::Yes) => {
-                RoundFailure::Refused(EngineError::PromotionNotAgreed {
-                    volume,
-                    reason: format!("the link to {member} went down during the promotion"),
-                })
-            }
+            None | Some(PromoteAnswer::Yes) => RoundFailure::Reconnecting {
+                node: member.to_string(),
+            },
             Some(PromoteAnswer::Primary { node }) => {
                 RoundFailure::Refused(EngineError::Promote(PromoteRefusal::OtherPrimary {
                     volume,

@@ -83,6 +83,9 @@ pub(super) struct PeerSlot {
     pub resync_task: Option<JoinHandle<()>>,
     /// The reverse data link while both nodes are Primary (see `dual.rs`).
     pub dual_sender: Option<LinkSender>,
+    /// When an established link to this peer last ended (a promotion waits briefly for
+    /// the reconnect, e.g. after a demotion cycled the links).
+    pub lost_at: Option<tokio::time::Instant>,
 }
 
 pub(super) struct State {
@@ -282,6 +285,7 @@ impl Replica {
                         resync_progress: None,
                         resync_task: None,
                         dual_sender: None,
+                        lost_at: None,
                     },
                 )
             })
@@ -770,6 +774,17 @@ impl Replica {
             match self.promote_round().await {
                 Ok(()) => return Ok(()),
                 Err(RoundFailure::Refused(e)) => return Err(e),
+                Err(RoundFailure::Reconnecting { node }) => {
+                    if started.elapsed() >= PROMOTE_TIMEOUT {
+                        return Err(EngineError::PromotionNotAgreed {
+                            volume: self.volume.clone(),
+                            reason: format!(
+                                "the link to {node} is being re-established; try again"
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 Err(RoundFailure::Busy { node }) => {
                     let backoff = Duration::from_millis(20 + rand::random::<u64>() % 180);
                     if started.elapsed() + backoff >= PROMOTE_TIMEOUT {
