@@ -81,6 +81,48 @@ pub(super) enum RoundFailure {
     Refused(EngineError),
 }
 
+/// Ends this node's round however `promote_round` leaves (including when its future is
+/// dropped): the round is removed and the asked members get the decision, so they never
+/// hold a grant for an abandoned round until [`GRANT_HOLD`].
+pub(super) struct RoundGuard<'a> {
+    pub replica: &'a Replica,
+    pub id: u64,
+    pub senders: Vec<LinkSender>,
+    /// This node became Primary in this round: the decision is Commit.
+    pub commit: bool,
+    /// The decision was sent.
+    pub done: bool,
+}
+
+impl RoundGuard<'_> {
+    /// Send the decision now.
+    pub(super) fn decide(&mut self, commit: bool) {
+        self.commit = commit;
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        {
+            let mut st = lock(&self.replica.st);
+            if st.promotion.as_ref().is_some_and(|r| r.id == self.id) {
+                st.promotion = None;
+            }
+        }
+        Replica::send_decision(&self.senders, self.id, self.commit);
+        self.replica.notify();
+    }
+}
+
+impl Drop for RoundGuard<'_> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 impl Replica {
     /// A live grant for another node than `except`, if any (expired grants are dropped).
     fn active_grant(st: &mut State, except: Option<&str>) -> Option<String> {
@@ -174,12 +216,12 @@ impl Replica {
     /// must make this node Primary before releasing the lock (so no prepare from another
     /// node slips in between); on Err the round is over as well (the caller aborts).
     pub(super) fn round_won(&self, st: &mut State, id: u64) -> Result<Instant, RoundFailure> {
-        let Some(round) = st.promotion.take() else {
+        let Some(round) = st.promotion.take_if(|r| r.id == id) else {
             return Err(RoundFailure::Refused(EngineError::Closed {
                 volume: self.volume.clone(),
             }));
         };
-        if round.id != id || st.closed {
+        if st.closed {
             return Err(RoundFailure::Refused(EngineError::Closed {
                 volume: self.volume.clone(),
             }));

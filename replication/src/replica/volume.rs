@@ -14,7 +14,9 @@ use tokio::task::JoinHandle;
 
 use super::messages::{EngineMessage, PeerState};
 use super::status::{PeerStatus, ReplicaStatus, VerifySummary};
-use super::twopc::{Grant, PromotionRound, RoundFailure, COMMIT_DEADLINE, PROMOTE_TIMEOUT};
+use super::twopc::{
+    Grant, PromotionRound, RoundFailure, RoundGuard, COMMIT_DEADLINE, PROMOTE_TIMEOUT,
+};
 use super::{EngineError, NodeShared, PeerSpec, ReplicaOptions, ReplicaSpec};
 use crate::activity_log::{ActivityLog, Admission};
 use crate::bitmap::Bitmap;
@@ -830,12 +832,15 @@ impl Replica {
         for s in &senders {
             let _ = s.send_control(&prepare);
         }
-        self.wait_round(id).await;
-        let abort = |f: RoundFailure| {
-            Self::send_decision(&senders, id, false);
-            self.notify();
-            Err(f)
+        // Abort unless this node becomes Primary (also when this future is dropped).
+        let mut guard = RoundGuard {
+            replica: self,
+            id,
+            senders,
+            commit: false,
+            done: false,
         };
+        self.wait_round(id).await;
         let other_primaries: Vec<String>;
         let round_started;
         let primary = {
@@ -844,7 +849,7 @@ impl Replica {
                 Ok(t) => round_started = t,
                 Err(f) => {
                     drop(st);
-                    return abort(f);
+                    return Err(f);
                 }
             }
             // Everyone agreed; the local view must still allow it.
@@ -852,7 +857,7 @@ impl Replica {
                 Ok(o) => other_primaries = o,
                 Err(e) => {
                     drop(st);
-                    return abort(RoundFailure::Refused(e));
+                    return Err(RoundFailure::Refused(e));
                 }
             }
             let data = Self::data_peers(&st);
@@ -889,6 +894,8 @@ impl Replica {
             }
             st.primary = Some(primary.clone());
             st.io_suspended = false;
+            // Primary from here on: a dropped future still commits.
+            guard.commit = true;
             primary
         };
         let _ = primary;
@@ -900,19 +907,21 @@ impl Replica {
                 st.uuids.on_demote();
                 st.primary = None;
             }
-            return abort(RoundFailure::Refused(e));
+            guard.decide(false);
+            return Err(RoundFailure::Refused(e));
         }
         if round_started.elapsed() > COMMIT_DEADLINE {
             // The members' grants may have lapsed meanwhile: do not rely on them.
             let _ = self.demote_now("promotion took too long").await;
-            return abort(RoundFailure::Refused(EngineError::PromotionNotAgreed {
+            guard.decide(false);
+            return Err(RoundFailure::Refused(EngineError::PromotionNotAgreed {
                 volume: self.volume.clone(),
                 reason: format!(
                     "making the promotion durable took longer than {COMMIT_DEADLINE:?}"
                 ),
             }));
         }
-        Self::send_decision(&senders, id, true);
+        guard.decide(true);
         if !other_primaries.is_empty() {
             if let Err(e) = self.connect_dual_links(&other_primaries).await {
                 let _ = self.demote_now("two primaries refused").await;
