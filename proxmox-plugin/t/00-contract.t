@@ -70,10 +70,13 @@ subtest 'features' => sub {
     my $scfg = {};
     ok($P->volume_has_feature($scfg, 'copy', 's', 'vm-1-disk-0', undef, 0), 'copy current');
     ok($P->volume_has_feature($scfg, 'sparseinit', 's', 'vm-1-disk-0'), 'sparseinit');
-    for my $feature (qw(snapshot clone template rename)) {
+    for my $feature (qw(snapshot clone template)) {
         ok(!$P->volume_has_feature($scfg, $feature, 's', 'vm-1-disk-0', undef, 0),
             "no $feature");
     }
+    ok($P->volume_has_feature($scfg, 'rename', 's', 'vm-1-disk-0', undef, 0), 'rename current');
+    ok(!$P->volume_has_feature($scfg, 'rename', 's', 'vm-1-disk-0', 'snap1', 0), 'no rename of snap');
+    ok(!$P->volume_has_feature($scfg, 'rename', 's', 'base-1-disk-0', undef, 0), 'no rename of base');
     ok(!$P->volume_has_feature($scfg, 'copy', 's', 'vm-1-disk-0', 'snap1', 0), 'no copy of snap');
     ok(!$P->volume_has_feature($scfg, 'copy', 's', 'base-1-disk-0', undef, 0), 'no copy of base');
 };
@@ -81,7 +84,6 @@ subtest 'features' => sub {
 subtest 'not supported yet: clean one-line errors' => sub {
     my $scfg = { 'tandem-socket' => '/run/tandem/nbd.sock' };
     my %calls = (
-        rename_volume => sub { $P->rename_volume($scfg, 's', 'vm-1-disk-0', 2, undef) },
         volume_snapshot => sub { $P->volume_snapshot($scfg, 's', 'vm-1-disk-0', 'a') },
         volume_snapshot_rollback =>
             sub { $P->volume_snapshot_rollback($scfg, 's', 'vm-1-disk-0', 'a') },
@@ -103,8 +105,8 @@ subtest 'not supported yet: clean one-line errors' => sub {
         eval { $calls{$name}->() };
         like($@, qr/\Atandem: [^\n]* not supported yet\n\z/, "$name dies cleanly");
     }
-    eval { $P->rename_volume($scfg, 's', 'vm-1-disk-0', 2, undef) };
-    is($@, "tandem: renaming volumes is not supported yet\n", 'rename message is exact');
+    eval { $P->rename_volume($scfg, 's', 'base-1-disk-0', 2, undef) };
+    is($@, "tandem: renaming a base volume (template) is not supported\n", 'no rename of a base');
     is_deeply([$P->volume_export_formats($scfg, 's', 'vm-1-disk-0')], [], 'no export formats');
 };
 

@@ -96,6 +96,38 @@ subtest 'resize, free, show, list: argv and sizes' => sub {
     is_deeply(last_call(), ['--json', 'volume', 'delete', 'vm-100-disk-2'], 'delete argv');
 };
 
+subtest 'rename_volume: generated or given target name, argv, volid' => sub {
+    $fake->reset;
+    $fake->set('list.json', '[{"name":"vm-200-disk-0"},{"name":"vm-100-disk-2"}]');
+    $fake->set('out.json', $VOL);
+    is($P->rename_volume({}, 'store', 'vm-100-disk-2', 200, undef), 'store:vm-200-disk-1',
+        'first free name of the target VM');
+    is_deeply($fake->calls, [
+        ['--json', 'volume', 'list'],
+        ['--json', 'volume', 'rename', 'vm-100-disk-2', 'vm-200-disk-1'],
+    ], 'argv: list, then rename OLD NEW');
+    $fake->reset;
+    $fake->set('out.json', $VOL);
+    is($P->rename_volume({ 'tandem-config' => '/etc/tandem/other.toml' }, 'store',
+        'vm-100-disk-2', 300, 'vm-300-disk-4'), 'store:vm-300-disk-4', 'given target kept');
+    is_deeply($fake->calls, [[
+        '--config', '/etc/tandem/other.toml', '--json', 'volume', 'rename', 'vm-100-disk-2',
+        'vm-300-disk-4',
+    ]], 'no list when the target is given');
+    $fake->reset;
+    eval { $P->rename_volume({}, 'store', 'vm-100-disk-2', 300, 'vm-301-disk-0') };
+    is($@, "tandem: illegal target name 'vm-301-disk-0' - should be 'vm-300-*'\n",
+        'target of another VM refused');
+    eval { $P->rename_volume({}, 'store', 'vm-100-disk-2', 'x', undef) };
+    is($@, "tandem: invalid target VMID 'x'\n", 'bad VMID refused');
+    is_deeply($fake->calls, [], 'the CLI was never run for refused arguments');
+    $fake->set('stderr', "tandem: vm-100-disk-2 is in use on hv1 (Primary); stop the VM first\n");
+    $fake->set('exit', 1);
+    eval { $P->rename_volume({}, 'store', 'vm-100-disk-2', 300, 'vm-300-disk-4') };
+    is($@, "tandem: vm-100-disk-2 is in use on hv1 (Primary); stop the VM first\n",
+        "the daemon's refusal, unchanged");
+};
+
 subtest 'list_images: vmid, vollist, pool filter' => sub {
     $fake->reset;
     $fake->set('list.json', '[' . join(',',

@@ -73,6 +73,29 @@ subtest 'life of a disk' => sub {
     is_deeply($P->list_images('tandem', $scfg, undef, undef, {}), [], 'nothing left');
 };
 
+subtest 'rename: reassign a disk to another VM' => sub {
+    my $vol = $P->alloc_image('tandem', $scfg, 400, 'raw', undef, 4096);
+    is($vol, 'vm-400-disk-0', 'allocated');
+    $P->alloc_image('tandem', $scfg, 401, 'raw', 'vm-401-disk-0', 1024);
+    ok($P->volume_has_feature($scfg, 'rename', 'tandem', $vol, undef, 0),
+        'rename feature (PVE checks it before reassigning)');
+    my $volid = $P->rename_volume($scfg, 'tandem', $vol, 401, undef);
+    is($volid, 'tandem:vm-401-disk-1', 'next free name of VM 401');
+    is_deeply($P->list_images('tandem', $scfg, 400, undef, {}), [], 'gone from VM 400');
+    my ($entry) = grep { $_->{volid} eq $volid } @{ $P->list_images('tandem', $scfg, 401, undef, {}) };
+    ok($entry, 'listed for VM 401');
+    is($entry->{vmid}, 401, 'with the new vmid');
+    is($entry->{size}, 4 * $MiB, 'size kept');
+    is(scalar($P->volume_size_info($scfg, 'tandem', 'vm-401-disk-1')), 4 * $MiB, 'size info');
+    ok(!-e "$node->{root}/images/vm-400-disk-0.img", 'old image file gone');
+    ok(-e "$node->{root}/images/vm-401-disk-1.img", 'new image file there');
+    ok(!-e "$node->{root}/state/volumes/vm-400-disk-0.json", 'old definition gone');
+    is($P->rename_volume($scfg, 'tandem', 'vm-401-disk-1', 402, 'vm-402-disk-3'),
+        'tandem:vm-402-disk-3', 'given target name');
+    $P->free_image('tandem', $scfg, $_, 0) for ('vm-402-disk-3', 'vm-401-disk-0');
+    is_deeply($P->list_images('tandem', $scfg, undef, undef, {}), [], 'nothing left');
+};
+
 subtest 'errors from the daemon' => sub {
     eval { $P->volume_size_info($scfg, 'tandem', 'vm-100-disk-9') };
     like($@, qr/\Atandem: [^\n]*vm-100-disk-9[^\n]*(?:does not exist|not found)[^\n]*\n\z/, "unknown volume: $@");
@@ -89,11 +112,12 @@ subtest 'errors from the daemon' => sub {
     is($@, "tandem: volume 'vm-300-disk-0' already exists\n", 'name taken');
     eval { $P->alloc_image('tandem', { %$scfg, 'tandem-pool' => 'nvme' }, 300, 'raw', undef, 1024) };
     like($@, qr/\Atandem: [^\n]*nvme[^\n]*\n\z/, "unknown pool: $@");
-    eval { $P->rename_volume($scfg, 'tandem', $v, 301, undef) };
-    is($@, "tandem: renaming volumes is not supported yet\n", 'rename');
-    ok(!$P->volume_has_feature($scfg, 'rename', 'tandem', $v, undef, 0),
-        'rename feature absent (PVE checks it before moving a disk to another VM)');
-    $P->free_image('tandem', $scfg, $v, 0);
+    my $busy = $P->alloc_image('tandem', $scfg, 301, 'raw', 'vm-301-disk-0', 1024);
+    eval { $P->rename_volume($scfg, 'tandem', $v, 301, 'vm-301-disk-0') };
+    like($@, qr/\Atandem: [^\n]*vm-301-disk-0[^\n]*already exists[^\n]*\n\z/, "target taken: $@");
+    eval { $P->rename_volume($scfg, 'tandem', 'vm-300-disk-9', 301, undef) };
+    like($@, qr/\Atandem: [^\n]*vm-300-disk-9[^\n]*does not exist[^\n]*\n\z/, "unknown source: $@");
+    $P->free_image('tandem', $scfg, $_, 0) for ($v, $busy);
 };
 
 subtest 'replication options reach the real CLI' => sub {

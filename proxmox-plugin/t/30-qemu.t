@@ -74,6 +74,21 @@ is(qemu_img_size($json), 96 * $MiB, 'after resize: qemu-img sees 96 MiB');
 qemu_io($json, 'read -P 0xa5 1M 2M');
 
 ok($P->deactivate_volume('tandem', $scfg, $vol, undef, {}), 'deactivated');
+
+# Reassigned to another VM: the new path opens with the same size and bytes, the old fails.
+my $volid = $P->rename_volume($scfg, 'tandem', $vol, 101, undef);
+is($volid, 'tandem:vm-101-disk-0', 'renamed for VM 101');
+my $old_path = $path;
+$vol = 'vm-101-disk-0';
+$path = $P->path($scfg, $vol, 'tandem');
+is($path, "nbd:unix:$node->{nbd}:exportname=$vol", 'path of the new name');
+is(qemu_img_size($path), 96 * $MiB, 'after rename: qemu-img info on the new path');
+qemu_io($path, 'read -P 0xa5 1M 2M');
+{
+    my ($status) = run_cmd(30, $qemu_img, 'info', $old_path);
+    isnt($status, 0, 'the old name no longer opens');
+}
+
 $P->free_image('tandem', $scfg, $vol, 0);
 my ($status, undef, $err) = run_cmd(30, $qemu_img, 'info', $path);
 isnt($status, 0, 'a freed volume cannot be opened');

@@ -743,3 +743,114 @@ async fn a_cleanly_stopped_primary_returns_as_sync_target_of_the_new_primary() {
     // The witness's slot is never reported out of sync.
     assert_eq!(peer(&b.status(), "witness").out_of_sync_bytes, 0);
 }
+
+/// Both nodes of a connected pair promoted at the same instant: the two-phase commit lets
+/// exactly one win each round; the other is refused with an operator-ready message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_promotes_on_a_connected_pair_make_exactly_one_primary() {
+    let c = Cluster::new(&["hv1", "hv2"], &[], 16 * MIB, ReplicaOptions::default()).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    let mut wins = [0u32; 2];
+    for round in 0..30 {
+        for (r, other) in [(&a, "hv2"), (&b, "hv1")] {
+            wait_for(r, "pair connected, both Secondary", 10, |s| {
+                established(s, other)
+                    && s.role == Role::Secondary
+                    && peer(s, other).role == Role::Secondary
+            })
+            .await;
+        }
+        let (ra, rb) = tokio::join!(a.promote(), b.promote());
+        let (sa, sb) = (a.status(), b.status());
+        assert!(
+            !(sa.role == Role::Primary && sb.role == Role::Primary),
+            "round {round}: two Primaries"
+        );
+        let (winner, loser_err) = match (ra, rb) {
+            (Ok(()), Err(e)) => {
+                wins[0] += 1;
+                (&a, e)
+            }
+            (Err(e), Ok(())) => {
+                wins[1] += 1;
+                (&b, e)
+            }
+            (ra, rb) => panic!("round {round}: expected exactly one winner: {ra:?} / {rb:?}"),
+        };
+        let msg = loser_err.to_string();
+        assert!(
+            msg.starts_with("vm-100-disk-0 is Primary on ")
+                || msg.starts_with("vm-100-disk-0 is being promoted on "),
+            "round {round}: {msg}"
+        );
+        assert_eq!(winner.status().role, Role::Primary);
+        // The winner really is Primary for the cluster: it writes, the peer gets it.
+        winner.write(0, data(round, 4096), true).await.unwrap();
+        winner.demote().await.unwrap();
+    }
+    eprintln!("wins hv1/hv2: {wins:?}");
+}
+
+/// Two data nodes that cannot see each other but both see the witness: the witness
+/// answers the prepares like any member, so at most one of them becomes Primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_promotes_through_the_witness_make_at_most_one_primary() {
+    let c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        16 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let (a, b, w) = (c.r("hv1"), c.r("hv2"), c.r("witness"));
+    for (r, other) in [(&a, "hv2"), (&b, "hv1")] {
+        wait_for(r, "fully connected", 10, |s| {
+            established(s, other) && established(s, "witness") && s.quorum
+        })
+        .await;
+    }
+    c.cut("hv1", "hv2");
+    for (r, other) in [(&a, "hv2"), (&b, "hv1")] {
+        wait_for(r, "data link down, quorum through the witness", 10, |s| {
+            peer(s, other).connection != ConnectionState::Connected
+                && established(s, "witness")
+                && s.quorum
+        })
+        .await;
+    }
+    let mut wins = 0;
+    for round in 0..15 {
+        wait_for(&w, "witness sees both Secondary", 10, |s| {
+            s.peers.iter().all(|p| p.role == Role::Secondary)
+        })
+        .await;
+        // Let the witness's relay of the last demotion reach both.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (ra, rb) = tokio::join!(a.promote(), b.promote());
+        let (sa, sb) = (a.status(), b.status());
+        assert!(
+            !(sa.role == Role::Primary && sb.role == Role::Primary),
+            "round {round}: two Primaries through the witness"
+        );
+        assert!(
+            !(ra.is_ok() && rb.is_ok()),
+            "round {round}: both promotions succeeded"
+        );
+        for (r, res) in [(&a, ra), (&b, rb)] {
+            match res {
+                Ok(()) => {
+                    wins += 1;
+                    r.demote().await.unwrap();
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("is Primary on") || msg.contains("is being promoted on"),
+                        "round {round}: {msg}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(wins > 0, "no round produced a Primary");
+}

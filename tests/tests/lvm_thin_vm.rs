@@ -179,7 +179,13 @@ section bad_pool $T volume create v2 --size 64M --pool nope
 section lvs_after_bad $LVS
 section list_after_bad $T volume list --json
 
-section delete $T volume delete v1
+# Rename: the LV follows the volume (lvrename on the real thin pool), the data with it.
+section rename $T volume rename v1 v1r
+section lvs_renamed $LVS
+section readback_renamed sh -c 'dd if=/dev/vg_nvme/v1r bs=1M skip=100 count=4 iflag=direct 2>/dev/null | sha256sum'
+section list_renamed $T volume list --json
+
+section delete $T volume delete v1r
 section lvs_deleted $LVS
 section list_deleted $T volume list --json
 
@@ -286,10 +292,33 @@ fn tandem_manages_lvm_thin_volumes_in_guest() {
         "bad input changed the volume list"
     );
 
+    // rename
+    run.assert_section_ok("rename");
+    let renamed = lvs_by_name(&run.json("lvs_renamed"));
+    assert!(
+        !renamed.contains_key("v1"),
+        "v1 kept its LV name: {renamed:?}"
+    );
+    assert_eq!(bytes(&renamed["v1r"]["lv_size"]), 128 * MIB, "{renamed:?}");
+    let read_renamed = run
+        .section("readback_renamed")
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert_eq!(read_renamed, written, "data changed across the rename");
+    let listed = volumes_by_name(&run.json("list_renamed"));
+    assert!(
+        listed.contains_key("v1r") && !listed.contains_key("v1"),
+        "{listed:?}"
+    );
+
     // delete
     run.assert_section_ok("delete");
     let deleted = lvs_by_name(&run.json("lvs_deleted"));
-    assert!(!deleted.contains_key("v1"), "v1 still exists: {deleted:?}");
+    assert!(
+        !deleted.contains_key("v1r"),
+        "v1r still exists: {deleted:?}"
+    );
     assert!(
         deleted.contains_key("thin"),
         "the thin pool vanished: {deleted:?}"

@@ -69,6 +69,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         force: bool,
     },
+    /// Rename a volume on every node that holds it → [`Reply::Volume`] (under the new
+    /// name). Refused while it is open or Primary anywhere or a node is unreachable.
+    VolumeRename { name: String, new_name: String },
     /// Replication status of one volume on this node → [`Reply::Status`].
     VolumeStatus { name: String },
     /// Replication status of every volume on this node → [`Reply::Statuses`].
@@ -532,6 +535,13 @@ mod tests {
                     },
                 },
                 r#"{"request":"volume_set","name":"v","protocol":"B"}"#,
+            ),
+            (
+                Request::VolumeRename {
+                    name: "v".into(),
+                    new_name: "w".into(),
+                },
+                r#"{"request":"volume_rename","name":"v","new_name":"w"}"#,
             ),
             (
                 Request::VolumeDelete {

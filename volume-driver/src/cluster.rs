@@ -28,6 +28,8 @@
 //! engine's replica, online). Sizes only grow, so a failure half-way is completed by running
 //! the same resize again; the error says which nodes grew.
 //!
+//! **Rename** lives in [`crate::rename`].
+//!
 //! **Set** applies changed options to every node's definition and replica.
 
 use std::time::Duration;
@@ -193,7 +195,7 @@ pub fn rollback_plan(participants: &[String], prepared: usize, committed: usize)
     undo
 }
 
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let mut bytes = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -301,6 +303,7 @@ impl VolumeService {
                     tiebreakers: plan.tiebreakers.clone(),
                     diskless,
                     options,
+                    renamed_from: None,
                 };
                 let request = PeerRequest::ReplicaCommit {
                     token: token.clone(),
@@ -451,7 +454,7 @@ impl VolumeService {
         }
     }
 
-    fn take_reservation(&self, name: &str, token: &str) -> Result<(), ApiError> {
+    pub(crate) fn take_reservation(&self, name: &str, token: &str) -> Result<(), ApiError> {
         let mut volumes = self.lock();
         match volumes.get_mut(name) {
             Some(slot)
@@ -835,7 +838,7 @@ impl VolumeService {
     }
 
     /// The volume's nodes (data and tiebreakers) in config order.
-    fn ordered_nodes(&self, definition: &VolumeDefinition) -> Vec<String> {
+    pub(crate) fn ordered_nodes(&self, definition: &VolumeDefinition) -> Vec<String> {
         self.config
             .nodes
             .iter()

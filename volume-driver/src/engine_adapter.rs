@@ -75,6 +75,8 @@ pub fn failure(error: EngineError) -> EngineFailure {
         | EngineError::NotUpToDate { .. }
         | EngineError::Diskless { .. } => FailureKind::NotPrimary,
         EngineError::Promote(_)
+        | EngineError::PromotionInProgress { .. }
+        | EngineError::PromotionNotAgreed { .. }
         | EngineError::NoQuorum { .. }
         | EngineError::NotSplitBrain { .. }
         | EngineError::Resolve { .. }

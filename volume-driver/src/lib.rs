@@ -16,6 +16,7 @@ pub mod nbd;
 pub mod options;
 pub mod peer;
 pub mod pool;
+pub mod rename;
 pub mod replicated_export;
 pub mod report;
 pub mod server;

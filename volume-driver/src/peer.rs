@@ -81,6 +81,21 @@ pub enum PeerRequest {
         name: String,
         options: VolumeOptions,
     },
+    /// Check that this node's replica of `name` may be renamed to `new_name` and reserve
+    /// `new_name` under `token` (see [`crate::rename`]).
+    ReplicaRenamePrepare {
+        name: String,
+        new_name: String,
+        token: String,
+    },
+    /// Close the replica and rename this node's copy; it stays closed.
+    ReplicaRenameCommit {
+        name: String,
+        new_name: String,
+        token: String,
+    },
+    /// Open the replica of `name` in the engine unless it runs already.
+    ReplicaOpen { name: String },
 }
 
 /// A successful peer answer.
@@ -113,6 +128,9 @@ impl PeerRequest {
             PeerRequest::ReplicaResize { .. } => "replica_resize",
             PeerRequest::ReplicaStatus { .. } => "replica_status",
             PeerRequest::ReplicaSetOptions { .. } => "replica_set_options",
+            PeerRequest::ReplicaRenamePrepare { .. } => "replica_rename_prepare",
+            PeerRequest::ReplicaRenameCommit { .. } => "replica_rename_commit",
+            PeerRequest::ReplicaOpen { .. } => "replica_open",
         }
     }
 }
@@ -258,6 +276,26 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
             .set_options_local(&name, options)
             .await
             .map(|volume| PeerReply::Volume { volume }),
+        PeerRequest::ReplicaRenamePrepare {
+            name,
+            new_name,
+            token,
+        } => service
+            .prepare_rename(&name, &new_name, &token)
+            .await
+            .map(|()| PeerReply::Done),
+        PeerRequest::ReplicaRenameCommit {
+            name,
+            new_name,
+            token,
+        } => service
+            .commit_rename(&name, &new_name, &token)
+            .await
+            .map(|volume| PeerReply::Volume { volume }),
+        PeerRequest::ReplicaOpen { name } => service
+            .open_replica_if_closed(&name)
+            .await
+            .map(|()| PeerReply::Done),
     };
     match result {
         Ok(result) => PeerResponse::Ok { result },
@@ -355,6 +393,17 @@ mod tests {
             r#"{"request":"replica_prepare","name":"v","size_bytes":4096,"pool":null,"diskless":false,"token":"t"}"#
         );
         assert_eq!(serde_json::from_str::<PeerRequest>(&line).unwrap(), request);
+        let rename = PeerRequest::ReplicaRenameCommit {
+            name: "v".into(),
+            new_name: "w".into(),
+            token: "t".into(),
+        };
+        let line = serde_json::to_string(&rename).unwrap();
+        assert_eq!(
+            line,
+            r#"{"request":"replica_rename_commit","name":"v","new_name":"w","token":"t"}"#
+        );
+        assert_eq!(serde_json::from_str::<PeerRequest>(&line).unwrap(), rename);
         // Local-API requests are not peer requests.
         assert!(
             serde_json::from_str::<PeerRequest>(r#"{"request":"volume_delete","name":"v"}"#)

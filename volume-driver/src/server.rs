@@ -163,6 +163,10 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
             .delete(&name, force)
             .await
             .map(|left_on| Reply::Deleted { name, left_on }),
+        Request::VolumeRename { name, new_name } => service
+            .rename(&name, &new_name)
+            .await
+            .map(|volume| Reply::Volume { volume }),
         Request::VolumeStatus { name } => {
             service.status(&name).map(|status| Reply::Status { status })
         }
@@ -219,6 +223,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::VolumeShow { .. } => "volume_show",
         Request::VolumeResize { .. } => "volume_resize",
         Request::VolumeDelete { .. } => "volume_delete",
+        Request::VolumeRename { .. } => "volume_rename",
         Request::VolumeStatus { .. } => "volume_status",
         Request::VolumeStatusAll => "volume_status_all",
         Request::VolumePromote { .. } => "volume_promote",

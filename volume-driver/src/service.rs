@@ -201,7 +201,15 @@ impl VolumeService {
             });
         }
         let store = Store::open(&config.state_dir)?;
-        let definitions = store.load_all()?;
+        let definitions = {
+            let pool_for = |name: &str| {
+                pools
+                    .iter()
+                    .find(|h| h.backend.name() == name)
+                    .map(|h| Arc::clone(&h.backend))
+            };
+            crate::rename::complete_interrupted_renames(&store, &pool_for, store.load_all()?)?
+        };
         let mut stored: HashMap<String, HashMap<String, u64>> = HashMap::new();
         for handle in &pools {
             let found = handle.backend.list()?;
@@ -567,6 +575,7 @@ impl VolumeService {
                 tiebreakers: Vec::new(),
                 diskless: false,
                 options: Default::default(),
+                renamed_from: None,
             };
             if let Err(e) = store.save(&definition) {
                 if let Err(undo) = backend.delete(&volume) {

@@ -17,6 +17,8 @@
 //!   without a definition (reported, as above). A failed storage removal writes the
 //!   definition back. So a definition never silently points at nothing; if storage vanished
 //!   behind Tandem's back, the startup check marks the volume `missing` and says so.
+//! - rename: new definition marked `renamed_from` → storage → metadata → remove the old
+//!   definition → drop the marker; startup completes it (see [`crate::rename`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -55,6 +57,10 @@ pub struct VolumeDefinition {
     /// Replication options (ignored for an unreplicated volume).
     #[serde(default)]
     pub options: VolumeOptions,
+    /// Set while a rename from this name is in progress on this node (see
+    /// [`crate::rename`]); startup completes the rename.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renamed_from: Option<String>,
 }
 
 impl VolumeDefinition {
@@ -235,6 +241,7 @@ mod tests {
             tiebreakers: Vec::new(),
             diskless: false,
             options: VolumeOptions::default(),
+            renamed_from: None,
         }
     }
 

@@ -109,8 +109,6 @@ async fn two_nodes() -> (tempfile::TempDir, Node, Node) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "engine race (reported): Replica::promote decides locally and broadcasts the new \
-            role afterwards, so a promote on the peer in that window succeeds"]
 async fn a_promote_right_after_the_peer_promoted_is_refused() {
     let (_dir, hv1, hv2) = two_nodes().await;
     hv1.service

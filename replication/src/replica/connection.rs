@@ -153,6 +153,7 @@ impl Replica {
             slot.mode = LinkMode::None;
             // No state broadcasts into a link that is still in its handshake.
             if slot.conn == ConnectionState::Connected {
+                slot.lost_at = Some(tokio::time::Instant::now());
                 slot.conn = ConnectionState::Connecting;
             }
             slot.link_id
@@ -848,6 +849,13 @@ impl Replica {
             EngineMessage::BitmapRuns { .. } => {
                 tracing::warn!(volume = %self.volume, peer, "bitmap runs outside a handshake; ignored");
             }
+            EngineMessage::PromotePrepare { id, two_primaries } => {
+                self.on_promote_prepare(peer, id, two_primaries)
+            }
+            EngineMessage::PromoteReply { id, answer } => self.on_promote_reply(peer, id, answer),
+            EngineMessage::PromoteDecision { id, commit } => {
+                self.on_promote_decision(peer, id, commit)
+            }
             EngineMessage::OutdateReply {
                 id,
                 target,
@@ -988,6 +996,9 @@ impl Replica {
             if let Some(d) = slot.dual_sender.take() {
                 d.close("the main link to the peer went down");
             }
+            if was_connected {
+                slot.lost_at = Some(tokio::time::Instant::now());
+            }
             if slot.conn != ConnectionState::StandAlone {
                 slot.conn = ConnectionState::Connecting;
                 slot.state = None;
@@ -999,6 +1010,7 @@ impl Replica {
             if data_peer && was_connected && i_am_primary {
                 st.uuids.on_peer_lost(true, peer_was_primary);
             }
+            Self::twopc_link_down(&mut st, peer);
             let lost = self.recompute_quorum(&mut st);
             // Keep the lost Secondary from being promoted with stale data: outdate it
             // through a tiebreaker before writing on.

@@ -34,6 +34,12 @@ pub const MSG_OUTDATE: u16 = 0x0102;
 pub const MSG_OUTDATE_REPLY: u16 = 0x0103;
 /// The target's bitmap runs for the source.
 pub const MSG_BITMAP_RUNS: u16 = 0x0104;
+/// Two-phase promotion, phase 1: "may I become Primary?" (see `twopc.rs`).
+pub const MSG_PROMOTE_PREPARE: u16 = 0x0105;
+/// Answer to [`MSG_PROMOTE_PREPARE`].
+pub const MSG_PROMOTE_REPLY: u16 = 0x0106;
+/// Two-phase promotion, phase 2: commit (the sender is Primary now) or abort.
+pub const MSG_PROMOTE_DECISION: u16 = 0x0107;
 /// Runs per [`MSG_BITMAP_RUNS`] message.
 pub const MAX_RUNS_PER_MESSAGE: usize = 4096;
 
@@ -88,6 +94,21 @@ pub enum OutdateResult {
     Refused,
 }
 
+/// A member's answer to a promotion prepare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromoteAnswer {
+    /// Granted: the member holds the grant until the decision (or link loss).
+    Yes,
+    /// `node` is Primary (and two primaries are not allowed).
+    Primary { node: String },
+    /// `node` is Primary and its allow-two-primaries gate is off.
+    TwoPrimariesOff { node: String },
+    /// A promotion of `node` is in progress (its own, or one the member granted).
+    Promoting { node: String },
+    /// The member is closing the volume.
+    Closing,
+}
+
 /// A decoded engine message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineMessage {
@@ -110,6 +131,19 @@ pub enum EngineMessage {
     BitmapRuns {
         runs: Vec<(u64, u64)>,
         last: bool,
+    },
+    PromotePrepare {
+        id: u64,
+        /// The requester has allow-two-primaries on (protocol C).
+        two_primaries: bool,
+    },
+    PromoteReply {
+        id: u64,
+        answer: PromoteAnswer,
+    },
+    PromoteDecision {
+        id: u64,
+        commit: bool,
     },
 }
 
@@ -210,6 +244,36 @@ impl EngineMessage {
                     out.extend_from_slice(&l.to_le_bytes());
                 }
                 MSG_BITMAP_RUNS
+            }
+            EngineMessage::PromotePrepare { id, two_primaries } => {
+                out.extend_from_slice(&id.to_le_bytes());
+                out.push(u8::from(*two_primaries));
+                MSG_PROMOTE_PREPARE
+            }
+            EngineMessage::PromoteReply { id, answer } => {
+                out.extend_from_slice(&id.to_le_bytes());
+                match answer {
+                    PromoteAnswer::Yes => out.push(0),
+                    PromoteAnswer::Primary { node } => {
+                        out.push(1);
+                        put_name(&mut out, node);
+                    }
+                    PromoteAnswer::TwoPrimariesOff { node } => {
+                        out.push(2);
+                        put_name(&mut out, node);
+                    }
+                    PromoteAnswer::Promoting { node } => {
+                        out.push(3);
+                        put_name(&mut out, node);
+                    }
+                    PromoteAnswer::Closing => out.push(4),
+                }
+                MSG_PROMOTE_REPLY
+            }
+            EngineMessage::PromoteDecision { id, commit } => {
+                out.extend_from_slice(&id.to_le_bytes());
+                out.push(u8::from(*commit));
+                MSG_PROMOTE_DECISION
             }
         };
         Message::Extension {
@@ -336,6 +400,26 @@ impl EngineMessage {
                 }
                 EngineMessage::BitmapRuns { runs, last }
             }
+            MSG_PROMOTE_PREPARE => EngineMessage::PromotePrepare {
+                id: r.u64()?,
+                two_primaries: r.flag("two-primaries flag")?,
+            },
+            MSG_PROMOTE_REPLY => {
+                let id = r.u64()?;
+                let answer = match r.u8()? {
+                    0 => PromoteAnswer::Yes,
+                    1 => PromoteAnswer::Primary { node: r.name()? },
+                    2 => PromoteAnswer::TwoPrimariesOff { node: r.name()? },
+                    3 => PromoteAnswer::Promoting { node: r.name()? },
+                    4 => PromoteAnswer::Closing,
+                    b => return Err(r.invalid(format!("promote answer {b}"))),
+                };
+                EngineMessage::PromoteReply { id, answer }
+            }
+            MSG_PROMOTE_DECISION => EngineMessage::PromoteDecision {
+                id: r.u64()?,
+                commit: r.flag("commit flag")?,
+            },
             other => return Err(MessageError::UnknownType(other)),
         };
         if r.pos != payload.len() {
@@ -382,6 +466,13 @@ impl<'a> Reader<'a> {
         let mut b = [0u8; 8];
         b.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(b))
+    }
+    fn flag(&mut self, what: &str) -> Result<bool, MessageError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(self.invalid(format!("{what} {b}"))),
+        }
     }
     fn name(&mut self) -> Result<String, MessageError> {
         let n = self.u8()? as usize;
@@ -436,6 +527,26 @@ mod tests {
             EngineMessage::BitmapRuns {
                 runs: vec![(0, 4096), (1 << 20, 8192)],
                 last: true,
+            },
+            EngineMessage::PromotePrepare {
+                id: 11,
+                two_primaries: true,
+            },
+            EngineMessage::PromoteReply {
+                id: 11,
+                answer: PromoteAnswer::Yes,
+            },
+            EngineMessage::PromoteReply {
+                id: 12,
+                answer: PromoteAnswer::Promoting { node: "hv2".into() },
+            },
+            EngineMessage::PromoteReply {
+                id: 13,
+                answer: PromoteAnswer::Closing,
+            },
+            EngineMessage::PromoteDecision {
+                id: 11,
+                commit: true,
             },
         ];
         for m in msgs {

@@ -40,8 +40,12 @@
 //!   is Primary, so a peer cut off from the Primary cannot be promoted while it lives.
 //! - **Secondaries keep no activity log**: a crashed Secondary's in-flight writes are in
 //!   the Primary's bitmap (reported when its link dropped), which the union resync covers.
-//! - **Not yet**: no cluster-wide two-phase commit for promotion (two Secondaries promoted
-//!   at the same instant are caught by the handshake, not prevented); no `primary --force`
+//! - **Promotion is a cluster-wide two-phase commit** (`twopc.rs`): every connected member
+//!   (data peers and tiebreakers) must agree before a node becomes Primary; between two
+//!   concurrent promotions the node whose name sorts first wins, collisions through a
+//!   third member are retried after a random backoff. A disconnected member is not asked
+//!   (quorum covers that; with quorum off, a split brain is detected at the handshake).
+//! - **Not yet**: no `primary --force`
 //!   for a lone Consistent replica; with 3+ data replicas a Secondary→Secondary resync is
 //!   deferred while a Primary is connected, and third-node bitmap slots fall back to a
 //!   full sync (see `generation`).
@@ -54,6 +58,7 @@ mod dual;
 pub mod messages;
 pub mod status;
 mod sync;
+mod twopc;
 mod volume;
 
 use std::collections::HashMap;
@@ -188,6 +193,10 @@ pub enum EngineError {
     Diskless { volume: String },
     #[error(transparent)]
     Promote(#[from] PromoteRefusal),
+    #[error("{volume} is being promoted on {node}; try again once that promotion finished")]
+    PromotionInProgress { volume: String, node: String },
+    #[error("{volume}: promotion not agreed by the cluster: {reason}")]
+    PromotionNotAgreed { volume: String, reason: String },
     #[error("{volume}: no quorum ({reason}); I/O fails (on-no-quorum io-error)")]
     NoQuorum { volume: String, reason: String },
     #[error(

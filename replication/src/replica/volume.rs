@@ -14,6 +14,9 @@ use tokio::task::JoinHandle;
 
 use super::messages::{EngineMessage, PeerState};
 use super::status::{PeerStatus, ReplicaStatus, VerifySummary};
+use super::twopc::{
+    Grant, PromotionRound, RoundFailure, RoundGuard, COMMIT_DEADLINE, PROMOTE_TIMEOUT,
+};
 use super::{EngineError, NodeShared, PeerSpec, ReplicaOptions, ReplicaSpec};
 use crate::activity_log::{ActivityLog, Admission};
 use crate::bitmap::Bitmap;
@@ -82,6 +85,9 @@ pub(super) struct PeerSlot {
     pub resync_task: Option<JoinHandle<()>>,
     /// The reverse data link while both nodes are Primary (see `dual.rs`).
     pub dual_sender: Option<LinkSender>,
+    /// When an established link to this peer last ended (a promotion waits briefly for
+    /// the reconnect, e.g. after a demotion cycled the links).
+    pub lost_at: Option<tokio::time::Instant>,
 }
 
 pub(super) struct State {
@@ -114,6 +120,10 @@ pub(super) struct State {
     pub last_verify: Option<VerifySummary>,
     /// Why the replica was last demoted by force (frozen requests report it).
     pub forced_demotion: Option<String>,
+    /// This node's promotion round in progress (two-phase commit, `twopc.rs`).
+    pub promotion: Option<PromotionRound>,
+    /// The promotion this node agreed to and holds until its decision.
+    pub grant: Option<Grant>,
 }
 
 /// A replicated volume on this node.
@@ -277,6 +287,7 @@ impl Replica {
                         resync_progress: None,
                         resync_task: None,
                         dual_sender: None,
+                        lost_at: None,
                     },
                 )
             })
@@ -305,6 +316,8 @@ impl Replica {
             relayed_outdates: BTreeMap::new(),
             last_verify: None,
             forced_demotion: None,
+            promotion: None,
+            grant: None,
         };
         let replica = Arc::new_cyclic(|me| Replica {
             node,
@@ -725,55 +738,134 @@ impl Replica {
         views
     }
 
-    /// Become Primary; refused with an operator-ready message when the disk is not
-    /// UpToDate, quorum is missing, or another Primary is known (directly or relayed).
-    pub async fn promote(&self) -> Result<(), EngineError> {
-        let other_primaries: Vec<String>;
-        let Some(device) = self.device.clone() else {
-            return Err(EngineError::Diskless {
-                volume: self.volume.clone(),
-            });
+    /// Local promotion checks with this node's current view: returns the other Primaries
+    /// (two primaries allowed: each must be connected directly, the reverse data link goes
+    /// to it).
+    fn local_promote_checks(&self, st: &State) -> Result<Vec<String>, EngineError> {
+        let views = self.promote_context_peers(st);
+        let ctx = PromoteContext {
+            volume: &self.volume,
+            local_node: &self.node.cfg.name,
+            local_role: st.role,
+            local_disk: st.disk,
+            quorum_enabled: Self::quorum_mode(st) != QuorumMode::Off,
+            has_quorum: st.has_quorum,
+            peers: &views,
+            allow_two_primaries: st.allow_two_primaries,
+            protocol: st.options.protocol,
         };
-        let primary = {
+        role::may_promote(&ctx)?;
+        let mut others = Vec::new();
+        for v in views.iter().filter(|v| v.role == Role::Primary) {
+            let direct = st.peers.get(&v.name).is_some_and(|p| {
+                p.conn == ConnectionState::Connected
+                    && p.state.as_ref().is_some_and(|s| s.role == Role::Primary)
+            });
+            if !direct {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{}: {} is Primary but not connected to this node; two primaries need a working replication link",
+                    self.volume, v.name
+                )));
+            }
+            others.push(v.name.clone());
+        }
+        Ok(others)
+    }
+
+    /// Become Primary; refused with an operator-ready message when the disk is not
+    /// UpToDate, quorum is missing, another Primary is known (directly or relayed), or
+    /// the connected members do not all agree (cluster-wide two-phase commit, see
+    /// `twopc.rs`; a round lost to a concurrent promotion is retried for a few seconds).
+    pub async fn promote(&self) -> Result<(), EngineError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            match self.promote_round().await {
+                Ok(()) => return Ok(()),
+                Err(RoundFailure::Refused(e)) => return Err(e),
+                Err(RoundFailure::Reconnecting { node }) => {
+                    if started.elapsed() >= PROMOTE_TIMEOUT {
+                        return Err(EngineError::PromotionNotAgreed {
+                            volume: self.volume.clone(),
+                            reason: format!(
+                                "the link to {node} is being re-established; try again"
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(RoundFailure::Busy { node }) => {
+                    let backoff = Duration::from_millis(20 + rand::random::<u64>() % 180);
+                    if started.elapsed() + backoff >= PROMOTE_TIMEOUT {
+                        return Err(EngineError::PromotionInProgress {
+                            volume: self.volume.clone(),
+                            node,
+                        });
+                    }
+                    tracing::debug!(volume = %self.volume, other = %node, ?backoff, "promotion collided; retrying");
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    /// One promotion round: local checks, prepare, wait for the answers, commit or abort.
+    async fn promote_round(&self) -> Result<(), RoundFailure> {
+        let Some(device) = self.device.clone() else {
+            return Err(RoundFailure::Refused(EngineError::Diskless {
+                volume: self.volume.clone(),
+            }));
+        };
+        let (id, senders, two_primaries) = {
             let mut st = lock(&self.st);
             if st.closed {
-                return Err(EngineError::Closed {
+                return Err(RoundFailure::Refused(EngineError::Closed {
                     volume: self.volume.clone(),
-                });
+                }));
             }
             if st.role == Role::Primary {
                 return Ok(());
             }
-            let views = self.promote_context_peers(&st);
-            let ctx = PromoteContext {
-                volume: &self.volume,
-                local_node: &self.node.cfg.name,
-                local_role: st.role,
-                local_disk: st.disk,
-                quorum_enabled: Self::quorum_mode(&st) != QuorumMode::Off,
-                has_quorum: st.has_quorum,
-                peers: &views,
-                allow_two_primaries: st.allow_two_primaries,
-                protocol: st.options.protocol,
-            };
-            role::may_promote(&ctx)?;
-            // With two primaries allowed (checked by may_promote), the other Primary must
-            // be connected directly: the reverse data link goes to it.
-            let mut others = Vec::new();
-            for v in views.iter().filter(|v| v.role == Role::Primary) {
-                let direct = st.peers.get(&v.name).is_some_and(|p| {
-                    p.conn == ConnectionState::Connected
-                        && p.state.as_ref().is_some_and(|s| s.role == Role::Primary)
-                });
-                if !direct {
-                    return Err(EngineError::InvalidRequest(format!(
-                        "{}: {} is Primary but not connected to this node; two primaries need a working replication link",
-                        self.volume, v.name
-                    )));
+            self.local_promote_checks(&st)
+                .map_err(RoundFailure::Refused)?;
+            let (id, senders) = self.start_round(&mut st)?;
+            (
+                id,
+                senders,
+                st.allow_two_primaries && st.options.protocol == Protocol::C,
+            )
+        };
+        let prepare = EngineMessage::PromotePrepare { id, two_primaries }.to_message();
+        for s in &senders {
+            let _ = s.send_control(&prepare);
+        }
+        // Abort unless this node becomes Primary (also when this future is dropped).
+        let mut guard = RoundGuard {
+            replica: self,
+            id,
+            senders,
+            commit: false,
+            done: false,
+        };
+        self.wait_round(id).await;
+        let other_primaries: Vec<String>;
+        let round_started;
+        let primary = {
+            let mut st = lock(&self.st);
+            match self.round_won(&mut st, id) {
+                Ok(t) => round_started = t,
+                Err(f) => {
+                    drop(st);
+                    return Err(f);
                 }
-                others.push(v.name.clone());
             }
-            other_primaries = others;
+            // Everyone agreed; the local view must still allow it.
+            match self.local_promote_checks(&st) {
+                Ok(o) => other_primaries = o,
+                Err(e) => {
+                    drop(st);
+                    return Err(RoundFailure::Refused(e));
+                }
+            }
             let data = Self::data_peers(&st);
             let any_disconnected = data.iter().any(|p| {
                 st.peers
@@ -808,21 +900,38 @@ impl Replica {
             }
             st.primary = Some(primary.clone());
             st.io_suspended = false;
+            // Primary from here on: a dropped future still commits.
+            guard.commit = true;
             primary
         };
         let _ = primary;
         // The primary indicator is durable before any write (crash detection).
         if let Err(e) = self.persist().await {
-            let mut st = lock(&self.st);
-            st.role = Role::Secondary;
-            st.uuids.on_demote();
-            st.primary = None;
-            return Err(e);
+            {
+                let mut st = lock(&self.st);
+                st.role = Role::Secondary;
+                st.uuids.on_demote();
+                st.primary = None;
+            }
+            guard.decide(false);
+            return Err(RoundFailure::Refused(e));
         }
+        if round_started.elapsed() > COMMIT_DEADLINE {
+            // The members' grants may have lapsed meanwhile: do not rely on them.
+            let _ = self.demote_now("promotion took too long").await;
+            guard.decide(false);
+            return Err(RoundFailure::Refused(EngineError::PromotionNotAgreed {
+                volume: self.volume.clone(),
+                reason: format!(
+                    "making the promotion durable took longer than {COMMIT_DEADLINE:?}"
+                ),
+            }));
+        }
+        guard.decide(true);
         if !other_primaries.is_empty() {
             if let Err(e) = self.connect_dual_links(&other_primaries).await {
                 let _ = self.demote_now("two primaries refused").await;
-                return Err(e);
+                return Err(RoundFailure::Refused(e));
             }
         }
         tracing::info!(volume = %self.volume, "promoted to Primary");

@@ -119,6 +119,17 @@ enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Rename a volume on every node that holds it
+    ///
+    /// Refused while the volume is open or Primary anywhere (stop the VM first), while a
+    /// node cannot be reached, or when NEW exists on any node. Nothing changes until every
+    /// node accepted; a failure half-way renames the done nodes back.
+    Rename {
+        /// Current volume name
+        old: String,
+        /// New volume name (same rules as for create)
+        new: String,
+    },
     /// Replication status like `drbdadm status`: role, disk, peers, sync, quorum
     Status {
         /// Volume name [default: every volume]
@@ -235,6 +246,10 @@ fn run(cli: &Cli) -> Result<(), String> {
         Command::Volume(VolumeCommand::Delete { name, force }) => Request::VolumeDelete {
             name: name.clone(),
             force: *force,
+        },
+        Command::Volume(VolumeCommand::Rename { old, new }) => Request::VolumeRename {
+            name: old.clone(),
+            new_name: new.clone(),
         },
         Command::Volume(VolumeCommand::Status { name }) => match name {
             Some(name) => Request::VolumeStatus { name: name.clone() },

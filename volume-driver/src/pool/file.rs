@@ -145,6 +145,46 @@ impl Pool for FilePool {
         }
     }
 
+    /// `renameat2(RENAME_NOREPLACE)`: atomic (a crash leaves one of the two names), and
+    /// the new name never replaces an existing file (a plain `rename(2)` would).
+    fn rename(&self, from: &str, to: &str) -> Result<(), PoolError> {
+        use std::os::unix::ffi::OsStrExt;
+        let old = self.device_path(from);
+        let new = self.device_path(to);
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| PoolError::BadName {
+                pool: self.name.clone(),
+                message: format!("path {} contains a NUL byte", p.display()),
+            })
+        };
+        let (c_old, c_new) = (c(&old)?, c(&new)?);
+        // SAFETY: both pointers are valid NUL-terminated strings for the call's duration.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                c_old.as_ptr(),
+                libc::AT_FDCWD,
+                c_new.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.kind() {
+                io::ErrorKind::NotFound => PoolError::Missing {
+                    pool: self.name.clone(),
+                    volume: from.to_string(),
+                },
+                io::ErrorKind::AlreadyExists => PoolError::Exists {
+                    pool: self.name.clone(),
+                    volume: to.to_string(),
+                },
+                _ => self.io("rename", &old)(e),
+            });
+        }
+        self.sync_dir()
+    }
+
     fn device_path(&self, volume: &str) -> PathBuf {
         self.dir.join(format!("{volume}{SUFFIX}"))
     }
@@ -221,6 +261,28 @@ mod tests {
         pool.delete("v1").unwrap();
         assert!(!path.exists());
         assert!(matches!(pool.delete("v1"), Err(PoolError::Missing { .. })));
+    }
+
+    #[test]
+    fn rename_moves_the_data_and_never_replaces() {
+        let (_dir, pool) = pool();
+        pool.create("a", 8192).unwrap();
+        std::fs::write(pool.device_path("a"), b"data").unwrap();
+        pool.create("b", 4096).unwrap();
+        assert!(matches!(
+            pool.rename("a", "b"),
+            Err(PoolError::Exists { .. })
+        ));
+        assert!(matches!(
+            pool.rename("zz", "c"),
+            Err(PoolError::Missing { .. })
+        ));
+        pool.rename("a", "c").unwrap();
+        assert!(!pool.device_path("a").exists());
+        assert_eq!(std::fs::read(pool.device_path("c")).unwrap(), b"data");
+        let mut names: Vec<_> = pool.list().unwrap().into_iter().map(|v| v.name).collect();
+        names.sort();
+        assert_eq!(names, vec!["b", "c"]);
     }
 
     #[test]

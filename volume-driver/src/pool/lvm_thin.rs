@@ -7,6 +7,7 @@
 //! | create  | `lvm lvcreate -V <bytes>b -T <vg>/<thinpool> -n <volume> --addtag tandem -y` |
 //! | grow    | `lvm lvextend -L <bytes>b <vg>/<volume>` |
 //! | delete  | `lvm lvremove -y <vg>/<volume>` |
+//! | rename  | `lvm lvrename <vg> <volume> <new>` |
 //!
 //! The LV name is the volume name; LVs Tandem made carry the tag `tandem`, and only those
 //! are listed, grown or removed. Usage is the thin pool's `lv_size` and `data_percent`;
@@ -290,6 +291,24 @@ impl Pool for LvmThinPool {
             .map(|_| ())
     }
 
+    fn rename(&self, from: &str, to: &str) -> Result<(), PoolError> {
+        self.check_name(to)?;
+        let lvs = self.lvs()?;
+        if lvs.iter().any(|lv| lv.name == to) {
+            return Err(PoolError::Exists {
+                pool: self.name.clone(),
+                volume: to.to_string(),
+            });
+        }
+        if self.find_volume(from)?.is_none() {
+            return Err(PoolError::Missing {
+                pool: self.name.clone(),
+                volume: from.to_string(),
+            });
+        }
+        self.lvm(&["lvrename", &self.vg, from, to]).map(|_| ())
+    }
+
     fn device_path(&self, volume: &str) -> PathBuf {
         PathBuf::from(format!("/dev/{}/{volume}", self.vg))
     }
@@ -389,6 +408,9 @@ lvextend)
 lvremove)
   [ "$2" = -y ] || { echo "bad lvremove: $*" >&2; exit 3; }
   rm "$S/lvs/${3#vg/}" ;;
+lvrename)
+  [ "$2" = vg ] && [ -e "$S/lvs/$3" ] && [ ! -e "$S/lvs/$4" ] || { echo "bad lvrename: $*" >&2; exit 3; }
+  sed "s/\"lv_name\":\"$3\"/\"lv_name\":\"$4\"/" "$S/lvs/$3" > "$S/lvs/$4" && rm "$S/lvs/$3" ;;
 *) echo "unexpected: $*" >&2; exit 3 ;;
 esac
 "#;
@@ -466,6 +488,19 @@ esac
         ));
         let e = pool.delete("foreign").unwrap_err().to_string();
         assert!(e.contains("not a Tandem volume"), "{e}");
+        assert!(matches!(
+            pool.rename("v1", "foreign"),
+            Err(PoolError::Exists { .. })
+        ));
+        assert!(matches!(
+            pool.rename("v1", "snapshot"),
+            Err(PoolError::BadName { .. })
+        ));
+        let e = pool.rename("foreign", "x").unwrap_err().to_string();
+        assert!(e.contains("not a Tandem volume"), "{e}");
+        pool.rename("v1", "v2").unwrap();
+        assert_eq!(pool.list().unwrap()[0].name, "v2");
+        pool.rename("v2", "v1").unwrap();
         pool.delete("v1").unwrap();
         assert!(matches!(pool.delete("v1"), Err(PoolError::Missing { .. })));
         assert!(pool.list().unwrap().is_empty());
@@ -473,6 +508,7 @@ esac
         assert!(calls.contains("lvcreate -V 6291456b -T vg/thin -n v1 --addtag tandem -y"));
         assert!(calls.contains("lvextend -L 12582912b vg/v1"));
         assert!(calls.contains("lvremove -y vg/v1"));
+        assert!(calls.contains("lvrename vg v1 v2"));
         assert!(!calls.contains("vg/foreign"), "{calls}");
     }
 

@@ -1,7 +1,7 @@
 //! Storage pools: where a volume's bytes live on this host.
 //!
 //! ```text
-//! Pool (trait: usage, check_name, create, grow, delete, device_path, list)
+//! Pool (trait: usage, check_name, create, grow, delete, rename, device_path, list)
 //!   ├── FilePool     sparse files <path>/<volume>.img          (file.rs)
 //!   └── LvmThinPool  thin LVs <vg>/<volume> in <vg>/<thinpool> (lvm_thin.rs, lvm_report.rs)
 //! ```
@@ -106,6 +106,9 @@ pub trait Pool: Send + Sync + 'static {
     fn grow(&self, volume: &str, new_size: u64) -> Result<u64, PoolError>;
     /// Free the storage. Fails with [`PoolError::Missing`] if there is none.
     fn delete(&self, volume: &str) -> Result<(), PoolError>;
+    /// Rename the storage of `from` to `to` (durably). Fails with [`PoolError::Missing`]
+    /// when `from` has none and [`PoolError::Exists`] when `to` has some, touching nothing.
+    fn rename(&self, from: &str, to: &str) -> Result<(), PoolError>;
     /// The file or block device holding the volume.
     fn device_path(&self, volume: &str) -> PathBuf;
     /// Every volume's storage in this pool (for the startup consistency check).

@@ -364,6 +364,15 @@ sub _volume_list {
     return $list;
 }
 
+# The first free vm-<vmid>-disk-<n> on this node (the daemon refuses a name taken elsewhere).
+sub _free_disk_name {
+    my ($scfg, $vmid) = @_;
+    my %taken = map { ($_->{name} // '') => 1 } @{ _volume_list($scfg) };
+    my $n = 0;
+    $n++ while $taken{"vm-$vmid-disk-$n"};
+    return "vm-$vmid-disk-$n";
+}
+
 sub alloc_image {
     my ($class, $storeid, $scfg, $vmid, $fmt, $name, $size_kib) = @_;
     die "tandem: unsupported format '$fmt' (tandem volumes are raw)\n"
@@ -380,10 +389,7 @@ sub alloc_image {
             if $owner ne $vmid || $clean !~ m/\Avm-/;
         $name = $clean;
     } else {
-        my %taken = map { ($_->{name} // '') => 1 } @{ _volume_list($scfg) };
-        my $n = 0;
-        $n++ while $taken{"vm-$vmid-disk-$n"};
-        $name = "vm-$vmid-disk-$n";
+        $name = _free_disk_name($scfg, $vmid);
     }
 
     my @args = ('volume', 'create', $name, '--size', "$bytes");
@@ -478,9 +484,28 @@ sub volume_resize {
     return;
 }
 
+# Reassign a disk to another VM (or rename it): `tandem volume rename` on every node of the
+# volume. The daemon refuses while the volume is open or Primary anywhere, while a node is
+# unreachable, or when the target name exists on any node.
 sub rename_volume {
     my ($class, $scfg, $storeid, $source_volname, $target_vmid, $target_volname) = @_;
-    die "tandem: renaming volumes is not supported yet\n";
+    my (undef, $source, undef, undef, undef, $is_base) = $class->parse_volname($source_volname);
+    die "tandem: renaming a base volume (template) is not supported\n" if $is_base;
+    defined($target_vmid) && $target_vmid =~ m/\A(\d+)\z/
+        or die "tandem: invalid target VMID '" . ($target_vmid // '') . "'\n";
+    $target_vmid = $1;
+    my $target;
+    if (defined($target_volname) && $target_volname ne '') {
+        my (undef, $clean, $owner, undef, undef, $target_base) =
+            $class->parse_volname($target_volname);
+        die "tandem: illegal target name '$target_volname' - should be 'vm-$target_vmid-*'\n"
+            if $owner ne $target_vmid || $target_base;
+        $target = $clean;
+    } else {
+        $target = _free_disk_name($scfg, $target_vmid);
+    }
+    _tandem($scfg, $CHANGE_TIMEOUT, 'volume', 'rename', $source, $target);
+    return "$storeid:$target";
 }
 
 my %FEATURES = (
@@ -488,7 +513,9 @@ my %FEATURES = (
     copy => { current => 1 },
     # A new volume reads as zeros (sparse file, thin LV), so copies may skip zero blocks.
     sparseinit => { current => 1 },
-    # Not yet: snapshot, clone, template, rename.
+    # Reassigning a disk to another VM (`qm disk reassign`, `qm move-disk --target-vmid`).
+    rename => { current => 1 },
+    # Not yet: snapshot, clone, template.
 );
 
 sub volume_has_feature {

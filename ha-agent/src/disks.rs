@@ -1,0 +1,196 @@
+//! The local view of a VM's disks: which Tandem volumes its domain XML uses (the hook's
+//! domain-XML reader) and their replication status from this node's tandemd
+//! (`volume_status` on the control socket, read through the hook's control client).
+
+use std::time::Duration;
+
+use libvirt_hook::control::{ControlClient, ControlError, ReplicationRequest};
+use libvirt_hook::domain_xml::{parse_domain, tandem_volumes, NbdEndpoints};
+use volume_driver::config::Config;
+
+use crate::decide::{DiskPeer, DiskView, Disks};
+
+/// How long one status exchange with tandemd may take.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where this node serves NBD (the disks pointing there are Tandem's).
+pub fn endpoints(config: &Config) -> NbdEndpoints {
+    let mut local_ips = Vec::new();
+    if let Some(me) = config.nodes.iter().find(|n| n.name == config.node) {
+        local_ips.push(me.control.ip());
+        local_ips.push(me.replication.ip());
+    }
+    NbdEndpoints {
+        unix_socket: config.nbd_socket(),
+        tcp_listen: config.nbd.tcp_listen,
+        local_ips,
+    }
+}
+
+/// The Tandem volumes of a domain XML.
+pub fn volumes_of(xml: &str, config: &Config) -> Result<Vec<String>, String> {
+    let domain = parse_domain(xml).map_err(|e| format!("domain XML: {e}"))?;
+    let disks = tandem_volumes(&domain, &endpoints(config)).map_err(|e| e.to_string())?;
+    Ok(disks.into_iter().map(|d| d.volume).collect())
+}
+
+/// Reads volume status from tandemd, reconnecting after a failure.
+pub struct DiskReader {
+    socket: std::path::PathBuf,
+    client: Option<ControlClient>,
+}
+
+impl DiskReader {
+    pub fn new(config: &Config) -> DiskReader {
+        DiskReader {
+            socket: config.control_socket(),
+            client: None,
+        }
+    }
+
+    /// Status of every volume, or the first reason one could not be read.
+    pub fn read(&mut self, volumes: &[String]) -> Disks {
+        volumes.iter().map(|v| self.read_one(v)).collect()
+    }
+
+    /// Make the local replica of `volume` Secondary (`volume_demote`).
+    pub fn demote(&mut self, volume: &str) -> Result<(), String> {
+        if self.client.is_none() {
+            self.client = Some(
+                ControlClient::connect(&self.socket, STATUS_TIMEOUT).map_err(|e| e.to_string())?,
+            );
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Err("no tandemd connection".into());
+        };
+        let request = ReplicationRequest::VolumeDemote {
+            name: volume.to_string(),
+        };
+        match client.call(&request) {
+            Ok(_) => Ok(()),
+            Err(ControlError::Api(e)) => Err(format!("{volume}: {e}")),
+            Err(e) => {
+                self.client = None;
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn read_one(&mut self, volume: &str) -> Result<DiskView, String> {
+        if self.client.is_none() {
+            self.client = Some(
+                ControlClient::connect(&self.socket, STATUS_TIMEOUT).map_err(|e| e.to_string())?,
+            );
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Err("no tandemd connection".into());
+        };
+        let request = ReplicationRequest::VolumeStatus {
+            name: volume.to_string(),
+        };
+        match client.call(&request) {
+            Ok(result) => parse_status(&result, volume),
+            Err(ControlError::Api(e)) => Err(format!("{volume}: {e}")),
+            Err(e) => {
+                self.client = None;
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+/// Find `volume`'s status in a `volume_status` result (the object itself or one level
+/// down, as `{"type":"status","status":{...}}`) and read the fields the decision needs.
+pub fn parse_status(result: &serde_json::Value, volume: &str) -> Result<DiskView, String> {
+    let is_status = |v: &serde_json::Value| v.get("role").is_some();
+    let status = if is_status(result) {
+        Some(result)
+    } else {
+        result
+            .as_object()
+            .and_then(|m| m.values().find(|v| is_status(v)))
+    };
+    let Some(s) = status else {
+        return Err(format!(
+            "{volume}: volume_status answer has no status: {result}"
+        ));
+    };
+    let text = |v: &serde_json::Value, key: &str| {
+        v.get(key)
+            .and_then(|x| x.as_str())
+            .unwrap_or("Unknown")
+            .to_string()
+    };
+    let flag = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_bool());
+    let Some(quorum) = flag(s, "quorum") else {
+        return Err(format!("{volume}: volume_status answer lacks quorum: {s}"));
+    };
+    let peers = s
+        .get("peers")
+        .and_then(|p| p.as_array())
+        .map(|peers| {
+            peers
+                .iter()
+                .map(|p| DiskPeer {
+                    node: text(p, "node"),
+                    connection: text(p, "connection"),
+                    role: text(p, "role"),
+                    diskless: flag(p, "diskless").unwrap_or(false),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(DiskView {
+        volume: volume.to_string(),
+        role: text(s, "role"),
+        disk_state: text(s, "disk_state"),
+        quorum,
+        quorum_reason: s
+            .get("quorum_reason")
+            .and_then(|x| x.as_str())
+            .unwrap_or("")
+            .to_string(),
+        io_suspended: flag(s, "io_suspended").unwrap_or(false),
+        open_writers: s.get("open_writers").and_then(|x| x.as_u64()).unwrap_or(0),
+        peers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_engine_status_shape() {
+        let json = serde_json::json!({"type":"status","status":{
+            "volume":"vm-1-disk-0","node":"hv2","role":"Secondary","disk_state":"UpToDate",
+            "protocol":"C","quorum":false,"quorum_reason":"1 of 3 voters reachable",
+            "io_suspended":true,"allow_two_primaries":false,"size_bytes":1,
+            "peers":[{"node":"hv1","diskless":false,"connection":"Connecting","role":"Unknown",
+                      "disk_state":"DUnknown","replication":"Off","out_of_sync_bytes":0}],
+            "promoted_explicitly":false,"open_writers":0}});
+        let d = parse_status(&json, "vm-1-disk-0").unwrap();
+        assert!(!d.quorum && d.io_suspended);
+        assert_eq!(d.quorum_reason, "1 of 3 voters reachable");
+        assert_eq!(d.peers[0].connection, "Connecting");
+        assert!(parse_status(&serde_json::json!({"type":"volume"}), "v").is_err());
+    }
+
+    #[test]
+    fn finds_the_tandem_volumes_of_a_domain() {
+        let config = Config::parse(
+            "node = \"hv1\"\n[[nodes]]\nname = \"hv1\"\ncontrol = \"10.0.0.1:7700\"\nreplication = \"10.1.0.1:7788\"\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"/var/lib/tandem/images\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let xml = format!(
+            "<domain type='qemu'><name>vm1</name><devices>\
+             <disk type='network' device='disk'><source protocol='nbd' name='vm-1-disk-0'>\
+             <host transport='unix' socket='{}'/></source><target dev='vda'/></disk>\
+             <disk type='file' device='disk'><source file='/x.img'/><target dev='vdb'/></disk>\
+             </devices></domain>",
+            config.nbd_socket().display()
+        );
+        assert_eq!(volumes_of(&xml, &config).unwrap(), ["vm-1-disk-0"]);
+    }
+}
