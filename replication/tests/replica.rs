@@ -854,3 +854,68 @@ async fn concurrent_promotes_through_the_witness_make_at_most_one_primary() {
     }
     assert!(wins > 0, "no round produced a Primary");
 }
+
+/// Writes in flight when an isolated Primary loses quorum are not acknowledged: the other
+/// side takes over, and every write the isolated node acknowledged must be there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_in_flight_when_the_primary_is_isolated_are_not_acknowledged_unless_replicated() {
+    let opts = ReplicaOptions {
+        suspend_timeout: Duration::from_secs(60),
+        ..ReplicaOptions::default()
+    };
+    let c = Cluster::new(&["hv1", "hv2"], &["witness"], 32 * MIB, opts).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| {
+        established(s, "hv2") && established(s, "witness") && s.quorum
+    })
+    .await;
+    wait_for(&b, "connected", 10, |s| established(s, "hv1") && s.quorum).await;
+    a.promote().await.unwrap();
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let mut writers = Vec::new();
+    for w in 0..16u64 {
+        let (a, acked) = (a.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let block = (w * 400 + i) % 8000;
+                if a.write(block * 4096, data(block + 1, 4096), false)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                acked.lock().unwrap().push(block);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.isolate("hv1").await;
+    wait_for(&a, "hv1 frozen", 10, |s| !s.quorum && s.io_suspended).await;
+    let acked: Vec<u64> = acked.lock().unwrap().clone();
+    let mut promoted = false;
+    for _ in 0..50 {
+        if b.promote().await.is_ok() {
+            promoted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(promoted);
+    let mut missing = 0;
+    for block in &acked {
+        let got = b.read(block * 4096, 4096).await.unwrap();
+        if got[..] != data(block + 1, 4096)[..] {
+            missing += 1;
+        }
+    }
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} acknowledged writes are not on the new Primary",
+        acked.len()
+    );
+    a.demote_force().await.unwrap();
+    for w in writers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
+    }
+}

@@ -23,6 +23,15 @@
 //!   peer with newer data on reconnect demotes itself (DRBD's
 //!   `on-suspended-primary-outdated force-secondary`) and becomes SyncTarget; its frozen
 //!   requests fail (they were never acknowledged).
+//! - **Requests in flight at a peer loss**: a request the data path completes because a
+//!   peer it was sent to disconnected is acknowledged only once quorum is confirmed (and
+//!   the peer outdated where a tiebreaker can), like a new request; otherwise it is frozen
+//!   with the others. A write acknowledged by a Primary that then turns out isolated would
+//!   be lost when the other side takes over.
+//! - **Force demotion** ([`Replica::demote_force`], DRBD's `secondary --force`): fences an
+//!   isolated Primary; frozen requests fail, no peer is waited for.
+//! - **Resync end**: the target adopts the source's generations; it keeps its own current
+//!   only when that is a newer generation of the source it followed during the resync.
 //! - **Handshake gate**: while a Primary runs the state exchange with a data peer, new
 //!   writes wait (bounded by the handshake timeout), so the exchanged generations and
 //!   bitmaps are exactly what the decision acts on.

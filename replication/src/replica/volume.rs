@@ -1397,21 +1397,104 @@ impl Replica {
     async fn modify(
         &self,
         op: &'static str,
+        primary: &Primary,
         offset: u64,
         len: u64,
         run: impl std::future::Future<Output = Result<(), crate::datapath::DatapathError>>,
     ) -> Result<(), EngineError> {
         self.check_range(offset, len)?;
-        let _gate = self.io_gate.read().await;
+        let gate = self.io_gate.read().await;
         self.new_generation_if_armed().await?;
         self.al_begin(offset, len).await?;
+        let attached_before = primary.connected_peers();
         let res = run.await;
         self.al_end(offset, len);
+        // Outside the gate: a handshake that brings quorum back needs it.
+        drop(gate);
         res.map_err(|source| EngineError::Datapath {
             volume: self.volume.clone(),
             op,
             source,
-        })
+        })?;
+        let attached_after = primary.connected_peers();
+        let lost: Vec<String> = attached_before
+            .into_iter()
+            .filter(|p| !attached_after.contains(p))
+            .collect();
+        if !lost.is_empty() {
+            self.hold_after_peer_loss(primary, &lost).await?;
+        }
+        Ok(())
+    }
+
+    /// A request completed after a peer it was sent to disconnected: it is on this disk
+    /// but maybe not on that peer. Acknowledge it only once this Primary is known to
+    /// still have quorum (and the peer is outdated where a tiebreaker can do it), exactly
+    /// like a new request's admission; without quorum it is frozen like one (suspend-io)
+    /// or fails (io-error), and fails if the replica is demoted meanwhile — a Primary that
+    /// lost quorum may be replaced, and a write it acknowledged alone would be lost.
+    async fn hold_after_peer_loss(
+        &self,
+        primary: &Primary,
+        lost: &[String],
+    ) -> Result<(), EngineError> {
+        let mut rx = self.changed.subscribe();
+        let started = tokio::time::Instant::now();
+        loop {
+            {
+                let st = lock(&self.st);
+                if st.closed {
+                    return Err(EngineError::Closed {
+                        volume: self.volume.clone(),
+                    });
+                }
+                if st.role != Role::Primary {
+                    return Err(EngineError::Demoted {
+                        volume: self.volume.clone(),
+                        reason: st
+                            .forced_demotion
+                            .clone()
+                            .unwrap_or_else(|| "demoted".into()),
+                    });
+                }
+                let attached = primary.connected_peers();
+                // Wait until the engine has processed each loss (or the peer is back).
+                let processed = lost.iter().all(|p| {
+                    attached.contains(p)
+                        || st
+                            .peers
+                            .get(p)
+                            .is_none_or(|s| s.conn != ConnectionState::Connected)
+                });
+                if processed {
+                    let quorum_ok = st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off;
+                    if quorum_ok && st.pending_outdates.is_empty() {
+                        return Ok(());
+                    }
+                    if !quorum_ok && st.options.on_no_quorum == OnNoQuorum::IoError {
+                        return Err(EngineError::NoQuorum {
+                            volume: self.volume.clone(),
+                            reason: st.quorum_reason.clone(),
+                        });
+                    }
+                }
+                if started.elapsed() >= st.options.suspend_timeout {
+                    return Err(EngineError::SuspendTimeout {
+                        volume: self.volume.clone(),
+                        reason: format!(
+                            "a peer ({}) was lost while the request was in flight; {}",
+                            lost.join(", "),
+                            st.quorum_reason
+                        ),
+                        waited: started.elapsed(),
+                    });
+                }
+            }
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
     }
 
     /// Read from the local replica (Primary and UpToDate only).
@@ -1442,7 +1525,7 @@ impl Replica {
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
         let p = self.admit().await?;
         let len = data.len() as u64;
-        self.modify("write", offset, len, p.submit_write(offset, data, fua))
+        self.modify("write", &p, offset, len, p.submit_write(offset, data, fua))
             .await
     }
 
@@ -1459,7 +1542,7 @@ impl Replica {
     /// Replicated discard.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         let p = self.admit().await?;
-        self.modify("trim", offset, len, p.submit_trim(offset, len, false))
+        self.modify("trim", &p, offset, len, p.submit_trim(offset, len, false))
             .await
     }
 
@@ -1473,6 +1556,7 @@ impl Replica {
         let p = self.admit().await?;
         self.modify(
             "write zeroes",
+            &p,
             offset,
             len,
             p.submit_write_zeroes(offset, len, may_unmap, false),
