@@ -495,6 +495,28 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_forced_demote_works_with_a_writer_open_and_ends_the_explicit_promotion() {
+        let replica = DummyReplica::new(1 << 16);
+        let runtime = ReplicaRuntime::new("vm-100-disk-0", replica.clone());
+        runtime.promote_explicitly().await.unwrap();
+        let writer = runtime.open(true).await.unwrap();
+        assert_eq!(
+            runtime.demote_explicitly().await.unwrap_err().kind,
+            ErrorKind::InUse
+        );
+        runtime.demote_forcibly().await.unwrap();
+        let status = runtime.status();
+        assert_eq!(status.replica.role, "Secondary");
+        assert!(!status.promoted_explicitly);
+        // The still-open writer's requests now fail.
+        assert!(writer
+            .write(0, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .is_err());
+        drop(writer);
+    }
+
+    #[tokio::test]
     async fn opening_while_primary_elsewhere_is_refused_with_the_engine_message() {
         let replica = DummyReplica::new(1 << 16);
         *replica.primary_elsewhere.lock().unwrap() = Some("hv2".into());
