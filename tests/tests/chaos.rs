@@ -23,6 +23,8 @@ use tandem_tests::cluster::{skip_unless_root, Cluster, ClusterSpec};
 use tandem_tests::wait_until;
 
 const VOLUME: &str = "chaos";
+/// The peer links' default dead-after (`link::LinkConfig`), plus the keepalive slack.
+const LINK_DEAD_AFTER: Duration = Duration::from_millis(2500);
 
 /// One cycle's fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -284,6 +286,16 @@ impl Chaos {
         assert_eq!(field(&secondary, "role"), "Secondary", "{secondary}");
     }
 
+    /// After a link cut or partition heals, a link that the other side still counted as
+    /// up can die a moment later (nothing arrived within the 2 s dead-after while the
+    /// kernel retransmits with backoff), and the Primary then outdates its peer and writes
+    /// on without it. Let that settle before judging the cluster: otherwise wait-sync can
+    /// pass on the stale view and the next fault (killing the Primary) would find the peer
+    /// rightly Outdated — a promotion there would lose acknowledged writes.
+    fn let_links_settle_after_heal(&self) {
+        std::thread::sleep(LINK_DEAD_AFTER + Duration::from_secs(1));
+    }
+
     fn run_fault(&mut self, fault: Fault, hold: Duration) {
         let (p, s) = (self.primary.clone(), self.secondary.clone());
         match fault {
@@ -302,12 +314,14 @@ impl Chaos {
                 self.cluster.cut_replication(&s);
                 std::thread::sleep(hold);
                 self.cluster.heal_replication(&s);
+                self.let_links_settle_after_heal();
             }
             Fault::CutPrimaryReplication => {
                 self.cluster.cut_replication(&p);
                 std::thread::sleep(hold);
                 self.count_split_brain();
                 self.cluster.heal_replication(&p);
+                self.let_links_settle_after_heal();
             }
             Fault::PartitionPrimary => {
                 self.cluster.partition(&p);
@@ -317,11 +331,13 @@ impl Chaos {
                 // then let it rejoin.
                 self.fence(&p);
                 self.cluster.heal(&p);
+                self.let_links_settle_after_heal();
             }
             Fault::PartitionSecondary => {
                 self.cluster.partition(&s);
                 std::thread::sleep(hold);
                 self.cluster.heal(&s);
+                self.let_links_settle_after_heal();
             }
             Fault::RestartPrimary => {
                 // While p is down the writer may auto-promote s by opening it; either way
