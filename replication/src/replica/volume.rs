@@ -43,6 +43,10 @@ pub(super) fn wire_protocol(p: Protocol) -> ReplicationProtocol {
     }
 }
 
+/// How long a request completed by a peer loss waits for the engine to process that loss
+/// before it looks at quorum (see `Replica::hold_after_peer_loss`).
+const LOSS_PROCESSING_WAIT: Duration = Duration::from_secs(1);
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1458,14 +1462,17 @@ impl Replica {
                     });
                 }
                 let attached = primary.connected_peers();
-                // Wait until the engine has processed each loss (or the peer is back).
-                let processed = lost.iter().all(|p| {
-                    attached.contains(p)
-                        || st
-                            .peers
-                            .get(p)
-                            .is_none_or(|s| s.conn != ConnectionState::Connected)
-                });
+                // Wait until the engine has processed each loss (or the peer is back). A
+                // data link that ends while the peer stays connected (the reverse link of
+                // two primaries) is not a loss the engine processes: bounded wait.
+                let processed = started.elapsed() >= LOSS_PROCESSING_WAIT
+                    || lost.iter().all(|p| {
+                        attached.contains(p)
+                            || st
+                                .peers
+                                .get(p)
+                                .is_none_or(|s| s.conn != ConnectionState::Connected)
+                    });
                 if processed {
                     let quorum_ok = st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off;
                     if quorum_ok && st.pending_outdates.is_empty() {
