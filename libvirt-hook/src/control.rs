@@ -445,7 +445,7 @@ mod tests {
 
     #[test]
     fn the_engines_replica_status_is_understood() {
-        // ReplicaStatus as documented for the engine (ENGINE.md), plus the daemon's fields.
+        // ReplicaStatus as documented for the engine (replication/README.md), plus the daemon's fields.
         let engine = serde_json::json!({
             "volume": "vm-100-disk-0", "node": "hv1", "role": "Secondary",
             "disk_state": "Outdated", "protocol": "C", "quorum": true, "quorum_reason": "",

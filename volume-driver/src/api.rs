@@ -146,7 +146,7 @@ pub enum Reply {
     },
 }
 
-/// One volume's replication status on one node: the engine's status object (ENGINE.md)
+/// One volume's replication status on one node: the engine's status object (replication/README.md)
 /// plus the daemon's own fields. `tandem volume status --json` prints it unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VolumeStatus {

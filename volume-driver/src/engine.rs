@@ -1,4 +1,4 @@
-//! The daemon's seam to the replication engine (`replication::replica`, ENGINE.md).
+//! The daemon's seam to the replication engine (`replication::replica`, see replication/README.md).
 //!
 //! ```text
 //! VolumeService ── Engine (node: create_metadata, open_replica, close_replica, shutdown)
@@ -70,7 +70,7 @@ pub struct PeerPlan {
     pub diskless: bool,
 }
 
-/// Everything the engine needs to run one volume's replica (ENGINE.md's `ReplicaSpec`).
+/// Everything the engine needs to run one volume's replica (`replication::replica::ReplicaSpec`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaPlan {
     pub volume: String,

@@ -157,9 +157,9 @@ async fn writes_reach_both_disks_and_roles_follow_the_writers() {
     assert_eq!(status.open_writers, 1);
     assert!(!status.promoted_explicitly);
 
-    // Meanwhile a writer on hv2 is refused with the engine's message. (Once hv2 knows hv1 is
-    // Primary: a promote racing the role broadcast is the engine's matter, see
-    // `a_promote_right_after_the_peer_promoted_is_refused`.)
+    // Meanwhile a writer on hv2 is refused with the engine's message. (Waiting until hv2 knows
+    // hv1 is Primary keeps the expected message exact; a promote racing the commit is refused
+    // too, with "being promoted", see `a_promote_right_after_the_peer_promoted_is_refused`.)
     wait_for("hv2 sees hv1 Primary", || {
         hv2.service.status("data").unwrap().replica.peers[0].role == "Primary"
     })
