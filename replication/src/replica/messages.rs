@@ -1,4 +1,4 @@
-//! The engine's Extension messages (types 0x0100–0x013F, see ENGINE.md): state exchange at
+//! The engine's Extension messages (types 0x0100–0x013F, see replication/README.md): state exchange at
 //! connect and on every change, new generations, and the witness relay for outdating.
 //! Encoding and checked decoding only; no I/O.
 //!

@@ -1,7 +1,7 @@
 //! The replication engine: one [`ReplicationNode`] per daemon (the replication listener and
 //! the volumes it replicates) and one [`Replica`] per volume (connections to its peers,
 //! handshake and sync decision, roles, quorum, the I/O entry points). The contract with the
-//! daemon and the resync module is `ENGINE.md`; the state core it drives is documented in
+//! daemon and the resync module is `replication/README.md`; the state core it drives is documented in
 //! the crate root.
 //!
 //! ```text
