@@ -255,6 +255,37 @@ path = "{root}/images"
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
+    /// `nbd+unix:///VOLUME?socket=<run_dir>/nbd.sock`: this node's NBD export of a volume.
+    pub fn nbd_uri(&self, volume: &str) -> String {
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.root().join("run/nbd.sock").display()
+        )
+    }
+
+    /// Run `qemu-io -f raw <nbd_uri> -c CMD...`; (success, stdout + stderr). qemu-io exits 0
+    /// even when a command fails, so printed failures count as failure too.
+    pub fn qemu_io(&self, volume: &str, cmds: &[&str]) -> (bool, String) {
+        let mut command = std::process::Command::new("qemu-io");
+        command.args(["-f", "raw"]).arg(self.nbd_uri(volume));
+        for cmd in cmds {
+            command.args(["-c", cmd]);
+        }
+        let out = command
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("qemu-io (package qemu-utils) must be installed");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let failed = !out.status.success()
+            || text.contains("Could not open")
+            || text.contains("failed")
+            || text.contains("Pattern verification failed");
+        (!failed, text)
+    }
 
     /// The `tandem` command for this node, to spawn by hand (e.g. concurrently).
     pub fn tandem_command(&self, args: &[&str]) -> std::process::Command {

@@ -15,35 +15,6 @@ use serde_json::Value;
 use tandem_tests::loopback_cluster::LoopbackCluster;
 use tandem_tests::{wait_until, TandemNode};
 
-fn uri(node: &TandemNode, volume: &str) -> String {
-    format!(
-        "nbd+unix:///{volume}?socket={}",
-        node.root().join("run/nbd.sock").display()
-    )
-}
-
-/// Run `qemu-io -f raw URI -c CMD`; (success, stdout + stderr).
-fn qemu_io(node: &TandemNode, volume: &str, cmd: &str) -> (bool, String) {
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw"])
-        .arg(uri(node, volume))
-        .args(["-c", cmd])
-        .stdin(Stdio::null())
-        .output()
-        .expect("qemu-io (package qemu-utils) must be installed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // qemu-io exits 0 even when a command fails; errors are printed.
-    let failed = !out.status.success()
-        || text.contains("Could not open")
-        || text.contains("failed")
-        || text.contains("Pattern verification failed");
-    (!failed, text)
-}
-
 fn status(node: &TandemNode, volume: &str) -> Value {
     node.tandem(&["volume", "status", volume, "--json"])
         .ok()
@@ -82,7 +53,7 @@ fn qemu_sees_the_role_rules() {
     // A writer on hv1 stays open (qemu-io reading commands from stdin).
     let mut writer = Command::new("qemu-io")
         .args(["-f", "raw"])
-        .arg(uri(hv1, "vm-1"))
+        .arg(hv1.nbd_uri("vm-1"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -106,7 +77,7 @@ fn qemu_sees_the_role_rules() {
     assert_eq!(status(hv1, "vm-1")["promoted_explicitly"], false);
 
     // A writer on hv2 is refused during the handshake with the engine's message.
-    let (ok, text) = qemu_io(hv2, "vm-1", "write -P 0x11 0 4k");
+    let (ok, text) = hv2.qemu_io("vm-1", &["write -P 0x11 0 4k"]);
     assert!(!ok, "hv2 opened for writing while hv1 is Primary: {text}");
     assert!(text.contains("Primary on hv1"), "{text}");
 
@@ -138,9 +109,9 @@ fn qemu_sees_the_role_rules() {
         "{}",
         cluster.logs()
     );
-    let (ok, text) = qemu_io(hv2, "vm-1", "read -P 0x5a 0 1M");
+    let (ok, text) = hv2.qemu_io("vm-1", &["read -P 0x5a 0 1M"]);
     assert!(ok, "{text}\n{}", cluster.logs());
-    let (ok, text) = qemu_io(hv2, "vm-1", "read -P 0xc3 15M 1M");
+    let (ok, text) = hv2.qemu_io("vm-1", &["read -P 0xc3 15M 1M"]);
     assert!(ok, "{text}");
     assert!(
         wait_until(Duration::from_secs(20), || status(hv2, "vm-1")["role"]
@@ -182,7 +153,9 @@ fn write_while_hv2_is_away() -> LoopbackCluster {
         cluster.logs()
     );
     cluster.node_mut("hv2").stop();
-    let (ok, text) = qemu_io(cluster.node("hv1"), "vm-2", "write -P 0x77 4M 4M");
+    let (ok, text) = cluster
+        .node("hv1")
+        .qemu_io("vm-2", &["write -P 0x77 4M 4M"]);
     assert!(ok, "{text}\n{}", cluster.logs());
     let s = status(cluster.node("hv1"), "vm-2");
     let behind = s["peers"][0]["out_of_sync_bytes"].as_u64().unwrap();

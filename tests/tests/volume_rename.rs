@@ -14,37 +14,6 @@ use serde_json::Value;
 use tandem_tests::loopback_cluster::LoopbackCluster;
 use tandem_tests::{wait_until, TandemNode};
 
-fn uri(node: &TandemNode, volume: &str) -> String {
-    format!(
-        "nbd+unix:///{volume}?socket={}",
-        node.root().join("run/nbd.sock").display()
-    )
-}
-
-/// Run `qemu-io -f raw URI -c CMD...`; (success, stdout + stderr).
-fn qemu_io(node: &TandemNode, volume: &str, cmds: &[&str]) -> (bool, String) {
-    let mut command = Command::new("qemu-io");
-    command.args(["-f", "raw"]).arg(uri(node, volume));
-    for cmd in cmds {
-        command.args(["-c", cmd]);
-    }
-    let out = command
-        .stdin(Stdio::null())
-        .output()
-        .expect("qemu-io (package qemu-utils) must be installed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // qemu-io exits 0 even when a command fails; errors are printed.
-    let failed = !out.status.success()
-        || text.contains("Could not open")
-        || text.contains("failed")
-        || text.contains("Pattern verification failed");
-    (!failed, text)
-}
-
 fn status(node: &TandemNode, volume: &str) -> Value {
     node.tandem(&["volume", "status", volume, "--json"])
         .ok()
@@ -106,8 +75,7 @@ fn a_replicated_volume_with_data_is_renamed_on_every_node() {
     hv1.tandem(&["volume", "create", old, "--size", "16M", "--replicas", "2"])
         .ok();
     wait_settled(&cluster, &["hv1", "hv2"], old);
-    let (ok, text) = qemu_io(
-        hv1,
+    let (ok, text) = hv1.qemu_io(
         old,
         &["write -P 0x5a 0 1M", "write -P 0xc3 15M 1M", "flush"],
     );
@@ -164,14 +132,14 @@ fn a_replicated_volume_with_data_is_renamed_on_every_node() {
     wait_settled(&cluster, &["hv1", "hv2"], new);
     let s = status(hv1, new);
     assert_eq!(s["volume"], new);
-    let (ok, text) = qemu_io(hv1, new, &["read -P 0x5a 0 1M", "read -P 0xc3 15M 1M"]);
+    let (ok, text) = hv1.qemu_io(new, &["read -P 0x5a 0 1M", "read -P 0xc3 15M 1M"]);
     assert!(ok, "{text}\n{}", cluster.logs());
     wait_settled(&cluster, &["hv1", "hv2"], new);
     // hv2 is promoted by its reader (a writable open) and reads its own replica.
-    let (ok, text) = qemu_io(hv2, new, &["read -P 0x5a 0 1M", "read -P 0xc3 15M 1M"]);
+    let (ok, text) = hv2.qemu_io(new, &["read -P 0x5a 0 1M", "read -P 0xc3 15M 1M"]);
     assert!(ok, "{text}\n{}", cluster.logs());
     wait_settled(&cluster, &["hv1", "hv2"], new);
-    let (ok, _) = qemu_io(hv1, old, &["read 0 4k"]);
+    let (ok, _) = hv1.qemu_io(old, &["read 0 4k"]);
     assert!(!ok, "the old export name still serves");
     if std::env::var_os("TANDEM_TEST_SHOW_LOGS").is_some() {
         eprintln!("{}", cluster.logs());
@@ -220,7 +188,7 @@ fn a_single_node_volume_is_renamed_on_a_file_pool() {
     let node = TandemNode::start_new();
     node.tandem(&["volume", "create", "vm-1-disk-0", "--size", "8M"])
         .ok();
-    let (ok, text) = qemu_io(&node, "vm-1-disk-0", &["write -P 0x42 1M 1M"]);
+    let (ok, text) = node.qemu_io("vm-1-disk-0", &["write -P 0x42 1M 1M"]);
     assert!(ok, "{text}");
     node.tandem(&["volume", "create", "other", "--size", "4M"])
         .ok();
@@ -231,7 +199,7 @@ fn a_single_node_volume_is_renamed_on_a_file_pool() {
     // Refused while an NBD client (a VM) has it open for writing.
     let mut writer = Command::new("qemu-io")
         .args(["-f", "raw"])
-        .arg(uri(&node, "vm-1-disk-0"))
+        .arg(node.nbd_uri("vm-1-disk-0"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -267,11 +235,7 @@ fn a_single_node_volume_is_renamed_on_a_file_pool() {
         vec!["other".to_string(), "vm-2-disk-0".to_string()]
     );
     assert_eq!(traces(&node, "vm-1-disk-0"), [false, false, false]);
-    let (ok, text) = qemu_io(
-        &node,
-        "vm-2-disk-0",
-        &["read -P 0x42 1M 1M", "read -P 0x43 2M 4k"],
-    );
+    let (ok, text) = node.qemu_io("vm-2-disk-0", &["read -P 0x42 1M 1M", "read -P 0x43 2M 4k"]);
     assert!(ok, "{text}");
 }
 
@@ -282,7 +246,7 @@ fn a_failure_half_way_renames_the_done_nodes_back() {
     hv1.tandem(&["volume", "create", "v", "--size", "8M", "--replicas", "2"])
         .ok();
     wait_settled(&cluster, &["hv1", "hv2"], "v");
-    let (ok, text) = qemu_io(hv1, "v", &["write -P 0x33 2M 1M", "flush"]);
+    let (ok, text) = hv1.qemu_io("v", &["write -P 0x33 2M 1M", "flush"]);
     assert!(ok, "{text}");
     wait_settled(&cluster, &["hv1", "hv2"], "v");
     // A stray metadata directory under the new name on hv2 (left by hand): hv1 renames
@@ -302,7 +266,7 @@ fn a_failure_half_way_renames_the_done_nodes_back() {
     assert_eq!(traces(hv1, "v"), [true, true, true]);
     // The replicas reopened under the old name, connected, with the data.
     wait_settled(&cluster, &["hv1", "hv2"], "v");
-    let (ok, text) = qemu_io(hv2, "v", &["read -P 0x33 2M 1M"]);
+    let (ok, text) = hv2.qemu_io("v", &["read -P 0x33 2M 1M"]);
     assert!(ok, "{text}\n{}", cluster.logs());
     // Once the stray directory is gone the rename goes through.
     wait_settled(&cluster, &["hv1", "hv2"], "v");
