@@ -11,8 +11,11 @@
 //!   found for the heartbeats and `status`.
 //!
 //! Where a VM runs ("owner") is learned from the local libvirt and the peers' heartbeats,
-//! and kept in memory: an agent restarted while a peer is dead does not know that peer ran
-//! the VM and will not fail it over (the peer's next heartbeat, or the operator, tells it).
+//! and persisted with the fencing and failover memory in `<state_dir>/ha/placement.json`
+//! ([`crate::placement`]): an agent restarted while the VM's host is dead still fails the
+//! VM over. A restarted agent gives every peer it has not heard from yet `dead_after_ms`
+//! from its own start before it counts it dead, so it never starts a VM that runs on a
+//! host it simply has not heard from yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +31,7 @@ use crate::decide::{decide, Action, PeerView, VmInput};
 use crate::disks::{volumes_of, DiskReader};
 use crate::events::{now_ms, EventLog};
 use crate::hypervisor::Hypervisor;
+use crate::placement::Placement;
 use crate::registry::{ManagedVm, Registry};
 use crate::status::{AgentStatus, Failover, PeerLiveness, VmStatus};
 use crate::watchdog::Pet;
@@ -63,6 +67,8 @@ pub struct Agent {
     shared: Mutex<Shared>,
     events: Arc<EventLog>,
     pet: Arc<Pet>,
+    /// When this agent started (peers not heard from yet get dead-after from here).
+    started: Instant,
 }
 
 impl Agent {
@@ -72,6 +78,39 @@ impl Agent {
 
     fn registry_path(&self) -> std::path::PathBuf {
         self.cfg.ha_dir().join("registry.json")
+    }
+
+    fn placement_path(&self) -> std::path::PathBuf {
+        placement_path(&self.cfg)
+    }
+
+    /// Persist the loop's placement if it changed since the last successful save.
+    fn save_placement(&self, st: &mut LoopState) {
+        if st.placement == st.saved {
+            return;
+        }
+        match st.placement.save(&self.placement_path()) {
+            Ok(()) => {
+                st.saved = st.placement.clone();
+                if st.save_error.take().is_some() {
+                    self.events.emit("placement_saved", json!({}));
+                }
+            }
+            Err(e) => {
+                let message = format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                );
+                if st.save_error.as_deref() != Some(message.as_str()) {
+                    tracing::error!(error = %message, "cannot persist the placement; retrying every tick");
+                    self.events
+                        .emit("placement_save_failed", json!({"error": message}));
+                    st.save_error = Some(message);
+                }
+            }
+        }
     }
 
     fn own_heartbeat(&self) -> Message {
@@ -291,12 +330,15 @@ impl Agent {
 
 /// Decision-loop memory that only the loop touches.
 struct LoopState {
-    owners: HashMap<String, String>,
+    /// Where VMs run, VMs whose fencing still needs a demotion (retried every tick until
+    /// the engine accepts), last failovers: persisted ([`Placement`]).
+    placement: Placement,
+    /// What was last written to `placement.json`.
+    saved: Placement,
+    save_error: Option<String>,
     backoff: HashMap<String, (Instant, String)>,
-    failovers: HashMap<String, Failover>,
-    /// VMs fenced here whose volumes must still be demoted (retried every tick: while
-    /// isolated the engine may refuse; after the heal it must not find two Primaries).
-    demote_pending: HashMap<String, Option<String>>,
+    /// The last demotion error reported per VM (an event only when it changes).
+    demote_errors: HashMap<String, String>,
 }
 
 impl Agent {
@@ -312,6 +354,9 @@ impl Agent {
             p.last_heard
                 .is_some_and(|t| now.duration_since(t) < dead_after)
         };
+        // Not heard yet since this agent started: presumed alive for dead-after.
+        let in_grace = now.duration_since(self.started) < dead_after;
+        let alive_or_unknown = |p: &PeerState| alive(p) || (p.last_heard.is_none() && in_grace);
 
         // Liveness changes become events.
         {
@@ -349,18 +394,19 @@ impl Agent {
             let Some(active) = &active else { break };
             let running_here = active.contains(&vm.name);
             // Where does it run?
+            let owners = &mut st.placement.owners;
             if running_here {
-                st.owners.insert(vm.name.clone(), here.clone());
-            } else if st.owners.get(&vm.name) == Some(&here) {
-                st.owners.remove(&vm.name);
+                owners.insert(vm.name.clone(), here.clone());
+            } else if owners.get(&vm.name) == Some(&here) {
+                owners.remove(&vm.name);
             }
             for (name, p) in &peers {
                 if alive(p) && p.ready {
                     if p.running.contains(&vm.name) {
-                        st.owners.insert(vm.name.clone(), name.clone());
-                    } else if st.owners.get(&vm.name) == Some(name) {
+                        owners.insert(vm.name.clone(), name.clone());
+                    } else if owners.get(&vm.name) == Some(name) {
                         // Alive and not running it: stopped cleanly there.
-                        st.owners.remove(&vm.name);
+                        owners.remove(&vm.name);
                     }
                 }
             }
@@ -377,12 +423,13 @@ impl Agent {
                     st.backoff.remove(&vm.name);
                 }
             }
-            let owner = st.owners.get(&vm.name).cloned();
+            let owner = st.placement.owners.get(&vm.name).cloned();
             let peer_views: Vec<PeerView> = peers
                 .iter()
                 .map(|(name, p)| PeerView {
                     node: name.clone(),
-                    management_alive: alive(p),
+                    management_alive: alive_or_unknown(p),
+                    heard: p.last_heard.is_some(),
                     eligible: p.eligible.contains(&vm.name),
                     running: p.ready && p.running.contains(&vm.name),
                 })
@@ -410,6 +457,10 @@ impl Agent {
                         "decision",
                         json!({"vm": vm.name, "action": "fence", "reason": decision.reason}),
                     );
+                    // Remember the pending demotion before acting: an agent that dies
+                    // between the destroy and the demotion finishes it after its restart.
+                    st.placement.demote_pending.insert(vm.name.clone());
+                    self.save_placement(st);
                     // SIGKILL QEMU first: virDomainDestroy sends SIGTERM and waits up to
                     // 10 s for a QEMU stuck on frozen I/O before it kills.
                     let pid_dir = std::path::Path::new(crate::watchdog::QEMU_PID_DIR);
@@ -420,8 +471,7 @@ impl Agent {
                     match hv.destroy(&vm.name) {
                         Ok(()) => {
                             running_now = false;
-                            st.owners.remove(&vm.name);
-                            st.demote_pending.insert(vm.name.clone(), None);
+                            st.placement.owners.remove(&vm.name);
                             self.events
                                 .emit("fenced", json!({"vm": vm.name, "reason": decision.reason}));
                         }
@@ -441,7 +491,7 @@ impl Agent {
                     match self.start_here(hv, vm, fence_peer.as_deref()) {
                         Ok(()) => {
                             running_now = true;
-                            st.owners.insert(vm.name.clone(), here.clone());
+                            st.placement.owners.insert(vm.name.clone(), here.clone());
                             let done = Instant::now();
                             let since = |t: Option<Instant>, to: Instant| {
                                 t.map(|t| to.duration_since(t).as_millis() as u64)
@@ -459,7 +509,7 @@ impl Agent {
                                 "failover",
                                 json!({"vm": vm.name, "from": f.from, "to": f.to, "detect_ms": f.detect_ms, "total_ms": f.total_ms}),
                             );
-                            st.failovers.insert(vm.name.clone(), f);
+                            st.placement.failovers.insert(vm.name.clone(), f);
                         }
                         Err(e) => {
                             let backoff = self.cfg.ha.start_backoff();
@@ -478,11 +528,11 @@ impl Agent {
             if running_now {
                 running_here_list.push(vm.name.clone());
                 pet_list.push((vm.name.clone(), volumes.clone().unwrap_or_default()));
-                st.demote_pending.remove(&vm.name);
-            } else if st.demote_pending.contains_key(&vm.name) {
+                st.placement.demote_pending.remove(&vm.name);
+            } else if st.placement.demote_pending.contains(&vm.name) {
                 self.demote_fenced(&vm.name, &disk_views, disks, st);
             }
-            let owner_now = st.owners.get(&vm.name).cloned();
+            let owner_now = st.placement.owners.get(&vm.name).cloned();
             let health = match (&owner_now, running_now) {
                 (_, true) => match &disk_views {
                     Ok(d) if d.iter().any(|d| !d.quorum) => {
@@ -494,6 +544,8 @@ impl Agent {
                 (Some(o), false) => {
                     if peers.get(o).is_some_and(alive) {
                         "running".to_string()
+                    } else if peers.get(o).is_some_and(alive_or_unknown) {
+                        format!("unknown (this agent has not heard from {o} yet)")
                     } else {
                         format!("down (host {o} not heard from)")
                     }
@@ -515,12 +567,13 @@ impl Agent {
                 action: action.to_string(),
                 reason: decision.reason.clone(),
                 eligible: decision.eligible,
-                last_failover: st.failovers.get(&vm.name).cloned(),
+                last_failover: st.placement.failovers.get(&vm.name).cloned(),
             });
         }
         if active.is_none() {
             return;
         }
+        self.save_placement(st);
         self.pet.pet(pet_list);
         let mut s = self.lock();
         s.running = running_here_list;
@@ -544,7 +597,9 @@ impl Agent {
         };
     }
 
-    /// Demote the volumes of a VM this agent fenced (still Primary here).
+    /// Demote by force the volumes of a VM this agent fenced (still Primary here): its
+    /// frozen requests fail, so the isolated side is Secondary with failed I/O and rejoins
+    /// as SyncTarget when the network heals. Retried every tick until all are Secondary.
     fn demote_fenced(
         &self,
         vm: &str,
@@ -554,30 +609,29 @@ impl Agent {
     ) {
         let Ok(views) = views else { return };
         let mut failed = None;
-        for d in views
-            .iter()
-            // QEMU is dead (we killed it): a writer still counted is its frozen request.
-            .filter(|d| d.role == "Primary")
-        {
-            if let Err(e) = disks.demote(&d.volume) {
-                failed = Some(e);
+        let mut demoted = Vec::new();
+        for d in views.iter().filter(|d| d.role == "Primary") {
+            match disks.demote_force(&d.volume) {
+                Ok(()) => demoted.push(d.volume.clone()),
+                Err(e) => failed = Some(e),
             }
         }
-        let primary_left = views.iter().any(|d| d.role == "Primary");
         match failed {
-            None if !primary_left || views.is_empty() => {
-                st.demote_pending.remove(vm);
-                self.events.emit("demoted", json!({"vm": vm}));
+            None => {
+                st.placement.demote_pending.remove(vm);
+                st.demote_errors.remove(vm);
+                self.events.emit(
+                    "demoted",
+                    json!({"vm": vm, "volumes": demoted, "force": true}),
+                );
             }
-            None => {}
             Some(e) => {
-                let last = st.demote_pending.get(vm).cloned().flatten();
-                if last.as_deref() != Some(e.as_str()) {
+                if st.demote_errors.get(vm) != Some(&e) {
                     self.events.emit(
                         "demote_failed",
                         json!({"vm": vm, "error": e, "retrying": true}),
                     );
-                    st.demote_pending.insert(vm.to_string(), Some(e));
+                    st.demote_errors.insert(vm.to_string(), e);
                 }
             }
         }
@@ -640,6 +694,11 @@ pub fn run_fence_command(cmd: &str, peer: &str, timeout: Duration) -> Result<(),
     }
 }
 
+/// `<state_dir>/ha/placement.json`.
+fn placement_path(cfg: &AgentConfig) -> std::path::PathBuf {
+    cfg.ha_dir().join("placement.json")
+}
+
 /// Run the agent until killed.
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let here = cfg.here().to_string();
@@ -654,6 +713,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .with_context(|| format!("node '{here}' is not in the config's [[nodes]]"))?;
     let registry_path = cfg.ha_dir().join("registry.json");
     let registry = Registry::load(&registry_path).context("loading the managed-VM registry")?;
+    let mut placement =
+        Placement::load(&placement_path(&cfg)).context("loading where the managed VMs ran")?;
+    placement.retain_managed(&registry.managed().map(|v| v.name.as_str()).collect());
     let peers = cfg
         .cluster
         .nodes
@@ -668,7 +730,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     events.emit(
         "agent_started",
         json!({"listen": listen.to_string(), "managed": registry.managed().count(),
-               "heartbeat_interval_ms": cfg.ha.heartbeat_interval_ms, "dead_after_ms": cfg.ha.dead_after_ms}),
+               "heartbeat_interval_ms": cfg.ha.heartbeat_interval_ms, "dead_after_ms": cfg.ha.dead_after_ms,
+               "known_owners": placement.owners, "demote_pending": placement.demote_pending}),
     );
     let agent = Arc::new(Agent {
         secret,
@@ -687,6 +750,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }),
         events: events.clone(),
         pet: Arc::new(Pet::default()),
+        started: Instant::now(),
         cfg,
     });
     if agent.cfg.ha.soft_watchdog_ms > 0 {
@@ -714,10 +778,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 tracing::warn!(error = %e, "libvirt not ready yet");
             }
             let mut st = LoopState {
-                owners: HashMap::new(),
+                saved: placement.clone(),
+                placement,
+                save_error: None,
                 backoff: HashMap::new(),
-                failovers: HashMap::new(),
-                demote_pending: HashMap::new(),
+                demote_errors: HashMap::new(),
             };
             loop {
                 let started = Instant::now();

@@ -18,6 +18,8 @@
 //!   means the host (and likely the VM) still runs.
 //! - A VM that stopped cleanly (its host is alive and no longer lists it) is not restarted:
 //!   HA restarts VMs whose host failed, not VMs an operator shut down.
+//! - A restarted agent (owners come back from `placement.json`) decides nothing about a VM
+//!   whose owner it has not heard from yet, until dead-after has passed since its start.
 
 use serde::{Deserialize, Serialize};
 
@@ -74,8 +76,12 @@ pub type Disks = Result<Vec<DiskView>, String>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerView {
     pub node: String,
-    /// Heard from within the dead-after timeout on the management network.
+    /// Heard from within the dead-after timeout on the management network, or not heard
+    /// yet while this agent started less than dead-after ago (a restarted agent gives
+    /// every peer that long before calling it dead).
     pub management_alive: bool,
+    /// Heard from at least once since this agent started.
+    pub heard: bool,
     /// Its last heartbeat says it could start this VM (UpToDate + quorum for every disk).
     pub eligible: bool,
     /// Its last heartbeat lists this VM as running there (only meaningful while alive).
@@ -220,6 +226,14 @@ pub fn decide(input: &VmInput<'_>) -> Decision {
 
     let owner_view = input.peers.iter().find(|p| p.node == owner);
     let owner_alive = owner_view.is_some_and(|p| p.management_alive);
+    if owner_view.is_some_and(|p| p.management_alive && !p.heard) {
+        return decision(
+            Action::Wait,
+            format!(
+                "{vm} last ran on {owner}: this agent just started and has not heard from {owner} yet (waiting up to dead-after)"
+            ),
+        );
+    }
     let replication_up_to_owner = match &input.disks {
         Ok(disks) => disks
             .iter()
@@ -319,6 +333,7 @@ mod tests {
         PeerView {
             node: node.into(),
             management_alive: alive,
+            heard: alive,
             eligible,
             running,
         }
@@ -611,6 +626,24 @@ mod tests {
                 backoff: None,
                 action: Action::Wait,
                 reason_contains: "vm-1-disk-0 is Primary on hv3",
+            },
+            Case {
+                name: "restarted agent, owner not heard yet (grace): wait, never start",
+                here: "hv2",
+                running_here: false,
+                disks: Ok(vec![up(true)]),
+                owner: Some("hv1"),
+                peers: vec![
+                    PeerView {
+                        heard: false,
+                        ..peer("hv1", true, false, false)
+                    },
+                    peer("witness", true, false, false),
+                ],
+                prefer: vec![],
+                backoff: None,
+                action: Action::Wait,
+                reason_contains: "has not heard from hv1 yet",
             },
             Case {
                 name: "stopped on purpose (no owner): not restarted",

@@ -1,17 +1,21 @@
 //! The local view of a VM's disks: which Tandem volumes its domain XML uses (the hook's
 //! domain-XML reader) and their replication status from this node's tandemd
-//! (`volume_status` on the control socket, read through the hook's control client).
+//! (`volume_status` on the control socket, read through the hook's control client), and
+//! the forced demotion that finishes fencing a VM (`volume_demote` with `force`).
 
 use std::time::Duration;
 
 use libvirt_hook::control::{ControlClient, ControlError, ReplicationRequest};
 use libvirt_hook::domain_xml::{parse_domain, tandem_volumes, NbdEndpoints};
+use volume_driver::api::Request;
 use volume_driver::config::Config;
 
 use crate::decide::{DiskPeer, DiskView, Disks};
 
 /// How long one status exchange with tandemd may take.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a forced demotion may take (the engine waits up to 10 s for requests in flight).
+pub const DEMOTE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where this node serves NBD (the disks pointing there are Tandem's).
 pub fn endpoints(config: &Config) -> NbdEndpoints {
@@ -53,27 +57,22 @@ impl DiskReader {
         volumes.iter().map(|v| self.read_one(v)).collect()
     }
 
-    /// Make the local replica of `volume` Secondary (`volume_demote`).
-    pub fn demote(&mut self, volume: &str) -> Result<(), String> {
-        if self.client.is_none() {
-            self.client = Some(
-                ControlClient::connect(&self.socket, STATUS_TIMEOUT).map_err(|e| e.to_string())?,
-            );
-        }
-        let Some(client) = self.client.as_mut() else {
-            return Err("no tandemd connection".into());
-        };
-        let request = ReplicationRequest::VolumeDemote {
+    /// Make the local replica of `volume` Secondary by force (`volume_demote` with
+    /// `force`, i.e. `tandem volume demote --force`, DRBD's `secondary --force`): requests
+    /// frozen for lack of quorum fail with an I/O error (none was acknowledged) and the
+    /// writer a killed QEMU left open does not block it. For a VM this agent fenced. Own
+    /// connection with [`DEMOTE_TIMEOUT`]: the engine waits for requests in flight.
+    pub fn demote_force(&mut self, volume: &str) -> Result<(), String> {
+        let mut client =
+            ControlClient::connect(&self.socket, DEMOTE_TIMEOUT).map_err(|e| e.to_string())?;
+        let request = Request::VolumeDemote {
             name: volume.to_string(),
+            force: true,
         };
-        match client.call(&request) {
-            Ok(_) => Ok(()),
-            Err(ControlError::Api(e)) => Err(format!("{volume}: {e}")),
-            Err(e) => {
-                self.client = None;
-                Err(e.to_string())
-            }
-        }
+        client
+            .call(&request)
+            .map(drop)
+            .map_err(|e| format!("{volume}: {e}"))
     }
 
     fn read_one(&mut self, volume: &str) -> Result<DiskView, String> {

@@ -8,7 +8,9 @@
 //!
 //! Event names: `agent_started`, `peer_up`, `peer_down` (management network), `managed`,
 //! `unmanaged`, `decision` (an action other than nothing, with its reason), `fence_peer`,
-//! `fenced` (a VM destroyed for lack of quorum), `start_failed`, `started`, `failover`.
+//! `fenced` (a VM destroyed for lack of quorum), `demoted` / `demote_failed` (its volumes
+//! made Secondary by force after a fence), `start_failed`, `defined`, `started`, `failover`,
+//! `watchdog_kill`, `placement_save_failed` / `placement_saved`.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};

@@ -8,7 +8,8 @@
 //! volumes and their status from tandemd), [`hypervisor`] (libvirt through the `virt`
 //! crate), [`agent`] (the loop tying them together), [`events`] (the JSON-lines events
 //! log), [`status`] (what `tandem-ha status` shows), [`watchdog`] (kills frozen VMs if the
-//! agent hangs), [`persist`] (atomic small files).
+//! agent hangs), [`placement`] (where VMs ran and pending demotions, kept across agent
+//! restarts), [`persist`] (atomic small files).
 
 pub mod agent;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod disks;
 pub mod events;
 pub mod hypervisor;
 pub mod persist;
+pub mod placement;
 pub mod registry;
 pub mod status;
 pub mod watchdog;

@@ -21,8 +21,8 @@ const VOLUME: &str = "vm-1-disk-0";
 const VM: &str = "vm1";
 
 struct Bed {
-    // Agents before the cluster: dropped (killed) first.
-    _agents: Vec<Agent>,
+    // Agents before the cluster: dropped (killed) first. In host order (hv1, hv2, hv3).
+    agents: Vec<Agent>,
     cluster: Cluster,
     _work: tempfile::TempDir,
     console: std::path::PathBuf,
@@ -31,6 +31,27 @@ struct Bed {
 impl Bed {
     fn host(&self, node: &str) -> &LibvirtHost {
         self.cluster.host(node)
+    }
+
+    /// SIGKILL the agent of `node` (host order: hv1, hv2, hv3).
+    fn kill_agent(&mut self, node: &str) {
+        let i = self.index(node);
+        self.agents[i].kill();
+    }
+
+    /// Start the agent of `node` again (after [`Bed::kill_agent`]).
+    fn start_agent(&mut self, node: &str) {
+        let i = self.index(node);
+        self.agents[i].kill();
+        self.agents[i] = Agent::start(self.cluster.host(node));
+    }
+
+    fn index(&self, node: &str) -> usize {
+        self.cluster
+            .hosts
+            .iter()
+            .position(|h| h.node == node)
+            .unwrap()
     }
 
     fn diagnostics(&self) -> String {
@@ -140,7 +161,7 @@ fn bed(guest: bool) -> Bed {
     hv1.virsh(&["start", VM]).ok();
     ha::ha(hv1, &["manage", VM, "--prefer", "hv2,hv3"]).ok();
     let bed = Bed {
-        _agents: agents,
+        agents,
         cluster,
         _work: work,
         console,
@@ -239,13 +260,34 @@ fn host_killed_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
     assert!(events.iter().any(|e| e["event"] == "failover"));
 }
 
+/// The peer `node` as `host`'s replica sees it.
+fn peer_status(host: &LibvirtHost, node: &str) -> serde_json::Value {
+    volume_status(host)["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["node"] == node)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn acked(bed: &Bed) -> u64 {
+    last_number(
+        &std::fs::read_to_string(&bed.console).unwrap_or_default(),
+        "acked ",
+    )
+    .unwrap_or(0)
+}
+
 #[test]
 fn replication_link_cut_only_is_not_a_failover() {
-    let bed = bed(false);
+    // A writing guest: hv2 misses the writes made during the cut and must resync them.
+    let bed = bed(true);
     let (hv1, hv2, hv3) = (bed.host("hv1"), bed.host("hv2"), bed.host("hv3"));
     let (ip1, ip2) = (hv1.ip().unwrap(), hv2.ip().unwrap());
     ha::cut_replication(hv1, ip2);
     ha::cut_replication(hv2, ip1);
+    let acked_at_cut = acked(&bed);
     // Three dead-after periods: any failover would have happened.
     std::thread::sleep(Duration::from_secs(9));
     assert_eq!(hv1.domstate(VM), "running", "{}", bed.diagnostics());
@@ -259,18 +301,51 @@ fn replication_link_cut_only_is_not_a_failover() {
         volume_status(hv1)["quorum"] == true,
         "hv1 keeps quorum through hv3"
     );
+    // The guest kept writing (hv1 has quorum with hv3); hv2 is behind.
+    let acked_in_cut = acked(&bed);
+    assert!(
+        acked_in_cut > acked_at_cut + 5,
+        "the guest stopped writing during the cut: {acked_at_cut} -> {acked_in_cut}"
+    );
+    let behind = peer_status(hv1, "hv2");
+    assert_ne!(behind["connection"], "Connected", "{behind}");
+    let out_of_sync = behind["out_of_sync_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        out_of_sync > 0,
+        "hv1 does not track what hv2 missed: {behind}"
+    );
+    eprintln!(
+        "[ha] replication cut for 9 s: no failover; guest acked {acked_at_cut} -> {acked_in_cut}; hv2 {out_of_sync} bytes behind"
+    );
     ha::heal_replication(hv1);
     ha::heal_replication(hv2);
+    let healed = Instant::now();
     hv1.tandem(&["volume", "wait-sync", VOLUME, "--timeout", "60"])
         .ok();
+    eprintln!(
+        "[ha] healed: hv2 resynced in {:.2} s",
+        healed.elapsed().as_secs_f64()
+    );
     for h in [hv1, hv2, hv3] {
         no_split_brain(h);
     }
+    assert_eq!(volume_status(hv2)["disk_state"], "UpToDate");
+    let caught_up = peer_status(hv1, "hv2");
+    assert_eq!(caught_up["connection"], "Connected", "{caught_up}");
+    assert_eq!(caught_up["out_of_sync_bytes"], 0, "{caught_up}");
     assert_eq!(hv1.domstate(VM), "running");
+    assert!(acked(&bed) > acked_in_cut, "the guest stopped writing");
+    // Pause the guest (no writes in flight) and compare the replicas online.
+    hv1.virsh(&["suspend", VM]).ok();
+    let verified = hv1
+        .tandem(&["volume", "verify", VOLUME, "--json"])
+        .ok()
+        .json();
+    hv1.virsh(&["resume", VM]).ok();
+    assert_eq!(verified["differing_blocks"], 0, "{verified}");
 }
 
 #[test]
-#[ignore = "engine: an isolated Primary with a write in flight keeps it frozen (the dead QEMU's writer stays open, demote is refused) and, if that write hit its disk, the heal ends in split brain instead of SyncTarget; needs DRBD's on-suspended-primary-outdated force-secondary"]
 fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
     // A writing guest: the takeover side writes while hv1 is cut off, so hv1 must come
     // back as SyncTarget.
@@ -298,6 +373,19 @@ fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
     );
     print_timeline(&[hv1, hv2], cut_ms);
     assert!(ha::events(hv1).iter().any(|e| e["event"] == "fenced"));
+    // The agent demoted the fenced VM's volume by force: Secondary while still isolated.
+    assert!(
+        wait_until(Duration::from_secs(30), || volume_status(hv1)["role"]
+            == "Secondary"),
+        "isolated hv1 is still Primary: {}\n{}",
+        volume_status(hv1),
+        bed.diagnostics()
+    );
+    eprintln!(
+        "[ha] isolated hv1 Secondary {:.2} s after the cut",
+        cut.elapsed().as_secs_f64()
+    );
+    assert!(ha::events(hv1).iter().any(|e| e["event"] == "demoted"));
     // Heal: hv1 comes back as SyncTarget, never split brain, vm1 stays on hv2 only.
     // The guest resumes on hv2 and writes there before the heal.
     assert!(
@@ -435,4 +523,116 @@ fn drill(bed: &Bed, hv2: &LibvirtHost, kill: &str) {
         refused.contains("runs on hv2, which is not among --kill-host hv3"),
         "{refused}"
     );
+}
+
+/// Events of `host`'s agent named `name` emitted at or after `since_ms`.
+fn events_since(host: &LibvirtHost, name: &str, since_ms: u64) -> Vec<serde_json::Value> {
+    ha::events(host)
+        .into_iter()
+        .filter(|e| e["event"] == name && e["ts_ms"].as_u64().is_some_and(|t| t >= since_ms))
+        .collect()
+}
+
+fn domid(host: &LibvirtHost) -> String {
+    host.virsh(&["domid", VM]).stdout.trim().to_string()
+}
+
+/// Issue 7, agent restarts: where a VM runs survives the agent's restart
+/// (`<state_dir>/ha/placement.json`). A restarted agent neither starts a VM that runs on a
+/// host it has not heard from yet (or whose agent is down), nor forgets a VM whose host
+/// died while the agent was down, nor loses track of a VM it started itself.
+#[test]
+fn restarted_agents_remember_where_the_vm_runs() {
+    let mut bed = bed(false);
+    let dead_after = Duration::from_millis(3000);
+
+    // 1. hv1's agent is down (hv1 and vm1 fine); hv2's agent restarts. It knows vm1 ran on
+    //    hv1 from its placement file, hears nothing from hv1's agent, sees hv1's
+    //    replication link up: it waits, it does not start vm1.
+    bed.kill_agent("hv1");
+    let restarted_ms = now_ms();
+    bed.start_agent("hv2");
+    let (hv1, hv2, hv3) = (bed.host("hv1"), bed.host("hv2"), bed.host("hv3"));
+    assert!(
+        wait_until(Duration::from_secs(20), || ha::vm_status(hv2, VM)
+            .is_some_and(|v| v["running_on"] == "hv1")),
+        "restarted hv2 agent forgot that vm1 runs on hv1\n{}",
+        bed.diagnostics()
+    );
+    std::thread::sleep(dead_after * 3);
+    assert_eq!(hv1.domstate(VM), "running", "{}", bed.diagnostics());
+    for h in [hv2, hv3] {
+        assert_ne!(h.domstate(VM), "running", "{} started vm1", h.node);
+        assert!(
+            events_since(h, "started", restarted_ms).is_empty(),
+            "{} started vm1",
+            h.node
+        );
+    }
+    let s2 = ha::vm_status(hv2, VM).unwrap();
+    assert_eq!(s2["running_on"], "hv1", "{s2}");
+    assert_eq!(s2["action"], "wait", "{s2}");
+    assert!(
+        s2["reason"]
+            .as_str()
+            .unwrap()
+            .contains("its replication link is up"),
+        "{s2}"
+    );
+    bed.start_agent("hv1");
+    let hosts: Vec<&LibvirtHost> = bed.cluster.hosts.iter().collect();
+    ha::wait_all_alive(&hosts, Duration::from_secs(20));
+
+    // 2. hv2's and hv3's agents are down when hv1 dies; started again afterwards, they
+    //    still know vm1 ran on hv1 and hv2 (preferred) takes it over.
+    bed.kill_agent("hv2");
+    bed.kill_agent("hv3");
+    ha::kill_host(bed.host("hv1"));
+    std::thread::sleep(Duration::from_secs(1));
+    let started_ms = now_ms();
+    bed.start_agent("hv2");
+    bed.start_agent("hv3");
+    let started = Instant::now();
+    let (hv2, hv3) = (bed.host("hv2"), bed.host("hv3"));
+    let took = ha::wait_running_here(hv2, VM, Duration::from_secs(60))
+        .map(|_| started.elapsed())
+        .unwrap_or_else(|| {
+            panic!(
+                "restarted agents did not fail vm1 over from dead hv1\n{}",
+                bed.diagnostics()
+            )
+        });
+    eprintln!(
+        "[ha] agents restarted after hv1 died -> vm1 running on hv2 {:.2} s after their start (dead_after 3 s)",
+        took.as_secs_f64()
+    );
+    print_timeline(&[hv2, hv3], started_ms);
+    assert!(
+        took >= dead_after,
+        "a restarted agent must give hv1 dead-after before calling it dead: {took:?}"
+    );
+    assert_ne!(hv3.domstate(VM), "running", "never twice");
+    let s2 = ha::vm_status(hv2, VM).unwrap();
+    assert_eq!(s2["last_failover"]["from"], "hv1", "{s2}");
+
+    // 3. hv2's agent restarts again: it keeps the VM it started (not restarted, same
+    //    QEMU) and its last failover; hv3 restarted too still sees vm1 on hv2.
+    let id = domid(hv2);
+    bed.start_agent("hv2");
+    bed.start_agent("hv3");
+    let (hv2, hv3) = (bed.host("hv2"), bed.host("hv3"));
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            ha::vm_status(hv2, VM)
+                .is_some_and(|v| v["running_here"] == true && v["last_failover"]["from"] == "hv1")
+                && ha::vm_status(hv3, VM).is_some_and(|v| v["running_on"] == "hv2")
+        }),
+        "restarted agents lost track of vm1 on hv2\n{}",
+        bed.diagnostics()
+    );
+    std::thread::sleep(dead_after * 2);
+    assert_eq!(domid(hv2), id, "vm1 was restarted on hv2");
+    assert_ne!(hv3.domstate(VM), "running", "never twice");
+    let placement = std::fs::read_to_string(hv2.path("state/ha/placement.json")).unwrap();
+    assert!(placement.contains("\"vm1\": \"hv2\""), "{placement}");
 }
