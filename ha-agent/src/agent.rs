@@ -493,9 +493,10 @@ impl Agent {
                             running_now = true;
                             st.placement.owners.insert(vm.name.clone(), here.clone());
                             let done = Instant::now();
+                            // A host never heard since this agent started (restarted while
+                            // it was dead): measured from the agent's start.
                             let since = |t: Option<Instant>, to: Instant| {
-                                t.map(|t| to.duration_since(t).as_millis() as u64)
-                                    .unwrap_or(0)
+                                to.duration_since(t.unwrap_or(self.started)).as_millis() as u64
                             };
                             let f = Failover {
                                 vm: vm.name.clone(),

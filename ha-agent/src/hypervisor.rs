@@ -149,7 +149,8 @@ impl Hypervisor {
         })
     }
 
-    /// Destroy (hard stop) `name` if it runs here.
+    /// Destroy (hard stop) `name` if it runs here; a domain that stops on its own during the
+    /// call counts as destroyed.
     pub fn destroy(&mut self, name: &str) -> Result<(), LibvirtError> {
         self.with(|c| {
             let Some(d) = Hypervisor::lookup(c, name)? else {
@@ -161,8 +162,12 @@ impl Hypervisor {
             {
                 return Ok(());
             }
-            d.destroy()
-                .map_err(|e| err(format!("destroying {name}"), e))
+            match d.destroy() {
+                Ok(()) => Ok(()),
+                // It died meanwhile (e.g. the fence's SIGKILL won the race): destroyed.
+                Err(_) if !d.is_active().unwrap_or(true) => Ok(()),
+                Err(e) => Err(err(format!("destroying {name}"), e)),
+            }
         })
     }
 }
