@@ -1,11 +1,15 @@
 //! The soft watchdog: if the decision loop stops ticking for `soft_watchdog_ms` (a hung
 //! libvirt call, a stuck tandemd exchange, a bug), a separate thread checks the managed VMs
 //! that were running here: any whose disks this node's tandemd reports without quorum is
-//! SIGKILLed through its QEMU pid file (`/run/libvirt/qemu/<domain>.pid`), so a hung agent
-//! cannot leave a VM of the isolated side alive until the network heals. A VM whose status
-//! cannot be read is left alone (no evidence). Off with `soft_watchdog_ms = 0`. There is no
-//! hardware watchdog (`/dev/watchdog`) yet.
+//! SIGKILLed through its QEMU pid file (`/run/libvirt/qemu/<domain>.pid`) and its volumes
+//! are demoted by force, so a hung agent cannot leave a VM of the isolated side alive (or
+//! its replica Primary) until the network heals. A VM whose status cannot be read is left
+//! alone (no evidence). VMs with quorum are never touched: no other host can take them
+//! over. Off with `soft_watchdog_ms = 0`. There is no hardware watchdog (`/dev/watchdog`):
+//! a dead agent process kills nothing, which is safe for the same reason (the engine
+//! freezes I/O without quorum and a survivor's promotion needs quorum).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,7 +48,9 @@ pub fn qemu_pid(dir: &Path, domain: &str) -> Option<i32> {
     text.trim().parse().ok().filter(|p| *p > 1)
 }
 
-/// Run the watchdog thread.
+/// Run the watchdog thread: while the loop is stalled, every 500 ms, each managed VM that
+/// was running here and whose disks lost quorum is SIGKILLed (once per stall) and its
+/// volumes demoted by force, as the decision loop's fence would.
 pub fn spawn(
     pet: Arc<Pet>,
     limit: Duration,
@@ -54,38 +60,52 @@ pub fn spawn(
     let pid_dir = PathBuf::from(QEMU_PID_DIR);
     std::thread::Builder::new()
         .name("soft-watchdog".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(500));
-            let last = pet.last_tick_ms.load(Ordering::SeqCst);
-            if !stalled(last, now_ms(), limit) {
-                continue;
-            }
-            let running = pet
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            for (vm, volumes) in running {
-                let Ok(views) = disks.read(&volumes) else {
-                    continue;
-                };
-                if views.iter().all(|d| d.quorum) {
+        .spawn(move || {
+            // VMs killed during the current stall (the loop ticking again clears it).
+            let mut killed: BTreeSet<String> = BTreeSet::new();
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                let last = pet.last_tick_ms.load(Ordering::SeqCst);
+                if !stalled(last, now_ms(), limit) {
+                    killed.clear();
                     continue;
                 }
-                let Some(pid) = qemu_pid(&pid_dir, &vm) else {
-                    continue;
-                };
-                // SAFETY: kill(2) on the pid libvirt recorded for this domain's QEMU.
-                let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
-                events.emit(
-                    "watchdog_kill",
-                    serde_json::json!({"vm": vm, "pid": pid, "ok": rc == 0,
-                        "stalled_ms": now_ms().saturating_sub(last)}),
-                );
-            }
-            // Act once per stall: wait for the loop to tick again.
-            while pet.last_tick_ms.load(Ordering::SeqCst) == last {
-                std::thread::sleep(Duration::from_millis(500));
+                let running = pet
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                for (vm, volumes) in running {
+                    if killed.contains(&vm) {
+                        continue;
+                    }
+                    let Ok(views) = disks.read(&volumes) else {
+                        continue;
+                    };
+                    if views.iter().all(|d| d.quorum) {
+                        continue;
+                    }
+                    let Some(pid) = qemu_pid(&pid_dir, &vm) else {
+                        continue;
+                    };
+                    // SAFETY: kill(2) on the pid libvirt recorded for this domain's QEMU.
+                    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+                    killed.insert(vm.clone());
+                    let demoted: Vec<_> = volumes
+                        .iter()
+                        .map(|v| match disks.demote_force(v) {
+                            Ok(()) => serde_json::json!({"volume": v, "demoted": true}),
+                            Err(e) => {
+                                serde_json::json!({"volume": v, "demoted": false, "error": e})
+                            }
+                        })
+                        .collect();
+                    events.emit(
+                        "watchdog_kill",
+                        serde_json::json!({"vm": vm, "pid": pid, "ok": rc == 0,
+                            "stalled_ms": now_ms().saturating_sub(last), "volumes": demoted}),
+                    );
+                }
             }
         })
         .map(drop)

@@ -227,6 +227,8 @@ fn host_killed_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
         took.as_secs_f64()
     );
     print_timeline(&[hv2, bed.host("hv3")], killed_ms);
+    // Where the start's time goes (the hook promotes the volume in `prepare`).
+    eprintln!("[ha] hv2 hook log (tail):\n{}", tail(&hv2.hook_log(), 6));
     let status = ha::vm_status(hv2, VM).unwrap();
     let f = &status["last_failover"];
     assert_eq!(f["from"], "hv1", "{status}");
@@ -635,4 +637,86 @@ fn restarted_agents_remember_where_the_vm_runs() {
     assert_ne!(hv3.domstate(VM), "running", "never twice");
     let placement = std::fs::read_to_string(hv2.path("state/ha/placement.json")).unwrap();
     assert!(placement.contains("\"vm1\": \"hv2\""), "{placement}");
+}
+
+/// The pid of `host`'s process named `comm` (from its network namespace).
+fn pid_of(host: &LibvirtHost, comm: &str) -> Option<i32> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", &host.netns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+}
+
+/// Gone, or a zombie nobody reaped yet (its parent libvirtd is stopped).
+fn dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+/// Issue 7, soft watchdog: hv1's agent hangs (its libvirtd is SIGSTOPped, so the decision
+/// loop blocks in a libvirt call) and hv1 is then isolated. The watchdog notices the loop
+/// stopped ticking, finds vm1's disk without quorum, SIGKILLs its QEMU and demotes the
+/// volume by force; hv2 takes vm1 over.
+#[test]
+fn hung_agent_soft_watchdog_kills_the_isolated_vm() {
+    let mut bed = bed(false);
+    ha::write_ha_toml(
+        bed.host("hv1"),
+        "heartbeat_interval_ms = 500\ndead_after_ms = 3000\nsoft_watchdog_ms = 3000\n",
+    );
+    bed.start_agent("hv1");
+    let (hv1, hv2) = (bed.host("hv1"), bed.host("hv2"));
+    let hosts: Vec<&LibvirtHost> = bed.cluster.hosts.iter().collect();
+    ha::wait_all_alive(&hosts, Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(10), || ha::vm_status(
+        hv1, VM
+    )
+    .is_some_and(|v| v["running_here"] == true)));
+    let qemu: i32 = std::fs::read_to_string(hv1.path("run-libvirt/qemu/vm1.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let libvirtd = pid_of(hv1, "libvirtd").expect("hv1's libvirtd");
+    let cut_ms = now_ms();
+    // SAFETY: signals to processes of a namespace this test created.
+    unsafe { libc::kill(libvirtd, libc::SIGSTOP) };
+    ha::set_link(hv1, false);
+    let cut = Instant::now();
+    let killed = wait_until(Duration::from_secs(30), || dead(qemu));
+    let killed_after = cut.elapsed();
+    unsafe { libc::kill(libvirtd, libc::SIGCONT) };
+    assert!(
+        killed,
+        "the watchdog did not kill vm1's QEMU\n{}",
+        bed.diagnostics()
+    );
+    eprintln!(
+        "[ha] hung agent: isolated vm1's QEMU killed by the soft watchdog {:.2} s after the cut",
+        killed_after.as_secs_f64()
+    );
+    let took = ha::wait_running_here(hv2, VM, Duration::from_secs(60))
+        .map(|_| cut.elapsed())
+        .unwrap_or_else(|| panic!("vm1 not running on hv2\n{}", bed.diagnostics()));
+    eprintln!(
+        "[ha] vm1 running on hv2 {:.2} s after the cut",
+        took.as_secs_f64()
+    );
+    print_timeline(&[hv1, hv2], cut_ms);
+    let kills = events_since(hv1, "watchdog_kill", cut_ms);
+    assert_eq!(kills.len(), 1, "{kills:?}");
+    let p = &kills[0]["properties"];
+    assert_eq!(p["pid"], qemu, "{p}");
+    assert_eq!(p["volumes"][0]["demoted"], true, "{p}");
+    assert_eq!(volume_status(hv1)["role"], "Secondary");
 }
