@@ -5,10 +5,12 @@
 //! (replication traffic between two hosts dropped, management fine), [`ha::set_link`]
 //! (isolation: both paths).
 //!
-//! They need the replication engine (issue 3: `volume_status`, promotion, quorum) in
-//! tandemd. The isolation scenario is ignored until the engine turns an isolated Primary
-//! with a frozen in-flight write into a SyncTarget on heal (see its ignore reason); it
-//! passes when no write is in flight at the cut.
+//! Also: agents restarted (placement kept in `<state_dir>/ha/placement.json`) and a hung
+//! agent (its libvirtd SIGSTOPped) whose soft watchdog kills the isolated VM.
+//!
+//! They need the replication engine (issue 3: `volume_status`, promotion, quorum,
+//! `volume_demote` with `force`) in tandemd. Each prints its measured times (`[ha]` lines,
+//! `--nocapture`).
 
 use std::time::{Duration, Instant};
 
