@@ -574,6 +574,9 @@ impl Agent {
         if active.is_none() {
             return;
         }
+        // Forget VMs unmanaged meanwhile.
+        st.placement
+            .retain_managed(&managed.iter().map(|v| v.name.as_str()).collect());
         self.save_placement(st);
         self.pet.pet(pet_list);
         let mut s = self.lock();
