@@ -103,17 +103,43 @@ fn tail(text: &str, n: usize) -> String {
 }
 
 /// Guest: resume the counter stored in the first 16 bytes of /dev/vda, print it, then
-/// keep writing the next value with fsync and print `acked N` after each durable write.
+/// keep writing: write N as a tagged record of its own (16 bytes at [`record_offset`]`(N)`),
+/// then N into the counter, each with fsync, and print `acked N` after both are durable.
 const COUNTER_SCRIPT: &str = r#"n=$(dd if=/dev/vda bs=16 count=1 2>/dev/null | tr -dc 0-9)
 [ -z "$n" ] && n=0
 n=$(expr "$n" + 0)
 echo "resume $n"
 while true; do
   n=$((n + 1))
+  printf '%016d' "$n" | dd of=/dev/vda bs=16 seek=$((256 + n)) count=1 conv=fsync,notrunc 2>/dev/null
   printf '%016d' "$n" | dd of=/dev/vda bs=16 count=1 conv=fsync,notrunc 2>/dev/null
   echo "acked $n"
 done
 "#;
+
+/// Where the guest's tagged record of write `n` lives on the disk.
+fn record_offset(n: u64) -> usize {
+    ((256 + n) * 16) as usize
+}
+
+/// The checker: every write the guest acknowledged (1..=acked) is on `host`'s replica with
+/// its own tag. Returns how many were checked; panics naming the first lost write.
+fn check_acknowledged_records(host: &LibvirtHost, acked: u64) -> u64 {
+    let image = std::fs::read(host.path(&format!("images/{VOLUME}.img")))
+        .unwrap_or_else(|e| panic!("reading {}'s replica: {e}", host.node));
+    for n in 1..=acked {
+        let at = record_offset(n);
+        let record = &image[at..at + 16];
+        assert_eq!(
+            record,
+            format!("{n:016}").as_bytes(),
+            "acknowledged write {n} lost on {}'s replica: holds {:?}",
+            host.node,
+            String::from_utf8_lossy(record)
+        );
+    }
+    acked
+}
 
 fn last_number(console: &str, word: &str) -> Option<u64> {
     console
@@ -258,6 +284,10 @@ fn host_killed_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
     assert!(
         resumed <= acked + 1,
         "replica ahead of every attempted write"
+    );
+    let checked = check_acknowledged_records(hv2, acked);
+    eprintln!(
+        "[ha] checker: {checked} of {checked} acknowledged writes found on hv2's replica, 0 lost"
     );
     assert!(took < Duration::from_secs(10), "failover took {took:?}");
     let events = ha::events(hv2);
