@@ -390,6 +390,14 @@ impl UuidSet {
         }
     }
 
+    /// This replica may differ from each of `peers` at equal generations (a Secondary that
+    /// crashed with writes in flight): it resyncs from them, never to them.
+    pub fn mark_uncertain(&mut self, peers: &[&str]) {
+        for p in peers {
+            self.uncertain_peers.insert((*p).to_string());
+        }
+    }
+
     /// Whether this replica owes `peer` a post-crash resync.
     pub fn is_crashed_primary_for(&self, peer: &str) -> bool {
         self.crashed_primary.contains(peer)

@@ -28,7 +28,9 @@
 //!
 //! Attach ([`MetaStore::open`]): if the clean-shutdown flag is not set, the AL snapshot is
 //! ORed into every peer bitmap (apply-al) and written out, and if the primary indicator is
-//! set the replica owes every peer a post-crash resync (`UuidSet::crashed_primary`); then the
+//! set the replica owes every peer a post-crash resync (`UuidSet::crashed_primary`), or else
+//! (a crashed Secondary with hot extents) it marks itself uncertain towards every peer, so it
+//! is the target of the resync at equal generations (`UuidSet::uncertain_peers`); then the
 //! superblock is written with clean-shutdown cleared ("in use"). All of this is idempotent,
 //! so a crash during attach is repaired by the next attach. [`MetaStore::close_clean`]
 //! flushes the bitmaps and sets the flag, so a clean restart does not apply the AL.
@@ -618,10 +620,15 @@ impl MetaStore {
                 let pages = bm.take_changed_pages();
                 store.write_bitmap_pages(p, bm, &pages)?;
             }
+            let names: Vec<&str> = peers.iter().map(String::as_str).collect();
             if crashed_primary {
-                let names: Vec<&str> = peers.iter().map(String::as_str).collect();
                 meta.uuids.mark_crashed_primary(&names);
                 meta.uuids.flags.primary = false;
+            } else if !al_snapshot.is_empty() {
+                // A Secondary died with peer writes in flight: its hot extents may hold
+                // half-applied data at the Primary's generation. It must be the target of
+                // the next resync with any peer at that generation, never its source.
+                meta.uuids.mark_uncertain(&names);
             }
         }
         for bm in bitmaps.values_mut() {

@@ -202,6 +202,33 @@ fn clean_restart_does_not_apply_the_al_and_a_crash_while_primary_is_recorded() {
 }
 
 #[test]
+fn a_crashed_secondary_with_hot_extents_is_uncertain_towards_every_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let store = MetaStore::create(&dir, &meta(64 * MIB), &["hv2", "hv3"]).unwrap();
+    drop(store);
+    // Secondary receiving writes in extent 2, then killed (no close).
+    let (mut store, _) = MetaStore::open(&dir).unwrap();
+    store.write_al(1, &[2]).unwrap();
+    drop(store);
+    let (store, loaded) = MetaStore::open(&dir).unwrap();
+    assert!(loaded.recovered_from_crash && !loaded.crashed_primary);
+    for p in ["hv2", "hv3"] {
+        assert!(loaded.meta.uuids.is_uncertain_for(p), "{p}");
+        assert!(!loaded.meta.uuids.is_crashed_primary_for(p), "{p}");
+    }
+    // Crash with an empty AL: nothing was in flight, nothing uncertain.
+    drop(store);
+    let tmp2 = tempfile::tempdir().unwrap();
+    let store = MetaStore::create(tmp2.path(), &meta(64 * MIB), &["hv2"]).unwrap();
+    drop(store);
+    let (store, _) = MetaStore::open(tmp2.path()).unwrap();
+    drop(store);
+    let (_store, loaded) = MetaStore::open(tmp2.path()).unwrap();
+    assert!(loaded.recovered_from_crash && !loaded.meta.uuids.is_uncertain_for("hv2"));
+}
+
+#[test]
 fn grow_extends_bitmaps_and_survives_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();

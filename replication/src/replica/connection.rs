@@ -500,16 +500,35 @@ impl Replica {
                 d.outcome
             }
             SyncOutcome::NoSync if mine.changed_blocks > 0 || theirs.changed_blocks > 0 => {
-                let i_source = match (mine.changed_blocks > 0, theirs.changed_blocks > 0) {
+                // At equal generations a Primary holds the generation's data: it is the
+                // source whatever the bits say (a Secondary's bits there only mark blocks
+                // that may differ). Otherwise the side that changed blocks is.
+                let i_source = match (mine.role == Role::Primary, theirs.role == Role::Primary) {
                     (true, false) => true,
                     (false, true) => false,
-                    _ => match (mine.role == Role::Primary, theirs.role == Role::Primary) {
+                    _ => match (mine.changed_blocks > 0, theirs.changed_blocks > 0) {
                         (true, false) => true,
                         (false, true) => false,
                         _ => self.node_name() < peer,
                     },
                 };
                 SyncOutcome::BitmapResync(if i_source {
+                    Direction::LocalIsSource
+                } else {
+                    Direction::LocalIsTarget
+                })
+            }
+            SyncOutcome::BitmapResync(_)
+                if matches!(
+                    d.rule,
+                    crate::sync_decision::Rule::LocalUncertain
+                        | crate::sync_decision::Rule::PeerUncertain
+                        | crate::sync_decision::Rule::BothUncertain
+                ) && (mine.role == Role::Primary) != (theirs.role == Role::Primary) =>
+            {
+                // Equal generations, blocks that may differ: the Primary's copy is what its
+                // clients read and wrote, so it is the source.
+                SyncOutcome::BitmapResync(if mine.role == Role::Primary {
                     Direction::LocalIsSource
                 } else {
                     Direction::LocalIsTarget
