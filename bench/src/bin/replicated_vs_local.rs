@@ -51,6 +51,10 @@ struct Args {
     /// `RUST_LOG` for the daemons.
     #[arg(long, default_value = "warn")]
     rust_log: String,
+    /// After setup, print the targets' NBD URIs and wait this many seconds before
+    /// measuring (to run fio or a profiler by hand against the live cluster).
+    #[arg(long, default_value_t = 0)]
+    hold_secs: u64,
     /// Directory holding `tandemd` and `tandem` [default: this program's directory].
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -238,6 +242,13 @@ fn main() -> Result<()> {
         eprintln!("filled {name} ({} MiB) at {speed:.0} MiB/s", args.size_mib);
     }
 
+    if args.hold_secs > 0 {
+        for (name, target) in &targets {
+            eprintln!("{name}: {}", target.uri);
+        }
+        eprintln!("holding for {} s", args.hold_secs);
+        std::thread::sleep(std::time::Duration::from_secs(args.hold_secs));
+    }
     println!(
         "{:<18} {:>11} {:>13} {:>10}  {:>12} {:>13}  unit",
         "row", "replicated", "unreplicated", "qemu-nbd", "repl/unrepl", "repl/qemu-nbd"
