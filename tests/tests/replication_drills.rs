@@ -217,8 +217,8 @@ fn bitmap_resync_after_a_link_cut_moves_only_the_changed_data() {
             still-'Connected' link to hv2, that link then dies, and the witness never answers \
             the relayed request (`relayed_outdates` is only cleared by hv2's OutdateReply; \
             the witness's link_down does not answer Unreachable): hv1's writes are held for \
-            suspend_timeout (120 s) -- seen as an NBD write without reply for 60 s in 2 of \
-            17 runs (replica/connection.rs on_outdate relay + link_down)"]
+            suspend_timeout (120 s) -- seen as an NBD write without reply for 60 s in 3 of \
+            23 runs (replica/connection.rs on_outdate relay + link_down)"]
 fn bitmap_resync_after_a_link_cut_with_a_witness_moves_only_the_changed_data() {
     if skip_unless_root() {
         return;
