@@ -1,1 +1,174 @@
-//! Shared helpers for the benchmark programs under `bench/src/bin/`.
+//! Shared helpers for the benchmark programs under `bench/src/bin/`: fio runs against an
+//! NBD URI ([`fio`], [`Row`]), `qemu-nbd` as the reference server ([`QemuNbd`]), and
+//! resetting backing files between runs ([`settle`], [`fill`]).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// One fio workload.
+pub struct Row {
+    pub name: &'static str,
+    /// fio `--rw`.
+    pub rw: &'static str,
+    /// fio `--bs`.
+    pub bs: &'static str,
+    pub iodepth: u32,
+    /// IOPS for small blocks, MiB/s for large ones.
+    pub unit: &'static str,
+}
+
+/// Run fio's nbd engine against `uri` for `runtime` seconds (after a 1 s ramp); returns
+/// IOPS or MiB/s as `row.unit` says.
+pub fn fio(uri: &str, row: &Row, runtime: u32) -> Result<f64> {
+    fio_with(
+        uri,
+        row,
+        &[
+            "--time_based",
+            &format!("--runtime={runtime}"),
+            "--ramp_time=1",
+        ],
+    )
+}
+
+/// Write the whole export once, sequentially in 1 MiB requests (allocates every block, so
+/// measurements do not pay for first writes); returns MiB/s.
+pub fn fio_fill(uri: &str) -> Result<f64> {
+    let row = Row {
+        name: "fill",
+        rw: "write",
+        bs: "1M",
+        iodepth: 8,
+        unit: "MiB/s",
+    };
+    fio_with(uri, &row, &[])
+}
+
+fn fio_with(uri: &str, row: &Row, extra: &[&str]) -> Result<f64> {
+    let out = Command::new("fio")
+        .args([
+            "--name=b",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={}", row.rw),
+            &format!("--bs={}", row.bs),
+            &format!("--iodepth={}", row.iodepth),
+            "--output-format=json",
+        ])
+        .args(extra)
+        .output()
+        .context("running fio (install fio)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "fio failed ({}): {stdout} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // fio prints "connected to NBD server" (and maybe more) before the JSON document.
+    let start = stdout
+        .find("\n{")
+        .map(|i| i + 1)
+        .or_else(|| stdout.find('{'));
+    let json = &stdout[start.context("no JSON in fio output")?..];
+    let v: serde_json::Value = serde_json::from_str(json).context("parsing fio JSON")?;
+    let job = &v["jobs"][0];
+    if job["error"].as_i64() != Some(0) {
+        bail!("fio reported error {} for {}", job["error"], row.name);
+    }
+    let dir = if row.rw.contains("read") {
+        "read"
+    } else {
+        "write"
+    };
+    let value = if row.unit == "IOPS" {
+        job[dir]["iops"].as_f64()
+    } else {
+        job[dir]["bw_bytes"].as_f64().map(|b| b / (1 << 20) as f64)
+    };
+    value.context("fio JSON lacks the measured value")
+}
+
+/// `nbd+unix:///EXPORT?socket=SOCKET`
+pub fn nbd_uri(export: &str, socket: &Path) -> String {
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+/// Create `file` with `size` bytes of a non-zero pattern, synced.
+pub fn fill(file: &Path, size: u64) -> Result<()> {
+    use std::io::Write;
+    let mut f =
+        std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
+    let chunk: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 7 + 13) as u8).collect();
+    for _ in 0..size / (1 << 20) {
+        f.write_all(&chunk).context("filling the backing file")?;
+    }
+    f.sync_all().context("syncing the backing file")?;
+    Ok(())
+}
+
+/// Start every run from the same state: the file's dirty pages written back and (unless
+/// `warm`) its page cache dropped, so no run inherits another's cache or writeback debt.
+pub fn settle(file: &Path, warm: bool) -> Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(file)
+        .with_context(|| format!("opening {} to settle it", file.display()))?;
+    f.sync_all().context("syncing the backing file")?;
+    if warm {
+        return Ok(());
+    }
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        bail!(
+            "posix_fadvise(DONTNEED) failed: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    Ok(())
+}
+
+/// qemu-nbd serving `file` as `export` (`--cache=none --aio=native`, as the reference
+/// recipe runs it) as a child process; killed on drop.
+pub struct QemuNbd(Child);
+
+impl QemuNbd {
+    pub fn start(sock: &Path, file: &Path, export: &str) -> Result<QemuNbd> {
+        let child = Command::new("qemu-nbd")
+            .args([
+                "-t",
+                "--shared=16",
+                "-f",
+                "raw",
+                "--cache=none",
+                "--aio=native",
+                "-k",
+            ])
+            .arg(sock)
+            .args(["-x", export])
+            .arg(file)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting qemu-nbd (install qemu-utils)")?;
+        let q = QemuNbd(child);
+        let start = Instant::now();
+        while !sock.exists() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("qemu-nbd did not create {}", sock.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(q)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

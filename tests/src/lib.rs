@@ -11,7 +11,9 @@ pub mod libvirt;
 pub mod loopback_cluster;
 pub mod nbd_client;
 pub mod netns;
+pub mod replica_data;
 pub mod vm;
+pub mod volume_status;
 
 /// Directory holding the workspace's built binaries (`target/<profile>`), found from the
 /// running test executable (`target/<profile>/deps/<test>`). `TANDEM_BIN_DIR` overrides it.

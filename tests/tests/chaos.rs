@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tandem_tests::checker::block::SplitMix64;
 use tandem_tests::checker::process::{verify, BackgroundWriter};
 use tandem_tests::cluster::{skip_unless_root, Cluster, ClusterSpec};
+use tandem_tests::volume_status::{data_peer, split_brain};
 use tandem_tests::wait_until;
 
 const VOLUME: &str = "chaos";
@@ -104,48 +105,6 @@ struct Chaos {
     primary: String,
     secondary: String,
     split_brains: u64,
-}
-
-/// A split brain as `tandem volume status --json` reports it: a peer with a non-null
-/// `split_brain` explanation, or a connection state naming it.
-fn split_brain(status: &serde_json::Value) -> Option<String> {
-    status["peers"].as_array()?.iter().find_map(|peer| {
-        let connection = peer["connection"].as_str().unwrap_or_default();
-        if !peer["split_brain"].is_null() || connection.to_ascii_lowercase().contains("splitbrain")
-        {
-            Some(format!(
-                "peer {}: {} ({})",
-                peer["node"], peer["split_brain"], connection
-            ))
-        } else {
-            None
-        }
-    })
-}
-
-/// The status entry of the data (not diskless) peer.
-fn data_peer(status: &serde_json::Value) -> serde_json::Value {
-    status["peers"]
-        .as_array()
-        .and_then(|peers| peers.iter().find(|p| p["diskless"] != true).cloned())
-        .unwrap_or(serde_json::Value::Null)
-}
-
-#[test]
-fn split_brain_and_data_peer_are_read_from_status_json() {
-    let status = serde_json::json!({
-        "role": "Primary", "disk_state": "UpToDate",
-        "peers": [
-            {"node": "witness", "diskless": true, "connection": "Connected", "split_brain": null},
-            {"node": "hv2", "diskless": false, "connection": "Connected", "disk_state": "UpToDate", "split_brain": null}
-        ]
-    });
-    assert_eq!(split_brain(&status), None);
-    assert_eq!(data_peer(&status)["node"], "hv2");
-    let mut broken = status.clone();
-    broken["peers"][1]["split_brain"] =
-        "split brain: run tandem volume resolve chaos --discard-local".into();
-    assert!(split_brain(&broken).unwrap().contains("hv2"));
 }
 
 fn field(status: &serde_json::Value, key: &str) -> String {

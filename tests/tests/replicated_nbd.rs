@@ -210,3 +210,44 @@ fn a_returning_node_resyncs_what_it_missed_and_wait_sync_sees_it() {
         .tandem(&["volume", "demote", "vm-2"])
         .ok();
 }
+
+/// The export's size (asked on every request's range check) follows an online resize.
+#[test]
+fn an_online_resize_is_seen_by_new_nbd_clients_and_range_checks() {
+    let cluster = LoopbackCluster::start(&[("hv1", false), ("hv2", false)]);
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    hv1.tandem(&[
+        "volume",
+        "create",
+        "vm-3",
+        "--size",
+        "16M",
+        "--replicas",
+        "2",
+    ])
+    .ok();
+    assert!(
+        wait_until(Duration::from_secs(30), || connected(hv1, "vm-3")
+            && connected(hv2, "vm-3")),
+        "{}",
+        cluster.logs()
+    );
+    let (ok, text) = hv1.qemu_io("vm-3", &["write -P 0x21 17M 1M"]);
+    assert!(!ok, "a write beyond 16 MiB succeeded: {text}");
+    hv1.tandem(&["volume", "resize", "vm-3", "--size", "32M"])
+        .ok();
+    let (ok, text) = hv1.qemu_io("vm-3", &["write -P 0x21 31M 1M", "read -P 0x21 31M 1M"]);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "raw"])
+        .arg(hv1.nbd_uri("vm-3"))
+        .output()
+        .expect("qemu-img (package qemu-utils) must be installed");
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "qemu-img info: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(info["virtual-size"], 32 << 20, "{info}");
+}

@@ -112,6 +112,11 @@ pub trait Engine: Send + Sync + 'static {
 #[async_trait]
 pub trait EngineReplica: Send + Sync + 'static {
     fn status(&self) -> ReplicaStatus;
+    /// The volume size in bytes, as `status().size_bytes`; asked on every I/O (range
+    /// checks), so engines should answer it without building a status.
+    fn size_bytes(&self) -> u64 {
+        self.status().size_bytes
+    }
     async fn promote(&self) -> Result<(), EngineFailure>;
     async fn demote(&self) -> Result<(), EngineFailure>;
     /// DRBD's `secondary --force`: fail the requests frozen for lack of quorum (none was

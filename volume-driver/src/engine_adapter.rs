@@ -4,6 +4,7 @@
 //! the daemon prints exactly what the engine reports.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -143,7 +144,8 @@ impl Engine for ReplicationEngine {
             .open_replica(spec, device)
             .await
             .map_err(failure)?;
-        Ok(Arc::new(EngineVolume { replica }))
+        let size = AtomicU64::new(replica.status().size_bytes);
+        Ok(Arc::new(EngineVolume { replica, size }))
     }
 
     async fn close_replica(&self, volume: &str) -> Result<(), EngineFailure> {
@@ -158,6 +160,10 @@ impl Engine for ReplicationEngine {
 /// One engine replica behind the seam.
 struct EngineVolume {
     replica: Arc<replication::replica::Replica>,
+    /// The engine's volume size, read on every I/O's range check: a full `status()` per
+    /// request (bitmaps counted, a serde round trip) cost more than the write itself. The
+    /// engine changes its size only in `Replica::resize`, which goes through [`Self::resize`].
+    size: AtomicU64,
 }
 
 #[async_trait]
@@ -211,8 +217,15 @@ impl EngineReplica for EngineVolume {
             checked_bytes: report.checked_bytes,
         })
     }
+    fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
     async fn resize(&self, new_size: u64) -> Result<(), EngineFailure> {
-        self.replica.resize(new_size).await.map_err(failure)
+        let result = self.replica.resize(new_size).await.map_err(failure);
+        // Whatever the outcome, mirror the size the engine now has.
+        self.size
+            .store(self.replica.status().size_bytes, Ordering::Release);
+        result
     }
     fn set_options(&self, options: &VolumeOptions) -> Result<(), EngineFailure> {
         self.replica

@@ -258,7 +258,7 @@ impl ExportHandle for ReplicatedExport {
     }
 
     fn size(&self) -> u64 {
-        self.runtime.replica.status().size_bytes
+        self.runtime.replica.size_bytes()
     }
 
     fn read_only(&self) -> bool {

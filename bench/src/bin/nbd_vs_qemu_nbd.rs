@@ -20,15 +20,14 @@
 //! each row is measured `--repeat` times per server, alternating, keeping the best.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use bytes::Bytes;
 use clap::Parser;
 use replication::device::FileDevice;
+use tandem_bench::{fill, fio, settle, QemuNbd, Row};
 use volume_driver::frontend::{
     ExportHandle, ExportInfo, ExportIoError, Exports, IoErrorKind, OpenError,
 };
@@ -245,55 +244,6 @@ impl Drop for OurServer {
     }
 }
 
-/// qemu-nbd as a child process; killed on drop.
-struct QemuNbd(Child);
-
-impl QemuNbd {
-    fn start(sock: &Path, file: &Path) -> Result<QemuNbd> {
-        let child = Command::new("qemu-nbd")
-            .args([
-                "-t",
-                "--shared=16",
-                "-f",
-                "raw",
-                "--cache=none",
-                "--aio=native",
-                "-k",
-            ])
-            .arg(sock)
-            .args(["-x", EXPORT])
-            .arg(file)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting qemu-nbd (install qemu-utils)")?;
-        let q = QemuNbd(child);
-        let start = Instant::now();
-        while !sock.exists() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("qemu-nbd did not create {}", sock.display());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(q)
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Row {
-    name: &'static str,
-    rw: &'static str,
-    bs: &'static str,
-    iodepth: u32,
-    /// IOPS for small blocks, MiB/s for large ones.
-    unit: &'static str,
-}
-
 const ROWS: &[Row] = &[
     Row {
         name: "4k randread  qd1",
@@ -339,87 +289,6 @@ const ROWS: &[Row] = &[
     },
 ];
 
-fn fio(uri: &str, row: &Row, runtime: u32) -> Result<f64> {
-    let out = Command::new("fio")
-        .args([
-            "--name=b",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            &format!("--rw={}", row.rw),
-            &format!("--bs={}", row.bs),
-            &format!("--iodepth={}", row.iodepth),
-            "--time_based",
-            &format!("--runtime={runtime}"),
-            "--ramp_time=1",
-            "--output-format=json",
-        ])
-        .output()
-        .context("running fio (install fio)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "fio failed ({}): {stdout} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    // fio prints "connected to NBD server" (and maybe more) before the JSON document.
-    let start = stdout
-        .find("\n{")
-        .map(|i| i + 1)
-        .or_else(|| stdout.find('{'));
-    let json = &stdout[start.context("no JSON in fio output")?..];
-    let v: serde_json::Value = serde_json::from_str(json).context("parsing fio JSON")?;
-    let job = &v["jobs"][0];
-    if job["error"].as_i64() != Some(0) {
-        bail!("fio reported error {} for {}", job["error"], row.name);
-    }
-    let dir = if row.rw.contains("read") {
-        "read"
-    } else {
-        "write"
-    };
-    let value = if row.unit == "IOPS" {
-        job[dir]["iops"].as_f64()
-    } else {
-        job[dir]["bw_bytes"].as_f64().map(|b| b / (1 << 20) as f64)
-    };
-    value.context("fio JSON lacks the measured value")
-}
-
-fn fill(file: &Path, size: u64) -> Result<()> {
-    use std::io::Write;
-    let mut f =
-        std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
-    let chunk: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 7 + 13) as u8).collect();
-    for _ in 0..size / (1 << 20) {
-        f.write_all(&chunk).context("filling the backing file")?;
-    }
-    f.sync_all().context("syncing the backing file")?;
-    Ok(())
-}
-
-/// Start every run from the same state: the file's dirty pages written back and its page
-/// cache dropped (our server does buffered I/O, qemu-nbd O_DIRECT; neither inherits the
-/// other's cache or writeback debt).
-fn settle(file: &Path, warm: bool) -> Result<()> {
-    use std::os::unix::io::AsRawFd;
-    let f = std::fs::File::open(file).context("opening the backing file to settle it")?;
-    f.sync_all().context("syncing the backing file")?;
-    if warm {
-        return Ok(());
-    }
-    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc != 0 {
-        bail!(
-            "posix_fadvise(DONTNEED) failed: {}",
-            std::io::Error::from_raw_os_error(rc)
-        );
-    }
-    Ok(())
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::Builder::new()
@@ -441,7 +310,7 @@ fn main() -> Result<()> {
     let _ours = OurServer::start(&our_sock, Arc::new(OneExport { device }), args.workers)?;
     let direct = Arc::new(DirectExport::open(&file)?);
     let _direct = OurServer::start(&direct_sock, Arc::new(DirectExports(direct)), args.workers)?;
-    let _qemu = QemuNbd::start(&qemu_sock, &file)?;
+    let _qemu = QemuNbd::start(&qemu_sock, &file, EXPORT)?;
     let uri = |sock: &Path| format!("nbd+unix:///{EXPORT}?socket={}", sock.display());
 
     println!(
