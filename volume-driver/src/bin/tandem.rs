@@ -453,6 +453,9 @@ fn print_status(status: &VolumeStatus) {
         if let Some(split) = &peer.split_brain {
             println!("    SPLIT BRAIN: {split}");
         }
+        if let Some(conflict) = &peer.two_primaries_conflict {
+            println!("    TWO-PRIMARIES CONFLICT: {conflict}");
+        }
     }
     if let Some(v) = &r.last_verify {
         println!(
