@@ -11,8 +11,9 @@
 //!   stale writes, the source is Secondary, `allow-two-primaries` is off on both hosts;
 //! - a migration killed midway (the destination QEMU killed) leaves the source Primary and
 //!   running, dual-primary off, and the replicas identical after the guest stops;
-//! - a migration to a host without a replica, of a protocol-A volume, or to a replica cut
-//!   off from the source is refused before anything changes;
+//! - a migration to a host without a replica, of a protocol-A volume, or to an Outdated
+//!   replica (cut off from the source, outdated through the witness) is refused before
+//!   anything changes;
 //! - `TANDEM_MIGRATIONS` (default 10) migrations back and forth under load: zero lost writes,
 //!   each downtime printed (libvirt's `Total downtime` and the longest gap between guest
 //!   acknowledgements around the migration).
@@ -597,7 +598,7 @@ fn migrations_to_a_host_without_a_usable_replica_are_refused_before_anything_cha
     }
     let _serial = lock_serial();
     let started = Instant::now();
-    let bed = bed(&["hv1", "hv2", "hv3"], &["hv1", "hv2"]);
+    let bed = bed(&["hv1", "hv2", "hv3", "witness"], &["hv1", "hv2"]);
     let (hv1, hv2) = (bed.host("hv1"), bed.host("hv2"));
 
     // hv3 holds no replica.
@@ -614,19 +615,13 @@ fn migrations_to_a_host_without_a_usable_replica_are_refused_before_anything_cha
     hv1.tandem(&["volume", "set", VOLUME, "--protocol", "C"])
         .ok();
 
-    // hv2's replica cut off from the source while the guest writes: stale, even if it does
-    // not know it yet.
+    // hv2's replica cut off from the source while the guest writes: hv1 keeps quorum with
+    // the witness and outdates hv2 through it.
     ha::cut_replication(hv2, hv1.ip().unwrap());
     ha::cut_replication(hv1, hv2.ip().unwrap());
-    wait_status(hv2, "hv1 unreachable", |s| {
-        peer(s, "hv1")["connection"] != "Connected"
-    });
+    wait_status(hv2, "Outdated", |s| s["disk_state"] == "Outdated");
     bed.wait_progress(10, "while hv2 is cut off");
-    assert_refused(
-        &bed,
-        "hv2",
-        "vm-8-disk-0: hv2 is not connected to a Primary replica (hv1: ",
-    );
+    assert_refused(&bed, "hv2", "vm-8-disk-0: local replica on hv2 is Outdated");
     ha::heal_replication(hv2);
     ha::heal_replication(hv1);
     wait_status(hv2, "back in sync", |s| {

@@ -150,7 +150,8 @@ enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Allow or forbid two Primaries (protocol C only; for live migration)
+    /// Allow or forbid two Primaries on every node of the volume (live migration; protocol C
+    /// and every replica UpToDate; switches itself off once only one Primary is left)
     AllowTwoPrimaries {
         /// Volume name
         name: String,
