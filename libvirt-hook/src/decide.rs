@@ -5,7 +5,7 @@
 //! | call | plan |
 //! |---|---|
 //! | `prepare begin` (normal start) | every volume exists here, has a local replica that may become Primary → promote each (undone on any failure); otherwise refuse before anything changes |
-//! | `prepare begin` after `migrate begin` (incoming migration) | every volume has an UpToDate replica here and runs protocol C → allow two primaries, promote (undone on failure) |
+//! | `prepare begin` after `migrate begin` (incoming migration) | every volume has an UpToDate replica here, runs protocol C, and this node is connected to the source's Primary replica → allow two primaries (cluster-wide), promote (undone on failure) |
 //! | `migrate begin` (destination, XML filter) | the same checks, nothing changed; remember the incoming migration for `prepare` |
 //! | `release end` (any reason; `-` on libvirt < 10.5) | demote what this hook promoted for the domain, and what is Primary and not promoted explicitly by an operator; disarm dual-primary |
 //! | `start`, `started`, `stopped`, `restore`, `reconnect`, `attach`, others | nothing (`reconnect` must never fail: failing kills the running guest) |
@@ -304,6 +304,24 @@ fn check_migration_target(
         ));
     }
     local_replica_usable(node, volume, status)?;
+    // The source (Primary) must be connected: otherwise this replica may be stale without
+    // knowing it, and two Primaries without a link are a split brain.
+    let source_connected = status
+        .peers
+        .iter()
+        .any(|p| p.role == Role::Primary && p.connection == "Connected");
+    if status.role != Role::Primary && !source_connected {
+        let peers = status
+            .peers
+            .iter()
+            .filter(|p| p.disk_state != DiskState::Diskless)
+            .map(|p| format!("{}: {}", p.node, p.connection))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(format!(
+            "{volume}: {node} is not connected to a Primary replica ({peers}); a live migration needs the replication link to the source up"
+        ));
+    }
     Ok(VolumeNeeds {
         allow_two_primaries: !status.allow_two_primaries,
         promote: status.role != Role::Primary,
@@ -593,14 +611,16 @@ mod tests {
 
     #[test]
     fn incoming_migration_needs_protocol_c_and_uptodate_replica() {
+        // The source is Primary: that is the point of a migration, not a refusal.
+        let source_primary = with(|s| s.peers[0].role = Role::Primary);
         let ok = decide(
             &call("migrate", "begin"),
-            &facts(vec![("a", secondary())], false),
+            &facts(vec![("a", source_primary.clone())], false),
         );
         assert!(matches!(ok, Plan::ExpectIncoming { .. }), "{ok:?}");
         let plan = decide(
             &call("prepare", "begin"),
-            &facts(vec![("a", secondary())], true),
+            &facts(vec![("a", source_primary.clone())], true),
         );
         assert_eq!(
             plan,
@@ -612,8 +632,6 @@ mod tests {
                 notes: vec![]
             }
         );
-        // The source is Primary: that is the point of a migration, not a refusal.
-        let source_primary = with(|s| s.peers[0].role = Role::Primary);
         assert!(matches!(
             decide(
                 &call("prepare", "begin"),
@@ -633,6 +651,24 @@ mod tests {
             (
                 StatusAnswer::NotFound(String::new()),
                 "a: no replica on hv1; cannot migrate the VM here",
+            ),
+            (
+                with(|s| s.peers[0].role = Role::Secondary),
+                "a: hv1 is not connected to a Primary replica (hv2: Connected); a live migration needs the replication link to the source up",
+            ),
+            (
+                with(|s| {
+                    s.peers[0].role = Role::Unknown;
+                    s.peers[0].connection = "Connecting".into();
+                }),
+                "a: hv1 is not connected to a Primary replica (hv2: Connecting); a live migration needs the replication link to the source up",
+            ),
+            (
+                with(|s| {
+                    s.peers[0].role = Role::Primary;
+                    s.protocol = "B".into();
+                }),
+                "a runs protocol B; live migration needs protocol C",
             ),
             (
                 StatusAnswer::NoRoles,

@@ -285,8 +285,14 @@ impl LibvirtHost {
         };
         let mut nodes_toml = String::new();
         for (name, ip) in &nodes {
+            // A node named `witness...` is a diskless tiebreaker.
+            let diskless = if name.starts_with("witness") {
+                "diskless = true\n"
+            } else {
+                ""
+            };
             nodes_toml.push_str(&format!(
-                "[[nodes]]\nname = \"{name}\"\ncontrol = \"{ip}:7700\"\nreplication = \"{ip}:7788\"\n\n"
+                "[[nodes]]\nname = \"{name}\"\ncontrol = \"{ip}:7700\"\nreplication = \"{ip}:7788\"\n{diskless}\n"
             ));
         }
         let secret = self
@@ -538,7 +544,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Start one host per name, with the hook installed.
+    /// Start one host per name, with the hook installed. Hosts named `witness...` are
+    /// diskless tiebreakers in the Tandem config.
     pub fn start(nodes: &[&str]) -> Result<Cluster> {
         let switch = unique_name("tlvsw");
         let mut cluster = Cluster {

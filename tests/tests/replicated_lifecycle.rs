@@ -195,7 +195,14 @@ fn two_replicas_and_a_tiebreaker_live_and_die_together() {
         assert_eq!(shown["options"]["resync_rate_bytes"], 20 * MIB);
     }
 
-    // The dual-primary gate opens and closes; it needs protocol C.
+    // The dual-primary gate opens and closes; it needs protocol C and every replica
+    // UpToDate (right after the resize above, hv2 may still be Inconsistent).
+    let ok = wait_until(Duration::from_secs(30), || {
+        [hv1, hv2]
+            .iter()
+            .all(|n| status(n, "vm-100-disk-0")["disk_state"] == "UpToDate")
+    });
+    assert!(ok, "{:#}", status(hv2, "vm-100-disk-0"));
     let gate = hv1
         .tandem(&[
             "volume",

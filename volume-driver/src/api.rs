@@ -201,6 +201,10 @@ pub struct PeerStatus {
     /// Set during a split brain: what happened and the command that resolves it.
     #[serde(default)]
     pub split_brain: Option<String>,
+    /// Set when the peer, as a second Primary, wrote blocks this node was writing at the
+    /// same moment: the connection was failed instead of merging the writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub two_primaries_conflict: Option<String>,
     /// The last handshake decision, in words.
     #[serde(default)]
     pub decision: Option<String>,

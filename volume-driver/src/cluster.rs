@@ -31,6 +31,11 @@
 //! **Rename** lives in [`crate::rename`].
 //!
 //! **Set** applies changed options to every node's definition and replica.
+//!
+//! **Two primaries** (`volume_allow_two_primaries`) is cluster-wide: switching it on checks
+//! every node of the volume first (protocol C, every data replica UpToDate, every node
+//! reachable) and then switches every node's gate, undoing the nodes already switched if
+//! one fails; switching it off visits every node and reports the ones it could not reach.
 
 use std::time::Duration;
 
@@ -830,6 +835,91 @@ impl VolumeService {
         Ok(self.info(&new_definition, state))
     }
 
+    /// `volume_allow_two_primaries`: the gate on every node of the volume (see the module doc).
+    pub async fn allow_two_primaries(
+        &self,
+        name: &str,
+        allow: bool,
+    ) -> Result<VolumeStatus, ApiError> {
+        let definition = self.definition(name)?;
+        if !definition.is_replicated() {
+            return Err(invalid(format!(
+                "volume '{name}' has a single replica; two Primaries need a replicated volume"
+            )));
+        }
+        let nodes = self.ordered_nodes(&definition);
+        let request = |allow| PeerRequest::ReplicaAllowTwoPrimaries {
+            name: name.to_string(),
+            allow,
+        };
+        if !allow {
+            let mut failed = Vec::new();
+            for node in &nodes {
+                if let Err(e) = self.on_node(node, request(false)).await {
+                    failed.push(format!("{node}: {}", e.message));
+                }
+            }
+            if !failed.is_empty() {
+                return Err(ApiError::new(
+                    ErrorKind::Peer,
+                    format!(
+                        "two primaries of '{name}' not switched off everywhere: {} (run the command again)",
+                        failed.join("; ")
+                    ),
+                ));
+            }
+            tracing::info!(volume = %name, "two primaries switched off on every node");
+            return self.status(name);
+        }
+        let mut statuses = Vec::new();
+        for node in &nodes {
+            let status = match self
+                .on_node(node, PeerRequest::ReplicaStatus { name: name.to_string() })
+                .await
+            {
+                Ok(PeerReply::Status { status }) => status,
+                Ok(other) => {
+                    return Err(ApiError::new(
+                        ErrorKind::Peer,
+                        format!("node '{node}' answered replica_status with {other:?}"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(ApiError::new(
+                        e.kind,
+                        format!(
+                            "cannot allow two primaries for '{name}': node '{node}' must be reachable: {}",
+                            e.message
+                        ),
+                    ))
+                }
+            };
+            statuses.push((node.clone(), status));
+        }
+        check_two_primaries_allowed(name, &definition, &statuses)?;
+        let mut done: Vec<&String> = Vec::new();
+        for node in &nodes {
+            if let Err(e) = self.on_node(node, request(true)).await {
+                for undo in done.iter().rev() {
+                    if let Err(u) = self.on_node(undo, request(false)).await {
+                        tracing::error!(volume = %name, node = %undo, error = %u.message,
+                            "could not switch two primaries off again after a failure");
+                    }
+                }
+                return Err(ApiError::new(
+                    e.kind,
+                    format!(
+                        "two primaries for '{name}' not allowed (switched off again): {node}: {}",
+                        e.message
+                    ),
+                ));
+            }
+            done.push(node);
+        }
+        tracing::info!(volume = %name, "two primaries allowed on every node");
+        self.status(name)
+    }
+
     pub(crate) fn definition(&self, name: &str) -> Result<VolumeDefinition, ApiError> {
         self.lock()
             .get(name)
@@ -848,6 +938,39 @@ impl VolumeService {
             .map(|n| n.name.clone())
             .collect()
     }
+}
+
+/// May `name` get two Primaries, given every node's status? Protocol C, and every data
+/// replica UpToDate (one of them is the migration's destination).
+pub fn check_two_primaries_allowed(
+    name: &str,
+    definition: &VolumeDefinition,
+    statuses: &[(String, VolumeStatus)],
+) -> Result<(), ApiError> {
+    let protocol = definition.options.protocol.to_string();
+    if protocol != "C" {
+        return Err(invalid(format!(
+            "'{name}' runs protocol {protocol}; two Primaries (live migration) need protocol C \
+             (`tandem volume set {name} --protocol C`)"
+        )));
+    }
+    let not_ready: Vec<String> = statuses
+        .iter()
+        .filter(|(node, _)| definition.nodes.contains(node))
+        .filter(|(_, s)| s.replica.disk_state != "UpToDate")
+        .map(|(node, s)| format!("the replica on {node} is {}", s.replica.disk_state))
+        .collect();
+    if !not_ready.is_empty() {
+        return Err(ApiError::new(
+            ErrorKind::Refused,
+            format!(
+                "cannot allow two primaries for '{name}': {}; every replica must be UpToDate \
+                 (`tandem volume wait-sync {name}`)",
+                not_ready.join(", ")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_deletable(
@@ -985,5 +1108,56 @@ mod tests {
             assert!(g != 0 && g & 1 == 0);
         }
         assert_ne!(random_token(), random_token());
+    }
+}
+
+#[cfg(test)]
+mod two_primaries_tests {
+    use super::*;
+
+    fn definition(protocol: &str) -> VolumeDefinition {
+        serde_json::from_value(serde_json::json!({
+            "version": DEFINITION_VERSION, "name": "v", "pool": "f", "size_bytes": 4096,
+            "created_unix": 0, "nodes": ["hv1", "hv2"], "tiebreakers": ["w"],
+            "options": { "protocol": protocol }
+        }))
+        .unwrap()
+    }
+
+    fn status(node: &str, disk_state: &str) -> (String, VolumeStatus) {
+        let status = serde_json::from_value(serde_json::json!({
+            "volume": "v", "node": node, "role": "Secondary", "disk_state": disk_state,
+            "protocol": "C", "quorum": true, "io_suspended": false,
+            "allow_two_primaries": false, "size_bytes": 4096,
+            "promoted_explicitly": false, "open_writers": 0
+        }))
+        .unwrap();
+        (node.to_string(), status)
+    }
+
+    #[test]
+    fn two_primaries_need_protocol_c_and_every_data_replica_uptodate() {
+        let ok = [
+            status("hv1", "UpToDate"),
+            status("w", "Diskless"),
+            status("hv2", "UpToDate"),
+        ];
+        check_two_primaries_allowed("v", &definition("C"), &ok).unwrap();
+        let e = check_two_primaries_allowed("v", &definition("A"), &ok).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(
+            e.message.starts_with("'v' runs protocol A; two Primaries"),
+            "{}",
+            e.message
+        );
+        let outdated = [status("hv1", "UpToDate"), status("hv2", "Outdated")];
+        let e = check_two_primaries_allowed("v", &definition("C"), &outdated).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Refused);
+        assert!(
+            e.message
+                .contains("the replica on hv2 is Outdated; every replica must be UpToDate"),
+            "{}",
+            e.message
+        );
     }
 }

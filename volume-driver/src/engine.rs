@@ -239,6 +239,7 @@ impl EngineReplica for DetachedReplica {
                     out_of_sync_bytes: 0,
                     resync: None,
                     split_brain: None,
+                    two_primaries_conflict: None,
                     decision: None,
                     last_error: None,
                 })

@@ -96,6 +96,9 @@ pub enum PeerRequest {
     },
     /// Open the replica of `name` in the engine unless it runs already.
     ReplicaOpen { name: String },
+    /// Switch this node's two-primaries gate for `name` (one leg of the cluster-wide
+    /// `volume_allow_two_primaries`, see [`crate::cluster`]).
+    ReplicaAllowTwoPrimaries { name: String, allow: bool },
 }
 
 /// A successful peer answer.
@@ -131,6 +134,7 @@ impl PeerRequest {
             PeerRequest::ReplicaRenamePrepare { .. } => "replica_rename_prepare",
             PeerRequest::ReplicaRenameCommit { .. } => "replica_rename_commit",
             PeerRequest::ReplicaOpen { .. } => "replica_open",
+            PeerRequest::ReplicaAllowTwoPrimaries { .. } => "replica_allow_two_primaries",
         }
     }
 }
@@ -296,6 +300,9 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
             .open_replica_if_closed(&name)
             .await
             .map(|()| PeerReply::Done),
+        PeerRequest::ReplicaAllowTwoPrimaries { name, allow } => service
+            .allow_two_primaries_local(&name, allow)
+            .map(|status| PeerReply::Status { status }),
     };
     match result {
         Ok(result) => PeerResponse::Ok { result },

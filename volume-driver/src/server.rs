@@ -183,6 +183,7 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
             .map(|status| Reply::Status { status }),
         Request::VolumeAllowTwoPrimaries { name, allow } => service
             .allow_two_primaries(&name, allow)
+            .await
             .map(|status| Reply::Status { status }),
         Request::VolumeResolve {
             name,

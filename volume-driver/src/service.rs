@@ -934,8 +934,13 @@ impl VolumeService {
         self.status(name)
     }
 
-    /// `volume_allow_two_primaries`.
-    pub fn allow_two_primaries(&self, name: &str, allow: bool) -> Result<VolumeStatus, ApiError> {
+    /// This node's two-primaries gate (peer `replica_allow_two_primaries`); the cluster-wide
+    /// `volume_allow_two_primaries` is [`VolumeService::allow_two_primaries`] in `cluster`.
+    pub fn allow_two_primaries_local(
+        &self,
+        name: &str,
+        allow: bool,
+    ) -> Result<VolumeStatus, ApiError> {
         self.runtime(name)?
             .replica()
             .set_allow_two_primaries(allow)

@@ -688,6 +688,7 @@ impl Replica {
                     resync_target,
                     ..SecondaryConfig::default()
                 };
+                let device = self.peer_write_guard(device, peer, &link.sender);
                 let res = run_secondary(link, device, cfg).await;
                 handler.abort();
                 return match res {

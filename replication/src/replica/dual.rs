@@ -10,15 +10,29 @@
 //! The two links live and die together: when either goes down, or either node demotes,
 //! both are closed, and the normal link reconnects with a fresh handshake (writes that were
 //! in flight are in the writers' bitmaps; "equal generations with a dirty bitmap" resyncs
-//! them). As in DRBD 9.1.4+, concurrent writes to the same blocks from both Primaries are
-//! not resolved: the VM manager must serialise access (live migration does).
+//! them). Concurrent writes to the same blocks from both Primaries are not resolved: the VM
+//! manager must serialise access (live migration does). They are *detected*: every local
+//! write is tracked from submission to completion ([`WriteTracker`]), and a peer's write
+//! that overlaps one still in flight here is not applied; the link is failed with an error
+//! naming the range (logged on both sides, shown in `status` as the peer's
+//! `two_primaries_conflict`).
+//!
+//! The window closes by itself: once two Primaries were seen, the gate switches off on this
+//! node as soon as only one Primary is left — this node demoted, or the peer is connected
+//! and Secondary ([`Replica::watch_two_primaries`]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+
+use crate::device::{BackingDevice, DeviceError};
 
 use super::volume::{lock, Replica};
 use super::EngineError;
 use crate::datapath::{run_secondary, SecondaryConfig};
-use crate::link::PeerLink;
+use crate::link::{LinkSender, PeerLink};
 use crate::role::{ConnectionState, Role};
 use crate::wire::{Hello, Message};
 
@@ -88,6 +102,7 @@ impl Replica {
                 extensions: Some(tx),
                 ..SecondaryConfig::default()
             };
+            let device = me.peer_write_guard(device, &peer, &sender);
             let res = run_secondary(link, device, cfg).await;
             handler.abort();
             tracing::info!(volume = %me.volume, peer = %peer, result = ?res.map(|d| d.to_string()),
@@ -182,5 +197,214 @@ impl Replica {
         for s in senders {
             s.close(reason);
         }
+    }
+}
+
+/// Local writes in flight (from submission to completion) and the overlapping peer writes
+/// seen, per peer.
+#[derive(Default)]
+pub struct WriteTracker {
+    inner: Mutex<TrackerState>,
+}
+
+#[derive(Default)]
+struct TrackerState {
+    next_id: u64,
+    inflight: BTreeMap<u64, (u64, u64)>,
+    conflicts: BTreeMap<String, String>,
+}
+
+impl WriteTracker {
+    fn state(&self) -> std::sync::MutexGuard<'_, TrackerState> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A local write of `len` bytes at `offset` is submitted; it is in flight until the
+    /// guard is dropped.
+    pub fn begin(self: &Arc<Self>, offset: u64, len: u64) -> InflightWrite {
+        let mut st = self.state();
+        st.next_id = st.next_id.wrapping_add(1);
+        let id = st.next_id;
+        st.inflight.insert(id, (offset, len));
+        InflightWrite {
+            tracker: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// A local write in flight that overlaps `[offset, offset + len)`.
+    pub fn overlapping(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let end = offset.saturating_add(len);
+        self.state()
+            .inflight
+            .values()
+            .copied()
+            .find(|&(o, l)| len > 0 && l > 0 && o < end && offset < o.saturating_add(l))
+    }
+
+    /// The overlap that failed the link to `peer` since two primaries were last allowed.
+    pub fn conflict(&self, peer: &str) -> Option<String> {
+        self.state().conflicts.get(peer).cloned()
+    }
+
+    fn record_conflict(&self, peer: &str, text: &str) {
+        self.state()
+            .conflicts
+            .insert(peer.to_string(), text.to_string());
+    }
+
+    /// Forget recorded overlaps (two primaries allowed anew).
+    pub fn clear_conflicts(&self) {
+        self.state().conflicts.clear();
+    }
+}
+
+/// One local write in flight; dropping it ends it.
+pub struct InflightWrite {
+    tracker: Arc<WriteTracker>,
+    id: u64,
+}
+
+impl Drop for InflightWrite {
+    fn drop(&mut self) {
+        self.tracker.state().inflight.remove(&self.id);
+    }
+}
+
+/// The device a peer's writes are applied through: refuses (and fails the link for) a write
+/// that overlaps a local write still in flight, i.e. two Primaries writing the same blocks
+/// at once.
+struct PeerWriteGuard {
+    inner: Arc<dyn BackingDevice>,
+    tracker: Arc<WriteTracker>,
+    volume: String,
+    peer: String,
+    link: LinkSender,
+}
+
+impl PeerWriteGuard {
+    fn check(&self, op: &'static str, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let Some((o, l)) = self.tracker.overlapping(offset, len) else {
+            return Ok(());
+        };
+        let text = format!(
+            "{}: overlapping concurrent writes from two Primaries: {} wrote {len} bytes at offset {offset} \
+             while this node's write of {l} bytes at offset {o} was in flight; the peer's write was not \
+             applied and the connection is failed (the VM manager must never let both sides write the same blocks)",
+            self.volume, self.peer
+        );
+        tracing::error!(volume = %self.volume, peer = %self.peer, offset, len, local_offset = o, local_len = l, "{text}");
+        self.tracker.record_conflict(&self.peer, &text);
+        self.link
+            .close_with_error(crate::wire::error_code::PROTOCOL, &text);
+        Err(DeviceError::Io {
+            op,
+            offset,
+            len,
+            source: std::io::Error::other(text),
+        })
+    }
+}
+
+impl BackingDevice for PeerWriteGuard {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.check("write", offset, buf.len() as u64)?;
+        self.inner.write_at(buf, offset)
+    }
+    fn write_at_durable(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.check("write", offset, buf.len() as u64)?;
+        self.inner.write_at_durable(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.check("discard", offset, len)?;
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DeviceError> {
+        self.check("write zeroes", offset, len)?;
+        self.inner.write_zeroes(offset, len, may_unmap)
+    }
+    fn set_size(&self, size: u64) {
+        self.inner.set_size(size)
+    }
+}
+
+impl Replica {
+    /// The device `peer`'s replicated writes (arriving on `link`) are applied through.
+    pub(super) fn peer_write_guard(
+        &self,
+        device: Arc<dyn BackingDevice>,
+        peer: &str,
+        link: &LinkSender,
+    ) -> Arc<dyn BackingDevice> {
+        Arc::new(PeerWriteGuard {
+            inner: device,
+            tracker: Arc::clone(&self.writes),
+            volume: self.volume.clone(),
+            peer: peer.to_string(),
+            link: link.clone(),
+        })
+    }
+
+    /// While the gate is on: once two Primaries were seen, switch it off as soon as only one
+    /// is left (this node demoted, or the peer is connected and Secondary). Started when the
+    /// gate is switched on; ends when it is off.
+    pub(super) fn watch_two_primaries(&self) {
+        let Some(me) = self.arc() else { return };
+        self.writes.clear_conflicts();
+        self.spawn(async move {
+            let mut rx = me.changed.subscribe();
+            let mut both_seen = false;
+            loop {
+                let verdict = {
+                    let st = lock(&me.st);
+                    if st.closed || !st.allow_two_primaries {
+                        return;
+                    }
+                    let connected_roles: Vec<Role> = st
+                        .peers
+                        .values()
+                        .filter(|p| !p.spec.diskless && p.conn == ConnectionState::Connected)
+                        .filter_map(|p| p.state.as_ref().map(|s| s.role))
+                        .collect();
+                    let peer_primary = connected_roles.contains(&Role::Primary);
+                    let me_primary = st.role == Role::Primary;
+                    if me_primary && peer_primary {
+                        both_seen = true;
+                        None
+                    } else if both_seen && !me_primary {
+                        Some("this node is Secondary again")
+                    } else if both_seen
+                        && !connected_roles.is_empty()
+                        && connected_roles.iter().all(|r| *r == Role::Secondary)
+                    {
+                        Some("the peer is Secondary again")
+                    } else {
+                        None
+                    }
+                };
+                if let Some(why) = verdict {
+                    lock(&me.st).allow_two_primaries = false;
+                    tracing::info!(volume = %me.volume, "only one Primary left ({why}): two primaries switched off");
+                    me.broadcast_state();
+                    me.notify();
+                    return;
+                }
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        });
     }
 }

@@ -39,6 +39,10 @@ pub struct PeerStatus {
     pub resync: Option<ResyncProgress>,
     /// Set while the pair is in split brain: the operator-ready sentence with the command.
     pub split_brain: Option<String>,
+    /// Set when the peer, as a second Primary, wrote blocks this node was writing at the
+    /// same moment: the connection was failed instead of merging the writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub two_primaries_conflict: Option<String>,
     /// The last handshake decision, e.g. "vm-1: bitmap resync from hv1 to hv2 (rule 3 ...)".
     #[serde(default)]
     pub decision: Option<String>,

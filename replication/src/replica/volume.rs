@@ -148,6 +148,8 @@ pub struct Replica {
     pub(super) tasks: Mutex<Vec<JoinHandle<()>>>,
     rng: Mutex<SplitMix64>,
     pub(super) me: Weak<Replica>,
+    /// Local writes in flight, for detecting overlaps with a second Primary (`dual.rs`).
+    pub(super) writes: Arc<super::dual::WriteTracker>,
 }
 
 fn meta_err(volume: &str, op: &'static str) -> impl Fn(crate::metadata::MetaError) -> EngineError {
@@ -340,6 +342,7 @@ impl Replica {
             tasks: Mutex::new(Vec::new()),
             rng: Mutex::new(SplitMix64::new(seed)),
             me: me.clone(),
+            writes: Arc::default(),
         });
         {
             let mut st = lock(&replica.st);
@@ -656,6 +659,7 @@ impl Replica {
                         }
                     }),
                     split_brain: p.split_brain.clone(),
+                    two_primaries_conflict: self.writes.conflict(&p.spec.name),
                     decision: p.decision.clone(),
                     last_error: if connected {
                         None
@@ -1063,6 +1067,9 @@ impl Replica {
             }
             st.allow_two_primaries = allow;
         }
+        if allow {
+            self.watch_two_primaries();
+        }
         self.broadcast_state();
         Ok(())
     }
@@ -1411,7 +1418,9 @@ impl Replica {
         self.new_generation_if_armed().await?;
         self.al_begin(offset, len).await?;
         let attached_before = primary.connected_peers();
+        let inflight = self.writes.begin(offset, len);
         let res = run.await;
+        drop(inflight);
         self.al_end(offset, len);
         // Outside the gate: a handshake that brings quorum back needs it.
         drop(gate);

@@ -150,7 +150,8 @@ enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Allow or forbid two Primaries (protocol C only; for live migration)
+    /// Allow or forbid two Primaries on every node of the volume (live migration; protocol C
+    /// and every replica UpToDate; switches itself off once only one Primary is left)
     AllowTwoPrimaries {
         /// Volume name
         name: String,
@@ -452,6 +453,9 @@ fn print_status(status: &VolumeStatus) {
         }
         if let Some(split) = &peer.split_brain {
             println!("    SPLIT BRAIN: {split}");
+        }
+        if let Some(conflict) = &peer.two_primaries_conflict {
+            println!("    TWO-PRIMARIES CONFLICT: {conflict}");
         }
     }
     if let Some(v) = &r.last_verify {

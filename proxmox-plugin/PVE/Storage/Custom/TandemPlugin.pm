@@ -6,7 +6,8 @@ package PVE::Storage::Custom::TandemPlugin;
 # replication belongs to tandemd; this module translates Proxmox's storage API into CLI
 # calls and the CLI's answers back. QEMU reaches a volume through tandemd's NBD socket
 # (`nbd:unix:<socket>:exportname=<volume>`); opening the export is what promotes the local
-# replica, so activate/deactivate only check and never change state.
+# replica, so activate/deactivate only check and never change roles. The one exception is
+# live migration: see _arm_incoming_migration and deactivate_volume.
 #
 # Rules kept throughout:
 # - the CLI runs without a shell (list-form exec), with a timeout, stdout and stderr kept
@@ -603,20 +604,63 @@ sub check_connection {
 sub activate_volume {
     my ($class, $storeid, $scfg, $volname, $snapname, $cache, $hints) = @_;
     _check_no_snapshot($snapname);
-    # Idempotent: only checks that the volume exists with its storage. The local replica is
+    # Idempotent: checks that the volume exists with its storage. The local replica is
     # promoted by tandemd when QEMU opens the NBD export for writing.
     my $volume = $class->_show($scfg, $volname);
     # `missing`: the definition exists but its storage is gone on this node. Any other
     # state is tandemd's to judge when QEMU opens the export.
     die "tandem: volume '$volume->{name}' is missing on this node\n"
         if ($volume->{state} // '') eq 'missing';
+    _arm_incoming_migration($scfg, $class->_volume($volname));
     return 1;
+}
+
+# This node's `tandem volume status NAME`, or undef for an unreplicated volume.
+sub _replica_status {
+    my ($scfg, $name) = @_;
+    my $status = _tandem($scfg, $READ_TIMEOUT, 'volume', 'status', $name);
+    return undef if ref($status) ne 'HASH' || ref($status->{peers}) ne 'ARRAY';
+    return undef if !@{ $status->{peers} };
+    return $status;
+}
+
+# Proxmox gives a storage plugin no migration hook: an `activate_volume` on this node while
+# the volume is Primary on another node is the destination of a live migration. Allow two
+# Primaries (tandemd sets it on every node of the volume) so that the destination QEMU's
+# open promotes this replica next to the source's. Refused, before anything changes, unless
+# the volume runs protocol C and this replica is UpToDate.
+sub _arm_incoming_migration {
+    my ($scfg, $name) = @_;
+    my $status = _replica_status($scfg, $name) // return;
+    return if ($status->{role} // '') eq 'Primary';
+    my @primaries = map { $_->{node} }
+        grep { ($_->{role} // '') eq 'Primary' } @{ $status->{peers} };
+    return if !@primaries;
+    my $here = $status->{node} // 'this node';
+    my $protocol = $status->{protocol} // '?';
+    die "tandem: $name is Primary on $primaries[0] and runs protocol $protocol; "
+        . "live migration needs protocol C\n" if $protocol ne 'C';
+    my $disk = $status->{disk_state} // '?';
+    die "tandem: $name is Primary on $primaries[0]; the replica on $here is $disk, "
+        . "live migration needs it UpToDate\n" if $disk ne 'UpToDate';
+    return if $status->{allow_two_primaries};
+    _tandem($scfg, $CHANGE_TIMEOUT, 'volume', 'allow-two-primaries', $name, 'on');
+    return;
 }
 
 sub deactivate_volume {
     my ($class, $storeid, $scfg, $volname, $snapname, $cache) = @_;
-    # Nothing to undo: tandemd demotes when the last writer closes the export.
-    $class->_volume($volname);
+    # tandemd demotes when the last writer closes the export. The end of a live migration
+    # (on the source) or of a failed one (on the destination) closes the two-Primaries
+    # window; tandemd also closes it by itself once only one Primary is left.
+    # A failure here must not fail the VM's stop: warn, tandemd closes the window anyway.
+    my $name = $class->_volume($volname);
+    eval {
+        my $status = _replica_status($scfg, $name);
+        _tandem($scfg, $CHANGE_TIMEOUT, 'volume', 'allow-two-primaries', $name, 'off')
+            if $status && $status->{allow_two_primaries};
+    };
+    warn "tandem: $name: could not switch two Primaries off: $@" if $@;
     return 1;
 }
 
