@@ -166,6 +166,21 @@ fn two_replicas_and_a_tiebreaker_live_and_die_together() {
         status(hv1, "vm-100-disk-0")["size_bytes"] == 96 * MIB
     });
     assert!(ok, "{:#}", status(hv1, "vm-100-disk-0"));
+    // The grown area is in sync on both sides (it reads zeros everywhere): nothing to wait for.
+    for node in [hv1, hv2] {
+        let st = status(node, "vm-100-disk-0");
+        assert_eq!(st["disk_state"], "UpToDate", "{st:#}");
+        assert!(
+            st["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["out_of_sync_bytes"].as_u64().unwrap_or(0) == 0),
+            "{st:#}"
+        );
+    }
+    hv1.tandem(&["volume", "wait-sync", "vm-100-disk-0", "--timeout", "10"])
+        .ok();
     let on_witness = witness
         .tandem(&["volume", "show", "vm-100-disk-0", "--json"])
         .ok()

@@ -1128,9 +1128,13 @@ impl Replica {
                 )));
             }
             {
+                // Every pool grows with zeros (a sparse file's new tail, a thin LV's
+                // unprovisioned extents) and a cluster resize grows every replica, so the
+                // new area is in sync everywhere (DRBD's `resize --assume-clean`); marking
+                // it out of sync would leave bits that no resync of a connected pair clears.
                 let mut bms = lock(&me.bitmaps);
                 store
-                    .grow(&mut meta, &mut bms, new_size, true)
+                    .grow(&mut meta, &mut bms, new_size, false)
                     .map_err(meta_err(&me.volume, "growing"))?;
             }
             // Bitmaps released first: the lock order is meta → state → bitmaps (status()
