@@ -216,7 +216,7 @@ impl Replica {
 
         if !data_pair {
             // Control link: a tiebreaker, or we are one.
-            let lost = {
+            let (lost, outdates) = {
                 let mut st = lock(&self.st);
                 if let Some(slot) = st.peers.get_mut(peer) {
                     if slot.link_id != id {
@@ -229,10 +229,30 @@ impl Replica {
                     slot.left_gracefully = false;
                     slot.last_error = None;
                 }
-                self.recompute_quorum(&mut st)
+                // Outdate requests sent through an earlier link to a tiebreaker may be
+                // lost with it: ask again through this one.
+                let outdates: Vec<(String, u64)> = if peer_diskless && st.role == Role::Primary {
+                    st.pending_outdates
+                        .iter()
+                        .map(|(t, id)| (t.clone(), *id))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                (self.recompute_quorum(&mut st), outdates)
             };
             if lost {
                 let _ = self.persist().await;
+            }
+            for (target, rid) in outdates {
+                let _ = sender.send_control(
+                    &EngineMessage::Outdate {
+                        id: rid,
+                        target,
+                        requester: self.node_name().to_string(),
+                    }
+                    .to_message(),
+                );
             }
             tracing::info!(volume = %self.volume, peer, "control link up");
             self.broadcast_state();
@@ -876,7 +896,13 @@ impl Replica {
                     // A tiebreaker forwards the answer to the requester.
                     let to = {
                         let mut st = lock(&self.st);
-                        st.relayed_outdates.remove(&id);
+                        if st
+                            .relayed_outdates
+                            .get(&id)
+                            .is_some_and(|(r, t)| *r == requester && *t == target)
+                        {
+                            st.relayed_outdates.remove(&id);
+                        }
                         st.peers.get(&requester).and_then(|p| p.sender.clone())
                     };
                     if let Some(s) = to {
@@ -944,7 +970,8 @@ impl Replica {
                 .filter(|p| p.conn == ConnectionState::Connected)
                 .and_then(|p| p.sender.clone());
             if fwd.is_some() {
-                st.relayed_outdates.insert(id, requester.clone());
+                st.relayed_outdates
+                    .insert(id, (requester.clone(), target.clone()));
             }
             (fwd, st.peers.get(from).and_then(|p| p.sender.clone()))
         };
@@ -973,6 +1000,7 @@ impl Replica {
 
     /// The link to `peer` went down.
     async fn link_down(&self, peer: &str, id: u64, reason: String) {
+        let mut unreachable = Vec::new();
         let (lost_quorum, outdate) = {
             let mut st = lock(&self.st);
             let i_am_primary = st.role == Role::Primary;
@@ -1011,6 +1039,22 @@ impl Replica {
                 st.uuids.on_peer_lost(true, peer_was_primary);
             }
             Self::twopc_link_down(&mut st, peer);
+            // A tiebreaker that forwarded an outdate to this peer will get no answer from
+            // it: the requester learns it is unreachable (it cannot regain quorum through
+            // the tiebreaker alone, so it cannot be promoted with stale data).
+            let ids: Vec<u64> = st
+                .relayed_outdates
+                .iter()
+                .filter(|(_, (_, target))| target == peer)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                if let Some((requester, target)) = st.relayed_outdates.remove(&id) {
+                    if let Some(s) = st.peers.get(&requester).and_then(|p| p.sender.clone()) {
+                        unreachable.push((s, id, requester, target));
+                    }
+                }
+            }
             let lost = self.recompute_quorum(&mut st);
             // Keep the lost Secondary from being promoted with stale data: outdate it
             // through a tiebreaker before writing on.
@@ -1032,6 +1076,17 @@ impl Replica {
             (lost, outdate)
         };
         self.notify();
+        for (s, id, requester, target) in unreachable {
+            let _ = s.send_control(
+                &EngineMessage::OutdateReply {
+                    id,
+                    target,
+                    requester,
+                    result: OutdateResult::Unreachable,
+                }
+                .to_message(),
+            );
+        }
         if lost_quorum {
             if let Err(e) = self.persist().await {
                 tracing::error!(volume = %self.volume, error = %e, "persisting the lost-quorum flag");
