@@ -966,13 +966,16 @@ async fn an_isolated_primary_with_frozen_writes_turns_sync_target_of_the_new_pri
 
     let mut promoted = false;
     for _ in 0..50 {
-        if b.promote().await.is_ok() {
-            promoted = true;
-            break;
+        match b.promote().await {
+            Ok(()) => {
+                promoted = true;
+                break;
+            }
+            Err(e) => eprintln!("promote hv2: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(promoted);
+    assert!(promoted, "hv2: {:#?}", b.status());
     // The new Primary writes past the old one's blocks: a newer generation with changes.
     write_mib(&b, 28, 2, 77).await;
 
