@@ -491,6 +491,9 @@ impl Replica {
         theirs: &PeerState,
     ) -> SyncOutcome {
         let policy = lock(&self.st).options.after_split_brain;
+        if Self::uncertainty_covered_by_primary(d, mine, theirs) {
+            return SyncOutcome::NoSync;
+        }
         match d.outcome {
             SyncOutcome::SplitBrainAutoRecoverable | SyncOutcome::SplitBrainDisconnect => {
                 // Manual: the operator chose a side on one node (discard-local there, or
@@ -553,6 +556,35 @@ impl Replica {
             }
             other => other,
         }
+    }
+
+    /// Two UpToDate Secondaries at equal generations, "uncertain" only because one of them
+    /// was resynced (from the Primary) since, while the same Primary replicates to both:
+    /// the Primary's own handshakes resynced whichever was behind, so both hold the
+    /// Primary's data and there is nothing to resync between them. Without this the pair
+    /// would make one of them SyncTarget (Inconsistent) of a Secondary source, which must
+    /// not resync while a Primary writes (`sync.rs`): it would stay Inconsistent for as
+    /// long as that Primary runs. Symmetric in both states, so both sides agree.
+    fn uncertainty_covered_by_primary(
+        d: &SyncDecision,
+        mine: &PeerState,
+        theirs: &PeerState,
+    ) -> bool {
+        use crate::sync_decision::Rule;
+        let mut a = mine.primaries.clone();
+        let mut b = theirs.primaries.clone();
+        a.sort();
+        b.sort();
+        matches!(
+            d.rule,
+            Rule::LocalUncertain | Rule::PeerUncertain | Rule::BothUncertain
+        ) && matches!(d.outcome, SyncOutcome::BitmapResync(_))
+            && mine.role == Role::Secondary
+            && theirs.role == Role::Secondary
+            && mine.disk == DiskState::UpToDate
+            && theirs.disk == DiskState::UpToDate
+            && !a.is_empty()
+            && a == b
     }
 
     /// "No sync": clear the pair's slot and bits, confirm the disk state.
