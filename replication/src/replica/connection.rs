@@ -494,6 +494,34 @@ impl Replica {
         if Self::uncertainty_covered_by_primary(d, mine, theirs) {
             return SyncOutcome::NoSync;
         }
+        if d.outcome.is_split_brain() && d.outcome != SyncOutcome::UnrelatedData {
+            // Force-secondary across generations: a Primary that lost quorum (the durable
+            // flag stays until it regains quorum as Primary or is resynced) may have
+            // started a generation (it still had quorum when a first peer left) that no
+            // surviving peer saw. Every write of it was then unacknowledged: an
+            // acknowledgement needs a connected peer's ack or quorum, and such a peer
+            // would have carried the generation into the takeover. Its side is the
+            // SyncTarget (by bitmap from a common base, else in full); the other side,
+            // which moved on without it, the source.
+            let lost_quorum = |s: &PeerState| {
+                s.uuids
+                    .as_ref()
+                    .is_some_and(|u| u.flags.primary_lost_quorum)
+            };
+            let full = d.outcome == SyncOutcome::SplitBrainDisconnect;
+            let resync = |dir| {
+                if full {
+                    SyncOutcome::FullSync(dir)
+                } else {
+                    SyncOutcome::BitmapResync(dir)
+                }
+            };
+            match (lost_quorum(mine), lost_quorum(theirs)) {
+                (true, false) => return resync(Direction::LocalIsTarget),
+                (false, true) => return resync(Direction::LocalIsSource),
+                _ => {}
+            }
+        }
         match d.outcome {
             SyncOutcome::SplitBrainAutoRecoverable | SyncOutcome::SplitBrainDisconnect => {
                 // Manual: the operator chose a side on one node (discard-local there, or
