@@ -38,7 +38,10 @@
 //!   WriteAck, whatever the protocol. When a link goes down, every pending range of that
 //!   peer is reported to the out-of-sync hook (`on_out_of_sync(peer, offset, len)`, which
 //!   the owner wires to the peer's bitmap) and the waiting requests complete as soon as the
-//!   local disk has them: a dead peer never blocks the application. A connected peer that
+//!   local disk has them: a dead peer never blocks the data path. Each request's
+//!   [`Completion`] names the known peers that did not acknowledge it (not connected when
+//!   it was issued, or lost in flight); the owner decides whether it may be acknowledged
+//!   to the application without them (the engine's quorum rule). A connected peer that
 //!   does not acknowledge a request within [`PrimaryConfig::peer_ack_timeout`] is
 //!   disconnected the same way (DRBD's ko-count).
 //! - **Bounded memory.** Requests in flight are bounded in bytes
@@ -256,6 +259,15 @@ impl Op {
             }),
         }
     }
+}
+
+/// How a request completed towards the peers (it is on the local disk).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// Known peers that did not acknowledge the request at the protocol's point: not
+    /// connected when it was issued, or lost while it was in flight. Its range is already
+    /// reported out of sync for each of them.
+    pub unacknowledged: Vec<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -609,18 +621,12 @@ impl Primary {
         data: Bytes,
         fua: bool,
     ) -> Result<(), DatapathError> {
-        if data.len() > MAX_DATA_LEN {
-            return Err(DatapathError::TooLarge {
-                len: data.len(),
-                max: MAX_DATA_LEN,
-            });
-        }
-        self.submit(offset, Op::Write { data, fua }).await
+        self.write_request(offset, data, fua).await.map(drop)
     }
 
     /// Discard a range on the local disk and every connected peer.
     pub async fn submit_trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DatapathError> {
-        self.submit(offset, Op::Trim { len, fua }).await
+        self.trim_request(offset, len, fua).await.map(drop)
     }
 
     /// Zero a range on the local disk and every connected peer.
@@ -631,6 +637,46 @@ impl Primary {
         may_unmap: bool,
         fua: bool,
     ) -> Result<(), DatapathError> {
+        self.write_zeroes_request(offset, len, may_unmap, fua)
+            .await
+            .map(drop)
+    }
+
+    /// [`Primary::submit_write`], telling which known peers did not acknowledge the write
+    /// (the caller decides whether it may be acknowledged without them).
+    pub async fn write_request(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<Completion, DatapathError> {
+        if data.len() > MAX_DATA_LEN {
+            return Err(DatapathError::TooLarge {
+                len: data.len(),
+                max: MAX_DATA_LEN,
+            });
+        }
+        self.submit(offset, Op::Write { data, fua }).await
+    }
+
+    /// [`Primary::submit_trim`] with its [`Completion`].
+    pub async fn trim_request(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<Completion, DatapathError> {
+        self.submit(offset, Op::Trim { len, fua }).await
+    }
+
+    /// [`Primary::submit_write_zeroes`] with its [`Completion`].
+    pub async fn write_zeroes_request(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<Completion, DatapathError> {
         self.submit(
             offset,
             Op::WriteZeroes {
@@ -642,7 +688,7 @@ impl Primary {
         .await
     }
 
-    async fn submit(&self, offset: u64, op: Op) -> Result<(), DatapathError> {
+    async fn submit(&self, offset: u64, op: Op) -> Result<Completion, DatapathError> {
         let inner = &self.inner;
         let len = op.len();
         let size = inner.device.size();
@@ -725,12 +771,13 @@ impl Primary {
             lost.extend(st.known.iter().filter(|k| !sent.contains(k)).cloned());
             (seq, epoch)
         };
-        for peer in lost {
-            (inner.on_out_of_sync)(&peer, offset, len);
+        for peer in &lost {
+            (inner.on_out_of_sync)(peer, offset, len);
         }
 
         let local = local.await;
-        wait_for_peers(inner, waits, "request", seq).await;
+        let mut unacknowledged = lost;
+        unacknowledged.extend(wait_for_peers(inner, waits, "request", seq).await);
 
         if protocol != ReplicationProtocol::C || op.fua() {
             let mut st = lock(&inner.state);
@@ -739,7 +786,7 @@ impl Primary {
             }
         }
         match local {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => Ok(Completion { unacknowledged }),
             Ok(Err(source)) => Err(DatapathError::Local {
                 op: op.name(),
                 source,
@@ -754,6 +801,12 @@ impl Primary {
     /// Flush the local disk and send Flush to every connected peer. Under protocol C this
     /// returns only after every connected peer has flushed its disk (or was disconnected).
     pub async fn flush(&self) -> Result<(), DatapathError> {
+        self.flush_request().await.map(drop)
+    }
+
+    /// [`Primary::flush`], telling which connected peers were lost before their FlushAck
+    /// (under C; A and B do not wait for peers).
+    pub async fn flush_request(&self) -> Result<Completion, DatapathError> {
         let inner = &self.inner;
         let wait = inner.cfg.protocol == ReplicationProtocol::C;
         let mut waits = Vec::new();
@@ -790,9 +843,9 @@ impl Primary {
         }
         let device = inner.device.clone();
         let local = tokio::task::spawn_blocking(move || device.flush()).await;
-        wait_for_peers(inner, waits, "flush", first_id).await;
+        let unacknowledged = wait_for_peers(inner, waits, "flush", first_id).await;
         match local {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => Ok(Completion { unacknowledged }),
             Ok(Err(source)) => Err(DatapathError::Local {
                 op: "flush",
                 source,
@@ -820,25 +873,31 @@ fn close_epoch_locked(st: &mut State) {
 
 /// Wait for each peer's acknowledgement. A dropped sender means the peer was lost (its
 /// range is already reported); a peer that stays silent past the timeout is disconnected.
+/// Returns the peers that were lost instead of acknowledging.
 async fn wait_for_peers(
     inner: &Inner,
     waits: Vec<(Arc<Peer>, oneshot::Receiver<()>)>,
     what: &str,
     id: u64,
-) {
+) -> Vec<String> {
+    let mut lost = Vec::new();
     for (peer, mut rx) in waits {
-        if tokio::time::timeout(inner.cfg.peer_ack_timeout, &mut rx)
-            .await
-            .is_err()
-        {
-            peer.sender.close(&format!(
-                "peer did not acknowledge {what} {id} within {:?}",
-                inner.cfg.peer_ack_timeout
-            ));
-            // The peer task drains the pending map once the link is down.
-            let _ = rx.await;
+        let acked = match tokio::time::timeout(inner.cfg.peer_ack_timeout, &mut rx).await {
+            Ok(res) => res.is_ok(),
+            Err(_) => {
+                peer.sender.close(&format!(
+                    "peer did not acknowledge {what} {id} within {:?}",
+                    inner.cfg.peer_ack_timeout
+                ));
+                // The peer task drains the pending map once the link is down.
+                rx.await.is_ok()
+            }
+        };
+        if !acked {
+            lost.push(peer.name.clone());
         }
     }
+    lost
 }
 
 async fn peer_task(inner: Arc<Inner>, peer: Arc<Peer>, mut receiver: LinkReceiver) {

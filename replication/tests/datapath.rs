@@ -472,6 +472,58 @@ async fn a_peer_lost_mid_write_completes_locally_and_reports_the_range_out_of_sy
     let _ = pair.secondary.await.unwrap();
 }
 
+/// The completion names every known peer that did not acknowledge a request: none while
+/// the peer acknowledges, the peer once its link died with the request in flight, and the
+/// peer for every request issued while it is away (the engine gates acknowledgements on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_names_the_peers_that_did_not_acknowledge_the_request() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    let done = pair
+        .primary
+        .write_request(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    assert!(done.unacknowledged.is_empty(), "{done:?}");
+    let done = pair.primary.flush_request().await.unwrap();
+    assert!(done.unacknowledged.is_empty(), "{done:?}");
+
+    s.dev.set_gate(false);
+    let primary = pair.primary.clone();
+    let write = tokio::spawn(async move {
+        primary
+            .write_request(8192, Bytes::from(vec![2u8; 4096]), false)
+            .await
+    });
+    let t0 = Instant::now();
+    while s.dev.writes_started.load(Ordering::SeqCst) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    pair.secondary_sender.close("simulated crash");
+    let done = tokio::time::timeout(Duration::from_secs(5), write)
+        .await
+        .expect("a dead peer does not block the data path")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.unacknowledged, vec!["secondary".to_string()]);
+
+    let t0 = Instant::now();
+    while !pair.primary.connected_peers().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let done = pair
+        .primary
+        .write_zeroes_request(16384, 4096, false, false)
+        .await
+        .unwrap();
+    assert_eq!(done.unacknowledged, vec!["secondary".to_string()]);
+    s.dev.set_gate(true);
+    let _ = pair.secondary.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fua_and_flush_reach_the_peer_disk_under_c() {
     let p = disk(4 * MIB);

@@ -216,7 +216,7 @@ impl Replica {
 
         if !data_pair {
             // Control link: a tiebreaker, or we are one.
-            let lost = {
+            let (lost, outdates) = {
                 let mut st = lock(&self.st);
                 if let Some(slot) = st.peers.get_mut(peer) {
                     if slot.link_id != id {
@@ -229,10 +229,30 @@ impl Replica {
                     slot.left_gracefully = false;
                     slot.last_error = None;
                 }
-                self.recompute_quorum(&mut st)
+                // Outdate requests sent through an earlier link to a tiebreaker may be
+                // lost with it: ask again through this one.
+                let outdates: Vec<(String, u64)> = if peer_diskless && st.role == Role::Primary {
+                    st.pending_outdates
+                        .iter()
+                        .map(|(t, id)| (t.clone(), *id))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                (self.recompute_quorum(&mut st), outdates)
             };
             if lost {
                 let _ = self.persist().await;
+            }
+            for (target, rid) in outdates {
+                let _ = sender.send_control(
+                    &EngineMessage::Outdate {
+                        id: rid,
+                        target,
+                        requester: self.node_name().to_string(),
+                    }
+                    .to_message(),
+                );
             }
             tracing::info!(volume = %self.volume, peer, "control link up");
             self.broadcast_state();
@@ -471,6 +491,37 @@ impl Replica {
         theirs: &PeerState,
     ) -> SyncOutcome {
         let policy = lock(&self.st).options.after_split_brain;
+        if Self::uncertainty_covered_by_primary(d, mine, theirs) {
+            return SyncOutcome::NoSync;
+        }
+        if d.outcome.is_split_brain() && d.outcome != SyncOutcome::UnrelatedData {
+            // Force-secondary across generations: a Primary that lost quorum (the durable
+            // flag stays until it regains quorum as Primary or is resynced) may have
+            // started a generation (it still had quorum when a first peer left) that no
+            // surviving peer saw. Every write of it was then unacknowledged: an
+            // acknowledgement needs a connected peer's ack or quorum, and such a peer
+            // would have carried the generation into the takeover. Its side is the
+            // SyncTarget (by bitmap from a common base, else in full); the other side,
+            // which moved on without it, the source.
+            let lost_quorum = |s: &PeerState| {
+                s.uuids
+                    .as_ref()
+                    .is_some_and(|u| u.flags.primary_lost_quorum)
+            };
+            let full = d.outcome == SyncOutcome::SplitBrainDisconnect;
+            let resync = |dir| {
+                if full {
+                    SyncOutcome::FullSync(dir)
+                } else {
+                    SyncOutcome::BitmapResync(dir)
+                }
+            };
+            match (lost_quorum(mine), lost_quorum(theirs)) {
+                (true, false) => return resync(Direction::LocalIsTarget),
+                (false, true) => return resync(Direction::LocalIsSource),
+                _ => {}
+            }
+        }
         match d.outcome {
             SyncOutcome::SplitBrainAutoRecoverable | SyncOutcome::SplitBrainDisconnect => {
                 // Manual: the operator chose a side on one node (discard-local there, or
@@ -552,6 +603,35 @@ impl Replica {
             }
             other => other,
         }
+    }
+
+    /// Two UpToDate Secondaries at equal generations, "uncertain" only because one of them
+    /// was resynced (from the Primary) since, while the same Primary replicates to both:
+    /// the Primary's own handshakes resynced whichever was behind, so both hold the
+    /// Primary's data and there is nothing to resync between them. Without this the pair
+    /// would make one of them SyncTarget (Inconsistent) of a Secondary source, which must
+    /// not resync while a Primary writes (`sync.rs`): it would stay Inconsistent for as
+    /// long as that Primary runs. Symmetric in both states, so both sides agree.
+    fn uncertainty_covered_by_primary(
+        d: &SyncDecision,
+        mine: &PeerState,
+        theirs: &PeerState,
+    ) -> bool {
+        use crate::sync_decision::Rule;
+        let mut a = mine.primaries.clone();
+        let mut b = theirs.primaries.clone();
+        a.sort();
+        b.sort();
+        matches!(
+            d.rule,
+            Rule::LocalUncertain | Rule::PeerUncertain | Rule::BothUncertain
+        ) && matches!(d.outcome, SyncOutcome::BitmapResync(_))
+            && mine.role == Role::Secondary
+            && theirs.role == Role::Secondary
+            && mine.disk == DiskState::UpToDate
+            && theirs.disk == DiskState::UpToDate
+            && !a.is_empty()
+            && a == b
     }
 
     /// "No sync": clear the pair's slot and bits, confirm the disk state.
@@ -896,7 +976,13 @@ impl Replica {
                     // A tiebreaker forwards the answer to the requester.
                     let to = {
                         let mut st = lock(&self.st);
-                        st.relayed_outdates.remove(&id);
+                        if st
+                            .relayed_outdates
+                            .get(&id)
+                            .is_some_and(|(r, t)| *r == requester && *t == target)
+                        {
+                            st.relayed_outdates.remove(&id);
+                        }
                         st.peers.get(&requester).and_then(|p| p.sender.clone())
                     };
                     if let Some(s) = to {
@@ -964,7 +1050,8 @@ impl Replica {
                 .filter(|p| p.conn == ConnectionState::Connected)
                 .and_then(|p| p.sender.clone());
             if fwd.is_some() {
-                st.relayed_outdates.insert(id, requester.clone());
+                st.relayed_outdates
+                    .insert(id, (requester.clone(), target.clone()));
             }
             (fwd, st.peers.get(from).and_then(|p| p.sender.clone()))
         };
@@ -993,6 +1080,7 @@ impl Replica {
 
     /// The link to `peer` went down.
     async fn link_down(&self, peer: &str, id: u64, reason: String) {
+        let mut unreachable = Vec::new();
         let (lost_quorum, outdate) = {
             let mut st = lock(&self.st);
             let i_am_primary = st.role == Role::Primary;
@@ -1031,6 +1119,22 @@ impl Replica {
                 st.uuids.on_peer_lost(true, peer_was_primary);
             }
             Self::twopc_link_down(&mut st, peer);
+            // A tiebreaker that forwarded an outdate to this peer will get no answer from
+            // it: the requester learns it is unreachable (it cannot regain quorum through
+            // the tiebreaker alone, so it cannot be promoted with stale data).
+            let ids: Vec<u64> = st
+                .relayed_outdates
+                .iter()
+                .filter(|(_, (_, target))| target == peer)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                if let Some((requester, target)) = st.relayed_outdates.remove(&id) {
+                    if let Some(s) = st.peers.get(&requester).and_then(|p| p.sender.clone()) {
+                        unreachable.push((s, id, requester, target));
+                    }
+                }
+            }
             let lost = self.recompute_quorum(&mut st);
             // Keep the lost Secondary from being promoted with stale data: outdate it
             // through a tiebreaker before writing on.
@@ -1052,6 +1156,17 @@ impl Replica {
             (lost, outdate)
         };
         self.notify();
+        for (s, id, requester, target) in unreachable {
+            let _ = s.send_control(
+                &EngineMessage::OutdateReply {
+                    id,
+                    target,
+                    requester,
+                    result: OutdateResult::Unreachable,
+                }
+                .to_message(),
+            );
+        }
         if lost_quorum {
             if let Err(e) = self.persist().await {
                 tracing::error!(volume = %self.volume, error = %e, "persisting the lost-quorum flag");

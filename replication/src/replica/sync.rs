@@ -175,6 +175,18 @@ impl ResyncTarget for TargetHooks {
             skipped = summary.skipped_bytes, "resync finished: this replica is UpToDate");
         r.broadcast_state();
         r.notify();
+        // Pairs that made this replica SyncTarget of another (Secondary) source were
+        // decided on the generations this resync just replaced, and such a source defers
+        // while a Primary replicates here: decide them again on the new generations.
+        let stale: Vec<crate::link::LinkSender> = lock(&r.st)
+            .peers
+            .values()
+            .filter(|p| p.spec.name != self.source && p.replication == ReplicationState::SyncTarget)
+            .filter_map(|p| p.sender.clone())
+            .collect();
+        for s in stale {
+            s.close("a resync from another source finished; deciding this pair again");
+        }
         Ok(())
     }
 }

@@ -43,8 +43,9 @@ pub(super) fn wire_protocol(p: Protocol) -> ReplicationProtocol {
     }
 }
 
-/// How long a request completed by a peer loss waits for the engine to process that loss
-/// before it looks at quorum (see `Replica::hold_after_peer_loss`).
+/// How long a request a connected peer did not acknowledge waits for the engine to see
+/// that peer's link end; then the link is closed so the peer resyncs the request (see
+/// `Replica::hold_after_peer_loss`).
 const LOSS_PROCESSING_WAIT: Duration = Duration::from_secs(1);
 
 fn unix_now() -> u64 {
@@ -119,8 +120,8 @@ pub(super) struct State {
     /// again: target → request id.
     pub pending_outdates: BTreeMap<String, u64>,
     pub next_request_id: u64,
-    /// Outdate requests this tiebreaker forwarded: id → requester.
-    pub relayed_outdates: BTreeMap<u64, String>,
+    /// Outdate requests this tiebreaker forwarded: id → (requester, target).
+    pub relayed_outdates: BTreeMap<u64, (String, String)>,
     pub last_verify: Option<VerifySummary>,
     /// Why the replica was last demoted by force (frozen requests report it).
     pub forced_demotion: Option<String>,
@@ -1241,19 +1242,30 @@ impl Replica {
     /// Create an armed new generation before the first write after a peer loss or a
     /// promotion with a peer away; durable before the write is issued; announced to the
     /// connected data peers ahead of the write on the same links.
-    async fn new_generation_if_armed(&self) -> Result<(), EngineError> {
+    ///
+    /// Only while the admission rule holds (quorum, no outdating in progress): a Primary
+    /// that lost a peer together with its quorum must not start a generation the peer
+    /// never sees, or a takeover by that peer would meet it as a split brain instead of
+    /// finding this node a plain bitmap SyncTarget. False: admission no longer holds;
+    /// the caller waits in [`Replica::admit`] (outside the I/O gate) and tries again.
+    async fn new_generation_if_armed(&self) -> Result<bool, EngineError> {
         loop {
             {
                 let st = lock(&self.st);
                 if !st.uuids.new_generation_pending && !st.gen_persisting {
-                    return Ok(());
+                    return Ok(true);
                 }
             }
             let _g = self.gen_lock.lock().await;
             let work = {
                 let mut st = lock(&self.st);
+                let admitted = st.role == Role::Primary
+                    && (st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off)
+                    && st.pending_outdates.is_empty();
                 if !st.uuids.new_generation_pending {
                     None
+                } else if !admitted {
+                    return Ok(false);
                 } else {
                     let attached: Vec<String> = st
                         .primary
@@ -1298,7 +1310,7 @@ impl Replica {
             for s in senders {
                 let _ = s.send_control(&msg);
             }
-            return Ok(());
+            return Ok(true);
         }
     }
 
@@ -1412,51 +1424,79 @@ impl Replica {
     async fn modify(
         &self,
         op: &'static str,
-        primary: &Primary,
         offset: u64,
         len: u64,
-        run: impl std::future::Future<Output = Result<(), crate::datapath::DatapathError>>,
+        run: impl std::future::Future<
+            Output = Result<crate::datapath::Completion, crate::datapath::DatapathError>,
+        >,
     ) -> Result<(), EngineError> {
         self.check_range(offset, len)?;
-        let gate = self.io_gate.read().await;
-        self.new_generation_if_armed().await?;
+        let gate = loop {
+            let gate = self.io_gate.read().await;
+            if self.new_generation_if_armed().await? {
+                break gate;
+            }
+            drop(gate);
+            self.admit().await?;
+        };
         self.al_begin(offset, len).await?;
-        let attached_before = primary.connected_peers();
+        // Before the data path picks the peers (`run` has not been polled yet).
+        let links_before = self.link_ids();
         let inflight = self.writes.begin(offset, len);
         let res = run.await;
         drop(inflight);
         self.al_end(offset, len);
         // Outside the gate: a handshake that brings quorum back needs it.
         drop(gate);
-        res.map_err(|source| EngineError::Datapath {
+        let done = res.map_err(|source| EngineError::Datapath {
             volume: self.volume.clone(),
             op,
             source,
         })?;
-        let attached_after = primary.connected_peers();
-        let lost: Vec<String> = attached_before
-            .into_iter()
-            .filter(|p| !attached_after.contains(p))
-            .collect();
-        if !lost.is_empty() {
-            self.hold_after_peer_loss(primary, &lost).await?;
-        }
-        Ok(())
+        self.ack_gate(&done, &links_before).await
     }
 
-    /// A request completed after a peer it was sent to disconnected: it is on this disk
-    /// but maybe not on that peer. Acknowledge it only once this Primary is known to
-    /// still have quorum (and the peer is outdated where a tiebreaker can do it), exactly
-    /// like a new request's admission; without quorum it is frozen like one (suspend-io)
-    /// or fails (io-error), and fails if the replica is demoted meanwhile — a Primary that
-    /// lost quorum may be replaced, and a write it acknowledged alone would be lost.
+    /// The link generation of every peer (see [`Replica::hold_after_peer_loss`]).
+    fn link_ids(&self) -> BTreeMap<String, u64> {
+        lock(&self.st)
+            .peers
+            .iter()
+            .map(|(name, slot)| (name.clone(), slot.link_id))
+            .collect()
+    }
+
+    /// The acknowledgement rule: a request every known peer acknowledged completes; one
+    /// that some peer did not acknowledge waits in [`Replica::hold_after_peer_loss`].
+    async fn ack_gate(
+        &self,
+        done: &crate::datapath::Completion,
+        links_before: &BTreeMap<String, u64>,
+    ) -> Result<(), EngineError> {
+        if done.unacknowledged.is_empty() {
+            return Ok(());
+        }
+        self.hold_after_peer_loss(&done.unacknowledged, links_before)
+            .await
+    }
+
+    /// A request completed without the acknowledgement of some data peers (`lost`): it
+    /// is on this disk and in their bitmaps, but maybe not on them. Acknowledge it only
+    /// once the engine has processed each of those peers' absence (the peer is not
+    /// Connected, or has a link newer than the request, whose handshake exchanged the
+    /// bitmap) and this Primary still has quorum with the lost peers outdated where a
+    /// tiebreaker can do it — exactly like a new request's admission. Without quorum it
+    /// is frozen like one (suspend-io) or fails (io-error), and it fails if the replica is
+    /// demoted meanwhile: a Primary that lost quorum may be replaced, and a write it
+    /// acknowledged alone would be lost. A peer still Connected on the same link that did
+    /// not get the request has its link closed, so the reconnect resyncs the range.
     async fn hold_after_peer_loss(
         &self,
-        primary: &Primary,
         lost: &[String],
+        links_before: &BTreeMap<String, u64>,
     ) -> Result<(), EngineError> {
         let mut rx = self.changed.subscribe();
         let started = tokio::time::Instant::now();
+        let mut closed_links = false;
         loop {
             {
                 let st = lock(&self.st);
@@ -1474,19 +1514,33 @@ impl Replica {
                             .unwrap_or_else(|| "demoted".into()),
                     });
                 }
-                let attached = primary.connected_peers();
-                // Wait until the engine has processed each loss (or the peer is back). A
-                // data link that ends while the peer stays connected (the reverse link of
-                // two primaries) is not a loss the engine processes: bounded wait.
-                let processed = started.elapsed() >= LOSS_PROCESSING_WAIT
-                    || lost.iter().all(|p| {
-                        attached.contains(p)
-                            || st
-                                .peers
-                                .get(p)
-                                .is_none_or(|s| s.conn != ConnectionState::Connected)
-                    });
-                if processed {
+                // Wait until the engine has processed each loss: quorum and outdating
+                // below are only meaningful then.
+                let unprocessed: Vec<&String> = lost
+                    .iter()
+                    .filter(|p| {
+                        st.peers.get(*p).is_some_and(|s| {
+                            s.conn == ConnectionState::Connected
+                                && links_before.get(*p) == Some(&s.link_id)
+                        })
+                    })
+                    .collect();
+                if !unprocessed.is_empty()
+                    && !closed_links
+                    && started.elapsed() >= LOSS_PROCESSING_WAIT
+                {
+                    // Connected, yet it did not get the request (e.g. its link was not in
+                    // the data path yet): reconnect it so the handshake resyncs the range.
+                    closed_links = true;
+                    for p in &unprocessed {
+                        if let Some(s) = st.peers.get(*p).and_then(|s| s.sender.as_ref()) {
+                            tracing::warn!(volume = %self.volume, peer = %p,
+                                "connected peer did not acknowledge a request; reconnecting it to resync");
+                            s.close("a request was not replicated to this peer; reconnecting to resync it");
+                        }
+                    }
+                }
+                if unprocessed.is_empty() {
                     let quorum_ok = st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off;
                     if quorum_ok && st.pending_outdates.is_empty() {
                         return Ok(());
@@ -1545,24 +1599,30 @@ impl Replica {
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
         let p = self.admit().await?;
         let len = data.len() as u64;
-        self.modify("write", &p, offset, len, p.submit_write(offset, data, fua))
+        self.modify("write", offset, len, p.write_request(offset, data, fua))
             .await
     }
 
-    /// Replicated flush (under C: returns after every connected peer flushed).
+    /// Replicated flush (under C: returns after every connected peer flushed; a peer lost
+    /// before its FlushAck holds the flush like a write, see `hold_after_peer_loss`).
     pub async fn flush(&self) -> Result<(), EngineError> {
         let p = self.admit().await?;
-        p.flush().await.map_err(|source| EngineError::Datapath {
-            volume: self.volume.clone(),
-            op: "flush",
-            source,
-        })
+        let links_before = self.link_ids();
+        let done = p
+            .flush_request()
+            .await
+            .map_err(|source| EngineError::Datapath {
+                volume: self.volume.clone(),
+                op: "flush",
+                source,
+            })?;
+        self.ack_gate(&done, &links_before).await
     }
 
     /// Replicated discard.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         let p = self.admit().await?;
-        self.modify("trim", &p, offset, len, p.submit_trim(offset, len, false))
+        self.modify("trim", offset, len, p.trim_request(offset, len, false))
             .await
     }
 
@@ -1576,10 +1636,9 @@ impl Replica {
         let p = self.admit().await?;
         self.modify(
             "write zeroes",
-            &p,
             offset,
             len,
-            p.submit_write_zeroes(offset, len, may_unmap, false),
+            p.write_zeroes_request(offset, len, may_unmap, false),
         )
         .await
     }
