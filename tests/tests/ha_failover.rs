@@ -380,7 +380,6 @@ fn replication_link_cut_only_is_not_a_failover() {
 }
 
 #[test]
-#[ignore = "engine (intermittent, 1 of 10 runs): after the agent's fence (destroy + demote --force) hv1 rejoins as SyncTarget of hv2 (Primary, rule 3) and also of hv3 (Secondary, rule 2 local-uncertain, 4096 bytes out of sync); hv3 does not source a resync while a Primary is connected, so hv1 stays Inconsistent (resync null) for good. Agent side passes: fenced, demoted to Secondary, takeover. Run with --include-ignored after the engine fix"]
 fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
     // A writing guest: the takeover side writes while hv1 is cut off, so hv1 must come
     // back as SyncTarget.

@@ -9,8 +9,7 @@
 //!    as SyncTarget and the replicas converge.
 //! 2. Bitmap resync: 16 MiB written on a 2 GiB volume while the Secondary's replication
 //!    link is cut; the heal moves at most 2x the changed data over the wire, not the volume.
-//!    (The variant with a witness is ignored for an engine bug in the outdating relay; see
-//!    its `#[ignore]`.)
+//!    Run with and without a witness (with one, the cut peer is outdated through it).
 //! 3. Quorum: the isolated Primary freezes (a write in flight does not complete), the other
 //!    side is promoted and written under `tandem-check`; after the heal no split brain, no
 //!    lost acknowledged write, equal replicas.
@@ -212,13 +211,6 @@ fn bitmap_resync_after_a_link_cut_moves_only_the_changed_data() {
 
 /// Drill 2 with the witness: hv1 keeps quorum through it and has hv2 outdated through it.
 #[test]
-#[ignore = "engine bug: when hv1 notices the cut of hv2's replication link before the witness \
-            does, hv1 asks the witness to outdate hv2, the witness forwards the Outdate on its \
-            still-'Connected' link to hv2, that link then dies, and the witness never answers \
-            the relayed request (`relayed_outdates` is only cleared by hv2's OutdateReply; \
-            the witness's link_down does not answer Unreachable): hv1's writes are held for \
-            suspend_timeout (120 s) -- seen as an NBD write without reply for 60 s in 3 of \
-            23 runs (replica/connection.rs on_outdate relay + link_down)"]
 fn bitmap_resync_after_a_link_cut_with_a_witness_moves_only_the_changed_data() {
     if skip_unless_root() {
         return;
