@@ -9,11 +9,11 @@
 //! anything read here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::persist::write_atomic;
+use crate::persist::{load_json, save_json, PersistError};
 use crate::status::Failover;
 
 /// The persisted part of the decision loop's memory.
@@ -30,58 +30,15 @@ pub struct Placement {
     pub failovers: BTreeMap<String, Failover>,
 }
 
-/// Errors reading or writing the placement file.
-#[derive(Debug, thiserror::Error)]
-pub enum PlacementError {
-    #[error("reading the placement file {}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "the placement file {} is not valid JSON (move it away to start without knowing where the managed VMs ran)",
-        path.display()
-    )]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("writing the placement file {}", path.display())]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 impl Placement {
     /// Load from `path`; a missing file is an empty placement (first start).
-    pub fn load(path: &Path) -> Result<Placement, PlacementError> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| PlacementError::Parse {
-                path: path.to_path_buf(),
-                source,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Placement::default()),
-            Err(source) => Err(PlacementError::Read {
-                path: path.to_path_buf(),
-                source,
-            }),
-        }
+    pub fn load(path: &Path) -> Result<Placement, PersistError> {
+        load_json("placement file", path)
     }
 
     /// Write to `path` atomically and durably.
-    pub fn save(&self, path: &Path) -> Result<(), PlacementError> {
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| PlacementError::Write {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e),
-        })?;
-        write_atomic(path, &bytes).map_err(|source| PlacementError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
+    pub fn save(&self, path: &Path) -> Result<(), PersistError> {
+        save_json("placement file", path, self)
     }
 
     /// Forget VMs that are no longer managed (unmanaged while the agent was down).
@@ -129,7 +86,7 @@ mod tests {
 
         std::fs::write(&path, b"{\"owners\": {\"vm1\": ").unwrap();
         let err = Placement::load(&path).unwrap_err();
-        assert!(matches!(err, PlacementError::Parse { .. }));
+        assert!(matches!(err, PersistError::Parse { .. }));
         assert!(err.to_string().contains("move it away"), "{err}");
         // An older agent's file without some fields still loads.
         std::fs::write(&path, b"{\"owners\": {\"vm1\": \"hv2\"}}").unwrap();

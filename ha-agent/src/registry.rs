@@ -7,12 +7,12 @@
 //! spreads like an addition).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::persist::write_atomic;
+use crate::persist::{load_json, save_json, PersistError};
 
 /// One managed domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,55 +44,15 @@ pub struct Registry {
     pub vms: BTreeMap<String, ManagedVm>,
 }
 
-/// Errors reading or writing the registry file.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("reading the registry {}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the registry {} is not valid JSON", path.display())]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("writing the registry {}", path.display())]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 impl Registry {
     /// Load from `path`; a missing file is an empty registry.
-    pub fn load(path: &Path) -> Result<Registry, RegistryError> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| RegistryError::Parse {
-                path: path.to_path_buf(),
-                source,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
-            Err(source) => Err(RegistryError::Read {
-                path: path.to_path_buf(),
-                source,
-            }),
-        }
+    pub fn load(path: &Path) -> Result<Registry, PersistError> {
+        load_json("registry", path)
     }
 
-    /// Write to `path` atomically.
-    pub fn save(&self, path: &Path) -> Result<(), RegistryError> {
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| RegistryError::Write {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e),
-        })?;
-        write_atomic(path, &bytes).map_err(|source| RegistryError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
+    /// Write to `path` atomically and durably.
+    pub fn save(&self, path: &Path) -> Result<(), PersistError> {
+        save_json("registry", path, self)
     }
 
     /// Take `entry` if it is newer than what we hold. Returns whether anything changed.
@@ -185,7 +145,7 @@ mod tests {
         std::fs::write(&path, b"{garbage").unwrap();
         assert!(matches!(
             Registry::load(&path),
-            Err(RegistryError::Parse { .. })
+            Err(PersistError::Parse { .. })
         ));
     }
 }
