@@ -478,6 +478,29 @@ path = "{root}/images"
         command
     }
 
+    /// `tandem volume status VOLUME --json` on this host.
+    pub fn volume_status(&self, volume: &str) -> serde_json::Value {
+        self.tandem(&["volume", "status", volume, "--json"])
+            .ok()
+            .json()
+    }
+
+    /// Poll `check` on the volume's status until `timeout`; panics with the last status.
+    pub fn wait_volume_status(
+        &self,
+        volume: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let mut last = serde_json::Value::Null;
+        let ok = wait_until(timeout, || {
+            last = self.volume_status(volume);
+            check(&last)
+        });
+        assert!(ok, "{}: {what} not reached; status: {last:#}", self.node);
+    }
+
     /// `tandem ARGS...` on this host.
     pub fn tandem(&self, args: &[&str]) -> CmdOutput {
         self.exec("tandem", args)

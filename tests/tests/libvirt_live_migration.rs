@@ -119,18 +119,11 @@ fn acked_numbers(console: &str) -> Vec<u64> {
 }
 
 fn status(host: &LibvirtHost) -> serde_json::Value {
-    host.tandem(&["volume", "status", VOLUME, "--json"])
-        .ok()
-        .json()
+    host.volume_status(VOLUME)
 }
 
 fn wait_status(host: &LibvirtHost, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
-    let mut last = serde_json::Value::Null;
-    let ok = wait_until(Duration::from_secs(30), || {
-        last = status(host);
-        check(&last)
-    });
-    assert!(ok, "{}: {what} not reached; status: {last:#}", host.node);
+    host.wait_volume_status(VOLUME, what, Duration::from_secs(30), check);
 }
 
 fn peer<'a>(status: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {

@@ -16,9 +16,7 @@ const BYTES: usize = 1 << 20;
 const VOLUME: &str = "vm-5-disk-0";
 
 fn status(host: &LibvirtHost) -> serde_json::Value {
-    host.tandem(&["volume", "status", VOLUME, "--json"])
-        .ok()
-        .json()
+    host.volume_status(VOLUME)
 }
 
 #[test]

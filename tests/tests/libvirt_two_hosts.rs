@@ -20,19 +20,12 @@ const BYTES: usize = 1 << 20;
 const VOLUME: &str = "vm-1-disk-0";
 
 fn status(host: &LibvirtHost) -> serde_json::Value {
-    host.tandem(&["volume", "status", VOLUME, "--json"])
-        .ok()
-        .json()
+    host.volume_status(VOLUME)
 }
 
 /// Poll `check` on the host's volume status (up to 60 s); panics with the last status.
 fn wait_status(host: &LibvirtHost, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
-    let mut last = serde_json::Value::Null;
-    let ok = wait_until(Duration::from_secs(60), || {
-        last = status(host);
-        check(&last)
-    });
-    assert!(ok, "{}: {what} not reached; status: {last:#}", host.node);
+    host.wait_volume_status(VOLUME, what, Duration::from_secs(60), check);
 }
 
 fn peer_role(status: &serde_json::Value, peer: &str) -> String {
