@@ -343,7 +343,19 @@ impl LinkSender {
             code,
             message: message.to_string(),
         });
-        let reason = LinkDown::Closed(format!("sent error {code}: {message}"));
+        self.close_when_sent(LinkDown::Closed(format!("sent error {code}: {message}")));
+    }
+
+    /// Close the link once everything queued before is written (the peer reads it, then
+    /// sees the connection end), or after one second at the latest.
+    pub fn close_after_queued(&self, reason: &str) {
+        self.shared
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.close_when_sent(LinkDown::Closed(reason.to_string()));
+    }
+
+    fn close_when_sent(&self, reason: LinkDown) {
         if self.tx.send(Outgoing::Close(reason.clone())).is_err() {
             self.shared.set_down(reason);
             return;

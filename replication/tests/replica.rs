@@ -1116,7 +1116,6 @@ async fn a_fenced_primary_of_three_replicas_rejoins_up_to_date_with_both() {
 /// generation nobody saw (it kept quorum for a moment with hv3): the heal must still make
 /// it SyncTarget, not a split brain (rule 5 with a frozen lost-quorum Primary).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "engine gap (issue 3): the two surviving Secondaries may have applied different prefixes of the lost Primary's in-flight writes and are not reconciled when one is promoted (DRBD resyncs them via peer-acks); hv3 then differs from the new Primary hv2 in a few blocks"]
 async fn a_fenced_primary_of_three_replicas_with_writes_in_flight_rejoins() {
     fence_and_rejoin_with_three_replicas(true).await;
 }

@@ -19,6 +19,7 @@ use super::messages::{EngineMessage, OutdateResult, PeerState, MAX_RUNS_PER_MESS
 use super::volume::{lock, LinkMode, Replica};
 use std::sync::atomic::AtomicBool;
 
+use super::reconcile::{ReconcileHooks, RecordingDevice};
 use super::sync::TargetHooks;
 use crate::datapath::{run_secondary, SecondaryConfig};
 use crate::link::{LinkReceiver, LinkSender, PeerLink};
@@ -35,6 +36,8 @@ const STATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnect backoff: first retry, cap.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a Secondary link's end waits for the engine messages still queued from it.
+const HANDLER_DRAIN: Duration = Duration::from_millis(500);
 
 /// Why a link task ended.
 type LinkEnd = String;
@@ -397,6 +400,8 @@ impl Replica {
 
         // Act on the decision.
         match resync {
+            // Bits between two Secondaries of a Primary stay (see `secondaries_keep_bits`).
+            None if Self::secondaries_keep_bits(&decision, &mine, &theirs) => {}
             None => self.apply_in_sync(peer, theirs.disk).await,
             Some((dir, full)) => self.start_resync(peer, dir, full).await,
         }
@@ -492,6 +497,12 @@ impl Replica {
     ) -> SyncOutcome {
         let policy = lock(&self.st).options.after_split_brain;
         if Self::uncertainty_covered_by_primary(d, mine, theirs) {
+            return SyncOutcome::NoSync;
+        }
+        if let Some(o) = Self::inconsistent_secondary_is_target(d, mine, theirs) {
+            return o;
+        }
+        if Self::secondaries_keep_bits(d, mine, theirs) {
             return SyncOutcome::NoSync;
         }
         if d.outcome.is_split_brain() && d.outcome != SyncOutcome::UnrelatedData {
@@ -634,6 +645,54 @@ impl Replica {
             && a == b
     }
 
+    /// Two Secondaries at equal generations, exactly one of them Inconsistent (its
+    /// reconciliation with a Primary, `reconcile.rs`, or a resync was cut off): the
+    /// consistent side is the source whatever the bits say, and "no sync" must not make
+    /// the Inconsistent side UpToDate. Symmetric.
+    fn inconsistent_secondary_is_target(
+        d: &SyncDecision,
+        mine: &PeerState,
+        theirs: &PeerState,
+    ) -> Option<SyncOutcome> {
+        use crate::sync_decision::Rule;
+        let equal_generations = matches!(
+            d.rule,
+            Rule::EqualCurrents | Rule::LocalUncertain | Rule::PeerUncertain | Rule::BothUncertain
+        ) && matches!(
+            d.outcome,
+            SyncOutcome::NoSync | SyncOutcome::BitmapResync(_)
+        );
+        let inconsistent = |s: &PeerState| s.disk == DiskState::Inconsistent;
+        if !equal_generations
+            || mine.role != Role::Secondary
+            || theirs.role != Role::Secondary
+            || inconsistent(mine) == inconsistent(theirs)
+        {
+            return None;
+        }
+        Some(SyncOutcome::BitmapResync(if inconsistent(mine) {
+            Direction::LocalIsTarget
+        } else {
+            Direction::LocalIsSource
+        }))
+    }
+
+    /// Two UpToDate Secondaries at equal generations with bits for each other (typically
+    /// the tail of a lost Primary's writes, `reconcile.rs`) while a Primary is known: a
+    /// resync between two Secondaries must not run while a Primary replicates to them, so
+    /// the pair connects without a resync and *keeps* its bits (the next promotion of one
+    /// of them reconciles them; the serving Primary resyncs each of them from itself).
+    /// Symmetric in both states.
+    fn secondaries_keep_bits(d: &SyncDecision, mine: &PeerState, theirs: &PeerState) -> bool {
+        d.outcome == SyncOutcome::NoSync
+            && (mine.changed_blocks > 0 || theirs.changed_blocks > 0)
+            && mine.role == Role::Secondary
+            && theirs.role == Role::Secondary
+            && mine.disk == DiskState::UpToDate
+            && theirs.disk == DiskState::UpToDate
+            && (!mine.primaries.is_empty() || !theirs.primaries.is_empty())
+    }
+
     /// "No sync": clear the pair's slot and bits, confirm the disk state.
     async fn apply_in_sync(&self, peer: &str, peer_disk: DiskState) {
         {
@@ -745,7 +804,7 @@ impl Replica {
                 let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
                 let me = self.clone();
                 let p = peer.to_string();
-                let handler = tokio::spawn(async move {
+                let mut handler = tokio::spawn(async move {
                     while let Some(msg) = rx.recv().await {
                         me.handle_extension(&p, msg).await;
                     }
@@ -761,6 +820,12 @@ impl Replica {
                         });
                         Some(ResyncTargetHooks(hooks))
                     }
+                    // Following a Primary: a reconciliation may run on this link.
+                    _ if peer_is_primary => Some(ResyncTargetHooks(Arc::new(ReconcileHooks {
+                        replica: self.me.clone(),
+                        primary: peer.to_string(),
+                        link_id: id,
+                    }))),
                     _ => None,
                 };
                 let cfg = SecondaryConfig {
@@ -769,8 +834,22 @@ impl Replica {
                     ..SecondaryConfig::default()
                 };
                 let device = self.peer_write_guard(device, peer, &link.sender);
+                let device: Arc<dyn crate::device::BackingDevice> = Arc::new(RecordingDevice {
+                    inner: device,
+                    recent: self.recent_peer_writes.clone(),
+                });
+                if peer_is_primary && !target {
+                    let me = self.clone();
+                    let p = peer.to_string();
+                    self.spawn(async move { me.reconcile_with_primary(p, id).await });
+                }
                 let res = run_secondary(link, device, cfg).await;
-                handler.abort();
+                // Engine messages that arrived before the link went down (e.g. the
+                // Primary's last state) are handled before the loss is.
+                let drained = tokio::time::timeout(HANDLER_DRAIN, &mut handler).await;
+                if drained.is_err() {
+                    handler.abort();
+                }
                 return match res {
                     Ok(down) => Ok(down.to_string()),
                     Err(e) => Err(e.to_string()),
@@ -909,6 +988,14 @@ impl Replica {
                     if s.leaving {
                         slot.left_gracefully = true;
                     }
+                    // The Primary we follow stepped down cleanly (every write of it reached
+                    // us and every other connected peer): its tail needs no reconciliation.
+                    let stepped_down = slot.mode == LinkMode::Secondary
+                        && s.role != Role::Primary
+                        && slot.state.as_ref().is_some_and(|o| o.role == Role::Primary);
+                    if stepped_down {
+                        lock(&self.recent_peer_writes).take();
+                    }
                     let changed_view = slot
                         .state
                         .as_ref()
@@ -946,9 +1033,8 @@ impl Replica {
                 target,
                 requester,
             } => self.on_outdate(peer, id, target, requester).await,
-            EngineMessage::BitmapRuns { .. } => {
-                tracing::warn!(volume = %self.volume, peer, "bitmap runs outside a handshake; ignored");
-            }
+            // Outside a handshake: a Secondary following us asks for a reconciliation.
+            EngineMessage::BitmapRuns { runs, last } => self.on_reconcile_bits(peer, runs, last),
             EngineMessage::PromotePrepare { id, two_primaries } => {
                 self.on_promote_prepare(peer, id, two_primaries)
             }
@@ -1081,6 +1167,7 @@ impl Replica {
     /// The link to `peer` went down.
     async fn link_down(&self, peer: &str, id: u64, reason: String) {
         let mut unreachable = Vec::new();
+        let lost_our_primary;
         let (lost_quorum, outdate) = {
             let mut st = lock(&self.st);
             let i_am_primary = st.role == Role::Primary;
@@ -1098,6 +1185,9 @@ impl Replica {
             slot.replication = ReplicationState::Off;
             slot.resync_replies = None;
             slot.resync_progress = None;
+            // A reconciliation ends with its link; the replica stays Inconsistent (with its
+            // bits) until a handshake resyncs it.
+            slot.reconciling = false;
             if let Some(t) = slot.resync_task.take() {
                 t.abort();
             }
@@ -1118,6 +1208,9 @@ impl Replica {
             if data_peer && was_connected && i_am_primary {
                 st.uuids.on_peer_lost(true, peer_was_primary);
             }
+            // A Secondary that loses its Primary marks the Primary's last writes towards
+            // the other replicas (`reconcile.rs`).
+            lost_our_primary = data_peer && was_connected && peer_was_primary && !i_am_primary;
             Self::twopc_link_down(&mut st, peer);
             // A tiebreaker that forwarded an outdate to this peer will get no answer from
             // it: the requester learns it is unreachable (it cannot regain quorum through
@@ -1171,6 +1264,9 @@ impl Replica {
             if let Err(e) = self.persist().await {
                 tracing::error!(volume = %self.volume, error = %e, "persisting the lost-quorum flag");
             }
+        }
+        if lost_our_primary {
+            self.mark_lost_primary_tail(peer).await;
         }
         if let Some((rid, relays)) = outdate {
             let msg = EngineMessage::Outdate {

@@ -14,7 +14,9 @@
 //! 0x0103 OutdateReply request id u64 | target name | requester name | result u8
 //! 0x0104 BitmapRuns   last u8 | count u32 | (offset u64, len u64) x count  (at most
 //!                     MAX_RUNS_PER_MESSAGE): the SyncTarget's bitmap for the source, so
-//!                     the source resyncs the union of both bitmaps
+//!                     the source resyncs the union of both bitmaps; outside a handshake,
+//!                     from a Secondary to the Primary it follows: a reconciliation
+//!                     request (`reconcile.rs`)
 //! ```
 //! All integers little-endian; names are 1..=64 bytes of UTF-8.
 

@@ -65,6 +65,7 @@
 mod connection;
 mod dual;
 pub mod messages;
+mod reconcile;
 pub mod status;
 mod sync;
 mod twopc;

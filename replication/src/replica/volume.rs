@@ -93,6 +93,9 @@ pub(super) struct PeerSlot {
     /// When an established link to this peer last ended (a promotion waits briefly for
     /// the reconnect, e.g. after a demotion cycled the links).
     pub lost_at: Option<tokio::time::Instant>,
+    /// This Secondary asked its Primary on this link to resync the blocks a lost Primary
+    /// may have left different (`reconcile.rs`) and is Inconsistent until it finished.
+    pub reconciling: bool,
 }
 
 pub(super) struct State {
@@ -151,6 +154,8 @@ pub struct Replica {
     pub(super) me: Weak<Replica>,
     /// Local writes in flight, for detecting overlaps with a second Primary (`dual.rs`).
     pub(super) writes: Arc<super::dual::WriteTracker>,
+    /// The tail of the writes applied here for a Primary (`reconcile.rs`).
+    pub(super) recent_peer_writes: Arc<Mutex<super::reconcile::RecentPeerWrites>>,
 }
 
 fn meta_err(volume: &str, op: &'static str) -> impl Fn(crate::metadata::MetaError) -> EngineError {
@@ -295,6 +300,7 @@ impl Replica {
                         resync_task: None,
                         dual_sender: None,
                         lost_at: None,
+                        reconciling: false,
                     },
                 )
             })
@@ -344,6 +350,7 @@ impl Replica {
             rng: Mutex::new(SplitMix64::new(seed)),
             me: me.clone(),
             writes: Arc::default(),
+            recent_peer_writes: Arc::default(),
         });
         {
             let mut st = lock(&replica.st);
@@ -1010,7 +1017,7 @@ impl Replica {
             }
             p.wait_replicated().await;
         }
-        self.demote_now("demoted").await
+        self.demote_inner("demoted", true).await
     }
 
     /// DRBD's `secondary --force`, for fencing a Primary that lost quorum: requests frozen
@@ -1032,8 +1039,15 @@ impl Replica {
             .await
     }
 
-    /// Drop the Primary role (no flush): used by `demote` and by force-secondary.
+    /// Drop the Primary role (no flush): used by force-secondary and failed promotions.
     pub(super) async fn demote_now(&self, reason: &str) -> Result<(), EngineError> {
+        self.demote_inner(reason, false).await
+    }
+
+    /// Drop the Primary role. `clean`: every write reached every connected peer
+    /// (`demote`); the data links then carry our new state before they close, so the
+    /// Secondaries know no write of ours was left in flight (`reconcile.rs`).
+    async fn demote_inner(&self, reason: &str, clean: bool) -> Result<(), EngineError> {
         let primary = {
             let mut st = lock(&self.st);
             if st.role != Role::Primary {
@@ -1051,7 +1065,20 @@ impl Replica {
         let res = self.persist().await;
         if let Some(p) = primary {
             for peer in p.connected_peers() {
-                p.disconnect_peer(&peer, &format!("{reason}; reconnecting as Secondary"));
+                let why = format!("{reason}; reconnecting as Secondary");
+                match p.peer_sender(&peer).filter(|_| clean) {
+                    Some(s) => {
+                        let state = {
+                            let st = lock(&self.st);
+                            self.local_state(&st, &peer, false)
+                        };
+                        let _ = s.send_control(&EngineMessage::State(Box::new(state)).to_message());
+                        s.close_after_queued(&why);
+                    }
+                    None => {
+                        p.disconnect_peer(&peer, &why);
+                    }
+                }
             }
         }
         self.broadcast_state();

@@ -1,0 +1,409 @@
+//! Reconciling a lost Primary's last writes between the surviving data replicas (three or
+//! more data replicas; with two there is nobody to reconcile with).
+//!
+//! A Primary that dies with writes in flight may leave each Secondary with a different
+//! subset of them (none was acknowledged, so no acknowledged write is at stake, but the
+//! survivors differ in those blocks). DRBD closes this with peer-acks; we do it after the
+//! fact, never delaying a promotion:
+//! 1. a Secondary records the tail of the writes it applies for its Primary
+//!    ([`RecentPeerWrites`] through [`RecordingDevice`]); when the link to that Primary goes
+//!    down it marks the tail out of sync in its bitmaps for every *other* data peer
+//!    (durably, like any bitmap bit); nothing else changes (still UpToDate, no grace timer);
+//! 2. when a Secondary starts following a Primary (after a promotion, or a promoted peer's
+//!    idle link joining the data path) and either side has bits for the other, the
+//!    Secondary becomes Inconsistent (durably), sends its bits for the Primary
+//!    (`BitmapRuns` outside a handshake), and the Primary resyncs the union on the live
+//!    link as the source, under its range lock, while it keeps serving writes
+//!    ([`ReconcileHooks`] finish it: bits cleared, UpToDate again; generations untouched).
+//!
+//! The Primary is always the source: a Secondary never overwrites the Primary's blocks.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, Weak};
+
+use super::messages::{EngineMessage, MAX_RUNS_PER_MESSAGE};
+use super::volume::{lock, LinkMode, Replica};
+use crate::device::{BackingDevice, DeviceError};
+use crate::resync::{ResyncSummary, ResyncTarget};
+use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
+
+/// The tail of the writes this Secondary applied for its Primary. A write that reached one
+/// Secondary but not another was not acknowledged by the other, so it was still in flight
+/// at the Primary, whose requests in flight are bounded
+/// ([`crate::datapath::PrimaryConfig::max_inflight_bytes`]); every such write is therefore
+/// among the last writes this Secondary applied. The tail keeps twice that bound (writes of
+/// one epoch may be acknowledged out of order).
+#[derive(Default)]
+pub(super) struct RecentPeerWrites {
+    /// (offset, len, cost), oldest first.
+    ranges: VecDeque<(u64, u64, u64)>,
+    cost: u64,
+}
+
+/// Cost of a trim/zeroing request in the tail (it carries no data, like the data path's
+/// nominal request cost).
+const NOMINAL_COST: u64 = 4096;
+
+impl RecentPeerWrites {
+    fn limit() -> u64 {
+        2 * crate::datapath::default_max_inflight_bytes() as u64
+    }
+
+    fn record(&mut self, offset: u64, len: u64, cost: u64) {
+        if len == 0 {
+            return;
+        }
+        match self.ranges.back_mut() {
+            // Sequential writes coalesce (bounded memory for small writes).
+            Some((o, l, c)) if o.saturating_add(*l) == offset => {
+                *l = l.saturating_add(len);
+                *c = c.saturating_add(cost);
+            }
+            _ => self.ranges.push_back((offset, len, cost)),
+        }
+        self.cost = self.cost.saturating_add(cost);
+        while self.cost > Self::limit() && self.ranges.len() > 1 {
+            if let Some((_, _, c)) = self.ranges.pop_front() {
+                self.cost = self.cost.saturating_sub(c);
+            }
+        }
+    }
+
+    /// The ranges of the tail; the tail is emptied.
+    pub(super) fn take(&mut self) -> Vec<(u64, u64)> {
+        self.cost = 0;
+        self.ranges.drain(..).map(|(o, l, _)| (o, l)).collect()
+    }
+}
+
+/// The device a Primary's replicated writes are applied through on a Secondary: records
+/// each write in the replica's [`RecentPeerWrites`] before applying it.
+pub(super) struct RecordingDevice {
+    pub inner: Arc<dyn BackingDevice>,
+    pub recent: Arc<Mutex<RecentPeerWrites>>,
+}
+
+impl RecordingDevice {
+    fn note(&self, offset: u64, len: u64, cost: u64) {
+        lock(&self.recent).record(offset, len, cost);
+    }
+}
+
+impl BackingDevice for RecordingDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.note(offset, buf.len() as u64, buf.len() as u64);
+        self.inner.write_at(buf, offset)
+    }
+    fn write_at_durable(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.note(offset, buf.len() as u64, buf.len() as u64);
+        self.inner.write_at_durable(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.note(offset, len, NOMINAL_COST);
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DeviceError> {
+        self.note(offset, len, NOMINAL_COST);
+        self.inner.write_zeroes(offset, len, may_unmap)
+    }
+    fn set_size(&self, size: u64) {
+        self.inner.set_size(size)
+    }
+}
+
+/// The Secondary's side of a reconciliation with its Primary on link `link_id`: resync
+/// data is applied by `datapath::run_secondary` like a handshake resync's; at the end the
+/// bits for the Primary are cleared and the replica is UpToDate again. A `Done` that
+/// arrives while no reconciliation runs (none was requested on this link) changes nothing.
+pub(super) struct ReconcileHooks {
+    pub replica: Weak<Replica>,
+    pub primary: String,
+    pub link_id: u64,
+}
+
+impl ResyncTarget for ReconcileHooks {
+    fn written(&self, offset: u64, len: u64) {
+        // The Primary's data now differs from what disconnected data peers may hold; the
+        // connected ones get the same blocks from the Primary (or reconcile with it).
+        let Some(r) = self.replica.upgrade() else {
+            return;
+        };
+        let away: Vec<String> = lock(&r.st)
+            .peers
+            .values()
+            .filter(|p| {
+                !p.spec.diskless
+                    && p.spec.name != self.primary
+                    && p.conn != ConnectionState::Connected
+            })
+            .map(|p| p.spec.name.clone())
+            .collect();
+        let mut bms = lock(&r.bitmaps);
+        for peer in away {
+            if let Some(bm) = bms.get_mut(&peer) {
+                let _ = bm.set_range(offset, len);
+            }
+        }
+    }
+
+    fn finished(&self, summary: &ResyncSummary) -> Result<(), String> {
+        let Some(r) = self.replica.upgrade() else {
+            return Err("replica closed".into());
+        };
+        let ours = lock(&r.st)
+            .peers
+            .get(&self.primary)
+            .is_some_and(|p| p.link_id == self.link_id && p.reconciling);
+        if !ours {
+            return Ok(());
+        }
+        {
+            let mut store = lock(&r.meta);
+            let Some(store) = store.as_mut() else {
+                return Err("replica closed".into());
+            };
+            {
+                let mut bms = lock(&r.bitmaps);
+                // The Primary resynced the union of both sides' bits.
+                if let Some(bm) = bms.get_mut(&self.primary) {
+                    bm.clear_all();
+                }
+                for (p, bm) in bms.iter_mut() {
+                    store
+                        .flush_bitmap(p, bm)
+                        .map_err(|e| format!("persisting the bitmap of {p}: {e}"))?;
+                }
+            }
+            let meta = {
+                let mut st = lock(&r.st);
+                let still_ours = st.peers.get_mut(&self.primary).is_some_and(|slot| {
+                    let ours = slot.link_id == self.link_id && slot.reconciling;
+                    if ours {
+                        slot.reconciling = false;
+                        slot.replication = ReplicationState::Established;
+                    }
+                    ours
+                });
+                if !still_ours {
+                    return Ok(());
+                }
+                if st.disk == DiskState::Inconsistent {
+                    st.disk = DiskState::UpToDate;
+                }
+                st.uuids.flags.consistent = true;
+                st.uuids.flags.was_up_to_date = true;
+                r.meta_snapshot(&st)
+            };
+            store
+                .write_superblock(&meta)
+                .map_err(|e| format!("writing the superblock: {e}"))?;
+        }
+        tracing::info!(volume = %r.volume(), primary = %self.primary, sent = summary.sent_bytes,
+            skipped = summary.skipped_bytes, "reconciled with the Primary: this replica is UpToDate");
+        r.broadcast_state();
+        r.notify();
+        // A pair that made this (then Inconsistent) replica SyncTarget of a Secondary
+        // waits for a Primary-free moment that may never come: decide it again.
+        let stale: Vec<crate::link::LinkSender> = lock(&r.st)
+            .peers
+            .values()
+            .filter(|p| {
+                p.spec.name != self.primary && p.replication == ReplicationState::SyncTarget
+            })
+            .filter_map(|p| p.sender.clone())
+            .collect();
+        for s in stale {
+            s.close("reconciled with the Primary; deciding this pair again");
+        }
+        Ok(())
+    }
+}
+
+impl Replica {
+    /// The link to `lost`, our Primary, went down: mark the tail of the writes applied for
+    /// it out of sync towards every other data peer (durably), so that whichever of us is
+    /// promoted next resyncs those blocks to the other (see the module doc). With two data
+    /// replicas there is no other data peer and nothing is marked.
+    pub(super) async fn mark_lost_primary_tail(&self, lost: &str) {
+        let tail = lock(&self.recent_peer_writes).take();
+        if tail.is_empty() || self.device.is_none() {
+            return;
+        }
+        let (others, follow): (Vec<String>, Vec<(String, u64)>) = {
+            let st = lock(&self.st);
+            if st.role == Role::Primary {
+                // Our own data path tracks what the peers miss.
+                return;
+            }
+            let others: Vec<String> = st
+                .peers
+                .values()
+                .filter(|p| !p.spec.diskless && p.spec.name != lost)
+                .map(|p| p.spec.name.clone())
+                .collect();
+            // Another Primary we already follow (two primaries): reconcile with it now.
+            let follow = st
+                .peers
+                .values()
+                .filter(|p| others.contains(&p.spec.name) && p.mode == LinkMode::Secondary)
+                .filter(|p| p.state.as_ref().is_some_and(|s| s.role == Role::Primary))
+                .map(|p| (p.spec.name.clone(), p.link_id))
+                .collect();
+            (others, follow)
+        };
+        if others.is_empty() {
+            return;
+        }
+        {
+            let mut bms = lock(&self.bitmaps);
+            for p in &others {
+                if let Some(bm) = bms.get_mut(p) {
+                    for (o, l) in &tail {
+                        let _ = bm.set_range(*o, *l);
+                    }
+                }
+            }
+        }
+        for p in &others {
+            if let Err(e) = self.flush_bitmap(p).await {
+                tracing::error!(volume = %self.volume, peer = %p, error = %e, "persisting the bitmap");
+            }
+        }
+        tracing::info!(volume = %self.volume, primary = %lost, ranges = tail.len(), peers = ?others,
+            "Primary lost: its last writes are marked out of sync towards the other replicas");
+        self.broadcast_state();
+        if let Some(me) = self.arc() {
+            for (p, id) in follow {
+                let me = me.clone();
+                self.spawn(async move { me.reconcile_with_primary(p, id).await });
+            }
+        }
+    }
+
+    /// This Secondary follows the Primary `primary` on link `id`: if either side has bits
+    /// for the other, become Inconsistent (durably) and ask the Primary to resync the
+    /// union (our bits travel as `BitmapRuns`; the Primary adds its own).
+    pub(super) async fn reconcile_with_primary(self: Arc<Self>, primary: String, id: u64) {
+        let (runs, sender) = {
+            let mut st = lock(&self.st);
+            if st.role == Role::Primary || st.closed {
+                return;
+            }
+            let mine = lock(&self.bitmaps)
+                .get(&primary)
+                .map(|b| b.runs().collect::<Vec<_>>())
+                .unwrap_or_default();
+            let Some(slot) = st.peers.get_mut(&primary) else {
+                return;
+            };
+            let follows = slot.link_id == id
+                && slot.mode == LinkMode::Secondary
+                && slot.replication == ReplicationState::Established
+                && !slot.reconciling
+                && slot.state.as_ref().is_some_and(|s| s.role == Role::Primary);
+            let theirs = slot.state.as_ref().map(|s| s.changed_blocks).unwrap_or(0);
+            if !follows || (mine.is_empty() && theirs == 0) {
+                return;
+            }
+            let Some(sender) = slot.sender.clone() else {
+                return;
+            };
+            slot.reconciling = true;
+            slot.replication = ReplicationState::SyncTarget;
+            st.disk = DiskState::Inconsistent;
+            st.uuids.flags.consistent = false;
+            (mine, sender)
+        };
+        // Inconsistent is durable before any block is overwritten: a crash in the middle
+        // leaves a replica that cannot be promoted and resyncs from the Primary.
+        if let Err(e) = self.persist().await {
+            tracing::error!(volume = %self.volume, error = %e, "persisting the reconciliation start");
+            sender.close("could not persist the reconciliation start");
+            return;
+        }
+        tracing::info!(volume = %self.volume, %primary, runs = runs.len(),
+            "reconciling the last writes of a lost Primary: resync from the Primary starts");
+        self.broadcast_state();
+        self.notify();
+        let mut chunks: Vec<&[(u64, u64)]> = runs.chunks(MAX_RUNS_PER_MESSAGE).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let n = chunks.len();
+        for (i, c) in chunks.into_iter().enumerate() {
+            let msg = EngineMessage::BitmapRuns {
+                runs: c.to_vec(),
+                last: i + 1 == n,
+            };
+            if sender.send(&msg.to_message()).await.is_err() {
+                // The link is down; the next handshake resyncs (we stay Inconsistent and
+                // keep our bits).
+                return;
+            }
+        }
+    }
+
+    /// The Primary's side: `peer`, a Secondary following us, sent its bits for us outside
+    /// a handshake (a reconciliation request). Merge them and resync the union as source
+    /// on the live link.
+    pub(super) fn on_reconcile_bits(&self, peer: &str, runs: Vec<(u64, u64)>, last: bool) {
+        let target = {
+            let mut st = lock(&self.st);
+            if st.role != Role::Primary {
+                None
+            } else {
+                match st.peers.get_mut(peer) {
+                    Some(slot)
+                        if !slot.spec.diskless
+                            && slot.mode == LinkMode::Attached
+                            && slot.conn == ConnectionState::Connected =>
+                    {
+                        {
+                            let mut bms = lock(&self.bitmaps);
+                            if let Some(bm) = bms.get_mut(peer) {
+                                for (o, l) in runs {
+                                    if let Err(e) = bm.set_range(o, l) {
+                                        tracing::warn!(volume = %self.volume, peer, error = %e,
+                                            "bad run in a reconciliation request; reconnecting");
+                                        if let Some(s) = &slot.sender {
+                                            s.close("bad reconciliation request");
+                                        }
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        if last {
+                            slot.replication = ReplicationState::SyncSource;
+                            slot.sender.clone().map(|s| (slot.link_id, s))
+                        } else {
+                            None
+                        }
+                    }
+                    _ => None,
+                }
+            }
+        };
+        if !last {
+            return;
+        }
+        match (target, self.arc()) {
+            (Some((id, sender)), Some(me)) => {
+                tracing::info!(volume = %self.volume, peer, "reconciling a lost Primary's last writes: resyncing them to the peer");
+                me.spawn_resync_source(peer, id, sender);
+            }
+            _ => {
+                tracing::warn!(volume = %self.volume, peer, "bitmap runs outside a handshake while not its Primary; ignored")
+            }
+        }
+    }
+}
