@@ -1119,3 +1119,123 @@ async fn a_fenced_primary_of_three_replicas_rejoins_up_to_date_with_both() {
 async fn a_fenced_primary_of_three_replicas_with_writes_in_flight_rejoins() {
     fence_and_rejoin_with_three_replicas(true).await;
 }
+
+/// Three data replicas, the Primary killed while a writer keeps requests in flight: the two
+/// survivors may each hold a different part of its unacknowledged last writes. Promotion
+/// does not wait for anything; afterwards the new Primary resyncs the blocks either
+/// survivor marked (its own tail and the other's) to the other, which ends identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn survivors_of_a_killed_primary_are_reconciled_after_the_promotion() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2", "hv3"],
+        &[],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let (a, b, d) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
+    for (r, others) in [
+        (&a, ["hv2", "hv3"]),
+        (&b, ["hv1", "hv3"]),
+        (&d, ["hv1", "hv2"]),
+    ] {
+        wait_for(r, "fully connected", 10, |s| {
+            others.iter().all(|o| established(s, o)) && s.quorum
+        })
+        .await;
+    }
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 2, 5).await;
+    let writers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                for i in 0u64.. {
+                    let block = 512 + (w * 997 + i * 13) % 4096;
+                    if a.write(block * 4096, data(block + i, 4096), false)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(a);
+    c.kill("hv1");
+    for w in writers {
+        let _ = w.await;
+    }
+    wait_for(&b, "hv2 sees hv1 gone", 10, |s| {
+        peer(s, "hv1").connection != ConnectionState::Connected && s.quorum
+    })
+    .await;
+    // Past the two-phase commit's wait for a member whose link just ended (3 s), the
+    // promotion itself waits for nothing (no reconciliation before it).
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let started = std::time::Instant::now();
+    b.promote().await.unwrap();
+    let promotion = started.elapsed();
+    assert!(
+        promotion < Duration::from_secs(1),
+        "promotion waited for something: {promotion:?}"
+    );
+    // The new Primary serves writes during the reconciliation.
+    write_mib(&b, 20, 1, 9).await;
+    wait_converged(&b, &d, 30).await;
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv2"), c.disk_hash("hv3"));
+}
+
+/// A clean switchover (demote, then promote another node) leaves nothing in flight: the
+/// Secondaries do not mark anything towards each other and nothing is resynced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_switchover_of_three_replicas_marks_nothing() {
+    let c = Cluster::new(
+        &["hv1", "hv2", "hv3"],
+        &[],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let (a, b, d) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
+    let all = ["hv1", "hv2", "hv3"];
+    let fully_connected = |name: &'static str| {
+        move |s: &replication::replica::ReplicaStatus| {
+            all.iter()
+                .filter(|o| **o != name)
+                .all(|o| established(s, o))
+        }
+    };
+    wait_for(&a, "hv1 connected", 10, fully_connected("hv1")).await;
+    wait_for(&b, "hv2 connected", 10, fully_connected("hv2")).await;
+    wait_for(&d, "hv3 connected", 10, fully_connected("hv3")).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 4, 21).await;
+    a.demote().await.unwrap();
+    for r in [&b, &d] {
+        wait_for(r, "hv1 seen Secondary", 10, |s| {
+            established(s, "hv1") && peer(s, "hv1").role == Role::Secondary
+        })
+        .await;
+    }
+    for (r, name) in [(&a, "hv1"), (&b, "hv2"), (&d, "hv3")] {
+        wait_for(r, "reconnected as Secondary", 10, fully_connected(name)).await;
+    }
+    b.promote().await.unwrap();
+    write_mib(&b, 8, 1, 22).await;
+    for r in [&a, &b, &d] {
+        let s = r.status();
+        assert_eq!(s.disk_state, DiskState::UpToDate, "{s:#?}");
+        for p in &s.peers {
+            assert_eq!(p.out_of_sync_bytes, 0, "{s:#?}");
+            assert!(p.resync.is_none(), "{s:#?}");
+        }
+    }
+    wait_converged(&b, &d, 10).await;
+    wait_converged(&b, &a, 10).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+    assert_eq!(c.disk_hash("hv3"), c.disk_hash("hv2"));
+}

@@ -407,3 +407,47 @@ impl Replica {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_coalesces_sequential_writes_and_keeps_separate_ones() {
+        let mut t = RecentPeerWrites::default();
+        t.record(0, 4096, 4096);
+        t.record(4096, 8192, 8192);
+        t.record(1 << 20, 4096, 4096);
+        t.record(0, 0, 0);
+        assert_eq!(t.take(), vec![(0, 12288), (1 << 20, 4096)]);
+        assert!(t.take().is_empty(), "take empties the tail");
+    }
+
+    #[test]
+    fn the_tail_keeps_twice_the_in_flight_bound_and_drops_the_oldest() {
+        let mut t = RecentPeerWrites::default();
+        let chunk = 1u64 << 20;
+        let limit = RecentPeerWrites::limit();
+        let n = limit / chunk + 10;
+        // Non-adjacent writes (a gap between each), so nothing coalesces.
+        for i in 0..n {
+            t.record(i * 2 * chunk, chunk, chunk);
+        }
+        let ranges = t.take();
+        assert_eq!(ranges.len() as u64, limit / chunk);
+        assert_eq!(ranges.last(), Some(&((n - 1) * 2 * chunk, chunk)));
+        assert_eq!(
+            ranges.first(),
+            Some(&((n - limit / chunk) * 2 * chunk, chunk))
+        );
+    }
+
+    #[test]
+    fn trims_and_zeroing_cost_a_nominal_amount() {
+        let mut t = RecentPeerWrites::default();
+        // A huge trim does not push the writes before it out of the tail.
+        t.record(0, 4096, 4096);
+        t.record(1 << 30, 1 << 40, NOMINAL_COST);
+        assert_eq!(t.take(), vec![(0, 4096), (1 << 30, 1 << 40)]);
+    }
+}
