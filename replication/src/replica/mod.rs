@@ -54,6 +54,11 @@
 //!   concurrent promotions the node whose name sorts first wins, collisions through a
 //!   third member are retried after a random backoff. A disconnected member is not asked
 //!   (quorum covers that; with quorum off, a split brain is detected at the handshake).
+//! - **A lost Primary's in-flight writes** (3+ data replicas, `reconcile.rs`): a Secondary
+//!   marks the tail of the writes it applied towards the other data replicas when its
+//!   Primary's link drops (not after a clean demotion); after a promotion the new Primary
+//!   resyncs the union of both sides' bits to each Secondary on the live link. Promotion
+//!   never waits for it.
 //! - **Not yet**: no `primary --force`
 //!   for a lone Consistent replica; with 3+ data replicas a Secondary→Secondary resync is
 //!   deferred while a Primary is connected, and third-node bitmap slots fall back to a
