@@ -783,9 +783,22 @@ impl Replica {
                 };
                 let sender = link.sender.clone();
                 primary.attach_peer(link);
-                self.set_mode(peer, id, LinkMode::Attached);
+                // Mode and resync state read together: a reconciliation request that
+                // arrives meanwhile (`reconcile.rs`) either finds the link attached and
+                // starts the resync itself, or marks SyncSource for this check.
+                let syncing = {
+                    let mut st = lock(&self.st);
+                    match st.peers.get_mut(peer) {
+                        Some(slot) if slot.link_id == id => {
+                            slot.mode = LinkMode::Attached;
+                            slot.replication == ReplicationState::SyncSource
+                        }
+                        _ => false,
+                    }
+                };
+                self.notify();
                 drop(gate.take());
-                if replication == ReplicationState::SyncSource {
+                if syncing {
                     self.spawn_resync_source(peer, id, sender.clone());
                 }
                 sender.closed().await;

@@ -364,7 +364,7 @@ impl Replica {
                 match st.peers.get_mut(peer) {
                     Some(slot)
                         if !slot.spec.diskless
-                            && slot.mode == LinkMode::Attached
+                            && matches!(slot.mode, LinkMode::Attached | LinkMode::Idle)
                             && slot.conn == ConnectionState::Connected =>
                     {
                         {
@@ -384,6 +384,11 @@ impl Replica {
                         }
                         if last {
                             slot.replication = ReplicationState::SyncSource;
+                            // Promoted a moment ago, the link not in the data path yet:
+                            // `data_link` starts the resync once it attached the link.
+                            if slot.mode == LinkMode::Idle {
+                                return;
+                            }
                             slot.sender.clone().map(|s| (slot.link_id, s))
                         } else {
                             None
@@ -402,7 +407,16 @@ impl Replica {
                 me.spawn_resync_source(peer, id, sender);
             }
             _ => {
-                tracing::warn!(volume = %self.volume, peer, "bitmap runs outside a handshake while not its Primary; ignored")
+                // Not (or no longer) this peer's Primary on a usable link: a handshake
+                // sorts it out (the peer stays Inconsistent with its bits until then).
+                tracing::warn!(volume = %self.volume, peer, "reconciliation request while not the peer's Primary; reconnecting");
+                let sender = lock(&self.st)
+                    .peers
+                    .get(peer)
+                    .and_then(|p| p.sender.clone());
+                if let Some(s) = sender {
+                    s.close("reconciliation request while not the peer's Primary");
+                }
             }
         }
     }
