@@ -1189,6 +1189,86 @@ async fn survivors_of_a_killed_primary_are_reconciled_after_the_promotion() {
     assert_eq!(c.disk_hash("hv2"), c.disk_hash("hv3"));
 }
 
+/// A reconciliation cut off by a crash of the Secondary being reconciled: the replica comes
+/// back Inconsistent (never promotable with half-reconciled blocks), its bits are still on
+/// disk, and the handshake with the Primary resyncs the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reconciliation_cut_off_by_a_crash_resumes_at_the_next_handshake() {
+    let slow = ReplicaOptions {
+        resync: replication::resync::ResyncConfig {
+            max_rate_bytes_per_sec: MIB,
+            min_rate_bytes_per_sec: MIB,
+            chunk_bytes: 256 * 1024,
+            ..Default::default()
+        },
+        ..ReplicaOptions::default()
+    };
+    let mut c = Cluster::new(&["hv1", "hv2", "hv3"], &[], 32 * MIB, slow).await;
+    let (a, b, d) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
+    for (r, others) in [
+        (&a, ["hv2", "hv3"]),
+        (&b, ["hv1", "hv3"]),
+        (&d, ["hv1", "hv2"]),
+    ] {
+        wait_for(r, "fully connected", 10, |s| {
+            others.iter().all(|o| established(s, o)) && s.quorum
+        })
+        .await;
+    }
+    a.promote().await.unwrap();
+    // Scattered writes, so the tail is many ranges and the reconciliation takes seconds.
+    for i in 0..1024u64 {
+        let block = (i * 37) % 8192;
+        a.write(block * 4096, data(i, 4096), false).await.unwrap();
+    }
+    a.flush().await.unwrap();
+    drop(a);
+    c.kill("hv1");
+    wait_for(&b, "hv2 sees hv1 gone", 10, |s| {
+        peer(s, "hv1").connection != ConnectionState::Connected && s.quorum
+    })
+    .await;
+    wait_for(
+        &d,
+        "hv3 marks the lost Primary's tail towards hv2",
+        10,
+        |s| {
+            peer(s, "hv1").connection != ConnectionState::Connected
+                && peer(s, "hv2").out_of_sync_bytes > 0
+                && s.disk_state == DiskState::UpToDate
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    b.promote().await.unwrap();
+    wait_for(&d, "hv3 reconciling", 10, |s| {
+        s.disk_state == DiskState::Inconsistent
+            && peer(s, "hv2").replication == ReplicationState::SyncTarget
+    })
+    .await;
+    wait_for(&b, "part of the reconciliation sent", 10, |s| {
+        peer(s, "hv3")
+            .resync
+            .as_ref()
+            .is_some_and(|r| r.done_bytes >= 512 * 1024 && r.done_bytes < r.total_bytes)
+    })
+    .await;
+    drop(d);
+    c.kill("hv3");
+    c.restart("hv3").await;
+    let d = c.r("hv3");
+    assert_eq!(d.status().disk_state, DiskState::Inconsistent);
+    // Full speed for the rest.
+    for r in [&b, &d] {
+        r.set_options(ReplicaOptions::default()).unwrap();
+    }
+    wait_for(&b, "hv2 has quorum again", 20, |s| s.quorum).await;
+    write_mib(&b, 16, 1, 31).await;
+    wait_converged(&b, &d, 30).await;
+    b.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv2"), c.disk_hash("hv3"));
+}
+
 /// A clean switchover (demote, then promote another node) leaves nothing in flight: the
 /// Secondaries do not mark anything towards each other and nothing is resynced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
