@@ -8,7 +8,8 @@
 //! target Inconsistent, durably), the target sends its bitmap so the source resyncs the
 //! union, then the source runs `resync::run_resync_source` on the link (attached to the
 //! data path when it is Primary) and the target applies it in `run_secondary` with the
-//! engine's hooks (`sync.rs`).
+//! engine's hooks (`sync.rs`). A Secondary following a Primary may also ask it for a
+//! resync on the live link, outside any handshake (`reconcile.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -58,7 +58,11 @@
 //!   marks the tail of the writes it applied towards the other data replicas when its
 //!   Primary's link drops (not after a clean demotion); after a promotion the new Primary
 //!   resyncs the union of both sides' bits to each Secondary on the live link. Promotion
-//!   never waits for it.
+//!   never waits for it. Two handshake rules go with it (`connection.rs`, `settle`): two
+//!   Secondaries at equal generations of which exactly one is Inconsistent resync towards
+//!   the Inconsistent one ("no sync" must not make it UpToDate), and two UpToDate
+//!   Secondaries with bits for each other while a Primary is known connect without a
+//!   resync and keep their bits.
 //! - **Not yet**: no `primary --force`
 //!   for a lone Consistent replica; with 3+ data replicas a Secondary→Secondary resync is
 //!   deferred while a Primary is connected, and third-node bitmap slots fall back to a
