@@ -1385,12 +1385,10 @@ impl SecondaryState {
                 inline: true,
             } = &item
             {
-                {
-                    let ack = apply_request(&*self.device, *seq, *offset, op);
-                    self.held -= held;
-                    let _ = self.sender.send_control(&ack);
-                    continue;
-                }
+                let ack = apply_request(&*self.device, *seq, *offset, op);
+                self.held -= held;
+                let _ = self.sender.send_control(&ack);
+                continue;
             }
             self.inflight += 1;
             let device = self.device.clone();
