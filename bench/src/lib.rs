@@ -93,6 +93,34 @@ fn fio_with(uri: &str, row: &Row, extra: &[&str]) -> Result<f64> {
     value.context("fio JSON lacks the measured value")
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/PID/stat`.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .context("short /proc/PID/stat")?
+            .parse()
+            .context("parsing /proc/PID/stat")
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&hz| hz > 0)
+        .context("sysconf(_SC_CLK_TCK)")?;
+    Ok(Duration::from_micros(
+        (ticks(11)? + ticks(12)?) * 1_000_000 / hz,
+    ))
+}
+
 /// `nbd+unix:///EXPORT?socket=SOCKET`
 pub fn nbd_uri(export: &str, socket: &Path) -> String {
     format!("nbd+unix:///{export}?socket={}", socket.display())

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  application          Primary                                  Secondary
-//!     | submit_write        |-- local write (blocking pool) --.        |
+//!     | submit_write        |-- local write -------------------.        |
 //!     |-------------------> |-- Write{seq,epoch,..} -----------|-----> | RecvAck (if B)
 //!     |                     |                                  |       | device write
 //!     |                     | <------------------------------- |------ | WriteAck{seq}
@@ -48,6 +48,11 @@
 //!   ([`PrimaryConfig::max_inflight_bytes`]); each link has a send budget; the Secondary
 //!   stops reading from the link while [`SecondaryConfig::max_held_bytes`] are received but
 //!   not yet applied. No lock is held across I/O or across an await.
+//! - **Thread hand-offs.** Most device calls block, so they run on tokio's blocking pool.
+//!   A small page-aligned cached write ([`write_is_inline`]) is cheaper than the two
+//!   thread switches of that hand-off, so both sides apply it on the task that handles it:
+//!   the Primary after queueing the request to its peers (and yielding once, so the link
+//!   writers send it first), the Secondary in its receive loop, which answers at once.
 //! - **Overlapping requests.** A request waits until no request in flight overlaps its
 //!   range (DRBD's conflicting-write wait), so overlapping writes reach every replica in
 //!   the same order and concurrent writes to one block cannot leave replicas different.
@@ -151,6 +156,22 @@ pub fn default_peer_ack_timeout() -> Duration {
 
 /// Cost charged to budgets for a request without payload.
 const NOMINAL_REQUEST_COST: usize = 4096;
+/// Writes up to this size (see [`write_is_inline`]).
+const INLINE_WRITE_MAX: usize = 128 << 10;
+
+/// Whether a write is applied on the calling task rather than on the blocking pool: a small,
+/// page-aligned write without FUA to a device with [`BackingDevice::cached_writes`] only
+/// copies into the page cache (no read of a partial page, no flush), which costs less than
+/// the two thread switches of a hand-off. It blocks at most for the kernel's dirty-page
+/// throttling, a pause of at most 200 ms.
+pub fn write_is_inline(device: &dyn BackingDevice, offset: u64, len: usize, fua: bool) -> bool {
+    const PAGE: u64 = 4096;
+    !fua && len <= INLINE_WRITE_MAX
+        && offset.is_multiple_of(PAGE)
+        && (len as u64).is_multiple_of(PAGE)
+        && device.cached_writes()
+}
+
 /// Room for a frame's header and fixed fields.
 const FRAME_OVERHEAD: usize = 64;
 
@@ -198,6 +219,11 @@ impl Op {
             Op::Trim { .. } => "trim",
             Op::WriteZeroes { .. } => "write zeroes",
         }
+    }
+
+    /// See [`write_is_inline`].
+    fn applies_inline(&self, device: &dyn BackingDevice, offset: u64) -> bool {
+        matches!(self, Op::Write { data, fua } if write_is_inline(device, offset, data.len(), *fua))
     }
 
     fn apply(&self, device: &dyn BackingDevice, offset: u64) -> Result<(), DeviceError> {
@@ -706,10 +732,13 @@ impl Primary {
 
         let _range = inner.claim_range(offset, len, true).await;
 
-        // The local disk starts now, in parallel with the peers.
-        let device = inner.device.clone();
-        let local_op = op.clone();
-        let local = tokio::task::spawn_blocking(move || local_op.apply(&*device, offset));
+        // A large or durable request starts on the local disk now, in parallel with the
+        // peers; a small cached write is done on this task once the peers have it.
+        let blocking = (!op.applies_inline(&*inner.device, offset)).then(|| {
+            let device = inner.device.clone();
+            let local_op = op.clone();
+            tokio::task::spawn_blocking(move || local_op.apply(&*device, offset))
+        });
 
         // Room on every connected peer's link, taken before the critical section.
         let peers = lock(&inner.state).peers.clone();
@@ -775,7 +804,15 @@ impl Primary {
             (inner.on_out_of_sync)(peer, offset, len);
         }
 
-        let local = local.await;
+        let local = match blocking {
+            Some(task) => task.await,
+            None => {
+                // Let the link writers (woken above, queued on this worker) put the request
+                // on the wire before this task spends its time on the local copy.
+                tokio::task::yield_now().await;
+                Ok(op.apply(&*inner.device, offset))
+            }
+        };
         let mut unacknowledged = lost;
         unacknowledged.extend(wait_for_peers(inner, waits, "request", seq).await);
 
@@ -1026,6 +1063,9 @@ enum Item {
         seq: u64,
         offset: u64,
         op: Op,
+        /// Applied on the receive loop ([`write_is_inline`]; never under protocol B, whose
+        /// acknowledgement on receipt must not wait behind a write).
+        inline: bool,
     },
     Flush {
         id: u64,
@@ -1189,6 +1229,7 @@ impl SecondaryState {
                 seq: r.seq,
                 offset: r.offset,
                 op,
+                inline: false,
             },
             FRAME_OVERHEAD,
         ))
@@ -1255,6 +1296,8 @@ impl SecondaryState {
                     let _ = self.sender.send_control(&Message::RecvAck { seq: w.seq });
                 }
                 let held = w.data.len() + FRAME_OVERHEAD;
+                let inline = !w.ack_on_receive
+                    && write_is_inline(&*self.device, w.offset, w.data.len(), w.fua);
                 let op = Op::Write {
                     data: w.data,
                     fua: w.fua,
@@ -1264,6 +1307,7 @@ impl SecondaryState {
                         seq: w.seq,
                         offset: w.offset,
                         op,
+                        inline,
                     },
                     held,
                 )
@@ -1334,6 +1378,18 @@ impl SecondaryState {
             let Some((item, held)) = self.queue.pop_front() else {
                 return;
             };
+            if let Item::Request {
+                seq,
+                offset,
+                op,
+                inline: true,
+            } = &item
+            {
+                let ack = apply_request(&*self.device, *seq, *offset, op);
+                self.held -= held;
+                let _ = self.sender.send_control(&ack);
+                continue;
+            }
             self.inflight += 1;
             let device = self.device.clone();
             let done_tx = self.done_tx.clone();
@@ -1362,16 +1418,9 @@ impl SecondaryState {
                     Item::ResyncDone { summary } => {
                         finish_resync_target(&*device, hooks.as_ref(), &summary)
                     }
-                    Item::Request { seq, offset, op } => {
-                        let outcome = match op.apply(&*device, offset) {
-                            Ok(()) => WriteOutcome::Written,
-                            Err(e) => {
-                                tracing::error!(error = %e, "replicated {} failed on this replica", op.name());
-                                WriteOutcome::Failed
-                            }
-                        };
-                        Message::WriteAck { seq, outcome }
-                    }
+                    Item::Request {
+                        seq, offset, op, ..
+                    } => apply_request(&*device, seq, offset, &op),
                     Item::Flush { id } => {
                         if let Err(e) = device.flush() {
                             let _ = done_tx.send(Done {
@@ -1393,6 +1442,18 @@ impl SecondaryState {
             });
         }
     }
+}
+
+/// Apply a replicated request on this replica and build its acknowledgement.
+fn apply_request(device: &dyn BackingDevice, seq: u64, offset: u64, op: &Op) -> Message {
+    let outcome = match op.apply(device, offset) {
+        Ok(()) => WriteOutcome::Written,
+        Err(e) => {
+            tracing::error!(error = %e, "replicated {} failed on this replica", op.name());
+            WriteOutcome::Failed
+        }
+    };
+    Message::WriteAck { seq, outcome }
 }
 
 /// A resync write on the target finished: tell the engine (before the acknowledgement).

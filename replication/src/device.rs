@@ -74,6 +74,13 @@ pub trait BackingDevice: Send + Sync + 'static {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DeviceError>;
     /// Tell the device its size changed (after the pool grew the file or LV underneath).
     fn set_size(&self, size: u64);
+    /// True when a write without FUA only copies into the kernel's page cache (a file or
+    /// block device opened without `O_DIRECT`), so it returns in microseconds unless the
+    /// kernel throttles dirty pages. The data path then applies small writes without a
+    /// thread hand-off (`crate::datapath::write_is_inline`).
+    fn cached_writes(&self) -> bool {
+        false
+    }
 }
 
 /// Positional I/O on a regular file or a block device.
@@ -278,6 +285,11 @@ impl BackingDevice for FileDevice {
 
     fn set_size(&self, size: u64) {
         self.size.store(size, Ordering::Release);
+    }
+
+    /// Opened without `O_DIRECT`.
+    fn cached_writes(&self) -> bool {
+        true
     }
 }
 

@@ -34,8 +34,11 @@ enum Event {
 }
 
 /// A FileDevice that can hold writes at a gate, delay writes at chosen offsets, record
-/// write start/end order, and count flushes and durable writes.
+/// write start/end order, and count flushes and durable writes. Its writes may block, so
+/// the data path hands them to the blocking pool, unless `cached` says they only copy into
+/// a cache (then small ones are applied inline, see `datapath::write_is_inline`).
 struct TestDevice {
+    cached: AtomicBool,
     inner: FileDevice,
     open: Mutex<bool>,
     gate: Condvar,
@@ -50,6 +53,7 @@ struct TestDevice {
 impl TestDevice {
     fn new(path: &Path) -> Arc<Self> {
         Arc::new(TestDevice {
+            cached: AtomicBool::new(false),
             inner: FileDevice::open(path).unwrap(),
             open: Mutex::new(true),
             gate: Condvar::new(),
@@ -132,6 +136,9 @@ impl BackingDevice for TestDevice {
     }
     fn set_size(&self, size: u64) {
         self.inner.set_size(size)
+    }
+    fn cached_writes(&self) -> bool {
+        self.cached.load(Ordering::SeqCst)
     }
 }
 
@@ -229,9 +236,15 @@ async fn pair(
 }
 
 async fn replicate_16_mib(protocol: ReplicationProtocol) {
+    replicate_16_mib_with(protocol, false).await
+}
+
+async fn replicate_16_mib_with(protocol: ReplicationProtocol, cached: bool) {
     let size = 17 * MIB;
     let p = disk(size);
     let s = disk(size);
+    p.dev.cached.store(cached, Ordering::SeqCst);
+    s.dev.cached.store(cached, Ordering::SeqCst);
     let pair = pair(protocol, p.dev.clone(), s.dev.clone()).await;
     assert_eq!(
         pair.primary.connected_peers(),
@@ -317,11 +330,29 @@ async fn protocol_c_replicates_16_mib_byte_identical() {
     replicate_16_mib(ReplicationProtocol::C).await;
 }
 
+/// Writes up to 256 KiB, so both the inline path (up to 128 KiB) and the blocking pool
+/// carry them on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_c_replicates_16_mib_byte_identical_on_cached_devices() {
+    replicate_16_mib_with(ReplicationProtocol::C, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_a_replicates_16_mib_byte_identical_on_cached_devices() {
+    replicate_16_mib_with(ReplicationProtocol::A, true).await;
+}
+
 /// With the secondary's device holding writes, a write completes under A and B (local +
 /// queued / received) but not under C (needs the peer's disk), until the device proceeds.
 async fn ack_point(protocol: ReplicationProtocol) -> bool {
+    ack_point_with(protocol, false).await
+}
+
+async fn ack_point_with(protocol: ReplicationProtocol, cached: bool) -> bool {
     let p = disk(4 * MIB);
     let s = disk(4 * MIB);
+    p.dev.cached.store(cached, Ordering::SeqCst);
+    s.dev.cached.store(cached, Ordering::SeqCst);
     let pair = pair(protocol, p.dev.clone(), s.dev.clone()).await;
     s.dev.set_gate(false);
     let primary = pair.primary.clone();
@@ -361,6 +392,14 @@ async fn protocol_b_completes_when_the_peer_received_the_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_a_completes_before_the_peer_disk_write() {
     assert!(ack_point(ReplicationProtocol::A).await);
+}
+
+/// The same acknowledgement points when both sides apply the write inline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_points_hold_for_inline_writes() {
+    assert!(!ack_point_with(ReplicationProtocol::C, true).await);
+    assert!(ack_point_with(ReplicationProtocol::B, true).await);
+    assert!(ack_point_with(ReplicationProtocol::A, true).await);
 }
 
 /// Under A the primary completes X at once; Y, issued after X completed, belongs to a

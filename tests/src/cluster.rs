@@ -119,6 +119,10 @@ impl Host {
     pub fn running(&self) -> bool {
         self.daemon.is_some()
     }
+    /// The pid of the host's `tandemd` (`ip netns exec` execs it in place).
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
 }
 
 /// The running cluster. See the module doc.

@@ -1,10 +1,12 @@
 //! An [`ExportHandle`] over one local [`BackingDevice`]: the I/O path of a volume that has no
-//! peer to replicate to. Device calls block, so each runs on tokio's blocking pool.
+//! peer to replicate to. Device calls block, so each runs on tokio's blocking pool, except
+//! small cached writes ([`write_is_inline`]), as on a replicated volume.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use replication::datapath::write_is_inline;
 use replication::device::{BackingDevice, DeviceError};
 
 use crate::frontend::{ExportHandle, ExportIoError, IoErrorKind};
@@ -94,6 +96,12 @@ impl ExportHandle for LocalExport {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportIoError> {
         self.check_writable()?;
+        if write_is_inline(self.device.as_ref(), offset, data.len(), fua) {
+            return self
+                .device
+                .write_at(&data, offset)
+                .map_err(|e| device_error(&self.name, e));
+        }
         self.run(move |dev| {
             if fua {
                 dev.write_at_durable(&data, offset)

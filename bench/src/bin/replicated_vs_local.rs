@@ -31,10 +31,11 @@
 //!  sudo target/release/replicated_vs_local`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tandem_bench::{fio, fio_fill, nbd_uri, settle, QemuNbd, Row};
+use tandem_bench::{cpu_time, fio, fio_fill, nbd_uri, settle, QemuNbd, Row};
 use tandem_tests::cluster::{Cluster, ClusterSpec};
 
 /// Replicated (protocol C, peer in another namespace) vs unreplicated Tandem volume vs
@@ -100,24 +101,56 @@ const ROWS: &[Row] = &[
     },
 ];
 
-/// One thing fio measures: its NBD URI, the backing files to settle before a run, and
-/// whether it is the replicated volume (whose peer must stay in sync through every run).
+/// One thing fio measures: its NBD URI, the backing files to settle before a run, whether
+/// it is the replicated volume (whose peer must stay in sync through every run), and the
+/// daemons whose CPU time it costs.
 struct Target {
     uri: String,
     files: Vec<PathBuf>,
     replicated: bool,
+    daemons: Vec<u32>,
+}
+
+/// What one fio run measured: the row's value and each daemon's CPU time per unit (per
+/// request for IOPS rows, per MiB otherwise) over fio's measuring window.
+struct Measured {
+    value: f64,
+    cpu_per_unit: Vec<Duration>,
 }
 
 impl Target {
-    fn measure(&self, cluster: &Cluster, row: &Row, args: &Args) -> Result<f64> {
+    fn measure(&self, cluster: &Cluster, row: &Row, args: &Args) -> Result<Measured> {
         for file in &self.files {
             settle(file, args.warm)?;
         }
+        // Sample the daemons' CPU time over the same window fio measures (after its 1 s
+        // ramp, for `runtime` seconds).
+        let pids = self.daemons.clone();
+        let window = Duration::from_secs(args.runtime.into());
+        let sampler = std::thread::spawn(move || -> Result<Vec<Duration>> {
+            std::thread::sleep(Duration::from_secs(1));
+            let before = pids
+                .iter()
+                .map(|&p| cpu_time(p))
+                .collect::<Result<Vec<_>>>()?;
+            std::thread::sleep(window);
+            pids.iter()
+                .zip(before)
+                .map(|(&p, b)| Ok(cpu_time(p)?.saturating_sub(b)))
+                .collect()
+        });
         let value = fio(&self.uri, row, args.runtime)?;
+        let cpu = sampler
+            .join()
+            .map_err(|_| anyhow::anyhow!("CPU sampler panicked"))??;
         if self.replicated {
             check_in_sync(cluster)?;
         }
-        Ok(value)
+        let units = (value * window.as_secs_f64()).max(1.0);
+        Ok(Measured {
+            value,
+            cpu_per_unit: cpu.iter().map(|c| c.div_f64(units)).collect(),
+        })
     }
 }
 
@@ -220,6 +253,13 @@ fn main() -> Result<()> {
     let _qemu = QemuNbd::start(&qemu_sock, &qemu_file, QEMU_EXPORT)?;
 
     let hv1_sock = cluster.nbd_socket("hv1");
+    let pid = |host: &str| {
+        cluster
+            .host(host)
+            .daemon_pid()
+            .with_context(|| format!("tandemd on {host} is not running"))
+    };
+    let (hv1, hv2) = (pid("hv1")?, pid("hv2")?);
     let targets = [
         (
             "replicated",
@@ -230,6 +270,7 @@ fn main() -> Result<()> {
                     cluster.image_path("hv2", REPLICATED),
                 ],
                 replicated: true,
+                daemons: vec![hv1, hv2],
             },
         ),
         (
@@ -238,6 +279,7 @@ fn main() -> Result<()> {
                 uri: nbd_uri(LOCAL, &hv1_sock),
                 files: vec![cluster.image_path("hv1", LOCAL)],
                 replicated: false,
+                daemons: vec![hv1],
             },
         ),
         (
@@ -246,6 +288,7 @@ fn main() -> Result<()> {
                 uri: nbd_uri(QEMU_EXPORT, &qemu_sock),
                 files: vec![qemu_file.clone()],
                 replicated: false,
+                daemons: vec![],
             },
         ),
     ];
@@ -265,6 +308,7 @@ fn main() -> Result<()> {
         "{:<18} {:>11} {:>13} {:>10}  {:>12} {:>13}  unit",
         "row", "replicated", "unreplicated", "qemu-nbd", "repl/unrepl", "repl/qemu-nbd"
     );
+    let mut cpu_rows = Vec::new();
     for row in ROWS {
         if args
             .only
@@ -273,25 +317,47 @@ fn main() -> Result<()> {
         {
             continue;
         }
-        let mut best = [0f64; 3];
+        let mut best: [Option<Measured>; 3] = [None, None, None];
         for _ in 0..args.repeat.max(1) {
             for (i, (name, target)) in targets.iter().enumerate() {
-                let value = target
+                let run = target
                     .measure(&cluster, row, &args)
                     .with_context(|| format!("{} on {name}", row.name))?;
-                best[i] = best[i].max(value);
+                if best[i].as_ref().is_none_or(|b| run.value > b.value) {
+                    best[i] = Some(run);
+                }
             }
         }
-        let [replicated, local, qemu] = best;
+        let [Some(replicated), Some(local), Some(qemu)] = best else {
+            bail!("no measurement for {}", row.name);
+        };
         println!(
             "{:<18} {:>11.0} {:>13.0} {:>10.0}  {:>11.2}x {:>12.2}x  {}",
             row.name,
-            replicated,
-            local,
-            qemu,
-            replicated / local,
-            replicated / qemu,
+            replicated.value,
+            local.value,
+            qemu.value,
+            replicated.value / local.value,
+            replicated.value / qemu.value,
             row.unit
+        );
+        cpu_rows.push((row, replicated.cpu_per_unit, local.cpu_per_unit));
+    }
+    let per = |row: &Row| if row.unit == "IOPS" { "request" } else { "MiB" };
+    println!("\ndaemon CPU time per request (per MiB for MiB/s rows), in microseconds");
+    println!(
+        "{:<18} {:>14} {:>14} {:>16}",
+        "row", "replicated hv1", "replicated hv2", "unreplicated hv1"
+    );
+    for (row, replicated, local) in cpu_rows {
+        let us = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6);
+        println!(
+            "{:<18} {:>14.1} {:>14.1} {:>16.1}  per {}",
+            row.name,
+            us(replicated.first()),
+            us(replicated.get(1)),
+            us(local.first()),
+            per(row)
         );
     }
     eprintln!("hv2 stayed connected and in sync after every replicated run");

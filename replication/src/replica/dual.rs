@@ -337,6 +337,9 @@ impl BackingDevice for PeerWriteGuard {
     fn set_size(&self, size: u64) {
         self.inner.set_size(size)
     }
+    fn cached_writes(&self) -> bool {
+        self.inner.cached_writes()
+    }
 }
 
 impl Replica {
