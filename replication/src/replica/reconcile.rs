@@ -118,6 +118,9 @@ impl BackingDevice for RecordingDevice {
     fn set_size(&self, size: u64) {
         self.inner.set_size(size)
     }
+    fn cached_writes(&self) -> bool {
+        self.inner.cached_writes()
+    }
 }
 
 /// The Secondary's side of a reconciliation with its Primary on link `link_id`: resync
