@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::messages::{EngineMessage, OutdateResult, PeerState, MAX_RUNS_PER_MESSAGE, MSG_STATE};
+use super::messages::{EngineMessage, OutdateResult, PeerState, MSG_STATE};
 use super::volume::{lock, LinkMode, Replica};
 use std::sync::atomic::AtomicBool;
 
@@ -364,16 +364,7 @@ impl Replica {
                     .get(peer)
                     .map(|b| b.runs().collect())
                     .unwrap_or_default();
-                let mut chunks: Vec<&[(u64, u64)]> = runs.chunks(MAX_RUNS_PER_MESSAGE).collect();
-                if chunks.is_empty() {
-                    chunks.push(&[]);
-                }
-                let n = chunks.len();
-                for (i, c) in chunks.into_iter().enumerate() {
-                    let msg = EngineMessage::BitmapRuns {
-                        runs: c.to_vec(),
-                        last: i + 1 == n,
-                    };
+                for msg in EngineMessage::bitmap_runs(&runs) {
                     sender
                         .send(&msg.to_message())
                         .await

@@ -165,6 +165,25 @@ fn put_name(out: &mut Vec<u8>, name: &str) {
 }
 
 impl EngineMessage {
+    /// A bitmap as [`EngineMessage::BitmapRuns`] messages of at most
+    /// [`MAX_RUNS_PER_MESSAGE`] runs, the last one flagged; an empty bitmap is one empty,
+    /// last message.
+    pub fn bitmap_runs(runs: &[(u64, u64)]) -> Vec<EngineMessage> {
+        let mut chunks: Vec<&[(u64, u64)]> = runs.chunks(MAX_RUNS_PER_MESSAGE).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let n = chunks.len();
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| EngineMessage::BitmapRuns {
+                runs: c.to_vec(),
+                last: i + 1 == n,
+            })
+            .collect()
+    }
+
     /// The wire message.
     pub fn to_message(&self) -> Message {
         let mut out = Vec::with_capacity(128);

@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 
-use super::messages::{EngineMessage, MAX_RUNS_PER_MESSAGE};
+use super::messages::EngineMessage;
 use super::volume::{lock, LinkMode, Replica};
 use crate::device::{BackingDevice, DeviceError};
 use crate::resync::{ResyncSummary, ResyncTarget};
@@ -174,18 +174,8 @@ impl ResyncTarget for ReconcileHooks {
             let Some(store) = store.as_mut() else {
                 return Err("replica closed".into());
             };
-            {
-                let mut bms = lock(&r.bitmaps);
-                // The Primary resynced the union of both sides' bits.
-                if let Some(bm) = bms.get_mut(&self.primary) {
-                    bm.clear_all();
-                }
-                for (p, bm) in bms.iter_mut() {
-                    store
-                        .flush_bitmap(p, bm)
-                        .map_err(|e| format!("persisting the bitmap of {p}: {e}"))?;
-                }
-            }
+            // The Primary resynced the union of both sides' bits.
+            r.clear_bits_and_persist(store, &self.primary)?;
             let meta = {
                 let mut st = lock(&r.st);
                 let still_ours = st.peers.get_mut(&self.primary).is_some_and(|slot| {
@@ -337,16 +327,7 @@ impl Replica {
             "reconciling the last writes of a lost Primary: resync from the Primary starts");
         self.broadcast_state();
         self.notify();
-        let mut chunks: Vec<&[(u64, u64)]> = runs.chunks(MAX_RUNS_PER_MESSAGE).collect();
-        if chunks.is_empty() {
-            chunks.push(&[]);
-        }
-        let n = chunks.len();
-        for (i, c) in chunks.into_iter().enumerate() {
-            let msg = EngineMessage::BitmapRuns {
-                runs: c.to_vec(),
-                last: i + 1 == n,
-            };
+        for msg in EngineMessage::bitmap_runs(&runs) {
             if sender.send(&msg.to_message()).await.is_err() {
                 // The link is down; the next handshake resyncs (we stay Inconsistent and
                 // keep our bits).

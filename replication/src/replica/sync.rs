@@ -117,18 +117,8 @@ impl ResyncTarget for TargetHooks {
             let Some(store) = store.as_mut() else {
                 return Err("replica closed".into());
             };
-            {
-                let mut bms = lock(&r.bitmaps);
-                // The source sent the union of both bitmaps: our bits for it are done too.
-                if let Some(bm) = bms.get_mut(&self.source) {
-                    bm.clear_all();
-                }
-                for (p, bm) in bms.iter_mut() {
-                    store
-                        .flush_bitmap(p, bm)
-                        .map_err(|e| format!("persisting the bitmap of {p}: {e}"))?;
-                }
-            }
+            // The source sent the union of both bitmaps: our bits for it are done too.
+            r.clear_bits_and_persist(store, &self.source)?;
             let meta = {
                 let mut st = lock(&r.st);
                 let mut source = self.source_uuids.clone();
@@ -192,6 +182,25 @@ impl ResyncTarget for TargetHooks {
 }
 
 impl Replica {
+    /// After a resync that sent the union of both sides' bits: clear the bits for `peer` and
+    /// persist every bitmap.
+    pub(super) fn clear_bits_and_persist(
+        &self,
+        store: &mut crate::metadata::MetaStore,
+        peer: &str,
+    ) -> Result<(), String> {
+        let mut bms = lock(&self.bitmaps);
+        if let Some(bm) = bms.get_mut(peer) {
+            bm.clear_all();
+        }
+        for (p, bm) in bms.iter_mut() {
+            store
+                .flush_bitmap(p, bm)
+                .map_err(|e| format!("persisting the bitmap of {p}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// A [`ResyncBitmap`] over `peer`'s bitmap.
     pub(super) fn peer_bitmap(&self, peer: &str) -> Arc<dyn ResyncBitmap> {
         Arc::new(PeerBitmap {
