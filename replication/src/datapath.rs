@@ -158,12 +158,16 @@ pub fn default_peer_ack_timeout() -> Duration {
 const NOMINAL_REQUEST_COST: usize = 4096;
 /// Writes up to this size (see [`write_is_inline`]).
 const INLINE_WRITE_MAX: usize = 128 << 10;
+/// Bytes the Secondary applies inline in one pass of its pipeline; the rest of the pass
+/// goes to the blocking pool, so one pass never holds its thread long.
+const INLINE_BYTES_PER_PASS: usize = 1 << 20;
 
 /// Whether a write is applied on the calling task rather than on the blocking pool: a small,
 /// page-aligned write without FUA to a device with [`BackingDevice::cached_writes`] only
 /// copies into the page cache (no read of a partial page, no flush), which costs less than
-/// the two thread switches of a hand-off. It blocks at most for the kernel's dirty-page
-/// throttling, a pause of at most 200 ms.
+/// the two thread switches of a hand-off. It can still block while the kernel throttles
+/// dirty pages, so the Secondary applies at most [`INLINE_BYTES_PER_PASS`] this way per
+/// pass of its loop.
 pub fn write_is_inline(device: &dyn BackingDevice, offset: u64, len: usize, fua: bool) -> bool {
     const PAGE: u64 = 4096;
     !fua && len <= INLINE_WRITE_MAX
@@ -714,6 +718,9 @@ impl Primary {
         .await
     }
 
+    /// Run one request. Callers drive it to completion (the frontends run each request in
+    /// its own task): a request dropped after its local write started on the blocking pool
+    /// but before it reached the peers would leave this disk ahead of them unmarked.
     async fn submit(&self, offset: u64, op: Op) -> Result<Completion, DatapathError> {
         let inner = &self.inner;
         let len = op.len();
@@ -807,10 +814,16 @@ impl Primary {
         let local = match blocking {
             Some(task) => task.await,
             None => {
+                let local = InlineLocalWrite {
+                    device: &*inner.device,
+                    op: &op,
+                    offset,
+                    pending: true,
+                };
                 // Let the link writers (woken above, queued on this worker) put the request
                 // on the wire before this task spends its time on the local copy.
                 tokio::task::yield_now().await;
-                Ok(op.apply(&*inner.device, offset))
+                Ok(local.apply())
             }
         };
         let mut unacknowledged = lost;
@@ -891,6 +904,34 @@ impl Primary {
                 op: "flush",
                 source,
             }),
+        }
+    }
+}
+
+/// The Primary's own copy of a request its peers already have, applied on the request's
+/// task ([`write_is_inline`]). If the request is dropped before that, the copy is made on
+/// drop, so this disk never lacks a write that the peers have.
+struct InlineLocalWrite<'a> {
+    device: &'a dyn BackingDevice,
+    op: &'a Op,
+    offset: u64,
+    pending: bool,
+}
+
+impl InlineLocalWrite<'_> {
+    fn apply(mut self) -> Result<(), DeviceError> {
+        self.pending = false;
+        self.op.apply(self.device, self.offset)
+    }
+}
+
+impl Drop for InlineLocalWrite<'_> {
+    fn drop(&mut self) {
+        if self.pending {
+            if let Err(e) = self.op.apply(self.device, self.offset) {
+                tracing::error!(error = %e, offset = self.offset,
+                    "local {} of a dropped request failed; its peers have it", self.op.name());
+            }
         }
     }
 }
@@ -1364,6 +1405,7 @@ impl SecondaryState {
     /// Start every queued item of the current epoch; finish the epoch at its barrier once
     /// all its requests completed.
     fn pump(&mut self) {
+        let mut inline_budget = INLINE_BYTES_PER_PASS;
         while let Some((front, _)) = self.queue.front() {
             if let Item::Barrier { epoch } = front {
                 if self.inflight > 0 {
@@ -1385,10 +1427,13 @@ impl SecondaryState {
                 inline: true,
             } = &item
             {
-                let ack = apply_request(&*self.device, *seq, *offset, op);
-                self.held -= held;
-                let _ = self.sender.send_control(&ack);
-                continue;
+                if let Some(left) = inline_budget.checked_sub(op.len() as usize) {
+                    inline_budget = left;
+                    let ack = apply_request(&*self.device, *seq, *offset, op);
+                    self.held -= held;
+                    let _ = self.sender.send_control(&ack);
+                    continue;
+                }
             }
             self.inflight += 1;
             let device = self.device.clone();
