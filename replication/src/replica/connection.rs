@@ -285,6 +285,18 @@ impl Replica {
         }
         .describe(&self.volume, self.node_name(), peer);
         tracing::info!(volume = %self.volume, peer, decision = %describe, "handshake decided");
+        if let Some(why) = Self::inconsistent_source(outcome, &mine, &theirs) {
+            let e = format!("{}: {describe}, but {why}", self.volume);
+            tracing::warn!(volume = %self.volume, peer, "{e}; not connecting");
+            {
+                let mut st = lock(&self.st);
+                if let Some(slot) = st.peers.get_mut(peer) {
+                    slot.decision = Some(e.clone());
+                }
+            }
+            sender.close(&e);
+            return Err(e);
+        }
 
         match outcome {
             SyncOutcome::SplitBrainAutoRecoverable
@@ -637,10 +649,13 @@ impl Replica {
             && a == b
     }
 
-    /// Two Secondaries at equal generations, exactly one of them Inconsistent (its
-    /// reconciliation with a Primary, `reconcile.rs`, or a resync was cut off): the
-    /// consistent side is the source whatever the bits say, and "no sync" must not make
-    /// the Inconsistent side UpToDate. Symmetric.
+    /// Two Secondaries at equal generations, one of them Inconsistent (its reconciliation
+    /// with a Primary, `reconcile.rs`, or a resync was cut off) and the other UpToDate: the
+    /// UpToDate side is the source whatever the bits say, and "no sync" must not make the
+    /// Inconsistent side UpToDate. An Outdated or Consistent other side is not enough (it
+    /// may lack the Primary's last writes): the other rules decide, and
+    /// [`Self::inconsistent_source`] refuses any that would resync from the Inconsistent
+    /// side. Symmetric.
     fn inconsistent_secondary_is_target(
         d: &SyncDecision,
         mine: &PeerState,
@@ -655,10 +670,12 @@ impl Replica {
             SyncOutcome::NoSync | SyncOutcome::BitmapResync(_)
         );
         let inconsistent = |s: &PeerState| s.disk == DiskState::Inconsistent;
+        let up_to_date = |s: &PeerState| s.disk == DiskState::UpToDate;
         if !equal_generations
             || mine.role != Role::Secondary
             || theirs.role != Role::Secondary
-            || inconsistent(mine) == inconsistent(theirs)
+            || !((inconsistent(mine) && up_to_date(theirs))
+                || (up_to_date(mine) && inconsistent(theirs)))
         {
             return None;
         }
@@ -667,6 +684,29 @@ impl Replica {
         } else {
             Direction::LocalIsSource
         }))
+    }
+
+    /// The resync `outcome` would copy from an Inconsistent replica (its blocks are partly
+    /// someone else's and partly stale): DRBD never syncs from an Inconsistent disk, and
+    /// neither do we. Returns the refusal to close the link with (the pair retries, and
+    /// connects once one side got UpToDate data from elsewhere).
+    pub(super) fn inconsistent_source(
+        outcome: SyncOutcome,
+        mine: &PeerState,
+        theirs: &PeerState,
+    ) -> Option<&'static str> {
+        let local_source = match outcome {
+            SyncOutcome::BitmapResync(d) | SyncOutcome::FullSync(d) => {
+                d == Direction::LocalIsSource
+            }
+            _ => return None,
+        };
+        let source = if local_source { mine } else { theirs };
+        (source.disk == DiskState::Inconsistent).then_some(if local_source {
+            "this replica is Inconsistent and cannot be a resync source"
+        } else {
+            "the peer is Inconsistent and cannot be a resync source"
+        })
     }
 
     /// Two UpToDate Secondaries at equal generations with bits for each other (typically
@@ -1172,7 +1212,7 @@ impl Replica {
     /// The link to `peer` went down.
     async fn link_down(&self, peer: &str, id: u64, reason: String) {
         let mut unreachable = Vec::new();
-        let lost_our_primary;
+        let lost_primary_tail;
         let (lost_quorum, outdate) = {
             let mut st = lock(&self.st);
             let i_am_primary = st.role == Role::Primary;
@@ -1213,9 +1253,14 @@ impl Replica {
             if data_peer && was_connected && i_am_primary {
                 st.uuids.on_peer_lost(true, peer_was_primary);
             }
-            // A Secondary that loses its Primary marks the Primary's last writes towards
-            // the other replicas (`reconcile.rs`).
-            lost_our_primary = data_peer && was_connected && peer_was_primary && !i_am_primary;
+            // A replica that loses its Primary marks the Primary's last writes towards the
+            // other replicas (`reconcile.rs`), before anybody is woken: a promotion of this
+            // node waiting for the loss must find the tail marked.
+            lost_primary_tail = if data_peer && was_connected && peer_was_primary {
+                self.mark_lost_primary_tail(&st, peer)
+            } else {
+                None
+            };
             Self::twopc_link_down(&mut st, peer);
             // A tiebreaker that forwarded an outdate to this peer will get no answer from
             // it: the requester learns it is unreachable (it cannot regain quorum through
@@ -1270,8 +1315,8 @@ impl Replica {
                 tracing::error!(volume = %self.volume, error = %e, "persisting the lost-quorum flag");
             }
         }
-        if lost_our_primary {
-            self.mark_lost_primary_tail(peer).await;
+        if let Some(marked) = lost_primary_tail {
+            self.lost_primary_tail_marked(marked).await;
         }
         if let Some((rid, relays)) = outdate {
             let msg = EngineMessage::Outdate {
@@ -1310,5 +1355,83 @@ async fn recv_state(receiver: &mut LinkReceiver) -> Result<PeerState, String> {
             "expected the peer's state, got message type {:#06x}",
             other.msg_type()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync_decision::Rule;
+
+    fn secondary(disk: DiskState) -> PeerState {
+        PeerState {
+            role: Role::Secondary,
+            disk,
+            allow_two_primaries: false,
+            diskless: false,
+            discard_my_data: false,
+            keep_my_data: false,
+            has_quorum: true,
+            leaving: false,
+            handshake: true,
+            size: 1 << 30,
+            promoted_at: 0,
+            changed_blocks: 0,
+            primaries: Vec::new(),
+            uuids: None,
+        }
+    }
+
+    fn equal(outcome: SyncOutcome) -> SyncDecision {
+        SyncDecision {
+            outcome,
+            rule: Rule::EqualCurrents,
+        }
+    }
+
+    #[test]
+    fn an_inconsistent_secondary_is_target_only_of_an_up_to_date_one() {
+        let inc = secondary(DiskState::Inconsistent);
+        let up = secondary(DiskState::UpToDate);
+        let d = equal(SyncOutcome::NoSync);
+        assert_eq!(
+            Replica::inconsistent_secondary_is_target(&d, &inc, &up),
+            Some(SyncOutcome::BitmapResync(Direction::LocalIsTarget))
+        );
+        assert_eq!(
+            Replica::inconsistent_secondary_is_target(&d, &up, &inc),
+            Some(SyncOutcome::BitmapResync(Direction::LocalIsSource))
+        );
+        // An Outdated (or Consistent) side may lack the Primary's last writes: not a source
+        // by this rule.
+        for other in [DiskState::Outdated, DiskState::Consistent] {
+            let o = secondary(other);
+            assert_eq!(
+                Replica::inconsistent_secondary_is_target(&d, &inc, &o),
+                None
+            );
+            assert_eq!(
+                Replica::inconsistent_secondary_is_target(&d, &o, &inc),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn no_resync_ever_copies_from_an_inconsistent_replica() {
+        let inc = secondary(DiskState::Inconsistent);
+        let out = secondary(DiskState::Outdated);
+        let up = secondary(DiskState::UpToDate);
+        let to_peer = SyncOutcome::BitmapResync(Direction::LocalIsSource);
+        let from_peer = SyncOutcome::FullSync(Direction::LocalIsTarget);
+        assert!(Replica::inconsistent_source(to_peer, &inc, &out).is_some());
+        assert!(Replica::inconsistent_source(from_peer, &out, &inc).is_some());
+        assert!(Replica::inconsistent_source(to_peer, &inc, &inc).is_some());
+        assert_eq!(Replica::inconsistent_source(to_peer, &up, &inc), None);
+        assert_eq!(Replica::inconsistent_source(from_peer, &inc, &up), None);
+        assert_eq!(
+            Replica::inconsistent_source(SyncOutcome::NoSync, &inc, &inc),
+            None
+        );
     }
 }

@@ -59,8 +59,9 @@
 //!   Primary's link drops (not after a clean demotion); after a promotion the new Primary
 //!   resyncs the union of both sides' bits to each Secondary on the live link. Promotion
 //!   never waits for it. Two handshake rules go with it (`connection.rs`, `settle`): two
-//!   Secondaries at equal generations of which exactly one is Inconsistent resync towards
-//!   the Inconsistent one ("no sync" must not make it UpToDate), and two UpToDate
+//!   Secondaries at equal generations, one Inconsistent and one UpToDate, resync towards
+//!   the Inconsistent one ("no sync" must not make it UpToDate), no handshake ever makes
+//!   an Inconsistent replica a resync source (the pair does not connect), and two UpToDate
 //!   Secondaries with bits for each other while a Primary is known connect without a
 //!   resync and keep their bits.
 //! - **Not yet**: no `primary --force`

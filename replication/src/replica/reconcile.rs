@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 
 use super::messages::EngineMessage;
-use super::volume::{lock, LinkMode, Replica};
+use super::volume::{lock, LinkMode, Replica, State};
 use crate::device::{BackingDevice, DeviceError};
 use crate::resync::{ResyncSummary, ResyncTarget};
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
@@ -32,7 +32,8 @@ use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
 /// at the Primary, whose requests in flight are bounded
 /// ([`crate::datapath::PrimaryConfig::max_inflight_bytes`]); every such write is therefore
 /// among the last writes this Secondary applied. The tail keeps twice that bound (writes of
-/// one epoch may be acknowledged out of order).
+/// one epoch may be acknowledged out of order), minus at most one coalesced range
+/// ([`COALESCE_COST`]) or one single write: the oldest ranges are dropped whole.
 #[derive(Default)]
 pub(super) struct RecentPeerWrites {
     /// (offset, len, cost), oldest first.
@@ -44,7 +45,18 @@ pub(super) struct RecentPeerWrites {
 /// nominal request cost).
 const NOMINAL_COST: u64 = 4096;
 
+/// Sequential writes coalesce into one range up to this cost: eviction drops whole ranges
+/// from the front, so this bounds how much of the tail one eviction can take with it (a
+/// long sequential run must not be dropped whole, newest writes included, because one
+/// more write arrived).
+const COALESCE_COST: u64 = 1 << 20;
+
 impl RecentPeerWrites {
+    /// Twice the Primary's in-flight bound. The engine's Primaries always run with the data
+    /// path's default bound (`Replica` builds `PrimaryConfig::new` without overriding it),
+    /// and the bound that matters is the remote Primary's, which this node cannot see: if
+    /// the bound ever becomes configurable, exchange it in the handshake and size this from
+    /// the peer's value.
     fn limit() -> u64 {
         2 * crate::datapath::default_max_inflight_bytes() as u64
     }
@@ -54,8 +66,11 @@ impl RecentPeerWrites {
             return;
         }
         match self.ranges.back_mut() {
-            // Sequential writes coalesce (bounded memory for small writes).
-            Some((o, l, c)) if o.saturating_add(*l) == offset => {
+            // Sequential writes coalesce (bounded memory for small writes), up to a chunk
+            // (bounded eviction granularity).
+            Some((o, l, c))
+                if o.saturating_add(*l) == offset && c.saturating_add(cost) <= COALESCE_COST =>
+            {
                 *l = l.saturating_add(len);
                 *c = c.saturating_add(cost);
             }
@@ -153,7 +168,10 @@ impl ResyncTarget for ReconcileHooks {
         let mut bms = lock(&r.bitmaps);
         for peer in away {
             if let Some(bm) = bms.get_mut(&peer) {
-                let _ = bm.set_range(offset, len);
+                if let Err(e) = bm.set_range(offset, len) {
+                    tracing::warn!(volume = %r.volume(), peer = %peer, offset, len, error = %e,
+                        "marking a reconciled block out of sync towards a disconnected peer");
+                }
             }
         }
     }
@@ -221,29 +239,81 @@ impl ResyncTarget for ReconcileHooks {
     }
 }
 
+/// What [`Replica::mark_lost_primary_tail`] marked, for the follow-up outside the lock.
+pub(super) struct MarkedTail {
+    lost: String,
+    ranges: usize,
+    others: Vec<String>,
+    /// This node was Primary when it marked (two primaries).
+    as_primary: bool,
+}
+
 impl Replica {
     /// The link to `lost`, our Primary, went down: mark the tail of the writes applied for
-    /// it out of sync towards every other data peer (durably), so that whichever of us is
-    /// promoted next resyncs those blocks to the other (see the module doc). With two data
-    /// replicas there is no other data peer and nothing is marked.
-    pub(super) async fn mark_lost_primary_tail(&self, lost: &str) {
+    /// it out of sync towards every other data peer, in memory, so that whichever of us is
+    /// promoted next resyncs those blocks to the other (see the module doc). Called by
+    /// `link_down` with the state locked, before anybody is woken: a promotion of this node
+    /// that waited for the loss cannot complete first and leave the tail unmarked (a new
+    /// Primary must still resync its tail to the other Secondaries). With two data replicas
+    /// there is no other data peer and nothing is marked. [`Self::lost_primary_tail_marked`]
+    /// persists the bits afterwards.
+    pub(super) fn mark_lost_primary_tail(&self, st: &State, lost: &str) -> Option<MarkedTail> {
         let tail = lock(&self.recent_peer_writes).take();
         if tail.is_empty() || self.device.is_none() {
-            return;
+            return None;
         }
-        let (others, follow): (Vec<String>, Vec<(String, u64)>) = {
-            let st = lock(&self.st);
-            if st.role == Role::Primary {
-                // Our own data path tracks what the peers miss.
-                return;
+        let others: Vec<String> = st
+            .peers
+            .values()
+            .filter(|p| !p.spec.diskless && p.spec.name != lost)
+            .map(|p| p.spec.name.clone())
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        {
+            let mut bms = lock(&self.bitmaps);
+            for p in &others {
+                if let Some(bm) = bms.get_mut(p) {
+                    for (o, l) in &tail {
+                        if let Err(e) = bm.set_range(*o, *l) {
+                            tracing::warn!(volume = %self.volume, peer = %p, offset = o, len = l,
+                                error = %e, "marking a lost Primary's write out of sync");
+                        }
+                    }
+                }
             }
-            let others: Vec<String> = st
-                .peers
-                .values()
-                .filter(|p| !p.spec.diskless && p.spec.name != lost)
-                .map(|p| p.spec.name.clone())
-                .collect();
-            // Another Primary we already follow (two primaries): reconcile with it now.
+        }
+        Some(MarkedTail {
+            lost: lost.to_string(),
+            ranges: tail.len(),
+            others,
+            as_primary: st.role == Role::Primary,
+        })
+    }
+
+    /// After [`Self::mark_lost_primary_tail`], outside the lock: persist the bits, and start
+    /// the reconciliation where nobody else will. A Secondary that already follows another
+    /// Primary (two primaries) reconciles with it now; a node that was Primary itself when
+    /// it marked resyncs the Secondaries following it through a handshake (their link is
+    /// closed; at equal generations the Primary is the source of its bits). A node promoted
+    /// after marking needs nothing more: its peers reconcile when they start following it.
+    pub(super) async fn lost_primary_tail_marked(&self, marked: MarkedTail) {
+        let MarkedTail {
+            lost,
+            ranges,
+            others,
+            as_primary,
+        } = marked;
+        for p in &others {
+            if let Err(e) = self.flush_bitmap(p).await {
+                tracing::error!(volume = %self.volume, peer = %p, error = %e, "persisting the bitmap");
+            }
+        }
+        tracing::info!(volume = %self.volume, primary = %lost, ranges, peers = ?others,
+            "Primary lost: its last writes are marked out of sync towards the other replicas");
+        let (follow, resync): (Vec<(String, u64)>, Vec<crate::link::LinkSender>) = {
+            let st = lock(&self.st);
             let follow = st
                 .peers
                 .values()
@@ -251,29 +321,25 @@ impl Replica {
                 .filter(|p| p.state.as_ref().is_some_and(|s| s.role == Role::Primary))
                 .map(|p| (p.spec.name.clone(), p.link_id))
                 .collect();
-            (others, follow)
+            let resync = if as_primary && st.role == Role::Primary {
+                st.peers
+                    .values()
+                    .filter(|p| others.contains(&p.spec.name))
+                    .filter(|p| {
+                        p.conn == ConnectionState::Connected
+                            && p.replication == ReplicationState::Established
+                    })
+                    .filter_map(|p| p.sender.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (follow, resync)
         };
-        if others.is_empty() {
-            return;
-        }
-        {
-            let mut bms = lock(&self.bitmaps);
-            for p in &others {
-                if let Some(bm) = bms.get_mut(p) {
-                    for (o, l) in &tail {
-                        let _ = bm.set_range(*o, *l);
-                    }
-                }
-            }
-        }
-        for p in &others {
-            if let Err(e) = self.flush_bitmap(p).await {
-                tracing::error!(volume = %self.volume, peer = %p, error = %e, "persisting the bitmap");
-            }
-        }
-        tracing::info!(volume = %self.volume, primary = %lost, ranges = tail.len(), peers = ?others,
-            "Primary lost: its last writes are marked out of sync towards the other replicas");
         self.broadcast_state();
+        for s in resync {
+            s.close("resyncing a lost Primary's last writes from this Primary");
+        }
         if let Some(me) = self.arc() {
             for (p, id) in follow {
                 let me = me.clone();
@@ -437,6 +503,45 @@ mod tests {
         assert_eq!(
             ranges.first(),
             Some(&((n - limit / chunk) * 2 * chunk, chunk))
+        );
+    }
+
+    #[test]
+    fn a_long_sequential_run_keeps_its_newest_writes_after_a_distant_write() {
+        let mut t = RecentPeerWrites::default();
+        let limit = RecentPeerWrites::limit();
+        let w = 64u64 << 10;
+        // One sequential run longer than the tail, then one distant write.
+        let run_end = limit + 8 * COALESCE_COST;
+        let mut off = 0;
+        while off < run_end {
+            t.record(off, w, w);
+            off += w;
+        }
+        let far = 1u64 << 40;
+        t.record(far, w, w);
+        let ranges = t.take();
+        assert_eq!(ranges.last(), Some(&(far, w)));
+        let run: Vec<(u64, u64)> = ranges.iter().copied().filter(|r| r.0 < far).collect();
+        // The run's last bytes are in the tail, contiguous back from its end.
+        let last = run.last().copied().unwrap();
+        assert_eq!(
+            last.0 + last.1,
+            run_end,
+            "the newest writes of the run are kept"
+        );
+        for pair in run.windows(2) {
+            assert_eq!(pair[0].0 + pair[0].1, pair[1].0, "no gap in the kept run");
+        }
+        let kept: u64 = run.iter().map(|r| r.1).sum();
+        assert!(
+            kept + w >= limit - COALESCE_COST,
+            "kept {kept} of the run, limit {limit}"
+        );
+        assert!(kept + w <= limit, "the tail stays within its bound");
+        assert!(
+            run.iter().all(|r| r.1 <= COALESCE_COST),
+            "ranges are at most a chunk"
         );
     }
 
