@@ -51,8 +51,8 @@
 //! - **Thread hand-offs.** Most device calls block, so they run on tokio's blocking pool.
 //!   A small page-aligned cached write ([`write_is_inline`]) is cheaper than the two
 //!   thread switches of that hand-off, so both sides apply it on the task that handles it:
-//!   the Primary after queueing the request to its peers (and yielding once, so the link
-//!   writers send it first), the Secondary in its receive loop, which answers at once.
+//!   the Primary right after queueing the request to its peers, the Secondary in its
+//!   receive loop, which answers at once.
 //! - **Overlapping requests.** A request waits until no request in flight overlaps its
 //!   range (DRBD's conflicting-write wait), so overlapping writes reach every replica in
 //!   the same order and concurrent writes to one block cannot leave replicas different.
@@ -813,18 +813,9 @@ impl Primary {
 
         let local = match blocking {
             Some(task) => task.await,
-            None => {
-                let local = InlineLocalWrite {
-                    device: &*inner.device,
-                    op: &op,
-                    offset,
-                    pending: true,
-                };
-                // Let the link writers (woken above, queued on this worker) put the request
-                // on the wire before this task spends its time on the local copy.
-                tokio::task::yield_now().await;
-                Ok(local.apply())
-            }
+            // No await since the request was queued to the peers: a dropped request cannot
+            // leave them with a write this disk lacks.
+            None => Ok(op.apply(&*inner.device, offset)),
         };
         let mut unacknowledged = lost;
         unacknowledged.extend(wait_for_peers(inner, waits, "request", seq).await);
@@ -904,34 +895,6 @@ impl Primary {
                 op: "flush",
                 source,
             }),
-        }
-    }
-}
-
-/// The Primary's own copy of a request its peers already have, applied on the request's
-/// task ([`write_is_inline`]). If the request is dropped before that, the copy is made on
-/// drop, so this disk never lacks a write that the peers have.
-struct InlineLocalWrite<'a> {
-    device: &'a dyn BackingDevice,
-    op: &'a Op,
-    offset: u64,
-    pending: bool,
-}
-
-impl InlineLocalWrite<'_> {
-    fn apply(mut self) -> Result<(), DeviceError> {
-        self.pending = false;
-        self.op.apply(self.device, self.offset)
-    }
-}
-
-impl Drop for InlineLocalWrite<'_> {
-    fn drop(&mut self) {
-        if self.pending {
-            if let Err(e) = self.op.apply(self.device, self.offset) {
-                tracing::error!(error = %e, offset = self.offset,
-                    "local {} of a dropped request failed; its peers have it", self.op.name());
-            }
         }
     }
 }
