@@ -14,17 +14,21 @@
 //! file involved is synced and dropped from the page cache. Rows are measured `--repeat`
 //! times per target, alternating, keeping the best.
 //!
-//! What we saw on the 2-vCPU dev VM (both "hosts", fio and other builds share the same two
-//! CPUs, so the peer's work is not free as it is on a real second host): 4 KiB random
-//! writes at 0.34-0.40x of the unreplicated volume (QD1 and QD32), 1 MiB sequential writes
-//! at 0.18-0.31x; replicated vs qemu-nbd 0.6-1.1x for 4 KiB. Profile (`--hold-secs`, perf,
-//! CPU ticks of both daemons per I/O): after removing a full `status()` per request in the
-//! daemon (see `engine_adapter.rs`), hv1 spends ~2x the CPU per 4 KiB write of an
-//! unreplicated write and hv2 ~1x more; no fsync per write, no lock across I/O, local and
-//! peer writes in parallel, TCP_NODELAY set. The extra QD1 latency (~110 us; a TCP round
-//! trip between the namespaces is ~14 us) is thread hand-offs (tokio workers, the blocking
-//! pool for each device write) on both daemons; sequential writes are bounded by four
-//! copies of each byte (two page caches, TCP send and receive) on the shared CPUs.
+//! After the table, each daemon's CPU time per request (per MiB for the sequential row) over
+//! fio's measuring window shows where a replicated write's cost goes.
+//!
+//! What we saw on the quiet 2-vCPU dev VM (both "hosts" and fio share the same two CPUs, so
+//! the peer's work is not free as it is on a real second host): 4 KiB random writes at
+//! 0.49x of the unreplicated volume at QD1 (6,874 vs 13,999 IOPS) and 0.40x at QD32 (41,469
+//! vs 104,568), 1 MiB sequential writes at 0.45x (858 vs 1,919 MiB/s); replicated vs
+//! qemu-nbd 0.89x, 1.10x and 0.90x. CPU per 4 KiB request at QD32: hv1 23 us replicated vs
+//! 10 us unreplicated, hv2 9 us. An unreplicated write is a page-cache copy on the daemon's
+//! task; a replicated one adds a round trip through hv2's daemon (at QD1 two more thread
+//! wake-ups, ~70 us on this VM, whose idle vCPUs wake slowly) and, at QD32, hv2's copy and
+//! hv1's sending (including the veth's receive processing, which a NIC would leave to the
+//! peer) on the same two CPUs. Small page-aligned writes skip the blocking pool on both
+//! sides (`replication::datapath::write_is_inline`); the unreplicated volume takes the same
+//! shortcut, so the comparison is like for like.
 //!
 //! Needs root (namespaces), fio, qemu-nbd, and the release binaries:
 //! `cargo build --release -p tandem-volume-driver --bins && \
