@@ -1033,16 +1033,7 @@ async fn fence_and_rejoin_with_three_replicas(in_flight: bool) {
     };
     let c = Cluster::new(&["hv1", "hv2", "hv3"], &[], 32 * MIB, opts).await;
     let (a, b, d) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
-    for (r, others) in [
-        (&a, ["hv2", "hv3"]),
-        (&b, ["hv1", "hv3"]),
-        (&d, ["hv1", "hv2"]),
-    ] {
-        wait_for(r, "fully connected", 10, |s| {
-            others.iter().all(|o| established(s, o)) && s.quorum
-        })
-        .await;
-    }
+    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
     a.promote().await.unwrap();
     write_mib(&a, 0, 1, 3).await;
     let writer = |a: std::sync::Arc<replication::replica::Replica>| async move {
@@ -1148,16 +1139,7 @@ async fn survivors_of_a_killed_primary(promote_at_once: bool) {
     )
     .await;
     let (a, b, d) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
-    for (r, others) in [
-        (&a, ["hv2", "hv3"]),
-        (&b, ["hv1", "hv3"]),
-        (&d, ["hv1", "hv2"]),
-    ] {
-        wait_for(r, "fully connected", 10, |s| {
-            others.iter().all(|o| established(s, o)) && s.quorum
-        })
-        .await;
-    }
+    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
     a.promote().await.unwrap();
     write_mib(&a, 0, 2, 5).await;
     let writers: Vec<_> = (0..8u64)
@@ -1236,16 +1218,7 @@ async fn a_reconciliation_cut_off_by_a_crash_resumes_at_the_next_handshake() {
     };
     let mut c = Cluster::new(&["hv1", "hv2", "hv3"], &[], 32 * MIB, slow).await;
     let (a, b, d) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
-    for (r, others) in [
-        (&a, ["hv2", "hv3"]),
-        (&b, ["hv1", "hv3"]),
-        (&d, ["hv1", "hv2"]),
-    ] {
-        wait_for(r, "fully connected", 10, |s| {
-            others.iter().all(|o| established(s, o)) && s.quorum
-        })
-        .await;
-    }
+    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
     a.promote().await.unwrap();
     // Scattered writes, so the tail is many ranges and the reconciliation takes seconds.
     for i in 0..1024u64 {

@@ -217,6 +217,17 @@ impl Cluster {
         self.hosts.iter().position(|h| h.name == name).unwrap()
     }
 
+    /// Wait until each of `names` has an Established link to every other one, and quorum.
+    pub async fn wait_fully_connected(&self, names: &[&str]) {
+        for name in names {
+            let others: Vec<&str> = names.iter().copied().filter(|o| o != name).collect();
+            wait_for(&self.r(name), "fully connected", 10, |s| {
+                others.iter().all(|o| established(s, o)) && s.quorum
+            })
+            .await;
+        }
+    }
+
     pub fn r(&self, name: &str) -> Arc<Replica> {
         self.hosts[self.idx(name)].replica.clone().unwrap()
     }
