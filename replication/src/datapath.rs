@@ -166,8 +166,9 @@ const INLINE_BYTES_PER_PASS: usize = 1 << 20;
 /// page-aligned write without FUA to a device with [`BackingDevice::cached_writes`] only
 /// copies into the page cache (no read of a partial page, no flush), which costs less than
 /// the two thread switches of a hand-off. It can still block while the kernel throttles
-/// dirty pages, so the Secondary applies at most [`INLINE_BYTES_PER_PASS`] this way per
-/// pass of its loop.
+/// dirty pages, and a blocked runtime worker may also delay the runtime's network and timer
+/// events for that time, so the Secondary applies at most [`INLINE_BYTES_PER_PASS`] this way
+/// per pass of its loop.
 pub fn write_is_inline(device: &dyn BackingDevice, offset: u64, len: usize, fua: bool) -> bool {
     const PAGE: u64 = 4096;
     !fua && len <= INLINE_WRITE_MAX

@@ -361,16 +361,18 @@ async fn ack_point_with(protocol: ReplicationProtocol, cached: bool) -> bool {
             .submit_write(8192, Bytes::from(vec![0x5A; 4096]), false)
             .await
     });
-    // Wait until the secondary's device has the write in hand.
+    // Wait until the secondary's device has the write in hand. The gate blocks the thread
+    // that applies it, which for an inline write is a runtime worker, maybe the one that
+    // would drive tokio's timers next: wait on this (block_on) thread's own clock instead.
     let t0 = Instant::now();
     while s.dev.writes_started.load(Ordering::SeqCst) == 0 {
         assert!(
             t0.elapsed() < Duration::from_secs(5),
             "write never reached the secondary"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        std::thread::sleep(Duration::from_millis(5));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::thread::sleep(Duration::from_millis(300));
     let completed_while_blocked = write.is_finished();
     s.dev.set_gate(true);
     write.await.unwrap().unwrap();
