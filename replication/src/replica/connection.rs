@@ -1195,15 +1195,7 @@ impl Replica {
             Some(s) if s.send_control(&msg.to_message()).is_ok() => {}
             _ => {
                 if let Some(b) = back {
-                    let _ = b.send_control(
-                        &EngineMessage::OutdateReply {
-                            id,
-                            target,
-                            requester,
-                            result: OutdateResult::Unreachable,
-                        }
-                        .to_message(),
-                    );
+                    answer_unreachable(&b, id, target, requester);
                 }
             }
         }
@@ -1300,15 +1292,7 @@ impl Replica {
         };
         self.notify();
         for (s, id, requester, target) in unreachable {
-            let _ = s.send_control(
-                &EngineMessage::OutdateReply {
-                    id,
-                    target,
-                    requester,
-                    result: OutdateResult::Unreachable,
-                }
-                .to_message(),
-            );
+            answer_unreachable(&s, id, target, requester);
         }
         if lost_quorum {
             if let Err(e) = self.persist().await {
@@ -1356,6 +1340,20 @@ async fn recv_state(receiver: &mut LinkReceiver) -> Result<PeerState, String> {
             other.msg_type()
         )),
     }
+}
+
+/// Tell `requester` (through `sender`) that the tiebreaker could not reach `target` to
+/// outdate it.
+fn answer_unreachable(sender: &LinkSender, id: u64, target: String, requester: String) {
+    let _ = sender.send_control(
+        &EngineMessage::OutdateReply {
+            id,
+            target,
+            requester,
+            result: OutdateResult::Unreachable,
+        }
+        .to_message(),
+    );
 }
 
 #[cfg(test)]
