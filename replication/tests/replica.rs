@@ -171,20 +171,7 @@ async fn witness_isolated_primary_freezes_the_other_side_takes_over_no_split_bra
         s.quorum && peer(s, "hv1").connection != ConnectionState::Connected
     })
     .await;
-    let mut promoted = false;
-    for _ in 0..50 {
-        match b.promote().await {
-            Ok(()) => {
-                promoted = true;
-                break;
-            }
-            Err(e) => {
-                eprintln!("promote hv2: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    assert!(promoted);
+    promote_within(&b, 10).await;
     write_mib(&b, 8, 2, 40).await;
 
     c.heal_all();
@@ -541,20 +528,7 @@ async fn primary_killed_with_a_witness_the_survivor_takes_over_and_the_old_prima
     drop(a);
     c.kill("hv1");
     // The witness must notice too before hv2 may be promoted (it relays who is Primary).
-    let mut promoted = false;
-    for _ in 0..50 {
-        match b.promote().await {
-            Ok(()) => {
-                promoted = true;
-                break;
-            }
-            Err(e) => {
-                eprintln!("promote hv2: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    assert!(promoted);
+    promote_within(&b, 10).await;
     assert!(b.status().quorum);
     // Every acknowledged write is there.
     assert_eq!(c.disk_hash("hv2"), before);
@@ -667,15 +641,7 @@ async fn demote_force_fails_frozen_requests_and_demotes_an_isolated_primary() {
     assert!(!s.io_suspended);
 
     // The other side takes over and writes; the fenced node rejoins as SyncTarget.
-    let mut promoted = false;
-    for _ in 0..50 {
-        if b.promote().await.is_ok() {
-            promoted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(promoted);
+    promote_within(&b, 10).await;
     write_mib(&b, 8, 1, 9).await;
     c.heal_all();
     wait_converged(&a, &b, 30).await;
@@ -716,15 +682,7 @@ async fn a_cleanly_stopped_primary_returns_as_sync_target_of_the_new_primary() {
     // Clean stop of the Primary; the other side takes over and writes.
     drop(a);
     c.close("hv1").await;
-    let mut promoted = false;
-    for _ in 0..50 {
-        if b.promote().await.is_ok() {
-            promoted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(promoted, "{:#?}", b.status());
+    promote_within(&b, 10).await;
     write_mib(&b, 4, 2, 3).await;
     c.reopen("hv1").await;
     let a = c.r("hv1");
@@ -892,15 +850,7 @@ async fn writes_in_flight_when_the_primary_is_isolated_are_not_acknowledged_unle
     c.isolate("hv1").await;
     wait_for(&a, "hv1 frozen", 10, |s| !s.quorum && s.io_suspended).await;
     let acked: Vec<u64> = acked.lock().unwrap().clone();
-    let mut promoted = false;
-    for _ in 0..50 {
-        if b.promote().await.is_ok() {
-            promoted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(promoted);
+    promote_within(&b, 10).await;
     let mut missing = 0;
     for block in &acked {
         let got = b.read(block * 4096, 4096).await.unwrap();
@@ -964,18 +914,7 @@ async fn an_isolated_primary_with_frozen_writes_turns_sync_target_of_the_new_pri
         "writes are frozen, not failed"
     );
 
-    let mut promoted = false;
-    for _ in 0..50 {
-        match b.promote().await {
-            Ok(()) => {
-                promoted = true;
-                break;
-            }
-            Err(e) => eprintln!("promote hv2: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(promoted, "hv2: {:#?}", b.status());
+    promote_within(&b, 10).await;
     // The new Primary writes past the old one's blocks: a newer generation with changes.
     write_mib(&b, 28, 2, 77).await;
 
@@ -1058,18 +997,7 @@ async fn fence_and_rejoin_with_three_replicas(in_flight: bool) {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!writer.is_finished(), "the write is frozen");
-    let mut promoted = false;
-    for _ in 0..50 {
-        match b.promote().await {
-            Ok(()) => {
-                promoted = true;
-                break;
-            }
-            Err(e) => eprintln!("promote hv2: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(promoted, "hv2: {:#?}", b.status());
+    promote_within(&b, 10).await;
     write_mib(&b, 8, 2, 11).await;
 
     c.heal_all();

@@ -9,7 +9,7 @@ mod replica_support;
 use std::time::Duration;
 
 use replica_support::*;
-use replication::replica::{Replica, ReplicaOptions};
+use replication::replica::ReplicaOptions;
 use replication::role::Role;
 
 const MIB: u64 = 1 << 20;
@@ -27,24 +27,11 @@ async fn two_primaries(c: &Cluster) {
     .await;
     a.set_allow_two_primaries(true).unwrap();
     b.set_allow_two_primaries(true).unwrap();
-    promote_retrying(&b).await;
+    promote_within(&b, 5).await;
     wait_for(&a, "hv1 sees hv2 Primary", 5, |s| {
         peer(s, "hv2").role == Role::Primary
     })
     .await;
-}
-
-async fn promote_retrying(r: &Replica) {
-    for _ in 0..25 {
-        match r.promote().await {
-            Ok(()) => return,
-            Err(e) => {
-                eprintln!("second promote: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    panic!("the second Primary was never promoted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

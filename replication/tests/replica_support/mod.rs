@@ -374,6 +374,19 @@ pub fn peer<'a>(s: &'a ReplicaStatus, name: &str) -> &'a replication::replica::P
     s.peers.iter().find(|p| p.node == name).unwrap()
 }
 
+/// Promote `r`, retrying every 200 ms (it may be refused while the cluster still settles,
+/// e.g. before the old Primary's loss is processed); panic with its status after `secs`.
+pub async fn promote_within(r: &Replica, secs: u64) {
+    for _ in 0..secs * 5 {
+        match r.promote().await {
+            Ok(()) => return,
+            Err(e) => eprintln!("promote {}: {e}", r.node_name()),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{} was never promoted: {:#?}", r.node_name(), r.status());
+}
+
 /// Wait until `pred` holds on `r`'s status, else panic with the status.
 pub async fn wait_for(
     r: &Replica,
