@@ -25,7 +25,12 @@
 //! After a crash (no clean-shutdown flag), [`apply_al`] ORs every extent of the last durable
 //! snapshot into every peer's bitmap: every write that might have reached the disk is
 //! covered. DRBD 9 keeps an AL on Secondaries too (they write what the Primary sends), and so
-//! do we: the same code runs for peer writes.
+//! do we: a Secondary takes the extents of every request it applies (`datapath::WriteIntentLog`).
+//!
+//! An extent leaves the on-disk log only after the data written to it is durable: the
+//! caller flushes the data device before persisting a transaction that evicts extents
+//! (DRBD's flush before an AL write). Otherwise a write completed into a volatile cache,
+//! then lost in a power failure, would be in neither the log nor a bitmap.
 //!
 //! Differences from DRBD: snapshots instead of 64-slot incremental transactions in a ring
 //! (simpler to prove; a snapshot of the default 1237 extents is ~10 KiB, written only when a
@@ -253,6 +258,23 @@ impl ActivityLog {
         }
     }
 
+    /// Admit a write only if that needs no metadata I/O and no waiting: every extent it
+    /// touches is hot and durable. On `true` the extents are reserved until `end_write`; on
+    /// `false` nothing changed (use `begin_write`).
+    pub fn try_begin_write(&mut self, offset: u64, len: u64) -> Result<bool, AlError> {
+        let ready = extents_of(offset, len).all(|e| {
+            self.hot
+                .get(&e)
+                .is_some_and(|x| x.added_in <= self.durable_seq)
+        });
+        if !ready {
+            return Ok(false);
+        }
+        let adm = self.begin_write(offset, len)?;
+        debug_assert_eq!(adm, Admission::Go);
+        Ok(true)
+    }
+
     /// Transaction `seq` (and so every earlier one) is on stable storage.
     pub fn transaction_durable(&mut self, seq: u64) {
         self.durable_seq = self.durable_seq.max(seq);
@@ -349,6 +371,26 @@ mod tests {
         );
         assert!(!tx.snapshot.contains(&1) && tx.snapshot.contains(&100));
         assert_eq!(tx.snapshot.len(), 7);
+    }
+
+    #[test]
+    fn try_begin_admits_only_writes_to_durable_hot_extents() {
+        let mut al = ActivityLog::new(7, 0).unwrap();
+        assert!(!al.try_begin_write(0, 4096).unwrap(), "cold extent");
+        assert!(al.hot_extents().is_empty(), "a refusal reserves nothing");
+        let Admission::Persist(tx) = al.begin_write(0, 4096).unwrap() else {
+            panic!()
+        };
+        assert!(!al.try_begin_write(4096, 4096).unwrap(), "not durable yet");
+        al.transaction_durable(tx.seq);
+        assert!(al.try_begin_write(4096, 4096).unwrap());
+        assert!(
+            !al.try_begin_write(EXTENT_SIZE - 4096, 8192).unwrap(),
+            "straddles a cold extent"
+        );
+        assert_eq!(al.in_flight(), 2);
+        al.end_write(4096, 4096).unwrap();
+        assert_eq!(al.in_flight(), 1);
     }
 
     #[test]

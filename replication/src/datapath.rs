@@ -53,6 +53,10 @@
 //!   thread switches of that hand-off, so both sides apply it on the task that handles it:
 //!   the Primary right after queueing the request to its peers, the Secondary in its
 //!   receive loop, which answers at once.
+//! - **Write intent on the Secondary.** With a [`WriteIntentLog`] (the engine's activity
+//!   log), the Secondary logs each request's range before applying it, as DRBD 9 does, so
+//!   a crash of this replica leaves its half-written ranges known. A request whose extents
+//!   are not yet in the durable log is applied on the blocking pool, never inline.
 //! - **Overlapping requests.** A request waits until no request in flight overlaps its
 //!   range (DRBD's conflicting-write wait), so overlapping writes reach every replica in
 //!   the same order and concurrent writes to one block cannot leave replicas different.
@@ -1034,6 +1038,29 @@ async fn peer_task(inner: Arc<Inner>, peer: Arc<Peer>, mut receiver: LinkReceive
     drop(flushes);
 }
 
+/// Write-intent tracking for the requests a Secondary applies (the engine's activity log):
+/// `begin` before a request touches its range, `end` after it completed, so that after a
+/// crash of this replica every range that might have been half-written is known.
+pub trait WriteIntentLog: Send + Sync {
+    /// Take the range if that needs no I/O and no waiting; `false` changes nothing.
+    fn try_begin(&self, offset: u64, len: u64) -> bool;
+    /// Take the range, persisting the log first if needed. Blocks; runs on the blocking
+    /// pool. On an error the request is not applied.
+    fn begin(&self, offset: u64, len: u64) -> Result<(), String>;
+    /// A request taken with `try_begin` or `begin` completed.
+    fn end(&self, offset: u64, len: u64);
+}
+
+/// A Secondary's [`WriteIntentLog`].
+#[derive(Clone)]
+pub struct WriteIntentHooks(pub Arc<dyn WriteIntentLog>);
+
+impl std::fmt::Debug for WriteIntentHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteIntentHooks")
+    }
+}
+
 /// Tunables of a Secondary.
 #[derive(Debug, Clone)]
 pub struct SecondaryConfig {
@@ -1046,6 +1073,9 @@ pub struct SecondaryConfig {
     /// write and about the end of the resync (see [`crate::resync::ResyncTarget`]). With
     /// `None`, resync data is still applied and acknowledged.
     pub resync_target: Option<ResyncTargetHooks>,
+    /// Where the ranges of replicated requests are logged before they are applied; `None`
+    /// applies them unlogged.
+    pub write_intent: Option<WriteIntentHooks>,
 }
 
 impl Default for SecondaryConfig {
@@ -1054,6 +1084,7 @@ impl Default for SecondaryConfig {
             max_held_bytes: default_max_held_bytes(),
             extensions: None,
             resync_target: None,
+            write_intent: None,
         }
     }
 }
@@ -1136,6 +1167,7 @@ pub async fn run_secondary(
         done_tx: mpsc::unbounded_channel().0,
         extensions: cfg.extensions.clone(),
         resync_target: cfg.resync_target.clone(),
+        write_intent: cfg.write_intent.clone(),
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     sec.done_tx = done_tx;
@@ -1199,6 +1231,7 @@ struct SecondaryState {
     done_tx: mpsc::UnboundedSender<Done>,
     extensions: Option<mpsc::UnboundedSender<Message>>,
     resync_target: Option<ResyncTargetHooks>,
+    write_intent: Option<WriteIntentHooks>,
 }
 
 impl SecondaryState {
@@ -1391,9 +1424,18 @@ impl SecondaryState {
                 inline: true,
             } = &item
             {
-                if let Some(left) = inline_budget.checked_sub(op.len() as usize) {
+                let logged = || {
+                    self.write_intent
+                        .as_ref()
+                        .is_none_or(|log| log.0.try_begin(*offset, op.len()))
+                };
+                let fits = inline_budget.checked_sub(op.len() as usize);
+                if let Some(left) = fits.filter(|_| logged()) {
                     inline_budget = left;
                     let ack = apply_request(&*self.device, *seq, *offset, op);
+                    if let Some(log) = &self.write_intent {
+                        log.0.end(*offset, op.len());
+                    }
                     self.held -= held;
                     let _ = self.sender.send_control(&ack);
                     continue;
@@ -1403,6 +1445,7 @@ impl SecondaryState {
             let device = self.device.clone();
             let done_tx = self.done_tx.clone();
             let hooks = self.resync_target.clone();
+            let intent = self.write_intent.clone();
             tokio::task::spawn_blocking(move || {
                 let ack = match item {
                     Item::ResyncData { id, offset, data } => {
@@ -1429,7 +1472,7 @@ impl SecondaryState {
                     }
                     Item::Request {
                         seq, offset, op, ..
-                    } => apply_request(&*device, seq, offset, &op),
+                    } => apply_logged_request(&*device, intent.as_ref(), seq, offset, &op),
                     Item::Flush { id } => {
                         if let Err(e) = device.flush() {
                             let _ = done_tx.send(Done {
@@ -1463,6 +1506,32 @@ fn apply_request(device: &dyn BackingDevice, seq: u64, offset: u64, op: &Op) -> 
         }
     };
     Message::WriteAck { seq, outcome }
+}
+
+/// [`apply_request`] inside the write-intent log: the range is logged before the device is
+/// touched and released after; a request the log cannot take fails (the Primary marks it
+/// out of sync).
+fn apply_logged_request(
+    device: &dyn BackingDevice,
+    log: Option<&WriteIntentHooks>,
+    seq: u64,
+    offset: u64,
+    op: &Op,
+) -> Message {
+    let Some(log) = log else {
+        return apply_request(device, seq, offset, op);
+    };
+    if let Err(e) = log.0.begin(offset, op.len()) {
+        tracing::error!(error = %e, offset, len = op.len(),
+            "replicated {} not applied: the activity log cannot take it", op.name());
+        return Message::WriteAck {
+            seq,
+            outcome: WriteOutcome::Failed,
+        };
+    }
+    let ack = apply_request(device, seq, offset, op);
+    log.0.end(offset, op.len());
+    ack
 }
 
 /// A resync write on the target finished: tell the engine (before the acknowledgement).

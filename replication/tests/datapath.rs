@@ -16,6 +16,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use replication::auth::Secret;
 use replication::datapath::{
     run_secondary, DatapathError, OutOfSyncHook, Primary, PrimaryConfig, SecondaryConfig,
+    WriteIntentHooks, WriteIntentLog,
 };
 use replication::device::{BackingDevice, DeviceError, FileDevice};
 use replication::link::{LinkConfig, LinkDown, LinkSender, PeerLink};
@@ -27,10 +28,13 @@ use tokio::task::JoinHandle;
 
 const MIB: u64 = 1 << 20;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Event {
     Start(u64),
     End(u64),
+    /// The Secondary's write-intent log took / released the range at this offset.
+    Logged(u64),
+    Released(u64),
 }
 
 /// A FileDevice that can hold writes at a gate, delay writes at chosen offsets, record
@@ -213,6 +217,21 @@ async fn pair(
     primary_dev: Arc<dyn BackingDevice>,
     secondary_dev: Arc<dyn BackingDevice>,
 ) -> Pair {
+    pair_with(
+        protocol,
+        primary_dev,
+        secondary_dev,
+        SecondaryConfig::default(),
+    )
+    .await
+}
+
+async fn pair_with(
+    protocol: ReplicationProtocol,
+    primary_dev: Arc<dyn BackingDevice>,
+    secondary_dev: Arc<dyn BackingDevice>,
+    secondary_cfg: SecondaryConfig,
+) -> Pair {
     let (plink, slink) = tcp_links(protocol, primary_dev.size()).await;
     let oos: OosLog = Arc::default();
     let log = oos.clone();
@@ -222,11 +241,7 @@ async fn pair(
     let primary = Primary::new(primary_dev, PrimaryConfig::new(protocol), hook);
     primary.attach_peer(plink);
     let secondary_sender = slink.sender.clone();
-    let secondary = tokio::spawn(run_secondary(
-        slink,
-        secondary_dev,
-        SecondaryConfig::default(),
-    ));
+    let secondary = tokio::spawn(run_secondary(slink, secondary_dev, secondary_cfg));
     Pair {
         primary,
         oos,
@@ -921,6 +936,116 @@ async fn a_failed_peer_write_is_reported_out_of_sync() {
         pair.primary.connected_peers(),
         vec!["secondary".to_string()]
     );
+}
+
+/// A Secondary's write-intent log for tests: ranges starting in an even MiB are hot (taken
+/// without waiting), the others must be taken on the blocking pool; a range starting at
+/// `refuse` cannot be taken. Taking and releasing are recorded in the device's events.
+struct TestIntentLog {
+    dev: Arc<TestDevice>,
+    refuse: u64,
+    without_waiting: AtomicUsize,
+    blocking: AtomicUsize,
+}
+
+impl WriteIntentLog for TestIntentLog {
+    fn try_begin(&self, offset: u64, _len: u64) -> bool {
+        let hot = (offset / MIB).is_multiple_of(2) && offset != self.refuse;
+        if hot {
+            self.without_waiting.fetch_add(1, Ordering::SeqCst);
+            self.dev.events.lock().unwrap().push(Event::Logged(offset));
+        }
+        hot
+    }
+    fn begin(&self, offset: u64, _len: u64) -> Result<(), String> {
+        if offset == self.refuse {
+            return Err("metadata disk failed".into());
+        }
+        self.blocking.fetch_add(1, Ordering::SeqCst);
+        self.dev.events.lock().unwrap().push(Event::Logged(offset));
+        Ok(())
+    }
+    fn end(&self, offset: u64, _len: u64) {
+        self.dev
+            .events
+            .lock()
+            .unwrap()
+            .push(Event::Released(offset));
+    }
+}
+
+/// With a write-intent log, the Secondary takes each request's range before its device
+/// sees the request and releases it after: inline when the log can take it at once, on the
+/// blocking pool otherwise. A request the log refuses is not applied and is reported out
+/// of sync; the replicas agree everywhere else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secondary_logs_every_request_range_before_applying_it() {
+    let p = disk(8 * MIB);
+    let s = disk(8 * MIB);
+    p.dev.cached.store(true, Ordering::SeqCst);
+    s.dev.cached.store(true, Ordering::SeqCst);
+    let refuse = 5 * MIB + 8192;
+    let log = Arc::new(TestIntentLog {
+        dev: s.dev.clone(),
+        refuse,
+        without_waiting: AtomicUsize::new(0),
+        blocking: AtomicUsize::new(0),
+    });
+    let cfg = SecondaryConfig {
+        write_intent: Some(WriteIntentHooks(log.clone())),
+        ..SecondaryConfig::default()
+    };
+    let pair = pair_with(ReplicationProtocol::C, p.dev.clone(), s.dev.clone(), cfg).await;
+    let mut offsets = Vec::new();
+    for mib in 0..8u64 {
+        for block in 0..4u64 {
+            let off = mib * MIB + block * 8192;
+            offsets.push(off);
+            pair.primary
+                .submit_write(
+                    off,
+                    Bytes::from(vec![(off / 8192 % 251) as u8 + 1; 4096]),
+                    false,
+                )
+                .await
+                .unwrap();
+        }
+    }
+    pair.primary.submit_trim(6 * MIB, MIB, false).await.unwrap();
+    pair.primary.flush().await.unwrap();
+    offsets.push(6 * MIB);
+
+    assert_eq!(
+        pair.oos.lock().unwrap().clone(),
+        vec![("secondary".to_string(), refuse, 4096)]
+    );
+    let events = s.dev.events.lock().unwrap().clone();
+    let pos = |e: Event| events.iter().position(|x| *x == e);
+    for off in offsets.iter().copied().filter(|&o| o != refuse) {
+        let order = [
+            Event::Logged(off),
+            Event::Start(off),
+            Event::End(off),
+            Event::Released(off),
+        ]
+        .map(|e| pos(e).unwrap_or_else(|| panic!("{e:?} missing: {events:?}")));
+        assert!(order.is_sorted(), "offset {off}: {order:?} in {events:?}");
+    }
+    assert_eq!(
+        pos(Event::Start(refuse)),
+        None,
+        "a refused request reached the disk"
+    );
+    assert!(log.without_waiting.load(Ordering::SeqCst) >= 16);
+    assert!(log.blocking.load(Ordering::SeqCst) >= 15);
+    // Everywhere but the refused block the replicas are identical.
+    let mut pd = std::fs::read(&p.path).unwrap();
+    let mut sd = std::fs::read(&s.path).unwrap();
+    let r = refuse as usize..refuse as usize + 4096;
+    assert_ne!(pd[r.clone()], sd[r.clone()]);
+    pd[r.clone()].fill(0);
+    sd[r].fill(0);
+    assert!(pd == sd, "replicas differ outside the refused block");
 }
 
 /// Extension messages (the lead's UUID/bitmap/resync traffic) pass through the data path

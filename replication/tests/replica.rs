@@ -1251,3 +1251,72 @@ async fn a_clean_switchover_of_three_replicas_marks_nothing() {
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
     assert_eq!(c.disk_hash("hv3"), c.disk_hash("hv2"));
 }
+
+/// Three data replicas; the Primary hv1 and the Secondary hv3 die together while writes
+/// that only hv3 received are in flight (the link to hv2 is frozen, so none of them was
+/// acknowledged). hv3 logged those writes in its activity log before applying them, so it
+/// comes back with their extents out of sync and uncertain towards hv2: the handshake makes
+/// it the target and the two survivors end identical. (Without the log on Secondaries,
+/// hv3 came back "in sync" with blocks hv2 never had.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secondary_that_dies_with_the_primary_is_resynced_on_its_unacknowledged_writes() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2", "hv3"],
+        &[],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
+    a.promote().await.unwrap();
+    write_mib(&a, 0, 2, 5).await;
+    c.proxy("hv1", "hv2").freeze();
+    let blocks: Vec<u64> = (0..16).map(|i| 8 * MIB + i * 8192).collect();
+    let writers: Vec<_> = blocks
+        .iter()
+        .map(|&off| {
+            let a = a.clone();
+            tokio::spawn(async move { a.write(off, data(off, 4096), false).await })
+        })
+        .collect();
+    // Every write reached hv3's disk (and none can complete: hv2 never answers).
+    let hv3_disk = c.hosts[c.idx("hv3")].disk.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let disk = std::fs::read(&hv3_disk).unwrap();
+        let on_disk = |off: u64| disk[off as usize..off as usize + 4096] == data(off, 4096)[..];
+        if blocks.iter().all(|&off| on_disk(off)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hv3 never applied the writes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        writers.iter().all(|w| !w.is_finished()),
+        "a write completed without hv2"
+    );
+    c.kill("hv3");
+    drop(a);
+    c.kill("hv1");
+    for w in writers {
+        w.abort();
+    }
+    c.cut("hv1", "hv2");
+    wait_for(&b, "hv2 sees hv1 and hv3 gone", 10, |s| {
+        ["hv1", "hv3"]
+            .iter()
+            .all(|p| peer(s, p).connection != ConnectionState::Connected)
+    })
+    .await;
+    c.restart("hv3").await;
+    let d = c.r("hv3");
+    let s = wait_for(&d, "hv3 decided", 20, |s| peer(s, "hv2").decision.is_some()).await;
+    let decision = peer(&s, "hv2").decision.clone().unwrap();
+    assert!(decision.contains("from hv2 to hv3"), "{decision}");
+    wait_converged(&b, &d, 30).await;
+    assert_eq!(c.disk_hash("hv2"), c.disk_hash("hv3"));
+}

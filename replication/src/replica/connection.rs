@@ -876,6 +876,7 @@ impl Replica {
                 let cfg = SecondaryConfig {
                     extensions: Some(tx),
                     resync_target,
+                    write_intent: Some(self.peer_write_intent()),
                     ..SecondaryConfig::default()
                 };
                 let device = self.peer_write_guard(device, peer, &link.sender);

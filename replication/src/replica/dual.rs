@@ -100,6 +100,7 @@ impl Replica {
             let sender = link.sender.clone();
             let cfg = SecondaryConfig {
                 extensions: Some(tx),
+                write_intent: Some(me.peer_write_intent()),
                 ..SecondaryConfig::default()
             };
             let device = me.peer_write_guard(device, &peer, &sender);

@@ -47,8 +47,10 @@
 //!   peer holds new writes until the witness confirms the peer is Outdated (durably) or
 //!   unreachable from the witness (bounded like a suspension). The witness also relays who
 //!   is Primary, so a peer cut off from the Primary cannot be promoted while it lives.
-//! - **Secondaries keep no activity log**: a crashed Secondary's in-flight writes are in
-//!   the Primary's bitmap (reported when its link dropped), which the union resync covers.
+//! - **Secondaries keep an activity log** of the writes they apply (`peer_al.rs`), as
+//!   DRBD 9 does: a Secondary that crashes comes back with its hot extents in every
+//!   bitmap and uncertain towards its peers, so those extents are resynced to it even when
+//!   the Primary that sent the writes is gone too.
 //! - **Promotion is a cluster-wide two-phase commit** (`twopc.rs`): every connected member
 //!   (data peers and tiebreakers) must agree before a node becomes Primary; between two
 //!   concurrent promotions the node whose name sorts first wins, collisions through a
@@ -75,6 +77,7 @@
 mod connection;
 mod dual;
 pub mod messages;
+mod peer_al;
 mod reconcile;
 pub mod status;
 mod sync;

@@ -18,7 +18,7 @@ use super::twopc::{
     Grant, PromotionRound, RoundFailure, RoundGuard, COMMIT_DEADLINE, PROMOTE_TIMEOUT,
 };
 use super::{EngineError, NodeShared, PeerSpec, ReplicaOptions, ReplicaSpec};
-use crate::activity_log::{ActivityLog, Admission};
+use crate::activity_log::{ActivityLog, Admission, AlTransaction};
 use crate::bitmap::Bitmap;
 use crate::datapath::{Primary, PrimaryConfig};
 use crate::device::BackingDevice;
@@ -1341,94 +1341,149 @@ impl Replica {
         }
     }
 
+    /// Ask the activity log to admit a write of `[offset, offset+len)` (`None`: no log).
+    fn al_admit(&self, offset: u64, len: u64) -> Result<Option<Admission>, EngineError> {
+        let mut al = lock(&self.al);
+        let Some(al) = al.as_mut() else {
+            return Ok(None);
+        };
+        al.begin_write(offset, len)
+            .map(Some)
+            .map_err(|source| EngineError::ActivityLog {
+                volume: self.volume.clone(),
+                source,
+            })
+    }
+
+    /// Make AL transaction `tx` durable (blocking I/O). Before a transaction that evicts
+    /// extents, the data device is flushed (a completed write to an evicted extent may
+    /// still sit in a volatile cache) and those extents' bitmap pages are written.
+    fn persist_al(&self, tx: &AlTransaction) -> Result<(), EngineError> {
+        if let (false, Some(dev)) = (tx.evicted.is_empty(), &self.device) {
+            // Before any lock: a flush may take long.
+            dev.flush().map_err(|source| EngineError::Device {
+                volume: self.volume.clone(),
+                op: "flush (before the activity log drops extents)",
+                source,
+            })?;
+        }
+        let mut store = lock(&self.meta);
+        let Some(store) = store.as_mut() else {
+            return Ok(());
+        };
+        let mut written = lock(&self.al_written);
+        if tx.seq <= *written {
+            // A newer snapshot (a superset of this one's extents) is durable.
+            return Ok(());
+        }
+        let meta_err = |source| EngineError::Metadata {
+            volume: self.volume.clone(),
+            op: "writing the activity log of",
+            source,
+        };
+        let mut bms = lock(&self.bitmaps);
+        for (off, len) in tx.evicted_ranges() {
+            for (peer, bm) in bms.iter_mut() {
+                store
+                    .flush_bitmap_range(peer, bm, off, len)
+                    .map_err(meta_err)?;
+            }
+        }
+        drop(bms);
+        store.write_al(tx.seq, &tx.snapshot).map_err(meta_err)?;
+        *written = tx.seq;
+        Ok(())
+    }
+
+    /// Transaction `seq` is durable: writes waiting for it may go.
+    fn al_persisted(&self, seq: u64) {
+        if let Some(al) = lock(&self.al).as_mut() {
+            al.transaction_durable(seq);
+        }
+        self.al_changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn al_durable_seq(&self) -> u64 {
+        lock(&self.al)
+            .as_ref()
+            .map_or(u64::MAX, |a| a.durable_seq())
+    }
+
     /// Take the activity-log extents of `[offset, offset+len)`, persisting a transaction
     /// when a cold extent is touched (durable before the write is issued).
     async fn al_begin(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         let mut rx = self.al_changed.subscribe();
         loop {
-            let adm = {
-                let mut al = lock(&self.al);
-                let Some(al) = al.as_mut() else {
-                    return Ok(());
-                };
-                al.begin_write(offset, len)
-                    .map_err(|source| EngineError::ActivityLog {
-                        volume: self.volume.clone(),
-                        source,
-                    })?
-            };
-            match adm {
-                Admission::Go => return Ok(()),
-                Admission::Persist(tx) => {
+            match self.al_admit(offset, len)? {
+                None | Some(Admission::Go) => return Ok(()),
+                Some(Admission::Persist(tx)) => {
                     let Some(me) = self.arc() else {
                         return Ok(());
                     };
                     let seq = tx.seq;
-                    let res = tokio::task::spawn_blocking(move || {
-                        let mut store = lock(&me.meta);
-                        let Some(store) = store.as_mut() else {
-                            return Ok(());
-                        };
-                        let mut written = lock(&me.al_written);
-                        if tx.seq <= *written {
-                            // A newer snapshot (a superset of this one's extents) is durable.
-                            return Ok(());
-                        }
-                        {
-                            let mut bms = lock(&me.bitmaps);
-                            for (off, len) in tx.evicted_ranges() {
-                                for (peer, bm) in bms.iter_mut() {
-                                    store.flush_bitmap_range(peer, bm, off, len)?;
-                                }
-                            }
-                        }
-                        store.write_al(tx.seq, &tx.snapshot)?;
-                        *written = tx.seq;
-                        Ok(())
-                    })
-                    .await;
-                    match res {
-                        Ok(Ok(())) => {}
-                        Ok(Err(source)) => {
-                            self.al_end(offset, len);
-                            return Err(EngineError::Metadata {
-                                volume: self.volume.clone(),
-                                op: "writing the activity log of",
-                                source,
-                            });
-                        }
-                        Err(e) => {
-                            self.al_end(offset, len);
-                            return Err(EngineError::InvalidRequest(format!(
+                    let res = tokio::task::spawn_blocking(move || me.persist_al(&tx))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(EngineError::InvalidRequest(format!(
                                 "{}: activity log task: {e}",
                                 self.volume
-                            )));
-                        }
+                            )))
+                        });
+                    if let Err(e) = res {
+                        self.al_end(offset, len);
+                        return Err(e);
                     }
-                    if let Some(al) = lock(&self.al).as_mut() {
-                        al.transaction_durable(seq);
-                    }
-                    self.al_changed.send_modify(|v| *v = v.wrapping_add(1));
+                    self.al_persisted(seq);
                     return Ok(());
                 }
-                Admission::WaitFor(seq) => loop {
-                    let durable = lock(&self.al)
-                        .as_ref()
-                        .map(|a| a.durable_seq())
-                        .unwrap_or(seq);
-                    if durable >= seq {
-                        return Ok(());
+                Some(Admission::WaitFor(seq)) => {
+                    while self.al_durable_seq() < seq {
+                        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
                     }
-                    let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
-                },
-                Admission::Busy => {
+                    return Ok(());
+                }
+                Some(Admission::Busy) => {
                     let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
                 }
             }
         }
     }
 
-    fn al_end(&self, offset: u64, len: u64) {
+    /// [`Replica::al_begin`] for a thread that may block (the blocking pool): no runtime
+    /// is needed, so it also works while the runtime shuts down.
+    pub(super) fn al_begin_blocking(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        loop {
+            match self.al_admit(offset, len)? {
+                None | Some(Admission::Go) => return Ok(()),
+                Some(Admission::Persist(tx)) => {
+                    if let Err(e) = self.persist_al(&tx) {
+                        self.al_end(offset, len);
+                        return Err(e);
+                    }
+                    self.al_persisted(tx.seq);
+                    return Ok(());
+                }
+                Some(Admission::WaitFor(seq)) => {
+                    while self.al_durable_seq() < seq {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    return Ok(());
+                }
+                Some(Admission::Busy) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// Take the extents of `[offset, offset+len)` if they are hot and durable (no I/O, no
+    /// waiting); `false` takes nothing.
+    pub(super) fn al_try_begin(&self, offset: u64, len: u64) -> bool {
+        match lock(&self.al).as_mut() {
+            None => true,
+            Some(al) => al.try_begin_write(offset, len).unwrap_or(false),
+        }
+    }
+
+    pub(super) fn al_end(&self, offset: u64, len: u64) {
         if let Some(al) = lock(&self.al).as_mut() {
             if let Err(e) = al.end_write(offset, len) {
                 tracing::error!(volume = %self.volume, error = %e, "activity log bookkeeping");

@@ -20,15 +20,19 @@ use replication::replica::{
     NodeConfig, PeerSpec, Replica, ReplicaOptions, ReplicaSpec, ReplicaStatus, ReplicationNode,
 };
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 pub const VOLUME: &str = "vm-100-disk-0";
 
-/// A TCP forwarder that can be cut and healed.
+/// A TCP forwarder that can be cut and healed, or frozen (bytes stop moving, nothing is
+/// closed).
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     task: JoinHandle<()>,
 }
@@ -38,22 +42,26 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (c2, k2) = (cut.clone(), conns.clone());
+        let (c2, k2, f2) = (cut.clone(), conns.clone(), frozen.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     continue;
                 };
                 if c2.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
+                let f = f2.clone();
                 let h = tokio::spawn(async move {
-                    if let Ok(mut out) = TcpStream::connect(target).await {
+                    if let Ok(out) = TcpStream::connect(target).await {
                         let _ = inbound.set_nodelay(true);
                         let _ = out.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        let (ir, iw) = inbound.into_split();
+                        let (or, ow) = out.into_split();
+                        tokio::join!(forward(&f, ir, ow), forward(&f, or, iw));
                     }
                 });
                 k2.lock().unwrap().push(h);
@@ -62,9 +70,16 @@ impl Proxy {
         Proxy {
             addr,
             cut,
+            frozen,
             conns,
             task,
         }
+    }
+
+    /// Stop moving bytes in both directions; connections stay open. What is swallowed is
+    /// lost, so `cut` before `heal`.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
     }
 
     /// Close every forwarded connection and refuse new ones.
@@ -77,6 +92,24 @@ impl Proxy {
 
     pub fn heal(&self) {
         self.cut.store(false, Ordering::SeqCst);
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Copy `r` to `w` until either ends; once `frozen`, swallow everything.
+async fn forward(frozen: &AtomicBool, mut r: OwnedReadHalf, mut w: OwnedWriteHalf) {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            continue;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -338,12 +371,17 @@ impl Cluster {
     }
 
     pub fn cut(&self, a: &str, b: &str) {
+        self.proxy(a, b).cut();
+    }
+
+    /// The proxy of the link between `a` and `b`.
+    pub fn proxy(&self, a: &str, b: &str) -> &Proxy {
         let key = if a < b {
             (a.to_string(), b.to_string())
         } else {
             (b.to_string(), a.to_string())
         };
-        self.proxies[&key].cut();
+        &self.proxies[&key]
     }
 
     pub fn disk_hash(&self, name: &str) -> String {
