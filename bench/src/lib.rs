@@ -200,3 +200,59 @@ impl Drop for QemuNbd {
         let _ = self.0.wait();
     }
 }
+
+/// Pin the calling thread to `cpu`.
+fn pin_current_thread(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data, all zeroes is the empty set; CPU_SET writes within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the set is initialised and its size is passed along; 0 is this thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if rc != 0 {
+        bail!(
+            "sched_setaffinity(cpu {cpu}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// What it costs to wake a sleeping thread on another CPU: the median over `rounds` of
+/// half a round trip between a thread on CPU 0 and one on CPU 1 that block reading a pipe
+/// each and answer through the other. Every hop between processes or threads that sleep
+/// pays this once; it is the machine's part of a request's latency.
+pub fn cross_cpu_wake_up(rounds: usize) -> Result<Duration> {
+    use std::io::{Read, Write};
+    let (mut to_echo_rx, mut to_echo_tx) = std::io::pipe().context("pipe")?;
+    let (mut back_rx, mut back_tx) = std::io::pipe().context("pipe")?;
+    let echo = std::thread::spawn(move || -> Result<()> {
+        pin_current_thread(1)?;
+        let mut b = [0u8; 1];
+        while to_echo_rx.read_exact(&mut b).is_ok() {
+            back_tx.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let measure = std::thread::spawn(move || -> Result<Vec<Duration>> {
+        pin_current_thread(0)?;
+        let mut b = [0u8; 1];
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let start = Instant::now();
+            to_echo_tx.write_all(&b)?;
+            back_rx.read_exact(&mut b)?;
+            times.push(start.elapsed() / 2);
+        }
+        Ok(times)
+    });
+    let mut times = measure
+        .join()
+        .map_err(|_| anyhow::anyhow!("wake-up measurement panicked"))??;
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("wake-up echo thread panicked"))??;
+    times.sort_unstable();
+    times
+        .get(times.len() / 2)
+        .copied()
+        .context("no wake-ups measured")
+}

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tandem_bench::{cpu_time, fio, fio_fill, nbd_uri, settle, QemuNbd, Row};
+use tandem_bench::{cpu_time, cross_cpu_wake_up, fio, fio_fill, nbd_uri, settle, QemuNbd, Row};
 use tandem_tests::cluster::{Cluster, ClusterSpec};
 
 /// Replicated (protocol C, peer in another namespace) vs unreplicated Tandem volume vs
@@ -313,6 +313,7 @@ fn main() -> Result<()> {
         "row", "replicated", "unreplicated", "qemu-nbd", "repl/unrepl", "repl/qemu-nbd"
     );
     let mut cpu_rows = Vec::new();
+    let mut qd1 = None;
     for row in ROWS {
         if args
             .only
@@ -345,7 +346,13 @@ fn main() -> Result<()> {
             replicated.value / qemu.value,
             row.unit
         );
+        if row.iodepth == 1 {
+            qd1 = Some((replicated.value, local.value));
+        }
         cpu_rows.push((row, replicated.cpu_per_unit, local.cpu_per_unit));
+    }
+    if let Some((replicated_iops, local_iops)) = qd1 {
+        print_qd1_bound(replicated_iops, local_iops)?;
     }
     let per = |row: &Row| if row.unit == "IOPS" { "request" } else { "MiB" };
     println!("\ndaemon CPU time per request (per MiB for MiB/s rows), in microseconds");
@@ -365,6 +372,26 @@ fn main() -> Result<()> {
         );
     }
     eprintln!("hv2 stayed connected and in sync after every replicated run");
+    Ok(())
+}
+
+/// At QD1 a request waits for every hop in turn. An unreplicated write wakes the daemon
+/// and then fio; a replicated one also wakes the peer's daemon and then this daemon again
+/// for the acknowledgement. Print the machine's cost of such a wake-up and the QD1 ratio
+/// those two alone leave, even if replication cost nothing else.
+fn print_qd1_bound(replicated_iops: f64, local_iops: f64) -> Result<()> {
+    let wake = cross_cpu_wake_up(20_000)?.as_secs_f64();
+    let (local, replicated) = (1.0 / local_iops, 1.0 / replicated_iops);
+    println!(
+        "\nQD1 latency: unreplicated {:.1} us, replicated {:.1} us (+{:.1} us). Waking a \
+         sleeping thread on the other CPU takes {:.1} us here (median); two more of those \
+         per write alone put QD1 near {:.2}x, whatever else replication costs.",
+        local * 1e6,
+        replicated * 1e6,
+        (replicated - local) * 1e6,
+        wake * 1e6,
+        local / (local + 2.0 * wake)
+    );
     Ok(())
 }
 
