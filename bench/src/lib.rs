@@ -20,9 +20,22 @@ pub struct Row {
     pub unit: &'static str,
 }
 
+/// What one fio run measured.
+pub struct FioRun {
+    /// IOPS or MiB/s as the row's unit says.
+    pub value: f64,
+    /// CPUs fio itself kept busy on average (user + system).
+    pub cpus: f64,
+}
+
 /// Run fio's nbd engine against `uri` for `runtime` seconds (after a 1 s ramp); returns
 /// IOPS or MiB/s as `row.unit` says.
 pub fn fio(uri: &str, row: &Row, runtime: u32) -> Result<f64> {
+    fio_run(uri, row, runtime).map(|r| r.value)
+}
+
+/// [`fio`], with fio's own CPU use.
+pub fn fio_run(uri: &str, row: &Row, runtime: u32) -> Result<FioRun> {
     fio_with(
         uri,
         row,
@@ -44,10 +57,10 @@ pub fn fio_fill(uri: &str) -> Result<f64> {
         iodepth: 8,
         unit: "MiB/s",
     };
-    fio_with(uri, &row, &[])
+    fio_with(uri, &row, &[]).map(|r| r.value)
 }
 
-fn fio_with(uri: &str, row: &Row, extra: &[&str]) -> Result<f64> {
+fn fio_with(uri: &str, row: &Row, extra: &[&str]) -> Result<FioRun> {
     let out = Command::new("fio")
         .args([
             "--name=b",
@@ -90,7 +103,11 @@ fn fio_with(uri: &str, row: &Row, extra: &[&str]) -> Result<f64> {
     } else {
         job[dir]["bw_bytes"].as_f64().map(|b| b / (1 << 20) as f64)
     };
-    value.context("fio JSON lacks the measured value")
+    let percent = |key: &str| job[key].as_f64().context("fio JSON lacks its CPU use");
+    Ok(FioRun {
+        value: value.context("fio JSON lacks the measured value")?,
+        cpus: (percent("usr_cpu")? + percent("sys_cpu")?) / 100.0,
+    })
 }
 
 /// CPU time (user + system) a process has used so far, from `/proc/PID/stat`.

@@ -68,6 +68,10 @@ pub enum AlError {
     /// Applying the log to a bitmap failed.
     #[error("applying the activity log to a bitmap")]
     Apply(#[source] BitmapError),
+    /// A transaction could not be made durable earlier: the hot set on disk is unknown,
+    /// so no write is admitted until the replica is attached again.
+    #[error("an earlier activity-log write failed; no writes until the replica is reattached")]
+    Failed,
 }
 
 /// A change of the hot set that must be durable before the write that caused it is issued.
@@ -118,6 +122,7 @@ pub struct ActivityLog {
     clock: u64,
     next_seq: u64,
     durable_seq: u64,
+    failed: bool,
 }
 
 /// The extents touched by `[offset, offset+len)` (a zero-length write touches none).
@@ -143,6 +148,7 @@ impl ActivityLog {
             clock: 0,
             next_seq: last_seq + 1,
             durable_seq: last_seq,
+            failed: false,
         })
     }
 
@@ -190,6 +196,9 @@ impl ActivityLog {
     /// Admit a write of `[offset, offset+len)`; see the module doc for what each answer
     /// requires. On anything but `Busy` the extents are reserved until `end_write`.
     pub fn begin_write(&mut self, offset: u64, len: u64) -> Result<Admission, AlError> {
+        if self.failed {
+            return Err(AlError::Failed);
+        }
         let wanted = extents_of(offset, len);
         let count = wanted.end - wanted.start;
         if count > self.capacity as u64 {
@@ -262,6 +271,9 @@ impl ActivityLog {
     /// touches is hot and durable. On `true` the extents are reserved until `end_write`; on
     /// `false` nothing changed (use `begin_write`).
     pub fn try_begin_write(&mut self, offset: u64, len: u64) -> Result<bool, AlError> {
+        if self.failed {
+            return Err(AlError::Failed);
+        }
         let ready = extents_of(offset, len).all(|e| {
             self.hot
                 .get(&e)
@@ -273,6 +285,17 @@ impl ActivityLog {
         let adm = self.begin_write(offset, len)?;
         debug_assert_eq!(adm, Admission::Go);
         Ok(true)
+    }
+
+    /// Persisting a transaction failed: every later `begin_write` fails, and writes waiting
+    /// for a transaction (`WaitFor`) must fail too ([`ActivityLog::has_failed`]).
+    pub fn transaction_failed(&mut self) {
+        self.failed = true;
+    }
+
+    /// Whether a transaction failed (see [`ActivityLog::transaction_failed`]).
+    pub fn has_failed(&self) -> bool {
+        self.failed
     }
 
     /// Transaction `seq` (and so every earlier one) is on stable storage.
@@ -424,6 +447,22 @@ mod tests {
         ));
         assert_eq!(al.end_write(0, 1), Err(AlError::NotInFlight(0)));
         assert_eq!(al.begin_write(0, 0).unwrap(), Admission::Go);
+    }
+
+    #[test]
+    fn after_a_failed_transaction_no_write_is_admitted() {
+        let mut al = ActivityLog::new(7, 0).unwrap();
+        let Admission::Persist(_) = al.begin_write(0, 4096).unwrap() else {
+            panic!()
+        };
+        assert_eq!(al.begin_write(4096, 4096).unwrap(), Admission::WaitFor(1));
+        al.transaction_failed();
+        assert!(al.has_failed());
+        assert_eq!(al.begin_write(8192, 4096), Err(AlError::Failed));
+        assert_eq!(al.try_begin_write(8192, 4096), Err(AlError::Failed));
+        // The writes already admitted can still be ended.
+        al.end_write(0, 4096).unwrap();
+        al.end_write(4096, 4096).unwrap();
     }
 
     #[test]

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tandem_bench::{cpu_time, cross_cpu_wake_up, fio, fio_fill, nbd_uri, settle, QemuNbd, Row};
+use tandem_bench::{cpu_time, cross_cpu_wake_up, fio_fill, fio_run, nbd_uri, settle, QemuNbd, Row};
 use tandem_tests::cluster::{Cluster, ClusterSpec};
 
 /// Replicated (protocol C, peer in another namespace) vs unreplicated Tandem volume vs
@@ -120,6 +120,8 @@ struct Target {
 struct Measured {
     value: f64,
     cpu_per_unit: Vec<Duration>,
+    /// fio's own CPU time per unit.
+    fio_per_unit: Duration,
 }
 
 impl Target {
@@ -143,17 +145,18 @@ impl Target {
                 .map(|(&p, b)| Ok(cpu_time(p)?.saturating_sub(b)))
                 .collect()
         });
-        let value = fio(&self.uri, row, args.runtime)?;
+        let run = fio_run(&self.uri, row, args.runtime)?;
         let cpu = sampler
             .join()
             .map_err(|_| anyhow::anyhow!("CPU sampler panicked"))??;
         if self.replicated {
             check_in_sync(cluster)?;
         }
-        let units = (value * window.as_secs_f64()).max(1.0);
+        let units = (run.value * window.as_secs_f64()).max(1.0);
         Ok(Measured {
-            value,
+            value: run.value,
             cpu_per_unit: cpu.iter().map(|c| c.div_f64(units)).collect(),
+            fio_per_unit: Duration::from_secs_f64(run.cpus / run.value.max(1.0)),
         })
     }
 }
@@ -349,30 +352,59 @@ fn main() -> Result<()> {
         if row.iodepth == 1 {
             qd1 = Some((replicated.value, local.value));
         }
-        cpu_rows.push((row, replicated.cpu_per_unit, local.cpu_per_unit));
+        cpu_rows.push((row, replicated, local));
     }
     if let Some((replicated_iops, local_iops)) = qd1 {
         print_qd1_bound(replicated_iops, local_iops)?;
     }
-    let per = |row: &Row| if row.unit == "IOPS" { "request" } else { "MiB" };
-    println!("\ndaemon CPU time per request (per MiB for MiB/s rows), in microseconds");
-    println!(
-        "{:<18} {:>14} {:>14} {:>16}",
-        "row", "replicated hv1", "replicated hv2", "unreplicated hv1"
-    );
-    for (row, replicated, local) in cpu_rows {
-        let us = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6);
-        println!(
-            "{:<18} {:>14.1} {:>14.1} {:>16.1}  per {}",
-            row.name,
-            us(replicated.first()),
-            us(replicated.get(1)),
-            us(local.first()),
-            per(row)
-        );
-    }
+    print_cpu(&cpu_rows);
     eprintln!("hv2 stayed connected and in sync after every replicated run");
     Ok(())
+}
+
+/// Each daemon's and fio's CPU time per request (per MiB for MiB/s rows), and what the
+/// peer's share leaves when fio and both hosts run on this machine's CPUs: had the Primary
+/// cost no more than an unreplicated volume, the work per request would still grow by the
+/// peer's CPU, so a run that keeps every CPU busy can reach at most the "shared-CPU
+/// ceiling" (unreplicated fio + hv1) / (unreplicated fio + hv1 + replicated hv2). Two real
+/// hosts do not share CPUs, so there the ceiling does not apply.
+fn print_cpu(rows: &[(&Row, Measured, Measured)]) {
+    let us = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6);
+    println!(
+        "\nCPU time per request (per MiB for MiB/s rows), in microseconds, over fio's window \
+         ({} CPUs)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<18} {:>8} {:>8} {:>8}  {:>10} {:>10}  {:>12} {:>10}",
+        "row",
+        "repl hv1",
+        "repl hv2",
+        "repl fio",
+        "unrepl hv1",
+        "unrepl fio",
+        "unrepl CPUs",
+        "ceiling"
+    );
+    for (row, replicated, local) in rows {
+        let (l_hv1, l_fio) = (
+            us(local.cpu_per_unit.first()),
+            us(Some(&local.fio_per_unit)),
+        );
+        let r_hv2 = us(replicated.cpu_per_unit.get(1));
+        let busy = (l_hv1 + l_fio) * 1e-6 * local.value;
+        println!(
+            "{:<18} {:>8.1} {:>8.1} {:>8.1}  {:>10.1} {:>10.1}  {:>12.2} {:>9.2}x",
+            row.name,
+            us(replicated.cpu_per_unit.first()),
+            r_hv2,
+            us(Some(&replicated.fio_per_unit)),
+            l_hv1,
+            l_fio,
+            busy,
+            (l_hv1 + l_fio) / (l_hv1 + l_fio + r_hv2)
+        );
+    }
 }
 
 /// At QD1 a request waits for every hop in turn. An unreplicated write wakes the daemon

@@ -18,7 +18,7 @@ use super::twopc::{
     Grant, PromotionRound, RoundFailure, RoundGuard, COMMIT_DEADLINE, PROMOTE_TIMEOUT,
 };
 use super::{EngineError, NodeShared, PeerSpec, ReplicaOptions, ReplicaSpec};
-use crate::activity_log::{ActivityLog, Admission, AlTransaction};
+use crate::activity_log::{ActivityLog, Admission, AlError, AlTransaction};
 use crate::bitmap::Bitmap;
 use crate::datapath::{Primary, PrimaryConfig};
 use crate::device::BackingDevice;
@@ -1395,18 +1395,36 @@ impl Replica {
         Ok(())
     }
 
-    /// Transaction `seq` is durable: writes waiting for it may go.
-    fn al_persisted(&self, seq: u64) {
+    /// Persisting a transaction ended: on success writes waiting for `seq` may go; on a
+    /// failure every waiting and later write fails (the hot set on disk is unknown).
+    fn al_persisted(&self, seq: u64, ok: bool) {
         if let Some(al) = lock(&self.al).as_mut() {
-            al.transaction_durable(seq);
+            if ok {
+                al.transaction_durable(seq);
+            } else {
+                al.transaction_failed();
+            }
         }
         self.al_changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    fn al_durable_seq(&self) -> u64 {
-        lock(&self.al)
-            .as_ref()
-            .map_or(u64::MAX, |a| a.durable_seq())
+    /// Whether transaction `seq` is durable (`Some(true)`), pending (`Some(false)`), or
+    /// will never be (`None`: a transaction failed).
+    fn al_durable(&self, seq: u64) -> Option<bool> {
+        match lock(&self.al).as_ref() {
+            None => Some(true),
+            Some(al) if al.has_failed() => None,
+            Some(al) => Some(al.durable_seq() >= seq),
+        }
+    }
+
+    /// A write admitted with `WaitFor` whose transaction failed: release it and fail.
+    fn al_wait_failed(&self, offset: u64, len: u64) -> EngineError {
+        self.al_end(offset, len);
+        EngineError::ActivityLog {
+            volume: self.volume.clone(),
+            source: AlError::Failed,
+        }
     }
 
     /// Take the activity-log extents of `[offset, offset+len)`, persisting a transaction
@@ -1429,19 +1447,21 @@ impl Replica {
                                 self.volume
                             )))
                         });
+                    self.al_persisted(seq, res.is_ok());
                     if let Err(e) = res {
                         self.al_end(offset, len);
                         return Err(e);
                     }
-                    self.al_persisted(seq);
                     return Ok(());
                 }
-                Some(Admission::WaitFor(seq)) => {
-                    while self.al_durable_seq() < seq {
-                        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+                Some(Admission::WaitFor(seq)) => loop {
+                    match self.al_durable(seq) {
+                        Some(true) => return Ok(()),
+                        Some(false) => {}
+                        None => return Err(self.al_wait_failed(offset, len)),
                     }
-                    return Ok(());
-                }
+                    let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+                },
                 Some(Admission::Busy) => {
                     let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
                 }
@@ -1456,19 +1476,21 @@ impl Replica {
             match self.al_admit(offset, len)? {
                 None | Some(Admission::Go) => return Ok(()),
                 Some(Admission::Persist(tx)) => {
-                    if let Err(e) = self.persist_al(&tx) {
+                    let res = self.persist_al(&tx);
+                    self.al_persisted(tx.seq, res.is_ok());
+                    if let Err(e) = res {
                         self.al_end(offset, len);
                         return Err(e);
                     }
-                    self.al_persisted(tx.seq);
                     return Ok(());
                 }
-                Some(Admission::WaitFor(seq)) => {
-                    while self.al_durable_seq() < seq {
-                        std::thread::sleep(Duration::from_millis(1));
+                Some(Admission::WaitFor(seq)) => loop {
+                    match self.al_durable(seq) {
+                        Some(true) => return Ok(()),
+                        Some(false) => std::thread::sleep(Duration::from_millis(1)),
+                        None => return Err(self.al_wait_failed(offset, len)),
                     }
-                    return Ok(());
-                }
+                },
                 Some(Admission::Busy) => std::thread::sleep(Duration::from_millis(1)),
             }
         }
