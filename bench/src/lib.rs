@@ -240,6 +240,9 @@ fn pin_current_thread(cpu: usize) -> Result<()> {
 /// pays this once; it is the machine's part of a request's latency.
 pub fn cross_cpu_wake_up(rounds: usize) -> Result<Duration> {
     use std::io::{Read, Write};
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        bail!("measuring a cross-CPU wake-up needs two CPUs");
+    }
     let (mut to_echo_rx, mut to_echo_tx) = std::io::pipe().context("pipe")?;
     let (mut back_rx, mut back_tx) = std::io::pipe().context("pipe")?;
     let echo = std::thread::spawn(move || -> Result<()> {

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! begin_write(range) -> Go                  all extents hot and durable: issue the write
-//!                    -> Persist(tx)         1. flush the bitmap pages covering tx.evicted
+//!                    -> Persist(tx)         1. flush the bitmap pages of take_evicted_ranges()
 //!                                           2. write tx.snapshot durably (metadata::MetaStore::write_al)
 //!                                           3. transaction_durable(tx.seq), then issue the write
 //!                    -> WaitFor(seq)        an extent was added by a transaction not yet durable:
@@ -18,9 +18,11 @@
 //!
 //! A transaction records the *whole* hot set (a snapshot), not a delta: a later snapshot
 //! supersedes every earlier one, so if several transactions are pending, persisting the
-//! newest and reporting its `seq` is enough; transactions must be persisted one at a time,
-//! in `seq` order. Evicting an extent needs its bitmap bits on disk first (a peer that was
-//! disconnected while it was written would otherwise lose them in a crash).
+//! newest and reporting its `seq` is enough; snapshots are written one at a time, and an
+//! older one is skipped once a newer one is durable. Evicting an extent needs its bitmap
+//! bits on disk before *any* snapshot without it (a peer that was disconnected while it was
+//! written would otherwise lose them in a crash), so the evictions of every admitted
+//! transaction are collected, and whoever writes the next snapshot flushes them all first.
 //!
 //! After a crash (no clean-shutdown flag), [`apply_al`] ORs every extent of the last durable
 //! snapshot into every peer's bitmap: every write that might have reached the disk is
@@ -123,6 +125,9 @@ pub struct ActivityLog {
     next_seq: u64,
     durable_seq: u64,
     failed: bool,
+    /// Extents evicted by admitted transactions whose bitmap pages the caller has not yet
+    /// written ([`ActivityLog::take_evicted`]).
+    evicted: BTreeSet<u64>,
 }
 
 /// The extents touched by `[offset, offset+len)` (a zero-length write touches none).
@@ -149,6 +154,7 @@ impl ActivityLog {
             next_seq: last_seq + 1,
             durable_seq: last_seq,
             failed: false,
+            evicted: BTreeSet::new(),
         })
     }
 
@@ -238,6 +244,7 @@ impl ActivityLog {
         };
         for e in &evicted {
             self.hot.remove(e);
+            self.evicted.insert(*e);
         }
         let mut wait_for = self.durable_seq;
         for e in wanted {
@@ -285,6 +292,18 @@ impl ActivityLog {
         let adm = self.begin_write(offset, len)?;
         debug_assert_eq!(adm, Admission::Go);
         Ok(true)
+    }
+
+    /// Every extent evicted by a transaction admitted so far whose bitmap pages were not
+    /// taken yet. Transactions may be persisted out of order (a newer snapshot supersedes
+    /// an older one), so whoever persists *any* snapshot takes these and writes their
+    /// bitmap pages (and makes their data durable) first: a newer snapshot that lacks an
+    /// extent must never be on disk before that extent's bits.
+    pub fn take_evicted_ranges(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.evicted)
+            .into_iter()
+            .map(|e| (e * EXTENT_SIZE, EXTENT_SIZE))
+            .collect()
     }
 
     /// Persisting a transaction failed: every later `begin_write` fails, and writes waiting
@@ -392,6 +411,9 @@ mod tests {
             tx.evicted_ranges().collect::<Vec<_>>(),
             vec![(EXTENT_SIZE, EXTENT_SIZE)]
         );
+        // Until taken, the eviction is pending for whoever persists the next snapshot.
+        assert_eq!(al.take_evicted_ranges(), vec![(EXTENT_SIZE, EXTENT_SIZE)]);
+        assert!(al.take_evicted_ranges().is_empty());
         assert!(!tx.snapshot.contains(&1) && tx.snapshot.contains(&100));
         assert_eq!(tx.snapshot.len(), 7);
     }

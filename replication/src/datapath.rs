@@ -67,6 +67,11 @@
 //!   types of `crate::resync::proto`) as ordered items of its pipeline, in link order with
 //!   the writes and respecting epochs, instead of handing them to the extension channel
 //!   (see `crate::resync` for the argument).
+//! - **A Secondary that cannot apply a request** (its disk fails a write or flush, or its
+//!   activity log cannot take the request) sends no acknowledgement and disconnects with
+//!   an Error frame, so the Primary counts the request as not replicated there (DRBD
+//!   detaches a failing disk). Acknowledging a failure and staying connected would leave
+//!   an UpToDate-looking, promotable replica without an acknowledged write.
 //! - **Validation.** The Secondary checks every request against its device size and its
 //!   expected epoch before anything touches the disk; a violation is answered with an
 //!   Error frame and the connection is dropped.
@@ -118,6 +123,8 @@ pub enum DatapathError {
     PeerProtocol(String),
     #[error("the peer sent a request at offset {offset} length {len}, beyond our size {size}")]
     PeerOutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the activity log could not take a replicated request: {0}")]
+    WriteIntent(String),
 }
 
 /// Tunables of a Primary. Every default is a named function.
@@ -1137,8 +1144,9 @@ enum Item {
 struct Done {
     ack: Message,
     held: usize,
-    /// A failed flush: the replica cannot promise durability, so it must not ack.
-    flush_failed: Option<DeviceError>,
+    /// What this replica failed to do before it could acknowledge (see
+    /// [`SecondaryState::failed`]); the ack is not sent.
+    failed: Option<DatapathError>,
 }
 
 /// Apply a Primary's requests arriving on `link` to `device` until the link goes down.
@@ -1168,21 +1176,27 @@ pub async fn run_secondary(
         extensions: cfg.extensions.clone(),
         resync_target: cfg.resync_target.clone(),
         write_intent: cfg.write_intent.clone(),
+        failed: None,
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     sec.done_tx = done_tx;
     let max_held = cfg.max_held_bytes.max(MAX_DATA_LEN + FRAME_OVERHEAD);
 
     let result = loop {
+        if let Some(e) = sec.failed.take() {
+            tracing::error!(peer = %peer, error = %e, "this replica could not apply a request; disconnecting");
+            sec.sender
+                .close_with_error(error_code::INTERNAL, &e.to_string());
+            break Err(e);
+        }
         tokio::select! {
             biased;
             Some(done) = done_rx.recv() => {
                 sec.inflight -= 1;
                 sec.held -= done.held;
-                if let Some(source) = done.flush_failed {
-                    tracing::error!(peer = %peer, error = %source, "flush failed on this replica; disconnecting");
-                    sec.sender.close_with_error(error_code::INTERNAL, "flush failed on the secondary's disk");
-                    break Err(DatapathError::Local { op: "flush", source });
+                if let Some(e) = done.failed {
+                    sec.failed = Some(e);
+                    continue;
                 }
                 let _ = sec.sender.send_control(&done.ack);
                 sec.pump();
@@ -1208,7 +1222,7 @@ pub async fn run_secondary(
         match done_rx.recv().await {
             Some(done) => {
                 sec.inflight -= 1;
-                if done.flush_failed.is_none() {
+                if done.failed.is_none() {
                     let _ = sec.sender.send_control(&done.ack);
                 }
             }
@@ -1232,6 +1246,12 @@ struct SecondaryState {
     extensions: Option<mpsc::UnboundedSender<Message>>,
     resync_target: Option<ResyncTargetHooks>,
     write_intent: Option<WriteIntentHooks>,
+    /// A request this replica could not apply (device error, or the activity log could not
+    /// take it), or a failed flush. It then cannot promise what the acknowledgement would
+    /// promise, so it sends none, starts nothing more and disconnects: the Primary counts
+    /// the request as not replicated here (out of sync, and the engine's quorum rule
+    /// decides whether it may complete), as DRBD detaches a disk after an I/O error.
+    failed: Option<DatapathError>,
 }
 
 impl SecondaryState {
@@ -1404,6 +1424,9 @@ impl SecondaryState {
     fn pump(&mut self) {
         let mut inline_budget = INLINE_BYTES_PER_PASS;
         while let Some((front, _)) = self.queue.front() {
+            if self.failed.is_some() {
+                return;
+            }
             if let Item::Barrier { epoch } = front {
                 if self.inflight > 0 {
                     return;
@@ -1432,12 +1455,17 @@ impl SecondaryState {
                 let fits = inline_budget.checked_sub(op.len() as usize);
                 if let Some(left) = fits.filter(|_| logged()) {
                     inline_budget = left;
-                    let ack = apply_request(&*self.device, *seq, *offset, op);
+                    let applied = apply_request(&*self.device, *seq, *offset, op);
                     if let Some(log) = &self.write_intent {
                         log.0.end(*offset, op.len());
                     }
                     self.held -= held;
-                    let _ = self.sender.send_control(&ack);
+                    match applied {
+                        Ok(ack) => {
+                            let _ = self.sender.send_control(&ack);
+                        }
+                        Err(e) => self.failed = Some(e),
+                    }
                     continue;
                 }
             }
@@ -1447,91 +1475,97 @@ impl SecondaryState {
             let hooks = self.resync_target.clone();
             let intent = self.write_intent.clone();
             tokio::task::spawn_blocking(move || {
-                let ack = match item {
+                let done = |ack| Done {
+                    ack,
+                    held,
+                    failed: None,
+                };
+                let done = match item {
                     Item::ResyncData { id, offset, data } => {
                         let len = data.len() as u64;
                         // Durable before the ack: the source clears its bits on the ack,
                         // so the data must survive a crash of this replica.
                         let result = device.write_at_durable(&data, offset);
-                        resync_written(result, hooks.as_ref(), id, offset, len)
+                        done(resync_written(result, hooks.as_ref(), id, offset, len))
                     }
                     Item::ResyncZeroes { id, offset, len } => {
                         let result = device
                             .write_zeroes(offset, len, true)
                             .and_then(|()| device.flush());
-                        resync_written(result, hooks.as_ref(), id, offset, len)
+                        done(resync_written(result, hooks.as_ref(), id, offset, len))
                     }
                     Item::ResyncDigest {
                         id,
                         offset,
                         len,
                         digests,
-                    } => compare_digests(&*device, id, offset, len, &digests),
+                    } => done(compare_digests(&*device, id, offset, len, &digests)),
                     Item::ResyncDone { summary } => {
-                        finish_resync_target(&*device, hooks.as_ref(), &summary)
+                        done(finish_resync_target(&*device, hooks.as_ref(), &summary))
                     }
                     Item::Request {
                         seq, offset, op, ..
-                    } => apply_logged_request(&*device, intent.as_ref(), seq, offset, &op),
-                    Item::Flush { id } => {
-                        if let Err(e) = device.flush() {
-                            let _ = done_tx.send(Done {
-                                ack: Message::FlushAck { id },
-                                held,
-                                flush_failed: Some(e),
-                            });
-                            return;
-                        }
-                        Message::FlushAck { id }
-                    }
+                    } => match apply_logged_request(&*device, intent.as_ref(), seq, offset, &op) {
+                        Ok(ack) => done(ack),
+                        Err(e) => Done {
+                            failed: Some(e),
+                            ..done(Message::WriteAck {
+                                seq,
+                                outcome: WriteOutcome::Failed,
+                            })
+                        },
+                    },
+                    Item::Flush { id } => Done {
+                        failed: device.flush().err().map(|source| DatapathError::Local {
+                            op: "flush",
+                            source,
+                        }),
+                        ..done(Message::FlushAck { id })
+                    },
                     Item::Barrier { .. } => return,
                 };
-                let _ = done_tx.send(Done {
-                    ack,
-                    held,
-                    flush_failed: None,
-                });
+                let _ = done_tx.send(done);
             });
         }
     }
 }
 
 /// Apply a replicated request on this replica and build its acknowledgement.
-fn apply_request(device: &dyn BackingDevice, seq: u64, offset: u64, op: &Op) -> Message {
-    let outcome = match op.apply(device, offset) {
-        Ok(()) => WriteOutcome::Written,
-        Err(e) => {
-            tracing::error!(error = %e, "replicated {} failed on this replica", op.name());
-            WriteOutcome::Failed
-        }
-    };
-    Message::WriteAck { seq, outcome }
+fn apply_request(
+    device: &dyn BackingDevice,
+    seq: u64,
+    offset: u64,
+    op: &Op,
+) -> Result<Message, DatapathError> {
+    op.apply(device, offset)
+        .map(|()| Message::WriteAck {
+            seq,
+            outcome: WriteOutcome::Written,
+        })
+        .map_err(|source| DatapathError::Local {
+            op: op.name(),
+            source,
+        })
 }
 
 /// [`apply_request`] inside the write-intent log: the range is logged before the device is
-/// touched and released after; a request the log cannot take fails (the Primary marks it
-/// out of sync).
+/// touched and released after; a request the log cannot take is not applied.
 fn apply_logged_request(
     device: &dyn BackingDevice,
     log: Option<&WriteIntentHooks>,
     seq: u64,
     offset: u64,
     op: &Op,
-) -> Message {
+) -> Result<Message, DatapathError> {
     let Some(log) = log else {
         return apply_request(device, seq, offset, op);
     };
-    if let Err(e) = log.0.begin(offset, op.len()) {
-        tracing::error!(error = %e, offset, len = op.len(),
-            "replicated {} not applied: the activity log cannot take it", op.name());
-        return Message::WriteAck {
-            seq,
-            outcome: WriteOutcome::Failed,
-        };
-    }
-    let ack = apply_request(device, seq, offset, op);
+    log.0
+        .begin(offset, op.len())
+        .map_err(DatapathError::WriteIntent)?;
+    let applied = apply_request(device, seq, offset, op);
     log.0.end(offset, op.len());
-    ack
+    applied
 }
 
 /// A resync write on the target finished: tell the engine (before the acknowledgement).

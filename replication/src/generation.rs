@@ -391,7 +391,8 @@ impl UuidSet {
     }
 
     /// This replica may differ from each of `peers` at equal generations (a Secondary that
-    /// crashed with writes in flight): it resyncs from them, never to them.
+    /// crashed with writes in flight): it is the resync target unless an earlier rule
+    /// decides (see `metadata.rs`, where it is set).
     pub fn mark_uncertain(&mut self, peers: &[&str]) {
         for p in peers {
             self.uncertain_peers.insert((*p).to_string());

@@ -62,7 +62,7 @@
 //! match al.begin_write(4096, 8192).unwrap() {
 //!     Admission::Go => {}
 //!     Admission::Persist(tx) => {
-//!         for (off, len) in tx.evicted_ranges() {
+//!         for (off, len) in al.take_evicted_ranges() {
 //!             let bm = bitmaps.get_mut("hv2").unwrap();
 //!             store.flush_bitmap_range("hv2", bm, off, len).unwrap();
 //!         }

@@ -626,8 +626,11 @@ impl MetaStore {
                 meta.uuids.flags.primary = false;
             } else if !al_snapshot.is_empty() {
                 // A Secondary died with peer writes in flight: its hot extents may hold
-                // half-applied data at the Primary's generation. It must be the target of
-                // the next resync with any peer at that generation, never its source.
+                // half-applied data at the Primary's generation. It is the target of the
+                // next resync with a peer at that generation, unless a rule that ranks
+                // first decides otherwise (a crashed Primary under protocol C, or both
+                // sides uncertain): each block then holds the old or the new version, and
+                // the hot extents are in the resynced union, so the pair still converges.
                 meta.uuids.mark_uncertain(&names);
             }
         }

@@ -916,26 +916,32 @@ async fn a_silent_peer_under_a_blocks_writers_only_until_it_is_declared_dead() {
     assert!(unmarked.is_empty(), "unmarked MiB: {unmarked:?}");
 }
 
-/// The Secondary's disk fails a write: the application write still succeeds (the local
-/// disk has it), the range is reported out of sync, and the peer stays connected.
+/// The Secondary's disk fails a write: the Secondary does not acknowledge it and
+/// disconnects (an UpToDate-looking replica must not lack an acknowledged write); the
+/// application write completes from the local disk, naming the peer as not having it, and
+/// the range is reported out of sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_peer_write_is_reported_out_of_sync() {
+async fn a_peer_that_fails_a_write_disconnects_and_the_range_is_out_of_sync() {
     let p = disk(MIB);
     let s = disk(MIB);
     let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
     s.dev.fail_writes.store(true, Ordering::SeqCst);
-    pair.primary
-        .submit_write(4096, Bytes::from(vec![4u8; 4096]), false)
+    let done = pair
+        .primary
+        .write_request(4096, Bytes::from(vec![4u8; 4096]), false)
         .await
         .unwrap();
+    assert_eq!(done.unacknowledged, vec!["secondary".to_string()]);
     assert_eq!(
         pair.oos.lock().unwrap().clone(),
         vec![("secondary".to_string(), 4096, 4096)]
     );
-    assert_eq!(
-        pair.primary.connected_peers(),
-        vec!["secondary".to_string()]
+    let exit = pair.secondary.await.unwrap();
+    assert!(
+        matches!(exit, Err(DatapathError::Local { op: "write", .. })),
+        "{exit:?}"
     );
+    assert!(pair.primary.connected_peers().is_empty());
 }
 
 /// A Secondary's write-intent log for tests: ranges starting in an even MiB are hot (taken
@@ -976,15 +982,15 @@ impl WriteIntentLog for TestIntentLog {
 
 /// With a write-intent log, the Secondary takes each request's range before its device
 /// sees the request and releases it after: inline when the log can take it at once, on the
-/// blocking pool otherwise. A request the log refuses is not applied and is reported out
-/// of sync; the replicas agree everywhere else.
+/// blocking pool otherwise. A request the log refuses is not applied, and the Secondary
+/// disconnects (the Primary reports the range out of sync).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_secondary_logs_every_request_range_before_applying_it() {
     let p = disk(8 * MIB);
     let s = disk(8 * MIB);
     p.dev.cached.store(true, Ordering::SeqCst);
     s.dev.cached.store(true, Ordering::SeqCst);
-    let refuse = 5 * MIB + 8192;
+    let refuse = 7 * MIB + 64 * 1024;
     let log = Arc::new(TestIntentLog {
         dev: s.dev.clone(),
         refuse,
@@ -1001,27 +1007,18 @@ async fn the_secondary_logs_every_request_range_before_applying_it() {
         for block in 0..4u64 {
             let off = mib * MIB + block * 8192;
             offsets.push(off);
-            pair.primary
-                .submit_write(
-                    off,
-                    Bytes::from(vec![(off / 8192 % 251) as u8 + 1; 4096]),
-                    false,
-                )
-                .await
-                .unwrap();
+            let data = Bytes::from(vec![(off / 8192 % 251) as u8 + 1; 4096]);
+            pair.primary.submit_write(off, data, false).await.unwrap();
         }
     }
     pair.primary.submit_trim(6 * MIB, MIB, false).await.unwrap();
-    pair.primary.flush().await.unwrap();
     offsets.push(6 * MIB);
-
-    assert_eq!(
-        pair.oos.lock().unwrap().clone(),
-        vec![("secondary".to_string(), refuse, 4096)]
-    );
+    pair.primary.flush().await.unwrap();
+    assert!(pair.oos.lock().unwrap().is_empty());
+    assert_eq!(sha256_file(&p.path), sha256_file(&s.path));
     let events = s.dev.events.lock().unwrap().clone();
     let pos = |e: Event| events.iter().position(|x| *x == e);
-    for off in offsets.iter().copied().filter(|&o| o != refuse) {
+    for off in offsets {
         let order = [
             Event::Logged(off),
             Event::Start(off),
@@ -1031,21 +1028,26 @@ async fn the_secondary_logs_every_request_range_before_applying_it() {
         .map(|e| pos(e).unwrap_or_else(|| panic!("{e:?} missing: {events:?}")));
         assert!(order.is_sorted(), "offset {off}: {order:?} in {events:?}");
     }
-    assert_eq!(
-        pos(Event::Start(refuse)),
-        None,
-        "a refused request reached the disk"
-    );
     assert!(log.without_waiting.load(Ordering::SeqCst) >= 16);
-    assert!(log.blocking.load(Ordering::SeqCst) >= 15);
-    // Everywhere but the refused block the replicas are identical.
-    let mut pd = std::fs::read(&p.path).unwrap();
-    let mut sd = std::fs::read(&s.path).unwrap();
-    let r = refuse as usize..refuse as usize + 4096;
-    assert_ne!(pd[r.clone()], sd[r.clone()]);
-    pd[r.clone()].fill(0);
-    sd[r].fill(0);
-    assert!(pd == sd, "replicas differ outside the refused block");
+    assert!(log.blocking.load(Ordering::SeqCst) >= 16);
+
+    // A request the log refuses never reaches the disk, and the Secondary disconnects.
+    let done = pair
+        .primary
+        .write_request(refuse, Bytes::from(vec![9u8; 4096]), false)
+        .await
+        .unwrap();
+    assert_eq!(done.unacknowledged, vec!["secondary".to_string()]);
+    assert_eq!(
+        pair.oos.lock().unwrap().clone(),
+        vec![("secondary".to_string(), refuse, 4096)]
+    );
+    let exit = pair.secondary.await.unwrap();
+    assert!(
+        matches!(exit, Err(DatapathError::WriteIntent(_))),
+        "{exit:?}"
+    );
+    assert!(!s.dev.events.lock().unwrap().contains(&Event::Start(refuse)));
 }
 
 /// Extension messages (the lead's UUID/bitmap/resync traffic) pass through the data path

@@ -1280,20 +1280,21 @@ async fn a_secondary_that_dies_with_the_primary_is_resynced_on_its_unacknowledge
             tokio::spawn(async move { a.write(off, data(off, 4096), false).await })
         })
         .collect();
-    // Every write reached hv3's disk (and none can complete: hv2 never answers).
-    let hv3_disk = c.hosts[c.idx("hv3")].disk.clone();
+    // Every write reached hv3's disk, and none could complete: hv2 never answers (and hv1
+    // declares it dead only after the test links' 1 s, long after this).
+    let hv3_disk = std::fs::File::open(&c.hosts[c.idx("hv3")].disk).unwrap();
+    let on_disk = |off: u64| {
+        let mut block = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&hv3_disk, &mut block, off).unwrap();
+        block == data(off, 4096)[..]
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let disk = std::fs::read(&hv3_disk).unwrap();
-        let on_disk = |off: u64| disk[off as usize..off as usize + 4096] == data(off, 4096)[..];
-        if blocks.iter().all(|&off| on_disk(off)) {
-            break;
-        }
+    while !blocks.iter().all(|&off| on_disk(off)) {
         assert!(
             std::time::Instant::now() < deadline,
             "hv3 never applied the writes"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(
         writers.iter().all(|w| !w.is_finished()),

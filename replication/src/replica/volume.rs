@@ -1355,12 +1355,30 @@ impl Replica {
             })
     }
 
-    /// Make AL transaction `tx` durable (blocking I/O). Before a transaction that evicts
-    /// extents, the data device is flushed (a completed write to an evicted extent may
-    /// still sit in a volatile cache) and those extents' bitmap pages are written.
+    /// Make AL transaction `tx` durable (blocking I/O), then report it (also when the
+    /// write that asked for it was dropped meanwhile, so nobody waits for it forever).
+    /// Snapshots are written one at a time (`al_written`); first every pending eviction
+    /// (of this transaction or any other admitted one) gets the data device flushed (a
+    /// completed write to an evicted extent may still sit in a volatile cache) and its
+    /// bitmap pages written.
     fn persist_al(&self, tx: &AlTransaction) -> Result<(), EngineError> {
-        if let (false, Some(dev)) = (tx.evicted.is_empty(), &self.device) {
-            // Before any lock: a flush may take long.
+        let res = self.write_al_snapshot(tx);
+        self.al_persisted(tx.seq, res.is_ok());
+        res
+    }
+
+    fn write_al_snapshot(&self, tx: &AlTransaction) -> Result<(), EngineError> {
+        let mut written = lock(&self.al_written);
+        if tx.seq <= *written {
+            // A newer snapshot (a superset of this one's extents) is durable.
+            return Ok(());
+        }
+        let evicted = lock(&self.al)
+            .as_mut()
+            .map(|al| al.take_evicted_ranges())
+            .unwrap_or_default();
+        if let (false, Some(dev)) = (evicted.is_empty(), &self.device) {
+            // Before the metadata lock: a flush may take long.
             dev.flush().map_err(|source| EngineError::Device {
                 volume: self.volume.clone(),
                 op: "flush (before the activity log drops extents)",
@@ -1369,20 +1387,18 @@ impl Replica {
         }
         let mut store = lock(&self.meta);
         let Some(store) = store.as_mut() else {
-            return Ok(());
+            return Err(EngineError::InvalidRequest(format!(
+                "{}: the replica is closed; its activity log cannot be written",
+                self.volume
+            )));
         };
-        let mut written = lock(&self.al_written);
-        if tx.seq <= *written {
-            // A newer snapshot (a superset of this one's extents) is durable.
-            return Ok(());
-        }
         let meta_err = |source| EngineError::Metadata {
             volume: self.volume.clone(),
             op: "writing the activity log of",
             source,
         };
         let mut bms = lock(&self.bitmaps);
-        for (off, len) in tx.evicted_ranges() {
+        for (off, len) in evicted {
             for (peer, bm) in bms.iter_mut() {
                 store
                     .flush_bitmap_range(peer, bm, off, len)
@@ -1408,60 +1424,52 @@ impl Replica {
         self.al_changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Whether transaction `seq` is durable (`Some(true)`), pending (`Some(false)`), or
-    /// will never be (`None`: a transaction failed).
-    fn al_durable(&self, seq: u64) -> Option<bool> {
+    /// Whether transaction `seq` is durable (`Ok(true)`), pending (`Ok(false)`), or will
+    /// never be (a transaction failed).
+    fn al_durable(&self, seq: u64) -> Result<bool, EngineError> {
         match lock(&self.al).as_ref() {
-            None => Some(true),
-            Some(al) if al.has_failed() => None,
-            Some(al) => Some(al.durable_seq() >= seq),
-        }
-    }
-
-    /// A write admitted with `WaitFor` whose transaction failed: release it and fail.
-    fn al_wait_failed(&self, offset: u64, len: u64) -> EngineError {
-        self.al_end(offset, len);
-        EngineError::ActivityLog {
-            volume: self.volume.clone(),
-            source: AlError::Failed,
+            None => Ok(true),
+            Some(al) if al.has_failed() => Err(EngineError::ActivityLog {
+                volume: self.volume.clone(),
+                source: AlError::Failed,
+            }),
+            Some(al) => Ok(al.durable_seq() >= seq),
         }
     }
 
     /// Take the activity-log extents of `[offset, offset+len)`, persisting a transaction
-    /// when a cold extent is touched (durable before the write is issued).
-    async fn al_begin(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+    /// when a cold extent is touched (durable before the write is issued). The extents are
+    /// released when the returned hold is dropped, also if the write is cancelled.
+    async fn al_begin(&self, offset: u64, len: u64) -> Result<AlHold<'_>, EngineError> {
         let mut rx = self.al_changed.subscribe();
         loop {
             match self.al_admit(offset, len)? {
-                None | Some(Admission::Go) => return Ok(()),
+                None | Some(Admission::Go) => return Ok(self.al_hold(offset, len)),
                 Some(Admission::Persist(tx)) => {
+                    let hold = self.al_hold(offset, len);
                     let Some(me) = self.arc() else {
-                        return Ok(());
+                        return Err(EngineError::InvalidRequest(format!(
+                            "{}: the replica is closing",
+                            self.volume
+                        )));
                     };
-                    let seq = tx.seq;
-                    let res = tokio::task::spawn_blocking(move || me.persist_al(&tx))
+                    tokio::task::spawn_blocking(move || me.persist_al(&tx))
                         .await
                         .unwrap_or_else(|e| {
                             Err(EngineError::InvalidRequest(format!(
                                 "{}: activity log task: {e}",
                                 self.volume
                             )))
-                        });
-                    self.al_persisted(seq, res.is_ok());
-                    if let Err(e) = res {
-                        self.al_end(offset, len);
-                        return Err(e);
-                    }
-                    return Ok(());
+                        })?;
+                    return Ok(hold);
                 }
-                Some(Admission::WaitFor(seq)) => loop {
-                    match self.al_durable(seq) {
-                        Some(true) => return Ok(()),
-                        Some(false) => {}
-                        None => return Err(self.al_wait_failed(offset, len)),
+                Some(Admission::WaitFor(seq)) => {
+                    let hold = self.al_hold(offset, len);
+                    while !self.al_durable(seq)? {
+                        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
                     }
-                    let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
-                },
+                    return Ok(hold);
+                }
                 Some(Admission::Busy) => {
                     let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
                 }
@@ -1469,29 +1477,54 @@ impl Replica {
         }
     }
 
-    /// [`Replica::al_begin`] for a thread that may block (the blocking pool): no runtime
-    /// is needed, so it also works while the runtime shuts down.
+    fn al_hold(&self, offset: u64, len: u64) -> AlHold<'_> {
+        AlHold {
+            replica: self,
+            offset,
+            len,
+        }
+    }
+
+    /// [`Replica::al_begin`] for a thread that may block (the blocking pool), for the
+    /// writes a Secondary applies; the caller calls `al_end` after the write. It needs no
+    /// runtime, and it gives up after [`PEER_WRITE_AL_WAIT`]: with two Primaries, local
+    /// writes hold extents until the peer acknowledges, so waiting for room without end
+    /// could deadlock both; failing disconnects the pair instead, and they resync.
     pub(super) fn al_begin_blocking(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let deadline = std::time::Instant::now() + PEER_WRITE_AL_WAIT;
+        let out_of_time = || {
+            EngineError::InvalidRequest(format!(
+                "{}: no room in the activity log for a replicated write at {offset} length \
+                 {len} within {PEER_WRITE_AL_WAIT:?}",
+                self.volume
+            ))
+        };
         loop {
             match self.al_admit(offset, len)? {
                 None | Some(Admission::Go) => return Ok(()),
                 Some(Admission::Persist(tx)) => {
-                    let res = self.persist_al(&tx);
-                    self.al_persisted(tx.seq, res.is_ok());
-                    if let Err(e) = res {
-                        self.al_end(offset, len);
-                        return Err(e);
-                    }
+                    let hold = self.al_hold(offset, len);
+                    self.persist_al(&tx)?;
+                    hold.keep();
                     return Ok(());
                 }
-                Some(Admission::WaitFor(seq)) => loop {
-                    match self.al_durable(seq) {
-                        Some(true) => return Ok(()),
-                        Some(false) => std::thread::sleep(Duration::from_millis(1)),
-                        None => return Err(self.al_wait_failed(offset, len)),
+                Some(Admission::WaitFor(seq)) => {
+                    let hold = self.al_hold(offset, len);
+                    while !self.al_durable(seq)? {
+                        if std::time::Instant::now() > deadline {
+                            return Err(out_of_time());
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
                     }
-                },
-                Some(Admission::Busy) => std::thread::sleep(Duration::from_millis(1)),
+                    hold.keep();
+                    return Ok(());
+                }
+                Some(Admission::Busy) => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(out_of_time());
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         }
     }
@@ -1543,13 +1576,13 @@ impl Replica {
             drop(gate);
             self.admit().await?;
         };
-        self.al_begin(offset, len).await?;
+        let al_hold = self.al_begin(offset, len).await?;
         // Before the data path picks the peers (`run` has not been polled yet).
         let links_before = self.link_ids();
         let inflight = self.writes.begin(offset, len);
         let res = run.await;
         drop(inflight);
-        self.al_end(offset, len);
+        drop(al_hold);
         // Outside the gate: a handshake that brings quorum back needs it.
         drop(gate);
         let done = res.map_err(|source| EngineError::Datapath {
@@ -1810,5 +1843,29 @@ impl Replica {
         }
         drop(st);
         self.notify();
+    }
+}
+
+/// How long a Secondary's write waits for room in the activity log before it fails (see
+/// [`Replica::al_begin_blocking`]).
+const PEER_WRITE_AL_WAIT: Duration = Duration::from_secs(10);
+
+/// Activity-log extents taken for one write: released (`al_end`) on drop.
+struct AlHold<'a> {
+    replica: &'a Replica,
+    offset: u64,
+    len: u64,
+}
+
+impl AlHold<'_> {
+    /// Keep the extents taken; the caller releases them with `al_end`.
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for AlHold<'_> {
+    fn drop(&mut self) {
+        self.replica.al_end(self.offset, self.len);
     }
 }

@@ -1,0 +1,158 @@
+//! The replicated write path's own overhead, in process: the same workload through a
+//! `replication::datapath::Primary` without peers (unreplicated) and through one replicating
+//! under protocol C to a Secondary over TCP loopback, printed as ratios. No daemons, NBD or
+//! namespaces: this isolates framing, tasks and loopback round trips (see
+//! `replicated_vs_local` for the whole system).
+//!
+//! ```text
+//! cargo run --release -p tandem-bench --bin datapath_overhead
+//! ```
+//!
+//! Both replicas are files in one temp directory (`--dir`), so the numbers do not include a
+//! second disk.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use replication::auth::Secret;
+use replication::datapath::{run_secondary, Primary, PrimaryConfig, SecondaryConfig};
+use replication::device::{BackingDevice, FileDevice};
+use replication::link::{LinkConfig, PeerLink};
+use replication::wire::{Hello, ReplicationProtocol};
+use tokio::net::TcpListener;
+
+/// Unreplicated vs protocol-C replicated writes through the data path alone, in process.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Directory for the two 1 GiB sparse files.
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Seconds per workload and target.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+}
+
+const VOLUME: u64 = 1 << 30;
+fn device(dir: &Path, name: &str) -> Result<Arc<dyn BackingDevice>> {
+    let path = dir.join(name);
+    File::create(&path)
+        .and_then(|f| f.set_len(VOLUME))
+        .with_context(|| format!("creating {}", path.display()))?;
+    Ok(Arc::new(FileDevice::open(&path)?))
+}
+
+async fn replicated(dir: &Path) -> Result<Primary> {
+    let protocol = ReplicationProtocol::C;
+    let secret = Secret::new(b"bench".to_vec())?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let s2 = secret.clone();
+    let accept = tokio::spawn(async move {
+        PeerLink::accept(&listener, &s2, &LinkConfig::default(), |_| {
+            Some(Hello::new("secondary", "bench", VOLUME, protocol))
+        })
+        .await
+    });
+    let plink = PeerLink::connect(
+        addr,
+        &secret,
+        &Hello::new("primary", "bench", VOLUME, protocol),
+        &LinkConfig::default(),
+    )
+    .await?;
+    let slink = accept.await??;
+    tokio::spawn(run_secondary(
+        slink,
+        device(dir, "secondary")?,
+        SecondaryConfig::default(),
+    ));
+    let primary = Primary::new(
+        device(dir, "primary-r")?,
+        PrimaryConfig::new(protocol),
+        Arc::new(|_: &str, _, _| {}),
+    );
+    primary.attach_peer(plink);
+    Ok(primary)
+}
+
+/// Requests per second for `qd` workers writing `bs`-byte blocks, random or sequential.
+async fn run(primary: &Primary, run: Duration, qd: usize, bs: usize, random: bool) -> Result<f64> {
+    let deadline = Instant::now() + run;
+    let blocks = VOLUME / bs as u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..qd {
+        let primary = primary.clone();
+        let data = Bytes::from(vec![(w as u8) | 1; bs]);
+        tasks.spawn(async move {
+            let mut x = (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut n = 0u64;
+            let mut next = (w as u64) * (blocks / qd as u64);
+            while Instant::now() < deadline {
+                let block = if random {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x % blocks
+                } else {
+                    next = (next + 1) % blocks;
+                    next
+                };
+                primary
+                    .submit_write(block * bs as u64, data.clone(), false)
+                    .await?;
+                n += 1;
+            }
+            Ok::<u64, replication::datapath::DatapathError>(n)
+        });
+    }
+    let mut total = 0;
+    while let Some(n) = tasks.join_next().await {
+        total += n??;
+    }
+    Ok(total as f64 / run.as_secs_f64())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let run_for = Duration::from_secs(args.seconds.max(1));
+    let dir = tempfile::tempdir_in(&args.dir)
+        .with_context(|| format!("creating a directory under {}", args.dir.display()))?;
+    let local = Primary::new(
+        device(dir.path(), "primary-l")?,
+        PrimaryConfig::new(ReplicationProtocol::C),
+        Arc::new(|_: &str, _, _| {}),
+    );
+    let repl = replicated(dir.path()).await?;
+    println!("workload                      unreplicated   replicated(C)   ratio");
+    for (name, qd, bs, random) in [
+        ("4 KiB random write QD1", 1, 4096, true),
+        ("4 KiB random write QD32", 32, 4096, true),
+        ("1 MiB sequential write QD4", 4, 1 << 20, false),
+    ] {
+        let a = run(&local, run_for, qd, bs, random).await?;
+        let b = run(&repl, run_for, qd, bs, random).await?;
+        let unit = if bs >= 1 << 20 { "MiB/s" } else { "IOPS" };
+        let scale = if unit == "MiB/s" {
+            bs as f64 / (1 << 20) as f64
+        } else {
+            1.0
+        };
+        let (a, b) = (a * scale, b * scale);
+        println!(
+            "{name:<29} {a:>10.0} {unit:<5} {b:>8.0} {unit:<5} {:>5.2}",
+            b / a
+        );
+    }
+    anyhow::ensure!(
+        repl.connected_peers().len() == 1,
+        "the Secondary disconnected during the run"
+    );
+    Ok(())
+}
