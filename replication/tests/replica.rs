@@ -1321,3 +1321,31 @@ async fn a_secondary_that_dies_with_the_primary_is_resynced_on_its_unacknowledge
     wait_converged(&b, &d, 30).await;
     assert_eq!(c.disk_hash("hv2"), c.disk_hash("hv3"));
 }
+
+/// A trim and a write-zeroes over more extents than the activity log holds (1237 x 4 MiB)
+/// are done in parts on both replicas, instead of failing as a request that could never be
+/// admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trim_larger_than_the_activity_log_reaches_both_replicas() {
+    const GIB: u64 = 1 << 30;
+    let c = Cluster::new(&["hv1", "hv2"], &[], 6 * GIB, ReplicaOptions::default()).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "connected", 10, |s| established(s, "hv2")).await;
+    a.promote().await.unwrap();
+    let blocks = [0, 2 * GIB, 5 * GIB - 4096, 5 * GIB + 8192];
+    for off in blocks {
+        a.write(off, data(off, 4096), false).await.unwrap();
+    }
+    a.trim(0, 5 * GIB).await.unwrap();
+    a.write_zeroes(5 * GIB, GIB, false).await.unwrap();
+    a.flush().await.unwrap();
+    wait_converged(&a, &b, 30).await;
+    for host in ["hv1", "hv2"] {
+        let disk = std::fs::File::open(&c.hosts[c.idx(host)].disk).unwrap();
+        for off in blocks {
+            let mut block = vec![1u8; 4096];
+            std::os::unix::fs::FileExt::read_exact_at(&disk, &mut block, off).unwrap();
+            assert!(block.iter().all(|&x| x == 0), "{host} at {off}");
+        }
+    }
+}

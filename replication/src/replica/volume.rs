@@ -18,7 +18,9 @@ use super::twopc::{
     Grant, PromotionRound, RoundFailure, RoundGuard, COMMIT_DEADLINE, PROMOTE_TIMEOUT,
 };
 use super::{EngineError, NodeShared, PeerSpec, ReplicaOptions, ReplicaSpec};
-use crate::activity_log::{ActivityLog, Admission, AlError, AlTransaction};
+use crate::activity_log::{
+    ActivityLog, Admission, AlError, AlTransaction, EXTENT_SIZE, MIN_AL_EXTENTS,
+};
 use crate::bitmap::Bitmap;
 use crate::datapath::{Primary, PrimaryConfig};
 use crate::device::BackingDevice;
@@ -1758,9 +1760,13 @@ impl Replica {
 
     /// Replicated discard.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
-        let p = self.admit().await?;
-        self.modify("trim", offset, len, p.trim_request(offset, len, false))
-            .await
+        self.check_range(offset, len)?;
+        for (offset, len) in self.range_parts(offset, len) {
+            let p = self.admit().await?;
+            self.modify("trim", offset, len, p.trim_request(offset, len, false))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Replicated write-zeroes.
@@ -1770,14 +1776,35 @@ impl Replica {
         len: u64,
         may_unmap: bool,
     ) -> Result<(), EngineError> {
-        let p = self.admit().await?;
-        self.modify(
-            "write zeroes",
-            offset,
-            len,
-            p.write_zeroes_request(offset, len, may_unmap, false),
-        )
-        .await
+        self.check_range(offset, len)?;
+        for (offset, len) in self.range_parts(offset, len) {
+            let p = self.admit().await?;
+            self.modify(
+                "write zeroes",
+                offset,
+                len,
+                p.write_zeroes_request(offset, len, may_unmap, false),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A trim or write-zeroes range in parts that each take at most half the activity log
+    /// (and at most 1 GiB), on this node and on every peer: a request over more extents
+    /// than the log holds could never be admitted. Parts are issued one after another; a
+    /// failure leaves the earlier parts done, as any failed request may leave part of its
+    /// range written.
+    fn range_parts(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+        let extents = lock(&self.al)
+            .as_ref()
+            .map_or(MIN_AL_EXTENTS, |al| al.capacity());
+        let part = (extents as u64 / 2 * EXTENT_SIZE).clamp(EXTENT_SIZE, 1 << 30);
+        let end = offset.saturating_add(len);
+        (0..len.div_ceil(part)).map(move |i| {
+            let start = offset + i * part;
+            (start, part.min(end - start))
+        })
     }
 
     // ----- lifecycle -----
