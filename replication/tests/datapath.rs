@@ -11,8 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+mod replica_support;
+
 use bytes::Bytes;
 use rand::{Rng, RngCore, SeedableRng};
+use replica_support::forward;
 use replication::auth::Secret;
 use replication::datapath::{
     run_secondary, DatapathError, OutOfSyncHook, Primary, PrimaryConfig, SecondaryConfig,
@@ -22,7 +25,6 @@ use replication::device::{BackingDevice, DeviceError, FileDevice};
 use replication::link::{LinkConfig, LinkDown, LinkSender, PeerLink};
 use replication::wire::{error_code, Hello, Message, ReplicationProtocol, WriteRequest};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -763,32 +765,9 @@ async fn freezable_proxy(target: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
         let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
         let (ir, iw) = inbound.into_split();
         let (or, ow) = outbound.into_split();
-        let a = tokio::spawn(pump(f.clone(), ir, ow));
-        let b = tokio::spawn(pump(f, or, iw));
-        let _ = tokio::join!(a, b);
+        tokio::join!(forward(&f, ir, ow), forward(&f, or, iw));
     });
     (addr, frozen)
-}
-
-async fn pump(
-    frozen: Arc<AtomicBool>,
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-) {
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if frozen.load(Ordering::SeqCst) {
-            // Swallow everything from now on; keep both sockets open.
-            std::future::pending::<()>().await;
-        }
-        if w.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// A Primary and a Secondary connected through a [`freezable_proxy`].

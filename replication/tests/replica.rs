@@ -13,6 +13,14 @@ use replication::role::{ConnectionState, DiskState, ReplicationState, Role};
 
 const MIB: u64 = 1 << 20;
 
+/// Three 32 MiB data replicas, all connected, hv1 Primary.
+async fn three_replicas_with_hv1_primary(options: ReplicaOptions) -> Cluster {
+    let c = Cluster::new(&["hv1", "hv2", "hv3"], &[], 32 * MIB, options).await;
+    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
+    c.r("hv1").promote().await.unwrap();
+    c
+}
+
 async fn write_mib(r: &replication::replica::Replica, first_mib: u64, count: u64, seed: u64) {
     for i in first_mib..first_mib + count {
         r.write(i * MIB, data(seed + i, MIB as usize), false)
@@ -970,10 +978,8 @@ async fn fence_and_rejoin_with_three_replicas(in_flight: bool) {
         suspend_timeout: Duration::from_secs(60),
         ..ReplicaOptions::default()
     };
-    let c = Cluster::new(&["hv1", "hv2", "hv3"], &[], 32 * MIB, opts).await;
+    let c = three_replicas_with_hv1_primary(opts).await;
     let (a, b, d) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
-    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
-    a.promote().await.unwrap();
     write_mib(&a, 0, 1, 3).await;
     let writer = |a: std::sync::Arc<replication::replica::Replica>| async move {
         for i in 0.. {
@@ -1059,16 +1065,8 @@ async fn a_promotion_racing_the_loss_of_the_primary_still_reconciles_its_own_tai
 }
 
 async fn survivors_of_a_killed_primary(promote_at_once: bool) {
-    let mut c = Cluster::new(
-        &["hv1", "hv2", "hv3"],
-        &[],
-        32 * MIB,
-        ReplicaOptions::default(),
-    )
-    .await;
+    let mut c = three_replicas_with_hv1_primary(ReplicaOptions::default()).await;
     let (a, b, d) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
-    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
-    a.promote().await.unwrap();
     write_mib(&a, 0, 2, 5).await;
     let writers: Vec<_> = (0..8u64)
         .map(|w| {
@@ -1144,10 +1142,8 @@ async fn a_reconciliation_cut_off_by_a_crash_resumes_at_the_next_handshake() {
         },
         ..ReplicaOptions::default()
     };
-    let mut c = Cluster::new(&["hv1", "hv2", "hv3"], &[], 32 * MIB, slow).await;
+    let mut c = three_replicas_with_hv1_primary(slow).await;
     let (a, b, d) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
-    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
-    a.promote().await.unwrap();
     // Scattered writes, so the tail is many ranges and the reconciliation takes seconds.
     for i in 0..1024u64 {
         let block = (i * 37) % 8192;
@@ -1260,16 +1256,8 @@ async fn a_clean_switchover_of_three_replicas_marks_nothing() {
 /// hv3 came back "in sync" with blocks hv2 never had.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_secondary_that_dies_with_the_primary_is_resynced_on_its_unacknowledged_writes() {
-    let mut c = Cluster::new(
-        &["hv1", "hv2", "hv3"],
-        &[],
-        32 * MIB,
-        ReplicaOptions::default(),
-    )
-    .await;
+    let mut c = three_replicas_with_hv1_primary(ReplicaOptions::default()).await;
     let (a, b) = (c.r("hv1"), c.r("hv2"));
-    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
-    a.promote().await.unwrap();
     write_mib(&a, 0, 2, 5).await;
     c.proxy("hv1", "hv2").freeze();
     let blocks: Vec<u64> = (0..16).map(|i| 8 * MIB + i * 8192).collect();

@@ -76,7 +76,7 @@ impl Proxy {
         }
     }
 
-    /// Stop moving bytes in both directions; connections stay open. What is swallowed is
+    /// Stop moving bytes in both directions; connections stay open. What was in flight is
     /// lost, so `cut` before `heal`.
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
@@ -96,8 +96,8 @@ impl Proxy {
     }
 }
 
-/// Copy `r` to `w` until either ends; once `frozen`, swallow everything.
-async fn forward(frozen: &AtomicBool, mut r: OwnedReadHalf, mut w: OwnedWriteHalf) {
+/// Copy `r` to `w` until either ends or `frozen` is set.
+pub async fn forward(frozen: &AtomicBool, mut r: OwnedReadHalf, mut w: OwnedWriteHalf) {
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = match r.read(&mut buf).await {
@@ -105,7 +105,9 @@ async fn forward(frozen: &AtomicBool, mut r: OwnedReadHalf, mut w: OwnedWriteHal
             Ok(n) => n,
         };
         if frozen.load(Ordering::SeqCst) {
-            continue;
+            // Swallow this and stop reading: the sender's buffers fill up, as on a dead
+            // cable; both sockets stay open.
+            std::future::pending::<()>().await;
         }
         if w.write_all(&buf[..n]).await.is_err() {
             return;
