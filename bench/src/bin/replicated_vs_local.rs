@@ -26,14 +26,16 @@
 //!   the CPUs busy reaches at most (fio + hv1 unreplicated) / (that + hv2 replicated), the
 //!   "ceiling" column. On two real hosts the peer's CPU is its own and this does not apply.
 //!
-//! What we saw on the quiet 2-vCPU dev VM: replicated/unreplicated 0.53x at 4 KiB QD1 (6,584
-//! vs 12,536 IOPS), 0.38x at QD32 (40,128 vs 106,870), 0.48x for 1 MiB sequential writes
-//! (771 vs 1,616 MiB/s); replicated vs qemu-nbd 1.20x, 1.18x and 0.99x. A cross-CPU wake-up
-//! took 37.6 us, which puts QD1 near 0.51x (the replicated write added 72 us); the
-//! shared-CPU ceilings were 0.62x (QD32) and 0.58x (sequential). So the 0.8x goal cannot be
-//! shown on this machine; it needs two real hosts. Small page-aligned writes skip the
-//! blocking pool on both sides (`replication::datapath::write_is_inline`); the unreplicated
-//! volume takes the same shortcut, so the comparison is like for like.
+//! What we saw in three full runs on the quiet 2-vCPU dev VM (its host makes runs vary):
+//! replicated/unreplicated 0.41-0.53x at 4 KiB QD1 (4,942-6,584 vs 11,894-12,536 IOPS),
+//! 0.33-0.54x at QD32 (28,799-40,128 vs 71,180-106,870), 0.28-0.61x for 1 MiB sequential
+//! writes (440-771 vs 1,176-1,616 MiB/s); replicated vs qemu-nbd 0.77-1.20x, 1.09-1.38x and
+//! 0.42-0.99x. A cross-CPU wake-up took 37-47 us, which puts QD1 near 0.47-0.53x (the
+//! replicated write added 72-119 us); the shared-CPU ceilings were 0.77-0.89x (QD32) and
+//! 0.54-0.87x (sequential). So this machine cannot show the 0.8x goal at QD1 at all; the
+//! other rows are below their ceilings, which are near 0.8x themselves. Small page-aligned
+//! writes skip the blocking pool on both sides (`replication::datapath::write_is_inline`);
+//! the unreplicated volume takes the same shortcut, so the comparison is like for like.
 //!
 //! Needs root (namespaces), fio, qemu-nbd, and the release binaries:
 //! `cargo build --release -p tandem-volume-driver --bins && \
