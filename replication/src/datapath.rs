@@ -1142,11 +1142,10 @@ enum Item {
 }
 
 struct Done {
-    ack: Message,
+    /// The acknowledgement, or what this replica failed to do before it could send one
+    /// (see [`SecondaryState::failed`]).
+    reply: Result<Message, DatapathError>,
     held: usize,
-    /// What this replica failed to do before it could acknowledge (see
-    /// [`SecondaryState::failed`]); the ack is not sent.
-    failed: Option<DatapathError>,
 }
 
 /// Apply a Primary's requests arriving on `link` to `device` until the link goes down.
@@ -1194,12 +1193,13 @@ pub async fn run_secondary(
             Some(done) = done_rx.recv() => {
                 sec.inflight -= 1;
                 sec.held -= done.held;
-                if let Some(e) = done.failed {
-                    sec.failed = Some(e);
-                    continue;
+                match done.reply {
+                    Ok(ack) => {
+                        let _ = sec.sender.send_control(&ack);
+                        sec.pump();
+                    }
+                    Err(e) => sec.failed = Some(e),
                 }
-                let _ = sec.sender.send_control(&done.ack);
-                sec.pump();
             }
             msg = receiver.recv(), if sec.held < max_held => {
                 let Some(msg) = msg else {
@@ -1222,8 +1222,8 @@ pub async fn run_secondary(
         match done_rx.recv().await {
             Some(done) => {
                 sec.inflight -= 1;
-                if done.failed.is_none() {
-                    let _ = sec.sender.send_control(&done.ack);
+                if let Ok(ack) = &done.reply {
+                    let _ = sec.sender.send_control(ack);
                 }
             }
             None => break,
@@ -1475,56 +1475,42 @@ impl SecondaryState {
             let hooks = self.resync_target.clone();
             let intent = self.write_intent.clone();
             tokio::task::spawn_blocking(move || {
-                let done = |ack| Done {
-                    ack,
-                    held,
-                    failed: None,
-                };
-                let done = match item {
+                let reply = match item {
                     Item::ResyncData { id, offset, data } => {
                         let len = data.len() as u64;
                         // Durable before the ack: the source clears its bits on the ack,
                         // so the data must survive a crash of this replica.
                         let result = device.write_at_durable(&data, offset);
-                        done(resync_written(result, hooks.as_ref(), id, offset, len))
+                        Ok(resync_written(result, hooks.as_ref(), id, offset, len))
                     }
                     Item::ResyncZeroes { id, offset, len } => {
                         let result = device
                             .write_zeroes(offset, len, true)
                             .and_then(|()| device.flush());
-                        done(resync_written(result, hooks.as_ref(), id, offset, len))
+                        Ok(resync_written(result, hooks.as_ref(), id, offset, len))
                     }
                     Item::ResyncDigest {
                         id,
                         offset,
                         len,
                         digests,
-                    } => done(compare_digests(&*device, id, offset, len, &digests)),
+                    } => Ok(compare_digests(&*device, id, offset, len, &digests)),
                     Item::ResyncDone { summary } => {
-                        done(finish_resync_target(&*device, hooks.as_ref(), &summary))
+                        Ok(finish_resync_target(&*device, hooks.as_ref(), &summary))
                     }
                     Item::Request {
                         seq, offset, op, ..
-                    } => match apply_logged_request(&*device, intent.as_ref(), seq, offset, &op) {
-                        Ok(ack) => done(ack),
-                        Err(e) => Done {
-                            failed: Some(e),
-                            ..done(Message::WriteAck {
-                                seq,
-                                outcome: WriteOutcome::Failed,
-                            })
-                        },
-                    },
-                    Item::Flush { id } => Done {
-                        failed: device.flush().err().map(|source| DatapathError::Local {
+                    } => apply_logged_request(&*device, intent.as_ref(), seq, offset, &op),
+                    Item::Flush { id } => device
+                        .flush()
+                        .map(|()| Message::FlushAck { id })
+                        .map_err(|source| DatapathError::Local {
                             op: "flush",
                             source,
                         }),
-                        ..done(Message::FlushAck { id })
-                    },
                     Item::Barrier { .. } => return,
                 };
-                let _ = done_tx.send(done);
+                let _ = done_tx.send(Done { reply, held });
             });
         }
     }
