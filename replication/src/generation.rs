@@ -204,6 +204,23 @@ impl UuidSet {
             .collect()
     }
 
+    /// This replica's line of generations, current first, then the history: what an
+    /// outdate request carries, so that a target that has moved on to a generation the
+    /// requester never had can tell the request is stale.
+    pub fn lineage(&self) -> Vec<Generation> {
+        std::iter::once(self.current)
+            .chain(self.history.iter().copied())
+            .filter(|g| !g.is_zero())
+            .collect()
+    }
+
+    /// Whether `g` is this replica's current generation or one of its history: the data
+    /// of `g` is this replica's or older. A generation it does not know was started
+    /// elsewhere while it was away (or is older than the history reaches).
+    pub fn knows(&self, g: Generation) -> bool {
+        g == self.current || self.history_contains(g)
+    }
+
     /// Push `g` on the history (newest first), dropping duplicates and the oldest entries.
     pub fn push_history(&mut self, g: Generation) {
         if g.is_zero() || g.is_just_created() {
@@ -678,6 +695,26 @@ mod tests {
             crate::role::disk_state_at_attach(&s),
             crate::role::DiskState::Consistent
         );
+    }
+
+    #[test]
+    fn a_replica_that_took_over_is_not_in_the_lineage_of_the_one_it_replaced() {
+        let mut rng = SplitMix64::new(7);
+        let day0 = Generation::from_raw(0x100);
+        let old_primary = UuidSet::day0(day0);
+        // The other replica takes over while the old Primary is cut off and writes.
+        let mut taken_over = UuidSet::day0(day0);
+        taken_over.on_promote(true);
+        let g1 = taken_over
+            .before_write(&["hv1"], &mut rng.as_fn())
+            .expect("a new generation");
+        assert!(!old_primary.knows(g1), "the old side never saw g1");
+        assert!(!old_primary.lineage().contains(&taken_over.current));
+        // The other way round the old generation is known: an outdate from the new side
+        // applies to the old one.
+        assert!(taken_over.knows(day0));
+        assert!(taken_over.lineage().contains(&old_primary.current));
+        assert_eq!(taken_over.lineage(), vec![g1, day0]);
     }
 
     #[test]

@@ -244,6 +244,23 @@ pub fn disk_state_after_handshake(
     }
 }
 
+/// Whether an Outdated replica holds the newest data after all: it is connected to every
+/// other data replica (`data_peers`: each one's replication state seen from here, `None`
+/// when not connected) and is the SyncTarget of none. Every acknowledged write lives on
+/// some data replica, and the handshakes just found none newer, so whatever marked this
+/// one Outdated (a stale outdate request, a peer that has since lost its newer data to a
+/// resync from here) no longer holds. A lone replica without data peers never qualifies.
+pub fn outdated_but_newest(disk: DiskState, data_peers: &[Option<ReplicationState>]) -> bool {
+    disk == DiskState::Outdated
+        && !data_peers.is_empty()
+        && data_peers.iter().all(|p| {
+            matches!(
+                p,
+                Some(ReplicationState::Established | ReplicationState::SyncSource)
+            )
+        })
+}
+
 /// What the promotion gate needs to know about one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerView {
@@ -385,6 +402,24 @@ pub fn check_two_primaries_gate(volume: &str, protocol: Protocol) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outdated_replica_is_newest_only_when_every_data_peer_is_connected_and_older() {
+        use ReplicationState::*;
+        let newest = |disk, peers: &[Option<ReplicationState>]| outdated_but_newest(disk, peers);
+        assert!(newest(DiskState::Outdated, &[Some(SyncSource)]));
+        assert!(newest(
+            DiskState::Outdated,
+            &[Some(Established), Some(SyncSource)]
+        ));
+        // A peer away may hold newer data; a peer we resync from does.
+        assert!(!newest(DiskState::Outdated, &[Some(SyncSource), None]));
+        assert!(!newest(DiskState::Outdated, &[Some(SyncTarget)]));
+        assert!(!newest(DiskState::Outdated, &[]));
+        // Only Outdated is ever reclaimed.
+        assert!(!newest(DiskState::Inconsistent, &[Some(SyncSource)]));
+        assert!(!newest(DiskState::UpToDate, &[Some(SyncSource)]));
+    }
 
     #[test]
     fn every_state_round_trips_through_its_drbd_spelling() {

@@ -220,12 +220,13 @@ impl Replica {
 
         if !data_pair {
             // Control link: a tiebreaker, or we are one.
-            let (lost, outdates) = {
+            let (lost, behind, outdates) = {
                 let mut st = lock(&self.st);
+                if st.peers.get(peer).is_some_and(|slot| slot.link_id != id) {
+                    return Err("superseded".into());
+                }
+                let (_, behind) = self.note_generations(&mut st, peer, &theirs);
                 if let Some(slot) = st.peers.get_mut(peer) {
-                    if slot.link_id != id {
-                        return Err("superseded".into());
-                    }
                     slot.conn = ConnectionState::Connected;
                     slot.replication = ReplicationState::Established;
                     slot.state = Some(theirs);
@@ -234,31 +235,29 @@ impl Replica {
                     slot.last_error = None;
                 }
                 // Outdate requests sent through an earlier link to a tiebreaker may be
-                // lost with it: ask again through this one.
-                let outdates: Vec<(String, u64)> = if peer_diskless && st.role == Role::Primary {
-                    st.pending_outdates
-                        .iter()
-                        .map(|(t, id)| (t.clone(), *id))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                (self.recompute_quorum(&mut st), outdates)
+                // lost with it: ask again through this one, with our lineage as it is now
+                // (a target that moved on meanwhile answers Stale).
+                let outdates: Vec<Message> =
+                    if peer_diskless && st.role == Role::Primary && behind.is_none() {
+                        st.pending_outdates
+                            .iter()
+                            .map(|(t, id)| self.outdate_request(&st, *id, t))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                (self.recompute_quorum(&mut st), behind, outdates)
             };
             if lost {
                 let _ = self.persist().await;
             }
-            for (target, rid) in outdates {
-                let _ = sender.send_control(
-                    &EngineMessage::Outdate {
-                        id: rid,
-                        target,
-                        requester: self.node_name().to_string(),
-                    }
-                    .to_message(),
-                );
+            for msg in outdates {
+                let _ = sender.send_control(&msg);
             }
             tracing::info!(volume = %self.volume, peer, "control link up");
+            if let Some(newer_on) = behind {
+                self.left_behind(&newer_on, peer).await;
+            }
             self.broadcast_state();
             return self.control_loop(peer, receiver).await;
         }
@@ -409,7 +408,7 @@ impl Replica {
             None => self.apply_in_sync(peer, theirs.disk).await,
             Some((dir, full)) => self.start_resync(peer, dir, full).await,
         }
-        let lost = {
+        let must_persist = {
             let mut st = lock(&self.st);
             if let Some(slot) = st.peers.get_mut(peer) {
                 if slot.link_id != id {
@@ -431,9 +430,10 @@ impl Replica {
             st.pending_outdates.remove(peer);
             st.discard_my_data = false;
             st.discard_peer_data = false;
-            self.recompute_quorum(&mut st)
+            let reclaimed = self.reclaim_up_to_date(&mut st);
+            self.recompute_quorum(&mut st) || reclaimed
         };
-        if lost {
+        if must_persist {
             let _ = self.persist().await;
         }
         self.broadcast_state();
@@ -1026,8 +1026,12 @@ impl Replica {
         };
         match msg {
             EngineMessage::State(s) => {
-                let relay = {
+                let (relay, behind) = {
                     let mut st = lock(&self.st);
+                    if !st.peers.contains_key(peer) {
+                        return;
+                    }
+                    let (seen_changed, behind) = self.note_generations(&mut st, peer, &s);
                     let Some(slot) = st.peers.get_mut(peer) else {
                         return;
                     };
@@ -1048,13 +1052,19 @@ impl Replica {
                         .is_none_or(|old| old.role != s.role || old.primaries != s.primaries);
                     slot.state = Some(*s);
                     self.recompute_quorum(&mut st);
-                    // A tiebreaker passes role changes on to the others.
-                    changed_view && self.device.is_none()
+                    // A tiebreaker passes role and generation changes on to the others.
+                    (
+                        (changed_view || seen_changed) && self.device.is_none(),
+                        behind,
+                    )
                 };
                 if relay {
                     self.broadcast_state();
                 }
                 self.notify();
+                if let Some(newer_on) = behind {
+                    self.left_behind(&newer_on, peer).await;
+                }
             }
             EngineMessage::NewCurrent {
                 generation,
@@ -1078,7 +1088,8 @@ impl Replica {
                 id,
                 target,
                 requester,
-            } => self.on_outdate(peer, id, target, requester).await,
+                lineage,
+            } => self.on_outdate(peer, id, target, requester, lineage).await,
             // Outside a handshake: a Secondary following us asks for a reconciliation.
             EngineMessage::BitmapRuns { runs, last } => self.on_reconcile_bits(peer, runs, last),
             EngineMessage::PromotePrepare { id, two_primaries } => {
@@ -1094,110 +1105,8 @@ impl Replica {
                 requester,
                 result,
             } => {
-                if requester == self.node_name() {
-                    let mut st = lock(&self.st);
-                    if st.pending_outdates.get(&target) == Some(&id)
-                        && result != OutdateResult::Refused
-                    {
-                        tracing::info!(volume = %self.volume, target = %target, ?result, "peer outdated (or unreachable) through the tiebreaker; writes continue");
-                        st.pending_outdates.remove(&target);
-                    }
-                    drop(st);
-                    self.notify();
-                } else {
-                    // A tiebreaker forwards the answer to the requester.
-                    let to = {
-                        let mut st = lock(&self.st);
-                        if st
-                            .relayed_outdates
-                            .get(&id)
-                            .is_some_and(|(r, t)| *r == requester && *t == target)
-                        {
-                            st.relayed_outdates.remove(&id);
-                        }
-                        st.peers.get(&requester).and_then(|p| p.sender.clone())
-                    };
-                    if let Some(s) = to {
-                        let _ = s.send_control(
-                            &EngineMessage::OutdateReply {
-                                id,
-                                target,
-                                requester,
-                                result,
-                            }
-                            .to_message(),
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    async fn on_outdate(&self, from: &str, id: u64, target: String, requester: String) {
-        if target == self.node_name() {
-            let result = {
-                let mut st = lock(&self.st);
-                if st.role == Role::Primary {
-                    OutdateResult::Refused
-                } else {
-                    st.uuids.mark_outdated();
-                    if matches!(st.disk, DiskState::UpToDate | DiskState::Consistent) {
-                        st.disk = DiskState::Outdated;
-                    }
-                    OutdateResult::Outdated
-                }
-            };
-            if result == OutdateResult::Outdated {
-                // Durable before the answer.
-                if let Err(e) = self.persist().await {
-                    tracing::error!(volume = %self.volume, error = %e, "persisting Outdated");
-                    return;
-                }
-                tracing::warn!(volume = %self.volume, by = %requester, "marked Outdated: the Primary continues without this replica");
-                self.broadcast_state();
-            }
-            let back = lock(&self.st)
-                .peers
-                .get(from)
-                .and_then(|p| p.sender.clone());
-            if let Some(s) = back {
-                let _ = s.send_control(
-                    &EngineMessage::OutdateReply {
-                        id,
-                        target,
-                        requester,
-                        result,
-                    }
-                    .to_message(),
-                );
-            }
-            return;
-        }
-        // Relay (we are the tiebreaker).
-        let (fwd, back) = {
-            let mut st = lock(&self.st);
-            let fwd = st
-                .peers
-                .get(&target)
-                .filter(|p| p.conn == ConnectionState::Connected)
-                .and_then(|p| p.sender.clone());
-            if fwd.is_some() {
-                st.relayed_outdates
-                    .insert(id, (requester.clone(), target.clone()));
-            }
-            (fwd, st.peers.get(from).and_then(|p| p.sender.clone()))
-        };
-        let msg = EngineMessage::Outdate {
-            id,
-            target: target.clone(),
-            requester: requester.clone(),
-        };
-        match fwd {
-            Some(s) if s.send_control(&msg.to_message()).is_ok() => {}
-            _ => {
-                if let Some(b) = back {
-                    answer_unreachable(&b, id, target, requester);
-                }
+                self.on_outdate_reply(peer, id, target, requester, result)
+                    .await
             }
         }
     }
@@ -1286,7 +1195,7 @@ impl Replica {
                     let rid = st.next_request_id;
                     st.next_request_id += 1;
                     st.pending_outdates.insert(peer.to_string(), rid);
-                    outdate = Some((rid, relays));
+                    outdate = Some((self.outdate_request(&st, rid, peer), relays));
                 }
             }
             (lost, outdate)
@@ -1303,13 +1212,7 @@ impl Replica {
         if let Some(marked) = lost_primary_tail {
             self.lost_primary_tail_marked(marked).await;
         }
-        if let Some((rid, relays)) = outdate {
-            let msg = EngineMessage::Outdate {
-                id: rid,
-                target: peer.to_string(),
-                requester: self.node_name().to_string(),
-            }
-            .to_message();
+        if let Some((msg, relays)) = outdate {
             for r in relays {
                 let _ = r.send_control(&msg);
             }
@@ -1345,7 +1248,7 @@ async fn recv_state(receiver: &mut LinkReceiver) -> Result<PeerState, String> {
 
 /// Tell `requester` (through `sender`) that the tiebreaker could not reach `target` to
 /// outdate it.
-fn answer_unreachable(sender: &LinkSender, id: u64, target: String, requester: String) {
+pub(super) fn answer_unreachable(sender: &LinkSender, id: u64, target: String, requester: String) {
     let _ = sender.send_control(
         &EngineMessage::OutdateReply {
             id,
@@ -1378,6 +1281,7 @@ mod tests {
             changed_blocks: 0,
             primaries: Vec::new(),
             uuids: None,
+            seen_currents: Vec::new(),
         }
     }
 

@@ -3,15 +3,23 @@
 //! Encoding and checked decoding only; no I/O.
 //!
 //! ```text
-//! 0x0100 State        version u8 | role u8 | disk u8 | flags u8 | size u64 | promoted_at u64
-//!                     | changed_blocks u64 | primaries (u8 count, each u8 len + name)
+//! 0x0100 State        version u8 (2) | role u8 | disk u8 | flags u8 | size u64
+//!                     | promoted_at u64 | changed_blocks u64
+//!                     | primaries (u8 count, each u8 len + name)
 //!                     | uuids (u32 len + UuidSet::to_wire, empty on a diskless node)
+//!                     | seen currents (u8 count, each name + generation u64; only a
+//!                       tiebreaker fills it: the current generation it last saw from
+//!                       each data replica)
 //!                     flags: 1 allow-two-primaries, 2 diskless, 4 discard-my-data,
 //!                            8 has-quorum, 16 leaving (clean goodbye), 32 handshake,
 //!                            64 keep-my-data (the operator chose this side)
 //! 0x0101 NewCurrent   generation u64 | names of replicas that do not receive its writes
 //! 0x0102 Outdate      request id u64 | target name | requester name
+//!                     | lineage (u8 count, generation u64 each: the requester's current
+//!                       and history; a target whose current is not among them is newer
+//!                       than the request, which is stale)
 //! 0x0103 OutdateReply request id u64 | target name | requester name | result u8
+//!                     (0 outdated, 1 unreachable, 2 refused, 3 stale)
 //! 0x0104 BitmapRuns   last u8 | count u32 | (offset u64, len u64) x count  (at most
 //!                     MAX_RUNS_PER_MESSAGE): the SyncTarget's bitmap for the source, so
 //!                     the source resyncs the union of both bitmaps; outside a handshake,
@@ -47,6 +55,9 @@ pub const MAX_RUNS_PER_MESSAGE: usize = 4096;
 
 const MAX_NAME: usize = 64;
 const MAX_NAMES: usize = 32;
+/// Generations in an outdate request's lineage: the current and the whole history.
+const MAX_LINEAGE: usize = 1 + crate::generation::HISTORY_LEN;
+const STATE_VERSION: u8 = 2;
 
 /// A malformed engine message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +94,10 @@ pub struct PeerState {
     pub primaries: Vec<String>,
     /// The sender's generations (None on a diskless node).
     pub uuids: Option<UuidSet>,
+    /// From a tiebreaker only: the current generation it last saw from each data replica
+    /// (kept while that replica is away), so a replica cut off from the others learns
+    /// that one of them moved on without it.
+    pub seen_currents: Vec<(String, Generation)>,
 }
 
 /// Result of an outdate request.
@@ -94,6 +109,10 @@ pub enum OutdateResult {
     Unreachable,
     /// The target refused (it is Primary).
     Refused,
+    /// The target holds a generation the requester does not know: it moved on after the
+    /// request was decided (e.g. it took over while the requester was cut off). The
+    /// target keeps its state; the requester's data is the stale side.
+    Stale,
 }
 
 /// A member's answer to a promotion prepare.
@@ -123,6 +142,8 @@ pub enum EngineMessage {
         id: u64,
         target: String,
         requester: String,
+        /// The requester's generations, current first, when the request was sent.
+        lineage: Vec<Generation>,
     },
     OutdateReply {
         id: u64,
@@ -189,7 +210,7 @@ impl EngineMessage {
         let mut out = Vec::with_capacity(128);
         let msg_type = match self {
             EngineMessage::State(s) => {
-                out.push(1);
+                out.push(STATE_VERSION);
                 out.push(role_byte(s.role));
                 let disk = DiskState::ALL
                     .iter()
@@ -216,6 +237,12 @@ impl EngineMessage {
                 let uuids = s.uuids.as_ref().map(|u| u.to_wire()).unwrap_or_default();
                 out.extend_from_slice(&(uuids.len() as u32).to_le_bytes());
                 out.extend_from_slice(&uuids);
+                let seen = &s.seen_currents[..s.seen_currents.len().min(MAX_NAMES)];
+                out.push(seen.len() as u8);
+                for (name, g) in seen {
+                    put_name(&mut out, name);
+                    out.extend_from_slice(&g.raw().to_le_bytes());
+                }
                 MSG_STATE
             }
             EngineMessage::NewCurrent {
@@ -234,10 +261,16 @@ impl EngineMessage {
                 id,
                 target,
                 requester,
+                lineage,
             } => {
                 out.extend_from_slice(&id.to_le_bytes());
                 put_name(&mut out, target);
                 put_name(&mut out, requester);
+                let lineage = &lineage[..lineage.len().min(MAX_LINEAGE)];
+                out.push(lineage.len() as u8);
+                for g in lineage {
+                    out.extend_from_slice(&g.raw().to_le_bytes());
+                }
                 MSG_OUTDATE
             }
             EngineMessage::OutdateReply {
@@ -253,6 +286,7 @@ impl EngineMessage {
                     OutdateResult::Outdated => 0,
                     OutdateResult::Unreachable => 1,
                     OutdateResult::Refused => 2,
+                    OutdateResult::Stale => 3,
                 });
                 MSG_OUTDATE_REPLY
             }
@@ -319,7 +353,7 @@ impl EngineMessage {
         let msg = match msg_type {
             MSG_STATE => {
                 let version = r.u8()?;
-                if version != 1 {
+                if version != STATE_VERSION {
                     return Err(r.invalid(format!("state version {version}")));
                 }
                 let role = match r.u8()? {
@@ -353,6 +387,15 @@ impl EngineMessage {
                 } else {
                     Some(UuidSet::from_wire(bytes).map_err(MessageError::Uuids)?)
                 };
+                let n = r.u8()? as usize;
+                if n > MAX_NAMES {
+                    return Err(r.invalid(format!("{n} seen currents")));
+                }
+                let mut seen_currents = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let name = r.name()?;
+                    seen_currents.push((name, Generation::from_raw(r.u64()?)));
+                }
                 EngineMessage::State(Box::new(PeerState {
                     role,
                     disk,
@@ -368,6 +411,7 @@ impl EngineMessage {
                     changed_blocks,
                     primaries,
                     uuids,
+                    seen_currents,
                 }))
             }
             MSG_NEW_CURRENT => {
@@ -385,11 +429,25 @@ impl EngineMessage {
                     disconnected,
                 }
             }
-            MSG_OUTDATE => EngineMessage::Outdate {
-                id: r.u64()?,
-                target: r.name()?,
-                requester: r.name()?,
-            },
+            MSG_OUTDATE => {
+                let id = r.u64()?;
+                let target = r.name()?;
+                let requester = r.name()?;
+                let n = r.u8()? as usize;
+                if n > MAX_LINEAGE {
+                    return Err(r.invalid(format!("lineage of {n} generations")));
+                }
+                let mut lineage = Vec::with_capacity(n);
+                for _ in 0..n {
+                    lineage.push(Generation::from_raw(r.u64()?));
+                }
+                EngineMessage::Outdate {
+                    id,
+                    target,
+                    requester,
+                    lineage,
+                }
+            }
             MSG_OUTDATE_REPLY => EngineMessage::OutdateReply {
                 id: r.u64()?,
                 target: r.name()?,
@@ -398,6 +456,7 @@ impl EngineMessage {
                     0 => OutdateResult::Outdated,
                     1 => OutdateResult::Unreachable,
                     2 => OutdateResult::Refused,
+                    3 => OutdateResult::Stale,
                     b => return Err(r.invalid(format!("outdate result {b}"))),
                 },
             },
@@ -529,6 +588,7 @@ mod tests {
                 changed_blocks: 3,
                 primaries: vec!["hv1".into()],
                 uuids: Some(u),
+                seen_currents: vec![("hv2".into(), Generation::from_raw(0x5678))],
             })),
             EngineMessage::NewCurrent {
                 generation: Generation::from_raw(0x1234),
@@ -538,12 +598,19 @@ mod tests {
                 id: 9,
                 target: "hv2".into(),
                 requester: "hv1".into(),
+                lineage: vec![Generation::from_raw(0x10), Generation::from_raw(0x20)],
             },
             EngineMessage::OutdateReply {
                 id: 9,
                 target: "hv2".into(),
                 requester: "hv1".into(),
                 result: OutdateResult::Unreachable,
+            },
+            EngineMessage::OutdateReply {
+                id: 10,
+                target: "hv2".into(),
+                requester: "hv1".into(),
+                result: OutdateResult::Stale,
             },
             EngineMessage::BitmapRuns {
                 runs: vec![(0, 4096), (1 << 20, 8192)],

@@ -77,6 +77,7 @@
 mod connection;
 mod dual;
 pub mod messages;
+mod outdate;
 mod peer_al;
 mod reconcile;
 pub mod status;

@@ -24,7 +24,7 @@ use crate::activity_log::{
 use crate::bitmap::Bitmap;
 use crate::datapath::{Primary, PrimaryConfig};
 use crate::device::BackingDevice;
-use crate::generation::{SplitMix64, UuidSet};
+use crate::generation::{Generation, SplitMix64, UuidSet};
 use crate::link::LinkSender;
 use crate::metadata::{MetaStore, ReplicaMeta};
 use crate::quorum::{self, Member, MemberStatus, OnNoQuorum, QuorumMode};
@@ -127,6 +127,9 @@ pub(super) struct State {
     pub next_request_id: u64,
     /// Outdate requests this tiebreaker forwarded: id → (requester, target).
     pub relayed_outdates: BTreeMap<u64, (String, String)>,
+    /// A tiebreaker's memory of the current generation each data replica last reported
+    /// (kept while the replica is away; relayed in every state it sends).
+    pub seen_currents: BTreeMap<String, Generation>,
     pub last_verify: Option<VerifySummary>,
     /// Why the replica was last demoted by force (frozen requests report it).
     pub forced_demotion: Option<String>,
@@ -222,11 +225,7 @@ impl Replica {
                                 .add_peer(p, &mut bm)
                                 .map_err(meta_err(&volume2, "adding a peer to"))?;
                             loaded.bitmaps.insert(p.clone(), bm);
-                            loaded
-                                .meta
-                                .uuids
-                                .bitmap
-                                .insert(p.clone(), crate::generation::Generation::ZERO);
+                            loaded.meta.uuids.bitmap.insert(p.clone(), Generation::ZERO);
                             store
                                 .write_superblock(&loaded.meta)
                                 .map_err(meta_err(&volume2, "writing"))?;
@@ -329,6 +328,7 @@ impl Replica {
             pending_outdates: BTreeMap::new(),
             next_request_id: 1,
             relayed_outdates: BTreeMap::new(),
+            seen_currents: BTreeMap::new(),
             last_verify: None,
             forced_demotion: None,
             promotion: None,
@@ -603,6 +603,11 @@ impl Replica {
             changed_blocks,
             primaries,
             uuids: self.device.as_ref().map(|_| st.uuids.clone()),
+            seen_currents: st
+                .seen_currents
+                .iter()
+                .map(|(n, g)| (n.clone(), *g))
+                .collect(),
         }
     }
 
@@ -1339,6 +1344,9 @@ impl Replica {
             for s in senders {
                 let _ = s.send_control(&msg);
             }
+            // Tiebreakers remember every replica's current generation (`seen_currents`):
+            // a replica cut off now learns from them that it was left behind.
+            self.broadcast_state();
             return Ok(true);
         }
     }

@@ -1,0 +1,219 @@
+//! A Primary cut off from the replication network while the other replica takes over,
+//! writes and closes, then heals in stages (issue 22): first only its link to the witness
+//! comes back, then everything. In process, with cuttable proxies (`replica_support`).
+//!
+//! What must hold: the replica that took over is never outdated by the old Primary (whose
+//! outdate request, queued before the cut, is stale by then), it stays promotable while the
+//! old Primary can reach only the witness, and the old Primary steps down and is Outdated
+//! until it resyncs from the newer side; no acknowledged write is lost and both end
+//! UpToDate with equal data, without an operator.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+mod replica_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use replica_support::*;
+use replication::replica::{EngineError, Replica, ReplicaOptions};
+use replication::role::{ConnectionState, DiskState, Role};
+use tokio::task::JoinHandle;
+
+const MIB: u64 = 1 << 20;
+
+async fn cluster() -> Cluster {
+    let opts = ReplicaOptions {
+        suspend_timeout: Duration::from_secs(60),
+        ..ReplicaOptions::default()
+    };
+    let c = Cluster::new(&["hv1", "hv2"], &["witness"], 32 * MIB, opts).await;
+    c.wait_fully_connected(&["hv1", "hv2", "witness"]).await;
+    c
+}
+
+/// Writers on `r` that keep going until a write fails; each returns that error and the
+/// blocks it got acknowledged.
+fn writers(r: &Arc<Replica>, first_block: u64) -> Vec<JoinHandle<(EngineError, Vec<u64>)>> {
+    (0..4u64)
+        .map(|w| {
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0.. {
+                    let block = first_block + w * 100 + i % 100;
+                    if let Err(e) = r.write(block * 4096, data(block, 4096), false).await {
+                        return (e, acked);
+                    }
+                    acked.push(block);
+                }
+                unreachable!()
+            })
+        })
+        .collect()
+}
+
+/// The writers of the old Primary end with `Demoted` once it stepped down; returns the
+/// blocks they got acknowledged.
+async fn demoted(writers: Vec<JoinHandle<(EngineError, Vec<u64>)>>) -> Vec<u64> {
+    let mut acked = Vec::new();
+    for w in writers {
+        let (err, blocks) = tokio::time::timeout(Duration::from_secs(20), w)
+            .await
+            .expect("the frozen writes end once the old Primary steps down")
+            .unwrap();
+        assert!(matches!(err, EngineError::Demoted { .. }), "{err:?}");
+        acked.extend(blocks);
+    }
+    acked
+}
+
+/// hv2 takes over from the cut-off hv1, writes 2 MiB at 8 MiB, and closes (demotes).
+async fn take_over_write_and_close(c: &Cluster) {
+    let b = c.r("hv2");
+    wait_for(&b, "hv2 lost hv1", 10, |s| {
+        s.quorum && peer(s, "hv1").connection != ConnectionState::Connected
+    })
+    .await;
+    promote_within(&b, 10).await;
+    for i in 8..10 {
+        b.write(i * MIB, data(100 + i, MIB as usize), false)
+            .await
+            .unwrap();
+    }
+    b.flush().await.unwrap();
+    b.demote().await.unwrap();
+}
+
+/// With only hv1↔witness healed: hv2 is UpToDate and (if `hv2_has_quorum`) can serve
+/// again, hv1 has stepped down and is Outdated. Then the full heal: both converge,
+/// UpToDate, equal, and every write hv1 acknowledged and hv2's are there.
+async fn check_heal(
+    c: &Cluster,
+    old_writers: Vec<JoinHandle<(EngineError, Vec<u64>)>>,
+    hv2_has_quorum: bool,
+) {
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    let acked_on_hv1 = demoted(old_writers).await;
+    let sa = wait_for(&a, "hv1 Secondary and Outdated", 10, |s| {
+        s.role == Role::Secondary && s.disk_state == DiskState::Outdated
+    })
+    .await;
+    assert!(!sa.quorum, "hv1 reaches only the witness: {sa:#?}");
+    let sb = b.status();
+    assert_eq!(sb.disk_state, DiskState::UpToDate, "{sb:#?}");
+    if hv2_has_quorum {
+        // hv2 serves again while hv1 still reaches only the witness.
+        promote_within(&b, 10).await;
+        b.write(12 * MIB, data(12, 4096), false).await.unwrap();
+        b.demote().await.unwrap();
+    }
+
+    c.heal_all();
+    wait_converged(&a, &b, 30).await;
+    b.promote().await.unwrap();
+    for block in acked_on_hv1 {
+        let got = b.read(block * 4096, 4096).await.unwrap();
+        assert_eq!(got[..], data(block, 4096)[..], "acknowledged block {block}");
+    }
+    for i in 8..10 {
+        let got = b.read(i * MIB, 4096).await.unwrap();
+        assert_eq!(got[..], data(100 + i, MIB as usize)[..4096]);
+    }
+    b.flush().await.unwrap();
+    b.demote().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}
+
+/// `asym2.sh`: hv1 loses hv2 while its witness link is already dead without hv1 knowing
+/// yet, so the outdate request for hv2 stays queued; hv2 takes over and writes; then only
+/// hv1↔witness heals and hv1 sends the request again. hv2 answers that it is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_outdate_request_never_outdates_the_replica_that_took_over() {
+    let c = cluster().await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    a.promote().await.unwrap();
+    a.write(0, data(1, 4096), false).await.unwrap();
+    c.proxy("hv1", "witness").freeze();
+    c.cut("hv1", "hv2");
+    // hv1 still counts the (frozen) witness: it keeps quorum and asks it to outdate hv2;
+    // the request goes nowhere and writes wait for its answer.
+    wait_for(&a, "hv1 lost hv2", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    let old_writers = writers(&a, 1000);
+    wait_for(&a, "hv1 lost the witness too", 10, |s| !s.quorum).await;
+    c.cut("hv1", "witness");
+
+    take_over_write_and_close(&c).await;
+    assert_eq!(b.status().disk_state, DiskState::UpToDate);
+
+    c.proxy("hv1", "witness").heal();
+    check_heal(&c, old_writers, true).await;
+}
+
+/// Which neighbour of the partition-and-heal case [`a_cut_off_primary_steps_down`] runs.
+#[derive(Clone, Copy, PartialEq)]
+enum During {
+    /// Nothing else happens during the cut.
+    Nothing,
+    /// The witness restarts (and forgets everything) during the cut. hv2 loses quorum
+    /// with it and cannot regain it through the witness alone (the sticky tiebreaker), so
+    /// it serves again only after the full heal.
+    WitnessRestarts,
+    /// The old Primary is restarted during the cut instead of healed.
+    OldPrimaryRestarts,
+}
+
+/// hv1 is cut off from both at once (no outdate request is ever made), hv2 takes over,
+/// writes and closes, then only hv1↔witness heals: the witness's memory of hv2's
+/// generation tells hv1 it was left behind.
+async fn a_cut_off_primary_steps_down(during: During) {
+    let mut c = cluster().await;
+    let a = c.r("hv1");
+    a.promote().await.unwrap();
+    a.write(0, data(1, 4096), false).await.unwrap();
+    c.isolate("hv1").await;
+    wait_for(&a, "hv1 frozen", 10, |s| !s.quorum && s.io_suspended).await;
+    let old_writers = writers(&a, 1000);
+
+    take_over_write_and_close(&c).await;
+    let old_writers = match during {
+        During::Nothing => old_writers,
+        During::WitnessRestarts => {
+            c.kill("witness");
+            c.restart("witness").await;
+            wait_for(&c.r("hv2"), "hv2 back with the witness", 10, |s| {
+                peer(s, "witness").connection == ConnectionState::Connected
+            })
+            .await;
+            old_writers
+        }
+        During::OldPrimaryRestarts => {
+            c.kill("hv1");
+            for w in old_writers {
+                w.abort();
+            }
+            c.restart("hv1").await;
+            Vec::new()
+        }
+    };
+    c.proxy("hv1", "witness").heal();
+    check_heal(&c, old_writers, during != During::WitnessRestarts).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_primary_that_regains_only_the_witness_steps_down() {
+    a_cut_off_primary_steps_down(During::Nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_primary_steps_down_through_a_witness_restarted_during_the_cut() {
+    a_cut_off_primary_steps_down(During::WitnessRestarts).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_old_primary_restarted_during_the_cut_learns_it_was_left_behind() {
+    a_cut_off_primary_steps_down(During::OldPrimaryRestarts).await;
+}
