@@ -29,6 +29,7 @@
 //! its Drop ran leaves names with its dead pid; [`crate::netns::sweep_stale`] (called by
 //! [`Cluster::new`]) removes them.
 
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -469,6 +470,53 @@ impl Cluster {
         self.set_port(name, Link::Replication, true);
     }
 
+    /// Drop every replication packet between `name` and each of `others` (an nftables
+    /// table in `name`'s namespace, replacing an earlier one), leaving the links to
+    /// everyone else as they are: an asymmetric partition. Established connections stall
+    /// as with a pulled cable. [`Cluster::unblock_replication`] removes it.
+    pub fn block_replication(&self, name: &str, others: &[&str]) {
+        let mut rules = String::from("table inet tandem_block {\n");
+        for (chain, hook, dir) in [("o", "output", "daddr"), ("i", "input", "saddr")] {
+            rules += &format!(" chain {chain} {{ type filter hook {hook} priority 0;\n");
+            for other in others {
+                rules += &format!("  ip {dir} {} drop;\n", self.host(other).repl_addr);
+            }
+            rules += " }\n";
+        }
+        rules += "}\n";
+        self.unblock_replication(name);
+        let mut child = self
+            .host(name)
+            .netns
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run nft (nftables)");
+        child
+            .stdin
+            .take()
+            .expect("nft stdin")
+            .write_all(rules.as_bytes())
+            .expect("write nft rules");
+        let status = child.wait().expect("wait for nft");
+        assert!(
+            status.success(),
+            "nft -f failed in {name}: {status}\n{rules}"
+        );
+    }
+
+    /// Remove what [`Cluster::block_replication`] set up in `name` (if anything).
+    pub fn unblock_replication(&self, name: &str) {
+        let _ = self
+            .host(name)
+            .netns
+            .command("nft")
+            .args(["delete", "table", "inet", "tandem_block"])
+            .stderr(Stdio::null())
+            .status();
+    }
+
     /// Cut both of the host's links.
     pub fn partition(&self, name: &str) {
         self.set_port(name, Link::Management, false);
@@ -559,7 +607,6 @@ impl Cluster {
     /// `ClusterSpec::pool_size`). Returns the bytes written; [`Cluster::unfill_pool`] frees
     /// them.
     pub fn fill_pool(&self, name: &str) -> u64 {
-        use std::io::Write;
         let host = self.host(name);
         assert!(
             host.pool_mounted,

@@ -462,6 +462,12 @@ impl NbdClient {
         }
     }
 
+    /// A second handle on the connection, to close it from another thread while a request
+    /// waits (`shutdown(Both)`: a client that goes away with a request in flight).
+    pub fn closer(&self) -> std::io::Result<UnixStream> {
+        self.stream.try_clone()
+    }
+
     /// Send NBD_CMD_DISC and close (the server sends no reply to DISC).
     pub fn disconnect(mut self) -> Result<(), NbdClientError> {
         self.send_request(0, CMD_DISC, 0, 0, &[])?;

@@ -1,6 +1,7 @@
 //! The randomized fault test (issue 5): two data hosts and a witness, one protocol-C volume
 //! under continuous `tandem-check` load, and seeded cycles of faults — daemon kill and
-//! restart, replication link cut and heal, full partition, promotion of the surviving side.
+//! restart, replication link cut and heal, full partition, promotion of the surviving side,
+//! a take-over from a Primary cut off the replication network that heals by itself.
 //! After every cycle the cluster must resync; at the end no acknowledged write may be
 //! lost, no split brain may have happened, and the two replicas must be identical.
 //!
@@ -47,9 +48,15 @@ enum Fault {
     PartitionSecondary,
     /// SIGTERM + start of the Primary's daemon (clean restart), writer reconnects.
     RestartPrimary,
+    /// Cut the Primary's replication link only (its process and management link stay
+    /// up): it freezes, the other side takes over and is written. Then the heal, with no
+    /// fencing and no operator: at once, or (`witness_first`) to the witness alone for a
+    /// while, the two data hosts still blocked from each other. The old Primary must step
+    /// down by itself and resync from the new one (issue 22).
+    TakeOverFromCutPrimary { witness_first: bool },
 }
 
-const FAULTS: [Fault; 7] = [
+const FAULTS: [Fault; 9] = [
     Fault::KillPrimary,
     Fault::KillSecondary,
     Fault::CutSecondaryReplication,
@@ -57,6 +64,12 @@ const FAULTS: [Fault; 7] = [
     Fault::PartitionPrimary,
     Fault::PartitionSecondary,
     Fault::RestartPrimary,
+    Fault::TakeOverFromCutPrimary {
+        witness_first: false,
+    },
+    Fault::TakeOverFromCutPrimary {
+        witness_first: true,
+    },
 ];
 
 /// The seeded plan: (fault, fault duration in ms) per cycle. Durations span 0.5–5 s, on
@@ -304,10 +317,34 @@ impl Chaos {
                 self.cluster.stop(&p);
                 self.cluster.start(&p);
             }
+            Fault::TakeOverFromCutPrimary { witness_first } => {
+                self.cluster.cut_replication(&p);
+                self.ensure_primary(&s);
+                std::thread::sleep(hold);
+                if witness_first {
+                    self.cluster.block_replication(&p, &[&s]);
+                    self.cluster.heal_replication(&p);
+                    let stepped_down = wait_until(Duration::from_secs(15), || {
+                        self.role(&p).as_deref() == Some("Secondary")
+                    });
+                    assert!(
+                        stepped_down,
+                        "{p}, back with the witness only, did not step down for {s}\n{}",
+                        self.cluster.logs()
+                    );
+                    self.count_split_brain();
+                    self.cluster.unblock_replication(&p);
+                } else {
+                    self.cluster.heal_replication(&p);
+                }
+                self.let_links_settle_after_heal();
+            }
         }
         // Whoever is Primary now (a promoted survivor, or the old one), keep it.
         let preferred = match fault {
-            Fault::KillPrimary | Fault::PartitionPrimary => s,
+            Fault::KillPrimary | Fault::PartitionPrimary | Fault::TakeOverFromCutPrimary { .. } => {
+                s
+            }
             _ => p,
         };
         self.settle(&preferred);

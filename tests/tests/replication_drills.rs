@@ -16,6 +16,10 @@
 //! 4. Split brain: two Primaries without quorum (no witness, link cut), different data on
 //!    both; after the heal it is reported with the resolve command and nothing is
 //!    overwritten until `tandem volume resolve NAME --discard-local`, then they converge.
+//! 5. Partition and heal (issue 22): the Primary's replication link only goes down, hv2
+//!    takes over and is written, then the heal comes before, as and after the old
+//!    Primary's client closes, after a restart of the old Primary or of the witness, or
+//!    first to the witness alone; every variant converges without an operator.
 //!
 //! Needs root (namespaces), `cargo build --workspace --bins`, and `sha256sum`.
 
@@ -447,6 +451,252 @@ fn isolated_primary_freezes_the_majority_takes_over_and_nothing_acknowledged_is_
         peer(&s1, "hv2")["decision"],
         started.elapsed()
     );
+}
+
+/// Drill 5 (issue 22): how the heal of a partitioned Primary may come.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Heal {
+    /// The link comes back while the old Primary's frozen client is still open.
+    BeforeTheOldWriterCloses,
+    /// The old Primary's client goes away at the moment the link comes back.
+    AsTheOldWriterCloses,
+    /// The old Primary's client went away (its close tries to demote) before the heal.
+    AfterTheOldWriterClosed,
+    /// hv1's daemon is killed and started again during the cut instead of healed.
+    OldPrimaryRestarted,
+    /// The witness restarts during the cut. hv2 loses quorum with it and cannot regain it
+    /// through the witness alone, so it freezes until hv1 is back.
+    WitnessRestarted,
+    /// First only hv1↔witness comes back (hv1↔hv2 stays blocked): hv1 must learn through
+    /// the witness that it was left behind and step down while hv2 keeps serving; then
+    /// everything.
+    WitnessFirst,
+    /// `asym2.sh` of the outside check: hv1↔hv2 is blocked, hv1↔witness 1.3 s later, so
+    /// that hv1 asks the witness to outdate hv2 when the witness can no longer hear it; hv2
+    /// takes over; then hv1↔witness comes back first and hv1 sends that request again. It
+    /// is stale: hv2 must stay UpToDate and serving, hv1 step down; then everything.
+    StaleOutdate,
+}
+
+/// Drill 5: the Primary's replication link goes down while its process and management
+/// link stay up (it freezes: no quorum), hv2 takes over and is written by the checker,
+/// then the heal comes as `heal` says. Converges without an operator: hv2 stays Primary
+/// and UpToDate, hv1 becomes SyncTarget of hv2 and then UpToDate, `wait-sync` returns
+/// within 30 s, no split brain, nothing acknowledged lost, equal replicas.
+fn partition_heal_drill(heal: Heal) {
+    if skip_unless_root() {
+        return;
+    }
+    let started = Instant::now();
+    let mut cluster = cluster(true);
+    const VOL: &str = "drill-heal";
+    const PROBE_AT: u64 = 32 * MIB; // beyond the checker's 16 MiB of blocks
+    create(&cluster, VOL, "64M");
+    // Opening for writing promotes hv1: the writers' close is what demotes it.
+    let sockets = vec![cluster.nbd_socket("hv1"), cluster.nbd_socket("hv2")];
+    let log = cluster.root().join("drill-heal.log");
+    let writer = BackgroundWriter::spawn(
+        &sockets,
+        VOL,
+        4096,
+        &log,
+        &[
+            "--duration",
+            "3600",
+            "--seed",
+            "5",
+            "--flush-every",
+            "32",
+            "--fua-every",
+            "17",
+            "--reconnect-timeout",
+            "90",
+            "--io-timeout",
+            "5",
+        ],
+    );
+    assert!(
+        writer.wait_for_more_acks(200, Duration::from_secs(30)),
+        "no progress on hv1\n{}",
+        cluster.logs()
+    );
+    let mut old = open(&cluster.nbd_socket("hv1"), VOL);
+    let old_closer = old.closer().expect("clone the old client's socket");
+
+    if heal == Heal::StaleOutdate {
+        cluster.block_replication("hv1", &["hv2"]);
+        std::thread::sleep(Duration::from_millis(1300));
+        cluster.block_replication("hv1", &["hv2", "witness"]);
+    } else {
+        cluster.cut_replication("hv1");
+    }
+    cluster.wait_status("hv1", VOL, Duration::from_secs(20), |s| {
+        s["quorum"] == false && s["io_suspended"] == true
+    });
+    // The old Primary's own client sends a write after the cut: it must not complete.
+    let probe_data = random_bytes(0x5e, MIB as usize);
+    let (done_tx, done_rx) = mpsc::channel();
+    let probe_thread = {
+        let data = probe_data.clone();
+        std::thread::spawn(move || {
+            let result = old
+                .write(PROBE_AT, &data, true)
+                .map(|()| Probe::Acknowledged)
+                .unwrap_or_else(|e| Probe::Failed(e.to_string()));
+            let _ = done_tx.send(());
+            result
+        })
+    };
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(3)).is_err(),
+        "a write on the partitioned Primary completed without quorum"
+    );
+
+    // hv2 (with the witness) takes over; the checker follows it there.
+    promote(&cluster, "hv2", VOL, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("hv2 was not promoted: {e}\n{}", cluster.logs()));
+    assert!(
+        writer.wait_for_more_acks(200, Duration::from_secs(60)),
+        "the workload made no progress on hv2\n{}",
+        cluster.logs()
+    );
+    let close_old = || {
+        let _ = old_closer.shutdown(std::net::Shutdown::Both);
+    };
+    match heal {
+        Heal::BeforeTheOldWriterCloses => {
+            cluster.heal_replication("hv1");
+            close_old();
+        }
+        Heal::AsTheOldWriterCloses => {
+            close_old();
+            cluster.heal_replication("hv1");
+        }
+        Heal::AfterTheOldWriterClosed => {
+            close_old();
+            wait_until(Duration::from_secs(10), || {
+                status(&cluster, "hv1", VOL)["open_writers"] == 0
+            });
+            cluster.heal_replication("hv1");
+        }
+        Heal::OldPrimaryRestarted => {
+            close_old();
+            cluster.kill("hv1");
+            cluster.start("hv1");
+            cluster.heal_replication("hv1");
+        }
+        Heal::WitnessRestarted => {
+            cluster.restart("witness");
+            cluster.heal_replication("hv1");
+            close_old();
+        }
+        Heal::WitnessFirst | Heal::StaleOutdate => {
+            cluster.block_replication("hv1", &["hv2"]);
+            cluster.heal_replication("hv1");
+            let s1 = cluster.wait_status("hv1", VOL, Duration::from_secs(20), |s| {
+                s["role"] == "Secondary" && s["disk_state"] == "Outdated"
+            });
+            assert_eq!(s1["quorum"], false, "{s1:#}");
+            let s2 = status(&cluster, "hv2", VOL);
+            assert_eq!(s2["role"], "Primary", "{s2:#}");
+            assert_eq!(s2["disk_state"], "UpToDate", "{s2:#}");
+            assert!(
+                writer.wait_for_more_acks(200, Duration::from_secs(30)),
+                "hv2 stopped serving while hv1 reached only the witness\n{}",
+                cluster.logs()
+            );
+            cluster.unblock_replication("hv1");
+            close_old();
+        }
+    }
+
+    let s1 = cluster.wait_status("hv1", VOL, Duration::from_secs(60), |s| {
+        s["role"] == "Secondary" && in_sync_with(s, "hv2")
+    });
+    let decision = peer(&s1, "hv2")["decision"].to_string();
+    assert!(
+        decision.contains("from hv2 to hv1"),
+        "hv1 was not SyncTarget of hv2: {s1:#}"
+    );
+    let probe_result = done_rx
+        .recv_timeout(Duration::from_secs(30))
+        .ok()
+        .and_then(|()| probe_thread.join().ok());
+    assert!(
+        writer.wait_for_more_acks(100, Duration::from_secs(60)),
+        "the workload stalled after the heal\n{}",
+        cluster.logs()
+    );
+    let (code, summary) = writer.stop();
+    assert_eq!(code, Some(0), "writer: {summary}");
+    wait_sync(&cluster, "hv2", VOL, 30);
+    wait_sync(&cluster, "hv1", VOL, 30);
+    for host in ["hv1", "hv2", "witness"] {
+        let s = status(&cluster, host, VOL);
+        assert!(split_brain(&s).is_none(), "split brain on {host}: {s:#}");
+    }
+    let s2 = status(&cluster, "hv2", VOL);
+    assert_eq!(s2["role"], "Primary", "{s2:#}");
+    assert_eq!(s2["disk_state"], "UpToDate", "{s2:#}");
+    assert_eq!(status(&cluster, "hv1", VOL)["disk_state"], "UpToDate");
+    let hv2_socket = cluster.nbd_socket("hv2");
+    let (code, report) = verify(&log, &["--socket", hv2_socket.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "acknowledged writes lost: {report}");
+    let hash = assert_replicas_equal(&cluster, VOL);
+    let on_hv2 = read_file_range(&cluster.image_path("hv2", VOL), PROBE_AT, probe_data.len());
+    let probe_text = match probe_result {
+        None => panic!("the partitioned Primary's frozen write never finished after the heal"),
+        Some(Probe::Failed(e)) => format!("failed: {e}"),
+        Some(Probe::Acknowledged) => {
+            assert!(
+                on_hv2 == probe_data,
+                "the partitioned Primary acknowledged a write that is not on the replicas"
+            );
+            "acknowledged and kept".to_string()
+        }
+    };
+    eprintln!(
+        "drill 5 ({heal:?}): {} writes acknowledged, {} lost; frozen write {probe_text}; \
+         hv1 {decision}; replicas' content hash {hash}; {:?}",
+        report["writes_acknowledged"],
+        report["lost"],
+        started.elapsed()
+    );
+}
+
+#[test]
+fn partitioned_primary_healed_before_its_writer_closes_converges() {
+    partition_heal_drill(Heal::BeforeTheOldWriterCloses);
+}
+
+#[test]
+fn partitioned_primary_healed_as_its_writer_closes_converges() {
+    partition_heal_drill(Heal::AsTheOldWriterCloses);
+}
+
+#[test]
+fn partitioned_primary_healed_after_its_writer_closed_converges() {
+    partition_heal_drill(Heal::AfterTheOldWriterClosed);
+}
+
+#[test]
+fn partitioned_primary_restarted_during_the_cut_converges() {
+    partition_heal_drill(Heal::OldPrimaryRestarted);
+}
+
+#[test]
+fn partitioned_primary_with_the_witness_restarted_during_the_cut_converges() {
+    partition_heal_drill(Heal::WitnessRestarted);
+}
+
+#[test]
+fn partitioned_primary_that_regains_only_the_witness_steps_down_and_hv2_keeps_serving() {
+    partition_heal_drill(Heal::WitnessFirst);
+}
+
+#[test]
+fn a_stale_outdate_from_a_partitioned_primary_leaves_the_new_primary_up_to_date() {
+    partition_heal_drill(Heal::StaleOutdate);
 }
 
 /// Drill 4: a forced split brain is detected, reported with the resolve command, keeps

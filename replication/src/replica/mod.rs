@@ -47,6 +47,9 @@
 //!   peer holds new writes until the witness confirms the peer is Outdated (durably) or
 //!   unreachable from the witness (bounded like a suspension). The witness also relays who
 //!   is Primary, so a peer cut off from the Primary cannot be promoted while it lives.
+//!   Requests are tied to generations (`outdate.rs`): a target that moved on answers
+//!   *stale* and keeps its state; and a replica that learns through the witness that
+//!   another moved on without it steps down (if a Primary without quorum) and is Outdated.
 //! - **Secondaries keep an activity log** of the writes they apply (`peer_al.rs`), as
 //!   DRBD 9 does: a Secondary that crashes comes back with its hot extents in every
 //!   bitmap and uncertain towards its peers, so those extents are resynced to it even when
