@@ -569,4 +569,4 @@ pub fn resolution_outcome(resolution: SplitBrainResolution) -> Option<SyncOutcom
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::messages::{EngineMessage, OutdateResult, PeerState, MSG_STATE};
+use super::handshake::{self, Handshake, Plan, Refusal};
+use super::messages::{EngineMessage, PeerState, MSG_STATE};
+use super::outdate::answer_unreachable;
 use super::volume::{lock, LinkMode, Replica};
 use std::sync::atomic::AtomicBool;
 
@@ -26,10 +28,7 @@ use crate::datapath::{run_secondary, SecondaryConfig};
 use crate::link::{LinkReceiver, LinkSender, PeerLink};
 use crate::resync::ResyncTargetHooks;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
-use crate::sync_decision::{
-    decide, resolution_outcome, resolve_manually, resolve_split_brain, DecisionContext, Direction,
-    SplitBrainSide, SyncDecision, SyncOutcome,
-};
+use crate::sync_decision::{decide, DecisionContext, Direction, SyncDecision, SyncOutcome};
 use crate::wire::Message;
 
 /// How long the peer may take to send its state after Hello.
@@ -277,30 +276,46 @@ impl Replica {
             protocol,
         };
         let decision = decide(&my_uuids, &peer_uuids, &ctx);
-        let outcome = self.settle(peer, &decision, &mine, &theirs);
+        let (after_split_brain, frozen) = {
+            let st = lock(&self.st);
+            (st.options.after_split_brain, st.io_suspended)
+        };
+        let (outcome, plan) = handshake::plan(
+            &Handshake {
+                local_name: self.node_name(),
+                peer_name: peer,
+                mine: &mine,
+                theirs: &theirs,
+                after_split_brain,
+                frozen,
+            },
+            &decision,
+        );
         let describe = SyncDecision {
             outcome,
             rule: decision.rule,
         }
         .describe(&self.volume, self.node_name(), peer);
         tracing::info!(volume = %self.volume, peer, decision = %describe, "handshake decided");
-        if let Some(why) = Self::inconsistent_source(outcome, &mine, &theirs) {
-            let e = format!("{}: {describe}, but {why}", self.volume);
-            tracing::warn!(volume = %self.volume, peer, "{e}; not connecting");
-            {
-                let mut st = lock(&self.st);
-                if let Some(slot) = st.peers.get_mut(peer) {
-                    slot.decision = Some(e.clone());
+        match plan {
+            Plan::Refuse(Refusal::InconsistentSource { local }) => {
+                let why = if local {
+                    "this replica is Inconsistent and cannot be a resync source"
+                } else {
+                    "the peer is Inconsistent and cannot be a resync source"
+                };
+                let e = format!("{}: {describe}, but {why}", self.volume);
+                tracing::warn!(volume = %self.volume, peer, "{e}; not connecting");
+                {
+                    let mut st = lock(&self.st);
+                    if let Some(slot) = st.peers.get_mut(peer) {
+                        slot.decision = Some(e.clone());
+                    }
                 }
+                sender.close(&e);
+                return Err(e);
             }
-            sender.close(&e);
-            return Err(e);
-        }
-
-        match outcome {
-            SyncOutcome::SplitBrainAutoRecoverable
-            | SyncOutcome::SplitBrainDisconnect
-            | SyncOutcome::UnrelatedData => {
+            Plan::StandAlone => {
                 let text = decision.describe(&self.volume, self.node_name(), peer);
                 {
                     let mut st = lock(&self.st);
@@ -318,29 +333,17 @@ impl Replica {
                 sender.close("split brain");
                 return Err(text);
             }
-            _ => {}
-        }
-
-        // Roles versus direction: a Primary never becomes SyncTarget — unless its I/O is
-        // frozen for lack of quorum: then it steps down (force-secondary).
-        let resync = match outcome {
-            SyncOutcome::BitmapResync(d) => Some((d, false)),
-            SyncOutcome::FullSync(d) => Some((d, true)),
-            _ => None,
-        };
-        if let Some((Direction::LocalIsTarget, _)) = resync {
-            if mine.role == Role::Primary {
-                let frozen = lock(&self.st).io_suspended;
-                if frozen {
-                    drop(gate);
-                    let _ = self
-                        .demote_now(&format!(
-                            "force-secondary: Primary without quorum met newer data on {peer}"
-                        ))
-                        .await;
-                    sender.close("reconnecting after force-secondary");
-                    return Err("force-secondary".into());
-                }
+            Plan::StepDown => {
+                drop(gate);
+                let _ = self
+                    .demote_now(&format!(
+                        "force-secondary: Primary without quorum met newer data on {peer}"
+                    ))
+                    .await;
+                sender.close("reconnecting after force-secondary");
+                return Err("force-secondary".into());
+            }
+            Plan::Refuse(Refusal::LocalPrimaryWouldBeTarget) => {
                 let e = format!(
                     "{}: {describe}, but {} is Primary; demote it to let it resync",
                     self.volume,
@@ -349,28 +352,29 @@ impl Replica {
                 sender.close(&e);
                 return Err(e);
             }
-        }
-        if let Some((Direction::LocalIsSource, _)) = resync {
-            if theirs.role == Role::Primary {
+            Plan::Refuse(Refusal::PeerPrimaryWouldBeTarget) => {
                 // The peer refuses the same way; try again later.
                 sender.close("peer is Primary and would be SyncTarget");
                 return Err(format!("{describe}, but {peer} is Primary"));
             }
-        }
-
-        if resync.is_none() && mine.role == Role::Primary && theirs.role == Role::Primary {
-            let e = format!(
-                "{}: both {} and {peer} are Primary; demote one of them",
-                self.volume,
-                self.node_name()
-            );
-            sender.close(&e);
-            return Err(e);
+            Plan::Refuse(Refusal::BothPrimary) => {
+                let e = format!(
+                    "{}: both {} and {peer} are Primary; demote one of them",
+                    self.volume,
+                    self.node_name()
+                );
+                sender.close(&e);
+                return Err(e);
+            }
+            Plan::InSync | Plan::KeepBits | Plan::Resync { .. } => {}
         }
 
         // The source resyncs the union of both bitmaps: the target sends its bits.
-        match resync {
-            Some((Direction::LocalIsTarget, _)) => {
+        match plan {
+            Plan::Resync {
+                direction: Direction::LocalIsTarget,
+                ..
+            } => {
                 let runs: Vec<(u64, u64)> = lock(&self.bitmaps)
                     .get(peer)
                     .map(|b| b.runs().collect())
@@ -382,7 +386,10 @@ impl Replica {
                         .map_err(|e| format!("sending the bitmap: {e}"))?;
                 }
             }
-            Some((Direction::LocalIsSource, _)) => {
+            Plan::Resync {
+                direction: Direction::LocalIsSource,
+                ..
+            } => {
                 match tokio::time::timeout(STATE_TIMEOUT, self.recv_bitmap(peer, &mut receiver))
                     .await
                 {
@@ -398,15 +405,14 @@ impl Replica {
                     }
                 }
             }
-            None => {}
+            _ => {}
         }
 
-        // Act on the decision.
-        match resync {
-            // Bits between two Secondaries of a Primary stay (see `secondaries_keep_bits`).
-            None if Self::secondaries_keep_bits(&decision, &mine, &theirs) => {}
-            None => self.apply_in_sync(peer, theirs.disk).await,
-            Some((dir, full)) => self.start_resync(peer, dir, full).await,
+        // Act on the plan.
+        match plan {
+            Plan::InSync => self.apply_in_sync(peer, theirs.disk).await,
+            Plan::Resync { direction, full } => self.start_resync(peer, direction, full).await,
+            _ => {}
         }
         let must_persist = {
             let mut st = lock(&self.st);
@@ -415,10 +421,16 @@ impl Replica {
                     return Err("superseded".into());
                 }
                 slot.conn = ConnectionState::Connected;
-                slot.replication = match resync {
-                    None => ReplicationState::Established,
-                    Some((Direction::LocalIsSource, _)) => ReplicationState::SyncSource,
-                    Some((Direction::LocalIsTarget, _)) => ReplicationState::SyncTarget,
+                slot.replication = match plan {
+                    Plan::Resync {
+                        direction: Direction::LocalIsSource,
+                        ..
+                    } => ReplicationState::SyncSource,
+                    Plan::Resync {
+                        direction: Direction::LocalIsTarget,
+                        ..
+                    } => ReplicationState::SyncTarget,
+                    _ => ReplicationState::Established,
                 };
                 slot.split_brain = None;
                 slot.decision = Some(describe);
@@ -487,242 +499,6 @@ impl Replica {
                 Err(e) => return Err(format!("bad bitmap message: {e}")),
             }
         }
-    }
-
-    /// Post-process a decision: split-brain policy or manual resolution, and "no sync"
-    /// with a dirty bitmap. Symmetric: both sides reach mirrored outcomes from the same
-    /// exchanged states.
-    fn settle(
-        &self,
-        peer: &str,
-        d: &SyncDecision,
-        mine: &PeerState,
-        theirs: &PeerState,
-    ) -> SyncOutcome {
-        let policy = lock(&self.st).options.after_split_brain;
-        if Self::uncertainty_covered_by_primary(d, mine, theirs) {
-            return SyncOutcome::NoSync;
-        }
-        if let Some(o) = Self::inconsistent_secondary_is_target(d, mine, theirs) {
-            return o;
-        }
-        if Self::secondaries_keep_bits(d, mine, theirs) {
-            return SyncOutcome::NoSync;
-        }
-        if d.outcome.is_split_brain() && d.outcome != SyncOutcome::UnrelatedData {
-            // Force-secondary across generations: a Primary that lost quorum (the durable
-            // flag stays until it regains quorum as Primary or is resynced) may have
-            // started a generation (it still had quorum when a first peer left) that no
-            // surviving peer saw. Every write of it was then unacknowledged: an
-            // acknowledgement needs a connected peer's ack or quorum, and such a peer
-            // would have carried the generation into the takeover. Its side is the
-            // SyncTarget (by bitmap from a common base, else in full); the other side,
-            // which moved on without it, the source.
-            let lost_quorum = |s: &PeerState| {
-                s.uuids
-                    .as_ref()
-                    .is_some_and(|u| u.flags.primary_lost_quorum)
-            };
-            let full = d.outcome == SyncOutcome::SplitBrainDisconnect;
-            let resync = |dir| {
-                if full {
-                    SyncOutcome::FullSync(dir)
-                } else {
-                    SyncOutcome::BitmapResync(dir)
-                }
-            };
-            match (lost_quorum(mine), lost_quorum(theirs)) {
-                (true, false) => return resync(Direction::LocalIsTarget),
-                (false, true) => return resync(Direction::LocalIsSource),
-                _ => {}
-            }
-        }
-        match d.outcome {
-            SyncOutcome::SplitBrainAutoRecoverable | SyncOutcome::SplitBrainDisconnect => {
-                // Manual: the operator chose a side on one node (discard-local there, or
-                // keep-local on the other); both sides see both flags.
-                let local_discards = mine.discard_my_data || theirs.keep_my_data;
-                let peer_discards = theirs.discard_my_data || mine.keep_my_data;
-                if local_discards != peer_discards {
-                    if let Ok(o) = resolve_manually(*d, local_discards) {
-                        return o;
-                    }
-                }
-                if d.outcome == SyncOutcome::SplitBrainAutoRecoverable {
-                    let side = |s: &PeerState, other_changed: u64| SplitBrainSide {
-                        changed_blocks: other_changed,
-                        promoted_at: (s.promoted_at != 0).then_some(s.promoted_at),
-                        is_primary_now: s.role == Role::Primary,
-                    };
-                    // changed_blocks in a state = the sender's bitmap for the receiver =
-                    // what the sender changed since the split.
-                    let local = side(mine, mine.changed_blocks);
-                    let peer = side(theirs, theirs.changed_blocks);
-                    if let Some(o) = resolution_outcome(resolve_split_brain(policy, &local, &peer))
-                    {
-                        return o;
-                    }
-                }
-                d.outcome
-            }
-            SyncOutcome::NoSync if mine.changed_blocks > 0 || theirs.changed_blocks > 0 => {
-                // At equal generations a Primary holds the generation's data: it is the
-                // source whatever the bits say (a Secondary's bits there only mark blocks
-                // that may differ). Otherwise the side that changed blocks is.
-                let i_source = match (mine.role == Role::Primary, theirs.role == Role::Primary) {
-                    (true, false) => true,
-                    (false, true) => false,
-                    _ => match (mine.changed_blocks > 0, theirs.changed_blocks > 0) {
-                        (true, false) => true,
-                        (false, true) => false,
-                        _ => self.node_name() < peer,
-                    },
-                };
-                SyncOutcome::BitmapResync(if i_source {
-                    Direction::LocalIsSource
-                } else {
-                    Direction::LocalIsTarget
-                })
-            }
-            SyncOutcome::BitmapResync(_)
-                if matches!(
-                    d.rule,
-                    crate::sync_decision::Rule::LocalUncertain
-                        | crate::sync_decision::Rule::PeerUncertain
-                        | crate::sync_decision::Rule::BothUncertain
-                ) && (mine.role == Role::Primary) != (theirs.role == Role::Primary) =>
-            {
-                // Equal generations, blocks that may differ: the Primary's copy is what its
-                // clients read and wrote, so it is the source.
-                SyncOutcome::BitmapResync(if mine.role == Role::Primary {
-                    Direction::LocalIsSource
-                } else {
-                    Direction::LocalIsTarget
-                })
-            }
-            SyncOutcome::BitmapResync(Direction::LocalIsTarget)
-                if d.rule == crate::sync_decision::Rule::LocalLostQuorum
-                    && mine.role == Role::Primary
-                    && theirs.role != Role::Primary =>
-            {
-                // The lost-quorum Primary got its quorum back and nobody took over: it
-                // stays the source (its unacknowledged writes become the truth).
-                SyncOutcome::BitmapResync(Direction::LocalIsSource)
-            }
-            SyncOutcome::BitmapResync(Direction::LocalIsSource)
-                if d.rule == crate::sync_decision::Rule::PeerLostQuorum
-                    && theirs.role == Role::Primary
-                    && mine.role != Role::Primary =>
-            {
-                SyncOutcome::BitmapResync(Direction::LocalIsTarget)
-            }
-            other => other,
-        }
-    }
-
-    /// Two UpToDate Secondaries at equal generations, "uncertain" only because one of them
-    /// was resynced (from the Primary) since, while the same Primary replicates to both:
-    /// the Primary's own handshakes resynced whichever was behind, so both hold the
-    /// Primary's data and there is nothing to resync between them. Without this the pair
-    /// would make one of them SyncTarget (Inconsistent) of a Secondary source, which must
-    /// not resync while a Primary writes (`sync.rs`): it would stay Inconsistent for as
-    /// long as that Primary runs. Symmetric in both states, so both sides agree.
-    fn uncertainty_covered_by_primary(
-        d: &SyncDecision,
-        mine: &PeerState,
-        theirs: &PeerState,
-    ) -> bool {
-        use crate::sync_decision::Rule;
-        let mut a = mine.primaries.clone();
-        let mut b = theirs.primaries.clone();
-        a.sort();
-        b.sort();
-        matches!(
-            d.rule,
-            Rule::LocalUncertain | Rule::PeerUncertain | Rule::BothUncertain
-        ) && matches!(d.outcome, SyncOutcome::BitmapResync(_))
-            && mine.role == Role::Secondary
-            && theirs.role == Role::Secondary
-            && mine.disk == DiskState::UpToDate
-            && theirs.disk == DiskState::UpToDate
-            && !a.is_empty()
-            && a == b
-    }
-
-    /// Two Secondaries at equal generations, one of them Inconsistent (its reconciliation
-    /// with a Primary, `reconcile.rs`, or a resync was cut off) and the other UpToDate: the
-    /// UpToDate side is the source whatever the bits say, and "no sync" must not make the
-    /// Inconsistent side UpToDate. An Outdated or Consistent other side is not enough (it
-    /// may lack the Primary's last writes): the other rules decide, and
-    /// [`Self::inconsistent_source`] refuses any that would resync from the Inconsistent
-    /// side. Symmetric.
-    fn inconsistent_secondary_is_target(
-        d: &SyncDecision,
-        mine: &PeerState,
-        theirs: &PeerState,
-    ) -> Option<SyncOutcome> {
-        use crate::sync_decision::Rule;
-        let equal_generations = matches!(
-            d.rule,
-            Rule::EqualCurrents | Rule::LocalUncertain | Rule::PeerUncertain | Rule::BothUncertain
-        ) && matches!(
-            d.outcome,
-            SyncOutcome::NoSync | SyncOutcome::BitmapResync(_)
-        );
-        let inconsistent = |s: &PeerState| s.disk == DiskState::Inconsistent;
-        let up_to_date = |s: &PeerState| s.disk == DiskState::UpToDate;
-        if !equal_generations
-            || mine.role != Role::Secondary
-            || theirs.role != Role::Secondary
-            || !((inconsistent(mine) && up_to_date(theirs))
-                || (up_to_date(mine) && inconsistent(theirs)))
-        {
-            return None;
-        }
-        Some(SyncOutcome::BitmapResync(if inconsistent(mine) {
-            Direction::LocalIsTarget
-        } else {
-            Direction::LocalIsSource
-        }))
-    }
-
-    /// The resync `outcome` would copy from an Inconsistent replica (its blocks are partly
-    /// someone else's and partly stale): DRBD never syncs from an Inconsistent disk, and
-    /// neither do we. Returns the refusal to close the link with (the pair retries, and
-    /// connects once one side got UpToDate data from elsewhere).
-    pub(super) fn inconsistent_source(
-        outcome: SyncOutcome,
-        mine: &PeerState,
-        theirs: &PeerState,
-    ) -> Option<&'static str> {
-        let local_source = match outcome {
-            SyncOutcome::BitmapResync(d) | SyncOutcome::FullSync(d) => {
-                d == Direction::LocalIsSource
-            }
-            _ => return None,
-        };
-        let source = if local_source { mine } else { theirs };
-        (source.disk == DiskState::Inconsistent).then_some(if local_source {
-            "this replica is Inconsistent and cannot be a resync source"
-        } else {
-            "the peer is Inconsistent and cannot be a resync source"
-        })
-    }
-
-    /// Two UpToDate Secondaries at equal generations with bits for each other (typically
-    /// the tail of a lost Primary's writes, `reconcile.rs`) while a Primary is known: a
-    /// resync between two Secondaries must not run while a Primary replicates to them, so
-    /// the pair connects without a resync and *keeps* its bits (the next promotion of one
-    /// of them reconciles them; the serving Primary resyncs each of them from itself).
-    /// Symmetric in both states.
-    fn secondaries_keep_bits(d: &SyncDecision, mine: &PeerState, theirs: &PeerState) -> bool {
-        d.outcome == SyncOutcome::NoSync
-            && (mine.changed_blocks > 0 || theirs.changed_blocks > 0)
-            && mine.role == Role::Secondary
-            && theirs.role == Role::Secondary
-            && mine.disk == DiskState::UpToDate
-            && theirs.disk == DiskState::UpToDate
-            && (!mine.primaries.is_empty() || !theirs.primaries.is_empty())
     }
 
     /// "No sync": clear the pair's slot and bits, confirm the disk state.
@@ -1243,98 +1019,5 @@ async fn recv_state(receiver: &mut LinkReceiver) -> Result<PeerState, String> {
             "expected the peer's state, got message type {:#06x}",
             other.msg_type()
         )),
-    }
-}
-
-/// Tell `requester` (through `sender`) that the tiebreaker could not reach `target` to
-/// outdate it.
-pub(super) fn answer_unreachable(sender: &LinkSender, id: u64, target: String, requester: String) {
-    let _ = sender.send_control(
-        &EngineMessage::OutdateReply {
-            id,
-            target,
-            requester,
-            result: OutdateResult::Unreachable,
-        }
-        .to_message(),
-    );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sync_decision::Rule;
-
-    fn secondary(disk: DiskState) -> PeerState {
-        PeerState {
-            role: Role::Secondary,
-            disk,
-            allow_two_primaries: false,
-            diskless: false,
-            discard_my_data: false,
-            keep_my_data: false,
-            has_quorum: true,
-            leaving: false,
-            handshake: true,
-            size: 1 << 30,
-            promoted_at: 0,
-            changed_blocks: 0,
-            primaries: Vec::new(),
-            uuids: None,
-            seen_currents: Vec::new(),
-        }
-    }
-
-    fn equal(outcome: SyncOutcome) -> SyncDecision {
-        SyncDecision {
-            outcome,
-            rule: Rule::EqualCurrents,
-        }
-    }
-
-    #[test]
-    fn an_inconsistent_secondary_is_target_only_of_an_up_to_date_one() {
-        let inc = secondary(DiskState::Inconsistent);
-        let up = secondary(DiskState::UpToDate);
-        let d = equal(SyncOutcome::NoSync);
-        assert_eq!(
-            Replica::inconsistent_secondary_is_target(&d, &inc, &up),
-            Some(SyncOutcome::BitmapResync(Direction::LocalIsTarget))
-        );
-        assert_eq!(
-            Replica::inconsistent_secondary_is_target(&d, &up, &inc),
-            Some(SyncOutcome::BitmapResync(Direction::LocalIsSource))
-        );
-        // An Outdated (or Consistent) side may lack the Primary's last writes: not a source
-        // by this rule.
-        for other in [DiskState::Outdated, DiskState::Consistent] {
-            let o = secondary(other);
-            assert_eq!(
-                Replica::inconsistent_secondary_is_target(&d, &inc, &o),
-                None
-            );
-            assert_eq!(
-                Replica::inconsistent_secondary_is_target(&d, &o, &inc),
-                None
-            );
-        }
-    }
-
-    #[test]
-    fn no_resync_ever_copies_from_an_inconsistent_replica() {
-        let inc = secondary(DiskState::Inconsistent);
-        let out = secondary(DiskState::Outdated);
-        let up = secondary(DiskState::UpToDate);
-        let to_peer = SyncOutcome::BitmapResync(Direction::LocalIsSource);
-        let from_peer = SyncOutcome::FullSync(Direction::LocalIsTarget);
-        assert!(Replica::inconsistent_source(to_peer, &inc, &out).is_some());
-        assert!(Replica::inconsistent_source(from_peer, &out, &inc).is_some());
-        assert!(Replica::inconsistent_source(to_peer, &inc, &inc).is_some());
-        assert_eq!(Replica::inconsistent_source(to_peer, &up, &inc), None);
-        assert_eq!(Replica::inconsistent_source(from_peer, &inc, &up), None);
-        assert_eq!(
-            Replica::inconsistent_source(SyncOutcome::NoSync, &inc, &inc),
-            None
-        );
     }
 }

@@ -79,6 +79,7 @@
 
 mod connection;
 mod dual;
+mod handshake;
 pub mod messages;
 mod outdate;
 mod peer_al;

@@ -26,6 +26,7 @@
 use super::messages::{EngineMessage, OutdateResult, PeerState};
 use super::volume::{lock, Replica, State};
 use crate::generation::Generation;
+use crate::link::LinkSender;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
 use crate::wire::Message;
 
@@ -132,7 +133,7 @@ impl Replica {
             Some(s) if s.send_control(&msg.to_message()).is_ok() => {}
             _ => {
                 if let Some(b) = back {
-                    super::connection::answer_unreachable(&b, id, target, requester);
+                    answer_unreachable(&b, id, target, requester);
                 }
             }
         }
@@ -294,4 +295,18 @@ fn mark_outdated(st: &mut State) -> bool {
         return true;
     }
     false
+}
+
+/// Tell `requester` (through `sender`) that the tiebreaker could not reach `target` to
+/// outdate it.
+pub(super) fn answer_unreachable(sender: &LinkSender, id: u64, target: String, requester: String) {
+    let _ = sender.send_control(
+        &EngineMessage::OutdateReply {
+            id,
+            target,
+            requester,
+            result: OutdateResult::Unreachable,
+        }
+        .to_message(),
+    );
 }

@@ -11,10 +11,10 @@ const LOCAL: &str = "hv1";
 const PEER: &str = "hv2";
 
 #[derive(Default)]
-struct Symbols(BTreeMap<String, Generation>);
+pub(crate) struct Symbols(BTreeMap<String, Generation>);
 
 impl Symbols {
-    fn get(&mut self, word: &str) -> Generation {
+    pub(crate) fn get(&mut self, word: &str) -> Generation {
         match word {
             "JC" => Generation::JUST_CREATED,
             "0" => Generation::ZERO,
@@ -26,7 +26,7 @@ impl Symbols {
     }
 }
 
-fn parse_set(text: &str, syms: &mut Symbols) -> UuidSet {
+pub(crate) fn parse_set(text: &str, syms: &mut Symbols) -> UuidSet {
     let mut set = UuidSet::default();
     let mut have_current = false;
     for field in text.split_whitespace() {
