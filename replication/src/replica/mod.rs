@@ -63,7 +63,7 @@
 //!   marks the tail of the writes it applied towards the other data replicas when its
 //!   Primary's link drops (not after a clean demotion); after a promotion the new Primary
 //!   resyncs the union of both sides' bits to each Secondary on the live link. Promotion
-//!   never waits for it. Two handshake rules go with it (`connection.rs`, `settle`): two
+//!   never waits for it. Two handshake rules go with it (`handshake.rs`, `settle`): two
 //!   Secondaries at equal generations, one Inconsistent and one UpToDate, resync towards
 //!   the Inconsistent one ("no sync" must not make it UpToDate), no handshake ever makes
 //!   an Inconsistent replica a resync source (the pair does not connect), and two UpToDate
