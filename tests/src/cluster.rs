@@ -18,11 +18,11 @@
 //! this fixture's namespaces, so parallel clusters could not collide even with equal `R`.
 //!
 //! Per host, under the cluster's temp dir `<tmp>/tdm-<pid>-<n>-XXXX/<host>/`:
-//! `tandem.toml` (every host in `[[nodes]]`, the witness `diskless = true`), `state/`,
-//! `run/` (`tandemd.sock`, `nbd.sock`), `images/` (the `files` pool; a tmpfs of
-//! `pool_size` bytes when set, so [`Cluster::fill_pool`] hits a real ENOSPC without touching
-//! other tests), `tandemd.log` (appended across restarts). `<tmp>/.../secret` is shared
-//! (mode 0600).
+//! `tandem.toml` (every host in `[[nodes]]`, the witness `diskless = true` and without
+//! `[[pools]]`), `state/`, `run/` (`tandemd.sock`, `nbd.sock`), `images/` (the `files`
+//! pool, data hosts only; a tmpfs of `pool_size` bytes when set, so [`Cluster::fill_pool`]
+//! hits a real ENOSPC without touching other tests), `tandemd.log` (appended across
+//! restarts). `<tmp>/.../secret` is shared (mode 0600).
 //!
 //! Drop (also while unwinding from a panic) kills every process in the namespaces,
 //! unmounts the pools, deletes the namespaces and the directory. A process killed before
@@ -216,8 +216,17 @@ impl Cluster {
             })
             .collect();
         for host in &cluster.hosts {
+            // The witness stores nothing: no pool, as on a real tiebreaker.
+            let pool = if host.diskless {
+                String::new()
+            } else {
+                format!(
+                    "\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{}/images\"\n",
+                    host.dir.display()
+                )
+            };
             let config = format!(
-                "node = \"{name}\"\nstate_dir = \"{dir}/state\"\nrun_dir = \"{dir}/run\"\nsecret_file = \"{secret}\"\n{nodes_toml}\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{dir}/images\"\n",
+                "node = \"{name}\"\nstate_dir = \"{dir}/state\"\nrun_dir = \"{dir}/run\"\nsecret_file = \"{secret}\"\n{nodes_toml}{pool}",
                 name = host.name,
                 dir = host.dir.display(),
                 secret = secret.display(),
@@ -270,11 +279,16 @@ impl Cluster {
                 .expect("host link up");
         }
         let dir = self.root().join(name);
-        for sub in ["state", "run", "images"] {
+        let subs: &[&str] = if diskless {
+            &["state", "run"]
+        } else {
+            &["state", "run", "images"]
+        };
+        for sub in subs {
             std::fs::create_dir_all(dir.join(sub)).expect("create host dirs");
         }
         let mut pool_mounted = false;
-        if let Some(size) = self.spec.pool_size {
+        if let (Some(size), false) = (self.spec.pool_size, diskless) {
             let images = dir.join("images");
             netns::run(
                 "mount",

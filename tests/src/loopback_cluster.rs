@@ -7,6 +7,8 @@
 //! <secret dir>/secret (0600)   node i: <tmp_i>/tandem.toml, state/, run/, images/, tandemd.log
 //! ```
 //!
+//! A diskless node's config has no `[[pools]]`, as on a real tiebreaker.
+//!
 //! Dropping the cluster kills every daemon and removes the directories.
 
 use std::os::unix::fs::PermissionsExt;
@@ -85,10 +87,18 @@ impl LoopbackCluster {
             .iter()
             .map(|spec| {
                 TandemNode::with_config(|root| {
+                    // A diskless tiebreaker stores nothing: no pool.
+                    let pool = if spec.diskless {
+                        String::new()
+                    } else {
+                        format!(
+                            "\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{}/images\"\n",
+                            root.display()
+                        )
+                    };
                     format!(
                         "node = \"{name}\"\nstate_dir = \"{root}/state\"\nrun_dir = \"{root}/run\"\n\
-                         secret_file = \"{secret}\"\n{nodes_toml}\n[[pools]]\nname = \"files\"\n\
-                         backend = \"file\"\npath = \"{root}/images\"\n",
+                         secret_file = \"{secret}\"\n{nodes_toml}{pool}",
                         name = spec.name,
                         root = root.display(),
                         secret = secret.display(),

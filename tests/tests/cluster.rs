@@ -53,6 +53,38 @@ fn hosts_links_faults_and_cleanup() {
             .json();
         assert_eq!(info["name"], host, "{info}");
     }
+    // The witness runs without any [[pools]] entry: it lists no pool and refuses a data
+    // replica, naming itself.
+    let config = std::fs::read_to_string(cluster.host("witness").config()).unwrap();
+    assert!(!config.contains("[[pools]]"), "{config}");
+    let info = cluster
+        .tandem("witness", &["node", "info", "--json"])
+        .ok()
+        .json();
+    assert_eq!(info["pools"], serde_json::json!([]), "{info}");
+    let pools = cluster
+        .tandem("witness", &["pool", "list", "--json"])
+        .ok()
+        .json();
+    assert_eq!(pools, serde_json::json!([]), "{pools}");
+    let refused = cluster
+        .tandem(
+            "witness",
+            &[
+                "volume",
+                "create",
+                "w1",
+                "--size",
+                "16M",
+                "--nodes",
+                "hv1,witness",
+            ],
+        )
+        .failed();
+    assert!(
+        refused.contains("node 'witness' is a diskless tiebreaker and cannot hold a replica"),
+        "{refused}"
+    );
 
     // Full mesh on both links.
     for link in [Link::Management, Link::Replication] {

@@ -175,7 +175,8 @@ pub struct Config {
     pub run_dir: PathBuf,
     pub secret_file: PathBuf,
     pub nodes: Vec<NodeConfig>,
-    /// Never empty; the first pool is the default for new volumes.
+    /// The first pool is the default for new volumes. Empty only on a diskless
+    /// tiebreaker, which stores nothing.
     pub pools: Vec<PoolSpec>,
     pub nbd: NbdConfig,
     /// Options given to new volumes (`[replication]`).
@@ -206,6 +207,11 @@ impl Config {
     /// This node's `[[nodes]]` entry (validation guarantees it exists).
     pub fn this_node(&self) -> Option<&NodeConfig> {
         self.node_named(&self.node)
+    }
+
+    /// True when this node is a diskless tiebreaker: it votes and stores nothing.
+    pub fn is_diskless(&self) -> bool {
+        self.this_node().is_some_and(|n| n.diskless)
     }
 
     /// The `[[nodes]]` entry of `name`.
@@ -326,10 +332,17 @@ impl RawConfig {
                 ),
             ));
         }
-        if self.pools.is_empty() {
+        // A diskless tiebreaker stores nothing, so it needs no pool; a data node does.
+        let diskless = self.nodes.iter().any(|n| n.name == self.node && n.diskless);
+        if self.pools.is_empty() && !diskless {
             return Err(invalid(
                 "pools".into(),
-                "at least one [[pools]] entry is required".into(),
+                format!(
+                    "node '{}' stores volumes and needs at least one [[pools]] entry \
+                     (add one, or set `diskless = true` in its [[nodes]] entry to make it a \
+                     tiebreaker)",
+                    self.node
+                ),
             ));
         }
         let mut pool_names = HashSet::new();
@@ -568,7 +581,12 @@ tcp_listen = "127.0.0.1:10809"
     #[test]
     fn cross_field_rules_are_checked() {
         let pool = "[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n";
-        assert!(error(NODES).contains("pools: at least one"));
+        assert_eq!(
+            error(NODES),
+            "/etc/tandem/tandem.toml: pools: node 'hv1' stores volumes and needs at least one \
+             [[pools]] entry (add one, or set `diskless = true` in its [[nodes]] entry to make \
+             it a tiebreaker)"
+        );
         assert!(error(&format!(
             "{}{pool}",
             NODES.replace("node = \"hv1\"", "node = \"hv9\"")
@@ -598,6 +616,37 @@ tcp_listen = "127.0.0.1:10809"
         .contains("pools[0].path: 'rel' must be an absolute path"));
         assert!(error(&format!("state_dir = \"tmp\"\n{NODES}{pool}"))
             .contains("state_dir: 'tmp' must be an absolute path"));
+    }
+
+    #[test]
+    fn a_diskless_tiebreaker_needs_no_pool() {
+        let cluster = |this: &str| {
+            format!(
+                "node = \"{this}\"\n\
+                 [[nodes]]\nname = \"hv1\"\ncontrol = \"10.0.0.1:7700\"\nreplication = \"10.1.0.1:7788\"\n\
+                 [[nodes]]\nname = \"hv2\"\ncontrol = \"10.0.0.2:7700\"\nreplication = \"10.1.0.2:7788\"\n\
+                 [[nodes]]\nname = \"witness\"\ncontrol = \"10.0.0.3:7700\"\nreplication = \"10.1.0.3:7788\"\n\
+                 diskless = true\n"
+            )
+        };
+        let witness = parse(&cluster("witness")).unwrap();
+        assert!(witness.is_diskless());
+        assert!(witness.pools.is_empty());
+        // The same node list without a pool is refused on a data node, naming it.
+        let e = error(&cluster("hv2"));
+        assert!(
+            e.starts_with("/etc/tandem/tandem.toml: pools: node 'hv2' stores volumes"),
+            "{e}"
+        );
+        assert!(e.contains("diskless = true"), "{e}");
+        // A witness may still list pools (they stay unused).
+        let with_pool = parse(&format!(
+            "{}[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n",
+            cluster("witness")
+        ))
+        .unwrap();
+        assert!(with_pool.is_diskless());
+        assert_eq!(with_pool.pools.len(), 1);
     }
 
     #[test]

@@ -289,8 +289,17 @@ impl VolumeService {
         self.pool(name).map(|h| Arc::clone(&h.backend))
     }
 
-    /// The pool a create names, or the first one; errors list the configured pools.
+    /// The pool a create names, or the first one; errors list the configured pools. A
+    /// diskless tiebreaker refuses: it holds no data replica, even if pools are configured.
     pub(crate) fn pick_pool(&self, pool: Option<&str>) -> Result<&PoolHandle, ApiError> {
+        if self.config.is_diskless() {
+            return Err(invalid(format!(
+                "node '{}' is a diskless tiebreaker (diskless = true in {}) and cannot hold a \
+                 data replica",
+                self.config.node,
+                self.config.path.display()
+            )));
+        }
         match pool {
             None => self
                 .pools
@@ -1154,5 +1163,37 @@ pub(crate) mod tests {
         assert!(!dir.path().join("images/big.img").exists());
         assert!(!dir.path().join("state/volumes/big.json").exists());
         service.create_local("big", 4096, None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_diskless_witness_runs_without_pools_and_refuses_data_replicas() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "node = \"witness\"\nstate_dir = \"{root}/state\"\nrun_dir = \"{root}/run\"\n\
+             [[nodes]]\nname = \"hv1\"\ncontrol = \"127.0.0.1:7700\"\nreplication = \"127.0.0.1:7788\"\n\
+             [[nodes]]\nname = \"witness\"\ncontrol = \"127.0.0.1:7701\"\nreplication = \"127.0.0.1:7789\"\n\
+             diskless = true\n",
+            root = dir.path().display()
+        );
+        let config = Config::parse(&text, Path::new("/etc/tandem/tandem.toml")).unwrap();
+        let service = VolumeService::open(config).unwrap();
+        assert!(service.pools().await.is_empty());
+        assert!(service.node_info().pools.is_empty());
+        let refusal = "node 'witness' is a diskless tiebreaker (diskless = true in \
+                       /etc/tandem/tandem.toml) and cannot hold a data replica";
+        let e = service.create_local("v", 1 << 20, None).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert_eq!(e.message, refusal);
+        // A coordinator whose node list disagrees asks for a data replica: refused.
+        let e = service
+            .prepare_replica("v", 1 << 20, None, false, "t1")
+            .await
+            .unwrap_err();
+        assert_eq!(e.message, refusal);
+        // As a tiebreaker it takes the volume.
+        service
+            .prepare_replica("v", 1 << 20, None, true, "t2")
+            .await
+            .unwrap();
     }
 }

@@ -511,7 +511,11 @@ fn print_human(reply: Reply) {
             println!("config:     {}", node.config_path.display());
             println!("state_dir:  {}", node.state_dir.display());
             println!("run_dir:    {}", node.run_dir.display());
-            println!("pools:      {}", node.pools.join(", "));
+            if node.pools.is_empty() {
+                println!("pools:      none");
+            } else {
+                println!("pools:      {}", node.pools.join(", "));
+            }
             println!("volumes:    {}", node.volumes);
             let rows = node
                 .nodes
