@@ -71,7 +71,13 @@
 //!   activity log cannot take the request) sends no acknowledgement and disconnects with
 //!   an Error frame, so the Primary counts the request as not replicated there (DRBD
 //!   detaches a failing disk). Acknowledging a failure and staying connected would leave
-//!   an UpToDate-looking, promotable replica without an acknowledged write.
+//!   an UpToDate-looking, promotable replica without an acknowledged write. The Error
+//!   frame and the log name the whole cause, down to the OS error ("local write failed:
+//!   write at offset 4096 length 4096 failed: No space left on device (os error 28)");
+//!   the Secondary's log lines for local failures go through one [`FailureLog`] per
+//!   replica ([`SecondaryConfig::local_failures`]), so a full disk, which fails every
+//!   request, every resync block and again after every reconnect, logs one line per
+//!   interval with a count of the others.
 //! - **Validation.** The Secondary checks every request against its device size and its
 //!   expected epoch before anything touches the disk; a violation is answered with an
 //!   Error frame and the connection is dropped.
@@ -85,6 +91,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use crate::device::{BackingDevice, DeviceError};
+use crate::failure_log::{error_chain, FailureLog};
 use crate::link::{LinkDown, LinkReceiver, LinkSender, PeerLink};
 use crate::resync::proto::{self as rsproto, ResyncMsg};
 use crate::resync::{ResyncSummary, ResyncTargetHooks};
@@ -1083,6 +1090,10 @@ pub struct SecondaryConfig {
     /// Where the ranges of replicated requests are logged before they are applied; `None`
     /// applies them unlogged.
     pub write_intent: Option<WriteIntentHooks>,
+    /// The rate limit of this replica's log lines for local failures (device errors of
+    /// requests, resync writes and reads, a request the write-intent log refused). Share
+    /// one per replica across its links, so reconnects do not reset it.
+    pub local_failures: Arc<FailureLog>,
 }
 
 impl Default for SecondaryConfig {
@@ -1092,6 +1103,25 @@ impl Default for SecondaryConfig {
             extensions: None,
             resync_target: None,
             write_intent: None,
+            local_failures: Arc::default(),
+        }
+    }
+}
+
+/// Logs a Secondary's local failures through its [`FailureLog`], with the volume, the
+/// peer and the error's whole chain (the OS error included).
+#[derive(Clone)]
+struct FailureReporter {
+    log: Arc<FailureLog>,
+    volume: Arc<str>,
+    peer: Arc<str>,
+}
+
+impl FailureReporter {
+    fn report(&self, what: &str, error: &dyn std::error::Error) {
+        if let Some(suppressed) = self.log.admit(std::time::Instant::now()) {
+            tracing::error!(volume = %self.volume, peer = %self.peer, error = %error_chain(error),
+                suppressed, "{what}");
         }
     }
 }
@@ -1164,6 +1194,11 @@ pub async fn run_secondary(
         mut receiver,
     } = link;
     let peer = info.hello.node;
+    let failures = FailureReporter {
+        log: cfg.local_failures.clone(),
+        volume: info.hello.volume.into(),
+        peer: peer.as_str().into(),
+    };
     let mut sec = SecondaryState {
         device,
         sender,
@@ -1176,6 +1211,7 @@ pub async fn run_secondary(
         resync_target: cfg.resync_target.clone(),
         write_intent: cfg.write_intent.clone(),
         failed: None,
+        failures,
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     sec.done_tx = done_tx;
@@ -1183,9 +1219,10 @@ pub async fn run_secondary(
 
     let result = loop {
         if let Some(e) = sec.failed.take() {
-            tracing::error!(peer = %peer, error = %e, "this replica could not apply a request; disconnecting");
+            sec.failures
+                .report("this replica could not apply a request; disconnecting", &e);
             sec.sender
-                .close_with_error(error_code::INTERNAL, &e.to_string());
+                .close_with_error(error_code::INTERNAL, &error_chain(&e));
             break Err(e);
         }
         tokio::select! {
@@ -1252,6 +1289,7 @@ struct SecondaryState {
     /// the request as not replicated here (out of sync, and the engine's quorum rule
     /// decides whether it may complete), as DRBD detaches a disk after an I/O error.
     failed: Option<DatapathError>,
+    failures: FailureReporter,
 }
 
 impl SecondaryState {
@@ -1474,6 +1512,7 @@ impl SecondaryState {
             let done_tx = self.done_tx.clone();
             let hooks = self.resync_target.clone();
             let intent = self.write_intent.clone();
+            let failures = self.failures.clone();
             tokio::task::spawn_blocking(move || {
                 let reply = match item {
                     Item::ResyncData { id, offset, data } => {
@@ -1481,20 +1520,36 @@ impl SecondaryState {
                         // Durable before the ack: the source clears its bits on the ack,
                         // so the data must survive a crash of this replica.
                         let result = device.write_at_durable(&data, offset);
-                        Ok(resync_written(result, hooks.as_ref(), id, offset, len))
+                        Ok(resync_written(
+                            result,
+                            hooks.as_ref(),
+                            &failures,
+                            id,
+                            offset,
+                            len,
+                        ))
                     }
                     Item::ResyncZeroes { id, offset, len } => {
                         let result = device
                             .write_zeroes(offset, len, true)
                             .and_then(|()| device.flush());
-                        Ok(resync_written(result, hooks.as_ref(), id, offset, len))
+                        Ok(resync_written(
+                            result,
+                            hooks.as_ref(),
+                            &failures,
+                            id,
+                            offset,
+                            len,
+                        ))
                     }
                     Item::ResyncDigest {
                         id,
                         offset,
                         len,
                         digests,
-                    } => Ok(compare_digests(&*device, id, offset, len, &digests)),
+                    } => Ok(compare_digests(
+                        &*device, &failures, id, offset, len, &digests,
+                    )),
                     Item::ResyncDone { summary } => {
                         Ok(finish_resync_target(&*device, hooks.as_ref(), &summary))
                     }
@@ -1558,6 +1613,7 @@ fn apply_logged_request(
 fn resync_written(
     result: Result<(), DeviceError>,
     hooks: Option<&ResyncTargetHooks>,
+    failures: &FailureReporter,
     id: u64,
     offset: u64,
     len: u64,
@@ -1570,7 +1626,7 @@ fn resync_written(
             true
         }
         Err(e) => {
-            tracing::error!(error = %e, offset, len, "resync write failed on this replica");
+            failures.report("resync write failed on this replica", &e);
             false
         }
     };
@@ -1580,6 +1636,7 @@ fn resync_written(
 /// Hash the local range block by block and answer which blocks differ from the source.
 fn compare_digests(
     device: &dyn BackingDevice,
+    failures: &FailureReporter,
     id: u64,
     offset: u64,
     len: u32,
@@ -1593,7 +1650,7 @@ fn compare_digests(
             mask: Bytes::from(rsproto::differing_mask(&buf, digests)),
         },
         Err(e) => {
-            tracing::error!(error = %e, offset, len, "read for a resync/verify compare failed");
+            failures.report("read for a resync/verify compare failed", &e);
             ResyncMsg::DigestReply {
                 id,
                 ok: false,
@@ -1612,7 +1669,7 @@ fn finish_resync_target(
 ) -> Message {
     let result = device
         .flush()
-        .map_err(|e| format!("flushing the resynced data failed: {e}"))
+        .map_err(|e| format!("flushing the resynced data failed: {}", error_chain(&e)))
         .and_then(|()| match hooks {
             Some(h) => h.0.finished(summary),
             None => Ok(()),

@@ -91,6 +91,7 @@ pub mod auth;
 pub mod bitmap;
 pub mod datapath;
 pub mod device;
+pub mod failure_log;
 pub mod generation;
 pub mod link;
 pub mod metadata;

@@ -22,6 +22,7 @@ use replication::datapath::{
     WriteIntentHooks, WriteIntentLog,
 };
 use replication::device::{BackingDevice, DeviceError, FileDevice};
+use replication::failure_log::{error_chain, FailureLog};
 use replication::link::{LinkConfig, LinkDown, LinkSender, PeerLink};
 use replication::wire::{error_code, Hello, Message, ReplicationProtocol, WriteRequest};
 use sha2::{Digest, Sha256};
@@ -40,9 +41,10 @@ enum Event {
 }
 
 /// A FileDevice that can hold writes at a gate, delay writes at chosen offsets, record
-/// write start/end order, and count flushes and durable writes. Its writes may block, so
-/// the data path hands them to the blocking pool, unless `cached` says they only copy into
-/// a cache (then small ones are applied inline, see `datapath::write_is_inline`).
+/// write start/end order, count flushes and durable writes, and fail writes as a full disk
+/// does (ENOSPC). Its writes may block, so the data path hands them to the blocking pool,
+/// unless `cached` says they only copy into a cache (then small ones are applied inline,
+/// see `datapath::write_is_inline`).
 struct TestDevice {
     cached: AtomicBool,
     inner: FileDevice,
@@ -110,7 +112,7 @@ impl BackingDevice for TestDevice {
                 op: "write",
                 offset,
                 len: buf.len() as u64,
-                source: std::io::Error::from_raw_os_error(5),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
             });
         }
         let r = self.inner.write_at(buf, offset);
@@ -921,6 +923,112 @@ async fn a_peer_that_fails_a_write_disconnects_and_the_range_is_out_of_sync() {
         "{exit:?}"
     );
     assert!(pair.primary.connected_peers().is_empty());
+}
+
+/// Log lines captured by a subscriber installed on the test's thread (a current-thread
+/// runtime runs every task there).
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn lines_with(&self, text: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(text))
+            .map(String::from)
+            .collect()
+    }
+}
+
+const ENOSPC_TEXT: &str = "No space left on device (os error 28)";
+
+/// Issue 22: a Secondary whose disk is full must say so. The error it returns, the Error
+/// frame the Primary receives and the log line name the OS error with the volume, the
+/// offset and the length; a reconnect that fails the same way is counted, not logged again
+/// (one [`FailureLog`] per replica across links).
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_disk_on_the_secondary_names_the_os_error_once_per_interval() {
+    let log = CapturedLog::default();
+    let _guard = log.install();
+    let p = disk(MIB);
+    let s = disk(MIB);
+    s.dev.fail_writes.store(true, Ordering::SeqCst);
+    let failures = Arc::new(FailureLog::new(Duration::from_secs(3600)));
+    for attempt in 0..2 {
+        let cfg = SecondaryConfig {
+            local_failures: failures.clone(),
+            ..SecondaryConfig::default()
+        };
+        let pair = pair_with(ReplicationProtocol::C, p.dev.clone(), s.dev.clone(), cfg).await;
+        let done = pair
+            .primary
+            .write_request(8192, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
+        assert_eq!(done.unacknowledged, vec!["secondary".to_string()]);
+        let e = pair.secondary.await.unwrap().unwrap_err();
+        assert_eq!(
+            error_chain(&e),
+            format!("local write failed: write at offset 8192 length 4096 failed: {ENOSPC_TEXT}"),
+            "attempt {attempt}"
+        );
+        // The Primary learns the cause from the Error frame.
+        let peer_view = "peer disconnected; its pending requests are out of sync";
+        assert!(
+            wait_for(Duration::from_secs(5), || log.lines_with(peer_view).len()
+                == attempt + 1)
+            .await,
+            "{:?}",
+            log.lines_with("")
+        );
+        for line in log.lines_with(peer_view) {
+            assert!(line.contains(ENOSPC_TEXT), "{line}");
+        }
+    }
+    let lines = log.lines_with("this replica could not apply a request");
+    assert_eq!(lines.len(), 1, "one line per interval: {lines:?}");
+    let line = &lines[0];
+    for part in [
+        "ERROR",
+        "volume=vol",
+        "peer=primary",
+        "suppressed=0",
+        "write at offset 8192 length 4096",
+        ENOSPC_TEXT,
+    ] {
+        assert!(line.contains(part), "{part} missing in: {line}");
+    }
+}
+
+async fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
 }
 
 /// A Secondary's write-intent log for tests: ranges starting in an even MiB are hot (taken

@@ -25,6 +25,7 @@ use std::sync::atomic::AtomicBool;
 use super::reconcile::{ReconcileHooks, RecordingDevice};
 use super::sync::TargetHooks;
 use crate::datapath::{run_secondary, SecondaryConfig};
+use crate::failure_log::error_chain;
 use crate::link::{LinkReceiver, LinkSender, PeerLink};
 use crate::resync::ResyncTargetHooks;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
@@ -518,10 +519,10 @@ impl Replica {
             }
         }
         if let Err(e) = self.flush_bitmap(peer).await {
-            tracing::error!(volume = %self.volume, peer, error = %e, "persisting the bitmap");
+            tracing::error!(volume = %self.volume, peer, error = %error_chain(&e), "persisting the bitmap");
         }
         if let Err(e) = self.persist().await {
-            tracing::error!(volume = %self.volume, peer, error = %e, "persisting the superblock");
+            tracing::error!(volume = %self.volume, peer, error = %error_chain(&e), "persisting the superblock");
         }
     }
 
@@ -548,7 +549,7 @@ impl Replica {
             }
         }
         if let Err(e) = self.persist().await {
-            tracing::error!(volume = %self.volume, peer, error = %e, "persisting the resync start");
+            tracing::error!(volume = %self.volume, peer, error = %error_chain(&e), "persisting the resync start");
         }
         tracing::info!(volume = %self.volume, peer, ?dir, full, "resync starts");
     }
@@ -653,6 +654,7 @@ impl Replica {
                     extensions: Some(tx),
                     resync_target,
                     write_intent: Some(self.peer_write_intent()),
+                    local_failures: self.local_failures.clone(),
                     ..SecondaryConfig::default()
                 };
                 let device = self.peer_write_guard(device, peer, &link.sender);
@@ -674,7 +676,8 @@ impl Replica {
                 }
                 return match res {
                     Ok(down) => Ok(down.to_string()),
-                    Err(e) => Err(e.to_string()),
+                    // The whole chain: the status and the link-down line name the OS error.
+                    Err(e) => Err(error_chain(&e)),
                 };
             }
             // Both Secondary: idle until one side promotes. A resync to a Secondary
@@ -857,7 +860,7 @@ impl Replica {
                     st.uuids.follow_new_current(generation, &names);
                 }
                 if let Err(e) = self.persist().await {
-                    tracing::error!(volume = %self.volume, error = %e, "persisting a new generation");
+                    tracing::error!(volume = %self.volume, error = %error_chain(&e), "persisting a new generation");
                 }
             }
             EngineMessage::Outdate {
@@ -982,7 +985,7 @@ impl Replica {
         }
         if lost_quorum {
             if let Err(e) = self.persist().await {
-                tracing::error!(volume = %self.volume, error = %e, "persisting the lost-quorum flag");
+                tracing::error!(volume = %self.volume, error = %error_chain(&e), "persisting the lost-quorum flag");
             }
         }
         if let Some(marked) = lost_primary_tail {

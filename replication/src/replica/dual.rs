@@ -32,6 +32,7 @@ use crate::device::{BackingDevice, DeviceError};
 use super::volume::{lock, Replica};
 use super::EngineError;
 use crate::datapath::{run_secondary, SecondaryConfig};
+use crate::failure_log::error_chain;
 use crate::link::{LinkSender, PeerLink};
 use crate::role::{ConnectionState, Role};
 use crate::wire::{Hello, Message};
@@ -101,12 +102,14 @@ impl Replica {
             let cfg = SecondaryConfig {
                 extensions: Some(tx),
                 write_intent: Some(me.peer_write_intent()),
+                local_failures: me.local_failures.clone(),
                 ..SecondaryConfig::default()
             };
             let device = me.peer_write_guard(device, &peer, &sender);
             let res = run_secondary(link, device, cfg).await;
             handler.abort();
-            tracing::info!(volume = %me.volume, peer = %peer, result = ?res.map(|d| d.to_string()),
+            let result = res.map(|d| d.to_string()).map_err(|e| error_chain(&e));
+            tracing::info!(volume = %me.volume, peer = %peer, ?result,
                 "reverse link ended; re-establishing the pair");
             me.end_dual(&peer, &sender);
             if let Some(m) = main {

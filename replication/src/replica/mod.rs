@@ -101,6 +101,7 @@ use crate::activity_log::{AlError, DEFAULT_AL_EXTENTS};
 use crate::auth::Secret;
 use crate::datapath::DatapathError;
 use crate::device::{BackingDevice, DeviceError};
+use crate::failure_log::error_chain;
 use crate::generation::{Generation, UuidSet};
 use crate::link::{LinkConfig, PeerLink};
 use crate::metadata::{MetaError, MetaStore, ReplicaMeta};
@@ -385,7 +386,7 @@ impl ReplicationNode {
         let all: Vec<Arc<Replica>> = lock(&self.shared.volumes).drain().map(|(_, r)| r).collect();
         for r in all {
             if let Err(e) = r.close().await {
-                tracing::error!(volume = %r.volume(), error = %e, "closing replica failed");
+                tracing::error!(volume = %r.volume(), error = %error_chain(&e), "closing replica failed");
             }
         }
     }

@@ -25,6 +25,7 @@
 
 use super::messages::{EngineMessage, OutdateResult, PeerState};
 use super::volume::{lock, Replica, State};
+use crate::failure_log::error_chain;
 use crate::generation::Generation;
 use crate::link::LinkSender;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
@@ -71,7 +72,7 @@ impl Replica {
             OutdateResult::Outdated => {
                 // Durable before the answer.
                 if let Err(e) = self.persist().await {
-                    tracing::error!(volume = %self.volume, error = %e, "persisting Outdated");
+                    tracing::error!(volume = %self.volume, error = %error_chain(&e), "persisting Outdated");
                     return;
                 }
                 tracing::warn!(volume = %self.volume, by = %requester, "marked Outdated: the Primary continues without this replica");
@@ -258,7 +259,7 @@ impl Replica {
         };
         if changed {
             if let Err(e) = self.persist().await {
-                tracing::error!(volume = %self.volume, error = %e, "persisting Outdated");
+                tracing::error!(volume = %self.volume, error = %error_chain(&e), "persisting Outdated");
             }
             self.broadcast_state();
             self.notify();

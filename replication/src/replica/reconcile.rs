@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, Weak};
 use super::messages::EngineMessage;
 use super::volume::{lock, LinkMode, Replica, State};
 use crate::device::{BackingDevice, DeviceError};
+use crate::failure_log::error_chain;
 use crate::resync::{ResyncSummary, ResyncTarget};
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
 
@@ -307,7 +308,7 @@ impl Replica {
         } = marked;
         for p in &others {
             if let Err(e) = self.flush_bitmap(p).await {
-                tracing::error!(volume = %self.volume, peer = %p, error = %e, "persisting the bitmap");
+                tracing::error!(volume = %self.volume, peer = %p, error = %error_chain(&e), "persisting the bitmap");
             }
         }
         tracing::info!(volume = %self.volume, primary = %lost, ranges, peers = ?others,
@@ -385,7 +386,7 @@ impl Replica {
         // Inconsistent is durable before any block is overwritten: a crash in the middle
         // leaves a replica that cannot be promoted and resyncs from the Primary.
         if let Err(e) = self.persist().await {
-            tracing::error!(volume = %self.volume, error = %e, "persisting the reconciliation start");
+            tracing::error!(volume = %self.volume, error = %error_chain(&e), "persisting the reconciliation start");
             sender.close("could not persist the reconciliation start");
             return;
         }

@@ -19,6 +19,7 @@ use super::status::VerifySummary;
 use super::volume::{lock, Replica};
 use super::EngineError;
 use crate::bitmap::Bitmap;
+use crate::failure_log::error_chain;
 use crate::generation::{Generation, UuidSet};
 use crate::link::LinkSender;
 use crate::metadata::MetaStore;
@@ -284,7 +285,7 @@ impl Replica {
                         me.reclaim_up_to_date(&mut st);
                     }
                     if let Err(e) = me.persist().await {
-                        tracing::error!(volume = %me.volume, error = %e, "persisting the resync end");
+                        tracing::error!(volume = %me.volume, error = %error_chain(&e), "persisting the resync end");
                     }
                     me.broadcast_state();
                     tracing::info!(volume = %me.volume, peer = %peer_name, sent = outcome.sent_bytes,

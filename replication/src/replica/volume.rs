@@ -24,6 +24,7 @@ use crate::activity_log::{
 use crate::bitmap::Bitmap;
 use crate::datapath::{Primary, PrimaryConfig};
 use crate::device::BackingDevice;
+use crate::failure_log::{error_chain, FailureLog};
 use crate::generation::{Generation, SplitMix64, UuidSet};
 use crate::link::LinkSender;
 use crate::metadata::{MetaStore, ReplicaMeta};
@@ -161,6 +162,9 @@ pub struct Replica {
     pub(super) writes: Arc<super::dual::WriteTracker>,
     /// The tail of the writes applied here for a Primary (`reconcile.rs`).
     pub(super) recent_peer_writes: Arc<Mutex<super::reconcile::RecentPeerWrites>>,
+    /// Rate limit of the log lines for local failures while applying a peer's data, across
+    /// all links (`datapath::SecondaryConfig::local_failures`).
+    pub(super) local_failures: Arc<FailureLog>,
 }
 
 fn meta_err(volume: &str, op: &'static str) -> impl Fn(crate::metadata::MetaError) -> EngineError {
@@ -353,6 +357,7 @@ impl Replica {
             me: me.clone(),
             writes: Arc::default(),
             recent_peer_writes: Arc::default(),
+            local_failures: Arc::default(),
         });
         {
             let mut st = lock(&replica.st);
@@ -1020,7 +1025,8 @@ impl Replica {
         let _gate = self.io_gate.clone().write_owned().await;
         if let Some(p) = &primary {
             if let Err(source) = p.flush().await {
-                tracing::warn!(volume = %self.volume, error = %source, "flush before demote failed");
+                tracing::warn!(volume = %self.volume, error = %error_chain(&source),
+                    "flush before demote failed");
             }
             p.wait_replicated().await;
         }

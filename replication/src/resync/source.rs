@@ -14,6 +14,7 @@ use super::{
     SourceIo,
 };
 use crate::bitmap::BLOCK_SIZE;
+use crate::failure_log::error_chain;
 
 /// A pass that leaves bits set starts another; after this many the resync gives up (the
 /// target keeps failing writes, or something keeps dirtying its bitmap).
@@ -50,7 +51,7 @@ pub async fn run_resync_source(
     let result = walk(&ctx, cfg).await;
     if result.is_err() {
         if let Err(e) = persist(&ctx.bitmap).await {
-            tracing::warn!(error = %e, "could not persist resync progress after a failure");
+            tracing::warn!(error = %error_chain(&e), "could not persist resync progress after a failure");
         }
     }
     let outcome = result?;

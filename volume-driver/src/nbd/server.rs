@@ -5,6 +5,10 @@
 //! In-flight requests are bounded by count and by bytes (see [`MAX_IN_FLIGHT`],
 //! [`MAX_IN_FLIGHT_BYTES`]): the reader stops reading from the socket when the budget is
 //! used up, so a fast client cannot make the server buffer without limit.
+//!
+//! A failed request is logged with its cause (the OS error included, e.g. "No space left
+//! on device (os error 28)"), at most one line per connection and interval: a full pool
+//! fails every write, and the lines in between are only counted (`suppressed=`).
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -13,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use replication::failure_log::FailureLog;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -450,6 +455,7 @@ where
     let writer_task = tokio::spawn(write_replies(writer, rx));
     let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
+    let failures = Arc::new(FailureLog::default());
 
     let result = loop {
         if tx.is_closed() {
@@ -530,8 +536,9 @@ where
         };
         let handle = Arc::clone(&handle);
         let tx = tx.clone();
+        let failures = Arc::clone(&failures);
         tokio::spawn(async move {
-            let (errno, data) = execute(handle.as_ref(), command, payload).await;
+            let (errno, data) = execute(handle.as_ref(), command, payload, &failures).await;
             let _ = tx.send(Reply {
                 cookie: hdr.cookie,
                 errno,
@@ -567,7 +574,14 @@ async fn execute(
     handle: &dyn ExportHandle,
     command: Command,
     payload: Bytes,
+    failures: &FailureLog,
 ) -> (u32, Option<Bytes>) {
+    let failed = |e: &ExportIoError| {
+        if let Some(suppressed) = failures.admit(std::time::Instant::now()) {
+            tracing::warn!(export = handle.name(), ?command, error = %e, suppressed,
+                "NBD request failed");
+        }
+    };
     let result = match command {
         Command::Read { offset, len } => {
             return match handle.read(offset, len).await {
@@ -583,7 +597,7 @@ async fn execute(
                     (proto::NBD_EIO, None)
                 }
                 Err(e) => {
-                    tracing::warn!(export = handle.name(), error = %e, "NBD read failed");
+                    failed(&e);
                     (errno_of(&e), None)
                 }
             };
@@ -608,7 +622,7 @@ async fn execute(
     match result {
         Ok(()) => (0, None),
         Err(e) => {
-            tracing::warn!(export = handle.name(), ?command, error = %e, "NBD request failed");
+            failed(&e);
             (errno_of(&e), None)
         }
     }
