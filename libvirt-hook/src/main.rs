@@ -161,7 +161,7 @@ fn main() -> ExitCode {
             None,
         );
     }
-    let cli = Cli::parse();
+    let cli: Cli = volume_driver::cli::parse_args();
     let result = match cli.command {
         Command::Hook {
             domain,

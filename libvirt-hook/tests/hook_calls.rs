@@ -414,6 +414,22 @@ fn an_older_tandemd_without_roles_serves_single_host_volumes() {
     );
 }
 
+/// Bad arguments to the subcommands exit 1, like every other failure (clap alone exits 2).
+#[test]
+fn bad_arguments_exit_1_and_help_exits_0() {
+    let hook = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tandem-libvirt-hook"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = hook(&["disk-xml", "--bogus"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unexpected argument '--bogus'"), "{stderr}");
+    assert_eq!(hook(&["--help"]).status.code(), Some(0));
+}
+
 #[test]
 fn domains_without_tandem_disks_never_reach_tandemd_and_bad_input_fails_cleanly() {
     // No daemon and no config at all: a domain without NBD disks passes every operation.

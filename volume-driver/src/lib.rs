@@ -5,6 +5,7 @@
 //! frontends that serve volumes to QEMU. `tandem` is a thin client of the control API.
 
 pub mod api;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod engine;

@@ -18,8 +18,8 @@ use volume_driver::units::{format_size, parse_size};
 /// Manage replicated volumes on this host through the local tandemd.
 ///
 /// Sizes take plain bytes or K, M, G, T suffixes (binary units: 1G = 1 GiB) and are rounded
-/// up to 4 KiB. Exit status is 0 on success and non-zero on any failure, with the reason on
-/// stderr in one line.
+/// up to 4 KiB. Exit status is 0 on success and 1 on any failure, bad arguments included,
+/// with the reason on stderr.
 #[derive(Debug, Parser)]
 #[command(
     name = "tandem",
@@ -200,7 +200,7 @@ enum VolumeCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = volume_driver::cli::parse_args();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
