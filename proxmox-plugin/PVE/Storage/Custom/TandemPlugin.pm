@@ -14,13 +14,17 @@ package PVE::Storage::Custom::TandemPlugin;
 #   apart; any failure becomes `die "tandem: <the CLI's one-line message>\n"`;
 # - works under taint mode (PVE's daemons run `perl -T`): every argument is validated by a
 #   regex and the capture is what gets passed on;
-# - `status` is cached in a small file so a slow or hung tandemd never stalls pvestatd.
+# - pvestatd's path (check_connection, activate_storage, status of every storage, every 10 s)
+#   is cached per tandemd, successes and failures alike, with short timeouts: a healthy cycle
+#   costs one `tandem node info` and one `tandem pool list` per tandemd, whatever the number of
+#   storages, and a hung tandemd costs one $CHECK_TIMEOUT per cycle in total.
 #
 # SPDX-License-Identifier: AGPL-3.0-or-later
 
 use strict;
 use warnings;
 
+use Digest::SHA ();
 use Fcntl qw(O_WRONLY O_CREAT O_EXCL);
 use IO::Select;
 use JSON::PP;
@@ -36,12 +40,19 @@ use base qw(PVE::Storage::Plugin);
 our $TESTED_APIVER = 15;
 our $MIN_APIVER    = 10;
 
-# Seconds a CLI call may take: reads (show/list/info), status (pvestatd!), and changes.
-our $READ_TIMEOUT   = 20;
+# Seconds a CLI call may take: `node info` (the connection check PVE runs before anything,
+# for every storage in every pvestatd cycle), `pool list` (status), reads (show/list), changes.
+our $CHECK_TIMEOUT  = 1.5;
 our $STATUS_TIMEOUT = 5;
+our $READ_TIMEOUT   = 20;
 our $CHANGE_TIMEOUT = 60;
 
-# Seconds a `status` answer (success or failure) is reused from the cache file.
+# Seconds one `tandem node info` answer (success or failure) serves every storage of that
+# tandemd in this process. Shorter than pvestatd's 10 s cycle: each cycle checks afresh once.
+our $NODE_INFO_TTL = 5;
+
+# Seconds a `tandem pool list` answer (success or failure) is reused from the cache file by
+# every storage of that tandemd, in any process.
 our $STATUS_TTL = 10;
 
 # Where `status` keeps its cache (tmpfs: nothing to clean up across reboots).
@@ -51,7 +62,6 @@ our $CACHE_DIR = _untaint_abs_path($ENV{TANDEM_PVE_CACHE_DIR}) // '/run/tandem-p
 our $CLI = _untaint_abs_path($ENV{TANDEM_CLI});
 
 my $VOLNAME_RE  = qr/[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}/;
-my $STOREID_RE  = qr/[A-Za-z][A-Za-z0-9\-_.]*/;
 my $DEFAULT_RECONNECT_DELAY = 10;
 
 # --- API version --------------------------------------------------------------------------
@@ -292,6 +302,49 @@ sub _run {
     }
 }
 
+# `tandem node info` of the tandemd a storage talks to (one per `tandem-config`), shared by
+# all its storages for $NODE_INFO_TTL seconds, a failure too. PVE runs check_connection and
+# activate_storage before almost anything, for each storage: pvestatd does for every storage
+# every 10 s. Without this, each storage cost two calls per cycle, and a hung tandemd one
+# timeout per storage per cycle.
+my %node_info_cache;    # tandem-config ('' = the default) -> { ts, info | error }
+
+sub _node_info {
+    my ($scfg) = @_;
+    my $key = $scfg->{'tandem-config'} // '';
+    my $entry = $node_info_cache{$key};
+    if (!_fresh($entry, $NODE_INFO_TTL)) {
+        my $info = eval { _tandem($scfg, $CHECK_TIMEOUT, 'node', 'info') };
+        $entry = ref($info) eq 'HASH' ? { info => $info }
+            : { error => $@ || "tandem: 'tandem node info' did not return an object\n" };
+        # Stamped when the answer arrived, so a slow failure is still reused for a full TTL.
+        $entry->{ts} = Time::HiRes::time();
+        $node_info_cache{$key} = $entry;
+    }
+    die $entry->{error} if defined($entry->{error});
+    return $entry->{info};
+}
+
+# Whether a cache entry is younger than $ttl seconds (a clock stepped back: no).
+sub _fresh {
+    my ($entry, $ttl) = @_;
+    return 0 if ref($entry) ne 'HASH' || !defined($entry->{ts});
+    my $age = Time::HiRes::time() - $entry->{ts};
+    return $age >= -1 && $age < $ttl;
+}
+
+# The node info, after checking that `tandem-pool` (if set) is configured there.
+sub _node_with_pool {
+    my ($scfg) = @_;
+    my $info = _node_info($scfg);
+    if (defined(my $pool = $scfg->{'tandem-pool'})) {
+        my %pools = map { $_ => 1 } @{ $info->{pools} // [] };
+        die "tandem: pool '$pool' is not configured on node '"
+            . ($info->{name} // '?') . "'\n" if !$pools{$pool};
+    }
+    return $info;
+}
+
 # The NBD socket QEMU connects to: `tandem-socket`, or <run_dir>/nbd.sock from the daemon.
 my %nbd_socket_memo;
 
@@ -304,7 +357,7 @@ sub _nbd_socket {
     } else {
         my $key = $scfg->{'tandem-config'} // '';
         $socket = $nbd_socket_memo{$key} //= do {
-            my $info = _tandem($scfg, $READ_TIMEOUT, 'node', 'info');
+            my $info = _node_info($scfg);
             my $run_dir = _untaint_abs_path($info->{run_dir})
                 // die "tandem: 'tandem node info' reported no run_dir\n";
             "$run_dir/nbd.sock";
@@ -575,18 +628,17 @@ sub volume_import_formats {
 
 # --- storage and volume activation --------------------------------------------------------
 
+# PVE::Storage::activate_storage runs check_connection, then activate_storage: both answer
+# from one (cached) `tandem node info`.
+sub check_connection {
+    my ($class, $storeid, $scfg) = @_;
+    _node_info($scfg);
+    return 1;
+}
+
 sub activate_storage {
     my ($class, $storeid, $scfg, $cache) = @_;
-    my $key = 'tandem-active:' . ($storeid // '');
-    return 1 if ref($cache) eq 'HASH' && $cache->{$key};
-    my $info = _tandem($scfg, $READ_TIMEOUT, 'node', 'info');
-    if (defined($scfg->{'tandem-pool'})) {
-        my $pool = $scfg->{'tandem-pool'};
-        my %pools = map { $_ => 1 } @{ $info->{pools} // [] };
-        die "tandem: pool '$pool' is not configured on node '"
-            . ($info->{name} // '?') . "'\n" if !$pools{$pool};
-    }
-    $cache->{$key} = 1 if ref($cache) eq 'HASH';
+    _node_with_pool($scfg);
     return 1;
 }
 
@@ -594,11 +646,21 @@ sub deactivate_storage {
     return 1;
 }
 
-sub check_connection {
-    my ($class, $storeid, $scfg) = @_;
-    # Called before activation, possibly on status paths: keep it as short as status.
-    _tandem($scfg, $STATUS_TIMEOUT, 'node', 'info');
-    return 1;
+# The backend's identity (APIVER 14; GET /nodes/{node}/storage/{storage}/identity):
+# `tandem:<pool>@<cluster>`, the same on every node and whatever the storage is called.
+# <cluster> is the first 16 hex digits of the SHA-256 of the node list all nodes' tandem.toml
+# share (name, control and replication address of each node, sorted). Tandem has no cluster
+# UUID yet, so the identity changes when that node list does.
+sub get_identity {
+    my ($class, $scfg, $storeid) = @_;
+    my $info = _node_with_pool($scfg);
+    my $pool = $scfg->{'tandem-pool'} // ($info->{pools} // [])->[0]
+        // die "tandem: 'tandem node info' reported no pool\n";
+    my @nodes = sort map { join(' ', map { $_ // '' } @{$_}{qw(name control replication)}) }
+        grep { ref($_) eq 'HASH' } @{ $info->{nodes} // [] };
+    die "tandem: 'tandem node info' reported no nodes\n" if !@nodes;
+    my $cluster = substr(Digest::SHA::sha256_hex(join("\n", @nodes)), 0, 16);
+    return "tandem:$pool\@$cluster";
 }
 
 sub activate_volume {
@@ -664,42 +726,38 @@ sub deactivate_volume {
     return 1;
 }
 
-# --- status (pvestatd calls this every few seconds) ---------------------------------------
+# --- status (pvestatd calls this every 10 s) ----------------------------------------------
 
 sub status {
     my ($class, $storeid, $scfg, $cache) = @_;
-    $storeid =~ m/\A($STOREID_RE)\z/ or die "tandem: invalid storage ID '$storeid'\n";
-    my $file = "$CACHE_DIR/status-$1.json";
-    my $key = join("\0", $scfg->{'tandem-config'} // '', $scfg->{'tandem-pool'} // '');
-
-    my $entry = _read_cache($file);
-    my $now = Time::HiRes::time();
-    if (!$entry || ($entry->{key} // '') ne $key || $now - ($entry->{ts} // 0) >= $STATUS_TTL
-        || $entry->{ts} > $now + 1)
-    {
-        $entry = eval { _pool_status($scfg) };
-        $entry = { error => ($@ || "tandem: no status\n") } if !$entry;
-        # Stamped when the answer arrived, so a slow failure is still reused for a full TTL.
-        $entry->{ts} = Time::HiRes::time();
-        $entry->{key} = $key;
-        _write_cache($file, $entry);
-    }
-    die $entry->{error} if defined($entry->{error});
-    return ($entry->{total}, $entry->{avail}, $entry->{used}, 1);
-}
-
-sub _pool_status {
-    my ($scfg) = @_;
-    my $pools = _tandem($scfg, $STATUS_TIMEOUT, 'pool', 'list');
-    die "tandem: 'tandem pool list' did not return a list\n" if ref($pools) ne 'ARRAY';
+    my $pools = _pool_list($scfg);
     my $want = $scfg->{'tandem-pool'};
     my ($pool) = defined($want) ? grep { ($_->{name} // '') eq $want } @$pools : @$pools;
     die "tandem: pool '" . ($want // '') . "' not found on this node\n" if !$pool;
-    return {
-        total => $pool->{total_bytes} + 0,
-        avail => $pool->{free_bytes} + 0,
-        used  => $pool->{used_bytes} + 0,
-    };
+    return ($pool->{total_bytes} + 0, $pool->{free_bytes} + 0, $pool->{used_bytes} + 0, 1);
+}
+
+# `tandem pool list` of the tandemd a storage talks to, shared by all its storages and by
+# every process (pvestatd, pvedaemon, pvesm) through $CACHE_DIR/pools-<sha1 of tandem-config>.json
+# for $STATUS_TTL seconds, a failure too.
+sub _pool_list {
+    my ($scfg) = @_;
+    my $key = $scfg->{'tandem-config'} // '';
+    Digest::SHA::sha1_hex($key) =~ m/\A([0-9a-f]{40})\z/ or die "tandem: sha1_hex failed\n";
+    my $file = "$CACHE_DIR/pools-$1.json";
+
+    my $entry = _read_cache($file);
+    if (!_fresh($entry, $STATUS_TTL)) {
+        my $pools = eval { _tandem($scfg, $STATUS_TIMEOUT, 'pool', 'list') };
+        $entry = ref($pools) eq 'ARRAY' ? { pools => $pools }
+            : { error => $@ || "tandem: 'tandem pool list' did not return a list\n" };
+        # Stamped when the answer arrived, so a slow failure is still reused for a full TTL.
+        $entry->{ts} = Time::HiRes::time();
+        $entry->{config} = $key;    # for whoever reads the file
+        _write_cache($file, $entry);
+    }
+    die $entry->{error} if defined($entry->{error});
+    return $entry->{pools};
 }
 
 sub _read_cache {
