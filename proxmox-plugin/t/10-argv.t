@@ -1,8 +1,9 @@
 #!/usr/bin/perl -T
 # The exact argv the plugin gives `tandem`, recorded by a fake CLI: KiB -> bytes, argument
 # order, name generation, forwarding of tandem-pool/-replicas/-protocol only when set (the
-# flags of the replicated-volume CLI), the shared `node info` and the storage's identity, and
-# the error paths: the CLI's message, garbage output, a missing binary, a CLI that hangs.
+# flags of the replicated-volume CLI), the shared `node info` and `node info --pools`, the
+# storage's identity, and the error paths: the CLI's message, garbage output, a missing
+# binary, a CLI that hangs.
 
 use strict;
 use warnings;
@@ -190,9 +191,57 @@ subtest 'node info: one call serves every storage of a tandemd, a failure too' =
         is($@, $UNREACHABLE, "$storeid: the failure");
     }
     is(scalar(@{ $fake->calls }), 1, 'the failure was cached: one call');
-    local $PVE::Storage::Custom::TandemPlugin::NODE_INFO_TTL = 0;
+    local $PVE::Storage::Custom::TandemPlugin::STATUS_TTL = 0;    # a failure's TTL
     eval { $P->check_connection('d', $down) };
-    is(scalar(@{ $fake->calls }), 2, 'and asked again once the TTL is over');
+    is_deeply($fake->calls->[-1],
+        ['--config', '/etc/tandem/down.toml', '--json', 'node', 'info', '--pools'],
+        'asked again once its TTL is over, with the pools (for the status that follows)');
+};
+
+subtest 'status: one `node info --pools` answers status and the next checks' => sub {
+    local $PVE::Storage::Custom::TandemPlugin::STATUS_TTL = 0.5;
+    $fake->reset;
+    $fake->set('out.json', $NODE_INFO);
+    my $answer = decode_json($NODE_INFO);
+    $answer->{pool_list} = [
+        { name => 'nvme', backend => 'lvm-thin', total_bytes => 1000, used_bytes => 300,
+            free_bytes => 700, provisioned_bytes => 4000, volumes => 2 },
+        { name => 'files', backend => 'file', total_bytes => 0, used_bytes => 0,
+            free_bytes => 0, provisioned_bytes => 0, volumes => 0,
+            error => "pool 'files': stat file system of /srv/files: No such file or directory" },
+    ];
+    $fake->set('pools.json', encode_json($answer));
+    my $scfg = { 'tandem-config' => '/etc/tandem/status.toml' };
+    my $files = { %$scfg, 'tandem-pool' => 'files' };
+    my $ask = ['--config', '/etc/tandem/status.toml', '--json', 'node', 'info', '--pools'];
+
+    is_deeply([$P->status('a', $scfg, {})], [1000, 700, 300, 1], 'status: the first pool');
+    eval { $P->status('b', $files, {}) };
+    is($@, "tandem: pool 'files': stat file system of /srv/files: No such file or directory\n",
+        'a pool tandemd could not query fails its storages only, with the reason');
+    ok($P->check_connection('b', $files) && $P->activate_storage('b', $files, {}),
+        'check_connection, activate_storage');
+    is_deeply($fake->calls, [$ask], "one call: status's answer also served the checks");
+    Time::HiRes::sleep(0.6);
+    $P->status('a', $scfg, {});
+    is_deeply($fake->calls, [$ask, $ask], 'status asks again once its TTL is over');
+
+    $fake->set('exit', 1);
+    $fake->set('stderr', $UNREACHABLE);
+    Time::HiRes::sleep(0.6);
+    eval { $P->status('a', $scfg, {}) };
+    is($@, $UNREACHABLE, 'tandemd gone: status fails');
+    eval { $P->check_connection('a', $scfg) };
+    is($@, $UNREACHABLE, '... and so does the next check');
+    is(scalar(@{ $fake->calls }), 3, '... from the cached failure');
+
+    $fake->set('exit', 0);
+    $fake->set('stderr', undef);
+    Time::HiRes::sleep(0.6);
+    ok($P->check_connection('a', $scfg), 'tandemd back: the check asks again');
+    is_deeply([$P->status('a', $scfg, {})], [1000, 700, 300, 1], '... and status');
+    is_deeply($fake->calls->[3], $ask, "with one call, the pools' answer");
+    is(scalar(@{ $fake->calls }), 4, '... that served both');
 };
 
 subtest 'get_identity: tandem:<pool>@<cluster>, the same from every node' => sub {

@@ -44,7 +44,7 @@ cmp_ok(abs($status[1] - $pool->{free_bytes}), '<', 256 << 20, "avail bytes ($sta
 cmp_ok(abs($status[2] - $pool->{used_bytes}), '<', 256 << 20, "used bytes ($status[2])");
 is($status[3], 1, 'active');
 is(scalar(@status), 4, '(total, avail, used, active)');
-my @files = glob("$PVE::Storage::Custom::TandemPlugin::CACHE_DIR/pools-*.json");
+my @files = glob("$PVE::Storage::Custom::TandemPlugin::CACHE_DIR/status-*.json");
 is(scalar(@files), 1, 'cache file written: one per tandemd');
 like(do { local (@ARGV, $/) = @files; <> }, qr/"config":"\Q$node->{config}\E"/,
     '... naming its tandem-config');
@@ -63,17 +63,17 @@ cmp_ok($took, '<', 0.5, sprintf('... at once (%.2fs)', $took));
 my $other_config = "$node->{root}/other.toml";
 File::Copy::copy($node->{config}, $other_config) or die "copy: $!";
 ($took, $err) = timed(sub { $P->status('other', { 'tandem-config' => $other_config }, {}) });
-is($err, "tandem: 'tandem pool list' timed out after 1s (is tandemd hung?)\n",
+is($err, "tandem: 'tandem node info --pools' timed out after 1s (is tandemd hung?)\n",
     'a storage of another tandemd (no cache yet): clean timeout error');
 cmp_ok($took, '<', 2.5, sprintf('... within the timeout (%.2fs)', $took));
 
 sleep(2);    # the cache expires
 ($took, $err) = timed(sub { $P->status('tandem', $scfg, {}) });
-is($err, "tandem: 'tandem pool list' timed out after 1s (is tandemd hung?)\n",
+is($err, "tandem: 'tandem node info --pools' timed out after 1s (is tandemd hung?)\n",
     'hung daemon, stale cache: clean timeout error');
 cmp_ok($took, '<', 2.5, sprintf('... within the timeout (%.2fs)', $took));
 ($took, $err) = timed(sub { $P->status('tandem', $scfg, {}) });
-like($err, qr/\Atandem: 'tandem pool list' timed out/, 'the failure is cached too');
+like($err, qr/\Atandem: 'tandem node info --pools' timed out/, 'the failure is cached too');
 cmp_ok($took, '<', 0.5, sprintf('... and answered at once (%.2fs)', $took));
 
 kill('CONT', $node->{pid});

@@ -241,7 +241,8 @@ sub daemon_log {
 
 # A fake `tandem` in its own directory: appends each argv (fields joined by \x1f) to
 # <dir>/calls; prints <dir>/list.json for `volume list`, <dir>/status.json (if it exists)
-# for `volume status`, else <dir>/out.json; prints
+# for `volume status`, <dir>/pools.json (if it exists) for `node info --pools`, else
+# <dir>/out.json; prints
 # <dir>/stderr on stderr; exits with the number in <dir>/exit; `exec sleep`s <dir>/sleep
 # seconds first if that file exists.
 sub fake_cli {
@@ -258,6 +259,7 @@ if [ -f "\$d/sleep" ]; then exec sleep "\$(cat "\$d/sleep")"; fi
 case " \$* " in
     *" volume list "*) [ -f "\$d/list.json" ] && cat "\$d/list.json" ;;
     *" volume status "*) if [ -f "\$d/status.json" ]; then cat "\$d/status.json"; else [ -f "\$d/out.json" ] && cat "\$d/out.json"; fi ;;
+    *" node info --pools "*) if [ -f "\$d/pools.json" ]; then cat "\$d/pools.json"; else [ -f "\$d/out.json" ] && cat "\$d/out.json"; fi ;;
     *) [ -f "\$d/out.json" ] && cat "\$d/out.json" ;;
 esac
 [ -f "\$d/stderr" ] && cat "\$d/stderr" >&2
@@ -298,7 +300,8 @@ sub calls {
 
 sub reset {
     my ($self) = @_;
-    unlink("$self->{dir}/$_") for qw(calls out.json list.json status.json stderr exit sleep);
+    unlink("$self->{dir}/$_")
+        for qw(calls out.json list.json status.json pools.json stderr exit sleep);
 }
 
 1;

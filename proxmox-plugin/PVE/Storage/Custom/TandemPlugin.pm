@@ -16,8 +16,8 @@ package PVE::Storage::Custom::TandemPlugin;
 #   regex and the capture is what gets passed on;
 # - pvestatd's path (check_connection, activate_storage, status of every storage, every 10 s)
 #   is cached per tandemd, successes and failures alike, with short timeouts: a healthy cycle
-#   costs one `tandem node info` and one `tandem pool list` per tandemd, whatever the number of
-#   storages, and a hung tandemd costs one $CHECK_TIMEOUT per cycle in total.
+#   costs one `tandem node info --pools` per tandemd, whatever the number of storages, and a
+#   hung tandemd one timeout per cycle in total (see $STATUS_TTL and $NODE_INFO_TTL).
 #
 # SPDX-License-Identifier: AGPL-3.0-or-later
 
@@ -40,20 +40,32 @@ use base qw(PVE::Storage::Plugin);
 our $TESTED_APIVER = 15;
 our $MIN_APIVER    = 10;
 
-# Seconds a CLI call may take: `node info` (the connection check PVE runs before anything,
-# for every storage in every pvestatd cycle), `pool list` (status), reads (show/list), changes.
+# Seconds a CLI call may take: `node info` (the connection check PVE runs before anything),
+# `node info --pools` (status; runs `lvs` inside tandemd on lvm-thin), reads (show/list),
+# changes. The first two keep a cycle of pvestatd within 2 s when tandemd hangs.
 our $CHECK_TIMEOUT  = 1.5;
-our $STATUS_TIMEOUT = 5;
+our $STATUS_TIMEOUT = 1.5;
 our $READ_TIMEOUT   = 20;
 our $CHANGE_TIMEOUT = 60;
 
-# Seconds one `tandem node info` answer (success or failure) serves every storage of that
-# tandemd in this process. Shorter than pvestatd's 10 s cycle: each cycle checks afresh once.
-our $NODE_INFO_TTL = 5;
-
-# Seconds a `tandem pool list` answer (success or failure) is reused from the cache file by
-# every storage of that tandemd, in any process.
-our $STATUS_TTL = 10;
+# How long answers are reused, per tandemd (one per tandem-config). pvestatd calls
+# storage_info every 10 s (9 to 11 s apart, more when a cycle runs long): check_connection and
+# activate_storage, then status, of every storage.
+# - $STATUS_TTL: status's `tandem node info --pools` (node info and every pool's usage in one
+#   call), a failure too, for every process through the cache file. Shorter than pvestatd's
+#   interval, so status asks once per cycle.
+# - $NODE_INFO_TTL: a successful node info, in this process, for check_connection,
+#   activate_storage, get_identity and the NBD socket; status's answer refreshes it. Longer
+#   than pvestatd's interval, so each cycle's checks are answered by the previous cycle's
+#   status and a healthy cycle costs that one call. A process without a fresh one (a VM
+#   start, an allocation) runs the plain `tandem node info`, which never runs `lvs`.
+#   A failure counts for $STATUS_TTL only: a dead or hung tandemd is asked once per cycle.
+# So pvestatd's checks may pass on an answer one cycle old: a tandemd that stops answering is
+# noticed by the next status (within 10 s), whose failure then fails every storage's check
+# until tandemd answers again. Elsewhere a check may pass on an answer $NODE_INFO_TTL old; the
+# operation itself then fails with tandemd's error.
+our $STATUS_TTL    = 5;
+our $NODE_INFO_TTL = 25;
 
 # Where `status` keeps its cache (tmpfs: nothing to clean up across reboots).
 our $CACHE_DIR = _untaint_abs_path($ENV{TANDEM_PVE_CACHE_DIR}) // '/run/tandem-pve';
@@ -302,24 +314,30 @@ sub _run {
     }
 }
 
-# `tandem node info` of the tandemd a storage talks to (one per `tandem-config`), shared by
-# all its storages for $NODE_INFO_TTL seconds, a failure too. PVE runs check_connection and
+# The node info of the tandemd a storage talks to (one per `tandem-config`), shared by all
+# its storages in this process (see $NODE_INFO_TTL). PVE runs check_connection and
 # activate_storage before almost anything, for each storage: pvestatd does for every storage
-# every 10 s. Without this, each storage cost two calls per cycle, and a hung tandemd one
-# timeout per storage per cycle.
+# every 10 s.
 my %node_info_cache;    # tandem-config ('' = the default) -> { ts, info | error }
 
 sub _node_info {
     my ($scfg) = @_;
     my $key = $scfg->{'tandem-config'} // '';
     my $entry = $node_info_cache{$key};
-    if (!_fresh($entry, $NODE_INFO_TTL)) {
-        my $info = eval { _tandem($scfg, $CHECK_TIMEOUT, 'node', 'info') };
-        $entry = ref($info) eq 'HASH' ? { info => $info }
-            : { error => $@ || "tandem: 'tandem node info' did not return an object\n" };
-        # Stamped when the answer arrived, so a slow failure is still reused for a full TTL.
-        $entry->{ts} = Time::HiRes::time();
-        $node_info_cache{$key} = $entry;
+    my $failed = $entry && defined($entry->{error});
+    if (!_fresh($entry, $failed ? $STATUS_TTL : $NODE_INFO_TTL)) {
+        if ($failed) {
+            # Ask again with the pools: in pvestatd the answer that ends an outage then serves
+            # this cycle's status too (elsewhere it only costs tandemd an `lvs`).
+            $entry = _node_status($scfg);
+        } else {
+            my $info = eval { _tandem($scfg, $CHECK_TIMEOUT, 'node', 'info') };
+            $entry = ref($info) eq 'HASH' ? { info => $info }
+                : { error => $@ || "tandem: 'tandem node info' did not return an object\n" };
+            # Stamped when the answer arrived, so a slow failure is still reused for a full TTL.
+            $entry->{ts} = Time::HiRes::time();
+            $node_info_cache{$key} = $entry;
+        }
     }
     die $entry->{error} if defined($entry->{error});
     return $entry->{info};
@@ -730,34 +748,46 @@ sub deactivate_volume {
 
 sub status {
     my ($class, $storeid, $scfg, $cache) = @_;
-    my $pools = _pool_list($scfg);
+    my $entry = _node_status($scfg);
+    die $entry->{error} if defined($entry->{error});
+    my $pools = $entry->{pools};
     my $want = $scfg->{'tandem-pool'};
     my ($pool) = defined($want) ? grep { ($_->{name} // '') eq $want } @$pools : @$pools;
     die "tandem: pool '" . ($want // '') . "' not found on this node\n" if !$pool;
+    # A pool whose backend could not be queried fails its storages only.
+    die "tandem: $pool->{error}\n" if defined($pool->{error});
     return ($pool->{total_bytes} + 0, $pool->{free_bytes} + 0, $pool->{used_bytes} + 0, 1);
 }
 
-# `tandem pool list` of the tandemd a storage talks to, shared by all its storages and by
-# every process (pvestatd, pvedaemon, pvesm) through $CACHE_DIR/pools-<sha1 of tandem-config>.json
-# for $STATUS_TTL seconds, a failure too.
-sub _pool_list {
+# `tandem node info --pools` of the tandemd a storage talks to: { ts, info, pools } or
+# { ts, error }. Shared by all its storages and by every process (pvestatd, pvedaemon, pvesm)
+# through $CACHE_DIR/status-<sha1 of tandem-config>.json for $STATUS_TTL seconds, a failure
+# too; its node info (or failure) also answers this process's next checks (_node_info).
+sub _node_status {
     my ($scfg) = @_;
     my $key = $scfg->{'tandem-config'} // '';
     Digest::SHA::sha1_hex($key) =~ m/\A([0-9a-f]{40})\z/ or die "tandem: sha1_hex failed\n";
-    my $file = "$CACHE_DIR/pools-$1.json";
+    my $file = "$CACHE_DIR/status-$1.json";
 
     my $entry = _read_cache($file);
     if (!_fresh($entry, $STATUS_TTL)) {
-        my $pools = eval { _tandem($scfg, $STATUS_TIMEOUT, 'pool', 'list') };
-        $entry = ref($pools) eq 'ARRAY' ? { pools => $pools }
-            : { error => $@ || "tandem: 'tandem pool list' did not return a list\n" };
+        my $answer = eval { _tandem($scfg, $STATUS_TIMEOUT, 'node', 'info', '--pools') };
+        $entry = ref($answer) eq 'HASH' && ref($answer->{pool_list}) eq 'ARRAY'
+            ? { pools => delete($answer->{pool_list}), info => $answer }
+            : { error => $@ || "tandem: 'tandem node info --pools' did not return the node "
+                . "and its pools\n" };
         # Stamped when the answer arrived, so a slow failure is still reused for a full TTL.
         $entry->{ts} = Time::HiRes::time();
         $entry->{config} = $key;    # for whoever reads the file
         _write_cache($file, $entry);
     }
-    die $entry->{error} if defined($entry->{error});
-    return $entry->{pools};
+    my $known = $node_info_cache{$key};
+    if (!$known || !defined($known->{ts}) || $known->{ts} < $entry->{ts}) {
+        $node_info_cache{$key} = defined($entry->{error})
+            ? { ts => $entry->{ts}, error => $entry->{error} }
+            : { ts => $entry->{ts}, info => $entry->{info} };
+    }
+    return $entry;
 }
 
 sub _read_cache {
