@@ -1,8 +1,9 @@
 #!/usr/bin/perl -T
 # The exact argv the plugin gives `tandem`, recorded by a fake CLI: KiB -> bytes, argument
 # order, name generation, forwarding of tandem-pool/-replicas/-protocol only when set (the
-# flags of the replicated-volume CLI), and the error paths: the CLI's message, garbage
-# output, a missing binary, a CLI that hangs.
+# flags of the replicated-volume CLI), the shared `node info` and `node info --pools`, the
+# storage's identity, and the error paths: the CLI's message, garbage output, a missing
+# binary, a CLI that hangs.
 
 use strict;
 use warnings;
@@ -10,6 +11,8 @@ use warnings;
 use FindBin;
 BEGIN { $FindBin::Bin =~ m/\A(.*)\z/s; unshift @INC, "$1/lib"; }
 
+use Digest::SHA ();
+use JSON::PP;
 use Test::More;
 use Time::HiRes ();
 no warnings "once";
@@ -150,6 +153,127 @@ subtest 'list_images: vmid, vollist, pool filter' => sub {
     $fake->set('list.json', '[]');
     $P->list_images('st', {}, 1, undef, $cache) for 1 .. 3;
     is(scalar(@{ $fake->calls }), 1, 'one CLI call per $cache');
+};
+
+my $NODE_INFO = encode_json({
+    name => 'hv1', run_dir => '/run/tandem', pools => ['nvme', 'files'],
+    nodes => [map { {
+        name => $_->[0], control => "192.168.1.$_->[1]:7700",
+        replication => "10.10.10.$_->[1]:7788", diskless => $_->[2],
+    } } (['hv1', 11, JSON::PP::false], ['hv2', 12, JSON::PP::false],
+        ['witness', 13, JSON::PP::true])],
+});
+my $UNREACHABLE = "tandem: cannot reach tandemd at /run/tandem/tandemd.sock (is it running?)\n";
+
+subtest 'node info: one call serves every storage of a tandemd, a failure too' => sub {
+    $fake->reset;
+    $fake->set('out.json', $NODE_INFO);
+    ok($P->check_connection('a', {}), 'check_connection');
+    ok($P->activate_storage('a', {}, {}), 'activate_storage');
+    ok($P->check_connection('b', { 'tandem-pool' => 'files' }), 'another storage: check');
+    ok($P->activate_storage('b', { 'tandem-pool' => 'files' }, {}), '... activate');
+    is($P->path({}, 'vm-1-disk-0', 'a'), 'nbd:unix:/run/tandem/nbd.sock:exportname=vm-1-disk-0',
+        'path: the socket in its run_dir');
+    is_deeply($fake->calls, [['--json', 'node', 'info']], 'one `tandem node info` for all');
+    my $other = { 'tandem-config' => '/etc/tandem/other.toml' };
+    ok($P->check_connection('c', $other), 'a storage of another tandem-config');
+    ok($P->activate_storage('c', $other, {}), '... activate');
+    is_deeply($fake->calls->[-1], ['--config', '/etc/tandem/other.toml', '--json', 'node', 'info'],
+        '... has its own `tandem node info`');
+    is(scalar(@{ $fake->calls }), 2, '... once');
+
+    $fake->reset;
+    $fake->set('stderr', $UNREACHABLE);
+    $fake->set('exit', 1);
+    my $down = { 'tandem-config' => '/etc/tandem/down.toml' };
+    for my $storeid (qw(d e)) {
+        eval { $P->check_connection($storeid, $down) };
+        is($@, $UNREACHABLE, "$storeid: the failure");
+    }
+    is(scalar(@{ $fake->calls }), 1, 'the failure was cached: one call');
+    local $PVE::Storage::Custom::TandemPlugin::STATUS_TTL = 0;    # a failure's TTL
+    eval { $P->check_connection('d', $down) };
+    is_deeply($fake->calls->[-1],
+        ['--config', '/etc/tandem/down.toml', '--json', 'node', 'info', '--pools'],
+        'asked again once its TTL is over, with the pools (for the status that follows)');
+};
+
+subtest 'status: one `node info --pools` answers status and the next checks' => sub {
+    local $PVE::Storage::Custom::TandemPlugin::STATUS_TTL = 0.5;
+    $fake->reset;
+    $fake->set('out.json', $NODE_INFO);
+    my $answer = decode_json($NODE_INFO);
+    $answer->{pool_list} = [
+        { name => 'nvme', backend => 'lvm-thin', total_bytes => 1000, used_bytes => 300,
+            free_bytes => 700, provisioned_bytes => 4000, volumes => 2 },
+        { name => 'files', backend => 'file', total_bytes => 0, used_bytes => 0,
+            free_bytes => 0, provisioned_bytes => 0, volumes => 0,
+            error => "pool 'files': stat file system of /srv/files: No such file or directory" },
+    ];
+    $fake->set('pools.json', encode_json($answer));
+    my $scfg = { 'tandem-config' => '/etc/tandem/status.toml' };
+    my $files = { %$scfg, 'tandem-pool' => 'files' };
+    my $ask = ['--config', '/etc/tandem/status.toml', '--json', 'node', 'info', '--pools'];
+
+    is_deeply([$P->status('a', $scfg, {})], [1000, 700, 300, 1], 'status: the first pool');
+    eval { $P->status('b', $files, {}) };
+    is($@, "tandem: pool 'files': stat file system of /srv/files: No such file or directory\n",
+        'a pool tandemd could not query fails its storages only, with the reason');
+    ok($P->check_connection('b', $files) && $P->activate_storage('b', $files, {}),
+        'check_connection, activate_storage');
+    is_deeply($fake->calls, [$ask], "one call: status's answer also served the checks");
+    Time::HiRes::sleep(0.6);
+    $P->status('a', $scfg, {});
+    is_deeply($fake->calls, [$ask, $ask], 'status asks again once its TTL is over');
+
+    $fake->set('exit', 1);
+    $fake->set('stderr', $UNREACHABLE);
+    Time::HiRes::sleep(0.6);
+    eval { $P->status('a', $scfg, {}) };
+    is($@, $UNREACHABLE, 'tandemd gone: status fails');
+    eval { $P->check_connection('a', $scfg) };
+    is($@, $UNREACHABLE, '... and so does the next check');
+    is(scalar(@{ $fake->calls }), 3, '... from the cached failure');
+
+    $fake->set('exit', 0);
+    $fake->set('stderr', undef);
+    Time::HiRes::sleep(0.6);
+    ok($P->check_connection('a', $scfg), 'tandemd back: the check asks again');
+    is_deeply([$P->status('a', $scfg, {})], [1000, 700, 300, 1], '... and status');
+    is_deeply($fake->calls->[3], $ask, "with one call, the pools' answer");
+    is(scalar(@{ $fake->calls }), 4, '... that served both');
+};
+
+subtest 'get_identity: tandem:<pool>@<cluster>, the same from every node' => sub {
+    local $PVE::Storage::Custom::TandemPlugin::NODE_INFO_TTL = 0;    # a new answer each call
+    $fake->reset;
+    $fake->set('out.json', $NODE_INFO);
+    # The identity must stay stable across plugin versions: its derivation is pinned here.
+    my $cluster = substr(Digest::SHA::sha256_hex(join("\n",
+        'hv1 192.168.1.11:7700 10.10.10.11:7788', 'hv2 192.168.1.12:7700 10.10.10.12:7788',
+        'witness 192.168.1.13:7700 10.10.10.13:7788')), 0, 16);
+    is($P->get_identity({}, 'a'), "tandem:nvme\@$cluster", 'no tandem-pool: the first pool');
+    is($P->get_identity({ 'tandem-pool' => 'files' }, 'b'), "tandem:files\@$cluster",
+        'tandem-pool files');
+    is_deeply($fake->calls->[-1], ['--json', 'node', 'info'], 'from `tandem node info`');
+    my $info = decode_json($NODE_INFO);
+    $info->{name} = 'hv2';
+    $info->{nodes} = [reverse @{ $info->{nodes} }];
+    $fake->set('out.json', encode_json($info));
+    is($P->get_identity({}, 'a'), "tandem:nvme\@$cluster",
+        'asked on hv2, nodes listed in another order');
+    $info->{nodes}->[0]->{replication} = '10.10.20.13:7788';
+    $fake->set('out.json', encode_json($info));
+    isnt($P->get_identity({}, 'a'), "tandem:nvme\@$cluster", 'another cluster: another identity');
+    eval { $P->get_identity({ 'tandem-pool' => 'ssd' }, 'a') };
+    is($@, "tandem: pool 'ssd' is not configured on node 'hv2'\n", 'unknown pool');
+    $fake->set('out.json', '{"name":"hv1","pools":["nvme"],"nodes":[]}');
+    eval { $P->get_identity({}, 'a') };
+    is($@, "tandem: 'tandem node info' reported no nodes\n", 'no node list');
+    $fake->set('exit', 1);
+    $fake->set('stderr', $UNREACHABLE);
+    eval { $P->get_identity({}, 'a') };
+    is($@, $UNREACHABLE, "the CLI's error");
 };
 
 subtest 'CLI failures become one clean line' => sub {

@@ -1,7 +1,8 @@
 #!/usr/bin/perl -T
-# The plugin against a real tandemd (file pool) through the real `tandem` CLI:
-# alloc -> list -> activate (twice) -> size -> resize -> deactivate -> free, with the
-# argument orders and units PVE uses, and the errors an operator would see.
+# The plugin, loaded by the real PVE::Storage, against a real tandemd (file pool) through the
+# real `tandem` CLI: alloc -> list -> activate (twice) -> size -> resize -> deactivate -> free,
+# with the argument orders and units PVE uses, the storage's identity, and the errors an
+# operator would see.
 
 use strict;
 use warnings;
@@ -10,7 +11,7 @@ use FindBin;
 BEGIN { $FindBin::Bin =~ m/\A(.*)\z/s; unshift @INC, "$1/lib"; }
 
 use Test::More;
-use TandemTest qw(plugin start_daemon);
+use TandemTest qw(plugin start_daemon storage_cfg);
 
 my $P = plugin();
 my $node = start_daemon();
@@ -25,6 +26,28 @@ subtest 'storage activation' => sub {
     eval { $P->activate_storage('tandem', { %$scfg, 'tandem-pool' => 'nvme' }, {}) };
     is($@, "tandem: pool 'nvme' is not configured on node 'hv1'\n", 'unknown pool');
     ok($P->deactivate_storage('tandem', $scfg, {}), 'deactivate_storage');
+    my $cfg = storage_cfg("tandem: tandem\n\tcontent images\n\tshared 1\n"
+        . "\ttandem-config $node->{config}\n");
+    ok(eval { PVE::Storage::activate_storage($cfg, 'tandem'); 1 },
+        "PVE::Storage::activate_storage (check_connection, then activate_storage)") or diag($@);
+};
+
+subtest 'identity (GET /nodes/{node}/storage/{storage}/identity)' => sub {
+    # What pve-storage's API handler does: storage_check_enabled, lookup, get_identity.
+    my $cfg = storage_cfg("tandem: tandem\n\tcontent images\n\tshared 1\n"
+        . "\ttandem-config $node->{config}\n\n"
+        . "tandem: other\n\tcontent images\n\ttandem-pool files\n"
+        . "\ttandem-config $node->{config}\n");
+    my $identity = sub {
+        my ($storeid) = @_;
+        my $scfg = PVE::Storage::storage_check_enabled($cfg, $storeid, 'localhost');
+        return PVE::Storage::Plugin->lookup($scfg->{type})->get_identity($scfg, $storeid);
+    };
+    my $id = $identity->('tandem');
+    like($id, qr/\Atandem:files\@[0-9a-f]{16}\z/, "tandem:<default pool>\@<cluster>: $id");
+    is($identity->('other'), $id, 'another storage of the same pool: the same identity');
+    eval { $P->get_identity({ %$scfg, 'tandem-pool' => 'nvme' }, 'tandem') };
+    is($@, "tandem: pool 'nvme' is not configured on node 'hv1'\n", 'unknown pool');
 };
 
 subtest 'life of a disk' => sub {
@@ -143,7 +166,10 @@ subtest 'replication options reach the real CLI' => sub {
 
 subtest 'daemon down: clean errors' => sub {
     TandemTest::stop_daemon($node);
+    no warnings 'once';
+    local $PVE::Storage::Custom::TandemPlugin::NODE_INFO_TTL = 0;    # no cached `node info`
     for my $call (
+        ['check_connection', sub { $P->check_connection('tandem', $scfg) }],
         ['activate_storage', sub { $P->activate_storage('tandem', $scfg, {}) }],
         ['list_images', sub { $P->list_images('tandem', $scfg, undef, undef, {}) }],
         ['alloc_image', sub { $P->alloc_image('tandem', $scfg, 1, 'raw', 'vm-1-disk-0', 1024) }],

@@ -12,7 +12,7 @@ BEGIN { $FindBin::Bin =~ m/\A(.*)\z/s; unshift @INC, "$1/lib"; }
 
 use JSON::PP;
 use Test::More;
-use TandemTest qw(plugin start_daemon run_cmd);
+use TandemTest qw(plugin start_daemon run_cmd storage_cfg);
 
 my ($qemu_img) = grep { -x } qw(/usr/bin/qemu-img /usr/local/bin/qemu-img);
 my ($qemu_io) = grep { -x } qw(/usr/bin/qemu-io /usr/local/bin/qemu-io);
@@ -48,7 +48,16 @@ ok($P->activate_volume('tandem', $scfg, $vol, undef, {}, {}), 'activated');
 my $path = $P->path($scfg, $vol, 'tandem');
 is($path, "nbd:unix:$node->{nbd}:exportname=$vol", 'path uses <run_dir>/nbd.sock from node info');
 my $dict = $P->qemu_blockdev_options($scfg, 'tandem', $vol, '10.0', { hints => {} });
-is_deeply(PVE::Storage::check_blockdev_options($dict), [], 'dict passes the allow-list');
+{
+    # What qemu-server gets: the dict after PVE::Storage's allow-list (which warns on a drop).
+    my $cfg = storage_cfg("tandem: tandem\n\tcontent images\n\tshared 1\n"
+        . "\ttandem-config $node->{config}\n");
+    my @warnings;
+    local $SIG{__WARN__} = sub { push @warnings, $_[0] };
+    is_deeply(PVE::Storage::qemu_blockdev_options($cfg, "tandem:$vol", '10.0', { hints => {} }),
+        $dict, 'PVE::Storage::qemu_blockdev_options gives the plugin dict');
+    is_deeply(\@warnings, [], 'every key passes the allow-list');
+}
 my $json = 'json:' . JSON::PP->new->canonical->encode({ driver => 'raw', file => $dict });
 
 is(qemu_img_size($json), 64 * $MiB, 'blockdev dict: qemu-img sees 64 MiB');

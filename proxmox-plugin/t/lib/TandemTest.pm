@@ -1,25 +1,32 @@
 package TandemTest;
 
-# Shared by the plugin tests: loads the plugin against the stub PVE modules, runs a real
-# tandemd with a file pool in a throw-away directory (killed in END, even when a test dies),
-# and offers a fake `tandem` that records its argv.
+# Shared by the plugin tests: loads the REAL Proxmox VE storage code vendored in
+# ../shared/vendor/pve (upstream pve-storage, pve-common, pve-cluster modules; shims only for
+# /etc/pve, the RPC environment and RADOS, see its README), registers the plugin through
+# PVE::Storage's own custom-plugin loader, runs a real tandemd with a file pool in a
+# throw-away directory (killed in END, even when a test dies), and offers a fake `tandem`
+# that records its argv.
+#
+# The vendor tree is found from this file: <repo>/../shared/vendor/pve. Without it every test
+# dies saying so (never a silent skip).
 #
 # Binaries: $TANDEM_BIN_DIR, else $CARGO_TARGET_DIR/debug, else <repo>/target/debug
-# (`cargo build --workspace --bins` first).
+# (`cargo build -p tandem-volume-driver --bins` first).
 
 use strict;
 use warnings;
 
 use Cwd ();
 use File::Basename ();
-use File::Spec ();
 use File::Temp ();
 use IO::Socket::UNIX;
+use JSON::PP ();
 use POSIX ();
 use Time::HiRes ();
 use Exporter 'import';
 
-our @EXPORT_OK = qw(plugin start_daemon fake_cli run_cmd untaint wait_for);
+our @EXPORT_OK =
+    qw(plugin loader_verdict storage_cfg start_daemon fake_cli run_cmd untaint wait_for);
 
 # Taint mode: exec needs a clean environment.
 $ENV{PATH} = '/usr/sbin:/usr/bin:/sbin:/bin';
@@ -31,9 +38,18 @@ sub untaint {
     return $1;
 }
 
-my $here = untaint(Cwd::abs_path(File::Basename::dirname(__FILE__)));    # t/lib
-our $PLUGIN_DIR = untaint(Cwd::abs_path("$here/../.."));                 # proxmox-plugin
+my $lib = untaint(Cwd::abs_path(File::Basename::dirname(__FILE__)));    # t/lib
+our $PLUGIN_DIR = untaint(Cwd::abs_path("$lib/../.."));                 # proxmox-plugin
 our $REPO = untaint(Cwd::abs_path("$PLUGIN_DIR/.."));
+our $VENDOR = "$REPO/../shared/vendor/pve";
+
+for my $need ('lib/PVE/Storage.pm', 'shim/PVEShim/CustomPlugins.pm') {
+    next if -f "$VENDOR/$need";
+    die "The proxmox-plugin tests run on the vendored Proxmox VE code, expected at "
+        . "<repo>/../shared/vendor/pve, but $VENDOR/$need is missing. Put the shared "
+        . "folder beside the repository.\n";
+}
+unshift @INC, "$VENDOR/shim", "$VENDOR/lib";
 
 sub bin_dir {
     return untaint($ENV{TANDEM_BIN_DIR}) if $ENV{TANDEM_BIN_DIR};
@@ -44,22 +60,87 @@ sub bin_dir {
 sub bin {
     my ($name) = @_;
     my $path = bin_dir() . "/$name";
-    die "$path not found; run `cargo build --workspace --bins` first\n" if !-x $path;
+    die "$path not found; run `cargo build -p tandem-volume-driver --bins` first\n" if !-x $path;
     return $path;
 }
 
 our $SCRATCH_DIR = untaint(File::Temp::tempdir("tandem-pve-XXXXXX", TMPDIR => 1, CLEANUP => 1));
 
-# Load the plugin with test settings: CLI from the workspace, cache in the scratch dir.
+my $PLUGIN = 'PVE::Storage::Custom::TandemPlugin';
+
+# The real PVE::Storage (and with it PVE::Storage::Plugin, SectionConfig, JSONSchema, ...).
+sub load_pve {
+    mkdir("$SCRATCH_DIR/etc-pve");
+    $ENV{PVE_CLUSTER_SHIM_DIR} = "$SCRATCH_DIR/etc-pve";    # the shim's /etc/pve
+    require PVEShim::CustomPlugins;
+    return;
+}
+
+sub registered {
+    return scalar(grep { $_ eq 'tandem' } @{ PVE::Storage::Plugin->lookup_types() });
+}
+
+# The plugin, registered by PVE::Storage's custom-plugin loader as on a PVE node, with test
+# settings: CLI from the workspace, cache in the scratch dir.
 sub plugin {
-    unshift @INC, $PLUGIN_DIR if !grep { $_ eq $PLUGIN_DIR } @INC;
-    require PVE::Storage;
-    require PVE::Storage::Custom::TandemPlugin;
+    load_pve();
+    if (!registered()) {
+        my @warnings = PVEShim::CustomPlugins::load($PLUGIN_DIR);
+        die "PVE::Storage's plugin loader: @warnings" if @warnings;
+        die "PVE::Storage's plugin loader did not register type 'tandem'\n" if !registered();
+    }
     no warnings 'once';
     $PVE::Storage::Custom::TandemPlugin::CLI = bin_dir() . '/tandem';
     mkdir("$SCRATCH_DIR/cache");
     $PVE::Storage::Custom::TandemPlugin::CACHE_DIR = "$SCRATCH_DIR/cache";
-    return 'PVE::Storage::Custom::TandemPlugin';
+    return $PLUGIN;
+}
+
+# What PVE::Storage's real loader does with the plugin when PVE's storage API is $apiver
+# (APIAGE as vendored): runs it in a child process with the APIVER constant replaced.
+# Returns { registered => 0|1, api => the plugin's api(), warnings => [...] }. Call it before
+# plugin(): the child inherits this process, and a type registers only once.
+sub loader_verdict {
+    my ($apiver) = @_;
+    load_pve();
+    die "loader_verdict: the plugin is registered already (call it before plugin())\n"
+        if registered();
+    pipe(my $r, my $w) or die "pipe: $!";
+    my $pid = fork() // die "fork: $!";
+    if ($pid == 0) {
+        close($r);
+        my $result = eval {
+            no warnings 'redefine';
+            *PVE::Storage::APIVER = sub () { $apiver };
+            my @warnings = PVEShim::CustomPlugins::load($PLUGIN_DIR);
+            +{
+                registered => registered() ? 1 : 0,
+                warnings => \@warnings,
+                api => $PLUGIN->can('api') ? $PLUGIN->api() : undef,
+            };
+        } // { error => "$@" };
+        print {$w} JSON::PP->new->encode($result);
+        close($w);
+        POSIX::_exit(0);
+    }
+    close($w);
+    my $json = do { local $/; <$r> };
+    close($r);
+    waitpid($pid, 0);
+    my $result = JSON::PP->new->decode($json || '{"error":"no answer from the child"}');
+    die "loader_verdict($apiver): $result->{error}" if $result->{error};
+    return $result;
+}
+
+# Writes storage.cfg (the shim's /etc/pve) and returns PVE::Storage::config(): the real
+# SectionConfig parser.
+sub storage_cfg {
+    my ($text) = @_;
+    my $file = "$PVE::Cluster::BASE_DIR/storage.cfg";
+    open(my $fh, '>', $file) or die "$file: $!";
+    print {$fh} $text;
+    close($fh) or die "$file: $!";
+    return PVE::Storage::config();
 }
 
 # Run a command without a shell: (exit status, stdout, stderr).
@@ -91,8 +172,11 @@ END {
     $? = $status;
 }
 
-# Start tandemd with one file pool `files`; returns a hash with root, config, pid, nbd.
+# Start tandemd with file pools (default: one, `files`, in <root>/images); returns a hash
+# with root, config, pid, nbd.
 sub start_daemon {
+    my (%opt) = @_;
+    my @pools = @{ $opt{pools} // ['files'] };
     my $n = scalar(@DAEMONS);
     my $root = "$SCRATCH_DIR/node$n";
     mkdir($root) or die "mkdir $root: $!";
@@ -108,12 +192,11 @@ secret_file = "$root/secret"
 name = "hv1"
 control = "127.0.0.1:7700"
 replication = "127.0.0.1:7788"
-
-[[pools]]
-name = "files"
-backend = "file"
-path = "$root/images"
 TOML
+    for my $i (0 .. $#pools) {
+        my $images = $i == 0 ? "$root/images" : "$root/images-$pools[$i]";
+        print {$fh} qq(\n[[pools]]\nname = "$pools[$i]"\nbackend = "file"\npath = "$images"\n);
+    }
     close($fh);
     my $daemon = { root => $root, config => $config, nbd => "$root/run/nbd.sock" };
     push @DAEMONS, $daemon;
@@ -158,7 +241,8 @@ sub daemon_log {
 
 # A fake `tandem` in its own directory: appends each argv (fields joined by \x1f) to
 # <dir>/calls; prints <dir>/list.json for `volume list`, <dir>/status.json (if it exists)
-# for `volume status`, else <dir>/out.json; prints
+# for `volume status`, <dir>/pools.json (if it exists) for `node info --pools`, else
+# <dir>/out.json; prints
 # <dir>/stderr on stderr; exits with the number in <dir>/exit; `exec sleep`s <dir>/sleep
 # seconds first if that file exists.
 sub fake_cli {
@@ -175,6 +259,7 @@ if [ -f "\$d/sleep" ]; then exec sleep "\$(cat "\$d/sleep")"; fi
 case " \$* " in
     *" volume list "*) [ -f "\$d/list.json" ] && cat "\$d/list.json" ;;
     *" volume status "*) if [ -f "\$d/status.json" ]; then cat "\$d/status.json"; else [ -f "\$d/out.json" ] && cat "\$d/out.json"; fi ;;
+    *" node info --pools "*) if [ -f "\$d/pools.json" ]; then cat "\$d/pools.json"; else [ -f "\$d/out.json" ] && cat "\$d/out.json"; fi ;;
     *) [ -f "\$d/out.json" ] && cat "\$d/out.json" ;;
 esac
 [ -f "\$d/stderr" ] && cat "\$d/stderr" >&2
@@ -215,7 +300,8 @@ sub calls {
 
 sub reset {
     my ($self) = @_;
-    unlink("$self->{dir}/$_") for qw(calls out.json list.json status.json stderr exit sleep);
+    unlink("$self->{dir}/$_")
+        for qw(calls out.json list.json status.json pools.json stderr exit sleep);
 }
 
 1;

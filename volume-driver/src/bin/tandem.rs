@@ -55,7 +55,13 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// Show this node's name, configuration paths and cluster members
-    Info,
+    Info {
+        /// Also show every pool's space, as `pool list` does, in the same call (for status
+        /// polling). A pool whose backend cannot be queried carries its `error` and, unlike
+        /// in `pool list`, does not fail the command
+        #[arg(long)]
+        pools: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,7 +227,8 @@ fn size_arg(text: &str) -> Result<u64, String> {
 fn run(cli: &Cli) -> Result<(), String> {
     // Parse arguments before contacting the daemon.
     let request = match &cli.command {
-        Command::Node(NodeCommand::Info) => Request::NodeInfo,
+        Command::Node(NodeCommand::Info { pools: false }) => Request::NodeInfo,
+        Command::Node(NodeCommand::Info { pools: true }) => return node_info_with_pools(cli),
         Command::Pool(PoolCommand::List) => Request::PoolList,
         Command::Volume(VolumeCommand::Create {
             name,
@@ -325,6 +332,40 @@ fn connect(cli: &Cli) -> Result<Client, String> {
     let path = config::resolve_path(cli.config.as_deref());
     let config = Config::load(&path).map_err(|e| error_chain(&e))?;
     Client::connect(&config.control_socket()).map_err(|e| client_error(&e))
+}
+
+/// `node info --pools`: `node_info` then `pool_list` over one connection. JSON: the node info
+/// object with `pool_list`, the array `pool list` prints.
+fn node_info_with_pools(cli: &Cli) -> Result<(), String> {
+    let mut client = connect(cli)?;
+    let node = match client
+        .call(&Request::NodeInfo)
+        .map_err(|e| client_error(&e))?
+    {
+        Reply::NodeInfo { node } => node,
+        other => return Err(format!("unexpected answer from tandemd: {other:?}")),
+    };
+    let pools = match client
+        .call(&Request::PoolList)
+        .map_err(|e| client_error(&e))?
+    {
+        Reply::Pools { pools } => pools,
+        other => return Err(format!("unexpected answer from tandemd: {other:?}")),
+    };
+    if cli.json {
+        let mut value =
+            serde_json::to_value(&node).map_err(|e| format!("cannot print JSON: {e}"))?;
+        value["pool_list"] =
+            serde_json::to_value(&pools).map_err(|e| format!("cannot print JSON: {e}"))?;
+        let text =
+            serde_json::to_string_pretty(&value).map_err(|e| format!("cannot print JSON: {e}"))?;
+        println!("{text}");
+    } else {
+        print_human(Reply::NodeInfo { node });
+        println!();
+        print_pools(&pools);
+    }
+    Ok(())
 }
 
 /// Poll `volume_status` until the volume is in sync; progress on stderr when it is a terminal.

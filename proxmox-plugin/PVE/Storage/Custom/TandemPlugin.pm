@@ -14,13 +14,17 @@ package PVE::Storage::Custom::TandemPlugin;
 #   apart; any failure becomes `die "tandem: <the CLI's one-line message>\n"`;
 # - works under taint mode (PVE's daemons run `perl -T`): every argument is validated by a
 #   regex and the capture is what gets passed on;
-# - `status` is cached in a small file so a slow or hung tandemd never stalls pvestatd.
+# - pvestatd's path (check_connection, activate_storage, status of every storage, every 10 s)
+#   is cached per tandemd, successes and failures alike, with short timeouts: a healthy cycle
+#   costs one `tandem node info --pools` per tandemd, whatever the number of storages, and a
+#   hung tandemd one timeout per cycle in total (see $STATUS_TTL and $NODE_INFO_TTL).
 #
 # SPDX-License-Identifier: AGPL-3.0-or-later
 
 use strict;
 use warnings;
 
+use Digest::SHA ();
 use Fcntl qw(O_WRONLY O_CREAT O_EXCL);
 use IO::Select;
 use JSON::PP;
@@ -36,13 +40,32 @@ use base qw(PVE::Storage::Plugin);
 our $TESTED_APIVER = 15;
 our $MIN_APIVER    = 10;
 
-# Seconds a CLI call may take: reads (show/list/info), status (pvestatd!), and changes.
+# Seconds a CLI call may take: `node info` (the connection check PVE runs before anything),
+# `node info --pools` (status; runs `lvs` inside tandemd on lvm-thin), reads (show/list),
+# changes. The first two keep a cycle of pvestatd within 2 s when tandemd hangs.
+our $CHECK_TIMEOUT  = 1.5;
+our $STATUS_TIMEOUT = 1.5;
 our $READ_TIMEOUT   = 20;
-our $STATUS_TIMEOUT = 5;
 our $CHANGE_TIMEOUT = 60;
 
-# Seconds a `status` answer (success or failure) is reused from the cache file.
-our $STATUS_TTL = 10;
+# How long answers are reused, per tandemd (one per tandem-config). pvestatd calls
+# storage_info every 10 s (9 to 11 s apart, more when a cycle runs long): check_connection and
+# activate_storage, then status, of every storage.
+# - $STATUS_TTL: status's `tandem node info --pools` (node info and every pool's usage in one
+#   call), a failure too, for every process through the cache file. Shorter than pvestatd's
+#   interval, so status asks once per cycle.
+# - $NODE_INFO_TTL: a successful node info, in this process, for check_connection,
+#   activate_storage, get_identity and the NBD socket; status's answer refreshes it. Longer
+#   than pvestatd's interval, so each cycle's checks are answered by the previous cycle's
+#   status and a healthy cycle costs that one call. A process without a fresh one (a VM
+#   start, an allocation) runs the plain `tandem node info`, which never runs `lvs`.
+#   A failure counts for $STATUS_TTL only: a dead or hung tandemd is asked once per cycle.
+# So pvestatd's checks may pass on an answer one cycle old: a tandemd that stops answering is
+# noticed by the next status (within 10 s), whose failure then fails every storage's check
+# until tandemd answers again. Elsewhere a check may pass on an answer $NODE_INFO_TTL old; the
+# operation itself then fails with tandemd's error.
+our $STATUS_TTL    = 5;
+our $NODE_INFO_TTL = 25;
 
 # Where `status` keeps its cache (tmpfs: nothing to clean up across reboots).
 our $CACHE_DIR = _untaint_abs_path($ENV{TANDEM_PVE_CACHE_DIR}) // '/run/tandem-pve';
@@ -51,7 +74,6 @@ our $CACHE_DIR = _untaint_abs_path($ENV{TANDEM_PVE_CACHE_DIR}) // '/run/tandem-p
 our $CLI = _untaint_abs_path($ENV{TANDEM_CLI});
 
 my $VOLNAME_RE  = qr/[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}/;
-my $STOREID_RE  = qr/[A-Za-z][A-Za-z0-9\-_.]*/;
 my $DEFAULT_RECONNECT_DELAY = 10;
 
 # --- API version --------------------------------------------------------------------------
@@ -292,6 +314,55 @@ sub _run {
     }
 }
 
+# The node info of the tandemd a storage talks to (one per `tandem-config`), shared by all
+# its storages in this process (see $NODE_INFO_TTL). PVE runs check_connection and
+# activate_storage before almost anything, for each storage: pvestatd does for every storage
+# every 10 s.
+my %node_info_cache;    # tandem-config ('' = the default) -> { ts, info | error }
+
+sub _node_info {
+    my ($scfg) = @_;
+    my $key = $scfg->{'tandem-config'} // '';
+    my $entry = $node_info_cache{$key};
+    my $failed = $entry && defined($entry->{error});
+    if (!_fresh($entry, $failed ? $STATUS_TTL : $NODE_INFO_TTL)) {
+        if ($failed) {
+            # Ask again with the pools: in pvestatd the answer that ends an outage then serves
+            # this cycle's status too (elsewhere it only costs tandemd an `lvs`).
+            $entry = _node_status($scfg);
+        } else {
+            my $info = eval { _tandem($scfg, $CHECK_TIMEOUT, 'node', 'info') };
+            $entry = ref($info) eq 'HASH' ? { info => $info }
+                : { error => $@ || "tandem: 'tandem node info' did not return an object\n" };
+            # Stamped when the answer arrived, so a slow failure is still reused for a full TTL.
+            $entry->{ts} = Time::HiRes::time();
+            $node_info_cache{$key} = $entry;
+        }
+    }
+    die $entry->{error} if defined($entry->{error});
+    return $entry->{info};
+}
+
+# Whether a cache entry is younger than $ttl seconds (a clock stepped back: no).
+sub _fresh {
+    my ($entry, $ttl) = @_;
+    return 0 if ref($entry) ne 'HASH' || !defined($entry->{ts});
+    my $age = Time::HiRes::time() - $entry->{ts};
+    return $age >= -1 && $age < $ttl;
+}
+
+# The node info, after checking that `tandem-pool` (if set) is configured there.
+sub _node_with_pool {
+    my ($scfg) = @_;
+    my $info = _node_info($scfg);
+    if (defined(my $pool = $scfg->{'tandem-pool'})) {
+        my %pools = map { $_ => 1 } @{ $info->{pools} // [] };
+        die "tandem: pool '$pool' is not configured on node '"
+            . ($info->{name} // '?') . "'\n" if !$pools{$pool};
+    }
+    return $info;
+}
+
 # The NBD socket QEMU connects to: `tandem-socket`, or <run_dir>/nbd.sock from the daemon.
 my %nbd_socket_memo;
 
@@ -304,7 +375,7 @@ sub _nbd_socket {
     } else {
         my $key = $scfg->{'tandem-config'} // '';
         $socket = $nbd_socket_memo{$key} //= do {
-            my $info = _tandem($scfg, $READ_TIMEOUT, 'node', 'info');
+            my $info = _node_info($scfg);
             my $run_dir = _untaint_abs_path($info->{run_dir})
                 // die "tandem: 'tandem node info' reported no run_dir\n";
             "$run_dir/nbd.sock";
@@ -575,18 +646,17 @@ sub volume_import_formats {
 
 # --- storage and volume activation --------------------------------------------------------
 
+# PVE::Storage::activate_storage runs check_connection, then activate_storage: both answer
+# from one (cached) `tandem node info`.
+sub check_connection {
+    my ($class, $storeid, $scfg) = @_;
+    _node_info($scfg);
+    return 1;
+}
+
 sub activate_storage {
     my ($class, $storeid, $scfg, $cache) = @_;
-    my $key = 'tandem-active:' . ($storeid // '');
-    return 1 if ref($cache) eq 'HASH' && $cache->{$key};
-    my $info = _tandem($scfg, $READ_TIMEOUT, 'node', 'info');
-    if (defined($scfg->{'tandem-pool'})) {
-        my $pool = $scfg->{'tandem-pool'};
-        my %pools = map { $_ => 1 } @{ $info->{pools} // [] };
-        die "tandem: pool '$pool' is not configured on node '"
-            . ($info->{name} // '?') . "'\n" if !$pools{$pool};
-    }
-    $cache->{$key} = 1 if ref($cache) eq 'HASH';
+    _node_with_pool($scfg);
     return 1;
 }
 
@@ -594,11 +664,21 @@ sub deactivate_storage {
     return 1;
 }
 
-sub check_connection {
-    my ($class, $storeid, $scfg) = @_;
-    # Called before activation, possibly on status paths: keep it as short as status.
-    _tandem($scfg, $STATUS_TIMEOUT, 'node', 'info');
-    return 1;
+# The backend's identity (APIVER 14; GET /nodes/{node}/storage/{storage}/identity):
+# `tandem:<pool>@<cluster>`, the same on every node and whatever the storage is called.
+# <cluster> is the first 16 hex digits of the SHA-256 of the node list all nodes' tandem.toml
+# share (name, control and replication address of each node, sorted). Tandem has no cluster
+# UUID yet, so the identity changes when that node list does.
+sub get_identity {
+    my ($class, $scfg, $storeid) = @_;
+    my $info = _node_with_pool($scfg);
+    my $pool = $scfg->{'tandem-pool'} // ($info->{pools} // [])->[0]
+        // die "tandem: 'tandem node info' reported no pool\n";
+    my @nodes = sort map { join(' ', map { $_ // '' } @{$_}{qw(name control replication)}) }
+        grep { ref($_) eq 'HASH' } @{ $info->{nodes} // [] };
+    die "tandem: 'tandem node info' reported no nodes\n" if !@nodes;
+    my $cluster = substr(Digest::SHA::sha256_hex(join("\n", @nodes)), 0, 16);
+    return "tandem:$pool\@$cluster";
 }
 
 sub activate_volume {
@@ -664,42 +744,50 @@ sub deactivate_volume {
     return 1;
 }
 
-# --- status (pvestatd calls this every few seconds) ---------------------------------------
+# --- status (pvestatd calls this every 10 s) ----------------------------------------------
 
 sub status {
     my ($class, $storeid, $scfg, $cache) = @_;
-    $storeid =~ m/\A($STOREID_RE)\z/ or die "tandem: invalid storage ID '$storeid'\n";
-    my $file = "$CACHE_DIR/status-$1.json";
-    my $key = join("\0", $scfg->{'tandem-config'} // '', $scfg->{'tandem-pool'} // '');
-
-    my $entry = _read_cache($file);
-    my $now = Time::HiRes::time();
-    if (!$entry || ($entry->{key} // '') ne $key || $now - ($entry->{ts} // 0) >= $STATUS_TTL
-        || $entry->{ts} > $now + 1)
-    {
-        $entry = eval { _pool_status($scfg) };
-        $entry = { error => ($@ || "tandem: no status\n") } if !$entry;
-        # Stamped when the answer arrived, so a slow failure is still reused for a full TTL.
-        $entry->{ts} = Time::HiRes::time();
-        $entry->{key} = $key;
-        _write_cache($file, $entry);
-    }
+    my $entry = _node_status($scfg);
     die $entry->{error} if defined($entry->{error});
-    return ($entry->{total}, $entry->{avail}, $entry->{used}, 1);
-}
-
-sub _pool_status {
-    my ($scfg) = @_;
-    my $pools = _tandem($scfg, $STATUS_TIMEOUT, 'pool', 'list');
-    die "tandem: 'tandem pool list' did not return a list\n" if ref($pools) ne 'ARRAY';
+    my $pools = $entry->{pools};
     my $want = $scfg->{'tandem-pool'};
     my ($pool) = defined($want) ? grep { ($_->{name} // '') eq $want } @$pools : @$pools;
     die "tandem: pool '" . ($want // '') . "' not found on this node\n" if !$pool;
-    return {
-        total => $pool->{total_bytes} + 0,
-        avail => $pool->{free_bytes} + 0,
-        used  => $pool->{used_bytes} + 0,
-    };
+    # A pool whose backend could not be queried fails its storages only.
+    die "tandem: $pool->{error}\n" if defined($pool->{error});
+    return ($pool->{total_bytes} + 0, $pool->{free_bytes} + 0, $pool->{used_bytes} + 0, 1);
+}
+
+# `tandem node info --pools` of the tandemd a storage talks to: { ts, info, pools } or
+# { ts, error }. Shared by all its storages and by every process (pvestatd, pvedaemon, pvesm)
+# through $CACHE_DIR/status-<sha1 of tandem-config>.json for $STATUS_TTL seconds, a failure
+# too; its node info (or failure) also answers this process's next checks (_node_info).
+sub _node_status {
+    my ($scfg) = @_;
+    my $key = $scfg->{'tandem-config'} // '';
+    Digest::SHA::sha1_hex($key) =~ m/\A([0-9a-f]{40})\z/ or die "tandem: sha1_hex failed\n";
+    my $file = "$CACHE_DIR/status-$1.json";
+
+    my $entry = _read_cache($file);
+    if (!_fresh($entry, $STATUS_TTL)) {
+        my $answer = eval { _tandem($scfg, $STATUS_TIMEOUT, 'node', 'info', '--pools') };
+        $entry = ref($answer) eq 'HASH' && ref($answer->{pool_list}) eq 'ARRAY'
+            ? { pools => delete($answer->{pool_list}), info => $answer }
+            : { error => $@ || "tandem: 'tandem node info --pools' did not return the node "
+                . "and its pools\n" };
+        # Stamped when the answer arrived, so a slow failure is still reused for a full TTL.
+        $entry->{ts} = Time::HiRes::time();
+        $entry->{config} = $key;    # for whoever reads the file
+        _write_cache($file, $entry);
+    }
+    my $known = $node_info_cache{$key};
+    if (!$known || !defined($known->{ts}) || $known->{ts} < $entry->{ts}) {
+        $node_info_cache{$key} = defined($entry->{error})
+            ? { ts => $entry->{ts}, error => $entry->{error} }
+            : { ts => $entry->{ts}, info => $entry->{info} };
+    }
+    return $entry;
 }
 
 sub _read_cache {
