@@ -204,21 +204,14 @@ impl UuidSet {
             .collect()
     }
 
-    /// This replica's line of generations, current first, then the history: what an
-    /// outdate request carries, so that a target that has moved on to a generation the
-    /// requester never had can tell the request is stale.
+    /// This replica's line of generations, current first, then the history: what a
+    /// tiebreaker relays, so that a replica cut off can tell whether another one moved on
+    /// from its generation ([`moved_on_from`]).
     pub fn lineage(&self) -> Vec<Generation> {
         std::iter::once(self.current)
             .chain(self.history.iter().copied())
             .filter(|g| !g.is_zero())
             .collect()
-    }
-
-    /// Whether `g` is this replica's current generation or one of its history: the data
-    /// of `g` is this replica's or older. A generation it does not know was started
-    /// elsewhere while it was away (or is older than the history reaches).
-    pub fn knows(&self, g: Generation) -> bool {
-        g == self.current || self.history_contains(g)
     }
 
     /// Push `g` on the history (newest first), dropping duplicates and the oldest entries.
@@ -419,6 +412,17 @@ impl UuidSet {
     /// Whether this replica owes `peer` a post-crash resync.
     pub fn is_crashed_primary_for(&self, peer: &str) -> bool {
         self.crashed_primary.contains(peer)
+    }
+}
+
+/// Whether the replica with `lineage` (current first, then history) moved on from
+/// generation `g`: `g` is in its history, not its current. Positive ancestry: a generation
+/// that is merely unknown (older than the history reaches, or on a branch that ended) does
+/// not count, so this never mistakes an old or divergent replica for a newer one.
+pub fn moved_on_from(lineage: &[Generation], g: Generation) -> bool {
+    match lineage.split_first() {
+        Some((current, history)) => *current != g && !g.is_zero() && history.contains(&g),
+        None => false,
     }
 }
 
@@ -698,7 +702,7 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_that_took_over_is_not_in_the_lineage_of_the_one_it_replaced() {
+    fn a_replica_that_took_over_moved_on_from_the_one_it_replaced_and_not_back() {
         let mut rng = SplitMix64::new(7);
         let day0 = Generation::from_raw(0x100);
         let old_primary = UuidSet::day0(day0);
@@ -708,13 +712,16 @@ mod tests {
         let g1 = taken_over
             .before_write(&["hv1"], &mut rng.as_fn())
             .expect("a new generation");
-        assert!(!old_primary.knows(g1), "the old side never saw g1");
-        assert!(!old_primary.lineage().contains(&taken_over.current));
-        // The other way round the old generation is known: an outdate from the new side
-        // applies to the old one.
-        assert!(taken_over.knows(day0));
-        assert!(taken_over.lineage().contains(&old_primary.current));
         assert_eq!(taken_over.lineage(), vec![g1, day0]);
+        assert!(moved_on_from(&taken_over.lineage(), old_primary.current));
+        assert!(!moved_on_from(&old_primary.lineage(), taken_over.current));
+        // Equal generations, an unknown one, and an empty lineage are not "moved on".
+        assert!(!moved_on_from(&old_primary.lineage(), day0));
+        assert!(!moved_on_from(
+            &taken_over.lineage(),
+            Generation::from_raw(0x999)
+        ));
+        assert!(!moved_on_from(&[], day0));
     }
 
     #[test]

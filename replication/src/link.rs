@@ -1178,11 +1178,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_higher_common_version_is_chosen() {
+        // A newer build that also speaks this one's versions.
         let mut a = hello("a");
-        a.max_version = 1;
+        a.max_version = wire::PROTOCOL_VERSION_MAX + 2;
         let (x, y) = pair_with(a, hello("b")).await;
-        assert_eq!(x.unwrap().info.version, 1);
-        assert_eq!(y.unwrap().info.version, 1);
+        assert_eq!(x.unwrap().info.version, wire::PROTOCOL_VERSION_MAX);
+        assert_eq!(y.unwrap().info.version, wire::PROTOCOL_VERSION_MAX);
         assert_eq!(negotiate_version(1, 4, 2, 9), Some(4));
     }
 

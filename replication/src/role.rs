@@ -245,18 +245,26 @@ pub fn disk_state_after_handshake(
 }
 
 /// Whether an Outdated replica holds the newest data after all: it is connected to every
-/// other data replica (`data_peers`: each one's replication state seen from here, `None`
-/// when not connected) and is the SyncTarget of none. Every acknowledged write lives on
-/// some data replica, and the handshakes just found none newer, so whatever marked this
-/// one Outdated (a stale outdate request, a peer that has since lost its newer data to a
-/// resync from here) no longer holds. A lone replica without data peers never qualifies.
-pub fn outdated_but_newest(disk: DiskState, data_peers: &[Option<ReplicationState>]) -> bool {
+/// other data replica (`data_peers`: each one's replication state seen from here and its
+/// disk state as it last reported, `None` when not connected), is the SyncTarget of none,
+/// and each of them holds data of its own (UpToDate, Outdated or Consistent: a replica
+/// that got its data from a resync cannot vouch for anything). Every acknowledged write
+/// lives on some data replica, and the handshakes just found none newer, so whatever
+/// marked this one Outdated (a stale outdate request, a peer that has since lost its
+/// newer data to a resync from here) no longer holds. A lone replica never qualifies.
+pub fn outdated_but_newest(
+    disk: DiskState,
+    data_peers: &[Option<(ReplicationState, DiskState)>],
+) -> bool {
     disk == DiskState::Outdated
         && !data_peers.is_empty()
         && data_peers.iter().all(|p| {
             matches!(
                 p,
-                Some(ReplicationState::Established | ReplicationState::SyncSource)
+                Some((
+                    ReplicationState::Established | ReplicationState::SyncSource,
+                    DiskState::UpToDate | DiskState::Outdated | DiskState::Consistent
+                ))
             )
         })
 }
@@ -405,20 +413,26 @@ mod tests {
 
     #[test]
     fn an_outdated_replica_is_newest_only_when_every_data_peer_is_connected_and_older() {
+        use DiskState::{Consistent, Inconsistent, Outdated, UpToDate};
         use ReplicationState::*;
-        let newest = |disk, peers: &[Option<ReplicationState>]| outdated_but_newest(disk, peers);
-        assert!(newest(DiskState::Outdated, &[Some(SyncSource)]));
+        let newest = outdated_but_newest;
+        assert!(newest(Outdated, &[Some((SyncSource, UpToDate))]));
         assert!(newest(
-            DiskState::Outdated,
-            &[Some(Established), Some(SyncSource)]
+            Outdated,
+            &[
+                Some((Established, Outdated)),
+                Some((SyncSource, Consistent))
+            ]
         ));
         // A peer away may hold newer data; a peer we resync from does.
-        assert!(!newest(DiskState::Outdated, &[Some(SyncSource), None]));
-        assert!(!newest(DiskState::Outdated, &[Some(SyncTarget)]));
-        assert!(!newest(DiskState::Outdated, &[]));
+        assert!(!newest(Outdated, &[Some((SyncSource, UpToDate)), None]));
+        assert!(!newest(Outdated, &[Some((SyncTarget, UpToDate))]));
+        assert!(!newest(Outdated, &[]));
+        // A peer with no data of its own cannot vouch.
+        assert!(!newest(Outdated, &[Some((SyncSource, Inconsistent))]));
         // Only Outdated is ever reclaimed.
-        assert!(!newest(DiskState::Inconsistent, &[Some(SyncSource)]));
-        assert!(!newest(DiskState::UpToDate, &[Some(SyncSource)]));
+        assert!(!newest(Inconsistent, &[Some((SyncSource, UpToDate))]));
+        assert!(!newest(UpToDate, &[Some((SyncSource, UpToDate))]));
     }
 
     #[test]

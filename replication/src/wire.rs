@@ -54,10 +54,13 @@ pub const MAX_CONTROL_PAYLOAD: usize = 64 << 10;
 pub const MAX_NAME_LEN: usize = 255;
 /// Longest message text in an Error frame.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 4096;
-/// Oldest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// Oldest protocol version this build speaks. Version 2 changed the layout of the engine's
+/// State and Outdate messages (they carry generations, `replica/messages.rs`); before 1.0
+/// such a change drops the old version instead of speaking both, so nodes of different
+/// versions refuse each other with "no common protocol version": upgrade every node.
+pub const PROTOCOL_VERSION_MIN: u16 = 2;
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 /// First message type reserved for state/UUID/bitmap/resync/verify messages.
 pub const EXTENSION_TYPE_FIRST: u16 = 0x0100;
 /// Last message type reserved for state/UUID/bitmap/resync/verify messages.

@@ -127,7 +127,10 @@ async fn check_heal(
 
 /// `asym2.sh`: hv1 loses hv2 while its witness link is already dead without hv1 knowing
 /// yet, so the outdate request for hv2 stays queued; hv2 takes over and writes; then only
-/// hv1↔witness heals and hv1 sends the request again. hv2 answers that it is stale.
+/// hv1↔witness heals. Before this was fixed hv1 sent the request again and hv2 marked
+/// itself Outdated. Now hv1 learns from the witness that hv2 moved on and steps down
+/// instead (were the request sent anyway, hv2 would answer that it is stale:
+/// `replica::outdate` unit tests).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stale_outdate_request_never_outdates_the_replica_that_took_over() {
     let c = cluster().await;

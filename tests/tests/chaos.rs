@@ -258,6 +258,19 @@ impl Chaos {
         assert_eq!(field(&secondary, "role"), "Secondary", "{secondary}");
     }
 
+    /// Wait (60 s) until `host`'s current generation differs from `old`'s: the new Primary
+    /// wrote.
+    fn wait_for_new_generation(&self, host: &str, old: &str) {
+        let current = |h: &str| self.status(h).map(|s| field(&s, "current_uuid"));
+        let before = current(old);
+        let moved = wait_until(Duration::from_secs(60), || current(host) != before);
+        assert!(
+            moved,
+            "{host} wrote nothing within 60 s of its promotion\n{}",
+            self.cluster.logs()
+        );
+    }
+
     /// After a link cut or partition heals, a link that the other side still counted as
     /// up can die a moment later (nothing arrived within the 2 s dead-after while the
     /// kernel retransmits with backoff), and the Primary then outdates its peer and writes
@@ -322,6 +335,9 @@ impl Chaos {
                 self.ensure_primary(&s);
                 std::thread::sleep(hold);
                 if witness_first {
+                    // p learns that it was left behind from the generation s starts with
+                    // its first write (the checker moves over after its I/O timeout).
+                    self.wait_for_new_generation(&s, &p);
                     self.cluster.block_replication(&p, &[&s]);
                     self.cluster.heal_replication(&p);
                     let stepped_down = wait_until(Duration::from_secs(15), || {

@@ -473,8 +473,8 @@ enum Heal {
     WitnessFirst,
     /// `asym2.sh` of the outside check: hv1↔hv2 is blocked, hv1↔witness 1.3 s later, so
     /// that hv1 asks the witness to outdate hv2 when the witness can no longer hear it; hv2
-    /// takes over; then hv1↔witness comes back first and hv1 sends that request again. It
-    /// is stale: hv2 must stay UpToDate and serving, hv1 step down; then everything.
+    /// takes over; then hv1↔witness comes back first. That request is stale now: hv2 must
+    /// stay UpToDate and serving, hv1 step down; then everything.
     StaleOutdate,
 }
 

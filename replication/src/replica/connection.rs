@@ -255,8 +255,8 @@ impl Replica {
                 let _ = sender.send_control(&msg);
             }
             tracing::info!(volume = %self.volume, peer, "control link up");
-            if let Some(newer_on) = behind {
-                self.left_behind(&newer_on, peer).await;
+            if let Some((newer_on, lineage)) = behind {
+                self.left_behind(&newer_on, peer, Some(&lineage)).await;
             }
             self.broadcast_state();
             return self.control_loop(peer, receiver).await;
@@ -841,8 +841,8 @@ impl Replica {
                     self.broadcast_state();
                 }
                 self.notify();
-                if let Some(newer_on) = behind {
-                    self.left_behind(&newer_on, peer).await;
+                if let Some((newer_on, lineage)) = behind {
+                    self.left_behind(&newer_on, peer, Some(&lineage)).await;
                 }
             }
             EngineMessage::NewCurrent {
@@ -867,8 +867,11 @@ impl Replica {
                 id,
                 target,
                 requester,
-                lineage,
-            } => self.on_outdate(peer, id, target, requester, lineage).await,
+                generation,
+            } => {
+                self.on_outdate(peer, id, target, requester, generation)
+                    .await
+            }
             // Outside a handshake: a Secondary following us asks for a reconciliation.
             EngineMessage::BitmapRuns { runs, last } => self.on_reconcile_bits(peer, runs, last),
             EngineMessage::PromotePrepare { id, two_primaries } => {

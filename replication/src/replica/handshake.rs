@@ -349,7 +349,7 @@ mod tests {
             changed_blocks: 0,
             primaries: Vec::new(),
             uuids: None,
-            seen_currents: Vec::new(),
+            seen_lineages: Vec::new(),
         }
     }
 

@@ -7,17 +7,16 @@
 //!                     | promoted_at u64 | changed_blocks u64
 //!                     | primaries (u8 count, each u8 len + name)
 //!                     | uuids (u32 len + UuidSet::to_wire, empty on a diskless node)
-//!                     | seen currents (u8 count, each name + generation u64; only a
-//!                       tiebreaker fills it: the current generation it last saw from
-//!                       each data replica)
+//!                     | seen lineages (u8 count, each name + u8 count + generation u64
+//!                       each; only a tiebreaker fills it: the lineage, current first,
+//!                       it last saw from each data replica)
 //!                     flags: 1 allow-two-primaries, 2 diskless, 4 discard-my-data,
 //!                            8 has-quorum, 16 leaving (clean goodbye), 32 handshake,
 //!                            64 keep-my-data (the operator chose this side)
 //! 0x0101 NewCurrent   generation u64 | names of replicas that do not receive its writes
 //! 0x0102 Outdate      request id u64 | target name | requester name
-//!                     | lineage (u8 count, generation u64 each: the requester's current
-//!                       and history; a target whose current is not among them is newer
-//!                       than the request, which is stale)
+//!                     | generation u64 (the requester's current: a target that moved on
+//!                       from it answers stale)
 //! 0x0103 OutdateReply request id u64 | target name | requester name | result u8
 //!                     (0 outdated, 1 unreachable, 2 refused, 3 stale)
 //! 0x0104 BitmapRuns   last u8 | count u32 | (offset u64, len u64) x count  (at most
@@ -55,7 +54,7 @@ pub const MAX_RUNS_PER_MESSAGE: usize = 4096;
 
 const MAX_NAME: usize = 64;
 const MAX_NAMES: usize = 32;
-/// Generations in an outdate request's lineage: the current and the whole history.
+/// Generations in a relayed lineage: the current and the whole history.
 const MAX_LINEAGE: usize = 1 + crate::generation::HISTORY_LEN;
 const STATE_VERSION: u8 = 2;
 
@@ -94,10 +93,10 @@ pub struct PeerState {
     pub primaries: Vec<String>,
     /// The sender's generations (None on a diskless node).
     pub uuids: Option<UuidSet>,
-    /// From a tiebreaker only: the current generation it last saw from each data replica
-    /// (kept while that replica is away), so a replica cut off from the others learns
-    /// that one of them moved on without it.
-    pub seen_currents: Vec<(String, Generation)>,
+    /// From a tiebreaker only: the lineage (current generation first, then history) it
+    /// last saw from each data replica (kept while that replica is away), so a replica
+    /// cut off from the others learns that one of them moved on without it.
+    pub seen_lineages: Vec<(String, Vec<Generation>)>,
 }
 
 /// Result of an outdate request.
@@ -109,9 +108,9 @@ pub enum OutdateResult {
     Unreachable,
     /// The target refused (it is Primary).
     Refused,
-    /// The target holds a generation the requester does not know: it moved on after the
-    /// request was decided (e.g. it took over while the requester was cut off). The
-    /// target keeps its state; the requester's data is the stale side.
+    /// The target moved on from the requester's generation (it took over while the
+    /// requester was cut off): the request is stale, the target keeps its state, and the
+    /// requester's data is the stale side.
     Stale,
 }
 
@@ -142,8 +141,8 @@ pub enum EngineMessage {
         id: u64,
         target: String,
         requester: String,
-        /// The requester's generations, current first, when the request was sent.
-        lineage: Vec<Generation>,
+        /// The requester's current generation when the request was sent.
+        generation: Generation,
     },
     OutdateReply {
         id: u64,
@@ -237,11 +236,15 @@ impl EngineMessage {
                 let uuids = s.uuids.as_ref().map(|u| u.to_wire()).unwrap_or_default();
                 out.extend_from_slice(&(uuids.len() as u32).to_le_bytes());
                 out.extend_from_slice(&uuids);
-                let seen = &s.seen_currents[..s.seen_currents.len().min(MAX_NAMES)];
+                let seen = &s.seen_lineages[..s.seen_lineages.len().min(MAX_NAMES)];
                 out.push(seen.len() as u8);
-                for (name, g) in seen {
+                for (name, lineage) in seen {
                     put_name(&mut out, name);
-                    out.extend_from_slice(&g.raw().to_le_bytes());
+                    let lineage = &lineage[..lineage.len().min(MAX_LINEAGE)];
+                    out.push(lineage.len() as u8);
+                    for g in lineage {
+                        out.extend_from_slice(&g.raw().to_le_bytes());
+                    }
                 }
                 MSG_STATE
             }
@@ -261,16 +264,12 @@ impl EngineMessage {
                 id,
                 target,
                 requester,
-                lineage,
+                generation,
             } => {
                 out.extend_from_slice(&id.to_le_bytes());
                 put_name(&mut out, target);
                 put_name(&mut out, requester);
-                let lineage = &lineage[..lineage.len().min(MAX_LINEAGE)];
-                out.push(lineage.len() as u8);
-                for g in lineage {
-                    out.extend_from_slice(&g.raw().to_le_bytes());
-                }
+                out.extend_from_slice(&generation.raw().to_le_bytes());
                 MSG_OUTDATE
             }
             EngineMessage::OutdateReply {
@@ -389,12 +388,12 @@ impl EngineMessage {
                 };
                 let n = r.u8()? as usize;
                 if n > MAX_NAMES {
-                    return Err(r.invalid(format!("{n} seen currents")));
+                    return Err(r.invalid(format!("{n} seen lineages")));
                 }
-                let mut seen_currents = Vec::with_capacity(n);
+                let mut seen_lineages = Vec::with_capacity(n);
                 for _ in 0..n {
                     let name = r.name()?;
-                    seen_currents.push((name, Generation::from_raw(r.u64()?)));
+                    seen_lineages.push((name, r.generations()?));
                 }
                 EngineMessage::State(Box::new(PeerState {
                     role,
@@ -411,7 +410,7 @@ impl EngineMessage {
                     changed_blocks,
                     primaries,
                     uuids,
-                    seen_currents,
+                    seen_lineages,
                 }))
             }
             MSG_NEW_CURRENT => {
@@ -429,25 +428,12 @@ impl EngineMessage {
                     disconnected,
                 }
             }
-            MSG_OUTDATE => {
-                let id = r.u64()?;
-                let target = r.name()?;
-                let requester = r.name()?;
-                let n = r.u8()? as usize;
-                if n > MAX_LINEAGE {
-                    return Err(r.invalid(format!("lineage of {n} generations")));
-                }
-                let mut lineage = Vec::with_capacity(n);
-                for _ in 0..n {
-                    lineage.push(Generation::from_raw(r.u64()?));
-                }
-                EngineMessage::Outdate {
-                    id,
-                    target,
-                    requester,
-                    lineage,
-                }
-            }
+            MSG_OUTDATE => EngineMessage::Outdate {
+                id: r.u64()?,
+                target: r.name()?,
+                requester: r.name()?,
+                generation: Generation::from_raw(r.u64()?),
+            },
             MSG_OUTDATE_REPLY => EngineMessage::OutdateReply {
                 id: r.u64()?,
                 target: r.name()?,
@@ -554,6 +540,16 @@ impl<'a> Reader<'a> {
             b => Err(self.invalid(format!("{what} {b}"))),
         }
     }
+    /// A u8 count, then that many generations (at most [`MAX_LINEAGE`]).
+    fn generations(&mut self) -> Result<Vec<Generation>, MessageError> {
+        let n = self.u8()? as usize;
+        if n > MAX_LINEAGE {
+            return Err(self.invalid(format!("lineage of {n} generations")));
+        }
+        (0..n)
+            .map(|_| self.u64().map(Generation::from_raw))
+            .collect()
+    }
     fn name(&mut self) -> Result<String, MessageError> {
         let n = self.u8()? as usize;
         if n == 0 || n > MAX_NAME {
@@ -588,7 +584,10 @@ mod tests {
                 changed_blocks: 3,
                 primaries: vec!["hv1".into()],
                 uuids: Some(u),
-                seen_currents: vec![("hv2".into(), Generation::from_raw(0x5678))],
+                seen_lineages: vec![(
+                    "hv2".into(),
+                    vec![Generation::from_raw(0x5678), Generation::from_raw(0x10)],
+                )],
             })),
             EngineMessage::NewCurrent {
                 generation: Generation::from_raw(0x1234),
@@ -598,7 +597,7 @@ mod tests {
                 id: 9,
                 target: "hv2".into(),
                 requester: "hv1".into(),
-                lineage: vec![Generation::from_raw(0x10), Generation::from_raw(0x20)],
+                generation: Generation::from_raw(0x10),
             },
             EngineMessage::OutdateReply {
                 id: 9,

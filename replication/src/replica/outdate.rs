@@ -1,44 +1,46 @@
 //! Outdating through a tiebreaker, tied to generations, and learning that this replica was
-//! left behind.
+//! left behind. Every rule here asks for *positive ancestry*: a replica is newer than
+//! another only if the other's current generation is in its history
+//! ([`moved_on_from`]); a generation that is merely unknown (older than the history
+//! reaches, or on a branch that ended) never counts.
 //!
 //! - A Primary that keeps quorum while losing a data peer asks a tiebreaker to outdate it
-//!   (`connection.rs`, `link_down`). The request carries the requester's lineage (current
-//!   generation and history) *as it is when the request is sent*, which may be long after
-//!   it was decided: it is resent on every new link to a tiebreaker. The target applies it
-//!   only if its own current generation is in that lineage, i.e. it holds nothing the
-//!   requester lacks. A target that took over meanwhile holds a generation the requester
-//!   never had: it answers [`OutdateResult::Stale`] and keeps its state. A stale request
-//!   is never applied to a newer generation.
-//! - A tiebreaker remembers the current generation each data replica last reported
-//!   (`State::seen_currents`) and relays it in every state it sends. A data replica that is
-//!   not connected to one of them and finds there a generation it does not know was left
-//!   behind: the other side moved on without it ([`Replica::left_behind`]). Such a replica
-//!   never regains a role through the tiebreaker:
+//!   (`connection.rs`, `link_down`). The request carries the requester's current
+//!   generation *as it is when the request is sent*, which may be long after it was
+//!   decided: it is resent on every new link to a tiebreaker. A target that moved on from
+//!   that generation (it took over meanwhile) and holds consistent data answers
+//!   [`OutdateResult::Stale`] and keeps its state ([`outdate_answer`]): a stale request is
+//!   never applied to a newer generation. The requester keeps it pending, so no write is
+//!   admitted on its account.
+//! - A tiebreaker remembers the lineage each data replica last reported
+//!   (`State::seen_lineages`) and relays it in every state it sends. A data replica not
+//!   connected to one of them that finds there a lineage that moved on from its own
+//!   current generation was left behind ([`Replica::left_behind`]); so is the requester of
+//!   a stale outdate. Such a replica never regains a role through the tiebreaker:
 //!   - a Primary without quorum steps down (force-secondary; none of its frozen requests
 //!     was acknowledged) instead of staying Primary and blocking the new side's promotion;
 //!   - its disk becomes Outdated, durably, until a resync from the newer side.
-//!
-//!   The same holds for the requester of a stale outdate.
 //! - The other way round, an Outdated replica that is connected to every other data
-//!   replica and is the SyncTarget of none holds the newest data there is: it becomes
-//!   UpToDate again ([`crate::role::outdated_but_newest`]), whatever marked it.
+//!   replica, each holding data of its own, and is the SyncTarget of none holds the newest
+//!   data there is: it becomes UpToDate again ([`crate::role::outdated_but_newest`]),
+//!   whatever marked it.
 
 use super::messages::{EngineMessage, OutdateResult, PeerState};
 use super::volume::{lock, Replica, State};
 use crate::failure_log::error_chain;
-use crate::generation::Generation;
+use crate::generation::{moved_on_from, Generation, UuidSet};
 use crate::link::LinkSender;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
 use crate::wire::Message;
 
 impl Replica {
-    /// The outdate request for `target`, with our lineage as it is now.
+    /// The outdate request for `target`, with our current generation as it is now.
     pub(super) fn outdate_request(&self, st: &State, id: u64, target: &str) -> Message {
         EngineMessage::Outdate {
             id,
             target: target.to_string(),
             requester: self.node_name().to_string(),
-            lineage: st.uuids.lineage(),
+            generation: st.uuids.current,
         }
         .to_message()
     }
@@ -51,22 +53,19 @@ impl Replica {
         id: u64,
         target: String,
         requester: String,
-        lineage: Vec<Generation>,
+        generation: Generation,
     ) {
         if target != self.node_name() {
-            self.relay_outdate(from, id, target, requester, lineage);
+            self.relay_outdate(from, id, target, requester, generation);
             return;
         }
         let result = {
             let mut st = lock(&self.st);
-            if st.role == Role::Primary {
-                OutdateResult::Refused
-            } else if !lineage.contains(&st.uuids.current) {
-                OutdateResult::Stale
-            } else {
+            let result = outdate_answer(st.role, st.disk, &st.uuids, generation);
+            if result == OutdateResult::Outdated {
                 mark_outdated(&mut st);
-                OutdateResult::Outdated
             }
+            result
         };
         match result {
             OutdateResult::Outdated => {
@@ -81,7 +80,7 @@ impl Replica {
             OutdateResult::Stale => {
                 let current = lock(&self.st).uuids.current;
                 tracing::warn!(volume = %self.volume, by = %requester, generation = %current,
-                    "stale outdate request ignored: this replica holds a generation the requester never had");
+                    "stale outdate request ignored: this replica moved on from the requester's generation");
             }
             OutdateResult::Refused | OutdateResult::Unreachable => {}
         }
@@ -109,7 +108,7 @@ impl Replica {
         id: u64,
         target: String,
         requester: String,
-        lineage: Vec<Generation>,
+        generation: Generation,
     ) {
         let (fwd, back) = {
             let mut st = lock(&self.st);
@@ -128,7 +127,7 @@ impl Replica {
             id,
             target: target.clone(),
             requester: requester.clone(),
-            lineage,
+            generation,
         };
         match fwd {
             Some(s) if s.send_control(&msg.to_message()).is_ok() => {}
@@ -192,56 +191,69 @@ impl Replica {
         }
         self.notify();
         if result == OutdateResult::Stale {
-            self.left_behind(&target, via).await;
+            self.left_behind(&target, via, None).await;
         }
     }
 
-    /// A tiebreaker's state: remember every data replica's current generation from it (we
-    /// are the tiebreaker) or look in its memory for a generation we lack (we are a data
-    /// replica). `state` is what `peer` just sent; the caller stores it afterwards. True
-    /// when a tiebreaker's memory changed (every peer should get our state again).
+    /// A tiebreaker's state: remember every data replica's lineage from it (we are the
+    /// tiebreaker) or look in its memory for a replica that moved on from us (we are a
+    /// data replica). `state` is what `peer` just sent; the caller stores it afterwards.
+    /// Returns whether a tiebreaker's memory changed (every peer should get our state
+    /// again) and, for a data replica, who moved on without us with that lineage.
     pub(super) fn note_generations(
         &self,
         st: &mut State,
         peer: &str,
         state: &PeerState,
-    ) -> (bool, Option<String>) {
+    ) -> (bool, Option<(String, Vec<Generation>)>) {
         if self.device.is_none() {
             let Some(u) = state.uuids.as_ref().filter(|_| !state.diskless) else {
                 return (false, None);
             };
-            let old = st.seen_currents.insert(peer.to_string(), u.current);
-            return (old != Some(u.current), None);
+            let lineage = u.lineage();
+            let old = st.seen_lineages.insert(peer.to_string(), lineage.clone());
+            return (old.as_ref() != Some(&lineage), None);
         }
         if !state.diskless {
             return (false, None);
         }
-        let me = self.node_name();
-        let newer = state.seen_currents.iter().find(|(node, g)| {
-            node != me
-                && !g.is_zero()
-                && !g.is_just_created()
-                && !st.uuids.knows(*g)
-                && st
-                    .peers
-                    .get(node)
-                    .is_some_and(|p| !p.spec.diskless && p.conn != ConnectionState::Connected)
-        });
-        (false, newer.map(|(node, _)| node.clone()))
+        let newer = state
+            .seen_lineages
+            .iter()
+            .find(|(node, lineage)| self.left_behind_by(st, node, lineage));
+        (false, newer.cloned())
     }
 
-    /// `newer_on`, a data replica we are not connected to, holds a generation we never had
-    /// (we learned it through the tiebreaker `via`): it moved on without us. A Primary
-    /// without quorum steps down; our disk becomes Outdated. A Primary with quorum only
-    /// logs it: the handshake with that replica will decide.
-    pub(super) async fn left_behind(&self, newer_on: &str, via: &str) {
+    /// `node` (as a tiebreaker remembers its `lineage`) moved on from our generation and is
+    /// a data replica we are not connected to (a connected one is the handshake's).
+    fn left_behind_by(&self, st: &State, node: &str, lineage: &[Generation]) -> bool {
+        node != self.node_name()
+            && moved_on_from(lineage, st.uuids.current)
+            && st
+                .peers
+                .get(node)
+                .is_some_and(|p| !p.spec.diskless && p.conn != ConnectionState::Connected)
+    }
+
+    /// `newer_on`, a data replica we are not connected to, moved on from our generation
+    /// (we learned it through the tiebreaker `via`, with its `lineage` when the tiebreaker
+    /// relayed it): it went on without us. A Primary without quorum steps down; our disk
+    /// becomes Outdated. A Primary with quorum only logs it: the handshake with that
+    /// replica will decide. Everything is checked again under the lock before the disk is
+    /// marked: a handshake with `newer_on` may have resynced us meanwhile.
+    pub(super) async fn left_behind(
+        &self,
+        newer_on: &str,
+        via: &str,
+        lineage: Option<&[Generation]>,
+    ) {
         let (primary, quorum) = {
             let st = lock(&self.st);
             (st.role == Role::Primary, st.has_quorum)
         };
         if primary && quorum {
             tracing::warn!(volume = %self.volume, peer = %newer_on, via,
-                "a replica holds a generation this Primary never had; the handshake with it decides");
+                "a replica moved on from this Primary's generation; the handshake with it decides");
             return;
         }
         tracing::warn!(volume = %self.volume, peer = %newer_on, via,
@@ -255,25 +267,36 @@ impl Replica {
         }
         let changed = {
             let mut st = lock(&self.st);
-            st.role != Role::Primary && mark_outdated(&mut st)
+            let still = match lineage {
+                Some(l) => self.left_behind_by(&st, newer_on, l),
+                None => st
+                    .peers
+                    .get(newer_on)
+                    .is_some_and(|p| p.conn != ConnectionState::Connected),
+            };
+            still && st.role != Role::Primary && mark_outdated(&mut st)
         };
         if changed {
             if let Err(e) = self.persist().await {
-                tracing::error!(volume = %self.volume, error = %error_chain(&e), "persisting Outdated");
+                tracing::error!(volume = %self.volume, error = %e, "persisting Outdated");
             }
             self.broadcast_state();
             self.notify();
         }
     }
 
-    /// An Outdated replica connected to every other data replica, and SyncTarget of none,
-    /// holds the newest data there is: UpToDate again. True when it changed (persist).
+    /// An Outdated replica connected to every other data replica (each with data of its
+    /// own, as it last reported), and SyncTarget of none, holds the newest data there is:
+    /// UpToDate again. True when it changed (persist).
     pub(super) fn reclaim_up_to_date(&self, st: &mut State) -> bool {
-        let peers: Vec<Option<ReplicationState>> = st
+        let peers: Vec<Option<(ReplicationState, DiskState)>> = st
             .peers
             .values()
             .filter(|p| !p.spec.diskless)
-            .map(|p| (p.conn == ConnectionState::Connected).then_some(p.replication))
+            .map(|p| {
+                let disk = p.state.as_ref().map_or(DiskState::DUnknown, |s| s.disk);
+                (p.conn == ConnectionState::Connected).then_some((p.replication, disk))
+            })
             .collect();
         if !crate::role::outdated_but_newest(st.disk, &peers) {
             return false;
@@ -284,6 +307,27 @@ impl Replica {
         st.uuids.flags.was_up_to_date = true;
         st.uuids.flags.consistent = true;
         true
+    }
+}
+
+/// The target's answer to an outdate request from a requester at `generation`. A Primary
+/// refuses. A target holding consistent data that moved on from that generation answers
+/// Stale; any other target is marked Outdated (for an Inconsistent or Outdated one that
+/// changes nothing it could be promoted with).
+pub(super) fn outdate_answer(
+    role: Role,
+    disk: DiskState,
+    uuids: &UuidSet,
+    generation: Generation,
+) -> OutdateResult {
+    if role == Role::Primary {
+        OutdateResult::Refused
+    } else if matches!(disk, DiskState::UpToDate | DiskState::Consistent)
+        && moved_on_from(&uuids.lineage(), generation)
+    {
+        OutdateResult::Stale
+    } else {
+        OutdateResult::Outdated
     }
 }
 
@@ -310,4 +354,61 @@ pub(super) fn answer_unreachable(sender: &LinkSender, id: u64, target: String, r
         }
         .to_message(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::SplitMix64;
+
+    /// hv2's generations after it took over from hv1 at `day0` and wrote.
+    fn took_over(day0: Generation) -> UuidSet {
+        let mut u = UuidSet::day0(day0);
+        u.on_promote(true);
+        u.before_write(&["hv1"], &mut SplitMix64::new(3).as_fn());
+        u
+    }
+
+    #[test]
+    fn a_target_that_moved_on_from_the_requester_answers_stale() {
+        let day0 = Generation::from_raw(0x100);
+        let hv2 = took_over(day0);
+        let answer = |role, disk, u: &UuidSet| outdate_answer(role, disk, u, day0);
+        assert_eq!(
+            answer(Role::Secondary, DiskState::UpToDate, &hv2),
+            OutdateResult::Stale
+        );
+        assert_eq!(
+            answer(Role::Secondary, DiskState::Consistent, &hv2),
+            OutdateResult::Stale
+        );
+        assert_eq!(
+            answer(Role::Primary, DiskState::UpToDate, &hv2),
+            OutdateResult::Refused
+        );
+        // Not stale: the target did not move on (same generation, or the requester is
+        // newer), or its data is not consistent anyway.
+        let same = UuidSet::day0(day0);
+        assert_eq!(
+            answer(Role::Secondary, DiskState::UpToDate, &same),
+            OutdateResult::Outdated
+        );
+        assert_eq!(
+            outdate_answer(Role::Secondary, DiskState::UpToDate, &same, hv2.current),
+            OutdateResult::Outdated
+        );
+        for disk in [DiskState::Inconsistent, DiskState::Outdated] {
+            assert_eq!(answer(Role::Secondary, disk, &hv2), OutdateResult::Outdated);
+        }
+        // An unknown generation (a divergent or long-gone requester) is no proof either.
+        assert_eq!(
+            outdate_answer(
+                Role::Secondary,
+                DiskState::UpToDate,
+                &hv2,
+                Generation::from_raw(0x777)
+            ),
+            OutdateResult::Outdated
+        );
+    }
 }

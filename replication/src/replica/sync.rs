@@ -282,12 +282,10 @@ impl Replica {
                                 slot.resync_replies = None;
                             }
                         }
-                        me.reclaim_up_to_date(&mut st);
                     }
                     if let Err(e) = me.persist().await {
                         tracing::error!(volume = %me.volume, error = %error_chain(&e), "persisting the resync end");
                     }
-                    me.broadcast_state();
                     tracing::info!(volume = %me.volume, peer = %peer_name, sent = outcome.sent_bytes,
                         skipped = outcome.skipped_bytes, "resync as source finished");
                     me.notify();

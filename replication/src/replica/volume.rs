@@ -128,9 +128,9 @@ pub(super) struct State {
     pub next_request_id: u64,
     /// Outdate requests this tiebreaker forwarded: id → (requester, target).
     pub relayed_outdates: BTreeMap<u64, (String, String)>,
-    /// A tiebreaker's memory of the current generation each data replica last reported
-    /// (kept while the replica is away; relayed in every state it sends).
-    pub seen_currents: BTreeMap<String, Generation>,
+    /// A tiebreaker's memory of the lineage each data replica last reported (kept while
+    /// the replica is away; relayed in every state it sends).
+    pub seen_lineages: BTreeMap<String, Vec<Generation>>,
     pub last_verify: Option<VerifySummary>,
     /// Why the replica was last demoted by force (frozen requests report it).
     pub forced_demotion: Option<String>,
@@ -332,7 +332,7 @@ impl Replica {
             pending_outdates: BTreeMap::new(),
             next_request_id: 1,
             relayed_outdates: BTreeMap::new(),
-            seen_currents: BTreeMap::new(),
+            seen_lineages: BTreeMap::new(),
             last_verify: None,
             forced_demotion: None,
             promotion: None,
@@ -608,10 +608,10 @@ impl Replica {
             changed_blocks,
             primaries,
             uuids: self.device.as_ref().map(|_| st.uuids.clone()),
-            seen_currents: st
-                .seen_currents
+            seen_lineages: st
+                .seen_lineages
                 .iter()
-                .map(|(n, g)| (n.clone(), *g))
+                .map(|(n, l)| (n.clone(), l.clone()))
                 .collect(),
         }
     }
@@ -1350,7 +1350,7 @@ impl Replica {
             for s in senders {
                 let _ = s.send_control(&msg);
             }
-            // Tiebreakers remember every replica's current generation (`seen_currents`):
+            // Tiebreakers remember every replica's lineage (`seen_lineages`):
             // a replica cut off now learns from them that it was left behind.
             self.broadcast_state();
             return Ok(true);
