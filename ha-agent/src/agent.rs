@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use control_api::Role;
 use replication::auth::{AuthRole, Secret};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -614,7 +615,7 @@ impl Agent {
         let Ok(views) = views else { return };
         let mut failed = None;
         let mut demoted = Vec::new();
-        for d in views.iter().filter(|d| d.role == "Primary") {
+        for d in views.iter().filter(|d| d.role == Role::Primary) {
             match disks.demote_force(&d.volume) {
                 Ok(()) => demoted.push(d.volume.clone()),
                 Err(e) => failed = Some(e),

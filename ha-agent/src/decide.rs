@@ -21,22 +21,22 @@
 //! - A restarted agent (owners come back from `placement.json`) decides nothing about a VM
 //!   whose owner it has not heard from yet, until dead-after has passed since its start.
 
+use control_api::{ConnectionState, DiskState, Role, VolumeStatus};
 use serde::{Deserialize, Serialize};
 
-/// One disk of the VM as this node's tandemd reports it (`volume_status`).
+/// One disk of the VM as this node's tandemd reports it (`volume_status`): the fields of
+/// the control API's [`VolumeStatus`] the decision reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskView {
     pub volume: String,
-    /// `Primary`, `Secondary`.
-    pub role: String,
-    /// `UpToDate`, `Outdated`, `Inconsistent`, `Diskless`, ...
-    pub disk_state: String,
+    pub role: Role,
+    pub disk_state: DiskState,
     pub quorum: bool,
     /// The engine's words for the quorum state, e.g. "1 of 3 voters reachable".
     pub quorum_reason: String,
     pub io_suspended: bool,
     /// Writable frontend handles (NBD clients) open on this node.
-    pub open_writers: u64,
+    pub open_writers: usize,
     pub peers: Vec<DiskPeer>,
 }
 
@@ -44,10 +44,34 @@ pub struct DiskView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskPeer {
     pub node: String,
-    /// `Connected`, `Connecting`, `StandAlone`, ...
-    pub connection: String,
-    pub role: String,
+    pub connection: ConnectionState,
+    pub role: Role,
     pub diskless: bool,
+}
+
+impl From<&VolumeStatus> for DiskView {
+    fn from(status: &VolumeStatus) -> DiskView {
+        let r = &status.replica;
+        DiskView {
+            volume: r.volume.clone(),
+            role: r.role,
+            disk_state: r.disk_state,
+            quorum: r.quorum,
+            quorum_reason: r.quorum_reason.clone(),
+            io_suspended: r.io_suspended,
+            open_writers: status.open_writers,
+            peers: r
+                .peers
+                .iter()
+                .map(|p| DiskPeer {
+                    node: p.node.clone(),
+                    connection: p.connection,
+                    role: p.role,
+                    diskless: p.diskless,
+                })
+                .collect(),
+        }
+    }
 }
 
 impl DiskView {
@@ -63,7 +87,7 @@ impl DiskView {
         let reachable = 1 + self
             .peers
             .iter()
-            .filter(|p| p.connection == "Connected")
+            .filter(|p| p.connection == ConnectionState::Connected)
             .count();
         format!("{reachable} of {voters} voters reachable")
     }
@@ -146,7 +170,7 @@ pub fn ineligibility(vm: &str, disks: &Disks) -> Option<String> {
         ));
     }
     for d in disks {
-        if d.disk_state == "Diskless" {
+        if d.disk_state == DiskState::Diskless {
             return Some(format!(
                 "not starting {vm}: {} is Diskless here (tiebreaker)",
                 d.volume
@@ -159,7 +183,7 @@ pub fn ineligibility(vm: &str, disks: &Disks) -> Option<String> {
                 d.quorum_words()
             ));
         }
-        if d.disk_state != "UpToDate" {
+        if d.disk_state != DiskState::UpToDate {
             return Some(format!(
                 "not starting {vm}: {} is {} here",
                 d.volume, d.disk_state
@@ -168,7 +192,7 @@ pub fn ineligibility(vm: &str, disks: &Disks) -> Option<String> {
         if let Some(p) = d
             .peers
             .iter()
-            .find(|p| p.role == "Primary" && p.connection == "Connected")
+            .find(|p| p.role == Role::Primary && p.connection == ConnectionState::Connected)
         {
             return Some(format!(
                 "not starting {vm}: {} is Primary on {}",
@@ -235,9 +259,10 @@ pub fn decide(input: &VmInput<'_>) -> Decision {
         );
     }
     let replication_up_to_owner = match &input.disks {
-        Ok(disks) => disks
-            .iter()
-            .any(|d| d.peer(owner).is_some_and(|p| p.connection == "Connected")),
+        Ok(disks) => disks.iter().any(|d| {
+            d.peer(owner)
+                .is_some_and(|p| p.connection == ConnectionState::Connected)
+        }),
         Err(_) => false,
     };
     if owner_alive {
@@ -311,8 +336,8 @@ mod tests {
     fn disk(volume: &str, state: &str, quorum: bool, peers: &[(&str, &str, &str)]) -> DiskView {
         DiskView {
             volume: volume.into(),
-            role: "Secondary".into(),
-            disk_state: state.into(),
+            role: Role::Secondary,
+            disk_state: state.parse().unwrap(),
             quorum,
             quorum_reason: String::new(),
             io_suspended: !quorum,
@@ -321,8 +346,8 @@ mod tests {
                 .iter()
                 .map(|(node, connection, role)| DiskPeer {
                     node: (*node).into(),
-                    connection: (*connection).into(),
-                    role: (*role).into(),
+                    connection: connection.parse().unwrap(),
+                    role: role.parse().unwrap(),
                     diskless: *node == "witness",
                 })
                 .collect(),

@@ -1,16 +1,15 @@
 //! The local view of a VM's disks: which Tandem volumes its domain XML uses (the hook's
 //! domain-XML reader) and their replication status from this node's tandemd
-//! (`volume_status` on the control socket, read through the hook's control client), and
+//! (`volume_status` through the control API's client), and
 //! the forced demotion that finishes fencing a VM (`volume_demote` with `force`).
 
 use std::time::Duration;
 
-use libvirt_hook::control::{ControlClient, ControlError, ReplicationRequest};
+use control_api::{Client, ClientError, Request};
 use libvirt_hook::domain_xml::{parse_domain, tandem_volumes, NbdEndpoints};
-use volume_driver::api::Request;
 use volume_driver::config::Config;
 
-use crate::decide::{DiskPeer, DiskView, Disks};
+use crate::decide::{DiskView, Disks};
 
 /// How long one status exchange with tandemd may take.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -41,7 +40,7 @@ pub fn volumes_of(xml: &str, config: &Config) -> Result<Vec<String>, String> {
 /// Reads volume status from tandemd, reconnecting after a failure.
 pub struct DiskReader {
     socket: std::path::PathBuf,
-    client: Option<ControlClient>,
+    client: Option<Client>,
 }
 
 impl DiskReader {
@@ -64,7 +63,7 @@ impl DiskReader {
     /// connection with [`DEMOTE_TIMEOUT`]: the engine waits for requests in flight.
     pub fn demote_force(&mut self, volume: &str) -> Result<(), String> {
         let mut client =
-            ControlClient::connect(&self.socket, DEMOTE_TIMEOUT).map_err(|e| e.to_string())?;
+            Client::connect(&self.socket, Some(DEMOTE_TIMEOUT)).map_err(|e| e.to_string())?;
         let request = Request::VolumeDemote {
             name: volume.to_string(),
             force: true,
@@ -78,18 +77,15 @@ impl DiskReader {
     fn read_one(&mut self, volume: &str) -> Result<DiskView, String> {
         if self.client.is_none() {
             self.client = Some(
-                ControlClient::connect(&self.socket, STATUS_TIMEOUT).map_err(|e| e.to_string())?,
+                Client::connect(&self.socket, Some(STATUS_TIMEOUT)).map_err(|e| e.to_string())?,
             );
         }
         let Some(client) = self.client.as_mut() else {
             return Err("no tandemd connection".into());
         };
-        let request = ReplicationRequest::VolumeStatus {
-            name: volume.to_string(),
-        };
-        match client.call(&request) {
-            Ok(result) => parse_status(&result, volume),
-            Err(ControlError::Api(e)) => Err(format!("{volume}: {e}")),
+        match client.status(volume) {
+            Ok(status) => Ok(DiskView::from(&status)),
+            Err(ClientError::Api(e)) => Err(format!("{volume}: {e}")),
             Err(e) => {
                 self.client = None;
                 Err(e.to_string())
@@ -98,81 +94,27 @@ impl DiskReader {
     }
 }
 
-/// Find `volume`'s status in a `volume_status` result (the object itself or one level
-/// down, as `{"type":"status","status":{...}}`) and read the fields the decision needs.
-pub fn parse_status(result: &serde_json::Value, volume: &str) -> Result<DiskView, String> {
-    let is_status = |v: &serde_json::Value| v.get("role").is_some();
-    let status = if is_status(result) {
-        Some(result)
-    } else {
-        result
-            .as_object()
-            .and_then(|m| m.values().find(|v| is_status(v)))
-    };
-    let Some(s) = status else {
-        return Err(format!(
-            "{volume}: volume_status answer has no status: {result}"
-        ));
-    };
-    let text = |v: &serde_json::Value, key: &str| {
-        v.get(key)
-            .and_then(|x| x.as_str())
-            .unwrap_or("Unknown")
-            .to_string()
-    };
-    let flag = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_bool());
-    let Some(quorum) = flag(s, "quorum") else {
-        return Err(format!("{volume}: volume_status answer lacks quorum: {s}"));
-    };
-    let peers = s
-        .get("peers")
-        .and_then(|p| p.as_array())
-        .map(|peers| {
-            peers
-                .iter()
-                .map(|p| DiskPeer {
-                    node: text(p, "node"),
-                    connection: text(p, "connection"),
-                    role: text(p, "role"),
-                    diskless: flag(p, "diskless").unwrap_or(false),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(DiskView {
-        volume: volume.to_string(),
-        role: text(s, "role"),
-        disk_state: text(s, "disk_state"),
-        quorum,
-        quorum_reason: s
-            .get("quorum_reason")
-            .and_then(|x| x.as_str())
-            .unwrap_or("")
-            .to_string(),
-        io_suspended: flag(s, "io_suspended").unwrap_or(false),
-        open_writers: s.get("open_writers").and_then(|x| x.as_u64()).unwrap_or(0),
-        peers,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use control_api::{ConnectionState, DiskState, Role};
 
     #[test]
-    fn reads_the_engine_status_shape() {
-        let json = serde_json::json!({"type":"status","status":{
+    fn the_decision_reads_the_typed_status() {
+        let status: control_api::VolumeStatus = serde_json::from_value(serde_json::json!({
             "volume":"vm-1-disk-0","node":"hv2","role":"Secondary","disk_state":"UpToDate",
             "protocol":"C","quorum":false,"quorum_reason":"1 of 3 voters reachable",
             "io_suspended":true,"allow_two_primaries":false,"size_bytes":1,
             "peers":[{"node":"hv1","diskless":false,"connection":"Connecting","role":"Unknown",
                       "disk_state":"DUnknown","replication":"Off","out_of_sync_bytes":0}],
-            "promoted_explicitly":false,"open_writers":0}});
-        let d = parse_status(&json, "vm-1-disk-0").unwrap();
+            "last_verify":null,"promoted_explicitly":false,"open_writers":0}))
+        .unwrap();
+        let d = DiskView::from(&status);
         assert!(!d.quorum && d.io_suspended);
         assert_eq!(d.quorum_reason, "1 of 3 voters reachable");
-        assert_eq!(d.peers[0].connection, "Connecting");
-        assert!(parse_status(&serde_json::json!({"type":"volume"}), "v").is_err());
+        assert_eq!(d.disk_state, DiskState::UpToDate);
+        assert_eq!(d.peers[0].connection, ConnectionState::Connecting);
+        assert_eq!(d.peers[0].role, Role::Unknown);
     }
 
     #[test]

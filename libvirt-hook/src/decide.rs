@@ -14,7 +14,9 @@
 //! normal start only checks that they exist; an incoming migration is refused, since the
 //! destination's volume would be a different disk.
 
-use crate::control::{DiskState, Role, StatusAnswer, VolumeStatus};
+use control_api::{ConnectionState, DiskState, Protocol, Role, VolumeStatus};
+
+use crate::control::StatusAnswer;
 
 /// libvirt's QEMU hook operations (argv[2]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,27 +247,32 @@ fn check_start(facts: &Facts, volume: &str, answer: &StatusAnswer) -> Result<Vol
         }
         StatusAnswer::Replicated(status) => status,
     };
-    let writers = status.open_writers.unwrap_or(0);
+    let writers = status.open_writers;
     if writers > 0 && !facts.shareable.iter().any(|v| v == volume) {
         return Err(format!(
             "{volume} is already open for writing on {node} ({writers} writer{}; another VM or client uses it)",
             if writers == 1 { "" } else { "s" }
         ));
     }
-    if status.role == Role::Primary {
+    if status.replica.role == Role::Primary {
         return Ok(VolumeNeeds {
             note: Some(format!("{volume}: already Primary on {node}")),
             ..VolumeNeeds::default()
         });
     }
     local_replica_usable(node, volume, status)?;
-    if let Some(peer) = status.peers.iter().find(|p| p.role == Role::Primary) {
+    if let Some(peer) = status
+        .replica
+        .peers
+        .iter()
+        .find(|p| p.role == Role::Primary)
+    {
         return Err(format!(
             "{volume} is Primary on {} (stop or migrate the VM there first)",
             peer.node
         ));
     }
-    if !status.quorum {
+    if !status.replica.quorum {
         return Err(format!(
             "{volume}: {node} has no quorum for this volume (peers unreachable)"
         ));
@@ -297,21 +304,23 @@ fn check_migration_target(
         }
         StatusAnswer::Replicated(status) => status,
     };
-    if status.protocol != "C" {
+    if status.replica.protocol != Protocol::C {
         return Err(format!(
             "{volume} runs protocol {}; live migration needs protocol C",
-            status.protocol
+            status.replica.protocol
         ));
     }
     local_replica_usable(node, volume, status)?;
     // The source (Primary) must be connected: otherwise this replica may be stale without
     // knowing it, and two Primaries without a link are a split brain.
     let source_connected = status
+        .replica
         .peers
         .iter()
-        .any(|p| p.role == Role::Primary && p.connection == "Connected");
-    if status.role != Role::Primary && !source_connected {
+        .any(|p| p.role == Role::Primary && p.connection == ConnectionState::Connected);
+    if status.replica.role != Role::Primary && !source_connected {
         let peers = status
+            .replica
             .peers
             .iter()
             .filter(|p| p.disk_state != DiskState::Diskless)
@@ -323,18 +332,19 @@ fn check_migration_target(
         ));
     }
     Ok(VolumeNeeds {
-        allow_two_primaries: !status.allow_two_primaries,
-        promote: status.role != Role::Primary,
+        allow_two_primaries: !status.replica.allow_two_primaries,
+        promote: status.replica.role != Role::Primary,
         note: None,
     })
 }
 
 fn local_replica_usable(node: &str, volume: &str, status: &VolumeStatus) -> Result<(), String> {
-    match status.disk_state {
+    match status.replica.disk_state {
         DiskState::UpToDate => Ok(()),
         DiskState::Diskless => Err(format!("{volume}: no local replica on {node} (Diskless)")),
         state => {
             let newest = status
+                .replica
                 .peers
                 .iter()
                 .find(|p| p.disk_state == DiskState::UpToDate)
@@ -357,7 +367,7 @@ fn release(facts: &Facts) -> Plan {
                 "{volume}: single-host volume (no roles), nothing to demote"
             )),
             StatusAnswer::Replicated(status) => {
-                if status.role == Role::Primary {
+                if status.replica.role == Role::Primary {
                     if status.promoted_explicitly && !facts.promoted_by_hook.contains(volume) {
                         notes.push(format!(
                             "{volume}: stays Primary (promoted explicitly by an operator)"
@@ -367,7 +377,7 @@ fn release(facts: &Facts) -> Plan {
                     }
                 }
                 // After demoting: disarming first would be refused while two Primaries exist.
-                if status.allow_two_primaries {
+                if status.replica.allow_two_primaries {
                     steps.push(Step::DisallowTwoPrimaries(volume.clone()));
                 }
             }
@@ -379,7 +389,6 @@ fn release(facts: &Facts) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::PeerStatus;
 
     fn call(operation: &str, subop: &str) -> HookCall {
         HookCall {
@@ -390,23 +399,15 @@ mod tests {
         }
     }
 
+    /// `volume_status` of a protocol C volume on hv1 whose peer hv2 is a connected
+    /// UpToDate Secondary, as tandemd answers it.
+    const STATUS: &str = r#"{"volume":"v","node":"hv1","role":"Secondary","disk_state":"UpToDate","protocol":"C","quorum":true,"quorum_reason":"","io_suspended":false,"allow_two_primaries":false,"size_bytes":4096,"current_uuid":"1","peers":[{"node":"hv2","diskless":false,"connection":"Connected","role":"Secondary","disk_state":"UpToDate","replication":"Established","out_of_sync_bytes":0,"resync":null,"split_brain":null,"decision":null,"last_error":null}],"last_verify":null,"promoted_explicitly":false,"open_writers":0}"#;
+
     fn status(role: Role, disk: DiskState) -> VolumeStatus {
-        VolumeStatus {
-            name: "v".into(),
-            role,
-            disk_state: disk,
-            peers: vec![PeerStatus {
-                node: "hv2".into(),
-                connection: "Connected".into(),
-                role: Role::Secondary,
-                disk_state: DiskState::UpToDate,
-            }],
-            quorum: true,
-            allow_two_primaries: false,
-            protocol: "C".into(),
-            promoted_explicitly: false,
-            open_writers: Some(0),
-        }
+        let mut status: VolumeStatus = serde_json::from_str(STATUS).unwrap();
+        status.replica.role = role;
+        status.replica.disk_state = disk;
+        status
     }
 
     fn facts(volumes: Vec<(&str, StatusAnswer)>, incoming: bool) -> Facts {
@@ -459,7 +460,7 @@ mod tests {
         let f = facts(
             vec![
                 ("a", secondary()),
-                ("b", with(|s| s.disk_state = DiskState::Outdated)),
+                ("b", with(|s| s.replica.disk_state = DiskState::Outdated)),
             ],
             false,
         );
@@ -473,21 +474,21 @@ mod tests {
                 "c: no such Tandem volume on hv1",
             ),
             (
-                with(|s| s.disk_state = DiskState::Diskless),
+                with(|s| s.replica.disk_state = DiskState::Diskless),
                 "c: no local replica on hv1 (Diskless)",
             ),
             (
-                with(|s| s.peers[0].role = Role::Primary),
+                with(|s| s.replica.peers[0].role = Role::Primary),
                 "c is Primary on hv2 (stop or migrate the VM there first)",
             ),
             (
-                with(|s| s.quorum = false),
+                with(|s| s.replica.quorum = false),
                 "c: hv1 has no quorum for this volume (peers unreachable)",
             ),
             (
                 with(|s| {
-                    s.disk_state = DiskState::Inconsistent;
-                    s.peers[0].disk_state = DiskState::Outdated;
+                    s.replica.disk_state = DiskState::Inconsistent;
+                    s.replica.peers[0].disk_state = DiskState::Outdated;
                 }),
                 "c: local replica on hv1 is Inconsistent",
             ),
@@ -505,7 +506,7 @@ mod tests {
         let f = facts(
             vec![
                 ("a", StatusAnswer::NotFound(String::new())),
-                ("b", with(|s| s.peers[0].role = Role::Primary)),
+                ("b", with(|s| s.replica.peers[0].role = Role::Primary)),
             ],
             false,
         );
@@ -518,8 +519,8 @@ mod tests {
     #[test]
     fn prepare_refuses_a_volume_another_writer_has_open_unless_shareable() {
         let busy = with(|s| {
-            s.role = Role::Primary;
-            s.open_writers = Some(1);
+            s.replica.role = Role::Primary;
+            s.open_writers = 1;
         });
         let f = facts(vec![("a", busy)], false);
         assert_eq!(
@@ -568,15 +569,15 @@ mod tests {
                 (
                     "b",
                     with(|s| {
-                        s.role = Role::Primary;
+                        s.replica.role = Role::Primary;
                         s.promoted_explicitly = true;
                     }),
                 ),
                 (
                     "c",
                     with(|s| {
-                        s.role = Role::Primary;
-                        s.allow_two_primaries = true;
+                        s.replica.role = Role::Primary;
+                        s.replica.allow_two_primaries = true;
                     }),
                 ),
                 ("d", secondary()),
@@ -612,7 +613,7 @@ mod tests {
     #[test]
     fn incoming_migration_needs_protocol_c_and_uptodate_replica() {
         // The source is Primary: that is the point of a migration, not a refusal.
-        let source_primary = with(|s| s.peers[0].role = Role::Primary);
+        let source_primary = with(|s| s.replica.peers[0].role = Role::Primary);
         let ok = decide(
             &call("migrate", "begin"),
             &facts(vec![("a", source_primary.clone())], false),
@@ -641,11 +642,11 @@ mod tests {
         ));
         let cases = [
             (
-                with(|s| s.protocol = "A".into()),
+                with(|s| s.replica.protocol = Protocol::A),
                 "a runs protocol A; live migration needs protocol C",
             ),
             (
-                with(|s| s.disk_state = DiskState::Outdated),
+                with(|s| s.replica.disk_state = DiskState::Outdated),
                 "a: local replica on hv1 is Outdated; newest data is on hv2",
             ),
             (
@@ -653,20 +654,20 @@ mod tests {
                 "a: no replica on hv1; cannot migrate the VM here",
             ),
             (
-                with(|s| s.peers[0].role = Role::Secondary),
+                with(|s| s.replica.peers[0].role = Role::Secondary),
                 "a: hv1 is not connected to a Primary replica (hv2: Connected); a live migration needs the replication link to the source up",
             ),
             (
                 with(|s| {
-                    s.peers[0].role = Role::Unknown;
-                    s.peers[0].connection = "Connecting".into();
+                    s.replica.peers[0].role = Role::Unknown;
+                    s.replica.peers[0].connection = ConnectionState::Connecting;
                 }),
                 "a: hv1 is not connected to a Primary replica (hv2: Connecting); a live migration needs the replication link to the source up",
             ),
             (
                 with(|s| {
-                    s.peers[0].role = Role::Primary;
-                    s.protocol = "B".into();
+                    s.replica.peers[0].role = Role::Primary;
+                    s.replica.protocol = Protocol::B;
                 }),
                 "a runs protocol B; live migration needs protocol C",
             ),

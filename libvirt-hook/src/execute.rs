@@ -2,7 +2,9 @@
 //! undoes, in reverse order, what this call did), deactivation steps are best effort (the
 //! libvirt operation cannot be stopped any more, so every step is tried).
 
-use crate::control::{Control, ControlError};
+use control_api::ClientError;
+
+use crate::control::Control;
 use crate::decide::{Plan, Step};
 
 /// What a plan did, for the log.
@@ -13,7 +15,7 @@ pub struct Outcome {
 }
 
 /// Run one step.
-pub fn run_step(control: &mut dyn Control, step: &Step) -> Result<(), ControlError> {
+pub fn run_step(control: &mut dyn Control, step: &Step) -> Result<(), ClientError> {
     match step {
         Step::Promote(v) => control.promote(v),
         Step::Demote(v) => control.demote(v),
@@ -24,9 +26,9 @@ pub fn run_step(control: &mut dyn Control, step: &Step) -> Result<(), ControlErr
 
 /// A step's failure as one line: tandemd's own message when it names the volume (the
 /// replication engine's refusals do), else prefixed with the step.
-fn describe_failure(step: &Step, error: &ControlError) -> String {
+fn describe_failure(step: &Step, error: &ClientError) -> String {
     let message = error_chain(error);
-    if matches!(error, ControlError::Api(_)) && message.contains(step.volume()) {
+    if matches!(error, ClientError::Api(_)) && message.contains(step.volume()) {
         message
     } else {
         format!("cannot {step}: {message}")
@@ -114,7 +116,7 @@ pub fn execute(control: &mut dyn Control, plan: &Plan) -> Result<Outcome, String
 mod tests {
     use super::*;
     use crate::control::StatusAnswer;
-    use volume_driver::api::{ApiError, ErrorKind};
+    use control_api::{ApiError, ErrorKind};
 
     /// Records calls; fails the steps listed in `fail`.
     #[derive(Default)]
@@ -124,11 +126,11 @@ mod tests {
     }
 
     impl DummyControl {
-        fn record(&mut self, call: String) -> Result<(), ControlError> {
+        fn record(&mut self, call: String) -> Result<(), ClientError> {
             let failing = self.fail.contains(&call);
             self.calls.push(call.clone());
             if failing {
-                Err(ControlError::Api(ApiError::new(
+                Err(ClientError::Api(ApiError::new(
                     ErrorKind::Unknown,
                     format!("{}: refused by test", call.split(' ').nth(1).unwrap_or("")),
                 )))
@@ -139,16 +141,16 @@ mod tests {
     }
 
     impl Control for DummyControl {
-        fn status(&mut self, _: &str) -> Result<StatusAnswer, ControlError> {
+        fn status(&mut self, _: &str) -> Result<StatusAnswer, ClientError> {
             unreachable!("the executor never asks for status")
         }
-        fn promote(&mut self, v: &str) -> Result<(), ControlError> {
+        fn promote(&mut self, v: &str) -> Result<(), ClientError> {
             self.record(format!("promote {v}"))
         }
-        fn demote(&mut self, v: &str) -> Result<(), ControlError> {
+        fn demote(&mut self, v: &str) -> Result<(), ClientError> {
             self.record(format!("demote {v}"))
         }
-        fn allow_two_primaries(&mut self, v: &str, allow: bool) -> Result<(), ControlError> {
+        fn allow_two_primaries(&mut self, v: &str, allow: bool) -> Result<(), ClientError> {
             self.record(format!("allow{allow} {v}"))
         }
     }

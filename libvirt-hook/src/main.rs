@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use libvirt_hook::control::{Control, ControlClient, ControlError, StatusAnswer, DEFAULT_TIMEOUT};
+use control_api::{Client, ClientError};
+use libvirt_hook::control::{Control, StatusAnswer, DEFAULT_TIMEOUT};
 use libvirt_hook::decide::{decide, Facts, HookCall, Operation, Plan, Step};
 use libvirt_hook::disk_spec::{DiskSpec, LibvirtVersion, RECONNECT_MIN_VERSION};
 use libvirt_hook::domain_xml::{has_nbd_disks, parse_domain, tandem_volumes, NbdEndpoints};
@@ -260,18 +261,18 @@ fn run_hook(call: &HookCall, xml: &str, config_path: Option<&Path>) -> Result<()
     let uuid = domain.uuid.clone().unwrap_or_default();
     let socket = config.control_socket();
     let mut client =
-        ControlClient::connect(&socket, DEFAULT_TIMEOUT).map_err(|e| error_chain(&e))?;
+        Client::connect(&socket, Some(DEFAULT_TIMEOUT)).map_err(|e| error_chain(&e))?;
     // A release demotes what it can even if one volume's status cannot be read.
     let releasing = call.operation == Operation::Release;
     let mut failures = Vec::new();
     let mut volumes = Vec::new();
     for disk in &disks {
-        let answer = match client.status(&disk.volume) {
+        let answer = match Control::status(&mut client, &disk.volume) {
             Ok(answer) => answer,
             Err(e) => {
                 let chain = error_chain(&e);
                 // tandemd's own messages name the volume already.
-                let message = if matches!(e, ControlError::Api(_)) && chain.contains(&disk.volume) {
+                let message = if matches!(e, ClientError::Api(_)) && chain.contains(&disk.volume) {
                     chain
                 } else {
                     format!("{}: {chain}", disk.volume)

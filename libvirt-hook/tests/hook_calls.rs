@@ -34,12 +34,23 @@ struct DummyTandemd {
     state: Arc<Mutex<State>>,
 }
 
+/// A `volume_status` object as tandemd sends it.
 fn status(name: &str, protocol: &str) -> Value {
     json!({
-        "name": name, "role": "Secondary", "disk_state": "UpToDate",
-        "peers": [{"node": "hv2", "connection": "Connected", "role": "Secondary", "disk_state": "UpToDate"}],
-        "quorum": true, "allow_two_primaries": false, "protocol": protocol,
-        "promoted_explicitly": false
+        "volume": name, "node": "hv1", "role": "Secondary", "disk_state": "UpToDate",
+        "protocol": protocol, "quorum": true, "quorum_reason": "", "io_suspended": false,
+        "allow_two_primaries": false, "size_bytes": 4096, "current_uuid": "1",
+        "peers": [peer("hv2", "Secondary")], "last_verify": null,
+        "promoted_explicitly": false, "open_writers": 0
+    })
+}
+
+/// A connected UpToDate peer with `role`.
+fn peer(node: &str, role: &str) -> Value {
+    json!({
+        "node": node, "diskless": false, "connection": "Connected", "role": role,
+        "disk_state": "UpToDate", "replication": "Established", "out_of_sync_bytes": 0,
+        "resync": null, "split_brain": null, "decision": null, "last_error": null
     })
 }
 
@@ -72,16 +83,20 @@ fn handle(state: &Mutex<State>, request: &Value) -> Value {
             return error("invalid_argument", &message);
         }
     }
+    let marks_explicit = s.promote_marks_explicit;
     let volume = s.volumes.get_mut(&name).unwrap();
     match kind.as_str() {
-        "volume_show" => {}
-        "volume_status" => {
-            return json!({"status": "ok", "result": {"type": "volume_status", "status": volume.clone()}})
+        "volume_show" => {
+            return json!({"status": "ok", "result": {"type": "volume", "volume": {
+                "name": name, "pool": "files", "size_bytes": 4096,
+                "path": format!("/images/{name}.img"), "state": "ok", "created_unix": 0
+            }}})
         }
+        "volume_status" => {}
         "volume_promote" => {
             volume["role"] = json!("Primary");
-            if s.promote_marks_explicit {
-                s.volumes.get_mut(&name).unwrap()["promoted_explicitly"] = json!(true);
+            if marks_explicit {
+                volume["promoted_explicitly"] = json!(true);
             }
         }
         "volume_demote" => volume["role"] = json!("Secondary"),
@@ -93,7 +108,7 @@ fn handle(state: &Mutex<State>, request: &Value) -> Value {
         }
         _ => return error("bad_request", "unknown"),
     }
-    json!({"status": "ok", "result": {"type": "done"}})
+    json!({"status": "ok", "result": {"type": "status", "status": volume.clone()}})
 }
 
 impl DummyTandemd {
@@ -333,11 +348,7 @@ fn a_refused_promotion_undoes_the_others_and_explains_in_one_line() {
 fn incoming_migration_arms_dual_primary_and_release_disarms() {
     let d = DummyTandemd::start();
     d.add("vm-100-disk-0", "C");
-    d.set(
-        "vm-100-disk-0",
-        "peers",
-        json!([{"node": "hv2", "connection": "Connected", "role": "Primary", "disk_state": "UpToDate"}]),
-    );
+    d.set("vm-100-disk-0", "peers", json!([peer("hv2", "Primary")]));
     let xml = domain_xml(&d.run_dir(), &["vm-100-disk-0"]);
     // migrate is an XML filter: the XML comes back unchanged.
     let run = call(&d.config(), ["vm100", "migrate", "begin", "-"], &xml);

@@ -39,12 +39,12 @@
 
 use std::time::Duration;
 
+use control_api::{ApiError, DiskState, ErrorKind, Role, VolumeInfo, VolumeState, VolumeStatus};
 use rand::RngCore;
 
-use crate::api::{ApiError, ErrorKind, VolumeInfo, VolumeState, VolumeStatus};
 use crate::config::Config;
 use crate::names::validate_volume_name;
-use crate::options::{OptionsChange, VolumeOptions};
+use crate::options::{apply_change, OptionsChange, VolumeOptions};
 use crate::peer::{self, PeerReply, PeerRequest};
 use crate::service::{
     blocking, invalid, not_found, now_unix, pool_error, store_error, Reservation, Slot,
@@ -253,11 +253,13 @@ impl VolumeService {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let size = Self::checked_size(size_bytes)?;
         let plan = plan_create(&self.config, replicas, nodes)?;
-        let options = OptionsChange {
-            protocol: protocol.map(String::from),
-            ..Default::default()
-        }
-        .apply(self.config.replication)
+        let options = apply_change(
+            &OptionsChange {
+                protocol: protocol.map(String::from),
+                ..Default::default()
+            },
+            self.config.replication,
+        )
         .map_err(invalid)?;
         if !plan.is_replicated() {
             if protocol.is_some() {
@@ -779,7 +781,7 @@ impl VolumeService {
         if change.is_empty() {
             return Err(invalid("nothing to change: give at least one option"));
         }
-        let options = change.apply(definition.options).map_err(invalid)?;
+        let options = apply_change(change, definition.options).map_err(invalid)?;
         let mut failed = Vec::new();
         for node in self.ordered_nodes(&definition) {
             if let Err(e) = self
@@ -957,7 +959,7 @@ pub fn check_two_primaries_allowed(
     let not_ready: Vec<String> = statuses
         .iter()
         .filter(|(node, _)| definition.nodes.contains(node))
-        .filter(|(_, s)| s.replica.disk_state != "UpToDate")
+        .filter(|(_, s)| s.replica.disk_state != DiskState::UpToDate)
         .map(|(node, s)| format!("the replica on {node} is {}", s.replica.disk_state))
         .collect();
     if !not_ready.is_empty() {
@@ -987,7 +989,7 @@ fn check_deletable(
             ),
         ));
     }
-    if status.replica.role == "Primary" && !force {
+    if status.replica.role == Role::Primary && !force {
         return Err(ApiError::new(
             ErrorKind::InUse,
             format!(

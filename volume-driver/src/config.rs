@@ -20,7 +20,11 @@ use serde::{Deserialize, Serialize};
 use replication::auth::{load_secret, Secret, SecretError};
 
 use crate::names::validate_volume_name;
-use crate::options::{OptionsChange, VolumeOptions};
+use crate::options::{apply_change, OptionsChange, VolumeOptions};
+
+/// One `[[nodes]]` entry: a host of the cluster (or a diskless tiebreaker). Defined with
+/// the control API, whose `node_info` reports it.
+pub use control_api::NodeConfig;
 
 /// Where the configuration lives unless overridden.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tandem/tandem.toml";
@@ -97,20 +101,6 @@ pub struct RawReplication {
     pub resync_rate: Option<String>,
     pub on_no_quorum: Option<String>,
     pub after_split_brain: Option<String>,
-}
-
-/// One `[[nodes]]` entry: a host of the cluster (or a diskless tiebreaker).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeConfig {
-    pub name: String,
-    /// Management address (peer control API).
-    pub control: SocketAddr,
-    /// Replication link address.
-    pub replication: SocketAddr,
-    /// A tiebreaker that votes but stores no data.
-    #[serde(default)]
-    pub diskless: bool,
 }
 
 /// The optional `[nbd]` table.
@@ -359,13 +349,15 @@ impl RawConfig {
                     .map_err(|(key, message)| invalid(format!("pools[{i}].{key}"), message))?,
             );
         }
-        let replication = OptionsChange {
-            protocol: self.replication.protocol,
-            on_no_quorum: self.replication.on_no_quorum,
-            after_split_brain: self.replication.after_split_brain,
-            resync_rate: self.replication.resync_rate,
-        }
-        .apply(VolumeOptions::default())
+        let replication = apply_change(
+            &OptionsChange {
+                protocol: self.replication.protocol,
+                on_no_quorum: self.replication.on_no_quorum,
+                after_split_brain: self.replication.after_split_brain,
+                resync_rate: self.replication.resync_rate,
+            },
+            VolumeOptions::default(),
+        )
         .map_err(|message| {
             // "--resync-rate: ..." → key "replication.resync_rate".
             let (flag, rest) = message.split_once(": ").unwrap_or(("", &message));

@@ -25,9 +25,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use control_api::{
+    ConnectionState, DiskState, PeerStatus, ReplicaStatus, ReplicationState, Role, VerifySummary,
+};
 use replication::device::BackingDevice;
 
-use crate::api::{PeerStatus, ReplicaStatus, VerifySummary};
 use crate::options::VolumeOptions;
 
 /// What kind of failure the engine reported.
@@ -211,14 +213,13 @@ impl EngineReplica for DetachedReplica {
         ReplicaStatus {
             volume: self.plan.volume.clone(),
             node: self.node.clone(),
-            role: "Secondary".into(),
+            role: Role::Secondary,
             disk_state: if self.device.is_some() {
-                "Consistent"
+                DiskState::Consistent
             } else {
-                "Diskless"
-            }
-            .into(),
-            protocol: self.plan.options.protocol.to_string(),
+                DiskState::Diskless
+            },
+            protocol: self.plan.options.protocol,
             quorum: false,
             quorum_reason: String::new(),
             io_suspended: false,
@@ -232,10 +233,10 @@ impl EngineReplica for DetachedReplica {
                 .map(|p| PeerStatus {
                     node: p.name.clone(),
                     diskless: p.diskless,
-                    connection: "StandAlone".into(),
-                    role: "Unknown".into(),
-                    disk_state: "DUnknown".into(),
-                    replication: "Off".into(),
+                    connection: ConnectionState::StandAlone,
+                    role: Role::Unknown,
+                    disk_state: DiskState::DUnknown,
+                    replication: ReplicationState::Off,
                     out_of_sync_bytes: 0,
                     resync: None,
                     split_brain: None,

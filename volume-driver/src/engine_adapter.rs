@@ -1,7 +1,8 @@
 //! The [`Engine`]/[`EngineReplica`] seam implemented by the real replication engine,
 //! `replication::replica` (`ReplicationNode`, `Replica`). Options, status and errors are
-//! translated here and nowhere else; the engine's status object passes through serde, so
-//! the daemon prints exactly what the engine reports.
+//! translated here and nowhere else; the engine's status object is the control API's
+//! (`control_api::ReplicaStatus` is `replication::replica::ReplicaStatus`), so the daemon
+//! prints exactly what the engine reports.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use control_api::{ReplicaStatus, VerifySummary};
 use replication::auth::Secret;
 use replication::device::BackingDevice;
 use replication::link::LinkConfig;
@@ -17,7 +19,6 @@ use replication::replica::{
 };
 use replication::resync::ResyncConfig;
 
-use crate::api::{ReplicaStatus, VerifySummary};
 use crate::engine::{Engine, EngineFailure, EngineReplica, FailureKind, ReplicaPlan};
 use crate::options::VolumeOptions;
 use crate::report::error_chain;
@@ -100,14 +101,6 @@ pub fn failure(error: EngineError) -> EngineFailure {
     EngineFailure::new(kind, message)
 }
 
-fn through_serde<T: serde::Serialize, U: serde::de::DeserializeOwned>(
-    value: &T,
-) -> Result<U, String> {
-    serde_json::to_value(value)
-        .and_then(serde_json::from_value)
-        .map_err(|e| e.to_string())
-}
-
 #[async_trait]
 impl Engine for ReplicationEngine {
     fn create_metadata(
@@ -161,7 +154,7 @@ impl Engine for ReplicationEngine {
 struct EngineVolume {
     replica: Arc<replication::replica::Replica>,
     /// The engine's volume size, read on every I/O's range check: a full `status()` per
-    /// request (bitmaps counted, a serde round trip) cost more than the write itself. The
+    /// request (bitmaps counted) cost more than the write itself. The
     /// engine changes its size only in `Replica::resize`, which goes through [`Self::resize`].
     size: AtomicU64,
 }
@@ -169,28 +162,7 @@ struct EngineVolume {
 #[async_trait]
 impl EngineReplica for EngineVolume {
     fn status(&self) -> ReplicaStatus {
-        let status = self.replica.status();
-        match through_serde(&status) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(volume = %status.volume, error = %e, "engine status does not match the API");
-                ReplicaStatus {
-                    volume: status.volume.clone(),
-                    node: status.node.clone(),
-                    role: status.role.to_string(),
-                    disk_state: status.disk_state.to_string(),
-                    protocol: status.protocol.to_string(),
-                    quorum: status.quorum,
-                    quorum_reason: status.quorum_reason.clone(),
-                    io_suspended: status.io_suspended,
-                    allow_two_primaries: status.allow_two_primaries,
-                    size_bytes: status.size_bytes,
-                    current_uuid: status.current_uuid.clone(),
-                    peers: Vec::new(),
-                    last_verify: None,
-                }
-            }
-        }
+        self.replica.status()
     }
     async fn promote(&self) -> Result<(), EngineFailure> {
         self.replica.promote().await.map_err(failure)

@@ -4,7 +4,6 @@
 //! replication engine per volume, the control API on `<run_dir>/tandemd.sock` and the
 //! frontends that serve volumes to QEMU. `tandem` is a thin client of the control API.
 
-pub mod api;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -1,98 +1,27 @@
-//! Per-volume replication options: protocol, quorum-loss behaviour, after-split-brain policy
-//! and resync rate. The same struct is the `[replication]` defaults table of the config, the
-//! `options` of a stored volume definition and what `tandem volume set` changes.
-//!
-//! Values are spelled as DRBD spells them (`C`, `suspend-io`, `discard-zero-changes`), in
-//! TOML and JSON alike; parsing reuses the engine's `FromStr` so the spellings cannot drift.
-
-use std::fmt::Display;
-use std::str::FromStr;
-
-use replication::quorum::OnNoQuorum;
-use replication::role::Protocol;
-use replication::sync_decision::AfterSplitBrain;
-use serde::{Deserialize, Serialize};
+//! Per-volume replication options: the types live with the control API
+//! ([`control_api::options`]); the daemon parses a [`OptionsChange`]'s strings here, so
+//! every client gets the same errors, and formats rates for humans.
 
 use crate::units::{format_size, parse_size};
 
-/// Default resync rate: 100 MiB/s, room left for application I/O on an NVMe link.
-pub const DEFAULT_RESYNC_RATE: u64 = 100 << 20;
+pub use control_api::options::{OptionsChange, VolumeOptions};
 
-fn default_protocol() -> Protocol {
-    Protocol::C
-}
-fn default_resync_rate() -> u64 {
-    DEFAULT_RESYNC_RATE
-}
-
-/// The options of one replicated volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeOptions {
-    /// Replication protocol (`A`, `B` or `C`; default `C`).
-    #[serde(with = "spelled", default = "default_protocol")]
-    pub protocol: Protocol,
-    /// What a Primary does without quorum (`suspend-io` default, or `io-error`).
-    #[serde(with = "spelled", default)]
-    pub on_no_quorum: OnNoQuorum,
-    /// Automatic split-brain recovery policy (default `disconnect`: never automatic).
-    #[serde(with = "spelled", default)]
-    pub after_split_brain: AfterSplitBrain,
-    /// Resync rate limit in bytes per second.
-    #[serde(default = "default_resync_rate")]
-    pub resync_rate_bytes: u64,
-}
-
-impl Default for VolumeOptions {
-    fn default() -> Self {
-        VolumeOptions {
-            protocol: default_protocol(),
-            on_no_quorum: OnNoQuorum::default(),
-            after_split_brain: AfterSplitBrain::default(),
-            resync_rate_bytes: DEFAULT_RESYNC_RATE,
-        }
+/// `base` with `change` applied; errors name the option and the accepted values.
+pub fn apply_change(change: &OptionsChange, base: VolumeOptions) -> Result<VolumeOptions, String> {
+    let mut out = base;
+    if let Some(p) = &change.protocol {
+        out.protocol = p.parse().map_err(|e| format!("--protocol: {e}"))?;
     }
-}
-
-/// A change requested by `tandem volume set`: absent fields keep their value. Strings are
-/// parsed by the daemon ([`OptionsChange::apply`]) so every client gets the same errors.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OptionsChange {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub on_no_quorum: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after_split_brain: Option<String>,
-    /// A size per second, e.g. `50M` (binary units) or plain bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resync_rate: Option<String>,
-}
-
-impl OptionsChange {
-    /// True when nothing would change.
-    pub fn is_empty(&self) -> bool {
-        self == &OptionsChange::default()
+    if let Some(q) = &change.on_no_quorum {
+        out.on_no_quorum = q.parse().map_err(|e| format!("--on-no-quorum: {e}"))?;
     }
-
-    /// `base` with this change applied; errors name the option and the accepted values.
-    pub fn apply(&self, base: VolumeOptions) -> Result<VolumeOptions, String> {
-        let mut out = base;
-        if let Some(p) = &self.protocol {
-            out.protocol = p.parse().map_err(|e| format!("--protocol: {e}"))?;
-        }
-        if let Some(q) = &self.on_no_quorum {
-            out.on_no_quorum = q.parse().map_err(|e| format!("--on-no-quorum: {e}"))?;
-        }
-        if let Some(s) = &self.after_split_brain {
-            out.after_split_brain = s.parse().map_err(|e| format!("--after-split-brain: {e}"))?;
-        }
-        if let Some(r) = &self.resync_rate {
-            out.resync_rate_bytes = parse_rate(r).map_err(|e| format!("--resync-rate: {e}"))?;
-        }
-        Ok(out)
+    if let Some(s) = &change.after_split_brain {
+        out.after_split_brain = s.parse().map_err(|e| format!("--after-split-brain: {e}"))?;
     }
+    if let Some(r) = &change.resync_rate {
+        out.resync_rate_bytes = parse_rate(r).map_err(|e| format!("--resync-rate: {e}"))?;
+    }
+    Ok(out)
 }
 
 /// Parse a rate such as `100M` (per second; an optional `/s` suffix is accepted).
@@ -110,55 +39,11 @@ pub fn format_rate(bytes_per_sec: u64) -> String {
     format!("{}/s", format_size(bytes_per_sec))
 }
 
-/// serde through `Display`/`FromStr` (the engine's types carry no serde derive).
-pub(crate) mod spelled {
-    use super::*;
-    use serde::de::Error as _;
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<T: Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(value)
-    }
-
-    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
-    where
-        T: FromStr,
-        T::Err: Display,
-        D: Deserializer<'de>,
-    {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(D::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn options_round_trip_in_drbd_spelling() {
-        let options = VolumeOptions {
-            protocol: Protocol::A,
-            on_no_quorum: OnNoQuorum::IoError,
-            after_split_brain: AfterSplitBrain::DiscardZeroChanges,
-            resync_rate_bytes: 1 << 20,
-        };
-        let json = serde_json::to_string(&options).unwrap();
-        assert_eq!(
-            json,
-            r#"{"protocol":"A","on_no_quorum":"io-error","after_split_brain":"discard-zero-changes","resync_rate_bytes":1048576}"#
-        );
-        assert_eq!(
-            serde_json::from_str::<VolumeOptions>(&json).unwrap(),
-            options
-        );
-        assert_eq!(
-            serde_json::from_str::<VolumeOptions>("{}").unwrap(),
-            VolumeOptions::default()
-        );
-        let e = serde_json::from_str::<VolumeOptions>(r#"{"protocol":"D"}"#).unwrap_err();
-        assert!(e.to_string().contains("protocol"), "{e}");
-    }
+    use replication::role::Protocol;
+    use replication::sync_decision::AfterSplitBrain;
 
     #[test]
     fn a_change_applies_only_what_it_names_and_names_bad_options() {
@@ -167,7 +52,7 @@ mod tests {
             resync_rate: Some("50M".into()),
             ..Default::default()
         };
-        let out = change.apply(VolumeOptions::default()).unwrap();
+        let out = apply_change(&change, VolumeOptions::default()).unwrap();
         assert_eq!(out.protocol, Protocol::C);
         assert_eq!(out.after_split_brain, AfterSplitBrain::DiscardLeastChanges);
         assert_eq!(out.resync_rate_bytes, 50 << 20);
@@ -175,11 +60,9 @@ mod tests {
             on_no_quorum: Some("panic".into()),
             ..Default::default()
         };
-        assert!(bad
-            .apply(VolumeOptions::default())
+        assert!(apply_change(&bad, VolumeOptions::default())
             .unwrap_err()
             .starts_with("--on-no-quorum:"));
-        assert!(OptionsChange::default().is_empty());
         assert_eq!(parse_rate("10M/s").unwrap(), 10 << 20);
         assert!(parse_rate("0").is_err());
     }

@@ -26,12 +26,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use control_api::{ApiError, ErrorKind, VolumeInfo, VolumeStatus, MAX_LINE};
 use replication::auth::{authenticate, AuthRole, Secret, DEFAULT_AUTH_TIMEOUT};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::api::{ApiError, ErrorKind, VolumeInfo, VolumeStatus, MAX_LINE};
 use crate::options::VolumeOptions;
 use crate::service::VolumeService;
 use crate::store::VolumeDefinition;

@@ -33,10 +33,10 @@
 //! cannot know which is the volume: it keeps the OLD definition, sets the NEW one aside
 //! (`NEW.json.rename-conflict`) and says so; nothing is deleted.
 
+use control_api::{ApiError, ErrorKind, Role, VolumeInfo, VolumeState, VolumeStatus};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::api::{ApiError, ErrorKind, VolumeInfo, VolumeState, VolumeStatus};
 use crate::names::validate_volume_name;
 use crate::peer::PeerRequest;
 use crate::pool::Pool;
@@ -63,7 +63,7 @@ pub fn check_renamable(
         ));
     }
     // An unreplicated volume always reports Primary; only its writers count.
-    if replicated && status.replica.role == "Primary" {
+    if replicated && status.replica.role == Role::Primary {
         return Err(ApiError::new(
             ErrorKind::InUse,
             format!("{name} is in use on {node} (Primary); stop the VM first (or `tandem volume demote {name}` there)"),
@@ -596,17 +596,17 @@ impl VolumeService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::ReplicaStatus;
     use crate::pool::file::FilePool;
+    use control_api::{DiskState, Protocol, ReplicaStatus};
 
-    fn status(role: &str, writers: usize) -> VolumeStatus {
+    fn status(role: Role, writers: usize) -> VolumeStatus {
         VolumeStatus {
             replica: ReplicaStatus {
                 volume: "v".into(),
                 node: "hv1".into(),
-                role: role.into(),
-                disk_state: "UpToDate".into(),
-                protocol: "C".into(),
+                role,
+                disk_state: DiskState::UpToDate,
+                protocol: Protocol::C,
                 quorum: true,
                 quorum_reason: String::new(),
                 io_suspended: false,
@@ -630,7 +630,8 @@ mod tests {
         );
         let e = check_names("a", "bad/name").unwrap_err();
         assert!(e.message.starts_with("new name:"), "{}", e.message);
-        let e = check_renamable("vm-100-disk-0", "hv1", &status("Primary", 0), true).unwrap_err();
+        let e =
+            check_renamable("vm-100-disk-0", "hv1", &status(Role::Primary, 0), true).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InUse);
         assert!(
             e.message
@@ -639,9 +640,9 @@ mod tests {
             e.message
         );
         // An unreplicated volume always says Primary: only writers refuse it.
-        assert!(check_renamable("v", "hv1", &status("Primary", 0), false).is_ok());
-        assert!(check_renamable("v", "hv1", &status("Secondary", 1), true).is_err());
-        assert!(check_renamable("v", "hv1", &status("Secondary", 0), true).is_ok());
+        assert!(check_renamable("v", "hv1", &status(Role::Primary, 0), false).is_ok());
+        assert!(check_renamable("v", "hv1", &status(Role::Secondary, 1), true).is_err());
+        assert!(check_renamable("v", "hv1", &status(Role::Secondary, 0), true).is_ok());
     }
 
     #[test]

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use control_api::{ApiError, ErrorKind, Role, VolumeStatus};
 
-use crate::api::{ApiError, ErrorKind, VolumeStatus};
 use crate::engine::{EngineFailure, EngineReplica, FailureKind};
 use crate::frontend::{ExportHandle, ExportIoError, IoErrorKind, OpenError};
 
@@ -87,7 +87,7 @@ impl ReplicaRuntime {
         let replica = self.replica.status();
         // An explicit promotion ends with the Primary role, also when the engine stepped
         // down by itself (force-secondary) or the daemon restarted.
-        let primary = replica.role == "Primary";
+        let primary = replica.role == Role::Primary;
         VolumeStatus {
             replica,
             promoted_explicitly: counts.promoted_explicitly && primary,
@@ -101,7 +101,7 @@ impl ReplicaRuntime {
         writable: bool,
     ) -> Result<Arc<ReplicatedExport>, OpenError> {
         let _roles = self.roles.lock().await;
-        let primary = self.replica.status().role == "Primary";
+        let primary = self.replica.status().role == Role::Primary;
         if writable {
             if !primary {
                 self.replica
@@ -131,7 +131,7 @@ impl ReplicaRuntime {
     /// `tandem volume promote`: Primary until `tandem volume demote`.
     pub async fn promote_explicitly(&self) -> Result<(), ApiError> {
         let _roles = self.roles.lock().await;
-        if self.replica.status().role != "Primary" {
+        if self.replica.status().role != Role::Primary {
             self.replica.promote().await.map_err(engine_error)?;
         }
         self.counts().promoted_explicitly = true;
@@ -196,7 +196,7 @@ impl ReplicaRuntime {
         if counts.writers > 0 || counts.promoted_explicitly {
             return;
         }
-        if self.replica.status().role != "Primary" {
+        if self.replica.status().role != Role::Primary {
             return;
         }
         match self.replica.demote().await {
@@ -317,8 +317,8 @@ impl ExportHandle for ReplicatedExport {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::api::{ReplicaStatus, VerifySummary};
     use crate::options::VolumeOptions;
+    use control_api::{DiskState, Protocol, ReplicaStatus, VerifySummary};
 
     /// A scripted replica: promotion refused while `primary_elsewhere` is set; I/O on a
     /// byte vector, Primary only.
@@ -357,13 +357,12 @@ pub(crate) mod tests {
                 volume: "vm-100-disk-0".into(),
                 node: "hv1".into(),
                 role: if self.is_primary() {
-                    "Primary"
+                    Role::Primary
                 } else {
-                    "Secondary"
-                }
-                .into(),
-                disk_state: "UpToDate".into(),
-                protocol: "C".into(),
+                    Role::Secondary
+                },
+                disk_state: DiskState::UpToDate,
+                protocol: Protocol::C,
                 quorum: true,
                 quorum_reason: String::new(),
                 io_suspended: false,
@@ -450,7 +449,7 @@ pub(crate) mod tests {
         let first = runtime.open(true).await.unwrap();
         let second = runtime.open(true).await.unwrap();
         assert_eq!(runtime.status().open_writers, 2);
-        assert_eq!(runtime.status().replica.role, "Primary");
+        assert_eq!(runtime.status().replica.role, Role::Primary);
         let data = Bytes::from(vec![7u8; 4096]);
         first.write(4096, data.clone(), true).await.unwrap();
         // A reader may join a Primary, and sees the write.
@@ -463,7 +462,11 @@ pub(crate) mod tests {
 
         drop(first);
         runtime.settle().await;
-        assert_eq!(runtime.status().replica.role, "Primary", "one writer left");
+        assert_eq!(
+            runtime.status().replica.role,
+            Role::Primary,
+            "one writer left"
+        );
         // Explicit demote is refused while a writer is open.
         assert_eq!(
             runtime.demote_explicitly().await.unwrap_err().kind,
@@ -472,7 +475,7 @@ pub(crate) mod tests {
         drop(second);
         tokio::task::yield_now().await;
         runtime.settle().await;
-        assert_eq!(runtime.status().replica.role, "Secondary");
+        assert_eq!(runtime.status().replica.role, Role::Secondary);
         assert_eq!(*replica.demotions.lock().unwrap(), 1);
         drop(reader);
         assert_eq!(runtime.open_handles(), 0);
@@ -488,9 +491,9 @@ pub(crate) mod tests {
         drop(writer);
         tokio::task::yield_now().await;
         runtime.settle().await;
-        assert_eq!(runtime.status().replica.role, "Primary");
+        assert_eq!(runtime.status().replica.role, Role::Primary);
         runtime.demote_explicitly().await.unwrap();
-        assert_eq!(runtime.status().replica.role, "Secondary");
+        assert_eq!(runtime.status().replica.role, Role::Secondary);
         assert!(!runtime.status().promoted_explicitly);
     }
 
@@ -506,7 +509,7 @@ pub(crate) mod tests {
         );
         runtime.demote_forcibly().await.unwrap();
         let status = runtime.status();
-        assert_eq!(status.replica.role, "Secondary");
+        assert_eq!(status.replica.role, Role::Secondary);
         assert!(!status.promoted_explicitly);
         // The still-open writer's requests now fail.
         assert!(writer

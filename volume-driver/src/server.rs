@@ -9,10 +9,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use control_api::{ApiError, ErrorKind, Reply, Request, Response, MAX_LINE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::api::{ApiError, ErrorKind, Reply, Request, Response, MAX_LINE};
 use crate::service::VolumeService;
 
 /// Why the control socket could not be set up.

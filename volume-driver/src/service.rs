@@ -26,13 +26,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use control_api::{
+    ApiError, DiskState, ErrorKind, NodeInfo, PoolInfo, ReplicaStatus, Role, VerifySummary,
+    VolumeInfo, VolumeState, VolumeStatus,
+};
 use replication::auth::Secret;
 use replication::device::{BackingDevice, FileDevice};
 
-use crate::api::{
-    ApiError, ErrorKind, NodeInfo, PoolInfo, ReplicaStatus, VerifySummary, VolumeInfo, VolumeState,
-    VolumeStatus,
-};
 use crate::config::Config;
 use crate::engine::{Engine, NoEngine, PeerPlan, ReplicaPlan};
 use crate::frontend::{ExportHandle, ExportInfo, Exports, OpenError};
@@ -881,14 +881,17 @@ impl VolumeService {
                 volume: name.to_string(),
                 node: self.config.node.clone(),
                 // The only copy of an unreplicated volume always serves: Primary.
-                role: if replicated { "Secondary" } else { "Primary" }.into(),
+                role: if replicated {
+                    Role::Secondary
+                } else {
+                    Role::Primary
+                },
                 disk_state: match (replicated, slot.state) {
-                    (_, VolumeState::Missing) => "Failed",
-                    (true, _) => "DUnknown",
-                    (false, _) => "UpToDate",
-                }
-                .into(),
-                protocol: definition.options.protocol.to_string(),
+                    (_, VolumeState::Missing) => DiskState::Failed,
+                    (true, _) => DiskState::DUnknown,
+                    (false, _) => DiskState::UpToDate,
+                },
+                protocol: definition.options.protocol,
                 quorum: !replicated,
                 quorum_reason: String::new(),
                 io_suspended: false,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use control_api::{ConnectionState, DiskState, Role};
 use replication::auth::load_secret;
 use volume_driver::config::Config;
 use volume_driver::engine_adapter::ReplicationEngine;
@@ -72,11 +73,10 @@ async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 
 fn connected(node: &Node, volume: &str) -> bool {
     let s = node.service.status(volume).unwrap();
-    s.replica.disk_state == "UpToDate"
-        && s.replica
-            .peers
-            .iter()
-            .all(|p| p.connection == "Connected" && p.disk_state == "UpToDate")
+    s.replica.disk_state == DiskState::UpToDate
+        && s.replica.peers.iter().all(|p| {
+            p.connection == ConnectionState::Connected && p.disk_state == DiskState::UpToDate
+        })
 }
 
 fn image(node: &Node, volume: &str) -> Vec<u8> {
@@ -153,7 +153,7 @@ async fn writes_reach_both_disks_and_roles_follow_the_writers() {
     // A writer on hv1 promotes it.
     let writer = hv1.service.open("data", true).await.unwrap();
     let status = hv1.service.status("data").unwrap();
-    assert_eq!(status.replica.role, "Primary");
+    assert_eq!(status.replica.role, Role::Primary);
     assert_eq!(status.open_writers, 1);
     assert!(!status.promoted_explicitly);
 
@@ -161,7 +161,7 @@ async fn writes_reach_both_disks_and_roles_follow_the_writers() {
     // hv1 is Primary keeps the expected message exact; a promote racing the commit is refused
     // too, with "being promoted", see `a_promote_right_after_the_peer_promoted_is_refused`.)
     wait_for("hv2 sees hv1 Primary", || {
-        hv2.service.status("data").unwrap().replica.peers[0].role == "Primary"
+        hv2.service.status("data").unwrap().replica.peers[0].role == Role::Primary
     })
     .await;
     match hv2.service.open("data", true).await {
@@ -211,7 +211,7 @@ async fn writes_reach_both_disks_and_roles_follow_the_writers() {
     // The last writer closing demotes hv1; then hv2 may take over.
     drop(writer);
     wait_for("hv1 demoted after its last writer", || {
-        hv1.service.status("data").unwrap().replica.role == "Secondary"
+        hv1.service.status("data").unwrap().replica.role == Role::Secondary
     })
     .await;
     // Demotion re-establishes the links (engine: Secondary/Secondary handshake); take over
@@ -244,7 +244,7 @@ async fn writes_reach_both_disks_and_roles_follow_the_writers() {
     drop(writer2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let s = hv2.service.status("data").unwrap();
-    assert_eq!(s.replica.role, "Primary");
+    assert_eq!(s.replica.role, Role::Primary);
     assert!(s.promoted_explicitly);
     assert_eq!(s.open_writers, 0);
     hv2.service.demote("data").await.unwrap();

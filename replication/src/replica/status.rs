@@ -1,5 +1,6 @@
 //! What `Replica::status` reports (and `tandem volume status --json` prints): serde types
-//! with snake_case fields and states spelled as DRBD prints them.
+//! with snake_case fields and states spelled as DRBD prints them. The control API
+//! (`tandem-control-api`) re-exports these types as its status: they are the wire format.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +21,11 @@ pub struct ReplicaStatus {
     pub io_suspended: bool,
     pub allow_two_primaries: bool,
     pub size_bytes: u64,
+    /// Absent in a status from an older node: empty.
+    #[serde(default)]
     pub current_uuid: String,
+    /// Absent in a status from an older node: none.
+    #[serde(default)]
     pub peers: Vec<PeerStatus>,
     pub last_verify: Option<VerifySummary>,
 }

@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use volume_driver::api::{
+use control_api::{
     Client, ClientError, PoolInfo, Reply, Request, ResyncProgress, VolumeInfo, VolumeStatus,
 };
 use volume_driver::config::{self, Config};
-use volume_driver::options::{format_rate, OptionsChange, VolumeOptions};
+use volume_driver::options::{apply_change, format_rate, OptionsChange, VolumeOptions};
 use volume_driver::report::error_chain;
 use volume_driver::units::{format_size, parse_size};
 
@@ -303,7 +303,7 @@ fn run(cli: &Cli) -> Result<(), String> {
                 resync_rate: resync_rate.clone(),
             };
             // Same checks as the daemon, before contacting it.
-            change.apply(VolumeOptions::default())?;
+            apply_change(&change, VolumeOptions::default())?;
             Request::VolumeSet {
                 name: name.clone(),
                 change,
@@ -331,7 +331,8 @@ fn run(cli: &Cli) -> Result<(), String> {
 fn connect(cli: &Cli) -> Result<Client, String> {
     let path = config::resolve_path(cli.config.as_deref());
     let config = Config::load(&path).map_err(|e| error_chain(&e))?;
-    Client::connect(&config.control_socket()).map_err(|e| client_error(&e))
+    // No timeout: a create, resize or verify takes as long as the storage needs.
+    Client::connect(&config.control_socket(), None).map_err(|e| client_error(&e))
 }
 
 /// `node info --pools`: `node_info` then `pool_list` over one connection. JSON: the node info
@@ -374,15 +375,7 @@ fn wait_sync(cli: &Cli, name: &str, timeout: Option<u64>) -> Result<(), String> 
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     loop {
-        let status = match client
-            .call(&Request::VolumeStatus {
-                name: name.to_string(),
-            })
-            .map_err(|e| client_error(&e))?
-        {
-            Reply::Status { status } => status,
-            other => return Err(format!("unexpected answer from tandemd: {other:?}")),
-        };
+        let status = client.status(name).map_err(|e| client_error(&e))?;
         if status.in_sync() {
             if tty {
                 eprintln!("\r{name}: in sync{:40}", "");
@@ -630,8 +623,8 @@ fn print_human(reply: Reply) {
 
 fn state_name(volume: &VolumeInfo) -> &'static str {
     match volume.state {
-        volume_driver::api::VolumeState::Ok => "ok",
-        volume_driver::api::VolumeState::Missing => "missing",
+        control_api::VolumeState::Ok => "ok",
+        control_api::VolumeState::Missing => "missing",
     }
 }
 

@@ -1,0 +1,129 @@
+//! Per-volume replication options as they cross the API: the [`VolumeOptions`] a volume
+//! has (also the config's `[replication]` defaults and a stored definition's `options`) and
+//! the [`OptionsChange`] `tandem volume set` asks for.
+//!
+//! Values are spelled as DRBD spells them (`C`, `suspend-io`, `discard-zero-changes`), in
+//! TOML and JSON alike; parsing reuses the engine's `FromStr` so the spellings cannot drift.
+
+use std::fmt::Display;
+use std::str::FromStr;
+
+use replication::quorum::OnNoQuorum;
+use replication::role::Protocol;
+use replication::sync_decision::AfterSplitBrain;
+use serde::{Deserialize, Serialize};
+
+/// Default resync rate: 100 MiB/s, room left for application I/O on an NVMe link.
+pub const DEFAULT_RESYNC_RATE: u64 = 100 << 20;
+
+fn default_protocol() -> Protocol {
+    Protocol::C
+}
+fn default_resync_rate() -> u64 {
+    DEFAULT_RESYNC_RATE
+}
+
+/// The options of one replicated volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeOptions {
+    /// Replication protocol (`A`, `B` or `C`; default `C`).
+    #[serde(with = "spelled", default = "default_protocol")]
+    pub protocol: Protocol,
+    /// What a Primary does without quorum (`suspend-io` default, or `io-error`).
+    #[serde(with = "spelled", default)]
+    pub on_no_quorum: OnNoQuorum,
+    /// Automatic split-brain recovery policy (default `disconnect`: never automatic).
+    #[serde(with = "spelled", default)]
+    pub after_split_brain: AfterSplitBrain,
+    /// Resync rate limit in bytes per second.
+    #[serde(default = "default_resync_rate")]
+    pub resync_rate_bytes: u64,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            protocol: default_protocol(),
+            on_no_quorum: OnNoQuorum::default(),
+            after_split_brain: AfterSplitBrain::default(),
+            resync_rate_bytes: DEFAULT_RESYNC_RATE,
+        }
+    }
+}
+
+/// A change requested by `tandem volume set`: absent fields keep their value. Strings are
+/// parsed by the daemon (`volume_driver::options::apply_change`) so every client gets the
+/// same errors.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptionsChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_no_quorum: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_split_brain: Option<String>,
+    /// A size per second, e.g. `50M` (binary units) or plain bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_rate: Option<String>,
+}
+
+impl OptionsChange {
+    /// True when nothing would change.
+    pub fn is_empty(&self) -> bool {
+        self == &OptionsChange::default()
+    }
+}
+
+/// serde through `Display`/`FromStr` (the engine's option types carry no serde derive).
+mod spelled {
+    use super::*;
+    use serde::de::Error as _;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<T: Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(value)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_round_trip_in_drbd_spelling() {
+        let options = VolumeOptions {
+            protocol: Protocol::A,
+            on_no_quorum: OnNoQuorum::IoError,
+            after_split_brain: AfterSplitBrain::DiscardZeroChanges,
+            resync_rate_bytes: 1 << 20,
+        };
+        let json = serde_json::to_string(&options).unwrap();
+        assert_eq!(
+            json,
+            r#"{"protocol":"A","on_no_quorum":"io-error","after_split_brain":"discard-zero-changes","resync_rate_bytes":1048576}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<VolumeOptions>(&json).unwrap(),
+            options
+        );
+        assert_eq!(
+            serde_json::from_str::<VolumeOptions>("{}").unwrap(),
+            VolumeOptions::default()
+        );
+        let e = serde_json::from_str::<VolumeOptions>(r#"{"protocol":"D"}"#).unwrap_err();
+        assert!(e.to_string().contains("protocol"), "{e}");
+        assert!(OptionsChange::default().is_empty());
+    }
+}
