@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::handshake::{self, Handshake, Plan, Refusal};
-use super::messages::{EngineMessage, PeerState, MSG_STATE};
-use super::outdate::answer_unreachable;
+use super::messages::{EngineMessage, OutdateResult, PeerState, MSG_STATE};
+use super::outdate::send_outdate_reply;
 use super::volume::{lock, LinkMode, Replica};
 use std::sync::atomic::AtomicBool;
 
@@ -984,7 +984,7 @@ impl Replica {
         };
         self.notify();
         for (s, id, requester, target) in unreachable {
-            answer_unreachable(&s, id, target, requester);
+            send_outdate_reply(&s, id, target, requester, OutdateResult::Unreachable);
         }
         if lost_quorum {
             if let Err(e) = self.persist().await {

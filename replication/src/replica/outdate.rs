@@ -89,15 +89,7 @@ impl Replica {
             .get(from)
             .and_then(|p| p.sender.clone());
         if let Some(s) = back {
-            let _ = s.send_control(
-                &EngineMessage::OutdateReply {
-                    id,
-                    target,
-                    requester,
-                    result,
-                }
-                .to_message(),
-            );
+            send_outdate_reply(&s, id, target, requester, result);
         }
     }
 
@@ -133,7 +125,7 @@ impl Replica {
             Some(s) if s.send_control(&msg.to_message()).is_ok() => {}
             _ => {
                 if let Some(b) = back {
-                    answer_unreachable(&b, id, target, requester);
+                    send_outdate_reply(&b, id, target, requester, OutdateResult::Unreachable);
                 }
             }
         }
@@ -162,15 +154,7 @@ impl Replica {
                 st.peers.get(&requester).and_then(|p| p.sender.clone())
             };
             if let Some(s) = to {
-                let _ = s.send_control(
-                    &EngineMessage::OutdateReply {
-                        id,
-                        target,
-                        requester,
-                        result,
-                    }
-                    .to_message(),
-                );
+                send_outdate_reply(&s, id, target, requester, result);
             }
             return;
         }
@@ -342,15 +326,20 @@ fn mark_outdated(st: &mut State) -> bool {
     false
 }
 
-/// Tell `requester` (through `sender`) that the tiebreaker could not reach `target` to
-/// outdate it.
-pub(super) fn answer_unreachable(sender: &LinkSender, id: u64, target: String, requester: String) {
+/// Send the answer to outdate request `id` (`requester` asked to outdate `target`).
+pub(super) fn send_outdate_reply(
+    sender: &LinkSender,
+    id: u64,
+    target: String,
+    requester: String,
+    result: OutdateResult,
+) {
     let _ = sender.send_control(
         &EngineMessage::OutdateReply {
             id,
             target,
             requester,
-            result: OutdateResult::Unreachable,
+            result,
         }
         .to_message(),
     );
