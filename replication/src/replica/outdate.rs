@@ -262,7 +262,7 @@ impl Replica {
         };
         if changed {
             if let Err(e) = self.persist().await {
-                tracing::error!(volume = %self.volume, error = %e, "persisting Outdated");
+                tracing::error!(volume = %self.volume, error = %error_chain(&e), "persisting Outdated");
             }
             self.broadcast_state();
             self.notify();
