@@ -441,6 +441,13 @@ fn errno_of(e: &ExportIoError) -> u32 {
     }
 }
 
+/// What every request of one connection shares: its export and the rate limit of its
+/// failure log lines (one Arc per request, as before the log existed).
+struct Connection {
+    handle: Arc<dyn ExportHandle>,
+    failures: FailureLog,
+}
+
 async fn transmission<R, W>(
     mut reader: R,
     writer: W,
@@ -455,7 +462,10 @@ where
     let writer_task = tokio::spawn(write_replies(writer, rx));
     let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
-    let failures = Arc::new(FailureLog::default());
+    let conn = Arc::new(Connection {
+        handle,
+        failures: FailureLog::default(),
+    });
 
     let result = loop {
         if tx.is_closed() {
@@ -481,8 +491,8 @@ where
             Err(e) => break Err(ConnError::Protocol(e.to_string())),
         };
         let limits = proto::ExportLimits {
-            size: handle.size(),
-            read_only: handle.read_only(),
+            size: conn.handle.size(),
+            read_only: conn.handle.read_only(),
         };
         // Both semaphores live as long as this function: acquire cannot fail.
         let Ok(count_permit) = Arc::clone(&count).acquire_owned().await else {
@@ -534,11 +544,11 @@ where
             Command::Disconnect => break Ok(()),
             _ => Bytes::new(),
         };
-        let handle = Arc::clone(&handle);
+        let conn = Arc::clone(&conn);
         let tx = tx.clone();
-        let failures = Arc::clone(&failures);
         tokio::spawn(async move {
-            let (errno, data) = execute(handle.as_ref(), command, payload, &failures).await;
+            let (errno, data) =
+                execute(conn.handle.as_ref(), command, payload, &conn.failures).await;
             let _ = tx.send(Reply {
                 cookie: hdr.cookie,
                 errno,
