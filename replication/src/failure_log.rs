@@ -19,9 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How often a repeating failure is logged by default.
-pub fn default_failure_log_interval() -> Duration {
-    Duration::from_secs(30)
-}
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A rate limit for the log lines of one kind of failure (see the module doc). Shared by
 /// reference; all methods take `&self`.
@@ -41,7 +39,7 @@ struct State {
 
 impl Default for FailureLog {
     fn default() -> Self {
-        FailureLog::new(default_failure_log_interval())
+        FailureLog::new(DEFAULT_INTERVAL)
     }
 }
 
