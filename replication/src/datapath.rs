@@ -82,7 +82,7 @@
 //!   expected epoch before anything touches the disk; a violation is answered with an
 //!   Error frame and the connection is dropped.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -90,15 +90,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
+use crate::core::op::{Op, FRAME_OVERHEAD};
+use crate::core::secondary::{write_may_be_inline, Job, SecondaryAction, SecondaryCore, Work};
 use crate::device::{BackingDevice, DeviceError};
 use crate::failure_log::{error_chain, FailureLog};
 use crate::link::{LinkDown, LinkReceiver, LinkSender, PeerLink};
 use crate::resync::proto::{self as rsproto, ResyncMsg};
 use crate::resync::{ResyncSummary, ResyncTargetHooks};
-use crate::wire::{
-    error_code, Message, RangeRequest, ReplicationProtocol, WriteOutcome, WriteRequest,
-    MAX_DATA_LEN,
-};
+use crate::wire::{error_code, Message, ReplicationProtocol, WriteOutcome, MAX_DATA_LEN};
 
 /// Called with (peer node name, offset, length) for every range a peer may lack.
 pub type OutOfSyncHook = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
@@ -172,78 +171,19 @@ pub fn default_peer_ack_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-/// Cost charged to budgets for a request without payload.
-const NOMINAL_REQUEST_COST: usize = 4096;
-/// Writes up to this size (see [`write_is_inline`]).
-const INLINE_WRITE_MAX: usize = 128 << 10;
-/// Bytes the Secondary applies inline in one pass of its pipeline; the rest of the pass
-/// goes to the blocking pool, so one pass never holds its thread long.
-const INLINE_BYTES_PER_PASS: usize = 1 << 20;
-
 /// Whether a write is applied on the calling task rather than on the blocking pool: a small,
 /// page-aligned write without FUA to a device with [`BackingDevice::cached_writes`] only
 /// copies into the page cache (no read of a partial page, no flush), which costs less than
 /// the two thread switches of a hand-off. It can still block while the kernel throttles
 /// dirty pages, and a blocked runtime worker may also delay the runtime's network and timer
-/// events for that time, so the Secondary applies at most [`INLINE_BYTES_PER_PASS`] this way
-/// per pass of its loop.
+/// events for that time, so the Secondary applies at most
+/// [`crate::core::secondary::INLINE_BYTES_PER_PASS`] this way per pass of its loop.
 pub fn write_is_inline(device: &dyn BackingDevice, offset: u64, len: usize, fua: bool) -> bool {
-    const PAGE: u64 = 4096;
-    !fua && len <= INLINE_WRITE_MAX
-        && offset.is_multiple_of(PAGE)
-        && (len as u64).is_multiple_of(PAGE)
-        && device.cached_writes()
+    write_may_be_inline(device.cached_writes(), offset, len, fua)
 }
 
-/// Room for a frame's header and fixed fields.
-const FRAME_OVERHEAD: usize = 64;
-
-#[derive(Clone)]
-enum Op {
-    Write {
-        data: Bytes,
-        fua: bool,
-    },
-    Trim {
-        len: u64,
-        fua: bool,
-    },
-    WriteZeroes {
-        len: u64,
-        may_unmap: bool,
-        fua: bool,
-    },
-}
-
+/// Carrying out an [`Op`] on a device (the Primary's local half, the Secondary's apply).
 impl Op {
-    fn len(&self) -> u64 {
-        match self {
-            Op::Write { data, .. } => data.len() as u64,
-            Op::Trim { len, .. } | Op::WriteZeroes { len, .. } => *len,
-        }
-    }
-
-    fn fua(&self) -> bool {
-        match self {
-            Op::Write { fua, .. } | Op::Trim { fua, .. } | Op::WriteZeroes { fua, .. } => *fua,
-        }
-    }
-
-    fn cost(&self) -> usize {
-        match self {
-            Op::Write { data, .. } => data.len().max(1) + FRAME_OVERHEAD,
-            _ => NOMINAL_REQUEST_COST,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Op::Write { .. } => "write",
-            Op::Trim { .. } => "trim",
-            Op::WriteZeroes { .. } => "write zeroes",
-        }
-    }
-
     /// See [`write_is_inline`].
     fn applies_inline(&self, device: &dyn BackingDevice, offset: u64) -> bool {
         matches!(self, Op::Write { data, fua } if write_is_inline(device, offset, data.len(), *fua))
@@ -271,41 +211,6 @@ impl Op {
                 }
                 Ok(())
             }
-        }
-    }
-
-    fn message(&self, seq: u64, epoch: u64, offset: u64, ack_on_receive: bool) -> Message {
-        match self {
-            Op::Write { data, fua } => Message::Write(WriteRequest {
-                seq,
-                epoch,
-                offset,
-                fua: *fua,
-                ack_on_receive,
-                data: data.clone(),
-            }),
-            Op::Trim { len, fua } => Message::Trim(RangeRequest {
-                seq,
-                epoch,
-                offset,
-                len: *len,
-                fua: *fua,
-                ack_on_receive,
-                may_unmap: false,
-            }),
-            Op::WriteZeroes {
-                len,
-                may_unmap,
-                fua,
-            } => Message::WriteZeroes(RangeRequest {
-                seq,
-                epoch,
-                offset,
-                len: *len,
-                fua: *fua,
-                ack_on_receive,
-                may_unmap: *may_unmap,
-            }),
         }
     }
 }
@@ -1131,54 +1036,14 @@ pub fn default_max_held_bytes() -> usize {
     128 << 20
 }
 
-enum Item {
-    Request {
-        seq: u64,
-        offset: u64,
-        op: Op,
-        /// Applied on the receive loop ([`write_is_inline`]; never under protocol B, whose
-        /// acknowledgement on receipt must not wait behind a write).
-        inline: bool,
-    },
-    Flush {
-        id: u64,
-    },
-    Barrier {
-        epoch: u64,
-    },
-    /// Resync data, written in order with the requests (`crate::resync`).
-    ResyncData {
-        id: u64,
-        offset: u64,
-        data: Bytes,
-    },
-    /// A resync range that is zeroes on the source.
-    ResyncZeroes {
-        id: u64,
-        offset: u64,
-        len: u64,
-    },
-    /// Verify/checksum digests, compared in order with the requests.
-    ResyncDigest {
-        id: u64,
-        offset: u64,
-        len: u32,
-        digests: Bytes,
-    },
-    /// End of a resync: flush, tell the engine, answer.
-    ResyncDone {
-        summary: ResyncSummary,
-    },
-}
-
 struct Done {
-    /// The acknowledgement, or what this replica failed to do before it could send one
-    /// (see [`SecondaryState::failed`]).
-    reply: Result<Message, DatapathError>,
     held: usize,
+    reply: Result<Message, DatapathError>,
 }
 
-/// Apply a Primary's requests arriving on `link` to `device` until the link goes down.
+/// Apply a Primary's requests arriving on `link` to `device` until the link goes down: the
+/// shell of [`SecondaryCore`], which decides what runs when; this loop reads the link,
+/// carries out the core's actions and reports their completions.
 ///
 /// Returns the reason the link went down, or an error when the Primary broke the protocol
 /// (in which case an Error frame was sent and the link closed). Requests already started on
@@ -1194,355 +1059,154 @@ pub async fn run_secondary(
         mut receiver,
     } = link;
     let peer = info.hello.node;
-    let failures = FailureReporter {
-        log: cfg.local_failures.clone(),
-        volume: info.hello.volume.into(),
-        peer: peer.as_str().into(),
-    };
-    let mut sec = SecondaryState {
+    let max_held = cfg.max_held_bytes.max(MAX_DATA_LEN + FRAME_OVERHEAD);
+    let mut core = SecondaryCore::new(device.cached_writes(), max_held);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let shell = SecondaryShell {
+        failures: FailureReporter {
+            log: cfg.local_failures.clone(),
+            volume: info.hello.volume.into(),
+            peer: peer.as_str().into(),
+        },
         device,
         sender,
-        queue: VecDeque::new(),
-        inflight: 0,
-        held: 0,
-        recv_epoch: None,
-        done_tx: mpsc::unbounded_channel().0,
-        extensions: cfg.extensions.clone(),
-        resync_target: cfg.resync_target.clone(),
-        write_intent: cfg.write_intent.clone(),
-        failed: None,
-        failures,
+        done_tx,
+        extensions: cfg.extensions,
+        resync_target: cfg.resync_target,
+        write_intent: cfg.write_intent,
     };
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    sec.done_tx = done_tx;
-    let max_held = cfg.max_held_bytes.max(MAX_DATA_LEN + FRAME_OVERHEAD);
 
     let result = loop {
-        if let Some(e) = sec.failed.take() {
-            sec.failures
+        if let Err(e) = shell.carry_out(&mut core) {
+            shell
+                .failures
                 .report("this replica could not apply a request; disconnecting", &e);
-            sec.sender
+            shell
+                .sender
                 .close_with_error(error_code::INTERNAL, &error_chain(&e));
             break Err(e);
         }
         tokio::select! {
             biased;
-            Some(done) = done_rx.recv() => {
-                sec.inflight -= 1;
-                sec.held -= done.held;
-                match done.reply {
-                    Ok(ack) => {
-                        let _ = sec.sender.send_control(&ack);
-                        sec.pump();
-                    }
-                    Err(e) => sec.failed = Some(e),
-                }
-            }
-            msg = receiver.recv(), if sec.held < max_held => {
+            Some(done) = done_rx.recv() => core.handle_done(done.held, done.reply),
+            msg = receiver.recv(), if core.wants_input() => {
                 let Some(msg) = msg else {
                     break Ok(receiver.down_reason().unwrap_or(LinkDown::PeerClosed));
                 };
-                if let Err(e) = sec.handle(msg) {
+                if let Err(e) = core.handle_message(msg, shell.device.size()) {
                     let code = match e {
                         DatapathError::PeerOutOfRange { .. } => error_code::OUT_OF_RANGE,
                         _ => error_code::PROTOCOL,
                     };
                     tracing::warn!(peer = %peer, error = %e, "rejecting the primary's request; disconnecting");
-                    sec.sender.close_with_error(code, &e.to_string());
+                    shell.sender.close_with_error(code, &e.to_string());
                     break Err(e);
                 }
             }
         }
     };
     // Let requests already on the device finish (their acks may no longer be deliverable).
-    while sec.inflight > 0 {
-        match done_rx.recv().await {
-            Some(done) => {
-                sec.inflight -= 1;
-                if let Ok(ack) = &done.reply {
-                    let _ = sec.sender.send_control(ack);
-                }
-            }
-            None => break,
-        }
+    core.handle_link_down();
+    while core.inflight() > 0 {
+        let Some(done) = done_rx.recv().await else {
+            break;
+        };
+        core.handle_done(done.held, done.reply);
+        let _ = shell.carry_out(&mut core);
     }
     result
 }
 
-struct SecondaryState {
+/// What [`run_secondary`] carries the core's actions out with.
+struct SecondaryShell {
     device: Arc<dyn BackingDevice>,
     sender: LinkSender,
-    queue: VecDeque<(Item, usize)>,
-    /// Requests started on the device and not yet completed (all of the oldest epoch).
-    inflight: usize,
-    /// Bytes received and not yet completed.
-    held: usize,
-    /// The epoch the next request must belong to (`None` until the first one arrives).
-    recv_epoch: Option<u64>,
     done_tx: mpsc::UnboundedSender<Done>,
     extensions: Option<mpsc::UnboundedSender<Message>>,
     resync_target: Option<ResyncTargetHooks>,
     write_intent: Option<WriteIntentHooks>,
-    /// A request this replica could not apply (device error, or the activity log could not
-    /// take it), or a failed flush. It then cannot promise what the acknowledgement would
-    /// promise, so it sends none, starts nothing more and disconnects: the Primary counts
-    /// the request as not replicated here (out of sync, and the engine's quorum rule
-    /// decides whether it may complete), as DRBD detaches a disk after an I/O error.
-    failed: Option<DatapathError>,
     failures: FailureReporter,
 }
 
-impl SecondaryState {
-    fn check_epoch(&mut self, epoch: u64, what: &str) -> Result<(), DatapathError> {
-        match self.recv_epoch {
-            None => {
-                self.recv_epoch = Some(epoch);
-                Ok(())
-            }
-            Some(e) if e == epoch => Ok(()),
-            Some(e) => Err(DatapathError::PeerProtocol(format!(
-                "{what} for epoch {epoch} while epoch {e} is open"
-            ))),
-        }
-    }
-
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), DatapathError> {
-        let size = self.device.size();
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
-            _ => Err(DatapathError::PeerOutOfRange { offset, len, size }),
-        }
-    }
-
-    fn range_item(&mut self, r: &RangeRequest, op: Op) -> Result<(Item, usize), DatapathError> {
-        self.check_epoch(r.epoch, "request")?;
-        self.check_range(r.offset, r.len)?;
-        if r.ack_on_receive {
-            let _ = self.sender.send_control(&Message::RecvAck { seq: r.seq });
-        }
-        Ok((
-            Item::Request {
-                seq: r.seq,
-                offset: r.offset,
-                op,
-                inline: false,
-            },
-            FRAME_OVERHEAD,
-        ))
-    }
-
-    /// Resync data, digests and the resync end become ordered items; any other Extension
-    /// (including resync replies, when this node is a source on the link) goes to the sink.
-    fn resync_item(&self, msg: &Message) -> Result<Option<(Item, usize)>, DatapathError> {
-        let Some(decoded) = ResyncMsg::from_message(msg) else {
-            return Ok(None);
-        };
-        let decoded = decoded.map_err(|e| DatapathError::PeerProtocol(e.to_string()))?;
-        Ok(Some(match decoded {
-            ResyncMsg::Data { id, offset, data } => {
-                self.check_range(offset, data.len() as u64)?;
-                let held = data.len() + FRAME_OVERHEAD;
-                (Item::ResyncData { id, offset, data }, held)
-            }
-            ResyncMsg::Zeroes { id, offset, len } => {
-                self.check_range(offset, len)?;
-                (Item::ResyncZeroes { id, offset, len }, FRAME_OVERHEAD)
-            }
-            ResyncMsg::Digest {
-                id,
-                offset,
-                len,
-                digests,
-            } => {
-                self.check_range(offset, u64::from(len))?;
-                // The local read of the range is held too.
-                let held = digests.len() + len as usize + FRAME_OVERHEAD;
-                (
-                    Item::ResyncDigest {
-                        id,
-                        offset,
-                        len,
-                        digests,
-                    },
-                    held,
-                )
-            }
-            ResyncMsg::Done {
-                sent_bytes,
-                skipped_bytes,
-            } => (
-                Item::ResyncDone {
-                    summary: ResyncSummary {
-                        sent_bytes,
-                        skipped_bytes,
-                    },
+impl SecondaryShell {
+    /// Carry out every action the core has; returns the first failure it reported.
+    fn carry_out(&self, core: &mut SecondaryCore) -> Result<(), DatapathError> {
+        let mut failed = None;
+        while let Some(action) = core.poll_action() {
+            match action {
+                SecondaryAction::Send(msg) => {
+                    let _ = self.sender.send_control(&msg);
+                }
+                SecondaryAction::Extension(msg) => match &self.extensions {
+                    Some(tx) => {
+                        let _ = tx.send(msg);
+                    }
+                    None => tracing::debug!(
+                        msg_type = msg.msg_type(),
+                        "no extension handler; ignoring message"
+                    ),
                 },
-                FRAME_OVERHEAD,
-            ),
-            _ => return Ok(None),
-        }))
+                SecondaryAction::Fail(e) => {
+                    failed.get_or_insert(e);
+                }
+                SecondaryAction::Start(job) => {
+                    if let Some(reply) = self.try_inline(&job) {
+                        core.handle_done(job.held, reply);
+                    } else {
+                        self.spawn(job);
+                    }
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
-    fn handle(&mut self, msg: Message) -> Result<(), DatapathError> {
-        let (item, held) = match msg {
-            Message::Write(w) => {
-                self.check_epoch(w.epoch, "write")?;
-                self.check_range(w.offset, w.data.len() as u64)?;
-                if w.ack_on_receive {
-                    let _ = self.sender.send_control(&Message::RecvAck { seq: w.seq });
-                }
-                let held = w.data.len() + FRAME_OVERHEAD;
-                let inline = !w.ack_on_receive
-                    && write_is_inline(&*self.device, w.offset, w.data.len(), w.fua);
-                let op = Op::Write {
-                    data: w.data,
-                    fua: w.fua,
-                };
-                (
-                    Item::Request {
-                        seq: w.seq,
-                        offset: w.offset,
-                        op,
-                        inline,
-                    },
-                    held,
-                )
-            }
-            Message::Trim(r) => {
-                let op = Op::Trim {
-                    len: r.len,
-                    fua: r.fua,
-                };
-                self.range_item(&r, op)?
-            }
-            Message::WriteZeroes(r) => {
-                let op = Op::WriteZeroes {
-                    len: r.len,
-                    may_unmap: r.may_unmap,
-                    fua: r.fua,
-                };
-                self.range_item(&r, op)?
-            }
-            Message::Barrier { epoch } => {
-                self.check_epoch(epoch, "barrier")?;
-                self.recv_epoch = Some(epoch + 1);
-                (Item::Barrier { epoch }, 0)
-            }
-            Message::Flush { id } => (Item::Flush { id }, 0),
-            msg @ Message::Extension { .. } => match self.resync_item(&msg)? {
-                Some(ordered) => ordered,
-                None => {
-                    match &self.extensions {
-                        Some(tx) => {
-                            let _ = tx.send(msg);
-                        }
-                        None => tracing::debug!(
-                            msg_type = msg.msg_type(),
-                            "no extension handler; ignoring message"
-                        ),
-                    }
-                    return Ok(());
-                }
-            },
-            other => {
-                return Err(DatapathError::PeerProtocol(format!(
-                    "unexpected message type {:#06x} from a primary",
-                    other.msg_type()
-                )))
-            }
+    /// Apply an inline job on this task if the write-intent log takes its range without
+    /// waiting; `None` leaves it to the blocking pool.
+    fn try_inline(&self, job: &Job) -> Option<Result<Message, DatapathError>> {
+        let Work::Request { seq, offset, op } = &job.work else {
+            return None;
         };
-        self.held += held;
-        self.queue.push_back((item, held));
-        self.pump();
-        Ok(())
+        if !job.inline {
+            return None;
+        }
+        let log = self.write_intent.as_ref();
+        if !log.is_none_or(|log| log.0.try_begin(*offset, op.len())) {
+            return None;
+        }
+        let applied = apply_request(&*self.device, *seq, *offset, op);
+        if let Some(log) = log {
+            log.0.end(*offset, op.len());
+        }
+        Some(applied)
     }
 
-    /// Start every queued item of the current epoch; finish the epoch at its barrier once
-    /// all its requests completed.
-    fn pump(&mut self) {
-        let mut inline_budget = INLINE_BYTES_PER_PASS;
-        while let Some((front, _)) = self.queue.front() {
-            if self.failed.is_some() {
-                return;
-            }
-            if let Item::Barrier { epoch } = front {
-                if self.inflight > 0 {
-                    return;
-                }
-                let _ = self
-                    .sender
-                    .send_control(&Message::BarrierAck { epoch: *epoch });
-                self.queue.pop_front();
-                continue;
-            }
-            let Some((item, held)) = self.queue.pop_front() else {
-                return;
-            };
-            if let Item::Request {
-                seq,
-                offset,
-                op,
-                inline: true,
-            } = &item
-            {
-                let logged = || {
-                    self.write_intent
-                        .as_ref()
-                        .is_none_or(|log| log.0.try_begin(*offset, op.len()))
-                };
-                let fits = inline_budget.checked_sub(op.len() as usize);
-                if let Some(left) = fits.filter(|_| logged()) {
-                    inline_budget = left;
-                    let applied = apply_request(&*self.device, *seq, *offset, op);
-                    if let Some(log) = &self.write_intent {
-                        log.0.end(*offset, op.len());
-                    }
-                    self.held -= held;
-                    match applied {
-                        Ok(ack) => {
-                            let _ = self.sender.send_control(&ack);
-                        }
-                        Err(e) => self.failed = Some(e),
-                    }
-                    continue;
-                }
-            }
-            self.inflight += 1;
-            let device = self.device.clone();
-            let done_tx = self.done_tx.clone();
-            let hooks = self.resync_target.clone();
-            let intent = self.write_intent.clone();
-            let failures = self.failures.clone();
-            tokio::task::spawn_blocking(move || {
-                let reply = match item {
-                    Item::ResyncData { id, offset, data } => {
+    /// Run a job on the blocking pool; its completion comes back through `done_tx`.
+    fn spawn(&self, job: Job) {
+        let device = self.device.clone();
+        let done_tx = self.done_tx.clone();
+        let hooks = self.resync_target.clone();
+        let intent = self.write_intent.clone();
+        let failures = self.failures.clone();
+        tokio::task::spawn_blocking(move || {
+            let reply =
+                match job.work {
+                    Work::ResyncData { id, offset, data } => {
                         let len = data.len() as u64;
-                        // Durable before the ack: the source clears its bits on the ack,
-                        // so the data must survive a crash of this replica.
+                        // Durable before the ack: the source clears its bits on the ack, so the
+                        // data must survive a crash of this replica.
                         let result = device.write_at_durable(&data, offset);
-                        Ok(resync_written(
-                            result,
-                            hooks.as_ref(),
-                            &failures,
-                            id,
-                            offset,
-                            len,
-                        ))
+                        let hooks = hooks.as_ref();
+                        Ok(resync_written(result, hooks, &failures, id, offset, len))
                     }
-                    Item::ResyncZeroes { id, offset, len } => {
+                    Work::ResyncZeroes { id, offset, len } => {
                         let result = device
                             .write_zeroes(offset, len, true)
                             .and_then(|()| device.flush());
-                        Ok(resync_written(
-                            result,
-                            hooks.as_ref(),
-                            &failures,
-                            id,
-                            offset,
-                            len,
-                        ))
+                        let hooks = hooks.as_ref();
+                        Ok(resync_written(result, hooks, &failures, id, offset, len))
                     }
-                    Item::ResyncDigest {
+                    Work::ResyncDigest {
                         id,
                         offset,
                         len,
@@ -1550,24 +1214,25 @@ impl SecondaryState {
                     } => Ok(compare_digests(
                         &*device, &failures, id, offset, len, &digests,
                     )),
-                    Item::ResyncDone { summary } => {
+                    Work::ResyncDone { summary } => {
                         Ok(finish_resync_target(&*device, hooks.as_ref(), &summary))
                     }
-                    Item::Request {
-                        seq, offset, op, ..
-                    } => apply_logged_request(&*device, intent.as_ref(), seq, offset, &op),
-                    Item::Flush { id } => device
+                    Work::Request { seq, offset, op } => {
+                        apply_logged_request(&*device, intent.as_ref(), seq, offset, &op)
+                    }
+                    Work::Flush { id } => device
                         .flush()
                         .map(|()| Message::FlushAck { id })
                         .map_err(|source| DatapathError::Local {
                             op: "flush",
                             source,
                         }),
-                    Item::Barrier { .. } => return,
                 };
-                let _ = done_tx.send(Done { reply, held });
+            let _ = done_tx.send(Done {
+                held: job.held,
+                reply,
             });
-        }
+        });
     }
 }
 

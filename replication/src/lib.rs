@@ -89,6 +89,7 @@
 pub mod activity_log;
 pub mod auth;
 pub mod bitmap;
+pub mod core;
 pub mod datapath;
 pub mod device;
 pub mod failure_log;
