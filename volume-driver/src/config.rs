@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use replication::auth::{load_secret, Secret, SecretError};
 
+use crate::engine_config::{EngineConfig, RawEngine};
 use crate::names::validate_volume_name;
 use crate::options::{apply_change, OptionsChange, VolumeOptions};
 
@@ -89,6 +90,8 @@ pub struct RawConfig {
     pub nbd: NbdConfig,
     #[serde(default)]
     pub replication: RawReplication,
+    #[serde(default)]
+    pub engine: RawEngine,
 }
 
 /// The optional `[replication]` table: defaults for new volumes, spelled as DRBD spells
@@ -171,6 +174,8 @@ pub struct Config {
     pub nbd: NbdConfig,
     /// Options given to new volumes (`[replication]`).
     pub replication: VolumeOptions,
+    /// The replication engine's tunables (`[engine]`).
+    pub engine: EngineConfig,
 }
 
 /// Why the peer secret could not be loaded.
@@ -364,8 +369,13 @@ impl RawConfig {
             let key = flag.trim_start_matches("--").replace('-', "_");
             invalid(format!("replication.{key}"), rest.to_string())
         })?;
+        let engine = self
+            .engine
+            .validate()
+            .map_err(|(key, message)| invalid(format!("engine.{key}"), message))?;
         Ok(Config {
             replication,
+            engine,
             path: path.to_path_buf(),
             node: self.node,
             state_dir: self.state_dir,
@@ -466,6 +476,7 @@ impl RawPool {
 mod tests {
     use super::*;
     use crate::report::error_chain;
+    use std::time::Duration;
 
     const PATH: &str = "/etc/tandem/tandem.toml";
 
@@ -696,6 +707,25 @@ tcp_listen = "127.0.0.1:10809"
         ));
         assert!(
             e.starts_with("/etc/tandem/tandem.toml: replication.after_split_brain: unknown"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn engine_tunables_are_read_and_bad_values_name_the_key() {
+        let pool = "[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n";
+        let config = parse(&format!(
+            "{NODES}{pool}[engine]\nping_interval = \"200ms\"\npeer_ack_timeout = \"10s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.engine.ping_interval, Duration::from_millis(200));
+        assert_eq!(
+            config.engine.tunables.peer_ack_timeout,
+            Duration::from_secs(10)
+        );
+        let e = error(&format!("{NODES}{pool}[engine]\nreconnect_grace = \"3\"\n"));
+        assert!(
+            e.starts_with("/etc/tandem/tandem.toml: engine.reconnect_grace: '3' is not a duration"),
             "{e}"
         );
     }

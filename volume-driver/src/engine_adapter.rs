@@ -13,13 +13,14 @@ use bytes::Bytes;
 use control_api::{ReplicaStatus, VerifySummary};
 use replication::auth::Secret;
 use replication::device::BackingDevice;
-use replication::link::LinkConfig;
+
 use replication::replica::{
     EngineError, NodeConfig, PeerSpec, ReplicaOptions, ReplicaSpec, ReplicationNode,
 };
 use replication::resync::ResyncConfig;
 
 use crate::engine::{Engine, EngineFailure, EngineReplica, FailureKind, ReplicaPlan};
+use crate::engine_config::EngineConfig;
 use crate::options::VolumeOptions;
 use crate::report::error_chain;
 
@@ -29,17 +30,19 @@ pub struct ReplicationEngine {
 }
 
 impl ReplicationEngine {
-    /// Bind the replication listener on `listen`.
+    /// Bind the replication listener on `listen`, with the `[engine]` tunables.
     pub async fn start(
         name: &str,
         listen: std::net::SocketAddr,
         secret: Secret,
+        tunables: &EngineConfig,
     ) -> Result<Arc<ReplicationEngine>, EngineFailure> {
         let node = ReplicationNode::start(NodeConfig {
             name: name.to_string(),
             listen,
             secret,
-            link: LinkConfig::default(),
+            link: tunables.link(),
+            tunables: tunables.tunables.clone(),
         })
         .await
         .map_err(failure)?;
@@ -110,7 +113,8 @@ impl Engine for ReplicationEngine {
         day0: u64,
         peers: &[&str],
     ) -> Result<(), EngineFailure> {
-        ReplicationNode::create_metadata(meta_dir, size, day0, peers).map_err(failure)
+        let al_extents = self.node.tunables().al_extents;
+        ReplicationNode::create_metadata(meta_dir, size, day0, peers, al_extents).map_err(failure)
     }
 
     async fn open_replica(

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod engine_adapter;
+pub mod engine_config;
 pub mod frontend;
 pub mod local_export;
 pub mod names;

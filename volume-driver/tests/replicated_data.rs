@@ -48,7 +48,7 @@ async fn start_node(name: &str, root: &Path, secret: &Path, nodes_toml: &str) ->
     let config = Config::parse(&text, Path::new("test.toml")).unwrap();
     let secret = config.load_secret().unwrap().unwrap();
     let this = config.this_node().unwrap().clone();
-    let engine = ReplicationEngine::start(name, this.replication, secret.clone())
+    let engine = ReplicationEngine::start(name, this.replication, secret.clone(), &config.engine)
         .await
         .unwrap();
     let service = Arc::new(VolumeService::open_with(config, engine, Some(secret.clone())).unwrap());

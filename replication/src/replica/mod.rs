@@ -123,6 +123,37 @@ pub struct NodeConfig {
     pub secret: Secret,
     /// Link tunables.
     pub link: LinkConfig,
+    /// Engine tunables for every volume of this node.
+    pub tunables: EngineTunables,
+}
+
+/// Engine tunables shared by every volume of a node (the daemon's `[engine]` config table).
+/// Every default is a named function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineTunables {
+    /// A connected peer that does not acknowledge a request for this long is disconnected
+    /// and its pending ranges are marked out of sync (DRBD's `ko-count` × `timeout`).
+    pub peer_ack_timeout: Duration,
+    /// A promotion waits this long for a peer whose link just ended (a demotion cycles the
+    /// links) before it goes ahead without that peer.
+    pub reconnect_grace: Duration,
+    /// Activity-log size of new volumes, in 4 MiB extents (DRBD's `al-extents`).
+    pub al_extents: usize,
+}
+
+impl Default for EngineTunables {
+    fn default() -> Self {
+        EngineTunables {
+            peer_ack_timeout: crate::datapath::default_peer_ack_timeout(),
+            reconnect_grace: default_reconnect_grace(),
+            al_extents: DEFAULT_AL_EXTENTS,
+        }
+    }
+}
+
+/// Default wait for a peer whose link just ended: 3 s.
+pub fn default_reconnect_grace() -> Duration {
+    Duration::from_secs(3)
 }
 
 /// Another node of a volume.
@@ -310,13 +341,20 @@ impl ReplicationNode {
         &self.shared.cfg.name
     }
 
+    /// This node's engine tunables.
+    pub fn tunables(&self) -> &EngineTunables {
+        &self.shared.cfg.tunables
+    }
+
     /// Initialise metadata for a new replica: every replica of a volume created together
     /// gets the same `day0` generation, so they start UpToDate with no initial sync.
+    /// `al_extents` is the activity log's size ([`EngineTunables::al_extents`]).
     pub fn create_metadata(
         meta_dir: &Path,
         size: u64,
         day0: u64,
         peers: &[&str],
+        al_extents: usize,
     ) -> Result<(), EngineError> {
         let volume = meta_dir.display().to_string();
         let err = |op| {
@@ -338,7 +376,7 @@ impl ReplicationNode {
         }
         let meta = ReplicaMeta {
             volume_size: size,
-            al_extents: DEFAULT_AL_EXTENTS,
+            al_extents,
             uuids: UuidSet::day0(g),
             clean_shutdown: true,
         };

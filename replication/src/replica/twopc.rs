@@ -17,7 +17,8 @@
 //! random backoff (20–200 ms) until [`PROMOTE_TIMEOUT`], then refuses with "being promoted
 //! on <node>". A promote that meets an existing Primary is refused at once.
 //!
-//! A member whose link ended within [`RECONNECT_GRACE`] (a demotion cycles the data links;
+//! A member whose link ended within the reconnect grace
+//! ([`super::EngineTunables::reconnect_grace`], 3 s by default; a demotion cycles the data links;
 //! a link broke during the round) is waited for and asked once it is back; only a member
 //! gone for longer is left out (quorum protects that case; with quorum off it is DRBD's
 //! behaviour, a split brain is then detected at the handshake).
@@ -46,10 +47,6 @@ pub(super) const GRANT_HOLD: Duration = Duration::from_secs(30);
 /// steps down again instead of relying on grants that may have lapsed.
 pub(super) const COMMIT_DEADLINE: Duration = Duration::from_secs(20);
 
-/// A member whose established link ended less than this ago is waited for (it is asked
-/// once it is back) rather than left out of the agreement.
-pub(super) const RECONNECT_GRACE: Duration = Duration::from_secs(3);
-
 /// This node's promotion round in progress.
 pub(super) struct PromotionRound {
     pub id: u64,
@@ -75,7 +72,7 @@ pub(super) enum RoundFailure {
     /// A concurrent promotion of `node`: worth a retry.
     Busy { node: String },
     /// The link to `node` was established a moment ago and is being re-established
-    /// (or broke during the round): wait for it, within [`RECONNECT_GRACE`].
+    /// (or broke during the round): wait for it, within the reconnect grace.
     Reconnecting { node: String },
     /// Final.
     Refused(EngineError),
@@ -153,7 +150,8 @@ impl Replica {
         if let Some(p) = st.peers.values().find(|p| {
             p.conn != ConnectionState::Connected
                 && p.conn != ConnectionState::StandAlone
-                && p.lost_at.is_some_and(|t| t.elapsed() < RECONNECT_GRACE)
+                && p.lost_at
+                    .is_some_and(|t| t.elapsed() < self.node.cfg.tunables.reconnect_grace)
         }) {
             return Err(RoundFailure::Reconnecting {
                 node: p.spec.name.clone(),

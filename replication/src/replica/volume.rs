@@ -914,7 +914,7 @@ impl Replica {
                 }
             });
             let mut cfg = PrimaryConfig::new(wire_protocol(st.options.protocol));
-            cfg.peer_ack_timeout = Duration::from_secs(30);
+            cfg.peer_ack_timeout = self.node.cfg.tunables.peer_ack_timeout;
             let primary = Primary::new(device, cfg, hook);
             primary.set_known_peers(&data);
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -1834,9 +1834,21 @@ impl Replica {
             let mut st = lock(&self.st);
             st.closed = true;
         }
-        // Goodbye: peers count us as "left gracefully" (last man standing).
+        // Goodbye: peers count us as "left gracefully" (last man standing). Each link ends
+        // once the goodbye is written (within a second), then everything stops.
         self.broadcast_state();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let links: Vec<LinkSender> = lock(&self.st)
+            .peers
+            .values()
+            .filter(|p| p.conn == ConnectionState::Connected)
+            .filter_map(|p| p.sender.clone())
+            .collect();
+        for link in &links {
+            link.close_after_queued("replica closed");
+        }
+        for link in links {
+            link.closed().await;
+        }
         self.abort();
         let Some(me) = self.arc() else {
             return Ok(());

@@ -13,11 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use replication::activity_log::DEFAULT_AL_EXTENTS;
 use replication::auth::Secret;
 use replication::device::{BackingDevice, FileDevice};
 use replication::link::LinkConfig;
 use replication::replica::{
-    NodeConfig, PeerSpec, Replica, ReplicaOptions, ReplicaSpec, ReplicaStatus, ReplicationNode,
+    EngineTunables, NodeConfig, PeerSpec, Replica, ReplicaOptions, ReplicaSpec, ReplicaStatus,
+    ReplicationNode,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -161,6 +163,7 @@ async fn start_node(name: &str, addr: SocketAddr) -> Arc<ReplicationNode> {
             listen: addr,
             secret: secret(),
             link: link_config(),
+            tunables: EngineTunables::default(),
         })
         .await
         {
@@ -214,8 +217,14 @@ impl Cluster {
                     .copied()
                     .filter(|p| p != name)
                     .collect();
-                ReplicationNode::create_metadata(&meta, size, 0xD0D0_0000_0000_0010, &peers)
-                    .unwrap();
+                ReplicationNode::create_metadata(
+                    &meta,
+                    size,
+                    0xD0D0_0000_0000_0010,
+                    &peers,
+                    DEFAULT_AL_EXTENTS,
+                )
+                .unwrap();
             }
             hosts.push(Host {
                 name: name.to_string(),

@@ -118,9 +118,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // one-node install has no replicated volumes and no listener.
     let engine: Arc<dyn Engine> = match (&secret, config.this_node()) {
         (Some(secret), Some(this)) => {
-            let engine = ReplicationEngine::start(&config.node, this.replication, secret.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("replication listener: {e}"))?;
+            let engine = ReplicationEngine::start(
+                &config.node,
+                this.replication,
+                secret.clone(),
+                &config.engine,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("replication listener: {e}"))?;
             tracing::info!(address = %this.replication, "replication listener started");
             engine
         }
