@@ -237,31 +237,18 @@ fn history(rng: &mut StdRng) -> (Vec<Message>, BTreeMap<u64, Planned>) {
                 units.end += 1;
             }
             let fua = rng.gen_bool(0.2);
+            let range = RangeRequest {
+                seq,
+                epoch,
+                offset: units.start * UNIT,
+                len: (units.end - units.start) * UNIT,
+                fua,
+                ack_on_receive: rng.gen_bool(0.3),
+                may_unmap: rng.gen_bool(0.5),
+            };
             let (msg, tag) = match rng.gen_range(0..10) {
-                0 => {
-                    let r = RangeRequest {
-                        seq,
-                        epoch,
-                        offset: units.start * UNIT,
-                        len: (units.end - units.start) * UNIT,
-                        fua,
-                        ack_on_receive: false,
-                        may_unmap: false,
-                    };
-                    (Message::Trim(r), 0)
-                }
-                1 => {
-                    let r = RangeRequest {
-                        seq,
-                        epoch,
-                        offset: units.start * UNIT,
-                        len: (units.end - units.start) * UNIT,
-                        fua,
-                        ack_on_receive: rng.gen_bool(0.5),
-                        may_unmap: true,
-                    };
-                    (Message::WriteZeroes(r), 0)
-                }
+                0 => (Message::Trim(range), 0),
+                1 => (Message::WriteZeroes(range), 0),
                 _ => (
                     write(seq, epoch, units.start, units.end - units.start, fua),
                     seq,
