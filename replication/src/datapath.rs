@@ -17,6 +17,11 @@
 //!     | <------------------ | <------------------------------------ | FlushAck{id}
 //! ```
 //!
+//! The decisions are made by two cores without I/O: [`PrimaryCore`] (the in-flight table,
+//! numbering and epochs, each peer's pending acknowledgements) and [`SecondaryCore`] (the
+//! apply pipeline). This module is their shell: link budgets, the device, tasks, timeouts.
+//! The Primary's core sits behind one mutex, never held across an await or I/O.
+//!
 //! Decisions (DRBD semantics, see `shared/ref/drbd.md` section 1):
 //!
 //! - **Epochs.** Requests are grouped into epochs separated by Barrier frames. The
@@ -82,7 +87,7 @@
 //!   expected epoch before anything touches the disk; a violation is answered with an
 //!   Error frame and the connection is dropped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -91,10 +96,11 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use crate::core::op::{Op, FRAME_OVERHEAD};
+use crate::core::primary::{PeerId, PrimaryAction, PrimaryCore, WaitId};
 use crate::core::secondary::{write_may_be_inline, Job, SecondaryAction, SecondaryCore, Work};
 use crate::device::{BackingDevice, DeviceError};
 use crate::failure_log::{error_chain, FailureLog};
-use crate::link::{LinkDown, LinkReceiver, LinkSender, PeerLink};
+use crate::link::{LinkDown, LinkReceiver, LinkSender, PeerLink, SendPermit};
 use crate::resync::proto::{self as rsproto, ResyncMsg};
 use crate::resync::{ResyncSummary, ResyncTargetHooks};
 use crate::wire::{error_code, Message, ReplicationProtocol, WriteOutcome, MAX_DATA_LEN};
@@ -228,55 +234,142 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-struct PendingWrite {
-    offset: u64,
-    len: u64,
-    /// Fired at the protocol's ack point (B: RecvAck, C: WriteAck); `None` under A.
-    waiter: Option<oneshot::Sender<()>>,
+/// The [`PrimaryCore`] and what carries out its actions that must happen in its order
+/// (queueing on the links); one mutex, never held across an await or I/O.
+struct Books {
+    core: PrimaryCore,
+    links: HashMap<PeerId, (String, LinkSender)>,
+    /// Requests and flushes waiting for [`PrimaryAction::PeersDone`].
+    waiters: HashMap<WaitId, oneshot::Sender<Vec<String>>>,
+    /// Where Extension messages from peers go (peer name, message).
+    extensions: Option<ExtensionSink>,
 }
 
-#[derive(Default)]
-struct PeerPending {
-    down: bool,
-    writes: HashMap<u64, PendingWrite>,
-    flushes: HashMap<u64, oneshot::Sender<()>>,
-}
-
-struct Peer {
-    name: String,
-    sender: LinkSender,
-    pending: Mutex<PeerPending>,
-}
-
-struct State {
-    next_seq: u64,
-    epoch: u64,
-    epoch_requests: u32,
-    next_flush_id: u64,
-    /// Connected peers, receiving every request.
-    peers: Vec<Arc<Peer>>,
-    /// Every peer this volume replicates to, connected or not. Requests a known peer does
-    /// not receive are reported out of sync for it.
-    known: Vec<String>,
+impl Books {
+    /// Carry out the core's actions in its order, with the books still locked: queue its
+    /// sends (a request through the budget reserved in `permits`), mark bitmaps before any
+    /// request they concern completes, then wake the waiters. Nothing here blocks; the
+    /// out-of-sync hook takes only the engine's innermost lock (the bitmaps).
+    fn carry_out(&mut self, hook: &OutOfSyncHook, permits: &mut Vec<(PeerId, SendPermit)>) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                PrimaryAction::SendRequest { peer, msg } => {
+                    if let Some(i) = permits.iter().position(|(p, _)| *p == peer) {
+                        // If the link just died, the peer task reports the request.
+                        let _ = permits.swap_remove(i).1.send(&msg);
+                    }
+                }
+                PrimaryAction::Send { peer, msg } => {
+                    if let Some((_, sender)) = self.links.get(&peer) {
+                        let _ = sender.send_control(&msg);
+                    }
+                }
+                PrimaryAction::OutOfSync { peer, offset, len } => hook(&peer, offset, len),
+                PrimaryAction::PeersDone {
+                    wait,
+                    unacknowledged,
+                } => {
+                    if let Some(tx) = self.waiters.remove(&wait) {
+                        let _ = tx.send(unacknowledged);
+                    }
+                }
+                PrimaryAction::Reject { peer, reason } => {
+                    if let Some((name, sender)) = self.links.get(&peer) {
+                        tracing::warn!(peer = %name, "{reason}; disconnecting");
+                        sender.close_with_error(error_code::PROTOCOL, &reason);
+                    }
+                }
+                PrimaryAction::Extension { peer, msg } => match &self.extensions {
+                    Some(sink) => {
+                        let _ = sink.send((peer, msg));
+                    }
+                    None => tracing::debug!(peer = %peer, msg_type = msg.msg_type(),
+                        "no extension handler; ignoring message"),
+                },
+            }
+        }
+    }
 }
 
 struct Inner {
     device: Arc<dyn BackingDevice>,
     cfg: PrimaryConfig,
     on_out_of_sync: OutOfSyncHook,
-    /// Where Extension messages from peers go (peer name, message).
-    extensions: Mutex<Option<ExtensionSink>>,
     inflight: Semaphore,
-    state: Mutex<State>,
-    /// Ranges of requests in flight, disjoint, keyed by start: end.
-    ranges: Mutex<BTreeMap<u64, u64>>,
-    /// Signalled whenever a range leaves `ranges`.
+    books: Mutex<Books>,
+    /// Signalled whenever a range leaves the in-flight table.
     range_released: Notify,
+    /// Signalled whenever every attached peer has acknowledged everything.
+    replicated: Notify,
     /// Bytes of application requests submitted so far (resync rate control reads it).
     app_bytes: AtomicU64,
-    /// Ranges [start, end) that [`Primary::lock_range`] callers wait for; new application
-    /// requests overlapping them wait too (fairness). Locked after `ranges`, never before.
-    reserved: Mutex<Vec<(u64, u64)>>,
+}
+
+impl Inner {
+    /// Run `f` on the books and carry out the core's actions.
+    fn step<R>(
+        &self,
+        permits: &mut Vec<(PeerId, SendPermit)>,
+        f: impl FnOnce(&mut Books) -> R,
+    ) -> R {
+        let mut books = lock(&self.books);
+        let result = f(&mut books);
+        books.carry_out(&self.on_out_of_sync, permits);
+        result
+    }
+
+    fn release_range(&self, start: u64) {
+        lock(&self.books).core.release(start);
+        self.range_released.notify_waiters();
+    }
+
+    /// Wait until no request in flight overlaps `[offset, offset + len)`, then claim it.
+    /// Overlapping requests are thus applied one after the other, in the same order on the
+    /// local disk and on every peer (DRBD waits for conflicting local writes the same way),
+    /// so concurrent overlapping writes cannot leave the replicas different.
+    ///
+    /// `yield_to_reserved`: application requests also wait for ranges reserved by a
+    /// [`Primary::lock_range`] caller that is still waiting, so a stream of overlapping
+    /// writes cannot starve a resync chunk.
+    async fn claim_range(
+        &self,
+        offset: u64,
+        len: u64,
+        yield_to_reserved: bool,
+    ) -> Option<RangeGuard<'_>> {
+        if len == 0 {
+            return None;
+        }
+        let end = offset + len;
+        loop {
+            let released = self.range_released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if lock(&self.books)
+                .core
+                .try_claim(offset, end, yield_to_reserved)
+            {
+                return Some(RangeGuard {
+                    inner: self,
+                    start: offset,
+                });
+            }
+            released.await;
+        }
+    }
+
+    /// Register a waiter for `wait` (called with the books locked, before they are
+    /// released, so its PeersDone cannot be missed).
+    fn waiter(
+        books: &mut Books,
+        wait: Option<WaitId>,
+    ) -> Option<(WaitId, oneshot::Receiver<Vec<String>>)> {
+        wait.map(|w| {
+            let (tx, rx) = oneshot::channel();
+            books.waiters.insert(w, tx);
+            (w, rx)
+        })
+    }
 }
 
 /// Removes a reservation when `lock_range` finishes or is cancelled.
@@ -287,17 +380,13 @@ struct Reservation<'a> {
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        {
-            let mut reserved = lock(&self.inner.reserved);
-            if let Some(i) = reserved.iter().position(|r| *r == self.range) {
-                reserved.swap_remove(i);
-            }
-        }
+        let (start, end) = self.range;
+        lock(&self.inner.books).core.unreserve(start, end);
         self.inner.range_released.notify_waiters();
     }
 }
 
-/// Holds a request's range in [`Inner::ranges`] until dropped.
+/// Holds a request's range in the in-flight table until dropped.
 struct RangeGuard<'a> {
     inner: &'a Inner,
     start: u64,
@@ -324,59 +413,8 @@ impl Drop for RangeLock {
     }
 }
 
-impl Inner {
-    fn release_range(&self, start: u64) {
-        lock(&self.ranges).remove(&start);
-        self.range_released.notify_waiters();
-    }
-
-    /// Wait until no request in flight overlaps `[offset, offset + len)`, then claim it.
-    /// Overlapping requests are thus applied one after the other, in the same order on the
-    /// local disk and on every peer (DRBD waits for conflicting local writes the same way),
-    /// so concurrent overlapping writes cannot leave the replicas different.
-    ///
-    /// `yield_to_reserved`: application requests also wait for ranges reserved by a
-    /// [`Primary::lock_range`] caller that is still waiting, so a stream of overlapping
-    /// writes cannot starve a resync chunk.
-    async fn claim_range(
-        &self,
-        offset: u64,
-        len: u64,
-        yield_to_reserved: bool,
-    ) -> Option<RangeGuard<'_>> {
-        if len == 0 {
-            return None;
-        }
-        let end = offset + len;
-        loop {
-            let released = self.range_released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            {
-                let mut ranges = lock(&self.ranges);
-                // Ranges are disjoint: only the last one starting before `end` can overlap.
-                let overlaps = ranges
-                    .range(..end)
-                    .next_back()
-                    .is_some_and(|(_, &e)| e > offset)
-                    || (yield_to_reserved
-                        && lock(&self.reserved)
-                            .iter()
-                            .any(|&(s, e)| s < end && e > offset));
-                if !overlaps {
-                    ranges.insert(offset, end);
-                    return Some(RangeGuard {
-                        inner: self,
-                        start: offset,
-                    });
-                }
-            }
-            released.await;
-        }
-    }
-}
-
-/// The Primary side of the replicated write path for one volume. Cheap to clone.
+/// The Primary side of the replicated write path for one volume: the shell of a
+/// [`PrimaryCore`]. Cheap to clone.
 #[derive(Clone)]
 pub struct Primary {
     inner: Arc<Inner>,
@@ -392,29 +430,26 @@ impl Primary {
         on_out_of_sync: OutOfSyncHook,
     ) -> Primary {
         let permits = cfg.max_inflight_bytes.max(MAX_DATA_LEN + FRAME_OVERHEAD);
+        let cfg = PrimaryConfig {
+            max_inflight_bytes: permits,
+            max_epoch_requests: cfg.max_epoch_requests.max(1),
+            ..cfg
+        };
         Primary {
             inner: Arc::new(Inner {
                 device,
                 inflight: Semaphore::new(permits),
-                cfg: PrimaryConfig {
-                    max_inflight_bytes: permits,
-                    max_epoch_requests: cfg.max_epoch_requests.max(1),
-                    ..cfg
-                },
-                on_out_of_sync,
-                extensions: Mutex::new(None),
-                ranges: Mutex::new(BTreeMap::new()),
-                range_released: Notify::new(),
-                app_bytes: AtomicU64::new(0),
-                reserved: Mutex::new(Vec::new()),
-                state: Mutex::new(State {
-                    next_seq: 1,
-                    epoch: 1,
-                    epoch_requests: 0,
-                    next_flush_id: 1,
-                    peers: Vec::new(),
-                    known: Vec::new(),
+                books: Mutex::new(Books {
+                    core: PrimaryCore::new(cfg.protocol, cfg.max_epoch_requests),
+                    links: HashMap::new(),
+                    waiters: HashMap::new(),
+                    extensions: None,
                 }),
+                cfg,
+                on_out_of_sync,
+                range_released: Notify::new(),
+                replicated: Notify::new(),
+                app_bytes: AtomicU64::new(0),
             }),
         }
     }
@@ -445,13 +480,13 @@ impl Primary {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(DatapathError::OutOfRange { offset, len, size });
         }
-        let reservation = Reservation {
-            inner: &self.inner,
-            range: (offset, offset + len),
-        };
-        if len > 0 {
-            lock(&self.inner.reserved).push(reservation.range);
-        }
+        let reservation = (len > 0).then(|| {
+            lock(&self.inner.books).core.reserve(offset, offset + len);
+            Reservation {
+                inner: &self.inner,
+                range: (offset, offset + len),
+            }
+        });
         let claimed = self.inner.claim_range(offset, len, false).await;
         drop(reservation);
         let start = match claimed {
@@ -478,60 +513,45 @@ impl Primary {
             sender,
             receiver,
         } = link;
-        let peer = Arc::new(Peer {
-            name: info.hello.node.clone(),
-            sender,
-            pending: Mutex::new(PeerPending::default()),
+        let name = info.hello.node;
+        let id = self.inner.step(&mut Vec::new(), |books| {
+            let id = books.core.attach_peer(&name);
+            books.links.insert(id, (name.clone(), sender));
+            id
         });
-        {
-            let mut st = lock(&self.inner.state);
-            // Start the new peer on an epoch boundary.
-            close_epoch_locked(&mut st);
-            st.peers.push(peer.clone());
-            if !st.known.contains(&peer.name) {
-                st.known.push(peer.name.clone());
-            }
-        }
-        tracing::info!(peer = %peer.name, protocol = %self.inner.cfg.protocol, "replicating to peer");
-        tokio::spawn(peer_task(self.inner.clone(), peer, receiver));
+        tracing::info!(peer = %name, protocol = %self.inner.cfg.protocol, "replicating to peer");
+        tokio::spawn(peer_task(self.inner.clone(), id, name, receiver));
     }
 
     /// Register the peers this volume replicates to (by node name), connected or not.
     /// While a known peer is not attached, every request is reported out of sync for it,
     /// so its bitmap covers everything it missed. Attached peers become known implicitly.
     pub fn set_known_peers(&self, peers: &[String]) {
-        let mut st = lock(&self.inner.state);
-        let mut known = peers.to_vec();
-        for p in &st.peers {
-            if !known.contains(&p.name) {
-                known.push(p.name.clone());
-            }
-        }
-        st.known = known;
+        lock(&self.inner.books).core.set_known_peers(peers);
     }
 
     /// Route Extension messages arriving from attached peers to `sink` (resync, verify and
     /// state traffic the data path does not handle itself).
     pub fn set_extension_sink(&self, sink: ExtensionSink) {
-        *lock(&self.inner.extensions) = Some(sink);
+        lock(&self.inner.books).extensions = Some(sink);
     }
 
     /// The sending half of an attached peer's link, to send Extension messages on the
     /// same connection as the data path.
     pub fn peer_sender(&self, peer: &str) -> Option<LinkSender> {
-        lock(&self.inner.state)
-            .peers
-            .iter()
-            .find(|p| p.name == peer)
-            .map(|p| p.sender.clone())
+        lock(&self.inner.books)
+            .links
+            .values()
+            .find(|(name, _)| name == peer)
+            .map(|(_, sender)| sender.clone())
     }
 
     /// Names of the peers currently replicated to.
     pub fn connected_peers(&self) -> Vec<String> {
-        lock(&self.inner.state)
-            .peers
-            .iter()
-            .map(|p| p.name.clone())
+        lock(&self.inner.books)
+            .core
+            .peers()
+            .map(|(_, name)| name.to_string())
             .collect()
     }
 
@@ -539,27 +559,21 @@ impl Primary {
     /// disconnected). Useful under A and B before a planned switchover.
     pub async fn wait_replicated(&self) {
         loop {
-            let idle = lock(&self.inner.state)
-                .peers
-                .iter()
-                .all(|p| lock(&p.pending).writes.is_empty());
-            if idle {
+            let replicated = self.inner.replicated.notified();
+            tokio::pin!(replicated);
+            replicated.as_mut().enable();
+            if lock(&self.inner.books).core.is_replicated() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            replicated.await;
         }
     }
 
     /// Disconnect `peer` (its pending ranges are reported out of sync). False if unknown.
     pub fn disconnect_peer(&self, peer: &str, reason: &str) -> bool {
-        let found = lock(&self.inner.state)
-            .peers
-            .iter()
-            .find(|p| p.name == peer)
-            .cloned();
-        match found {
-            Some(p) => {
-                p.sender.close(reason);
+        match self.peer_sender(peer) {
+            Some(sender) => {
+                sender.close(reason);
                 true
             }
             None => false,
@@ -671,69 +685,29 @@ impl Primary {
             tokio::task::spawn_blocking(move || local_op.apply(&*device, offset))
         });
 
-        // Room on every connected peer's link, taken before the critical section.
-        let peers = lock(&inner.state).peers.clone();
-        let mut permits = Vec::with_capacity(peers.len());
-        for peer in peers {
-            // A failed reservation means the link is down: the peer is not sent to, and
-            // so is reported out of sync below.
-            if let Ok(permit) = peer.sender.reserve(cost).await {
-                permits.push((peer, permit));
+        // Room on every connected peer's link, taken before the request is numbered. A
+        // failed reservation means the link is down: the peer is not sent to, and so is
+        // reported out of sync.
+        let links: Vec<(PeerId, LinkSender)> = lock(&inner.books)
+            .links
+            .iter()
+            .map(|(id, (_, sender))| (*id, sender.clone()))
+            .collect();
+        let mut permits = Vec::with_capacity(links.len());
+        for (id, sender) in links {
+            if let Ok(permit) = sender.reserve(cost).await {
+                permits.push((id, permit));
             }
         }
 
-        // Number and queue the request in one critical section, so every peer's queue
-        // holds requests and barriers in seq/epoch order.
-        let protocol = inner.cfg.protocol;
-        let mut waits = Vec::new();
-        let mut sent = Vec::with_capacity(permits.len());
-        let mut lost = Vec::new();
-        let (seq, epoch) = {
-            let mut st = lock(&inner.state);
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            let epoch = st.epoch;
-            st.epoch_requests += 1;
-            let msg = op.message(seq, epoch, offset, protocol == ReplicationProtocol::B);
-            for (peer, permit) in permits {
-                let rx = {
-                    let mut pending = lock(&peer.pending);
-                    if pending.down {
-                        continue;
-                    }
-                    let (tx, rx) = match protocol {
-                        ReplicationProtocol::A => (None, None),
-                        _ => {
-                            let (tx, rx) = oneshot::channel();
-                            (Some(tx), Some(rx))
-                        }
-                    };
-                    pending.writes.insert(
-                        seq,
-                        PendingWrite {
-                            offset,
-                            len,
-                            waiter: tx,
-                        },
-                    );
-                    rx
-                };
-                // If the link just died, the peer task drains the entry and reports it.
-                let _ = permit.send(&msg);
-                sent.push(peer.name.clone());
-                if let Some(rx) = rx {
-                    waits.push((peer, rx));
-                }
-            }
-            if st.epoch_requests >= inner.cfg.max_epoch_requests {
-                close_epoch_locked(&mut st);
-            }
-            lost.extend(st.known.iter().filter(|k| !sent.contains(k)).cloned());
-            (seq, epoch)
-        };
-        for peer in &lost {
-            (inner.on_out_of_sync)(peer, offset, len);
-        }
+        // Number and queue the request in one step, so every peer's queue holds requests
+        // and barriers in seq/epoch order.
+        let sendable: Vec<PeerId> = permits.iter().map(|(id, _)| *id).collect();
+        let (started, waiter) = inner.step(&mut permits, |books| {
+            let started = books.core.start_request(offset, &op, &sendable);
+            let waiter = Inner::waiter(books, started.wait);
+            (started, waiter)
+        });
 
         let local = match blocking {
             Some(task) => task.await,
@@ -741,14 +715,13 @@ impl Primary {
             // leave them with a write this disk lacks.
             None => Ok(op.apply(&*inner.device, offset)),
         };
-        let mut unacknowledged = lost;
-        unacknowledged.extend(wait_for_peers(inner, waits, "request", seq).await);
+        let mut unacknowledged = started.unacknowledged;
+        unacknowledged.extend(wait_for_peers(inner, waiter, "request", started.seq).await);
 
-        if protocol != ReplicationProtocol::C || op.fua() {
-            let mut st = lock(&inner.state);
-            if st.epoch == epoch {
-                close_epoch_locked(&mut st);
-            }
+        if started.closes_epoch {
+            inner.step(&mut Vec::new(), |books| {
+                books.core.request_finished(started.epoch)
+            });
         }
         match local {
             Ok(Ok(())) => Ok(Completion { unacknowledged }),
@@ -774,41 +747,14 @@ impl Primary {
     pub async fn flush_request(&self) -> Result<Completion, DatapathError> {
         let inner = &self.inner;
         let wait = inner.cfg.protocol == ReplicationProtocol::C;
-        let mut waits = Vec::new();
-        let mut first_id = 0;
-        {
-            let mut st = lock(&inner.state);
-            // Everything issued before this flush is ordered before it on the secondary.
-            close_epoch_locked(&mut st);
-            let peers = st.peers.clone();
-            for peer in peers {
-                let id = st.next_flush_id;
-                st.next_flush_id += 1;
-                if first_id == 0 {
-                    first_id = id;
-                }
-                let rx = {
-                    let mut pending = lock(&peer.pending);
-                    if pending.down {
-                        continue;
-                    }
-                    if wait {
-                        let (tx, rx) = oneshot::channel();
-                        pending.flushes.insert(id, tx);
-                        Some(rx)
-                    } else {
-                        None
-                    }
-                };
-                let _ = peer.sender.send_control(&Message::Flush { id });
-                if let Some(rx) = rx {
-                    waits.push((peer, rx));
-                }
-            }
-        }
+        let waiter = inner.step(&mut Vec::new(), |books| {
+            let started = books.core.start_flush(wait);
+            Inner::waiter(books, started)
+        });
         let device = inner.device.clone();
         let local = tokio::task::spawn_blocking(move || device.flush()).await;
-        let unacknowledged = wait_for_peers(inner, waits, "flush", first_id).await;
+        let id = waiter.as_ref().map_or(0, |(w, _)| *w);
+        let unacknowledged = wait_for_peers(inner, waiter, "flush", id).await;
         match local {
             Ok(Ok(())) => Ok(Completion { unacknowledged }),
             Ok(Err(source)) => Err(DatapathError::Local {
@@ -823,138 +769,67 @@ impl Primary {
     }
 }
 
-fn close_epoch_locked(st: &mut State) {
-    if st.epoch_requests == 0 {
-        return;
-    }
-    for peer in &st.peers {
-        let _ = peer
-            .sender
-            .send_control(&Message::Barrier { epoch: st.epoch });
-    }
-    st.epoch += 1;
-    st.epoch_requests = 0;
-}
-
-/// Wait for each peer's acknowledgement. A dropped sender means the peer was lost (its
-/// range is already reported); a peer that stays silent past the timeout is disconnected.
+/// Wait for a request's or flush's peers. A peer that stays silent past the timeout is
+/// disconnected (its pending ranges are then reported and the wait ends with it lost).
 /// Returns the peers that were lost instead of acknowledging.
 async fn wait_for_peers(
     inner: &Inner,
-    waits: Vec<(Arc<Peer>, oneshot::Receiver<()>)>,
+    waiter: Option<(WaitId, oneshot::Receiver<Vec<String>>)>,
     what: &str,
     id: u64,
 ) -> Vec<String> {
-    let mut lost = Vec::new();
-    for (peer, mut rx) in waits {
-        let acked = match tokio::time::timeout(inner.cfg.peer_ack_timeout, &mut rx).await {
-            Ok(res) => res.is_ok(),
-            Err(_) => {
-                peer.sender.close(&format!(
-                    "peer did not acknowledge {what} {id} within {:?}",
-                    inner.cfg.peer_ack_timeout
-                ));
-                // The peer task drains the pending map once the link is down.
-                rx.await.is_ok()
-            }
-        };
-        if !acked {
-            lost.push(peer.name.clone());
-        }
+    let Some((wait, mut rx)) = waiter else {
+        return Vec::new();
+    };
+    if let Ok(done) = tokio::time::timeout(inner.cfg.peer_ack_timeout, &mut rx).await {
+        return done.unwrap_or_default();
     }
-    lost
+    let stuck: Vec<LinkSender> = {
+        let books = lock(&inner.books);
+        books
+            .core
+            .peers_holding(wait)
+            .iter()
+            .filter_map(|p| books.links.get(p).map(|(_, s)| s.clone()))
+            .collect()
+    };
+    for sender in stuck {
+        sender.close(&format!(
+            "peer did not acknowledge {what} {id} within {:?}",
+            inner.cfg.peer_ack_timeout
+        ));
+    }
+    // The peer task reports the pending requests once the link is down.
+    rx.await.unwrap_or_default()
 }
 
-async fn peer_task(inner: Arc<Inner>, peer: Arc<Peer>, mut receiver: LinkReceiver) {
-    let protocol = inner.cfg.protocol;
+async fn peer_task(inner: Arc<Inner>, id: PeerId, name: String, mut receiver: LinkReceiver) {
     while let Some(msg) = receiver.recv().await {
-        let violation = match msg {
-            Message::RecvAck { seq } => {
-                let mut pending = lock(&peer.pending);
-                match pending.writes.get_mut(&seq) {
-                    Some(w) => {
-                        if protocol == ReplicationProtocol::B {
-                            if let Some(tx) = w.waiter.take() {
-                                let _ = tx.send(());
-                            }
-                        }
-                        None
-                    }
-                    None => Some(format!("RecvAck for unknown request {seq}")),
-                }
-            }
-            Message::WriteAck { seq, outcome } => {
-                let removed = lock(&peer.pending).writes.remove(&seq);
-                match removed {
-                    Some(w) => {
-                        if outcome == WriteOutcome::Failed {
-                            tracing::warn!(peer = %peer.name, offset = w.offset, len = w.len,
-                                "peer failed to write; range marked out of sync");
-                            (inner.on_out_of_sync)(&peer.name, w.offset, w.len);
-                        }
-                        if let Some(tx) = w.waiter {
-                            let _ = tx.send(());
-                        }
-                        None
-                    }
-                    None => Some(format!("WriteAck for unknown request {seq}")),
-                }
-            }
-            Message::BarrierAck { .. } => None,
-            Message::FlushAck { id } => {
-                // Under A/B flushes are not awaited, so unknown ids are normal.
-                if let Some(tx) = lock(&peer.pending).flushes.remove(&id) {
-                    let _ = tx.send(());
-                }
-                None
-            }
-            msg @ Message::Extension { .. } => {
-                let handler = lock(&inner.extensions).clone();
-                match handler {
-                    Some(tx) => {
-                        let _ = tx.send((peer.name.clone(), msg));
-                    }
-                    None => tracing::debug!(peer = %peer.name, msg_type = msg.msg_type(),
-                        "no extension handler; ignoring message"),
-                }
-                None
-            }
-            other => Some(format!(
-                "unexpected message type {:#06x} from a secondary",
-                other.msg_type()
-            )),
-        };
-        if let Some(what) = violation {
-            tracing::warn!(peer = %peer.name, "{what}; disconnecting");
-            peer.sender.close_with_error(error_code::PROTOCOL, &what);
+        let replicated = inner.step(&mut Vec::new(), |books| {
+            books.core.handle_peer_message(id, msg);
+            books.core.is_replicated()
+        });
+        if replicated {
+            inner.replicated.notify_waiters();
         }
     }
 
     // The link is down: nothing pending on this peer will be acknowledged any more.
-    let (writes, flushes) = {
-        let mut pending = lock(&peer.pending);
-        pending.down = true;
-        (
-            std::mem::take(&mut pending.writes),
-            std::mem::take(&mut pending.flushes),
-        )
-    };
-    lock(&inner.state).peers.retain(|p| !Arc::ptr_eq(p, &peer));
+    let pending = inner.step(&mut Vec::new(), |books| {
+        books.links.remove(&id);
+        books.core.handle_link_down(id)
+    });
+    inner.replicated.notify_waiters();
     let reason = receiver
         .down_reason()
         .map(|r| r.to_string())
         .unwrap_or_default();
     tracing::warn!(
-        peer = %peer.name,
+        peer = %name,
         reason,
-        pending_requests = writes.len(),
+        pending_requests = pending,
         "peer disconnected; its pending requests are out of sync"
     );
-    for w in writes.into_values() {
-        (inner.on_out_of_sync)(&peer.name, w.offset, w.len);
-        drop(w.waiter);
-    }
-    drop(flushes);
 }
 
 /// Write-intent tracking for the requests a Secondary applies (the engine's activity log):

@@ -5,12 +5,16 @@
 //!
 //! ```text
 //!  op         a replicated request's operation and its wire message
+//!  primary    PrimaryCore: the in-flight table, numbering and epochs, peers' pending acks
 //!  secondary  SecondaryCore: the Secondary's apply pipeline (epochs, acks, failures)
+//!  sim        (tests) a seeded simulator of a protocol-C pair with faults
 //! ```
 //!
 //! The connect-time handshake is a pure plan too (`replica::handshake`), beside the UUID
-//! sync decision (`sync_decision`). The Primary's path and the per-volume engine follow
-//! (issue 15's order).
+//! sync decision (`sync_decision`). The per-volume engine around them follows.
 
 pub mod op;
+pub mod primary;
 pub mod secondary;
+#[cfg(test)]
+mod sim;
