@@ -87,7 +87,7 @@
 //!   expected epoch before anything touches the disk; a violation is answered with an
 //!   Error frame and the connection is dropped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -238,19 +238,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// (queueing on the links); one mutex, never held across an await or I/O.
 struct Books {
     core: PrimaryCore,
-    links: HashMap<PeerId, (String, LinkSender)>,
+    /// Attached links by id, oldest first.
+    links: BTreeMap<PeerId, (String, LinkSender)>,
     /// Requests and flushes waiting for [`PrimaryAction::PeersDone`].
     waiters: HashMap<WaitId, oneshot::Sender<Vec<String>>>,
     /// Where Extension messages from peers go (peer name, message).
     extensions: Option<ExtensionSink>,
 }
 
+/// Actions carried out after the books are released, in the core's order and in the
+/// order of the steps that produced them: marking bitmaps (the engine may hold its bitmaps
+/// lock across a metadata write) before waking any request they concern.
+enum Deferred {
+    OutOfSync(String, u64, u64),
+    Wake(oneshot::Sender<Vec<String>>, Vec<String>),
+    Extension(ExtensionSink, String, Message),
+}
+
 impl Books {
-    /// Carry out the core's actions in its order, with the books still locked: queue its
-    /// sends (a request through the budget reserved in `permits`), mark bitmaps before any
-    /// request they concern completes, then wake the waiters. Nothing here blocks; the
-    /// out-of-sync hook takes only the engine's innermost lock (the bitmaps).
-    fn carry_out(&mut self, hook: &OutOfSyncHook, permits: &mut Vec<(PeerId, SendPermit)>) {
+    /// Carry out the core's sends (a request through the budget reserved in `permits`)
+    /// while the books are locked, so every link carries requests and barriers in order;
+    /// return the rest.
+    fn carry_out(&mut self, permits: &mut Vec<(PeerId, SendPermit)>) -> Vec<Deferred> {
+        let mut deferred = Vec::new();
         while let Some(action) = self.core.poll_action() {
             match action {
                 PrimaryAction::SendRequest { peer, msg } => {
@@ -264,13 +274,15 @@ impl Books {
                         let _ = sender.send_control(&msg);
                     }
                 }
-                PrimaryAction::OutOfSync { peer, offset, len } => hook(&peer, offset, len),
+                PrimaryAction::OutOfSync { peer, offset, len } => {
+                    deferred.push(Deferred::OutOfSync(peer, offset, len));
+                }
                 PrimaryAction::PeersDone {
                     wait,
                     unacknowledged,
                 } => {
                     if let Some(tx) = self.waiters.remove(&wait) {
-                        let _ = tx.send(unacknowledged);
+                        deferred.push(Deferred::Wake(tx, unacknowledged));
                     }
                 }
                 PrimaryAction::Reject { peer, reason } => {
@@ -280,14 +292,13 @@ impl Books {
                     }
                 }
                 PrimaryAction::Extension { peer, msg } => match &self.extensions {
-                    Some(sink) => {
-                        let _ = sink.send((peer, msg));
-                    }
+                    Some(sink) => deferred.push(Deferred::Extension(sink.clone(), peer, msg)),
                     None => tracing::debug!(peer = %peer, msg_type = msg.msg_type(),
                         "no extension handler; ignoring message"),
                 },
             }
         }
+        deferred
     }
 }
 
@@ -297,6 +308,9 @@ struct Inner {
     on_out_of_sync: OutOfSyncHook,
     inflight: Semaphore,
     books: Mutex<Books>,
+    /// Held while a step's deferred actions run (see [`Inner::step`]); taken only with
+    /// the books locked, never the other way round.
+    deferred_order: Mutex<()>,
     /// Signalled whenever a range leaves the in-flight table.
     range_released: Notify,
     /// Signalled whenever every attached peer has acknowledged everything.
@@ -306,15 +320,33 @@ struct Inner {
 }
 
 impl Inner {
-    /// Run `f` on the books and carry out the core's actions.
+    /// Run `f` on the books and carry out the core's actions: sends under the books'
+    /// lock, the rest after it under `deferred_order`, taken before the books are released
+    /// so that deferred actions run in the order of their steps (a request is never woken
+    /// by one step before another step marked its range out of sync).
     fn step<R>(
         &self,
         permits: &mut Vec<(PeerId, SendPermit)>,
         f: impl FnOnce(&mut Books) -> R,
     ) -> R {
-        let mut books = lock(&self.books);
-        let result = f(&mut books);
-        books.carry_out(&self.on_out_of_sync, permits);
+        let (result, deferred, _order) = {
+            let mut books = lock(&self.books);
+            let result = f(&mut books);
+            let deferred = books.carry_out(permits);
+            let order = (!deferred.is_empty()).then(|| lock(&self.deferred_order));
+            (result, deferred, order)
+        };
+        for d in deferred {
+            match d {
+                Deferred::OutOfSync(peer, offset, len) => (self.on_out_of_sync)(&peer, offset, len),
+                Deferred::Wake(tx, unacknowledged) => {
+                    let _ = tx.send(unacknowledged);
+                }
+                Deferred::Extension(sink, peer, msg) => {
+                    let _ = sink.send((peer, msg));
+                }
+            }
+        }
         result
     }
 
@@ -441,12 +473,13 @@ impl Primary {
                 inflight: Semaphore::new(permits),
                 books: Mutex::new(Books {
                     core: PrimaryCore::new(cfg.protocol, cfg.max_epoch_requests),
-                    links: HashMap::new(),
+                    links: BTreeMap::new(),
                     waiters: HashMap::new(),
                     extensions: None,
                 }),
                 cfg,
                 on_out_of_sync,
+                deferred_order: Mutex::new(()),
                 range_released: Notify::new(),
                 replicated: Notify::new(),
                 app_bytes: AtomicU64::new(0),
@@ -716,7 +749,9 @@ impl Primary {
             None => Ok(op.apply(&*inner.device, offset)),
         };
         let mut unacknowledged = started.unacknowledged;
-        unacknowledged.extend(wait_for_peers(inner, waiter, "request", started.seq).await);
+        let seq = started.seq;
+        let what = move || format!("request {seq}");
+        unacknowledged.extend(wait_for_peers(inner, waiter, what).await);
 
         if started.closes_epoch {
             inner.step(&mut Vec::new(), |books| {
@@ -753,8 +788,7 @@ impl Primary {
         });
         let device = inner.device.clone();
         let local = tokio::task::spawn_blocking(move || device.flush()).await;
-        let id = waiter.as_ref().map_or(0, |(w, _)| *w);
-        let unacknowledged = wait_for_peers(inner, waiter, "flush", id).await;
+        let unacknowledged = wait_for_peers(inner, waiter, || "a flush".to_string()).await;
         match local {
             Ok(Ok(())) => Ok(Completion { unacknowledged }),
             Ok(Err(source)) => Err(DatapathError::Local {
@@ -775,8 +809,7 @@ impl Primary {
 async fn wait_for_peers(
     inner: &Inner,
     waiter: Option<(WaitId, oneshot::Receiver<Vec<String>>)>,
-    what: &str,
-    id: u64,
+    what: impl FnOnce() -> String,
 ) -> Vec<String> {
     let Some((wait, mut rx)) = waiter else {
         return Vec::new();
@@ -793,11 +826,13 @@ async fn wait_for_peers(
             .filter_map(|p| books.links.get(p).map(|(_, s)| s.clone()))
             .collect()
     };
+    let reason = format!(
+        "peer did not acknowledge {} within {:?}",
+        what(),
+        inner.cfg.peer_ack_timeout
+    );
     for sender in stuck {
-        sender.close(&format!(
-            "peer did not acknowledge {what} {id} within {:?}",
-            inner.cfg.peer_ack_timeout
-        ));
+        sender.close(&reason);
     }
     // The peer task reports the pending requests once the link is down.
     rx.await.unwrap_or_default()
@@ -1004,9 +1039,11 @@ struct SecondaryShell {
 }
 
 impl SecondaryShell {
-    /// Carry out every action the core has; returns the first failure it reported.
+    /// Carry out every action the core has; returns the first failure it reported. After
+    /// a failure, jobs the core started before it knew are abandoned, not run.
     fn carry_out(&self, core: &mut SecondaryCore) -> Result<(), DatapathError> {
         let mut failed = None;
+        let mut stopped = false;
         while let Some(action) = core.poll_action() {
             match action {
                 SecondaryAction::Send(msg) => {
@@ -1022,10 +1059,13 @@ impl SecondaryShell {
                     ),
                 },
                 SecondaryAction::Fail(e) => {
+                    stopped = true;
                     failed.get_or_insert(e);
                 }
+                SecondaryAction::Start(job) if stopped => core.handle_abandoned(job.held),
                 SecondaryAction::Start(job) => {
                     if let Some(reply) = self.try_inline(&job) {
+                        stopped = reply.is_err();
                         core.handle_done(job.held, reply);
                     } else {
                         self.spawn(job);

@@ -82,8 +82,15 @@ struct PeerBook {
 }
 
 struct Wait {
+    kind: WaitKind,
     left: usize,
     lost: Vec<String>,
+}
+
+#[derive(Clone, Copy)]
+enum WaitKind {
+    Request { seq: u64 },
+    Flush,
 }
 
 /// The in-flight table: claimed ranges (disjoint, start → end) and the ranges that
@@ -236,12 +243,16 @@ impl PrimaryCore {
 
     /// The attached peers a wait still waits for.
     pub fn peers_holding(&self, wait: WaitId) -> Vec<PeerId> {
+        let Some(w) = self.waits.get(&wait) else {
+            return Vec::new();
+        };
+        let holds = |p: &PeerBook| match w.kind {
+            WaitKind::Request { seq } => p.writes.get(&seq).is_some_and(|w| w.wait == Some(wait)),
+            WaitKind::Flush => p.flushes.values().any(|w| *w == wait),
+        };
         self.peers
             .iter()
-            .filter(|p| {
-                p.writes.values().any(|w| w.wait == Some(wait))
-                    || p.flushes.values().any(|w| *w == wait)
-            })
+            .filter(|p| holds(p))
             .map(|p| p.id)
             .collect()
     }
@@ -289,7 +300,7 @@ impl PrimaryCore {
                 len,
             });
         }
-        let wait = wait.filter(|w| self.open_wait(*w, sent));
+        let wait = wait.filter(|w| self.open_wait(*w, WaitKind::Request { seq }, sent));
         if let Some(w) = wait.filter(|_| self.faults().ack_before_peer) {
             for _ in 0..sent {
                 self.ack_wait(w);
@@ -338,7 +349,7 @@ impl PrimaryCore {
                 msg: Message::Flush { id: flush_id },
             });
         }
-        id.filter(|w| self.open_wait(*w, sent))
+        id.filter(|w| self.open_wait(*w, WaitKind::Flush, sent))
     }
 
     /// A message from an attached peer.
@@ -453,11 +464,12 @@ impl PrimaryCore {
     }
 
     /// Register a wait for `peers` answers; false (nothing registered) when there are none.
-    fn open_wait(&mut self, wait: WaitId, peers: usize) -> bool {
+    fn open_wait(&mut self, wait: WaitId, kind: WaitKind, peers: usize) -> bool {
         if peers > 0 {
             self.waits.insert(
                 wait,
                 Wait {
+                    kind,
                     left: peers,
                     lost: Vec::new(),
                 },

@@ -196,7 +196,10 @@ impl SecondaryCore {
             }
             Message::Barrier { epoch } => {
                 self.check_epoch(epoch, "barrier")?;
-                self.recv_epoch = Some(epoch + 1);
+                let next = epoch.checked_add(1).ok_or_else(|| {
+                    DatapathError::PeerProtocol(format!("barrier for the last epoch {epoch}"))
+                })?;
+                self.recv_epoch = Some(next);
                 self.queue.push_back(Queued::Barrier { epoch });
                 self.pump();
                 return Ok(());
@@ -237,6 +240,13 @@ impl SecondaryCore {
             }
         }
         self.pump();
+    }
+
+    /// A started job the shell did not run, because a job before it failed: forget it
+    /// (no acknowledgement).
+    pub fn handle_abandoned(&mut self, held: usize) {
+        self.inflight -= 1;
+        self.held -= held;
     }
 
     /// The link is down: nothing queued starts any more. Jobs already started still report

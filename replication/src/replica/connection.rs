@@ -910,6 +910,14 @@ impl Replica {
             let peer_was_primary = slot.state.as_ref().is_some_and(|s| s.role == Role::Primary);
             let data_peer = !slot.spec.diskless;
             slot.sender = None;
+            if st.closed {
+                // This replica is closing and ended its links itself (after its goodbye):
+                // nothing of the peer's absence needs handling.
+                return;
+            }
+            let Some(slot) = st.peers.get_mut(peer) else {
+                return;
+            };
             slot.mode = LinkMode::None;
             slot.replication = ReplicationState::Off;
             slot.resync_replies = None;
