@@ -85,7 +85,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
@@ -222,6 +222,11 @@ pub struct Completion {
     /// connected when it was issued, or lost while it was in flight. Its range is already
     /// reported out of sync for each of them.
     pub unacknowledged: Vec<String>,
+    /// From the request's start until the local disk completed it.
+    pub local: Duration,
+    /// From the request's start until the last connected peer acknowledged it at the
+    /// protocol's point; `None` when the request waited for no peer.
+    pub peers: Option<Duration>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -652,6 +657,7 @@ impl Primary {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(DatapathError::OutOfRange { offset, len, size });
         }
+        let started = Instant::now();
         inner.app_bytes.fetch_add(len, Ordering::Relaxed);
         let cost = op.cost().min(inner.cfg.max_inflight_bytes);
         // The semaphore is never closed; the error arm exists only to avoid unwrap.
@@ -741,8 +747,11 @@ impl Primary {
             // leave them with a write this disk lacks.
             None => Ok(op.apply(&*inner.device, offset)),
         };
+        let local_time = started.elapsed();
+        let waited = !waits.is_empty();
         let mut unacknowledged = lost;
         unacknowledged.extend(wait_for_peers(inner, waits, "request", seq).await);
+        let peers = waited.then(|| started.elapsed());
 
         if protocol != ReplicationProtocol::C || op.fua() {
             let mut st = lock(&inner.state);
@@ -751,7 +760,11 @@ impl Primary {
             }
         }
         match local {
-            Ok(Ok(())) => Ok(Completion { unacknowledged }),
+            Ok(Ok(())) => Ok(Completion {
+                unacknowledged,
+                local: local_time,
+                peers,
+            }),
             Ok(Err(source)) => Err(DatapathError::Local {
                 op: op.name(),
                 source,
@@ -806,11 +819,18 @@ impl Primary {
                 }
             }
         }
+        let started = Instant::now();
         let device = inner.device.clone();
         let local = tokio::task::spawn_blocking(move || device.flush()).await;
+        let local_time = started.elapsed();
+        let waited = !waits.is_empty();
         let unacknowledged = wait_for_peers(inner, waits, "flush", first_id).await;
         match local {
-            Ok(Ok(())) => Ok(Completion { unacknowledged }),
+            Ok(Ok(())) => Ok(Completion {
+                unacknowledged,
+                local: local_time,
+                peers: waited.then(|| started.elapsed()),
+            }),
             Ok(Err(source)) => Err(DatapathError::Local {
                 op: "flush",
                 source,
