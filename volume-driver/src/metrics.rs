@@ -26,6 +26,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use replication::stats::{HistogramSnapshot, IoStats};
 
+use crate::service::VolumeService;
+
 /// Everything one scrape reports, taken from the daemon before encoding.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -36,6 +38,19 @@ pub struct Snapshot {
     pub io: Vec<(String, Arc<IoStats>)>,
     /// Open NBD connections, by export (volume) name.
     pub nbd_connections: BTreeMap<String, u64>,
+}
+
+impl Snapshot {
+    /// The daemon's state as one scrape reports it.
+    pub async fn take(service: &VolumeService) -> Snapshot {
+        Snapshot {
+            node: service.config().node.clone(),
+            statuses: service.status_all(),
+            pools: service.pools().await,
+            io: service.io_stats_all(),
+            nbd_connections: crate::nbd::connections::open_connections(),
+        }
+    }
 }
 
 /// The Prometheus text exposition (format 0.0.4) of `snapshot`.

@@ -1,49 +1,39 @@
-//! The `/metrics` endpoint on `metrics_listen`: a minimal HTTP/1.x server that answers
-//! `GET /metrics` with [`crate::metrics::render`] of a fresh [`Snapshot`], anything else
-//! with 404 or 405, and closes each connection after one answer.
+//! A `/metrics` endpoint: a minimal HTTP/1.x server that answers `GET /metrics` with the
+//! text a render function returns (tandemd: [`crate::metrics::render`] of a fresh
+//! snapshot; tandem-ha: its own), anything else with 404 or 405, and closes each
+//! connection after one answer.
 //!
 //! A request head is read with a deadline and a size limit, so a slow or hostile client
-//! holds one task for at most [`READ_TIMEOUT`] and [`MAX_HEAD`] bytes. Scrapes never touch
-//! the data path: they read statuses and atomics.
+//! holds one task for at most [`READ_TIMEOUT`] and [`MAX_HEAD`] bytes.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-use crate::metrics::{render, Snapshot};
-use crate::service::VolumeService;
 
 /// Longest request head read.
 pub const MAX_HEAD: usize = 8 << 10;
 /// How long a client may take to send its request head.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The daemon's state as one scrape reports it.
-pub async fn snapshot(service: &VolumeService) -> Snapshot {
-    Snapshot {
-        node: service.config().node.clone(),
-        statuses: service.status_all(),
-        pools: service.pools().await,
-        io: service.io_stats_all(),
-        nbd_connections: crate::nbd::connections::open_connections(),
-    }
-}
-
 /// Bind `addr` for the metrics endpoint.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Answer scrapes forever, one task per connection.
-pub async fn serve(listener: TcpListener, service: Arc<VolumeService>) -> std::io::Result<()> {
+/// Answer scrapes forever, one task per connection; `render` makes each answer's body.
+pub async fn serve<F, Fut>(listener: TcpListener, render: F) -> std::io::Result<()>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = String> + Send,
+{
     loop {
         let (stream, peer) = listener.accept().await?;
-        let service = Arc::clone(&service);
+        let render = render.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &service).await {
+            if let Err(e) = answer(stream, render).await {
                 tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
             }
         });
@@ -97,7 +87,11 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(head)
 }
 
-async fn answer(mut stream: TcpStream, service: &VolumeService) -> std::io::Result<()> {
+async fn answer<F, Fut>(mut stream: TcpStream, render: F) -> std::io::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = String>,
+{
     let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head"))??;
@@ -105,7 +99,7 @@ async fn answer(mut stream: TcpStream, service: &VolumeService) -> std::io::Resu
         Route::Metrics => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            render(snapshot(service).await),
+            render().await,
         ),
         Route::NotFound => ("404 Not Found", "text/plain", "try /metrics\n".into()),
         Route::MethodNotAllowed => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),

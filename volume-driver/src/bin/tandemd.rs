@@ -22,6 +22,7 @@ use volume_driver::engine::{Engine, NoEngine};
 use volume_driver::engine_adapter::ReplicationEngine;
 use volume_driver::events::EventHub;
 use volume_driver::frontend::Exports;
+use volume_driver::metrics::{self, Snapshot};
 use volume_driver::metrics_http;
 use volume_driver::nbd;
 use volume_driver::peer;
@@ -113,8 +114,12 @@ async fn start_metrics(
         Ok(listener) => {
             tracing::info!(%addr, "metrics listening on http://{addr}/metrics");
             let service = Arc::clone(service);
+            let render = move || {
+                let service = Arc::clone(&service);
+                async move { metrics::render(Snapshot::take(&service).await) }
+            };
             Some(tokio::spawn(async move {
-                if let Err(e) = metrics_http::serve(listener, service).await {
+                if let Err(e) = metrics_http::serve(listener, render).await {
                     tracing::error!(%addr, error = %e, "metrics endpoint stopped");
                 }
             }))
