@@ -246,6 +246,7 @@ impl EngineReplica for DetachedReplica {
                     resync: None,
                     split_brain: None,
                     two_primaries_conflict: None,
+                    link: None,
                     decision: None,
                     last_error: None,
                 })

@@ -305,6 +305,27 @@ impl Snapshot {
                 .iter()
                 .map(|(l, p)| (l.clone(), flag(p.split_brain.is_some()))),
         )?;
+        let links: Vec<_> = peers
+            .iter()
+            .filter_map(|(l, p)| Some((l, p.link?)))
+            .collect();
+        f.counters(
+            "connection_sent_bytes",
+            "Bytes sent on the link to the peer (restarts from 0 when the link reconnects)",
+            links.iter().map(|(l, k)| ((*l).clone(), k.sent_bytes)),
+        )?;
+        f.counters(
+            "connection_received_bytes",
+            "Bytes received on the link from the peer (restarts from 0 when the link reconnects)",
+            links.iter().map(|(l, k)| ((*l).clone(), k.received_bytes)),
+        )?;
+        f.gauges(
+            "connection_rtt_seconds",
+            "Round-trip time of the link's last ping (queued behind data under load)",
+            links
+                .iter()
+                .filter_map(|(l, k)| Some(((*l).clone(), k.rtt_us? as f64 / 1e6))),
+        )?;
         let resyncs: Vec<_> = peers
             .iter()
             .filter_map(|(l, p)| Some((l, p.resync.as_ref()?)))
@@ -430,6 +451,11 @@ mod tests {
         )
         .unwrap();
         s.open_writers = 1;
+        s.replica.peers[0].link = Some(replication::link::LinkFigures {
+            sent_bytes: 300,
+            received_bytes: 200,
+            rtt_us: Some(250),
+        });
         s
     }
 
@@ -469,6 +495,8 @@ mod tests {
             r#"tandem_device_written_bytes_total{node="hv2",volume="vm-1"} 4096"#,
             r#"tandem_pool_provisioned_bytes{node="hv2",pool="files"} 300"#,
             r#"tandem_nbd_connections{node="hv2",volume="vm-1"} 2"#,
+            r#"tandem_connection_sent_bytes_total{node="hv2",volume="vm-1",peer="hv1"} 300"#,
+            r#"tandem_connection_rtt_seconds{node="hv2",volume="vm-1",peer="hv1"} 0.00025"#,
             "# TYPE tandem_io_latency_seconds histogram",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");

@@ -685,6 +685,7 @@ impl Replica {
                     }),
                     split_brain: p.split_brain.clone(),
                     two_primaries_conflict: self.writes.conflict(&p.spec.name),
+                    link: p.sender.as_ref().filter(|_| connected).map(|s| s.figures()),
                     decision: p.decision.clone(),
                     last_error: if connected {
                         None
