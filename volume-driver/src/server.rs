@@ -118,7 +118,9 @@ async fn handle_connection(
         } else {
             match serde_json::from_slice::<Request>(&line) {
                 // The rest of this connection is the event stream.
-                Ok(Request::Events { now }) => return stream_events(&events, now, write).await,
+                Ok(Request::Events { now }) => {
+                    return stream_events(&events, now, reader, write).await
+                }
                 Ok(request) => dispatch(&service, request).await,
                 Err(e) => Response::Error {
                     error: ApiError::new(
@@ -139,10 +141,13 @@ async fn handle_connection(
 
 /// Write `exists` events, the end marker and (unless `now`) every later event, one
 /// [`Reply::Event`] per line, until the client goes away or falls [`crate::events::BACKLOG`]
-/// batches behind (it reconnects and starts over).
+/// batches behind (it reconnects and starts over). The client sends nothing more: its
+/// end of the connection is only watched for the close, so a departed client stops the
+/// stream at once, not at the next event.
 async fn stream_events(
     hub: &EventHub,
     now: bool,
+    mut read: BufReader<tokio::net::unix::OwnedReadHalf>,
     mut write: tokio::net::unix::OwnedWriteHalf,
 ) -> io::Result<()> {
     let (initial, mut rx) = hub.subscribe();
@@ -150,8 +155,16 @@ async fn stream_events(
     if now {
         return Ok(());
     }
+    let mut ignored = [0u8; 512];
     loop {
-        match rx.recv().await {
+        let received = tokio::select! {
+            r = rx.recv() => r,
+            n = read.read(&mut ignored) => match n {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => continue,
+            },
+        };
+        match received {
             Ok(batch) => write_events(&mut write, &batch).await?,
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!(
