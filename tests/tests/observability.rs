@@ -62,6 +62,18 @@ fn create(cluster: &Cluster, volume: &str) {
         .ok();
 }
 
+/// A replicated volume, Primary on hv1, resyncing at most at `resync_rate` per second.
+fn primary_on_hv1(cluster: &Cluster, volume: &str, resync_rate: &str) {
+    create(cluster, volume);
+    cluster.tandem("hv1", &["volume", "promote", volume]).ok();
+    cluster
+        .tandem(
+            "hv1",
+            &["volume", "set", volume, "--resync-rate", resync_rate],
+        )
+        .ok();
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -164,11 +176,7 @@ fn prometheus_sees_a_resync_fall_and_write_latency_grow_and_the_dashboard_matche
     }
     let mut cluster = cluster();
     const VOL: &str = "metrics-vol";
-    create(&cluster, VOL);
-    cluster.tandem("hv1", &["volume", "promote", VOL]).ok();
-    cluster
-        .tandem("hv1", &["volume", "set", VOL, "--resync-rate", "16M"])
-        .ok();
+    primary_on_hv1(&cluster, VOL, "16M");
     let prometheus = Prometheus::start(cluster.host("hv1").netns(), &[METRICS]);
     let started = unix_now();
 
@@ -267,6 +275,16 @@ fn prometheus_sees_a_resync_fall_and_write_latency_grow_and_the_dashboard_matche
     let scrape = http_get(&netns, METRICS, "/metrics").expect("scrape hv1");
     let (ok, out) = promtool(&["check", "metrics"], &scrape);
     assert!(ok, "promtool check metrics: {out}\n{scrape}");
+    let ha = ha_agent::metrics::HaMetrics::default();
+    ha.failover(7_000);
+    let ha_text = ha.render(&ha_agent::status::AgentStatus {
+        node: "hv1".into(),
+        ts_ms: 0,
+        peers: Vec::new(),
+        vms: Vec::new(),
+    });
+    let (ok, out) = promtool(&["check", "metrics"], &ha_text);
+    assert!(ok, "promtool check metrics (tandem-ha): {out}\n{ha_text}");
     let alerts_path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/prometheus/alerts.yml");
     let (ok, out) = promtool(&["check", "rules", &alerts_path.display().to_string()], "");
@@ -398,12 +416,8 @@ fn tandem_events_show_a_failover_in_order() {
     }
     let mut cluster = cluster();
     const VOL: &str = "events-vol";
-    create(&cluster, VOL);
-    cluster.tandem("hv1", &["volume", "promote", VOL]).ok();
     // Slow enough that the resync lasts a few seconds and reports progress.
-    cluster
-        .tandem("hv1", &["volume", "set", VOL, "--resync-rate", "8M"])
-        .ok();
+    primary_on_hv1(&cluster, VOL, "8M");
 
     // hv2 and the witness keep quorum once hv1 dies: wait until they see each other.
     cluster.wait_status("hv2", VOL, Duration::from_secs(30), |s| {

@@ -78,19 +78,29 @@ struct Family<'a, 'b> {
 }
 
 impl<'a> Family<'a, '_> {
+    /// One family of `kind`: its descriptor, then each series.
+    fn family<M: EncodeMetric>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        series: impl IntoIterator<Item = (Labels, M)>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut metric = self.encoder.encode_descriptor(name, help, None, kind)?;
+        for (labels, value) in series {
+            value.encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
     fn gauges<V: EncodeGaugeValue + std::fmt::Debug>(
         &mut self,
         name: &str,
         help: &str,
         series: impl IntoIterator<Item = (Labels, V)>,
     ) -> Result<(), std::fmt::Error> {
-        let mut metric = self
-            .encoder
-            .encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for (labels, value) in series {
-            ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
-        }
-        Ok(())
+        let series = series.into_iter().map(|(l, v)| (l, ConstGauge::new(v)));
+        self.family(name, help, MetricType::Gauge, series)
     }
 
     fn counters(
@@ -99,13 +109,8 @@ impl<'a> Family<'a, '_> {
         help: &str,
         series: impl IntoIterator<Item = (Labels, u64)>,
     ) -> Result<(), std::fmt::Error> {
-        let mut metric = self
-            .encoder
-            .encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (labels, value) in series {
-            ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
-        }
-        Ok(())
+        let series = series.into_iter().map(|(l, v)| (l, ConstCounter::new(v)));
+        self.family(name, help, MetricType::Counter, series)
     }
 
     fn histograms(

@@ -326,7 +326,12 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
     };
     let mut client = connect(cli)?;
-    let reply = client.call(&request).map_err(|e| client_error(&e))?;
+    let spinner = long_operation(&request);
+    let reply = client.call(&request).map_err(|e| client_error(&e));
+    if let Some(spinner) = spinner {
+        spinner.finish_and_clear();
+    }
+    let reply = reply?;
     // A pool whose backend could not be queried is still listed, but the command fails.
     let pool_error = match &reply {
         Reply::Pools { pools } => pools.iter().find_map(|p| p.error.clone()),
@@ -462,6 +467,24 @@ fn wait_sync(cli: &Cli, name: &str, timeout: Option<u64>) -> Result<(), String> 
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// A spinner on stderr while a request that may take minutes (verify, create, resize,
+/// delete) runs, on a terminal only: their result line says the rest.
+fn long_operation(request: &Request) -> Option<ProgressBar> {
+    let what = match request {
+        Request::VolumeVerify { name } => format!("verifying {name} against its peers"),
+        Request::VolumeCreate { name, .. } => format!("creating {name}"),
+        Request::VolumeResize { name, .. } => format!("resizing {name}"),
+        Request::VolumeDelete { name, .. } => format!("deleting {name}"),
+        _ => return None,
+    };
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let spinner = ProgressBar::new_spinner().with_message(what);
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    Some(spinner)
 }
 
 /// How `wait-sync` shows progress on stderr: a bar (indicatif) on a terminal, else a plain
