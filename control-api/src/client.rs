@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::events::Event;
 use crate::request::Request;
 use crate::response::{ApiError, Reply, Response};
 use crate::status::VolumeStatus;
@@ -139,6 +140,68 @@ impl Client {
                 path: self.path.clone(),
                 source,
             },
+        }
+    }
+}
+
+/// An open `events` stream: blocking reads of one [`Event`] per line, no timeout (the
+/// daemon sends when something changes). Ends when the daemon closes the connection.
+pub struct EventStream {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    /// Kept open: closing it would end the stream.
+    _writer: UnixStream,
+}
+
+impl EventStream {
+    /// Connect to the daemon's socket and ask for its events (`now`: only the current
+    /// state, then the stream ends).
+    pub fn open(path: &Path, now: bool) -> Result<EventStream, ClientError> {
+        let (reader, mut writer) = open(path, None)?;
+        let mut line =
+            serde_json::to_vec(&Request::Events { now }).map_err(|e| ClientError::Protocol {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        line.push(b'\n');
+        writer.write_all(&line).map_err(|source| ClientError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(EventStream {
+            path: path.to_path_buf(),
+            reader,
+            _writer: writer,
+        })
+    }
+
+    /// The next event; `None` when the daemon closed the stream.
+    pub fn next_event(&mut self) -> Result<Option<Event>, ClientError> {
+        let mut line = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|source| ClientError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let protocol = |message: String| ClientError::Protocol {
+            path: self.path.clone(),
+            message,
+        };
+        if line.last() != Some(&b'\n') {
+            return Err(protocol("event line too long or cut off".into()));
+        }
+        match serde_json::from_slice::<Response>(&line) {
+            Ok(Response::Ok {
+                result: Reply::Event { event },
+            }) => Ok(Some(event)),
+            Ok(Response::Ok { result }) => Err(protocol(format!("unexpected answer: {result:?}"))),
+            Ok(Response::Error { error }) => Err(ClientError::Api(error)),
+            Err(e) => Err(protocol(e.to_string())),
         }
     }
 }

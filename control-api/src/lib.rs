@@ -23,7 +23,8 @@
 //!
 //! Modules: [`request`] (what a client asks), [`response`] (what the daemon answers and
 //! its errors), [`status`] (a volume's replication status), [`options`] (per-volume
-//! replication options), [`client`] (the blocking client with timeouts).
+//! replication options), [`events`] (the state-change stream), [`client`] (the blocking
+//! client with timeouts).
 //!
 //! Why this crate depends on `tandem-replication`: the status the daemon reports *is* the
 //! engine's [`ReplicaStatus`] with its [`Role`], [`DiskState`], [`ConnectionState`] and
@@ -35,12 +36,14 @@
 //! `tandem-volume-driver`.
 
 pub mod client;
+pub mod events;
 pub mod options;
 pub mod request;
 pub mod response;
 pub mod status;
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, EventStream};
+pub use events::{Event, EventKind, EventObject};
 pub use options::{OptionsChange, VolumeOptions};
 pub use replication::role::{ConnectionState, DiskState, Protocol, ReplicationState, Role};
 pub use request::Request;

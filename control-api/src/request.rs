@@ -71,6 +71,13 @@ pub enum Request {
     VolumeResolve { name: String, discard_local: bool },
     /// Online verify against the peers → [`Reply::Verified`].
     VolumeVerify { name: String },
+    /// Stream state changes → [`Reply::Event`] lines for as long as the connection stays
+    /// open: `exists` events, the end marker, then `create`/`change`/`destroy` events (see
+    /// [`crate::events`]). With `now` the daemon closes the connection after the marker.
+    Events {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        now: bool,
+    },
     /// Change replication options on every replica (persisted) → [`Reply::Volume`].
     VolumeSet {
         name: String,
@@ -173,6 +180,11 @@ mod tests {
                     new_name: "w".into(),
                 },
                 r#"{"request":"volume_rename","name":"v","new_name":"w"}"#,
+            ),
+            (Request::Events { now: false }, r#"{"request":"events"}"#),
+            (
+                Request::Events { now: true },
+                r#"{"request":"events","now":true}"#,
             ),
             (
                 Request::VolumeDelete {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::Event;
 use crate::options::VolumeOptions;
 use crate::status::{VerifySummary, VolumeStatus};
 
@@ -50,6 +51,10 @@ pub enum Reply {
     Verified {
         name: String,
         report: VerifySummary,
+    },
+    /// One line of the `events` stream.
+    Event {
+        event: Event,
     },
 }
 

@@ -32,6 +32,7 @@ use crate::decide::{decide, Action, PeerView, VmInput};
 use crate::disks::{volumes_of, DiskReader};
 use crate::events::{now_ms, EventLog};
 use crate::hypervisor::Hypervisor;
+use crate::metrics::HaMetrics;
 use crate::placement::Placement;
 use crate::registry::{ManagedVm, Registry};
 use crate::status::{AgentStatus, Failover, PeerLiveness, VmStatus};
@@ -70,6 +71,7 @@ pub struct Agent {
     pet: Arc<Pet>,
     /// When this agent started (peers not heard from yet get dead-after from here).
     started: Instant,
+    metrics: HaMetrics,
 }
 
 impl Agent {
@@ -511,6 +513,7 @@ impl Agent {
                                 "failover",
                                 json!({"vm": vm.name, "from": f.from, "to": f.to, "detect_ms": f.detect_ms, "total_ms": f.total_ms}),
                             );
+                            self.metrics.failover(f.total_ms);
                             st.placement.failovers.insert(vm.name.clone(), f);
                         }
                         Err(e) => {
@@ -699,6 +702,36 @@ pub fn run_fence_command(cmd: &str, peer: &str, timeout: Duration) -> Result<(),
     }
 }
 
+impl Agent {
+    /// Serve `/metrics` on `metrics_listen` (off when empty). Observation only: a port
+    /// that cannot be bound is logged and the agent runs without it.
+    async fn start_metrics(self: Arc<Self>) {
+        let Ok(Some(addr)) = self.cfg.ha.metrics_addr() else {
+            return;
+        };
+        let listener = match volume_driver::metrics_http::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot serve metrics (metrics_listen); continuing without them");
+                return;
+            }
+        };
+        tracing::info!(%addr, "metrics listening on http://{addr}/metrics");
+        let render = move || {
+            let agent = Arc::clone(&self);
+            async move {
+                let status = agent.lock().status.clone();
+                agent.metrics.render(&status)
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(e) = volume_driver::metrics_http::serve(listener, render).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+}
+
 /// `<state_dir>/ha/placement.json`.
 fn placement_path(cfg: &AgentConfig) -> std::path::PathBuf {
     cfg.ha_dir().join("placement.json")
@@ -756,8 +789,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         events: events.clone(),
         pet: Arc::new(Pet::default()),
         started: Instant::now(),
+        metrics: HaMetrics::default(),
         cfg,
     });
+    agent.clone().start_metrics().await;
     if agent.cfg.ha.soft_watchdog_ms > 0 {
         crate::watchdog::spawn(
             agent.pet.clone(),

@@ -13,6 +13,7 @@
 //! fence_command = "ipmitool -H {node}-ipmi chassis power off"  # optional, run before a takeover
 //! fence_timeout_ms = 20000
 //! soft_watchdog_ms = 10000    # 0 = off; see crate::watchdog
+//! metrics_listen = "127.0.0.1:9943"  # Prometheus /metrics; "" = off
 //! ```
 
 use std::net::SocketAddr;
@@ -21,6 +22,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use volume_driver::config::Config;
+
+/// Where the agent's metrics are served by default (tandemd uses 9942).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9943";
 
 /// Default location of the agent's own file.
 pub const DEFAULT_HA_CONFIG_PATH: &str = "/etc/tandem/ha.toml";
@@ -40,6 +44,8 @@ pub struct HaSettings {
     pub fence_command: Option<String>,
     pub fence_timeout_ms: u64,
     pub soft_watchdog_ms: u64,
+    /// Where `/metrics` is served; empty turns it off.
+    pub metrics_listen: String,
 }
 
 impl Default for HaSettings {
@@ -54,6 +60,7 @@ impl Default for HaSettings {
             fence_command: None,
             fence_timeout_ms: 20_000,
             soft_watchdog_ms: 10_000,
+            metrics_listen: DEFAULT_METRICS_LISTEN.into(),
         }
     }
 }
@@ -111,7 +118,21 @@ impl HaSettings {
                 "dead_after_ms must be at least 3 heartbeat intervals (one lost packet must not kill a host)",
             ));
         }
+        if self.metrics_addr().is_err() {
+            return Err(invalid(&format!(
+                "metrics_listen: '{}' is not an address:port (\"\" turns metrics off)",
+                self.metrics_listen
+            )));
+        }
         Ok(self)
+    }
+
+    /// `metrics_listen` parsed; `None` when turned off.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, std::net::AddrParseError> {
+        match self.metrics_listen.trim() {
+            "" => Ok(None),
+            addr => addr.parse().map(Some),
+        }
     }
 
     pub fn heartbeat_interval(&self) -> Duration {

@@ -17,6 +17,7 @@ pub mod decide;
 pub mod disks;
 pub mod events;
 pub mod hypervisor;
+pub mod metrics;
 pub mod persist;
 pub mod placement;
 pub mod registry;

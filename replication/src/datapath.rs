@@ -90,7 +90,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
@@ -228,6 +228,11 @@ pub struct Completion {
     /// connected when it was issued, or lost while it was in flight. Its range is already
     /// reported out of sync for each of them.
     pub unacknowledged: Vec<String>,
+    /// From the request's start until the local disk completed it.
+    pub local: Duration,
+    /// From the request's start until the last connected peer acknowledged it at the
+    /// protocol's point; `None` when the request waited for no peer.
+    pub peers: Option<Duration>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -699,6 +704,7 @@ impl Primary {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(DatapathError::OutOfRange { offset, len, size });
         }
+        let start = Instant::now();
         inner.app_bytes.fetch_add(len, Ordering::Relaxed);
         let cost = op.cost().min(inner.cfg.max_inflight_bytes);
         // The semaphore is never closed; the error arm exists only to avoid unwrap.
@@ -748,10 +754,13 @@ impl Primary {
             // leave them with a write this disk lacks.
             None => Ok(op.apply(&*inner.device, offset)),
         };
+        let local_time = start.elapsed();
+        let waited = waiter.is_some();
         let mut unacknowledged = started.unacknowledged;
         let seq = started.seq;
         let what = move || format!("request {seq}");
         unacknowledged.extend(wait_for_peers(inner, waiter, what).await);
+        let peers = waited.then(|| start.elapsed());
 
         if started.closes_epoch {
             inner.step(&mut Vec::new(), |books| {
@@ -759,7 +768,11 @@ impl Primary {
             });
         }
         match local {
-            Ok(Ok(())) => Ok(Completion { unacknowledged }),
+            Ok(Ok(())) => Ok(Completion {
+                unacknowledged,
+                local: local_time,
+                peers,
+            }),
             Ok(Err(source)) => Err(DatapathError::Local {
                 op: op.name(),
                 source,
@@ -786,11 +799,18 @@ impl Primary {
             let started = books.core.start_flush(wait);
             Inner::waiter(books, started)
         });
+        let start = Instant::now();
         let device = inner.device.clone();
         let local = tokio::task::spawn_blocking(move || device.flush()).await;
+        let local_time = start.elapsed();
+        let waited = waiter.is_some();
         let unacknowledged = wait_for_peers(inner, waiter, || "a flush".to_string()).await;
         match local {
-            Ok(Ok(())) => Ok(Completion { unacknowledged }),
+            Ok(Ok(())) => Ok(Completion {
+                unacknowledged,
+                local: local_time,
+                peers: waited.then(|| start.elapsed()),
+            }),
             Ok(Err(source)) => Err(DatapathError::Local {
                 op: "flush",
                 source,

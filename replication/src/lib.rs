@@ -100,6 +100,7 @@ pub mod quorum;
 pub mod replica;
 pub mod resync;
 pub mod role;
+pub mod stats;
 pub mod sync_decision;
 pub mod verify;
 pub mod wire;

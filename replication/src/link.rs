@@ -44,10 +44,12 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -219,6 +221,20 @@ struct Shared {
     send_budget_total: usize,
     recv_budget: Semaphore,
     recv_budget_total: usize,
+    /// Bytes written to and read from the stream, and the last ping's round trip.
+    sent_bytes: AtomicU64,
+    received_bytes: AtomicU64,
+    /// Microseconds; 0 until the first Pong.
+    rtt_us: AtomicU64,
+}
+
+/// A link's traffic and latency so far (for status and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkFigures {
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    /// Round-trip time of the last Ping, in microseconds (none answered yet: `None`).
+    pub rtt_us: Option<u64>,
 }
 
 impl Shared {
@@ -375,6 +391,16 @@ impl LinkSender {
     /// Why the link is down, or `None` while it is up.
     pub fn down_reason(&self) -> Option<LinkDown> {
         self.shared.down_reason()
+    }
+
+    /// Bytes sent and received on this link and its last ping's round trip.
+    pub fn figures(&self) -> LinkFigures {
+        let rtt = self.shared.rtt_us.load(Ordering::Relaxed);
+        LinkFigures {
+            sent_bytes: self.shared.sent_bytes.load(Ordering::Relaxed),
+            received_bytes: self.shared.received_bytes.load(Ordering::Relaxed),
+            rtt_us: (rtt > 0).then_some(rtt),
+        }
     }
 
     /// True once the link is down.
@@ -743,6 +769,9 @@ where
         send_budget_total: send_total,
         recv_budget: Semaphore::new(recv_total),
         recv_budget_total: recv_total,
+        sent_bytes: AtomicU64::new(0),
+        received_bytes: AtomicU64::new(0),
+        rtt_us: AtomicU64::new(0),
     });
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (in_tx, in_rx) = mpsc::unbounded_channel();
@@ -815,11 +844,13 @@ async fn writer_task<W: AsyncWrite + Unpin>(
         let Some(first) = first else { break };
         let mut close = None;
         let mut returned = 0usize;
+        let mut sent = 0usize;
         let batch = async {
             let mut next = Some(first);
             while let Some(item) = next {
                 match item {
                     Outgoing::Frame { frame, budget } => {
+                        sent += frame.head.len() + frame.body.len();
                         buf.extend_from_slice(&frame.head);
                         if frame.body.len() <= COALESCE_BODY_MAX {
                             buf.extend_from_slice(&frame.body);
@@ -862,6 +893,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
             }
             Some(Ok(())) => {
                 shared.send_budget.add_permits(returned);
+                shared.sent_bytes.fetch_add(sent as u64, Ordering::Relaxed);
                 if let Some(reason) = close {
                     let _ = w.shutdown().await;
                     shared.set_down(reason);
@@ -885,6 +917,8 @@ async fn reader_task<R: AsyncRead + Unpin>(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut token = 0u64;
+    // The last Ping sent (its token and when), to time the Pong.
+    let mut ping_sent: Option<(u64, Instant)> = None;
     loop {
         // Deliver every complete frame in the buffer.
         loop {
@@ -904,7 +938,14 @@ async fn reader_task<R: AsyncRead + Unpin>(
                         return;
                     }
                 }
-                Message::Pong { .. } => {}
+                Message::Pong { token } => {
+                    if let Some((sent, at)) = ping_sent {
+                        if sent == token {
+                            let us = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            shared.rtt_us.store(us.max(1), Ordering::Relaxed);
+                        }
+                    }
+                }
                 Message::Error { code, message } => {
                     shared.set_down(LinkDown::PeerError { code, message });
                     return;
@@ -936,7 +977,10 @@ async fn reader_task<R: AsyncRead + Unpin>(
                     shared.set_down(LinkDown::PeerClosed);
                     return;
                 }
-                Ok(_) => last_heard = Instant::now(),
+                Ok(n) => {
+                    last_heard = Instant::now();
+                    shared.received_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 Err(e) => {
                     shared.set_down(LinkDown::Io { op: "receiving", source: Arc::new(e) });
                     return;
@@ -952,6 +996,7 @@ async fn reader_task<R: AsyncRead + Unpin>(
                 if sender.send_control(&Message::Ping { token }).is_err() {
                     return;
                 }
+                ping_sent = Some((token, Instant::now()));
             }
             _ = shared.wait_down() => return,
         }
@@ -1045,6 +1090,33 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         assert!(a.sender.down_reason().is_none());
         assert!(b.sender.down_reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_link_counts_its_bytes_and_times_its_pings() {
+        let (a, b) = pair_with(hello("a"), hello("b")).await;
+        let (a, mut b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.sender.figures().rtt_us, None);
+        let data = Bytes::from(vec![7u8; 64 << 10]);
+        a.sender
+            .send(&Message::Write(wire::WriteRequest {
+                seq: 0,
+                epoch: 0,
+                offset: 0,
+                fua: false,
+                ack_on_receive: false,
+                data,
+            }))
+            .await
+            .unwrap();
+        assert!(matches!(b.receiver.recv().await, Some(Message::Write(_))));
+        // A few ping intervals: both sides have timed a Pong.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (fa, fb) = (a.sender.figures(), b.sender.figures());
+        assert!(fa.sent_bytes > 64 << 10, "{fa:?}");
+        assert!(fb.received_bytes > 64 << 10, "{fb:?}");
+        assert!(fa.rtt_us.is_some_and(|us| us < 1_000_000), "{fa:?}");
+        assert!(fb.rtt_us.is_some(), "{fb:?}");
     }
 
     #[tokio::test]

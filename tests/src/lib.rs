@@ -11,6 +11,7 @@ pub mod libvirt;
 pub mod loopback_cluster;
 pub mod nbd_client;
 pub mod netns;
+pub mod prometheus;
 pub mod replica_data;
 pub mod vm;
 pub mod volume_status;
@@ -121,6 +122,7 @@ impl TandemNode {
 state_dir = "{root}/state"
 run_dir = "{root}/run"
 secret_file = "{root}/secret"
+metrics_listen = ""
 
 [[nodes]]
 name = "hv1"

@@ -149,27 +149,35 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, NetnsError> {
-        let name = self.name.clone();
-        let path = Path::new("/run/netns").join(&name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).map_err(|source| NetnsError::Enter {
-                name: name.clone(),
-                source,
-            })?;
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on a namespace fd we own; it affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(NetnsError::Enter {
-                    name,
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        run_in_named(&self.name, f)
     }
+}
+
+/// [`Netns::run_in`] for the namespace called `name`.
+pub fn run_in_named<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NetnsError> {
+    let name = name.to_string();
+    let path = Path::new("/run/netns").join(&name);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).map_err(|source| NetnsError::Enter {
+            name: name.clone(),
+            source,
+        })?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a namespace fd we own; it affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(NetnsError::Enter {
+                name,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(f())
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 impl Drop for Netns {

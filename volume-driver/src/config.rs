@@ -35,6 +35,11 @@ pub const CONFIG_ENV: &str = "TANDEM_CONFIG";
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/tandem")
 }
+/// drbd-reactor's Prometheus port: what DRBD users already scrape.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9942";
+fn default_metrics_listen() -> String {
+    DEFAULT_METRICS_LISTEN.to_string()
+}
 fn default_run_dir() -> PathBuf {
     PathBuf::from("/run/tandem")
 }
@@ -92,6 +97,9 @@ pub struct RawConfig {
     pub replication: RawReplication,
     #[serde(default)]
     pub engine: RawEngine,
+    /// Where `/metrics` is served (Prometheus text format); empty turns it off.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: String,
 }
 
 /// The optional `[replication]` table: defaults for new volumes, spelled as DRBD spells
@@ -176,6 +184,8 @@ pub struct Config {
     pub replication: VolumeOptions,
     /// The replication engine's tunables (`[engine]`).
     pub engine: EngineConfig,
+    /// `metrics_listen`: the Prometheus endpoint's address, `None` when turned off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why the peer secret could not be loaded.
@@ -373,9 +383,19 @@ impl RawConfig {
             .engine
             .validate()
             .map_err(|(key, message)| invalid(format!("engine.{key}"), message))?;
+        let metrics_listen = match self.metrics_listen.trim() {
+            "" => None,
+            addr => Some(addr.parse().map_err(|e| {
+                invalid(
+                    "metrics_listen".into(),
+                    format!("'{addr}' is not an address:port ({e}); empty turns metrics off"),
+                )
+            })?),
+        };
         Ok(Config {
             replication,
             engine,
+            metrics_listen,
             path: path.to_path_buf(),
             node: self.node,
             state_dir: self.state_dir,
@@ -495,6 +515,28 @@ name = "hv1"
 control = "192.168.1.11:7700"
 replication = "10.10.10.11:7788"
 "#;
+
+    #[test]
+    fn metrics_listen_defaults_to_drbd_reactors_port_and_empty_turns_it_off() {
+        let pools = "[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n";
+        let default = parse(&format!("{NODES}{pools}")).unwrap();
+        assert_eq!(
+            default.metrics_listen,
+            Some(DEFAULT_METRICS_LISTEN.parse().unwrap())
+        );
+        let off = parse(&format!("metrics_listen = \"\"\n{NODES}{pools}")).unwrap();
+        assert_eq!(off.metrics_listen, None);
+        let set = parse(&format!(
+            "metrics_listen = \"0.0.0.0:9100\"\n{NODES}{pools}"
+        ))
+        .unwrap();
+        assert_eq!(set.metrics_listen, Some("0.0.0.0:9100".parse().unwrap()));
+        let bad = error(&format!("metrics_listen = \"localhost\"\n{NODES}{pools}"));
+        assert!(
+            bad.contains("metrics_listen: 'localhost' is not an address:port"),
+            "{bad}"
+        );
+    }
 
     #[test]
     fn the_design_sketch_parses() {

@@ -29,6 +29,7 @@ use control_api::{
     ConnectionState, DiskState, PeerStatus, ReplicaStatus, ReplicationState, Role, VerifySummary,
 };
 use replication::device::BackingDevice;
+use replication::stats::IoStats;
 
 use crate::options::VolumeOptions;
 
@@ -114,6 +115,10 @@ pub trait Engine: Send + Sync + 'static {
 #[async_trait]
 pub trait EngineReplica: Send + Sync + 'static {
     fn status(&self) -> ReplicaStatus;
+    /// The replica's I/O statistics, for the metrics exporter (`None`: not recorded).
+    fn io_stats(&self) -> Option<Arc<IoStats>> {
+        None
+    }
     /// The volume size in bytes, as `status().size_bytes`; asked on every I/O (range
     /// checks), so engines should answer it without building a status.
     fn size_bytes(&self) -> u64 {
@@ -241,6 +246,7 @@ impl EngineReplica for DetachedReplica {
                     resync: None,
                     split_brain: None,
                     two_primaries_conflict: None,
+                    link: None,
                     decision: None,
                     last_error: None,
                 })

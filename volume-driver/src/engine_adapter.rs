@@ -18,6 +18,7 @@ use replication::replica::{
     EngineError, NodeConfig, PeerSpec, ReplicaOptions, ReplicaSpec, ReplicationNode,
 };
 use replication::resync::ResyncConfig;
+use replication::stats::IoStats;
 
 use crate::engine::{Engine, EngineFailure, EngineReplica, FailureKind, ReplicaPlan};
 use crate::engine_config::EngineConfig;
@@ -167,6 +168,9 @@ struct EngineVolume {
 impl EngineReplica for EngineVolume {
     fn status(&self) -> ReplicaStatus {
         self.replica.status()
+    }
+    fn io_stats(&self) -> Option<Arc<IoStats>> {
+        Some(self.replica.io_stats())
     }
     async fn promote(&self) -> Result<(), EngineFailure> {
         self.replica.promote().await.map_err(failure)

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use control_api::{ApiError, ErrorKind, Reply, Request, Response, MAX_LINE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::broadcast::error::RecvError;
 
+use crate::events::EventHub;
 use crate::service::VolumeService;
 
 /// Why the control socket could not be set up.
@@ -69,20 +71,30 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
-/// Accept connections forever, one task per connection.
-pub async fn serve(listener: UnixListener, service: Arc<VolumeService>) -> io::Result<()> {
+/// Accept connections forever, one task per connection. `events` requests are served
+/// from `events`.
+pub async fn serve(
+    listener: UnixListener,
+    service: Arc<VolumeService>,
+    events: Arc<EventHub>,
+) -> io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let service = Arc::clone(&service);
+        let events = Arc::clone(&events);
         tokio::spawn(async move {
-            if let Err(e) = handle_connection(stream, service).await {
+            if let Err(e) = handle_connection(stream, service, events).await {
                 tracing::debug!(error = %e, "control connection ended with an error");
             }
         });
     }
 }
 
-async fn handle_connection(stream: UnixStream, service: Arc<VolumeService>) -> io::Result<()> {
+async fn handle_connection(
+    stream: UnixStream,
+    service: Arc<VolumeService>,
+    events: Arc<EventHub>,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -105,6 +117,10 @@ async fn handle_connection(stream: UnixStream, service: Arc<VolumeService>) -> i
             }
         } else {
             match serde_json::from_slice::<Request>(&line) {
+                // The rest of this connection is the event stream.
+                Ok(Request::Events { now }) => {
+                    return stream_events(&events, now, reader, write).await
+                }
                 Ok(request) => dispatch(&service, request).await,
                 Err(e) => Response::Error {
                     error: ApiError::new(
@@ -121,6 +137,62 @@ async fn handle_connection(stream: UnixStream, service: Arc<VolumeService>) -> i
             return Ok(());
         }
     }
+}
+
+/// Write `exists` events, the end marker and (unless `now`) every later event, one
+/// [`Reply::Event`] per line, until the client goes away or falls [`crate::events::BACKLOG`]
+/// batches behind (it reconnects and starts over). The client sends nothing more: its
+/// end of the connection is only watched for the close, so a departed client stops the
+/// stream at once, not at the next event.
+async fn stream_events(
+    hub: &EventHub,
+    now: bool,
+    mut read: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) -> io::Result<()> {
+    let (initial, mut rx) = hub.subscribe();
+    write_events(&mut write, &initial).await?;
+    if now {
+        return Ok(());
+    }
+    let mut ignored = [0u8; 512];
+    loop {
+        let received = tokio::select! {
+            r = rx.recv() => r,
+            n = read.read(&mut ignored) => match n {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => continue,
+            },
+        };
+        match received {
+            Ok(batch) => write_events(&mut write, &batch).await?,
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    batches = n,
+                    "an events client fell behind; closing its stream"
+                );
+                return Ok(());
+            }
+            Err(RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+async fn write_events(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    events: &[control_api::Event],
+) -> io::Result<()> {
+    let mut out = Vec::new();
+    for event in events {
+        let line = Response::Ok {
+            result: Reply::Event {
+                event: event.clone(),
+            },
+        };
+        serde_json::to_writer(&mut out, &line).map_err(io::Error::other)?;
+        out.push(b'\n');
+    }
+    write.write_all(&out).await
 }
 
 /// Carry out one request.
@@ -196,6 +268,11 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
             .verify(&name)
             .await
             .map(|report| Reply::Verified { name, report }),
+        // Streams are answered by `handle_connection`; a lone dispatch cannot stream.
+        Request::Events { .. } => Err(ApiError::new(
+            ErrorKind::BadRequest,
+            "events is a stream: send it on its own connection",
+        )),
         Request::VolumeSet { name, change } => service
             .set_options(&name, &change)
             .await
@@ -233,5 +310,6 @@ fn request_name(request: &Request) -> &'static str {
         Request::VolumeResolve { .. } => "volume_resolve",
         Request::VolumeVerify { .. } => "volume_verify",
         Request::VolumeSet { .. } => "volume_set",
+        Request::Events { .. } => "events",
     }
 }

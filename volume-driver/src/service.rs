@@ -32,6 +32,7 @@ use control_api::{
 };
 use replication::auth::Secret;
 use replication::device::{BackingDevice, FileDevice};
+use replication::stats::IoStats;
 
 use crate::config::Config;
 use crate::engine::{Engine, NoEngine, PeerPlan, ReplicaPlan};
@@ -915,6 +916,19 @@ impl VolumeService {
             .map(|(n, _)| n.clone())
             .collect();
         names.iter().filter_map(|n| self.status(n).ok()).collect()
+    }
+
+    /// The I/O statistics of every volume whose replica runs here, by volume name.
+    pub fn io_stats_all(&self) -> Vec<(String, Arc<IoStats>)> {
+        let runtimes: Vec<(String, Arc<ReplicaRuntime>)> = self
+            .lock()
+            .iter()
+            .filter_map(|(n, s)| Some((n.clone(), s.runtime.clone()?)))
+            .collect();
+        runtimes
+            .into_iter()
+            .filter_map(|(n, r)| Some((n, r.replica().io_stats()?)))
+            .collect()
     }
 
     /// `volume_promote`. An unreplicated volume is always writable here: a no-op.

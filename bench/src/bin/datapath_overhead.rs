@@ -10,9 +10,18 @@
 //!
 //! Both replicas are files in one temp directory (`--dir`), so the numbers do not include a
 //! second disk.
+//!
+//! Each row also prints the process's CPU time per request (both replicas run in this
+//! process). The last lines measure, in the same run, what the metrics recording adds to
+//! one replicated write (the engine's `IoStats` histograms and counters, the data path's
+//! timestamps, the link's byte counters: `replication::stats`), on two threads sharing one
+//! volume's statistics, and print it as a share of the replicated QD32 row's CPU time per
+//! request. That share is what recording costs the data path, measured without the noise
+//! of a shared machine, which a before/after comparison of whole runs cannot resolve.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +32,9 @@ use replication::auth::Secret;
 use replication::datapath::{run_secondary, Primary, PrimaryConfig, SecondaryConfig};
 use replication::device::{BackingDevice, FileDevice};
 use replication::link::{LinkConfig, PeerLink};
+use replication::stats::IoStats;
 use replication::wire::{Hello, ReplicationProtocol};
+use tandem_bench::cpu_time;
 use tokio::net::TcpListener;
 
 /// Unreplicated vs protocol-C replicated writes through the data path alone, in process.
@@ -81,8 +92,16 @@ async fn replicated(dir: &Path) -> Result<Primary> {
     Ok(primary)
 }
 
-/// Requests per second for `qd` workers writing `bs`-byte blocks, random or sequential.
-async fn run(primary: &Primary, run: Duration, qd: usize, bs: usize, random: bool) -> Result<f64> {
+/// Requests per second for `qd` workers writing `bs`-byte blocks, random or sequential,
+/// and this process's CPU time per request.
+async fn run(
+    primary: &Primary,
+    run: Duration,
+    qd: usize,
+    bs: usize,
+    random: bool,
+) -> Result<(f64, Duration)> {
+    let cpu_before = cpu_time(std::process::id())?;
     let deadline = Instant::now() + run;
     let blocks = VOLUME / bs as u64;
     let mut tasks = tokio::task::JoinSet::new();
@@ -115,7 +134,45 @@ async fn run(primary: &Primary, run: Duration, qd: usize, bs: usize, random: boo
     while let Some(n) = tasks.join_next().await {
         total += n??;
     }
-    Ok(total as f64 / run.as_secs_f64())
+    let cpu = cpu_time(std::process::id())?.saturating_sub(cpu_before);
+    Ok((
+        total as f64 / run.as_secs_f64(),
+        cpu.div_f64(total.max(1) as f64),
+    ))
+}
+
+/// What recording adds to one replicated write, per request: two threads doing, `n` times
+/// each, exactly the recording work of a write (three timestamps, the write's local and
+/// peer histograms, the byte counter, the link's sent and received counters) on one
+/// shared `IoStats`, as concurrent requests of one volume do.
+fn recording_cost(n: u64) -> Result<Duration> {
+    let stats = Arc::new(IoStats::default());
+    let link = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let cpu_before = cpu_time(std::process::id())?;
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let stats = Arc::clone(&stats);
+            let link = Arc::clone(&link);
+            std::thread::spawn(move || {
+                for _ in 0..n {
+                    let t0 = Instant::now();
+                    let local = t0.elapsed();
+                    let peer = t0.elapsed();
+                    stats.write.observe(local, Some(peer));
+                    IoStats::add(&stats.written_bytes, 4096);
+                    link[0].fetch_add(4160, Ordering::Relaxed);
+                    link[1].fetch_add(64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    std::hint::black_box(&stats);
+    // CPU time (not wall time, which a busy machine stretches) per recorded request.
+    let cpu = cpu_time(std::process::id())?.saturating_sub(cpu_before);
+    Ok(cpu.div_f64(2.0 * n as f64))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -130,14 +187,20 @@ async fn main() -> Result<()> {
         Arc::new(|_: &str, _, _| {}),
     );
     let repl = replicated(dir.path()).await?;
-    println!("workload                      unreplicated   replicated(C)   ratio");
+    println!(
+        "workload                      unreplicated   replicated(C)   ratio   CPU us/req: unrepl  repl"
+    );
+    let mut repl_qd32_cpu = Duration::ZERO;
     for (name, qd, bs, random) in [
         ("4 KiB random write QD1", 1, 4096, true),
         ("4 KiB random write QD32", 32, 4096, true),
         ("1 MiB sequential write QD4", 4, 1 << 20, false),
     ] {
-        let a = run(&local, run_for, qd, bs, random).await?;
-        let b = run(&repl, run_for, qd, bs, random).await?;
+        let (a, cpu_a) = run(&local, run_for, qd, bs, random).await?;
+        let (b, cpu_b) = run(&repl, run_for, qd, bs, random).await?;
+        if qd == 32 {
+            repl_qd32_cpu = cpu_b;
+        }
         let unit = if bs >= 1 << 20 { "MiB/s" } else { "IOPS" };
         let scale = if unit == "MiB/s" {
             bs as f64 / (1 << 20) as f64
@@ -146,10 +209,20 @@ async fn main() -> Result<()> {
         };
         let (a, b) = (a * scale, b * scale);
         println!(
-            "{name:<29} {a:>10.0} {unit:<5} {b:>8.0} {unit:<5} {:>5.2}",
-            b / a
+            "{name:<29} {a:>10.0} {unit:<5} {b:>8.0} {unit:<5} {:>5.2} {:>18.1} {:>5.1}",
+            b / a,
+            cpu_a.as_secs_f64() * 1e6,
+            cpu_b.as_secs_f64() * 1e6,
         );
     }
+    let recording = recording_cost(5_000_000)?;
+    println!(
+        "metrics recording per replicated write: {:.0} ns = {:.2}% of the replicated 4 KiB QD32 \
+         write's {:.1} us CPU per request",
+        recording.as_secs_f64() * 1e9,
+        100.0 * recording.as_secs_f64() / repl_qd32_cpu.as_secs_f64().max(1e-9),
+        repl_qd32_cpu.as_secs_f64() * 1e6
+    );
     anyhow::ensure!(
         repl.connected_peers().len() == 1,
         "the Secondary disconnected during the run"

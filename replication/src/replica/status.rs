@@ -48,6 +48,9 @@ pub struct PeerStatus {
     /// same moment: the connection was failed instead of merging the writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub two_primaries_conflict: Option<String>,
+    /// Traffic and round-trip time of the link to this peer while connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<crate::link::LinkFigures>,
     /// The last handshake decision, e.g. "vm-1: bitmap resync from hv1 to hv2 (rule 3 ...)".
     #[serde(default)]
     pub decision: Option<String>,

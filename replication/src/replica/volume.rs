@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -32,6 +32,7 @@ use crate::quorum::{self, Member, MemberStatus, OnNoQuorum, QuorumMode};
 use crate::role::{
     self, ConnectionState, DiskState, PeerView, PromoteContext, Protocol, ReplicationState, Role,
 };
+use crate::stats::IoStats;
 use crate::wire::{Hello, ReplicationProtocol};
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -165,6 +166,8 @@ pub struct Replica {
     /// Rate limit of the log lines for local failures while applying a peer's data, across
     /// all links (`datapath::SecondaryConfig::local_failures`).
     pub(super) local_failures: Arc<FailureLog>,
+    /// Latencies and byte counts of this replica's I/O, for the metrics exporter.
+    stats: Arc<IoStats>,
 }
 
 fn meta_err(volume: &str, op: &'static str) -> impl Fn(crate::metadata::MetaError) -> EngineError {
@@ -358,6 +361,7 @@ impl Replica {
             writes: Arc::default(),
             recent_peer_writes: Arc::default(),
             local_failures: Arc::default(),
+            stats: Arc::default(),
         });
         {
             let mut st = lock(&replica.st);
@@ -468,7 +472,8 @@ impl Replica {
             match bms.get_mut(&peer) {
                 Some(bm) => store
                     .flush_bitmap(&peer, bm)
-                    .map_err(meta_err(&me.volume, "writing the bitmap of")),
+                    .map_err(meta_err(&me.volume, "writing the bitmap of"))
+                    .map(|()| IoStats::add(&me.stats.bitmap_writes, 1)),
                 None => Ok(()),
             }
         })
@@ -680,6 +685,7 @@ impl Replica {
                     }),
                     split_brain: p.split_brain.clone(),
                     two_primaries_conflict: self.writes.conflict(&p.spec.name),
+                    link: p.sender.as_ref().filter(|_| connected).map(|s| s.figures()),
                     decision: p.decision.clone(),
                     last_error: if connected {
                         None
@@ -1424,6 +1430,7 @@ impl Replica {
         drop(bms);
         store.write_al(tx.seq, &tx.snapshot).map_err(meta_err)?;
         *written = tx.seq;
+        IoStats::add(&self.stats.al_writes, 1);
         Ok(())
     }
 
@@ -1606,6 +1613,10 @@ impl Replica {
             op,
             source,
         })?;
+        if op == "write" {
+            self.stats.write.observe(done.local, done.peers);
+        }
+        IoStats::add(&self.stats.written_bytes, len);
         self.ack_gate(&done, &links_before).await
     }
 
@@ -1734,7 +1745,8 @@ impl Replica {
             });
         };
         let volume = self.volume.clone();
-        tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let read = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; len as usize];
             dev.read_at(&mut buf, offset)
                 .map(|()| Bytes::from(buf))
@@ -1745,7 +1757,15 @@ impl Replica {
                 })
         })
         .await
-        .map_err(|e| EngineError::InvalidRequest(format!("{}: read task: {e}", self.volume)))?
+        .map_err(|e| EngineError::InvalidRequest(format!("{}: read task: {e}", self.volume)))??;
+        self.stats.read.observe(started.elapsed(), None);
+        IoStats::add(&self.stats.read_bytes, u64::from(len));
+        Ok(read)
+    }
+
+    /// This replica's I/O statistics (latencies, bytes, metadata writes).
+    pub fn io_stats(&self) -> Arc<IoStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Replicated write.
@@ -1769,6 +1789,7 @@ impl Replica {
                 op: "flush",
                 source,
             })?;
+        self.stats.flush.observe(done.local, done.peers);
         self.ack_gate(&done, &links_before).await
     }
 

@@ -1,15 +1,17 @@
 //! `tandem`: the Tandem command-line client. Every command talks to the local `tandemd`
 //! over its control socket; `--json` prints the API's structures unchanged.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use control_api::{
-    Client, ClientError, PoolInfo, Reply, Request, ResyncProgress, VolumeInfo, VolumeStatus,
+    Client, ClientError, EventStream, PoolInfo, Reply, Request, ResyncProgress, VolumeInfo,
+    VolumeStatus,
 };
+use indicatif::{ProgressBar, ProgressStyle};
 use volume_driver::config::{self, Config};
 use volume_driver::options::{apply_change, format_rate, OptionsChange, VolumeOptions};
 use volume_driver::report::error_chain;
@@ -50,6 +52,18 @@ enum Command {
     /// Volumes: create, list, show, resize, delete
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Stream state changes, one line each, like `drbdsetup events2`
+    ///
+    /// First an `exists` line per volume and peer, then `exists -`, then `create`, `change`
+    /// (only what changed) and `destroy` lines as they happen: roles and promotions, disk,
+    /// connection and replication states, quorum, split brain, and resync progress every
+    /// few seconds. Runs until interrupted; if tandemd restarts it reconnects and starts
+    /// again with `exists` lines.
+    Events {
+        /// Print the current state (the `exists` lines) and exit
+        #[arg(long)]
+        now: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -230,6 +244,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         Command::Node(NodeCommand::Info { pools: false }) => Request::NodeInfo,
         Command::Node(NodeCommand::Info { pools: true }) => return node_info_with_pools(cli),
         Command::Pool(PoolCommand::List) => Request::PoolList,
+        Command::Events { now } => return events(cli, *now),
         Command::Volume(VolumeCommand::Create {
             name,
             size,
@@ -311,7 +326,12 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
     };
     let mut client = connect(cli)?;
-    let reply = client.call(&request).map_err(|e| client_error(&e))?;
+    let spinner = long_operation(&request);
+    let reply = client.call(&request).map_err(|e| client_error(&e));
+    if let Some(spinner) = spinner {
+        spinner.finish_and_clear();
+    }
+    let reply = reply?;
     // A pool whose backend could not be queried is still listed, but the command fails.
     let pool_error = match &reply {
         Reply::Pools { pools } => pools.iter().find_map(|p| p.error.clone()),
@@ -329,10 +349,62 @@ fn run(cli: &Cli) -> Result<(), String> {
 }
 
 fn connect(cli: &Cli) -> Result<Client, String> {
+    // No timeout: a create, resize or verify takes as long as the storage needs.
+    Client::connect(&control_socket(cli)?, None).map_err(|e| client_error(&e))
+}
+
+fn control_socket(cli: &Cli) -> Result<PathBuf, String> {
     let path = config::resolve_path(cli.config.as_deref());
     let config = Config::load(&path).map_err(|e| error_chain(&e))?;
-    // No timeout: a create, resize or verify takes as long as the storage needs.
-    Client::connect(&config.control_socket(), None).map_err(|e| client_error(&e))
+    Ok(config.control_socket())
+}
+
+/// `tandem events`: print the daemon's event stream; reconnect (once a second) while
+/// tandemd is away, unless `now`.
+fn events(cli: &Cli, now: bool) -> Result<(), String> {
+    let socket = control_socket(cli)?;
+    let mut out = std::io::stdout().lock();
+    let mut said_waiting = false;
+    loop {
+        match EventStream::open(&socket, now) {
+            Ok(mut stream) => {
+                said_waiting = false;
+                loop {
+                    match stream.next_event() {
+                        Ok(Some(event)) => {
+                            let line = if cli.json {
+                                serde_json::to_string(&event)
+                                    .map_err(|e| format!("cannot print JSON: {e}"))?
+                            } else {
+                                event.to_string()
+                            };
+                            // A closed stdout (`| head`) ends the command quietly.
+                            if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) if now => return Err(client_error(&e)),
+                        Err(e) => {
+                            eprintln!("tandem: event stream interrupted: {}", client_error(&e));
+                            break;
+                        }
+                    }
+                }
+                if now {
+                    return Ok(());
+                }
+            }
+            Err(e) if now => return Err(client_error(&e)),
+            Err(e) => {
+                if !said_waiting {
+                    eprintln!("tandem: {}; retrying every second", client_error(&e));
+                    said_waiting = true;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// `node info --pools`: `node_info` then `pool_list` over one connection. JSON: the node info
@@ -373,26 +445,20 @@ fn node_info_with_pools(cli: &Cli) -> Result<(), String> {
 fn wait_sync(cli: &Cli, name: &str, timeout: Option<u64>) -> Result<(), String> {
     let mut client = connect(cli)?;
     let started = Instant::now();
-    let tty = std::io::stderr().is_terminal();
+    let mut progress = Progress::new();
     loop {
         let status = client.status(name).map_err(|e| client_error(&e))?;
         if status.in_sync() {
-            if tty {
-                eprintln!("\r{name}: in sync{:40}", "");
-            }
+            progress.finish(&format!("{name}: in sync"));
             if cli.json {
                 print_json(Reply::Status { status })?;
             }
             return Ok(());
         }
-        if tty {
-            eprint!("\r{}{:10}", sync_progress(&status), "");
-        }
+        progress.show(&status);
         if let Some(limit) = timeout {
             if started.elapsed() >= Duration::from_secs(limit) {
-                if tty {
-                    eprintln!();
-                }
+                progress.finish(&sync_progress(&status));
                 return Err(format!(
                     "{name} is not in sync after {limit} s: {}",
                     sync_progress(&status)
@@ -400,6 +466,89 @@ fn wait_sync(cli: &Cli, name: &str, timeout: Option<u64>) -> Result<(), String> 
             }
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A spinner on stderr while a request that may take minutes (verify, create, resize,
+/// delete) runs, on a terminal only: their result line says the rest.
+fn long_operation(request: &Request) -> Option<ProgressBar> {
+    let what = match request {
+        Request::VolumeVerify { name } => format!("verifying {name} against its peers"),
+        Request::VolumeCreate { name, .. } => format!("creating {name}"),
+        Request::VolumeResize { name, .. } => format!("resizing {name}"),
+        Request::VolumeDelete { name, .. } => format!("deleting {name}"),
+        _ => return None,
+    };
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let spinner = ProgressBar::new_spinner().with_message(what);
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    Some(spinner)
+}
+
+/// How `wait-sync` shows progress on stderr: a bar (indicatif) on a terminal, else a plain
+/// line whenever the state changes and every 10 s while a resync runs.
+struct Progress {
+    bar: Option<ProgressBar>,
+    last_line: String,
+    last_print: Option<Instant>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {percent:>3}% {binary_bytes_per_sec} eta {eta} {wide_msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Progress {
+            bar,
+            last_line: String::new(),
+            last_print: None,
+        }
+    }
+
+    fn show(&mut self, status: &VolumeStatus) {
+        let line = sync_progress(status);
+        // The running resync with the most left, if any.
+        let resync = status
+            .replica
+            .peers
+            .iter()
+            .filter_map(|p| p.resync.as_ref())
+            .max_by_key(|r| r.total_bytes.saturating_sub(r.done_bytes));
+        match &self.bar {
+            Some(bar) => {
+                if let Some(r) = resync {
+                    bar.set_length(r.total_bytes);
+                    bar.set_position(r.done_bytes);
+                }
+                bar.set_message(line);
+            }
+            None => {
+                let due = self
+                    .last_print
+                    .is_none_or(|t| resync.is_some() && t.elapsed() >= Duration::from_secs(10));
+                if line != self.last_line || due {
+                    eprintln!("{line}");
+                    self.last_print = Some(Instant::now());
+                    self.last_line = line;
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, line: &str) {
+        match self.bar.take() {
+            Some(bar) => bar.finish_with_message(line.to_string()),
+            None => eprintln!("{line}"),
+        }
     }
 }
 
@@ -529,6 +678,7 @@ fn print_json(reply: Reply) -> Result<(), String> {
             "differing_blocks": report.differing_blocks,
             "checked_bytes": report.checked_bytes,
         })),
+        Reply::Event { event } => serde_json::to_value(event),
     }
     .map_err(|e| format!("cannot print JSON: {e}"))?;
     let text =
@@ -618,6 +768,7 @@ fn print_human(reply: Reply) {
             report.differing_blocks,
             format_size(report.checked_bytes)
         ),
+        Reply::Event { event } => println!("{event}"),
     }
 }
 

@@ -4,7 +4,7 @@
 //! the pools, reloads the volume definitions, opens every replicated volume's replica in the
 //! replication engine, serves the control API on `<run_dir>/tandemd.sock` and, in a cluster,
 //! the authenticated peer control API on this node's `control` address, until SIGTERM or
-//! SIGINT; then closes the replicas cleanly, removes the socket and exits 0.
+//! SIGINT, and Prometheus metrics on `metrics_listen`; then closes the replicas cleanly, removes the socket and exits 0.
 //! Logs go to stderr (journald under systemd), filtered by `RUST_LOG` (default `info`).
 
 use std::io::IsTerminal;
@@ -20,7 +20,10 @@ use tracing_subscriber::EnvFilter;
 use volume_driver::config::{self, Config};
 use volume_driver::engine::{Engine, NoEngine};
 use volume_driver::engine_adapter::ReplicationEngine;
+use volume_driver::events::EventHub;
 use volume_driver::frontend::Exports;
+use volume_driver::metrics::{self, Snapshot};
+use volume_driver::metrics_http;
 use volume_driver::nbd;
 use volume_driver::peer;
 use volume_driver::report::error_chain;
@@ -99,8 +102,38 @@ fn start_nbd(
     Ok(tasks)
 }
 
+/// Serve `/metrics` on `listen` in a task of its own. The endpoint is for observation
+/// only: when its address cannot be bound, tandemd logs the error and serves volumes
+/// without it rather than refusing to start VMs' disks.
+async fn start_metrics(
+    listen: Option<SocketAddr>,
+    service: &Arc<VolumeService>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let addr = listen?;
+    match metrics_http::bind(addr).await {
+        Ok(listener) => {
+            tracing::info!(%addr, "metrics listening on http://{addr}/metrics");
+            let service = Arc::clone(service);
+            let render = move || {
+                let service = Arc::clone(&service);
+                async move { metrics::render(Snapshot::take(&service).await) }
+            };
+            Some(tokio::spawn(async move {
+                if let Err(e) = metrics_http::serve(listener, render).await {
+                    tracing::error!(%addr, error = %e, "metrics endpoint stopped");
+                }
+            }))
+        }
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot serve metrics (metrics_listen); continuing without them");
+            None
+        }
+    }
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let socket = config.control_socket();
+    let metrics_listen = config.metrics_listen;
     let config_nbd = NbdListen {
         unix_socket: config.nbd_socket(),
         tcp: config.nbd.tcp_listen,
@@ -159,17 +192,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             _ => std::future::pending().await,
         }
     };
+    let metrics = start_metrics(metrics_listen, &service).await;
+    let events = {
+        let service = Arc::clone(&service);
+        EventHub::new(Box::new(move || service.status_all()))
+    };
+    let events_task = tokio::spawn(Arc::clone(&events).run());
     let exports: Arc<dyn Exports> = service.clone();
     let (stop_nbd, nbd_stopped) = tokio::sync::watch::channel(false);
     let nbd_tasks = start_nbd(&config_nbd, exports, nbd_stopped)?;
     let result = tokio::select! {
-        served = server::serve(listener, Arc::clone(&service)) => {
+        served = server::serve(listener, Arc::clone(&service), events) => {
             served.with_context(|| format!("control API on {} failed", socket.display()))
         }
         served = peers => served,
         _ = sigterm.recv() => { tracing::info!("SIGTERM received, stopping"); Ok(()) }
         _ = sigint.recv() => { tracing::info!("SIGINT received, stopping"); Ok(()) }
     };
+    if let Some(task) = metrics {
+        task.abort();
+    }
+    events_task.abort();
     let _ = stop_nbd.send(true);
     for task in nbd_tasks {
         if let Err(e) = task.await {

@@ -72,6 +72,7 @@
 //! S: 0x67446698 u32 errno u64 cookie [data]
 //! ```
 
+pub mod connections;
 pub mod proto;
 pub mod server;
 

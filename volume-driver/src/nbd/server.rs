@@ -219,6 +219,7 @@ pub async fn serve_connection<R, W>(
         }
     };
     tracing::info!(peer, export = handle.name(), "NBD client connected");
+    let _counted = super::connections::Connection::open(handle.name());
     match transmission(reader, writer, Arc::clone(&handle), shutdown).await {
         Ok(()) => tracing::info!(peer, export = handle.name(), "NBD client disconnected"),
         Err(e) => tracing::info!(
