@@ -261,6 +261,16 @@ enum Deferred {
 }
 
 impl Books {
+    /// Register a waiter for `wait`, before the books are released, so its PeersDone
+    /// cannot be missed.
+    fn waiter(&mut self, wait: Option<WaitId>) -> Option<(WaitId, oneshot::Receiver<Vec<String>>)> {
+        wait.map(|w| {
+            let (tx, rx) = oneshot::channel();
+            self.waiters.insert(w, tx);
+            (w, rx)
+        })
+    }
+
     /// Carry out the core's sends (a request through the budget reserved in `permits`)
     /// while the books are locked, so every link carries requests and barriers in order;
     /// return the rest.
@@ -393,19 +403,6 @@ impl Inner {
             }
             released.await;
         }
-    }
-
-    /// Register a waiter for `wait` (called with the books locked, before they are
-    /// released, so its PeersDone cannot be missed).
-    fn waiter(
-        books: &mut Books,
-        wait: Option<WaitId>,
-    ) -> Option<(WaitId, oneshot::Receiver<Vec<String>>)> {
-        wait.map(|w| {
-            let (tx, rx) = oneshot::channel();
-            books.waiters.insert(w, tx);
-            (w, rx)
-        })
     }
 }
 
@@ -744,7 +741,7 @@ impl Primary {
         let sendable: Vec<PeerId> = permits.iter().map(|(id, _)| *id).collect();
         let (started, waiter) = inner.step(&mut permits, |books| {
             let started = books.core.start_request(offset, &op, &sendable);
-            let waiter = Inner::waiter(books, started.wait);
+            let waiter = books.waiter(started.wait);
             (started, waiter)
         });
 
@@ -797,7 +794,7 @@ impl Primary {
         let wait = inner.cfg.protocol == ReplicationProtocol::C;
         let waiter = inner.step(&mut Vec::new(), |books| {
             let started = books.core.start_flush(wait);
-            Inner::waiter(books, started)
+            books.waiter(started)
         });
         let start = Instant::now();
         let device = inner.device.clone();
