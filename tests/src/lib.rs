@@ -6,6 +6,7 @@ use std::path::PathBuf;
 pub mod checker;
 pub mod cluster;
 pub mod fake_nbd;
+pub mod lab;
 pub mod ha;
 pub mod libvirt;
 pub mod loopback_cluster;
