@@ -13,7 +13,8 @@
 # 3. tandemd starts with /etc/tandem/NAME.toml (in the image, copied to
 #    /etc/tandem/tandem.toml), unless lab.hold=1: the
 #    drill then checks this host's disk as the power cut left it before tandemd touches it.
-# 4. The agent: commands from the host arrive on the virtio console /dev/hvc0, one per
+# 4. The agent: commands from the host arrive on the virtio serial port named lab.agent
+#    (not a console: no tty echo, no slow hvc path), one per
 #    line as `ID BASE64(SCRIPT)`; each runs with sh, and the answer is
 #    `@@OUT ID`, the output (stdout+stderr) in base64, `@@RC ID STATUS`.
 set -u
@@ -76,12 +77,23 @@ chmod 755 /usr/local/bin/lab-tandemd
 [ "$(arg lab.hold)" = 1 ] || lab-tandemd start
 echo "@@LAB-READY $NAME $(cut -d' ' -f1 /proc/uptime)"
 
+AGENT=
+for port in /sys/class/virtio-ports/*; do
+    [ "$(cat "$port/name" 2>/dev/null)" = lab.agent ] && AGENT=/dev/$(basename "$port")
+done
+[ -n "$AGENT" ] || echo "@@LAB-ERROR no virtio port lab.agent"
 while true; do
-    while read -r id script; do
+    # One read-write descriptor: a virtio port can be open only once at a time.
+    exec 3<>"$AGENT"
+    while read -r id script <&3; do
         echo "$script" | base64 -d >/tmp/agent.sh 2>/dev/null
-        sh /tmp/agent.sh >/tmp/agent.out 2>&1 </dev/null
+        sh /tmp/agent.sh >/tmp/agent.out 2>&1 </dev/null 3>&-
         rc=$?
-        { echo "@@OUT $id"; base64 /tmp/agent.out; echo "@@RC $id $rc"; } >/dev/hvc0
-    done </dev/hvc0
+        # Built in a file first: cat then writes large chunks (a write per base64 line
+        # costs a VM exit each under TCG).
+        { echo "@@OUT $id"; base64 /tmp/agent.out; echo "@@RC $id $rc"; } >/tmp/agent.answer
+        cat /tmp/agent.answer >&3
+    done
+    exec 3<&-
     sleep 0.2
 done

@@ -1,5 +1,5 @@
-//! The host side of a lab VM's command agent: shell scripts go to the guest over its virtio
-//! console (a unix socket of QEMU's), the output and exit status come back.
+//! The host side of a lab VM's command agent: shell scripts go to the guest over a virtio
+//! serial port (a unix socket of QEMU's), the output and exit status come back.
 //!
 //! Wire format (the guest half is the loop at the end of `tests/vm/lab-host.sh`):
 //! host → guest `ID BASE64(SCRIPT)\n`; guest → host `@@OUT ID\n`, the output (stdout and

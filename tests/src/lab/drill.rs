@@ -29,10 +29,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::agent::encode;
 use super::Lab;
-use crate::checker::block::BLOCK_SIZE;
-use crate::checker::log::{read_history, History};
-use crate::checker::verify::{verify, VerifyReport};
+use crate::checker::log::read_history;
+
+/// A workload log fetched from the writer's host.
+struct Log {
+    /// Where [`Cycle::check`] puts it on the checked host.
+    guest_path: String,
+    bytes: Vec<u8>,
+    acknowledged: u64,
+}
 
 /// The drill's volume.
 pub const VOLUME: &str = "drill";
@@ -40,6 +47,11 @@ pub const VOLUME: &str = "drill";
 pub const BLOCKS: u64 = 2048;
 const STATE: &str = "/var/lib/tandem-lab/drill";
 const SHORT: Duration = Duration::from_secs(60);
+/// `tandem-check verify` rules: every acknowledged write; only durable ones; and the same
+/// when the writer may have lost the tail of its log.
+const ACKED: &str = "";
+const DURABLE: &str = "--durable-only --writer-crashed";
+const ACKED_WRITER_CRASHED: &str = "--writer-crashed";
 
 /// The kinds of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -432,23 +444,21 @@ impl Cycle<'_> {
         self.lab.host(&p)?.sh_ok(
             &format!(
                 "pid=$(cat /run/workload.pid); kill -INT $pid 2>/dev/null\n\
-                 i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 900 ]; do sleep 0.2; i=$((i+1)); done\n\
-                 kill -0 $pid 2>/dev/null && {{ echo 'workload did not stop'; exit 1; }}\n\
+                 # An orphan stays a zombie here (the guest's init does not reap): not kill -0.\n\
+                 alive() {{ grep -qs '^State:.*[RSDT]' /proc/$pid/status; }}\n\
+                 i=0; while alive && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done\n\
+                 alive && {{ echo 'workload did not stop'; exit 1; }}\n\
                  cat {log}.out"
             ),
             Duration::from_secs(240),
         )
     }
 
-    /// Copies the cycle's log from `host` to the outer host; `truncate_at` keeps only the
-    /// whole lines within that many bytes.
-    fn fetch_log(&mut self, host: &str, truncate_at: Option<usize>, tag: &str) -> Result<History> {
+    /// Copies the cycle's log from `host` to the outer host (kept in the lab's `drill/`);
+    /// `truncate_at` keeps only the whole lines within that many bytes.
+    fn fetch_log(&mut self, host: &str, truncate_at: Option<usize>, tag: &str) -> Result<Log> {
         let log = self.log_path();
-        let mut bytes = self
-            .lab
-            .host(host)?
-            .sh(&format!("cat {log}"), SHORT)?
-            .output;
+        let mut bytes = self.lab.host(host)?.sh(&format!("cat {log}"), SHORT)?.output;
         if let Some(limit) = truncate_at {
             bytes.truncate(limit);
             let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
@@ -456,53 +466,53 @@ impl Cycle<'_> {
         }
         let path = self.out_dir.join(format!("cycle-{}-{tag}.log", self.n));
         std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
-        read_history(&path).with_context(|| format!("reading {}", path.display()))
-    }
-
-    /// The workload region of `host`'s replica, read from its LV inside the VM.
-    fn replica_data(&mut self, host: &str) -> Result<Vec<u8>> {
-        let mib = BLOCKS * BLOCK_SIZE as u64 >> 20;
-        let out = self.lab.host(host)?.sh(
-            &format!("dd if=/dev/vg_nvme/{VOLUME} bs=1M count={mib} 2>/dev/null"),
-            Duration::from_secs(120),
-        )?;
-        if out.status != 0 || out.output.len() as u64 != BLOCKS * BLOCK_SIZE as u64 {
-            bail!(
-                "reading the replica on {host}: status {}, {} bytes",
-                out.status,
-                out.output.len()
-            );
-        }
-        Ok(out.output)
-    }
-
-    /// Verifies `host`'s replica against `history`; adds violations to the cycle.
-    fn check(&mut self, what: &str, host: &str, history: &History, durable_only: bool) -> Result<()> {
-        let data = self.replica_data(host)?;
-        let report = verify(history, durable_only, |block| {
-            let at = block as usize * BLOCK_SIZE;
-            data.get(at..at + BLOCK_SIZE)
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| format!("block {block} beyond the data read"))
+        let history = read_history(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Log {
+            guest_path: format!("{STATE}/cycle-{}-{tag}.log", self.n),
+            bytes,
+            acknowledged: history.writes_acknowledged,
         })
-        .map_err(anyhow::Error::msg)?;
-        self.note(what, host, &report);
-        Ok(())
     }
 
-    fn note(&mut self, what: &str, host: &str, report: &VerifyReport) {
-        let bad = report.lost + report.stale + report.garbage;
-        if bad > 0 {
-            self.result.lost += bad;
+    /// Verifies `host`'s replica (its LV, read inside the VM by `tandem-check verify
+    /// --image`) against `log`; adds violations to the cycle.
+    fn check(&mut self, what: &str, host: &str, log: &Log, rules: &str) -> Result<()> {
+        // The log travels to the host in base64 lines, then the host judges its own disk.
+        let mut script = format!("base64 -d >{} <<'LAB_LOG_EOF'\n", log.guest_path);
+        for chunk in encode(&log.bytes).as_bytes().chunks(76) {
+            script.push_str(&String::from_utf8_lossy(chunk));
+            script.push('\n');
+        }
+        script.push_str("LAB_LOG_EOF\n");
+        let _ = write!(
+            script,
+            "tandem-check verify --log {} --image /dev/vg_nvme/{VOLUME} --json {rules}",
+            log.guest_path
+        );
+        let out = self.lab.host(host)?.sh(&script, Duration::from_secs(180))?;
+        let report: serde_json::Value = serde_json::from_slice(&out.output).with_context(|| {
+            format!(
+                "{what}: tandem-check verify on {host} (status {}): {}",
+                out.status,
+                out.text().trim()
+            )
+        })?;
+        let count = |key: &str| report[key].as_u64().unwrap_or(0);
+        let bad = count("lost") + count("stale") + count("garbage");
+        if bad > 0 || report["passed"] != true {
+            self.result.lost += bad.max(1);
             let mut text = format!(
                 "{what} on {host}: {} lost, {} stale, {} garbage",
-                report.lost, report.stale, report.garbage
+                count("lost"),
+                count("stale"),
+                count("garbage")
             );
-            if let Some(first) = report.violations.first() {
+            if let Some(first) = report["violations"].get(0).and_then(|v| v.as_str()) {
                 let _ = write!(text, " (first: {first})");
             }
             self.result.notes.push(text);
         }
+        Ok(())
     }
 
     /// Boots a host that lost power with tandemd held back.
@@ -520,7 +530,7 @@ impl Cycle<'_> {
 
     /// After every fault: resync, no split brain, equal checksums, the returned replica
     /// holds every acknowledged write.
-    fn resync_and_compare(&mut self, primary: &str, other: &str, history: &History) -> Result<()> {
+    fn resync_and_compare(&mut self, primary: &str, other: &str, log: &Log, rules: &str) -> Result<()> {
         wait_sync(self.lab, primary)?;
         for host in [primary, other] {
             let status = volume_status(self.lab, host)?;
@@ -543,7 +553,7 @@ impl Cycle<'_> {
                 .notes
                 .push(format!("replicas differ after resync: {primary} {a}, {other} {b}"));
         }
-        self.check("after resync", other, history, false)
+        self.check("after resync", other, log, rules)
     }
 
     /// Power cut of the Primary: promote the Secondary, check the dead host's disk and the
@@ -555,13 +565,12 @@ impl Cycle<'_> {
         retry(SHORT, || self.lab.host(&s)?.sh_ok(&promote, SHORT))
             .with_context(|| format!("promoting {s} after the power cut of {p}"))?;
         self.reboot_held(&p)?;
-        let mut history = self.fetch_log(&p, None, "crashed-writer")?;
-        history.writer_crashed = true;
-        self.result.acknowledged = history.writes_acknowledged;
-        self.check("durable writes after the power cut", &p, &history, true)?;
-        self.check("survivor", &s, &history, false)?;
+        let log = self.fetch_log(&p, None, "crashed-writer")?;
+        self.result.acknowledged = log.acknowledged;
+        self.check("durable writes after the power cut", &p, &log, DURABLE)?;
+        self.check("survivor", &s, &log, ACKED_WRITER_CRASHED)?;
         self.start_tandemd(&p)?;
-        self.resync_and_compare(&s, &p, &history)?;
+        self.resync_and_compare(&s, &p, &log, ACKED_WRITER_CRASHED)?;
         Ok(s)
     }
 
@@ -581,15 +590,15 @@ impl Cycle<'_> {
         std::thread::sleep(keep_writing);
         self.stop_workload()?;
         let full = self.fetch_log(&p, None, "full")?;
-        self.result.acknowledged = full.writes_acknowledged;
-        let mut prefix = self.fetch_log(&p, Some(before), "before-cut")?;
-        // The Secondary may hold writes logged after the cut point.
-        prefix.writer_crashed = true;
+        self.result.acknowledged = full.acknowledged;
+        // The Secondary may hold writes logged after the cut point: checked as if the
+        // writer had crashed there.
+        let prefix = self.fetch_log(&p, Some(before), "before-cut")?;
         self.reboot_held(&s)?;
-        self.check("durable writes after the power cut", &s, &prefix, true)?;
-        self.check("Primary", &p, &full, false)?;
+        self.check("durable writes after the power cut", &s, &prefix, DURABLE)?;
+        self.check("Primary", &p, &full, ACKED)?;
         self.start_tandemd(&s)?;
-        self.resync_and_compare(&p, &s, &full)?;
+        self.resync_and_compare(&p, &s, &full, ACKED)?;
         Ok(p)
     }
 
@@ -597,9 +606,9 @@ impl Cycle<'_> {
         let (p, s) = (self.primary.clone(), self.secondary.clone());
         self.stop_workload()?;
         let full = self.fetch_log(&p, None, "full")?;
-        self.result.acknowledged = full.writes_acknowledged;
-        self.check("Primary", &p, &full, false)?;
-        self.resync_and_compare(&p, &s, &full)?;
+        self.result.acknowledged = full.acknowledged;
+        self.check("Primary", &p, &full, ACKED)?;
+        self.resync_and_compare(&p, &s, &full, ACKED)?;
         Ok(p)
     }
 }

@@ -156,7 +156,7 @@ impl Host {
                 "socket,id=agent,path={},server=on,wait=off",
                 path(self.dir.join("agent.sock"))
             ))
-            .args(["-device", "virtconsole,chardev=agent"])
+            .args(["-device", "virtserialport,chardev=agent,name=lab.agent"])
             .arg("-pidfile")
             .arg(self.pidfile())
             .arg("-daemonize");
