@@ -24,7 +24,12 @@ use tandem_tests::lab::{Lab, LabOptions};
 #[command(name = "tandem-lab", version, verbatim_doc_comment)]
 struct Cli {
     /// Lab directory: disks, console logs, sockets, drill logs
-    #[arg(long, global = true, env = "TANDEM_LAB_DIR", default_value = "/var/tmp/tandem-lab")]
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_LAB_DIR",
+        default_value = "/var/tmp/tandem-lab"
+    )]
     dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -68,7 +73,11 @@ enum Command {
         seed: Option<u64>,
         /// Fault kinds to draw from, comma-separated: power-cut, replication-cut,
         /// management-cut, freeze
-        #[arg(long, value_delimiter = ',', default_value = "power-cut,replication-cut,management-cut,freeze")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "power-cut,replication-cut,management-cut,freeze"
+        )]
         faults: Vec<FaultKind>,
         /// Stop at the first cycle that finds a violation
         #[arg(long)]
@@ -120,7 +129,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if command.is_empty() {
                 let mut status = 0;
                 for line in std::io::stdin().lines() {
-                    let out = host.sh(&line.context("reading stdin")?, Duration::from_secs(3600))?;
+                    let out =
+                        host.sh(&line.context("reading stdin")?, Duration::from_secs(3600))?;
                     print!("{}", out.text());
                     status = out.status;
                 }

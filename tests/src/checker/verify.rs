@@ -164,7 +164,8 @@ pub fn verify<E: std::fmt::Display>(
             return Err(format!("reading block {block}: got {} bytes", data.len()));
         }
         report.blocks_checked += 1;
-        if history.writer_crashed && is_unlogged_later_version(history, *block, block_history, &data)
+        if history.writer_crashed
+            && is_unlogged_later_version(history, *block, block_history, &data)
         {
             report.unlogged += 1;
             continue;

@@ -28,7 +28,11 @@ impl Output {
     /// The output as text, or an error with it when the status is not 0.
     pub fn ok(self, what: &str) -> Result<String> {
         if self.status != 0 {
-            bail!("{what} failed (status {}): {}", self.status, self.text().trim());
+            bail!(
+                "{what} failed (status {}): {}",
+                self.status,
+                self.text().trim()
+            );
         }
         Ok(self.text())
     }
@@ -137,7 +141,11 @@ const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 pub fn encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

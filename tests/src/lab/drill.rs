@@ -254,7 +254,9 @@ pub fn run(lab: &mut Lab, options: &DrillOptions) -> Result<DrillReport> {
             if fault.on_primary {
                 &primary
             } else {
-                data.iter().find(|h| **h != primary).map_or("", |s| s.as_str())
+                data.iter()
+                    .find(|h| **h != primary)
+                    .map_or("", |s| s.as_str())
             },
             if fault.on_primary {
                 "Primary"
@@ -429,7 +431,10 @@ impl Cycle<'_> {
                 let out = self
                     .lab
                     .host(&p)?
-                    .sh(&format!("cat {log}.out; tail -n 20 /var/lib/tandem-lab/tandemd.log"), SHORT)?
+                    .sh(
+                        &format!("cat {log}.out; tail -n 20 /var/lib/tandem-lab/tandemd.log"),
+                        SHORT,
+                    )?
                     .text();
                 bail!("the workload on {p} made no {flushes} flushes in 180 s:\n{out}");
             }
@@ -458,7 +463,11 @@ impl Cycle<'_> {
     /// `truncate_at` keeps only the whole lines within that many bytes.
     fn fetch_log(&mut self, host: &str, truncate_at: Option<usize>, tag: &str) -> Result<Log> {
         let log = self.log_path();
-        let mut bytes = self.lab.host(host)?.sh(&format!("cat {log}"), SHORT)?.output;
+        let mut bytes = self
+            .lab
+            .host(host)?
+            .sh(&format!("cat {log}"), SHORT)?
+            .output;
         if let Some(limit) = truncate_at {
             bytes.truncate(limit);
             let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
@@ -518,9 +527,7 @@ impl Cycle<'_> {
     /// Boots a host that lost power with tandemd held back.
     fn reboot_held(&mut self, host: &str) -> Result<Duration> {
         let boot = self.lab.boot.clone();
-        self.lab
-            .host(host)?
-            .boot(&boot, true, super::BOOT_TIMEOUT)
+        self.lab.host(host)?.boot(&boot, true, super::BOOT_TIMEOUT)
     }
 
     fn start_tandemd(&mut self, host: &str) -> Result<()> {
@@ -530,13 +537,21 @@ impl Cycle<'_> {
 
     /// After every fault: resync, no split brain, equal checksums, the returned replica
     /// holds every acknowledged write.
-    fn resync_and_compare(&mut self, primary: &str, other: &str, log: &Log, rules: &str) -> Result<()> {
+    fn resync_and_compare(
+        &mut self,
+        primary: &str,
+        other: &str,
+        log: &Log,
+        rules: &str,
+    ) -> Result<()> {
         wait_sync(self.lab, primary)?;
         for host in [primary, other] {
             let status = volume_status(self.lab, host)?;
             if let Some(sb) = crate::volume_status::split_brain(&status) {
                 self.result.split_brains += 1;
-                self.result.notes.push(format!("split brain on {host}: {sb}"));
+                self.result
+                    .notes
+                    .push(format!("split brain on {host}: {sb}"));
             }
         }
         let sum = |cycle: &mut Self, host: &str| -> Result<String> {
@@ -544,14 +559,18 @@ impl Cycle<'_> {
                 &format!("sha256sum /dev/vg_nvme/{VOLUME}"),
                 Duration::from_secs(120),
             )?;
-            Ok(out.split_whitespace().next().unwrap_or_default().to_string())
+            Ok(out
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string())
         };
         let (a, b) = (sum(self, primary)?, sum(self, other)?);
         if a != b || a.is_empty() {
             self.result.replicas_differ += 1;
-            self.result
-                .notes
-                .push(format!("replicas differ after resync: {primary} {a}, {other} {b}"));
+            self.result.notes.push(format!(
+                "replicas differ after resync: {primary} {a}, {other} {b}"
+            ));
         }
         self.check("after resync", other, log, rules)
     }

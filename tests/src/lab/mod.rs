@@ -98,7 +98,10 @@ impl Lab {
         if accel == "kvm" {
             println!("lab: KVM works here, but nested guests with libvirt and tandem-ha are not built yet; the drill promotes survivors itself");
         }
-        let netns = format!("tlab-{:08x}", crc32c::crc32c(dir.display().to_string().as_bytes()));
+        let netns = format!(
+            "tlab-{:08x}",
+            crc32c::crc32c(dir.display().to_string().as_bytes())
+        );
         let boot = BootSpec {
             netns,
             kernel: image.kernel,
@@ -118,8 +121,7 @@ impl Lab {
             "memory_mib": boot.memory_mib,
             "append": boot.append,
         });
-        std::fs::write(dir.join("lab.json"), format!("{spec:#}\n"))
-            .context("writing lab.json")?;
+        std::fs::write(dir.join("lab.json"), format!("{spec:#}\n")).context("writing lab.json")?;
         let mut lab = Lab::load(&dir)?;
         lab.create_network()?;
         for host in &lab.hosts {
@@ -181,10 +183,7 @@ impl Lab {
                     scope.spawn(move || (host.name.clone(), host.boot(boot, false, BOOT_TIMEOUT)))
                 })
                 .collect();
-            handles
-                .into_iter()
-                .filter_map(|h| h.join().ok())
-                .collect()
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
         });
         for (name, result) in results {
             let took = result?;
@@ -264,7 +263,15 @@ pub fn accel(kernel: &Path) -> String {
     }
     let console = std::env::temp_dir().join(format!("tandem-lab-kvm-probe-{}", std::process::id()));
     let probe = Command::new(QEMU)
-        .args(["-accel", "kvm", "-m", "256", "-display", "none", "-nodefaults"])
+        .args([
+            "-accel",
+            "kvm",
+            "-m",
+            "256",
+            "-display",
+            "none",
+            "-nodefaults",
+        ])
         .args(["-no-user-config", "-no-reboot", "-serial"])
         .arg(format!("file:{}", console.display()))
         .arg("-kernel")
