@@ -123,11 +123,19 @@ impl Lab {
         });
         std::fs::write(dir.join("lab.json"), format!("{spec:#}\n")).context("writing lab.json")?;
         let mut lab = Lab::load(&dir)?;
-        lab.create_network()?;
-        for host in &lab.hosts {
-            host.create(DISK_BYTES)?;
+        let started = lab.create_network().and_then(|()| {
+            for host in &lab.hosts {
+                host.create(DISK_BYTES)?;
+            }
+            lab.boot_all()
+        });
+        if let Err(e) = started {
+            // Nothing half-built stays behind: VMs, namespace and directory go.
+            if let Err(down) = lab.down() {
+                eprintln!("lab: cleaning up after a failed start: {down:#}");
+            }
+            return Err(e);
         }
-        lab.boot_all()?;
         Ok(lab)
     }
 
