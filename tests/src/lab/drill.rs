@@ -10,7 +10,8 @@
 //! 3. Failover: after a power cut of P, the drill promotes S (`tandem volume promote`;
 //!    under TCG there is no nested libvirt guest, so no HA agent restarts one: the drill
 //!    says so). The workload is stopped (or died with P).
-//! 4. Checks, each against the workload log, fetched to the outer host:
+//! 4. Checks: the workload log is fetched to the outer host (kept in the lab's `drill/`) and
+//!    sent to the checked host, where `tandem-check verify --image` reads the replica's LV:
 //!    - a host that lost power is booted with tandemd held back and its replica is read as
 //!      the power cut left it: every write acknowledged as durable (FUA, or before an
 //!      acknowledged FLUSH) while it was connected must be there (`durable-only`);
@@ -231,7 +232,7 @@ pub fn run(lab: &mut Lab, options: &DrillOptions) -> Result<DrillReport> {
             lab: &mut *lab,
             n,
             primary: primary.clone(),
-            secondary,
+            secondary: secondary.clone(),
             out_dir: out_dir.clone(),
             result: CycleResult::default(),
         };
@@ -254,9 +255,7 @@ pub fn run(lab: &mut Lab, options: &DrillOptions) -> Result<DrillReport> {
             if fault.on_primary {
                 &primary
             } else {
-                data.iter()
-                    .find(|h| **h != primary)
-                    .map_or("", |s| s.as_str())
+                &secondary
             },
             if fault.on_primary {
                 "Primary"
