@@ -449,10 +449,10 @@ impl VolumeService {
                     format!("volume '{name}' has no storage on this node"),
                 ));
             } else {
-                Some(
-                    self.device_of(slot, name)
-                        .map_err(|m| ApiError::new(ErrorKind::Backend, m))?,
-                )
+                let device: Arc<dyn BackingDevice> = self
+                    .device_of(slot, name)
+                    .map_err(|m| ApiError::new(ErrorKind::Backend, m))?;
+                Some(crate::test_switch::wrap(device))
             };
             (plan, device)
         };
