@@ -103,6 +103,7 @@ use crate::failure_log::{error_chain, FailureLog};
 use crate::link::{LinkDown, LinkReceiver, LinkSender, PeerLink, SendPermit};
 use crate::resync::proto::{self as rsproto, ResyncMsg};
 use crate::resync::{ResyncSummary, ResyncTargetHooks};
+use crate::stats::IoStats;
 use crate::wire::{error_code, Message, ReplicationProtocol, WriteOutcome, MAX_DATA_LEN};
 
 /// Called with (peer node name, offset, length) for every range a peer may lack.
@@ -740,13 +741,24 @@ impl Primary {
         }
 
         // Number and queue the request in one step, so every peer's queue holds requests
-        // and barriers in seq/epoch order.
+        // and barriers in seq/epoch order. In flight on each link from before it is
+        // queued (the WriteAck cannot come first) until its WriteAck (`peer_task`).
         let sendable: Vec<PeerId> = permits.iter().map(|(id, _)| *id).collect();
+        for (_, permit) in &permits {
+            IoStats::add(&permit.in_flight().application, len);
+        }
         let (started, waiter) = inner.step(&mut permits, |books| {
             let started = books.core.start_request(offset, &op, &sendable);
             let waiter = Inner::waiter(books, started.wait);
             (started, waiter)
         });
+        // Permits left over belong to links that left meanwhile: not sent there.
+        for (_, permit) in &permits {
+            permit
+                .in_flight()
+                .application
+                .fetch_sub(len, Ordering::Relaxed);
+        }
 
         let local = match blocking {
             Some(task) => task.await,
@@ -860,10 +872,14 @@ async fn wait_for_peers(
 
 async fn peer_task(inner: Arc<Inner>, id: PeerId, name: String, mut receiver: LinkReceiver) {
     while let Some(msg) = receiver.recv().await {
-        let replicated = inner.step(&mut Vec::new(), |books| {
-            books.core.handle_peer_message(id, msg);
-            books.core.is_replicated()
+        let (acked, replicated) = inner.step(&mut Vec::new(), |books| {
+            let acked = books.core.handle_peer_message(id, msg);
+            (acked, books.core.is_replicated())
         });
+        if acked > 0 {
+            let in_flight = &receiver.in_flight().application;
+            in_flight.fetch_sub(acked, Ordering::Relaxed);
+        }
         if replicated {
             inner.replicated.notify_waiters();
         }
