@@ -103,7 +103,6 @@ use crate::failure_log::{error_chain, FailureLog};
 use crate::link::{LinkDown, LinkReceiver, LinkSender, PeerLink, SendPermit};
 use crate::resync::proto::{self as rsproto, ResyncMsg};
 use crate::resync::{ResyncSummary, ResyncTargetHooks};
-use crate::stats::IoStats;
 use crate::wire::{error_code, Message, ReplicationProtocol, WriteOutcome, MAX_DATA_LEN};
 
 /// Called with (peer node name, offset, length) for every range a peer may lack.
@@ -745,7 +744,8 @@ impl Primary {
         // queued (the WriteAck cannot come first) until its WriteAck (`peer_task`).
         let sendable: Vec<PeerId> = permits.iter().map(|(id, _)| *id).collect();
         for (_, permit) in &permits {
-            IoStats::add(&permit.in_flight().application, len);
+            let in_flight = &permit.in_flight().application;
+            in_flight.fetch_add(len, Ordering::Relaxed);
         }
         let (started, waiter) = inner.step(&mut permits, |books| {
             let started = books.core.start_request(offset, &op, &sendable);

@@ -1176,6 +1176,34 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn an_unreplicated_volume_records_its_io_for_the_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        service.create_local("u1", 1 << 20, None).await.unwrap();
+        let handle = service.open("u1", true).await.unwrap();
+        handle
+            .write(0, Bytes::from(vec![1u8; 8192]), false)
+            .await
+            .unwrap();
+        assert_eq!(handle.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
+        handle.flush().await.unwrap();
+        handle.trim(8192, 4096).await.unwrap();
+        let all = service.io_stats_all();
+        let [(name, io)] = &all[..] else {
+            panic!("one volume expected: {:?}", all.len());
+        };
+        assert_eq!(name, "u1");
+        assert_eq!(IoStats::get(&io.written_bytes), 8192 + 4096);
+        assert_eq!(IoStats::get(&io.read_bytes), 4096);
+        assert_eq!(io.write.local.snapshot().count, 1);
+        assert_eq!(io.write.peer.snapshot().count, 0, "no peer to wait for");
+        assert_eq!(io.read.local.snapshot().count, 1);
+        assert_eq!(io.flush.local.snapshot().count, 1);
+        assert_eq!(IoStats::get(&io.pending_upper), 0);
+        assert_eq!(IoStats::get(&io.pending_lower), 0);
+    }
+
+    #[tokio::test]
     async fn a_read_only_open_refuses_writes() {
         let dir = tempfile::tempdir().unwrap();
         let service = service(dir.path());
