@@ -16,6 +16,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use control_api::{ConnectionState, DiskState, PoolInfo, ReplicationState, Role, VolumeStatus};
@@ -406,57 +407,40 @@ impl Snapshot {
                 ]
             }),
         )?;
-        let counter = |name: &str, help: &str, get: fn(&IoStats) -> u64, f: &mut Family| {
-            f.counters(
-                name,
-                help,
-                io.iter()
-                    .map(|(v, s)| (vec![("volume", v.clone())], get(s))),
-            )
+        // One series per volume of the atomic `get` picks.
+        let per_volume = |get: fn(&IoStats) -> &AtomicU64| {
+            io.iter()
+                .map(move |(v, s)| (vec![("volume", v.clone())], IoStats::get(get(s))))
         };
-        counter(
+        f.counters(
             "device_read_bytes",
             "Bytes read by applications",
-            |s| IoStats::get(&s.read_bytes),
-            f,
+            per_volume(|s| &s.read_bytes),
         )?;
-        counter(
+        f.counters(
             "device_written_bytes",
             "Bytes written by applications (writes, trims, write-zeroes)",
-            |s| IoStats::get(&s.written_bytes),
-            f,
+            per_volume(|s| &s.written_bytes),
         )?;
-        counter(
+        f.counters(
             "device_al_writes",
             "Activity-log transactions written",
-            |s| IoStats::get(&s.al_writes),
-            f,
+            per_volume(|s| &s.al_writes),
         )?;
-        counter(
+        f.counters(
             "device_bitmap_writes",
             "Bitmap flushes written",
-            |s| IoStats::get(&s.bitmap_writes),
-            f,
+            per_volume(|s| &s.bitmap_writes),
         )?;
-        let gauge = |name: &str, help: &str, get: fn(&IoStats) -> u64, f: &mut Family| {
-            f.gauges(
-                name,
-                help,
-                io.iter()
-                    .map(|(v, s)| (vec![("volume", v.clone())], int(get(s)))),
-            )
-        };
-        gauge(
+        f.gauges(
             "device_upper_pending",
             "Application requests in progress on this node, waits included",
-            |s| IoStats::get(&s.pending_upper),
-            f,
+            per_volume(|s| &s.pending_upper).map(|(l, n)| (l, int(n))),
         )?;
-        gauge(
+        f.gauges(
             "device_lower_pending",
             "Calls on the local disk in progress (requests, peers' writes, resync)",
-            |s| IoStats::get(&s.pending_lower),
-            f,
+            per_volume(|s| &s.pending_lower).map(|(l, n)| (l, int(n))),
         )
     }
 
