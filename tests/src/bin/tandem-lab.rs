@@ -71,12 +71,13 @@ enum Command {
         /// Seed of the fault plan and the workload [default: from the clock; printed]
         #[arg(long)]
         seed: Option<u64>,
-        /// Fault kinds to draw from, comma-separated: power-cut, replication-cut,
-        /// management-cut, freeze
+        /// Fault kinds to draw from, comma-separated: power-cut (SIGKILL of the host's
+        /// QEMU), replication-cut, management-cut (a NIC down), freeze (SIGSTOP, SIGCONT),
+        /// reboot (orderly: tandemd stopped, sync, power off, fresh boot of the same disk)
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "power-cut,replication-cut,management-cut,freeze"
+            default_value = "power-cut,replication-cut,management-cut,freeze,reboot"
         )]
         faults: Vec<FaultKind>,
         /// Stop at the first cycle that finds a violation

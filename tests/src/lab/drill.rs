@@ -6,15 +6,19 @@
 //!    logging to P's persistent disk (fsync'd at every FLUSH), until it has at least two
 //!    acknowledged FLUSHes, plus a seeded while.
 //! 2. The fault, chosen by the seed: power cut (SIGKILL of QEMU) of P or S, replication
-//!    NIC down on P or S, management NIC down, freeze (SIGSTOP, then SIGCONT) of P or S.
-//! 3. Failover: after a power cut of P, the drill promotes S (`tandem volume promote`;
-//!    under TCG there is no nested libvirt guest, so no HA agent restarts one: the drill
-//!    says so). The workload is stopped (or died with P).
+//!    NIC down on P or S, management NIC down, freeze (SIGSTOP, then SIGCONT) of P or S,
+//!    or an orderly reboot of P or S (the workload is stopped first on P; tandemd stops,
+//!    the guest syncs and powers off, and a fresh QEMU boots the same disk).
+//! 3. Failover: after a power cut or a reboot of P, the drill promotes S (`tandem volume
+//!    promote`; under TCG there is no nested libvirt guest, so no HA agent restarts one:
+//!    the drill says so). The workload is stopped (or died with P).
 //! 4. Checks: the workload log is fetched to the outer host (kept in the lab's `drill/`) and
 //!    sent to the checked host, where `tandem-check verify --image` reads the replica's LV:
 //!    - a host that lost power is booted with tandemd held back and its replica is read as
 //!      the power cut left it: every write acknowledged as durable (FUA, or before an
 //!      acknowledged FLUSH) while it was connected must be there (`durable-only`);
+//!    - a rebooted host is booted the same way, and must hold every write acknowledged
+//!      while it was connected (its shutdown was orderly);
 //!    - the replica that serves after the fault holds every acknowledged write;
 //!    - tandemd of the returning host starts, resync runs (`tandem volume wait-sync`), no
 //!      split brain is reported, the replicas' sha256 sums are equal and the returned
@@ -61,14 +65,16 @@ pub enum FaultKind {
     ReplicationCut,
     ManagementCut,
     Freeze,
+    Reboot,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 4] = [
+    pub const ALL: [FaultKind; 5] = [
         FaultKind::PowerCut,
         FaultKind::ReplicationCut,
         FaultKind::ManagementCut,
         FaultKind::Freeze,
+        FaultKind::Reboot,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,6 +83,7 @@ impl FaultKind {
             FaultKind::ReplicationCut => "replication-cut",
             FaultKind::ManagementCut => "management-cut",
             FaultKind::Freeze => "freeze",
+            FaultKind::Reboot => "reboot",
         }
     }
 }
@@ -88,7 +95,8 @@ impl std::str::FromStr for FaultKind {
             .into_iter()
             .find(|k| k.name() == s)
             .ok_or_else(|| {
-                format!("unknown fault {s:?} (power-cut, replication-cut, management-cut, freeze)")
+                let known: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown fault {s:?} ({})", known.join(", "))
             })
     }
 }
@@ -101,8 +109,8 @@ pub struct Fault {
     pub on_primary: bool,
     /// Extra workload time before the fault, after the first two flushes.
     pub before: Duration,
-    /// How long a link stays down or a VM frozen; after a power cut of the Secondary, how
-    /// long the workload keeps running without it.
+    /// How long a link stays down or a VM frozen; after a power cut or the shutdown of the
+    /// Secondary, how long the workload keeps running without it.
     pub hold: Duration,
 }
 
@@ -168,6 +176,7 @@ impl CycleResult {
 pub struct DrillReport {
     pub cycles: usize,
     pub power_cuts: usize,
+    pub reboots: usize,
     pub acknowledged: u64,
     pub lost: u64,
     pub split_brains: u64,
@@ -241,8 +250,10 @@ pub fn run(lab: &mut Lab, options: &DrillOptions) -> Result<DrillReport> {
             .with_context(|| format!("drill cycle {n} ({})", fault.kind.name()))?;
         let result = cycle.result;
         report.cycles += 1;
-        if fault.kind == FaultKind::PowerCut {
-            report.power_cuts += 1;
+        match fault.kind {
+            FaultKind::PowerCut => report.power_cuts += 1,
+            FaultKind::Reboot => report.reboots += 1,
+            _ => {}
         }
         report.acknowledged += result.acknowledged;
         report.lost += result.lost;
@@ -287,9 +298,10 @@ pub fn run(lab: &mut Lab, options: &DrillOptions) -> Result<DrillReport> {
     }
     report.total = started.elapsed();
     println!(
-        "drill: {} cycles ({} power cuts) in {:.1} s, {:.1} s per cycle; {} writes acknowledged; {} lost/stale/garbage, {} split brains, {} replica mismatches: {}",
+        "drill: {} cycles ({} power cuts, {} reboots) in {:.1} s, {:.1} s per cycle; {} writes acknowledged; {} lost/stale/garbage, {} split brains, {} replica mismatches: {}",
         report.cycles,
         report.power_cuts,
+        report.reboots,
         report.total.as_secs_f64(),
         report.total.as_secs_f64() / report.cycles.max(1) as f64,
         report.acknowledged,
@@ -379,6 +391,8 @@ impl Cycle<'_> {
         match fault.kind {
             FaultKind::PowerCut if fault.on_primary => self.power_cut_primary(),
             FaultKind::PowerCut => self.power_cut_secondary(fault.hold),
+            FaultKind::Reboot if fault.on_primary => self.reboot_primary(),
+            FaultKind::Reboot => self.reboot_secondary(fault.hold),
             FaultKind::ReplicationCut | FaultKind::ManagementCut => {
                 let net = if fault.kind == FaultKind::ReplicationCut {
                     2
@@ -456,6 +470,18 @@ impl Cycle<'_> {
             ),
             Duration::from_secs(240),
         )
+    }
+
+    /// The length of the workload's log on the Primary now (a cut point).
+    fn log_len(&mut self) -> Result<usize> {
+        let log = self.log_path();
+        let p = self.primary.clone();
+        self.lab
+            .host(&p)?
+            .sh_ok(&format!("wc -c <{log}"), SHORT)?
+            .trim()
+            .parse::<usize>()
+            .context("length of the workload log")
     }
 
     /// Copies the cycle's log from `host` to the outer host (kept in the lab's `drill/`);
@@ -596,14 +622,7 @@ impl Cycle<'_> {
     /// the log as it was before the cut, the Primary against the whole log.
     fn power_cut_secondary(&mut self, keep_writing: Duration) -> Result<String> {
         let (p, s) = (self.primary.clone(), self.secondary.clone());
-        let log = self.log_path();
-        let before = self
-            .lab
-            .host(&p)?
-            .sh_ok(&format!("wc -c <{log}"), SHORT)?
-            .trim()
-            .parse::<usize>()
-            .context("length of the log before the power cut")?;
+        let before = self.log_len()?;
         self.lab.host(&s)?.power_cut()?;
         std::thread::sleep(keep_writing);
         self.stop_workload()?;
@@ -614,6 +633,46 @@ impl Cycle<'_> {
         let prefix = self.fetch_log(&p, Some(before), "before-cut")?;
         self.reboot_held(&s)?;
         self.check("durable writes after the power cut", &s, &prefix, DURABLE)?;
+        self.check("Primary", &p, &full, ACKED)?;
+        self.start_tandemd(&s)?;
+        self.resync_and_compare(&p, &s, &full, ACKED)?;
+        Ok(p)
+    }
+
+    /// Orderly reboot of the Primary: stop the workload, shut P down, promote the
+    /// Secondary, check it; boot P with tandemd held and check its replica (a clean stop
+    /// keeps every acknowledged write), then resync.
+    fn reboot_primary(&mut self) -> Result<String> {
+        let (p, s) = (self.primary.clone(), self.secondary.clone());
+        self.stop_workload()?;
+        let full = self.fetch_log(&p, None, "full")?;
+        self.result.acknowledged = full.acknowledged;
+        self.lab.host(&p)?.shutdown(SHORT)?;
+        let promote = format!("tandem volume promote {VOLUME}");
+        retry(SHORT, || self.lab.host(&s)?.sh_ok(&promote, SHORT))
+            .with_context(|| format!("promoting {s} after the shutdown of {p}"))?;
+        self.check("survivor", &s, &full, ACKED)?;
+        self.reboot_held(&p)?;
+        self.check("rebooted host", &p, &full, ACKED)?;
+        self.start_tandemd(&p)?;
+        self.resync_and_compare(&s, &p, &full, ACKED)?;
+        Ok(s)
+    }
+
+    /// Orderly reboot of the Secondary: the workload goes on while it is down; its replica
+    /// must hold every write acknowledged before the shutdown began (newer ones may be
+    /// there too), the Primary the whole log.
+    fn reboot_secondary(&mut self, keep_writing: Duration) -> Result<String> {
+        let (p, s) = (self.primary.clone(), self.secondary.clone());
+        let before = self.log_len()?;
+        self.lab.host(&s)?.shutdown(SHORT)?;
+        std::thread::sleep(keep_writing);
+        self.stop_workload()?;
+        let full = self.fetch_log(&p, None, "full")?;
+        self.result.acknowledged = full.acknowledged;
+        let prefix = self.fetch_log(&p, Some(before), "before-shutdown")?;
+        self.reboot_held(&s)?;
+        self.check("rebooted host", &s, &prefix, ACKED_WRITER_CRASHED)?;
         self.check("Primary", &p, &full, ACKED)?;
         self.start_tandemd(&s)?;
         self.resync_and_compare(&p, &s, &full, ACKED)?;
@@ -647,6 +706,17 @@ mod tests {
         let only = plan(7, 10, &[FaultKind::PowerCut]);
         assert!(only.iter().all(|f| f.kind == FaultKind::PowerCut));
         assert_eq!("freeze".parse::<FaultKind>(), Ok(FaultKind::Freeze));
+        assert_eq!("reboot".parse::<FaultKind>(), Ok(FaultKind::Reboot));
         assert!("meteor".parse::<FaultKind>().is_err());
+    }
+
+    #[test]
+    fn reboots_alone_hit_both_hosts() {
+        let only = plan(21, 12, &[FaultKind::Reboot]);
+        assert!(only.iter().all(|f| f.kind == FaultKind::Reboot));
+        assert!(only.iter().any(|f| f.on_primary) && only.iter().any(|f| !f.on_primary));
+        let mixed = plan(21, 40, &[FaultKind::Reboot, FaultKind::PowerCut]);
+        assert!(mixed.iter().any(|f| f.kind == FaultKind::Reboot));
+        assert!(mixed.iter().any(|f| f.kind == FaultKind::PowerCut));
     }
 }

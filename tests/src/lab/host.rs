@@ -1,7 +1,9 @@
 //! One lab host: its QEMU process (started daemonized inside the lab's network namespace,
 //! found again through its pidfile, so `scripts/lab` invocations share it), its disk, its
 //! console log and its agent. Faults act on the process: a power cut is SIGKILL (the
-//! guest's page cache and everything QEMU had not yet written are gone), a freeze SIGSTOP.
+//! guest's page cache and everything QEMU had not yet written are gone), a freeze SIGSTOP;
+//! an orderly shutdown goes through the guest (tandemd stopped, state unmounted, sync,
+//! power off) and the next [`Host::boot`] is a fresh QEMU on the same disk: a reboot.
 //!
 //! The NVMe disk is a raw file opened with `cache=none` (O_DIRECT on the outer host): the
 //! guest sees a volatile write cache and must flush, and a write QEMU completed to the
@@ -228,6 +230,36 @@ impl Host {
                 bail!("QEMU of {} survived SIGKILL", self.name);
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        self.agent.reset();
+        Ok(())
+    }
+
+    /// Orderly shutdown: tandemd stops (SIGTERM) and is waited for, the state LV is
+    /// unmounted, the guest syncs and powers off; then waits for QEMU to exit.
+    pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
+        // The power-off runs after the answer has left (the agent answers when sh exits).
+        self.sh_ok(
+            "pid=$(cat /run/tandemd.pid 2>/dev/null)\n\
+             lab-tandemd stop\n\
+             i=0; while [ -n \"$pid\" ] && grep -qs '^State:.*[RSDT]' /proc/$pid/status \
+             && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done\n\
+             [ $i -lt 300 ] || { echo 'tandemd did not stop'; exit 1; }\n\
+             sync; umount /var/lib/tandem-lab || mount -o remount,ro /var/lib/tandem-lab\n\
+             vgchange -q -an vg_nvme >/dev/null 2>&1; sync\n\
+             setsid sh -c 'sleep 1; poweroff -f' >/dev/null 2>&1 </dev/null &",
+            Duration::from_secs(90),
+        )?;
+        let deadline = Instant::now() + timeout;
+        while self.pid().is_some() {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not power off within {:.0} s",
+                    self.name,
+                    timeout.as_secs_f64()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         self.agent.reset();
         Ok(())
