@@ -819,6 +819,20 @@ impl MetaStore {
         fsync_dir(&self.dir)
     }
 
+    /// Forget a removed peer: close and delete its bitmap file. Persist the superblock
+    /// without the peer first; a crash in between leaves a stray file that a later
+    /// [`MetaStore::add_peer`] of that name truncates.
+    pub fn remove_peer(&mut self, peer: &str) -> Result<(), MetaError> {
+        check_peer_name(peer)?;
+        self.bitmaps.remove(peer);
+        let path = bitmap_path(&self.dir, peer);
+        match std::fs::remove_file(&path) {
+            Ok(()) => fsync_dir(&self.dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &path)(e)),
+        }
+    }
+
     /// Grow the volume: extend every bitmap (the new area out of sync when
     /// `new_area_dirty`, e.g. when peers have not grown yet), write the new pages, then the
     /// superblock with the new size. A crash in between leaves the old size in the

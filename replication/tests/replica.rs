@@ -1337,3 +1337,68 @@ async fn a_trim_larger_than_the_activity_log_reaches_both_replicas() {
         }
     }
 }
+
+/// `Replica::add_peer` / `remove_peer` (issue 19): a host replaces a dead one while the
+/// Primary keeps writing. hv1 Primary with hv2 and a witness; hv2 dies for good; hv3 joins
+/// (JUST_CREATED) without the Primary losing quorum or closing, is fully resynced with its
+/// zero ranges left unallocated, then hv2 is removed and quorum holds with hv1 + hv3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_added_online_full_syncs_sparse_and_a_dead_one_is_removed() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    c.wait_fully_connected(&["hv1", "hv2", "witness"]).await;
+    let a = c.r("hv1");
+    a.promote().await.unwrap();
+    // 4 MiB of data at 0 and at 16 MiB; the rest of the 32 MiB is never written.
+    write_mib(&a, 0, 2, 1).await;
+    write_mib(&a, 16, 2, 2).await;
+    c.kill("hv2");
+    wait_for(&a, "hv1 keeps quorum through the witness", 10, |s| {
+        s.quorum && peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+
+    let spec = c.join("hv3").await;
+    a.add_peer(spec.clone()).await.unwrap();
+    c.r("witness").add_peer(spec).await.unwrap();
+    assert!(
+        a.status().quorum,
+        "a joining replica must not cost quorum: {:#?}",
+        a.status()
+    );
+    // The Primary keeps writing during the full sync.
+    write_mib(&a, 8, 1, 3).await;
+    let d = c.r("hv3");
+    wait_for(&d, "hv3 UpToDate", 30, |s| {
+        s.disk_state == DiskState::UpToDate && established(s, "hv1")
+    })
+    .await;
+    wait_for(&a, "hv1 sees hv3 in sync", 10, |s| {
+        peer(s, "hv3").disk_state == DiskState::UpToDate && peer(s, "hv3").out_of_sync_bytes == 0
+    })
+    .await;
+    a.flush().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv3"));
+    // Zero ranges travelled as Zeroes: hv3's file holds about the 5 MiB written, not 32.
+    let allocated = std::os::unix::fs::MetadataExt::blocks(
+        &std::fs::metadata(&c.hosts[c.idx("hv3")].disk).unwrap(),
+    ) * 512;
+    assert!(allocated <= 6 * MIB, "hv3 allocated {allocated} bytes");
+
+    // hv2 is gone for good: remove it everywhere; hv1 + hv3 (+ witness) keep quorum.
+    a.remove_peer("hv2").await.unwrap();
+    d.remove_peer("hv2").await.unwrap();
+    c.r("witness").remove_peer("hv2").await.unwrap();
+    let s = a.status();
+    assert!(s.peers.iter().all(|p| p.node != "hv2"), "{s:#?}");
+    assert!(s.quorum, "{s:#?}");
+    assert!(!c.hosts[c.idx("hv1")].meta.join("bitmap.hv2").exists());
+    write_mib(&a, 20, 1, 4).await;
+    wait_converged(&a, &d, 10).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv3"));
+}

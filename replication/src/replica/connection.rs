@@ -61,11 +61,15 @@ impl Replica {
         }
     }
 
-    async fn dial_loop(self: Arc<Self>, peer: String, addr: std::net::SocketAddr) {
+    pub(super) async fn dial_loop(self: Arc<Self>, peer: String, addr: std::net::SocketAddr) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            if lock(&self.st).closed {
-                return;
+            {
+                // Closed, or the peer was removed from the volume (`membership.rs`).
+                let st = lock(&self.st);
+                if st.closed || !st.peers.contains_key(&peer) {
+                    return;
+                }
             }
             let hello = self.our_hello();
             match PeerLink::connect(addr, &self.node.cfg.secret, &hello, &self.node.cfg.link).await

@@ -80,6 +80,7 @@
 mod connection;
 mod dual;
 mod handshake;
+mod membership;
 pub mod messages;
 mod outdate;
 mod peer_al;
@@ -356,6 +357,34 @@ impl ReplicationNode {
         peers: &[&str],
         al_extents: usize,
     ) -> Result<(), EngineError> {
+        let g = Generation::from_raw(day0);
+        if g.is_zero() || g.is_just_created() {
+            return Err(EngineError::InvalidRequest(format!(
+                "day0 generation {day0:#x} is reserved; pick a random value"
+            )));
+        }
+        Self::write_new_metadata(meta_dir, size, UuidSet::day0(g), peers, al_extents)
+    }
+
+    /// Initialise metadata for a replica added to an existing volume: `JUST_CREATED` and
+    /// Inconsistent, so its first handshake with an UpToDate replica decides a full sync
+    /// towards it (ranges that read as zeroes travel as Zeroes and stay unallocated).
+    pub fn create_metadata_inconsistent(
+        meta_dir: &Path,
+        size: u64,
+        peers: &[&str],
+        al_extents: usize,
+    ) -> Result<(), EngineError> {
+        Self::write_new_metadata(meta_dir, size, UuidSet::just_created(), peers, al_extents)
+    }
+
+    fn write_new_metadata(
+        meta_dir: &Path,
+        size: u64,
+        uuids: UuidSet,
+        peers: &[&str],
+        al_extents: usize,
+    ) -> Result<(), EngineError> {
         let volume = meta_dir.display().to_string();
         let err = |op| {
             let volume = volume.clone();
@@ -368,16 +397,10 @@ impl ReplicationNode {
                 source: e,
             })
         })?;
-        let g = Generation::from_raw(day0);
-        if g.is_zero() || g.is_just_created() {
-            return Err(EngineError::InvalidRequest(format!(
-                "day0 generation {day0:#x} is reserved; pick a random value"
-            )));
-        }
         let meta = ReplicaMeta {
             volume_size: size,
             al_extents,
-            uuids: UuidSet::day0(g),
+            uuids,
             clean_shutdown: true,
         };
         MetaStore::create(meta_dir, &meta, peers).map_err(err("creating"))?;

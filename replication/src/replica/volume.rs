@@ -100,6 +100,8 @@ pub(super) struct PeerSlot {
     /// This Secondary asked its Primary on this link to resync the blocks a lost Primary
     /// may have left different (`reconcile.rs`) and is Inconsistent until it finished.
     pub reconciling: bool,
+    /// Added online and not yet connected once: not a quorum voter (`membership.rs`).
+    pub joining: bool,
 }
 
 pub(super) struct State {
@@ -170,7 +172,10 @@ pub struct Replica {
     stats: Arc<IoStats>,
 }
 
-fn meta_err(volume: &str, op: &'static str) -> impl Fn(crate::metadata::MetaError) -> EngineError {
+pub(super) fn meta_err(
+    volume: &str,
+    op: &'static str,
+) -> impl Fn(crate::metadata::MetaError) -> EngineError {
     let volume = volume.to_string();
     move |source| EngineError::Metadata {
         volume: volume.clone(),
@@ -292,29 +297,8 @@ impl Replica {
             .peers
             .iter()
             .map(|p| {
-                (
-                    p.name.clone(),
-                    PeerSlot {
-                        spec: p.clone(),
-                        dialer: me_name < p.name,
-                        conn: ConnectionState::Connecting,
-                        link_id: 0,
-                        sender: None,
-                        mode: LinkMode::None,
-                        state: None,
-                        replication: ReplicationState::Off,
-                        split_brain: None,
-                        decision: None,
-                        last_error: None,
-                        left_gracefully: false,
-                        resync_replies: None,
-                        resync_progress: None,
-                        resync_task: None,
-                        dual_sender: None,
-                        lost_at: None,
-                        reconciling: false,
-                    },
-                )
+                let slot = super::membership::new_slot(p.clone(), me_name < p.name, false);
+                (p.name.clone(), slot)
             })
             .collect();
         let seed: u64 = rand::random();
@@ -517,11 +501,16 @@ impl Replica {
             diskful: self.device.is_some(),
             status: MemberStatus::Reachable,
         }];
-        for p in st.peers.values() {
+        for p in st.peers.values_mut() {
+            let reachable = p.conn == ConnectionState::Connected && p.state.is_some();
+            if p.joining && !reachable {
+                continue;
+            }
+            p.joining = false;
             members.push(Member {
                 name: p.spec.name.clone(),
                 diskful: !p.spec.diskless,
-                status: if p.conn == ConnectionState::Connected && p.state.is_some() {
+                status: if reachable {
                     MemberStatus::Reachable
                 } else if p.left_gracefully {
                     MemberStatus::LeftGracefully

@@ -395,6 +395,58 @@ impl Cluster {
         &self.proxies[&key]
     }
 
+    /// Start a new data host `name` that joins the running volume (`Replica::add_peer` on
+    /// the others is the caller's job): a fresh sparse disk, JUST_CREATED metadata, links
+    /// straight to the other hosts (no proxies). Returns the spec the others add.
+    pub async fn join(&mut self, name: &str) -> PeerSpec {
+        let node = start_node(name, "127.0.0.1:0".parse().unwrap()).await;
+        let disk = self.dir.path().join(format!("{name}.img"));
+        let meta = self.dir.path().join(format!("{name}.meta"));
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(self.size)
+            .unwrap();
+        let others: Vec<&str> = self.hosts.iter().map(|h| h.name.as_str()).collect();
+        ReplicationNode::create_metadata_inconsistent(
+            &meta,
+            self.size,
+            &others,
+            DEFAULT_AL_EXTENTS,
+        )
+        .unwrap();
+        let spec = ReplicaSpec {
+            volume: VOLUME.to_string(),
+            peers: self
+                .hosts
+                .iter()
+                .map(|h| PeerSpec {
+                    name: h.name.clone(),
+                    replication: h.addr,
+                    diskless: h.diskless,
+                })
+                .collect(),
+            meta_dir: meta.clone(),
+            options: self.options.clone(),
+        };
+        let device: Arc<dyn BackingDevice> = Arc::new(FileDevice::open(&disk).unwrap());
+        let replica = node.open_replica(spec, Some(device)).await.unwrap();
+        let addr = node.local_addr();
+        self.hosts.push(Host {
+            name: name.to_string(),
+            diskless: false,
+            addr,
+            node: Some(node),
+            replica: Some(replica),
+            disk,
+            meta,
+        });
+        PeerSpec {
+            name: name.to_string(),
+            replication: addr,
+            diskless: false,
+        }
+    }
+
     pub fn disk_hash(&self, name: &str) -> String {
         let bytes = std::fs::read(&self.hosts[self.idx(name)].disk).unwrap();
         hex(&Sha256::digest(&bytes))
