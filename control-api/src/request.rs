@@ -78,6 +78,30 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         now: bool,
     },
+    /// Every configured node with its reachability and config digest → [`Reply::Nodes`].
+    NodeList,
+    /// Re-read the config file (as SIGHUP does) → [`Reply::Reloaded`]. A config that is
+    /// malformed or changes what needs a restart is refused and the running one kept.
+    NodeReload,
+    /// Move every replica off `node` (to `to`, else by free space) → [`Reply::Evicted`].
+    /// Resumes an interrupted evict of the same node.
+    NodeEvict {
+        node: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+    },
+    /// Put a new data replica of `name` on `node`; it full-syncs from an UpToDate replica
+    /// → [`Reply::Volume`].
+    ReplicaAdd { name: String, node: String },
+    /// Remove `node`'s replica of `name` (also while `node` is unreachable) →
+    /// [`Reply::Volume`]. Refused when no UpToDate replica or no quorum would be left.
+    ReplicaRemove { name: String, node: String },
+    /// Add on `to`, wait until it is UpToDate, then remove `from` → [`Reply::Volume`].
+    ReplicaMove {
+        name: String,
+        from: String,
+        to: String,
+    },
     /// Change replication options on every replica (persisted) → [`Reply::Volume`].
     VolumeSet {
         name: String,

@@ -52,6 +52,22 @@ pub enum Reply {
         name: String,
         report: VerifySummary,
     },
+    /// `node_list`: every configured node, this one first.
+    Nodes {
+        nodes: Vec<NodeListEntry>,
+    },
+    /// `node_reload`: the config now in force.
+    Reloaded {
+        /// Digest of the node list now in force ([`NodeInfo::config_digest`]).
+        config_digest: String,
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
+    /// `node_evict`: where each volume of the node went.
+    Evicted {
+        node: String,
+        moves: Vec<EvictMove>,
+    },
     /// One line of the `events` stream.
     Event {
         event: Event,
@@ -74,6 +90,34 @@ pub struct NodeInfo {
     pub pools: Vec<String>,
     /// Number of volumes on this node.
     pub volumes: usize,
+    /// sha256 of the node list in force (names, addresses, diskless), 16 hex digits:
+    /// equal on every node when their `[[nodes]]` agree.
+    #[serde(default)]
+    pub config_digest: String,
+}
+
+/// One row of `node_list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeListEntry {
+    pub node: NodeConfig,
+    /// The node answering the list.
+    pub this_node: bool,
+    /// Its tandemd answered over the peer control API (always true for this node).
+    pub reachable: bool,
+    /// The digest of its node list, when reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
+    /// Why it could not be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One volume of `node_evict`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictMove {
+    pub volume: String,
+    /// Where the new replica went (empty when the volume only had a tiebreaker there).
+    pub to: String,
 }
 
 /// One node of the cluster as configured: a `[[nodes]]` entry of `tandem.toml` (the

@@ -218,16 +218,17 @@ impl VolumeService {
         node: &str,
         request: PeerRequest,
     ) -> Result<PeerReply, ApiError> {
-        if node == self.config.node {
+        if node == self.config().node {
             return match peer::dispatch(self, request).await {
                 peer::PeerResponse::Ok { result } => Ok(result),
                 peer::PeerResponse::Error { error } => Err(error),
             };
         }
-        let Some(entry) = self.config.node_named(node) else {
+        let config = self.config();
+        let Some(entry) = config.node_named(node) else {
             return Err(ApiError::new(
                 ErrorKind::InvalidArgument,
-                format!("node '{node}' is not in {}", self.config.path.display()),
+                format!("node '{node}' is not in {}", self.config().path.display()),
             ));
         };
         let Some(secret) = &self.secret else {
@@ -252,13 +253,13 @@ impl VolumeService {
     ) -> Result<VolumeInfo, ApiError> {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let size = Self::checked_size(size_bytes)?;
-        let plan = plan_create(&self.config, replicas, nodes)?;
+        let plan = plan_create(&self.config(), replicas, nodes)?;
         let options = apply_change(
             &OptionsChange {
                 protocol: protocol.map(String::from),
                 ..Default::default()
             },
-            self.config.replication,
+            self.config().replication,
         )
         .map_err(invalid)?;
         if !plan.is_replicated() {
@@ -316,12 +317,13 @@ impl VolumeService {
                     token: token.clone(),
                     definition,
                     day0,
+                    joining: false,
                 };
                 match self.on_node(node, request).await {
                     Ok(PeerReply::Volume { volume }) => {
                         committed += 1;
                         // Report this node's replica, else the first data replica's.
-                        if *node == self.config.node || (local_info.is_none() && !diskless) {
+                        if *node == self.config().node || (local_info.is_none() && !diskless) {
                             local_info = Some(volume);
                         }
                     }
@@ -403,7 +405,7 @@ impl VolumeService {
     ) -> Result<(), ApiError> {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let size = Self::checked_size(size_bytes)?;
-        let node = self.config.node.clone();
+        let node = self.config().node.clone();
         if !diskless {
             let pool_name = self.pick_pool(pool)?.name().to_string();
             let backend = self
@@ -479,7 +481,7 @@ impl VolumeService {
                 ErrorKind::Busy,
                 format!(
                     "volume '{name}' is not reserved for this create on node '{}' (reservation expired or taken)",
-                    self.config.node
+                    self.config().node
                 ),
             )),
         }
@@ -493,11 +495,12 @@ impl VolumeService {
         token: &str,
         mut definition: VolumeDefinition,
         day0: u64,
+        joining: bool,
     ) -> Result<VolumeInfo, ApiError> {
         let name = definition.name.clone();
         validate_volume_name(&name).map_err(|e| invalid(e.to_string()))?;
         self.take_reservation(&name, token)?;
-        let result = self.commit_reserved(&mut definition, day0).await;
+        let result = self.commit_reserved(&mut definition, day0, joining).await;
         match result {
             Ok(()) => {
                 if let Some(slot) = self.lock().get_mut(&name) {
@@ -533,6 +536,7 @@ impl VolumeService {
         &self,
         definition: &mut VolumeDefinition,
         day0: u64,
+        joining: bool,
     ) -> Result<(), ApiError> {
         let name = definition.name.clone();
         let backend = if definition.diskless {
@@ -545,7 +549,7 @@ impl VolumeService {
             self.pool_backend(&pool_name)
         };
         let peers: Vec<String> = definition
-            .peers(&self.config.node)
+            .peers(&self.config().node)
             .map(String::from)
             .collect();
         let meta_dir = self.meta_dir(&name);
@@ -569,7 +573,12 @@ impl VolumeService {
                 }
             };
             let peer_names: Vec<&str> = peers.iter().map(String::as_str).collect();
-            if let Err(e) = engine.create_metadata(&meta_dir, allocated, day0, &peer_names) {
+            let created = if joining {
+                engine.create_metadata_inconsistent(&meta_dir, allocated, &peer_names)
+            } else {
+                engine.create_metadata(&meta_dir, allocated, day0, &peer_names)
+            };
+            if let Err(e) = created {
                 undo(&backend);
                 return Err(ApiError::new(
                     ErrorKind::Internal,
@@ -637,7 +646,7 @@ impl VolumeService {
         }
         // This node last: if another node fails, the definition stays here and the same
         // command can be run again.
-        present.sort_by_key(|n| *n == self.config.node);
+        present.sort_by_key(|n| *n == self.config().node);
         let mut failed = Vec::new();
         for node in &present {
             if let Err(e) = self
@@ -674,7 +683,7 @@ impl VolumeService {
     /// Primary replica.
     pub async fn delete_replica(&self, name: &str, force: bool) -> Result<(), ApiError> {
         if let Ok(status) = self.status(name) {
-            check_deletable(name, &self.config.node, &status, force)?;
+            check_deletable(name, &self.config().node, &status, force)?;
         }
         self.delete_local(name).await
     }
@@ -711,7 +720,7 @@ impl VolumeService {
                 .await
             {
                 Ok(PeerReply::Volume { volume }) => {
-                    if *node == self.config.node {
+                    if *node == self.config().node {
                         local = Some(volume);
                     }
                     grown.push(node.clone());
@@ -742,7 +751,8 @@ impl VolumeService {
         if size < definition.size_bytes {
             return Err(invalid(format!(
                 "volume '{name}' is {} bytes on node '{}'; volumes only grow",
-                definition.size_bytes, self.config.node
+                definition.size_bytes,
+                self.config().node
             )));
         }
         if definition.diskless || size == definition.size_bytes {
@@ -932,7 +942,7 @@ impl VolumeService {
 
     /// The volume's nodes (data and tiebreakers) in config order.
     pub(crate) fn ordered_nodes(&self, definition: &VolumeDefinition) -> Vec<String> {
-        self.config
+        self.config()
             .nodes
             .iter()
             .filter(|n| {

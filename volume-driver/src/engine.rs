@@ -99,6 +99,16 @@ pub trait Engine: Send + Sync + 'static {
         day0: u64,
         peers: &[&str],
     ) -> Result<(), EngineFailure>;
+    /// Initialise the metadata of a replica added to an existing volume: Inconsistent, so
+    /// it full-syncs from an UpToDate replica at its first connect.
+    fn create_metadata_inconsistent(
+        &self,
+        meta_dir: &Path,
+        size: u64,
+        peers: &[&str],
+    ) -> Result<(), EngineFailure> {
+        self.create_metadata(meta_dir, size, 0, peers)
+    }
     /// Start replicating a volume (`device` is `None` on a diskless tiebreaker).
     async fn open_replica(
         &self,
@@ -137,6 +147,10 @@ pub trait EngineReplica: Send + Sync + 'static {
     /// The device is already grown to `new_size`.
     async fn resize(&self, new_size: u64) -> Result<(), EngineFailure>;
     fn set_options(&self, options: &VolumeOptions) -> Result<(), EngineFailure>;
+    /// A node joined the volume: replicate to it too (the replica stays open).
+    async fn add_peer(&self, peer: PeerPlan) -> Result<(), EngineFailure>;
+    /// A node left the volume: stop replicating to it (the replica stays open).
+    async fn remove_peer(&self, peer: &str) -> Result<(), EngineFailure>;
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineFailure>;
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineFailure>;
     async fn flush(&self) -> Result<(), EngineFailure>;
@@ -273,6 +287,12 @@ impl EngineReplica for DetachedReplica {
         Ok(())
     }
     fn set_options(&self, _options: &VolumeOptions) -> Result<(), EngineFailure> {
+        Ok(())
+    }
+    async fn add_peer(&self, _peer: PeerPlan) -> Result<(), EngineFailure> {
+        Ok(())
+    }
+    async fn remove_peer(&self, _peer: &str) -> Result<(), EngineFailure> {
         Ok(())
     }
     async fn read(&self, _offset: u64, _len: u32) -> Result<Bytes, EngineFailure> {

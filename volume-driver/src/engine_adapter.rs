@@ -20,7 +20,7 @@ use replication::replica::{
 use replication::resync::ResyncConfig;
 use replication::stats::IoStats;
 
-use crate::engine::{Engine, EngineFailure, EngineReplica, FailureKind, ReplicaPlan};
+use crate::engine::{Engine, EngineFailure, EngineReplica, FailureKind, PeerPlan, ReplicaPlan};
 use crate::engine_config::EngineConfig;
 use crate::options::VolumeOptions;
 use crate::report::error_chain;
@@ -118,6 +118,17 @@ impl Engine for ReplicationEngine {
         ReplicationNode::create_metadata(meta_dir, size, day0, peers, al_extents).map_err(failure)
     }
 
+    fn create_metadata_inconsistent(
+        &self,
+        meta_dir: &Path,
+        size: u64,
+        peers: &[&str],
+    ) -> Result<(), EngineFailure> {
+        let al_extents = self.node.tunables().al_extents;
+        ReplicationNode::create_metadata_inconsistent(meta_dir, size, peers, al_extents)
+            .map_err(failure)
+    }
+
     async fn open_replica(
         &self,
         plan: ReplicaPlan,
@@ -125,15 +136,7 @@ impl Engine for ReplicationEngine {
     ) -> Result<Arc<dyn EngineReplica>, EngineFailure> {
         let spec = ReplicaSpec {
             volume: plan.volume.clone(),
-            peers: plan
-                .peers
-                .iter()
-                .map(|p| PeerSpec {
-                    name: p.name.clone(),
-                    replication: p.replication,
-                    diskless: p.diskless,
-                })
-                .collect(),
+            peers: plan.peers.iter().map(peer_spec).collect(),
             meta_dir: plan.meta_dir.clone(),
             options: replica_options(&plan.options),
         };
@@ -152,6 +155,14 @@ impl Engine for ReplicationEngine {
 
     async fn shutdown(&self) {
         self.node.shutdown().await;
+    }
+}
+
+fn peer_spec(p: &PeerPlan) -> PeerSpec {
+    PeerSpec {
+        name: p.name.clone(),
+        replication: p.replication,
+        diskless: p.diskless,
     }
 }
 
@@ -211,6 +222,15 @@ impl EngineReplica for EngineVolume {
         self.replica
             .set_options(replica_options(options))
             .map_err(failure)
+    }
+    async fn add_peer(&self, peer: PeerPlan) -> Result<(), EngineFailure> {
+        self.replica
+            .add_peer(peer_spec(&peer))
+            .await
+            .map_err(failure)
+    }
+    async fn remove_peer(&self, peer: &str) -> Result<(), EngineFailure> {
+        self.replica.remove_peer(peer).await.map_err(failure)
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineFailure> {
         self.replica.read(offset, len).await.map_err(failure)

@@ -61,6 +61,10 @@ pub enum PeerRequest {
         token: String,
         definition: VolumeDefinition,
         day0: u64,
+        /// A replica added to an existing volume (`replica add`): its metadata starts
+        /// Inconsistent and `day0` is unused; it full-syncs from an UpToDate replica.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        joining: bool,
     },
     /// Release a reservation taken by `replica_prepare` (no-op when not held by `token`).
     ReplicaAbort { name: String, token: String },
@@ -99,6 +103,17 @@ pub enum PeerRequest {
     /// Switch this node's two-primaries gate for `name` (one leg of the cluster-wide
     /// `volume_allow_two_primaries`, see [`crate::cluster`]).
     ReplicaAllowTwoPrimaries { name: String, allow: bool },
+    /// This node's identity and config digest (`tandem node list`).
+    NodeInfo,
+    /// Space per pool on this node (`tandem node evict` picks the node with most free).
+    PoolList,
+    /// Set the volume's data nodes and tiebreakers in this node's definition and add or
+    /// remove the engine's peers to match (idempotent; see [`crate::membership`]).
+    ReplicaMembers {
+        name: String,
+        nodes: Vec<String>,
+        tiebreakers: Vec<String>,
+    },
 }
 
 /// A successful peer answer.
@@ -108,6 +123,8 @@ pub enum PeerReply {
     Done,
     Volume { volume: VolumeInfo },
     Status { status: VolumeStatus },
+    Node { node: control_api::NodeInfo },
+    Pools { pools: Vec<control_api::PoolInfo> },
 }
 
 /// One answer line.
@@ -135,6 +152,9 @@ impl PeerRequest {
             PeerRequest::ReplicaRenameCommit { .. } => "replica_rename_commit",
             PeerRequest::ReplicaOpen { .. } => "replica_open",
             PeerRequest::ReplicaAllowTwoPrimaries { .. } => "replica_allow_two_primaries",
+            PeerRequest::NodeInfo => "node_info",
+            PeerRequest::PoolList => "pool_list",
+            PeerRequest::ReplicaMembers { .. } => "replica_members",
         }
     }
 }
@@ -253,8 +273,9 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
             token,
             definition,
             day0,
+            joining,
         } => service
-            .commit_replica(&token, definition, day0)
+            .commit_replica(&token, definition, day0, joining)
             .await
             .map(|volume| PeerReply::Volume { volume }),
         PeerRequest::ReplicaAbort { name, token } => {
@@ -303,6 +324,20 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
         PeerRequest::ReplicaAllowTwoPrimaries { name, allow } => service
             .allow_two_primaries_local(&name, allow)
             .map(|status| PeerReply::Status { status }),
+        PeerRequest::NodeInfo => Ok(PeerReply::Node {
+            node: service.node_info(),
+        }),
+        PeerRequest::PoolList => Ok(PeerReply::Pools {
+            pools: service.pools().await,
+        }),
+        PeerRequest::ReplicaMembers {
+            name,
+            nodes,
+            tiebreakers,
+        } => service
+            .set_members(&name, nodes, tiebreakers)
+            .await
+            .map(|volume| PeerReply::Volume { volume }),
     };
     match result {
         Ok(result) => PeerResponse::Ok { result },

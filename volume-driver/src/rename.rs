@@ -281,7 +281,7 @@ impl VolumeService {
         let participants = if definition.is_replicated() {
             self.ordered_nodes(&definition)
         } else {
-            vec![self.config.node.clone()]
+            vec![self.config().node.clone()]
         };
         let token = crate::cluster::random_token();
         let mut prepared: Vec<String> = Vec::new();
@@ -441,7 +441,7 @@ impl VolumeService {
         token: &str,
     ) -> Result<(), ApiError> {
         check_names(name, new_name)?;
-        let node = self.config.node.clone();
+        let node = self.config().node.clone();
         let definition = self.definition(name).map_err(|_| {
             ApiError::new(
                 ErrorKind::NotFound,
@@ -519,7 +519,7 @@ impl VolumeService {
         name: &str,
         new_name: &str,
     ) -> Result<VolumeInfo, ApiError> {
-        let node = self.config.node.clone();
+        let node = self.config().node.clone();
         let (mut claim, definition, state) = self.claim(name, "rename")?;
         let runtime = {
             let mut volumes = self.lock();

@@ -407,6 +407,12 @@ pub(crate) mod tests {
         fn set_options(&self, _options: &VolumeOptions) -> Result<(), EngineFailure> {
             Ok(())
         }
+        async fn add_peer(&self, _peer: crate::engine::PeerPlan) -> Result<(), EngineFailure> {
+            Ok(())
+        }
+        async fn remove_peer(&self, _peer: &str) -> Result<(), EngineFailure> {
+            Ok(())
+        }
         async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineFailure> {
             self.check_primary()?;
             let data = self.data.lock().unwrap();

@@ -277,6 +277,23 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
             .set_options(&name, &change)
             .await
             .map(|volume| Reply::Volume { volume }),
+        Request::NodeList => Ok(Reply::Nodes {
+            nodes: service.node_list().await,
+        }),
+        Request::NodeReload => service.reload().await,
+        Request::NodeEvict { node, to } => service.evict(&node, to.as_deref()).await,
+        Request::ReplicaAdd { name, node } => service
+            .replica_add(&name, &node)
+            .await
+            .map(|volume| Reply::Volume { volume }),
+        Request::ReplicaRemove { name, node } => service
+            .replica_remove(&name, &node)
+            .await
+            .map(|volume| Reply::Volume { volume }),
+        Request::ReplicaMove { name, from, to } => service
+            .replica_move(&name, &from, &to)
+            .await
+            .map(|volume| Reply::Volume { volume }),
     };
     match result {
         Ok(result) => Response::Ok { result },
@@ -311,5 +328,11 @@ fn request_name(request: &Request) -> &'static str {
         Request::VolumeVerify { .. } => "volume_verify",
         Request::VolumeSet { .. } => "volume_set",
         Request::Events { .. } => "events",
+        Request::NodeList => "node_list",
+        Request::NodeReload => "node_reload",
+        Request::NodeEvict { .. } => "node_evict",
+        Request::ReplicaAdd { .. } => "replica_add",
+        Request::ReplicaRemove { .. } => "replica_remove",
+        Request::ReplicaMove { .. } => "replica_move",
     }
 }

@@ -107,12 +107,15 @@ impl Slot {
 
 /// The registry and its operations.
 pub struct VolumeService {
-    pub(crate) config: Config,
+    /// Swapped whole by a reload ([`crate::reload`]); read through [`VolumeService::config`].
+    config: std::sync::RwLock<Arc<Config>>,
     pools: Vec<PoolHandle>,
     pub(crate) store: Store,
     volumes: Mutex<BTreeMap<String, Slot>>,
     pub(crate) engine: Arc<dyn Engine>,
     pub(crate) secret: Option<Secret>,
+    /// Volumes with a replica add/remove/move running here ([`crate::membership`]).
+    pub(crate) membership_ops: Mutex<std::collections::BTreeSet<String>>,
 }
 
 pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
@@ -145,6 +148,11 @@ pub(crate) fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Lock a set, usable after a panic elsewhere (updates are single inserts/removes).
+pub(crate) fn lock_set<T>(set: &Mutex<T>) -> MutexGuard<'_, T> {
+    set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Run blocking work off the async threads.
@@ -268,18 +276,32 @@ impl VolumeService {
         }
         tracing::info!(volumes = volumes.len(), "volume definitions loaded");
         Ok(VolumeService {
-            config,
+            config: std::sync::RwLock::new(Arc::new(config)),
             pools,
             store,
             volumes: Mutex::new(volumes),
             engine,
             secret,
+            membership_ops: Mutex::default(),
         })
     }
 
-    /// The configuration the service runs with.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration in force (a reload swaps it; see [`crate::reload`]).
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(
+            &self
+                .config
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
+    /// Put a checked configuration in force.
+    pub(crate) fn set_config(&self, config: Config) {
+        *self
+            .config
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(config);
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Slot>> {
@@ -297,12 +319,12 @@ impl VolumeService {
     /// The pool a create names, or the first one; errors list the configured pools. A
     /// diskless tiebreaker refuses: it holds no data replica, even if pools are configured.
     pub(crate) fn pick_pool(&self, pool: Option<&str>) -> Result<&PoolHandle, ApiError> {
-        if self.config.is_diskless() {
+        if self.config().is_diskless() {
             return Err(invalid(format!(
                 "node '{}' is a diskless tiebreaker (diskless = true in {}) and cannot hold a \
                  data replica",
-                self.config.node,
-                self.config.path.display()
+                self.config().node,
+                self.config().path.display()
             )));
         }
         match pool {
@@ -318,10 +340,10 @@ impl VolumeService {
                     .collect();
                 ApiError::new(
                     ErrorKind::NotFound,
-                    if self.config.is_cluster() {
+                    if self.config().is_cluster() {
                         format!(
                             "pool '{p}' does not exist on node '{}' (configured: {})",
-                            self.config.node,
+                            self.config().node,
                             known.join(", ")
                         )
                     } else {
@@ -372,14 +394,15 @@ impl VolumeService {
         definition: &VolumeDefinition,
     ) -> Result<ReplicaPlan, ApiError> {
         let mut peers = Vec::new();
-        for peer in definition.peers(&self.config.node) {
-            let node = self.config.node_named(peer).ok_or_else(|| {
+        let config = self.config();
+        for peer in definition.peers(&config.node) {
+            let node = config.node_named(peer).ok_or_else(|| {
                 ApiError::new(
                     ErrorKind::InvalidArgument,
                     format!(
                         "volume '{}' has a replica on node '{peer}', which is not in {}",
                         definition.name,
-                        self.config.path.display()
+                        self.config().path.display()
                     ),
                 )
             })?;
@@ -714,7 +737,7 @@ impl VolumeService {
                 if users > 0 {
                     return Err(ApiError::new(
                         ErrorKind::InUse,
-                        format!("volume '{name}' is open by {users} client(s) on node '{}' (a running VM?); stop them first", self.config.node),
+                        format!("volume '{name}' is open by {users} client(s) on node '{}' (a running VM?); stop them first", self.config().node),
                     ));
                 }
             }
@@ -885,7 +908,7 @@ impl VolumeService {
         Ok(VolumeStatus {
             replica: ReplicaStatus {
                 volume: name.to_string(),
-                node: self.config.node.clone(),
+                node: self.config().node.clone(),
                 // The only copy of an unreplicated volume always serves: Primary.
                 role: if replicated {
                     Role::Secondary
@@ -1021,19 +1044,21 @@ impl VolumeService {
 
     /// This node's identity.
     pub fn node_info(&self) -> NodeInfo {
+        let config = self.config();
         NodeInfo {
-            name: self.config.node.clone(),
+            name: config.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            config_path: self.config.path.clone(),
-            state_dir: self.config.state_dir.clone(),
-            run_dir: self.config.run_dir.clone(),
-            nodes: self.config.nodes.clone(),
-            pools: self.config.pools.iter().map(|p| p.name.clone()).collect(),
+            config_path: config.path.clone(),
+            state_dir: config.state_dir.clone(),
+            run_dir: config.run_dir.clone(),
+            nodes: config.nodes.clone(),
+            pools: config.pools.iter().map(|p| p.name.clone()).collect(),
             volumes: self
                 .lock()
                 .values()
                 .filter(|s| s.definition.is_some())
                 .count(),
+            config_digest: crate::reload::config_digest(&config.nodes),
         }
     }
 }
@@ -1101,7 +1126,7 @@ impl VolumeService {
         if slot.definition.as_ref().is_some_and(|d| d.diskless) {
             return Err(OpenError::Refused(format!(
                 "{name}: node '{}' is a diskless tiebreaker for this volume and cannot serve it",
-                self.config.node
+                self.config().node
             )));
         }
         if slot.state == VolumeState::Missing {

@@ -76,6 +76,64 @@ enum NodeCommand {
         #[arg(long)]
         pools: bool,
     },
+    /// List every configured node: reachable or not, and the digest of its node list
+    ///
+    /// Every tandemd of a cluster should run the same [[nodes]] list: a digest that
+    /// differs from this node's is flagged, so an edit missed on one host is visible.
+    List,
+    /// Re-read the config file without a restart (tandemd also does on SIGHUP)
+    ///
+    /// New [[nodes]] become reachable at once; removed ones are refused from then on. A
+    /// malformed config, one that removes a node still holding volumes, or one that
+    /// changes what needs a restart (directories, pools, this node's addresses) is
+    /// refused, and the running config stays in force.
+    Reload,
+    /// Move every replica off NODE (e.g. a dead host) to other nodes, one volume at a time
+    ///
+    /// Each volume gets a new replica (full sync from an UpToDate replica; zero ranges
+    /// stay unallocated on thin pools), and once it is UpToDate the replica on NODE is
+    /// removed. Run it on another node; running it again resumes an interrupted evict.
+    Evict {
+        /// The node to empty
+        node: String,
+        /// Put every new replica on this node [default: the node with the most free space
+        /// in its first pool, per volume]
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplicaCommand {
+    /// Put a new data replica on NODE while the volume is in use; it starts Inconsistent
+    /// and full-syncs from an UpToDate replica
+    Add {
+        /// Volume name
+        name: String,
+        /// The node to hold the new replica
+        #[arg(long)]
+        node: String,
+    },
+    /// Remove NODE's replica (works while NODE is down)
+    ///
+    /// Refused when it would leave fewer than two replicas, no UpToDate replica, or a
+    /// minority of the remaining replicas reachable (quorum), or while NODE is Primary.
+    Remove {
+        /// Volume name
+        name: String,
+        /// The node whose replica goes
+        #[arg(long)]
+        node: String,
+    },
+    /// Move a replica: add on --to, wait until it is UpToDate, then remove from --from
+    Move {
+        /// Volume name
+        name: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,6 +275,9 @@ enum VolumeCommand {
         #[arg(long)]
         resync_rate: Option<String>,
     },
+    /// Add, remove or move a volume's replicas online
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
 }
 
 fn main() -> ExitCode {
@@ -243,6 +304,31 @@ fn run(cli: &Cli) -> Result<(), String> {
     let request = match &cli.command {
         Command::Node(NodeCommand::Info { pools: false }) => Request::NodeInfo,
         Command::Node(NodeCommand::Info { pools: true }) => return node_info_with_pools(cli),
+        Command::Node(NodeCommand::List) => Request::NodeList,
+        Command::Node(NodeCommand::Reload) => Request::NodeReload,
+        Command::Node(NodeCommand::Evict { node, to }) => Request::NodeEvict {
+            node: node.clone(),
+            to: to.clone(),
+        },
+        Command::Volume(VolumeCommand::Replica(ReplicaCommand::Add { name, node })) => {
+            Request::ReplicaAdd {
+                name: name.clone(),
+                node: node.clone(),
+            }
+        }
+        Command::Volume(VolumeCommand::Replica(ReplicaCommand::Remove { name, node })) => {
+            Request::ReplicaRemove {
+                name: name.clone(),
+                node: node.clone(),
+            }
+        }
+        Command::Volume(VolumeCommand::Replica(ReplicaCommand::Move { name, from, to })) => {
+            Request::ReplicaMove {
+                name: name.clone(),
+                from: from.clone(),
+                to: to.clone(),
+            }
+        }
         Command::Pool(PoolCommand::List) => Request::PoolList,
         Command::Events { now } => return events(cli, *now),
         Command::Volume(VolumeCommand::Create {
@@ -477,6 +563,14 @@ fn long_operation(request: &Request) -> Option<ProgressBar> {
         Request::VolumeCreate { name, .. } => format!("creating {name}"),
         Request::VolumeResize { name, .. } => format!("resizing {name}"),
         Request::VolumeDelete { name, .. } => format!("deleting {name}"),
+        Request::ReplicaAdd { name, node } => format!("adding a replica of {name} on {node}"),
+        Request::ReplicaRemove { name, node } => format!("removing {node}'s replica of {name}"),
+        Request::ReplicaMove { name, from, to } => {
+            format!("moving {name} from {from} to {to} (waits for the full sync)")
+        }
+        Request::NodeEvict { node, .. } => {
+            format!("evicting {node} (see the tandemd log for each volume)")
+        }
         _ => return None,
     };
     if !std::io::stderr().is_terminal() {
@@ -660,6 +754,53 @@ fn client_error(e: &ClientError) -> String {
     }
 }
 
+/// `node list`: one row per node; a digest unlike this node's is marked.
+fn print_nodes(nodes: &[control_api::NodeListEntry]) {
+    let ours = nodes
+        .iter()
+        .find(|n| n.this_node)
+        .and_then(|n| n.config_digest.clone());
+    let mut differ = Vec::new();
+    let rows = nodes
+        .iter()
+        .map(|n| {
+            let digest = match (&n.config_digest, &ours) {
+                (Some(d), Some(o)) if d != o => {
+                    differ.push(n.node.name.clone());
+                    format!("{d} (differs)")
+                }
+                (Some(d), _) => d.clone(),
+                (None, _) => "-".into(),
+            };
+            vec![
+                n.node.name.clone(),
+                if n.node.diskless { "diskless" } else { "disk" }.to_string(),
+                n.node.control.to_string(),
+                if n.this_node {
+                    "this node".to_string()
+                } else if n.reachable {
+                    "reachable".to_string()
+                } else {
+                    "unreachable".to_string()
+                },
+                digest,
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "KIND", "CONTROL", "STATE", "CONFIG DIGEST"], rows);
+    for n in nodes.iter().filter(|n| !n.reachable) {
+        if let Some(e) = &n.error {
+            eprintln!("tandem: {}: {e}", n.node.name);
+        }
+    }
+    if !differ.is_empty() {
+        eprintln!(
+            "tandem: warning: the node list differs on {} (edit [[nodes]] everywhere, then `tandem node reload` there)",
+            differ.join(", ")
+        );
+    }
+}
+
 fn print_json(reply: Reply) -> Result<(), String> {
     let value = match reply {
         Reply::NodeInfo { node } => serde_json::to_value(node),
@@ -679,6 +820,17 @@ fn print_json(reply: Reply) -> Result<(), String> {
             "checked_bytes": report.checked_bytes,
         })),
         Reply::Event { event } => serde_json::to_value(event),
+        Reply::Nodes { nodes } => serde_json::to_value(nodes),
+        Reply::Reloaded {
+            config_digest,
+            added,
+            removed,
+        } => Ok(serde_json::json!({
+            "config_digest": config_digest,
+            "added": added,
+            "removed": removed,
+        })),
+        Reply::Evicted { node, moves } => Ok(serde_json::json!({ "node": node, "moves": moves })),
     }
     .map_err(|e| format!("cannot print JSON: {e}"))?;
     let text =
@@ -718,6 +870,28 @@ fn print_human(reply: Reply) {
             print_table(&["NODE", "CONTROL", "REPLICATION", "KIND", "THIS"], rows);
         }
         Reply::Pools { pools } => print_pools(&pools),
+        Reply::Nodes { nodes } => print_nodes(&nodes),
+        Reply::Reloaded {
+            config_digest,
+            added,
+            removed,
+        } => {
+            println!("config reloaded, node list digest {config_digest}");
+            if !added.is_empty() {
+                println!("added:   {}", added.join(", "));
+            }
+            if !removed.is_empty() {
+                println!("removed: {}", removed.join(", "));
+            }
+        }
+        Reply::Evicted { node, moves } => {
+            if moves.is_empty() {
+                println!("node '{node}' holds no replica of a volume known here");
+            }
+            for m in moves {
+                println!("{}: moved from {node} to {}", m.volume, m.to);
+            }
+        }
         Reply::Volume { volume } => {
             println!("name:     {}", volume.name);
             println!("pool:     {}", volume.pool);

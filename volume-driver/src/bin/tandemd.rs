@@ -5,6 +5,7 @@
 //! replication engine, serves the control API on `<run_dir>/tandemd.sock` and, in a cluster,
 //! the authenticated peer control API on this node's `control` address, until SIGTERM or
 //! SIGINT, and Prometheus metrics on `metrics_listen`; then closes the replicas cleanly, removes the socket and exits 0.
+//! SIGHUP reloads the config (see `volume_driver::reload`).
 //! Logs go to stderr (journald under systemd), filtered by `RUST_LOG` (default `info`).
 
 use std::io::IsTerminal;
@@ -182,6 +183,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    // SIGHUP reloads the config (`tandem node reload` does the same); the outcome is logged.
+    let reload_task = {
+        let service = Arc::clone(&service);
+        tokio::spawn(async move {
+            while sighup.recv().await.is_some() {
+                tracing::info!("SIGHUP received, reloading the config");
+                // A refusal is logged by `reload` with its reason.
+                let _ = service.reload().await;
+            }
+        })
+    };
+    // Membership changes owed to other nodes (replica add/remove/evict), retried until
+    // delivered; an interrupted change resumes here.
+    let membership_task = {
+        let service = Arc::clone(&service);
+        tokio::spawn(async move { service.run_membership_log().await })
+    };
     let listener = server::bind(&socket).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     tracing::info!(socket = %socket.display(), "control API listening");
     let peers = async {
@@ -219,6 +238,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         task.abort();
     }
     events_task.abort();
+    reload_task.abort();
+    membership_task.abort();
     let _ = stop_nbd.send(true);
     for task in nbd_tasks {
         if let Err(e) = task.await {
