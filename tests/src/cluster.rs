@@ -202,9 +202,26 @@ impl Cluster {
             let host = cluster.add_host(index, name, *diskless, run_byte);
             cluster.hosts.push(host);
         }
-        let nodes_toml: String = cluster
+        let all: Vec<String> = cluster.hosts.iter().map(|h| h.name.clone()).collect();
+        for host in &all {
+            cluster.write_config(host, &all);
+        }
+        if spec.start {
+            let names: Vec<String> = cluster.hosts.iter().map(|h| h.name.clone()).collect();
+            for name in names {
+                cluster.start(&name);
+            }
+        }
+        cluster
+    }
+
+    /// Write `host`'s `tandem.toml` with `members` (host names of this cluster, in
+    /// cluster order) as its `[[nodes]]`.
+    fn write_config(&self, host: &str, members: &[String]) {
+        let nodes_toml: String = self
             .hosts
             .iter()
+            .filter(|h| members.contains(&h.name))
             .map(|h| {
                 format!(
                     "\n[[nodes]]\nname = \"{}\"\ncontrol = \"{}:{CONTROL_PORT}\"\nreplication = \"{}:{REPLICATION_PORT}\"\n{}",
@@ -215,31 +232,41 @@ impl Cluster {
                 )
             })
             .collect();
-        for host in &cluster.hosts {
-            // The witness stores nothing: no pool, as on a real tiebreaker.
-            let pool = if host.diskless {
-                String::new()
-            } else {
-                format!(
-                    "\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{}/images\"\n",
-                    host.dir.display()
-                )
-            };
-            let config = format!(
-                "node = \"{name}\"\nstate_dir = \"{dir}/state\"\nrun_dir = \"{dir}/run\"\nsecret_file = \"{secret}\"\n{nodes_toml}{pool}",
-                name = host.name,
-                dir = host.dir.display(),
-                secret = secret.display(),
-            );
-            std::fs::write(host.config(), config).expect("write host config");
-        }
-        if spec.start {
-            let names: Vec<String> = cluster.hosts.iter().map(|h| h.name.clone()).collect();
-            for name in names {
-                cluster.start(&name);
-            }
-        }
-        cluster
+        let host = self.host(host);
+        // The witness stores nothing: no pool, as on a real tiebreaker.
+        let pool = if host.diskless {
+            String::new()
+        } else {
+            format!(
+                "\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{}/images\"\n",
+                host.dir.display()
+            )
+        };
+        let config = format!(
+            "node = \"{name}\"\nstate_dir = \"{dir}/state\"\nrun_dir = \"{dir}/run\"\nsecret_file = \"{secret}\"\n{nodes_toml}{pool}",
+            name = host.name,
+            dir = host.dir.display(),
+            secret = self.secret_file().display(),
+        );
+        std::fs::write(host.config(), config).expect("write host config");
+    }
+
+    /// Rewrite `host`'s config with only `members` in `[[nodes]]` (a cluster that does
+    /// not know some hosts yet, or a node list edited for a join or removal). The running
+    /// daemon reads it at its next reload ([`Cluster::sighup`]) or start.
+    pub fn set_node_list(&self, host: &str, members: &[&str]) {
+        let members: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+        self.write_config(host, &members);
+    }
+
+    /// Send SIGHUP (reload the config) to `host`'s daemon.
+    pub fn sighup(&self, host: &str) {
+        let pid = self
+            .host(host)
+            .daemon_pid()
+            .unwrap_or_else(|| panic!("tandemd not running on {host}"));
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
     }
 
     fn add_host(&mut self, index: usize, name: &str, diskless: bool, run_byte: u8) -> Host {

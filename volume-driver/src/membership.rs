@@ -281,12 +281,6 @@ impl VolumeService {
             .filter(|n| *n != node)
             .cloned()
             .collect();
-        if remaining.len() < 2 {
-            return Err(refused(format!(
-                "removing '{node}' would leave '{name}' with a single replica; add one first \
-                 (tandem volume replica add {name} --node NODE, or replica move)"
-            )));
-        }
         if let Ok(status) = self.node_status(node, name).await {
             if status.replica.role == Role::Primary {
                 return Err(refused(format!(
@@ -303,6 +297,12 @@ impl VolumeService {
             return Err(refused(format!(
                 "removing '{node}' would leave no UpToDate replica of '{name}' ({})",
                 describe(&statuses)
+            )));
+        }
+        if remaining.len() < 2 {
+            return Err(refused(format!(
+                "removing '{node}' would leave '{name}' with a single replica; add one first \
+                 (tandem volume replica add {name} --node NODE, or replica move)"
             )));
         }
         let answering = statuses.iter().filter(|(_, s)| s.is_ok()).count();

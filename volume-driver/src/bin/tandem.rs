@@ -411,7 +411,13 @@ fn run(cli: &Cli) -> Result<(), String> {
             }
         }
     };
-    let mut client = connect(cli)?;
+    let mut client = if request == Request::NodeReload {
+        // The daemon judges the new config: a file that fails validation must still reach
+        // it, so only `run_dir` is read here.
+        Client::connect(&reload_socket(cli), None).map_err(|e| client_error(&e))?
+    } else {
+        connect(cli)?
+    };
     let spinner = long_operation(&request);
     let reply = client.call(&request).map_err(|e| client_error(&e));
     if let Some(spinner) = spinner {
@@ -443,6 +449,18 @@ fn control_socket(cli: &Cli) -> Result<PathBuf, String> {
     let path = config::resolve_path(cli.config.as_deref());
     let config = Config::load(&path).map_err(|e| error_chain(&e))?;
     Ok(config.control_socket())
+}
+
+/// The control socket for `node reload`: from the config's `run_dir` if the file is TOML
+/// with that key, else the default, without validating the rest.
+fn reload_socket(cli: &Cli) -> PathBuf {
+    let path = config::resolve_path(cli.config.as_deref());
+    let run_dir = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|table| table.get("run_dir")?.as_str().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/run/tandem"));
+    run_dir.join("tandemd.sock")
 }
 
 /// `tandem events`: print the daemon's event stream; reconnect (once a second) while
