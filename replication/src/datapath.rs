@@ -1143,7 +1143,7 @@ impl SecondaryShell {
                         let len = data.len() as u64;
                         // Durable before the ack: the source clears its bits on the ack, so the
                         // data must survive a crash of this replica.
-                        let result = device.write_at_durable(&data, offset);
+                        let result = write_resync_data(&*device, &data, offset);
                         let hooks = hooks.as_ref();
                         Ok(resync_written(result, hooks, &failures, id, offset, len))
                     }
@@ -1182,6 +1182,37 @@ impl SecondaryShell {
             });
         });
     }
+}
+
+/// Write resync data durably; its 4 KiB blocks of zeroes are written as zeroes that may
+/// unmap, so a thin target (a new replica's fresh LV, a sparse file) stays as thin as the
+/// source instead of allocating every block of a chunk that holds some data.
+fn write_resync_data(
+    device: &dyn BackingDevice,
+    data: &[u8],
+    offset: u64,
+) -> Result<(), crate::device::DeviceError> {
+    const BLOCK: usize = 4096;
+    let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+    if !data.chunks(BLOCK).any(zero) {
+        return device.write_at_durable(data, offset);
+    }
+    let mut start = 0;
+    while start < data.len() {
+        let is_zero = zero(&data[start..(start + BLOCK).min(data.len())]);
+        let mut end = start;
+        while end < data.len() && zero(&data[end..(end + BLOCK).min(data.len())]) == is_zero {
+            end = (end + BLOCK).min(data.len());
+        }
+        let at = offset + start as u64;
+        if is_zero {
+            device.write_zeroes(at, (end - start) as u64, true)?;
+        } else {
+            device.write_at(&data[start..end], at)?;
+        }
+        start = end;
+    }
+    device.flush()
 }
 
 /// Apply a replicated request on this replica and build its acknowledgement.
@@ -1298,4 +1329,32 @@ fn finish_resync_target(
         }
     };
     reply.to_message()
+}
+
+#[cfg(test)]
+mod resync_write_tests {
+    use super::*;
+    use crate::device::FileDevice;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn zero_blocks_of_resync_data_stay_unallocated_and_read_back_as_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let device = FileDevice::open(&path).unwrap();
+        // data, zeroes, zeroes, data, zeroes (the tail): 8 KiB of data in 20 KiB.
+        let mut data = vec![0u8; 5 * 4096];
+        data[..4096].fill(0xA5);
+        data[3 * 4096..4 * 4096].fill(0x5A);
+        write_resync_data(&device, &data, 64 * 1024).unwrap();
+        let mut back = vec![0xFFu8; data.len()];
+        device.read_at(&mut back, 64 * 1024).unwrap();
+        assert_eq!(back, data);
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(allocated <= 8 * 1024, "{allocated} bytes allocated");
+    }
 }

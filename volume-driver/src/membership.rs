@@ -217,15 +217,22 @@ impl VolumeService {
             Err(e) => Err(e),
         };
         if let Err(e) = created {
-            // Nothing was told to the other nodes: undo on the new node only.
+            // Nothing was told to the other nodes, and a failed commit removed what it
+            // made: release the reservation and forget the undo (a prepare refused because
+            // the name exists there must not delete that volume).
             let abort = PeerRequest::ReplicaAbort {
                 name: name.to_string(),
                 token,
             };
             let _ = self.on_node(node, abort).await;
-            if let Err(undo) = self.deliver_owed(name).await {
-                tracing::warn!(volume = %name, error = %undo.message, "undo of a failed add pending");
-            }
+            let state_dir = self.config().state_dir.clone();
+            let volume = name.to_string();
+            blocking(move || {
+                let mut owed = crate::membership_log::load(&state_dir, &volume)?;
+                owed.undo_on = None;
+                crate::membership_log::store(&state_dir, &owed)
+            })
+            .await?;
             return Err(ApiError::new(
                 e.kind,
                 format!(
@@ -234,16 +241,26 @@ impl VolumeService {
                 ),
             ));
         }
-        // The new replica exists: from here on the add goes forward.
+        // The new replica exists: from here on the add goes forward. The coordinator is
+        // told first (it is one of the notified nodes, sorted first).
         let mut notify: Vec<String> = definition.peers("").map(String::from).collect();
         notify.retain(|n| n != node);
         let state_dir = self.config().state_dir.clone();
-        let volume = name.to_string();
+        let owed = Owed {
+            volume: name.to_string(),
+            nodes,
+            tiebreakers: definition.tiebreakers.clone(),
+            notify: notify.into_iter().collect(),
+            delete_on: Default::default(),
+            undo_on: None,
+        };
         blocking(move || {
-            let mut owed = crate::membership_log::load(&state_dir, &volume)?;
-            owed.undo_on = None;
-            owed.notify.extend(notify);
-            crate::membership_log::store(&state_dir, &owed)
+            let mut current = crate::membership_log::load(&state_dir, &owed.volume)?;
+            current.undo_on = None;
+            current.nodes = owed.nodes;
+            current.tiebreakers = owed.tiebreakers;
+            current.notify.extend(owed.notify);
+            crate::membership_log::store(&state_dir, &current)
         })
         .await?;
         let pending = self.deliver_owed(name).await?;
@@ -281,13 +298,6 @@ impl VolumeService {
             .filter(|n| *n != node)
             .cloned()
             .collect();
-        if let Ok(status) = self.node_status(node, name).await {
-            if status.replica.role == Role::Primary {
-                return Err(refused(format!(
-                    "'{name}' is Primary on '{node}'; move the VM (or demote it) first"
-                )));
-            }
-        }
         let statuses = self.data_statuses(&definition, node).await;
         let up_to_date = statuses.iter().any(|(_, s)| {
             s.as_ref()
@@ -320,8 +330,17 @@ impl VolumeService {
                 describe(&statuses)
             )));
         }
+        if let Ok(status) = self.node_status(node, name).await {
+            if status.replica.role == Role::Primary {
+                return Err(refused(format!(
+                    "'{name}' is Primary on '{node}'; move the VM (or demote it) first"
+                )));
+            }
+        }
         self.owe(Owed {
             volume: name.to_string(),
+            nodes: remaining,
+            tiebreakers: definition.tiebreakers.clone(),
             notify: definition.peers(node).map(String::from).collect(),
             delete_on: [node.to_string()].into(),
             undo_on: None,

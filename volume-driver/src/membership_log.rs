@@ -7,15 +7,17 @@
 //! `<state_dir>/membership/<volume>.json` (atomically, fsynced):
 //!
 //! ```text
-//! { "volume": "v", "notify": ["hv1", "hv2"],   nodes that must get this node's list
+//! { "volume": "v", "nodes": ["hv2", "hv3"],    the volume's node list after the change
+//!   "tiebreakers": ["witness"],
+//!   "notify": ["hv1", "hv2", "witness"],       nodes that must get that list
 //!   "delete_on": ["hv1"],                      removed nodes whose replica must go
 //!   "undo_on": "hv3" }                         an add whose new replica is not confirmed:
 //!                                              delete it there (only before `notify`)
 //! ```
 //!
 //! [`VolumeService::deliver_owed`] works through it: `undo_on` first (the add is undone),
-//! then `replica_members` with this node's current list to every `notify` node still in the
-//! volume, then `replica_delete` on every `delete_on` node. Each step is idempotent, and a
+//! then `replica_members` with the journal's list to every `notify` node of that list
+//! (this node included), then `replica_delete` on every `delete_on` node. Each step is idempotent, and a
 //! node is dropped from the journal only once it answered (or left the config). tandemd
 //! runs it at startup and every few seconds ([`VolumeService::run_membership_log`]), so a
 //! killed participant is brought up to date when it is back, and a killed coordinator
@@ -41,6 +43,11 @@ pub const RETRY_INTERVAL: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owed {
     pub volume: String,
+    /// The volume's data nodes after the change (the latest change wins).
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    #[serde(default)]
+    pub tiebreakers: Vec<String>,
     #[serde(default)]
     pub notify: BTreeSet<String>,
     #[serde(default)]
@@ -144,6 +151,10 @@ impl VolumeService {
         let state_dir = self.config().state_dir.clone();
         blocking(move || {
             let mut owed = load(&state_dir, &add.volume)?;
+            if !add.nodes.is_empty() {
+                owed.nodes = add.nodes;
+                owed.tiebreakers = add.tiebreakers;
+            }
             owed.notify.extend(add.notify);
             owed.delete_on.extend(add.delete_on);
             if add.undo_on.is_some() {
@@ -179,21 +190,17 @@ impl VolumeService {
             owed.undo_on = None;
             self.save_owed(owed.clone()).await?;
         }
-        let definition = self.definition(volume).ok();
         let config = self.config();
         for node in owed.notify.clone() {
-            let Some(definition) = definition
-                .as_ref()
-                .filter(|d| d.nodes.contains(&node) || d.tiebreakers.contains(&node))
-            else {
-                // No longer a node of the volume (or the volume is gone here).
+            if !owed.nodes.contains(&node) && !owed.tiebreakers.contains(&node) {
+                // Not a node of the volume any more (a removed one gets `delete_on`).
                 owed.notify.remove(&node);
                 continue;
-            };
+            }
             let request = PeerRequest::ReplicaMembers {
                 name: volume.to_string(),
-                nodes: definition.nodes.clone(),
-                tiebreakers: definition.tiebreakers.clone(),
+                nodes: owed.nodes.clone(),
+                tiebreakers: owed.tiebreakers.clone(),
             };
             match self.on_node(&node, request).await {
                 Ok(_) => {
@@ -264,6 +271,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let owed = Owed {
             volume: "v".into(),
+            nodes: vec!["hv2".into(), "hv3".into()],
+            tiebreakers: vec!["witness".into()],
             notify: ["hv1".to_string(), "hv2".to_string()].into(),
             delete_on: ["hv1".to_string()].into(),
             undo_on: None,
