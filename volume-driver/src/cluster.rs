@@ -561,7 +561,19 @@ impl VolumeService {
             let mut allocated = to_save.size_bytes;
             if let Some(backend) = &backend {
                 backend.check_room(allocated).map_err(pool_error)?;
-                allocated = backend.create(&name, allocated).map_err(pool_error)?;
+                allocated = match backend.create(&name, allocated) {
+                    // Left by a replica add that crashed here before its definition was
+                    // saved (this node has no definition of the name: it was reserved). A
+                    // joining replica is fully resynced, so nothing of it is kept.
+                    Err(crate::pool::PoolError::Exists { .. }) if joining => {
+                        tracing::warn!(volume = %name,
+                            "replacing storage left by an interrupted replica add");
+                        let _ = std::fs::remove_dir_all(&volume_dir);
+                        backend.delete(&name).map_err(pool_error)?;
+                        backend.create(&name, allocated).map_err(pool_error)?
+                    }
+                    created => created.map_err(pool_error)?,
+                };
             }
             let undo = |backend: &Option<std::sync::Arc<dyn crate::pool::Pool>>| {
                 let _ = std::fs::remove_dir_all(&volume_dir);

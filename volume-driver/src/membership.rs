@@ -81,6 +81,31 @@ impl VolumeService {
         })
     }
 
+    /// Deliver what an earlier change still owes before starting a new one; an undo of
+    /// an unconfirmed add that cannot be delivered yet blocks it.
+    async fn finish_owed(&self, name: &str) -> Result<(), ApiError> {
+        let state_dir = self.config().state_dir.clone();
+        if crate::membership_log::volumes(&state_dir)
+            .iter()
+            .all(|v| v != name)
+        {
+            return Ok(());
+        }
+        self.deliver_owed(name).await?;
+        let volume = name.to_string();
+        let owed = blocking(move || crate::membership_log::load(&state_dir, &volume)).await?;
+        match owed.undo_on {
+            Some(node) => Err(ApiError::new(
+                ErrorKind::Busy,
+                format!(
+                    "an interrupted add of a replica of '{name}' on '{node}' is still to be \
+                     undone there (it does not answer yet); try again when it is up"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The definition of a replicated volume this node coordinates changes of.
     fn coordinated(&self, name: &str) -> Result<VolumeDefinition, ApiError> {
         let definition = self.definition(name)?;
@@ -171,6 +196,7 @@ impl VolumeService {
     }
 
     async fn add_locked(&self, name: &str, node: &str) -> Result<VolumeInfo, ApiError> {
+        self.finish_owed(name).await?;
         let definition = self.coordinated(name)?;
         self.check_new_node(&definition, node)?;
         let statuses = self.data_statuses(&definition, "").await;
@@ -225,14 +251,18 @@ impl VolumeService {
                 token,
             };
             let _ = self.on_node(node, abort).await;
-            let state_dir = self.config().state_dir.clone();
-            let volume = name.to_string();
-            blocking(move || {
-                let mut owed = crate::membership_log::load(&state_dir, &volume)?;
-                owed.undo_on = None;
-                crate::membership_log::store(&state_dir, &owed)
-            })
-            .await?;
+            // Unless the node's answer was lost (it may have committed): then the undo
+            // stays owed and is delivered once it answers.
+            if e.kind != ErrorKind::Peer {
+                let state_dir = self.config().state_dir.clone();
+                let volume = name.to_string();
+                blocking(move || {
+                    let mut owed = crate::membership_log::load(&state_dir, &volume)?;
+                    owed.undo_on = None;
+                    crate::membership_log::store(&state_dir, &owed)
+                })
+                .await?;
+            }
             return Err(ApiError::new(
                 e.kind,
                 format!(
@@ -279,6 +309,7 @@ impl VolumeService {
     }
 
     async fn remove_locked(&self, name: &str, node: &str) -> Result<VolumeInfo, ApiError> {
+        self.finish_owed(name).await?;
         let definition = self.coordinated(name)?;
         let config = self.config();
         if !definition.nodes.iter().any(|n| n == node) {
@@ -419,8 +450,7 @@ impl VolumeService {
                     return Err(ApiError::new(
                         e.kind,
                         format!(
-                            "node '{node}' stopped answering while '{name}' synced to it: {}; \
-                             run the command again to resume",
+                            "node '{node}' stopped answering while '{name}' synced to it: {}",
                             e.message
                         ),
                     ))
@@ -473,12 +503,19 @@ impl VolumeService {
             .collect();
         let total = volumes.len();
         let mut moves = Vec::new();
+        // Where each volume goes, kept until the evict finished: a resumed evict picks
+        // the same node (by then a node of the volume, so free space would not pick it).
+        let mut plan = self.evict_plan(node).await?;
         for (i, definition) in volumes.into_iter().enumerate() {
             let name = definition.name.clone();
-            let target = match to {
-                Some(to) => to.to_string(),
-                None => self.roomiest_node(&definition, node).await?,
+            let target = match (plan.get(&name), to) {
+                (Some(planned), _) => planned.clone(),
+                (None, Some(to)) => to.to_string(),
+                (None, None) => self.roomiest_node(&definition, node).await?,
             };
+            if plan.insert(name.clone(), target.clone()).is_none() {
+                self.save_evict_plan(node, Some(&plan)).await?;
+            }
             tracing::info!(volume = %name, from = node, to = %target, step = i + 1, of = total,
                 "evict: moving the replica");
             self.replica_move(&name, node, &target).await.map_err(|e| {
@@ -500,10 +537,81 @@ impl VolumeService {
                 to: target,
             });
         }
+        self.save_evict_plan(node, None).await?;
         Ok(Reply::Evicted {
             node: node.to_string(),
             moves,
         })
+    }
+
+    /// `<state_dir>/evict/<node>.json`: volume → target of an evict in progress.
+    fn evict_plan_path(&self, node: &str) -> std::path::PathBuf {
+        self.config()
+            .state_dir
+            .join("evict")
+            .join(format!("{node}.json"))
+    }
+
+    async fn evict_plan(
+        &self,
+        node: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+        let path = self.evict_plan_path(node);
+        blocking(move || match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Storage,
+                    format!("{} is corrupt: {e}", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(ApiError::new(
+                ErrorKind::Storage,
+                format!("cannot read {}: {e}", path.display()),
+            )),
+        })
+        .await
+    }
+
+    /// Write the plan durably (atomic rename), or remove it (`None`).
+    async fn save_evict_plan(
+        &self,
+        node: &str,
+        plan: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Result<(), ApiError> {
+        let path = self.evict_plan_path(node);
+        let json = plan
+            .map(serde_json::to_vec_pretty)
+            .transpose()
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        blocking(move || {
+            let io = |e: std::io::Error| {
+                ApiError::new(
+                    ErrorKind::Storage,
+                    format!("cannot write {}: {e}", path.display()),
+                )
+            };
+            let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+            std::fs::create_dir_all(dir).map_err(io)?;
+            match json {
+                Some(json) => {
+                    let tmp = path.with_extension("tmp");
+                    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+                    std::io::Write::write_all(&mut file, &json).map_err(io)?;
+                    file.sync_all().map_err(io)?;
+                    std::fs::rename(&tmp, &path).map_err(io)?;
+                }
+                None => match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(io(e)),
+                },
+            }
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)
+        })
+        .await
     }
 
     /// The data node (not of the volume, not `evicted`) with the most free bytes in its
