@@ -694,11 +694,29 @@ fn resync_text(r: &ResyncProgress) -> String {
         r.done_bytes as f64 * 100.0 / r.total_bytes as f64
     };
     format!(
-        "{percent:.1}% ({} of {}, {})",
+        "{percent:.1}% ({} of {}, {}, eta {})",
         format_size(r.done_bytes),
         format_size(r.total_bytes),
-        format_rate(r.bytes_per_sec)
+        format_rate(r.bytes_per_sec),
+        eta(r)
     )
+}
+
+/// Time left at the current rate, as `1h02m`, `3m05s` or `12s`; `?` while the rate is 0.
+fn eta(r: &ResyncProgress) -> String {
+    let left = r.total_bytes.saturating_sub(r.done_bytes);
+    if left == 0 {
+        return "0s".into();
+    }
+    if r.bytes_per_sec == 0 {
+        return "?".into();
+    }
+    let secs = left.div_ceil(r.bytes_per_sec);
+    match (secs / 3600, secs / 60 % 60, secs % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
 }
 
 fn print_status(status: &VolumeStatus) {
@@ -1057,5 +1075,31 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     line(headers.to_vec());
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(done: u64, total: u64, rate: u64) -> ResyncProgress {
+        ResyncProgress {
+            done_bytes: done,
+            total_bytes: total,
+            bytes_per_sec: rate,
+        }
+    }
+
+    #[test]
+    fn the_resync_line_shows_percent_rate_and_eta() {
+        let mib = 1 << 20;
+        assert_eq!(eta(&progress(0, 100 * mib, 10 * mib)), "10s");
+        assert_eq!(eta(&progress(0, 3000 * mib, 10 * mib)), "5m00s");
+        assert_eq!(eta(&progress(0, 40_000 * mib, 10 * mib)), "1h06m");
+        assert_eq!(eta(&progress(5, 10, 0)), "?");
+        assert_eq!(eta(&progress(10, 10, 0)), "0s");
+        let line = resync_text(&progress(25 * mib, 100 * mib, 10 * mib));
+        assert!(line.starts_with("25.0% ("), "{line}");
+        assert!(line.ends_with(", eta 8s)"), "{line}");
     }
 }
