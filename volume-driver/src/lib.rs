@@ -11,6 +11,7 @@ pub mod engine;
 pub mod engine_adapter;
 pub mod engine_config;
 pub mod events;
+pub mod evict;
 pub mod frontend;
 pub mod local_export;
 pub mod membership;

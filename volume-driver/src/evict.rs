@@ -1,0 +1,215 @@
+//! `tandem node evict NODE`: every replicated volume this node knows with a replica on
+//! NODE is moved ([`VolumeService::replica_move`]), one at a time, to `--to` or to the
+//! data node with the most free space in its first pool. The choice per volume is kept in
+//! `<state_dir>/evict/<NODE>.json` until the evict finished, so running it again after a
+//! crash resumes with the same targets (by then a node of the volume, which the free-space
+//! choice would skip). Progress is logged per volume (`step`, `of`).
+
+use control_api::{ApiError, ErrorKind, EvictMove, Reply, VolumeState};
+
+use crate::membership::refused;
+use crate::peer::{PeerReply, PeerRequest};
+use crate::service::{blocking, VolumeService};
+use crate::store::VolumeDefinition;
+
+impl VolumeService {
+    /// `node_evict`: move every replica on `node` that this node knows of.
+    pub async fn evict(&self, node: &str, to: Option<&str>) -> Result<Reply, ApiError> {
+        let config = self.config();
+        if node == config.node {
+            return Err(refused(format!(
+                "cannot evict this node ('{node}') from itself; run `tandem node evict {node}` \
+                 on another node"
+            )));
+        }
+        if config.node_named(node).is_none() {
+            return Err(refused(format!(
+                "node '{node}' is not in {}",
+                config.path.display()
+            )));
+        }
+        if let Some(to) = to {
+            if to == node {
+                return Err(refused("--to names the evicted node".into()));
+            }
+            match config.node_named(to) {
+                None => {
+                    return Err(refused(format!(
+                        "node '{to}' is not in {}",
+                        config.path.display()
+                    )))
+                }
+                Some(n) if n.diskless => {
+                    return Err(refused(format!(
+                        "node '{to}' is a diskless tiebreaker and cannot hold a data replica"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let volumes: Vec<VolumeDefinition> = self
+            .list()
+            .into_iter()
+            .filter(|v| v.state == VolumeState::Ok || v.diskless)
+            .filter_map(|v| self.definition(&v.name).ok())
+            .filter(|d| d.is_replicated() && d.nodes.iter().any(|n| n == node))
+            .collect();
+        let total = volumes.len();
+        let mut moves = Vec::new();
+        // Where each volume goes, kept until the evict finished: a resumed evict picks
+        // the same node (by then a node of the volume, so free space would not pick it).
+        let mut plan = self.evict_plan(node).await?;
+        for (i, definition) in volumes.into_iter().enumerate() {
+            let name = definition.name.clone();
+            let target = match (plan.get(&name), to) {
+                (Some(planned), _) => planned.clone(),
+                (None, Some(to)) => to.to_string(),
+                (None, None) => self.roomiest_node(&definition, node).await?,
+            };
+            if plan.insert(name.clone(), target.clone()).is_none() {
+                self.save_evict_plan(node, Some(&plan)).await?;
+            }
+            tracing::info!(volume = %name, from = node, to = %target, step = i + 1, of = total,
+                "evict: moving the replica");
+            self.replica_move(&name, node, &target).await.map_err(|e| {
+                ApiError::new(
+                    e.kind,
+                    format!(
+                        "evict of '{node}' stopped at volume '{name}' ({} of {total}, moved so \
+                         far: {}): {}; run it again to resume",
+                        i + 1,
+                        moves.len(),
+                        e.message
+                    ),
+                )
+            })?;
+            tracing::info!(volume = %name, from = node, to = %target, step = i + 1, of = total,
+                "evict: volume moved");
+            moves.push(EvictMove {
+                volume: name,
+                to: target,
+            });
+        }
+        self.save_evict_plan(node, None).await?;
+        Ok(Reply::Evicted {
+            node: node.to_string(),
+            moves,
+        })
+    }
+
+    /// `<state_dir>/evict/<node>.json`: volume → target of an evict in progress.
+    fn evict_plan_path(&self, node: &str) -> std::path::PathBuf {
+        self.config()
+            .state_dir
+            .join("evict")
+            .join(format!("{node}.json"))
+    }
+
+    async fn evict_plan(
+        &self,
+        node: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+        let path = self.evict_plan_path(node);
+        blocking(move || match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Storage,
+                    format!("{} is corrupt: {e}", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(ApiError::new(
+                ErrorKind::Storage,
+                format!("cannot read {}: {e}", path.display()),
+            )),
+        })
+        .await
+    }
+
+    /// Write the plan durably (atomic rename), or remove it (`None`).
+    async fn save_evict_plan(
+        &self,
+        node: &str,
+        plan: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Result<(), ApiError> {
+        let path = self.evict_plan_path(node);
+        let json = plan
+            .map(serde_json::to_vec_pretty)
+            .transpose()
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        blocking(move || {
+            let io = |e: std::io::Error| {
+                ApiError::new(
+                    ErrorKind::Storage,
+                    format!("cannot write {}: {e}", path.display()),
+                )
+            };
+            let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+            std::fs::create_dir_all(dir).map_err(io)?;
+            match json {
+                Some(json) => {
+                    let tmp = path.with_extension("tmp");
+                    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+                    std::io::Write::write_all(&mut file, &json).map_err(io)?;
+                    file.sync_all().map_err(io)?;
+                    std::fs::rename(&tmp, &path).map_err(io)?;
+                }
+                None => match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(io(e)),
+                },
+            }
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)
+        })
+        .await
+    }
+
+    /// The data node (not of the volume, not `evicted`) with the most free bytes in its
+    /// first pool, among those that answer.
+    async fn roomiest_node(
+        &self,
+        definition: &VolumeDefinition,
+        evicted: &str,
+    ) -> Result<String, ApiError> {
+        let config = self.config();
+        let mut best: Option<(u64, String)> = None;
+        let mut why = Vec::new();
+        for candidate in config
+            .nodes
+            .iter()
+            .filter(|n| !n.diskless && n.name != evicted && !definition.nodes.contains(&n.name))
+        {
+            match self.on_node(&candidate.name, PeerRequest::PoolList).await {
+                Ok(PeerReply::Pools { pools }) => {
+                    let free = pools.first().map_or(0, |p| p.free_bytes);
+                    if free >= definition.size_bytes && best.as_ref().is_none_or(|b| free > b.0) {
+                        best = Some((free, candidate.name.clone()));
+                    } else if free < definition.size_bytes {
+                        why.push(format!(
+                            "{}: {} free",
+                            candidate.name,
+                            crate::units::format_size(free)
+                        ));
+                    }
+                }
+                Ok(_) => why.push(format!("{}: unexpected answer", candidate.name)),
+                Err(e) => why.push(format!("{}: {}", candidate.name, e.message)),
+            }
+        }
+        best.map(|(_, n)| n).ok_or_else(|| {
+            refused(format!(
+                "no node can take a replica of '{}' ({} needed){}",
+                definition.name,
+                crate::units::format_size(definition.size_bytes),
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", why.join("; "))
+                }
+            ))
+        })
+    }
+}
