@@ -1110,9 +1110,9 @@ async fn survivors_of_a_killed_primary(promote_at_once: bool) {
             peer(s, "hv1").connection != ConnectionState::Connected && s.quorum
         })
         .await;
-        // Past the two-phase commit's wait for a member whose link just ended (3 s), the
+        // Past the two-phase commit's wait for a member whose link just ended, the
         // promotion itself waits for nothing (no reconciliation before it).
-        tokio::time::sleep(Duration::from_millis(3200)).await;
+        tokio::time::sleep(RECONNECT_GRACE + Duration::from_millis(200)).await;
         let started = std::time::Instant::now();
         b.promote().await.unwrap();
         let promotion = started.elapsed();
@@ -1167,7 +1167,7 @@ async fn a_reconciliation_cut_off_by_a_crash_resumes_at_the_next_handshake() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(3200)).await;
+    tokio::time::sleep(RECONNECT_GRACE + Duration::from_millis(200)).await;
     b.promote().await.unwrap();
     wait_for(&d, "hv3 reconciling", 10, |s| {
         s.disk_state == DiskState::Inconsistent

@@ -155,6 +155,19 @@ pub fn link_config() -> LinkConfig {
     }
 }
 
+/// Shorter waits than the defaults, so scenarios do not sit in reconnect backoff; the
+/// promotion's wait for a peer whose link just ended is [`RECONNECT_GRACE`].
+pub fn tunables() -> EngineTunables {
+    EngineTunables {
+        reconnect_grace: RECONNECT_GRACE,
+        reconnect_interval: Duration::from_millis(250),
+        ..EngineTunables::default()
+    }
+}
+
+/// The tests' `EngineTunables::reconnect_grace`.
+pub const RECONNECT_GRACE: Duration = Duration::from_millis(1000);
+
 async fn start_node(name: &str, addr: SocketAddr) -> Arc<ReplicationNode> {
     let mut tries = 0;
     loop {
@@ -163,7 +176,7 @@ async fn start_node(name: &str, addr: SocketAddr) -> Arc<ReplicationNode> {
             listen: addr,
             secret: secret(),
             link: link_config(),
-            tunables: EngineTunables::default(),
+            tunables: tunables(),
         })
         .await
         {
