@@ -1048,8 +1048,10 @@ pub async fn run_secondary(
             }
         }
     };
-    // Let requests already on the device finish (their acks may no longer be deliverable).
+    // Let requests already on the device, and under protocol B those received, finish
+    // (their acks may no longer be deliverable).
     core.handle_link_down();
+    let _ = shell.carry_out(&mut core);
     while core.inflight() > 0 {
         let Some(done) = done_rx.recv().await else {
             break;
