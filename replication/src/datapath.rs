@@ -990,7 +990,8 @@ struct Done {
 ///
 /// Returns the reason the link went down, or an error when the Primary broke the protocol
 /// (in which case an Error frame was sent and the link closed). Requests already started on
-/// the device are finished before this returns.
+/// the device, and under protocol B every request received, are finished before this
+/// returns.
 pub async fn run_secondary(
     link: PeerLink,
     device: Arc<dyn BackingDevice>,
