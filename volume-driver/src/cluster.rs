@@ -206,7 +206,7 @@ pub(crate) fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn random_day0() -> u64 {
+pub(crate) fn random_day0() -> u64 {
     let mut rng = rand::thread_rng();
     replication::generation::Generation::fresh(&mut || rng.next_u64()).raw()
 }

@@ -25,6 +25,7 @@ pub mod replicated_export;
 pub mod report;
 pub mod server;
 pub mod service;
+pub mod snapshot;
 pub mod store;
 pub mod test_switch;
 pub mod units;

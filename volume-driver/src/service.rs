@@ -130,7 +130,8 @@ pub(crate) fn pool_error(error: PoolError) -> ApiError {
     let kind = match &error {
         PoolError::Full { .. } => ErrorKind::NoSpace,
         PoolError::BadName { .. } => ErrorKind::InvalidArgument,
-        PoolError::Exists { .. } => ErrorKind::AlreadyExists,
+        PoolError::Exists { .. } | PoolError::SnapshotExists { .. } => ErrorKind::AlreadyExists,
+        PoolError::MissingSnapshot { .. } => ErrorKind::NotFound,
         _ => ErrorKind::Backend,
     };
     ApiError::new(kind, error_chain(&error))

@@ -52,6 +52,14 @@ enum Command {
     /// Volumes: create, list, show, resize, delete
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Snapshots of a volume, taken on every data replica at once
+    ///
+    /// A snapshot shares blocks with its volume (lvm-thin: a thin snapshot; file pools: a
+    /// reflink copy, which needs XFS with reflink=1 or btrfs). On an open volume the Primary
+    /// holds new writes and drains the ones in flight until every replica applied them,
+    /// so all copies hold the same point of the write stream; the pause is printed.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Stream state changes, one line each, like `drbdsetup events2`
     ///
     /// First an `exists` line per volume and peer, then `exists -`, then `create`, `change`
@@ -63,6 +71,44 @@ enum Command {
         /// Print the current state (the `exists` lines) and exit
         #[arg(long)]
         now: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot VOLUME as SNAPSHOT on every data replica
+    ///
+    /// Refused, with nothing changed anywhere, when a node of the volume is unreachable, a
+    /// replica is not UpToDate, or the name is taken. If a replica fails to snapshot, the
+    /// snapshot is removed everywhere. For a running VM, `virsh domfsfreeze` first (if the
+    /// guest agent runs) makes the snapshot file-system consistent.
+    Create {
+        /// Volume name
+        volume: String,
+        /// Snapshot name: letters, digits, '_', '.', '-'
+        snapshot: String,
+    },
+    /// List the volume's snapshots and the nodes holding each
+    List {
+        /// Volume name
+        volume: String,
+    },
+    /// Delete a snapshot on every data replica
+    Delete {
+        /// Volume name
+        volume: String,
+        /// Snapshot name
+        snapshot: String,
+    },
+    /// Roll the volume back to a snapshot on every replica (its later writes are lost)
+    ///
+    /// The volume must be closed everywhere (VM stopped, not Primary). All replicas get
+    /// the snapshot's bytes and one new generation, so no resync follows.
+    Rollback {
+        /// Volume name
+        volume: String,
+        /// Snapshot name
+        snapshot: String,
     },
 }
 
@@ -260,6 +306,27 @@ fn run(cli: &Cli) -> Result<(), String> {
             protocol: protocol.clone(),
             nodes: nodes.clone(),
         },
+        Command::Snapshot(SnapshotCommand::Create { volume, snapshot }) => {
+            Request::SnapshotCreate {
+                name: volume.clone(),
+                snapshot: snapshot.clone(),
+            }
+        }
+        Command::Snapshot(SnapshotCommand::List { volume }) => Request::SnapshotList {
+            name: volume.clone(),
+        },
+        Command::Snapshot(SnapshotCommand::Delete { volume, snapshot }) => {
+            Request::SnapshotDelete {
+                name: volume.clone(),
+                snapshot: snapshot.clone(),
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Rollback { volume, snapshot }) => {
+            Request::SnapshotRollback {
+                name: volume.clone(),
+                snapshot: snapshot.clone(),
+            }
+        }
         Command::Volume(VolumeCommand::List) => Request::VolumeList,
         Command::Volume(VolumeCommand::Show { name }) => Request::VolumeShow { name: name.clone() },
         Command::Volume(VolumeCommand::Resize { name, size }) => Request::VolumeResize {
@@ -679,6 +746,8 @@ fn print_json(reply: Reply) -> Result<(), String> {
             "checked_bytes": report.checked_bytes,
         })),
         Reply::Event { event } => serde_json::to_value(event),
+        Reply::Snapshot { snapshot } => serde_json::to_value(snapshot),
+        Reply::Snapshots { snapshots } => serde_json::to_value(snapshots),
     }
     .map_err(|e| format!("cannot print JSON: {e}"))?;
     let text =
@@ -755,6 +824,24 @@ fn print_human(reply: Reply) {
             }
         }
         Reply::Status { status } => print_status(&status),
+        Reply::Snapshot { snapshot } => {
+            println!(
+                "snapshot '{}@{}' on {}",
+                snapshot.volume,
+                snapshot.name,
+                snapshot.nodes.join(", ")
+            );
+            if let Some(ms) = snapshot.pause_ms {
+                println!("write pause: {ms} ms");
+            }
+        }
+        Reply::Snapshots { snapshots } => {
+            let rows = snapshots
+                .into_iter()
+                .map(|s| vec![s.volume, s.name, s.nodes.join(",")])
+                .collect();
+            print_table(&["VOLUME", "SNAPSHOT", "NODES"], rows);
+        }
         Reply::Statuses { statuses } => {
             for (i, status) in statuses.iter().enumerate() {
                 if i > 0 {

@@ -1,0 +1,365 @@
+//! `tandem snapshot ...` through the real CLI against two real `tandemd`s on loopback, each
+//! with its `file` pool on its own XFS (reflink) loop mount: a snapshot taken while the
+//! acknowledged-write checker writes is byte-identical on both replicas and a consistent
+//! cut of the checker's log; the write pause is at most 1 s; rollback (refused while open)
+//! restores the snapshot's bytes on both replicas, identical, and they reconnect UpToDate;
+//! bad input is refused with one line and changes nothing on any node. Needs root
+//! (loop devices, mount), xfsprogs and `cargo build --workspace --bins`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tandem_tests::checker::block::{decode, Decoded};
+use tandem_tests::loopback_cluster::LoopbackCluster;
+use tandem_tests::reflink_mount::ReflinkMount;
+use tandem_tests::{bin, wait_until, TandemNode};
+
+const VOLUME: &str = "vm-100-disk-0";
+const BLOCKS: u64 = 1024;
+
+/// The daemons, then the mounts under them (fields drop in this order).
+struct Fixture {
+    cluster: LoopbackCluster,
+    _mounts: Vec<ReflinkMount>,
+}
+
+fn start() -> Fixture {
+    let mut cluster = LoopbackCluster::new(&[("hv1", false), ("hv2", false)]);
+    let mounts = cluster
+        .nodes
+        .iter()
+        .map(|n| ReflinkMount::at(&n.images()))
+        .collect();
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    Fixture {
+        cluster,
+        _mounts: mounts,
+    }
+}
+
+fn status(node: &TandemNode) -> Value {
+    node.tandem(&["volume", "status", VOLUME, "--json"])
+        .ok()
+        .json()
+}
+
+fn settled(node: &TandemNode) -> bool {
+    let s = status(node);
+    s["disk_state"] == "UpToDate"
+        && s["role"] == "Secondary"
+        && s["peers"].as_array().is_some_and(|p| {
+            p.iter()
+                .all(|p| p["connection"] == "Connected" && p["disk_state"] == "UpToDate")
+        })
+}
+
+fn wait_settled(cluster: &LoopbackCluster) {
+    for n in ["hv1", "hv2"] {
+        let node = cluster.node(n);
+        assert!(
+            wait_until(Duration::from_secs(30), || settled(node)),
+            "{n}: never Secondary with its peer Connected/UpToDate: {:#}\n{}",
+            status(node),
+            cluster.logs()
+        );
+    }
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn snapshot_file(node: &TandemNode, snapshot: &str) -> PathBuf {
+    node.images().join(format!("{VOLUME}@{snapshot}.snap"))
+}
+
+/// Every file in both nodes' pools and definitions (to show that nothing changed).
+fn everything(cluster: &LoopbackCluster) -> Vec<String> {
+    let mut names = Vec::new();
+    for node in &cluster.nodes {
+        for dir in [node.images(), node.definitions()] {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                names.push(format!(
+                    "{}:{}:{len}",
+                    dir.display(),
+                    e.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    names.sort();
+    names
+}
+
+/// The version of each block in an image (blocks never written are absent).
+fn versions(image: &Path) -> BTreeMap<u64, u64> {
+    let data = std::fs::read(image).expect("read image");
+    let mut found = BTreeMap::new();
+    for (i, block) in data.chunks(4096).take(BLOCKS as usize).enumerate() {
+        match decode(block) {
+            Decoded::Zero => {}
+            Decoded::Tagged(tag) => {
+                assert_eq!(tag.block, i as u64, "block {i} holds block {}", tag.block);
+                found.insert(i as u64, tag.version);
+            }
+            Decoded::Garbage(why) => panic!("block {i} of {} is garbage: {why}", image.display()),
+        }
+    }
+    found
+}
+
+/// From the first `len` bytes of a checker log: per block, the last acknowledged
+/// version (`K`) and the highest attempted one (`A`).
+fn log_prefix(log: &str, len: usize) -> (BTreeMap<u64, u64>, BTreeMap<u64, u64>) {
+    let complete = &log[..log[..len].rfind('\n').map_or(0, |i| i + 1)];
+    let (mut acked, mut attempted) = (BTreeMap::new(), BTreeMap::new());
+    for line in complete.lines() {
+        let mut words = line.split_whitespace();
+        let (kind, block, version) = (words.next(), words.next(), words.next());
+        let (Some(block), Some(version)) = (
+            block.and_then(|b| b.parse::<u64>().ok()),
+            version.and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        let map = match kind {
+            Some("K") => &mut acked,
+            Some("A") => &mut attempted,
+            _ => continue,
+        };
+        let v = map.entry(block).or_insert(version);
+        *v = (*v).max(version);
+    }
+    (acked, attempted)
+}
+
+fn log_len(path: &Path) -> usize {
+    std::fs::metadata(path)
+        .map(|m| m.len() as usize)
+        .unwrap_or(0)
+}
+
+/// Refused with exactly one line on stderr, and nothing changed on any node.
+fn refused(cluster: &LoopbackCluster, node: &TandemNode, args: &[&str], expect: &str) {
+    let before = everything(cluster);
+    let stderr = node.tandem(args).failed();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    assert_eq!(everything(cluster), before, "{args:?} changed something");
+    eprintln!(
+        "refused as expected: tandem {} -> {}",
+        args.join(" "),
+        stderr.trim_end()
+    );
+}
+
+#[test]
+fn a_snapshot_under_writes_is_one_cut_on_both_replicas_and_rollback_restores_it() {
+    let fixture = start();
+    let cluster = &fixture.cluster;
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    hv1.tandem(&[
+        "volume",
+        "create",
+        VOLUME,
+        "--size",
+        "16M",
+        "--replicas",
+        "2",
+    ])
+    .ok();
+    wait_settled(cluster);
+
+    let log = hv1.root().join("check.log");
+    let mut writer = Command::new(bin("tandem-check"))
+        .args(["write", "--socket"])
+        .arg(hv1.root().join("run/nbd.sock"))
+        .args(["--export", VOLUME, "--blocks", &BLOCKS.to_string(), "--log"])
+        .arg(&log)
+        .args(["--duration", "8", "--seed", "18", "--flush-every", "32"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("tandem-check write");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(&log).is_ok_and(|t| t.matches("\nK ").count() >= 200)
+        }),
+        "the checker acknowledged no writes\n{}",
+        cluster.logs()
+    );
+    let before = log_len(&log);
+    let out = hv1.tandem(&["snapshot", "create", VOLUME, "s1", "--json"]);
+    let after = log_len(&log);
+    let info = out.ok().json();
+    let pause_ms = info["pause_ms"]
+        .as_u64()
+        .expect("pause_ms for an open volume");
+    eprintln!("write pause during `tandem snapshot create`: {pause_ms} ms");
+    assert!(pause_ms <= 1000, "pause {pause_ms} ms");
+    assert_eq!(info["nodes"], serde_json::json!(["hv1", "hv2"]));
+    // While the writer has it open, rollback is refused and changes nothing.
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "rollback", VOLUME, "s1"],
+        "in use on hv1",
+    );
+    let done = writer.wait().expect("wait for the checker");
+    assert!(done.success(), "the checker failed: {done}");
+    wait_settled(cluster);
+
+    // Both replicas' snapshots are byte-identical...
+    let (s1, s2) = (snapshot_file(hv1, "s1"), snapshot_file(hv2, "s1"));
+    assert_eq!(sha256(&s1), sha256(&s2), "the replicas' snapshots differ");
+    // ... and a consistent cut: every write acknowledged before the command started is in
+    // it (or a later version), and no version attempted only after it returned.
+    let text = std::fs::read_to_string(&log).expect("read log");
+    let (acked_before, _) = log_prefix(&text, before);
+    let (_, attempted_by_end) = log_prefix(&text, after);
+    let snap = versions(&s1);
+    for (block, acked) in &acked_before {
+        let got = snap.get(block).copied().unwrap_or(0);
+        assert!(
+            got >= *acked,
+            "block {block}: snapshot has v{got}, v{acked} was acknowledged before"
+        );
+    }
+    for (block, got) in &snap {
+        let limit = attempted_by_end.get(block).copied().unwrap_or(0);
+        assert!(
+            *got <= limit,
+            "block {block}: snapshot has v{got}, only v{limit} was sent before it returned"
+        );
+    }
+    eprintln!(
+        "consistent cut: {} blocks acknowledged before, {} blocks in the snapshot",
+        acked_before.len(),
+        snap.len()
+    );
+
+    let list = hv2
+        .tandem(&["snapshot", "list", VOLUME, "--json"])
+        .ok()
+        .json();
+    assert_eq!(list[0]["name"], "s1");
+    assert_eq!(list[0]["nodes"], serde_json::json!(["hv1", "hv2"]));
+
+    // Rollback: both replicas hold the snapshot's bytes, identical, and stay in sync.
+    let snap_sha = sha256(&s1);
+    let logs_before: Vec<usize> = [hv1, hv2].iter().map(|n| n.log().len()).collect();
+    let rolled = hv2
+        .tandem(&["snapshot", "rollback", VOLUME, "s1", "--json"])
+        .ok()
+        .json();
+    assert_eq!(rolled["name"], "s1");
+    let images: Vec<PathBuf> = [hv1, hv2]
+        .iter()
+        .map(|n| n.images().join(format!("{VOLUME}.img")))
+        .collect();
+    assert_eq!(sha256(&images[0]), snap_sha, "hv1 not rolled back");
+    assert_eq!(sha256(&images[1]), snap_sha, "hv2 not rolled back");
+    wait_settled(cluster);
+    for (node, from) in [hv1, hv2].iter().zip(logs_before) {
+        let log = node.log();
+        let since = log.get(from..).unwrap_or_default();
+        assert!(
+            since.contains("handshake decided") && !since.contains("resync starts"),
+            "the replicas did not reconnect without a resync after the rollback:\n{since}"
+        );
+    }
+    assert_eq!(sha256(&images[0]), sha256(&images[1]));
+
+    // Bad input: one line each, nothing changes on any node.
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "create", "nope", "s2"],
+        "volume 'nope' does not exist",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "create", VOLUME, "s1"],
+        "exists already on 'hv1'",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "create", VOLUME, "a/b"],
+        "snapshot name",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "rollback", VOLUME, "s9"],
+        "does not exist on 'hv1'",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "delete", VOLUME, "s9"],
+        "does not exist on 'hv1'",
+    );
+}
+
+#[test]
+fn a_snapshot_with_a_node_unreachable_is_refused_and_delete_removes_it_everywhere() {
+    let mut fixture = start();
+    {
+        let cluster = &fixture.cluster;
+        let hv1 = cluster.node("hv1");
+        hv1.tandem(&[
+            "volume",
+            "create",
+            VOLUME,
+            "--size",
+            "16M",
+            "--replicas",
+            "2",
+        ])
+        .ok();
+        wait_settled(cluster);
+        hv1.tandem(&["snapshot", "create", VOLUME, "s1"]).ok();
+    }
+    fixture.cluster.node_mut("hv2").stop();
+    let cluster = &fixture.cluster;
+    let hv1 = cluster.node("hv1");
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "create", VOLUME, "s2"],
+        "node 'hv2'",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "delete", VOLUME, "s1"],
+        "node 'hv2'",
+    );
+    // The snapshot survives on the node that is left.
+    let list = hv1
+        .tandem(&["snapshot", "list", VOLUME, "--json"])
+        .ok()
+        .json();
+    assert_eq!(list[0]["nodes"], serde_json::json!(["hv1"]));
+    fixture.cluster.node_mut("hv2").start();
+    let cluster = &fixture.cluster;
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    hv1.tandem(&["snapshot", "delete", VOLUME, "s1"]).ok();
+    assert!(!snapshot_file(hv1, "s1").exists() && !snapshot_file(hv2, "s1").exists());
+}
