@@ -78,6 +78,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         now: bool,
     },
+    /// A writable linked clone `new_name` of `origin` (`VOLUME` or `VOLUME@SNAPSHOT`) on
+    /// the same nodes, starting UpToDate with no initial sync → [`Reply::Volume`].
+    VolumeClone { origin: String, new_name: String },
     /// Snapshot the volume on every data replica at one point of the write stream (the
     /// Primary holds new writes and drains in-flight ones meanwhile) → [`Reply::Snapshot`]
     /// with the pause's length. Refused, with nothing changed, when a node is unreachable,

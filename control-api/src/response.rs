@@ -160,6 +160,12 @@ pub struct VolumeInfo {
     /// Replication options (present for replicated volumes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<VolumeOptions>,
+    /// A template: writable opens are refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// A linked clone's origin, `VOLUME` or `VOLUME@SNAPSHOT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<String>,
 }
 
 /// Stable error classes callers branch on.

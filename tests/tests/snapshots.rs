@@ -42,14 +42,14 @@ fn start() -> Fixture {
     }
 }
 
-fn status(node: &TandemNode) -> Value {
-    node.tandem(&["volume", "status", VOLUME, "--json"])
+fn status(node: &TandemNode, volume: &str) -> Value {
+    node.tandem(&["volume", "status", volume, "--json"])
         .ok()
         .json()
 }
 
-fn settled(node: &TandemNode) -> bool {
-    let s = status(node);
+fn settled(node: &TandemNode, volume: &str) -> bool {
+    let s = status(node, volume);
     s["disk_state"] == "UpToDate"
         && s["role"] == "Secondary"
         && s["peers"].as_array().is_some_and(|p| {
@@ -58,13 +58,13 @@ fn settled(node: &TandemNode) -> bool {
         })
 }
 
-fn wait_settled(cluster: &LoopbackCluster) {
+fn wait_settled(cluster: &LoopbackCluster, volume: &str) {
     for n in ["hv1", "hv2"] {
         let node = cluster.node(n);
         assert!(
-            wait_until(Duration::from_secs(30), || settled(node)),
-            "{n}: never Secondary with its peer Connected/UpToDate: {:#}\n{}",
-            status(node),
+            wait_until(Duration::from_secs(30), || settled(node, volume)),
+            "{n}: {volume} never Secondary with its peer Connected/UpToDate: {:#}\n{}",
+            status(node, volume),
             cluster.logs()
         );
     }
@@ -183,7 +183,7 @@ fn a_snapshot_under_writes_is_one_cut_on_both_replicas_and_rollback_restores_it(
         "2",
     ])
     .ok();
-    wait_settled(cluster);
+    wait_settled(cluster, VOLUME);
 
     let log = hv1.root().join("check.log");
     let mut writer = Command::new(bin("tandem-check"))
@@ -221,7 +221,7 @@ fn a_snapshot_under_writes_is_one_cut_on_both_replicas_and_rollback_restores_it(
     );
     let done = writer.wait().expect("wait for the checker");
     assert!(done.success(), "the checker failed: {done}");
-    wait_settled(cluster);
+    wait_settled(cluster, VOLUME);
 
     // Both replicas' snapshots are byte-identical...
     let (s1, s2) = (snapshot_file(hv1, "s1"), snapshot_file(hv2, "s1"));
@@ -273,7 +273,7 @@ fn a_snapshot_under_writes_is_one_cut_on_both_replicas_and_rollback_restores_it(
         .collect();
     assert_eq!(sha256(&images[0]), snap_sha, "hv1 not rolled back");
     assert_eq!(sha256(&images[1]), snap_sha, "hv2 not rolled back");
-    wait_settled(cluster);
+    wait_settled(cluster, VOLUME);
     for (node, from) in [hv1, hv2].iter().zip(logs_before) {
         let log = node.log();
         let since = log.get(from..).unwrap_or_default();
@@ -333,7 +333,7 @@ fn a_snapshot_with_a_node_unreachable_is_refused_and_delete_removes_it_everywher
             "2",
         ])
         .ok();
-        wait_settled(cluster);
+        wait_settled(cluster, VOLUME);
         hv1.tandem(&["snapshot", "create", VOLUME, "s1"]).ok();
     }
     fixture.cluster.node_mut("hv2").stop();
@@ -362,4 +362,113 @@ fn a_snapshot_with_a_node_unreachable_is_refused_and_delete_removes_it_everywher
     let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
     hv1.tandem(&["snapshot", "delete", VOLUME, "s1"]).ok();
     assert!(!snapshot_file(hv1, "s1").exists() && !snapshot_file(hv2, "s1").exists());
+}
+
+#[test]
+fn a_linked_clone_of_a_read_only_base_starts_in_sync_and_protects_its_base() {
+    let fixture = start();
+    let cluster = &fixture.cluster;
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    let base = "base-100-disk-0";
+    hv1.tandem(&["volume", "create", base, "--size", "16M", "--replicas", "2"])
+        .ok();
+    wait_settled(cluster, base);
+    let (ok, text) = hv1.qemu_io(
+        base,
+        &["write -P 0x5a 0 1M", "write -P 0xc3 15M 1M", "flush"],
+    );
+    assert!(ok, "{text}");
+    wait_settled(cluster, base);
+    hv1.tandem(&["volume", "set", base, "--read-only"]).ok();
+    let shown = hv2.tandem(&["volume", "show", base, "--json"]).ok().json();
+    assert_eq!(shown["read_only"], true, "{shown}");
+    // A template refuses writable opens, on every node.
+    for node in [hv1, hv2] {
+        let (ok, text) = node.qemu_io(base, &["write -P 0x11 0 4k"]);
+        assert!(!ok && text.contains("read-only"), "{text}");
+    }
+
+    let logs_before: Vec<usize> = [hv1, hv2].iter().map(|n| n.log().len()).collect();
+    let started = std::time::Instant::now();
+    let clone = hv1
+        .tandem(&["volume", "clone", base, "vm-101-disk-0", "--json"])
+        .ok()
+        .json();
+    let took = started.elapsed();
+    eprintln!("linked clone of a 16 MiB base on 2 replicas: {took:?}");
+    assert_eq!(clone["clone_of"], base);
+    assert_eq!(
+        clone["read_only"],
+        serde_json::Value::Null,
+        "a clone is writable"
+    );
+    // Like a new volume, the replicas connect UpToDate (the log check below: no resync).
+    wait_settled(cluster, "vm-101-disk-0");
+    for node in [hv1, hv2] {
+        assert_eq!(
+            sha256(&node.images().join("vm-101-disk-0.img")),
+            sha256(&node.images().join(format!("{base}.img")))
+        );
+    }
+    // The clone is writable, and its writes stay in it.
+    let (ok, text) = hv2.qemu_io("vm-101-disk-0", &["write -P 0x77 0 64k", "flush"]);
+    assert!(ok, "{text}");
+    let (ok, text) = hv1.qemu_io(
+        "vm-101-disk-0",
+        &["read -P 0x77 0 64k", "read -P 0xc3 15M 1M"],
+    );
+    assert!(ok, "{text}");
+    for (node, from) in [hv1, hv2].iter().zip(logs_before) {
+        let log = node.log();
+        let since = log.get(from..).unwrap_or_default();
+        assert!(
+            !since.contains("resync starts"),
+            "a clone needed a resync:\n{since}"
+        );
+    }
+
+    // A clone of a snapshot; the base and the snapshot are protected while clones exist.
+    hv1.tandem(&["volume", "set", base, "--writable"]).ok();
+    hv1.tandem(&["snapshot", "create", base, "s1"]).ok();
+    hv2.tandem(&["volume", "clone", &format!("{base}@s1"), "vm-102-disk-0"])
+        .ok();
+    refused(
+        cluster,
+        hv1,
+        &["volume", "delete", base],
+        "is the base of linked clone(s) vm-101-disk-0, vm-102-disk-0; delete them first",
+    );
+    refused(
+        cluster,
+        hv2,
+        &["snapshot", "delete", base, "s1"],
+        "snapshot 'base-100-disk-0@s1' is the base of linked clone(s) vm-102-disk-0",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["volume", "clone", "nope", "x"],
+        "volume 'nope' does not exist",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["volume", "clone", &format!("{base}@s9"), "x"],
+        "does not exist on 'hv1'",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["volume", "clone", base, "vm-101-disk-0"],
+        "already exists",
+    );
+    for clone in ["vm-101-disk-0", "vm-102-disk-0"] {
+        hv1.tandem(&["volume", "delete", clone]).ok();
+    }
+    hv1.tandem(&["volume", "delete", base]).ok();
+    assert!(
+        everything(cluster).iter().all(|f| !f.contains(base)),
+        "{:?}",
+        everything(cluster)
+    );
 }

@@ -12,6 +12,7 @@ pub mod engine_adapter;
 pub mod engine_config;
 pub mod events;
 pub mod frontend;
+pub mod linked_clone;
 pub mod local_export;
 pub mod metrics;
 pub mod metrics_http;

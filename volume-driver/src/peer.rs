@@ -54,6 +54,9 @@ pub enum PeerRequest {
         pool: Option<String>,
         diskless: bool,
         token: String,
+        /// A linked clone: it allocates nothing up front, so no room check.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        linked: bool,
     },
     /// Allocate and register the reserved replica: storage (unless diskless), metadata
     /// with the shared `day0` generation, the definition, then open it in the engine.
@@ -282,8 +285,9 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
             pool,
             diskless,
             token,
+            linked,
         } => service
-            .prepare_replica(&name, size_bytes, pool.as_deref(), diskless, &token)
+            .prepare_replica(&name, size_bytes, pool.as_deref(), diskless, &token, linked)
             .await
             .map(|()| PeerReply::Done),
         PeerRequest::ReplicaCommit {
@@ -453,6 +457,7 @@ mod tests {
             pool: None,
             diskless: false,
             token: "t".into(),
+            linked: false,
         };
         let line = serde_json::to_string(&request).unwrap();
         assert_eq!(

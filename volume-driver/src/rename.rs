@@ -679,6 +679,7 @@ mod tests {
             diskless: false,
             options: Default::default(),
             renamed_from: None,
+            clone_of: None,
         };
         store.save(&definition).unwrap();
         (dir, store, pool, definition)

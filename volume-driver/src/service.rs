@@ -359,6 +359,8 @@ impl VolumeService {
             tiebreakers: definition.tiebreakers.clone(),
             diskless: definition.diskless,
             options: definition.is_replicated().then_some(definition.options),
+            read_only: definition.options.read_only,
+            clone_of: definition.clone_of.clone(),
         }
     }
 
@@ -543,6 +545,17 @@ impl VolumeService {
         size_bytes: u64,
         pool: Option<&str>,
     ) -> Result<VolumeInfo, ApiError> {
+        self.create_local_from(name, size_bytes, pool, None).await
+    }
+
+    /// [`VolumeService::create_local`], or a linked clone of `clone_of` (`VOLUME[@SNAP]`).
+    pub(crate) async fn create_local_from(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        pool: Option<&str>,
+        clone_of: Option<String>,
+    ) -> Result<VolumeInfo, ApiError> {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let size = Self::checked_size(size_bytes)?;
         let handle = self.pick_pool(pool)?;
@@ -579,8 +592,9 @@ impl VolumeService {
         let store = self.store.clone();
         let volume = name.to_string();
         let definition = blocking(move || {
-            backend.check_room(size).map_err(pool_error)?;
-            let allocated = backend.create(&volume, size).map_err(pool_error)?;
+            let allocated =
+                crate::linked_clone::allocate(backend.as_ref(), &volume, size, clone_of.as_deref())
+                    .map_err(pool_error)?;
             let definition = VolumeDefinition {
                 version: DEFINITION_VERSION,
                 name: volume.clone(),
@@ -592,6 +606,7 @@ impl VolumeService {
                 diskless: false,
                 options: Default::default(),
                 renamed_from: None,
+                clone_of,
             };
             if let Err(e) = store.save(&definition) {
                 if let Err(undo) = backend.delete(&volume) {
@@ -1110,6 +1125,16 @@ impl VolumeService {
                 "volume '{name}' has no storage on this host"
             )));
         }
+        if writable
+            && slot
+                .definition
+                .as_ref()
+                .is_some_and(|d| d.options.read_only)
+        {
+            return Err(OpenError::Refused(format!(
+                "volume '{name}' is read-only (a template): open it read-only, make a linked clone with `tandem volume clone {name} NEW`, or run `tandem volume set {name} --writable`"
+            )));
+        }
         if slot.definition.as_ref().is_some_and(|d| d.is_replicated()) {
             return match slot.runtime.clone() {
                 Some(runtime) => Ok(Opened::Replicated(runtime)),
@@ -1252,13 +1277,13 @@ pub(crate) mod tests {
         assert_eq!(e.message, refusal);
         // A coordinator whose node list disagrees asks for a data replica: refused.
         let e = service
-            .prepare_replica("v", 1 << 20, None, false, "t1")
+            .prepare_replica("v", 1 << 20, None, false, "t1", false)
             .await
             .unwrap_err();
         assert_eq!(e.message, refusal);
         // As a tiebreaker it takes the volume.
         service
-            .prepare_replica("v", 1 << 20, None, true, "t2")
+            .prepare_replica("v", 1 << 20, None, true, "t2", false)
             .await
             .unwrap();
     }

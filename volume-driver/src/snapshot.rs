@@ -450,6 +450,7 @@ impl VolumeService {
         snapshot: &str,
     ) -> Result<SnapshotInfo, ApiError> {
         let definition = self.definition(name)?;
+        self.check_no_clones(name, Some(snapshot))?;
         let nodes = self.data_nodes(&definition);
         let what = format!("cannot delete '{name}@{snapshot}' (nothing changed)");
         self.check_everywhere(&what, name, snapshot, true, &nodes)

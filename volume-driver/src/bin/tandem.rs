@@ -158,6 +158,18 @@ enum VolumeCommand {
         #[arg(long, value_delimiter = ',')]
         nodes: Option<Vec<String>>,
     },
+    /// Make a writable linked clone of a volume or of one of its snapshots
+    ///
+    /// The clone shares every block with its origin (thin snapshot or reflink), lives on
+    /// the same nodes and pool, and starts UpToDate on every replica with no initial sync.
+    /// Cloning a volume without @SNAPSHOT needs it closed everywhere (a read-only template,
+    /// see `volume set --read-only`). The origin cannot be deleted while it has clones.
+    Clone {
+        /// VOLUME or VOLUME@SNAPSHOT
+        origin: String,
+        /// Name of the new volume
+        new: String,
+    },
     /// List all volumes
     List,
     /// Show one volume
@@ -262,6 +274,13 @@ enum VolumeCommand {
         /// Resync rate limit per second, e.g. 50M
         #[arg(long)]
         resync_rate: Option<String>,
+        /// Make the volume a template: writable opens are refused on every node, linked
+        /// clones (`tandem volume clone`) are made from it. Also for single-replica volumes
+        #[arg(long, conflicts_with = "writable")]
+        read_only: bool,
+        /// Undo --read-only
+        #[arg(long)]
+        writable: bool,
     },
 }
 
@@ -327,6 +346,10 @@ fn run(cli: &Cli) -> Result<(), String> {
                 snapshot: snapshot.clone(),
             }
         }
+        Command::Volume(VolumeCommand::Clone { origin, new }) => Request::VolumeClone {
+            origin: origin.clone(),
+            new_name: new.clone(),
+        },
         Command::Volume(VolumeCommand::List) => Request::VolumeList,
         Command::Volume(VolumeCommand::Show { name }) => Request::VolumeShow { name: name.clone() },
         Command::Volume(VolumeCommand::Resize { name, size }) => Request::VolumeResize {
@@ -377,12 +400,15 @@ fn run(cli: &Cli) -> Result<(), String> {
             on_no_quorum,
             after_split_brain,
             resync_rate,
+            read_only,
+            writable,
         }) => {
             let change = OptionsChange {
                 protocol: protocol.clone(),
                 on_no_quorum: on_no_quorum.clone(),
                 after_split_brain: after_split_brain.clone(),
                 resync_rate: resync_rate.clone(),
+                read_only: (*read_only || *writable).then_some(*read_only),
             };
             // Same checks as the daemon, before contacting it.
             apply_change(&change, VolumeOptions::default())?;
@@ -805,6 +831,12 @@ fn print_human(reply: Reply) {
             }
             if volume.diskless {
                 println!("this node: diskless tiebreaker");
+            }
+            if volume.read_only {
+                println!("read-only: yes (template)");
+            }
+            if let Some(origin) = &volume.clone_of {
+                println!("clone of: {origin}");
             }
             if let Some(o) = &volume.options {
                 println!(
