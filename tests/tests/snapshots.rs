@@ -6,13 +6,12 @@
 //! bad input is refused with one line and changes nothing on any node. Needs root
 //! (loop devices, mount), xfsprogs and `cargo build --workspace --bins`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use tandem_tests::checker::block::{decode, Decoded};
+use tandem_tests::checker::cut::check_cut;
 use tandem_tests::loopback_cluster::LoopbackCluster;
 use tandem_tests::reflink_mount::ReflinkMount;
 use tandem_tests::{bin, wait_until, TandemNode};
@@ -106,48 +105,6 @@ fn everything(cluster: &LoopbackCluster) -> Vec<String> {
     names
 }
 
-/// The version of each block in an image (blocks never written are absent).
-fn versions(image: &Path) -> BTreeMap<u64, u64> {
-    let data = std::fs::read(image).expect("read image");
-    let mut found = BTreeMap::new();
-    for (i, block) in data.chunks(4096).take(BLOCKS as usize).enumerate() {
-        match decode(block) {
-            Decoded::Zero => {}
-            Decoded::Tagged(tag) => {
-                assert_eq!(tag.block, i as u64, "block {i} holds block {}", tag.block);
-                found.insert(i as u64, tag.version);
-            }
-            Decoded::Garbage(why) => panic!("block {i} of {} is garbage: {why}", image.display()),
-        }
-    }
-    found
-}
-
-/// From the first `len` bytes of a checker log: per block, the last acknowledged
-/// version (`K`) and the highest attempted one (`A`).
-fn log_prefix(log: &str, len: usize) -> (BTreeMap<u64, u64>, BTreeMap<u64, u64>) {
-    let complete = &log[..log[..len].rfind('\n').map_or(0, |i| i + 1)];
-    let (mut acked, mut attempted) = (BTreeMap::new(), BTreeMap::new());
-    for line in complete.lines() {
-        let mut words = line.split_whitespace();
-        let (kind, block, version) = (words.next(), words.next(), words.next());
-        let (Some(block), Some(version)) = (
-            block.and_then(|b| b.parse::<u64>().ok()),
-            version.and_then(|v| v.parse::<u64>().ok()),
-        ) else {
-            continue;
-        };
-        let map = match kind {
-            Some("K") => &mut acked,
-            Some("A") => &mut attempted,
-            _ => continue,
-        };
-        let v = map.entry(block).or_insert(version);
-        *v = (*v).max(version);
-    }
-    (acked, attempted)
-}
-
 fn log_len(path: &Path) -> usize {
     std::fs::metadata(path)
         .map(|m| m.len() as usize)
@@ -229,28 +186,10 @@ fn a_snapshot_under_writes_is_one_cut_on_both_replicas_and_rollback_restores_it(
     // ... and a consistent cut: every write acknowledged before the command started is in
     // it (or a later version), and no version attempted only after it returned.
     let text = std::fs::read_to_string(&log).expect("read log");
-    let (acked_before, _) = log_prefix(&text, before);
-    let (_, attempted_by_end) = log_prefix(&text, after);
-    let snap = versions(&s1);
-    for (block, acked) in &acked_before {
-        let got = snap.get(block).copied().unwrap_or(0);
-        assert!(
-            got >= *acked,
-            "block {block}: snapshot has v{got}, v{acked} was acknowledged before"
-        );
-    }
-    for (block, got) in &snap {
-        let limit = attempted_by_end.get(block).copied().unwrap_or(0);
-        assert!(
-            *got <= limit,
-            "block {block}: snapshot has v{got}, only v{limit} was sent before it returned"
-        );
-    }
-    eprintln!(
-        "consistent cut: {} blocks acknowledged before, {} blocks in the snapshot",
-        acked_before.len(),
-        snap.len()
-    );
+    let image = std::fs::read(&s1).expect("read the snapshot");
+    let acked = check_cut(&image, BLOCKS, &text, before, after)
+        .unwrap_or_else(|e| panic!("not a consistent cut: {e}"));
+    eprintln!("consistent cut: {acked} blocks acknowledged before the snapshot, all in it");
 
     let list = hv2
         .tandem(&["snapshot", "list", VOLUME, "--json"])
