@@ -69,6 +69,21 @@ fn wait_settled(cluster: &LoopbackCluster, volume: &str) {
     }
 }
 
+/// A 16 MiB volume on hv1 and hv2, both replicas settled.
+fn create_replicated(cluster: &LoopbackCluster, volume: &str) {
+    let args = [
+        "volume",
+        "create",
+        volume,
+        "--size",
+        "16M",
+        "--replicas",
+        "2",
+    ];
+    cluster.node("hv1").tandem(&args).ok();
+    wait_settled(cluster, volume);
+}
+
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)
@@ -130,17 +145,7 @@ fn a_snapshot_under_writes_is_one_cut_on_both_replicas_and_rollback_restores_it(
     let fixture = start();
     let cluster = &fixture.cluster;
     let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
-    hv1.tandem(&[
-        "volume",
-        "create",
-        VOLUME,
-        "--size",
-        "16M",
-        "--replicas",
-        "2",
-    ])
-    .ok();
-    wait_settled(cluster, VOLUME);
+    create_replicated(cluster, VOLUME);
 
     let log = hv1.root().join("check.log");
     let mut writer = Command::new(bin("tandem-check"))
@@ -262,17 +267,7 @@ fn a_snapshot_with_a_node_unreachable_is_refused_and_delete_removes_it_everywher
     {
         let cluster = &fixture.cluster;
         let hv1 = cluster.node("hv1");
-        hv1.tandem(&[
-            "volume",
-            "create",
-            VOLUME,
-            "--size",
-            "16M",
-            "--replicas",
-            "2",
-        ])
-        .ok();
-        wait_settled(cluster, VOLUME);
+        create_replicated(cluster, VOLUME);
         hv1.tandem(&["snapshot", "create", VOLUME, "s1"]).ok();
     }
     fixture.cluster.node_mut("hv2").stop();
@@ -309,9 +304,7 @@ fn a_linked_clone_of_a_read_only_base_starts_in_sync_and_protects_its_base() {
     let cluster = &fixture.cluster;
     let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
     let base = "base-100-disk-0";
-    hv1.tandem(&["volume", "create", base, "--size", "16M", "--replicas", "2"])
-        .ok();
-    wait_settled(cluster, base);
+    create_replicated(cluster, base);
     let (ok, text) = hv1.qemu_io(
         base,
         &["write -P 0x5a 0 1M", "write -P 0xc3 15M 1M", "flush"],

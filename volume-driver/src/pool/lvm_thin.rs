@@ -409,6 +409,19 @@ impl Pool for LvmThinPool {
                 snapshot: snapshot.to_string(),
             });
         }
+        // The engine writes through the page cache: fsync of the block device writes out
+        // every dirty page of it, so the snapshot holds every write applied so far.
+        let device = self.device_path(volume);
+        if device.exists() {
+            std::fs::File::open(&device)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| PoolError::Io {
+                    pool: self.name.clone(),
+                    op: "flush",
+                    path: device.clone(),
+                    source,
+                })?;
+        }
         self.thin_snapshot(volume, &lv, false)
     }
 
