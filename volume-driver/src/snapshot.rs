@@ -199,16 +199,14 @@ impl VolumeService {
         };
         let mut done: Vec<&String> = Vec::new();
         let mut failure = None;
-        for node in nodes {
-            match self
-                .on_node(node, local(name, snapshot, SnapshotOp::Create))
-                .await
-            {
+        let request = local(name, snapshot, SnapshotOp::Create);
+        for (node, result) in nodes
+            .iter()
+            .zip(self.on_nodes_at_once(nodes, &request).await)
+        {
+            match result {
                 Ok(_) => done.push(node),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
+                Err(e) => failure = failure.or(Some(e)),
             }
         }
         let pause_ms = pause.map(|guard| {
@@ -234,6 +232,42 @@ impl VolumeService {
             ));
         }
         Ok(pause_ms)
+    }
+
+    /// Send `request` to every node of `nodes` at the same time (the other nodes' calls run
+    /// as tasks while this node's runs here); the answers in the order of `nodes`.
+    async fn on_nodes_at_once(
+        &self,
+        nodes: &[String],
+        request: &PeerRequest,
+    ) -> Vec<Result<PeerReply, ApiError>> {
+        let remote: Vec<_> = nodes
+            .iter()
+            .map(|node| {
+                let entry = self
+                    .config
+                    .node_named(node)
+                    .filter(|_| *node != self.config.node);
+                let (entry, secret) = (entry?, self.secret.clone()?);
+                let (node, addr, request) = (node.clone(), entry.control, request.clone());
+                Some(tokio::spawn(async move {
+                    crate::peer::call(&node, addr, &secret, &request).await
+                }))
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for (node, task) in nodes.iter().zip(remote) {
+            answers.push(match task {
+                Some(task) => task.await.unwrap_or_else(|e| {
+                    Err(ApiError::new(
+                        ErrorKind::Internal,
+                        format!("peer call task: {e}"),
+                    ))
+                }),
+                None => self.on_node(node, request.clone()).await,
+            });
+        }
+        answers
     }
 
     /// Peer `replica_snapshot_check`: this node holds the volume's storage, and the

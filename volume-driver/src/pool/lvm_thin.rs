@@ -396,19 +396,11 @@ impl Pool for LvmThinPool {
         Ok(found)
     }
 
+    /// One `lvm` call (it runs while the Primary holds writes): `lvcreate` itself refuses an
+    /// existing name or a missing origin, and its message is mapped.
     fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
         validate_snapshot_name(&self.name, snapshot)?;
-        if self.find_volume(volume)?.is_none() {
-            return Err(self.missing(volume));
-        }
         let lv = Self::snapshot_lv(volume, snapshot);
-        if self.lvs()?.iter().any(|l| l.name == lv) {
-            return Err(PoolError::SnapshotExists {
-                pool: self.name.clone(),
-                volume: volume.to_string(),
-                snapshot: snapshot.to_string(),
-            });
-        }
         // The engine writes through the page cache: fsync of the block device writes out
         // every dirty page of it, so the snapshot holds every write applied so far.
         let device = self.device_path(volume);
@@ -422,7 +414,21 @@ impl Pool for LvmThinPool {
                     source,
                 })?;
         }
-        self.thin_snapshot(volume, &lv, false)
+        match self.thin_snapshot(volume, &lv, false) {
+            Err(PoolError::Command { message, .. }) if message.contains("already exists") => {
+                Err(PoolError::SnapshotExists {
+                    pool: self.name.clone(),
+                    volume: volume.to_string(),
+                    snapshot: snapshot.to_string(),
+                })
+            }
+            Err(PoolError::Command { message, .. })
+                if message.contains("Failed to find") || message.contains("not found") =>
+            {
+                Err(self.missing(volume))
+            }
+            other => other,
+        }
     }
 
     fn snapshots(&self, volume: &str) -> Result<Vec<String>, PoolError> {
