@@ -17,9 +17,11 @@
 //! The cut is consistent because only the Primary admits writes, and
 //! [`crate::engine::EngineReplica::pause_writes`] returns once every write it admitted is
 //! on every connected peer's disk (under C a replicated flush; under A and B after the
-//! peers' acknowledgements). The drain is bounded by [`DRAIN_TIMEOUT`]; the whole pause is
-//! measured and printed. Every data replica must be UpToDate and reachable, so that no
-//! snapshot is taken of a replica in the middle of a resync.
+//! peers' acknowledgements). The drain is bounded by [`DRAIN_TIMEOUT`] and the whole pause
+//! by [`PAUSE_LIMIT`]; it is measured and printed. Every data replica must be UpToDate and
+//! reachable, so that no snapshot is taken of a replica in the middle of a resync. An
+//! unreplicated volume is snapshotted without a pause: the reflink or `lvcreate -s` is one
+//! atomic image of the file or LV (crash-consistent, like a power cut at that instant).
 //!
 //! **Rollback** needs the volume closed on every node (not Primary, no writer). Every data
 //! node replaces its storage by its own copy of the snapshot (they are identical), and every
@@ -45,6 +47,10 @@ use crate::store::VolumeDefinition;
 
 /// How long the Primary may take to drain in-flight writes before a snapshot gives up.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The longest writes stay held: past it they resume, and the snapshot (then not a cut) is
+/// removed everywhere once every node has answered.
+pub const PAUSE_LIMIT: Duration = Duration::from_secs(10);
 
 /// What `replica_snapshot_local` does to this node's copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,22 +203,43 @@ impl VolumeService {
             ),
             _ => None,
         };
-        let mut done: Vec<&String> = Vec::new();
-        let mut failure = None;
         let request = local(name, snapshot, SnapshotOp::Create);
-        for (node, result) in nodes
-            .iter()
-            .zip(self.on_nodes_at_once(nodes, &request).await)
-        {
+        let snapshots = self.on_nodes_at_once(nodes, &request);
+        tokio::pin!(snapshots);
+        // Writes resume when the pause is dropped: at the end, or at PAUSE_LIMIT.
+        let mut pause = pause;
+        let mut pause_ms = None;
+        let mut resume = |pause: &mut Option<crate::engine::WritePause>| {
+            if let Some(guard) = pause.take() {
+                drop(guard);
+                pause_ms = Some(started.elapsed().as_millis() as u64);
+            }
+        };
+        let mut overran = false;
+        let answers = tokio::select! {
+            answers = &mut snapshots => answers,
+            () = tokio::time::sleep(PAUSE_LIMIT), if pause.is_some() => {
+                overran = true;
+                resume(&mut pause);
+                snapshots.await
+            }
+        };
+        resume(&mut pause);
+        let mut done: Vec<&String> = Vec::new();
+        let mut failure = overran.then(|| {
+            ApiError::new(
+                ErrorKind::Refused,
+                format!(
+                    "the replicas took more than {PAUSE_LIMIT:?} to snapshot; writes were resumed"
+                ),
+            )
+        });
+        for (node, result) in nodes.iter().zip(answers) {
             match result {
                 Ok(_) => done.push(node),
                 Err(e) => failure = failure.or(Some(e)),
             }
         }
-        let pause_ms = pause.map(|guard| {
-            drop(guard);
-            started.elapsed().as_millis() as u64
-        });
         if let Some(e) = failure {
             for node in done.iter().rev() {
                 if let Err(u) = self
