@@ -24,6 +24,7 @@ pub mod pool;
 pub mod rename;
 pub mod replicated_export;
 pub mod report;
+pub mod rollback;
 pub mod server;
 pub mod service;
 pub mod snapshot;

@@ -127,14 +127,18 @@ pub(crate) fn not_found(name: &str) -> ApiError {
 }
 
 pub(crate) fn pool_error(error: PoolError) -> ApiError {
-    let kind = match &error {
+    ApiError::new(pool_error_kind(&error), error_chain(&error))
+}
+
+/// The API error kind of a pool error.
+pub(crate) fn pool_error_kind(error: &PoolError) -> ErrorKind {
+    match error {
         PoolError::Full { .. } => ErrorKind::NoSpace,
         PoolError::BadName { .. } => ErrorKind::InvalidArgument,
         PoolError::Exists { .. } | PoolError::SnapshotExists { .. } => ErrorKind::AlreadyExists,
         PoolError::MissingSnapshot { .. } => ErrorKind::NotFound,
         _ => ErrorKind::Backend,
-    };
-    ApiError::new(kind, error_chain(&error))
+    }
 }
 
 pub(crate) fn store_error(error: StoreError) -> ApiError {
@@ -214,7 +218,16 @@ impl VolumeService {
                     .find(|h| h.backend.name() == name)
                     .map(|h| Arc::clone(&h.backend))
             };
-            crate::rename::complete_interrupted_renames(&store, &pool_for, store.load_all()?)?
+            let definitions =
+                crate::rename::complete_interrupted_renames(&store, &pool_for, store.load_all()?)?;
+            crate::rollback::complete_interrupted_rollbacks(
+                &store,
+                &pool_for,
+                engine.as_ref(),
+                &config.node,
+                &definitions,
+            );
+            definitions
         };
         let mut stored: HashMap<String, HashMap<String, u64>> = HashMap::new();
         for handle in &pools {
@@ -441,6 +454,15 @@ impl VolumeService {
 
     /// Open one volume's replica in the engine and attach it to the registry.
     pub(crate) async fn open_replica(&self, name: &str) -> Result<(), ApiError> {
+        if let Some(marker) = crate::rollback::pending(&self.store, name) {
+            return Err(ApiError::new(
+                ErrorKind::Storage,
+                format!(
+                    "volume '{name}': a rollback to '{}' was interrupted on '{}'; run `tandem snapshot rollback {name} {}`",
+                    marker.snapshot, self.config.node, marker.snapshot
+                ),
+            ));
+        }
         let (plan, device) = {
             let mut volumes = self.lock();
             let slot = volumes.get_mut(name).ok_or_else(|| not_found(name))?;

@@ -28,8 +28,8 @@
 //! node of the volume (tiebreakers too) gets fresh metadata with one new generation shared
 //! by all, exactly as a newly created volume (`day0`), so the replicas reconnect UpToDate
 //! with no resync. A node that fails half-way is reported; the snapshot stays everywhere,
-//! so the command can be run again. (Not done: the startup completion of a rollback
-//! interrupted by a crash of a node.)
+//! so the command can be run again. A node that crashes half-way finishes its part when it
+//! starts again ([`crate::rollback`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -42,6 +42,7 @@ use crate::peer::{PeerReply, PeerRequest};
 use crate::pool::validate_snapshot_name;
 use crate::rename::check_renamable;
 use crate::replicated_export::engine_error;
+use crate::rollback::{rollback_on_disk, RollbackError, RollbackMarker};
 use crate::service::{blocking, invalid, pool_error, VolumeService};
 use crate::store::VolumeDefinition;
 
@@ -420,38 +421,31 @@ impl VolumeService {
             Some(self.backend_of(definition)?)
         };
         let replicated = definition.is_replicated();
-        let peers: Vec<String> = definition.peers(&node).map(String::from).collect();
-        let meta_dir = self.meta_dir(&name);
         let engine = std::sync::Arc::clone(&self.engine);
-        let (volume, snap, size) = (name.clone(), snapshot.to_string(), definition.size_bytes);
+        let store = self.store.clone();
+        let (to_roll, marker) = (
+            definition.clone(),
+            RollbackMarker {
+                snapshot: snapshot.to_string(),
+                day0,
+            },
+        );
         let rolled = blocking(move || {
-            if let Some(backend) = &backend {
-                backend.rollback(&volume, &snap).map_err(pool_error)?;
-            }
-            if replicated {
-                let peer_names: Vec<&str> = peers.iter().map(String::as_str).collect();
-                match std::fs::remove_dir_all(&meta_dir) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(ApiError::new(
-                            ErrorKind::Storage,
-                            format!("cannot reset the metadata of '{volume}': {e}"),
-                        ))
-                    }
-                    _ => {}
-                }
-                engine
-                    .create_metadata(&meta_dir, size, day0, &peer_names)
-                    .map_err(|e| {
-                        ApiError::new(
-                            ErrorKind::Internal,
-                            format!(
-                                "cannot start a new generation for '{volume}': {}",
-                                e.message
-                            ),
-                        )
-                    })?;
-            }
-            Ok(())
+            rollback_on_disk(
+                &store,
+                backend.as_deref(),
+                engine.as_ref(),
+                &node,
+                &to_roll,
+                &marker,
+            )
+            .map_err(|e| {
+                let kind = match &e {
+                    RollbackError::Pool(p) => crate::service::pool_error_kind(p),
+                    _ => ErrorKind::Storage,
+                };
+                ApiError::new(kind, crate::report::error_chain(&e))
+            })
         })
         .await;
         drop(claim);

@@ -380,7 +380,7 @@ fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
@@ -460,7 +460,7 @@ mod tests {
 
     /// A file system mounted for one test (root: loop device, `mount`); unmounted and
     /// detached on drop, so also when the test fails.
-    struct Mounted {
+    pub(crate) struct Mounted {
         _dir: tempfile::TempDir,
         mountpoint: PathBuf,
         loop_device: Option<String>,
@@ -478,7 +478,7 @@ mod tests {
 
     impl Mounted {
         /// XFS with reflink on a 320 MiB sparse image (XFS's smallest size is 300 MiB).
-        fn xfs_reflink() -> Self {
+        pub(crate) fn xfs_reflink() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let image = dir.path().join("xfs.img");
             File::create(&image).unwrap().set_len(320 << 20).unwrap();
@@ -519,7 +519,7 @@ mod tests {
             }
         }
 
-        fn pool(&self) -> FilePool {
+        pub(crate) fn pool(&self) -> FilePool {
             let pool = FilePool::new("files", self.mountpoint.join("images"));
             pool.open_check().unwrap();
             pool
