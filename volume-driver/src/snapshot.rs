@@ -194,7 +194,8 @@ impl VolumeService {
     ) -> Result<Option<u64>, ApiError> {
         let runtime = self.lock().get(name).and_then(|s| s.runtime.clone());
         let started = Instant::now();
-        let pause = match &runtime {
+        // Writes resume when the pause is dropped: at the end, or at PAUSE_LIMIT.
+        let mut pause = match &runtime {
             Some(runtime) if runtime.status().replica.role == Role::Primary => Some(
                 runtime
                     .replica()
@@ -207,8 +208,6 @@ impl VolumeService {
         let request = local(name, snapshot, SnapshotOp::Create);
         let snapshots = self.on_nodes_at_once(nodes, &request);
         tokio::pin!(snapshots);
-        // Writes resume when the pause is dropped: at the end, or at PAUSE_LIMIT.
-        let mut pause = pause;
         let mut pause_ms = None;
         let mut resume = |pause: &mut Option<crate::engine::WritePause>| {
             if let Some(guard) = pause.take() {
