@@ -528,9 +528,25 @@ pub(crate) mod tests {
 
     impl Drop for Mounted {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg(&self.mountpoint)
-                .status();
+            // A process forked by another test thread may hold a descriptor of this file
+            // system for a moment (until its exec): retry, then detach lazily.
+            let umount = |lazy: bool| {
+                let mut cmd = std::process::Command::new("umount");
+                if lazy {
+                    cmd.arg("-l");
+                }
+                cmd.arg(&self.mountpoint)
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if !(0..20).any(|_| {
+                umount(false) || {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    false
+                }
+            }) {
+                umount(true);
+            }
             if let Some(device) = &self.loop_device {
                 let _ = std::process::Command::new("losetup")
                     .args(["-d", device])
