@@ -48,7 +48,8 @@ pub use options::{OptionsChange, VolumeOptions};
 pub use replication::role::{ConnectionState, DiskState, Protocol, ReplicationState, Role};
 pub use request::Request;
 pub use response::{
-    ApiError, ErrorKind, NodeConfig, NodeInfo, PoolInfo, Reply, Response, VolumeInfo, VolumeState,
+    ApiError, ErrorKind, NodeConfig, NodeInfo, PoolInfo, Reply, Response, SnapshotInfo, VolumeInfo,
+    VolumeState,
 };
 pub use status::{PeerStatus, ReplicaStatus, ResyncProgress, VerifySummary, VolumeStatus};
 

@@ -110,7 +110,7 @@ use crate::role::{PromoteRefusal, Protocol};
 use crate::sync_decision::{AfterSplitBrain, ResolveError};
 
 pub use status::{PeerStatus, ReplicaStatus, ResyncProgress, VerifySummary};
-pub use volume::Replica;
+pub use volume::{PauseGuard, Replica};
 
 /// This node's identity and replication endpoint.
 #[derive(Clone)]
