@@ -49,7 +49,7 @@ pub use replication::role::{ConnectionState, DiskState, Protocol, ReplicationSta
 pub use request::Request;
 pub use response::{
     ApiError, ErrorKind, EvictMove, NodeConfig, NodeInfo, NodeListEntry, PoolInfo, Reply, Response,
-    VolumeInfo, VolumeState,
+    SnapshotInfo, VolumeInfo, VolumeState,
 };
 pub use status::{PeerStatus, ReplicaStatus, ResyncProgress, VerifySummary, VolumeStatus};
 

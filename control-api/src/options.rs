@@ -39,6 +39,10 @@ pub struct VolumeOptions {
     /// Resync rate limit in bytes per second.
     #[serde(default = "default_resync_rate")]
     pub resync_rate_bytes: u64,
+    /// A template (base volume): opens for writing are refused, linked clones are made
+    /// from it (`tandem volume set NAME --read-only`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 impl Default for VolumeOptions {
@@ -48,6 +52,7 @@ impl Default for VolumeOptions {
             on_no_quorum: OnNoQuorum::default(),
             after_split_brain: AfterSplitBrain::default(),
             resync_rate_bytes: DEFAULT_RESYNC_RATE,
+            read_only: false,
         }
     }
 }
@@ -67,6 +72,8 @@ pub struct OptionsChange {
     /// A size per second, e.g. `50M` (binary units) or plain bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_rate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
 }
 
 impl OptionsChange {
@@ -108,6 +115,7 @@ mod tests {
             on_no_quorum: OnNoQuorum::IoError,
             after_split_brain: AfterSplitBrain::DiscardZeroChanges,
             resync_rate_bytes: 1 << 20,
+            read_only: false,
         };
         let json = serde_json::to_string(&options).unwrap();
         assert_eq!(

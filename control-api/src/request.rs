@@ -102,6 +102,21 @@ pub enum Request {
         from: String,
         to: String,
     },
+    /// A writable linked clone `new_name` of `origin` (`VOLUME` or `VOLUME@SNAPSHOT`) on
+    /// the same nodes, starting UpToDate with no initial sync → [`Reply::Volume`].
+    VolumeClone { origin: String, new_name: String },
+    /// Snapshot the volume on every data replica at one point of the write stream (the
+    /// Primary holds new writes and drains in-flight ones meanwhile) → [`Reply::Snapshot`]
+    /// with the pause's length. Refused, with nothing changed, when a node is unreachable,
+    /// a replica is not UpToDate, or the name is taken; removed everywhere on a failure.
+    SnapshotCreate { name: String, snapshot: String },
+    /// The volume's snapshots and the nodes holding each → [`Reply::Snapshots`].
+    SnapshotList { name: String },
+    /// Remove a snapshot on every data replica → [`Reply::Snapshot`].
+    SnapshotDelete { name: String, snapshot: String },
+    /// Roll every data replica back to its copy of the snapshot (volume closed
+    /// everywhere), with a new generation shared by all (no resync) → [`Reply::Snapshot`].
+    SnapshotRollback { name: String, snapshot: String },
     /// Change replication options on every replica (persisted) → [`Reply::Volume`].
     VolumeSet {
         name: String,

@@ -68,10 +68,28 @@ pub enum Reply {
         node: String,
         moves: Vec<EvictMove>,
     },
+    Snapshot {
+        snapshot: SnapshotInfo,
+    },
+    Snapshots {
+        snapshots: Vec<SnapshotInfo>,
+    },
     /// One line of the `events` stream.
     Event {
         event: Event,
     },
+}
+
+/// One snapshot of a volume (`tandem snapshot ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub name: String,
+    /// The data nodes holding this snapshot, in config order.
+    pub nodes: Vec<String>,
+    /// How long writes were held for `snapshot_create` on an open volume, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
 }
 
 /// `node_info`'s result.
@@ -186,6 +204,12 @@ pub struct VolumeInfo {
     /// Replication options (present for replicated volumes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<VolumeOptions>,
+    /// A template: writable opens are refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// A linked clone's origin, `VOLUME` or `VOLUME@SNAPSHOT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<String>,
 }
 
 /// Stable error classes callers branch on.

@@ -45,7 +45,12 @@ const DEFAULT_RECONNECT_DELAY: u32 = 5;
         tandem-libvirt-hook install            # then: virsh start works with Tandem disks\n  \
         tandem-libvirt-hook disk-xml vm-100-disk-0 --target vda > disk.xml && virsh attach-device vm100 disk.xml --config\n  \
         virt-install ... $(tandem-libvirt-hook virt-install-disk vm-100-disk-0)\n\n\
-        libvirt calls it as: qemu.d/tandem DOMAIN OPERATION SUBOP EXTRA  (domain XML on stdin)"
+        libvirt calls it as: qemu.d/tandem DOMAIN OPERATION SUBOP EXTRA  (domain XML on stdin)\n\n\
+        Disk snapshots are taken with `tandem`, on every replica at once, while the domain runs\n\
+        (the hook has nothing to do for them; see README \"Snapshots, golden images and linked clones\"):\n  \
+        virsh domfsfreeze vm100; tandem snapshot create vm-100-disk-0 pre-upgrade; virsh domfsthaw vm100\n  \
+        tandem snapshot rollback vm-100-disk-0 pre-upgrade   # domain shut off\n  \
+        tandem volume set golden --read-only; tandem volume clone golden vm-101-disk-0"
 )]
 struct Cli {
     /// Tandem config file [default: /etc/tandem/tandem.toml]. libvirt clears the environment

@@ -2,8 +2,8 @@
 # The plugin's side of the PVE storage contract that needs no daemon, against the real
 # pve-storage code: PVE::Storage's custom-plugin loader and the API version window,
 # type/plugindata/properties/options through SectionConfig and JSONSchema, volume names,
-# features, the clean "not supported yet" errors, and the blockdev dict through
-# PVE::Storage::qemu_blockdev_options (its allow-list).
+# features (the LvmThinPlugin table), the clean "not supported yet" errors, and the
+# blockdev dict through PVE::Storage::qemu_blockdev_options (its allow-list).
 
 use strict;
 use warnings;
@@ -146,33 +146,32 @@ subtest 'parse_volname' => sub {
     }
 };
 
-subtest 'features' => sub {
+subtest 'features: the LvmThinPlugin table, without copies of snapshots' => sub {
     my $scfg = {};
-    ok($P->volume_has_feature($scfg, 'copy', 's', 'vm-1-disk-0', undef, 0), 'copy current');
-    ok($P->volume_has_feature($scfg, 'sparseinit', 's', 'vm-1-disk-0'), 'sparseinit');
-    for my $feature (qw(snapshot clone template)) {
-        ok(!$P->volume_has_feature($scfg, $feature, 's', 'vm-1-disk-0', undef, 0),
-            "no $feature");
+    my %want = (
+        snapshot   => { current => 1, base => 0, snap => 0 },
+        clone      => { current => 0, base => 1, snap => 1 },
+        template   => { current => 1, base => 0, snap => 0 },
+        copy       => { current => 1, base => 1, snap => 0 },
+        sparseinit => { current => 1, base => 1, snap => 0 },
+        rename     => { current => 1, base => 0, snap => 0 },
+        nonsense   => { current => 0, base => 0, snap => 0 },
+    );
+    my %volume = (current => ['vm-1-disk-0', undef], base => ['base-1-disk-0', undef],
+        snap => ['vm-1-disk-0', 'snap1']);
+    for my $feature (sort keys %want) {
+        for my $key (qw(current base snap)) {
+            my ($volname, $snap) = @{ $volume{$key} };
+            is(!!$P->volume_has_feature($scfg, $feature, 's', $volname, $snap, 0),
+                !!$want{$feature}{$key}, "$feature on $key");
+        }
     }
-    ok($P->volume_has_feature($scfg, 'rename', 's', 'vm-1-disk-0', undef, 0), 'rename current');
-    ok(!$P->volume_has_feature($scfg, 'rename', 's', 'vm-1-disk-0', 'snap1', 0), 'no rename of snap');
-    ok(!$P->volume_has_feature($scfg, 'rename', 's', 'base-1-disk-0', undef, 0), 'no rename of base');
-    ok(!$P->volume_has_feature($scfg, 'copy', 's', 'vm-1-disk-0', 'snap1', 0), 'no copy of snap');
-    ok(!$P->volume_has_feature($scfg, 'copy', 's', 'base-1-disk-0', undef, 0), 'no copy of base');
 };
 
 subtest 'not supported yet: clean one-line errors' => sub {
     my $scfg = { 'tandem-socket' => '/run/tandem/nbd.sock' };
     my %calls = (
-        volume_snapshot => sub { $P->volume_snapshot($scfg, 's', 'vm-1-disk-0', 'a') },
-        volume_snapshot_rollback =>
-            sub { $P->volume_snapshot_rollback($scfg, 's', 'vm-1-disk-0', 'a') },
-        volume_snapshot_delete =>
-            sub { $P->volume_snapshot_delete($scfg, 's', 'vm-1-disk-0', 'a', 0) },
-        volume_rollback_is_possible =>
-            sub { $P->volume_rollback_is_possible($scfg, 's', 'vm-1-disk-0', 'a', []) },
-        create_base => sub { $P->create_base('s', $scfg, 'vm-1-disk-0') },
-        clone_image => sub { $P->clone_image($scfg, 's', 'vm-1-disk-0', 2, undef) },
+        rename_snapshot => sub { $P->rename_snapshot($scfg, 's', 'vm-1-disk-0', 'a', 'b') },
         map_volume => sub { $P->map_volume('s', $scfg, 'vm-1-disk-0') },
         path_of_snapshot => sub { $P->path($scfg, 'vm-1-disk-0', 's', 'snap') },
         resize_snapshot => sub { $P->volume_resize($scfg, 's', 'vm-1-disk-0', 1 << 30, 0, 'a') },

@@ -990,7 +990,8 @@ struct Done {
 ///
 /// Returns the reason the link went down, or an error when the Primary broke the protocol
 /// (in which case an Error frame was sent and the link closed). Requests already started on
-/// the device are finished before this returns.
+/// the device, and under protocol B every request received, are finished before this
+/// returns.
 pub async fn run_secondary(
     link: PeerLink,
     device: Arc<dyn BackingDevice>,
@@ -1048,8 +1049,10 @@ pub async fn run_secondary(
             }
         }
     };
-    // Let requests already on the device finish (their acks may no longer be deliverable).
+    // Let requests already on the device, and under protocol B those received, finish
+    // (their acks may no longer be deliverable).
     core.handle_link_down();
+    let _ = shell.carry_out(&mut core);
     while core.inflight() > 0 {
         let Some(done) = done_rx.recv().await else {
             break;

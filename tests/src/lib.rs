@@ -13,6 +13,7 @@ pub mod loopback_cluster;
 pub mod nbd_client;
 pub mod netns;
 pub mod prometheus;
+pub mod reflink_mount;
 pub mod replica_data;
 pub mod vm;
 pub mod volume_status;

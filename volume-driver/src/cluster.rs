@@ -206,7 +206,7 @@ pub(crate) fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn random_day0() -> u64 {
+pub(crate) fn random_day0() -> u64 {
     let mut rng = rand::thread_rng();
     replication::generation::Generation::fresh(&mut || rng.next_u64()).raw()
 }
@@ -270,6 +270,21 @@ impl VolumeService {
             }
             return self.create_local(name, size, pool).await;
         }
+        self.create_on_nodes(name, size, pool, &plan, options, None)
+            .await
+    }
+
+    /// The replicated part of `volume_create` (and of `volume_clone`, with `clone_of`):
+    /// prepare on every node of `plan`, then commit on each, undoing on a failure.
+    pub(crate) async fn create_on_nodes(
+        &self,
+        name: &str,
+        size: u64,
+        pool: Option<&str>,
+        plan: &CreatePlan,
+        options: VolumeOptions,
+        clone_of: Option<String>,
+    ) -> Result<VolumeInfo, ApiError> {
         let token = random_token();
         let day0 = random_day0();
         let participants = &plan.participants;
@@ -285,6 +300,7 @@ impl VolumeService {
                 pool: pool.map(String::from),
                 diskless,
                 token: token.clone(),
+                linked: clone_of.is_some(),
             };
             match self.on_node(node, request).await {
                 Ok(_) => prepared += 1,
@@ -312,6 +328,7 @@ impl VolumeService {
                     diskless,
                     options,
                     renamed_from: None,
+                    clone_of: clone_of.clone(),
                 };
                 let request = PeerRequest::ReplicaCommit {
                     token: token.clone(),
@@ -402,6 +419,7 @@ impl VolumeService {
         pool: Option<&str>,
         diskless: bool,
         token: &str,
+        linked: bool,
     ) -> Result<(), ApiError> {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let size = Self::checked_size(size_bytes)?;
@@ -412,8 +430,10 @@ impl VolumeService {
                 .pool_backend(&pool_name)
                 .ok_or_else(|| ApiError::new(ErrorKind::Internal, "pool vanished"))?;
             backend.check_name(name).map_err(pool_error)?;
-            let checked = backend.clone();
-            blocking(move || checked.check_room(size).map_err(pool_error)).await?;
+            if !linked {
+                let checked = backend.clone();
+                blocking(move || checked.check_room(size).map_err(pool_error)).await?;
+            }
         }
         let mut volumes = self.lock();
         if let Some(slot) = volumes.get(name) {
@@ -560,8 +580,12 @@ impl VolumeService {
         let saved = blocking(move || {
             let mut allocated = to_save.size_bytes;
             if let Some(backend) = &backend {
-                backend.check_room(allocated).map_err(pool_error)?;
-                allocated = match backend.create(&name, allocated) {
+                allocated = match crate::linked_clone::allocate(
+                    backend.as_ref(),
+                    &name,
+                    allocated,
+                    to_save.clone_of.as_deref(),
+                ) {
                     // Left by a replica add that crashed here before its definition was
                     // saved (this node has no definition of the name: it was reserved). A
                     // joining replica is fully resynced, so nothing of it is kept.
@@ -619,6 +643,7 @@ impl VolumeService {
     pub async fn delete(&self, name: &str, force: bool) -> Result<Vec<String>, ApiError> {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let definition = self.definition(name)?;
+        self.check_no_clones(name, None)?;
         if !definition.is_replicated() {
             return self.delete_local(name).await.map(|()| Vec::new());
         }
@@ -796,7 +821,19 @@ impl VolumeService {
         change: &OptionsChange,
     ) -> Result<VolumeInfo, ApiError> {
         let definition = self.definition(name)?;
+        let only_read_only = OptionsChange {
+            read_only: None,
+            ..change.clone()
+        }
+        .is_empty();
         if !definition.is_replicated() {
+            if let (Some(read_only), true) = (change.read_only, only_read_only) {
+                let options = VolumeOptions {
+                    read_only,
+                    ..definition.options
+                };
+                return self.set_options_local(name, options).await;
+            }
             return Err(invalid(format!(
                 "volume '{name}' has a single replica; replication options do not apply"
             )));

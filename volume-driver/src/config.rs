@@ -369,6 +369,7 @@ impl RawConfig {
                 protocol: self.replication.protocol,
                 on_no_quorum: self.replication.on_no_quorum,
                 after_split_brain: self.replication.after_split_brain,
+                read_only: None,
                 resync_rate: self.replication.resync_rate,
             },
             VolumeOptions::default(),

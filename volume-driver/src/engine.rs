@@ -22,6 +22,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -32,6 +33,9 @@ use replication::device::BackingDevice;
 use replication::stats::IoStats;
 
 use crate::options::VolumeOptions;
+
+/// Writes held by [`EngineReplica::pause_writes`] until this is dropped.
+pub type WritePause = Box<dyn Send + Sync>;
 
 /// What kind of failure the engine reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +140,12 @@ pub trait EngineReplica: Send + Sync + 'static {
     }
     async fn promote(&self) -> Result<(), EngineFailure>;
     async fn demote(&self) -> Result<(), EngineFailure>;
+    /// Hold new writes and drain in-flight ones until every connected peer applied them,
+    /// for at most `timeout` (a consistent cut for snapshots); writes resume when the
+    /// returned guard is dropped. The default holds nothing (no writes ever reach it).
+    async fn pause_writes(&self, _timeout: Duration) -> Result<WritePause, EngineFailure> {
+        Ok(Box::new(()))
+    }
     /// DRBD's `secondary --force`: fail the requests frozen for lack of quorum (none was
     /// acknowledged), then demote. Engines without frozen requests just demote.
     async fn demote_force(&self) -> Result<(), EngineFailure> {

@@ -189,6 +189,13 @@ impl EngineReplica for EngineVolume {
     async fn demote(&self) -> Result<(), EngineFailure> {
         self.replica.demote().await.map_err(failure)
     }
+    async fn pause_writes(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<crate::engine::WritePause, EngineFailure> {
+        let guard = self.replica.pause_writes(timeout).await.map_err(failure)?;
+        Ok(Box::new(guard))
+    }
     async fn demote_force(&self) -> Result<(), EngineFailure> {
         self.replica.demote_force().await.map_err(failure)
     }

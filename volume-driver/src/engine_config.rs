@@ -17,6 +17,7 @@ pub struct RawEngine {
     pub ping_timeout: Option<String>,
     pub peer_ack_timeout: Option<String>,
     pub reconnect_grace: Option<String>,
+    pub reconnect_interval: Option<String>,
     pub al_extents: Option<usize>,
 }
 
@@ -69,6 +70,11 @@ impl RawEngine {
             t.peer_ack_timeout,
         )?;
         let reconnect_grace = duration("reconnect_grace", self.reconnect_grace, t.reconnect_grace)?;
+        let reconnect_interval = duration(
+            "reconnect_interval",
+            self.reconnect_interval,
+            t.reconnect_interval,
+        )?;
         let al_extents = self.al_extents.unwrap_or(t.al_extents);
         if ping_timeout <= ping_interval {
             return Err((
@@ -104,6 +110,7 @@ impl RawEngine {
             tunables: EngineTunables {
                 peer_ack_timeout,
                 reconnect_grace,
+                reconnect_interval,
                 al_extents,
             },
         })
@@ -182,11 +189,13 @@ mod tests {
             ping_timeout: Some("1s".into()),
             peer_ack_timeout: Some("10s".into()),
             reconnect_grace: Some("1s".into()),
+            reconnect_interval: Some("500ms".into()),
             al_extents: Some(257),
         };
         let cfg = raw.validate().unwrap();
         assert_eq!(cfg.link().dead_after, Duration::from_secs(1));
         assert_eq!(cfg.tunables.peer_ack_timeout, Duration::from_secs(10));
         assert_eq!(cfg.tunables.al_extents, 257);
+        assert_eq!(cfg.tunables.reconnect_interval, Duration::from_millis(500));
     }
 }

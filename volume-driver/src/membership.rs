@@ -224,6 +224,7 @@ impl VolumeService {
             pool: None,
             diskless: false,
             token: token.clone(),
+            linked: false,
         };
         let commit = PeerRequest::ReplicaCommit {
             token: token.clone(),
@@ -232,6 +233,8 @@ impl VolumeService {
                 nodes: nodes.clone(),
                 diskless: false,
                 renamed_from: None,
+                // A joining replica is a full copy (full sync), never a clone here.
+                clone_of: None,
                 ..definition.clone()
             },
             day0: 0,

@@ -21,6 +21,9 @@ pub fn apply_change(change: &OptionsChange, base: VolumeOptions) -> Result<Volum
     if let Some(r) = &change.resync_rate {
         out.resync_rate_bytes = parse_rate(r).map_err(|e| format!("--resync-rate: {e}"))?;
     }
+    if let Some(read_only) = change.read_only {
+        out.read_only = read_only;
+    }
     Ok(out)
 }
 

@@ -54,6 +54,9 @@ pub enum PeerRequest {
         pool: Option<String>,
         diskless: bool,
         token: String,
+        /// A linked clone: it allocates nothing up front, so no room check.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        linked: bool,
     },
     /// Allocate and register the reserved replica: storage (unless diskless), metadata
     /// with the shared `day0` generation, the definition, then open it in the engine.
@@ -114,6 +117,27 @@ pub enum PeerRequest {
         nodes: Vec<String>,
         tiebreakers: Vec<String>,
     },
+    /// Check that this node holds `name`'s storage and that `name@snapshot` exists
+    /// (`exists`) or not; answers the status (see [`crate::snapshot`]).
+    ReplicaSnapshotCheck {
+        name: String,
+        snapshot: String,
+        exists: bool,
+    },
+    /// On the Primary: hold writes, snapshot on every node of `nodes`, resume.
+    ReplicaSnapshotTake {
+        name: String,
+        snapshot: String,
+        nodes: Vec<String>,
+    },
+    /// One snapshot operation on this node's copy.
+    ReplicaSnapshotLocal {
+        name: String,
+        snapshot: String,
+        op: crate::snapshot::SnapshotOp,
+    },
+    /// The snapshots of this node's copy.
+    ReplicaSnapshotList { name: String },
 }
 
 /// A successful peer answer.
@@ -121,10 +145,26 @@ pub enum PeerRequest {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PeerReply {
     Done,
-    Volume { volume: VolumeInfo },
-    Status { status: VolumeStatus },
-    Node { node: control_api::NodeInfo },
-    Pools { pools: Vec<control_api::PoolInfo> },
+    Volume {
+        volume: VolumeInfo,
+    },
+    Status {
+        status: VolumeStatus,
+    },
+    /// `replica_snapshot_take`: how long writes were held (none on a closed volume).
+    Paused {
+        pause_ms: Option<u64>,
+    },
+    /// `replica_snapshot_list`.
+    Names {
+        names: Vec<String>,
+    },
+    Node {
+        node: control_api::NodeInfo,
+    },
+    Pools {
+        pools: Vec<control_api::PoolInfo>,
+    },
 }
 
 /// One answer line.
@@ -155,6 +195,10 @@ impl PeerRequest {
             PeerRequest::NodeInfo => "node_info",
             PeerRequest::PoolList => "pool_list",
             PeerRequest::ReplicaMembers { .. } => "replica_members",
+            PeerRequest::ReplicaSnapshotCheck { .. } => "replica_snapshot_check",
+            PeerRequest::ReplicaSnapshotTake { .. } => "replica_snapshot_take",
+            PeerRequest::ReplicaSnapshotLocal { .. } => "replica_snapshot_local",
+            PeerRequest::ReplicaSnapshotList { .. } => "replica_snapshot_list",
         }
     }
 }
@@ -265,8 +309,9 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
             pool,
             diskless,
             token,
+            linked,
         } => service
-            .prepare_replica(&name, size_bytes, pool.as_deref(), diskless, &token)
+            .prepare_replica(&name, size_bytes, pool.as_deref(), diskless, &token, linked)
             .await
             .map(|()| PeerReply::Done),
         PeerRequest::ReplicaCommit {
@@ -338,6 +383,29 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
             .set_members(&name, nodes, tiebreakers)
             .await
             .map(|volume| PeerReply::Volume { volume }),
+        PeerRequest::ReplicaSnapshotCheck {
+            name,
+            snapshot,
+            exists,
+        } => service
+            .snapshot_check(&name, &snapshot, exists)
+            .await
+            .map(|status| PeerReply::Status { status }),
+        PeerRequest::ReplicaSnapshotTake {
+            name,
+            snapshot,
+            nodes,
+        } => Box::pin(service.snapshot_take(&name, &snapshot, &nodes))
+            .await
+            .map(|pause_ms| PeerReply::Paused { pause_ms }),
+        PeerRequest::ReplicaSnapshotLocal { name, snapshot, op } => service
+            .snapshot_local(&name, &snapshot, op)
+            .await
+            .map(|()| PeerReply::Done),
+        PeerRequest::ReplicaSnapshotList { name } => service
+            .local_snapshots(&name)
+            .await
+            .map(|names| PeerReply::Names { names }),
     };
     match result {
         Ok(result) => PeerResponse::Ok { result },
@@ -428,6 +496,7 @@ mod tests {
             pool: None,
             diskless: false,
             token: "t".into(),
+            linked: false,
         };
         let line = serde_json::to_string(&request).unwrap();
         assert_eq!(

@@ -278,6 +278,8 @@ impl VolumeService {
     pub async fn rename(&self, name: &str, new_name: &str) -> Result<VolumeInfo, ApiError> {
         check_names(name, new_name)?;
         let definition = self.definition(name)?;
+        // Linked clones name their origin.
+        self.check_no_clones(name, None)?;
         let participants = if definition.is_replicated() {
             self.ordered_nodes(&definition)
         } else {
@@ -679,6 +681,7 @@ mod tests {
             diskless: false,
             options: Default::default(),
             renamed_from: None,
+            clone_of: None,
         };
         store.save(&definition).unwrap();
         (dir, store, pool, definition)

@@ -294,6 +294,26 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
             .replica_move(&name, &from, &to)
             .await
             .map(|volume| Reply::Volume { volume }),
+        Request::VolumeClone { origin, new_name } => service
+            .volume_clone(&origin, &new_name)
+            .await
+            .map(|volume| Reply::Volume { volume }),
+        Request::SnapshotCreate { name, snapshot } => service
+            .snapshot_create(&name, &snapshot)
+            .await
+            .map(|snapshot| Reply::Snapshot { snapshot }),
+        Request::SnapshotList { name } => service
+            .snapshot_list(&name)
+            .await
+            .map(|snapshots| Reply::Snapshots { snapshots }),
+        Request::SnapshotDelete { name, snapshot } => service
+            .snapshot_delete(&name, &snapshot)
+            .await
+            .map(|snapshot| Reply::Snapshot { snapshot }),
+        Request::SnapshotRollback { name, snapshot } => service
+            .snapshot_rollback(&name, &snapshot)
+            .await
+            .map(|snapshot| Reply::Snapshot { snapshot }),
     };
     match result {
         Ok(result) => Response::Ok { result },
@@ -327,6 +347,11 @@ fn request_name(request: &Request) -> &'static str {
         Request::VolumeResolve { .. } => "volume_resolve",
         Request::VolumeVerify { .. } => "volume_verify",
         Request::VolumeSet { .. } => "volume_set",
+        Request::VolumeClone { .. } => "volume_clone",
+        Request::SnapshotCreate { .. } => "snapshot_create",
+        Request::SnapshotList { .. } => "snapshot_list",
+        Request::SnapshotDelete { .. } => "snapshot_delete",
+        Request::SnapshotRollback { .. } => "snapshot_rollback",
         Request::Events { .. } => "events",
         Request::NodeList => "node_list",
         Request::NodeReload => "node_reload",

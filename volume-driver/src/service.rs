@@ -130,13 +130,18 @@ pub(crate) fn not_found(name: &str) -> ApiError {
 }
 
 pub(crate) fn pool_error(error: PoolError) -> ApiError {
-    let kind = match &error {
+    ApiError::new(pool_error_kind(&error), error_chain(&error))
+}
+
+/// The API error kind of a pool error.
+pub(crate) fn pool_error_kind(error: &PoolError) -> ErrorKind {
+    match error {
         PoolError::Full { .. } => ErrorKind::NoSpace,
         PoolError::BadName { .. } => ErrorKind::InvalidArgument,
-        PoolError::Exists { .. } => ErrorKind::AlreadyExists,
+        PoolError::Exists { .. } | PoolError::SnapshotExists { .. } => ErrorKind::AlreadyExists,
+        PoolError::MissingSnapshot { .. } => ErrorKind::NotFound,
         _ => ErrorKind::Backend,
-    };
-    ApiError::new(kind, error_chain(&error))
+    }
 }
 
 pub(crate) fn store_error(error: StoreError) -> ApiError {
@@ -221,7 +226,16 @@ impl VolumeService {
                     .find(|h| h.backend.name() == name)
                     .map(|h| Arc::clone(&h.backend))
             };
-            crate::rename::complete_interrupted_renames(&store, &pool_for, store.load_all()?)?
+            let definitions =
+                crate::rename::complete_interrupted_renames(&store, &pool_for, store.load_all()?)?;
+            crate::rollback::complete_interrupted_rollbacks(
+                &store,
+                &pool_for,
+                engine.as_ref(),
+                &config.node,
+                &definitions,
+            );
+            definitions
         };
         let mut stored: HashMap<String, HashMap<String, u64>> = HashMap::new();
         for handle in &pools {
@@ -380,6 +394,8 @@ impl VolumeService {
             tiebreakers: definition.tiebreakers.clone(),
             diskless: definition.diskless,
             options: definition.is_replicated().then_some(definition.options),
+            read_only: definition.options.read_only,
+            clone_of: definition.clone_of.clone(),
         }
     }
 
@@ -461,6 +477,15 @@ impl VolumeService {
 
     /// Open one volume's replica in the engine and attach it to the registry.
     pub(crate) async fn open_replica(&self, name: &str) -> Result<(), ApiError> {
+        if let Some(marker) = crate::rollback::pending(&self.store, name) {
+            return Err(ApiError::new(
+                ErrorKind::Storage,
+                format!(
+                    "volume '{name}': a rollback to '{}' was interrupted on '{}'; run `tandem snapshot rollback {name} {}`",
+                    marker.snapshot, self.config().node, marker.snapshot
+                ),
+            ));
+        }
         let (plan, device) = {
             let mut volumes = self.lock();
             let slot = volumes.get_mut(name).ok_or_else(|| not_found(name))?;
@@ -565,6 +590,17 @@ impl VolumeService {
         size_bytes: u64,
         pool: Option<&str>,
     ) -> Result<VolumeInfo, ApiError> {
+        self.create_local_from(name, size_bytes, pool, None).await
+    }
+
+    /// [`VolumeService::create_local`], or a linked clone of `clone_of` (`VOLUME[@SNAP]`).
+    pub(crate) async fn create_local_from(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        pool: Option<&str>,
+        clone_of: Option<String>,
+    ) -> Result<VolumeInfo, ApiError> {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let size = Self::checked_size(size_bytes)?;
         let handle = self.pick_pool(pool)?;
@@ -601,8 +637,9 @@ impl VolumeService {
         let store = self.store.clone();
         let volume = name.to_string();
         let definition = blocking(move || {
-            backend.check_room(size).map_err(pool_error)?;
-            let allocated = backend.create(&volume, size).map_err(pool_error)?;
+            let allocated =
+                crate::linked_clone::allocate(backend.as_ref(), &volume, size, clone_of.as_deref())
+                    .map_err(pool_error)?;
             let definition = VolumeDefinition {
                 version: DEFINITION_VERSION,
                 name: volume.clone(),
@@ -614,6 +651,7 @@ impl VolumeService {
                 diskless: false,
                 options: Default::default(),
                 renamed_from: None,
+                clone_of,
             };
             if let Err(e) = store.save(&definition) {
                 if let Err(undo) = backend.delete(&volume) {
@@ -1134,6 +1172,16 @@ impl VolumeService {
                 "volume '{name}' has no storage on this host"
             )));
         }
+        if writable
+            && slot
+                .definition
+                .as_ref()
+                .is_some_and(|d| d.options.read_only)
+        {
+            return Err(OpenError::Refused(format!(
+                "volume '{name}' is read-only (a template): open it read-only, make a linked clone with `tandem volume clone {name} NEW`, or run `tandem volume set {name} --writable`"
+            )));
+        }
         if slot.definition.as_ref().is_some_and(|d| d.is_replicated()) {
             return match slot.runtime.clone() {
                 Some(runtime) => Ok(Opened::Replicated(runtime)),
@@ -1276,13 +1324,13 @@ pub(crate) mod tests {
         assert_eq!(e.message, refusal);
         // A coordinator whose node list disagrees asks for a data replica: refused.
         let e = service
-            .prepare_replica("v", 1 << 20, None, false, "t1")
+            .prepare_replica("v", 1 << 20, None, false, "t1", false)
             .await
             .unwrap_err();
         assert_eq!(e.message, refusal);
         // As a tiebreaker it takes the volume.
         service
-            .prepare_replica("v", 1 << 20, None, true, "t2")
+            .prepare_replica("v", 1 << 20, None, true, "t2", false)
             .await
             .unwrap();
     }

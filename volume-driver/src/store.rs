@@ -61,6 +61,10 @@ pub struct VolumeDefinition {
     /// [`crate::rename`]); startup completes the rename.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renamed_from: Option<String>,
+    /// A linked clone's origin, `VOLUME` or `VOLUME@SNAPSHOT` (see [`crate::clone`]); an
+    /// origin with clones is not deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<String>,
 }
 
 impl VolumeDefinition {
@@ -242,6 +246,7 @@ mod tests {
             diskless: false,
             options: VolumeOptions::default(),
             renamed_from: None,
+            clone_of: None,
         }
     }
 

@@ -116,8 +116,12 @@ pub struct SecondaryCore {
     held: usize,
     /// The epoch the next request must belong to (`None` until the first one arrives).
     recv_epoch: Option<u64>,
-    /// A job failed, or the link is down: nothing more starts.
+    /// A job failed: nothing more starts.
     stopped: bool,
+    /// The link is down: nothing more is received or acknowledged.
+    link_down: bool,
+    /// The Primary completes requests on their RecvAck (protocol B).
+    acks_on_receipt: bool,
     inline_left: usize,
     actions: VecDeque<SecondaryAction>,
     /// Test-only fault: acknowledge a barrier without waiting for its epoch.
@@ -137,6 +141,8 @@ impl SecondaryCore {
             held: 0,
             recv_epoch: None,
             stopped: false,
+            link_down: false,
+            acks_on_receipt: false,
             inline_left: INLINE_BYTES_PER_PASS,
             actions: VecDeque::new(),
             #[cfg(test)]
@@ -146,7 +152,7 @@ impl SecondaryCore {
 
     /// Whether the shell should read the next message from the link.
     pub fn wants_input(&self) -> bool {
-        !self.stopped && self.held < self.max_held
+        !self.stopped && !self.link_down && self.held < self.max_held
     }
 
     /// Jobs started and not yet reported done.
@@ -162,6 +168,7 @@ impl SecondaryCore {
                 self.check_epoch(w.epoch, "write")?;
                 check_range(w.offset, w.data.len() as u64, device_size)?;
                 if w.ack_on_receive {
+                    self.acks_on_receipt = true;
                     self.actions
                         .push_back(SecondaryAction::Send(Message::RecvAck { seq: w.seq }));
                 }
@@ -249,11 +256,29 @@ impl SecondaryCore {
         self.held -= held;
     }
 
-    /// The link is down: nothing queued starts any more. Jobs already started still report
-    /// with [`Self::handle_done`].
+    /// The link is down: nothing is acknowledged any more, and jobs already started still
+    /// report with [`Self::handle_done`]. Under protocol B the Primary may have completed
+    /// queued requests on their RecvAck: they are in this replica's memory only, and a
+    /// failover to it must find them, so every queued request still starts, in epoch order
+    /// (as DRBD's Secondary writes what it received). Anything else queued (flushes, resync
+    /// work), and under A and C everything queued, is dropped: the Primary counts it as
+    /// not acknowledged.
     pub fn handle_link_down(&mut self) {
-        self.stopped = true;
-        self.queue.clear();
+        self.link_down = true;
+        let keep_requests = self.acks_on_receipt;
+        let mut dropped = 0;
+        self.queue.retain(|q| match q {
+            Queued::Barrier { .. } => keep_requests,
+            Queued::Job(job) => {
+                let keep = keep_requests && matches!(job.work, Work::Request { .. });
+                if !keep {
+                    dropped += job.held;
+                }
+                keep
+            }
+        });
+        self.held -= dropped;
+        self.pump();
     }
 
     /// The next action; `None` ends the shell's pass.
@@ -287,6 +312,7 @@ impl SecondaryCore {
         self.check_epoch(r.epoch, "request")?;
         check_range(r.offset, r.len, device_size)?;
         if r.ack_on_receive {
+            self.acks_on_receipt = true;
             self.actions
                 .push_back(SecondaryAction::Send(Message::RecvAck { seq: r.seq }));
         }

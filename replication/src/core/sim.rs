@@ -1,24 +1,30 @@
-//! A deterministic simulator of a protocol-C pair: a [`PrimaryCore`] and a
-//! [`SecondaryCore`], a link that delivers in order and can be cut, disks that lose what
-//! was not flushed when their host loses power, the Secondary's activity log, and the
-//! Primary's bitmap for its peer. One seed drives everything: the application's writes and
+//! A deterministic simulator of one Primary replicating to one, two or three Secondaries
+//! under protocol A, B or C: a [`PrimaryCore`] and a [`SecondaryCore`] per peer, links that
+//! deliver in order and can be cut, disks that lose what was not flushed when their host
+//! loses power, each Secondary's activity log, and the Primary's bitmap for each peer. One
+//! seed drives everything: the number of peers, the protocol, the application's writes and
 //! flushes, the order in which I/O completes and messages arrive, and the faults (link
-//! cuts, power loss on either host).
+//! cuts, power loss on any host).
 //!
-//! After the steps of a schedule it checks what the protocol promises:
+//! After the steps of a schedule it checks what the protocol promises (DRBD's semantics,
+//! `DESIGN.md`):
 //!
-//! - **No acknowledged write is lost by a failover.** When the Primary loses power while
-//!   its peer is connected and in sync, every write completed to the application with
-//!   every peer acknowledging it reads back from the peer.
-//! - **A completed flush is durable on the peer.** Every write completed before a flush
-//!   started is on the peer's stable storage once the flush completes with every peer.
-//! - **Replicas are identical after resync.** The Primary's bitmap plus, after a power
-//!   loss of the peer, the peer's activity log cover every block that may differ, so
+//! - **No acknowledged write is lost by a failover.** When the Primary loses power, every
+//!   peer that was connected and in sync may be promoted. Under C, every write completed to
+//!   the application with that peer's WriteAck reads back from it. Under B, so does every
+//!   write completed with its RecvAck: the peer held it in memory, and it writes what it
+//!   received once the link is gone. Protocol A promises nothing here (a write is
+//!   acknowledged once queued to the peer), as documented.
+//! - **A completed flush is durable on the peers (C).** Every write a peer acknowledged
+//!   before a flush started is on that peer's stable storage once the flush completes with
+//!   it.
+//! - **Replicas are identical after resync.** The Primary's bitmap for a peer plus, after
+//!   a power loss of that peer, its activity log cover every block that may differ, so
 //!   copying them makes the replicas byte-identical.
 //!
 //! Three test-only fault switches prove the checks can fail: the Primary acknowledges
 //! before its peer ([`PrimaryFaults::ack_before_peer`]), marks nothing on peer loss
-//! ([`PrimaryFaults::no_bitmap_on_loss`]), or the Secondary skips its activity log
+//! ([`PrimaryFaults::no_bitmap_on_loss`]), or a Secondary skips its activity log
 //! ([`Faults::skip_activity_log`], in this simulator's model of the Secondary's shell,
 //! where the log lives).
 //!
@@ -35,19 +41,19 @@ use rand::{Rng, SeedableRng};
 
 use super::op::Op;
 use super::primary::{PeerId, PrimaryAction, PrimaryCore, PrimaryFaults, WaitId};
-use super::secondary::{SecondaryAction, SecondaryCore, Work};
+use super::secondary::{Job, SecondaryAction, SecondaryCore, Work};
 use crate::wire::{Message, ReplicationProtocol, WriteOutcome};
 
 const UNIT: u64 = 4096;
 const UNITS: usize = 24;
 const SIZE: u64 = UNIT * UNITS as u64;
-const PEER: &str = "hv2";
+const PEER_NAMES: [&str; 3] = ["hv2", "hv3", "hv4"];
 
 /// Faults of the simulator's own models.
 #[derive(Debug, Default, Clone, Copy)]
 struct Faults {
     primary: PrimaryFaults,
-    /// The Secondary applies requests without logging their ranges first.
+    /// The Secondaries apply requests without logging their ranges first.
     skip_activity_log: bool,
 }
 
@@ -115,33 +121,66 @@ struct Request {
     closes_epoch: bool,
     wait: Option<WaitId>,
     local_done: bool,
+    /// Peers the request was queued to.
+    sent_to: Vec<usize>,
     /// `Some(unacknowledged)` once every peer answered or was lost.
     peers_done: Option<Vec<String>>,
-    not_sent_to: Vec<String>,
 }
 
 struct Flush {
-    /// A peer was attached when the flush started.
-    to_peer: bool,
+    /// The peers attached when the flush started.
+    to_peers: Vec<usize>,
     wait: Option<WaitId>,
     peers_done: Option<Vec<String>>,
-    /// Per unit, the newest tag completed to every replica before the flush started.
-    must_be_stable: BTreeMap<usize, u64>,
+    /// Per peer and unit, the newest tag that peer acknowledged before the flush started.
+    must_be_stable: Vec<BTreeMap<usize, u64>>,
 }
 
-/// The Secondary host: its core, disk and activity log.
-struct Secondary {
+/// A Secondary host: its core, disk and activity log, its link and what the Primary knows
+/// of it.
+struct Peer {
+    name: &'static str,
     core: SecondaryCore,
     disk: Disk,
     /// Jobs started and not finished.
-    running: Vec<super::secondary::Job>,
+    running: Vec<Job>,
     /// Units of requests in flight or applied since the last flush: the activity log, on
     /// stable storage (it survives a power loss).
     log_active: BTreeMap<usize, u32>,
     log_unflushed: BTreeSet<usize>,
+    link: Option<PeerId>,
+    to_peer: VecDeque<Message>,
+    to_primary: VecDeque<Message>,
+    /// Units the Primary's bitmap marks out of sync for this peer.
+    bitmap: BTreeSet<usize>,
+    /// Per unit, the newest write completed to the application with this peer's
+    /// acknowledgement at the protocol's point (B: RecvAck, C: WriteAck).
+    promised: BTreeMap<usize, u64>,
+    /// The peer lost writes it had acknowledged (power loss) or missed some while cut off:
+    /// it is not UpToDate until a resync.
+    needs_resync: bool,
+    crashed: bool,
 }
 
-impl Secondary {
+impl Peer {
+    fn new(name: &'static str) -> Peer {
+        Peer {
+            name,
+            core: SecondaryCore::new(false, 1 << 20),
+            disk: Disk::new(),
+            running: Vec::new(),
+            log_active: BTreeMap::new(),
+            log_unflushed: BTreeSet::new(),
+            link: None,
+            to_peer: VecDeque::new(),
+            to_primary: VecDeque::new(),
+            bitmap: BTreeSet::new(),
+            promised: BTreeMap::new(),
+            needs_resync: false,
+            crashed: false,
+        }
+    }
+
     /// Carry out a job on the disk (inside the activity log) and build its reply.
     fn apply(&mut self, work: &Work) -> Message {
         match work {
@@ -172,67 +211,104 @@ impl Secondary {
             other => panic!("unexpected job {other:?}"),
         }
     }
+
+    /// The shell's side of the core's actions: sends go to the Primary while the link is
+    /// up, started jobs enter the activity log.
+    fn actions(&mut self, faults: Faults) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                SecondaryAction::Send(msg) => {
+                    if self.link.is_some() {
+                        self.to_primary.push_back(msg)
+                    }
+                }
+                SecondaryAction::Start(job) => {
+                    if let Work::Request { offset, op, .. } = &job.work {
+                        if !faults.skip_activity_log {
+                            for u in units_of(*offset, op.len()) {
+                                *self.log_active.entry(u).or_default() += 1;
+                            }
+                        }
+                    }
+                    self.running.push(job);
+                }
+                SecondaryAction::Extension(_) => {}
+                SecondaryAction::Fail(e) => panic!("{} failed: {e}", self.name),
+            }
+        }
+    }
+
+    /// Finish every job the core starts, until it starts no more.
+    fn run_to_idle(&mut self, faults: Faults) {
+        self.actions(faults);
+        while let Some(job) = self.running.pop() {
+            let reply = self.apply(&job.work);
+            self.core.handle_done(job.held, Ok(reply));
+            self.actions(faults);
+        }
+    }
 }
 
 struct World {
     rng: StdRng,
     faults: Faults,
+    protocol: ReplicationProtocol,
     primary: PrimaryCore,
     primary_disk: Disk,
-    /// Units the Primary's bitmap marks out of sync for the peer.
-    bitmap: BTreeSet<usize>,
     requests: Vec<Request>,
     flushes: Vec<Flush>,
     next_tag: u64,
-    /// Per unit, the newest tag completed to the application with every peer.
-    completed: BTreeMap<usize, u64>,
-    link: Option<PeerId>,
-    to_secondary: VecDeque<Message>,
-    to_primary: VecDeque<Message>,
-    secondary: Secondary,
-    /// The peer lost writes it had acknowledged (power loss) or missed some while cut off:
-    /// it is not UpToDate until a resync.
-    needs_resync: bool,
-    secondary_crashed: bool,
+    peers: Vec<Peer>,
 }
 
 impl World {
     fn new(seed: u64, faults: Faults) -> World {
-        let mut primary = PrimaryCore::new(ReplicationProtocol::C, 8);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let protocol = match rng.gen_range(0..10) {
+            0..=5 => ReplicationProtocol::C,
+            6..=7 => ReplicationProtocol::B,
+            _ => ReplicationProtocol::A,
+        };
+        let peers: Vec<Peer> = PEER_NAMES[..rng.gen_range(1..=PEER_NAMES.len())]
+            .iter()
+            .map(|n| Peer::new(n))
+            .collect();
+        let mut primary = PrimaryCore::new(protocol, 8);
         primary.faults = faults.primary;
-        primary.set_known_peers(&[PEER.to_string()]);
+        let names: Vec<String> = peers.iter().map(|p| p.name.to_string()).collect();
+        primary.set_known_peers(&names);
         let mut world = World {
-            rng: StdRng::seed_from_u64(seed),
+            rng,
             faults,
+            protocol,
             primary,
             primary_disk: Disk::new(),
-            bitmap: BTreeSet::new(),
             requests: Vec::new(),
             flushes: Vec::new(),
             next_tag: 1,
-            completed: BTreeMap::new(),
-            link: None,
-            to_secondary: VecDeque::new(),
-            to_primary: VecDeque::new(),
-            secondary: Secondary {
-                core: SecondaryCore::new(false, 1 << 20),
-                disk: Disk::new(),
-                running: Vec::new(),
-                log_active: BTreeMap::new(),
-                log_unflushed: BTreeSet::new(),
-            },
-            needs_resync: false,
-            secondary_crashed: false,
+            peers,
         };
-        world.connect();
+        for i in 0..world.peers.len() {
+            world.connect(i);
+        }
         world
     }
 
-    fn connect(&mut self) {
-        self.link = Some(self.primary.attach_peer(PEER));
-        self.secondary.core = SecondaryCore::new(false, 1 << 20);
-        self.secondary.running.clear();
+    fn connect(&mut self, i: usize) {
+        let link = self.primary.attach_peer(self.peers[i].name);
+        let p = &mut self.peers[i];
+        p.link = Some(link);
+        p.core = SecondaryCore::new(false, 1 << 20);
+        p.running.clear();
         self.primary_actions();
+    }
+
+    fn peer_index(&self, id: PeerId) -> Option<usize> {
+        self.peers.iter().position(|p| p.link == Some(id))
+    }
+
+    fn any_peer(&mut self) -> usize {
+        self.rng.gen_range(0..self.peers.len())
     }
 
     // ----- the Primary's shell -----
@@ -256,7 +332,10 @@ impl World {
             data: Bytes::from(data),
             fua,
         };
-        let sendable: Vec<PeerId> = self.link.into_iter().collect();
+        let sendable: Vec<PeerId> = self.peers.iter().filter_map(|p| p.link).collect();
+        let sent_to = (0..self.peers.len())
+            .filter(|&i| self.peers[i].link.is_some())
+            .collect();
         let started = self.primary.start_request(offset, &op, &sendable);
         self.requests.push(Request {
             offset,
@@ -267,18 +346,23 @@ impl World {
             closes_epoch: started.closes_epoch,
             wait: started.wait,
             local_done: false,
+            sent_to,
             peers_done: started.wait.is_none().then(Vec::new),
-            not_sent_to: started.unacknowledged,
         });
         self.primary_actions();
     }
 
     fn issue_flush(&mut self) {
         self.primary_disk.flush();
-        let must_be_stable = self.completed.clone();
-        let wait = self.primary.start_flush(true);
+        let to_peers: Vec<usize> = (0..self.peers.len())
+            .filter(|&i| self.peers[i].link.is_some())
+            .collect();
+        let must_be_stable = self.peers.iter().map(|p| p.promised.clone()).collect();
+        let wait = self
+            .primary
+            .start_flush(self.protocol == ReplicationProtocol::C);
         self.flushes.push(Flush {
-            to_peer: self.link.is_some(),
+            to_peers,
             wait,
             peers_done: wait.is_none().then(Vec::new),
             must_be_stable,
@@ -306,11 +390,15 @@ impl World {
             .position(|r| r.local_done && r.peers_done.is_some())
         {
             let r = self.requests.swap_remove(i);
-            let acknowledged_by_all = r.not_sent_to.is_empty()
-                && r.peers_done.as_ref().is_some_and(|lost| lost.is_empty());
-            if acknowledged_by_all {
-                for &u in &r.units {
-                    self.completed.insert(u, r.tag);
+            let lost = r.peers_done.clone().unwrap_or_default();
+            if self.protocol != ReplicationProtocol::A {
+                for &p in &r.sent_to {
+                    let peer = &mut self.peers[p];
+                    if !lost.iter().any(|l| l == peer.name) {
+                        for &u in &r.units {
+                            peer.promised.insert(u, r.tag);
+                        }
+                    }
                 }
             }
             if r.closes_epoch {
@@ -325,12 +413,14 @@ impl World {
         while let Some(action) = self.primary.poll_action() {
             match action {
                 PrimaryAction::SendRequest { peer, msg } | PrimaryAction::Send { peer, msg } => {
-                    if Some(peer) == self.link {
-                        self.to_secondary.push_back(msg);
+                    if let Some(i) = self.peer_index(peer) {
+                        self.peers[i].to_peer.push_back(msg);
                     }
                 }
-                PrimaryAction::OutOfSync { offset, len, .. } => {
-                    self.bitmap.extend(units_of(offset, len));
+                PrimaryAction::OutOfSync { peer, offset, len } => {
+                    if let Some(p) = self.peers.iter_mut().find(|p| p.name == peer) {
+                        p.bitmap.extend(units_of(offset, len));
+                    }
                 }
                 PrimaryAction::PeersDone {
                     wait,
@@ -350,56 +440,36 @@ impl World {
         }
     }
 
-    // ----- the Secondary's shell -----
+    // ----- the Secondaries' shells -----
 
-    fn deliver_to_secondary(&mut self) -> Result<(), String> {
-        let Some(msg) = self.to_secondary.pop_front() else {
+    fn deliver_to_peer(&mut self, i: usize) -> Result<(), String> {
+        let p = &mut self.peers[i];
+        let Some(msg) = p.to_peer.pop_front() else {
             return Ok(());
         };
-        self.secondary
-            .core
+        p.core
             .handle_message(msg, SIZE)
-            .map_err(|e| format!("the secondary refused a valid message: {e}"))?;
-        self.secondary_actions();
+            .map_err(|e| format!("{} refused a valid message: {e}", p.name))?;
+        p.actions(self.faults);
         Ok(())
     }
 
-    fn secondary_actions(&mut self) {
-        let s = &mut self.secondary;
-        while let Some(action) = s.core.poll_action() {
-            match action {
-                SecondaryAction::Send(msg) => self.to_primary.push_back(msg),
-                SecondaryAction::Start(job) => {
-                    if let Work::Request { offset, op, .. } = &job.work {
-                        if !self.faults.skip_activity_log {
-                            for u in units_of(*offset, op.len()) {
-                                *s.log_active.entry(u).or_default() += 1;
-                            }
-                        }
-                    }
-                    s.running.push(job);
-                }
-                SecondaryAction::Extension(_) => {}
-                SecondaryAction::Fail(e) => panic!("the secondary failed: {e}"),
-            }
-        }
-    }
-
-    fn complete_secondary_job(&mut self) {
-        let s = &mut self.secondary;
-        if s.running.is_empty() {
+    fn complete_peer_job(&mut self, i: usize) {
+        let p = &mut self.peers[i];
+        if p.running.is_empty() {
             return;
         }
-        let job = s
+        let job = p
             .running
-            .swap_remove(self.rng.gen_range(0..s.running.len()));
-        let reply = s.apply(&job.work);
-        s.core.handle_done(job.held, Ok(reply));
-        self.secondary_actions();
+            .swap_remove(self.rng.gen_range(0..p.running.len()));
+        let reply = p.apply(&job.work);
+        p.core.handle_done(job.held, Ok(reply));
+        p.actions(self.faults);
     }
 
-    fn deliver_to_primary(&mut self) {
-        let (Some(msg), Some(link)) = (self.to_primary.pop_front(), self.link) else {
+    fn deliver_to_primary(&mut self, i: usize) {
+        let p = &mut self.peers[i];
+        let (Some(link), Some(msg)) = (p.link, p.to_primary.pop_front()) else {
             return;
         };
         self.primary.handle_peer_message(link, msg);
@@ -409,81 +479,92 @@ impl World {
 
     // ----- faults -----
 
-    fn cut_link(&mut self) {
-        let Some(link) = self.link.take() else {
+    fn cut_link(&mut self, i: usize) {
+        let p = &mut self.peers[i];
+        let Some(link) = p.link.take() else {
             return;
         };
-        self.to_secondary.clear();
-        self.to_primary.clear();
-        // The Secondary's shell finishes what it started before the link is gone.
-        let s = &mut self.secondary;
-        s.core.handle_link_down();
-        for job in std::mem::take(&mut s.running) {
-            s.apply(&job.work);
-        }
+        p.to_peer.clear();
+        p.to_primary.clear();
+        // The Secondary's shell finishes what its core still starts once the link is gone.
+        p.core.handle_link_down();
+        p.run_to_idle(self.faults);
+        p.needs_resync = true;
         self.primary.handle_link_down(link);
         self.primary_actions();
         self.finish_requests();
-        self.needs_resync = true;
     }
 
-    fn secondary_loses_power(&mut self) {
-        self.secondary.running.clear();
-        self.cut_link();
-        let s = &mut self.secondary;
-        s.disk.lose_power(&mut self.rng);
-        self.secondary_crashed = true;
+    fn peer_loses_power(&mut self, i: usize) {
+        self.peers[i].running.clear();
+        self.peers[i].core = SecondaryCore::new(false, 1 << 20);
+        self.cut_link(i);
+        let p = &mut self.peers[i];
+        p.disk.lose_power(&mut self.rng);
+        p.crashed = true;
     }
 
-    /// The Primary loses power. If its peer was connected and in sync, it is promoted:
-    /// every write completed to every replica must be there. False if the peer could not
-    /// be promoted (the schedule goes on).
-    fn failover(&self) -> Result<bool, String> {
-        if self.link.is_none() || self.needs_resync {
-            return Ok(false);
-        }
-        for (&u, &tag) in &self.completed {
-            let there = self.secondary.disk.read(u);
-            if there < tag {
-                return Err(format!(
-                    "after a failover, block {u} reads write {there} but write {tag} was acknowledged"
-                ));
+    /// The Primary loses power: every peer that was connected and in sync may be promoted,
+    /// once its shell finished what it had received. False if none could be (the schedule
+    /// goes on).
+    fn failover(&mut self) -> Result<bool, String> {
+        let mut any = false;
+        for p in &mut self.peers {
+            if p.link.is_none() || p.needs_resync {
+                continue;
+            }
+            any = true;
+            p.to_peer.clear();
+            p.core.handle_link_down();
+            p.run_to_idle(self.faults);
+            for (&u, &tag) in &p.promised {
+                let there = p.disk.read(u);
+                if there < tag {
+                    return Err(format!(
+                        "after a failover to {}, block {u} reads write {there} but write \
+                         {tag} was acknowledged under protocol {:?}",
+                        p.name, self.protocol
+                    ));
+                }
             }
         }
-        Ok(true)
+        Ok(any)
     }
 
-    /// Reconnect once the Primary is idle, resync what the bitmap (and, after a power loss
-    /// of the peer, its activity log) marks, and compare the replicas.
-    fn reconnect(&mut self) -> Result<(), String> {
-        if self.link.is_some() || !self.requests.is_empty() {
+    /// Reconnect a cut-off peer once the Primary is idle, resync what the bitmap (and,
+    /// after a power loss of the peer, its activity log) marks, and compare the replicas.
+    fn reconnect(&mut self, i: usize) -> Result<(), String> {
+        if self.peers[i].link.is_some() || !self.requests.is_empty() {
             return Ok(());
         }
-        let mut marked = std::mem::take(&mut self.bitmap);
-        let s = &mut self.secondary;
-        if self.secondary_crashed {
-            marked.extend(s.log_active.keys());
-            marked.extend(s.log_unflushed.iter());
+        let p = &mut self.peers[i];
+        let mut marked = std::mem::take(&mut p.bitmap);
+        if p.crashed {
+            marked.extend(p.log_active.keys());
+            marked.extend(p.log_unflushed.iter());
         }
         for u in marked {
-            s.disk.stable[u] = self.primary_disk.read(u);
-            s.disk.cache.remove(&u);
+            p.disk.stable[u] = self.primary_disk.read(u);
+            p.disk.cache.remove(&u);
         }
         // The resync target flushes at the end; only then may its log forget extents.
-        s.disk.flush();
-        s.log_active.clear();
-        s.log_unflushed.clear();
+        p.disk.flush();
+        p.log_active.clear();
+        p.log_unflushed.clear();
         for u in 0..UNITS {
-            let (p, q) = (self.primary_disk.read(u), s.disk.read(u));
-            if p != q {
+            let (a, b) = (self.primary_disk.read(u), p.disk.read(u));
+            if a != b {
                 return Err(format!(
-                    "after resync, block {u} holds write {p} on the primary and {q} on the peer"
+                    "after resync, block {u} holds write {a} on the primary and {b} on {}",
+                    p.name
                 ));
             }
         }
-        self.needs_resync = false;
-        self.secondary_crashed = false;
-        self.connect();
+        // In sync: it now holds every completed write.
+        p.promised = (0..UNITS).map(|u| (u, p.disk.read(u))).collect();
+        p.needs_resync = false;
+        p.crashed = false;
+        self.connect(i);
         Ok(())
     }
 
@@ -492,20 +573,37 @@ impl World {
             .into_iter()
             .partition(|f| f.peers_done.is_some());
         self.flushes = open;
+        if self.protocol != ReplicationProtocol::C {
+            return Ok(());
+        }
         for f in done {
-            if !f.to_peer || f.peers_done.as_ref().is_some_and(|lost| !lost.is_empty()) {
-                continue;
-            }
-            for (&u, &tag) in &f.must_be_stable {
-                let stable = self.secondary.disk.stable[u];
-                if stable < tag {
-                    return Err(format!(
-                        "a completed flush left block {u} at write {stable} on the peer's stable storage, not {tag}"
-                    ));
+            let lost = f.peers_done.unwrap_or_default();
+            for &i in &f.to_peers {
+                let p = &self.peers[i];
+                if lost.iter().any(|l| l == p.name) {
+                    continue;
+                }
+                for (&u, &tag) in &f.must_be_stable[i] {
+                    let stable = p.disk.stable[u];
+                    if stable < tag {
+                        return Err(format!(
+                            "a completed flush left block {u} at write {stable} on {}'s \
+                             stable storage, not {tag}",
+                            p.name
+                        ));
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    fn idle(&self) -> bool {
+        self.requests.is_empty()
+            && self
+                .peers
+                .iter()
+                .all(|p| p.to_peer.is_empty() && p.to_primary.is_empty())
     }
 }
 
@@ -514,54 +612,70 @@ fn run_schedule(seed: u64, faults: Faults) -> Result<(), String> {
     let mut w = World::new(seed, faults);
     let steps = w.rng.gen_range(20..200);
     let trace = std::env::var_os("TANDEM_SIM_TRACE").is_some();
+    if trace {
+        eprintln!("protocol {:?}, {} peers", w.protocol, w.peers.len());
+    }
     for _ in 0..steps {
         let event = w.rng.gen_range(0..100);
+        let i = w.any_peer();
         if trace {
             eprintln!(
-                "event {event}: requests {:?} link {:?} to_secondary {} to_primary {} running {} bitmap {:?}",
-                w.requests.iter().map(|r| (r.tag, r.units.clone(), r.local_done, r.peers_done.clone())).collect::<Vec<_>>(),
-                w.link, w.to_secondary.len(), w.to_primary.len(), w.secondary.running.len(), w.bitmap
+                "event {event} peer {i}: requests {:?} peers {:?}",
+                w.requests
+                    .iter()
+                    .map(|r| (r.tag, r.units.clone(), r.local_done, r.peers_done.clone()))
+                    .collect::<Vec<_>>(),
+                w.peers
+                    .iter()
+                    .map(|p| (p.link, p.to_peer.len(), p.to_primary.len(), p.running.len()))
+                    .collect::<Vec<_>>(),
             );
         }
         match event {
             0..=24 => w.issue_write(),
             25..=27 => w.issue_flush(),
             28..=42 => w.complete_local(),
-            43..=62 => w.deliver_to_secondary()?,
-            63..=77 => w.complete_secondary_job(),
-            78..=93 => w.deliver_to_primary(),
-            94..=95 => w.cut_link(),
-            96 => w.secondary_loses_power(),
+            43..=62 => w.deliver_to_peer(i)?,
+            63..=77 => w.complete_peer_job(i),
+            78..=93 => w.deliver_to_primary(i),
+            94..=95 => w.cut_link(i),
+            96 => w.peer_loses_power(i),
             97 => {
                 if w.failover()? {
                     return Ok(());
                 }
             }
-            _ => w.reconnect()?,
+            _ => w.reconnect(i)?,
         }
         w.check_flushes()?;
     }
-    // Drain: finish everything, then the Primary fails over or the pair resyncs.
-    for _ in 0..10_000 {
-        if w.requests.is_empty() && w.to_secondary.is_empty() && w.to_primary.is_empty() {
+    // Drain: finish everything, then the Primary fails over or every peer resyncs.
+    for _ in 0..100_000 {
+        if w.idle() {
             break;
         }
+        let i = w.any_peer();
         match w.rng.gen_range(0..4) {
             0 => w.complete_local(),
-            1 => w.deliver_to_secondary()?,
-            2 => w.complete_secondary_job(),
-            _ => w.deliver_to_primary(),
+            1 => w.deliver_to_peer(i)?,
+            2 => w.complete_peer_job(i),
+            _ => w.deliver_to_primary(i),
         }
         w.check_flushes()?;
     }
-    if !w.requests.is_empty() {
+    if !w.idle() {
         return Err("requests never completed".into());
     }
     if w.rng.gen_bool(0.5) && w.failover()? {
         return Ok(());
     }
-    w.cut_link();
-    w.reconnect()
+    for i in 0..w.peers.len() {
+        w.cut_link(i);
+    }
+    for i in 0..w.peers.len() {
+        w.reconnect(i)?;
+    }
+    Ok(())
 }
 
 fn seeds() -> u64 {
@@ -577,7 +691,7 @@ fn first_violation(faults: Faults) -> Option<(u64, String)> {
 }
 
 #[test]
-fn seeded_fault_schedules_keep_every_promise_of_protocol_c() {
+fn seeded_fault_schedules_keep_every_promise_of_protocols_a_b_and_c() {
     if let Some((seed, violation)) = first_violation(Faults::default()) {
         panic!(
             "seed {seed}: {violation}\n  replay: TANDEM_SIM_SEED={seed} TANDEM_SIM_TRACE=1 \

@@ -34,9 +34,8 @@ use crate::wire::Message;
 
 /// How long the peer may take to send its state after Hello.
 const STATE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reconnect backoff: first retry, cap.
+/// Reconnect backoff: the first retry (the cap is `EngineTunables::reconnect_interval`).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long a Secondary link's end waits for the engine messages still queued from it.
 const HANDLER_DRAIN: Duration = Duration::from_millis(500);
 
@@ -62,6 +61,7 @@ impl Replica {
     }
 
     pub(super) async fn dial_loop(self: Arc<Self>, peer: String, addr: std::net::SocketAddr) {
+        let backoff_max = self.node.cfg.tunables.reconnect_interval.max(BACKOFF_MIN);
         let mut backoff = BACKOFF_MIN;
         loop {
             {
@@ -99,7 +99,7 @@ impl Replica {
                 .get(&peer)
                 .is_some_and(|p| p.conn == ConnectionState::StandAlone);
             let wait = if standalone {
-                Duration::from_secs(1)
+                Duration::from_secs(1).min(backoff_max)
             } else {
                 backoff
             };
@@ -123,7 +123,7 @@ impl Replica {
                 _ = tokio::time::sleep(wait) => {}
                 _ = kicked => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff = (backoff * 2).min(backoff_max);
         }
     }
 

@@ -111,7 +111,7 @@ use crate::role::{PromoteRefusal, Protocol};
 use crate::sync_decision::{AfterSplitBrain, ResolveError};
 
 pub use status::{PeerStatus, ReplicaStatus, ResyncProgress, VerifySummary};
-pub use volume::Replica;
+pub use volume::{PauseGuard, Replica};
 
 /// This node's identity and replication endpoint.
 #[derive(Clone)]
@@ -138,6 +138,9 @@ pub struct EngineTunables {
     /// A promotion waits this long for a peer whose link just ended (a demotion cycles the
     /// links) before it goes ahead without that peer.
     pub reconnect_grace: Duration,
+    /// The longest wait between two attempts to reach a peer (DRBD's `connect-int`); the
+    /// first retry comes after 100 ms and the wait doubles up to this.
+    pub reconnect_interval: Duration,
     /// Activity-log size of new volumes, in 4 MiB extents (DRBD's `al-extents`).
     pub al_extents: usize,
 }
@@ -147,6 +150,7 @@ impl Default for EngineTunables {
         EngineTunables {
             peer_ack_timeout: crate::datapath::default_peer_ack_timeout(),
             reconnect_grace: default_reconnect_grace(),
+            reconnect_interval: default_reconnect_interval(),
             al_extents: DEFAULT_AL_EXTENTS,
         }
     }
@@ -155,6 +159,11 @@ impl Default for EngineTunables {
 /// Default wait for a peer whose link just ended: 3 s.
 pub fn default_reconnect_grace() -> Duration {
     Duration::from_secs(3)
+}
+
+/// Default longest wait between two connection attempts: 2 s.
+pub fn default_reconnect_interval() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// Another node of a volume.

@@ -184,6 +184,11 @@ pub(super) fn meta_err(
     }
 }
 
+/// Writes held by [`Replica::pause_writes`]; they resume when this is dropped.
+pub struct PauseGuard {
+    _gate: tokio::sync::OwnedRwLockWriteGuard<()>,
+}
+
 impl Replica {
     pub(super) async fn open(
         node: Arc<NodeShared>,
@@ -1009,6 +1014,34 @@ impl Replica {
             }
         }
         Ok(())
+    }
+
+    /// Hold every new write and drain the ones in flight until each connected peer has
+    /// applied them (flush under protocol C, the peers' acknowledgements under A and B):
+    /// the one entry point for a consistent cut (`tandem snapshot create`). Writes resume
+    /// when the guard is dropped. Gives up after `timeout` (nothing stays held then). On a
+    /// replica that is not Primary no write can arrive here, and the guard only holds the
+    /// gate.
+    pub async fn pause_writes(&self, timeout: Duration) -> Result<PauseGuard, EngineError> {
+        let pause = async {
+            let gate = self.io_gate.clone().write_owned().await;
+            let primary = lock(&self.st).primary.clone();
+            if let Some(p) = primary {
+                p.flush().await.map_err(|source| EngineError::Datapath {
+                    volume: self.volume.clone(),
+                    op: "flush before a pause",
+                    source,
+                })?;
+                p.wait_replicated().await;
+            }
+            Ok(PauseGuard { _gate: gate })
+        };
+        tokio::time::timeout(timeout, pause).await.map_err(|_| {
+            EngineError::InvalidRequest(format!(
+                "{}: in-flight writes did not drain within {timeout:?}; writes resumed",
+                self.volume
+            ))
+        })?
     }
 
     /// Become Secondary: flush, wait until connected peers have every write, clear the

@@ -138,6 +138,7 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub size: u64,
     pub options: ReplicaOptions,
+    pub tunables: EngineTunables,
     pub hosts: Vec<Host>,
     /// (dialer, acceptor) -> proxy the dialer uses.
     pub proxies: BTreeMap<(String, String), Proxy>,
@@ -155,7 +156,21 @@ pub fn link_config() -> LinkConfig {
     }
 }
 
-async fn start_node(name: &str, addr: SocketAddr) -> Arc<ReplicationNode> {
+/// Shorter waits than the defaults, so scenarios do not sit in reconnect backoff; a
+/// promotion waits 1 s for a peer whose link just ended.
+pub fn tunables() -> EngineTunables {
+    EngineTunables {
+        reconnect_grace: Duration::from_secs(1),
+        reconnect_interval: Duration::from_millis(250),
+        ..EngineTunables::default()
+    }
+}
+
+async fn start_node(
+    name: &str,
+    addr: SocketAddr,
+    tunables: &EngineTunables,
+) -> Arc<ReplicationNode> {
     let mut tries = 0;
     loop {
         match ReplicationNode::start(NodeConfig {
@@ -163,7 +178,7 @@ async fn start_node(name: &str, addr: SocketAddr) -> Arc<ReplicationNode> {
             listen: addr,
             secret: secret(),
             link: link_config(),
-            tunables: EngineTunables::default(),
+            tunables: tunables.clone(),
         })
         .await
         {
@@ -196,6 +211,17 @@ impl Cluster {
         size: u64,
         options: ReplicaOptions,
     ) -> Cluster {
+        Cluster::with_tunables(data, witnesses, size, options, tunables()).await
+    }
+
+    /// [`Cluster::new`] with every node's engine on `tunables`.
+    pub async fn with_tunables(
+        data: &[&str],
+        witnesses: &[&str],
+        size: u64,
+        options: ReplicaOptions,
+        tunables: EngineTunables,
+    ) -> Cluster {
         init_log();
         let dir = tempfile::tempdir().unwrap();
         let mut hosts = Vec::new();
@@ -204,7 +230,7 @@ impl Cluster {
             .map(|n| (n, false))
             .chain(witnesses.iter().map(|n| (n, true)))
         {
-            let node = start_node(name, "127.0.0.1:0".parse().unwrap()).await;
+            let node = start_node(name, "127.0.0.1:0".parse().unwrap(), &tunables).await;
             let disk = dir.path().join(format!("{name}.img"));
             let meta = dir.path().join(format!("{name}.meta"));
             if !diskless {
@@ -248,6 +274,7 @@ impl Cluster {
             dir,
             size,
             options,
+            tunables,
             hosts,
             proxies,
         };
@@ -347,7 +374,7 @@ impl Cluster {
     /// Start a killed host again on the same address, from its metadata.
     pub async fn restart(&mut self, name: &str) {
         let i = self.idx(name);
-        let node = start_node(name, self.hosts[i].addr).await;
+        let node = start_node(name, self.hosts[i].addr, &self.tunables).await;
         self.hosts[i].node = Some(node);
         self.open(i).await;
     }
@@ -399,7 +426,7 @@ impl Cluster {
     /// the others is the caller's job): a fresh sparse disk, JUST_CREATED metadata, links
     /// straight to the other hosts (no proxies). Returns the spec the others add.
     pub async fn join(&mut self, name: &str) -> PeerSpec {
-        let node = start_node(name, "127.0.0.1:0".parse().unwrap()).await;
+        let node = start_node(name, "127.0.0.1:0".parse().unwrap(), &self.tunables).await;
         let disk = self.dir.path().join(format!("{name}.img"));
         let meta = self.dir.path().join(format!("{name}.meta"));
         std::fs::File::create(&disk)

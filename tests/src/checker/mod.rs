@@ -5,6 +5,7 @@
 
 pub mod block;
 pub mod compare;
+pub mod cut;
 pub mod log;
 pub mod process;
 pub mod verify;

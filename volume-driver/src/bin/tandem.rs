@@ -52,6 +52,14 @@ enum Command {
     /// Volumes: create, list, show, resize, delete
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Snapshots of a volume, taken on every data replica at once
+    ///
+    /// A snapshot shares blocks with its volume (lvm-thin: a thin snapshot; file pools: a
+    /// reflink copy, which needs XFS with reflink=1 or btrfs). On an open volume the Primary
+    /// holds new writes and drains the ones in flight until every replica applied them,
+    /// so all copies hold the same point of the write stream; the pause is printed.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Stream state changes, one line each, like `drbdsetup events2`
     ///
     /// First an `exists` line per volume and peer, then `exists -`, then `create`, `change`
@@ -63,6 +71,44 @@ enum Command {
         /// Print the current state (the `exists` lines) and exit
         #[arg(long)]
         now: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot VOLUME as SNAPSHOT on every data replica
+    ///
+    /// Refused, with nothing changed anywhere, when a node of the volume is unreachable, a
+    /// replica is not UpToDate, or the name is taken. If a replica fails to snapshot, the
+    /// snapshot is removed everywhere. For a running VM, `virsh domfsfreeze` first (if the
+    /// guest agent runs) makes the snapshot file-system consistent.
+    Create {
+        /// Volume name
+        volume: String,
+        /// Snapshot name: letters, digits, '_', '.', '-'
+        snapshot: String,
+    },
+    /// List the volume's snapshots and the nodes holding each
+    List {
+        /// Volume name
+        volume: String,
+    },
+    /// Delete a snapshot on every data replica
+    Delete {
+        /// Volume name
+        volume: String,
+        /// Snapshot name
+        snapshot: String,
+    },
+    /// Roll the volume back to a snapshot on every replica (its later writes are lost)
+    ///
+    /// The volume must be closed everywhere (VM stopped, not Primary). All replicas get
+    /// the snapshot's bytes and one new generation, so no resync follows.
+    Rollback {
+        /// Volume name
+        volume: String,
+        /// Snapshot name
+        snapshot: String,
     },
 }
 
@@ -170,6 +216,18 @@ enum VolumeCommand {
         #[arg(long, value_delimiter = ',')]
         nodes: Option<Vec<String>>,
     },
+    /// Make a writable linked clone of a volume or of one of its snapshots
+    ///
+    /// The clone shares every block with its origin (thin snapshot or reflink), lives on
+    /// the same nodes and pool, and starts UpToDate on every replica with no initial sync.
+    /// Cloning a volume without @SNAPSHOT needs it closed everywhere (a read-only template,
+    /// see `volume set --read-only`). The origin cannot be deleted while it has clones.
+    Clone {
+        /// VOLUME or VOLUME@SNAPSHOT
+        origin: String,
+        /// Name of the new volume
+        new: String,
+    },
     /// List all volumes
     List,
     /// Show one volume
@@ -274,6 +332,13 @@ enum VolumeCommand {
         /// Resync rate limit per second, e.g. 50M
         #[arg(long)]
         resync_rate: Option<String>,
+        /// Make the volume a template: writable opens are refused on every node, linked
+        /// clones (`tandem volume clone`) are made from it. Also for single-replica volumes
+        #[arg(long, conflicts_with = "writable")]
+        read_only: bool,
+        /// Undo --read-only
+        #[arg(long)]
+        writable: bool,
     },
     /// Add, remove or move a volume's replicas online
     #[command(subcommand)]
@@ -346,6 +411,31 @@ fn run(cli: &Cli) -> Result<(), String> {
             protocol: protocol.clone(),
             nodes: nodes.clone(),
         },
+        Command::Snapshot(SnapshotCommand::Create { volume, snapshot }) => {
+            Request::SnapshotCreate {
+                name: volume.clone(),
+                snapshot: snapshot.clone(),
+            }
+        }
+        Command::Snapshot(SnapshotCommand::List { volume }) => Request::SnapshotList {
+            name: volume.clone(),
+        },
+        Command::Snapshot(SnapshotCommand::Delete { volume, snapshot }) => {
+            Request::SnapshotDelete {
+                name: volume.clone(),
+                snapshot: snapshot.clone(),
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Rollback { volume, snapshot }) => {
+            Request::SnapshotRollback {
+                name: volume.clone(),
+                snapshot: snapshot.clone(),
+            }
+        }
+        Command::Volume(VolumeCommand::Clone { origin, new }) => Request::VolumeClone {
+            origin: origin.clone(),
+            new_name: new.clone(),
+        },
         Command::Volume(VolumeCommand::List) => Request::VolumeList,
         Command::Volume(VolumeCommand::Show { name }) => Request::VolumeShow { name: name.clone() },
         Command::Volume(VolumeCommand::Resize { name, size }) => Request::VolumeResize {
@@ -396,12 +486,15 @@ fn run(cli: &Cli) -> Result<(), String> {
             on_no_quorum,
             after_split_brain,
             resync_rate,
+            read_only,
+            writable,
         }) => {
             let change = OptionsChange {
                 protocol: protocol.clone(),
                 on_no_quorum: on_no_quorum.clone(),
                 after_split_brain: after_split_brain.clone(),
                 resync_rate: resync_rate.clone(),
+                read_only: (*read_only || *writable).then_some(*read_only),
             };
             // Same checks as the daemon, before contacting it.
             apply_change(&change, VolumeOptions::default())?;
@@ -867,6 +960,8 @@ fn print_json(reply: Reply) -> Result<(), String> {
             "removed": removed,
         })),
         Reply::Evicted { node, moves } => Ok(serde_json::json!({ "node": node, "moves": moves })),
+        Reply::Snapshot { snapshot } => serde_json::to_value(snapshot),
+        Reply::Snapshots { snapshots } => serde_json::to_value(snapshots),
     }
     .map_err(|e| format!("cannot print JSON: {e}"))?;
     let text =
@@ -947,6 +1042,12 @@ fn print_human(reply: Reply) {
             if volume.diskless {
                 println!("this node: diskless tiebreaker");
             }
+            if volume.read_only {
+                println!("read-only: yes (template)");
+            }
+            if let Some(origin) = &volume.clone_of {
+                println!("clone of: {origin}");
+            }
             if let Some(o) = &volume.options {
                 println!(
                     "options:  protocol {}, on-no-quorum {}, after-split-brain {}, resync-rate {}",
@@ -965,6 +1066,24 @@ fn print_human(reply: Reply) {
             }
         }
         Reply::Status { status } => print_status(&status),
+        Reply::Snapshot { snapshot } => {
+            println!(
+                "snapshot '{}@{}' on {}",
+                snapshot.volume,
+                snapshot.name,
+                snapshot.nodes.join(", ")
+            );
+            if let Some(ms) = snapshot.pause_ms {
+                println!("write pause: {ms} ms");
+            }
+        }
+        Reply::Snapshots { snapshots } => {
+            let rows = snapshots
+                .into_iter()
+                .map(|s| vec![s.volume, s.name, s.nodes.join(",")])
+                .collect();
+            print_table(&["VOLUME", "SNAPSHOT", "NODES"], rows);
+        }
         Reply::Statuses { statuses } => {
             for (i, status) in statuses.iter().enumerate() {
                 if i > 0 {

@@ -5,15 +5,21 @@
 //! `replication::device::FileDevice`). Creating uses `O_EXCL`, so existing data is never
 //! truncated; every change is followed by an fsync of the file and the directory.
 //! Usage is that of the file system holding `path` (like `df`).
+//!
+//! Snapshots are reflink copies `<path>/<volume>@<snapshot>.snap` (see [`super::reflink`]);
+//! clones are reflink copies `<path>/<new>.img`; rollback reflinks the snapshot over the
+//! volume's file atomically. On a file system without reflink they are refused: a full
+//! copy of a large image would silently cost its whole size and minutes of I/O.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::{Pool, PoolError, PoolUsage, StoredVolume};
+use super::{reflink, validate_snapshot_name, Pool, PoolError, PoolUsage, StoredVolume};
 
 const SUFFIX: &str = ".img";
+const SNAPSHOT_SUFFIX: &str = ".snap";
 
 /// A directory of sparse image files.
 pub struct FilePool {
@@ -37,6 +43,53 @@ impl FilePool {
             op,
             path,
             source,
+        }
+    }
+
+    fn snapshot_path(&self, volume: &str, snapshot: &str) -> PathBuf {
+        self.dir
+            .join(format!("{volume}@{snapshot}{SNAPSHOT_SUFFIX}"))
+    }
+
+    fn missing(&self, volume: &str) -> PoolError {
+        PoolError::Missing {
+            pool: self.name.clone(),
+            volume: volume.to_string(),
+        }
+    }
+
+    fn missing_snapshot(&self, volume: &str, snapshot: &str) -> PoolError {
+        PoolError::MissingSnapshot {
+            pool: self.name.clone(),
+            volume: volume.to_string(),
+            snapshot: snapshot.to_string(),
+        }
+    }
+
+    /// Map a reflink failure; `missing` and `exists` say what a missing source or an
+    /// existing target means for this operation.
+    fn reflink_error(
+        &self,
+        e: reflink::CloneError,
+        missing: PoolError,
+        exists: PoolError,
+        path: &Path,
+    ) -> PoolError {
+        match e {
+            reflink::CloneError::Unsupported => PoolError::Unsupported {
+                message: format!(
+                    "pool {}'s filesystem has no reflink; snapshots need XFS with reflink=1 or btrfs",
+                    self.name
+                ),
+            },
+            reflink::CloneError::SourceMissing => missing,
+            reflink::CloneError::Exists => exists,
+            reflink::CloneError::Io { op, source } => PoolError::Io {
+                pool: self.name.clone(),
+                op,
+                path: path.to_path_buf(),
+                source,
+            },
         }
     }
 
@@ -133,10 +186,17 @@ impl Pool for FilePool {
         Ok(new_size.max(current))
     }
 
+    /// Removes the volume's snapshots too (after the volume: a crash in between leaves
+    /// `.snap` files, which a later delete of a volume of that name removes).
     fn delete(&self, volume: &str) -> Result<(), PoolError> {
         let path = self.device_path(volume);
         match fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(),
+            Ok(()) => {
+                for snapshot in self.snapshots(volume)? {
+                    self.delete_snapshot(volume, &snapshot)?;
+                }
+                self.sync_dir()
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(PoolError::Missing {
                 pool: self.name.clone(),
                 volume: volume.to_string(),
@@ -182,6 +242,12 @@ impl Pool for FilePool {
                 _ => self.io("rename", &old)(e),
             });
         }
+        // The snapshots follow (plain renames; a crash in between leaves some under the
+        // old name, where `snapshots(from)` still finds them).
+        for snapshot in self.snapshots(from)? {
+            let old = self.snapshot_path(from, &snapshot);
+            fs::rename(&old, self.snapshot_path(to, &snapshot)).map_err(self.io("rename", &old))?;
+        }
         self.sync_dir()
     }
 
@@ -213,6 +279,90 @@ impl Pool for FilePool {
         found.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(found)
     }
+
+    fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        validate_snapshot_name(&self.name, snapshot)?;
+        let dst = self.snapshot_path(volume, snapshot);
+        reflink::clone_to_new(&self.device_path(volume), &dst, false).map_err(|e| {
+            let exists = PoolError::SnapshotExists {
+                pool: self.name.clone(),
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+            };
+            self.reflink_error(e, self.missing(volume), exists, &dst)
+        })
+    }
+
+    fn snapshots(&self, volume: &str) -> Result<Vec<String>, PoolError> {
+        let prefix = format!("{volume}@");
+        let mut found = Vec::new();
+        let entries = fs::read_dir(&self.dir).map_err(self.io("list", &self.dir))?;
+        for entry in entries {
+            let entry = entry.map_err(self.io("list", &self.dir))?;
+            let file_name = entry.file_name();
+            if let Some(snapshot) = file_name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|n| n.strip_suffix(SNAPSHOT_SUFFIX))
+                .filter(|n| !n.is_empty())
+            {
+                found.push(snapshot.to_string());
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        let path = self.snapshot_path(volume, snapshot);
+        match fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(self.missing_snapshot(volume, snapshot))
+            }
+            Err(e) => Err(self.io("remove", &path)(e)),
+        }
+    }
+
+    /// Reflinks the snapshot to a temporary file and renames it over the volume's file.
+    fn rollback(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        let dst = self.device_path(volume);
+        if !dst.exists() {
+            return Err(self.missing(volume));
+        }
+        let src = self.snapshot_path(volume, snapshot);
+        reflink::clone_to_new(&src, &dst, true).map_err(|e| {
+            self.reflink_error(
+                e,
+                self.missing_snapshot(volume, snapshot),
+                self.missing(volume),
+                &dst,
+            )
+        })
+    }
+
+    fn clone_volume(
+        &self,
+        source: &str,
+        snapshot: Option<&str>,
+        new: &str,
+    ) -> Result<u64, PoolError> {
+        let (src, missing) = match snapshot {
+            Some(s) => (
+                self.snapshot_path(source, s),
+                self.missing_snapshot(source, s),
+            ),
+            None => (self.device_path(source), self.missing(source)),
+        };
+        let dst = self.device_path(new);
+        let exists = PoolError::Exists {
+            pool: self.name.clone(),
+            volume: new.to_string(),
+        };
+        reflink::clone_to_new(&src, &dst, false)
+            .map_err(|e| self.reflink_error(e, missing, exists, &dst))?;
+        Ok(fs::metadata(&dst).map_err(self.io("stat", &dst))?.len())
+    }
 }
 
 fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
@@ -230,7 +380,7 @@ fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
@@ -306,5 +456,214 @@ mod tests {
         let e = pool.check_room(u64::MAX).unwrap_err().to_string();
         assert!(e.starts_with("pool 'files' has "), "{e}");
         assert!(e.contains("free, volume needs "), "{e}");
+    }
+
+    /// A file system mounted for one test (root: loop device, `mount`); unmounted and
+    /// detached on drop, so also when the test fails.
+    pub(crate) struct Mounted {
+        _dir: tempfile::TempDir,
+        mountpoint: PathBuf,
+        loop_device: Option<String>,
+    }
+
+    fn run(cmd: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new(cmd).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    impl Mounted {
+        /// XFS with reflink on a 320 MiB sparse image (XFS's smallest size is 300 MiB).
+        pub(crate) fn xfs_reflink() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let image = dir.path().join("xfs.img");
+            File::create(&image).unwrap().set_len(320 << 20).unwrap();
+            let mountpoint = dir.path().join("mnt");
+            fs::create_dir(&mountpoint).unwrap();
+            let device = run("losetup", &["--find", "--show", image.to_str().unwrap()]);
+            let mounted = Mounted {
+                _dir: dir,
+                mountpoint,
+                loop_device: Some(device.trim().to_string()),
+            };
+            let device = mounted.loop_device.as_deref().unwrap();
+            run("mkfs.xfs", &["-q", "-m", "reflink=1", device]);
+            run("mount", &[device, mounted.mountpoint.to_str().unwrap()]);
+            mounted
+        }
+
+        /// tmpfs: no reflink.
+        fn tmpfs() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let mountpoint = dir.path().join("mnt");
+            fs::create_dir(&mountpoint).unwrap();
+            run(
+                "mount",
+                &[
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    "size=64m",
+                    "tmpfs",
+                    mountpoint.to_str().unwrap(),
+                ],
+            );
+            Mounted {
+                _dir: dir,
+                mountpoint,
+                loop_device: None,
+            }
+        }
+
+        pub(crate) fn pool(&self) -> FilePool {
+            let pool = FilePool::new("files", self.mountpoint.join("images"));
+            pool.open_check().unwrap();
+            pool
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            // A process forked by another test thread may hold a descriptor of this file
+            // system for a moment (until its exec): retry, then detach lazily.
+            let umount = |lazy: bool| {
+                let mut cmd = std::process::Command::new("umount");
+                if lazy {
+                    cmd.arg("-l");
+                }
+                cmd.arg(&self.mountpoint)
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if !(0..20).any(|_| {
+                umount(false) || {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    false
+                }
+            }) {
+                umount(true);
+            }
+            if let Some(device) = &self.loop_device {
+                let _ = std::process::Command::new("losetup")
+                    .args(["-d", device])
+                    .status();
+            }
+        }
+    }
+
+    fn write_at(path: &Path, offset: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(data, offset).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    fn allocated(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn snapshots_rollback_and_clones_share_blocks_on_xfs_reflink() {
+        let fs = Mounted::xfs_reflink();
+        let pool = fs.pool();
+        pool.create("v1", 64 << 20).unwrap();
+        let disk = pool.device_path("v1");
+        write_at(&disk, 0, &[1u8; 1 << 20]);
+        write_at(&disk, 32 << 20, &[2u8; 1 << 20]);
+        let before = fs::read(&disk).unwrap();
+
+        let used = pool.usage().unwrap().used_bytes;
+        pool.snapshot("v1", "s1").unwrap();
+        let grown = pool.usage().unwrap().used_bytes.saturating_sub(used);
+        assert!(
+            grown < 1 << 20,
+            "a snapshot shares blocks; used grew {grown} bytes"
+        );
+        assert!(matches!(
+            pool.snapshot("v1", "s1"),
+            Err(PoolError::SnapshotExists { .. })
+        ));
+        assert!(matches!(
+            pool.snapshot("nope", "s1"),
+            Err(PoolError::Missing { .. })
+        ));
+        assert!(matches!(
+            pool.snapshot("v1", "bad/name"),
+            Err(PoolError::BadName { .. })
+        ));
+        assert_eq!(pool.snapshots("v1").unwrap(), vec!["s1"]);
+        assert_eq!(pool.list().unwrap().len(), 1, "snapshots are not volumes");
+
+        // Writes after the snapshot do not reach it; rollback brings the old bytes back.
+        write_at(&disk, 0, &[9u8; 4096]);
+        assert_ne!(fs::read(&disk).unwrap(), before);
+        pool.rollback("v1", "s1").unwrap();
+        assert_eq!(fs::read(&disk).unwrap(), before);
+        assert!(matches!(
+            pool.rollback("v1", "s9"),
+            Err(PoolError::MissingSnapshot { .. })
+        ));
+
+        // Linked clones from the volume and from the snapshot, both writable and separate.
+        assert_eq!(pool.clone_volume("v1", Some("s1"), "c1").unwrap(), 64 << 20);
+        assert_eq!(pool.clone_volume("v1", None, "c2").unwrap(), 64 << 20);
+        assert_eq!(fs::read(pool.device_path("c1")).unwrap(), before);
+        write_at(&pool.device_path("c2"), 0, &[7u8; 4096]);
+        assert_eq!(
+            fs::read(&disk).unwrap(),
+            before,
+            "a clone's writes stay in it"
+        );
+        assert!(matches!(
+            pool.clone_volume("v1", None, "c1"),
+            Err(PoolError::Exists { .. })
+        ));
+        assert!(matches!(
+            pool.clone_volume("v1", Some("s9"), "c3"),
+            Err(PoolError::MissingSnapshot { .. })
+        ));
+        assert!(!pool.device_path("c3").exists());
+        assert!(allocated(&pool.device_path("c1")) <= allocated(&disk));
+
+        // Rename carries the snapshots; delete removes them.
+        pool.rename("v1", "v2").unwrap();
+        assert_eq!(pool.snapshots("v2").unwrap(), vec!["s1"]);
+        assert!(pool.snapshots("v1").unwrap().is_empty());
+        pool.delete_snapshot("v2", "s1").unwrap();
+        assert!(matches!(
+            pool.delete_snapshot("v2", "s1"),
+            Err(PoolError::MissingSnapshot { .. })
+        ));
+        pool.snapshot("v2", "s2").unwrap();
+        pool.delete("v2").unwrap();
+        assert!(pool.snapshots("v2").unwrap().is_empty());
+        let leftovers: Vec<_> = fs::read_dir(&pool.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn without_reflink_snapshots_and_clones_are_refused_not_copied() {
+        let fs = Mounted::tmpfs();
+        let pool = fs.pool();
+        pool.create("v1", 8 << 20).unwrap();
+        let expected =
+            "pool files's filesystem has no reflink; snapshots need XFS with reflink=1 or btrfs";
+        let e = pool.snapshot("v1", "s1").unwrap_err().to_string();
+        assert_eq!(e, expected);
+        let e = pool.clone_volume("v1", None, "c1").unwrap_err().to_string();
+        assert_eq!(e, expected);
+        let names: Vec<_> = fs::read_dir(&pool.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["v1.img"], "nothing was copied or left behind");
     }
 }

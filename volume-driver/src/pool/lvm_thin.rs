@@ -8,6 +8,15 @@
 //! | grow    | `lvm lvextend -L <bytes>b <vg>/<volume>` |
 //! | delete  | `lvm lvremove -y <vg>/<volume>` |
 //! | rename  | `lvm lvrename <vg> <volume> <new>` |
+//! | snapshot | `lvm lvcreate -n <volume>+<snap> -pr -s <vg>/<volume> --addtag tandem -y` |
+//! | clone   | `lvm lvcreate -n <new> -prw -kn -s <vg>/<source>[+<snap>] --addtag tandem -y` |
+//! | rollback | clone the snapshot to `<volume>+.rollback`, rename the volume to `<volume>+.old`, the clone to `<volume>`, remove `<volume>+.old` |
+//!
+//! Snapshots are thin snapshots named `<volume>+<snapshot>` (`+` is valid in an LV name and
+//! never in a volume name, so the split is unambiguous); like PVE's `snap_*` LVs they are
+//! read-only and skipped at activation (`lvchange -ay -K` shows one). Rollback never leaves
+//! the volume without an LV: after a crash the volume's LV, or `<volume>+.old` and
+//! `<volume>+.rollback`, exist, and [`LvmThinPool::rollback`] run again completes it.
 //!
 //! The LV name is the volume name; LVs Tandem made carry the tag `tandem`, and only those
 //! are listed, grown or removed. Usage is the thin pool's `lv_size` and `data_percent`;
@@ -19,7 +28,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use super::lvm_report::{parse_lvs, Lv, LvKind, LVS_FIELDS};
-use super::{Pool, PoolError, PoolUsage, StoredVolume};
+use super::{validate_snapshot_name, Pool, PoolError, PoolUsage, StoredVolume};
 use crate::report::error_chain;
 use crate::units::format_size;
 
@@ -182,6 +191,48 @@ impl LvmThinPool {
     fn lv_path(&self, volume: &str) -> String {
         format!("{}/{volume}", self.vg)
     }
+
+    fn snapshot_lv(volume: &str, snapshot: &str) -> String {
+        format!("{volume}+{snapshot}")
+    }
+
+    fn missing(&self, volume: &str) -> PoolError {
+        PoolError::Missing {
+            pool: self.name.clone(),
+            volume: volume.to_string(),
+        }
+    }
+
+    /// A Tandem LV (volume or snapshot) of this thin pool by its LV name.
+    fn find_lv(&self, lv_name: &str) -> Result<Option<Lv>, PoolError> {
+        Ok(self.lvs()?.into_iter().find(|lv| {
+            lv.name == lv_name
+                && lv.kind == LvKind::ThinVolume
+                && lv.pool_lv == self.thinpool
+                && lv.is_tandem()
+        }))
+    }
+
+    fn require_snapshot(&self, volume: &str, snapshot: &str) -> Result<String, PoolError> {
+        let lv = Self::snapshot_lv(volume, snapshot);
+        match self.find_lv(&lv)? {
+            Some(_) => Ok(lv),
+            None => Err(PoolError::MissingSnapshot {
+                pool: self.name.clone(),
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+            }),
+        }
+    }
+
+    /// `lvcreate -s` of `origin` as `name`: read-only snapshot or writable clone.
+    fn thin_snapshot(&self, origin: &str, name: &str, writable: bool) -> Result<(), PoolError> {
+        let origin = self.lv_path(origin);
+        let mut args = vec!["lvcreate", "-n", name];
+        args.extend_from_slice(if writable { &["-prw", "-kn"] } else { &["-pr"] });
+        args.extend_from_slice(&["-s", &origin, "--addtag", TAG, "-y"]);
+        self.lvm(&args).map(|_| ())
+    }
 }
 
 impl Pool for LvmThinPool {
@@ -287,8 +338,12 @@ impl Pool for LvmThinPool {
                 volume: volume.to_string(),
             });
         }
-        self.lvm(&["lvremove", "-y", &self.lv_path(volume)])
-            .map(|_| ())
+        self.lvm(&["lvremove", "-y", &self.lv_path(volume)])?;
+        // Its snapshots go with it (as PVE's free_image does).
+        for snapshot in self.snapshots(volume)? {
+            self.delete_snapshot(volume, &snapshot)?;
+        }
+        Ok(())
     }
 
     fn rename(&self, from: &str, to: &str) -> Result<(), PoolError> {
@@ -306,7 +361,16 @@ impl Pool for LvmThinPool {
                 volume: from.to_string(),
             });
         }
-        self.lvm(&["lvrename", &self.vg, from, to]).map(|_| ())
+        let snapshots = self.snapshots(from)?;
+        self.lvm(&["lvrename", &self.vg, from, to])?;
+        for snapshot in snapshots {
+            let (old, new) = (
+                Self::snapshot_lv(from, &snapshot),
+                Self::snapshot_lv(to, &snapshot),
+            );
+            self.lvm(&["lvrename", &self.vg, &old, &new])?;
+        }
+        Ok(())
     }
 
     fn device_path(&self, volume: &str) -> PathBuf {
@@ -318,7 +382,10 @@ impl Pool for LvmThinPool {
         let mut found: Vec<_> = lvs
             .into_iter()
             .filter(|lv| {
-                lv.kind == LvKind::ThinVolume && lv.pool_lv == self.thinpool && lv.is_tandem()
+                lv.kind == LvKind::ThinVolume
+                    && lv.pool_lv == self.thinpool
+                    && lv.is_tandem()
+                    && !lv.name.contains('+')
             })
             .map(|lv| StoredVolume {
                 name: lv.name,
@@ -327,6 +394,113 @@ impl Pool for LvmThinPool {
             .collect();
         found.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(found)
+    }
+
+    /// One `lvm` call (it runs while the Primary holds writes): `lvcreate` itself refuses an
+    /// existing name or a missing origin, and its message is mapped.
+    fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        validate_snapshot_name(&self.name, snapshot)?;
+        let lv = Self::snapshot_lv(volume, snapshot);
+        // The engine writes through the page cache: fsync of the block device writes out
+        // every dirty page of it, so the snapshot holds every write applied so far.
+        let device = self.device_path(volume);
+        if device.exists() {
+            std::fs::File::open(&device)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| PoolError::Io {
+                    pool: self.name.clone(),
+                    op: "flush",
+                    path: device.clone(),
+                    source,
+                })?;
+        }
+        match self.thin_snapshot(volume, &lv, false) {
+            Err(PoolError::Command { message, .. }) if message.contains("already exists") => {
+                Err(PoolError::SnapshotExists {
+                    pool: self.name.clone(),
+                    volume: volume.to_string(),
+                    snapshot: snapshot.to_string(),
+                })
+            }
+            Err(PoolError::Command { message, .. })
+                if message.contains("Failed to find") || message.contains("not found") =>
+            {
+                Err(self.missing(volume))
+            }
+            other => other,
+        }
+    }
+
+    fn snapshots(&self, volume: &str) -> Result<Vec<String>, PoolError> {
+        let prefix = format!("{volume}+");
+        let mut found: Vec<String> = self
+            .lvs()?
+            .into_iter()
+            .filter(|lv| lv.kind == LvKind::ThinVolume && lv.pool_lv == self.thinpool)
+            .filter(|lv| lv.is_tandem())
+            .filter_map(|lv| lv.name.strip_prefix(&prefix).map(str::to_string))
+            .filter(|s| !s.is_empty() && !s.starts_with('.'))
+            .collect();
+        found.sort();
+        Ok(found)
+    }
+
+    fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        let lv = self.require_snapshot(volume, snapshot)?;
+        self.lvm(&["lvremove", "-y", &self.lv_path(&lv)])
+            .map(|_| ())
+    }
+
+    fn rollback(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        let snap_lv = self.require_snapshot(volume, snapshot)?;
+        let fresh = format!("{volume}+.rollback");
+        let old = format!("{volume}+.old");
+        let lvs = self.lvs()?;
+        let has = |name: &str| lvs.iter().any(|l| l.name == name);
+        if !has(volume) && !has(&old) {
+            return Err(self.missing(volume));
+        }
+        // Leftovers of an interrupted rollback: a fresh clone is made again.
+        if has(&fresh) {
+            self.lvm(&["lvremove", "-y", &self.lv_path(&fresh)])?;
+        }
+        self.thin_snapshot(&snap_lv, &fresh, true)?;
+        if has(volume) {
+            if has(&old) {
+                self.lvm(&["lvremove", "-y", &self.lv_path(&old)])?;
+            }
+            self.lvm(&["lvrename", &self.vg, volume, &old])?;
+        }
+        self.lvm(&["lvrename", &self.vg, &fresh, volume])?;
+        self.lvm(&["lvremove", "-y", &self.lv_path(&old)])
+            .map(|_| ())
+    }
+
+    fn clone_volume(
+        &self,
+        source: &str,
+        snapshot: Option<&str>,
+        new: &str,
+    ) -> Result<u64, PoolError> {
+        self.check_name(new)?;
+        let origin = match snapshot {
+            Some(s) => self.require_snapshot(source, s)?,
+            None => {
+                self.find_volume(source)?
+                    .ok_or_else(|| self.missing(source))?;
+                source.to_string()
+            }
+        };
+        if self.lvs()?.iter().any(|lv| lv.name == new) {
+            return Err(PoolError::Exists {
+                pool: self.name.clone(),
+                volume: new.to_string(),
+            });
+        }
+        self.thin_snapshot(&origin, new, true)?;
+        self.find_volume(new)?
+            .map(|lv| lv.size_bytes)
+            .ok_or_else(|| self.missing(new))
     }
 }
 
@@ -395,6 +569,18 @@ lvs)
   for f in "$S"/lvs/*; do [ -e "$f" ] || continue; printf '%s\n                  %s' "$sep" "$(cat "$f")"; sep=","; done
   printf '\n              ]\n          }\n      ]\n  }\n' ;;
 lvcreate)
+  if [ "$2" = -n ]; then
+    name=$3
+    case "${*:4}" in
+      "-pr -s vg/"*" --addtag tandem -y"|"-prw -kn -s vg/"*" --addtag tandem -y") ;;
+      *) echo "bad lvcreate -s: $*" >&2; exit 3 ;;
+    esac
+    [ "$4" = -pr ] && origin=${6#vg/} || origin=${7#vg/}
+    [ -e "$S/lvs/$origin" ] || { echo "  Failed to find LV $origin" >&2; exit 5; }
+    [ -e "$S/lvs/$name" ] && { echo "  Logical Volume \"$name\" already exists" >&2; exit 5; }
+    sed "s/\"lv_name\":\"$origin\"/\"lv_name\":\"$name\"/" "$S/lvs/$origin" > "$S/lvs/$name"
+    exit 0
+  fi
   [ "$2" = -V ] && [ "$4 $5 $6 $8 $9 ${10}" = "-T vg/thin -n --addtag tandem -y" ] || { echo "bad lvcreate: $*" >&2; exit 3; }
   size=${3%b}; name=$7
   [ -e "$S/lvs/$name" ] && { echo "  Logical Volume \"$name\" already exists in volume group \"vg\"" >&2; exit 5; }
@@ -510,6 +696,55 @@ esac
         assert!(calls.contains("lvremove -y vg/v1"));
         assert!(calls.contains("lvrename vg v1 v2"));
         assert!(!calls.contains("vg/foreign"), "{calls}");
+    }
+
+    #[test]
+    fn snapshots_clones_and_rollback_through_lvm_commands() {
+        let (dir, pool) = fake_lvm("25.00");
+        pool.create("v1", 8 << 20).unwrap();
+        pool.snapshot("v1", "s1").unwrap();
+        assert!(matches!(
+            pool.snapshot("v1", "s1"),
+            Err(PoolError::SnapshotExists { .. })
+        ));
+        assert!(matches!(
+            pool.snapshot("v9", "s1"),
+            Err(PoolError::Missing { .. })
+        ));
+        assert_eq!(pool.snapshots("v1").unwrap(), vec!["s1"]);
+        assert_eq!(pool.list().unwrap().len(), 1, "snapshots are not volumes");
+        assert_eq!(pool.clone_volume("v1", Some("s1"), "c1").unwrap(), 8 << 20);
+        assert_eq!(pool.clone_volume("v1", None, "c2").unwrap(), 8 << 20);
+        assert!(matches!(
+            pool.clone_volume("v1", None, "c1"),
+            Err(PoolError::Exists { .. })
+        ));
+        assert!(matches!(
+            pool.clone_volume("v1", Some("s9"), "c3"),
+            Err(PoolError::MissingSnapshot { .. })
+        ));
+        pool.rollback("v1", "s1").unwrap();
+        assert_eq!(pool.snapshots("v1").unwrap(), vec!["s1"]);
+        let names: Vec<_> = pool.list().unwrap().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, vec!["c1", "c2", "v1"]);
+        pool.rename("v1", "v2").unwrap();
+        assert_eq!(pool.snapshots("v2").unwrap(), vec!["s1"]);
+        pool.delete("v2").unwrap();
+        assert!(pool.snapshots("v2").unwrap().is_empty());
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        for expected in [
+            "lvcreate -n v1+s1 -pr -s vg/v1 --addtag tandem -y",
+            "lvcreate -n c1 -prw -kn -s vg/v1+s1 --addtag tandem -y",
+            "lvcreate -n c2 -prw -kn -s vg/v1 --addtag tandem -y",
+            "lvcreate -n v1+.rollback -prw -kn -s vg/v1+s1 --addtag tandem -y",
+            "lvrename vg v1 v1+.old",
+            "lvrename vg v1+.rollback v1",
+            "lvremove -y vg/v1+.old",
+            "lvrename vg v1+s1 v2+s1",
+            "lvremove -y vg/v2+s1",
+        ] {
+            assert!(calls.contains(expected), "{expected} not in {calls}");
+        }
     }
 
     #[test]

@@ -1,10 +1,16 @@
 //! Storage pools: where a volume's bytes live on this host.
 //!
 //! ```text
-//! Pool (trait: usage, check_name, create, grow, delete, rename, device_path, list)
-//!   ├── FilePool     sparse files <path>/<volume>.img          (file.rs)
+//! Pool (trait: usage, check_name, create, grow, delete, rename, device_path, list,
+//!       snapshot, snapshots, delete_snapshot, rollback, clone_volume)
+//!   ├── FilePool     sparse files <path>/<volume>.img          (file.rs, reflink.rs)
 //!   └── LvmThinPool  thin LVs <vg>/<volume> in <vg>/<thinpool> (lvm_thin.rs, lvm_report.rs)
 //! ```
+//!
+//! Snapshots are read-only point-in-time copies of one volume's storage, named
+//! `<volume>@<snapshot>` in messages; they share blocks with the volume (thin snapshots,
+//! reflinks) and are never full copies. A backend that cannot share blocks refuses with
+//! [`PoolError::Unsupported`]. A snapshot name follows the volume-name rule.
 //!
 //! A pool only allocates and frees storage; it knows nothing of definitions, replication or
 //! frontends. The daemon opens what [`Pool::device_path`] names as a
@@ -14,6 +20,7 @@
 pub mod file;
 pub mod lvm_report;
 pub mod lvm_thin;
+pub mod reflink;
 
 use std::path::PathBuf;
 
@@ -63,6 +70,23 @@ pub enum PoolError {
         #[source]
         source: std::io::Error,
     },
+    /// The backend cannot do this (e.g. a file system without reflink for snapshots).
+    #[error("{message}")]
+    Unsupported { message: String },
+    /// The snapshot does not exist.
+    #[error("pool '{pool}' holds no snapshot '{volume}@{snapshot}'")]
+    MissingSnapshot {
+        pool: String,
+        volume: String,
+        snapshot: String,
+    },
+    /// A snapshot of that name exists already.
+    #[error("pool '{pool}' already holds a snapshot '{volume}@{snapshot}'")]
+    SnapshotExists {
+        pool: String,
+        volume: String,
+        snapshot: String,
+    },
     /// The `lvm` command could not run or failed.
     #[error("pool '{pool}': `{command}` failed: {message}")]
     Command {
@@ -111,8 +135,38 @@ pub trait Pool: Send + Sync + 'static {
     fn rename(&self, from: &str, to: &str) -> Result<(), PoolError>;
     /// The file or block device holding the volume.
     fn device_path(&self, volume: &str) -> PathBuf;
-    /// Every volume's storage in this pool (for the startup consistency check).
+    /// Every volume's storage in this pool (for the startup consistency check). Snapshots
+    /// are not listed here.
     fn list(&self) -> Result<Vec<StoredVolume>, PoolError>;
+
+    /// Take a block-sharing snapshot `volume@snapshot` of the storage as it is now. The
+    /// caller makes sure no write is in flight. Fails with [`PoolError::SnapshotExists`] or
+    /// [`PoolError::Missing`] touching nothing.
+    fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError>;
+    /// The names of the volume's snapshots, sorted.
+    fn snapshots(&self, volume: &str) -> Result<Vec<String>, PoolError>;
+    /// Remove `volume@snapshot`. Fails with [`PoolError::MissingSnapshot`].
+    fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError>;
+    /// Replace the volume's storage by the snapshot's content (the snapshot stays). The
+    /// caller makes sure the volume is not open. A crash leaves the old or the new content.
+    fn rollback(&self, volume: &str, snapshot: &str) -> Result<(), PoolError>;
+    /// Make new writable storage `new` sharing the blocks of `source` (or of
+    /// `source@snapshot`); returns its size. Fails with [`PoolError::Exists`] when `new`
+    /// has storage, touching nothing.
+    fn clone_volume(
+        &self,
+        source: &str,
+        snapshot: Option<&str>,
+        new: &str,
+    ) -> Result<u64, PoolError>;
+}
+
+/// Check a snapshot name: the volume-name rule (so `volume@snapshot` is unambiguous).
+pub fn validate_snapshot_name(pool: &str, snapshot: &str) -> Result<(), PoolError> {
+    crate::names::validate_volume_name(snapshot).map_err(|e| PoolError::BadName {
+        pool: pool.to_string(),
+        message: e.to_string().replacen("volume name", "snapshot name", 1),
+    })
 }
 
 /// Build the backend a pool spec names.

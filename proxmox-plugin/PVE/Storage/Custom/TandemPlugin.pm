@@ -580,14 +580,19 @@ sub rename_volume {
     return "$storeid:$target";
 }
 
+# The feature table of PVE's LvmThinPlugin, except a copy *of a snapshot*: a snapshot is
+# not served over NBD, so `qm clone --snapname` makes a linked clone (clone/snap), never a
+# full copy from it.
 my %FEATURES = (
+    snapshot   => { current => 1 },
+    clone      => { base => 1, snap => 1 },
+    template   => { current => 1 },
     # Full copies read the volume through NBD (qemu-img convert / drive-mirror).
-    copy => { current => 1 },
+    copy       => { base => 1, current => 1 },
     # A new volume reads as zeros (sparse file, thin LV), so copies may skip zero blocks.
-    sparseinit => { current => 1 },
+    sparseinit => { base => 1, current => 1 },
     # Reassigning a disk to another VM (`qm disk reassign`, `qm move-disk --target-vmid`).
-    rename => { current => 1 },
-    # Not yet: snapshot, clone, template.
+    rename     => { current => 1 },
 );
 
 sub volume_has_feature {
@@ -598,38 +603,109 @@ sub volume_has_feature {
     return undef;
 }
 
-# --- snapshots, templates, clones: not yet -----------------------------------------------
+# --- snapshots, templates, linked clones -----------------------------------------------
+#
+# `tandem snapshot ...` snapshots every replica at one point of the write stream (tandemd
+# pauses the VM's writes for the cut); `tandem volume clone` makes a linked clone on the
+# same nodes. PVE's qemu-server freezes the guest's file systems first when the guest
+# agent runs (`qm snapshot` without --vmstate).
 
-sub volume_snapshot {
-    die "tandem: snapshots are not supported yet\n";
+# The validated (and untainted) snapshot name.
+sub _snapshot_name {
+    my ($snap) = @_;
+    defined($snap) && $snap =~ m/\A($VOLNAME_RE)\z/
+        or die "tandem: invalid snapshot name '" . ($snap // '') . "'\n";
+    return $1;
 }
 
+sub _snapshot_list {
+    my ($scfg, $name) = @_;
+    my $list = _tandem($scfg, $READ_TIMEOUT, 'snapshot', 'list', $name);
+    die "tandem: 'tandem snapshot list $name' did not return a list\n" if ref($list) ne 'ARRAY';
+    return $list;
+}
+
+sub volume_snapshot {
+    my ($class, $scfg, $storeid, $volname, $snap) = @_;
+    my $name = $class->_volume($volname);
+    _tandem($scfg, $CHANGE_TIMEOUT, 'snapshot', 'create', $name, _snapshot_name($snap));
+    return undef;
+}
+
+# tandemd refuses a rollback while the volume is open or Primary anywhere (PVE stops the VM
+# first) and rolls every replica back with a new shared generation.
 sub volume_snapshot_rollback {
-    die "tandem: snapshots are not supported yet\n";
+    my ($class, $scfg, $storeid, $volname, $snap) = @_;
+    my $name = $class->_volume($volname);
+    _tandem($scfg, $CHANGE_TIMEOUT, 'snapshot', 'rollback', $name, _snapshot_name($snap));
+    return undef;
+}
+
+# Thin snapshots and reflinks keep every snapshot usable, whichever is the newest (as on
+# LVM-thin): a rollback is possible when the snapshot exists.
+sub volume_rollback_is_possible {
+    my ($class, $scfg, $storeid, $volname, $snap, $blockers) = @_;
+    my $name = $class->_volume($volname);
+    my $wanted = _snapshot_name($snap);
+    return 1 if grep { ($_->{name} // '') eq $wanted } @{ _snapshot_list($scfg, $name) };
+    die "tandem: snapshot '$wanted' of '$name' does not exist\n";
 }
 
 sub volume_snapshot_delete {
-    die "tandem: snapshots are not supported yet\n";
+    my ($class, $scfg, $storeid, $volname, $snap, $running) = @_;
+    my $name = $class->_volume($volname);
+    _tandem($scfg, $CHANGE_TIMEOUT, 'snapshot', 'delete', $name, _snapshot_name($snap));
+    return undef;
 }
 
-sub volume_rollback_is_possible {
-    die "tandem: snapshots are not supported yet\n";
-}
-
+# { <snapshot> => { name, nodes } } for every snapshot of the volume.
 sub volume_snapshot_info {
-    die "tandem: snapshots are not supported yet\n";
+    my ($class, $scfg, $storeid, $volname) = @_;
+    my $name = $class->_volume($volname);
+    my %info;
+    for my $snap (@{ _snapshot_list($scfg, $name) }) {
+        my $snapname = $snap->{name} // next;
+        $info{$snapname} = { name => $snapname, nodes => $snap->{nodes} // [] };
+    }
+    return \%info;
 }
 
 sub rename_snapshot {
-    die "tandem: snapshots are not supported yet\n";
+    die "tandem: renaming a snapshot is not supported yet\n";
 }
 
+# `qm template`: vm-<vmid>-disk-N becomes the read-only base-<vmid>-disk-N (renamed on every
+# node of the volume). Refused while the volume has snapshots, as on LVM-thin.
 sub create_base {
-    die "tandem: templates are not supported yet\n";
+    my ($class, $storeid, $scfg, $volname) = @_;
+    my (undef, $name, undef, undef, undef, $is_base) = $class->parse_volname($volname);
+    die "tandem: create_base not possible with base image\n" if $is_base;
+    my @snapshots = map { $_->{name} // '?' } @{ _snapshot_list($scfg, $name) };
+    die "tandem: unable to create base volume - '$name' has snapshots ("
+        . join(', ', @snapshots) . "); delete them first\n" if @snapshots;
+    (my $base = $name) =~ s/\Avm-/base-/;
+    _tandem($scfg, $CHANGE_TIMEOUT, 'volume', 'rename', $name, $base);
+    _tandem($scfg, $CHANGE_TIMEOUT, 'volume', 'set', $base, '--read-only');
+    return $base;
 }
 
+# A linked clone of a base volume (template) or of a snapshot, as the next free
+# vm-<vmid>-disk-N; it lives on the same nodes and pool as its origin.
 sub clone_image {
-    die "tandem: linked clones are not supported yet\n";
+    my ($class, $scfg, $storeid, $volname, $vmid, $snap) = @_;
+    my (undef, $name, undef, undef, undef, $is_base) = $class->parse_volname($volname);
+    defined($vmid) && $vmid =~ m/\A(\d+)\z/ or die "tandem: invalid VMID '" . ($vmid // '') . "'\n";
+    $vmid = $1;
+    my $origin;
+    if (defined($snap) && $snap ne '') {
+        $origin = "$name\@" . _snapshot_name($snap);
+    } else {
+        die "tandem: clone_image only works on base images\n" if !$is_base;
+        $origin = $name;
+    }
+    my $clone = _free_disk_name($scfg, $vmid);
+    _tandem($scfg, $CHANGE_TIMEOUT, 'volume', 'clone', $origin, $clone);
+    return $clone;
 }
 
 sub storage_can_replicate {

@@ -131,6 +131,59 @@ fn protocol_b_acknowledges_on_receipt_and_never_applies_inline() {
     ));
 }
 
+fn received_under_b(seq: u64, epoch: u64, unit: u64) -> Message {
+    let Message::Write(mut w) = write(seq, epoch, unit, 1, false) else {
+        unreachable!()
+    };
+    w.ack_on_receive = true;
+    Message::Write(w)
+}
+
+/// Under B the Primary may have completed a request on its RecvAck while it waits here
+/// behind a barrier: after the link is lost it still runs, in epoch order, unacknowledged.
+/// Under C nothing queued was acknowledged, and nothing queued runs.
+#[test]
+fn after_link_loss_requests_received_under_b_still_run_in_epoch_order() {
+    let mut core = SecondaryCore::new(false, 1 << 20);
+    core.handle_message(received_under_b(1, 0, 0), SIZE)
+        .unwrap();
+    core.handle_message(Message::Barrier { epoch: 0 }, SIZE)
+        .unwrap();
+    core.handle_message(received_under_b(2, 1, 1), SIZE)
+        .unwrap();
+    core.handle_message(Message::Flush { id: 9 }, SIZE).unwrap();
+    assert_eq!(started(&drain(&mut core)), vec![1]);
+    core.handle_link_down();
+    assert!(!core.wants_input());
+    assert!(
+        started(&drain(&mut core)).is_empty(),
+        "epoch 1 overtook epoch 0"
+    );
+    core.handle_done(UNIT as usize + FRAME_OVERHEAD, Ok(write_ack(1)));
+    let actions = drain(&mut core);
+    assert_eq!(started(&actions), vec![2]);
+    assert!(
+        !actions.iter().any(|a| matches!(
+            a,
+            SecondaryAction::Start(Job {
+                work: Work::Flush { .. },
+                ..
+            })
+        )),
+        "a flush queued after the link went down was started"
+    );
+
+    let mut core = SecondaryCore::new(false, 1 << 20);
+    core.handle_message(write(1, 0, 0, 1, false), SIZE).unwrap();
+    core.handle_message(Message::Barrier { epoch: 0 }, SIZE)
+        .unwrap();
+    core.handle_message(write(2, 1, 1, 1, false), SIZE).unwrap();
+    assert_eq!(started(&drain(&mut core)), vec![1]);
+    core.handle_link_down();
+    core.handle_done(UNIT as usize + FRAME_OVERHEAD, Ok(write_ack(1)));
+    assert!(started(&drain(&mut core)).is_empty());
+}
+
 #[test]
 fn a_failed_request_is_never_acknowledged_and_stops_the_pipeline() {
     let mut core = SecondaryCore::new(false, 1 << 20);

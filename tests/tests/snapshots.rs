@@ -1,0 +1,481 @@
+//! `tandem snapshot ...` through the real CLI against two real `tandemd`s on loopback, each
+//! with its `file` pool on its own XFS (reflink) loop mount: a snapshot taken while the
+//! acknowledged-write checker writes is byte-identical on both replicas and a consistent
+//! cut of the checker's log; the write pause is at most 1 s; rollback (refused while open)
+//! restores the snapshot's bytes on both replicas, identical, and they reconnect UpToDate;
+//! bad input is refused with one line and changes nothing on any node. Needs root
+//! (loop devices, mount), xfsprogs and `cargo build --workspace --bins`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tandem_tests::checker::cut::check_cut;
+use tandem_tests::loopback_cluster::LoopbackCluster;
+use tandem_tests::reflink_mount::ReflinkMount;
+use tandem_tests::{bin, wait_until, TandemNode};
+
+const VOLUME: &str = "vm-100-disk-0";
+const BLOCKS: u64 = 1024;
+
+/// The daemons, then the mounts under them (fields drop in this order).
+struct Fixture {
+    cluster: LoopbackCluster,
+    _mounts: Vec<ReflinkMount>,
+}
+
+fn start() -> Fixture {
+    let mut cluster = LoopbackCluster::new(&[("hv1", false), ("hv2", false)]);
+    let mounts = cluster
+        .nodes
+        .iter()
+        .map(|n| ReflinkMount::at(&n.images()))
+        .collect();
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    Fixture {
+        cluster,
+        _mounts: mounts,
+    }
+}
+
+fn status(node: &TandemNode, volume: &str) -> Value {
+    node.tandem(&["volume", "status", volume, "--json"])
+        .ok()
+        .json()
+}
+
+fn settled(node: &TandemNode, volume: &str) -> bool {
+    let s = status(node, volume);
+    s["disk_state"] == "UpToDate"
+        && s["role"] == "Secondary"
+        && s["peers"].as_array().is_some_and(|p| {
+            p.iter()
+                .all(|p| p["connection"] == "Connected" && p["disk_state"] == "UpToDate")
+        })
+}
+
+fn wait_settled(cluster: &LoopbackCluster, volume: &str) {
+    for n in ["hv1", "hv2"] {
+        let node = cluster.node(n);
+        assert!(
+            wait_until(Duration::from_secs(30), || settled(node, volume)),
+            "{n}: {volume} never Secondary with its peer Connected/UpToDate: {:#}\n{}",
+            status(node, volume),
+            cluster.logs()
+        );
+    }
+}
+
+/// A 16 MiB volume on hv1 and hv2, both replicas settled.
+fn create_replicated(cluster: &LoopbackCluster, volume: &str) {
+    let args = [
+        "volume",
+        "create",
+        volume,
+        "--size",
+        "16M",
+        "--replicas",
+        "2",
+    ];
+    cluster.node("hv1").tandem(&args).ok();
+    wait_settled(cluster, volume);
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn snapshot_file(node: &TandemNode, snapshot: &str) -> PathBuf {
+    node.images().join(format!("{VOLUME}@{snapshot}.snap"))
+}
+
+/// Every file in both nodes' pools and definitions (to show that nothing changed).
+fn everything(cluster: &LoopbackCluster) -> Vec<String> {
+    let mut names = Vec::new();
+    for node in &cluster.nodes {
+        for dir in [node.images(), node.definitions()] {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                names.push(format!(
+                    "{}:{}:{len}",
+                    dir.display(),
+                    e.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    names.sort();
+    names
+}
+
+fn log_len(path: &Path) -> usize {
+    std::fs::metadata(path)
+        .map(|m| m.len() as usize)
+        .unwrap_or(0)
+}
+
+/// Refused with exactly one line on stderr, and nothing changed on any node.
+fn refused(cluster: &LoopbackCluster, node: &TandemNode, args: &[&str], expect: &str) {
+    let before = everything(cluster);
+    let stderr = node.tandem(args).failed();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    assert_eq!(everything(cluster), before, "{args:?} changed something");
+    eprintln!(
+        "refused as expected: tandem {} -> {}",
+        args.join(" "),
+        stderr.trim_end()
+    );
+}
+
+#[test]
+fn a_snapshot_under_writes_is_one_cut_on_both_replicas_and_rollback_restores_it() {
+    let fixture = start();
+    let cluster = &fixture.cluster;
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    create_replicated(cluster, VOLUME);
+
+    let log = hv1.root().join("check.log");
+    let mut writer = Command::new(bin("tandem-check"))
+        .args(["write", "--socket"])
+        .arg(hv1.root().join("run/nbd.sock"))
+        .args(["--export", VOLUME, "--blocks", &BLOCKS.to_string(), "--log"])
+        .arg(&log)
+        .args(["--duration", "8", "--seed", "18", "--flush-every", "32"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("tandem-check write");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(&log).is_ok_and(|t| t.matches("\nK ").count() >= 200)
+        }),
+        "the checker acknowledged no writes\n{}",
+        cluster.logs()
+    );
+    let before = log_len(&log);
+    let out = hv1.tandem(&["snapshot", "create", VOLUME, "s1", "--json"]);
+    let after = log_len(&log);
+    let info = out.ok().json();
+    let pause_ms = info["pause_ms"]
+        .as_u64()
+        .expect("pause_ms for an open volume");
+    eprintln!("write pause during `tandem snapshot create`: {pause_ms} ms");
+    assert!(pause_ms <= 1000, "pause {pause_ms} ms");
+    assert_eq!(info["nodes"], serde_json::json!(["hv1", "hv2"]));
+    // While the writer has it open, rollback is refused and changes nothing.
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "rollback", VOLUME, "s1"],
+        "in use on hv1",
+    );
+    let done = writer.wait().expect("wait for the checker");
+    assert!(done.success(), "the checker failed: {done}");
+    wait_settled(cluster, VOLUME);
+
+    // Both replicas' snapshots are byte-identical...
+    let (s1, s2) = (snapshot_file(hv1, "s1"), snapshot_file(hv2, "s1"));
+    assert_eq!(sha256(&s1), sha256(&s2), "the replicas' snapshots differ");
+    // ... and a consistent cut: every write acknowledged before the command started is in
+    // it (or a later version), and no version attempted only after it returned.
+    let text = std::fs::read_to_string(&log).expect("read log");
+    let image = std::fs::read(&s1).expect("read the snapshot");
+    let acked = check_cut(&image, BLOCKS, &text, before, after)
+        .unwrap_or_else(|e| panic!("not a consistent cut: {e}"));
+    eprintln!("consistent cut: {acked} blocks acknowledged before the snapshot, all in it");
+
+    let list = hv2
+        .tandem(&["snapshot", "list", VOLUME, "--json"])
+        .ok()
+        .json();
+    assert_eq!(list[0]["name"], "s1");
+    assert_eq!(list[0]["nodes"], serde_json::json!(["hv1", "hv2"]));
+
+    // Rollback: both replicas hold the snapshot's bytes, identical, and stay in sync.
+    let snap_sha = sha256(&s1);
+    let logs_before: Vec<usize> = [hv1, hv2].iter().map(|n| n.log().len()).collect();
+    let rolled = hv2
+        .tandem(&["snapshot", "rollback", VOLUME, "s1", "--json"])
+        .ok()
+        .json();
+    assert_eq!(rolled["name"], "s1");
+    let images: Vec<PathBuf> = [hv1, hv2]
+        .iter()
+        .map(|n| n.images().join(format!("{VOLUME}.img")))
+        .collect();
+    assert_eq!(sha256(&images[0]), snap_sha, "hv1 not rolled back");
+    assert_eq!(sha256(&images[1]), snap_sha, "hv2 not rolled back");
+    wait_settled(cluster, VOLUME);
+    for (node, from) in [hv1, hv2].iter().zip(logs_before) {
+        let log = node.log();
+        let since = log.get(from..).unwrap_or_default();
+        assert!(
+            since.contains("handshake decided") && !since.contains("resync starts"),
+            "the replicas did not reconnect without a resync after the rollback:\n{since}"
+        );
+    }
+    assert_eq!(sha256(&images[0]), sha256(&images[1]));
+
+    // Bad input: one line each, nothing changes on any node.
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "create", "nope", "s2"],
+        "volume 'nope' does not exist",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "create", VOLUME, "s1"],
+        "exists already on 'hv1'",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "create", VOLUME, "a/b"],
+        "snapshot name",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "rollback", VOLUME, "s9"],
+        "does not exist on 'hv1'",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "delete", VOLUME, "s9"],
+        "does not exist on 'hv1'",
+    );
+}
+
+#[test]
+fn a_snapshot_with_a_node_unreachable_is_refused_and_delete_removes_it_everywhere() {
+    let mut fixture = start();
+    {
+        let cluster = &fixture.cluster;
+        let hv1 = cluster.node("hv1");
+        create_replicated(cluster, VOLUME);
+        hv1.tandem(&["snapshot", "create", VOLUME, "s1"]).ok();
+    }
+    fixture.cluster.node_mut("hv2").stop();
+    let cluster = &fixture.cluster;
+    let hv1 = cluster.node("hv1");
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "create", VOLUME, "s2"],
+        "node 'hv2'",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["snapshot", "delete", VOLUME, "s1"],
+        "node 'hv2'",
+    );
+    // The snapshot survives on the node that is left.
+    let list = hv1
+        .tandem(&["snapshot", "list", VOLUME, "--json"])
+        .ok()
+        .json();
+    assert_eq!(list[0]["nodes"], serde_json::json!(["hv1"]));
+    fixture.cluster.node_mut("hv2").start();
+    let cluster = &fixture.cluster;
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    hv1.tandem(&["snapshot", "delete", VOLUME, "s1"]).ok();
+    assert!(!snapshot_file(hv1, "s1").exists() && !snapshot_file(hv2, "s1").exists());
+}
+
+#[test]
+fn a_linked_clone_of_a_read_only_base_starts_in_sync_and_protects_its_base() {
+    let fixture = start();
+    let cluster = &fixture.cluster;
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    let base = "base-100-disk-0";
+    create_replicated(cluster, base);
+    let (ok, text) = hv1.qemu_io(
+        base,
+        &["write -P 0x5a 0 1M", "write -P 0xc3 15M 1M", "flush"],
+    );
+    assert!(ok, "{text}");
+    wait_settled(cluster, base);
+    hv1.tandem(&["volume", "set", base, "--read-only"]).ok();
+    let shown = hv2.tandem(&["volume", "show", base, "--json"]).ok().json();
+    assert_eq!(shown["read_only"], true, "{shown}");
+    // A template refuses writable opens, on every node.
+    for node in [hv1, hv2] {
+        let (ok, text) = node.qemu_io(base, &["write -P 0x11 0 4k"]);
+        assert!(!ok && text.contains("read-only"), "{text}");
+    }
+
+    let logs_before: Vec<usize> = [hv1, hv2].iter().map(|n| n.log().len()).collect();
+    let started = std::time::Instant::now();
+    let clone = hv1
+        .tandem(&["volume", "clone", base, "vm-101-disk-0", "--json"])
+        .ok()
+        .json();
+    let took = started.elapsed();
+    eprintln!("linked clone of a 16 MiB base on 2 replicas: {took:?}");
+    assert_eq!(clone["clone_of"], base);
+    assert_eq!(
+        clone["read_only"],
+        serde_json::Value::Null,
+        "a clone is writable"
+    );
+    // Like a new volume, the replicas connect UpToDate (the log check below: no resync).
+    wait_settled(cluster, "vm-101-disk-0");
+    for node in [hv1, hv2] {
+        assert_eq!(
+            sha256(&node.images().join("vm-101-disk-0.img")),
+            sha256(&node.images().join(format!("{base}.img")))
+        );
+    }
+    // The clone is writable, and its writes stay in it.
+    let (ok, text) = hv2.qemu_io("vm-101-disk-0", &["write -P 0x77 0 64k", "flush"]);
+    assert!(ok, "{text}");
+    wait_settled(cluster, "vm-101-disk-0");
+    let (ok, text) = hv1.qemu_io(
+        "vm-101-disk-0",
+        &["read -P 0x77 0 64k", "read -P 0xc3 15M 1M"],
+    );
+    assert!(ok, "{text}");
+    for (node, from) in [hv1, hv2].iter().zip(logs_before) {
+        let log = node.log();
+        let since = log.get(from..).unwrap_or_default();
+        assert!(
+            !since.contains("resync starts"),
+            "a clone needed a resync:\n{since}"
+        );
+    }
+
+    // A clone of a snapshot; the base and the snapshot are protected while clones exist.
+    hv1.tandem(&["volume", "set", base, "--writable"]).ok();
+    hv1.tandem(&["snapshot", "create", base, "s1"]).ok();
+    hv2.tandem(&["volume", "clone", &format!("{base}@s1"), "vm-102-disk-0"])
+        .ok();
+    refused(
+        cluster,
+        hv1,
+        &["volume", "delete", base],
+        "is the base of linked clone(s) vm-101-disk-0, vm-102-disk-0; delete them first",
+    );
+    refused(
+        cluster,
+        hv2,
+        &["snapshot", "delete", base, "s1"],
+        "snapshot 'base-100-disk-0@s1' is the base of linked clone(s) vm-102-disk-0",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["volume", "clone", "nope", "x"],
+        "volume 'nope' does not exist",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["volume", "clone", &format!("{base}@s9"), "x"],
+        "does not exist on 'hv1'",
+    );
+    refused(
+        cluster,
+        hv1,
+        &["volume", "clone", base, "vm-101-disk-0"],
+        "already exists",
+    );
+    for clone in ["vm-101-disk-0", "vm-102-disk-0"] {
+        hv1.tandem(&["volume", "delete", clone]).ok();
+    }
+    hv1.tandem(&["volume", "delete", base]).ok();
+    assert!(
+        everything(cluster).iter().all(|f| !f.contains(base)),
+        "{:?}",
+        everything(cluster)
+    );
+}
+
+/// A QEMU guest (TCG) runs on a linked clone of a read-only base over NBD: the base holds
+/// an ext4 file system written by a first guest, the base is made read-only, and a second
+/// guest, with the clone as its virtio disk, reads the file back while the base still
+/// refuses writable opens. (The guest boots its kernel from the test initramfs; the clone is
+/// its disk.)
+#[test]
+fn a_guest_runs_on_a_linked_clone_of_a_read_only_base() {
+    if tandem_tests::vm::skip_requested() {
+        eprintln!("TANDEM_SKIP_VM_TESTS is set: skipping guest test");
+        return;
+    }
+    use tandem_tests::vm::{self, Disk, ImageBuilder, Vm};
+    let fixture = start();
+    let cluster = &fixture.cluster;
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    let base = "base-100-disk-0";
+    let args = [
+        "volume",
+        "create",
+        base,
+        "--size",
+        "128M",
+        "--replicas",
+        "2",
+    ];
+    hv1.tandem(&args).ok();
+    wait_settled(cluster, base);
+    let work = tempfile::Builder::new()
+        .prefix("tandem-clone-guest-")
+        .tempdir()
+        .expect("temp dir");
+    let content = "golden image content\n";
+    let writer = ImageBuilder::new(vm::mkfs_write_file_script("golden.txt", content))
+        .build(&work.path().join("writer"))
+        .expect("building the writer guest");
+    let run = Vm::new(writer)
+        .disk(Disk::nbd_unix(hv1.root().join("run/nbd.sock"), base))
+        .run(&work.path().join("writer.log"))
+        .expect("booting the writer guest");
+    run.assert_script_succeeded();
+    let written = run
+        .section("write")
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    wait_settled(cluster, base);
+    hv1.tandem(&["volume", "set", base, "--read-only"]).ok();
+    hv2.tandem(&["volume", "clone", base, "vm-101-disk-0"]).ok();
+    wait_settled(cluster, "vm-101-disk-0");
+
+    let reader = ImageBuilder::new(vm::read_file_script("golden.txt"))
+        .build(&work.path().join("reader"))
+        .expect("building the reader guest");
+    let run = Vm::new(reader)
+        .disk(Disk::nbd_unix(
+            hv2.root().join("run/nbd.sock"),
+            "vm-101-disk-0",
+        ))
+        .run(&work.path().join("reader.log"))
+        .expect("booting the guest on the clone");
+    eprintln!("[guest on the linked clone, hv2] {}", run.timing_summary());
+    run.assert_script_succeeded();
+    let read = run
+        .section("sha256")
+        .split_whitespace()
+        .next()
+        .unwrap_or_default();
+    assert_eq!(read, written, "the guest on the clone read different bytes");
+    // The base stayed a read-only template all along.
+    let (ok, text) = hv1.qemu_io(base, &["write -P 0x11 0 4k"]);
+    assert!(!ok && text.contains("read-only"), "{text}");
+}
