@@ -579,6 +579,22 @@ impl VolumeService {
         let to_save = definition.clone();
         let saved = blocking(move || {
             let mut allocated = to_save.size_bytes;
+            // A joining replica's storage is marked as this add's before it exists, so
+            // storage found under the name is replaced only if an interrupted add of
+            // ours made it, never storage of anything else.
+            let joining_marker = volume_dir.join("joining");
+            let ours_if_left = joining && joining_marker.exists();
+            if joining && backend.is_some() {
+                mark_joining(&joining_marker).map_err(|e| {
+                    ApiError::new(
+                        ErrorKind::Internal,
+                        format!(
+                            "cannot record the replica add in {}: {e}",
+                            volume_dir.display()
+                        ),
+                    )
+                })?;
+            }
             if let Some(backend) = &backend {
                 allocated = match crate::linked_clone::allocate(
                     backend.as_ref(),
@@ -589,14 +605,19 @@ impl VolumeService {
                     // Left by a replica add that crashed here before its definition was
                     // saved (this node has no definition of the name: it was reserved). A
                     // joining replica is fully resynced, so nothing of it is kept.
-                    Err(crate::pool::PoolError::Exists { .. }) if joining => {
+                    Err(crate::pool::PoolError::Exists { .. }) if ours_if_left => {
                         tracing::warn!(volume = %name,
                             "replacing storage left by an interrupted replica add");
                         let _ = std::fs::remove_dir_all(&volume_dir);
                         backend.delete(&name).map_err(pool_error)?;
                         backend.create(&name, allocated).map_err(pool_error)?
                     }
-                    created => created.map_err(pool_error)?,
+                    created => created.map_err(|e| {
+                        if joining {
+                            let _ = std::fs::remove_file(&joining_marker);
+                        }
+                        pool_error(e)
+                    })?,
                 };
             }
             let undo = |backend: &Option<std::sync::Arc<dyn crate::pool::Pool>>| {
@@ -629,6 +650,7 @@ impl VolumeService {
                 undo(&backend);
                 return Err(store_error(e));
             }
+            let _ = std::fs::remove_file(&joining_marker);
             Ok(definition)
         })
         .await?;
@@ -1058,6 +1080,14 @@ fn check_deletable(
         ));
     }
     Ok(())
+}
+
+/// Record durably that a joining replica's storage is about to be created here.
+fn mark_joining(marker: &std::path::Path) -> std::io::Result<()> {
+    let dir = marker.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    std::fs::File::create(marker)?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

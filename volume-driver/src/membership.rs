@@ -5,8 +5,8 @@
 //!
 //! ```text
 //! add VOL hv3    check (hv3 configured, data-capable, not already a node of VOL; an
-//!                UpToDate replica answers) → journal {undo_on: hv3} → hv3: prepare +
-//!                commit (joining: storage, Inconsistent metadata, definition with hv3,
+//!                UpToDate replica answers) → hv3: prepare (name reserved) → journal
+//!                {undo_on: hv3} → hv3: commit (joining: storage, Inconsistent metadata, definition with hv3,
 //!                replica opened) → journal {notify: every other node} → each node:
 //!                replica_members (definition saved, engine add_peer) → journal done
 //! remove VOL hv1 check (hv1 holds a replica and is not Primary; at least two replicas
@@ -212,12 +212,6 @@ impl VolumeService {
         nodes.push(node.to_string());
         self.in_config_order(&mut nodes);
         let token = crate::cluster::random_token();
-        self.owe(Owed {
-            volume: name.to_string(),
-            undo_on: Some(node.to_string()),
-            ..Owed::default()
-        })
-        .await?;
         let prepare = PeerRequest::ReplicaPrepare {
             name: name.to_string(),
             size_bytes: definition.size_bytes,
@@ -240,8 +234,19 @@ impl VolumeService {
             day0: 0,
             joining: true,
         };
+        // The undo is owed only once the node reserved the name for this add (a
+        // reservation creates nothing and expires by itself): a prepare refused because
+        // the name exists there must never lead to deleting that volume.
         let created = match self.on_node(node, prepare).await {
-            Ok(_) => self.on_node(node, commit).await,
+            Ok(_) => {
+                self.owe(Owed {
+                    volume: name.to_string(),
+                    undo_on: Some(node.to_string()),
+                    ..Owed::default()
+                })
+                .await?;
+                self.on_node(node, commit).await
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = created {
