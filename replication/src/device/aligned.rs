@@ -1,0 +1,164 @@
+//! Page-aligned byte buffers for `O_DIRECT` I/O.
+//!
+//! `O_DIRECT` needs the memory address, the file offset and the length aligned to the
+//! device's block size. [`AlignedBuf`] owns memory aligned to [`ALIGN`], which satisfies
+//! every block size Linux uses (512 B to 4 KiB), and can become a `bytes::Bytes` without a
+//! copy, so a read lands straight in the buffer a frontend replies with.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+
+/// Alignment of memory, offsets and lengths for direct I/O.
+pub const ALIGN: usize = 4096;
+
+/// True when `offset` and `len` are both multiples of [`ALIGN`].
+pub fn is_aligned(offset: u64, len: usize) -> bool {
+    offset % ALIGN as u64 == 0 && len % ALIGN == 0
+}
+
+/// True when `buf` starts at an [`ALIGN`]ed address and its length is a multiple of it.
+pub fn is_aligned_slice(buf: &[u8]) -> bool {
+    buf.as_ptr() as usize % ALIGN == 0 && buf.len() % ALIGN == 0
+}
+
+/// A heap buffer of `len` bytes starting at an [`ALIGN`]ed address.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out `&[u8]`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(len: usize) -> Layout {
+        // Rounded up to whole blocks (never zero-sized), so direct I/O may fill the tail.
+        let size = len.div_ceil(ALIGN).max(1) * ALIGN;
+        match Layout::from_size_align(size, ALIGN) {
+            Ok(layout) => layout,
+            Err(_) => panic!("buffer of {len} bytes exceeds the address space"),
+        }
+    }
+
+    /// A zero-filled buffer.
+    pub fn zeroed(len: usize) -> Self {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf { ptr, len, layout }
+    }
+
+    /// A buffer whose bytes are not initialised. Only [`AlignedBuf::as_mut_ptr`] may be used
+    /// until the caller has written all `len` bytes; see [`AlignedBuf::assume_filled`].
+    pub(crate) fn uninit(len: usize) -> Uninit {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        Uninit(AlignedBuf { ptr, len, layout })
+    }
+
+    /// The start of the buffer, for system calls that write into it.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The buffer's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length buffer.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Shorten the buffer to `len` bytes (no-op when already shorter).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+/// An [`AlignedBuf`] not yet filled; reading it is impossible until it is.
+pub(crate) struct Uninit(AlignedBuf);
+
+impl Uninit {
+    /// Where the kernel writes the data.
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.0.as_mut_ptr()
+    }
+
+    /// # Safety
+    /// All `len` bytes have been written.
+    pub(crate) unsafe fn assume_filled(self) -> AlignedBuf {
+        self.0
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed`/`uninit` with this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` bytes are initialised (zeroed, or filled before `assume_filled`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in Deref, and `&mut self` is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_and_sized() {
+        for len in [0, 1, 512, 4096, 4097, 1 << 20] {
+            let buf = AlignedBuf::zeroed(len);
+            assert_eq!(buf.as_ptr() as usize % ALIGN, 0);
+            assert_eq!(buf.len(), len);
+            assert!(buf.iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn alignment_checks() {
+        assert!(is_aligned(8192, 4096));
+        assert!(!is_aligned(512, 4096));
+        assert!(!is_aligned(0, 512));
+        assert!(is_aligned_slice(&AlignedBuf::zeroed(8192)));
+        assert!(!is_aligned_slice(&AlignedBuf::zeroed(8192)[1..4097]));
+    }
+}
