@@ -86,12 +86,8 @@ impl ExportHandle for LocalExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportIoError> {
-        self.run(move |dev| {
-            let mut buf = vec![0u8; len as usize];
-            dev.read_at(&mut buf, offset)?;
-            Ok(Bytes::from(buf))
-        })
-        .await
+        self.run(move |dev| dev.read_owned(offset, len as usize))
+            .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportIoError> {

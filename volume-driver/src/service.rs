@@ -31,7 +31,7 @@ use control_api::{
     VolumeInfo, VolumeState, VolumeStatus,
 };
 use replication::auth::Secret;
-use replication::device::{BackingDevice, FileDevice};
+use replication::device::{BackingDevice, CacheMode, DeviceOptions, FileDevice};
 use replication::stats::IoStats;
 
 use crate::config::Config;
@@ -56,6 +56,8 @@ pub enum StartError {
 
 pub(crate) struct PoolHandle {
     backend: Arc<dyn Pool>,
+    /// How volumes of this pool are opened (`cache`, `io_engine`).
+    device: DeviceOptions,
     /// Serializes free-space check + allocation within this pool.
     alloc: tokio::sync::Mutex<()>,
 }
@@ -195,9 +197,16 @@ impl VolumeService {
         for spec in &config.pools {
             let backend: Arc<dyn Pool> = Arc::from(pool::open(spec));
             backend.open_check()?;
-            tracing::info!(pool = %spec.name, backend = backend.backend(), "pool opened");
+            pool::check_cache(spec)?;
+            if spec.cache == CacheMode::Writeback {
+                tracing::warn!(pool = %spec.name, "cache = \"writeback\": this pool's volumes \
+                    go through the host page cache (a second copy of guest data in host memory)");
+            }
+            tracing::info!(pool = %spec.name, backend = backend.backend(), cache = %spec.cache,
+                io_engine = %spec.io_engine, "pool opened");
             pools.push(PoolHandle {
                 backend,
+                device: spec.device_options(),
                 alloc: tokio::sync::Mutex::new(()),
             });
         }
@@ -400,18 +409,17 @@ impl VolumeService {
         if let Some(device) = &slot.device {
             return Ok(Arc::clone(device));
         }
-        let Some(path) = slot
-            .definition
-            .as_ref()
-            .and_then(|d| self.pool(&d.pool))
-            .map(|p| p.backend.device_path(name))
-        else {
+        let Some(pool) = slot.definition.as_ref().and_then(|d| self.pool(&d.pool)) else {
             return Err(format!("volume '{name}' has no pool"));
         };
-        let device = Arc::new(
-            FileDevice::open(&path)
-                .map_err(|e| format!("cannot open volume '{name}': {}", error_chain(&e)))?,
-        );
+        let path = pool.backend.device_path(name);
+        let device = Arc::new(FileDevice::open_with(&path, pool.device).map_err(|e| {
+            format!(
+                "cannot open volume '{name}' of pool '{}': {}",
+                pool.name(),
+                error_chain(&e)
+            )
+        })?);
         slot.device = Some(Arc::clone(&device));
         Ok(device)
     }
@@ -820,6 +828,7 @@ impl VolumeService {
             let mut info = PoolInfo {
                 name: pool_name,
                 backend: handle.backend.backend().to_string(),
+                cache: handle.device.cache.to_string(),
                 total_bytes: 0,
                 used_bytes: 0,
                 free_bytes: 0,

@@ -1747,9 +1747,7 @@ impl Replica {
         let volume = self.volume.clone();
         let started = Instant::now();
         let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
-            dev.read_at(&mut buf, offset)
-                .map(|()| Bytes::from(buf))
+            dev.read_owned(offset, len as usize)
                 .map_err(|source| EngineError::Device {
                     volume: volume.clone(),
                     op: "read",

@@ -819,6 +819,7 @@ fn print_pools(pools: &[PoolInfo]) {
             vec![
                 p.name.clone(),
                 p.backend.clone(),
+                p.cache.clone(),
                 total,
                 used,
                 free,
@@ -831,6 +832,7 @@ fn print_pools(pools: &[PoolInfo]) {
         &[
             "POOL",
             "BACKEND",
+            "CACHE",
             "TOTAL",
             "USED",
             "FREE",
