@@ -42,7 +42,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 
-pub use aligned::{is_aligned, AlignedBuf, ALIGN};
+pub use aligned::{is_aligned, AlignedBuf, AlignedBufMut, ALIGN};
 use engine::Engine;
 pub use engine::{EngineChoice, IoEngine};
 
@@ -377,9 +377,11 @@ impl FileDevice {
             return self.write_full(buf, offset, dsync).map_err(err);
         }
         if is_aligned(offset, buf.len()) {
-            let mut bounce = AlignedBuf::zeroed(buf.len());
-            bounce.copy_from_slice(buf);
-            return self.write_full(&bounce, offset, dsync).map_err(err);
+            let mut bounce = AlignedBufMut::with_capacity(buf.len());
+            bytes::BufMut::put_slice(&mut bounce, buf);
+            return self
+                .write_full(&bounce.freeze(), offset, dsync)
+                .map_err(err);
         }
         // Read-modify-write under the exclusive guard.
         let (mut blocks, at) = self

@@ -87,6 +87,71 @@ impl AlignedBuf {
     }
 }
 
+/// An aligned buffer filled front to back through [`bytes::BufMut`] (e.g. tokio's
+/// `read_buf`), never zero-filled; [`AlignedBufMut::freeze`] hands out the filled part.
+/// Frontends read request payloads into it, so aligned writes need no bounce copy.
+pub struct AlignedBufMut {
+    buf: AlignedBuf,
+    filled: usize,
+    capacity: usize,
+}
+
+impl AlignedBufMut {
+    /// Room for `capacity` bytes, none filled yet.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let mut buf = AlignedBuf::uninit(capacity).0;
+        buf.len = 0;
+        AlignedBufMut {
+            buf,
+            filled: 0,
+            capacity,
+        }
+    }
+
+    /// Bytes filled so far.
+    pub fn len(&self) -> usize {
+        self.filled
+    }
+
+    /// True when nothing was filled yet.
+    pub fn is_empty(&self) -> bool {
+        self.filled == 0
+    }
+
+    /// The filled bytes, without a copy.
+    pub fn freeze(mut self) -> bytes::Bytes {
+        self.buf.len = self.filled;
+        bytes::Bytes::from_owner(self.buf)
+    }
+}
+
+// SAFETY: `chunk_mut` covers exactly the unfilled tail of our allocation, and `advance_mut`
+// only counts bytes the caller has written there (its contract), so the first `filled`
+// bytes are always initialised.
+unsafe impl bytes::BufMut for AlignedBufMut {
+    fn remaining_mut(&self) -> usize {
+        self.capacity - self.filled
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        assert!(
+            cnt <= self.remaining_mut(),
+            "advance past the end of the buffer"
+        );
+        self.filled += cnt;
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        // SAFETY: the allocation holds `capacity` bytes; the tail from `filled` is ours.
+        unsafe {
+            bytes::buf::UninitSlice::from_raw_parts_mut(
+                self.buf.as_mut_ptr().add(self.filled),
+                self.capacity - self.filled,
+            )
+        }
+    }
+}
+
 /// An [`AlignedBuf`] not yet filled; reading it is impossible until it is.
 pub(crate) struct Uninit(AlignedBuf);
 
@@ -151,6 +216,20 @@ mod tests {
             assert_eq!(buf.len(), len);
             assert!(buf.iter().all(|&b| b == 0));
         }
+    }
+
+    #[test]
+    fn buf_mut_fills_and_freezes_aligned() {
+        use bytes::BufMut;
+        let mut buf = AlignedBufMut::with_capacity(8192);
+        buf.put_slice(&[7u8; 5000]);
+        buf.put_slice(&[9u8; 3192]);
+        assert_eq!(buf.remaining_mut(), 0);
+        let bytes = buf.freeze();
+        assert_eq!(bytes.as_ptr() as usize % ALIGN, 0);
+        assert_eq!(bytes.len(), 8192);
+        assert!(bytes[..5000].iter().all(|&b| b == 7) && bytes[5000..].iter().all(|&b| b == 9));
+        assert!(AlignedBufMut::with_capacity(100).freeze().is_empty());
     }
 
     #[test]
