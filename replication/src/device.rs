@@ -237,7 +237,7 @@ impl FileDevice {
         } else {
             meta.len()
         };
-        if options.cache == CacheMode::None && size % ALIGN as u64 != 0 {
+        if options.cache == CacheMode::None && !size.is_multiple_of(ALIGN as u64) {
             return Err(DeviceError::UnalignedSize {
                 path: path.to_path_buf(),
                 size,
@@ -301,7 +301,7 @@ impl FileDevice {
     fn guard(&self, offset: u64, len: u64) -> BlockGuard<'_> {
         if !self.direct() {
             BlockGuard::None
-        } else if offset % ALIGN as u64 == 0 && len % ALIGN as u64 == 0 {
+        } else if offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN as u64) {
             BlockGuard::Shared(self.blocks.read().unwrap_or_else(|e| e.into_inner()))
         } else {
             BlockGuard::Exclusive(self.blocks.write().unwrap_or_else(|e| e.into_inner()))

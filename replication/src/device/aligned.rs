@@ -13,12 +13,12 @@ pub const ALIGN: usize = 4096;
 
 /// True when `offset` and `len` are both multiples of [`ALIGN`].
 pub fn is_aligned(offset: u64, len: usize) -> bool {
-    offset % ALIGN as u64 == 0 && len % ALIGN == 0
+    offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
 }
 
 /// True when `buf` starts at an [`ALIGN`]ed address and its length is a multiple of it.
 pub fn is_aligned_slice(buf: &[u8]) -> bool {
-    buf.as_ptr() as usize % ALIGN == 0 && buf.len() % ALIGN == 0
+    (buf.as_ptr() as usize).is_multiple_of(ALIGN) && buf.len().is_multiple_of(ALIGN)
 }
 
 /// A heap buffer of `len` bytes starting at an [`ALIGN`]ed address.
