@@ -32,18 +32,26 @@ mod engine_uring;
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use io_uring::{opcode, types};
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use aligned::{is_aligned, AlignedBuf, AlignedBufMut, ALIGN};
 use engine::Engine;
+use engine_uring::{AsyncRing, Keep};
+
+/// A device operation running without a thread hand-off ([`BackingDevice::read_async`]).
+pub type DeviceFuture<T> = Pin<Box<dyn Future<Output = Result<T, DeviceError>> + Send + 'static>>;
 pub use engine::{EngineChoice, IoEngine};
 
 /// Errors of a backing device. Each variant says which operation failed and keeps the cause.
@@ -106,6 +114,20 @@ pub trait BackingDevice: Send + Sync + 'static {
         let mut buf = vec![0u8; len];
         self.read_at(&mut buf, offset)?;
         Ok(Bytes::from(buf))
+    }
+    /// Read on the async runtime itself when the device can (io_uring under `O_DIRECT`, an
+    /// aligned request, inside a tokio runtime). `None`: call [`BackingDevice::read_owned`]
+    /// on a blocking thread instead.
+    fn read_async(&self, offset: u64, len: usize) -> Option<DeviceFuture<Bytes>> {
+        let _ = (offset, len);
+        None
+    }
+    /// Write `data` at `offset` on the async runtime itself when the device can (as
+    /// [`BackingDevice::read_async`], with `data` in aligned memory); with `fua` it is
+    /// durable on completion. `None`: use the blocking methods instead.
+    fn write_async(&self, data: &Bytes, offset: u64, fua: bool) -> Option<DeviceFuture<()>> {
+        let _ = (data, offset, fua);
+        None
     }
     /// Write all of `buf` at `offset`; the data may sit in a volatile cache until `flush`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError>;
@@ -171,14 +193,16 @@ pub struct DeviceOptions {
 /// Positional I/O on a regular file or a block device.
 #[derive(Debug)]
 pub struct FileDevice {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     size: AtomicU64,
     is_block_device: bool,
     cache: CacheMode,
     engine: Arc<dyn Engine>,
     /// Shared by aligned writes, exclusive for read-modify-write (see the module doc).
-    blocks: RwLock<()>,
+    blocks: Arc<RwLock<()>>,
+    /// The shared ring of async callers, started on the first async call.
+    ring: OnceLock<Option<Arc<AsyncRing>>>,
 }
 
 const ZERO_CHUNK: usize = 1 << 20;
@@ -247,13 +271,14 @@ impl FileDevice {
         tracing::info!(path = %path.display(), cache = %options.cache, engine = %engine.kind(),
             "backing device opened");
         Ok(FileDevice {
-            file,
+            file: Arc::new(file),
             path: path.to_path_buf(),
             size: AtomicU64::new(size),
             is_block_device,
             cache: options.cache,
             engine,
-            blocks: RwLock::new(()),
+            blocks: Arc::new(RwLock::new(())),
+            ring: OnceLock::new(),
         })
     }
 
@@ -297,15 +322,40 @@ impl FileDevice {
         }
     }
 
-    /// The lock a change of `[offset, offset + len)` needs (none without `O_DIRECT`).
+    /// The lock a change of `[offset, offset + len)` needs (none without `O_DIRECT`). Waits
+    /// only when contended, which must not happen on an async worker thread: like every
+    /// blocking method, callers on a runtime use a blocking thread.
     fn guard(&self, offset: u64, len: u64) -> BlockGuard<'_> {
         if !self.direct() {
             BlockGuard::None
         } else if offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN as u64) {
-            BlockGuard::Shared(self.blocks.read().unwrap_or_else(|e| e.into_inner()))
+            BlockGuard::Shared(match self.blocks.try_read() {
+                Ok(guard) => guard,
+                Err(_) => self.blocks.blocking_read(),
+            })
         } else {
-            BlockGuard::Exclusive(self.blocks.write().unwrap_or_else(|e| e.into_inner()))
+            BlockGuard::Exclusive(match self.blocks.try_write() {
+                Ok(guard) => guard,
+                Err(_) => self.blocks.blocking_write(),
+            })
         }
+    }
+
+    /// The shared ring for async callers: io_uring under `O_DIRECT`, inside a runtime.
+    fn async_ring(&self) -> Option<&Arc<AsyncRing>> {
+        if !self.direct() || self.engine.kind() != IoEngine::IoUring {
+            return None;
+        }
+        self.ring
+            .get_or_init(|| match AsyncRing::start() {
+                Ok(ring) => ring,
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e,
+                        "cannot start a shared io_uring; async I/O uses blocking threads");
+                    None
+                }
+            })
+            .as_ref()
     }
 
     /// Read exactly `len` bytes at `offset` into `ptr`.
@@ -546,6 +596,93 @@ impl BackingDevice for FileDevice {
 
     fn cached_writes(&self) -> bool {
         self.cache == CacheMode::Writeback
+    }
+
+    fn read_async(&self, offset: u64, len: usize) -> Option<DeviceFuture<Bytes>> {
+        if len == 0 || !is_aligned(offset, len) || len > u32::MAX as usize {
+            return None;
+        }
+        if let Err(e) = self.check_range(offset, len as u64) {
+            return Some(Box::pin(std::future::ready(Err(e))));
+        }
+        let ring = self.async_ring()?;
+        let mut buf = AlignedBuf::uninit(len);
+        let entry = opcode::Read::new(types::Fd(self.fd()), buf.as_mut_ptr(), len as u32)
+            .offset(offset)
+            .build();
+        let rx = ring
+            .submit(entry, Keep::Read(buf), Arc::clone(&self.file))
+            .ok()?;
+        Some(Box::pin(async move {
+            let err = Self::io_err("read", offset, len as u64);
+            let (res, keep) = rx
+                .await
+                .map_err(|_| err(io::Error::other("io_uring completion lost")))?;
+            let err = Self::io_err("read", offset, len as u64);
+            match (res, keep) {
+                (res, _) if res < 0 => Err(err(io::Error::from_raw_os_error(-res))),
+                (res, Keep::Read(buf)) if res as usize == len => {
+                    // SAFETY: the kernel wrote all `len` bytes.
+                    Ok(Bytes::from_owner(unsafe { buf.assume_filled() }))
+                }
+                _ => Err(err(io::ErrorKind::UnexpectedEof.into())),
+            }
+        }))
+    }
+
+    fn write_async(&self, data: &Bytes, offset: u64, fua: bool) -> Option<DeviceFuture<()>> {
+        let len = data.len();
+        if len == 0
+            || !aligned::is_aligned_slice(data)
+            || !is_aligned(offset, len)
+            || len > u32::MAX as usize
+        {
+            return None;
+        }
+        if let Err(e) = self.check_range(offset, len as u64) {
+            return Some(Box::pin(std::future::ready(Err(e))));
+        }
+        let ring = self.async_ring()?;
+        // A read-modify-write in progress: take the blocking path, which waits for it.
+        let guard = Arc::clone(&self.blocks).try_read_owned().ok()?;
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        let entry = opcode::Write::new(types::Fd(self.fd()), data.as_ptr(), len as u32)
+            .offset(offset)
+            .rw_flags(flags)
+            .build();
+        let rx = ring
+            .submit(
+                entry,
+                Keep::Write {
+                    _data: data.clone(),
+                    _guard: guard,
+                },
+                Arc::clone(&self.file),
+            )
+            .ok()?;
+        let op = if fua { "write (FUA)" } else { "write" };
+        Some(Box::pin(async move {
+            let err = Self::io_err(op, offset, len as u64);
+            let (res, _keep) = rx
+                .await
+                .map_err(|_| err(io::Error::other("io_uring completion lost")))?;
+            let err = Self::io_err(op, offset, len as u64);
+            if res < 0 {
+                Err(err(io::Error::from_raw_os_error(-res)))
+            } else if res as usize != len {
+                Err(err(io::ErrorKind::WriteZero.into()))
+            } else {
+                Ok(())
+            }
+        }))
+    }
+}
+
+impl Drop for FileDevice {
+    fn drop(&mut self) {
+        if let Some(Some(ring)) = self.ring.get() {
+            ring.close();
+        }
     }
 }
 
@@ -821,6 +958,78 @@ mod tests {
             FileDevice::open(&path),
             Err(DeviceError::UnalignedSize { size: 4608, .. })
         ));
+    }
+
+    fn aligned_bytes(len: usize, seed: u8) -> Bytes {
+        let mut buf = AlignedBufMut::with_capacity(len);
+        bytes::BufMut::put_slice(&mut buf, &pattern(len, seed));
+        buf.freeze()
+    }
+
+    /// Aligned requests under O_DIRECT with io_uring wait for the disk on the runtime; the
+    /// thread-pool engine, writeback and unaligned requests decline (the caller blocks).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_reads_and_writes_on_the_shared_ring() {
+        let (_dir, dev) = device_with(
+            1 << 20,
+            DeviceOptions {
+                cache: CacheMode::None,
+                engine: EngineChoice::IoUring,
+            },
+        );
+        let dev = Arc::new(dev);
+        let writes: Vec<_> = (0..64u8)
+            .map(|i| {
+                let data = aligned_bytes(4096, i);
+                let write = dev
+                    .write_async(&data, u64::from(i) * 4096, i % 3 == 0)
+                    .expect("an aligned write goes async");
+                tokio::spawn(write)
+            })
+            .collect();
+        for w in writes {
+            w.await.unwrap().unwrap();
+        }
+        for i in 0..64u8 {
+            let got = dev
+                .read_async(u64::from(i) * 4096, 4096)
+                .unwrap()
+                .await
+                .unwrap();
+            assert_eq!(got, pattern(4096, i), "block {i}");
+            assert_eq!(got.as_ptr() as usize % ALIGN, 0);
+        }
+        // What the async path wrote, the blocking path reads, and the other way round.
+        let sync_back = dev.read_owned(0, 64 * 4096).unwrap();
+        assert_eq!(&sync_back[4096..8192], &pattern(4096, 1)[..]);
+        dev.write_at(&pattern(4096, 99), 8192).unwrap();
+        assert_eq!(
+            dev.read_async(8192, 4096).unwrap().await.unwrap(),
+            pattern(4096, 99)
+        );
+        // Out of range: refused at once.
+        assert!(matches!(
+            dev.read_async(1 << 20, 4096).unwrap().await,
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        // Unaligned offset, length or memory: the caller takes the blocking path.
+        assert!(dev.read_async(512, 4096).is_none());
+        assert!(dev.read_async(0, 1000).is_none());
+        let unaligned = Bytes::from(vec![1u8; 4097]).slice(1..);
+        assert!(dev.write_async(&unaligned, 0, false).is_none());
+        // A read-modify-write holding the block lock: the async write declines too.
+        let exclusive = dev.blocks.try_write().unwrap();
+        assert!(dev.write_async(&aligned_bytes(4096, 1), 0, false).is_none());
+        drop(exclusive);
+        assert!(dev.write_async(&aligned_bytes(4096, 1), 0, false).is_some());
+
+        for options in [ALL[1], ALL[2]] {
+            let (_dir, other) = device_with(1 << 20, options);
+            assert!(other.read_async(0, 4096).is_none(), "{options:?}");
+            assert!(other
+                .write_async(&aligned_bytes(4096, 1), 0, false)
+                .is_none());
+        }
     }
 
     #[test]

@@ -20,8 +20,8 @@
 //! Per host, under the cluster's temp dir `<tmp>/tdm-<pid>-<n>-XXXX/<host>/`:
 //! `tandem.toml` (every host in `[[nodes]]`, the witness `diskless = true` and without
 //! `[[pools]]`), `state/`, `run/` (`tandemd.sock`, `nbd.sock`), `images/` (the `files`
-//! pool, data hosts only; a tmpfs of `pool_size` bytes when set, so [`Cluster::fill_pool`]
-//! hits a real ENOSPC without touching other tests), `tandemd.log` (appended across
+//! pool, data hosts only; a tmpfs of `pool_size` bytes when set, with `cache = "writeback"`,
+//! so [`Cluster::fill_pool`] hits a real ENOSPC without touching other tests), `tandemd.log` (appended across
 //! restarts). `<tmp>/.../secret` is shared (mode 0600).
 //!
 //! Drop (also while unwinding from a panic) kills every process in the namespaces,
@@ -220,8 +220,14 @@ impl Cluster {
             let pool = if host.diskless {
                 String::new()
             } else {
+                // A tmpfs pool has no O_DIRECT before Linux 6.6 (CI runs Debian 12's 6.1).
+                let cache = if spec.pool_size.is_some() {
+                    "cache = \"writeback\"\n"
+                } else {
+                    ""
+                };
                 format!(
-                    "\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{}/images\"\n",
+                    "\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{}/images\"\n{cache}",
                     host.dir.display()
                 )
             };

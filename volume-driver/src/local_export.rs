@@ -1,6 +1,8 @@
 //! An [`ExportHandle`] over one local [`BackingDevice`]: the I/O path of a volume that has no
-//! peer to replicate to. Device calls block, so each runs on tokio's blocking pool, except
-//! small cached writes ([`write_is_inline`]), as on a replicated volume.
+//! peer to replicate to. Aligned reads and writes the device can do asynchronously
+//! (io_uring under `O_DIRECT`) wait for the disk on the runtime; other device calls block,
+//! so each runs on tokio's blocking pool, except small cached writes ([`write_is_inline`]),
+//! as on a replicated volume.
 
 use std::sync::Arc;
 
@@ -86,12 +88,18 @@ impl ExportHandle for LocalExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportIoError> {
+        if let Some(read) = self.device.read_async(offset, len as usize) {
+            return read.await.map_err(|e| device_error(&self.name, e));
+        }
         self.run(move |dev| dev.read_owned(offset, len as usize))
             .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportIoError> {
         self.check_writable()?;
+        if let Some(write) = self.device.write_async(&data, offset, fua) {
+            return write.await.map_err(|e| device_error(&self.name, e));
+        }
         if write_is_inline(self.device.as_ref(), offset, data.len(), fua) {
             return self
                 .device
