@@ -715,14 +715,7 @@ impl Primary {
 
         // A large or durable request starts on the local disk now, in parallel with the
         // peers; a small cached write is done on this task once the peers have it.
-        // An aligned write the device can do asynchronously (io_uring under O_DIRECT) is
-        // submitted now too, without a blocking thread.
         let blocking = (!op.applies_inline(&*inner.device, offset)).then(|| {
-            if let Op::Write { data, fua } = &op {
-                if let Some(write) = inner.device.write_async(data, offset, *fua) {
-                    return tokio::spawn(write);
-                }
-            }
             let device = inner.device.clone();
             let local_op = op.clone();
             tokio::task::spawn_blocking(move || local_op.apply(&*device, offset))

@@ -40,11 +40,10 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 use io_uring::{opcode, types};
-use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use aligned::{is_aligned, AlignedBuf, AlignedBufMut, ALIGN};
 use engine::Engine;
@@ -122,13 +121,6 @@ pub trait BackingDevice: Send + Sync + 'static {
         let _ = (offset, len);
         None
     }
-    /// Write `data` at `offset` on the async runtime itself when the device can (as
-    /// [`BackingDevice::read_async`], with `data` in aligned memory); with `fua` it is
-    /// durable on completion. `None`: use the blocking methods instead.
-    fn write_async(&self, data: &Bytes, offset: u64, fua: bool) -> Option<DeviceFuture<()>> {
-        let _ = (data, offset, fua);
-        None
-    }
     /// Write all of `buf` at `offset`; the data may sit in a volatile cache until `flush`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError>;
     /// Write all of `buf` at `offset` and return only when it is on stable storage (FUA).
@@ -200,7 +192,7 @@ pub struct FileDevice {
     cache: CacheMode,
     engine: Arc<dyn Engine>,
     /// Shared by aligned writes, exclusive for read-modify-write (see the module doc).
-    blocks: Arc<RwLock<()>>,
+    blocks: RwLock<()>,
     /// The shared ring of async callers, started on the first async call.
     ring: OnceLock<Option<Arc<AsyncRing>>>,
 }
@@ -277,7 +269,7 @@ impl FileDevice {
             is_block_device,
             cache: options.cache,
             engine,
-            blocks: Arc::new(RwLock::new(())),
+            blocks: RwLock::new(()),
             ring: OnceLock::new(),
         })
     }
@@ -322,22 +314,14 @@ impl FileDevice {
         }
     }
 
-    /// The lock a change of `[offset, offset + len)` needs (none without `O_DIRECT`). Waits
-    /// only when contended, which must not happen on an async worker thread: like every
-    /// blocking method, callers on a runtime use a blocking thread.
+    /// The lock a change of `[offset, offset + len)` needs (none without `O_DIRECT`).
     fn guard(&self, offset: u64, len: u64) -> BlockGuard<'_> {
         if !self.direct() {
             BlockGuard::None
         } else if offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN as u64) {
-            BlockGuard::Shared(match self.blocks.try_read() {
-                Ok(guard) => guard,
-                Err(_) => self.blocks.blocking_read(),
-            })
+            BlockGuard::Shared(self.blocks.read().unwrap_or_else(|e| e.into_inner()))
         } else {
-            BlockGuard::Exclusive(match self.blocks.try_write() {
-                Ok(guard) => guard,
-                Err(_) => self.blocks.blocking_write(),
-            })
+            BlockGuard::Exclusive(self.blocks.write().unwrap_or_else(|e| e.into_inner()))
         }
     }
 
@@ -629,53 +613,6 @@ impl BackingDevice for FileDevice {
             }
         }))
     }
-
-    fn write_async(&self, data: &Bytes, offset: u64, fua: bool) -> Option<DeviceFuture<()>> {
-        let len = data.len();
-        if len == 0
-            || !aligned::is_aligned_slice(data)
-            || !is_aligned(offset, len)
-            || len > u32::MAX as usize
-        {
-            return None;
-        }
-        if let Err(e) = self.check_range(offset, len as u64) {
-            return Some(Box::pin(std::future::ready(Err(e))));
-        }
-        let ring = self.async_ring()?;
-        // A read-modify-write in progress: take the blocking path, which waits for it.
-        let guard = Arc::clone(&self.blocks).try_read_owned().ok()?;
-        let flags = if fua { libc::RWF_DSYNC } else { 0 };
-        let entry = opcode::Write::new(types::Fd(self.fd()), data.as_ptr(), len as u32)
-            .offset(offset)
-            .rw_flags(flags)
-            .build();
-        let rx = ring
-            .submit(
-                entry,
-                Keep::Write {
-                    _data: data.clone(),
-                    _guard: guard,
-                },
-                Arc::clone(&self.file),
-            )
-            .ok()?;
-        let op = if fua { "write (FUA)" } else { "write" };
-        Some(Box::pin(async move {
-            let err = Self::io_err(op, offset, len as u64);
-            let (res, _keep) = rx
-                .await
-                .map_err(|_| err(io::Error::other("io_uring completion lost")))?;
-            let err = Self::io_err(op, offset, len as u64);
-            if res < 0 {
-                Err(err(io::Error::from_raw_os_error(-res)))
-            } else if res as usize != len {
-                Err(err(io::ErrorKind::WriteZero.into()))
-            } else {
-                Ok(())
-            }
-        }))
-    }
 }
 
 impl Drop for FileDevice {
@@ -960,16 +897,10 @@ mod tests {
         ));
     }
 
-    fn aligned_bytes(len: usize, seed: u8) -> Bytes {
-        let mut buf = AlignedBufMut::with_capacity(len);
-        bytes::BufMut::put_slice(&mut buf, &pattern(len, seed));
-        buf.freeze()
-    }
-
-    /// Aligned requests under O_DIRECT with io_uring wait for the disk on the runtime; the
+    /// Aligned reads under O_DIRECT with io_uring wait for the disk on the runtime; the
     /// thread-pool engine, writeback and unaligned requests decline (the caller blocks).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn async_reads_and_writes_on_the_shared_ring() {
+    async fn async_reads_on_the_shared_ring() {
         let (_dir, dev) = device_with(
             1 << 20,
             DeviceOptions {
@@ -978,57 +909,37 @@ mod tests {
             },
         );
         let dev = Arc::new(dev);
-        let writes: Vec<_> = (0..64u8)
+        for i in 0..64u8 {
+            dev.write_at(&pattern(4096, i), u64::from(i) * 4096)
+                .unwrap();
+        }
+        let reads: Vec<_> = (0..64u8)
             .map(|i| {
-                let data = aligned_bytes(4096, i);
-                let write = dev
-                    .write_async(&data, u64::from(i) * 4096, i % 3 == 0)
-                    .expect("an aligned write goes async");
-                tokio::spawn(write)
+                let read = dev
+                    .read_async(u64::from(i) * 4096, 4096)
+                    .expect("an aligned read goes async");
+                tokio::spawn(read)
             })
             .collect();
-        for w in writes {
-            w.await.unwrap().unwrap();
-        }
-        for i in 0..64u8 {
-            let got = dev
-                .read_async(u64::from(i) * 4096, 4096)
-                .unwrap()
-                .await
-                .unwrap();
-            assert_eq!(got, pattern(4096, i), "block {i}");
+        for (i, read) in reads.into_iter().enumerate() {
+            let got = read.await.unwrap().unwrap();
+            assert_eq!(got, pattern(4096, i as u8), "block {i}");
             assert_eq!(got.as_ptr() as usize % ALIGN, 0);
         }
-        // What the async path wrote, the blocking path reads, and the other way round.
-        let sync_back = dev.read_owned(0, 64 * 4096).unwrap();
-        assert_eq!(&sync_back[4096..8192], &pattern(4096, 1)[..]);
-        dev.write_at(&pattern(4096, 99), 8192).unwrap();
-        assert_eq!(
-            dev.read_async(8192, 4096).unwrap().await.unwrap(),
-            pattern(4096, 99)
-        );
+        let big = dev.read_async(0, 64 * 4096).unwrap().await.unwrap();
+        assert_eq!(big, dev.read_owned(0, 64 * 4096).unwrap());
         // Out of range: refused at once.
         assert!(matches!(
             dev.read_async(1 << 20, 4096).unwrap().await,
             Err(DeviceError::OutOfRange { .. })
         ));
-        // Unaligned offset, length or memory: the caller takes the blocking path.
+        // Unaligned offset or length: the caller takes the blocking path.
         assert!(dev.read_async(512, 4096).is_none());
         assert!(dev.read_async(0, 1000).is_none());
-        let unaligned = Bytes::from(vec![1u8; 4097]).slice(1..);
-        assert!(dev.write_async(&unaligned, 0, false).is_none());
-        // A read-modify-write holding the block lock: the async write declines too.
-        let exclusive = dev.blocks.try_write().unwrap();
-        assert!(dev.write_async(&aligned_bytes(4096, 1), 0, false).is_none());
-        drop(exclusive);
-        assert!(dev.write_async(&aligned_bytes(4096, 1), 0, false).is_some());
 
         for options in [ALL[1], ALL[2]] {
             let (_dir, other) = device_with(1 << 20, options);
             assert!(other.read_async(0, 4096).is_none(), "{options:?}");
-            assert!(other
-                .write_async(&aligned_bytes(4096, 1), 0, false)
-                .is_none());
         }
     }
 

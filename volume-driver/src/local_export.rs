@@ -1,6 +1,6 @@
 //! An [`ExportHandle`] over one local [`BackingDevice`]: the I/O path of a volume that has no
-//! peer to replicate to. Aligned reads and writes the device can do asynchronously
-//! (io_uring under `O_DIRECT`) wait for the disk on the runtime; other device calls block,
+//! peer to replicate to. Aligned reads the device can do asynchronously (io_uring under
+//! `O_DIRECT`) wait for the disk on the runtime; other device calls block,
 //! so each runs on tokio's blocking pool, except small cached writes ([`write_is_inline`]),
 //! as on a replicated volume.
 
@@ -97,9 +97,6 @@ impl ExportHandle for LocalExport {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportIoError> {
         self.check_writable()?;
-        if let Some(write) = self.device.write_async(&data, offset, fua) {
-            return write.await.map_err(|e| device_error(&self.name, e));
-        }
         if write_is_inline(self.device.as_ref(), offset, data.len(), fua) {
             return self
                 .device
