@@ -1,7 +1,8 @@
 //! The backing device: the local disk a replica lives on.
 //!
 //! ```text
-//! BackingDevice (trait: size, read_at, read_owned, write_at, flush, discard, write_zeroes, set_size)
+//! BackingDevice (trait: size, read_at, read_owned, read_async, write_at, flush, discard,
+//!                 write_zeroes, set_size)
 //!   └── FileDevice (a regular file or a block device, positional I/O on one descriptor)
 //!         ├── CacheMode::None       O_DIRECT (default): aligned buffers, no host page cache
 //!         ├── CacheMode::Writeback  through the page cache (file systems without O_DIRECT)
@@ -11,7 +12,10 @@
 //! The engine never assumes what is behind the trait: the `file` pool hands out sparse
 //! files, the `lvm-thin` pool hands out `/dev/<vg>/<lv>` block devices, and both are opened
 //! as a [`FileDevice`]. All methods are blocking and thread-safe (`&self`); async callers run
-//! them on a blocking thread pool.
+//! them on a blocking thread pool. The exception is [`BackingDevice::read_async`]: with
+//! io_uring under `O_DIRECT`, an aligned read is submitted to a ring shared by the device's
+//! async callers and awaited on the runtime, without a thread hand-off. Writes stay on
+//! `pwritev2` in a blocking thread, which measured faster (see `engine_uring.rs`).
 //!
 //! Durability contract: `write_at` may leave data in a volatile cache (the page cache, or
 //! the disk's own write cache under `O_DIRECT`); data is durable only after `flush` returns,
