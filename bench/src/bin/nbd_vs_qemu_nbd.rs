@@ -14,6 +14,15 @@
 //!
 //! Before every fio run the backing file is synced and dropped from the page cache, and
 //! each row is measured `--repeat` times per server, alternating, keeping the best.
+//!
+//! What we saw in three runs on the 2-vCPU dev VM while other engineers' builds and TCG
+//! guests kept it loaded (load average 8-10): throughput ratios swung from 0.5x to 2.9x run
+//! to run, and the `tandem` and `thread-pool*` write columns, which run the same code
+//! (writes use `pwritev2` on both engines), differed by up to 2x, so the ratios mostly
+//! measure the neighbours. CPU per request does not: reads cost less than qemu-nbd's (4 KiB
+//! QD1 64-77 us against 78-94 us, QD32 18-27 us against 24-30 us; before reads went through
+//! the shared ring, 132 us and 45 us); writes cost more (4 KiB QD32 43-61 us against
+//! 24-36 us, 1 MiB sequential 899-1065 us against 687-907 us per MiB).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
