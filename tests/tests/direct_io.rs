@@ -17,12 +17,11 @@ use tandem_tests::TandemNode;
 
 const MIB: u64 = 1 << 20;
 
-/// A node with three pools: the default (`cache = "none"`, engine `auto`), a thread-pool
-/// engine pool and a `writeback` pool, all on the test's temp directory (ext4 in CI).
-fn node() -> TandemNode {
-    let mut node = TandemNode::with_config(|root| {
-        format!(
-            r#"node = "hv1"
+/// A one-node config with `pools` (TOML `[[pools]]` entries; `{root}` is the test's
+/// temp directory).
+fn config(root: &Path, pools: &str) -> String {
+    format!(
+        r#"node = "hv1"
 state_dir = "{root}/state"
 run_dir = "{root}/run"
 secret_file = "{root}/secret"
@@ -31,7 +30,19 @@ secret_file = "{root}/secret"
 name = "hv1"
 control = "127.0.0.1:7700"
 replication = "127.0.0.1:7788"
+{pools}"#,
+        root = root.display(),
+        pools = pools.replace("{root}", &root.display().to_string())
+    )
+}
 
+/// A node with three pools: the default (`cache = "none"`, engine `auto`), a thread-pool
+/// engine pool and a `writeback` pool, all on the test's temp directory (ext4 in CI).
+fn node() -> TandemNode {
+    let mut node = TandemNode::with_config(|root| {
+        config(
+            root,
+            r#"
 [[pools]]
 name = "direct"
 backend = "file"
@@ -49,7 +60,6 @@ backend = "file"
 path = "{root}/images-cached"
 cache = "writeback"
 "#,
-            root = root.display()
         )
     });
     node.start();
@@ -209,23 +219,9 @@ fn both_engines_serve_aligned_and_unaligned_requests() {
 #[test]
 fn cache_none_is_refused_where_o_direct_fails() {
     let node = TandemNode::with_config(|root| {
-        format!(
-            r#"node = "hv1"
-state_dir = "{root}/state"
-run_dir = "{root}/run"
-secret_file = "{root}/secret"
-
-[[nodes]]
-name = "hv1"
-control = "127.0.0.1:7700"
-replication = "127.0.0.1:7788"
-
-[[pools]]
-name = "ram"
-backend = "file"
-path = "{root}/ram"
-"#,
-            root = root.display()
+        config(
+            root,
+            "\n[[pools]]\nname = \"ram\"\nbackend = \"file\"\npath = \"{root}/ram\"\n",
         )
     });
     let ram = node.root().join("ram");
