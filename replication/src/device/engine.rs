@@ -6,9 +6,11 @@
 //!   └── SyncEngine    pread/pwritev2/fdatasync on the calling thread (engine_sync.rs)
 //! ```
 //!
-//! Device calls are blocking and run on the caller's thread (tokio's blocking pool), so both
-//! engines are thread-pool engines in that sense; io_uring is preferred because FUA becomes
-//! one `RWF_DSYNC` write and flush, discard and zeroing are ring operations. `Auto` picks
+//! Blocking device calls run on the caller's thread (tokio's blocking pool) with either
+//! engine. With io_uring, reads, flushes, hole punching and zeroing are ring operations, and
+//! a device's async aligned reads share one ring awaited on the runtime (`AsyncRing`);
+//! writes are `pwritev2` with both engines (`RWF_DSYNC` for FUA; see `engine_uring.rs` for
+//! why). `Auto` picks
 //! io_uring when a probe ring works and falls back to [`SyncEngine`] where io_uring is
 //! unavailable or refused (seccomp, containers, `kernel.io_uring_disabled`), with a warning.
 //! `ThreadPool` forces the fallback (pool key `io_engine = "thread-pool"`).
