@@ -737,13 +737,25 @@ impl Primary {
         }
 
         // Number and queue the request in one step, so every peer's queue holds requests
-        // and barriers in seq/epoch order.
+        // and barriers in seq/epoch order. In flight on each link from before it is
+        // queued (the WriteAck cannot come first) until its WriteAck (`peer_task`).
         let sendable: Vec<PeerId> = permits.iter().map(|(id, _)| *id).collect();
+        for (_, permit) in &permits {
+            let in_flight = &permit.in_flight().application;
+            in_flight.fetch_add(len, Ordering::Relaxed);
+        }
         let (started, waiter) = inner.step(&mut permits, |books| {
             let started = books.core.start_request(offset, &op, &sendable);
             let waiter = books.waiter(started.wait);
             (started, waiter)
         });
+        // Permits left over belong to links that left meanwhile: not sent there.
+        for (_, permit) in &permits {
+            permit
+                .in_flight()
+                .application
+                .fetch_sub(len, Ordering::Relaxed);
+        }
 
         let local = match blocking {
             Some(task) => task.await,
@@ -857,10 +869,14 @@ async fn wait_for_peers(
 
 async fn peer_task(inner: Arc<Inner>, id: PeerId, name: String, mut receiver: LinkReceiver) {
     while let Some(msg) = receiver.recv().await {
-        let replicated = inner.step(&mut Vec::new(), |books| {
-            books.core.handle_peer_message(id, msg);
-            books.core.is_replicated()
+        let (acked, replicated) = inner.step(&mut Vec::new(), |books| {
+            let acked = books.core.handle_peer_message(id, msg);
+            (acked, books.core.is_replicated())
         });
+        if acked > 0 {
+            let in_flight = &receiver.in_flight().application;
+            in_flight.fetch_sub(acked, Ordering::Relaxed);
+        }
         if replicated {
             inner.replicated.notify_waiters();
         }

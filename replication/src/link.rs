@@ -228,6 +228,20 @@ struct Shared {
     received_bytes: AtomicU64,
     /// Microseconds; 0 until the first Pong.
     rtt_us: AtomicU64,
+    in_flight: InFlight,
+}
+
+/// Bytes sent on a link and not yet acknowledged, by kind of traffic (DRBD's ap-in-flight
+/// and rs-in-flight). The link only carries them: the data path and the resync source,
+/// which know what an acknowledgement covers, add and subtract
+/// ([`LinkSender::in_flight`], [`crate::stats::hold`]).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    /// Application requests (writes, trims, write-zeroes) the peer has not acknowledged
+    /// as written.
+    pub application: AtomicU64,
+    /// Resync ranges the peer has not acknowledged.
+    pub resync: AtomicU64,
 }
 
 /// A link's traffic and latency so far (for status and metrics).
@@ -237,6 +251,16 @@ pub struct LinkFigures {
     pub received_bytes: u64,
     /// Round-trip time of the last Ping, in microseconds (none answered yet: `None`).
     pub rtt_us: Option<u64>,
+    /// Less than a quarter of the send budget is free: senders wait, or soon will, for
+    /// the peer to take what is queued (DRBD's congested).
+    #[serde(default)]
+    pub congested: bool,
+    /// See [`InFlight::application`].
+    #[serde(default)]
+    pub app_in_flight_bytes: u64,
+    /// See [`InFlight::resync`].
+    #[serde(default)]
+    pub resync_in_flight_bytes: u64,
 }
 
 impl Shared {
@@ -293,6 +317,11 @@ pub struct SendPermit {
 }
 
 impl SendPermit {
+    /// The in-flight figures of the permit's link.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.sender.shared.in_flight
+    }
+
     /// Queue `msg` (encoded now) without waiting.
     pub fn send(mut self, msg: &Message) -> Result<(), LinkDown> {
         let budget = std::mem::take(&mut self.budget);
@@ -395,13 +424,23 @@ impl LinkSender {
         self.shared.down_reason()
     }
 
-    /// Bytes sent and received on this link and its last ping's round trip.
+    /// The bytes in flight on this link, for its users to keep.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.shared.in_flight
+    }
+
+    /// Bytes sent and received on this link, its last ping's round trip, whether it is
+    /// congested and what is in flight. Atomic loads only.
     pub fn figures(&self) -> LinkFigures {
-        let rtt = self.shared.rtt_us.load(Ordering::Relaxed);
+        let s = &self.shared;
+        let rtt = s.rtt_us.load(Ordering::Relaxed);
         LinkFigures {
-            sent_bytes: self.shared.sent_bytes.load(Ordering::Relaxed),
-            received_bytes: self.shared.received_bytes.load(Ordering::Relaxed),
+            sent_bytes: s.sent_bytes.load(Ordering::Relaxed),
+            received_bytes: s.received_bytes.load(Ordering::Relaxed),
             rtt_us: (rtt > 0).then_some(rtt),
+            congested: s.send_budget.available_permits() < s.send_budget_total / 4,
+            app_in_flight_bytes: s.in_flight.application.load(Ordering::Relaxed),
+            resync_in_flight_bytes: s.in_flight.resync.load(Ordering::Relaxed),
         }
     }
 
@@ -439,6 +478,11 @@ impl LinkReceiver {
     /// Why the link is down, or `None` while it is up.
     pub fn down_reason(&self) -> Option<LinkDown> {
         self.shared.down_reason()
+    }
+
+    /// The bytes in flight on this link (see [`LinkSender::in_flight`]).
+    pub fn in_flight(&self) -> &InFlight {
+        &self.shared.in_flight
     }
 }
 
@@ -774,6 +818,7 @@ where
         sent_bytes: AtomicU64::new(0),
         received_bytes: AtomicU64::new(0),
         rtt_us: AtomicU64::new(0),
+        in_flight: InFlight::default(),
     });
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (in_tx, in_rx) = mpsc::unbounded_channel();
@@ -1121,6 +1166,20 @@ mod tests {
         assert!(fb.received_bytes > 64 << 10, "{fb:?}");
         assert!(fa.rtt_us.is_some_and(|us| us < 1_000_000), "{fa:?}");
         assert!(fb.rtt_us.is_some(), "{fb:?}");
+    }
+
+    #[tokio::test]
+    async fn a_link_is_congested_while_most_of_its_send_budget_is_taken() {
+        let (a, b) = pair_with(hello("a"), hello("b")).await;
+        let (a, _b) = (a.unwrap(), b.unwrap());
+        assert!(!a.sender.figures().congested);
+        let total = fast().send_budget;
+        let quarter_left = a.sender.reserve(total - total / 4).await.unwrap();
+        assert!(!a.sender.figures().congested, "a quarter is still free");
+        let more = a.sender.reserve(1).await.unwrap();
+        assert!(a.sender.figures().congested);
+        drop((quarter_left, more));
+        assert!(!a.sender.figures().congested);
     }
 
     #[tokio::test]

@@ -1,10 +1,12 @@
 //! Per-volume I/O statistics the data path records and a metrics exporter reads: latency
-//! histograms and byte and write counters, atomics only (no lock, no allocation), so that
-//! recording costs a request a few relaxed atomic adds.
+//! histograms, byte and write counters and pending-request gauges, atomics only (no lock,
+//! no allocation), so that recording costs a request a few relaxed atomic adds.
 //!
 //! ```text
 //! Replica::read/write/flush ── IoStats::{read,write,flush}.{local,peer}.observe(d)
 //!                                 └── LatencyHistogram: [AtomicU64; buckets], count, sum
+//! Replica::read/write/...  ─── hold(&pending_upper, 1)   (application requests in the engine)
+//! PendingDevice::*         ─── hold(&pending_lower, 1)   (calls on the local disk)
 //! tandemd /metrics ─────────── IoStats::*.snapshot() -> HistogramSnapshot (cumulative)
 //! ```
 //!
@@ -15,7 +17,10 @@
 //! which Prometheus tolerates (it never reads them as one transaction either).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::device::{BackingDevice, DeviceError};
 
 /// Upper bounds of the latency buckets, in seconds (the last, +Inf, is implicit).
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -122,6 +127,12 @@ pub struct IoStats {
     pub al_writes: AtomicU64,
     /// Bitmap flushes made durable.
     pub bitmap_writes: AtomicU64,
+    /// Application requests in the engine, from their arrival until they complete,
+    /// waits included (DRBD's upper pending). A gauge.
+    pub pending_upper: AtomicU64,
+    /// Calls on the local disk in progress, whoever made them: the application's
+    /// requests, a peer's replicated writes, resync (DRBD's lower pending). A gauge.
+    pub pending_lower: AtomicU64,
 }
 
 impl IoStats {
@@ -133,6 +144,78 @@ impl IoStats {
     /// A counter's value.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+/// `n` added to a gauge until dropped (a request pending, bytes in flight).
+#[must_use = "the gauge goes down when this is dropped"]
+pub struct Held<'a> {
+    gauge: &'a AtomicU64,
+    n: u64,
+}
+
+/// Add `n` to `gauge` until the returned [`Held`] is dropped.
+pub fn hold(gauge: &AtomicU64, n: u64) -> Held<'_> {
+    gauge.fetch_add(n, Ordering::Relaxed);
+    Held { gauge, n }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.gauge.fetch_sub(self.n, Ordering::Relaxed);
+    }
+}
+
+/// A [`BackingDevice`] that counts its calls in progress in
+/// [`IoStats::pending_lower`]; everything else is the inner device's.
+pub struct PendingDevice {
+    inner: Arc<dyn BackingDevice>,
+    stats: Arc<IoStats>,
+}
+
+impl PendingDevice {
+    pub fn new(inner: Arc<dyn BackingDevice>, stats: Arc<IoStats>) -> Self {
+        PendingDevice { inner, stats }
+    }
+
+    fn pending(&self) -> Held<'_> {
+        hold(&self.stats.pending_lower, 1)
+    }
+}
+
+impl BackingDevice for PendingDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        let _pending = self.pending();
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        let _pending = self.pending();
+        self.inner.write_at(buf, offset)
+    }
+    fn write_at_durable(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        let _pending = self.pending();
+        self.inner.write_at_durable(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        let _pending = self.pending();
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let _pending = self.pending();
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DeviceError> {
+        let _pending = self.pending();
+        self.inner.write_zeroes(offset, len, may_unmap)
+    }
+    fn set_size(&self, size: u64) {
+        self.inner.set_size(size)
+    }
+    fn cached_writes(&self) -> bool {
+        self.inner.cached_writes()
     }
 }
 
@@ -163,6 +246,67 @@ mod tests {
         for (s, n) in LATENCY_BUCKETS.iter().zip(BUCKET_NANOS) {
             assert_eq!((s * 1e9).round() as u64, n);
         }
+    }
+
+    #[test]
+    fn a_held_gauge_goes_back_down_when_dropped() {
+        let stats = IoStats::default();
+        let a = hold(&stats.pending_upper, 1);
+        let b = hold(&stats.pending_upper, 1);
+        assert_eq!(IoStats::get(&stats.pending_upper), 2);
+        drop(a);
+        assert_eq!(IoStats::get(&stats.pending_upper), 1);
+        drop(b);
+        assert_eq!(IoStats::get(&stats.pending_upper), 0);
+    }
+
+    /// A device whose writes block until told to finish.
+    struct GatedDevice(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+    impl BackingDevice for GatedDevice {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> Result<(), DeviceError> {
+            let _ = self.0.lock().unwrap().recv();
+            Ok(())
+        }
+        fn write_at_durable(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+            self.write_at(buf, offset)
+        }
+        fn flush(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn set_size(&self, _: u64) {}
+    }
+
+    #[test]
+    fn a_device_call_is_pending_lower_while_it_runs() {
+        let (finish, gate) = std::sync::mpsc::channel();
+        let stats = Arc::new(IoStats::default());
+        let device = Arc::new(PendingDevice::new(
+            Arc::new(GatedDevice(std::sync::Mutex::new(gate))),
+            stats.clone(),
+        ));
+        let d = device.clone();
+        let write = std::thread::spawn(move || d.write_at(&[1; 512], 0));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while IoStats::get(&stats.pending_lower) == 0 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(IoStats::get(&stats.pending_lower), 1);
+        finish.send(()).unwrap();
+        write.join().unwrap().unwrap();
+        assert_eq!(IoStats::get(&stats.pending_lower), 0);
     }
 
     #[test]

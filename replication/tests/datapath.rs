@@ -393,9 +393,18 @@ async fn ack_point_with(protocol: ReplicationProtocol, cached: bool) -> bool {
     }
     std::thread::sleep(Duration::from_millis(300));
     let completed_while_blocked = write.is_finished();
+    // Under every protocol the write is in flight on the link until its WriteAck (DRBD's
+    // ap-in-flight), and nothing is once the peer has acknowledged everything.
+    let peer = pair.primary.connected_peers().pop().expect("a peer");
+    let in_flight = || {
+        let sender = pair.primary.peer_sender(&peer);
+        sender.map(|s| s.figures().app_in_flight_bytes)
+    };
+    assert_eq!(in_flight(), Some(4096));
     s.dev.set_gate(true);
     write.await.unwrap().unwrap();
     pair.primary.wait_replicated().await;
+    assert_eq!(in_flight(), Some(0));
     assert_eq!(sha256_file(&p.path), sha256_file(&s.path));
     completed_while_blocked
 }

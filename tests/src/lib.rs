@@ -7,6 +7,7 @@ pub mod checker;
 pub mod cluster;
 pub mod fake_nbd;
 pub mod ha;
+pub mod lab;
 pub mod libvirt;
 pub mod loopback_cluster;
 pub mod nbd_client;

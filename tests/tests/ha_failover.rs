@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tandem_tests::ha::{self, Agent};
 use tandem_tests::libvirt::{self, Cluster, LibvirtHost};
+use tandem_tests::prometheus::http_get;
 use tandem_tests::vm::{ImageBuilder, Vm};
 use tandem_tests::wait_until;
 
@@ -547,6 +548,19 @@ fn drill(bed: &Bed, hv2: &LibvirtHost, kill: &str) {
     let ms = report["failover_ms"].as_u64().unwrap();
     eprintln!("[ha] drill: failover {:.2} s", ms as f64 / 1000.0);
     assert!(ms < 10_000, "{report}");
+    // hv2's agent counts and times the failover on its metrics endpoint (ha.toml's
+    // default metrics_listen), and shows vm1 running there.
+    let want = [
+        r#"tandem_ha_failovers_total{node="hv2"} 1"#,
+        r#"tandem_ha_failover_duration_seconds_count{node="hv2"} 1"#,
+        r#"tandem_ha_vm_running_here{node="hv2",vm="vm1"} 1"#,
+    ];
+    let mut scrape = String::new();
+    let counted = wait_until(Duration::from_secs(5), || {
+        scrape = http_get(&hv2.netns, "127.0.0.1:9943", "/metrics").unwrap_or_default();
+        want.iter().all(|w| scrape.lines().any(|l| l == *w))
+    });
+    assert!(counted, "hv2's tandem-ha metrics lack {want:?}:\n{scrape}");
     // A drill on a VM that does not run on the named host measures nothing: refused.
     let refused = ha::ha(
         hv2,

@@ -6,7 +6,9 @@
 //!    fio writes 96 MiB through hv1's NBD socket, then healed with the resync rate limited
 //!    to 16 MiB/s while fio keeps writing. Through Prometheus's HTTP API: the out-of-sync
 //!    figure for hv2 rises, falls through intermediate values and reaches 0, and the write
-//!    latency histogram's counts (local disk and peer acknowledgement) grow. The scrape
+//!    latency histogram's counts (local disk and peer acknowledgement) grow, requests were
+//!    pending and writes in flight to hv2 under load, and nothing is left in flight once
+//!    idle. The scrape
 //!    passes `promtool check metrics`; the alerts pass `promtool check rules`; every metric
 //!    the dashboard and the alerts use is exported by tandemd (or, for `tandem_ha_*`, by
 //!    tandem-ha).
@@ -263,6 +265,33 @@ fn prometheus_sees_a_resync_fall_and_write_latency_grow_and_the_dashboard_matche
             "{q} did not grow: {counts:?}"
         );
     }
+    // While fio wrote, requests were pending in the engine and writes were in flight to
+    // hv2; once everything was acknowledged and idle, nothing was left in flight.
+    let max_and_last = |q: &str| {
+        let series = prometheus.query_range(q, started, ended);
+        let values: Vec<f64> = series
+            .first()
+            .map(|s| s.1.iter().map(|x| x.1).collect())
+            .unwrap_or_default();
+        let max = values.iter().copied().fold(0.0, f64::max);
+        (max, values.last().copied(), values)
+    };
+    for q in [
+        format!(r#"tandem_device_upper_pending{{volume="{VOL}"}}"#),
+        format!(r#"tandem_connection_app_in_flight_bytes{{volume="{VOL}",peer="hv2"}}"#),
+    ] {
+        let (max, last, values) = max_and_last(&q);
+        assert!(max > 0.0, "{q} never above 0: {values:?}");
+        assert_eq!(last, Some(0.0), "{q} after the load: {values:?}");
+    }
+    for q in [
+        format!(r#"tandem_connection_resync_in_flight_bytes{{volume="{VOL}",peer="hv2"}}"#),
+        format!(r#"tandem_device_lower_pending{{volume="{VOL}"}}"#),
+        format!(r#"tandem_connection_congested{{volume="{VOL}",peer="hv2"}}"#),
+    ] {
+        let (_, last, values) = max_and_last(&q);
+        assert_eq!(last, Some(0.0), "{q} after the load: {values:?}");
+    }
     eprintln!(
         "out-of-sync peak {:.0} MiB, {} falling samples; {}s of samples",
         peak / (1 << 20) as f64,
@@ -306,6 +335,15 @@ fn prometheus_sees_a_resync_fall_and_write_latency_grow_and_the_dashboard_matche
         "the dashboard or alerts use metrics nobody exports: {missing:?}\nexported: {exported:?}"
     );
     assert!(used.len() >= 20, "{used:?}");
+    for name in [
+        "tandem_connection_congested",
+        "tandem_connection_app_in_flight_bytes",
+        "tandem_connection_resync_in_flight_bytes",
+        "tandem_device_lower_pending",
+        "tandem_device_upper_pending",
+    ] {
+        assert!(used.contains(name), "the dashboard does not show {name}");
+    }
     drop(prometheus);
     cluster.stop("hv1");
 }

@@ -26,4 +26,5 @@ pub mod report;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod test_switch;
 pub mod units;

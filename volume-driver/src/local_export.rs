@@ -1,15 +1,18 @@
 //! An [`ExportHandle`] over one local [`BackingDevice`]: the I/O path of a volume that has no
 //! peer to replicate to. Aligned reads the device can do asynchronously (io_uring under
-//! `O_DIRECT`) wait for the disk on the runtime; other device calls block,
-//! so each runs on tokio's blocking pool, except small cached writes ([`write_is_inline`]),
-//! as on a replicated volume.
+//! `O_DIRECT`) wait for the disk on the runtime; other device calls block, so each runs on
+//! tokio's blocking pool, except small cached writes ([`write_is_inline`]), as on a
+//! replicated volume. Requests are recorded in the volume's [`IoStats`] as the engine records
+//! a replicated volume's (local latency only: there is no peer).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use replication::datapath::write_is_inline;
 use replication::device::{BackingDevice, DeviceError};
+use replication::stats::{hold, IoStats, OpLatency};
 
 use crate::frontend::{ExportHandle, ExportIoError, IoErrorKind};
 
@@ -18,15 +21,46 @@ pub struct LocalExport {
     name: String,
     device: Arc<dyn BackingDevice>,
     read_only: bool,
+    stats: Arc<IoStats>,
 }
 
 impl LocalExport {
-    pub fn new(name: impl Into<String>, device: Arc<dyn BackingDevice>, read_only: bool) -> Self {
+    /// The export of `device`, recording into `stats` (the caller counts the device's
+    /// calls in `stats.pending_lower` if it wants them, see `replication::stats`).
+    pub fn new(
+        name: impl Into<String>,
+        device: Arc<dyn BackingDevice>,
+        read_only: bool,
+        stats: Arc<IoStats>,
+    ) -> Self {
         LocalExport {
             name: name.into(),
             device,
             read_only,
+            stats,
         }
+    }
+
+    /// Run `request`, counted as pending; a success is timed into `latency` (if any) and
+    /// adds `bytes` to `counter` (if any).
+    async fn recorded<T>(
+        &self,
+        latency: Option<&OpLatency>,
+        counter: Option<(&std::sync::atomic::AtomicU64, u64)>,
+        request: impl std::future::Future<Output = Result<T, ExportIoError>>,
+    ) -> Result<T, ExportIoError> {
+        let _pending = hold(&self.stats.pending_upper, 1);
+        let started = Instant::now();
+        let result = request.await;
+        if result.is_ok() {
+            if let Some(latency) = latency {
+                latency.observe(started.elapsed(), None);
+            }
+            if let Some((counter, bytes)) = counter {
+                IoStats::add(counter, bytes);
+            }
+        }
+        result
     }
 
     async fn run<T, F>(&self, op: F) -> Result<T, ExportIoError>
@@ -88,38 +122,51 @@ impl ExportHandle for LocalExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportIoError> {
-        if let Some(read) = self.device.read_async(offset, len as usize) {
-            return read.await.map_err(|e| device_error(&self.name, e));
-        }
-        self.run(move |dev| dev.read_owned(offset, len as usize))
+        let read = async {
+            if let Some(read) = self.device.read_async(offset, len as usize) {
+                return read.await.map_err(|e| device_error(&self.name, e));
+            }
+            self.run(move |dev| dev.read_owned(offset, len as usize))
+                .await
+        };
+        let bytes = (&self.stats.read_bytes, u64::from(len));
+        self.recorded(Some(&self.stats.read), Some(bytes), read)
             .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportIoError> {
         self.check_writable()?;
-        if write_is_inline(self.device.as_ref(), offset, data.len(), fua) {
-            return self
-                .device
-                .write_at(&data, offset)
-                .map_err(|e| device_error(&self.name, e));
-        }
-        self.run(move |dev| {
-            if fua {
-                dev.write_at_durable(&data, offset)
-            } else {
-                dev.write_at(&data, offset)
+        let bytes = (&self.stats.written_bytes, data.len() as u64);
+        let write = async {
+            if write_is_inline(self.device.as_ref(), offset, data.len(), fua) {
+                return self
+                    .device
+                    .write_at(&data, offset)
+                    .map_err(|e| device_error(&self.name, e));
             }
-        })
-        .await
+            self.run(move |dev| {
+                if fua {
+                    dev.write_at_durable(&data, offset)
+                } else {
+                    dev.write_at(&data, offset)
+                }
+            })
+            .await
+        };
+        self.recorded(Some(&self.stats.write), Some(bytes), write)
+            .await
     }
 
     async fn flush(&self) -> Result<(), ExportIoError> {
-        self.run(|dev| dev.flush()).await
+        let flush = self.run(|dev| dev.flush());
+        self.recorded(Some(&self.stats.flush), None, flush).await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), ExportIoError> {
         self.check_writable()?;
-        self.run(move |dev| dev.discard(offset, len)).await
+        let trim = self.run(move |dev| dev.discard(offset, len));
+        let bytes = (&self.stats.written_bytes, len);
+        self.recorded(None, Some(bytes), trim).await
     }
 
     async fn write_zeroes(
@@ -129,7 +176,8 @@ impl ExportHandle for LocalExport {
         may_unmap: bool,
     ) -> Result<(), ExportIoError> {
         self.check_writable()?;
-        self.run(move |dev| dev.write_zeroes(offset, len, may_unmap))
-            .await
+        let zeroes = self.run(move |dev| dev.write_zeroes(offset, len, may_unmap));
+        let bytes = (&self.stats.written_bytes, len);
+        self.recorded(None, Some(bytes), zeroes).await
     }
 }

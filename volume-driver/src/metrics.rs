@@ -4,10 +4,11 @@
 //!
 //! Every name starts with `tandem_` and every series carries `node`. The families follow
 //! drbd-reactor's (resource, connection, device, peer device) with Tandem's words for the
-//! labels (`volume`, `peer`, `pool`), plus what drbd-reactor lacks: latency histograms
-//! (`tandem_io_latency_seconds`, split into the local disk and the peer acknowledgement),
-//! resync rate and ETA, pool capacity and NBD connections. States are state sets, DRBD's
-//! spelling in the label, exactly one series at 1:
+//! labels (`volume`, `peer`, `pool`; its `lowerpending` and `upperpending` are
+//! `device_lower_pending` and `device_upper_pending`), plus what drbd-reactor lacks:
+//! latency histograms (`tandem_io_latency_seconds`, split into the local disk and the peer
+//! acknowledgement), resync rate and ETA, pool capacity and NBD connections. States are
+//! state sets, DRBD's spelling in the label, exactly one series at 1:
 //! `tandem_volume_role{volume="vm-1",role="Primary"} 1`.
 //!
 //! Nothing here runs on the data path: the data path only adds to atomics
@@ -15,6 +16,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use control_api::{ConnectionState, DiskState, PoolInfo, ReplicationState, Role, VolumeStatus};
@@ -325,6 +327,25 @@ impl Snapshot {
             links.iter().map(|(l, k)| ((*l).clone(), k.received_bytes)),
         )?;
         f.gauges(
+            "connection_congested",
+            "1 while less than a quarter of the link's send budget is free (senders wait, or soon will, for the peer)",
+            links.iter().map(|(l, k)| ((*l).clone(), flag(k.congested))),
+        )?;
+        f.gauges(
+            "connection_app_in_flight_bytes",
+            "Bytes of application requests sent to the peer and not yet acknowledged as written",
+            links
+                .iter()
+                .map(|(l, k)| ((*l).clone(), int(k.app_in_flight_bytes))),
+        )?;
+        f.gauges(
+            "connection_resync_in_flight_bytes",
+            "Bytes of resync sent to the peer and not yet acknowledged",
+            links
+                .iter()
+                .map(|(l, k)| ((*l).clone(), int(k.resync_in_flight_bytes))),
+        )?;
+        f.gauges(
             "connection_rtt_seconds",
             "Round-trip time of the link's last ping (queued behind data under load)",
             links
@@ -386,37 +407,40 @@ impl Snapshot {
                 ]
             }),
         )?;
-        let counter = |name: &str, help: &str, get: fn(&IoStats) -> u64, f: &mut Family| {
-            f.counters(
-                name,
-                help,
-                io.iter()
-                    .map(|(v, s)| (vec![("volume", v.clone())], get(s))),
-            )
+        // One series per volume of the atomic `get` picks.
+        let per_volume = |get: fn(&IoStats) -> &AtomicU64| {
+            io.iter()
+                .map(move |(v, s)| (vec![("volume", v.clone())], IoStats::get(get(s))))
         };
-        counter(
+        f.counters(
             "device_read_bytes",
             "Bytes read by applications",
-            |s| IoStats::get(&s.read_bytes),
-            f,
+            per_volume(|s| &s.read_bytes),
         )?;
-        counter(
+        f.counters(
             "device_written_bytes",
             "Bytes written by applications (writes, trims, write-zeroes)",
-            |s| IoStats::get(&s.written_bytes),
-            f,
+            per_volume(|s| &s.written_bytes),
         )?;
-        counter(
+        f.counters(
             "device_al_writes",
             "Activity-log transactions written",
-            |s| IoStats::get(&s.al_writes),
-            f,
+            per_volume(|s| &s.al_writes),
         )?;
-        counter(
+        f.counters(
             "device_bitmap_writes",
             "Bitmap flushes written",
-            |s| IoStats::get(&s.bitmap_writes),
-            f,
+            per_volume(|s| &s.bitmap_writes),
+        )?;
+        f.gauges(
+            "device_upper_pending",
+            "Application requests in progress on this node, waits included",
+            per_volume(|s| &s.pending_upper).map(|(l, n)| (l, int(n))),
+        )?;
+        f.gauges(
+            "device_lower_pending",
+            "Calls on the local disk in progress (requests, peers' writes, resync)",
+            per_volume(|s| &s.pending_lower).map(|(l, n)| (l, int(n))),
         )
     }
 
@@ -460,6 +484,9 @@ mod tests {
             sent_bytes: 300,
             received_bytes: 200,
             rtt_us: Some(250),
+            congested: true,
+            app_in_flight_bytes: 8192,
+            resync_in_flight_bytes: 4096,
         });
         s
     }
@@ -470,6 +497,7 @@ mod tests {
         io.write
             .observe(Duration::from_micros(80), Some(Duration::from_micros(300)));
         IoStats::add(&io.written_bytes, 4096);
+        IoStats::add(&io.pending_lower, 3);
         let text = render(Snapshot {
             node: "hv2".into(),
             statuses: vec![status()],
@@ -503,6 +531,11 @@ mod tests {
             r#"tandem_nbd_connections{node="hv2",volume="vm-1"} 2"#,
             r#"tandem_connection_sent_bytes_total{node="hv2",volume="vm-1",peer="hv1"} 300"#,
             r#"tandem_connection_rtt_seconds{node="hv2",volume="vm-1",peer="hv1"} 0.00025"#,
+            r#"tandem_connection_congested{node="hv2",volume="vm-1",peer="hv1"} 1"#,
+            r#"tandem_connection_app_in_flight_bytes{node="hv2",volume="vm-1",peer="hv1"} 8192"#,
+            r#"tandem_connection_resync_in_flight_bytes{node="hv2",volume="vm-1",peer="hv1"} 4096"#,
+            r#"tandem_device_lower_pending{node="hv2",volume="vm-1"} 3"#,
+            r#"tandem_device_upper_pending{node="hv2",volume="vm-1"} 0"#,
             "# TYPE tandem_io_latency_seconds histogram",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");

@@ -490,6 +490,7 @@ impl VolumeService {
                     since: std::time::Instant::now(),
                 }),
                 runtime: None,
+                io: Default::default(),
             },
         );
         Ok(())

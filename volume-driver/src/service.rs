@@ -32,7 +32,7 @@ use control_api::{
 };
 use replication::auth::Secret;
 use replication::device::{BackingDevice, CacheMode, DeviceOptions, FileDevice};
-use replication::stats::IoStats;
+use replication::stats::{IoStats, PendingDevice};
 
 use crate::config::Config;
 use crate::engine::{Engine, NoEngine, PeerPlan, ReplicaPlan};
@@ -82,6 +82,9 @@ pub(crate) struct Slot {
     pub(crate) reservation: Option<Reservation>,
     /// The engine's replica of a replicated volume, with the frontend bookkeeping.
     pub(crate) runtime: Option<Arc<ReplicaRuntime>>,
+    /// An unreplicated volume's I/O statistics (its exports record them); a replicated
+    /// volume's are the engine's.
+    pub(crate) io: Arc<IoStats>,
 }
 
 /// The token of a coordinated create and when it was taken.
@@ -99,6 +102,7 @@ impl Slot {
             device: None,
             reservation: None,
             runtime: None,
+            io: Arc::default(),
         }
     }
 }
@@ -457,10 +461,10 @@ impl VolumeService {
                     format!("volume '{name}' has no storage on this node"),
                 ));
             } else {
-                Some(
-                    self.device_of(slot, name)
-                        .map_err(|m| ApiError::new(ErrorKind::Backend, m))?,
-                )
+                let device: Arc<dyn BackingDevice> = self
+                    .device_of(slot, name)
+                    .map_err(|m| ApiError::new(ErrorKind::Backend, m))?;
+                Some(crate::test_switch::wrap(device))
             };
             (plan, device)
         };
@@ -568,6 +572,7 @@ impl VolumeService {
                     device: None,
                     reservation: None,
                     runtime: None,
+                    io: Arc::default(),
                 },
             );
             Claim {
@@ -927,17 +932,29 @@ impl VolumeService {
         names.iter().filter_map(|n| self.status(n).ok()).collect()
     }
 
-    /// The I/O statistics of every volume whose replica runs here, by volume name.
+    /// The I/O statistics of every volume served here, by volume name: a replicated
+    /// volume's from its running replica, an unreplicated one's from its slot.
     pub fn io_stats_all(&self) -> Vec<(String, Arc<IoStats>)> {
-        let runtimes: Vec<(String, Arc<ReplicaRuntime>)> = self
-            .lock()
-            .iter()
-            .filter_map(|(n, s)| Some((n.clone(), s.runtime.clone()?)))
-            .collect();
-        runtimes
-            .into_iter()
-            .filter_map(|(n, r)| Some((n, r.replica().io_stats()?)))
-            .collect()
+        let mut runtimes: Vec<(String, Arc<ReplicaRuntime>)> = Vec::new();
+        let mut stats = Vec::new();
+        for (name, slot) in self.lock().iter() {
+            let Some(definition) = &slot.definition else {
+                continue;
+            };
+            if let Some(runtime) = &slot.runtime {
+                runtimes.push((name.clone(), runtime.clone()));
+            } else if !definition.is_replicated() && slot.state != VolumeState::Missing {
+                stats.push((name.clone(), slot.io.clone()));
+            }
+        }
+        // The engine is asked without the registry lock.
+        stats.extend(
+            runtimes
+                .into_iter()
+                .filter_map(|(n, r)| Some((n, r.replica().io_stats()?))),
+        );
+        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        stats
     }
 
     /// `volume_promote`. An unreplicated volume is always writable here: a no-op.
@@ -1110,9 +1127,12 @@ impl VolumeService {
             };
         }
         let device = self.device_of(slot, name).map_err(OpenError::Refused)?;
-        let device: Arc<dyn BackingDevice> = device;
+        let device: Arc<dyn BackingDevice> = Arc::new(PendingDevice::new(device, slot.io.clone()));
         Ok(Opened::Local(Arc::new(LocalExport::new(
-            name, device, !writable,
+            name,
+            device,
+            !writable,
+            slot.io.clone(),
         ))))
     }
 }
@@ -1162,6 +1182,34 @@ pub(crate) mod tests {
             Err(OpenError::NotFound(_))
         ));
         assert!(!dir.path().join("images/v1.img").exists());
+    }
+
+    #[tokio::test]
+    async fn an_unreplicated_volume_records_its_io_for_the_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        service.create_local("u1", 1 << 20, None).await.unwrap();
+        let handle = service.open("u1", true).await.unwrap();
+        handle
+            .write(0, Bytes::from(vec![1u8; 8192]), false)
+            .await
+            .unwrap();
+        assert_eq!(handle.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
+        handle.flush().await.unwrap();
+        handle.trim(8192, 4096).await.unwrap();
+        let all = service.io_stats_all();
+        let [(name, io)] = &all[..] else {
+            panic!("one volume expected: {:?}", all.len());
+        };
+        assert_eq!(name, "u1");
+        assert_eq!(IoStats::get(&io.written_bytes), 8192 + 4096);
+        assert_eq!(IoStats::get(&io.read_bytes), 4096);
+        assert_eq!(io.write.local.snapshot().count, 1);
+        assert_eq!(io.write.peer.snapshot().count, 0, "no peer to wait for");
+        assert_eq!(io.read.local.snapshot().count, 1);
+        assert_eq!(io.flush.local.snapshot().count, 1);
+        assert_eq!(IoStats::get(&io.pending_upper), 0);
+        assert_eq!(IoStats::get(&io.pending_lower), 0);
     }
 
     #[tokio::test]

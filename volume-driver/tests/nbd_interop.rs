@@ -110,6 +110,7 @@ impl Exports for TestExports {
             name,
             vol.device.clone(),
             vol.read_only,
+            Arc::default(),
         )))
     }
 }

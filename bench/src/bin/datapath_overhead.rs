@@ -13,8 +13,9 @@
 //!
 //! Each row also prints the process's CPU time per request (both replicas run in this
 //! process). The last lines measure, in the same run, what the metrics recording adds to
-//! one replicated write (the engine's `IoStats` histograms and counters, the data path's
-//! timestamps, the link's byte counters: `replication::stats`), on two threads sharing one
+//! one replicated write (the engine's `IoStats` histograms, counters and pending gauges, the
+//! data path's timestamps, the link's byte and in-flight counters: `replication::stats`,
+//! `replication::link::InFlight`), on two threads sharing one
 //! volume's statistics, and print it as a share of the replicated QD32 row's CPU time per
 //! request. That share is what recording costs the data path, measured without the noise
 //! of a shared machine, which a before/after comparison of whole runs cannot resolve.
@@ -31,8 +32,8 @@ use clap::Parser;
 use replication::auth::Secret;
 use replication::datapath::{run_secondary, Primary, PrimaryConfig, SecondaryConfig};
 use replication::device::{BackingDevice, FileDevice};
-use replication::link::{LinkConfig, PeerLink};
-use replication::stats::IoStats;
+use replication::link::{InFlight, LinkConfig, PeerLink};
+use replication::stats::{hold, IoStats};
 use replication::wire::{Hello, ReplicationProtocol};
 use tandem_bench::cpu_time;
 use tokio::net::TcpListener;
@@ -143,25 +144,34 @@ async fn run(
 
 /// What recording adds to one replicated write, per request: two threads doing, `n` times
 /// each, exactly the recording work of a write (three timestamps, the write's local and
-/// peer histograms, the byte counter, the link's sent and received counters) on one
-/// shared `IoStats`, as concurrent requests of one volume do.
+/// peer histograms, the byte counter, the upper and lower pending gauges, the link's sent,
+/// received and in-flight counters) on one shared `IoStats`, as concurrent requests of
+/// one volume do.
 fn recording_cost(n: u64) -> Result<Duration> {
     let stats = Arc::new(IoStats::default());
     let link = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let in_flight = Arc::new(InFlight::default());
     let cpu_before = cpu_time(std::process::id())?;
     let threads: Vec<_> = (0..2)
         .map(|_| {
             let stats = Arc::clone(&stats);
             let link = Arc::clone(&link);
+            let in_flight = Arc::clone(&in_flight);
             std::thread::spawn(move || {
                 for _ in 0..n {
+                    let upper = hold(&stats.pending_upper, 1);
                     let t0 = Instant::now();
+                    let lower = hold(&stats.pending_lower, 1);
+                    drop(std::hint::black_box(lower));
                     let local = t0.elapsed();
+                    IoStats::add(&in_flight.application, 4096);
+                    in_flight.application.fetch_sub(4096, Ordering::Relaxed);
                     let peer = t0.elapsed();
                     stats.write.observe(local, Some(peer));
                     IoStats::add(&stats.written_bytes, 4096);
                     link[0].fetch_add(4160, Ordering::Relaxed);
                     link[1].fetch_add(64, Ordering::Relaxed);
+                    drop(std::hint::black_box(upper));
                 }
             })
         })

@@ -90,7 +90,12 @@ impl Exports for OneExport {
         if name != EXPORT {
             return Err(OpenError::NotFound(name.to_string()));
         }
-        Ok(Arc::new(LocalExport::new(name, self.device.clone(), false)))
+        Ok(Arc::new(LocalExport::new(
+            name,
+            self.device.clone(),
+            false,
+            Arc::default(),
+        )))
     }
 }
 

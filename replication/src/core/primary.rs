@@ -7,7 +7,7 @@
 //!  try_claim / release / reserve     the in-flight table (overlapping requests wait)
 //!  start_request(offset, op, peers)  -> Started {seq, epoch, wait, unacknowledged}
 //!  start_flush(wait)                 -> Option<WaitId>
-//!  handle_peer_message(peer, msg)    RecvAck / WriteAck / FlushAck / Extension
+//!  handle_peer_message(peer, msg)    RecvAck / WriteAck / FlushAck / Extension -> bytes acked
 //!  handle_link_down(peer)            pending ranges out of sync, waits re-decided
 //!  poll_action()                     <- SendRequest | Send | OutOfSync | PeersDone | Reject | Extension
 //! ```
@@ -352,11 +352,13 @@ impl PrimaryCore {
         id.filter(|w| self.open_wait(*w, WaitKind::Flush, sent))
     }
 
-    /// A message from an attached peer.
-    pub fn handle_peer_message(&mut self, peer: PeerId, msg: Message) {
+    /// A message from an attached peer. Returns the length of the request a WriteAck
+    /// acknowledged (0 for any other message), for the shell's bytes in flight.
+    pub fn handle_peer_message(&mut self, peer: PeerId, msg: Message) -> u64 {
         let Some(i) = self.peers.iter().position(|p| p.id == peer) else {
-            return;
+            return 0;
         };
+        let mut acked = 0;
         let violation = match msg {
             Message::RecvAck { seq } => match self.peers[i].writes.get_mut(&seq) {
                 Some(w) => {
@@ -371,6 +373,7 @@ impl PrimaryCore {
             },
             Message::WriteAck { seq, outcome } => match self.peers[i].writes.remove(&seq) {
                 Some(w) => {
+                    acked = w.len;
                     if outcome == WriteOutcome::Failed {
                         self.actions.push_back(PrimaryAction::OutOfSync {
                             peer: self.peers[i].name.clone(),
@@ -408,6 +411,7 @@ impl PrimaryCore {
             self.actions
                 .push_back(PrimaryAction::Reject { peer, reason });
         }
+        acked
     }
 
     /// The peer's link is down: its pending requests are out of sync for it, and every wait

@@ -586,20 +586,27 @@ fn seeded_fault_schedules_keep_every_promise_of_protocol_c() {
     }
 }
 
-#[test]
-fn the_simulator_catches_an_acknowledgement_before_the_peer() {
-    let faults = Faults {
-        primary: PrimaryFaults {
-            ack_before_peer: true,
-            ..PrimaryFaults::default()
-        },
-        ..Faults::default()
-    };
+/// Some seed's schedule breaks a promise under `faults`, and the violation names one of
+/// `kinds`.
+fn assert_caught(faults: Faults, kinds: &[&str]) {
     let (seed, violation) = first_violation(faults).expect("no schedule caught the fault");
     assert!(
-        violation.contains("after a failover") || violation.contains("completed flush"),
+        kinds.iter().any(|k| violation.contains(k)),
         "seed {seed}: {violation}"
     );
+}
+
+#[test]
+fn the_simulator_catches_an_acknowledgement_before_the_peer() {
+    let primary = PrimaryFaults {
+        ack_before_peer: true,
+        ..PrimaryFaults::default()
+    };
+    let faults = Faults {
+        primary,
+        ..Faults::default()
+    };
+    assert_caught(faults, &["after a failover", "completed flush"]);
 }
 
 #[test]
@@ -608,27 +615,20 @@ fn the_simulator_catches_a_secondary_without_its_activity_log() {
         skip_activity_log: true,
         ..Faults::default()
     };
-    let (seed, violation) = first_violation(faults).expect("no schedule caught the fault");
-    assert!(
-        violation.contains("after resync"),
-        "seed {seed}: {violation}"
-    );
+    assert_caught(faults, &["after resync"]);
 }
 
 #[test]
 fn the_simulator_catches_a_peer_loss_without_bitmap_marks() {
+    let primary = PrimaryFaults {
+        no_bitmap_on_loss: true,
+        ..PrimaryFaults::default()
+    };
     let faults = Faults {
-        primary: PrimaryFaults {
-            no_bitmap_on_loss: true,
-            ..PrimaryFaults::default()
-        },
+        primary,
         ..Faults::default()
     };
-    let (seed, violation) = first_violation(faults).expect("no schedule caught the fault");
-    assert!(
-        violation.contains("after resync"),
-        "seed {seed}: {violation}"
-    );
+    assert_caught(faults, &["after resync"]);
 }
 
 /// `TANDEM_SIM_SEED=N` replays one schedule (with `TANDEM_SIM_TRACE=1`, step by step).

@@ -32,7 +32,7 @@ use crate::quorum::{self, Member, MemberStatus, OnNoQuorum, QuorumMode};
 use crate::role::{
     self, ConnectionState, DiskState, PeerView, PromoteContext, Protocol, ReplicationState, Role,
 };
-use crate::stats::IoStats;
+use crate::stats::{hold, IoStats, PendingDevice};
 use crate::wire::{Hello, ReplicationProtocol};
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,6 +186,10 @@ impl Replica {
         device: Option<Arc<dyn BackingDevice>>,
     ) -> Result<Arc<Replica>, EngineError> {
         let volume = spec.volume.clone();
+        // Every call on the local disk (requests, peers' writes, resync) is counted.
+        let stats = Arc::new(IoStats::default());
+        let device = device
+            .map(|d| Arc::new(PendingDevice::new(d, stats.clone())) as Arc<dyn BackingDevice>);
         if spec.peers.iter().any(|p| p.name == node.cfg.name) {
             return Err(EngineError::InvalidRequest(format!(
                 "{volume}: the peer list names this node ({})",
@@ -361,7 +365,7 @@ impl Replica {
             writes: Arc::default(),
             recent_peer_writes: Arc::default(),
             local_failures: Arc::default(),
-            stats: Arc::default(),
+            stats,
         });
         {
             let mut st = lock(&replica.st);
@@ -1737,6 +1741,7 @@ impl Replica {
 
     /// Read from the local replica (Primary and UpToDate only).
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
+        let _pending = hold(&self.stats.pending_upper, 1);
         self.admit().await?;
         self.check_range(offset, u64::from(len))?;
         let Some(dev) = self.device.clone() else {
@@ -1777,6 +1782,7 @@ impl Replica {
 
     /// Replicated write.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let _pending = hold(&self.stats.pending_upper, 1);
         let p = self.admit().await?;
         let len = data.len() as u64;
         self.modify("write", offset, len, p.write_request(offset, data, fua))
@@ -1786,6 +1792,7 @@ impl Replica {
     /// Replicated flush (under C: returns after every connected peer flushed; a peer lost
     /// before its FlushAck holds the flush like a write, see `hold_after_peer_loss`).
     pub async fn flush(&self) -> Result<(), EngineError> {
+        let _pending = hold(&self.stats.pending_upper, 1);
         let p = self.admit().await?;
         let links_before = self.link_ids();
         let done = p
@@ -1802,6 +1809,7 @@ impl Replica {
 
     /// Replicated discard.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let _pending = hold(&self.stats.pending_upper, 1);
         self.check_range(offset, len)?;
         for (offset, len) in self.range_parts(offset, len) {
             let p = self.admit().await?;
@@ -1818,6 +1826,7 @@ impl Replica {
         len: u64,
         may_unmap: bool,
     ) -> Result<(), EngineError> {
+        let _pending = hold(&self.stats.pending_upper, 1);
         self.check_range(offset, len)?;
         for (offset, len) in self.range_parts(offset, len) {
             let p = self.admit().await?;

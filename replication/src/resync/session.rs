@@ -126,6 +126,11 @@ impl Session {
         }
     }
 
+    /// The bytes in flight on the session's link.
+    pub(crate) fn in_flight(&self) -> &crate::link::InFlight {
+        self.sender.in_flight()
+    }
+
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }

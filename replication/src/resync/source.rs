@@ -193,6 +193,8 @@ async fn send_data(ctx: &Ctx, offset: u64, data: Bytes) -> Result<u64, ResyncErr
     } else {
         ResyncMsg::Data { id, offset, data }
     };
+    // In flight on the link until the target answers (or the request fails).
+    let _in_flight = crate::stats::hold(&ctx.session.in_flight().resync, len);
     let reply = ctx.session.request(id, msg, "resync write", offset).await?;
     match reply {
         ResyncMsg::DataAck { written: true, .. } => Ok(if zeroes { len } else { 0 }),

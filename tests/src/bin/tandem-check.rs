@@ -114,6 +114,10 @@ enum Command {
         /// guarantee after a host crash, as opposed to a daemon crash.
         #[arg(long)]
         durable_only: bool,
+        /// The writer died with its host (power cut), so the log may lack its last lines:
+        /// accept versions newer than the log knows of a block (counted as unlogged).
+        #[arg(long)]
+        writer_crashed: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -241,9 +245,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             export,
             image,
             durable_only,
+            writer_crashed,
             json,
         } => {
-            let history = read_history(&log).with_context(|| "reading the workload log")?;
+            let mut history = read_history(&log).with_context(|| "reading the workload log")?;
+            history.writer_crashed = writer_crashed;
             let report = if let Some(image) = image {
                 let mut source = FileSource::open(&image).map_err(anyhow::Error::msg)?;
                 verify(&history, durable_only, |block| {
@@ -274,7 +280,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("{violation}");
                 }
                 println!(
-                    "{}: {} blocks checked, {} writes acknowledged ({} attempted, {} failed), {} lost, {} stale, {} garbage, {} torn (tolerated)",
+                    "{}: {} blocks checked, {} writes acknowledged ({} attempted, {} failed), {} lost, {} stale, {} garbage, {} torn (tolerated), {} unlogged",
                     if report.passed() { "PASS" } else { "FAIL" },
                     report.blocks_checked,
                     report.writes_acknowledged,
@@ -283,7 +289,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     report.lost,
                     report.stale,
                     report.garbage,
-                    report.torn_tolerated
+                    report.torn_tolerated,
+                    report.unlogged
                 );
             }
             Ok(if report.passed() {

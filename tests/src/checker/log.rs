@@ -181,6 +181,10 @@ pub struct History {
     pub writes_acknowledged: u64,
     pub writes_failed: u64,
     pub flushes: u64,
+    /// The writer died with its host (a power cut): the log may lack its last attempts, so
+    /// a block may hold a version of this run newer than any logged for it. Set by the
+    /// caller; [`super::verify::verify`] then accepts such versions (counted as unlogged).
+    pub writer_crashed: bool,
 }
 
 fn parse_kv(path: &Path, line: &str) -> Result<LogHeader, LogError> {
@@ -239,6 +243,7 @@ pub fn read_history(path: &Path) -> Result<History, LogError> {
         writes_acknowledged: 0,
         writes_failed: 0,
         flushes: 0,
+        writer_crashed: false,
     };
     // Acknowledged but not yet covered by a FLUSH: (block, version).
     let mut unflushed: Vec<(u64, u64)> = Vec::new();

@@ -13,6 +13,10 @@
 //! | zeroes or another run's data, yet `required`   | **lost**                         |
 //! | bad checksum, wrong block index, unknown version | **garbage**                    |
 //! | bad checksum, but an unacknowledged attempt came after `required` | torn (tolerated: NBD leaves a failed write's range undefined) |
+//!
+//! When the writer died with its host ([`History::writer_crashed`]), the log may have lost
+//! its last lines: a version of this run newer than every logged attempt of the block is
+//! then accepted and counted as *unlogged*; everything else is judged as above.
 
 use serde_json::json;
 
@@ -31,6 +35,8 @@ pub struct VerifyReport {
     pub stale: u64,
     pub garbage: u64,
     pub torn_tolerated: u64,
+    /// Newer versions than the log knows, accepted because the writer crashed.
+    pub unlogged: u64,
     /// Human descriptions of the first violations (at most 20).
     pub violations: Vec<String>,
 }
@@ -53,6 +59,7 @@ impl VerifyReport {
             "stale": self.stale,
             "garbage": self.garbage,
             "torn_tolerated": self.torn_tolerated,
+            "unlogged": self.unlogged,
             "violations": self.violations,
         })
     }
@@ -157,6 +164,12 @@ pub fn verify<E: std::fmt::Display>(
             return Err(format!("reading block {block}: got {} bytes", data.len()));
         }
         report.blocks_checked += 1;
+        if history.writer_crashed
+            && is_unlogged_later_version(history, *block, block_history, &data)
+        {
+            report.unlogged += 1;
+            continue;
+        }
         let (verdict, text) = judge_block(
             history.header.run_id,
             *block,
@@ -182,6 +195,18 @@ pub fn verify<E: std::fmt::Display>(
         }
     }
     Ok(report)
+}
+
+/// This run's data for this block, at a version above every logged attempt of the block.
+fn is_unlogged_later_version(
+    history: &History,
+    block: u64,
+    block_history: &BlockHistory,
+    data: &[u8],
+) -> bool {
+    let newest = block_history.attempted.iter().max().copied().unwrap_or(0);
+    matches!(decode(data), Decoded::Tagged(tag)
+        if tag.run_id == history.header.run_id && tag.block == block && tag.version > newest)
 }
 
 #[cfg(test)]
@@ -241,5 +266,34 @@ mod tests {
         };
         assert_eq!(judge_block(1, 5, &h, true, &data(1)).0, Verdict::Ok);
         assert_eq!(judge_block(1, 5, &h, false, &data(1)).0, Verdict::Stale);
+    }
+
+    #[test]
+    fn a_crashed_writer_allows_versions_newer_than_its_log() {
+        use super::super::log::LogHeader;
+        let mut history = History {
+            header: LogHeader {
+                run_id: 1,
+                export: "v".into(),
+                blocks: 8,
+                seed: 0,
+            },
+            blocks: [(5, hist(&[1, 2], Some(2)))].into_iter().collect(),
+            writes_attempted: 2,
+            writes_acknowledged: 1,
+            writes_failed: 0,
+            flushes: 0,
+            writer_crashed: false,
+        };
+        let read = |_| Ok::<_, String>(data(7));
+        let report = verify(&history, false, read).unwrap();
+        assert_eq!((report.garbage, report.unlogged), (1, 0));
+        history.writer_crashed = true;
+        let report = verify(&history, false, read).unwrap();
+        assert!(report.passed(), "{report:?}");
+        assert_eq!(report.unlogged, 1);
+        // Older than required stays a violation.
+        let report = verify(&history, false, |_| Ok::<_, String>(data(1))).unwrap();
+        assert_eq!(report.stale, 1);
     }
 }

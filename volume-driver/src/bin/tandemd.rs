@@ -139,6 +139,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tcp: config.nbd.tcp_listen,
     };
     tracing::info!(node = %config.node, config = %config.path.display(), "tandemd starting");
+    if volume_driver::test_switch::drop_flush_requested() {
+        tracing::error!(
+            variable = volume_driver::test_switch::DROP_FLUSH_ENV,
+            "TEST ONLY switch set: flushes to replicated volumes are dropped, a power cut loses acknowledged writes"
+        );
+    }
     // A cluster needs the shared secret before anything listens on the network.
     let secret = config
         .load_secret()

@@ -43,7 +43,8 @@ fn a_request_goes_to_every_sendable_peer_and_a_known_absent_one_is_out_of_sync()
         }
     );
     let wait = started.wait.unwrap();
-    core.handle_peer_message(hv2, write_ack(started.seq));
+    // The WriteAck tells the shell how many bytes left the peer's in-flight figure.
+    assert_eq!(core.handle_peer_message(hv2, write_ack(started.seq)), 4096);
     assert_eq!(
         drain(&mut core),
         vec![PrimaryAction::PeersDone {
@@ -60,7 +61,10 @@ fn protocol_b_waits_for_receipt_but_keeps_the_request_pending_until_written() {
     let hv2 = core.attach_peer("hv2");
     let started = core.start_request(0, &write(4096, false), &[hv2]);
     drain(&mut core);
-    core.handle_peer_message(hv2, Message::RecvAck { seq: started.seq });
+    assert_eq!(
+        core.handle_peer_message(hv2, Message::RecvAck { seq: started.seq }),
+        0
+    );
     assert!(matches!(
         drain(&mut core)[..],
         [PrimaryAction::PeersDone { .. }]
