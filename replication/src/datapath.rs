@@ -188,6 +188,33 @@ pub fn write_is_inline(device: &dyn BackingDevice, offset: u64, len: usize, fua:
     write_may_be_inline(device.cached_writes(), offset, len, fua)
 }
 
+/// The Primary's local half of a request, started at once: an aligned write on the device's
+/// async ring when it has one (no thread hand-off), anything else on the blocking pool.
+enum LocalIo {
+    Async(crate::device::DeviceFuture<()>),
+    Blocking(tokio::task::JoinHandle<Result<(), DeviceError>>),
+}
+
+impl LocalIo {
+    fn start(device: &Arc<dyn BackingDevice>, offset: u64, op: &Op) -> LocalIo {
+        if let Op::Write { data, fua } = op {
+            if let Some(write) = device.write_async(offset, data, *fua) {
+                return LocalIo::Async(write);
+            }
+        }
+        let device = device.clone();
+        let op = op.clone();
+        LocalIo::Blocking(tokio::task::spawn_blocking(move || op.apply(&*device, offset)))
+    }
+
+    async fn finish(self) -> Result<Result<(), DeviceError>, tokio::task::JoinError> {
+        match self {
+            LocalIo::Async(io) => Ok(io.await),
+            LocalIo::Blocking(task) => task.await,
+        }
+    }
+}
+
 /// Carrying out an [`Op`] on a device (the Primary's local half, the Secondary's apply).
 impl Op {
     /// See [`write_is_inline`].
@@ -715,11 +742,8 @@ impl Primary {
 
         // A large or durable request starts on the local disk now, in parallel with the
         // peers; a small cached write is done on this task once the peers have it.
-        let blocking = (!op.applies_inline(&*inner.device, offset)).then(|| {
-            let device = inner.device.clone();
-            let local_op = op.clone();
-            tokio::task::spawn_blocking(move || local_op.apply(&*device, offset))
-        });
+        let started_local = (!op.applies_inline(&*inner.device, offset))
+            .then(|| LocalIo::start(&inner.device, offset, &op));
 
         // Room on every connected peer's link, taken before the request is numbered. A
         // failed reservation means the link is down: the peer is not sent to, and so is
@@ -757,8 +781,8 @@ impl Primary {
                 .fetch_sub(len, Ordering::Relaxed);
         }
 
-        let local = match blocking {
-            Some(task) => task.await,
+        let local = match started_local {
+            Some(io) => io.finish().await,
             // No await since the request was queued to the peers: a dropped request cannot
             // leave them with a write this disk lacks.
             None => Ok(op.apply(&*inner.device, offset)),
@@ -809,8 +833,13 @@ impl Primary {
             books.waiter(started)
         });
         let start = Instant::now();
-        let device = inner.device.clone();
-        let local = tokio::task::spawn_blocking(move || device.flush()).await;
+        let local = match inner.device.flush_async() {
+            Some(flush) => Ok(flush.await),
+            None => {
+                let device = inner.device.clone();
+                tokio::task::spawn_blocking(move || device.flush()).await
+            }
+        };
         let local_time = start.elapsed();
         let waited = waiter.is_some();
         let unacknowledged = wait_for_peers(inner, waiter, || "a flush".to_string()).await;

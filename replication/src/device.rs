@@ -12,10 +12,12 @@
 //! The engine never assumes what is behind the trait: the `file` pool hands out sparse
 //! files, the `lvm-thin` pool hands out `/dev/<vg>/<lv>` block devices, and both are opened
 //! as a [`FileDevice`]. All methods are blocking and thread-safe (`&self`); async callers run
-//! them on a blocking thread pool. The exception is [`BackingDevice::read_async`]: with
-//! io_uring under `O_DIRECT`, an aligned read is submitted to a ring shared by the device's
-//! async callers and awaited on the runtime, without a thread hand-off. Writes stay on
-//! `pwritev2` in a blocking thread, which measured faster (see `engine_uring.rs`).
+//! them on a blocking thread pool. The exceptions are [`BackingDevice::read_async`],
+//! [`BackingDevice::write_async`] and [`BackingDevice::flush_async`]: with io_uring under
+//! `O_DIRECT`, an aligned request is submitted to a ring shared by the device's async
+//! callers and awaited on the runtime, without a thread hand-off. They return `None` when
+//! the device cannot (another engine, an unaligned request, a ring that is full or failed):
+//! the caller then takes the blocking path, so a ring problem never becomes an I/O error.
 //!
 //! Durability contract: `write_at` may leave data in a volatile cache (the page cache, or
 //! the disk's own write cache under `O_DIRECT`); data is durable only after `flush` returns,
@@ -25,11 +27,12 @@
 //! go straight to the device (through an aligned bounce copy when the caller's memory is not
 //! aligned). Any other request is widened to whole blocks: a read reads the blocks and keeps
 //! the part asked for; a write reads the blocks, patches them and writes them back. Such a
-//! read-modify-write, and any unaligned discard or zeroing, holds the device's block lock
-//! exclusively while aligned writes hold it shared, so a request sharing a block with another
-//! one never loses the other's bytes.
+//! read-modify-write, and any unaligned discard or zeroing, holds its blocks exclusively
+//! while aligned writes hold theirs shared (`block_lock.rs`), so a request sharing a block
+//! with another one never loses the other's bytes.
 
 mod aligned;
+mod block_lock;
 mod engine;
 mod engine_sync;
 mod engine_uring;
@@ -44,16 +47,20 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use io_uring::{opcode, types};
 
 pub use aligned::{is_aligned, AlignedBuf, AlignedBufMut, ALIGN};
+use block_lock::{stripes_of, BlockGuard, BlockLocks};
 use engine::Engine;
+use engine_sync::SyncEngine;
 use engine_uring::{AsyncRing, Keep};
+pub use engine_uring::FAULT_RING_SETUP_ENV;
 
-/// A device operation running without a thread hand-off ([`BackingDevice::read_async`]).
+/// A device operation running without a thread hand-off ([`BackingDevice::read_async`],
+/// [`BackingDevice::write_async`], [`BackingDevice::flush_async`]).
 pub type DeviceFuture<T> = Pin<Box<dyn Future<Output = Result<T, DeviceError>> + Send + 'static>>;
 pub use engine::{EngineChoice, IoEngine};
 
@@ -123,6 +130,19 @@ pub trait BackingDevice: Send + Sync + 'static {
     /// on a blocking thread instead.
     fn read_async(&self, offset: u64, len: usize) -> Option<DeviceFuture<Bytes>> {
         let _ = (offset, len);
+        None
+    }
+    /// Write `data` at `offset` on the async runtime itself when the device can (as for
+    /// [`BackingDevice::read_async`]); with `fua` it is durable when the future completes.
+    /// The write starts before this returns. `None`: call [`BackingDevice::write_at`] or
+    /// [`BackingDevice::write_at_durable`] on a blocking thread instead.
+    fn write_async(&self, offset: u64, data: &Bytes, fua: bool) -> Option<DeviceFuture<()>> {
+        let _ = (offset, data, fua);
+        None
+    }
+    /// [`BackingDevice::flush`] on the async runtime when the device can; `None`: call
+    /// `flush` on a blocking thread instead.
+    fn flush_async(&self) -> Option<DeviceFuture<()>> {
         None
     }
     /// Write all of `buf` at `offset`; the data may sit in a volatile cache until `flush`.
@@ -196,19 +216,12 @@ pub struct FileDevice {
     cache: CacheMode,
     engine: Arc<dyn Engine>,
     /// Shared by aligned writes, exclusive for read-modify-write (see the module doc).
-    blocks: RwLock<()>,
+    blocks: Arc<BlockLocks>,
     /// The shared ring of async callers, started on the first async call.
     ring: OnceLock<Option<Arc<AsyncRing>>>,
 }
 
 const ZERO_CHUNK: usize = 1 << 20;
-
-/// Held while a write touches the device under `O_DIRECT`.
-enum BlockGuard<'a> {
-    None,
-    Shared(#[allow(dead_code)] RwLockReadGuard<'a, ()>),
-    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
-}
 
 fn align_down(x: u64) -> u64 {
     x - x % ALIGN as u64
@@ -273,7 +286,7 @@ impl FileDevice {
             is_block_device,
             cache: options.cache,
             engine,
-            blocks: RwLock::new(()),
+            blocks: Arc::default(),
             ring: OnceLock::new(),
         })
     }
@@ -319,27 +332,28 @@ impl FileDevice {
     }
 
     /// The lock a change of `[offset, offset + len)` needs (none without `O_DIRECT`).
-    fn guard(&self, offset: u64, len: u64) -> BlockGuard<'_> {
+    fn guard(&self, offset: u64, len: u64) -> Option<BlockGuard> {
         if !self.direct() {
-            BlockGuard::None
-        } else if offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN as u64) {
-            BlockGuard::Shared(self.blocks.read().unwrap_or_else(|e| e.into_inner()))
+            None
+        } else if is_aligned(offset, len as usize) {
+            Some(self.blocks.shared(stripes_of(offset, len)))
         } else {
-            BlockGuard::Exclusive(self.blocks.write().unwrap_or_else(|e| e.into_inner()))
+            Some(self.blocks.exclusive(stripes_of(offset, len)))
         }
     }
 
     /// The shared ring for async callers: io_uring under `O_DIRECT`, inside a runtime.
     fn async_ring(&self) -> Option<&Arc<AsyncRing>> {
-        if !self.direct() || self.engine.kind() != IoEngine::IoUring {
+        if !self.direct() {
             return None;
         }
+        let ops = self.engine.ring_opcodes()?;
         self.ring
-            .get_or_init(|| match AsyncRing::start() {
+            .get_or_init(|| match AsyncRing::start(ops) {
                 Ok(ring) => ring,
                 Err(e) => {
                     tracing::warn!(path = %self.path.display(), error = %e,
-                        "cannot start a shared io_uring; async I/O uses blocking threads");
+                        "cannot start a shared io_uring; this device's I/O uses the thread-pool engine");
                     None
                 }
             })
@@ -369,19 +383,7 @@ impl FileDevice {
     }
 
     fn write_full(&self, buf: &[u8], offset: u64, dsync: bool) -> io::Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            match self
-                .engine
-                .pwrite(self.fd(), &buf[done..], offset + done as u64, dsync)
-            {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        write_all(&*self.engine, self.fd(), buf, offset, dsync)
     }
 
     /// Read the whole blocks covering `[offset, offset + len)` into an aligned buffer;
@@ -451,6 +453,26 @@ impl FileDevice {
             Err(io::Error::last_os_error())
         }
     }
+}
+
+/// Write all of `buf` at `offset` with `engine`, looping on short counts.
+fn write_all(
+    engine: &dyn Engine,
+    fd: RawFd,
+    buf: &[u8],
+    offset: u64,
+    dsync: bool,
+) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        match engine.pwrite(fd, &buf[done..], offset + done as u64, dsync) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 // Linux ioctl numbers from <linux/fs.h>: _IO(0x12, 127), _IOR(0x12, 114, u64).
@@ -593,7 +615,7 @@ impl BackingDevice for FileDevice {
         if let Err(e) = self.check_range(offset, len as u64) {
             return Some(Box::pin(std::future::ready(Err(e))));
         }
-        let ring = self.async_ring()?;
+        let ring = self.async_ring().filter(|r| r.opcodes().read)?;
         let mut buf = AlignedBuf::uninit(len);
         let entry = opcode::Read::new(types::Fd(self.fd()), buf.as_mut_ptr(), len as u32)
             .offset(offset)
@@ -615,6 +637,83 @@ impl BackingDevice for FileDevice {
                 }
                 _ => Err(err(io::ErrorKind::UnexpectedEof.into())),
             }
+        }))
+    }
+
+    fn write_async(&self, offset: u64, data: &Bytes, fua: bool) -> Option<DeviceFuture<()>> {
+        let len = data.len();
+        if len == 0 || !is_aligned(offset, len) || len > u32::MAX as usize {
+            return None;
+        }
+        if let Err(e) = self.check_range(offset, len as u64) {
+            return Some(Box::pin(std::future::ready(Err(e))));
+        }
+        let ring = self.async_ring().filter(|r| r.opcodes().write)?;
+        // Never wait on the runtime: a read-modify-write on these blocks sends us to the
+        // blocking path, which waits for it.
+        let guard = self.blocks.try_shared(stripes_of(offset, len as u64))?;
+        let data = if aligned::is_aligned_slice(data) {
+            data.clone()
+        } else {
+            let mut bounce = AlignedBufMut::with_capacity(len);
+            bytes::BufMut::put_slice(&mut bounce, data);
+            bounce.freeze()
+        };
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        let entry = opcode::Write::new(types::Fd(self.fd()), data.as_ptr(), len as u32)
+            .offset(offset)
+            .rw_flags(flags)
+            .build();
+        let keep = Keep::Write(data, guard);
+        let rx = ring.submit(entry, keep, Arc::clone(&self.file)).ok()?;
+        let file = Arc::clone(&self.file);
+        let op = if fua { "write (FUA)" } else { "write" };
+        Some(Box::pin(async move {
+            let err = Self::io_err(op, offset, len as u64);
+            let (res, keep) = rx
+                .await
+                .map_err(|_| err(io::Error::other("io_uring completion lost")))?;
+            let err = Self::io_err(op, offset, len as u64);
+            let Keep::Write(data, guard) = keep else {
+                return Err(err(io::Error::other("io_uring completion mismatched")));
+            };
+            if res < 0 {
+                return Err(err(io::Error::from_raw_os_error(-res)));
+            }
+            let done = res as usize;
+            if done == len {
+                return Ok(());
+            }
+            // A short write: the rest on a blocking thread, still under the block guard.
+            let rest = tokio::task::spawn_blocking(move || {
+                let _guard = guard;
+                write_all(&SyncEngine, file.as_raw_fd(), &data[done..], offset + done as u64, fua)
+            })
+            .await;
+            match rest {
+                Ok(result) => result.map_err(err),
+                Err(join) => Err(err(io::Error::other(join))),
+            }
+        }))
+    }
+
+    fn flush_async(&self) -> Option<DeviceFuture<()>> {
+        let ring = self.async_ring().filter(|r| r.opcodes().fsync)?;
+        let entry = opcode::Fsync::new(types::Fd(self.fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        let rx = ring
+            .submit(entry, Keep::Nothing, Arc::clone(&self.file))
+            .ok()?;
+        Some(Box::pin(async move {
+            let err = Self::io_err("flush", 0, 0);
+            let (res, _) = rx
+                .await
+                .map_err(|_| err(io::Error::other("io_uring completion lost")))?;
+            if res < 0 {
+                return Err(Self::io_err("flush", 0, 0)(io::Error::from_raw_os_error(-res)));
+            }
+            Ok(())
         }))
     }
 }
@@ -945,6 +1044,84 @@ mod tests {
             let (_dir, other) = device_with(1 << 20, options);
             assert!(other.read_async(0, 4096).is_none(), "{options:?}");
         }
+    }
+
+    /// Rings that cannot be set up (EMFILE here, forced on this thread): every operation
+    /// still succeeds, on the thread-pool engine, and the async calls decline.
+    #[tokio::test(flavor = "current_thread")]
+    async fn ring_setup_failure_falls_back_to_the_thread_pool() {
+        engine_uring::REFUSE_SETUP.with(|r| r.set(true));
+        for options in [ALL[0], ALL[2]] {
+            let (_dir, dev) = device_with(1 << 20, options);
+            let data = Bytes::from(pattern(8192, 5));
+            assert!(dev.write_async(0, &data, true).is_none(), "{options:?}");
+            assert!(dev.read_async(0, 4096).is_none(), "{options:?}");
+            assert!(dev.flush_async().is_none(), "{options:?}");
+            dev.write_at(&data, 4096).unwrap();
+            dev.write_at(&data[..100], 10).unwrap();
+            dev.flush().unwrap();
+            dev.write_zeroes(65536, 4096, false).unwrap();
+            dev.discard(0, 4096).unwrap();
+            let mut expected = vec![0u8; 4096];
+            expected.extend_from_slice(&data);
+            assert_eq!(dev.read_owned(0, 12288).unwrap(), expected, "{options:?}");
+        }
+        engine_uring::REFUSE_SETUP.with(|r| r.set(false));
+    }
+
+    /// Aligned writes, FUA writes and flushes on the shared ring; unaligned ones decline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_writes_and_flushes_on_the_shared_ring() {
+        let (_dir, dev) = device_with(1 << 20, ALL[0]);
+        let dev = Arc::new(dev);
+        let writes: Vec<_> = (0..64u8)
+            .map(|i| {
+                let data = Bytes::from(pattern(4096, i));
+                let write = dev
+                    .write_async(u64::from(i) * 4096, &data, i % 2 == 0)
+                    .expect("an aligned write goes async");
+                tokio::spawn(write)
+            })
+            .collect();
+        for write in writes {
+            write.await.unwrap().unwrap();
+        }
+        dev.flush_async().expect("flush goes async").await.unwrap();
+        for i in 0..64u8 {
+            assert_eq!(
+                dev.read_owned(u64::from(i) * 4096, 4096).unwrap(),
+                pattern(4096, i)
+            );
+        }
+        let data = Bytes::from(pattern(4096, 1));
+        assert!(dev.write_async(512, &data, false).is_none());
+        assert!(dev.write_async(0, &data.slice(..1000), false).is_none());
+        assert!(matches!(
+            dev.write_async(1 << 20, &data, false).unwrap().await,
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        // Unaligned memory: bounced into aligned memory, then written.
+        let odd = Bytes::from(pattern(4097, 3)).slice(1..);
+        dev.write_async(8192, &odd, false).unwrap().await.unwrap();
+        assert_eq!(dev.read_owned(8192, 4096).unwrap(), odd);
+    }
+
+    /// A failed `io_uring_enter` on the shared ring (forced on this thread): the request
+    /// that met it declines (its caller takes the blocking path), requests already in the
+    /// kernel complete, and later requests decline too: the ring is dead, never hung.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_submission_leaves_no_request_waiting() {
+        let (_dir, dev) = device_with(1 << 20, ALL[0]);
+        dev.write_at(&pattern(8192, 4), 0).unwrap();
+        let before = dev.read_async(0, 4096).expect("ring works");
+        engine_uring::REFUSE_SUBMIT.with(|r| r.set(true));
+        let data = Bytes::from(pattern(4096, 6));
+        assert!(dev.write_async(4096, &data, false).is_none());
+        engine_uring::REFUSE_SUBMIT.with(|r| r.set(false));
+        assert_eq!(before.await.unwrap(), pattern(4096, 4));
+        assert!(dev.read_async(0, 4096).is_none(), "a dead ring declines");
+        dev.write_at(&data, 4096).unwrap();
+        assert_eq!(dev.read_owned(4096, 4096).unwrap(), data);
     }
 
     #[test]

@@ -60,11 +60,22 @@ pub(crate) struct PoolHandle {
     device: DeviceOptions,
     /// Serializes free-space check + allocation within this pool.
     alloc: tokio::sync::Mutex<()>,
+    /// Why this pool serves no volume (its file system refuses `cache = "none"`); the other
+    /// pools keep working.
+    refused: Option<String>,
 }
 
 impl PoolHandle {
     pub(crate) fn name(&self) -> &str {
         self.backend.name()
+    }
+
+    /// An error if this pool was refused at startup.
+    fn usable(&self) -> Result<(), String> {
+        match &self.refused {
+            Some(reason) => Err(format!("pool '{}' is refused: {reason}", self.name())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -201,7 +212,11 @@ impl VolumeService {
         for spec in &config.pools {
             let backend: Arc<dyn Pool> = Arc::from(pool::open(spec));
             backend.open_check()?;
-            pool::check_cache(spec)?;
+            let refused = pool::check_cache(spec).err().map(|e| error_chain(&e));
+            if let Some(reason) = &refused {
+                tracing::error!(pool = %spec.name, %reason,
+                    "pool refused: its volumes are not served; the other pools keep working");
+            }
             if spec.cache == CacheMode::Writeback {
                 tracing::warn!(pool = %spec.name, "cache = \"writeback\": this pool's volumes \
                     go through the host page cache (a second copy of guest data in host memory)");
@@ -212,6 +227,7 @@ impl VolumeService {
                 backend,
                 device: spec.device_options(),
                 alloc: tokio::sync::Mutex::new(()),
+                refused,
             });
         }
         let store = Store::open(&config.state_dir)?;
@@ -314,10 +330,12 @@ impl VolumeService {
                 self.config.path.display()
             )));
         }
-        match pool {
+        let handle = match pool {
             None => self
                 .pools
-                .first()
+                .iter()
+                .find(|h| h.refused.is_none())
+                .or(self.pools.first())
                 .ok_or_else(|| ApiError::new(ErrorKind::NotFound, "no pool is configured")),
             Some(p) => self.pool(p).ok_or_else(|| {
                 let known: Vec<_> = self
@@ -341,7 +359,9 @@ impl VolumeService {
                     },
                 )
             }),
-        }
+        }?;
+        handle.usable().map_err(|reason| ApiError::new(ErrorKind::Backend, reason))?;
+        Ok(handle)
     }
 
     fn pool(&self, name: &str) -> Option<&PoolHandle> {
@@ -416,6 +436,8 @@ impl VolumeService {
         let Some(pool) = slot.definition.as_ref().and_then(|d| self.pool(&d.pool)) else {
             return Err(format!("volume '{name}' has no pool"));
         };
+        pool.usable()
+            .map_err(|reason| format!("cannot open volume '{name}': {reason}"))?;
         let path = pool.backend.device_path(name);
         let device = Arc::new(FileDevice::open_with(&path, pool.device).map_err(|e| {
             format!(
@@ -839,9 +861,10 @@ impl VolumeService {
                 free_bytes: 0,
                 provisioned_bytes,
                 volumes,
-                error: None,
+                error: handle.refused.clone(),
             };
             match usage {
+                _ if handle.refused.is_some() => {}
                 Ok(u) => {
                     info.total_bytes = u.total_bytes;
                     info.used_bytes = u.used_bytes;

@@ -7,13 +7,14 @@
 //! ```
 //!
 //! Blocking device calls run on the caller's thread (tokio's blocking pool) with either
-//! engine. With io_uring, reads, flushes, hole punching and zeroing are ring operations, and
-//! a device's async aligned reads share one ring awaited on the runtime (`AsyncRing`);
-//! writes are `pwritev2` with both engines (`RWF_DSYNC` for FUA; see `engine_uring.rs` for
-//! why). `Auto` picks
-//! io_uring when a probe ring works and falls back to [`SyncEngine`] where io_uring is
-//! unavailable or refused (seccomp, containers, `kernel.io_uring_disabled`), with a warning.
-//! `ThreadPool` forces the fallback (pool key `io_engine = "thread-pool"`).
+//! engine. With io_uring, their reads, flushes, hole punching and zeroing are ring
+//! operations and their writes `pwritev2` (`RWF_DSYNC` for FUA); a device's async aligned
+//! reads, writes and flushes share one ring awaited on the runtime (`AsyncRing`). `Auto`
+//! picks io_uring when a probe ring works and falls back to [`SyncEngine`] where io_uring is
+//! unavailable or refused (seccomp, containers, `kernel.io_uring_disabled`), with a warning;
+//! a ring that later fails to set up, or an opcode the kernel lacks, sends that one
+//! operation to [`SyncEngine`] too (see `engine_uring.rs`). `ThreadPool` forces the fallback
+//! (pool key `io_engine = "thread-pool"`).
 
 use std::fmt;
 use std::io;
@@ -22,7 +23,7 @@ use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
 use super::engine_sync::SyncEngine;
-use super::engine_uring::UringEngine;
+use super::engine_uring::{Opcodes, UringEngine};
 
 /// The engine a device uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,12 +97,23 @@ pub(crate) trait Engine: Send + Sync + fmt::Debug {
     fn fdatasync(&self, fd: RawFd) -> io::Result<()>;
     /// `fallocate(2)` with `mode`.
     fn fallocate(&self, fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()>;
+    /// The io_uring opcodes the kernel has, for an engine that uses io_uring.
+    fn ring_opcodes(&self) -> Option<Opcodes> {
+        None
+    }
 }
 
-/// Whether io_uring works in this process (probed once: a ring and a no-op).
-fn uring_works() -> &'static Result<(), String> {
-    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
-    PROBE.get_or_init(|| UringEngine::probe().map_err(|e| e.to_string()))
+/// Whether io_uring works in this process, and with which opcodes (probed once: a ring, its
+/// opcode probe and a no-op).
+fn uring_works() -> &'static Result<Opcodes, String> {
+    static PROBE: OnceLock<Result<Opcodes, String>> = OnceLock::new();
+    PROBE.get_or_init(|| {
+        let ops = UringEngine::probe().map(|e| e.opcodes());
+        if let Ok(ops) = &ops {
+            tracing::debug!(?ops, "io_uring opcodes");
+        }
+        ops.map_err(|e| e.to_string())
+    })
 }
 
 /// The engine for `choice`. Fails only when io_uring is demanded and does not work.
@@ -109,11 +121,11 @@ pub(crate) fn select(choice: EngineChoice) -> io::Result<Arc<dyn Engine>> {
     match choice {
         EngineChoice::ThreadPool => Ok(Arc::new(SyncEngine)),
         EngineChoice::IoUring => match uring_works() {
-            Ok(()) => Ok(Arc::new(UringEngine)),
+            Ok(ops) => Ok(Arc::new(UringEngine::new(*ops))),
             Err(e) => Err(io::Error::other(format!("io_uring is not available: {e}"))),
         },
         EngineChoice::Auto => match uring_works() {
-            Ok(()) => Ok(Arc::new(UringEngine)),
+            Ok(ops) => Ok(Arc::new(UringEngine::new(*ops))),
             Err(e) => {
                 static WARNED: OnceLock<()> = OnceLock::new();
                 WARNED.get_or_init(|| {
