@@ -7,6 +7,9 @@
 //!   measurement sees its data in the page cache.
 //! - The thread-pool engine (`io_engine = "thread-pool"`) serves the same requests,
 //!   unaligned ones included, and the log names the engine and cache mode in use.
+//! - io_uring rings that fail to set up fall back to the thread-pool engine, never to an
+//!   I/O error, on `cache = "none"` and `writeback` pools alike.
+//! - A pool whose file system refuses O_DIRECT is refused alone; the others serve.
 //!
 //! Needs `cargo build --workspace --bins` first, fio, qemu-io and fincore.
 
@@ -214,33 +217,141 @@ fn both_engines_serve_aligned_and_unaligned_requests() {
     }
 }
 
-/// `cache = "none"` on a file system without O_DIRECT: tandemd refuses to start, naming the
-/// pool and the fix. ramfs refuses O_DIRECT on every kernel.
+/// A ramfs mounted on `dir` for the length of a test (unmounted on drop, also on failure).
+/// ramfs refuses O_DIRECT on every kernel (tmpfs accepts it since Linux 6.6).
+struct Ramfs(std::path::PathBuf);
+
+impl Ramfs {
+    fn mount(dir: &Path) -> Ramfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount -t ramfs (needs root)");
+        Ramfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `cache = "none"` on a file system without O_DIRECT: that pool alone is refused, naming
+/// the pool and the fix; tandemd runs and its other pool serves volumes.
 #[test]
-fn cache_none_is_refused_where_o_direct_fails() {
-    let node = TandemNode::with_config(|root| {
+fn a_pool_without_o_direct_is_refused_alone() {
+    let mut node = TandemNode::with_config(|root| {
         config(
             root,
-            "\n[[pools]]\nname = \"ram\"\nbackend = \"file\"\npath = \"{root}/ram\"\n",
+            r#"
+[[pools]]
+name = "ram"
+backend = "file"
+path = "{root}/ram"
+
+[[pools]]
+name = "files"
+backend = "file"
+path = "{root}/images"
+"#,
         )
     });
-    let ram = node.root().join("ram");
-    std::fs::create_dir(&ram).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "ramfs", "ramfs"])
-        .arg(&ram)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount -t ramfs (needs root)");
-    let out = Command::new(tandem_tests::bin("tandemd"))
-        .arg("--config")
-        .arg(node.config())
-        .output();
-    let _ = Command::new("umount").arg("-l").arg(&ram).status();
-    let out = out.expect("run tandemd");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("pool 'ram'"), "{stderr}");
-    assert!(stderr.contains("O_DIRECT"), "{stderr}");
-    assert!(stderr.contains("cache = \"writeback\""), "{stderr}");
+    let _ram = Ramfs::mount(&node.root().join("ram"));
+    node.start();
+
+    // `pool list` exits non-zero while a pool has an error, and still lists every pool.
+    let pools = node.tandem(&["pool", "list", "--json"]).json();
+    let error_of = |name: &str| {
+        pools
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["error"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("pool {name} listed: {pools}"))
+    };
+    let refusal = error_of("ram");
+    assert!(refusal.contains("O_DIRECT"), "{refusal}");
+    assert!(refusal.contains("cache = \"writeback\""), "{refusal}");
+    assert_eq!(error_of("files"), "");
+    let log = node.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("pool refused") && l.contains("ram")),
+        "{log}"
+    );
+
+    let refused = node
+        .tandem(&["volume", "create", "r", "--size", "16M", "--pool", "ram"])
+        .failed();
+    assert!(refused.contains("pool 'ram'"), "{refused}");
+    assert!(refused.contains("cache = \"writeback\""), "{refused}");
+
+    create(&node, "ok", "16M", "files");
+    let (ok, out) = node.qemu_io("ok", &["write -P 0x5a 0 64k", "flush"]);
+    assert!(ok, "{out}");
+    let (ok, out) = node.qemu_io("ok", &["read -P 0x5a 0 64k"]);
+    assert!(ok, "{out}");
+}
+
+/// io_uring rings that fail to set up after the probe (forced with
+/// `TANDEM_FAULT_IO_URING_SETUP`, as EMFILE would): a `cache = "none"` and a `writeback`
+/// pool under `io_engine = "auto"` still serve every request, on the thread-pool engine,
+/// and the daemon says so once.
+#[test]
+fn ring_setup_failures_fall_back_to_the_thread_pool() {
+    let mut node = TandemNode::with_config(|root| {
+        config(
+            root,
+            r#"
+[[pools]]
+name = "direct"
+backend = "file"
+path = "{root}/images"
+
+[[pools]]
+name = "cached"
+backend = "file"
+path = "{root}/images-cached"
+cache = "writeback"
+"#,
+        )
+    });
+    node.start_with_env(&[("TANDEM_FAULT_IO_URING_SETUP", "1")]);
+    for (volume, pool) in [("d", "direct"), ("c", "cached")] {
+        create(&node, volume, "16M", pool);
+        let (ok, out) = node.qemu_io(
+            volume,
+            &[
+                "write -P 0x11 0 64k",
+                "write -P 0x22 513 1000",
+                "write -z 8192 100",
+                "discard 65536 4096",
+                "flush",
+            ],
+        );
+        assert!(ok, "{volume}: {out}");
+        let (ok, out) = node.qemu_io(
+            volume,
+            &[
+                "read -P 0x11 0 513",
+                "read -P 0x22 513 1000",
+                "read -P 0 8192 100",
+                "read -P 0x11 8292 57244",
+                "read -P 0 65536 4096",
+            ],
+        );
+        assert!(ok, "{volume}: {out}");
+    }
+    let log = node.log();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("could not be set up; such operations use the thread-pool engine"))
+        .count();
+    assert_eq!(warnings, 1, "{log}");
+    assert!(log.contains("cannot start a shared io_uring"), "{log}");
 }
