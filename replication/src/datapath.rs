@@ -1129,7 +1129,7 @@ impl SecondaryShell {
                     if let Some(reply) = self.try_inline(&job) {
                         stopped = reply.is_err();
                         core.handle_done(job.held, reply);
-                    } else {
+                    } else if !self.try_async(&job) {
                         self.spawn(job);
                     }
                 }
@@ -1156,6 +1156,47 @@ impl SecondaryShell {
             log.0.end(*offset, op.len());
         }
         Some(applied)
+    }
+
+    /// Start a write on the device's async ring (no thread hand-off) if the device can and
+    /// the write-intent log takes the range without waiting; its completion comes back
+    /// through `done_tx`. `false` leaves the job to the blocking pool.
+    fn try_async(&self, job: &Job) -> bool {
+        let Work::Request {
+            seq,
+            offset,
+            op: op @ Op::Write { data, fua },
+        } = &job.work
+        else {
+            return false;
+        };
+        let (seq, offset, len, name) = (*seq, *offset, data.len() as u64, op.name());
+        let log = self.write_intent.clone();
+        if !log.as_ref().is_none_or(|log| log.0.try_begin(offset, len)) {
+            return false;
+        }
+        let Some(write) = self.device.write_async(offset, data, *fua) else {
+            if let Some(log) = &log {
+                log.0.end(offset, len);
+            }
+            return false;
+        };
+        let done_tx = self.done_tx.clone();
+        let held = job.held;
+        tokio::spawn(async move {
+            let result = write.await;
+            if let Some(log) = log {
+                log.0.end(offset, len);
+            }
+            let reply = result
+                .map(|()| Message::WriteAck {
+                    seq,
+                    outcome: WriteOutcome::Written,
+                })
+                .map_err(|source| DatapathError::Local { op: name, source });
+            let _ = done_tx.send(Done { held, reply });
+        });
+        true
     }
 
     /// Run a job on the blocking pool; its completion comes back through `done_tx`.

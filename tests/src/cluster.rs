@@ -57,6 +57,9 @@ pub struct ClusterSpec {
     pub start: bool,
     /// `RUST_LOG` for the daemons.
     pub rust_log: String,
+    /// The file pools' `cache` key; `None`: the default (`none`), or `writeback` on a
+    /// tmpfs pool.
+    pub cache: Option<String>,
 }
 
 impl Default for ClusterSpec {
@@ -67,6 +70,7 @@ impl Default for ClusterSpec {
             pool_size: None,
             start: true,
             rust_log: "debug".into(),
+            cache: None,
         }
     }
 }
@@ -221,10 +225,10 @@ impl Cluster {
                 String::new()
             } else {
                 // A tmpfs pool has no O_DIRECT before Linux 6.6 (CI runs Debian 12's 6.1).
-                let cache = if spec.pool_size.is_some() {
-                    "cache = \"writeback\"\n"
-                } else {
-                    ""
+                let cache = match (&spec.cache, spec.pool_size) {
+                    (Some(cache), _) => format!("cache = \"{cache}\"\n"),
+                    (None, Some(_)) => "cache = \"writeback\"\n".to_string(),
+                    (None, None) => String::new(),
                 };
                 format!(
                     "\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{}/images\"\n{cache}",

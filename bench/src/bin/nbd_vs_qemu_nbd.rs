@@ -243,8 +243,16 @@ fn main() -> Result<()> {
     let me = std::process::id();
 
     println!(
-        "{:<18} {:>9} {:>9} {:>7} {:>10} {:>10}  {:>12} {:>7}  unit",
-        "row", "tandem", "qemu-nbd", "ratio", "cpu/req", "qemu cpu", "thread-pool*", "ratio*"
+        "{:<18} {:>9} {:>9} {:>7} {:>10} {:>10}  {:>12} {:>7} {:>10}  unit",
+        "row",
+        "tandem",
+        "qemu-nbd",
+        "ratio",
+        "cpu/req",
+        "qemu cpu",
+        "thread-pool*",
+        "ratio*",
+        "cpu*"
     );
     for row in ROWS {
         if let Some(only) = &args.only {
@@ -266,9 +274,9 @@ fn main() -> Result<()> {
         let (Some(ours), Some(theirs)) = (ours, theirs) else {
             continue;
         };
-        let pool = pool.map_or(0.0, |p| p.value);
+        let (pool, pool_cpu) = pool.map_or((0.0, Duration::ZERO), |p| (p.value, p.cpu_per_request));
         println!(
-            "{:<18} {:>9.0} {:>9.0} {:>6.2}x {:>8.1}µs {:>8.1}µs  {:>12.0} {:>6.2}x  {}",
+            "{:<18} {:>9.0} {:>9.0} {:>6.2}x {:>8.1}µs {:>8.1}µs  {:>12.0} {:>6.2}x {:>8.1}µs  {}",
             row.name,
             ours.value,
             theirs.value,
@@ -277,6 +285,7 @@ fn main() -> Result<()> {
             theirs.cpu_per_request.as_secs_f64() * 1e6,
             pool,
             pool / theirs.value,
+            pool_cpu.as_secs_f64() * 1e6,
             row.unit
         );
     }

@@ -102,7 +102,13 @@ fn new_ring(entries: u32) -> io::Result<IoUring> {
     if setup_refused_by_env() {
         return Err(io::Error::from_raw_os_error(libc::EMFILE));
     }
-    IoUring::new(entries)
+    // Completions are posted when the submitting thread next enters the kernel (or wakes),
+    // without an inter-processor interrupt per completion (Linux 5.19+; older kernels
+    // refuse the flag with EINVAL and get a plain ring).
+    match IoUring::builder().setup_coop_taskrun().build(entries) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries),
+        ring => ring,
+    }
 }
 
 /// Log, once per process, that an io_uring operation ran on the thread-pool engine.
