@@ -204,7 +204,9 @@ impl LocalIo {
         }
         let device = device.clone();
         let op = op.clone();
-        LocalIo::Blocking(tokio::task::spawn_blocking(move || op.apply(&*device, offset)))
+        LocalIo::Blocking(tokio::task::spawn_blocking(move || {
+            op.apply(&*device, offset)
+        }))
     }
 
     async fn finish(self) -> Result<Result<(), DeviceError>, tokio::task::JoinError> {

@@ -56,8 +56,8 @@ pub use aligned::{is_aligned, AlignedBuf, AlignedBufMut, ALIGN};
 use block_lock::{stripes_of, BlockGuard, BlockLocks};
 use engine::Engine;
 use engine_sync::SyncEngine;
-use engine_uring::{AsyncRing, Keep};
 pub use engine_uring::FAULT_RING_SETUP_ENV;
+use engine_uring::{AsyncRing, Keep};
 
 /// A device operation running without a thread hand-off ([`BackingDevice::read_async`],
 /// [`BackingDevice::write_async`], [`BackingDevice::flush_async`]).
@@ -687,7 +687,13 @@ impl BackingDevice for FileDevice {
             // A short write: the rest on a blocking thread, still under the block guard.
             let rest = tokio::task::spawn_blocking(move || {
                 let _guard = guard;
-                write_all(&SyncEngine, file.as_raw_fd(), &data[done..], offset + done as u64, fua)
+                write_all(
+                    &SyncEngine,
+                    file.as_raw_fd(),
+                    &data[done..],
+                    offset + done as u64,
+                    fua,
+                )
             })
             .await;
             match rest {
@@ -711,7 +717,9 @@ impl BackingDevice for FileDevice {
                 .await
                 .map_err(|_| err(io::Error::other("io_uring completion lost")))?;
             if res < 0 {
-                return Err(Self::io_err("flush", 0, 0)(io::Error::from_raw_os_error(-res)));
+                return Err(Self::io_err("flush", 0, 0)(io::Error::from_raw_os_error(
+                    -res,
+                )));
             }
             Ok(())
         }))

@@ -360,7 +360,9 @@ impl VolumeService {
                 )
             }),
         }?;
-        handle.usable().map_err(|reason| ApiError::new(ErrorKind::Backend, reason))?;
+        handle
+            .usable()
+            .map_err(|reason| ApiError::new(ErrorKind::Backend, reason))?;
         Ok(handle)
     }
 
