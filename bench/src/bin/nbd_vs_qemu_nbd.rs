@@ -15,14 +15,15 @@
 //! Before every fio run the backing file is synced and dropped from the page cache, and
 //! each row is measured `--repeat` times per server, alternating, keeping the best.
 //!
-//! What we saw in three runs on the 2-vCPU dev VM while other engineers' builds and TCG
-//! guests kept it loaded (load average 8-10): throughput ratios swung from 0.5x to 2.9x run
-//! to run, and the `tandem` and `thread-pool*` write columns, which run the same code
-//! (writes use `pwritev2` on both engines), differed by up to 2x, so the ratios mostly
-//! measure the neighbours. CPU per request does not: reads cost less than qemu-nbd's (4 KiB
-//! QD1 64-77 us against 78-94 us, QD32 18-27 us against 24-30 us; before reads went through
-//! the shared ring, 132 us and 45 us); writes cost more (4 KiB QD32 43-61 us against
-//! 24-36 us, 1 MiB sequential 899-1065 us against 687-907 us per MiB).
+//! What we saw in three runs on the 2-vCPU dev VM with reads, writes and flushes on the
+//! shared ring, while other engineers' builds kept it loaded (load average 5.5-6.5):
+//! throughput ratios 0.78-1.00x (4 KiB randread QD1), 1.16-1.44x (QD32), 1.02-1.07x
+//! (randwrite QD1), 0.47-1.19x (QD32), 0.87-1.43x (1 MiB seqwrite) and 0.87-1.35x
+//! (seqread), swinging with the neighbours. CPU per request, which does not: 4 KiB reads
+//! 69-89 us against qemu-nbd's 74-80 us at QD1 and 21-29 us against 26-31 us at QD32;
+//! 4 KiB writes 76-83 us against 82-88 us at QD1 and 24-46 us against 25-27 us at QD32;
+//! 1 MiB 749-802 us against 667-934 us. The thread-pool engine (`cpu*`) costs 99-122 us
+//! (QD1) and 41-53 us (QD32) per 4 KiB request: the two thread hand-offs the ring saves.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
