@@ -175,38 +175,47 @@ fn a_1_gib_write_through_cache_none_stays_out_of_the_page_cache() {
     assert!(log.contains("go through the host page cache"), "{log}");
 }
 
+/// Aligned and unaligned writes, zeroes, a discard and a flush through qemu-io, then every
+/// byte range read back with the pattern it must hold.
+fn aligned_and_unaligned_round_trip(node: &TandemNode, volume: &str) {
+    let (ok, out) = node.qemu_io(
+        volume,
+        &[
+            "write -P 0x11 0 64k",
+            "write -P 0x22 513 1000",
+            "write -P 0x33 4095 2",
+            "write -z 8192 100",
+            "write -P 0x44 1048576 4096",
+            "write -P 0x55 65536 4096",
+            "discard 65536 4096",
+            "flush",
+        ],
+    );
+    assert!(ok, "{volume}: {out}");
+    let (ok, out) = node.qemu_io(
+        volume,
+        &[
+            "read -P 0x11 0 513",
+            "read -P 0x22 513 1000",
+            "read -P 0x11 1513 2582",
+            "read -P 0x33 4095 2",
+            "read -P 0x11 4097 4095",
+            "read -P 0 8192 100",
+            "read -P 0x11 8292 57244",
+            "read -P 0x44 1048576 4096",
+            "read -P 0 65536 4096",
+        ],
+    );
+    assert!(ok, "{volume}: {out}");
+}
+
 /// The same unaligned and aligned requests through both engines read back exactly.
 #[test]
 fn both_engines_serve_aligned_and_unaligned_requests() {
     let node = node();
     for (volume, pool, engine) in [("u", "direct", "io_uring"), ("t", "threads", "thread-pool")] {
         create(&node, volume, "16M", pool);
-        let (ok, out) = node.qemu_io(
-            volume,
-            &[
-                "write -P 0x11 0 64k",
-                "write -P 0x22 513 1000",
-                "write -P 0x33 4095 2",
-                "write -z 8192 100",
-                "write -P 0x44 1048576 4096",
-                "flush",
-            ],
-        );
-        assert!(ok, "{volume}: {out}");
-        let (ok, out) = node.qemu_io(
-            volume,
-            &[
-                "read -P 0x11 0 513",
-                "read -P 0x22 513 1000",
-                "read -P 0x11 1513 2582",
-                "read -P 0x33 4095 2",
-                "read -P 0x11 4097 4095",
-                "read -P 0 8192 100",
-                "read -P 0x11 8292 57244",
-                "read -P 0x44 1048576 4096",
-            ],
-        );
-        assert!(ok, "{volume}: {out}");
+        aligned_and_unaligned_round_trip(&node, volume);
         let log = node.log();
         let opened = log
             .lines()
@@ -324,28 +333,7 @@ cache = "writeback"
     node.start_with_env(&[("TANDEM_FAULT_IO_URING_SETUP", "1")]);
     for (volume, pool) in [("d", "direct"), ("c", "cached")] {
         create(&node, volume, "16M", pool);
-        let (ok, out) = node.qemu_io(
-            volume,
-            &[
-                "write -P 0x11 0 64k",
-                "write -P 0x22 513 1000",
-                "write -z 8192 100",
-                "discard 65536 4096",
-                "flush",
-            ],
-        );
-        assert!(ok, "{volume}: {out}");
-        let (ok, out) = node.qemu_io(
-            volume,
-            &[
-                "read -P 0x11 0 513",
-                "read -P 0x22 513 1000",
-                "read -P 0 8192 100",
-                "read -P 0x11 8292 57244",
-                "read -P 0 65536 4096",
-            ],
-        );
-        assert!(ok, "{volume}: {out}");
+        aligned_and_unaligned_round_trip(&node, volume);
     }
     let log = node.log();
     let warnings = log
