@@ -211,6 +211,13 @@ impl QemuNbd {
     }
 }
 
+impl QemuNbd {
+    /// The qemu-nbd process id (for [`cpu_time`]).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for QemuNbd {
     fn drop(&mut self) {
         let _ = self.0.kill();

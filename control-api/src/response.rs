@@ -159,6 +159,9 @@ pub struct PoolInfo {
     pub name: String,
     /// `file` or `lvm-thin`.
     pub backend: String,
+    /// The pool's `cache` key: `none` (O_DIRECT) or `writeback` (host page cache).
+    #[serde(default)]
+    pub cache: String,
     /// From the backend (file system or thin pool); 0 when `error` is set.
     pub total_bytes: u64,
     pub used_bytes: u64,

@@ -188,6 +188,35 @@ pub fn write_is_inline(device: &dyn BackingDevice, offset: u64, len: usize, fua:
     write_may_be_inline(device.cached_writes(), offset, len, fua)
 }
 
+/// The Primary's local half of a request, started at once: an aligned write on the device's
+/// async ring when it has one (no thread hand-off), anything else on the blocking pool.
+enum LocalIo {
+    Async(crate::device::DeviceFuture<()>),
+    Blocking(tokio::task::JoinHandle<Result<(), DeviceError>>),
+}
+
+impl LocalIo {
+    fn start(device: &Arc<dyn BackingDevice>, offset: u64, op: &Op) -> LocalIo {
+        if let Op::Write { data, fua } = op {
+            if let Some(write) = device.write_async(offset, data, *fua) {
+                return LocalIo::Async(write);
+            }
+        }
+        let device = device.clone();
+        let op = op.clone();
+        LocalIo::Blocking(tokio::task::spawn_blocking(move || {
+            op.apply(&*device, offset)
+        }))
+    }
+
+    async fn finish(self) -> Result<Result<(), DeviceError>, tokio::task::JoinError> {
+        match self {
+            LocalIo::Async(io) => Ok(io.await),
+            LocalIo::Blocking(task) => task.await,
+        }
+    }
+}
+
 /// Carrying out an [`Op`] on a device (the Primary's local half, the Secondary's apply).
 impl Op {
     /// See [`write_is_inline`].
@@ -715,11 +744,8 @@ impl Primary {
 
         // A large or durable request starts on the local disk now, in parallel with the
         // peers; a small cached write is done on this task once the peers have it.
-        let blocking = (!op.applies_inline(&*inner.device, offset)).then(|| {
-            let device = inner.device.clone();
-            let local_op = op.clone();
-            tokio::task::spawn_blocking(move || local_op.apply(&*device, offset))
-        });
+        let started_local = (!op.applies_inline(&*inner.device, offset))
+            .then(|| LocalIo::start(&inner.device, offset, &op));
 
         // Room on every connected peer's link, taken before the request is numbered. A
         // failed reservation means the link is down: the peer is not sent to, and so is
@@ -757,8 +783,8 @@ impl Primary {
                 .fetch_sub(len, Ordering::Relaxed);
         }
 
-        let local = match blocking {
-            Some(task) => task.await,
+        let local = match started_local {
+            Some(io) => io.finish().await,
             // No await since the request was queued to the peers: a dropped request cannot
             // leave them with a write this disk lacks.
             None => Ok(op.apply(&*inner.device, offset)),
@@ -809,8 +835,13 @@ impl Primary {
             books.waiter(started)
         });
         let start = Instant::now();
-        let device = inner.device.clone();
-        let local = tokio::task::spawn_blocking(move || device.flush()).await;
+        let local = match inner.device.flush_async() {
+            Some(flush) => Ok(flush.await),
+            None => {
+                let device = inner.device.clone();
+                tokio::task::spawn_blocking(move || device.flush()).await
+            }
+        };
         let local_time = start.elapsed();
         let waited = waiter.is_some();
         let unacknowledged = wait_for_peers(inner, waiter, || "a flush".to_string()).await;
@@ -1103,7 +1134,7 @@ impl SecondaryShell {
                     if let Some(reply) = self.try_inline(&job) {
                         stopped = reply.is_err();
                         core.handle_done(job.held, reply);
-                    } else {
+                    } else if !self.try_async(&job) {
                         self.spawn(job);
                     }
                 }
@@ -1130,6 +1161,47 @@ impl SecondaryShell {
             log.0.end(*offset, op.len());
         }
         Some(applied)
+    }
+
+    /// Start a write on the device's async ring (no thread hand-off) if the device can and
+    /// the write-intent log takes the range without waiting; its completion comes back
+    /// through `done_tx`. `false` leaves the job to the blocking pool.
+    fn try_async(&self, job: &Job) -> bool {
+        let Work::Request {
+            seq,
+            offset,
+            op: op @ Op::Write { data, fua },
+        } = &job.work
+        else {
+            return false;
+        };
+        let (seq, offset, len, name) = (*seq, *offset, data.len() as u64, op.name());
+        let log = self.write_intent.clone();
+        if !log.as_ref().is_none_or(|log| log.0.try_begin(offset, len)) {
+            return false;
+        }
+        let Some(write) = self.device.write_async(offset, data, *fua) else {
+            if let Some(log) = &log {
+                log.0.end(offset, len);
+            }
+            return false;
+        };
+        let done_tx = self.done_tx.clone();
+        let held = job.held;
+        tokio::spawn(async move {
+            let result = write.await;
+            if let Some(log) = log {
+                log.0.end(offset, len);
+            }
+            let reply = result
+                .map(|()| Message::WriteAck {
+                    seq,
+                    outcome: WriteOutcome::Written,
+                })
+                .map_err(|source| DatapathError::Local { op: name, source });
+            let _ = done_tx.send(Done { held, reply });
+        });
+        true
     }
 
     /// Run a job on the blocking pool; its completion comes back through `done_tx`.

@@ -21,7 +21,9 @@
 //! ([`LinkConfig::send_budget`]) that the writer gives back once the bytes are on the
 //! socket, which is how a slow peer pushes back on the writer of a volume. The writer
 //! drains whatever is queued and writes it with as few syscalls as it can (small frames are
-//! coalesced into one buffer; large payloads are written from their own `Bytes`, uncopied).
+//! coalesced into one buffer; a large payload is written from its own `Bytes`, uncopied, in
+//! one `writev` with the buffer holding its header). Acknowledgements are frames like any
+//! other, so under load a batch of them leaves in one write.
 //! The reader decodes frames, answers pings, and hands everything else to the
 //! [`LinkReceiver`], again under a byte budget so a fast peer cannot grow our memory.
 //!
@@ -48,7 +50,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -870,7 +872,7 @@ where
 }
 
 /// Frames up to this size are copied into the coalescing buffer; larger bodies are written
-/// from their own buffer.
+/// from their own buffer, in the same `writev` as the buffer before them.
 const COALESCE_BODY_MAX: usize = 16 << 10;
 /// Write the coalescing buffer out once it holds this much.
 const COALESCE_BUFFER_MAX: usize = 256 << 10;
@@ -900,9 +902,11 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                         if frame.body.len() <= COALESCE_BODY_MAX {
                             buf.extend_from_slice(&frame.body);
                         } else {
-                            w.write_all(&buf).await?;
+                            // The frames so far, this header and its body leave in one
+                            // writev, without copying the body.
+                            w.write_all_buf(&mut Buf::chain(&buf[..], &frame.body[..]))
+                                .await?;
                             buf.clear();
-                            w.write_all(&frame.body).await?;
                         }
                         returned += budget;
                         if buf.len() >= COALESCE_BUFFER_MAX {

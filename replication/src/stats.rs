@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::device::{BackingDevice, DeviceError};
+use bytes::Bytes;
+
+use crate::device::{BackingDevice, DeviceError, DeviceFuture};
 
 /// Upper bounds of the latency buckets, in seconds (the last, +Inf, is implicit).
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -181,6 +183,28 @@ impl PendingDevice {
     fn pending(&self) -> Held<'_> {
         hold(&self.stats.pending_lower, 1)
     }
+
+    /// An asynchronous call, counted from its start until its future completes or is
+    /// dropped.
+    fn pending_async<T: Send + 'static>(
+        &self,
+        call: Option<DeviceFuture<T>>,
+    ) -> Option<DeviceFuture<T>> {
+        /// One pending call on an owned [`IoStats`].
+        struct Pending(Arc<IoStats>);
+        impl Drop for Pending {
+            fn drop(&mut self) {
+                self.0.pending_lower.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let call = call?;
+        self.stats.pending_lower.fetch_add(1, Ordering::Relaxed);
+        let pending = Pending(Arc::clone(&self.stats));
+        Some(Box::pin(async move {
+            let _pending = pending;
+            call.await
+        }))
+    }
 }
 
 impl BackingDevice for PendingDevice {
@@ -216,6 +240,19 @@ impl BackingDevice for PendingDevice {
     }
     fn cached_writes(&self) -> bool {
         self.inner.cached_writes()
+    }
+    fn read_owned(&self, offset: u64, len: usize) -> Result<Bytes, DeviceError> {
+        let _pending = self.pending();
+        self.inner.read_owned(offset, len)
+    }
+    fn read_async(&self, offset: u64, len: usize) -> Option<DeviceFuture<Bytes>> {
+        self.pending_async(self.inner.read_async(offset, len))
+    }
+    fn write_async(&self, offset: u64, data: &Bytes, fua: bool) -> Option<DeviceFuture<()>> {
+        self.pending_async(self.inner.write_async(offset, data, fua))
+    }
+    fn flush_async(&self) -> Option<DeviceFuture<()>> {
+        self.pending_async(self.inner.flush_async())
     }
 }
 

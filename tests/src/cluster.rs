@@ -20,8 +20,8 @@
 //! Per host, under the cluster's temp dir `<tmp>/tdm-<pid>-<n>-XXXX/<host>/`:
 //! `tandem.toml` (every host in `[[nodes]]`, the witness `diskless = true` and without
 //! `[[pools]]`), `state/`, `run/` (`tandemd.sock`, `nbd.sock`), `images/` (the `files`
-//! pool, data hosts only; a tmpfs of `pool_size` bytes when set, so [`Cluster::fill_pool`]
-//! hits a real ENOSPC without touching other tests), `tandemd.log` (appended across
+//! pool, data hosts only; a tmpfs of `pool_size` bytes when set, with `cache = "writeback"`,
+//! so [`Cluster::fill_pool`] hits a real ENOSPC without touching other tests), `tandemd.log` (appended across
 //! restarts). `<tmp>/.../secret` is shared (mode 0600).
 //!
 //! Drop (also while unwinding from a panic) kills every process in the namespaces,
@@ -57,6 +57,9 @@ pub struct ClusterSpec {
     pub start: bool,
     /// `RUST_LOG` for the daemons.
     pub rust_log: String,
+    /// The file pools' `cache` key; `None`: the default (`none`), or `writeback` on a
+    /// tmpfs pool.
+    pub cache: Option<String>,
 }
 
 impl Default for ClusterSpec {
@@ -67,6 +70,7 @@ impl Default for ClusterSpec {
             pool_size: None,
             start: true,
             rust_log: "debug".into(),
+            cache: None,
         }
     }
 }
@@ -237,8 +241,14 @@ impl Cluster {
         let pool = if host.diskless {
             String::new()
         } else {
+            // A tmpfs pool has no O_DIRECT before Linux 6.6 (CI runs Debian 12's 6.1).
+            let cache = match (&self.spec.cache, self.spec.pool_size) {
+                (Some(cache), _) => format!("cache = \"{cache}\"\n"),
+                (None, Some(_)) => "cache = \"writeback\"\n".to_string(),
+                (None, None) => String::new(),
+            };
             format!(
-                "\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{}/images\"\n",
+                "\n[[pools]]\nname = \"files\"\nbackend = \"file\"\npath = \"{}/images\"\n{cache}",
                 host.dir.display()
             )
         };

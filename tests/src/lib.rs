@@ -187,12 +187,18 @@ path = "{root}/images"
 
     /// Start `tandemd` and wait (up to 10 s) until its socket answers.
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// [`TandemNode::start`] with extra environment variables (fault switches).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "daemon already running");
         let log = std::fs::File::create(self.root().join("tandemd.log")).expect("create log");
         let child = std::process::Command::new(bin("tandemd"))
             .arg("--config")
             .arg(self.config())
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use replication::auth::{load_secret, Secret, SecretError};
+use replication::device::{CacheMode, DeviceOptions, EngineChoice};
 
 use crate::engine_config::{EngineConfig, RawEngine};
 use crate::names::validate_volume_name;
@@ -133,6 +134,10 @@ pub struct RawPool {
     pub vg: Option<String>,
     pub thinpool: Option<String>,
     pub max_fill_percent: Option<u8>,
+    /// `none` (default: O_DIRECT) or `writeback` (the host page cache).
+    pub cache: Option<String>,
+    /// `auto` (default: io_uring where it works), `io_uring` or `thread-pool`.
+    pub io_engine: Option<String>,
 }
 
 /// A validated pool definition.
@@ -140,6 +145,20 @@ pub struct RawPool {
 pub struct PoolSpec {
     pub name: String,
     pub backend: BackendSpec,
+    /// How the pool's volumes use the host page cache.
+    pub cache: CacheMode,
+    /// Which I/O engine moves the pool's bytes.
+    pub io_engine: EngineChoice,
+}
+
+impl PoolSpec {
+    /// How to open this pool's volumes.
+    pub fn device_options(&self) -> DeviceOptions {
+        DeviceOptions {
+            cache: self.cache,
+            engine: self.io_engine,
+        }
+    }
 }
 
 /// A validated backend with its keys.
@@ -486,9 +505,19 @@ impl RawPool {
                 ))
             }
         };
+        let cache = match &self.cache {
+            Some(word) => word.parse().map_err(|e| ("cache", e))?,
+            None => CacheMode::default(),
+        };
+        let io_engine = match &self.io_engine {
+            Some(word) => word.parse().map_err(|e| ("io_engine", e))?,
+            None => EngineChoice::default(),
+        };
         Ok(PoolSpec {
             name: self.name,
             backend,
+            cache,
+            io_engine,
         })
     }
 }
@@ -609,6 +638,23 @@ tcp_listen = "127.0.0.1:10809"
         assert_eq!(config.run_dir, PathBuf::from("/run/tandem"));
         assert_eq!(config.secret_file, PathBuf::from("/etc/tandem/secret"));
         assert_eq!(config.nbd.tcp_listen, None);
+        assert_eq!(config.pools[0].cache, CacheMode::None);
+        assert_eq!(config.pools[0].io_engine, EngineChoice::Auto);
+    }
+
+    #[test]
+    fn cache_and_io_engine_are_pool_keys() {
+        let pool = "[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n";
+        let config = parse(&format!(
+            "{NODES}{pool}cache = \"writeback\"\nio_engine = \"thread-pool\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.pools[0].cache, CacheMode::Writeback);
+        assert_eq!(config.pools[0].io_engine, EngineChoice::ThreadPool);
+        assert!(error(&format!("{NODES}{pool}cache = \"direct\"\n"))
+            .contains("pools[0].cache: unknown cache mode 'direct'"));
+        assert!(error(&format!("{NODES}{pool}io_engine = \"aio\"\n"))
+            .contains("pools[0].io_engine: unknown I/O engine 'aio'"));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! An [`ExportHandle`] over one local [`BackingDevice`]: the I/O path of a volume that has no
-//! peer to replicate to. Device calls block, so each runs on tokio's blocking pool, except
-//! small cached writes ([`write_is_inline`]), as on a replicated volume. Requests are
-//! recorded in the volume's [`IoStats`] as the engine records a replicated volume's (local
-//! latency only: there is no peer).
+//! peer to replicate to. Aligned reads, writes and flushes the device can do asynchronously
+//! (io_uring under `O_DIRECT`) wait for the disk on the runtime; other device calls block,
+//! so each runs on tokio's blocking pool, except small cached writes ([`write_is_inline`]),
+//! as on a replicated volume. Requests are recorded in the volume's [`IoStats`] as the engine records
+//! a replicated volume's (local latency only: there is no peer).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -121,11 +122,13 @@ impl ExportHandle for LocalExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportIoError> {
-        let read = self.run(move |dev| {
-            let mut buf = vec![0u8; len as usize];
-            dev.read_at(&mut buf, offset)?;
-            Ok(Bytes::from(buf))
-        });
+        let read = async {
+            if let Some(read) = self.device.read_async(offset, len as usize) {
+                return read.await.map_err(|e| device_error(&self.name, e));
+            }
+            self.run(move |dev| dev.read_owned(offset, len as usize))
+                .await
+        };
         let bytes = (&self.stats.read_bytes, u64::from(len));
         self.recorded(Some(&self.stats.read), Some(bytes), read)
             .await
@@ -141,6 +144,9 @@ impl ExportHandle for LocalExport {
                     .write_at(&data, offset)
                     .map_err(|e| device_error(&self.name, e));
             }
+            if let Some(write) = self.device.write_async(offset, &data, fua) {
+                return write.await.map_err(|e| device_error(&self.name, e));
+            }
             self.run(move |dev| {
                 if fua {
                     dev.write_at_durable(&data, offset)
@@ -155,7 +161,12 @@ impl ExportHandle for LocalExport {
     }
 
     async fn flush(&self) -> Result<(), ExportIoError> {
-        let flush = self.run(|dev| dev.flush());
+        let flush = async {
+            match self.device.flush_async() {
+                Some(flush) => flush.await.map_err(|e| device_error(&self.name, e)),
+                None => self.run(|dev| dev.flush()).await,
+            }
+        };
         self.recorded(Some(&self.stats.flush), None, flush).await
     }
 

@@ -504,6 +504,7 @@ mod tests {
             pools: vec![PoolInfo {
                 name: "files".into(),
                 backend: "file".into(),
+                cache: "none".into(),
                 total_bytes: 100,
                 used_bytes: 95,
                 free_bytes: 5,

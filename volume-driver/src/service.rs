@@ -31,7 +31,7 @@ use control_api::{
     VolumeInfo, VolumeState, VolumeStatus,
 };
 use replication::auth::Secret;
-use replication::device::{BackingDevice, FileDevice};
+use replication::device::{BackingDevice, CacheMode, DeviceOptions, FileDevice};
 use replication::stats::{IoStats, PendingDevice};
 
 use crate::config::Config;
@@ -56,13 +56,26 @@ pub enum StartError {
 
 pub(crate) struct PoolHandle {
     backend: Arc<dyn Pool>,
+    /// How volumes of this pool are opened (`cache`, `io_engine`).
+    device: DeviceOptions,
     /// Serializes free-space check + allocation within this pool.
     alloc: tokio::sync::Mutex<()>,
+    /// Why this pool serves no volume (its file system refuses `cache = "none"`); the other
+    /// pools keep working.
+    refused: Option<String>,
 }
 
 impl PoolHandle {
     pub(crate) fn name(&self) -> &str {
         self.backend.name()
+    }
+
+    /// An error if this pool was refused at startup.
+    fn usable(&self) -> Result<(), String> {
+        match &self.refused {
+            Some(reason) => Err(format!("pool '{}' is refused: {reason}", self.name())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -212,10 +225,22 @@ impl VolumeService {
         for spec in &config.pools {
             let backend: Arc<dyn Pool> = Arc::from(pool::open(spec));
             backend.open_check()?;
-            tracing::info!(pool = %spec.name, backend = backend.backend(), "pool opened");
+            let refused = pool::check_cache(spec).err().map(|e| error_chain(&e));
+            if let Some(reason) = &refused {
+                tracing::error!(pool = %spec.name, %reason,
+                    "pool refused: its volumes are not served; the other pools keep working");
+            }
+            if spec.cache == CacheMode::Writeback {
+                tracing::warn!(pool = %spec.name, "cache = \"writeback\": this pool's volumes \
+                    go through the host page cache (a second copy of guest data in host memory)");
+            }
+            tracing::info!(pool = %spec.name, backend = backend.backend(), cache = %spec.cache,
+                io_engine = %spec.io_engine, "pool opened");
             pools.push(PoolHandle {
                 backend,
+                device: spec.device_options(),
                 alloc: tokio::sync::Mutex::new(()),
+                refused,
             });
         }
         let store = Store::open(&config.state_dir)?;
@@ -341,10 +366,12 @@ impl VolumeService {
                 self.config().path.display()
             )));
         }
-        match pool {
+        let handle = match pool {
             None => self
                 .pools
-                .first()
+                .iter()
+                .find(|h| h.refused.is_none())
+                .or(self.pools.first())
                 .ok_or_else(|| ApiError::new(ErrorKind::NotFound, "no pool is configured")),
             Some(p) => self.pool(p).ok_or_else(|| {
                 let known: Vec<_> = self
@@ -368,7 +395,11 @@ impl VolumeService {
                     },
                 )
             }),
-        }
+        }?;
+        handle
+            .usable()
+            .map_err(|reason| ApiError::new(ErrorKind::Backend, reason))?;
+        Ok(handle)
     }
 
     fn pool(&self, name: &str) -> Option<&PoolHandle> {
@@ -443,18 +474,19 @@ impl VolumeService {
         if let Some(device) = &slot.device {
             return Ok(Arc::clone(device));
         }
-        let Some(path) = slot
-            .definition
-            .as_ref()
-            .and_then(|d| self.pool(&d.pool))
-            .map(|p| p.backend.device_path(name))
-        else {
+        let Some(pool) = slot.definition.as_ref().and_then(|d| self.pool(&d.pool)) else {
             return Err(format!("volume '{name}' has no pool"));
         };
-        let device = Arc::new(
-            FileDevice::open(&path)
-                .map_err(|e| format!("cannot open volume '{name}': {}", error_chain(&e)))?,
-        );
+        pool.usable()
+            .map_err(|reason| format!("cannot open volume '{name}': {reason}"))?;
+        let path = pool.backend.device_path(name);
+        let device = Arc::new(FileDevice::open_with(&path, pool.device).map_err(|e| {
+            format!(
+                "cannot open volume '{name}' of pool '{}': {}",
+                pool.name(),
+                error_chain(&e)
+            )
+        })?);
         slot.device = Some(Arc::clone(&device));
         Ok(device)
     }
@@ -886,14 +918,16 @@ impl VolumeService {
             let mut info = PoolInfo {
                 name: pool_name,
                 backend: handle.backend.backend().to_string(),
+                cache: handle.device.cache.to_string(),
                 total_bytes: 0,
                 used_bytes: 0,
                 free_bytes: 0,
                 provisioned_bytes,
                 volumes,
-                error: None,
+                error: handle.refused.clone(),
             };
             match usage {
+                _ if handle.refused.is_some() => {}
                 Ok(u) => {
                     info.total_bytes = u.total_bytes;
                     info.used_bytes = u.used_bytes;

@@ -2,35 +2,39 @@
 //! engine in one run: 4 KiB random read/write IOPS at queue depth 1 and 32, 1 MiB
 //! sequential write/read MiB/s. Prints both values and the ratio ours/qemu-nbd per row.
 //!
-//! Our server runs in-process over a `LocalExport` (a `FileDevice`: buffered positional
-//! I/O, so the page cache is in play); qemu-nbd runs as the reference recipe says
-//! (`--cache=none --aio=native`, O_DIRECT). Run with
-//! `cargo run --release -p tandem-bench --bin nbd_vs_qemu_nbd`.
+//! Our server runs in-process over a `LocalExport` on a `FileDevice` opened as a pool opens
+//! it by default (`cache = "none"`: O_DIRECT, engine `auto`, io_uring here); qemu-nbd runs as
+//! the reference recipe says (`--cache=none --aio=native`, O_DIRECT), so both servers are on
+//! equal footing. Run with `cargo run --release -p tandem-bench --bin nbd_vs_qemu_nbd`.
 //!
-//! The column `O_DIRECT*` is our server over an experimental O_DIRECT handle defined here
-//! (same I/O mode as qemu-nbd), which separates the server's own overhead from the
-//! buffered-I/O backend.
-//!
-//! What we saw on the 2-vCPU dev VM (noisy, other builds running): with a cold cache the
-//! buffered backend loses on 1 MiB sequential rows, because every write copies into freshly
-//! allocated page-cache pages (`copy_folio_from_iter_atomic` dominates the profile) while
-//! qemu-nbd DMAs with O_DIRECT; with `--warm`, and in the O_DIRECT column, we lead.
+//! The column `thread-pool*` is our server with the engine forced to the thread-pool
+//! fallback (`io_engine = "thread-pool"`). The `cpu/req` columns are the CPU time (user +
+//! system, from `/proc/PID/stat`) each server spent per request during the fio run, which
+//! does not depend on how much of the shared machine the run got.
 //!
 //! Before every fio run the backing file is synced and dropped from the page cache, and
 //! each row is measured `--repeat` times per server, alternating, keeping the best.
+//!
+//! What we saw in three runs on the 2-vCPU dev VM with reads, writes and flushes on the
+//! shared ring, while other engineers' builds kept it loaded (load average 5.5-6.5):
+//! throughput ratios 0.78-1.00x (4 KiB randread QD1), 1.16-1.44x (QD32), 1.02-1.07x
+//! (randwrite QD1), 0.47-1.19x (QD32), 0.87-1.43x (1 MiB seqwrite) and 0.87-1.35x
+//! (seqread), swinging with the neighbours. CPU per request, which does not: 4 KiB reads
+//! 69-89 us against qemu-nbd's 74-80 us at QD1 and 21-29 us against 26-31 us at QD32;
+//! 4 KiB writes 76-83 us against 82-88 us at QD1 and 24-46 us against 25-27 us at QD32;
+//! 1 MiB 749-802 us against 667-934 us. The thread-pool engine (`cpu*`) costs 99-122 us
+//! (QD1) and 41-53 us (QD32) per 4 KiB request: the two thread hand-offs the ring saves.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use bytes::Bytes;
 use clap::Parser;
-use replication::device::FileDevice;
-use tandem_bench::{fill, fio, settle, QemuNbd, Row};
-use volume_driver::frontend::{
-    ExportHandle, ExportInfo, ExportIoError, Exports, IoErrorKind, OpenError,
-};
+use replication::device::{BackingDevice, CacheMode, DeviceOptions, EngineChoice, FileDevice};
+use tandem_bench::{cpu_time, fill, fio_run, settle, QemuNbd, Row};
+use volume_driver::frontend::{ExportHandle, ExportInfo, Exports, OpenError};
 use volume_driver::local_export::LocalExport;
 
 /// Compare Tandem's NBD server with qemu-nbd using fio (nbd engine) on one backing file.
@@ -57,9 +61,9 @@ struct Args {
     /// buffered backend on reads.
     #[arg(long)]
     warm: bool,
-    /// Skip the experimental O_DIRECT column.
+    /// Skip the thread-pool engine column.
     #[arg(long)]
-    no_direct: bool,
+    no_thread_pool: bool,
     /// Tokio worker threads for our server.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -68,7 +72,7 @@ struct Args {
 const EXPORT: &str = "bench";
 
 struct OneExport {
-    device: Arc<FileDevice>,
+    device: Arc<dyn BackingDevice>,
 }
 
 #[async_trait]
@@ -93,123 +97,6 @@ impl Exports for OneExport {
             false,
             Arc::default(),
         )))
-    }
-}
-
-/// An experimental handle doing O_DIRECT I/O on the backing file (same I/O mode as
-/// `qemu-nbd --cache=none`), to separate the server's overhead from the backend's buffered
-/// I/O. Not the product path: shown as an extra column.
-struct DirectExport {
-    file: Arc<std::fs::File>,
-    size: u64,
-}
-
-const ALIGN: usize = 4096;
-
-fn io_err(e: std::io::Error) -> ExportIoError {
-    ExportIoError::new(IoErrorKind::Io, e.to_string())
-}
-
-impl DirectExport {
-    fn open(path: &Path) -> Result<DirectExport> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
-        let size = file.metadata().context("stat of the backing file")?.len();
-        Ok(DirectExport {
-            file: Arc::new(file),
-            size,
-        })
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        op: impl FnOnce(&std::fs::File) -> std::io::Result<T> + Send + 'static,
-    ) -> Result<T, ExportIoError> {
-        let file = Arc::clone(&self.file);
-        tokio::task::spawn_blocking(move || op(&file))
-            .await
-            .map_err(|e| ExportIoError::new(IoErrorKind::Io, e.to_string()))?
-            .map_err(io_err)
-    }
-}
-
-/// A `len`-byte buffer aligned for O_DIRECT: an over-allocated Vec and the aligned offset.
-fn aligned(len: usize) -> (Vec<u8>, usize) {
-    let v = vec![0u8; len + ALIGN];
-    let off = (ALIGN - (v.as_ptr() as usize % ALIGN)) % ALIGN;
-    (v, off)
-}
-
-#[async_trait]
-impl ExportHandle for DirectExport {
-    fn name(&self) -> &str {
-        EXPORT
-    }
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportIoError> {
-        self.blocking(move |f| {
-            use std::os::unix::fs::FileExt;
-            let len = len as usize;
-            let (mut v, off) = aligned(len);
-            f.read_exact_at(&mut v[off..off + len], offset)?;
-            Ok(Bytes::from(v).slice(off..off + len))
-        })
-        .await
-    }
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportIoError> {
-        self.blocking(move |f| {
-            use std::os::unix::fs::FileExt;
-            let (mut v, off) = aligned(data.len());
-            v[off..off + data.len()].copy_from_slice(&data);
-            f.write_all_at(&v[off..off + data.len()], offset)?;
-            if fua {
-                f.sync_data()?;
-            }
-            Ok(())
-        })
-        .await
-    }
-    async fn flush(&self) -> Result<(), ExportIoError> {
-        self.blocking(|f| f.sync_data()).await
-    }
-    async fn trim(&self, _offset: u64, _len: u64) -> Result<(), ExportIoError> {
-        Ok(())
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> Result<(), ExportIoError> {
-        self.write(offset, Bytes::from(vec![0u8; len as usize]), false)
-            .await
-    }
-}
-
-struct DirectExports(Arc<DirectExport>);
-
-#[async_trait]
-impl Exports for DirectExports {
-    fn list(&self) -> Vec<String> {
-        vec![EXPORT.to_string()]
-    }
-    async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
-        let handle = self.open(name, false).await?;
-        Ok(ExportInfo {
-            size: handle.size(),
-            read_only: handle.read_only(),
-        })
-    }
-    async fn open(&self, name: &str, _writable: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
-        if name != EXPORT {
-            return Err(OpenError::NotFound(name.to_string()));
-        }
-        Ok(self.0.clone())
     }
 }
 
@@ -294,6 +181,44 @@ const ROWS: &[Row] = &[
     },
 ];
 
+/// One measurement of one server: the value in the row's unit and CPU per request.
+struct Sample {
+    value: f64,
+    cpu_per_request: Duration,
+}
+
+/// Run `row` against `sock` while measuring the CPU time of process `pid`.
+fn measure(sock: &Path, pid: u32, row: &Row, runtime: u32) -> Result<Sample> {
+    let uri = format!("nbd+unix:///{EXPORT}?socket={}", sock.display());
+    let before = cpu_time(pid)?;
+    let run = fio_run(&uri, row, runtime)?;
+    let cpu = cpu_time(pid)?.saturating_sub(before);
+    // fio measures for `runtime` seconds after a 1 s ramp; the CPU counter sees both. MiB/s
+    // rows move 1 MiB per request.
+    let requests = run.value * f64::from(runtime + 1);
+    Ok(Sample {
+        value: run.value,
+        cpu_per_request: cpu.div_f64(requests.max(1.0)),
+    })
+}
+
+fn best(a: Option<Sample>, b: Sample) -> Option<Sample> {
+    match a {
+        Some(a) if a.value >= b.value => Some(a),
+        _ => Some(b),
+    }
+}
+
+fn open_device(file: &Path, engine: EngineChoice) -> Result<Arc<dyn BackingDevice>> {
+    let options = DeviceOptions {
+        cache: CacheMode::None,
+        engine,
+    };
+    let device = FileDevice::open_with(file, options).context("opening the backing file")?;
+    eprintln!("engine {engine}: {}", device.engine());
+    Ok(Arc::new(device))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::Builder::new()
@@ -310,17 +235,25 @@ fn main() -> Result<()> {
 
     let our_sock = dir.path().join("tandem.sock");
     let qemu_sock = dir.path().join("qemu.sock");
-    let direct_sock = dir.path().join("direct.sock");
-    let device = Arc::new(FileDevice::open(&file).context("opening the backing file")?);
+    let pool_sock = dir.path().join("thread-pool.sock");
+    let device = open_device(&file, EngineChoice::Auto)?;
     let _ours = OurServer::start(&our_sock, Arc::new(OneExport { device }), args.workers)?;
-    let direct = Arc::new(DirectExport::open(&file)?);
-    let _direct = OurServer::start(&direct_sock, Arc::new(DirectExports(direct)), args.workers)?;
-    let _qemu = QemuNbd::start(&qemu_sock, &file, EXPORT)?;
-    let uri = |sock: &Path| format!("nbd+unix:///{EXPORT}?socket={}", sock.display());
+    let device = open_device(&file, EngineChoice::ThreadPool)?;
+    let _pool = OurServer::start(&pool_sock, Arc::new(OneExport { device }), args.workers)?;
+    let qemu = QemuNbd::start(&qemu_sock, &file, EXPORT)?;
+    let me = std::process::id();
 
     println!(
-        "{:<20} {:>12} {:>12} {:>8}  {:>12} {:>8}  unit",
-        "row", "tandem", "qemu-nbd", "ratio", "O_DIRECT*", "ratio*"
+        "{:<18} {:>9} {:>9} {:>7} {:>10} {:>10}  {:>12} {:>7} {:>10}  unit",
+        "row",
+        "tandem",
+        "qemu-nbd",
+        "ratio",
+        "cpu/req",
+        "qemu cpu",
+        "thread-pool*",
+        "ratio*",
+        "cpu*"
     );
     for row in ROWS {
         if let Some(only) = &args.only {
@@ -328,25 +261,32 @@ fn main() -> Result<()> {
                 continue;
             }
         }
-        let (mut ours, mut theirs, mut direct) = (0f64, 0f64, 0f64);
+        let (mut ours, mut theirs, mut pool) = (None, None, None);
         for _ in 0..args.repeat.max(1) {
             settle(&file, args.warm)?;
-            theirs = theirs.max(fio(&uri(&qemu_sock), row, args.runtime)?);
+            theirs = best(theirs, measure(&qemu_sock, qemu.pid(), row, args.runtime)?);
             settle(&file, args.warm)?;
-            ours = ours.max(fio(&uri(&our_sock), row, args.runtime)?);
-            if !args.no_direct {
+            ours = best(ours, measure(&our_sock, me, row, args.runtime)?);
+            if !args.no_thread_pool {
                 settle(&file, args.warm)?;
-                direct = direct.max(fio(&uri(&direct_sock), row, args.runtime)?);
+                pool = best(pool, measure(&pool_sock, me, row, args.runtime)?);
             }
         }
+        let (Some(ours), Some(theirs)) = (ours, theirs) else {
+            continue;
+        };
+        let (pool, pool_cpu) = pool.map_or((0.0, Duration::ZERO), |p| (p.value, p.cpu_per_request));
         println!(
-            "{:<20} {:>12.0} {:>12.0} {:>7.2}x  {:>12.0} {:>7.2}x  {}",
+            "{:<18} {:>9.0} {:>9.0} {:>6.2}x {:>8.1}µs {:>8.1}µs  {:>12.0} {:>6.2}x {:>8.1}µs  {}",
             row.name,
-            ours,
-            theirs,
-            ours / theirs,
-            direct,
-            direct / theirs,
+            ours.value,
+            theirs.value,
+            ours.value / theirs.value,
+            ours.cpu_per_request.as_secs_f64() * 1e6,
+            theirs.cpu_per_request.as_secs_f64() * 1e6,
+            pool,
+            pool / theirs.value,
+            pool_cpu.as_secs_f64() * 1e6,
             row.unit
         );
     }

@@ -69,6 +69,9 @@ struct Args {
     /// Only run rows whose name contains this text.
     #[arg(long)]
     only: Option<String>,
+    /// The pools' `cache` key: `none` (O_DIRECT, the default) or `writeback`.
+    #[arg(long, default_value = "none")]
+    cache: String,
     /// Keep backing files in the page cache between runs (only sync them).
     #[arg(long)]
     warm: bool,
@@ -218,6 +221,7 @@ fn main() -> Result<()> {
         pool_size: None,
         start: true,
         rust_log: args.rust_log.clone(),
+        cache: Some(args.cache.clone()),
     });
     let size = format!("{}M", args.size_mib);
     tandem(

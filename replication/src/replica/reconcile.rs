@@ -112,6 +112,16 @@ impl BackingDevice for RecordingDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
         self.inner.read_at(buf, offset)
     }
+    fn read_owned(&self, offset: u64, len: usize) -> Result<bytes::Bytes, DeviceError> {
+        self.inner.read_owned(offset, len)
+    }
+    fn read_async(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> Option<crate::device::DeviceFuture<bytes::Bytes>> {
+        self.inner.read_async(offset, len)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
         self.note(offset, buf.len() as u64, buf.len() as u64);
         self.inner.write_at(buf, offset)

@@ -1773,18 +1773,25 @@ impl Replica {
         };
         let volume = self.volume.clone();
         let started = Instant::now();
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
-            dev.read_at(&mut buf, offset)
-                .map(|()| Bytes::from(buf))
-                .map_err(|source| EngineError::Device {
-                    volume: volume.clone(),
-                    op: "read",
-                    source,
-                })
-        })
-        .await
-        .map_err(|e| EngineError::InvalidRequest(format!("{}: read task: {e}", self.volume)))??;
+        let read = match dev.read_async(offset, len as usize) {
+            Some(read) => read.await.map_err(|source| EngineError::Device {
+                volume,
+                op: "read",
+                source,
+            })?,
+            None => tokio::task::spawn_blocking(move || {
+                dev.read_owned(offset, len as usize)
+                    .map_err(|source| EngineError::Device {
+                        volume: volume.clone(),
+                        op: "read",
+                        source,
+                    })
+            })
+            .await
+            .map_err(|e| {
+                EngineError::InvalidRequest(format!("{}: read task: {e}", self.volume))
+            })??,
+        };
         self.stats.read.observe(started.elapsed(), None);
         IoStats::add(&self.stats.read_bytes, u64::from(len));
         Ok(read)

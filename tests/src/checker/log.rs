@@ -1,6 +1,8 @@
 //! The workload log: one text line per event, written with one `write(2)` each (so a
 //! killed writer loses at most the line it was writing) and fsync'd at every flush and at
-//! the end.
+//! the end. A log on a terminal (a guest's second serial port, which survives the guest's
+//! power cut) is drained (`tcdrain`) after every line instead: an `A` line has left the
+//! machine before its write is sent.
 //!
 //! ```text
 //! # tandem-check v1 run=00c0ffee00c0ffee export=vol1 blocks=1024 block_size=4096 seed=42
@@ -63,6 +65,8 @@ pub struct LogHeader {
 pub struct LogWriter {
     file: File,
     path: PathBuf,
+    /// The log is a terminal: drain it after each line; it cannot be fsync'd.
+    tty: bool,
 }
 
 impl LogWriter {
@@ -72,9 +76,12 @@ impl LogWriter {
             path: path.to_path_buf(),
             source,
         })?;
+        // SAFETY: isatty only inspects the descriptor we own.
+        let tty = unsafe { libc::isatty(std::os::unix::io::AsRawFd::as_raw_fd(&file)) } == 1;
         let mut log = LogWriter {
             file,
             path: path.to_path_buf(),
+            tty,
         };
         log.line(&format!(
             "# tandem-check v1 run={:016x} export={} blocks={} block_size={} seed={}",
@@ -97,7 +104,24 @@ impl LogWriter {
             .map_err(|source| LogError::Write {
                 path: self.path.clone(),
                 source,
-            })
+            })?;
+        if self.tty {
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    /// Wait until the terminal has sent everything written so far.
+    fn drain(&mut self) -> Result<(), LogError> {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: tcdrain only waits on the descriptor we own.
+        if unsafe { libc::tcdrain(self.file.as_raw_fd()) } != 0 {
+            return Err(LogError::Write {
+                path: self.path.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     pub fn connected(&mut self, socket: &Path) -> Result<(), LogError> {
@@ -127,6 +151,9 @@ impl LogWriter {
         self.line(&format!("# {}", text.replace('\n', " ")))
     }
     pub fn sync(&mut self) -> Result<(), LogError> {
+        if self.tty {
+            return self.drain();
+        }
         self.file.sync_data().map_err(|source| LogError::Write {
             path: self.path.clone(),
             source,

@@ -1148,6 +1148,7 @@ fn print_pools(pools: &[PoolInfo]) {
             vec![
                 p.name.clone(),
                 p.backend.clone(),
+                p.cache.clone(),
                 total,
                 used,
                 free,
@@ -1160,6 +1161,7 @@ fn print_pools(pools: &[PoolInfo]) {
         &[
             "POOL",
             "BACKEND",
+            "CACHE",
             "TOTAL",
             "USED",
             "FREE",

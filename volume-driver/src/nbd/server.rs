@@ -16,7 +16,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use replication::device::AlignedBufMut;
 use replication::failure_log::FailureLog;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -568,9 +569,10 @@ where
     result
 }
 
-/// Read exactly `len` bytes into a fresh buffer without zero-filling it first.
+/// Read exactly `len` bytes into a fresh buffer without zero-filling it first. The buffer
+/// is aligned for O_DIRECT, so an aligned write goes to the disk without a bounce copy.
 async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(len);
+    let mut buf = AlignedBufMut::with_capacity(len);
     while buf.len() < len {
         let want = len - buf.len();
         let n = (&mut *reader).take(want as u64).read_buf(&mut buf).await?;

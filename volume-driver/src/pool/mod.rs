@@ -14,8 +14,9 @@
 //!
 //! A pool only allocates and frees storage; it knows nothing of definitions, replication or
 //! frontends. The daemon opens what [`Pool::device_path`] names as a
-//! `replication::device::FileDevice`. All methods block (file system calls, `lvm` commands):
-//! async callers run them on a blocking thread.
+//! `replication::device::FileDevice`, with the pool's `cache` and `io_engine` keys. All
+//! methods block (file system calls, `lvm` commands): async callers run them on a blocking
+//! thread.
 
 pub mod file;
 pub mod lvm_report;
@@ -23,6 +24,8 @@ pub mod lvm_thin;
 pub mod reflink;
 
 use std::path::PathBuf;
+
+use replication::device::CacheMode;
 
 use serde::{Deserialize, Serialize};
 
@@ -183,5 +186,41 @@ pub fn open(spec: &PoolSpec) -> Box<dyn Pool> {
             thinpool,
             *max_fill_percent,
         )),
+    }
+}
+
+/// Refuse `cache = "none"` (the default) on a `file` pool whose file system has no
+/// `O_DIRECT` (tmpfs before Linux 6.6, ramfs), naming the pool and the fix. Block devices
+/// (`lvm-thin`) always support it. Probes with a short-lived file in the pool directory.
+pub fn check_cache(spec: &PoolSpec) -> Result<(), PoolError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (BackendSpec::File { path }, CacheMode::None) = (&spec.backend, spec.cache) else {
+        return Ok(());
+    };
+    let probe = path.join(".tandem-direct-io-probe");
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(&probe);
+    let _ = std::fs::remove_file(&probe);
+    match opened {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(PoolError::Unavailable {
+            pool: spec.name.clone(),
+            message: format!(
+                "the file system of {} does not support O_DIRECT, which cache = \"none\" \
+                 (the default) needs; set cache = \"writeback\" in this pool's [[pools]] entry",
+                path.display()
+            ),
+        }),
+        Err(source) => Err(PoolError::Io {
+            pool: spec.name.clone(),
+            op: "probe O_DIRECT in",
+            path: path.clone(),
+            source,
+        }),
     }
 }

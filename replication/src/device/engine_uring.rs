@@ -1,0 +1,547 @@
+//! The io_uring engine, in two parts.
+//!
+//! [`UringEngine`] serves blocking callers: each calling thread owns a small ring, created on
+//! first use, and waits for its own completion. One `io_uring_enter` carries the submission
+//! and the wait; flush is an `IORING_FSYNC_DATASYNC` fsync, hole punching and zeroing are
+//! ring `fallocate`s.
+//!
+//! [`AsyncRing`] serves async callers (a frontend's or the Primary's aligned reads, writes
+//! and flushes under `O_DIRECT`): one ring per device, shared by every task, whose
+//! completions a tokio task reaps when the ring's eventfd fires. A request then waits for
+//! the disk on the runtime itself, with no hand-off to a blocking thread and back. FUA is
+//! `RWF_DSYNC` on the write.
+//!
+//! Falling back, never failing: the probe at open records which opcodes the kernel has
+//! (`register_probe`). An operation whose opcode is missing, or whose ring cannot be set up
+//! (EMFILE, memory limits, seccomp), runs on the thread-pool engine instead, with one warning
+//! per process. An async caller that the shared ring declines gets `None`/an error it turns
+//! into the blocking path; it never sees an I/O error the disk did not report.
+//!
+//! Buffer invariant: memory the kernel may write or read for an operation (the buffer and
+//! the descriptor, kept in [`Pending`]) is freed only after that operation's completion was
+//! reaped. When the ring fails in a way that leaves completions unreapable, the memory is
+//! leaked instead. An entry that never reached the kernel (the `io_uring_enter` that should
+//! carry it failed) is taken back and the ring is marked dead: no later `io_uring_enter`
+//! may submit it, so its buffer is free to go.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::io::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock};
+
+use bytes::Bytes;
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{oneshot, Notify};
+
+use super::aligned::Uninit;
+use super::block_lock::BlockGuard;
+use super::engine::{Engine, IoEngine};
+use super::engine_sync::SyncEngine;
+
+/// Entries per thread ring: each thread has at most one request in flight.
+const RING_ENTRIES: u32 = 4;
+
+/// `io_uring_enter` flag: wait for completions.
+const ENTER_GETEVENTS: u32 = 1;
+
+thread_local! {
+    static RING: RefCell<Option<IoUring>> = const { RefCell::new(None) };
+}
+
+/// The opcodes this engine uses, as the kernel reported them when it was probed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Opcodes {
+    pub read: bool,
+    pub write: bool,
+    pub fsync: bool,
+    pub fallocate: bool,
+}
+
+/// io_uring with one ring per thread, for the opcodes the kernel has.
+#[derive(Debug)]
+pub(crate) struct UringEngine {
+    ops: Opcodes,
+}
+
+/// Environment switch for tests: when set, every ring created after the probe fails to set
+/// up (as with EMFILE), so the fallback to the thread-pool engine can be exercised.
+pub const FAULT_RING_SETUP_ENV: &str = "TANDEM_FAULT_IO_URING_SETUP";
+
+fn setup_refused_by_env() -> bool {
+    static FAULT: OnceLock<bool> = OnceLock::new();
+    *FAULT.get_or_init(|| std::env::var_os(FAULT_RING_SETUP_ENV).is_some())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Unit tests refuse ring setup on their own thread only.
+    pub(crate) static REFUSE_SETUP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Unit tests make `io_uring_enter` on a shared ring fail, on their own thread only.
+    pub(crate) static REFUSE_SUBMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `io_uring_enter` that submits the shared ring's queued entries.
+fn submit_queued(ring: &IoUring) -> io::Result<usize> {
+    #[cfg(test)]
+    if REFUSE_SUBMIT.with(|r| r.get()) {
+        return Err(io::Error::from_raw_os_error(libc::EBUSY));
+    }
+    ring.submit()
+}
+
+/// Create a ring for I/O (not the probe's).
+fn new_ring(entries: u32) -> io::Result<IoUring> {
+    #[cfg(test)]
+    if REFUSE_SETUP.with(|r| r.get()) {
+        return Err(io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    if setup_refused_by_env() {
+        return Err(io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    // Completions are posted when the submitting thread next enters the kernel (or wakes),
+    // without an inter-processor interrupt per completion (Linux 5.19+; older kernels
+    // refuse the flag with EINVAL and get a plain ring).
+    match IoUring::builder().setup_coop_taskrun().build(entries) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries),
+        ring => ring,
+    }
+}
+
+/// Log, once per process, that an io_uring operation ran on the thread-pool engine.
+fn warn_fallback(what: &str, error: &dyn std::fmt::Display) {
+    static WARNED: Once = Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(%error, "{what}; such operations use the thread-pool engine instead");
+    });
+}
+
+impl UringEngine {
+    /// Check that rings can be created and used here (seccomp and containers may refuse)
+    /// and which of our opcodes the kernel has.
+    pub(crate) fn probe() -> io::Result<UringEngine> {
+        let mut ring = IoUring::new(RING_ENTRIES)?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        let ops = Opcodes {
+            read: probe.is_supported(opcode::Read::CODE),
+            write: probe.is_supported(opcode::Write::CODE),
+            fsync: probe.is_supported(opcode::Fsync::CODE),
+            fallocate: probe.is_supported(opcode::Fallocate::CODE),
+        };
+        submit_and_reap(&mut ring, opcode::Nop::new().build())?
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring no-op failed: {e}")))?;
+        Ok(UringEngine { ops })
+    }
+
+    /// The engine for a kernel with `ops`.
+    pub(crate) fn new(ops: Opcodes) -> UringEngine {
+        UringEngine { ops }
+    }
+
+    /// The opcodes the kernel has.
+    pub(crate) fn opcodes(&self) -> Opcodes {
+        self.ops
+    }
+}
+
+/// Submit one operation on this thread's ring and wait for its result. `Err` means no ring
+/// could carry it and it was not started: the caller runs it on the thread-pool engine.
+fn run(entry: squeue::Entry) -> Result<io::Result<u32>, io::Error> {
+    RING.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let ring = match slot.as_mut() {
+            Some(ring) => ring,
+            None => slot.insert(new_ring(RING_ENTRIES)?),
+        };
+        let outcome = submit_and_reap(ring, entry);
+        if outcome.is_err() {
+            // The entry never reached the kernel (see `submit_and_reap`); never reuse a ring
+            // that failed.
+            *slot = None;
+        }
+        outcome
+    })
+}
+
+/// `Ok(Err(_))` is the operation's own failure; `Err(_)` means the ring refused the entry
+/// before the kernel took it, so nothing of it is in flight. Once the kernel has the entry,
+/// this returns only with its completion (the caller's buffers are in use until then).
+fn submit_and_reap(ring: &mut IoUring, entry: squeue::Entry) -> io::Result<io::Result<u32>> {
+    // SAFETY: every buffer the entry points to is kept alive by our caller until this
+    // function has reaped the completion (it waits for it below).
+    unsafe { ring.submission().push(&entry.user_data(1)) }
+        .map_err(|_| io::Error::other("io_uring submission queue is full"))?;
+    loop {
+        let queued = !ring.submission().is_empty();
+        let entered = if queued {
+            ring.submit_and_wait(1)
+        } else {
+            // SAFETY: no argument pointer; waits for a completion without submitting.
+            unsafe {
+                ring.submitter()
+                    .enter::<libc::sigset_t>(0, 1, ENTER_GETEVENTS, None)
+            }
+        };
+        match entered {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if queued && !ring.submission().is_empty() => return Err(e),
+            Err(e) => {
+                // In flight but the wait failed: the kernel may still write our caller's
+                // buffer, so keep waiting.
+                tracing::warn!(error = %e, "waiting for an io_uring completion failed; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        if let Some(cqe) = ring.completion().next() {
+            let res = cqe.result();
+            return Ok(if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else {
+                Ok(res as u32)
+            });
+        }
+    }
+}
+
+fn clamp(len: usize) -> u32 {
+    // One ring operation moves at most u32::MAX bytes; the device loops on short counts.
+    len.min(1 << 30) as u32
+}
+
+/// The result of `entry` on this thread's ring, or of `fallback` when no ring can carry it.
+fn run_or(entry: squeue::Entry, fallback: impl FnOnce() -> io::Result<u32>) -> io::Result<u32> {
+    match run(entry) {
+        Ok(result) => result,
+        Err(e) => {
+            warn_fallback("an io_uring ring could not be set up", &e);
+            fallback()
+        }
+    }
+}
+
+impl Engine for UringEngine {
+    fn kind(&self) -> IoEngine {
+        IoEngine::IoUring
+    }
+
+    fn ring_opcodes(&self) -> Option<Opcodes> {
+        Some(self.ops)
+    }
+
+    unsafe fn pread(&self, fd: RawFd, ptr: *mut u8, len: usize, offset: u64) -> io::Result<usize> {
+        let len = clamp(len);
+        // SAFETY: the caller vouches for `ptr`, for both paths.
+        let sync = || unsafe { SyncEngine.pread(fd, ptr, len as usize, offset) }.map(|n| n as u32);
+        if !self.ops.read {
+            return sync().map(|n| n as usize);
+        }
+        let entry = opcode::Read::new(types::Fd(fd), ptr, len)
+            .offset(offset)
+            .build();
+        run_or(entry, sync).map(|n| n as usize)
+    }
+
+    /// `pwritev2` on the calling thread, not the ring: a blocking caller is already off the
+    /// runtime, and a write on its own ring would wait the same. Async callers write through
+    /// [`AsyncRing`].
+    fn pwrite(&self, fd: RawFd, buf: &[u8], offset: u64, dsync: bool) -> io::Result<usize> {
+        SyncEngine.pwrite(fd, buf, offset, dsync)
+    }
+
+    fn fdatasync(&self, fd: RawFd) -> io::Result<()> {
+        if !self.ops.fsync {
+            return SyncEngine.fdatasync(fd);
+        }
+        let entry = opcode::Fsync::new(types::Fd(fd))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        run_or(entry, || SyncEngine.fdatasync(fd).map(|()| 0)).map(drop)
+    }
+
+    fn fallocate(&self, fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        if !self.ops.fallocate {
+            return SyncEngine.fallocate(fd, mode, offset, len);
+        }
+        let entry = opcode::Fallocate::new(types::Fd(fd), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        run_or(entry, || {
+            SyncEngine.fallocate(fd, mode, offset, len).map(|()| 0)
+        })
+        .map(drop)
+    }
+}
+
+/// What an in-flight ring operation points into; kept alive until its completion is reaped,
+/// even when the waiting future was dropped.
+pub(crate) enum Keep {
+    /// The buffer a read fills.
+    Read(Uninit),
+    /// The bytes a write sends (aligned memory), and its hold on their blocks.
+    Write(Bytes, BlockGuard),
+    /// A flush points at no memory.
+    Nothing,
+}
+
+struct Pending {
+    tx: oneshot::Sender<(i32, Keep)>,
+    keep: Keep,
+    /// The descriptor stays open while the operation may run.
+    _file: Arc<File>,
+}
+
+struct AsyncState {
+    ring: IoUring,
+    /// In-flight operations by `user_data`.
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    /// No more `io_uring_enter` that submits: the reaper is gone, or a submission failed and
+    /// an entry the kernel never took may still sit in the submission queue.
+    dead: bool,
+}
+
+impl AsyncState {
+    fn release(&mut self, idx: usize) -> Option<Pending> {
+        let pending = self.slots.get_mut(idx).and_then(Option::take)?;
+        self.in_flight -= 1;
+        self.free.push(idx);
+        Some(pending)
+    }
+}
+
+/// A ring shared by a device's async callers: submissions from any task, completions
+/// reaped by one tokio task woken through an eventfd, so a request waits for the disk
+/// without a thread hand-off.
+pub(crate) struct AsyncRing {
+    state: Mutex<AsyncState>,
+    shutdown: Notify,
+    ops: Opcodes,
+}
+
+impl std::fmt::Debug for AsyncRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncRing")
+            .field("in_flight", &self.lock().in_flight)
+            .finish()
+    }
+}
+
+/// Entries of a shared ring: the most operations in flight across all of a device's async
+/// callers. Beyond it callers take the blocking path, so the completion queue (twice this
+/// size) never overflows.
+const ASYNC_RING_ENTRIES: u32 = 256;
+
+impl AsyncRing {
+    /// A ring whose reaper runs on the current tokio runtime; `None` outside one.
+    pub(crate) fn start(ops: Opcodes) -> io::Result<Option<Arc<AsyncRing>>> {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return Ok(None);
+        };
+        let ring = new_ring(ASYNC_RING_ENTRIES)?;
+        // SAFETY: eventfd has no memory arguments; we own the returned descriptor.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let this = Arc::new(AsyncRing {
+            state: Mutex::new(AsyncState {
+                ring,
+                slots: Vec::new(),
+                free: Vec::new(),
+                in_flight: 0,
+                dead: false,
+            }),
+            shutdown: Notify::new(),
+            ops,
+        });
+        let eventfd = {
+            let _enter = handle.enter();
+            // SAFETY: the AsyncFd owns the descriptor, which stays open until it is dropped.
+            unsafe { AsyncFd::register_with_interest(eventfd, Interest::READABLE) }?
+        };
+        handle.spawn(reap(Arc::clone(&this), eventfd));
+        Ok(Some(this))
+    }
+
+    /// The opcodes the kernel has.
+    pub(crate) fn opcodes(&self) -> Opcodes {
+        self.ops
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AsyncState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Submit `entry`, whose buffers live in `keep`; the receiver gets the result and
+    /// `keep` back. On `Err` the operation was not started and `keep` is dropped: the caller
+    /// takes the blocking path. The receiver always gets its result, unless the ring broke
+    /// with the operation in the kernel, when the sender is leaked with the buffers and the
+    /// waiter hangs rather than see freed memory reused.
+    pub(crate) fn submit(
+        &self,
+        entry: squeue::Entry,
+        keep: Keep,
+        file: Arc<File>,
+    ) -> io::Result<oneshot::Receiver<(i32, Keep)>> {
+        let mut st = self.lock();
+        if st.dead {
+            return Err(io::Error::other("the shared io_uring is closed"));
+        }
+        if st.in_flight >= ASYNC_RING_ENTRIES as usize {
+            return Err(io::Error::other("the shared io_uring is full"));
+        }
+        let (tx, rx) = oneshot::channel();
+        let idx = match st.free.pop() {
+            Some(idx) => idx,
+            None => {
+                st.slots.push(None);
+                st.slots.len() - 1
+            }
+        };
+        st.slots[idx] = Some(Pending {
+            tx,
+            keep,
+            _file: file,
+        });
+        st.in_flight += 1;
+        let entry = entry.user_data(idx as u64);
+        // SAFETY: the buffers the entry points to are owned by the slot above and stay alive
+        // until the completion is reaped. The queue has room: every earlier entry was taken
+        // by the kernel (or the ring is dead), and at most ASYNC_RING_ENTRIES are in flight.
+        if unsafe { st.ring.submission().push(&entry) }.is_err() {
+            st.release(idx);
+            return Err(io::Error::other("io_uring submission queue is full"));
+        }
+        let failure = loop {
+            match submit_queued(&st.ring) {
+                Ok(n) if n >= 1 => return Ok(rx),
+                Ok(_) => break io::Error::other("io_uring took no entry"),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break e,
+            }
+        };
+        // The kernel did not take the entry, and nothing will submit it now: the ring is
+        // dead, so its buffer can go. Operations already in the kernel still complete.
+        st.dead = true;
+        st.release(idx);
+        warn_fallback("submitting to a shared io_uring failed", &failure);
+        Err(failure)
+    }
+
+    /// Hand every completion to its waiter.
+    fn reap_completions(&self) {
+        let mut st = self.lock();
+        let done: Vec<(u64, i32)> = st
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
+        for (idx, res) in done {
+            if let Some(pending) = st.release(idx as usize) {
+                // The waiter may be gone; the buffers are dropped here, after the kernel is
+                // done with them.
+                let _ = pending.tx.send((res, pending.keep));
+            }
+        }
+    }
+
+    /// Wait until every operation in the kernel completed, submitting nothing, so no buffer
+    /// is freed while the kernel may still use it. If waiting fails, leak what is left.
+    fn drain_blocking(&self) {
+        let mut failures = 0;
+        loop {
+            self.reap_completions();
+            let st = self.lock();
+            if st.in_flight == 0 {
+                return;
+            }
+            // SAFETY: no argument pointer; waits for completions without submitting.
+            let waited = unsafe {
+                st.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 1, ENTER_GETEVENTS, None)
+            };
+            drop(st);
+            match waited {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failures += 1;
+                    if failures > 100 {
+                        tracing::error!(error = %e, "cannot wait for io_uring completions; leaking their buffers");
+                        self.leak_in_flight();
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// Forget every in-flight operation without freeing its memory.
+    fn leak_in_flight(&self) {
+        let mut st = self.lock();
+        st.dead = true;
+        for slot in st.slots.iter_mut() {
+            if let Some(pending) = slot.take() {
+                std::mem::forget(pending);
+            }
+        }
+        st.in_flight = 0;
+    }
+
+    /// Stop the reaper once nothing is in flight (the device is closing).
+    pub(crate) fn close(&self) {
+        self.shutdown.notify_one();
+    }
+}
+
+impl Drop for AsyncRing {
+    /// Normally the reaper drained the ring before the last reference went; this covers a
+    /// reaper that never ran (its runtime shut down first).
+    fn drop(&mut self) {
+        self.drain_blocking();
+    }
+}
+
+/// Marks the ring dead and drains it when the reaper ends, also when its runtime drops it.
+struct ReaperExit(Arc<AsyncRing>);
+
+impl Drop for ReaperExit {
+    fn drop(&mut self) {
+        self.0.lock().dead = true;
+        self.0.drain_blocking();
+    }
+}
+
+async fn reap(ring: Arc<AsyncRing>, eventfd: AsyncFd<OwnedFd>) {
+    let exit = ReaperExit(ring);
+    let ring = &exit.0;
+    let mut closing = false;
+    loop {
+        if closing && ring.lock().in_flight == 0 {
+            return;
+        }
+        tokio::select! {
+            ready = eventfd.readable() => {
+                let Ok(mut guard) = ready else { return };
+                let mut counter = [0u8; 8];
+                // SAFETY: reads at most 8 bytes into a local array; EAGAIN is harmless.
+                unsafe { libc::read(eventfd.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+                guard.clear_ready();
+                ring.reap_completions();
+            }
+            _ = ring.shutdown.notified(), if !closing => closing = true,
+        }
+    }
+}
