@@ -1120,10 +1120,12 @@ async fn survivors_of_a_killed_primary(promote_at_once: bool) {
         for w in writers {
             let _ = w.await;
         }
-        wait_for(&b, "hv2 sees hv1 gone", 10, |s| {
-            peer(s, "hv1").connection != ConnectionState::Connected && s.quorum
-        })
-        .await;
+        for (r, name) in [(&b, "hv2"), (&d, "hv3")] {
+            wait_for(r, &format!("{name} sees hv1 gone"), 10, |s| {
+                peer(s, "hv1").connection != ConnectionState::Connected && s.quorum
+            })
+            .await;
+        }
         // The promotion waits for nothing (no reconciliation before it).
         let started = std::time::Instant::now();
         b.promote().await.unwrap();
