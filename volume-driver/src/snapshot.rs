@@ -34,7 +34,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use control_api::{ApiError, DiskState, ErrorKind, Role, SnapshotInfo, VolumeStatus};
+use control_api::{ApiError, ErrorKind, Role, SnapshotInfo, VolumeStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::random_day0;
@@ -65,20 +65,18 @@ pub enum SnapshotOp {
     },
 }
 
-/// Refuse a snapshot of `name` given every data node's status (pure): all UpToDate, at
+/// Refuse a snapshot of `name` given every data node's status (pure): all in sync
+/// (UpToDate, connected to every data peer, nothing out of sync), at
 /// most one Primary. Returns the Primary's node, if any.
 pub fn check_snapshot_allowed(
     name: &str,
     statuses: &[(String, VolumeStatus)],
 ) -> Result<Option<String>, ApiError> {
-    if let Some((node, status)) = statuses
-        .iter()
-        .find(|(_, s)| s.replica.disk_state != DiskState::UpToDate)
-    {
+    if let Some((node, status)) = statuses.iter().find(|(_, s)| !s.in_sync()) {
         return Err(ApiError::new(
             ErrorKind::Refused,
             format!(
-                "cannot snapshot '{name}': its replica on '{node}' is {} (wait until it is UpToDate)",
+                "cannot snapshot '{name}': its replica on '{node}' is {} or not connected and in sync with every peer (wait until it is)",
                 status.replica.disk_state
             ),
         ));

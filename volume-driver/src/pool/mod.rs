@@ -169,7 +169,39 @@ pub fn validate_snapshot_name(pool: &str, snapshot: &str) -> Result<(), PoolErro
     crate::names::validate_volume_name(snapshot).map_err(|e| PoolError::BadName {
         pool: pool.to_string(),
         message: e.to_string().replacen("volume name", "snapshot name", 1),
-    })
+    })?;
+    // A leading '.' would collide with rollback's temporary names; LVM reserves these suffixes.
+    const RESERVED_SUFFIXES: [&str; 8] = [
+        "_tmeta", "_tdata", "_rimage", "_rmeta", "_mlog", "_pmspare", "_cdata", "_cmeta",
+    ];
+    let reason = if snapshot.starts_with('.') {
+        Some("must not start with '.' (reserved for rollback's temporary names)".to_string())
+    } else {
+        RESERVED_SUFFIXES
+            .iter()
+            .find(|s| snapshot.contains(*s))
+            .map(|s| format!("must not contain '{s}' (reserved by LVM)"))
+    };
+    match reason {
+        Some(reason) => Err(PoolError::BadName {
+            pool: pool.to_string(),
+            message: format!("snapshot name '{snapshot}' {reason}"),
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod snapshot_name_tests {
+    #[test]
+    fn reserved_snapshot_names_are_refused() {
+        for bad in [".old", ".rollback", "x_tmeta", "a_rimage_0", "p_pmspare"] {
+            assert!(super::validate_snapshot_name("p", bad).is_err(), "{bad}");
+        }
+        for good in ["s1", "before-upgrade", "a.b"] {
+            super::validate_snapshot_name("p", good).unwrap();
+        }
+    }
 }
 
 /// Build the backend a pool spec names.
