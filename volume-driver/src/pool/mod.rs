@@ -191,19 +191,6 @@ pub fn validate_snapshot_name(pool: &str, snapshot: &str) -> Result<(), PoolErro
     }
 }
 
-#[cfg(test)]
-mod snapshot_name_tests {
-    #[test]
-    fn reserved_snapshot_names_are_refused() {
-        for bad in [".old", ".rollback", "x_tmeta", "a_rimage_0", "p_pmspare"] {
-            assert!(super::validate_snapshot_name("p", bad).is_err(), "{bad}");
-        }
-        for good in ["s1", "before-upgrade", "a.b"] {
-            super::validate_snapshot_name("p", good).unwrap();
-        }
-    }
-}
-
 /// Build the backend a pool spec names.
 pub fn open(spec: &PoolSpec) -> Box<dyn Pool> {
     match &spec.backend {
@@ -254,5 +241,18 @@ pub fn check_cache(spec: &PoolSpec) -> Result<(), PoolError> {
             path: path.clone(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod snapshot_name_tests {
+    #[test]
+    fn reserved_snapshot_names_are_refused() {
+        for bad in [".old", ".rollback", "x_tmeta", "a_rimage_0", "p_pmspare"] {
+            assert!(super::validate_snapshot_name("p", bad).is_err(), "{bad}");
+        }
+        for good in ["s1", "before-upgrade", "a.b"] {
+            super::validate_snapshot_name("p", good).unwrap();
+        }
     }
 }
