@@ -77,6 +77,7 @@ pub struct RateController {
     next: Instant,
     sample: Option<(Instant, u64)>,
     app_rate: f64,
+    plan_ahead: Duration,
 }
 
 impl RateController {
@@ -88,7 +89,14 @@ impl RateController {
             next: Instant::now(),
             sample: None,
             app_rate: 0.0,
+            plan_ahead: PLAN_AHEAD,
         }
+    }
+
+    /// The same controller reacting over `window` instead of [`PLAN_AHEAD`].
+    pub fn plan_ahead(mut self, window: Duration) -> RateController {
+        self.plan_ahead = window;
+        self
     }
 
     /// The rate in force, given the latest application byte counter (if the source is
@@ -111,7 +119,7 @@ impl RateController {
             Limits {
                 min: self.min,
                 max: self.max,
-                plan_ahead: PLAN_AHEAD,
+                plan_ahead: self.plan_ahead,
             },
         );
         self.sample = Some((sample.at, sample.app_bytes));
