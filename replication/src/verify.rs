@@ -60,7 +60,8 @@ pub async fn run_verify(
     let size = io.device().size();
     let chunk = cfg.chunk();
     let max_inflight = cfg.max_inflight_chunks.max(1);
-    let mut rate = RateController::new(cfg.max_rate_bytes_per_sec, cfg.min_rate_bytes_per_sec);
+    let mut rate = RateController::new(cfg.max_rate_bytes_per_sec, cfg.min_rate_bytes_per_sec)
+        .plan_ahead(cfg.plan_ahead);
     progress.start(size);
     let mut report = VerifyReport::default();
     let mut tasks: JoinSet<Result<VerifyReport, ResyncError>> = JoinSet::new();

@@ -121,6 +121,9 @@ pub struct ResyncConfig {
     pub max_rate_bytes_per_sec: u64,
     /// The rate is not lowered below this in favour of application writes.
     pub min_rate_bytes_per_sec: u64,
+    /// Reaction window of the rate controller (DRBD's `c-plan-ahead`): the application
+    /// write rate is smoothed over this long before the resync rate follows it.
+    pub plan_ahead: Duration,
     /// Compare per-block sha256 first and send only differing blocks.
     pub checksums: bool,
     /// Largest range handled as one unit (clamped to 4 KiB..=4 MiB, whole blocks).
@@ -138,6 +141,7 @@ impl Default for ResyncConfig {
         ResyncConfig {
             max_rate_bytes_per_sec: default_max_rate(),
             min_rate_bytes_per_sec: default_min_rate(),
+            plan_ahead: rate::PLAN_AHEAD,
             checksums: false,
             chunk_bytes: default_chunk_bytes(),
             max_inflight_chunks: default_max_inflight_chunks(),

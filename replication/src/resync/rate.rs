@@ -20,6 +20,55 @@ pub const BURST: Duration = Duration::from_millis(100);
 /// How often the application write rate is re-measured.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Default reaction window (DRBD's `c-plan-ahead` default of 2 s).
+pub const PLAN_AHEAD: Duration = Duration::from_secs(2);
+
+/// Bounds of the controller: bytes/s and the reaction window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub min: u64,
+    pub max: u64,
+    pub plan_ahead: Duration,
+}
+
+/// The last measurement of the application's write rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub at: Instant,
+    pub app_bytes: u64,
+    /// Smoothed application write rate, bytes/s.
+    pub app_rate: f64,
+}
+
+/// The pure decision: given the previous sample, the time and the application byte
+/// counter, the new sample and the resync rate (bytes/s, `max > 0`). The application rate
+/// is re-measured at most every [`SAMPLE_INTERVAL`] and smoothed over `plan_ahead` (a
+/// longer window adapts more slowly); the resync gets what the application leaves of
+/// `max`, never less than `min`.
+pub fn decide(prev: Option<Sample>, now: Instant, app_bytes: u64, l: Limits) -> (Sample, u64) {
+    let sample = match prev {
+        None => Sample {
+            at: now,
+            app_bytes,
+            app_rate: 0.0,
+        },
+        Some(p) if now.saturating_duration_since(p.at) >= SAMPLE_INTERVAL => {
+            let dt = now.saturating_duration_since(p.at).as_secs_f64();
+            let measured = app_bytes.saturating_sub(p.app_bytes) as f64 / dt;
+            let window = l.plan_ahead.as_secs_f64();
+            let alpha = if window <= dt { 1.0 } else { dt / window };
+            Sample {
+                at: now,
+                app_bytes,
+                app_rate: p.app_rate + alpha * (measured - p.app_rate),
+            }
+        }
+        Some(p) => p,
+    };
+    let room = (l.max as f64 - sample.app_rate).max(0.0) as u64;
+    (sample, room.clamp(l.min.min(l.max).max(1), l.max))
+}
+
 /// Paces resync/verify chunks.
 #[derive(Debug)]
 pub struct RateController {
@@ -28,6 +77,7 @@ pub struct RateController {
     next: Instant,
     sample: Option<(Instant, u64)>,
     app_rate: f64,
+    plan_ahead: Duration,
 }
 
 impl RateController {
@@ -39,7 +89,14 @@ impl RateController {
             next: Instant::now(),
             sample: None,
             app_rate: 0.0,
+            plan_ahead: PLAN_AHEAD,
         }
+    }
+
+    /// The same controller reacting over `window` instead of [`PLAN_AHEAD`].
+    pub fn plan_ahead(mut self, window: Duration) -> RateController {
+        self.plan_ahead = window;
+        self
     }
 
     /// The rate in force, given the latest application byte counter (if the source is
@@ -51,18 +108,23 @@ impl RateController {
         let Some(app) = app_bytes else {
             return self.max;
         };
-        let now = Instant::now();
-        match self.sample {
-            None => self.sample = Some((now, app)),
-            Some((t, b)) if now.duration_since(t) >= SAMPLE_INTERVAL => {
-                let dt = now.duration_since(t).as_secs_f64();
-                self.app_rate = app.saturating_sub(b) as f64 / dt;
-                self.sample = Some((now, app));
-            }
-            Some(_) => {}
-        }
-        let room = (self.max as f64 - self.app_rate).max(0.0) as u64;
-        room.clamp(self.min.max(1), self.max)
+        let (sample, rate) = decide(
+            self.sample.map(|(at, bytes)| Sample {
+                at,
+                app_bytes: bytes,
+                app_rate: self.app_rate,
+            }),
+            Instant::now(),
+            app,
+            Limits {
+                min: self.min,
+                max: self.max,
+                plan_ahead: self.plan_ahead,
+            },
+        );
+        self.sample = Some((sample.at, sample.app_bytes));
+        self.app_rate = sample.app_rate;
+        rate
     }
 
     /// Wait until `bytes` more may be transferred.
@@ -85,6 +147,39 @@ impl RateController {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decide_table() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let l = |plan| Limits {
+            min: 100,
+            max: 1000,
+            plan_ahead: Duration::from_millis(plan),
+        };
+        let s = |at, app_bytes, app_rate| {
+            Some(Sample {
+                at,
+                app_bytes,
+                app_rate,
+            })
+        };
+        // (previous sample, now, app counter, limits, expected app_rate, expected rate)
+        let table = [
+            (None, t0, 0, l(2000), 0.0, 1000), // first call: idle, full max
+            (s(t0, 0, 0.0), ms(1000), 0, l(1000), 0.0, 1000), // idle stays at max
+            (s(t0, 0, 0.0), ms(1000), 600, l(1000), 600.0, 400), // busy: the rest of max
+            (s(t0, 0, 0.0), ms(1000), 5000, l(1000), 5000.0, 100), // saturated: min
+            (s(t0, 0, 0.0), ms(1000), 600, l(2000), 300.0, 700), // longer window: half way
+            (s(t0, 0, 500.0), ms(100), 600, l(1000), 500.0, 500), // too soon: no re-measure
+            (s(t0, 0, 800.0), ms(1000), 0, l(1000), 0.0, 1000), // application went idle
+        ];
+        for (i, (prev, now, app, lim, want_app, want_rate)) in table.into_iter().enumerate() {
+            let (got, rate) = decide(prev, now, app, lim);
+            assert!((got.app_rate - want_app).abs() < 1e-6, "row {i}: {got:?}");
+            assert_eq!(rate, want_rate, "row {i}");
+        }
+    }
 
     #[tokio::test]
     async fn pacing_holds_the_rate() {

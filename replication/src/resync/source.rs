@@ -83,7 +83,8 @@ pub async fn run_resync_source(
 async fn walk(ctx: &Arc<Ctx>, cfg: &ResyncConfig) -> Result<ResyncOutcome, ResyncError> {
     let chunk = cfg.chunk();
     let max_inflight = cfg.max_inflight_chunks.max(1);
-    let mut rate = RateController::new(cfg.max_rate_bytes_per_sec, cfg.min_rate_bytes_per_sec);
+    let mut rate = RateController::new(cfg.max_rate_bytes_per_sec, cfg.min_rate_bytes_per_sec)
+        .plan_ahead(cfg.plan_ahead);
     let mut outcome = ResyncOutcome {
         total_bytes: ctx.bitmap.dirty_bytes(),
         ..ResyncOutcome::default()
