@@ -392,8 +392,16 @@ fn a_linked_clone_of_a_read_only_base_starts_in_sync_and_protects_its_base() {
     refused(
         cluster,
         hv1,
-        &["volume", "clone", base, "vm-101-disk-0"],
+        &["volume", "clone", &format!("{base}@s1"), "vm-101-disk-0"],
         "already exists",
+    );
+    // A writable volume may change while the nodes clone it: only a template or a
+    // snapshot is cloned.
+    refused(
+        cluster,
+        hv1,
+        &["volume", "clone", base, "vm-103-disk-0"],
+        "is writable; make it a template first",
     );
     for clone in ["vm-101-disk-0", "vm-102-disk-0"] {
         hv1.tandem(&["volume", "delete", clone]).ok();

@@ -102,6 +102,18 @@ impl VolumeService {
         let (source, snapshot) = parse_origin(origin);
         let definition = self.definition(source)?;
         let what = format!("cannot clone '{origin}' (nothing changed)");
+        // A clone starts in sync on every replica, so its source must hold the same bytes
+        // on each and must not change while the nodes clone it one after another: a
+        // snapshot (taken as one cut), or a read-only template whose replicas are in sync.
+        if snapshot.is_none() && !definition.options.read_only {
+            return Err(ApiError::new(
+                ErrorKind::Refused,
+                format!(
+                    "{what}: '{source}' is writable; make it a template first (tandem volume \
+                     set {source} --read-only) or clone a snapshot of it"
+                ),
+            ));
+        }
         if definition.is_replicated() {
             for node in self.ordered_nodes(&definition) {
                 if !definition.nodes.contains(&node) {
@@ -128,6 +140,15 @@ impl VolumeService {
                     Err(e) => return Err(ApiError::new(e.kind, format!("{what}: {}", e.message))),
                 };
                 if snapshot.is_none() {
+                    if !status.in_sync() {
+                        return Err(ApiError::new(
+                            ErrorKind::Refused,
+                            format!(
+                                "{what}: its replica on '{node}' is not in sync with every \
+                                 other replica; wait for the resync (tandem volume wait-sync)"
+                            ),
+                        ));
+                    }
                     check_renamable(source, &node, &status, true).map_err(|e| {
                         ApiError::new(
                             e.kind,

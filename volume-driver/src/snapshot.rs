@@ -157,7 +157,9 @@ impl VolumeService {
         } else {
             None
         };
-        let take_on = primary.unwrap_or_else(|| self.config().node.clone());
+        let take_on = primary
+            .clone()
+            .unwrap_or_else(|| self.config().node.clone());
         let request = PeerRequest::ReplicaSnapshotTake {
             name: name.to_string(),
             snapshot: snapshot.to_string(),
@@ -172,6 +174,37 @@ impl VolumeService {
                 ))
             }
         };
+        if definition.is_replicated() {
+            // The nodes snapshot one cut only if nothing changed meanwhile: every replica
+            // still in sync, and the same Primary (none took over, no closed volume was
+            // opened). Otherwise the snapshots may differ: remove them everywhere.
+            let after = self
+                .check_everywhere(&what, name, snapshot, true, &nodes)
+                .await
+                .and_then(|after| check_snapshot_allowed(name, &after));
+            let changed = match after {
+                Ok(now) if now == primary => None,
+                Ok(now) => Some(format!(
+                    "the Primary changed from {} to {} during the snapshot",
+                    primary.as_deref().unwrap_or("none"),
+                    now.as_deref().unwrap_or("none")
+                )),
+                Err(e) => Some(e.message),
+            };
+            if let Some(why) = changed {
+                let removed = self
+                    .everywhere(name, snapshot, SnapshotOp::Delete, &nodes, "deleted")
+                    .await;
+                let left = match removed {
+                    Ok(()) => "it was removed everywhere".to_string(),
+                    Err(e) => format!("removing it failed: {}", e.message),
+                };
+                return Err(ApiError::new(
+                    ErrorKind::Refused,
+                    format!("cannot snapshot '{name}': the volume changed while the nodes took snapshot '{snapshot}' ({why}); {left}; try again"),
+                ));
+            }
+        }
         tracing::info!(volume = %name, snapshot, ?pause_ms, "snapshot taken on every data replica");
         Ok(SnapshotInfo {
             volume: name.to_string(),

@@ -220,8 +220,8 @@ enum VolumeCommand {
     ///
     /// The clone shares every block with its origin (thin snapshot or reflink), lives on
     /// the same nodes and pool, and starts UpToDate on every replica with no initial sync.
-    /// Cloning a volume without @SNAPSHOT needs it closed everywhere (a read-only template,
-    /// see `volume set --read-only`). The origin cannot be deleted while it has clones.
+    /// Cloning a volume without @SNAPSHOT needs a read-only template (`volume set
+    /// --read-only`), closed and in sync on every replica. The origin cannot be deleted while it has clones.
     Clone {
         /// VOLUME or VOLUME@SNAPSHOT
         origin: String,
