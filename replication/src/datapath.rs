@@ -1268,24 +1268,26 @@ fn write_resync_data(
     offset: u64,
 ) -> Result<(), crate::device::DeviceError> {
     const BLOCK: usize = 4096;
-    let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
-    if !data.chunks(BLOCK).any(zero) {
+    let zero: Vec<bool> = data
+        .chunks(BLOCK)
+        .map(|b| b.iter().all(|&x| x == 0))
+        .collect();
+    if !zero.contains(&true) {
         return device.write_at_durable(data, offset);
     }
-    let mut start = 0;
-    while start < data.len() {
-        let is_zero = zero(&data[start..(start + BLOCK).min(data.len())]);
-        let mut end = start;
-        while end < data.len() && zero(&data[end..(end + BLOCK).min(data.len())]) == is_zero {
-            end = (end + BLOCK).min(data.len());
-        }
+    // Runs of blocks that are all zeroes or all data, each written once.
+    let mut block = 0;
+    while block < zero.len() {
+        let is_zero = zero[block];
+        let run = zero[block..].iter().take_while(|&&z| z == is_zero).count();
+        let (start, end) = (block * BLOCK, ((block + run) * BLOCK).min(data.len()));
         let at = offset + start as u64;
         if is_zero {
             device.write_zeroes(at, (end - start) as u64, true)?;
         } else {
             device.write_at(&data[start..end], at)?;
         }
-        start = end;
+        block += run;
     }
     device.flush()
 }
