@@ -1156,8 +1156,9 @@ mod tests {
     }
 
     /// A failed `io_uring_enter` on the shared ring (forced on this thread): the request
-    /// that met it declines (its caller takes the blocking path), requests already in the
-    /// kernel complete, and later requests decline too: the ring is dead, never hung.
+    /// that met it declines (its caller takes the blocking path) or, queued for a deferred
+    /// enter, runs on the thread-pool engine; requests already in the kernel complete, and
+    /// later requests decline too: the ring is dead, never hung.
     #[tokio::test(flavor = "current_thread")]
     async fn a_failed_submission_leaves_no_request_waiting() {
         let (_dir, dev) = device_with(1 << 20, ALL[0]);
@@ -1165,11 +1166,16 @@ mod tests {
         let before = dev.read_async(0, 4096).expect("ring works");
         engine_uring::REFUSE_SUBMIT.with(|r| r.set(true));
         let data = Bytes::from(pattern(4096, 6));
-        assert!(dev.write_async(4096, &data, false).is_none());
+        match dev.write_async(4096, &data, false) {
+            // It entered the kernel itself and met the failure: declined.
+            None => dev.write_at(&data, 4096).unwrap(),
+            // Queued behind the read (the disk was busy): the deferred enter, on this
+            // thread, failed, and the write ran on the thread-pool engine.
+            Some(write) => write.await.unwrap(),
+        }
         engine_uring::REFUSE_SUBMIT.with(|r| r.set(false));
         assert_eq!(before.await.unwrap(), pattern(4096, 4));
         assert!(dev.read_async(0, 4096).is_none(), "a dead ring declines");
-        dev.write_at(&data, 4096).unwrap();
         assert_eq!(dev.read_owned(4096, 4096).unwrap(), data);
     }
 

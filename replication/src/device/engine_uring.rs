@@ -308,6 +308,8 @@ struct AsyncState {
     /// A thread is in (or about to make) the `io_uring_enter` that submits `queued`; others
     /// only queue their entries, which it submits next, in one system call.
     entering: bool,
+    /// The reaper will submit `queued` once the runnable tasks have queued theirs.
+    flush_scheduled: bool,
 }
 
 impl AsyncState {
@@ -353,6 +355,8 @@ pub(crate) struct AsyncRing {
     /// The ring's descriptor, for the `io_uring_enter` made without the lock.
     ring_fd: RawFd,
     shutdown: Notify,
+    /// Asks the reaper for a deferred submission (`flush_scheduled`).
+    flush: Notify,
     ops: Opcodes,
 }
 
@@ -394,7 +398,9 @@ impl AsyncRing {
                 dead: false,
                 queued: VecDeque::new(),
                 entering: false,
+                flush_scheduled: false,
             }),
+            flush: Notify::new(),
             shutdown: Notify::new(),
             ops,
         });
@@ -463,9 +469,36 @@ impl AsyncRing {
             st.release(idx);
             return Err(io::Error::other("io_uring submission queue is full"));
         }
+        // Entries in the kernel before this one: the disk is busy, so ours can wait for
+        // the tasks runnable now to queue theirs and go in one enter with them.
+        let busy = st.in_flight - 1 > st.queued.len();
         st.queued.push_back(idx);
-        if st.entering {
+        if st.entering || st.flush_scheduled {
             return Ok(rx);
+        }
+        if busy {
+            st.flush_scheduled = true;
+            drop(st);
+            self.flush.notify_one();
+            return Ok(rx);
+        }
+        match self.enter_queued(st, Some(idx)) {
+            Ok(()) => Ok(rx),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submit every queued entry (made the entering thread; returns at once if another
+    /// thread is entering). `Err` only when `own`'s entry was declined because an enter
+    /// failed: the ring is then dead and the other entries that missed the kernel are
+    /// handed back as [`NOT_STARTED`].
+    fn enter_queued<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, AsyncState>,
+        own: Option<usize>,
+    ) -> io::Result<()> {
+        if st.entering {
+            return Ok(());
         }
         st.entering = true;
         let failure = loop {
@@ -494,24 +527,33 @@ impl AsyncRing {
         };
         st.entering = false;
         let Some(failure) = failure else {
-            return Ok(rx);
+            return Ok(());
         };
         // What the kernel did not take, nothing will submit now: the ring is dead, so those
         // buffers can go. Operations already in the kernel still complete. Our own entry, if
         // among them, is declined here; the others' waiters run theirs on the blocking path.
         st.dead = true;
-        let declined = st.queued.contains(&idx);
-        if declined {
+        let declined = own.filter(|idx| st.queued.contains(idx));
+        if let Some(idx) = declined {
             st.queued.retain(|&q| q != idx);
             st.release(idx);
         }
         st.fail_queued();
         warn_fallback("submitting to a shared io_uring failed", &failure);
-        if declined {
-            Err(failure)
-        } else {
-            Ok(rx)
+        match declined {
+            Some(_) => Err(failure),
+            None => Ok(()),
         }
+    }
+
+    /// The reaper's deferred submission: once the tasks runnable now have run (and queued
+    /// their entries), submit everything queued in one enter.
+    async fn flush_deferred(&self) {
+        tokio::task::yield_now().await;
+        let mut st = self.lock();
+        st.flush_scheduled = false;
+        // Nothing of ours to decline: a failure hands every entry back as NOT_STARTED.
+        let _ = self.enter_queued(st, None);
     }
 
     /// Tests: pretend another thread is entering (`true`), so submissions only queue.
@@ -643,6 +685,7 @@ async fn reap(ring: Arc<AsyncRing>, eventfd: AsyncFd<OwnedFd>) {
                 guard.clear_ready();
                 ring.reap_completions();
             }
+            _ = ring.flush.notified() => ring.flush_deferred().await,
             _ = ring.shutdown.notified(), if !closing => closing = true,
         }
     }
