@@ -442,7 +442,6 @@ impl FileDevice {
     }
 }
 
-/// Write all of `buf` at `offset` with `engine`, looping on short counts.
 /// Read exactly `len` bytes at `offset` into `ptr` with `engine`.
 ///
 /// # Safety
@@ -468,6 +467,7 @@ unsafe fn read_all(
     Ok(())
 }
 
+/// Write all of `buf` at `offset` with `engine`, looping on short counts.
 fn write_all(
     engine: &dyn Engine,
     fd: RawFd,

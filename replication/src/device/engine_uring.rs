@@ -445,10 +445,10 @@ impl AsyncRing {
     /// waiter hangs rather than see freed memory reused. The result is [`NOT_STARTED`] when
     /// another thread's `io_uring_enter`, which was to carry the entry, failed.
     ///
-    /// Batching: the entry is queued, and the caller enters the kernel only if no other
-    /// thread is doing so; that thread submits every entry queued meanwhile in its next
-    /// `io_uring_enter`, so concurrent requests share system calls (and the block layer
-    /// plugs them into one device notification).
+    /// Batching (see the module doc): the entry is queued, and the caller enters the kernel
+    /// itself only when nothing else is in the kernel and no other thread is entering;
+    /// otherwise the entering thread or the reaper's deferred enter carries it along with
+    /// the others queued meanwhile, in one system call (and one device notification).
     pub(crate) fn submit(
         &self,
         entry: squeue::Entry,
@@ -504,7 +504,7 @@ impl AsyncRing {
         }
     }
 
-    /// Submit every queued entry (made the entering thread; returns at once if another
+    /// Submit every queued entry, as the entering thread (returns at once if another
     /// thread is entering). `Err` only when `own`'s entry was declined because an enter
     /// failed: the ring is then dead and the other entries that missed the kernel are
     /// handed back as [`NOT_STARTED`].
