@@ -57,7 +57,7 @@ use block_lock::{stripes_of, BlockGuard, BlockLocks};
 use engine::Engine;
 use engine_sync::SyncEngine;
 pub use engine_uring::FAULT_RING_SETUP_ENV;
-use engine_uring::{AsyncRing, Keep};
+use engine_uring::{AsyncRing, Keep, NOT_STARTED};
 
 /// A device operation running without a thread hand-off ([`BackingDevice::read_async`],
 /// [`BackingDevice::write_async`], [`BackingDevice::flush_async`]).
@@ -365,21 +365,8 @@ impl FileDevice {
     /// # Safety
     /// `ptr` is valid for writes of `len` bytes.
     unsafe fn read_full(&self, ptr: *mut u8, len: usize, offset: u64) -> io::Result<()> {
-        let mut done = 0usize;
-        while done < len {
-            // SAFETY: `ptr + done` stays within the `len` bytes the caller vouched for.
-            let n = unsafe {
-                self.engine
-                    .pread(self.fd(), ptr.add(done), len - done, offset + done as u64)
-            };
-            match n {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        // SAFETY: as vouched for by our caller.
+        unsafe { read_all(&*self.engine, self.fd(), ptr, len, offset) }
     }
 
     fn write_full(&self, buf: &[u8], offset: u64, dsync: bool) -> io::Result<()> {
@@ -453,6 +440,31 @@ impl FileDevice {
             Err(io::Error::last_os_error())
         }
     }
+}
+
+/// Read exactly `len` bytes at `offset` into `ptr` with `engine`.
+///
+/// # Safety
+/// `ptr` is valid for writes of `len` bytes.
+unsafe fn read_all(
+    engine: &dyn Engine,
+    fd: RawFd,
+    ptr: *mut u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: `ptr + done` stays within the `len` bytes the caller vouched for.
+        let n = unsafe { engine.pread(fd, ptr.add(done), len - done, offset + done as u64) };
+        match n {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Write all of `buf` at `offset` with `engine`, looping on short counts.
@@ -623,6 +635,7 @@ impl BackingDevice for FileDevice {
         let rx = ring
             .submit(entry, Keep::Read(buf), Arc::clone(&self.file))
             .ok()?;
+        let file = Arc::clone(&self.file);
         Some(Box::pin(async move {
             let err = Self::io_err("read", offset, len as u64);
             let (res, keep) = rx
@@ -630,6 +643,21 @@ impl BackingDevice for FileDevice {
                 .map_err(|_| err(io::Error::other("io_uring completion lost")))?;
             let err = Self::io_err("read", offset, len as u64);
             match (res, keep) {
+                (NOT_STARTED, Keep::Read(mut buf)) => {
+                    let read = tokio::task::spawn_blocking(move || {
+                        // SAFETY: `buf` holds `len` writable bytes.
+                        unsafe {
+                            read_all(&SyncEngine, file.as_raw_fd(), buf.as_mut_ptr(), len, offset)
+                        }
+                        // SAFETY: all `len` bytes were read.
+                        .map(|()| Bytes::from_owner(unsafe { buf.assume_filled() }))
+                    })
+                    .await;
+                    match read {
+                        Ok(result) => result.map_err(err),
+                        Err(join) => Err(err(io::Error::other(join))),
+                    }
+                }
                 (res, _) if res < 0 => Err(err(io::Error::from_raw_os_error(-res))),
                 (res, Keep::Read(buf)) if res as usize == len => {
                     // SAFETY: the kernel wrote all `len` bytes.
@@ -677,14 +705,16 @@ impl BackingDevice for FileDevice {
             let Keep::Write(data, guard) = keep else {
                 return Err(err(io::Error::other("io_uring completion mismatched")));
             };
-            if res < 0 {
-                return Err(err(io::Error::from_raw_os_error(-res)));
-            }
-            let done = res as usize;
+            let done = match res {
+                NOT_STARTED => 0,
+                res if res < 0 => return Err(err(io::Error::from_raw_os_error(-res))),
+                res => res as usize,
+            };
             if done == len {
                 return Ok(());
             }
-            // A short write: the rest on a blocking thread, still under the block guard.
+            // Not started, or a short write: the rest on a blocking thread, still under the
+            // block guard.
             let rest = tokio::task::spawn_blocking(move || {
                 let _guard = guard;
                 write_all(
@@ -711,11 +741,22 @@ impl BackingDevice for FileDevice {
         let rx = ring
             .submit(entry, Keep::Nothing, Arc::clone(&self.file))
             .ok()?;
+        let file = Arc::clone(&self.file);
         Some(Box::pin(async move {
             let err = Self::io_err("flush", 0, 0);
             let (res, _) = rx
                 .await
                 .map_err(|_| err(io::Error::other("io_uring completion lost")))?;
+            let err = Self::io_err("flush", 0, 0);
+            if res == NOT_STARTED {
+                let flushed =
+                    tokio::task::spawn_blocking(move || SyncEngine.fdatasync(file.as_raw_fd()))
+                        .await;
+                return match flushed {
+                    Ok(result) => result.map_err(err),
+                    Err(join) => Err(err(io::Error::other(join))),
+                };
+            }
             if res < 0 {
                 return Err(Self::io_err("flush", 0, 0)(io::Error::from_raw_os_error(
                     -res,
@@ -1115,8 +1156,9 @@ mod tests {
     }
 
     /// A failed `io_uring_enter` on the shared ring (forced on this thread): the request
-    /// that met it declines (its caller takes the blocking path), requests already in the
-    /// kernel complete, and later requests decline too: the ring is dead, never hung.
+    /// that met it declines (its caller takes the blocking path) or, queued for a deferred
+    /// enter, runs on the thread-pool engine; requests already in the kernel complete, and
+    /// later requests decline too: the ring is dead, never hung.
     #[tokio::test(flavor = "current_thread")]
     async fn a_failed_submission_leaves_no_request_waiting() {
         let (_dir, dev) = device_with(1 << 20, ALL[0]);
@@ -1124,12 +1166,44 @@ mod tests {
         let before = dev.read_async(0, 4096).expect("ring works");
         engine_uring::REFUSE_SUBMIT.with(|r| r.set(true));
         let data = Bytes::from(pattern(4096, 6));
-        assert!(dev.write_async(4096, &data, false).is_none());
+        match dev.write_async(4096, &data, false) {
+            // It entered the kernel itself and met the failure: declined.
+            None => dev.write_at(&data, 4096).unwrap(),
+            // Queued behind the read (the disk was busy): the deferred enter, on this
+            // thread, failed, and the write ran on the thread-pool engine.
+            Some(write) => write.await.unwrap(),
+        }
         engine_uring::REFUSE_SUBMIT.with(|r| r.set(false));
         assert_eq!(before.await.unwrap(), pattern(4096, 4));
         assert!(dev.read_async(0, 4096).is_none(), "a dead ring declines");
-        dev.write_at(&data, 4096).unwrap();
         assert_eq!(dev.read_owned(4096, 4096).unwrap(), data);
+    }
+
+    /// Requests queued behind another thread's `io_uring_enter`, which then fails, never
+    /// reached the kernel: their waiters run them on the thread-pool engine and succeed,
+    /// while the thread whose enter failed declines its own request.
+    #[tokio::test(flavor = "current_thread")]
+    async fn requests_queued_behind_a_failed_submission_run_on_the_thread_pool() {
+        let (_dir, dev) = device_with(1 << 20, ALL[0]);
+        dev.write_at(&pattern(8192, 4), 0).unwrap();
+        let ring = Arc::clone(dev.async_ring().expect("ring works"));
+        ring.hold_submissions(true);
+        let read = dev.read_async(0, 4096).expect("queued");
+        let data = Bytes::from(pattern(4096, 6));
+        let write = dev.write_async(4096, &data, true).expect("queued");
+        let flush = dev.flush_async().expect("queued");
+        ring.hold_submissions(false);
+        engine_uring::REFUSE_SUBMIT.with(|r| r.set(true));
+        assert!(
+            dev.read_async(0, 4096).is_none(),
+            "the failed submitter declines"
+        );
+        engine_uring::REFUSE_SUBMIT.with(|r| r.set(false));
+        assert_eq!(read.await.unwrap(), pattern(4096, 4));
+        write.await.unwrap();
+        flush.await.unwrap();
+        assert_eq!(dev.read_owned(4096, 4096).unwrap(), data);
+        assert!(dev.read_async(0, 4096).is_none(), "a dead ring declines");
     }
 
     #[test]

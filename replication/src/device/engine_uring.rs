@@ -7,9 +7,23 @@
 //!
 //! [`AsyncRing`] serves async callers (a frontend's or the Primary's aligned reads, writes
 //! and flushes under `O_DIRECT`): one ring per device, shared by every task, whose
-//! completions a tokio task reaps when the ring's eventfd fires. A request then waits for
-//! the disk on the runtime itself, with no hand-off to a blocking thread and back. FUA is
-//! `RWF_DSYNC` on the write.
+//! completions a tokio task (the reaper) reaps when the ring's eventfd fires. A request
+//! then waits for the disk on the runtime itself, with no hand-off to a blocking thread and
+//! back. FUA is `RWF_DSYNC` on the write.
+//!
+//! Submissions are batched, because on a virtual disk each `io_uring_enter` that issues I/O
+//! costs a device notification (a VM exit), while one enter carrying several entries is
+//! plugged into one:
+//! - idle disk (nothing in the kernel): the caller enters at once (queue depth 1 pays no
+//!   extra latency);
+//! - busy disk: the entry is queued and the reaper, after `yield_now` (that is, once the
+//!   worker has run the tasks runnable now, which queue theirs), submits the whole queue;
+//! - a thread already in `io_uring_enter` (made without the lock) submits whatever was
+//!   queued meanwhile in its next enter, so nobody else waits for it.
+//!
+//! The submitting thread also hands out the completions its enter posted (COOP_TASKRUN runs
+//! them there), and the reaper never reads the eventfd's counter (the reactor watches it
+//! edge-triggered), which saves a system call per wake-up.
 //!
 //! Falling back, never failing: the probe at open records which opcodes the kernel has
 //! (`register_probe`). An operation whose opcode is missing, or whose ring cannot be set up
@@ -22,9 +36,12 @@
 //! reaped. When the ring fails in a way that leaves completions unreapable, the memory is
 //! leaked instead. An entry that never reached the kernel (the `io_uring_enter` that should
 //! carry it failed) is taken back and the ring is marked dead: no later `io_uring_enter`
-//! may submit it, so its buffer is free to go.
+//! may submit it, so its buffer is free to go. Its waiter gets [`NOT_STARTED`] with its
+//! buffers and runs the operation on the thread-pool engine, or, when it is the thread
+//! whose enter failed, is declined at once.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -39,8 +56,13 @@ use tokio::sync::{oneshot, Notify};
 
 use super::aligned::Uninit;
 use super::block_lock::BlockGuard;
-use super::engine::{Engine, IoEngine};
+use super::engine::{cvt, Engine, IoEngine};
 use super::engine_sync::SyncEngine;
+
+/// The result a waiter gets when its entry never reached the kernel: the `io_uring_enter`
+/// that was to carry it (another thread's) failed. The caller runs the operation on the
+/// thread-pool engine with the buffers it got back.
+pub(crate) const NOT_STARTED: i32 = i32::MIN;
 
 /// Entries per thread ring: each thread has at most one request in flight.
 const RING_ENTRIES: u32 = 4;
@@ -82,15 +104,6 @@ thread_local! {
     pub(crate) static REFUSE_SETUP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Unit tests make `io_uring_enter` on a shared ring fail, on their own thread only.
     pub(crate) static REFUSE_SUBMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// `io_uring_enter` that submits the shared ring's queued entries.
-fn submit_queued(ring: &IoUring) -> io::Result<usize> {
-    #[cfg(test)]
-    if REFUSE_SUBMIT.with(|r| r.get()) {
-        return Err(io::Error::from_raw_os_error(libc::EBUSY));
-    }
-    ring.submit()
 }
 
 /// Create a ring for I/O (not the probe's).
@@ -305,9 +318,43 @@ struct AsyncState {
     /// No more `io_uring_enter` that submits: the reaper is gone, or a submission failed and
     /// an entry the kernel never took may still sit in the submission queue.
     dead: bool,
+    /// Slots whose entries are in the submission queue but not yet taken by the kernel, in
+    /// queue order.
+    queued: VecDeque<usize>,
+    /// A thread is in (or about to make) the `io_uring_enter` that submits `queued`; others
+    /// only queue their entries, which it submits next, in one system call.
+    entering: bool,
+    /// The reaper will submit `queued` once the runnable tasks have queued theirs.
+    flush_scheduled: bool,
 }
 
 impl AsyncState {
+    /// Hand every posted completion to its waiter, one at a time (no allocation).
+    fn reap(&mut self) {
+        loop {
+            let next = self.ring.completion().next();
+            let Some((idx, res)) = next.map(|cqe| (cqe.user_data(), cqe.result())) else {
+                return;
+            };
+            if let Some(pending) = self.release(idx as usize) {
+                // The waiter may be gone; the buffers are dropped here, after the kernel is
+                // done with them.
+                let _ = pending.tx.send((res, pending.keep));
+            }
+        }
+    }
+
+    /// Hand every queued entry back to its waiter as [`NOT_STARTED`]: the ring is dead and
+    /// no `io_uring_enter` will submit them, so their buffers are free. Only the entering
+    /// thread, or anyone once nobody is entering, may call this.
+    fn fail_queued(&mut self) {
+        while let Some(idx) = self.queued.pop_front() {
+            if let Some(pending) = self.release(idx) {
+                let _ = pending.tx.send((NOT_STARTED, pending.keep));
+            }
+        }
+    }
+
     fn release(&mut self, idx: usize) -> Option<Pending> {
         let pending = self.slots.get_mut(idx).and_then(Option::take)?;
         self.in_flight -= 1;
@@ -321,7 +368,11 @@ impl AsyncState {
 /// without a thread hand-off.
 pub(crate) struct AsyncRing {
     state: Mutex<AsyncState>,
+    /// The ring's descriptor, for the `io_uring_enter` made without the lock.
+    ring_fd: RawFd,
     shutdown: Notify,
+    /// Asks the reaper for a deferred submission (`flush_scheduled`).
+    flush: Notify,
     ops: Opcodes,
 }
 
@@ -354,13 +405,18 @@ impl AsyncRing {
         let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let this = Arc::new(AsyncRing {
+            ring_fd: ring.as_raw_fd(),
             state: Mutex::new(AsyncState {
                 ring,
                 slots: Vec::new(),
                 free: Vec::new(),
                 in_flight: 0,
                 dead: false,
+                queued: VecDeque::new(),
+                entering: false,
+                flush_scheduled: false,
             }),
+            flush: Notify::new(),
             shutdown: Notify::new(),
             ops,
         });
@@ -386,7 +442,13 @@ impl AsyncRing {
     /// `keep` back. On `Err` the operation was not started and `keep` is dropped: the caller
     /// takes the blocking path. The receiver always gets its result, unless the ring broke
     /// with the operation in the kernel, when the sender is leaked with the buffers and the
-    /// waiter hangs rather than see freed memory reused.
+    /// waiter hangs rather than see freed memory reused. The result is [`NOT_STARTED`] when
+    /// another thread's `io_uring_enter`, which was to carry the entry, failed.
+    ///
+    /// Batching (see the module doc): the entry is queued, and the caller enters the kernel
+    /// itself only when nothing else is in the kernel and no other thread is entering;
+    /// otherwise the entering thread or the reaper's deferred enter carries it along with
+    /// the others queued meanwhile, in one system call (and one device notification).
     pub(crate) fn submit(
         &self,
         entry: squeue::Entry,
@@ -416,52 +478,150 @@ impl AsyncRing {
         st.in_flight += 1;
         let entry = entry.user_data(idx as u64);
         // SAFETY: the buffers the entry points to are owned by the slot above and stay alive
-        // until the completion is reaped. The queue has room: every earlier entry was taken
-        // by the kernel (or the ring is dead), and at most ASYNC_RING_ENTRIES are in flight.
+        // until the completion is reaped (or, never submitted, until `fail_queued`). The
+        // queue has room: queued and in-kernel entries together are at most
+        // ASYNC_RING_ENTRIES, the queue's size.
         if unsafe { st.ring.submission().push(&entry) }.is_err() {
             st.release(idx);
             return Err(io::Error::other("io_uring submission queue is full"));
         }
+        // Entries in the kernel before this one: the disk is busy, so ours can wait for
+        // the tasks runnable now to queue theirs and go in one enter with them.
+        let busy = st.in_flight - 1 > st.queued.len();
+        st.queued.push_back(idx);
+        if st.entering || st.flush_scheduled {
+            return Ok(rx);
+        }
+        if busy {
+            st.flush_scheduled = true;
+            drop(st);
+            self.flush.notify_one();
+            return Ok(rx);
+        }
+        match self.enter_queued(st, Some(idx)) {
+            Ok(()) => Ok(rx),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submit every queued entry, as the entering thread (returns at once if another
+    /// thread is entering). `Err` only when `own`'s entry was declined because an enter
+    /// failed: the ring is then dead and the other entries that missed the kernel are
+    /// handed back as [`NOT_STARTED`].
+    fn enter_queued<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, AsyncState>,
+        own: Option<usize>,
+    ) -> io::Result<()> {
+        if st.entering {
+            return Ok(());
+        }
+        st.entering = true;
         let failure = loop {
-            match submit_queued(&st.ring) {
-                Ok(n) if n >= 1 => return Ok(rx),
-                Ok(_) => break io::Error::other("io_uring took no entry"),
+            let count = st.queued.len();
+            if count == 0 {
+                break None;
+            }
+            if st.dead {
+                break Some(io::Error::other("the shared io_uring is closed"));
+            }
+            drop(st);
+            let entered = self.enter(count);
+            st = self.lock();
+            match entered {
+                Ok(0) => break Some(io::Error::other("io_uring took no entry")),
+                Ok(taken) => {
+                    let taken = taken.min(st.queued.len());
+                    st.queued.drain(..taken);
+                    // The enter ran this thread's pending completion work (COOP_TASKRUN):
+                    // hand out what it posted now rather than after a reaper wake-up.
+                    st.reap();
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break e,
+                Err(e) => break Some(e),
             }
         };
-        // The kernel did not take the entry, and nothing will submit it now: the ring is
-        // dead, so its buffer can go. Operations already in the kernel still complete.
+        st.entering = false;
+        let Some(failure) = failure else {
+            return Ok(());
+        };
+        // What the kernel did not take, nothing will submit now: the ring is dead, so those
+        // buffers can go. Operations already in the kernel still complete. Our own entry, if
+        // among them, is declined here; the others' waiters run theirs on the blocking path.
         st.dead = true;
-        st.release(idx);
+        let declined = own.filter(|idx| st.queued.contains(idx));
+        if let Some(idx) = declined {
+            st.queued.retain(|&q| q != idx);
+            st.release(idx);
+        }
+        st.fail_queued();
         warn_fallback("submitting to a shared io_uring failed", &failure);
-        Err(failure)
+        match declined {
+            Some(_) => Err(failure),
+            None => Ok(()),
+        }
+    }
+
+    /// The reaper's deferred submission: once the tasks runnable now have run (and queued
+    /// their entries), submit everything queued in one enter.
+    async fn flush_deferred(&self) {
+        tokio::task::yield_now().await;
+        let mut st = self.lock();
+        st.flush_scheduled = false;
+        // Nothing of ours to decline: a failure hands every entry back as NOT_STARTED.
+        let _ = self.enter_queued(st, None);
+    }
+
+    /// Tests: pretend another thread is entering (`true`), so submissions only queue.
+    #[cfg(test)]
+    pub(crate) fn hold_submissions(&self, hold: bool) {
+        self.lock().entering = hold;
+    }
+
+    /// `io_uring_enter` submitting `count` queued entries, made without the lock so other
+    /// threads can queue theirs meanwhile (the kernel reads the queue's tail atomically).
+    fn enter(&self, count: usize) -> io::Result<usize> {
+        #[cfg(test)]
+        if REFUSE_SUBMIT.with(|r| r.get()) {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        // SAFETY: io_uring_enter on our ring's descriptor with no argument pointer.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                self.ring_fd,
+                count,
+                0u32,
+                0u32,
+                std::ptr::null::<libc::c_void>(),
+                0usize,
+            )
+        };
+        cvt(rc as isize)
     }
 
     /// Hand every completion to its waiter.
     fn reap_completions(&self) {
-        let mut st = self.lock();
-        let done: Vec<(u64, i32)> = st
-            .ring
-            .completion()
-            .map(|cqe| (cqe.user_data(), cqe.result()))
-            .collect();
-        for (idx, res) in done {
-            if let Some(pending) = st.release(idx as usize) {
-                // The waiter may be gone; the buffers are dropped here, after the kernel is
-                // done with them.
-                let _ = pending.tx.send((res, pending.keep));
-            }
-        }
+        self.lock().reap();
     }
 
-    /// Wait until every operation in the kernel completed, submitting nothing, so no buffer
-    /// is freed while the kernel may still use it. If waiting fails, leak what is left.
+    /// Mark the ring dead and wait until every operation in the kernel completed,
+    /// submitting nothing, so no buffer is freed while the kernel may still use it. Entries
+    /// still queued are handed back as [`NOT_STARTED`]. If waiting fails, leak what is left.
     fn drain_blocking(&self) {
         let mut failures = 0;
         loop {
-            self.reap_completions();
-            let st = self.lock();
+            let mut st = self.lock();
+            st.dead = true;
+            if st.entering {
+                // The entering thread sees `dead` when it is back and declines the rest.
+                drop(st);
+                std::thread::yield_now();
+                continue;
+            }
+            st.fail_queued();
+            st.reap();
             if st.in_flight == 0 {
                 return;
             }
@@ -519,7 +679,6 @@ struct ReaperExit(Arc<AsyncRing>);
 
 impl Drop for ReaperExit {
     fn drop(&mut self) {
-        self.0.lock().dead = true;
         self.0.drain_blocking();
     }
 }
@@ -535,12 +694,14 @@ async fn reap(ring: Arc<AsyncRing>, eventfd: AsyncFd<OwnedFd>) {
         tokio::select! {
             ready = eventfd.readable() => {
                 let Ok(mut guard) = ready else { return };
-                let mut counter = [0u8; 8];
-                // SAFETY: reads at most 8 bytes into a local array; EAGAIN is harmless.
-                unsafe { libc::read(eventfd.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+                // The reactor watches the eventfd edge-triggered and every posted completion
+                // signals it again, so its counter is never read (a system call per wake-up
+                // saved). Readiness is cleared before reaping: a completion posted during the
+                // reap wakes us once more.
                 guard.clear_ready();
                 ring.reap_completions();
             }
+            _ = ring.flush.notified() => ring.flush_deferred().await,
             _ = ring.shutdown.notified(), if !closing => closing = true,
         }
     }

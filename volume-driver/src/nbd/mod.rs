@@ -49,8 +49,9 @@
 //!   through the same daemon, there is no per-connection cache, and flush is volume-wide.
 //! * **Errors** (`IoErrorKind` → NBD errno): Io → EIO, NoSpace → ENOSPC, Invalid → EINVAL,
 //!   ReadOnly → EPERM, Shutdown → ESHUTDOWN.
-//! * **Concurrency.** Requests of one connection run concurrently (one task each); replies
-//!   are written by one writer task, small ones batched into one syscall. At most
+//! * **Concurrency.** Requests of one connection run concurrently (one task each); they
+//!   are read through a 64 KiB buffer (a queue of small requests in one syscall) and
+//!   replies are written by one writer task, small ones batched into one syscall. At most
 //!   [`server::MAX_IN_FLIGHT`] requests and [`server::MAX_IN_FLIGHT_BYTES`] payload bytes per
 //!   connection are in flight; beyond that the server stops reading the socket.
 //! * **Ending.** DISC, shutdown, EOF or garbage (bad magic) stop the reading of requests;
