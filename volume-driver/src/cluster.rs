@@ -10,8 +10,8 @@
 //! ([`rollback_plan`]): committed replicas are deleted, reservations released. Nodes are
 //! prepared in the config's node order, so of two concurrent creates of one name on
 //! different nodes, the one that reserves the name on the first node wins and the other is
-//! refused there before it touched anything. A reservation whose coordinator died expires after
-//! [`RESERVATION_TTL`].
+//! refused there before it touched anything. A reservation whose coordinator died expires
+//! after [`RESERVATION_TTL`].
 //!
 //! Tiebreakers: every diskless node of the config becomes a voter of every replicated
 //! volume; it holds the definition and no storage. A volume with one replica is not
