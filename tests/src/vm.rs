@@ -158,6 +158,12 @@ pub enum Disk {
     /// An NBD export on a unix socket (QEMU's built-in NBD client, `cache=none`), as QEMU
     /// would open a Tandem volume.
     NbdUnix { socket: PathBuf, export: String },
+    /// An NBD export over TCP (e.g. a `tandemd` inside another guest, reached through a
+    /// QEMU `hostfwd`), same drive options as [`Disk::NbdUnix`].
+    NbdTcp {
+        addr: std::net::SocketAddr,
+        export: String,
+    },
 }
 
 impl Disk {
@@ -168,6 +174,13 @@ impl Disk {
     pub fn nbd_unix(socket: impl AsRef<Path>, export: impl Into<String>) -> Self {
         Disk::NbdUnix {
             socket: socket.as_ref().to_path_buf(),
+            export: export.into(),
+        }
+    }
+
+    pub fn nbd_tcp(addr: std::net::SocketAddr, export: impl Into<String>) -> Self {
+        Disk::NbdTcp {
+            addr,
             export: export.into(),
         }
     }
@@ -184,6 +197,10 @@ impl Disk {
                 qemu_escape(export),
                 qemu_escape(&socket.display().to_string())
             ),
+            Disk::NbdTcp { addr, export } => format!(
+                "file=nbd://{addr}/{},format=raw,if=virtio,cache=none",
+                qemu_escape(export)
+            ),
         }
     }
 }
@@ -199,6 +216,7 @@ pub struct Vm {
     image: GuestImage,
     disks: Vec<Disk>,
     memory_mib: u32,
+    cpus: u32,
     timeout: Duration,
     append: Vec<String>,
     extra_args: Vec<String>,
@@ -211,6 +229,7 @@ impl Vm {
             image,
             disks: Vec::new(),
             memory_mib: 512,
+            cpus: 1,
             timeout: DEFAULT_TIMEOUT,
             append: Vec::new(),
             extra_args: Vec::new(),
@@ -224,6 +243,13 @@ impl Vm {
 
     pub fn memory_mib(mut self, mib: u32) -> Self {
         self.memory_mib = mib;
+        self
+    }
+
+    /// Virtual CPUs (default 1). Under TCG each is a host thread, so guests that run
+    /// several simulated nodes at once (e.g. two `lvcreate`s) may want 2.
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.cpus = cpus.max(1);
         self
     }
 
@@ -259,7 +285,9 @@ impl Vm {
     pub fn command(&self, console_log: &Path) -> Command {
         let append = self.kernel_cmdline();
         let mut cmd = Command::new(QEMU);
-        cmd.args(["-accel", "tcg", "-smp", "1", "-m"])
+        cmd.args(["-accel", "tcg", "-smp"])
+            .arg(self.cpus.to_string())
+            .arg("-m")
             .arg(self.memory_mib.to_string())
             .args([
                 "-display",
@@ -850,6 +878,10 @@ error line
         assert_eq!(
             Disk::nbd_unix("/run/tandem/nbd.sock", "vm-100-disk-0").drive_arg(),
             "file=nbd+unix:///vm-100-disk-0?socket=/run/tandem/nbd.sock,format=raw,if=virtio,cache=none"
+        );
+        assert_eq!(
+            Disk::nbd_tcp("127.0.0.1:10809".parse().unwrap(), "vm-101-disk-0").drive_arg(),
+            "file=nbd://127.0.0.1:10809/vm-101-disk-0,format=raw,if=virtio,cache=none"
         );
     }
 }

@@ -7,10 +7,18 @@
 //! with no resync; a linked clone of a 10 GiB read-only base is timed and its allocation in
 //! the thin pool measured.
 //!
-//! Not here: booting a guest from the clone (a QEMU inside this TCG guest is too slow).
-//! Needs root, `qemu-system-x86_64`, apt access to Debian's kernel package and
+//! A guest then boots from the clone while the base is read-only: hv1 serves it over NBD
+//! on TCP, forwarded to the host by QEMU user networking, and a second TCG guest on the host
+//! mounts it as its root file system and runs its init (the base holds that file system,
+//! written through Tandem before it became a template); the base's bytes stay unchanged on
+//! both replicas and the clone's replicas stay identical.
+//!
+//! Needs root, `qemu-system-x86_64`, `mkfs.ext4`, a static `/bin/busybox`, apt access to Debian's kernel package and
 //! `cargo build --workspace --bins`; `TANDEM_SKIP_VM_TESTS=1` skips explicitly.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tandem_tests::checker::cut::check_cut;
@@ -49,6 +57,8 @@ name = "nvme"
 backend = "lvm-thin"
 vg = "$vg"
 thinpool = "thin"
+[nbd]
+tcp_listen = "0.0.0.0:1080$((7 + n))"
 EOF
     tandemd --config /tmp/hv$n/tandem.toml >/tmp/hv$n.log 2>&1 &
 done
@@ -110,7 +120,20 @@ section resyncs_after_rollback sh -c "echo \$(( \$(cat /tmp/hv1.log /tmp/hv2.log
 
 section base $T1 volume create base-100-disk-0 --size 10G --replicas 2 --pool nvme
 section settled_base wait_settled base-100-disk-0
+# The template's bytes: a small bootable root file system, written through hv1's export.
+ROOT_IMG=/usr/local/share/root.img
+section put_root tandem-check put --socket /tmp/hv1/run/nbd.sock --export base-100-disk-0 $ROOT_IMG
+section settled_put wait_settled base-100-disk-0
+root_sha() { head -c $(wc -c <$ROOT_IMG) $1 | sha256sum | cut -d" " -f1; }
+section base_sha echo $(root_sha $ROOT_IMG) $(root_sha /dev/vg_a/base-100-disk-0) $(root_sha /dev/vg_b/base-100-disk-0)
 section read_only $T1 volume set base-100-disk-0 --read-only
+# Reference: LVM's own cost of the clone's one command, timed just before it (TCG guests
+# slow down with the host's load).
+t0=$(now)
+section ref_clone lvcreate -q -n ref_c -prw -kn -s vg_a/base-100-disk-0
+t1=$(now)
+section ref_clone_time echo "$t0 $t1"
+lvremove -qy vg_a/ref_c
 section lvs_before_clone $LVS vg_a
 t0=$(now)
 section clone $T1 volume clone base-100-disk-0 vm-101-disk-0 --json
@@ -118,6 +141,17 @@ t1=$(now)
 section clone_time echo "$t0 $t1"
 section lvs_after_clone $LVS vg_a
 section settled_clone wait_settled vm-101-disk-0
+# The host boots a guest from the clone through hv1's NBD port (QEMU user networking);
+# the guest closing it demotes hv1 again.
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0
+section clone_ready echo "serving vm-101-disk-0 on 10.0.2.15:10808"
+i=0
+until grep -q 'last writer closed; demoted volume=vm-101-disk-0' /tmp/hv1.log; do
+    sleep 1; i=$((i + 1)); [ $i -lt 600 ] || break
+done
+section settled_booted wait_settled vm-101-disk-0
+section base_sha_after echo $(root_sha /dev/vg_a/base-100-disk-0) $(root_sha /dev/vg_b/base-100-disk-0)
+section clone_sha echo $(root_sha /dev/vg_a/vm-101-disk-0) $(root_sha /dev/vg_b/vm-101-disk-0)
 section delete_base $T1 volume delete base-100-disk-0
 section daemon_logs sh -c 'tail -n 40 /tmp/hv1.log /tmp/hv2.log'
 exit 0
@@ -143,6 +177,77 @@ fn percent(report: &serde_json::Value, lv: &str) -> f64 {
         .unwrap_or_else(|| panic!("no data_percent of {lv} in {report}"))
 }
 
+/// A free TCP port on the host's loopback (for QEMU's `hostfwd`).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A small ext4 root file system for the template: a static busybox and an `/sbin/init`
+/// that prints `marker` and writes a file (into the writable clone it runs from).
+fn make_root_image(tree: &Path, image: &Path, marker: &str) {
+    for d in ["bin", "sbin", "etc", "var"] {
+        std::fs::create_dir_all(tree.join(d)).expect("root tree");
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("static busybox");
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox echo {marker}\n\
+         /bin/busybox echo booted >/var/booted && /bin/busybox sync\n"
+    );
+    std::fs::write(tree.join("sbin/init"), init).expect("init");
+    std::fs::set_permissions(
+        tree.join("sbin/init"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod init");
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "tandem-root", "-d"])
+        .arg(tree)
+        .arg(image)
+        .arg("16M")
+        .status()
+        .expect("running mkfs.ext4 (e2fsprogs)");
+    assert!(status.success(), "mkfs.ext4 -d failed");
+}
+
+/// Once the LVM guest serves the clone (section `clone_ready`), boot a second guest on the
+/// host from it through the forwarded NBD port: its kernel and initramfs are the host's, its
+/// root file system and the init it runs are the clone's. `None` if the LVM guest never got
+/// there (its own assertions then say why).
+fn boot_from_clone(dir: &tempfile::TempDir, console: &Path, port: u16) -> Option<vm::GuestRun> {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if text.contains("@@STATUS clone_ready 0") {
+            break;
+        }
+        if text.contains("@@GUEST-EXIT") || Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let image = ImageBuilder::new(BOOT_SCRIPT)
+        .build(&dir.path().join("boot-image"))
+        .expect("building the boot guest's initramfs");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let run = Vm::new(image)
+        .disk(Disk::nbd_tcp(addr, "vm-101-disk-0"))
+        .timeout(Duration::from_secs(300))
+        .run(&dir.path().join("boot.log"))
+        .expect("booting a guest from the clone");
+    Some(run)
+}
+
+/// The guest booted from the clone: mount it as its root file system and run its init.
+const BOOT_SCRIPT: &str = r#"set -e
+mkdir -p /newroot
+mount -t ext4 /dev/vda /newroot
+section boot chroot /newroot /sbin/init
+umount /newroot
+"#;
+
 #[test]
 fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
     if vm::skip_requested() {
@@ -154,7 +259,15 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
         .prefix("tandem-snap-vm-")
         .tempdir()
         .expect("temp dir");
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let marker = format!("TANDEM-CLONE-BOOTED {nonce}");
+    let root_img = dir.path().join("root.img");
+    make_root_image(&dir.path().join("root"), &root_img, &marker);
     let image = ImageBuilder::new(SCRIPT)
+        .file(&root_img, "/usr/local/share/root.img")
         .file(tandem_tests::bin("tandemd"), "/usr/local/bin/tandemd")
         .file(tandem_tests::bin("tandem"), "/usr/local/bin/tandem")
         .file(
@@ -163,11 +276,22 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
         )
         // `lvcreate -s` wants the snapshot target even for a thin snapshot.
         .module("dm_snapshot")
+        .module("virtio_net")
         .build(&dir.path().join("image"))
         .expect("building the guest initramfs (tests/vm/build-initramfs)");
+    // hv1's NBD TCP port, forwarded to the host for the guest that boots from the clone.
+    let nbd_port = free_port();
+    // Two vCPUs: the two nodes' `lvcreate`s run at the same time, as on two hosts.
     let mut guest = Vm::new(image)
         .memory_mib(1024)
-        .timeout(Duration::from_secs(900));
+        .cpus(2)
+        .timeout(Duration::from_secs(900))
+        .qemu_arg("-netdev")
+        .qemu_arg(format!(
+            "user,id=n0,hostfwd=tcp:127.0.0.1:{nbd_port}-:10808"
+        ))
+        .qemu_arg("-device")
+        .qemu_arg("virtio-net-pci,netdev=n0,romfile=");
     for disk in ["a.img", "b.img"] {
         let path = dir.path().join(disk);
         std::fs::File::create(&path)
@@ -175,9 +299,13 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
             .expect("disk image");
         guest = guest.disk(Disk::raw(&path));
     }
-    let run = guest
-        .run(&dir.path().join("console.log"))
-        .expect("booting the guest");
+    let console = dir.path().join("console.log");
+    let running = guest.spawn(&console).expect("booting the guest");
+    let (run, booted) = std::thread::scope(|scope| {
+        let booted = scope.spawn(|| boot_from_clone(&dir, &console, nbd_port));
+        let run = running.wait().expect("running the guest");
+        (run, booted.join().expect("the boot thread"))
+    });
     eprintln!(
         "{}; test total {:.1}s",
         run.timing_summary(),
@@ -259,6 +387,42 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
     );
     assert!(share < 1.0, "the clone allocated {share:.3}% of its size");
     assert_eq!(run.json("clone")["clone_of"], "base-100-disk-0");
+
+    // A guest booted from the clone while the base is a read-only template; the base's
+    // bytes stayed those written, on both replicas, and both clone replicas agree.
+    let booted = booted.unwrap_or_else(|| panic!("the clone was never served\n{}", logs()));
+    eprintln!("[guest booted from the clone] {}", booted.timing_summary());
+    booted.assert_script_succeeded();
+    assert!(
+        booted.section("boot").contains(&marker),
+        "{}",
+        booted.describe("boot")
+    );
+    for step in ["put_root", "settled_put", "settled_booted"] {
+        assert_eq!(run.status(step), 0, "{}\n{}", run.describe(step), logs());
+    }
+    let base: Vec<&str> = run.section("base_sha").split_whitespace().collect();
+    assert_eq!(base.len(), 3, "{}", run.describe("base_sha"));
+    assert!(
+        base[1] == base[0] && base[2] == base[0],
+        "the base does not hold the root image on both replicas: {base:?}"
+    );
+    let after: Vec<&str> = run.section("base_sha_after").split_whitespace().collect();
+    assert_eq!(
+        after,
+        base[1..],
+        "the read-only base changed while a clone booted"
+    );
+    let clone: Vec<&str> = run.section("clone_sha").split_whitespace().collect();
+    assert_eq!(clone.len(), 2, "{}", run.describe("clone_sha"));
+    assert_eq!(
+        clone[0], clone[1],
+        "the clone's replicas differ after the boot"
+    );
+    assert_ne!(
+        clone[0], base[0],
+        "the booted guest wrote nothing to its clone"
+    );
     run.assert_section_failed("delete_base");
     assert!(
         run.section("delete_base.stderr").contains("vm-101-disk-0"),
@@ -271,9 +435,12 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
     // tests/tests/snapshots.rs, the pause is tens of ms against the plain 1 s).
     run.assert_section_ok("ref_snapshot");
     let lvm_ms = elapsed(&run, "ref_snapshot_time") * 1000.0;
+    run.assert_section_ok("ref_clone");
+    let clone_lvm_ms = elapsed(&run, "ref_clone_time") * 1000.0;
     eprintln!(
-        "reference in this guest: one bare `lvcreate -s` takes {lvm_ms:.0} ms; \
-         write pause {pause_ms} ms; clone {:.0} ms",
+        "reference in this guest: one bare `lvcreate -s` takes {lvm_ms:.0} ms before the \
+         snapshot, {clone_lvm_ms:.0} ms before the clone; write pause {pause_ms} ms; \
+         clone {:.0} ms",
         took * 1000.0
     );
     assert!(

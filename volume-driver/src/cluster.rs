@@ -5,13 +5,13 @@
 //! before anything is allocated: names, size, nodes (configured, not diskless, no
 //! duplicates, `--replicas` ≤ data nodes), then every node validates and *reserves* the name
 //! (`replica_prepare`: name free, pool exists with room). Only then does every node
-//! *commit* (storage, metadata with the shared day0 generation, definition, replica). A
-//! failure at any step undoes what was done, in reverse order ([`rollback_plan`]): committed
-//! replicas are deleted, reservations released. Nodes are always visited in the config's
-//! node order, so of two concurrent creates of one name on different nodes, the one that
-//! reserves the name on the first node wins and the other is refused there before it
-//! touched anything. A reservation whose coordinator died expires after
-//! [`RESERVATION_TTL`].
+//! *commit*, all at the same time (storage, metadata with the shared day0 generation,
+//! definition, replica). A failure at any step undoes what was done, in reverse order
+//! ([`rollback_plan`]): committed replicas are deleted, reservations released. Nodes are
+//! prepared in the config's node order, so of two concurrent creates of one name on
+//! different nodes, the one that reserves the name on the first node wins and the other is
+//! refused there before it touched anything. A reservation whose coordinator died expires
+//! after [`RESERVATION_TTL`].
 //!
 //! Tiebreakers: every diskless node of the config becomes a voter of every replicated
 //! volume; it holds the definition and no storage. A volume with one replica is not
@@ -240,6 +240,46 @@ impl VolumeService {
         peer::call(node, entry.control, secret, &request).await
     }
 
+    /// Run every `(node, request)` of `calls` at the same time: the other nodes' calls run
+    /// as tasks while this node's runs here. The answers come in the order of `calls`.
+    pub(crate) async fn on_nodes_at_once(
+        &self,
+        calls: Vec<(String, PeerRequest)>,
+    ) -> Vec<Result<PeerReply, ApiError>> {
+        let config = self.config();
+        let mut pending = Vec::new();
+        let mut here = Vec::new();
+        for (i, (node, request)) in calls.into_iter().enumerate() {
+            let remote = config.node_named(&node).filter(|_| node != config.node);
+            match (remote, self.secret.clone()) {
+                (Some(entry), Some(secret)) => {
+                    let addr = entry.control;
+                    pending.push((
+                        i,
+                        tokio::spawn(
+                            async move { peer::call(&node, addr, &secret, &request).await },
+                        ),
+                    ));
+                }
+                _ => here.push((i, node, request)),
+            }
+        }
+        let mut answers: Vec<Option<Result<PeerReply, ApiError>>> =
+            (0..pending.len() + here.len()).map(|_| None).collect();
+        for (i, node, request) in here {
+            answers[i] = Some(self.on_node(&node, request).await);
+        }
+        for (i, task) in pending {
+            answers[i] = Some(task.await.unwrap_or_else(|e| {
+                Err(ApiError::new(
+                    ErrorKind::Internal,
+                    format!("peer call task: {e}"),
+                ))
+            }));
+        }
+        answers.into_iter().flatten().collect()
+    }
+
     /// `volume_create`: an unreplicated volume here, or a replicated one on every node of
     /// the plan (see the module doc).
     pub async fn create(
@@ -275,7 +315,7 @@ impl VolumeService {
     }
 
     /// The replicated part of `volume_create` (and of `volume_clone`, with `clone_of`):
-    /// prepare on every node of `plan`, then commit on each, undoing on a failure.
+    /// prepare on every node of `plan`, then commit on all at once, undoing on a failure.
     pub(crate) async fn create_on_nodes(
         &self,
         name: &str,
@@ -310,53 +350,68 @@ impl VolumeService {
                 }
             }
         }
+        // Every node commits at the same time (each allocates its storage, e.g. a linked
+        // clone's `lvcreate`); the undo below goes through the committed ones first.
+        let mut order: Vec<String> = participants.clone();
         if failure.is_none() {
-            for node in participants {
+            let calls: Vec<(String, PeerRequest)> = participants
+                .iter()
+                .map(|node| {
+                    let diskless = plan.tiebreakers.contains(node);
+                    let definition = VolumeDefinition {
+                        version: DEFINITION_VERSION,
+                        name: name.to_string(),
+                        pool: if diskless {
+                            String::new()
+                        } else {
+                            pool.unwrap_or_default().to_string()
+                        },
+                        size_bytes: size,
+                        created_unix: now_unix(),
+                        nodes: plan.data_nodes.clone(),
+                        tiebreakers: plan.tiebreakers.clone(),
+                        diskless,
+                        options,
+                        renamed_from: None,
+                        clone_of: clone_of.clone(),
+                    };
+                    let request = PeerRequest::ReplicaCommit {
+                        token: token.clone(),
+                        definition,
+                        day0,
+                        joining: false,
+                    };
+                    (node.clone(), request)
+                })
+                .collect();
+            let answers = self.on_nodes_at_once(calls).await;
+            let mut not_committed = Vec::new();
+            order.clear();
+            for (node, answer) in participants.iter().zip(answers) {
                 let diskless = plan.tiebreakers.contains(node);
-                let definition = VolumeDefinition {
-                    version: DEFINITION_VERSION,
-                    name: name.to_string(),
-                    pool: if diskless {
-                        String::new()
-                    } else {
-                        pool.unwrap_or_default().to_string()
-                    },
-                    size_bytes: size,
-                    created_unix: now_unix(),
-                    nodes: plan.data_nodes.clone(),
-                    tiebreakers: plan.tiebreakers.clone(),
-                    diskless,
-                    options,
-                    renamed_from: None,
-                    clone_of: clone_of.clone(),
-                };
-                let request = PeerRequest::ReplicaCommit {
-                    token: token.clone(),
-                    definition,
-                    day0,
-                    joining: false,
-                };
-                match self.on_node(node, request).await {
+                match answer {
                     Ok(PeerReply::Volume { volume }) => {
-                        committed += 1;
+                        order.push(node.clone());
                         // Report this node's replica, else the first data replica's.
                         if *node == self.config().node || (local_info.is_none() && !diskless) {
                             local_info = Some(volume);
                         }
                     }
                     Ok(other) => {
-                        failure = Some(ApiError::new(
+                        not_committed.push(node.clone());
+                        failure = failure.or(Some(ApiError::new(
                             ErrorKind::Peer,
                             format!("node '{node}' answered the commit with {other:?}"),
-                        ));
-                        break;
+                        )));
                     }
                     Err(e) => {
-                        failure = Some(e);
-                        break;
+                        not_committed.push(node.clone());
+                        failure = failure.or(Some(e));
                     }
                 }
             }
+            committed = order.len();
+            order.extend(not_committed);
         }
         let Some(failure) = failure else {
             tracing::info!(volume = %name, nodes = ?plan.data_nodes, tiebreakers = ?plan.tiebreakers,
@@ -366,7 +421,7 @@ impl VolumeService {
             });
         };
         let mut leftovers = Vec::new();
-        for step in rollback_plan(participants, prepared, committed) {
+        for step in rollback_plan(&order, prepared, committed) {
             let (node, request) = match &step {
                 Undo::Delete(node) => (
                     node,

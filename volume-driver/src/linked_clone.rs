@@ -2,8 +2,8 @@
 //! a reflink copy, sharing every block with its origin) on the same nodes as the source.
 //!
 //! A clone is created exactly like a new replicated volume ([`crate::cluster`]: prepare on
-//! every node, then commit on each, undo on failure), except that each data node makes its
-//! storage with [`Pool::clone_volume`] from its own copy of the origin instead of
+//! every node, then commit on all at once, undo on failure), except that each data node
+//! makes its storage with [`Pool::clone_volume`] from its own copy of the origin instead of
 //! allocating it. The origins are identical on every replica (a snapshot is a consistent
 //! cut; a volume without a snapshot must be closed everywhere, e.g. a read-only template),
 //! so the clones are too, and like a new volume they share one `day0` generation and start

@@ -258,7 +258,8 @@ impl VolumeService {
             .as_ref()
             .is_some_and(|r| r.status().replica.role == Role::Primary);
         let request = local(name, snapshot, SnapshotOp::Create);
-        let snapshots = self.on_nodes_at_once(nodes, &request);
+        let calls: Vec<_> = nodes.iter().map(|n| (n.clone(), request.clone())).collect();
+        let snapshots = self.on_nodes_at_once(calls);
         tokio::pin!(snapshots);
         let mut pause_ms = None;
         let mut resume = |pause: &mut Option<crate::engine::WritePause>| {
@@ -311,43 +312,6 @@ impl VolumeService {
             ));
         }
         Ok(pause_ms.filter(|_| writes_held))
-    }
-
-    /// Send `request` to every node of `nodes` at the same time (the other nodes' calls run
-    /// as tasks while this node's runs here); the answers in the order of `nodes`.
-    async fn on_nodes_at_once(
-        &self,
-        nodes: &[String],
-        request: &PeerRequest,
-    ) -> Vec<Result<PeerReply, ApiError>> {
-        let remote: Vec<_> = nodes
-            .iter()
-            .map(|node| {
-                let config = self.config();
-                let entry = config
-                    .node_named(node)
-                    .filter(|_| *node != config.node)
-                    .cloned();
-                let (entry, secret) = (entry?, self.secret.clone()?);
-                let (node, addr, request) = (node.clone(), entry.control, request.clone());
-                Some(tokio::spawn(async move {
-                    crate::peer::call(&node, addr, &secret, &request).await
-                }))
-            })
-            .collect();
-        let mut answers = Vec::new();
-        for (node, task) in nodes.iter().zip(remote) {
-            answers.push(match task {
-                Some(task) => task.await.unwrap_or_else(|e| {
-                    Err(ApiError::new(
-                        ErrorKind::Internal,
-                        format!("peer call task: {e}"),
-                    ))
-                }),
-                None => self.on_node(node, request.clone()).await,
-            });
-        }
-        answers
     }
 
     /// Peer `replica_snapshot_check`: this node holds the volume's storage, and the

@@ -136,6 +136,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy a file to the start of an export (1 MiB writes, then a flush), e.g. a disk
+    /// image onto a volume. Prints the number of bytes written.
+    Put {
+        /// NBD unix socket of the export's server (the Primary, or a node that may become it).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Export (volume) name.
+        #[arg(long)]
+        export: String,
+        /// The file to copy; it must fit in the export.
+        file: PathBuf,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -167,8 +179,42 @@ fn seconds(value: f64, what: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(value).with_context(|| format!("{what}: {value} is not a duration"))
 }
 
+/// `tandem-check put` (see [`Command::Put`]).
+fn put(socket: &std::path::Path, export: &str, file: &std::path::Path) -> Result<u64> {
+    let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut client = NbdClient::connect(socket, export, Some(Duration::from_secs(60)))
+        .with_context(|| format!("opening export '{export}'"))?;
+    if data.len() as u64 > client.size() {
+        bail!(
+            "{} ({} bytes) does not fit in export '{export}' ({} bytes)",
+            file.display(),
+            data.len(),
+            client.size()
+        );
+    }
+    let mut offset = 0u64;
+    for chunk in data.chunks(1 << 20) {
+        client
+            .write(offset, chunk, false)
+            .with_context(|| format!("writing at offset {offset}"))?;
+        offset += chunk.len() as u64;
+    }
+    client.flush().context("flushing")?;
+    client.disconnect().context("disconnecting")?;
+    Ok(offset)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Put {
+            socket,
+            export,
+            file,
+        } => {
+            let written = put(&socket, &export, &file)?;
+            println!("{written} bytes written to export '{export}'");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Write {
             socket,
             reconnect_to,

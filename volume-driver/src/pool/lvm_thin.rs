@@ -476,6 +476,9 @@ impl Pool for LvmThinPool {
             .map(|_| ())
     }
 
+    /// One `lvm` call (the clone is timed): `lvcreate` itself refuses an existing name or
+    /// a missing origin, and its message is mapped. The size is read from the new LV's
+    /// device (active: `-kn`), falling back to `lvs` when it has no device node yet.
     fn clone_volume(
         &self,
         source: &str,
@@ -484,24 +487,47 @@ impl Pool for LvmThinPool {
     ) -> Result<u64, PoolError> {
         self.check_name(new)?;
         let origin = match snapshot {
-            Some(s) => self.require_snapshot(source, s)?,
-            None => {
-                self.find_volume(source)?
-                    .ok_or_else(|| self.missing(source))?;
-                source.to_string()
-            }
+            Some(s) => Self::snapshot_lv(source, s),
+            None => source.to_string(),
         };
-        if self.lvs()?.iter().any(|lv| lv.name == new) {
-            return Err(PoolError::Exists {
-                pool: self.name.clone(),
-                volume: new.to_string(),
-            });
+        match self.thin_snapshot(&origin, new, true) {
+            Err(PoolError::Command { message, .. }) if message.contains("already exists") => {
+                return Err(PoolError::Exists {
+                    pool: self.name.clone(),
+                    volume: new.to_string(),
+                })
+            }
+            Err(PoolError::Command { message, .. })
+                if message.contains("Failed to find") || message.contains("not found") =>
+            {
+                return Err(match snapshot {
+                    Some(s) => PoolError::MissingSnapshot {
+                        pool: self.name.clone(),
+                        volume: source.to_string(),
+                        snapshot: s.to_string(),
+                    },
+                    None => self.missing(source),
+                })
+            }
+            other => other?,
         }
-        self.thin_snapshot(&origin, new, true)?;
-        self.find_volume(new)?
-            .map(|lv| lv.size_bytes)
-            .ok_or_else(|| self.missing(new))
+        match block_device_size(&self.device_path(new)) {
+            Some(size) => Ok(size),
+            None => self
+                .find_volume(new)?
+                .map(|lv| lv.size_bytes)
+                .ok_or_else(|| self.missing(new)),
+        }
     }
+}
+
+/// The size of the block device behind `path` (a `/dev/<vg>/<lv>` link) from sysfs, without
+/// running `lvm`; `None` when there is no such device.
+fn block_device_size(path: &std::path::Path) -> Option<u64> {
+    let device = std::fs::canonicalize(path).ok()?;
+    let name = device.file_name()?.to_str()?;
+    let sectors = std::fs::read_to_string(format!("/sys/class/block/{name}/size")).ok()?;
+    sectors.trim().parse::<u64>().ok()?.checked_mul(512)
 }
 
 #[cfg(test)]
