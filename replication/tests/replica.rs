@@ -1444,6 +1444,9 @@ async fn a_pause_holds_every_promotion_and_needs_every_replica_in_sync() {
 
     // hv2 is Primary: its pause drains and holds. With the link to hv1 gone it is refused.
     drop(b.pause_writes(Duration::from_secs(1)).await.unwrap());
+    // Cut twice: a connection the proxy accepted just as the first cut ran survives it.
+    c.cut("hv1", "hv2");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     c.cut("hv1", "hv2");
     wait_for(&b, "hv2 lost hv1", 10, |s| {
         peer(s, "hv1").connection != ConnectionState::Connected
