@@ -72,58 +72,51 @@ pub fn decide(prev: Option<Sample>, now: Instant, app_bytes: u64, l: Limits) -> 
 /// Paces resync/verify chunks.
 #[derive(Debug)]
 pub struct RateController {
-    max: u64,
-    min: u64,
+    limits: Limits,
     next: Instant,
-    sample: Option<(Instant, u64)>,
-    app_rate: f64,
-    plan_ahead: Duration,
+    sample: Option<Sample>,
 }
 
 impl RateController {
     /// A controller between `min` and `max` bytes/s (`max == 0`: unlimited).
     pub fn new(max: u64, min: u64) -> RateController {
         RateController {
-            max,
-            min: min.min(max),
+            limits: Limits {
+                max,
+                min: min.min(max),
+                plan_ahead: PLAN_AHEAD,
+            },
             next: Instant::now(),
             sample: None,
-            app_rate: 0.0,
-            plan_ahead: PLAN_AHEAD,
         }
     }
 
     /// The same controller reacting over `window` instead of [`PLAN_AHEAD`].
     pub fn plan_ahead(mut self, window: Duration) -> RateController {
-        self.plan_ahead = window;
+        self.limits.plan_ahead = window;
         self
+    }
+
+    /// New bounds for the chunks still to come (a live `volume set`); the measured
+    /// application rate is kept.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = Limits {
+            min: limits.min.min(limits.max),
+            ..limits
+        };
     }
 
     /// The rate in force, given the latest application byte counter (if the source is
     /// the Primary).
     pub fn effective_rate(&mut self, app_bytes: Option<u64>) -> u64 {
-        if self.max == 0 {
+        if self.limits.max == 0 {
             return 0;
         }
         let Some(app) = app_bytes else {
-            return self.max;
+            return self.limits.max;
         };
-        let (sample, rate) = decide(
-            self.sample.map(|(at, bytes)| Sample {
-                at,
-                app_bytes: bytes,
-                app_rate: self.app_rate,
-            }),
-            Instant::now(),
-            app,
-            Limits {
-                min: self.min,
-                max: self.max,
-                plan_ahead: self.plan_ahead,
-            },
-        );
-        self.sample = Some((sample.at, sample.app_bytes));
-        self.app_rate = sample.app_rate;
+        let (sample, rate) = decide(self.sample, Instant::now(), app, self.limits);
+        self.sample = Some(sample);
         rate
     }
 
@@ -197,12 +190,42 @@ mod tests {
     fn application_writes_lower_the_rate_down_to_min() {
         let mut rc = RateController::new(100, 10);
         assert_eq!(rc.effective_rate(None), 100);
-        rc.app_rate = 60.0;
-        rc.sample = Some((Instant::now(), 0));
+        let busy = |app_rate| {
+            Some(Sample {
+                at: Instant::now(),
+                app_bytes: 0,
+                app_rate,
+            })
+        };
+        rc.sample = busy(60.0);
         assert_eq!(rc.effective_rate(Some(0)), 40);
-        rc.app_rate = 500.0;
+        rc.sample = busy(500.0);
         assert_eq!(rc.effective_rate(Some(0)), 10);
         let mut unlimited = RateController::new(0, 10);
         assert_eq!(unlimited.effective_rate(Some(5)), 0);
+    }
+
+    #[test]
+    fn new_limits_apply_to_the_next_chunk_and_keep_the_measurement() {
+        let mut rc = RateController::new(100, 10);
+        rc.sample = Some(Sample {
+            at: Instant::now(),
+            app_bytes: 0,
+            app_rate: 60.0,
+        });
+        rc.set_limits(Limits {
+            min: 50,
+            max: 400,
+            plan_ahead: PLAN_AHEAD,
+        });
+        assert_eq!(rc.effective_rate(Some(0)), 340);
+        assert_eq!(rc.effective_rate(None), 400);
+        // A floor above the cap is clamped to it.
+        rc.set_limits(Limits {
+            min: 500,
+            max: 40,
+            plan_ahead: PLAN_AHEAD,
+        });
+        assert_eq!(rc.effective_rate(Some(0)), 40);
     }
 }
