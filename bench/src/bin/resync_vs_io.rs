@@ -13,8 +13,19 @@
 //! the resync outlasts (c) and (b); the run fails if it finished early.
 //!
 //! The max rate is one this machine reaches: the default 150 MiB/s is below what an
-//! unthrottled resync of a file pool does here; the controller's min rate and plan-ahead
-//! are the defaults (10 MiB/s, 2 s) unless given.
+//! unthrottled resync of a file pool does here (about 290 MiB/s); the controller's min
+//! rate and plan-ahead are the defaults (10 MiB/s, 2 s) unless given.
+//!
+//! What we saw in three runs on the shared 2-vCPU dev VM (other builds running, load 6-8):
+//! (a) 9,052-9,935 IOPS, (b) 7,185-7,440 IOPS, so 0.75-0.81x kept, while the resync ran at
+//! 127-128 MiB/s (the max rate less the ~29 MiB/s the application wrote); idle, the resync
+//! ran at 150.0-152.1 MiB/s, 1.00-1.01x the max rate. CPU per request rose from 60-62 to
+//! 78-81 us on hv1 and from 72-80 to 85-92 us on hv2: the resync's own CPU (1.0-1.9 ms per
+//! MiB on each side) shares the two CPUs with fio and both hosts, which two real hosts
+//! would not. With a max rate above what the hosts sustain (400 MiB/s: the idle resync
+//! reached 288 MiB/s) the controller still gives the resync the max rate less the
+//! application's rate, and the VMs kept only 0.48x in one run: the max rate must be one
+//! the link and disks reach.
 //!
 //! Needs root (namespaces), fio and the release binaries:
 //! `cargo build --release -p tandem-volume-driver --bins -p tandem-bench && \
