@@ -1,6 +1,6 @@
 //! Helpers for benchmarks that run the namespace test bed (`tandem_tests::cluster`): the
 //! checks and environment it needs before it starts ([`prepare`]), `tandem` commands that
-//! must succeed ([`tandem`]), and daemons' CPU time over a measuring window
+//! must succeed ([`tandem`], [`create_on_hv1_and_hv2`]), and daemons' CPU time over a measuring window
 //! ([`CpuSampler`]).
 
 use std::path::{Path, PathBuf};
@@ -54,6 +54,25 @@ pub fn tandem(cluster: &Cluster, host: &str, cmd: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Create `volume` of `size_mib` MiB with protocol C and a data replica on hv1 and hv2.
+pub fn create_on_hv1_and_hv2(cluster: &Cluster, volume: &str, size_mib: u64) -> Result<()> {
+    let size = format!("{size_mib}M");
+    let create = [
+        "volume",
+        "create",
+        volume,
+        "--size",
+        &size,
+        "--replicas",
+        "2",
+        "--protocol",
+        "C",
+        "--nodes",
+        "hv1,hv2",
+    ];
+    tandem(cluster, "hv1", &create)
 }
 
 /// The process id of `host`'s `tandemd`.

@@ -267,6 +267,22 @@ impl Source {
         .await
     }
 
+    /// [`Self::resync`] as a task, reporting to `progress`.
+    fn spawn_resync(
+        &self,
+        cfg: &ResyncConfig,
+        progress: &Arc<ResyncProgress>,
+    ) -> JoinHandle<Result<ResyncOutcome, ResyncError>> {
+        let (io, ch, bm, cfg, pr) = (
+            SourceIo::Primary(self.primary.clone()),
+            self.channel(),
+            self.dyn_bitmap(),
+            cfg.clone(),
+            progress.clone(),
+        );
+        tokio::spawn(async move { run_resync_source(io, ch, bm, &cfg, pr).await })
+    }
+
     async fn verify(&self, cfg: &ResyncConfig) -> VerifyReport {
         run_verify(
             SourceIo::Primary(self.primary.clone()),
@@ -381,16 +397,7 @@ async fn new_rate_limits_reach_a_running_resync() {
     };
     let progress = Arc::new(ResyncProgress::default());
     let started = std::time::Instant::now();
-    let run = {
-        let (io, ch, bm, cfg, pr) = (
-            SourceIo::Primary(src.primary.clone()),
-            src.channel(),
-            src.dyn_bitmap(),
-            cfg.clone(),
-            progress.clone(),
-        );
-        tokio::spawn(async move { run_resync_source(io, ch, bm, &cfg, pr).await })
-    };
+    let run = src.spawn_resync(&cfg, &progress);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let early = progress.snapshot().done_bytes;
     assert!(early < 2 * MIB, "paced at 1 MiB/s, yet {early} bytes done");
@@ -434,16 +441,7 @@ async fn an_interrupted_resync_resumes_and_sends_only_the_rest() {
         ..ResyncConfig::default()
     };
     let progress = Arc::new(ResyncProgress::default());
-    let run = {
-        let (io, ch, bm, cfg, pr) = (
-            SourceIo::Primary(src.primary.clone()),
-            src.channel(),
-            src.dyn_bitmap(),
-            cfg.clone(),
-            progress.clone(),
-        );
-        tokio::spawn(async move { run_resync_source(io, ch, bm, &cfg, pr).await })
-    };
+    let run = src.spawn_resync(&cfg, &progress);
     let halfway = async {
         while progress.snapshot().done_bytes < changed / 2 {
             tokio::time::sleep(Duration::from_millis(10)).await;

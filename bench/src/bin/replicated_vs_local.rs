@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tandem_bench::cluster::{daemon_pid, prepare, tandem, CpuSampler};
+use tandem_bench::cluster::{create_on_hv1_and_hv2, daemon_pid, prepare, tandem, CpuSampler};
 use tandem_bench::{cross_cpu_wake_up, fio_fill, fio_run, nbd_uri, settle, QemuNbd, Row};
 use tandem_tests::cluster::{Cluster, ClusterSpec};
 
@@ -175,23 +175,7 @@ fn main() -> Result<()> {
         cache: Some(args.cache.clone()),
     });
     let size = format!("{}M", args.size_mib);
-    tandem(
-        &cluster,
-        "hv1",
-        &[
-            "volume",
-            "create",
-            REPLICATED,
-            "--size",
-            &size,
-            "--replicas",
-            "2",
-            "--protocol",
-            "C",
-            "--nodes",
-            "hv1,hv2",
-        ],
-    )?;
+    create_on_hv1_and_hv2(&cluster, REPLICATED, args.size_mib)?;
     tandem(
         &cluster,
         "hv1",

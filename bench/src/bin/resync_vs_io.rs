@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::Value;
-use tandem_bench::cluster::{daemon_pid, prepare, tandem, CpuSampler};
+use tandem_bench::cluster::{create_on_hv1_and_hv2, daemon_pid, prepare, tandem, CpuSampler};
 use tandem_bench::{fio_fill, fio_run, nbd_uri, Row};
 use tandem_tests::cluster::{Cluster, ClusterSpec};
 use volume_driver::options::parse_rate;
@@ -160,21 +160,7 @@ fn main() -> Result<()> {
         rust_log: args.rust_log.clone(),
         cache: Some("none".into()),
     });
-    let size = format!("{}M", args.size_mib);
-    let create = [
-        "volume",
-        "create",
-        VOLUME,
-        "--size",
-        &size,
-        "--replicas",
-        "2",
-        "--protocol",
-        "C",
-        "--nodes",
-        "hv1,hv2",
-    ];
-    tandem(&cluster, "hv1", &create)?;
+    create_on_hv1_and_hv2(&cluster, VOLUME, args.size_mib)?;
     let mut set = vec![
         "volume",
         "set",
