@@ -1415,3 +1415,44 @@ async fn a_replica_added_online_full_syncs_sparse_and_a_dead_one_is_removed() {
     wait_converged(&a, &d, 10).await;
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv3"));
 }
+
+/// The consistent-cut entry point of `tandem snapshot create`: while one member holds a
+/// pause, no member becomes Primary (the promotion is retried until the pause ends), and a
+/// pause is refused while a data peer is not connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pause_holds_every_promotion_and_needs_every_replica_in_sync() {
+    let c = Cluster::new(&["hv1", "hv2"], &[], 16 * MIB, ReplicaOptions::default()).await;
+    c.wait_fully_connected(&["hv1", "hv2"]).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "hv1 sees hv2 UpToDate", 10, |s| {
+        peer(s, "hv2").disk_state == DiskState::UpToDate
+    })
+    .await;
+
+    // A closed volume: hv1 holds the pause, hv2's promotion waits until it is dropped.
+    let pause = a.pause_writes(Duration::from_secs(1)).await.unwrap();
+    let promoting = tokio::spawn({
+        let b = b.clone();
+        async move { b.promote().await }
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(b.status().role, Role::Secondary, "promoted during a pause");
+    drop(pause);
+    promoting.await.unwrap().unwrap();
+    assert_eq!(b.status().role, Role::Primary);
+    b.write(0, data(1, 4096), false).await.unwrap();
+
+    // hv2 is Primary: its pause drains and holds. With the link to hv1 gone it is refused.
+    drop(b.pause_writes(Duration::from_secs(1)).await.unwrap());
+    c.cut("hv1", "hv2");
+    wait_for(&b, "hv2 lost hv1", 10, |s| {
+        peer(s, "hv1").connection != ConnectionState::Connected
+    })
+    .await;
+    let err = b.pause_writes(Duration::from_secs(1)).await.err().unwrap();
+    assert!(
+        err.to_string()
+            .contains("not every replica would hold the same cut (hv1 is"),
+        "{err}"
+    );
+}

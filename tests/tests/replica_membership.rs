@@ -8,8 +8,9 @@
 //! 2. A dead host is replaced: three data hosts and a witness; a volume on hv1 and hv2 is
 //!    written by `tandem-check` through hv2; hv1 is killed for good; bad input is refused
 //!    with one line and changes nothing; `tandem node evict hv1` puts the replica on hv3
-//!    while the checker writes. Then: no acknowledged write lost, hv2 and hv3 identical,
-//!    hv3's allocation at most hv2's + 5%, and every node's definition agrees.
+//!    while the checker writes, and a closed volume on hv1 + hv3 (unknown to hv2, where the
+//!    evict runs) on hv2. Then: no acknowledged write lost, hv2 and hv3 identical, hv3's
+//!    allocation at most hv2's + 5%, and every node's definition agrees.
 //! 3. The same with a daemon SIGKILLed at a random point of the evict and restarted: the
 //!    evict runs on the witness, and the victim is the witness (the coordinator) or hv3
 //!    (the new replica); the evict is run again until it succeeds. The seed is printed;
@@ -210,8 +211,9 @@ fn allocated(path: &std::path::Path) -> u64 {
 }
 
 /// Build the evict scene: hv1..hv3 and the witness, volume `v` on hv1 + hv2, Primary on
-/// hv2 with `tandem-check` writing through it, then hv1 killed for good.
-fn dead_hv1_scene(name: &str) -> (Cluster, BackgroundWriter) {
+/// hv2 with `tandem-check` writing through it, then hv1 killed for good. With
+/// `elsewhere`, also a closed volume `w` on hv1 + hv3, which hv2 holds no part of.
+fn dead_hv1_scene(name: &str, elsewhere: bool) -> (Cluster, BackgroundWriter) {
     let mut cluster = Cluster::new(ClusterSpec {
         hosts: 3,
         witness: true,
@@ -227,6 +229,17 @@ fn dead_hv1_scene(name: &str) -> (Cluster, BackgroundWriter) {
         )
         .ok();
     wait_sync(&cluster, "hv2", "v", 30);
+    if elsewhere {
+        cluster
+            .tandem(
+                "hv3",
+                &[
+                    "volume", "create", "w", "--size", "16M", "--nodes", "hv1,hv3",
+                ],
+            )
+            .ok();
+        wait_sync(&cluster, "hv3", "w", 30);
+    }
     cluster.tandem("hv2", &["volume", "promote", "v"]).ok();
     let log = cluster.root().join(format!("{name}.log"));
     // 16 MiB of 4 KiB blocks: most of the 64 MiB stays zeroes (thin on hv3).
@@ -311,7 +324,7 @@ fn evicting_a_dead_host_moves_its_replica_while_the_checker_writes() {
         return;
     }
     let started = Instant::now();
-    let (cluster, writer) = dead_hv1_scene("evict");
+    let (cluster, writer) = dead_hv1_scene("evict", true);
     let log = writer.log.clone();
     // Bad input: one line each, nothing changes.
     assert_refused(
@@ -352,6 +365,19 @@ fn evicting_a_dead_host_moves_its_replica_while_the_checker_writes() {
         "{}",
         out.stdout
     );
+    // `w` is not on hv2: hv3, one of its members, moved it to hv2 for the evict.
+    assert!(
+        out.stdout.contains("w: moved from hv1 to hv2"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(nodes_on(&cluster, "hv3", "w"), ["hv2", "hv3"]);
+    wait_sync(&cluster, "hv3", "w", 60);
+    assert_eq!(
+        content_hash(&cluster.image_path("hv2", "w")),
+        content_hash(&cluster.image_path("hv3", "w")),
+        "w differs between hv2 and hv3"
+    );
     let summary = check_evicted(&cluster, writer, &log);
     eprintln!(
         "evict of a dead hv1 to hv3: {summary}; {:?}",
@@ -380,7 +406,7 @@ fn evict_survives_a_daemon_killed_at_a_random_point() {
     let victim = ["witness", "hv3"][(seed % 2) as usize];
     let delay = Duration::from_millis((seed / 2) % 1500);
     eprintln!("seed {seed} (TANDEM_EVICT_SEED={seed} replays it): SIGKILL {victim} {delay:?} into the evict");
-    let (mut cluster, writer) = dead_hv1_scene("evict-kill");
+    let (mut cluster, writer) = dead_hv1_scene("evict-kill", false);
     let log = writer.log.clone();
     let evict = {
         let host = cluster.host("witness");

@@ -259,6 +259,30 @@ fn a_snapshot_under_writes_is_one_cut_on_both_replicas_and_rollback_restores_it(
         &["snapshot", "delete", VOLUME, "s9"],
         "does not exist on 'hv1'",
     );
+
+    // A rollback to a snapshot taken before a resize keeps the volume's new size: the
+    // snapshot's bytes, then zeroes, the same on both replicas.
+    hv1.tandem(&["volume", "resize", VOLUME, "--size", "20M"])
+        .ok();
+    wait_settled(cluster, VOLUME);
+    hv1.tandem(&["snapshot", "rollback", VOLUME, "s1"]).ok();
+    wait_settled(cluster, VOLUME);
+    let snapshot = std::fs::read(&s1).expect("read the snapshot");
+    for image in &images {
+        let bytes = std::fs::read(image).expect("read the rolled-back image");
+        assert_eq!(
+            bytes.len(),
+            20 << 20,
+            "{} not at the resized size",
+            image.display()
+        );
+        assert!(
+            bytes.starts_with(&snapshot),
+            "{} not rolled back",
+            image.display()
+        );
+        assert!(bytes[snapshot.len()..].iter().all(|b| *b == 0));
+    }
 }
 
 #[test]

@@ -78,6 +78,7 @@ pub fn failure(error: EngineError) -> EngineFailure {
         | EngineError::Diskless { .. } => FailureKind::NotPrimary,
         EngineError::Promote(_)
         | EngineError::PromotionInProgress { .. }
+        | EngineError::SnapshotInProgress { .. }
         | EngineError::PromotionNotAgreed { .. }
         | EngineError::NoQuorum { .. }
         | EngineError::NotSplitBrain { .. }

@@ -1,6 +1,8 @@
-//! `tandem node evict NODE`: every replicated volume this node knows with a replica on
-//! NODE is moved ([`VolumeService::replica_move`]), one at a time, to `--to` or to the
-//! data node with the most free space in its first pool. The choice per volume is kept in
+//! `tandem node evict NODE`: every replicated volume with a replica on NODE is moved, one
+//! at a time, to `--to` or to the data node with the most free space in its first pool.
+//! The volumes this node holds are moved from here ([`VolumeService::replica_move`]); the
+//! ones only other nodes know (asked with `evict_candidates`) are moved by one of their
+//! members (`evict_add`, wait for UpToDate, `evict_remove`). The choice per volume is kept in
 //! `<state_dir>/evict/<NODE>.json` until the evict finished, so running it again after a
 //! crash resumes with the same targets (by then a node of the volume, which the free-space
 //! choice would skip). Progress is logged per volume (`step`, `of`).
@@ -13,7 +15,7 @@ use crate::service::{blocking, VolumeService};
 use crate::store::VolumeDefinition;
 
 impl VolumeService {
-    /// `node_evict`: move every replica on `node` that this node knows of.
+    /// `node_evict`: move every replica on `node`.
     pub async fn evict(&self, node: &str, to: Option<&str>) -> Result<Reply, ApiError> {
         let config = self.config();
         if node == config.node {
@@ -47,19 +49,13 @@ impl VolumeService {
                 Some(_) => {}
             }
         }
-        let volumes: Vec<VolumeDefinition> = self
-            .list()
-            .into_iter()
-            .filter(|v| v.state == VolumeState::Ok || v.diskless)
-            .filter_map(|v| self.definition(&v.name).ok())
-            .filter(|d| d.is_replicated() && d.nodes.iter().any(|n| n == node))
-            .collect();
+        let (volumes, unasked) = self.evict_candidates(node).await;
         let total = volumes.len();
         let mut moves = Vec::new();
         // Where each volume goes, kept until the evict finished: a resumed evict picks
         // the same node (by then a node of the volume, so free space would not pick it).
         let mut plan = self.evict_plan(node).await?;
-        for (i, definition) in volumes.into_iter().enumerate() {
+        for (i, (definition, via)) in volumes.into_iter().enumerate() {
             let name = definition.name.clone();
             let target = match (plan.get(&name), to) {
                 (Some(planned), _) => planned.clone(),
@@ -69,9 +65,13 @@ impl VolumeService {
             if plan.insert(name.clone(), target.clone()).is_none() {
                 self.save_evict_plan(node, Some(&plan)).await?;
             }
-            tracing::info!(volume = %name, from = node, to = %target, step = i + 1, of = total,
-                "evict: moving the replica");
-            self.replica_move(&name, node, &target).await.map_err(|e| {
+            tracing::info!(volume = %name, from = node, to = %target, via = via.as_deref().unwrap_or("this node"),
+                step = i + 1, of = total, "evict: moving the replica");
+            let moved = match &via {
+                None => self.replica_move(&name, node, &target).await.map(drop),
+                Some(via) => self.move_via(via, &definition, node, &target).await,
+            };
+            moved.map_err(|e| {
                 ApiError::new(
                     e.kind,
                     format!(
@@ -91,10 +91,96 @@ impl VolumeService {
             });
         }
         self.save_evict_plan(node, None).await?;
+        if !unasked.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::Peer,
+                format!(
+                    "evict of '{node}' moved {} volume(s), but {} did not answer: a volume \
+                     known only there was not checked; run it again once they answer",
+                    moves.len(),
+                    unasked.join("; ")
+                ),
+            ));
+        }
         Ok(Reply::Evicted {
             node: node.to_string(),
             moves,
         })
+    }
+
+    /// The replicated volumes this node knows with a replica on `node`.
+    pub fn volumes_with(&self, node: &str) -> Vec<VolumeDefinition> {
+        self.list()
+            .into_iter()
+            .filter(|v| v.state == VolumeState::Ok || v.diskless)
+            .filter_map(|v| self.definition(&v.name).ok())
+            .filter(|d| d.is_replicated() && d.nodes.iter().any(|n| n == node))
+            .collect()
+    }
+
+    /// Every volume with a replica on `node`: the ones this node knows (moved from here,
+    /// `None`), then the ones only other nodes know, each with the node that moves it (a
+    /// data node if one knows it). Also the nodes that did not answer, with the reason.
+    async fn evict_candidates(
+        &self,
+        node: &str,
+    ) -> (Vec<(VolumeDefinition, Option<String>)>, Vec<String>) {
+        let mut volumes: Vec<(VolumeDefinition, Option<String>)> = self
+            .volumes_with(node)
+            .into_iter()
+            .map(|d| (d, None))
+            .collect();
+        let config = self.config();
+        let mut others: Vec<_> = config
+            .nodes
+            .iter()
+            .filter(|n| n.name != config.node && n.name != node)
+            .collect();
+        others.sort_by_key(|n| n.diskless);
+        let mut unasked = Vec::new();
+        for other in others {
+            let request = PeerRequest::EvictCandidates {
+                node: node.to_string(),
+            };
+            match self.on_node(&other.name, request).await {
+                Ok(PeerReply::Definitions { volumes: known }) => {
+                    for definition in known {
+                        if !volumes.iter().any(|(d, _)| d.name == definition.name) {
+                            volumes.push((definition, Some(other.name.clone())));
+                        }
+                    }
+                }
+                Ok(reply) => unasked.push(format!("{}: unexpected answer {reply:?}", other.name)),
+                Err(e) => unasked.push(e.message),
+            }
+        }
+        (volumes, unasked)
+    }
+
+    /// Move `definition`'s replica from `from` to `to` through `via`, a member of the
+    /// volume (this node is not): add there unless done, wait for UpToDate, remove there.
+    /// Each step is one the member coordinates and journals; running it again resumes.
+    async fn move_via(
+        &self,
+        via: &str,
+        definition: &VolumeDefinition,
+        from: &str,
+        to: &str,
+    ) -> Result<(), ApiError> {
+        let name = definition.name.clone();
+        if !definition.nodes.iter().any(|n| n == to) {
+            let add = PeerRequest::EvictAdd {
+                name: name.clone(),
+                node: to.to_string(),
+            };
+            self.on_node(via, add).await?;
+        }
+        self.wait_up_to_date(&name, to).await?;
+        let remove = PeerRequest::EvictRemove {
+            name,
+            node: from.to_string(),
+        };
+        self.on_node(via, remove).await.map(drop)
     }
 
     /// `<state_dir>/evict/<node>.json`: volume → target of an evict in progress.

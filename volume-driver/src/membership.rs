@@ -429,7 +429,7 @@ impl VolumeService {
     }
 
     /// Poll `node` until its replica of `name` is UpToDate.
-    async fn wait_up_to_date(&self, name: &str, node: &str) -> Result<(), ApiError> {
+    pub(crate) async fn wait_up_to_date(&self, name: &str, node: &str) -> Result<(), ApiError> {
         let mut last_answer = tokio::time::Instant::now();
         let mut last_log = tokio::time::Instant::now();
         loop {

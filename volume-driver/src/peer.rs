@@ -138,6 +138,14 @@ pub enum PeerRequest {
     },
     /// The snapshots of this node's copy.
     ReplicaSnapshotList { name: String },
+    /// The replicated volumes this node knows with a replica or tiebreaker on `node`
+    /// (`tandem node evict` run on a node that is not a member of them all).
+    EvictCandidates { node: String },
+    /// `replica_add` coordinated by this node (a member of `name`), for an evict
+    /// coordinated elsewhere.
+    EvictAdd { name: String, node: String },
+    /// `replica_remove` coordinated by this node, for an evict coordinated elsewhere.
+    EvictRemove { name: String, node: String },
 }
 
 /// A successful peer answer.
@@ -158,6 +166,10 @@ pub enum PeerReply {
     /// `replica_snapshot_list`.
     Names {
         names: Vec<String>,
+    },
+    /// `evict_candidates`.
+    Definitions {
+        volumes: Vec<VolumeDefinition>,
     },
     Node {
         node: control_api::NodeInfo,
@@ -199,6 +211,9 @@ impl PeerRequest {
             PeerRequest::ReplicaSnapshotTake { .. } => "replica_snapshot_take",
             PeerRequest::ReplicaSnapshotLocal { .. } => "replica_snapshot_local",
             PeerRequest::ReplicaSnapshotList { .. } => "replica_snapshot_list",
+            PeerRequest::EvictCandidates { .. } => "evict_candidates",
+            PeerRequest::EvictAdd { .. } => "evict_add",
+            PeerRequest::EvictRemove { .. } => "evict_remove",
         }
     }
 }
@@ -406,6 +421,15 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
             .local_snapshots(&name)
             .await
             .map(|names| PeerReply::Names { names }),
+        PeerRequest::EvictCandidates { node } => Ok(PeerReply::Definitions {
+            volumes: service.volumes_with(&node),
+        }),
+        PeerRequest::EvictAdd { name, node } => Box::pin(service.replica_add(&name, &node))
+            .await
+            .map(|volume| PeerReply::Volume { volume }),
+        PeerRequest::EvictRemove { name, node } => Box::pin(service.replica_remove(&name, &node))
+            .await
+            .map(|volume| PeerReply::Volume { volume }),
     };
     match result {
         Ok(result) => PeerResponse::Ok { result },

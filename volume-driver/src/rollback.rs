@@ -4,7 +4,8 @@
 //!
 //! 1. write `<state>/volumes/<name>/rollback.json` (`{snapshot, day0}`);
 //! 2. replace the storage by the snapshot (file: reflink + rename; lvm-thin: clone, rename,
-//!    remove, see the pools);
+//!    remove, see the pools), grown back to the volume's size if the volume was resized
+//!    after the snapshot (the grown range reads as zeroes, on every replica alike);
 //! 3. replace the replication metadata by a new one of generation `day0`;
 //! 4. remove the marker.
 //!
@@ -91,6 +92,11 @@ pub fn rollback_on_disk(
     if let Some(backend) = backend {
         backend
             .rollback(&definition.name, &marker.snapshot)
+            .map_err(RollbackError::Pool)?;
+        // A snapshot taken before a resize is smaller than the volume: grow it back to the
+        // definition's size (the new range reads as zeroes on every replica alike).
+        backend
+            .grow(&definition.name, definition.size_bytes)
             .map_err(RollbackError::Pool)?;
     }
     if definition.is_replicated() {

@@ -6,9 +6,10 @@
 //! coordinator                                      each data node, config order
 //!   replica_snapshot_check {exists: false}    ──▶ volume here with storage, name free;
 //!                                                  answers its status (role, disk state)
-//!   replica_snapshot_take {nodes}             ──▶ to the Primary (or this node when the
-//!                                                  volume is closed): pause writes (drain
-//!                                                  until every peer applied them), then
+//!   replica_snapshot_take {nodes}             ──▶ to the Primary (or the first data node
+//!                                                  when the volume is closed): hold
+//!                                                  promotions, pause writes (drain until
+//!                                                  every peer applied them), then
 //!     replica_snapshot_local {create}         ──▶ each data node snapshots its storage;
 //!                                                  on a failure the ones made are removed;
 //!                                                  writes resume, the pause is reported
@@ -17,7 +18,12 @@
 //! The cut is consistent because only the Primary admits writes, and
 //! [`crate::engine::EngineReplica::pause_writes`] returns once every write it admitted is
 //! on every connected peer's disk (under C a replicated flush; under A and B after the
-//! peers' acknowledgements). The drain is bounded by [`DRAIN_TIMEOUT`] and the whole pause
+//! peers' acknowledgements), and fails unless every replica is then connected, UpToDate
+//! and in sync. It also holds every promotion of the volume (the engine refuses them, and
+//! every promotion needs the agreement of each connected member), so a closed volume
+//! cannot be opened, written and closed between two nodes' snapshots. Afterwards the
+//! coordinator checks again: the same Primary, every replica in sync, no new generation;
+//! otherwise the snapshot is removed everywhere. The drain is bounded by [`DRAIN_TIMEOUT`] and the whole pause
 //! by [`PAUSE_LIMIT`]; it is measured and printed. Every data replica must be UpToDate and
 //! reachable, so that no snapshot is taken of a replica in the middle of a resync. An
 //! unreplicated volume is snapshotted without a pause: the reflink or `lvcreate -s` is one
@@ -145,7 +151,7 @@ impl VolumeService {
         name: &str,
         snapshot: &str,
     ) -> Result<SnapshotInfo, ApiError> {
-        validate_snapshot_name("", snapshot).map_err(|e| invalid(snapshot_name_error(&e)))?;
+        validate_snapshot_name("", name, snapshot).map_err(|e| invalid(snapshot_name_error(&e)))?;
         let definition = self.definition(name)?;
         let nodes = self.data_nodes(&definition);
         let what = format!("cannot snapshot '{name}' (nothing changed)");
@@ -157,9 +163,9 @@ impl VolumeService {
         } else {
             None
         };
-        let take_on = primary
-            .clone()
-            .unwrap_or_else(|| self.config().node.clone());
+        // The take node holds writes (a Primary) and promotions (any data node connected to
+        // every other one: each promotion needs its agreement) while the nodes snapshot.
+        let take_on = primary.clone().unwrap_or_else(|| nodes[0].clone());
         let request = PeerRequest::ReplicaSnapshotTake {
             name: name.to_string(),
             snapshot: snapshot.to_string(),
@@ -181,10 +187,20 @@ impl VolumeService {
             let after = self
                 .check_everywhere(&what, name, snapshot, true, &nodes)
                 .await
-                .and_then(|after| check_snapshot_allowed(name, &after));
+                .and_then(|after| Ok((check_snapshot_allowed(name, &after)?, after)));
+            let generations = |statuses: &[(String, VolumeStatus)]| -> Vec<String> {
+                statuses
+                    .iter()
+                    .map(|(_, s)| s.replica.current_uuid.clone())
+                    .collect()
+            };
+            let before = generations(&statuses);
             let changed = match after {
-                Ok(now) if now == primary => None,
-                Ok(now) => Some(format!(
+                Ok((now, after)) if now == primary && generations(&after) == before => None,
+                Ok((now, _)) if now == primary => {
+                    Some("a replica started a new generation".to_string())
+                }
+                Ok((now, _)) => Some(format!(
                     "the Primary changed from {} to {} during the snapshot",
                     primary.as_deref().unwrap_or("none"),
                     now.as_deref().unwrap_or("none")
@@ -214,9 +230,9 @@ impl VolumeService {
         })
     }
 
-    /// Peer `replica_snapshot_take`, on the Primary (or the coordinator of a closed
-    /// volume): hold writes, snapshot on every node of `nodes`, resume. Returns the pause
-    /// in ms when writes were held.
+    /// Peer `replica_snapshot_take`, on the Primary (or the first data node of a closed
+    /// volume): hold writes and promotions, snapshot on every node of `nodes`, resume.
+    /// Returns the pause in ms when writes were held.
     pub async fn snapshot_take(
         &self,
         name: &str,
@@ -225,17 +241,22 @@ impl VolumeService {
     ) -> Result<Option<u64>, ApiError> {
         let runtime = self.lock().get(name).and_then(|s| s.runtime.clone());
         let started = Instant::now();
-        // Writes resume when the pause is dropped: at the end, or at PAUSE_LIMIT.
+        // Writes and promotions resume when the pause is dropped: at the end, or at
+        // PAUSE_LIMIT when writes are held (a closed volume keeps promotions held until
+        // every node answered, so none can open it between two nodes' snapshots).
         let mut pause = match &runtime {
-            Some(runtime) if runtime.status().replica.role == Role::Primary => Some(
+            Some(runtime) => Some(
                 runtime
                     .replica()
                     .pause_writes(DRAIN_TIMEOUT)
                     .await
                     .map_err(engine_error)?,
             ),
-            _ => None,
+            None => None,
         };
+        let writes_held = runtime
+            .as_ref()
+            .is_some_and(|r| r.status().replica.role == Role::Primary);
         let request = local(name, snapshot, SnapshotOp::Create);
         let snapshots = self.on_nodes_at_once(nodes, &request);
         tokio::pin!(snapshots);
@@ -249,7 +270,7 @@ impl VolumeService {
         let mut overran = false;
         let answers = tokio::select! {
             answers = &mut snapshots => answers,
-            () = tokio::time::sleep(PAUSE_LIMIT), if pause.is_some() => {
+            () = tokio::time::sleep(PAUSE_LIMIT), if writes_held => {
                 overran = true;
                 resume(&mut pause);
                 snapshots.await
@@ -289,7 +310,7 @@ impl VolumeService {
                 ),
             ));
         }
-        Ok(pause_ms)
+        Ok(pause_ms.filter(|_| writes_held))
     }
 
     /// Send `request` to every node of `nodes` at the same time (the other nodes' calls run
@@ -559,6 +580,7 @@ impl VolumeService {
         name: &str,
         snapshot: &str,
     ) -> Result<SnapshotInfo, ApiError> {
+        validate_snapshot_name("", name, snapshot).map_err(|e| invalid(snapshot_name_error(&e)))?;
         let definition = self.definition(name)?;
         let nodes = self.data_nodes(&definition);
         let what = format!("cannot roll '{name}' back (nothing changed)");

@@ -127,6 +127,8 @@ pub enum PromoteAnswer {
     Promoting { node: String },
     /// The member is closing the volume.
     Closing,
+    /// `node` is taking a snapshot of the volume and holds promotions for a moment.
+    Snapshotting { node: String },
 }
 
 /// A decoded engine message.
@@ -321,6 +323,10 @@ impl EngineMessage {
                         put_name(&mut out, node);
                     }
                     PromoteAnswer::Closing => out.push(4),
+                    PromoteAnswer::Snapshotting { node } => {
+                        out.push(5);
+                        put_name(&mut out, node);
+                    }
                 }
                 MSG_PROMOTE_REPLY
             }
@@ -478,6 +484,7 @@ impl EngineMessage {
                     2 => PromoteAnswer::TwoPrimariesOff { node: r.name()? },
                     3 => PromoteAnswer::Promoting { node: r.name()? },
                     4 => PromoteAnswer::Closing,
+                    5 => PromoteAnswer::Snapshotting { node: r.name()? },
                     b => return Err(r.invalid(format!("promote answer {b}"))),
                 };
                 EngineMessage::PromoteReply { id, answer }
@@ -630,6 +637,10 @@ mod tests {
             EngineMessage::PromoteReply {
                 id: 13,
                 answer: PromoteAnswer::Closing,
+            },
+            EngineMessage::PromoteReply {
+                id: 10,
+                answer: PromoteAnswer::Snapshotting { node: "hv1".into() },
             },
             EngineMessage::PromoteDecision {
                 id: 11,

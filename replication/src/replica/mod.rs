@@ -265,6 +265,8 @@ pub enum EngineError {
     Promote(#[from] PromoteRefusal),
     #[error("{volume} is being promoted on {node}; try again once that promotion finished")]
     PromotionInProgress { volume: String, node: String },
+    #[error("{volume}: a snapshot is being taken on {node}; try again in a moment")]
+    SnapshotInProgress { volume: String, node: String },
     #[error("{volume}: promotion not agreed by the cluster: {reason}")]
     PromotionNotAgreed { volume: String, reason: String },
     #[error("{volume}: no quorum ({reason}); I/O fails (on-no-quorum io-error)")]

@@ -71,6 +71,8 @@ pub(super) struct Grant {
 pub(super) enum RoundFailure {
     /// A concurrent promotion of `node`: worth a retry.
     Busy { node: String },
+    /// `node` is taking a snapshot (a consistent cut): worth a retry, it lasts a moment.
+    Snapshotting { node: String },
     /// The link to `node` was established a moment ago and is being re-established
     /// (or broke during the round): wait for it, within the reconnect grace.
     Reconnecting { node: String },
@@ -122,7 +124,7 @@ impl Drop for RoundGuard<'_> {
 
 impl Replica {
     /// A live grant for another node than `except`, if any (expired grants are dropped).
-    fn active_grant(st: &mut State, except: Option<&str>) -> Option<String> {
+    pub(super) fn active_grant(st: &mut State, except: Option<&str>) -> Option<String> {
         if st.grant.as_ref().is_some_and(|g| g.until <= Instant::now()) {
             st.grant = None;
         }
@@ -139,6 +141,11 @@ impl Replica {
         &self,
         st: &mut State,
     ) -> Result<(u64, Vec<LinkSender>), RoundFailure> {
+        if st.promotion_holds > 0 {
+            return Err(RoundFailure::Snapshotting {
+                node: self.node_name().to_string(),
+            });
+        }
         if st.promotion.is_some() {
             return Err(RoundFailure::Busy {
                 node: self.node_name().to_string(),
@@ -287,6 +294,7 @@ impl Replica {
                 )))
             }
             Some(PromoteAnswer::Promoting { node }) => RoundFailure::Busy { node },
+            Some(PromoteAnswer::Snapshotting { node }) => RoundFailure::Snapshotting { node },
             Some(PromoteAnswer::Closing) => {
                 RoundFailure::Refused(EngineError::PromotionNotAgreed {
                     volume,
@@ -330,6 +338,9 @@ impl Replica {
     ) -> PromoteAnswer {
         if st.closed {
             return PromoteAnswer::Closing;
+        }
+        if st.promotion_holds > 0 {
+            return PromoteAnswer::Snapshotting { node: me.into() };
         }
         let two_ok = two_primaries && st.options.protocol == Protocol::C;
         if st.role == Role::Primary {

@@ -141,6 +141,9 @@ pub(super) struct State {
     pub promotion: Option<PromotionRound>,
     /// The promotion this node agreed to and holds until its decision.
     pub grant: Option<Grant>,
+    /// Consistent cuts in progress ([`Replica::pause_writes`]): every promotion, local or
+    /// asked by a peer, is refused (and retried by its promoter) while this is not zero.
+    pub promotion_holds: u32,
 }
 
 /// A replicated volume on this node.
@@ -184,9 +187,22 @@ pub(super) fn meta_err(
     }
 }
 
-/// Writes held by [`Replica::pause_writes`]; they resume when this is dropped.
+/// Writes and promotions held by [`Replica::pause_writes`]; both resume when this is
+/// dropped.
 pub struct PauseGuard {
     _gate: tokio::sync::OwnedRwLockWriteGuard<()>,
+    _promotions: PromotionHold,
+}
+
+/// Refuses every promotion of the volume (this node's and, through the two-phase commit,
+/// every connected member's) until dropped.
+struct PromotionHold(Arc<Replica>);
+
+impl Drop for PromotionHold {
+    fn drop(&mut self) {
+        lock(&self.0.st).promotion_holds -= 1;
+        self.0.notify();
+    }
 }
 
 impl Replica {
@@ -333,6 +349,7 @@ impl Replica {
             forced_demotion: None,
             promotion: None,
             grant: None,
+            promotion_holds: 0,
         };
         let replica = Arc::new_cyclic(|me| Replica {
             node,
@@ -826,18 +843,35 @@ impl Replica {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(RoundFailure::Busy { node }) => {
-                    let backoff = Duration::from_millis(20 + rand::random::<u64>() % 180);
-                    if started.elapsed() + backoff >= PROMOTE_TIMEOUT {
-                        return Err(EngineError::PromotionInProgress {
+                    self.promote_backoff(started, &node).await.map_err(|()| {
+                        EngineError::PromotionInProgress {
                             volume: self.volume.clone(),
                             node,
-                        });
-                    }
-                    tracing::debug!(volume = %self.volume, other = %node, ?backoff, "promotion collided; retrying");
-                    tokio::time::sleep(backoff).await;
+                        }
+                    })?;
+                }
+                Err(RoundFailure::Snapshotting { node }) => {
+                    self.promote_backoff(started, &node).await.map_err(|()| {
+                        EngineError::SnapshotInProgress {
+                            volume: self.volume.clone(),
+                            node,
+                        }
+                    })?;
                 }
             }
         }
+    }
+
+    /// Wait a random 20–200 ms before retrying a round that `other` kept from committing;
+    /// `Err` once the retries would outlast [`PROMOTE_TIMEOUT`] since `started`.
+    async fn promote_backoff(&self, started: tokio::time::Instant, other: &str) -> Result<(), ()> {
+        let backoff = Duration::from_millis(20 + rand::random::<u64>() % 180);
+        if started.elapsed() + backoff >= PROMOTE_TIMEOUT {
+            return Err(());
+        }
+        tracing::debug!(volume = %self.volume, other, ?backoff, "promotion collided; retrying");
+        tokio::time::sleep(backoff).await;
+        Ok(())
     }
 
     /// One promotion round: local checks, prepare, wait for the answers, commit or abort.
@@ -1016,25 +1050,44 @@ impl Replica {
         Ok(())
     }
 
-    /// Hold every new write and drain the ones in flight until each connected peer has
-    /// applied them (flush under protocol C, the peers' acknowledgements under A and B):
-    /// the one entry point for a consistent cut (`tandem snapshot create`). Writes resume
-    /// when the guard is dropped. Gives up after `timeout` (nothing stays held then). On a
-    /// replica that is not Primary no write can arrive here, and the guard only holds the
-    /// gate.
+    /// Hold every new write and every promotion, and drain the writes in flight until each
+    /// connected peer has applied them (flush under protocol C, the peers'
+    /// acknowledgements under A and B): the one entry point for a consistent cut (`tandem
+    /// snapshot create`). It fails, holding nothing, unless the cut is the same on every
+    /// data replica: each one connected, UpToDate and with nothing out of sync once the
+    /// writes drained, and no peer lost a drained write. Writes and promotions resume when
+    /// the guard is dropped. Gives up after `timeout`. On a replica that is not Primary no
+    /// write can arrive here; the guard then keeps the volume from being promoted anywhere
+    /// (every promotion needs this member's agreement while it is connected).
     pub async fn pause_writes(&self, timeout: Duration) -> Result<PauseGuard, EngineError> {
+        let promotions = self.hold_promotion()?;
         let pause = async {
             let gate = self.io_gate.clone().write_owned().await;
             let primary = lock(&self.st).primary.clone();
             if let Some(p) = primary {
-                p.flush().await.map_err(|source| EngineError::Datapath {
-                    volume: self.volume.clone(),
-                    op: "flush before a pause",
-                    source,
-                })?;
+                let done = p
+                    .flush_request()
+                    .await
+                    .map_err(|source| EngineError::Datapath {
+                        volume: self.volume.clone(),
+                        op: "flush before a pause",
+                        source,
+                    })?;
+                if !done.unacknowledged.is_empty() {
+                    return Err(self.not_a_cut(&format!(
+                        "{} did not acknowledge the writes drained for the pause",
+                        done.unacknowledged.join(", ")
+                    )));
+                }
                 p.wait_replicated().await;
             }
-            Ok(PauseGuard { _gate: gate })
+            if let Some(why) = Self::why_not_in_sync(&self.status()) {
+                return Err(self.not_a_cut(&why));
+            }
+            Ok(PauseGuard {
+                _gate: gate,
+                _promotions: promotions,
+            })
         };
         tokio::time::timeout(timeout, pause).await.map_err(|_| {
             EngineError::InvalidRequest(format!(
@@ -1042,6 +1095,53 @@ impl Replica {
                 self.volume
             ))
         })?
+    }
+
+    /// Refuse promotions until the hold is dropped; fails if one is being decided now.
+    fn hold_promotion(&self) -> Result<PromotionHold, EngineError> {
+        let Some(me) = self.me.upgrade() else {
+            return Err(EngineError::Closed {
+                volume: self.volume.clone(),
+            });
+        };
+        let mut st = lock(&self.st);
+        let promoting = match st.promotion {
+            Some(_) => Some(self.node_name().to_string()),
+            None => Self::active_grant(&mut st, None),
+        };
+        if let Some(node) = promoting {
+            return Err(EngineError::PromotionInProgress {
+                volume: self.volume.clone(),
+                node,
+            });
+        }
+        st.promotion_holds += 1;
+        Ok(PromotionHold(me))
+    }
+
+    /// Why the replicas would not hold the same bytes at a cut taken now, if they would not.
+    fn why_not_in_sync(status: &ReplicaStatus) -> Option<String> {
+        if status.disk_state != DiskState::UpToDate {
+            return Some(format!("this replica is {}", status.disk_state));
+        }
+        status.peers.iter().filter(|p| !p.diskless).find_map(|p| {
+            if p.connection != ConnectionState::Connected {
+                Some(format!("{} is {}", p.node, p.connection))
+            } else if p.disk_state != DiskState::UpToDate {
+                Some(format!("{} is {}", p.node, p.disk_state))
+            } else if p.out_of_sync_bytes > 0 || p.resync.is_some() {
+                Some(format!("{} has out-of-sync blocks", p.node))
+            } else {
+                None
+            }
+        })
+    }
+
+    fn not_a_cut(&self, why: &str) -> EngineError {
+        EngineError::InvalidRequest(format!(
+            "{}: not every replica would hold the same cut ({why}); writes resumed",
+            self.volume
+        ))
     }
 
     /// Become Secondary: flush, wait until connected peers have every write, clear the

@@ -138,7 +138,9 @@ enum NodeCommand {
     ///
     /// Each volume gets a new replica (full sync from an UpToDate replica; zero ranges
     /// stay unallocated on thin pools), and once it is UpToDate the replica on NODE is
-    /// removed. Run it on another node; running it again resumes an interrupted evict.
+    /// removed. Run it on another node: it asks every reachable node for the volumes on
+    /// NODE, so volumes this node holds no part of are moved too. Running it again resumes
+    /// an interrupted evict.
     Evict {
         /// The node to empty
         node: String,

@@ -281,7 +281,7 @@ impl Pool for FilePool {
     }
 
     fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
-        validate_snapshot_name(&self.name, snapshot)?;
+        validate_snapshot_name(&self.name, volume, snapshot)?;
         let dst = self.snapshot_path(volume, snapshot);
         reflink::clone_to_new(&self.device_path(volume), &dst, false).map_err(|e| {
             let exists = PoolError::SnapshotExists {

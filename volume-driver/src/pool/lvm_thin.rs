@@ -399,7 +399,7 @@ impl Pool for LvmThinPool {
     /// One `lvm` call (it runs while the Primary holds writes): `lvcreate` itself refuses an
     /// existing name or a missing origin, and its message is mapped.
     fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
-        validate_snapshot_name(&self.name, snapshot)?;
+        validate_snapshot_name(&self.name, volume, snapshot)?;
         let lv = Self::snapshot_lv(volume, snapshot);
         // The engine writes through the page cache: fsync of the block device writes out
         // every dirty page of it, so the snapshot holds every write applied so far.

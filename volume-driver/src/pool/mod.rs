@@ -165,7 +165,7 @@ pub trait Pool: Send + Sync + 'static {
 }
 
 /// Check a snapshot name: the volume-name rule (so `volume@snapshot` is unambiguous).
-pub fn validate_snapshot_name(pool: &str, snapshot: &str) -> Result<(), PoolError> {
+pub fn validate_snapshot_name(pool: &str, volume: &str, snapshot: &str) -> Result<(), PoolError> {
     crate::names::validate_volume_name(snapshot).map_err(|e| PoolError::BadName {
         pool: pool.to_string(),
         message: e.to_string().replacen("volume name", "snapshot name", 1),
@@ -174,8 +174,15 @@ pub fn validate_snapshot_name(pool: &str, snapshot: &str) -> Result<(), PoolErro
     const RESERVED_SUFFIXES: [&str; 8] = [
         "_tmeta", "_tdata", "_rimage", "_rmeta", "_mlog", "_pmspare", "_cdata", "_cmeta",
     ];
+    // An LV name has at most 127 characters; a snapshot's LV is `<volume>+<snapshot>`.
+    const LV_NAME_MAX: usize = 127;
+    let stored = volume.len() + 1 + snapshot.len();
     let reason = if snapshot.starts_with('.') {
         Some("must not start with '.' (reserved for rollback's temporary names)".to_string())
+    } else if stored > LV_NAME_MAX {
+        Some(format!(
+            "is too long for volume '{volume}': '{volume}+{snapshot}' has {stored} characters, at most {LV_NAME_MAX} fit an LVM name"
+        ))
     } else {
         RESERVED_SUFFIXES
             .iter()
@@ -249,10 +256,22 @@ mod snapshot_name_tests {
     #[test]
     fn reserved_snapshot_names_are_refused() {
         for bad in [".old", ".rollback", "x_tmeta", "a_rimage_0", "p_pmspare"] {
-            assert!(super::validate_snapshot_name("p", bad).is_err(), "{bad}");
+            assert!(
+                super::validate_snapshot_name("p", "vm-1", bad).is_err(),
+                "{bad}"
+            );
         }
         for good in ["s1", "before-upgrade", "a.b"] {
-            super::validate_snapshot_name("p", good).unwrap();
+            super::validate_snapshot_name("p", "vm-1", good).unwrap();
         }
+    }
+
+    #[test]
+    fn a_snapshot_whose_lv_name_would_pass_127_characters_is_refused() {
+        let (volume, snapshot) = ("v".repeat(64), "s".repeat(62));
+        super::validate_snapshot_name("p", &volume, &snapshot).unwrap();
+        let long = "s".repeat(63);
+        let e = super::validate_snapshot_name("p", &volume, &long).unwrap_err();
+        assert!(e.to_string().contains("128 characters"), "{e}");
     }
 }
