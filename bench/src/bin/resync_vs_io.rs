@@ -16,18 +16,21 @@
 //! unthrottled resync of a file pool does here (about 290 MiB/s); the controller's min
 //! rate and plan-ahead are the defaults (10 MiB/s, 2 s) unless given.
 //!
-//! What we saw in four runs on the shared 2-vCPU dev VM (other builds running, load 6-12):
-//! (a) 9,052-9,935 IOPS, (b) 7,185-8,927 IOPS, so 0.75-0.91x kept, while the resync ran at
-//! 123-128 MiB/s (the max rate less the ~29-35 MiB/s the application wrote); idle, the
-//! resync ran at 150.0-152.1 MiB/s, 1.00-1.01x the max rate. CPU per request rose from
-//! 58-62 to 71-81 us on hv1 and from 70-80 to 78-92 us on hv2: the resync's own CPU
-//! (1.0-1.9 ms per MiB on each side) shares the two CPUs with fio and both hosts, which two
-//! real hosts would not. With a max rate above what the hosts sustain (`--resync-max-rate
-//! 400M --size-mib 8192`: the idle resync reached 264-288 MiB/s, 0.66-0.72x) the
-//! controller still gives the resync the max rate less the application's rate, and the
-//! VMs kept only 0.25-0.48x in two runs: the max rate must be one the link and disks
-//! reach. (The 8 GiB volume's reference is lower, 2,901-4,200 IOPS: its random writes
-//! span more than the activity log's 1237 x 4 MiB.)
+//! What we saw on the shared 2-vCPU dev VM (other builds running, load 8-14), three runs of
+//! the final controller: (a) 6,271-8,475 IOPS, (b) 5,042-7,578 IOPS, so 0.80-1.00x kept,
+//! while the resync ran at 74-80 MiB/s (the busy cap, half the max rate); idle, the resync
+//! ran at 124-144 MiB/s, 0.83-0.96x the max rate (the machine's load decides how close).
+//! CPU per request rose from 60-63 to 66-71 us on hv1 and stayed at 74-80 us on hv2; a
+//! resynced MiB cost 1.1-1.6 ms of CPU on each side, which here shares the two CPUs with
+//! fio and both hosts (two real hosts would not).
+//!
+//! Before the busy cap (the resync got "max minus the application's rate" alone) five runs
+//! kept 0.44-0.91x with the resync at 114-128 MiB/s: when the hosts deliver less than the
+//! max rate, the application's measured rate shrinks with what the resync takes, and the
+//! resync took more. With `--resync-max-rate 400M --size-mib 8192`, above what this
+//! machine resyncs (264-288 MiB/s idle), it kept 0.25-0.48x (two runs, also before the
+//! cap; that volume's reference is lower, 2,901-4,200 IOPS, as its random writes span
+//! more than the activity log's 1237 x 4 MiB).
 //!
 //! Needs root (namespaces), fio and the release binaries:
 //! `cargo build --release -p tandem-volume-driver --bins -p tandem-bench && \

@@ -2,8 +2,10 @@
 //! rate between `min` and `max` (DRBD's `c-max-rate` / `c-min-rate`, simplified).
 //!
 //! ```text
-//! effective rate = clamp(max - application write rate, min, max)   (source is the Primary)
-//!                = max                                            (no application here)
+//! effective rate = clamp(min(max - app, max x BUSY_SHARE), min, max)   (app busy)
+//!                = clamp(max - app, min, max)                        (app below BUSY_FLOOR)
+//!                = max                                              (no application here)
+//! (app = the application's smoothed write rate, on the source when it is the Primary)
 //! acquire(n): the next chunk may start n/rate seconds after the previous one; up to
 //!             BURST of unused time is credited (an idle period does not bank unlimited bytes)
 //! ```
@@ -19,6 +21,17 @@ use tokio::time::Instant;
 pub const BURST: Duration = Duration::from_millis(100);
 /// How often the application write rate is re-measured.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// While the application writes, the resync takes at most this share of `max`. The
+/// application's measured rate only shows the demand it gets served: when the hosts
+/// deliver less than `max` (a link or disks slower than `max`, CPUs shared with other
+/// work), "max minus what the application wrote" would hand the resync what the
+/// application was kept from writing. A fixed share leaves it that headroom (DRBD's guide
+/// suggests about 30% of the bandwidth for a fixed resync rate).
+pub const BUSY_SHARE: f64 = 0.5;
+/// The application counts as busy above this share of `max` (below it, noise such as a
+/// guest's periodic metadata writes does not halve the resync).
+pub const BUSY_FLOOR: f64 = 0.01;
 
 /// Default reaction window (DRBD's `c-plan-ahead` default of 2 s).
 pub const PLAN_AHEAD: Duration = Duration::from_secs(2);
@@ -44,7 +57,8 @@ pub struct Sample {
 /// counter, the new sample and the resync rate (bytes/s, `max > 0`). The application rate
 /// is re-measured at most every [`SAMPLE_INTERVAL`] and smoothed over `plan_ahead` (a
 /// longer window adapts more slowly); the resync gets what the application leaves of
-/// `max`, never less than `min`.
+/// `max`, at most [`BUSY_SHARE`] of it while the application is busy, never less than
+/// `min`.
 pub fn decide(prev: Option<Sample>, now: Instant, app_bytes: u64, l: Limits) -> (Sample, u64) {
     let sample = match prev {
         None => Sample {
@@ -65,7 +79,12 @@ pub fn decide(prev: Option<Sample>, now: Instant, app_bytes: u64, l: Limits) -> 
         }
         Some(p) => p,
     };
-    let room = (l.max as f64 - sample.app_rate).max(0.0) as u64;
+    let max = l.max as f64;
+    let mut room = (max - sample.app_rate).max(0.0);
+    if sample.app_rate > max * BUSY_FLOOR {
+        room = room.min(max * BUSY_SHARE);
+    }
+    let room = room as u64;
     (sample, room.clamp(l.min.min(l.max).max(1), l.max))
 }
 
@@ -163,9 +182,11 @@ mod tests {
             (s(t0, 0, 0.0), ms(1000), 0, l(1000), 0.0, 1000), // idle stays at max
             (s(t0, 0, 0.0), ms(1000), 600, l(1000), 600.0, 400), // busy: the rest of max
             (s(t0, 0, 0.0), ms(1000), 5000, l(1000), 5000.0, 100), // saturated: min
-            (s(t0, 0, 0.0), ms(1000), 600, l(2000), 300.0, 700), // longer window: half way
+            (s(t0, 0, 0.0), ms(1000), 600, l(2000), 300.0, 500), // longer window: half way; busy share
+            (s(t0, 0, 0.0), ms(1000), 200, l(1000), 200.0, 500), // busy: at most half of max
+            (s(t0, 0, 0.0), ms(1000), 5, l(1000), 5.0, 995),     // below the busy floor: the rest
             (s(t0, 0, 500.0), ms(100), 600, l(1000), 500.0, 500), // too soon: no re-measure
-            (s(t0, 0, 800.0), ms(1000), 0, l(1000), 0.0, 1000), // application went idle
+            (s(t0, 0, 800.0), ms(1000), 0, l(1000), 0.0, 1000),  // application went idle
         ];
         for (i, (prev, now, app, lim, want_app, want_rate)) in table.into_iter().enumerate() {
             let (got, rate) = decide(prev, now, app, lim);
@@ -218,7 +239,8 @@ mod tests {
             max: 400,
             plan_ahead: PLAN_AHEAD,
         });
-        assert_eq!(rc.effective_rate(Some(0)), 340);
+        // 400 - 60 = 340, but the application is busy: at most half of 400.
+        assert_eq!(rc.effective_rate(Some(0)), 200);
         assert_eq!(rc.effective_rate(None), 400);
         // A floor above the cap is clamped to it.
         rc.set_limits(Limits {
