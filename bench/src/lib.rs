@@ -1,6 +1,9 @@
 //! Shared helpers for the benchmark programs under `bench/src/bin/`: fio runs against an
-//! NBD URI ([`fio`], [`Row`]), `qemu-nbd` as the reference server ([`QemuNbd`]), and
-//! resetting backing files between runs ([`settle`], [`fill`]).
+//! NBD URI ([`fio`], [`Row`]), `qemu-nbd` as the reference server ([`QemuNbd`]),
+//! resetting backing files between runs ([`settle`], [`fill`]), and running the namespace
+//! test bed ([`cluster`]).
+
+pub mod cluster;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -267,6 +267,22 @@ impl Source {
         .await
     }
 
+    /// [`Self::resync`] as a task, reporting to `progress`.
+    fn spawn_resync(
+        &self,
+        cfg: &ResyncConfig,
+        progress: &Arc<ResyncProgress>,
+    ) -> JoinHandle<Result<ResyncOutcome, ResyncError>> {
+        let (io, ch, bm, cfg, pr) = (
+            SourceIo::Primary(self.primary.clone()),
+            self.channel(),
+            self.dyn_bitmap(),
+            cfg.clone(),
+            progress.clone(),
+        );
+        tokio::spawn(async move { run_resync_source(io, ch, bm, &cfg, pr).await })
+    }
+
     async fn verify(&self, cfg: &ResyncConfig) -> VerifyReport {
         run_verify(
             SourceIo::Primary(self.primary.clone()),
@@ -357,6 +373,56 @@ async fn bitmap_resync_of_16_mib_on_a_2_gib_volume_sends_at_most_twice_the_chang
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_rate_limits_reach_a_running_resync() {
+    let size = 64 * MIB;
+    let p = disk(size);
+    let s = disk(size);
+    let src = Source::new(p.dev.clone(), ReplicationProtocol::C);
+    src.diverge(7, 256, 64 << 10, size).await;
+    let changed = src.dirty();
+    assert!(changed > 8 * MIB, "{changed}");
+    let _sec = connect(
+        &src,
+        s.dev.clone(),
+        ReplicationProtocol::C,
+        Arc::new(RecordingTarget::default()),
+    )
+    .await;
+    // At 1 MiB/s the resync would take well over 8 s.
+    let cfg = ResyncConfig {
+        max_rate_bytes_per_sec: MIB,
+        min_rate_bytes_per_sec: MIB,
+        chunk_bytes: 64 << 10,
+        ..ResyncConfig::default()
+    };
+    let progress = Arc::new(ResyncProgress::default());
+    let started = std::time::Instant::now();
+    let run = src.spawn_resync(&cfg, &progress);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let early = progress.snapshot().done_bytes;
+    assert!(early < 2 * MIB, "paced at 1 MiB/s, yet {early} bytes done");
+    // What a live `tandem volume set --resync-max-rate` does: the next chunks go faster.
+    progress.set_limits(replication::resync::rate::Limits {
+        min: MIB,
+        max: 1 << 30,
+        plan_ahead: Duration::from_secs(2),
+    });
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the resync did not finish after its max rate was raised")
+        .unwrap()
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(6),
+        "{changed} bytes took {elapsed:?}: the new max rate was not applied"
+    );
+    assert_eq!(outcome.total_bytes, changed);
+    assert_eq!(src.dirty(), 0);
+    assert_same_content(&p.path, &s.path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_resync_resumes_and_sends_only_the_rest() {
     let size = 256 * MIB;
     let p = disk(size);
@@ -375,16 +441,7 @@ async fn an_interrupted_resync_resumes_and_sends_only_the_rest() {
         ..ResyncConfig::default()
     };
     let progress = Arc::new(ResyncProgress::default());
-    let run = {
-        let (io, ch, bm, cfg, pr) = (
-            SourceIo::Primary(src.primary.clone()),
-            src.channel(),
-            src.dyn_bitmap(),
-            cfg.clone(),
-            progress.clone(),
-        );
-        tokio::spawn(async move { run_resync_source(io, ch, bm, &cfg, pr).await })
-    };
+    let run = src.spawn_resync(&cfg, &progress);
     let halfway = async {
         while progress.snapshot().done_bytes < changed / 2 {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -209,6 +209,42 @@ fn two_replicas_and_a_tiebreaker_live_and_die_together() {
         );
         assert_eq!(shown["options"]["resync_rate_bytes"], 20 * MIB);
     }
+    // The resync controller's keys (issue 19): set on every node, shown; a floor above the
+    // cap is refused with one line and changes nothing anywhere.
+    hv1.tandem(&[
+        "volume",
+        "set",
+        "vm-100-disk-0",
+        "--resync-min-rate",
+        "5M",
+        "--resync-max-rate",
+        "40M",
+        "--resync-plan-ahead",
+        "3s",
+    ])
+    .ok();
+    let e = hv2
+        .tandem(&["volume", "set", "vm-100-disk-0", "--resync-min-rate", "50M"])
+        .failed();
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("--resync-min-rate: 50 MiB/s is above the max rate 40 MiB/s"),
+        "{e}"
+    );
+    for node in [hv1, hv2, witness] {
+        let options = &node
+            .tandem(&["volume", "show", "vm-100-disk-0", "--json"])
+            .ok()
+            .json()["options"];
+        assert_eq!(options["resync_rate_bytes"], 40 * MIB, "{options}");
+        assert_eq!(options["resync_min_rate_bytes"], 5 * MIB, "{options}");
+        assert_eq!(options["resync_plan_ahead_ms"], 3000, "{options}");
+    }
+    let shown = hv2.tandem(&["volume", "show", "vm-100-disk-0"]).ok().stdout;
+    assert!(
+        shown.contains("resync:   max 40 MiB/s, min 5 MiB/s, plan-ahead 3s"),
+        "{shown}"
+    );
 
     // The dual-primary gate opens and closes; it needs protocol C and every replica
     // UpToDate (right after the resize above, hv2 may still be Inconsistent).

@@ -104,13 +104,17 @@ pub struct RawConfig {
 }
 
 /// The optional `[replication]` table: defaults for new volumes, spelled as DRBD spells
-/// them (`protocol = "C"`, `resync_rate = "100M"` per second, `on_no_quorum = "suspend-io"`,
-/// `after_split_brain = "disconnect"`).
+/// them (`protocol = "C"`, `on_no_quorum = "suspend-io"`, `after_split_brain =
+/// "disconnect"`, the resync controller's `resync_max_rate = "100M"` (alias `resync_rate`)
+/// and `resync_min_rate = "10M"` per second, `resync_plan_ahead = "2s"`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReplication {
     pub protocol: Option<String>,
     pub resync_rate: Option<String>,
+    pub resync_max_rate: Option<String>,
+    pub resync_min_rate: Option<String>,
+    pub resync_plan_ahead: Option<String>,
     pub on_no_quorum: Option<String>,
     pub after_split_brain: Option<String>,
 }
@@ -390,6 +394,9 @@ impl RawConfig {
                 after_split_brain: self.replication.after_split_brain,
                 read_only: None,
                 resync_rate: self.replication.resync_rate,
+                resync_max_rate: self.replication.resync_max_rate,
+                resync_min_rate: self.replication.resync_min_rate,
+                resync_plan_ahead: self.replication.resync_plan_ahead,
             },
             VolumeOptions::default(),
         )
@@ -790,7 +797,32 @@ tcp_listen = "127.0.0.1:10809"
         ))
         .unwrap();
         assert_eq!(config.replication.protocol, replication::role::Protocol::A);
-        assert_eq!(config.replication.resync_rate_bytes, 20 << 20);
+        assert_eq!(config.replication.resync_max_rate_bytes, 20 << 20);
+        let config = parse(&format!(
+            "{NODES}{pool}[replication]\nresync_max_rate = \"400M\"\nresync_min_rate = \"50M\"\nresync_plan_ahead = \"5s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.replication.resync_max_rate_bytes, 400 << 20);
+        assert_eq!(config.replication.resync_min_rate_bytes, 50 << 20);
+        assert_eq!(config.replication.resync_plan_ahead_ms, 5000);
+        let e = error(&format!(
+            "{NODES}{pool}[replication]\nresync_max_rate = \"40M\"\nresync_min_rate = \"50M\"\n"
+        ));
+        assert!(
+            e.starts_with(
+                "/etc/tandem/tandem.toml: replication.resync_min_rate: 50 MiB/s is above"
+            ),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{NODES}{pool}[replication]\nresync_plan_ahead = \"1h\"\n"
+        ));
+        assert!(
+            e.starts_with(
+                "/etc/tandem/tandem.toml: replication.resync_plan_ahead: '1h' is outside"
+            ),
+            "{e}"
+        );
         let e = error(&format!(
             "{NODES}{pool}[replication]\nafter_split_brain = \"coin-toss\"\n"
         ));

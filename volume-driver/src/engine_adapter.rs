@@ -58,16 +58,12 @@ pub fn replica_options(options: &VolumeOptions) -> ReplicaOptions {
         quorum: None,
         on_no_quorum: options.on_no_quorum,
         after_split_brain: options.after_split_brain,
-        resync: {
-            let defaults = ResyncConfig::default();
-            ResyncConfig {
-                max_rate_bytes_per_sec: options.resync_rate_bytes,
-                // The floor kept for resync under application load never exceeds the cap.
-                min_rate_bytes_per_sec: defaults
-                    .min_rate_bytes_per_sec
-                    .min(options.resync_rate_bytes),
-                ..defaults
-            }
+        resync: ResyncConfig {
+            max_rate_bytes_per_sec: options.resync_max_rate_bytes,
+            // Validated options never have min > max; the engine clamps anyway.
+            min_rate_bytes_per_sec: options.resync_min_rate_bytes,
+            plan_ahead: std::time::Duration::from_millis(options.resync_plan_ahead_ms),
+            ..ResyncConfig::default()
         },
         ..ReplicaOptions::default()
     }

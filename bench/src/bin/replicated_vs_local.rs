@@ -46,7 +46,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tandem_bench::{cpu_time, cross_cpu_wake_up, fio_fill, fio_run, nbd_uri, settle, QemuNbd, Row};
+use tandem_bench::cluster::{create_on_hv1_and_hv2, daemon_pid, prepare, tandem, CpuSampler};
+use tandem_bench::{cross_cpu_wake_up, fio_fill, fio_run, nbd_uri, settle, QemuNbd, Row};
 use tandem_tests::cluster::{Cluster, ClusterSpec};
 
 /// Replicated (protocol C, peer in another namespace) vs unreplicated Tandem volume vs
@@ -141,24 +142,10 @@ impl Target {
         }
         // Sample the daemons' CPU time over the same window fio measures (after its 1 s
         // ramp, for `runtime` seconds).
-        let pids = self.daemons.clone();
         let window = Duration::from_secs(args.runtime.into());
-        let sampler = std::thread::spawn(move || -> Result<Vec<Duration>> {
-            std::thread::sleep(Duration::from_secs(1));
-            let before = pids
-                .iter()
-                .map(|&p| cpu_time(p))
-                .collect::<Result<Vec<_>>>()?;
-            std::thread::sleep(window);
-            pids.iter()
-                .zip(before)
-                .map(|(&p, b)| Ok(cpu_time(p)?.saturating_sub(b)))
-                .collect()
-        });
+        let sampler = CpuSampler::start(self.daemons.clone(), Duration::from_secs(1), window);
         let run = fio_run(&self.uri, row, args.runtime)?;
-        let cpu = sampler
-            .join()
-            .map_err(|_| anyhow::anyhow!("CPU sampler panicked"))??;
+        let cpu = sampler.finish()?;
         if self.replicated {
             check_in_sync(cluster)?;
         }
@@ -171,45 +158,9 @@ impl Target {
     }
 }
 
-fn tandem(cluster: &Cluster, host: &str, cmd: &[&str]) -> Result<()> {
-    let out = cluster.tandem(host, cmd);
-    if !out.status.success() {
-        bail!(
-            "`tandem {}` on {host} failed: {}{}",
-            cmd.join(" "),
-            out.stdout,
-            out.stderr
-        );
-    }
-    Ok(())
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("this benchmark builds network namespaces: run it as root");
-    }
-    let bin_dir = match &args.bin_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()
-            .context("locating this program")?
-            .parent()
-            .context("program directory")?
-            .to_path_buf(),
-    };
-    for b in ["tandemd", "tandem"] {
-        if !bin_dir.join(b).exists() {
-            bail!(
-                "{} not found: build it (`cargo build --release -p tandem-volume-driver --bins`) or pass --bin-dir",
-                bin_dir.join(b).display()
-            );
-        }
-    }
-    // The test bed finds the binaries and its temp dir through the environment; set both
-    // before any thread starts.
-    std::env::set_var("TANDEM_BIN_DIR", &bin_dir);
-    std::env::set_var("TMPDIR", &args.dir);
+    prepare(args.bin_dir.as_deref(), &args.dir)?;
 
     eprintln!(
         "starting hv1, hv2 and a witness in network namespaces under {}",
@@ -224,23 +175,7 @@ fn main() -> Result<()> {
         cache: Some(args.cache.clone()),
     });
     let size = format!("{}M", args.size_mib);
-    tandem(
-        &cluster,
-        "hv1",
-        &[
-            "volume",
-            "create",
-            REPLICATED,
-            "--size",
-            &size,
-            "--replicas",
-            "2",
-            "--protocol",
-            "C",
-            "--nodes",
-            "hv1,hv2",
-        ],
-    )?;
+    create_on_hv1_and_hv2(&cluster, REPLICATED, args.size_mib)?;
     tandem(
         &cluster,
         "hv1",
@@ -271,13 +206,7 @@ fn main() -> Result<()> {
     let _qemu = QemuNbd::start(&qemu_sock, &qemu_file, QEMU_EXPORT)?;
 
     let hv1_sock = cluster.nbd_socket("hv1");
-    let pid = |host: &str| {
-        cluster
-            .host(host)
-            .daemon_pid()
-            .with_context(|| format!("tandemd on {host} is not running"))
-    };
-    let (hv1, hv2) = (pid("hv1")?, pid("hv2")?);
+    let (hv1, hv2) = (daemon_pid(&cluster, "hv1")?, daemon_pid(&cluster, "hv2")?);
     let targets = [
         (
             "replicated",

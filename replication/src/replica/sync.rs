@@ -250,6 +250,9 @@ impl Replica {
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let mut st = lock(&self.st);
+            // The options may have changed since `cfg` was read; a later `set_options`
+            // reaches the task through `progress`.
+            progress.set_limits(st.options.resync.limits());
             let Some(slot) = st.peers.get_mut(peer) else {
                 return;
             };

@@ -1319,11 +1319,15 @@ impl Replica {
         .map_err(|e| EngineError::InvalidRequest(format!("{volume}: resize task: {e}")))?
     }
 
-    /// Change options (protocol changes take effect at the next connect).
+    /// Change options (protocol changes take effect at the next connect; resync rate
+    /// bounds at the next chunk of a running resync, or verify's next run).
     pub fn set_options(&self, options: ReplicaOptions) -> Result<(), EngineError> {
         let mut st = lock(&self.st);
         if st.allow_two_primaries {
             role::check_two_primaries_gate(&self.volume, options.protocol)?;
+        }
+        for progress in st.peers.values().filter_map(|p| p.resync_progress.as_ref()) {
+            progress.set_limits(options.resync.limits());
         }
         st.options = options;
         self.recompute_quorum(&mut st);

@@ -177,6 +177,15 @@ pub fn default_persist_interval() -> Duration {
 }
 
 impl ResyncConfig {
+    /// The rate controller's bounds.
+    pub fn limits(&self) -> rate::Limits {
+        rate::Limits {
+            min: self.min_rate_bytes_per_sec,
+            max: self.max_rate_bytes_per_sec,
+            plan_ahead: self.plan_ahead,
+        }
+    }
+
     pub(crate) fn chunk(&self) -> u64 {
         let c = self
             .chunk_bytes
@@ -326,7 +335,8 @@ pub struct ResyncOutcome {
     pub passes: u32,
 }
 
-/// Progress of a running resync or verify, for `status` (shared with the engine).
+/// Progress of a running resync or verify, for `status` (shared with the engine), and the
+/// way in for new rate bounds while it runs ([`ResyncProgress::set_limits`]).
 #[derive(Debug, Default)]
 pub struct ResyncProgress {
     total: AtomicU64,
@@ -334,6 +344,8 @@ pub struct ResyncProgress {
     sent: AtomicU64,
     skipped: AtomicU64,
     started: Mutex<Option<std::time::Instant>>,
+    /// Bounds not yet taken by the running resync.
+    new_limits: Mutex<Option<rate::Limits>>,
 }
 
 /// A snapshot of [`ResyncProgress`].
@@ -362,6 +374,14 @@ impl ResyncProgress {
         self.done.fetch_add(done, Ordering::Relaxed);
         self.sent.fetch_add(sent, Ordering::Relaxed);
         self.skipped.fetch_add(skipped, Ordering::Relaxed);
+    }
+
+    /// New rate bounds for the running resync: it paces its next chunk with them.
+    pub fn set_limits(&self, limits: rate::Limits) {
+        *lock(&self.new_limits) = Some(limits);
+    }
+    pub(crate) fn take_limits(&self) -> Option<rate::Limits> {
+        lock(&self.new_limits).take()
     }
 
     /// Current numbers.

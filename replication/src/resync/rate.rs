@@ -2,8 +2,10 @@
 //! rate between `min` and `max` (DRBD's `c-max-rate` / `c-min-rate`, simplified).
 //!
 //! ```text
-//! effective rate = clamp(max - application write rate, min, max)   (source is the Primary)
-//!                = max                                            (no application here)
+//! effective rate = clamp(min(max - app, max x BUSY_SHARE), min, max)   (app busy)
+//!                = clamp(max - app, min, max)                        (app below BUSY_FLOOR)
+//!                = max                                              (no application here)
+//! (app = the application's smoothed write rate, on the source when it is the Primary)
 //! acquire(n): the next chunk may start n/rate seconds after the previous one; up to
 //!             BURST of unused time is credited (an idle period does not bank unlimited bytes)
 //! ```
@@ -19,6 +21,17 @@ use tokio::time::Instant;
 pub const BURST: Duration = Duration::from_millis(100);
 /// How often the application write rate is re-measured.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// While the application writes, the resync takes at most this share of `max`. The
+/// application's measured rate only shows the demand it gets served: when the hosts
+/// deliver less than `max` (a link or disks slower than `max`, CPUs shared with other
+/// work), "max minus what the application wrote" would hand the resync what the
+/// application was kept from writing. A fixed share leaves it that headroom (DRBD's guide
+/// suggests about 30% of the bandwidth for a fixed resync rate).
+pub const BUSY_SHARE: f64 = 0.5;
+/// The application counts as busy above this share of `max` (below it, noise such as a
+/// guest's periodic metadata writes does not halve the resync).
+pub const BUSY_FLOOR: f64 = 0.01;
 
 /// Default reaction window (DRBD's `c-plan-ahead` default of 2 s).
 pub const PLAN_AHEAD: Duration = Duration::from_secs(2);
@@ -44,7 +57,8 @@ pub struct Sample {
 /// counter, the new sample and the resync rate (bytes/s, `max > 0`). The application rate
 /// is re-measured at most every [`SAMPLE_INTERVAL`] and smoothed over `plan_ahead` (a
 /// longer window adapts more slowly); the resync gets what the application leaves of
-/// `max`, never less than `min`.
+/// `max`, at most [`BUSY_SHARE`] of it while the application is busy, never less than
+/// `min`.
 pub fn decide(prev: Option<Sample>, now: Instant, app_bytes: u64, l: Limits) -> (Sample, u64) {
     let sample = match prev {
         None => Sample {
@@ -65,65 +79,63 @@ pub fn decide(prev: Option<Sample>, now: Instant, app_bytes: u64, l: Limits) -> 
         }
         Some(p) => p,
     };
-    let room = (l.max as f64 - sample.app_rate).max(0.0) as u64;
+    let max = l.max as f64;
+    let mut room = (max - sample.app_rate).max(0.0);
+    if sample.app_rate > max * BUSY_FLOOR {
+        room = room.min(max * BUSY_SHARE);
+    }
+    let room = room as u64;
     (sample, room.clamp(l.min.min(l.max).max(1), l.max))
 }
 
 /// Paces resync/verify chunks.
 #[derive(Debug)]
 pub struct RateController {
-    max: u64,
-    min: u64,
+    limits: Limits,
     next: Instant,
-    sample: Option<(Instant, u64)>,
-    app_rate: f64,
-    plan_ahead: Duration,
+    sample: Option<Sample>,
 }
 
 impl RateController {
     /// A controller between `min` and `max` bytes/s (`max == 0`: unlimited).
     pub fn new(max: u64, min: u64) -> RateController {
         RateController {
-            max,
-            min: min.min(max),
+            limits: Limits {
+                max,
+                min: min.min(max),
+                plan_ahead: PLAN_AHEAD,
+            },
             next: Instant::now(),
             sample: None,
-            app_rate: 0.0,
-            plan_ahead: PLAN_AHEAD,
         }
     }
 
     /// The same controller reacting over `window` instead of [`PLAN_AHEAD`].
     pub fn plan_ahead(mut self, window: Duration) -> RateController {
-        self.plan_ahead = window;
+        self.limits.plan_ahead = window;
         self
+    }
+
+    /// New bounds for the chunks still to come (a live `volume set`); the measured
+    /// application rate is kept.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = Limits {
+            min: limits.min.min(limits.max),
+            ..limits
+        };
     }
 
     /// The rate in force, given the latest application byte counter (if the source is
     /// the Primary).
     pub fn effective_rate(&mut self, app_bytes: Option<u64>) -> u64 {
-        if self.max == 0 {
+        if self.limits.max == 0 {
             return 0;
         }
         let Some(app) = app_bytes else {
-            return self.max;
+            return self.limits.max;
         };
-        let (sample, rate) = decide(
-            self.sample.map(|(at, bytes)| Sample {
-                at,
-                app_bytes: bytes,
-                app_rate: self.app_rate,
-            }),
-            Instant::now(),
-            app,
-            Limits {
-                min: self.min,
-                max: self.max,
-                plan_ahead: self.plan_ahead,
-            },
-        );
-        self.sample = Some((sample.at, sample.app_bytes));
-        self.app_rate = sample.app_rate;
+        let (sample, rate) = decide(self.sample, Instant::now(), app, self.limits);
+        self.sample = Some(sample);
         rate
     }
 
@@ -170,9 +182,11 @@ mod tests {
             (s(t0, 0, 0.0), ms(1000), 0, l(1000), 0.0, 1000), // idle stays at max
             (s(t0, 0, 0.0), ms(1000), 600, l(1000), 600.0, 400), // busy: the rest of max
             (s(t0, 0, 0.0), ms(1000), 5000, l(1000), 5000.0, 100), // saturated: min
-            (s(t0, 0, 0.0), ms(1000), 600, l(2000), 300.0, 700), // longer window: half way
+            (s(t0, 0, 0.0), ms(1000), 600, l(2000), 300.0, 500), // longer window: half way; busy share
+            (s(t0, 0, 0.0), ms(1000), 200, l(1000), 200.0, 500), // busy: at most half of max
+            (s(t0, 0, 0.0), ms(1000), 5, l(1000), 5.0, 995),     // below the busy floor: the rest
             (s(t0, 0, 500.0), ms(100), 600, l(1000), 500.0, 500), // too soon: no re-measure
-            (s(t0, 0, 800.0), ms(1000), 0, l(1000), 0.0, 1000), // application went idle
+            (s(t0, 0, 800.0), ms(1000), 0, l(1000), 0.0, 1000),  // application went idle
         ];
         for (i, (prev, now, app, lim, want_app, want_rate)) in table.into_iter().enumerate() {
             let (got, rate) = decide(prev, now, app, lim);
@@ -197,12 +211,43 @@ mod tests {
     fn application_writes_lower_the_rate_down_to_min() {
         let mut rc = RateController::new(100, 10);
         assert_eq!(rc.effective_rate(None), 100);
-        rc.app_rate = 60.0;
-        rc.sample = Some((Instant::now(), 0));
+        let busy = |app_rate| {
+            Some(Sample {
+                at: Instant::now(),
+                app_bytes: 0,
+                app_rate,
+            })
+        };
+        rc.sample = busy(60.0);
         assert_eq!(rc.effective_rate(Some(0)), 40);
-        rc.app_rate = 500.0;
+        rc.sample = busy(500.0);
         assert_eq!(rc.effective_rate(Some(0)), 10);
         let mut unlimited = RateController::new(0, 10);
         assert_eq!(unlimited.effective_rate(Some(5)), 0);
+    }
+
+    #[test]
+    fn new_limits_apply_to_the_next_chunk_and_keep_the_measurement() {
+        let mut rc = RateController::new(100, 10);
+        rc.sample = Some(Sample {
+            at: Instant::now(),
+            app_bytes: 0,
+            app_rate: 60.0,
+        });
+        rc.set_limits(Limits {
+            min: 50,
+            max: 400,
+            plan_ahead: PLAN_AHEAD,
+        });
+        // 400 - 60 = 340, but the application is busy: at most half of 400.
+        assert_eq!(rc.effective_rate(Some(0)), 200);
+        assert_eq!(rc.effective_rate(None), 400);
+        // A floor above the cap is clamped to it.
+        rc.set_limits(Limits {
+            min: 500,
+            max: 40,
+            plan_ahead: PLAN_AHEAD,
+        });
+        assert_eq!(rc.effective_rate(Some(0)), 40);
     }
 }

@@ -102,6 +102,9 @@ async fn walk(ctx: &Arc<Ctx>, cfg: &ResyncConfig) -> Result<ResyncOutcome, Resyn
                     account(&mut outcome, r)?;
                 }
             }
+            if let Some(limits) = ctx.progress.take_limits() {
+                rate.set_limits(limits);
+            }
             rate.acquire(len, ctx.io.app_bytes()).await;
             tasks.spawn(resync_chunk(ctx.clone(), offset, len));
             if last_persist.elapsed() >= cfg.persist_interval {

@@ -13,7 +13,7 @@ use control_api::{
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use volume_driver::config::{self, Config};
-use volume_driver::options::{apply_change, format_rate, OptionsChange, VolumeOptions};
+use volume_driver::options::{check_change, format_rate, format_resync, OptionsChange};
 use volume_driver::report::error_chain;
 use volume_driver::units::{format_size, parse_size};
 
@@ -331,8 +331,19 @@ enum VolumeCommand {
         /// Automatic split-brain recovery
         #[arg(long, value_parser = ["disconnect", "discard-zero-changes", "discard-younger-primary", "discard-least-changes"])]
         after_split_brain: Option<String>,
-        /// Resync rate limit per second, e.g. 50M
+        /// Resync rate while the volume is idle, per second, e.g. 400M (DRBD c-max-rate)
         #[arg(long)]
+        resync_max_rate: Option<String>,
+        /// Resync rate kept however busy the volume is, per second, e.g. 50M; at most the
+        /// max rate (DRBD c-min-rate)
+        #[arg(long)]
+        resync_min_rate: Option<String>,
+        /// How long the volume's write rate is averaged before the resync rate follows it,
+        /// 100ms to 30s, e.g. 2s (DRBD c-plan-ahead)
+        #[arg(long)]
+        resync_plan_ahead: Option<String>,
+        /// Old name of --resync-max-rate
+        #[arg(long, conflicts_with = "resync_max_rate")]
         resync_rate: Option<String>,
         /// Make the volume a template: writable opens are refused on every node, linked
         /// clones (`tandem volume clone`) are made from it. Also for single-replica volumes
@@ -487,6 +498,9 @@ fn run(cli: &Cli) -> Result<(), String> {
             protocol,
             on_no_quorum,
             after_split_brain,
+            resync_max_rate,
+            resync_min_rate,
+            resync_plan_ahead,
             resync_rate,
             read_only,
             writable,
@@ -496,10 +510,14 @@ fn run(cli: &Cli) -> Result<(), String> {
                 on_no_quorum: on_no_quorum.clone(),
                 after_split_brain: after_split_brain.clone(),
                 resync_rate: resync_rate.clone(),
+                resync_max_rate: resync_max_rate.clone(),
+                resync_min_rate: resync_min_rate.clone(),
+                resync_plan_ahead: resync_plan_ahead.clone(),
                 read_only: (*read_only || *writable).then_some(*read_only),
             };
-            // Same checks as the daemon, before contacting it.
-            apply_change(&change, VolumeOptions::default())?;
+            // The daemon's checks of each value, before contacting it (it also compares
+            // them with the volume's current options).
+            check_change(&change)?;
             Request::VolumeSet {
                 name: name.clone(),
                 change,
@@ -1052,12 +1070,10 @@ fn print_human(reply: Reply) {
             }
             if let Some(o) = &volume.options {
                 println!(
-                    "options:  protocol {}, on-no-quorum {}, after-split-brain {}, resync-rate {}",
-                    o.protocol,
-                    o.on_no_quorum,
-                    o.after_split_brain,
-                    format_rate(o.resync_rate_bytes)
+                    "options:  protocol {}, on-no-quorum {}, after-split-brain {}",
+                    o.protocol, o.on_no_quorum, o.after_split_brain,
                 );
+                println!("resync:   {}", format_resync(o));
             }
         }
         Reply::Volumes { volumes } => print_volumes(&volumes),
