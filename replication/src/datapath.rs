@@ -21,6 +21,7 @@
 //! numbering and epochs, each peer's pending acknowledgements) and [`SecondaryCore`] (the
 //! apply pipeline). This module is their shell: link budgets, the device, tasks, timeouts.
 //! The Primary's core sits behind one mutex, never held across an await or I/O.
+//! `docs/write-path.md` counts the locks, hand-offs, allocations and copies of one write.
 //!
 //! Decisions (DRBD semantics, see `shared/ref/drbd.md` section 1):
 //!
