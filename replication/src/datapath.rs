@@ -21,6 +21,7 @@
 //! numbering and epochs, each peer's pending acknowledgements) and [`SecondaryCore`] (the
 //! apply pipeline). This module is their shell: link budgets, the device, tasks, timeouts.
 //! The Primary's core sits behind one mutex, never held across an await or I/O.
+//! `docs/write-path.md` counts the locks, hand-offs, allocations and copies of one write.
 //!
 //! Decisions (DRBD semantics, see `shared/ref/drbd.md` section 1):
 //!
@@ -88,7 +89,7 @@
 //!   Error frame and the connection is dropped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -355,8 +356,10 @@ struct Inner {
     /// Held while a step's deferred actions run (see [`Inner::step`]); taken only with
     /// the books locked, never the other way round.
     deferred_order: Mutex<()>,
-    /// Signalled whenever a range leaves the in-flight table.
+    /// Signalled whenever a range leaves the in-flight table while a claim waits.
     range_released: Notify,
+    /// Claims waiting for `range_released` (a release without waiters skips the signal).
+    range_waiters: AtomicUsize,
     /// Signalled whenever every attached peer has acknowledged everything.
     replicated: Notify,
     /// Bytes of application requests submitted so far (resync rate control reads it).
@@ -396,7 +399,16 @@ impl Inner {
 
     fn release_range(&self, start: u64) {
         lock(&self.books).core.release(start);
-        self.range_released.notify_waiters();
+        self.wake_range_waiters();
+    }
+
+    /// After a range left the table (under the books' lock): a claim that registered as
+    /// waiting before this load is woken; one that registers after it takes the books'
+    /// lock after the release and sees the range free.
+    fn wake_range_waiters(&self) {
+        if self.range_waiters.load(Ordering::SeqCst) > 0 {
+            self.range_released.notify_waiters();
+        }
     }
 
     /// Wait until no request in flight overlaps `[offset, offset + len)`, then claim it.
@@ -417,21 +429,48 @@ impl Inner {
             return None;
         }
         let end = offset + len;
+        // Built only once the range is ours: dropping it releases the range.
+        let claimed = || {
+            Some(RangeGuard {
+                inner: self,
+                start: offset,
+            })
+        };
+        let try_claim = || {
+            lock(&self.books)
+                .core
+                .try_claim(offset, end, yield_to_reserved)
+        };
+        // Most requests overlap nothing: no waiter is registered for them.
+        if try_claim() {
+            return claimed();
+        }
+        let _waiting = WaitingForRange::new(&self.range_waiters);
         loop {
             let released = self.range_released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            if lock(&self.books)
-                .core
-                .try_claim(offset, end, yield_to_reserved)
-            {
-                return Some(RangeGuard {
-                    inner: self,
-                    start: offset,
-                });
+            if try_claim() {
+                return claimed();
             }
             released.await;
         }
+    }
+}
+
+/// Counts a claim in [`Inner::range_waiters`] while it waits (also when cancelled).
+struct WaitingForRange<'a>(&'a AtomicUsize);
+
+impl<'a> WaitingForRange<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        WaitingForRange(count)
+    }
+}
+
+impl Drop for WaitingForRange<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -445,7 +484,7 @@ impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         let (start, end) = self.range;
         lock(&self.inner.books).core.unreserve(start, end);
-        self.inner.range_released.notify_waiters();
+        self.inner.wake_range_waiters();
     }
 }
 
@@ -512,6 +551,7 @@ impl Primary {
                 on_out_of_sync,
                 deferred_order: Mutex::new(()),
                 range_released: Notify::new(),
+                range_waiters: AtomicUsize::new(0),
                 replicated: Notify::new(),
                 app_bytes: AtomicU64::new(0),
             }),
@@ -898,10 +938,21 @@ async fn wait_for_peers(
     rx.await.unwrap_or_default()
 }
 
+/// Messages from one peer handled under one lock of the books, at most.
+const PEER_BURST: usize = 64;
+
 async fn peer_task(inner: Arc<Inner>, id: PeerId, name: String, mut receiver: LinkReceiver) {
     while let Some(msg) = receiver.recv().await {
+        // The acknowledgements already queued are handled in the same step: one lock and
+        // one pass over the actions for a burst instead of one per message.
         let (acked, replicated) = inner.step(&mut Vec::new(), |books| {
-            let acked = books.core.handle_peer_message(id, msg);
+            let mut acked = books.core.handle_peer_message(id, msg);
+            for _ in 1..PEER_BURST {
+                let Some(msg) = receiver.try_recv() else {
+                    break;
+                };
+                acked += books.core.handle_peer_message(id, msg);
+            }
             (acked, books.core.is_replicated())
         });
         if acked > 0 {

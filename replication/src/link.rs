@@ -475,6 +475,14 @@ impl LinkReceiver {
         Some(msg)
     }
 
+    /// The next message if one is already queued; never waits (to handle a burst of
+    /// messages in one step).
+    pub fn try_recv(&mut self) -> Option<Message> {
+        let (msg, cost) = self.rx.try_recv().ok()?;
+        self.shared.recv_budget.add_permits(cost);
+        Some(msg)
+    }
+
     /// Why the link is down, or `None` while it is up.
     pub fn down_reason(&self) -> Option<LinkDown> {
         self.shared.down_reason()
@@ -892,6 +900,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
         let mut close = None;
         let mut returned = 0usize;
         let mut sent = 0usize;
+        let mut corked = false;
         let batch = async {
             let mut next = Some(first);
             while let Some(item) = next {
@@ -920,6 +929,13 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                     }
                 }
                 next = rx.try_recv().ok();
+                if next.is_none() && !corked {
+                    // Cork: let the tasks this one woke (requests, acknowledgements) queue
+                    // their frames, so they leave in this write instead of one each.
+                    corked = true;
+                    tokio::task::yield_now().await;
+                    next = rx.try_recv().ok();
+                }
             }
             if !buf.is_empty() {
                 w.write_all(&buf).await?;

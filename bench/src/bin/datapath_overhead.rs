@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Both replicas are files in one temp directory (`--dir`), so the numbers do not include a
-//! second disk.
+//! second disk. Every file is written in full and synced before the runs, so no row pays
+//! for block allocation (under `--cache writeback` the files stay in the page cache).
 //!
 //! Each row also prints the process's CPU time per request (both replicas run in this
 //! process). The last lines measure, in the same run, what the metrics recording adds to
@@ -31,11 +32,11 @@ use bytes::Bytes;
 use clap::Parser;
 use replication::auth::Secret;
 use replication::datapath::{run_secondary, Primary, PrimaryConfig, SecondaryConfig};
-use replication::device::{BackingDevice, FileDevice};
+use replication::device::{BackingDevice, CacheMode, DeviceOptions, FileDevice};
 use replication::link::{InFlight, LinkConfig, PeerLink};
 use replication::stats::{hold, IoStats};
 use replication::wire::{Hello, ReplicationProtocol};
-use tandem_bench::cpu_time;
+use tandem_bench::{cpu_time, settle};
 use tokio::net::TcpListener;
 
 /// Unreplicated vs protocol-C replicated writes through the data path alone, in process.
@@ -48,18 +49,30 @@ struct Args {
     /// Seconds per workload and target.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
+    /// The devices' cache mode: `none` (O_DIRECT and io_uring, the pools' default) or
+    /// `writeback` (through the page cache).
+    #[arg(long, default_value = "none")]
+    cache: CacheMode,
+    /// Only run workloads whose name contains this text (e.g. "QD32"), to profile one.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 const VOLUME: u64 = 1 << 30;
-fn device(dir: &Path, name: &str) -> Result<Arc<dyn BackingDevice>> {
+fn device(dir: &Path, name: &str, cache: CacheMode) -> Result<Arc<dyn BackingDevice>> {
     let path = dir.join(name);
-    File::create(&path)
-        .and_then(|f| f.set_len(VOLUME))
-        .with_context(|| format!("creating {}", path.display()))?;
-    Ok(Arc::new(FileDevice::open(&path)?))
+    fill(&path).with_context(|| format!("filling {}", path.display()))?;
+    // Written back; under cache = "writeback" it stays in the page cache, like a volume
+    // in use, and under "none" it is dropped from it.
+    settle(&path, cache == CacheMode::Writeback)?;
+    let options = DeviceOptions {
+        cache,
+        ..DeviceOptions::default()
+    };
+    Ok(Arc::new(FileDevice::open_with(&path, options)?))
 }
 
-async fn replicated(dir: &Path) -> Result<Primary> {
+async fn replicated(dir: &Path, cache: CacheMode) -> Result<Primary> {
     let protocol = ReplicationProtocol::C;
     let secret = Secret::new(b"bench".to_vec())?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -81,16 +94,28 @@ async fn replicated(dir: &Path) -> Result<Primary> {
     let slink = accept.await??;
     tokio::spawn(run_secondary(
         slink,
-        device(dir, "secondary")?,
+        device(dir, "secondary", cache)?,
         SecondaryConfig::default(),
     ));
     let primary = Primary::new(
-        device(dir, "primary-r")?,
+        device(dir, "primary-r", cache)?,
         PrimaryConfig::new(protocol),
         Arc::new(|_: &str, _, _| {}),
     );
     primary.attach_peer(plink);
     Ok(primary)
+}
+
+/// Write the whole file once, so that no row pays for allocating blocks (or, under
+/// `writeback`, page-cache pages) that the other row's file already has.
+fn fill(path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = File::create(path)?;
+    let chunk = vec![0x5Au8; 1 << 20];
+    for _ in 0..VOLUME / chunk.len() as u64 {
+        file.write_all(&chunk)?;
+    }
+    Ok(())
 }
 
 /// Requests per second for `qd` workers writing `bs`-byte blocks, random or sequential,
@@ -192,11 +217,12 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir_in(&args.dir)
         .with_context(|| format!("creating a directory under {}", args.dir.display()))?;
     let local = Primary::new(
-        device(dir.path(), "primary-l")?,
+        device(dir.path(), "primary-l", args.cache)?,
         PrimaryConfig::new(ReplicationProtocol::C),
         Arc::new(|_: &str, _, _| {}),
     );
-    let repl = replicated(dir.path()).await?;
+    let repl = replicated(dir.path(), args.cache).await?;
+    println!("cache = {}", args.cache);
     println!(
         "workload                      unreplicated   replicated(C)   ratio   CPU us/req: unrepl  repl"
     );
@@ -206,7 +232,16 @@ async fn main() -> Result<()> {
         ("4 KiB random write QD32", 32, 4096, true),
         ("1 MiB sequential write QD4", 4, 1 << 20, false),
     ] {
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|only| !name.contains(only.as_str()))
+        {
+            continue;
+        }
+        eprintln!("{name}: unreplicated");
         let (a, cpu_a) = run(&local, run_for, qd, bs, random).await?;
+        eprintln!("{name}: replicated");
         let (b, cpu_b) = run(&repl, run_for, qd, bs, random).await?;
         if qd == 32 {
             repl_qd32_cpu = cpu_b;

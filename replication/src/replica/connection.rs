@@ -150,6 +150,7 @@ impl Replica {
                 link.sender.close("replica closed");
                 return false;
             }
+            let link_id = st.last_link_id + 1;
             let Some(slot) = st.peers.get_mut(&peer) else {
                 link.sender.close("not a member of this volume");
                 return false;
@@ -157,14 +158,15 @@ impl Replica {
             if let Some(old) = slot.sender.replace(link.sender.clone()) {
                 old.close("replaced by a new connection");
             }
-            slot.link_id += 1;
+            slot.link_id = link_id;
             slot.mode = LinkMode::None;
             // No state broadcasts into a link that is still in its handshake.
             if slot.conn == ConnectionState::Connected {
                 slot.lost_at = Some(tokio::time::Instant::now());
                 slot.conn = ConnectionState::Connecting;
             }
-            slot.link_id
+            st.last_link_id = link_id;
+            link_id
         };
         let (ok, reason) = match self.serve_link(&peer, id, link).await {
             Ok(reason) => (true, reason),

@@ -329,6 +329,19 @@ impl BackingDevice for PeerWriteGuard {
     ) -> Option<crate::device::DeviceFuture<bytes::Bytes>> {
         self.inner.read_async(offset, len)
     }
+    fn write_async(
+        &self,
+        offset: u64,
+        data: &bytes::Bytes,
+        fua: bool,
+    ) -> Option<crate::device::DeviceFuture<()>> {
+        // A conflict fails here (not again in `write_at`); a write the inner device cannot
+        // start here falls back to `write_at`, which checks again.
+        if let Err(e) = self.check("write", offset, data.len() as u64) {
+            return Some(Box::pin(std::future::ready(Err(e))));
+        }
+        self.inner.write_async(offset, data, fua)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
         self.check("write", offset, buf.len() as u64)?;
         self.inner.write_at(buf, offset)

@@ -122,6 +122,17 @@ impl BackingDevice for RecordingDevice {
     ) -> Option<crate::device::DeviceFuture<bytes::Bytes>> {
         self.inner.read_async(offset, len)
     }
+    fn write_async(
+        &self,
+        offset: u64,
+        data: &bytes::Bytes,
+        fua: bool,
+    ) -> Option<crate::device::DeviceFuture<()>> {
+        // Noted only when started here: on `None` the caller writes with `write_at`.
+        let io = self.inner.write_async(offset, data, fua)?;
+        self.note(offset, data.len() as u64, data.len() as u64);
+        Some(io)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
         self.note(offset, buf.len() as u64, buf.len() as u64);
         self.inner.write_at(buf, offset)

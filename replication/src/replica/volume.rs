@@ -121,6 +121,9 @@ pub(super) struct State {
     /// Operator chose to keep local changes (discard the peer's) at the next handshake.
     pub discard_peer_data: bool,
     pub peers: BTreeMap<String, PeerSlot>,
+    /// The newest link id issued to any peer: link ids grow across all peers, so a link
+    /// whose id is at most a value read earlier already existed then.
+    pub last_link_id: u64,
     pub primary: Option<Primary>,
     pub closed: bool,
     /// A new generation is being made durable (writes wait).
@@ -343,6 +346,7 @@ impl Replica {
             gen_persisting: false,
             pending_outdates: BTreeMap::new(),
             next_request_id: 1,
+            last_link_id: 0,
             relayed_outdates: BTreeMap::new(),
             seen_lineages: BTreeMap::new(),
             last_verify: None,
@@ -1747,16 +1751,13 @@ impl Replica {
             self.stats.write.observe(done.local, done.peers);
         }
         IoStats::add(&self.stats.written_bytes, len);
-        self.ack_gate(&done, &links_before).await
+        self.ack_gate(&done, links_before).await
     }
 
-    /// The link generation of every peer (see [`Replica::hold_after_peer_loss`]).
-    fn link_ids(&self) -> BTreeMap<String, u64> {
-        lock(&self.st)
-            .peers
-            .iter()
-            .map(|(name, slot)| (name.clone(), slot.link_id))
-            .collect()
+    /// The newest link id issued so far: the links a request started with are those with
+    /// an id at most this (see [`Replica::hold_after_peer_loss`]). No allocation per request.
+    fn link_ids(&self) -> u64 {
+        lock(&self.st).last_link_id
     }
 
     /// The acknowledgement rule: a request every known peer acknowledged completes; one
@@ -1764,7 +1765,7 @@ impl Replica {
     async fn ack_gate(
         &self,
         done: &crate::datapath::Completion,
-        links_before: &BTreeMap<String, u64>,
+        links_before: u64,
     ) -> Result<(), EngineError> {
         if done.unacknowledged.is_empty() {
             return Ok(());
@@ -1786,7 +1787,7 @@ impl Replica {
     async fn hold_after_peer_loss(
         &self,
         lost: &[String],
-        links_before: &BTreeMap<String, u64>,
+        links_before: u64,
     ) -> Result<(), EngineError> {
         let mut rx = self.changed.subscribe();
         let started = tokio::time::Instant::now();
@@ -1814,8 +1815,7 @@ impl Replica {
                     .iter()
                     .filter(|p| {
                         st.peers.get(*p).is_some_and(|s| {
-                            s.conn == ConnectionState::Connected
-                                && links_before.get(*p) == Some(&s.link_id)
+                            s.conn == ConnectionState::Connected && s.link_id <= links_before
                         })
                     })
                     .collect();
@@ -1930,7 +1930,7 @@ impl Replica {
                 source,
             })?;
         self.stats.flush.observe(done.local, done.peers);
-        self.ack_gate(&done, &links_before).await
+        self.ack_gate(&done, links_before).await
     }
 
     /// Replicated discard.
