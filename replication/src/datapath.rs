@@ -402,9 +402,9 @@ impl Inner {
         self.wake_range_waiters();
     }
 
-    /// After a range left the table (under the books' lock): a claim that registered as
-    /// waiting before this load is woken; one that registers after it takes the books'
-    /// lock after the release and sees the range free.
+    /// After a range left the table (called once the books' lock is released): a claim
+    /// that registered as waiting before this load is woken; one that registers after it
+    /// takes the books' lock after the release and sees the range free.
     fn wake_range_waiters(&self) {
         if self.range_waiters.load(Ordering::SeqCst) > 0 {
             self.range_released.notify_waiters();

@@ -158,6 +158,9 @@ impl Replica {
             if let Some(old) = slot.sender.replace(link.sender.clone()) {
                 old.close("replaced by a new connection");
             }
+            // `hold_after_peer_loss` relies on link ids growing across every peer: a slot's
+            // id is 0 or taken from `last_link_id`, never set any other way.
+            debug_assert!(slot.link_id < link_id, "link ids only grow");
             slot.link_id = link_id;
             slot.mode = LinkMode::None;
             // No state broadcasts into a link that is still in its handshake.
