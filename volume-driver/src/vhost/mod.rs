@@ -18,6 +18,10 @@
 //!   is read-only. Not offered: EVENT_IDX, INDIRECT_DESC, CONFIG_WCE, LOG_ALL (so QEMU
 //!   refuses to live-migrate these disks for now), inflight tracking (a QEMU that
 //!   reconnects resubmits nothing).
+//! * **Queues.** QEMU's `vhost-user-blk-pci` asks for one queue per vCPU unless
+//!   `num-queues` is given, and fails to start when the backend offers fewer; give
+//!   `num-queues` (libvirt `<driver queues>`, which `tandem-libvirt-hook disk-xml
+//!   --frontend vhost-user` sets to `vhost_max_queues`) for guests with more vCPUs.
 //! * **Opening.** On the frontend's first GET_FEATURES, `Exports::open(name, true)`: that
 //!   may promote. A refusal is logged (error, with the reason) and the guest gets
 //!   `VIRTIO_BLK_S_IOERR` for every request of that connection.
