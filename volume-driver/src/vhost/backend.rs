@@ -137,18 +137,17 @@ impl BlkBackend {
     }
 
     /// Answer every available request of `vring`, then notify the guest.
+    ///
+    /// The vring's lock is held from taking a request until its completion is in the used
+    /// ring: when QEMU stops the queue (`GET_VRING_BASE`: guest reset, pause, shutdown),
+    /// the handler waits on that lock, so no request is still running when the ring is
+    /// handed back, and no completion is written into guest memory after it. A stopped
+    /// queue yields no more requests.
     fn process_queue(&self, vring: &Vring) {
         let mem = self.mem.memory();
+        let mut state = vring.get_mut();
         let mut answered = false;
-        loop {
-            let chain = match vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone())
-            {
-                Some(chain) => chain,
-                None => break,
-            };
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
             let descriptors = chain
                 .clone()
@@ -160,14 +159,14 @@ impl BlkBackend {
                     0
                 }
             };
-            if let Err(e) = vring.add_used(head, used) {
+            if let Err(e) = state.add_used(head, used) {
                 tracing::warn!(volume = %self.name, error = %e, "cannot return a descriptor to the guest");
                 break;
             }
             answered = true;
         }
         if answered {
-            if let Err(e) = vring.signal_used_queue() {
+            if let Err(e) = state.signal_used_queue() {
                 tracing::warn!(volume = %self.name, error = %e, "cannot notify the guest");
             }
         }
@@ -379,9 +378,9 @@ impl VhostUserBackend for BlkBackend {
         _thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            return Err(io::Error::other(format!(
-                "unexpected queue event {evset:?}"
-            )));
+            // An error here would end the queue's worker for good: log and go on.
+            tracing::warn!(volume = %self.name, ?evset, "unexpected vhost-user queue event");
+            return Ok(());
         }
         let vring = vrings
             .get(usize::from(device_event))
