@@ -8,6 +8,12 @@
 //! (the guest's TRIM reaches the thin pool). `io=` is left out: it configures QEMU's file
 //! AIO and means nothing for an NBD client. `<reconnect delay='N'/>` (QEMU retries a lost
 //! NBD connection for N seconds, e.g. across a tandemd restart) needs libvirt 9.2.0.
+//!
+//! With `--frontend vhost-user` the disk is `type='vhostuser'` on the volume's own socket
+//! `<run_dir>/vhost/<volume>.sock` (also the same on every host), with `queues` set to
+//! tandemd's `vhost_max_queues` (QEMU's default, one queue per vCPU, fails when it is
+//! larger), and the domain needs shared memfd memory ([`MEMORY_BACKING`]): vhost-user
+//! reads the guest's buffers directly.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -44,12 +50,29 @@ impl LibvirtVersion {
     }
 }
 
+/// What a domain with a vhost-user disk must have in its XML.
+pub const MEMORY_BACKING: &str =
+    "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>";
+
+/// How QEMU reaches the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Frontend {
+    /// QEMU's NBD client on `<run_dir>/nbd.sock`.
+    Nbd,
+    /// vhost-user-blk on `<run_dir>/vhost/<volume>.sock`.
+    VhostUser,
+}
+
 /// What goes into the `<disk>`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DiskSpec {
     pub volume: String,
-    /// `<run_dir>/nbd.sock`.
+    pub frontend: Frontend,
+    /// `<run_dir>/nbd.sock`, or `<run_dir>/vhost/<volume>.sock` for vhost-user.
     pub socket: PathBuf,
+    /// vhost-user queues (`<driver queues>`); unused for NBD.
+    pub queues: u16,
     /// Guest device, e.g. `vda`.
     pub target: String,
     /// `virtio`, `scsi`, `sata`, ...
@@ -77,6 +100,9 @@ fn attr(value: &str) -> String {
 impl DiskSpec {
     /// The `<disk>` element, indented for `<devices>`.
     pub fn to_xml(&self) -> String {
+        if self.frontend == Frontend::VhostUser {
+            return self.vhost_user_xml();
+        }
         let mut xml = String::new();
         let _ = writeln!(xml, "<disk type='network' device='disk'>");
         let _ = writeln!(
@@ -107,9 +133,32 @@ impl DiskSpec {
         xml
     }
 
+    fn vhost_user_xml(&self) -> String {
+        format!(
+            "<disk type='vhostuser' device='disk'>\n  \
+             <driver name='qemu' type='raw' queues='{}'/>\n  \
+             <source type='unix' path='{}'/>\n  \
+             <target dev='{}' bus='{}'/>\n\
+             </disk>\n",
+            self.queues,
+            attr(&self.socket.display().to_string()),
+            attr(&self.target),
+            attr(&self.bus)
+        )
+    }
+
     /// The value of virt-install's `--disk` producing the same element (virt-install has
     /// no sub-option for `<reconnect>`; [`DiskSpec::virt_install_xml_edit`] adds it).
     pub fn virt_install_disk(&self) -> String {
+        if self.frontend == Frontend::VhostUser {
+            return format!(
+                "type=vhostuser,source.type=unix,source.path={},driver.name=qemu,driver.type=raw,driver.queues={},target.dev={},target.bus={}",
+                self.socket.display(),
+                self.queues,
+                self.target,
+                self.bus
+            );
+        }
         format!(
             "source.protocol=nbd,source.name={},source.host.transport=unix,source.host.socket={},driver.name=qemu,driver.type=raw,driver.cache=none,driver.discard=unmap,target.dev={},target.bus={}",
             self.volume,
@@ -122,6 +171,9 @@ impl DiskSpec {
     /// virt-install's `--xml` edit adding `<reconnect>` to disk number `index` (1-based),
     /// when a delay is set.
     pub fn virt_install_xml_edit(&self, index: usize) -> Option<String> {
+        if self.frontend == Frontend::VhostUser {
+            return None;
+        }
         self.reconnect_delay
             .map(|delay| format!("./devices/disk[{index}]/source/reconnect/@delay={delay}"))
     }
@@ -135,6 +187,8 @@ mod tests {
     fn spec(reconnect_delay: Option<u32>) -> DiskSpec {
         DiskSpec {
             volume: "vm-100-disk-0".into(),
+            frontend: Frontend::Nbd,
+            queues: 4,
             socket: "/run/tandem/nbd.sock".into(),
             target: "vda".into(),
             bus: "virtio".into(),
@@ -169,6 +223,27 @@ mod tests {
         let found = tandem_volumes(&parsed, &NbdEndpoints::unix("/run/tandem/nbd.sock")).unwrap();
         assert_eq!(found[0].volume, "odd'&<name>");
         assert_eq!(found[0].target, "vda");
+    }
+
+    #[test]
+    fn vhost_user_disk_is_a_vhostuser_element_on_the_volumes_socket() {
+        let mut s = spec(Some(5));
+        s.frontend = Frontend::VhostUser;
+        s.socket = "/run/tandem/vhost/vm-100-disk-0.sock".into();
+        assert_eq!(
+            s.to_xml(),
+            "<disk type='vhostuser' device='disk'>
+  <driver name='qemu' type='raw' queues='4'/>
+  <source type='unix' path='/run/tandem/vhost/vm-100-disk-0.sock'/>
+  <target dev='vda' bus='virtio'/>
+</disk>
+"
+        );
+        assert_eq!(
+            s.virt_install_disk(),
+            "type=vhostuser,source.type=unix,source.path=/run/tandem/vhost/vm-100-disk-0.sock,driver.name=qemu,driver.type=raw,driver.queues=4,target.dev=vda,target.bus=virtio"
+        );
+        assert_eq!(s.virt_install_xml_edit(1), None);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use clap::{Parser, Subcommand};
 use control_api::{Client, ClientError};
 use libvirt_hook::control::{Control, StatusAnswer, DEFAULT_TIMEOUT};
 use libvirt_hook::decide::{decide, Facts, HookCall, Operation, Plan, Step};
-use libvirt_hook::disk_spec::{DiskSpec, LibvirtVersion, RECONNECT_MIN_VERSION};
+use libvirt_hook::disk_spec::{
+    DiskSpec, Frontend, LibvirtVersion, MEMORY_BACKING, RECONNECT_MIN_VERSION,
+};
 use libvirt_hook::domain_xml::{has_nbd_disks, parse_domain, tandem_volumes, NbdEndpoints};
 use libvirt_hook::execute::{error_chain, execute};
 use libvirt_hook::{incoming, promoted};
@@ -27,6 +29,8 @@ const PROGRAM: &str = "tandem-libvirt-hook";
 const MAX_XML: u64 = 16 << 20;
 /// The hook log is moved to `hook.log.1` when it grows past this.
 const MAX_LOG: u64 = 1 << 20;
+/// `[frontends] vhost_max_queues` when there is no Tandem config.
+const DEFAULT_VHOST_QUEUES: u16 = 4;
 /// Reconnect delay written into `<disk>` when libvirt supports it and none is given.
 const DEFAULT_RECONNECT_DELAY: u32 = 5;
 
@@ -105,6 +109,11 @@ struct DiskArgs {
     /// Guest device name
     #[arg(long, default_value = "vda")]
     target: String,
+    /// How QEMU reaches the volume: `nbd`, or `vhost-user` (vhost-user-blk on
+    /// `<run_dir>/vhost/<volume>.sock`; the domain then needs shared memfd memory, printed
+    /// on stderr)
+    #[arg(long, value_enum, default_value = "nbd")]
+    frontend: Frontend,
     /// Guest bus
     #[arg(long, default_value = "virtio")]
     bus: String,
@@ -118,7 +127,8 @@ struct DiskArgs {
     /// The target host's libvirt version (e.g. 9.0.0) [default: from `libvirtd --version`]
     #[arg(long, value_name = "VERSION", value_parser = parse_version)]
     libvirt_version: Option<LibvirtVersion>,
-    /// NBD socket path [default: `<run_dir>/nbd.sock` from the Tandem config]
+    /// Socket path [default: `<run_dir>/nbd.sock`, or `<run_dir>/vhost/<volume>.sock`
+    /// with `--frontend vhost-user`, from the Tandem config]
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Print JSON (the disk's settings and the output) instead of text
@@ -500,26 +510,37 @@ fn detect_libvirt_version() -> Option<LibvirtVersion> {
 }
 
 fn disk_output(config_path: Option<&Path>, args: &DiskArgs, virt_install: bool) -> Result<()> {
-    let socket = match &args.socket {
-        Some(socket) => socket.clone(),
-        None => {
-            let path = config::resolve_path(config_path);
-            match Config::load(&path) {
-                Ok(config) => config.nbd_socket(),
-                Err(config::ConfigError::Read { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound && config_path.is_none() =>
-                {
-                    PathBuf::from("/run/tandem/nbd.sock")
-                }
-                Err(e) => {
-                    return Err(e).context("reading the Tandem config for the NBD socket path")
-                }
+    // The config gives the run directory and the vhost-user queue count.
+    let settings = || -> Result<(PathBuf, u16)> {
+        let path = config::resolve_path(config_path);
+        match Config::load(&path) {
+            Ok(config) => Ok((config.run_dir.clone(), config.frontends.vhost_max_queues)),
+            Err(config::ConfigError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && config_path.is_none() =>
+            {
+                Ok((PathBuf::from("/run/tandem"), DEFAULT_VHOST_QUEUES))
             }
+            Err(e) => Err(e).context("reading the Tandem config for the socket path"),
+        }
+    };
+    let vhost_socket =
+        |run_dir: PathBuf| run_dir.join("vhost").join(format!("{}.sock", args.volume));
+    let (socket, queues) = match (&args.socket, args.frontend) {
+        (Some(socket), Frontend::Nbd) => (socket.clone(), 0),
+        (Some(socket), Frontend::VhostUser) => (socket.clone(), settings()?.1),
+        (None, Frontend::Nbd) => (settings()?.0.join("nbd.sock"), 0),
+        (None, Frontend::VhostUser) => {
+            let (run_dir, queues) = settings()?;
+            (vhost_socket(run_dir), queues)
         }
     };
     let version = args.libvirt_version.or_else(detect_libvirt_version);
     let supported = version.is_some_and(LibvirtVersion::supports_nbd_reconnect);
     let reconnect_delay = match (args.no_reconnect, args.reconnect_delay) {
+        _ if args.frontend == Frontend::VhostUser && args.reconnect_delay.is_some() => bail!(
+            "--reconnect-delay is for NBD disks; a vhost-user disk has no NBD reconnect"
+        ),
+        _ if args.frontend == Frontend::VhostUser => None,
         (true, _) => None,
         (false, Some(_)) if !supported => bail!(
             "--reconnect-delay: libvirt {} has no <reconnect> for NBD disks (needs {RECONNECT_MIN_VERSION}); \
@@ -532,7 +553,9 @@ fn disk_output(config_path: Option<&Path>, args: &DiskArgs, virt_install: bool) 
     };
     let spec = DiskSpec {
         volume: args.volume.clone(),
+        frontend: args.frontend,
         socket,
+        queues,
         target: args.target.clone(),
         bus: args.bus.clone(),
         reconnect_delay,
@@ -543,6 +566,10 @@ fn disk_output(config_path: Option<&Path>, args: &DiskArgs, virt_install: bool) 
             words.push("--xml".into());
             words.push(edit);
         }
+        if args.frontend == Frontend::VhostUser {
+            words.push("--memorybacking".into());
+            words.push("source.type=memfd,access.mode=shared".into());
+        }
         words.join(" ")
     } else {
         spec.to_xml()
@@ -552,12 +579,16 @@ fn disk_output(config_path: Option<&Path>, args: &DiskArgs, virt_install: bool) 
             "disk": spec,
             "libvirt_version": version.map(|v| v.to_string()),
             if virt_install { "arguments" } else { "xml" }: text,
+            "domain_needs": (args.frontend == Frontend::VhostUser).then_some(MEMORY_BACKING),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else if virt_install {
         println!("{text}");
     } else {
         print!("{text}");
+        if args.frontend == Frontend::VhostUser {
+            eprintln!("{PROGRAM}: the domain also needs {MEMORY_BACKING} (vhost-user shares the guest's memory)");
+        }
     }
     Ok(())
 }

@@ -164,6 +164,10 @@ pub enum Disk {
         addr: std::net::SocketAddr,
         export: String,
     },
+    /// A vhost-user-blk device on a unix socket (tandemd's `<run_dir>/vhost/<volume>.sock`)
+    /// with `queues` virtqueues. The guest's RAM then becomes a shared memfd, as
+    /// vhost-user requires.
+    VhostUser { socket: PathBuf, queues: u16 },
 }
 
 impl Disk {
@@ -185,7 +189,30 @@ impl Disk {
         }
     }
 
-    /// The `-drive` argument for QEMU.
+    pub fn vhost_user(socket: impl AsRef<Path>, queues: u16) -> Self {
+        Disk::VhostUser {
+            socket: socket.as_ref().to_path_buf(),
+            queues,
+        }
+    }
+
+    /// The QEMU arguments of the disk; `id` names its chardev (unique per guest).
+    pub fn qemu_args(&self, id: usize) -> Vec<String> {
+        match self {
+            Disk::VhostUser { socket, queues } => vec![
+                "-chardev".into(),
+                format!(
+                    "socket,id=vu{id},path={}",
+                    qemu_escape(&socket.display().to_string())
+                ),
+                "-device".into(),
+                format!("vhost-user-blk-pci,chardev=vu{id},num-queues={queues}"),
+            ],
+            _ => vec!["-drive".into(), self.drive_arg()],
+        }
+    }
+
+    /// The `-drive` argument for QEMU (vhost-user disks have none: see [`Disk::qemu_args`]).
     pub fn drive_arg(&self) -> String {
         match self {
             Disk::Raw(path) => format!(
@@ -201,6 +228,7 @@ impl Disk {
                 "file=nbd://{addr}/{},format=raw,if=virtio,cache=none",
                 qemu_escape(export)
             ),
+            Disk::VhostUser { .. } => String::new(),
         }
     }
 }
@@ -307,8 +335,20 @@ impl Vm {
             .arg(&self.image.initrd)
             .arg("-append")
             .arg(append);
-        for disk in &self.disks {
-            cmd.arg("-drive").arg(disk.drive_arg());
+        if self
+            .disks
+            .iter()
+            .any(|d| matches!(d, Disk::VhostUser { .. }))
+        {
+            cmd.arg("-object")
+                .arg(format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    self.memory_mib
+                ))
+                .args(["-numa", "node,memdev=mem"]);
+        }
+        for (id, disk) in self.disks.iter().enumerate() {
+            cmd.args(disk.qemu_args(id));
         }
         cmd.args(&self.extra_args);
         cmd

@@ -95,6 +95,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub nbd: NbdConfig,
     #[serde(default)]
+    pub frontends: FrontendsConfig,
+    #[serde(default)]
     pub replication: RawReplication,
     #[serde(default)]
     pub engine: RawEngine,
@@ -126,6 +128,31 @@ pub struct NbdConfig {
     /// Also serve NBD on this TCP address (absent: unix socket only).
     #[serde(default)]
     pub tcp_listen: Option<SocketAddr>,
+}
+
+fn default_vhost_max_queues() -> u16 {
+    4
+}
+
+/// Most queues a vhost-user-blk device may have (`vhost_max_queues`).
+pub const VHOST_QUEUES_LIMIT: u16 = 64;
+
+/// The optional `[frontends]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendsConfig {
+    /// Queues each vhost-user-blk device offers (QEMU's `num-queues` may use fewer),
+    /// 1 to 64; each queue is served by its own thread.
+    #[serde(default = "default_vhost_max_queues")]
+    pub vhost_max_queues: u16,
+}
+
+impl Default for FrontendsConfig {
+    fn default() -> Self {
+        FrontendsConfig {
+            vhost_max_queues: default_vhost_max_queues(),
+        }
+    }
 }
 
 /// One `[[pools]]` entry as written: the union of every backend's keys.
@@ -203,6 +230,7 @@ pub struct Config {
     /// tiebreaker, which stores nothing.
     pub pools: Vec<PoolSpec>,
     pub nbd: NbdConfig,
+    pub frontends: FrontendsConfig,
     /// Options given to new volumes (`[replication]`).
     pub replication: VolumeOptions,
     /// The replication engine's tunables (`[engine]`).
@@ -230,6 +258,11 @@ impl Config {
     /// The NBD frontend's socket, `<run_dir>/nbd.sock`.
     pub fn nbd_socket(&self) -> PathBuf {
         self.run_dir.join("nbd.sock")
+    }
+
+    /// The vhost-user-blk sockets' directory, `<run_dir>/vhost`.
+    pub fn vhost_dir(&self) -> PathBuf {
+        self.run_dir.join("vhost")
     }
 
     /// This node's `[[nodes]]` entry (validation guarantees it exists).
@@ -410,6 +443,15 @@ impl RawConfig {
             .engine
             .validate()
             .map_err(|(key, message)| invalid(format!("engine.{key}"), message))?;
+        if !(1..=VHOST_QUEUES_LIMIT).contains(&self.frontends.vhost_max_queues) {
+            return Err(invalid(
+                "frontends.vhost_max_queues".into(),
+                format!(
+                    "{} is out of range: a vhost-user-blk device has 1 to {VHOST_QUEUES_LIMIT} queues",
+                    self.frontends.vhost_max_queues
+                ),
+            ));
+        }
         let metrics_listen = match self.metrics_listen.trim() {
             "" => None,
             addr => Some(addr.parse().map_err(|e| {
@@ -431,6 +473,7 @@ impl RawConfig {
             nodes: self.nodes,
             pools,
             nbd: self.nbd,
+            frontends: self.frontends,
         })
     }
 }
@@ -636,6 +679,22 @@ tcp_listen = "127.0.0.1:10809"
     }
 
     #[test]
+    fn vhost_max_queues_is_read_and_checked() {
+        let pools = "[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n";
+        let config = parse(&format!(
+            "{NODES}{pools}[frontends]\nvhost_max_queues = 8\n"
+        ))
+        .unwrap();
+        assert_eq!(config.frontends.vhost_max_queues, 8);
+        let error = parse(&format!(
+            "{NODES}{pools}[frontends]\nvhost_max_queues = 0\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("frontends.vhost_max_queues"), "{error}");
+    }
+
+    #[test]
     fn defaults_apply() {
         let config = parse(&format!(
             "{NODES}[[pools]]\nname = \"f\"\nbackend = \"file\"\npath = \"/srv/f\"\n"
@@ -645,6 +704,8 @@ tcp_listen = "127.0.0.1:10809"
         assert_eq!(config.run_dir, PathBuf::from("/run/tandem"));
         assert_eq!(config.secret_file, PathBuf::from("/etc/tandem/secret"));
         assert_eq!(config.nbd.tcp_listen, None);
+        assert_eq!(config.frontends.vhost_max_queues, 4);
+        assert_eq!(config.vhost_dir(), PathBuf::from("/run/tandem/vhost"));
         assert_eq!(config.pools[0].cache, CacheMode::None);
         assert_eq!(config.pools[0].io_engine, EngineChoice::Auto);
     }

@@ -35,3 +35,4 @@ pub mod snapshot;
 pub mod store;
 pub mod test_switch;
 pub mod units;
+pub mod vhost;

@@ -82,6 +82,9 @@ pub fn check_reload(
     if old.nbd != new.nbd {
         return restart("[nbd]");
     }
+    if old.frontends != new.frontends {
+        return restart("[frontends]");
+    }
     if old.engine != new.engine {
         return restart("[engine]");
     }

@@ -4,7 +4,8 @@
 //! the pools, reloads the volume definitions, opens every replicated volume's replica in the
 //! replication engine, serves the control API on `<run_dir>/tandemd.sock` and, in a cluster,
 //! the authenticated peer control API on this node's `control` address, until SIGTERM or
-//! SIGINT, and Prometheus metrics on `metrics_listen`; then closes the replicas cleanly, removes the socket and exits 0.
+//! SIGINT, every volume over NBD on `<run_dir>/nbd.sock` and over vhost-user-blk on
+//! `<run_dir>/vhost/<volume>.sock`, and Prometheus metrics on `metrics_listen`; then closes the replicas cleanly, removes the socket and exits 0.
 //! SIGHUP reloads the config (see `volume_driver::reload`).
 //! Logs go to stderr (journald under systemd), filtered by `RUST_LOG` (default `info`).
 
@@ -30,6 +31,7 @@ use volume_driver::peer;
 use volume_driver::report::error_chain;
 use volume_driver::server;
 use volume_driver::service::VolumeService;
+use volume_driver::vhost;
 
 /// The Tandem node daemon: serves this host's volumes and the control API.
 #[derive(Debug, Parser)]
@@ -139,6 +141,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         unix_socket: config.nbd_socket(),
         tcp: config.nbd.tcp_listen,
     };
+    let vhost_dir = config.vhost_dir();
+    let vhost_max_queues = usize::from(config.frontends.vhost_max_queues);
     tracing::info!(node = %config.node, config = %config.path.display(), "tandemd starting");
     if volume_driver::test_switch::drop_flush_requested() {
         tracing::error!(
@@ -225,7 +229,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let events_task = tokio::spawn(Arc::clone(&events).run());
     let exports: Arc<dyn Exports> = service.clone();
     let (stop_nbd, nbd_stopped) = tokio::sync::watch::channel(false);
-    let nbd_tasks = start_nbd(&config_nbd, exports, nbd_stopped)?;
+    let nbd_tasks = start_nbd(&config_nbd, Arc::clone(&exports), nbd_stopped.clone())?;
+    let vhost_task = tokio::spawn(vhost::serve(
+        vhost::Settings {
+            dir: vhost_dir,
+            max_queues: vhost_max_queues,
+            exports,
+            runtime: tokio::runtime::Handle::current(),
+        },
+        nbd_stopped,
+    ));
     let result = tokio::select! {
         served = server::serve(listener, Arc::clone(&service), events) => {
             served.with_context(|| format!("control API on {} failed", socket.display()))
@@ -245,6 +258,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         if let Err(e) = task.await {
             tracing::warn!(error = %e, "NBD listener task failed");
         }
+    }
+    if let Err(e) = vhost_task.await {
+        tracing::warn!(error = %e, "vhost-user-blk task failed");
     }
     if let Err(e) = std::fs::remove_file(&config_nbd.unix_socket) {
         tracing::warn!(socket = %config_nbd.unix_socket.display(), error = %e, "cannot remove NBD socket");
