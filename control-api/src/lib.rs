@@ -48,8 +48,8 @@ pub use options::{OptionsChange, VolumeOptions};
 pub use replication::role::{ConnectionState, DiskState, Protocol, ReplicationState, Role};
 pub use request::Request;
 pub use response::{
-    ApiError, ErrorKind, EvictMove, NodeConfig, NodeInfo, NodeListEntry, PoolInfo, Reply, Response,
-    SnapshotInfo, VolumeInfo, VolumeState,
+    ApiError, ErrorKind, EvictMove, EvictStep, NodeConfig, NodeInfo, NodeListEntry, PoolInfo,
+    Reply, Response, SnapshotInfo, VolumeInfo, VolumeState,
 };
 pub use status::{PeerStatus, ReplicaStatus, ResyncProgress, VerifySummary, VolumeStatus};
 

@@ -90,6 +90,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<String>,
     },
+    /// The volume an evict of `node` running on this node is moving now →
+    /// [`Reply::EvictProgress`] (`tandem node evict` shows it while it waits).
+    NodeEvictProgress { node: String },
     /// Put a new data replica of `name` on `node`; it full-syncs from an UpToDate replica
     /// → [`Reply::Volume`].
     ReplicaAdd { name: String, node: String },

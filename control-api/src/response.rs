@@ -68,6 +68,10 @@ pub enum Reply {
         node: String,
         moves: Vec<EvictMove>,
     },
+    /// `node_evict_progress`: the step of the evict running here, if one runs.
+    EvictProgress {
+        step: Option<EvictStep>,
+    },
     Snapshot {
         snapshot: SnapshotInfo,
     },
@@ -136,6 +140,15 @@ pub struct EvictMove {
     pub volume: String,
     /// Where the new replica went (empty when the volume only had a tiebreaker there).
     pub to: String,
+}
+
+/// The volume an evict is moving now: `step` of `of`, to `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictStep {
+    pub volume: String,
+    pub to: String,
+    pub step: usize,
+    pub of: usize,
 }
 
 /// One node of the cluster as configured: a `[[nodes]]` entry of `tandem.toml` (the

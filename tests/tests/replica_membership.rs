@@ -365,6 +365,13 @@ fn evicting_a_dead_host_moves_its_replica_while_the_checker_writes() {
         "{}",
         out.stdout
     );
+    // While it waits, the command shows the volume being moved (a line on stderr when it
+    // is not a terminal).
+    assert!(
+        out.stderr.contains("evicting hv1: v (1 of 2) to hv3"),
+        "{}",
+        out.stderr
+    );
     // `w` is not on hv2: hv3, one of its members, moved it to hv2 for the evict.
     assert!(
         out.stdout.contains("w: moved from hv1 to hv2"),

@@ -7,7 +7,7 @@
 //! crash resumes with the same targets (by then a node of the volume, which the free-space
 //! choice would skip). Progress is logged per volume (`step`, `of`).
 
-use control_api::{ApiError, ErrorKind, EvictMove, Reply, VolumeState};
+use control_api::{ApiError, ErrorKind, EvictMove, EvictStep, Reply, VolumeState};
 
 use crate::membership::refused;
 use crate::peer::{PeerReply, PeerRequest};
@@ -51,6 +51,7 @@ impl VolumeService {
         }
         let (volumes, unasked) = self.evict_candidates(node).await;
         let total = volumes.len();
+        let _shown = ShownStep(self, node.to_string());
         let mut moves = Vec::new();
         // Where each volume goes, kept until the evict finished: a resumed evict picks
         // the same node (by then a node of the volume, so free space would not pick it).
@@ -65,6 +66,15 @@ impl VolumeService {
             if plan.insert(name.clone(), target.clone()).is_none() {
                 self.save_evict_plan(node, Some(&plan)).await?;
             }
+            self.lock_evict_steps().insert(
+                node.to_string(),
+                EvictStep {
+                    volume: name.clone(),
+                    to: target.clone(),
+                    step: i + 1,
+                    of: total,
+                },
+            );
             tracing::info!(volume = %name, from = node, to = %target, via = via.as_deref().unwrap_or("this node"),
                 step = i + 1, of = total, "evict: moving the replica");
             let moved = match &via {
@@ -106,6 +116,17 @@ impl VolumeService {
             node: node.to_string(),
             moves,
         })
+    }
+
+    /// The volume an evict of `node` running here is moving now.
+    pub fn evict_step(&self, node: &str) -> Option<EvictStep> {
+        self.lock_evict_steps().get(node).cloned()
+    }
+
+    fn lock_evict_steps(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, EvictStep>> {
+        self.evict_steps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The replicated volumes this node knows with a replica on `node`.
@@ -297,5 +318,14 @@ impl VolumeService {
                 }
             ))
         })
+    }
+}
+
+/// Clears the evict's step when the evict returns, however it returns.
+struct ShownStep<'a>(&'a VolumeService, String);
+
+impl Drop for ShownStep<'_> {
+    fn drop(&mut self) {
+        self.0.lock_evict_steps().remove(&self.1);
     }
 }

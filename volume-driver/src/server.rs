@@ -282,6 +282,9 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
         }),
         Request::NodeReload => service.reload().await,
         Request::NodeEvict { node, to } => service.evict(&node, to.as_deref()).await,
+        Request::NodeEvictProgress { node } => Ok(Reply::EvictProgress {
+            step: service.evict_step(&node),
+        }),
         Request::ReplicaAdd { name, node } => service
             .replica_add(&name, &node)
             .await
@@ -356,6 +359,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::NodeList => "node_list",
         Request::NodeReload => "node_reload",
         Request::NodeEvict { .. } => "node_evict",
+        Request::NodeEvictProgress { .. } => "node_evict_progress",
         Request::ReplicaAdd { .. } => "replica_add",
         Request::ReplicaRemove { .. } => "replica_remove",
         Request::ReplicaMove { .. } => "replica_move",

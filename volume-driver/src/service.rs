@@ -129,6 +129,8 @@ pub struct VolumeService {
     pub(crate) secret: Option<Secret>,
     /// Volumes with a replica add/remove/move running here ([`crate::membership`]).
     pub(crate) membership_ops: Mutex<std::collections::BTreeSet<String>>,
+    /// The step of each evict running here, by evicted node ([`crate::evict`]).
+    pub(crate) evict_steps: Mutex<BTreeMap<String, control_api::EvictStep>>,
 }
 
 pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
@@ -322,6 +324,7 @@ impl VolumeService {
             engine,
             secret,
             membership_ops: Mutex::default(),
+            evict_steps: Mutex::default(),
         })
     }
 

@@ -532,7 +532,16 @@ fn run(cli: &Cli) -> Result<(), String> {
         connect(cli)?
     };
     let spinner = long_operation(&request);
+    let watcher = match &request {
+        Request::NodeEvict { node, .. } => Some(EvictWatcher::start(
+            control_socket(cli)?,
+            node.clone(),
+            spinner.clone(),
+        )),
+        _ => None,
+    };
     let reply = client.call(&request).map_err(|e| client_error(&e));
+    drop(watcher);
     if let Some(spinner) = spinner {
         spinner.finish_and_clear();
     }
@@ -699,9 +708,7 @@ fn long_operation(request: &Request) -> Option<ProgressBar> {
         Request::ReplicaMove { name, from, to } => {
             format!("moving {name} from {from} to {to} (waits for the full sync)")
         }
-        Request::NodeEvict { node, .. } => {
-            format!("evicting {node} (see the tandemd log for each volume)")
-        }
+        Request::NodeEvict { node, .. } => format!("evicting {node}"),
         _ => return None,
     };
     if !std::io::stderr().is_terminal() {
@@ -710,6 +717,58 @@ fn long_operation(request: &Request) -> Option<ProgressBar> {
     let spinner = ProgressBar::new_spinner().with_message(what);
     spinner.enable_steady_tick(Duration::from_millis(120));
     Some(spinner)
+}
+
+/// While `tandem node evict` waits: the volume being moved, asked every second on a second
+/// connection, on the spinner (a terminal) or as a line on stderr whenever it changes.
+struct EvictWatcher {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EvictWatcher {
+    fn start(socket: PathBuf, node: String, spinner: Option<ProgressBar>) -> EvictWatcher {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut last = String::new();
+            let request = Request::NodeEvictProgress { node: node.clone() };
+            loop {
+                let step = Client::connect(&socket, Some(Duration::from_secs(5)))
+                    .and_then(|mut client| client.call(&request));
+                if let Ok(Reply::EvictProgress { step: Some(s) }) = step {
+                    let line = format!(
+                        "evicting {node}: {} ({} of {}) to {}",
+                        s.volume, s.step, s.of, s.to
+                    );
+                    if line != last {
+                        match &spinner {
+                            Some(spinner) => spinner.set_message(line.clone()),
+                            None => eprintln!("{line}"),
+                        }
+                        last = line;
+                    }
+                }
+                if stopped.recv_timeout(Duration::from_secs(1))
+                    != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    return;
+                }
+            }
+        });
+        EvictWatcher {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EvictWatcher {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// How `wait-sync` shows progress on stderr: a bar (indicatif) on a terminal, else a plain
@@ -980,6 +1039,7 @@ fn print_json(reply: Reply) -> Result<(), String> {
             "removed": removed,
         })),
         Reply::Evicted { node, moves } => Ok(serde_json::json!({ "node": node, "moves": moves })),
+        Reply::EvictProgress { step } => serde_json::to_value(step),
         Reply::Snapshot { snapshot } => serde_json::to_value(snapshot),
         Reply::Snapshots { snapshots } => serde_json::to_value(snapshots),
     }
@@ -1037,12 +1097,16 @@ fn print_human(reply: Reply) {
         }
         Reply::Evicted { node, moves } => {
             if moves.is_empty() {
-                println!("node '{node}' holds no replica of a volume known here");
+                println!("node '{node}' holds no replica of any volume");
             }
             for m in moves {
                 println!("{}: moved from {node} to {}", m.volume, m.to);
             }
         }
+        Reply::EvictProgress { step } => match step {
+            Some(s) => println!("{} ({} of {}) to {}", s.volume, s.step, s.of, s.to),
+            None => println!("no evict running"),
+        },
         Reply::Volume { volume } => {
             println!("name:     {}", volume.name);
             println!("pool:     {}", volume.pool);
