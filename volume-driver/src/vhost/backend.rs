@@ -14,6 +14,7 @@
 //! flight and several queues run in parallel.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -60,6 +61,23 @@ pub struct BlkBackend {
     num_queues: usize,
     volume: Mutex<Volume>,
     mem: GuestMemory,
+    /// The read ends of the exit events handed out by [`VhostUserBackend::exit_event`].
+    /// vhost-user-backend 0.24 registers each with its worker's epoll through
+    /// `into_raw_fd` and never closes it; a backend lives for one connection, so they are
+    /// closed when it is dropped (after the workers and their epolls are gone), or every
+    /// connection would leak one descriptor per worker thread.
+    exit_fds: Mutex<Vec<RawFd>>,
+}
+
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        let fds = self.exit_fds.get_mut().unwrap_or_else(|e| e.into_inner());
+        for fd in fds.drain(..) {
+            // SAFETY: `fd` is a descriptor this backend created in `exit_event` whose
+            // ownership the library gave up (`into_raw_fd`) and nothing else closes.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 impl BlkBackend {
@@ -77,6 +95,7 @@ impl BlkBackend {
             num_queues,
             volume: Mutex::new(Volume::NotOpened),
             mem,
+            exit_fds: Mutex::default(),
         }
     }
 
@@ -361,8 +380,14 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => {
+                self.exit_fds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(pair.0.as_raw_fd());
+                Some(pair)
+            }
             Err(e) => {
                 tracing::error!(volume = %self.name, error = %e, "cannot create a vhost-user worker exit event");
                 None
