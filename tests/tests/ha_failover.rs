@@ -105,16 +105,23 @@ fn tail(text: &str, n: usize) -> String {
 
 /// Guest: resume the counter stored in the first 16 bytes of /dev/vda, print it, then
 /// keep writing: write N as a tagged record of its own (16 bytes at [`record_offset`]`(N)`),
-/// then N into the counter, each with fsync, and print `acked N` after both are durable.
+/// then N into the counter, each with fsync, and print `acked N` after both are durable
+/// (a failed write or fsync, e.g. EIO once the host's tandemd is gone, prints `failed N`
+/// and N is tried again: it was not acknowledged).
 const COUNTER_SCRIPT: &str = r#"n=$(dd if=/dev/vda bs=16 count=1 2>/dev/null | tr -dc 0-9)
 [ -z "$n" ] && n=0
 n=$(expr "$n" + 0)
 echo "resume $n"
 while true; do
   n=$((n + 1))
-  printf '%016d' "$n" | dd of=/dev/vda bs=16 seek=$((256 + n)) count=1 conv=fsync,notrunc 2>/dev/null
-  printf '%016d' "$n" | dd of=/dev/vda bs=16 count=1 conv=fsync,notrunc 2>/dev/null
-  echo "acked $n"
+  if printf '%016d' "$n" | dd of=/dev/vda bs=16 seek=$((256 + n)) count=1 conv=fsync,notrunc 2>/dev/null &&
+     printf '%016d' "$n" | dd of=/dev/vda bs=16 count=1 conv=fsync,notrunc 2>/dev/null; then
+    echo "acked $n"
+  else
+    echo "failed $n"
+    n=$((n - 1))
+    sleep 1
+  fi
 done
 "#;
 
