@@ -3,88 +3,15 @@
 //! and must finish once the client's bytes end.
 #![no_main]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::AsyncWriteExt;
-use volume_driver::frontend::{
-    ExportHandle, ExportInfo, ExportIoError, Exports, IoErrorKind, OpenError,
-};
 use volume_driver::nbd;
 
-struct Mem {
-    data: Mutex<Vec<u8>>,
-}
-
-fn check(len: usize, offset: u64, n: u64) -> Result<std::ops::Range<usize>, ExportIoError> {
-    match offset.checked_add(n) {
-        Some(end) if end <= len as u64 => Ok(offset as usize..end as usize),
-        _ => Err(ExportIoError::new(IoErrorKind::Invalid, "out of range")),
-    }
-}
-
-#[async_trait]
-impl ExportHandle for Mem {
-    fn name(&self) -> &str {
-        "m"
-    }
-    fn size(&self) -> u64 {
-        64 << 10
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportIoError> {
-        let d = self.data.lock().unwrap();
-        let r = check(d.len(), offset, u64::from(len))?;
-        Ok(Bytes::copy_from_slice(&d[r]))
-    }
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ExportIoError> {
-        let mut d = self.data.lock().unwrap();
-        let r = check(d.len(), offset, data.len() as u64)?;
-        d[r].copy_from_slice(&data);
-        Ok(())
-    }
-    async fn flush(&self) -> Result<(), ExportIoError> {
-        Ok(())
-    }
-    async fn trim(&self, offset: u64, len: u64) -> Result<(), ExportIoError> {
-        self.write_zeroes(offset, len, true).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> Result<(), ExportIoError> {
-        let mut d = self.data.lock().unwrap();
-        let r = check(d.len(), offset, len)?;
-        d[r].fill(0);
-        Ok(())
-    }
-}
-
-struct One;
-
-#[async_trait]
-impl Exports for One {
-    fn list(&self) -> Vec<String> {
-        vec!["m".into()]
-    }
-    async fn describe(&self, name: &str) -> Result<ExportInfo, OpenError> {
-        let handle = self.open(name, false).await?;
-        Ok(ExportInfo {
-            size: handle.size(),
-            read_only: handle.read_only(),
-        })
-    }
-    async fn open(&self, name: &str, _w: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
-        match name {
-            "m" => Ok(Arc::new(Mem {
-                data: Mutex::new(vec![0; 64 << 10]),
-            })),
-            "r" => Err(OpenError::Refused("no".into())),
-            _ => Err(OpenError::NotFound(name.into())),
-        }
-    }
-}
+#[path = "common/mem_export.rs"]
+mod mem_export;
+use mem_export::One;
 
 /// Client flags + NBD_OPT_GO "m": lets the fuzzer spend its time in transmission.
 fn valid_prefix() -> Vec<u8> {

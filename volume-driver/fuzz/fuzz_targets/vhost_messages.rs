@@ -6,84 +6,16 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixListener;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use volume_driver::frontend::{
-    ExportHandle, ExportInfo, ExportIoError, Exports, IoErrorKind, OpenError,
-};
 use volume_driver::vhost::backend::BlkBackend;
 
-struct Mem {
-    data: Mutex<Vec<u8>>,
-}
-
-fn check(len: usize, offset: u64, n: u64) -> Result<std::ops::Range<usize>, ExportIoError> {
-    match offset.checked_add(n) {
-        Some(end) if end <= len as u64 => Ok(offset as usize..end as usize),
-        _ => Err(ExportIoError::new(IoErrorKind::Invalid, "out of range")),
-    }
-}
-
-#[async_trait]
-impl ExportHandle for Mem {
-    fn name(&self) -> &str {
-        "m"
-    }
-    fn size(&self) -> u64 {
-        64 << 10
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportIoError> {
-        let d = self.data.lock().unwrap();
-        let r = check(d.len(), offset, u64::from(len))?;
-        Ok(Bytes::copy_from_slice(&d[r]))
-    }
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ExportIoError> {
-        let mut d = self.data.lock().unwrap();
-        let r = check(d.len(), offset, data.len() as u64)?;
-        d[r].copy_from_slice(&data);
-        Ok(())
-    }
-    async fn flush(&self) -> Result<(), ExportIoError> {
-        Ok(())
-    }
-    async fn trim(&self, offset: u64, len: u64) -> Result<(), ExportIoError> {
-        self.write_zeroes(offset, len, true).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> Result<(), ExportIoError> {
-        let mut d = self.data.lock().unwrap();
-        let r = check(d.len(), offset, len)?;
-        d[r].fill(0);
-        Ok(())
-    }
-}
-
-struct One;
-
-#[async_trait]
-impl Exports for One {
-    fn list(&self) -> Vec<String> {
-        vec!["m".into()]
-    }
-    async fn describe(&self, _name: &str) -> Result<ExportInfo, OpenError> {
-        Ok(ExportInfo {
-            size: 64 << 10,
-            read_only: false,
-        })
-    }
-    async fn open(&self, _name: &str, _w: bool) -> Result<Arc<dyn ExportHandle>, OpenError> {
-        Ok(Arc::new(Mem {
-            data: Mutex::new(vec![0; 64 << 10]),
-        }))
-    }
-}
+#[path = "common/mem_export.rs"]
+mod mem_export;
+use mem_export::One;
 
 fn header(request: u32, size: u32) -> Vec<u8> {
     let mut h = request.to_le_bytes().to_vec();
