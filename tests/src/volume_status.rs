@@ -45,6 +45,18 @@ pub fn in_sync_with(status: &Value, node: &str) -> bool {
         && p["out_of_sync_bytes"] == 0
 }
 
+/// A `tandem volume status --json` of a Secondary that is UpToDate and connected to every
+/// peer with nothing out of sync.
+pub fn secondary_and_in_sync(status: &Value) -> bool {
+    status["role"] == "Secondary"
+        && status["disk_state"] == "UpToDate"
+        && status["peers"].as_array().is_some_and(|peers| {
+            peers
+                .iter()
+                .all(|p| p["connection"] == "Connected" && p["out_of_sync_bytes"] == 0)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use tandem_tests::loopback_cluster::LoopbackCluster;
 use tandem_tests::vm::{self, Disk, ImageBuilder, Vm};
-use tandem_tests::{wait_until, TandemNode};
+use tandem_tests::{volume_status, wait_until, TandemNode};
 
 const VOLUME: &str = "guest-disk";
 
@@ -24,14 +24,7 @@ fn status(node: &TandemNode) -> Value {
 }
 
 fn secondary_and_in_sync(node: &TandemNode) -> bool {
-    let s = status(node);
-    s["role"] == "Secondary"
-        && s["disk_state"] == "UpToDate"
-        && s["peers"].as_array().is_some_and(|peers| {
-            peers
-                .iter()
-                .all(|p| p["connection"] == "Connected" && p["out_of_sync_bytes"] == 0)
-        })
+    volume_status::secondary_and_in_sync(&status(node))
 }
 
 #[test]

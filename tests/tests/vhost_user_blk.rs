@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use tandem_tests::loopback_cluster::LoopbackCluster;
 use tandem_tests::vm::{self, Disk, ImageBuilder, Vm};
-use tandem_tests::{wait_until, TandemNode};
+use tandem_tests::{volume_status, wait_until, TandemNode};
 
 const VOLUME: &str = "vhost-disk";
 
@@ -43,14 +43,7 @@ fn role(node: &TandemNode) -> String {
 }
 
 fn secondary_and_in_sync(node: &TandemNode) -> bool {
-    let s = status(node);
-    s["role"] == "Secondary"
-        && s["disk_state"] == "UpToDate"
-        && s["peers"].as_array().is_some_and(|peers| {
-            peers
-                .iter()
-                .all(|p| p["connection"] == "Connected" && p["out_of_sync_bytes"] == 0)
-        })
+    volume_status::secondary_and_in_sync(&status(node))
 }
 
 fn wait_for_socket(path: &Path) {
