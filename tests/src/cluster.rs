@@ -498,17 +498,37 @@ impl Cluster {
         self.start(name);
     }
 
+    /// Set the switch end of the host's `link` up or down. Bringing it up returns only once
+    /// both ends report carrier and the bridge forwards on the port: the kernel applies a
+    /// carrier change later (link watch, up to a second under load), and a probe sent
+    /// before then is lost.
     fn set_port(&self, name: &str, link: Link, up: bool) {
         let host = self.host(name);
-        let port = match link {
-            Link::Management => &host.mgmt_port,
-            Link::Replication => &host.repl_port,
+        let (port, inner) = match link {
+            Link::Management => (&host.mgmt_port, "mgmt"),
+            Link::Replication => (&host.repl_port, "repl"),
         };
-        self.switch
-            .as_ref()
-            .expect("switch exists")
+        let switch = self.switch.as_ref().expect("switch exists");
+        switch
             .ip(&["link", "set", port, if up { "up" } else { "down" }])
             .expect("set switch port");
+        if !up {
+            return;
+        }
+        let link_state = |netns: &Netns, dev: &str| -> serde_json::Value {
+            let json = netns
+                .ip(&["-j", "-d", "link", "show", "dev", dev])
+                .expect("ip link show");
+            serde_json::from_str(&json).expect("ip -j output")
+        };
+        let ready = wait_until(Duration::from_secs(10), || {
+            let port = &link_state(switch, port)[0];
+            let inner = &link_state(&host.netns, inner)[0];
+            port["operstate"] == "UP"
+                && port["linkinfo"]["info_slave_data"]["state"] == "forwarding"
+                && inner["operstate"] == "UP"
+        });
+        assert!(ready, "{name}'s {inner} link did not come back up within 10 s");
     }
 
     /// Cut the host's replication link only (management stays up).
