@@ -310,6 +310,56 @@ fn start_promotes_and_stop_demotes() {
 }
 
 #[test]
+fn vhost_user_disks_are_promoted_refused_and_demoted_like_nbd_disks() {
+    let d = DummyTandemd::start();
+    d.add("vm-100-disk-0", "C");
+    d.add("vm-100-disk-1", "C");
+    let run_dir = d.run_dir();
+    let vhost_disk = |volume: &str, target: &str| {
+        format!(
+            "<disk type='vhostuser' device='disk'><driver name='qemu' type='raw' queues='4'/>\
+             <source type='unix' path='{}/vhost/{volume}.sock'><reconnect enabled='yes' timeout='5'/></source>\
+             <target dev='{target}' bus='virtio'/></disk>",
+            run_dir.display()
+        )
+    };
+    let xml = format!(
+        "<domain type='kvm'><name>vm100</name><uuid>11111111-2222-3333-4444-555555555555</uuid>\
+         <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\
+         <devices>{}{}\
+         <disk type='vhostuser' device='disk'><source type='unix' path='/run/elsewhere/vm-100-disk-9.sock'/>\
+         <target dev='vdc' bus='virtio'/></disk></devices></domain>",
+        vhost_disk("vm-100-disk-0", "vda"),
+        vhost_disk("vm-100-disk-1", "vdb"),
+    );
+    let run = call(&d.config(), ["vm100", "prepare", "begin", "-"], &xml);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(
+        d.changes(),
+        [
+            "volume_promote vm-100-disk-0",
+            "volume_promote vm-100-disk-1"
+        ]
+    );
+    let run = call(&d.config(), ["vm100", "release", "end", "destroyed"], &xml);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(
+        d.changes(),
+        ["volume_demote vm-100-disk-0", "volume_demote vm-100-disk-1"]
+    );
+    // Primary on the other host: the start is refused with the reason, nothing changes.
+    let peers = json!([peer("hv2", "Primary")]);
+    d.set("vm-100-disk-1", "peers", peers);
+    let run = call(&d.config(), ["vm100", "prepare", "begin", "-"], &xml);
+    assert!(!run.ok);
+    assert_eq!(
+        run.stderr,
+        "tandem: vm-100-disk-1 is Primary on hv2 (stop or migrate the VM there first)\n"
+    );
+    assert!(d.changes().is_empty());
+}
+
+#[test]
 fn a_refused_promotion_undoes_the_others_and_explains_in_one_line() {
     let d = DummyTandemd::start();
     d.add("vm-100-disk-0", "C");
