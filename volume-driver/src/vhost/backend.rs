@@ -18,7 +18,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -62,24 +61,61 @@ enum Volume {
     Released,
 }
 
+/// Where a socket's one frontend stands.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    #[default]
+    Free,
+    Served,
+    /// The frontend went away; its handle is being released (a demotion takes a moment).
+    Ending,
+}
+
+/// How long an open waits for the previous frontend's handle to be released.
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
 /// A socket's one frontend at a time: taken by the connection whose backend opens the
-/// volume, from the open until that connection ends.
+/// volume, until that connection's handle is released. A frontend that comes while the
+/// previous one, already gone, is being released waits for it instead of being refused.
 #[derive(Debug, Default)]
-pub struct FrontendSlot(AtomicBool);
+pub struct FrontendSlot {
+    turn: Mutex<Turn>,
+    freed: Condvar,
+}
 
 impl FrontendSlot {
-    fn is_taken(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+    fn turn(&self) -> MutexGuard<'_, Turn> {
+        self.turn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn is_served(&self) -> bool {
+        *self.turn() == Turn::Served
+    }
+
+    /// Take the slot, waiting for a release in progress.
     fn claim(&self) -> bool {
-        self.0
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        let (mut turn, _) = self
+            .freed
+            .wait_timeout_while(self.turn(), RELEASE_WAIT, |t| *t == Turn::Ending)
+            .unwrap_or_else(|e| e.into_inner());
+        let free = *turn == Turn::Free;
+        if free {
+            *turn = Turn::Served;
+        }
+        free
+    }
+
+    /// The holder's frontend went away.
+    fn ending(&self) {
+        let mut turn = self.turn();
+        if *turn == Turn::Served {
+            *turn = Turn::Ending;
+        }
     }
 
     fn free(&self) {
-        self.0.store(false, Ordering::SeqCst);
+        *self.turn() = Turn::Free;
+        self.freed.notify_all();
     }
 }
 
@@ -203,7 +239,15 @@ impl BlkBackend {
     /// open of this connection in progress).
     pub fn another_frontend_is_served(&self) -> bool {
         let volume = self.lock();
-        !matches!(*volume, Volume::Open { .. }) && self.slot.is_taken()
+        !matches!(*volume, Volume::Open { .. }) && self.slot.is_served()
+    }
+
+    /// The frontend is gone (its connection ended): a new one may come while the handle
+    /// is released.
+    pub fn frontend_gone(&self) {
+        if let Volume::Open { .. } = *self.lock() {
+            self.slot.ending();
+        }
     }
 
     /// Wait until the frontend asked for the device (and was served or refused), at most

@@ -5,8 +5,9 @@
 //! `VhostUserDaemon` (whose thread answers the messages); [`Session::run`], on a thread of
 //! the connection's own, then decides its fate:
 //!
-//! 1. a frontend is already being served on this socket: hang up at once (logged, naming
-//!    the volume), so a second QEMU fails to start instead of waiting;
+//! 1. a frontend is already being served on this socket (its connection is up): hang up
+//!    at once (logged, naming the volume), so a second QEMU fails to start instead of
+//!    waiting; a previous frontend that is gone but still being released is waited for;
 //! 2. otherwise wait, at most the idle timeout, for the frontend to start using the device
 //!    (GET_FEATURES, its first message, opens the volume): a connection that does not is
 //!    closed (logged), so a silent client cannot hold the socket; a refused open is hung up
@@ -179,6 +180,7 @@ fn end_daemon(
     backend: &BlkBackend,
 ) -> Result<(), vhost_user_backend::Error> {
     let ended = daemon.wait();
+    backend.frontend_gone();
     for handler in daemon.get_epoll_handlers() {
         handler.send_exit_event();
     }

@@ -1,7 +1,8 @@
 //! Test double for the vhost-user-blk unit tests: an in-memory [`Exports`] whose volumes
 //! behave by name. `refused*` refuses every open with a reason, `stuck*` blocks in `open`
 //! until [`DummyExports::unstick`], anything else opens a 1 MiB volume whose byte `i` is
-//! `i % 251`. The list of volumes is set by the test.
+//! `i % 251`; closing a `slow*` one takes [`SLOW_CLOSE`] (as a demotion may). The list of
+//! volumes is set by the test.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,8 @@ use crate::frontend::{ExportHandle, ExportInfo, ExportIoError, Exports, IoErrorK
 
 /// Size of every dummy volume.
 pub const SIZE: u64 = 1 << 20;
+/// How long dropping the handle of a `slow*` volume takes.
+pub const SLOW_CLOSE: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub struct DummyExports {
     listed: Mutex<Vec<String>>,
@@ -84,6 +87,14 @@ impl Exports for DummyExports {
 struct DummyVolume {
     name: String,
     data: Mutex<Vec<u8>>,
+}
+
+impl Drop for DummyVolume {
+    fn drop(&mut self) {
+        if self.name.starts_with("slow") {
+            std::thread::sleep(SLOW_CLOSE);
+        }
+    }
 }
 
 fn range(offset: u64, len: u64) -> Result<std::ops::Range<usize>, ExportIoError> {

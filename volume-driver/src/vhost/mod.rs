@@ -31,6 +31,8 @@
 //!   connection three times during realize; each try opens anew.
 //! * **One frontend at a time.** The socket keeps accepting while a frontend is served;
 //!   any further connection is closed at once with a log line, so a second QEMU fails fast.
+//!   A frontend that comes while the previous one, already gone, is still being released
+//!   (a demotion takes a moment) waits for the release instead.
 //!   A connection that does not ask for the features within [`IDLE_TIMEOUT`] is closed, so
 //!   a silent client cannot keep QEMU out.
 //! * **Ending.** The connection ending for any reason (QEMU quit or died, a protocol error)

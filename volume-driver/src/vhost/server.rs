@@ -446,6 +446,28 @@ mod tests {
     }
 
     #[test]
+    fn a_frontend_that_comes_while_the_previous_one_is_released_waits_instead_of_failing() {
+        let served = Served::start(&["slow-close"], Duration::from_secs(30));
+        let mut first = served.connect("slow-close");
+        assert!(get_features(&mut first).is_some());
+        drop(first);
+        // The daemon sees the hang-up at once; releasing the handle takes SLOW_CLOSE.
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        let mut next = served.connect("slow-close");
+        assert!(
+            get_features(&mut next).is_some(),
+            "a frontend was refused while the previous one was being released"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200),
+            "the open did not wait for the release ({waited:?})"
+        );
+        assert_eq!(served.exports.opens("slow-close"), 2);
+    }
+
+    #[test]
     fn a_refused_open_hangs_up_before_the_device_can_be_used_and_is_tried_again_next_time() {
         let served = Served::start(&["refused-vol"], Duration::from_secs(30));
         for attempt in 1..=2 {
