@@ -159,16 +159,14 @@ impl DiskSpec {
         )
     }
 
-    /// The value of virt-install's `--disk` producing the same element (virt-install has
-    /// no sub-option for `<reconnect>`; [`DiskSpec::virt_install_xml_edits`] add it).
+    /// The value of virt-install's `--disk` producing the same element (virtinst 4.1 has
+    /// no sub-option for `<reconnect>`, nor for a vhostuser disk's socket path;
+    /// [`DiskSpec::virt_install_xml_edits`] add them).
     pub fn virt_install_disk(&self) -> String {
         if self.frontend == Frontend::VhostUser {
             return format!(
-                "type=vhostuser,source.type=unix,source.path={},driver.name=qemu,driver.type=raw,driver.queues={},target.dev={},target.bus={}",
-                self.socket.display(),
-                self.queues,
-                self.target,
-                self.bus
+                "type=vhostuser,source.type=unix,driver.name=qemu,driver.type=raw,driver.queues={},target.dev={},target.bus={}",
+                self.queues, self.target, self.bus
             );
         }
         format!(
@@ -180,20 +178,24 @@ impl DiskSpec {
         )
     }
 
-    /// virt-install's `--xml` edits adding `<reconnect>` to disk number `index` (1-based),
-    /// when a delay is set.
+    /// virt-install's `--xml` edits completing disk number `index` (1-based): a vhostuser
+    /// disk's socket path, and `<reconnect>` when a delay is set.
     pub fn virt_install_xml_edits(&self, index: usize) -> Vec<String> {
-        let Some(delay) = self.reconnect_delay else {
-            return Vec::new();
-        };
-        let reconnect = format!("./devices/disk[{index}]/source/reconnect");
-        match self.frontend {
-            Frontend::Nbd => vec![format!("{reconnect}/@delay={delay}")],
-            Frontend::VhostUser => vec![
-                format!("{reconnect}/@enabled=yes"),
-                format!("{reconnect}/@timeout={delay}"),
-            ],
+        let source = format!("./devices/disk[{index}]/source");
+        let mut edits = Vec::new();
+        if self.frontend == Frontend::VhostUser {
+            edits.push(format!("{source}/@path={}", self.socket.display()));
         }
+        if let Some(delay) = self.reconnect_delay {
+            match self.frontend {
+                Frontend::Nbd => edits.push(format!("{source}/reconnect/@delay={delay}")),
+                Frontend::VhostUser => {
+                    edits.push(format!("{source}/reconnect/@enabled=yes"));
+                    edits.push(format!("{source}/reconnect/@timeout={delay}"));
+                }
+            }
+        }
+        edits
     }
 }
 
@@ -270,16 +272,20 @@ mod tests {
             .contains("  <source type='unix' path='/run/tandem/vhost/vm-100-disk-0.sock'/>\n"));
         assert_eq!(
             s.virt_install_disk(),
-            "type=vhostuser,source.type=unix,source.path=/run/tandem/vhost/vm-100-disk-0.sock,driver.name=qemu,driver.type=raw,driver.queues=4,target.dev=vda,target.bus=virtio"
+            "type=vhostuser,source.type=unix,driver.name=qemu,driver.type=raw,driver.queues=4,target.dev=vda,target.bus=virtio"
         );
         assert_eq!(
             s.virt_install_xml_edits(1),
             [
+                "./devices/disk[1]/source/@path=/run/tandem/vhost/vm-100-disk-0.sock",
                 "./devices/disk[1]/source/reconnect/@enabled=yes",
                 "./devices/disk[1]/source/reconnect/@timeout=5"
             ]
         );
-        assert!(vhost_spec(None).virt_install_xml_edits(1).is_empty());
+        assert_eq!(
+            vhost_spec(None).virt_install_xml_edits(2),
+            ["./devices/disk[2]/source/@path=/run/tandem/vhost/vm-100-disk-0.sock"]
+        );
         let domain = format!("<domain><devices>{}</devices></domain>", s.to_xml());
         let found = tandem_volumes(
             &parse_domain(&domain).unwrap(),
