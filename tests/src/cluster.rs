@@ -528,7 +528,10 @@ impl Cluster {
                 && port["linkinfo"]["info_slave_data"]["state"] == "forwarding"
                 && inner["operstate"] == "UP"
         });
-        assert!(ready, "{name}'s {inner} link did not come back up within 10 s");
+        assert!(
+            ready,
+            "{name}'s {inner} link did not come back up within 10 s"
+        );
     }
 
     /// Cut the host's replication link only (management stays up).
