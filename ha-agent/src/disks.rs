@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use control_api::{Client, ClientError, Request};
-use libvirt_hook::domain_xml::{parse_domain, tandem_volumes, NbdEndpoints};
+use libvirt_hook::domain_xml::{parse_domain, tandem_volumes, Endpoints};
 use volume_driver::config::Config;
 
 use crate::decide::{DiskView, Disks};
@@ -16,24 +16,10 @@ pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a forced demotion may take (the engine waits up to 10 s for requests in flight).
 pub const DEMOTE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Where this node serves NBD (the disks pointing there are Tandem's).
-pub fn endpoints(config: &Config) -> NbdEndpoints {
-    let mut local_ips = Vec::new();
-    if let Some(me) = config.nodes.iter().find(|n| n.name == config.node) {
-        local_ips.push(me.control.ip());
-        local_ips.push(me.replication.ip());
-    }
-    NbdEndpoints {
-        unix_socket: config.nbd_socket(),
-        tcp_listen: config.nbd.tcp_listen,
-        local_ips,
-    }
-}
-
 /// The Tandem volumes of a domain XML.
 pub fn volumes_of(xml: &str, config: &Config) -> Result<Vec<String>, String> {
     let domain = parse_domain(xml).map_err(|e| format!("domain XML: {e}"))?;
-    let disks = tandem_volumes(&domain, &endpoints(config)).map_err(|e| e.to_string())?;
+    let disks = tandem_volumes(&domain, &Endpoints::of_node(config)).map_err(|e| e.to_string())?;
     Ok(disks.into_iter().map(|d| d.volume).collect())
 }
 

@@ -13,7 +13,10 @@
 //! `<run_dir>/vhost/<volume>.sock` (also the same on every host), with `queues` set to
 //! tandemd's `vhost_max_queues` (QEMU's default, one queue per vCPU, fails when it is
 //! larger), and the domain needs shared memfd memory ([`MEMORY_BACKING`]): vhost-user
-//! reads the guest's buffers directly.
+//! reads the guest's buffers directly. Its `<source>` carries `<reconnect enabled='yes'
+//! timeout='N'/>` (libvirt has it for every vhostuser disk; checked with Debian 12's 9.0):
+//! QEMU reconnects to the socket every N seconds after tandemd went away, e.g. across a
+//! restart, and the guest's disk works again.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -77,7 +80,8 @@ pub struct DiskSpec {
     pub target: String,
     /// `virtio`, `scsi`, `sata`, ...
     pub bus: String,
-    /// `<reconnect delay>` in seconds, when this libvirt supports it.
+    /// NBD: `<reconnect delay>` in seconds, when this libvirt supports it. vhost-user:
+    /// `<reconnect enabled='yes' timeout>`, the seconds between QEMU's reconnect attempts.
     pub reconnect_delay: Option<u32>,
 }
 
@@ -134,29 +138,35 @@ impl DiskSpec {
     }
 
     fn vhost_user_xml(&self) -> String {
+        let path = attr(&self.socket.display().to_string());
+        let source = match self.reconnect_delay {
+            Some(timeout) => format!(
+                "<source type='unix' path='{path}'>\n    \
+                 <reconnect enabled='yes' timeout='{timeout}'/>\n  \
+                 </source>"
+            ),
+            None => format!("<source type='unix' path='{path}'/>"),
+        };
         format!(
             "<disk type='vhostuser' device='disk'>\n  \
              <driver name='qemu' type='raw' queues='{}'/>\n  \
-             <source type='unix' path='{}'/>\n  \
+             {source}\n  \
              <target dev='{}' bus='{}'/>\n\
              </disk>\n",
             self.queues,
-            attr(&self.socket.display().to_string()),
             attr(&self.target),
             attr(&self.bus)
         )
     }
 
-    /// The value of virt-install's `--disk` producing the same element (virt-install has
-    /// no sub-option for `<reconnect>`; [`DiskSpec::virt_install_xml_edit`] adds it).
+    /// The value of virt-install's `--disk` producing the same element (virtinst 4.1 has
+    /// no sub-option for `<reconnect>`, nor for a vhostuser disk's socket path;
+    /// [`DiskSpec::virt_install_xml_edits`] add them).
     pub fn virt_install_disk(&self) -> String {
         if self.frontend == Frontend::VhostUser {
             return format!(
-                "type=vhostuser,source.type=unix,source.path={},driver.name=qemu,driver.type=raw,driver.queues={},target.dev={},target.bus={}",
-                self.socket.display(),
-                self.queues,
-                self.target,
-                self.bus
+                "type=vhostuser,source.type=unix,driver.name=qemu,driver.type=raw,driver.queues={},target.dev={},target.bus={}",
+                self.queues, self.target, self.bus
             );
         }
         format!(
@@ -168,21 +178,31 @@ impl DiskSpec {
         )
     }
 
-    /// virt-install's `--xml` edit adding `<reconnect>` to disk number `index` (1-based),
-    /// when a delay is set.
-    pub fn virt_install_xml_edit(&self, index: usize) -> Option<String> {
+    /// virt-install's `--xml` edits completing disk number `index` (1-based): a vhostuser
+    /// disk's socket path, and `<reconnect>` when a delay is set.
+    pub fn virt_install_xml_edits(&self, index: usize) -> Vec<String> {
+        let source = format!("./devices/disk[{index}]/source");
+        let mut edits = Vec::new();
         if self.frontend == Frontend::VhostUser {
-            return None;
+            edits.push(format!("{source}/@path={}", self.socket.display()));
         }
-        self.reconnect_delay
-            .map(|delay| format!("./devices/disk[{index}]/source/reconnect/@delay={delay}"))
+        if let Some(delay) = self.reconnect_delay {
+            match self.frontend {
+                Frontend::Nbd => edits.push(format!("{source}/reconnect/@delay={delay}")),
+                Frontend::VhostUser => {
+                    edits.push(format!("{source}/reconnect/@enabled=yes"));
+                    edits.push(format!("{source}/reconnect/@timeout={delay}"));
+                }
+            }
+        }
+        edits
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain_xml::{parse_domain, tandem_volumes, NbdEndpoints};
+    use crate::domain_xml::{parse_domain, tandem_volumes, Endpoints};
 
     fn spec(reconnect_delay: Option<u32>) -> DiskSpec {
         DiskSpec {
@@ -220,30 +240,59 @@ mod tests {
         s.volume = "odd'&<name>".into();
         let domain = format!("<domain><devices>{}</devices></domain>", s.to_xml());
         let parsed = parse_domain(&domain).unwrap();
-        let found = tandem_volumes(&parsed, &NbdEndpoints::unix("/run/tandem/nbd.sock")).unwrap();
+        let found = tandem_volumes(&parsed, &Endpoints::in_run_dir("/run/tandem")).unwrap();
         assert_eq!(found[0].volume, "odd'&<name>");
         assert_eq!(found[0].target, "vda");
     }
 
+    fn vhost_spec(reconnect_delay: Option<u32>) -> DiskSpec {
+        DiskSpec {
+            frontend: Frontend::VhostUser,
+            socket: "/run/tandem/vhost/vm-100-disk-0.sock".into(),
+            ..spec(reconnect_delay)
+        }
+    }
+
     #[test]
     fn vhost_user_disk_is_a_vhostuser_element_on_the_volumes_socket() {
-        let mut s = spec(Some(5));
-        s.frontend = Frontend::VhostUser;
-        s.socket = "/run/tandem/vhost/vm-100-disk-0.sock".into();
+        let s = vhost_spec(Some(5));
         assert_eq!(
             s.to_xml(),
             "<disk type='vhostuser' device='disk'>
   <driver name='qemu' type='raw' queues='4'/>
-  <source type='unix' path='/run/tandem/vhost/vm-100-disk-0.sock'/>
+  <source type='unix' path='/run/tandem/vhost/vm-100-disk-0.sock'>
+    <reconnect enabled='yes' timeout='5'/>
+  </source>
   <target dev='vda' bus='virtio'/>
 </disk>
 "
         );
+        assert!(vhost_spec(None)
+            .to_xml()
+            .contains("  <source type='unix' path='/run/tandem/vhost/vm-100-disk-0.sock'/>\n"));
         assert_eq!(
             s.virt_install_disk(),
-            "type=vhostuser,source.type=unix,source.path=/run/tandem/vhost/vm-100-disk-0.sock,driver.name=qemu,driver.type=raw,driver.queues=4,target.dev=vda,target.bus=virtio"
+            "type=vhostuser,source.type=unix,driver.name=qemu,driver.type=raw,driver.queues=4,target.dev=vda,target.bus=virtio"
         );
-        assert_eq!(s.virt_install_xml_edit(1), None);
+        assert_eq!(
+            s.virt_install_xml_edits(1),
+            [
+                "./devices/disk[1]/source/@path=/run/tandem/vhost/vm-100-disk-0.sock",
+                "./devices/disk[1]/source/reconnect/@enabled=yes",
+                "./devices/disk[1]/source/reconnect/@timeout=5"
+            ]
+        );
+        assert_eq!(
+            vhost_spec(None).virt_install_xml_edits(2),
+            ["./devices/disk[2]/source/@path=/run/tandem/vhost/vm-100-disk-0.sock"]
+        );
+        let domain = format!("<domain><devices>{}</devices></domain>", s.to_xml());
+        let found = tandem_volumes(
+            &parse_domain(&domain).unwrap(),
+            &Endpoints::in_run_dir("/run/tandem"),
+        )
+        .unwrap();
+        assert_eq!(found[0].volume, "vm-100-disk-0");
     }
 
     #[test]
@@ -252,10 +301,10 @@ mod tests {
             spec(None).virt_install_disk(),
             "source.protocol=nbd,source.name=vm-100-disk-0,source.host.transport=unix,source.host.socket=/run/tandem/nbd.sock,driver.name=qemu,driver.type=raw,driver.cache=none,driver.discard=unmap,target.dev=vda,target.bus=virtio"
         );
-        assert_eq!(spec(None).virt_install_xml_edit(1), None);
+        assert!(spec(None).virt_install_xml_edits(1).is_empty());
         assert_eq!(
-            spec(Some(5)).virt_install_xml_edit(2).as_deref(),
-            Some("./devices/disk[2]/source/reconnect/@delay=5")
+            spec(Some(5)).virt_install_xml_edits(2),
+            ["./devices/disk[2]/source/reconnect/@delay=5"]
         );
     }
 

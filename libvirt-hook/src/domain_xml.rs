@@ -10,16 +10,22 @@
 //! is not well-formed XML, or whose root is not `<domain>`, is a [`DomainXmlError`] that
 //! says where it broke.
 //!
-//! A disk is Tandem's ([`tandem_volumes`]) when it is `type='network'`, its source is
-//! `protocol='nbd'` and its single `<host>` is this node's NBD endpoint: the unix socket
-//! `<run_dir>/nbd.sock`, or the TCP listener `[nbd] tcp_listen` when configured. The
-//! volume is the source's `name` (the NBD export name).
+//! A disk is Tandem's ([`tandem_volumes`]) when it points at one of this node's
+//! [`Endpoints`]:
+//!
+//! * NBD: `type='network'`, its source is `protocol='nbd'` and its single `<host>` is this
+//!   node's NBD endpoint: the unix socket `<run_dir>/nbd.sock`, or the TCP listener
+//!   `[nbd] tcp_listen` when configured. The volume is the source's `name` (the NBD export
+//!   name).
+//! * vhost-user-blk: `type='vhostuser'` with `<source type='unix' path='...'/>` where the
+//!   path is `<run_dir>/vhost/<volume>.sock`. The volume is the file name without `.sock`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
+use volume_driver::config::Config;
 
 /// The NBD port when a `<host>` names none (the IANA port).
 pub const NBD_DEFAULT_PORT: u16 = 10809;
@@ -82,11 +88,15 @@ pub struct DiskInfo {
 /// A disk's direct `<source>`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SourceInfo {
+    /// `type=` (`unix` for a vhostuser disk).
+    pub source_type: Option<String>,
     pub protocol: Option<String>,
     /// `name=` (the NBD export name for nbd).
     pub name: Option<String>,
     pub file: Option<String>,
     pub dev: Option<String>,
+    /// `path=` (the socket of a vhostuser disk).
+    pub path: Option<String>,
     /// The `<host>` children.
     pub hosts: Vec<HostInfo>,
 }
@@ -104,7 +114,7 @@ pub struct HostInfo {
 /// A disk of a domain that Tandem serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TandemDisk {
-    /// The volume (NBD export) name.
+    /// The volume (NBD export) name, or the name in the vhost-user socket's file name.
     pub volume: String,
     /// The guest device (`vda`), or `?` when the disk names none.
     pub target: String,
@@ -112,9 +122,9 @@ pub struct TandemDisk {
     pub shareable: bool,
 }
 
-/// Where this node serves NBD: the disks pointing here are Tandem's.
+/// Where this node serves volumes: the disks pointing here are Tandem's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NbdEndpoints {
+pub struct Endpoints {
     /// `<run_dir>/nbd.sock`.
     pub unix_socket: PathBuf,
     /// `[nbd] tcp_listen`, when configured.
@@ -122,16 +132,46 @@ pub struct NbdEndpoints {
     /// Addresses by which this node's TCP listener is reached when it listens on the
     /// unspecified address (0.0.0.0 / ::): this node's configured IPs. Loopback always counts.
     pub local_ips: Vec<IpAddr>,
+    /// `<run_dir>/vhost`, where each volume's vhost-user-blk socket is.
+    pub vhost_dir: PathBuf,
 }
 
-impl NbdEndpoints {
-    /// Endpoints with just the unix socket.
-    pub fn unix(socket: impl Into<PathBuf>) -> Self {
-        NbdEndpoints {
-            unix_socket: socket.into(),
+impl Endpoints {
+    /// The endpoints of a node whose run directory is `run_dir`, NBD on the unix socket
+    /// only.
+    pub fn in_run_dir(run_dir: impl AsRef<Path>) -> Self {
+        let run_dir = run_dir.as_ref();
+        Endpoints {
+            unix_socket: run_dir.join("nbd.sock"),
             tcp_listen: None,
             local_ips: Vec::new(),
+            vhost_dir: run_dir.join("vhost"),
         }
+    }
+
+    /// This node's endpoints from its Tandem config.
+    pub fn of_node(config: &Config) -> Self {
+        let mut local_ips = Vec::new();
+        if let Some(me) = config.nodes.iter().find(|n| n.name == config.node) {
+            local_ips.push(me.control.ip());
+            local_ips.push(me.replication.ip());
+        }
+        Endpoints {
+            unix_socket: config.nbd_socket(),
+            tcp_listen: config.nbd.tcp_listen,
+            local_ips,
+            vhost_dir: config.vhost_dir(),
+        }
+    }
+
+    /// The volume whose vhost-user-blk socket `path` is, when it is one of this node's.
+    pub fn vhost_volume(&self, path: &str) -> Option<String> {
+        let path = Path::new(path);
+        if path.parent() != Some(self.vhost_dir.as_path()) {
+            return None;
+        }
+        let volume = path.file_name()?.to_str()?.strip_suffix(".sock")?;
+        (!volume.is_empty()).then(|| volume.to_string())
     }
 
     /// Whether an NBD `<host>` points at this node's server.
@@ -183,28 +223,28 @@ impl NbdEndpoints {
 /// twice is listed once), in document order.
 pub fn tandem_volumes(
     domain: &DomainInfo,
-    endpoints: &NbdEndpoints,
+    endpoints: &Endpoints,
 ) -> Result<Vec<TandemDisk>, DomainXmlError> {
     let mut found: Vec<TandemDisk> = Vec::new();
     for disk in &domain.disks {
-        if disk.disk_type != "network" {
-            continue;
-        }
         let Some(source) = &disk.source else { continue };
-        if source.protocol.as_deref() != Some("nbd") {
-            continue;
-        }
-        // libvirt allows exactly one host for nbd; anything else is not ours to judge.
-        let [host] = source.hosts.as_slice() else {
-            continue;
-        };
-        if !endpoints.matches(host) {
-            continue;
-        }
         let target = disk.target.clone().unwrap_or_else(|| "?".to_string());
-        let volume = match source.name.as_deref().map(str::trim) {
-            Some(name) if !name.is_empty() => name.to_string(),
-            _ => return Err(DomainXmlError::TandemDiskWithoutVolume { target }),
+        let volume = match disk.disk_type.as_str() {
+            "network" => match nbd_volume(source, endpoints, &target)? {
+                Some(volume) => volume,
+                None => continue,
+            },
+            "vhostuser" if source.source_type.as_deref() == Some("unix") => {
+                match source
+                    .path
+                    .as_deref()
+                    .and_then(|p| endpoints.vhost_volume(p))
+                {
+                    Some(volume) => volume,
+                    None => continue,
+                }
+            }
+            _ => continue,
         };
         match found.iter_mut().find(|d| d.volume == volume) {
             Some(existing) => existing.shareable |= disk.shareable,
@@ -218,12 +258,38 @@ pub fn tandem_volumes(
     Ok(found)
 }
 
-/// True when the domain has any NBD disk at all (before the config is needed to tell whose).
-pub fn has_nbd_disks(domain: &DomainInfo) -> bool {
+/// The volume of a `type='network'` disk's source when it is an NBD export of this node.
+fn nbd_volume(
+    source: &SourceInfo,
+    endpoints: &Endpoints,
+    target: &str,
+) -> Result<Option<String>, DomainXmlError> {
+    if source.protocol.as_deref() != Some("nbd") {
+        return Ok(None);
+    }
+    // libvirt allows exactly one host for nbd; anything else is not ours to judge.
+    let [host] = source.hosts.as_slice() else {
+        return Ok(None);
+    };
+    if !endpoints.matches(host) {
+        return Ok(None);
+    }
+    match source.name.as_deref().map(str::trim) {
+        Some(name) if !name.is_empty() => Ok(Some(name.to_string())),
+        _ => Err(DomainXmlError::TandemDiskWithoutVolume {
+            target: target.to_string(),
+        }),
+    }
+}
+
+/// True when the domain has any disk that may be Tandem's (NBD or vhost-user), before the
+/// config is needed to tell whose.
+pub fn has_candidate_disks(domain: &DomainInfo) -> bool {
     domain.disks.iter().any(|d| {
-        d.source
-            .as_ref()
-            .is_some_and(|s| s.protocol.as_deref() == Some("nbd"))
+        d.disk_type == "vhostuser"
+            || d.source
+                .as_ref()
+                .is_some_and(|s| s.protocol.as_deref() == Some("nbd"))
     })
 }
 
@@ -355,10 +421,12 @@ fn on_element(domain: &mut DomainInfo, path: &[String], attrs: &[(String, String
     };
     if is_path(path, SOURCE) {
         disk.source = Some(SourceInfo {
+            source_type: attr(attrs, "type"),
             protocol: attr(attrs, "protocol"),
             name: attr(attrs, "name"),
             file: attr(attrs, "file"),
             dev: attr(attrs, "dev"),
+            path: attr(attrs, "path"),
             hosts: Vec::new(),
         });
     } else if is_path(path, HOST) {
@@ -416,11 +484,11 @@ mod tests {
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
-    fn endpoints() -> NbdEndpoints {
-        NbdEndpoints::unix("/run/tandem/nbd.sock")
+    fn endpoints() -> Endpoints {
+        Endpoints::in_run_dir("/run/tandem")
     }
 
-    fn volumes(xml: &str, endpoints: &NbdEndpoints) -> Vec<String> {
+    fn volumes(xml: &str, endpoints: &Endpoints) -> Vec<String> {
         let domain = parse_domain(xml).unwrap();
         tandem_volumes(&domain, endpoints)
             .unwrap()
@@ -490,7 +558,7 @@ mod tests {
             domain.disks[0].source.as_ref().unwrap().dev.as_deref(),
             Some("/dev/vg0/vm-5-disk-0")
         );
-        assert!(has_nbd_disks(&domain));
+        assert!(has_candidate_disks(&domain));
         assert!(tandem_volumes(&domain, &endpoints()).unwrap().is_empty());
     }
 
@@ -513,12 +581,12 @@ mod tests {
     fn tcp_hosts_match_only_this_nodes_listener() {
         let xml = testdata("tcp-hosts.xml");
         assert!(volumes(&xml, &endpoints()).is_empty(), "no TCP listener");
-        let specific = NbdEndpoints {
+        let specific = Endpoints {
             tcp_listen: Some("192.168.1.11:10809".parse().unwrap()),
             ..endpoints()
         };
         assert_eq!(volumes(&xml, &specific), vec!["tcp-default-port"]);
-        let any = NbdEndpoints {
+        let any = Endpoints {
             tcp_listen: Some("0.0.0.0:10809".parse().unwrap()),
             local_ips: vec!["192.168.1.11".parse().unwrap()],
             ..endpoints()
@@ -535,7 +603,57 @@ mod tests {
         let xml = r#"<domain><devices><disk type='network'><source protocol='nbd' name='v'>
             <host transport='unix' socket='/run//tandem/nbd.sock'/></source></disk></devices></domain>"#;
         assert_eq!(volumes(xml, &endpoints()), vec!["v"]);
-        assert!(volumes(xml, &NbdEndpoints::unix("/run/tandem/nbd.sock2")).is_empty());
+        let elsewhere = Endpoints {
+            unix_socket: "/run/tandem/nbd.sock2".into(),
+            ..endpoints()
+        };
+        assert!(volumes(xml, &elsewhere).is_empty());
+    }
+
+    #[test]
+    fn vhost_user_disks_on_this_nodes_sockets_are_tandems() {
+        let xml = testdata("vhost-user.xml");
+        let domain = parse_domain(&xml).unwrap();
+        assert!(has_candidate_disks(&domain));
+        assert_eq!(
+            tandem_volumes(&domain, &endpoints()).unwrap(),
+            vec![
+                TandemDisk {
+                    volume: "vm-200-disk-0".into(),
+                    target: "vda".into(),
+                    shareable: false,
+                },
+                TandemDisk {
+                    volume: "vm-200-disk-1".into(),
+                    target: "vdb".into(),
+                    shareable: true,
+                },
+            ],
+            "other directories, other file names, non-unix sources and non-vhostuser \
+             disks with a path are not ours; a volume on NBD and vhost-user is listed once"
+        );
+        let elsewhere = Endpoints::in_run_dir("/var/run/tandem");
+        assert!(tandem_volumes(&domain, &elsewhere).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_vhost_user_socket_names_its_volume_only_in_this_nodes_directory() {
+        let e = endpoints();
+        let volume = |path: &str| e.vhost_volume(path);
+        assert_eq!(volume("/run/tandem/vhost/v1.sock").as_deref(), Some("v1"));
+        assert_eq!(volume("/run//tandem/vhost/v1.sock").as_deref(), Some("v1"));
+        assert_eq!(volume("/run/tandem/vhost/a.b.sock").as_deref(), Some("a.b"));
+        for other in [
+            "/run/tandem/vhost/.sock",
+            "/run/tandem/vhost/v1",
+            "/run/tandem/vhost/sub/v1.sock",
+            "/run/tandem/v1.sock",
+            "/run/tandem/vhost",
+            "run/tandem/vhost/v1.sock",
+            "",
+        ] {
+            assert_eq!(volume(other), None, "{other}");
+        }
     }
 
     #[test]
@@ -611,6 +729,7 @@ mod tests {
             "virt-manager.xml",
             "namespaces-comments.xml",
             "proxmox-style.xml",
+            "vhost-user.xml",
         ] {
             let original = testdata(name).into_bytes();
             for _ in 0..300 {

@@ -19,7 +19,7 @@ use libvirt_hook::decide::{decide, Facts, HookCall, Operation, Plan, Step};
 use libvirt_hook::disk_spec::{
     DiskSpec, Frontend, LibvirtVersion, MEMORY_BACKING, RECONNECT_MIN_VERSION,
 };
-use libvirt_hook::domain_xml::{has_nbd_disks, parse_domain, tandem_volumes, NbdEndpoints};
+use libvirt_hook::domain_xml::{has_candidate_disks, parse_domain, tandem_volumes, Endpoints};
 use libvirt_hook::execute::{error_chain, execute};
 use libvirt_hook::{incoming, promoted};
 use volume_driver::config::{self, Config};
@@ -31,7 +31,8 @@ const MAX_XML: u64 = 16 << 20;
 const MAX_LOG: u64 = 1 << 20;
 /// `[frontends] vhost_max_queues` when there is no Tandem config.
 const DEFAULT_VHOST_QUEUES: u16 = 4;
-/// Reconnect delay written into `<disk>` when libvirt supports it and none is given.
+/// Reconnect delay (NBD) or timeout (vhost-user) written into `<disk>` when libvirt
+/// supports it and none is given.
 const DEFAULT_RECONNECT_DELAY: u32 = 5;
 
 #[derive(Parser, Debug)]
@@ -117,8 +118,10 @@ struct DiskArgs {
     /// Guest bus
     #[arg(long, default_value = "virtio")]
     bus: String,
-    /// NBD reconnect delay in seconds (`<reconnect delay>`, libvirt >= 9.2.0)
-    /// [default: 5 when this libvirt supports it]
+    /// Reconnect delay in seconds: how soon QEMU reconnects after losing tandemd (e.g.
+    /// across a restart). NBD: `<reconnect delay>` (libvirt >= 9.2.0); vhost-user:
+    /// `<reconnect enabled='yes' timeout>` (every vhostuser-capable libvirt)
+    /// [default: 5 where libvirt supports it]
     #[arg(long, value_name = "SECONDS", conflicts_with = "no_reconnect")]
     reconnect_delay: Option<u32>,
     /// Leave `<reconnect>` out even where libvirt supports it
@@ -253,7 +256,7 @@ fn needs_tandemd(call: &HookCall) -> bool {
 fn run_hook(call: &HookCall, xml: &str, config_path: Option<&Path>) -> Result<(), String> {
     let started = Instant::now();
     let domain = parse_domain(xml).map_err(|e| error_chain(&e))?;
-    if !has_nbd_disks(&domain) {
+    if !has_candidate_disks(&domain) {
         return Ok(());
     }
     let path = config::resolve_path(config_path);
@@ -268,7 +271,7 @@ fn run_hook(call: &HookCall, xml: &str, config_path: Option<&Path>) -> Result<()
     }
     let config = Config::load(&path).map_err(|e| error_chain(&e))?;
     init_log(&config.run_dir);
-    let endpoints = endpoints(&config);
+    let endpoints = Endpoints::of_node(&config);
     let disks = tandem_volumes(&domain, &endpoints).map_err(|e| error_chain(&e))?;
     if disks.is_empty() {
         return Ok(());
@@ -368,19 +371,6 @@ fn run_hook(call: &HookCall, xml: &str, config_path: Option<&Path>) -> Result<()
         Ok(())
     } else {
         Err(failures.join("; "))
-    }
-}
-
-fn endpoints(config: &Config) -> NbdEndpoints {
-    let mut local_ips = Vec::new();
-    if let Some(me) = config.nodes.iter().find(|n| n.name == config.node) {
-        local_ips.push(me.control.ip());
-        local_ips.push(me.replication.ip());
-    }
-    NbdEndpoints {
-        unix_socket: config.nbd_socket(),
-        tcp_listen: config.nbd.tcp_listen,
-        local_ips,
     }
 }
 
@@ -537,11 +527,11 @@ fn disk_output(config_path: Option<&Path>, args: &DiskArgs, virt_install: bool) 
     let version = args.libvirt_version.or_else(detect_libvirt_version);
     let supported = version.is_some_and(LibvirtVersion::supports_nbd_reconnect);
     let reconnect_delay = match (args.no_reconnect, args.reconnect_delay) {
-        _ if args.frontend == Frontend::VhostUser && args.reconnect_delay.is_some() => bail!(
-            "--reconnect-delay is for NBD disks; a vhost-user disk has no NBD reconnect"
-        ),
-        _ if args.frontend == Frontend::VhostUser => None,
         (true, _) => None,
+        // Every libvirt with vhostuser disks has their <reconnect>.
+        (false, delay) if args.frontend == Frontend::VhostUser => {
+            Some(delay.unwrap_or(DEFAULT_RECONNECT_DELAY))
+        }
         (false, Some(_)) if !supported => bail!(
             "--reconnect-delay: libvirt {} has no <reconnect> for NBD disks (needs {RECONNECT_MIN_VERSION}); \
              leave the option out or pass --libvirt-version for the host that runs the domain",
@@ -562,7 +552,7 @@ fn disk_output(config_path: Option<&Path>, args: &DiskArgs, virt_install: bool) 
     };
     let text = if virt_install {
         let mut words = vec!["--disk".to_string(), spec.virt_install_disk()];
-        if let Some(edit) = spec.virt_install_xml_edit(1) {
+        for edit in spec.virt_install_xml_edits(1) {
             words.push("--xml".into());
             words.push(edit);
         }

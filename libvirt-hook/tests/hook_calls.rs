@@ -247,30 +247,45 @@ fn call(config: &Path, args: [&str; 4], xml: &str) -> HookRun {
 }
 
 fn domain_xml(run_dir: &Path, volumes: &[&str]) -> String {
+    domain_xml_on(run_dir, volumes, false)
+}
+
+/// A domain with a CD-ROM and one disk per volume: NBD disks, or vhostuser disks on the
+/// volumes' sockets (and a shared-memory backing) when `vhost_user`.
+fn domain_xml_on(run_dir: &Path, volumes: &[&str], vhost_user: bool) -> String {
     let mut disks = String::new();
     for (i, v) in volumes.iter().enumerate() {
-        disks.push_str(&format!(
-            "<disk type='network' device='disk'><driver name='qemu' type='raw' cache='none'/>\
-             <source protocol='nbd' name='{v}'><host transport='unix' socket='{}/nbd.sock'/></source>\
-             <target dev='vd{}' bus='virtio'/></disk>\n",
-            run_dir.display(),
-            (b'a' + i as u8) as char
-        ));
+        let target = (b'a' + i as u8) as char;
+        let run_dir = run_dir.display();
+        disks.push_str(&if vhost_user {
+            format!(
+                "<disk type='vhostuser' device='disk'><driver name='qemu' type='raw' queues='4'/>\
+                 <source type='unix' path='{run_dir}/vhost/{v}.sock'><reconnect enabled='yes' timeout='5'/></source>\
+                 <target dev='vd{target}' bus='virtio'/></disk>\n"
+            )
+        } else {
+            format!(
+                "<disk type='network' device='disk'><driver name='qemu' type='raw' cache='none'/>\
+                 <source protocol='nbd' name='{v}'><host transport='unix' socket='{run_dir}/nbd.sock'/></source>\
+                 <target dev='vd{target}' bus='virtio'/></disk>\n"
+            )
+        });
     }
+    let memory = if vhost_user {
+        "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n"
+    } else {
+        ""
+    };
     format!(
-        "<domain type='kvm'>\n  <name>vm100</name>\n  <uuid>11111111-2222-3333-4444-555555555555</uuid>\n  <devices>\n\
+        "<domain type='kvm'>\n  <name>vm100</name>\n  <uuid>11111111-2222-3333-4444-555555555555</uuid>\n  {memory}<devices>\n\
          <disk type='file' device='cdrom'><source file='/iso/debian.iso'/><target dev='sda' bus='sata'/><readonly/></disk>\n\
          {disks}  </devices>\n</domain>\n"
     )
 }
 
-#[test]
-fn start_promotes_and_stop_demotes() {
-    let d = DummyTandemd::start();
-    d.add("vm-100-disk-0", "C");
-    d.add("vm-100-disk-1", "C");
-    let xml = domain_xml(&d.run_dir(), &["vm-100-disk-0", "vm-100-disk-1"]);
-    let run = call(&d.config(), ["vm100", "prepare", "begin", "-"], &xml);
+/// `prepare begin` promotes both volumes of `xml`, `release end` demotes them.
+fn start_promotes_and_release_demotes(d: &DummyTandemd, xml: &str) {
+    let run = call(&d.config(), ["vm100", "prepare", "begin", "-"], xml);
     assert!(run.ok, "{}", run.stderr);
     assert_eq!(
         d.changes(),
@@ -279,12 +294,21 @@ fn start_promotes_and_stop_demotes() {
             "volume_promote vm-100-disk-1"
         ]
     );
-    let run = call(&d.config(), ["vm100", "release", "end", "destroyed"], &xml);
+    let run = call(&d.config(), ["vm100", "release", "end", "destroyed"], xml);
     assert!(run.ok, "{}", run.stderr);
     assert_eq!(
         d.changes(),
         ["volume_demote vm-100-disk-0", "volume_demote vm-100-disk-1"]
     );
+}
+
+#[test]
+fn start_promotes_and_stop_demotes() {
+    let d = DummyTandemd::start();
+    d.add("vm-100-disk-0", "C");
+    d.add("vm-100-disk-1", "C");
+    let xml = domain_xml(&d.run_dir(), &["vm-100-disk-0", "vm-100-disk-1"]);
+    start_promotes_and_release_demotes(&d, &xml);
     // An operator promoted disk-1 explicitly before the start: it stays Primary.
     d.set("vm-100-disk-1", "role", json!("Primary"));
     d.set("vm-100-disk-1", "promoted_explicitly", json!(true));
@@ -307,6 +331,31 @@ fn start_promotes_and_stop_demotes() {
     assert_eq!(d.volume("vm-100-disk-1")["role"], "Primary");
     let log = std::fs::read_to_string(d.run_dir().join("libvirt-hook/hook.log")).unwrap();
     assert!(log.contains("promoted explicitly"), "{log}");
+}
+
+#[test]
+fn vhost_user_disks_are_promoted_refused_and_demoted_like_nbd_disks() {
+    let d = DummyTandemd::start();
+    d.add("vm-100-disk-0", "C");
+    d.add("vm-100-disk-1", "C");
+    let mut xml = domain_xml_on(&d.run_dir(), &["vm-100-disk-0", "vm-100-disk-1"], true);
+    // Another daemon's vhost-user disk is not Tandem's.
+    xml = xml.replace(
+        "  </devices>",
+        "<disk type='vhostuser' device='disk'><source type='unix' path='/run/elsewhere/vm-100-disk-9.sock'/>\
+         <target dev='vdc' bus='virtio'/></disk>\n  </devices>",
+    );
+    start_promotes_and_release_demotes(&d, &xml);
+    // Primary on the other host: the start is refused with the reason, nothing changes.
+    let peers = json!([peer("hv2", "Primary")]);
+    d.set("vm-100-disk-1", "peers", peers);
+    let run = call(&d.config(), ["vm100", "prepare", "begin", "-"], &xml);
+    assert!(!run.ok);
+    assert_eq!(
+        run.stderr,
+        "tandem: vm-100-disk-1 is Primary on hv2 (stop or migrate the VM there first)\n"
+    );
+    assert!(d.changes().is_empty());
 }
 
 #[test]

@@ -443,6 +443,58 @@ path = "{root}/images"
         Ok(())
     }
 
+    /// Stop tandemd (SIGTERM, as `systemctl restart` does) and start it again in the same
+    /// namespaces, its log appended to the same file; returns once it answers. libvirtd and
+    /// the domains keep running.
+    pub fn restart_tandemd(&mut self) -> Result<()> {
+        let old = self.pid();
+        // Another process of the host (virtlogd, libvirtd, QEMU) keeps the namespaces to
+        // enter after tandemd is gone.
+        let pids = run(Command::new("ip").args(["netns", "pids", &self.netns]))?.stdout;
+        let anchor = pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .find(|&p| p != old)
+            .context("no other process in the host's namespace")?;
+        if let Some(mut child) = self.tandemd.take() {
+            // SAFETY: kill(2) on the tandemd this host started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let stopped = wait_until(Duration::from_secs(30), || {
+                child.try_wait().ok().flatten().is_some()
+            });
+            if !stopped {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.path("tandemd.log"))?;
+        let child = Command::new("nsenter")
+            .arg("-t")
+            .arg(anchor.to_string())
+            .args(["-m", "-n", "--"])
+            .arg(bin("tandemd"))
+            .args(["--config", "/etc/tandem/tandem.toml"])
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting tandemd again")?;
+        self.tandemd = Some(child);
+        if !wait_until(Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(self.control_socket()).is_ok()
+        }) {
+            bail!(
+                "host {}: tandemd did not answer after its restart:\n{}",
+                self.node,
+                self.tandemd_log()
+            );
+        }
+        Ok(())
+    }
+
     /// tandemd's pid (the process whose namespaces [`LibvirtHost::exec`] enters).
     fn pid(&self) -> u32 {
         self.tandemd.as_ref().map(Child::id).unwrap_or(0)

@@ -5,9 +5,13 @@
 //! * A guest makes ext4 on a replicated volume over vhost-user-blk on hv1 and writes a file
 //!   (opening promotes hv1); it powers off (closing demotes hv1), a second boot reads the
 //!   file back, and hv2's replica holds the same bytes.
-//! * While hv1 is Primary, a guest on hv2's socket is refused: tandemd logs the reason and
-//!   the guest's reads fail.
-//! * A QEMU killed with SIGKILL releases the volume (hv1 demotes).
+//! * While hv1 is Primary, a QEMU on hv2's socket is refused: tandemd logs the reason and
+//!   hangs up, QEMU exits with an error and the guest never runs. Once hv1 demotes, the
+//!   same start on hv2 works; killed with SIGKILL, that QEMU releases the volume (hv2
+//!   demotes).
+//! * A client that connects and stays silent is closed after a few seconds and does not
+//!   keep a real QEMU out; a second QEMU on a served socket fails at once instead of
+//!   hanging.
 //! * A malicious frontend (garbage, truncated and oversized vhost-user messages) neither
 //!   stops the daemon nor the other volumes' sockets, and a real QEMU is served afterwards.
 //!
@@ -16,7 +20,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use tandem_tests::loopback_cluster::LoopbackCluster;
@@ -139,52 +143,80 @@ fn a_guest_writes_over_vhost_user_blk_reboots_and_reads_back_and_the_volume_foll
         .expect("reading the file from hv2's replica");
     assert_eq!(String::from_utf8_lossy(&on_hv2), format!("{content}\n"));
 
-    // A refusal: hv1 is Primary, so hv2 may not open the volume; hv2 says why, and the
-    // guest's reads fail.
+    // A refusal: hv1 is Primary, so hv2 may not open the volume. hv2 logs why and hangs
+    // up before QEMU's device is realized: QEMU exits with an error, the guest never runs.
     assert!(wait_until(Duration::from_secs(30), || {
         secondary_and_in_sync(hv1)
     }));
     hv1.tandem(&["volume", "promote", VOLUME]).ok();
-    let refused_image = ImageBuilder::new(
-        "section read dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct\n",
+    let reader_on_hv2 = ImageBuilder::new(
+        "section read dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct\n\
+         echo @@READ-DONE\n\
+         sleep 600\n",
     )
-    .build(&work.path().join("refused"))
-    .expect("building the refused guest");
-    let run = Vm::new(refused_image)
+    .build(&work.path().join("reader-hv2"))
+    .expect("building the hv2 guest");
+    let refused_console = work.path().join("refused.log");
+    let started = Instant::now();
+    let refused = Vm::new(reader_on_hv2.clone())
         .disk(Disk::vhost_user(&sock2, 1))
-        .run(&work.path().join("refused.log"))
-        .expect("booting a guest on hv2");
-    run.assert_section_failed("read");
+        .run(&refused_console);
+    let failed_after = started.elapsed();
+    let error = match refused {
+        Err(e) => format!("{e:#}"),
+        Ok(run) => panic!(
+            "QEMU ran a guest on a refused volume:\n{}",
+            run.script_console()
+        ),
+    };
+    eprintln!("[vhost refusal] QEMU failed after {failed_after:.1?}: {error}");
+    assert!(
+        error.contains("vhost-user-blk"),
+        "QEMU did not fail in the vhost-user-blk device: {error}"
+    );
+    let console = std::fs::read_to_string(&refused_console).unwrap_or_default();
+    assert!(
+        !console.contains("Linux version"),
+        "the refused guest's kernel ran:\n{console}"
+    );
     let log = hv2.log();
     assert!(
-        log.contains("vhost-user-blk open refused") && log.contains(VOLUME),
+        log.contains("vhost-user-blk open refused")
+            && log.contains(&format!("{VOLUME} is Primary on hv1")),
         "hv2 did not log the refusal with its reason:\n{log}"
     );
     assert_eq!(role(hv2), "Secondary", "the refused open promoted hv2");
+
+    // Once hv1 demotes, the same QEMU start on hv2 works (a refusal is not remembered);
+    // a QEMU that dies releases the volume: hv2 demotes.
     hv1.tandem(&["volume", "demote", VOLUME]).ok();
     assert!(wait_until(Duration::from_secs(30), || {
-        secondary_and_in_sync(hv1)
+        secondary_and_in_sync(hv1) && secondary_and_in_sync(hv2)
     }));
-
-    // A QEMU that dies releases the volume: hv1 demotes.
-    let sleeper = ImageBuilder::new("dd if=/dev/vda of=/dev/null bs=4096 count=1\nsleep 600\n")
-        .build(&work.path().join("sleeper"))
-        .expect("building the sleeping guest");
-    let mut running = Vm::new(sleeper)
-        .disk(Disk::vhost_user(&sock1, 2))
-        .spawn(&work.path().join("sleeper.log"))
-        .expect("booting the sleeping guest on hv1");
+    let hv2_console = work.path().join("reader-hv2.log");
+    let mut running = Vm::new(reader_on_hv2)
+        .disk(Disk::vhost_user(&sock2, 1))
+        .spawn(&hv2_console)
+        .expect("booting the guest on hv2");
     assert!(
-        wait_until(Duration::from_secs(120), || role(hv1) == "Primary"),
-        "the guest never opened the volume: {:#}",
-        status(hv1)
+        wait_until(vm::DEFAULT_TIMEOUT, || {
+            std::fs::read_to_string(&hv2_console)
+                .unwrap_or_default()
+                .contains("@@READ-DONE")
+        }),
+        "the guest on hv2 never read its disk:\n{}",
+        std::fs::read_to_string(&hv2_console).unwrap_or_default()
     );
+    let run =
+        vm::GuestRun::from_console(&std::fs::read_to_string(&hv2_console).unwrap_or_default());
+    run.assert_section_ok("read");
+    assert_eq!(role(hv2), "Primary", "{:#}", status(hv2));
     running.kill();
     assert!(
-        wait_until(Duration::from_secs(30), || role(hv1) == "Secondary"),
-        "hv1 stayed {} after QEMU was killed\n{}",
-        role(hv1),
-        hv1.log()
+        wait_until(Duration::from_secs(30), || role(hv2) == "Secondary"),
+        "hv2 stayed {} after QEMU was killed\n{}",
+        role(hv2),
+        hv2.log()
     );
 }
 
@@ -338,6 +370,135 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// Read from `stream` until the daemon closes it; how long that took (`None`: still open
+/// after `limit`).
+fn closed_within(stream: &mut UnixStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(limit)).expect("read timeout");
+    let mut sink = [0u8; 64];
+    loop {
+        match stream.read(&mut sink) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(started.elapsed())
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+#[test]
+fn a_silent_client_is_closed_and_a_second_qemu_fails_fast_while_the_first_is_served() {
+    if vm::skip_requested() {
+        eprintln!("TANDEM_SKIP_VM_TESTS is set: skipping guest test");
+        return;
+    }
+    const SHARED: &str = "one-frontend";
+    let node = TandemNode::start_new();
+    node.tandem(&["volume", "create", SHARED, "--size", "64M"])
+        .ok();
+    let sock = socket(&node, SHARED);
+    wait_for_socket(&sock);
+    let work = tempfile::Builder::new()
+        .prefix("tandem-vhost-one-")
+        .tempdir()
+        .expect("temp dir");
+
+    // A client that connects and says nothing, then a real QEMU: the QEMU comes up while
+    // the silent client is still connected, and tandemd closes the silent one after its
+    // idle timeout (5 s).
+    let image = ImageBuilder::new(
+        "section read dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct\n\
+         echo @@READ-DONE\n\
+         sleep 600\n",
+    )
+    .build(&work.path().join("image"))
+    .expect("building the guest");
+    let connected = Instant::now();
+    let mut silent = UnixStream::connect(&sock).expect("connect");
+    let first_console = work.path().join("first.log");
+    let mut first = Vm::new(image.clone())
+        .disk(Disk::vhost_user(&sock, 1))
+        .spawn(&first_console)
+        .expect("starting the first QEMU");
+    let open_writers = || {
+        node.tandem(&["volume", "status", SHARED, "--json"])
+            .ok()
+            .json()["open_writers"]
+            .clone()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || open_writers() == 1),
+        "the QEMU behind a silent client never opened the volume\n{}",
+        node.log()
+    );
+    let opened_after = connected.elapsed();
+    silent.set_nonblocking(true).expect("nonblocking");
+    let still_open =
+        matches!(silent.read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    silent.set_nonblocking(false).expect("blocking");
+    assert!(
+        still_open,
+        "the silent client was closed before QEMU opened the volume ({opened_after:?})"
+    );
+    let closed = closed_within(&mut silent, Duration::from_secs(30)).map(|_| connected.elapsed());
+    eprintln!(
+        "[vhost one frontend] QEMU opened the volume {opened_after:.1?} after the silent client connected; the silent client was closed after {closed:.1?}"
+    );
+    assert!(
+        closed.is_some_and(|t| t >= Duration::from_secs(4) && t < Duration::from_secs(15)),
+        "the silent connection was not closed after the idle timeout ({closed:?})"
+    );
+    assert!(
+        wait_until(vm::DEFAULT_TIMEOUT, || {
+            std::fs::read_to_string(&first_console)
+                .unwrap_or_default()
+                .contains("@@READ-DONE")
+        }),
+        "the QEMU after a silent client never read its disk:\n{}\n{}",
+        std::fs::read_to_string(&first_console).unwrap_or_default(),
+        node.log()
+    );
+    let run =
+        vm::GuestRun::from_console(&std::fs::read_to_string(&first_console).unwrap_or_default());
+    run.assert_section_ok("read");
+
+    // A second QEMU on the served socket fails at once with an error.
+    let started = Instant::now();
+    let second = Vm::new(image)
+        .disk(Disk::vhost_user(&sock, 1))
+        .timeout(Duration::from_secs(60))
+        .run(&work.path().join("second.log"));
+    let failed_after = started.elapsed();
+    let error = match second {
+        Err(e) => format!("{e:#}"),
+        Ok(run) => panic!(
+            "a second QEMU ran on a served socket (timed out: {}):\n{}",
+            run.timed_out,
+            run.script_console()
+        ),
+    };
+    eprintln!("[vhost one frontend] second QEMU failed after {failed_after:.1?}: {error}");
+    assert!(
+        failed_after < Duration::from_secs(20),
+        "the second QEMU took {failed_after:?} to fail"
+    );
+    let log = node.log();
+    assert!(
+        log.contains("refusing a second frontend") && log.contains(SHARED),
+        "tandemd did not log the refused connection with the volume:\n{log}"
+    );
+    // The first guest is still served.
+    assert_eq!(
+        node.tandem(&["volume", "status", SHARED, "--json"])
+            .ok()
+            .json()["open_writers"],
+        1
+    );
+    first.kill();
 }
 
 /// The failover drill over vhost-user-blk: a guest on hv1 writes numbered 4 KiB blocks, each

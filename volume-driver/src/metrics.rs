@@ -7,7 +7,8 @@
 //! labels (`volume`, `peer`, `pool`; its `lowerpending` and `upperpending` are
 //! `device_lower_pending` and `device_upper_pending`), plus what drbd-reactor lacks:
 //! latency histograms (`tandem_io_latency_seconds`, split into the local disk and the peer
-//! acknowledgement), resync rate and ETA, pool capacity and NBD connections. States are
+//! acknowledgement), resync rate and ETA, pool capacity, NBD connections, and the
+//! vhost-user-blk frontends served and requests answered (by type and status). States are
 //! state sets, DRBD's spelling in the label, exactly one series at 1:
 //! `tandem_volume_role{volume="vm-1",role="Primary"} 1`.
 //!
@@ -40,6 +41,8 @@ pub struct Snapshot {
     pub io: Vec<(String, Arc<IoStats>)>,
     /// Open NBD connections, by export (volume) name.
     pub nbd_connections: BTreeMap<String, u64>,
+    /// The vhost-user-blk frontend's counters, by volume.
+    pub vhost: BTreeMap<String, crate::vhost::stats::Figures>,
 }
 
 impl Snapshot {
@@ -51,6 +54,7 @@ impl Snapshot {
             pools: service.pools().await,
             io: service.io_stats_all(),
             nbd_connections: crate::nbd::connections::open_connections(),
+            vhost: crate::vhost::stats::snapshot(),
         }
     }
 }
@@ -191,7 +195,8 @@ impl Collector for Snapshot {
             self.nbd_connections
                 .iter()
                 .map(|(v, n)| (vec![("volume", v.clone())], int(*n))),
-        )
+        )?;
+        self.encode_vhost(&mut f)
     }
 }
 
@@ -236,7 +241,7 @@ impl Snapshot {
         )?;
         f.gauges(
             "device_open",
-            "Writable frontend handles (NBD clients) open on this node",
+            "Writable frontend handles (NBD clients, vhost-user-blk frontends) open on this node",
             st.iter().map(|s| (volume(s), int(s.open_writers as u64))),
         )?;
         f.gauges(
@@ -444,6 +449,31 @@ impl Snapshot {
         )
     }
 
+    /// The vhost-user-blk frontend: frontends served, requests answered.
+    fn encode_vhost(&self, f: &mut Family) -> Result<(), std::fmt::Error> {
+        f.gauges(
+            "vhost_connections",
+            "vhost-user-blk frontends (QEMU) being served per volume",
+            self.vhost
+                .iter()
+                .map(|(v, figures)| (vec![("volume", v.clone())], int(figures.connections))),
+        )?;
+        f.counters(
+            "vhost_requests",
+            "virtio-blk requests answered over vhost-user-blk, by type (op) and status",
+            self.vhost.iter().flat_map(|(v, figures)| {
+                figures.requests.iter().map(move |(op, status, n)| {
+                    let labels = vec![
+                        ("volume", v.clone()),
+                        ("op", op.to_string()),
+                        ("status", status.to_string()),
+                    ];
+                    (labels, *n)
+                })
+            }),
+        )
+    }
+
     /// Pool capacity, usage and thin overcommit.
     fn encode_pools(&self, f: &mut Family) -> Result<(), std::fmt::Error> {
         let ok: Vec<&PoolInfo> = self.pools.iter().filter(|p| p.error.is_none()).collect();
@@ -514,6 +544,14 @@ mod tests {
             }],
             io: vec![("vm-1".into(), io)],
             nbd_connections: [("vm-1".to_string(), 2)].into(),
+            vhost: [(
+                "vm-1".to_string(),
+                crate::vhost::stats::Figures {
+                    connections: 1,
+                    requests: vec![("read", "ok", 7), ("other", "unsupp", 1)],
+                },
+            )]
+            .into(),
         });
         for line in [
             r#"tandem_volume_role{node="hv2",volume="vm-1",role="Secondary"} 1"#,
@@ -529,6 +567,9 @@ mod tests {
             r#"tandem_device_written_bytes_total{node="hv2",volume="vm-1"} 4096"#,
             r#"tandem_pool_provisioned_bytes{node="hv2",pool="files"} 300"#,
             r#"tandem_nbd_connections{node="hv2",volume="vm-1"} 2"#,
+            r#"tandem_vhost_connections{node="hv2",volume="vm-1"} 1"#,
+            r#"tandem_vhost_requests_total{node="hv2",volume="vm-1",op="read",status="ok"} 7"#,
+            r#"tandem_vhost_requests_total{node="hv2",volume="vm-1",op="other",status="unsupp"} 1"#,
             r#"tandem_connection_sent_bytes_total{node="hv2",volume="vm-1",peer="hv1"} 300"#,
             r#"tandem_connection_rtt_seconds{node="hv2",volume="vm-1",peer="hv1"} 0.00025"#,
             r#"tandem_connection_congested{node="hv2",volume="vm-1",peer="hv1"} 1"#,

@@ -49,6 +49,7 @@ fuzz_target!(|data: &[u8]| {
         rt.handle().clone(),
         2,
         mem.clone(),
+        Arc::default(),
     ));
     let mut daemon = VhostUserDaemon::new("fuzz".into(), Arc::clone(&backend), mem).unwrap();
     let frontend = std::thread::spawn(move || {

@@ -236,6 +236,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             max_queues: vhost_max_queues,
             exports,
             runtime: tokio::runtime::Handle::current(),
+            idle_timeout: vhost::IDLE_TIMEOUT,
         },
         nbd_stopped,
     ));

@@ -5,7 +5,8 @@
 //! worker threads) and `virtio-queue` (descriptor chains), as cloud-hypervisor's
 //! `vhost_user_block` is. [`server`] owns the sockets, [`backend`] the device of one
 //! connection, [`request`] the pure parsing of virtio-blk requests and [`config_space`] the
-//! config space. Like NBD, the device only knows the
+//! config space, [`connection`] one connection's life and [`stats`] the metrics counters.
+//! Like NBD, the device only knows the
 //! [`Exports`](crate::frontend::Exports) / [`ExportHandle`](crate::frontend::ExportHandle)
 //! traits.
 //!
@@ -16,18 +17,28 @@
 //!   `ExportHandle::flush`), DISCARD and WRITE_ZEROES (one range per request, UNMAP honoured),
 //!   BLK_SIZE 4096, SEG_MAX / SIZE_MAX (requests up to 32 MiB), TOPOLOGY, RO when the handle
 //!   is read-only. Not offered: EVENT_IDX, INDIRECT_DESC, CONFIG_WCE, LOG_ALL (so QEMU
-//!   refuses to live-migrate these disks for now), inflight tracking (a QEMU that
-//!   reconnects resubmits nothing).
+//!   refuses to live-migrate these disks for now), inflight tracking (each queue completes
+//!   its requests in order, so when QEMU restarts a queue at its used index after a
+//!   reconnect, exactly the requests that were in flight are submitted again).
 //! * **Queues.** QEMU's `vhost-user-blk-pci` asks for one queue per vCPU unless
 //!   `num-queues` is given, and fails to start when the backend offers fewer; give
 //!   `num-queues` (libvirt `<driver queues>`, which `tandem-libvirt-hook disk-xml
 //!   --frontend vhost-user` sets to `vhost_max_queues`) for guests with more vCPUs.
 //! * **Opening.** On the frontend's first GET_FEATURES, `Exports::open(name, true)`: that
-//!   may promote. A refusal is logged (error, with the reason) and the guest gets
-//!   `VIRTIO_BLK_S_IOERR` for every request of that connection.
+//!   may promote. A refusal is logged (error, with the reason) and the connection is hung
+//!   up before QEMU's device is realized (GET_CONFIG also answers the protocol's error), so
+//!   QEMU fails to start, as it does when an NBD open is refused. QEMU retries the
+//!   connection three times during realize; each try opens anew.
+//! * **One frontend at a time.** The socket keeps accepting while a frontend is served;
+//!   any further connection is closed at once with a log line, so a second QEMU fails fast.
+//!   A frontend that comes while the previous one, already gone, is still being released
+//!   (a demotion takes a moment) waits for the release instead.
+//!   A connection that does not ask for the features within [`IDLE_TIMEOUT`] is closed, so
+//!   a silent client cannot keep QEMU out.
 //! * **Ending.** The connection ending for any reason (QEMU quit or died, a protocol error)
-//!   drops the handle: the last writer closing demotes. The socket then accepts the next
-//!   frontend; one volume has at most one frontend at a time.
+//!   drops the handle: the last writer closing demotes. The socket then serves the next
+//!   frontend. A QEMU started with `reconnect` (libvirt `<reconnect enabled='yes'>`)
+//!   connects again after tandemd restarts and resubmits what was in flight.
 //! * **Untrusted input.** vhost-user messages are checked by the `vhost` crate (a bad one
 //!   ends the connection); every descriptor address, length, sector and range is checked in
 //!   [`request`] and by guest-memory accessors (a bad one fails that request).
@@ -39,7 +50,11 @@
 
 pub mod backend;
 pub mod config_space;
+pub mod connection;
+#[cfg(test)]
+mod dummy_exports;
 pub mod request;
 pub mod server;
+pub mod stats;
 
-pub use server::{serve, socket_path, Settings, VhostError, RECONCILE_EVERY};
+pub use server::{serve, socket_path, Settings, VhostError, IDLE_TIMEOUT, RECONCILE_EVERY};

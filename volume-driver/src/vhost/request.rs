@@ -118,6 +118,16 @@ impl Chain {
     }
 }
 
+/// Where to answer `VIRTIO_BLK_S_IOERR` for a chain [`Chain::split`] refused: the last
+/// byte of its last descriptor when that one is device-writable (where a well-formed chain
+/// has its status byte), else nowhere.
+pub fn fallback_status_addr(last_descriptor: Option<(u64, u32, bool)>) -> Option<u64> {
+    match last_descriptor {
+        Some((addr, len, true)) if len > 0 => addr.checked_add(u64::from(len) - 1),
+        _ => None,
+    }
+}
+
 /// The status byte answered to the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -127,11 +137,73 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: &'static [Status] = &[Status::Ok, Status::IoErr, Status::Unsupp];
+
     pub fn byte(self) -> u8 {
         match self {
             Status::Ok => VIRTIO_BLK_S_OK as u8,
             Status::IoErr => VIRTIO_BLK_S_IOERR as u8,
             Status::Unsupp => VIRTIO_BLK_S_UNSUPP as u8,
+        }
+    }
+
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::IoErr => "ioerr",
+            Status::Unsupp => "unsupp",
+        }
+    }
+}
+
+/// A request's type as the metrics count it; `Other` is an unknown type or a chain too
+/// malformed to read one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    GetId,
+    Discard,
+    WriteZeroes,
+    Other,
+}
+
+impl Op {
+    pub const ALL: &'static [Op] = &[
+        Op::Read,
+        Op::Write,
+        Op::Flush,
+        Op::GetId,
+        Op::Discard,
+        Op::WriteZeroes,
+        Op::Other,
+    ];
+
+    /// The type of a request from its header's first field.
+    pub fn of(header: &[u8; HEADER_LEN as usize]) -> Op {
+        match u32::from_le_bytes([header[0], header[1], header[2], header[3]]) {
+            VIRTIO_BLK_T_IN => Op::Read,
+            VIRTIO_BLK_T_OUT => Op::Write,
+            VIRTIO_BLK_T_FLUSH => Op::Flush,
+            VIRTIO_BLK_T_GET_ID => Op::GetId,
+            VIRTIO_BLK_T_DISCARD => Op::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => Op::WriteZeroes,
+            _ => Op::Other,
+        }
+    }
+
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::GetId => "get_id",
+            Op::Discard => "discard",
+            Op::WriteZeroes => "write_zeroes",
+            Op::Other => "other",
         }
     }
 }
@@ -382,6 +454,28 @@ mod tests {
         assert_eq!(ranges_len(&two), 0);
         let refused = parse(&header(VIRTIO_BLK_T_DISCARD, 0), &two, &[], SIZE);
         assert_eq!(refused.map_err(|r| r.status), Err(Status::IoErr));
+    }
+
+    #[test]
+    fn a_refused_chain_gets_its_status_in_the_last_descriptor_only_when_that_is_writable() {
+        assert_eq!(
+            fallback_status_addr(Some((0x9000, 16, true))),
+            Some(0x9000 + 15)
+        );
+        assert_eq!(fallback_status_addr(Some((0x9000, 16, false))), None);
+        assert_eq!(fallback_status_addr(Some((0x9000, 0, true))), None);
+        assert_eq!(fallback_status_addr(Some((u64::MAX, 2, true))), None);
+        assert_eq!(fallback_status_addr(None), None);
+    }
+
+    #[test]
+    fn ops_follow_the_header_type() {
+        assert_eq!(Op::of(&header(VIRTIO_BLK_T_IN, 0)), Op::Read);
+        assert_eq!(
+            Op::of(&header(VIRTIO_BLK_T_WRITE_ZEROES, 0)),
+            Op::WriteZeroes
+        );
+        assert_eq!(Op::of(&header(0xdead, 0)), Op::Other);
     }
 
     #[test]

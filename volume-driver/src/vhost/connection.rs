@@ -1,0 +1,189 @@
+//! One frontend connection on a volume's socket, from accept to hang-up, and the registry
+//! through which the socket hangs up all of its connections when it closes.
+//!
+//! [`Session::start`] accepts a connection with a fresh [`BlkBackend`] under rust-vmm's
+//! `VhostUserDaemon` (whose thread answers the messages); [`Session::run`], on a thread of
+//! the connection's own, then decides its fate:
+//!
+//! 1. a frontend is already being served on this socket (its connection is up): hang up
+//!    at once (logged, naming the volume), so a second QEMU fails to start instead of
+//!    waiting; a previous frontend that is gone but still being released is waited for;
+//! 2. otherwise wait, at most the idle timeout, for the frontend to start using the device
+//!    (GET_FEATURES, its first message, opens the volume): a connection that does not is
+//!    closed (logged), so a silent client cannot hold the socket; a refused open is hung up
+//!    at once, before QEMU's device is realized, so QEMU fails to start (the backend logged
+//!    the reason);
+//! 3. serve until the frontend goes away, then release the handle, which demotes when it
+//!    was the last writer.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+
+use super::backend::{BlkBackend, FirstUse};
+
+/// The connections of one socket that are still running.
+#[derive(Default)]
+pub struct Connections {
+    live: Mutex<HashMap<u64, ShutdownHandle>>,
+    /// Notified when a connection ends.
+    ended: Condvar,
+    next_id: AtomicU64,
+}
+
+impl Connections {
+    fn live(&self) -> MutexGuard<'_, HashMap<u64, ShutdownHandle>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, hangup: ShutdownHandle) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.live().insert(id, hangup);
+        id
+    }
+
+    fn unregister(&self, id: u64) {
+        self.live().remove(&id);
+        self.ended.notify_all();
+    }
+
+    /// Hang up every connection and wait until each has released its handle. Blocking: a
+    /// request in flight is waited for.
+    pub fn close_all(&self) {
+        let mut live = self.live();
+        for hangup in live.values() {
+            hangup.shutdown();
+        }
+        while !live.is_empty() {
+            live = self.ended.wait(live).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// What a connection is served with.
+pub struct Setup<'a> {
+    pub name: &'a str,
+    pub connections: &'a Arc<Connections>,
+    pub idle_timeout: Duration,
+}
+
+/// One accepted connection and the daemon answering it.
+pub struct Session {
+    name: String,
+    daemon: VhostUserDaemon<Arc<BlkBackend>>,
+    backend: Arc<BlkBackend>,
+    connections: Arc<Connections>,
+    id: u64,
+    hangup: ShutdownHandle,
+    idle_timeout: Duration,
+    ended: bool,
+}
+
+impl Session {
+    /// Accept the next connection on `listener` (blocking) for `backend`, whose guest
+    /// memory the daemon maps.
+    pub fn start(
+        setup: Setup<'_>,
+        backend: Arc<BlkBackend>,
+        listener: &mut Listener,
+    ) -> Result<Session, vhost_user_backend::Error> {
+        let mem = backend.guest_memory();
+        let mut daemon =
+            VhostUserDaemon::new(format!("vhost-{}", setup.name), Arc::clone(&backend), mem)?;
+        let started = daemon.start(listener).and_then(|()| {
+            daemon.shutdown_handle().ok_or_else(|| {
+                vhost_user_backend::Error::StartDaemon(std::io::Error::other(
+                    "the daemon started without a connection",
+                ))
+            })
+        });
+        let hangup = match started {
+            Ok(hangup) => hangup,
+            Err(e) => {
+                let _ = end_daemon(&mut daemon, &backend);
+                return Err(e);
+            }
+        };
+        let id = setup.connections.register(hangup.clone());
+        Ok(Session {
+            name: setup.name.to_string(),
+            daemon,
+            backend,
+            connections: Arc::clone(setup.connections),
+            id,
+            hangup,
+            idle_timeout: setup.idle_timeout,
+            ended: false,
+        })
+    }
+
+    /// Hang up now (the socket is closing).
+    pub fn hang_up(&self) {
+        self.hangup.shutdown();
+    }
+
+    /// Admit or refuse the frontend, serve it until it goes away, release the volume.
+    pub fn run(mut self) {
+        if self.backend.another_frontend_is_served() {
+            tracing::warn!(volume = %self.name, "vhost-user-blk: refusing a second frontend: the volume is being served on this socket");
+            self.hang_up();
+        } else {
+            match self.backend.wait_first_use(self.idle_timeout) {
+                FirstUse::Served => {
+                    tracing::debug!(volume = %self.name, "vhost-user frontend connected")
+                }
+                // The backend logged the reason.
+                FirstUse::Refused(_) => self.hang_up(),
+                FirstUse::Idle => {
+                    tracing::warn!(volume = %self.name, timeout = ?self.idle_timeout, "vhost-user-blk: closing a connection that did not start using the device in time");
+                    self.hang_up();
+                }
+            }
+        }
+        self.end();
+    }
+
+    /// Wait for the daemon's thread, stop the queue workers, release the volume.
+    fn end(&mut self) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        match end_daemon(&mut self.daemon, &self.backend) {
+            Ok(()) => tracing::debug!(volume = %self.name, "vhost-user frontend disconnected"),
+            // The frontend broke the protocol or vanished mid-message: its problem, not
+            // the socket's.
+            Err(e) => {
+                tracing::warn!(volume = %self.name, error = %e, "vhost-user frontend dropped")
+            }
+        }
+        self.connections.unregister(self.id);
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without [`Session::run`] (its thread could not start) still
+    /// hangs up and releases everything.
+    fn drop(&mut self) {
+        if !self.ended {
+            self.hang_up();
+            self.end();
+        }
+    }
+}
+
+fn end_daemon(
+    daemon: &mut VhostUserDaemon<Arc<BlkBackend>>,
+    backend: &BlkBackend,
+) -> Result<(), vhost_user_backend::Error> {
+    let ended = daemon.wait();
+    backend.frontend_gone();
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    backend.release();
+    ended
+}
