@@ -60,7 +60,8 @@ thinpool = "thin"
 [nbd]
 tcp_listen = "0.0.0.0:1080$((7 + n))"
 EOF
-    tandemd --config /tmp/hv$n/tandem.toml >/tmp/hv$n.log 2>&1 &
+    RUST_LOG=info,volume_driver::phases=debug,volume_driver::pool::lvm_thin=debug,volume_driver::peer=debug \
+        tandemd --config /tmp/hv$n/tandem.toml >/tmp/hv$n.log 2>&1 &
 done
 T1="tandem --config /tmp/hv1/tandem.toml"
 T2="tandem --config /tmp/hv2/tandem.toml"
@@ -80,6 +81,15 @@ wait_settled() {
     while ! settled $1; do sleep 0.5; i=$((i + 1)); [ $i -lt 240 ] || return 1; done
 }
 now() { cut -d' ' -f1 /proc/uptime; }
+# Where the time of a command went: both daemons' phase, lvm and peer-call timings logged
+# since `mark`.
+mark() { for n in 1 2; do wc -l </tmp/hv$n.log >/tmp/mark$n; done; }
+timings() {
+    for n in 1 2; do
+        tail -n +$(( $(cat /tmp/mark$n) + 1 )) /tmp/hv$n.log |
+            grep -E 'phase done|lvm ran|peer call answered' | sed "s/^[^ ]* *DEBUG /hv$n /"
+    done
+}
 
 # Reference: one bare thin snapshot by hand in this guest (LVM's own cost under TCG).
 lvcreate -q -V 16M -T vg_a/thin -n ref
@@ -91,19 +101,23 @@ lvremove -qy vg_a/ref_s vg_a/ref
 
 section create $T1 volume create v1 --size 16M --replicas 2 --pool nvme
 section settled_created wait_settled v1
+# The writer runs until it is stopped (SIGTERM) after the refused rollback below.
 tandem-check write --socket /tmp/hv1/run/nbd.sock --export v1 --blocks 256 --log /tmp/check.log \
-    --duration 15 --seed 18 --flush-every 32 >/tmp/check.out 2>&1 &
+    --duration 600 --seed 18 --flush-every 32 >/tmp/check.out 2>&1 &
 writer=$!
 i=0
 acked() { k=$(grep -c '^K ' /tmp/check.log 2>/dev/null); echo "${k:-0}"; }
 while [ "$(acked)" -lt 100 ] && [ $i -lt 300 ]; do
     sleep 0.2; i=$((i + 1))
 done
+mark
 before=$(wc -c </tmp/check.log)
 section snapshot $T1 snapshot create v1 s1 --json
 after=$(wc -c </tmp/check.log)
+section snapshot_timings timings
 section cut echo "$before $after"
 section rollback_open $T1 snapshot rollback v1 s1
+kill -TERM $writer
 wait $writer
 section writer_exit sh -c "cat /tmp/check.out; exit $?"
 section settled_written wait_settled v1
@@ -135,10 +149,12 @@ t1=$(now)
 section ref_clone_time echo "$t0 $t1"
 lvremove -qy vg_a/ref_c
 section lvs_before_clone $LVS vg_a
+mark
 t0=$(now)
 section clone $T1 volume clone base-100-disk-0 vm-101-disk-0 --json
 t1=$(now)
 section clone_time echo "$t0 $t1"
+section clone_timings timings
 section lvs_after_clone $LVS vg_a
 section settled_clone wait_settled vm-101-disk-0
 # The host boots a guest from the clone through hv1's NBD port (QEMU user networking);
@@ -327,7 +343,9 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
     let snap = run.json("snapshot");
     let pause_ms = snap["pause_ms"].as_u64().expect("pause_ms");
     eprintln!(
-        "dm-thin, 2 nodes in TCG: write pause during `tandem snapshot create`: {pause_ms} ms"
+        "dm-thin, 2 nodes in TCG: write pause during `tandem snapshot create`: {pause_ms} ms\n\
+         where the time went:\n{}",
+        run.section("snapshot_timings")
     );
     let shas: Vec<&str> = run.section("snap_sha").split_whitespace().collect();
     assert_eq!(shas.len(), 2, "{}", run.describe("snap_sha"));
@@ -383,7 +401,9 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
     let share = grown / (10.0 * GIB as f64) * 100.0;
     eprintln!(
         "linked clone of a 10 GiB base on 2 replicas (dm-thin, under TCG): {took:.2} s, \
-         thin pool grew {grown:.0} bytes = {share:.3}% of the clone's size"
+         thin pool grew {grown:.0} bytes = {share:.3}% of the clone's size\n\
+         where the time went:\n{}",
+        run.section("clone_timings")
     );
     assert!(share < 1.0, "the clone allocated {share:.3}% of its size");
     assert_eq!(run.json("clone")["clone_of"], "base-100-disk-0");

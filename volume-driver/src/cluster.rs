@@ -328,6 +328,7 @@ impl VolumeService {
         let token = random_token();
         let day0 = random_day0();
         let participants = &plan.participants;
+        let mut phases = crate::phases::Phases::start("create", name);
         let mut prepared = 0;
         let mut committed = 0;
         let mut local_info = None;
@@ -350,6 +351,7 @@ impl VolumeService {
                 }
             }
         }
+        phases.done("prepare");
         // Every node commits at the same time (each allocates its storage, e.g. a linked
         // clone's `lvcreate`); the undo below goes through the committed ones first.
         let mut order: Vec<String> = participants.clone();
@@ -412,6 +414,7 @@ impl VolumeService {
             }
             committed = order.len();
             order.extend(not_committed);
+            phases.done("commit");
         }
         let Some(failure) = failure else {
             tracing::info!(volume = %name, nodes = ?plan.data_nodes, tiebreakers = ?plan.tiebreakers,
@@ -575,14 +578,18 @@ impl VolumeService {
         let name = definition.name.clone();
         validate_volume_name(&name).map_err(|e| invalid(e.to_string()))?;
         self.take_reservation(&name, token)?;
+        let mut phases = crate::phases::Phases::start("replica commit", &name);
         let result = self.commit_reserved(&mut definition, day0, joining).await;
+        phases.done("storage, metadata, definition");
         match result {
             Ok(()) => {
                 if let Some(slot) = self.lock().get_mut(&name) {
                     slot.reservation = None;
                     slot.busy = None;
                 }
-                if let Err(e) = self.open_replica(&name).await {
+                let opened = self.open_replica(&name).await;
+                phases.done("open");
+                if let Err(e) = opened {
                     // A replica the engine cannot run is no replica: undo it here, and the
                     // coordinator undoes the others.
                     if let Err(undo) = self.delete_local(&name).await {

@@ -23,6 +23,7 @@ pub mod names;
 pub mod nbd;
 pub mod options;
 pub mod peer;
+pub mod phases;
 pub mod pool;
 pub mod reload;
 pub mod rename;

@@ -17,6 +17,7 @@ use control_api::{ApiError, ErrorKind, VolumeInfo};
 use crate::cluster::CreatePlan;
 use crate::names::validate_volume_name;
 use crate::peer::{PeerReply, PeerRequest};
+use crate::phases::Phases;
 use crate::pool::{Pool, PoolError};
 use crate::rename::check_renamable;
 use crate::service::{invalid, VolumeService};
@@ -101,6 +102,7 @@ impl VolumeService {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let (source, snapshot) = parse_origin(origin);
         let definition = self.definition(source)?;
+        let mut phases = Phases::start("volume clone", name);
         let what = format!("cannot clone '{origin}' (nothing changed)");
         // A clone starts in sync on every replica, so its source must hold the same bytes
         // on each and must not change while the nodes clone it one after another: a
@@ -160,6 +162,7 @@ impl VolumeService {
         } else if let Some(s) = snapshot {
             self.snapshot_check(source, s, true).await?;
         }
+        phases.done("check");
         let clone_of = Some(origin.to_string());
         if !definition.is_replicated() {
             return self

@@ -451,6 +451,7 @@ pub async fn call(
 ) -> Result<PeerReply, ApiError> {
     let peer_err =
         |what: String| ApiError::new(ErrorKind::Peer, format!("node '{node}' ({addr}): {what}"));
+    let started = std::time::Instant::now();
     let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -474,6 +475,7 @@ pub async fn call(
     )
     .await
     .map_err(|e| peer_err(crate::report::error_chain(&e)))?;
+    let connected_ms = crate::phases::millis(started.elapsed());
     let exchange = async {
         let mut line = serde_json::to_vec(request).map_err(io::Error::other)?;
         line.push(b'\n');
@@ -498,6 +500,13 @@ pub async fn call(
             )))
         }
     };
+    tracing::debug!(
+        node,
+        request = request.name(),
+        connected_ms,
+        ms = crate::phases::millis(started.elapsed()),
+        "peer call answered"
+    );
     match serde_json::from_slice::<PeerResponse>(&answer) {
         Ok(PeerResponse::Ok { result }) => Ok(result),
         Ok(PeerResponse::Error { error }) => Err(ApiError::new(

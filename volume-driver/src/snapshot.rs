@@ -45,6 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::random_day0;
 use crate::peer::{PeerReply, PeerRequest};
+use crate::phases::Phases;
 use crate::pool::validate_snapshot_name;
 use crate::rename::check_renamable;
 use crate::replicated_export::engine_error;
@@ -154,10 +155,12 @@ impl VolumeService {
         validate_snapshot_name("", name, snapshot).map_err(|e| invalid(snapshot_name_error(&e)))?;
         let definition = self.definition(name)?;
         let nodes = self.data_nodes(&definition);
+        let mut phases = Phases::start("snapshot create", name);
         let what = format!("cannot snapshot '{name}' (nothing changed)");
         let statuses = self
             .check_everywhere(&what, name, snapshot, false, &nodes)
             .await?;
+        phases.done("check");
         let primary = if definition.is_replicated() {
             check_snapshot_allowed(name, &statuses)?
         } else {
@@ -180,6 +183,7 @@ impl VolumeService {
                 ))
             }
         };
+        phases.done("take");
         if definition.is_replicated() {
             // The nodes snapshot one cut only if nothing changed meanwhile: every replica
             // still in sync, and the same Primary (none took over, no closed volume was
@@ -207,6 +211,7 @@ impl VolumeService {
                 )),
                 Err(e) => Some(e.message),
             };
+            phases.done("verify");
             if let Some(why) = changed {
                 let removed = self
                     .everywhere(name, snapshot, SnapshotOp::Delete, &nodes, "deleted")
@@ -241,6 +246,7 @@ impl VolumeService {
     ) -> Result<Option<u64>, ApiError> {
         let runtime = self.lock().get(name).and_then(|s| s.runtime.clone());
         let started = Instant::now();
+        let mut phases = Phases::start("snapshot take", name);
         // Writes and promotions resume when the pause is dropped: at the end, or at
         // PAUSE_LIMIT when writes are held (a closed volume keeps promotions held until
         // every node answered, so none can open it between two nodes' snapshots).
@@ -254,6 +260,7 @@ impl VolumeService {
             ),
             None => None,
         };
+        phases.done("drain");
         let writes_held = runtime
             .as_ref()
             .is_some_and(|r| r.status().replica.role == Role::Primary);
@@ -278,6 +285,7 @@ impl VolumeService {
             }
         };
         resume(&mut pause);
+        phases.done("snapshots");
         let mut done: Vec<&String> = Vec::new();
         let mut failure = overran.then(|| {
             ApiError::new(
@@ -387,14 +395,21 @@ impl VolumeService {
         }
         let backend = self.backend_of(&definition)?;
         let (volume, snap) = (name.to_string(), snapshot.to_string());
-        blocking(move || {
+        let mut phases = Phases::start("snapshot local", name);
+        let done = blocking(move || {
             match op {
                 SnapshotOp::Create => backend.snapshot(&volume, &snap),
                 _ => backend.delete_snapshot(&volume, &snap),
             }
             .map_err(pool_error)
         })
-        .await
+        .await;
+        phases.done(if op == SnapshotOp::Create {
+            "create"
+        } else {
+            "delete"
+        });
+        done
     }
 
     /// Roll this node's copy back (data nodes) and start the generation `day0`.

@@ -97,13 +97,15 @@ impl LvmThinPool {
             command: command_line.clone(),
             message,
         };
-        tracing::debug!(pool = %self.name, command = %command_line, "running lvm");
+        let started = std::time::Instant::now();
         let output = Command::new(binary)
             .args(args)
             .env("LC_ALL", "C")
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
             .output()
             .map_err(|e| failed(format!("cannot run {binary}: {e}")))?;
+        tracing::debug!(pool = %self.name, command = %command_line,
+            ms = crate::phases::millis(started.elapsed()), "lvm ran");
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let message = stderr
