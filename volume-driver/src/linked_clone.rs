@@ -15,6 +15,7 @@
 use control_api::{ApiError, ErrorKind, VolumeInfo};
 
 use crate::cluster::CreatePlan;
+use crate::links::Links;
 use crate::names::validate_volume_name;
 use crate::peer::{PeerReply, PeerRequest};
 use crate::phases::Phases;
@@ -116,22 +117,23 @@ impl VolumeService {
                 ),
             ));
         }
+        let mut links = Links::default();
         if definition.is_replicated() {
-            for node in self.ordered_nodes(&definition) {
-                if !definition.nodes.contains(&node) {
-                    continue;
-                }
-                let request = match snapshot {
-                    Some(s) => PeerRequest::ReplicaSnapshotCheck {
-                        name: source.to_string(),
-                        snapshot: s.to_string(),
-                        exists: true,
-                    },
-                    None => PeerRequest::ReplicaStatus {
-                        name: source.to_string(),
-                    },
-                };
-                let status = match self.on_node(&node, request).await {
+            let request = match snapshot {
+                Some(s) => PeerRequest::ReplicaSnapshotCheck {
+                    name: source.to_string(),
+                    snapshot: s.to_string(),
+                    exists: true,
+                },
+                None => PeerRequest::ReplicaStatus {
+                    name: source.to_string(),
+                },
+            };
+            let nodes = self.data_nodes(&definition);
+            let calls = nodes.iter().map(|n| (n.clone(), request.clone())).collect();
+            let answers = self.call_at_once(&mut links, calls).await;
+            for (node, answer) in nodes.iter().zip(answers) {
+                let status = match answer {
                     Ok(PeerReply::Status { status }) => status,
                     Ok(other) => {
                         return Err(ApiError::new(
@@ -151,7 +153,7 @@ impl VolumeService {
                             ),
                         ));
                     }
-                    check_renamable(source, &node, &status, true).map_err(|e| {
+                    check_renamable(source, node, &status, true).map_err(|e| {
                         ApiError::new(
                             e.kind,
                             format!("{what}: {} (or clone a snapshot of it)", e.message),
@@ -184,6 +186,7 @@ impl VolumeService {
             ..definition.options
         };
         self.create_on_nodes(
+            &mut links,
             name,
             definition.size_bytes,
             Some(&definition.pool),
