@@ -38,7 +38,15 @@ echo "guest-test-secret" >/tmp/secret
 chmod 600 /tmp/secret
 for n in 1 2; do
     vg=$(test $n = 1 && echo vg_a || echo vg_b)
-    mkdir -p /tmp/hv$n/state /tmp/hv$n/run
+    disk=$(test $n = 1 && echo vda || echo vdb)
+    mkdir -p /tmp/hv$n/state /tmp/hv$n/run /tmp/hv$n/lvm /tmp/hv$n/lock
+    # As on two hosts, each node's lvm sees its own disk only and locks in its own
+    # directory (LVM_SYSTEM_DIR below): the two nodes' commands do not wait for each other.
+    cat >/tmp/hv$n/lvm/lvm.conf <<EOF
+activation { udev_sync = 0 udev_rules = 0 verify_udev_operations = 1 monitoring = 0 }
+global { use_lvmpolld = 0 locking_dir = "/tmp/hv$n/lock" }
+devices { obtain_device_list_from_udev = 0 hints = "none" filter = [ "a|^/dev/$disk\$|", "r|.*|" ] }
+EOF
     cat >/tmp/hv$n/tandem.toml <<EOF
 node = "hv$n"
 state_dir = "/tmp/hv$n/state"
@@ -60,11 +68,15 @@ thinpool = "thin"
 [nbd]
 tcp_listen = "0.0.0.0:1080$((7 + n))"
 EOF
-    RUST_LOG=info,volume_driver::phases=debug,volume_driver::pool::lvm_thin=debug,volume_driver::peer=debug \
+    LVM_SYSTEM_DIR=/tmp/hv$n/lvm \
+    RUST_LOG=info,volume_driver::phases=debug,volume_driver::pool::lvm_thin=debug,volume_driver::peer=debug,volume_driver::server=debug \
         tandemd --config /tmp/hv$n/tandem.toml >/tmp/hv$n.log 2>&1 &
 done
 T1="tandem --config /tmp/hv1/tandem.toml"
 T2="tandem --config /tmp/hv2/tandem.toml"
+# The guest's own lvm commands on a node's VG go through that node's lvm config.
+L1="env LVM_SYSTEM_DIR=/tmp/hv1/lvm"
+L2="env LVM_SYSTEM_DIR=/tmp/hv2/lvm"
 i=0
 while [ ! -S /tmp/hv1/run/tandemd.sock ] || [ ! -S /tmp/hv2/run/tandemd.sock ]; do
     sleep 0.2; i=$((i + 1)); [ $i -lt 300 ] || break
@@ -87,17 +99,18 @@ mark() { for n in 1 2; do wc -l </tmp/hv$n.log >/tmp/mark$n; done; }
 timings() {
     for n in 1 2; do
         tail -n +$(( $(cat /tmp/mark$n) + 1 )) /tmp/hv$n.log |
-            grep -E 'phase done|lvm ran|peer call answered' | sed "s/^[^ ]* *DEBUG /hv$n /"
+            grep -E 'phase done|lvm ran|peer call answered|peer connected|request answered' |
+            sed "s/^[^ ]* *DEBUG /hv$n /"
     done
 }
 
 # Reference: one bare thin snapshot by hand in this guest (LVM's own cost under TCG).
-lvcreate -q -V 16M -T vg_a/thin -n ref
+$L1 lvcreate -q -V 16M -T vg_a/thin -n ref
 t0=$(now)
-section ref_snapshot lvcreate -q -n ref_s -pr -s vg_a/ref
+section ref_snapshot $L1 lvcreate -q -n ref_s -pr -s vg_a/ref
 t1=$(now)
 section ref_snapshot_time echo "$t0 $t1"
-lvremove -qy vg_a/ref_s vg_a/ref
+$L1 lvremove -qy vg_a/ref_s vg_a/ref
 
 section create $T1 volume create v1 --size 16M --replicas 2 --pool nvme
 section settled_created wait_settled v1
@@ -121,7 +134,8 @@ kill -TERM $writer
 wait $writer
 section writer_exit sh -c "cat /tmp/check.out; exit $?"
 section settled_written wait_settled v1
-lvchange -ay -K vg_a/v1+s1 vg_b/v1+s1
+$L1 lvchange -ay -K vg_a/v1+s1
+$L2 lvchange -ay -K vg_b/v1+s1
 section snap_sha sh -c 'sha256sum /dev/vg_a/v1+s1 /dev/vg_b/v1+s1 | cut -d" " -f1'
 section snap_blocks sh -c 'dd if=/dev/vg_a/v1+s1 bs=4096 count=256 2>/dev/null | base64'
 section check_log cat /tmp/check.log
@@ -144,18 +158,23 @@ section read_only $T1 volume set base-100-disk-0 --read-only
 # Reference: LVM's own cost of the clone's one command, timed just before it (TCG guests
 # slow down with the host's load).
 t0=$(now)
-section ref_clone lvcreate -q -n ref_c -prw -kn -s vg_a/base-100-disk-0
+section ref_clone $L1 lvcreate -q -n ref_c -prw -kn -s vg_a/base-100-disk-0
 t1=$(now)
 section ref_clone_time echo "$t0 $t1"
-lvremove -qy vg_a/ref_c
-section lvs_before_clone $LVS vg_a
+$L1 lvremove -qy vg_a/ref_c
+# Reference: one trivial CLI round trip (`tandem` starting and asking the daemon).
+t0=$(now)
+section ref_cli $T1 volume show base-100-disk-0
+t1=$(now)
+section ref_cli_time echo "$t0 $t1"
+section lvs_before_clone $L1 $LVS vg_a
 mark
 t0=$(now)
 section clone $T1 volume clone base-100-disk-0 vm-101-disk-0 --json
 t1=$(now)
 section clone_time echo "$t0 $t1"
 section clone_timings timings
-section lvs_after_clone $LVS vg_a
+section lvs_after_clone $L1 $LVS vg_a
 section settled_clone wait_settled vm-101-disk-0
 # The host boots a guest from the clone through hv1's NBD port (QEMU user networking);
 # the guest closing it demotes hv1 again.
@@ -457,10 +476,12 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
     let lvm_ms = elapsed(&run, "ref_snapshot_time") * 1000.0;
     run.assert_section_ok("ref_clone");
     let clone_lvm_ms = elapsed(&run, "ref_clone_time") * 1000.0;
+    run.assert_section_ok("ref_cli");
+    let cli_ms = elapsed(&run, "ref_cli_time") * 1000.0;
     eprintln!(
         "reference in this guest: one bare `lvcreate -s` takes {lvm_ms:.0} ms before the \
-         snapshot, {clone_lvm_ms:.0} ms before the clone; write pause {pause_ms} ms; \
-         clone {:.0} ms",
+         snapshot, {clone_lvm_ms:.0} ms before the clone, a trivial `tandem volume show` \
+         {cli_ms:.0} ms; write pause {pause_ms} ms; clone {:.0} ms",
         took * 1000.0
     );
     assert!(
