@@ -140,6 +140,17 @@ fn pending_files(cluster: &LoopbackCluster) -> Vec<String> {
         .collect()
 }
 
+/// Wait (up to 60 s) until no pending snapshot is left on either node.
+fn wait_resolved(cluster: &LoopbackCluster) {
+    assert!(
+        wait_until(Duration::from_secs(60), || pending_files(cluster)
+            .is_empty()),
+        "pending snapshots were never resolved: {:?}\n{}",
+        pending_files(cluster),
+        cluster.logs()
+    );
+}
+
 /// A reflink copy of `node`'s image of [`VOLUME`] named `file` in its pool: the state a
 /// crash leaves (a pending or final snapshot), made by hand.
 fn leave_snapshot_file(node: &TandemNode, file: &str) {
@@ -625,13 +636,7 @@ fn a_take_failing_on_one_node_leaves_no_snapshot_and_leftovers_are_resolved() {
     leave_snapshot_file(cluster.node("hv2"), &format!("{VOLUME}@s5+pending.snap"));
     fixture.cluster.node_mut("hv2").start();
     let cluster = &fixture.cluster;
-    assert!(
-        wait_until(Duration::from_secs(30), || pending_files(cluster)
-            .is_empty()),
-        "{:?}\n{}",
-        pending_files(cluster),
-        cluster.logs()
-    );
+    wait_resolved(cluster);
     assert_eq!(holders(cluster, "s4"), ["hv1", "hv2"]);
     assert!(holders(cluster, "s5").is_empty());
 }
@@ -682,13 +687,7 @@ fn a_daemon_killed_at_any_point_of_a_snapshot_leaves_it_on_every_node_or_on_none
         wait_settled(cluster, VOLUME);
         // The restarted daemon resolves its leftovers at start, the other one those it took
         // once they went stale.
-        assert!(
-            wait_until(Duration::from_secs(60), || pending_files(cluster)
-                .is_empty()),
-            "pending snapshots were never resolved: {:?}\n{}",
-            pending_files(cluster),
-            cluster.logs()
-        );
+        wait_resolved(cluster);
         let on = holders(cluster, &snapshot);
         let what = format!("{victim} killed {delay:?} into a create run on {coordinator}");
         assert!(

@@ -868,28 +868,12 @@ fn snapshot_name_error(e: &crate::pool::PoolError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use control_api::{DiskState, Protocol, ReplicaStatus};
+    use control_api::DiskState;
 
     fn status(node: &str, role: Role, generation: &str) -> (String, VolumeStatus) {
-        let status = VolumeStatus {
-            replica: ReplicaStatus {
-                volume: "v".into(),
-                node: node.into(),
-                role,
-                disk_state: DiskState::UpToDate,
-                protocol: Protocol::C,
-                quorum: true,
-                quorum_reason: String::new(),
-                io_suspended: false,
-                allow_two_primaries: false,
-                size_bytes: 4096,
-                current_uuid: generation.into(),
-                peers: Vec::new(),
-                last_verify: None,
-            },
-            promoted_explicitly: false,
-            open_writers: 0,
-        };
+        let mut status = crate::rename::tests::status(role, 0);
+        status.replica.node = node.into();
+        status.replica.current_uuid = generation.into();
         (node.to_string(), status)
     }
 
