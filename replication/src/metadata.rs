@@ -405,6 +405,22 @@ fn fsync_dir(dir: &Path) -> Result<(), MetaError> {
         .map_err(io_err("fsync directory", dir))
 }
 
+/// One bitmap page as stored: its bytes, its index, a CRC of both and the page magic.
+fn page_record(peer: &str, bitmap: &Bitmap, page: usize) -> Result<Vec<u8>, MetaError> {
+    let mut rec = bitmap
+        .page_bytes(page)
+        .map_err(|source| MetaError::Bitmap {
+            peer: peer.to_string(),
+            source,
+        })?;
+    let idx = (page as u64).to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&idx), &rec);
+    rec.extend_from_slice(&idx);
+    rec.extend_from_slice(&crc.to_le_bytes());
+    rec.extend_from_slice(PAGE_MAGIC);
+    Ok(rec)
+}
+
 impl MetaStore {
     /// Create the metadata of a new replica in `dir` (created if missing) with an all-clean
     /// bitmap for each of `peers` (each also gets a bitmap slot in the stored `UuidSet`).
@@ -473,10 +489,7 @@ impl MetaStore {
             crash: None,
         };
         for p in peers {
-            let mut bm = Bitmap::new(meta.volume_size);
-            let pages: Vec<usize> = (0..bm.pages()).collect();
-            store.write_bitmap_pages(p, &bm, &pages)?;
-            bm.take_changed_pages();
+            store.write_new_bitmap(p, &Bitmap::new(meta.volume_size))?;
         }
         store.write_superblock(&meta)?;
         std::fs::rename(&tmp, &sb_path).map_err(io_err("rename", &tmp))?;
@@ -751,21 +764,27 @@ impl MetaStore {
         pages: &[usize],
     ) -> Result<(), MetaError> {
         for &page in pages {
-            let data = bitmap
-                .page_bytes(page)
-                .map_err(|source| MetaError::Bitmap {
-                    peer: peer.to_string(),
-                    source,
-                })?;
-            let idx = (page as u64).to_le_bytes();
-            let crc = crc32c::crc32c_append(crc32c::crc32c(&idx), &data);
-            let mut rec = data;
-            rec.extend_from_slice(&idx);
-            rec.extend_from_slice(&crc.to_le_bytes());
-            rec.extend_from_slice(PAGE_MAGIC);
+            let rec = page_record(peer, bitmap, page)?;
             self.write_durable(FileId::Bitmap(peer), &rec, page as u64 * PAGE_RECORD)?;
         }
         Ok(())
+    }
+
+    /// Write every page of a bitmap file that no superblock names yet (a new replica's, a
+    /// new peer's), then make them durable with one fdatasync instead of one per page:
+    /// nothing reads the file before a superblock naming the peer is written, after this.
+    fn write_new_bitmap(&mut self, peer: &str, bitmap: &Bitmap) -> Result<(), MetaError> {
+        let path = bitmap_path(&self.dir, peer);
+        let file = self
+            .bitmaps
+            .get(peer)
+            .ok_or_else(|| MetaError::UnknownPeer(peer.to_string()))?;
+        for page in 0..bitmap.pages() {
+            let rec = page_record(peer, bitmap, page)?;
+            file.write_all_at(&rec, page as u64 * PAGE_RECORD)
+                .map_err(io_err("write", &path))?;
+        }
+        file.sync_data().map_err(io_err("fdatasync", &path))
     }
 
     /// Write every changed page of `peer`'s bitmap and forget the changes.
@@ -813,8 +832,7 @@ impl MetaStore {
             .open(&path)
             .map_err(io_err("create", &path))?;
         self.bitmaps.insert(peer.to_string(), f);
-        let pages: Vec<usize> = (0..bitmap.pages()).collect();
-        self.write_bitmap_pages(peer, bitmap, &pages)?;
+        self.write_new_bitmap(peer, bitmap)?;
         bitmap.take_changed_pages();
         fsync_dir(&self.dir)
     }

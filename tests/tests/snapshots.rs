@@ -3,12 +3,15 @@
 //! acknowledged-write checker writes is byte-identical on both replicas and a consistent
 //! cut of the checker's log; the write pause is at most 1 s; rollback (refused while open)
 //! restores the snapshot's bytes on both replicas, identical, and they reconnect UpToDate;
-//! bad input is refused with one line and changes nothing on any node. Needs root
-//! (loop devices, mount), xfsprogs and `cargo build --workspace --bins`.
+//! bad input is refused with one line and changes nothing on any node. A take that fails
+//! on one node leaves the snapshot on none; leftovers of an interrupted create are
+//! resolved; a daemon killed at any point of a create leaves the snapshot on both nodes or
+//! on none, never pending. Needs root (loop devices, mount, `chattr`), xfsprogs and
+//! `cargo build --workspace --bins`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tandem_tests::checker::cut::check_cut;
@@ -118,6 +121,67 @@ fn everything(cluster: &LoopbackCluster) -> Vec<String> {
     }
     names.sort();
     names
+}
+
+/// The nodes holding `snapshot` of [`VOLUME`] (final), in node order.
+fn holders(cluster: &LoopbackCluster, snapshot: &str) -> Vec<String> {
+    ["hv1", "hv2"]
+        .into_iter()
+        .filter(|n| snapshot_file(cluster.node(n), snapshot).exists())
+        .map(String::from)
+        .collect()
+}
+
+/// Every pending snapshot file (`<volume>@<snapshot>+pending.snap`) on either node.
+fn pending_files(cluster: &LoopbackCluster) -> Vec<String> {
+    everything(cluster)
+        .into_iter()
+        .filter(|f| f.contains("+pending.snap"))
+        .collect()
+}
+
+/// Wait (up to 60 s) until no pending snapshot is left on either node.
+fn wait_resolved(cluster: &LoopbackCluster) {
+    assert!(
+        wait_until(Duration::from_secs(60), || pending_files(cluster)
+            .is_empty()),
+        "pending snapshots were never resolved: {:?}\n{}",
+        pending_files(cluster),
+        cluster.logs()
+    );
+}
+
+/// A reflink copy of `node`'s image of [`VOLUME`] named `file` in its pool: the state a
+/// crash leaves (a pending or final snapshot), made by hand.
+fn leave_snapshot_file(node: &TandemNode, file: &str) {
+    let status = Command::new("cp")
+        .arg("--reflink=always")
+        .arg(node.images().join(format!("{VOLUME}.img")))
+        .arg(node.images().join(file))
+        .status()
+        .expect("cp");
+    assert!(status.success(), "cp --reflink to {file}");
+}
+
+/// A directory made immutable (`chattr +i`: no new entries, even for root) until dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Immutable {
+        let status = Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .expect("chattr (e2fsprogs)");
+        assert!(status.success(), "chattr +i {}", dir.display());
+        Immutable(dir.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
 }
 
 fn log_len(path: &Path) -> usize {
@@ -510,4 +574,159 @@ fn a_guest_runs_on_a_linked_clone_of_a_read_only_base() {
     // The base stayed a read-only template all along.
     let (ok, text) = hv1.qemu_io(base, &["write -P 0x11 0 4k"]);
     assert!(!ok && text.contains("read-only"), "{text}");
+}
+
+#[test]
+fn a_take_failing_on_one_node_leaves_no_snapshot_and_leftovers_are_resolved() {
+    let mut fixture = start();
+    let cluster = &fixture.cluster;
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    create_replicated(cluster, VOLUME);
+
+    // hv2's pool takes no new file (immutable, even for root): every check passes, then its
+    // take fails; hv1's copy is removed again, and nothing is listed anywhere.
+    {
+        let _frozen = Immutable::set(&hv2.images());
+        refused(
+            cluster,
+            hv1,
+            &["snapshot", "create", VOLUME, "s1"],
+            "on node 'hv2'",
+        );
+    }
+    assert!(pending_files(cluster).is_empty());
+    let list = hv2
+        .tandem(&["snapshot", "list", VOLUME, "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        list,
+        serde_json::json!([]),
+        "nothing listed after a failed take"
+    );
+    hv1.tandem(&["snapshot", "create", VOLUME, "s1"]).ok();
+    assert_eq!(holders(cluster, "s1"), ["hv1", "hv2"]);
+
+    // A pending copy left by an interrupted create (no command takes it, no node has it
+    // final) is removed by the next create of that name, which then succeeds.
+    leave_snapshot_file(hv2, &format!("{VOLUME}@s2+pending.snap"));
+    hv1.tandem(&["snapshot", "create", VOLUME, "s2"]).ok();
+    assert_eq!(holders(cluster, "s2"), ["hv1", "hv2"]);
+    assert_eq!(
+        sha256(&snapshot_file(hv1, "s2")),
+        sha256(&snapshot_file(hv2, "s2"))
+    );
+    // One left while the renames ran (final on hv1, pending on hv2) is made final.
+    leave_snapshot_file(hv1, &format!("{VOLUME}@s3.snap"));
+    leave_snapshot_file(hv2, &format!("{VOLUME}@s3+pending.snap"));
+    let stderr = hv2.tandem(&["snapshot", "create", VOLUME, "s3"]).failed();
+    assert!(stderr.contains("exists already"), "{stderr}");
+    assert_eq!(holders(cluster, "s3"), ["hv1", "hv2"]);
+    assert!(
+        pending_files(cluster).is_empty(),
+        "{:?}",
+        pending_files(cluster)
+    );
+
+    // The same two states found by a daemon at start: made final, and removed.
+    fixture.cluster.node_mut("hv2").stop();
+    let cluster = &fixture.cluster;
+    leave_snapshot_file(cluster.node("hv1"), &format!("{VOLUME}@s4.snap"));
+    leave_snapshot_file(cluster.node("hv2"), &format!("{VOLUME}@s4+pending.snap"));
+    leave_snapshot_file(cluster.node("hv2"), &format!("{VOLUME}@s5+pending.snap"));
+    fixture.cluster.node_mut("hv2").start();
+    let cluster = &fixture.cluster;
+    wait_resolved(cluster);
+    assert_eq!(holders(cluster, "s4"), ["hv1", "hv2"]);
+    assert!(holders(cluster, "s5").is_empty());
+}
+
+#[test]
+fn a_daemon_killed_at_any_point_of_a_snapshot_leaves_it_on_every_node_or_on_none() {
+    let mut fixture = start();
+    create_replicated(&fixture.cluster, VOLUME);
+    // Written first, so that the snapshots hold data.
+    let (ok, text) = fixture
+        .cluster
+        .node("hv1")
+        .qemu_io(VOLUME, &["write -P 0x5a 0 1M", "flush"]);
+    assert!(ok, "{text}");
+    wait_settled(&fixture.cluster, VOLUME);
+    // How long one create takes here: the kills are spread over it.
+    let started = Instant::now();
+    fixture
+        .cluster
+        .node("hv1")
+        .tandem(&["snapshot", "create", VOLUME, "s0"])
+        .ok();
+    let took = started.elapsed();
+    let mut outcomes = Vec::new();
+    const KILLS: u32 = 12;
+    for i in 0..KILLS {
+        let snapshot = format!("k{i}");
+        // The coordinator (where the command runs) and the killed daemon both vary; hv1
+        // (the first data node of the closed volume) also holds the pause.
+        let coordinator = ["hv1", "hv2"][i as usize % 2];
+        let victim = ["hv1", "hv2"][(i as usize / 2) % 2];
+        let delay = took * i / (KILLS - 1);
+        let mut command = fixture
+            .cluster
+            .node(coordinator)
+            .tandem_command(&["snapshot", "create", VOLUME, &snapshot]);
+        let mut cli = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tandem snapshot create");
+        std::thread::sleep(delay);
+        fixture.cluster.node_mut(victim).crash();
+        let succeeded = cli.wait().expect("wait for tandem").success();
+        fixture.cluster.node_mut(victim).start();
+        let cluster = &fixture.cluster;
+        let left = pending_files(cluster).len();
+        wait_settled(cluster, VOLUME);
+        // The restarted daemon resolves its leftovers at start, the other one those it took
+        // once they went stale.
+        wait_resolved(cluster);
+        let on = holders(cluster, &snapshot);
+        let what = format!("{victim} killed {delay:?} into a create run on {coordinator}");
+        assert!(
+            on.is_empty() || on == ["hv1", "hv2"],
+            "{what}: {snapshot} only on {on:?}\n{}",
+            cluster.logs()
+        );
+        if succeeded {
+            assert_eq!(on, ["hv1", "hv2"], "{what}: the create succeeded");
+        }
+        if !on.is_empty() {
+            let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+            assert_eq!(
+                sha256(&snapshot_file(hv1, &snapshot)),
+                sha256(&snapshot_file(hv2, &snapshot)),
+                "{what}: the copies differ"
+            );
+            let list = hv1
+                .tandem(&["snapshot", "list", VOLUME, "--json"])
+                .ok()
+                .json();
+            let listed = list
+                .as_array()
+                .and_then(|l| l.iter().find(|s| s["name"] == snapshot.as_str()))
+                .map(|s| s["nodes"].clone());
+            assert_eq!(listed, Some(serde_json::json!(["hv1", "hv2"])), "{what}");
+        }
+        outcomes.push(format!(
+            "{what}: {} pending copies after the restart, then {}",
+            left,
+            if on.is_empty() {
+                "on no node"
+            } else {
+                "on both"
+            }
+        ));
+    }
+    eprintln!(
+        "one create took {took:?} here; kills:\n{}",
+        outcomes.join("\n")
+    );
 }

@@ -5,7 +5,10 @@
 //! snapshots are sha256-identical, a consistent cut of the checker's log, and the write
 //! pause is printed; rollback (refused while open) gives both replicas the snapshot's bytes
 //! with no resync; a linked clone of a 10 GiB read-only base is timed and its allocation in
-//! the thin pool measured.
+//! the thin pool measured. Where the snapshot's and the clone's time went (each phase, lvm
+//! command and peer call of both daemons, logged at debug) is printed beside them. Each
+//! node's lvm sees only its own disk and locks in its own directory, as on two hosts; the
+//! two still share this one guest's CPU.
 //!
 //! A guest then boots from the clone while the base is read-only: hv1 serves it over NBD
 //! on TCP, forwarded to the host by QEMU user networking, and a second TCG guest on the host
@@ -38,7 +41,15 @@ echo "guest-test-secret" >/tmp/secret
 chmod 600 /tmp/secret
 for n in 1 2; do
     vg=$(test $n = 1 && echo vg_a || echo vg_b)
-    mkdir -p /tmp/hv$n/state /tmp/hv$n/run
+    disk=$(test $n = 1 && echo vda || echo vdb)
+    mkdir -p /tmp/hv$n/state /tmp/hv$n/run /tmp/hv$n/lvm /tmp/hv$n/lock
+    # As on two hosts, each node's lvm sees its own disk only and locks in its own
+    # directory (LVM_SYSTEM_DIR below): the two nodes' commands do not wait for each other.
+    cat >/tmp/hv$n/lvm/lvm.conf <<EOF
+activation { udev_sync = 0 udev_rules = 0 verify_udev_operations = 1 monitoring = 0 }
+global { use_lvmpolld = 0 locking_dir = "/tmp/hv$n/lock" }
+devices { obtain_device_list_from_udev = 0 hints = "none" filter = [ "a|^/dev/$disk\$|", "r|.*|" ] }
+EOF
     cat >/tmp/hv$n/tandem.toml <<EOF
 node = "hv$n"
 state_dir = "/tmp/hv$n/state"
@@ -60,10 +71,15 @@ thinpool = "thin"
 [nbd]
 tcp_listen = "0.0.0.0:1080$((7 + n))"
 EOF
-    tandemd --config /tmp/hv$n/tandem.toml >/tmp/hv$n.log 2>&1 &
+    LVM_SYSTEM_DIR=/tmp/hv$n/lvm \
+    RUST_LOG=info,volume_driver::phases=debug,volume_driver::pool::lvm_thin=debug,volume_driver::peer=debug,volume_driver::server=debug \
+        tandemd --config /tmp/hv$n/tandem.toml >/tmp/hv$n.log 2>&1 &
 done
 T1="tandem --config /tmp/hv1/tandem.toml"
 T2="tandem --config /tmp/hv2/tandem.toml"
+# The guest's own lvm commands on a node's VG go through that node's lvm config.
+L1="env LVM_SYSTEM_DIR=/tmp/hv1/lvm"
+L2="env LVM_SYSTEM_DIR=/tmp/hv2/lvm"
 i=0
 while [ ! -S /tmp/hv1/run/tandemd.sock ] || [ ! -S /tmp/hv2/run/tandemd.sock ]; do
     sleep 0.2; i=$((i + 1)); [ $i -lt 300 ] || break
@@ -80,34 +96,49 @@ wait_settled() {
     while ! settled $1; do sleep 0.5; i=$((i + 1)); [ $i -lt 240 ] || return 1; done
 }
 now() { cut -d' ' -f1 /proc/uptime; }
+# Where the time of a command went: both daemons' phase, lvm and peer-call timings logged
+# since `mark`.
+mark() { for n in 1 2; do wc -l </tmp/hv$n.log >/tmp/mark$n; done; }
+timings() {
+    for n in 1 2; do
+        tail -n +$(( $(cat /tmp/mark$n) + 1 )) /tmp/hv$n.log |
+            grep -E 'phase done|lvm ran|peer call answered|peer connected|request answered' |
+            sed "s/^[^ ]* *DEBUG /hv$n /"
+    done
+}
 
 # Reference: one bare thin snapshot by hand in this guest (LVM's own cost under TCG).
-lvcreate -q -V 16M -T vg_a/thin -n ref
+$L1 lvcreate -q -V 16M -T vg_a/thin -n ref
 t0=$(now)
-section ref_snapshot lvcreate -q -n ref_s -pr -s vg_a/ref
+section ref_snapshot $L1 lvcreate -q -n ref_s -pr -s vg_a/ref
 t1=$(now)
 section ref_snapshot_time echo "$t0 $t1"
-lvremove -qy vg_a/ref_s vg_a/ref
+$L1 lvremove -qy vg_a/ref_s vg_a/ref
 
 section create $T1 volume create v1 --size 16M --replicas 2 --pool nvme
 section settled_created wait_settled v1
+# The writer runs until it is stopped (SIGTERM) after the refused rollback below.
 tandem-check write --socket /tmp/hv1/run/nbd.sock --export v1 --blocks 256 --log /tmp/check.log \
-    --duration 15 --seed 18 --flush-every 32 >/tmp/check.out 2>&1 &
+    --duration 600 --seed 18 --flush-every 32 >/tmp/check.out 2>&1 &
 writer=$!
 i=0
 acked() { k=$(grep -c '^K ' /tmp/check.log 2>/dev/null); echo "${k:-0}"; }
 while [ "$(acked)" -lt 100 ] && [ $i -lt 300 ]; do
     sleep 0.2; i=$((i + 1))
 done
+mark
 before=$(wc -c </tmp/check.log)
 section snapshot $T1 snapshot create v1 s1 --json
 after=$(wc -c </tmp/check.log)
+section snapshot_timings timings
 section cut echo "$before $after"
 section rollback_open $T1 snapshot rollback v1 s1
+kill -TERM $writer
 wait $writer
 section writer_exit sh -c "cat /tmp/check.out; exit $?"
 section settled_written wait_settled v1
-lvchange -ay -K vg_a/v1+s1 vg_b/v1+s1
+$L1 lvchange -ay -K vg_a/v1+s1
+$L2 lvchange -ay -K vg_b/v1+s1
 section snap_sha sh -c 'sha256sum /dev/vg_a/v1+s1 /dev/vg_b/v1+s1 | cut -d" " -f1'
 section snap_blocks sh -c 'dd if=/dev/vg_a/v1+s1 bs=4096 count=256 2>/dev/null | base64'
 section check_log cat /tmp/check.log
@@ -130,16 +161,23 @@ section read_only $T1 volume set base-100-disk-0 --read-only
 # Reference: LVM's own cost of the clone's one command, timed just before it (TCG guests
 # slow down with the host's load).
 t0=$(now)
-section ref_clone lvcreate -q -n ref_c -prw -kn -s vg_a/base-100-disk-0
+section ref_clone $L1 lvcreate -q -n ref_c -prw -kn -s vg_a/base-100-disk-0
 t1=$(now)
 section ref_clone_time echo "$t0 $t1"
-lvremove -qy vg_a/ref_c
-section lvs_before_clone $LVS vg_a
+$L1 lvremove -qy vg_a/ref_c
+# Reference: one trivial CLI round trip (`tandem` starting and asking the daemon).
+t0=$(now)
+section ref_cli $T1 volume show base-100-disk-0
+t1=$(now)
+section ref_cli_time echo "$t0 $t1"
+section lvs_before_clone $L1 $LVS vg_a
+mark
 t0=$(now)
 section clone $T1 volume clone base-100-disk-0 vm-101-disk-0 --json
 t1=$(now)
 section clone_time echo "$t0 $t1"
-section lvs_after_clone $LVS vg_a
+section clone_timings timings
+section lvs_after_clone $L1 $LVS vg_a
 section settled_clone wait_settled vm-101-disk-0
 # The host boots a guest from the clone through hv1's NBD port (QEMU user networking);
 # the guest closing it demotes hv1 again.
@@ -327,7 +365,9 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
     let snap = run.json("snapshot");
     let pause_ms = snap["pause_ms"].as_u64().expect("pause_ms");
     eprintln!(
-        "dm-thin, 2 nodes in TCG: write pause during `tandem snapshot create`: {pause_ms} ms"
+        "dm-thin, 2 nodes in TCG: write pause during `tandem snapshot create`: {pause_ms} ms\n\
+         where the time went:\n{}",
+        run.section("snapshot_timings")
     );
     let shas: Vec<&str> = run.section("snap_sha").split_whitespace().collect();
     assert_eq!(shas.len(), 2, "{}", run.describe("snap_sha"));
@@ -383,7 +423,9 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
     let share = grown / (10.0 * GIB as f64) * 100.0;
     eprintln!(
         "linked clone of a 10 GiB base on 2 replicas (dm-thin, under TCG): {took:.2} s, \
-         thin pool grew {grown:.0} bytes = {share:.3}% of the clone's size"
+         thin pool grew {grown:.0} bytes = {share:.3}% of the clone's size\n\
+         where the time went:\n{}",
+        run.section("clone_timings")
     );
     assert!(share < 1.0, "the clone allocated {share:.3}% of its size");
     assert_eq!(run.json("clone")["clone_of"], "base-100-disk-0");
@@ -437,10 +479,12 @@ fn snapshots_and_linked_clones_on_two_nodes_with_dm_thin() {
     let lvm_ms = elapsed(&run, "ref_snapshot_time") * 1000.0;
     run.assert_section_ok("ref_clone");
     let clone_lvm_ms = elapsed(&run, "ref_clone_time") * 1000.0;
+    run.assert_section_ok("ref_cli");
+    let cli_ms = elapsed(&run, "ref_cli_time") * 1000.0;
     eprintln!(
         "reference in this guest: one bare `lvcreate -s` takes {lvm_ms:.0} ms before the \
-         snapshot, {clone_lvm_ms:.0} ms before the clone; write pause {pause_ms} ms; \
-         clone {:.0} ms",
+         snapshot, {clone_lvm_ms:.0} ms before the clone, a trivial `tandem volume show` \
+         {cli_ms:.0} ms; write pause {pause_ms} ms; clone {:.0} ms",
         took * 1000.0
     );
     assert!(

@@ -7,11 +7,12 @@
 //! (`replica_prepare`: name free, pool exists with room). Only then does every node
 //! *commit*, all at the same time (storage, metadata with the shared day0 generation,
 //! definition, replica). A failure at any step undoes what was done, in reverse order
-//! ([`rollback_plan`]): committed replicas are deleted, reservations released. Nodes are
-//! prepared in the config's node order, so of two concurrent creates of one name on
-//! different nodes, the one that reserves the name on the first node wins and the other is
-//! refused there before it touched anything. A reservation whose coordinator died expires
-//! after [`RESERVATION_TTL`].
+//! ([`rollback_plan`]): committed replicas are deleted, reservations released. The first
+//! node in config order is prepared first and the others at once after it, so of two
+//! concurrent creates of one name on different nodes, the one that reserves the name on
+//! the first node wins and the other is refused there before it touched anything. A
+//! reservation whose coordinator died expires after [`RESERVATION_TTL`]. Every round
+//! reuses the command's connections ([`crate::links`]).
 //!
 //! Tiebreakers: every diskless node of the config becomes a voter of every replicated
 //! volume; it holds the definition and no storage. A volume with one replica is not
@@ -43,9 +44,10 @@ use control_api::{ApiError, DiskState, ErrorKind, Role, VolumeInfo, VolumeState,
 use rand::RngCore;
 
 use crate::config::Config;
+use crate::links::Links;
 use crate::names::validate_volume_name;
 use crate::options::{apply_change, OptionsChange, VolumeOptions};
-use crate::peer::{self, PeerReply, PeerRequest};
+use crate::peer::{PeerReply, PeerRequest};
 use crate::service::{
     blocking, invalid, not_found, now_unix, pool_error, store_error, Reservation, Slot,
     VolumeService,
@@ -212,72 +214,14 @@ pub(crate) fn random_day0() -> u64 {
 }
 
 impl VolumeService {
-    /// Run a peer request on `node`: locally when it is this node, else over the peer API.
+    /// Run a peer request on `node`: locally when it is this node, else over the peer API
+    /// on a connection of its own.
     pub(crate) async fn on_node(
         &self,
         node: &str,
         request: PeerRequest,
     ) -> Result<PeerReply, ApiError> {
-        if node == self.config().node {
-            return match peer::dispatch(self, request).await {
-                peer::PeerResponse::Ok { result } => Ok(result),
-                peer::PeerResponse::Error { error } => Err(error),
-            };
-        }
-        let config = self.config();
-        let Some(entry) = config.node_named(node) else {
-            return Err(ApiError::new(
-                ErrorKind::InvalidArgument,
-                format!("node '{node}' is not in {}", self.config().path.display()),
-            ));
-        };
-        let Some(secret) = &self.secret else {
-            return Err(ApiError::new(
-                ErrorKind::Internal,
-                "no peer secret loaded; cannot reach other nodes",
-            ));
-        };
-        peer::call(node, entry.control, secret, &request).await
-    }
-
-    /// Run every `(node, request)` of `calls` at the same time: the other nodes' calls run
-    /// as tasks while this node's runs here. The answers come in the order of `calls`.
-    pub(crate) async fn on_nodes_at_once(
-        &self,
-        calls: Vec<(String, PeerRequest)>,
-    ) -> Vec<Result<PeerReply, ApiError>> {
-        let config = self.config();
-        let mut pending = Vec::new();
-        let mut here = Vec::new();
-        for (i, (node, request)) in calls.into_iter().enumerate() {
-            let remote = config.node_named(&node).filter(|_| node != config.node);
-            match (remote, self.secret.clone()) {
-                (Some(entry), Some(secret)) => {
-                    let addr = entry.control;
-                    pending.push((
-                        i,
-                        tokio::spawn(
-                            async move { peer::call(&node, addr, &secret, &request).await },
-                        ),
-                    ));
-                }
-                _ => here.push((i, node, request)),
-            }
-        }
-        let mut answers: Vec<Option<Result<PeerReply, ApiError>>> =
-            (0..pending.len() + here.len()).map(|_| None).collect();
-        for (i, node, request) in here {
-            answers[i] = Some(self.on_node(&node, request).await);
-        }
-        for (i, task) in pending {
-            answers[i] = Some(task.await.unwrap_or_else(|e| {
-                Err(ApiError::new(
-                    ErrorKind::Internal,
-                    format!("peer call task: {e}"),
-                ))
-            }));
-        }
-        answers.into_iter().flatten().collect()
+        self.call_node(&mut Links::default(), node, request).await
     }
 
     /// `volume_create`: an unreplicated volume here, or a replicated one on every node of
@@ -310,14 +254,18 @@ impl VolumeService {
             }
             return self.create_local(name, size, pool).await;
         }
-        self.create_on_nodes(name, size, pool, &plan, options, None)
+        let mut links = Links::default();
+        self.create_on_nodes(&mut links, name, size, pool, &plan, options, None)
             .await
     }
 
     /// The replicated part of `volume_create` (and of `volume_clone`, with `clone_of`):
-    /// prepare on every node of `plan`, then commit on all at once, undoing on a failure.
+    /// prepare on every node of `plan` (the first one, then the others at once), then
+    /// commit on all at once, undoing on a failure. The nodes are called through `links`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn create_on_nodes(
         &self,
+        links: &mut Links,
         name: &str,
         size: u64,
         pool: Option<&str>,
@@ -328,28 +276,32 @@ impl VolumeService {
         let token = random_token();
         let day0 = random_day0();
         let participants = &plan.participants;
-        let mut prepared = 0;
+        let mut phases = crate::phases::Phases::start("create", name);
         let mut committed = 0;
         let mut local_info = None;
-        let mut failure = None;
-        for node in participants {
-            let diskless = plan.tiebreakers.contains(node);
-            let request = PeerRequest::ReplicaPrepare {
-                name: name.to_string(),
-                size_bytes: size,
-                pool: pool.map(String::from),
-                diskless,
-                token: token.clone(),
-                linked: clone_of.is_some(),
-            };
-            match self.on_node(node, request).await {
-                Ok(_) => prepared += 1,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
+        let prepare = |node: &String| PeerRequest::ReplicaPrepare {
+            name: name.to_string(),
+            size_bytes: size,
+            pool: pool.map(String::from),
+            diskless: plan.tiebreakers.contains(node),
+            token: token.clone(),
+            linked: clone_of.is_some(),
+        };
+        // The first node settles two concurrent creates of one name: the one that reserves
+        // it there wins, the other is refused before it touched anything. The others are
+        // prepared at once after it.
+        let (mut prepared, mut failure) = (0, None);
+        if let Some((first, rest)) = participants.split_first() {
+            failure = self.call_node(links, first, prepare(first)).await.err();
+            if failure.is_none() {
+                let calls = rest.iter().map(|n| (n.clone(), prepare(n))).collect();
+                let answers = self.call_at_once(links, calls).await;
+                // Every node is released on a failure (a no-op where the name is not held).
+                prepared = participants.len();
+                failure = answers.into_iter().find_map(Result::err);
             }
         }
+        phases.done("prepare");
         // Every node commits at the same time (each allocates its storage, e.g. a linked
         // clone's `lvcreate`); the undo below goes through the committed ones first.
         let mut order: Vec<String> = participants.clone();
@@ -384,7 +336,7 @@ impl VolumeService {
                     (node.clone(), request)
                 })
                 .collect();
-            let answers = self.on_nodes_at_once(calls).await;
+            let answers = self.call_at_once(links, calls).await;
             let mut not_committed = Vec::new();
             order.clear();
             for (node, answer) in participants.iter().zip(answers) {
@@ -412,6 +364,7 @@ impl VolumeService {
             }
             committed = order.len();
             order.extend(not_committed);
+            phases.done("commit");
         }
         let Some(failure) = failure else {
             tracing::info!(volume = %name, nodes = ?plan.data_nodes, tiebreakers = ?plan.tiebreakers,
@@ -438,7 +391,7 @@ impl VolumeService {
                     },
                 ),
             };
-            if let Err(e) = self.on_node(node, request).await {
+            if let Err(e) = self.call_node(links, node, request).await {
                 tracing::error!(volume = %name, node = %node, error = %e.message,
                     "cannot undo a failed create on this node; clean up there by hand");
                 if matches!(step, Undo::Delete(_)) {
@@ -575,14 +528,18 @@ impl VolumeService {
         let name = definition.name.clone();
         validate_volume_name(&name).map_err(|e| invalid(e.to_string()))?;
         self.take_reservation(&name, token)?;
+        let mut phases = crate::phases::Phases::start("replica commit", &name);
         let result = self.commit_reserved(&mut definition, day0, joining).await;
+        phases.done("storage, metadata, definition");
         match result {
             Ok(()) => {
                 if let Some(slot) = self.lock().get_mut(&name) {
                     slot.reservation = None;
                     slot.busy = None;
                 }
-                if let Err(e) = self.open_replica(&name).await {
+                let opened = self.open_replica(&name).await;
+                phases.done("open");
+                if let Err(e) = opened {
                     // A replica the engine cannot run is no replica: undo it here, and the
                     // coordinator undoes the others.
                     if let Err(undo) = self.delete_local(&name).await {

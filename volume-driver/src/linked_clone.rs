@@ -15,8 +15,10 @@
 use control_api::{ApiError, ErrorKind, VolumeInfo};
 
 use crate::cluster::CreatePlan;
+use crate::links::Links;
 use crate::names::validate_volume_name;
 use crate::peer::{PeerReply, PeerRequest};
+use crate::phases::Phases;
 use crate::pool::{Pool, PoolError};
 use crate::rename::check_renamable;
 use crate::service::{invalid, VolumeService};
@@ -101,6 +103,7 @@ impl VolumeService {
         validate_volume_name(name).map_err(|e| invalid(e.to_string()))?;
         let (source, snapshot) = parse_origin(origin);
         let definition = self.definition(source)?;
+        let mut phases = Phases::start("volume clone", name);
         let what = format!("cannot clone '{origin}' (nothing changed)");
         // A clone starts in sync on every replica, so its source must hold the same bytes
         // on each and must not change while the nodes clone it one after another: a
@@ -114,22 +117,23 @@ impl VolumeService {
                 ),
             ));
         }
+        let mut links = Links::default();
         if definition.is_replicated() {
-            for node in self.ordered_nodes(&definition) {
-                if !definition.nodes.contains(&node) {
-                    continue;
-                }
-                let request = match snapshot {
-                    Some(s) => PeerRequest::ReplicaSnapshotCheck {
-                        name: source.to_string(),
-                        snapshot: s.to_string(),
-                        exists: true,
-                    },
-                    None => PeerRequest::ReplicaStatus {
-                        name: source.to_string(),
-                    },
-                };
-                let status = match self.on_node(&node, request).await {
+            let request = match snapshot {
+                Some(s) => PeerRequest::ReplicaSnapshotCheck {
+                    name: source.to_string(),
+                    snapshot: s.to_string(),
+                    exists: true,
+                },
+                None => PeerRequest::ReplicaStatus {
+                    name: source.to_string(),
+                },
+            };
+            let nodes = self.data_nodes(&definition);
+            let calls = nodes.iter().map(|n| (n.clone(), request.clone())).collect();
+            let answers = self.call_at_once(&mut links, calls).await;
+            for (node, answer) in nodes.iter().zip(answers) {
+                let status = match answer {
                     Ok(PeerReply::Status { status }) => status,
                     Ok(other) => {
                         return Err(ApiError::new(
@@ -149,7 +153,7 @@ impl VolumeService {
                             ),
                         ));
                     }
-                    check_renamable(source, &node, &status, true).map_err(|e| {
+                    check_renamable(source, node, &status, true).map_err(|e| {
                         ApiError::new(
                             e.kind,
                             format!("{what}: {} (or clone a snapshot of it)", e.message),
@@ -160,6 +164,7 @@ impl VolumeService {
         } else if let Some(s) = snapshot {
             self.snapshot_check(source, s, true).await?;
         }
+        phases.done("check");
         let clone_of = Some(origin.to_string());
         if !definition.is_replicated() {
             return self
@@ -181,6 +186,7 @@ impl VolumeService {
             ..definition.options
         };
         self.create_on_nodes(
+            &mut links,
             name,
             definition.size_bytes,
             Some(&definition.pool),

@@ -124,7 +124,8 @@ pub enum PeerRequest {
         snapshot: String,
         exists: bool,
     },
-    /// On the Primary: hold writes, snapshot on every node of `nodes`, resume.
+    /// On the Primary: hold writes, take the snapshot under its pending name on every node
+    /// of `nodes`, resume; answers the pause and each node's status after its snapshot.
     ReplicaSnapshotTake {
         name: String,
         snapshot: String,
@@ -138,6 +139,9 @@ pub enum PeerRequest {
     },
     /// The snapshots of this node's copy.
     ReplicaSnapshotList { name: String },
+    /// The snapshots of `name` this node's `snapshot create`s are taking now (see
+    /// [`crate::snapshot_pending`]).
+    ReplicaSnapshotsInFlight { name: String },
     /// The replicated volumes this node knows with a replica or tiebreaker on `node`
     /// (`tandem node evict` run on a node that is not a member of them all).
     EvictCandidates { node: String },
@@ -159,9 +163,11 @@ pub enum PeerReply {
     Status {
         status: VolumeStatus,
     },
-    /// `replica_snapshot_take`: how long writes were held (none on a closed volume).
-    Paused {
+    /// `replica_snapshot_take`: how long writes were held (none on a closed volume), and
+    /// each node's status right after it took its snapshot.
+    Taken {
         pause_ms: Option<u64>,
+        after: Vec<(String, VolumeStatus)>,
     },
     /// `replica_snapshot_list`.
     Names {
@@ -211,6 +217,7 @@ impl PeerRequest {
             PeerRequest::ReplicaSnapshotTake { .. } => "replica_snapshot_take",
             PeerRequest::ReplicaSnapshotLocal { .. } => "replica_snapshot_local",
             PeerRequest::ReplicaSnapshotList { .. } => "replica_snapshot_list",
+            PeerRequest::ReplicaSnapshotsInFlight { .. } => "replica_snapshots_in_flight",
             PeerRequest::EvictCandidates { .. } => "evict_candidates",
             PeerRequest::EvictAdd { .. } => "evict_add",
             PeerRequest::EvictRemove { .. } => "evict_remove",
@@ -412,15 +419,22 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
             nodes,
         } => Box::pin(service.snapshot_take(&name, &snapshot, &nodes))
             .await
-            .map(|pause_ms| PeerReply::Paused { pause_ms }),
-        PeerRequest::ReplicaSnapshotLocal { name, snapshot, op } => service
-            .snapshot_local(&name, &snapshot, op)
-            .await
-            .map(|()| PeerReply::Done),
+            .map(|(pause_ms, after)| PeerReply::Taken { pause_ms, after }),
+        PeerRequest::ReplicaSnapshotLocal { name, snapshot, op } => {
+            Box::pin(service.snapshot_local(&name, &snapshot, op))
+                .await
+                .map(|status| match status {
+                    Some(status) => PeerReply::Status { status },
+                    None => PeerReply::Done,
+                })
+        }
         PeerRequest::ReplicaSnapshotList { name } => service
             .local_snapshots(&name)
             .await
             .map(|names| PeerReply::Names { names }),
+        PeerRequest::ReplicaSnapshotsInFlight { name } => Ok(PeerReply::Names {
+            names: service.snapshots_in_flight(&name),
+        }),
         PeerRequest::EvictCandidates { node } => Ok(PeerReply::Definitions {
             volumes: service.volumes_with(&node),
         }),
@@ -440,72 +454,121 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
     }
 }
 
-/// Send one request to the peer `node` at `addr` and wait for its answer. Transport and
-/// authentication failures are [`ErrorKind::Peer`] errors naming the node; a refusal by
-/// the peer keeps its kind and gets the node's name in front of the message.
+/// An authenticated connection to one peer, for several requests in turn (the commands
+/// that call a node in more than one round open it once: see [`crate::links`]).
+pub struct PeerLink {
+    node: String,
+    addr: SocketAddr,
+    stream: BufReader<TcpStream>,
+}
+
+impl PeerLink {
+    /// Connect to `node` at `addr` and authenticate. Failures are [`ErrorKind::Peer`] errors
+    /// naming the node.
+    pub async fn connect(
+        node: &str,
+        addr: SocketAddr,
+        secret: &Secret,
+    ) -> Result<PeerLink, ApiError> {
+        let started = std::time::Instant::now();
+        let peer_err = |what: String| link_error(node, addr, what);
+        let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                return Err(peer_err(format!(
+                    "cannot connect: {e} (is tandemd running there?)"
+                )))
+            }
+            Err(_) => {
+                return Err(peer_err(format!(
+                    "cannot connect within {}s (is the node down?)",
+                    CONNECT_TIMEOUT.as_secs()
+                )))
+            }
+        };
+        // Requests are single small lines answered at once: no Nagle delay.
+        let _ = stream.set_nodelay(true);
+        authenticate(
+            &mut stream,
+            secret,
+            AuthRole::Initiator,
+            node,
+            DEFAULT_AUTH_TIMEOUT,
+        )
+        .await
+        .map_err(|e| peer_err(crate::report::error_chain(&e)))?;
+        tracing::debug!(
+            node,
+            ms = crate::phases::millis(started.elapsed()),
+            "peer connected"
+        );
+        Ok(PeerLink {
+            node: node.to_string(),
+            addr,
+            stream: BufReader::new(stream),
+        })
+    }
+
+    /// Send one request and wait for its answer. A refusal by the peer keeps its kind and
+    /// gets the node's name in front of the message; after a transport error (an
+    /// [`ErrorKind::Peer`] error) the link must not be used again.
+    pub async fn call(&mut self, request: &PeerRequest) -> Result<PeerReply, ApiError> {
+        let started = std::time::Instant::now();
+        let stream = &mut self.stream;
+        let exchange = async {
+            let mut line = serde_json::to_vec(request).map_err(io::Error::other)?;
+            line.push(b'\n');
+            stream.get_mut().write_all(&line).await?;
+            let mut answer = Vec::new();
+            match read_line(stream, &mut answer).await? {
+                Some(true) => Ok(answer),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection without a complete answer",
+                )),
+            }
+        };
+        let answer = match tokio::time::timeout(ANSWER_TIMEOUT, exchange).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Err(self.error(format!("request failed: {e}"))),
+            Err(_) => {
+                return Err(self.error(format!("no answer within {}s", ANSWER_TIMEOUT.as_secs())))
+            }
+        };
+        tracing::debug!(node = %self.node, request = request.name(),
+            ms = crate::phases::millis(started.elapsed()), "peer call answered");
+        match serde_json::from_slice::<PeerResponse>(&answer) {
+            Ok(PeerResponse::Ok { result }) => Ok(result),
+            Ok(PeerResponse::Error { error }) => Err(ApiError::new(
+                error.kind,
+                format!("on node '{}': {}", self.node, error.message),
+            )),
+            Err(e) => Err(self.error(format!("answer not understood: {e}"))),
+        }
+    }
+
+    fn error(&self, what: String) -> ApiError {
+        link_error(&self.node, self.addr, what)
+    }
+}
+
+fn link_error(node: &str, addr: SocketAddr, what: String) -> ApiError {
+    ApiError::new(ErrorKind::Peer, format!("node '{node}' ({addr}): {what}"))
+}
+
+/// Send one request to the peer `node` at `addr` on a connection of its own and wait for
+/// its answer (see [`PeerLink`] for the errors).
 pub async fn call(
     node: &str,
     addr: SocketAddr,
     secret: &Secret,
     request: &PeerRequest,
 ) -> Result<PeerReply, ApiError> {
-    let peer_err =
-        |what: String| ApiError::new(ErrorKind::Peer, format!("node '{node}' ({addr}): {what}"));
-    let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            return Err(peer_err(format!(
-                "cannot connect: {e} (is tandemd running there?)"
-            )))
-        }
-        Err(_) => {
-            return Err(peer_err(format!(
-                "cannot connect within {}s (is the node down?)",
-                CONNECT_TIMEOUT.as_secs()
-            )))
-        }
-    };
-    authenticate(
-        &mut stream,
-        secret,
-        AuthRole::Initiator,
-        node,
-        DEFAULT_AUTH_TIMEOUT,
-    )
-    .await
-    .map_err(|e| peer_err(crate::report::error_chain(&e)))?;
-    let exchange = async {
-        let mut line = serde_json::to_vec(request).map_err(io::Error::other)?;
-        line.push(b'\n');
-        stream.write_all(&line).await?;
-        let mut reader = BufReader::new(&mut stream);
-        let mut answer = Vec::new();
-        match read_line(&mut reader, &mut answer).await? {
-            Some(true) => Ok(answer),
-            _ => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the peer closed the connection without a complete answer",
-            )),
-        }
-    };
-    let answer = match tokio::time::timeout(ANSWER_TIMEOUT, exchange).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(e)) => return Err(peer_err(format!("request failed: {e}"))),
-        Err(_) => {
-            return Err(peer_err(format!(
-                "no answer within {}s",
-                ANSWER_TIMEOUT.as_secs()
-            )))
-        }
-    };
-    match serde_json::from_slice::<PeerResponse>(&answer) {
-        Ok(PeerResponse::Ok { result }) => Ok(result),
-        Ok(PeerResponse::Error { error }) => Err(ApiError::new(
-            error.kind,
-            format!("on node '{node}': {}", error.message),
-        )),
-        Err(e) => Err(peer_err(format!("answer not understood: {e}"))),
-    }
+    PeerLink::connect(node, addr, secret)
+        .await?
+        .call(request)
+        .await
 }
 
 #[cfg(test)]
@@ -569,5 +632,13 @@ mod tests {
             "{}",
             e.message
         );
+        // One link carries request after request (a refusal does not end it).
+        let mut link = PeerLink::connect("hv2", addr, &good).await.unwrap();
+        for _ in 0..3 {
+            let e = link.call(&status).await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::NotFound, "{}", e.message);
+        }
+        let answer = link.call(&PeerRequest::NodeInfo).await.unwrap();
+        assert!(matches!(answer, PeerReply::Node { .. }), "{answer:?}");
     }
 }

@@ -597,12 +597,12 @@ impl VolumeService {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::pool::file::FilePool;
     use control_api::{DiskState, Protocol, ReplicaStatus};
 
-    fn status(role: Role, writers: usize) -> VolumeStatus {
+    pub(crate) fn status(role: Role, writers: usize) -> VolumeStatus {
         VolumeStatus {
             replica: ReplicaStatus {
                 volume: "v".into(),

@@ -198,6 +198,7 @@ async fn write_events(
 /// Carry out one request.
 pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
     let what = request_name(&request);
+    let started = std::time::Instant::now();
     let result = match request {
         Request::NodeInfo => Ok(Reply::NodeInfo {
             node: service.node_info(),
@@ -318,6 +319,11 @@ pub async fn dispatch(service: &VolumeService, request: Request) -> Response {
             .await
             .map(|snapshot| Reply::Snapshot { snapshot }),
     };
+    tracing::debug!(
+        request = what,
+        ms = crate::phases::millis(started.elapsed()),
+        "control request answered"
+    );
     match result {
         Ok(result) => Response::Ok { result },
         Err(error) => {

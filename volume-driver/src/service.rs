@@ -131,6 +131,12 @@ pub struct VolumeService {
     pub(crate) membership_ops: Mutex<std::collections::BTreeSet<String>>,
     /// The step of each evict running here, by evicted node ([`crate::evict`]).
     pub(crate) evict_steps: Mutex<BTreeMap<String, control_api::EvictStep>>,
+    /// `(volume, snapshot)` of each `snapshot create` running here
+    /// ([`crate::snapshot_pending`]).
+    pub(crate) snapshots_in_flight: Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// `(volume, snapshot)` taken here under its pending name and not yet committed or
+    /// discarded, with when ([`crate::snapshot_pending`]).
+    pub(crate) snapshots_taken: Mutex<BTreeMap<(String, String), std::time::Instant>>,
 }
 
 pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
@@ -324,6 +330,8 @@ impl VolumeService {
             engine,
             secret,
             membership_ops: Mutex::default(),
+            snapshots_in_flight: Mutex::default(),
+            snapshots_taken: Mutex::default(),
             evict_steps: Mutex::default(),
         })
     }
@@ -356,6 +364,11 @@ impl VolumeService {
 
     pub(crate) fn pool_backend(&self, name: &str) -> Option<Arc<dyn Pool>> {
         self.pool(name).map(|h| Arc::clone(&h.backend))
+    }
+
+    /// Every configured pool's backend.
+    pub(crate) fn pool_backends(&self) -> Vec<Arc<dyn Pool>> {
+        self.pools.iter().map(|h| Arc::clone(&h.backend)).collect()
     }
 
     /// The pool a create names, or the first one; errors list the configured pools. A

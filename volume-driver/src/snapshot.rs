@@ -1,19 +1,27 @@
 //! `tandem snapshot create|list|delete|rollback`: snapshots of a volume on every data
 //! replica, coordinated by the node where the command runs (like [`crate::cluster`]: check
-//! everywhere first, then act everywhere, undo on failure).
+//! everywhere first, then act everywhere, undo on failure). Each round calls every node at
+//! once over connections opened once per command ([`crate::links`]).
 //!
 //! ```text
-//! coordinator                                      each data node, config order
-//!   replica_snapshot_check {exists: false}    ──▶ volume here with storage, name free;
-//!                                                  answers its status (role, disk state)
-//!   replica_snapshot_take {nodes}             ──▶ to the Primary (or the first data node
-//!                                                  when the volume is closed): hold
-//!                                                  promotions, pause writes (drain until
-//!                                                  every peer applied them), then
-//!     replica_snapshot_local {create}         ──▶ each data node snapshots its storage;
-//!                                                  on a failure the ones made are removed;
-//!                                                  writes resume, the pause is reported
+//! coordinator                                 each data node (all at once)
+//!   replica_snapshot_check {exists: false} ─▶ volume here with storage, name free (a
+//!                                             pending leftover of that name is resolved
+//!                                             first); answers its status
+//!   replica_snapshot_take {nodes}          ─▶ to the Primary (or the first data node of a
+//!                                             closed volume): connect to the other nodes,
+//!                                             hold promotions, pause writes (drain until
+//!                                             every peer applied them), then
+//!     replica_snapshot_local {take}        ─▶ each data node takes it under its pending
+//!                                             name and answers its status; on a failure
+//!                                             the ones taken are discarded; writes resume,
+//!                                             the pause and the statuses are answered
+//!   (still one cut? see below)
+//!   replica_snapshot_local {commit}        ─▶ each data node renames it to its final name
 //! ```
+//!
+//! Only the drain and the snapshots themselves are inside the pause: the checks run
+//! before it, the connections are open before it, and the renames run after it.
 //!
 //! The cut is consistent because only the Primary admits writes, and
 //! [`crate::engine::EngineReplica::pause_writes`] returns once every write it admitted is
@@ -21,13 +29,24 @@
 //! peers' acknowledgements), and fails unless every replica is then connected, UpToDate
 //! and in sync. It also holds every promotion of the volume (the engine refuses them, and
 //! every promotion needs the agreement of each connected member), so a closed volume
-//! cannot be opened, written and closed between two nodes' snapshots. Afterwards the
-//! coordinator checks again: the same Primary, every replica in sync, no new generation;
-//! otherwise the snapshot is removed everywhere. The drain is bounded by [`DRAIN_TIMEOUT`] and the whole pause
-//! by [`PAUSE_LIMIT`]; it is measured and printed. Every data replica must be UpToDate and
-//! reachable, so that no snapshot is taken of a replica in the middle of a resync. An
-//! unreplicated volume is snapshotted without a pause: the reflink or `lvcreate -s` is one
-//! atomic image of the file or LV (crash-consistent, like a power cut at that instant).
+//! cannot be opened, written and closed between two nodes' snapshots. Each node answers
+//! its status right after its own snapshot, and the coordinator checks them against the
+//! statuses before ([`check_still_one_cut`]): the same Primary, every replica in sync, no
+//! new generation; otherwise the snapshot is removed everywhere. The drain is bounded by
+//! [`DRAIN_TIMEOUT`] and the whole pause by [`PAUSE_LIMIT`]; it is measured and printed.
+//! Every data replica must be UpToDate and reachable, so that no snapshot is taken of a
+//! replica in the middle of a resync. An unreplicated volume is snapshotted without a
+//! pause: the reflink or `lvcreate -s` is one atomic image of the file or LV
+//! (crash-consistent, like a power cut at that instant).
+//!
+//! **Pending until every node has it.** A snapshot is taken under its pending name
+//! (`<snapshot>+pending`, never listed) and renamed to its final name on every node only
+//! once every node took it and the cut is good. Before the renames a failure removes it
+//! everywhere. A node that refuses its rename gets it removed everywhere too; a node that
+//! does not answer it (it may have renamed already) keeps its copy, made final once it is
+//! back. A kill or crash at any point leaves pending copies at worst, which
+//! [`crate::snapshot_pending`] resolves: made final when some node has the final name,
+//! else removed. So once every node is back, a listed snapshot is on every node.
 //!
 //! **Rollback** needs the volume closed on every node (not Primary, no writer). Every data
 //! node replaces its storage by its own copy of the snapshot (they are identical), and every
@@ -44,12 +63,15 @@ use control_api::{ApiError, ErrorKind, Role, SnapshotInfo, VolumeStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::random_day0;
+use crate::links::Links;
 use crate::peer::{PeerReply, PeerRequest};
+use crate::phases::Phases;
 use crate::pool::validate_snapshot_name;
 use crate::rename::check_renamable;
 use crate::replicated_export::engine_error;
 use crate::rollback::{rollback_on_disk, RollbackError, RollbackMarker};
 use crate::service::{blocking, invalid, pool_error, VolumeService};
+use crate::snapshot_pending::Resolution;
 use crate::store::VolumeDefinition;
 
 /// How long the Primary may take to drain in-flight writes before a snapshot gives up.
@@ -63,12 +85,16 @@ pub const PAUSE_LIMIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotOp {
-    Create,
+    /// Take it under its pending name; answers this node's status afterwards.
+    Take,
+    /// Rename the pending snapshot to its final name.
+    Commit,
+    /// Remove the pending snapshot, if there is one.
+    Discard,
+    /// Remove the (final) snapshot.
     Delete,
     /// Roll back and start a new generation `day0` (see the module doc).
-    Rollback {
-        day0: u64,
-    },
+    Rollback { day0: u64 },
 }
 
 /// Refuse a snapshot of `name` given every data node's status (pure): all in sync
@@ -101,10 +127,40 @@ pub fn check_snapshot_allowed(
     Ok(primaries.first().map(|n| n.to_string()))
 }
 
+/// Did the volume stay one cut while the nodes took the snapshot (pure)? `before` is every
+/// data node's status at the check, `after` each one's right after its own snapshot: the
+/// same Primary, every replica still in sync, and no replica in a new generation. Returns
+/// why not.
+pub fn check_still_one_cut(
+    name: &str,
+    before: &[(String, VolumeStatus)],
+    after: &[(String, VolumeStatus)],
+) -> Result<(), String> {
+    let primary = check_snapshot_allowed(name, before).map_err(|e| e.message)?;
+    let now = check_snapshot_allowed(name, after).map_err(|e| e.message)?;
+    if now != primary {
+        return Err(format!(
+            "the Primary changed from {} to {} during the snapshot",
+            primary.as_deref().unwrap_or("none"),
+            now.as_deref().unwrap_or("none")
+        ));
+    }
+    for (node, status) in before {
+        match after.iter().find(|(n, _)| n == node) {
+            None => return Err(format!("'{node}' did not report its status")),
+            Some((_, s)) if s.replica.current_uuid != status.replica.current_uuid => {
+                return Err(format!("the replica on '{node}' started a new generation"))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 impl VolumeService {
     /// The nodes holding data of `definition`, in config order (this node alone for an
     /// unreplicated volume).
-    fn data_nodes(&self, definition: &VolumeDefinition) -> Vec<String> {
+    pub(crate) fn data_nodes(&self, definition: &VolumeDefinition) -> Vec<String> {
         if !definition.is_replicated() {
             return vec![self.config().node.clone()];
         }
@@ -114,24 +170,28 @@ impl VolumeService {
             .collect()
     }
 
-    /// Ask every node of `nodes` to check `name@snapshot` (see `replica_snapshot_check`);
-    /// the first refusal is the answer, prefixed with `what`.
+    /// Ask every node of `nodes` at once to check `name@snapshot` (see
+    /// `replica_snapshot_check`); the first refusal, in node order, is the answer, prefixed
+    /// with `what`.
     async fn check_everywhere(
         &self,
+        links: &mut Links,
         what: &str,
         name: &str,
         snapshot: &str,
         exists: bool,
         nodes: &[String],
     ) -> Result<Vec<(String, VolumeStatus)>, ApiError> {
+        let request = PeerRequest::ReplicaSnapshotCheck {
+            name: name.to_string(),
+            snapshot: snapshot.to_string(),
+            exists,
+        };
+        let calls = nodes.iter().map(|n| (n.clone(), request.clone())).collect();
+        let answers = self.call_at_once(links, calls).await;
         let mut statuses = Vec::new();
-        for node in nodes {
-            let request = PeerRequest::ReplicaSnapshotCheck {
-                name: name.to_string(),
-                snapshot: snapshot.to_string(),
-                exists,
-            };
-            match self.on_node(node, request).await {
+        for (node, answer) in nodes.iter().zip(answers) {
+            match answer {
                 Ok(PeerReply::Status { status }) => statuses.push((node.clone(), status)),
                 Ok(other) => {
                     return Err(ApiError::new(
@@ -154,72 +214,108 @@ impl VolumeService {
         validate_snapshot_name("", name, snapshot).map_err(|e| invalid(snapshot_name_error(&e)))?;
         let definition = self.definition(name)?;
         let nodes = self.data_nodes(&definition);
+        let mut phases = Phases::start("snapshot create", name);
+        let mut links = Links::default();
         let what = format!("cannot snapshot '{name}' (nothing changed)");
-        let statuses = self
-            .check_everywhere(&what, name, snapshot, false, &nodes)
+        let before = self
+            .check_everywhere(&mut links, &what, name, snapshot, false, &nodes)
             .await?;
         let primary = if definition.is_replicated() {
-            check_snapshot_allowed(name, &statuses)?
+            check_snapshot_allowed(name, &before)?
         } else {
             None
         };
+        phases.done("check");
+        // Until it is final or removed everywhere, this node answers that a command is
+        // taking it, so that no node resolves its pending copy meanwhile.
+        let _in_flight = self.snapshot_in_flight(name, snapshot)?;
         // The take node holds writes (a Primary) and promotions (any data node connected to
         // every other one: each promotion needs its agreement) while the nodes snapshot.
-        let take_on = primary.clone().unwrap_or_else(|| nodes[0].clone());
+        let take_on = primary.unwrap_or_else(|| nodes[0].clone());
         let request = PeerRequest::ReplicaSnapshotTake {
             name: name.to_string(),
             snapshot: snapshot.to_string(),
             nodes: nodes.clone(),
         };
-        let pause_ms = match self.on_node(&take_on, request).await? {
-            PeerReply::Paused { pause_ms } => pause_ms,
-            other => {
+        let taken = self.call_node(&mut links, &take_on, request).await;
+        phases.done("take");
+        let (pause_ms, after) = match taken {
+            Ok(PeerReply::Taken { pause_ms, after }) => (pause_ms, after),
+            Ok(other) => {
+                self.remove_everywhere(&mut links, name, snapshot, &[], &nodes)
+                    .await;
                 return Err(ApiError::new(
                     ErrorKind::Peer,
                     format!("node '{take_on}' answered replica_snapshot_take with {other:?}"),
-                ))
+                ));
+            }
+            Err(e) => {
+                // The take node removes what it took; when it could not even answer, do
+                // it here (a pending snapshot is never listed meanwhile).
+                if e.kind == ErrorKind::Peer {
+                    self.remove_everywhere(&mut links, name, snapshot, &[], &nodes)
+                        .await;
+                }
+                return Err(e);
             }
         };
         if definition.is_replicated() {
-            // The nodes snapshot one cut only if nothing changed meanwhile: every replica
-            // still in sync, and the same Primary (none took over, no closed volume was
-            // opened). Otherwise the snapshots may differ: remove them everywhere.
-            let after = self
-                .check_everywhere(&what, name, snapshot, true, &nodes)
-                .await
-                .and_then(|after| Ok((check_snapshot_allowed(name, &after)?, after)));
-            let generations = |statuses: &[(String, VolumeStatus)]| -> Vec<String> {
-                statuses
-                    .iter()
-                    .map(|(_, s)| s.replica.current_uuid.clone())
-                    .collect()
-            };
-            let before = generations(&statuses);
-            let changed = match after {
-                Ok((now, after)) if now == primary && generations(&after) == before => None,
-                Ok((now, _)) if now == primary => {
-                    Some("a replica started a new generation".to_string())
-                }
-                Ok((now, _)) => Some(format!(
-                    "the Primary changed from {} to {} during the snapshot",
-                    primary.as_deref().unwrap_or("none"),
-                    now.as_deref().unwrap_or("none")
-                )),
-                Err(e) => Some(e.message),
-            };
-            if let Some(why) = changed {
-                let removed = self
-                    .everywhere(name, snapshot, SnapshotOp::Delete, &nodes, "deleted")
+            // The nodes hold one cut only if nothing changed meanwhile; otherwise the
+            // snapshots may differ: remove them everywhere.
+            if let Err(why) = check_still_one_cut(name, &before, &after) {
+                let left = self
+                    .remove_everywhere(&mut links, name, snapshot, &[], &nodes)
                     .await;
-                let left = match removed {
-                    Ok(()) => "it was removed everywhere".to_string(),
-                    Err(e) => format!("removing it failed: {}", e.message),
-                };
                 return Err(ApiError::new(
                     ErrorKind::Refused,
                     format!("cannot snapshot '{name}': the volume changed while the nodes took snapshot '{snapshot}' ({why}); {left}; try again"),
                 ));
             }
+        }
+        // Every node holds the same cut: make it final everywhere.
+        let calls = nodes
+            .iter()
+            .map(|n| (n.clone(), local(name, snapshot, SnapshotOp::Commit)))
+            .collect();
+        let answers = self.call_at_once(&mut links, calls).await;
+        phases.done("commit");
+        let (mut committed, mut refused, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
+        let mut kind = ErrorKind::Peer;
+        for (node, answer) in nodes.iter().zip(answers) {
+            match answer {
+                Ok(_) => committed.push(node.clone()),
+                // No answer: it may have renamed it already. It is made final there when
+                // the node is back (a pending snapshot with a final one elsewhere).
+                Err(e) if e.kind == ErrorKind::Peer => unknown.push(e.message),
+                Err(e) => {
+                    kind = e.kind;
+                    refused.push((node.clone(), e.message));
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::Peer,
+                format!(
+                    "snapshot '{name}@{snapshot}' is final on [{}]; {} (it is made final there once that node is reachable again)",
+                    committed.join(", "),
+                    unknown.join("; ")
+                ),
+            ));
+        }
+        if !refused.is_empty() {
+            // Every node answered: undo it everywhere.
+            let (failed, reasons): (Vec<String>, Vec<String>) = refused.into_iter().unzip();
+            let left = self
+                .remove_everywhere(&mut links, name, snapshot, &committed, &failed)
+                .await;
+            return Err(ApiError::new(
+                kind,
+                format!(
+                    "snapshot '{name}@{snapshot}' could not be made final on every node: {}; {left}",
+                    reasons.join("; ")
+                ),
+            ));
         }
         tracing::info!(volume = %name, snapshot, ?pause_ms, "snapshot taken on every data replica");
         Ok(SnapshotInfo {
@@ -230,16 +326,70 @@ impl VolumeService {
         })
     }
 
+    /// Remove `name@snapshot` after a failed create: deleted where it is final already
+    /// (`done`), discarded where it is pending (`pending`), on all at once. Says what was
+    /// left; what could not be removed is resolved later ([`crate::snapshot_pending`]).
+    async fn remove_everywhere(
+        &self,
+        links: &mut Links,
+        name: &str,
+        snapshot: &str,
+        done: &[String],
+        pending: &[String],
+    ) -> String {
+        let op = |n: &String, op| (n.clone(), local(name, snapshot, op));
+        let calls: Vec<(String, PeerRequest)> = done
+            .iter()
+            .map(|n| op(n, SnapshotOp::Delete))
+            .chain(pending.iter().map(|n| op(n, SnapshotOp::Discard)))
+            .collect();
+        let nodes: Vec<String> = calls.iter().map(|(n, _)| n.clone()).collect();
+        let mut failed = Vec::new();
+        for (node, answer) in nodes.iter().zip(self.call_at_once(links, calls).await) {
+            if let Err(e) = answer {
+                tracing::error!(volume = %name, snapshot, node = %node, error = %e.message,
+                    "cannot remove a snapshot that failed");
+                failed.push(format!("{node}: {}", e.message));
+            }
+        }
+        if failed.is_empty() {
+            "it was removed everywhere".to_string()
+        } else if done.is_empty() {
+            format!(
+                "removing it failed on {} (a pending snapshot is never listed; it is removed once that node is reachable again)",
+                failed.join("; ")
+            )
+        } else {
+            format!(
+                "removing it failed on {} (run `tandem snapshot delete {name} {snapshot}`)",
+                failed.join("; ")
+            )
+        }
+    }
+
     /// Peer `replica_snapshot_take`, on the Primary (or the first data node of a closed
-    /// volume): hold writes and promotions, snapshot on every node of `nodes`, resume.
-    /// Returns the pause in ms when writes were held.
+    /// volume): connect to the other nodes, hold writes and promotions, take the snapshot
+    /// under its pending name on every node of `nodes` at once, resume. Returns the pause
+    /// in ms when writes were held, and each node's status right after its snapshot.
     pub async fn snapshot_take(
         &self,
         name: &str,
         snapshot: &str,
         nodes: &[String],
-    ) -> Result<Option<u64>, ApiError> {
+    ) -> Result<(Option<u64>, Vec<(String, VolumeStatus)>), ApiError> {
         let runtime = self.lock().get(name).and_then(|s| s.runtime.clone());
+        let mut phases = Phases::start("snapshot take", name);
+        let mut links = Links::default();
+        // Connected before the pause: inside it only the requests travel.
+        let here = self.config().node.clone();
+        let others: Vec<String> = nodes.iter().filter(|n| **n != here).cloned().collect();
+        self.connect(&mut links, &others).await.map_err(|e| {
+            ApiError::new(
+                e.kind,
+                format!("cannot snapshot '{name}' (nothing changed): {}", e.message),
+            )
+        })?;
+        phases.done("connect");
         let started = Instant::now();
         // Writes and promotions resume when the pause is dropped: at the end, or at
         // PAUSE_LIMIT when writes are held (a closed volume keeps promotions held until
@@ -254,31 +404,38 @@ impl VolumeService {
             ),
             None => None,
         };
+        phases.done("drain");
         let writes_held = runtime
             .as_ref()
             .is_some_and(|r| r.status().replica.role == Role::Primary);
-        let request = local(name, snapshot, SnapshotOp::Create);
-        let calls: Vec<_> = nodes.iter().map(|n| (n.clone(), request.clone())).collect();
-        let snapshots = self.on_nodes_at_once(calls);
-        tokio::pin!(snapshots);
+        let calls = nodes
+            .iter()
+            .map(|n| (n.clone(), local(name, snapshot, SnapshotOp::Take)))
+            .collect();
         let mut pause_ms = None;
         let mut resume = |pause: &mut Option<crate::engine::WritePause>| {
             if let Some(guard) = pause.take() {
                 drop(guard);
-                pause_ms = Some(started.elapsed().as_millis() as u64);
+                pause_ms = Some(crate::phases::millis(started.elapsed()));
             }
         };
         let mut overran = false;
-        let answers = tokio::select! {
-            answers = &mut snapshots => answers,
-            () = tokio::time::sleep(PAUSE_LIMIT), if writes_held => {
-                overran = true;
-                resume(&mut pause);
-                snapshots.await
+        let answers = {
+            let snapshots = self.call_at_once(&mut links, calls);
+            tokio::pin!(snapshots);
+            tokio::select! {
+                answers = &mut snapshots => answers,
+                () = tokio::time::sleep(PAUSE_LIMIT), if writes_held => {
+                    overran = true;
+                    resume(&mut pause);
+                    snapshots.await
+                }
             }
         };
         resume(&mut pause);
-        let mut done: Vec<&String> = Vec::new();
+        phases.done("snapshots");
+        let mut taken: Vec<String> = Vec::new();
+        let mut after = Vec::new();
         let mut failure = overran.then(|| {
             ApiError::new(
                 ErrorKind::Refused,
@@ -289,45 +446,65 @@ impl VolumeService {
         });
         for (node, result) in nodes.iter().zip(answers) {
             match result {
-                Ok(_) => done.push(node),
+                Ok(PeerReply::Status { status }) => {
+                    taken.push(node.clone());
+                    after.push((node.clone(), status));
+                }
+                Ok(other) => {
+                    taken.push(node.clone());
+                    failure = failure.or(Some(ApiError::new(
+                        ErrorKind::Peer,
+                        format!("node '{node}' answered the take with {other:?}"),
+                    )));
+                }
+                // Lost on the way: it may have been taken there.
+                Err(e) if e.kind == ErrorKind::Peer => {
+                    taken.push(node.clone());
+                    failure = failure.or(Some(e));
+                }
+                // Refused there (e.g. a pending one of that name exists): nothing of ours.
                 Err(e) => failure = failure.or(Some(e)),
             }
         }
         if let Some(e) = failure {
-            for node in done.iter().rev() {
-                if let Err(u) = self
-                    .on_node(node, local(name, snapshot, SnapshotOp::Delete))
-                    .await
-                {
-                    tracing::error!(volume = %name, snapshot, node = %node, error = %u.message,
-                        "cannot remove the snapshot again after a failure; remove it there");
-                }
-            }
+            let left = self
+                .remove_everywhere(&mut links, name, snapshot, &[], &taken)
+                .await;
             return Err(ApiError::new(
                 e.kind,
                 format!(
-                    "snapshot '{name}@{snapshot}' failed and was removed everywhere: {}",
+                    "snapshot '{name}@{snapshot}' failed ({left}): {}",
                     e.message
                 ),
             ));
         }
-        Ok(pause_ms.filter(|_| writes_held))
+        Ok((pause_ms.filter(|_| writes_held), after))
     }
 
     /// Peer `replica_snapshot_check`: this node holds the volume's storage, and the
-    /// snapshot exists (`exists`) or not. Answers this node's status.
+    /// snapshot exists (`exists`) or not. A pending leftover of that name is resolved
+    /// first when it must not exist. Answers this node's status.
     pub async fn snapshot_check(
         &self,
         name: &str,
         snapshot: &str,
         exists: bool,
     ) -> Result<VolumeStatus, ApiError> {
-        let found = self
-            .local_snapshots(name)
-            .await?
-            .iter()
-            .any(|s| s == snapshot);
+        let names = self.local_snapshot_names(name).await?;
         let node = &self.config().node;
+        let mut found = names.done.iter().any(|s| s == snapshot);
+        if !exists && !found && names.pending.iter().any(|s| s == snapshot) {
+            match self.resolve_pending(name, snapshot).await {
+                Ok(Resolution::Kept) => found = true,
+                Ok(Resolution::Removed) => {}
+                Err(why) => {
+                    return Err(ApiError::new(
+                        ErrorKind::Busy,
+                        format!("snapshot '{name}@{snapshot}' is being taken on '{node}' ({why}); try again later"),
+                    ))
+                }
+            }
+        }
         if found && !exists {
             return Err(ApiError::new(
                 ErrorKind::AlreadyExists,
@@ -345,6 +522,14 @@ impl VolumeService {
 
     /// The snapshots of this node's copy of `name` (peer `replica_snapshot_list`).
     pub async fn local_snapshots(&self, name: &str) -> Result<Vec<String>, ApiError> {
+        Ok(self.local_snapshot_names(name).await?.done)
+    }
+
+    /// The final and pending snapshots of this node's copy of `name`.
+    pub(crate) async fn local_snapshot_names(
+        &self,
+        name: &str,
+    ) -> Result<crate::pool::SnapshotNames, ApiError> {
         let definition = self.definition(name)?;
         if definition.diskless {
             return Err(invalid(format!(
@@ -354,10 +539,10 @@ impl VolumeService {
         }
         let backend = self.backend_of(&definition)?;
         let volume = name.to_string();
-        blocking(move || backend.snapshots(&volume).map_err(pool_error)).await
+        blocking(move || backend.snapshot_names(&volume).map_err(pool_error)).await
     }
 
-    fn backend_of(
+    pub(crate) fn backend_of(
         &self,
         definition: &VolumeDefinition,
     ) -> Result<std::sync::Arc<dyn crate::pool::Pool>, ApiError> {
@@ -374,27 +559,46 @@ impl VolumeService {
         })
     }
 
-    /// Peer `replica_snapshot_local`: one operation on this node's copy.
+    /// Peer `replica_snapshot_local`: one operation on this node's copy; a take answers
+    /// this node's status right after it.
     pub async fn snapshot_local(
         &self,
         name: &str,
         snapshot: &str,
         op: SnapshotOp,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<VolumeStatus>, ApiError> {
         let definition = self.definition(name)?;
         if let SnapshotOp::Rollback { day0 } = op {
-            return self.rollback_local(&definition, snapshot, day0).await;
+            self.rollback_local(&definition, snapshot, day0).await?;
+            return Ok(None);
         }
         let backend = self.backend_of(&definition)?;
         let (volume, snap) = (name.to_string(), snapshot.to_string());
+        let mut phases = Phases::start("snapshot local", name);
         blocking(move || {
             match op {
-                SnapshotOp::Create => backend.snapshot(&volume, &snap),
+                SnapshotOp::Take => backend.take_snapshot(&volume, &snap),
+                SnapshotOp::Commit => backend.commit_snapshot(&volume, &snap),
+                SnapshotOp::Discard => backend.discard_snapshot(&volume, &snap),
                 _ => backend.delete_snapshot(&volume, &snap),
             }
             .map_err(pool_error)
         })
-        .await
+        .await?;
+        phases.done(match op {
+            SnapshotOp::Take => "take",
+            SnapshotOp::Commit => "commit",
+            SnapshotOp::Discard => "discard",
+            _ => "delete",
+        });
+        match op {
+            SnapshotOp::Take => self.note_take(name, snapshot),
+            _ => self.forget_take(name, snapshot),
+        }
+        match op {
+            SnapshotOp::Take => self.status(name).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// Roll this node's copy back (data nodes) and start the generation `day0`.
@@ -478,17 +682,19 @@ impl VolumeService {
         Ok(())
     }
 
-    /// `snapshot_list`: every snapshot on the data nodes that answer.
+    /// `snapshot_list`: every snapshot on the data nodes that answer (asked at once).
     pub async fn snapshot_list(&self, name: &str) -> Result<Vec<SnapshotInfo>, ApiError> {
         let definition = self.definition(name)?;
         let mut found: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut errors = Vec::new();
         let nodes = self.data_nodes(&definition);
-        for node in &nodes {
-            let request = PeerRequest::ReplicaSnapshotList {
-                name: name.to_string(),
-            };
-            match self.on_node(node, request).await {
+        let request = PeerRequest::ReplicaSnapshotList {
+            name: name.to_string(),
+        };
+        let calls = nodes.iter().map(|n| (n.clone(), request.clone())).collect();
+        let answers = self.call_at_once(&mut Links::default(), calls).await;
+        for (node, answer) in nodes.iter().zip(answers) {
+            match answer {
                 Ok(PeerReply::Names { names }) => {
                     for snapshot in names {
                         found.entry(snapshot).or_default().push(node.clone());
@@ -525,11 +731,19 @@ impl VolumeService {
         let definition = self.definition(name)?;
         self.check_no_clones(name, Some(snapshot))?;
         let nodes = self.data_nodes(&definition);
+        let mut links = Links::default();
         let what = format!("cannot delete '{name}@{snapshot}' (nothing changed)");
-        self.check_everywhere(&what, name, snapshot, true, &nodes)
+        self.check_everywhere(&mut links, &what, name, snapshot, true, &nodes)
             .await?;
-        self.everywhere(name, snapshot, SnapshotOp::Delete, &nodes, "deleted")
-            .await?;
+        self.everywhere(
+            &mut links,
+            name,
+            snapshot,
+            SnapshotOp::Delete,
+            &nodes,
+            "deleted",
+        )
+        .await?;
         Ok(SnapshotInfo {
             volume: name.to_string(),
             name: snapshot.to_string(),
@@ -547,9 +761,10 @@ impl VolumeService {
         validate_snapshot_name("", name, snapshot).map_err(|e| invalid(snapshot_name_error(&e)))?;
         let definition = self.definition(name)?;
         let nodes = self.data_nodes(&definition);
+        let mut links = Links::default();
         let what = format!("cannot roll '{name}' back (nothing changed)");
         let statuses = self
-            .check_everywhere(&what, name, snapshot, true, &nodes)
+            .check_everywhere(&mut links, &what, name, snapshot, true, &nodes)
             .await?;
         for (node, status) in &statuses {
             check_renamable(name, node, status, definition.is_replicated())
@@ -557,13 +772,17 @@ impl VolumeService {
         }
         let all = if definition.is_replicated() {
             let all = self.ordered_nodes(&definition);
-            for node in all.iter().filter(|n| !nodes.contains(n)) {
-                let request = PeerRequest::ReplicaStatus {
-                    name: name.to_string(),
-                };
-                self.on_node(node, request)
-                    .await
-                    .map_err(|e| ApiError::new(e.kind, format!("{what}: {}", e.message)))?;
+            // The tiebreakers must be reachable too: they get the new generation.
+            let status = PeerRequest::ReplicaStatus {
+                name: name.to_string(),
+            };
+            let calls = all
+                .iter()
+                .filter(|n| !nodes.contains(n))
+                .map(|n| (n.clone(), status.clone()))
+                .collect();
+            for answer in self.call_at_once(&mut links, calls).await {
+                answer.map_err(|e| ApiError::new(e.kind, format!("{what}: {}", e.message)))?;
             }
             all
         } else {
@@ -572,7 +791,7 @@ impl VolumeService {
         let op = SnapshotOp::Rollback {
             day0: random_day0(),
         };
-        self.everywhere(name, snapshot, op, &all, "rolled back")
+        self.everywhere(&mut links, name, snapshot, op, &all, "rolled back")
             .await?;
         Ok(SnapshotInfo {
             volume: name.to_string(),
@@ -582,10 +801,11 @@ impl VolumeService {
         })
     }
 
-    /// Run `op` on every node of `nodes`; failures are collected and reported together
-    /// with the nodes where it was done (a delete or rollback cannot be undone).
+    /// Run `op` on every node of `nodes` at once; failures are collected and reported
+    /// together with the nodes where it was done (a delete or rollback cannot be undone).
     async fn everywhere(
         &self,
+        links: &mut Links,
         name: &str,
         snapshot: &str,
         op: SnapshotOp,
@@ -595,8 +815,13 @@ impl VolumeService {
         let mut done = Vec::new();
         let mut failed = Vec::new();
         let mut kind = ErrorKind::Peer;
-        for node in nodes {
-            match self.on_node(node, local(name, snapshot, op)).await {
+        let calls = nodes
+            .iter()
+            .map(|n| (n.clone(), local(name, snapshot, op)))
+            .collect();
+        let answers = self.call_at_once(links, calls).await;
+        for (node, answer) in nodes.iter().zip(answers) {
+            match answer {
                 Ok(_) => done.push(node.as_str()),
                 Err(e) => {
                     kind = e.kind;
@@ -637,5 +862,48 @@ fn snapshot_name_error(e: &crate::pool::PoolError) -> String {
     match e {
         crate::pool::PoolError::BadName { message, .. } => message.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use control_api::DiskState;
+
+    fn status(node: &str, role: Role, generation: &str) -> (String, VolumeStatus) {
+        let mut status = crate::rename::tests::status(role, 0);
+        status.replica.node = node.into();
+        status.replica.current_uuid = generation.into();
+        (node.to_string(), status)
+    }
+
+    #[test]
+    fn a_cut_is_kept_only_with_the_same_primary_and_generations() {
+        let before = [
+            status("hv1", Role::Primary, "A"),
+            status("hv2", Role::Secondary, "A"),
+        ];
+        check_still_one_cut("v", &before, &before).unwrap();
+        let promoted = [
+            status("hv1", Role::Secondary, "A"),
+            status("hv2", Role::Primary, "A"),
+        ];
+        let why = check_still_one_cut("v", &before, &promoted).unwrap_err();
+        assert_eq!(
+            why,
+            "the Primary changed from hv1 to hv2 during the snapshot"
+        );
+        let new_generation = [
+            status("hv1", Role::Primary, "A"),
+            status("hv2", Role::Secondary, "B"),
+        ];
+        let why = check_still_one_cut("v", &before, &new_generation).unwrap_err();
+        assert_eq!(why, "the replica on 'hv2' started a new generation");
+        let why = check_still_one_cut("v", &before, &before[..1]).unwrap_err();
+        assert_eq!(why, "'hv2' did not report its status");
+        let mut out_of_sync = before.clone();
+        out_of_sync[1].1.replica.disk_state = DiskState::Outdated;
+        let why = check_still_one_cut("v", &before, &out_of_sync).unwrap_err();
+        assert!(why.contains("on 'hv2' is Outdated"), "{why}");
     }
 }

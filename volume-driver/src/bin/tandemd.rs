@@ -205,6 +205,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let service = Arc::clone(&service);
         tokio::spawn(async move { service.run_membership_log().await })
     };
+    // Snapshots an interrupted `snapshot create` left pending here: kept or removed as
+    // every node's state says (volume_driver::snapshot_pending), retried until decided.
+    let pending_snapshots_task = {
+        let service = Arc::clone(&service);
+        tokio::spawn(async move { service.run_pending_snapshots().await })
+    };
     let listener = server::bind(&socket).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     tracing::info!(socket = %socket.display(), "control API listening");
     let peers = async {
@@ -254,6 +260,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     events_task.abort();
     reload_task.abort();
     membership_task.abort();
+    pending_snapshots_task.abort();
     let _ = stop_nbd.send(true);
     for task in nbd_tasks {
         if let Err(e) = task.await {

@@ -6,7 +6,8 @@
 //! truncated; every change is followed by an fsync of the file and the directory.
 //! Usage is that of the file system holding `path` (like `df`).
 //!
-//! Snapshots are reflink copies `<path>/<volume>@<snapshot>.snap` (see [`super::reflink`]);
+//! Snapshots are reflink copies `<path>/<volume>@<snapshot>.snap` (see [`super::reflink`]),
+//! `<path>/<volume>@<snapshot>+pending.snap` while they are taken;
 //! clones are reflink copies `<path>/<new>.img`; rollback reflinks the snapshot over the
 //! volume's file atomically. On a file system without reflink they are refused: a full
 //! copy of a large image would silently cost its whole size and minutes of I/O.
@@ -16,7 +17,9 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::{reflink, validate_snapshot_name, Pool, PoolError, PoolUsage, StoredVolume};
+use super::{
+    reflink, validate_snapshot_name, Pool, PoolError, PoolUsage, SnapshotNames, StoredVolume,
+};
 
 const SUFFIX: &str = ".img";
 const SNAPSHOT_SUFFIX: &str = ".snap";
@@ -49,6 +52,50 @@ impl FilePool {
     fn snapshot_path(&self, volume: &str, snapshot: &str) -> PathBuf {
         self.dir
             .join(format!("{volume}@{snapshot}{SNAPSHOT_SUFFIX}"))
+    }
+
+    fn pending_path(&self, volume: &str, snapshot: &str) -> PathBuf {
+        self.snapshot_path(volume, &super::pending_name(snapshot))
+    }
+
+    /// Every snapshot file as `(volume, stored snapshot name)`: `<volume>@<stored>.snap`,
+    /// and the temporary file of a pending one.
+    fn snapshot_files(&self) -> Result<Vec<(String, String)>, PoolError> {
+        let mut found = Vec::new();
+        let entries = fs::read_dir(&self.dir).map_err(self.io("list", &self.dir))?;
+        for entry in entries {
+            let entry = entry.map_err(self.io("list", &self.dir))?;
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str() else {
+                continue;
+            };
+            // `.<volume>@<snapshot>+pending.snap.tmp`: a take cut short (reflink::tmp_path).
+            let pending_tail = format!("{}{SNAPSHOT_SUFFIX}", super::PENDING_SUFFIX);
+            let name = match name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) {
+                Some(tmp) if tmp.ends_with(&pending_tail) => tmp,
+                _ => name,
+            };
+            let Some((volume, stored)) = name
+                .strip_suffix(SNAPSHOT_SUFFIX)
+                .and_then(|n| n.split_once('@'))
+            else {
+                continue;
+            };
+            if !volume.is_empty() && !volume.starts_with('.') && !stored.is_empty() {
+                found.push((volume.to_string(), stored.to_string()));
+            }
+        }
+        Ok(found)
+    }
+
+    /// The stored snapshot names of `volume` (final and pending).
+    fn stored_snapshots(&self, volume: &str) -> Result<Vec<String>, PoolError> {
+        Ok(self
+            .snapshot_files()?
+            .into_iter()
+            .filter(|(v, _)| v == volume)
+            .map(|(_, stored)| stored)
+            .collect())
     }
 
     fn missing(&self, volume: &str) -> PoolError {
@@ -192,8 +239,12 @@ impl Pool for FilePool {
         let path = self.device_path(volume);
         match fs::remove_file(&path) {
             Ok(()) => {
-                for snapshot in self.snapshots(volume)? {
+                let names = self.snapshot_names(volume)?;
+                for snapshot in names.done {
                     self.delete_snapshot(volume, &snapshot)?;
+                }
+                for snapshot in names.pending {
+                    self.discard_snapshot(volume, &snapshot)?;
                 }
                 self.sync_dir()
             }
@@ -208,28 +259,9 @@ impl Pool for FilePool {
     /// `renameat2(RENAME_NOREPLACE)`: atomic (a crash leaves one of the two names), and
     /// the new name never replaces an existing file (a plain `rename(2)` would).
     fn rename(&self, from: &str, to: &str) -> Result<(), PoolError> {
-        use std::os::unix::ffi::OsStrExt;
         let old = self.device_path(from);
         let new = self.device_path(to);
-        let c = |p: &Path| {
-            std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| PoolError::BadName {
-                pool: self.name.clone(),
-                message: format!("path {} contains a NUL byte", p.display()),
-            })
-        };
-        let (c_old, c_new) = (c(&old)?, c(&new)?);
-        // SAFETY: both pointers are valid NUL-terminated strings for the call's duration.
-        let rc = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                c_old.as_ptr(),
-                libc::AT_FDCWD,
-                c_new.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = reflink::rename_at(&old, &new, true) {
             return Err(match e.kind() {
                 io::ErrorKind::NotFound => PoolError::Missing {
                     pool: self.name.clone(),
@@ -242,11 +274,12 @@ impl Pool for FilePool {
                 _ => self.io("rename", &old)(e),
             });
         }
-        // The snapshots follow (plain renames; a crash in between leaves some under the
-        // old name, where `snapshots(from)` still finds them).
-        for snapshot in self.snapshots(from)? {
-            let old = self.snapshot_path(from, &snapshot);
-            fs::rename(&old, self.snapshot_path(to, &snapshot)).map_err(self.io("rename", &old))?;
+        // The snapshots follow, pending ones too (plain renames; a crash in between
+        // leaves some under the old name, where `snapshot_names(from)` still finds them).
+        for stored in self.stored_snapshots(from)? {
+            let old = self.dir.join(format!("{from}@{stored}{SNAPSHOT_SUFFIX}"));
+            let new = self.dir.join(format!("{to}@{stored}{SNAPSHOT_SUFFIX}"));
+            fs::rename(&old, new).map_err(self.io("rename", &old))?;
         }
         self.sync_dir()
     }
@@ -280,9 +313,9 @@ impl Pool for FilePool {
         Ok(found)
     }
 
-    fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+    fn take_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
         validate_snapshot_name(&self.name, volume, snapshot)?;
-        let dst = self.snapshot_path(volume, snapshot);
+        let dst = self.pending_path(volume, snapshot);
         reflink::clone_to_new(&self.device_path(volume), &dst, false).map_err(|e| {
             let exists = PoolError::SnapshotExists {
                 pool: self.name.clone(),
@@ -293,20 +326,53 @@ impl Pool for FilePool {
         })
     }
 
-    fn snapshots(&self, volume: &str) -> Result<Vec<String>, PoolError> {
-        let prefix = format!("{volume}@");
+    /// `renameat2(RENAME_NOREPLACE)` of the pending file to the final name, then an fsync
+    /// of the directory.
+    fn commit_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        let (pending, done) = (
+            self.pending_path(volume, snapshot),
+            self.snapshot_path(volume, snapshot),
+        );
+        match reflink::rename_at(&pending, &done, true) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && done.exists() => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(self.missing_snapshot(volume, snapshot))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(PoolError::SnapshotExists {
+                pool: self.name.clone(),
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+            }),
+            Err(e) => Err(self.io("rename", &pending)(e)),
+        }
+    }
+
+    /// Removes the pending file and the temporary file of an interrupted take.
+    fn discard_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        let pending = self.pending_path(volume, snapshot);
+        for path in [reflink::tmp_path(&pending), pending] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io("remove", &path)(e)),
+            }
+        }
+        self.sync_dir()
+    }
+
+    fn snapshot_names(&self, volume: &str) -> Result<SnapshotNames, PoolError> {
+        let stored = self.stored_snapshots(volume)?;
+        Ok(SnapshotNames::from_stored(
+            stored.iter().map(String::as_str),
+        ))
+    }
+
+    fn pending_snapshots(&self) -> Result<Vec<(String, String)>, PoolError> {
         let mut found = Vec::new();
-        let entries = fs::read_dir(&self.dir).map_err(self.io("list", &self.dir))?;
-        for entry in entries {
-            let entry = entry.map_err(self.io("list", &self.dir))?;
-            let file_name = entry.file_name();
-            if let Some(snapshot) = file_name
-                .to_str()
-                .and_then(|n| n.strip_prefix(&prefix))
-                .and_then(|n| n.strip_suffix(SNAPSHOT_SUFFIX))
-                .filter(|n| !n.is_empty())
-            {
-                found.push(snapshot.to_string());
+        for (volume, stored) in self.snapshot_files()? {
+            if let Some((snapshot, true)) = super::split_stored(&stored) {
+                found.push((volume, snapshot.to_string()));
             }
         }
         found.sort();
@@ -647,6 +713,66 @@ pub(crate) mod tests {
             .filter(|n| n.starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_pending_snapshot_is_listed_only_once_committed_and_follows_its_volume() {
+        let fs = Mounted::xfs_reflink();
+        let pool = fs.pool();
+        pool.create("v1", 8 << 20).unwrap();
+        write_at(&pool.device_path("v1"), 0, &[3u8; 4096]);
+        pool.take_snapshot("v1", "s1").unwrap();
+        // Written after the take: not in the snapshot.
+        write_at(&pool.device_path("v1"), 0, &[4u8; 4096]);
+        assert!(
+            pool.snapshots("v1").unwrap().is_empty(),
+            "pending, not listed"
+        );
+        let pending = vec![("v1".to_string(), "s1".to_string())];
+        assert_eq!(pool.pending_snapshots().unwrap(), pending);
+        assert!(matches!(
+            pool.take_snapshot("v1", "s1"),
+            Err(PoolError::SnapshotExists { .. })
+        ));
+        // A volume's rename carries it along.
+        pool.rename("v1", "v2").unwrap();
+        assert_eq!(
+            pool.pending_snapshots().unwrap(),
+            vec![("v2".to_string(), "s1".to_string())]
+        );
+        pool.commit_snapshot("v2", "s1").unwrap();
+        pool.commit_snapshot("v2", "s1").unwrap();
+        assert_eq!(pool.snapshots("v2").unwrap(), vec!["s1"]);
+        assert!(pool.pending_snapshots().unwrap().is_empty());
+        let snap = fs::read(pool.snapshot_path("v2", "s1")).unwrap();
+        assert_eq!(&snap[..4096], &[3u8; 4096][..]);
+        assert!(matches!(
+            pool.commit_snapshot("v2", "s9"),
+            Err(PoolError::MissingSnapshot { .. })
+        ));
+        // A second take of the same name cannot replace the committed snapshot.
+        pool.take_snapshot("v2", "s1").unwrap();
+        assert!(matches!(
+            pool.commit_snapshot("v2", "s1"),
+            Err(PoolError::SnapshotExists { .. })
+        ));
+        pool.discard_snapshot("v2", "s1").unwrap();
+        pool.discard_snapshot("v2", "s1").unwrap();
+        assert_eq!(fs::read(pool.snapshot_path("v2", "s1")).unwrap(), snap);
+        // The temporary file of a take cut short by a crash is part of that pending one.
+        let tmp = pool.dir.join(".v2@s9+pending.snap.tmp");
+        fs::write(&tmp, b"partial").unwrap();
+        assert_eq!(
+            pool.pending_snapshots().unwrap(),
+            vec![("v2".to_string(), "s9".to_string())]
+        );
+        pool.discard_snapshot("v2", "s9").unwrap();
+        assert!(!tmp.exists());
+        // Delete takes pending snapshots along.
+        pool.take_snapshot("v2", "s2").unwrap();
+        pool.delete("v2").unwrap();
+        assert!(pool.pending_snapshots().unwrap().is_empty());
+        assert!(pool.snapshot_names("v2").unwrap().done.is_empty());
     }
 
     #[test]

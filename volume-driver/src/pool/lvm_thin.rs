@@ -8,15 +8,30 @@
 //! | grow    | `lvm lvextend -L <bytes>b <vg>/<volume>` |
 //! | delete  | `lvm lvremove -y <vg>/<volume>` |
 //! | rename  | `lvm lvrename <vg> <volume> <new>` |
-//! | snapshot | `lvm lvcreate -n <volume>+<snap> -pr -s <vg>/<volume> --addtag tandem -y` |
-//! | clone   | `lvm lvcreate -n <new> -prw -kn -s <vg>/<source>[+<snap>] --addtag tandem -y` |
+//! | take snapshot | `lvm lvcreate -n <volume>+<snap>+pending -pr -s <vg>/<volume> --addtag tandem -y --noudevsync --ignoremonitoring` |
+//! | commit snapshot | `lvm lvrename <vg> <volume>+<snap>+pending <volume>+<snap>` |
+//! | clone   | `lvm lvcreate -n <new> -prw -kn -s <vg>/<source>[+<snap>] --addtag tandem -y --ignoremonitoring` |
 //! | rollback | clone the snapshot to `<volume>+.rollback`, rename the volume to `<volume>+.old`, the clone to `<volume>`, remove `<volume>+.old` |
 //!
 //! Snapshots are thin snapshots named `<volume>+<snapshot>` (`+` is valid in an LV name and
-//! never in a volume name, so the split is unambiguous); like PVE's `snap_*` LVs they are
-//! read-only and skipped at activation (`lvchange -ay -K` shows one). Rollback never leaves
-//! the volume without an LV: after a crash the volume's LV, or `<volume>+.old` and
+//! never in a volume name, so the split is unambiguous), `<volume>+<snapshot>+pending`
+//! while they are taken (see [`super`]); like PVE's `snap_*` LVs they are read-only and
+//! skipped at activation (`lvchange -ay -K` shows one). Rollback never leaves the volume
+//! without an LV: after a crash the volume's LV, or `<volume>+.old` and
 //! `<volume>+.rollback`, exist, and [`LvmThinPool::rollback`] run again completes it.
+//!
+//! The snapshot's `lvcreate` runs while the Primary holds writes, so it does only what
+//! the snapshot needs. `--noudevsync`: the snapshot is not activated, so no device node
+//! appears that a caller could wait for; the only device event is the origin's
+//! suspend/resume, whose node exists throughout, so lvcreate need not wait for udev to
+//! finish processing it. `--ignoremonitoring`: lvcreate neither unregisters the thin pool
+//! from dmeventd around the origin's suspend nor registers it again (two dmeventd round
+//! trips), which leaves its monitoring exactly as it was (`--monitor n` would leave it
+//! unmonitored). A clone is activated (the replica opens it at once), so it keeps udev
+//! synchronisation and only skips the monitoring calls. Not used: `-Zn`/`-Wn` (a thin
+//! snapshot is never zeroed or wiped; lvcreate refuses `-W` with snapshots), `-an`
+//! (skipping activation is already the default for thin snapshots), `-An` (no measurable
+//! gain; the metadata backup stays current).
 //!
 //! The LV name is the volume name; LVs Tandem made carry the tag `tandem`, and only those
 //! are listed, grown or removed. Usage is the thin pool's `lv_size` and `data_percent`;
@@ -97,13 +112,15 @@ impl LvmThinPool {
             command: command_line.clone(),
             message,
         };
-        tracing::debug!(pool = %self.name, command = %command_line, "running lvm");
+        let started = std::time::Instant::now();
         let output = Command::new(binary)
             .args(args)
             .env("LC_ALL", "C")
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
             .output()
             .map_err(|e| failed(format!("cannot run {binary}: {e}")))?;
+        tracing::debug!(pool = %self.name, command = %command_line,
+            ms = crate::phases::millis(started.elapsed()), "lvm ran");
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let message = stderr
@@ -225,13 +242,31 @@ impl LvmThinPool {
         }
     }
 
-    /// `lvcreate -s` of `origin` as `name`: read-only snapshot or writable clone.
+    fn pending_lv(volume: &str, snapshot: &str) -> String {
+        format!("{volume}+{}", super::pending_name(snapshot))
+    }
+
+    /// `lvcreate -s` of `origin` as `name`: read-only snapshot or writable (active) clone
+    /// (see the module doc for the options).
     fn thin_snapshot(&self, origin: &str, name: &str, writable: bool) -> Result<(), PoolError> {
         let origin = self.lv_path(origin);
         let mut args = vec!["lvcreate", "-n", name];
         args.extend_from_slice(if writable { &["-prw", "-kn"] } else { &["-pr"] });
         args.extend_from_slice(&["-s", &origin, "--addtag", TAG, "-y"]);
+        if !writable {
+            args.push("--noudevsync");
+        }
+        args.push("--ignoremonitoring");
         self.lvm(&args).map(|_| ())
+    }
+
+    /// The Tandem thin LVs of this pool whose name starts with `prefix`, by the rest of it.
+    fn names_after<'a>(lvs: &'a [Lv], thinpool: &str, prefix: &str) -> Vec<&'a str> {
+        lvs.iter()
+            .filter(|lv| lv.kind == LvKind::ThinVolume && lv.pool_lv == thinpool)
+            .filter(|lv| lv.is_tandem())
+            .filter_map(|lv| lv.name.strip_prefix(prefix))
+            .collect()
     }
 }
 
@@ -339,9 +374,13 @@ impl Pool for LvmThinPool {
             });
         }
         self.lvm(&["lvremove", "-y", &self.lv_path(volume)])?;
-        // Its snapshots go with it (as PVE's free_image does).
-        for snapshot in self.snapshots(volume)? {
+        // Its snapshots go with it (as PVE's free_image does), pending ones too.
+        let names = self.snapshot_names(volume)?;
+        for snapshot in names.done {
             self.delete_snapshot(volume, &snapshot)?;
+        }
+        for snapshot in names.pending {
+            self.discard_snapshot(volume, &snapshot)?;
         }
         Ok(())
     }
@@ -361,12 +400,20 @@ impl Pool for LvmThinPool {
                 volume: from.to_string(),
             });
         }
-        let snapshots = self.snapshots(from)?;
+        let names = self.snapshot_names(from)?;
         self.lvm(&["lvrename", &self.vg, from, to])?;
-        for snapshot in snapshots {
+        let stored = |volume: &str, snapshot: &str, pending: bool| {
+            if pending {
+                Self::pending_lv(volume, snapshot)
+            } else {
+                Self::snapshot_lv(volume, snapshot)
+            }
+        };
+        let done = names.done.iter().map(|s| (s, false));
+        for (snapshot, pending) in done.chain(names.pending.iter().map(|s| (s, true))) {
             let (old, new) = (
-                Self::snapshot_lv(from, &snapshot),
-                Self::snapshot_lv(to, &snapshot),
+                stored(from, snapshot, pending),
+                stored(to, snapshot, pending),
             );
             self.lvm(&["lvrename", &self.vg, &old, &new])?;
         }
@@ -398,9 +445,9 @@ impl Pool for LvmThinPool {
 
     /// One `lvm` call (it runs while the Primary holds writes): `lvcreate` itself refuses an
     /// existing name or a missing origin, and its message is mapped.
-    fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+    fn take_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
         validate_snapshot_name(&self.name, volume, snapshot)?;
-        let lv = Self::snapshot_lv(volume, snapshot);
+        let lv = Self::pending_lv(volume, snapshot);
         // The engine writes through the page cache: fsync of the block device writes out
         // every dirty page of it, so the snapshot holds every write applied so far.
         let device = self.device_path(volume);
@@ -431,15 +478,63 @@ impl Pool for LvmThinPool {
         }
     }
 
-    fn snapshots(&self, volume: &str) -> Result<Vec<String>, PoolError> {
+    /// One `lvrename`; only when it fails does `lvs` tell why (or that it was done).
+    fn commit_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        let (pending, done) = (
+            Self::pending_lv(volume, snapshot),
+            Self::snapshot_lv(volume, snapshot),
+        );
+        let Err(failed) = self.lvm(&["lvrename", &self.vg, &pending, &done]) else {
+            return Ok(());
+        };
+        let names = self.snapshot_names(volume)?;
+        let has = |list: &[String]| list.iter().any(|s| s == snapshot);
+        match (has(&names.pending), has(&names.done)) {
+            (false, true) => Ok(()),
+            (true, true) => Err(PoolError::SnapshotExists {
+                pool: self.name.clone(),
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+            }),
+            (false, false) => Err(PoolError::MissingSnapshot {
+                pool: self.name.clone(),
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+            }),
+            (true, false) => Err(failed),
+        }
+    }
+
+    fn discard_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        let lv = Self::pending_lv(volume, snapshot);
+        if self.find_lv(&lv)?.is_none() {
+            return Ok(());
+        }
+        self.lvm(&["lvremove", "-y", &self.lv_path(&lv)])
+            .map(|_| ())
+    }
+
+    fn snapshot_names(&self, volume: &str) -> Result<super::SnapshotNames, PoolError> {
+        let lvs = self.lvs()?;
         let prefix = format!("{volume}+");
-        let mut found: Vec<String> = self
-            .lvs()?
+        Ok(super::SnapshotNames::from_stored(Self::names_after(
+            &lvs,
+            &self.thinpool,
+            &prefix,
+        )))
+    }
+
+    fn pending_snapshots(&self) -> Result<Vec<(String, String)>, PoolError> {
+        let lvs = self.lvs()?;
+        let mut found: Vec<(String, String)> = Self::names_after(&lvs, &self.thinpool, "")
             .into_iter()
-            .filter(|lv| lv.kind == LvKind::ThinVolume && lv.pool_lv == self.thinpool)
-            .filter(|lv| lv.is_tandem())
-            .filter_map(|lv| lv.name.strip_prefix(&prefix).map(str::to_string))
-            .filter(|s| !s.is_empty() && !s.starts_with('.'))
+            .filter_map(|name| {
+                let (volume, stored) = name.split_once('+')?;
+                match super::split_stored(stored) {
+                    Some((snapshot, true)) => Some((volume.to_string(), snapshot.to_string())),
+                    _ => None,
+                }
+            })
             .collect();
         found.sort();
         Ok(found)
@@ -478,7 +573,7 @@ impl Pool for LvmThinPool {
 
     /// One `lvm` call (the clone is timed): `lvcreate` itself refuses an existing name or
     /// a missing origin, and its message is mapped. The size is read from the new LV's
-    /// device (active: `-kn`), falling back to `lvs` when it has no device node yet.
+    /// device (active: `-kn`), falling back to `lvs` when it cannot be opened.
     fn clone_volume(
         &self,
         source: &str,
@@ -521,13 +616,13 @@ impl Pool for LvmThinPool {
     }
 }
 
-/// The size of the block device behind `path` (a `/dev/<vg>/<lv>` link) from sysfs, without
-/// running `lvm`; `None` when there is no such device.
+/// The size of the block device at `path` (a `/dev/<vg>/<lv>` link, to a `dm-N` node under
+/// udev or to a `/dev/mapper` node that lvm made itself), without running `lvm`: its end
+/// offset. `None` when there is no such device.
 fn block_device_size(path: &std::path::Path) -> Option<u64> {
-    let device = std::fs::canonicalize(path).ok()?;
-    let name = device.file_name()?.to_str()?;
-    let sectors = std::fs::read_to_string(format!("/sys/class/block/{name}/size")).ok()?;
-    sectors.trim().parse::<u64>().ok()?.checked_mul(512)
+    use std::io::Seek;
+    let mut device = std::fs::File::open(path).ok()?;
+    device.seek(std::io::SeekFrom::End(0)).ok()
 }
 
 #[cfg(test)]
@@ -598,7 +693,7 @@ lvcreate)
   if [ "$2" = -n ]; then
     name=$3
     case "${*:4}" in
-      "-pr -s vg/"*" --addtag tandem -y"|"-prw -kn -s vg/"*" --addtag tandem -y") ;;
+      "-pr -s vg/"*" --addtag tandem -y --noudevsync --ignoremonitoring"|"-prw -kn -s vg/"*" --addtag tandem -y --ignoremonitoring") ;;
       *) echo "bad lvcreate -s: $*" >&2; exit 3 ;;
     esac
     [ "$4" = -pr ] && origin=${6#vg/} || origin=${7#vg/}
@@ -728,11 +823,33 @@ esac
     fn snapshots_clones_and_rollback_through_lvm_commands() {
         let (dir, pool) = fake_lvm("25.00");
         pool.create("v1", 8 << 20).unwrap();
-        pool.snapshot("v1", "s1").unwrap();
+        // A snapshot is pending (not listed) until it is committed.
+        pool.take_snapshot("v1", "s1").unwrap();
+        assert!(pool.snapshots("v1").unwrap().is_empty());
+        assert_eq!(
+            pool.pending_snapshots().unwrap(),
+            vec![("v1".to_string(), "s1".to_string())]
+        );
+        assert!(matches!(
+            pool.take_snapshot("v1", "s1"),
+            Err(PoolError::SnapshotExists { .. })
+        ));
+        pool.commit_snapshot("v1", "s1").unwrap();
+        pool.commit_snapshot("v1", "s1").unwrap();
+        assert!(pool.pending_snapshots().unwrap().is_empty());
+        assert!(matches!(
+            pool.commit_snapshot("v1", "s9"),
+            Err(PoolError::MissingSnapshot { .. })
+        ));
+        pool.take_snapshot("v1", "s2").unwrap();
+        pool.discard_snapshot("v1", "s2").unwrap();
+        pool.discard_snapshot("v1", "s2").unwrap();
+        assert!(pool.snapshot_names("v1").unwrap().pending.is_empty());
         assert!(matches!(
             pool.snapshot("v1", "s1"),
             Err(PoolError::SnapshotExists { .. })
         ));
+        assert!(pool.pending_snapshots().unwrap().is_empty(), "discarded");
         assert!(matches!(
             pool.snapshot("v9", "s1"),
             Err(PoolError::Missing { .. })
@@ -753,16 +870,25 @@ esac
         assert_eq!(pool.snapshots("v1").unwrap(), vec!["s1"]);
         let names: Vec<_> = pool.list().unwrap().into_iter().map(|v| v.name).collect();
         assert_eq!(names, vec!["c1", "c2", "v1"]);
+        // A pending snapshot follows its volume's rename and goes with its delete.
+        pool.take_snapshot("v1", "s3").unwrap();
         pool.rename("v1", "v2").unwrap();
         assert_eq!(pool.snapshots("v2").unwrap(), vec!["s1"]);
+        assert_eq!(
+            pool.pending_snapshots().unwrap(),
+            vec![("v2".to_string(), "s3".to_string())]
+        );
         pool.delete("v2").unwrap();
         assert!(pool.snapshots("v2").unwrap().is_empty());
+        assert!(pool.pending_snapshots().unwrap().is_empty());
         let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
         for expected in [
-            "lvcreate -n v1+s1 -pr -s vg/v1 --addtag tandem -y",
-            "lvcreate -n c1 -prw -kn -s vg/v1+s1 --addtag tandem -y",
-            "lvcreate -n c2 -prw -kn -s vg/v1 --addtag tandem -y",
-            "lvcreate -n v1+.rollback -prw -kn -s vg/v1+s1 --addtag tandem -y",
+            "lvcreate -n v1+s1+pending -pr -s vg/v1 --addtag tandem -y --noudevsync --ignoremonitoring",
+            "lvrename vg v1+s1+pending v1+s1",
+            "lvremove -y vg/v1+s2+pending",
+            "lvcreate -n c1 -prw -kn -s vg/v1+s1 --addtag tandem -y --ignoremonitoring",
+            "lvcreate -n c2 -prw -kn -s vg/v1 --addtag tandem -y --ignoremonitoring",
+            "lvcreate -n v1+.rollback -prw -kn -s vg/v1+s1 --addtag tandem -y --ignoremonitoring",
             "lvrename vg v1 v1+.old",
             "lvrename vg v1+.rollback v1",
             "lvremove -y vg/v1+.old",

@@ -12,6 +12,11 @@
 //! reflinks) and are never full copies. A backend that cannot share blocks refuses with
 //! [`PoolError::Unsupported`]. A snapshot name follows the volume-name rule.
 //!
+//! A snapshot is taken in two steps ([`Pool::take_snapshot`], [`Pool::commit_snapshot`]):
+//! first under its *pending* name `<snapshot>+pending` (`+` never appears in a snapshot
+//! name, so a pending snapshot is never listed as one), renamed to its final name only once
+//! every replica took its own (see [`crate::snapshot`]).
+//!
 //! A pool only allocates and frees storage; it knows nothing of definitions, replication or
 //! frontends. The daemon opens what [`Pool::device_path`] names as a
 //! `replication::device::FileDevice`, with the pool's `cache` and `io_engine` keys. All
@@ -142,12 +147,35 @@ pub trait Pool: Send + Sync + 'static {
     /// are not listed here.
     fn list(&self) -> Result<Vec<StoredVolume>, PoolError>;
 
-    /// Take a block-sharing snapshot `volume@snapshot` of the storage as it is now. The
-    /// caller makes sure no write is in flight. Fails with [`PoolError::SnapshotExists`] or
-    /// [`PoolError::Missing`] touching nothing.
-    fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError>;
-    /// The names of the volume's snapshots, sorted.
-    fn snapshots(&self, volume: &str) -> Result<Vec<String>, PoolError>;
+    /// Take a block-sharing snapshot `volume@snapshot` of the storage as it is now, under
+    /// its pending name (one atomic step). The caller makes sure no write is in flight.
+    /// Fails with [`PoolError::SnapshotExists`] when that pending snapshot exists, or
+    /// [`PoolError::Missing`], touching nothing.
+    fn take_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError>;
+    /// Give the pending `volume@snapshot` its final name (one atomic step, never replacing
+    /// a snapshot). Done already is success; fails with [`PoolError::SnapshotExists`] when
+    /// both names exist and [`PoolError::MissingSnapshot`] when neither does.
+    fn commit_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError>;
+    /// Remove the pending `volume@snapshot`, if there is one.
+    fn discard_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError>;
+    /// Take and commit at once (one node, nothing to wait for); a failed commit discards
+    /// the pending snapshot again.
+    fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        self.take_snapshot(volume, snapshot)?;
+        self.commit_snapshot(volume, snapshot).inspect_err(|_| {
+            if let Err(e) = self.discard_snapshot(volume, snapshot) {
+                tracing::warn!(volume, snapshot, error = %e, "cannot discard a pending snapshot");
+            }
+        })
+    }
+    /// The names of the volume's snapshots, final and pending, each sorted.
+    fn snapshot_names(&self, volume: &str) -> Result<SnapshotNames, PoolError>;
+    /// The names of the volume's (final) snapshots, sorted.
+    fn snapshots(&self, volume: &str) -> Result<Vec<String>, PoolError> {
+        Ok(self.snapshot_names(volume)?.done)
+    }
+    /// Every pending snapshot in the pool as `(volume, snapshot)`, sorted.
+    fn pending_snapshots(&self) -> Result<Vec<(String, String)>, PoolError>;
     /// Remove `volume@snapshot`. Fails with [`PoolError::MissingSnapshot`].
     fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError>;
     /// Replace the volume's storage by the snapshot's content (the snapshot stays). The
@@ -164,6 +192,53 @@ pub trait Pool: Send + Sync + 'static {
     ) -> Result<u64, PoolError>;
 }
 
+/// A volume's snapshots in a pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotNames {
+    /// Final snapshots, sorted.
+    pub done: Vec<String>,
+    /// Pending snapshots (taken, not yet final), sorted.
+    pub pending: Vec<String>,
+}
+
+/// What a pending snapshot's stored name ends with.
+pub const PENDING_SUFFIX: &str = "+pending";
+
+/// The stored name of `snapshot` while it is pending.
+pub fn pending_name(snapshot: &str) -> String {
+    format!("{snapshot}{PENDING_SUFFIX}")
+}
+
+impl SnapshotNames {
+    /// Sort the stored snapshot names of one volume (what follows `<volume>+` or
+    /// `<volume>@`): final, pending, or neither (rollback's `.`-temporaries, unknown).
+    pub fn from_stored<'a>(stored: impl IntoIterator<Item = &'a str>) -> SnapshotNames {
+        let mut names = SnapshotNames::default();
+        for name in stored {
+            match split_stored(name) {
+                Some((snapshot, false)) => names.done.push(snapshot.to_string()),
+                Some((snapshot, true)) => names.pending.push(snapshot.to_string()),
+                None => {}
+            }
+        }
+        names.done.sort();
+        names.pending.sort();
+        names
+    }
+}
+
+/// A stored snapshot name as `(snapshot, pending)`; `None` for names that are no snapshot.
+pub fn split_stored(stored: &str) -> Option<(&str, bool)> {
+    let (snapshot, pending) = match stored.strip_suffix(PENDING_SUFFIX) {
+        Some(snapshot) => (snapshot, true),
+        None => (stored, false),
+    };
+    let valid = !snapshot.is_empty()
+        && !snapshot.starts_with('.')
+        && crate::names::validate_volume_name(snapshot).is_ok();
+    valid.then_some((snapshot, pending))
+}
+
 /// Check a snapshot name: the volume-name rule (so `volume@snapshot` is unambiguous).
 pub fn validate_snapshot_name(pool: &str, volume: &str, snapshot: &str) -> Result<(), PoolError> {
     crate::names::validate_volume_name(snapshot).map_err(|e| PoolError::BadName {
@@ -174,14 +249,15 @@ pub fn validate_snapshot_name(pool: &str, volume: &str, snapshot: &str) -> Resul
     const RESERVED_SUFFIXES: [&str; 8] = [
         "_tmeta", "_tdata", "_rimage", "_rmeta", "_mlog", "_pmspare", "_cdata", "_cmeta",
     ];
-    // An LV name has at most 127 characters; a snapshot's LV is `<volume>+<snapshot>`.
+    // An LV name has at most 127 characters; a snapshot's LV is `<volume>+<snapshot>`,
+    // `<volume>+<snapshot>+pending` while it is taken.
     const LV_NAME_MAX: usize = 127;
-    let stored = volume.len() + 1 + snapshot.len();
+    let stored = volume.len() + 1 + snapshot.len() + PENDING_SUFFIX.len();
     let reason = if snapshot.starts_with('.') {
         Some("must not start with '.' (reserved for rollback's temporary names)".to_string())
     } else if stored > LV_NAME_MAX {
         Some(format!(
-            "is too long for volume '{volume}': '{volume}+{snapshot}' has {stored} characters, at most {LV_NAME_MAX} fit an LVM name"
+            "is too long for volume '{volume}': '{volume}+{snapshot}{PENDING_SUFFIX}' (its name while it is taken) has {stored} characters, at most {LV_NAME_MAX} fit an LVM name"
         ))
     } else {
         RESERVED_SUFFIXES
@@ -268,10 +344,30 @@ mod snapshot_name_tests {
 
     #[test]
     fn a_snapshot_whose_lv_name_would_pass_127_characters_is_refused() {
-        let (volume, snapshot) = ("v".repeat(64), "s".repeat(62));
+        // `<volume>+<snapshot>+pending`, its LV name while it is taken, must fit.
+        let (volume, snapshot) = ("v".repeat(64), "s".repeat(54));
         super::validate_snapshot_name("p", &volume, &snapshot).unwrap();
-        let long = "s".repeat(63);
+        let long = "s".repeat(55);
         let e = super::validate_snapshot_name("p", &volume, &long).unwrap_err();
         assert!(e.to_string().contains("128 characters"), "{e}");
+    }
+
+    #[test]
+    fn stored_names_split_into_final_and_pending_snapshots() {
+        let names = super::SnapshotNames::from_stored([
+            "s2",
+            "s1+pending",
+            "s1",
+            ".rollback",
+            ".old",
+            "+pending",
+            "a+b",
+        ]);
+        assert_eq!(names.done, vec!["s1", "s2"]);
+        assert_eq!(names.pending, vec!["s1"]);
+        assert_eq!(super::pending_name("s1"), "s1+pending");
+        assert_eq!(super::split_stored("s1+pending"), Some(("s1", true)));
+        assert_eq!(super::split_stored("s1"), Some(("s1", false)));
+        assert_eq!(super::split_stored(".old"), None);
     }
 }

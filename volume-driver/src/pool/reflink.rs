@@ -49,10 +49,7 @@ pub fn clone_to_new(src: &Path, dst: &Path, replace: bool) -> Result<(), CloneEr
         return Err(CloneError::Exists);
     }
     let dir = dst.parent().unwrap_or(Path::new("."));
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(dst.file_name().unwrap_or_default());
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
+    let tmp = tmp_path(dst);
     let _ = fs::remove_file(&tmp);
     let target = OpenOptions::new()
         .write(true)
@@ -67,6 +64,14 @@ pub fn clone_to_new(src: &Path, dst: &Path, replace: bool) -> Result<(), CloneEr
         let _ = fs::remove_file(&tmp);
     }
     made
+}
+
+/// The temporary name `.<name>.tmp` a clone to `dst` is made under.
+pub(super) fn tmp_path(dst: &Path) -> std::path::PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(dst.file_name().unwrap_or_default());
+    name.push(".tmp");
+    dst.with_file_name(name)
 }
 
 fn ficlone(target: &File, source: &File) -> Result<(), CloneError> {
@@ -85,14 +90,24 @@ fn ficlone(target: &File, source: &File) -> Result<(), CloneError> {
 }
 
 fn rename(from: &Path, to: &Path, replace: bool) -> Result<(), CloneError> {
+    rename_at(from, to, !replace).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            CloneError::Exists
+        } else {
+            io("move the clone into place")(e)
+        }
+    })
+}
+
+/// `renameat2(2)`: atomic; with `noreplace`, an existing `to` is never replaced (it fails
+/// with `AlreadyExists`), which a plain `rename(2)` would do.
+pub(super) fn rename_at(from: &Path, to: &Path, noreplace: bool) -> io::Result<()> {
     let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| CloneError::Io {
-            op: "name the clone",
-            source: io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"),
-        })
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
     };
     let (c_from, c_to) = (c(from)?, c(to)?);
-    let flags = if replace { 0 } else { libc::RENAME_NOREPLACE };
+    let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
     // SAFETY: both pointers are valid NUL-terminated strings for the call's duration.
     let rc = unsafe {
         libc::renameat2(
@@ -104,13 +119,10 @@ fn rename(from: &Path, to: &Path, replace: bool) -> Result<(), CloneError> {
         )
     };
     if rc == 0 {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-    let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::AlreadyExists {
-        return Err(CloneError::Exists);
-    }
-    Err(io("move the clone into place")(e))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CloneError> {
