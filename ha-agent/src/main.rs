@@ -233,8 +233,9 @@ fn manage(cfg: &AgentConfig, domain: &str, prefer: Vec<String>, remove: bool) ->
         let volumes = volumes_of(&xml, &cfg.cluster).map_err(anyhow::Error::msg)?;
         if volumes.is_empty() {
             bail!(
-                "{domain} has no Tandem disk (an NBD disk on {}): nothing could restart it elsewhere",
-                cfg.cluster.nbd_socket().display()
+                "{domain} has no Tandem disk (an NBD disk on {} or a vhost-user disk in {}): nothing could restart it elsewhere",
+                cfg.cluster.nbd_socket().display(),
+                cfg.cluster.vhost_dir().display()
             );
         }
         xml

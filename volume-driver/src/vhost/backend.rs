@@ -18,6 +18,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -148,6 +149,10 @@ pub struct BlkBackend {
     /// closed when it is dropped (after the workers and their epolls are gone), or every
     /// connection would leak one descriptor per worker thread.
     exit_fds: Mutex<Vec<RawFd>>,
+    /// Set once the frontend is gone: the queue workers take no new request, so nothing
+    /// is started (or completed into guest memory) for a frontend that left; QEMU
+    /// resubmits what it never got back.
+    stopping: AtomicBool,
 }
 
 impl Drop for BlkBackend {
@@ -180,6 +185,7 @@ impl BlkBackend {
             volume: Mutex::new(Volume::NotOpened),
             opened: Condvar::new(),
             counters: stats::counters(name),
+            stopping: AtomicBool::new(false),
             mem,
             exit_fds: Mutex::default(),
         }
@@ -245,6 +251,7 @@ impl BlkBackend {
     /// The frontend is gone (its connection ended): a new one may come while the handle
     /// is released.
     pub fn frontend_gone(&self) {
+        self.stopping.store(true, Ordering::Release);
         if let Volume::Open { .. } = *self.lock() {
             self.slot.ending();
         }
@@ -309,12 +316,15 @@ impl BlkBackend {
     /// ring: when QEMU stops the queue (`GET_VRING_BASE`: guest reset, pause, shutdown),
     /// the handler waits on that lock, so no request is still running when the ring is
     /// handed back, and no completion is written into guest memory after it. A stopped
-    /// queue yields no more requests.
+    /// queue yields no more requests, and neither does any queue once the frontend is gone.
     fn process_queue(&self, vring: &Vring) {
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         let mut answered = false;
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+        while !self.stopping.load(Ordering::Acquire) {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+                break;
+            };
             let head = chain.head_index();
             let descriptor =
                 |d: virtio_queue::desc::split::Descriptor| (d.addr().0, d.len(), d.is_write_only());

@@ -74,7 +74,8 @@ pub struct Setup<'a> {
 /// One accepted connection and the daemon answering it.
 pub struct Session {
     name: String,
-    daemon: VhostUserDaemon<Arc<BlkBackend>>,
+    /// Taken (and dropped, which joins the queue workers) when the session ends.
+    daemon: Option<VhostUserDaemon<Arc<BlkBackend>>>,
     backend: Arc<BlkBackend>,
     connections: Arc<Connections>,
     id: u64,
@@ -104,14 +105,14 @@ impl Session {
         let hangup = match started {
             Ok(hangup) => hangup,
             Err(e) => {
-                let _ = end_daemon(&mut daemon, &backend);
+                let _ = end_daemon(daemon, &backend);
                 return Err(e);
             }
         };
         let id = setup.connections.register(hangup.clone());
         Ok(Session {
             name: setup.name.to_string(),
-            daemon,
+            daemon: Some(daemon),
             backend,
             connections: Arc::clone(setup.connections),
             id,
@@ -152,7 +153,10 @@ impl Session {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        match end_daemon(&mut self.daemon, &self.backend) {
+        let Some(daemon) = self.daemon.take() else {
+            return;
+        };
+        match end_daemon(daemon, &self.backend) {
             Ok(()) => tracing::debug!(volume = %self.name, "vhost-user frontend disconnected"),
             // The frontend broke the protocol or vanished mid-message: its problem, not
             // the socket's.
@@ -175,8 +179,13 @@ impl Drop for Session {
     }
 }
 
+/// Wait for the daemon's thread, stop and join the queue workers, then release the volume.
+/// The order matters: a worker may still be running a request (a write waiting for its
+/// peer), and the volume must stay open and the slot taken until it has finished, or a new
+/// frontend could open the volume and have its write overtaken by the old one, and a
+/// shutting-down daemon could close the replica under it.
 fn end_daemon(
-    daemon: &mut VhostUserDaemon<Arc<BlkBackend>>,
+    mut daemon: VhostUserDaemon<Arc<BlkBackend>>,
     backend: &BlkBackend,
 ) -> Result<(), vhost_user_backend::Error> {
     let ended = daemon.wait();
@@ -184,6 +193,8 @@ fn end_daemon(
     for handler in daemon.get_epoll_handlers() {
         handler.send_exit_event();
     }
+    // The last reference to the handler: its drop joins the worker threads.
+    drop(daemon);
     backend.release();
     ended
 }
