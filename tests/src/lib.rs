@@ -159,6 +159,11 @@ path = "{root}/images"
         self.child.is_some()
     }
 
+    /// The daemon's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Write the config and start the daemon.
     pub fn start_new() -> TandemNode {
         let mut node = TandemNode::new();

@@ -24,8 +24,10 @@ use std::time::Duration;
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a transmission request.
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Magic of a simple reply.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
@@ -43,9 +45,10 @@ pub const TRANSMIT_SEND_FLUSH: u16 = 1 << 2;
 /// Transmission flag: the server supports FUA.
 pub const TRANSMIT_SEND_FUA: u16 = 1 << 3;
 
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
+/// Request types.
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_FLAG_FUA: u16 = 1;
 
@@ -466,6 +469,12 @@ impl NbdClient {
     /// waits (`shutdown(Both)`: a client that goes away with a request in flight).
     pub fn closer(&self) -> std::io::Result<UnixStream> {
         self.stream.try_clone()
+    }
+
+    /// The socket, in the transmission phase, for a caller that speaks that phase itself
+    /// (the `frontends` bench keeps many requests in flight on it).
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
     }
 
     /// Send NBD_CMD_DISC and close (the server sends no reply to DISC).
