@@ -1,6 +1,7 @@
-//! Helpers for benchmarks that run the namespace test bed (`tandem_tests::cluster`): the
-//! checks and environment it needs before it starts ([`prepare`]), `tandem` commands that
-//! must succeed ([`tandem`], [`create_on_hv1_and_hv2`]), and daemons' CPU time over a measuring window
+//! Helpers for benchmarks that run the namespace test bed (`tandem_tests::cluster`) or a
+//! single `tandemd`: the checks and environment they need before they start ([`prepare`],
+//! [`use_binaries`]), `tandem` commands that must succeed ([`tandem`],
+//! [`create_on_hv1_and_hv2`]), and daemons' CPU time over a measuring window
 //! ([`CpuSampler`]).
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,13 @@ pub fn prepare(bin_dir: Option<&Path>, dir: &Path) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("this benchmark builds network namespaces: run it as root");
     }
+    use_binaries(bin_dir, dir)
+}
+
+/// Check that `tandemd` and `tandem` are in `bin_dir` (default: this program's directory),
+/// then point the test support (`tandem_tests`) at them and at `dir` for its files. Call
+/// before any thread starts (it sets environment variables).
+pub fn use_binaries(bin_dir: Option<&Path>, dir: &Path) -> Result<()> {
     let bin_dir: PathBuf = match bin_dir {
         Some(dir) => dir.to_path_buf(),
         None => std::env::current_exe()

@@ -1,9 +1,15 @@
 //! Shared helpers for the benchmark programs under `bench/src/bin/`: fio runs against an
 //! NBD URI ([`fio`], [`Row`]), `qemu-nbd` as the reference server ([`QemuNbd`]),
 //! resetting backing files between runs ([`settle`], [`fill`]), and running the namespace
-//! test bed ([`cluster`]).
+//! test bed ([`cluster`]). The `frontends` bench's load generator ([`load`]) and its clients:
+//! vhost-user-blk through libblkio ([`vhost_blk`]), pipelined NBD ([`nbd_pipeline`]) and
+//! the backing device in process ([`device_client`]).
 
 pub mod cluster;
+pub mod device_client;
+pub mod load;
+pub mod nbd_pipeline;
+pub mod vhost_blk;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
