@@ -34,20 +34,23 @@
 //! (but the kernel counts it in 10 ms ticks, so a row of few requests reads coarse).
 //!
 //! What we saw in three default runs on the 2-vCPU dev VM while other engineers' builds
-//! kept it at load average 9-10 (so latencies are mostly scheduling delay; p99s were
-//! 2.5-12.7 ms everywhere): QD1 mean latency through vhost 257-480 us (reads) and
-//! 396-970 us (writes), NBD 304-345 and 331-1242 us, floor 136-258 and 291-622 us; the
-//! goal held in 3 of 12 comparisons, none reproducibly. QD32 IOPS vhost 1,840-5,264 (reads)
-//! and 1,536-3,536 (writes), NBD 12,152-17,770 and 8,744-13,404, floor 21,439-30,229 and
-//! 15,548-18,580. What the load does not change, `tandemd`'s CPU per request, says where
-//! vhost loses: 85-106 us (QD1 reads), 100-162 us (QD1 writes), 68-90 us (QD32 reads) and
-//! 76-99 us (QD32 writes), against NBD's 70-84, 76-85, 18-20 and 22-31 us. Counted context
-//! switches agree: a QD1 read through vhost puts tandemd's threads to sleep about 3 times
-//! (the vring worker waits for the kick, then in `block_on` for the completion that a
-//! runtime worker's io_uring reaper hands over, and that worker sleeps too), through NBD
-//! about 1.3 times; and a vring worker runs one request at a time, so QD32 on one queue
-//! gains little over QD1 (`volume_driver::vhost::backend`). A cross-CPU wake-up took
-//! 21-27 us in these runs.
+//! kept it at load average 6.4-7.4 (so latencies carry much scheduling delay; p99s were
+//! 2-6 ms everywhere, the floor's included): QD1 mean latency through vhost 260-296 us
+//! (reads) and 357-716 us (writes), NBD 225-263 and 198-468 us, floor 148-181 and
+//! 132-343 us, so vhost/NBD 1.13-1.19x and 1.32-1.80x and vhost - floor +80-149 and
+//! +161-373 us: the goal was met in none of the 12 comparisons. QD32 IOPS: vhost
+//! 3,168-5,280 (reads) and 3,824-4,878 (writes), NBD 14,222-19,310 and 9,674-18,610, floor
+//! 20,978-29,808 and 12,111-32,231. `tandemd`'s CPU per request, which the load does not
+//! change: vhost 97-122 us (QD1 reads), 64-111 us (QD1 writes), 61-121 us (QD32 reads),
+//! 61-68 us (QD32 writes); NBD 68-76, 64-78, 16-20 and 28-43 us. libblkio's client used
+//! 9-10 us per QD1 read, the NBD client 14-19 us. A cross-CPU wake-up took 19-23 us.
+//!
+//! Where vhost loses, from counting tandemd's context switches during a QD1 read run:
+//! about 3 sleeps per request through vhost (the vring worker waits for the kick, then in
+//! `block_on` for the completion that a runtime worker's io_uring reaper hands over, and
+//! that worker sleeps too), about 1.3 through NBD. And a vring worker runs one request at a
+//! time (`volume_driver::vhost::backend`), so QD32 on one queue gains little over QD1 and
+//! batches nothing, while the NBD server overlaps the 32.
 
 use std::io::Write;
 use std::path::PathBuf;
