@@ -34,22 +34,23 @@
 //! (but the kernel counts it in 10 ms ticks, so a row of few requests reads coarse).
 //!
 //! What we saw in three default runs on the 2-vCPU dev VM while other engineers' builds
-//! kept it at load average 6.4-7.4 (so latencies carry much scheduling delay; p99s were
-//! 2-6 ms everywhere, the floor's included): QD1 mean latency through vhost 260-296 us
-//! (reads) and 357-716 us (writes), NBD 225-263 and 198-468 us, floor 148-181 and
-//! 132-343 us, so vhost/NBD 1.13-1.19x and 1.32-1.80x and vhost - floor +80-149 and
-//! +161-373 us: the goal was met in none of the 12 comparisons. QD32 IOPS: vhost
-//! 3,168-5,280 (reads) and 3,824-4,878 (writes), NBD 14,222-19,310 and 9,674-18,610, floor
-//! 20,978-29,808 and 12,111-32,231. `tandemd`'s CPU per request, which the load does not
-//! change: vhost 97-122 us (QD1 reads), 64-111 us (QD1 writes), 61-121 us (QD32 reads),
-//! 61-68 us (QD32 writes); NBD 68-76, 64-78, 16-20 and 28-43 us. libblkio's client used
-//! 9-10 us per QD1 read, the NBD client 14-19 us. A cross-CPU wake-up took 19-23 us.
+//! kept it at load average 6.0-9.1 (so latencies carry much scheduling delay; p99s were
+//! 0.7-5.1 ms, the floor's included): QD1 mean latency through vhost 213-250 us (reads)
+//! and 415-463 us (writes), NBD 193-342 and 278-414 us, floor 94-390 and 151-211 us, so
+//! vhost/NBD 0.62-1.28x and 1.04-1.49x and vhost - floor -178 to +153 and +245 to
+//! +279 us: the goal was met in 2 of the 12 comparisons, both in the run where the floor's
+//! own reads were slowest. QD32 IOPS: vhost 4,177-5,792 (reads) and 2,736-5,504 (writes),
+//! NBD 19,616-38,451 and 9,773-14,940, floor 34,635-47,124 and 12,584-25,418.
+//! `tandemd`'s CPU per request, which the load changes much less: vhost 64-114 us (QD1
+//! reads), 75-100 us (QD1 writes), 67-81 us (QD32 reads), 57-62 us (QD32 writes); NBD
+//! 60-107, 64-94, 14-16 and 21-35 us. libblkio's client used 7-16 us per QD1 read, the
+//! NBD client 13-46 us. A cross-CPU wake-up took 15-21 us.
 //!
 //! Where vhost loses, from counting tandemd's context switches during a QD1 read run:
-//! about 3 sleeps per request through vhost (the vring worker waits for the kick, then in
-//! `block_on` for the completion that a runtime worker's io_uring reaper hands over, and
-//! that worker sleeps too), about 1.3 through NBD. And a vring worker runs one request at a
-//! time (`volume_driver::vhost::backend`), so QD32 on one queue gains little over QD1 and
+//! about 3.4 sleeps per request through vhost (the vring worker waits for the kick, then
+//! in `block_on` for the completion that a runtime worker's io_uring reaper hands over,
+//! and that worker sleeps too), 1.3-1.6 through NBD. And a vring worker runs one request at
+//! a time (`volume_driver::vhost::backend`), so QD32 on one queue gains little over QD1 and
 //! batches nothing, while the NBD server overlaps the 32.
 
 use std::io::Write;
