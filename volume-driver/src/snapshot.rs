@@ -42,9 +42,10 @@
 //! **Pending until every node has it.** A snapshot is taken under its pending name
 //! (`<snapshot>+pending`, never listed) and renamed to its final name on every node only
 //! once every node took it and the cut is good. Before the renames a failure removes it
-//! everywhere. A node that refuses its rename gets it removed everywhere too; a node that
-//! does not answer it (it may have renamed already) keeps its copy, made final once it is
-//! back. A kill or crash at any point leaves pending copies at worst, which
+//! everywhere. Once any node may have renamed it, it is never rolled back: a node that
+//! refuses its rename or does not answer keeps its pending copy, made final by that node
+//! ([`crate::snapshot_pending`]); only a node whose copy is gone (it can never be made
+//! final there) gets it removed everywhere, final and pending copies. A kill or crash at any point leaves pending copies at worst, which
 //! [`crate::snapshot_pending`] resolves: made final when some node has the final name,
 //! else removed. So once every node is back, a listed snapshot is on every node.
 //!
@@ -242,7 +243,7 @@ impl VolumeService {
         let (pause_ms, after) = match taken {
             Ok(PeerReply::Taken { pause_ms, after }) => (pause_ms, after),
             Ok(other) => {
-                self.remove_everywhere(&mut links, name, snapshot, &[], &nodes)
+                self.remove_everywhere(&mut links, name, snapshot, false, &nodes)
                     .await;
                 return Err(ApiError::new(
                     ErrorKind::Peer,
@@ -253,7 +254,7 @@ impl VolumeService {
                 // The take node removes what it took; when it could not even answer, do
                 // it here (a pending snapshot is never listed meanwhile).
                 if e.kind == ErrorKind::Peer {
-                    self.remove_everywhere(&mut links, name, snapshot, &[], &nodes)
+                    self.remove_everywhere(&mut links, name, snapshot, false, &nodes)
                         .await;
                 }
                 return Err(e);
@@ -264,7 +265,7 @@ impl VolumeService {
             // snapshots may differ: remove them everywhere.
             if let Err(why) = check_still_one_cut(name, &before, &after) {
                 let left = self
-                    .remove_everywhere(&mut links, name, snapshot, &[], &nodes)
+                    .remove_everywhere(&mut links, name, snapshot, false, &nodes)
                     .await;
                 return Err(ApiError::new(
                     ErrorKind::Refused,
@@ -279,41 +280,47 @@ impl VolumeService {
             .collect();
         let answers = self.call_at_once(&mut links, calls).await;
         phases.done("commit");
-        let (mut committed, mut refused, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut committed, mut missing, mut pending) = (Vec::new(), Vec::new(), Vec::new());
         let mut kind = ErrorKind::Peer;
         for (node, answer) in nodes.iter().zip(answers) {
             match answer {
                 Ok(_) => committed.push(node.clone()),
-                // No answer: it may have renamed it already. It is made final there when
-                // the node is back (a pending snapshot with a final one elsewhere).
-                Err(e) if e.kind == ErrorKind::Peer => unknown.push(e.message),
+                // Its copy is gone: the snapshot can never be on every node.
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    missing.push(format!("{node}: {}", e.message))
+                }
+                // No answer, or refused: it may be renamed there already, and some node
+                // may have renamed it, so it is never rolled back from here. It stays
+                // pending there and that node makes it final (a pending snapshot with a
+                // final one elsewhere).
                 Err(e) => {
-                    kind = e.kind;
-                    refused.push((node.clone(), e.message));
+                    if e.kind != ErrorKind::Peer {
+                        kind = e.kind;
+                    }
+                    pending.push(format!("{node}: {}", e.message));
                 }
             }
         }
-        if !unknown.is_empty() {
+        if !missing.is_empty() {
+            // No command can finish it: remove it everywhere (final and pending copies).
+            let left = self
+                .remove_everywhere(&mut links, name, snapshot, true, &nodes)
+                .await;
             return Err(ApiError::new(
-                ErrorKind::Peer,
+                ErrorKind::NotFound,
                 format!(
-                    "snapshot '{name}@{snapshot}' is final on [{}]; {} (it is made final there once that node is reachable again)",
-                    committed.join(", "),
-                    unknown.join("; ")
+                    "snapshot '{name}@{snapshot}' could not be made final on every node: {}; {left}",
+                    missing.join("; ")
                 ),
             ));
         }
-        if !refused.is_empty() {
-            // Every node answered: undo it everywhere.
-            let (failed, reasons): (Vec<String>, Vec<String>) = refused.into_iter().unzip();
-            let left = self
-                .remove_everywhere(&mut links, name, snapshot, &committed, &failed)
-                .await;
+        if !pending.is_empty() {
             return Err(ApiError::new(
                 kind,
                 format!(
-                    "snapshot '{name}@{snapshot}' could not be made final on every node: {}; {left}",
-                    reasons.join("; ")
+                    "snapshot '{name}@{snapshot}' is final on [{}]; {} (it stays pending there and that node makes it final once it can)",
+                    committed.join(", "),
+                    pending.join("; ")
                 ),
             ));
         }
@@ -326,42 +333,50 @@ impl VolumeService {
         })
     }
 
-    /// Remove `name@snapshot` after a failed create: deleted where it is final already
-    /// (`done`), discarded where it is pending (`pending`), on all at once. Says what was
-    /// left; what could not be removed is resolved later ([`crate::snapshot_pending`]).
+    /// Remove `name@snapshot` after a failed create on every node of `nodes` at once: its
+    /// final copy first where `delete_final` (tolerating nodes without one), then its
+    /// pending copy, so that a crash in between leaves pending copies only, which are
+    /// removed ([`crate::snapshot_pending`]). Says what was left.
     async fn remove_everywhere(
         &self,
         links: &mut Links,
         name: &str,
         snapshot: &str,
-        done: &[String],
-        pending: &[String],
+        delete_final: bool,
+        nodes: &[String],
     ) -> String {
-        let op = |n: &String, op| (n.clone(), local(name, snapshot, op));
-        let calls: Vec<(String, PeerRequest)> = done
-            .iter()
-            .map(|n| op(n, SnapshotOp::Delete))
-            .chain(pending.iter().map(|n| op(n, SnapshotOp::Discard)))
-            .collect();
-        let nodes: Vec<String> = calls.iter().map(|(n, _)| n.clone()).collect();
         let mut failed = Vec::new();
-        for (node, answer) in nodes.iter().zip(self.call_at_once(links, calls).await) {
-            if let Err(e) = answer {
-                tracing::error!(volume = %name, snapshot, node = %node, error = %e.message,
-                    "cannot remove a snapshot that failed");
-                failed.push(format!("{node}: {}", e.message));
+        let mut final_left = false;
+        let ops = [SnapshotOp::Delete, SnapshotOp::Discard];
+        for op in ops
+            .into_iter()
+            .filter(|op| delete_final || *op == SnapshotOp::Discard)
+        {
+            let calls = nodes.iter().map(|n| (n.clone(), local(name, snapshot, op)));
+            let answers = self.call_at_once(links, calls.collect()).await;
+            for (node, answer) in nodes.iter().zip(answers) {
+                match answer {
+                    Ok(_) => {}
+                    Err(e) if e.kind == ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::error!(volume = %name, snapshot, node = %node, ?op,
+                            error = %e.message, "cannot remove a snapshot that failed");
+                        final_left |= op == SnapshotOp::Delete;
+                        failed.push(format!("{node}: {}", e.message));
+                    }
+                }
             }
         }
         if failed.is_empty() {
             "it was removed everywhere".to_string()
-        } else if done.is_empty() {
+        } else if !final_left {
             format!(
                 "removing it failed on {} (a pending snapshot is never listed; it is removed once that node is reachable again)",
                 failed.join("; ")
             )
         } else {
             format!(
-                "removing it failed on {} (run `tandem snapshot delete {name} {snapshot}`)",
+                "removing it failed on {} (run `tandem snapshot delete {name} {snapshot}`: it removes the snapshot from the nodes that have it)",
                 failed.join("; ")
             )
         }
@@ -468,7 +483,7 @@ impl VolumeService {
         }
         if let Some(e) = failure {
             let left = self
-                .remove_everywhere(&mut links, name, snapshot, &[], &taken)
+                .remove_everywhere(&mut links, name, snapshot, false, &taken)
                 .await;
             return Err(ApiError::new(
                 e.kind,
@@ -722,7 +737,8 @@ impl VolumeService {
             .collect())
     }
 
-    /// `snapshot_delete`: checked on every data node, then removed on each.
+    /// `snapshot_delete`: checked on every data node, then removed on each that has it (a
+    /// snapshot left on some nodes only can be cleaned up); refused when none has it.
     pub async fn snapshot_delete(
         &self,
         name: &str,
@@ -730,11 +746,30 @@ impl VolumeService {
     ) -> Result<SnapshotInfo, ApiError> {
         let definition = self.definition(name)?;
         self.check_no_clones(name, Some(snapshot))?;
-        let nodes = self.data_nodes(&definition);
         let mut links = Links::default();
         let what = format!("cannot delete '{name}@{snapshot}' (nothing changed)");
-        self.check_everywhere(&mut links, &what, name, snapshot, true, &nodes)
-            .await?;
+        let request = PeerRequest::ReplicaSnapshotCheck {
+            name: name.to_string(),
+            snapshot: snapshot.to_string(),
+            exists: true,
+        };
+        let data = self.data_nodes(&definition);
+        let calls = data.iter().map(|n| (n.clone(), request.clone())).collect();
+        let mut nodes = Vec::new();
+        let mut lacking = Vec::new();
+        for (node, answer) in data.iter().zip(self.call_at_once(&mut links, calls).await) {
+            match answer {
+                Ok(_) => nodes.push(node.clone()),
+                Err(e) if e.kind == ErrorKind::NotFound => lacking.push(e.message),
+                Err(e) => return Err(ApiError::new(e.kind, format!("{what}: {}", e.message))),
+            }
+        }
+        if nodes.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!("{what}: {}", lacking.join("; ")),
+            ));
+        }
         self.everywhere(
             &mut links,
             name,
