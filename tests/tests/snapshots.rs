@@ -5,7 +5,8 @@
 //! restores the snapshot's bytes on both replicas, identical, and they reconnect UpToDate;
 //! bad input is refused with one line and changes nothing on any node. A take that fails
 //! on one node leaves the snapshot on none; leftovers of an interrupted create are
-//! resolved; a daemon killed at any point of a create leaves the snapshot on both nodes or
+//! resolved; a rename refused on one node is finished by that node, never rolled back, and
+//! `snapshot delete` removes a snapshot left on one node only; a daemon killed at any point of a create leaves the snapshot on both nodes or
 //! on none, never pending. Needs root (loop devices, mount, `chattr`), xfsprogs and
 //! `cargo build --workspace --bins`.
 
@@ -384,6 +385,102 @@ fn a_snapshot_with_a_node_unreachable_is_refused_and_delete_removes_it_everywher
     let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
     hv1.tandem(&["snapshot", "delete", VOLUME, "s1"]).ok();
     assert!(!snapshot_file(hv1, "s1").exists() && !snapshot_file(hv2, "s1").exists());
+}
+
+/// Run `tandem snapshot create VOLUME <snapshot>` on hv1 while hv2's pending copy is made
+/// immutable (`chattr +i`: it cannot be renamed) the moment it appears, so that hv2 refuses
+/// the rename that hv1 does. Returns the snapshot name of the first create whose rename
+/// hv2 refused (the watcher can lose the race to the rename; then it tries a new name).
+fn create_with_rename_refused_on_hv2(cluster: &LoopbackCluster) -> (String, Immutable) {
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    for attempt in 0..20 {
+        let snapshot = format!("r{attempt}");
+        let pending = hv2
+            .images()
+            .join(format!("{VOLUME}@{snapshot}+pending.snap"));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (stderr, frozen) = std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if pending.exists() {
+                        let status = Command::new("chattr")
+                            .arg("+i")
+                            .arg(&pending)
+                            .stderr(Stdio::null())
+                            .status();
+                        if status.is_ok_and(|s| s.success()) {
+                            return Some(Immutable(pending.clone()));
+                        }
+                    }
+                    std::thread::yield_now();
+                }
+                None
+            });
+            let out = hv1
+                .tandem_command(&["snapshot", "create", VOLUME, &snapshot])
+                .output()
+                .expect("tandem snapshot create");
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let frozen = watcher.join().expect("watcher");
+            (
+                (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned()),
+                frozen,
+            )
+        });
+        match (stderr, frozen) {
+            (Some(stderr), Some(frozen)) => {
+                eprintln!(
+                    "attempt {attempt}: hv2 refused the rename: {}",
+                    stderr.trim_end()
+                );
+                assert!(stderr.contains("stays pending"), "{stderr}");
+                return (snapshot, frozen);
+            }
+            (None, _) => eprintln!("attempt {attempt}: the rename won the race; again"),
+            (Some(stderr), None) => panic!("create failed without a refused rename: {stderr}"),
+        }
+    }
+    panic!(
+        "hv2 never refused a rename in 20 attempts\n{}",
+        cluster.logs()
+    );
+}
+
+#[test]
+fn a_rename_refused_on_one_node_is_finished_by_it_and_delete_cleans_up_a_partial_snapshot() {
+    let fixture = start();
+    let cluster = &fixture.cluster;
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    create_replicated(cluster, VOLUME);
+
+    // hv1 renamed it, hv2 refused: never rolled back, hv2 keeps its pending copy ...
+    let (snapshot, frozen) = create_with_rename_refused_on_hv2(cluster);
+    assert_eq!(holders(cluster, &snapshot), ["hv1"]);
+    assert_eq!(
+        pending_files(cluster).len(),
+        1,
+        "{:?}",
+        pending_files(cluster)
+    );
+    // ... and makes it final itself once it can.
+    drop(frozen);
+    wait_resolved(cluster);
+    assert_eq!(holders(cluster, &snapshot), ["hv1", "hv2"]);
+    assert_eq!(
+        sha256(&snapshot_file(hv1, &snapshot)),
+        sha256(&snapshot_file(hv2, &snapshot))
+    );
+
+    // A snapshot on one node only (as an older version could leave) is deleted there.
+    leave_snapshot_file(hv1, &format!("{VOLUME}@lone.snap"));
+    hv2.tandem(&["snapshot", "delete", VOLUME, "lone"]).ok();
+    assert!(holders(cluster, "lone").is_empty());
+    refused(
+        cluster,
+        hv2,
+        &["snapshot", "delete", VOLUME, "lone"],
+        "does not exist",
+    );
 }
 
 #[test]

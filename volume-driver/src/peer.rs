@@ -130,6 +130,8 @@ pub enum PeerRequest {
         name: String,
         snapshot: String,
         nodes: Vec<String>,
+        /// The command's take token (see [`crate::snapshot_pending`]).
+        token: u64,
     },
     /// One snapshot operation on this node's copy.
     ReplicaSnapshotLocal {
@@ -417,7 +419,8 @@ pub async fn dispatch(service: &VolumeService, request: PeerRequest) -> PeerResp
             name,
             snapshot,
             nodes,
-        } => Box::pin(service.snapshot_take(&name, &snapshot, &nodes))
+            token,
+        } => Box::pin(service.snapshot_take(&name, &snapshot, &nodes, token))
             .await
             .map(|(pause_ms, after)| PeerReply::Taken { pause_ms, after }),
         PeerRequest::ReplicaSnapshotLocal { name, snapshot, op } => {

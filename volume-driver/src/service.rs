@@ -135,8 +135,11 @@ pub struct VolumeService {
     /// ([`crate::snapshot_pending`]).
     pub(crate) snapshots_in_flight: Mutex<std::collections::BTreeSet<(String, String)>>,
     /// `(volume, snapshot)` taken here under its pending name and not yet committed or
-    /// discarded, with when ([`crate::snapshot_pending`]).
-    pub(crate) snapshots_taken: Mutex<BTreeMap<(String, String), std::time::Instant>>,
+    /// discarded, with when and by which command ([`crate::snapshot_pending`]).
+    pub(crate) snapshots_taken: Mutex<BTreeMap<(String, String), crate::snapshot_pending::Take>>,
+    /// `(volume, snapshot)` locked by a take or a resolution here
+    /// ([`crate::snapshot_pending`]).
+    pub(crate) snapshots_locked: Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
 pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
@@ -332,6 +335,7 @@ impl VolumeService {
             membership_ops: Mutex::default(),
             snapshots_in_flight: Mutex::default(),
             snapshots_taken: Mutex::default(),
+            snapshots_locked: Mutex::default(),
             evict_steps: Mutex::default(),
         })
     }

@@ -42,9 +42,10 @@
 //! **Pending until every node has it.** A snapshot is taken under its pending name
 //! (`<snapshot>+pending`, never listed) and renamed to its final name on every node only
 //! once every node took it and the cut is good. Before the renames a failure removes it
-//! everywhere. A node that refuses its rename gets it removed everywhere too; a node that
-//! does not answer it (it may have renamed already) keeps its copy, made final once it is
-//! back. A kill or crash at any point leaves pending copies at worst, which
+//! everywhere. Once any node may have renamed it, it is never rolled back: a node that
+//! refuses its rename or does not answer keeps its pending copy, made final by that node
+//! ([`crate::snapshot_pending`]); only a node whose copy is gone (it can never be made
+//! final there) gets it removed everywhere, final and pending copies. A kill or crash at any point leaves pending copies at worst, which
 //! [`crate::snapshot_pending`] resolves: made final when some node has the final name,
 //! else removed. So once every node is back, a listed snapshot is on every node.
 //!
@@ -85,12 +86,15 @@ pub const PAUSE_LIMIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotOp {
-    /// Take it under its pending name; answers this node's status afterwards.
-    Take,
-    /// Rename the pending snapshot to its final name.
-    Commit,
-    /// Remove the pending snapshot, if there is one.
-    Discard,
+    /// Take it under its pending name for the command holding `token`; answers this node's
+    /// status afterwards.
+    Take { token: u64 },
+    /// Rename the pending snapshot to its final name; refused unless this node's take of it
+    /// was by `token`.
+    Commit { token: u64 },
+    /// Remove the pending snapshot taken by `token`, if there is one (a take by another
+    /// command is refused).
+    Discard { token: u64 },
     /// Remove the (final) snapshot.
     Delete,
     /// Roll back and start a new generation `day0` (see the module doc).
@@ -229,6 +233,8 @@ impl VolumeService {
         // Until it is final or removed everywhere, this node answers that a command is
         // taking it, so that no node resolves its pending copy meanwhile.
         let _in_flight = self.snapshot_in_flight(name, snapshot)?;
+        // Only this command's copies are committed or discarded (see snapshot_pending).
+        let token = rand::random::<u64>();
         // The take node holds writes (a Primary) and promotions (any data node connected to
         // every other one: each promotion needs its agreement) while the nodes snapshot.
         let take_on = primary.unwrap_or_else(|| nodes[0].clone());
@@ -236,13 +242,14 @@ impl VolumeService {
             name: name.to_string(),
             snapshot: snapshot.to_string(),
             nodes: nodes.clone(),
+            token,
         };
         let taken = self.call_node(&mut links, &take_on, request).await;
         phases.done("take");
         let (pause_ms, after) = match taken {
             Ok(PeerReply::Taken { pause_ms, after }) => (pause_ms, after),
             Ok(other) => {
-                self.remove_everywhere(&mut links, name, snapshot, &[], &nodes)
+                self.remove_everywhere(&mut links, name, snapshot, token, false, &nodes)
                     .await;
                 return Err(ApiError::new(
                     ErrorKind::Peer,
@@ -253,7 +260,7 @@ impl VolumeService {
                 // The take node removes what it took; when it could not even answer, do
                 // it here (a pending snapshot is never listed meanwhile).
                 if e.kind == ErrorKind::Peer {
-                    self.remove_everywhere(&mut links, name, snapshot, &[], &nodes)
+                    self.remove_everywhere(&mut links, name, snapshot, token, false, &nodes)
                         .await;
                 }
                 return Err(e);
@@ -264,7 +271,7 @@ impl VolumeService {
             // snapshots may differ: remove them everywhere.
             if let Err(why) = check_still_one_cut(name, &before, &after) {
                 let left = self
-                    .remove_everywhere(&mut links, name, snapshot, &[], &nodes)
+                    .remove_everywhere(&mut links, name, snapshot, token, false, &nodes)
                     .await;
                 return Err(ApiError::new(
                     ErrorKind::Refused,
@@ -275,45 +282,56 @@ impl VolumeService {
         // Every node holds the same cut: make it final everywhere.
         let calls = nodes
             .iter()
-            .map(|n| (n.clone(), local(name, snapshot, SnapshotOp::Commit)))
+            .map(|n| {
+                (
+                    n.clone(),
+                    local(name, snapshot, SnapshotOp::Commit { token }),
+                )
+            })
             .collect();
         let answers = self.call_at_once(&mut links, calls).await;
         phases.done("commit");
-        let (mut committed, mut refused, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut committed, mut missing, mut pending) = (Vec::new(), Vec::new(), Vec::new());
         let mut kind = ErrorKind::Peer;
         for (node, answer) in nodes.iter().zip(answers) {
             match answer {
                 Ok(_) => committed.push(node.clone()),
-                // No answer: it may have renamed it already. It is made final there when
-                // the node is back (a pending snapshot with a final one elsewhere).
-                Err(e) if e.kind == ErrorKind::Peer => unknown.push(e.message),
+                // Its copy is gone: the snapshot can never be on every node.
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    missing.push(format!("{node}: {}", e.message))
+                }
+                // No answer, or refused: it may be renamed there already, and some node
+                // may have renamed it, so it is never rolled back from here. It stays
+                // pending there and that node makes it final (a pending snapshot with a
+                // final one elsewhere).
                 Err(e) => {
-                    kind = e.kind;
-                    refused.push((node.clone(), e.message));
+                    if e.kind != ErrorKind::Peer {
+                        kind = e.kind;
+                    }
+                    pending.push(format!("{node}: {}", e.message));
                 }
             }
         }
-        if !unknown.is_empty() {
+        if !missing.is_empty() {
+            // No command can finish it: remove it everywhere (final and pending copies).
+            let left = self
+                .remove_everywhere(&mut links, name, snapshot, token, true, &nodes)
+                .await;
             return Err(ApiError::new(
-                ErrorKind::Peer,
+                ErrorKind::NotFound,
                 format!(
-                    "snapshot '{name}@{snapshot}' is final on [{}]; {} (it is made final there once that node is reachable again)",
-                    committed.join(", "),
-                    unknown.join("; ")
+                    "snapshot '{name}@{snapshot}' could not be made final on every node: {}; {left}",
+                    missing.join("; ")
                 ),
             ));
         }
-        if !refused.is_empty() {
-            // Every node answered: undo it everywhere.
-            let (failed, reasons): (Vec<String>, Vec<String>) = refused.into_iter().unzip();
-            let left = self
-                .remove_everywhere(&mut links, name, snapshot, &committed, &failed)
-                .await;
+        if !pending.is_empty() {
             return Err(ApiError::new(
                 kind,
                 format!(
-                    "snapshot '{name}@{snapshot}' could not be made final on every node: {}; {left}",
-                    reasons.join("; ")
+                    "snapshot '{name}@{snapshot}' is final on [{}]; {} (it stays pending there and that node makes it final once it can)",
+                    committed.join(", "),
+                    pending.join("; ")
                 ),
             ));
         }
@@ -326,42 +344,51 @@ impl VolumeService {
         })
     }
 
-    /// Remove `name@snapshot` after a failed create: deleted where it is final already
-    /// (`done`), discarded where it is pending (`pending`), on all at once. Says what was
-    /// left; what could not be removed is resolved later ([`crate::snapshot_pending`]).
+    /// Remove `name@snapshot` after the failed create holding `token` on every node of
+    /// `nodes` at once: its final copy first where `delete_final` (tolerating nodes without
+    /// one), then its pending copy (this command's only), so that a crash in between leaves pending copies only, which are
+    /// removed ([`crate::snapshot_pending`]). Says what was left.
     async fn remove_everywhere(
         &self,
         links: &mut Links,
         name: &str,
         snapshot: &str,
-        done: &[String],
-        pending: &[String],
+        token: u64,
+        delete_final: bool,
+        nodes: &[String],
     ) -> String {
-        let op = |n: &String, op| (n.clone(), local(name, snapshot, op));
-        let calls: Vec<(String, PeerRequest)> = done
-            .iter()
-            .map(|n| op(n, SnapshotOp::Delete))
-            .chain(pending.iter().map(|n| op(n, SnapshotOp::Discard)))
-            .collect();
-        let nodes: Vec<String> = calls.iter().map(|(n, _)| n.clone()).collect();
         let mut failed = Vec::new();
-        for (node, answer) in nodes.iter().zip(self.call_at_once(links, calls).await) {
-            if let Err(e) = answer {
-                tracing::error!(volume = %name, snapshot, node = %node, error = %e.message,
-                    "cannot remove a snapshot that failed");
-                failed.push(format!("{node}: {}", e.message));
+        let mut final_left = false;
+        let ops = [SnapshotOp::Delete, SnapshotOp::Discard { token }];
+        for op in ops
+            .into_iter()
+            .filter(|op| delete_final || *op != SnapshotOp::Delete)
+        {
+            let calls = nodes.iter().map(|n| (n.clone(), local(name, snapshot, op)));
+            let answers = self.call_at_once(links, calls.collect()).await;
+            for (node, answer) in nodes.iter().zip(answers) {
+                match answer {
+                    Ok(_) => {}
+                    Err(e) if e.kind == ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::error!(volume = %name, snapshot, node = %node, ?op,
+                            error = %e.message, "cannot remove a snapshot that failed");
+                        final_left |= op == SnapshotOp::Delete;
+                        failed.push(format!("{node}: {}", e.message));
+                    }
+                }
             }
         }
         if failed.is_empty() {
             "it was removed everywhere".to_string()
-        } else if done.is_empty() {
+        } else if !final_left {
             format!(
                 "removing it failed on {} (a pending snapshot is never listed; it is removed once that node is reachable again)",
                 failed.join("; ")
             )
         } else {
             format!(
-                "removing it failed on {} (run `tandem snapshot delete {name} {snapshot}`)",
+                "removing it failed on {} (run `tandem snapshot delete {name} {snapshot}`: it removes the snapshot from the nodes that have it)",
                 failed.join("; ")
             )
         }
@@ -376,6 +403,7 @@ impl VolumeService {
         name: &str,
         snapshot: &str,
         nodes: &[String],
+        token: u64,
     ) -> Result<(Option<u64>, Vec<(String, VolumeStatus)>), ApiError> {
         let runtime = self.lock().get(name).and_then(|s| s.runtime.clone());
         let mut phases = Phases::start("snapshot take", name);
@@ -410,7 +438,7 @@ impl VolumeService {
             .is_some_and(|r| r.status().replica.role == Role::Primary);
         let calls = nodes
             .iter()
-            .map(|n| (n.clone(), local(name, snapshot, SnapshotOp::Take)))
+            .map(|n| (n.clone(), local(name, snapshot, SnapshotOp::Take { token })))
             .collect();
         let mut pause_ms = None;
         let mut resume = |pause: &mut Option<crate::engine::WritePause>| {
@@ -468,7 +496,7 @@ impl VolumeService {
         }
         if let Some(e) = failure {
             let left = self
-                .remove_everywhere(&mut links, name, snapshot, &[], &taken)
+                .remove_everywhere(&mut links, name, snapshot, token, false, &taken)
                 .await;
             return Err(ApiError::new(
                 e.kind,
@@ -575,28 +603,76 @@ impl VolumeService {
         let backend = self.backend_of(&definition)?;
         let (volume, snap) = (name.to_string(), snapshot.to_string());
         let mut phases = Phases::start("snapshot local", name);
-        blocking(move || {
-            match op {
-                SnapshotOp::Take => backend.take_snapshot(&volume, &snap),
-                SnapshotOp::Commit => backend.commit_snapshot(&volume, &snap),
-                SnapshotOp::Discard => backend.discard_snapshot(&volume, &snap),
-                _ => backend.delete_snapshot(&volume, &snap),
-            }
-            .map_err(pool_error)
-        })
-        .await?;
-        phases.done(match op {
-            SnapshotOp::Take => "take",
-            SnapshotOp::Commit => "commit",
-            SnapshotOp::Discard => "discard",
+        let step = match op {
+            SnapshotOp::Take { .. } => "take",
+            SnapshotOp::Commit { .. } => "commit",
+            SnapshotOp::Discard { .. } => "discard",
             _ => "delete",
-        });
+        };
         match op {
-            SnapshotOp::Take => self.note_take(name, snapshot),
-            _ => self.forget_take(name, snapshot),
+            SnapshotOp::Take { token } => {
+                let _locked = self.lock_snapshot(name, snapshot)?;
+                // Recorded first, so that a take cut short is resolved too.
+                let previous = self.note_take(name, snapshot, token);
+                let (taken, cleaned) = blocking(move || {
+                    let taken = backend.take_snapshot(&volume, &snap);
+                    // A failed take may leave a hidden copy: ours, so removed (a pending
+                    // copy that exists already is another command's).
+                    let cleaned = match &taken {
+                        Err(crate::pool::PoolError::SnapshotExists { .. }) | Ok(()) => true,
+                        Err(_) => backend.discard_snapshot(&volume, &snap).is_ok(),
+                    };
+                    Ok((taken.map_err(pool_error), cleaned))
+                })
+                .await?;
+                match taken {
+                    Ok(()) => {}
+                    Err(e) if e.kind == ErrorKind::AlreadyExists => {
+                        self.restore_take(name, snapshot, previous);
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        // Kept while a copy may be left: this node resolves it once stale.
+                        if cleaned {
+                            self.forget_take(name, snapshot);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            SnapshotOp::Commit { token } | SnapshotOp::Discard { token } => {
+                match self.take_token(name, snapshot) {
+                    Some(ours) if ours == token => {}
+                    // Nothing of this command's here (e.g. it never arrived): nothing to do.
+                    None if matches!(op, SnapshotOp::Discard { .. }) => return Ok(None),
+                    _ => {
+                        return Err(ApiError::new(
+                            ErrorKind::Refused,
+                            format!(
+                                "cannot {step} '{name}@{snapshot}' on '{}': its pending copy here was not taken by this command",
+                                self.config().node
+                            ),
+                        ))
+                    }
+                }
+                blocking(move || {
+                    match op {
+                        SnapshotOp::Commit { .. } => backend.commit_snapshot(&volume, &snap),
+                        _ => backend.discard_snapshot(&volume, &snap),
+                    }
+                    .map_err(pool_error)
+                })
+                .await?;
+                self.forget_take(name, snapshot);
+            }
+            _ => {
+                blocking(move || backend.delete_snapshot(&volume, &snap).map_err(pool_error))
+                    .await?;
+            }
         }
+        phases.done(step);
         match op {
-            SnapshotOp::Take => self.status(name).map(Some),
+            SnapshotOp::Take { .. } => self.status(name).map(Some),
             _ => Ok(None),
         }
     }
@@ -722,7 +798,8 @@ impl VolumeService {
             .collect())
     }
 
-    /// `snapshot_delete`: checked on every data node, then removed on each.
+    /// `snapshot_delete`: checked on every data node, then removed on each that has it (a
+    /// snapshot left on some nodes only can be cleaned up); refused when none has it.
     pub async fn snapshot_delete(
         &self,
         name: &str,
@@ -730,11 +807,30 @@ impl VolumeService {
     ) -> Result<SnapshotInfo, ApiError> {
         let definition = self.definition(name)?;
         self.check_no_clones(name, Some(snapshot))?;
-        let nodes = self.data_nodes(&definition);
         let mut links = Links::default();
         let what = format!("cannot delete '{name}@{snapshot}' (nothing changed)");
-        self.check_everywhere(&mut links, &what, name, snapshot, true, &nodes)
-            .await?;
+        let request = PeerRequest::ReplicaSnapshotCheck {
+            name: name.to_string(),
+            snapshot: snapshot.to_string(),
+            exists: true,
+        };
+        let data = self.data_nodes(&definition);
+        let calls = data.iter().map(|n| (n.clone(), request.clone())).collect();
+        let mut nodes = Vec::new();
+        let mut lacking = Vec::new();
+        for (node, answer) in data.iter().zip(self.call_at_once(&mut links, calls).await) {
+            match answer {
+                Ok(_) => nodes.push(node.clone()),
+                Err(e) if e.kind == ErrorKind::NotFound => lacking.push(e.message),
+                Err(e) => return Err(ApiError::new(e.kind, format!("{what}: {}", e.message))),
+            }
+        }
+        if nodes.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!("{what}: {}", lacking.join("; ")),
+            ));
+        }
         self.everywhere(
             &mut links,
             name,
@@ -905,5 +1001,41 @@ mod tests {
         out_of_sync[1].1.replica.disk_state = DiskState::Outdated;
         let why = check_still_one_cut("v", &before, &out_of_sync).unwrap_err();
         assert!(why.contains("on 'hv2' is Outdated"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn only_the_command_that_took_a_pending_copy_commits_or_discards_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = crate::service::tests::service(dir.path());
+        service.create_local("v", 1 << 20, None).await.unwrap();
+        let pending = dir.path().join("images/v@s+pending.snap");
+        // The state after command 1's take here (the file made by hand: no reflink here).
+        std::fs::write(&pending, b"copy").unwrap();
+        service.note_take("v", "s", 1);
+        for op in [
+            SnapshotOp::Commit { token: 2 },
+            SnapshotOp::Discard { token: 2 },
+        ] {
+            let e = service.snapshot_local("v", "s", op).await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Refused, "{op:?}: {}", e.message);
+        }
+        assert!(pending.exists(), "another command's discard removed it");
+        assert_eq!(service.take_token("v", "s"), Some(1));
+        // A take while a resolution holds the name is refused and records nothing.
+        let locked = service.lock_snapshot("v", "s").unwrap();
+        let take = SnapshotOp::Take { token: 3 };
+        let e = service.snapshot_local("v", "s", take).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy, "{}", e.message);
+        assert!(service.resolve_pending("v", "s").await.is_err());
+        drop(locked);
+        assert_eq!(service.take_token("v", "s"), Some(1));
+        // Command 1's discard removes it and its record; a commit without one is refused.
+        let discard = SnapshotOp::Discard { token: 1 };
+        service.snapshot_local("v", "s", discard).await.unwrap();
+        assert!(!pending.exists());
+        assert_eq!(service.take_token("v", "s"), None);
+        let commit = SnapshotOp::Commit { token: 1 };
+        let e = service.snapshot_local("v", "s", commit).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Refused, "{}", e.message);
     }
 }

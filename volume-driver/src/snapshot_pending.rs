@@ -25,9 +25,16 @@
 //! create` that finds a leftover of its name resolves it first (`replica_snapshot_check`).
 //! Only a data node's own copy is ever touched, and nothing is listed or polled while no
 //! snapshot is pending.
+//!
+//! **Ownership.** A resolution holds the node's lock of that `(volume, snapshot)` for all
+//! of its steps and a take needs it too, so no command's take lands between a resolution's
+//! question and its decision. Each take is recorded with its command's token before it is
+//! attempted, and a commit or discard must carry the same token: a command never renames or
+//! removes another one's copy, nor forgets its record.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use control_api::{ApiError, ErrorKind};
 
@@ -50,16 +57,35 @@ pub enum Resolution {
     Removed,
 }
 
-/// A snapshot this node's `snapshot create` is taking; forgotten when dropped.
-pub(crate) struct InFlight<'a> {
-    service: &'a VolumeService,
+/// A `(volume, snapshot)` held in a set of this node (a command taking it, or its lock);
+/// released when dropped.
+pub(crate) struct Held<'a> {
+    set: &'a Mutex<BTreeSet<(String, String)>>,
     key: (String, String),
 }
 
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        lock_set(&self.service.snapshots_in_flight).remove(&self.key);
+impl<'a> Held<'a> {
+    /// Hold `name@snapshot` in `set`, unless it is held already.
+    fn new(set: &'a Mutex<BTreeSet<(String, String)>>, name: &str, snapshot: &str) -> Option<Self> {
+        let key = (name.to_string(), snapshot.to_string());
+        let inserted = lock_set(set).insert(key.clone());
+        // Built only when inserted: dropping one releases the key.
+        inserted.then(|| Held { set, key })
     }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        lock_set(self.set).remove(&self.key);
+    }
+}
+
+/// A snapshot taken here under its pending name by the command holding `token`, since
+/// `since`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Take {
+    pub since: Instant,
+    pub token: u64,
 }
 
 /// The names in a `names` answer, or why there are none.
@@ -78,15 +104,26 @@ impl VolumeService {
         &self,
         name: &str,
         snapshot: &str,
-    ) -> Result<InFlight<'_>, ApiError> {
-        let key = (name.to_string(), snapshot.to_string());
-        if !lock_set(&self.snapshots_in_flight).insert(key.clone()) {
-            return Err(ApiError::new(
+    ) -> Result<Held<'_>, ApiError> {
+        Held::new(&self.snapshots_in_flight, name, snapshot).ok_or_else(|| {
+            ApiError::new(
                 ErrorKind::Busy,
                 format!("snapshot '{name}@{snapshot}' is being taken by another command"),
-            ));
-        }
-        Ok(InFlight { service: self, key })
+            )
+        })
+    }
+
+    /// This node's lock of `name@snapshot` (see the module doc); refused while held.
+    pub(crate) fn lock_snapshot(&self, name: &str, snapshot: &str) -> Result<Held<'_>, ApiError> {
+        Held::new(&self.snapshots_locked, name, snapshot).ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::Busy,
+                format!(
+                    "snapshot '{name}@{snapshot}' is being taken or resolved on '{}'; try again",
+                    self.config().node
+                ),
+            )
+        })
     }
 
     /// Peer `replica_snapshots_in_flight`: the snapshots of `name` this node's commands
@@ -102,6 +139,7 @@ impl VolumeService {
     /// Resolve this node's pending `name@snapshot` (see the module doc); the error says why
     /// it cannot be decided now.
     pub async fn resolve_pending(&self, name: &str, snapshot: &str) -> Result<Resolution, String> {
+        let _locked = self.lock_snapshot(name, snapshot).map_err(|e| e.message)?;
         let definition = self.definition(name).map_err(|e| e.message)?;
         let here_now = self
             .local_snapshot_names(name)
@@ -173,13 +211,32 @@ impl VolumeService {
         Ok(resolution)
     }
 
-    /// Remember that this node took `name@snapshot` under its pending name (its command
-    /// commits or discards it; past [`STALE_AFTER`] this node resolves it).
-    pub(crate) fn note_take(&self, name: &str, snapshot: &str) {
-        lock_set(&self.snapshots_taken).insert(
-            (name.to_string(), snapshot.to_string()),
-            std::time::Instant::now(),
-        );
+    /// Remember, before it is attempted, that the command holding `token` takes
+    /// `name@snapshot` here under its pending name (it commits or discards it; past
+    /// [`STALE_AFTER`] this node resolves it). Returns the record it replaced.
+    pub(crate) fn note_take(&self, name: &str, snapshot: &str, token: u64) -> Option<Take> {
+        let take = Take {
+            since: Instant::now(),
+            token,
+        };
+        lock_set(&self.snapshots_taken).insert((name.to_string(), snapshot.to_string()), take)
+    }
+
+    /// Put back the record a take replaced (`None`: there was none).
+    pub(crate) fn restore_take(&self, name: &str, snapshot: &str, previous: Option<Take>) {
+        let key = (name.to_string(), snapshot.to_string());
+        let mut taken = lock_set(&self.snapshots_taken);
+        match previous {
+            Some(take) => taken.insert(key, take),
+            None => taken.remove(&key),
+        };
+    }
+
+    /// The token of the command whose take of `name@snapshot` this node records, if any.
+    pub(crate) fn take_token(&self, name: &str, snapshot: &str) -> Option<u64> {
+        lock_set(&self.snapshots_taken)
+            .get(&(name.to_string(), snapshot.to_string()))
+            .map(|t| t.token)
     }
 
     /// Its command committed or discarded `name@snapshot` here (or it was resolved).
@@ -212,7 +269,7 @@ impl VolumeService {
     fn stale_takes(&self) -> Vec<(String, String)> {
         lock_set(&self.snapshots_taken)
             .iter()
-            .filter(|(_, since)| since.elapsed() > STALE_AFTER)
+            .filter(|(_, take)| take.since.elapsed() > STALE_AFTER)
             .map(|(key, _)| key.clone())
             .collect()
     }

@@ -58,22 +58,22 @@ impl FilePool {
         self.snapshot_path(volume, &super::pending_name(snapshot))
     }
 
-    /// Every snapshot file as `(volume, stored snapshot name)`: `<volume>@<stored>.snap`,
-    /// and the temporary file of a pending one.
-    fn snapshot_files(&self) -> Result<Vec<(String, String)>, PoolError> {
+    /// Every snapshot file as `(volume, stored snapshot name, file name)`:
+    /// `<volume>@<stored>.snap`, and the temporary file of a pending one.
+    fn snapshot_files(&self) -> Result<Vec<(String, String, String)>, PoolError> {
         let mut found = Vec::new();
         let entries = fs::read_dir(&self.dir).map_err(self.io("list", &self.dir))?;
         for entry in entries {
             let entry = entry.map_err(self.io("list", &self.dir))?;
             let file_name = entry.file_name();
-            let Some(name) = file_name.to_str() else {
+            let Some(file) = file_name.to_str() else {
                 continue;
             };
             // `.<volume>@<snapshot>+pending.snap.tmp`: a take cut short (reflink::tmp_path).
             let pending_tail = format!("{}{SNAPSHOT_SUFFIX}", super::PENDING_SUFFIX);
-            let name = match name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) {
+            let name = match file.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) {
                 Some(tmp) if tmp.ends_with(&pending_tail) => tmp,
-                _ => name,
+                _ => file,
             };
             let Some((volume, stored)) = name
                 .strip_suffix(SNAPSHOT_SUFFIX)
@@ -82,7 +82,7 @@ impl FilePool {
                 continue;
             };
             if !volume.is_empty() && !volume.starts_with('.') && !stored.is_empty() {
-                found.push((volume.to_string(), stored.to_string()));
+                found.push((volume.to_string(), stored.to_string(), file.to_string()));
             }
         }
         Ok(found)
@@ -93,8 +93,8 @@ impl FilePool {
         Ok(self
             .snapshot_files()?
             .into_iter()
-            .filter(|(v, _)| v == volume)
-            .map(|(_, stored)| stored)
+            .filter(|(v, _, _)| v == volume)
+            .map(|(_, stored, _)| stored)
             .collect())
     }
 
@@ -276,10 +276,23 @@ impl Pool for FilePool {
         }
         // The snapshots follow, pending ones too (plain renames; a crash in between
         // leaves some under the old name, where `snapshot_names(from)` still finds them).
-        for stored in self.stored_snapshots(from)? {
-            let old = self.dir.join(format!("{from}@{stored}{SNAPSHOT_SUFFIX}"));
-            let new = self.dir.join(format!("{to}@{stored}{SNAPSHOT_SUFFIX}"));
-            fs::rename(&old, new).map_err(self.io("rename", &old))?;
+        // Moved by their real names; the temporary file of a take cut short is never a
+        // snapshot, so it is removed rather than moved.
+        for (volume, stored, file) in self.snapshot_files()? {
+            let old = self.dir.join(&file);
+            if volume != from {
+                continue;
+            } else if file.starts_with('.') {
+                match fs::remove_file(&old) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(self.io("remove", &old)(e))
+                    }
+                    _ => {}
+                }
+            } else {
+                let new = self.dir.join(format!("{to}@{stored}{SNAPSHOT_SUFFIX}"));
+                fs::rename(&old, new).map_err(self.io("rename", &old))?;
+            }
         }
         self.sync_dir()
     }
@@ -370,7 +383,7 @@ impl Pool for FilePool {
 
     fn pending_snapshots(&self) -> Result<Vec<(String, String)>, PoolError> {
         let mut found = Vec::new();
-        for (volume, stored) in self.snapshot_files()? {
+        for (volume, stored, _) in self.snapshot_files()? {
             if let Some((snapshot, true)) = super::split_stored(&stored) {
                 found.push((volume, snapshot.to_string()));
             }
@@ -499,6 +512,28 @@ pub(crate) mod tests {
         let mut names: Vec<_> = pool.list().unwrap().into_iter().map(|v| v.name).collect();
         names.sort();
         assert_eq!(names, vec!["b", "c"]);
+    }
+
+    #[test]
+    fn rename_moves_snapshots_by_their_real_names_and_drops_a_cut_short_take() {
+        let (dir, pool) = pool();
+        pool.create("a", 4096).unwrap();
+        let images = dir.path().join("images");
+        fs::write(images.join("a@s1.snap"), b"final").unwrap();
+        fs::write(images.join("a@s2+pending.snap"), b"pending").unwrap();
+        fs::write(images.join(".a@s3+pending.snap.tmp"), b"half").unwrap();
+        pool.rename("a", "b").unwrap();
+        assert_eq!(fs::read(images.join("b@s1.snap")).unwrap(), b"final");
+        assert_eq!(
+            fs::read(images.join("b@s2+pending.snap")).unwrap(),
+            b"pending"
+        );
+        let mut left: Vec<_> = fs::read_dir(&images)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["b.img", "b@s1.snap", "b@s2+pending.snap"]);
     }
 
     #[test]
