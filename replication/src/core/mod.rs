@@ -7,6 +7,8 @@
 //!  op         a replicated request's operation and its wire message
 //!  primary    PrimaryCore: the in-flight table, numbering and epochs, peers' pending acks
 //!  secondary  SecondaryCore: the Secondary's apply pipeline (epochs, acks, failures)
+//!  promotion  who may become Primary and who may write: the 2PC votes and outcome, quorum,
+//!             write admission, outdating
 //!  sim        (tests) a seeded simulator of a protocol-C pair with faults
 //! ```
 //!
@@ -15,6 +17,7 @@
 
 pub mod op;
 pub mod primary;
+pub mod promotion;
 pub mod secondary;
 #[cfg(test)]
 mod sim;

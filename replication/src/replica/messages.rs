@@ -99,37 +99,7 @@ pub struct PeerState {
     pub seen_lineages: Vec<(String, Vec<Generation>)>,
 }
 
-/// Result of an outdate request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutdateResult {
-    /// The target persisted Outdated.
-    Outdated,
-    /// The relay is not connected to the target.
-    Unreachable,
-    /// The target refused (it is Primary).
-    Refused,
-    /// The target moved on from the requester's generation (it took over while the
-    /// requester was cut off): the request is stale, the target keeps its state, and the
-    /// requester's data is the stale side.
-    Stale,
-}
-
-/// A member's answer to a promotion prepare.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PromoteAnswer {
-    /// Granted: the member holds the grant until the decision (or link loss).
-    Yes,
-    /// `node` is Primary (and two primaries are not allowed).
-    Primary { node: String },
-    /// `node` is Primary and its allow-two-primaries gate is off.
-    TwoPrimariesOff { node: String },
-    /// A promotion of `node` is in progress (its own, or one the member granted).
-    Promoting { node: String },
-    /// The member is closing the volume.
-    Closing,
-    /// `node` is taking a snapshot of the volume and holds promotions for a moment.
-    Snapshotting { node: String },
-}
+pub use crate::core::promotion::{OutdateResult, PromoteAnswer};
 
 /// A decoded engine message.
 #[derive(Debug, Clone, PartialEq, Eq)]

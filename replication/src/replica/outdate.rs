@@ -9,7 +9,8 @@
 //!   generation *as it is when the request is sent*, which may be long after it was
 //!   decided: it is resent on every new link to a tiebreaker. A target that moved on from
 //!   that generation (it took over meanwhile) and holds consistent data answers
-//!   [`OutdateResult::Stale`] and keeps its state ([`outdate_answer`]): a stale request is
+//!   [`OutdateResult::Stale`] and keeps its state
+//!   ([`crate::core::promotion::outdate_answer`]): a stale request is
 //!   never applied to a newer generation. The requester keeps it pending, so no write is
 //!   admitted on its account.
 //! - A tiebreaker remembers the lineage each data replica last reported
@@ -27,8 +28,9 @@
 
 use super::messages::{EngineMessage, OutdateResult, PeerState};
 use super::volume::{lock, Replica, State};
+use crate::core::promotion::outdate_answer;
 use crate::failure_log::error_chain;
-use crate::generation::{moved_on_from, Generation, UuidSet};
+use crate::generation::{moved_on_from, Generation};
 use crate::link::LinkSender;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
 use crate::wire::Message;
@@ -294,27 +296,6 @@ impl Replica {
     }
 }
 
-/// The target's answer to an outdate request from a requester at `generation`. A Primary
-/// refuses. A target holding consistent data that moved on from that generation answers
-/// Stale; any other target is marked Outdated (for an Inconsistent or Outdated one that
-/// changes nothing it could be promoted with).
-pub(super) fn outdate_answer(
-    role: Role,
-    disk: DiskState,
-    uuids: &UuidSet,
-    generation: Generation,
-) -> OutdateResult {
-    if role == Role::Primary {
-        OutdateResult::Refused
-    } else if matches!(disk, DiskState::UpToDate | DiskState::Consistent)
-        && moved_on_from(&uuids.lineage(), generation)
-    {
-        OutdateResult::Stale
-    } else {
-        OutdateResult::Outdated
-    }
-}
-
 /// Mark the local data stale (consistent, but not to be promoted). True when the disk
 /// state changed.
 fn mark_outdated(st: &mut State) -> bool {
@@ -343,61 +324,4 @@ pub(super) fn send_outdate_reply(
         }
         .to_message(),
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::generation::SplitMix64;
-
-    /// hv2's generations after it took over from hv1 at `day0` and wrote.
-    fn took_over(day0: Generation) -> UuidSet {
-        let mut u = UuidSet::day0(day0);
-        u.on_promote(true);
-        u.before_write(&["hv1"], &mut SplitMix64::new(3).as_fn());
-        u
-    }
-
-    #[test]
-    fn a_target_that_moved_on_from_the_requester_answers_stale() {
-        let day0 = Generation::from_raw(0x100);
-        let hv2 = took_over(day0);
-        let answer = |role, disk, u: &UuidSet| outdate_answer(role, disk, u, day0);
-        assert_eq!(
-            answer(Role::Secondary, DiskState::UpToDate, &hv2),
-            OutdateResult::Stale
-        );
-        assert_eq!(
-            answer(Role::Secondary, DiskState::Consistent, &hv2),
-            OutdateResult::Stale
-        );
-        assert_eq!(
-            answer(Role::Primary, DiskState::UpToDate, &hv2),
-            OutdateResult::Refused
-        );
-        // Not stale: the target did not move on (same generation, or the requester is
-        // newer), or its data is not consistent anyway.
-        let same = UuidSet::day0(day0);
-        assert_eq!(
-            answer(Role::Secondary, DiskState::UpToDate, &same),
-            OutdateResult::Outdated
-        );
-        assert_eq!(
-            outdate_answer(Role::Secondary, DiskState::UpToDate, &same, hv2.current),
-            OutdateResult::Outdated
-        );
-        for disk in [DiskState::Inconsistent, DiskState::Outdated] {
-            assert_eq!(answer(Role::Secondary, disk, &hv2), OutdateResult::Outdated);
-        }
-        // An unknown generation (a divergent or long-gone requester) is no proof either.
-        assert_eq!(
-            outdate_answer(
-                Role::Secondary,
-                DiskState::UpToDate,
-                &hv2,
-                Generation::from_raw(0x777)
-            ),
-            OutdateResult::Outdated
-        );
-    }
 }

@@ -22,16 +22,15 @@ use crate::activity_log::{
     ActivityLog, Admission, AlError, AlTransaction, EXTENT_SIZE, MIN_AL_EXTENTS,
 };
 use crate::bitmap::Bitmap;
+use crate::core::promotion::{self, PeerFacts, View};
 use crate::datapath::{Primary, PrimaryConfig};
 use crate::device::BackingDevice;
 use crate::failure_log::{error_chain, FailureLog};
 use crate::generation::{Generation, SplitMix64, UuidSet};
 use crate::link::LinkSender;
 use crate::metadata::{MetaStore, ReplicaMeta};
-use crate::quorum::{self, Member, MemberStatus, OnNoQuorum, QuorumMode};
-use crate::role::{
-    self, ConnectionState, DiskState, PeerView, PromoteContext, Protocol, ReplicationState, Role,
-};
+use crate::quorum::{OnNoQuorum, QuorumMode};
+use crate::role::{self, ConnectionState, DiskState, Protocol, ReplicationState, Role};
 use crate::stats::{hold, IoStats, PendingDevice};
 use crate::wire::{Hello, ReplicationProtocol};
 
@@ -519,33 +518,25 @@ impl Replica {
         })
     }
 
+    /// Whether this Primary may complete writes now (`core::promotion::writes_admitted`).
+    pub(super) fn writes_admitted(st: &State) -> bool {
+        promotion::writes_admitted(
+            Self::quorum_mode(st),
+            st.has_quorum,
+            !st.pending_outdates.is_empty(),
+        )
+    }
+
     /// Re-evaluate quorum after a membership change. Returns true when this Primary just
     /// lost quorum (the caller persists `primary_lost_quorum`).
     pub(super) fn recompute_quorum(&self, st: &mut State) -> bool {
-        let mut members = vec![Member {
-            name: self.node.cfg.name.clone(),
-            diskful: self.device.is_some(),
-            status: MemberStatus::Reachable,
-        }];
+        let facts = Self::peer_facts(st);
+        let v = promotion::quorum(&self.view(st, &facts), st.has_quorum);
         for p in st.peers.values_mut() {
-            let reachable = p.conn == ConnectionState::Connected && p.state.is_some();
-            if p.joining && !reachable {
-                continue;
+            if p.conn == ConnectionState::Connected && p.state.is_some() {
+                p.joining = false;
             }
-            p.joining = false;
-            members.push(Member {
-                name: p.spec.name.clone(),
-                diskful: !p.spec.diskless,
-                status: if reachable {
-                    MemberStatus::Reachable
-                } else if p.left_gracefully {
-                    MemberStatus::LeftGracefully
-                } else {
-                    MemberStatus::Unknown
-                },
-            });
         }
-        let v = quorum::evaluate(Self::quorum_mode(st), &members, st.has_quorum);
         let lost = st.has_quorum && !v.has_quorum;
         if lost || (!st.has_quorum && v.has_quorum) {
             tracing::info!(volume = %self.volume, quorum = v.has_quorum, reason = %v.reason, "quorum changed");
@@ -578,34 +569,55 @@ impl Replica {
         must_persist
     }
 
-    /// Nodes known to be Primary: this node, connected peers, and what connected peers
-    /// relay (a Primary seen through the witness).
+    /// What this node knows of each peer, for the promotion and quorum rules.
+    pub(super) fn peer_facts(st: &State) -> Vec<PeerFacts> {
+        st.peers
+            .values()
+            .map(|p| {
+                let state = p
+                    .state
+                    .as_ref()
+                    .filter(|_| p.conn == ConnectionState::Connected);
+                PeerFacts {
+                    name: p.spec.name.clone(),
+                    diskful: !p.spec.diskless,
+                    connected: state.is_some(),
+                    role: state.map_or(Role::Unknown, |s| s.role),
+                    disk: state.map_or(DiskState::DUnknown, |s| s.disk),
+                    relayed_primaries: state
+                        .filter(|s| s.diskless)
+                        .map(|s| s.primaries.clone())
+                        .unwrap_or_default(),
+                    left_gracefully: p.left_gracefully,
+                    joining: p.joining,
+                }
+            })
+            .collect()
+    }
+
+    /// This node's view for the promotion and quorum rules (`facts` from [`Self::peer_facts`]).
+    pub(super) fn view<'a>(&'a self, st: &State, facts: &'a [PeerFacts]) -> View<'a> {
+        View {
+            volume: &self.volume,
+            node: &self.node.cfg.name,
+            diskful: self.device.is_some(),
+            role: st.role,
+            disk: st.disk,
+            quorum: Self::quorum_mode(st),
+            has_quorum: st.has_quorum,
+            allow_two_primaries: st.allow_two_primaries,
+            protocol: st.options.protocol,
+            peers: facts,
+            #[cfg(test)]
+            faults: Default::default(),
+        }
+    }
+
+    /// Nodes known to be Primary: this node, connected peers, and what connected
+    /// tiebreakers relay (a Primary seen through the witness).
     pub(super) fn known_primaries(&self, st: &State) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        if st.role == Role::Primary {
-            out.insert(self.node.cfg.name.clone());
-        }
-        for p in st.peers.values() {
-            if p.conn != ConnectionState::Connected {
-                continue;
-            }
-            if let Some(s) = &p.state {
-                if s.role == Role::Primary {
-                    out.insert(p.spec.name.clone());
-                }
-                // Relayed by a tiebreaker only: a data peer's own view of third nodes is
-                // not needed with two data nodes, and relaying through everyone could
-                // keep a dead Primary alive in the views.
-                if s.diskless {
-                    for n in &s.primaries {
-                        if *n != p.spec.name {
-                            out.insert(n.clone());
-                        }
-                    }
-                }
-            }
-        }
-        out
+        let facts = Self::peer_facts(st);
+        promotion::known_primaries(&self.view(st, &facts))
     }
 
     /// Our state as sent to `peer`.
@@ -756,73 +768,12 @@ impl Replica {
 
     // ----- roles -----
 
-    fn promote_context_peers(&self, st: &State) -> Vec<PeerView> {
-        let relayed = self.known_primaries(st);
-        let mut views: Vec<PeerView> = st
-            .peers
-            .values()
-            .map(|p| {
-                let connected = p.conn == ConnectionState::Connected && p.state.is_some();
-                let direct_primary =
-                    connected && p.state.as_ref().is_some_and(|s| s.role == Role::Primary);
-                let relayed_primary = relayed.contains(&p.spec.name);
-                PeerView {
-                    name: p.spec.name.clone(),
-                    connected: connected || relayed_primary,
-                    role: if direct_primary || relayed_primary {
-                        Role::Primary
-                    } else if connected {
-                        p.state.as_ref().map(|s| s.role).unwrap_or(Role::Unknown)
-                    } else {
-                        Role::Unknown
-                    },
-                    disk: if connected {
-                        p.state
-                            .as_ref()
-                            .map(|s| s.disk)
-                            .unwrap_or(DiskState::DUnknown)
-                    } else {
-                        DiskState::DUnknown
-                    },
-                }
-            })
-            .collect();
-        views.sort_by_key(|v| v.role != Role::Primary);
-        views
-    }
-
     /// Local promotion checks with this node's current view: returns the other Primaries
     /// (two primaries allowed: each must be connected directly, the reverse data link goes
     /// to it).
     fn local_promote_checks(&self, st: &State) -> Result<Vec<String>, EngineError> {
-        let views = self.promote_context_peers(st);
-        let ctx = PromoteContext {
-            volume: &self.volume,
-            local_node: &self.node.cfg.name,
-            local_role: st.role,
-            local_disk: st.disk,
-            quorum_enabled: Self::quorum_mode(st) != QuorumMode::Off,
-            has_quorum: st.has_quorum,
-            peers: &views,
-            allow_two_primaries: st.allow_two_primaries,
-            protocol: st.options.protocol,
-        };
-        role::may_promote(&ctx)?;
-        let mut others = Vec::new();
-        for v in views.iter().filter(|v| v.role == Role::Primary) {
-            let direct = st.peers.get(&v.name).is_some_and(|p| {
-                p.conn == ConnectionState::Connected
-                    && p.state.as_ref().is_some_and(|s| s.role == Role::Primary)
-            });
-            if !direct {
-                return Err(EngineError::InvalidRequest(format!(
-                    "{}: {} is Primary but not connected to this node; two primaries need a working replication link",
-                    self.volume, v.name
-                )));
-            }
-            others.push(v.name.clone());
-        }
-        Ok(others)
+        let facts = Self::peer_facts(st);
+        promotion::check_promote(&self.view(st, &facts)).map_err(|r| self.refusal_error(r))
     }
 
     /// Become Primary; refused with an operator-ready message when the disk is not
@@ -1386,7 +1337,7 @@ impl Replica {
                         reason: st.quorum_reason.clone(),
                     });
                 }
-                if quorum_ok && st.pending_outdates.is_empty() {
+                if Self::writes_admitted(&st) {
                     if let Some(p) = &st.primary {
                         return Ok(p.clone());
                     }
@@ -1439,9 +1390,7 @@ impl Replica {
             let _g = self.gen_lock.lock().await;
             let work = {
                 let mut st = lock(&self.st);
-                let admitted = st.role == Role::Primary
-                    && (st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off)
-                    && st.pending_outdates.is_empty();
+                let admitted = st.role == Role::Primary && Self::writes_admitted(&st);
                 if !st.uuids.new_generation_pending {
                     None
                 } else if !admitted {
@@ -1836,7 +1785,7 @@ impl Replica {
                 }
                 if unprocessed.is_empty() {
                     let quorum_ok = st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off;
-                    if quorum_ok && st.pending_outdates.is_empty() {
+                    if Self::writes_admitted(&st) {
                         return Ok(());
                     }
                     if !quorum_ok && st.options.on_no_quorum == OnNoQuorum::IoError {
