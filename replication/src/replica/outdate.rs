@@ -5,7 +5,13 @@
 //! reaches, or on a branch that ended) never counts.
 //!
 //! - A Primary that keeps quorum while losing a data peer asks a tiebreaker to outdate it
-//!   (`connection.rs`, `link_down`). The request carries the requester's current
+//!   (`connection.rs`, `link_down`); so does a node promoted while a data peer was not
+//!   connected to it, before its first write ([`Replica::outdate_unreached_peers`]): that
+//!   peer may still reach the tiebreaker and keep quorum through it, and if the new Primary
+//!   died before the tiebreaker learned its new generation, the peer could take over
+//!   without its writes. (DRBD outdates such a "weak" node at the promotion itself; we
+//!   wait for the first write, so promoting and demoting again leaves the peer
+//!   promotable.) The request carries the requester's current
 //!   generation *as it is when the request is sent*, which may be long after it was
 //!   decided: it is resent on every new link to a tiebreaker. A target that moved on from
 //!   that generation (it took over meanwhile) and holds consistent data answers
@@ -45,6 +51,41 @@ impl Replica {
             generation: st.uuids.current,
         }
         .to_message()
+    }
+
+    /// The first write since a promotion with a data peer away, with quorum: every data
+    /// peer not connected to us must be seen Outdated (or unreachable) through a connected
+    /// tiebreaker before the write is admitted, as after losing it while Primary. Records
+    /// them in `pending_outdates` and returns the requests and the tiebreakers to send them
+    /// through.
+    pub(super) fn outdate_unreached_peers(
+        &self,
+        st: &mut State,
+    ) -> Option<(Vec<Message>, Vec<LinkSender>)> {
+        let relays: Vec<LinkSender> = st
+            .peers
+            .values()
+            .filter(|p| p.spec.diskless && p.conn == ConnectionState::Connected)
+            .filter_map(|p| p.sender.clone())
+            .collect();
+        if !st.has_quorum || relays.is_empty() {
+            return None;
+        }
+        let unreached: Vec<String> = st
+            .peers
+            .values()
+            .filter(|p| !p.spec.diskless)
+            .filter(|p| p.conn != ConnectionState::Connected || p.state.is_none())
+            .map(|p| p.spec.name.clone())
+            .collect();
+        let mut requests = Vec::new();
+        for target in unreached {
+            let id = st.next_request_id;
+            st.next_request_id += 1;
+            st.pending_outdates.insert(target.clone(), id);
+            requests.push(self.outdate_request(st, id, &target));
+        }
+        (!requests.is_empty()).then_some((requests, relays))
     }
 
     /// An outdate request for `target`, from `requester`, reached us through `from`: apply

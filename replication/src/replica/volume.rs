@@ -130,6 +130,9 @@ pub(super) struct State {
     /// Data peers this Primary must see outdated (through a tiebreaker) before it writes
     /// again: target → request id.
     pub pending_outdates: BTreeMap<String, u64>,
+    /// Promoted while a data peer was not connected: the first write outdates every data
+    /// peer still away through a tiebreaker before it starts the new generation.
+    pub outdate_at_first_write: bool,
     pub next_request_id: u64,
     /// Outdate requests this tiebreaker forwarded: id → (requester, target).
     pub relayed_outdates: BTreeMap<u64, (String, String)>,
@@ -344,6 +347,7 @@ impl Replica {
             closed: false,
             gen_persisting: false,
             pending_outdates: BTreeMap::new(),
+            outdate_at_first_write: false,
             next_request_id: 1,
             last_link_id: 0,
             relayed_outdates: BTreeMap::new(),
@@ -870,7 +874,7 @@ impl Replica {
         self.wait_round(id).await;
         let other_primaries: Vec<String>;
         let round_started;
-        let primary = {
+        {
             let mut st = lock(&self.st);
             match self.round_won(&mut st, id) {
                 Ok(t) => round_started = t,
@@ -919,13 +923,12 @@ impl Replica {
                     }
                 });
             }
-            st.primary = Some(primary.clone());
+            st.primary = Some(primary);
             st.io_suspended = false;
             // Primary from here on: a dropped future still commits.
             guard.commit = true;
-            primary
+            st.outdate_at_first_write = any_disconnected;
         };
-        let _ = primary;
         // The primary indicator is durable before any write (crash detection).
         if let Err(e) = self.persist().await {
             {
@@ -1157,6 +1160,7 @@ impl Replica {
             st.uuids.on_demote();
             st.io_suspended = false;
             st.pending_outdates.clear();
+            st.outdate_at_first_write = false;
             st.forced_demotion = Some(reason.to_string());
             st.primary.take()
         };
@@ -1388,13 +1392,22 @@ impl Replica {
                 }
             }
             let _g = self.gen_lock.lock().await;
-            let work = {
+            let (outdates, work) = {
                 let mut st = lock(&self.st);
-                let admitted = st.role == Role::Primary && Self::writes_admitted(&st);
-                if !st.uuids.new_generation_pending {
+                // The first write after a promotion with a data peer away outdates it
+                // through a tiebreaker first (`outdate.rs`).
+                let outdates = if st.uuids.new_generation_pending
+                    && std::mem::take(&mut st.outdate_at_first_write)
+                {
+                    self.outdate_unreached_peers(&mut st)
+                } else {
                     None
+                };
+                let admitted = st.role == Role::Primary && Self::writes_admitted(&st);
+                let work = if !st.uuids.new_generation_pending {
+                    Some(None)
                 } else if !admitted {
-                    return Ok(false);
+                    None
                 } else {
                     let attached: Vec<String> = st
                         .primary
@@ -1411,11 +1424,22 @@ impl Replica {
                         let mut next = || rng.next_u64();
                         st.uuids.before_write(&names, &mut next)
                     };
-                    g.map(|g| {
+                    Some(g.map(|g| {
                         st.gen_persisting = true;
                         (g, disconnected, attached)
-                    })
+                    }))
+                };
+                (outdates, work)
+            };
+            if let Some((requests, relays)) = outdates {
+                for r in &relays {
+                    for msg in &requests {
+                        let _ = r.send_control(msg);
+                    }
                 }
+            }
+            let Some(work) = work else {
+                return Ok(false);
             };
             let Some((g, disconnected, attached)) = work else {
                 continue;

@@ -1,0 +1,77 @@
+//! Rules that keep a Primary's acknowledged writes from being lost to the other data node,
+//! found by the role simulator (`core::sim::roles`). In process, with cuttable proxies
+//! (`replica_support`).
+//!
+//! - A node promoted while the other data node is cut off from it but still reaches the
+//!   witness: both keep quorum through the witness, so the other node stays promotable;
+//!   had the new Primary acknowledged a write and died before the witness learned its new
+//!   generation, the other node could take over without that write (and meet it later as a
+//!   split brain). The promotion outdates the unreached node through the witness before a
+//!   write is acknowledged, as a Primary does for a data peer it loses.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+mod replica_support;
+
+use std::time::Duration;
+
+use replica_support::*;
+use replication::replica::{EngineError, ReplicaOptions};
+use replication::role::{ConnectionState, DiskState, PromoteRefusal};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_outdates_a_data_peer_it_cannot_reach_before_acknowledging_a_write() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    c.wait_fully_connected(&["hv1", "hv2", "witness"]).await;
+    c.cut("hv1", "hv2");
+    for (me, other) in [("hv1", "hv2"), ("hv2", "hv1")] {
+        wait_for(&c.r(me), "the data link down, quorum kept", 10, |s| {
+            s.quorum && peer(s, other).connection != ConnectionState::Connected
+        })
+        .await;
+    }
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    promote_within(&a, 10).await;
+    // From here the witness hears nothing more from hv1 (a dead cable: nothing is closed).
+    c.proxy("hv1", "witness").freeze();
+    let acked = tokio::time::timeout(Duration::from_secs(3), async {
+        a.write(0, data(1, 4096), true).await?;
+        a.flush().await
+    })
+    .await;
+    let acked = match acked {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => panic!("write on hv1: {e}"),
+        Err(_) => false, // held: hv2 is not confirmed Outdated
+    };
+    eprintln!("hv1's write acknowledged: {acked}");
+    if acked {
+        assert_eq!(
+            b.status().disk_state,
+            DiskState::Outdated,
+            "hv1 acknowledged a write while hv2 could still take over"
+        );
+    }
+    c.kill("hv1");
+    wait_for(&c.r("witness"), "the witness lost hv1", 10, |s| {
+        peer(s, "hv1").connection != ConnectionState::Connected
+    })
+    .await;
+    // hv2 may take over only if hv1 acknowledged nothing; it may be Outdated either way
+    // (the outdate can land before its confirmation is lost).
+    match b.promote().await {
+        Ok(()) => assert!(!acked, "hv2 took over without hv1's acknowledged write"),
+        Err(EngineError::Promote(PromoteRefusal::LocalNotUpToDate { disk, .. })) => {
+            assert_eq!(disk, DiskState::Outdated);
+        }
+        Err(e) => panic!("promote hv2: {e}"),
+    }
+}
