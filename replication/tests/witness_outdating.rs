@@ -1,6 +1,6 @@
-//! Rules that keep a Primary's acknowledged writes from being lost to the other data node,
-//! found by the role simulator (`core::sim::roles`). In process, with cuttable proxies
-//! (`replica_support`).
+//! Two rules that keep a Primary's acknowledged writes from being lost to the other data
+//! node, both found by the role simulator (`core::sim::roles`). In process, with cuttable
+//! proxies (`replica_support`).
 //!
 //! - A node promoted while the other data node is cut off from it but still reaches the
 //!   witness: both keep quorum through the witness, so the other node stays promotable;
@@ -8,6 +8,10 @@
 //!   generation, the other node could take over without that write (and meet it later as a
 //!   split brain). The promotion outdates the unreached node through the witness before a
 //!   write is acknowledged, as a Primary does for a data peer it loses.
+//! - A write in flight when its peer is lost is acknowledged in the new generation the loss
+//!   armed, like a new write: in the old one, which the lost peer holds too, a later
+//!   handshake at equal generations could make this node the SyncTarget (after it lost
+//!   quorum, say) and drop the write.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -74,4 +78,37 @@ async fn a_promotion_outdates_a_data_peer_it_cannot_reach_before_acknowledging_a
         }
         Err(e) => panic!("promote hv2: {e}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_acknowledged_after_its_peer_was_lost_is_in_a_new_generation() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    c.wait_fully_connected(&["hv1", "hv2", "witness"]).await;
+    let a = c.r("hv1");
+    promote_within(&a, 10).await;
+    a.write(0, data(1, 4096), false).await.unwrap();
+    let before = a.status().current_uuid;
+    // hv2 stops answering with the next write in flight, then dies.
+    c.proxy("hv1", "hv2").freeze();
+    let writer = a.clone();
+    let write = tokio::spawn(async move { writer.write(4096, data(2, 4096), false).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "acknowledged without hv2");
+    c.kill("hv2");
+    tokio::time::timeout(Duration::from_secs(10), write)
+        .await
+        .expect("acknowledged once hv2's loss is processed (the witness cannot reach it)")
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        a.status().current_uuid,
+        before,
+        "acknowledged in the generation hv2 holds too"
+    );
 }

@@ -1757,6 +1757,12 @@ impl Replica {
     /// demoted meanwhile: a Primary that lost quorum may be replaced, and a write it
     /// acknowledged alone would be lost. A peer still Connected on the same link that did
     /// not get the request has its link closed, so the reconnect resyncs the range.
+    ///
+    /// Like a new request, it is acknowledged only in a new generation when the loss armed
+    /// one: a request issued before the loss would otherwise be acknowledged in the
+    /// generation the lost peer holds too, and a later handshake at equal generations could
+    /// make this replica the SyncTarget (e.g. after it lost quorum) and drop the write
+    /// (found by the role simulator, `core::sim::roles`).
     async fn hold_after_peer_loss(
         &self,
         lost: &[String],
@@ -1766,6 +1772,7 @@ impl Replica {
         let started = tokio::time::Instant::now();
         let mut closed_links = false;
         loop {
+            let mut rotate = false;
             {
                 let st = lock(&self.st);
                 if st.closed {
@@ -1810,7 +1817,10 @@ impl Replica {
                 if unprocessed.is_empty() {
                     let quorum_ok = st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off;
                     if Self::writes_admitted(&st) {
-                        return Ok(());
+                        if !st.uuids.new_generation_pending && !st.gen_persisting {
+                            return Ok(());
+                        }
+                        rotate = true;
                     }
                     if !quorum_ok && st.options.on_no_quorum == OnNoQuorum::IoError {
                         return Err(EngineError::NoQuorum {
@@ -1830,6 +1840,12 @@ impl Replica {
                         waited: started.elapsed(),
                     });
                 }
+            }
+            if rotate {
+                // Inside the I/O gate, like a new request's; then check everything again.
+                let _gate = self.io_gate.read().await;
+                self.new_generation_if_armed().await?;
+                continue;
             }
             tokio::select! {
                 _ = rx.changed() => {}
