@@ -10,7 +10,7 @@
 //!   ├─ quorum(view, had_quorum)               -> QuorumVerdict (quorum::evaluate)
 //!   ├─ check_promote(view)                    -> other Primaries | Refusal   (local gate)
 //!   ├─ answer_prepare(view, busy, requester)  -> Vote {answer, yield, grant} (a member)
-//!   ├─ Round: handle_answer / handle_link_down / yield_to / is_decided
+//!   ├─ Round: handle_answer / handle_link_down / handle_link_up / yield_to / is_decided
 //!   ├─ round_outcome(round, view, had_quorum) -> commit | RoundFailure   (the requester)
 //!   ├─ writes_admitted(quorum, outdating)     may a Primary complete writes
 //!   └─ outdate_answer(role, disk, uuids, gen) an outdate request's target
@@ -378,6 +378,15 @@ impl Round {
     /// link), the round fails.
     pub fn handle_link_down(&mut self, member: &str) {
         if self.asked.contains_key(member) && self.refusal.is_none() {
+            self.refusal = Some((member.to_string(), None));
+        }
+    }
+
+    /// The link to `member` came up during the round. A member not asked has not agreed,
+    /// and it may know what the asked ones did not (it may be Primary, or have made this
+    /// node its Secondary): the round fails, to be retried with everyone.
+    pub fn handle_link_up(&mut self, member: &str) {
+        if !self.asked.contains_key(member) && self.refusal.is_none() {
             self.refusal = Some((member.to_string(), None));
         }
     }

@@ -243,6 +243,7 @@ impl Replica {
                     slot.left_gracefully = false;
                     slot.last_error = None;
                 }
+                Self::twopc_link_up(&mut st, peer);
                 // Outdate requests sent through an earlier link to a tiebreaker may be
                 // lost with it: ask again through this one, with our lineage as it is now
                 // (a target that moved on meanwhile answers Stale).
@@ -450,6 +451,7 @@ impl Replica {
             }
             // The peer is back in the set receiving our writes: nothing to outdate.
             st.pending_outdates.remove(peer);
+            Self::twopc_link_up(&mut st, peer);
             st.discard_my_data = false;
             st.discard_peer_data = false;
             let reclaimed = self.reclaim_up_to_date(&mut st);

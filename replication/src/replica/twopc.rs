@@ -355,6 +355,14 @@ impl Replica {
         self.notify();
     }
 
+    /// The link to `peer` came up: our round fails unless it asked `peer` (then retried
+    /// with everyone; `core::promotion::Round::handle_link_up`).
+    pub(super) fn twopc_link_up(st: &mut State, peer: &str) {
+        if let Some(p) = st.promotion.as_mut() {
+            p.round.handle_link_up(peer);
+        }
+    }
+
     /// The link to `peer` went down: a grant for it lapses, our round asking it fails.
     pub(super) fn twopc_link_down(st: &mut State, peer: &str) {
         if st.grant.as_ref().is_some_and(|g| g.to == peer) {

@@ -173,6 +173,15 @@ fn a_round_commits_only_with_every_yes_and_quorum_among_those_that_agreed() {
         round_outcome(&lost, &v, true),
         Err(RoundFailure::Reconnecting { node: "w".into() })
     );
+    // A member that was not asked came up meanwhile: ask again, with it.
+    let mut joined = round.clone();
+    joined.handle_link_up("w");
+    assert_eq!(round_outcome(&joined, &v, true), Ok(()), "w was asked");
+    joined.handle_link_up("hv3");
+    assert_eq!(
+        round_outcome(&joined, &v, true),
+        Err(RoundFailure::Reconnecting { node: "hv3".into() })
+    );
     // Only the witness agreed and quorum was lost before: no quorum to promote with.
     let mut witness_only = Round::new(8, BTreeMap::from([("w".to_string(), 2)]));
     witness_only.handle_answer("w", PromoteAnswer::Yes);
