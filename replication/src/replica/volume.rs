@@ -1908,7 +1908,17 @@ impl Replica {
     /// before its FlushAck holds the flush like a write, see `hold_after_peer_loss`).
     pub async fn flush(&self) -> Result<(), EngineError> {
         let _pending = hold(&self.stats.pending_upper, 1);
-        let p = self.admit().await?;
+        // Like a write, a flush starts the generation a promotion with a peer away or a
+        // peer loss armed: what it makes durable is then newer than what that peer holds
+        // (at equal generations a handshake could resync it away, e.g. between two
+        // crashed Primaries; found by the role simulator).
+        let p = loop {
+            let p = self.admit().await?;
+            let _gate = self.io_gate.read().await;
+            if self.new_generation_if_armed().await? {
+                break p;
+            }
+        };
         let links_before = self.link_ids();
         let done = p
             .flush_request()

@@ -1,5 +1,5 @@
-//! Two rules that keep a Primary's acknowledged writes from being lost to the other data
-//! node, both found by the role simulator (`core::sim::roles`). In process, with cuttable
+//! Rules that keep a Primary's acknowledged writes from being lost to the other data
+//! node, found by the role simulator (`core::sim::roles`). In process, with cuttable
 //! proxies (`replica_support`).
 //!
 //! - A node promoted while the other data node is cut off from it but still reaches the
@@ -8,10 +8,11 @@
 //!   generation, the other node could take over without that write (and meet it later as a
 //!   split brain). The promotion outdates the unreached node through the witness before a
 //!   write is acknowledged, as a Primary does for a data peer it loses.
-//! - A write in flight when its peer is lost is acknowledged in the new generation the loss
-//!   armed, like a new write: in the old one, which the lost peer holds too, a later
-//!   handshake at equal generations could make this node the SyncTarget (after it lost
-//!   quorum, say) and drop the write.
+//! - A write in flight when its peer is lost, and a flush after a takeover, are
+//!   acknowledged in the new generation the loss or the takeover armed, like a new write:
+//!   in the old one, which the other node holds too, a later handshake at equal
+//!   generations could make this node the SyncTarget (after it lost quorum, or when both
+//!   crashed as Primary) and drop writes it had flushed.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -110,5 +111,31 @@ async fn a_write_acknowledged_after_its_peer_was_lost_is_in_a_new_generation() {
         a.status().current_uuid,
         before,
         "acknowledged in the generation hv2 holds too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_after_a_takeover_is_in_a_new_generation() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2"],
+        &["witness"],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    c.wait_fully_connected(&["hv1", "hv2", "witness"]).await;
+    let a = c.r("hv1");
+    c.kill("hv2");
+    wait_for(&a, "hv2 gone, quorum kept", 10, |s| {
+        s.quorum && peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    promote_within(&a, 10).await;
+    let before = a.status().current_uuid;
+    a.flush().await.unwrap();
+    assert_ne!(
+        a.status().current_uuid,
+        before,
+        "flushed in the generation hv2 holds too"
     );
 }
