@@ -26,9 +26,9 @@ use replication::role::{ConnectionState, DiskState, PromoteRefusal};
 
 const MIB: u64 = 1 << 20;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_promotion_outdates_a_data_peer_it_cannot_reach_before_acknowledging_a_write() {
-    let mut c = Cluster::new(
+/// hv1 and hv2 with a witness, fully connected.
+async fn cluster() -> Cluster {
+    let c = Cluster::new(
         &["hv1", "hv2"],
         &["witness"],
         32 * MIB,
@@ -36,6 +36,12 @@ async fn a_promotion_outdates_a_data_peer_it_cannot_reach_before_acknowledging_a
     )
     .await;
     c.wait_fully_connected(&["hv1", "hv2", "witness"]).await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_outdates_a_data_peer_it_cannot_reach_before_acknowledging_a_write() {
+    let mut c = cluster().await;
     c.cut("hv1", "hv2");
     for (me, other) in [("hv1", "hv2"), ("hv2", "hv1")] {
         wait_for(&c.r(me), "the data link down, quorum kept", 10, |s| {
@@ -83,14 +89,7 @@ async fn a_promotion_outdates_a_data_peer_it_cannot_reach_before_acknowledging_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_acknowledged_after_its_peer_was_lost_is_in_a_new_generation() {
-    let mut c = Cluster::new(
-        &["hv1", "hv2"],
-        &["witness"],
-        32 * MIB,
-        ReplicaOptions::default(),
-    )
-    .await;
-    c.wait_fully_connected(&["hv1", "hv2", "witness"]).await;
+    let mut c = cluster().await;
     let a = c.r("hv1");
     promote_within(&a, 10).await;
     a.write(0, data(1, 4096), false).await.unwrap();
@@ -116,14 +115,7 @@ async fn a_write_acknowledged_after_its_peer_was_lost_is_in_a_new_generation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_after_a_takeover_is_in_a_new_generation() {
-    let mut c = Cluster::new(
-        &["hv1", "hv2"],
-        &["witness"],
-        32 * MIB,
-        ReplicaOptions::default(),
-    )
-    .await;
-    c.wait_fully_connected(&["hv1", "hv2", "witness"]).await;
+    let mut c = cluster().await;
     let a = c.r("hv1");
     c.kill("hv2");
     wait_for(&a, "hv2 gone, quorum kept", 10, |s| {
