@@ -9,7 +9,8 @@
 //!  secondary  SecondaryCore: the Secondary's apply pipeline (epochs, acks, failures)
 //!  promotion  who may become Primary and who may write: the 2PC votes and outcome, quorum,
 //!             write admission, outdating
-//!  sim        (tests) a seeded simulator of a protocol-C pair with faults
+//!  sim        (tests) seeded simulators with faults: one Primary and its Secondaries
+//!             under protocols A/B/C; roles (promotion, quorum, a witness, migrations)
 //! ```
 //!
 //! The connect-time handshake is a pure plan too (`replica::handshake`), beside the UUID

@@ -33,7 +33,8 @@
 //!
 //! ```text
 //!  sim.rs         this simulator: one fixed Primary and its Secondaries
-//!  sim/host.rs    its data host: disk, activity log, Secondary shell
+//!  sim/host.rs    the data host both simulators share: disk, activity log, Secondary shell
+//!  sim/roles.rs   roles: two data nodes and a witness, promoted and demoted under faults
 //! ```
 
 #![allow(clippy::unwrap_used)]
@@ -49,6 +50,7 @@ use super::primary::{PeerId, PrimaryAction, PrimaryCore, PrimaryFaults, WaitId};
 use crate::wire::{Message, ReplicationProtocol};
 
 mod host;
+mod roles;
 
 use host::{units_of, Applier, Disk, Store, SIZE, UNIT, UNITS};
 
