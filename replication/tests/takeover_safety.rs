@@ -12,7 +12,8 @@
 //!   acknowledged in the new generation the loss or the takeover armed, like a new write:
 //!   in the old one, which the other node holds too, a later handshake at equal
 //!   generations could make this node the SyncTarget (after it lost quorum, or when both
-//!   crashed as Primary) and drop writes it had flushed.
+//!   crashed as Primary) and drop writes it had flushed. So is a write of a Primary the
+//!   other Primary left (live migration), when quorum is on.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -129,5 +130,28 @@ async fn a_flush_after_a_takeover_is_in_a_new_generation() {
         a.status().current_uuid,
         before,
         "flushed in the generation hv2 holds too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_left_alone_by_the_other_primary_writes_in_a_new_generation() {
+    let mut c = cluster().await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    promote_within(&a, 10).await;
+    a.set_allow_two_primaries(true).unwrap();
+    b.set_allow_two_primaries(true).unwrap();
+    promote_within(&b, 10).await;
+    let before = a.status().current_uuid;
+    // A live migration's destination dies; the source keeps quorum through the witness.
+    c.kill("hv2");
+    wait_for(&a, "hv2 gone, quorum kept", 10, |s| {
+        s.quorum && peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    a.write(0, data(1, 4096), false).await.unwrap();
+    assert_ne!(
+        a.status().current_uuid,
+        before,
+        "written in the generation hv2 holds too"
     );
 }

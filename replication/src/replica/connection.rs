@@ -27,6 +27,7 @@ use super::sync::TargetHooks;
 use crate::datapath::{run_secondary, SecondaryConfig};
 use crate::failure_log::error_chain;
 use crate::link::{LinkReceiver, LinkSender, PeerLink};
+use crate::quorum::QuorumMode;
 use crate::resync::ResyncTargetHooks;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
 use crate::sync_decision::{decide, DecisionContext, Direction, SyncDecision, SyncOutcome};
@@ -954,7 +955,15 @@ impl Replica {
                 tracing::warn!(volume = %self.volume, peer, reason = %reason, "peer link down");
             }
             if data_peer && was_connected && i_am_primary {
-                st.uuids.on_peer_lost(true, peer_was_primary);
+                // DRBD starts no new generation when two Primaries lose each other: without
+                // quorum both may go on writing. With quorum, a Primary that goes on alone
+                // does start one (the other is frozen by the outdate it cannot get, or gone),
+                // or a later handshake between the two at equal generations, after both
+                // crashed say, could resync its flushed writes away (found by the role
+                // simulator).
+                let dual_without_quorum =
+                    peer_was_primary && Self::quorum_mode(&st) == QuorumMode::Off;
+                st.uuids.on_peer_lost(true, dual_without_quorum);
             }
             // A replica that loses its Primary marks the Primary's last writes towards the
             // other replicas (`reconcile.rs`), before anybody is woken: a promotion of this
