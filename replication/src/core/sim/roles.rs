@@ -57,7 +57,7 @@
 //!
 //! Fault switches prove the checks can fail: promotion ignores quorum
 //! ([`PromotionFaults::ignore_quorum`], caught by the seeded run within its default
-//! budget), and the four rules this simulator found missing in the engine (now in
+//! budget), and the five rules this simulator found missing in the engine (now in
 //! `replica/`; see [`Faults`] for where each is caught). `TANDEM_SIM_SEEDS=N` runs N
 //! schedules (default [`DEFAULT_SEEDS`]); a failure prints the one-line command that
 //! replays it.
@@ -98,10 +98,11 @@ const VOLUME: &str = "vm-100-disk-0";
 
 /// Faults the simulator must catch: in the engine's rules, or in this model of its shell.
 /// Besides `ignore_quorum`, each one removes a rule this simulator found missing in the
-/// engine; the seeded run finds the first at schedule 128,920, the second at 36, the third
-/// at 77,290 and the fourth at 193,095 (`TANDEM_SIM_SEEDS`, release build), so `tests.rs`
-/// scripts the schedules of the first and third, and `tests/takeover_safety.rs` checks the
-/// engine itself for the first, second and fourth.
+/// engine. The seeded run finds the first at schedule 128,920, the second at 36, the third
+/// at 77,290 and the fourth at 193,095 (`TANDEM_SIM_SEEDS`), and the fifth not within a
+/// million (a scripted schedule found it); `tests.rs` scripts the schedules of the first,
+/// third and fifth, and `tests/takeover_safety.rs` checks the engine itself for all but
+/// the third.
 #[derive(Debug, Default, Clone, Copy)]
 struct Faults {
     promotion: PromotionFaults,
@@ -117,6 +118,9 @@ struct Faults {
     /// A flush after a promotion with the peer away does not start the armed generation
     /// (the engine before `Replica::flush` did).
     flush_in_old_generation: bool,
+    /// A Primary that loses the other Primary arms no new generation even with quorum (the
+    /// engine before `link_down` did).
+    no_generation_after_dual: bool,
 }
 
 /// What one step does.

@@ -40,7 +40,9 @@ impl World {
                 applier.finish_after_link_down(&mut node.store, false);
             }
             if node.role == Role::Primary {
-                node.uuids.on_peer_lost(true, peer_was_primary);
+                let dual_without_quorum = peer_was_primary
+                    && (self.quorum == QuorumMode::Off || self.faults.no_generation_after_dual);
+                node.uuids.on_peer_lost(true, dual_without_quorum);
                 // Two Primaries that lose each other without quorum: DRBD without fencing.
                 self.unfenced |= peer_was_primary && self.quorum == QuorumMode::Off;
             }
