@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::handshake::{self, Handshake, Plan, Refusal};
 use super::messages::{EngineMessage, OutdateResult, PeerState, MSG_STATE};
-use super::outdate::send_outdate_reply;
+use super::outdate::{send_outdate_reply, tiebreakers};
 use super::volume::{lock, LinkMode, Replica};
 use std::sync::atomic::AtomicBool;
 
@@ -26,7 +26,7 @@ use super::reconcile::{ReconcileHooks, RecordingDevice};
 use super::sync::TargetHooks;
 use crate::datapath::{run_secondary, SecondaryConfig};
 use crate::failure_log::error_chain;
-use crate::link::{LinkReceiver, LinkSender, PeerLink};
+use crate::link::{LinkReceiver, PeerLink};
 use crate::quorum::QuorumMode;
 use crate::resync::ResyncTargetHooks;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
@@ -995,12 +995,7 @@ impl Replica {
             // through a tiebreaker before writing on.
             let mut outdate = None;
             if data_peer && was_connected && st.role == Role::Primary && st.has_quorum {
-                let relays: Vec<LinkSender> = st
-                    .peers
-                    .values()
-                    .filter(|p| p.spec.diskless && p.conn == ConnectionState::Connected)
-                    .filter_map(|p| p.sender.clone())
-                    .collect();
+                let relays = tiebreakers(&st);
                 if !relays.is_empty() {
                     let rid = st.next_request_id;
                     st.next_request_id += 1;

@@ -29,6 +29,7 @@
 
 use bytes::Bytes;
 
+use crate::core::promotion::PeerFacts;
 use crate::generation::{Generation, UuidDecodeError, UuidSet};
 use crate::role::{DiskState, Role};
 use crate::wire::Message;
@@ -100,6 +101,24 @@ pub struct PeerState {
 }
 
 pub use crate::core::promotion::{OutdateResult, PromoteAnswer};
+
+/// What the promotion rules know of the member `name` from the `state` it last sent on a
+/// link that is up (`None`: not connected). Graceful leaving and joining are the caller's.
+pub(crate) fn peer_facts(name: &str, diskful: bool, state: Option<&PeerState>) -> PeerFacts {
+    PeerFacts {
+        name: name.to_string(),
+        diskful,
+        connected: state.is_some(),
+        role: state.map_or(Role::Unknown, |s| s.role),
+        disk: state.map_or(DiskState::DUnknown, |s| s.disk),
+        relayed_primaries: state
+            .filter(|s| s.diskless)
+            .map(|s| s.primaries.clone())
+            .unwrap_or_default(),
+        left_gracefully: false,
+        joining: false,
+    }
+}
 
 /// A decoded engine message.
 #[derive(Debug, Clone, PartialEq, Eq)]

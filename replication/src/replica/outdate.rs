@@ -62,12 +62,7 @@ impl Replica {
         &self,
         st: &mut State,
     ) -> Option<(Vec<Message>, Vec<LinkSender>)> {
-        let relays: Vec<LinkSender> = st
-            .peers
-            .values()
-            .filter(|p| p.spec.diskless && p.conn == ConnectionState::Connected)
-            .filter_map(|p| p.sender.clone())
-            .collect();
+        let relays = tiebreakers(st);
         if !st.has_quorum || relays.is_empty() {
             return None;
         }
@@ -335,6 +330,15 @@ impl Replica {
         st.uuids.flags.consistent = true;
         true
     }
+}
+
+/// The links to the connected tiebreakers, which relay outdate requests.
+pub(super) fn tiebreakers(st: &State) -> Vec<LinkSender> {
+    st.peers
+        .values()
+        .filter(|p| p.spec.diskless && p.conn == ConnectionState::Connected)
+        .filter_map(|p| p.sender.clone())
+        .collect()
 }
 
 /// Mark the local data stale (consistent, but not to be promoted). True when the disk

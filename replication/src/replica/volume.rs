@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::messages::{EngineMessage, PeerState};
+use super::messages::{peer_facts, EngineMessage, PeerState};
 use super::status::{PeerStatus, ReplicaStatus, VerifySummary};
 use super::twopc::{
     Grant, PromotionRound, RoundFailure, RoundGuard, COMMIT_DEADLINE, PROMOTE_TIMEOUT,
@@ -583,17 +583,9 @@ impl Replica {
                     .as_ref()
                     .filter(|_| p.conn == ConnectionState::Connected);
                 PeerFacts {
-                    name: p.spec.name.clone(),
-                    diskful: !p.spec.diskless,
-                    connected: state.is_some(),
-                    role: state.map_or(Role::Unknown, |s| s.role),
-                    disk: state.map_or(DiskState::DUnknown, |s| s.disk),
-                    relayed_primaries: state
-                        .filter(|s| s.diskless)
-                        .map(|s| s.primaries.clone())
-                        .unwrap_or_default(),
                     left_gracefully: p.left_gracefully,
                     joining: p.joining,
+                    ..peer_facts(&p.spec.name, !p.spec.diskless, state)
                 }
             })
             .collect()

@@ -79,7 +79,7 @@ use crate::core::promotion::{
 use crate::generation::{moved_on_from, Generation, UuidSet};
 use crate::quorum::QuorumMode;
 use crate::replica::handshake::{self, Handshake, Plan};
-use crate::replica::messages::PeerState;
+use crate::replica::messages::{peer_facts, PeerState};
 use crate::role::{self, DiskState, Protocol, ReplicationState, Role};
 use crate::sync_decision::{decide, AfterSplitBrain, DecisionContext, Direction, SyncOutcome};
 use crate::wire::{Message, ReplicationProtocol};
@@ -528,19 +528,7 @@ impl World {
             .filter(|&m| m != n)
             .map(|m| {
                 let state = self.nodes[n].views.get(&m).filter(|_| self.is_up(n, m));
-                PeerFacts {
-                    name: self.nodes[m].name.to_string(),
-                    diskful: self.nodes[m].diskful,
-                    connected: state.is_some(),
-                    role: state.map_or(Role::Unknown, |s| s.role),
-                    disk: state.map_or(DiskState::DUnknown, |s| s.disk),
-                    relayed_primaries: state
-                        .filter(|s| s.diskless)
-                        .map(|s| s.primaries.clone())
-                        .unwrap_or_default(),
-                    left_gracefully: false,
-                    joining: false,
-                }
+                peer_facts(self.nodes[m].name, self.nodes[m].diskful, state)
             })
             .collect()
     }
