@@ -7,7 +7,10 @@
 //!  op         a replicated request's operation and its wire message
 //!  primary    PrimaryCore: the in-flight table, numbering and epochs, peers' pending acks
 //!  secondary  SecondaryCore: the Secondary's apply pipeline (epochs, acks, failures)
-//!  sim        (tests) a seeded simulator of a protocol-C pair with faults
+//!  promotion  who may become Primary and who may write: the 2PC votes and outcome, quorum,
+//!             write admission, outdating
+//!  sim        (tests) seeded simulators with faults: one Primary and its Secondaries
+//!             under protocols A/B/C; roles (promotion, quorum, a witness, migrations)
 //! ```
 //!
 //! The connect-time handshake is a pure plan too (`replica::handshake`), beside the UUID
@@ -15,6 +18,7 @@
 
 pub mod op;
 pub mod primary;
+pub mod promotion;
 pub mod secondary;
 #[cfg(test)]
 mod sim;

@@ -30,6 +30,12 @@
 //!
 //! `TANDEM_SIM_SEEDS=N` runs N schedules (default 10,000); a failure prints the seed and
 //! the one-line command that replays it (`TANDEM_SIM_SEED=S TANDEM_SIM_TRACE=1 ...`).
+//!
+//! ```text
+//!  sim.rs         this simulator: one fixed Primary and its Secondaries
+//!  sim/host.rs    the data host both simulators share: disk, activity log, Secondary shell
+//!  sim/roles.rs   roles: two data nodes and a witness, promoted and demoted under faults
+//! ```
 
 #![allow(clippy::unwrap_used)]
 
@@ -41,12 +47,13 @@ use rand::{Rng, SeedableRng};
 
 use super::op::Op;
 use super::primary::{PeerId, PrimaryAction, PrimaryCore, PrimaryFaults, WaitId};
-use super::secondary::{Job, SecondaryAction, SecondaryCore, Work};
-use crate::wire::{Message, ReplicationProtocol, WriteOutcome};
+use crate::wire::{Message, ReplicationProtocol};
 
-const UNIT: u64 = 4096;
-const UNITS: usize = 24;
-const SIZE: u64 = UNIT * UNITS as u64;
+mod host;
+mod roles;
+
+use host::{units_of, Applier, Disk, Store, SIZE, UNIT, UNITS};
+
 const PEER_NAMES: [&str; 3] = ["hv2", "hv3", "hv4"];
 
 /// Faults of the simulator's own models.
@@ -55,61 +62,6 @@ struct Faults {
     primary: PrimaryFaults,
     /// The Secondaries apply requests without logging their ranges first.
     skip_activity_log: bool,
-}
-
-/// A disk: a tag per unit, with a volatile cache in front of stable storage.
-#[derive(Clone)]
-struct Disk {
-    stable: Vec<u64>,
-    cache: BTreeMap<usize, u64>,
-}
-
-impl Disk {
-    fn new() -> Disk {
-        Disk {
-            stable: vec![0; UNITS],
-            cache: BTreeMap::new(),
-        }
-    }
-
-    fn write(&mut self, units: &[usize], tag: u64, fua: bool) {
-        for &u in units {
-            if fua {
-                self.cache.remove(&u);
-                self.stable[u] = tag;
-            } else {
-                self.cache.insert(u, tag);
-            }
-        }
-    }
-
-    fn flush(&mut self) {
-        for (u, tag) in std::mem::take(&mut self.cache) {
-            self.stable[u] = tag;
-        }
-    }
-
-    fn read(&self, u: usize) -> u64 {
-        self.cache.get(&u).copied().unwrap_or(self.stable[u])
-    }
-
-    /// Each cached unit independently reached stable storage or not.
-    fn lose_power(&mut self, rng: &mut StdRng) {
-        for (u, tag) in std::mem::take(&mut self.cache) {
-            if rng.gen_bool(0.5) {
-                self.stable[u] = tag;
-            }
-        }
-    }
-}
-
-/// The tag written into every unit of a request's data.
-fn tag_of(data: &[u8]) -> u64 {
-    u64::from_le_bytes(data[..8].try_into().unwrap())
-}
-
-fn units_of(offset: u64, len: u64) -> Vec<usize> {
-    ((offset / UNIT) as usize..((offset + len) / UNIT) as usize).collect()
 }
 
 struct Request {
@@ -136,18 +88,12 @@ struct Flush {
     must_be_stable: Vec<BTreeMap<usize, u64>>,
 }
 
-/// A Secondary host: its core, disk and activity log, its link and what the Primary knows
-/// of it.
+/// A Secondary host: its shell, disk and activity log, its link and what the Primary
+/// knows of it.
 struct Peer {
     name: &'static str,
-    core: SecondaryCore,
-    disk: Disk,
-    /// Jobs started and not finished.
-    running: Vec<Job>,
-    /// Units of requests in flight or applied since the last flush: the activity log, on
-    /// stable storage (it survives a power loss).
-    log_active: BTreeMap<usize, u32>,
-    log_unflushed: BTreeSet<usize>,
+    applier: Applier,
+    store: Store,
     link: Option<PeerId>,
     to_peer: VecDeque<Message>,
     to_primary: VecDeque<Message>,
@@ -166,11 +112,8 @@ impl Peer {
     fn new(name: &'static str) -> Peer {
         Peer {
             name,
-            core: SecondaryCore::new(false, 1 << 20),
-            disk: Disk::new(),
-            running: Vec::new(),
-            log_active: BTreeMap::new(),
-            log_unflushed: BTreeSet::new(),
+            applier: Applier::new(),
+            store: Store::new(),
             link: None,
             to_peer: VecDeque::new(),
             to_primary: VecDeque::new(),
@@ -181,71 +124,17 @@ impl Peer {
         }
     }
 
-    /// Carry out a job on the disk (inside the activity log) and build its reply.
-    fn apply(&mut self, work: &Work) -> Message {
-        match work {
-            Work::Request { seq, offset, op } => {
-                let units = units_of(*offset, op.len());
-                if let Op::Write { data, fua } = op {
-                    self.disk.write(&units, tag_of(data), *fua);
-                }
-                for u in units {
-                    if let Some(n) = self.log_active.get_mut(&u) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.log_active.remove(&u);
-                        }
-                        self.log_unflushed.insert(u);
-                    }
-                }
-                Message::WriteAck {
-                    seq: *seq,
-                    outcome: WriteOutcome::Written,
-                }
-            }
-            Work::Flush { id } => {
-                self.disk.flush();
-                self.log_unflushed.clear();
-                Message::FlushAck { id: *id }
-            }
-            other => panic!("unexpected job {other:?}"),
+    /// Sends go to the Primary while the link is up.
+    fn send(&mut self, msgs: Vec<Message>) {
+        if self.link.is_some() {
+            self.to_primary.extend(msgs);
         }
     }
 
-    /// The shell's side of the core's actions: sends go to the Primary while the link is
-    /// up, started jobs enter the activity log.
-    fn actions(&mut self, faults: Faults) {
-        while let Some(action) = self.core.poll_action() {
-            match action {
-                SecondaryAction::Send(msg) => {
-                    if self.link.is_some() {
-                        self.to_primary.push_back(msg)
-                    }
-                }
-                SecondaryAction::Start(job) => {
-                    if let Work::Request { offset, op, .. } = &job.work {
-                        if !faults.skip_activity_log {
-                            for u in units_of(*offset, op.len()) {
-                                *self.log_active.entry(u).or_default() += 1;
-                            }
-                        }
-                    }
-                    self.running.push(job);
-                }
-                SecondaryAction::Extension(_) => {}
-                SecondaryAction::Fail(e) => panic!("{} failed: {e}", self.name),
-            }
-        }
-    }
-
-    /// Finish every job the core starts, until it starts no more.
+    /// Finish every job the core starts once the link is gone.
     fn run_to_idle(&mut self, faults: Faults) {
-        self.actions(faults);
-        while let Some(job) = self.running.pop() {
-            let reply = self.apply(&job.work);
-            self.core.handle_done(job.held, Ok(reply));
-            self.actions(faults);
-        }
+        self.applier
+            .finish_after_link_down(&mut self.store, faults.skip_activity_log);
     }
 }
 
@@ -298,8 +187,7 @@ impl World {
         let link = self.primary.attach_peer(self.peers[i].name);
         let p = &mut self.peers[i];
         p.link = Some(link);
-        p.core = SecondaryCore::new(false, 1 << 20);
-        p.running.clear();
+        p.applier = Applier::new();
         self.primary_actions();
     }
 
@@ -447,24 +335,27 @@ impl World {
         let Some(msg) = p.to_peer.pop_front() else {
             return Ok(());
         };
-        p.core
+        p.applier
+            .core
             .handle_message(msg, SIZE)
             .map_err(|e| format!("{} refused a valid message: {e}", p.name))?;
-        p.actions(self.faults);
+        let sends = p
+            .applier
+            .actions(&mut p.store, self.faults.skip_activity_log);
+        p.send(sends);
         Ok(())
     }
 
     fn complete_peer_job(&mut self, i: usize) {
         let p = &mut self.peers[i];
-        if p.running.is_empty() {
+        if p.applier.running.is_empty() {
             return;
         }
-        let job = p
-            .running
-            .swap_remove(self.rng.gen_range(0..p.running.len()));
-        let reply = p.apply(&job.work);
-        p.core.handle_done(job.held, Ok(reply));
-        p.actions(self.faults);
+        let index = self.rng.gen_range(0..p.applier.running.len());
+        let sends = p
+            .applier
+            .complete(index, &mut p.store, self.faults.skip_activity_log);
+        p.send(sends);
     }
 
     fn deliver_to_primary(&mut self, i: usize) {
@@ -487,7 +378,6 @@ impl World {
         p.to_peer.clear();
         p.to_primary.clear();
         // The Secondary's shell finishes what its core still starts once the link is gone.
-        p.core.handle_link_down();
         p.run_to_idle(self.faults);
         p.needs_resync = true;
         self.primary.handle_link_down(link);
@@ -496,11 +386,10 @@ impl World {
     }
 
     fn peer_loses_power(&mut self, i: usize) {
-        self.peers[i].running.clear();
-        self.peers[i].core = SecondaryCore::new(false, 1 << 20);
+        self.peers[i].applier = Applier::new();
         self.cut_link(i);
         let p = &mut self.peers[i];
-        p.disk.lose_power(&mut self.rng);
+        p.store.disk.lose_power(&mut self.rng);
         p.crashed = true;
     }
 
@@ -515,10 +404,9 @@ impl World {
             }
             any = true;
             p.to_peer.clear();
-            p.core.handle_link_down();
             p.run_to_idle(self.faults);
             for (&u, &tag) in &p.promised {
-                let there = p.disk.read(u);
+                let there = p.store.disk.read(u);
                 if there < tag {
                     return Err(format!(
                         "after a failover to {}, block {u} reads write {there} but write \
@@ -540,19 +428,16 @@ impl World {
         let p = &mut self.peers[i];
         let mut marked = std::mem::take(&mut p.bitmap);
         if p.crashed {
-            marked.extend(p.log_active.keys());
-            marked.extend(p.log_unflushed.iter());
+            marked.extend(p.store.hot());
         }
         for u in marked {
-            p.disk.stable[u] = self.primary_disk.read(u);
-            p.disk.cache.remove(&u);
+            p.store.disk.copy_from(&self.primary_disk, u);
         }
         // The resync target flushes at the end; only then may its log forget extents.
-        p.disk.flush();
-        p.log_active.clear();
-        p.log_unflushed.clear();
+        p.store.flush();
+        p.store.forget_log();
         for u in 0..UNITS {
-            let (a, b) = (self.primary_disk.read(u), p.disk.read(u));
+            let (a, b) = (self.primary_disk.read(u), p.store.disk.read(u));
             if a != b {
                 return Err(format!(
                     "after resync, block {u} holds write {a} on the primary and {b} on {}",
@@ -561,7 +446,7 @@ impl World {
             }
         }
         // In sync: it now holds every completed write.
-        p.promised = (0..UNITS).map(|u| (u, p.disk.read(u))).collect();
+        p.promised = (0..UNITS).map(|u| (u, p.store.disk.read(u))).collect();
         p.needs_resync = false;
         p.crashed = false;
         self.connect(i);
@@ -584,7 +469,7 @@ impl World {
                     continue;
                 }
                 for (&u, &tag) in &f.must_be_stable[i] {
-                    let stable = p.disk.stable[u];
+                    let stable = p.store.disk.stable[u];
                     if stable < tag {
                         return Err(format!(
                             "a completed flush left block {u} at write {stable} on {}'s \
@@ -627,7 +512,10 @@ fn run_schedule(seed: u64, faults: Faults) -> Result<(), String> {
                     .collect::<Vec<_>>(),
                 w.peers
                     .iter()
-                    .map(|p| (p.link, p.to_peer.len(), p.to_primary.len(), p.running.len()))
+                    .map(|p| {
+                        let running = p.applier.running.len();
+                        (p.link, p.to_peer.len(), p.to_primary.len(), running)
+                    })
                     .collect::<Vec<_>>(),
             );
         }
@@ -678,16 +566,17 @@ fn run_schedule(seed: u64, faults: Faults) -> Result<(), String> {
     Ok(())
 }
 
-fn seeds() -> u64 {
+/// `TANDEM_SIM_SEEDS`, or `default`: how many schedules a simulator runs.
+fn seeds(default: u64) -> u64 {
     std::env::var("TANDEM_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000)
+        .unwrap_or(default)
 }
 
 /// The first seed (of [`seeds`]) whose schedule breaks a promise under `faults`.
 fn first_violation(faults: Faults) -> Option<(u64, String)> {
-    (0..seeds()).find_map(|seed| run_schedule(seed, faults).err().map(|e| (seed, e)))
+    (0..seeds(10_000)).find_map(|seed| run_schedule(seed, faults).err().map(|e| (seed, e)))
 }
 
 #[test]

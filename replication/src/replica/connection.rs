@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::handshake::{self, Handshake, Plan, Refusal};
 use super::messages::{EngineMessage, OutdateResult, PeerState, MSG_STATE};
-use super::outdate::send_outdate_reply;
+use super::outdate::{send_outdate_reply, tiebreakers};
 use super::volume::{lock, LinkMode, Replica};
 use std::sync::atomic::AtomicBool;
 
@@ -26,7 +26,8 @@ use super::reconcile::{ReconcileHooks, RecordingDevice};
 use super::sync::TargetHooks;
 use crate::datapath::{run_secondary, SecondaryConfig};
 use crate::failure_log::error_chain;
-use crate::link::{LinkReceiver, LinkSender, PeerLink};
+use crate::link::{LinkReceiver, PeerLink};
+use crate::quorum::QuorumMode;
 use crate::resync::ResyncTargetHooks;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
 use crate::sync_decision::{decide, DecisionContext, Direction, SyncDecision, SyncOutcome};
@@ -243,6 +244,7 @@ impl Replica {
                     slot.left_gracefully = false;
                     slot.last_error = None;
                 }
+                Self::twopc_link_up(&mut st, peer);
                 // Outdate requests sent through an earlier link to a tiebreaker may be
                 // lost with it: ask again through this one, with our lineage as it is now
                 // (a target that moved on meanwhile answers Stale).
@@ -450,6 +452,7 @@ impl Replica {
             }
             // The peer is back in the set receiving our writes: nothing to outdate.
             st.pending_outdates.remove(peer);
+            Self::twopc_link_up(&mut st, peer);
             st.discard_my_data = false;
             st.discard_peer_data = false;
             let reclaimed = self.reclaim_up_to_date(&mut st);
@@ -952,7 +955,15 @@ impl Replica {
                 tracing::warn!(volume = %self.volume, peer, reason = %reason, "peer link down");
             }
             if data_peer && was_connected && i_am_primary {
-                st.uuids.on_peer_lost(true, peer_was_primary);
+                // DRBD starts no new generation when two Primaries lose each other: without
+                // quorum both may go on writing. With quorum, a Primary that goes on alone
+                // does start one (the other is frozen by the outdate it cannot get, or gone),
+                // or a later handshake between the two at equal generations, after both
+                // crashed say, could resync its flushed writes away (found by the role
+                // simulator).
+                let dual_without_quorum =
+                    peer_was_primary && Self::quorum_mode(&st) == QuorumMode::Off;
+                st.uuids.on_peer_lost(true, dual_without_quorum);
             }
             // A replica that loses its Primary marks the Primary's last writes towards the
             // other replicas (`reconcile.rs`), before anybody is woken: a promotion of this
@@ -984,12 +995,7 @@ impl Replica {
             // through a tiebreaker before writing on.
             let mut outdate = None;
             if data_peer && was_connected && st.role == Role::Primary && st.has_quorum {
-                let relays: Vec<LinkSender> = st
-                    .peers
-                    .values()
-                    .filter(|p| p.spec.diskless && p.conn == ConnectionState::Connected)
-                    .filter_map(|p| p.sender.clone())
-                    .collect();
+                let relays = tiebreakers(&st);
                 if !relays.is_empty() {
                     let rid = st.next_request_id;
                     st.next_request_id += 1;

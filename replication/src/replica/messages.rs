@@ -29,6 +29,7 @@
 
 use bytes::Bytes;
 
+use crate::core::promotion::PeerFacts;
 use crate::generation::{Generation, UuidDecodeError, UuidSet};
 use crate::role::{DiskState, Role};
 use crate::wire::Message;
@@ -99,36 +100,24 @@ pub struct PeerState {
     pub seen_lineages: Vec<(String, Vec<Generation>)>,
 }
 
-/// Result of an outdate request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutdateResult {
-    /// The target persisted Outdated.
-    Outdated,
-    /// The relay is not connected to the target.
-    Unreachable,
-    /// The target refused (it is Primary).
-    Refused,
-    /// The target moved on from the requester's generation (it took over while the
-    /// requester was cut off): the request is stale, the target keeps its state, and the
-    /// requester's data is the stale side.
-    Stale,
-}
+pub use crate::core::promotion::{OutdateResult, PromoteAnswer};
 
-/// A member's answer to a promotion prepare.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PromoteAnswer {
-    /// Granted: the member holds the grant until the decision (or link loss).
-    Yes,
-    /// `node` is Primary (and two primaries are not allowed).
-    Primary { node: String },
-    /// `node` is Primary and its allow-two-primaries gate is off.
-    TwoPrimariesOff { node: String },
-    /// A promotion of `node` is in progress (its own, or one the member granted).
-    Promoting { node: String },
-    /// The member is closing the volume.
-    Closing,
-    /// `node` is taking a snapshot of the volume and holds promotions for a moment.
-    Snapshotting { node: String },
+/// What the promotion rules know of the member `name` from the `state` it last sent on a
+/// link that is up (`None`: not connected). Graceful leaving and joining are the caller's.
+pub(crate) fn peer_facts(name: &str, diskful: bool, state: Option<&PeerState>) -> PeerFacts {
+    PeerFacts {
+        name: name.to_string(),
+        diskful,
+        connected: state.is_some(),
+        role: state.map_or(Role::Unknown, |s| s.role),
+        disk: state.map_or(DiskState::DUnknown, |s| s.disk),
+        relayed_primaries: state
+            .filter(|s| s.diskless)
+            .map(|s| s.primaries.clone())
+            .unwrap_or_default(),
+        left_gracefully: false,
+        joining: false,
+    }
 }
 
 /// A decoded engine message.

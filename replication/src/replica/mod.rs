@@ -79,7 +79,7 @@
 
 mod connection;
 mod dual;
-mod handshake;
+pub(crate) mod handshake;
 mod membership;
 pub mod messages;
 mod outdate;

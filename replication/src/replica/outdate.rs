@@ -5,11 +5,18 @@
 //! reaches, or on a branch that ended) never counts.
 //!
 //! - A Primary that keeps quorum while losing a data peer asks a tiebreaker to outdate it
-//!   (`connection.rs`, `link_down`). The request carries the requester's current
+//!   (`connection.rs`, `link_down`); so does a node promoted while a data peer was not
+//!   connected to it, before its first write ([`Replica::outdate_unreached_peers`]): that
+//!   peer may still reach the tiebreaker and keep quorum through it, and if the new Primary
+//!   died before the tiebreaker learned its new generation, the peer could take over
+//!   without its writes. (DRBD outdates such a "weak" node at the promotion itself; we
+//!   wait for the first write, so promoting and demoting again leaves the peer
+//!   promotable.) The request carries the requester's current
 //!   generation *as it is when the request is sent*, which may be long after it was
 //!   decided: it is resent on every new link to a tiebreaker. A target that moved on from
 //!   that generation (it took over meanwhile) and holds consistent data answers
-//!   [`OutdateResult::Stale`] and keeps its state ([`outdate_answer`]): a stale request is
+//!   [`OutdateResult::Stale`] and keeps its state
+//!   ([`crate::core::promotion::outdate_answer`]): a stale request is
 //!   never applied to a newer generation. The requester keeps it pending, so no write is
 //!   admitted on its account.
 //! - A tiebreaker remembers the lineage each data replica last reported
@@ -27,8 +34,9 @@
 
 use super::messages::{EngineMessage, OutdateResult, PeerState};
 use super::volume::{lock, Replica, State};
+use crate::core::promotion::outdate_answer;
 use crate::failure_log::error_chain;
-use crate::generation::{moved_on_from, Generation, UuidSet};
+use crate::generation::{moved_on_from, Generation};
 use crate::link::LinkSender;
 use crate::role::{ConnectionState, DiskState, ReplicationState, Role};
 use crate::wire::Message;
@@ -43,6 +51,36 @@ impl Replica {
             generation: st.uuids.current,
         }
         .to_message()
+    }
+
+    /// The first write since a promotion with a data peer away, with quorum: every data
+    /// peer not connected to us must be seen Outdated (or unreachable) through a connected
+    /// tiebreaker before the write is admitted, as after losing it while Primary. Records
+    /// them in `pending_outdates` and returns the requests and the tiebreakers to send them
+    /// through.
+    pub(super) fn outdate_unreached_peers(
+        &self,
+        st: &mut State,
+    ) -> Option<(Vec<Message>, Vec<LinkSender>)> {
+        let relays = tiebreakers(st);
+        if !st.has_quorum || relays.is_empty() {
+            return None;
+        }
+        let unreached: Vec<String> = st
+            .peers
+            .values()
+            .filter(|p| !p.spec.diskless)
+            .filter(|p| p.conn != ConnectionState::Connected || p.state.is_none())
+            .map(|p| p.spec.name.clone())
+            .collect();
+        let mut requests = Vec::new();
+        for target in unreached {
+            let id = st.next_request_id;
+            st.next_request_id += 1;
+            st.pending_outdates.insert(target.clone(), id);
+            requests.push(self.outdate_request(st, id, &target));
+        }
+        (!requests.is_empty()).then_some((requests, relays))
     }
 
     /// An outdate request for `target`, from `requester`, reached us through `from`: apply
@@ -294,25 +332,13 @@ impl Replica {
     }
 }
 
-/// The target's answer to an outdate request from a requester at `generation`. A Primary
-/// refuses. A target holding consistent data that moved on from that generation answers
-/// Stale; any other target is marked Outdated (for an Inconsistent or Outdated one that
-/// changes nothing it could be promoted with).
-pub(super) fn outdate_answer(
-    role: Role,
-    disk: DiskState,
-    uuids: &UuidSet,
-    generation: Generation,
-) -> OutdateResult {
-    if role == Role::Primary {
-        OutdateResult::Refused
-    } else if matches!(disk, DiskState::UpToDate | DiskState::Consistent)
-        && moved_on_from(&uuids.lineage(), generation)
-    {
-        OutdateResult::Stale
-    } else {
-        OutdateResult::Outdated
-    }
+/// The links to the connected tiebreakers, which relay outdate requests.
+pub(super) fn tiebreakers(st: &State) -> Vec<LinkSender> {
+    st.peers
+        .values()
+        .filter(|p| p.spec.diskless && p.conn == ConnectionState::Connected)
+        .filter_map(|p| p.sender.clone())
+        .collect()
 }
 
 /// Mark the local data stale (consistent, but not to be promoted). True when the disk
@@ -343,61 +369,4 @@ pub(super) fn send_outdate_reply(
         }
         .to_message(),
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::generation::SplitMix64;
-
-    /// hv2's generations after it took over from hv1 at `day0` and wrote.
-    fn took_over(day0: Generation) -> UuidSet {
-        let mut u = UuidSet::day0(day0);
-        u.on_promote(true);
-        u.before_write(&["hv1"], &mut SplitMix64::new(3).as_fn());
-        u
-    }
-
-    #[test]
-    fn a_target_that_moved_on_from_the_requester_answers_stale() {
-        let day0 = Generation::from_raw(0x100);
-        let hv2 = took_over(day0);
-        let answer = |role, disk, u: &UuidSet| outdate_answer(role, disk, u, day0);
-        assert_eq!(
-            answer(Role::Secondary, DiskState::UpToDate, &hv2),
-            OutdateResult::Stale
-        );
-        assert_eq!(
-            answer(Role::Secondary, DiskState::Consistent, &hv2),
-            OutdateResult::Stale
-        );
-        assert_eq!(
-            answer(Role::Primary, DiskState::UpToDate, &hv2),
-            OutdateResult::Refused
-        );
-        // Not stale: the target did not move on (same generation, or the requester is
-        // newer), or its data is not consistent anyway.
-        let same = UuidSet::day0(day0);
-        assert_eq!(
-            answer(Role::Secondary, DiskState::UpToDate, &same),
-            OutdateResult::Outdated
-        );
-        assert_eq!(
-            outdate_answer(Role::Secondary, DiskState::UpToDate, &same, hv2.current),
-            OutdateResult::Outdated
-        );
-        for disk in [DiskState::Inconsistent, DiskState::Outdated] {
-            assert_eq!(answer(Role::Secondary, disk, &hv2), OutdateResult::Outdated);
-        }
-        // An unknown generation (a divergent or long-gone requester) is no proof either.
-        assert_eq!(
-            outdate_answer(
-                Role::Secondary,
-                DiskState::UpToDate,
-                &hv2,
-                Generation::from_raw(0x777)
-            ),
-            OutdateResult::Outdated
-        );
-    }
 }

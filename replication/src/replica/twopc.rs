@@ -22,8 +22,12 @@
 //! a link broke during the round) is waited for and asked once it is back; only a member
 //! gone for longer is left out (quorum protects that case; with quorum off it is DRBD's
 //! behaviour, a split brain is then detected at the handshake).
+//!
+//! The decisions themselves (a member's answer, the round's outcome, the local gate) are
+//! the pure rules of [`crate::core::promotion`], which the role simulator drives too; this
+//! module carries them out: messages, grants with their expiry, waiting and retrying.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -31,9 +35,9 @@ use tokio::time::Instant;
 use super::messages::{EngineMessage, PromoteAnswer};
 use super::volume::{lock, Replica, State};
 use super::EngineError;
+use crate::core::promotion::{self, Busy, Refusal, Round};
 use crate::link::LinkSender;
-use crate::quorum::{self, Member, MemberStatus, QuorumMode};
-use crate::role::{ConnectionState, PromoteRefusal, Protocol, Role};
+use crate::role::{ConnectionState, Role};
 
 /// How long a promoting node waits for every answer.
 pub(super) const PREPARE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -47,17 +51,10 @@ pub(super) const GRANT_HOLD: Duration = Duration::from_secs(30);
 /// steps down again instead of relying on grants that may have lapsed.
 pub(super) const COMMIT_DEADLINE: Duration = Duration::from_secs(20);
 
-/// This node's promotion round in progress.
+/// This node's promotion round in progress (the rules' [`Round`]) and when it started.
 pub(super) struct PromotionRound {
-    pub id: u64,
+    pub round: Round,
     pub started: Instant,
-    /// Asked member → link id it was asked on.
-    pub asked: BTreeMap<String, u64>,
-    pub yes: BTreeSet<String>,
-    /// The first refusal (member, answer), or a lost link (member, None).
-    pub refusal: Option<(String, Option<PromoteAnswer>)>,
-    /// We yielded to this node's concurrent promotion (its name sorts first).
-    pub lost_to: Option<String>,
 }
 
 /// A Yes this node gave and holds until the decision.
@@ -78,6 +75,39 @@ pub(super) enum RoundFailure {
     Reconnecting { node: String },
     /// Final.
     Refused(EngineError),
+}
+
+impl Replica {
+    /// The engine's error for a refusal of the promotion rules.
+    pub(super) fn refusal_error(&self, refusal: Refusal) -> EngineError {
+        let volume = self.volume.clone();
+        match refusal {
+            Refusal::Gate(r) => EngineError::Promote(r),
+            Refusal::PrimaryNotConnected { peer } => EngineError::InvalidRequest(format!(
+                "{volume}: {peer} is Primary but not connected to this node; two primaries need a working replication link"
+            )),
+            Refusal::TwoPrimariesOff { node } => EngineError::InvalidRequest(format!(
+                "{volume}: allow-two-primaries is off on {node}; switch it on there too"
+            )),
+            Refusal::NotAnswered { member } => EngineError::PromotionNotAgreed {
+                volume,
+                reason: format!("{member} did not answer within {PREPARE_TIMEOUT:?}; try again"),
+            },
+            Refusal::Closing { member } => EngineError::PromotionNotAgreed {
+                volume,
+                reason: format!("{member} is closing the volume"),
+            },
+        }
+    }
+
+    fn round_failure(&self, failure: promotion::RoundFailure) -> RoundFailure {
+        match failure {
+            promotion::RoundFailure::Busy { node } => RoundFailure::Busy { node },
+            promotion::RoundFailure::Snapshotting { node } => RoundFailure::Snapshotting { node },
+            promotion::RoundFailure::Reconnecting { node } => RoundFailure::Reconnecting { node },
+            promotion::RoundFailure::Refused(r) => RoundFailure::Refused(self.refusal_error(r)),
+        }
+    }
 }
 
 /// Ends this node's round however `promote_round` leaves (including when its future is
@@ -107,7 +137,7 @@ impl RoundGuard<'_> {
         self.done = true;
         {
             let mut st = lock(&self.replica.st);
-            if st.promotion.as_ref().is_some_and(|r| r.id == self.id) {
+            if st.promotion.as_ref().is_some_and(|r| r.round.id == self.id) {
                 st.promotion = None;
             }
         }
@@ -178,12 +208,8 @@ impl Replica {
             }
         }
         st.promotion = Some(PromotionRound {
-            id,
+            round: Round::new(id, asked),
             started: Instant::now(),
-            asked,
-            yes: BTreeSet::new(),
-            refusal: None,
-            lost_to: None,
         });
         Ok((id, senders))
     }
@@ -197,12 +223,7 @@ impl Replica {
             let done = {
                 let st = lock(&self.st);
                 match &st.promotion {
-                    Some(r) if r.id == id => {
-                        r.refusal.is_some()
-                            || r.lost_to.is_some()
-                            || st.closed
-                            || r.asked.keys().all(|n| r.yes.contains(n))
-                    }
+                    Some(r) if r.round.id == id => r.round.is_decided() || st.closed,
                     _ => true,
                 }
             };
@@ -221,7 +242,7 @@ impl Replica {
     /// must make this node Primary before releasing the lock (so no prepare from another
     /// node slips in between); on Err the round is over as well (the caller aborts).
     pub(super) fn round_won(&self, st: &mut State, id: u64) -> Result<Instant, RoundFailure> {
-        let Some(round) = st.promotion.take_if(|r| r.id == id) else {
+        let Some(round) = st.promotion.take_if(|r| r.round.id == id) else {
             return Err(RoundFailure::Refused(EngineError::Closed {
                 volume: self.volume.clone(),
             }));
@@ -231,77 +252,10 @@ impl Replica {
                 volume: self.volume.clone(),
             }));
         }
-        if let Some(node) = round.lost_to {
-            return Err(RoundFailure::Busy { node });
-        }
-        if let Some((member, answer)) = round.refusal {
-            return Err(self.refusal(&member, answer));
-        }
-        if let Some(missing) = round.asked.keys().find(|n| !round.yes.contains(*n)) {
-            return Err(RoundFailure::Refused(EngineError::PromotionNotAgreed {
-                volume: self.volume.clone(),
-                reason: format!("{missing} did not answer within {PREPARE_TIMEOUT:?}; try again"),
-            }));
-        }
-        // Quorum: the members that agreed plus this node must have it.
-        if Self::quorum_mode(st) != QuorumMode::Off {
-            let mut members = vec![Member {
-                name: self.node_name().to_string(),
-                diskful: self.device.is_some(),
-                status: MemberStatus::Reachable,
-            }];
-            for p in st.peers.values() {
-                members.push(Member {
-                    name: p.spec.name.clone(),
-                    diskful: !p.spec.diskless,
-                    status: if round.yes.contains(&p.spec.name) {
-                        MemberStatus::Reachable
-                    } else if p.left_gracefully {
-                        MemberStatus::LeftGracefully
-                    } else {
-                        MemberStatus::Unknown
-                    },
-                });
-            }
-            let v = quorum::evaluate(Self::quorum_mode(st), &members, st.has_quorum);
-            if !v.has_quorum {
-                return Err(RoundFailure::Refused(EngineError::Promote(
-                    PromoteRefusal::NoQuorum {
-                        volume: self.volume.clone(),
-                        node: self.node_name().to_string(),
-                    },
-                )));
-            }
-        }
+        let facts = Self::peer_facts(st);
+        promotion::round_outcome(&round.round, &self.view(st, &facts), st.has_quorum)
+            .map_err(|f| self.round_failure(f))?;
         Ok(round.started)
-    }
-
-    fn refusal(&self, member: &str, answer: Option<PromoteAnswer>) -> RoundFailure {
-        let volume = self.volume.clone();
-        match answer {
-            None | Some(PromoteAnswer::Yes) => RoundFailure::Reconnecting {
-                node: member.to_string(),
-            },
-            Some(PromoteAnswer::Primary { node }) => {
-                RoundFailure::Refused(EngineError::Promote(PromoteRefusal::OtherPrimary {
-                    volume,
-                    peer: node,
-                }))
-            }
-            Some(PromoteAnswer::TwoPrimariesOff { node }) => {
-                RoundFailure::Refused(EngineError::InvalidRequest(format!(
-                    "{volume}: allow-two-primaries is off on {node}; switch it on there too"
-                )))
-            }
-            Some(PromoteAnswer::Promoting { node }) => RoundFailure::Busy { node },
-            Some(PromoteAnswer::Snapshotting { node }) => RoundFailure::Snapshotting { node },
-            Some(PromoteAnswer::Closing) => {
-                RoundFailure::Refused(EngineError::PromotionNotAgreed {
-                    volume,
-                    reason: format!("{member} is closing the volume"),
-                })
-            }
-        }
     }
 
     /// Send the decision of round `id` to the asked members.
@@ -314,10 +268,9 @@ impl Replica {
 
     /// A member's side: answer `peer`'s prepare at once (never waits).
     pub(super) fn on_promote_prepare(&self, peer: &str, id: u64, two_primaries: bool) {
-        let me = self.node_name().to_string();
         let (answer, back) = {
             let mut st = lock(&self.st);
-            let answer = self.prepare_answer(&mut st, peer, id, two_primaries, &me);
+            let answer = self.prepare_answer(&mut st, peer, id, two_primaries);
             let back = st.peers.get(peer).and_then(|p| p.sender.clone());
             (answer, back)
         };
@@ -334,70 +287,42 @@ impl Replica {
         peer: &str,
         id: u64,
         two_primaries: bool,
-        me: &str,
     ) -> PromoteAnswer {
-        if st.closed {
-            return PromoteAnswer::Closing;
-        }
-        if st.promotion_holds > 0 {
-            return PromoteAnswer::Snapshotting { node: me.into() };
-        }
-        let two_ok = two_primaries && st.options.protocol == Protocol::C;
-        if st.role == Role::Primary {
-            if !two_primaries {
-                return PromoteAnswer::Primary { node: me.into() };
-            }
-            if !st.allow_two_primaries || !two_ok {
-                return PromoteAnswer::TwoPrimariesOff { node: me.into() };
-            }
-        }
-        let others: Vec<String> = self
-            .known_primaries(st)
-            .into_iter()
-            .filter(|n| n != peer && n != me)
-            .collect();
-        if let Some(q) = others.first() {
-            // At most two primaries, and only when the requester allows it.
-            if !two_ok || st.role == Role::Primary || others.len() > 1 {
-                return PromoteAnswer::Primary { node: q.clone() };
+        let granted_to = Self::active_grant(st, Some(peer));
+        let facts = Self::peer_facts(st);
+        let busy = Busy {
+            closing: st.closed,
+            snapshotting: st.promotion_holds > 0,
+            promoting: st.promotion.is_some(),
+            granted_to: granted_to.as_deref(),
+        };
+        let vote = promotion::answer_prepare(&self.view(st, &facts), busy, peer, two_primaries);
+        if vote.yield_round {
+            if let Some(p) = st.promotion.as_mut() {
+                if p.round.lost_to.is_none() {
+                    tracing::info!(volume = %self.volume, winner = peer, "concurrent promotion: yielding to the node whose name sorts first");
+                }
+                p.round.yield_to(peer);
             }
         }
-        if let Some(round) = st.promotion.as_mut() {
-            if *me < *peer {
-                // Tie-break: the name that sorts first wins.
-                return PromoteAnswer::Promoting { node: me.into() };
-            }
-            if round.lost_to.is_none() {
-                tracing::info!(volume = %self.volume, winner = peer, "concurrent promotion: yielding to the node whose name sorts first");
-            }
-            round.lost_to = Some(peer.to_string());
+        if vote.grant {
+            st.grant = Some(Grant {
+                to: peer.to_string(),
+                id,
+                until: Instant::now() + GRANT_HOLD,
+            });
         }
-        if let Some(node) = Self::active_grant(st, Some(peer)) {
-            return PromoteAnswer::Promoting { node };
-        }
-        st.grant = Some(Grant {
-            to: peer.to_string(),
-            id,
-            until: Instant::now() + GRANT_HOLD,
-        });
-        PromoteAnswer::Yes
+        vote.answer
     }
 
     /// The requester's side: an answer to our prepare.
     pub(super) fn on_promote_reply(&self, peer: &str, id: u64, answer: PromoteAnswer) {
         {
             let mut st = lock(&self.st);
-            let Some(round) = st.promotion.as_mut().filter(|r| r.id == id) else {
+            let Some(p) = st.promotion.as_mut().filter(|r| r.round.id == id) else {
                 return;
             };
-            if !round.asked.contains_key(peer) {
-                return;
-            }
-            if answer == PromoteAnswer::Yes {
-                round.yes.insert(peer.to_string());
-            } else if round.refusal.is_none() {
-                round.refusal = Some((peer.to_string(), Some(answer)));
-            }
+            p.round.handle_answer(peer, answer);
         }
         self.notify();
     }
@@ -430,16 +355,21 @@ impl Replica {
         self.notify();
     }
 
+    /// The link to `peer` came up: our round fails unless it asked `peer` (then retried
+    /// with everyone; `core::promotion::Round::handle_link_up`).
+    pub(super) fn twopc_link_up(st: &mut State, peer: &str) {
+        if let Some(p) = st.promotion.as_mut() {
+            p.round.handle_link_up(peer);
+        }
+    }
+
     /// The link to `peer` went down: a grant for it lapses, our round asking it fails.
     pub(super) fn twopc_link_down(st: &mut State, peer: &str) {
         if st.grant.as_ref().is_some_and(|g| g.to == peer) {
             st.grant = None;
         }
-        if let Some(round) = st.promotion.as_mut() {
-            // Even after its Yes: the member dropped its grant with the link.
-            if round.asked.contains_key(peer) && round.refusal.is_none() {
-                round.refusal = Some((peer.to_string(), None));
-            }
+        if let Some(p) = st.promotion.as_mut() {
+            p.round.handle_link_down(peer);
         }
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::messages::{EngineMessage, PeerState};
+use super::messages::{peer_facts, EngineMessage, PeerState};
 use super::status::{PeerStatus, ReplicaStatus, VerifySummary};
 use super::twopc::{
     Grant, PromotionRound, RoundFailure, RoundGuard, COMMIT_DEADLINE, PROMOTE_TIMEOUT,
@@ -22,16 +22,15 @@ use crate::activity_log::{
     ActivityLog, Admission, AlError, AlTransaction, EXTENT_SIZE, MIN_AL_EXTENTS,
 };
 use crate::bitmap::Bitmap;
+use crate::core::promotion::{self, PeerFacts, View};
 use crate::datapath::{Primary, PrimaryConfig};
 use crate::device::BackingDevice;
 use crate::failure_log::{error_chain, FailureLog};
 use crate::generation::{Generation, SplitMix64, UuidSet};
 use crate::link::LinkSender;
 use crate::metadata::{MetaStore, ReplicaMeta};
-use crate::quorum::{self, Member, MemberStatus, OnNoQuorum, QuorumMode};
-use crate::role::{
-    self, ConnectionState, DiskState, PeerView, PromoteContext, Protocol, ReplicationState, Role,
-};
+use crate::quorum::{OnNoQuorum, QuorumMode};
+use crate::role::{self, ConnectionState, DiskState, Protocol, ReplicationState, Role};
 use crate::stats::{hold, IoStats, PendingDevice};
 use crate::wire::{Hello, ReplicationProtocol};
 
@@ -131,6 +130,9 @@ pub(super) struct State {
     /// Data peers this Primary must see outdated (through a tiebreaker) before it writes
     /// again: target → request id.
     pub pending_outdates: BTreeMap<String, u64>,
+    /// Promoted while a data peer was not connected: the first write outdates every data
+    /// peer still away through a tiebreaker before it starts the new generation.
+    pub outdate_at_first_write: bool,
     pub next_request_id: u64,
     /// Outdate requests this tiebreaker forwarded: id → (requester, target).
     pub relayed_outdates: BTreeMap<u64, (String, String)>,
@@ -345,6 +347,7 @@ impl Replica {
             closed: false,
             gen_persisting: false,
             pending_outdates: BTreeMap::new(),
+            outdate_at_first_write: false,
             next_request_id: 1,
             last_link_id: 0,
             relayed_outdates: BTreeMap::new(),
@@ -519,33 +522,25 @@ impl Replica {
         })
     }
 
+    /// Whether this Primary may complete writes now (`core::promotion::writes_admitted`).
+    pub(super) fn writes_admitted(st: &State) -> bool {
+        promotion::writes_admitted(
+            Self::quorum_mode(st),
+            st.has_quorum,
+            !st.pending_outdates.is_empty(),
+        )
+    }
+
     /// Re-evaluate quorum after a membership change. Returns true when this Primary just
     /// lost quorum (the caller persists `primary_lost_quorum`).
     pub(super) fn recompute_quorum(&self, st: &mut State) -> bool {
-        let mut members = vec![Member {
-            name: self.node.cfg.name.clone(),
-            diskful: self.device.is_some(),
-            status: MemberStatus::Reachable,
-        }];
+        let facts = Self::peer_facts(st);
+        let v = promotion::quorum(&self.view(st, &facts), st.has_quorum);
         for p in st.peers.values_mut() {
-            let reachable = p.conn == ConnectionState::Connected && p.state.is_some();
-            if p.joining && !reachable {
-                continue;
+            if p.conn == ConnectionState::Connected && p.state.is_some() {
+                p.joining = false;
             }
-            p.joining = false;
-            members.push(Member {
-                name: p.spec.name.clone(),
-                diskful: !p.spec.diskless,
-                status: if reachable {
-                    MemberStatus::Reachable
-                } else if p.left_gracefully {
-                    MemberStatus::LeftGracefully
-                } else {
-                    MemberStatus::Unknown
-                },
-            });
         }
-        let v = quorum::evaluate(Self::quorum_mode(st), &members, st.has_quorum);
         let lost = st.has_quorum && !v.has_quorum;
         if lost || (!st.has_quorum && v.has_quorum) {
             tracing::info!(volume = %self.volume, quorum = v.has_quorum, reason = %v.reason, "quorum changed");
@@ -578,34 +573,47 @@ impl Replica {
         must_persist
     }
 
-    /// Nodes known to be Primary: this node, connected peers, and what connected peers
-    /// relay (a Primary seen through the witness).
+    /// What this node knows of each peer, for the promotion and quorum rules.
+    pub(super) fn peer_facts(st: &State) -> Vec<PeerFacts> {
+        st.peers
+            .values()
+            .map(|p| {
+                let state = p
+                    .state
+                    .as_ref()
+                    .filter(|_| p.conn == ConnectionState::Connected);
+                PeerFacts {
+                    left_gracefully: p.left_gracefully,
+                    joining: p.joining,
+                    ..peer_facts(&p.spec.name, !p.spec.diskless, state)
+                }
+            })
+            .collect()
+    }
+
+    /// This node's view for the promotion and quorum rules (`facts` from [`Self::peer_facts`]).
+    pub(super) fn view<'a>(&'a self, st: &State, facts: &'a [PeerFacts]) -> View<'a> {
+        View {
+            volume: &self.volume,
+            node: &self.node.cfg.name,
+            diskful: self.device.is_some(),
+            role: st.role,
+            disk: st.disk,
+            quorum: Self::quorum_mode(st),
+            has_quorum: st.has_quorum,
+            allow_two_primaries: st.allow_two_primaries,
+            protocol: st.options.protocol,
+            peers: facts,
+            #[cfg(test)]
+            faults: Default::default(),
+        }
+    }
+
+    /// Nodes known to be Primary: this node, connected peers, and what connected
+    /// tiebreakers relay (a Primary seen through the witness).
     pub(super) fn known_primaries(&self, st: &State) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        if st.role == Role::Primary {
-            out.insert(self.node.cfg.name.clone());
-        }
-        for p in st.peers.values() {
-            if p.conn != ConnectionState::Connected {
-                continue;
-            }
-            if let Some(s) = &p.state {
-                if s.role == Role::Primary {
-                    out.insert(p.spec.name.clone());
-                }
-                // Relayed by a tiebreaker only: a data peer's own view of third nodes is
-                // not needed with two data nodes, and relaying through everyone could
-                // keep a dead Primary alive in the views.
-                if s.diskless {
-                    for n in &s.primaries {
-                        if *n != p.spec.name {
-                            out.insert(n.clone());
-                        }
-                    }
-                }
-            }
-        }
-        out
+        let facts = Self::peer_facts(st);
+        promotion::known_primaries(&self.view(st, &facts))
     }
 
     /// Our state as sent to `peer`.
@@ -756,73 +764,12 @@ impl Replica {
 
     // ----- roles -----
 
-    fn promote_context_peers(&self, st: &State) -> Vec<PeerView> {
-        let relayed = self.known_primaries(st);
-        let mut views: Vec<PeerView> = st
-            .peers
-            .values()
-            .map(|p| {
-                let connected = p.conn == ConnectionState::Connected && p.state.is_some();
-                let direct_primary =
-                    connected && p.state.as_ref().is_some_and(|s| s.role == Role::Primary);
-                let relayed_primary = relayed.contains(&p.spec.name);
-                PeerView {
-                    name: p.spec.name.clone(),
-                    connected: connected || relayed_primary,
-                    role: if direct_primary || relayed_primary {
-                        Role::Primary
-                    } else if connected {
-                        p.state.as_ref().map(|s| s.role).unwrap_or(Role::Unknown)
-                    } else {
-                        Role::Unknown
-                    },
-                    disk: if connected {
-                        p.state
-                            .as_ref()
-                            .map(|s| s.disk)
-                            .unwrap_or(DiskState::DUnknown)
-                    } else {
-                        DiskState::DUnknown
-                    },
-                }
-            })
-            .collect();
-        views.sort_by_key(|v| v.role != Role::Primary);
-        views
-    }
-
     /// Local promotion checks with this node's current view: returns the other Primaries
     /// (two primaries allowed: each must be connected directly, the reverse data link goes
     /// to it).
     fn local_promote_checks(&self, st: &State) -> Result<Vec<String>, EngineError> {
-        let views = self.promote_context_peers(st);
-        let ctx = PromoteContext {
-            volume: &self.volume,
-            local_node: &self.node.cfg.name,
-            local_role: st.role,
-            local_disk: st.disk,
-            quorum_enabled: Self::quorum_mode(st) != QuorumMode::Off,
-            has_quorum: st.has_quorum,
-            peers: &views,
-            allow_two_primaries: st.allow_two_primaries,
-            protocol: st.options.protocol,
-        };
-        role::may_promote(&ctx)?;
-        let mut others = Vec::new();
-        for v in views.iter().filter(|v| v.role == Role::Primary) {
-            let direct = st.peers.get(&v.name).is_some_and(|p| {
-                p.conn == ConnectionState::Connected
-                    && p.state.as_ref().is_some_and(|s| s.role == Role::Primary)
-            });
-            if !direct {
-                return Err(EngineError::InvalidRequest(format!(
-                    "{}: {} is Primary but not connected to this node; two primaries need a working replication link",
-                    self.volume, v.name
-                )));
-            }
-            others.push(v.name.clone());
-        }
-        Ok(others)
+        let facts = Self::peer_facts(st);
+        promotion::check_promote(&self.view(st, &facts)).map_err(|r| self.refusal_error(r))
     }
 
     /// Become Primary; refused with an operator-ready message when the disk is not
@@ -919,7 +866,7 @@ impl Replica {
         self.wait_round(id).await;
         let other_primaries: Vec<String>;
         let round_started;
-        let primary = {
+        {
             let mut st = lock(&self.st);
             match self.round_won(&mut st, id) {
                 Ok(t) => round_started = t,
@@ -968,13 +915,12 @@ impl Replica {
                     }
                 });
             }
-            st.primary = Some(primary.clone());
+            st.primary = Some(primary);
             st.io_suspended = false;
             // Primary from here on: a dropped future still commits.
             guard.commit = true;
-            primary
+            st.outdate_at_first_write = any_disconnected;
         };
-        let _ = primary;
         // The primary indicator is durable before any write (crash detection).
         if let Err(e) = self.persist().await {
             {
@@ -1206,6 +1152,7 @@ impl Replica {
             st.uuids.on_demote();
             st.io_suspended = false;
             st.pending_outdates.clear();
+            st.outdate_at_first_write = false;
             st.forced_demotion = Some(reason.to_string());
             st.primary.take()
         };
@@ -1386,7 +1333,7 @@ impl Replica {
                         reason: st.quorum_reason.clone(),
                     });
                 }
-                if quorum_ok && st.pending_outdates.is_empty() {
+                if Self::writes_admitted(&st) {
                     if let Some(p) = &st.primary {
                         return Ok(p.clone());
                     }
@@ -1437,15 +1384,22 @@ impl Replica {
                 }
             }
             let _g = self.gen_lock.lock().await;
-            let work = {
+            let (outdates, work) = {
                 let mut st = lock(&self.st);
-                let admitted = st.role == Role::Primary
-                    && (st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off)
-                    && st.pending_outdates.is_empty();
-                if !st.uuids.new_generation_pending {
+                // The first write after a promotion with a data peer away outdates it
+                // through a tiebreaker first (`outdate.rs`).
+                let outdates = if st.uuids.new_generation_pending
+                    && std::mem::take(&mut st.outdate_at_first_write)
+                {
+                    self.outdate_unreached_peers(&mut st)
+                } else {
                     None
+                };
+                let admitted = st.role == Role::Primary && Self::writes_admitted(&st);
+                let work = if !st.uuids.new_generation_pending {
+                    Some(None)
                 } else if !admitted {
-                    return Ok(false);
+                    None
                 } else {
                     let attached: Vec<String> = st
                         .primary
@@ -1462,11 +1416,22 @@ impl Replica {
                         let mut next = || rng.next_u64();
                         st.uuids.before_write(&names, &mut next)
                     };
-                    g.map(|g| {
+                    Some(g.map(|g| {
                         st.gen_persisting = true;
                         (g, disconnected, attached)
-                    })
+                    }))
+                };
+                (outdates, work)
+            };
+            if let Some((requests, relays)) = outdates {
+                for r in &relays {
+                    for msg in &requests {
+                        let _ = r.send_control(msg);
+                    }
                 }
+            }
+            let Some(work) = work else {
+                return Ok(false);
             };
             let Some((g, disconnected, attached)) = work else {
                 continue;
@@ -1784,6 +1749,12 @@ impl Replica {
     /// demoted meanwhile: a Primary that lost quorum may be replaced, and a write it
     /// acknowledged alone would be lost. A peer still Connected on the same link that did
     /// not get the request has its link closed, so the reconnect resyncs the range.
+    ///
+    /// Like a new request, it is acknowledged only in a new generation when the loss armed
+    /// one: a request issued before the loss would otherwise be acknowledged in the
+    /// generation the lost peer holds too, and a later handshake at equal generations could
+    /// make this replica the SyncTarget (e.g. after it lost quorum) and drop the write
+    /// (found by the role simulator, `core::sim::roles`).
     async fn hold_after_peer_loss(
         &self,
         lost: &[String],
@@ -1793,6 +1764,7 @@ impl Replica {
         let started = tokio::time::Instant::now();
         let mut closed_links = false;
         loop {
+            let mut rotate = false;
             {
                 let st = lock(&self.st);
                 if st.closed {
@@ -1836,8 +1808,11 @@ impl Replica {
                 }
                 if unprocessed.is_empty() {
                     let quorum_ok = st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off;
-                    if quorum_ok && st.pending_outdates.is_empty() {
-                        return Ok(());
+                    if Self::writes_admitted(&st) {
+                        if !st.uuids.new_generation_pending && !st.gen_persisting {
+                            return Ok(());
+                        }
+                        rotate = true;
                     }
                     if !quorum_ok && st.options.on_no_quorum == OnNoQuorum::IoError {
                         return Err(EngineError::NoQuorum {
@@ -1857,6 +1832,12 @@ impl Replica {
                         waited: started.elapsed(),
                     });
                 }
+            }
+            if rotate {
+                // Inside the I/O gate, like a new request's; then check everything again.
+                let _gate = self.io_gate.read().await;
+                self.new_generation_if_armed().await?;
+                continue;
             }
             tokio::select! {
                 _ = rx.changed() => {}
@@ -1919,7 +1900,17 @@ impl Replica {
     /// before its FlushAck holds the flush like a write, see `hold_after_peer_loss`).
     pub async fn flush(&self) -> Result<(), EngineError> {
         let _pending = hold(&self.stats.pending_upper, 1);
-        let p = self.admit().await?;
+        // Like a write, a flush starts the generation a promotion with a peer away or a
+        // peer loss armed: what it makes durable is then newer than what that peer holds
+        // (at equal generations a handshake could resync it away, e.g. between two
+        // crashed Primaries; found by the role simulator).
+        let p = loop {
+            let p = self.admit().await?;
+            let _gate = self.io_gate.read().await;
+            if self.new_generation_if_armed().await? {
+                break p;
+            }
+        };
         let links_before = self.link_ids();
         let done = p
             .flush_request()
