@@ -94,6 +94,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use crate::core::op::{Op, FRAME_OVERHEAD};
@@ -1061,9 +1062,81 @@ pub fn default_max_held_bytes() -> usize {
     128 << 20
 }
 
+/// A job the Secondary started on the device, polled by [`run_secondary`] itself (no task
+/// and no channel per job): a write on the device's async ring, or any job on the blocking
+/// pool.
+enum Running {
+    Async {
+        write: crate::device::DeviceFuture<()>,
+        seq: u64,
+        offset: u64,
+        len: u64,
+        op: &'static str,
+        held: usize,
+    },
+    Blocking {
+        task: tokio::task::JoinHandle<Result<Message, DatapathError>>,
+        op: &'static str,
+        held: usize,
+    },
+}
+
+/// A finished [`Running`] job.
 struct Done {
     held: usize,
     reply: Result<Message, DatapathError>,
+    /// The write-intent range to end before the reply goes out (async writes; a blocking
+    /// job ends its own).
+    logged: Option<(u64, u64)>,
+}
+
+impl std::future::Future for Running {
+    type Output = Done;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Done> {
+        use std::task::Poll;
+        match self.get_mut() {
+            Running::Async {
+                write,
+                seq,
+                offset,
+                len,
+                op,
+                held,
+            } => {
+                let Poll::Ready(result) = write.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                let reply = result
+                    .map(|()| Message::WriteAck {
+                        seq: *seq,
+                        outcome: WriteOutcome::Written,
+                    })
+                    .map_err(|source| DatapathError::Local { op, source });
+                Poll::Ready(Done {
+                    held: *held,
+                    reply,
+                    logged: Some((*offset, *len)),
+                })
+            }
+            Running::Blocking { task, op, held } => {
+                let Poll::Ready(joined) = std::pin::Pin::new(task).poll(cx) else {
+                    return Poll::Pending;
+                };
+                let reply = joined
+                    .map_err(|source| DatapathError::LocalTask { op, source })
+                    .and_then(|reply| reply);
+                Poll::Ready(Done {
+                    held: *held,
+                    reply,
+                    logged: None,
+                })
+            }
+        }
+    }
 }
 
 /// Apply a Primary's requests arriving on `link` to `device` until the link goes down: the
@@ -1087,8 +1160,7 @@ pub async fn run_secondary(
     let peer = info.hello.node;
     let max_held = cfg.max_held_bytes.max(MAX_DATA_LEN + FRAME_OVERHEAD);
     let mut core = SecondaryCore::new(device.cached_writes(), max_held);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let shell = SecondaryShell {
+    let mut shell = SecondaryShell {
         failures: FailureReporter {
             log: cfg.local_failures.clone(),
             volume: info.hello.volume.into(),
@@ -1096,7 +1168,7 @@ pub async fn run_secondary(
         },
         device,
         sender,
-        done_tx,
+        running: FuturesUnordered::new(),
         extensions: cfg.extensions,
         resync_target: cfg.resync_target,
         write_intent: cfg.write_intent,
@@ -1114,7 +1186,9 @@ pub async fn run_secondary(
         }
         tokio::select! {
             biased;
-            Some(done) = done_rx.recv() => core.handle_done(done.held, done.reply),
+            Some(done) = shell.running.next(), if !shell.running.is_empty() => {
+                shell.finished(&mut core, done);
+            }
             msg = receiver.recv(), if core.wants_input() => {
                 let Some(msg) = msg else {
                     break Ok(receiver.down_reason().unwrap_or(LinkDown::PeerClosed));
@@ -1136,10 +1210,10 @@ pub async fn run_secondary(
     core.handle_link_down();
     let _ = shell.carry_out(&mut core);
     while core.inflight() > 0 {
-        let Some(done) = done_rx.recv().await else {
+        let Some(done) = shell.running.next().await else {
             break;
         };
-        core.handle_done(done.held, done.reply);
+        shell.finished(&mut core, done);
         let _ = shell.carry_out(&mut core);
     }
     result
@@ -1149,7 +1223,8 @@ pub async fn run_secondary(
 struct SecondaryShell {
     device: Arc<dyn BackingDevice>,
     sender: LinkSender,
-    done_tx: mpsc::UnboundedSender<Done>,
+    /// Jobs started on the device and not yet finished.
+    running: FuturesUnordered<Running>,
     extensions: Option<mpsc::UnboundedSender<Message>>,
     resync_target: Option<ResyncTargetHooks>,
     write_intent: Option<WriteIntentHooks>,
@@ -1159,7 +1234,7 @@ struct SecondaryShell {
 impl SecondaryShell {
     /// Carry out every action the core has; returns the first failure it reported. After
     /// a failure, jobs the core started before it knew are abandoned, not run.
-    fn carry_out(&self, core: &mut SecondaryCore) -> Result<(), DatapathError> {
+    fn carry_out(&mut self, core: &mut SecondaryCore) -> Result<(), DatapathError> {
         let mut failed = None;
         let mut stopped = false;
         while let Some(action) = core.poll_action() {
@@ -1194,6 +1269,15 @@ impl SecondaryShell {
         failed.map_or(Ok(()), Err)
     }
 
+    /// A started job finished: end its write intent, then report it (the core queues its
+    /// acknowledgement).
+    fn finished(&self, core: &mut SecondaryCore, done: Done) {
+        if let (Some(log), Some((offset, len))) = (&self.write_intent, done.logged) {
+            log.0.end(offset, len);
+        }
+        core.handle_done(done.held, done.reply);
+    }
+
     /// Apply an inline job on this task if the write-intent log takes its range without
     /// waiting; `None` leaves it to the blocking pool.
     fn try_inline(&self, job: &Job) -> Option<Result<Message, DatapathError>> {
@@ -1215,8 +1299,8 @@ impl SecondaryShell {
     }
 
     /// Start a write on the device's async ring (no thread hand-off) if the device can and
-    /// the write-intent log takes the range without waiting; its completion comes back
-    /// through `done_tx`. `false` leaves the job to the blocking pool.
+    /// the write-intent log takes the range without waiting; [`run_secondary`] polls its
+    /// completion. `false` leaves the job to the blocking pool.
     fn try_async(&self, job: &Job) -> bool {
         let Work::Request {
             seq,
@@ -1226,87 +1310,99 @@ impl SecondaryShell {
         else {
             return false;
         };
-        let (seq, offset, len, name) = (*seq, *offset, data.len() as u64, op.name());
-        let log = self.write_intent.clone();
-        if !log.as_ref().is_none_or(|log| log.0.try_begin(offset, len)) {
+        let (seq, offset, len) = (*seq, *offset, data.len() as u64);
+        let log = self.write_intent.as_ref();
+        if !log.is_none_or(|log| log.0.try_begin(offset, len)) {
             return false;
         }
         let Some(write) = self.device.write_async(offset, data, *fua) else {
-            if let Some(log) = &log {
+            if let Some(log) = log {
                 log.0.end(offset, len);
             }
             return false;
         };
-        let done_tx = self.done_tx.clone();
-        let held = job.held;
-        tokio::spawn(async move {
-            let result = write.await;
-            if let Some(log) = log {
-                log.0.end(offset, len);
-            }
-            let reply = result
-                .map(|()| Message::WriteAck {
-                    seq,
-                    outcome: WriteOutcome::Written,
-                })
-                .map_err(|source| DatapathError::Local { op: name, source });
-            let _ = done_tx.send(Done { held, reply });
+        self.running.push(Running::Async {
+            write,
+            seq,
+            offset,
+            len,
+            op: op.name(),
+            held: job.held,
         });
         true
     }
 
-    /// Run a job on the blocking pool; its completion comes back through `done_tx`.
+    /// Run a job on the blocking pool; [`run_secondary`] polls its completion.
     fn spawn(&self, job: Job) {
-        let device = self.device.clone();
-        let done_tx = self.done_tx.clone();
-        let hooks = self.resync_target.clone();
-        let intent = self.write_intent.clone();
-        let failures = self.failures.clone();
-        tokio::task::spawn_blocking(move || {
-            let reply =
-                match job.work {
-                    Work::ResyncData { id, offset, data } => {
-                        let len = data.len() as u64;
-                        // Durable before the ack: the source clears its bits on the ack, so the
-                        // data must survive a crash of this replica.
-                        let result = write_resync_data(&*device, &data, offset);
-                        let hooks = hooks.as_ref();
-                        Ok(resync_written(result, hooks, &failures, id, offset, len))
-                    }
-                    Work::ResyncZeroes { id, offset, len } => {
-                        let result = device
-                            .write_zeroes(offset, len, true)
-                            .and_then(|()| device.flush());
-                        let hooks = hooks.as_ref();
-                        Ok(resync_written(result, hooks, &failures, id, offset, len))
-                    }
-                    Work::ResyncDigest {
-                        id,
-                        offset,
-                        len,
-                        digests,
-                    } => Ok(compare_digests(
-                        &*device, &failures, id, offset, len, &digests,
-                    )),
-                    Work::ResyncDone { summary } => {
-                        Ok(finish_resync_target(&*device, hooks.as_ref(), &summary))
-                    }
-                    Work::Request { seq, offset, op } => {
-                        apply_logged_request(&*device, intent.as_ref(), seq, offset, &op)
-                    }
-                    Work::Flush { id } => device
-                        .flush()
-                        .map(|()| Message::FlushAck { id })
-                        .map_err(|source| DatapathError::Local {
-                            op: "flush",
-                            source,
-                        }),
-                };
-            let _ = done_tx.send(Done {
-                held: job.held,
-                reply,
-            });
-        });
+        let (op, held) = (job.work.name(), job.held);
+        let work = BlockingWork {
+            work: job.work,
+            device: self.device.clone(),
+            hooks: self.resync_target.clone(),
+            intent: self.write_intent.clone(),
+            failures: self.failures.clone(),
+        };
+        let task = tokio::task::spawn_blocking(move || work.run());
+        self.running.push(Running::Blocking { task, op, held });
+    }
+}
+
+/// A job for the blocking pool, with what it needs there.
+struct BlockingWork {
+    work: Work,
+    device: Arc<dyn BackingDevice>,
+    hooks: Option<ResyncTargetHooks>,
+    intent: Option<WriteIntentHooks>,
+    failures: FailureReporter,
+}
+
+impl BlockingWork {
+    /// Do the job; its acknowledgement, or what this replica failed to do.
+    fn run(self) -> Result<Message, DatapathError> {
+        let BlockingWork {
+            work,
+            device,
+            hooks,
+            intent,
+            failures,
+        } = self;
+        let hooks = hooks.as_ref();
+        match work {
+            Work::ResyncData { id, offset, data } => {
+                let len = data.len() as u64;
+                // Durable before the ack: the source clears its bits on the ack, so the
+                // data must survive a crash of this replica.
+                let result = write_resync_data(&*device, &data, offset);
+                Ok(resync_written(result, hooks, &failures, id, offset, len))
+            }
+            Work::ResyncZeroes { id, offset, len } => {
+                let result = device
+                    .write_zeroes(offset, len, true)
+                    .and_then(|()| device.flush());
+                Ok(resync_written(result, hooks, &failures, id, offset, len))
+            }
+            Work::ResyncDigest {
+                id,
+                offset,
+                len,
+                digests,
+            } => Ok(compare_digests(
+                &*device, &failures, id, offset, len, &digests,
+            )),
+            Work::ResyncDone { summary } => Ok(finish_resync_target(&*device, hooks, &summary)),
+            Work::Request { seq, offset, op } => {
+                apply_logged_request(&*device, intent.as_ref(), seq, offset, &op)
+            }
+            Work::Flush { id } => {
+                device
+                    .flush()
+                    .map(|()| Message::FlushAck { id })
+                    .map_err(|source| DatapathError::Local {
+                        op: "flush",
+                        source,
+                    })
+            }
+        }
     }
 }
 
