@@ -17,10 +17,12 @@
 //!     | <------------------ | <------------------------------------ | FlushAck{id}
 //! ```
 //!
-//! The decisions are made by two cores without I/O: [`PrimaryCore`] (the in-flight table,
-//! numbering and epochs, each peer's pending acknowledgements) and [`SecondaryCore`] (the
-//! apply pipeline). This module is their shell: link budgets, the device, tasks, timeouts.
-//! The Primary's core sits behind one mutex, never held across an await or I/O.
+//! The decisions are made by two cores without I/O: [`PrimaryCore`](crate::core::primary)
+//! (the in-flight table, numbering and epochs, each peer's pending acknowledgements and
+//! their deadlines) and [`SecondaryCore`] (the apply pipeline). This module is their shell:
+//! link budgets, the device, tasks, timeouts. Each core is owned by one task: the Primary's
+//! by its volume task (`primary`), which the request path reaches through a channel and
+//! which polls the links and the device itself; the Secondary's by [`run_secondary`].
 //! `docs/write-path.md` counts the locks, hand-offs, allocations and copies of one write.
 //!
 //! Decisions (DRBD semantics, see `shared/ref/drbd.md` section 1):
@@ -48,17 +50,20 @@
 //!   [`Completion`] names the known peers that did not acknowledge it (not connected when
 //!   it was issued, or lost in flight); the owner decides whether it may be acknowledged
 //!   to the application without them (the engine's quorum rule). A connected peer that
-//!   does not acknowledge a request within [`PrimaryConfig::peer_ack_timeout`] is
-//!   disconnected the same way (DRBD's ko-count).
+//!   does not acknowledge a request or flush within [`PrimaryConfig::peer_ack_timeout`]
+//!   of its being queued is disconnected the same way (DRBD's ko-count).
 //! - **Bounded memory.** Requests in flight are bounded in bytes
 //!   ([`PrimaryConfig::max_inflight_bytes`]); each link has a send budget; the Secondary
 //!   stops reading from the link while [`SecondaryConfig::max_held_bytes`] are received but
 //!   not yet applied. No lock is held across I/O or across an await.
-//! - **Thread hand-offs.** Most device calls block, so they run on tokio's blocking pool.
-//!   A small page-aligned cached write ([`write_is_inline`]) is cheaper than the two
-//!   thread switches of that hand-off, so both sides apply it on the task that handles it:
-//!   the Primary right after queueing the request to its peers, the Secondary in its
-//!   receive loop, which answers at once.
+//! - **Thread hand-offs.** An aligned write or flush under `O_DIRECT` goes to the device's
+//!   io_uring, and the task owning the core polls its completion (no task per I/O). Other
+//!   device calls block, so they run on tokio's blocking pool. A small page-aligned cached
+//!   write ([`write_is_inline`]) is cheaper than the two thread switches of that hand-off,
+//!   so both sides apply it on the task that owns the core, at most
+//!   [`crate::core::secondary::INLINE_BYTES_PER_PASS`] per pass: the Primary right after
+//!   queueing the request to its peers, the Secondary in its receive loop, which answers
+//!   at once.
 //! - **Write intent on the Secondary.** With a [`WriteIntentLog`] (the engine's activity
 //!   log), the Secondary logs each request's range before applying it, as DRBD 9 does, so
 //!   a crash of this replica leaves its half-written ranges known. A request whose extents
@@ -88,23 +93,25 @@
 //!   expected epoch before anything touches the disk; a violation is answered with an
 //!   Error frame and the connection is dropped.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
 
 use crate::core::op::{Op, FRAME_OVERHEAD};
-use crate::core::primary::{PeerId, PrimaryAction, PrimaryCore, WaitId};
 use crate::core::secondary::{write_may_be_inline, Job, SecondaryAction, SecondaryCore, Work};
 use crate::device::{BackingDevice, DeviceError};
 use crate::failure_log::{error_chain, FailureLog};
-use crate::link::{LinkDown, LinkReceiver, LinkSender, PeerLink, SendPermit};
+use crate::link::{LinkDown, LinkSender, PeerLink};
 use crate::resync::proto::{self as rsproto, ResyncMsg};
 use crate::resync::{ResyncSummary, ResyncTargetHooks};
 use crate::wire::{error_code, Message, ReplicationProtocol, WriteOutcome, MAX_DATA_LEN};
+
+mod primary;
+
+pub use primary::{Primary, RangeLock};
 
 /// Called with (peer node name, offset, length) for every range a peer may lack.
 pub type OutOfSyncHook = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
@@ -138,6 +145,8 @@ pub enum DatapathError {
     PeerOutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the activity log could not take a replicated request: {0}")]
     WriteIntent(String),
+    #[error("the volume's data path task has stopped")]
+    Stopped,
 }
 
 /// Tunables of a Primary. Every default is a named function.
@@ -183,39 +192,10 @@ pub fn default_peer_ack_timeout() -> Duration {
 /// copies into the page cache (no read of a partial page, no flush), which costs less than
 /// the two thread switches of a hand-off. It can still block while the kernel throttles
 /// dirty pages, and a blocked runtime worker may also delay the runtime's network and timer
-/// events for that time, so the Secondary applies at most
-/// [`crate::core::secondary::INLINE_BYTES_PER_PASS`] this way per pass of its loop.
+/// events for that time, so the Primary and the Secondary each apply at most
+/// [`crate::core::secondary::INLINE_BYTES_PER_PASS`] this way per pass of their loops.
 pub fn write_is_inline(device: &dyn BackingDevice, offset: u64, len: usize, fua: bool) -> bool {
     write_may_be_inline(device.cached_writes(), offset, len, fua)
-}
-
-/// The Primary's local half of a request, started at once: an aligned write on the device's
-/// async ring when it has one (no thread hand-off), anything else on the blocking pool.
-enum LocalIo {
-    Async(crate::device::DeviceFuture<()>),
-    Blocking(tokio::task::JoinHandle<Result<(), DeviceError>>),
-}
-
-impl LocalIo {
-    fn start(device: &Arc<dyn BackingDevice>, offset: u64, op: &Op) -> LocalIo {
-        if let Op::Write { data, fua } = op {
-            if let Some(write) = device.write_async(offset, data, *fua) {
-                return LocalIo::Async(write);
-            }
-        }
-        let device = device.clone();
-        let op = op.clone();
-        LocalIo::Blocking(tokio::task::spawn_blocking(move || {
-            op.apply(&*device, offset)
-        }))
-    }
-
-    async fn finish(self) -> Result<Result<(), DeviceError>, tokio::task::JoinError> {
-        match self {
-            LocalIo::Async(io) => Ok(io.await),
-            LocalIo::Blocking(task) => task.await,
-        }
-    }
 }
 
 /// Carrying out an [`Op`] on a device (the Primary's local half, the Secondary's apply).
@@ -263,723 +243,6 @@ pub struct Completion {
     /// From the request's start until the last connected peer acknowledged it at the
     /// protocol's point; `None` when the request waited for no peer.
     pub peers: Option<Duration>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The [`PrimaryCore`] and what carries out its actions that must happen in its order
-/// (queueing on the links); one mutex, never held across an await or I/O.
-struct Books {
-    core: PrimaryCore,
-    /// Attached links by id, oldest first.
-    links: BTreeMap<PeerId, (String, LinkSender)>,
-    /// Requests and flushes waiting for [`PrimaryAction::PeersDone`].
-    waiters: HashMap<WaitId, oneshot::Sender<Vec<String>>>,
-    /// Where Extension messages from peers go (peer name, message).
-    extensions: Option<ExtensionSink>,
-}
-
-/// Actions carried out after the books are released, in the core's order and in the
-/// order of the steps that produced them: marking bitmaps (the engine may hold its bitmaps
-/// lock across a metadata write) before waking any request they concern.
-enum Deferred {
-    OutOfSync(String, u64, u64),
-    Wake(oneshot::Sender<Vec<String>>, Vec<String>),
-    Extension(ExtensionSink, String, Message),
-}
-
-impl Books {
-    /// Register a waiter for `wait`, before the books are released, so its PeersDone
-    /// cannot be missed.
-    fn waiter(&mut self, wait: Option<WaitId>) -> Option<(WaitId, oneshot::Receiver<Vec<String>>)> {
-        wait.map(|w| {
-            let (tx, rx) = oneshot::channel();
-            self.waiters.insert(w, tx);
-            (w, rx)
-        })
-    }
-
-    /// Carry out the core's sends (a request through the budget reserved in `permits`)
-    /// while the books are locked, so every link carries requests and barriers in order;
-    /// return the rest.
-    fn carry_out(&mut self, permits: &mut Vec<(PeerId, SendPermit)>) -> Vec<Deferred> {
-        let mut deferred = Vec::new();
-        while let Some(action) = self.core.poll_action() {
-            match action {
-                PrimaryAction::SendRequest { peer, msg } => {
-                    if let Some(i) = permits.iter().position(|(p, _)| *p == peer) {
-                        // If the link just died, the peer task reports the request.
-                        let _ = permits.swap_remove(i).1.send(&msg);
-                    }
-                }
-                PrimaryAction::Send { peer, msg } => {
-                    if let Some((_, sender)) = self.links.get(&peer) {
-                        let _ = sender.send_control(&msg);
-                    }
-                }
-                PrimaryAction::OutOfSync { peer, offset, len } => {
-                    deferred.push(Deferred::OutOfSync(peer, offset, len));
-                }
-                PrimaryAction::PeersDone {
-                    wait,
-                    unacknowledged,
-                } => {
-                    if let Some(tx) = self.waiters.remove(&wait) {
-                        deferred.push(Deferred::Wake(tx, unacknowledged));
-                    }
-                }
-                PrimaryAction::Reject { peer, reason } => {
-                    if let Some((name, sender)) = self.links.get(&peer) {
-                        tracing::warn!(peer = %name, "{reason}; disconnecting");
-                        sender.close_with_error(error_code::PROTOCOL, &reason);
-                    }
-                }
-                PrimaryAction::Extension { peer, msg } => match &self.extensions {
-                    Some(sink) => deferred.push(Deferred::Extension(sink.clone(), peer, msg)),
-                    None => tracing::debug!(peer = %peer, msg_type = msg.msg_type(),
-                        "no extension handler; ignoring message"),
-                },
-            }
-        }
-        deferred
-    }
-}
-
-struct Inner {
-    device: Arc<dyn BackingDevice>,
-    cfg: PrimaryConfig,
-    on_out_of_sync: OutOfSyncHook,
-    inflight: Semaphore,
-    books: Mutex<Books>,
-    /// Held while a step's deferred actions run (see [`Inner::step`]); taken only with
-    /// the books locked, never the other way round.
-    deferred_order: Mutex<()>,
-    /// Signalled whenever a range leaves the in-flight table while a claim waits.
-    range_released: Notify,
-    /// Claims waiting for `range_released` (a release without waiters skips the signal).
-    range_waiters: AtomicUsize,
-    /// Signalled whenever every attached peer has acknowledged everything.
-    replicated: Notify,
-    /// Bytes of application requests submitted so far (resync rate control reads it).
-    app_bytes: AtomicU64,
-}
-
-impl Inner {
-    /// Run `f` on the books and carry out the core's actions: sends under the books'
-    /// lock, the rest after it under `deferred_order`, taken before the books are released
-    /// so that deferred actions run in the order of their steps (a request is never woken
-    /// by one step before another step marked its range out of sync).
-    fn step<R>(
-        &self,
-        permits: &mut Vec<(PeerId, SendPermit)>,
-        f: impl FnOnce(&mut Books) -> R,
-    ) -> R {
-        let (result, deferred, _order) = {
-            let mut books = lock(&self.books);
-            let result = f(&mut books);
-            let deferred = books.carry_out(permits);
-            let order = (!deferred.is_empty()).then(|| lock(&self.deferred_order));
-            (result, deferred, order)
-        };
-        for d in deferred {
-            match d {
-                Deferred::OutOfSync(peer, offset, len) => (self.on_out_of_sync)(&peer, offset, len),
-                Deferred::Wake(tx, unacknowledged) => {
-                    let _ = tx.send(unacknowledged);
-                }
-                Deferred::Extension(sink, peer, msg) => {
-                    let _ = sink.send((peer, msg));
-                }
-            }
-        }
-        result
-    }
-
-    fn release_range(&self, start: u64) {
-        lock(&self.books).core.release(start);
-        self.wake_range_waiters();
-    }
-
-    /// After a range left the table (called once the books' lock is released): a claim
-    /// that registered as waiting before this load is woken; one that registers after it
-    /// takes the books' lock after the release and sees the range free.
-    fn wake_range_waiters(&self) {
-        if self.range_waiters.load(Ordering::SeqCst) > 0 {
-            self.range_released.notify_waiters();
-        }
-    }
-
-    /// Wait until no request in flight overlaps `[offset, offset + len)`, then claim it.
-    /// Overlapping requests are thus applied one after the other, in the same order on the
-    /// local disk and on every peer (DRBD waits for conflicting local writes the same way),
-    /// so concurrent overlapping writes cannot leave the replicas different.
-    ///
-    /// `yield_to_reserved`: application requests also wait for ranges reserved by a
-    /// [`Primary::lock_range`] caller that is still waiting, so a stream of overlapping
-    /// writes cannot starve a resync chunk.
-    async fn claim_range(
-        &self,
-        offset: u64,
-        len: u64,
-        yield_to_reserved: bool,
-    ) -> Option<RangeGuard<'_>> {
-        if len == 0 {
-            return None;
-        }
-        let end = offset + len;
-        // Built only once the range is ours: dropping it releases the range.
-        let claimed = || {
-            Some(RangeGuard {
-                inner: self,
-                start: offset,
-            })
-        };
-        let try_claim = || {
-            lock(&self.books)
-                .core
-                .try_claim(offset, end, yield_to_reserved)
-        };
-        // Most requests overlap nothing: no waiter is registered for them.
-        if try_claim() {
-            return claimed();
-        }
-        let _waiting = WaitingForRange::new(&self.range_waiters);
-        loop {
-            let released = self.range_released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            if try_claim() {
-                return claimed();
-            }
-            released.await;
-        }
-    }
-}
-
-/// Counts a claim in [`Inner::range_waiters`] while it waits (also when cancelled).
-struct WaitingForRange<'a>(&'a AtomicUsize);
-
-impl<'a> WaitingForRange<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        WaitingForRange(count)
-    }
-}
-
-impl Drop for WaitingForRange<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Removes a reservation when `lock_range` finishes or is cancelled.
-struct Reservation<'a> {
-    inner: &'a Inner,
-    range: (u64, u64),
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        let (start, end) = self.range;
-        lock(&self.inner.books).core.unreserve(start, end);
-        self.inner.wake_range_waiters();
-    }
-}
-
-/// Holds a request's range in the in-flight table until dropped.
-struct RangeGuard<'a> {
-    inner: &'a Inner,
-    start: u64,
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        self.inner.release_range(self.start);
-    }
-}
-
-/// A range of the volume claimed with [`Primary::lock_range`]: no application request
-/// overlapping it starts (locally or towards a peer) until this is dropped.
-pub struct RangeLock {
-    inner: Arc<Inner>,
-    start: Option<u64>,
-}
-
-impl Drop for RangeLock {
-    fn drop(&mut self) {
-        if let Some(start) = self.start {
-            self.inner.release_range(start);
-        }
-    }
-}
-
-/// The Primary side of the replicated write path for one volume: the shell of a
-/// [`PrimaryCore`]. Cheap to clone.
-#[derive(Clone)]
-pub struct Primary {
-    inner: Arc<Inner>,
-}
-
-impl Primary {
-    /// A Primary over `device` with no peers yet. `on_out_of_sync` is called for every
-    /// range a peer may lack (peer lost mid-request, peer write failed); it must be quick
-    /// (mark a bitmap in memory) and must not call back into the Primary.
-    pub fn new(
-        device: Arc<dyn BackingDevice>,
-        cfg: PrimaryConfig,
-        on_out_of_sync: OutOfSyncHook,
-    ) -> Primary {
-        let permits = cfg.max_inflight_bytes.max(MAX_DATA_LEN + FRAME_OVERHEAD);
-        let cfg = PrimaryConfig {
-            max_inflight_bytes: permits,
-            max_epoch_requests: cfg.max_epoch_requests.max(1),
-            ..cfg
-        };
-        Primary {
-            inner: Arc::new(Inner {
-                device,
-                inflight: Semaphore::new(permits),
-                books: Mutex::new(Books {
-                    core: PrimaryCore::new(cfg.protocol, cfg.max_epoch_requests),
-                    links: BTreeMap::new(),
-                    waiters: HashMap::new(),
-                    extensions: None,
-                }),
-                cfg,
-                on_out_of_sync,
-                deferred_order: Mutex::new(()),
-                range_released: Notify::new(),
-                range_waiters: AtomicUsize::new(0),
-                replicated: Notify::new(),
-                app_bytes: AtomicU64::new(0),
-            }),
-        }
-    }
-
-    /// The replication protocol in force.
-    pub fn protocol(&self) -> ReplicationProtocol {
-        self.inner.cfg.protocol
-    }
-
-    /// The local device (resync and verify read it under [`Primary::lock_range`]).
-    pub fn device(&self) -> Arc<dyn BackingDevice> {
-        self.inner.device.clone()
-    }
-
-    /// Bytes of application requests (writes, trims, zeroes) submitted so far.
-    pub fn application_bytes(&self) -> u64 {
-        self.inner.app_bytes.load(Ordering::Relaxed)
-    }
-
-    /// Claim `[offset, offset + len)` the way a request does: wait until no request in
-    /// flight overlaps it, then hold it until the returned lock is dropped. Requests
-    /// overlapping the range wait meanwhile, and new ones already wait while this call
-    /// waits for the range (a resync is not starved by overlapping writes). Resync and verify read the local disk and
-    /// exchange the range with a peer under this lock, so the exchange cannot interleave
-    /// with an overlapping application write (see `crate::resync`).
-    pub async fn lock_range(&self, offset: u64, len: u64) -> Result<RangeLock, DatapathError> {
-        let size = self.inner.device.size();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(DatapathError::OutOfRange { offset, len, size });
-        }
-        let reservation = (len > 0).then(|| {
-            lock(&self.inner.books).core.reserve(offset, offset + len);
-            Reservation {
-                inner: &self.inner,
-                range: (offset, offset + len),
-            }
-        });
-        let claimed = self.inner.claim_range(offset, len, false).await;
-        drop(reservation);
-        let start = match claimed {
-            Some(guard) => {
-                std::mem::forget(guard);
-                Some(offset)
-            }
-            None => None,
-        };
-        Ok(RangeLock {
-            inner: self.inner.clone(),
-            start,
-        })
-    }
-
-    /// Start replicating to the peer at the other end of `link`. Requests submitted from
-    /// now on go to it too. The peer's acknowledgements are handled by a task that ends,
-    /// reporting the peer's pending ranges out of sync, when the link goes down.
-    ///
-    /// Call this after any connect-time exchange (UUIDs, bitmaps) on the link is finished.
-    pub fn attach_peer(&self, link: PeerLink) {
-        let PeerLink {
-            info,
-            sender,
-            receiver,
-        } = link;
-        let name = info.hello.node;
-        let id = self.inner.step(&mut Vec::new(), |books| {
-            let id = books.core.attach_peer(&name);
-            books.links.insert(id, (name.clone(), sender));
-            id
-        });
-        tracing::info!(peer = %name, protocol = %self.inner.cfg.protocol, "replicating to peer");
-        tokio::spawn(peer_task(self.inner.clone(), id, name, receiver));
-    }
-
-    /// Register the peers this volume replicates to (by node name), connected or not.
-    /// While a known peer is not attached, every request is reported out of sync for it,
-    /// so its bitmap covers everything it missed. Attached peers become known implicitly.
-    pub fn set_known_peers(&self, peers: &[String]) {
-        lock(&self.inner.books).core.set_known_peers(peers);
-    }
-
-    /// Route Extension messages arriving from attached peers to `sink` (resync, verify and
-    /// state traffic the data path does not handle itself).
-    pub fn set_extension_sink(&self, sink: ExtensionSink) {
-        lock(&self.inner.books).extensions = Some(sink);
-    }
-
-    /// The sending half of an attached peer's link, to send Extension messages on the
-    /// same connection as the data path.
-    pub fn peer_sender(&self, peer: &str) -> Option<LinkSender> {
-        lock(&self.inner.books)
-            .links
-            .values()
-            .find(|(name, _)| name == peer)
-            .map(|(_, sender)| sender.clone())
-    }
-
-    /// Names of the peers currently replicated to.
-    pub fn connected_peers(&self) -> Vec<String> {
-        lock(&self.inner.books)
-            .core
-            .peers()
-            .map(|(_, name)| name.to_string())
-            .collect()
-    }
-
-    /// Wait until every connected peer has acknowledged every request as written (or was
-    /// disconnected). Useful under A and B before a planned switchover.
-    pub async fn wait_replicated(&self) {
-        loop {
-            let replicated = self.inner.replicated.notified();
-            tokio::pin!(replicated);
-            replicated.as_mut().enable();
-            if lock(&self.inner.books).core.is_replicated() {
-                return;
-            }
-            replicated.await;
-        }
-    }
-
-    /// Disconnect `peer` (its pending ranges are reported out of sync). False if unknown.
-    pub fn disconnect_peer(&self, peer: &str, reason: &str) -> bool {
-        match self.peer_sender(peer) {
-            Some(sender) => {
-                sender.close(reason);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Write `data` at `offset` on the local disk and every connected peer; completes at
-    /// the protocol's point. With `fua` the data is durable on the local disk (and, under
-    /// C, on every connected peer's disk) when this returns.
-    pub async fn submit_write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> Result<(), DatapathError> {
-        self.write_request(offset, data, fua).await.map(drop)
-    }
-
-    /// Discard a range on the local disk and every connected peer.
-    pub async fn submit_trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DatapathError> {
-        self.trim_request(offset, len, fua).await.map(drop)
-    }
-
-    /// Zero a range on the local disk and every connected peer.
-    pub async fn submit_write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-        fua: bool,
-    ) -> Result<(), DatapathError> {
-        self.write_zeroes_request(offset, len, may_unmap, fua)
-            .await
-            .map(drop)
-    }
-
-    /// [`Primary::submit_write`], telling which known peers did not acknowledge the write
-    /// (the caller decides whether it may be acknowledged without them).
-    pub async fn write_request(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> Result<Completion, DatapathError> {
-        if data.len() > MAX_DATA_LEN {
-            return Err(DatapathError::TooLarge {
-                len: data.len(),
-                max: MAX_DATA_LEN,
-            });
-        }
-        self.submit(offset, Op::Write { data, fua }).await
-    }
-
-    /// [`Primary::submit_trim`] with its [`Completion`].
-    pub async fn trim_request(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-    ) -> Result<Completion, DatapathError> {
-        self.submit(offset, Op::Trim { len, fua }).await
-    }
-
-    /// [`Primary::submit_write_zeroes`] with its [`Completion`].
-    pub async fn write_zeroes_request(
-        &self,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-        fua: bool,
-    ) -> Result<Completion, DatapathError> {
-        self.submit(
-            offset,
-            Op::WriteZeroes {
-                len,
-                may_unmap,
-                fua,
-            },
-        )
-        .await
-    }
-
-    /// Run one request. Callers drive it to completion (the frontends run each request in
-    /// its own task): a request dropped after its local write started on the blocking pool
-    /// but before it reached the peers would leave this disk ahead of them unmarked.
-    async fn submit(&self, offset: u64, op: Op) -> Result<Completion, DatapathError> {
-        let inner = &self.inner;
-        let len = op.len();
-        let size = inner.device.size();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(DatapathError::OutOfRange { offset, len, size });
-        }
-        let start = Instant::now();
-        inner.app_bytes.fetch_add(len, Ordering::Relaxed);
-        let cost = op.cost().min(inner.cfg.max_inflight_bytes);
-        // The semaphore is never closed; the error arm exists only to avoid unwrap.
-        let _inflight = inner
-            .inflight
-            .acquire_many(u32::try_from(cost).unwrap_or(u32::MAX))
-            .await
-            .ok();
-
-        let _range = inner.claim_range(offset, len, true).await;
-
-        // A large or durable request starts on the local disk now, in parallel with the
-        // peers; a small cached write is done on this task once the peers have it.
-        let started_local = (!op.applies_inline(&*inner.device, offset))
-            .then(|| LocalIo::start(&inner.device, offset, &op));
-
-        // Room on every connected peer's link, taken before the request is numbered. A
-        // failed reservation means the link is down: the peer is not sent to, and so is
-        // reported out of sync.
-        let links: Vec<(PeerId, LinkSender)> = lock(&inner.books)
-            .links
-            .iter()
-            .map(|(id, (_, sender))| (*id, sender.clone()))
-            .collect();
-        let mut permits = Vec::with_capacity(links.len());
-        for (id, sender) in links {
-            if let Ok(permit) = sender.reserve(cost).await {
-                permits.push((id, permit));
-            }
-        }
-
-        // Number and queue the request in one step, so every peer's queue holds requests
-        // and barriers in seq/epoch order. In flight on each link from before it is
-        // queued (the WriteAck cannot come first) until its WriteAck (`peer_task`).
-        let sendable: Vec<PeerId> = permits.iter().map(|(id, _)| *id).collect();
-        for (_, permit) in &permits {
-            let in_flight = &permit.in_flight().application;
-            in_flight.fetch_add(len, Ordering::Relaxed);
-        }
-        let (started, waiter) = inner.step(&mut permits, |books| {
-            let started = books.core.start_request(offset, &op, &sendable);
-            let waiter = books.waiter(started.wait);
-            (started, waiter)
-        });
-        // Permits left over belong to links that left meanwhile: not sent there.
-        for (_, permit) in &permits {
-            permit
-                .in_flight()
-                .application
-                .fetch_sub(len, Ordering::Relaxed);
-        }
-
-        let local = match started_local {
-            Some(io) => io.finish().await,
-            // No await since the request was queued to the peers: a dropped request cannot
-            // leave them with a write this disk lacks.
-            None => Ok(op.apply(&*inner.device, offset)),
-        };
-        let local_time = start.elapsed();
-        let waited = waiter.is_some();
-        let mut unacknowledged = started.unacknowledged;
-        let seq = started.seq;
-        let what = move || format!("request {seq}");
-        unacknowledged.extend(wait_for_peers(inner, waiter, what).await);
-        let peers = waited.then(|| start.elapsed());
-
-        if started.closes_epoch {
-            inner.step(&mut Vec::new(), |books| {
-                books.core.request_finished(started.epoch)
-            });
-        }
-        match local {
-            Ok(Ok(())) => Ok(Completion {
-                unacknowledged,
-                local: local_time,
-                peers,
-            }),
-            Ok(Err(source)) => Err(DatapathError::Local {
-                op: op.name(),
-                source,
-            }),
-            Err(source) => Err(DatapathError::LocalTask {
-                op: op.name(),
-                source,
-            }),
-        }
-    }
-
-    /// Flush the local disk and send Flush to every connected peer. Under protocol C this
-    /// returns only after every connected peer has flushed its disk (or was disconnected).
-    pub async fn flush(&self) -> Result<(), DatapathError> {
-        self.flush_request().await.map(drop)
-    }
-
-    /// [`Primary::flush`], telling which connected peers were lost before their FlushAck
-    /// (under C; A and B do not wait for peers).
-    pub async fn flush_request(&self) -> Result<Completion, DatapathError> {
-        let inner = &self.inner;
-        let wait = inner.cfg.protocol == ReplicationProtocol::C;
-        let waiter = inner.step(&mut Vec::new(), |books| {
-            let started = books.core.start_flush(wait);
-            books.waiter(started)
-        });
-        let start = Instant::now();
-        let local = match inner.device.flush_async() {
-            Some(flush) => Ok(flush.await),
-            None => {
-                let device = inner.device.clone();
-                tokio::task::spawn_blocking(move || device.flush()).await
-            }
-        };
-        let local_time = start.elapsed();
-        let waited = waiter.is_some();
-        let unacknowledged = wait_for_peers(inner, waiter, || "a flush".to_string()).await;
-        match local {
-            Ok(Ok(())) => Ok(Completion {
-                unacknowledged,
-                local: local_time,
-                peers: waited.then(|| start.elapsed()),
-            }),
-            Ok(Err(source)) => Err(DatapathError::Local {
-                op: "flush",
-                source,
-            }),
-            Err(source) => Err(DatapathError::LocalTask {
-                op: "flush",
-                source,
-            }),
-        }
-    }
-}
-
-/// Wait for a request's or flush's peers. A peer that stays silent past the timeout is
-/// disconnected (its pending ranges are then reported and the wait ends with it lost).
-/// Returns the peers that were lost instead of acknowledging.
-async fn wait_for_peers(
-    inner: &Inner,
-    waiter: Option<(WaitId, oneshot::Receiver<Vec<String>>)>,
-    what: impl FnOnce() -> String,
-) -> Vec<String> {
-    let Some((wait, mut rx)) = waiter else {
-        return Vec::new();
-    };
-    if let Ok(done) = tokio::time::timeout(inner.cfg.peer_ack_timeout, &mut rx).await {
-        return done.unwrap_or_default();
-    }
-    let stuck: Vec<LinkSender> = {
-        let books = lock(&inner.books);
-        books
-            .core
-            .peers_holding(wait)
-            .iter()
-            .filter_map(|p| books.links.get(p).map(|(_, s)| s.clone()))
-            .collect()
-    };
-    let reason = format!(
-        "peer did not acknowledge {} within {:?}",
-        what(),
-        inner.cfg.peer_ack_timeout
-    );
-    for sender in stuck {
-        sender.close(&reason);
-    }
-    // The peer task reports the pending requests once the link is down.
-    rx.await.unwrap_or_default()
-}
-
-/// Messages from one peer handled under one lock of the books, at most.
-const PEER_BURST: usize = 64;
-
-async fn peer_task(inner: Arc<Inner>, id: PeerId, name: String, mut receiver: LinkReceiver) {
-    while let Some(msg) = receiver.recv().await {
-        // The acknowledgements already queued are handled in the same step: one lock and
-        // one pass over the actions for a burst instead of one per message.
-        let (acked, replicated) = inner.step(&mut Vec::new(), |books| {
-            let mut acked = books.core.handle_peer_message(id, msg);
-            for _ in 1..PEER_BURST {
-                let Some(msg) = receiver.try_recv() else {
-                    break;
-                };
-                acked += books.core.handle_peer_message(id, msg);
-            }
-            (acked, books.core.is_replicated())
-        });
-        if acked > 0 {
-            let in_flight = &receiver.in_flight().application;
-            in_flight.fetch_sub(acked, Ordering::Relaxed);
-        }
-        if replicated {
-            inner.replicated.notify_waiters();
-        }
-    }
-
-    // The link is down: nothing pending on this peer will be acknowledged any more.
-    let pending = inner.step(&mut Vec::new(), |books| {
-        books.links.remove(&id);
-        books.core.handle_link_down(id)
-    });
-    inner.replicated.notify_waiters();
-    let reason = receiver
-        .down_reason()
-        .map(|r| r.to_string())
-        .unwrap_or_default();
-    tracing::warn!(
-        peer = %name,
-        reason,
-        pending_requests = pending,
-        "peer disconnected; its pending requests are out of sync"
-    );
 }
 
 /// Write-intent tracking for the requests a Secondary applies (the engine's activity log):
@@ -1061,9 +324,81 @@ pub fn default_max_held_bytes() -> usize {
     128 << 20
 }
 
+/// A job the Secondary started on the device, polled by [`run_secondary`] itself (no task
+/// and no channel per job): a write on the device's async ring, or any job on the blocking
+/// pool.
+enum Running {
+    Async {
+        write: crate::device::DeviceFuture<()>,
+        seq: u64,
+        offset: u64,
+        len: u64,
+        op: &'static str,
+        held: usize,
+    },
+    Blocking {
+        task: tokio::task::JoinHandle<Result<Message, DatapathError>>,
+        op: &'static str,
+        held: usize,
+    },
+}
+
+/// A finished [`Running`] job.
 struct Done {
     held: usize,
     reply: Result<Message, DatapathError>,
+    /// The write-intent range to end before the reply goes out (async writes; a blocking
+    /// job ends its own).
+    logged: Option<(u64, u64)>,
+}
+
+impl std::future::Future for Running {
+    type Output = Done;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Done> {
+        use std::task::Poll;
+        match self.get_mut() {
+            Running::Async {
+                write,
+                seq,
+                offset,
+                len,
+                op,
+                held,
+            } => {
+                let Poll::Ready(result) = write.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                let reply = result
+                    .map(|()| Message::WriteAck {
+                        seq: *seq,
+                        outcome: WriteOutcome::Written,
+                    })
+                    .map_err(|source| DatapathError::Local { op, source });
+                Poll::Ready(Done {
+                    held: *held,
+                    reply,
+                    logged: Some((*offset, *len)),
+                })
+            }
+            Running::Blocking { task, op, held } => {
+                let Poll::Ready(joined) = std::pin::Pin::new(task).poll(cx) else {
+                    return Poll::Pending;
+                };
+                let reply = joined
+                    .map_err(|source| DatapathError::LocalTask { op, source })
+                    .and_then(|reply| reply);
+                Poll::Ready(Done {
+                    held: *held,
+                    reply,
+                    logged: None,
+                })
+            }
+        }
+    }
 }
 
 /// Apply a Primary's requests arriving on `link` to `device` until the link goes down: the
@@ -1087,8 +422,7 @@ pub async fn run_secondary(
     let peer = info.hello.node;
     let max_held = cfg.max_held_bytes.max(MAX_DATA_LEN + FRAME_OVERHEAD);
     let mut core = SecondaryCore::new(device.cached_writes(), max_held);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let shell = SecondaryShell {
+    let mut shell = SecondaryShell {
         failures: FailureReporter {
             log: cfg.local_failures.clone(),
             volume: info.hello.volume.into(),
@@ -1096,7 +430,7 @@ pub async fn run_secondary(
         },
         device,
         sender,
-        done_tx,
+        running: FuturesUnordered::new(),
         extensions: cfg.extensions,
         resync_target: cfg.resync_target,
         write_intent: cfg.write_intent,
@@ -1114,7 +448,9 @@ pub async fn run_secondary(
         }
         tokio::select! {
             biased;
-            Some(done) = done_rx.recv() => core.handle_done(done.held, done.reply),
+            Some(done) = shell.running.next(), if !shell.running.is_empty() => {
+                shell.finished(&mut core, done);
+            }
             msg = receiver.recv(), if core.wants_input() => {
                 let Some(msg) = msg else {
                     break Ok(receiver.down_reason().unwrap_or(LinkDown::PeerClosed));
@@ -1136,10 +472,10 @@ pub async fn run_secondary(
     core.handle_link_down();
     let _ = shell.carry_out(&mut core);
     while core.inflight() > 0 {
-        let Some(done) = done_rx.recv().await else {
+        let Some(done) = shell.running.next().await else {
             break;
         };
-        core.handle_done(done.held, done.reply);
+        shell.finished(&mut core, done);
         let _ = shell.carry_out(&mut core);
     }
     result
@@ -1149,7 +485,8 @@ pub async fn run_secondary(
 struct SecondaryShell {
     device: Arc<dyn BackingDevice>,
     sender: LinkSender,
-    done_tx: mpsc::UnboundedSender<Done>,
+    /// Jobs started on the device and not yet finished.
+    running: FuturesUnordered<Running>,
     extensions: Option<mpsc::UnboundedSender<Message>>,
     resync_target: Option<ResyncTargetHooks>,
     write_intent: Option<WriteIntentHooks>,
@@ -1159,7 +496,7 @@ struct SecondaryShell {
 impl SecondaryShell {
     /// Carry out every action the core has; returns the first failure it reported. After
     /// a failure, jobs the core started before it knew are abandoned, not run.
-    fn carry_out(&self, core: &mut SecondaryCore) -> Result<(), DatapathError> {
+    fn carry_out(&mut self, core: &mut SecondaryCore) -> Result<(), DatapathError> {
         let mut failed = None;
         let mut stopped = false;
         while let Some(action) = core.poll_action() {
@@ -1194,6 +531,15 @@ impl SecondaryShell {
         failed.map_or(Ok(()), Err)
     }
 
+    /// A started job finished: end its write intent, then report it (the core queues its
+    /// acknowledgement).
+    fn finished(&self, core: &mut SecondaryCore, done: Done) {
+        if let (Some(log), Some((offset, len))) = (&self.write_intent, done.logged) {
+            log.0.end(offset, len);
+        }
+        core.handle_done(done.held, done.reply);
+    }
+
     /// Apply an inline job on this task if the write-intent log takes its range without
     /// waiting; `None` leaves it to the blocking pool.
     fn try_inline(&self, job: &Job) -> Option<Result<Message, DatapathError>> {
@@ -1215,8 +561,8 @@ impl SecondaryShell {
     }
 
     /// Start a write on the device's async ring (no thread hand-off) if the device can and
-    /// the write-intent log takes the range without waiting; its completion comes back
-    /// through `done_tx`. `false` leaves the job to the blocking pool.
+    /// the write-intent log takes the range without waiting; [`run_secondary`] polls its
+    /// completion. `false` leaves the job to the blocking pool.
     fn try_async(&self, job: &Job) -> bool {
         let Work::Request {
             seq,
@@ -1226,87 +572,99 @@ impl SecondaryShell {
         else {
             return false;
         };
-        let (seq, offset, len, name) = (*seq, *offset, data.len() as u64, op.name());
-        let log = self.write_intent.clone();
-        if !log.as_ref().is_none_or(|log| log.0.try_begin(offset, len)) {
+        let (seq, offset, len) = (*seq, *offset, data.len() as u64);
+        let log = self.write_intent.as_ref();
+        if !log.is_none_or(|log| log.0.try_begin(offset, len)) {
             return false;
         }
         let Some(write) = self.device.write_async(offset, data, *fua) else {
-            if let Some(log) = &log {
+            if let Some(log) = log {
                 log.0.end(offset, len);
             }
             return false;
         };
-        let done_tx = self.done_tx.clone();
-        let held = job.held;
-        tokio::spawn(async move {
-            let result = write.await;
-            if let Some(log) = log {
-                log.0.end(offset, len);
-            }
-            let reply = result
-                .map(|()| Message::WriteAck {
-                    seq,
-                    outcome: WriteOutcome::Written,
-                })
-                .map_err(|source| DatapathError::Local { op: name, source });
-            let _ = done_tx.send(Done { held, reply });
+        self.running.push(Running::Async {
+            write,
+            seq,
+            offset,
+            len,
+            op: op.name(),
+            held: job.held,
         });
         true
     }
 
-    /// Run a job on the blocking pool; its completion comes back through `done_tx`.
+    /// Run a job on the blocking pool; [`run_secondary`] polls its completion.
     fn spawn(&self, job: Job) {
-        let device = self.device.clone();
-        let done_tx = self.done_tx.clone();
-        let hooks = self.resync_target.clone();
-        let intent = self.write_intent.clone();
-        let failures = self.failures.clone();
-        tokio::task::spawn_blocking(move || {
-            let reply =
-                match job.work {
-                    Work::ResyncData { id, offset, data } => {
-                        let len = data.len() as u64;
-                        // Durable before the ack: the source clears its bits on the ack, so the
-                        // data must survive a crash of this replica.
-                        let result = write_resync_data(&*device, &data, offset);
-                        let hooks = hooks.as_ref();
-                        Ok(resync_written(result, hooks, &failures, id, offset, len))
-                    }
-                    Work::ResyncZeroes { id, offset, len } => {
-                        let result = device
-                            .write_zeroes(offset, len, true)
-                            .and_then(|()| device.flush());
-                        let hooks = hooks.as_ref();
-                        Ok(resync_written(result, hooks, &failures, id, offset, len))
-                    }
-                    Work::ResyncDigest {
-                        id,
-                        offset,
-                        len,
-                        digests,
-                    } => Ok(compare_digests(
-                        &*device, &failures, id, offset, len, &digests,
-                    )),
-                    Work::ResyncDone { summary } => {
-                        Ok(finish_resync_target(&*device, hooks.as_ref(), &summary))
-                    }
-                    Work::Request { seq, offset, op } => {
-                        apply_logged_request(&*device, intent.as_ref(), seq, offset, &op)
-                    }
-                    Work::Flush { id } => device
-                        .flush()
-                        .map(|()| Message::FlushAck { id })
-                        .map_err(|source| DatapathError::Local {
-                            op: "flush",
-                            source,
-                        }),
-                };
-            let _ = done_tx.send(Done {
-                held: job.held,
-                reply,
-            });
-        });
+        let (op, held) = (job.work.name(), job.held);
+        let work = BlockingWork {
+            work: job.work,
+            device: self.device.clone(),
+            hooks: self.resync_target.clone(),
+            intent: self.write_intent.clone(),
+            failures: self.failures.clone(),
+        };
+        let task = tokio::task::spawn_blocking(move || work.run());
+        self.running.push(Running::Blocking { task, op, held });
+    }
+}
+
+/// A job for the blocking pool, with what it needs there.
+struct BlockingWork {
+    work: Work,
+    device: Arc<dyn BackingDevice>,
+    hooks: Option<ResyncTargetHooks>,
+    intent: Option<WriteIntentHooks>,
+    failures: FailureReporter,
+}
+
+impl BlockingWork {
+    /// Do the job; its acknowledgement, or what this replica failed to do.
+    fn run(self) -> Result<Message, DatapathError> {
+        let BlockingWork {
+            work,
+            device,
+            hooks,
+            intent,
+            failures,
+        } = self;
+        let hooks = hooks.as_ref();
+        match work {
+            Work::ResyncData { id, offset, data } => {
+                let len = data.len() as u64;
+                // Durable before the ack: the source clears its bits on the ack, so the
+                // data must survive a crash of this replica.
+                let result = write_resync_data(&*device, &data, offset);
+                Ok(resync_written(result, hooks, &failures, id, offset, len))
+            }
+            Work::ResyncZeroes { id, offset, len } => {
+                let result = device
+                    .write_zeroes(offset, len, true)
+                    .and_then(|()| device.flush());
+                Ok(resync_written(result, hooks, &failures, id, offset, len))
+            }
+            Work::ResyncDigest {
+                id,
+                offset,
+                len,
+                digests,
+            } => Ok(compare_digests(
+                &*device, &failures, id, offset, len, &digests,
+            )),
+            Work::ResyncDone { summary } => Ok(finish_resync_target(&*device, hooks, &summary)),
+            Work::Request { seq, offset, op } => {
+                apply_logged_request(&*device, intent.as_ref(), seq, offset, &op)
+            }
+            Work::Flush { id } => {
+                device
+                    .flush()
+                    .map(|()| Message::FlushAck { id })
+                    .map_err(|source| DatapathError::Local {
+                        op: "flush",
+                        source,
+                    })
+            }
+        }
     }
 }
 

@@ -54,7 +54,7 @@ use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 
 use crate::auth::{self, AuthError, AuthRole, Secret};
@@ -365,6 +365,24 @@ impl LinkSender {
         }
     }
 
+    /// Reserve `bytes` of the send budget if they are free now: `Ok(None)` while the peer
+    /// is slow (wait with [`Self::reserve`]), `Err` once the link is down.
+    pub fn try_reserve(&self, bytes: usize) -> Result<Option<SendPermit>, LinkDown> {
+        let budget = bytes.clamp(1, self.shared.send_budget_total);
+        let n = u32::try_from(budget).unwrap_or(u32::MAX);
+        match self.shared.send_budget.try_acquire_many(n) {
+            Ok(permit) => {
+                permit.forget();
+                Ok(Some(SendPermit {
+                    sender: self.clone(),
+                    budget: n as usize,
+                }))
+            }
+            Err(TryAcquireError::NoPermits) => Ok(None),
+            Err(TryAcquireError::Closed) => Err(self.shared.closed_reason()),
+        }
+    }
+
     /// Send `msg` under the send budget (waits while the budget is used up).
     pub async fn send(&self, msg: &Message) -> Result<(), LinkDown> {
         let frame = msg.encode();
@@ -473,6 +491,19 @@ impl LinkReceiver {
         let (msg, cost) = self.rx.recv().await?;
         self.shared.recv_budget.add_permits(cost);
         Some(msg)
+    }
+
+    /// [`Self::recv`] for a caller that polls several links in one task.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Message>> {
+        self.rx.poll_recv(cx).map(|next| {
+            next.map(|(msg, cost)| {
+                self.shared.recv_budget.add_permits(cost);
+                msg
+            })
+        })
     }
 
     /// The next message if one is already queued; never waits (to handle a burst of

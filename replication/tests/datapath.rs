@@ -869,6 +869,98 @@ async fn a_silent_peer_is_detected_and_the_pending_write_completes() {
     assert!(matches!(exit, LinkDown::Unresponsive(_)), "{exit:?}");
 }
 
+/// A peer whose link stays alive (it answers pings) but whose disk holds a write past
+/// `peer_ack_timeout` is disconnected (DRBD's ko-count): the write completes from the local
+/// disk, naming the peer, and its range is reported out of sync. The deadline is the
+/// Primary task's one timer (`PrimaryCore::poll_timeout`), not a timer per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_silent_past_the_ack_timeout_is_disconnected_and_the_write_completes() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let protocol = ReplicationProtocol::C;
+    let (plink, slink) = tcp_links(protocol, p.dev.size()).await;
+    let oos: OosLog = Arc::default();
+    let log = oos.clone();
+    let hook: OutOfSyncHook = Arc::new(move |peer: &str, offset, len| {
+        log.lock().unwrap().push((peer.to_string(), offset, len));
+    });
+    let cfg = PrimaryConfig {
+        peer_ack_timeout: Duration::from_millis(500),
+        ..PrimaryConfig::new(protocol)
+    };
+    let primary = Primary::new(p.dev.clone(), cfg, hook);
+    primary.attach_peer(plink);
+    let secondary = tokio::spawn(run_secondary(slink, s.dev.clone(), Default::default()));
+    primary
+        .submit_write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    s.dev.set_gate(false);
+    let started = Instant::now();
+    let done = tokio::time::timeout(
+        Duration::from_secs(10),
+        primary.write_request(8192, Bytes::from(vec![2u8; 4096]), false),
+    )
+    .await;
+    let took = started.elapsed();
+    // Open the gate before any assertion: a blocked device thread would hold the runtime.
+    s.dev.set_gate(true);
+    let done = done
+        .expect("the write must not wait for a stuck peer past the ack timeout")
+        .unwrap();
+    assert!(took >= Duration::from_millis(500), "took {took:?}");
+    assert_eq!(done.unacknowledged, vec!["secondary".to_string()]);
+    assert_eq!(
+        oos.lock().unwrap().clone(),
+        vec![("secondary".to_string(), 8192, 4096)]
+    );
+    assert!(primary.connected_peers().is_empty());
+    let mut back = vec![0u8; 4096];
+    p.dev.read_at(&mut back, 8192).unwrap();
+    assert!(back.iter().all(|&b| b == 2));
+    let exit = tokio::time::timeout(Duration::from_secs(5), secondary)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(exit, LinkDown::PeerClosed), "{exit:?}");
+}
+
+/// A request handed to the Primary is carried through even if its caller gives up: the
+/// write still reaches both disks and nothing is reported out of sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_caller_gives_up_is_still_replicated() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    s.dev.set_gate(false);
+    let primary = pair.primary.clone();
+    let write = tokio::spawn(async move {
+        primary
+            .submit_write(4096, Bytes::from(vec![0x3C; 4096]), false)
+            .await
+    });
+    let reached = wait_for(Duration::from_secs(5), || {
+        s.dev.writes_started.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    write.abort();
+    let aborted = write.await;
+    s.dev.set_gate(true);
+    assert!(reached, "the write never reached the secondary");
+    assert!(aborted.unwrap_err().is_cancelled());
+    tokio::time::timeout(Duration::from_secs(5), pair.primary.wait_replicated())
+        .await
+        .expect("the abandoned write is still acknowledged by the peer");
+    // A flush orders after the write's completion on both sides.
+    pair.primary.flush().await.unwrap();
+    assert!(pair.oos.lock().unwrap().is_empty());
+    assert_eq!(sha256_file(&p.path), sha256_file(&s.path));
+    let mut back = vec![0u8; 4096];
+    s.dev.read_at(&mut back, 4096).unwrap();
+    assert!(back.iter().all(|&b| b == 0x3C));
+}
+
 /// Under protocol A a silent peer first fills the link's send budget (the application
 /// blocks, as DRBD blocks on a full send buffer), then is declared dead: every write
 /// completes, and every write the peer did not acknowledge is reported out of sync.

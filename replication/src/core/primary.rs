@@ -9,6 +9,8 @@
 //!  start_flush(wait)                 -> Option<WaitId>
 //!  handle_peer_message(peer, msg)    RecvAck / WriteAck / FlushAck / Extension -> bytes acked
 //!  handle_link_down(peer)            pending ranges out of sync, waits re-decided
+//!  set_deadline(wait, at)            give up on the peers still holding `wait` at `at`
+//!  poll_timeout() / handle_timeout(now) -> the peers that missed a deadline
 //!  poll_action()                     <- SendRequest | Send | OutOfSync | PeersDone | Reject | Extension
 //! ```
 //!
@@ -22,8 +24,12 @@
 //! - A known peer that does not receive a request, and every pending request of a peer
 //!   whose link goes down, is reported out of sync for that peer before anything completes.
 //!   A pending wait is re-decided when a link goes down, never by polling.
+//! - A peer still holding a wait at the wait's deadline is named by `handle_timeout`; the
+//!   shell closes its link, and the loss then ends the wait like any other (DRBD's
+//!   ko-count). Time is an argument: the core reads no clock.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Instant;
 
 use super::op::Op;
 use crate::wire::{Message, ReplicationProtocol, WriteOutcome};
@@ -85,6 +91,7 @@ struct Wait {
     kind: WaitKind,
     left: usize,
     lost: Vec<String>,
+    deadline: Option<Instant>,
 }
 
 #[derive(Clone, Copy)]
@@ -126,6 +133,8 @@ pub struct PrimaryCore {
     known: Vec<String>,
     inflight: Inflight,
     waits: HashMap<WaitId, Wait>,
+    /// Deadlines of open waits, earliest first; entries of waits that ended are skipped.
+    deadlines: VecDeque<(Instant, WaitId)>,
     actions: VecDeque<PrimaryAction>,
     #[cfg(test)]
     pub(crate) faults: PrimaryFaults,
@@ -147,6 +156,7 @@ impl PrimaryCore {
             known: Vec::new(),
             inflight: Inflight::default(),
             waits: HashMap::new(),
+            deadlines: VecDeque::new(),
             actions: VecDeque::new(),
             #[cfg(test)]
             faults: PrimaryFaults::default(),
@@ -447,6 +457,56 @@ impl PrimaryCore {
         self.actions.pop_front()
     }
 
+    // ----- acknowledgement deadlines -----
+
+    /// Give up on the peers of an open `wait` at `deadline`: if they have not all answered
+    /// by then, [`Self::handle_timeout`] names those still holding it.
+    pub fn set_deadline(&mut self, wait: WaitId, deadline: Instant) {
+        let Some(w) = self.waits.get_mut(&wait) else {
+            return;
+        };
+        w.deadline = Some(deadline);
+        // Deadlines normally come in order (one timeout for every wait): append.
+        let at = self.deadlines.partition_point(|(d, _)| *d <= deadline);
+        self.deadlines.insert(at, (deadline, wait));
+    }
+
+    /// The earliest deadline of a wait still open; call [`Self::handle_timeout`] then.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(&(deadline, wait)) = self.deadlines.front() {
+            if self
+                .waits
+                .get(&wait)
+                .is_some_and(|w| w.deadline == Some(deadline))
+            {
+                return Some(deadline);
+            }
+            self.deadlines.pop_front();
+        }
+        None
+    }
+
+    /// The time is `now`: the attached peers still holding a wait whose deadline passed,
+    /// each once. The shell closes their links; [`Self::handle_link_down`] then ends the
+    /// waits with them lost.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<PeerId> {
+        let mut late = Vec::new();
+        while self.poll_timeout().is_some_and(|d| d <= now) {
+            let Some((_, wait)) = self.deadlines.pop_front() else {
+                break;
+            };
+            if let Some(w) = self.waits.get_mut(&wait) {
+                w.deadline = None;
+            }
+            for peer in self.peers_holding(wait) {
+                if !late.contains(&peer) {
+                    late.push(peer);
+                }
+            }
+        }
+        late
+    }
+
     fn close_epoch(&mut self) {
         if self.epoch_requests == 0 {
             return;
@@ -476,6 +536,7 @@ impl PrimaryCore {
                     kind,
                     left: peers,
                     lost: Vec::new(),
+                    deadline: None,
                 },
             );
         }

@@ -75,6 +75,19 @@ pub enum Work {
     ResyncDone { summary: ResyncSummary },
 }
 
+impl Work {
+    /// The work's name in errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Work::Request { op, .. } => op.name(),
+            Work::Flush { .. } => "flush",
+            Work::ResyncData { .. } | Work::ResyncZeroes { .. } => "resync write",
+            Work::ResyncDigest { .. } => "resync compare",
+            Work::ResyncDone { .. } => "resync end",
+        }
+    }
+}
+
 /// One piece of [`Work`] started by the core.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {

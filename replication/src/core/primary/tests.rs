@@ -209,3 +209,56 @@ fn overlapping_claims_wait_and_reservations_hold_back_new_requests_only() {
     core.release(0);
     assert!(core.try_claim(4096, 8192, true));
 }
+
+#[test]
+fn a_peer_holding_a_wait_past_its_deadline_is_named_once_and_its_loss_ends_the_wait() {
+    let t0 = std::time::Instant::now();
+    let secs = std::time::Duration::from_secs;
+    let mut core = PrimaryCore::new(ReplicationProtocol::C, 100);
+    let hv2 = core.attach_peer("hv2");
+    let hv3 = core.attach_peer("hv3");
+    let a = core.start_request(0, &write(4096, false), &[hv2, hv3]);
+    let b = core.start_request(8192, &write(4096, false), &[hv2, hv3]);
+    core.set_deadline(a.wait.unwrap(), t0 + secs(30));
+    core.set_deadline(b.wait.unwrap(), t0 + secs(31));
+    drain(&mut core);
+    assert_eq!(core.poll_timeout(), Some(t0 + secs(30)));
+    // hv2 answers both; hv3 answers neither.
+    core.handle_peer_message(hv2, write_ack(a.seq));
+    core.handle_peer_message(hv2, write_ack(b.seq));
+    assert!(core.handle_timeout(t0 + secs(29)).is_empty());
+    assert_eq!(core.handle_timeout(t0 + secs(31)), vec![hv3]);
+    // Each deadline fires once.
+    assert_eq!(core.poll_timeout(), None);
+    assert!(core.handle_timeout(t0 + secs(60)).is_empty());
+    core.handle_link_down(hv3);
+    let done: Vec<_> = drain(&mut core)
+        .into_iter()
+        .filter(|a| matches!(a, PrimaryAction::PeersDone { .. }))
+        .collect();
+    assert_eq!(
+        done,
+        vec![
+            PrimaryAction::PeersDone {
+                wait: a.wait.unwrap(),
+                unacknowledged: vec!["hv3".into()]
+            },
+            PrimaryAction::PeersDone {
+                wait: b.wait.unwrap(),
+                unacknowledged: vec!["hv3".into()]
+            },
+        ]
+    );
+}
+
+#[test]
+fn the_deadline_of_an_answered_wait_never_fires() {
+    let t0 = std::time::Instant::now();
+    let mut core = PrimaryCore::new(ReplicationProtocol::C, 100);
+    let hv2 = core.attach_peer("hv2");
+    let a = core.start_request(0, &write(4096, false), &[hv2]);
+    core.set_deadline(a.wait.unwrap(), t0);
+    core.handle_peer_message(hv2, write_ack(a.seq));
+    assert_eq!(core.poll_timeout(), None);
+    assert!(core.handle_timeout(t0).is_empty());
+}
