@@ -1444,7 +1444,15 @@ impl Replica {
                 continue;
             };
             let res = self.persist().await;
-            lock(&self.st).gen_persisting = false;
+            {
+                let mut st = lock(&self.st);
+                st.gen_persisting = false;
+                // Not on disk: no write may run in it; the next one starts a generation
+                // again.
+                if res.is_err() {
+                    st.uuids.new_generation_pending = true;
+                }
+            }
             res?;
             tracing::info!(volume = %self.volume, generation = %g, ?disconnected, "new data generation");
             let msg = EngineMessage::NewCurrent {
