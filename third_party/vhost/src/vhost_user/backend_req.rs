@@ -61,6 +61,19 @@ impl BackendInternal {
         self.wait_for_ack(&hdr)
     }
 
+    // Send a request that has no payload (e.g. CONFIG_CHANGE_MSG).
+    fn send_header_only(&mut self, request: BackendReq) -> Result<u64> {
+        self.check_state()?;
+
+        let mut hdr = VhostUserMsgHeader::new(request, 0, 0);
+        if self.reply_ack_negotiated {
+            hdr.set_need_reply(true);
+        }
+        self.sock.send_header(&hdr, None)?;
+
+        self.wait_for_ack(&hdr)
+    }
+
     fn wait_for_ack(&mut self, hdr: &VhostUserMsgHeader<BackendReq>) -> Result<u64> {
         self.check_state()?;
         if !self.reply_ack_negotiated {
@@ -146,6 +159,17 @@ impl Backend {
 }
 
 impl VhostUserFrontendReqHandler for Backend {
+    /// Forward a device configuration change notification to the frontend
+    /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, no payload): the frontend reads the config
+    /// space again (`GET_CONFIG`) and tells the driver.
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        Ok(self
+            .inner
+            .lock()
+            .unwrap()
+            .send_header_only(BackendReq::CONFIG_CHANGE_MSG)?)
+    }
+
     /// Forward vhost-user shared-object add request to the frontend.
     fn shared_object_add(&self, uuid: &VhostUserSharedMsg) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();
@@ -211,6 +235,21 @@ mod tests {
         let backend = Backend::from_stream(p1);
         let frontend = Endpoint::<VhostUserMsgHeader<BackendReq>>::from_stream(p2);
         (frontend, backend)
+    }
+
+    #[test]
+    fn test_backend_req_config_change() {
+        let (mut frontend, backend) = frontend_backend_pair();
+
+        backend.handle_config_change().unwrap();
+        let (hdr, rfds) = frontend.recv_header().unwrap();
+        assert_eq!(hdr.get_code().unwrap(), BackendReq::CONFIG_CHANGE_MSG);
+        assert_eq!(hdr.get_size(), 0);
+        assert!(!hdr.is_need_reply());
+        assert!(rfds.is_none());
+
+        backend.set_failed(libc::ECONNRESET);
+        backend.handle_config_change().unwrap_err();
     }
 
     #[test]
