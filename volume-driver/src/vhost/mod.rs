@@ -66,6 +66,8 @@ pub mod backend;
 pub mod config_space;
 pub mod connection;
 #[cfg(test)]
+mod dirty_log_test;
+#[cfg(test)]
 mod dummy_exports;
 pub mod request;
 pub mod resize;
