@@ -171,8 +171,8 @@ pub struct BlkBackend {
     stopping: AtomicBool,
     /// The backend request channel to the frontend (`SET_BACKEND_REQ_FD`), if it gave one.
     to_frontend: Mutex<Option<Backend>>,
-    /// The size the frontend last learned (from GET_CONFIG or a config-change notice);
-    /// `u64::MAX` before it asked.
+    /// The size the frontend last learned (the size at the open, then each GET_CONFIG and
+    /// config-change notice); `u64::MAX` before the open.
     announced_size: AtomicU64,
 }
 
@@ -247,6 +247,14 @@ impl BlkBackend {
         match self.runtime.block_on(self.exports.open(&self.name, true)) {
             Ok(handle) => {
                 tracing::info!(volume = %self.name, read_only = handle.read_only(), "vhost-user-blk frontend opened the volume");
+                // What the frontend knows until it reads the config: a QEMU that reconnects
+                // (tandemd restarted) does not read it again.
+                let _ = self.announced_size.compare_exchange(
+                    u64::MAX,
+                    handle.size(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
                 Volume::Open {
                     handle,
                     _served: self.counters.connected(),
@@ -337,8 +345,8 @@ impl BlkBackend {
     /// Tell the frontend when the open volume's size differs from what it last learned
     /// (an online resize): a `CONFIG_CHANGE_MSG`, after which QEMU reads the config space
     /// again and raises the guest's config interrupt. Returns whether a notice went out.
-    /// A frontend that has not read the config yet, or gave no request channel, is not
-    /// told (QEMU reads the size when it realizes the device).
+    /// A frontend that gave no request channel is not told (its guest sees the new size
+    /// at its next boot).
     pub fn announce_size(&self) -> bool {
         let size = match &*self.lock() {
             Volume::Open { handle, .. } => handle.size(),
