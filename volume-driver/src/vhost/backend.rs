@@ -12,19 +12,32 @@
 //! [`BlkBackend::release`] when the connection ends, which is the "last writer closed"
 //! signal.
 //!
+//! While QEMU migrates the VM, every guest page the device writes (read data, status
+//! bytes, used ring) is marked in QEMU's dirty log: the guest memory carries
+//! vhost-user-backend's [`BitmapMmapRegion`], which the library points at the log
+//! (`SET_LOG_BASE`, offered through `LOG_SHMFD` and the `LOG_ALL` feature), and every
+//! `vm-memory` write marks the pages it touches. Without a log the bitmap is empty and
+//! marks nothing.
+//!
+//! A grown volume is announced to the frontend ([`BlkBackend::announce_size`]): a
+//! `CONFIG_CHANGE_MSG` on the backend request channel (`BACKEND_REQ`), after which QEMU
+//! reads the config space again and tells the guest the new capacity.
+//!
 //! Requests run in the queue's worker thread (one thread per queue), each waiting for its
 //! `ExportHandle` call on the daemon's tokio runtime; one queue thus has one request in
 //! flight and several queues run in parallel.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::runtime::Handle;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -44,8 +57,11 @@ use super::request::{self, Chain, Op, Request, Segment, Status, HEADER_LEN};
 use super::stats::{self, Connected, Counters};
 use crate::frontend::{ExportHandle, ExportIoError, Exports, OpenError};
 
-/// Guest memory as the daemon maps it (no dirty-page log).
-pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Guest memory as one connection maps it; every write marks QEMU's dirty log while a
+/// migration has one.
+pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
+/// Guest memory as the daemon maps it (follows the frontend's memory table).
+pub type GuestMemory = GuestMemoryAtomic<Mem>;
 type Vring = VringRwLock<GuestMemory>;
 
 /// Descriptors per queue offered to the frontend.
@@ -153,6 +169,11 @@ pub struct BlkBackend {
     /// is started (or completed into guest memory) for a frontend that left; QEMU
     /// resubmits what it never got back.
     stopping: AtomicBool,
+    /// The backend request channel to the frontend (`SET_BACKEND_REQ_FD`), if it gave one.
+    to_frontend: Mutex<Option<Backend>>,
+    /// The size the frontend last learned (the size at the open, then each GET_CONFIG and
+    /// config-change notice); `u64::MAX` before the open.
+    announced_size: AtomicU64,
 }
 
 impl Drop for BlkBackend {
@@ -188,6 +209,8 @@ impl BlkBackend {
             stopping: AtomicBool::new(false),
             mem,
             exit_fds: Mutex::default(),
+            to_frontend: Mutex::default(),
+            announced_size: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -224,6 +247,14 @@ impl BlkBackend {
         match self.runtime.block_on(self.exports.open(&self.name, true)) {
             Ok(handle) => {
                 tracing::info!(volume = %self.name, read_only = handle.read_only(), "vhost-user-blk frontend opened the volume");
+                // What the frontend knows until it reads the config: a QEMU that reconnects
+                // (tandemd restarted) does not read it again.
+                let _ = self.announced_size.compare_exchange(
+                    u64::MAX,
+                    handle.size(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
                 Volume::Open {
                     handle,
                     _served: self.counters.connected(),
@@ -307,7 +338,41 @@ impl BlkBackend {
                 .map(|info| info.size)
                 .unwrap_or(0),
         };
+        self.announced_size.store(size, Ordering::Release);
         Some(ConfigSpace::new(size, self.num_queues as u16))
+    }
+
+    /// Tell the frontend when the open volume's size differs from what it last learned
+    /// (an online resize): a `CONFIG_CHANGE_MSG`, after which QEMU reads the config space
+    /// again and raises the guest's config interrupt. Returns whether a notice went out.
+    /// A frontend that gave no request channel is not told (its guest sees the new size
+    /// at its next boot).
+    pub fn announce_size(&self) -> bool {
+        let size = match &*self.lock() {
+            Volume::Open { handle, .. } => handle.size(),
+            _ => return false,
+        };
+        let announced = self.announced_size.load(Ordering::Acquire);
+        if announced == u64::MAX || announced == size {
+            return false;
+        }
+        let channel = self.to_frontend.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(channel) = channel.as_ref() else {
+            return false;
+        };
+        // Told once per change, whatever the outcome: a frontend that cannot take the
+        // notice now reads the size at its next GET_CONFIG.
+        self.announced_size.store(size, Ordering::Release);
+        match channel.handle_config_change() {
+            Ok(_) => {
+                tracing::info!(volume = %self.name, size, previous = announced, "vhost-user-blk: told the frontend the volume's new size");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(volume = %self.name, size, error = %e, "vhost-user-blk: cannot tell the frontend the volume's new size");
+                false
+            }
+        }
     }
 
     /// Answer every available request of `vring`, then notify the guest.
@@ -351,7 +416,7 @@ impl BlkBackend {
     }
 
     /// Run one request and write its status; returns the bytes written to the guest.
-    fn execute(&self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> u32 {
+    fn execute(&self, mem: &Mem, chain: &Chain) -> u32 {
         let (op, outcome) = match read_header(mem, chain) {
             Ok(header) => (Op::of(&header), self.run(mem, chain, &header)),
             Err(rejected) => (Op::Other, Err(rejected)),
@@ -372,7 +437,7 @@ impl BlkBackend {
 
     /// Write `status` at `addr`; returns the bytes written (1, or 0 when there is no
     /// place for it).
-    fn write_status(&self, mem: &GuestMemoryMmap<()>, addr: Option<u64>, status: Status) -> u32 {
+    fn write_status(&self, mem: &Mem, addr: Option<u64>, status: Status) -> u32 {
         let Some(addr) = addr else {
             return 0;
         };
@@ -389,7 +454,7 @@ impl BlkBackend {
     /// the guest.
     fn run(
         &self,
-        mem: &GuestMemoryMmap<()>,
+        mem: &Mem,
         chain: &Chain,
         header: &[u8; HEADER_LEN as usize],
     ) -> Result<u32, request::Rejected> {
@@ -446,10 +511,7 @@ fn io_err(reason: String) -> request::Rejected {
 }
 
 /// The 16-byte request header at the start of the chain's readable bytes.
-fn read_header(
-    mem: &GuestMemoryMmap<()>,
-    chain: &Chain,
-) -> Result<[u8; HEADER_LEN as usize], request::Rejected> {
+fn read_header(mem: &Mem, chain: &Chain) -> Result<[u8; HEADER_LEN as usize], request::Rejected> {
     if chain.readable_len() < HEADER_LEN {
         return Err(io_err("header shorter than 16 bytes".into()));
     }
@@ -459,12 +521,7 @@ fn read_header(
 }
 
 /// Copy `out.len()` bytes starting `skip` bytes into `segments` from guest memory.
-fn gather(
-    mem: &GuestMemoryMmap<()>,
-    segments: &[Segment],
-    mut skip: u64,
-    out: &mut [u8],
-) -> Result<(), String> {
+fn gather(mem: &Mem, segments: &[Segment], mut skip: u64, out: &mut [u8]) -> Result<(), String> {
     let mut done = 0usize;
     for segment in segments {
         if done == out.len() {
@@ -493,7 +550,7 @@ fn gather(
 }
 
 /// Copy `data` into the start of `segments` in guest memory.
-fn scatter(mem: &GuestMemoryMmap<()>, segments: &[Segment], data: &[u8]) -> Result<(), String> {
+fn scatter(mem: &Mem, segments: &[Segment], data: &[u8]) -> Result<(), String> {
     let mut done = 0usize;
     for segment in segments {
         if done == data.len() {
@@ -515,7 +572,7 @@ fn scatter(mem: &GuestMemoryMmap<()>, segments: &[Segment], data: &[u8]) -> Resu
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -542,7 +599,8 @@ impl VhostUserBackend for BlkBackend {
             | (1 << VIRTIO_BLK_F_MQ)
             | (1 << VIRTIO_BLK_F_DISCARD)
             | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -553,6 +611,12 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.to_frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -635,7 +699,7 @@ mod tests {
     /// A device on `volume` with one queue in 16 MiB of test guest memory.
     struct Device {
         backend: BlkBackend,
-        mem: GuestMemoryMmap<()>,
+        mem: Mem,
         _runtime: tokio::runtime::Runtime,
     }
 
