@@ -90,6 +90,15 @@ fn create_replicated(cluster: &LoopbackCluster, volume: &str) {
     wait_settled(cluster, volume);
 }
 
+/// Write `pattern` over the first MiB of `volume` through hv1, then wait until both
+/// replicas are settled again (closed, in sync).
+fn write_and_settle(cluster: &LoopbackCluster, volume: &str, pattern: u8) {
+    let write = format!("write -P {pattern:#x} 0 1M");
+    let (ok, text) = cluster.node("hv1").qemu_io(volume, &[&write, "flush"]);
+    assert!(ok, "{text}");
+    wait_settled(cluster, volume);
+}
+
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)
@@ -143,21 +152,22 @@ fn holders_of(cluster: &LoopbackCluster, volume: &str, snapshot: &str) -> Vec<St
         .collect()
 }
 
-/// `snapshot` of `volume` is final on both nodes, byte-identical, and listed on both.
-fn on_both_and_identical(cluster: &LoopbackCluster, volume: &str, snapshot: &str) {
+/// `snapshot` of `volume` is final on both nodes, byte-identical, and listed on both;
+/// `what` says which case of the test this is.
+fn on_both_and_identical(cluster: &LoopbackCluster, volume: &str, snapshot: &str, what: &str) {
     let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
     assert_eq!(
         holders_of(cluster, volume, snapshot),
         ["hv1", "hv2"],
-        "{volume}@{snapshot}\n{}",
+        "{what}: {volume}@{snapshot}\n{}",
         cluster.logs()
     );
     assert_eq!(
         sha256(&snapshot_file_of(hv1, volume, snapshot)),
         sha256(&snapshot_file_of(hv2, volume, snapshot)),
-        "{volume}@{snapshot}: the copies differ"
+        "{what}: the copies of {volume}@{snapshot} differ"
     );
-    let list = hv2
+    let list = hv1
         .tandem(&["snapshot", "list", volume, "--json"])
         .ok()
         .json();
@@ -168,7 +178,7 @@ fn on_both_and_identical(cluster: &LoopbackCluster, volume: &str, snapshot: &str
     assert_eq!(
         listed,
         Some(serde_json::json!(["hv1", "hv2"])),
-        "{volume}@{snapshot}"
+        "{what}: {volume}@{snapshot}"
     );
 }
 
@@ -782,12 +792,7 @@ fn a_daemon_killed_at_any_point_of_a_snapshot_leaves_it_on_every_node_or_on_none
     let mut fixture = start();
     create_replicated(&fixture.cluster, VOLUME);
     // Written first, so that the snapshots hold data.
-    let (ok, text) = fixture
-        .cluster
-        .node("hv1")
-        .qemu_io(VOLUME, &["write -P 0x5a 0 1M", "flush"]);
-    assert!(ok, "{text}");
-    wait_settled(&fixture.cluster, VOLUME);
+    write_and_settle(&fixture.cluster, VOLUME, 0x5a);
     // How long one create takes here: the kills are spread over it.
     let started = Instant::now();
     fixture
@@ -835,21 +840,7 @@ fn a_daemon_killed_at_any_point_of_a_snapshot_leaves_it_on_every_node_or_on_none
             assert_eq!(on, ["hv1", "hv2"], "{what}: the create succeeded");
         }
         if !on.is_empty() {
-            let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
-            assert_eq!(
-                sha256(&snapshot_file(hv1, &snapshot)),
-                sha256(&snapshot_file(hv2, &snapshot)),
-                "{what}: the copies differ"
-            );
-            let list = hv1
-                .tandem(&["snapshot", "list", VOLUME, "--json"])
-                .ok()
-                .json();
-            let listed = list
-                .as_array()
-                .and_then(|l| l.iter().find(|s| s["name"] == snapshot.as_str()))
-                .map(|s| s["nodes"].clone());
-            assert_eq!(listed, Some(serde_json::json!(["hv1", "hv2"])), "{what}");
+            on_both_and_identical(cluster, VOLUME, &snapshot, &what);
         }
         outcomes.push(format!(
             "{what}: {} pending copies after the restart, then {}",
@@ -874,9 +865,7 @@ fn a_renamed_volume_keeps_its_snapshots_and_a_pending_copy_is_still_made_final()
     let cluster = &fixture.cluster;
     let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
     create_replicated(cluster, VOLUME);
-    let (ok, text) = hv1.qemu_io(VOLUME, &["write -P 0x31 0 1M", "flush"]);
-    assert!(ok, "{text}");
-    wait_settled(cluster, VOLUME);
+    write_and_settle(cluster, VOLUME, 0x31);
     hv1.tandem(&["snapshot", "create", VOLUME, "s1"]).ok();
     // hv2 refused the rename of this one: it keeps its pending copy and its record of the
     // take, which it resolves once stale (10 s after the take) ...
@@ -887,13 +876,11 @@ fn a_renamed_volume_keeps_its_snapshots_and_a_pending_copy_is_still_made_final()
     wait_settled(cluster, RENAMED);
     wait_resolved(cluster);
     for snapshot in ["s1", pending.as_str()] {
-        on_both_and_identical(cluster, RENAMED, snapshot);
+        on_both_and_identical(cluster, RENAMED, snapshot, "after the rename");
     }
     // Rolled back and deleted under the new name.
     let s1 = sha256(&snapshot_file_of(hv1, RENAMED, "s1"));
-    let (ok, text) = hv1.qemu_io(RENAMED, &["write -P 0x32 0 1M", "flush"]);
-    assert!(ok, "{text}");
-    wait_settled(cluster, RENAMED);
+    write_and_settle(cluster, RENAMED, 0x32);
     hv2.tandem(&["snapshot", "rollback", RENAMED, "s1"]).ok();
     for node in [hv1, hv2] {
         let image = node.images().join(format!("{RENAMED}.img"));
@@ -938,12 +925,7 @@ fn create_until_done(node: &TandemNode, snapshot: &str) -> Vec<String> {
 fn the_pending_resolver_racing_a_create_of_the_same_name_leaves_it_on_both_nodes_or_none() {
     let mut fixture = start();
     create_replicated(&fixture.cluster, VOLUME);
-    let (ok, text) = fixture
-        .cluster
-        .node("hv1")
-        .qemu_io(VOLUME, &["write -P 0x6b 0 1M", "flush"]);
-    assert!(ok, "{text}");
-    wait_settled(&fixture.cluster, VOLUME);
+    write_and_settle(&fixture.cluster, VOLUME, 0x6b);
     // Leftovers of interrupted creates on hv2: p0..p5 final nowhere (to be removed), f0 and
     // f1 final on hv1 (to be made final). hv2 starts alone, so its resolver cannot ask hv1
     // and keeps them, trying again on its timer (every 5 s).
@@ -1015,7 +997,7 @@ fn the_pending_resolver_racing_a_create_of_the_same_name_leaves_it_on_both_nodes
     // Every one ends final on both nodes and identical: created after its leftover was
     // removed, or made final from hv1's copy; none is pending or on one node only.
     for (snapshot, tries) in &attempts {
-        on_both_and_identical(cluster, VOLUME, snapshot);
+        on_both_and_identical(cluster, VOLUME, snapshot, "after the race");
         if kept.contains(snapshot) {
             // Final on hv1 already: never taken again, only made final on hv2.
             assert!(

@@ -993,6 +993,15 @@ mod tests {
         (node.to_string(), status)
     }
 
+    /// A service with a file pool in a temporary directory and an unreplicated 1 MiB
+    /// volume `name`.
+    async fn with_volume(name: &str) -> (tempfile::TempDir, VolumeService) {
+        let dir = tempfile::tempdir().unwrap();
+        let service = crate::service::tests::service(dir.path());
+        service.create_local(name, 1 << 20, None).await.unwrap();
+        (dir, service)
+    }
+
     #[test]
     fn a_cut_is_kept_only_with_the_same_primary_and_generations() {
         let before = [
@@ -1025,9 +1034,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_command_that_took_a_pending_copy_commits_or_discards_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let service = crate::service::tests::service(dir.path());
-        service.create_local("v", 1 << 20, None).await.unwrap();
+        let (dir, service) = with_volume("v").await;
         let pending = dir.path().join("images/v@s+pending.snap");
         // The state after command 1's take here (the file made by hand: no reflink here).
         std::fs::write(&pending, b"copy").unwrap();
@@ -1062,9 +1069,7 @@ mod tests {
     #[tokio::test]
     async fn peer_messages_with_a_bad_snapshot_name_are_refused_before_any_path_is_built() {
         use crate::peer::{dispatch, PeerResponse};
-        let dir = tempfile::tempdir().unwrap();
-        let service = crate::service::tests::service(dir.path());
-        service.create_local("v", 1 << 20, None).await.unwrap();
+        let (dir, service) = with_volume("v").await;
         // With a directory `v@..` in the pool, `v@../../../victim.snap` is `victim.snap`
         // beside the pool: what an unchecked name would reach.
         std::fs::create_dir(dir.path().join("images/v@..")).unwrap();
@@ -1122,10 +1127,8 @@ mod tests {
 
     #[tokio::test]
     async fn names_create_accepts_are_accepted_by_list_delete_and_rollback() {
-        let dir = tempfile::tempdir().unwrap();
-        let service = crate::service::tests::service(dir.path());
         let volume = "v".repeat(64);
-        service.create_local(&volume, 1 << 20, None).await.unwrap();
+        let (dir, service) = with_volume(&volume).await;
         // A file pool has no name limit below the common rule: create's check takes 64
         // characters (the pending file name has 142), and refuses 65.
         let longest = "s".repeat(64);
@@ -1157,9 +1160,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rename_carries_the_snapshots_and_the_takes_recorded_here() {
-        let dir = tempfile::tempdir().unwrap();
-        let service = crate::service::tests::service(dir.path());
-        service.create_local("v", 1 << 20, None).await.unwrap();
+        let (dir, service) = with_volume("v").await;
         let images = dir.path().join("images");
         // A final snapshot, command 1's pending take, and a leftover no command takes
         // (files made by hand: no reflink here).

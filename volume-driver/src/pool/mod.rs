@@ -151,10 +151,10 @@ pub trait Pool: Send + Sync + 'static {
     /// ([`validate_snapshot_name`]) and, for backends with a name limit, its pending name
     /// (the longest it has) must fit. This decides the longest name `snapshot create`
     /// accepts; commands on existing snapshots check the common rule only.
-    fn check_new_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
-        let _ = volume;
+    fn check_new_snapshot(&self, _volume: &str, snapshot: &str) -> Result<(), PoolError> {
         validate_snapshot_name(self.name(), snapshot)
     }
+
     /// Take a block-sharing snapshot `volume@snapshot` of the storage as it is now, under
     /// its pending name (one atomic step). The caller makes sure no write is in flight.
     /// Fails with [`PoolError::SnapshotExists`] when that pending snapshot exists, or
