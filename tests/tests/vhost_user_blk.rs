@@ -244,6 +244,36 @@ section read sh -c "dd if=/dev/vda bs=4096 skip=$last count=1 2>/dev/null | head
 /// new end and reads it back; the bytes are in the volume on the host.
 #[test]
 fn a_resize_reaches_a_running_guest_which_writes_and_reads_at_the_new_end() {
+    resize_reaches_the_guest(false);
+}
+
+/// The same with the VM paused during the resize: QEMU drops a config-change notice while
+/// its device is stopped, so tandemd repeats it until QEMU reads the config; after `cont`
+/// the guest sees the new size.
+#[test]
+fn a_resize_while_the_vm_is_paused_reaches_the_guest_once_it_resumes() {
+    resize_reaches_the_guest(true);
+}
+
+/// Send one QMP command on `qmp` and wait for its answer.
+fn qmp_command(qmp: &mut std::io::BufReader<UnixStream>, command: &str) {
+    use std::io::BufRead;
+    qmp.get_mut()
+        .write_all(format!("{{\"execute\":\"{command}\"}}\n").as_bytes())
+        .expect("QMP write");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = qmp.read_line(&mut line).expect("QMP read");
+        assert!(n > 0, "QMP closed while waiting for {command}");
+        if line.contains("\"return\"") {
+            return;
+        }
+        assert!(!line.contains("\"error\""), "QMP {command}: {line}");
+    }
+}
+
+fn resize_reaches_the_guest(paused: bool) {
     if vm::skip_requested() {
         eprintln!("TANDEM_SKIP_VM_TESTS is set: skipping guest test");
         return;
@@ -264,8 +294,11 @@ fn a_resize_reaches_a_running_guest_which_writes_and_reads_at_the_new_end() {
         .build(&work.path().join("guest"))
         .expect("building the guest");
     let console = work.path().join("resize.log");
+    let qmp_path = work.path().join("qmp.sock");
     let running = Vm::new(image)
         .disk(Disk::vhost_user(&sock, 1))
+        .qemu_arg("-qmp")
+        .qemu_arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
         .spawn(&console)
         .expect("booting the guest");
     let console_text = || std::fs::read_to_string(&console).unwrap_or_default();
@@ -275,9 +308,31 @@ fn a_resize_reaches_a_running_guest_which_writes_and_reads_at_the_new_end() {
         "the guest never came up:\n{}",
         console_text()
     );
+    let mut qmp = std::io::BufReader::new(UnixStream::connect(&qmp_path).expect("QMP socket"));
+    {
+        use std::io::BufRead;
+        let mut greeting = String::new();
+        qmp.read_line(&mut greeting).expect("QMP greeting");
+    }
+    qmp_command(&mut qmp, "qmp_capabilities");
+    if paused {
+        qmp_command(&mut qmp, "stop");
+    }
     let started = Instant::now();
     node.tandem(&["volume", "resize", GROWN, "--size", "96M"])
         .ok();
+    if paused {
+        // The first notice goes out (and is dropped by the paused QEMU) before `cont`.
+        assert!(
+            wait_until(Duration::from_secs(10), || node
+                .log()
+                .contains("told the frontend the volume's new size")),
+            "{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        qmp_command(&mut qmp, "cont");
+    }
     let run = running.wait().expect("the guest ran");
     eprintln!(
         "[vhost resize] {}; the guest saw the new size, wrote, read back and powered off {:.1?} after the resize",

@@ -31,7 +31,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::runtime::Handle;
@@ -90,6 +90,9 @@ enum Turn {
 
 /// How long an open waits for the previous frontend's handle to be released.
 const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
+/// How often a config-change notice is repeated until the frontend reads the config.
+pub const NOTICE_REPEAT: Duration = Duration::from_secs(2);
 
 /// A socket's one frontend at a time: taken by the connection whose backend opens the
 /// volume, until that connection's handle is released. A frontend that comes while the
@@ -171,9 +174,14 @@ pub struct BlkBackend {
     stopping: AtomicBool,
     /// The backend request channel to the frontend (`SET_BACKEND_REQ_FD`), if it gave one.
     to_frontend: Mutex<Option<Backend>>,
-    /// The size the frontend last learned (the size at the open, then each GET_CONFIG and
-    /// config-change notice); `u64::MAX` before the open.
+    /// The size the frontend last read (the size at the open, then each GET_CONFIG);
+    /// `u64::MAX` before the open. A notice does not change it: QEMU drops a notice while
+    /// its device is stopped (VM paused, guest reset, incoming migration), so notices are
+    /// repeated until the frontend reads the config.
     announced_size: AtomicU64,
+    /// When the last config-change notice went out, and for which size (rate limit, and
+    /// one log line per size).
+    last_notice: Mutex<Option<(Instant, u64)>>,
 }
 
 impl Drop for BlkBackend {
@@ -211,6 +219,7 @@ impl BlkBackend {
             exit_fds: Mutex::default(),
             to_frontend: Mutex::default(),
             announced_size: AtomicU64::new(u64::MAX),
+            last_notice: Mutex::default(),
         }
     }
 
@@ -342,11 +351,12 @@ impl BlkBackend {
         Some(ConfigSpace::new(size, self.num_queues as u16))
     }
 
-    /// Tell the frontend when the open volume's size differs from what it last learned
-    /// (an online resize): a `CONFIG_CHANGE_MSG`, after which QEMU reads the config space
-    /// again and raises the guest's config interrupt. Returns whether a notice went out.
-    /// A frontend that gave no request channel is not told (its guest sees the new size
-    /// at its next boot).
+    /// Tell the frontend when the open volume's size differs from what it last read (an
+    /// online resize): a `CONFIG_CHANGE_MSG`, after which QEMU reads the config space
+    /// again and raises the guest's config interrupt. Repeated every [`NOTICE_REPEAT`]
+    /// until the frontend reads the config (QEMU ignores a notice while its device is
+    /// stopped). Returns whether a notice went out. A frontend that gave no request
+    /// channel is not told (the new size reaches its guest when QEMU restarts).
     pub fn announce_size(&self) -> bool {
         let size = match &*self.lock() {
             Volume::Open { handle, .. } => handle.size(),
@@ -360,16 +370,23 @@ impl BlkBackend {
         let Some(channel) = channel.as_ref() else {
             return false;
         };
-        // Told once per change, whatever the outcome: a frontend that cannot take the
-        // notice now reads the size at its next GET_CONFIG.
-        self.announced_size.store(size, Ordering::Release);
+        let mut last = self.last_notice.lock().unwrap_or_else(|e| e.into_inner());
+        let first_for_size = last.is_none_or(|(_, told)| told != size);
+        if !first_for_size && last.is_some_and(|(at, _)| at.elapsed() < NOTICE_REPEAT) {
+            return false;
+        }
+        *last = Some((Instant::now(), size));
         match channel.handle_config_change() {
             Ok(_) => {
-                tracing::info!(volume = %self.name, size, previous = announced, "vhost-user-blk: told the frontend the volume's new size");
+                if first_for_size {
+                    tracing::info!(volume = %self.name, size, previous = announced, "vhost-user-blk: told the frontend the volume's new size");
+                }
                 true
             }
             Err(e) => {
-                tracing::warn!(volume = %self.name, size, error = %e, "vhost-user-blk: cannot tell the frontend the volume's new size");
+                if first_for_size {
+                    tracing::warn!(volume = %self.name, size, error = %e, "vhost-user-blk: cannot tell the frontend the volume's new size");
+                }
                 false
             }
         }
@@ -616,6 +633,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
+        // REPLY_ACK is never offered: a frontend claiming it must not make a notice wait
+        // for an answer that never comes.
+        backend.set_reply_ack_flag(false);
         *self.to_frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
 

@@ -24,7 +24,7 @@ pub struct SizeWatcher {
 
 impl SizeWatcher {
     /// Watch `backend`'s volume until dropped; `None` (logged) when the thread cannot start,
-    /// in which case the guest sees a new size at its next boot.
+    /// in which case the guest sees a new size only when QEMU restarts.
     pub fn start(name: &str, backend: Arc<BlkBackend>) -> Option<SizeWatcher> {
         let (stop, stopped) = mpsc::channel::<()>();
         let spawned = std::thread::Builder::new()
@@ -40,7 +40,7 @@ impl SizeWatcher {
                 thread: Some(thread),
             }),
             Err(e) => {
-                tracing::warn!(volume = %name, error = %e, "vhost-user-blk: cannot start the resize watcher; the guest sees a new size after its next boot");
+                tracing::warn!(volume = %name, error = %e, "vhost-user-blk: cannot start the resize watcher; the guest sees a new size only when QEMU restarts");
                 None
             }
         }
