@@ -33,6 +33,7 @@
 
 mod aligned;
 mod block_lock;
+mod buffer_pool;
 mod engine;
 mod engine_sync;
 mod engine_uring;

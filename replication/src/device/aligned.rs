@@ -3,10 +3,13 @@
 //! `O_DIRECT` needs the memory address, the file offset and the length aligned to the
 //! device's block size. [`AlignedBuf`] owns memory aligned to [`ALIGN`], which satisfies
 //! every block size Linux uses (512 B to 4 KiB), and can become a `bytes::Bytes` without a
-//! copy, so a read lands straight in the buffer a frontend replies with.
+//! copy, so a read lands straight in the buffer a frontend replies with. Large buffers are
+//! reused through [`super::buffer_pool`].
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
+
+use super::buffer_pool;
 
 /// Alignment of memory, offsets and lengths for direct I/O.
 pub const ALIGN: usize = 4096;
@@ -35,8 +38,9 @@ unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     fn layout(len: usize) -> Layout {
-        // Rounded up to whole blocks (never zero-sized), so direct I/O may fill the tail.
-        let size = len.div_ceil(ALIGN).max(1) * ALIGN;
+        // Rounded up to whole blocks (never zero-sized), so direct I/O may fill the tail,
+        // and large ones to the pool's size classes.
+        let size = buffer_pool::class_size(len.div_ceil(ALIGN).max(1) * ALIGN);
         match Layout::from_size_align(size, ALIGN) {
             Ok(layout) => layout,
             Err(_) => panic!("buffer of {len} bytes exceeds the address space"),
@@ -58,6 +62,9 @@ impl AlignedBuf {
     /// until the caller has written all `len` bytes; see [`AlignedBuf::assume_filled`].
     pub(crate) fn uninit(len: usize) -> Uninit {
         let layout = Self::layout(len);
+        if let Some(ptr) = buffer_pool::take(layout.size()) {
+            return Uninit(AlignedBuf { ptr, len, layout });
+        }
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc::alloc(layout) };
         let Some(ptr) = NonNull::new(raw) else {
@@ -170,7 +177,12 @@ impl Uninit {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed`/`uninit` with this layout.
+        // Every pooled allocation has the layout `layout(len)` gives its size: ALIGN.
+        if buffer_pool::give(self.ptr, self.layout.size()) {
+            return;
+        }
+        // SAFETY: allocated in `zeroed`/`uninit` (or taken from the pool, which holds only
+        // such allocations) with this layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
