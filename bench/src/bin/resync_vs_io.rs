@@ -16,13 +16,18 @@
 //! unthrottled resync of a file pool does here (about 290 MiB/s); the controller's min
 //! rate and plan-ahead are the defaults (10 MiB/s, 2 s) unless given.
 //!
-//! What we saw on the shared 2-vCPU dev VM (other builds running, load 8-14), three runs of
-//! the final controller: (a) 6,271-8,475 IOPS, (b) 5,042-7,578 IOPS, so 0.80-1.00x kept,
-//! while the resync ran at 74-80 MiB/s (the busy cap, half the max rate); idle, the resync
-//! ran at 124-144 MiB/s, 0.83-0.96x the max rate (the machine's load decides how close).
-//! CPU per request rose from 60-63 to 66-71 us on hv1 and stayed at 74-80 us on hv2; a
-//! resynced MiB cost 1.1-1.6 ms of CPU on each side, which here shares the two CPUs with
-//! fio and both hosts (two real hosts would not).
+//! What we saw on the shared 2-vCPU dev VM, five runs each (load 0.8-5, other builds
+//! running), after the volume task reworked the write path:
+//! - busy cap at half the max rate (the resync ran at 78 MiB/s during (b)): 0.53-1.44x kept
+//!   (0.77, 0.53, 1.44, 0.89, 0.54); two runs of five missed the goal, (b)'s CPU per request
+//!   on hv1 rising from 31-47 to 53-75 us. Both hosts' disks and CPUs are this machine's, so
+//!   the resync's reads and writes compete with fio's for the same two CPUs and one disk.
+//! - busy cap at 30% (`BUSY_SHARE`, DRBD's guide's figure; the resync at 49 MiB/s): 0.73-1.13x
+//!   kept (0.83, 1.13, 1.02, 0.73, 0.75), (a) 13,994-24,520 IOPS; idle, the resync ran at
+//!   150 MiB/s, 1.00x the max rate. A resynced MiB cost 0.8-1.6 ms of CPU on each side.
+//!
+//! Earlier (the engine before the volume task, load 8-14), three runs with the half cap kept
+//! 0.80-1.00x, idle 0.83-0.96x the max rate.
 //!
 //! Before the busy cap (the resync got "max minus the application's rate" alone) five runs
 //! kept 0.44-0.91x with the resync at 114-128 MiB/s: when the hosts deliver less than the

@@ -28,7 +28,7 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(200);
 /// work), "max minus what the application wrote" would hand the resync what the
 /// application was kept from writing. A fixed share leaves it that headroom (DRBD's guide
 /// suggests about 30% of the bandwidth for a fixed resync rate).
-pub const BUSY_SHARE: f64 = 0.5;
+pub const BUSY_SHARE: f64 = 0.3;
 /// The application counts as busy above this share of `max` (below it, noise such as a
 /// guest's periodic metadata writes does not halve the resync).
 pub const BUSY_FLOOR: f64 = 0.01;
@@ -180,12 +180,12 @@ mod tests {
         let table = [
             (None, t0, 0, l(2000), 0.0, 1000), // first call: idle, full max
             (s(t0, 0, 0.0), ms(1000), 0, l(1000), 0.0, 1000), // idle stays at max
-            (s(t0, 0, 0.0), ms(1000), 600, l(1000), 600.0, 400), // busy: the rest of max
+            (s(t0, 0, 0.0), ms(1000), 800, l(1000), 800.0, 200), // busy: the rest of max
             (s(t0, 0, 0.0), ms(1000), 5000, l(1000), 5000.0, 100), // saturated: min
-            (s(t0, 0, 0.0), ms(1000), 600, l(2000), 300.0, 500), // longer window: half way; busy share
-            (s(t0, 0, 0.0), ms(1000), 200, l(1000), 200.0, 500), // busy: at most half of max
+            (s(t0, 0, 0.0), ms(1000), 600, l(2000), 300.0, 300), // longer window: half way; busy share
+            (s(t0, 0, 0.0), ms(1000), 200, l(1000), 200.0, 300), // busy: at most the busy share
             (s(t0, 0, 0.0), ms(1000), 5, l(1000), 5.0, 995),     // below the busy floor: the rest
-            (s(t0, 0, 500.0), ms(100), 600, l(1000), 500.0, 500), // too soon: no re-measure
+            (s(t0, 0, 800.0), ms(100), 600, l(1000), 800.0, 200), // too soon: no re-measure
             (s(t0, 0, 800.0), ms(1000), 0, l(1000), 0.0, 1000),  // application went idle
         ];
         for (i, (prev, now, app, lim, want_app, want_rate)) in table.into_iter().enumerate() {
@@ -218,8 +218,8 @@ mod tests {
                 app_rate,
             })
         };
-        rc.sample = busy(60.0);
-        assert_eq!(rc.effective_rate(Some(0)), 40);
+        rc.sample = busy(80.0);
+        assert_eq!(rc.effective_rate(Some(0)), 20);
         rc.sample = busy(500.0);
         assert_eq!(rc.effective_rate(Some(0)), 10);
         let mut unlimited = RateController::new(0, 10);
@@ -239,8 +239,8 @@ mod tests {
             max: 400,
             plan_ahead: PLAN_AHEAD,
         });
-        // 400 - 60 = 340, but the application is busy: at most half of 400.
-        assert_eq!(rc.effective_rate(Some(0)), 200);
+        // 400 - 60 = 340, but the application is busy: at most 30% of 400.
+        assert_eq!(rc.effective_rate(Some(0)), 120);
         assert_eq!(rc.effective_rate(None), 400);
         // A floor above the cap is clamped to it.
         rc.set_limits(Limits {
