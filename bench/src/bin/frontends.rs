@@ -67,7 +67,7 @@ use tandem_bench::device_client::DeviceClient;
 use tandem_bench::load::{self, Client, Op, Outcome, Workload, BLOCK};
 use tandem_bench::nbd_pipeline::NbdPipeline;
 use tandem_bench::vhost_blk::VhostBlk;
-use tandem_bench::{cpu_time, cross_cpu_wake_up, fill, settle};
+use tandem_bench::{context_switches, cpu_time, cross_cpu_wake_up, fill, settle};
 use tandem_tests::{wait_until, TandemNode};
 use volume_driver::config::Config;
 
@@ -159,6 +159,8 @@ const ROWS: [Row; 4] = [
 struct Measured {
     outcome: Outcome,
     tandemd_cpu: Duration,
+    /// `tandemd`'s context switches per request.
+    tandemd_switches: f64,
     bench_cpu: Duration,
 }
 
@@ -175,6 +177,7 @@ impl Measured {
             "mean_us": self.mean_us(),
             "p99_us": self.p99_us(),
             "tandemd_cpu_us_per_request": us(self.tandemd_cpu),
+            "tandemd_context_switches_per_request": self.tandemd_switches,
             "bench_cpu_us_per_request": us(self.bench_cpu),
         })
     }
@@ -283,11 +286,14 @@ fn check_same_volume(clients: &mut [Box<dyn Client>; 3]) -> Result<()> {
 fn measure(client: &mut dyn Client, workload: &Workload, tandemd: u32) -> Result<Measured> {
     let me = std::process::id();
     let (daemon_before, me_before) = (cpu_time(tandemd)?, cpu_time(me)?);
+    let switches_before = context_switches(tandemd)?;
     let outcome = load::run(client, workload)?;
+    let switches_after = context_switches(tandemd)?;
     let (daemon_after, me_after) = (cpu_time(tandemd)?, cpu_time(me)?);
     let requests = outcome.total_requests.max(1) as f64;
     Ok(Measured {
         tandemd_cpu: daemon_after.saturating_sub(daemon_before).div_f64(requests),
+        tandemd_switches: switches_after.saturating_sub(switches_before) as f64 / requests,
         bench_cpu: me_after.saturating_sub(me_before).div_f64(requests),
         outcome,
     })
@@ -503,6 +509,16 @@ fn print_tables(report: &Report, results: &Results) {
             us(m[0].bench_cpu),
             us(m[1].bench_cpu),
             us(m[2].bench_cpu)
+        );
+    }
+    println!(
+        "\n{:<18} {:>16} {:>16}",
+        "switches/request", "tandemd vhost", "tandemd NBD"
+    );
+    for (_, name, m) in results {
+        println!(
+            "{:<18} {:>16.2} {:>16.2}",
+            name, m[0].tandemd_switches, m[1].tandemd_switches
         );
     }
     if let Some(wake_up) = report.wake_up {
