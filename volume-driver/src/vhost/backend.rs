@@ -12,9 +12,9 @@
 //! [`BlkBackend::release`] when the connection ends, which is the "last writer closed"
 //! signal.
 //!
-//! Requests run in the queue's worker thread (one thread per queue), each waiting for its
-//! `ExportHandle` call on the daemon's tokio runtime; one queue thus has one request in
-//! flight and several queues run in parallel.
+//! Requests run in the queue's worker thread (one thread per queue), many at a time: the
+//! worker drives their `ExportHandle` calls itself ([`super::queue`]), so a queue keeps
+//! every request the guest gave it in flight, and several queues run in parallel.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -25,14 +25,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::runtime::Handle;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
     VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::QueueT;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -40,6 +40,7 @@ use vmm_sys_util::event::{
 };
 
 use super::config_space::ConfigSpace;
+use super::queue;
 use super::request::{self, Chain, Op, Request, Segment, Status, HEADER_LEN};
 use super::stats::{self, Connected, Counters};
 use crate::frontend::{ExportHandle, ExportIoError, Exports, OpenError};
@@ -215,6 +216,19 @@ impl BlkBackend {
         }
     }
 
+    /// The handle the frontend opened (with its first GET_FEATURES). Requests never open
+    /// the volume themselves: they run inside the queue's `block_on`, where opening (which
+    /// blocks on the runtime) may not run, and a frontend that never asked for the device
+    /// has no business sending requests.
+    fn opened(&self) -> Result<Arc<dyn ExportHandle>, String> {
+        match &*self.lock() {
+            Volume::Open { handle, .. } => Ok(Arc::clone(handle)),
+            Volume::Refused(reason) => Err(reason.clone()),
+            Volume::Released => Err("the connection ended".into()),
+            Volume::NotOpened => Err("the frontend did not ask for the device features".into()),
+        }
+    }
+
     /// Claim the socket's slot and open the volume.
     fn open(&self) -> Volume {
         if !self.slot.claim() {
@@ -310,50 +324,37 @@ impl BlkBackend {
         Some(ConfigSpace::new(size, self.num_queues as u16))
     }
 
-    /// Answer every available request of `vring`, then notify the guest.
-    ///
-    /// The vring's lock is held from taking a request until its completion is in the used
-    /// ring: when QEMU stops the queue (`GET_VRING_BASE`: guest reset, pause, shutdown),
-    /// the handler waits on that lock, so no request is still running when the ring is
-    /// handed back, and no completion is written into guest memory after it. A stopped
-    /// queue yields no more requests, and neither does any queue once the frontend is gone.
+    /// Answer the available requests of `vring`, many at a time ([`queue::serve`]).
     fn process_queue(&self, vring: &Vring) {
         let mem = self.mem.memory();
-        let mut state = vring.get_mut();
-        let mut answered = false;
-        while !self.stopping.load(Ordering::Acquire) {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
-                break;
-            };
-            let head = chain.head_index();
-            let descriptor =
-                |d: virtio_queue::desc::split::Descriptor| (d.addr().0, d.len(), d.is_write_only());
-            let used = match Chain::split(chain.clone().map(descriptor)) {
-                Ok(parsed) => self.execute(&mem, &parsed),
-                Err(e) => {
-                    tracing::warn!(volume = %self.name, error = %e, "malformed virtio-blk descriptor chain");
-                    self.counters.request(Op::Other, Status::IoErr);
-                    let last = chain.clone().last().map(descriptor);
-                    self.write_status(&mem, request::fallback_status_addr(last), Status::IoErr)
-                }
-            };
-            if let Err(e) = state.add_used(head, used) {
-                tracing::warn!(volume = %self.name, error = %e, "cannot return a descriptor to the guest");
-                break;
+        let mem: &GuestMemoryMmap<()> = &mem;
+        queue::serve(&self.runtime, vring, mem, &self.stopping, |chain| {
+            self.answer(mem, chain)
+        });
+    }
+
+    /// Run the request of one descriptor chain and write its status; returns its used
+    /// entry. A malformed chain gets IOERR in its last writable descriptor.
+    async fn answer(&self, mem: &GuestMemoryMmap<()>, chain: queue::Taken<'_>) -> queue::Answered {
+        let head = chain.head_index();
+        let descriptor =
+            |d: virtio_queue::desc::split::Descriptor| (d.addr().0, d.len(), d.is_write_only());
+        let used = match Chain::split(chain.clone().map(descriptor)) {
+            Ok(parsed) => self.execute(mem, &parsed).await,
+            Err(e) => {
+                tracing::warn!(volume = %self.name, error = %e, "malformed virtio-blk descriptor chain");
+                self.counters.request(Op::Other, Status::IoErr);
+                let last = chain.last().map(descriptor);
+                self.write_status(mem, request::fallback_status_addr(last), Status::IoErr)
             }
-            answered = true;
-        }
-        if answered {
-            if let Err(e) = state.signal_used_queue() {
-                tracing::warn!(volume = %self.name, error = %e, "cannot notify the guest");
-            }
-        }
+        };
+        (head, used)
     }
 
     /// Run one request and write its status; returns the bytes written to the guest.
-    fn execute(&self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> u32 {
+    async fn execute(&self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> u32 {
         let (op, outcome) = match read_header(mem, chain) {
-            Ok(header) => (Op::of(&header), self.run(mem, chain, &header)),
+            Ok(header) => (Op::of(&header), self.run(mem, chain, &header).await),
             Err(rejected) => (Op::Other, Err(rejected)),
         };
         let (status, data_in) = match outcome {
@@ -387,7 +388,7 @@ impl BlkBackend {
 
     /// Run one request whose `header` was read; returns the bytes of read data written to
     /// the guest.
-    fn run(
+    async fn run(
         &self,
         mem: &GuestMemoryMmap<()>,
         chain: &Chain,
@@ -395,17 +396,16 @@ impl BlkBackend {
     ) -> Result<u32, request::Rejected> {
         let mut ranges = vec![0u8; request::ranges_len(chain)];
         gather(mem, &chain.readable, HEADER_LEN, &mut ranges).map_err(io_err)?;
-        let handle = self.handle().map_err(io_err)?;
+        let handle = self.opened().map_err(io_err)?;
         let size = handle.size();
         let parsed = request::parse(header, chain, &ranges, size)?;
         let from_export = |e: ExportIoError| request::Rejected {
             status: Status::IoErr,
             reason: e.message,
         };
-        let rt = &self.runtime;
         match parsed {
             Request::Read { offset, len } => {
-                let data = rt.block_on(handle.read(offset, len)).map_err(from_export)?;
+                let data = handle.read(offset, len).await.map_err(from_export)?;
                 if data.len() != len as usize {
                     return Err(io_err(format!("short read of {} bytes", data.len())));
                 }
@@ -415,17 +415,21 @@ impl BlkBackend {
             Request::Write { offset, len } => {
                 let mut data = vec![0u8; len as usize];
                 gather(mem, &chain.readable, HEADER_LEN, &mut data).map_err(io_err)?;
-                rt.block_on(handle.write(offset, Bytes::from(data), false))
+                handle
+                    .write(offset, Bytes::from(data), false)
+                    .await
                     .map_err(from_export)?;
                 Ok(0)
             }
-            Request::Flush => rt.block_on(handle.flush()).map(|_| 0).map_err(from_export),
-            Request::Discard { offset, len } => rt
-                .block_on(handle.trim(offset, len))
+            Request::Flush => handle.flush().await.map(|_| 0).map_err(from_export),
+            Request::Discard { offset, len } => handle
+                .trim(offset, len)
+                .await
                 .map(|_| 0)
                 .map_err(from_export),
-            Request::WriteZeroes { offset, len, unmap } => rt
-                .block_on(handle.write_zeroes(offset, len, unmap))
+            Request::WriteZeroes { offset, len, unmap } => handle
+                .write_zeroes(offset, len, unmap)
+                .await
                 .map(|_| 0)
                 .map_err(from_export),
             Request::GetId => {
@@ -542,6 +546,7 @@ impl VhostUserBackend for BlkBackend {
             | (1 << VIRTIO_BLK_F_MQ)
             | (1 << VIRTIO_BLK_F_DISCARD)
             | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
@@ -556,7 +561,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_event_idx(&self, _enabled: bool) {
-        // EVENT_IDX is not offered: the guest is notified after every batch.
+        // vhost-user-backend sets it on each vring's queue, which `queue` asks
+        // (`needs_notification`, `enable_notification`).
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -635,6 +641,7 @@ mod tests {
     /// A device on `volume` with one queue in 16 MiB of test guest memory.
     struct Device {
         backend: BlkBackend,
+        exports: Arc<DummyExports>,
         mem: GuestMemoryMmap<()>,
         _runtime: tokio::runtime::Runtime,
     }
@@ -645,23 +652,28 @@ mod tests {
             .build()
             .expect("runtime");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).expect("memory");
+        let exports = DummyExports::new(&[volume]);
         let backend = BlkBackend::new(
             volume,
-            DummyExports::new(&[volume]),
+            exports.clone(),
             runtime.handle().clone(),
             1,
             GuestMemoryAtomic::new(mem.clone()),
             Arc::default(),
         );
+        // The frontend's first GET_FEATURES opens the volume.
+        let _ = backend.features();
         Device {
             backend,
+            exports,
             mem,
             _runtime: runtime,
         }
     }
 
-    /// `(addr, len, device-writable)` descriptors chained in order.
-    fn chain(descriptors: &[(u64, u32, bool)]) -> Vec<RawDescriptor> {
+    /// `(addr, len, device-writable)` descriptors chained in order, the first at `first`
+    /// in the descriptor table.
+    fn chain(descriptors: &[(u64, u32, bool)], first: u16) -> Vec<RawDescriptor> {
         descriptors
             .iter()
             .enumerate()
@@ -670,22 +682,28 @@ mod tests {
                 if i + 1 < descriptors.len() {
                     flags |= VRING_DESC_F_NEXT;
                 }
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, i as u16 + 1))
+                let next = first + i as u16 + 1;
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
             })
             .collect()
     }
 
     impl Device {
-        /// Put `descriptors` in the queue, let the device answer; the used length.
-        fn answer(&self, descriptors: &[(u64, u32, bool)]) -> u32 {
-            self.mem
-                .write_slice(&[NOT_WRITTEN], GuestAddress(STATUS))
-                .expect("status byte");
-            let queue = MockSplitQueue::new(&self.mem, 16);
-            queue
-                .add_desc_chains(&chain(descriptors), 0)
-                .expect("chain");
-            let vring = Vring::new(self.backend.guest_memory(), 16).expect("vring");
+        /// A ready vring over a queue holding `chains` (each `(addr, len, device-writable)`
+        /// descriptors, chained in order).
+        fn queue_with(
+            &self,
+            chains: &[&[(u64, u32, bool)]],
+        ) -> (MockSplitQueue<'_, GuestMemoryMmap<()>>, Vring) {
+            let queue = MockSplitQueue::new(&self.mem, 64);
+            let mut first = 0u16;
+            for descriptors in chains {
+                queue
+                    .add_desc_chains(&chain(descriptors, first), first)
+                    .expect("chain");
+                first += descriptors.len() as u16;
+            }
+            let vring = Vring::new(self.backend.guest_memory(), 64).expect("vring");
             vring
                 .set_queue_info(
                     queue.desc_table_addr().0,
@@ -693,19 +711,36 @@ mod tests {
                     queue.used_addr().0,
                 )
                 .expect("queue addresses");
-            vring.set_queue_size(16);
+            vring.set_queue_size(64);
             vring.set_queue_ready(true);
             vring.set_enabled(true);
-            self.backend.process_queue(&vring);
-            // The used ring: flags, idx, then (id, len) elements.
-            let used_idx: u16 = self
-                .mem
-                .read_obj(GuestAddress(queue.used_addr().0 + 2))
-                .expect("used idx");
-            assert_eq!(used_idx, 1, "the request was not completed");
+            (queue, vring)
+        }
+
+        /// The index and `(id, len)` elements of the used ring at `base`.
+        fn used(&self, base: u64) -> (u16, Vec<(u32, u32)>) {
+            let idx: u16 = self.mem.read_obj(GuestAddress(base + 2)).expect("used idx");
+            let elements = (0..u64::from(idx))
+                .map(|i| {
+                    let at = base + 4 + 8 * i;
+                    let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("used id");
+                    let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("used len");
+                    (id, len)
+                })
+                .collect();
+            (idx, elements)
+        }
+
+        /// Put `descriptors` in the queue, let the device answer; the used length.
+        fn answer(&self, descriptors: &[(u64, u32, bool)]) -> u32 {
             self.mem
-                .read_obj(GuestAddress(queue.used_addr().0 + 8))
-                .expect("used len")
+                .write_slice(&[NOT_WRITTEN], GuestAddress(STATUS))
+                .expect("status byte");
+            let (queue, vring) = self.queue_with(&[descriptors]);
+            self.backend.process_queue(&vring);
+            let (idx, used) = self.used(queue.used_addr().0);
+            assert_eq!(idx, 1, "the request was not completed");
+            used[0].1
         }
 
         fn status(&self) -> u8 {
@@ -759,6 +794,103 @@ mod tests {
             requests("backend-test-malformed"),
             vec![("other", "ioerr", 2)]
         );
+    }
+
+    impl Device {
+        /// A queue holding `n` reads of 4 KiB: the `i`th reads sector `8 * i` into its own
+        /// buffer and status byte.
+        fn queue_of_reads(&self, n: u64) -> (MockSplitQueue<'_, GuestMemoryMmap<()>>, Vring) {
+            let mut chains = Vec::new();
+            for i in 0..n {
+                let mut header = [0u8; 16]; // VIRTIO_BLK_T_IN
+                header[8..].copy_from_slice(&(8 * i).to_le_bytes());
+                self.mem
+                    .write_slice(&header, GuestAddress(HEADER + 16 * i))
+                    .expect("header");
+                chains.push([
+                    (HEADER + 16 * i, 16, false),
+                    (DATA + 4096 * i, 4096, true),
+                    (STATUS + i, 1, true),
+                ]);
+            }
+            let chains: Vec<&[(u64, u32, bool)]> = chains.iter().map(|c| c.as_slice()).collect();
+            self.queue_with(&chains)
+        }
+    }
+
+    fn wait_for(mut check: impl FnMut() -> bool) -> bool {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            if check() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn many_requests_on_one_queue_are_in_flight_together_and_all_complete_with_their_bytes() {
+        const N: u64 = 16;
+        let d = device("held-test-many");
+        let (queue, vring) = d.queue_of_reads(N);
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| d.backend.process_queue(&vring));
+            // Each read is held until released: all N started means all N are in flight
+            // at once (one at a time, the first would wait forever).
+            let all_started = wait_for(|| d.exports.reads_started() == N as usize);
+            d.exports.release_reads();
+            assert!(
+                all_started,
+                "only {} of {N} reads started",
+                d.exports.reads_started()
+            );
+            worker.join().expect("worker");
+        });
+        let (idx, used) = d.used(queue.used_addr().0);
+        assert_eq!(idx, N as u16);
+        // In the order taken: chain i starts at descriptor 3 * i.
+        let want: Vec<(u32, u32)> = (0..N as u32).map(|i| (3 * i, 4097)).collect();
+        assert_eq!(used, want);
+        for i in 0..N {
+            let status: u8 = d.mem.read_obj(GuestAddress(STATUS + i)).expect("status");
+            assert_eq!(status, Status::Ok.byte(), "read {i}");
+            let mut data = vec![0u8; 4096];
+            d.mem
+                .read_slice(&mut data, GuestAddress(DATA + 4096 * i))
+                .expect("data");
+            let start = 4096 * i;
+            let want: Vec<u8> = (start..start + 4096).map(|b| (b % 251) as u8).collect();
+            assert!(data == want, "read {i} returned other bytes");
+        }
+    }
+
+    #[test]
+    fn a_queue_stop_waits_for_every_request_in_flight() {
+        const N: u64 = 4;
+        let d = device("held-test-stop");
+        let (queue, vring) = d.queue_of_reads(N);
+        let used_ring = queue.used_addr().0;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| d.backend.process_queue(&vring));
+            assert!(wait_for(|| d.exports.reads_started() == N as usize));
+            // GET_VRING_BASE's handler takes the vring's lock to stop the queue.
+            s.spawn(|| {
+                let _stopped = vring.get_mut();
+                let _ = tx.send(d.used(used_ring).0);
+            });
+            assert!(
+                rx.recv_timeout(Duration::from_millis(300)).is_err(),
+                "the queue was stopped with requests in flight"
+            );
+            d.exports.release_reads();
+            let used_at_stop = rx.recv_timeout(Duration::from_secs(10)).expect("stopped");
+            assert_eq!(
+                used_at_stop, N as u16,
+                "the stop returned before every completion"
+            );
+        });
     }
 
     #[test]
