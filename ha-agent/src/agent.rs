@@ -340,6 +340,8 @@ struct LoopState {
     saved: Placement,
     save_error: Option<String>,
     backoff: HashMap<String, (Instant, String)>,
+    /// Since when a failover of each VM has been due here (see [`VmInput::settled`]).
+    due_since: HashMap<String, Instant>,
     /// The last demotion error reported per VM (an event only when it changes).
     demote_errors: HashMap<String, String>,
 }
@@ -447,8 +449,17 @@ impl Agent {
                 prefer: &vm.prefer,
                 node_order: &node_order,
                 backoff: st.backoff.get(&vm.name).map(|(_, why)| why.clone()),
+                settled: st
+                    .due_since
+                    .get(&vm.name)
+                    .is_some_and(|since| now >= *since + 2 * self.cfg.ha.heartbeat_interval()),
             };
             let decision = decide(&input);
+            if decision.failover_due {
+                st.due_since.entry(vm.name.clone()).or_insert(now);
+            } else {
+                st.due_since.remove(&vm.name);
+            }
             if decision.eligible {
                 eligible_list.push(vm.name.clone());
             }
@@ -822,6 +833,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 placement,
                 save_error: None,
                 backoff: HashMap::new(),
+                due_since: HashMap::new(),
                 demote_errors: HashMap::new(),
             };
             loop {

@@ -12,8 +12,11 @@
 //!   replication links down), every disk of the VM is UpToDate here with quorum and no
 //!   other Primary, and this node is the first eligible node in preference order (the
 //!   VM's `prefer` list, then the config's node order). Eligibility of the other survivors
-//!   comes from their heartbeats. If two nodes still race, the volume's promotion decides:
-//!   only one can be Primary, the loser's start fails and it backs off.
+//!   comes from their heartbeats; a node before this one that is alive but said it cannot
+//!   start the VM is passed over only once the failover has been due here for two
+//!   heartbeat intervals (its last heartbeat may predate its own view of the owner's
+//!   death). If two nodes still race, the volume's promotion decides: only one can be
+//!   Primary, the loser's start fails and it backs off.
 //! - A management-only or replication-only silence is never a failover: "alive on one path"
 //!   means the host (and likely the VM) still runs.
 //! - A VM that stopped cleanly (its host is alive and no longer lists it) is not restarted:
@@ -131,6 +134,10 @@ pub struct VmInput<'a> {
     pub node_order: &'a [String],
     /// Set while a failed start backs off: why, and when it retries.
     pub backoff: Option<String>,
+    /// The failover has been due here (the owner dead on both paths) for two heartbeat
+    /// intervals: every alive peer has since sent a heartbeat saying whether it can start
+    /// the VM.
+    pub settled: bool,
 }
 
 /// What the agent does for one VM.
@@ -155,6 +162,9 @@ pub struct Decision {
     pub reason: String,
     /// This node could start the VM (announced in heartbeats).
     pub eligible: bool,
+    /// The owner is dead on both paths: a failover is due (the agent times
+    /// [`VmInput::settled`] from the first such decision).
+    pub failover_due: bool,
 }
 
 /// Why this node cannot run the VM (None: it can): the first disk that is not UpToDate
@@ -212,6 +222,11 @@ pub fn decide(input: &VmInput<'_>) -> Decision {
         action,
         reason,
         eligible,
+        failover_due: false,
+    };
+    let due = |action, reason: String| Decision {
+        failover_due: true,
+        ..decision(action, reason)
     };
 
     if input.running_here {
@@ -287,7 +302,7 @@ pub fn decide(input: &VmInput<'_>) -> Decision {
 
     // The owner is dead on both paths: a failover is due.
     if let Some(why) = not_eligible {
-        return decision(Action::Wait, format!("{owner} is down; {why}"));
+        return due(Action::Wait, format!("{owner} is down; {why}"));
     }
     let here_is = |node: &str| node == input.here;
     let qualifies = |node: &str| {
@@ -302,25 +317,42 @@ pub fn decide(input: &VmInput<'_>) -> Decision {
         .iter()
         .chain(input.node_order.iter())
         .map(String::as_str);
-    let winner = order.filter(|n| *n != owner).find(|n| qualifies(n));
+    let winner = order.clone().filter(|n| *n != owner).find(|n| qualifies(n));
+    // An alive node before this one that said it cannot start the VM, possibly before it
+    // saw the owner die.
+    let passed_over = order
+        .filter(|n| *n != owner)
+        .take_while(|n| !here_is(n))
+        .find(|n| {
+            input
+                .peers
+                .iter()
+                .any(|p| p.node == *n && p.management_alive && !p.eligible)
+        });
     match winner {
         Some(w) if here_is(w) => {
             if let Some(backoff) = &input.backoff {
-                return decision(Action::Wait, format!("{owner} is down; {backoff}"));
+                return due(Action::Wait, format!("{owner} is down; {backoff}"));
             }
-            decision(
+            if let Some(p) = passed_over.filter(|_| !input.settled) {
+                return due(
+                    Action::Wait,
+                    format!("{owner} is down; waiting for {p}'s next heartbeat ({p} is before this node in preference order)"),
+                );
+            }
+            due(
                 Action::Start {
                     fence_peer: Some(owner.to_string()),
                 },
                 format!("{owner} is down on both paths: starting {vm} here"),
             )
         }
-        Some(w) => decision(
+        Some(w) => due(
             Action::Wait,
             format!("{owner} is down; {w} takes {vm} over (before this node in preference order)"),
         ),
         // This node is eligible but in neither list: it still qualifies, last.
-        None => decision(
+        None => due(
             Action::Start {
                 fence_peer: Some(owner.to_string()),
             },
@@ -373,6 +405,7 @@ mod tests {
         peers: Vec<PeerView>,
         prefer: Vec<String>,
         backoff: Option<String>,
+        settled: bool,
         action: Action,
         reason_contains: &'static str,
     }
@@ -413,6 +446,7 @@ mod tests {
                 ],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: start_fencing("hv1"),
                 reason_contains: "hv1 is down on both paths: starting vm1 here",
             },
@@ -428,6 +462,7 @@ mod tests {
                 ],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Nothing,
                 reason_contains: "runs on hv1",
             },
@@ -443,6 +478,7 @@ mod tests {
                 ],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Nothing,
                 reason_contains: "hv1 alive on the management network; replication link cut only",
             },
@@ -460,6 +496,7 @@ mod tests {
                 peers: vec![peer("hv1", false, false, false)],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "silent on the management network but its replication link is up",
             },
@@ -483,6 +520,7 @@ mod tests {
                 ],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Fence,
                 reason_contains:
                     "vm1 runs here without quorum for vm-1-disk-0 (1 of 3 voters reachable)",
@@ -499,6 +537,7 @@ mod tests {
                 ],
                 prefer: vec!["hv1".into()],
                 backoff: None,
+                settled: true,
                 action: start_fencing("hv1"),
                 reason_contains: "starting vm1 here",
             },
@@ -522,6 +561,7 @@ mod tests {
                 ],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains:
                     "not starting vm1: no quorum for vm-1-disk-0 (1 of 3 voters reachable)",
@@ -538,6 +578,7 @@ mod tests {
                 peers: vec![peer("hv1", false, false, false)],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "no quorum for vm-1-disk-0 (1 of 3 voters)",
             },
@@ -555,6 +596,7 @@ mod tests {
                 peers: vec![peer("hv1", false, false, false)],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "vm-1-disk-0 is Outdated here",
             },
@@ -570,6 +612,7 @@ mod tests {
                 peers: vec![peer("hv1", false, false, false)],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "vm-1-disk-1 is Inconsistent here",
             },
@@ -585,6 +628,7 @@ mod tests {
                 ],
                 prefer: vec!["hv3".into()],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "hv3 takes vm1 over",
             },
@@ -600,8 +644,25 @@ mod tests {
                 ],
                 prefer: vec!["hv3".into()],
                 backoff: None,
+                settled: true,
                 action: start_fencing("hv1"),
                 reason_contains: "starting vm1 here",
+            },
+            Case {
+                name: "preferred survivor said not eligible, failover just due: wait for its heartbeat",
+                here: "hv2",
+                running_here: false,
+                disks: Ok(vec![up(true)]),
+                owner: Some("hv1"),
+                peers: vec![
+                    peer("hv1", false, false, false),
+                    peer("hv3", true, false, false),
+                ],
+                prefer: vec!["hv3".into()],
+                backoff: None,
+                settled: false,
+                action: Action::Wait,
+                reason_contains: "waiting for hv3's next heartbeat",
             },
             Case {
                 name: "no preference: config node order breaks the tie (hv2 before hv3)",
@@ -615,6 +676,7 @@ mod tests {
                 ],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "hv2 takes vm1 over",
             },
@@ -629,6 +691,7 @@ mod tests {
                 backoff: Some(
                     "start failed: vm-1-disk-0 is Primary on hv3; retrying in 5 s".into(),
                 ),
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "retrying in 5 s",
             },
@@ -649,6 +712,7 @@ mod tests {
                 ],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "vm-1-disk-0 is Primary on hv3",
             },
@@ -667,6 +731,7 @@ mod tests {
                 ],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "has not heard from hv1 yet",
             },
@@ -679,6 +744,7 @@ mod tests {
                 peers: vec![peer("hv1", true, false, false)],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Nothing,
                 reason_contains: "not running",
             },
@@ -691,6 +757,7 @@ mod tests {
                 peers: vec![peer("hv2", true, true, false)],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Nothing,
                 reason_contains: "vm1 runs here",
             },
@@ -703,6 +770,7 @@ mod tests {
                 peers: vec![peer("hv3", true, false, true)],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Nothing,
                 reason_contains: "runs on hv3",
             },
@@ -715,6 +783,7 @@ mod tests {
                 peers: vec![peer("hv1", false, false, false)],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "disk status unavailable: cannot reach tandemd",
             },
@@ -727,6 +796,7 @@ mod tests {
                 peers: vec![peer("hv1", false, false, false)],
                 prefer: vec![],
                 backoff: None,
+                settled: true,
                 action: Action::Wait,
                 reason_contains: "Diskless here",
             },
@@ -743,6 +813,7 @@ mod tests {
                 prefer: &case.prefer,
                 node_order: &order,
                 backoff: case.backoff.clone(),
+                settled: case.settled,
             };
             let d = decide(&input);
             assert_eq!(d.action, case.action, "{}: {}", case.name, d.reason);

@@ -23,8 +23,10 @@
 //!                        `Loaded::torn_bitmap_pages`.
 //! ```
 //!
-//! Every write is `pwrite` + `fdatasync`; files are created once (then the directory is
-//! fsynced) and afterwards only overwritten in place, so no rename is needed.
+//! Every write is `pwrite` + `fdatasync` (one fdatasync after all pages of a bitmap file
+//! no superblock names yet); every `pwrite` goes through one helper, where the crash tests
+//! cut the power. Files are created once (then the directory is fsynced) and afterwards
+//! only overwritten in place, so no rename is needed.
 //!
 //! Attach ([`MetaStore::open`]): if the clean-shutdown flag is not set, the AL snapshot is
 //! ORed into every peer bitmap (apply-al) and written out, and if the primary indicator is
@@ -160,6 +162,9 @@ pub struct MetaStore {
     bitmaps: BTreeMap<String, File>,
     #[cfg(test)]
     crash: Option<CrashPoint>,
+    /// fdatasync calls so far (tests).
+    #[cfg(test)]
+    syncs: u64,
 }
 
 #[cfg(test)]
@@ -167,6 +172,28 @@ pub struct MetaStore {
 struct CrashPoint {
     writes_left: u64,
     tear_seed: u64,
+}
+
+#[cfg(test)]
+impl CrashPoint {
+    /// Count one write of `len` bytes; at the crash, how many of its bytes reach the disk.
+    fn next_write(&mut self, len: usize) -> Option<usize> {
+        if self.writes_left > 0 {
+            self.writes_left -= 1;
+            return None;
+        }
+        self.tear_seed = self
+            .tear_seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        Some((self.tear_seed >> 33) as usize % (len + 1))
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The crash point the next [`MetaStore::create`] on this thread starts with (tests).
+    static CREATE_CRASH: std::cell::Cell<Option<CrashPoint>> = const { std::cell::Cell::new(None) };
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> MetaError + 'a {
@@ -486,7 +513,9 @@ impl MetaStore {
             al_extents: meta.al_extents,
             bitmaps,
             #[cfg(test)]
-            crash: None,
+            crash: CREATE_CRASH.with(|c| c.take()),
+            #[cfg(test)]
+            syncs: 0,
         };
         for p in peers {
             store.write_new_bitmap(p, &Bitmap::new(meta.volume_size))?;
@@ -617,6 +646,8 @@ impl MetaStore {
             bitmaps: files,
             #[cfg(test)]
             crash: None,
+            #[cfg(test)]
+            syncs: 0,
         };
         // Torn pages now read as dirty: write them back so the checksum is valid again.
         for (p, page) in &torn {
@@ -688,13 +719,9 @@ impl MetaStore {
         &self.dir
     }
 
-    fn write_durable(
-        &mut self,
-        which: FileId<'_>,
-        buf: &[u8],
-        offset: u64,
-    ) -> Result<(), MetaError> {
-        let (file, path) = match which {
+    /// The open file `which` and its path.
+    fn file(&self, which: FileId<'_>) -> Result<(&File, PathBuf), MetaError> {
+        Ok(match which {
             FileId::Superblock => (&self.superblock, self.dir.join("superblock")),
             FileId::Al => (&self.al, self.dir.join("al")),
             FileId::Bitmap(p) => (
@@ -703,24 +730,44 @@ impl MetaStore {
                     .ok_or_else(|| MetaError::UnknownPeer(p.to_string()))?,
                 bitmap_path(&self.dir, p),
             ),
-        };
+        })
+    }
+
+    /// Write `buf` at `offset` of `which`, not yet durable: every metadata write goes
+    /// through here, so the crash tests can cut the power at any of them (a prefix of the
+    /// write reaches the file, nothing after it does).
+    fn write_at(&mut self, which: FileId<'_>, buf: &[u8], offset: u64) -> Result<(), MetaError> {
         #[cfg(test)]
-        if let Some(cp) = self.crash.as_mut() {
-            if cp.writes_left == 0 {
-                // Tear: a prefix of the write reaches the disk, then the "machine" stops.
-                cp.tear_seed = cp
-                    .tear_seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let keep = (cp.tear_seed >> 33) as usize % (buf.len() + 1);
-                let _ = file.write_all_at(&buf[..keep], offset);
-                return Err(MetaError::InjectedCrash);
-            }
-            cp.writes_left -= 1;
+        let torn = self.crash.as_mut().and_then(|cp| cp.next_write(buf.len()));
+        let (file, path) = self.file(which)?;
+        #[cfg(test)]
+        if let Some(keep) = torn {
+            let _ = file.write_all_at(&buf[..keep], offset);
+            return Err(MetaError::InjectedCrash);
         }
         file.write_all_at(buf, offset)
-            .map_err(io_err("write", &path))?;
+            .map_err(io_err("write", &path))
+    }
+
+    /// Make the writes to `which` so far durable (one fdatasync).
+    fn sync(&mut self, which: FileId<'_>) -> Result<(), MetaError> {
+        #[cfg(test)]
+        {
+            self.syncs += 1;
+        }
+        let (file, path) = self.file(which)?;
         file.sync_data().map_err(io_err("fdatasync", &path))
+    }
+
+    /// One durable write: [`Self::write_at`], then [`Self::sync`].
+    fn write_durable(
+        &mut self,
+        which: FileId<'_>,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<(), MetaError> {
+        self.write_at(which, buf, offset)?;
+        self.sync(which)
     }
 
     /// Write the superblock durably into the older slot.
@@ -774,17 +821,11 @@ impl MetaStore {
     /// new peer's), then make them durable with one fdatasync instead of one per page:
     /// nothing reads the file before a superblock naming the peer is written, after this.
     fn write_new_bitmap(&mut self, peer: &str, bitmap: &Bitmap) -> Result<(), MetaError> {
-        let path = bitmap_path(&self.dir, peer);
-        let file = self
-            .bitmaps
-            .get(peer)
-            .ok_or_else(|| MetaError::UnknownPeer(peer.to_string()))?;
         for page in 0..bitmap.pages() {
             let rec = page_record(peer, bitmap, page)?;
-            file.write_all_at(&rec, page as u64 * PAGE_RECORD)
-                .map_err(io_err("write", &path))?;
+            self.write_at(FileId::Bitmap(peer), &rec, page as u64 * PAGE_RECORD)?;
         }
-        file.sync_data().map_err(io_err("fdatasync", &path))
+        self.sync(FileId::Bitmap(peer))
     }
 
     /// Write every changed page of `peer`'s bitmap and forget the changes.
@@ -891,6 +932,17 @@ impl MetaStore {
         self.write_superblock(&m)
     }
 
+    /// Make the next [`MetaStore::create`] on this thread crash after `writes` writes.
+    #[cfg(test)]
+    fn crash_next_create(writes: u64, tear_seed: u64) {
+        CREATE_CRASH.with(|c| {
+            c.set(Some(CrashPoint {
+                writes_left: writes,
+                tear_seed,
+            }))
+        });
+    }
+
     #[cfg(test)]
     fn crash_after(&mut self, writes: u64, tear_seed: u64) {
         self.crash = Some(CrashPoint {
@@ -900,6 +952,7 @@ impl MetaStore {
     }
 }
 
+#[derive(Clone, Copy)]
 enum FileId<'a> {
     Superblock,
     Al,

@@ -589,6 +589,43 @@ async fn a_completion_names_the_peers_that_did_not_acknowledge_the_request() {
         .await
         .unwrap();
     assert_eq!(done.unacknowledged, vec!["secondary".to_string()]);
+    // A flush issued while the peer is away names it too (the engine holds it until the
+    // loss is dealt with, as for a write).
+    let done = pair.primary.flush_request().await.unwrap();
+    assert_eq!(done.unacknowledged, vec!["secondary".to_string()]);
+    s.dev.set_gate(true);
+    let _ = pair.secondary.await.unwrap();
+}
+
+/// Under protocol A a write completes before its peer has it. When the peer is then lost,
+/// `wait_replicated` (what a snapshot's pause waits on) returns only once the write's range
+/// is marked out of sync for that peer, so the pause's in-sync check sees the mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicated_returns_after_a_lost_peers_ranges_are_marked() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair(ReplicationProtocol::A, p.dev.clone(), s.dev.clone()).await;
+    s.dev.set_gate(false);
+    pair.primary
+        .write_request(8192, Bytes::from(vec![7u8; 4096]), false)
+        .await
+        .unwrap();
+    let reached = wait_for(Duration::from_secs(5), || {
+        s.dev.writes_started.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert!(reached, "the write never reached the secondary");
+    let primary = pair.primary.clone();
+    let waiting = tokio::spawn(async move { primary.wait_replicated().await });
+    pair.secondary_sender.close("simulated crash");
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("a lost peer ends the wait")
+        .unwrap();
+    assert_eq!(
+        pair.oos.lock().unwrap().clone(),
+        vec![("secondary".to_string(), 8192, 4096)]
+    );
     s.dev.set_gate(true);
     let _ = pair.secondary.await.unwrap();
 }

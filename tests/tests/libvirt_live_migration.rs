@@ -18,6 +18,10 @@
 //!   each downtime printed (libvirt's `Total downtime` and the longest gap between guest
 //!   acknowledgements around the migration).
 //!
+//! - the first drill with the disk on vhost-user-blk (issue 17): it migrates, zero lost
+//!   writes, and the gate holds (a plain `virsh start` on the other host is refused before
+//!   and after);
+//!
 //! Needs root, libvirt, QEMU, nbdcopy; `TANDEM_SKIP_LIBVIRT_TESTS=1` skips. The tests share
 //! the machine's two cores, so they run one at a time (a lock).
 
@@ -133,9 +137,28 @@ fn peer<'a>(status: &'a serde_json::Value, node: &str) -> &'a serde_json::Value 
         .unwrap_or(&serde_json::Value::Null)
 }
 
-/// Hosts `nodes`, the volume on `replicas` (protocol C), the guest running on hv1 and
-/// writing.
+/// How the guest reaches its disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frontend {
+    /// QEMU's NBD client on tandemd's NBD socket (`disk-xml`).
+    Nbd,
+    /// vhost-user-blk on the volume's socket (`disk-xml --frontend vhost-user`), guest RAM
+    /// shared as that needs.
+    VhostUser,
+}
+
+/// What `disk-xml --frontend vhost-user` says the domain needs.
+const SHARED_MEMORY: &str =
+    "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>";
+
+/// Hosts `nodes`, the volume on `replicas` (protocol C), the guest running on hv1 over NBD
+/// and writing.
 fn bed(nodes: &[&str], replicas: &[&str]) -> Bed {
+    bed_on(nodes, replicas, Frontend::Nbd)
+}
+
+/// [`bed`] with the disk on `frontend`.
+fn bed_on(nodes: &[&str], replicas: &[&str], frontend: Frontend) -> Bed {
     libvirt::require_tools().unwrap();
     let cluster = Cluster::start(nodes).unwrap();
     let hv1 = cluster.host("hv1");
@@ -158,16 +181,24 @@ fn bed(nodes: &[&str], replicas: &[&str]) -> Bed {
         .build(&work.join("image"))
         .expect("building the guest initramfs");
     let cmdline = Vm::new(image.clone()).kernel_cmdline();
-    let disk = hv1
-        .exec("tandem-libvirt-hook", &["disk-xml", VOLUME])
-        .ok()
-        .stdout;
+    let disk_args: &[&str] = match frontend {
+        Frontend::Nbd => &["disk-xml", VOLUME],
+        Frontend::VhostUser => &["disk-xml", VOLUME, "--frontend", "vhost-user"],
+    };
+    let disk = hv1.exec("tandem-libvirt-hook", disk_args).ok();
     let console = work.join("console.log");
     // The destination QEMU appends to the same console file: one log across migrations.
-    let xml = libvirt::tcg_domain_xml(VM, &image, &cmdline, &disk, &console).replace(
+    let mut xml = libvirt::tcg_domain_xml(VM, &image, &cmdline, &disk.stdout, &console).replace(
         &format!("<source path='{}'/>", console.display()),
         &format!("<source path='{}' append='on'/>", console.display()),
     );
+    if frontend == Frontend::VhostUser {
+        assert!(disk.stderr.contains(SHARED_MEMORY), "{}", disk.stderr);
+        xml = xml.replace(
+            "<vcpu>1</vcpu>",
+            &format!("<vcpu>1</vcpu>\n  {SHARED_MEMORY}"),
+        );
+    }
     assert!(xml.contains("append='on'"), "{xml}");
     let file = hv1.path("vm8.xml");
     std::fs::write(&file, &xml).unwrap();
@@ -471,6 +502,67 @@ fn live_migration_keeps_the_guest_writing_with_zero_lost_writes() {
     let writes = stop_and_check(&bed, "hv2", &["hv1", "hv2"]);
     eprintln!(
         "[live migration] one migration: {writes} writes, test total {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Issue 17: the same drill with the disk on vhost-user-blk. QEMU migrates it because
+/// tandemd logs the guest pages it writes (LOG_ALL + LOG_SHMFD); the gate rule holds: a
+/// plain `virsh start` of the same domain on hv2 is refused while hv1 runs it, hv2 opens
+/// the volume only for the migration, and afterwards hv2 is the only Primary, two
+/// primaries are off, and a start of hv1's leftover definition is refused.
+#[test]
+fn live_migration_of_a_vhost_user_disk_keeps_the_gate_and_loses_no_writes() {
+    if libvirt::skip_requested() {
+        eprintln!("TANDEM_SKIP_LIBVIRT_TESTS is set: skipping libvirt test");
+        return;
+    }
+    let _serial = lock_serial();
+    let started = Instant::now();
+    let bed = bed_on(&["hv1", "hv2"], &["hv1", "hv2"], Frontend::VhostUser);
+    let (hv1, hv2) = (bed.host("hv1"), bed.host("hv2"));
+
+    // The same domain (same UUID) on hv2: starting it there is refused while hv1 runs it.
+    let xml = hv1.virsh(&["dumpxml", "--inactive", VM]).ok().stdout;
+    let file = hv2.path("vm8-defined.xml");
+    std::fs::write(&file, &xml).expect("domain xml");
+    hv2.virsh(&["define", file.to_str().expect("utf-8 path")])
+        .ok();
+    let refused = hv2.virsh(&["start", VM]).failed();
+    assert!(
+        refused.contains(&format!("tandem: {VOLUME} is Primary on hv1")),
+        "virsh start on hv2 while hv1 runs the domain: {refused}"
+    );
+    assert_eq!(hv2.domstate(VM), "shut off");
+    wait_status(hv2, "Secondary, two primaries off", |st| {
+        st["role"] == "Secondary" && st["allow_two_primaries"] == false
+    });
+    bed.wait_progress(10, "after the refused start");
+
+    let m = migrate(&bed, "hv1", "hv2");
+    assert!(
+        m.out.status.success(),
+        "virsh migrate of a vhost-user disk failed: {}\n{}",
+        m.out.stderr,
+        bed.diagnostics()
+    );
+    print_migration("vhost-user hv1 -> hv2", &m);
+    assert_moved(&bed, "hv1", "hv2");
+    assert!(
+        hv2.tandemd_log()
+            .contains("vhost-user-blk frontend opened the volume"),
+        "hv2's QEMU did not use the vhost-user socket\n{}",
+        bed.diagnostics()
+    );
+    bed.wait_progress(30, "after the migration");
+    let refused = hv1.virsh(&["start", VM]).failed();
+    assert!(
+        refused.contains(&format!("tandem: {VOLUME} is Primary on hv2")),
+        "virsh start on hv1 after the migration: {refused}"
+    );
+    let writes = stop_and_check(&bed, "hv2", &["hv1", "hv2"]);
+    eprintln!(
+        "[live migration] vhost-user: {writes} writes, test total {:.1}s",
         started.elapsed().as_secs_f64()
     );
 }

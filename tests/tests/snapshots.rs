@@ -7,7 +7,9 @@
 //! on one node leaves the snapshot on none; leftovers of an interrupted create are
 //! resolved; a rename refused on one node is finished by that node, never rolled back, and
 //! `snapshot delete` removes a snapshot left on one node only; a daemon killed at any point of a create leaves the snapshot on both nodes or
-//! on none, never pending. Needs root (loop devices, mount, `chattr`), xfsprogs and
+//! on none, never pending; a renamed volume keeps its snapshots and its pending copies are
+//! still resolved; the pending resolver racing creates of the same names leaves each on
+//! both nodes, identical, never pending. Needs root (loop devices, mount, `chattr`), xfsprogs and
 //! `cargo build --workspace --bins`.
 
 use std::path::{Path, PathBuf};
@@ -88,6 +90,15 @@ fn create_replicated(cluster: &LoopbackCluster, volume: &str) {
     wait_settled(cluster, volume);
 }
 
+/// Write `pattern` over the first MiB of `volume` through hv1, then wait until both
+/// replicas are settled again (closed, in sync).
+fn write_and_settle(cluster: &LoopbackCluster, volume: &str, pattern: u8) {
+    let write = format!("write -P {pattern:#x} 0 1M");
+    let (ok, text) = cluster.node("hv1").qemu_io(volume, &[&write, "flush"]);
+    assert!(ok, "{text}");
+    wait_settled(cluster, volume);
+}
+
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)
@@ -102,7 +113,11 @@ fn sha256(path: &Path) -> String {
 }
 
 fn snapshot_file(node: &TandemNode, snapshot: &str) -> PathBuf {
-    node.images().join(format!("{VOLUME}@{snapshot}.snap"))
+    snapshot_file_of(node, VOLUME, snapshot)
+}
+
+fn snapshot_file_of(node: &TandemNode, volume: &str, snapshot: &str) -> PathBuf {
+    node.images().join(format!("{volume}@{snapshot}.snap"))
 }
 
 /// Every file in both nodes' pools and definitions (to show that nothing changed).
@@ -126,11 +141,45 @@ fn everything(cluster: &LoopbackCluster) -> Vec<String> {
 
 /// The nodes holding `snapshot` of [`VOLUME`] (final), in node order.
 fn holders(cluster: &LoopbackCluster, snapshot: &str) -> Vec<String> {
+    holders_of(cluster, VOLUME, snapshot)
+}
+
+fn holders_of(cluster: &LoopbackCluster, volume: &str, snapshot: &str) -> Vec<String> {
     ["hv1", "hv2"]
         .into_iter()
-        .filter(|n| snapshot_file(cluster.node(n), snapshot).exists())
+        .filter(|n| snapshot_file_of(cluster.node(n), volume, snapshot).exists())
         .map(String::from)
         .collect()
+}
+
+/// `snapshot` of `volume` is final on both nodes, byte-identical, and listed on both;
+/// `what` says which case of the test this is.
+fn on_both_and_identical(cluster: &LoopbackCluster, volume: &str, snapshot: &str, what: &str) {
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    assert_eq!(
+        holders_of(cluster, volume, snapshot),
+        ["hv1", "hv2"],
+        "{what}: {volume}@{snapshot}\n{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        sha256(&snapshot_file_of(hv1, volume, snapshot)),
+        sha256(&snapshot_file_of(hv2, volume, snapshot)),
+        "{what}: the copies of {volume}@{snapshot} differ"
+    );
+    let list = hv1
+        .tandem(&["snapshot", "list", volume, "--json"])
+        .ok()
+        .json();
+    let listed = list
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["name"] == snapshot))
+        .map(|s| s["nodes"].clone());
+    assert_eq!(
+        listed,
+        Some(serde_json::json!(["hv1", "hv2"])),
+        "{what}: {volume}@{snapshot}"
+    );
 }
 
 /// Every pending snapshot file (`<volume>@<snapshot>+pending.snap`) on either node.
@@ -743,12 +792,7 @@ fn a_daemon_killed_at_any_point_of_a_snapshot_leaves_it_on_every_node_or_on_none
     let mut fixture = start();
     create_replicated(&fixture.cluster, VOLUME);
     // Written first, so that the snapshots hold data.
-    let (ok, text) = fixture
-        .cluster
-        .node("hv1")
-        .qemu_io(VOLUME, &["write -P 0x5a 0 1M", "flush"]);
-    assert!(ok, "{text}");
-    wait_settled(&fixture.cluster, VOLUME);
+    write_and_settle(&fixture.cluster, VOLUME, 0x5a);
     // How long one create takes here: the kills are spread over it.
     let started = Instant::now();
     fixture
@@ -796,21 +840,7 @@ fn a_daemon_killed_at_any_point_of_a_snapshot_leaves_it_on_every_node_or_on_none
             assert_eq!(on, ["hv1", "hv2"], "{what}: the create succeeded");
         }
         if !on.is_empty() {
-            let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
-            assert_eq!(
-                sha256(&snapshot_file(hv1, &snapshot)),
-                sha256(&snapshot_file(hv2, &snapshot)),
-                "{what}: the copies differ"
-            );
-            let list = hv1
-                .tandem(&["snapshot", "list", VOLUME, "--json"])
-                .ok()
-                .json();
-            let listed = list
-                .as_array()
-                .and_then(|l| l.iter().find(|s| s["name"] == snapshot.as_str()))
-                .map(|s| s["nodes"].clone());
-            assert_eq!(listed, Some(serde_json::json!(["hv1", "hv2"])), "{what}");
+            on_both_and_identical(cluster, VOLUME, &snapshot, &what);
         }
         outcomes.push(format!(
             "{what}: {} pending copies after the restart, then {}",
@@ -826,4 +856,173 @@ fn a_daemon_killed_at_any_point_of_a_snapshot_leaves_it_on_every_node_or_on_none
         "one create took {took:?} here; kills:\n{}",
         outcomes.join("\n")
     );
+}
+
+#[test]
+fn a_renamed_volume_keeps_its_snapshots_and_a_pending_copy_is_still_made_final() {
+    const RENAMED: &str = "vm-100-disk-9";
+    let fixture = start();
+    let cluster = &fixture.cluster;
+    let (hv1, hv2) = (cluster.node("hv1"), cluster.node("hv2"));
+    create_replicated(cluster, VOLUME);
+    write_and_settle(cluster, VOLUME, 0x31);
+    hv1.tandem(&["snapshot", "create", VOLUME, "s1"]).ok();
+    // hv2 refused the rename of this one: it keeps its pending copy and its record of the
+    // take, which it resolves once stale (10 s after the take) ...
+    let (pending, frozen) = create_with_rename_refused_on_hv2(cluster);
+    drop(frozen);
+    // ... by which time the volume has a new name: the record must follow it.
+    hv1.tandem(&["volume", "rename", VOLUME, RENAMED]).ok();
+    wait_settled(cluster, RENAMED);
+    wait_resolved(cluster);
+    for snapshot in ["s1", pending.as_str()] {
+        on_both_and_identical(cluster, RENAMED, snapshot, "after the rename");
+    }
+    // Rolled back and deleted under the new name.
+    let s1 = sha256(&snapshot_file_of(hv1, RENAMED, "s1"));
+    write_and_settle(cluster, RENAMED, 0x32);
+    hv2.tandem(&["snapshot", "rollback", RENAMED, "s1"]).ok();
+    for node in [hv1, hv2] {
+        let image = node.images().join(format!("{RENAMED}.img"));
+        assert_eq!(sha256(&image), s1, "{}: rolled back", image.display());
+    }
+    wait_settled(cluster, RENAMED);
+    hv1.tandem(&["snapshot", "delete", RENAMED, "s1"]).ok();
+    assert!(holders_of(cluster, RENAMED, "s1").is_empty());
+    assert!(pending_files(cluster).is_empty());
+}
+
+/// `tandem snapshot create VOLUME <snapshot>` on `node`, retried while it is refused
+/// (leftover being resolved, replicas not in sync yet, another create's pause) until it
+/// succeeds or finds the snapshot made final by the resolver; returns the attempts.
+fn create_until_done(node: &TandemNode, snapshot: &str) -> Vec<String> {
+    let started = Instant::now();
+    let mut attempts = Vec::new();
+    loop {
+        let out = node
+            .tandem_command(&["snapshot", "create", VOLUME, snapshot])
+            .output()
+            .expect("tandem snapshot create");
+        let stderr = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+        let done = out.status.success() || stderr.contains("exists already");
+        attempts.push(if out.status.success() {
+            "created".to_string()
+        } else {
+            stderr
+        });
+        if done {
+            return attempts;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "{snapshot}: never created: {attempts:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_pending_resolver_racing_a_create_of_the_same_name_leaves_it_on_both_nodes_or_none() {
+    let mut fixture = start();
+    create_replicated(&fixture.cluster, VOLUME);
+    write_and_settle(&fixture.cluster, VOLUME, 0x6b);
+    // Leftovers of interrupted creates on hv2: p0..p5 final nowhere (to be removed), f0 and
+    // f1 final on hv1 (to be made final). hv2 starts alone, so its resolver cannot ask hv1
+    // and keeps them, trying again on its timer (every 5 s).
+    fixture.cluster.node_mut("hv1").stop();
+    fixture.cluster.node_mut("hv2").stop();
+    let removed: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
+    let kept = ["f0", "f1"].map(String::from);
+    for snapshot in removed.iter().chain(&kept) {
+        leave_snapshot_file(
+            fixture.cluster.node("hv2"),
+            &format!("{VOLUME}@{snapshot}+pending.snap"),
+        );
+    }
+    for snapshot in &kept {
+        leave_snapshot_file(
+            fixture.cluster.node("hv1"),
+            &format!("{VOLUME}@{snapshot}.snap"),
+        );
+    }
+    fixture.cluster.node_mut("hv2").start();
+    // One round of hv2's resolver logs one line per leftover it cannot decide.
+    let leftovers = removed.len() + kept.len();
+    let rounds = |cluster: &LoopbackCluster| {
+        cluster
+            .node("hv2")
+            .log()
+            .matches("a pending snapshot stays pending for now")
+            .count()
+            / leftovers
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || rounds(&fixture.cluster) >= 1),
+        "hv2's resolver never tried its leftovers\n{}",
+        fixture.cluster.logs()
+    );
+    // Its timer fires every 5 s (RETRY_INTERVAL) after a round: catch one round's time,
+    // then hv1 comes back, and the creates of the same names start around the next round,
+    // spread over 0.5 s, so that they check, take and commit while it resolves.
+    let seen = rounds(&fixture.cluster);
+    assert!(
+        wait_until(Duration::from_secs(10), || rounds(&fixture.cluster) > seen),
+        "hv2's resolver timer never fired again\n{}",
+        fixture.cluster.logs()
+    );
+    let next_round = Instant::now() + Duration::from_secs(5);
+    fixture.cluster.node_mut("hv1").start();
+    let cluster = &fixture.cluster;
+    let attempts: Vec<(String, Vec<String>)> = std::thread::scope(|scope| {
+        let runs: Vec<_> = removed
+            .iter()
+            .chain(&kept)
+            .enumerate()
+            .map(|(i, snapshot)| {
+                let node = cluster.node(["hv1", "hv2"][i % 2]);
+                let at =
+                    next_round - Duration::from_millis(250) + Duration::from_millis(60) * i as u32;
+                scope.spawn(move || {
+                    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                    (snapshot.clone(), create_until_done(node, snapshot))
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().expect("create thread"))
+            .collect()
+    });
+    wait_settled(cluster, VOLUME);
+    wait_resolved(cluster);
+    // Every one ends final on both nodes and identical: created after its leftover was
+    // removed, or made final from hv1's copy; none is pending or on one node only.
+    for (snapshot, tries) in &attempts {
+        on_both_and_identical(cluster, VOLUME, snapshot, "after the race");
+        if kept.contains(snapshot) {
+            // Final on hv1 already: never taken again, only made final on hv2.
+            assert!(
+                !tries.iter().any(|t| t == "created"),
+                "{snapshot}: {tries:#?}"
+            );
+        }
+        eprintln!("{snapshot}: {} attempts: {tries:?}", tries.len());
+    }
+    // Each leftover was resolved by hv2 (its timer or a create's check; a copy of a failed
+    // attempt may be resolved too).
+    let resolved = cluster
+        .node("hv2")
+        .log()
+        .matches("resolved a snapshot left pending")
+        .count();
+    // (Rounds that found a leftover locked by a create's check or take say so; a run
+    // where the timer and the creates missed each other still checks the end state.)
+    let log = cluster.node("hv2").log();
+    let deferred = log
+        .matches("stays pending for now")
+        .count()
+        .saturating_sub((seen + 1) * leftovers);
+    eprintln!(
+        "hv2 resolved {resolved} leftovers; its timer deferred {deferred} to a running create"
+    );
+    assert!(resolved >= removed.len() + kept.len(), "{}", cluster.logs());
 }

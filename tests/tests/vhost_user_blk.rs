@@ -12,6 +12,8 @@
 //! * A client that connects and stays silent is closed after a few seconds and does not
 //!   keep a real QEMU out; a second QEMU on a served socket fails at once instead of
 //!   hanging.
+//! * `tandem volume resize` while a guest runs reaches the guest (capacity change), which
+//!   writes and reads at the new end.
 //! * A malicious frontend (garbage, truncated and oversized vhost-user messages) neither
 //!   stops the daemon nor the other volumes' sockets, and a real QEMU is served afterwards.
 //!
@@ -217,6 +219,160 @@ fn a_guest_writes_over_vhost_user_blk_reboots_and_reads_back_and_the_volume_foll
         "hv2 stayed {} after QEMU was killed\n{}",
         role(hv2),
         hv2.log()
+    );
+}
+
+/// The guest of the resize test: prints its disk size, says when to resize, waits (at
+/// most 120 s) for the size to change, then writes a tagged 4 KiB block at the new end,
+/// drops its caches and reads the block back.
+const RESIZE_GUEST: &str = r#"section before cat /sys/block/vda/size
+before=$(cat /sys/block/vda/size)
+echo @@RESIZE-NOW
+n=0
+while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $n -lt 600 ]; do sleep 0.2; n=$((n + 1)); done
+section after cat /sys/block/vda/size
+section dmesg sh -c 'dmesg | grep -i "capacity change"'
+last=$(( $(cat /sys/block/vda/size) / 8 - 1 ))
+section write sh -c "printf 'TANDEM-RESIZE-NEW-END' | dd of=/dev/vda bs=4096 seek=$last conv=sync,fsync,notrunc"
+echo 3 > /proc/sys/vm/drop_caches
+section read sh -c "dd if=/dev/vda bs=4096 skip=$last count=1 2>/dev/null | head -c 21"
+"#;
+
+/// Issue 17's resize: `tandem volume resize` while a guest runs on the volume over
+/// vhost-user-blk reaches the guest (tandemd sends CONFIG_CHANGE_MSG, QEMU re-reads the
+/// config space, the guest kernel logs a capacity change), and the guest writes at the
+/// new end and reads it back; the bytes are in the volume on the host.
+#[test]
+fn a_resize_reaches_a_running_guest_which_writes_and_reads_at_the_new_end() {
+    resize_reaches_the_guest(false);
+}
+
+/// The same with the VM paused during the resize: QEMU drops a config-change notice while
+/// its device is stopped, so tandemd repeats it until QEMU reads the config; after `cont`
+/// the guest sees the new size.
+#[test]
+fn a_resize_while_the_vm_is_paused_reaches_the_guest_once_it_resumes() {
+    resize_reaches_the_guest(true);
+}
+
+/// Send one QMP command on `qmp` and wait for its answer.
+fn qmp_command(qmp: &mut std::io::BufReader<UnixStream>, command: &str) {
+    use std::io::BufRead;
+    qmp.get_mut()
+        .write_all(format!("{{\"execute\":\"{command}\"}}\n").as_bytes())
+        .expect("QMP write");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = qmp.read_line(&mut line).expect("QMP read");
+        assert!(n > 0, "QMP closed while waiting for {command}");
+        if line.contains("\"return\"") {
+            return;
+        }
+        assert!(!line.contains("\"error\""), "QMP {command}: {line}");
+    }
+}
+
+fn resize_reaches_the_guest(paused: bool) {
+    if vm::skip_requested() {
+        eprintln!("TANDEM_SKIP_VM_TESTS is set: skipping guest test");
+        return;
+    }
+    const GROWN: &str = "vhost-grown";
+    const OLD: u64 = 64 << 20;
+    const NEW: u64 = 96 << 20;
+    let node = TandemNode::start_new();
+    node.tandem(&["volume", "create", GROWN, "--size", "64M"])
+        .ok();
+    let sock = socket(&node, GROWN);
+    wait_for_socket(&sock);
+    let work = tempfile::Builder::new()
+        .prefix("tandem-vhost-resize-")
+        .tempdir()
+        .expect("temp dir");
+    let image = ImageBuilder::new(RESIZE_GUEST)
+        .build(&work.path().join("guest"))
+        .expect("building the guest");
+    let console = work.path().join("resize.log");
+    let qmp_path = work.path().join("qmp.sock");
+    let running = Vm::new(image)
+        .disk(Disk::vhost_user(&sock, 1))
+        .qemu_arg("-qmp")
+        .qemu_arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .spawn(&console)
+        .expect("booting the guest");
+    let console_text = || std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        wait_until(vm::DEFAULT_TIMEOUT, || console_text()
+            .contains("@@RESIZE-NOW")),
+        "the guest never came up:\n{}",
+        console_text()
+    );
+    let mut qmp = std::io::BufReader::new(UnixStream::connect(&qmp_path).expect("QMP socket"));
+    {
+        use std::io::BufRead;
+        let mut greeting = String::new();
+        qmp.read_line(&mut greeting).expect("QMP greeting");
+    }
+    qmp_command(&mut qmp, "qmp_capabilities");
+    if paused {
+        qmp_command(&mut qmp, "stop");
+    }
+    let started = Instant::now();
+    node.tandem(&["volume", "resize", GROWN, "--size", "96M"])
+        .ok();
+    if paused {
+        // The first notice goes out (and is dropped by the paused QEMU) before `cont`.
+        assert!(
+            wait_until(Duration::from_secs(10), || node
+                .log()
+                .contains("told the frontend the volume's new size")),
+            "{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        qmp_command(&mut qmp, "cont");
+    }
+    let run = running.wait().expect("the guest ran");
+    eprintln!(
+        "[vhost resize] {}; the guest saw the new size, wrote, read back and powered off {:.1?} after the resize",
+        run.timing_summary(),
+        started.elapsed()
+    );
+    run.assert_script_succeeded();
+    let sectors = |section: &str| run.section(section).trim().parse::<u64>().ok();
+    assert_eq!(
+        sectors("before"),
+        Some(OLD / 512),
+        "{}",
+        run.script_console()
+    );
+    assert_eq!(
+        sectors("after"),
+        Some(NEW / 512),
+        "the guest did not see the new size:\n{}\n{}",
+        run.script_console(),
+        node.log()
+    );
+    assert!(
+        run.section("dmesg").contains("capacity change"),
+        "the guest kernel logged no capacity change: {}",
+        run.script_console()
+    );
+    run.assert_section_ok("write");
+    assert_eq!(run.section("read"), "TANDEM-RESIZE-NEW-END");
+    assert!(
+        node.log()
+            .contains("told the frontend the volume's new size"),
+        "{}",
+        node.log()
+    );
+    // The block is in the volume, at the new end.
+    let bytes = std::fs::read(node.images().join(format!("{GROWN}.img"))).expect("volume file");
+    assert_eq!(bytes.len() as u64, NEW);
+    assert_eq!(
+        &bytes[(NEW - 4096) as usize..][..21],
+        b"TANDEM-RESIZE-NEW-END"
     );
 }
 

@@ -40,7 +40,18 @@ pub fn allocate(
     clone_of: Option<&str>,
 ) -> Result<u64, PoolError> {
     match clone_of.map(parse_origin) {
-        Some((volume, snapshot)) => backend.clone_volume(volume, snapshot, name),
+        Some((volume, snapshot)) => {
+            // A peer's definition names the origin: checked before a path or LV name is
+            // built from it.
+            validate_volume_name(volume).map_err(|e| PoolError::BadName {
+                pool: backend.name().to_string(),
+                message: format!("origin: {e}"),
+            })?;
+            if let Some(snapshot) = snapshot {
+                crate::pool::validate_snapshot_name(backend.name(), snapshot)?;
+            }
+            backend.clone_volume(volume, snapshot, name)
+        }
         None => {
             backend.check_room(size)?;
             backend.create(name, size)

@@ -571,6 +571,10 @@ impl VolumeService {
                 claim.armed = false;
                 volumes.remove(name);
                 volumes.insert(new_name.to_string(), Slot::ready(done, state));
+                // The takes recorded here follow it under the same lock, so that nothing
+                // sees the volume under its new name without them (their commands commit
+                // or discard by token, and stale ones are resolved under the new name).
+                self.rename_takes(name, new_name);
                 drop(volumes);
                 tracing::info!(volume = %name, new = %new_name, "replica renamed");
                 Ok(info)

@@ -215,7 +215,7 @@ impl VolumeService {
         name: &str,
         snapshot: &str,
     ) -> Result<SnapshotInfo, ApiError> {
-        validate_snapshot_name("", name, snapshot).map_err(|e| invalid(snapshot_name_error(&e)))?;
+        check_snapshot_name(snapshot)?;
         let definition = self.definition(name)?;
         let nodes = self.data_nodes(&definition);
         let mut phases = Phases::start("snapshot create", name);
@@ -405,6 +405,7 @@ impl VolumeService {
         nodes: &[String],
         token: u64,
     ) -> Result<(Option<u64>, Vec<(String, VolumeStatus)>), ApiError> {
+        check_snapshot_name(snapshot)?;
         let runtime = self.lock().get(name).and_then(|s| s.runtime.clone());
         let mut phases = Phases::start("snapshot take", name);
         let mut links = Links::default();
@@ -518,7 +519,15 @@ impl VolumeService {
         snapshot: &str,
         exists: bool,
     ) -> Result<VolumeStatus, ApiError> {
+        check_snapshot_name(snapshot)?;
         let names = self.local_snapshot_names(name).await?;
+        if !exists {
+            // Where the pending name is built: it must fit this node's pool.
+            let backend = self.backend_of(&self.definition(name)?)?;
+            backend
+                .check_new_snapshot(name, snapshot)
+                .map_err(|e| invalid(snapshot_name_error(&e)))?;
+        }
         let node = &self.config().node;
         let mut found = names.done.iter().any(|s| s == snapshot);
         if !exists && !found && names.pending.iter().any(|s| s == snapshot) {
@@ -595,6 +604,8 @@ impl VolumeService {
         snapshot: &str,
         op: SnapshotOp,
     ) -> Result<Option<VolumeStatus>, ApiError> {
+        // Checked before anything is looked up or built from it (a peer's message).
+        check_snapshot_name(snapshot)?;
         let definition = self.definition(name)?;
         if let SnapshotOp::Rollback { day0 } = op {
             self.rollback_local(&definition, snapshot, day0).await?;
@@ -805,6 +816,7 @@ impl VolumeService {
         name: &str,
         snapshot: &str,
     ) -> Result<SnapshotInfo, ApiError> {
+        check_snapshot_name(snapshot)?;
         let definition = self.definition(name)?;
         self.check_no_clones(name, Some(snapshot))?;
         let mut links = Links::default();
@@ -854,7 +866,7 @@ impl VolumeService {
         name: &str,
         snapshot: &str,
     ) -> Result<SnapshotInfo, ApiError> {
-        validate_snapshot_name("", name, snapshot).map_err(|e| invalid(snapshot_name_error(&e)))?;
+        check_snapshot_name(snapshot)?;
         let definition = self.definition(name)?;
         let nodes = self.data_nodes(&definition);
         let mut links = Links::default();
@@ -954,6 +966,14 @@ fn in_use(name: &str, node: &str) -> ApiError {
     )
 }
 
+/// Refuse a snapshot name that breaks the rule every snapshot name follows
+/// ([`validate_snapshot_name`]). Every command and every peer message checks it before a
+/// path or LV name is built from it; only where a pending name is built does the pool's
+/// name limit apply too (`replica_snapshot_check` before a create, and the take).
+fn check_snapshot_name(snapshot: &str) -> Result<(), ApiError> {
+    validate_snapshot_name("", snapshot).map_err(|e| invalid(snapshot_name_error(&e)))
+}
+
 fn snapshot_name_error(e: &crate::pool::PoolError) -> String {
     match e {
         crate::pool::PoolError::BadName { message, .. } => message.clone(),
@@ -971,6 +991,15 @@ mod tests {
         status.replica.node = node.into();
         status.replica.current_uuid = generation.into();
         (node.to_string(), status)
+    }
+
+    /// A service with a file pool in a temporary directory and an unreplicated 1 MiB
+    /// volume `name`.
+    async fn with_volume(name: &str) -> (tempfile::TempDir, VolumeService) {
+        let dir = tempfile::tempdir().unwrap();
+        let service = crate::service::tests::service(dir.path());
+        service.create_local(name, 1 << 20, None).await.unwrap();
+        (dir, service)
     }
 
     #[test]
@@ -1005,9 +1034,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_command_that_took_a_pending_copy_commits_or_discards_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let service = crate::service::tests::service(dir.path());
-        service.create_local("v", 1 << 20, None).await.unwrap();
+        let (dir, service) = with_volume("v").await;
         let pending = dir.path().join("images/v@s+pending.snap");
         // The state after command 1's take here (the file made by hand: no reflink here).
         std::fs::write(&pending, b"copy").unwrap();
@@ -1037,5 +1064,138 @@ mod tests {
         let commit = SnapshotOp::Commit { token: 1 };
         let e = service.snapshot_local("v", "s", commit).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Refused, "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn peer_messages_with_a_bad_snapshot_name_are_refused_before_any_path_is_built() {
+        use crate::peer::{dispatch, PeerResponse};
+        let (dir, service) = with_volume("v").await;
+        // With a directory `v@..` in the pool, `v@../../../victim.snap` is `victim.snap`
+        // beside the pool: what an unchecked name would reach.
+        std::fs::create_dir(dir.path().join("images/v@..")).unwrap();
+        let victims = ["victim.snap", "victim+pending.snap"].map(|f| dir.path().join(f));
+        for victim in &victims {
+            std::fs::write(victim, b"not the pool's").unwrap();
+        }
+        let long = "s".repeat(65);
+        for bad in ["../../../victim", "a/b", "", ".hidden", long.as_str()] {
+            // A take recorded under that name, so that no token check stops a commit or
+            // discard before the name check would.
+            service.note_take("v", bad, 1);
+            let ops = [
+                SnapshotOp::Take { token: 1 },
+                SnapshotOp::Commit { token: 1 },
+                SnapshotOp::Discard { token: 1 },
+                SnapshotOp::Delete,
+                SnapshotOp::Rollback { day0: 7 },
+            ];
+            let requests = ops.into_iter().map(|op| local("v", bad, op)).chain([
+                PeerRequest::ReplicaSnapshotCheck {
+                    name: "v".into(),
+                    snapshot: bad.into(),
+                    exists: true,
+                },
+                PeerRequest::ReplicaSnapshotTake {
+                    name: "v".into(),
+                    snapshot: bad.into(),
+                    nodes: vec!["hv1".into()],
+                    token: 1,
+                },
+            ]);
+            for request in requests {
+                let what = format!("{request:?}");
+                match dispatch(&service, request).await {
+                    PeerResponse::Error { error } => {
+                        assert_eq!(error.kind, ErrorKind::InvalidArgument, "{what}: {error:?}");
+                        assert!(error.message.contains("snapshot name"), "{what}: {error:?}");
+                    }
+                    other => panic!("{what} was not refused: {other:?}"),
+                }
+            }
+            service.forget_take("v", bad);
+        }
+        for victim in &victims {
+            assert_eq!(std::fs::read(victim).unwrap(), b"not the pool's");
+        }
+        let mut left: Vec<_> = std::fs::read_dir(dir.path().join("images"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["v.img", "v@.."], "nothing made in the pool");
+    }
+
+    #[tokio::test]
+    async fn names_create_accepts_are_accepted_by_list_delete_and_rollback() {
+        let volume = "v".repeat(64);
+        let (dir, service) = with_volume(&volume).await;
+        // A file pool has no name limit below the common rule: create's check takes 64
+        // characters (the pending file name has 142), and refuses 65.
+        let longest = "s".repeat(64);
+        service
+            .snapshot_check(&volume, &longest, false)
+            .await
+            .unwrap();
+        let e = service
+            .snapshot_check(&volume, &"s".repeat(65), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument, "{}", e.message);
+        // A snapshot of 62 characters (taken before a rename, or on another pool) is
+        // listed, rolled back to and deleted: no pending name is built for those.
+        let name = "s".repeat(62);
+        let file = dir.path().join(format!("images/{volume}@{name}.snap"));
+        std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+        let listed = service.snapshot_list(&volume).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].name, name);
+        // Without reflink here the rollback may fail in the pool, never on the name.
+        if let Err(e) = service.snapshot_rollback(&volume, &name).await {
+            assert_ne!(e.kind, ErrorKind::InvalidArgument, "{}", e.message);
+            assert!(!e.message.contains("snapshot name"), "{}", e.message);
+        }
+        service.snapshot_delete(&volume, &name).await.unwrap();
+        assert!(!file.exists());
+    }
+
+    #[tokio::test]
+    async fn a_rename_carries_the_snapshots_and_the_takes_recorded_here() {
+        let (dir, service) = with_volume("v").await;
+        let images = dir.path().join("images");
+        // A final snapshot, command 1's pending take, and a leftover no command takes
+        // (files made by hand: no reflink here).
+        for file in ["v@s.snap", "v@t+pending.snap", "v@u+pending.snap"] {
+            std::fs::write(images.join(file), b"copy").unwrap();
+        }
+        service.note_take("v", "t", 1);
+        service.rename("v", "w").await.unwrap();
+        assert_eq!(service.take_token("v", "t"), None);
+        assert_eq!(
+            service.take_token("w", "t"),
+            Some(1),
+            "the take moved with it"
+        );
+        let listed: Vec<_> = service
+            .snapshot_list("w")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(listed, ["s"]);
+        // Command 1 commits its copy under the new name ...
+        let commit = SnapshotOp::Commit { token: 1 };
+        service.snapshot_local("w", "t", commit).await.unwrap();
+        assert!(images.join("w@t.snap").exists());
+        assert_eq!(service.take_token("w", "t"), None);
+        // ... the leftover is resolved under it (final nowhere: removed) ...
+        assert_eq!(
+            service.resolve_pending("w", "u").await,
+            Ok(Resolution::Removed)
+        );
+        assert!(!images.join("w@u+pending.snap").exists());
+        // ... and the snapshot is deleted under it.
+        service.snapshot_delete("w", "s").await.unwrap();
+        assert!(!images.join("w@s.snap").exists());
     }
 }

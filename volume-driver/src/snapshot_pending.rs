@@ -21,7 +21,10 @@
 //! Each node resolves its own leftovers ([`VolumeService::run_pending_snapshots`]): every
 //! one found at daemon start, and every one it took whose command neither committed nor
 //! discarded it within [`STALE_AFTER`] (its coordinator may have died while this node
-//! stayed up); undecided ones are tried again every [`RETRY_INTERVAL`]. A `snapshot
+//! stayed up); undecided ones are tried again every [`RETRY_INTERVAL`]. A volume rename
+//! carries its take records to the new name ([`VolumeService::rename_takes`]), and an
+//! undecided leftover whose volume is gone makes the node look for leftovers again, so
+//! one renamed meanwhile is found under its new name. A `snapshot
 //! create` that finds a leftover of its name resolves it first (`replica_snapshot_check`).
 //! Only a data node's own copy is ever touched, and nothing is listed or polled while no
 //! snapshot is pending.
@@ -244,6 +247,22 @@ impl VolumeService {
         lock_set(&self.snapshots_taken).remove(&(name.to_string(), snapshot.to_string()));
     }
 
+    /// The volume `from` is now named `to` (its storage and pending copies were renamed):
+    /// its take records follow (see [`crate::rename`]).
+    pub(crate) fn rename_takes(&self, from: &str, to: &str) {
+        let mut taken = lock_set(&self.snapshots_taken);
+        let moved: Vec<(String, String)> = taken
+            .keys()
+            .filter(|(volume, _)| volume == from)
+            .cloned()
+            .collect();
+        for key in moved {
+            if let Some(take) = taken.remove(&key) {
+                taken.insert((to.to_string(), key.1), take);
+            }
+        }
+    }
+
     /// Every pending snapshot in this node's pools, of volumes defined here.
     async fn pending_here(&self) -> BTreeSet<(String, String)> {
         let mut found = BTreeSet::new();
@@ -282,9 +301,11 @@ impl VolumeService {
         loop {
             undecided.extend(self.stale_takes());
             let mut left = BTreeSet::new();
+            let mut gone = false;
             for (volume, snapshot) in undecided {
                 if self.definition(&volume).is_err() {
                     self.forget_take(&volume, &snapshot);
+                    gone = true;
                     continue;
                 }
                 if let Err(why) = self.resolve_pending(&volume, &snapshot).await {
@@ -292,6 +313,10 @@ impl VolumeService {
                         "a pending snapshot stays pending for now");
                     left.insert((volume, snapshot));
                 }
+            }
+            if gone {
+                // Deleted, or renamed: a renamed volume's leftovers are under its new name.
+                left.extend(self.pending_here().await);
             }
             undecided = left;
             tokio::time::sleep(RETRY_INTERVAL).await;

@@ -7,6 +7,7 @@
 //!  try_claim / release / reserve     the in-flight table (overlapping requests wait)
 //!  start_request(offset, op, peers)  -> Started {seq, epoch, wait, unacknowledged}
 //!  start_flush(wait)                 -> Option<WaitId>
+//!  unattached_known()                known peers a flush issued now does not reach
 //!  handle_peer_message(peer, msg)    RecvAck / WriteAck / FlushAck / Extension -> bytes acked
 //!  handle_link_down(peer)            pending ranges out of sync, waits re-decided
 //!  set_deadline(wait, at)            give up on the peers still holding `wait` at `at`
@@ -360,6 +361,16 @@ impl PrimaryCore {
             });
         }
         id.filter(|w| self.open_wait(*w, WaitKind::Flush, sent))
+    }
+
+    /// Known peers not attached now: a flush issued now does not reach them, so its
+    /// completion names them as unacknowledged (like a request's [`Started::unacknowledged`]).
+    pub fn unattached_known(&self) -> Vec<String> {
+        self.known
+            .iter()
+            .filter(|k| !self.peers.iter().any(|p| p.name == **k))
+            .cloned()
+            .collect()
     }
 
     /// A message from an attached peer. Returns the length of the request a WriteAck

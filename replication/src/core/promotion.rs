@@ -1,7 +1,7 @@
 //! Who may become Primary and who may write: the engine's promotion, quorum and outdating
 //! rules as pure functions of what one node sees. The engine (`replica::volume`,
 //! `replica::twopc`, `replica::outdate`) builds a [`View`] from its state and carries out
-//! the answers; the role simulator (`core::sim_roles`) drives the same functions.
+//! the answers; the role simulator (`core::sim::roles`) drives the same functions.
 //!
 //! ```text
 //!  View (this node, its peers as last reported)

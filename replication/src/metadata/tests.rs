@@ -441,6 +441,75 @@ fn crash_at_any_metadata_write_leaves_every_possibly_written_block_marked_out_of
 }
 
 #[test]
+fn a_crash_while_new_bitmaps_are_written_leaves_no_metadata_and_a_retry_succeeds() {
+    // 512 MiB: 4 bitmap pages per peer; create writes 2 x 4 pages, then the superblock.
+    let m = meta(512 * MIB);
+    let writes = 2 * 4 + 1;
+    for budget in 0..=writes {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("meta");
+        MetaStore::crash_next_create(budget, budget * 7 + 1);
+        let created = MetaStore::create(&dir, &m, &["hv2", "hv3"]);
+        if budget == writes {
+            // One sync per bitmap file (not per page), then the superblock's.
+            assert_eq!(created.unwrap().syncs, 3);
+            continue;
+        }
+        assert!(
+            matches!(created, Err(MetaError::InjectedCrash)),
+            "crash at write {budget}: {created:?}"
+        );
+        assert!(
+            matches!(MetaStore::open(&dir), Err(MetaError::NotFound(_))),
+            "crash at write {budget}: metadata without its superblock"
+        );
+        drop(MetaStore::create(&dir, &m, &["hv2", "hv3"]).unwrap());
+        let (_, loaded) = MetaStore::open(&dir).unwrap();
+        assert_eq!(loaded.bitmaps["hv3"].dirty_blocks(), 0, "budget {budget}");
+        assert!(loaded.torn_bitmap_pages.is_empty(), "budget {budget}");
+    }
+}
+
+#[test]
+fn a_crash_while_a_new_peer_s_bitmap_is_written_leaves_the_peer_unknown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("meta");
+    let m = meta(512 * MIB);
+    drop(MetaStore::create(&dir, &m, &["hv2"]).unwrap());
+    for budget in 0..4 {
+        let (mut store, _) = MetaStore::open(&dir).unwrap();
+        store.crash_after(budget, budget + 3);
+        let mut bm = Bitmap::new(512 * MIB);
+        bm.set_range(0, 512 * MIB).unwrap();
+        let added = store.add_peer("hv4", &mut bm);
+        assert!(matches!(added, Err(MetaError::InjectedCrash)), "{added:?}");
+        drop(store);
+        let (_, loaded) = MetaStore::open(&dir).unwrap();
+        assert!(!loaded.bitmaps.contains_key("hv4"), "budget {budget}");
+    }
+    let (mut store, mut loaded) = MetaStore::open(&dir).unwrap();
+    let mut bm = Bitmap::new(512 * MIB);
+    bm.set_range(0, 512 * MIB).unwrap();
+    let syncs = store.syncs;
+    store.add_peer("hv4", &mut bm).unwrap();
+    assert_eq!(
+        store.syncs - syncs,
+        1,
+        "one fdatasync for the whole new bitmap"
+    );
+    loaded
+        .meta
+        .uuids
+        .bitmap
+        .insert("hv4".into(), Generation::ZERO);
+    store.write_superblock(&loaded.meta).unwrap();
+    drop(store);
+    let (_, loaded) = MetaStore::open(&dir).unwrap();
+    assert_eq!(loaded.bitmaps["hv4"].dirty_blocks(), (512 * MIB) / 4096);
+    assert!(loaded.torn_bitmap_pages.is_empty());
+}
+
+#[test]
 fn garbage_payloads_with_valid_checksums_are_rejected_without_panicking() {
     let mut rng = SplitMix64::new(77);
     let good = encode_payload(&meta(MIB)).unwrap();

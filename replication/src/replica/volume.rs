@@ -928,6 +928,7 @@ impl Replica {
                 st.role = Role::Secondary;
                 st.uuids.on_demote();
                 st.primary = None;
+                st.outdate_at_first_write = false;
             }
             guard.decide(false);
             return Err(RoundFailure::Refused(e));
@@ -1024,10 +1025,14 @@ impl Replica {
                         source,
                     })?;
                 if !done.unacknowledged.is_empty() {
-                    return Err(self.not_a_cut(&format!(
-                        "{} did not acknowledge the writes drained for the pause",
-                        done.unacknowledged.join(", ")
-                    )));
+                    // A peer already away says so; one lost during the drain is named.
+                    let why = Self::why_not_in_sync(&self.status()).unwrap_or_else(|| {
+                        format!(
+                            "{} did not acknowledge the writes drained for the pause",
+                            done.unacknowledged.join(", ")
+                        )
+                    });
+                    return Err(self.not_a_cut(&why));
                 }
                 p.wait_replicated().await;
             }
@@ -1387,8 +1392,10 @@ impl Replica {
             let (outdates, work) = {
                 let mut st = lock(&self.st);
                 // The first write after a promotion with a data peer away outdates it
-                // through a tiebreaker first (`outdate.rs`).
+                // through a tiebreaker first (`outdate.rs`). Without quorum no request can
+                // go out (and no write is admitted): the duty stays for the next attempt.
                 let outdates = if st.uuids.new_generation_pending
+                    && st.has_quorum
                     && std::mem::take(&mut st.outdate_at_first_write)
                 {
                     self.outdate_unreached_peers(&mut st)
@@ -1437,7 +1444,15 @@ impl Replica {
                 continue;
             };
             let res = self.persist().await;
-            lock(&self.st).gen_persisting = false;
+            {
+                let mut st = lock(&self.st);
+                st.gen_persisting = false;
+                // Not on disk: no write may run in it; the next one starts a generation
+                // again.
+                if res.is_err() {
+                    st.uuids.new_generation_pending = true;
+                }
+            }
             res?;
             tracing::info!(volume = %self.volume, generation = %g, ?disconnected, "new data generation");
             let msg = EngineMessage::NewCurrent {

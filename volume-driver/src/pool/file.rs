@@ -17,9 +17,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::{
-    reflink, validate_snapshot_name, Pool, PoolError, PoolUsage, SnapshotNames, StoredVolume,
-};
+use super::{reflink, Pool, PoolError, PoolUsage, SnapshotNames, StoredVolume};
 
 const SUFFIX: &str = ".img";
 const SNAPSHOT_SUFFIX: &str = ".snap";
@@ -327,7 +325,7 @@ impl Pool for FilePool {
     }
 
     fn take_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
-        validate_snapshot_name(&self.name, volume, snapshot)?;
+        self.check_new_snapshot(volume, snapshot)?;
         let dst = self.pending_path(volume, snapshot);
         reflink::clone_to_new(&self.device_path(volume), &dst, false).map_err(|e| {
             let exists = PoolError::SnapshotExists {

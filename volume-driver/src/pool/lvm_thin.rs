@@ -53,6 +53,9 @@ pub const TAG: &str = "tandem";
 /// Environment variable naming the `lvm` binary (default: `lvm` from `PATH`).
 pub const LVM_ENV: &str = "TANDEM_LVM";
 
+/// Longest LV name LVM accepts (lvm(8), "VALID NAMES").
+pub const LV_NAME_MAX: usize = 127;
+
 /// Substrings LVM reserves for its internal LVs (lvm(8), "VALID NAMES").
 const RESERVED_SUBSTRINGS: &[&str] = &[
     "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_iorig", "_mimage", "_mlog", "_pmspare",
@@ -246,6 +249,20 @@ impl LvmThinPool {
         format!("{volume}+{}", super::pending_name(snapshot))
     }
 
+    /// Refuse an LV name longer than LVM accepts; `what` says which name it is.
+    fn check_lv_len(&self, lv: &str, what: &str) -> Result<(), PoolError> {
+        if lv.len() <= LV_NAME_MAX {
+            return Ok(());
+        }
+        Err(PoolError::BadName {
+            pool: self.name.clone(),
+            message: format!(
+                "{what}: its LV name '{lv}' would have {} characters, at most {LV_NAME_MAX} fit an LVM name",
+                lv.len()
+            ),
+        })
+    }
+
     /// `lvcreate -s` of `origin` as `name`: read-only snapshot or writable (active) clone
     /// (see the module doc for the options).
     fn thin_snapshot(&self, origin: &str, name: &str, writable: bool) -> Result<(), PoolError> {
@@ -297,6 +314,14 @@ impl Pool for LvmThinPool {
                 message: format!("volume name '{volume}': {message}"),
             }),
         }
+    }
+
+    /// The pending LV `<volume>+<snapshot>+pending` must fit LVM's name limit, so the
+    /// longest snapshot name is `127 - 9 - len(volume)` characters (54 for a volume of 64).
+    fn check_new_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
+        validate_snapshot_name(&self.name, snapshot)?;
+        let what = format!("snapshot name '{snapshot}' is too long for volume '{volume}'");
+        self.check_lv_len(&Self::pending_lv(volume, snapshot), &what)
     }
 
     fn check_room(&self, additional: u64) -> Result<(), PoolError> {
@@ -401,6 +426,24 @@ impl Pool for LvmThinPool {
             });
         }
         let names = self.snapshot_names(from)?;
+        // Every snapshot LV must fit LVM's limit under the new name, checked before the
+        // first lvrename (a longer volume name lengthens each of them).
+        for (snapshot, pending) in names
+            .done
+            .iter()
+            .map(|s| (s, false))
+            .chain(names.pending.iter().map(|s| (s, true)))
+        {
+            let lv = if pending {
+                Self::pending_lv(to, snapshot)
+            } else {
+                Self::snapshot_lv(to, snapshot)
+            };
+            self.check_lv_len(
+                &lv,
+                &format!("cannot rename volume '{from}' to '{to}': snapshot '{snapshot}'"),
+            )?;
+        }
         self.lvm(&["lvrename", &self.vg, from, to])?;
         let stored = |volume: &str, snapshot: &str, pending: bool| {
             if pending {
@@ -446,7 +489,7 @@ impl Pool for LvmThinPool {
     /// One `lvm` call (it runs while the Primary holds writes): `lvcreate` itself refuses an
     /// existing name or a missing origin, and its message is mapped.
     fn take_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), PoolError> {
-        validate_snapshot_name(&self.name, volume, snapshot)?;
+        self.check_new_snapshot(volume, snapshot)?;
         let lv = Self::pending_lv(volume, snapshot);
         // The engine writes through the page cache: fsync of the block device writes out
         // every dirty page of it, so the snapshot holds every write applied so far.
@@ -897,6 +940,34 @@ esac
         ] {
             assert!(calls.contains(expected), "{expected} not in {calls}");
         }
+    }
+
+    #[test]
+    fn the_longest_snapshot_name_is_what_fits_with_its_pending_suffix() {
+        let (dir, pool) = fake_lvm("25.00");
+        let volume = "v".repeat(64);
+        pool.create(&volume, 8 << 20).unwrap();
+        // `<64>+<54>+pending` has 127 characters: the longest a new snapshot may have.
+        let longest = "s".repeat(54);
+        pool.check_new_snapshot(&volume, &longest).unwrap();
+        let e = pool
+            .check_new_snapshot(&volume, &"s".repeat(55))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("would have 128 characters"), "{e}");
+        pool.snapshot(&volume, &longest).unwrap();
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert!(calls.contains(&format!("-n {volume}+{longest}+pending ")));
+        // A shorter volume takes a longer snapshot name; renaming the volume to a longer
+        // name is refused before anything changes when its snapshot LV would not fit.
+        pool.create("v2", 8 << 20).unwrap();
+        let long = "s".repeat(63);
+        pool.snapshot("v2", &long).unwrap();
+        let e = pool.rename("v2", &"w".repeat(64)).unwrap_err().to_string();
+        assert!(e.contains(&format!("snapshot '{long}'")), "{e}");
+        assert_eq!(pool.snapshots("v2").unwrap(), vec![long.clone()]);
+        pool.rename("v2", &"w".repeat(63)).unwrap();
+        assert_eq!(pool.snapshots(&"w".repeat(63)).unwrap(), vec![long]);
     }
 
     #[test]

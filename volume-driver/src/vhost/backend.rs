@@ -12,19 +12,33 @@
 //! [`BlkBackend::release`] when the connection ends, which is the "last writer closed"
 //! signal.
 //!
+//! While QEMU migrates the VM, every guest page the device writes (read data, status
+//! bytes, used ring, and with EVENT_IDX the used ring's `avail_event` field) is marked in
+//! QEMU's dirty log: the guest memory carries vhost-user-backend's [`BitmapMmapRegion`]
+//! (the vring's memory too, through which `virtio-queue` writes the ring), which the
+//! library points at the log (`SET_LOG_BASE`, offered through `LOG_SHMFD` and the
+//! `LOG_ALL` feature), and every `vm-memory` write marks the pages it touches. Without a
+//! log the bitmap is empty and marks nothing.
+//!
+//! A grown volume is announced to the frontend ([`BlkBackend::announce_size`]): a
+//! `CONFIG_CHANGE_MSG` on the backend request channel (`BACKEND_REQ`), after which QEMU
+//! reads the config space again and tells the guest the new capacity.
+//!
 //! Requests run in the queue's worker thread (one thread per queue), many at a time: the
 //! worker drives their `ExportHandle` calls itself ([`super::queue`]), so a queue keeps
 //! every request the guest gave it in flight, and several queues run in parallel.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::runtime::Handle;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -45,8 +59,11 @@ use super::request::{self, Chain, Op, Request, Segment, Status, HEADER_LEN};
 use super::stats::{self, Connected, Counters};
 use crate::frontend::{ExportHandle, ExportIoError, Exports, OpenError};
 
-/// Guest memory as the daemon maps it (no dirty-page log).
-pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Guest memory as one connection maps it; every write marks QEMU's dirty log while a
+/// migration has one.
+pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
+/// Guest memory as the daemon maps it (follows the frontend's memory table).
+pub type GuestMemory = GuestMemoryAtomic<Mem>;
 type Vring = VringRwLock<GuestMemory>;
 
 /// Descriptors per queue offered to the frontend.
@@ -75,6 +92,9 @@ enum Turn {
 
 /// How long an open waits for the previous frontend's handle to be released.
 const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
+/// How often a config-change notice is repeated until the frontend reads the config.
+pub const NOTICE_REPEAT: Duration = Duration::from_secs(2);
 
 /// A socket's one frontend at a time: taken by the connection whose backend opens the
 /// volume, until that connection's handle is released. A frontend that comes while the
@@ -154,6 +174,16 @@ pub struct BlkBackend {
     /// is started (or completed into guest memory) for a frontend that left; QEMU
     /// resubmits what it never got back.
     stopping: AtomicBool,
+    /// The backend request channel to the frontend (`SET_BACKEND_REQ_FD`), if it gave one.
+    to_frontend: Mutex<Option<Backend>>,
+    /// The size the frontend last read (the size at the open, then each GET_CONFIG);
+    /// `u64::MAX` before the open. A notice does not change it: QEMU drops a notice while
+    /// its device is stopped (VM paused, guest reset, incoming migration), so notices are
+    /// repeated until the frontend reads the config.
+    announced_size: AtomicU64,
+    /// When the last config-change notice went out, and for which size (rate limit, and
+    /// one log line per size).
+    last_notice: Mutex<Option<(Instant, u64)>>,
 }
 
 impl Drop for BlkBackend {
@@ -189,6 +219,9 @@ impl BlkBackend {
             stopping: AtomicBool::new(false),
             mem,
             exit_fds: Mutex::default(),
+            to_frontend: Mutex::default(),
+            announced_size: AtomicU64::new(u64::MAX),
+            last_notice: Mutex::default(),
         }
     }
 
@@ -238,6 +271,14 @@ impl BlkBackend {
         match self.runtime.block_on(self.exports.open(&self.name, true)) {
             Ok(handle) => {
                 tracing::info!(volume = %self.name, read_only = handle.read_only(), "vhost-user-blk frontend opened the volume");
+                // What the frontend knows until it reads the config: a QEMU that reconnects
+                // (tandemd restarted) does not read it again.
+                let _ = self.announced_size.compare_exchange(
+                    u64::MAX,
+                    handle.size(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
                 Volume::Open {
                     handle,
                     _served: self.counters.connected(),
@@ -321,13 +362,55 @@ impl BlkBackend {
                 .map(|info| info.size)
                 .unwrap_or(0),
         };
+        self.announced_size.store(size, Ordering::Release);
         Some(ConfigSpace::new(size, self.num_queues as u16))
+    }
+
+    /// Tell the frontend when the open volume's size differs from what it last read (an
+    /// online resize): a `CONFIG_CHANGE_MSG`, after which QEMU reads the config space
+    /// again and raises the guest's config interrupt. Repeated every [`NOTICE_REPEAT`]
+    /// until the frontend reads the config (QEMU ignores a notice while its device is
+    /// stopped). Returns whether a notice went out. A frontend that gave no request
+    /// channel is not told (the new size reaches its guest when QEMU restarts).
+    pub fn announce_size(&self) -> bool {
+        let size = match &*self.lock() {
+            Volume::Open { handle, .. } => handle.size(),
+            _ => return false,
+        };
+        let announced = self.announced_size.load(Ordering::Acquire);
+        if announced == u64::MAX || announced == size {
+            return false;
+        }
+        let channel = self.to_frontend.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(channel) = channel.as_ref() else {
+            return false;
+        };
+        let mut last = self.last_notice.lock().unwrap_or_else(|e| e.into_inner());
+        let first_for_size = last.is_none_or(|(_, told)| told != size);
+        if !first_for_size && last.is_some_and(|(at, _)| at.elapsed() < NOTICE_REPEAT) {
+            return false;
+        }
+        *last = Some((Instant::now(), size));
+        match channel.handle_config_change() {
+            Ok(_) => {
+                if first_for_size {
+                    tracing::info!(volume = %self.name, size, previous = announced, "vhost-user-blk: told the frontend the volume's new size");
+                }
+                true
+            }
+            Err(e) => {
+                if first_for_size {
+                    tracing::warn!(volume = %self.name, size, error = %e, "vhost-user-blk: cannot tell the frontend the volume's new size");
+                }
+                false
+            }
+        }
     }
 
     /// Answer the available requests of `vring`, many at a time ([`queue::serve`]).
     fn process_queue(&self, vring: &Vring) {
         let mem = self.mem.memory();
-        let mem: &GuestMemoryMmap<()> = &mem;
+        let mem: &Mem = &mem;
         queue::serve(&self.runtime, vring, mem, &self.stopping, |chain| {
             self.answer(mem, chain)
         });
@@ -335,7 +418,7 @@ impl BlkBackend {
 
     /// Run the request of one descriptor chain and write its status; returns its used
     /// entry. A malformed chain gets IOERR in its last writable descriptor.
-    async fn answer(&self, mem: &GuestMemoryMmap<()>, chain: queue::Taken<'_>) -> queue::Answered {
+    async fn answer(&self, mem: &Mem, chain: queue::Taken<'_>) -> queue::Answered {
         let head = chain.head_index();
         let descriptor =
             |d: virtio_queue::desc::split::Descriptor| (d.addr().0, d.len(), d.is_write_only());
@@ -352,7 +435,7 @@ impl BlkBackend {
     }
 
     /// Run one request and write its status; returns the bytes written to the guest.
-    async fn execute(&self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> u32 {
+    async fn execute(&self, mem: &Mem, chain: &Chain) -> u32 {
         let (op, outcome) = match read_header(mem, chain) {
             Ok(header) => (Op::of(&header), self.run(mem, chain, &header).await),
             Err(rejected) => (Op::Other, Err(rejected)),
@@ -373,7 +456,7 @@ impl BlkBackend {
 
     /// Write `status` at `addr`; returns the bytes written (1, or 0 when there is no
     /// place for it).
-    fn write_status(&self, mem: &GuestMemoryMmap<()>, addr: Option<u64>, status: Status) -> u32 {
+    fn write_status(&self, mem: &Mem, addr: Option<u64>, status: Status) -> u32 {
         let Some(addr) = addr else {
             return 0;
         };
@@ -390,7 +473,7 @@ impl BlkBackend {
     /// the guest.
     async fn run(
         &self,
-        mem: &GuestMemoryMmap<()>,
+        mem: &Mem,
         chain: &Chain,
         header: &[u8; HEADER_LEN as usize],
     ) -> Result<u32, request::Rejected> {
@@ -450,10 +533,7 @@ fn io_err(reason: String) -> request::Rejected {
 }
 
 /// The 16-byte request header at the start of the chain's readable bytes.
-fn read_header(
-    mem: &GuestMemoryMmap<()>,
-    chain: &Chain,
-) -> Result<[u8; HEADER_LEN as usize], request::Rejected> {
+fn read_header(mem: &Mem, chain: &Chain) -> Result<[u8; HEADER_LEN as usize], request::Rejected> {
     if chain.readable_len() < HEADER_LEN {
         return Err(io_err("header shorter than 16 bytes".into()));
     }
@@ -463,12 +543,7 @@ fn read_header(
 }
 
 /// Copy `out.len()` bytes starting `skip` bytes into `segments` from guest memory.
-fn gather(
-    mem: &GuestMemoryMmap<()>,
-    segments: &[Segment],
-    mut skip: u64,
-    out: &mut [u8],
-) -> Result<(), String> {
+fn gather(mem: &Mem, segments: &[Segment], mut skip: u64, out: &mut [u8]) -> Result<(), String> {
     let mut done = 0usize;
     for segment in segments {
         if done == out.len() {
@@ -497,7 +572,7 @@ fn gather(
 }
 
 /// Copy `data` into the start of `segments` in guest memory.
-fn scatter(mem: &GuestMemoryMmap<()>, segments: &[Segment], data: &[u8]) -> Result<(), String> {
+fn scatter(mem: &Mem, segments: &[Segment], data: &[u8]) -> Result<(), String> {
     let mut done = 0usize;
     for segment in segments {
         if done == data.len() {
@@ -519,7 +594,7 @@ fn scatter(mem: &GuestMemoryMmap<()>, segments: &[Segment], data: &[u8]) -> Resu
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -547,7 +622,8 @@ impl VhostUserBackend for BlkBackend {
             | (1 << VIRTIO_BLK_F_DISCARD)
             | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -558,6 +634,15 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        // REPLY_ACK is never offered: a frontend claiming it must not make a notice wait
+        // for an answer that never comes.
+        backend.set_reply_ack_flag(false);
+        *self.to_frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -642,7 +727,7 @@ mod tests {
     struct Device {
         backend: BlkBackend,
         exports: Arc<DummyExports>,
-        mem: GuestMemoryMmap<()>,
+        mem: Mem,
         _runtime: tokio::runtime::Runtime,
     }
 
@@ -691,10 +776,7 @@ mod tests {
     impl Device {
         /// A ready vring over a queue holding `chains` (each `(addr, len, device-writable)`
         /// descriptors, chained in order).
-        fn queue_with(
-            &self,
-            chains: &[&[(u64, u32, bool)]],
-        ) -> (MockSplitQueue<'_, GuestMemoryMmap<()>>, Vring) {
+        fn queue_with(&self, chains: &[&[(u64, u32, bool)]]) -> (MockSplitQueue<'_, Mem>, Vring) {
             let queue = MockSplitQueue::new(&self.mem, 64);
             let mut first = 0u16;
             for descriptors in chains {
@@ -799,7 +881,7 @@ mod tests {
     impl Device {
         /// A queue holding `n` reads of 4 KiB: the `i`th reads sector `8 * i` into its own
         /// buffer and status byte.
-        fn queue_of_reads(&self, n: u64) -> (MockSplitQueue<'_, GuestMemoryMmap<()>>, Vring) {
+        fn queue_of_reads(&self, n: u64) -> (MockSplitQueue<'_, Mem>, Vring) {
             let mut chains = Vec::new();
             for i in 0..n {
                 let mut header = [0u8; 16]; // VIRTIO_BLK_T_IN

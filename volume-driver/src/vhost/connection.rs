@@ -13,8 +13,8 @@
 //!    closed (logged), so a silent client cannot hold the socket; a refused open is hung up
 //!    at once, before QEMU's device is realized, so QEMU fails to start (the backend logged
 //!    the reason);
-//! 3. serve until the frontend goes away, then release the handle, which demotes when it
-//!    was the last writer.
+//! 3. serve until the frontend goes away (a [`SizeWatcher`] tells it when the volume
+//!    grows), then release the handle, which demotes when it was the last writer.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +25,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 
 use super::backend::{BlkBackend, FirstUse};
+use super::resize::SizeWatcher;
 
 /// The connections of one socket that are still running.
 #[derive(Default)]
@@ -129,13 +130,15 @@ impl Session {
 
     /// Admit or refuse the frontend, serve it until it goes away, release the volume.
     pub fn run(mut self) {
+        let mut watcher = None;
         if self.backend.another_frontend_is_served() {
             tracing::warn!(volume = %self.name, "vhost-user-blk: refusing a second frontend: the volume is being served on this socket");
             self.hang_up();
         } else {
             match self.backend.wait_first_use(self.idle_timeout) {
                 FirstUse::Served => {
-                    tracing::debug!(volume = %self.name, "vhost-user frontend connected")
+                    tracing::debug!(volume = %self.name, "vhost-user frontend connected");
+                    watcher = SizeWatcher::start(&self.name, Arc::clone(&self.backend));
                 }
                 // The backend logged the reason.
                 FirstUse::Refused(_) => self.hang_up(),
@@ -146,6 +149,7 @@ impl Session {
             }
         }
         self.end();
+        drop(watcher);
     }
 
     /// Wait for the daemon's thread, stop the queue workers, release the volume.

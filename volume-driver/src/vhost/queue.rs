@@ -38,15 +38,14 @@ use futures_util::FutureExt;
 use tokio::runtime::Handle;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::GuestMemoryMmap;
 
-use super::backend::GuestMemory;
+use super::backend::{GuestMemory, Mem};
 
 /// How long an idle queue polls its available ring before it waits for a kick again.
 pub const POLL: Duration = Duration::from_micros(50);
 
 /// A request taken from the queue, as `serve`'s caller answers it: its descriptor chain.
-pub type Taken<'m> = DescriptorChain<&'m GuestMemoryMmap<()>>;
+pub type Taken<'m> = DescriptorChain<&'m Mem>;
 
 /// What answering a request gives back: the chain's head index and the bytes written to
 /// the guest (the used length).
@@ -57,7 +56,7 @@ pub type Answered = (u16, u32);
 pub fn serve<'m, F, Fut>(
     runtime: &Handle,
     vring: &VringRwLock<GuestMemory>,
-    mem: &'m GuestMemoryMmap<()>,
+    mem: &'m Mem,
     stopping: &AtomicBool,
     answer: F,
 ) where
@@ -70,7 +69,7 @@ pub fn serve<'m, F, Fut>(
 
 async fn run<'m, F, Fut>(
     state: &mut VringState<GuestMemory>,
-    mem: &'m GuestMemoryMmap<()>,
+    mem: &'m Mem,
     stopping: &AtomicBool,
     answer: F,
 ) where

@@ -380,15 +380,18 @@ impl VolumeTask {
             Input::KnownPeers(peers) => self.core.set_known_peers(&peers),
             Input::Extensions(sink) => self.extensions = Some(sink),
             Input::WaitReplicated(tx) => {
+                // Waiters whose caller gave up (a timed-out pause) are dropped.
+                self.replicated_waiters.retain(|tx| !tx.is_closed());
                 self.replicated_waiters.push(tx);
-                self.notify_replicated();
             }
         }
     }
 
-    /// Move every stage that can move, until none can.
+    /// Move every stage that can move, until none can; then wake the callers waiting for
+    /// everything to be replicated (after the out-of-sync marks of a lost peer are made).
     fn pump(&mut self) {
         loop {
+            self.carry_out();
             self.admit();
             if std::mem::take(&mut self.released) {
                 self.retry_blocked();
@@ -396,9 +399,10 @@ impl VolumeTask {
             self.send_ready();
             self.carry_out();
             if !self.released && !self.admission_can_move() {
-                return;
+                break;
             }
         }
+        self.notify_replicated();
     }
 
     fn admission_can_move(&self) -> bool {
@@ -426,7 +430,11 @@ impl VolumeTask {
         }
     }
 
+    /// Retry what waits for a range. The core's actions are carried out first, so the
+    /// barrier closing a finished write's epoch is on the links before a resync chunk gets
+    /// the range (the chunk goes out in a later epoch).
     fn retry_blocked(&mut self) {
+        self.carry_out();
         for blocked in std::mem::take(&mut self.blocked) {
             self.claim_or_block(blocked);
         }
@@ -452,7 +460,6 @@ impl VolumeTask {
                             inline,
                             ..
                         },
-                    local,
                     ..
                 }) = self.ops.get_mut(key)
                 else {
@@ -467,15 +474,10 @@ impl VolumeTask {
                 }
                 // A large or durable request starts on the local disk now, in parallel
                 // with the peers; a small cached write is done once the peers have it.
-                let device = &self.shared.device;
-                if op.applies_inline(&**device, *offset) && self.inline_left >= len {
-                    self.inline_left -= len;
+                if op.applies_inline(&*self.shared.device, *offset) {
                     *inline = true;
                 } else {
-                    let io = LocalIo::start(device, *offset, op);
-                    let name = op.name();
-                    *local = Local::Running;
-                    self.local.push(LocalRun { key, op: name, io });
+                    self.start_local(key);
                 }
                 self.unsent.push_back(key);
                 None
@@ -504,6 +506,22 @@ impl VolumeTask {
                 None
             }
         }
+    }
+
+    /// Start `key`'s local I/O on the device; the task polls its completion.
+    fn start_local(&mut self, key: usize) {
+        let Some(InFlightOp {
+            what: What::Request { offset, op, .. },
+            local,
+            ..
+        }) = self.ops.get_mut(key)
+        else {
+            return;
+        };
+        let io = LocalIo::start(&self.shared.device, *offset, op);
+        let name = op.name();
+        *local = Local::Running;
+        self.local.push(LocalRun { key, op: name, io });
     }
 
     /// Queue requests in order once every attached link has send budget for them.
@@ -562,8 +580,9 @@ impl VolumeTask {
         match started.wait {
             Some(wait) => {
                 self.by_wait.insert(wait, key);
-                let deadline = Instant::now() + self.shared.cfg.peer_ack_timeout;
-                self.core.set_deadline(wait, deadline);
+                if let Some(deadline) = now().checked_add(self.shared.cfg.peer_ack_timeout) {
+                    self.core.set_deadline(wait, deadline);
+                }
             }
             None => *peers = Peers::Done(None),
         }
@@ -583,8 +602,13 @@ impl VolumeTask {
                 .application
                 .fetch_sub(len, Ordering::Relaxed);
         }
-        if inline {
+        // At most INLINE_BYTES_PER_PASS are written on this task per pass; the rest go to
+        // the device like large writes.
+        if inline && self.inline_left >= len {
+            self.inline_left -= len;
             self.apply_inline(key);
+        } else if inline {
+            self.start_local(key);
         }
         self.try_complete(key);
     }
@@ -612,19 +636,22 @@ impl VolumeTask {
     fn flush(&mut self, start: Instant, reply: Reply) {
         let wait = self.shared.cfg.protocol == ReplicationProtocol::C;
         let wait = self.core.start_flush(wait);
+        // A peer already detached when the flush is issued is named, so the engine holds
+        // the flush until that loss is dealt with (new generation), as for a request.
         let key = self.ops.insert(InFlightOp {
             start,
             reply,
             what: What::Flush,
             local: Local::Running,
             peers: Peers::Done(None),
-            unacknowledged: Vec::new(),
+            unacknowledged: self.core.unattached_known(),
         });
         if let Some(wait) = wait {
             self.ops[key].peers = Peers::Waiting;
             self.by_wait.insert(wait, key);
-            let deadline = Instant::now() + self.shared.cfg.peer_ack_timeout;
-            self.core.set_deadline(wait, deadline);
+            if let Some(deadline) = now().checked_add(self.shared.cfg.peer_ack_timeout) {
+                self.core.set_deadline(wait, deadline);
+            }
         }
         let io = LocalIo::flush(&self.shared.device);
         self.local.push(LocalRun {
@@ -740,7 +767,6 @@ impl VolumeTask {
             let in_flight = &link.receiver.in_flight().application;
             in_flight.fetch_sub(acked, Ordering::Relaxed);
         }
-        self.notify_replicated();
     }
 
     /// The link is down: nothing pending on this peer will be acknowledged any more.
@@ -764,13 +790,12 @@ impl VolumeTask {
             pending_requests = pending,
             "peer disconnected; its pending requests are out of sync"
         );
-        self.notify_replicated();
     }
 
     /// Peers silent past a deadline are disconnected; their loss ends the waits on them.
     fn timeout(&mut self) {
         let timeout = self.shared.cfg.peer_ack_timeout;
-        for peer in self.core.handle_timeout(Instant::now()) {
+        for peer in self.core.handle_timeout(now()) {
             if let Some(link) = self.links.get(&peer) {
                 tracing::warn!(peer = %link.name, ?timeout, "peer did not acknowledge a request in time; disconnecting");
                 link.sender.close(&format!(
@@ -787,4 +812,10 @@ impl VolumeTask {
             }
         }
     }
+}
+
+/// The time the task's timer runs on (tokio's clock, so a paused test clock stays
+/// consistent with the deadlines).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }

@@ -1,0 +1,213 @@
+//! Test of the dirty-page log that live migration needs: a vhost-user frontend (the `vhost`
+//! crate's, speaking the protocol over a real socket as QEMU does) negotiates `LOG_ALL` and
+//! `LOG_SHMFD`, hands the daemon a log (`SET_LOG_BASE`) and sends one read request. Every
+//! page the device wrote (read data, status byte, used ring) is marked in the log, and a
+//! page it only read is not.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, Listener, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_user_backend::VhostUserDaemon;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::BlkBackend;
+use super::dummy_exports::DummyExports;
+use super::request::Status;
+
+const MEM_SIZE: usize = 16 << 20;
+const PAGE: u64 = 4096;
+const HEADER: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x40_0000;
+
+/// Whether guest page `page` is marked in `log` (one bit per 4 KiB page, LSB first).
+fn dirty(log: &[u8], page: u64) -> bool {
+    log[(page / 8) as usize] & (1 << (page % 8)) != 0
+}
+
+#[test]
+fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("dirty.sock");
+    let mut listener = Listener::new(&path, true).expect("listener");
+    let backend = Arc::new(BlkBackend::new(
+        "dirty-log",
+        DummyExports::new(&["dirty-log"]),
+        runtime.handle().clone(),
+        1,
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        Arc::default(),
+    ));
+    let mut daemon = VhostUserDaemon::new(
+        "dirty-log".into(),
+        Arc::clone(&backend),
+        backend.guest_memory(),
+    )
+    .expect("daemon");
+    let served = std::thread::spawn(move || {
+        daemon.start(&mut listener).expect("accept");
+        let _ = daemon.wait();
+    });
+
+    // The frontend's guest memory, shared with the daemon through its file.
+    let mem_file = tempfile::tempfile().expect("memory file");
+    mem_file.set_len(MEM_SIZE as u64).expect("memory size");
+    let mem_fd = mem_file.as_raw_fd();
+    let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM_SIZE,
+        Some(FileOffset::new(mem_file, 0)),
+    )])
+    .expect("guest memory");
+    let host_base = mem.get_host_address(GuestAddress(0)).expect("mapped") as u64;
+    // One bit per page.
+    let log_file: File = tempfile::tempfile().expect("log file");
+    let log_len = (MEM_SIZE as u64 / PAGE / 8).max(PAGE);
+    log_file.set_len(log_len).expect("log size");
+
+    let mut frontend = Frontend::connect(&path, 1).expect("connect");
+    frontend.set_owner().expect("SET_OWNER");
+    let features = frontend.get_features().expect("GET_FEATURES");
+    assert_ne!(
+        features & VhostUserVirtioFeatures::LOG_ALL.bits(),
+        0,
+        "LOG_ALL not offered"
+    );
+    let protocol = frontend
+        .get_protocol_features()
+        .expect("GET_PROTOCOL_FEATURES");
+    assert!(
+        protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD),
+        "{protocol:?}"
+    );
+    frontend
+        .set_protocol_features(
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::LOG_SHMFD,
+        )
+        .expect("SET_PROTOCOL_FEATURES");
+    frontend
+        .set_features(features)
+        .expect("SET_FEATURES with LOG_ALL");
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host_base,
+            mmap_offset: 0,
+            mmap_handle: mem_fd,
+        }])
+        .expect("SET_MEM_TABLE");
+    frontend
+        .set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: log_len,
+                mmap_offset: 0,
+                mmap_handle: log_file.as_raw_fd(),
+            }),
+        )
+        .expect("SET_LOG_BASE");
+
+    // One read of sector 1 into DATA, status at STATUS.
+    let queue = MockSplitQueue::new(&mem, 16);
+    let mut header = [0u8; 16];
+    header[8..].copy_from_slice(&1u64.to_le_bytes()); // VIRTIO_BLK_T_IN, sector 1
+    mem.write_slice(&header, GuestAddress(HEADER))
+        .expect("header");
+    let chain: Vec<RawDescriptor> = [
+        (HEADER, 16, 0),
+        (DATA, 512, VRING_DESC_F_WRITE),
+        (STATUS, 1, VRING_DESC_F_WRITE),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &(addr, len, flags))| {
+        let next = if i < 2 { VRING_DESC_F_NEXT } else { 0 };
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            (flags | next) as u16,
+            i as u16 + 1,
+        ))
+    })
+    .collect();
+    queue.add_desc_chains(&chain, 0).expect("chain");
+    let (kick, call) = (
+        EventFd::new(0).expect("kick"),
+        EventFd::new(0).expect("call"),
+    );
+    frontend.set_vring_num(0, 16).expect("SET_VRING_NUM");
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: 16,
+                queue_size: 16,
+                flags: 0,
+                desc_table_addr: host_base + queue.desc_table_addr().0,
+                used_ring_addr: host_base + queue.used_addr().0,
+                avail_ring_addr: host_base + queue.avail_addr().0,
+                log_addr: None,
+            },
+        )
+        .expect("SET_VRING_ADDR");
+    frontend.set_vring_base(0, 0).expect("SET_VRING_BASE");
+    frontend.set_vring_call(0, &call).expect("SET_VRING_CALL");
+    frontend.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
+    frontend
+        .set_vring_enable(0, true)
+        .expect("SET_VRING_ENABLE");
+    kick.write(1).expect("kick");
+
+    let used_idx = GuestAddress(queue.used_addr().0 + 2);
+    let started = Instant::now();
+    while mem.read_obj::<u16>(used_idx).expect("used idx") != 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the request was never completed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(STATUS)).expect("status"),
+        Status::Ok.byte()
+    );
+
+    let mut log = vec![0u8; log_len as usize];
+    log_file
+        .read_exact_at(&mut log, 0)
+        .expect("reading the log");
+    for (what, addr) in [
+        ("read data", DATA),
+        ("status", STATUS),
+        ("used ring", queue.used_addr().0),
+    ] {
+        assert!(
+            dirty(&log, addr / PAGE),
+            "the {what} page at {addr:#x} is not in the log"
+        );
+    }
+    assert!(
+        !dirty(&log, HEADER / PAGE),
+        "a page the device only read is in the log"
+    );
+
+    drop(frontend);
+    served.join().expect("daemon thread");
+}
