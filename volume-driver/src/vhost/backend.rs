@@ -31,7 +31,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -174,6 +174,11 @@ pub struct BlkBackend {
     /// is started (or completed into guest memory) for a frontend that left; QEMU
     /// resubmits what it never got back.
     stopping: AtomicBool,
+    /// Held (read) from checking `stopping` to putting a completion in the used ring;
+    /// [`BlkBackend::stop_completions`] takes it (write) after setting `stopping`, before
+    /// the socket is hung up: QEMU reads the used index when it sees the hang-up, and a
+    /// completion added after that would be replayed on reconnect.
+    completions: RwLock<()>,
     /// The backend request channel to the frontend (`SET_BACKEND_REQ_FD`), if it gave one.
     to_frontend: Mutex<Option<Backend>>,
     /// The size the frontend last read (the size at the open, then each GET_CONFIG);
@@ -217,6 +222,7 @@ impl BlkBackend {
             opened: Condvar::new(),
             counters: stats::counters(name),
             stopping: AtomicBool::new(false),
+            completions: RwLock::default(),
             mem,
             exit_fds: Mutex::default(),
             to_frontend: Mutex::default(),
@@ -301,6 +307,14 @@ impl BlkBackend {
     pub fn another_frontend_is_served(&self) -> bool {
         let volume = self.lock();
         !matches!(*volume, Volume::Open { .. }) && self.slot.is_served()
+    }
+
+    /// The connection is about to be hung up: from here on no request is taken and no
+    /// completion reaches the used ring (one being added is waited for). A request still
+    /// running finishes against the volume; QEMU resubmits it after a reconnect.
+    pub fn stop_completions(&self) {
+        self.stopping.store(true, Ordering::Release);
+        drop(self.completions.write().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// The frontend is gone (its connection ended): a new one may come while the handle
@@ -411,9 +425,14 @@ impl BlkBackend {
     fn process_queue(&self, vring: &Vring) {
         let mem = self.mem.memory();
         let mem: &Mem = &mem;
-        queue::serve(&self.runtime, vring, mem, &self.stopping, |chain| {
-            self.answer(mem, chain)
-        });
+        queue::serve(
+            &self.runtime,
+            vring,
+            mem,
+            &self.stopping,
+            &self.completions,
+            |chain| self.answer(mem, chain),
+        );
     }
 
     /// Run the request of one descriptor chain and write its status; returns its used

@@ -27,23 +27,38 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use super::backend::{BlkBackend, FirstUse};
 use super::resize::SizeWatcher;
 
+/// A running connection: how to hang it up.
+struct Live {
+    hangup: ShutdownHandle,
+    backend: Arc<BlkBackend>,
+}
+
+impl Live {
+    /// No completion reaches the guest after this (QEMU reads the used index when it sees
+    /// the hang-up), then hang up.
+    fn hang_up(&self) {
+        self.backend.stop_completions();
+        self.hangup.shutdown();
+    }
+}
+
 /// The connections of one socket that are still running.
 #[derive(Default)]
 pub struct Connections {
-    live: Mutex<HashMap<u64, ShutdownHandle>>,
+    live: Mutex<HashMap<u64, Live>>,
     /// Notified when a connection ends.
     ended: Condvar,
     next_id: AtomicU64,
 }
 
 impl Connections {
-    fn live(&self) -> MutexGuard<'_, HashMap<u64, ShutdownHandle>> {
+    fn live(&self) -> MutexGuard<'_, HashMap<u64, Live>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn register(&self, hangup: ShutdownHandle) -> u64 {
+    fn register(&self, live: Live) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.live().insert(id, hangup);
+        self.live().insert(id, live);
         id
     }
 
@@ -56,8 +71,8 @@ impl Connections {
     /// request in flight is waited for.
     pub fn close_all(&self) {
         let mut live = self.live();
-        for hangup in live.values() {
-            hangup.shutdown();
+        for connection in live.values() {
+            connection.hang_up();
         }
         while !live.is_empty() {
             live = self.ended.wait(live).unwrap_or_else(|e| e.into_inner());
@@ -110,7 +125,10 @@ impl Session {
                 return Err(e);
             }
         };
-        let id = setup.connections.register(hangup.clone());
+        let id = setup.connections.register(Live {
+            hangup: hangup.clone(),
+            backend: Arc::clone(&backend),
+        });
         Ok(Session {
             name: setup.name.to_string(),
             daemon: Some(daemon),
@@ -123,8 +141,9 @@ impl Session {
         })
     }
 
-    /// Hang up now (the socket is closing).
+    /// Hang up now (the socket is closing), after the last completion.
     pub fn hang_up(&self) {
+        self.backend.stop_completions();
         self.hangup.shutdown();
     }
 

@@ -26,11 +26,17 @@
 //!   shutdown) its handler waits on that lock, so it returns only once every request of the
 //!   queue has finished, and no completion is written into guest memory after the ring was
 //!   handed back.
-//! * Once `stopping` is set (the frontend is gone) no new request is taken; those in flight
-//!   finish.
+//! * Once `stopping` is set (the frontend is gone, or the connection is being hung up) no
+//!   new request is taken, and no completion reaches the used ring: each batch of
+//!   completions is added under `completions` (read), which
+//!   [`BlkBackend::stop_completions`](super::backend::BlkBackend::stop_completions) takes
+//!   (write) after setting `stopping`, since QEMU reads the used index when it sees the
+//!   hang-up and a completion added later would be replayed on reconnect. Requests in
+//!   flight still finish against the volume; QEMU resubmits them.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -58,19 +64,21 @@ pub fn serve<'m, F, Fut>(
     vring: &VringRwLock<GuestMemory>,
     mem: &'m Mem,
     stopping: &AtomicBool,
+    completions: &RwLock<()>,
     answer: F,
 ) where
     F: Fn(Taken<'m>) -> Fut,
     Fut: Future<Output = Answered>,
 {
     let mut state = vring.get_mut();
-    runtime.block_on(run(&mut state, mem, stopping, answer));
+    runtime.block_on(run(&mut state, mem, stopping, completions, answer));
 }
 
 async fn run<'m, F, Fut>(
     state: &mut VringState<GuestMemory>,
     mem: &'m Mem,
     stopping: &AtomicBool,
+    completions: &RwLock<()>,
     answer: F,
 ) where
     F: Fn(Taken<'m>) -> Fut,
@@ -114,11 +122,20 @@ async fn run<'m, F, Fut>(
         let Some(first) = in_flight.next().await else {
             continue;
         };
+        // Not held across an await: a hang-up waits only for this batch.
+        let completing = completions.read().unwrap_or_else(|e| e.into_inner());
+        if stopping.load(Ordering::Acquire) {
+            drop(completing);
+            // Nothing more reaches the used ring; the rest finish against the volume.
+            while in_flight.next().await.is_some() {}
+            break;
+        }
         complete(state, first);
         while let Some(Some(done)) = in_flight.next().now_or_never() {
             complete(state, done);
         }
         notify(state);
+        drop(completing);
     }
 }
 
