@@ -351,16 +351,9 @@ impl LinkSender {
     /// Reserve `bytes` of the send budget, waiting while the peer is slow. Fails when the
     /// link goes down.
     pub async fn reserve(&self, bytes: usize) -> Result<SendPermit, LinkDown> {
-        let budget = bytes.clamp(1, self.shared.send_budget_total);
-        let n = u32::try_from(budget).unwrap_or(u32::MAX);
+        let n = self.budget_for(bytes);
         match self.shared.send_budget.acquire_many(n).await {
-            Ok(permit) => {
-                permit.forget();
-                Ok(SendPermit {
-                    sender: self.clone(),
-                    budget: n as usize,
-                })
-            }
+            Ok(permit) => Ok(self.permit(permit, n)),
             Err(_) => Err(self.shared.closed_reason()),
         }
     }
@@ -368,18 +361,27 @@ impl LinkSender {
     /// Reserve `bytes` of the send budget if they are free now: `Ok(None)` while the peer
     /// is slow (wait with [`Self::reserve`]), `Err` once the link is down.
     pub fn try_reserve(&self, bytes: usize) -> Result<Option<SendPermit>, LinkDown> {
-        let budget = bytes.clamp(1, self.shared.send_budget_total);
-        let n = u32::try_from(budget).unwrap_or(u32::MAX);
+        let n = self.budget_for(bytes);
         match self.shared.send_budget.try_acquire_many(n) {
-            Ok(permit) => {
-                permit.forget();
-                Ok(Some(SendPermit {
-                    sender: self.clone(),
-                    budget: n as usize,
-                }))
-            }
+            Ok(permit) => Ok(Some(self.permit(permit, n))),
             Err(TryAcquireError::NoPermits) => Ok(None),
             Err(TryAcquireError::Closed) => Err(self.shared.closed_reason()),
+        }
+    }
+
+    /// The budget a frame of `bytes` takes: at least 1, at most the whole budget (a frame
+    /// larger than the budget still goes out, alone).
+    fn budget_for(&self, bytes: usize) -> u32 {
+        let budget = bytes.clamp(1, self.shared.send_budget_total);
+        u32::try_from(budget).unwrap_or(u32::MAX)
+    }
+
+    /// Own `n` units of budget taken from the semaphore (given back as the writer sends).
+    fn permit(&self, permit: tokio::sync::SemaphorePermit<'_>, n: u32) -> SendPermit {
+        permit.forget();
+        SendPermit {
+            sender: self.clone(),
+            budget: n as usize,
         }
     }
 
@@ -488,9 +490,7 @@ impl LinkReceiver {
     /// The next message from the peer (Ping/Pong are handled inside the link). `None` once
     /// the link is down and every message received before has been returned.
     pub async fn recv(&mut self) -> Option<Message> {
-        let (msg, cost) = self.rx.recv().await?;
-        self.shared.recv_budget.add_permits(cost);
-        Some(msg)
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
     /// [`Self::recv`] for a caller that polls several links in one task.
