@@ -30,8 +30,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,7 +39,7 @@ use tokio::runtime::Handle;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
@@ -47,7 +47,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use vm_memory::{Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes as _, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -170,15 +170,14 @@ pub struct BlkBackend {
     /// closed when it is dropped (after the workers and their epolls are gone), or every
     /// connection would leak one descriptor per worker thread.
     exit_fds: Mutex<Vec<RawFd>>,
-    /// Set once the frontend is gone: the queue workers take no new request, so nothing
-    /// is started (or completed into guest memory) for a frontend that left; QEMU
-    /// resubmits what it never got back.
-    stopping: AtomicBool,
-    /// Held (read) from checking `stopping` to putting a completion in the used ring;
-    /// [`BlkBackend::stop_completions`] takes it (write) after setting `stopping`, before
-    /// the socket is hung up: QEMU reads the used index when it sees the hang-up, and a
-    /// completion added after that would be replayed on reconnect.
-    completions: RwLock<()>,
+    /// What the queues share: stopped once the frontend is gone (nothing is started, or
+    /// completed into the used ring, for a frontend that left; QEMU resubmits what it
+    /// never got back) or before the socket is hung up (QEMU reads the used index when it
+    /// sees the hang-up, and a completion added after that would be replayed on
+    /// reconnect); and the budget of bytes in flight.
+    queues: queue::Shared,
+    /// How to hang up the connection, once it is up.
+    hangup: Mutex<Option<ShutdownHandle>>,
     /// The backend request channel to the frontend (`SET_BACKEND_REQ_FD`), if it gave one.
     to_frontend: Mutex<Option<Backend>>,
     /// The size the frontend last read (the size at the open, then each GET_CONFIG);
@@ -221,8 +220,8 @@ impl BlkBackend {
             volume: Mutex::new(Volume::NotOpened),
             opened: Condvar::new(),
             counters: stats::counters(name),
-            stopping: AtomicBool::new(false),
-            completions: RwLock::default(),
+            queues: queue::Shared::new(name),
+            hangup: Mutex::default(),
             mem,
             exit_fds: Mutex::default(),
             to_frontend: Mutex::default(),
@@ -313,14 +312,27 @@ impl BlkBackend {
     /// completion reaches the used ring (one being added is waited for). A request still
     /// running finishes against the volume; QEMU resubmits it after a reconnect.
     pub fn stop_completions(&self) {
-        self.stopping.store(true, Ordering::Release);
-        drop(self.completions.write().unwrap_or_else(|e| e.into_inner()));
+        self.queues.stop_completions();
+    }
+
+    /// How [`BlkBackend::hang_up`] ends the connection (given once it is up).
+    pub fn set_hangup(&self, hangup: ShutdownHandle) {
+        *self.hangup.lock().unwrap_or_else(|e| e.into_inner()) = Some(hangup);
+    }
+
+    /// No completion reaches the guest after this (QEMU reads the used index when it sees
+    /// the hang-up), then hang up the connection.
+    pub fn hang_up(&self) {
+        self.stop_completions();
+        if let Some(hangup) = &*self.hangup.lock().unwrap_or_else(|e| e.into_inner()) {
+            hangup.shutdown();
+        }
     }
 
     /// The frontend is gone (its connection ended): a new one may come while the handle
     /// is released.
     pub fn frontend_gone(&self) {
-        self.stopping.store(true, Ordering::Release);
+        self.queues.stop_taking();
         if let Volume::Open { .. } = *self.lock() {
             self.slot.ending();
         }
@@ -421,24 +433,22 @@ impl BlkBackend {
         }
     }
 
-    /// Answer the available requests of `vring`, many at a time ([`queue::serve`]).
+    /// Answer the available requests of `vring`, many at a time ([`queue::serve`]); hang
+    /// up when the queue can no longer complete in order.
     fn process_queue(&self, vring: &Vring) {
-        let mem = self.mem.memory();
-        let mem: &Mem = &mem;
-        queue::serve(
-            &self.runtime,
-            vring,
-            mem,
-            &self.stopping,
-            &self.completions,
-            |chain| self.answer(mem, chain),
-        );
+        let outcome = queue::serve(&self.runtime, vring, &self.mem, &self.queues, |chain| {
+            self.answer(chain)
+        });
+        if outcome == queue::Outcome::HangUp {
+            self.hang_up();
+        }
     }
 
     /// Run the request of one descriptor chain and write its status; returns its used
     /// entry. A malformed chain gets IOERR in its last writable descriptor.
-    async fn answer(&self, mem: &Mem, chain: queue::Taken<'_>) -> queue::Answered {
+    async fn answer(&self, chain: queue::Taken) -> queue::Answered {
         let head = chain.head_index();
+        let mem: &Mem = chain.memory();
         let descriptor =
             |d: virtio_queue::desc::split::Descriptor| (d.addr().0, d.len(), d.is_write_only());
         let used = match Chain::split(chain.clone().map(descriptor)) {
@@ -446,7 +456,7 @@ impl BlkBackend {
             Err(e) => {
                 tracing::warn!(volume = %self.name, error = %e, "malformed virtio-blk descriptor chain");
                 self.counters.request(Op::Other, Status::IoErr);
-                let last = chain.last().map(descriptor);
+                let last = chain.clone().last().map(descriptor);
                 self.write_status(mem, request::fallback_status_addr(last), Status::IoErr)
             }
         };
@@ -990,6 +1000,80 @@ mod tests {
             assert_eq!(
                 used_at_stop, N as u16,
                 "the stop returned before every completion"
+            );
+        });
+    }
+
+    #[test]
+    fn after_a_hang_up_with_reads_in_flight_none_of_them_reaches_the_used_ring() {
+        const N: u64 = 16;
+        let d = device("held-test-hangup");
+        let (queue, vring) = d.queue_of_reads(N);
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| d.backend.process_queue(&vring));
+            assert!(wait_for(|| d.exports.reads_started() == N as usize));
+            // The hang-up does not wait for the reads (they wait for the volume)...
+            d.backend.hang_up();
+            // ...which then finish, into guest memory but not into the used ring.
+            d.exports.release_reads();
+            worker.join().expect("worker");
+        });
+        assert_eq!(d.used(queue.used_addr().0).0, 0);
+    }
+
+    #[test]
+    fn memory_added_while_a_queue_is_busy_serves_its_next_request() {
+        const HOTPLUG: u64 = 0x1000_0000;
+        let d = device("held-test-hotplug");
+        let (queue, vring) = d.queue_of_reads(4);
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| d.backend.process_queue(&vring));
+            assert!(wait_for(|| d.exports.reads_started() == 4));
+            // The frontend adds a region (ADD_MEM_REG) while the queue is busy...
+            let region =
+                vm_memory::GuestRegionMmap::from_range(GuestAddress(HOTPLUG), 0x1_0000, None)
+                    .expect("region");
+            let grown = d.mem.insert_region(Arc::new(region)).expect("grown memory");
+            d.backend
+                .guest_memory()
+                .lock()
+                .expect("memory lock")
+                .replace(grown.clone());
+            // ...and the guest reads sector 0 into it.
+            d.mem
+                .write_slice(&[0u8; 16], GuestAddress(HEADER + 16 * 4))
+                .expect("header");
+            queue
+                .add_desc_chains(
+                    &chain(
+                        &[
+                            (HEADER + 16 * 4, 16, false),
+                            (HOTPLUG, 4096, true),
+                            (STATUS + 4, 1, true),
+                        ],
+                        12,
+                    ),
+                    12,
+                )
+                .expect("chain");
+            d.exports.release_reads();
+            worker.join().expect("worker");
+            let (idx, _) = d.used(queue.used_addr().0);
+            assert_eq!(idx, 5);
+            let status: u8 = d.mem.read_obj(GuestAddress(STATUS + 4)).expect("status");
+            assert_eq!(
+                status,
+                Status::Ok.byte(),
+                "the read into added memory failed"
+            );
+            let mut data = vec![0u8; 4096];
+            grown
+                .read_slice(&mut data, GuestAddress(HOTPLUG))
+                .expect("data");
+            let want: Vec<u8> = (0..4096u64).map(|b| (b % 251) as u8).collect();
+            assert!(
+                data == want,
+                "the read into added memory returned other bytes"
             );
         });
     }

@@ -45,7 +45,10 @@
 //!   connects again after tandemd restarts and resubmits what was in flight.
 //! * **Untrusted input.** vhost-user messages are checked by the `vhost` crate (a bad one
 //!   ends the connection); every descriptor address, length, sector and range is checked in
-//!   [`request`] and by guest-memory accessors (a bad one fails that request).
+//!   [`request`] and by guest-memory accessors (a bad one fails that request). What a
+//!   guest can make a connection hold is bounded: the queue size in requests per queue and
+//!   NBD's 256 MiB of request bytes per connection; an unreadable available ring ends the
+//!   queue's pass instead of spinning ([`queue`]).
 //! * **Resize.** The config space is computed at each read. Each served connection has a
 //!   [`resize::SizeWatcher`] that, within [`resize::POLL`] of a `tandem volume resize`,
 //!   sends QEMU a CONFIG_CHANGE_MSG on the backend request channel (`vhost` 0.18 has no
