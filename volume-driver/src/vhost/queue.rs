@@ -194,7 +194,7 @@ where
             match take(state, memory, shared, &mut in_flight, &start).await {
                 // The index says there is more, yet no entry can be read: looking again
                 // would spin.
-                Ok(0) if more_announced => {
+                Ok(0) if more_announced && !shared.stopping() => {
                     shared.ring_unreadable("an available entry is out of guest memory");
                     readable = false;
                 }
@@ -297,8 +297,12 @@ where
             }
             // Nothing of ours in flight: the other queues will free some.
             Err(_) => match shared.bytes.acquire_many(bytes).await {
-                Ok(budget) => budget,
-                Err(_) => break, // never closed
+                Ok(budget) if !shared.stopping() => budget,
+                // Stopped while waiting (the semaphore is never closed).
+                _ => {
+                    available.go_to_previous_position();
+                    break;
+                }
             },
         };
         in_flight.push_back(start(chain, budget));
