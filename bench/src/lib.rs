@@ -119,6 +119,27 @@ fn fio_with(uri: &str, row: &Row, extra: &[&str]) -> Result<FioRun> {
     })
 }
 
+/// Context switches (voluntary and not) that a process's live threads have made so far,
+/// summed over `/proc/PID/task/*/status`. A thread that exits takes its count with it.
+pub fn context_switches(pid: u32) -> Result<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("listing /proc/{pid}/task"))?;
+    let mut total = 0;
+    for task in tasks {
+        let Ok(status) = task.and_then(|t| std::fs::read_to_string(t.path().join("status"))) else {
+            continue; // the thread exited meanwhile
+        };
+        for line in status.lines() {
+            if let Some((key, value)) = line.split_once(':') {
+                if key.ends_with("ctxt_switches") {
+                    total += value.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// CPU time (user + system) a process has used so far, from `/proc/PID/stat`.
 pub fn cpu_time(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))

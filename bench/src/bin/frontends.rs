@@ -52,6 +52,29 @@
 //! and that worker sleeps too), 1.3-1.6 through NBD. And a vring worker runs one request at
 //! a time (`volume_driver::vhost::backend`), so QD32 on one queue gains little over QD1 and
 //! batches nothing, while the NBD server overlaps the 32.
+//!
+//! Since a queue keeps every request in flight (`volume_driver::vhost::queue`), measured on
+//! the same VM (load average 9-12, alternating the old and the new `tandemd` through
+//! `--bin-dir`, 4 and 5 runs): QD32 reads 8,036-31,112 IOPS, 0.62-1.75x NBD's (old:
+//! 2,000-8,800, 0.11-0.34x), tandemd CPU 14-20 us per request (old 62-109) and 0.56-0.62
+//! context switches (old 3.0-4.2); QD32 writes 0.44-1.09x NBD (old 0.18-0.54x), CPU
+//! 21-52 us (old 61-91). QD1 is unchanged within the noise: vhost/NBD 0.63-1.20x for reads
+//! and 0.60-3.83x for writes, 3.7-4.5 switches per request against NBD's 2.7-3.0, since a
+//! disk completion still reaches the queue's worker through a runtime thread (the io_uring
+//! reaper), and floor + 15 us is less than the two cross-CPU wake-ups (client -> tandemd,
+//! tandemd -> client, 18-20 us each here) that any frontend in another process pays.
+//!
+//! With the queue's budgets (queue size per queue, 256 MiB per connection) and the
+//! unreadable-ring checks, two default runs and one `--only qd1 --repeat 3` (load average
+//! 1.8-2.6, wake-up 15-20 us): QD32 reads 36,438-40,272 IOPS (1.19-1.23x NBD), writes
+//! 31,790-32,680 (1.42-1.89x), tandemd CPU 12.5-18.0 and 24.7-25.8 us per request, 0.57-0.65
+//! and 0.89-1.02 switches, no more CPU than before the budgets (14-20 and 21-52 us). QD1 vhost/NBD 0.92-1.53x (reads) and
+//! 0.87-1.23x (writes), floor +52 to +183 us, 3.2-4.3 switches per request (NBD 2.2-2.8);
+//! tandemd CPU 87-139 us per QD1 request against NBD's 67-91, of which the idle [`POLL`]
+//! spin is about 55 us: with `POLL` at 0 (one `--repeat 3` run) it fell to 71-76 us, the
+//! switches rose to 4.4-5.0 and the latency did not move beyond the noise (0.89x, 1.00x).
+//!
+//! [`POLL`]: volume_driver::vhost::queue::POLL
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -67,7 +90,7 @@ use tandem_bench::device_client::DeviceClient;
 use tandem_bench::load::{self, Client, Op, Outcome, Workload, BLOCK};
 use tandem_bench::nbd_pipeline::NbdPipeline;
 use tandem_bench::vhost_blk::VhostBlk;
-use tandem_bench::{cpu_time, cross_cpu_wake_up, fill, settle};
+use tandem_bench::{context_switches, cpu_time, cross_cpu_wake_up, fill, settle};
 use tandem_tests::{wait_until, TandemNode};
 use volume_driver::config::Config;
 
@@ -159,6 +182,8 @@ const ROWS: [Row; 4] = [
 struct Measured {
     outcome: Outcome,
     tandemd_cpu: Duration,
+    /// `tandemd`'s context switches per request.
+    tandemd_switches: f64,
     bench_cpu: Duration,
 }
 
@@ -175,6 +200,7 @@ impl Measured {
             "mean_us": self.mean_us(),
             "p99_us": self.p99_us(),
             "tandemd_cpu_us_per_request": us(self.tandemd_cpu),
+            "tandemd_context_switches_per_request": self.tandemd_switches,
             "bench_cpu_us_per_request": us(self.bench_cpu),
         })
     }
@@ -283,11 +309,14 @@ fn check_same_volume(clients: &mut [Box<dyn Client>; 3]) -> Result<()> {
 fn measure(client: &mut dyn Client, workload: &Workload, tandemd: u32) -> Result<Measured> {
     let me = std::process::id();
     let (daemon_before, me_before) = (cpu_time(tandemd)?, cpu_time(me)?);
+    let switches_before = context_switches(tandemd)?;
     let outcome = load::run(client, workload)?;
+    let switches_after = context_switches(tandemd)?;
     let (daemon_after, me_after) = (cpu_time(tandemd)?, cpu_time(me)?);
     let requests = outcome.total_requests.max(1) as f64;
     Ok(Measured {
         tandemd_cpu: daemon_after.saturating_sub(daemon_before).div_f64(requests),
+        tandemd_switches: switches_after.saturating_sub(switches_before) as f64 / requests,
         bench_cpu: me_after.saturating_sub(me_before).div_f64(requests),
         outcome,
     })
@@ -503,6 +532,16 @@ fn print_tables(report: &Report, results: &Results) {
             us(m[0].bench_cpu),
             us(m[1].bench_cpu),
             us(m[2].bench_cpu)
+        );
+    }
+    println!(
+        "\n{:<18} {:>16} {:>16}",
+        "switches/request", "tandemd vhost", "tandemd NBD"
+    );
+    for (_, name, m) in results {
+        println!(
+            "{:<18} {:>16.2} {:>16.2}",
+            name, m[0].tandemd_switches, m[1].tandemd_switches
         );
     }
     if let Some(wake_up) = report.wake_up {

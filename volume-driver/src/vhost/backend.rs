@@ -13,24 +13,25 @@
 //! signal.
 //!
 //! While QEMU migrates the VM, every guest page the device writes (read data, status
-//! bytes, used ring) is marked in QEMU's dirty log: the guest memory carries
-//! vhost-user-backend's [`BitmapMmapRegion`], which the library points at the log
-//! (`SET_LOG_BASE`, offered through `LOG_SHMFD` and the `LOG_ALL` feature), and every
-//! `vm-memory` write marks the pages it touches. Without a log the bitmap is empty and
-//! marks nothing.
+//! bytes, used ring, and with EVENT_IDX the used ring's `avail_event` field) is marked in
+//! QEMU's dirty log: the guest memory carries vhost-user-backend's [`BitmapMmapRegion`]
+//! (the vring's memory too, through which `virtio-queue` writes the ring), which the
+//! library points at the log (`SET_LOG_BASE`, offered through `LOG_SHMFD` and the
+//! `LOG_ALL` feature), and every `vm-memory` write marks the pages it touches. Without a
+//! log the bitmap is empty and marks nothing.
 //!
 //! A grown volume is announced to the frontend ([`BlkBackend::announce_size`]): a
 //! `CONFIG_CHANGE_MSG` on the backend request channel (`BACKEND_REQ`), after which QEMU
 //! reads the config space again and tells the guest the new capacity.
 //!
-//! Requests run in the queue's worker thread (one thread per queue), each waiting for its
-//! `ExportHandle` call on the daemon's tokio runtime; one queue thus has one request in
-//! flight and several queues run in parallel.
+//! Requests run in the queue's worker thread (one thread per queue), many at a time: the
+//! worker drives their `ExportHandle` calls itself ([`super::queue`]), so a queue keeps
+//! every request the guest gave it in flight, and several queues run in parallel.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,21 +39,22 @@ use tokio::runtime::Handle;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
     VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::QueueT;
-use vm_memory::{Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::{Bytes as _, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::config_space::ConfigSpace;
+use super::queue;
 use super::request::{self, Chain, Op, Request, Segment, Status, HEADER_LEN};
 use super::stats::{self, Connected, Counters};
 use crate::frontend::{ExportHandle, ExportIoError, Exports, OpenError};
@@ -168,15 +170,14 @@ pub struct BlkBackend {
     /// closed when it is dropped (after the workers and their epolls are gone), or every
     /// connection would leak one descriptor per worker thread.
     exit_fds: Mutex<Vec<RawFd>>,
-    /// Set once the frontend is gone: the queue workers take no new request, so nothing
-    /// is started (or completed into guest memory) for a frontend that left; QEMU
-    /// resubmits what it never got back.
-    stopping: AtomicBool,
-    /// Held (read) from checking `stopping` to putting a completion in the used ring;
-    /// [`BlkBackend::stop_completions`] takes it (write) after setting `stopping`, before
-    /// the socket is hung up: QEMU reads the used index when it sees the hang-up, and a
-    /// completion added after that would be replayed on reconnect.
-    completions: RwLock<()>,
+    /// What the queues share: stopped once the frontend is gone (nothing is started, or
+    /// completed into the used ring, for a frontend that left; QEMU resubmits what it
+    /// never got back) or before the socket is hung up (QEMU reads the used index when it
+    /// sees the hang-up, and a completion added after that would be replayed on
+    /// reconnect); and the budget of bytes in flight.
+    queues: queue::Shared,
+    /// How to hang up the connection, once it is up.
+    hangup: Mutex<Option<ShutdownHandle>>,
     /// The backend request channel to the frontend (`SET_BACKEND_REQ_FD`), if it gave one.
     to_frontend: Mutex<Option<Backend>>,
     /// The size the frontend last read (the size at the open, then each GET_CONFIG);
@@ -219,8 +220,8 @@ impl BlkBackend {
             volume: Mutex::new(Volume::NotOpened),
             opened: Condvar::new(),
             counters: stats::counters(name),
-            stopping: AtomicBool::new(false),
-            completions: RwLock::default(),
+            queues: queue::Shared::new(name),
+            hangup: Mutex::default(),
             mem,
             exit_fds: Mutex::default(),
             to_frontend: Mutex::default(),
@@ -250,6 +251,19 @@ impl BlkBackend {
             Volume::Refused(reason) => Err(reason.clone()),
             Volume::Released => Err("the connection ended".into()),
             Volume::NotOpened => Err("not opened".into()),
+        }
+    }
+
+    /// The handle the frontend opened (with its first GET_FEATURES). Requests never open
+    /// the volume themselves: they run inside the queue's `block_on`, where opening (which
+    /// blocks on the runtime) may not run, and a frontend that never asked for the device
+    /// has no business sending requests.
+    fn opened(&self) -> Result<Arc<dyn ExportHandle>, String> {
+        match &*self.lock() {
+            Volume::Open { handle, .. } => Ok(Arc::clone(handle)),
+            Volume::Refused(reason) => Err(reason.clone()),
+            Volume::Released => Err("the connection ended".into()),
+            Volume::NotOpened => Err("the frontend did not ask for the device features".into()),
         }
     }
 
@@ -298,14 +312,27 @@ impl BlkBackend {
     /// completion reaches the used ring (one being added is waited for). A request still
     /// running finishes against the volume; QEMU resubmits it after a reconnect.
     pub fn stop_completions(&self) {
-        self.stopping.store(true, Ordering::Release);
-        drop(self.completions.write().unwrap_or_else(|e| e.into_inner()));
+        self.queues.stop_completions();
+    }
+
+    /// How [`BlkBackend::hang_up`] ends the connection (given once it is up).
+    pub fn set_hangup(&self, hangup: ShutdownHandle) {
+        *self.hangup.lock().unwrap_or_else(|e| e.into_inner()) = Some(hangup);
+    }
+
+    /// No completion reaches the guest after this (QEMU reads the used index when it sees
+    /// the hang-up), then hang up the connection.
+    pub fn hang_up(&self) {
+        self.stop_completions();
+        if let Some(hangup) = &*self.hangup.lock().unwrap_or_else(|e| e.into_inner()) {
+            hangup.shutdown();
+        }
     }
 
     /// The frontend is gone (its connection ended): a new one may come while the handle
     /// is released.
     pub fn frontend_gone(&self) {
-        self.stopping.store(true, Ordering::Release);
+        self.queues.stop_taking();
         if let Volume::Open { .. } = *self.lock() {
             self.slot.ending();
         }
@@ -406,54 +433,40 @@ impl BlkBackend {
         }
     }
 
-    /// Answer every available request of `vring`, then notify the guest.
-    ///
-    /// The vring's lock is held from taking a request until its completion is in the used
-    /// ring: when QEMU stops the queue (`GET_VRING_BASE`: guest reset, pause, shutdown),
-    /// the handler waits on that lock, so no request is still running when the ring is
-    /// handed back, and no completion is written into guest memory after it. A stopped
-    /// queue yields no more requests, and neither does any queue once the frontend is gone.
+    /// Answer the available requests of `vring`, many at a time ([`queue::serve`]); hang
+    /// up when the queue can no longer complete in order.
     fn process_queue(&self, vring: &Vring) {
-        let mem = self.mem.memory();
-        let mut state = vring.get_mut();
-        let mut answered = false;
-        while !self.stopping.load(Ordering::Acquire) {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
-                break;
-            };
-            let head = chain.head_index();
-            let descriptor =
-                |d: virtio_queue::desc::split::Descriptor| (d.addr().0, d.len(), d.is_write_only());
-            let used = match Chain::split(chain.clone().map(descriptor)) {
-                Ok(parsed) => self.execute(&mem, &parsed),
-                Err(e) => {
-                    tracing::warn!(volume = %self.name, error = %e, "malformed virtio-blk descriptor chain");
-                    self.counters.request(Op::Other, Status::IoErr);
-                    let last = chain.clone().last().map(descriptor);
-                    self.write_status(&mem, request::fallback_status_addr(last), Status::IoErr)
-                }
-            };
-            let _completing = self.completions.read().unwrap_or_else(|e| e.into_inner());
-            if self.stopping.load(Ordering::Acquire) {
-                break;
-            }
-            if let Err(e) = state.add_used(head, used) {
-                tracing::warn!(volume = %self.name, error = %e, "cannot return a descriptor to the guest");
-                break;
-            }
-            answered = true;
-        }
-        if answered {
-            if let Err(e) = state.signal_used_queue() {
-                tracing::warn!(volume = %self.name, error = %e, "cannot notify the guest");
-            }
+        let outcome = queue::serve(&self.runtime, vring, &self.mem, &self.queues, |chain| {
+            self.answer(chain)
+        });
+        if outcome == queue::Outcome::HangUp {
+            self.hang_up();
         }
     }
 
+    /// Run the request of one descriptor chain and write its status; returns its used
+    /// entry. A malformed chain gets IOERR in its last writable descriptor.
+    async fn answer(&self, chain: queue::Taken) -> queue::Answered {
+        let head = chain.head_index();
+        let mem: &Mem = chain.memory();
+        let descriptor =
+            |d: virtio_queue::desc::split::Descriptor| (d.addr().0, d.len(), d.is_write_only());
+        let used = match Chain::split(chain.clone().map(descriptor)) {
+            Ok(parsed) => self.execute(mem, &parsed).await,
+            Err(e) => {
+                tracing::warn!(volume = %self.name, error = %e, "malformed virtio-blk descriptor chain");
+                self.counters.request(Op::Other, Status::IoErr);
+                let last = chain.clone().last().map(descriptor);
+                self.write_status(mem, request::fallback_status_addr(last), Status::IoErr)
+            }
+        };
+        (head, used)
+    }
+
     /// Run one request and write its status; returns the bytes written to the guest.
-    fn execute(&self, mem: &Mem, chain: &Chain) -> u32 {
+    async fn execute(&self, mem: &Mem, chain: &Chain) -> u32 {
         let (op, outcome) = match read_header(mem, chain) {
-            Ok(header) => (Op::of(&header), self.run(mem, chain, &header)),
+            Ok(header) => (Op::of(&header), self.run(mem, chain, &header).await),
             Err(rejected) => (Op::Other, Err(rejected)),
         };
         let (status, data_in) = match outcome {
@@ -487,7 +500,7 @@ impl BlkBackend {
 
     /// Run one request whose `header` was read; returns the bytes of read data written to
     /// the guest.
-    fn run(
+    async fn run(
         &self,
         mem: &Mem,
         chain: &Chain,
@@ -495,17 +508,16 @@ impl BlkBackend {
     ) -> Result<u32, request::Rejected> {
         let mut ranges = vec![0u8; request::ranges_len(chain)];
         gather(mem, &chain.readable, HEADER_LEN, &mut ranges).map_err(io_err)?;
-        let handle = self.handle().map_err(io_err)?;
+        let handle = self.opened().map_err(io_err)?;
         let size = handle.size();
         let parsed = request::parse(header, chain, &ranges, size)?;
         let from_export = |e: ExportIoError| request::Rejected {
             status: Status::IoErr,
             reason: e.message,
         };
-        let rt = &self.runtime;
         match parsed {
             Request::Read { offset, len } => {
-                let data = rt.block_on(handle.read(offset, len)).map_err(from_export)?;
+                let data = handle.read(offset, len).await.map_err(from_export)?;
                 if data.len() != len as usize {
                     return Err(io_err(format!("short read of {} bytes", data.len())));
                 }
@@ -515,17 +527,21 @@ impl BlkBackend {
             Request::Write { offset, len } => {
                 let mut data = vec![0u8; len as usize];
                 gather(mem, &chain.readable, HEADER_LEN, &mut data).map_err(io_err)?;
-                rt.block_on(handle.write(offset, Bytes::from(data), false))
+                handle
+                    .write(offset, Bytes::from(data), false)
+                    .await
                     .map_err(from_export)?;
                 Ok(0)
             }
-            Request::Flush => rt.block_on(handle.flush()).map(|_| 0).map_err(from_export),
-            Request::Discard { offset, len } => rt
-                .block_on(handle.trim(offset, len))
+            Request::Flush => handle.flush().await.map(|_| 0).map_err(from_export),
+            Request::Discard { offset, len } => handle
+                .trim(offset, len)
+                .await
                 .map(|_| 0)
                 .map_err(from_export),
-            Request::WriteZeroes { offset, len, unmap } => rt
-                .block_on(handle.write_zeroes(offset, len, unmap))
+            Request::WriteZeroes { offset, len, unmap } => handle
+                .write_zeroes(offset, len, unmap)
+                .await
                 .map(|_| 0)
                 .map_err(from_export),
             Request::GetId => {
@@ -634,6 +650,7 @@ impl VhostUserBackend for BlkBackend {
             | (1 << VIRTIO_BLK_F_MQ)
             | (1 << VIRTIO_BLK_F_DISCARD)
             | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | VhostUserVirtioFeatures::LOG_ALL.bits();
         if read_only {
@@ -658,7 +675,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_event_idx(&self, _enabled: bool) {
-        // EVENT_IDX is not offered: the guest is notified after every batch.
+        // vhost-user-backend sets it on each vring's queue, which `queue` asks
+        // (`needs_notification`, `enable_notification`).
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -737,6 +755,7 @@ mod tests {
     /// A device on `volume` with one queue in 16 MiB of test guest memory.
     struct Device {
         backend: BlkBackend,
+        exports: Arc<DummyExports>,
         mem: Mem,
         _runtime: tokio::runtime::Runtime,
     }
@@ -747,23 +766,28 @@ mod tests {
             .build()
             .expect("runtime");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).expect("memory");
+        let exports = DummyExports::new(&[volume]);
         let backend = BlkBackend::new(
             volume,
-            DummyExports::new(&[volume]),
+            exports.clone(),
             runtime.handle().clone(),
             1,
             GuestMemoryAtomic::new(mem.clone()),
             Arc::default(),
         );
+        // The frontend's first GET_FEATURES opens the volume.
+        let _ = backend.features();
         Device {
             backend,
+            exports,
             mem,
             _runtime: runtime,
         }
     }
 
-    /// `(addr, len, device-writable)` descriptors chained in order.
-    fn chain(descriptors: &[(u64, u32, bool)]) -> Vec<RawDescriptor> {
+    /// `(addr, len, device-writable)` descriptors chained in order, the first at `first`
+    /// in the descriptor table.
+    fn chain(descriptors: &[(u64, u32, bool)], first: u16) -> Vec<RawDescriptor> {
         descriptors
             .iter()
             .enumerate()
@@ -772,22 +796,25 @@ mod tests {
                 if i + 1 < descriptors.len() {
                     flags |= VRING_DESC_F_NEXT;
                 }
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, i as u16 + 1))
+                let next = first + i as u16 + 1;
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
             })
             .collect()
     }
 
     impl Device {
-        /// Put `descriptors` in the queue, let the device answer; the used length.
-        fn answer(&self, descriptors: &[(u64, u32, bool)]) -> u32 {
-            self.mem
-                .write_slice(&[NOT_WRITTEN], GuestAddress(STATUS))
-                .expect("status byte");
-            let queue = MockSplitQueue::new(&self.mem, 16);
-            queue
-                .add_desc_chains(&chain(descriptors), 0)
-                .expect("chain");
-            let vring = Vring::new(self.backend.guest_memory(), 16).expect("vring");
+        /// A ready vring over a queue holding `chains` (each `(addr, len, device-writable)`
+        /// descriptors, chained in order).
+        fn queue_with(&self, chains: &[&[(u64, u32, bool)]]) -> (MockSplitQueue<'_, Mem>, Vring) {
+            let queue = MockSplitQueue::new(&self.mem, 64);
+            let mut first = 0u16;
+            for descriptors in chains {
+                queue
+                    .add_desc_chains(&chain(descriptors, first), first)
+                    .expect("chain");
+                first += descriptors.len() as u16;
+            }
+            let vring = Vring::new(self.backend.guest_memory(), 64).expect("vring");
             vring
                 .set_queue_info(
                     queue.desc_table_addr().0,
@@ -795,19 +822,36 @@ mod tests {
                     queue.used_addr().0,
                 )
                 .expect("queue addresses");
-            vring.set_queue_size(16);
+            vring.set_queue_size(64);
             vring.set_queue_ready(true);
             vring.set_enabled(true);
-            self.backend.process_queue(&vring);
-            // The used ring: flags, idx, then (id, len) elements.
-            let used_idx: u16 = self
-                .mem
-                .read_obj(GuestAddress(queue.used_addr().0 + 2))
-                .expect("used idx");
-            assert_eq!(used_idx, 1, "the request was not completed");
+            (queue, vring)
+        }
+
+        /// The index and `(id, len)` elements of the used ring at `base`.
+        fn used(&self, base: u64) -> (u16, Vec<(u32, u32)>) {
+            let idx: u16 = self.mem.read_obj(GuestAddress(base + 2)).expect("used idx");
+            let elements = (0..u64::from(idx))
+                .map(|i| {
+                    let at = base + 4 + 8 * i;
+                    let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("used id");
+                    let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("used len");
+                    (id, len)
+                })
+                .collect();
+            (idx, elements)
+        }
+
+        /// Put `descriptors` in the queue, let the device answer; the used length.
+        fn answer(&self, descriptors: &[(u64, u32, bool)]) -> u32 {
             self.mem
-                .read_obj(GuestAddress(queue.used_addr().0 + 8))
-                .expect("used len")
+                .write_slice(&[NOT_WRITTEN], GuestAddress(STATUS))
+                .expect("status byte");
+            let (queue, vring) = self.queue_with(&[descriptors]);
+            self.backend.process_queue(&vring);
+            let (idx, used) = self.used(queue.used_addr().0);
+            assert_eq!(idx, 1, "the request was not completed");
+            used[0].1
         }
 
         fn status(&self) -> u8 {
@@ -861,6 +905,177 @@ mod tests {
             requests("backend-test-malformed"),
             vec![("other", "ioerr", 2)]
         );
+    }
+
+    impl Device {
+        /// A queue holding `n` reads of 4 KiB: the `i`th reads sector `8 * i` into its own
+        /// buffer and status byte.
+        fn queue_of_reads(&self, n: u64) -> (MockSplitQueue<'_, Mem>, Vring) {
+            let mut chains = Vec::new();
+            for i in 0..n {
+                let mut header = [0u8; 16]; // VIRTIO_BLK_T_IN
+                header[8..].copy_from_slice(&(8 * i).to_le_bytes());
+                self.mem
+                    .write_slice(&header, GuestAddress(HEADER + 16 * i))
+                    .expect("header");
+                chains.push([
+                    (HEADER + 16 * i, 16, false),
+                    (DATA + 4096 * i, 4096, true),
+                    (STATUS + i, 1, true),
+                ]);
+            }
+            let chains: Vec<&[(u64, u32, bool)]> = chains.iter().map(|c| c.as_slice()).collect();
+            self.queue_with(&chains)
+        }
+    }
+
+    fn wait_for(mut check: impl FnMut() -> bool) -> bool {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            if check() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn many_requests_on_one_queue_are_in_flight_together_and_all_complete_with_their_bytes() {
+        const N: u64 = 16;
+        let d = device("held-test-many");
+        let (queue, vring) = d.queue_of_reads(N);
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| d.backend.process_queue(&vring));
+            // Each read is held until released: all N started means all N are in flight
+            // at once (one at a time, the first would wait forever).
+            let all_started = wait_for(|| d.exports.reads_started() == N as usize);
+            d.exports.release_reads();
+            assert!(
+                all_started,
+                "only {} of {N} reads started",
+                d.exports.reads_started()
+            );
+            worker.join().expect("worker");
+        });
+        let (idx, used) = d.used(queue.used_addr().0);
+        assert_eq!(idx, N as u16);
+        // In the order taken: chain i starts at descriptor 3 * i.
+        let want: Vec<(u32, u32)> = (0..N as u32).map(|i| (3 * i, 4097)).collect();
+        assert_eq!(used, want);
+        for i in 0..N {
+            let status: u8 = d.mem.read_obj(GuestAddress(STATUS + i)).expect("status");
+            assert_eq!(status, Status::Ok.byte(), "read {i}");
+            let mut data = vec![0u8; 4096];
+            d.mem
+                .read_slice(&mut data, GuestAddress(DATA + 4096 * i))
+                .expect("data");
+            let start = 4096 * i;
+            let want: Vec<u8> = (start..start + 4096).map(|b| (b % 251) as u8).collect();
+            assert!(data == want, "read {i} returned other bytes");
+        }
+    }
+
+    #[test]
+    fn a_queue_stop_waits_for_every_request_in_flight() {
+        const N: u64 = 4;
+        let d = device("held-test-stop");
+        let (queue, vring) = d.queue_of_reads(N);
+        let used_ring = queue.used_addr().0;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| d.backend.process_queue(&vring));
+            assert!(wait_for(|| d.exports.reads_started() == N as usize));
+            // GET_VRING_BASE's handler takes the vring's lock to stop the queue.
+            s.spawn(|| {
+                let _stopped = vring.get_mut();
+                let _ = tx.send(d.used(used_ring).0);
+            });
+            assert!(
+                rx.recv_timeout(Duration::from_millis(300)).is_err(),
+                "the queue was stopped with requests in flight"
+            );
+            d.exports.release_reads();
+            let used_at_stop = rx.recv_timeout(Duration::from_secs(10)).expect("stopped");
+            assert_eq!(
+                used_at_stop, N as u16,
+                "the stop returned before every completion"
+            );
+        });
+    }
+
+    #[test]
+    fn after_a_hang_up_with_reads_in_flight_none_of_them_reaches_the_used_ring() {
+        const N: u64 = 16;
+        let d = device("held-test-hangup");
+        let (queue, vring) = d.queue_of_reads(N);
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| d.backend.process_queue(&vring));
+            assert!(wait_for(|| d.exports.reads_started() == N as usize));
+            // The hang-up does not wait for the reads (they wait for the volume)...
+            d.backend.hang_up();
+            // ...which then finish, into guest memory but not into the used ring.
+            d.exports.release_reads();
+            worker.join().expect("worker");
+        });
+        assert_eq!(d.used(queue.used_addr().0).0, 0);
+    }
+
+    #[test]
+    fn memory_added_while_a_queue_is_busy_serves_its_next_request() {
+        const HOTPLUG: u64 = 0x1000_0000;
+        let d = device("held-test-hotplug");
+        let (queue, vring) = d.queue_of_reads(4);
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| d.backend.process_queue(&vring));
+            assert!(wait_for(|| d.exports.reads_started() == 4));
+            // The frontend adds a region (ADD_MEM_REG) while the queue is busy...
+            let region =
+                vm_memory::GuestRegionMmap::from_range(GuestAddress(HOTPLUG), 0x1_0000, None)
+                    .expect("region");
+            let grown = d.mem.insert_region(Arc::new(region)).expect("grown memory");
+            d.backend
+                .guest_memory()
+                .lock()
+                .expect("memory lock")
+                .replace(grown.clone());
+            // ...and the guest reads sector 0 into it.
+            d.mem
+                .write_slice(&[0u8; 16], GuestAddress(HEADER + 16 * 4))
+                .expect("header");
+            queue
+                .add_desc_chains(
+                    &chain(
+                        &[
+                            (HEADER + 16 * 4, 16, false),
+                            (HOTPLUG, 4096, true),
+                            (STATUS + 4, 1, true),
+                        ],
+                        12,
+                    ),
+                    12,
+                )
+                .expect("chain");
+            d.exports.release_reads();
+            worker.join().expect("worker");
+            let (idx, _) = d.used(queue.used_addr().0);
+            assert_eq!(idx, 5);
+            let status: u8 = d.mem.read_obj(GuestAddress(STATUS + 4)).expect("status");
+            assert_eq!(
+                status,
+                Status::Ok.byte(),
+                "the read into added memory failed"
+            );
+            let mut data = vec![0u8; 4096];
+            grown
+                .read_slice(&mut data, GuestAddress(HOTPLUG))
+                .expect("data");
+            let want: Vec<u8> = (0..4096u64).map(|b| (b % 251) as u8).collect();
+            assert!(
+                data == want,
+                "the read into added memory returned other bytes"
+            );
+        });
     }
 
     #[test]

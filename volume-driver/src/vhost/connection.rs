@@ -22,25 +22,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::VhostUserDaemon;
 
 use super::backend::{BlkBackend, FirstUse};
 use super::resize::SizeWatcher;
 
-/// A running connection: how to hang it up.
-struct Live {
-    hangup: ShutdownHandle,
-    backend: Arc<BlkBackend>,
-}
-
-impl Live {
-    /// No completion reaches the guest after this (QEMU reads the used index when it sees
-    /// the hang-up), then hang up.
-    fn hang_up(&self) {
-        self.backend.stop_completions();
-        self.hangup.shutdown();
-    }
-}
+/// A running connection: its backend, which can hang it up.
+type Live = Arc<BlkBackend>;
 
 /// The connections of one socket that are still running.
 #[derive(Default)]
@@ -95,7 +83,6 @@ pub struct Session {
     backend: Arc<BlkBackend>,
     connections: Arc<Connections>,
     id: u64,
-    hangup: ShutdownHandle,
     idle_timeout: Duration,
     ended: bool,
 }
@@ -125,17 +112,14 @@ impl Session {
                 return Err(e);
             }
         };
-        let id = setup.connections.register(Live {
-            hangup: hangup.clone(),
-            backend: Arc::clone(&backend),
-        });
+        backend.set_hangup(hangup);
+        let id = setup.connections.register(Arc::clone(&backend));
         Ok(Session {
             name: setup.name.to_string(),
             daemon: Some(daemon),
             backend,
             connections: Arc::clone(setup.connections),
             id,
-            hangup,
             idle_timeout: setup.idle_timeout,
             ended: false,
         })
@@ -143,8 +127,7 @@ impl Session {
 
     /// Hang up now (the socket is closing), after the last completion.
     pub fn hang_up(&self) {
-        self.backend.stop_completions();
-        self.hangup.shutdown();
+        self.backend.hang_up();
     }
 
     /// Admit or refuse the frontend, serve it until it goes away, release the volume.

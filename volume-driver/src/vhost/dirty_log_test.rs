@@ -1,8 +1,9 @@
 //! Test of the dirty-page log that live migration needs: a vhost-user frontend (the `vhost`
 //! crate's, speaking the protocol over a real socket as QEMU does) negotiates `LOG_ALL` and
 //! `LOG_SHMFD`, hands the daemon a log (`SET_LOG_BASE`) and sends one read request. Every
-//! page the device wrote (read data, status byte, used ring) is marked in the log, and a
-//! page it only read is not.
+//! page the device wrote (read data, status byte, used ring, and with EVENT_IDX the used
+//! ring's `avail_event` field, placed alone on its page) is marked in the log, and a page
+//! it only read is not.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -14,7 +15,9 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::{Frontend, Listener, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_backend::VhostUserDaemon;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{
@@ -31,6 +34,11 @@ const PAGE: u64 = 4096;
 const HEADER: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x40_0000;
+/// The used ring of the 16-entry queue: its header (4 bytes) and elements (16 of 8) end
+/// exactly at 0x3000, so the `avail_event` field that follows them (EVENT_IDX) is the only
+/// thing on page 3.
+const USED: u64 = 0x3000 - (4 + 8 * 16);
+const AVAIL_EVENT: u64 = 0x3000;
 
 /// Whether guest page `page` is marked in `log` (one bit per 4 KiB page, LSB first).
 fn dirty(log: &[u8], page: u64) -> bool {
@@ -89,6 +97,11 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
         0,
         "LOG_ALL not offered"
     );
+    assert_ne!(
+        features & (1 << VIRTIO_RING_F_EVENT_IDX),
+        0,
+        "EVENT_IDX not offered"
+    );
     let protocol = frontend
         .get_protocol_features()
         .expect("GET_PROTOCOL_FEATURES");
@@ -125,6 +138,7 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
         .expect("SET_LOG_BASE");
 
     // One read of sector 1 into DATA, status at STATUS.
+    // Descriptor table and available ring from the mock; the used ring at USED.
     let queue = MockSplitQueue::new(&mem, 16);
     let mut header = [0u8; 16];
     header[8..].copy_from_slice(&1u64.to_le_bytes()); // VIRTIO_BLK_T_IN, sector 1
@@ -161,7 +175,7 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
                 queue_size: 16,
                 flags: 0,
                 desc_table_addr: host_base + queue.desc_table_addr().0,
-                used_ring_addr: host_base + queue.used_addr().0,
+                used_ring_addr: host_base + USED,
                 avail_ring_addr: host_base + queue.avail_addr().0,
                 log_addr: None,
             },
@@ -175,7 +189,7 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
         .expect("SET_VRING_ENABLE");
     kick.write(1).expect("kick");
 
-    let used_idx = GuestAddress(queue.used_addr().0 + 2);
+    let used_idx = GuestAddress(USED + 2);
     let started = Instant::now();
     while mem.read_obj::<u16>(used_idx).expect("used idx") != 1 {
         assert!(
@@ -188,6 +202,18 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
         mem.read_obj::<u8>(GuestAddress(STATUS)).expect("status"),
         Status::Ok.byte()
     );
+    // Going idle, the queue re-enables kicks: with EVENT_IDX, avail_event = next avail (1).
+    while mem
+        .read_obj::<u16>(GuestAddress(AVAIL_EVENT))
+        .expect("avail_event")
+        != 1
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "avail_event was never written"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     let mut log = vec![0u8; log_len as usize];
     log_file
@@ -196,7 +222,8 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
     for (what, addr) in [
         ("read data", DATA),
         ("status", STATUS),
-        ("used ring", queue.used_addr().0),
+        ("used ring", USED),
+        ("avail_event", AVAIL_EVENT),
     ] {
         assert!(
             dirty(&log, addr / PAGE),

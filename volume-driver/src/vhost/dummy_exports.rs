@@ -1,10 +1,13 @@
 //! Test double for the vhost-user-blk unit tests: an in-memory [`Exports`] whose volumes
 //! behave by name. `refused*` refuses every open with a reason, `stuck*` blocks in `open`
-//! until [`DummyExports::unstick`], anything else opens a 1 MiB volume whose byte `i` is
+//! until [`DummyExports::unstick`], reads of a `held*` one wait until
+//! [`DummyExports::release_reads`] (counted in [`DummyExports::reads_started`]), anything
+//! else opens a 1 MiB volume whose byte `i` is
 //! `i % 251`; closing a `slow*` one takes [`SLOW_CLOSE`] (as a demotion may). The list of
 //! volumes is set by the test.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -21,6 +24,8 @@ pub struct DummyExports {
     listed: Mutex<Vec<String>>,
     opens: Mutex<HashMap<String, usize>>,
     unstuck: tokio::sync::watch::Sender<bool>,
+    released: tokio::sync::watch::Sender<bool>,
+    reads_started: Arc<AtomicUsize>,
 }
 
 impl DummyExports {
@@ -29,6 +34,8 @@ impl DummyExports {
             listed: Mutex::new(listed.iter().map(|s| s.to_string()).collect()),
             opens: Mutex::default(),
             unstuck: tokio::sync::watch::channel(false).0,
+            released: tokio::sync::watch::channel(false).0,
+            reads_started: Arc::default(),
         })
     }
 
@@ -40,6 +47,16 @@ impl DummyExports {
     /// How many times `name` was opened (or the open started).
     pub fn opens(&self, name: &str) -> usize {
         self.opens.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+
+    /// Let the reads of `held*` volumes finish.
+    pub fn release_reads(&self) {
+        self.released.send_replace(true);
+    }
+
+    /// Reads of `held*` volumes started so far.
+    pub fn reads_started(&self) -> usize {
+        self.reads_started.load(Ordering::SeqCst)
     }
 
     /// Let every stuck open finish (refused).
@@ -77,9 +94,13 @@ impl Exports for DummyExports {
             return Err(OpenError::Refused(format!("{name} was stuck")));
         }
         let data = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        let held = name
+            .starts_with("held")
+            .then(|| (self.released.subscribe(), Arc::clone(&self.reads_started)));
         Ok(Arc::new(DummyVolume {
             name: name.to_string(),
             data: Mutex::new(data),
+            held,
         }))
     }
 }
@@ -87,6 +108,8 @@ impl Exports for DummyExports {
 struct DummyVolume {
     name: String,
     data: Mutex<Vec<u8>>,
+    /// `held*`: reads wait for this to turn true, counted in the counter.
+    held: Option<(tokio::sync::watch::Receiver<bool>, Arc<AtomicUsize>)>,
 }
 
 impl Drop for DummyVolume {
@@ -116,6 +139,10 @@ impl ExportHandle for DummyVolume {
         false
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportIoError> {
+        if let Some((released, started)) = &self.held {
+            started.fetch_add(1, Ordering::SeqCst);
+            let _ = released.clone().wait_for(|done| *done).await;
+        }
         let r = range(offset, u64::from(len))?;
         Ok(Bytes::copy_from_slice(&self.data.lock().unwrap()[r]))
     }

@@ -5,8 +5,9 @@
 //! worker threads) and `virtio-queue` (descriptor chains), as cloud-hypervisor's
 //! `vhost_user_block` is. [`server`] owns the sockets, [`backend`] the device of one
 //! connection, [`request`] the pure parsing of virtio-blk requests and [`config_space`] the
-//! config space, [`connection`] one connection's life, [`resize`] the announcement of a
-//! new size and [`stats`] the metrics counters.
+//! config space, [`queue`] a virtqueue's service loop (many requests in flight),
+//! [`connection`] one connection's life, [`resize`] the announcement of a new size and
+//! [`stats`] the metrics counters.
 //! Like NBD, the device only knows the
 //! [`Exports`](crate::frontend::Exports) / [`ExportHandle`](crate::frontend::ExportHandle)
 //! traits.
@@ -17,11 +18,12 @@
 //!   thread each), FLUSH (the guest runs a write-back cache and flushes; FLUSH calls
 //!   `ExportHandle::flush`), DISCARD and WRITE_ZEROES (one range per request, UNMAP honoured),
 //!   BLK_SIZE 4096, SEG_MAX / SIZE_MAX (requests up to 32 MiB), TOPOLOGY, RO when the handle
-//!   is read-only, LOG_ALL with the LOG_SHMFD protocol feature (live migration: see
-//!   below), BACKEND_REQ (resize). Not offered: EVENT_IDX, INDIRECT_DESC, CONFIG_WCE,
-//!   REPLY_ACK, inflight tracking (each queue completes
-//!   its requests in order, so when QEMU restarts a queue at its used index after a
-//!   reconnect, exactly the requests that were in flight are submitted again).
+//!   is read-only, EVENT_IDX (fewer kicks and interrupts under load), LOG_ALL with the
+//!   LOG_SHMFD protocol feature (live migration: see below), BACKEND_REQ (resize). Not
+//!   offered: INDIRECT_DESC, CONFIG_WCE, REPLY_ACK, inflight tracking (each queue runs many
+//!   requests at once but completes them in the order it took them, so when QEMU restarts
+//!   a queue at its used index after a reconnect, exactly the requests that were not
+//!   answered are submitted again).
 //! * **Queues.** QEMU's `vhost-user-blk-pci` asks for one queue per vCPU unless
 //!   `num-queues` is given, and fails to start when the backend offers fewer; give
 //!   `num-queues` (libvirt `<driver queues>`, which `tandem-libvirt-hook disk-xml
@@ -43,7 +45,10 @@
 //!   connects again after tandemd restarts and resubmits what was in flight.
 //! * **Untrusted input.** vhost-user messages are checked by the `vhost` crate (a bad one
 //!   ends the connection); every descriptor address, length, sector and range is checked in
-//!   [`request`] and by guest-memory accessors (a bad one fails that request).
+//!   [`request`] and by guest-memory accessors (a bad one fails that request). What a
+//!   guest can make a connection hold is bounded: the queue size in requests per queue and
+//!   NBD's 256 MiB of request bytes per connection; an unreadable available ring ends the
+//!   queue's pass instead of spinning ([`queue`]).
 //! * **Resize.** The config space is computed at each read. Each served connection has a
 //!   [`resize::SizeWatcher`] that, within [`resize::POLL`] of a `tandem volume resize`,
 //!   sends QEMU a CONFIG_CHANGE_MSG on the backend request channel (`vhost` 0.18 has no
@@ -53,8 +58,8 @@
 //! * **Live migration.** QEMU migrates a vhost-user disk only when the backend logs the
 //!   guest pages it writes (`LOG_ALL` + `LOG_SHMFD`). The guest memory carries
 //!   vhost-user-backend's `BitmapMmapRegion`; `SET_LOG_BASE` points it at QEMU's log and
-//!   from then on every write into guest memory (read data, status, used ring) marks its
-//!   pages. The library keeps logging after the migration ends (harmless: the log stays
+//!   from then on every write into guest memory (read data, status, used ring, and with
+//!   EVENT_IDX the used ring's `avail_event` field) marks its pages. The library keeps logging after the migration ends (harmless: the log stays
 //!   mapped). A memory table set while logging has no log until the next SET_LOG_BASE;
 //!   QEMU does not change the table during a migration. Who may open the volume on the
 //!   destination is the gate's business (dual-primary during the migration only), as for
@@ -69,6 +74,7 @@ pub mod connection;
 mod dirty_log_test;
 #[cfg(test)]
 mod dummy_exports;
+pub mod queue;
 pub mod request;
 pub mod resize;
 pub mod server;
