@@ -70,11 +70,10 @@
 //! 31,790-32,680 (1.42-1.89x), tandemd CPU 12.5-18.0 and 24.7-25.8 us per request, 0.57-0.65
 //! and 0.89-1.02 switches, no more CPU than before the budgets (14-20 and 21-52 us). QD1 vhost/NBD 0.92-1.53x (reads) and
 //! 0.87-1.23x (writes), floor +52 to +183 us, 3.2-4.3 switches per request (NBD 2.2-2.8);
-//! tandemd CPU 87-139 us per QD1 request against NBD's 67-91, of which the idle [`POLL`]
-//! spin is about 55 us: with `POLL` at 0 (one `--repeat 3` run) it fell to 71-76 us, the
-//! switches rose to 4.4-5.0 and the latency did not move beyond the noise (0.89x, 1.00x).
-//!
-//! [`POLL`]: volume_driver::vhost::queue::POLL
+//! tandemd CPU 87-139 us per QD1 request against NBD's 67-91, of which the queue's idle
+//! poll of the available ring (50 us after each completion) was about 55 us: without it
+//! (one `--repeat 3` run) CPU fell to 71-76 us, the switches rose to 4.4-5.0 and the
+//! latency did not move beyond the noise (0.89x, 1.00x), so the poll was removed.
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -13,12 +13,12 @@
 //! after the next completion. Kicks are suppressed while the loop runs; before it returns it re-enables
 //! them and looks once more, so no request is missed.
 //!
-//! When nothing is in flight the loop polls the available ring for [`POLL`] before going
-//! back to waiting for a kick: a guest that sends its next request right after reading a
-//! completion (queue depth 1) needs no kick, and the worker no wake-up. (Spinning also
-//! while requests are in flight, instead of sleeping in `block_on`, was tried: it cut the
-//! context switches per QD1 read from about 3.8 to 2.4-3.2 but cost 60-100 us of CPU per
-//! request and brought no latency gain on the shared 2-vCPU dev VM, so it is not done.)
+//! When nothing is in flight the loop re-enables kicks and returns: it does not poll the
+//! available ring. Polling for 50 us after each completion (so a queue-depth-1 guest's
+//! next request needed no kick) cost about 55 us of CPU per QD1 request with no latency
+//! gain on the 2-vCPU dev VM, and a host's CPUs belong to its VMs; spinning while requests
+//! are in flight (instead of sleeping in `block_on`) cost 60-100 us per request, also for
+//! no gain.
 //!
 //! Guest memory is loaded at each pass over the available ring, so a region the frontend
 //! adds (`ADD_MEM_REG`) serves the next request taken; a request keeps the memory it was
@@ -52,7 +52,6 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
@@ -65,9 +64,6 @@ use vm_memory::GuestAddressSpace;
 use super::backend::{GuestMemory, Mem};
 use super::request::Chain;
 pub use crate::nbd::MAX_IN_FLIGHT_BYTES;
-
-/// How long an idle queue polls its available ring before it waits for a kick again.
-pub const POLL: Duration = Duration::from_micros(50);
 
 /// A request taken from the queue, as `serve`'s caller answers it: its descriptor chain,
 /// with the guest memory it was taken in.
@@ -182,7 +178,6 @@ where
         }
     };
     let mut in_flight = FuturesOrdered::new();
-    let mut idle_since: Option<Instant> = None;
     // Cleared when the available ring cannot be read: no more is taken in this pass.
     let mut readable = true;
     // Set when `enable_notification` saw more requests than were taken.
@@ -215,16 +210,10 @@ where
             if !readable || shared.stopping() {
                 return Outcome::Idle;
             }
-            let idle = *idle_since.get_or_insert_with(Instant::now);
-            if idle.elapsed() < POLL {
-                std::hint::spin_loop();
-                continue;
-            }
             match state.enable_notification() {
                 // A request came just before the kicks were back on: take it.
                 Ok(true) => {
                     let _ = state.disable_notification();
-                    idle_since = None;
                     more_announced = true;
                     continue;
                 }
@@ -235,7 +224,6 @@ where
                 }
             }
         }
-        idle_since = None;
         let Some(first) = in_flight.next().await else {
             continue;
         };
@@ -346,6 +334,7 @@ fn notify(state: &mut VringState<GuestMemory>, shared: &Shared) {
 mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::mpsc;
+    use std::time::{Duration, Instant};
 
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
