@@ -159,10 +159,6 @@ fn last_number(console: &str, word: &str) -> Option<u64> {
         .next_back()
 }
 
-/// The shared memory a vhost-user disk needs (what `disk-xml --frontend vhost-user` asks for).
-const MEMFD_SHARED: &str =
-    "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>";
-
 /// Three hosts, the replicated volume, the domain running on hv1 (a guest writing the
 /// counter when `guest` is true, else a SeaBIOS-only domain), the agents, `manage`.
 fn bed(guest: bool) -> Bed {
@@ -192,7 +188,7 @@ fn bed_with(guest: bool, vhost: bool) -> Bed {
     hv1.tandem(&["volume", "wait-sync", VOLUME, "--timeout", "60"])
         .ok();
     let disk = if vhost {
-        vhost_disk_xml(hv1)
+        libvirt::vhost_disk_xml(hv1, VOLUME)
     } else {
         ha::tandem_disk_xml(VOLUME, "vda")
     };
@@ -207,10 +203,7 @@ fn bed_with(guest: bool, vhost: bool) -> Bed {
         ha::bios_domain_xml(VM, &disk)
     };
     let xml = if vhost {
-        xml.replace(
-            "<vcpu>1</vcpu>",
-            &format!("<vcpu>1</vcpu>\n  {MEMFD_SHARED}"),
-        )
+        libvirt::with_vhost_memory(&xml)
     } else {
         xml
     };
@@ -266,33 +259,6 @@ fn no_split_brain(host: &LibvirtHost) {
             host.node
         );
     }
-}
-
-/// The vhost-user disk element `disk-xml` prints on `host`, checked.
-fn vhost_disk_xml(host: &LibvirtHost) -> String {
-    let out = host
-        .exec(
-            "tandem-libvirt-hook",
-            &[
-                "disk-xml",
-                VOLUME,
-                "--target",
-                "vda",
-                "--frontend",
-                "vhost-user",
-            ],
-        )
-        .ok();
-    assert!(
-        out.stdout.contains("<disk type='vhostuser'")
-            && out
-                .stdout
-                .contains(&format!("path='/run/tandem/vhost/{VOLUME}.sock'")),
-        "{}",
-        out.stdout
-    );
-    assert!(out.stderr.contains(MEMFD_SHARED), "{}", out.stderr);
-    out.stdout
 }
 
 #[test]
