@@ -706,6 +706,49 @@ impl Drop for Cluster {
 /// A TCG domain (`<domain type='qemu'>`) booting `image` directly (kernel + initrd, no
 /// firmware disk), serial console to `console` (a file the test reads), `disks_xml` as its
 /// `<disk>` elements, destroyed on poweroff/reboot/crash so the guest's exit ends it.
+/// The shared guest memory a vhost-user disk needs (what `disk-xml --frontend vhost-user`
+/// asks for on stderr); [`with_vhost_memory`] adds it to a domain.
+pub const VHOST_MEMORY: &str =
+    "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>";
+
+/// The `<disk type='vhostuser'>` (target vda) `tandem-libvirt-hook disk-xml VOLUME
+/// --frontend vhost-user` prints on `host`, checked: `/run/tandem/vhost/<volume>.sock`, its
+/// `<reconnect>`, and [`VHOST_MEMORY`] asked for.
+pub fn vhost_disk_xml(host: &LibvirtHost, volume: &str) -> String {
+    let out = host
+        .exec(
+            "tandem-libvirt-hook",
+            &[
+                "disk-xml",
+                volume,
+                "--target",
+                "vda",
+                "--frontend",
+                "vhost-user",
+            ],
+        )
+        .ok();
+    let disk = out.stdout;
+    assert!(
+        disk.contains("<disk type='vhostuser'")
+            && disk.contains(&format!("path='/run/tandem/vhost/{volume}.sock'"))
+            && disk.contains("<reconnect enabled='yes' timeout='5'/>"),
+        "{disk}"
+    );
+    assert!(out.stderr.contains(VHOST_MEMORY), "{}", out.stderr);
+    disk
+}
+
+/// `domain_xml` (one with `<vcpu>1</vcpu>`, as [`tcg_domain_xml`] prints) with
+/// [`VHOST_MEMORY`].
+pub fn with_vhost_memory(domain_xml: &str) -> String {
+    assert!(domain_xml.contains("<vcpu>1</vcpu>"), "{domain_xml}");
+    domain_xml.replace(
+        "<vcpu>1</vcpu>",
+        &format!("<vcpu>1</vcpu>\n  {VHOST_MEMORY}"),
+    )
+}
+
 pub fn tcg_domain_xml(
     name: &str,
     image: &GuestImage,

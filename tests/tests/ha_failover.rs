@@ -3,7 +3,9 @@
 //! replica on every host (quorum: 2 of 3), a domain on it running on hv1, HA-managed with
 //! `--prefer hv2,hv3`. Faults: [`ha::kill_host`] (power loss), [`ha::cut_replication`]
 //! (replication traffic between two hosts dropped, management fine), [`ha::set_link`]
-//! (isolation: both paths).
+//! (isolation: both paths). The power loss also with the disk on vhost-user-blk (issue 17:
+//! `<disk type='vhostuser'>` on each host's own `/run/tandem/vhost/<volume>.sock`, memfd
+//! shared memory), a real guest writing, as with NBD.
 //!
 //! Also: agents restarted (placement kept in `<state_dir>/ha/placement.json`) and a hung
 //! agent (its libvirtd SIGSTOPped) whose soft watchdog kills the isolated VM.
@@ -160,6 +162,12 @@ fn last_number(console: &str, word: &str) -> Option<u64> {
 /// Three hosts, the replicated volume, the domain running on hv1 (a guest writing the
 /// counter when `guest` is true, else a SeaBIOS-only domain), the agents, `manage`.
 fn bed(guest: bool) -> Bed {
+    bed_with(guest, false)
+}
+
+/// [`bed`], the domain's disk the NBD one or (`vhost`) the `<disk type='vhostuser'>`
+/// `tandem-libvirt-hook disk-xml --frontend vhost-user` prints, with shared memfd memory.
+fn bed_with(guest: bool, vhost: bool) -> Bed {
     libvirt::require_tools().unwrap();
     let work = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(&["hv1", "hv2", "hv3"]).unwrap();
@@ -179,7 +187,11 @@ fn bed(guest: bool) -> Bed {
     .ok();
     hv1.tandem(&["volume", "wait-sync", VOLUME, "--timeout", "60"])
         .ok();
-    let disk = ha::tandem_disk_xml(VOLUME, "vda");
+    let disk = if vhost {
+        libvirt::vhost_disk_xml(hv1, VOLUME)
+    } else {
+        ha::tandem_disk_xml(VOLUME, "vda")
+    };
     let console = work.path().join("console.log");
     let xml = if guest {
         let image = ImageBuilder::new(COUNTER_SCRIPT)
@@ -189,6 +201,11 @@ fn bed(guest: bool) -> Bed {
         libvirt::tcg_domain_xml(VM, &image, &cmdline, &disk, &console)
     } else {
         ha::bios_domain_xml(VM, &disk)
+    };
+    let xml = if vhost {
+        libvirt::with_vhost_memory(&xml)
+    } else {
+        xml
     };
     ha::define(hv1, VM, &xml);
     let agents: Vec<Agent> = cluster.hosts.iter().map(Agent::start).collect();
@@ -246,7 +263,21 @@ fn no_split_brain(host: &LibvirtHost) {
 
 #[test]
 fn host_killed_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
-    let bed = bed(true);
+    host_killed_failover(bed(true), "");
+}
+
+/// Issue 17: the same over vhost-user-blk. hv1's guest writes over hv1's
+/// `/run/tandem/vhost/vm-1-disk-0.sock`; after the power loss hv2's agent starts the domain
+/// over hv2's own socket (the hook promotes in `prepare`) and the guest there resumes from
+/// every write it acknowledged on hv1.
+#[test]
+fn host_killed_vhost_user_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
+    host_killed_failover(bed_with(true, true), " (vhost-user)");
+}
+
+/// hv1 (running the writing guest) loses power; hv2 must run it, promoted, within 10 s, with
+/// no acknowledged write lost. `label` marks the `[ha]` lines.
+fn host_killed_failover(bed: Bed, label: &str) {
     let hv2 = bed.host("hv2");
     let killed_ms = now_ms();
     ha::kill_host(bed.host("hv1"));
@@ -259,12 +290,19 @@ fn host_killed_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
         .map(|_| killed.elapsed())
         .unwrap_or_else(|| panic!("vm1 not running on hv2\n{}", bed.diagnostics()));
     eprintln!(
-        "[ha] host killed -> vm1 running on hv2 after {:.2} s (goal < 10 s)",
+        "[ha]{label} host killed -> vm1 running on hv2 after {:.2} s (goal < 10 s)",
         took.as_secs_f64()
     );
     print_timeline(&[hv2, bed.host("hv3")], killed_ms);
     // Where the start's time goes (the hook promotes the volume in `prepare`).
-    eprintln!("[ha] hv2 hook log (tail):\n{}", tail(&hv2.hook_log(), 6));
+    let hook_log = hv2.hook_log();
+    eprintln!("[ha] hv2 hook log (tail):\n{}", tail(&hook_log, 6));
+    assert!(
+        hook_log
+            .lines()
+            .any(|l| l.contains(&format!("decided domain={VM} op=Prepare")) && l.contains(VOLUME)),
+        "hv2's hook did not consider the disk:\n{hook_log}"
+    );
     let status = ha::vm_status(hv2, VM).unwrap();
     let f = &status["last_failover"];
     assert_eq!(f["from"], "hv1", "{status}");
@@ -274,6 +312,13 @@ fn host_killed_vm_runs_on_the_survivor_with_no_acknowledged_write_lost() {
     );
     assert_eq!(hv2.domstate(VM), "running");
     assert_ne!(bed.host("hv3").domstate(VM), "running", "never twice");
+    // Promoted on hv2; hv1's copy (dead) is not Primary for hv2 or hv3.
+    let s = volume_status(hv2);
+    assert_eq!(s["role"], "Primary", "{s}");
+    for h in [hv2, bed.host("hv3")] {
+        let hv1 = peer_status(h, "hv1");
+        assert_ne!(hv1["role"], "Primary", "{}: {hv1}", h.node);
+    }
     // The guest on hv2 resumes from what is on the promoted replica.
     let mut resumed = None;
     assert!(wait_until(Duration::from_secs(120), || {

@@ -24,33 +24,6 @@ use tandem_tests::vm::{self, GuestRun, ImageBuilder, Vm};
 
 const BYTES: usize = 1 << 20;
 const VOLUME: &str = "vm-5-disk-0";
-const NEEDS: &str = "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>";
-
-/// The vhost-user disk element `disk-xml` prints on `host`, checked.
-fn vhost_disk_xml(host: &LibvirtHost, volume: &str) -> String {
-    let out = host
-        .exec(
-            "tandem-libvirt-hook",
-            &[
-                "disk-xml",
-                volume,
-                "--target",
-                "vda",
-                "--frontend",
-                "vhost-user",
-            ],
-        )
-        .ok();
-    let disk = out.stdout;
-    assert!(
-        disk.contains(&format!("path='/run/tandem/vhost/{volume}.sock'"))
-            && disk.contains("<reconnect enabled='yes' timeout='5'/>"),
-        "{disk}"
-    );
-    assert!(out.stderr.contains(NEEDS), "{}", out.stderr);
-    disk
-}
-
 /// Define `name` on `host`: a TCG domain booting `image` with `disk` and shared memory.
 fn define(
     host: &LibvirtHost,
@@ -62,8 +35,9 @@ fn define(
     std::fs::create_dir_all(&work).expect("guest directory");
     let console = work.join(format!("{name}-console.log"));
     let cmdline = Vm::new(image.clone()).kernel_cmdline();
-    let xml = libvirt::tcg_domain_xml(name, image, &cmdline, disk, &console)
-        .replace("<vcpu>1</vcpu>", &format!("<vcpu>1</vcpu>\n  {NEEDS}"));
+    let xml = libvirt::with_vhost_memory(&libvirt::tcg_domain_xml(
+        name, image, &cmdline, disk, &console,
+    ));
     let file = work.join(format!("{name}.xml"));
     std::fs::write(&file, &xml).expect("domain xml");
     host.virsh(&["define", file.to_str().expect("utf-8 path")])
@@ -114,7 +88,7 @@ fn virsh_start_and_destroy_a_guest_on_a_vhost_user_disk_that_outlives_a_tandemd_
         .expect("building the guest initramfs");
     host.tandem(&["volume", "create", VOLUME, "--size", "64M"])
         .ok();
-    let disk = vhost_disk_xml(&host, VOLUME);
+    let disk = libvirt::vhost_disk_xml(&host, VOLUME);
     virt_install_defines_the_vhost_user_disk(&host, &image);
     let console = define(&host, "vm5", &image, &disk);
     let started = host.virsh(&["start", "vm5"]);
@@ -300,8 +274,8 @@ fn virsh_start_is_refused_by_the_hook_while_the_other_host_holds_the_vhost_user_
         .build(&hv1.path("guest").join("image"))
         .expect("building the guest initramfs");
     // The same domain on both hosts: the socket path is the same on every host.
-    let disk = vhost_disk_xml(hv1, SHARED);
-    assert_eq!(disk, vhost_disk_xml(hv2, SHARED));
+    let disk = libvirt::vhost_disk_xml(hv1, SHARED);
+    assert_eq!(disk, libvirt::vhost_disk_xml(hv2, SHARED));
     for host in [hv1, hv2] {
         define(host, "vm6", &image, &disk);
     }
