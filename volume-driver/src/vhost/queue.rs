@@ -108,9 +108,11 @@ impl Shared {
         }
     }
 
-    /// Take no new request from here on (the frontend is gone).
+    /// Take no new request from here on (the frontend is gone). A queue waiting for the
+    /// byte budget stops waiting (the budget is closed).
     pub fn stop_taking(&self) {
         self.stopping.store(true, Ordering::Release);
+        self.bytes.close();
     }
 
     /// Take no new request and put no completion in any used ring from here on; a batch
@@ -207,7 +209,13 @@ where
             more_announced = false;
         }
         if in_flight.is_empty() {
-            if !readable || shared.stopping() {
+            if shared.stopping() {
+                return Outcome::Idle;
+            }
+            if !readable {
+                // Kicks back on (the pass began by turning them off), so that the guest's
+                // next kick looks again.
+                let _ = state.enable_notification();
                 return Outcome::Idle;
             }
             match state.enable_notification() {
@@ -286,7 +294,7 @@ where
             // Nothing of ours in flight: the other queues will free some.
             Err(_) => match shared.bytes.acquire_many(bytes).await {
                 Ok(budget) if !shared.stopping() => budget,
-                // Stopped while waiting (the semaphore is never closed).
+                // Stopped while waiting (the budget was closed).
                 _ => {
                     available.go_to_previous_position();
                     break;
@@ -298,6 +306,9 @@ where
     }
     Ok(started)
 }
+
+// A chain at its largest fits the connection's budget, so a budget wait always ends.
+const _: () = assert!(Chain::MAX_BYTES <= MAX_IN_FLIGHT_BYTES as u64);
 
 /// The bytes a chain may make us hold: the sum of its descriptors' lengths, at most a
 /// chain's largest size (a longer one is refused without reading it).
@@ -336,7 +347,7 @@ mod tests {
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -453,6 +464,14 @@ mod tests {
         }
 
         /// The used index of `queue`'s vring (read without its lock, which a pass holds).
+        /// Whether the guest is asked to kick (the used ring's NO_NOTIFY flag is clear;
+        /// these queues have no EVENT_IDX).
+        fn kicks_on(&self, queue: &MockSplitQueue<'_, Mem>) -> bool {
+            let used = queue.desc_table_addr().0 + USED;
+            let flags: u16 = self.mem.read_obj(GuestAddress(used)).expect("used flags");
+            flags & VRING_USED_F_NO_NOTIFY as u16 == 0
+        }
+
         fn used_idx(&self, queue: &MockSplitQueue<'_, Mem>) -> u16 {
             let used = queue.desc_table_addr().0 + USED;
             self.mem.read_obj(GuestAddress(used + 2)).expect("used idx")
@@ -507,6 +526,7 @@ mod tests {
             .write_obj(100u16, queue.avail_addr().unchecked_add(2))
             .expect("avail idx");
         ends_without_taking_anything(&s, &vring);
+        assert!(s.kicks_on(&queue), "the guest would never kick again");
         // The next kick looks again: still nothing, still no spin.
         ends_without_taking_anything(&s, &vring);
     }
@@ -517,6 +537,12 @@ mod tests {
         let (_queue, vring) = s.queue(16, 1, 512);
         vring.set_queue_ready(false);
         ends_without_taking_anything(&s, &vring);
+        // Made ready again (a resume), the next kick takes the request.
+        vring.set_queue_ready(true);
+        let outcome = s.serve(&vring);
+        assert!(wait_for(|| s.held.started() == 1));
+        s.held.release(usize::MAX);
+        assert_eq!(outcome.recv_timeout(WAIT), Ok(Outcome::Idle));
     }
 
     #[test]
@@ -599,6 +625,31 @@ mod tests {
         assert_eq!(first.recv_timeout(WAIT), Ok(Outcome::Idle));
         assert_eq!(second_outcome.recv_timeout(WAIT), Ok(Outcome::Idle));
         assert_eq!(s.used_idx(&second), 1);
+    }
+
+    #[test]
+    fn a_queue_waiting_for_the_budget_stops_waiting_when_the_connection_stops() {
+        const LEN: u32 = 32 << 20;
+        let fit = (MAX_IN_FLIGHT_BYTES / LEN) as usize;
+        let s = setup();
+        let (_first, first_vring) = s.queue(16, fit as u16, LEN);
+        let first = s.serve(&first_vring);
+        assert!(wait_for(|| s.held.started() == fit));
+        let second = MockSplitQueue::create(&s.mem, GuestAddress(0x80_0000), 16);
+        second
+            .add_desc_chains(&[descriptor(LEN)], 0)
+            .expect("chain");
+        let second_vring = s.vring(&second, 16);
+        let second_outcome = s.serve(&second_vring);
+        std::thread::sleep(Duration::from_millis(100));
+        // The first queue's requests hang (a stalled volume); the second queue's pass ends
+        // at the stop all the same, so QEMU's GET_VRING_BASE on it is not held up.
+        s.shared.stop_completions();
+        assert_eq!(second_outcome.recv_timeout(WAIT), Ok(Outcome::Idle));
+        assert_eq!(s.held.started(), fit, "nothing taken after the stop");
+        s.held.release(usize::MAX);
+        assert_eq!(first.recv_timeout(WAIT), Ok(Outcome::Idle));
+        assert_eq!(s.used_idx(&second), 0);
     }
 
     #[test]
