@@ -602,25 +602,39 @@ mod tests {
         assert_eq!(s.shared.bytes_available(), MAX_IN_FLIGHT_BYTES as usize);
     }
 
-    #[test]
-    fn a_queue_with_nothing_in_flight_waits_for_the_budget_the_other_queues_hold() {
-        const LEN: u32 = 32 << 20;
-        let fit = (MAX_IN_FLIGHT_BYTES / LEN) as usize;
-        let s = setup();
-        let (_first, first_vring) = s.queue(16, fit as u16, LEN);
+    /// Requests of 32 MiB: the connection's byte budget holds this many.
+    const BIG: u32 = 32 << 20;
+    const FIT: usize = (MAX_IN_FLIGHT_BYTES / BIG) as usize;
+
+    /// A first queue holding the whole byte budget (its requests held), and a second queue
+    /// of the connection, elsewhere in guest memory, served with one more request: its
+    /// pass waits for the budget. The passes' outcomes, first then second.
+    fn second_queue_waits_for_the_budget<'a>(
+        s: &'a Setup,
+    ) -> (
+        mpsc::Receiver<Outcome>,
+        MockSplitQueue<'a, Mem>,
+        mpsc::Receiver<Outcome>,
+    ) {
+        let (_first, first_vring) = s.queue(16, FIT as u16, BIG);
         let first = s.serve(&first_vring);
-        assert!(wait_for(|| s.held.started() == fit));
-        // A second queue of the connection, elsewhere in guest memory.
+        assert!(wait_for(|| s.held.started() == FIT));
         let second = MockSplitQueue::create(&s.mem, GuestAddress(0x80_0000), 16);
         second
-            .add_desc_chains(&[descriptor(LEN)], 0)
+            .add_desc_chains(&[descriptor(BIG)], 0)
             .expect("chain");
-        let second_vring = s.vring(&second, 16);
-        let second_outcome = s.serve(&second_vring);
+        let second_outcome = s.serve(&s.vring(&second, 16));
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(s.held.started(), fit, "over the byte budget");
+        assert_eq!(s.held.started(), FIT, "over the byte budget");
+        (first, second, second_outcome)
+    }
+
+    #[test]
+    fn a_queue_with_nothing_in_flight_waits_for_the_budget_the_other_queues_hold() {
+        let s = setup();
+        let (first, second, second_outcome) = second_queue_waits_for_the_budget(&s);
         s.held.release(1);
-        assert!(wait_for(|| s.held.started() == fit + 1));
+        assert!(wait_for(|| s.held.started() == FIT + 1));
         s.held.release(usize::MAX);
         assert_eq!(first.recv_timeout(WAIT), Ok(Outcome::Idle));
         assert_eq!(second_outcome.recv_timeout(WAIT), Ok(Outcome::Idle));
@@ -629,24 +643,13 @@ mod tests {
 
     #[test]
     fn a_queue_waiting_for_the_budget_stops_waiting_when_the_connection_stops() {
-        const LEN: u32 = 32 << 20;
-        let fit = (MAX_IN_FLIGHT_BYTES / LEN) as usize;
         let s = setup();
-        let (_first, first_vring) = s.queue(16, fit as u16, LEN);
-        let first = s.serve(&first_vring);
-        assert!(wait_for(|| s.held.started() == fit));
-        let second = MockSplitQueue::create(&s.mem, GuestAddress(0x80_0000), 16);
-        second
-            .add_desc_chains(&[descriptor(LEN)], 0)
-            .expect("chain");
-        let second_vring = s.vring(&second, 16);
-        let second_outcome = s.serve(&second_vring);
-        std::thread::sleep(Duration::from_millis(100));
+        let (first, second, second_outcome) = second_queue_waits_for_the_budget(&s);
         // The first queue's requests hang (a stalled volume); the second queue's pass ends
         // at the stop all the same, so QEMU's GET_VRING_BASE on it is not held up.
         s.shared.stop_completions();
         assert_eq!(second_outcome.recv_timeout(WAIT), Ok(Outcome::Idle));
-        assert_eq!(s.held.started(), fit, "nothing taken after the stop");
+        assert_eq!(s.held.started(), FIT, "nothing taken after the stop");
         s.held.release(usize::MAX);
         assert_eq!(first.recv_timeout(WAIT), Ok(Outcome::Idle));
         assert_eq!(s.used_idx(&second), 0);
