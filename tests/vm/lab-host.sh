@@ -52,6 +52,14 @@ mkdir -p "$STATE" /run/tandem
 mount -t ext4 /dev/vg_nvme/state "$STATE" || echo "@@LAB-ERROR cannot mount the state LV"
 mkdir -p "$STATE/tandem" "$STATE/drill"
 cp "/etc/tandem/$NAME.toml" /etc/tandem/tandem.toml || echo "@@LAB-ERROR no /etc/tandem/$NAME.toml"
+# TEST ONLY (drop-flush, below): the pool keeps its data in this guest's page cache, which
+# a power cut loses unless it was flushed. Under the default O_DIRECT a write is on the
+# virtual disk once it completes, so dropped flushes would lose only the block mappings
+# dm-thin had not committed yet (it commits every second), and the drill's self-test could
+# go 20 cycles without a loss to notice. `[[pools]]` is the config's last table.
+if grep -qw lab.unsafe_drop_flush=1 /proc/cmdline && grep -q '^\[\[pools\]\]' /etc/tandem/tandem.toml; then
+    echo 'cache = "writeback"' >>/etc/tandem/tandem.toml
+fi
 
 # `lab-tandemd start|stop|status`: the daemon under the agent's control.
 cat >/usr/local/bin/lab-tandemd <<'EOF'

@@ -4,9 +4,12 @@
 //!
 //! With `TANDEM_TEST_UNSAFE_DROP_FLUSH=1` in tandemd's environment, every replicated
 //! volume's backing device ignores flushes and FUA: a flush returns at once and a FUA write
-//! is a plain write. Every replica still acknowledges as its protocol says, but its data
-//! sits in the kernel's page cache, so a power cut of the host loses writes that were
-//! acknowledged as durable. tandemd logs an error at start while the switch is on.
+//! is a plain write. Every replica still acknowledges as its protocol says, but on a pool
+//! with `cache = "writeback"` (the lab's drill sets it with the switch) its data sits in
+//! the kernel's page cache, so a power cut of the host loses writes that were acknowledged
+//! as durable. Under `cache = "none"` only what the device itself caches is lost (on a
+//! thin pool, block mappings not yet committed). tandemd logs an error at start while the
+//! switch is on.
 
 use std::sync::Arc;
 

@@ -49,8 +49,9 @@ enum Command {
         /// [default: the directory of this program]
         #[arg(long)]
         bin_dir: Option<PathBuf>,
-        /// TEST ONLY: every tandemd drops flushes to its volumes, so power cuts lose
-        /// acknowledged writes (proves the drill notices)
+        /// TEST ONLY: every tandemd drops flushes to its volumes, kept in the page cache
+        /// (`cache = "writeback"`), so power cuts lose acknowledged writes (proves the
+        /// drill notices)
         #[arg(long, hide = true)]
         test_unsafe_drop_flush: bool,
     },

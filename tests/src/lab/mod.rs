@@ -49,7 +49,8 @@ pub struct LabOptions {
     pub memory_mib: u32,
     /// Directory of the built binaries (tandemd, tandem, ...).
     pub bin_dir: PathBuf,
-    /// Test only: every tandemd drops flushes to its volumes' backing devices.
+    /// Test only: every tandemd drops flushes to its volumes' backing devices, and the
+    /// pool keeps their data in the page cache (`cache = "writeback"`, see lab-host.sh).
     pub unsafe_drop_flush: bool,
 }
 
