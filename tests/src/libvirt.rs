@@ -703,9 +703,6 @@ impl Drop for Cluster {
     }
 }
 
-/// A TCG domain (`<domain type='qemu'>`) booting `image` directly (kernel + initrd, no
-/// firmware disk), serial console to `console` (a file the test reads), `disks_xml` as its
-/// `<disk>` elements, destroyed on poweroff/reboot/crash so the guest's exit ends it.
 /// The shared guest memory a vhost-user disk needs (what `disk-xml --frontend vhost-user`
 /// asks for on stderr); [`with_vhost_memory`] adds it to a domain.
 pub const VHOST_MEMORY: &str =
@@ -749,6 +746,9 @@ pub fn with_vhost_memory(domain_xml: &str) -> String {
     )
 }
 
+/// A TCG domain (`<domain type='qemu'>`) booting `image` directly (kernel + initrd, no
+/// firmware disk), serial console to `console` (a file the test reads), `disks_xml` as its
+/// `<disk>` elements, destroyed on poweroff/reboot/crash so the guest's exit ends it.
 pub fn tcg_domain_xml(
     name: &str,
     image: &GuestImage,
