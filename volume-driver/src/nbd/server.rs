@@ -1,7 +1,10 @@
 //! NBD server: listeners, the per-connection handshake and the transmission loop.
 //!
-//! One task per connection reads requests; each request runs in its own task against the
-//! [`ExportHandle`]; one writer task per connection sends the replies in completion order.
+//! Two tasks per connection: one reads requests, the other runs them together against the
+//! [`ExportHandle`] and sends their replies in completion order. Running the requests in the
+//! task that writes the replies batches them: the replies of every request that finished
+//! at once (say, a burst of acknowledgements from a peer) leave in one system call, and the
+//! client is woken once for them.
 //! In-flight requests are bounded by count and by bytes (see [`MAX_IN_FLIGHT`],
 //! [`MAX_IN_FLIGHT_BYTES`]): the reader stops reading from the socket when the budget is
 //! used up, so a fast client cannot make the server buffer without limit.
@@ -17,6 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use replication::device::AlignedBufMut;
 use replication::failure_log::FailureLog;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -420,7 +425,20 @@ async fn send_info<W: AsyncWrite + Unpin>(
 
 // ---- Transmission ---------------------------------------------------------------------
 
-/// A reply queued for the writer. The permits are returned when it has been written.
+/// What the reader hands the request runner.
+enum Job {
+    /// A request refused when it was read: its reply, as is.
+    Refused(Reply),
+    /// A request to run against the export.
+    Run {
+        cookie: u64,
+        command: Command,
+        payload: Bytes,
+        permits: Permits,
+    },
+}
+
+/// A reply to send. The permits are returned when it has been written.
 struct Reply {
     cookie: u64,
     errno: u32,
@@ -466,24 +484,22 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
-    let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
+    let (tx, rx) = mpsc::unbounded_channel::<Job>();
     let conn = Arc::new(Connection {
         handle,
         failures: FailureLog::default(),
     });
+    let runner = tokio::spawn(run_and_reply(writer, Arc::clone(&conn), rx));
+    let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
 
     let result = loop {
-        if tx.is_closed() {
-            // The writer failed: the client cannot receive replies any more.
-            break Ok(());
-        }
         let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
         let read = tokio::select! {
             r = reader.read_exact(&mut raw) => r,
             _ = shutdown_requested(&mut shutdown) => break Err(ConnError::Shutdown),
+            // The runner could not send a reply: the client cannot receive any more.
+            _ = tx.closed() => break Ok(()),
         };
         match read {
             Ok(_) => {}
@@ -519,12 +535,12 @@ where
                     _count: count_permit,
                     _bytes: None,
                 };
-                let _ = tx.send(Reply {
+                let _ = tx.send(Job::Refused(Reply {
                     cookie: hdr.cookie,
                     errno: rej.errno,
                     data: None,
                     _permits: permits,
-                });
+                }));
                 continue;
             }
         };
@@ -552,25 +568,19 @@ where
             Command::Disconnect => break Ok(()),
             _ => Bytes::new(),
         };
-        let conn = Arc::clone(&conn);
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let (errno, data) =
-                execute(conn.handle.as_ref(), command, payload, &conn.failures).await;
-            let _ = tx.send(Reply {
-                cookie: hdr.cookie,
-                errno,
-                data,
-                _permits: permits,
-            });
+        let _ = tx.send(Job::Run {
+            cookie: hdr.cookie,
+            command,
+            payload,
+            permits,
         });
     };
-    // In-flight requests hold their own sender; the writer ends after the last reply.
+    // The runner answers what it was given, then ends.
     drop(tx);
-    match writer_task.await {
+    match runner.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e.into()),
-        Err(e) => return Err(ConnError::Protocol(format!("reply writer failed: {e}"))),
+        Err(e) => return Err(ConnError::Protocol(format!("request runner failed: {e}"))),
     }
     result
 }
@@ -650,28 +660,298 @@ async fn execute(
 /// Large read payloads bypass the write buffer (no copy); small replies are batched.
 const DIRECT_WRITE_THRESHOLD: usize = 64 << 10;
 
-async fn write_replies<W: AsyncWrite + Unpin>(
+/// What woke the request runner.
+enum Event {
+    Started(Job),
+    Finished(Reply),
+    /// The reader is done and every request is answered.
+    End,
+}
+
+/// Run the connection's requests together and send their replies: each time something
+/// happens, everything that is ready then (new requests started, finished ones answered)
+/// is handled before the replies are flushed in one write.
+///
+/// A request that was read runs to its end even when the replies can no longer be sent
+/// (the socket failed): it may already have reached the volume, and the client resends
+/// what it got no reply for. The reader sees the failure (the channel closes) and stops.
+async fn run_and_reply<W: AsyncWrite + Unpin>(
     writer: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
+    conn: Arc<Connection>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
 ) -> io::Result<()> {
-    let mut out = BufWriter::with_capacity(256 << 10, writer);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(reply) = next {
-            out.write_all(&proto::encode_simple_reply(reply.errno, reply.cookie))
-                .await?;
-            if let Some(data) = &reply.data {
-                if data.len() >= DIRECT_WRITE_THRESHOLD {
-                    out.flush().await?;
-                    out.get_mut().write_all(data).await?;
-                } else {
-                    out.write_all(data).await?;
-                }
+    let run = |cookie: u64, command: Command, payload: Bytes, permits: Permits| {
+        let conn = &conn;
+        async move {
+            let (errno, data) =
+                execute(conn.handle.as_ref(), command, payload, &conn.failures).await;
+            Reply {
+                cookie,
+                errno,
+                data,
+                _permits: permits,
             }
-            drop(reply);
-            next = rx.try_recv().ok();
         }
-        out.flush().await?;
+    };
+    let mut out = BufWriter::with_capacity(256 << 10, writer);
+    let mut running = FuturesUnordered::new();
+    let mut reading = true;
+    let result = loop {
+        let event = tokio::select! {
+            Some(reply) = running.next(), if !running.is_empty() => Event::Finished(reply),
+            job = jobs.recv(), if reading => match job {
+                Some(job) => Event::Started(job),
+                None => {
+                    reading = false;
+                    continue;
+                }
+            },
+            else => Event::End,
+        };
+        let mut next = Some(event);
+        let mut sent = Ok(());
+        // A busy client keeps both sources ready: flush at least every so many events.
+        let mut budget = 2 * MAX_IN_FLIGHT;
+        while let Some(event) = next.take() {
+            match event {
+                Event::Started(Job::Run {
+                    cookie,
+                    command,
+                    payload,
+                    permits,
+                }) => running.push(run(cookie, command, payload, permits)),
+                Event::Started(Job::Refused(reply)) | Event::Finished(reply) => {
+                    sent = write_reply(&mut out, reply).await;
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                Event::End => break,
+            }
+            budget -= 1;
+            if budget == 0 {
+                break;
+            }
+            next = match jobs.try_recv() {
+                Ok(job) => Some(Event::Started(job)),
+                Err(_) => running.next().now_or_never().flatten().map(Event::Finished),
+            };
+        }
+        if let Err(e) = sent {
+            break Err(e);
+        }
+        if let Err(e) = out.flush().await {
+            break Err(e);
+        }
+        if !reading && running.is_empty() {
+            break Ok(());
+        }
+    };
+    // After a failed write: the requests already read still run to their end.
+    jobs.close();
+    while let Some(job) = jobs.recv().await {
+        if let Job::Run {
+            cookie,
+            command,
+            payload,
+            permits,
+        } = job
+        {
+            running.push(run(cookie, command, payload, permits));
+        }
     }
+    while running.next().await.is_some() {}
+    result?;
     out.shutdown().await
+}
+
+/// Queue one reply in `out` (a large read payload goes to the socket directly).
+async fn write_reply<W: AsyncWrite + Unpin>(
+    out: &mut BufWriter<W>,
+    reply: Reply,
+) -> io::Result<()> {
+    out.write_all(&proto::encode_simple_reply(reply.errno, reply.cookie))
+        .await?;
+    if let Some(data) = &reply.data {
+        if data.len() >= DIRECT_WRITE_THRESHOLD {
+            out.flush().await?;
+            out.get_mut().write_all(data).await?;
+        } else {
+            out.write_all(data).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    use async_trait::async_trait;
+
+    use super::*;
+
+    /// An export whose writes wait until the test opens the gate.
+    struct GatedExport {
+        gate: watch::Receiver<bool>,
+        started: AtomicUsize,
+        finished: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl ExportHandle for GatedExport {
+        fn name(&self) -> &str {
+            "gated"
+        }
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        async fn read(&self, _: u64, len: u32) -> Result<Bytes, ExportIoError> {
+            Ok(Bytes::from(vec![0; len as usize]))
+        }
+        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), ExportIoError> {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let mut gate = self.gate.clone();
+            let _ = gate.wait_for(|open| *open).await;
+            self.finished.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), ExportIoError> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u64) -> Result<(), ExportIoError> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), ExportIoError> {
+            Ok(())
+        }
+    }
+
+    /// The socket's sending side: records the size of each write, or fails them all.
+    struct Recorder {
+        writes: Arc<Mutex<Vec<usize>>>,
+        fail: bool,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.fail {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            self.writes.lock().unwrap().push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn write_request(cookie: u64) -> Vec<u8> {
+        let mut r = Vec::with_capacity(REQUEST_LEN);
+        r.extend_from_slice(&proto::NBD_REQUEST_MAGIC.to_be_bytes());
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&proto::NBD_CMD_WRITE.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&(cookie * 4096).to_be_bytes());
+        r.extend_from_slice(&4096u32.to_be_bytes());
+        r.resize(REQUEST_LEN, 0xab);
+        r
+    }
+
+    const REQUEST_LEN: usize = proto::REQUEST_HEADER_LEN + 4096;
+    const REQUESTS: usize = 8;
+
+    /// Start a connection on `writer` whose client has sent `REQUESTS` writes, and wait
+    /// until all of them reached the (gated) export.
+    async fn requests_in_flight(
+        writer: Recorder,
+    ) -> (
+        Arc<GatedExport>,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<(), ConnError>>,
+        tokio::io::DuplexStream,
+    ) {
+        let (open, gate) = watch::channel(false);
+        let export = Arc::new(GatedExport {
+            gate,
+            started: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+        });
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        for cookie in 0..REQUESTS as u64 {
+            client.write_all(&write_request(cookie)).await.unwrap();
+        }
+        let (_stop, shutdown) = watch::channel(false);
+        let handle: Arc<dyn ExportHandle> = export.clone();
+        let conn = tokio::spawn(async move {
+            let _stop = _stop;
+            transmission(server, writer, handle, shutdown).await
+        });
+        while export.started.load(Ordering::SeqCst) < REQUESTS {
+            tokio::task::yield_now().await;
+        }
+        (export, open, conn, client)
+    }
+
+    // The runtime tandemd runs on (a single worker keeps the schedule deterministic): a
+    // task woken there runs next (its LIFO slot), so a reply writer apart from the
+    // requests would send the first reply before the other requests had run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn replies_of_requests_that_finish_together_leave_in_one_write() {
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Recorder {
+            writes: Arc::clone(&writes),
+            fail: false,
+        };
+        let (export, open, conn, client) = requests_in_flight(recorder).await;
+        assert!(
+            writes.lock().unwrap().is_empty(),
+            "a reply before any request finished"
+        );
+        // Finish them all from a task on the worker, as the volume's task does (the test's
+        // own thread is not a worker: the connection would run while the gate opens).
+        tokio::spawn(async move { open.send(true).unwrap() })
+            .await
+            .unwrap();
+        while export.finished.load(Ordering::SeqCst) < REQUESTS || writes.lock().unwrap().is_empty()
+        {
+            tokio::task::yield_now().await;
+        }
+        drop(client);
+        let _ = conn.await.unwrap();
+        assert_eq!(
+            *writes.lock().unwrap(),
+            vec![REQUESTS * proto::SIMPLE_REPLY_HEADER_LEN],
+            "the {REQUESTS} replies should leave in one write"
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_read_before_the_socket_failed_still_run_to_their_end() {
+        let recorder = Recorder {
+            writes: Arc::default(),
+            fail: true,
+        };
+        let (export, open, conn, _client) = requests_in_flight(recorder).await;
+        open.send(true).unwrap();
+        let result = conn.await.unwrap();
+        assert!(
+            result.is_err(),
+            "the failed socket is the connection's error"
+        );
+        assert_eq!(export.finished.load(Ordering::SeqCst), REQUESTS);
+    }
 }
