@@ -27,9 +27,10 @@
 //!   "ceiling" column. On two real hosts the peer's CPU is its own and this does not apply.
 //!   The "host" columns are the whole machine's busy CPU time per request: they add what
 //!   the kernel's own threads spend, such as the writeback flushers that write out the
-//!   page cache under `cache = "writeback"` (a daemon's CPU time leaves that out, so
-//!   compare the cache modes on "host" too). Anything else running on the machine counts
-//!   there as well.
+//!   page cache under `cache = "writeback"`, which a daemon's CPU time leaves out. Data
+//!   still dirty when the window ends is written out later and counted nowhere, so
+//!   "host" still favours `writeback`; and anything else running on the machine counts
+//!   there too.
 //!
 //! What we saw in three full runs on the quiet 2-vCPU dev VM (its host makes runs vary):
 //! replicated/unreplicated 0.41-0.53x at 4 KiB QD1 (4,942-6,584 vs 11,894-12,536 IOPS),
