@@ -1,10 +1,12 @@
 //! NBD server: listeners, the per-connection handshake and the transmission loop.
 //!
-//! Two tasks per connection: one reads requests, the other runs them together against the
-//! [`ExportHandle`] and sends their replies in completion order. Running the requests in the
-//! task that writes the replies batches them: the replies of every request that finished
-//! at once (say, a burst of acknowledgements from a peer) leave in one system call, and the
-//! client is woken once for them.
+//! Three tasks per connection: the reader reads requests; the runner runs them together
+//! against the [`ExportHandle`] and hands their replies, in completion order, to the writer,
+//! which sends them. The runner collects the replies of every request that finished at once
+//! (say, a burst of acknowledgements from a peer) into one batch, so they usually leave in
+//! one system call and wake the client once. It never waits for the socket: a client that
+//! stops reading holds up only its replies (and, through the budget below, its reader),
+//! never a finished request's hold on the volume.
 //! In-flight requests are bounded by count and by bytes (see [`MAX_IN_FLIGHT`],
 //! [`MAX_IN_FLIGHT_BYTES`]): the reader stops reading from the socket when the budget is
 //! used up, so a fast client cannot make the server buffer without limit.
@@ -24,6 +26,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use replication::device::AlignedBufMut;
 use replication::failure_log::FailureLog;
+use std::panic::AssertUnwindSafe;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -438,7 +441,7 @@ enum Job {
     },
 }
 
-/// A reply to send. The permits are returned when it has been written.
+/// A reply to send. The permits are returned once it is in the writer's buffer.
 struct Reply {
     cookie: u64,
     errno: u32,
@@ -462,7 +465,7 @@ fn errno_of(e: &ExportIoError) -> u32 {
 }
 
 /// What every request of one connection shares: its export and the rate limit of its
-/// failure log lines (one Arc per request, as before the log existed).
+/// failure log lines.
 struct Connection {
     handle: Arc<dyn ExportHandle>,
     failures: FailureLog,
@@ -489,7 +492,9 @@ where
         handle,
         failures: FailureLog::default(),
     });
-    let runner = tokio::spawn(run_and_reply(writer, Arc::clone(&conn), rx));
+    let (replies, batches) = mpsc::unbounded_channel::<Vec<Reply>>();
+    let writer_task = tokio::spawn(write_replies(writer, batches));
+    let runner = tokio::spawn(run_requests(Arc::clone(&conn), rx, replies));
     let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
 
@@ -575,12 +580,15 @@ where
             permits,
         });
     };
-    // The runner answers what it was given, then ends.
+    // The runner answers what it was given, then ends, and so does the writer.
     drop(tx);
-    match runner.await {
+    if let Err(e) = runner.await {
+        return Err(ConnError::Protocol(format!("request runner failed: {e}")));
+    }
+    match writer_task.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e.into()),
-        Err(e) => return Err(ConnError::Protocol(format!("request runner failed: {e}"))),
+        Err(e) => return Err(ConnError::Protocol(format!("reply writer failed: {e}"))),
     }
     result
 }
@@ -660,31 +668,33 @@ async fn execute(
 /// Large read payloads bypass the write buffer (no copy); small replies are batched.
 const DIRECT_WRITE_THRESHOLD: usize = 64 << 10;
 
-/// What woke the request runner.
-enum Event {
-    Started(Job),
-    Finished(Reply),
-    /// The reader is done and every request is answered.
-    End,
-}
-
-/// Run the connection's requests together and send their replies: each time something
-/// happens, everything that is ready then (new requests started, finished ones answered)
-/// is handled before the replies are flushed in one write.
+/// Run the connection's requests together: each time something happens, start every
+/// request the reader has handed over and collect the reply of every one that finished,
+/// then give the writer those replies as one batch.
 ///
-/// A request that was read runs to its end even when the replies can no longer be sent
-/// (the socket failed): it may already have reached the volume, and the client resends
-/// what it got no reply for. The reader sees the failure (the channel closes) and stops.
-async fn run_and_reply<W: AsyncWrite + Unpin>(
-    writer: W,
+/// A request handed over runs to its end even when its reply can no longer be sent (the
+/// writer failed): it may already have reached the volume, and the client resends what it
+/// got no reply for. The reader then stops (the job channel closes).
+async fn run_requests(
     conn: Arc<Connection>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
-) -> io::Result<()> {
+    replies: mpsc::UnboundedSender<Vec<Reply>>,
+) {
     let run = |cookie: u64, command: Command, payload: Bytes, permits: Permits| {
         let conn = &conn;
         async move {
-            let (errno, data) =
-                execute(conn.handle.as_ref(), command, payload, &conn.failures).await;
+            let request = execute(conn.handle.as_ref(), command, payload, &conn.failures);
+            let (errno, data) = AssertUnwindSafe(request)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!(
+                        export = conn.handle.name(),
+                        ?command,
+                        "NBD request panicked; answering it with EIO"
+                    );
+                    (proto::NBD_EIO, None)
+                });
             Reply {
                 cookie,
                 errno,
@@ -693,75 +703,67 @@ async fn run_and_reply<W: AsyncWrite + Unpin>(
             }
         }
     };
-    let mut out = BufWriter::with_capacity(256 << 10, writer);
     let mut running = FuturesUnordered::new();
+    let mut batch = Vec::new();
     let mut reading = true;
-    let result = loop {
-        let event = tokio::select! {
-            Some(reply) = running.next(), if !running.is_empty() => Event::Finished(reply),
+    let mut writer_gone = false;
+    while reading || !running.is_empty() {
+        tokio::select! {
+            Some(reply) = running.next(), if !running.is_empty() => batch.push(reply),
             job = jobs.recv(), if reading => match job {
-                Some(job) => Event::Started(job),
-                None => {
-                    reading = false;
-                    continue;
-                }
+                Some(Job::Run { cookie, command, payload, permits }) =>
+                    running.push(run(cookie, command, payload, permits)),
+                Some(Job::Refused(reply)) => batch.push(reply),
+                None => reading = false,
             },
-            else => Event::End,
-        };
-        let mut next = Some(event);
-        let mut sent = Ok(());
-        // A busy client keeps both sources ready: flush at least every so many events.
-        let mut budget = 2 * MAX_IN_FLIGHT;
-        while let Some(event) = next.take() {
-            match event {
-                Event::Started(Job::Run {
-                    cookie,
-                    command,
-                    payload,
-                    permits,
-                }) => running.push(run(cookie, command, payload, permits)),
-                Event::Started(Job::Refused(reply)) | Event::Finished(reply) => {
-                    sent = write_reply(&mut out, reply).await;
-                    if sent.is_err() {
-                        break;
-                    }
-                }
-                Event::End => break,
+            _ = replies.closed(), if !writer_gone => {
+                writer_gone = true;
+                jobs.close();
             }
-            budget -= 1;
-            if budget == 0 {
+        }
+        // Take everything else that is ready now. A busy client keeps both sources ready,
+        // so the batch is cut at some point.
+        for _ in 0..2 * MAX_IN_FLIGHT {
+            if let Ok(job) = jobs.try_recv() {
+                match job {
+                    Job::Run {
+                        cookie,
+                        command,
+                        payload,
+                        permits,
+                    } => running.push(run(cookie, command, payload, permits)),
+                    Job::Refused(reply) => batch.push(reply),
+                }
+            } else if let Some(Some(reply)) = running.next().now_or_never() {
+                batch.push(reply);
+            } else {
                 break;
             }
-            next = match jobs.try_recv() {
-                Ok(job) => Some(Event::Started(job)),
-                Err(_) => running.next().now_or_never().flatten().map(Event::Finished),
-            };
         }
-        if let Err(e) = sent {
-            break Err(e);
-        }
-        if let Err(e) = out.flush().await {
-            break Err(e);
-        }
-        if !reading && running.is_empty() {
-            break Ok(());
-        }
-    };
-    // After a failed write: the requests already read still run to their end.
-    jobs.close();
-    while let Some(job) = jobs.recv().await {
-        if let Job::Run {
-            cookie,
-            command,
-            payload,
-            permits,
-        } = job
-        {
-            running.push(run(cookie, command, payload, permits));
+        if !batch.is_empty() && replies.send(std::mem::take(&mut batch)).is_err() {
+            writer_gone = true;
+            jobs.close();
         }
     }
-    while running.next().await.is_some() {}
-    result?;
+}
+
+/// Send the runner's batches of replies, each flushed in one write (several, when more
+/// batches are waiting).
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut batches: mpsc::UnboundedReceiver<Vec<Reply>>,
+) -> io::Result<()> {
+    let mut out = BufWriter::with_capacity(256 << 10, writer);
+    while let Some(first) = batches.recv().await {
+        let mut next = Some(first);
+        while let Some(batch) = next {
+            for reply in batch {
+                write_reply(&mut out, reply).await?;
+            }
+            next = batches.try_recv().ok();
+        }
+        out.flush().await?;
+    }
     out.shutdown().await
 }
 
@@ -794,9 +796,12 @@ mod tests {
 
     use super::*;
 
-    /// An export whose writes wait until the test opens the gate.
+    const REQUESTS: usize = 8;
+    const BLOCK: u64 = 4096;
+
+    /// An export whose write of block N waits until the gate is above N.
     struct GatedExport {
-        gate: watch::Receiver<bool>,
+        gate: watch::Receiver<u64>,
         started: AtomicUsize,
         finished: AtomicUsize,
     }
@@ -815,10 +820,10 @@ mod tests {
         async fn read(&self, _: u64, len: u32) -> Result<Bytes, ExportIoError> {
             Ok(Bytes::from(vec![0; len as usize]))
         }
-        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), ExportIoError> {
+        async fn write(&self, offset: u64, _: Bytes, _: bool) -> Result<(), ExportIoError> {
             self.started.fetch_add(1, Ordering::SeqCst);
             let mut gate = self.gate.clone();
-            let _ = gate.wait_for(|open| *open).await;
+            let _ = gate.wait_for(|open| *open > offset / BLOCK).await;
             self.finished.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
@@ -833,23 +838,37 @@ mod tests {
         }
     }
 
-    /// The socket's sending side: records the size of each write, or fails them all.
-    struct Recorder {
-        writes: Arc<Mutex<Vec<usize>>>,
-        fail: bool,
+    /// How the client's side of the socket behaves.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Client {
+        /// Reads everything (each write's size is recorded).
+        Reads,
+        /// Gone: every write fails.
+        Gone,
+        /// Stopped reading: every write waits forever.
+        Stuck,
     }
 
-    impl AsyncWrite for Recorder {
+    /// The socket's sending side.
+    struct Socket {
+        client: Client,
+        writes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl AsyncWrite for Socket {
         fn poll_write(
             self: Pin<&mut Self>,
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            if self.fail {
-                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            match self.client {
+                Client::Reads => {
+                    self.writes.lock().unwrap().push(buf.len());
+                    Poll::Ready(Ok(buf.len()))
+                }
+                Client::Gone => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Client::Stuck => Poll::Pending,
             }
-            self.writes.lock().unwrap().push(buf.len());
-            Poll::Ready(Ok(buf.len()))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
@@ -859,99 +878,141 @@ mod tests {
         }
     }
 
-    fn write_request(cookie: u64) -> Vec<u8> {
-        let mut r = Vec::with_capacity(REQUEST_LEN);
+    fn write_request(block: u64) -> Vec<u8> {
+        let mut r = Vec::with_capacity(proto::REQUEST_HEADER_LEN + BLOCK as usize);
         r.extend_from_slice(&proto::NBD_REQUEST_MAGIC.to_be_bytes());
         r.extend_from_slice(&0u16.to_be_bytes());
         r.extend_from_slice(&proto::NBD_CMD_WRITE.to_be_bytes());
-        r.extend_from_slice(&cookie.to_be_bytes());
-        r.extend_from_slice(&(cookie * 4096).to_be_bytes());
-        r.extend_from_slice(&4096u32.to_be_bytes());
-        r.resize(REQUEST_LEN, 0xab);
+        r.extend_from_slice(&block.to_be_bytes()); // cookie
+        r.extend_from_slice(&(block * BLOCK).to_be_bytes());
+        r.extend_from_slice(&(BLOCK as u32).to_be_bytes());
+        r.resize(proto::REQUEST_HEADER_LEN + BLOCK as usize, 0xab);
         r
     }
 
-    const REQUEST_LEN: usize = proto::REQUEST_HEADER_LEN + 4096;
-    const REQUESTS: usize = 8;
+    /// A connection whose client sent `REQUESTS` writes, all waiting in the export.
+    struct Setup {
+        export: Arc<GatedExport>,
+        gate: watch::Sender<u64>,
+        writes: Arc<Mutex<Vec<usize>>>,
+        conn: tokio::task::JoinHandle<Result<(), ConnError>>,
+        _client: tokio::io::DuplexStream,
+        _stop: watch::Sender<bool>,
+    }
 
-    /// Start a connection on `writer` whose client has sent `REQUESTS` writes, and wait
-    /// until all of them reached the (gated) export.
-    async fn requests_in_flight(
-        writer: Recorder,
-    ) -> (
-        Arc<GatedExport>,
-        watch::Sender<bool>,
-        tokio::task::JoinHandle<Result<(), ConnError>>,
-        tokio::io::DuplexStream,
-    ) {
-        let (open, gate) = watch::channel(false);
+    async fn requests_in_flight(client: Client) -> Setup {
+        let (gate, gated) = watch::channel(0);
         let export = Arc::new(GatedExport {
-            gate,
+            gate: gated,
             started: AtomicUsize::new(0),
             finished: AtomicUsize::new(0),
         });
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        for cookie in 0..REQUESTS as u64 {
-            client.write_all(&write_request(cookie)).await.unwrap();
+        let (mut ours, theirs) = tokio::io::duplex(1 << 20);
+        for block in 0..REQUESTS as u64 {
+            ours.write_all(&write_request(block)).await.unwrap();
         }
-        let (_stop, shutdown) = watch::channel(false);
+        let (stop, shutdown) = watch::channel(false);
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let socket = Socket {
+            client,
+            writes: Arc::clone(&writes),
+        };
         let handle: Arc<dyn ExportHandle> = export.clone();
-        let conn = tokio::spawn(async move {
-            let _stop = _stop;
-            transmission(server, writer, handle, shutdown).await
-        });
-        while export.started.load(Ordering::SeqCst) < REQUESTS {
-            tokio::task::yield_now().await;
+        let conn = tokio::spawn(transmission(theirs, socket, handle, shutdown));
+        let setup = Setup {
+            export,
+            gate,
+            writes,
+            conn,
+            _client: ours,
+            _stop: stop,
+        };
+        setup.until(|s| s.started() == REQUESTS).await;
+        setup
+    }
+
+    impl Setup {
+        fn started(&self) -> usize {
+            self.export.started.load(Ordering::SeqCst)
         }
-        (export, open, conn, client)
+        fn finished(&self) -> usize {
+            self.export.finished.load(Ordering::SeqCst)
+        }
+        /// Let the first `n` requests finish, from a task on the runtime's worker as the
+        /// volume's task does (the test's own thread is not a worker: the connection would
+        /// run while the gate opens).
+        async fn open(&self, n: u64) {
+            let gate = self.gate.clone();
+            tokio::spawn(async move { gate.send_replace(n) })
+                .await
+                .unwrap();
+        }
+        /// Wait (at most 10 s) until `done` holds.
+        async fn until(&self, done: impl Fn(&Self) -> bool) {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !done(self) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("timed out");
+        }
     }
 
     // The runtime tandemd runs on (a single worker keeps the schedule deterministic): a
-    // task woken there runs next (its LIFO slot), so a reply writer apart from the
-    // requests would send the first reply before the other requests had run.
+    // task woken there runs next (its LIFO slot), so a reply writer fed by each request
+    // would send the first reply before the other requests had run.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn replies_of_requests_that_finish_together_leave_in_one_write() {
-        let writes = Arc::new(Mutex::new(Vec::new()));
-        let recorder = Recorder {
-            writes: Arc::clone(&writes),
-            fail: false,
-        };
-        let (export, open, conn, client) = requests_in_flight(recorder).await;
-        assert!(
-            writes.lock().unwrap().is_empty(),
-            "a reply before any request finished"
-        );
-        // Finish them all from a task on the worker, as the volume's task does (the test's
-        // own thread is not a worker: the connection would run while the gate opens).
-        tokio::spawn(async move { open.send(true).unwrap() })
-            .await
-            .unwrap();
-        while export.finished.load(Ordering::SeqCst) < REQUESTS || writes.lock().unwrap().is_empty()
-        {
-            tokio::task::yield_now().await;
-        }
-        drop(client);
-        let _ = conn.await.unwrap();
+        let setup = requests_in_flight(Client::Reads).await;
+        assert!(setup.writes.lock().unwrap().is_empty());
+        setup.open(REQUESTS as u64).await;
+        setup.until(|s| !s.writes.lock().unwrap().is_empty()).await;
         assert_eq!(
-            *writes.lock().unwrap(),
+            *setup.writes.lock().unwrap(),
             vec![REQUESTS * proto::SIMPLE_REPLY_HEADER_LEN],
             "the {REQUESTS} replies should leave in one write"
         );
+        // The client goes: the connection ends.
+        let Setup { conn, _client, .. } = setup;
+        drop(_client);
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the connection did not end when its client went")
+            .unwrap()
+            .expect_err("the client left without NBD_CMD_DISC");
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_client_that_stops_reading_does_not_hold_up_the_requests_that_finish() {
+        let setup = requests_in_flight(Client::Stuck).await;
+        setup.open(1).await;
+        setup.until(|s| s.finished() == 1).await;
+        // The first reply waits in the socket for good; the others still finish, so
+        // nothing they hold in the volume stays held.
+        setup.open(REQUESTS as u64).await;
+        setup.until(|s| s.finished() == REQUESTS).await;
+        assert!(!setup.conn.is_finished(), "a stuck client is not a failure");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn requests_read_before_the_socket_failed_still_run_to_their_end() {
-        let recorder = Recorder {
-            writes: Arc::default(),
-            fail: true,
-        };
-        let (export, open, conn, _client) = requests_in_flight(recorder).await;
-        open.send(true).unwrap();
-        let result = conn.await.unwrap();
+        let setup = requests_in_flight(Client::Gone).await;
+        setup.open(1).await;
+        setup.until(|s| s.finished() == 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
-            result.is_err(),
-            "the failed socket is the connection's error"
+            !setup.conn.is_finished(),
+            "the connection ended with {} requests still running",
+            REQUESTS - 1
         );
-        assert_eq!(export.finished.load(Ordering::SeqCst), REQUESTS);
+        setup.open(REQUESTS as u64).await;
+        setup.until(|s| s.conn.is_finished()).await;
+        assert_eq!(setup.finished(), REQUESTS);
+        let Setup { conn, .. } = setup;
+        assert!(
+            conn.await.unwrap().is_err(),
+            "the failed socket is the error"
+        );
     }
 }
