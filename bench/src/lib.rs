@@ -140,8 +140,16 @@ pub fn context_switches(pid: u32) -> Result<u64> {
     Ok(total)
 }
 
-/// CPU time (user + system) a process has used so far, from `/proc/PID/stat`.
+/// The "process" [`cpu_time`] reads as the whole machine.
+pub const HOST: u32 = 0;
+
+/// CPU time (user + system) a process has used so far, from `/proc/PID/stat`; for [`HOST`],
+/// the busy time of every CPU (user, system, interrupts: the kernel's own threads, such as
+/// writeback flushers, included), from `/proc/stat`.
 pub fn cpu_time(pid: u32) -> Result<Duration> {
+    if pid == HOST {
+        return host_busy_time();
+    }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
@@ -158,13 +166,35 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
             .parse()
             .context("parsing /proc/PID/stat")
     };
+    Ok(Duration::from_micros(
+        (ticks(11)? + ticks(12)?) * 1_000_000 / clock_ticks_per_second()?,
+    ))
+}
+
+fn clock_ticks_per_second() -> Result<u64> {
     // SAFETY: sysconf has no preconditions.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
         .ok()
         .filter(|&hz| hz > 0)
-        .context("sysconf(_SC_CLK_TCK)")?;
+        .context("sysconf(_SC_CLK_TCK)")
+}
+
+/// Every CPU's busy time so far: the first line of `/proc/stat` (`cpu user nice system idle
+/// iowait irq softirq steal ...`, in clock ticks) without idle, iowait and steal.
+fn host_busy_time() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().context("parsing /proc/stat"))
+        .collect::<Result<_>>()?;
+    let busy: u64 = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| ticks.get(i).copied().context("short /proc/stat"))
+        .sum::<Result<u64>>()?;
     Ok(Duration::from_micros(
-        (ticks(11)? + ticks(12)?) * 1_000_000 / hz,
+        busy * 1_000_000 / clock_ticks_per_second()?,
     ))
 }
 

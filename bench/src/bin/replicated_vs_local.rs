@@ -25,6 +25,12 @@
 //!   unreplicated volume, the peer's CPU would be added to every request: a run that keeps
 //!   the CPUs busy reaches at most (fio + hv1 unreplicated) / (that + hv2 replicated), the
 //!   "ceiling" column. On two real hosts the peer's CPU is its own and this does not apply.
+//!   The "host" columns are the whole machine's busy CPU time per request: they add what
+//!   the kernel's own threads spend, such as the writeback flushers that write out the
+//!   page cache under `cache = "writeback"`, which a daemon's CPU time leaves out. Data
+//!   still dirty when the window ends is written out later and counted nowhere, so
+//!   "host" still favours `writeback`; and anything else running on the machine counts
+//!   there too.
 //!
 //! What we saw in three full runs on the quiet 2-vCPU dev VM (its host makes runs vary):
 //! replicated/unreplicated 0.41-0.53x at 4 KiB QD1 (4,942-6,584 vs 11,894-12,536 IOPS),
@@ -47,7 +53,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tandem_bench::cluster::{create_on_hv1_and_hv2, daemon_pid, prepare, tandem, CpuSampler};
-use tandem_bench::{cross_cpu_wake_up, fio_fill, fio_run, nbd_uri, settle, QemuNbd, Row};
+use tandem_bench::{cross_cpu_wake_up, fio_fill, fio_run, nbd_uri, settle, QemuNbd, Row, HOST};
 use tandem_tests::cluster::{Cluster, ClusterSpec};
 
 /// Replicated (protocol C, peer in another namespace) vs unreplicated Tandem volume vs
@@ -133,6 +139,9 @@ struct Measured {
     cpu_per_unit: Vec<Duration>,
     /// fio's own CPU time per unit.
     fio_per_unit: Duration,
+    /// The whole machine's busy CPU time per unit: the daemons, fio and the kernel's
+    /// threads (under `cache = "writeback"` the flushers write the data out).
+    host_per_unit: Duration,
 }
 
 impl Target {
@@ -143,9 +152,11 @@ impl Target {
         // Sample the daemons' CPU time over the same window fio measures (after its 1 s
         // ramp, for `runtime` seconds).
         let window = Duration::from_secs(args.runtime.into());
-        let sampler = CpuSampler::start(self.daemons.clone(), Duration::from_secs(1), window);
+        let sampled = self.daemons.iter().copied().chain([HOST]).collect();
+        let sampler = CpuSampler::start(sampled, Duration::from_secs(1), window);
         let run = fio_run(&self.uri, row, args.runtime)?;
-        let cpu = sampler.finish()?;
+        let mut cpu = sampler.finish()?;
+        let host = cpu.pop().unwrap_or_default();
         if self.replicated {
             check_in_sync(cluster)?;
         }
@@ -154,6 +165,7 @@ impl Target {
             value: run.value,
             cpu_per_unit: cpu.iter().map(|c| c.div_f64(units)).collect(),
             fio_per_unit: Duration::from_secs_f64(run.cpus / run.value.max(1.0)),
+            host_per_unit: host.div_f64(units),
         })
     }
 }
@@ -327,14 +339,16 @@ fn print_cpu(rows: &[(&Row, Measured, Measured)]) {
          CPUs kept busy ({cpus} here)"
     );
     println!(
-        "{:<18} {:>8} {:>8} {:>8} {:>5}  {:>10} {:>10} {:>5}  {:>7}",
+        "{:<18} {:>8} {:>8} {:>8} {:>8} {:>5}  {:>10} {:>10} {:>11} {:>5}  {:>7}",
         "row",
         "repl hv1",
         "repl hv2",
         "repl fio",
+        "host",
         "CPUs",
         "unrepl hv1",
         "unrepl fio",
+        "unrepl host",
         "CPUs",
         "ceiling"
     );
@@ -346,14 +360,16 @@ fn print_cpu(rows: &[(&Row, Measured, Measured)]) {
         let r_hv2 = us(replicated.cpu_per_unit.get(1));
         let least_per_unit = (l_hv1 + l_fio + r_hv2) * 1e-6;
         println!(
-            "{:<18} {:>8.1} {:>8.1} {:>8.1} {:>5.2}  {:>10.1} {:>10.1} {:>5.2}  {:>6.2}x",
+            "{:<18} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>5.2}  {:>10.1} {:>10.1} {:>11.1} {:>5.2}  {:>6.2}x",
             row.name,
             us(replicated.cpu_per_unit.first()),
             r_hv2,
             us(Some(&replicated.fio_per_unit)),
+            us(Some(&replicated.host_per_unit)),
             busy(replicated),
             l_hv1,
             l_fio,
+            us(Some(&local.host_per_unit)),
             busy(local),
             (cpus / least_per_unit / local.value).min(1.0)
         );

@@ -1,7 +1,12 @@
 //! NBD server: listeners, the per-connection handshake and the transmission loop.
 //!
-//! One task per connection reads requests; each request runs in its own task against the
-//! [`ExportHandle`]; one writer task per connection sends the replies in completion order.
+//! Three tasks per connection: the reader reads requests; the runner runs them together
+//! against the [`ExportHandle`] and hands their replies, in completion order, to the writer,
+//! which sends them. The runner collects the replies of every request that finished at once
+//! (say, a burst of acknowledgements from a peer) into one batch, so they usually leave in
+//! one system call and wake the client once. It never waits for the socket: a client that
+//! stops reading holds up only its replies (and, through the budget below, its reader),
+//! never a finished request's hold on the volume.
 //! In-flight requests are bounded by count and by bytes (see [`MAX_IN_FLIGHT`],
 //! [`MAX_IN_FLIGHT_BYTES`]): the reader stops reading from the socket when the budget is
 //! used up, so a fast client cannot make the server buffer without limit.
@@ -17,8 +22,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use replication::device::AlignedBufMut;
 use replication::failure_log::FailureLog;
+use std::panic::AssertUnwindSafe;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -420,7 +428,20 @@ async fn send_info<W: AsyncWrite + Unpin>(
 
 // ---- Transmission ---------------------------------------------------------------------
 
-/// A reply queued for the writer. The permits are returned when it has been written.
+/// What the reader hands the request runner.
+enum Job {
+    /// A request refused when it was read: its reply, as is.
+    Refused(Reply),
+    /// A request to run against the export.
+    Run {
+        cookie: u64,
+        command: Command,
+        payload: Bytes,
+        permits: Permits,
+    },
+}
+
+/// A reply to send. The permits are returned once it is in the writer's buffer.
 struct Reply {
     cookie: u64,
     errno: u32,
@@ -444,7 +465,7 @@ fn errno_of(e: &ExportIoError) -> u32 {
 }
 
 /// What every request of one connection shares: its export and the rate limit of its
-/// failure log lines (one Arc per request, as before the log existed).
+/// failure log lines.
 struct Connection {
     handle: Arc<dyn ExportHandle>,
     failures: FailureLog,
@@ -466,24 +487,24 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
-    let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
+    let (tx, rx) = mpsc::unbounded_channel::<Job>();
     let conn = Arc::new(Connection {
         handle,
         failures: FailureLog::default(),
     });
+    let (replies, batches) = mpsc::unbounded_channel::<Vec<Reply>>();
+    let writer_task = tokio::spawn(write_replies(writer, batches));
+    let runner = tokio::spawn(run_requests(Arc::clone(&conn), rx, replies));
+    let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
 
     let result = loop {
-        if tx.is_closed() {
-            // The writer failed: the client cannot receive replies any more.
-            break Ok(());
-        }
         let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
         let read = tokio::select! {
             r = reader.read_exact(&mut raw) => r,
             _ = shutdown_requested(&mut shutdown) => break Err(ConnError::Shutdown),
+            // The runner could not send a reply: the client cannot receive any more.
+            _ = tx.closed() => break Ok(()),
         };
         match read {
             Ok(_) => {}
@@ -519,12 +540,12 @@ where
                     _count: count_permit,
                     _bytes: None,
                 };
-                let _ = tx.send(Reply {
+                let _ = tx.send(Job::Refused(Reply {
                     cookie: hdr.cookie,
                     errno: rej.errno,
                     data: None,
                     _permits: permits,
-                });
+                }));
                 continue;
             }
         };
@@ -552,21 +573,18 @@ where
             Command::Disconnect => break Ok(()),
             _ => Bytes::new(),
         };
-        let conn = Arc::clone(&conn);
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let (errno, data) =
-                execute(conn.handle.as_ref(), command, payload, &conn.failures).await;
-            let _ = tx.send(Reply {
-                cookie: hdr.cookie,
-                errno,
-                data,
-                _permits: permits,
-            });
+        let _ = tx.send(Job::Run {
+            cookie: hdr.cookie,
+            command,
+            payload,
+            permits,
         });
     };
-    // In-flight requests hold their own sender; the writer ends after the last reply.
+    // The runner answers what it was given, then ends, and so does the writer.
     drop(tx);
+    if let Err(e) = runner.await {
+        return Err(ConnError::Protocol(format!("request runner failed: {e}")));
+    }
     match writer_task.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e.into()),
@@ -650,28 +668,351 @@ async fn execute(
 /// Large read payloads bypass the write buffer (no copy); small replies are batched.
 const DIRECT_WRITE_THRESHOLD: usize = 64 << 10;
 
+/// Run the connection's requests together: each time something happens, start every
+/// request the reader has handed over and collect the reply of every one that finished,
+/// then give the writer those replies as one batch.
+///
+/// A request handed over runs to its end even when its reply can no longer be sent (the
+/// writer failed): it may already have reached the volume, and the client resends what it
+/// got no reply for. The reader then stops (the job channel closes).
+async fn run_requests(
+    conn: Arc<Connection>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    replies: mpsc::UnboundedSender<Vec<Reply>>,
+) {
+    let run = |cookie: u64, command: Command, payload: Bytes, permits: Permits| {
+        let conn = &conn;
+        async move {
+            let request = execute(conn.handle.as_ref(), command, payload, &conn.failures);
+            let (errno, data) = AssertUnwindSafe(request)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!(
+                        export = conn.handle.name(),
+                        ?command,
+                        "NBD request panicked; answering it with EIO"
+                    );
+                    (proto::NBD_EIO, None)
+                });
+            Reply {
+                cookie,
+                errno,
+                data,
+                _permits: permits,
+            }
+        }
+    };
+    let mut running = FuturesUnordered::new();
+    let mut batch = Vec::new();
+    let mut reading = true;
+    let mut writer_gone = false;
+    while reading || !running.is_empty() {
+        tokio::select! {
+            Some(reply) = running.next(), if !running.is_empty() => batch.push(reply),
+            job = jobs.recv(), if reading => match job {
+                Some(Job::Run { cookie, command, payload, permits }) =>
+                    running.push(run(cookie, command, payload, permits)),
+                Some(Job::Refused(reply)) => batch.push(reply),
+                None => reading = false,
+            },
+            _ = replies.closed(), if !writer_gone => {
+                writer_gone = true;
+                jobs.close();
+            }
+        }
+        // Take everything else that is ready now. A busy client keeps both sources ready,
+        // so the batch is cut at some point.
+        for _ in 0..2 * MAX_IN_FLIGHT {
+            if let Ok(job) = jobs.try_recv() {
+                match job {
+                    Job::Run {
+                        cookie,
+                        command,
+                        payload,
+                        permits,
+                    } => running.push(run(cookie, command, payload, permits)),
+                    Job::Refused(reply) => batch.push(reply),
+                }
+            } else if let Some(Some(reply)) = running.next().now_or_never() {
+                batch.push(reply);
+            } else {
+                break;
+            }
+        }
+        if !batch.is_empty() && replies.send(std::mem::take(&mut batch)).is_err() {
+            writer_gone = true;
+            jobs.close();
+        }
+    }
+}
+
+/// Send the runner's batches of replies, each flushed in one write (several, when more
+/// batches are waiting).
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
+    mut batches: mpsc::UnboundedReceiver<Vec<Reply>>,
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(256 << 10, writer);
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = batches.recv().await {
         let mut next = Some(first);
-        while let Some(reply) = next {
-            out.write_all(&proto::encode_simple_reply(reply.errno, reply.cookie))
-                .await?;
-            if let Some(data) = &reply.data {
-                if data.len() >= DIRECT_WRITE_THRESHOLD {
-                    out.flush().await?;
-                    out.get_mut().write_all(data).await?;
-                } else {
-                    out.write_all(data).await?;
-                }
+        while let Some(batch) = next {
+            for reply in batch {
+                write_reply(&mut out, reply).await?;
             }
-            drop(reply);
-            next = rx.try_recv().ok();
+            next = batches.try_recv().ok();
         }
         out.flush().await?;
     }
     out.shutdown().await
+}
+
+/// Queue one reply in `out` (a large read payload goes to the socket directly).
+async fn write_reply<W: AsyncWrite + Unpin>(
+    out: &mut BufWriter<W>,
+    reply: Reply,
+) -> io::Result<()> {
+    out.write_all(&proto::encode_simple_reply(reply.errno, reply.cookie))
+        .await?;
+    if let Some(data) = &reply.data {
+        if data.len() >= DIRECT_WRITE_THRESHOLD {
+            out.flush().await?;
+            out.get_mut().write_all(data).await?;
+        } else {
+            out.write_all(data).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    use async_trait::async_trait;
+
+    use super::*;
+
+    const REQUESTS: usize = 8;
+    const BLOCK: u64 = 4096;
+
+    /// An export whose write of block N waits until the gate is above N.
+    struct GatedExport {
+        gate: watch::Receiver<u64>,
+        started: AtomicUsize,
+        finished: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl ExportHandle for GatedExport {
+        fn name(&self) -> &str {
+            "gated"
+        }
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        async fn read(&self, _: u64, len: u32) -> Result<Bytes, ExportIoError> {
+            Ok(Bytes::from(vec![0; len as usize]))
+        }
+        async fn write(&self, offset: u64, _: Bytes, _: bool) -> Result<(), ExportIoError> {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let mut gate = self.gate.clone();
+            let _ = gate.wait_for(|open| *open > offset / BLOCK).await;
+            self.finished.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), ExportIoError> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u64) -> Result<(), ExportIoError> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), ExportIoError> {
+            Ok(())
+        }
+    }
+
+    /// How the client's side of the socket behaves.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Client {
+        /// Reads everything (each write's size is recorded).
+        Reads,
+        /// Gone: every write fails.
+        Gone,
+        /// Stopped reading: every write waits forever.
+        Stuck,
+    }
+
+    /// The socket's sending side.
+    struct Socket {
+        client: Client,
+        writes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            match self.client {
+                Client::Reads => {
+                    self.writes.lock().unwrap().push(buf.len());
+                    Poll::Ready(Ok(buf.len()))
+                }
+                Client::Gone => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Client::Stuck => Poll::Pending,
+            }
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn write_request(block: u64) -> Vec<u8> {
+        let mut r = Vec::with_capacity(proto::REQUEST_HEADER_LEN + BLOCK as usize);
+        r.extend_from_slice(&proto::NBD_REQUEST_MAGIC.to_be_bytes());
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&proto::NBD_CMD_WRITE.to_be_bytes());
+        r.extend_from_slice(&block.to_be_bytes()); // cookie
+        r.extend_from_slice(&(block * BLOCK).to_be_bytes());
+        r.extend_from_slice(&(BLOCK as u32).to_be_bytes());
+        r.resize(proto::REQUEST_HEADER_LEN + BLOCK as usize, 0xab);
+        r
+    }
+
+    /// A connection whose client sent `REQUESTS` writes, all waiting in the export.
+    struct Setup {
+        export: Arc<GatedExport>,
+        gate: watch::Sender<u64>,
+        writes: Arc<Mutex<Vec<usize>>>,
+        conn: tokio::task::JoinHandle<Result<(), ConnError>>,
+        _client: tokio::io::DuplexStream,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn requests_in_flight(client: Client) -> Setup {
+        let (gate, gated) = watch::channel(0);
+        let export = Arc::new(GatedExport {
+            gate: gated,
+            started: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+        });
+        let (mut ours, theirs) = tokio::io::duplex(1 << 20);
+        for block in 0..REQUESTS as u64 {
+            ours.write_all(&write_request(block)).await.unwrap();
+        }
+        let (stop, shutdown) = watch::channel(false);
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let socket = Socket {
+            client,
+            writes: Arc::clone(&writes),
+        };
+        let handle: Arc<dyn ExportHandle> = export.clone();
+        let conn = tokio::spawn(transmission(theirs, socket, handle, shutdown));
+        let setup = Setup {
+            export,
+            gate,
+            writes,
+            conn,
+            _client: ours,
+            _stop: stop,
+        };
+        setup.until(|s| s.started() == REQUESTS).await;
+        setup
+    }
+
+    impl Setup {
+        fn started(&self) -> usize {
+            self.export.started.load(Ordering::SeqCst)
+        }
+        fn finished(&self) -> usize {
+            self.export.finished.load(Ordering::SeqCst)
+        }
+        /// Let the first `n` requests finish, from a task on the runtime's worker as the
+        /// volume's task does (the test's own thread is not a worker: the connection would
+        /// run while the gate opens).
+        async fn open(&self, n: u64) {
+            let gate = self.gate.clone();
+            tokio::spawn(async move { gate.send_replace(n) })
+                .await
+                .unwrap();
+        }
+        /// Wait (at most 10 s) until `done` holds.
+        async fn until(&self, done: impl Fn(&Self) -> bool) {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !done(self) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("timed out");
+        }
+    }
+
+    // The runtime tandemd runs on (a single worker keeps the schedule deterministic): a
+    // task woken there runs next (its LIFO slot), so a reply writer fed by each request
+    // would send the first reply before the other requests had run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn replies_of_requests_that_finish_together_leave_in_one_write() {
+        let setup = requests_in_flight(Client::Reads).await;
+        assert!(setup.writes.lock().unwrap().is_empty());
+        setup.open(REQUESTS as u64).await;
+        setup.until(|s| !s.writes.lock().unwrap().is_empty()).await;
+        assert_eq!(
+            *setup.writes.lock().unwrap(),
+            vec![REQUESTS * proto::SIMPLE_REPLY_HEADER_LEN],
+            "the {REQUESTS} replies should leave in one write"
+        );
+        // The client goes: the connection ends.
+        let Setup { conn, _client, .. } = setup;
+        drop(_client);
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the connection did not end when its client went")
+            .unwrap()
+            .expect_err("the client left without NBD_CMD_DISC");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_client_that_stops_reading_does_not_hold_up_the_requests_that_finish() {
+        let setup = requests_in_flight(Client::Stuck).await;
+        setup.open(1).await;
+        setup.until(|s| s.finished() == 1).await;
+        // The first reply waits in the socket for good; the others still finish, so
+        // nothing they hold in the volume stays held.
+        setup.open(REQUESTS as u64).await;
+        setup.until(|s| s.finished() == REQUESTS).await;
+        assert!(!setup.conn.is_finished(), "a stuck client is not a failure");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn requests_read_before_the_socket_failed_still_run_to_their_end() {
+        let setup = requests_in_flight(Client::Gone).await;
+        setup.open(1).await;
+        setup.until(|s| s.finished() == 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !setup.conn.is_finished(),
+            "the connection ended with {} requests still running",
+            REQUESTS - 1
+        );
+        setup.open(REQUESTS as u64).await;
+        setup.until(|s| s.conn.is_finished()).await;
+        assert_eq!(setup.finished(), REQUESTS);
+        let Setup { conn, .. } = setup;
+        assert!(
+            conn.await.unwrap().is_err(),
+            "the failed socket is the error"
+        );
+    }
 }
