@@ -55,7 +55,7 @@ use vmm_sys_util::event::{
 
 use super::config_space::ConfigSpace;
 use super::queue;
-use super::request::{self, Chain, Op, Request, Segment, Status, HEADER_LEN};
+use super::request::{self, Chain, ChainError, Op, Request, Segment, Status, HEADER_LEN};
 use super::stats::{self, Connected, Counters};
 use crate::frontend::{ExportHandle, ExportIoError, Exports, OpenError};
 
@@ -445,13 +445,21 @@ impl BlkBackend {
     }
 
     /// Run the request of one descriptor chain and write its status; returns its used
-    /// entry. A malformed chain gets IOERR in its last writable descriptor.
+    /// entry. A malformed chain gets IOERR in its last descriptor when that is writable.
     async fn answer(&self, chain: queue::Taken) -> queue::Answered {
         let head = chain.head_index();
         let mem: &Mem = chain.memory();
         let descriptor =
             |d: virtio_queue::desc::split::Descriptor| (d.addr().0, d.len(), d.is_write_only());
-        let used = match Chain::split(chain.clone().map(descriptor)) {
+        // The queue stops following a chain that loops, runs past the queue's size, leads
+        // out of the descriptor table or to an unreadable descriptor, without saying so:
+        // its last descriptor still says NEXT. What was read is not the request the guest
+        // built, so it is refused whole.
+        let split = match chain.clone().last() {
+            Some(last) if last.has_next() => Err(ChainError::Unterminated),
+            _ => Chain::split(chain.clone().map(descriptor)),
+        };
+        let used = match split {
             Ok(parsed) => self.execute(mem, &parsed).await,
             Err(e) => {
                 tracing::warn!(volume = %self.name, error = %e, "malformed virtio-blk descriptor chain");
@@ -739,6 +747,7 @@ impl VhostUserBackend for BlkBackend {
 #[cfg(test)]
 mod tests {
     use vhost_user_backend::VringT;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -806,12 +815,25 @@ mod tests {
         /// A ready vring over a queue holding `chains` (each `(addr, len, device-writable)`
         /// descriptors, chained in order).
         fn queue_with(&self, chains: &[&[(u64, u32, bool)]]) -> (MockSplitQueue<'_, Mem>, Vring) {
+            let mut first = 0u16;
+            let chains: Vec<Vec<RawDescriptor>> = chains
+                .iter()
+                .map(|descriptors| {
+                    let raw = chain(descriptors, first);
+                    first += descriptors.len() as u16;
+                    raw
+                })
+                .collect();
+            self.queue_of(&chains)
+        }
+
+        /// A ready vring over a queue holding `chains` of raw descriptors, one after the
+        /// other in the descriptor table (their `next` fields as given).
+        fn queue_of(&self, chains: &[Vec<RawDescriptor>]) -> (MockSplitQueue<'_, Mem>, Vring) {
             let queue = MockSplitQueue::new(&self.mem, 64);
             let mut first = 0u16;
             for descriptors in chains {
-                queue
-                    .add_desc_chains(&chain(descriptors, first), first)
-                    .expect("chain");
+                queue.add_desc_chains(descriptors, first).expect("chain");
                 first += descriptors.len() as u16;
             }
             let vring = Vring::new(self.backend.guest_memory(), 64).expect("vring");
@@ -844,10 +866,15 @@ mod tests {
 
         /// Put `descriptors` in the queue, let the device answer; the used length.
         fn answer(&self, descriptors: &[(u64, u32, bool)]) -> u32 {
+            self.answer_raw(chain(descriptors, 0))
+        }
+
+        /// [`Device::answer`] for raw descriptors, from slot 0.
+        fn answer_raw(&self, descriptors: Vec<RawDescriptor>) -> u32 {
             self.mem
                 .write_slice(&[NOT_WRITTEN], GuestAddress(STATUS))
                 .expect("status byte");
-            let (queue, vring) = self.queue_with(&[descriptors]);
+            let (queue, vring) = self.queue_of(&[descriptors]);
             self.backend.process_queue(&vring);
             let (idx, used) = self.used(queue.used_addr().0);
             assert_eq!(idx, 1, "the request was not completed");
@@ -905,6 +932,52 @@ mod tests {
             requests("backend-test-malformed"),
             vec![("other", "ioerr", 2)]
         );
+    }
+
+    #[test]
+    fn a_chain_that_does_not_end_is_refused_whole_and_its_write_never_runs() {
+        let d = device("backend-test-unterminated");
+        let mut header = [0u8; 16];
+        header[0] = VIRTIO_BLK_T_OUT as u8;
+        d.mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .expect("header");
+        d.mem
+            .write_slice(&[0xa5; 512], GuestAddress(DATA))
+            .expect("data");
+        let write = [(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)];
+        // The status descriptor chained to itself (a loop, which the queue follows for
+        // its size in descriptors), then to a slot beyond the 64-descriptor table.
+        for next in [2u16, 200] {
+            let mut descriptors = chain(&write, 0);
+            let status = SplitDescriptor::new(
+                STATUS,
+                1,
+                (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+                next,
+            );
+            descriptors[2] = RawDescriptor::from(status);
+            assert_eq!(d.answer_raw(descriptors), 1, "next {next}");
+            assert_eq!(d.status(), Status::IoErr.byte(), "next {next}");
+        }
+        assert_eq!(
+            requests("backend-test-unterminated"),
+            vec![("other", "ioerr", 2)],
+            "a write ran"
+        );
+        // The volume still holds its own bytes at sector 0.
+        let read = [(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)];
+        header[0] = VIRTIO_BLK_T_IN as u8;
+        d.mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .expect("header");
+        assert_eq!(d.answer(&read), 513);
+        let mut data = [0u8; 512];
+        d.mem
+            .read_slice(&mut data, GuestAddress(DATA))
+            .expect("data");
+        let want: Vec<u8> = (0..512u64).map(|i| (i % 251) as u8).collect();
+        assert_eq!(data.to_vec(), want, "the volume was written");
     }
 
     impl Device {

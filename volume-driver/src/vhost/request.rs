@@ -47,6 +47,8 @@ pub enum ChainError {
     TooLong { max: u64 },
     #[error("the chain has no device-writable byte for the status")]
     NoStatus,
+    #[error("the chain does not end (it loops, is longer than the queue, or leads out of the descriptor table or guest memory)")]
+    Unterminated,
 }
 
 /// A descriptor chain as two byte streams.
