@@ -93,15 +93,22 @@ enum Turn {
 /// How long an open waits for the previous frontend's handle to be released.
 const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a new frontend waits for the served one to be seen gone before it is refused:
+/// a frontend that closed its connection just before (a QEMU killed and started again)
+/// is noticed by its connection's thread a moment later.
+const GONE_WAIT: Duration = Duration::from_millis(500);
+
 /// How often a config-change notice is repeated until the frontend reads the config.
 pub const NOTICE_REPEAT: Duration = Duration::from_secs(2);
 
 /// A socket's one frontend at a time: taken by the connection whose backend opens the
 /// volume, until that connection's handle is released. A frontend that comes while the
-/// previous one, already gone, is being released waits for it instead of being refused.
+/// previous one, already gone, is being released waits for it instead of being refused,
+/// and so does one that comes just as the previous one goes (within [`GONE_WAIT`]).
 #[derive(Debug, Default)]
 pub struct FrontendSlot {
     turn: Mutex<Turn>,
+    /// Notified at each change of `turn`.
     freed: Condvar,
 }
 
@@ -110,16 +117,29 @@ impl FrontendSlot {
         self.turn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn is_served(&self) -> bool {
-        *self.turn() == Turn::Served
+    /// `turn` once it left `state`, or after `timeout`.
+    fn wait_while<'a>(
+        &self,
+        turn: MutexGuard<'a, Turn>,
+        state: Turn,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Turn> {
+        self.freed
+            .wait_timeout_while(turn, timeout, |t| *t == state)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 
-    /// Take the slot, waiting for a release in progress.
+    /// Whether a frontend is served, once one going away just now was seen gone.
+    fn is_served(&self) -> bool {
+        *self.wait_while(self.turn(), Turn::Served, GONE_WAIT) == Turn::Served
+    }
+
+    /// Take the slot, once a frontend going away just now was seen gone and its release
+    /// is done.
     fn claim(&self) -> bool {
-        let (mut turn, _) = self
-            .freed
-            .wait_timeout_while(self.turn(), RELEASE_WAIT, |t| *t == Turn::Ending)
-            .unwrap_or_else(|e| e.into_inner());
+        let turn = self.wait_while(self.turn(), Turn::Served, GONE_WAIT);
+        let mut turn = self.wait_while(turn, Turn::Ending, RELEASE_WAIT);
         let free = *turn == Turn::Free;
         if free {
             *turn = Turn::Served;
@@ -132,6 +152,7 @@ impl FrontendSlot {
         let mut turn = self.turn();
         if *turn == Turn::Served {
             *turn = Turn::Ending;
+            self.freed.notify_all();
         }
     }
 
@@ -932,6 +953,37 @@ mod tests {
             requests("backend-test-malformed"),
             vec![("other", "ioerr", 2)]
         );
+    }
+
+    #[test]
+    fn a_frontend_coming_just_as_the_served_one_goes_away_is_served_and_a_live_one_refuses_it() {
+        let slot = Arc::new(FrontendSlot::default());
+        assert!(slot.claim());
+        // The served frontend is alive: the next one is refused (after the short wait).
+        let asked = std::time::Instant::now();
+        assert!(slot.is_served());
+        assert!(!slot.claim(), "two frontends served at once");
+        assert!(asked.elapsed() < 2 * GONE_WAIT + Duration::from_secs(1));
+        // It closed its connection just before the next one came; its connection's
+        // thread notices a moment later, then releases the volume.
+        let going = {
+            let slot = Arc::clone(&slot);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                slot.ending();
+                std::thread::sleep(Duration::from_millis(50));
+                slot.free();
+            })
+        };
+        assert!(
+            !slot.is_served(),
+            "refused as if the gone frontend were served"
+        );
+        assert!(
+            slot.claim(),
+            "refused while the previous frontend was going away"
+        );
+        going.join().expect("the going frontend");
     }
 
     #[test]
