@@ -55,7 +55,7 @@ use vmm_sys_util::event::{
 
 use super::config_space::ConfigSpace;
 use super::queue;
-use super::request::{self, Chain, ChainError, Op, Request, Segment, Status, HEADER_LEN};
+use super::request::{self, Chain, Op, Request, Segment, Status, HEADER_LEN};
 use super::stats::{self, Connected, Counters};
 use crate::frontend::{ExportHandle, ExportIoError, Exports, OpenError};
 
@@ -467,29 +467,30 @@ impl BlkBackend {
 
     /// Run the request of one descriptor chain and write its status; returns its used
     /// entry. A malformed chain gets IOERR in its last descriptor when that is writable.
+    /// Everything here comes from the one walk of the chain made when it was taken
+    /// ([`queue::Taken`]).
     async fn answer(&self, chain: queue::Taken) -> queue::Answered {
-        let head = chain.head_index();
         let mem: &Mem = chain.memory();
-        let descriptor =
-            |d: virtio_queue::desc::split::Descriptor| (d.addr().0, d.len(), d.is_write_only());
-        // The queue stops following a chain that loops, runs past the queue's size, leads
-        // out of the descriptor table or to an unreadable descriptor, without saying so:
-        // its last descriptor still says NEXT. What was read is not the request the guest
-        // built, so it is refused whole.
-        let split = match chain.clone().last() {
-            Some(last) if last.has_next() => Err(ChainError::Unterminated),
-            _ => Chain::split(chain.clone().map(descriptor)),
-        };
+        let descriptors: Vec<(u64, u32, bool)> = chain
+            .descriptors()
+            .iter()
+            .map(|d| (d.addr().0, d.len(), d.is_write_only()))
+            .collect();
+        // A chain the queue stopped following is not the request the guest built: it is
+        // refused whole.
+        let last_has_next = chain.descriptors().last().is_some_and(|d| d.has_next());
+        let split = request::check_ends(descriptors.len(), last_has_next, chain.queue_size())
+            .and_then(|()| Chain::split(descriptors.iter().copied()));
         let used = match split {
             Ok(parsed) => self.execute(mem, &parsed).await,
             Err(e) => {
                 tracing::warn!(volume = %self.name, error = %e, "malformed virtio-blk descriptor chain");
                 self.counters.request(Op::Other, Status::IoErr);
-                let last = chain.clone().last().map(descriptor);
+                let last = descriptors.last().copied();
                 self.write_status(mem, request::fallback_status_addr(last), Status::IoErr)
             }
         };
-        (head, used)
+        (chain.head_index(), used)
     }
 
     /// Run one request and write its status; returns the bytes written to the guest.
@@ -769,7 +770,9 @@ impl VhostUserBackend for BlkBackend {
 mod tests {
     use vhost_user_backend::VringT;
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
 
@@ -780,6 +783,8 @@ mod tests {
     const DATA: u64 = 0x20_0000;
     const MORE: u64 = 0x30_0000;
     const STATUS: u64 = 0x40_0000;
+    /// An indirect descriptor table.
+    const TABLE: u64 = 0x50_0000;
     const NOT_WRITTEN: u8 = 0xee;
 
     /// A device on `volume` with one queue in 16 MiB of test guest memory.
@@ -1030,6 +1035,111 @@ mod tests {
             .expect("data");
         let want: Vec<u8> = (0..512u64).map(|i| (i % 251) as u8).collect();
         assert_eq!(data.to_vec(), want, "the volume was written");
+    }
+
+    /// An indirect descriptor: a table of `len` bytes at [`TABLE`].
+    fn indirect(len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(
+            TABLE,
+            len,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        ))
+    }
+
+    impl Device {
+        /// Write `descriptors` as the indirect table at [`TABLE`].
+        fn table(&self, descriptors: &[RawDescriptor]) {
+            for (i, d) in descriptors.iter().enumerate() {
+                self.mem
+                    .write_obj(*d, GuestAddress(TABLE + 16 * i as u64))
+                    .expect("indirect table");
+            }
+        }
+
+        /// The volume's first sector, read through the queue.
+        fn sector_0(&self) -> Vec<u8> {
+            self.mem
+                .write_slice(&[0u8; 16], GuestAddress(HEADER))
+                .expect("header");
+            let read = [(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)];
+            assert_eq!(self.answer(&read), 513);
+            let mut data = vec![0u8; 512];
+            self.mem
+                .read_slice(&mut data, GuestAddress(DATA))
+                .expect("data");
+            data
+        }
+    }
+
+    #[test]
+    fn a_read_through_an_indirect_table_is_answered() {
+        let d = device("backend-test-indirect");
+        let mut header = [0u8; 16];
+        header[8..].copy_from_slice(&1u64.to_le_bytes()); // sector 1, VIRTIO_BLK_T_IN
+        d.mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .expect("header");
+        d.table(&chain(
+            &[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+            0,
+        ));
+        assert_eq!(d.answer_raw(vec![indirect(48)]), 513);
+        assert_eq!(d.status(), Status::Ok.byte());
+        let mut data = [0u8; 512];
+        d.mem
+            .read_slice(&mut data, GuestAddress(DATA))
+            .expect("data");
+        let want: Vec<u8> = (512..1024u64).map(|i| (i % 251) as u8).collect();
+        assert_eq!(data.to_vec(), want);
+    }
+
+    #[test]
+    fn chains_the_queue_stops_following_through_indirect_tables_are_refused_and_nothing_is_written()
+    {
+        let d = device("backend-test-indirect-bad");
+        let mut header = [0u8; 16];
+        header[0] = VIRTIO_BLK_T_OUT as u8;
+        d.mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .expect("header");
+        d.mem
+            .write_slice(&[0xa5; 512], GuestAddress(DATA))
+            .expect("data");
+        let header_then = |next: u16| {
+            RawDescriptor::from(SplitDescriptor::new(
+                HEADER,
+                16,
+                VRING_DESC_F_NEXT as u16,
+                next,
+            ))
+        };
+        // An indirect table inside an indirect table, after the header.
+        d.table(&[header_then(1), indirect(48)]);
+        assert_eq!(d.answer_raw(vec![indirect(32)]), 0, "nested table");
+        assert_eq!(d.status(), NOT_WRITTEN, "nested table");
+        // The header, then an indirect table whose length is no multiple of 16.
+        assert_eq!(d.answer_raw(vec![header_then(1), indirect(24)]), 0);
+        assert_eq!(d.status(), NOT_WRITTEN, "table of 24 bytes");
+        // Nothing can be read at all: a table of 56 bytes at the head.
+        assert_eq!(d.answer_raw(vec![indirect(56)]), 0);
+        assert_eq!(d.status(), NOT_WRITTEN, "table of 56 bytes");
+        // A write through a table longer than the 64-descriptor queue (its empty
+        // descriptors would be skipped): refused whole, the 65th descriptor (read-only)
+        // gets no status.
+        let mut long = vec![(HEADER, 16, false), (DATA, 512, false)];
+        long.extend([(DATA, 0, false); 98]);
+        long.push((STATUS, 1, true));
+        d.table(&chain(&long, 0));
+        assert_eq!(d.answer_raw(vec![indirect(16 * 101)]), 0, "long table");
+        assert_eq!(d.status(), NOT_WRITTEN, "long table");
+        assert_eq!(
+            requests("backend-test-indirect-bad"),
+            vec![("other", "ioerr", 4)],
+            "a write ran"
+        );
+        let want: Vec<u8> = (0..512u64).map(|i| (i % 251) as u8).collect();
+        assert_eq!(d.sector_0(), want, "the volume was written");
     }
 
     impl Device {

@@ -49,7 +49,9 @@
 //!   ends the connection); every descriptor address, length, sector and range is checked in
 //!   [`request`] and by guest-memory accessors (a bad one fails that request); a chain
 //!   that does not end (a loop, longer than the queue, a next index out of the table) is
-//!   refused whole, since the queue stops following it without saying so. What a
+//!   refused whole, since the queue stops following it without saying so. A chain is
+//!   read once, at most one descriptor more than the queue holds, and checked, run and
+//!   budgeted from that one read ([`queue::Taken`]). What a
 //!   guest can make a connection hold is bounded: the queue size in requests per queue and
 //!   NBD's 256 MiB of request bytes per connection; an unreadable available ring ends the
 //!   queue's pass instead of spinning ([`queue`]).
