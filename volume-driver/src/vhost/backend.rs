@@ -96,7 +96,7 @@ const RELEASE_WAIT: Duration = Duration::from_secs(30);
 /// How long a new frontend waits for the served one to be seen gone before it is refused:
 /// a frontend that closed its connection just before (a QEMU killed and started again)
 /// is noticed by its connection's thread a moment later.
-const GONE_WAIT: Duration = Duration::from_millis(500);
+pub(crate) const GONE_WAIT: Duration = Duration::from_millis(500);
 
 /// How often a config-change notice is repeated until the frontend reads the config.
 pub const NOTICE_REPEAT: Duration = Duration::from_secs(2);
@@ -323,10 +323,12 @@ impl BlkBackend {
     }
 
     /// Whether another connection's frontend is being served on this socket (waits for an
-    /// open of this connection in progress).
+    /// open of this connection in progress). Once this connection's frontend asked for the
+    /// device, its open decided (a refusal already waited for a going frontend and was
+    /// logged): `false`, and [`BlkBackend::wait_first_use`] says how it went, at once.
     pub fn another_frontend_is_served(&self) -> bool {
         let volume = self.lock();
-        !matches!(*volume, Volume::Open { .. }) && self.slot.is_served()
+        matches!(*volume, Volume::NotOpened) && self.slot.is_served()
     }
 
     /// The connection is about to be hung up: from here on no request is taken and no
@@ -989,6 +991,34 @@ mod tests {
             "refused while the previous frontend was going away"
         );
         going.join().expect("the going frontend");
+    }
+
+    #[test]
+    fn a_second_frontend_refused_at_its_open_is_hung_up_without_waiting_again() {
+        let d = device("backend-test-second");
+        let second = BlkBackend::new(
+            "backend-test-second",
+            d.exports.clone(),
+            d._runtime.handle().clone(),
+            1,
+            GuestMemoryAtomic::new(d.mem.clone()),
+            Arc::clone(&d.backend.slot),
+        );
+        // Its GET_FEATURES came first: the open waited GONE_WAIT for the first frontend
+        // to go away, then was refused.
+        let _ = second.features();
+        assert!(matches!(
+            second.wait_first_use(Duration::ZERO),
+            FirstUse::Refused(_)
+        ));
+        // The connection's check does not wait for it once more.
+        let checked = std::time::Instant::now();
+        assert!(!second.another_frontend_is_served());
+        assert!(
+            checked.elapsed() < GONE_WAIT / 2,
+            "waited {:?} again",
+            checked.elapsed()
+        );
     }
 
     #[test]
