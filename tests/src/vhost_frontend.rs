@@ -58,6 +58,9 @@ const IO_DATA: u64 = 0x8_0000;
 pub const MAX_IO: usize = 0x4_0000;
 /// How long a request may take to be answered.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the daemon may take to answer a vhost-user message: above the 30 s a new
+/// frontend's open waits for the previous frontend's release.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(35);
 
 /// Why the handshake failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,8 @@ pub enum HandshakeError {
     EventFd(#[source] std::io::Error),
     #[error("mapping the guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    #[error("setting the socket's receive timeout")]
+    Socket(#[source] std::io::Error),
     #[error("vhost-user {step}")]
     Vhost {
         step: &'static str,
@@ -208,6 +213,9 @@ impl VhostFrontend {
         };
 
         let mut frontend = Frontend::connect(socket, 1).map_err(vhost("connect"))?;
+        // The vhost crate waits for each reply forever: a silent daemon fails the
+        // handshake (and any later request with a reply) instead of hanging the test.
+        set_receive_timeout(frontend.as_raw_fd(), REPLY_TIMEOUT).map_err(HandshakeError::Socket)?;
         frontend.set_owner().map_err(vhost("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(vhost("GET_FEATURES"))?;
         let wanted = (1 << VIRTIO_F_VERSION_1)
@@ -407,6 +415,30 @@ impl VhostFrontend {
             len: len as u32 + 1,
         });
         (status == VIRTIO_BLK_S_OK as u8 && used == whole).then(|| self.peek(IO_DATA, len))
+    }
+}
+
+/// Make reads on socket `fd` fail after `timeout` instead of blocking forever.
+fn set_receive_timeout(fd: std::os::fd::RawFd, timeout: Duration) -> std::io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: `tv` is a valid timeval for the call's duration; `fd` is a socket this
+    // frontend owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
