@@ -862,6 +862,23 @@ fn queue_worker_cpu_secs(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) 
     ticks as f64 / per_sec as f64
 }
 
+/// Wait until no frontend has `volume` open (the previous connection was released), so
+/// that the next handshake does not race the previous frontend's going away.
+fn wait_until_released(node: &TandemNode, volume: &str) {
+    let released = wait_until(Duration::from_secs(10), || {
+        let status = node
+            .tandem(&["volume", "status", volume, "--json"])
+            .ok()
+            .json();
+        status["open_writers"].as_u64() == Some(0)
+    });
+    assert!(
+        released,
+        "a frontend still holds {volume} open:\n{}",
+        node.log()
+    );
+}
+
 /// Issue 17's hostile frontend on the virtqueues: a valid vhost-user handshake on the
 /// `victim` socket (the `vhost` crate's frontend, guest memory in a memfd, see
 /// `tandem_tests::vhost_frontend`), then hostile descriptors, ring indexes and headers,
@@ -872,6 +889,9 @@ fn queue_worker_cpu_secs(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) 
 fn ring_attacks(node: &TandemNode, victim: &Path, bystander: &Path) {
     let started = Instant::now();
     let mut bystander = VhostFrontend::connect(bystander).expect("bystander handshake");
+    // The malicious messages' connections are gone: no race with the 500 ms grace a new
+    // frontend gets while the previous one goes away.
+    wait_until_released(node, "victim");
     let mut evil = VhostFrontend::connect(victim).expect("victim handshake");
     let image = image_crc(node, "victim");
     let sane = evil.read(0, 4096);
@@ -991,7 +1011,8 @@ fn ring_attacks(node: &TandemNode, victim: &Path, bystander: &Path) {
 
     // A frontend that closes its connection right after kicking five requests (reads and
     // flushes: nothing legitimate writes either), then the next frontend, which connects
-    // at once, is served.
+    // at once, is served: the one step that races a frontend's going away on purpose.
+    wait_until_released(node, "victim");
     let mut leaving = VhostFrontend::connect(victim).expect("handshake after a hang-up");
     for i in 0..5u16 {
         let (first, at) = (3 * i, u64::from(i));
@@ -1021,7 +1042,8 @@ fn ring_attacks(node: &TandemNode, victim: &Path, bystander: &Path) {
     assert_eq!(
         next.read(0, 4096),
         Some(vec![0; 4096]),
-        "the next frontend was not served"
+        "the next frontend was not served\n{}",
+        node.log()
     );
     drop(next);
     daemon_and_bystander_serve(
