@@ -1136,21 +1136,34 @@ mod tests {
         d.mem
             .write_slice(&[0xa5; 512], GuestAddress(DATA))
             .expect("data");
-        let header_then = |next: u16| {
-            RawDescriptor::from(SplitDescriptor::new(
-                HEADER,
-                16,
-                VRING_DESC_F_NEXT as u16,
-                next,
-            ))
+        // A whole write whose status descriptor still says NEXT, to `table` after it:
+        // without the end check, a valid write. It gets IOERR at its status byte.
+        let write_then = |table: RawDescriptor| {
+            let mut descriptors = chain(
+                &[(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+                0,
+            );
+            descriptors[2] = RawDescriptor::from(SplitDescriptor::new(
+                STATUS,
+                1,
+                (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+                3,
+            ));
+            descriptors.push(table);
+            descriptors
         };
-        // An indirect table inside an indirect table, after the header.
-        d.table(&[header_then(1), indirect(48)]);
-        assert_eq!(d.answer_raw(vec![indirect(32)]), 0, "nested table");
-        assert_eq!(d.status(), NOT_WRITTEN, "nested table");
-        // The header, then an indirect table whose length is no multiple of 16.
-        assert_eq!(d.answer_raw(vec![header_then(1), indirect(24)]), 0);
-        assert_eq!(d.status(), NOT_WRITTEN, "table of 24 bytes");
+        // An indirect table inside an indirect table.
+        d.table(&write_then(indirect(64)));
+        assert_eq!(d.answer_raw(vec![indirect(64)]), 1, "nested table");
+        assert_eq!(d.status(), Status::IoErr.byte(), "nested table");
+        // The same write in the ring, then an indirect table whose length is no multiple
+        // of 16.
+        assert_eq!(
+            d.answer_raw(write_then(indirect(24))),
+            1,
+            "table of 24 bytes"
+        );
+        assert_eq!(d.status(), Status::IoErr.byte(), "table of 24 bytes");
         // Nothing can be read at all: a table of 56 bytes at the head.
         assert_eq!(d.answer_raw(vec![indirect(56)]), 0);
         assert_eq!(d.status(), NOT_WRITTEN, "table of 56 bytes");
@@ -1163,9 +1176,18 @@ mod tests {
         d.table(&chain(&long, 0));
         assert_eq!(d.answer_raw(vec![indirect(16 * 101)]), 0, "long table");
         assert_eq!(d.status(), NOT_WRITTEN, "long table");
+        // A write through a table of 65 descriptors that ends there (62 empty ones between
+        // the data and the status): read whole, but more than the queue holds, so refused
+        // (without that check, a valid write).
+        let mut long = vec![(HEADER, 16, false), (DATA, 512, false)];
+        long.extend([(DATA, 0, false); 62]);
+        long.push((STATUS, 1, true));
+        d.table(&chain(&long, 0));
+        assert_eq!(d.answer_raw(vec![indirect(16 * 65)]), 1, "table of 65");
+        assert_eq!(d.status(), Status::IoErr.byte(), "table of 65");
         assert_eq!(
             requests("backend-test-indirect-bad"),
-            vec![("other", "ioerr", 4)],
+            vec![("other", "ioerr", 5)],
             "a write ran"
         );
         let want: Vec<u8> = (0..512u64).map(|i| (i % 251) as u8).collect();

@@ -34,11 +34,12 @@
 //!   QEMU fails to start, as it does when an NBD open is refused. QEMU retries the
 //!   connection three times during realize; each try opens anew.
 //! * **One frontend at a time.** The socket keeps accepting while a frontend is served;
-//!   any further connection is closed within half a second with a log line, so a second
-//!   QEMU fails fast. A frontend that comes while the previous one, already gone, is still
-//!   being released (a demotion takes a moment) waits for the release instead; so does one
-//!   that comes just as the previous one closes its connection (a QEMU killed and started
-//!   again), which its connection's thread notices a moment later.
+//!   any further connection is closed after about half a second (`GONE_WAIT`) with a log
+//!   line, so a second QEMU fails fast. A frontend that comes while the previous one,
+//!   already gone, is still being released (a demotion takes a moment) waits for the
+//!   release instead; so does one that comes just as the previous one closes its
+//!   connection (a QEMU killed and started again), which its connection's thread notices
+//!   a moment later.
 //!   A connection that does not ask for the features within [`IDLE_TIMEOUT`] is closed, so
 //!   a silent client cannot keep QEMU out.
 //! * **Ending.** The connection ending for any reason (QEMU quit or died, a protocol error)
