@@ -15,6 +15,7 @@ pub mod netns;
 pub mod prometheus;
 pub mod reflink_mount;
 pub mod replica_data;
+pub mod vhost_frontend;
 pub mod vm;
 pub mod volume_status;
 

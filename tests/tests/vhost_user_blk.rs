@@ -16,9 +16,15 @@
 //!   writes and reads at the new end.
 //! * A malicious frontend (garbage, truncated and oversized vhost-user messages) neither
 //!   stops the daemon nor the other volumes' sockets, and a real QEMU is served afterwards.
+//!   Before that QEMU, a hostile frontend completes a valid handshake and attacks the
+//!   virtqueue itself (`ring_attacks`: descriptors out of guest memory, loops, indirect
+//!   tables, bogus indexes and headers, a missing status, leaving with requests in flight);
+//!   each request is answered as documented or the connection is hung up, and nothing is
+//!   written to the volume.
 //!
 //! Needs root and `qemu-system-x86_64`; `TANDEM_SKIP_VM_TESTS=1` skips explicitly.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -26,8 +32,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use tandem_tests::loopback_cluster::LoopbackCluster;
+use tandem_tests::vhost_frontend::{self, linked, request_header, Descriptor, Used, VhostFrontend};
 use tandem_tests::vm::{self, Disk, ImageBuilder, Vm};
 use tandem_tests::{volume_status, wait_until, TandemNode};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 
 const VOLUME: &str = "vhost-disk";
 
@@ -474,6 +485,8 @@ fn a_malicious_frontend_neither_stops_the_daemon_nor_other_volumes_nor_the_next_
         );
     }
 
+    ring_attacks(&node, &victim, &bystander);
+
     // A real QEMU on the attacked socket: writes a pattern and reads it back.
     let work = tempfile::Builder::new()
         .prefix("tandem-vhost-evil-")
@@ -505,6 +518,547 @@ fn a_malicious_frontend_neither_stops_the_daemon_nor_other_volumes_nor_the_next_
         Some(sha256_hex(on_disk)),
         "the volume does not hold what the guest wrote"
     );
+}
+
+/// Guest addresses of the ring attacks, in the frontend's first memory region (see
+/// `tandem_tests::vhost_frontend`); slots 0.. of the descriptor table hold each attack.
+const HEADER: u64 = 0x4000;
+/// A DISCARD / WRITE_ZEROES range.
+const RANGE: u64 = 0x4100;
+const STATUS: u64 = 0x5000;
+/// An indirect descriptor table.
+const TABLE: u64 = 0x6000;
+const DATA: u64 = 0x1_0000;
+const DATA_LEN: u32 = 4096;
+/// No guest memory there.
+const OUTSIDE: u64 = 0x4000_0000;
+/// What the status byte holds until the device writes it.
+const UNTOUCHED: u8 = 0xee;
+/// The victim volume (64 MiB) in sectors.
+const VICTIM_SECTORS: u64 = (64 << 20) / 512;
+
+/// What the device answers to a hostile request, as `volume-driver/src/vhost/request.rs`
+/// and `backend.rs` document it: a request that cannot be run gets an error status in its
+/// status byte (a malformed chain: the last byte of its last descriptor, when that one is
+/// device-writable); with no such place (or one outside guest memory) its used element
+/// says 0 bytes and nothing is written anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// This status byte at this guest address; the used length is 1 (no data).
+    Status { at: u64, status: u32 },
+    /// A used element of length 0, and the status byte at [`STATUS`] untouched.
+    Nothing,
+}
+
+fn ioerr() -> Answer {
+    Answer::Status {
+        at: STATUS,
+        status: VIRTIO_BLK_S_IOERR,
+    }
+}
+
+fn unsupp() -> Answer {
+    Answer::Status {
+        at: STATUS,
+        status: VIRTIO_BLK_S_UNSUPP,
+    }
+}
+
+/// One hostile request: its header (at [`HEADER`]), its chain (from slot 0, as given:
+/// links included), and the documented answer.
+struct Attack {
+    what: &'static str,
+    header: [u8; 16],
+    chain: Vec<Descriptor>,
+    answer: Answer,
+    /// Whether the victim's image is compared right after this attack (a well-formed
+    /// write up to where the chain goes wrong); the others are checked once at the end.
+    checks_image: bool,
+}
+
+fn attack(
+    what: &'static str,
+    kind: u32,
+    sector: u64,
+    chain: &[Descriptor],
+    answer: Answer,
+) -> Attack {
+    Attack {
+        what,
+        header: request_header(kind, sector),
+        chain: linked(0, chain),
+        answer,
+        checks_image: false,
+    }
+}
+
+/// The attacks answered on one connection, one after the other.
+fn hostile_requests() -> Vec<Attack> {
+    let header = Descriptor::readable(HEADER, 16);
+    let status = Descriptor::writable(STATUS, 1);
+    let data_in = Descriptor::writable(DATA, DATA_LEN);
+    let data_out = Descriptor::readable(DATA, DATA_LEN);
+    let range = Descriptor::readable(RANGE, 16);
+    let region_end = vhost_frontend::REGION_SIZE - u64::from(DATA_LEN) / 2;
+    let mut attacks = vec![
+        // Buffers outside the memory table, or straddling a region's end (the next region
+        // starts far beyond it).
+        attack(
+            "a header outside guest memory",
+            VIRTIO_BLK_T_IN,
+            0,
+            &[Descriptor::readable(OUTSIDE, 16), data_in, status],
+            ioerr(),
+        ),
+        attack(
+            "a header at the top of the address space",
+            VIRTIO_BLK_T_IN,
+            0,
+            &[Descriptor::readable(u64::MAX - 7, 16), data_in, status],
+            ioerr(),
+        ),
+        attack(
+            "write data outside guest memory",
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[header, Descriptor::readable(OUTSIDE, DATA_LEN), status],
+            ioerr(),
+        ),
+        attack(
+            "write data straddling a region's end",
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[header, Descriptor::readable(region_end, DATA_LEN), status],
+            ioerr(),
+        ),
+        attack(
+            "read data straddling a region's end",
+            VIRTIO_BLK_T_IN,
+            0,
+            &[header, Descriptor::writable(region_end, DATA_LEN), status],
+            ioerr(),
+        ),
+        attack(
+            "read data outside guest memory",
+            VIRTIO_BLK_T_IN,
+            0,
+            &[header, Descriptor::writable(OUTSIDE, DATA_LEN), status],
+            ioerr(),
+        ),
+        attack(
+            "a status byte outside guest memory",
+            VIRTIO_BLK_T_IN,
+            0,
+            &[header, data_in, Descriptor::writable(OUTSIDE, 1)],
+            Answer::Nothing,
+        ),
+        attack(
+            "a chain claiming 64 MiB of write data",
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[header, Descriptor::readable(DATA, 64 << 20), status],
+            ioerr(),
+        ),
+        // Headers: past the end, overflowing, unknown type, a range past the end.
+        attack(
+            "a read past the volume's end",
+            VIRTIO_BLK_T_IN,
+            VICTIM_SECTORS - 4,
+            &[header, data_in, status],
+            ioerr(),
+        ),
+        attack(
+            "a write past the volume's end",
+            VIRTIO_BLK_T_OUT,
+            VICTIM_SECTORS - 1,
+            &[header, data_out, status],
+            ioerr(),
+        ),
+        attack(
+            "a sector whose byte offset overflows",
+            VIRTIO_BLK_T_OUT,
+            u64::MAX / 2,
+            &[header, data_out, status],
+            ioerr(),
+        ),
+        attack(
+            "an unknown request type",
+            0xdead,
+            0,
+            &[header, data_out, status],
+            unsupp(),
+        ),
+        attack(
+            "a discard past the volume's end",
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            &[header, range, status],
+            ioerr(),
+        ),
+        // The status byte: read-only, missing, empty.
+        attack(
+            "a read-only status descriptor",
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[header, data_out, Descriptor::readable(STATUS, 1)],
+            Answer::Nothing,
+        ),
+        attack(
+            "no status descriptor",
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[header, data_out],
+            Answer::Nothing,
+        ),
+        attack(
+            "an empty status descriptor",
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[header, data_out, Descriptor::writable(STATUS, 0)],
+            Answer::Nothing,
+        ),
+        // The status goes into the last writable byte, which leaves 4095 bytes for data.
+        attack(
+            "an empty status descriptor after read data",
+            VIRTIO_BLK_T_IN,
+            0,
+            &[header, data_in, Descriptor::writable(STATUS, 0)],
+            Answer::Status {
+                at: DATA + u64::from(DATA_LEN) - 1,
+                status: VIRTIO_BLK_S_IOERR,
+            },
+        ),
+        // Indirect tables (INDIRECT_DESC is not offered, yet the queue follows them): a
+        // length that is no multiple of 16, a table outside guest memory, one after the
+        // header.
+        attack(
+            "an indirect table of 56 bytes",
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[Descriptor::indirect(TABLE, 56)],
+            Answer::Nothing,
+        ),
+        attack(
+            "an indirect table outside guest memory",
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[Descriptor::indirect(OUTSIDE, 48)],
+            Answer::Nothing,
+        ),
+        attack(
+            "an indirect table of 24 bytes after the header",
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[header, Descriptor::indirect(TABLE, 24)],
+            Answer::Nothing,
+        ),
+    ];
+    // Chains that do not end: a loop, one longer than the queue, one leading out of the
+    // descriptor table. Each holds a well-formed write up to where it goes wrong.
+    let mut looping = attack(
+        "a status descriptor chained to itself",
+        VIRTIO_BLK_T_OUT,
+        0,
+        &[header, data_out, status],
+        ioerr(),
+    );
+    looping.chain[2] = status.then(2);
+    let mut outside = attack(
+        "a chain leading out of the descriptor table",
+        VIRTIO_BLK_T_OUT,
+        0,
+        &[header, data_out, status],
+        ioerr(),
+    );
+    outside.chain[2] = status.then(200);
+    // Header, 14 x 512 bytes of data, status: every slot, and back to the first. Cut at
+    // the queue's size it would be a well-formed write of 7 KiB.
+    let mut long = vec![header];
+    long.extend((0..14).map(|i| Descriptor::readable(DATA + 512 * i, 512)));
+    long.push(status);
+    let mut longer = attack(
+        "a chain longer than the queue",
+        VIRTIO_BLK_T_OUT,
+        0,
+        &long,
+        ioerr(),
+    );
+    longer.chain[15] = status.then(0);
+    for unterminated in [&mut looping, &mut outside, &mut longer] {
+        unterminated.checks_image = true;
+    }
+    attacks.extend([looping, outside, longer]);
+    attacks
+}
+
+/// The victim's image: nothing hostile may change it.
+fn image_crc(node: &TandemNode, volume: &str) -> u32 {
+    let image = std::fs::read(node.images().join(format!("{volume}.img"))).expect("volume image");
+    crc32c::crc32c(&image)
+}
+
+/// tandemd answers its control socket and `bystander` still reads back what it writes.
+fn daemon_and_bystander_serve(node: &TandemNode, bystander: &mut VhostFrontend, after: &str) {
+    assert!(
+        node.tandem(&["volume", "list", "--json"]).status.success(),
+        "tandemd stopped answering after {after}:\n{}",
+        node.log()
+    );
+    let pattern: Vec<u8> = after.bytes().cycle().take(4096).collect();
+    assert!(
+        bystander.write(8, &pattern),
+        "the bystander's write failed after {after}"
+    );
+    assert_eq!(
+        bystander.read(8, 4096).as_deref(),
+        Some(pattern.as_slice()),
+        "the bystander read back other bytes after {after}"
+    );
+}
+
+/// CPU clock ticks (user + system) each of tandemd's vhost-user queue workers used so far,
+/// by thread id: the threads vhost-user-backend names `vring_worker` (the victim's, and
+/// the bystander's, which is idle while the victim is attacked).
+fn queue_worker_ticks(node: &TandemNode) -> HashMap<u32, u64> {
+    let pid = node.pid().expect("tandemd runs");
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/<pid>/task");
+    let mut ticks = HashMap::new();
+    for task in tasks {
+        let task = task.expect("/proc/<pid>/task entry").path();
+        // A thread that ended meanwhile has no stat any more.
+        let Ok(stat) = std::fs::read_to_string(task.join("stat")) else {
+            continue;
+        };
+        // "tid (name) state ...": the name may hold anything, so it ends at the last ')'.
+        let (tid, rest) = stat.split_once(" (").expect("thread stat: tid");
+        let (name, fields) = rest.rsplit_once(')').expect("thread stat: name");
+        if name != "vring_worker" {
+            continue;
+        }
+        // After the name, utime and stime are the 12th and 13th fields.
+        let fields: Vec<&str> = fields.split_whitespace().collect();
+        let field = |i: usize| -> u64 {
+            fields
+                .get(i)
+                .and_then(|f| f.parse().ok())
+                .unwrap_or_else(|| panic!("thread stat field {i}: {stat}"))
+        };
+        let tid = tid.parse().expect("thread stat: tid");
+        ticks.insert(tid, field(11) + field(12));
+    }
+    assert!(!ticks.is_empty(), "tandemd has no vring_worker thread");
+    ticks
+}
+
+/// CPU seconds the queue workers used between two [`queue_worker_ticks`].
+fn queue_worker_cpu_secs(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> f64 {
+    let ticks: u64 = after
+        .iter()
+        .map(|(tid, &t)| t.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(per_sec > 0, "sysconf(_SC_CLK_TCK) = {per_sec}");
+    ticks as f64 / per_sec as f64
+}
+
+/// Wait until no frontend has `volume` open (the previous connection was released), so
+/// that the next handshake does not race the previous frontend's going away.
+fn wait_until_released(node: &TandemNode, volume: &str) {
+    let released = wait_until(Duration::from_secs(10), || {
+        let status = node
+            .tandem(&["volume", "status", volume, "--json"])
+            .ok()
+            .json();
+        status["open_writers"].as_u64() == Some(0)
+    });
+    assert!(
+        released,
+        "a frontend still holds {volume} open:\n{}",
+        node.log()
+    );
+}
+
+/// Issue 17's hostile frontend on the virtqueues: a valid vhost-user handshake on the
+/// `victim` socket (the `vhost` crate's frontend, guest memory in a memfd, see
+/// `tandem_tests::vhost_frontend`), then hostile descriptors, ring indexes and headers,
+/// and kicks. Each is answered as documented ([`Answer`]) or, for a head index out of
+/// range, the connection is hung up; tandemd keeps answering, the `bystander` volume keeps
+/// serving its own frontend, and the victim's image is never written. A connection closed
+/// with requests in flight is followed by a working one.
+fn ring_attacks(node: &TandemNode, victim: &Path, bystander: &Path) {
+    let started = Instant::now();
+    let mut bystander = VhostFrontend::connect(bystander).expect("bystander handshake");
+    // The malicious messages' connections are gone: no race with the 500 ms grace a new
+    // frontend gets while the previous one goes away.
+    wait_until_released(node, "victim");
+    let mut evil = VhostFrontend::connect(victim).expect("victim handshake");
+    let image = image_crc(node, "victim");
+    let sane = evil.read(0, 4096);
+    assert_eq!(
+        sane,
+        Some(vec![0; 4096]),
+        "a well-formed read on the victim failed"
+    );
+
+    for attack in hostile_requests() {
+        evil.poke(HEADER, &attack.header);
+        evil.poke(STATUS, &[UNTOUCHED]);
+        evil.poke(DATA, &[0xa5; DATA_LEN as usize]);
+        // An indirect table holding a well-formed write, a range past the end.
+        let mut range = [0u8; 16];
+        range[0..8].copy_from_slice(&VICTIM_SECTORS.to_le_bytes());
+        range[8..12].copy_from_slice(&8u32.to_le_bytes());
+        evil.poke(RANGE, &range);
+        evil.table(
+            TABLE,
+            &linked(
+                0,
+                &[
+                    Descriptor::readable(HEADER, 16),
+                    Descriptor::readable(DATA, DATA_LEN),
+                    Descriptor::writable(STATUS, 1),
+                ],
+            ),
+        );
+        evil.descriptors(0, &attack.chain);
+        let used = evil.submit(0);
+        let what = format!("'{}'", attack.what);
+        let (want_len, status_at, want_status) = match attack.answer {
+            Answer::Status { at, status } => (1, at, status as u8),
+            Answer::Nothing => (0, STATUS, UNTOUCHED),
+        };
+        assert_eq!(
+            used,
+            Some(Used {
+                id: 0,
+                len: want_len
+            }),
+            "{what}: not answered as {:?}\n{}",
+            attack.answer,
+            node.log()
+        );
+        assert_eq!(
+            evil.peek(status_at, 1)[0],
+            want_status,
+            "{what}: status byte"
+        );
+        assert!(
+            !evil.hung_up(Duration::ZERO),
+            "{what}: the connection was hung up"
+        );
+        if attack.checks_image {
+            assert_eq!(
+                image_crc(node, "victim"),
+                image,
+                "{what} changed the victim's image"
+            );
+        }
+        daemon_and_bystander_serve(node, &mut bystander, &what);
+    }
+    assert_eq!(
+        image_crc(node, "victim"),
+        image,
+        "a hostile request changed the victim's image"
+    );
+
+    // An available index more than a queue ahead of the used index: nothing is taken, the
+    // worker does not spin, and once the index is sane again the next kick is served.
+    let used_before = evil.used_idx();
+    let cpu_before = queue_worker_ticks(node);
+    let kicking = Instant::now();
+    evil.publish_avail_idx(
+        evil.avail_idx()
+            .wrapping_add(3 * vhost_frontend::QUEUE_SIZE),
+    );
+    for _ in 0..10 {
+        evil.kick();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let elapsed = kicking.elapsed().as_secs_f64();
+    let cpu = queue_worker_cpu_secs(&cpu_before, &queue_worker_ticks(node));
+    assert_eq!(
+        evil.used_idx(),
+        used_before,
+        "requests taken past a bogus available index"
+    );
+    assert!(
+        cpu < 0.5 * elapsed,
+        "tandemd's queue workers used {cpu:.2} s of CPU in {elapsed:.2} s on a bogus available index (spinning?)"
+    );
+    assert!(!evil.hung_up(Duration::ZERO));
+    evil.publish_avail_idx(evil.avail_idx());
+    assert_eq!(
+        evil.read(0, 4096),
+        Some(vec![0; 4096]),
+        "the queue did not recover"
+    );
+    daemon_and_bystander_serve(node, &mut bystander, "a bogus available index");
+
+    // A head index out of the descriptor table: its completion cannot enter the used ring
+    // (later ones would be out of order), so the connection is hung up.
+    let used_before = evil.used_idx();
+    evil.offer(200);
+    evil.kick();
+    assert!(
+        evil.hung_up(Duration::from_secs(5)),
+        "a head index of 200 did not hang up\n{}",
+        node.log()
+    );
+    assert_eq!(evil.used_idx(), used_before);
+    drop(evil);
+    daemon_and_bystander_serve(node, &mut bystander, "a head index out of range");
+
+    // A frontend that closes its connection right after kicking five requests (reads and
+    // flushes: nothing legitimate writes either), then the next frontend, which connects
+    // at once, is served: the one step that races a frontend's going away on purpose.
+    wait_until_released(node, "victim");
+    let mut leaving = VhostFrontend::connect(victim).expect("handshake after a hang-up");
+    for i in 0..5u16 {
+        let (first, at) = (3 * i, u64::from(i));
+        let kind = if i % 2 == 0 {
+            VIRTIO_BLK_T_IN
+        } else {
+            VIRTIO_BLK_T_FLUSH
+        };
+        leaving.poke(HEADER + 16 * at, &request_header(kind, 128 * at));
+        leaving.descriptors(
+            first,
+            &linked(
+                first,
+                &[
+                    Descriptor::readable(HEADER + 16 * at, 16),
+                    Descriptor::writable(DATA + 0x1_0000 * at, 0x1_0000),
+                    Descriptor::writable(STATUS + at, 1),
+                ],
+            ),
+        );
+        leaving.offer(first);
+    }
+    leaving.kick();
+    drop(leaving);
+    let mut next = VhostFrontend::connect(victim)
+        .unwrap_or_else(|e| panic!("handshake after a frontend left: {e:?}\n{}", node.log()));
+    assert_eq!(
+        next.read(0, 4096),
+        Some(vec![0; 4096]),
+        "the next frontend was not served\n{}",
+        node.log()
+    );
+    drop(next);
+    daemon_and_bystander_serve(
+        node,
+        &mut bystander,
+        "a frontend leaving with requests in flight",
+    );
+    assert_eq!(
+        image_crc(node, "victim"),
+        image,
+        "the victim's image changed"
+    );
+    let log = node.log();
+    assert!(!log.contains("panicked"), "tandemd panicked:\n{log}");
+    eprintln!("[vhost ring attacks] done in {:.1?}", started.elapsed());
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

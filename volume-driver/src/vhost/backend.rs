@@ -93,15 +93,22 @@ enum Turn {
 /// How long an open waits for the previous frontend's handle to be released.
 const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a new frontend waits for the served one to be seen gone before it is refused:
+/// a frontend that closed its connection just before (a QEMU killed and started again)
+/// is noticed by its connection's thread a moment later.
+pub(crate) const GONE_WAIT: Duration = Duration::from_millis(500);
+
 /// How often a config-change notice is repeated until the frontend reads the config.
 pub const NOTICE_REPEAT: Duration = Duration::from_secs(2);
 
 /// A socket's one frontend at a time: taken by the connection whose backend opens the
 /// volume, until that connection's handle is released. A frontend that comes while the
-/// previous one, already gone, is being released waits for it instead of being refused.
+/// previous one, already gone, is being released waits for it instead of being refused,
+/// and so does one that comes just as the previous one goes (within [`GONE_WAIT`]).
 #[derive(Debug, Default)]
 pub struct FrontendSlot {
     turn: Mutex<Turn>,
+    /// Notified at each change of `turn`.
     freed: Condvar,
 }
 
@@ -110,16 +117,29 @@ impl FrontendSlot {
         self.turn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn is_served(&self) -> bool {
-        *self.turn() == Turn::Served
+    /// `turn` once it left `state`, or after `timeout`.
+    fn wait_while<'a>(
+        &self,
+        turn: MutexGuard<'a, Turn>,
+        state: Turn,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Turn> {
+        self.freed
+            .wait_timeout_while(turn, timeout, |t| *t == state)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 
-    /// Take the slot, waiting for a release in progress.
+    /// Whether a frontend is served, once one going away just now was seen gone.
+    fn is_served(&self) -> bool {
+        *self.wait_while(self.turn(), Turn::Served, GONE_WAIT) == Turn::Served
+    }
+
+    /// Take the slot, once a frontend going away just now was seen gone and its release
+    /// is done.
     fn claim(&self) -> bool {
-        let (mut turn, _) = self
-            .freed
-            .wait_timeout_while(self.turn(), RELEASE_WAIT, |t| *t == Turn::Ending)
-            .unwrap_or_else(|e| e.into_inner());
+        let turn = self.wait_while(self.turn(), Turn::Served, GONE_WAIT);
+        let mut turn = self.wait_while(turn, Turn::Ending, RELEASE_WAIT);
         let free = *turn == Turn::Free;
         if free {
             *turn = Turn::Served;
@@ -132,6 +152,7 @@ impl FrontendSlot {
         let mut turn = self.turn();
         if *turn == Turn::Served {
             *turn = Turn::Ending;
+            self.freed.notify_all();
         }
     }
 
@@ -302,10 +323,12 @@ impl BlkBackend {
     }
 
     /// Whether another connection's frontend is being served on this socket (waits for an
-    /// open of this connection in progress).
+    /// open of this connection in progress). Once this connection's frontend asked for the
+    /// device, its open decided (a refusal already waited for a going frontend and was
+    /// logged): `false`, and [`BlkBackend::wait_first_use`] says how it went, at once.
     pub fn another_frontend_is_served(&self) -> bool {
         let volume = self.lock();
-        !matches!(*volume, Volume::Open { .. }) && self.slot.is_served()
+        matches!(*volume, Volume::NotOpened) && self.slot.is_served()
     }
 
     /// The connection is about to be hung up: from here on no request is taken and no
@@ -445,22 +468,31 @@ impl BlkBackend {
     }
 
     /// Run the request of one descriptor chain and write its status; returns its used
-    /// entry. A malformed chain gets IOERR in its last writable descriptor.
+    /// entry. A malformed chain gets IOERR in its last descriptor when that is writable.
+    /// Everything here comes from the one walk of the chain made when it was taken
+    /// ([`queue::Taken`]).
     async fn answer(&self, chain: queue::Taken) -> queue::Answered {
-        let head = chain.head_index();
         let mem: &Mem = chain.memory();
-        let descriptor =
-            |d: virtio_queue::desc::split::Descriptor| (d.addr().0, d.len(), d.is_write_only());
-        let used = match Chain::split(chain.clone().map(descriptor)) {
+        let descriptors: Vec<(u64, u32, bool)> = chain
+            .descriptors()
+            .iter()
+            .map(|d| (d.addr().0, d.len(), d.is_write_only()))
+            .collect();
+        // A chain the queue stopped following is not the request the guest built: it is
+        // refused whole.
+        let last_has_next = chain.descriptors().last().is_some_and(|d| d.has_next());
+        let split = request::check_ends(descriptors.len(), last_has_next, chain.queue_size())
+            .and_then(|()| Chain::split(descriptors.iter().copied()));
+        let used = match split {
             Ok(parsed) => self.execute(mem, &parsed).await,
             Err(e) => {
                 tracing::warn!(volume = %self.name, error = %e, "malformed virtio-blk descriptor chain");
                 self.counters.request(Op::Other, Status::IoErr);
-                let last = chain.clone().last().map(descriptor);
+                let last = descriptors.last().copied();
                 self.write_status(mem, request::fallback_status_addr(last), Status::IoErr)
             }
         };
-        (head, used)
+        (chain.head_index(), used)
     }
 
     /// Run one request and write its status; returns the bytes written to the guest.
@@ -739,7 +771,10 @@ impl VhostUserBackend for BlkBackend {
 #[cfg(test)]
 mod tests {
     use vhost_user_backend::VringT;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
 
@@ -750,6 +785,8 @@ mod tests {
     const DATA: u64 = 0x20_0000;
     const MORE: u64 = 0x30_0000;
     const STATUS: u64 = 0x40_0000;
+    /// An indirect descriptor table.
+    const TABLE: u64 = 0x50_0000;
     const NOT_WRITTEN: u8 = 0xee;
 
     /// A device on `volume` with one queue in 16 MiB of test guest memory.
@@ -806,12 +843,25 @@ mod tests {
         /// A ready vring over a queue holding `chains` (each `(addr, len, device-writable)`
         /// descriptors, chained in order).
         fn queue_with(&self, chains: &[&[(u64, u32, bool)]]) -> (MockSplitQueue<'_, Mem>, Vring) {
+            let mut first = 0u16;
+            let chains: Vec<Vec<RawDescriptor>> = chains
+                .iter()
+                .map(|descriptors| {
+                    let raw = chain(descriptors, first);
+                    first += descriptors.len() as u16;
+                    raw
+                })
+                .collect();
+            self.queue_of(&chains)
+        }
+
+        /// A ready vring over a queue holding `chains` of raw descriptors, one after the
+        /// other in the descriptor table (their `next` fields as given).
+        fn queue_of(&self, chains: &[Vec<RawDescriptor>]) -> (MockSplitQueue<'_, Mem>, Vring) {
             let queue = MockSplitQueue::new(&self.mem, 64);
             let mut first = 0u16;
             for descriptors in chains {
-                queue
-                    .add_desc_chains(&chain(descriptors, first), first)
-                    .expect("chain");
+                queue.add_desc_chains(descriptors, first).expect("chain");
                 first += descriptors.len() as u16;
             }
             let vring = Vring::new(self.backend.guest_memory(), 64).expect("vring");
@@ -844,10 +894,15 @@ mod tests {
 
         /// Put `descriptors` in the queue, let the device answer; the used length.
         fn answer(&self, descriptors: &[(u64, u32, bool)]) -> u32 {
+            self.answer_raw(chain(descriptors, 0))
+        }
+
+        /// [`Device::answer`] for raw descriptors, from slot 0.
+        fn answer_raw(&self, descriptors: Vec<RawDescriptor>) -> u32 {
             self.mem
                 .write_slice(&[NOT_WRITTEN], GuestAddress(STATUS))
                 .expect("status byte");
-            let (queue, vring) = self.queue_with(&[descriptors]);
+            let (queue, vring) = self.queue_of(&[descriptors]);
             self.backend.process_queue(&vring);
             let (idx, used) = self.used(queue.used_addr().0);
             assert_eq!(idx, 1, "the request was not completed");
@@ -905,6 +960,238 @@ mod tests {
             requests("backend-test-malformed"),
             vec![("other", "ioerr", 2)]
         );
+    }
+
+    #[test]
+    fn a_frontend_coming_just_as_the_served_one_goes_away_is_served_and_a_live_one_refuses_it() {
+        let slot = Arc::new(FrontendSlot::default());
+        assert!(slot.claim());
+        // The served frontend is alive: the next one is refused (after the short wait).
+        let asked = std::time::Instant::now();
+        assert!(slot.is_served());
+        assert!(!slot.claim(), "two frontends served at once");
+        assert!(asked.elapsed() < 2 * GONE_WAIT + Duration::from_secs(1));
+        // It closed its connection just before the next one came; its connection's
+        // thread notices a moment later, then releases the volume.
+        let going = {
+            let slot = Arc::clone(&slot);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                slot.ending();
+                std::thread::sleep(Duration::from_millis(50));
+                slot.free();
+            })
+        };
+        assert!(
+            !slot.is_served(),
+            "refused as if the gone frontend were served"
+        );
+        assert!(
+            slot.claim(),
+            "refused while the previous frontend was going away"
+        );
+        going.join().expect("the going frontend");
+    }
+
+    #[test]
+    fn a_second_frontend_refused_at_its_open_is_hung_up_without_waiting_again() {
+        let d = device("backend-test-second");
+        let second = BlkBackend::new(
+            "backend-test-second",
+            d.exports.clone(),
+            d._runtime.handle().clone(),
+            1,
+            GuestMemoryAtomic::new(d.mem.clone()),
+            Arc::clone(&d.backend.slot),
+        );
+        // Its GET_FEATURES came first: the open waited GONE_WAIT for the first frontend
+        // to go away, then was refused.
+        let _ = second.features();
+        assert!(matches!(
+            second.wait_first_use(Duration::ZERO),
+            FirstUse::Refused(_)
+        ));
+        // The connection's check does not wait for it once more.
+        let checked = std::time::Instant::now();
+        assert!(!second.another_frontend_is_served());
+        assert!(
+            checked.elapsed() < GONE_WAIT / 2,
+            "waited {:?} again",
+            checked.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_chain_that_does_not_end_is_refused_whole_and_its_write_never_runs() {
+        let d = device("backend-test-unterminated");
+        let mut header = [0u8; 16];
+        header[0] = VIRTIO_BLK_T_OUT as u8;
+        d.mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .expect("header");
+        d.mem
+            .write_slice(&[0xa5; 512], GuestAddress(DATA))
+            .expect("data");
+        let write = [(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)];
+        // The status descriptor chained to itself (a loop, which the queue follows for
+        // its size in descriptors), then to a slot beyond the 64-descriptor table.
+        for next in [2u16, 200] {
+            let mut descriptors = chain(&write, 0);
+            let status = SplitDescriptor::new(
+                STATUS,
+                1,
+                (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+                next,
+            );
+            descriptors[2] = RawDescriptor::from(status);
+            assert_eq!(d.answer_raw(descriptors), 1, "next {next}");
+            assert_eq!(d.status(), Status::IoErr.byte(), "next {next}");
+        }
+        assert_eq!(
+            requests("backend-test-unterminated"),
+            vec![("other", "ioerr", 2)],
+            "a write ran"
+        );
+        // The volume still holds its own bytes at sector 0.
+        let read = [(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)];
+        header[0] = VIRTIO_BLK_T_IN as u8;
+        d.mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .expect("header");
+        assert_eq!(d.answer(&read), 513);
+        let mut data = [0u8; 512];
+        d.mem
+            .read_slice(&mut data, GuestAddress(DATA))
+            .expect("data");
+        let want: Vec<u8> = (0..512u64).map(|i| (i % 251) as u8).collect();
+        assert_eq!(data.to_vec(), want, "the volume was written");
+    }
+
+    /// An indirect descriptor: a table of `len` bytes at [`TABLE`].
+    fn indirect(len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(
+            TABLE,
+            len,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        ))
+    }
+
+    impl Device {
+        /// Write `descriptors` as the indirect table at [`TABLE`].
+        fn table(&self, descriptors: &[RawDescriptor]) {
+            for (i, d) in descriptors.iter().enumerate() {
+                self.mem
+                    .write_obj(*d, GuestAddress(TABLE + 16 * i as u64))
+                    .expect("indirect table");
+            }
+        }
+
+        /// The volume's first sector, read through the queue.
+        fn sector_0(&self) -> Vec<u8> {
+            self.mem
+                .write_slice(&[0u8; 16], GuestAddress(HEADER))
+                .expect("header");
+            let read = [(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)];
+            assert_eq!(self.answer(&read), 513);
+            let mut data = vec![0u8; 512];
+            self.mem
+                .read_slice(&mut data, GuestAddress(DATA))
+                .expect("data");
+            data
+        }
+    }
+
+    #[test]
+    fn a_read_through_an_indirect_table_is_answered() {
+        let d = device("backend-test-indirect");
+        let mut header = [0u8; 16];
+        header[8..].copy_from_slice(&1u64.to_le_bytes()); // sector 1, VIRTIO_BLK_T_IN
+        d.mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .expect("header");
+        d.table(&chain(
+            &[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+            0,
+        ));
+        assert_eq!(d.answer_raw(vec![indirect(48)]), 513);
+        assert_eq!(d.status(), Status::Ok.byte());
+        let mut data = [0u8; 512];
+        d.mem
+            .read_slice(&mut data, GuestAddress(DATA))
+            .expect("data");
+        let want: Vec<u8> = (512..1024u64).map(|i| (i % 251) as u8).collect();
+        assert_eq!(data.to_vec(), want);
+    }
+
+    #[test]
+    fn chains_the_queue_stops_following_through_indirect_tables_are_refused_and_nothing_is_written()
+    {
+        let d = device("backend-test-indirect-bad");
+        let mut header = [0u8; 16];
+        header[0] = VIRTIO_BLK_T_OUT as u8;
+        d.mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .expect("header");
+        d.mem
+            .write_slice(&[0xa5; 512], GuestAddress(DATA))
+            .expect("data");
+        // A whole write whose status descriptor still says NEXT, to `table` after it:
+        // without the end check, a valid write. It gets IOERR at its status byte.
+        let write_then = |table: RawDescriptor| {
+            let mut descriptors = chain(
+                &[(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+                0,
+            );
+            descriptors[2] = RawDescriptor::from(SplitDescriptor::new(
+                STATUS,
+                1,
+                (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+                3,
+            ));
+            descriptors.push(table);
+            descriptors
+        };
+        // An indirect table inside an indirect table.
+        d.table(&write_then(indirect(64)));
+        assert_eq!(d.answer_raw(vec![indirect(64)]), 1, "nested table");
+        assert_eq!(d.status(), Status::IoErr.byte(), "nested table");
+        // The same write in the ring, then an indirect table whose length is no multiple
+        // of 16.
+        assert_eq!(
+            d.answer_raw(write_then(indirect(24))),
+            1,
+            "table of 24 bytes"
+        );
+        assert_eq!(d.status(), Status::IoErr.byte(), "table of 24 bytes");
+        // Nothing can be read at all: a table of 56 bytes at the head.
+        assert_eq!(d.answer_raw(vec![indirect(56)]), 0);
+        assert_eq!(d.status(), NOT_WRITTEN, "table of 56 bytes");
+        // A write through a table longer than the 64-descriptor queue (its empty
+        // descriptors would be skipped): refused whole, the 65th descriptor (read-only)
+        // gets no status.
+        let mut long = vec![(HEADER, 16, false), (DATA, 512, false)];
+        long.extend([(DATA, 0, false); 98]);
+        long.push((STATUS, 1, true));
+        d.table(&chain(&long, 0));
+        assert_eq!(d.answer_raw(vec![indirect(16 * 101)]), 0, "long table");
+        assert_eq!(d.status(), NOT_WRITTEN, "long table");
+        // A write through a table of 65 descriptors that ends there (62 empty ones between
+        // the data and the status): read whole, but more than the queue holds, so refused
+        // (without that check, a valid write).
+        let mut long = vec![(HEADER, 16, false), (DATA, 512, false)];
+        long.extend([(DATA, 0, false); 62]);
+        long.push((STATUS, 1, true));
+        d.table(&chain(&long, 0));
+        assert_eq!(d.answer_raw(vec![indirect(16 * 65)]), 1, "table of 65");
+        assert_eq!(d.status(), Status::IoErr.byte(), "table of 65");
+        assert_eq!(
+            requests("backend-test-indirect-bad"),
+            vec![("other", "ioerr", 5)],
+            "a write ran"
+        );
+        let want: Vec<u8> = (0..512u64).map(|i| (i % 251) as u8).collect();
+        assert_eq!(d.sector_0(), want, "the volume was written");
     }
 
     impl Device {

@@ -5,9 +5,10 @@
 //! `VhostUserDaemon` (whose thread answers the messages); [`Session::run`], on a thread of
 //! the connection's own, then decides its fate:
 //!
-//! 1. a frontend is already being served on this socket (its connection is up): hang up
-//!    at once (logged, naming the volume), so a second QEMU fails to start instead of
-//!    waiting; a previous frontend that is gone but still being released is waited for;
+//! 1. a frontend is already being served on this socket (its connection is up, and stays
+//!    up for the short wait that lets a frontend that just left be seen gone): hang up
+//!    (logged, naming the volume), so a second QEMU fails to start instead of waiting; a
+//!    previous frontend that is gone but still being released is waited for;
 //! 2. otherwise wait, at most the idle timeout, for the frontend to start using the device
 //!    (GET_FEATURES, its first message, opens the volume): a connection that does not is
 //!    closed (logged), so a silent client cannot hold the socket; a refused open is hung up

@@ -34,9 +34,12 @@
 //!   QEMU fails to start, as it does when an NBD open is refused. QEMU retries the
 //!   connection three times during realize; each try opens anew.
 //! * **One frontend at a time.** The socket keeps accepting while a frontend is served;
-//!   any further connection is closed at once with a log line, so a second QEMU fails fast.
-//!   A frontend that comes while the previous one, already gone, is still being released
-//!   (a demotion takes a moment) waits for the release instead.
+//!   any further connection is closed after about half a second (`GONE_WAIT`) with a log
+//!   line, so a second QEMU fails fast. A frontend that comes while the previous one,
+//!   already gone, is still being released (a demotion takes a moment) waits for the
+//!   release instead; so does one that comes just as the previous one closes its
+//!   connection (a QEMU killed and started again), which its connection's thread notices
+//!   a moment later.
 //!   A connection that does not ask for the features within [`IDLE_TIMEOUT`] is closed, so
 //!   a silent client cannot keep QEMU out.
 //! * **Ending.** The connection ending for any reason (QEMU quit or died, a protocol error)
@@ -45,7 +48,11 @@
 //!   connects again after tandemd restarts and resubmits what was in flight.
 //! * **Untrusted input.** vhost-user messages are checked by the `vhost` crate (a bad one
 //!   ends the connection); every descriptor address, length, sector and range is checked in
-//!   [`request`] and by guest-memory accessors (a bad one fails that request). What a
+//!   [`request`] and by guest-memory accessors (a bad one fails that request); a chain
+//!   that does not end (a loop, longer than the queue, a next index out of the table) is
+//!   refused whole, since the queue stops following it without saying so. A chain is
+//!   read once, at most one descriptor more than the queue holds, and checked, run and
+//!   budgeted from that one read ([`queue::Taken`]). What a
 //!   guest can make a connection hold is bounded: the queue size in requests per queue and
 //!   NBD's 256 MiB of request bytes per connection; an unreadable available ring ends the
 //!   queue's pass instead of spinning ([`queue`]).

@@ -58,6 +58,7 @@ use futures_util::FutureExt;
 use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestAddressSpace;
 
@@ -65,9 +66,56 @@ use super::backend::{GuestMemory, Mem};
 use super::request::Chain;
 pub use crate::nbd::MAX_IN_FLIGHT_BYTES;
 
-/// A request taken from the queue, as `serve`'s caller answers it: its descriptor chain,
-/// with the guest memory it was taken in.
-pub type Taken = DescriptorChain<Arc<Mem>>;
+/// A request taken from the queue, as `serve`'s caller answers it: its descriptor chain as
+/// read from the ring, with the guest memory it was taken in.
+///
+/// The chain is walked once, when the request is taken, and everything about the request
+/// comes from that walk: whether the chain ends, its parts, the status address of a
+/// refusal, its cost against the byte budget. A guest rewriting its descriptor table in
+/// between cannot make the request that runs differ from the one that was checked and
+/// budgeted. The walk reads at most one descriptor more than the queue holds (no
+/// legitimate chain is longer: INDIRECT_DESC is not offered), so a chain through an
+/// indirect table of 65535 entries costs no more than a direct one.
+pub struct Taken {
+    head: u16,
+    memory: Arc<Mem>,
+    descriptors: Vec<Descriptor>,
+    queue_size: u16,
+}
+
+impl Taken {
+    /// Walk `chain`, of a queue of `queue_size` descriptors, taken in `memory`.
+    fn walk(chain: DescriptorChain<Arc<Mem>>, memory: Arc<Mem>, queue_size: u16) -> Taken {
+        Taken {
+            head: chain.head_index(),
+            memory,
+            descriptors: chain.take(usize::from(queue_size) + 1).collect(),
+            queue_size,
+        }
+    }
+
+    /// The index of the chain's first descriptor, which its used element names.
+    pub fn head_index(&self) -> u16 {
+        self.head
+    }
+
+    /// The guest memory the request was taken in.
+    pub fn memory(&self) -> &Mem {
+        &self.memory
+    }
+
+    /// The descriptors as read, in chain order: at most the queue's size plus one. A chain
+    /// the queue stopped following (see [`super::request::check_ends`]) ends in one that
+    /// still says NEXT, or holds more than the queue's size.
+    pub fn descriptors(&self) -> &[Descriptor] {
+        &self.descriptors
+    }
+
+    /// The size of the queue the request was taken from.
+    pub fn queue_size(&self) -> u16 {
+        self.queue_size
+    }
+}
 
 /// What answering a request gives back: the chain's head index and the bytes written to
 /// the guest (the used length).
@@ -275,14 +323,16 @@ where
 {
     let mem = memory.memory().into_inner();
     let queue = state.get_queue_mut();
-    let most = usize::from(queue.size());
+    let size = queue.size();
+    let most = usize::from(size);
     // Errs when the queue is not ready or the available index is more than a queue ahead.
-    let mut available = queue.iter(mem)?;
+    let mut available = queue.iter(Arc::clone(&mem))?;
     let mut started = 0;
     while in_flight.len() < most && !shared.stopping() {
         let Some(chain) = available.next() else {
             break;
         };
+        let chain = Taken::walk(chain, Arc::clone(&mem), size);
         let bytes = cost(&chain);
         let budget = match shared.bytes.try_acquire_many(bytes) {
             Ok(budget) => budget,
@@ -314,7 +364,8 @@ const _: () = assert!(Chain::MAX_BYTES <= MAX_IN_FLIGHT_BYTES as u64);
 /// chain's largest size (a longer one is refused without reading it).
 fn cost(chain: &Taken) -> u32 {
     let bytes = chain
-        .clone()
+        .descriptors()
+        .iter()
         .map(|d| u64::from(d.len()))
         .fold(0u64, u64::saturating_add);
     bytes.min(Chain::MAX_BYTES) as u32

@@ -47,6 +47,28 @@ pub enum ChainError {
     TooLong { max: u64 },
     #[error("the chain has no device-writable byte for the status")]
     NoStatus,
+    #[error("the chain does not end (it loops, is longer than the queue, or leads out of the descriptor table or guest memory)")]
+    Unterminated,
+    #[error("the chain's first descriptor cannot be read (out of the descriptor table or guest memory, or a bad indirect table)")]
+    Unreadable,
+}
+
+/// Check that a chain read from the ring (at most `queue_size + 1` descriptors, `read` of
+/// them, the last saying NEXT or not) ends where the guest ended it. The queue stops
+/// following a chain that loops, runs past the queue's size, leads out of the descriptor
+/// table, to an unreadable descriptor or to a bad (or nested) indirect table, without
+/// saying so: the last descriptor read then still says NEXT, or (through an indirect
+/// table, which the queue follows for its own length) there are more descriptors than the
+/// queue holds. What was read is then not the request the guest built, so it is refused
+/// whole.
+pub fn check_ends(read: usize, last_has_next: bool, queue_size: u16) -> Result<(), ChainError> {
+    if read == 0 {
+        Err(ChainError::Unreadable)
+    } else if read > usize::from(queue_size) || last_has_next {
+        Err(ChainError::Unterminated)
+    } else {
+        Ok(())
+    }
 }
 
 /// A descriptor chain as two byte streams.
@@ -417,6 +439,17 @@ mod tests {
             Chain::split(huge),
             Err(ChainError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn a_chain_ends_only_at_a_descriptor_without_next_within_the_queues_size() {
+        assert_eq!(check_ends(3, false, 16), Ok(()));
+        assert_eq!(check_ends(16, false, 16), Ok(()));
+        assert_eq!(check_ends(0, false, 16), Err(ChainError::Unreadable));
+        assert_eq!(check_ends(3, true, 16), Err(ChainError::Unterminated));
+        assert_eq!(check_ends(16, true, 16), Err(ChainError::Unterminated));
+        // Through an indirect table longer than the queue (walked for one more).
+        assert_eq!(check_ends(17, false, 16), Err(ChainError::Unterminated));
     }
 
     #[test]
