@@ -42,6 +42,8 @@ pub const MAX_IN_FLIGHT_BYTES: u32 = 256 << 20;
 /// Option payloads beyond [`proto::MAX_OPTION_LEN`] up to this size are read and refused
 /// with `NBD_REP_ERR_TOO_BIG`; larger ones end the connection.
 const MAX_DISCARDED_OPTION_LEN: u32 = 1 << 20;
+/// At shutdown, how long a connection's last replies may wait for a client to read them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Time a client has from connecting to choosing an export.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Options one connection may send before we consider it abusive.
@@ -493,7 +495,7 @@ where
         failures: FailureLog::default(),
     });
     let (replies, batches) = mpsc::unbounded_channel::<Vec<Reply>>();
-    let writer_task = tokio::spawn(write_replies(writer, batches));
+    let mut writer_task = tokio::spawn(write_replies(writer, batches));
     let runner = tokio::spawn(run_requests(Arc::clone(&conn), rx, replies));
     let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
@@ -501,10 +503,11 @@ where
     let result = loop {
         let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
         let read = tokio::select! {
-            r = reader.read_exact(&mut raw) => r,
+            biased;
             _ = shutdown_requested(&mut shutdown) => break Err(ConnError::Shutdown),
-            // The runner could not send a reply: the client cannot receive any more.
+            // The replies can no longer be sent: the client cannot receive any more.
             _ = tx.closed() => break Ok(()),
+            r = reader.read_exact(&mut raw) => r,
         };
         match read {
             Ok(_) => {}
@@ -523,8 +526,15 @@ where
             size: conn.handle.size(),
             read_only: conn.handle.read_only(),
         };
-        // Both semaphores live as long as this function: acquire cannot fail.
-        let Ok(count_permit) = Arc::clone(&count).acquire_owned().await else {
+        // Both semaphores live as long as this function: acquire cannot fail. A client
+        // that stops reading replies keeps the budget used up: wait for it, for shutdown or
+        // for the replies to fail.
+        let acquired = tokio::select! {
+            p = Arc::clone(&count).acquire_owned() => p.ok(),
+            _ = shutdown_requested(&mut shutdown) => None,
+            _ = tx.closed() => None,
+        };
+        let Some(count_permit) = acquired else {
             break Err(ConnError::Shutdown);
         };
         let command = match proto::validate_request(&hdr, limits) {
@@ -554,9 +564,14 @@ where
             _ => 0,
         };
         let bytes_permit = if cost > 0 {
-            match Arc::clone(&bytes).acquire_many_owned(cost).await {
-                Ok(p) => Some(p),
-                Err(_) => break Err(ConnError::Shutdown),
+            let acquired = tokio::select! {
+                p = Arc::clone(&bytes).acquire_many_owned(cost) => p.ok(),
+                _ = shutdown_requested(&mut shutdown) => None,
+                _ = tx.closed() => None,
+            };
+            match acquired {
+                Some(p) => Some(p),
+                None => break Err(ConnError::Shutdown),
             }
         } else {
             None
@@ -585,7 +600,19 @@ where
     if let Err(e) = runner.await {
         return Err(ConnError::Protocol(format!("request runner failed: {e}")));
     }
-    match writer_task.await {
+    // The writer waits for the client to read; at shutdown, a client that does not within
+    // a grace period loses its remaining replies (its requests have all finished).
+    let written = tokio::select! {
+        w = &mut writer_task => w,
+        _ = async {
+            shutdown_requested(&mut shutdown).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            writer_task.abort();
+            return Err(ConnError::Shutdown);
+        }
+    };
+    match written {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e.into()),
         Err(e) => return Err(ConnError::Protocol(format!("reply writer failed: {e}"))),
@@ -993,6 +1020,20 @@ mod tests {
         setup.open(REQUESTS as u64).await;
         setup.until(|s| s.finished() == REQUESTS).await;
         assert!(!setup.conn.is_finished(), "a stuck client is not a failure");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_client_that_stops_reading_does_not_hold_up_shutdown() {
+        let setup = requests_in_flight(Client::Stuck).await;
+        setup.open(REQUESTS as u64).await;
+        setup.until(|s| s.finished() == REQUESTS).await;
+        let Setup { conn, _stop, .. } = setup;
+        _stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("shutdown waited for a client that does not read")
+            .unwrap()
+            .expect_err("ended by shutdown");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
