@@ -47,6 +47,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -473,22 +474,19 @@ impl BlkBackend {
     /// ([`queue::Taken`]).
     async fn answer(&self, chain: queue::Taken) -> queue::Answered {
         let mem: &Mem = chain.memory();
-        let descriptors: Vec<(u64, u32, bool)> = chain
-            .descriptors()
-            .iter()
-            .map(|d| (d.addr().0, d.len(), d.is_write_only()))
-            .collect();
+        let descriptors = chain.descriptors();
+        let parts = |d: &Descriptor| (d.addr().0, d.len(), d.is_write_only());
         // A chain the queue stopped following is not the request the guest built: it is
         // refused whole.
-        let last_has_next = chain.descriptors().last().is_some_and(|d| d.has_next());
+        let last_has_next = descriptors.last().is_some_and(|d| d.has_next());
         let split = request::check_ends(descriptors.len(), last_has_next, chain.queue_size())
-            .and_then(|()| Chain::split(descriptors.iter().copied()));
+            .and_then(|()| Chain::split(descriptors.iter().map(parts)));
         let used = match split {
             Ok(parsed) => self.execute(mem, &parsed).await,
             Err(e) => {
                 tracing::warn!(volume = %self.name, error = %e, "malformed virtio-blk descriptor chain");
                 self.counters.request(Op::Other, Status::IoErr);
-                let last = descriptors.last().copied();
+                let last = descriptors.last().map(parts);
                 self.write_status(mem, request::fallback_status_addr(last), Status::IoErr)
             }
         };
