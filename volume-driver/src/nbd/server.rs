@@ -435,12 +435,15 @@ enum Job {
     /// A request refused when it was read: its reply, as is.
     Refused(Reply),
     /// A request to run against the export.
-    Run {
-        cookie: u64,
-        command: Command,
-        payload: Bytes,
-        permits: Permits,
-    },
+    Run(Request),
+}
+
+/// A request read and admitted, with what it holds of the connection's budget.
+struct Request {
+    cookie: u64,
+    command: Command,
+    payload: Bytes,
+    permits: Permits,
 }
 
 /// A reply to send. The permits are returned once it is in the writer's buffer.
@@ -588,12 +591,12 @@ where
             Command::Disconnect => break Ok(()),
             _ => Bytes::new(),
         };
-        let _ = tx.send(Job::Run {
+        let _ = tx.send(Job::Run(Request {
             cookie: hdr.cookie,
             command,
             payload,
             permits,
-        });
+        }));
     };
     // The runner answers what it was given, then ends, and so does the writer.
     drop(tx);
@@ -707,11 +710,17 @@ async fn run_requests(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     replies: mpsc::UnboundedSender<Vec<Reply>>,
 ) {
-    let run = |cookie: u64, command: Command, payload: Bytes, permits: Permits| {
+    let run = |request: Request| {
         let conn = &conn;
         async move {
-            let request = execute(conn.handle.as_ref(), command, payload, &conn.failures);
-            let (errno, data) = AssertUnwindSafe(request)
+            let Request {
+                cookie,
+                command,
+                payload,
+                permits,
+            } = request;
+            let work = execute(conn.handle.as_ref(), command, payload, &conn.failures);
+            let (errno, data) = AssertUnwindSafe(work)
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
@@ -738,8 +747,7 @@ async fn run_requests(
         tokio::select! {
             Some(reply) = running.next(), if !running.is_empty() => batch.push(reply),
             job = jobs.recv(), if reading => match job {
-                Some(Job::Run { cookie, command, payload, permits }) =>
-                    running.push(run(cookie, command, payload, permits)),
+                Some(Job::Run(request)) => running.push(run(request)),
                 Some(Job::Refused(reply)) => batch.push(reply),
                 None => reading = false,
             },
@@ -753,12 +761,7 @@ async fn run_requests(
         for _ in 0..2 * MAX_IN_FLIGHT {
             if let Ok(job) = jobs.try_recv() {
                 match job {
-                    Job::Run {
-                        cookie,
-                        command,
-                        payload,
-                        permits,
-                    } => running.push(run(cookie, command, payload, permits)),
+                    Job::Run(request) => running.push(run(request)),
                     Job::Refused(reply) => batch.push(reply),
                 }
             } else if let Some(Some(reply)) = running.next().now_or_never() {
