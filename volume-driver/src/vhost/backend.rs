@@ -910,6 +910,25 @@ mod tests {
         fn status(&self) -> u8 {
             self.mem.read_obj(GuestAddress(STATUS)).expect("status")
         }
+
+        /// A request header of type `kind` for `sector` at [`HEADER`].
+        fn header(&self, kind: u32, sector: u64) {
+            let mut header = [0u8; 16];
+            header[..4].copy_from_slice(&kind.to_le_bytes());
+            header[8..].copy_from_slice(&sector.to_le_bytes());
+            self.mem
+                .write_slice(&header, GuestAddress(HEADER))
+                .expect("header");
+        }
+
+        /// A write of one sector of 0xa5 bytes to sector 0: its header at [`HEADER`], its
+        /// data at [`DATA`].
+        fn a5_write(&self) {
+            self.header(VIRTIO_BLK_T_OUT, 0);
+            self.mem
+                .write_slice(&[0xa5; 512], GuestAddress(DATA))
+                .expect("data");
+        }
     }
 
     fn requests(volume: &str) -> Vec<(&'static str, &'static str, u64)> {
@@ -922,11 +941,7 @@ mod tests {
     #[test]
     fn a_read_is_answered_with_the_volumes_bytes_and_counted() {
         let d = device("backend-test-read");
-        let mut header = [0u8; 16];
-        header[8..].copy_from_slice(&1u64.to_le_bytes()); // sector 1, VIRTIO_BLK_T_IN
-        d.mem
-            .write_slice(&header, GuestAddress(HEADER))
-            .expect("header");
+        d.header(VIRTIO_BLK_T_IN, 1);
         let used = d.answer(&[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
         assert_eq!(used, 513);
         assert_eq!(d.status(), Status::Ok.byte());
@@ -1022,14 +1037,7 @@ mod tests {
     #[test]
     fn a_chain_that_does_not_end_is_refused_whole_and_its_write_never_runs() {
         let d = device("backend-test-unterminated");
-        let mut header = [0u8; 16];
-        header[0] = VIRTIO_BLK_T_OUT as u8;
-        d.mem
-            .write_slice(&header, GuestAddress(HEADER))
-            .expect("header");
-        d.mem
-            .write_slice(&[0xa5; 512], GuestAddress(DATA))
-            .expect("data");
+        d.a5_write();
         let write = [(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)];
         // The status descriptor chained to itself (a loop, which the queue follows for
         // its size in descriptors), then to a slot beyond the 64-descriptor table.
@@ -1052,10 +1060,7 @@ mod tests {
         );
         // The volume still holds its own bytes at sector 0.
         let read = [(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)];
-        header[0] = VIRTIO_BLK_T_IN as u8;
-        d.mem
-            .write_slice(&header, GuestAddress(HEADER))
-            .expect("header");
+        d.header(VIRTIO_BLK_T_IN, 0);
         assert_eq!(d.answer(&read), 513);
         let mut data = [0u8; 512];
         d.mem
@@ -1103,11 +1108,7 @@ mod tests {
     #[test]
     fn a_read_through_an_indirect_table_is_answered() {
         let d = device("backend-test-indirect");
-        let mut header = [0u8; 16];
-        header[8..].copy_from_slice(&1u64.to_le_bytes()); // sector 1, VIRTIO_BLK_T_IN
-        d.mem
-            .write_slice(&header, GuestAddress(HEADER))
-            .expect("header");
+        d.header(VIRTIO_BLK_T_IN, 1);
         d.table(&chain(
             &[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)],
             0,
@@ -1126,14 +1127,7 @@ mod tests {
     fn chains_the_queue_stops_following_through_indirect_tables_are_refused_and_nothing_is_written()
     {
         let d = device("backend-test-indirect-bad");
-        let mut header = [0u8; 16];
-        header[0] = VIRTIO_BLK_T_OUT as u8;
-        d.mem
-            .write_slice(&header, GuestAddress(HEADER))
-            .expect("header");
-        d.mem
-            .write_slice(&[0xa5; 512], GuestAddress(DATA))
-            .expect("data");
+        d.a5_write();
         // A whole write whose status descriptor still says NEXT, to `table` after it:
         // without the end check, a valid write. It gets IOERR at its status byte.
         let write_then = |table: RawDescriptor| {
