@@ -532,12 +532,8 @@ where
         // Both semaphores live as long as this function: acquire cannot fail. A client
         // that stops reading replies keeps the budget used up: wait for it, for shutdown or
         // for the replies to fail.
-        let acquired = tokio::select! {
-            p = Arc::clone(&count).acquire_owned() => p.ok(),
-            _ = shutdown_requested(&mut shutdown) => None,
-            _ = tx.closed() => None,
-        };
-        let Some(count_permit) = acquired else {
+        let acquired = unless_ending(Arc::clone(&count).acquire_owned(), &mut shutdown, &tx);
+        let Some(count_permit) = acquired.await else {
             break Err(ConnError::Shutdown);
         };
         let command = match proto::validate_request(&hdr, limits) {
@@ -567,12 +563,8 @@ where
             _ => 0,
         };
         let bytes_permit = if cost > 0 {
-            let acquired = tokio::select! {
-                p = Arc::clone(&bytes).acquire_many_owned(cost) => p.ok(),
-                _ = shutdown_requested(&mut shutdown) => None,
-                _ = tx.closed() => None,
-            };
-            match acquired {
+            let acquired = Arc::clone(&bytes).acquire_many_owned(cost);
+            match unless_ending(acquired, &mut shutdown, &tx).await {
                 Some(p) => Some(p),
                 None => break Err(ConnError::Shutdown),
             }
@@ -621,6 +613,20 @@ where
         Err(e) => return Err(ConnError::Protocol(format!("reply writer failed: {e}"))),
     }
     result
+}
+
+/// A budget permit from `acquire`, or `None` once the connection is ending (shutdown, or
+/// the replies can no longer be sent) before it comes.
+async fn unless_ending<P>(
+    acquire: impl std::future::Future<Output = Result<P, tokio::sync::AcquireError>>,
+    shutdown: &mut Shutdown,
+    jobs: &mpsc::UnboundedSender<Job>,
+) -> Option<P> {
+    tokio::select! {
+        p = acquire => p.ok(),
+        _ = shutdown_requested(shutdown) => None,
+        _ = jobs.closed() => None,
+    }
 }
 
 /// Read exactly `len` bytes into a fresh buffer without zero-filling it first. The buffer
