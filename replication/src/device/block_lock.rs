@@ -22,6 +22,10 @@ struct Stripes {
     held: [i32; STRIPES],
     /// Per stripe: exclusive requests waiting for it.
     waiting: [u32; STRIPES],
+    /// Threads asleep on `changed`. A release wakes them only when there are some: std's
+    /// `Condvar::notify_all` makes a system call even with nobody waiting, which every
+    /// aligned write would otherwise pay.
+    sleepers: u32,
 }
 
 impl Default for Stripes {
@@ -29,6 +33,7 @@ impl Default for Stripes {
         Stripes {
             held: [0; STRIPES],
             waiting: [0; STRIPES],
+            sleepers: 0,
         }
     }
 }
@@ -73,6 +78,14 @@ impl BlockLocks {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Sleep until a guard is released.
+    fn wait<'a>(&self, mut st: MutexGuard<'a, Stripes>) -> MutexGuard<'a, Stripes> {
+        st.sleepers += 1;
+        let mut st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        st.sleepers -= 1;
+        st
+    }
+
     fn shared_free(st: &Stripes, mask: u64) -> bool {
         bits(mask).all(|i| st.held[i] >= 0 && st.waiting[i] == 0)
     }
@@ -87,7 +100,7 @@ impl BlockLocks {
     pub(crate) fn shared(self: &Arc<Self>, mask: u64) -> BlockGuard {
         let mut st = self.lock();
         while !Self::shared_free(&st, mask) {
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.wait(st);
         }
         Self::take_shared(&mut st, mask);
         self.guard(mask, false)
@@ -110,7 +123,7 @@ impl BlockLocks {
             st.waiting[i] += 1;
         }
         while bits(mask).any(|i| st.held[i] != 0) {
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.wait(st);
         }
         for i in bits(mask) {
             st.waiting[i] -= 1;
@@ -138,8 +151,11 @@ impl Drop for BlockGuard {
                 st.held[i] -= 1;
             }
         }
+        let sleepers = st.sleepers > 0;
         drop(st);
-        self.locks.changed.notify_all();
+        if sleepers {
+            self.locks.changed.notify_all();
+        }
     }
 }
 
@@ -185,5 +201,21 @@ mod tests {
         drop(first);
         waiter.join().unwrap();
         assert!(locks.try_shared(1).is_some());
+    }
+
+    #[test]
+    fn a_release_wakes_a_sleeping_shared_holder() {
+        let locks = Arc::new(BlockLocks::default());
+        let rmw = locks.exclusive(1);
+        let waiter = {
+            let locks = Arc::clone(&locks);
+            std::thread::spawn(move || drop(locks.shared(1)))
+        };
+        while locks.lock().sleepers == 0 {
+            std::thread::yield_now();
+        }
+        drop(rmw);
+        waiter.join().unwrap();
+        assert_eq!(locks.lock().sleepers, 0);
     }
 }
