@@ -1708,7 +1708,7 @@ impl Replica {
         op: &'static str,
         offset: u64,
         len: u64,
-        mut p: Primary,
+        p: Primary,
         request: Op,
     ) -> Result<(), EngineError> {
         self.check_range(offset, len)?;
@@ -1718,7 +1718,7 @@ impl Replica {
                 break gate;
             }
             drop(gate);
-            p = self.admit().await?;
+            self.admit().await?;
         };
         let Some(me) = self.arc() else {
             return Err(EngineError::Closed {
