@@ -113,6 +113,75 @@ mod primary;
 
 pub use primary::{Primary, RangeLock};
 
+/// An engine's bookkeeping for one request in flight, released by [`Holds`] (see
+/// [`ReleaseHolds::release_holds`]).
+pub trait ReleaseHolds: Send + Sync {
+    /// The request `[offset, offset + len)` that took `tag` is over: its local I/O has
+    /// completed (or it never reached the device) and its peers are done with it. Called
+    /// once per [`Holds`], from whichever side drops it; must be quick and must not call
+    /// into the [`Primary`].
+    fn release_holds(&self, offset: u64, len: u64, tag: u64);
+}
+
+/// What an engine keeps taken while a request is in flight (its I/O gate, the
+/// write-intent extents, its record of local writes in flight), handed to the [`Primary`]
+/// with the request ([`Primary::submit_held`]). The volume task keeps it with the request
+/// and gives it back with the completion, so a submitter that waits releases it after the
+/// request completed, exactly as if it had kept it; one whose future is dropped (or
+/// unwinds) meanwhile does not release it early: the task drops it once the local I/O and
+/// the peers are done. No allocation: the owner is an `Arc` the engine already has.
+#[derive(Default)]
+pub struct Holds {
+    /// Released first (`release_holds`), then the gate.
+    owner: Option<(Arc<dyn ReleaseHolds>, u64, u64, u64)>,
+    gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+}
+
+impl Holds {
+    /// Nothing held.
+    pub fn none() -> Holds {
+        Holds::default()
+    }
+
+    /// `gate` (if any) and whatever `owner` releases for `[offset, offset + len)` and
+    /// `tag`; dropping the value releases them, the owner's first.
+    pub fn new(
+        gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+        owner: Arc<dyn ReleaseHolds>,
+        offset: u64,
+        len: u64,
+        tag: u64,
+    ) -> Holds {
+        Holds {
+            owner: Some((owner, offset, len, tag)),
+            gate,
+        }
+    }
+
+    /// Release everything now (the same as dropping it).
+    pub fn release(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Holds {
+    fn drop(&mut self) {
+        if let Some((owner, offset, len, tag)) = self.owner.take() {
+            owner.release_holds(offset, len, tag);
+        }
+        // The gate guard is a field: dropped after this, i.e. after the owner's release.
+    }
+}
+
+impl std::fmt::Debug for Holds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holds")
+            .field("gate", &self.gate.is_some())
+            .field("owner", &self.owner.as_ref().map(|(_, o, l, t)| (o, l, t)))
+            .finish()
+    }
+}
+
 /// Called with (peer node name, offset, length) for every range a peer may lack.
 pub type OutOfSyncHook = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 

@@ -17,9 +17,10 @@ use bytes::Bytes;
 use rand::{Rng, RngCore, SeedableRng};
 use replica_support::forward;
 use replication::auth::Secret;
+use replication::core::op::Op;
 use replication::datapath::{
-    run_secondary, DatapathError, OutOfSyncHook, Primary, PrimaryConfig, SecondaryConfig,
-    WriteIntentHooks, WriteIntentLog,
+    run_secondary, DatapathError, Holds, OutOfSyncHook, Primary, PrimaryConfig, ReleaseHolds,
+    SecondaryConfig, WriteIntentHooks, WriteIntentLog,
 };
 use replication::device::{BackingDevice, DeviceError, FileDevice};
 use replication::failure_log::{error_chain, FailureLog};
@@ -1320,4 +1321,95 @@ async fn extension_messages_reach_their_sinks_both_ways() {
         prx.recv().await.unwrap(),
         ("secondary".to_string(), ext(0x0102, b"bitmap"))
     );
+}
+
+/// What an engine's holds released, in order: (offset, len, tag).
+#[derive(Default)]
+struct RecordedReleases(Mutex<Vec<(u64, u64, u64)>>);
+
+impl ReleaseHolds for RecordedReleases {
+    fn release_holds(&self, offset: u64, len: u64, tag: u64) {
+        self.0.lock().unwrap().push((offset, len, tag));
+    }
+}
+
+/// Opens a device's gate when dropped, also when the test fails (the runtime's shutdown
+/// waits for a write held on the blocking pool).
+struct OpenOnDrop(Arc<TestDevice>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.set_gate(true);
+    }
+}
+
+/// The holds submitted with a request come back with its completion (the submitter
+/// releases them after it has the outcome); when the submitter's future is dropped while
+/// the local write is in flight, the volume task releases them, and only once that write
+/// completed: never while the device may still be writing the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_of_a_dropped_request_are_released_only_after_its_local_write() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let released = Arc::new(RecordedReleases::default());
+    let holds = |tag| {
+        let gate = gate.clone().try_read_owned().unwrap();
+        Holds::new(Some(gate), released.clone(), 8192, 4096, tag)
+    };
+    let write = || Op::Write {
+        data: Bytes::from(vec![0x3C; 4096]),
+        fua: false,
+    };
+
+    // A submitter that waits gets its holds back, still held.
+    let (done, back) = pair.primary.submit_held(8192, write(), holds(1)).await;
+    done.unwrap();
+    assert!(released.0.lock().unwrap().is_empty());
+    assert!(gate.try_write().is_err());
+    back.release();
+    assert_eq!(*released.0.lock().unwrap(), vec![(8192, 4096, 1)]);
+    assert!(gate.try_write().is_ok());
+
+    // A submitter that goes away while the local write is held on the device.
+    p.dev.set_gate(false);
+    let _open = OpenOnDrop(p.dev.clone());
+    let started = p.dev.writes_started.load(Ordering::SeqCst);
+    {
+        let submit = pair.primary.submit_held(8192, write(), holds(2));
+        tokio::pin!(submit);
+        let t0 = Instant::now();
+        while p.dev.writes_started.load(Ordering::SeqCst) == started {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the write never reached the disk"
+            );
+            tokio::select! {
+                r = &mut submit => panic!("completed with the device held: {:?}", r.0),
+                () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        released.0.lock().unwrap().len(),
+        1,
+        "released while the write was held"
+    );
+    assert!(
+        gate.try_write().is_err(),
+        "gate free while the write was held"
+    );
+
+    p.dev.set_gate(true);
+    let t0 = Instant::now();
+    while released.0.lock().unwrap().len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "never released");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(released.0.lock().unwrap()[1], (8192, 4096, 2));
+    assert!(gate.try_write().is_ok());
+    pair.primary.wait_replicated().await;
+    assert_eq!(sha256_file(&p.path), sha256_file(&s.path));
 }

@@ -1459,3 +1459,152 @@ async fn a_pause_holds_every_promotion_and_needs_every_replica_in_sync() {
         "{err}"
     );
 }
+
+/// A device whose data writes wait while it is held (flushes and reads pass), and that
+/// says when a write arrived.
+struct HeldWrites {
+    inner: std::sync::Arc<dyn replication::device::BackingDevice>,
+    held: std::sync::Mutex<bool>,
+    released: std::sync::Condvar,
+    arrived: tokio::sync::Notify,
+}
+
+impl HeldWrites {
+    fn hold(&self) {
+        *self.held.lock().unwrap() = true;
+    }
+
+    fn release(&self) {
+        *self.held.lock().unwrap() = false;
+        self.released.notify_all();
+    }
+
+    /// A data write arrived: wait while held.
+    fn gate(&self) {
+        let mut held = self.held.lock().unwrap();
+        if *held {
+            self.arrived.notify_one();
+        }
+        while *held {
+            held = self.released.wait(held).unwrap();
+        }
+    }
+}
+
+/// Releases the held writes when dropped, also when the test fails (the runtime's
+/// shutdown waits for a write held on the blocking pool).
+struct ReleaseOnDrop(std::sync::Arc<HeldWrites>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+impl replication::device::BackingDevice for HeldWrites {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), replication::device::DeviceError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), replication::device::DeviceError> {
+        self.gate();
+        self.inner.write_at(buf, offset)
+    }
+    fn write_at_durable(
+        &self,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<(), replication::device::DeviceError> {
+        self.gate();
+        self.inner.write_at_durable(buf, offset)
+    }
+    fn flush(&self) -> Result<(), replication::device::DeviceError> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), replication::device::DeviceError> {
+        self.gate();
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<(), replication::device::DeviceError> {
+        self.gate();
+        self.inner.write_zeroes(offset, len, may_unmap)
+    }
+    fn set_size(&self, size: u64) {
+        self.inner.set_size(size)
+    }
+}
+
+/// A write whose caller goes away (its future dropped: an NBD connection aborted after
+/// its grace, a timeout) while the local disk still writes keeps the I/O gate, its
+/// activity-log extents and its in-flight record until the disk is done: a pause (a
+/// snapshot's consistent cut; a demotion or handshake takes the same gate) waits for it
+/// instead of cutting while the block is still being written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_write_keeps_the_io_gate_until_its_disk_write_completes() {
+    let mut c = Cluster::new(&["hv1", "hv2"], &[], 16 * MIB, ReplicaOptions::default()).await;
+    let mut dev = None;
+    c.reopen_on("hv1", |inner| {
+        let d = std::sync::Arc::new(HeldWrites {
+            inner,
+            held: std::sync::Mutex::new(false),
+            released: std::sync::Condvar::new(),
+            arrived: tokio::sync::Notify::new(),
+        });
+        dev = Some(d.clone());
+        d
+    })
+    .await;
+    let dev = dev.unwrap();
+    let _release = ReleaseOnDrop(dev.clone());
+    c.wait_fully_connected(&["hv1", "hv2"]).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    wait_for(&a, "hv1 sees hv2 UpToDate", 10, |s| {
+        peer(s, "hv2").disk_state == DiskState::UpToDate
+    })
+    .await;
+    promote_within(&a, 10).await;
+    a.write(0, data(1, 4096), false).await.unwrap();
+
+    // A FUA write goes to the disk on the blocking pool, in parallel with the peer: hold
+    // it there, then drop its future.
+    dev.hold();
+    {
+        let write = a.write(MIB, data(2, 4096), true);
+        tokio::pin!(write);
+        tokio::select! {
+            r = &mut write => panic!("the held write completed: {r:?}"),
+            () = dev.arrived.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(10)) => panic!("the write never reached the disk"),
+        }
+    }
+
+    let pausing = tokio::spawn({
+        let a = a.clone();
+        async move { a.pause_writes(Duration::from_secs(10)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !pausing.is_finished(),
+        "a pause got the I/O gate while a dropped write was still being written: {:?}",
+        pausing.await.unwrap().map(drop)
+    );
+
+    // The disk completes the write: the gate is free, the pause drains and holds.
+    dev.release();
+    let pause = tokio::time::timeout(Duration::from_secs(10), pausing)
+        .await
+        .expect("the pause still waits once the write completed")
+        .unwrap()
+        .unwrap();
+    drop(pause);
+    assert_eq!(a.read(MIB, 4096).await.unwrap(), data(2, 4096));
+    wait_converged(&a, &b, 10).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}

@@ -23,7 +23,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Completion, DatapathError, ExtensionSink, OutOfSyncHook, PrimaryConfig};
+use super::{Completion, DatapathError, ExtensionSink, Holds, OutOfSyncHook, PrimaryConfig};
 use crate::core::op::{Op, FRAME_OVERHEAD};
 use crate::device::BackingDevice;
 use crate::link::{LinkReceiver, LinkSender, PeerLink};
@@ -33,7 +33,10 @@ mod task;
 
 use task::VolumeTask;
 
-type Reply = oneshot::Sender<Result<Completion, DatapathError>>;
+/// A request's outcome, with the [`Holds`] it was submitted with (given back so that a
+/// waiting submitter releases them itself, after it has the outcome).
+type Answer = (Result<Completion, DatapathError>, Holds);
+type Reply = oneshot::Sender<Answer>;
 
 /// What the handles send the volume task.
 enum Input {
@@ -42,6 +45,7 @@ enum Input {
         op: Op,
         start: Instant,
         reply: Reply,
+        holds: Holds,
     },
     Flush {
         start: Instant,
@@ -316,6 +320,56 @@ impl Primary {
         self.submit(offset, Op::Write { data, fua }).await
     }
 
+    /// Hand `op` at `offset` to the volume task with `holds`, and wait for its completion.
+    /// The task keeps `holds` while the request is in flight and gives them back with its
+    /// outcome (the caller drops them when it is done with the outcome); if this future
+    /// is dropped first, the task drops them once the request's local I/O and its peers
+    /// are done, never while the device may still be writing. On an error before the
+    /// request reached the task (too large, out of range, task stopped) they come back
+    /// unused.
+    pub async fn submit_held(
+        &self,
+        offset: u64,
+        op: Op,
+        holds: Holds,
+    ) -> (Result<Completion, DatapathError>, Holds) {
+        if let Op::Write { data, .. } = &op {
+            if data.len() > MAX_DATA_LEN {
+                let e = DatapathError::TooLarge {
+                    len: data.len(),
+                    max: MAX_DATA_LEN,
+                };
+                return (Err(e), holds);
+            }
+        }
+        let len = op.len();
+        if let Err(e) = self.check_range(offset, len) {
+            return (Err(e), holds);
+        }
+        self.shared.app_bytes.fetch_add(len, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        let start = Instant::now();
+        let input = Input::Request {
+            offset,
+            op,
+            start,
+            reply,
+            holds,
+        };
+        if let Err(mpsc::error::SendError(input)) = self.tx.send(input) {
+            let holds = match input {
+                Input::Request { holds, .. } => holds,
+                _ => Holds::none(),
+            };
+            return (Err(DatapathError::Stopped), holds);
+        }
+        match rx.await {
+            Ok(answer) => answer,
+            // The task dropped the request (it is gone): so are the holds.
+            Err(_) => (Err(DatapathError::Stopped), Holds::none()),
+        }
+    }
+
     /// [`Primary::submit_trim`] with its [`Completion`].
     pub async fn trim_request(
         &self,
@@ -345,18 +399,7 @@ impl Primary {
     /// Hand one request to the volume task and wait for its completion. The task carries
     /// it through even if this future is dropped.
     async fn submit(&self, offset: u64, op: Op) -> Result<Completion, DatapathError> {
-        let len = op.len();
-        self.check_range(offset, len)?;
-        self.shared.app_bytes.fetch_add(len, Ordering::Relaxed);
-        let (reply, rx) = oneshot::channel();
-        let start = Instant::now();
-        self.send(Input::Request {
-            offset,
-            op,
-            start,
-            reply,
-        })?;
-        rx.await.map_err(|_| DatapathError::Stopped)?
+        self.submit_held(offset, op, Holds::none()).await.0
     }
 
     /// Flush the local disk and send Flush to every connected peer. Under protocol C this
@@ -371,6 +414,6 @@ impl Primary {
         let (reply, rx) = oneshot::channel();
         let start = Instant::now();
         self.send(Input::Flush { start, reply })?;
-        rx.await.map_err(|_| DatapathError::Stopped)?
+        rx.await.map_err(|_| DatapathError::Stopped)?.0
     }
 }

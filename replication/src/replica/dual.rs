@@ -225,17 +225,20 @@ impl WriteTracker {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A local write of `len` bytes at `offset` is submitted; it is in flight until the
-    /// guard is dropped.
-    pub fn begin(self: &Arc<Self>, offset: u64, len: u64) -> InflightWrite {
+    /// A local write of `len` bytes at `offset` is submitted; it is in flight until
+    /// [`WriteTracker::end_tag`] is called with the returned tag (the engine's request
+    /// holds do it once the write is over, see `Replica::modify`).
+    pub fn begin_tag(&self, offset: u64, len: u64) -> u64 {
         let mut st = self.state();
         st.next_id = st.next_id.wrapping_add(1);
         let id = st.next_id;
         st.inflight.insert(id, (offset, len));
-        InflightWrite {
-            tracker: Arc::clone(self),
-            id,
-        }
+        id
+    }
+
+    /// The local write that [`WriteTracker::begin_tag`] returned `tag` for is over.
+    pub fn end_tag(&self, tag: u64) {
+        self.state().inflight.remove(&tag);
     }
 
     /// A local write in flight that overlaps `[offset, offset + len)`.
@@ -262,18 +265,6 @@ impl WriteTracker {
     /// Forget recorded overlaps (two primaries allowed anew).
     pub fn clear_conflicts(&self) {
         self.state().conflicts.clear();
-    }
-}
-
-/// One local write in flight; dropping it ends it.
-pub struct InflightWrite {
-    tracker: Arc<WriteTracker>,
-    id: u64,
-}
-
-impl Drop for InflightWrite {
-    fn drop(&mut self) {
-        self.tracker.state().inflight.remove(&self.id);
     }
 }
 

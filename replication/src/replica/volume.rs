@@ -22,8 +22,9 @@ use crate::activity_log::{
     ActivityLog, Admission, AlError, AlTransaction, EXTENT_SIZE, MIN_AL_EXTENTS,
 };
 use crate::bitmap::Bitmap;
+use crate::core::op::Op;
 use crate::core::promotion::{self, PeerFacts, View};
-use crate::datapath::{Primary, PrimaryConfig};
+use crate::datapath::{Holds, Primary, PrimaryConfig, ReleaseHolds};
 use crate::device::BackingDevice;
 use crate::failure_log::{error_chain, FailureLog};
 use crate::generation::{Generation, SplitMix64, UuidSet};
@@ -1695,33 +1696,46 @@ impl Replica {
         Ok(())
     }
 
+    /// Run `request` (a write, trim or write-zeroes of `[offset, offset + len)`) on `p`
+    /// inside the I/O gate, with its activity-log extents taken and recorded as a local
+    /// write in flight. Those three holds travel with the request into the volume task
+    /// ([`Holds`]): if this future is dropped or unwinds while the request is in flight,
+    /// they are released only once its local I/O and its peers are done, so no demotion,
+    /// pause or handshake passes the gate, no extent goes cold and no overlapping peer
+    /// write is accepted while the device may still be writing the range.
     async fn modify(
         &self,
         op: &'static str,
         offset: u64,
         len: u64,
-        run: impl std::future::Future<
-            Output = Result<crate::datapath::Completion, crate::datapath::DatapathError>,
-        >,
+        p: Primary,
+        request: Op,
     ) -> Result<(), EngineError> {
         self.check_range(offset, len)?;
         let gate = loop {
-            let gate = self.io_gate.read().await;
+            let gate = self.io_gate.clone().read_owned().await;
             if self.new_generation_if_armed().await? {
                 break gate;
             }
             drop(gate);
             self.admit().await?;
         };
+        let Some(me) = self.arc() else {
+            return Err(EngineError::Closed {
+                volume: self.volume.clone(),
+            });
+        };
         let al_hold = self.al_begin(offset, len).await?;
-        // Before the data path picks the peers (`run` has not been polled yet).
+        // Before the data path picks the peers (the request is not submitted yet).
         let links_before = self.link_ids();
-        let inflight = self.writes.begin(offset, len);
-        let res = run.await;
-        drop(inflight);
-        drop(al_hold);
+        let tag = self.writes.begin_tag(offset, len);
+        // From here on the extents and the tracker entry are released by the holds
+        // (`release_holds`), wherever they are dropped.
+        al_hold.keep();
+        let holds = Holds::new(Some(gate), me, offset, len, tag);
+        let (res, holds) = p.submit_held(offset, request, holds).await;
         // Outside the gate: a handshake that brings quorum back needs it.
-        drop(gate);
+        holds.release();
         let done = res.map_err(|source| EngineError::Datapath {
             volume: self.volume.clone(),
             op,
@@ -1907,7 +1921,7 @@ impl Replica {
         let _pending = hold(&self.stats.pending_upper, 1);
         let p = self.admit().await?;
         let len = data.len() as u64;
-        self.modify("write", offset, len, p.write_request(offset, data, fua))
+        self.modify("write", offset, len, p, Op::Write { data, fua })
             .await
     }
 
@@ -1945,8 +1959,8 @@ impl Replica {
         self.check_range(offset, len)?;
         for (offset, len) in self.range_parts(offset, len) {
             let p = self.admit().await?;
-            self.modify("trim", offset, len, p.trim_request(offset, len, false))
-                .await?;
+            let trim = Op::Trim { len, fua: false };
+            self.modify("trim", offset, len, p, trim).await?;
         }
         Ok(())
     }
@@ -1962,13 +1976,12 @@ impl Replica {
         self.check_range(offset, len)?;
         for (offset, len) in self.range_parts(offset, len) {
             let p = self.admit().await?;
-            self.modify(
-                "write zeroes",
-                offset,
+            let zeroes = Op::WriteZeroes {
                 len,
-                p.write_zeroes_request(offset, len, may_unmap, false),
-            )
-            .await?;
+                may_unmap,
+                fua: false,
+            };
+            self.modify("write zeroes", offset, len, p, zeroes).await?;
         }
         Ok(())
     }
@@ -2071,6 +2084,16 @@ impl Replica {
 /// How long a Secondary's write waits for room in the activity log before it fails (see
 /// [`Replica::al_begin_blocking`]).
 const PEER_WRITE_AL_WAIT: Duration = Duration::from_secs(10);
+
+/// What [`Holds`] release for a write, trim or write-zeroes once it is over (see
+/// [`Replica::modify`]): its record as a local write in flight, then its activity-log
+/// extents (the I/O gate is released by the holds right after).
+impl ReleaseHolds for Replica {
+    fn release_holds(&self, offset: u64, len: u64, tag: u64) {
+        self.writes.end_tag(tag);
+        self.al_end(offset, len);
+    }
+}
 
 /// Activity-log extents taken for one write: released (`al_end`) on drop.
 struct AlHold<'a> {

@@ -328,12 +328,21 @@ impl Cluster {
     }
 
     async fn open(&mut self, i: usize) {
+        self.open_on(i, |d| d).await;
+    }
+
+    /// Open host `i`'s replica on `wrap` of its file device (diskless: no device).
+    async fn open_on(
+        &mut self,
+        i: usize,
+        wrap: impl FnOnce(Arc<dyn BackingDevice>) -> Arc<dyn BackingDevice>,
+    ) {
         let spec = self.spec(i);
         let h = &mut self.hosts[i];
         let device: Option<Arc<dyn BackingDevice>> = if h.diskless {
             None
         } else {
-            Some(Arc::new(FileDevice::open(&h.disk).unwrap()))
+            Some(wrap(Arc::new(FileDevice::open(&h.disk).unwrap())))
         };
         let r = h
             .node
@@ -362,6 +371,18 @@ impl Cluster {
     pub async fn reopen(&mut self, name: &str) {
         let i = self.idx(name);
         self.open(i).await;
+    }
+
+    /// Close a host's replica cleanly and open it again on `wrap` of its file device (a
+    /// test device that pauses or fails I/O around the real one).
+    pub async fn reopen_on(
+        &mut self,
+        name: &str,
+        wrap: impl FnOnce(Arc<dyn BackingDevice>) -> Arc<dyn BackingDevice>,
+    ) {
+        self.close(name).await;
+        let i = self.idx(name);
+        self.open_on(i, wrap).await;
     }
 
     /// Kill a host: its node is dropped (no clean close).

@@ -32,7 +32,7 @@ use super::{Input, RangeLock, Reply, Shared};
 use crate::core::op::Op;
 use crate::core::primary::{PeerId, PrimaryAction, PrimaryCore, WaitId};
 use crate::core::secondary::INLINE_BYTES_PER_PASS;
-use crate::datapath::{Completion, DatapathError, ExtensionSink, OutOfSyncHook};
+use crate::datapath::{Completion, DatapathError, ExtensionSink, Holds, OutOfSyncHook};
 use crate::device::{BackingDevice, DeviceError, DeviceFuture};
 use crate::link::{LinkDown, LinkReceiver, LinkSender, SendPermit};
 use crate::wire::{error_code, Message, ReplicationProtocol};
@@ -110,6 +110,9 @@ struct InFlightOp {
     peers: Peers,
     /// Known peers that did not acknowledge it (see [`Completion::unacknowledged`]).
     unacknowledged: Vec<String>,
+    /// The submitter's holds: given back with the reply, or dropped here once the op is
+    /// done if the submitter is gone (never while its local I/O may still run).
+    holds: Holds,
 }
 
 enum What {
@@ -332,6 +335,7 @@ impl VolumeTask {
                 op,
                 start,
                 reply,
+                holds,
             } => {
                 let cost = op.cost().min(self.shared.cfg.max_inflight_bytes);
                 let key = self.ops.insert(InFlightOp {
@@ -349,6 +353,7 @@ impl VolumeTask {
                     local: Local::NotStarted,
                     peers: Peers::Waiting,
                     unacknowledged: Vec::new(),
+                    holds,
                 });
                 self.admission.push_back(key);
             }
@@ -645,6 +650,7 @@ impl VolumeTask {
             local: Local::Running,
             peers: Peers::Done(None),
             unacknowledged: self.core.unattached_known(),
+            holds: Holds::none(),
         });
         if let Some(wait) = wait {
             self.ops[key].peers = Peers::Waiting;
@@ -697,7 +703,9 @@ impl VolumeTask {
             local,
             peers,
         });
-        let _ = op.reply.send(completion);
+        // A submitter that gave up gets nothing: the answer, and its holds with it, are
+        // dropped here, now that the local I/O and the peers are done.
+        let _ = op.reply.send((completion, op.holds));
     }
 
     /// Carry out the core's actions in its order: every link gets requests and barriers in
