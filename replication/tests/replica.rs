@@ -1608,3 +1608,82 @@ async fn a_dropped_write_keeps_the_io_gate_until_its_disk_write_completes() {
     wait_converged(&a, &b, 10).await;
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
+
+/// A write admitted while the replica is Primary, but whose I/O gate comes only after a
+/// demotion took it, must fail without reaching the disk: the demotion told the peers that
+/// no write was in flight (found by review; before the fix the write went through the
+/// demoted Primary's still-running task onto hv1's disk).
+#[tokio::test]
+async fn a_write_admitted_before_a_demotion_does_not_reach_the_disk_after_it() {
+    let mut c = Cluster::new(&["hv1", "hv2"], &[], 16 * MIB, ReplicaOptions::default()).await;
+    let mut dev = None;
+    c.reopen_on("hv1", |inner| {
+        let d = std::sync::Arc::new(HeldWrites {
+            inner,
+            held: std::sync::Mutex::new(false),
+            released: std::sync::Condvar::new(),
+            arrived: tokio::sync::Notify::new(),
+        });
+        dev = Some(d.clone());
+        d
+    })
+    .await;
+    let dev = dev.unwrap();
+    let _release = ReleaseOnDrop(dev.clone());
+    c.wait_fully_connected(&["hv1", "hv2"]).await;
+    let a = c.r("hv1");
+    wait_for(&a, "hv1 sees hv2 UpToDate", 10, |s| {
+        peer(s, "hv2").disk_state == DiskState::UpToDate
+    })
+    .await;
+    promote_within(&a, 10).await;
+    a.write(0, data(1, 4096), false).await.unwrap();
+
+    // A first write holds the gate (its disk write is held), so the demotion waits for
+    // the gate; a second write, admitted meanwhile, queues for the gate behind it.
+    dev.hold();
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.write(MIB, data(2, 4096), true).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), dev.arrived.notified())
+        .await
+        .expect("the first write never reached the disk");
+    let demoting = tokio::spawn({
+        let a = a.clone();
+        async move { a.demote().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = tokio::spawn({
+        let a = a.clone();
+        async move { a.write(2 * MIB, data(3, 4096), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !second.is_finished(),
+        "the second write did not wait for the gate"
+    );
+
+    dev.release();
+    first.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), demoting)
+        .await
+        .expect("the demotion never finished")
+        .unwrap()
+        .unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the second write never finished")
+        .unwrap();
+    assert!(
+        second.is_err(),
+        "a write completed on a demoted replica: {second:?}"
+    );
+    let mut on_disk = vec![0u8; 4096];
+    replication::device::BackingDevice::read_at(&*dev, &mut on_disk, 2 * MIB).unwrap();
+    assert_ne!(
+        on_disk,
+        data(3, 4096),
+        "the second write reached hv1's disk after the demotion"
+    );
+}

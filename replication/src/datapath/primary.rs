@@ -148,6 +148,11 @@ impl Primary {
         self.tx.send(input).map_err(|_| DatapathError::Stopped)
     }
 
+    /// Whether `other` is a handle on the same Primary (the same volume task).
+    pub fn is_same(&self, other: &Primary) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// The replication protocol in force.
     pub fn protocol(&self) -> ReplicationProtocol {
         self.shared.cfg.protocol

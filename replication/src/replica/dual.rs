@@ -238,7 +238,11 @@ impl WriteTracker {
 
     /// The local write that [`WriteTracker::begin_tag`] returned `tag` for is over.
     pub fn end_tag(&self, tag: u64) {
-        self.state().inflight.remove(&tag);
+        let ended = self.state().inflight.remove(&tag);
+        debug_assert!(
+            ended.is_some(),
+            "write tag {tag} ended twice or never began"
+        );
     }
 
     /// A local write in flight that overlaps `[offset, offset + len)`.

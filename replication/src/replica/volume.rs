@@ -1712,13 +1712,14 @@ impl Replica {
         request: Op,
     ) -> Result<(), EngineError> {
         self.check_range(offset, len)?;
+        let mut p = p;
         let gate = loop {
             let gate = self.io_gate.clone().read_owned().await;
-            if self.new_generation_if_armed().await? {
+            if self.new_generation_if_armed().await? && self.still_admitted(&p) {
                 break gate;
             }
             drop(gate);
-            self.admit().await?;
+            p = self.admit().await?;
         };
         let Some(me) = self.arc() else {
             return Err(EngineError::Closed {
@@ -1746,6 +1747,22 @@ impl Replica {
         }
         IoStats::add(&self.stats.written_bytes, len);
         self.ack_gate(&done, links_before).await
+    }
+
+    /// Under the I/O gate: whether `p`, admitted before the gate was taken, is still this
+    /// replica's Primary and takes writes. A demotion takes the gate for itself, so one that
+    /// came in between shows here, and the write must not reach the disk through the
+    /// Primary it took down (found by review: the write landed after a clean demotion).
+    fn still_admitted(&self, p: &Primary) -> bool {
+        let st = lock(&self.st);
+        !st.closed
+            && st.role == Role::Primary
+            && st.disk == DiskState::UpToDate
+            && Self::writes_admitted(&st)
+            && st
+                .primary
+                .as_ref()
+                .is_some_and(|current| current.is_same(p))
     }
 
     /// The newest link id issued so far: the links a request started with are those with
