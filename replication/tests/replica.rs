@@ -1541,13 +1541,9 @@ impl replication::device::BackingDevice for HeldWrites {
     }
 }
 
-/// A write whose caller goes away (its future dropped: an NBD connection aborted after
-/// its grace, a timeout) while the local disk still writes keeps the I/O gate, its
-/// activity-log extents and its in-flight record until the disk is done: a pause (a
-/// snapshot's consistent cut; a demotion or handshake takes the same gate) waits for it
-/// instead of cutting while the block is still being written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_dropped_write_keeps_the_io_gate_until_its_disk_write_completes() {
+/// hv1 Primary over a device whose writes a test can hold ([`HeldWrites`]), with hv2 its
+/// UpToDate peer and one write done.
+async fn primary_over_held_writes() -> (Cluster, std::sync::Arc<HeldWrites>) {
     let mut c = Cluster::new(&["hv1", "hv2"], &[], 16 * MIB, ReplicaOptions::default()).await;
     let mut dev = None;
     c.reopen_on("hv1", |inner| {
@@ -1562,15 +1558,27 @@ async fn a_dropped_write_keeps_the_io_gate_until_its_disk_write_completes() {
     })
     .await;
     let dev = dev.unwrap();
-    let _release = ReleaseOnDrop(dev.clone());
     c.wait_fully_connected(&["hv1", "hv2"]).await;
-    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    let a = c.r("hv1");
     wait_for(&a, "hv1 sees hv2 UpToDate", 10, |s| {
         peer(s, "hv2").disk_state == DiskState::UpToDate
     })
     .await;
     promote_within(&a, 10).await;
     a.write(0, data(1, 4096), false).await.unwrap();
+    (c, dev)
+}
+
+/// A write whose caller goes away (its future dropped or unwound: a vhost queue thread that
+/// panics, a timeout) while the local disk still writes keeps the I/O gate, its
+/// activity-log extents and its in-flight record until the disk is done: a pause (a
+/// snapshot's consistent cut; a demotion or handshake takes the same gate) waits for it
+/// instead of cutting while the block is still being written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_write_keeps_the_io_gate_until_its_disk_write_completes() {
+    let (c, dev) = primary_over_held_writes().await;
+    let _release = ReleaseOnDrop(dev.clone());
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
 
     // A FUA write goes to the disk on the blocking pool, in parallel with the peer: hold
     // it there, then drop its future.
@@ -1615,29 +1623,9 @@ async fn a_dropped_write_keeps_the_io_gate_until_its_disk_write_completes() {
 /// demoted Primary's still-running task onto hv1's disk).
 #[tokio::test]
 async fn a_write_admitted_before_a_demotion_does_not_reach_the_disk_after_it() {
-    let mut c = Cluster::new(&["hv1", "hv2"], &[], 16 * MIB, ReplicaOptions::default()).await;
-    let mut dev = None;
-    c.reopen_on("hv1", |inner| {
-        let d = std::sync::Arc::new(HeldWrites {
-            inner,
-            held: std::sync::Mutex::new(false),
-            released: std::sync::Condvar::new(),
-            arrived: tokio::sync::Notify::new(),
-        });
-        dev = Some(d.clone());
-        d
-    })
-    .await;
-    let dev = dev.unwrap();
+    let (c, dev) = primary_over_held_writes().await;
     let _release = ReleaseOnDrop(dev.clone());
-    c.wait_fully_connected(&["hv1", "hv2"]).await;
     let a = c.r("hv1");
-    wait_for(&a, "hv1 sees hv2 UpToDate", 10, |s| {
-        peer(s, "hv2").disk_state == DiskState::UpToDate
-    })
-    .await;
-    promote_within(&a, 10).await;
-    a.write(0, data(1, 4096), false).await.unwrap();
 
     // A first write holds the gate (its disk write is held), so the demotion waits for
     // the gate; a second write, admitted meanwhile, queues for the gate behind it.
