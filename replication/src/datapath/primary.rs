@@ -316,12 +316,7 @@ impl Primary {
         data: Bytes,
         fua: bool,
     ) -> Result<Completion, DatapathError> {
-        if data.len() > MAX_DATA_LEN {
-            return Err(DatapathError::TooLarge {
-                len: data.len(),
-                max: MAX_DATA_LEN,
-            });
-        }
+        // `submit_held` refuses a write over MAX_DATA_LEN.
         self.submit(offset, Op::Write { data, fua }).await
     }
 
