@@ -37,7 +37,7 @@ use crate::placement::Placement;
 use crate::registry::{ManagedVm, Registry};
 use crate::status::{AgentStatus, Failover, PeerLiveness, VmStatus};
 use crate::watchdog::Pet;
-use crate::wire::{dial, Conn, Message};
+use crate::wire::{dial, Conn, Heartbeat, Message};
 
 /// What a peer told us last.
 #[derive(Debug, Clone, Default)]
@@ -45,6 +45,7 @@ struct PeerState {
     last_heard: Option<Instant>,
     running: Vec<String>,
     eligible: Vec<String>,
+    starting: Vec<String>,
     digest: String,
     /// Its decision loop has run at least once (its running list is meaningful).
     ready: bool,
@@ -58,6 +59,8 @@ struct Shared {
     /// Managed VMs active here, and the ones this node could start (from the last tick).
     running: Vec<String>,
     eligible: Vec<String>,
+    /// The managed VM the decision loop is starting here right now.
+    starting: Vec<String>,
     ready: bool,
     status: AgentStatus,
 }
@@ -118,33 +121,28 @@ impl Agent {
 
     fn own_heartbeat(&self) -> Message {
         let s = self.lock();
-        Message::Heartbeat {
+        Message::Heartbeat(Heartbeat {
             node: self.cfg.here().to_string(),
             running: s.running.clone(),
             eligible: s.eligible.clone(),
+            starting: s.starting.clone(),
             registry_digest: s.registry.digest(),
             ready: s.ready,
-        }
+        })
     }
 
-    /// A heartbeat from `node` (a configured peer).
-    fn heard(
-        &self,
-        node: &str,
-        running: Vec<String>,
-        eligible: Vec<String>,
-        digest: String,
-        ready: bool,
-    ) {
+    /// A heartbeat from a configured peer.
+    fn heard(&self, hb: Heartbeat) {
         let mut s = self.lock();
-        let Some(p) = s.peers.get_mut(node) else {
+        let Some(p) = s.peers.get_mut(&hb.node) else {
             return;
         };
         p.last_heard = Some(Instant::now());
-        p.running = running;
-        p.eligible = eligible;
-        p.digest = digest;
-        p.ready = ready;
+        p.running = hb.running;
+        p.eligible = hb.eligible;
+        p.starting = hb.starting;
+        p.digest = hb.registry_digest;
+        p.ready = hb.ready;
     }
 
     /// Merge `entries` into the registry, persist, log. Returns an error message on failure.
@@ -172,19 +170,13 @@ impl Agent {
 
     fn answer(&self, message: Message, from: &str) -> Message {
         match message {
-            Message::Heartbeat {
-                node,
-                running,
-                eligible,
-                registry_digest,
-                ready,
-            } => {
-                if node == self.cfg.here() || !self.lock().peers.contains_key(&node) {
+            Message::Heartbeat(hb) => {
+                if hb.node == self.cfg.here() || !self.lock().peers.contains_key(&hb.node) {
                     return Message::Error {
-                        message: format!("'{node}' is not a peer of {}", self.cfg.here()),
+                        message: format!("'{}' is not a peer of {}", hb.node, self.cfg.here()),
                     };
                 }
-                self.heard(&node, running, eligible, registry_digest, ready);
+                self.heard(hb);
                 self.own_heartbeat()
             }
             Message::Registry { registry, node } => match self.store(registry, &node) {
@@ -292,14 +284,7 @@ impl Agent {
         loop {
             ticker.tick().await;
             let answer = conn.request(&self.own_heartbeat(), timeout).await?;
-            let Message::Heartbeat {
-                node,
-                running,
-                eligible,
-                registry_digest,
-                ready,
-            } = answer
-            else {
+            let Message::Heartbeat(hb) = answer else {
                 tracing::warn!(
                     peer,
                     ?answer,
@@ -307,17 +292,17 @@ impl Agent {
                 );
                 return Ok(());
             };
-            if node != peer {
+            if hb.node != peer {
                 tracing::warn!(
                     peer,
-                    answered_as = node,
+                    answered_as = hb.node,
                     "peer agent answers with another name"
                 );
                 return Ok(());
             }
             let ours = self.lock().registry.clone();
-            let differs = registry_digest != ours.digest();
-            self.heard(peer, running, eligible, registry_digest, ready);
+            let differs = hb.registry_digest != ours.digest();
+            self.heard(hb);
             if differs {
                 let push = Message::Registry {
                     node: self.cfg.here().to_string(),
@@ -437,6 +422,7 @@ impl Agent {
                     heard: p.last_heard.is_some(),
                     eligible: p.eligible.contains(&vm.name),
                     running: p.ready && p.running.contains(&vm.name),
+                    starting: p.starting.contains(&vm.name),
                 })
                 .collect();
             let input = VmInput {
@@ -502,7 +488,19 @@ impl Agent {
                     );
                     let from = owner.clone().unwrap_or_default();
                     let last_heard = peers.get(&from).and_then(|p| p.last_heard);
-                    match self.start_here(hv, vm, fence_peer.as_deref()) {
+                    // Peers see the start in progress (their next heartbeat) and wait for
+                    // it instead of starting the VM too.
+                    self.lock().starting = vec![vm.name.clone()];
+                    let started = self.start_here(hv, vm, fence_peer.as_deref());
+                    {
+                        // Started is announced as running at once, never as neither.
+                        let mut s = self.lock();
+                        s.starting.clear();
+                        if started.is_ok() {
+                            s.running.push(vm.name.clone());
+                        }
+                    }
+                    match started {
                         Ok(()) => {
                             running_now = true;
                             st.placement.owners.insert(vm.name.clone(), here.clone());
@@ -789,6 +787,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             peers,
             running: Vec::new(),
             eligible: Vec::new(),
+            starting: Vec::new(),
             ready: false,
             status: AgentStatus {
                 node: here.clone(),

@@ -15,7 +15,8 @@
 //!   comes from their heartbeats; a node before this one that is alive but said it cannot
 //!   start the VM is passed over only once the failover has been due here for two
 //!   heartbeat intervals (its last heartbeat may predate its own view of the owner's
-//!   death). If two nodes still race, the volume's promotion decides: only one can be
+//!   death). A node that is starting the VM says so in its heartbeats, and every other
+//!   node waits for the outcome. If two nodes still race, the volume's promotion decides: only one can be
 //!   Primary, the loser's start fails and it backs off.
 //! - A management-only or replication-only silence is never a failover: "alive on one path"
 //!   means the host (and likely the VM) still runs.
@@ -113,6 +114,8 @@ pub struct PeerView {
     pub eligible: bool,
     /// Its last heartbeat lists this VM as running there (only meaningful while alive).
     pub running: bool,
+    /// Its last heartbeat says it is starting this VM right now.
+    pub starting: bool,
 }
 
 /// Everything the decision for one VM depends on.
@@ -247,6 +250,16 @@ pub fn decide(input: &VmInput<'_>) -> Decision {
 
     if let Some(p) = input.peers.iter().find(|p| p.management_alive && p.running) {
         return decision(Action::Nothing, format!("{vm} runs on {}", p.node));
+    }
+    if let Some(p) = input
+        .peers
+        .iter()
+        .find(|p| p.management_alive && p.starting)
+    {
+        return decision(
+            Action::Wait,
+            format!("{} is starting {vm}; waiting for the outcome", p.node),
+        );
     }
 
     let Some(owner) = input.owner else {
@@ -393,6 +406,7 @@ mod tests {
             heard: alive,
             eligible,
             running,
+            starting: false,
         }
     }
 
@@ -663,6 +677,25 @@ mod tests {
                 settled: false,
                 action: Action::Wait,
                 reason_contains: "waiting for hv3's next heartbeat",
+            },
+            Case {
+                name: "a node that said not eligible is starting it now: wait, never race it",
+                here: "hv3",
+                running_here: false,
+                disks: Ok(vec![up(true)]),
+                owner: Some("hv1"),
+                peers: vec![
+                    peer("hv1", false, false, false),
+                    PeerView {
+                        starting: true,
+                        ..peer("hv2", true, false, false)
+                    },
+                ],
+                prefer: vec!["hv2".into()],
+                backoff: None,
+                settled: true,
+                action: Action::Wait,
+                reason_contains: "hv2 is starting vm1",
             },
             Case {
                 name: "no preference: config node order breaks the tie (hv2 before hv3)",

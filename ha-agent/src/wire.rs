@@ -22,21 +22,28 @@ use crate::status::AgentStatus;
 /// Longest accepted message line (a registry with domain XMLs fits easily).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
+/// "I am alive": the managed VMs running on the sender, the ones it could start (eligible)
+/// and the ones it is starting, and its registry digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node: String,
+    pub running: Vec<String>,
+    pub eligible: Vec<String>,
+    /// Managed VMs the sender is starting right now (its peers wait for the outcome).
+    #[serde(default)]
+    pub starting: Vec<String>,
+    pub registry_digest: String,
+    /// The sender's decision loop has run (its `running` list is meaningful).
+    #[serde(default)]
+    pub ready: bool,
+}
+
 /// One message between agents (or from the CLI).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
-    /// "I am alive": the managed VMs running on the sender, the ones it could start
-    /// (eligible), and its registry digest.
-    Heartbeat {
-        node: String,
-        running: Vec<String>,
-        eligible: Vec<String>,
-        registry_digest: String,
-        /// The sender's decision loop has run (its `running` list is meaningful).
-        #[serde(default)]
-        ready: bool,
-    },
+    /// "I am alive" (see [`Heartbeat`]).
+    Heartbeat(Heartbeat),
     /// The sender's whole registry (merged by the receiver).
     Registry { node: String, registry: Registry },
     /// Store (or, with `removed`, drop) one managed VM.
@@ -207,6 +214,16 @@ pub async fn one_request(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_heartbeat_from_an_agent_without_the_starting_list_still_parses() {
+        let older = r#"{"type":"heartbeat","node":"hv1","running":["vm1"],"eligible":[],"registry_digest":"00","ready":true}"#;
+        let Message::Heartbeat(hb) = serde_json::from_str(older).unwrap() else {
+            panic!("not a heartbeat");
+        };
+        assert_eq!(hb.running, ["vm1"]);
+        assert!(hb.starting.is_empty());
+    }
+
     #[tokio::test]
     async fn authenticated_exchange_and_wrong_secret() {
         let secret = Secret::new(b"s3cret".to_vec()).unwrap();
@@ -239,13 +256,14 @@ mod tests {
             }
         });
         let mut c = dial(addr, &secret, Duration::from_secs(2)).await.unwrap();
-        let hb = Message::Heartbeat {
+        let hb = Message::Heartbeat(Heartbeat {
             node: "hv1".into(),
             running: vec!["vm1".into()],
             eligible: vec![],
+            starting: vec![],
             registry_digest: "00".into(),
             ready: true,
-        };
+        });
         assert_eq!(
             c.request(&hb, Duration::from_secs(2)).await.unwrap(),
             Message::Ok

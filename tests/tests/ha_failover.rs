@@ -59,38 +59,54 @@ impl Bed {
             .unwrap()
     }
 
+    /// What each host's agent, hook and events say, for a failure message: the agents'
+    /// INFO and above (their DEBUG lines are mostly retries to reach a dead peer), then
+    /// every agent's events as one timeline.
     fn diagnostics(&self) -> String {
         let mut out = String::new();
         for h in &self.cluster.hosts {
+            let log = std::fs::read_to_string(h.path("tandem-ha.log")).unwrap_or_default();
+            let log: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
             out.push_str(&format!(
-                "--- {} status: {:?}\n--- {} agent log (tail):\n{}\n--- {} hook log:\n{}\n",
+                "--- {} status: {}\n--- {} agent log (tail, INFO and above):\n{}\n--- {} hook log:\n{}\n",
                 h.node,
-                ha::status(h),
+                ha::status(h).map_or("unavailable".to_string(), |s| s.to_string()),
                 h.node,
-                tail(
-                    &std::fs::read_to_string(h.path("tandem-ha.log")).unwrap_or_default(),
-                    30
-                ),
+                tail(&log.join("\n"), 15),
                 h.node,
                 tail(&h.hook_log(), 15),
             ));
         }
+        let hosts: Vec<&LibvirtHost> = self.cluster.hosts.iter().collect();
+        out.push_str("--- events of every agent:\n");
+        out.push_str(&timeline(&hosts, 0));
         out
     }
 }
 
 /// Print the agents' events (those after `since_ms`) as a timeline, for the log.
 fn print_timeline(hosts: &[&LibvirtHost], since_ms: u64) {
+    eprint!("{}", timeline(hosts, since_ms));
+}
+
+/// The agents' events after `since_ms` (0: all, times from the first), one per line.
+fn timeline(hosts: &[&LibvirtHost], since_ms: u64) -> String {
     let mut all: Vec<serde_json::Value> = hosts.iter().flat_map(|h| ha::events(h)).collect();
     all.retain(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= since_ms));
     all.sort_by_key(|e| e["ts_ms"].as_u64());
+    let origin = match since_ms {
+        0 => all.first().and_then(|e| e["ts_ms"].as_u64()).unwrap_or(0),
+        t => t,
+    };
+    let mut out = String::new();
     for e in all {
-        let t = e["ts_ms"].as_u64().unwrap_or(0).saturating_sub(since_ms);
-        eprintln!(
-            "[ha] +{:>6} ms {} {} {}",
+        let t = e["ts_ms"].as_u64().unwrap_or(0).saturating_sub(origin);
+        out.push_str(&format!(
+            "[ha] +{:>6} ms {} {} {}\n",
             t, e["source"], e["event"], e["properties"]
-        );
+        ));
     }
+    out
 }
 
 fn now_ms() -> u64 {
