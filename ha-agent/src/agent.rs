@@ -46,6 +46,7 @@ struct PeerState {
     running: Vec<String>,
     eligible: Vec<String>,
     starting: Vec<String>,
+    due: Vec<String>,
     digest: String,
     /// Its decision loop has run at least once (its running list is meaningful).
     ready: bool,
@@ -59,8 +60,10 @@ struct Shared {
     /// Managed VMs active here, and the ones this node could start (from the last tick).
     running: Vec<String>,
     eligible: Vec<String>,
-    /// The managed VM the decision loop is starting here right now.
-    starting: Vec<String>,
+    /// The managed VM the decision loop is starting here right now, since when.
+    starting: Option<(String, Instant)>,
+    /// Managed VMs whose failover is due here (from the last tick).
+    due: Vec<String>,
     ready: bool,
     status: AgentStatus,
 }
@@ -121,11 +124,22 @@ impl Agent {
 
     fn own_heartbeat(&self) -> Message {
         let s = self.lock();
+        let mut eligible = s.eligible.clone();
+        let mut starting = Vec::new();
+        if let Some((vm, since)) = &s.starting {
+            if since.elapsed() < self.cfg.ha.start_timeout() {
+                starting.push(vm.clone());
+            } else {
+                // The start hangs (libvirtd, the hook): let another node take the VM.
+                eligible.retain(|e| e != vm);
+            }
+        }
         Message::Heartbeat(Heartbeat {
             node: self.cfg.here().to_string(),
             running: s.running.clone(),
-            eligible: s.eligible.clone(),
-            starting: s.starting.clone(),
+            eligible,
+            starting,
+            due: s.due.clone(),
             registry_digest: s.registry.digest(),
             ready: s.ready,
         })
@@ -141,6 +155,7 @@ impl Agent {
         p.running = hb.running;
         p.eligible = hb.eligible;
         p.starting = hb.starting;
+        p.due = hb.due;
         p.digest = hb.registry_digest;
         p.ready = hb.ready;
     }
@@ -336,10 +351,7 @@ impl Agent {
         let here = self.cfg.here().to_string();
         let dead_after = self.cfg.ha.dead_after();
         let now = Instant::now();
-        let (managed, peers): (Vec<ManagedVm>, BTreeMap<String, PeerState>) = {
-            let s = self.lock();
-            (s.registry.managed().cloned().collect(), s.peers.clone())
-        };
+        let managed: Vec<ManagedVm> = self.lock().registry.managed().cloned().collect();
         let alive = |p: &PeerState| {
             p.last_heard
                 .is_some_and(|t| now.duration_since(t) < dead_after)
@@ -378,10 +390,13 @@ impl Agent {
         let node_order = self.cfg.node_order();
         let mut running_here_list = Vec::new();
         let mut eligible_list = Vec::new();
+        let mut due_list = Vec::new();
         let mut vm_status = Vec::new();
         let mut pet_list = Vec::new();
         for vm in &managed {
             let Some(active) = &active else { break };
+            // Read for each VM: starting the previous one may have taken seconds.
+            let peers = self.lock().peers.clone();
             let running_here = active.contains(&vm.name);
             // Where does it run?
             let owners = &mut st.placement.owners;
@@ -423,8 +438,14 @@ impl Agent {
                     eligible: p.eligible.contains(&vm.name),
                     running: p.ready && p.running.contains(&vm.name),
                     starting: p.starting.contains(&vm.name),
+                    due: p.due.contains(&vm.name),
                 })
                 .collect();
+            let due_for = st
+                .due_since
+                .get(&vm.name)
+                .map(|since| now.duration_since(*since));
+            let settle = 2 * self.cfg.ha.heartbeat_interval();
             let input = VmInput {
                 vm: &vm.name,
                 here: &here,
@@ -435,10 +456,8 @@ impl Agent {
                 prefer: &vm.prefer,
                 node_order: &node_order,
                 backoff: st.backoff.get(&vm.name).map(|(_, why)| why.clone()),
-                settled: st
-                    .due_since
-                    .get(&vm.name)
-                    .is_some_and(|since| now >= *since + 2 * self.cfg.ha.heartbeat_interval()),
+                settled: due_for.is_some_and(|d| d >= settle),
+                overdue: due_for.is_some_and(|d| d >= settle + dead_after),
             };
             let decision = decide(&input);
             if decision.failover_due {
@@ -448,6 +467,9 @@ impl Agent {
             }
             if decision.eligible {
                 eligible_list.push(vm.name.clone());
+            }
+            if decision.failover_due {
+                due_list.push(vm.name.clone());
             }
             let mut running_now = running_here;
             match &decision.action {
@@ -490,12 +512,12 @@ impl Agent {
                     let last_heard = peers.get(&from).and_then(|p| p.last_heard);
                     // Peers see the start in progress (their next heartbeat) and wait for
                     // it instead of starting the VM too.
-                    self.lock().starting = vec![vm.name.clone()];
+                    self.lock().starting = Some((vm.name.clone(), Instant::now()));
                     let started = self.start_here(hv, vm, fence_peer.as_deref());
                     {
-                        // Started is announced as running at once, never as neither.
+                        // A successful start is announced as running at once.
                         let mut s = self.lock();
-                        s.starting.clear();
+                        s.starting = None;
                         if started.is_ok() {
                             s.running.push(vm.name.clone());
                         }
@@ -595,6 +617,7 @@ impl Agent {
         let mut s = self.lock();
         s.running = running_here_list;
         s.eligible = eligible_list;
+        s.due = due_list;
         s.ready = true;
         s.status = AgentStatus {
             node: here,
@@ -787,7 +810,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             peers,
             running: Vec::new(),
             eligible: Vec::new(),
-            starting: Vec::new(),
+            starting: None,
+            due: Vec::new(),
             ready: false,
             status: AgentStatus {
                 node: here.clone(),

@@ -40,6 +40,9 @@ pub struct HaSettings {
     pub dead_after_ms: u64,
     pub tick_ms: u64,
     pub start_backoff_ms: u64,
+    /// A start still running after this long is given up on in the heartbeats: the node
+    /// stops saying it is starting the VM or could start it, so another one takes over.
+    pub start_timeout_ms: u64,
     pub libvirt_uri: String,
     pub fence_command: Option<String>,
     pub fence_timeout_ms: u64,
@@ -56,6 +59,7 @@ impl Default for HaSettings {
             dead_after_ms: 3000,
             tick_ms: 250,
             start_backoff_ms: 5000,
+            start_timeout_ms: 60_000,
             libvirt_uri: "qemu:///system".into(),
             fence_command: None,
             fence_timeout_ms: 20_000,
@@ -110,8 +114,10 @@ impl HaSettings {
             path: path.to_path_buf(),
             message: message.to_string(),
         };
-        if self.heartbeat_interval_ms == 0 || self.tick_ms == 0 {
-            return Err(invalid("heartbeat_interval_ms and tick_ms must be > 0"));
+        if self.heartbeat_interval_ms == 0 || self.tick_ms == 0 || self.start_timeout_ms == 0 {
+            return Err(invalid(
+                "heartbeat_interval_ms, tick_ms and start_timeout_ms must be > 0",
+            ));
         }
         if self.dead_after_ms < 3 * self.heartbeat_interval_ms {
             return Err(invalid(
@@ -146,6 +152,9 @@ impl HaSettings {
     }
     pub fn start_backoff(&self) -> Duration {
         Duration::from_millis(self.start_backoff_ms)
+    }
+    pub fn start_timeout(&self) -> Duration {
+        Duration::from_millis(self.start_timeout_ms)
     }
 }
 

@@ -13,11 +13,12 @@
 //!   other Primary, and this node is the first eligible node in preference order (the
 //!   VM's `prefer` list, then the config's node order). Eligibility of the other survivors
 //!   comes from their heartbeats; a node before this one that is alive but said it cannot
-//!   start the VM is passed over only once the failover has been due here for two
-//!   heartbeat intervals (its last heartbeat may predate its own view of the owner's
-//!   death). A node that is starting the VM says so in its heartbeats, and every other
-//!   node waits for the outcome. If two nodes still race, the volume's promotion decides: only one can be
-//!   Primary, the loser's start fails and it backs off.
+//!   start the VM is passed over once its heartbeat says the failover is due there too
+//!   and it has been due here for two heartbeat intervals, or, whatever it says, once it
+//!   has been due here for dead-after more (its link to the owner may time out later
+//!   than ours). A node that is starting the VM says so in its heartbeats, and every
+//!   other node waits for the outcome. If two nodes still race, the volume's promotion
+//!   decides: only one can be Primary, the loser's start fails and it backs off.
 //! - A management-only or replication-only silence is never a failover: "alive on one path"
 //!   means the host (and likely the VM) still runs.
 //! - A VM that stopped cleanly (its host is alive and no longer lists it) is not restarted:
@@ -116,6 +117,9 @@ pub struct PeerView {
     pub running: bool,
     /// Its last heartbeat says it is starting this VM right now.
     pub starting: bool,
+    /// Its last heartbeat says the failover of this VM is due there (it saw the owner dead
+    /// on both paths): its `eligible` is then not a view from before the owner died.
+    pub due: bool,
 }
 
 /// Everything the decision for one VM depends on.
@@ -141,6 +145,10 @@ pub struct VmInput<'a> {
     /// intervals: every alive peer has since sent a heartbeat saying whether it can start
     /// the VM.
     pub settled: bool,
+    /// The failover has been due here for dead-after beyond that: a peer before this node
+    /// that still has not said it is due (its view of the owner differs, or an agent
+    /// too old to say) is passed over too.
+    pub overdue: bool,
 }
 
 /// What the agent does for one VM.
@@ -331,26 +339,36 @@ pub fn decide(input: &VmInput<'_>) -> Decision {
         .chain(input.node_order.iter())
         .map(String::as_str);
     let winner = order.clone().filter(|n| *n != owner).find(|n| qualifies(n));
-    // An alive node before this one that said it cannot start the VM, possibly before it
-    // saw the owner die.
-    let passed_over = order
+    // An alive node before this one that said it cannot start the VM is passed over once
+    // its word is final: it saw the owner dead too (`due`) and the failover has been due
+    // here for two heartbeat intervals. One that has not seen the owner die yet (its link
+    // to the owner may just be slower to time out) is waited for up to `overdue`.
+    let waiting_for = order
         .filter(|n| *n != owner)
         .take_while(|n| !here_is(n))
-        .find(|n| {
-            input
-                .peers
-                .iter()
-                .any(|p| p.node == *n && p.management_alive && !p.eligible)
+        .find_map(|n| {
+            input.peers.iter().find(|p| {
+                p.node == n
+                    && p.management_alive
+                    && !p.eligible
+                    && !(input.overdue || (input.settled && p.due))
+            })
         });
     match winner {
         Some(w) if here_is(w) => {
             if let Some(backoff) = &input.backoff {
                 return due(Action::Wait, format!("{owner} is down; {backoff}"));
             }
-            if let Some(p) = passed_over.filter(|_| !input.settled) {
+            if let Some(p) = waiting_for {
+                let n = &p.node;
+                let what = if p.due {
+                    format!("{n}'s next heartbeat")
+                } else {
+                    format!("{n} to see {owner} down")
+                };
                 return due(
                     Action::Wait,
-                    format!("{owner} is down; waiting for {p}'s next heartbeat ({p} is before this node in preference order)"),
+                    format!("{owner} is down; waiting for {what} ({n} is before this node in preference order)"),
                 );
             }
             due(
@@ -407,6 +425,7 @@ mod tests {
             eligible,
             running,
             starting: false,
+            due: alive,
         }
     }
 
@@ -847,6 +866,7 @@ mod tests {
                 node_order: &order,
                 backoff: case.backoff.clone(),
                 settled: case.settled,
+                overdue: false,
             };
             let d = decide(&input);
             assert_eq!(d.action, case.action, "{}: {}", case.name, d.reason);
@@ -858,6 +878,53 @@ mod tests {
                 case.reason_contains
             );
             assert_eq!(decide(&input), d, "{}: not deterministic", case.name);
+        }
+    }
+
+    /// A preferred node that says it cannot start the VM but has not seen the owner die
+    /// yet (its link to the owner times out later) is waited for, up to `overdue`.
+    #[test]
+    fn a_preferred_node_that_has_not_seen_the_owner_die_is_waited_for() {
+        let up = disk(
+            "vm-1-disk-0",
+            "UpToDate",
+            true,
+            &[("hv1", "Connecting", "Unknown")],
+        );
+        let order = nodes();
+        let prefer = vec!["hv2".to_string()];
+        let decide_with = |hv2_due: bool, overdue: bool| {
+            decide(&VmInput {
+                vm: "vm1",
+                here: "hv3",
+                running_here: false,
+                disks: Ok(vec![up.clone()]),
+                owner: Some("hv1"),
+                peers: vec![
+                    peer("hv1", false, false, false),
+                    PeerView {
+                        due: hv2_due,
+                        ..peer("hv2", true, false, false)
+                    },
+                ],
+                prefer: &prefer,
+                node_order: &order,
+                backoff: None,
+                settled: true,
+                overdue,
+            })
+        };
+        let d = decide_with(false, false);
+        assert_eq!(d.action, Action::Wait, "{}", d.reason);
+        assert!(
+            d.reason.contains("waiting for hv2 to see hv1 down"),
+            "{}",
+            d.reason
+        );
+        assert!(d.failover_due);
+        for (hv2_due, overdue) in [(true, false), (false, true)] {
+            let d = decide_with(hv2_due, overdue);
+            assert_eq!(d.action, start_fencing("hv1"), "{}", d.reason);
         }
     }
 

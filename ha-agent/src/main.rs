@@ -33,7 +33,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
         can promote). A host that lost quorum destroys its VMs (their I/O is frozen).\n\n\
         Settings: the cluster from /etc/tandem/tandem.toml (--config), the agent's own from \
         /etc/tandem/ha.toml (--ha-config; optional: port, heartbeat_interval_ms = 500, \
-        dead_after_ms = 3000, tick_ms, start_backoff_ms, libvirt_uri, fence_command).",
+        dead_after_ms = 3000, tick_ms, start_backoff_ms, start_timeout_ms, libvirt_uri, fence_command).",
     after_help = "Examples:\n  \
         tandem-ha run                          # the agent (every host)\n  \
         tandem-ha manage vm100 --prefer hv1,hv2 # HA-manage a defined domain\n  \

@@ -22,8 +22,8 @@ use crate::status::AgentStatus;
 /// Longest accepted message line (a registry with domain XMLs fits easily).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
-/// "I am alive": the managed VMs running on the sender, the ones it could start (eligible)
-/// and the ones it is starting, and its registry digest.
+/// "I am alive": the managed VMs running on the sender, the ones it could start (eligible),
+/// is starting and sees due for a failover, and its registry digest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub node: String,
@@ -32,6 +32,10 @@ pub struct Heartbeat {
     /// Managed VMs the sender is starting right now (its peers wait for the outcome).
     #[serde(default)]
     pub starting: Vec<String>,
+    /// Managed VMs whose failover is due at the sender: it saw their host dead on both
+    /// paths (with `eligible`, whether it could start them).
+    #[serde(default)]
+    pub due: Vec<String>,
     pub registry_digest: String,
     /// The sender's decision loop has run (its `running` list is meaningful).
     #[serde(default)]
@@ -221,7 +225,7 @@ mod tests {
             panic!("not a heartbeat");
         };
         assert_eq!(hb.running, ["vm1"]);
-        assert!(hb.starting.is_empty());
+        assert!(hb.starting.is_empty() && hb.due.is_empty());
     }
 
     #[tokio::test]
@@ -261,6 +265,7 @@ mod tests {
             running: vec!["vm1".into()],
             eligible: vec![],
             starting: vec![],
+            due: vec![],
             registry_digest: "00".into(),
             ready: true,
         });

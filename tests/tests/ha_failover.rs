@@ -60,15 +60,15 @@ impl Bed {
     }
 
     /// What each host's agent, hook and events say, for a failure message: the agents'
-    /// INFO and above (their DEBUG lines are mostly retries to reach a dead peer), then
-    /// every agent's events as one timeline.
+    /// log without its DEBUG lines (mostly retries to reach a dead peer), then every
+    /// agent's events as one timeline.
     fn diagnostics(&self) -> String {
         let mut out = String::new();
         for h in &self.cluster.hosts {
             let log = std::fs::read_to_string(h.path("tandem-ha.log")).unwrap_or_default();
             let log: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
             out.push_str(&format!(
-                "--- {} status: {}\n--- {} agent log (tail, INFO and above):\n{}\n--- {} hook log:\n{}\n",
+                "--- {} status: {}\n--- {} agent log (tail, no DEBUG):\n{}\n--- {} hook log:\n{}\n",
                 h.node,
                 ha::status(h).map_or("unavailable".to_string(), |s| s.to_string()),
                 h.node,
@@ -89,9 +89,18 @@ fn print_timeline(hosts: &[&LibvirtHost], since_ms: u64) {
     eprint!("{}", timeline(hosts, since_ms));
 }
 
-/// The agents' events after `since_ms` (0: all, times from the first), one per line.
+/// The agents' events after `since_ms` (0: all, times from the first), one per line. Read
+/// from each host's events file, so a killed host's events are there too.
 fn timeline(hosts: &[&LibvirtHost], since_ms: u64) -> String {
-    let mut all: Vec<serde_json::Value> = hosts.iter().flat_map(|h| ha::events(h)).collect();
+    let mut all: Vec<serde_json::Value> = hosts
+        .iter()
+        .flat_map(|h| {
+            let text = std::fs::read_to_string(h.path("state/ha/events.jsonl")).unwrap_or_default();
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
     all.retain(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= since_ms));
     all.sort_by_key(|e| e["ts_ms"].as_u64());
     let origin = match since_ms {
