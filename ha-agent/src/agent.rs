@@ -124,16 +124,11 @@ impl Agent {
 
     fn own_heartbeat(&self) -> Message {
         let s = self.lock();
-        let mut eligible = s.eligible.clone();
-        let mut starting = Vec::new();
-        if let Some((vm, since)) = &s.starting {
-            if since.elapsed() < self.cfg.ha.start_timeout() {
-                starting.push(vm.clone());
-            } else {
-                // The start hangs (libvirtd, the hook): let another node take the VM.
-                eligible.retain(|e| e != vm);
-            }
-        }
+        let (eligible, starting) = announced_starts(
+            &s.eligible,
+            s.starting.as_ref(),
+            self.cfg.ha.start_timeout(),
+        );
         Message::Heartbeat(Heartbeat {
             node: self.cfg.here().to_string(),
             running: s.running.clone(),
@@ -471,6 +466,13 @@ impl Agent {
             if decision.failover_due {
                 due_list.push(vm.name.clone());
             }
+            {
+                // Published at once, not at the end of the tick: starting another VM
+                // may take seconds, and the peers weigh this one meanwhile.
+                let mut s = self.lock();
+                set_listed(&mut s.eligible, &vm.name, decision.eligible);
+                set_listed(&mut s.due, &vm.name, decision.failover_due);
+            }
             let mut running_now = running_here;
             match &decision.action {
                 Action::Nothing | Action::Wait => {}
@@ -706,6 +708,36 @@ impl Agent {
     }
 }
 
+/// What a heartbeat says about starts: the eligible list and the VM being started. A
+/// start running for `timeout` or longer (libvirtd or the hook hangs) is no longer
+/// announced, and neither is the VM's eligibility, so another node may take it over.
+fn announced_starts(
+    eligible: &[String],
+    starting: Option<&(String, Instant)>,
+    timeout: Duration,
+) -> (Vec<String>, Vec<String>) {
+    match starting {
+        Some((vm, since)) if since.elapsed() >= timeout => (
+            eligible.iter().filter(|e| *e != vm).cloned().collect(),
+            Vec::new(),
+        ),
+        Some((vm, _)) => (eligible.to_vec(), vec![vm.clone()]),
+        None => (eligible.to_vec(), Vec::new()),
+    }
+}
+
+/// Put `name` in `list` or take it out.
+fn set_listed(list: &mut Vec<String>, name: &str, listed: bool) {
+    let at = list.iter().position(|n| n == name);
+    match (at, listed) {
+        (None, true) => list.push(name.to_string()),
+        (Some(i), false) => {
+            list.remove(i);
+        }
+        _ => {}
+    }
+}
+
 /// Run the operator's fencing command for `peer` (`{node}` replaced, also in
 /// `TANDEM_FENCE_NODE`) through `sh -c`; success is exit status 0 within `timeout`.
 pub fn run_fence_command(cmd: &str, peer: &str, timeout: Duration) -> Result<(), String> {
@@ -874,4 +906,41 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .context("decision loop")?
         .map_err(|_| anyhow::anyhow!("the decision loop panicked"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_is_announced_until_it_times_out_then_the_vm_is_not_claimed() {
+        let eligible = vec!["vm1".to_string(), "vm2".to_string()];
+        let timeout = Duration::from_secs(60);
+        let now = Instant::now();
+        assert_eq!(
+            announced_starts(&eligible, None, timeout),
+            (eligible.clone(), vec![])
+        );
+        let fresh = ("vm1".to_string(), now);
+        assert_eq!(
+            announced_starts(&eligible, Some(&fresh), timeout),
+            (eligible.clone(), vec!["vm1".to_string()])
+        );
+        // Started `timeout` ago or longer: hung.
+        assert_eq!(
+            announced_starts(&eligible, Some(&fresh), Duration::ZERO),
+            (vec!["vm2".to_string()], vec![])
+        );
+    }
+
+    #[test]
+    fn set_listed_adds_once_and_removes() {
+        let mut list = vec!["a".to_string()];
+        set_listed(&mut list, "b", true);
+        set_listed(&mut list, "b", true);
+        assert_eq!(list, ["a", "b"]);
+        set_listed(&mut list, "a", false);
+        set_listed(&mut list, "a", false);
+        assert_eq!(list, ["b"]);
+    }
 }

@@ -9,6 +9,7 @@
 //! dead_after_ms = 3000        # silent this long on the management network = dead there
 //! tick_ms = 250               # how often the agent decides
 //! start_backoff_ms = 5000     # after a failed start (e.g. lost the promotion race)
+//! start_timeout_ms = 60000    # a start hung this long stops claiming the VM (> fence_timeout_ms)
 //! libvirt_uri = "qemu:///system"
 //! fence_command = "ipmitool -H {node}-ipmi chassis power off"  # optional, run before a takeover
 //! fence_timeout_ms = 20000
@@ -117,6 +118,11 @@ impl HaSettings {
         if self.heartbeat_interval_ms == 0 || self.tick_ms == 0 || self.start_timeout_ms == 0 {
             return Err(invalid(
                 "heartbeat_interval_ms, tick_ms and start_timeout_ms must be > 0",
+            ));
+        }
+        if self.start_timeout_ms <= self.fence_timeout_ms {
+            return Err(invalid(
+                "start_timeout_ms must be longer than fence_timeout_ms (a start includes fencing the dead host)",
             ));
         }
         if self.dead_after_ms < 3 * self.heartbeat_interval_ms {

@@ -228,7 +228,8 @@ pub fn ineligibility(vm: &str, disks: &Disks) -> Option<String> {
 pub fn decide(input: &VmInput<'_>) -> Decision {
     let vm = input.vm;
     let not_eligible = ineligibility(vm, &input.disks);
-    let eligible = not_eligible.is_none() && !input.running_here;
+    // A node backing off from a failed start does not claim the VM: the next one may.
+    let eligible = not_eligible.is_none() && !input.running_here && input.backoff.is_none();
     let decision = |action, reason: String| Decision {
         action,
         reason,
