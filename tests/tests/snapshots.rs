@@ -9,7 +9,7 @@
 //! `snapshot delete` removes a snapshot left on one node only; a daemon killed at any point of a create leaves the snapshot on both nodes or
 //! on none, never pending; a renamed volume keeps its snapshots and its pending copies are
 //! still resolved; the pending resolver racing creates of the same names leaves each on
-//! both nodes, identical, never pending. Needs root (loop devices, mount, `chattr`), xfsprogs and
+//! both nodes, identical, never pending. Needs root (loop devices, mount, the immutable attribute), xfsprogs and
 //! `cargo build --workspace --bins`.
 
 use std::path::{Path, PathBuf};
@@ -213,25 +213,47 @@ fn leave_snapshot_file(node: &TandemNode, file: &str) {
     assert!(status.success(), "cp --reflink to {file}");
 }
 
-/// A directory made immutable (`chattr +i`: no new entries, even for root) until dropped.
+/// A file or directory made immutable (`chattr +i`: no rename, no new entries, even for
+/// root) until dropped.
 struct Immutable(PathBuf);
 
 impl Immutable {
-    fn set(dir: &Path) -> Immutable {
-        let status = Command::new("chattr")
-            .arg("+i")
-            .arg(dir)
-            .status()
-            .expect("chattr (e2fsprogs)");
-        assert!(status.success(), "chattr +i {}", dir.display());
-        Immutable(dir.to_path_buf())
+    fn set(path: &Path) -> Immutable {
+        set_immutable(path, true).unwrap_or_else(|e| panic!("chattr +i {}: {e}", path.display()));
+        Immutable(path.to_path_buf())
     }
 }
 
 impl Drop for Immutable {
     fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        let _ = set_immutable(&self.0, false);
     }
+}
+
+/// `FS_IMMUTABLE_FL` of `<linux/fs.h>`: the attribute `chattr +i` sets.
+const FS_IMMUTABLE_FL: libc::c_int = 0x10;
+
+/// Set or clear the immutable attribute of `path` with the ioctl `chattr` makes. No process
+/// is started, so the watcher of [`create_with_rename_refused_on_hv2`] acts within the few
+/// milliseconds between a take and its rename.
+fn set_immutable(path: &Path, on: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path)?;
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int into `flags`, which outlives the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if on {
+        flags |= FS_IMMUTABLE_FL;
+    } else {
+        flags &= !FS_IMMUTABLE_FL;
+    }
+    // SAFETY: FS_IOC_SETFLAGS reads one int from `flags`.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn log_len(path: &Path) -> usize {
@@ -451,15 +473,10 @@ fn create_with_rename_refused_on_hv2(cluster: &LoopbackCluster) -> (String, Immu
         let (stderr, frozen) = std::thread::scope(|scope| {
             let watcher = scope.spawn(|| {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if pending.exists() {
-                        let status = Command::new("chattr")
-                            .arg("+i")
-                            .arg(&pending)
-                            .stderr(Stdio::null())
-                            .status();
-                        if status.is_ok_and(|s| s.success()) {
-                            return Some(Immutable(pending.clone()));
-                        }
+                    // The take makes the pending file whole (a clone, then a rename into
+                    // place): freezing it as soon as it exists is safe.
+                    if pending.exists() && set_immutable(&pending, true).is_ok() {
+                        return Some(Immutable(pending.clone()));
                     }
                     std::thread::yield_now();
                 }
