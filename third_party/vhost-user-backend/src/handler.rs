@@ -103,6 +103,8 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     queues_per_thread: Vec<u64>,
     mappings: Vec<AddrMapping>,
     atomic_mem: GM<T::Bitmap>,
+    /// The dirty log of SET_LOG_BASE: regions of a later memory table log into it too.
+    log: Option<Arc<MmapLogReg>>,
     vrings: Vec<T::Vring>,
     #[cfg(feature = "postcopy")]
     uffd: Option<Uffd>,
@@ -167,6 +169,7 @@ where
             queues_per_thread,
             mappings: Vec::new(),
             atomic_mem,
+            log: None,
             vrings,
             #[cfg(feature = "postcopy")]
             uffd: None,
@@ -174,6 +177,35 @@ where
             pending_mem: None,
             worker_threads,
         })
+    }
+}
+
+impl<T: VhostUserBackend> VhostUserHandler<T>
+where
+    T::Bitmap: BitmapReplace,
+{
+    /// Make every region of `mem` mark the dirty log of SET_LOG_BASE, if there is one. A
+    /// memory table that changes while QEMU migrates the VM (QEMU sends no new
+    /// SET_LOG_BASE then) would otherwise have regions whose writes nobody logs, and the
+    /// destination would get stale copies of the pages the device wrote.
+    fn attach_log(&self, mem: &GuestMemoryMmap<T::Bitmap>) -> VhostUserResult<()> {
+        let Some(logmem) = &self.log else {
+            return Ok(());
+        };
+        // Create all bitmaps before replacing any, in case one of them fails.
+        let mut bitmaps = Vec::new();
+        for region in mem.iter() {
+            let bitmap = <<T::Bitmap as BitmapReplace>::InnerBitmap as MemRegionBitmap>::new(
+                region,
+                Arc::clone(logmem),
+            )
+            .map_err(VhostUserError::ReqHandlerError)?;
+            bitmaps.push((region, bitmap));
+        }
+        for (region, bitmap) in bitmaps {
+            (*region).bitmap().replace(bitmap);
+        }
+        Ok(())
     }
 }
 
@@ -421,6 +453,7 @@ where
             return Ok(Some(bases));
         }
 
+        self.attach_log(&mem)?;
         // Updating the inner GuestMemory object here will cause all our vrings to
         // see the new one the next time they call to `atomic_mem.memory()`.
         self.atomic_mem.lock().unwrap().replace(mem);
@@ -474,9 +507,18 @@ where
             let used_ring = self
                 .vmm_va_to_gpa(used)
                 .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+            // A ring that runs (QEMU sends SET_VRING_ADDR again to switch the dirty log on
+            // or off during a live migration) keeps its used index: the worker may be
+            // completing requests right now, between the steps below, and the index read
+            // from guest memory would then take `next_used` back, so completions would
+            // overwrite used entries the guest already consumed.
+            let running = vring.get_ref().get_queue().ready();
             vring
                 .set_queue_info(desc_table, avail_ring, used_ring)
                 .map_err(|_| VhostUserError::InvalidParam)?;
+            if running {
+                return Ok(());
+            }
 
             // SET_VRING_BASE will only restore the 'avail' index, however, after the guest driver
             // changes, for instance, after reboot, the 'used' index should be reset to 0.
@@ -733,6 +775,7 @@ where
             .insert_region(guest_region)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
 
+        self.attach_log(&mem)?;
         self.atomic_mem.lock().unwrap().replace(mem);
 
         self.backend
@@ -893,30 +936,13 @@ where
     // dirty even if the migration fails. We need to disable the logging after receiving  a
     // `SET_FEATURE` without the `LOG_ALL` flag.
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
-        let mem = self.atomic_mem.memory();
-
         let logmem = Arc::new(
             MmapLogReg::from_file(file.as_fd(), log.mmap_offset, log.mmap_size)
                 .map_err(VhostUserError::ReqHandlerError)?,
         );
-
-        // Let's create all bitmaps first before replacing them, in case any of them fails
-        let mut bitmaps = Vec::new();
-        for region in mem.iter() {
-            let bitmap = <<T as VhostUserBackend>::Bitmap as BitmapReplace>::InnerBitmap::new(
-                region,
-                Arc::clone(&logmem),
-            )
-            .map_err(VhostUserError::ReqHandlerError)?;
-
-            bitmaps.push((region, bitmap));
-        }
-
-        for (region, bitmap) in bitmaps {
-            (*region).bitmap().replace(bitmap);
-        }
-
-        Ok(())
+        self.log = Some(logmem);
+        let mem = self.atomic_mem.memory();
+        self.attach_log(&mem)
     }
 }
 

@@ -3,7 +3,9 @@
 //! `LOG_SHMFD`, hands the daemon a log (`SET_LOG_BASE`) and sends one read request. Every
 //! page the device wrote (read data, status byte, used ring, and with EVENT_IDX the used
 //! ring's `avail_event` field, placed alone on its page) is marked in the log, and a page
-//! it only read is not.
+//! it only read is not. Switching the log on for a running ring (SET_VRING_ADDR with the
+//! log flag, as QEMU does when a migration starts) keeps the ring's used index, and a
+//! memory table set while logging logs into the same log.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -11,7 +13,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
+};
 use vhost::vhost_user::{Frontend, Listener, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_backend::VhostUserDaemon;
@@ -233,6 +237,106 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
     assert!(
         !dirty(&log, HEADER / PAGE),
         "a page the device only read is in the log"
+    );
+
+    // QEMU sends SET_VRING_ADDR again, with the log flag, to a running ring when a
+    // migration starts. The ring keeps its used index: here the guest memory shows an
+    // older one (0), as it would to a handler reading it while the worker completes
+    // requests, and the next completion must still go in entry 1 and make the index 2.
+    // (vhost-user-backend 0.24 took the index back, so a completion overwrote an entry the
+    // guest had consumed: guests crashed or hung after a live migration.)
+    mem.write_obj::<u16>(0, used_idx).expect("used idx");
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: 16,
+                queue_size: 16,
+                flags: VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits(),
+                desc_table_addr: host_base + queue.desc_table_addr().0,
+                used_ring_addr: host_base + USED,
+                avail_ring_addr: host_base + queue.avail_addr().0,
+                log_addr: Some(USED),
+            },
+        )
+        .expect("SET_VRING_ADDR with the log");
+    let second: Vec<RawDescriptor> = [
+        (HEADER, 16, 0),
+        (DATA, 512, VRING_DESC_F_WRITE),
+        (STATUS, 1, VRING_DESC_F_WRITE),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &(addr, len, flags))| {
+        let next = if i < 2 { VRING_DESC_F_NEXT } else { 0 };
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            (flags | next) as u16,
+            i as u16 + 4,
+        ))
+    })
+    .collect();
+    queue.add_desc_chains(&second, 3).expect("second chain");
+    kick.write(1).expect("kick");
+    let started = Instant::now();
+    while mem.read_obj::<u16>(used_idx).expect("used idx") != 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the second completion did not make the used index 2 (it is {}): the ring's used index was taken back",
+            mem.read_obj::<u16>(used_idx).expect("used idx")
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let second_entry = GuestAddress(USED + 4 + 8);
+    assert_eq!(
+        mem.read_obj::<u32>(second_entry).expect("used entry 1"),
+        3,
+        "the second completion is not in used entry 1"
+    );
+
+    // A memory table set while logging (QEMU sends no new SET_LOG_BASE then) logs into the
+    // same log: the next read's data page is marked.
+    log_file
+        .write_all_at(&vec![0u8; log_len as usize], 0)
+        .expect("clearing the log");
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host_base,
+            mmap_offset: 0,
+            mmap_handle: mem_fd,
+        }])
+        .expect("SET_MEM_TABLE while logging");
+    let third: Vec<RawDescriptor> = second
+        .iter()
+        .map(|d| {
+            let d = SplitDescriptor::from(*d);
+            RawDescriptor::from(SplitDescriptor::new(
+                d.addr().0,
+                d.len(),
+                d.flags(),
+                d.next() + 3,
+            ))
+        })
+        .collect();
+    queue.add_desc_chains(&third, 6).expect("third chain");
+    kick.write(1).expect("kick");
+    let started = Instant::now();
+    while mem.read_obj::<u16>(used_idx).expect("used idx") != 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the third request was never completed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    log_file
+        .read_exact_at(&mut log, 0)
+        .expect("reading the log");
+    assert!(
+        dirty(&log, DATA / PAGE),
+        "after a new memory table, the read data page is not in the log"
     );
 
     drop(frontend);

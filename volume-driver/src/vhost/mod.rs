@@ -66,11 +66,16 @@
 //!   guest pages it writes (`LOG_ALL` + `LOG_SHMFD`). The guest memory carries
 //!   vhost-user-backend's `BitmapMmapRegion`; `SET_LOG_BASE` points it at QEMU's log and
 //!   from then on every write into guest memory (read data, status, used ring, and with
-//!   EVENT_IDX the used ring's `avail_event` field) marks its pages. The library keeps logging after the migration ends (harmless: the log stays
-//!   mapped). A memory table set while logging has no log until the next SET_LOG_BASE;
-//!   QEMU does not change the table during a migration. Who may open the volume on the
-//!   destination is the gate's business (dual-primary during the migration only), as for
-//!   NBD: the destination QEMU opens it when it starts.
+//!   EVENT_IDX the used ring's `avail_event` field) marks its pages. The library keeps
+//!   logging after the migration ends (harmless: the log stays mapped). The workspace
+//!   patches vhost-user-backend 0.24 (`third_party/README.md`) in two places: a memory
+//!   table set while logging logs into the same log (QEMU sends no new SET_LOG_BASE
+//!   then), and the SET_VRING_ADDR that switches the log on for a running ring keeps the
+//!   ring's used index (the library re-read it from guest memory, where the queue's worker
+//!   may be completing requests meanwhile, and later completions would then overwrite
+//!   used entries the guest had consumed).
+//!   Who may open the volume on the destination is the gate's business (dual-primary
+//!   during the migration only), as for NBD: the destination QEMU opens it when it starts.
 //! * **Status mapping.** Every `IoErrorKind` is `VIRTIO_BLK_S_IOERR`; unknown request types
 //!   and flags are `VIRTIO_BLK_S_UNSUPP`.
 
