@@ -86,9 +86,9 @@ impl Bed {
         });
         assert!(
             ok,
-            "{what}: the guest stopped writing at {} (from {from}); console tail:\n{}",
+            "{what}: the guest stopped writing at {} (from {from})\n{}",
             self.last_acked(),
-            tail(&self.console_text(), 20)
+            self.diagnostics()
         );
     }
 
@@ -96,15 +96,21 @@ impl Bed {
         let mut out = String::new();
         for h in &self.cluster.hosts {
             out.push_str(&format!(
-                "--- {} status: {}\n--- {} hook log:\n{}\n--- {} tandemd log (tail):\n{}\n",
+                "--- {} status: {}\n--- {} hook log:\n{}\n--- {} tandemd log (tail):\n{}\n--- {} QEMU log (tail):\n{}\n",
                 h.node,
                 h.tandem(&["volume", "status", VOLUME, "--json"]).stdout,
                 h.node,
                 tail(&h.hook_log(), 15),
                 h.node,
-                tail(&h.tandemd_log(), 25),
+                tail(&h.tandemd_log(), 60),
+                h.node,
+                tail(&h.qemu_log(VM), 15),
             ));
         }
+        out.push_str(&format!(
+            "--- guest console (tail):\n{}\n",
+            tail(&self.console_text(), 60)
+        ));
         out
     }
 }
