@@ -399,6 +399,11 @@ where
         }
         self.backend.set_event_idx(event_idx);
         self.backend.acked_features(self.acked_features);
+        // Logging switched off (the migration ended or was cancelled): regions set later
+        // are not logged, so a log too small for them cannot refuse them.
+        if self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() == 0 {
+            self.log = None;
+        }
 
         Ok(())
     }
@@ -940,9 +945,13 @@ where
             MmapLogReg::from_file(file.as_fd(), log.mmap_offset, log.mmap_size)
                 .map_err(VhostUserError::ReqHandlerError)?,
         );
-        self.log = Some(logmem);
+        let previous = self.log.replace(logmem);
         let mem = self.atomic_mem.memory();
-        self.attach_log(&mem)
+        let attached = self.attach_log(&mem);
+        if attached.is_err() {
+            self.log = previous;
+        }
+        attached
     }
 }
 

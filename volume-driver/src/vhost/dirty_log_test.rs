@@ -5,7 +5,7 @@
 //! ring's `avail_event` field, placed alone on its page) is marked in the log, and a page
 //! it only read is not. Switching the log on for a running ring (SET_VRING_ADDR with the
 //! log flag, as QEMU does when a migration starts) keeps the ring's used index, and a
-//! memory table set while logging logs into the same log.
+//! region added while logging (ADD_MEM_REG) logs into the same log.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -38,6 +38,9 @@ const PAGE: u64 = 4096;
 const HEADER: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x40_0000;
+/// A region added while logging, right after the first one.
+const ADDED: u64 = MEM_SIZE as u64;
+const ADDED_SIZE: u64 = 1 << 20;
 /// The used ring of the 16-entry queue: its header (4 bytes) and elements (16 of 8) end
 /// exactly at 0x3000, so the `avail_event` field that follows them (EVENT_IDX) is the only
 /// thing on page 3.
@@ -115,7 +118,9 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
     );
     frontend
         .set_protocol_features(
-            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::LOG_SHMFD,
+            VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::LOG_SHMFD
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
         )
         .expect("SET_PROTOCOL_FEATURES");
     frontend
@@ -295,32 +300,56 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
         "the second completion is not in used entry 1"
     );
 
-    // A memory table set while logging (QEMU sends no new SET_LOG_BASE then) logs into the
-    // same log: the next read's data page is marked.
+    // A region added while logging (ADD_MEM_REG, which QEMU sends when the backend offers
+    // CONFIGURE_MEM_SLOTS) logs into the same log: the next read's data page there is
+    // marked.
     log_file
         .write_all_at(&vec![0u8; log_len as usize], 0)
         .expect("clearing the log");
+    let added_file = tempfile::tempfile().expect("added memory file");
+    added_file.set_len(ADDED_SIZE).expect("added memory size");
+    let added: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(ADDED),
+        ADDED_SIZE as usize,
+        Some(FileOffset::new(added_file, 0)),
+    )])
+    .expect("added memory");
+    let added_host = added.get_host_address(GuestAddress(ADDED)).expect("mapped") as u64;
+    let added_fd = added
+        .find_region(GuestAddress(ADDED))
+        .and_then(|r| r.file_offset())
+        .expect("added memory file")
+        .file()
+        .as_raw_fd();
     frontend
-        .set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: host_base,
+        .add_mem_region(&VhostUserMemoryRegionInfo {
+            guest_phys_addr: ADDED,
+            memory_size: ADDED_SIZE,
+            userspace_addr: added_host,
             mmap_offset: 0,
-            mmap_handle: mem_fd,
-        }])
-        .expect("SET_MEM_TABLE while logging");
-    let third: Vec<RawDescriptor> = second
-        .iter()
-        .map(|d| {
-            let d = SplitDescriptor::from(*d);
-            RawDescriptor::from(SplitDescriptor::new(
-                d.addr().0,
-                d.len(),
-                d.flags(),
-                d.next() + 3,
-            ))
+            mmap_handle: added_fd,
         })
-        .collect();
+        .expect("ADD_MEM_REG while logging");
+    // ADD_MEM_REG has no reply: one that has (the daemon answers in order) says the region
+    // is there before the request that uses it is kicked.
+    frontend.get_features().expect("GET_FEATURES");
+    let third: Vec<RawDescriptor> = [
+        (HEADER, 16, 0),
+        (ADDED, 512, VRING_DESC_F_WRITE),
+        (STATUS, 1, VRING_DESC_F_WRITE),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &(addr, len, flags))| {
+        let next = if i < 2 { VRING_DESC_F_NEXT } else { 0 };
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            (flags | next) as u16,
+            i as u16 + 7,
+        ))
+    })
+    .collect();
     queue.add_desc_chains(&third, 6).expect("third chain");
     kick.write(1).expect("kick");
     let started = Instant::now();
@@ -334,9 +363,14 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
     log_file
         .read_exact_at(&mut log, 0)
         .expect("reading the log");
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(STATUS)).expect("status"),
+        Status::Ok.byte(),
+        "the read into the added region failed"
+    );
     assert!(
-        dirty(&log, DATA / PAGE),
-        "after a new memory table, the read data page is not in the log"
+        dirty(&log, ADDED / PAGE),
+        "the read data page in the added region is not in the log"
     );
 
     drop(frontend);

@@ -68,9 +68,10 @@
 //!   from then on every write into guest memory (read data, status, used ring, and with
 //!   EVENT_IDX the used ring's `avail_event` field) marks its pages. The library keeps
 //!   logging after the migration ends (harmless: the log stays mapped). The workspace
-//!   patches vhost-user-backend 0.24 (`third_party/README.md`) in two places: a memory
-//!   table set while logging logs into the same log (QEMU sends no new SET_LOG_BASE
-//!   then), and the SET_VRING_ADDR that switches the log on for a running ring keeps the
+//!   patches vhost-user-backend 0.24 (`third_party/README.md`) in two places: a region
+//!   added while logging logs into the same log (QEMU sends a new SET_LOG_BASE only when
+//!   the log must change size; regions added once logging is off are not logged), and
+//!   the SET_VRING_ADDR that switches the log on for a running ring keeps the
 //!   ring's used index (the library re-read it from guest memory, where the queue's worker
 //!   may be completing requests meanwhile, and later completions would then overwrite
 //!   used entries the guest had consumed).
