@@ -47,6 +47,28 @@ const ADDED_SIZE: u64 = 1 << 20;
 const USED: u64 = 0x3000 - (4 + 8 * 16);
 const AVAIL_EVENT: u64 = 0x3000;
 
+/// A read of the sector in the header at HEADER into `data` (512 bytes), status at
+/// STATUS, as descriptors `first`, `first + 1` and `first + 2`.
+fn read_chain(first: u16, data: u64) -> Vec<RawDescriptor> {
+    [
+        (HEADER, 16, 0),
+        (data, 512, VRING_DESC_F_WRITE),
+        (STATUS, 1, VRING_DESC_F_WRITE),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &(addr, len, flags))| {
+        let next = if i < 2 { VRING_DESC_F_NEXT } else { 0 };
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            (flags | next) as u16,
+            first + i as u16 + 1,
+        ))
+    })
+    .collect()
+}
+
 /// Whether guest page `page` is marked in `log` (one bit per 4 KiB page, LSB first).
 fn dirty(log: &[u8], page: u64) -> bool {
     log[(page / 8) as usize] & (1 << (page % 8)) != 0
@@ -153,23 +175,7 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
     header[8..].copy_from_slice(&1u64.to_le_bytes()); // VIRTIO_BLK_T_IN, sector 1
     mem.write_slice(&header, GuestAddress(HEADER))
         .expect("header");
-    let chain: Vec<RawDescriptor> = [
-        (HEADER, 16, 0),
-        (DATA, 512, VRING_DESC_F_WRITE),
-        (STATUS, 1, VRING_DESC_F_WRITE),
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, &(addr, len, flags))| {
-        let next = if i < 2 { VRING_DESC_F_NEXT } else { 0 };
-        RawDescriptor::from(SplitDescriptor::new(
-            addr,
-            len,
-            (flags | next) as u16,
-            i as u16 + 1,
-        ))
-    })
-    .collect();
+    let chain = read_chain(0, DATA);
     queue.add_desc_chains(&chain, 0).expect("chain");
     let (kick, call) = (
         EventFd::new(0).expect("kick"),
@@ -265,23 +271,7 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
             },
         )
         .expect("SET_VRING_ADDR with the log");
-    let second: Vec<RawDescriptor> = [
-        (HEADER, 16, 0),
-        (DATA, 512, VRING_DESC_F_WRITE),
-        (STATUS, 1, VRING_DESC_F_WRITE),
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, &(addr, len, flags))| {
-        let next = if i < 2 { VRING_DESC_F_NEXT } else { 0 };
-        RawDescriptor::from(SplitDescriptor::new(
-            addr,
-            len,
-            (flags | next) as u16,
-            i as u16 + 4,
-        ))
-    })
-    .collect();
+    let second = read_chain(3, DATA);
     queue.add_desc_chains(&second, 3).expect("second chain");
     kick.write(1).expect("kick");
     let started = Instant::now();
@@ -333,23 +323,7 @@ fn with_a_log_every_page_the_device_writes_is_marked_and_no_other() {
     // ADD_MEM_REG has no reply: one that has (the daemon answers in order) says the region
     // is there before the request that uses it is kicked.
     frontend.get_features().expect("GET_FEATURES");
-    let third: Vec<RawDescriptor> = [
-        (HEADER, 16, 0),
-        (ADDED, 512, VRING_DESC_F_WRITE),
-        (STATUS, 1, VRING_DESC_F_WRITE),
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, &(addr, len, flags))| {
-        let next = if i < 2 { VRING_DESC_F_NEXT } else { 0 };
-        RawDescriptor::from(SplitDescriptor::new(
-            addr,
-            len,
-            (flags | next) as u16,
-            i as u16 + 7,
-        ))
-    })
-    .collect();
+    let third = read_chain(6, ADDED);
     queue.add_desc_chains(&third, 6).expect("third chain");
     kick.write(1).expect("kick");
     let started = Instant::now();
