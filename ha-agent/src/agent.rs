@@ -57,13 +57,14 @@ struct PeerState {
 struct Shared {
     registry: Registry,
     peers: BTreeMap<String, PeerState>,
-    /// Managed VMs active here, and the ones this node could start (from the last tick).
+    /// Managed VMs active here (from the last tick, plus one just started).
     running: Vec<String>,
+    /// Managed VMs this node could start, and those whose failover is due here (each
+    /// updated as soon as its VM is decided).
     eligible: Vec<String>,
+    due: Vec<String>,
     /// The managed VM the decision loop is starting here right now, since when.
     starting: Option<(String, Instant)>,
-    /// Managed VMs whose failover is due here (from the last tick).
-    due: Vec<String>,
     ready: bool,
     status: AgentStatus,
 }
