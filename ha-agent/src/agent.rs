@@ -385,8 +385,6 @@ impl Agent {
         };
         let node_order = self.cfg.node_order();
         let mut running_here_list = Vec::new();
-        let mut eligible_list = Vec::new();
-        let mut due_list = Vec::new();
         let mut vm_status = Vec::new();
         let mut pet_list = Vec::new();
         for vm in &managed {
@@ -460,12 +458,6 @@ impl Agent {
                 st.due_since.entry(vm.name.clone()).or_insert(now);
             } else {
                 st.due_since.remove(&vm.name);
-            }
-            if decision.eligible {
-                eligible_list.push(vm.name.clone());
-            }
-            if decision.failover_due {
-                due_list.push(vm.name.clone());
             }
             {
                 // Published at once, not at the end of the tick: starting another VM
@@ -613,14 +605,14 @@ impl Agent {
             return;
         }
         // Forget VMs unmanaged meanwhile.
-        st.placement
-            .retain_managed(&managed.iter().map(|v| v.name.as_str()).collect());
+        let names = managed.iter().map(|v| v.name.as_str()).collect();
+        st.placement.retain_managed(&names);
         self.save_placement(st);
         self.pet.pet(pet_list);
         let mut s = self.lock();
         s.running = running_here_list;
-        s.eligible = eligible_list;
-        s.due = due_list;
+        s.eligible.retain(|n| names.contains(n.as_str()));
+        s.due.retain(|n| names.contains(n.as_str()));
         s.ready = true;
         s.status = AgentStatus {
             node: here,
