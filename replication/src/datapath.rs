@@ -121,6 +121,21 @@ pub trait ReleaseHolds: Send + Sync {
     /// once per [`Holds`], from whichever side drops it; must be quick and must not call
     /// into the [`Primary`].
     fn release_holds(&self, offset: u64, len: u64, tag: u64);
+
+    /// The request completed after its submitter went away, and `peers` did not
+    /// acknowledge it: what the submitter would have done about them (see
+    /// [`Completion::unacknowledged`]) is now the engine's, with `links_before` as given to
+    /// [`Holds::new`]. Called before `release_holds`, under the same rules.
+    fn unacknowledged_after_cancel(&self, peers: &[String], links_before: u64);
+}
+
+/// What a [`Holds`] gives back to its owner.
+struct Owner {
+    releaser: Arc<dyn ReleaseHolds>,
+    offset: u64,
+    len: u64,
+    tag: u64,
+    links_before: u64,
 }
 
 /// What an engine keeps taken while a request is in flight (its I/O gate, the
@@ -133,7 +148,7 @@ pub trait ReleaseHolds: Send + Sync {
 #[derive(Default)]
 pub struct Holds {
     /// Released first (`release_holds`), then the gate.
-    owner: Option<(Arc<dyn ReleaseHolds>, u64, u64, u64)>,
+    owner: Option<Owner>,
     gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
 }
 
@@ -144,16 +159,25 @@ impl Holds {
     }
 
     /// `gate` (if any) and whatever `owner` releases for `[offset, offset + len)` and
-    /// `tag`; dropping the value releases them, the owner's first.
+    /// `tag`; dropping the value releases them, the owner's first. `links_before` is the
+    /// engine's note of the links the request started with, handed back to
+    /// [`ReleaseHolds::unacknowledged_after_cancel`].
     pub fn new(
         gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
         owner: Arc<dyn ReleaseHolds>,
         offset: u64,
         len: u64,
         tag: u64,
+        links_before: u64,
     ) -> Holds {
         Holds {
-            owner: Some((owner, offset, len, tag)),
+            owner: Some(Owner {
+                releaser: owner,
+                offset,
+                len,
+                tag,
+                links_before,
+            }),
             gate,
         }
     }
@@ -162,12 +186,24 @@ impl Holds {
     pub fn release(self) {
         drop(self);
     }
+
+    /// The request completed with `unacknowledged` peers after its submitter went away:
+    /// tell the owner (if there are such peers), then release everything.
+    pub(crate) fn release_abandoned(self, unacknowledged: &[String]) {
+        if let Some(owner) = &self.owner {
+            if !unacknowledged.is_empty() {
+                owner
+                    .releaser
+                    .unacknowledged_after_cancel(unacknowledged, owner.links_before);
+            }
+        }
+    }
 }
 
 impl Drop for Holds {
     fn drop(&mut self) {
-        if let Some((owner, offset, len, tag)) = self.owner.take() {
-            owner.release_holds(offset, len, tag);
+        if let Some(o) = self.owner.take() {
+            o.releaser.release_holds(o.offset, o.len, o.tag);
         }
         // The gate guard is a field: dropped after this, i.e. after the owner's release.
     }
@@ -177,7 +213,10 @@ impl std::fmt::Debug for Holds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Holds")
             .field("gate", &self.gate.is_some())
-            .field("owner", &self.owner.as_ref().map(|(_, o, l, t)| (o, l, t)))
+            .field(
+                "owner",
+                &self.owner.as_ref().map(|o| (o.offset, o.len, o.tag)),
+            )
             .finish()
     }
 }

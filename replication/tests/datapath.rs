@@ -1331,6 +1331,8 @@ impl ReleaseHolds for RecordedReleases {
     fn release_holds(&self, offset: u64, len: u64, tag: u64) {
         self.0.lock().unwrap().push((offset, len, tag));
     }
+
+    fn unacknowledged_after_cancel(&self, _peers: &[String], _links_before: u64) {}
 }
 
 /// Opens a device's gate when dropped, also when the test fails (the runtime's shutdown
@@ -1356,7 +1358,7 @@ async fn holds_of_a_dropped_request_are_released_only_after_its_local_write() {
     let released = Arc::new(RecordedReleases::default());
     let holds = |tag| {
         let gate = gate.clone().try_read_owned().unwrap();
-        Holds::new(Some(gate), released.clone(), 8192, 4096, tag)
+        Holds::new(Some(gate), released.clone(), 8192, 4096, tag, 0)
     };
     let write = || Op::Write {
         data: Bytes::from(vec![0x3C; 4096]),
@@ -1412,4 +1414,81 @@ async fn holds_of_a_dropped_request_are_released_only_after_its_local_write() {
     assert!(gate.try_write().is_ok());
     pair.primary.wait_replicated().await;
     assert_eq!(sha256_file(&p.path), sha256_file(&s.path));
+}
+
+/// What an engine was told about requests whose submitter went away: (peers, links note).
+#[derive(Default)]
+struct RecordedCancels(Mutex<Vec<(Vec<String>, u64)>>);
+
+impl ReleaseHolds for RecordedCancels {
+    fn release_holds(&self, _offset: u64, _len: u64, _tag: u64) {}
+
+    fn unacknowledged_after_cancel(&self, peers: &[String], links_before: u64) {
+        self.0.lock().unwrap().push((peers.to_vec(), links_before));
+    }
+}
+
+/// Waits until `dev` has started more writes than `before`.
+async fn wait_write_started(dev: &TestDevice, before: usize) {
+    let t0 = Instant::now();
+    while dev.writes_started.load(Ordering::SeqCst) <= before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the write never reached the disk"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A request whose submitter went away is finished by the volume task. If a peer did not
+/// acknowledge it (lost while it was in flight), the engine is told which one, with the
+/// links note the request was submitted with: the submitter can no longer make sure that
+/// peer gets the range. A request every peer acknowledged tells nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_requests_unacknowledged_peers_are_handed_to_the_engine() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    let cancels = Arc::new(RecordedCancels::default());
+    let submit_and_drop = |links_before| {
+        let holds = Holds::new(None, cancels.clone(), 8192, 4096, 1, links_before);
+        let op = Op::Write {
+            data: Bytes::from(vec![0x5A; 4096]),
+            fua: false,
+        };
+        let submit = pair.primary.submit_held(8192, op, holds);
+        async move {
+            // Polled until the request is in the task, then dropped.
+            let _ = tokio::time::timeout(Duration::from_millis(50), submit).await;
+        }
+    };
+
+    // Acknowledged by the peer after the submitter left: nothing to hand over.
+    p.dev.set_gate(false);
+    let open = OpenOnDrop(p.dev.clone());
+    let before = p.dev.writes_started.load(Ordering::SeqCst);
+    submit_and_drop(3).await;
+    wait_write_started(&p.dev, before).await;
+    drop(open);
+    pair.primary.wait_replicated().await;
+    assert!(cancels.0.lock().unwrap().is_empty());
+
+    // The peer is lost while it holds the request: it is handed over.
+    let _open = OpenOnDrop(s.dev.clone());
+    s.dev.set_gate(false);
+    let before = s.dev.writes_started.load(Ordering::SeqCst);
+    submit_and_drop(7).await;
+    wait_write_started(&s.dev, before).await;
+    pair.secondary_sender.close("simulated crash");
+    let t0 = Instant::now();
+    while cancels.0.lock().unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "never handed over");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        *cancels.0.lock().unwrap(),
+        vec![(vec!["secondary".to_string()], 7)]
+    );
+    s.dev.set_gate(true);
+    let _ = pair.secondary.await.unwrap();
 }

@@ -170,6 +170,8 @@ pub struct Replica {
     pub(super) tasks: Mutex<Vec<JoinHandle<()>>>,
     rng: Mutex<SplitMix64>,
     pub(super) me: Weak<Replica>,
+    /// Releases what a write's [`Holds`] keep (see [`WriteHoldsOwner`]).
+    holds_owner: Arc<WriteHoldsOwner>,
     /// Local writes in flight, for detecting overlaps with a second Primary (`dual.rs`).
     pub(super) writes: Arc<super::dual::WriteTracker>,
     /// The tail of the writes applied here for a Primary (`reconcile.rs`).
@@ -376,6 +378,7 @@ impl Replica {
             tasks: Mutex::new(Vec::new()),
             rng: Mutex::new(SplitMix64::new(seed)),
             me: me.clone(),
+            holds_owner: Arc::new(WriteHoldsOwner(me.clone())),
             writes: Arc::default(),
             recent_peer_writes: Arc::default(),
             local_failures: Arc::default(),
@@ -1721,11 +1724,6 @@ impl Replica {
             drop(gate);
             p = self.admit().await?;
         };
-        let Some(me) = self.arc() else {
-            return Err(EngineError::Closed {
-                volume: self.volume.clone(),
-            });
-        };
         let al_hold = self.al_begin(offset, len).await?;
         // Before the data path picks the peers (the request is not submitted yet).
         let links_before = self.link_ids();
@@ -1733,7 +1731,14 @@ impl Replica {
         // From here on the extents and the tracker entry are released by the holds
         // (`release_holds`), wherever they are dropped.
         al_hold.keep();
-        let holds = Holds::new(Some(gate), me, offset, len, tag);
+        let holds = Holds::new(
+            Some(gate),
+            self.holds_owner.clone(),
+            offset,
+            len,
+            tag,
+            links_before,
+        );
         let (res, holds) = p.submit_held(offset, request, holds).await;
         // Outside the gate: a handshake that brings quorum back needs it.
         holds.release();
@@ -1808,7 +1813,14 @@ impl Replica {
     ) -> Result<(), EngineError> {
         let mut rx = self.changed.subscribe();
         let started = tokio::time::Instant::now();
-        let mut closed_links = false;
+        // However this ends (even dropped by its caller, or failed before the wait below),
+        // a peer still on the link that missed the request is reconnected.
+        let mut reconnect = ReconnectUnreplicated {
+            replica: self,
+            lost,
+            links_before,
+            done: false,
+        };
         loop {
             let mut rotate = false;
             {
@@ -1829,28 +1841,15 @@ impl Replica {
                 }
                 // Wait until the engine has processed each loss: quorum and outdating
                 // below are only meaningful then.
-                let unprocessed: Vec<&String> = lost
-                    .iter()
-                    .filter(|p| {
-                        st.peers.get(*p).is_some_and(|s| {
-                            s.conn == ConnectionState::Connected && s.link_id <= links_before
-                        })
-                    })
-                    .collect();
+                let unprocessed = Self::missed_on_open_links(&st, lost, links_before);
                 if !unprocessed.is_empty()
-                    && !closed_links
+                    && !reconnect.done
                     && started.elapsed() >= LOSS_PROCESSING_WAIT
                 {
                     // Connected, yet it did not get the request (e.g. its link was not in
                     // the data path yet): reconnect it so the handshake resyncs the range.
-                    closed_links = true;
-                    for p in &unprocessed {
-                        if let Some(s) = st.peers.get(*p).and_then(|s| s.sender.as_ref()) {
-                            tracing::warn!(volume = %self.volume, peer = %p,
-                                "connected peer did not acknowledge a request; reconnecting it to resync");
-                            s.close("a request was not replicated to this peer; reconnecting to resync it");
-                        }
-                    }
+                    reconnect.done = true;
+                    self.reconnect_unreplicated(&st, &unprocessed);
                 }
                 if unprocessed.is_empty() {
                     let quorum_ok = st.has_quorum || Self::quorum_mode(&st) == QuorumMode::Off;
@@ -1888,6 +1887,46 @@ impl Replica {
             tokio::select! {
                 _ = rx.changed() => {}
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    /// The peers of `lost` still Connected on a link no newer than `links_before`: the
+    /// engine has not processed their loss of a request yet, or they never had it.
+    fn missed_on_open_links<'a>(
+        st: &State,
+        lost: &'a [String],
+        links_before: u64,
+    ) -> Vec<&'a String> {
+        lost.iter()
+            .filter(|p| {
+                st.peers.get(*p).is_some_and(|s| {
+                    s.conn == ConnectionState::Connected && s.link_id <= links_before
+                })
+            })
+            .collect()
+    }
+
+    /// Reconnect the peers of `lost` still Connected on a link no newer than `links_before`:
+    /// they may have missed a request that is on this disk, and the handshake resyncs it.
+    /// Nothing while the replica closes (its peers get a clean goodbye).
+    fn reconnect_missed(&self, lost: &[String], links_before: u64) {
+        let st = lock(&self.st);
+        if st.closed {
+            return;
+        }
+        let missed = Self::missed_on_open_links(&st, lost, links_before);
+        self.reconnect_unreplicated(&st, &missed);
+    }
+
+    /// Close the links of `peers`, Connected on a link older than a request they did not
+    /// get: the reconnect's handshake resyncs the range.
+    fn reconnect_unreplicated(&self, st: &State, peers: &[&String]) {
+        for p in peers {
+            if let Some(s) = st.peers.get(*p).and_then(|s| s.sender.as_ref()) {
+                tracing::warn!(volume = %self.volume, peer = %p,
+                    "connected peer did not acknowledge a request; reconnecting it to resync");
+                s.close("a request was not replicated to this peer; reconnecting to resync it");
             }
         }
     }
@@ -2104,11 +2143,45 @@ const PEER_WRITE_AL_WAIT: Duration = Duration::from_secs(10);
 
 /// What [`Holds`] release for a write, trim or write-zeroes once it is over (see
 /// [`Replica::modify`]): its record as a local write in flight, then its activity-log
-/// extents (the I/O gate is released by the holds right after).
-impl ReleaseHolds for Replica {
+/// extents (the I/O gate is released by the holds right after). A type of its own, not
+/// `Replica`, so that no holder of a replica can release a request's holds.
+struct WriteHoldsOwner(Weak<Replica>);
+
+impl ReleaseHolds for WriteHoldsOwner {
     fn release_holds(&self, offset: u64, len: u64, tag: u64) {
-        self.writes.end_tag(tag);
-        self.al_end(offset, len);
+        if let Some(replica) = self.0.upgrade() {
+            replica.writes.end_tag(tag);
+            replica.al_end(offset, len);
+        }
+    }
+
+    fn unacknowledged_after_cancel(&self, peers: &[String], links_before: u64) {
+        if let Some(replica) = self.0.upgrade() {
+            replica.reconnect_missed(peers, links_before);
+        }
+    }
+}
+
+/// Reconnects, when dropped unless `done`, the peers of `lost` still Connected on a link
+/// no newer than `links_before` ([`Replica::reconnect_missed`]). Without it a request
+/// whose caller gave up in [`Replica::hold_after_peer_loss`], or that failed there
+/// (demoted, no quorum) before the links were closed, left such a peer Connected and
+/// silently different until some later reconnect (found by review). A caller that gave up
+/// earlier, while the request was in the data path, is covered by
+/// [`ReleaseHolds::unacknowledged_after_cancel`].
+struct ReconnectUnreplicated<'a> {
+    replica: &'a Replica,
+    lost: &'a [String],
+    links_before: u64,
+    /// The links were closed already.
+    done: bool,
+}
+
+impl Drop for ReconnectUnreplicated<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.replica.reconnect_missed(self.lost, self.links_before);
+        }
     }
 }
 

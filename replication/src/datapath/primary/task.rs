@@ -703,9 +703,15 @@ impl VolumeTask {
             local,
             peers,
         });
-        // A submitter that gave up gets nothing: the answer, and its holds with it, are
-        // dropped here, now that the local I/O and the peers are done.
-        let _ = op.reply.send((completion, op.holds));
+        // A submitter that gave up gets nothing: its holds are released here, now that the
+        // local I/O and the peers are done, and the peers that missed the request are left
+        // to the engine.
+        if let Err((completion, holds)) = op.reply.send((completion, op.holds)) {
+            match completion {
+                Ok(done) => holds.release_abandoned(&done.unacknowledged),
+                Err(_) => holds.release(),
+            }
+        }
     }
 
     /// Carry out the core's actions in its order: every link gets requests and barriers in
