@@ -22,7 +22,7 @@ use replication::datapath::{
     run_secondary, DatapathError, Holds, OutOfSyncHook, Primary, PrimaryConfig, ReleaseHolds,
     SecondaryConfig, WriteIntentHooks, WriteIntentLog,
 };
-use replication::device::{BackingDevice, DeviceError, FileDevice};
+use replication::device::{BackingDevice, DeviceError, DeviceFuture, FileDevice};
 use replication::failure_log::{error_chain, FailureLog};
 use replication::link::{LinkConfig, LinkDown, LinkSender, PeerLink};
 use replication::wire::{error_code, Hello, Message, ReplicationProtocol, WriteRequest};
@@ -57,6 +57,8 @@ struct TestDevice {
     durable_writes: AtomicUsize,
     writes_started: AtomicUsize,
     fail_writes: AtomicBool,
+    /// Panic when the data path asks for an async write: a bug on the volume task itself.
+    panic_on_async_write: AtomicBool,
 }
 
 impl TestDevice {
@@ -72,6 +74,7 @@ impl TestDevice {
             durable_writes: AtomicUsize::new(0),
             writes_started: AtomicUsize::new(0),
             fail_writes: AtomicBool::new(false),
+            panic_on_async_write: AtomicBool::new(false),
         })
     }
 
@@ -148,6 +151,13 @@ impl BackingDevice for TestDevice {
     }
     fn cached_writes(&self) -> bool {
         self.cached.load(Ordering::SeqCst)
+    }
+    fn write_async(&self, _offset: u64, _data: &Bytes, _fua: bool) -> Option<DeviceFuture<()>> {
+        assert!(
+            !self.panic_on_async_write.load(Ordering::SeqCst),
+            "test device: a bug on the volume task"
+        );
+        None
     }
 }
 
@@ -1491,4 +1501,60 @@ async fn a_dropped_requests_unacknowledged_peers_are_handed_to_the_engine() {
     );
     s.dev.set_gate(true);
     let _ = pair.secondary.await.unwrap();
+}
+
+/// A panic on the volume task does not release the holds of a request whose local write is
+/// still running: they are released once the disk is done with it. The other request's
+/// holds (it never reached the disk) go at once, and both submitters get `Stopped`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_volume_task_keeps_a_running_writes_holds_until_its_disk_write_ends() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let released = Arc::new(RecordedReleases::default());
+    let submit = |offset, tag| {
+        let held = gate.clone().try_read_owned().unwrap();
+        let holds = Holds::new(Some(held), released.clone(), offset, 4096, tag, 0);
+        let op = Op::Write {
+            data: Bytes::from(vec![0x6B; 4096]),
+            fua: false,
+        };
+        let primary = pair.primary.clone();
+        tokio::spawn(async move { primary.submit_held(offset, op, holds).await.0 })
+    };
+
+    p.dev.set_gate(false);
+    let _open = OpenOnDrop(p.dev.clone());
+    let before = p.dev.writes_started.load(Ordering::SeqCst);
+    let running = submit(8192, 1);
+    wait_write_started(&p.dev, before).await;
+    p.dev.panic_on_async_write.store(true, Ordering::SeqCst);
+    let panicked = submit(65536, 2);
+    for (name, write) in [("running", running), ("panicked", panicked)] {
+        let answer = tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .unwrap_or_else(|_| panic!("the {name} write got no answer"))
+            .unwrap();
+        assert!(
+            matches!(answer, Err(DatapathError::Stopped)),
+            "{name}: {answer:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        *released.0.lock().unwrap(),
+        vec![(65536, 4096, 2)],
+        "only the write that never reached the disk is released"
+    );
+    assert!(gate.try_write().is_err(), "gate free under a running write");
+
+    p.dev.set_gate(true);
+    let t0 = Instant::now();
+    while released.0.lock().unwrap().len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "never released");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(released.0.lock().unwrap()[1], (8192, 4096, 1));
+    assert!(gate.try_write().is_ok());
 }

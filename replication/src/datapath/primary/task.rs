@@ -209,6 +209,41 @@ pub(super) struct VolumeTask {
     sendable: Vec<PeerId>,
 }
 
+/// A task dropped with local I/O still running (it panicked, or the runtime is shutting
+/// down): the holds of those requests (I/O gate, activity-log extents, ...) go with the
+/// I/O to a task of their own, which releases them once the disk is done with it. Before,
+/// the unwind released them while the disk might still be writing the range (found by
+/// review). The other requests never reached the disk, or are done with it: their holds
+/// go now, and their submitters get `Stopped`.
+impl Drop for VolumeTask {
+    fn drop(&mut self) {
+        let running: Vec<Holds> = self
+            .ops
+            .iter_mut()
+            .filter(|(_, op)| matches!(op.local, Local::Running))
+            .map(|(_, op)| std::mem::take(&mut op.holds))
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        let local = std::mem::take(&mut self.local);
+        tracing::error!(
+            requests = running.len(),
+            "volume task ended with local I/O running; its holds wait for it"
+        );
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    local.for_each(|_| async {}).await;
+                    drop(running);
+                });
+            }
+            // Nothing can wait for the I/O: keep the holds rather than release them early.
+            Err(_) => std::mem::forget(running),
+        }
+    }
+}
+
 impl VolumeTask {
     pub(super) fn new(
         shared: Arc<Shared>,
