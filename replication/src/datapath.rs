@@ -182,6 +182,11 @@ impl Holds {
         }
     }
 
+    /// Whether nothing is held.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.owner.is_none() && self.gate.is_none()
+    }
+
     /// Release everything now (the same as dropping it).
     pub fn release(self) {
         drop(self);

@@ -365,7 +365,8 @@ impl Primary {
         }
         match rx.await {
             Ok(answer) => answer,
-            // The task dropped the request (it is gone): so are the holds.
+            // The task dropped the request (it is gone). It released the holds, after the
+            // request's local I/O if that was running.
             Err(_) => (Err(DatapathError::Stopped), Holds::none()),
         }
     }

@@ -209,38 +209,42 @@ pub(super) struct VolumeTask {
     sendable: Vec<PeerId>,
 }
 
-/// A task dropped with local I/O still running (it panicked, or the runtime is shutting
-/// down): the holds of those requests (I/O gate, activity-log extents, ...) go with the
-/// I/O to a task of their own, which releases them once the disk is done with it. Before,
-/// the unwind released them while the disk might still be writing the range (found by
-/// review). The other requests never reached the disk, or are done with it: their holds
-/// go now, and their submitters get `Stopped`.
+/// A task dropped with local I/O still running (it panicked: tokio drops a panicked
+/// task's future during the unwind): the holds of those requests (I/O gate, activity-log
+/// extents, ...) go with the I/O to a task of their own, which releases each request's
+/// once its disk I/O ended. Before, the unwind released them while the disk might still be
+/// writing the range (found by review). The other requests never reached the disk, or are
+/// done with it: their holds go now, and their submitters get `Stopped`. A runtime that is
+/// shutting down refuses the task, and the holds go at once with everything else.
 impl Drop for VolumeTask {
     fn drop(&mut self) {
-        let running: Vec<Holds> = self
+        let mut running: HashMap<usize, Holds> = self
             .ops
             .iter_mut()
-            .filter(|(_, op)| matches!(op.local, Local::Running))
-            .map(|(_, op)| std::mem::take(&mut op.holds))
+            .filter(|(_, op)| matches!(op.local, Local::Running) && !op.holds.is_empty())
+            .map(|(key, op)| (key, std::mem::take(&mut op.holds)))
             .collect();
         if running.is_empty() {
             return;
         }
-        let local = std::mem::take(&mut self.local);
+        let mut local = std::mem::take(&mut self.local);
         tracing::error!(
             requests = running.len(),
-            "volume task ended with local I/O running; its holds wait for it"
+            "volume task ended with local I/O running; their holds wait for it"
         );
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    local.for_each(|_| async {}).await;
-                    drop(running);
-                });
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Not reached: the task is only dropped inside its runtime.
+            tracing::error!("no runtime to wait for the local I/O; releasing its holds");
+            return;
+        };
+        runtime.spawn(async move {
+            while let Some((key, result)) = local.next().await {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "local I/O of a request whose volume task ended");
+                }
+                running.remove(&key);
             }
-            // Nothing can wait for the I/O: keep the holds rather than release them early.
-            Err(_) => std::mem::forget(running),
-        }
+        });
     }
 }
 
