@@ -282,11 +282,16 @@ impl Host {
         Ok(())
     }
 
-    /// Runs a shell script in the guest.
+    /// Runs a shell script in the guest. A failure (no answer in time, a lost
+    /// connection) carries the guest's console tail, which shows a hung or crashed guest.
     pub fn sh(&mut self, script: &str, timeout: Duration) -> Result<super::agent::Output> {
-        self.agent
-            .run(script, timeout)
-            .with_context(|| format!("on {}", self.name))
+        self.agent.run(script, timeout).with_context(|| {
+            format!(
+                "on {}; console tail:\n{}",
+                self.name,
+                tail(&self.console_since(0), 30)
+            )
+        })
     }
 
     /// Runs a shell script in the guest and returns its output; fails unless it exits 0.
