@@ -25,10 +25,21 @@ use tandem_tests::{bin, wait_until, TandemNode};
 const VOLUME: &str = "vm-100-disk-0";
 const BLOCKS: u64 = 1024;
 
-/// The daemons, then the mounts under them (fields drop in this order).
+/// Two daemons, each with its images directory on a reflink file system of its own.
 struct Fixture {
     cluster: LoopbackCluster,
-    _mounts: Vec<ReflinkMount>,
+    mounts: Vec<ReflinkMount>,
+}
+
+/// The daemons stop, the file systems are unmounted, then the nodes' directories go. With
+/// an images directory still mounted, the directory's removal failed and left it in /tmp.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for node in &mut self.cluster.nodes {
+            node.crash();
+        }
+        self.mounts.clear();
+    }
 }
 
 fn start() -> Fixture {
@@ -41,10 +52,7 @@ fn start() -> Fixture {
     for node in &mut cluster.nodes {
         node.start();
     }
-    Fixture {
-        cluster,
-        _mounts: mounts,
-    }
+    Fixture { cluster, mounts }
 }
 
 fn status(node: &TandemNode, volume: &str) -> Value {
