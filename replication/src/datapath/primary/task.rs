@@ -745,11 +745,8 @@ impl VolumeTask {
         // A submitter that gave up gets nothing: its holds are released here, now that the
         // local I/O and the peers are done, and the peers that missed the request are left
         // to the engine.
-        if let Err((completion, holds)) = op.reply.send((completion, op.holds)) {
-            match completion {
-                Ok(done) => holds.release_abandoned(&done.unacknowledged),
-                Err(_) => holds.release(),
-            }
+        if let Err((Ok(done), holds)) = op.reply.send((completion, op.holds)) {
+            holds.release_abandoned(&done.unacknowledged);
         }
     }
 
