@@ -1503,6 +1503,54 @@ async fn a_dropped_requests_unacknowledged_peers_are_handed_to_the_engine() {
     let _ = pair.secondary.await.unwrap();
 }
 
+/// A panic on the volume task leaves no request silently unreplicated: a write that reached
+/// the local disk while its peer had not acknowledged it, and the write that panicked, are
+/// both marked out of sync for the peer, so a reconnect resyncs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_volume_task_marks_its_unfinished_writes_out_of_sync() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let (pair, frozen) = pair_through_proxy(ReplicationProtocol::C, &p, &s).await;
+    frozen.store(true, Ordering::SeqCst);
+    let submit = |offset| {
+        let primary = pair.primary.clone();
+        tokio::spawn(async move {
+            primary
+                .submit_write(offset, Bytes::from(vec![0x5D; 4096]), false)
+                .await
+        })
+    };
+    // Written here, queued to a peer that hears nothing (keepalive gives up after 1 s).
+    let unacknowledged = submit(8192);
+    let written = wait_for(Duration::from_secs(1), || {
+        p.dev.writes_started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(written, "the first write never reached the local disk");
+    p.dev.panic_on_async_write.store(true, Ordering::SeqCst);
+    let panicked = submit(65536);
+    for (name, write) in [("unacknowledged", unacknowledged), ("panicked", panicked)] {
+        let answer = tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .unwrap_or_else(|_| panic!("the {name} write got no answer"))
+            .unwrap();
+        assert!(
+            matches!(answer, Err(DatapathError::Stopped)),
+            "{name}: {answer:?}"
+        );
+    }
+    let mut marked = pair.oos.lock().unwrap().clone();
+    marked.sort();
+    marked.dedup();
+    assert_eq!(
+        marked,
+        vec![
+            ("secondary".to_string(), 8192, 4096),
+            ("secondary".to_string(), 65536, 4096)
+        ]
+    );
+}
+
 /// A panic on the volume task does not release the holds of a request whose local write is
 /// still running: they are released once the disk is done with it. The other request's
 /// holds (it never reached the disk) go at once, and both submitters get `Stopped`.

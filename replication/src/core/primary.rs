@@ -242,6 +242,11 @@ impl PrimaryCore {
         self.known = known;
     }
 
+    /// Every peer this volume replicates to, attached or not.
+    pub fn known_peers(&self) -> &[String] {
+        &self.known
+    }
+
     /// Attached peers: (id, name).
     pub fn peers(&self) -> impl Iterator<Item = (PeerId, &str)> {
         self.peers.iter().map(|p| (p.id, p.name.as_str()))

@@ -215,9 +215,12 @@ pub(super) struct VolumeTask {
 /// once its disk I/O ended. Before, the unwind released them while the disk might still be
 /// writing the range (found by review). The other requests never reached the disk, or are
 /// done with it: their holds go now, and their submitters get `Stopped`. A runtime that is
-/// shutting down refuses the task, and the holds go at once with everything else.
+/// shutting down refuses the task, and the holds go at once with everything else. First,
+/// the unfinished requests' ranges are marked out of sync for the peers (see
+/// [`VolumeTask::mark_unfinished_out_of_sync`]).
 impl Drop for VolumeTask {
     fn drop(&mut self) {
+        self.mark_unfinished_out_of_sync();
         let mut running: HashMap<usize, Holds> = self
             .ops
             .iter_mut()
@@ -249,6 +252,36 @@ impl Drop for VolumeTask {
 }
 
 impl VolumeTask {
+    /// On a drop with requests unfinished: the peers may lack whatever reached this disk,
+    /// and nothing here will learn otherwise, so every request still pending on a peer, and
+    /// every request in the table that may have reached the disk (it holds its range), is
+    /// out of sync for the peers. The engine's bitmaps then resync those ranges when the
+    /// peers reconnect, instead of leaving them silently different.
+    fn mark_unfinished_out_of_sync(&mut self) {
+        let attached: Vec<PeerId> = self.links.keys().copied().collect();
+        for peer in attached {
+            self.core.handle_link_down(peer);
+        }
+        while let Some(action) = self.core.poll_action() {
+            if let PrimaryAction::OutOfSync { peer, offset, len } = action {
+                (self.on_out_of_sync)(&peer, offset, len);
+            }
+        }
+        for (_, op) in &self.ops {
+            if let What::Request {
+                offset,
+                op,
+                claimed: true,
+                ..
+            } = &op.what
+            {
+                for peer in self.core.known_peers() {
+                    (self.on_out_of_sync)(peer, *offset, op.len());
+                }
+            }
+        }
+    }
+
     pub(super) fn new(
         shared: Arc<Shared>,
         on_out_of_sync: OutOfSyncHook,
