@@ -1503,15 +1503,21 @@ async fn a_dropped_requests_unacknowledged_peers_are_handed_to_the_engine() {
     let _ = pair.secondary.await.unwrap();
 }
 
-/// A panic on the volume task leaves no request silently unreplicated: a write that reached
-/// the local disk while its peer had not acknowledged it, and the write that panicked, are
-/// both marked out of sync for the peer, so a reconnect resyncs them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_volume_task_marks_its_unfinished_writes_out_of_sync() {
+/// Write at 8192 while the Secondary's disk holds every write (so the peer never
+/// acknowledges it), then submit a write at 65536 that panics the Primary's volume task.
+/// Returns both answers and the ranges marked out of sync, sorted.
+async fn panic_after_an_unacknowledged_write(
+    protocol: ReplicationProtocol,
+) -> (
+    Result<(), DatapathError>,
+    Result<(), DatapathError>,
+    Vec<(String, u64, u64)>,
+) {
     let p = disk(4 * MIB);
     let s = disk(4 * MIB);
-    let (pair, frozen) = pair_through_proxy(ReplicationProtocol::C, &p, &s).await;
-    frozen.store(true, Ordering::SeqCst);
+    let pair = pair(protocol, p.dev.clone(), s.dev.clone()).await;
+    s.dev.set_gate(false);
+    let _open = OpenOnDrop(s.dev.clone());
     let submit = |offset| {
         let primary = pair.primary.clone();
         tokio::spawn(async move {
@@ -1520,35 +1526,58 @@ async fn a_panicking_volume_task_marks_its_unfinished_writes_out_of_sync() {
                 .await
         })
     };
-    // Written here, queued to a peer that hears nothing (keepalive gives up after 1 s).
+    let answer = |write: JoinHandle<Result<(), DatapathError>>| async move {
+        tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .expect("no answer")
+            .unwrap()
+    };
     let unacknowledged = submit(8192);
-    let written = wait_for(Duration::from_secs(1), || {
+    let reached_both = wait_for(Duration::from_secs(5), || {
         p.dev.writes_started.load(Ordering::SeqCst) == 1
+            && s.dev.writes_started.load(Ordering::SeqCst) == 1
     })
     .await;
-    assert!(written, "the first write never reached the local disk");
+    assert!(reached_both, "the first write never reached both disks");
+    // Under A it is answered once on the local disk, still pending on the peer.
+    let first = match protocol {
+        ReplicationProtocol::A => Ok(answer(unacknowledged).await),
+        _ => Err(unacknowledged),
+    };
     p.dev.panic_on_async_write.store(true, Ordering::SeqCst);
-    let panicked = submit(65536);
-    for (name, write) in [("unacknowledged", unacknowledged), ("panicked", panicked)] {
-        let answer = tokio::time::timeout(Duration::from_secs(5), write)
-            .await
-            .unwrap_or_else(|_| panic!("the {name} write got no answer"))
-            .unwrap();
-        assert!(
-            matches!(answer, Err(DatapathError::Stopped)),
-            "{name}: {answer:?}"
-        );
-    }
+    let second = answer(submit(65536)).await;
+    let first = match first {
+        Ok(answered) => answered,
+        Err(waiting) => answer(waiting).await,
+    };
     let mut marked = pair.oos.lock().unwrap().clone();
     marked.sort();
     marked.dedup();
-    assert_eq!(
-        marked,
-        vec![
-            ("secondary".to_string(), 8192, 4096),
-            ("secondary".to_string(), 65536, 4096)
-        ]
-    );
+    (first, second, marked)
+}
+
+/// A panic on the volume task leaves no request silently unreplicated: a write on the
+/// local disk that its peer has not acknowledged, and the write that panicked, are both
+/// marked out of sync for the peer, so a reconnect resyncs them. Under protocol C the
+/// first write is still waiting for its peer (in the task's table); under A it was
+/// answered already and only the core remembers it is pending on the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_volume_task_marks_its_unfinished_writes_out_of_sync() {
+    let expected = vec![
+        ("secondary".to_string(), 8192, 4096),
+        ("secondary".to_string(), 65536, 4096),
+    ];
+    for protocol in [ReplicationProtocol::C, ReplicationProtocol::A] {
+        let (first, second, marked) = panic_after_an_unacknowledged_write(protocol).await;
+        assert!(matches!(second, Err(DatapathError::Stopped)), "{second:?}");
+        match protocol {
+            ReplicationProtocol::C => {
+                assert!(matches!(first, Err(DatapathError::Stopped)), "{first:?}")
+            }
+            _ => assert!(first.is_ok()),
+        }
+        assert_eq!(marked, expected, "{protocol:?}");
+    }
 }
 
 /// A panic on the volume task does not release the holds of a request whose local write is
