@@ -1467,6 +1467,8 @@ struct HeldWrites {
     held: std::sync::Mutex<bool>,
     released: std::sync::Condvar,
     arrived: tokio::sync::Notify,
+    /// Panic when the data path asks for a write on its own task: a bug there.
+    panic_on_write: std::sync::atomic::AtomicBool,
 }
 
 impl HeldWrites {
@@ -1504,6 +1506,18 @@ impl Drop for ReleaseOnDrop {
 impl replication::device::BackingDevice for HeldWrites {
     fn size(&self) -> u64 {
         self.inner.size()
+    }
+    fn write_async(
+        &self,
+        _offset: u64,
+        _data: &bytes::Bytes,
+        _fua: bool,
+    ) -> Option<replication::device::DeviceFuture<()>> {
+        let panic = self
+            .panic_on_write
+            .load(std::sync::atomic::Ordering::SeqCst);
+        assert!(!panic, "test: a bug on the volume task");
+        None
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), replication::device::DeviceError> {
         self.inner.read_at(buf, offset)
@@ -1552,6 +1566,7 @@ async fn primary_over_held_writes() -> (Cluster, std::sync::Arc<HeldWrites>) {
             held: std::sync::Mutex::new(false),
             released: std::sync::Condvar::new(),
             arrived: tokio::sync::Notify::new(),
+            panic_on_write: Default::default(),
         });
         dev = Some(d.clone());
         d
@@ -1567,6 +1582,31 @@ async fn primary_over_held_writes() -> (Cluster, std::sync::Arc<HeldWrites>) {
     promote_within(&a, 10).await;
     a.write(0, data(1, 4096), false).await.unwrap();
     (c, dev)
+}
+
+/// The Primary's data path fails (its volume task panics: a bug): the write fails, the
+/// replica steps down instead of staying a Primary whose every write fails, the peer
+/// reconnects and resyncs what the task left unfinished, and a new promotion writes
+/// through a new data path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_whose_data_path_fails_steps_down_and_the_peer_resyncs() {
+    let (c, dev) = primary_over_held_writes().await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    dev.panic_on_write
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = a.write(MIB, data(2, 4096), false).await;
+    assert!(failed.is_err(), "{failed:?}");
+    dev.panic_on_write
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for(&a, "hv1 Secondary", 10, |s| s.role == Role::Secondary).await;
+    wait_converged(&a, &b, 20).await;
+
+    promote_within(&a, 10).await;
+    a.write(MIB, data(3, 4096), false).await.unwrap();
+    assert_eq!(a.read(MIB, 4096).await.unwrap(), data(3, 4096));
+    assert_eq!(a.read(0, 4096).await.unwrap(), data(1, 4096));
+    wait_converged(&a, &b, 10).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
 
 /// A write whose caller goes away (its future dropped or unwound: a vhost queue thread that

@@ -15,13 +15,15 @@
 //! A request handed to the task is carried through to its end whatever its caller does, so
 //! a cancelled caller cannot leave this disk ahead of the peers unmarked. The task ends
 //! once every handle and range lock is gone, nothing is in flight and every link is down.
+//! A task that ends any other way (it panicked) marks what it left unfinished out of sync
+//! and says so to [`Primary::failure`]: every request from then on gets `Stopped`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Completion, DatapathError, ExtensionSink, Holds, OutOfSyncHook, PrimaryConfig};
 use crate::core::op::{Op, FRAME_OVERHEAD};
@@ -86,6 +88,8 @@ struct Shared {
     /// Bytes of application requests submitted so far (resync rate control reads it).
     app_bytes: AtomicU64,
     directory: Mutex<Directory>,
+    /// Becomes true when the task ends without finishing (see [`Primary::failure`]).
+    failed: watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -132,20 +136,36 @@ impl Primary {
             max_epoch_requests: cfg.max_epoch_requests.max(1),
             ..cfg
         };
+        let (failure, failed) = watch::channel(false);
         let shared = Arc::new(Shared {
             device,
             cfg,
             app_bytes: AtomicU64::new(0),
             directory: Mutex::default(),
+            failed,
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = VolumeTask::new(shared.clone(), on_out_of_sync, rx, tx.downgrade());
+        let task = VolumeTask::new(shared.clone(), on_out_of_sync, rx, tx.downgrade(), failure);
         tokio::spawn(task.run());
         Primary { tx, shared }
     }
 
     fn send(&self, input: Input) -> Result<(), DatapathError> {
         self.tx.send(input).map_err(|_| DatapathError::Stopped)
+    }
+
+    /// Resolves when the volume task has ended: true if it failed (it panicked, which is a
+    /// bug; its unfinished requests were marked out of sync and every request since gets
+    /// [`DatapathError::Stopped`]), false if it ended normally (every handle was gone).
+    /// Holds no handle, so awaiting it does not keep the task alive.
+    pub fn failure(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let mut failed = self.shared.failed.clone();
+        async move { failed.wait_for(|failed| *failed).await.is_ok() }
+    }
+
+    /// Whether the volume task failed (see [`Primary::failure`]).
+    pub fn has_failed(&self) -> bool {
+        *self.shared.failed.borrow()
     }
 
     /// Whether `other` is a handle on the same Primary (the same volume task).

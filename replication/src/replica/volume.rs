@@ -913,9 +913,13 @@ impl Replica {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             primary.set_extension_sink(tx);
             if let Some(me) = self.arc() {
+                let failure = primary.failure();
                 self.spawn(async move {
                     while let Some((peer, msg)) = rx.recv().await {
                         me.handle_extension(&peer, msg).await;
+                    }
+                    if failure.await {
+                        me.data_path_failed().await;
                     }
                 });
             }
@@ -1129,6 +1133,12 @@ impl Replica {
     /// requests already in the data path finish (bounded), then the replica is Secondary.
     /// Unlike [`Replica::demote`] it does not wait for unreachable peers.
     pub async fn demote_force(&self) -> Result<(), EngineError> {
+        self.demote_without_peers("demoted by force (secondary --force); frozen requests fail")
+            .await
+    }
+
+    /// [`Replica::demote_force`] with `reason`.
+    async fn demote_without_peers(&self, reason: &str) -> Result<(), EngineError> {
         if lock(&self.st).role != Role::Primary {
             return Ok(());
         }
@@ -1139,8 +1149,29 @@ impl Replica {
         if gate.is_err() {
             tracing::warn!(volume = %self.volume, "requests in flight did not finish within 10 s; demoting anyway");
         }
-        self.demote_now("demoted by force (secondary --force); frozen requests fail")
-            .await
+        self.demote_now(reason).await
+    }
+
+    /// The Primary's data path failed (its task panicked: a bug). It marked what it left
+    /// unfinished out of sync for the peers and fails every request since, and its links
+    /// are gone. Staying Primary on it would fail every write while no peer can reconnect
+    /// to resync those ranges, so the replica steps down like `secondary --force`: the
+    /// status says why, the peers reconnect and resync, and a promotion starts a new data
+    /// path.
+    async fn data_path_failed(&self) {
+        let current = lock(&self.st)
+            .primary
+            .as_ref()
+            .is_some_and(|p| p.has_failed());
+        if !current {
+            return;
+        }
+        tracing::error!(volume = %self.volume, "the data path failed (internal error); demoting");
+        let reason =
+            "demoted: the data path failed (internal error, see the log); promote again to resume";
+        if let Err(e) = self.demote_without_peers(reason).await {
+            tracing::error!(volume = %self.volume, error = %error_chain(&e), "demotion after the data path failed");
+        }
     }
 
     /// Drop the Primary role (no flush): used by force-secondary and failed promotions.

@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Input, RangeLock, Reply, Shared};
 use crate::core::op::Op;
@@ -207,6 +207,10 @@ pub(super) struct VolumeTask {
     inline_left: u64,
     /// Scratch for `start_request`.
     sendable: Vec<PeerId>,
+    /// Set when `run` returns: a drop before that is a failure.
+    finished: bool,
+    /// Told when the task is dropped unfinished ([`Primary::failure`]).
+    failure: watch::Sender<bool>,
 }
 
 /// A task dropped with local I/O still running (it panicked: tokio drops a panicked
@@ -220,7 +224,11 @@ pub(super) struct VolumeTask {
 /// [`VolumeTask::mark_unfinished_out_of_sync`]).
 impl Drop for VolumeTask {
     fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
         self.mark_unfinished_out_of_sync();
+        self.failure.send_replace(true);
         let mut running: HashMap<usize, Holds> = self
             .ops
             .iter_mut()
@@ -287,6 +295,7 @@ impl VolumeTask {
         on_out_of_sync: OutOfSyncHook,
         rx: mpsc::UnboundedReceiver<Input>,
         me: mpsc::WeakUnboundedSender<Input>,
+        failure: watch::Sender<bool>,
     ) -> Self {
         let core = PrimaryCore::new(shared.cfg.protocol, shared.cfg.max_epoch_requests);
         VolumeTask {
@@ -313,6 +322,8 @@ impl VolumeTask {
             timer_at: None,
             inline_left: INLINE_BYTES_PER_PASS as u64,
             sendable: Vec::new(),
+            finished: false,
+            failure,
         }
     }
 
@@ -320,6 +331,7 @@ impl VolumeTask {
         loop {
             self.pump();
             if !self.input_open && self.ops.is_empty() && self.links.is_empty() {
+                self.finished = true;
                 return;
             }
             self.inline_left = INLINE_BYTES_PER_PASS as u64;
