@@ -111,7 +111,7 @@ use crate::wire::{error_code, Message, ReplicationProtocol, WriteOutcome, MAX_DA
 
 mod primary;
 
-pub use primary::{Primary, RangeLock};
+pub use primary::{Primary, PrimaryId, RangeLock};
 
 /// An engine's bookkeeping for one request in flight, released by [`Holds`] (see
 /// [`ReleaseHolds::release_holds`]).

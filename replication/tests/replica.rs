@@ -1584,27 +1584,53 @@ async fn primary_over_held_writes() -> (Cluster, std::sync::Arc<HeldWrites>) {
     (c, dev)
 }
 
-/// The Primary's data path fails (its volume task panics: a bug): the write fails, the
-/// replica steps down instead of staying a Primary whose every write fails, the peer
-/// reconnects and resyncs what the task left unfinished, and a new promotion writes
-/// through a new data path.
+/// The Primary's data path fails (its volume task panics: a bug) while a write is on its
+/// disk but not yet on the peer's (the link is frozen): both writes fail, the replica
+/// steps down instead of staying a Primary whose every write fails, with those ranges
+/// marked out of sync for the peer; once the link is back the peer resyncs them, and a
+/// new promotion writes through a new data path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_primary_whose_data_path_fails_steps_down_and_the_peer_resyncs() {
     let (c, dev) = primary_over_held_writes().await;
     let (a, b) = (c.r("hv1"), c.r("hv2"));
+    c.proxy("hv1", "hv2").freeze();
+    let unreplicated = tokio::spawn({
+        let a = a.clone();
+        async move { a.write(MIB, data(2, 4096), false).await }
+    });
+    // On hv1's disk, not on hv2's (keepalive gives up on the frozen link after 1 s).
+    let t0 = std::time::Instant::now();
+    while c.disk_hash("hv1") == c.disk_hash("hv2") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "the write never reached hv1's disk"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     dev.panic_on_write
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let failed = a.write(MIB, data(2, 4096), false).await;
-    assert!(failed.is_err(), "{failed:?}");
+    let failed = a.write(2 * MIB, data(3, 4096), false).await;
     dev.panic_on_write
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    wait_for(&a, "hv1 Secondary", 10, |s| s.role == Role::Secondary).await;
-    wait_converged(&a, &b, 20).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let unreplicated = unreplicated.await.unwrap();
+    assert!(unreplicated.is_err(), "{unreplicated:?}");
+    wait_for(
+        &a,
+        "hv1 Secondary, both writes out of sync for hv2",
+        10,
+        |s| s.role == Role::Secondary && peer(s, "hv2").out_of_sync_bytes >= 8192,
+    )
+    .await;
 
+    c.proxy("hv1", "hv2").cut();
+    c.proxy("hv1", "hv2").heal();
+    wait_converged(&a, &b, 20).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
     promote_within(&a, 10).await;
-    a.write(MIB, data(3, 4096), false).await.unwrap();
-    assert_eq!(a.read(MIB, 4096).await.unwrap(), data(3, 4096));
-    assert_eq!(a.read(0, 4096).await.unwrap(), data(1, 4096));
+    assert_eq!(a.read(MIB, 4096).await.unwrap(), data(2, 4096));
+    a.write(3 * MIB, data(4, 4096), false).await.unwrap();
+    assert_eq!(a.read(3 * MIB, 4096).await.unwrap(), data(4, 4096));
     wait_converged(&a, &b, 10).await;
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }

@@ -15,11 +15,12 @@
 //! A request handed to the task is carried through to its end whatever its caller does, so
 //! a cancelled caller cannot leave this disk ahead of the peers unmarked. The task ends
 //! once every handle and range lock is gone, nothing is in flight and every link is down.
-//! A task that ends any other way (it panicked) marks what it left unfinished out of sync
-//! and says so to [`Primary::failure`]: every request from then on gets `Stopped`.
+//! A task that ends any other way (it panicked) marks what it left unfinished out of sync,
+//! forgets its links and says so to [`Primary::failure`]: every request from then on gets
+//! `Stopped`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -98,6 +99,17 @@ impl Shared {
     }
 }
 
+/// Names one [`Primary`] (one volume task) without keeping it alive.
+#[derive(Clone)]
+pub struct PrimaryId(Weak<Shared>);
+
+impl PrimaryId {
+    /// Whether `p` is a handle on the Primary this names.
+    pub fn is(&self, p: &Primary) -> bool {
+        std::ptr::eq(self.0.as_ptr(), Arc::as_ptr(&p.shared))
+    }
+}
+
 /// A range of the volume claimed with [`Primary::lock_range`]: no application request
 /// overlapping it starts (locally or towards a peer) until this is dropped.
 pub struct RangeLock {
@@ -161,6 +173,11 @@ impl Primary {
     pub fn failure(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
         let mut failed = self.shared.failed.clone();
         async move { failed.wait_for(|failed| *failed).await.is_ok() }
+    }
+
+    /// This Primary's name, which does not keep it alive.
+    pub fn id(&self) -> PrimaryId {
+        PrimaryId(Arc::downgrade(&self.shared))
     }
 
     /// Whether the volume task failed (see [`Primary::failure`]).

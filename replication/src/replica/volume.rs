@@ -24,7 +24,7 @@ use crate::activity_log::{
 use crate::bitmap::Bitmap;
 use crate::core::op::Op;
 use crate::core::promotion::{self, PeerFacts, View};
-use crate::datapath::{Holds, Primary, PrimaryConfig, ReleaseHolds};
+use crate::datapath::{Holds, Primary, PrimaryConfig, PrimaryId, ReleaseHolds};
 use crate::device::BackingDevice;
 use crate::failure_log::{error_chain, FailureLog};
 use crate::generation::{Generation, SplitMix64, UuidSet};
@@ -913,13 +913,13 @@ impl Replica {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             primary.set_extension_sink(tx);
             if let Some(me) = self.arc() {
-                let failure = primary.failure();
+                let (failure, id) = (primary.failure(), primary.id());
                 self.spawn(async move {
                     while let Some((peer, msg)) = rx.recv().await {
                         me.handle_extension(&peer, msg).await;
                     }
                     if failure.await {
-                        me.data_path_failed().await;
+                        me.data_path_failed(&id).await;
                     }
                 });
             }
@@ -1125,7 +1125,7 @@ impl Replica {
             }
             p.wait_replicated().await;
         }
-        self.demote_inner("demoted", true).await
+        self.demote_inner("demoted", true, None).await
     }
 
     /// DRBD's `secondary --force`, for fencing a Primary that lost quorum: requests frozen
@@ -1133,59 +1133,65 @@ impl Replica {
     /// requests already in the data path finish (bounded), then the replica is Secondary.
     /// Unlike [`Replica::demote`] it does not wait for unreachable peers.
     pub async fn demote_force(&self) -> Result<(), EngineError> {
-        self.demote_without_peers("demoted by force (secondary --force); frozen requests fail")
-            .await
-    }
-
-    /// [`Replica::demote_force`] with `reason`.
-    async fn demote_without_peers(&self, reason: &str) -> Result<(), EngineError> {
         if lock(&self.st).role != Role::Primary {
             return Ok(());
         }
-        // Requests past admission hold the gate only while the data path runs them (a
-        // dead peer never blocks it); wait for them so none completes after the demotion.
+        let _gate = self.gate_for_demotion().await;
+        self.demote_now("demoted by force (secondary --force); frozen requests fail")
+            .await
+    }
+
+    /// The I/O gate for a demotion that does not wait for unreachable peers: requests past
+    /// admission hold the gate only while the data path runs them (a dead peer never
+    /// blocks it), so wait for them, bounded, and none completes after the demotion.
+    async fn gate_for_demotion(&self) -> Option<tokio::sync::OwnedRwLockWriteGuard<()>> {
         let gate =
             tokio::time::timeout(Duration::from_secs(10), self.io_gate.clone().write_owned()).await;
         if gate.is_err() {
             tracing::warn!(volume = %self.volume, "requests in flight did not finish within 10 s; demoting anyway");
         }
-        self.demote_now(reason).await
+        gate.ok()
     }
 
-    /// The Primary's data path failed (its task panicked: a bug). It marked what it left
-    /// unfinished out of sync for the peers and fails every request since, and its links
-    /// are gone. Staying Primary on it would fail every write while no peer can reconnect
-    /// to resync those ranges, so the replica steps down like `secondary --force`: the
-    /// status says why, the peers reconnect and resync, and a promotion starts a new data
-    /// path.
-    async fn data_path_failed(&self) {
-        let current = lock(&self.st)
-            .primary
-            .as_ref()
-            .is_some_and(|p| p.has_failed());
-        if !current {
+    /// The Primary `failed` names lost its data path (its task panicked: a bug). It marked
+    /// what it left unfinished out of sync for the peers and fails every request since,
+    /// and its links are gone. Staying Primary on it would fail every write while no peer
+    /// could reconnect to resync those ranges, so the replica steps down like
+    /// `secondary --force`: the peers reconnect and resync, the log says why, and a
+    /// promotion starts a new data path. A Primary that replaced it meanwhile is left alone.
+    async fn data_path_failed(&self, failed: &PrimaryId) {
+        let is_current = |st: &State| st.primary.as_ref().is_some_and(|p| failed.is(p));
+        if !is_current(&lock(&self.st)) {
             return;
         }
         tracing::error!(volume = %self.volume, "the data path failed (internal error); demoting");
+        let _gate = self.gate_for_demotion().await;
         let reason =
             "demoted: the data path failed (internal error, see the log); promote again to resume";
-        if let Err(e) = self.demote_without_peers(reason).await {
+        if let Err(e) = self.demote_inner(reason, false, Some(failed)).await {
             tracing::error!(volume = %self.volume, error = %error_chain(&e), "demotion after the data path failed");
         }
     }
 
     /// Drop the Primary role (no flush): used by force-secondary and failed promotions.
     pub(super) async fn demote_now(&self, reason: &str) -> Result<(), EngineError> {
-        self.demote_inner(reason, false).await
+        self.demote_inner(reason, false, None).await
     }
 
     /// Drop the Primary role. `clean`: every write reached every connected peer
     /// (`demote`); the data links then carry our new state before they close, so the
     /// Secondaries know no write of ours was left in flight (`reconcile.rs`).
-    async fn demote_inner(&self, reason: &str, clean: bool) -> Result<(), EngineError> {
+    /// `only`: unless the current Primary is this one.
+    async fn demote_inner(
+        &self,
+        reason: &str,
+        clean: bool,
+        only: Option<&PrimaryId>,
+    ) -> Result<(), EngineError> {
         let primary = {
             let mut st = lock(&self.st);
-            if st.role != Role::Primary {
+            let replaced = only.is_some_and(|id| !st.primary.as_ref().is_some_and(|p| id.is(p)));
+            if st.role != Role::Primary || replaced {
                 return Ok(());
             }
             st.role = Role::Secondary;

@@ -228,6 +228,8 @@ impl Drop for VolumeTask {
             return;
         }
         self.mark_unfinished_out_of_sync();
+        // The links go down with the task: the control path must not see them attached.
+        self.shared.directory().links.clear();
         self.failure.send_replace(true);
         let mut running: HashMap<usize, Holds> = self
             .ops
