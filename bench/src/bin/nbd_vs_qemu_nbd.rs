@@ -43,6 +43,24 @@
 //! QD32 1.06-1.28x, randwrite QD1 0.95-1.06x (83-96 us against 103-110 us of CPU: at
 //! queue depth 1 the disk's latency decides, and it varies by more than the gap), QD32
 //! 1.39-1.94x.
+//!
+//! Since each connection's requests run in one runner task that batches their replies
+//! (`volume_driver::nbd::server`), 4 KiB writes at QD32 fall behind again while costing
+//! less CPU. Three runs on the idle machine (`--no-thread-pool --repeat 2`): randread QD1
+//! 1.13-1.19x, QD32 0.93-1.13x, randwrite QD1 0.98-1.05x, QD32 0.79-0.91x, 1 MiB seqwrite
+//! 1.89-2.32x, seqread 0.89-1.05x. Builds run alternately, `--only qd32 --repeat 1`
+//! (ratio, our CPU per request), 4 KiB randwrite QD32:
+//! - main with the runner, 9 rounds: 0.76-1.08x, median 0.86x, one outlier at 1.70x
+//!   (12.6-18.2 us);
+//! - the build before the runner (7be3a17), 5 rounds: 0.96-1.02x (16.2-19.4 us);
+//! - the runner spawning a task per request, 5 rounds: 0.90-1.03x (17.6-21.8 us).
+//! Reads at QD32 stayed level (median 1.08x in those 9 rounds, 1.09x before). A likely
+//! cause, not proven: tokio runs a task woken by the reader in the reader's worker's LIFO
+//! slot, which the other worker cannot steal, so the runner starts the writes only once the
+//! reader has drained the socket of their payloads; a request in a task of its own is
+//! stealable. A `yield_now` after each write handed over gave 0.88-1.01x (4 rounds) at
+//! 17.8-20.6 us. Neither trade (a quarter more CPU per request for the lost tenth of
+//! write IOPS) is made.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

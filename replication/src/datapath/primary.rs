@@ -180,11 +180,6 @@ impl Primary {
         PrimaryId(Arc::downgrade(&self.shared))
     }
 
-    /// Whether the volume task failed (see [`Primary::failure`]).
-    pub fn has_failed(&self) -> bool {
-        *self.shared.failed.borrow()
-    }
-
     /// Whether `other` is a handle on the same Primary (the same volume task).
     pub fn is_same(&self, other: &Primary) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)

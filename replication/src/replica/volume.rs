@@ -1160,8 +1160,11 @@ impl Replica {
     /// `secondary --force`: the peers reconnect and resync, the log says why, and a
     /// promotion starts a new data path. A Primary that replaced it meanwhile is left alone.
     async fn data_path_failed(&self, failed: &PrimaryId) {
-        let is_current = |st: &State| st.primary.as_ref().is_some_and(|p| failed.is(p));
-        if !is_current(&lock(&self.st)) {
+        if !lock(&self.st)
+            .primary
+            .as_ref()
+            .is_some_and(|p| failed.is(p))
+        {
             return;
         }
         tracing::error!(volume = %self.volume, "the data path failed (internal error); demoting");
