@@ -50,17 +50,19 @@
 //! 1.13-1.19x, QD32 0.93-1.13x, randwrite QD1 0.98-1.05x, QD32 0.79-0.91x, 1 MiB seqwrite
 //! 1.89-2.32x, seqread 0.89-1.05x. Builds run alternately, `--only qd32 --repeat 1`
 //! (ratio, our CPU per request), 4 KiB randwrite QD32:
-//! - main with the runner, 9 rounds: 0.76-1.08x, median 0.86x, one outlier at 1.70x
-//!   (12.6-18.2 us);
+//! - main with the runner, 13 rounds: 0.76-1.08x, median 0.87x, two outliers at 1.64x
+//!   and 1.70x where qemu-nbd itself had a bad run (12.6-18.2 us);
 //! - the build before the runner (7be3a17), 5 rounds: 0.96-1.02x (16.2-19.4 us);
-//! - the runner spawning a task per request, 5 rounds: 0.90-1.03x (17.6-21.8 us).
-//! Reads at QD32 stayed level (median 1.08x in those 9 rounds, 1.09x before). A likely
-//! cause, not proven: tokio runs a task woken by the reader in the reader's worker's LIFO
-//! slot, which the other worker cannot steal, so the runner starts the writes only once the
-//! reader has drained the socket of their payloads; a request in a task of its own is
-//! stealable. A `yield_now` after each write handed over gave 0.88-1.01x (4 rounds) at
-//! 17.8-20.6 us. Neither trade (a quarter more CPU per request for the lost tenth of
-//! write IOPS) is made.
+//! - the runner spawning a task per request, 5 rounds: 0.90-1.03x (17.6-21.8 us);
+//! - the reader yielding after each write it hands over, 4 rounds: 0.88-1.01x
+//!   (17.8-20.6 us); yielding once per burst (when its buffer is empty), 4 rounds:
+//!   0.72-0.86x and an outlier at 1.69x (14.7-16.2 us).
+//! Reads at QD32 stayed level (median 1.08x in the first 9 rounds, 1.09x before). Why the
+//! runner costs writes is open: the guess was tokio's LIFO slot (a task woken by the reader
+//! runs on the reader's worker, which the other worker cannot steal, so the writes would
+//! start only once the reader drained the socket), but yielding per burst, which would
+//! undo that, did not help. Neither trade that helped (a quarter more CPU per request for
+//! the lost tenth of write IOPS) is made.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
