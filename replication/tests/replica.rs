@@ -1598,15 +1598,18 @@ async fn a_primary_whose_data_path_fails_steps_down_and_the_peer_resyncs() {
         let a = a.clone();
         async move { a.write(MIB, data(2, 4096), false).await }
     });
-    // On hv1's disk, not on hv2's (keepalive gives up on the frozen link after 1 s).
+    // On hv1's disk, not on hv2's. Keepalive gives up on the frozen link after 1 s: the
+    // panic must come well before.
     let t0 = std::time::Instant::now();
-    while c.disk_hash("hv1") == c.disk_hash("hv2") {
+    while c.disk_bytes("hv1", MIB, 4096) != data(2, 4096) {
+        let waited = t0.elapsed();
         assert!(
-            t0.elapsed() < Duration::from_secs(1),
-            "the write never reached hv1's disk"
+            waited < Duration::from_millis(500),
+            "no write on hv1's disk after {waited:?}"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    assert_ne!(c.disk_bytes("hv2", MIB, 4096), data(2, 4096));
     dev.panic_on_write
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let failed = a.write(2 * MIB, data(3, 4096), false).await;

@@ -57,6 +57,7 @@
 //! - the reader yielding after each write it hands over, 4 rounds: 0.88-1.01x
 //!   (17.8-20.6 us); yielding once per burst (when its buffer is empty), 4 rounds:
 //!   0.72-0.86x and an outlier at 1.69x (14.7-16.2 us).
+//!
 //! Reads at QD32 stayed level (median 1.08x in the first 9 rounds, 1.09x before). Why the
 //! runner costs writes is open: the guess was tokio's LIFO slot (a task woken by the reader
 //! runs on the reader's worker, which the other worker cannot steal, so the writes would

@@ -166,10 +166,11 @@ impl Primary {
         self.tx.send(input).map_err(|_| DatapathError::Stopped)
     }
 
-    /// Resolves when the volume task has ended: true if it failed (it panicked, which is a
-    /// bug; its unfinished requests were marked out of sync and every request since gets
-    /// [`DatapathError::Stopped`]), false if it ended normally (every handle was gone).
-    /// Holds no handle, so awaiting it does not keep the task alive.
+    /// Resolves when the volume task has ended: true if it was dropped unfinished (it
+    /// panicked, which is a bug, or its runtime shut down; its unfinished requests were
+    /// marked out of sync and every request since gets [`DatapathError::Stopped`]), false
+    /// if it ended normally (every handle was gone). Holds no handle, so awaiting it does
+    /// not keep the task alive.
     pub fn failure(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
         let mut failed = self.shared.failed.clone();
         async move { failed.wait_for(|failed| *failed).await.is_ok() }

@@ -1184,7 +1184,7 @@ impl Replica {
     /// Drop the Primary role. `clean`: every write reached every connected peer
     /// (`demote`); the data links then carry our new state before they close, so the
     /// Secondaries know no write of ours was left in flight (`reconcile.rs`).
-    /// `only`: unless the current Primary is this one.
+    /// `only`: nothing happens unless the current Primary is this one.
     async fn demote_inner(
         &self,
         reason: &str,

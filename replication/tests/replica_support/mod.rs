@@ -495,6 +495,15 @@ impl Cluster {
         }
     }
 
+    /// `len` bytes at `offset` of a host's disk file, read directly.
+    pub fn disk_bytes(&self, name: &str, offset: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(&self.hosts[self.idx(name)].disk).unwrap();
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).unwrap();
+        buf
+    }
+
     pub fn disk_hash(&self, name: &str) -> String {
         let bytes = std::fs::read(&self.hosts[self.idx(name)].disk).unwrap();
         hex(&Sha256::digest(&bytes))

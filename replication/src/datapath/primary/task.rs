@@ -227,6 +227,8 @@ impl Drop for VolumeTask {
         if self.finished {
             return;
         }
+        // No attach or request gets in from here on.
+        self.rx.close();
         self.mark_unfinished_out_of_sync();
         // The links go down with the task: the control path must not see them attached.
         self.shared.directory().links.clear();
@@ -263,20 +265,12 @@ impl Drop for VolumeTask {
 
 impl VolumeTask {
     /// On a drop with requests unfinished: the peers may lack whatever reached this disk,
-    /// and nothing here will learn otherwise, so every request still pending on a peer, and
-    /// every request in the table that may have reached the disk (it holds its range), is
-    /// out of sync for the peers. The engine's bitmaps then resync those ranges when the
-    /// peers reconnect, instead of leaving them silently different.
+    /// and nothing here will learn otherwise. Every request in the table that may have
+    /// reached the disk (it holds its range) is out of sync for every known peer, and every
+    /// request still pending on an attached peer (answered already under A and B) for that
+    /// peer. The engine's bitmaps then resync those ranges when the peers reconnect,
+    /// instead of leaving them silently different.
     fn mark_unfinished_out_of_sync(&mut self) {
-        let attached: Vec<PeerId> = self.links.keys().copied().collect();
-        for peer in attached {
-            self.core.handle_link_down(peer);
-        }
-        while let Some(action) = self.core.poll_action() {
-            if let PrimaryAction::OutOfSync { peer, offset, len } = action {
-                (self.on_out_of_sync)(&peer, offset, len);
-            }
-        }
         for (_, op) in &self.ops {
             if let What::Request {
                 offset,
@@ -289,6 +283,33 @@ impl VolumeTask {
                     (self.on_out_of_sync)(peer, *offset, op.len());
                 }
             }
+        }
+        // Only the core knows what is pending on the peers. The panic that dropped the task
+        // may have come from inside it: a second one here would abort the process.
+        let attached: Vec<PeerId> = self.links.keys().copied().collect();
+        let core = &mut self.core;
+        let pending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for peer in attached {
+                core.handle_link_down(peer);
+            }
+            let mut pending = Vec::new();
+            while let Some(action) = core.poll_action() {
+                if let PrimaryAction::OutOfSync { peer, offset, len } = action {
+                    pending.push((peer, offset, len));
+                }
+            }
+            pending
+        }));
+        match pending {
+            Ok(pending) => {
+                for (peer, offset, len) in pending {
+                    (self.on_out_of_sync)(&peer, offset, len);
+                }
+            }
+            Err(_) => tracing::error!(
+                "the data path's state is broken; requests already answered but not yet \
+                 written by a peer may not be marked out of sync (verify the volume)"
+            ),
         }
     }
 
