@@ -308,7 +308,7 @@ impl VolumeTask {
             }
             Err(_) => tracing::error!(
                 "the data path's state is broken; requests already answered but not yet \
-                 written by a peer may not be marked out of sync (verify the volume)"
+                 written by a peer may not be marked out of sync (check with `tandem volume verify`)"
             ),
         }
     }
