@@ -271,6 +271,16 @@ impl VolumeTask {
     /// peer. The engine's bitmaps then resync those ranges when the peers reconnect,
     /// instead of leaving them silently different.
     fn mark_unfinished_out_of_sync(&mut self) {
+        // This runs while the panic that dropped the task unwinds: a second panic escaping
+        // here (from the core, or from the engine's hook) would abort the process and every
+        // volume in it, so each is caught, and a miss is logged.
+        let hook = &self.on_out_of_sync;
+        let mut missed = 0usize;
+        let mut mark = |peer: &str, offset: u64, len: u64| {
+            let marked =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(peer, offset, len)));
+            missed += usize::from(marked.is_err());
+        };
         for (_, op) in &self.ops {
             if let What::Request {
                 offset,
@@ -280,12 +290,12 @@ impl VolumeTask {
             } = &op.what
             {
                 for peer in self.core.known_peers() {
-                    (self.on_out_of_sync)(peer, *offset, op.len());
+                    mark(peer, *offset, op.len());
                 }
             }
         }
-        // Only the core knows what is pending on the peers. The panic that dropped the task
-        // may have come from inside it: a second one here would abort the process.
+        // Only the core knows what is pending on the peers; the panic may have come from
+        // inside it.
         let attached: Vec<PeerId> = self.links.keys().copied().collect();
         let core = &mut self.core;
         let pending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -300,16 +310,17 @@ impl VolumeTask {
             }
             pending
         }));
-        match pending {
-            Ok(pending) => {
-                for (peer, offset, len) in pending {
-                    (self.on_out_of_sync)(&peer, offset, len);
-                }
-            }
-            Err(_) => tracing::error!(
-                "the data path's state is broken; requests already answered but not yet \
-                 written by a peer may not be marked out of sync (check with `tandem volume verify`)"
-            ),
+        let core_broken = pending.is_err();
+        for (peer, offset, len) in pending.unwrap_or_default() {
+            mark(&peer, offset, len);
+        }
+        if core_broken || missed > 0 {
+            tracing::error!(
+                core_broken,
+                marks_failed = missed,
+                "the data path's state is broken; requests that reached this disk but not \
+                 yet a peer may not be marked out of sync (check with `tandem volume verify`)"
+            );
         }
     }
 
