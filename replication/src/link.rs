@@ -20,10 +20,10 @@
 //! through a [`LinkSender`]; data frames first take room from a byte budget
 //! ([`LinkConfig::send_budget`]) that the writer gives back once the bytes are on the
 //! socket, which is how a slow peer pushes back on the writer of a volume. The writer
-//! drains whatever is queued and writes it with as few syscalls as it can (small frames are
-//! coalesced into one buffer; a large payload is written from its own `Bytes`, uncopied, in
-//! one `writev` with the buffer holding its header). Acknowledgements are frames like any
-//! other, so under load a batch of them leaves in one write.
+//! drains whatever is queued and writes it in one `writev` (headers and small bodies are
+//! copied together; write data is sent from its own `Bytes`, uncopied: `link/gather.rs`).
+//! Acknowledgements are frames like any other, so under load a batch of them leaves in one
+//! write.
 //! The reader decodes frames, answers pings, and hands everything else to the
 //! [`LinkReceiver`], again under a byte budget so a fast peer cannot grow our memory.
 //!
@@ -44,13 +44,15 @@
 //! dead after 2 s without any frame, i.e. detection within 2-2.5 s. The handshake has 5 s
 //! for authentication and 5 s for the Hello exchange.
 
+mod gather;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -61,6 +63,7 @@ use crate::auth::{self, AuthError, AuthRole, Secret};
 use crate::wire::{
     self, error_code, negotiate_version, Frame, Hello, Message, ReplicationProtocol, WireError,
 };
+use gather::Gather;
 
 /// Tunables of a peer link. Every default is a named function.
 #[derive(Debug, Clone)]
@@ -910,18 +913,12 @@ where
     }
 }
 
-/// Frames up to this size are copied into the coalescing buffer; larger bodies are written
-/// from their own buffer, in the same `writev` as the buffer before them.
-const COALESCE_BODY_MAX: usize = 16 << 10;
-/// Write the coalescing buffer out once it holds this much.
-const COALESCE_BUFFER_MAX: usize = 256 << 10;
-
 async fn writer_task<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<Shared>,
 ) {
-    let mut buf = BytesMut::with_capacity(COALESCE_BUFFER_MAX + COALESCE_BODY_MAX);
+    let mut batch = Gather::new();
     loop {
         let first = tokio::select! {
             item = rx.recv() => item,
@@ -932,27 +929,17 @@ async fn writer_task<W: AsyncWrite + Unpin>(
         let mut returned = 0usize;
         let mut sent = 0usize;
         let mut corked = false;
-        let batch = async {
+        let send = async {
             let mut next = Some(first);
             while let Some(item) = next {
                 match item {
                     Outgoing::Frame { frame, budget } => {
+                        if batch.is_full() {
+                            batch.write_to(&mut w).await?;
+                        }
                         sent += frame.head.len() + frame.body.len();
-                        buf.extend_from_slice(&frame.head);
-                        if frame.body.len() <= COALESCE_BODY_MAX {
-                            buf.extend_from_slice(&frame.body);
-                        } else {
-                            // The frames so far, this header and its body leave in one
-                            // writev, without copying the body.
-                            w.write_all_buf(&mut Buf::chain(&buf[..], &frame.body[..]))
-                                .await?;
-                            buf.clear();
-                        }
+                        batch.push(frame);
                         returned += budget;
-                        if buf.len() >= COALESCE_BUFFER_MAX {
-                            w.write_all(&buf).await?;
-                            buf.clear();
-                        }
                     }
                     Outgoing::Close(reason) => {
                         close = Some(reason);
@@ -968,14 +955,11 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                     next = rx.try_recv().ok();
                 }
             }
-            if !buf.is_empty() {
-                w.write_all(&buf).await?;
-                buf.clear();
-            }
+            batch.write_to(&mut w).await?;
             w.flush().await
         };
         let result = tokio::select! {
-            r = batch => Some(r),
+            r = send => Some(r),
             _ = shared.wait_down() => None,
         };
         match result {
