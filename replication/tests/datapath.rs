@@ -223,6 +223,8 @@ async fn tcp_links(protocol: ReplicationProtocol, size: u64) -> (PeerLink, PeerL
 struct Pair {
     primary: Primary,
     oos: OosLog,
+    /// Marks the hook refused (see `pair_with_hook`).
+    failed_marks: Arc<AtomicUsize>,
     secondary_sender: LinkSender,
     secondary: JoinHandle<Result<LinkDown, DatapathError>>,
 }
@@ -247,23 +249,29 @@ async fn pair_with(
     secondary_dev: Arc<dyn BackingDevice>,
     secondary_cfg: SecondaryConfig,
 ) -> Pair {
-    pair_with_hook(protocol, primary_dev, secondary_dev, secondary_cfg, 0).await
+    pair_with_hook(protocol, primary_dev, secondary_dev, secondary_cfg, None).await
 }
 
-/// A pair whose out-of-sync hook panics on its first `failing_marks` calls (records the rest).
+/// A pair whose out-of-sync hook panics the first time it is asked to mark the range at
+/// `fail_once_at` (counted in `Pair::failed_marks`), and records every other mark.
 async fn pair_with_hook(
     protocol: ReplicationProtocol,
     primary_dev: Arc<dyn BackingDevice>,
     secondary_dev: Arc<dyn BackingDevice>,
     secondary_cfg: SecondaryConfig,
-    failing_marks: usize,
+    fail_once_at: Option<u64>,
 ) -> Pair {
     let (plink, slink) = tcp_links(protocol, primary_dev.size()).await;
     let oos: OosLog = Arc::default();
     let log = oos.clone();
-    let calls = AtomicUsize::new(0);
+    let failed_marks = Arc::new(AtomicUsize::new(0));
+    let failed = failed_marks.clone();
     let hook: OutOfSyncHook = Arc::new(move |peer: &str, offset, len| {
-        if calls.fetch_add(1, Ordering::SeqCst) < failing_marks {
+        if Some(offset) == fail_once_at
+            && failed
+                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
             panic!("test: the out-of-sync hook fails");
         }
         log.lock().unwrap().push((peer.to_string(), offset, len));
@@ -275,6 +283,7 @@ async fn pair_with_hook(
     Pair {
         primary,
         oos,
+        failed_marks,
         secondary_sender,
         secondary,
     }
@@ -890,6 +899,7 @@ async fn pair_through_proxy(
         Pair {
             primary,
             oos,
+            failed_marks: Arc::default(),
             secondary_sender,
             secondary,
         },
@@ -1523,11 +1533,12 @@ async fn a_dropped_requests_unacknowledged_peers_are_handed_to_the_engine() {
 /// Returns both answers and the ranges marked out of sync, sorted.
 async fn panic_after_an_unacknowledged_write(
     protocol: ReplicationProtocol,
-    failing_marks: usize,
+    fail_once_at: Option<u64>,
 ) -> (
     Result<(), DatapathError>,
     Result<(), DatapathError>,
     Vec<(String, u64, u64)>,
+    usize,
 ) {
     let p = disk(4 * MIB);
     let s = disk(4 * MIB);
@@ -1536,7 +1547,7 @@ async fn panic_after_an_unacknowledged_write(
         p.dev.clone(),
         s.dev.clone(),
         SecondaryConfig::default(),
-        failing_marks,
+        fail_once_at,
     )
     .await;
     s.dev.set_gate(false);
@@ -1576,7 +1587,12 @@ async fn panic_after_an_unacknowledged_write(
     let mut marked = pair.oos.lock().unwrap().clone();
     marked.sort();
     marked.dedup();
-    (first, second, marked)
+    (
+        first,
+        second,
+        marked,
+        pair.failed_marks.load(Ordering::SeqCst),
+    )
 }
 
 /// A panic on the volume task leaves no request silently unreplicated: a write on the
@@ -1591,7 +1607,7 @@ async fn a_panicking_volume_task_marks_its_unfinished_writes_out_of_sync() {
         ("secondary".to_string(), 65536, 4096),
     ];
     for protocol in [ReplicationProtocol::C, ReplicationProtocol::A] {
-        let (first, second, marked) = panic_after_an_unacknowledged_write(protocol, 0).await;
+        let (first, second, marked, _) = panic_after_an_unacknowledged_write(protocol, None).await;
         assert!(matches!(second, Err(DatapathError::Stopped)), "{second:?}");
         match protocol {
             ReplicationProtocol::C => {
@@ -1606,13 +1622,17 @@ async fn a_panicking_volume_task_marks_its_unfinished_writes_out_of_sync() {
 /// The engine's hook panicking while a panicked volume task marks its writes (the drop runs
 /// during the unwind) does not abort the process: the failed mark is caught and the other
 /// marks are still made. Under protocol C the first write is marked twice (it is in the
-/// table and pending on the peer), so failing the first mark loses nothing.
+/// table and pending on the peer), so failing its first mark loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_mark_while_a_volume_task_unwinds_does_not_abort_the_process() {
-    let (first, second, marked) =
-        panic_after_an_unacknowledged_write(ReplicationProtocol::C, 1).await;
+    let (first, second, marked, failed) =
+        panic_after_an_unacknowledged_write(ReplicationProtocol::C, Some(8192)).await;
     assert!(matches!(first, Err(DatapathError::Stopped)), "{first:?}");
     assert!(matches!(second, Err(DatapathError::Stopped)), "{second:?}");
+    assert_eq!(
+        failed, 1,
+        "the hook was never asked to mark the first write"
+    );
     assert_eq!(
         marked,
         vec![

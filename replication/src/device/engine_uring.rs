@@ -14,8 +14,9 @@
 //! Submissions are batched, because on a virtual disk each `io_uring_enter` that issues I/O
 //! costs a device notification (a VM exit), while one enter carrying several entries is
 //! plugged into one:
-//! - idle disk (nothing in the kernel): the caller enters at once (queue depth 1 pays no
-//!   extra latency);
+//! - idle disk (at most [`LOW_WATER`] operations in the kernel): the caller enters at once
+//!   (queue depth 1 pays no extra latency, and a burst's first entries keep the disk busy
+//!   while the rest of it is still being read from the client);
 //! - busy disk: the entry is queued and the reaper, after `yield_now` (that is, once the
 //!   worker has run the tasks runnable now, which queue theirs), submits the whole queue;
 //! - a thread already in `io_uring_enter` (made without the lock) submits whatever was
@@ -384,6 +385,16 @@ impl std::fmt::Debug for AsyncRing {
     }
 }
 
+/// A disk with at most this many operations in the kernel is about to run dry: a new entry
+/// goes in at once instead of waiting for the runnable tasks to queue theirs (behind, on
+/// an NBD connection, the reader still taking the rest of the burst off the socket).
+/// Measured with `nbd_vs_qemu_nbd --only qd32`, builds alternated round by round: our
+/// 4 KiB IOPS at QD32 rose in 16 of 18 rounds for writes (mean 30.6k and 28.8k before,
+/// 35.6k and 31.5k after, two sets) and in 8 of 8 for reads (45.2k before, 50.5k after),
+/// at the same CPU per request. The deferral alone waited whenever anything was in the
+/// kernel (this constant was 0).
+const LOW_WATER: usize = 4;
+
 /// Entries of a shared ring: the most operations in flight across all of a device's async
 /// callers. Beyond it callers take the blocking path, so the completion queue (twice this
 /// size) never overflows.
@@ -485,9 +496,11 @@ impl AsyncRing {
             st.release(idx);
             return Err(io::Error::other("io_uring submission queue is full"));
         }
-        // Entries in the kernel before this one: the disk is busy, so ours can wait for
-        // the tasks runnable now to queue theirs and go in one enter with them.
-        let busy = st.in_flight - 1 > st.queued.len();
+        // More than LOW_WATER entries in the kernel before this one: the disk is busy, so
+        // ours can wait for the tasks runnable now to queue theirs and go in one enter with
+        // them.
+        let in_kernel = st.in_flight - 1 - st.queued.len();
+        let busy = in_kernel > LOW_WATER;
         st.queued.push_back(idx);
         if st.entering || st.flush_scheduled {
             return Ok(rx);

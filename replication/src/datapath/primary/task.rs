@@ -233,12 +233,24 @@ impl Drop for VolumeTask {
         // The links go down with the task: the control path must not see them attached.
         self.shared.directory().links.clear();
         self.failure.send_replace(true);
-        let mut running: HashMap<usize, Holds> = self
-            .ops
-            .iter_mut()
-            .filter(|(_, op)| matches!(op.local, Local::Running) && !op.holds.is_empty())
-            .map(|(key, op)| (key, std::mem::take(&mut op.holds)))
-            .collect();
+        // Releasing holds calls into the engine; like the marks, while the panic unwinds.
+        let mut release_failed = 0;
+        let mut running: HashMap<usize, Holds> = HashMap::new();
+        for (key, op) in self.ops.iter_mut() {
+            let holds = std::mem::take(&mut op.holds);
+            if matches!(op.local, Local::Running) && !holds.is_empty() {
+                running.insert(key, holds);
+            } else {
+                release_failed += usize::from(release_caught(holds).is_err());
+            }
+        }
+        if release_failed > 0 {
+            tracing::error!(
+                requests = release_failed,
+                "releasing the holds of requests whose volume task failed panicked; \
+                 their ranges may stay locked until the volume is reopened"
+            );
+        }
         if running.is_empty() {
             return;
         }
@@ -250,17 +262,27 @@ impl Drop for VolumeTask {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // Not reached: the task is only dropped inside its runtime.
             tracing::error!("no runtime to wait for the local I/O; releasing its holds");
+            let _ = release_caught(running);
             return;
         };
-        runtime.spawn(async move {
-            while let Some((key, result)) = local.next().await {
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "local I/O of a request whose volume task ended");
+        // A runtime that is shutting down drops the future at once, here.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime.spawn(async move {
+                while let Some((key, result)) = local.next().await {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "local I/O of a request whose volume task ended");
+                    }
+                    running.remove(&key);
                 }
-                running.remove(&key);
-            }
-        });
+            })
+        }));
     }
+}
+
+/// Drop `holds` (which calls the engine), catching a panic: in a drop that runs while a
+/// panic unwinds, a second one escaping would abort the process.
+fn release_caught<T>(holds: T) -> std::thread::Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(holds)))
 }
 
 impl VolumeTask {
@@ -298,20 +320,19 @@ impl VolumeTask {
         // inside it.
         let attached: Vec<PeerId> = self.links.keys().copied().collect();
         let core = &mut self.core;
-        let pending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut pending = Vec::new();
+        let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             for peer in attached {
                 core.handle_link_down(peer);
-            }
-            let mut pending = Vec::new();
-            while let Some(action) = core.poll_action() {
-                if let PrimaryAction::OutOfSync { peer, offset, len } = action {
-                    pending.push((peer, offset, len));
+                while let Some(action) = core.poll_action() {
+                    if let PrimaryAction::OutOfSync { peer, offset, len } = action {
+                        pending.push((peer, offset, len));
+                    }
                 }
             }
-            pending
         }));
-        let core_broken = pending.is_err();
-        for (peer, offset, len) in pending.unwrap_or_default() {
+        let core_broken = answered.is_err();
+        for (peer, offset, len) in pending {
             mark(&peer, offset, len);
         }
         if core_broken || missed > 0 {
