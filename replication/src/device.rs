@@ -1164,6 +1164,7 @@ mod tests {
     async fn a_failed_submission_leaves_no_request_waiting() {
         let (_dir, dev) = device_with(1 << 20, ALL[0]);
         dev.write_at(&pattern(8192, 4), 0).unwrap();
+        engine_uring::DEFER_WHEN_BUSY.with(|d| d.set(true));
         let before = dev.read_async(0, 4096).expect("ring works");
         engine_uring::REFUSE_SUBMIT.with(|r| r.set(true));
         let data = Bytes::from(pattern(4096, 6));
@@ -1175,6 +1176,7 @@ mod tests {
             Some(write) => write.await.unwrap(),
         }
         engine_uring::REFUSE_SUBMIT.with(|r| r.set(false));
+        engine_uring::DEFER_WHEN_BUSY.with(|d| d.set(false));
         assert_eq!(before.await.unwrap(), pattern(4096, 4));
         assert!(dev.read_async(0, 4096).is_none(), "a dead ring declines");
         assert_eq!(dev.read_owned(4096, 4096).unwrap(), data);

@@ -1642,6 +1642,79 @@ async fn a_failing_mark_while_a_volume_task_unwinds_does_not_abort_the_process()
     );
 }
 
+/// Releases holds by panicking (a bug in the engine's bookkeeping).
+struct PanickingReleases;
+
+impl ReleaseHolds for PanickingReleases {
+    fn release_holds(&self, _offset: u64, _len: u64, _tag: u64) {
+        panic!("test: releasing holds fails");
+    }
+
+    fn unacknowledged_after_cancel(&self, _peers: &[String], _links_before: u64) {}
+}
+
+/// Releasing a request's holds panics while its volume task, which panicked, is dropped
+/// during the unwind: caught, so the process goes on and the submitter is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_release_while_a_volume_task_unwinds_does_not_abort_the_process() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
+    p.dev.panic_on_async_write.store(true, Ordering::SeqCst);
+    let holds = Holds::new(None, Arc::new(PanickingReleases), 65536, 4096, 1, 0);
+    let op = Op::Write {
+        data: Bytes::from(vec![0x6B; 4096]),
+        fua: false,
+    };
+    let (answer, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        pair.primary.submit_held(65536, op, holds),
+    )
+    .await
+    .expect("no answer");
+    assert!(matches!(answer, Err(DatapathError::Stopped)), "{answer:?}");
+}
+
+/// Under protocol A two writes are answered while the peer still holds them; the link is
+/// lost, and the hook panics marking the first (on the volume task, which fails). The
+/// second, which the core had queued to be marked when the panic came, is still marked
+/// when the task is dropped: only the failed mark is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_the_core_queued_before_a_failing_mark_are_made_when_the_task_drops() {
+    let p = disk(4 * MIB);
+    let s = disk(4 * MIB);
+    let pair = pair_with_hook(
+        ReplicationProtocol::A,
+        p.dev.clone(),
+        s.dev.clone(),
+        SecondaryConfig::default(),
+        Some(8192),
+    )
+    .await;
+    s.dev.set_gate(false);
+    let _open = OpenOnDrop(s.dev.clone());
+    for offset in [8192, 65536] {
+        let before = s.dev.writes_started.load(Ordering::SeqCst);
+        pair.primary
+            .submit_write(offset, Bytes::from(vec![0x5D; 4096]), false)
+            .await
+            .expect("answered under A once on the local disk");
+        if offset == 8192 {
+            wait_write_started(&s.dev, before).await;
+        }
+    }
+    pair.secondary_sender.close("simulated crash");
+    let t0 = Instant::now();
+    while pair.failed_marks.load(Ordering::SeqCst) == 0 || pair.oos.lock().unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "nothing marked");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        *pair.oos.lock().unwrap(),
+        vec![("secondary".to_string(), 65536, 4096)]
+    );
+}
+
 /// A panic on the volume task does not release the holds of a request whose local write is
 /// still running: they are released once the disk is done with it. The other request's
 /// holds (it never reached the disk) go at once, and both submitters get `Stopped`.

@@ -265,17 +265,18 @@ impl Drop for VolumeTask {
             let _ = release_caught(running);
             return;
         };
-        // A runtime that is shutting down drops the future at once, here.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            runtime.spawn(async move {
-                while let Some((key, result)) = local.next().await {
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, "local I/O of a request whose volume task ended");
-                    }
-                    running.remove(&key);
+        runtime.spawn(async move {
+            while let Some((key, result)) = local.next().await {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "local I/O of a request whose volume task ended");
                 }
-            })
-        }));
+                if release_caught(running.remove(&key)).is_err() {
+                    tracing::error!(
+                        "releasing the holds of a request whose volume task failed panicked"
+                    );
+                }
+            }
+        });
     }
 }
 
@@ -322,13 +323,19 @@ impl VolumeTask {
         let core = &mut self.core;
         let mut pending = Vec::new();
         let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            for peer in attached {
-                core.handle_link_down(peer);
+            // What the core queued before the panic (a link lost just before it), then
+            // each attached peer's pending requests.
+            let mut drain = |core: &mut PrimaryCore| {
                 while let Some(action) = core.poll_action() {
                     if let PrimaryAction::OutOfSync { peer, offset, len } = action {
                         pending.push((peer, offset, len));
                     }
                 }
+            };
+            drain(core);
+            for peer in attached {
+                core.handle_link_down(peer);
+                drain(core);
             }
         }));
         let core_broken = answered.is_err();
