@@ -1642,11 +1642,13 @@ async fn a_failing_mark_while_a_volume_task_unwinds_does_not_abort_the_process()
     );
 }
 
-/// Releases holds by panicking (a bug in the engine's bookkeeping).
-struct PanickingReleases;
+/// Releases holds by panicking (a bug in the engine's bookkeeping); counts the calls.
+#[derive(Default)]
+struct PanickingReleases(AtomicUsize);
 
 impl ReleaseHolds for PanickingReleases {
     fn release_holds(&self, _offset: u64, _len: u64, _tag: u64) {
+        self.0.fetch_add(1, Ordering::SeqCst);
         panic!("test: releasing holds fails");
     }
 
@@ -1654,25 +1656,53 @@ impl ReleaseHolds for PanickingReleases {
 }
 
 /// Releasing a request's holds panics while its volume task, which panicked, is dropped
-/// during the unwind: caught, so the process goes on and the submitter is answered.
+/// during the unwind, and again for each write still running on the disk once it ends:
+/// each is caught, so the process goes on, every submitter is answered and every release
+/// is still attempted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_release_while_a_volume_task_unwinds_does_not_abort_the_process() {
     let p = disk(4 * MIB);
     let s = disk(4 * MIB);
     let pair = pair(ReplicationProtocol::C, p.dev.clone(), s.dev.clone()).await;
-    p.dev.panic_on_async_write.store(true, Ordering::SeqCst);
-    let holds = Holds::new(None, Arc::new(PanickingReleases), 65536, 4096, 1, 0);
-    let op = Op::Write {
-        data: Bytes::from(vec![0x6B; 4096]),
-        fua: false,
+    let releases = Arc::new(PanickingReleases::default());
+    let write = |offset, tag| {
+        let holds = Holds::new(None, releases.clone(), offset, 4096, tag, 0);
+        let op = Op::Write {
+            data: Bytes::from(vec![0x6B; 4096]),
+            fua: false,
+        };
+        let primary = pair.primary.clone();
+        tokio::spawn(async move { primary.submit_held(offset, op, holds).await.0 })
     };
-    let (answer, _) = tokio::time::timeout(
-        Duration::from_secs(5),
-        pair.primary.submit_held(65536, op, holds),
-    )
-    .await
-    .expect("no answer");
-    assert!(matches!(answer, Err(DatapathError::Stopped)), "{answer:?}");
+    // Two writes running on the local disk (their holds wait for it, on a task of their
+    // own), then one whose start panics the volume task (its holds go in the drop).
+    p.dev.set_gate(false);
+    let open = OpenOnDrop(p.dev.clone());
+    let mut writes = Vec::new();
+    for (offset, tag) in [(8192, 1), (16384, 2)] {
+        let before = p.dev.writes_started.load(Ordering::SeqCst);
+        writes.push(write(offset, tag));
+        wait_write_started(&p.dev, before).await;
+    }
+    p.dev.panic_on_async_write.store(true, Ordering::SeqCst);
+    writes.push(write(65536, 3));
+    for write in writes {
+        let answer = tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(matches!(answer, Err(DatapathError::Stopped)), "{answer:?}");
+    }
+    assert_eq!(releases.0.load(Ordering::SeqCst), 1, "the drop's release");
+    drop(open);
+    let t0 = Instant::now();
+    while releases.0.load(Ordering::SeqCst) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the running writes' holds were never released"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Under protocol A two writes are answered while the peer still holds them; the link is

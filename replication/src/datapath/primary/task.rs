@@ -289,9 +289,9 @@ fn release_caught<T>(holds: T) -> std::thread::Result<()> {
 impl VolumeTask {
     /// On a drop with requests unfinished: the peers may lack whatever reached this disk,
     /// and nothing here will learn otherwise. Every request in the table that may have
-    /// reached the disk (it holds its range) is out of sync for every known peer, and every
+    /// reached the disk (it holds its range) is out of sync for every known peer, every
     /// request still pending on an attached peer (answered already under A and B) for that
-    /// peer. The engine's bitmaps then resync those ranges when the peers reconnect,
+    /// peer, and every mark the core had queued that the task had not made yet. The engine's bitmaps then resync those ranges when the peers reconnect,
     /// instead of leaving them silently different.
     fn mark_unfinished_out_of_sync(&mut self) {
         // This runs while the panic that dropped the task unwinds: a second panic escaping
@@ -318,27 +318,30 @@ impl VolumeTask {
             }
         }
         // Only the core knows what is pending on the peers; the panic may have come from
-        // inside it.
+        // inside it. Each step is caught on its own and what the core queued is collected
+        // after every step: first what it queued before the panic (a link lost just before
+        // it), then each attached peer's pending requests. A panic on one peer loses
+        // neither the others' marks nor those it queued before panicking.
         let attached: Vec<PeerId> = self.links.keys().copied().collect();
         let core = &mut self.core;
         let mut pending = Vec::new();
-        let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            // What the core queued before the panic (a link lost just before it), then
-            // each attached peer's pending requests.
-            let mut drain = |core: &mut PrimaryCore| {
+        let mut core_broken = false;
+        for peer in std::iter::once(None).chain(attached.into_iter().map(Some)) {
+            if let Some(peer) = peer {
+                core_broken |= std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    core.handle_link_down(peer)
+                }))
+                .is_err();
+            }
+            core_broken |= std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 while let Some(action) = core.poll_action() {
                     if let PrimaryAction::OutOfSync { peer, offset, len } = action {
                         pending.push((peer, offset, len));
                     }
                 }
-            };
-            drain(core);
-            for peer in attached {
-                core.handle_link_down(peer);
-                drain(core);
-            }
-        }));
-        let core_broken = answered.is_err();
+            }))
+            .is_err();
+        }
         for (peer, offset, len) in pending {
             mark(&peer, offset, len);
         }
