@@ -395,8 +395,8 @@ impl std::fmt::Debug for AsyncRing {
 /// Measured with `nbd_vs_qemu_nbd --only qd32`, builds alternated round by round: our
 /// 4 KiB IOPS at QD32 rose in 16 of 18 rounds for writes (mean 30.6k and 28.8k before,
 /// 35.6k and 31.5k after, two sets) and in 8 of 8 for reads (45.2k before, 50.5k after),
-/// at the same CPU per request. The deferral alone waited whenever anything was in the
-/// kernel (this constant was 0).
+/// at about the same CPU per request. Before, any entry in the kernel deferred the next
+/// (this constant was 0).
 const LOW_WATER: usize = 4;
 
 fn low_water() -> usize {
