@@ -291,8 +291,9 @@ impl VolumeTask {
     /// and nothing here will learn otherwise. Every request in the table that may have
     /// reached the disk (it holds its range) is out of sync for every known peer, every
     /// request still pending on an attached peer (answered already under A and B) for that
-    /// peer, and every mark the core had queued that the task had not made yet. The engine's bitmaps then resync those ranges when the peers reconnect,
-    /// instead of leaving them silently different.
+    /// peer, and every mark the core had queued that the task had not made yet. The
+    /// engine's bitmaps then resync those ranges when the peers reconnect, instead of
+    /// leaving them silently different.
     fn mark_unfinished_out_of_sync(&mut self) {
         // This runs while the panic that dropped the task unwinds: a second panic escaping
         // here (from the core, or from the engine's hook) would abort the process and every
