@@ -72,11 +72,12 @@
 //! alternated round by round raised our 4 KiB IOPS at QD32 in 24 of 26 rounds (writes:
 //! means 30.6k and 28.8k before, 35.6k and 31.5k after, in two sets; reads: 45.2k before,
 //! 50.5k after) at about the same CPU per request. Three runs afterwards
-//! (`--no-thread-pool --repeat 2`; a wake-up on the other CPU took 19.7 us then, against
-//! about 10 us on a quiet day): randread QD1 1.07-1.49x, QD32 1.11-1.42x, randwrite QD1
-//! 0.56-1.54x, QD32 0.75-1.40x, 1 MiB seqwrite 1.47-2.58x, seqread 0.83-1.30x. Our CPU per
-//! request stayed below qemu-nbd's on every row except one randwrite QD1 run (77.8 against
-//! 58.3 us, in a run where qemu-nbd got 7.1k IOPS and we 4.0k).
+//! (`--no-thread-pool --repeat 2`; `replicated_vs_local`, run right after, measured a
+//! wake-up on the other CPU at 19.7 us): randread QD1 1.07-1.49x, QD32 1.11-1.42x,
+//! randwrite QD1 0.56-1.54x, QD32 0.75-1.40x, 1 MiB seqwrite 1.47-2.58x, seqread
+//! 0.83-1.30x. Our CPU per request stayed below qemu-nbd's on every row except one
+//! randwrite QD1 run (77.8 against 58.3 us, in a run where qemu-nbd got 7.1k IOPS and we
+//! 4.0k).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
