@@ -1744,3 +1744,66 @@ async fn a_write_admitted_before_a_demotion_does_not_reach_the_disk_after_it() {
         "the second write reached hv1's disk after the demotion"
     );
 }
+
+/// The data path fails while the promotion that started it is still being made durable: the
+/// replica steps down, and the promotion reports that instead of success (before, it
+/// returned `Ok` for a replica that was Secondary). The metadata writes are held so the
+/// failure lands inside that window; a later promotion writes through a new data path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_data_path_failing_while_the_promotion_persists_fails_the_promotion() {
+    let (c, dev) = primary_over_held_writes().await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    a.demote().await.unwrap();
+    // The demotion re-establishes the link (see `demote_inner`).
+    wait_for(&a, "the link to hv2 re-established", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    // Back to a connected, UpToDate peer: the promotion starts no new generation, so the
+    // write below needs no metadata write before it reaches the data path.
+    c.wait_fully_connected(&["hv1", "hv2"]).await;
+    wait_for(&a, "hv1 Secondary, hv2 UpToDate", 10, |s| {
+        s.role == Role::Secondary && peer(s, "hv2").disk_state == DiskState::UpToDate
+    })
+    .await;
+
+    let held = a.hold_metadata_writes();
+    let promote = tokio::spawn({
+        let a = a.clone();
+        async move { a.promote().await }
+    });
+    // The role changes before the persist, which now waits for the metadata lock.
+    wait_for(&a, "hv1 Primary, not yet durable", 10, |s| {
+        s.role == Role::Primary
+    })
+    .await;
+    assert!(!promote.is_finished());
+    dev.panic_on_write
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // Offset 0 is in a hot activity-log extent: the write needs no metadata write of its own.
+    let failed = tokio::time::timeout(Duration::from_secs(10), a.write(0, data(2, 4096), false))
+        .await
+        .unwrap_or_else(|_| panic!("the write never returned: {:#?}", a.status()));
+    dev.panic_on_write
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(failed.is_err(), "{failed:?}");
+    wait_for(&a, "hv1 stepped down", 10, |s| s.role == Role::Secondary).await;
+    drop(held);
+    let promoted = tokio::time::timeout(Duration::from_secs(10), promote)
+        .await
+        .expect("the promotion never returned")
+        .unwrap();
+    match promoted {
+        Err(EngineError::Demoted { reason, .. }) => {
+            assert!(reason.contains("data path failed"), "{reason}")
+        }
+        other => panic!("the promotion of a replica that stepped down returned {other:?}"),
+    }
+    assert_eq!(a.status().role, Role::Secondary);
+
+    promote_within(&a, 10).await;
+    a.write(MIB, data(3, 4096), false).await.unwrap();
+    assert_eq!(a.read(MIB, 4096).await.unwrap(), data(3, 4096));
+    wait_converged(&a, &b, 20).await;
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+}

@@ -456,6 +456,13 @@ impl Replica {
         }
     }
 
+    /// Tests: every metadata write (superblock, bitmaps, activity log) waits while the
+    /// returned guard is held, which keeps the engine inside a persist.
+    #[doc(hidden)]
+    pub fn hold_metadata_writes(&self) -> impl Sized + '_ {
+        lock(&self.meta)
+    }
+
     /// Write the superblock from the current state, durably. The snapshot is taken under
     /// the metadata lock, so concurrent persists cannot reorder.
     pub(super) async fn persist(&self) -> Result<(), EngineError> {
@@ -870,6 +877,7 @@ impl Replica {
         self.wait_round(id).await;
         let other_primaries: Vec<String>;
         let round_started;
+        let installed;
         {
             let mut st = lock(&self.st);
             match self.round_won(&mut st, id) {
@@ -923,6 +931,7 @@ impl Replica {
                     }
                 });
             }
+            installed = primary.id();
             st.primary = Some(primary);
             st.io_suspended = false;
             // Primary from here on: a dropped future still commits.
@@ -951,6 +960,10 @@ impl Replica {
                     "making the promotion durable took longer than {COMMIT_DEADLINE:?}"
                 ),
             }));
+        }
+        if let Err(e) = self.still_promoted(&installed) {
+            guard.decide(false);
+            return Err(e);
         }
         guard.decide(true);
         if !other_primaries.is_empty() {
@@ -1006,7 +1019,25 @@ impl Replica {
                 }
             }
         }
-        Ok(())
+        self.still_promoted(&installed)
+    }
+
+    /// `Err` when the Primary this promotion installed is gone: its data path failed
+    /// (`data_path_failed`) and the replica stepped down while the promotion was being made
+    /// durable or its links joined. The promotion then reports that, instead of success for
+    /// a replica that is Secondary.
+    fn still_promoted(&self, installed: &PrimaryId) -> Result<(), RoundFailure> {
+        let st = lock(&self.st);
+        if st.role == Role::Primary && st.primary.as_ref().is_some_and(|p| installed.is(p)) {
+            return Ok(());
+        }
+        Err(RoundFailure::Refused(EngineError::Demoted {
+            volume: self.volume.clone(),
+            reason: st
+                .forced_demotion
+                .clone()
+                .unwrap_or_else(|| "demoted during the promotion".into()),
+        }))
     }
 
     /// Hold every new write and every promotion, and drain the writes in flight until each
@@ -1602,7 +1633,17 @@ impl Replica {
                 al.transaction_failed();
             }
         }
-        self.al_changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.al_notify();
+    }
+
+    /// Wake the writes waiting for room or durability in the activity log. Only such a
+    /// write subscribes to `al_changed` (it re-checks after subscribing, so none misses
+    /// this), and with nobody subscribed the send is skipped: waking a watch's waiters
+    /// takes its eight waiter lists' locks, on every write.
+    fn al_notify(&self) {
+        if self.al_changed.receiver_count() > 0 {
+            self.al_changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 
     /// Whether transaction `seq` is durable (`Ok(true)`), pending (`Ok(false)`), or will
@@ -1622,7 +1663,8 @@ impl Replica {
     /// when a cold extent is touched (durable before the write is issued). The extents are
     /// released when the returned hold is dropped, also if the write is cancelled.
     async fn al_begin(&self, offset: u64, len: u64) -> Result<AlHold<'_>, EngineError> {
-        let mut rx = self.al_changed.subscribe();
+        // Subscribed before the check that finds it must wait (see `al_notify`).
+        let mut rx: Option<watch::Receiver<u64>> = None;
         loop {
             match self.al_admit(offset, len)? {
                 None | Some(Admission::Go) => return Ok(self.al_hold(offset, len)),
@@ -1646,14 +1688,18 @@ impl Replica {
                 }
                 Some(Admission::WaitFor(seq)) => {
                     let hold = self.al_hold(offset, len);
+                    let mut rx = self.al_changed.subscribe();
                     while !self.al_durable(seq)? {
                         let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
                     }
                     return Ok(hold);
                 }
-                Some(Admission::Busy) => {
-                    let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
-                }
+                Some(Admission::Busy) => match &mut rx {
+                    None => rx = Some(self.al_changed.subscribe()),
+                    Some(rx) => {
+                        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+                    }
+                },
             }
         }
     }
@@ -1725,7 +1771,7 @@ impl Replica {
                 tracing::error!(volume = %self.volume, error = %e, "activity log bookkeeping");
             }
         }
-        self.al_changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.al_notify();
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
