@@ -221,6 +221,8 @@ struct Shared {
     /// A graceful close (Error frame, then shutdown) is under way.
     closing: std::sync::atomic::AtomicBool,
     down: Mutex<Option<LinkDown>>,
+    /// Set once `down` is: every frame sent checks it, without the lock.
+    is_down: std::sync::atomic::AtomicBool,
     down_tx: watch::Sender<bool>,
     send_budget: Semaphore,
     send_budget_total: usize,
@@ -281,12 +283,16 @@ impl Shared {
             }
         }
         *down = Some(reason);
+        self.is_down.store(true, Ordering::Release);
         self.send_budget.close();
         self.recv_budget.close();
         self.down_tx.send_replace(true);
     }
 
     fn down_reason(&self) -> Option<LinkDown> {
+        if !self.is_down.load(Ordering::Acquire) {
+            return None;
+        }
         self.down.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -852,6 +858,7 @@ where
         peer: info.addr.clone(),
         closing: std::sync::atomic::AtomicBool::new(false),
         down: Mutex::new(None),
+        is_down: std::sync::atomic::AtomicBool::new(false),
         down_tx,
         send_budget: Semaphore::new(send_total),
         send_budget_total: send_total,
