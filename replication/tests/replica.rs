@@ -1787,7 +1787,9 @@ async fn a_data_path_failing_while_the_promotion_persists_fails_the_promotion() 
     dev.panic_on_write
         .store(false, std::sync::atomic::Ordering::SeqCst);
     assert!(failed.is_err(), "{failed:?}");
-    wait_for(&a, "hv1 stepped down", 10, |s| s.role == Role::Secondary).await;
+    // Longer than the demotion's wait for the I/O gate (10 s), which a reconnecting link
+    // could hold while its handshake waits for the held metadata.
+    wait_for(&a, "hv1 stepped down", 15, |s| s.role == Role::Secondary).await;
     drop(held);
     let promoted = tokio::time::timeout(Duration::from_secs(10), promote)
         .await

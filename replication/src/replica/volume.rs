@@ -950,9 +950,14 @@ impl Replica {
             guard.decide(false);
             return Err(RoundFailure::Refused(e));
         }
+        if let Err(e) = self.still_promoted(&installed) {
+            guard.decide(false);
+            return Err(e);
+        }
         if round_started.elapsed() > COMMIT_DEADLINE {
             // The members' grants may have lapsed meanwhile: do not rely on them.
-            let _ = self.demote_now("promotion took too long").await;
+            let reason = "promotion took too long";
+            let _ = self.demote_inner(reason, false, Some(&installed)).await;
             guard.decide(false);
             return Err(RoundFailure::Refused(EngineError::PromotionNotAgreed {
                 volume: self.volume.clone(),
@@ -961,14 +966,12 @@ impl Replica {
                 ),
             }));
         }
-        if let Err(e) = self.still_promoted(&installed) {
-            guard.decide(false);
-            return Err(e);
-        }
         guard.decide(true);
         if !other_primaries.is_empty() {
             if let Err(e) = self.connect_dual_links(&other_primaries).await {
-                let _ = self.demote_now("two primaries refused").await;
+                let _ = self
+                    .demote_inner("two primaries refused", false, Some(&installed))
+                    .await;
                 return Err(RoundFailure::Refused(e));
             }
         }
