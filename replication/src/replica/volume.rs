@@ -1210,7 +1210,8 @@ impl Replica {
         }
     }
 
-    /// Drop the Primary role (no flush): used by force-secondary and failed promotions.
+    /// Drop the Primary role (no flush): force-secondary, by the operator or of a Primary
+    /// without quorum that meets newer data.
     pub(super) async fn demote_now(&self, reason: &str) -> Result<(), EngineError> {
         self.demote_inner(reason, false, None).await
     }
