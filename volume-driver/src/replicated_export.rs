@@ -131,10 +131,15 @@ impl ReplicaRuntime {
     /// `tandem volume promote`: Primary until `tandem volume demote`.
     pub async fn promote_explicitly(&self) -> Result<(), ApiError> {
         let _roles = self.roles.lock().await;
+        // Set before the promotion: the engine is Primary before `promote` returns (while
+        // it makes that durable), and a status taken then must say why.
+        let before = std::mem::replace(&mut self.counts().promoted_explicitly, true);
         if self.replica.status().role != Role::Primary {
-            self.replica.promote().await.map_err(engine_error)?;
+            if let Err(e) = self.replica.promote().await {
+                self.counts().promoted_explicitly = before;
+                return Err(engine_error(e));
+            }
         }
-        self.counts().promoted_explicitly = true;
         tracing::info!(volume = %self.name, "promoted (explicitly)");
         Ok(())
     }
