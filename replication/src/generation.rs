@@ -25,7 +25,9 @@
 //!   three nodes (found by the randomized model in `sync_decision`).
 //! - A new generation moves the old current into `bitmap[peer]` for every *disconnected*
 //!   peer whose slot is empty, and into history. Connected Secondaries follow the Primary's
-//!   new generation with [`UuidSet::follow_new_current`].
+//!   new generation with [`UuidSet::follow_new_current`]. A Primary that loses a peer
+//!   which never reported following its current generation gives the peer's slot the
+//!   generation the peer last reported ([`UuidSet::on_peer_lost_behind`]).
 //! - Resync completion: the target adopts the source's current and history
 //!   ([`UuidSet::finish_resync_as_target`]); the source only clears its slot for the target.
 //!
@@ -40,6 +42,11 @@
 //!   their bits described the old data. The next handshake with such a peer then falls to
 //!   the history rule (full sync) instead of DRBD's copying of bitmap slots via peer-acks.
 //!   Slower, never wrong.
+//! - For the same reason a Secondary that follows a new generation drops its slots to
+//!   history and fills none: DRBD's Secondaries mark the Primary's writes for absent peers
+//!   (peer acks tell them who missed what), ours mark nothing, so their bitmaps cannot back
+//!   a slot. A replica that comes back to meet only a Secondary of the generations it
+//!   missed gets a full sync from it (a bitmap resync once lost that Primary's writes).
 //! - Randomness is injected: every function that creates a generation takes a
 //!   `FnMut() -> u64` (see [`SplitMix64`] for a seeded source); nothing here calls an OS rng.
 
@@ -159,6 +166,9 @@ pub struct UuidSet {
     pub uncertain_peers: BTreeSet<String>,
     /// In memory only (not persisted, not sent): the next write starts a new generation.
     pub new_generation_pending: bool,
+    /// In memory only: while Primary, the current at promotion and every generation this
+    /// replica started since (see [`UuidSet::on_peer_lost_behind`]).
+    pub primary_term: Vec<Generation>,
 }
 
 impl UuidSet {
@@ -228,6 +238,7 @@ impl UuidSet {
     /// new generation (DRBD 9: created on the first write, not at promotion).
     pub fn on_promote(&mut self, any_peer_disconnected: bool) {
         self.flags.primary = true;
+        self.primary_term = vec![self.current];
         if any_peer_disconnected {
             self.new_generation_pending = true;
         }
@@ -236,6 +247,7 @@ impl UuidSet {
     /// The replica was demoted cleanly.
     pub fn on_demote(&mut self) {
         self.flags.primary = false;
+        self.primary_term.clear();
         self.new_generation_pending = false;
     }
 
@@ -263,6 +275,28 @@ impl UuidSet {
         }
     }
 
+    /// A Primary lost `peer`, which last reported holding `peer_current`, one of this
+    /// Primary's own generations (its current when it was promoted or one it started
+    /// since: [`UuidSet::primary_term`]). When that is not the current (the peer never reported following the
+    /// newer ones, e.g. its link died silently before it heard of them) and no slot counts
+    /// against the peer yet, the slot gets `peer_current`. Every write of this Primary that
+    /// the peer lacks went unacknowledged by it and is in the bitmap for it, so a later
+    /// handshake can resync by bitmap from there. Left empty, the slot would get the
+    /// current with the next new generation, one the peer never held: only a full sync or
+    /// a split brain without a base in common would remain. A generation this replica
+    /// followed as a Secondary does not count (its bitmap lacks that Primary's writes). A
+    /// report still on its way (or never sent, by an older peer) makes the slot older than
+    /// what the peer holds: then no bitmap rule matches and the history rule decides (a
+    /// full sync).
+    pub fn on_peer_lost_behind(&mut self, peer: &str, peer_current: Generation) {
+        if peer_current != self.current
+            && self.primary_term.contains(&peer_current)
+            && self.bitmap_for(peer).is_zero()
+        {
+            self.bitmap.insert(peer.to_string(), peer_current);
+        }
+    }
+
     /// Call before issuing a write on this replica. If a new generation is armed, creates it
     /// (rotating the old current into the slots of `disconnected_peers`) and returns it: the
     /// caller must persist the metadata *before* the write is issued and must send the new
@@ -278,16 +312,31 @@ impl UuidSet {
         self.new_generation_pending = false;
         let g = Generation::fresh(rng);
         self.rotate_in(g, disconnected_peers);
+        self.primary_term.push(g);
         Some(g)
     }
 
-    /// A connected Secondary learns that its Primary started generation `g`.
-    /// `disconnected_peers` are the replicas that do not receive this generation's writes
-    /// (normally the same set the Primary passed to [`UuidSet::before_write`]).
-    pub fn follow_new_current(&mut self, g: Generation, disconnected_peers: &[&str]) {
-        if self.current != g {
-            self.rotate_in(g, disconnected_peers);
+    /// A connected Secondary learns that its Primary started generation `g`. Every bitmap
+    /// slot is dropped to history and none is filled: a slot claims that this replica's
+    /// bitmap for the peer holds every change since the slot's generation, and a Secondary
+    /// marks nothing for third peers when it applies its Primary's writes (DRBD marks them
+    /// through peer acks, which this engine does not have). A later handshake with such a
+    /// peer then falls to the history rule (full sync) instead of resyncing too little.
+    pub fn follow_new_current(&mut self, g: Generation) {
+        if self.current == g {
+            return;
         }
+        // The keys stay: they are the peer list the metadata stores (`metadata.rs`).
+        let dropped: Vec<Generation> = self.bitmap.values_mut().map(std::mem::take).collect();
+        for slot in dropped {
+            // Older than the current: behind the history, to keep it newest first.
+            if !slot.is_zero() && !self.history.contains(&slot) && self.history.len() < HISTORY_LEN
+            {
+                self.history.push(slot);
+            }
+        }
+        self.push_history(self.current);
+        self.current = g;
     }
 
     fn rotate_in(&mut self, g: Generation, disconnected_peers: &[&str]) {
@@ -634,6 +683,90 @@ mod tests {
         s.new_generation_pending = true;
         s.before_write(&["hv2"], &mut rng.as_fn());
         assert_eq!(s.bitmap_for("hv2"), g0, "bits still count against g0");
+    }
+
+    #[test]
+    fn a_peer_lost_behind_the_current_counts_from_the_generation_it_held() {
+        use crate::role::Protocol;
+        use crate::sync_decision::{decide, DecisionContext, Rule, SyncOutcome};
+        let mut rng = SplitMix64::new(9);
+        let g0 = Generation::from_raw(0x100);
+        // hv1 (Primary) loses hv3 and starts g1 while it still counts hv2, whose link died
+        // silently: hv2 never hears of g1. Then hv1 loses hv2 at g1.
+        let mut hv1 = UuidSet::day0(g0);
+        hv1.on_promote(false);
+        hv1.on_peer_lost(true, false);
+        let g1 = hv1.before_write(&["hv3"], &mut rng.as_fn()).unwrap();
+        hv1.on_peer_lost(true, false);
+        hv1.on_peer_lost_behind("hv2", g0);
+        assert_eq!((hv1.current, hv1.bitmap_for("hv2")), (g1, g0));
+        let mut later = hv1.clone();
+        later.new_generation_pending = true;
+        later.before_write(&["hv3"], &mut rng.as_fn()).unwrap();
+        later.on_peer_lost_behind("hv3", g1);
+        assert_eq!(later.bitmap_for("hv3"), g0, "a slot in use is kept");
+        let mut up_to_date = UuidSet::day0(g0);
+        up_to_date.on_peer_lost_behind("hv2", g0);
+        assert_eq!(
+            up_to_date.bitmap_for("hv2"),
+            Generation::ZERO,
+            "it held the current"
+        );
+        let mut unknown = hv1.clone();
+        unknown.bitmap.clear();
+        unknown.on_peer_lost_behind("hv2", Generation::from_raw(0x9990));
+        assert_eq!(
+            unknown.bitmap_for("hv2"),
+            Generation::ZERO,
+            "not of this line"
+        );
+        // A generation followed as a Secondary is another Primary's: no slot from it.
+        let mut follower = UuidSet::day0(g0);
+        follower.follow_new_current(Generation::from_raw(0x300));
+        follower.on_promote(false);
+        follower.on_peer_lost_behind("hv2", g0);
+        assert_eq!(
+            follower.bitmap_for("hv2"),
+            Generation::ZERO,
+            "g0 is not its own"
+        );
+        // hv2 takes over at g0 without hv1 and writes: both bitmaps count from g0.
+        let mut hv2 = UuidSet::day0(g0);
+        hv2.on_promote(true);
+        hv2.before_write(&["hv1"], &mut rng.as_fn()).unwrap();
+        let ctx = DecisionContext {
+            local_name: "hv1",
+            peer_name: "hv2",
+            protocol: Protocol::C,
+        };
+        let d = decide(&hv1, &hv2, &ctx);
+        assert_eq!(
+            (d.outcome, d.rule),
+            (
+                SyncOutcome::SplitBrainAutoRecoverable,
+                Rule::EqualBitmapUuids
+            ),
+            "both bitmaps count from g0: a bitmap resync can repair it"
+        );
+    }
+
+    #[test]
+    fn a_secondary_following_a_new_generation_drops_its_slots() {
+        let (g0, old_slot, g1) = (
+            Generation::from_raw(0x100),
+            Generation::from_raw(0x50),
+            Generation::from_raw(0x200),
+        );
+        let mut s = UuidSet::day0(g0);
+        s.bitmap.insert("hv2".into(), old_slot);
+        s.follow_new_current(g1);
+        assert_eq!(s.current, g1);
+        assert_eq!(
+            s.bitmap.get("hv2"),
+            Some(&Generation::ZERO),
+            "slot dropped (its bitmap misses the Primary's writes), peer kept"
+        );
+        assert_eq!(s.history, vec![g0, old_slot]);
     }
 
     #[test]

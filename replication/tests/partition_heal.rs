@@ -1,6 +1,8 @@
 //! A Primary cut off from the replication network while the other replica takes over,
 //! writes and closes, then heals in stages (issue 22): first only its link to the witness
 //! comes back, then everything. In process, with cuttable proxies (`replica_support`).
+//! The last two tests cut and heal three data replicas: which resync the replica that was
+//! away gets, and that it misses nothing.
 //!
 //! What must hold: the replica that took over is never outdated by the old Primary (whose
 //! outdate request, queued before the cut, is stale by then), it stays promotable while the
@@ -219,4 +221,118 @@ async fn a_cut_off_primary_steps_down_through_a_witness_restarted_during_the_cut
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_old_primary_restarted_during_the_cut_learns_it_was_left_behind() {
     a_cut_off_primary_steps_down(During::OldPrimaryRestarts).await;
+}
+
+/// Three data replicas, no witness (the `ha_failover` isolation test's cluster): hv1's link
+/// to hv3 breaks at once while its link to hv2 dies silently. hv1 still counts hv2, keeps
+/// quorum and starts a new generation for hv3's loss with its next write, which hv2 never
+/// hears of; then it loses hv2 too, and quorum. hv2 takes over with hv3 and writes; hv1 is
+/// fenced. At the heal hv1 must resync from hv2 by bitmap, not in full: it knew hv2 had not
+/// followed its last generation when it lost it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_that_loses_a_peer_silently_resyncs_from_it_by_bitmap() {
+    let opts = ReplicaOptions {
+        suspend_timeout: Duration::from_secs(60),
+        ..ReplicaOptions::default()
+    };
+    let c = Cluster::new(&["hv1", "hv2", "hv3"], &[], 32 * MIB, opts).await;
+    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    a.promote().await.unwrap();
+    a.write(0, data(1, 4096), false).await.unwrap();
+
+    c.proxy("hv1", "hv2").freeze();
+    c.cut("hv1", "hv3");
+    wait_for(&a, "hv1 lost hv3 and still counts hv2", 10, |s| {
+        peer(s, "hv3").connection != ConnectionState::Connected && s.quorum
+    })
+    .await;
+    // This write starts hv1's new generation and waits for hv2, which never answers.
+    let frozen = {
+        let a = a.clone();
+        tokio::spawn(async move { a.write(4096, data(2, 4096), false).await })
+    };
+    wait_for(&a, "hv1 lost hv2 and quorum", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected && !s.quorum
+    })
+    .await;
+
+    wait_for(&b, "hv2 lost hv1", 10, |s| {
+        s.quorum && peer(s, "hv1").connection != ConnectionState::Connected
+    })
+    .await;
+    promote_within(&b, 10).await;
+    b.write(8 * MIB, data(8, MIB as usize), false)
+        .await
+        .unwrap();
+    a.demote_force().await.unwrap();
+    assert!(
+        frozen.await.unwrap().is_err(),
+        "the frozen write was never acknowledged"
+    );
+
+    // hv1 meets hv2 first: hv3 followed hv2 as a Secondary, so a resync from it would be
+    // a full one (see the next test).
+    c.cut("hv1", "hv2");
+    c.proxy("hv1", "hv2").heal();
+    wait_converged(&a, &b, 30).await;
+    let decision = peer(&a.status(), "hv2")
+        .decision
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        decision.contains("bitmap resync from hv2 to hv1"),
+        "hv1 did not resync from hv2 by bitmap: {decision}"
+    );
+    c.heal_all();
+    wait_converged(&a, &c.r("hv3"), 30).await;
+    b.flush().await.unwrap();
+    b.demote().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv3"));
+}
+
+/// Three data replicas: hv2 is cut off, hv3 takes over (with hv1) and writes, then hv3 goes
+/// away and hv2 comes back to meet only hv1. hv1 applied hv3's writes as a Secondary and
+/// marked none of them for hv2, so it must not resync hv2 by its bitmap (it once did, and
+/// hv2 came back UpToDate without hv3's write): hv2 gets a full sync and reads the write.
+/// hv1 is restarted before the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_back_from_a_cut_gets_every_write_a_secondary_applied_meanwhile() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2", "hv3"],
+        &[],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
+    let (b, x) = (c.r("hv2"), c.r("hv3"));
+    c.isolate("hv2").await;
+    wait_for(&x, "hv3 lost hv2", 10, |s| {
+        peer(s, "hv2").connection != ConnectionState::Connected
+    })
+    .await;
+    promote_within(&x, 10).await;
+    x.write(4 * MIB, data(44, 4096), false).await.unwrap();
+    x.flush().await.unwrap();
+    x.demote().await.unwrap();
+
+    c.kill("hv3");
+    // hv1 restarts meanwhile (its metadata must keep every peer and bit).
+    c.kill("hv1");
+    c.restart("hv1").await;
+    let a = c.r("hv1");
+    c.heal_all();
+    wait_converged(&a, &b, 30).await;
+    let decision = peer(&b.status(), "hv1")
+        .decision
+        .clone()
+        .unwrap_or_default();
+    assert!(decision.contains("full sync from hv1 to hv2"), "{decision}");
+    promote_within(&b, 10).await;
+    let got = b.read(4 * MIB, 4096).await.unwrap();
+    assert_eq!(got[..], data(44, 4096)[..], "hv2 lacks hv3's write");
+    b.demote().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }

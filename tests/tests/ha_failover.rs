@@ -543,15 +543,29 @@ fn isolated_running_host_is_fenced_and_rejoins_as_sync_target() {
     eprintln!(
         "[ha] hv1 rejoined (SyncTarget seen while polling: {saw_sync_target}): {decisions:?}"
     );
+    // SyncTarget of the side that took over: by bitmap from hv2 (the Primary), or in full
+    // from hv3 when hv1 meets it first (a Secondary's bitmap lacks its Primary's writes).
     assert!(
         decisions
             .iter()
-            .any(|d| d.contains("resync from") && d.ends_with(")") && d.contains(" to hv1 ")),
+            .any(
+                |d| (d.contains("bitmap resync from hv2") || d.contains("full sync from hv3"))
+                    && d.ends_with(")")
+                    && d.contains(" to hv1 ")
+            ),
         "hv1 did not rejoin as SyncTarget: {rejoined}"
     );
     assert_eq!(volume_status(hv1)["role"], "Secondary");
     assert_eq!(hv2.domstate(VM), "running");
     assert_ne!(hv1.domstate(VM), "running");
+    // Pause the guest (no writes in flight) and compare the replicas online.
+    hv2.virsh(&["suspend", VM]).ok();
+    let verified = hv2
+        .tandem(&["volume", "verify", VOLUME, "--json"])
+        .ok()
+        .json();
+    hv2.virsh(&["resume", VM]).ok();
+    assert_eq!(verified["differing_blocks"], 0, "{verified}");
 }
 
 #[test]

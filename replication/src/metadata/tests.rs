@@ -229,6 +229,32 @@ fn a_crashed_secondary_with_hot_extents_is_uncertain_towards_every_peer() {
 }
 
 #[test]
+fn following_a_new_generation_keeps_every_peer_and_its_bits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mut m = meta(64 * MIB);
+    m.uuids
+        .bitmap
+        .insert("hv2".into(), Generation::from_raw(0x30));
+    drop(MetaStore::create(&dir, &m, &["hv2", "hv3"]).unwrap());
+    let (mut store, mut loaded) = MetaStore::open(&dir).unwrap();
+    let bm = loaded.bitmaps.get_mut("hv2").unwrap();
+    bm.set_range(4 * MIB, 4096).unwrap();
+    store.flush_bitmap("hv2", bm).unwrap();
+    loaded
+        .meta
+        .uuids
+        .follow_new_current(Generation::from_raw(0x40));
+    store.write_superblock(&loaded.meta).unwrap();
+    drop(store);
+    let (_store, again) = MetaStore::open(&dir).unwrap();
+    assert_eq!(again.meta.uuids.current, Generation::from_raw(0x40));
+    assert_eq!(again.meta.uuids.bitmap_for("hv2"), Generation::ZERO);
+    assert_eq!(again.bitmaps.len(), 2, "no peer forgotten");
+    assert_eq!(again.bitmaps["hv2"].dirty_blocks(), 1, "no bit lost");
+}
+
+#[test]
 fn grow_extends_bitmaps_and_survives_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();

@@ -857,22 +857,17 @@ impl Replica {
                     self.left_behind(&newer_on, peer, Some(&lineage)).await;
                 }
             }
-            EngineMessage::NewCurrent {
-                generation,
-                disconnected,
-            } => {
-                {
-                    let mut st = lock(&self.st);
-                    let me = self.node_name().to_string();
-                    let names: Vec<&str> = disconnected
-                        .iter()
-                        .map(String::as_str)
-                        .filter(|n| *n != me)
-                        .collect();
-                    st.uuids.follow_new_current(generation, &names);
-                }
-                if let Err(e) = self.persist().await {
-                    tracing::error!(volume = %self.volume, error = %error_chain(&e), "persisting a new generation");
+            EngineMessage::NewCurrent { generation, .. } => {
+                lock(&self.st).uuids.follow_new_current(generation);
+                match self.persist().await {
+                    // The Primary learns that this replica holds its new generation
+                    // (`UuidSet::on_peer_lost_behind`). Only the Primary: a tiebreaker
+                    // relaying it could tell a replica that has not followed yet that it
+                    // was left behind.
+                    Ok(()) => self.send_state_to(peer),
+                    Err(e) => {
+                        tracing::error!(volume = %self.volume, error = %error_chain(&e), "persisting a new generation")
+                    }
                 }
             }
             EngineMessage::Outdate {
@@ -920,6 +915,17 @@ impl Replica {
             }
             let was_connected = slot.conn == ConnectionState::Connected;
             let peer_was_primary = slot.state.as_ref().is_some_and(|s| s.role == Role::Primary);
+            // The generation an in-sync peer last reported holding (it reports each one it
+            // follows, once it is durable; a report may still be on its way).
+            let peer_generation = slot
+                .state
+                .as_ref()
+                .filter(|s| {
+                    slot.replication == ReplicationState::Established
+                        && s.disk == DiskState::UpToDate
+                })
+                .and_then(|s| s.uuids.as_ref())
+                .map(|u| u.current);
             let data_peer = !slot.spec.diskless;
             slot.sender = None;
             if st.closed {
@@ -964,6 +970,9 @@ impl Replica {
                 let dual_without_quorum =
                     peer_was_primary && Self::quorum_mode(&st) == QuorumMode::Off;
                 st.uuids.on_peer_lost(true, dual_without_quorum);
+                if let Some(g) = peer_generation.filter(|_| !peer_was_primary) {
+                    st.uuids.on_peer_lost_behind(peer, g);
+                }
             }
             // A replica that loses its Primary marks the Primary's last writes towards the
             // other replicas (`reconcile.rs`), before anybody is woken: a promotion of this

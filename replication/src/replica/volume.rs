@@ -663,14 +663,25 @@ impl Replica {
     pub(super) fn broadcast_state(&self) {
         let st = lock(&self.st);
         for p in st.peers.values() {
-            if p.conn != ConnectionState::Connected {
-                continue;
-            }
-            if let Some(s) = &p.sender {
-                let msg =
-                    EngineMessage::State(Box::new(self.local_state(&st, &p.spec.name, false)));
-                let _ = s.send_control(&msg.to_message());
-            }
+            self.send_state(&st, p);
+        }
+    }
+
+    /// Send our state to `peer` alone, if it is connected.
+    pub(super) fn send_state_to(&self, peer: &str) {
+        let st = lock(&self.st);
+        if let Some(p) = st.peers.get(peer) {
+            self.send_state(&st, p);
+        }
+    }
+
+    fn send_state(&self, st: &State, p: &PeerSlot) {
+        if p.conn != ConnectionState::Connected {
+            return;
+        }
+        if let Some(s) = &p.sender {
+            let msg = EngineMessage::State(Box::new(self.local_state(st, &p.spec.name, false)));
+            let _ = s.send_control(&msg.to_message());
         }
     }
 

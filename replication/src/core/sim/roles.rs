@@ -195,10 +195,7 @@ enum Msg {
     },
     Outdate(Ticket, Generation),
     OutdateReply(Ticket, OutdateResult),
-    NewCurrent {
-        generation: Generation,
-        disconnected: Vec<String>,
-    },
+    NewCurrent(Generation),
     /// From the sender's Primary core to the receiver's Secondary core.
     ToSecondary(Message),
     /// From the sender's Secondary core to the receiver's Primary core.

@@ -275,9 +275,7 @@ impl World {
         self.gens = gens;
         if let Some(g) = new_gen {
             for &r in comp.iter().filter(|&&r| r != p) {
-                let d = self.disconnected_names(r);
-                let d: Vec<&str> = d.iter().map(String::as_str).collect();
-                self.nodes[r].uuids.follow_new_current(g, &d);
+                self.nodes[r].uuids.follow_new_current(g);
             }
         }
         let w = self.next_write;
@@ -295,6 +293,20 @@ impl World {
             }
             self.nodes[r].disk[block] = w;
             self.nodes[r].writes.insert(w);
+            if r != p {
+                // As in the engine, a Secondary marks nothing for third peers, except the
+                // tail of a Primary it loses (`replica/reconcile.rs`): an unacknowledged
+                // write is such a tail (its Primary crashes), marked for every other peer.
+                if fate != Fate::Acked {
+                    let lost = self.nodes[p].name.clone();
+                    for (peer, set) in self.nodes[r].out_of_sync.iter_mut() {
+                        if *peer != lost {
+                            set.insert(block);
+                        }
+                    }
+                }
+                continue;
+            }
             for other in self.disconnected_names(r) {
                 self.nodes[r]
                     .out_of_sync

@@ -155,12 +155,7 @@ impl World {
             .before_write(&disconnected, &mut || rng.gen());
         if let Some(generation) = g {
             self.note(|| format!("{} starts generation {generation}", NAMES[n]));
-            let disconnected = disconnected.iter().map(|s| s.to_string()).collect();
-            let msg = Msg::NewCurrent {
-                generation,
-                disconnected,
-            };
-            self.send(n, other(n), msg);
+            self.send(n, other(n), Msg::NewCurrent(generation));
             self.broadcast(n);
         }
         true

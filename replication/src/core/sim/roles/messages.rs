@@ -124,16 +124,8 @@ impl World {
                     self.left_behind(n, t.target);
                 }
             }
-            Msg::NewCurrent {
-                generation,
-                disconnected,
-            } => {
-                let names: Vec<&str> = disconnected
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|d| *d != NAMES[n])
-                    .collect();
-                self.nodes[n].uuids.follow_new_current(generation, &names);
+            Msg::NewCurrent(generation) => {
+                self.nodes[n].uuids.follow_new_current(generation);
             }
             Msg::ToSecondary(msg) => {
                 let node = &mut self.nodes[n];
