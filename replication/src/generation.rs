@@ -277,17 +277,18 @@ impl UuidSet {
 
     /// A Primary lost `peer`, which last reported holding `peer_current`, one of this
     /// Primary's own generations (its current when it was promoted or one it started
-    /// since: [`UuidSet::primary_term`]). When that is not the current (the peer never reported following the
-    /// newer ones, e.g. its link died silently before it heard of them) and no slot counts
-    /// against the peer yet, the slot gets `peer_current`. Every write of this Primary that
-    /// the peer lacks went unacknowledged by it and is in the bitmap for it, so a later
-    /// handshake can resync by bitmap from there. Left empty, the slot would get the
-    /// current with the next new generation, one the peer never held: only a full sync or
-    /// a split brain without a base in common would remain. A generation this replica
-    /// followed as a Secondary does not count (its bitmap lacks that Primary's writes). A
-    /// report still on its way (or never sent, by an older peer) makes the slot older than
-    /// what the peer holds: then no bitmap rule matches and the history rule decides (a
-    /// full sync).
+    /// since: [`UuidSet::primary_term`]). When that is not the current (the peer never
+    /// reported following the newer ones, e.g. its link died silently before it heard of
+    /// them) and no slot counts against the peer yet, the slot gets `peer_current`. Every
+    /// write of this Primary that the peer lacks went unacknowledged by it and is in the
+    /// bitmap for it, so a later handshake can resync by bitmap from there. Left empty, the
+    /// slot would get the current with the next new generation, one the peer never held:
+    /// only a full sync or a split brain without a base in common would remain. A
+    /// generation this replica followed as a Secondary, or from a second Primary, does not
+    /// count (its bitmap lacks that Primary's writes), and the caller skips this while
+    /// another Primary writes here. A report still on its way (or never sent, by an older
+    /// peer) makes the slot older than what the peer holds: then no bitmap rule matches and
+    /// the history rule decides (a full sync).
     pub fn on_peer_lost_behind(&mut self, peer: &str, peer_current: Generation) {
         if peer_current != self.current
             && self.primary_term.contains(&peer_current)
@@ -337,6 +338,9 @@ impl UuidSet {
         }
         self.push_history(self.current);
         self.current = g;
+        // A Primary following the other Primary's generation (two Primaries): its
+        // generations are no longer its own alone.
+        self.primary_term.clear();
     }
 
     fn rotate_in(&mut self, g: Generation, disconnected_peers: &[&str]) {
@@ -706,6 +710,7 @@ mod tests {
         later.on_peer_lost_behind("hv3", g1);
         assert_eq!(later.bitmap_for("hv3"), g0, "a slot in use is kept");
         let mut up_to_date = UuidSet::day0(g0);
+        up_to_date.on_promote(false);
         up_to_date.on_peer_lost_behind("hv2", g0);
         assert_eq!(
             up_to_date.bitmap_for("hv2"),

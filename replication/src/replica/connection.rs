@@ -915,6 +915,10 @@ impl Replica {
             }
             let was_connected = slot.conn == ConnectionState::Connected;
             let peer_was_primary = slot.state.as_ref().is_some_and(|s| s.role == Role::Primary);
+            let another_primary = Self::another_primary(&st);
+            let Some(slot) = st.peers.get_mut(peer) else {
+                return;
+            };
             // The generation an in-sync peer last reported holding (it reports each one it
             // follows, once it is durable; a report may still be on its way).
             let peer_generation = slot
@@ -970,7 +974,7 @@ impl Replica {
                 let dual_without_quorum =
                     peer_was_primary && Self::quorum_mode(&st) == QuorumMode::Off;
                 st.uuids.on_peer_lost(true, dual_without_quorum);
-                if let Some(g) = peer_generation.filter(|_| !peer_was_primary) {
+                if let Some(g) = peer_generation.filter(|_| !another_primary) {
                     st.uuids.on_peer_lost_behind(peer, g);
                 }
             }

@@ -519,6 +519,16 @@ impl Replica {
             .collect()
     }
 
+    /// Whether another Primary's writes may reach this replica (two Primaries). Applied
+    /// here, they are marked for no third peer, so no bitmap slot may be filled meanwhile.
+    pub(super) fn another_primary(st: &State) -> bool {
+        st.peers.values().any(|p| {
+            p.dual_sender.is_some()
+                || (p.conn == ConnectionState::Connected
+                    && p.state.as_ref().is_some_and(|s| s.role == Role::Primary))
+        })
+    }
+
     pub(super) fn quorum_mode(st: &State) -> QuorumMode {
         st.options.quorum.unwrap_or_else(|| {
             let data = st.peers.values().filter(|p| !p.spec.diskless).count();
@@ -1507,7 +1517,13 @@ impl Replica {
                         .into_iter()
                         .filter(|p| !attached.contains(p))
                         .collect();
-                    let names: Vec<&str> = disconnected.iter().map(String::as_str).collect();
+                    // With another Primary writing here no slot is filled (see
+                    // `another_primary`): a later handshake with these peers resyncs in full.
+                    let names: Vec<&str> = if Self::another_primary(&st) {
+                        Vec::new()
+                    } else {
+                        disconnected.iter().map(String::as_str).collect()
+                    };
                     let g = {
                         let mut rng = lock(&self.rng);
                         let mut next = || rng.next_u64();
