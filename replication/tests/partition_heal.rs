@@ -336,3 +336,44 @@ async fn a_replica_back_from_a_cut_gets_every_write_a_secondary_applied_meanwhil
     b.demote().await.unwrap();
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
 }
+
+/// Three data replicas: hv1's link to hv3 dies silently with a write in flight; the write
+/// completes on hv1 and hv2 once hv3 is declared dead. hv1 then steps down cleanly with no
+/// further write, hv2 takes over while hv3 is still away and writes, and hv1 is lost. hv3
+/// comes back to meet hv2 only: it must get hv1's last write too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_a_replica_missed_before_a_clean_step_down_reaches_it_from_the_next_primary() {
+    let mut c = Cluster::new(
+        &["hv1", "hv2", "hv3"],
+        &[],
+        32 * MIB,
+        ReplicaOptions::default(),
+    )
+    .await;
+    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
+    let (a, b, x) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
+    a.promote().await.unwrap();
+    a.write(0, data(1, 4096), false).await.unwrap();
+    c.proxy("hv1", "hv3").freeze();
+    a.write(8192, data(4, 4096), false).await.unwrap();
+    c.isolate("hv3").await;
+    wait_for(&b, "hv2 lost hv3", 10, |s| {
+        peer(s, "hv3").connection != ConnectionState::Connected
+    })
+    .await;
+    a.demote().await.unwrap();
+    promote_within(&b, 10).await;
+    b.write(8 * MIB, data(8, 4096), false).await.unwrap();
+    b.demote().await.unwrap();
+
+    c.kill("hv1");
+    c.heal_all();
+    wait_converged(&b, &x, 30).await;
+    promote_within(&x, 10).await;
+    let got = x.read(8192, 4096).await.unwrap();
+    assert_eq!(got[..], data(4, 4096)[..], "hv3 lacks hv1's last write");
+    let got = x.read(8 * MIB, 4096).await.unwrap();
+    assert_eq!(got[..], data(8, 4096)[..], "hv3 lacks hv2's write");
+    x.demote().await.unwrap();
+    assert_eq!(c.disk_hash("hv2"), c.disk_hash("hv3"));
+}
