@@ -34,6 +34,13 @@ async fn cluster() -> Cluster {
     c
 }
 
+/// Three data replicas, no witness, every link up.
+async fn three_replicas(opts: ReplicaOptions) -> Cluster {
+    let c = Cluster::new(&["hv1", "hv2", "hv3"], &[], 32 * MIB, opts).await;
+    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
+    c
+}
+
 /// Writers on `r` that keep going until a write fails; each returns that error and the
 /// blocks it got acknowledged.
 fn writers(r: &Arc<Replica>, first_block: u64) -> Vec<JoinHandle<(EngineError, Vec<u64>)>> {
@@ -235,8 +242,7 @@ async fn a_primary_that_loses_a_peer_silently_resyncs_from_it_by_bitmap() {
         suspend_timeout: Duration::from_secs(60),
         ..ReplicaOptions::default()
     };
-    let c = Cluster::new(&["hv1", "hv2", "hv3"], &[], 32 * MIB, opts).await;
-    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
+    let c = three_replicas(opts).await;
     let (a, b) = (c.r("hv1"), c.r("hv2"));
     a.promote().await.unwrap();
     a.write(0, data(1, 4096), false).await.unwrap();
@@ -299,14 +305,7 @@ async fn a_primary_that_loses_a_peer_silently_resyncs_from_it_by_bitmap() {
 /// hv1 is restarted before the heal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_back_from_a_cut_gets_every_write_a_secondary_applied_meanwhile() {
-    let mut c = Cluster::new(
-        &["hv1", "hv2", "hv3"],
-        &[],
-        32 * MIB,
-        ReplicaOptions::default(),
-    )
-    .await;
-    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
+    let mut c = three_replicas(ReplicaOptions::default()).await;
     let (b, x) = (c.r("hv2"), c.r("hv3"));
     c.isolate("hv2").await;
     wait_for(&x, "hv3 lost hv2", 10, |s| {
@@ -343,14 +342,7 @@ async fn a_replica_back_from_a_cut_gets_every_write_a_secondary_applied_meanwhil
 /// comes back to meet hv2 only: it must get hv1's last write too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_a_replica_missed_before_a_clean_step_down_reaches_it_from_the_next_primary() {
-    let mut c = Cluster::new(
-        &["hv1", "hv2", "hv3"],
-        &[],
-        32 * MIB,
-        ReplicaOptions::default(),
-    )
-    .await;
-    c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
+    let mut c = three_replicas(ReplicaOptions::default()).await;
     let (a, b, x) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
     a.promote().await.unwrap();
     a.write(0, data(1, 4096), false).await.unwrap();
