@@ -907,6 +907,7 @@ impl Replica {
         let (lost_quorum, outdate) = {
             let mut st = lock(&self.st);
             let i_am_primary = st.role == Role::Primary;
+            let another_primary = Self::another_primary(&st);
             let Some(slot) = st.peers.get_mut(peer) else {
                 return;
             };
@@ -915,10 +916,6 @@ impl Replica {
             }
             let was_connected = slot.conn == ConnectionState::Connected;
             let peer_was_primary = slot.state.as_ref().is_some_and(|s| s.role == Role::Primary);
-            let another_primary = Self::another_primary(&st);
-            let Some(slot) = st.peers.get_mut(peer) else {
-                return;
-            };
             // The generation an in-sync peer last reported holding (it reports each one it
             // follows, once it is durable; a report may still be on its way).
             let peer_generation = slot
