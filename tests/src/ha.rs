@@ -100,8 +100,13 @@ pub fn sees_alive(host: &LibvirtHost, peer: &str) -> Option<bool> {
         .and_then(|p| p["management_alive"].as_bool())
 }
 
-/// Wait until every agent sees every other alive; returns how long it took.
-pub fn wait_all_alive(hosts: &[&LibvirtHost], timeout: Duration) -> Duration {
+/// How long a test waits for freshly started agents to see each other. Generous: a test
+/// bed shares this machine's two CPUs with another test's TCG guest; the time it took is
+/// printed.
+pub const AGENTS_UP: Duration = Duration::from_secs(60);
+
+/// Wait until every agent sees every other alive; on failure, show what each agent says.
+pub fn wait_all_alive(hosts: &[&LibvirtHost], timeout: Duration) {
     let started = Instant::now();
     let ok = wait_until(timeout, || {
         hosts.iter().all(|h| {
@@ -111,8 +116,28 @@ pub fn wait_all_alive(hosts: &[&LibvirtHost], timeout: Duration) -> Duration {
                 .all(|o| sees_alive(h, &o.node) == Some(true))
         })
     });
-    assert!(ok, "agents did not see each other alive within {timeout:?}");
-    started.elapsed()
+    if !ok {
+        let mut why = String::new();
+        for h in hosts {
+            let out = ha(h, &["status", "--json"]);
+            let log = std::fs::read_to_string(h.path("tandem-ha.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            why.push_str(&format!(
+                "--- {}: `tandem-ha status --json` ({}): {}{}\n--- {} agent log, last 40 lines:\n{}\n",
+                h.node,
+                out.status,
+                out.stdout.trim(),
+                out.stderr.trim(),
+                h.node,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            ));
+        }
+        panic!("agents did not see each other alive within {timeout:?}\n{why}");
+    }
+    eprintln!(
+        "[ha] agents see each other after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// The events of `host`'s agent (`tandem-ha events --json`).

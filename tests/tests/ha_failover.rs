@@ -235,7 +235,7 @@ fn bed_with(guest: bool, vhost: bool) -> Bed {
     ha::define(hv1, VM, &xml);
     let agents: Vec<Agent> = cluster.hosts.iter().map(Agent::start).collect();
     let hosts: Vec<&LibvirtHost> = cluster.hosts.iter().collect();
-    ha::wait_all_alive(&hosts, Duration::from_secs(20));
+    ha::wait_all_alive(&hosts, ha::AGENTS_UP);
     hv1.virsh(&["start", VM]).ok();
     ha::ha(hv1, &["manage", VM, "--prefer", "hv2,hv3"]).ok();
     let bed = Bed {
@@ -720,7 +720,7 @@ fn restarted_agents_remember_where_the_vm_runs() {
     );
     bed.start_agent("hv1");
     let hosts: Vec<&LibvirtHost> = bed.cluster.hosts.iter().collect();
-    ha::wait_all_alive(&hosts, Duration::from_secs(20));
+    ha::wait_all_alive(&hosts, ha::AGENTS_UP);
 
     // 2. hv2's and hv3's agents are down when hv1 dies; started again afterwards, they
     //    still know vm1 ran on hv1 and hv2 (preferred) takes it over.
@@ -814,7 +814,7 @@ fn hung_agent_soft_watchdog_kills_the_isolated_vm() {
     bed.start_agent("hv1");
     let (hv1, hv2) = (bed.host("hv1"), bed.host("hv2"));
     let hosts: Vec<&LibvirtHost> = bed.cluster.hosts.iter().collect();
-    ha::wait_all_alive(&hosts, Duration::from_secs(20));
+    ha::wait_all_alive(&hosts, ha::AGENTS_UP);
     assert!(wait_until(Duration::from_secs(10), || ha::vm_status(
         hv1, VM
     )
