@@ -1,8 +1,9 @@
 //! A Primary cut off from the replication network while the other replica takes over,
 //! writes and closes, then heals in stages (issue 22): first only its link to the witness
 //! comes back, then everything. In process, with cuttable proxies (`replica_support`).
-//! The last two tests cut and heal three data replicas: which resync the replica that was
-//! away gets, and that it misses nothing.
+//! The tests from `a_primary_that_loses_a_peer_silently_resyncs_from_it_by_bitmap` on run
+//! three data replicas, the last three across a live migration (two Primaries): which
+//! resync a replica that was away gets, and that it misses nothing.
 //!
 //! What must hold: the replica that took over is never outdated by the old Primary (whose
 //! outdate request, queued before the cut, is stale by then), it stays promotable while the
@@ -39,6 +40,25 @@ async fn three_replicas(opts: ReplicaOptions) -> Cluster {
     let c = Cluster::new(&["hv1", "hv2", "hv3"], &[], 32 * MIB, opts).await;
     c.wait_fully_connected(&["hv1", "hv2", "hv3"]).await;
     c
+}
+
+/// A live migration between three data replicas begins: hv1 Primary with a write, the gate
+/// on hv1 and hv2, hv2 promoted as the second Primary.
+async fn migration_started(c: &Cluster) {
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    a.promote().await.unwrap();
+    a.write(0, data(1, 4096), false).await.unwrap();
+    wait_for(&b, "hv2 sees hv1 Primary", 10, |s| {
+        peer(s, "hv1").role == Role::Primary
+    })
+    .await;
+    a.set_allow_two_primaries(true).unwrap();
+    b.set_allow_two_primaries(true).unwrap();
+    promote_within(&b, 10).await;
+    wait_for(&a, "hv1 sees hv2 Primary", 10, |s| {
+        peer(s, "hv2").role == Role::Primary
+    })
+    .await;
 }
 
 /// Writers on `r` that keep going until a write fails; each returns that error and the
@@ -367,5 +387,119 @@ async fn a_write_a_replica_missed_before_a_clean_step_down_reaches_it_from_the_n
     let got = x.read(8 * MIB, 4096).await.unwrap();
     assert_eq!(got[..], data(8, 4096)[..], "hv3 lacks hv2's write");
     x.demote().await.unwrap();
+    assert_eq!(c.disk_hash("hv2"), c.disk_hash("hv3"));
+}
+
+/// Three data replicas, two Primaries (a live migration): hv2's link to hv3 dies silently
+/// with a write of hv2 in flight, which hv1 applies. hv2 completes it once hv3 is declared
+/// dead, after starting a new generation that hv1 follows. hv2 steps down with no further
+/// write, hv1 writes on, and hv2 is lost. hv3 comes back to meet hv1 only and must get
+/// hv2's write: hv3 holds a generation that hv1 left behind without a bitmap slot for it,
+/// so it gets a full sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_of_the_other_primary_that_a_replica_missed_reaches_it_after_the_migration() {
+    let mut c = three_replicas(ReplicaOptions::default()).await;
+    let (a, b, x) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
+    migration_started(&c).await;
+    c.proxy("hv2", "hv3").freeze();
+    b.write(8192, data(4, 4096), false).await.unwrap();
+    c.isolate("hv3").await;
+    wait_for(&a, "hv1 lost hv3", 10, |s| {
+        peer(s, "hv3").connection != ConnectionState::Connected
+    })
+    .await;
+    b.demote().await.unwrap();
+    wait_for(&a, "hv1 sees hv2 Secondary", 10, |s| {
+        established(s, "hv2") && peer(s, "hv2").role == Role::Secondary
+    })
+    .await;
+    a.write(8 * MIB, data(8, 4096), false).await.unwrap();
+    a.demote().await.unwrap();
+
+    c.kill("hv2");
+    c.heal_all();
+    wait_converged(&a, &x, 30).await;
+    let decision = peer(&x.status(), "hv1")
+        .decision
+        .clone()
+        .unwrap_or_default();
+    assert!(decision.contains("full sync from hv1 to hv3"), "{decision}");
+    promote_within(&x, 10).await;
+    let got = x.read(8192, 4096).await.unwrap();
+    assert_eq!(got[..], data(4, 4096)[..], "hv3 lacks hv2's write");
+    let got = x.read(8 * MIB, 4096).await.unwrap();
+    assert_eq!(got[..], data(8, 4096)[..], "hv3 lacks hv1's write");
+    x.demote().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv3"));
+}
+
+/// Three data replicas, two Primaries: hv2's link to hv3 dies silently with a write of hv2
+/// in flight, which hv1 applies, and hv2 dies before anybody acknowledges it to hv2's
+/// writer. hv1 must mark that write towards hv3, as a Secondary marks its lost Primary's
+/// last writes: the replicas are identical once hv3 is back in sync with hv1 (they once
+/// stayed "in sync" with different data in that block).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_writes_of_a_lost_second_primary_reach_the_third_replica() {
+    let mut c = three_replicas(ReplicaOptions::default()).await;
+    let (a, b, x) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
+    migration_started(&c).await;
+    c.proxy("hv2", "hv3").freeze();
+    let writer = {
+        let b = b.clone();
+        tokio::spawn(async move { b.write(8192, data(4, 4096), false).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while a.read(8192, 4096).await.unwrap()[..] != data(4, 4096)[..] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hv1 never applied hv2's write"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.kill("hv2");
+    writer.abort();
+    // hv1 marks the write once the reverse link has ended, which may be after the main
+    // link's loss shows: until then the pair may look converged.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        wait_converged(&a, &x, 30).await;
+        if c.disk_hash("hv1") == c.disk_hash("hv3") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hv1 and hv3 are in sync but differ in hv2's last write"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Three data replicas, a live migration: hv2 becomes the second Primary and writes, hv1
+/// steps down, hv2 writes the same blocks again and steps down. Every replica ends
+/// identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_migration_with_three_replicas_leaves_them_identical() {
+    let c = three_replicas(ReplicaOptions::default()).await;
+    let (a, b, x) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
+    migration_started(&c).await;
+    for i in 0..50u64 {
+        b.write(i * 8192, data(i, 4096), false).await.unwrap();
+    }
+    a.demote().await.unwrap();
+    for round in 1..20u64 {
+        for i in 0..50u64 {
+            b.write(i * 8192, data(1000 * round + i, 4096), false)
+                .await
+                .unwrap();
+        }
+    }
+    b.demote().await.unwrap();
+    // Bits the Secondaries marked for each other when a Primary stepped down (its link may
+    // close before its new state arrives) wait for the next Primary (`reconcile.rs`).
+    promote_within(&a, 10).await;
+    wait_converged(&a, &x, 30).await;
+    wait_converged(&a, &b, 30).await;
+    a.demote().await.unwrap();
+    assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
     assert_eq!(c.disk_hash("hv2"), c.disk_hash("hv3"));
 }

@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::device::{BackingDevice, DeviceError};
 
+use super::reconcile::{RecentPeerWrites, RecordingDevice};
 use super::volume::{lock, Replica};
 use super::EngineError;
 use crate::datapath::{run_secondary, SecondaryConfig};
@@ -105,13 +106,19 @@ impl Replica {
                 local_failures: me.local_failures.clone(),
                 ..SecondaryConfig::default()
             };
-            let device = me.peer_write_guard(device, &peer, &sender);
+            let recent = Arc::new(Mutex::new(RecentPeerWrites::default()));
+            let device = Arc::new(RecordingDevice {
+                inner: me.peer_write_guard(device, &peer, &sender),
+                recent: recent.clone(),
+            });
             let res = run_secondary(link, device, cfg).await;
             handler.abort();
             let result = res.map(|d| d.to_string()).map_err(|e| error_chain(&e));
             tracing::info!(volume = %me.volume, peer = %peer, ?result,
                 "reverse link ended; re-establishing the pair");
             me.end_dual(&peer, &sender);
+            let tail = lock(&recent).take();
+            me.mark_dual_tail(&peer, tail).await;
             if let Some(m) = main {
                 m.close("the reverse (two primaries) link ended");
             }
@@ -177,6 +184,25 @@ impl Replica {
             });
         }
         Ok(())
+    }
+
+    /// The reverse link from `peer` ended, every write it carried applied (`tail`, the
+    /// last of them). `peer` may have died with writes that only this node applied, so,
+    /// like a Secondary that loses its Primary, this node marks them towards the third
+    /// replicas (`reconcile.rs`); as the Primary it then resyncs them itself. Not when this
+    /// node stepped down (that closed the link; `peer` is Primary on and its writes reach
+    /// every replica from it) or closes.
+    async fn mark_dual_tail(&self, peer: &str, tail: Vec<(u64, u64)>) {
+        let marked = {
+            let st = lock(&self.st);
+            if st.closed || st.role != Role::Primary {
+                return;
+            }
+            self.mark_tail(&st, peer, tail)
+        };
+        if let Some(marked) = marked {
+            self.lost_primary_tail_marked(marked).await;
+        }
     }
 
     fn end_dual(&self, peer: &str, sender: &crate::link::LinkSender) {

@@ -8,7 +8,10 @@
 //! 1. a Secondary records the tail of the writes it applies for its Primary
 //!    ([`RecentPeerWrites`] through [`RecordingDevice`]); when the link to that Primary goes
 //!    down it marks the tail out of sync in its bitmaps for every *other* data peer
-//!    (durably, like any bitmap bit); nothing else changes (still UpToDate, no grace timer);
+//!    (durably, like any bitmap bit); nothing else changes (still UpToDate, no grace timer).
+//!    With two Primaries, the first one records the second one's writes from the reverse
+//!    link the same way, and marks them when that link ends while it is still Primary
+//!    (`dual.rs`);
 //! 2. when a Secondary starts following a Primary (after a promotion, or a promoted peer's
 //!    idle link joining the data path) and either side has bits for the other, the
 //!    Secondary becomes Inconsistent (durably), sends its bits for the Primary
@@ -92,8 +95,9 @@ impl RecentPeerWrites {
     }
 }
 
-/// The device a Primary's replicated writes are applied through on a Secondary: records
-/// each write in the replica's [`RecentPeerWrites`] before applying it.
+/// The device a Primary's replicated writes are applied through on a Secondary (and the
+/// other Primary's, on a Primary): records each write in a [`RecentPeerWrites`] before
+/// applying it.
 pub(super) struct RecordingDevice {
     pub inner: Arc<dyn BackingDevice>,
     pub recent: Arc<Mutex<RecentPeerWrites>>,
@@ -281,6 +285,17 @@ impl Replica {
     /// persists the bits afterwards.
     pub(super) fn mark_lost_primary_tail(&self, st: &State, lost: &str) -> Option<MarkedTail> {
         let tail = lock(&self.recent_peer_writes).take();
+        self.mark_tail(st, lost, tail)
+    }
+
+    /// Mark `tail`, the last writes applied for `lost`, out of sync towards every other
+    /// data peer (see [`Self::mark_lost_primary_tail`]).
+    pub(super) fn mark_tail(
+        &self,
+        st: &State,
+        lost: &str,
+        tail: Vec<(u64, u64)>,
+    ) -> Option<MarkedTail> {
         if tail.is_empty() || self.device.is_none() {
             return None;
         }
