@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::libvirt::LibvirtHost;
-use crate::{wait_until, CmdOutput};
+use crate::{tail, wait_until, CmdOutput};
 
 /// `ha.toml` for tests: the defaults, with dead-after `dead_after_ms`.
 pub fn write_ha_toml(host: &LibvirtHost, extra: &str) {
@@ -100,13 +100,11 @@ pub fn sees_alive(host: &LibvirtHost, peer: &str) -> Option<bool> {
         .and_then(|p| p["management_alive"].as_bool())
 }
 
-/// How long a test waits for freshly started agents to see each other. Generous: a test
-/// bed shares this machine's two CPUs with another test's TCG guest; the time it took is
-/// printed.
-pub const AGENTS_UP: Duration = Duration::from_secs(60);
-
 /// Wait until every agent sees every other alive; on failure, show what each agent says.
-pub fn wait_all_alive(hosts: &[&LibvirtHost], timeout: Duration) {
+/// Up to 60 s, generous: a test bed shares this machine's two CPUs with another test's TCG
+/// guest. The time it took is printed.
+pub fn wait_all_alive(hosts: &[&LibvirtHost]) {
+    let timeout = Duration::from_secs(60);
     let started = Instant::now();
     let ok = wait_until(timeout, || {
         hosts.iter().all(|h| {
@@ -121,7 +119,6 @@ pub fn wait_all_alive(hosts: &[&LibvirtHost], timeout: Duration) {
         for h in hosts {
             let out = ha(h, &["status", "--json"]);
             let log = std::fs::read_to_string(h.path("tandem-ha.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
             why.push_str(&format!(
                 "--- {}: `tandem-ha status --json` ({}): {}{}\n--- {} agent log, last 40 lines:\n{}\n",
                 h.node,
@@ -129,7 +126,7 @@ pub fn wait_all_alive(hosts: &[&LibvirtHost], timeout: Duration) {
                 out.stdout.trim(),
                 out.stderr.trim(),
                 h.node,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                tail(&log, 40),
             ));
         }
         panic!("agents did not see each other alive within {timeout:?}\n{why}");

@@ -85,6 +85,12 @@ impl CmdOutput {
     }
 }
 
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// Poll `check` every 20 ms until it returns true or `timeout` passes.
 pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + timeout;

@@ -46,6 +46,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::tail;
+
 /// The QEMU binary used for guests.
 pub const QEMU: &str = "qemu-system-x86_64";
 
@@ -481,11 +483,6 @@ fn read_console(path: &Path) -> String {
         Ok(bytes) => String::from_utf8_lossy(&bytes).replace('\r', ""),
         Err(_) => String::new(),
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// What a guest printed.

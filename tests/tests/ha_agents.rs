@@ -33,7 +33,7 @@ fn agents_heartbeat_share_managed_vms_and_detect_a_dead_agent() {
     }
     let _a1 = Agent::start(hv1);
     let mut a2 = Agent::start(hv2);
-    ha::wait_all_alive(&[hv1, hv2], ha::AGENTS_UP);
+    ha::wait_all_alive(&[hv1, hv2]);
 
     // manage: refused for a domain without Tandem disks, accepted with one.
     ha::define(hv1, "plain", &ha::bios_domain_xml("plain", ""));
@@ -106,7 +106,7 @@ fn agents_heartbeat_share_managed_vms_and_detect_a_dead_agent() {
     let out = ha::ha(hv1, &["unmanage", "vm1"]).ok();
     assert!(out.stdout.contains("not reached: hv2"), "{}", out.stdout);
     let _a2 = Agent::start(hv2);
-    ha::wait_all_alive(&[hv1, hv2], ha::AGENTS_UP);
+    ha::wait_all_alive(&[hv1, hv2]);
     assert!(
         wait_until(Duration::from_secs(10), || ha::status(hv2)
             .is_some_and(|s| s["vms"].as_array().is_some_and(|v| v.is_empty()))),

@@ -20,7 +20,7 @@ use tandem_tests::ha::{self, Agent};
 use tandem_tests::libvirt::{self, Cluster, LibvirtHost};
 use tandem_tests::prometheus::http_get;
 use tandem_tests::vm::{ImageBuilder, Vm};
-use tandem_tests::wait_until;
+use tandem_tests::{tail, wait_until};
 
 const VOLUME: &str = "vm-1-disk-0";
 const VM: &str = "vm1";
@@ -123,11 +123,6 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Guest: resume the counter stored in the first 16 bytes of /dev/vda, print it, then
@@ -235,7 +230,7 @@ fn bed_with(guest: bool, vhost: bool) -> Bed {
     ha::define(hv1, VM, &xml);
     let agents: Vec<Agent> = cluster.hosts.iter().map(Agent::start).collect();
     let hosts: Vec<&LibvirtHost> = cluster.hosts.iter().collect();
-    ha::wait_all_alive(&hosts, ha::AGENTS_UP);
+    ha::wait_all_alive(&hosts);
     hv1.virsh(&["start", VM]).ok();
     ha::ha(hv1, &["manage", VM, "--prefer", "hv2,hv3"]).ok();
     let bed = Bed {
@@ -720,7 +715,7 @@ fn restarted_agents_remember_where_the_vm_runs() {
     );
     bed.start_agent("hv1");
     let hosts: Vec<&LibvirtHost> = bed.cluster.hosts.iter().collect();
-    ha::wait_all_alive(&hosts, ha::AGENTS_UP);
+    ha::wait_all_alive(&hosts);
 
     // 2. hv2's and hv3's agents are down when hv1 dies; started again afterwards, they
     //    still know vm1 ran on hv1 and hv2 (preferred) takes it over.
@@ -814,7 +809,7 @@ fn hung_agent_soft_watchdog_kills_the_isolated_vm() {
     bed.start_agent("hv1");
     let (hv1, hv2) = (bed.host("hv1"), bed.host("hv2"));
     let hosts: Vec<&LibvirtHost> = bed.cluster.hosts.iter().collect();
-    ha::wait_all_alive(&hosts, ha::AGENTS_UP);
+    ha::wait_all_alive(&hosts);
     assert!(wait_until(Duration::from_secs(10), || ha::vm_status(
         hv1, VM
     )

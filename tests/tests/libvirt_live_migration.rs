@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use tandem_tests::libvirt::{self, Cluster, LibvirtHost};
 use tandem_tests::vm::{self, ImageBuilder, Vm};
-use tandem_tests::{ha, wait_until, CmdOutput};
+use tandem_tests::{ha, tail, wait_until, CmdOutput};
 
 const VOLUME: &str = "vm-8-disk-0";
 const VM: &str = "vm8";
@@ -114,11 +114,6 @@ impl Bed {
         ));
         out
     }
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn acked_numbers(console: &str) -> Vec<u64> {

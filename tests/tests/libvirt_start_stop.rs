@@ -14,6 +14,7 @@
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tandem_tests::libvirt::{self, LibvirtHost};
+use tandem_tests::tail;
 use tandem_tests::vm::{self, GuestRun, ImageBuilder, Vm};
 
 const BYTES: usize = 1 << 20;
@@ -159,11 +160,6 @@ fn virsh_start_boots_a_guest_on_a_tandem_volume_and_the_hook_refuses_unknown_vol
         run.guest_uptime_at_exit.map_or(f64::NAN, |d| d.as_secs_f64()),
         started.elapsed().as_secs_f64()
     );
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// `tandem-libvirt-hook install` (which reloads libvirtd) run on a host whose libvirtd started without any

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::tail;
+
 use super::agent::Agent;
 
 /// MAC address of a host's NIC: `net` 1 = management, 2 = replication (the guest script
@@ -300,9 +302,4 @@ impl Host {
         self.sh(script, timeout)?
             .ok(&format!("{name}: {}", script.lines().next().unwrap_or("")))
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
