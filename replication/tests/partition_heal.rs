@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use replica_support::*;
 use replication::replica::{EngineError, Replica, ReplicaOptions};
-use replication::role::{ConnectionState, DiskState, Role};
+use replication::role::{ConnectionState, DiskState, ReplicationState, Role};
 use tokio::task::JoinHandle;
 
 const MIB: u64 = 1 << 20;
@@ -59,6 +59,44 @@ async fn migration_started(c: &Cluster) {
         peer(s, "hv2").role == Role::Primary
     })
     .await;
+}
+
+/// Two Primaries (`migration_started`): hv2's link to hv3 dies silently, and hv2 starts a
+/// write that only hv1 applies (from the reverse link). Returns hv2's writer, which waits
+/// for hv3.
+async fn write_only_hv1_applies(c: &Cluster) -> JoinHandle<Result<(), EngineError>> {
+    let (a, b) = (c.r("hv1"), c.r("hv2"));
+    migration_started(c).await;
+    c.proxy("hv2", "hv3").freeze();
+    let writer = tokio::spawn(async move { b.write(8192, data(4, 4096), false).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while a.read(8192, 4096).await.unwrap()[..] != data(4, 4096)[..] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hv1 never applied hv2's write"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    writer
+}
+
+/// hv1 and hv3 end in sync and identical. hv1 may mark hv2's last write only after the
+/// pair looked converged (once the reverse link has ended, which may be after the main
+/// link's loss shows), so "converged" alone is not the end.
+async fn hv1_and_hv3_end_identical(c: &Cluster) {
+    let (a, x) = (c.r("hv1"), c.r("hv3"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        wait_converged(&a, &x, 30).await;
+        if c.disk_hash("hv1") == c.disk_hash("hv3") {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hv1 and hv3 are in sync but differ in hv2's last write"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Writers on `r` that keep going until a write fails; each returns that error and the
@@ -441,37 +479,10 @@ async fn a_write_of_the_other_primary_that_a_replica_missed_reaches_it_after_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_last_writes_of_a_lost_second_primary_reach_the_third_replica() {
     let mut c = three_replicas(ReplicaOptions::default()).await;
-    let (a, b, x) = (c.r("hv1"), c.r("hv2"), c.r("hv3"));
-    migration_started(&c).await;
-    c.proxy("hv2", "hv3").freeze();
-    let writer = {
-        let b = b.clone();
-        tokio::spawn(async move { b.write(8192, data(4, 4096), false).await })
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while a.read(8192, 4096).await.unwrap()[..] != data(4, 4096)[..] {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hv1 never applied hv2's write"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let writer = write_only_hv1_applies(&c).await;
     c.kill("hv2");
     writer.abort();
-    // hv1 marks the write once the reverse link has ended, which may be after the main
-    // link's loss shows: until then the pair may look converged.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        wait_converged(&a, &x, 30).await;
-        if c.disk_hash("hv1") == c.disk_hash("hv3") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hv1 and hv3 are in sync but differ in hv2's last write"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hv1_and_hv3_end_identical(&c).await;
 }
 
 /// Three data replicas, a live migration: hv2 becomes the second Primary and writes, hv1
@@ -502,4 +513,28 @@ async fn a_live_migration_with_three_replicas_leaves_them_identical() {
     a.demote().await.unwrap();
     assert_eq!(c.disk_hash("hv1"), c.disk_hash("hv2"));
     assert_eq!(c.disk_hash("hv2"), c.disk_hash("hv3"));
+}
+
+/// Three data replicas, a live migration: hv2's link to hv3 dies silently with a write of
+/// hv2 in flight that only hv1 applies (from the reverse link); hv1 steps down and follows
+/// hv2, in sync; then hv2 dies. hv1 marks that write towards hv3 as hv2's last, and once
+/// hv1 is promoted, hv1 and hv3 end identical (also when hv3's link to hv1 began as a
+/// resync from hv1 and has to be set up again to reconcile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_writes_of_a_second_primary_lost_after_the_first_stepped_down_reach_the_third_replica(
+) {
+    let mut c = three_replicas(ReplicaOptions::default()).await;
+    let a = c.r("hv1");
+    let writer = write_only_hv1_applies(&c).await;
+    a.demote().await.unwrap();
+    wait_for(&a, "hv1 follows hv2, in sync", 10, |s| {
+        s.disk_state == DiskState::UpToDate
+            && peer(s, "hv2").role == Role::Primary
+            && peer(s, "hv2").replication == ReplicationState::Established
+    })
+    .await;
+    c.kill("hv2");
+    writer.abort();
+    promote_within(&a, 10).await;
+    hv1_and_hv3_end_identical(&c).await;
 }

@@ -635,6 +635,21 @@ impl Replica {
                     return Err("diskless".into());
                 };
                 self.set_mode(peer, id, LinkMode::Secondary);
+                let follower = peer_is_primary && !target;
+                let stepped_down_tail = {
+                    let mut st = lock(&self.st);
+                    if let Some(slot) = st.peers.get_mut(peer).filter(|s| s.link_id == id) {
+                        slot.follower_link = follower;
+                    }
+                    if follower {
+                        self.settle_stepped_down_tail(&mut st, peer)
+                    } else {
+                        None
+                    }
+                };
+                if let Some(marked) = stepped_down_tail {
+                    self.lost_primary_tail_marked(marked).await;
+                }
                 let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
                 let me = self.clone();
                 let p = peer.to_string();
@@ -817,12 +832,13 @@ impl Replica {
         };
         match msg {
             EngineMessage::State(s) => {
-                let (relay, behind) = {
+                let (relay, behind, refollow) = {
                     let mut st = lock(&self.st);
                     if !st.peers.contains_key(peer) {
                         return;
                     }
                     let (seen_changed, behind) = self.note_generations(&mut st, peer, &s);
+                    let i_am_secondary = st.role != Role::Primary;
                     let Some(slot) = st.peers.get_mut(peer) else {
                         return;
                     };
@@ -837,22 +853,51 @@ impl Replica {
                     if stepped_down {
                         lock(&self.recent_peer_writes).take();
                     }
+                    // The peer that resynced this replica on this link is Primary now, and
+                    // one of them has bits for the other (a lost Primary's last writes,
+                    // marked since the resync): a link set up for the resync cannot
+                    // reconcile them (`reconcile.rs`), so it is set up again to follow the
+                    // peer.
+                    let refollow = (i_am_secondary
+                        && slot.mode == LinkMode::Secondary
+                        && !slot.follower_link
+                        && slot.replication == ReplicationState::Established
+                        && s.role == Role::Primary
+                        && (s.changed_blocks > 0
+                            || lock(&self.bitmaps)
+                                .get(peer)
+                                .is_some_and(|b| b.dirty_blocks() > 0)))
+                    .then(|| slot.sender.clone())
+                    .flatten();
                     let changed_view = slot
                         .state
                         .as_ref()
                         .is_none_or(|old| old.role != s.role || old.primaries != s.primaries);
                     slot.state = Some(*s);
+                    // So are its writes from before this node stepped down (`dual.rs`).
+                    if stepped_down
+                        && st
+                            .stepped_down_tail
+                            .as_ref()
+                            .is_some_and(|(p, _)| p == peer)
+                    {
+                        st.stepped_down_tail = None;
+                    }
                     self.recompute_quorum(&mut st);
                     // A tiebreaker passes role and generation changes on to the others.
                     (
                         (changed_view || seen_changed) && self.device.is_none(),
                         behind,
+                        refollow,
                     )
                 };
                 if relay {
                     self.broadcast_state();
                 }
                 self.notify();
+                if let Some(s) = refollow {
+                    s.close("the peer that resynced this replica was promoted; following it to reconcile");
+                }
                 if let Some((newer_on, lineage)) = behind {
                     self.left_behind(&newer_on, peer, Some(&lineage)).await;
                 }
@@ -915,6 +960,7 @@ impl Replica {
                 return;
             }
             let was_connected = slot.conn == ConnectionState::Connected;
+            let followed = slot.mode == LinkMode::Secondary;
             let peer_was_primary = slot.state.as_ref().is_some_and(|s| s.role == Role::Primary);
             // The generation an in-sync peer last reported holding (it reports each one it
             // follows, once it is durable; a report may still be on its way).
@@ -938,6 +984,7 @@ impl Replica {
                 return;
             };
             slot.mode = LinkMode::None;
+            slot.follower_link = false;
             slot.replication = ReplicationState::Off;
             slot.resync_replies = None;
             slot.resync_progress = None;
@@ -979,6 +1026,17 @@ impl Replica {
             // other replicas (`reconcile.rs`), before anybody is woken: a promotion of this
             // node waiting for the loss must find the tail marked.
             lost_primary_tail = if data_peer && was_connected && peer_was_primary {
+                // Its writes from before this node stepped down are part of its tail, once
+                // this node followed it (not when this node's own step-down closed the link).
+                if followed
+                    && st.role != Role::Primary
+                    && st
+                        .stepped_down_tail
+                        .as_ref()
+                        .is_some_and(|(p, _)| p == peer)
+                {
+                    let _ = self.settle_stepped_down_tail(&mut st, peer);
+                }
                 self.mark_lost_primary_tail(&st, peer)
             } else {
                 None

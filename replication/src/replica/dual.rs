@@ -117,7 +117,7 @@ impl Replica {
             tracing::info!(volume = %me.volume, peer = %peer, ?result,
                 "reverse link ended; re-establishing the pair");
             me.end_dual(&peer, &sender);
-            let tail = lock(&recent).take();
+            let tail = std::mem::take(&mut *lock(&recent));
             me.mark_dual_tail(&peer, tail).await;
             if let Some(m) = main {
                 m.close("the reverse (two primaries) link ended");
@@ -189,16 +189,25 @@ impl Replica {
     /// The reverse link from `peer` ended, every write it carried applied (`tail`, the
     /// last of them). `peer` may have died with writes that only this node applied, so,
     /// like a Secondary that loses its Primary, this node marks them towards the third
-    /// replicas (`reconcile.rs`); as the Primary it then resyncs them itself. Not when this
-    /// node stepped down (that closed the link; `peer` is Primary on and its writes reach
-    /// every replica from it) or closes.
-    async fn mark_dual_tail(&self, peer: &str, tail: Vec<(u64, u64)>) {
+    /// replicas (`reconcile.rs`); as the Primary it then resyncs them itself. When this node
+    /// stepped down instead (which closed the link), `peer` is likely Primary on, and its
+    /// writes reach every replica from it, unless it dies before this node follows it: the
+    /// tail waits for that (`Replica::settle_stepped_down_tail`). Nothing when closing.
+    async fn mark_dual_tail(&self, peer: &str, tail: RecentPeerWrites) {
         let marked = {
-            let st = lock(&self.st);
-            if st.closed || st.role != Role::Primary {
+            let mut st = lock(&self.st);
+            if st.closed {
                 return;
             }
-            self.mark_tail(&st, peer, tail)
+            if st.role != Role::Primary {
+                let mut tail = tail;
+                if let Some((_, older)) = st.stepped_down_tail.take() {
+                    tail.put_before(older);
+                }
+                st.stepped_down_tail = Some((peer.to_string(), tail));
+                return;
+            }
+            self.mark_tail(&st, peer, tail.into_ranges())
         };
         if let Some(marked) = marked {
             self.lost_primary_tail_marked(marked).await;

@@ -183,6 +183,7 @@ pub(super) fn new_slot(spec: PeerSpec, dialer: bool, joining: bool) -> PeerSlot 
         dual_sender: None,
         lost_at: None,
         reconciling: false,
+        follower_link: false,
         joining,
     }
 }

@@ -11,7 +11,8 @@
 //!    (durably, like any bitmap bit); nothing else changes (still UpToDate, no grace timer).
 //!    With two Primaries, the first one records the second one's writes from the reverse
 //!    link the same way, and marks them when that link ends while it is still Primary
-//!    (`dual.rs`);
+//!    (`dual.rs`). When it stepped down instead, it keeps them aside until it knows what
+//!    became of the other Primary ([`Replica::settle_stepped_down_tail`]);
 //! 2. when a Secondary starts following a Primary (after a promotion, or a promoted peer's
 //!    idle link joining the data path) and either side has bits for the other, the
 //!    Secondary becomes Inconsistent (durably), sends its bits for the Primary
@@ -81,6 +82,11 @@ impl RecentPeerWrites {
             _ => self.ranges.push_back((offset, len, cost)),
         }
         self.cost = self.cost.saturating_add(cost);
+        self.trim();
+    }
+
+    /// Drop the oldest ranges beyond the bound, never the newest.
+    fn trim(&mut self) {
         while self.cost > Self::limit() && self.ranges.len() > 1 {
             if let Some((_, _, c)) = self.ranges.pop_front() {
                 self.cost = self.cost.saturating_sub(c);
@@ -90,8 +96,21 @@ impl RecentPeerWrites {
 
     /// The ranges of the tail; the tail is emptied.
     pub(super) fn take(&mut self) -> Vec<(u64, u64)> {
-        self.cost = 0;
-        self.ranges.drain(..).map(|(o, l, _)| (o, l)).collect()
+        std::mem::take(self).into_ranges()
+    }
+
+    /// The ranges of the tail, oldest first.
+    pub(super) fn into_ranges(self) -> Vec<(u64, u64)> {
+        self.ranges.into_iter().map(|(o, l, _)| (o, l)).collect()
+    }
+
+    /// Put `older`, writes applied before every write of this tail, in front of them,
+    /// within the same bound (the oldest go first).
+    pub(super) fn put_before(&mut self, older: RecentPeerWrites) {
+        let newer = std::mem::replace(&mut self.ranges, older.ranges);
+        self.ranges.extend(newer);
+        self.cost = self.cost.saturating_add(older.cost);
+        self.trim();
     }
 }
 
@@ -329,6 +348,25 @@ impl Replica {
         })
     }
 
+    /// The writes this node applied from the other Primary before it stepped down
+    /// (`dual.rs`), now that it knows what became of that Primary: following it again
+    /// (`primary`), they join the tail kept for it (marked if it is lost, dropped if it
+    /// steps down cleanly); following another Primary, or Primary itself, the other one
+    /// is gone or stepped down, and they are marked towards the other replicas (the caller
+    /// hands the result to [`Self::lost_primary_tail_marked`]).
+    pub(super) fn settle_stepped_down_tail(
+        &self,
+        st: &mut State,
+        primary: &str,
+    ) -> Option<MarkedTail> {
+        let (peer, tail) = st.stepped_down_tail.take()?;
+        if peer == primary && st.role != Role::Primary {
+            lock(&self.recent_peer_writes).put_before(tail);
+            return None;
+        }
+        self.mark_tail(st, &peer, tail.into_ranges())
+    }
+
     /// After [`Self::mark_lost_primary_tail`], outside the lock: persist the bits, and start
     /// the reconciliation where nobody else will. A Secondary that already follows another
     /// Primary (two primaries) reconciles with it now; a node that was Primary itself when
@@ -349,16 +387,25 @@ impl Replica {
         }
         tracing::info!(volume = %self.volume, primary = %lost, ranges, peers = ?others,
             "Primary lost: its last writes are marked out of sync towards the other replicas");
-        let (follow, resync): (Vec<(String, u64)>, Vec<crate::link::LinkSender>) = {
+        let (follow, refollow, resync) = {
             let st = lock(&self.st);
-            let follow = st
-                .peers
-                .values()
-                .filter(|p| others.contains(&p.spec.name) && p.mode == LinkMode::Secondary)
-                .filter(|p| p.state.as_ref().is_some_and(|s| s.role == Role::Primary))
+            let following = || {
+                st.peers
+                    .values()
+                    .filter(|p| others.contains(&p.spec.name) && p.mode == LinkMode::Secondary)
+                    .filter(|p| p.state.as_ref().is_some_and(|s| s.role == Role::Primary))
+            };
+            let follow: Vec<(String, u64)> = following()
+                .filter(|p| p.follower_link)
                 .map(|p| (p.spec.name.clone(), p.link_id))
                 .collect();
-            let resync = if as_primary && st.role == Role::Primary {
+            // A link set up for a resync that this replica then kept applying the Primary's
+            // writes on cannot reconcile (`Replica::data_link`): it is set up again.
+            let refollow: Vec<crate::link::LinkSender> = following()
+                .filter(|p| !p.follower_link)
+                .filter_map(|p| p.sender.clone())
+                .collect();
+            let resync: Vec<crate::link::LinkSender> = if as_primary && st.role == Role::Primary {
                 st.peers
                     .values()
                     .filter(|p| others.contains(&p.spec.name))
@@ -371,11 +418,16 @@ impl Replica {
             } else {
                 Vec::new()
             };
-            (follow, resync)
+            (follow, refollow, resync)
         };
         self.broadcast_state();
         for s in resync {
             s.close("resyncing a lost Primary's last writes from this Primary");
+        }
+        for s in refollow {
+            s.close(
+                "re-establishing the link to the Primary to reconcile a lost Primary's last writes",
+            );
         }
         if let Some(me) = self.arc() {
             for (p, id) in follow {
@@ -522,6 +574,26 @@ mod tests {
         t.record(0, 0, 0);
         assert_eq!(t.take(), vec![(0, 12288), (1 << 20, 4096)]);
         assert!(t.take().is_empty(), "take empties the tail");
+    }
+
+    #[test]
+    fn an_older_tail_goes_in_front_and_the_bound_drops_its_oldest_first() {
+        let chunk = 1u64 << 20;
+        let per_tail = RecentPeerWrites::limit() / chunk;
+        let (mut older, mut newer) = (RecentPeerWrites::default(), RecentPeerWrites::default());
+        for i in 0..per_tail {
+            older.record(i * 2 * chunk, chunk, chunk);
+        }
+        newer.record(1 << 40, chunk, chunk);
+        newer.put_before(older);
+        let ranges = newer.take();
+        assert_eq!(ranges.len() as u64, per_tail);
+        assert_eq!(ranges.first(), Some(&(2 * chunk, chunk)), "the oldest went");
+        assert_eq!(
+            ranges.last(),
+            Some(&(1 << 40, chunk)),
+            "the newest stayed last"
+        );
     }
 
     #[test]

@@ -100,6 +100,10 @@ pub(super) struct PeerSlot {
     /// This Secondary asked its Primary on this link to resync the blocks a lost Primary
     /// may have left different (`reconcile.rs`) and is Inconsistent until it finished.
     pub reconciling: bool,
+    /// This Secondary set the link up to follow the peer as Primary, so a reconciliation
+    /// can run on it; not when it set it up as a resync target and kept it once the
+    /// source was promoted.
+    pub follower_link: bool,
     /// Added online and not yet connected once: not a quorum voter (`membership.rs`).
     pub joining: bool,
 }
@@ -134,6 +138,10 @@ pub(super) struct State {
     /// Promoted while a data peer was not connected: the first write outdates every data
     /// peer still away through a tiebreaker before it starts the new generation.
     pub outdate_at_first_write: bool,
+    /// The last writes applied from the other Primary before this node stepped down
+    /// (`dual.rs`), with that Primary's name, until it is known what became of it
+    /// (`Replica::settle_stepped_down_tail`).
+    pub stepped_down_tail: Option<(String, super::reconcile::RecentPeerWrites)>,
     pub next_request_id: u64,
     /// Outdate requests this tiebreaker forwarded: id → (requester, target).
     pub relayed_outdates: BTreeMap<u64, (String, String)>,
@@ -351,6 +359,7 @@ impl Replica {
             gen_persisting: false,
             pending_outdates: BTreeMap::new(),
             outdate_at_first_write: false,
+            stepped_down_tail: None,
             next_request_id: 1,
             last_link_id: 0,
             relayed_outdates: BTreeMap::new(),
@@ -997,9 +1006,19 @@ impl Replica {
             }
         }
         tracing::info!(volume = %self.volume, "promoted to Primary");
-        {
+        let stepped_down_tail = {
             let mut st = lock(&self.st);
             self.recompute_quorum(&mut st);
+            // The only Primary: the one this node stepped down for is gone or stepped down.
+            let me = self.node_name().to_string();
+            if other_primaries.is_empty() {
+                self.settle_stepped_down_tail(&mut st, &me)
+            } else {
+                None
+            }
+        };
+        if let Some(marked) = stepped_down_tail {
+            self.lost_primary_tail_marked(marked).await;
         }
         // A link still applying a (finished) resync from a Secondary peer is re-established
         // so it joins the data path; writes meanwhile are tracked in the bitmap and the
