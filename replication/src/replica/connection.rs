@@ -634,7 +634,6 @@ impl Replica {
                 let Some(device) = self.device.clone() else {
                     return Err("diskless".into());
                 };
-                self.set_mode(peer, id, LinkMode::Secondary);
                 let follower = peer_is_primary && !target;
                 let stepped_down_tail = {
                     let mut st = lock(&self.st);
@@ -647,6 +646,8 @@ impl Replica {
                         None
                     }
                 };
+                // Marked as a follower before anybody can see it in Secondary mode.
+                self.set_mode(peer, id, LinkMode::Secondary);
                 if let Some(marked) = stepped_down_tail {
                     self.lost_primary_tail_marked(marked).await;
                 }
@@ -853,20 +854,22 @@ impl Replica {
                     if stepped_down {
                         lock(&self.recent_peer_writes).take();
                     }
-                    // The peer that resynced this replica on this link is Primary now, and
-                    // one of them has bits for the other (a lost Primary's last writes,
-                    // marked since the resync): a link set up for the resync cannot
-                    // reconcile them (`reconcile.rs`), so it is set up again to follow the
-                    // peer.
+                    // The peer that resynced this replica on this link (or is resyncing
+                    // it: a resync from a Primary) is Primary, and this replica has bits for
+                    // it, marked since the resync (whose end cleared the others), e.g. a
+                    // lost Primary's last writes: they would stay, as only a link set up to
+                    // follow a Primary reconciles (`reconcile.rs`). The link is set up
+                    // again, so the handshake resyncs them. The peer's bits for this
+                    // replica do not count: a state it sent before its side of the resync
+                    // ended may still show them.
                     let refollow = (i_am_secondary
                         && slot.mode == LinkMode::Secondary
                         && !slot.follower_link
                         && slot.replication == ReplicationState::Established
                         && s.role == Role::Primary
-                        && (s.changed_blocks > 0
-                            || lock(&self.bitmaps)
-                                .get(peer)
-                                .is_some_and(|b| b.dirty_blocks() > 0)))
+                        && lock(&self.bitmaps)
+                            .get(peer)
+                            .is_some_and(|b| b.dirty_blocks() > 0))
                     .then(|| slot.sender.clone())
                     .flatten();
                     let changed_view = slot
@@ -896,7 +899,7 @@ impl Replica {
                 }
                 self.notify();
                 if let Some(s) = refollow {
-                    s.close("the peer that resynced this replica was promoted; following it to reconcile");
+                    s.close("bits for the Primary on a link set up for a resync; setting it up again to resync them");
                 }
                 if let Some((newer_on, lineage)) = behind {
                     self.left_behind(&newer_on, peer, Some(&lineage)).await;
@@ -1026,16 +1029,12 @@ impl Replica {
             // other replicas (`reconcile.rs`), before anybody is woken: a promotion of this
             // node waiting for the loss must find the tail marked.
             lost_primary_tail = if data_peer && was_connected && peer_was_primary {
-                // Its writes from before this node stepped down are part of its tail, once
-                // this node followed it (not when this node's own step-down closed the link).
-                if followed
-                    && st.role != Role::Primary
-                    && st
-                        .stepped_down_tail
-                        .as_ref()
-                        .is_some_and(|(p, _)| p == peer)
-                {
-                    let _ = self.settle_stepped_down_tail(&mut st, peer);
+                // Its writes from before this node stepped down are part of its tail once
+                // this node followed it (as a Secondary, or as the second Primary).
+                if followed {
+                    if let Some((_, tail)) = st.stepped_down_tail.take_if(|(p, _)| p == peer) {
+                        lock(&self.recent_peer_writes).put_before(tail);
+                    }
                 }
                 self.mark_lost_primary_tail(&st, peer)
             } else {

@@ -190,9 +190,9 @@ impl Replica {
     /// last of them). `peer` may have died with writes that only this node applied, so,
     /// like a Secondary that loses its Primary, this node marks them towards the third
     /// replicas (`reconcile.rs`); as the Primary it then resyncs them itself. When this node
-    /// stepped down instead (which closed the link), `peer` is likely Primary on, and its
-    /// writes reach every replica from it, unless it dies before this node follows it: the
-    /// tail waits for that (`Replica::settle_stepped_down_tail`). Nothing when closing.
+    /// stepped down instead (which closed the link), `peer` usually goes on as the only
+    /// Primary, and its writes reach every replica from it; the tail is kept aside until
+    /// this node knows (`Replica::settle_stepped_down_tail`). Nothing when closing.
     async fn mark_dual_tail(&self, peer: &str, tail: RecentPeerWrites) {
         let marked = {
             let mut st = lock(&self.st);

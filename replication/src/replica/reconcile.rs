@@ -349,11 +349,11 @@ impl Replica {
     }
 
     /// The writes this node applied from the other Primary before it stepped down
-    /// (`dual.rs`), now that it knows what became of that Primary: following it again
-    /// (`primary`), they join the tail kept for it (marked if it is lost, dropped if it
-    /// steps down cleanly); following another Primary, or Primary itself, the other one
-    /// is gone or stepped down, and they are marked towards the other replicas (the caller
-    /// hands the result to [`Self::lost_primary_tail_marked`]).
+    /// (`dual.rs`), now that this node follows `primary` on a link set up for it, or was
+    /// promoted as the only Primary (`primary` is then this node): following that Primary
+    /// again, they join the tail kept for it (marked if it is lost, dropped if it steps
+    /// down cleanly); otherwise that Primary may be gone, and they are marked towards the
+    /// other replicas (the caller hands the result to [`Self::lost_primary_tail_marked`]).
     pub(super) fn settle_stepped_down_tail(
         &self,
         st: &mut State,

@@ -100,9 +100,9 @@ pub(super) struct PeerSlot {
     /// This Secondary asked its Primary on this link to resync the blocks a lost Primary
     /// may have left different (`reconcile.rs`) and is Inconsistent until it finished.
     pub reconciling: bool,
-    /// This Secondary set the link up to follow the peer as Primary, so a reconciliation
-    /// can run on it; not when it set it up as a resync target and kept it once the
-    /// source was promoted.
+    /// This node set the link up to follow the peer as its Primary, so a reconciliation
+    /// can run on it; not when it set it up as a resync target (of a Primary, or of a
+    /// Secondary that was promoted later) and went on following the peer on it.
     pub follower_link: bool,
     /// Added online and not yet connected once: not a quorum voter (`membership.rs`).
     pub joining: bool,
@@ -139,7 +139,8 @@ pub(super) struct State {
     /// peer still away through a tiebreaker before it starts the new generation.
     pub outdate_at_first_write: bool,
     /// The last writes applied from the other Primary before this node stepped down
-    /// (`dual.rs`), with that Primary's name, until it is known what became of it
+    /// (`dual.rs`), with that Primary's name (the latest one's, should two step-downs
+    /// leave tails), until it is known what became of it
     /// (`Replica::settle_stepped_down_tail`).
     pub stepped_down_tail: Option<(String, super::reconcile::RecentPeerWrites)>,
     pub next_request_id: u64,
