@@ -490,10 +490,23 @@ impl LinkSender {
 }
 
 /// The receiving half of a link.
+///
+/// A taken message's receive budget goes back to the reader once per burst, not once per
+/// message (each return takes the semaphore's lock): when the queue runs dry, or once
+/// [`RETURN_BUDGET_AT`] bytes are owed.
 pub struct LinkReceiver {
     rx: mpsc::UnboundedReceiver<(Message, usize)>,
     shared: Arc<Shared>,
+    /// Budget of messages already taken, not yet given back.
+    owed: usize,
+    /// Give the budget back once this much is owed: [`RETURN_BUDGET_AT`], or 0 (every
+    /// message) when the budget is too small to leave a largest frame room beside it.
+    return_at: usize,
 }
+
+/// Owed receive budget is given back at the latest once it reaches this many bytes, so a
+/// consumer that never finds the queue empty still lets the reader go on.
+const RETURN_BUDGET_AT: usize = 256 << 10;
 
 impl LinkReceiver {
     /// The next message from the peer (Ping/Pong are handled inside the link). `None` once
@@ -507,20 +520,46 @@ impl LinkReceiver {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Message>> {
-        self.rx.poll_recv(cx).map(|next| {
-            next.map(|(msg, cost)| {
-                self.shared.recv_budget.add_permits(cost);
-                msg
-            })
-        })
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some((msg, cost))) => {
+                self.owe(cost);
+                std::task::Poll::Ready(Some(msg))
+            }
+            other => {
+                self.give_back();
+                other.map(|_| None)
+            }
+        }
     }
 
     /// The next message if one is already queued; never waits (to handle a burst of
     /// messages in one step).
     pub fn try_recv(&mut self) -> Option<Message> {
-        let (msg, cost) = self.rx.try_recv().ok()?;
-        self.shared.recv_budget.add_permits(cost);
-        Some(msg)
+        match self.rx.try_recv() {
+            Ok((msg, cost)) => {
+                self.owe(cost);
+                Some(msg)
+            }
+            Err(_) => {
+                self.give_back();
+                None
+            }
+        }
+    }
+
+    fn owe(&mut self, cost: usize) {
+        self.owed += cost;
+        if self.owed >= self.return_at {
+            self.give_back();
+        }
+    }
+
+    fn give_back(&mut self) {
+        if self.owed > 0 {
+            self.shared
+                .recv_budget
+                .add_permits(std::mem::take(&mut self.owed));
+        }
     }
 
     /// Why the link is down, or `None` while it is up.
@@ -869,6 +908,13 @@ where
         rtt_us: AtomicU64::new(0),
         in_flight: InFlight::default(),
     });
+    // What is owed never keeps a largest frame waiting once the queue is empty.
+    let largest = wire::MAX_FRAME_PAYLOAD + wire::HEADER_LEN;
+    let return_at = if recv_total - largest >= RETURN_BUDGET_AT {
+        RETURN_BUDGET_AT
+    } else {
+        0
+    };
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (in_tx, in_rx) = mpsc::unbounded_channel();
     let sender = LinkSender {
@@ -889,7 +935,12 @@ where
     PeerLink {
         info,
         sender,
-        receiver: LinkReceiver { rx: in_rx, shared },
+        receiver: LinkReceiver {
+            rx: in_rx,
+            shared,
+            owed: 0,
+            return_at,
+        },
     }
 }
 
@@ -1235,6 +1286,63 @@ mod tests {
         assert!(a.sender.figures().congested);
         drop((quarter_left, more));
         assert!(!a.sender.figures().congested);
+    }
+
+    #[tokio::test]
+    async fn taken_messages_give_their_receive_budget_back_once_per_burst() {
+        let (a, b) = pair_with(hello("a"), hello("b")).await;
+        let (a, mut b) = (a.unwrap(), b.unwrap());
+        let shared = b.receiver.shared.clone();
+        let budget = &shared.recv_budget;
+        let total = shared.recv_budget_total;
+        for id in 0..10 {
+            a.sender.send_control(&Message::FlushAck { id }).unwrap();
+        }
+        // A large write is given back as soon as it is taken.
+        let write = Message::Write(wire::WriteRequest {
+            seq: 0,
+            epoch: 0,
+            offset: 0,
+            fua: false,
+            ack_on_receive: false,
+            data: Bytes::from(vec![1u8; RETURN_BUDGET_AT]),
+        });
+        a.sender.send(&write).await.unwrap();
+        let queued = async {
+            while b.receiver.rx.len() < 11 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), queued)
+            .await
+            .expect("all 11 messages queued");
+        let held = total - budget.available_permits();
+        assert!(b.receiver.try_recv().is_some());
+        assert!(b.receiver.recv().await.is_some());
+        assert_eq!(
+            total - budget.available_permits(),
+            held,
+            "two small messages taken, their budget still owed"
+        );
+        for _ in 2..10 {
+            assert!(b.receiver.try_recv().is_some());
+        }
+        assert_eq!(b.receiver.try_recv(), Some(write));
+        assert_eq!(
+            budget.available_permits(),
+            total,
+            "a large one pays all back"
+        );
+        a.sender
+            .send_control(&Message::FlushAck { id: 10 })
+            .unwrap();
+        assert!(b.receiver.recv().await.is_some());
+        assert!(
+            budget.available_permits() < total,
+            "owed until the queue runs dry"
+        );
+        assert_eq!(b.receiver.try_recv(), None);
+        assert_eq!(budget.available_permits(), total, "the queue ran dry");
     }
 
     #[tokio::test]
