@@ -878,13 +878,8 @@ impl Replica {
                         .is_none_or(|old| old.role != s.role || old.primaries != s.primaries);
                     slot.state = Some(*s);
                     // So are its writes from before this node stepped down (`dual.rs`).
-                    if stepped_down
-                        && st
-                            .stepped_down_tail
-                            .as_ref()
-                            .is_some_and(|(p, _)| p == peer)
-                    {
-                        st.stepped_down_tail = None;
+                    if stepped_down {
+                        st.stepped_down_tail.take_if(|(p, _)| p == peer);
                     }
                     self.recompute_quorum(&mut st);
                     // A tiebreaker passes role and generation changes on to the others.
