@@ -1,8 +1,8 @@
 //! Helpers for benchmarks that run the namespace test bed (`tandem_tests::cluster`) or a
 //! single `tandemd`: the checks and environment they need before they start ([`prepare`],
 //! [`use_binaries`]), `tandem` commands that must succeed ([`tandem`],
-//! [`create_on_hv1_and_hv2`]), and daemons' CPU time over a measuring window
-//! ([`CpuSampler`]).
+//! [`create_on_hv1_and_hv2`]), and daemons' CPU time and context switches over a measuring
+//! window ([`CpuSampler`]).
 
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tandem_tests::cluster::Cluster;
 
-use crate::cpu_time;
+use crate::{context_switches, cpu_time, HOST};
 
 /// Check that this runs as root and that `tandemd` and `tandem` are in `bin_dir` (default:
 /// this program's directory), then point the test bed at them and at `dir` for its files.
@@ -91,28 +91,56 @@ pub fn daemon_pid(cluster: &Cluster, host: &str) -> Result<u32> {
         .with_context(|| format!("tandemd on {host} is not running"))
 }
 
-/// Measures processes' CPU time (user + system) over a window that starts `delay` from
-/// now and lasts `window`, on a thread of its own, so the caller can run the load.
-pub struct CpuSampler(JoinHandle<Result<Vec<Duration>>>);
+/// Measures processes' CPU time (user + system) and context switches over a window that
+/// starts `delay` from now and lasts `window`, on a thread of its own, so the caller can
+/// run the load.
+pub struct CpuSampler(JoinHandle<Result<Vec<Usage>>>);
+
+/// What one process used over a [`CpuSampler`]'s window.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu: Duration,
+    /// Context switches of its threads (0 for [`HOST`]).
+    pub switches: u64,
+}
+
+fn usage(pid: u32) -> Result<Usage> {
+    Ok(Usage {
+        cpu: cpu_time(pid)?,
+        switches: if pid == HOST {
+            0
+        } else {
+            context_switches(pid)?
+        },
+    })
+}
 
 impl CpuSampler {
     pub fn start(pids: Vec<u32>, delay: Duration, window: Duration) -> CpuSampler {
         CpuSampler(std::thread::spawn(move || {
             std::thread::sleep(delay);
-            let before = pids
-                .iter()
-                .map(|&p| cpu_time(p))
-                .collect::<Result<Vec<_>>>()?;
+            let before = pids.iter().map(|&p| usage(p)).collect::<Result<Vec<_>>>()?;
             std::thread::sleep(window);
             pids.iter()
                 .zip(before)
-                .map(|(&p, b)| Ok(cpu_time(p)?.saturating_sub(b)))
+                .map(|(&p, b)| {
+                    let now = usage(p)?;
+                    Ok(Usage {
+                        cpu: now.cpu.saturating_sub(b.cpu),
+                        switches: now.switches.saturating_sub(b.switches),
+                    })
+                })
                 .collect()
         }))
     }
 
     /// Each process's CPU time over the window, in the order of `pids`.
     pub fn finish(self) -> Result<Vec<Duration>> {
+        Ok(self.finish_usage()?.iter().map(|u| u.cpu).collect())
+    }
+
+    /// Each process's CPU time and context switches over the window, in the order of `pids`.
+    pub fn finish_usage(self) -> Result<Vec<Usage>> {
         self.0
             .join()
             .map_err(|_| anyhow::anyhow!("CPU sampler panicked"))?

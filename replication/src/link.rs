@@ -986,7 +986,6 @@ async fn writer_task<W: AsyncWrite + Unpin>(
         let mut close = None;
         let mut returned = 0usize;
         let mut sent = 0usize;
-        let mut corked = false;
         let send = async {
             let mut next = Some(first);
             while let Some(item) = next {
@@ -1004,14 +1003,11 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                         break;
                     }
                 }
+                // No yield to gather more: a yielded task wakes an idle runtime worker
+                // (a futex call, and one more for it to park again), while the tasks that
+                // feed this queue (the volume task, `run_secondary`) already send a whole
+                // burst in one poll, before this task runs.
                 next = rx.try_recv().ok();
-                if next.is_none() && !corked {
-                    // Cork: let the tasks this one woke (requests, acknowledgements) queue
-                    // their frames, so they leave in this write instead of one each.
-                    corked = true;
-                    tokio::task::yield_now().await;
-                    next = rx.try_recv().ok();
-                }
             }
             batch.write_to(&mut w).await?;
             w.flush().await

@@ -137,6 +137,8 @@ struct Target {
 struct Measured {
     value: f64,
     cpu_per_unit: Vec<Duration>,
+    /// Each daemon's context switches per unit.
+    switches_per_unit: Vec<f64>,
     /// fio's own CPU time per unit.
     fio_per_unit: Duration,
     /// The whole machine's busy CPU time per unit: the daemons, fio and the kernel's
@@ -155,15 +157,16 @@ impl Target {
         let sampled = self.daemons.iter().copied().chain([HOST]).collect();
         let sampler = CpuSampler::start(sampled, Duration::from_secs(1), window);
         let run = fio_run(&self.uri, row, args.runtime)?;
-        let mut cpu = sampler.finish()?;
-        let host = cpu.pop().unwrap_or_default();
+        let mut used = sampler.finish_usage()?;
+        let host = used.pop().unwrap_or_default().cpu;
         if self.replicated {
             check_in_sync(cluster)?;
         }
         let units = (run.value * window.as_secs_f64()).max(1.0);
         Ok(Measured {
             value: run.value,
-            cpu_per_unit: cpu.iter().map(|c| c.div_f64(units)).collect(),
+            cpu_per_unit: used.iter().map(|u| u.cpu.div_f64(units)).collect(),
+            switches_per_unit: used.iter().map(|u| u.switches as f64 / units).collect(),
             fio_per_unit: Duration::from_secs_f64(run.cpus / run.value.max(1.0)),
             host_per_unit: host.div_f64(units),
         })
@@ -312,6 +315,7 @@ fn main() -> Result<()> {
         }
     }
     print_cpu(&cpu_rows);
+    print_switches(&cpu_rows);
     eprintln!("hv2 stayed connected and in sync after every replicated run");
     Ok(())
 }
@@ -372,6 +376,26 @@ fn print_cpu(rows: &[(&Row, Measured, Measured)]) {
             us(Some(&local.host_per_unit)),
             busy(local),
             (cpus / least_per_unit / local.value).min(1.0)
+        );
+    }
+}
+
+/// Each daemon's context switches per request, over the same window: how often its threads
+/// went to sleep and were woken (or were preempted), the cost of hand-offs between tasks.
+fn print_switches(rows: &[(&Row, Measured, Measured)]) {
+    let per = |m: &Measured, i: usize| m.switches_per_unit.get(i).copied().unwrap_or(0.0);
+    println!("\nContext switches per request (per MiB for MiB/s rows), over fio's window");
+    println!(
+        "{:<18} {:>8} {:>8}  {:>10}",
+        "row", "repl hv1", "repl hv2", "unrepl hv1"
+    );
+    for (row, replicated, local) in rows {
+        println!(
+            "{:<18} {:>8.3} {:>8.3}  {:>10.3}",
+            row.name,
+            per(replicated, 0),
+            per(replicated, 1),
+            per(local, 0)
         );
     }
 }
