@@ -17,9 +17,9 @@
 //! - nearly idle disk (at most [`LOW_WATER`] operations in the kernel): the caller enters
 //!   at once (queue depth 1 pays no extra latency, and a burst's first entries keep the
 //!   disk busy while the rest of it is still being read from the client);
-//! - busy disk (more than that): the entry is queued and the reaper, after `yield_now`
-//!   (that is, once the worker has run the tasks runnable now, which queue theirs), submits
-//!   the whole queue;
+//! - busy disk (more than that): the entry is queued and the reaper submits the whole
+//!   queue once the task that queued it has finished its poll (a burst that one task
+//!   queues goes in one enter);
 //! - a thread already in `io_uring_enter` (made without the lock) submits whatever was
 //!   queued meanwhile in its next enter, so nobody else waits for it.
 //!
@@ -510,8 +510,7 @@ impl AsyncRing {
             return Err(io::Error::other("io_uring submission queue is full"));
         }
         // More than LOW_WATER entries in the kernel before this one: the disk is busy, so
-        // ours can wait for the tasks runnable now to queue theirs and go in one enter with
-        // them.
+        // ours can wait for the rest of this task's burst and go in one enter with it.
         // Saturating: between an enter and its taking the entries off `queued`, the reaper
         // may already have reaped some of them.
         let in_kernel = (st.in_flight - 1).saturating_sub(st.queued.len());
@@ -590,10 +589,13 @@ impl AsyncRing {
         }
     }
 
-    /// The reaper's deferred submission: once the tasks runnable now have run (and queued
-    /// their entries), submit everything queued in one enter.
-    async fn flush_deferred(&self) {
-        tokio::task::yield_now().await;
+    /// The reaper's deferred submission: submit everything queued in one enter. The reaper
+    /// runs it once the task that asked for it has finished its poll (woken from a worker,
+    /// the reaper is normally that worker's next task), so the burst that task queued goes
+    /// in whole. It does not yield first to wait for other tasks: a yielding task wakes an
+    /// idle worker (a `futex` call, and its sleep again), which cost more than the few
+    /// entries of other tasks it gathered.
+    fn flush_deferred(&self) {
         let mut st = self.lock();
         st.flush_scheduled = false;
         // Nothing of ours to decline: a failure hands every entry back as NOT_STARTED.
@@ -729,7 +731,7 @@ async fn reap(ring: Arc<AsyncRing>, eventfd: AsyncFd<OwnedFd>) {
                 guard.clear_ready();
                 ring.reap_completions();
             }
-            _ = ring.flush.notified() => ring.flush_deferred().await,
+            _ = ring.flush.notified() => ring.flush_deferred(),
             _ = ring.shutdown.notified(), if !closing => closing = true,
         }
     }
