@@ -4,6 +4,7 @@
 //! [`create_on_hv1_and_hv2`]), and daemons' CPU time and context switches over a measuring
 //! window ([`CpuSampler`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tandem_tests::cluster::Cluster;
 
-use crate::{context_switches, cpu_time, HOST};
+use crate::{context_switches_by_thread, cpu_time, HOST};
 
 /// Check that this runs as root and that `tandemd` and `tandem` are in `bin_dir` (default:
 /// this program's directory), then point the test bed at them and at `dir` for its files.
@@ -104,32 +105,49 @@ pub struct Usage {
     pub switches: u64,
 }
 
-fn usage(pid: u32) -> Result<Usage> {
-    Ok(Usage {
+/// A process's CPU time and its threads' context switches at one moment.
+struct Sample {
+    cpu: Duration,
+    switches: HashMap<u32, u64>,
+}
+
+fn sample(pid: u32) -> Result<Sample> {
+    Ok(Sample {
         cpu: cpu_time(pid)?,
         switches: if pid == HOST {
-            0
+            HashMap::new()
         } else {
-            context_switches(pid)?
+            context_switches_by_thread(pid)?
         },
     })
+}
+
+/// What was used between two samples. Switches are counted per thread, so a thread that
+/// exits during the window only loses its own (a thread started in it counts in full).
+fn used_between(before: &Sample, after: &Sample) -> Usage {
+    let switches = after
+        .switches
+        .iter()
+        .map(|(tid, &now)| now.saturating_sub(before.switches.get(tid).copied().unwrap_or(0)))
+        .sum();
+    Usage {
+        cpu: after.cpu.saturating_sub(before.cpu),
+        switches,
+    }
 }
 
 impl CpuSampler {
     pub fn start(pids: Vec<u32>, delay: Duration, window: Duration) -> CpuSampler {
         CpuSampler(std::thread::spawn(move || {
             std::thread::sleep(delay);
-            let before = pids.iter().map(|&p| usage(p)).collect::<Result<Vec<_>>>()?;
+            let before = pids
+                .iter()
+                .map(|&p| sample(p))
+                .collect::<Result<Vec<_>>>()?;
             std::thread::sleep(window);
             pids.iter()
                 .zip(before)
-                .map(|(&p, b)| {
-                    let now = usage(p)?;
-                    Ok(Usage {
-                        cpu: now.cpu.saturating_sub(b.cpu),
-                        switches: now.switches.saturating_sub(b.switches),
-                    })
-                })
+                .map(|(&p, b)| Ok(used_between(&b, &sample(p)?)))
                 .collect()
         }))
     }

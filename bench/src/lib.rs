@@ -11,6 +11,7 @@ pub mod load;
 pub mod nbd_pipeline;
 pub mod vhost_blk;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -122,22 +123,36 @@ fn fio_with(uri: &str, row: &Row, extra: &[&str]) -> Result<FioRun> {
 /// Context switches (voluntary and not) that a process's live threads have made so far,
 /// summed over `/proc/PID/task/*/status`. A thread that exits takes its count with it.
 pub fn context_switches(pid: u32) -> Result<u64> {
+    Ok(context_switches_by_thread(pid)?.values().sum())
+}
+
+/// Context switches (voluntary and not) of each of a process's live threads so far, by
+/// thread id, from `/proc/PID/task/*/status`.
+pub fn context_switches_by_thread(pid: u32) -> Result<HashMap<u32, u64>> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .with_context(|| format!("listing /proc/{pid}/task"))?;
-    let mut total = 0;
+    let mut counts = HashMap::new();
     for task in tasks {
-        let Ok(status) = task.and_then(|t| std::fs::read_to_string(t.path().join("status"))) else {
+        let Ok(task) = task else { continue };
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
             continue; // the thread exited meanwhile
         };
-        for line in status.lines() {
-            if let Some((key, value)) = line.split_once(':') {
-                if key.ends_with("ctxt_switches") {
-                    total += value.trim().parse::<u64>().unwrap_or(0);
-                }
-            }
-        }
+        let total = status
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .filter(|(key, _)| key.ends_with("ctxt_switches"))
+            .map(|(_, value)| value.trim().parse::<u64>().unwrap_or(0))
+            .sum();
+        counts.insert(tid, total);
     }
-    Ok(total)
+    Ok(counts)
 }
 
 /// The "process" [`cpu_time`] reads as the whole machine.

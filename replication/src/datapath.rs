@@ -97,7 +97,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::StreamExt;
+
+use crate::future_set::FutureSet;
 use tokio::sync::mpsc;
 
 use crate::core::op::{Op, FRAME_OVERHEAD};
@@ -543,7 +545,7 @@ pub async fn run_secondary(
         },
         device,
         sender,
-        running: FuturesUnordered::new(),
+        running: FutureSet::new(),
         extensions: cfg.extensions,
         resync_target: cfg.resync_target,
         write_intent: cfg.write_intent,
@@ -599,7 +601,7 @@ struct SecondaryShell {
     device: Arc<dyn BackingDevice>,
     sender: LinkSender,
     /// Jobs started on the device and not yet finished.
-    running: FuturesUnordered<Running>,
+    running: FutureSet<Running>,
     extensions: Option<mpsc::UnboundedSender<Message>>,
     resync_target: Option<ResyncTargetHooks>,
     write_intent: Option<WriteIntentHooks>,

@@ -93,6 +93,7 @@ pub mod core;
 pub mod datapath;
 pub mod device;
 pub mod failure_log;
+pub mod future_set;
 pub mod generation;
 pub mod link;
 pub mod metadata;

@@ -1005,8 +1005,8 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                 }
                 // No yield to gather more: a yielded task wakes an idle runtime worker
                 // (a futex call, and one more for it to park again), while the tasks that
-                // feed this queue (the volume task, `run_secondary`) already send a whole
-                // burst in one poll, before this task runs.
+                // feed this queue (the volume task, `run_secondary`) send a whole burst in
+                // one poll, usually before this task runs.
                 next = rx.try_recv().ok();
             }
             batch.write_to(&mut w).await?;

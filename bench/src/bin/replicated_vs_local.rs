@@ -31,6 +31,8 @@
 //!   still dirty when the window ends is written out later and counted nowhere, so
 //!   "host" still favours `writeback`; and anything else running on the machine counts
 //!   there too.
+//! - Then each daemon's context switches per request over the same window: how often its
+//!   threads slept and were woken (or preempted), which hand-offs between tasks cost.
 //!
 //! What we saw in three full runs on the quiet 2-vCPU dev VM (its host makes runs vary):
 //! replicated/unreplicated 0.41-0.53x at 4 KiB QD1 (4,942-6,584 vs 11,894-12,536 IOPS),

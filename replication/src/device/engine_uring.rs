@@ -18,8 +18,8 @@
 //!   at once (queue depth 1 pays no extra latency, and a burst's first entries keep the
 //!   disk busy while the rest of it is still being read from the client);
 //! - busy disk (more than that): the entry is queued and the reaper submits the whole
-//!   queue once the task that queued it has finished its poll (a burst that one task
-//!   queues goes in one enter);
+//!   queue, usually once the task that queued it has finished its poll (so a burst that
+//!   one task queues goes in one enter or two);
 //! - a thread already in `io_uring_enter` (made without the lock) submits whatever was
 //!   queued meanwhile in its next enter, so nobody else waits for it.
 //!
@@ -329,7 +329,7 @@ struct AsyncState {
     /// A thread is in (or about to make) the `io_uring_enter` that submits `queued`; others
     /// only queue their entries, which it submits next, in one system call.
     entering: bool,
-    /// The reaper will submit `queued` once the runnable tasks have queued theirs.
+    /// The reaper will submit `queued` (a deferred enter is pending).
     flush_scheduled: bool,
 }
 
@@ -390,7 +390,7 @@ impl std::fmt::Debug for AsyncRing {
 }
 
 /// A disk with at most this many operations in the kernel is about to run dry: a new entry
-/// goes in at once instead of waiting for the runnable tasks to queue theirs (while, on an
+/// goes in at once instead of waiting for the reaper's deferred enter (while, on an
 /// NBD connection, the reader is still taking the rest of the burst off the socket).
 /// Measured with `nbd_vs_qemu_nbd --only qd32`, builds alternated round by round: our
 /// 4 KiB IOPS at QD32 rose in 16 of 18 rounds for writes (mean 30.6k and 28.8k before,
@@ -590,11 +590,12 @@ impl AsyncRing {
     }
 
     /// The reaper's deferred submission: submit everything queued in one enter. The reaper
-    /// runs it once the task that asked for it has finished its poll (woken from a worker,
-    /// the reaper is normally that worker's next task), so the burst that task queued goes
-    /// in whole. It does not yield first to wait for other tasks: a yielding task wakes an
-    /// idle worker (a `futex` call, and its sleep again), which cost more than the few
-    /// entries of other tasks it gathered.
+    /// usually runs it once the task that asked for it has finished its poll (woken from a
+    /// worker, it is that worker's next task), so that task's burst goes in one enter; when
+    /// the task wakes another task after it, or the reaper is already running, part of the
+    /// burst goes in a second enter. It does not yield first to wait for other tasks: a
+    /// yielding task wakes an idle worker (a `futex` call, and its sleep again), which
+    /// cost more than the entries it gathered.
     fn flush_deferred(&self) {
         let mut st = self.lock();
         st.flush_scheduled = false;

@@ -22,10 +22,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::StreamExt;
 use futures_util::FutureExt;
 use replication::device::AlignedBufMut;
 use replication::failure_log::FailureLog;
+use replication::future_set::FutureSet;
 use std::panic::AssertUnwindSafe;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -745,7 +746,7 @@ async fn run_requests(
             }
         }
     };
-    let mut running = FuturesUnordered::new();
+    let mut running = FutureSet::new();
     let mut batch = Vec::new();
     let mut reading = true;
     let mut writer_gone = false;

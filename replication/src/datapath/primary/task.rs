@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::StreamExt;
+
+use crate::future_set::FutureSet;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Input, RangeLock, Reply, Shared};
@@ -197,7 +199,7 @@ pub(super) struct VolumeTask {
     permits: Vec<(PeerId, SendPermit)>,
     /// The link the first of `unsent` waits for.
     budget_wait: Option<(PeerId, BudgetWait)>,
-    local: FuturesUnordered<LocalRun>,
+    local: FutureSet<LocalRun>,
     replicated_waiters: Vec<oneshot::Sender<()>>,
     /// Sleeps until `timer_at`, at or before the core's next deadline (made on first use).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -382,7 +384,7 @@ impl VolumeTask {
             unsent: VecDeque::new(),
             permits: Vec::new(),
             budget_wait: None,
-            local: FuturesUnordered::new(),
+            local: FutureSet::new(),
             replicated_waiters: Vec::new(),
             timer: None,
             timer_at: None,
