@@ -98,14 +98,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::StreamExt;
-
-use crate::future_set::FutureSet;
 use tokio::sync::mpsc;
 
 use crate::core::op::{Op, FRAME_OVERHEAD};
 use crate::core::secondary::{write_may_be_inline, Job, SecondaryAction, SecondaryCore, Work};
 use crate::device::{BackingDevice, DeviceError};
 use crate::failure_log::{error_chain, FailureLog};
+use crate::future_set::FutureSet;
 use crate::link::{LinkDown, LinkSender, PeerLink};
 use crate::resync::proto::{self as rsproto, ResyncMsg};
 use crate::resync::{ResyncSummary, ResyncTargetHooks};

@@ -1,20 +1,22 @@
 //! [`FutureSet`]: the futures one task runs side by side (its requests' I/O), polled as a
 //! stream of their outputs, without waking that task when nothing finished.
 //!
-//! `FuturesUnordered` wakes its own task and returns `Pending` whenever one call polled
-//! every future it holds (its guard against starving other tasks). With one request in
-//! flight that is every new request: the task is woken at once for nothing, and tokio
-//! runs such a task as one that yielded, which also wakes an idle worker thread (a `futex`
-//! call, and a sleep again). Here the set also holds one future that never finishes and is
-//! never woken, so no call polls them all. A future that wakes itself while polled still
-//! makes the set yield, as in `FuturesUnordered`.
+//! `FuturesUnordered` wakes its own task and returns `Pending` once one call has made as
+//! many polls as it holds futures (its guard against starving other tasks). With one
+//! request in flight that is every new request: the task is woken at once for nothing,
+//! and tokio runs such a task as one that yielded, which also wakes an idle worker thread
+//! (a `futex` call, and a sleep again). Here the set also holds one future that never
+//! finishes and is never woken (the anchor), so a call reaches that count only when it
+//! polls some future twice: one woken again during the call, by itself or by another
+//! thread. A future that wakes itself on every poll is polled twice per call, then the set
+//! yields.
 
 use std::future::{pending, Future, Pending};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use futures_util::future::Either;
-use futures_util::stream::{FusedStream, FuturesUnordered, Stream, StreamExt};
+use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
 
 /// Futures run by one task, yielding their outputs as they finish (see the module doc).
 pub struct FutureSet<F: Future> {
@@ -62,12 +64,9 @@ impl<F: Future> Stream for FutureSet<F> {
         // The anchor never finishes, so the inner set never ends while it is in it.
         self.inner.poll_next_unpin(cx)
     }
-}
 
-impl<F: Future> FusedStream for FutureSet<F> {
-    /// Never terminated: futures pushed later are polled as usual.
-    fn is_terminated(&self) -> bool {
-        false
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.len(), Some(self.len()))
     }
 }
 
@@ -108,6 +107,34 @@ mod tests {
             assert!(set.is_empty());
             assert_eq!(set.poll_next_unpin(&mut cx), Poll::Ready(None));
         }
+    }
+
+    /// Always wakes its task and stays pending, counting its polls.
+    struct Restless(Arc<AtomicUsize>);
+
+    impl Future for Restless {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_future_that_always_wakes_itself_makes_the_set_yield() {
+        let counter = Arc::new(CountingWaker::default());
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut set = FutureSet::new();
+        set.push(Restless(polls.clone()));
+        assert!(set.poll_next_unpin(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), 2, "polled twice in one call");
+        assert!(
+            counter.0.load(Ordering::SeqCst) >= 1,
+            "the task is woken to go on"
+        );
     }
 
     #[test]

@@ -26,8 +26,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::StreamExt;
-
-use crate::future_set::FutureSet;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Input, RangeLock, Reply, Shared};
@@ -36,6 +34,7 @@ use crate::core::primary::{PeerId, PrimaryAction, PrimaryCore, WaitId};
 use crate::core::secondary::INLINE_BYTES_PER_PASS;
 use crate::datapath::{Completion, DatapathError, ExtensionSink, Holds, OutOfSyncHook};
 use crate::device::{BackingDevice, DeviceError, DeviceFuture};
+use crate::future_set::FutureSet;
 use crate::link::{LinkDown, LinkReceiver, LinkSender, SendPermit};
 use crate::wire::{error_code, Message, ReplicationProtocol};
 
